@@ -1,0 +1,118 @@
+"""Configuration: frozen dataclasses validated when built, one source of defaults.
+
+CLI flags (server/cli.py), environment variables (`MOE_SERVE_<FIELD>`) and Helm values map
+onto these same fields.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BUNDLED_MODEL = str(Path(__file__).resolve().parent.parent / "models" / "checkpoints" / "tiny-mixtral")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _parse_bytes(value: str | int | None) -> int | None:
+    """'2GiB', '512M', '1e9', 1234 -> bytes."""
+    if value is None or isinstance(value, int):
+        return value
+    s = str(value).strip().lower().replace(" ", "")
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6,
+             "gb": 10**9, "tb": 10**12, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40, "b": 1}
+    for suffix, mult in units.items():
+        if s.endswith(suffix):
+            return int(float(s[: -len(suffix)]) * mult)
+    return int(float(s))
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str = BUNDLED_MODEL
+    served_model_name: str | None = None
+    engine: str = "native"  # native | vllm
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    max_model_len: int | None = None  # default: the model's max_position_embeddings (capped)
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    block_size: int = 16
+    kv_cache_memory: int | None = None  # bytes; default: 512 MiB on CPU, 40% of free on CUDA
+    num_kv_blocks: int | None = None  # overrides kv_cache_memory (tests)
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    scheduling_policy: str = "fcfs"  # fcfs | priority
+    max_queue_len: int = 1024
+    seed: int = 0
+    # expert placement (native engine)
+    expert_placement: str = "contiguous"  # contiguous | round_robin | balanced
+    expert_devices: tuple[str, ...] = ()
+    num_redundant_experts: int = 0
+    gpu_expert_budget: str | None = None
+    rebalance_interval: int = 0
+    record_routing: str | None = None
+    # vLLM pass-through
+    tensor_parallel_size: int = 1
+    data_parallel_size: int = 1
+    enable_expert_parallel: bool = False
+    enable_eplb: bool = False
+    eplb_config: str | None = None
+    gpu_memory_utilization: float = 0.9
+
+    def __post_init__(self) -> None:
+        if self.engine not in ("native", "vllm"):
+            raise ConfigError(f"engine must be 'native' or 'vllm', not {self.engine!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16", "half", "float"):
+            raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, not {self.dtype!r}")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, not {self.device!r}")
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_queue_len",
+                     "tensor_parallel_size", "data_parallel_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ConfigError("max_model_len must be >= 1")
+        if self.block_size & (self.block_size - 1):
+            raise ConfigError("block_size must be a power of two")
+        if self.scheduling_policy not in ("fcfs", "priority"):
+            raise ConfigError("scheduling_policy must be fcfs or priority")
+        if self.expert_placement not in ("contiguous", "round_robin", "balanced"):
+            raise ConfigError("expert_placement must be contiguous, round_robin or balanced")
+        if self.num_redundant_experts < 0 or self.rebalance_interval < 0:
+            raise ConfigError("num_redundant_experts and rebalance_interval must be >= 0")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ConfigError("gpu_memory_utilization must be in (0, 1]")
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+            raise ConfigError("kv_cache_memory must be > 0 bytes")
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or os.path.basename(os.path.normpath(self.model))
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    auth_exempt_paths: tuple[str, ...] = ("/health", "/ready", "/metrics", "/version")
+    request_timeout: float = 600.0  # seconds per request
+    drain_timeout: float = 30.0  # seconds in-flight requests get after SIGTERM
+    max_body_bytes: int = 4 * 2**20
+    log_format: str = "text"  # text | json
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError("port must be in [0, 65535]")
+        if self.log_format not in ("text", "json"):
+            raise ConfigError("log_format must be text or json")
+        if self.request_timeout <= 0 or self.drain_timeout < 0:
+            raise ConfigError("request_timeout must be > 0 and drain_timeout >= 0")
+        if self.max_body_bytes < 1024:
+            raise ConfigError("max_body_bytes must be >= 1024")

@@ -1,0 +1,62 @@
+"""The engine protocol: what the API layer may use of an engine, and nothing more."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Protocol, runtime_checkable
+
+from server.engine.request import EngineRequest, RequestOutput
+from server.engine.stats import PlacementInfo, StatLogger
+
+
+class EngineDeadError(RuntimeError):
+    """The engine cannot continue; /health fails and the process should exit non-zero."""
+
+
+class EngineOverloadedError(RuntimeError):
+    """Too many requests queued; the API answers 429 with Retry-After."""
+
+
+class RequestTooLongError(ValueError):
+    """Prompt (plus max_tokens) does not fit the context; the API answers 400."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str  # served model name
+    path: str
+    max_model_len: int
+    vocab_size: int
+    architecture: str
+    num_layers: int
+    num_experts: int
+    top_k: int
+    dtype: str
+    device: str
+
+
+@runtime_checkable
+class EngineClient(Protocol):
+    model_info: ModelInfo
+    tokenizer: Any  # a transformers PreTrainedTokenizerFast
+
+    async def start(self) -> None: ...
+
+    async def shutdown(self) -> None: ...
+
+    def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
+        """Submit a request and stream its output deltas; raises SamplingParamsError,
+        RequestTooLongError or EngineOverloadedError before the first output."""
+        ...
+
+    async def abort(self, request_id: str) -> None: ...
+
+    async def check_health(self) -> None:
+        """Raise EngineDeadError when the engine cannot serve."""
+        ...
+
+    def add_stat_logger(self, logger: StatLogger) -> None: ...
+
+    def placement(self) -> PlacementInfo | None: ...
+
+    def num_unfinished_requests(self) -> int: ...

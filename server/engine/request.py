@@ -1,0 +1,199 @@
+"""Requests, sampling parameters and outputs shared by every engine.
+
+`SamplingParams` validates itself when built (`SamplingParamsError` names the parameter);
+`SamplingParams.verify_vocab(vocab_size)` checks the token-id fields once the engine knows
+its vocabulary. Outputs are *deltas*: each `RequestOutput` carries only the tokens and text
+produced since the previous one for that request; the last one has `finished=True`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+INT64_MIN = -(2**63)
+INT64_MAX = 2**63 - 1
+MAX_LOGPROBS = 20
+
+
+class SamplingParamsError(ValueError):
+    """An invalid sampling parameter; `param` names it (the API turns this into a 400)."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+        self.message = message
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_num(x: Any) -> bool:
+    return (isinstance(x, (int, float)) and not isinstance(x, bool)) and math.isfinite(x)
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: disabled
+    min_p: float = 0.0
+    seed: int | None = None
+    max_tokens: int | None = 16  # None: up to the context limit
+    min_tokens: int = 0
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None  # number of top logprobs per generated token (0..20)
+    prompt_logprobs: int | None = None  # number of top logprobs per prompt token (0..20)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        self._validate()
+
+    # -- validation ---------------------------------------------------------------------
+    def _validate(self) -> None:
+        def bad(param: str, msg: str) -> None:
+            raise SamplingParamsError(param, f"{param}: {msg}")
+
+        if not _is_int(self.n) or not 1 <= self.n <= 128:
+            bad("n", "must be an integer in [1, 128]")
+        if not _is_num(self.temperature) or not 0.0 <= self.temperature <= 2.0:
+            bad("temperature", "must be a number in [0, 2]")
+        if not _is_num(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            bad("top_p", "must be a number in (0, 1]")
+        if not _is_int(self.top_k) or self.top_k < -1:
+            bad("top_k", "must be an integer >= 1, or 0 / -1 to disable")
+        if not _is_num(self.min_p) or not 0.0 <= self.min_p <= 1.0:
+            bad("min_p", "must be a number in [0, 1]")
+        if self.seed is not None and (not _is_int(self.seed) or not INT64_MIN <= self.seed <= INT64_MAX):
+            bad("seed", "must be an integer within int64")
+        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
+            bad("max_tokens", "must be an integer >= 1")
+        if not _is_int(self.min_tokens) or self.min_tokens < 0:
+            bad("min_tokens", "must be an integer >= 0")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            bad("min_tokens", f"must not exceed max_tokens ({self.max_tokens})")
+        if len(self.stop) > 16:
+            bad("stop", "at most 16 stop strings")
+        for s in self.stop:
+            if not isinstance(s, str) or not s:
+                bad("stop", "stop strings must be non-empty strings")
+        for t in self.stop_token_ids:
+            if not _is_int(t) or t < 0:
+                bad("stop_token_ids", "must be non-negative integers")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and (not _is_int(v) or not 0 <= v <= MAX_LOGPROBS):
+                bad(name, f"must be an integer in [0, {MAX_LOGPROBS}]")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not _is_num(v) or not -2.0 <= v <= 2.0:
+                bad(name, "must be a number in [-2, 2]")
+        if not _is_num(self.repetition_penalty) or not 0.0 < self.repetition_penalty <= 2.0:
+            bad("repetition_penalty", "must be a number in (0, 2]")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                bad("logit_bias", "must be an object mapping token ids to numbers")
+            bad_keys = [k for k in self.logit_bias if not _is_int(k) or k < 0]
+            if bad_keys:
+                bad("logit_bias", f"keys must be non-negative integer token ids; bad: {_short(bad_keys)}")
+            bad_vals = [k for k, v in self.logit_bias.items() if not _is_num(v) or not -100 <= v <= 100]
+            if bad_vals:
+                bad("logit_bias", f"values must be numbers in [-100, 100]; bad at keys: {_short(bad_vals)}")
+
+    def verify_vocab(self, vocab_size: int) -> None:
+        """Check token-id fields against the model's vocabulary (all bad ids named together)."""
+        bad_stop = [t for t in self.stop_token_ids if t >= vocab_size]
+        if bad_stop:
+            raise SamplingParamsError(
+                "stop_token_ids", f"stop_token_ids: ids outside the vocabulary (size {vocab_size}): {_short(bad_stop)}"
+            )
+        if self.logit_bias:
+            bad_keys = [k for k in self.logit_bias if k >= vocab_size]
+            if bad_keys:
+                raise SamplingParamsError(
+                    "logit_bias", f"logit_bias: token ids outside the vocabulary (size {vocab_size}): {_short(bad_keys)}"
+                )
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < 1e-5
+
+
+def _short(items: list[Any], limit: int = 8) -> str:
+    shown = ", ".join(repr(x) for x in items[:limit])
+    return shown + (f", ... ({len(items)} in all)" if len(items) > limit else "")
+
+
+@dataclass
+class EngineRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    prompt: str | None = None
+    arrival_time: float = field(default_factory=time.monotonic)
+    priority: int = 0  # lower runs first when the scheduler's policy is "priority"
+    return_routing: bool = False  # per-token expert ids in the outputs
+
+
+@dataclass
+class Logprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)  # (token_id, logprob), best first
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str = ""  # delta since the previous output
+    token_ids: list[int] = field(default_factory=list)  # delta
+    logprobs: list[Logprob] | None = None  # delta, one per token in token_ids
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    stop_reason: int | str | None = None  # the stop string or token id that matched
+    # [num_new_tokens][num_layers][top_k] expert ids, when the request asked for routing
+    routing: list[list[list[int]]] | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestMetrics:
+    arrival_time: float
+    queued_time: float | None = None  # seconds from arrival to first scheduled
+    first_token_time: float | None = None  # monotonic
+    last_token_time: float | None = None
+    finished_time: float | None = None
+    num_prompt_tokens: int = 0
+    num_generation_tokens: int = 0
+    num_cached_prompt_tokens: int = 0
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    outputs: list[CompletionOutput]
+    finished: bool = False
+    prompt_token_ids: list[int] | None = None  # set on the first output
+    # per prompt token (first is None), when prompt_logprobs was asked; set on the first output
+    prompt_logprobs: list[Logprob | None] | None = None
+    # [num_prompt_tokens][num_layers][top_k], first output only, when routing was asked
+    prompt_routing: list[list[list[int]]] | None = None
+    metrics: RequestMetrics | None = None
+    error: str | None = None  # set when the engine failed this request

@@ -1,0 +1,118 @@
+"""Mixture-of-Experts feed-forward: router, grouped SwiGLU experts, optional shared expert.
+
+Experts are stored stacked: `w13 [E, 2 * I, H]` (gate rows, then up rows) and
+`w2 [E, H, I]`. Execution is grouped: the (token, slot) pairs are sorted by expert and each
+active expert runs one matmul over its contiguous slice; no loop over tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RoutingCapture:
+    """Collects the router's choices per MoE layer during one forward pass, when asked."""
+
+    def __init__(self, with_weights: bool = False):
+        self.with_weights = with_weights
+        self.expert_ids: dict[int, torch.Tensor] = {}  # layer -> [num_tokens, top_k]
+        self.weights: dict[int, torch.Tensor] = {}  # layer -> [num_tokens, top_k]
+
+    def record(self, layer: int, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> None:
+        self.expert_ids[layer] = topk_ids
+        if self.with_weights:
+            self.weights[layer] = topk_weights
+
+    def stacked_ids(self) -> torch.Tensor:
+        """[num_tokens, num_moe_layers, top_k] in layer order."""
+        return torch.stack([self.expert_ids[k] for k in sorted(self.expert_ids)], dim=1)
+
+
+def route(
+    router_logits: torch.Tensor, top_k: int, renormalize: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over experts, top-k, optional renormalisation -> (weights [T, k] float32, ids [T, k])."""
+    probs = torch.softmax(router_logits.float(), dim=-1)  # [T, E]
+    topk_w, topk_ids = torch.topk(probs, top_k, dim=-1)  # [T, k]
+    if renormalize:
+        topk_w = topk_w / topk_w.sum(dim=-1, keepdim=True)
+    return topk_w, topk_ids
+
+
+def grouped_experts(
+    x: torch.Tensor,  # [T, H]
+    w13: torch.Tensor,  # [E, 2I, H]
+    w2: torch.Tensor,  # [E, H, I]
+    topk_ids: torch.Tensor,  # [T, k]
+    topk_w: torch.Tensor,  # [T, k]
+) -> torch.Tensor:
+    """sum_k w[t, k] * Expert_{ids[t, k]}(x[t]) for every token, grouped by expert."""
+    T, k = topk_ids.shape
+    num_experts = w13.shape[0]
+    inter = w2.shape[-1]
+    flat_ids = topk_ids.reshape(-1)  # [T * k]
+    order = torch.argsort(flat_ids, stable=True)  # [T * k] (token, slot) pairs sorted by expert
+    counts = torch.bincount(flat_ids, minlength=num_experts).tolist()
+    token_of = order // k  # [T * k] source token of each sorted pair
+    xs = x.index_select(0, token_of)  # [T * k, H]
+    ys = torch.empty_like(xs)
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        end = start + n
+        h = xs[start:end] @ w13[e].t()  # [n, 2I]
+        ys[start:end] = (F.silu(h[:, :inter]) * h[:, inter:]) @ w2[e].t()  # [n, H]
+        start = end
+    ys = ys * topk_w.reshape(-1)[order].to(ys.dtype)[:, None]
+    out = torch.zeros_like(x)
+    out.index_add_(0, token_of, ys)
+    return out
+
+
+class DenseMLP(nn.Module):
+    """SwiGLU MLP with gate and up fused: w13 [2I, H], w2 [H, I]."""
+
+    def __init__(self, hidden: int, inter: int):
+        super().__init__()
+        self.inter = inter
+        self.w13 = nn.Linear(hidden, 2 * inter, bias=False)
+        self.w2 = nn.Linear(inter, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.w13(x)  # [T, 2I]
+        return self.w2(F.silu(h[:, : self.inter]) * h[:, self.inter :])
+
+
+class MoEBlock(nn.Module):
+    def __init__(self, cfg, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_experts, self.top_k = cfg.num_experts, cfg.top_k
+        self.renormalize = cfg.norm_topk_prob
+        H, inter = cfg.hidden_size, cfg.moe_intermediate_size
+        self.gate = nn.Linear(H, self.num_experts, bias=False)
+        self.w13 = nn.Parameter(torch.empty(self.num_experts, 2 * inter, H))
+        self.w2 = nn.Parameter(torch.empty(self.num_experts, H, inter))
+        self.shared = DenseMLP(H, cfg.shared_expert_intermediate_size) if cfg.shared_expert_intermediate_size else None
+        self.shared_gate = nn.Linear(H, 1, bias=False) if cfg.shared_expert_gate else None
+        # set by models.placement to run experts on other devices; None: all local
+        self.executor = None
+
+    def forward(self, x: torch.Tensor, capture: RoutingCapture | None = None) -> torch.Tensor:
+        router_logits = self.gate(x)  # [T, E]
+        topk_w, topk_ids = route(router_logits, self.top_k, self.renormalize)  # [T, k] each
+        if capture is not None:
+            capture.record(self.layer_idx, topk_ids, topk_w)
+        if self.executor is not None:
+            out = self.executor(self.layer_idx, x, topk_ids, topk_w)
+        else:
+            out = grouped_experts(x, self.w13, self.w2, topk_ids, topk_w)
+        if self.shared is not None:
+            shared = self.shared(x)
+            if self.shared_gate is not None:
+                shared = torch.sigmoid(self.shared_gate(x)) * shared
+            out = out + shared
+        return out

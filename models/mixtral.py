@@ -1,0 +1,19 @@
+"""Mixtral: `block_sparse_moe` with experts w1 (gate), w3 (up), w2 (down); always renormalised."""
+
+from __future__ import annotations
+
+from models.config import MoEModelConfig
+from models.loader import WeightMap, common_entries, swiglu_entries
+
+
+def weight_map(cfg: MoEModelConfig) -> WeightMap:
+    out = common_entries(cfg)
+    inter = cfg.moe_intermediate_size
+    for i in range(cfg.num_layers):
+        hf = f"model.layers.{i}.block_sparse_moe"
+        out[f"{hf}.gate.weight"] = (f"layers.{i}.moe.gate.weight", ())
+        for e in range(cfg.num_experts):
+            x = f"{hf}.experts.{e}"
+            out.update(swiglu_entries(inter, f"{x}.w1.weight", f"{x}.w3.weight", f"{x}.w2.weight",
+                                      f"layers.{i}.moe.w13", f"layers.{i}.moe.w2", expert=e))
+    return out

@@ -1,0 +1,88 @@
+"""The decoder stack shared by every supported MoE family.
+
+Families differ only in their config (qk-norm, biases, shared experts, dense layers) and in
+their checkpoint names (see `models/<family>.py` mapping tables); the compute is here.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from models.config import MoEModelConfig
+from models.layers.attention import Attention, AttentionMetadata, KVCache
+from models.layers.moe import DenseMLP, MoEBlock, RoutingCapture
+from models.layers.norm import RMSNorm
+from models.layers.rotary import RotaryEmbedding
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: MoEModelConfig, idx: int, rotary: RotaryEmbedding):
+        super().__init__()
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = Attention(cfg, idx, rotary)
+        self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.is_moe = cfg.sparse_layers[idx]
+        if self.is_moe:
+            self.moe = MoEBlock(cfg, idx)
+        else:
+            self.mlp = DenseMLP(cfg.hidden_size, cfg.dense_intermediate_size)
+
+    def forward(self, x, cos_sin, meta, cache, capture):
+        x = x + self.attn(self.input_norm(x), cos_sin, meta, cache)
+        h = self.post_attn_norm(x)
+        return x + (self.moe(h, capture) if self.is_moe else self.mlp(h))
+
+
+class MoEForCausalLM(nn.Module):
+    def __init__(self, cfg: MoEModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.extra.get("hf_config"))
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, self.rotary) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def moe_blocks(self) -> list[MoEBlock]:
+        return [layer.moe for layer in self.layers if layer.is_moe]
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T]
+        positions: torch.Tensor,  # [T]
+        meta: AttentionMetadata,
+        kv_caches: list[KVCache],
+        capture: RoutingCapture | None = None,
+    ) -> torch.Tensor:
+        """Hidden states after the final norm: [T, hidden]."""
+        x = self.embed(input_ids)  # [T, hidden]
+        cos_sin = self.rotary.cos_sin(positions, x.dtype)
+        for layer, cache in zip(self.layers, kv_caches):
+            x = layer(x, cos_sin, meta, cache, capture)
+        return self.norm(x)
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[N, hidden] -> [N, vocab] in float32."""
+        return self.lm_head(hidden).float()
+
+    def allocate_kv_cache(
+        self, num_blocks: int, block_size: int, dtype: torch.dtype | None = None, device=None
+    ) -> list[KVCache]:
+        cfg = self.config
+        dtype = dtype or self.embed.weight.dtype
+        device = device or self.embed.weight.device
+        shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+        return [
+            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            for _ in range(cfg.num_layers)
+        ]
+
+    def kv_bytes_per_block(self, block_size: int, dtype: torch.dtype | None = None) -> int:
+        cfg = self.config
+        elem = torch.empty((), dtype=dtype or self.embed.weight.dtype).element_size()
+        return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * elem

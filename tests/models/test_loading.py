@@ -1,0 +1,105 @@
+"""Config and checkpoint errors name what is wrong; routing is observable on request."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from models import MoEModelConfig, UnsupportedModelError, load_model
+from models.generate import prefill_logits
+from models.layers.moe import RoutingCapture
+from models.loader import CheckpointError
+from tests.models.conftest import make_checkpoint
+
+
+@pytest.fixture()
+def mixtral_dir(tmp_path):
+    make_checkpoint("mixtral", tmp_path)
+    return tmp_path
+
+
+def _edit_config(path, **changes):
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(changes)
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+def _edit_weights(path, fn):
+    file = path / "model.safetensors"
+    tensors = load_file(str(file))
+    fn(tensors)
+    save_file(tensors, str(file), metadata={"format": "pt"})
+
+
+def test_config_fields(mixtral_dir):
+    cfg = MoEModelConfig.from_hf(str(mixtral_dir))
+    assert (cfg.architecture, cfg.num_experts, cfg.top_k, cfg.norm_topk_prob) == ("MixtralForCausalLM", 8, 2, True)
+    assert cfg.head_dim == 16 and cfg.sparse_layers == (True, True, True)
+
+
+def test_unsupported_architecture_named(mixtral_dir):
+    _edit_config(mixtral_dir, architectures=["DeepseekV3ForCausalLM"])
+    with pytest.raises(UnsupportedModelError, match="DeepseekV3ForCausalLM"):
+        MoEModelConfig.from_hf(str(mixtral_dir))
+
+
+def test_unsupported_options_named(mixtral_dir):
+    _edit_config(mixtral_dir, hidden_act="gelu")
+    with pytest.raises(UnsupportedModelError, match="hidden_act"):
+        MoEModelConfig.from_hf(str(mixtral_dir))
+
+
+def test_sliding_window_refused(mixtral_dir):
+    _edit_config(mixtral_dir, sliding_window=64)
+    with pytest.raises(UnsupportedModelError, match="sliding_window=64"):
+        MoEModelConfig.from_hf(str(mixtral_dir))
+
+
+def test_unsupported_rope_named(mixtral_dir):
+    _edit_config(mixtral_dir, rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0})
+    with pytest.raises(UnsupportedModelError, match="longrope"):
+        MoEModelConfig.from_hf(str(mixtral_dir))
+
+
+def test_missing_tensor_named(mixtral_dir):
+    _edit_weights(mixtral_dir, lambda t: t.pop("model.layers.1.block_sparse_moe.experts.3.w2.weight"))
+    with pytest.raises(CheckpointError, match=r"missing tensors \(1\): model\.layers\.1\.block_sparse_moe\.experts\.3\.w2"):
+        load_model(str(mixtral_dir), dtype="float32", device="cpu", progress=False)
+
+
+def test_unexpected_tensor_named(mixtral_dir):
+    _edit_weights(mixtral_dir, lambda t: t.__setitem__("model.layers.0.extra.weight", torch.zeros(2)))
+    with pytest.raises(CheckpointError, match=r"unexpected tensors \(1\): model\.layers\.0\.extra\.weight"):
+        load_model(str(mixtral_dir), dtype="float32", device="cpu", progress=False)
+
+
+def test_shape_mismatch_named(mixtral_dir):
+    def shrink(t):
+        t["model.layers.2.self_attn.k_proj.weight"] = t["model.layers.2.self_attn.k_proj.weight"][:-1]
+    _edit_weights(mixtral_dir, shrink)
+    with pytest.raises(CheckpointError, match=r"model\.layers\.2\.self_attn\.k_proj\.weight: checkpoint \(31, 64\)"):
+        load_model(str(mixtral_dir), dtype="float32", device="cpu", progress=False)
+
+
+def test_no_weights(tmp_path, mixtral_dir):
+    os.remove(mixtral_dir / "model.safetensors")
+    with pytest.raises(CheckpointError, match="no safetensors"):
+        load_model(str(mixtral_dir), dtype="float32", device="cpu", progress=False)
+
+
+def test_routing_capture_only_when_asked(mixtral_dir):
+    model = load_model(str(mixtral_dir), dtype="float32", device="cpu", progress=False)
+    prompts = [[1, 2, 3, 4, 5]]
+    capture = RoutingCapture(with_weights=True)
+    with_capture = prefill_logits(model, prompts, capture)[0]
+    without = prefill_logits(model, prompts)[0]
+    assert torch.equal(with_capture, without)
+    ids = capture.stacked_ids()
+    assert ids.shape == (5, 3, 2)  # [tokens, moe layers, top_k]
+    assert int(ids.min()) >= 0 and int(ids.max()) < 8
+    for layer, w in capture.weights.items():
+        assert torch.allclose(w.sum(-1), torch.ones(5), atol=1e-6)  # Mixtral renormalises

@@ -1,0 +1,96 @@
+"""Build the engine a config asks for (native by default; vLLM imported only when asked)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import torch
+
+from server.config import EngineConfig
+from server.engine.protocol import EngineClient, ModelInfo
+
+log = logging.getLogger("moe_serve.engine")
+
+DEFAULT_CPU_KV_BYTES = 512 * 2**20
+MAX_DEFAULT_MODEL_LEN = 8192
+
+
+def eos_token_ids(model_path: str, model_cfg, tokenizer) -> tuple[int, ...]:
+    """EOS ids from generation_config.json, config.json and the tokenizer, as vLLM collects them."""
+    ids: list[int] = list(model_cfg.eos_token_ids)
+    gen = os.path.join(model_path, "generation_config.json")
+    if os.path.isfile(gen):
+        with open(gen) as f:
+            eos = json.load(f).get("eos_token_id")
+        ids += eos if isinstance(eos, list) else ([eos] if eos is not None else [])
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.append(tokenizer.eos_token_id)
+    return tuple(dict.fromkeys(ids))
+
+
+def num_kv_blocks(config: EngineConfig, model) -> int:
+    if config.num_kv_blocks:
+        return config.num_kv_blocks
+    per_block = model.kv_bytes_per_block(config.block_size)
+    budget = config.kv_cache_memory
+    if budget is None:
+        dev = model.embed.weight.device
+        if dev.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(dev)
+            budget = int(free * 0.4)
+        else:
+            budget = DEFAULT_CPU_KV_BYTES
+    return max(1, budget // per_block)
+
+
+def build_native_core(config: EngineConfig, progress: bool = True):
+    """(EngineCore, ModelInfo) for the native engine."""
+    from transformers import AutoTokenizer
+
+    from models import load_model
+    from server.engine.native.core import EngineCore
+
+    torch.manual_seed(config.seed)
+    model = load_model(config.model, dtype=config.dtype, device=config.device, progress=progress)
+    tokenizer = AutoTokenizer.from_pretrained(config.model)
+    cfg = model.config
+    blocks = num_kv_blocks(config, model)
+    max_len = config.max_model_len or min(cfg.max_position_embeddings, MAX_DEFAULT_MODEL_LEN)
+    if config.max_model_len and config.max_model_len > cfg.max_position_embeddings:
+        raise ValueError(f"--max-model-len {config.max_model_len} exceeds the model's "
+                         f"max_position_embeddings ({cfg.max_position_embeddings})")
+    if max_len > blocks * config.block_size:
+        if config.max_model_len:
+            raise ValueError(f"--max-model-len {max_len} does not fit the KV cache "
+                             f"({blocks} blocks of {config.block_size} tokens); raise --kv-cache-memory")
+        max_len = blocks * config.block_size
+    core = EngineCore(
+        model, tokenizer, num_blocks=blocks, block_size=config.block_size, max_model_len=max_len,
+        max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+        enable_prefix_caching=config.enable_prefix_caching, enable_chunked_prefill=config.enable_chunked_prefill,
+        scheduling_policy=config.scheduling_policy, seed=config.seed,
+        eos_token_ids=eos_token_ids(config.model, cfg, tokenizer),
+    )
+    dtype = str(model.embed.weight.dtype).replace("torch.", "")
+    info = ModelInfo(
+        name=config.model_name, path=config.model, max_model_len=core.max_model_len, vocab_size=cfg.vocab_size,
+        architecture=cfg.architecture, num_layers=cfg.num_layers, num_experts=cfg.num_experts, top_k=cfg.top_k,
+        dtype=dtype, device=str(model.embed.weight.device),
+    )
+    log.info("loaded %s (%s, %s on %s) in %.1fs; KV cache %d blocks x %d tokens; max_model_len %d",
+             config.model, cfg.architecture, dtype, info.device, model.load_seconds, blocks, config.block_size,
+             core.max_model_len)
+    return core, info
+
+
+def build_engine(config: EngineConfig) -> EngineClient:
+    if config.engine == "vllm":
+        from server.engine.vllm_backend import VLLMEngine
+
+        return VLLMEngine(config)
+    from server.engine.native.async_engine import AsyncEngine
+
+    core, info = build_native_core(config)
+    return AsyncEngine(core, info, max_queue_len=config.max_queue_len, max_num_seqs=config.max_num_seqs)

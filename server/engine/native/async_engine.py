@@ -1,0 +1,185 @@
+"""AsyncEngine: the asyncio face of EngineCore, implementing the EngineClient protocol.
+
+The core runs in a thread of its own (PyTorch releases the GIL inside its kernels), so the
+event loop keeps serving HTTP while a step computes. Requests and aborts reach the thread
+through a queue; each request's output deltas come back through an asyncio queue of its
+own. An exception inside a step fails only the requests of that step (their blocks are
+freed) and the engine carries on; after `MAX_CONSECUTIVE_FAILURES` failed steps in a row it
+declares itself dead: `check_health` raises and the server exits non-zero.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from typing import AsyncIterator
+
+from server.engine.native.core import EngineCore
+from server.engine.protocol import EngineDeadError, EngineOverloadedError, ModelInfo
+from server.engine.request import EngineRequest, RequestOutput
+from server.engine.stats import IterationStats, PlacementInfo, StatLogger
+
+log = logging.getLogger("moe_serve.engine")
+
+MAX_CONSECUTIVE_FAILURES = 3
+
+
+class AsyncEngine:
+    def __init__(self, core: EngineCore, model_info: ModelInfo, max_queue_len: int = 1024, max_num_seqs: int = 64):
+        self.core = core
+        self.model_info = model_info
+        self.tokenizer = core.tokenizer
+        # requests beyond the running batch wait; past this many waiting, new ones are refused
+        self.max_in_flight = max_num_seqs + max_queue_len
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._lock = threading.Lock()
+        self._loggers: list[StatLogger] = []
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self._dead: str | None = None
+        self.last_stats: IterationStats | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------
+    async def start(self) -> None:
+        if self._thread is None:
+            self._stop = False
+            self._thread = threading.Thread(target=self._loop, name="engine-core", daemon=True)
+            self._thread.start()
+
+    async def shutdown(self) -> None:
+        self._stop = True
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 30)
+            self._thread = None
+
+    # -- protocol -----------------------------------------------------------------------
+    async def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
+        if self._dead:
+            raise EngineDeadError(self._dead)
+        self.core.check_request(request)  # raises SamplingParamsError / RequestTooLongError
+        with self._lock:
+            if len(self._streams) >= self.max_in_flight:
+                raise EngineOverloadedError(
+                    f"server is at capacity ({len(self._streams)} requests in flight); retry later")
+            if request.request_id in self._streams:
+                raise ValueError(f"duplicate request id {request.request_id!r}")
+            stream: asyncio.Queue = asyncio.Queue()
+            self._streams[request.request_id] = (asyncio.get_running_loop(), stream)
+        self._inbox.put(("add", request))
+        self._wake.set()
+        finished = False
+        try:
+            while True:
+                out: RequestOutput | BaseException = await stream.get()
+                if isinstance(out, BaseException):
+                    raise out
+                finished = out.finished
+                yield out
+                if finished:
+                    return
+        finally:
+            with self._lock:
+                self._streams.pop(request.request_id, None)
+            if not finished:  # the consumer went away (disconnect, timeout): free its blocks
+                self._inbox.put(("abort", request.request_id))
+                self._wake.set()
+
+    async def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+        self._wake.set()
+
+    async def check_health(self) -> None:
+        if self._dead:
+            raise EngineDeadError(self._dead)
+        if self._thread is not None and not self._thread.is_alive() and not self._stop:
+            raise EngineDeadError("engine thread exited")
+
+    def add_stat_logger(self, logger: StatLogger) -> None:
+        self._loggers.append(logger)
+
+    def placement(self) -> PlacementInfo | None:
+        return getattr(self.core, "placement_info", lambda: None)()
+
+    def num_unfinished_requests(self) -> int:
+        return len(self._streams)
+
+    # -- KV introspection (tests, /metrics) ---------------------------------------------
+    def kv_cache_usage(self) -> float:
+        return self.core.pool.usage
+
+    def num_free_kv_blocks(self) -> int:
+        return self.core.pool.num_free
+
+    def num_total_kv_blocks(self) -> int:
+        return self.core.pool.num_blocks
+
+    # -- the engine thread ---------------------------------------------------------------
+    def _deliver(self, out: RequestOutput | tuple[str, BaseException]) -> None:
+        rid, item = (out.request_id, out) if isinstance(out, RequestOutput) else out
+        with self._lock:
+            target = self._streams.get(rid)
+        if target is not None:
+            loop, stream = target
+            try:
+                loop.call_soon_threadsafe(stream.put_nowait, item)
+            except RuntimeError:  # the loop is closed
+                pass
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                kind, arg = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                try:
+                    self.core.add_request(arg)
+                except Exception as exc:  # noqa: BLE001 - reported to that request only
+                    self._deliver((arg.request_id, exc))
+            elif kind == "abort":
+                self.core.abort(arg)
+
+    def _loop(self) -> None:
+        failures = 0
+        while not self._stop:
+            self._drain_inbox()
+            if not self.core.has_unfinished():
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            in_step = list(self.core.requests)
+            try:
+                outputs, stats, finished, routing = self.core.step()
+                failures = 0
+            except Exception as exc:  # noqa: BLE001
+                failures += 1
+                log.exception("engine step failed (%d in a row); failing %d requests", failures, len(in_step))
+                for out in self.core.fail_requests(in_step, f"internal error in the engine step: {exc}"):
+                    self._deliver(out)
+                if failures >= MAX_CONSECUTIVE_FAILURES:
+                    self._dead = f"engine failed {failures} steps in a row: {exc}"
+                    log.error("engine is dead: %s", self._dead)
+                    self._fail_all(EngineDeadError(self._dead))
+                    return
+                continue
+            for out in outputs:
+                self._deliver(out)
+            self.last_stats = stats
+            for logger in self._loggers:
+                try:
+                    logger.record(stats, finished, routing)
+                except Exception:  # noqa: BLE001 - metrics must never stop the engine
+                    log.exception("stat logger failed")
+        self._fail_all(EngineDeadError("engine stopped"))
+
+    def _fail_all(self, exc: BaseException) -> None:
+        with self._lock:
+            rids = list(self._streams)
+        for rid in rids:
+            self._deliver((rid, exc))
+

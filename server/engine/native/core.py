@@ -1,0 +1,328 @@
+"""EngineCore: the synchronous heart of the native engine.
+
+`step()` = schedule -> execute -> sample -> update (detokenize, stop checks, finish, free
+KV blocks) -> outputs and stats. It is single-threaded; `AsyncEngine` drives it from a
+thread of its own.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from typing import Any, Callable
+
+import torch
+
+from models.model import MoEForCausalLM
+from server.engine.native.detokenizer import IncrementalDetokenizer
+from server.engine.native.kv_cache import BlockPool, KVCacheManager
+from server.engine.native.runner import ModelOutput, ModelRunner
+from server.engine.native.sampler import Sampler, SamplingRow, compute_logprobs
+from server.engine.native.scheduler import ScheduledSeq, Scheduler
+from server.engine.native.sequence import RequestState, Sequence, SeqStatus
+from server.engine.protocol import RequestTooLongError
+from server.engine.request import (CompletionOutput, EngineRequest, Logprob, RequestMetrics, RequestOutput,
+                                   SamplingParamsError, _short)
+from server.engine.stats import FinishedRequestStats, IterationStats, RoutingStats
+
+log = logging.getLogger("moe_serve.engine")
+
+
+class EngineCore:
+    def __init__(self, model: MoEForCausalLM, tokenizer: Any, *, num_blocks: int, block_size: int,
+                 max_model_len: int, max_num_seqs: int, max_num_batched_tokens: int,
+                 enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True,
+                 scheduling_policy: str = "fcfs", seed: int = 0, eos_token_ids: tuple[int, ...] = ()):
+        self.model = model
+        self.tokenizer = tokenizer
+        cfg = model.config
+        self.vocab_size = cfg.vocab_size
+        self.block_size = block_size
+        self.max_model_len = min(max_model_len, num_blocks * block_size)
+        self.pool = BlockPool(num_blocks, block_size, enable_prefix_caching)
+        self.kv = KVCacheManager(self.pool)
+        self.scheduler = Scheduler(self.kv, max_num_seqs, max(max_num_batched_tokens, 1), self.max_model_len,
+                                   scheduling_policy, enable_chunked_prefill)
+        self.runner = ModelRunner(model, num_blocks, block_size)
+        self.sampler = Sampler(self.vocab_size, self.runner.device, seed)
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.requests: dict[str, RequestState] = {}
+        self.seqs: dict[str, list[Sequence]] = {}
+        self._seq_ids = itertools.count()
+        self.moe_layers = [i for i, s in enumerate(cfg.sparse_layers) if s]
+        self.total_preemptions = 0  # since start (tests, logs)
+        self.total_prefix_hit_tokens = 0
+        self.fault_hook: Callable[[list[ScheduledSeq]], None] | None = None  # tests inject failures here
+
+    # -- admission --------------------------------------------------------------------
+    def check_request(self, request: EngineRequest) -> int:
+        """Validate against the model; returns the effective max_tokens."""
+        params = request.sampling_params
+        params.verify_vocab(self.vocab_size)
+        n_prompt = len(request.prompt_token_ids)
+        if n_prompt == 0:
+            raise RequestTooLongError("the prompt is empty: at least one token is needed")
+        bad = [t for t in request.prompt_token_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise SamplingParamsError("prompt", f"prompt: token ids outside the vocabulary "
+                                                f"(size {self.vocab_size}): {_short(bad)}")
+        if params.max_tokens is None:
+            if n_prompt >= self.max_model_len:
+                raise RequestTooLongError(
+                    f"This model's maximum context length is {self.max_model_len} tokens, but the prompt has "
+                    f"{n_prompt} tokens; at least one token must be left for the completion.")
+            return self.max_model_len - n_prompt
+        if n_prompt + params.max_tokens > self.max_model_len:
+            raise RequestTooLongError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{n_prompt + params.max_tokens} tokens ({n_prompt} in the prompt, {params.max_tokens} for the "
+                f"completion). Please reduce the prompt or max_tokens.")
+        return params.max_tokens
+
+    def add_request(self, request: EngineRequest) -> None:
+        max_tokens = self.check_request(request)
+        if request.request_id in self.requests:
+            raise ValueError(f"duplicate request id {request.request_id!r}")
+        params = request.sampling_params
+        state = RequestState(request, max_tokens, num_seqs_left=params.n)
+        self.requests[request.request_id] = state
+        seq = self._new_seq(state, 0, list(request.prompt_token_ids), None)
+        seq.needs_fork = params.n > 1
+        self.seqs[request.request_id] = [seq]
+        self.scheduler.add(seq)
+
+    def _new_seq(self, state: RequestState, index: int, token_ids: list[int], parent: Sequence | None) -> Sequence:
+        params = state.request.sampling_params
+        prompt = state.request.prompt_token_ids
+        detok = IncrementalDetokenizer(self.tokenizer, prompt, params.stop, params.skip_special_tokens,
+                                       params.include_stop_str_in_output)
+        gen = None if params.seed is None else Sampler.make_generator(params.seed, index, self.runner.device)
+        seq = Sequence(next(self._seq_ids), index, state, token_ids, len(prompt), detok, gen)
+        if parent is not None:
+            seq.blocks = self.kv.fork(parent.blocks)
+            seq.num_computed = parent.num_computed
+            seq.routing_done = parent.routing_done
+            seq.status = SeqStatus.RUNNING
+        return seq
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a request now, freeing its blocks. Returns whether it was known."""
+        state = self.requests.pop(request_id, None)
+        if state is None:
+            return False
+        for seq in self.seqs.pop(request_id, []):
+            if not seq.finished:
+                self.scheduler.remove(seq)
+                seq.status = SeqStatus.FINISHED
+        return True
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.requests)
+
+    # -- the step ---------------------------------------------------------------------
+    def step(self) -> tuple[list[RequestOutput], IterationStats, list[FinishedRequestStats], RoutingStats | None]:
+        t0 = time.monotonic()
+        batch = self.scheduler.schedule()
+        stats = IterationStats(timestamp=t0, num_preemptions=batch.num_preemptions)
+        finished_stats: list[FinishedRequestStats] = []
+        routing_stats = None
+        outputs: list[RequestOutput] = []
+        if not batch.empty:
+            for item in batch.scheduled:
+                st = item.seq.state
+                if st.first_scheduled is None:
+                    st.first_scheduled = t0
+            if self.fault_hook is not None:
+                self.fault_hook(batch.scheduled)
+            result = self.runner.execute(batch)
+            routing_stats = self._routing_stats(result, batch.num_tokens)
+            touched = self._update(batch.scheduled, result, stats, t0)
+            outputs = self._collect(touched, finished_stats)
+        stats.num_running = len(self.scheduler.running)
+        stats.num_waiting = len(self.scheduler.waiting)
+        stats.kv_cache_usage = self.pool.usage
+        stats.num_batched_tokens = batch.num_tokens
+        stats.prefix_cache_queries, stats.prefix_cache_hits = self.pool.queries, self.pool.hits
+        self.total_preemptions += batch.num_preemptions
+        self.total_prefix_hit_tokens += self.pool.hits
+        self.pool.queries = self.pool.hits = 0
+        stats.step_time = time.monotonic() - t0
+        return outputs, stats, finished_stats, routing_stats
+
+    def fail_requests(self, request_ids: list[str], message: str) -> list[RequestOutput]:
+        """Finish these requests with an error (their blocks freed), e.g. after a failed step."""
+        outs = []
+        for rid in request_ids:
+            if rid in self.requests:
+                self.abort(rid)
+                outs.append(RequestOutput(rid, [], finished=True, error=message))
+        return outs
+
+    def _routing_stats(self, result: ModelOutput, num_tokens: int) -> RoutingStats | None:
+        if result.routing is None:
+            return None
+        E = self.model.config.num_experts
+        r = result.routing  # [T, moe_layers, k]
+        L = r.shape[1]
+        flat = (r + torch.arange(L, device=r.device)[None, :, None] * E).reshape(-1)
+        counts = torch.bincount(flat, minlength=L * E).view(L, E).tolist()
+        device = str(self.runner.device)
+        return RoutingStats(num_layers=L, num_experts=E, expert_tokens=counts,
+                            device_tokens={device: int(r.numel())})
+
+    def _update(self, scheduled: list[ScheduledSeq], result: ModelOutput, stats: IterationStats, now: float):
+        rows: list[SamplingRow] = []
+        row_seqs: list[Sequence] = []
+        logit_index: list[int] = []
+        touched: dict[str, None] = {}
+        for j, item in enumerate(scheduled):
+            seq, state = item.seq, item.seq.state
+            samples = item.samples  # before num_computed moves on
+            touched[state.request_id] = None
+            was_prompt = seq.num_computed < seq.num_prompt_tokens
+            if was_prompt:
+                stats.num_prompt_tokens += min(item.num_new, seq.num_prompt_tokens - seq.num_computed)
+            if j in result.prompt_rows:
+                self._prompt_logprobs(seq, result, j)
+            if state.request.return_routing and result.routing is not None:
+                self._append_routing(seq, item, result, j)
+            seq.num_computed += item.num_new
+            self.kv.commit(seq.blocks, seq.token_ids, seq.num_computed)
+            if not samples:
+                continue
+            if seq.needs_fork:
+                children = [seq] + [self._new_seq(state, i, list(seq.token_ids), seq)
+                                    for i in range(1, seq.params.n)]
+                seq.needs_fork = False
+                self.seqs[state.request_id] = children
+                self.scheduler.running.extend(children[1:])
+            else:
+                children = [seq]
+            for child in children:
+                rows.append(SamplingRow(child.params, child.generator, child.token_ids[: child.num_prompt_tokens],
+                                        child.output_ids, self.eos_token_ids))
+                row_seqs.append(child)
+                logit_index.append(result.sample_rows[j])
+        if not rows:
+            return touched
+        logits = result.logits[torch.tensor(logit_index, device=result.logits.device)]  # [rows, vocab]
+        sampled = self.sampler(logits, rows)
+        for seq, token, lp in zip(row_seqs, sampled.token_ids, sampled.logprobs):
+            self._append_token(seq, token, lp, now, stats)
+        return touched
+
+    def _prompt_logprobs(self, seq: Sequence, result: ModelOutput, j: int) -> None:
+        state = seq.state
+        if state.prompt_logprobs is None:
+            state.prompt_logprobs = [None]  # the first prompt token has no logprob
+        start = seq.num_computed
+        if start + 1 != len(state.prompt_logprobs):
+            return  # recomputed after a preemption: already recorded
+        first, count = result.prompt_rows[j]
+        k = seq.params.prompt_logprobs
+        targets = torch.tensor(seq.token_ids[start + 1 : start + 1 + count])
+        state.prompt_logprobs.extend(compute_logprobs(result.logits[first : first + count], targets, k))
+
+    def _append_routing(self, seq: Sequence, item: ScheduledSeq, result: ModelOutput, j: int) -> None:
+        """Record the experts chosen for tokens not recorded before (not again after a preemption)."""
+        begin = max(seq.num_computed, seq.routing_done)
+        end = seq.num_computed + item.num_new
+        if begin >= end:
+            return
+        off = result.token_offsets[j] - seq.num_computed
+        ids = result.routing[off + begin : off + end].tolist()  # [n, layers, k]
+        n_prompt = max(0, min(end, seq.num_prompt_tokens) - begin)
+        if n_prompt:
+            if seq.state.prompt_routing is None:
+                seq.state.prompt_routing = []
+            seq.state.prompt_routing.extend(ids[:n_prompt])
+        seq.pending_routing.extend(ids[n_prompt:])
+        seq.routing_done = end
+
+    def _append_token(self, seq: Sequence, token: int, lp: Logprob | None, now: float, stats: IterationStats) -> None:
+        state, params = seq.state, seq.params
+        seq.token_ids.append(token)
+        seq.pending_ids.append(token)
+        if lp is not None:
+            seq.pending_logprobs.append(lp)
+        stats.num_generation_tokens += 1
+        state.num_generated += 1
+        if state.first_token_time is None:
+            state.first_token_time = now
+            stats.time_to_first_tokens.append(now - state.request.arrival_time)
+        elif seq.index == 0 and state.last_token_time is not None:
+            stats.inter_token_latencies.append(now - state.last_token_time)
+        if seq.index == 0:
+            state.last_token_time = now
+        n_out = seq.num_output
+        stop_str = seq.detok.add_token(token)
+        if not params.ignore_eos and token in self.eos_token_ids and n_out >= params.min_tokens:
+            seq.finish_reason = "stop"
+        elif token in params.stop_token_ids and n_out >= params.min_tokens:
+            seq.finish_reason, seq.stop_reason = "stop", token
+        elif stop_str is not None and n_out >= params.min_tokens:
+            seq.finish_reason, seq.stop_reason = "stop", stop_str
+        elif n_out >= state.max_tokens or len(seq.token_ids) >= self.max_model_len:
+            seq.finish_reason = "length"
+
+    def _collect(self, touched: dict[str, None], finished_stats: list[FinishedRequestStats]) -> list[RequestOutput]:
+        outs: list[RequestOutput] = []
+        now = time.monotonic()
+        for rid in touched:
+            state = self.requests.get(rid)
+            if state is None:
+                continue
+            completions = []
+            for seq in self.seqs[rid]:
+                if seq.finished or not (seq.pending_ids or seq.finish_reason):
+                    continue
+                if seq.finish_reason is not None:
+                    text = seq.detok.flush(stopped_by_string=isinstance(seq.stop_reason, str))
+                    self.scheduler.remove(seq)
+                    seq.status = SeqStatus.FINISHED
+                    state.num_seqs_left -= 1
+                else:
+                    text = seq.detok.delta()
+                completions.append(CompletionOutput(
+                    index=seq.index, text=text, token_ids=seq.pending_ids,
+                    logprobs=seq.pending_logprobs if seq.params.logprobs is not None else None,
+                    finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
+                    routing=seq.pending_routing if state.request.return_routing else None))
+                seq.pending_ids, seq.pending_logprobs, seq.pending_routing = [], [], []
+            if not completions:
+                continue
+            finished = state.num_seqs_left == 0
+            out = RequestOutput(rid, completions, finished=finished)
+            if not state.sent_prompt_info:
+                out.prompt_token_ids = state.request.prompt_token_ids
+                out.prompt_logprobs = state.prompt_logprobs
+                out.prompt_routing = state.prompt_routing
+                state.sent_prompt_info = True
+            if finished:
+                out.metrics = self._finish(state, now, finished_stats)
+                del self.requests[rid]
+                del self.seqs[rid]
+            outs.append(out)
+        return outs
+
+    def _finish(self, state: RequestState, now: float, finished_stats: list[FinishedRequestStats]) -> RequestMetrics:
+        req = state.request
+        arrival = req.arrival_time
+        scheduled = state.first_scheduled or arrival
+        first = state.first_token_time or now
+        reason = next((s.finish_reason for s in self.seqs[req.request_id] if s.index == 0), "stop") or "stop"
+        n_prompt = len(req.prompt_token_ids)
+        finished_stats.append(FinishedRequestStats(
+            finish_reason=reason, e2e_latency=now - arrival, queued_time=scheduled - arrival,
+            prefill_time=first - scheduled, decode_time=now - first, inference_time=now - scheduled,
+            num_prompt_tokens=n_prompt, num_generation_tokens=state.num_generated,
+            max_tokens_param=req.sampling_params.max_tokens, n_param=req.sampling_params.n))
+        return RequestMetrics(arrival_time=arrival, queued_time=scheduled - arrival, first_token_time=first,
+                              last_token_time=state.last_token_time, finished_time=now,
+                              num_prompt_tokens=n_prompt, num_generation_tokens=state.num_generated,
+                              num_cached_prompt_tokens=state.num_cached_prompt_tokens)

@@ -1,0 +1,165 @@
+"""Paged KV-cache bookkeeping: a preallocated block pool, per-sequence block tables,
+prefix caching by block hash with reference counts and LRU eviction.
+
+The tensors themselves live with the model runner; this module only hands out block ids.
+A block whose reference count drops to zero goes to the back of the free queue; if it was
+full and hashed it stays findable by its hash until it is handed out again (LRU eviction
+from the front). Usage counts referenced blocks only, so a drained engine reports zero.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+
+@dataclass
+class Block:
+    block_id: int
+    ref_count: int = 0
+    block_hash: int | None = None
+
+
+def hash_block(parent: int | None, token_ids: tuple[int, ...]) -> int:
+    return hash((parent, token_ids))
+
+
+class BlockPool:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        if num_blocks < 1:
+            raise ValueError("the KV cache needs at least one block")
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))  # LRU order
+        self.cached: dict[int, int] = {}  # block hash -> block id
+        self.hits = 0
+        self.queries = 0
+
+    # -- accounting ---------------------------------------------------------------------
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - len(self.free) / self.num_blocks
+
+    # -- allocation ---------------------------------------------------------------------
+    def allocate(self) -> int:
+        block_id, _ = self.free.popitem(last=False)  # least recently freed
+        block = self.blocks[block_id]
+        if block.block_hash is not None:  # evict it from the prefix cache
+            if self.cached.get(block.block_hash) == block_id:
+                del self.cached[block.block_hash]
+            block.block_hash = None
+        block.ref_count = 1
+        return block_id
+
+    def share(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        if block.ref_count == 0:
+            del self.free[block_id]
+        block.ref_count += 1
+
+    def release(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        block.ref_count -= 1
+        assert block.ref_count >= 0, f"block {block_id} released twice"
+        if block.ref_count == 0:
+            self.free[block_id] = None
+
+    # -- prefix cache -------------------------------------------------------------------
+    def lookup(self, block_hash: int) -> int | None:
+        return self.cached.get(block_hash) if self.enable_prefix_caching else None
+
+    def register(self, block_id: int, block_hash: int) -> None:
+        if not self.enable_prefix_caching:
+            return
+        block = self.blocks[block_id]
+        if block.block_hash is None and block_hash not in self.cached:
+            block.block_hash = block_hash
+            self.cached[block_hash] = block_id
+
+
+class SequenceBlocks:
+    """A sequence's block table plus the hashes of its full, computed blocks."""
+
+    __slots__ = ("table", "hashes")
+
+    def __init__(self) -> None:
+        self.table: list[int] = []
+        self.hashes: list[int] = []
+
+
+class KVCacheManager:
+    def __init__(self, pool: BlockPool):
+        self.pool = pool
+        self.block_size = pool.block_size
+
+    def blocks_needed(self, seq: SequenceBlocks, num_tokens: int) -> int:
+        return max(0, -(-num_tokens // self.block_size) - len(seq.table))
+
+    def match_prefix(self, seq: SequenceBlocks, token_ids: list[int]) -> int:
+        """Attach cached blocks for the longest cached prefix of `token_ids` (at most
+        len - 1 tokens, so at least one token is computed); returns the tokens covered."""
+        bs = self.block_size
+        max_blocks = (len(token_ids) - 1) // bs
+        parent = None
+        self.pool.queries += max_blocks * bs
+        for i in range(max_blocks):
+            h = hash_block(parent, tuple(token_ids[i * bs : (i + 1) * bs]))
+            block_id = self.pool.lookup(h)
+            if block_id is None:
+                break
+            self.pool.share(block_id)
+            seq.table.append(block_id)
+            seq.hashes.append(h)
+            parent = h
+        self.pool.hits += len(seq.table) * bs
+        return len(seq.table) * bs
+
+    def allocate(self, seq: SequenceBlocks, num_computed: int, num_new: int, copies: list[tuple[int, int]]) -> bool:
+        """Make room for `num_new` more tokens after `num_computed`. A shared partial last
+        block is copied first (copy-on-write): the (src, dst) pair is appended to `copies`.
+        Returns False, changing nothing, when the pool is short."""
+        need = self.blocks_needed(seq, num_computed + num_new)
+        cow = num_computed % self.block_size != 0 and self.pool.blocks[seq.table[-1]].ref_count > 1
+        if need + cow > self.pool.num_free:
+            return False
+        if cow:
+            src = seq.table[-1]
+            dst = self.pool.allocate()
+            self.pool.release(src)
+            seq.table[-1] = dst
+            copies.append((src, dst))
+        for _ in range(need):
+            seq.table.append(self.pool.allocate())
+        return True
+
+    def commit(self, seq: SequenceBlocks, token_ids: list[int], num_computed: int) -> None:
+        """Register the hashes of blocks that became full with computed tokens."""
+        bs = self.block_size
+        full = min(num_computed, len(token_ids)) // bs
+        while len(seq.hashes) < full:
+            i = len(seq.hashes)
+            parent = seq.hashes[-1] if seq.hashes else None
+            h = hash_block(parent, tuple(token_ids[i * bs : (i + 1) * bs]))
+            self.pool.register(seq.table[i], h)
+            seq.hashes.append(h)
+
+    def fork(self, seq: SequenceBlocks) -> SequenceBlocks:
+        """A child sharing every block of `seq` (the partial last one is copied on write)."""
+        child = SequenceBlocks()
+        for block_id in seq.table:
+            self.pool.share(block_id)
+        child.table = list(seq.table)
+        child.hashes = list(seq.hashes)
+        return child
+
+    def free(self, seq: SequenceBlocks) -> None:
+        # tail first, so the prefix stays cached longest
+        for block_id in reversed(seq.table):
+            self.pool.release(block_id)
+        seq.table.clear()
+        seq.hashes.clear()

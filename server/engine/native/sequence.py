@@ -1,0 +1,93 @@
+"""Sequences: one per generated completion (a request with n > 1 forks into n of them)."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from server.engine.native.detokenizer import IncrementalDetokenizer
+from server.engine.native.kv_cache import SequenceBlocks
+from server.engine.request import EngineRequest, Logprob
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class RequestState:
+    """Per-request bookkeeping shared by its sequences."""
+
+    request: EngineRequest
+    max_tokens: int
+    num_seqs_left: int
+    first_scheduled: float | None = None
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    num_cached_prompt_tokens: int = 0
+    prompt_logprobs: list[Logprob | None] | None = None
+    prompt_routing: list[list[list[int]]] | None = None
+    sent_prompt_info: bool = False
+    num_generated: int = 0  # over all its sequences
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+
+@dataclass
+class Sequence:
+    seq_id: int
+    index: int  # completion index within the request (0..n-1)
+    state: RequestState
+    token_ids: list[int]  # prompt + output
+    num_prompt_tokens: int
+    detok: IncrementalDetokenizer
+    generator: torch.Generator | None = None
+    blocks: SequenceBlocks = field(default_factory=SequenceBlocks)
+    num_computed: int = 0  # tokens whose KV is in the cache
+    status: SeqStatus = SeqStatus.WAITING
+    routing_done: int = 0  # tokens whose expert choices were recorded (return_routing)
+    needs_fork: bool = False  # the shared prompt sequence of an n > 1 request
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    # deltas not yet sent
+    pending_ids: list[int] = field(default_factory=list)
+    pending_logprobs: list[Logprob] = field(default_factory=list)
+    pending_routing: list[list[list[int]]] = field(default_factory=list)
+    arrival: float = field(default_factory=time.monotonic)
+
+    @property
+    def request(self) -> EngineRequest:
+        return self.state.request
+
+    @property
+    def params(self):
+        return self.state.request.sampling_params
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_output(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def num_uncomputed(self) -> int:
+        return len(self.token_ids) - self.num_computed
+
+    @property
+    def finished(self) -> bool:
+        return self.status is SeqStatus.FINISHED
+
+    def sort_key(self, policy: str) -> tuple:
+        """Lower runs first; the highest key is preempted first."""
+        if policy == "priority":
+            return (self.request.priority, self.request.arrival_time, self.seq_id)
+        return (self.request.arrival_time, self.seq_id)

@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny random-weight MoE checkpoints with a real fast tokenizer."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BUNDLED = REPO / "models" / "checkpoints" / "tiny-mixtral"
+
+
+def save_test_tokenizer(path: str | os.PathLike, vocab_size: int = 300) -> None:
+    """A byte-level BPE fast tokenizer trained on a little standard-library text."""
+    import pydoc_data.topics
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    texts = list(pydoc_data.topics.topics.values())[:40]
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                          "{% if add_generation_prompt %}assistant:{% endif %}")
+    fast.save_pretrained(str(path))
+
+
+@pytest.fixture(scope="session")
+def tiny_mixtral(tmp_path_factory):
+    """A random-weight Mixtral (vocab 320, 8 experts top-2) with a tokenizer; returns its path."""
+    import torch
+    import transformers
+
+    path = tmp_path_factory.mktemp("tiny-mixtral-random")
+    torch.manual_seed(0)
+    cfg = transformers.MixtralConfig(
+        vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=1024,
+        initializer_range=0.1, bos_token_id=0, eos_token_id=1)
+    transformers.MixtralForCausalLM(cfg).eval().save_pretrained(str(path))
+    save_test_tokenizer(path)
+    return str(path)

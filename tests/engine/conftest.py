@@ -1,0 +1,26 @@
+"""Engine fixtures: every engine a test builds must end with all KV blocks back in the pool."""
+
+from __future__ import annotations
+
+import pytest
+
+from server.engine.llm import LLM
+
+
+@pytest.fixture()
+def make_llm(tiny_mixtral):
+    built: list[LLM] = []
+
+    def make(**kwargs) -> LLM:
+        kwargs.setdefault("dtype", "float32")
+        llm = LLM(tiny_mixtral, **kwargs)
+        built.append(llm)
+        return llm
+
+    yield make
+    for llm in built:
+        core = llm.core
+        assert not core.has_unfinished(), "requests left unfinished"
+        assert core.pool.num_free == core.pool.num_blocks, (
+            f"KV blocks leaked: {core.pool.num_blocks - core.pool.num_free} of {core.pool.num_blocks} still in use")
+        assert all(b.ref_count == 0 for b in core.pool.blocks)

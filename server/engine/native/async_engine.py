@@ -159,11 +159,12 @@ class AsyncEngine:
             except Exception as exc:  # noqa: BLE001
                 failures += 1
                 log.exception("engine step failed (%d in a row); failing %d requests", failures, len(in_step))
-                for out in self.core.fail_requests(in_step, f"internal error in the engine step: {exc}"):
-                    self._deliver(out)
-                if failures >= MAX_CONSECUTIVE_FAILURES:
+                if failures >= MAX_CONSECUTIVE_FAILURES:  # dead before anyone hears of the failure
                     self._dead = f"engine failed {failures} steps in a row: {exc}"
                     log.error("engine is dead: %s", self._dead)
+                for out in self.core.fail_requests(in_step, f"internal error in the engine step: {exc}"):
+                    self._deliver(out)
+                if self._dead:
                     self._fail_all(EngineDeadError(self._dead))
                     return
                 continue

@@ -1,0 +1,365 @@
+"""Token sampling for the native engine (vLLM v1 semantics).
+
+Per step the engine hands the sampler the last-position logits of every running sequence
+(`[num_rows, vocab]`) and one `SamplingRow` per sequence. Processing order:
+
+1. repetition penalty over prompt + output tokens (HF / vLLM: divide positive logits,
+   multiply non-positive ones); frequency and presence penalties over output tokens only
+   (OpenAI: `logit -= freq * count + presence * (count > 0)`);
+2. `logit_bias` (added);
+3. `min_tokens`: while fewer than `min_tokens` tokens were generated, the row's EOS ids and
+   `stop_token_ids` are set to -inf (after the bias, so no bias can bring them back);
+4. greedy rows (`temperature < 1e-5`) take the argmax;
+5. other rows: divide by temperature, `min_p`, `top_k`, `top_p`, then sample with the
+   exponential race `argmax(probs / q)`, `q ~ Exp(1)` (one draw per vocabulary entry).
+
+Logprobs are vLLM v1's default "raw_logprobs": log_softmax of the logits as given, before any
+of the processing above.
+
+Seeds: a seeded row draws its `q` (shape `[vocab]`, every step it samples) from its own
+generator, so its tokens do not depend on the other rows of the batch or its position.
+All processing is per-row arithmetic, so a row's processed logits do not depend on the batch
+either. Unseeded rows share the sampler's generator and are drawn in one batched op.
+
+Cost: each feature touches only the rows that use it. Penalties, bias and min_tokens are
+sparse (gather / write the (row, token) entries concerned, O(tokens), no vocab-wide passes);
+temperature / min_p / top_k work on the sampled rows; only top_p rows pay for a full sort
+(top_k alone uses `topk`). A batch of plain greedy rows costs a single argmax. The input
+logits are never modified (processing works on one float32 copy).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+import torch
+
+from server.engine.request import Logprob, SamplingParams
+
+_NEG_INF = float("-inf")
+# compute_logprobs works in row chunks of at most this many [rows * vocab] elements
+_LOGPROB_CHUNK_ELEMS = 1 << 25
+
+
+@dataclass
+class SamplingRow:
+    params: SamplingParams
+    generator: torch.Generator | None  # per-sequence generator, set when params.seed is not None
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]  # generated so far (before this step)
+    eos_token_ids: tuple[int, ...]  # model's EOS ids (empty if ignore handled by caller)
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]  # one per row
+    logprobs: list[Logprob | None]  # per row; None unless params.logprobs is not None
+
+
+class Sampler:
+    def __init__(self, vocab_size: int, device: torch.device | str = "cpu", seed: int = 0):
+        if vocab_size < 1:
+            raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
+        self.vocab_size = vocab_size
+        self.device = torch.device(device)
+        self.generator = self.make_generator(seed, 0, self.device)  # for unseeded rows
+
+    @staticmethod
+    def make_generator(seed: int, index: int, device: torch.device | str) -> torch.Generator:
+        """Generator for sequence `index` of a request with `seed`.
+
+        As vLLM's parallel sampling: sequence i is seeded with `seed + i` (so n > 1
+        sequences differ and sequence 0 uses the request's seed), taken modulo 2**64.
+        """
+        g = torch.Generator(device=device)
+        g.manual_seed((seed + index) % (1 << 64))
+        return g
+
+    # -- main entry -------------------------------------------------------------------------
+    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
+        num_rows = len(rows)
+        if logits.dim() != 2 or logits.shape[0] != num_rows:
+            raise ValueError(f"logits must be [{num_rows}, vocab], got {tuple(logits.shape)}")
+        if logits.shape[1] < self.vocab_size:
+            raise ValueError(f"logits have {logits.shape[1]} columns, vocab_size is {self.vocab_size}")
+        if num_rows == 0:
+            return SamplerOutput([], [])
+        raw = logits[:, : self.vocab_size]  # [num_rows, vocab]; drops padded vocab columns
+        dev = raw.device
+
+        # Classify rows in one Python pass (loop over rows, never over the vocabulary).
+        pen_rows, bias_rows, min_tok_rows, greedy_rows, random_rows = [], [], [], [], []
+        for i, r in enumerate(rows):
+            p = r.params
+            if _has_penalty(p):
+                pen_rows.append(i)
+            if p.logit_bias:
+                bias_rows.append(i)
+            if _min_tokens_active(r):
+                min_tok_rows.append(i)
+            (greedy_rows if p.greedy else random_rows).append(i)
+
+        if not (pen_rows or bias_rows or min_tok_rows or random_rows):
+            tokens = raw.argmax(dim=-1)  # [num_rows]  fast path: plain greedy batch
+        else:
+            x = self._process(raw, rows, pen_rows, bias_rows, min_tok_rows)  # [num_rows, vocab]
+            if not random_rows:
+                tokens = x.argmax(dim=-1)
+            else:
+                tokens = torch.empty(num_rows, dtype=torch.long, device=dev)
+                if greedy_rows:
+                    g_idx = torch.tensor(greedy_rows, device=dev)
+                    tokens[g_idx] = x[g_idx].argmax(dim=-1)
+                r_idx = torch.tensor(random_rows, device=dev)
+                y = x if len(random_rows) == num_rows else x[r_idx]  # [num_random, vocab]
+                sampled = [rows[i] for i in random_rows]
+                y = warp_logits(y, [r.params for r in sampled])
+                tokens[r_idx] = self._race(y, [r.generator for r in sampled])
+
+        token_list: list[int] = tokens.tolist()
+        return SamplerOutput(token_list, self._logprobs(raw, tokens, rows))
+
+    # -- logits processing ------------------------------------------------------------------
+    def process_logits(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """Penalties, logit_bias and min_tokens applied: a new float32 [num_rows, vocab] tensor.
+
+        What greedy rows take the argmax of (and what temperature etc. then apply to).
+        """
+        raw = logits[:, : self.vocab_size]
+        pen = [i for i, r in enumerate(rows) if _has_penalty(r.params)]
+        bias = [i for i, r in enumerate(rows) if r.params.logit_bias]
+        mt = [i for i, r in enumerate(rows) if _min_tokens_active(r)]
+        return self._process(raw, rows, pen, bias, mt)
+
+    def _process(
+        self, raw: torch.Tensor, rows: list[SamplingRow], pen: list[int], bias: list[int], mt: list[int]
+    ) -> torch.Tensor:
+        x = raw.to(torch.float32, copy=True)  # [num_rows, vocab]
+        if pen:
+            self._apply_penalties(x, rows, pen)
+        if bias:
+            self._apply_logit_bias(x, rows, bias)
+        if mt:
+            self._apply_min_tokens(x, rows, mt)
+        return x
+
+    # The three below work in place on x [num_rows, vocab], touching only the (row, token)
+    # entries concerned: O(tokens), never a pass over the whole vocabulary.
+    @staticmethod
+    def _apply_penalties(x: torch.Tensor, rows: list[SamplingRow], idx: list[int]) -> None:
+        dev, vocab = x.device, x.shape[1]
+        rep_rows = [i for i in idx if rows[i].params.repetition_penalty != 1.0]
+        if rep_rows:
+            # every (row, token) seen in prompt or output; duplicates are harmless: each copy
+            # is read before any is written and all copies write the same value
+            r, t = _row_token_ids(rows, rep_rows, with_prompt=True, device=dev)  # [T], [T]
+            penalty = torch.ones(x.shape[0], dtype=torch.float32, device=dev)  # [num_rows]
+            penalty[torch.tensor(rep_rows, device=dev)] = torch.tensor(
+                [rows[i].params.repetition_penalty for i in rep_rows], dtype=torch.float32, device=dev
+            )
+            v, pen = x[r, t], penalty[r]  # [T], [T]
+            x[r, t] = torch.where(v > 0, v / pen, v * pen)
+        fp_rows = [i for i in idx if rows[i].params.frequency_penalty or rows[i].params.presence_penalty]
+        if fp_rows:
+            r, t = _row_token_ids(rows, fp_rows, with_prompt=False, device=dev)
+            if r.numel():
+                keys, counts = torch.unique(r * vocab + t, return_counts=True)  # [U], [U] exact counts
+                r, t = keys // vocab, keys % vocab
+                freq = torch.zeros(x.shape[0], dtype=torch.float32, device=dev)  # [num_rows]
+                pres = torch.zeros(x.shape[0], dtype=torch.float32, device=dev)  # [num_rows]
+                fp_t = torch.tensor(fp_rows, device=dev)
+                freq[fp_t] = torch.tensor([rows[i].params.frequency_penalty for i in fp_rows], device=dev)
+                pres[fp_t] = torch.tensor([rows[i].params.presence_penalty for i in fp_rows], device=dev)
+                x[r, t] = x[r, t] - (freq[r] * counts + pres[r])
+
+    @staticmethod
+    def _apply_logit_bias(x: torch.Tensor, rows: list[SamplingRow], idx: list[int]) -> None:
+        r_ids, t_ids, vals = [], [], []
+        for i in idx:
+            bias = rows[i].params.logit_bias
+            r_ids.extend([i] * len(bias))
+            t_ids.extend(bias.keys())
+            vals.extend(bias.values())
+        dev = x.device
+        x.index_put_(
+            (torch.tensor(r_ids, device=dev), torch.tensor(t_ids, device=dev)),
+            torch.tensor(vals, dtype=torch.float32, device=dev),
+            accumulate=True,
+        )
+
+    @staticmethod
+    def _apply_min_tokens(x: torch.Tensor, rows: list[SamplingRow], idx: list[int]) -> None:
+        r_ids, t_ids = [], []
+        for i in idx:
+            banned = set(rows[i].eos_token_ids) | set(rows[i].params.stop_token_ids)
+            r_ids.extend([i] * len(banned))
+            t_ids.extend(banned)
+        dev = x.device
+        x[torch.tensor(r_ids, device=dev), torch.tensor(t_ids, device=dev)] = _NEG_INF
+
+    # -- random sampling ----------------------------------------------------------------------
+    def _race(self, y: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+        """Exponential race: argmax(probs / q), q ~ Exp(1), is a draw from softmax(y) [n, vocab].
+
+        q = -log(u), u ~ U[0, 1): 3-4x cheaper than `exponential_` on CPU, same on GPU. u < 1
+        always, so q > 0 and no 0/0 = NaN can make a zero-probability token win; u == 0 gives
+        q = inf, i.e. that token scores 0.
+        """
+        n = y.shape[0]
+        probs = y.softmax(dim=-1)  # [n, vocab]
+        seeded = [j for j, g in enumerate(generators) if g is not None]
+        u = torch.empty_like(probs)  # [n, vocab]
+        if len(seeded) < n:
+            u.uniform_(generator=self.generator)
+        for j in seeded:  # a fixed [vocab] draw from each seeded row's own generator
+            u[j].uniform_(generator=generators[j])
+        q = u.log_().neg_()  # [n, vocab] ~ Exp(1)
+        return probs.div_(q).argmax(dim=-1)  # [n]
+
+    # -- logprobs -------------------------------------------------------------------------------
+    @staticmethod
+    def _logprobs(raw: torch.Tensor, tokens: torch.Tensor, rows: list[SamplingRow]) -> list[Logprob | None]:
+        out: list[Logprob | None] = [None] * len(rows)
+        lp_rows = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+        if not lp_rows:
+            return out
+        ks = [rows[i].params.logprobs for i in lp_rows]
+        if len(lp_rows) == len(rows):
+            sel_logits, sel_tokens = raw, tokens
+        else:
+            idx = torch.tensor(lp_rows, device=raw.device)
+            sel_logits, sel_tokens = raw[idx], tokens[idx]
+        for i, k, lp in zip(lp_rows, ks, compute_logprobs(sel_logits, sel_tokens, max(ks))):
+            del lp.top[k:]
+            out[i] = lp
+        return out
+
+
+def warp_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Temperature, min_p, top_k, top_p for non-greedy rows: a new float32 [n, vocab] tensor.
+
+    Removed tokens are -inf. Each filter touches only the rows that use it (in place when
+    that is every row, else gathered and written back).
+    """
+    dev, n, vocab = logits.device, logits.shape[0], logits.shape[1]
+    temp = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=dev)
+    y = logits.float() / temp.unsqueeze(1)  # [n, vocab]  (a fresh tensor, ours to modify)
+
+    def filtered(rows: list[int], fn) -> None:  # fn(sub [m, vocab] ours to modify) -> [m, vocab]
+        if len(rows) == n:
+            out = fn(y)
+            if out is not y:
+                y.copy_(out)
+        else:
+            r_idx = torch.tensor(rows, device=dev)
+            y[r_idx] = fn(y[r_idx])
+
+    # min_p: prob < min_p * max_prob  <=>  logit < max_logit + log(min_p); no softmax needed.
+    mp_rows = [j for j, p in enumerate(params) if p.min_p > 0.0]
+    if mp_rows:
+        log_mp = torch.tensor([math.log(params[j].min_p) for j in mp_rows], device=dev)  # [m]
+
+        def min_p(sub: torch.Tensor) -> torch.Tensor:
+            thresh = sub.amax(dim=-1) + log_mp  # [m]
+            return sub.masked_fill_(sub < thresh.unsqueeze(1), _NEG_INF)
+
+        filtered(mp_rows, min_p)
+
+    # top_p rows: one full sort (their top_k applied on the sorted logits too);
+    # top_k-only rows: topk for the k-th largest value, no sort.
+    def k_of(p: SamplingParams) -> int:
+        return p.top_k if 0 < p.top_k < vocab else 0
+
+    tk_rows = [j for j, p in enumerate(params) if p.top_p >= 1.0 and k_of(p)]
+    if tk_rows:
+        ks = [k_of(params[j]) for j in tk_rows]
+        k_idx = torch.tensor(ks, device=dev).unsqueeze(1) - 1  # [m, 1]
+
+        def top_k(sub: torch.Tensor) -> torch.Tensor:
+            top_vals = sub.topk(max(ks), dim=-1).values  # [m, max_k] descending
+            kth = top_vals.gather(1, k_idx)  # [m, 1]
+            return sub.masked_fill_(sub < kth, _NEG_INF)  # ties with the k-th value are kept
+
+        filtered(tk_rows, top_k)
+
+    tp_rows = [j for j, p in enumerate(params) if p.top_p < 1.0]
+    if tp_rows:
+        ks = [k_of(params[j]) for j in tp_rows]
+        top_p = torch.tensor([params[j].top_p for j in tp_rows], dtype=torch.float32, device=dev)  # [m]
+
+        def top_k_top_p(sub: torch.Tensor) -> torch.Tensor:
+            sub_sorted, order = sub.sort(dim=-1)  # [m, vocab] ascending, [m, vocab]
+            if any(ks):
+                # k-th largest sits at position vocab - k; k == 0 (off) -> position 0 (keeps all)
+                pos = torch.tensor([vocab - k if k else 0 for k in ks], device=dev).unsqueeze(1)  # [m, 1]
+                sub_sorted.masked_fill_(sub_sorted < sub_sorted.gather(1, pos), _NEG_INF)
+            cum = sub_sorted.softmax(dim=-1).cumsum_(dim=-1)  # [m, vocab] ascending cumulative probs
+            drop = cum <= (1.0 - top_p).unsqueeze(1)  # [m, vocab]
+            drop[:, -1] = False  # always keep the most likely token
+            sub_sorted.masked_fill_(drop, _NEG_INF)
+            return sub.scatter_(1, order, sub_sorted)
+
+        filtered(tp_rows, top_k_top_p)
+    return y
+
+
+def _has_penalty(p: SamplingParams) -> bool:
+    return p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
+
+
+def _min_tokens_active(r: SamplingRow) -> bool:
+    return len(r.output_token_ids) < r.params.min_tokens and bool(r.eos_token_ids or r.params.stop_token_ids)
+
+
+def compute_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, k: int) -> list[Logprob]:
+    """Logprob of token_ids[i] under log_softmax(logits[i]) plus the top-k (id, logprob), best first.
+
+    logits: [N, vocab] (any float dtype; computed in float32), token_ids: [N].
+    Works in row chunks so prompt logprobs over long prompts stay within bounded memory.
+    """
+    n, vocab = logits.shape
+    k = max(0, min(k, vocab))
+    token_ids = token_ids.to(device=logits.device, dtype=torch.long)
+    chunk = max(1, _LOGPROB_CHUNK_ELEMS // max(vocab, 1))
+    chosen_parts, top_v_parts, top_i_parts = [], [], []
+    for start in range(0, n, chunk):
+        lp = torch.log_softmax(logits[start : start + chunk].float(), dim=-1)  # [c, vocab]
+        ids = token_ids[start : start + chunk].unsqueeze(1)  # [c, 1]
+        chosen_parts.append(lp.gather(1, ids).squeeze(1))  # [c]
+        if k:
+            top = lp.topk(k, dim=-1)  # values/indices [c, k], descending
+            top_v_parts.append(top.values)
+            top_i_parts.append(top.indices)
+    if n == 0:
+        return []
+    chosen = torch.cat(chosen_parts).tolist()
+    ids_list = token_ids.tolist()
+    if not k:
+        return [Logprob(t, v) for t, v in zip(ids_list, chosen)]
+    top_v = torch.cat(top_v_parts).tolist()
+    top_i = torch.cat(top_i_parts).tolist()
+    return [
+        Logprob(t, v, list(zip(ti, tv)))
+        for t, v, ti, tv in zip(ids_list, chosen, top_i, top_v)
+    ]
+
+
+def _row_token_ids(
+    rows: list[SamplingRow], idx: list[int], with_prompt: bool, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row index, token id) of every output (and prompt) token of rows idx, as two [T] tensors."""
+    r_ids: list[int] = []
+    t_ids: list[int] = []
+    for i in idx:
+        toks = rows[i].output_token_ids
+        if with_prompt:
+            r_ids.extend(itertools.repeat(i, len(rows[i].prompt_token_ids)))
+            t_ids.extend(rows[i].prompt_token_ids)
+        r_ids.extend(itertools.repeat(i, len(toks)))
+        t_ids.extend(toks)
+    return (
+        torch.tensor(r_ids, dtype=torch.long, device=device),
+        torch.tensor(t_ids, dtype=torch.long, device=device),
+    )

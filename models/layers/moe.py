@@ -63,8 +63,8 @@ def grouped_experts(
         if n == 0:
             continue
         end = start + n
-        h = xs[start:end] @ w13[e].t()  # [n, 2I]
-        ys[start:end] = (F.silu(h[:, :inter]) * h[:, inter:]) @ w2[e].t()  # [n, H]
+        h = F.linear(xs[start:end], w13[e])  # [n, 2I]
+        torch.mm(F.silu(h[:, :inter]) * h[:, inter:], w2[e].t(), out=ys[start:end])  # [n, H]
         start = end
     ys = ys * topk_w.reshape(-1)[order].to(ys.dtype)[:, None]
     out = torch.zeros_like(x)

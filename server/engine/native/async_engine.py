@@ -103,7 +103,7 @@ class AsyncEngine:
         self._loggers.append(logger)
 
     def placement(self) -> PlacementInfo | None:
-        return getattr(self.core, "placement_info", lambda: None)()
+        return self.core.placement_info()
 
     def num_unfinished_requests(self) -> int:
         return len(self._streams)

@@ -54,6 +54,9 @@ class EngineCore:
         self.total_preemptions = 0  # since start (tests, logs)
         self.total_prefix_hit_tokens = 0
         self.fault_hook: Callable[[list[ScheduledSeq]], None] | None = None  # tests inject failures here
+        # called after every step with that step's routing counts (expert placement, traces)
+        self.routing_listeners: list[Callable[[RoutingStats], None]] = []
+        self.placement_manager = None  # set by the factory when experts are placed (models.placement)
 
     # -- admission --------------------------------------------------------------------
     def check_request(self, request: EngineRequest) -> int:
@@ -141,6 +144,9 @@ class EngineCore:
                 self.fault_hook(batch.scheduled)
             result = self.runner.execute(batch)
             routing_stats = self._routing_stats(result, batch.num_tokens)
+            if routing_stats is not None:
+                for listener in self.routing_listeners:
+                    listener(routing_stats)
             touched = self._update(batch.scheduled, result, stats, t0)
             outputs = self._collect(touched, finished_stats)
         stats.num_running = len(self.scheduler.running)
@@ -153,6 +159,10 @@ class EngineCore:
         self.pool.queries = self.pool.hits = 0
         stats.step_time = time.monotonic() - t0
         return outputs, stats, finished_stats, routing_stats
+
+    def placement_info(self):
+        """Where each logical expert lives (PlacementInfo), or None when all are on one device."""
+        return self.placement_manager.info() if self.placement_manager is not None else None
 
     def fail_requests(self, request_ids: list[str], message: str) -> list[RequestOutput]:
         """Finish these requests with an error (their blocks freed), e.g. after a failed step."""
@@ -171,9 +181,11 @@ class EngineCore:
         L = r.shape[1]
         flat = (r + torch.arange(L, device=r.device)[None, :, None] * E).reshape(-1)
         counts = torch.bincount(flat, minlength=L * E).view(L, E).tolist()
-        device = str(self.runner.device)
-        return RoutingStats(num_layers=L, num_experts=E, expert_tokens=counts,
-                            device_tokens={device: int(r.numel())})
+        if self.placement_manager is not None:
+            device_tokens = self.placement_manager.device_tokens(r)
+        else:
+            device_tokens = {str(self.runner.device): int(r.numel())}
+        return RoutingStats(num_layers=L, num_experts=E, expert_tokens=counts, device_tokens=device_tokens)
 
     def _update(self, scheduled: list[ScheduledSeq], result: ModelOutput, stats: IterationStats, now: float):
         rows: list[SamplingRow] = []

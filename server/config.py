@@ -104,6 +104,7 @@ class ServerConfig:
     request_timeout: float = 600.0  # seconds per request
     drain_timeout: float = 30.0  # seconds in-flight requests get after SIGTERM
     max_body_bytes: int = 4 * 2**20
+    max_header_bytes: int = 64 * 2**10  # request line + headers; past it uvicorn answers 400
     log_format: str = "text"  # text | json
     log_level: str = "info"
 
@@ -116,3 +117,5 @@ class ServerConfig:
             raise ConfigError("request_timeout must be > 0 and drain_timeout >= 0")
         if self.max_body_bytes < 1024:
             raise ConfigError("max_body_bytes must be >= 1024")
+        if self.max_header_bytes < 1024:
+            raise ConfigError("max_header_bytes must be >= 1024")

@@ -130,24 +130,28 @@ class AsyncEngine:
             except RuntimeError:  # the loop is closed
                 pass
 
-    def _drain_inbox(self) -> None:
+    def _drain_inbox(self) -> bool:
+        """Apply queued adds and aborts; returns whether any abort happened."""
+        aborted = False
         while True:
             try:
                 kind, arg = self._inbox.get_nowait()
             except queue.Empty:
-                return
+                return aborted
             if kind == "add":
                 try:
                     self.core.add_request(arg)
                 except Exception as exc:  # noqa: BLE001 - reported to that request only
                     self._deliver((arg.request_id, exc))
             elif kind == "abort":
-                self.core.abort(arg)
+                aborted |= self.core.abort(arg)
 
     def _loop(self) -> None:
         failures = 0
         while not self._stop:
-            self._drain_inbox()
+            aborted = self._drain_inbox()
+            if aborted and not self.core.has_unfinished():
+                self._record(*self.core.idle_stats(), None)  # the gauges must not go stale
             if not self.core.has_unfinished():
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
@@ -164,19 +168,23 @@ class AsyncEngine:
                     log.error("engine is dead: %s", self._dead)
                 for out in self.core.fail_requests(in_step, f"internal error in the engine step: {exc}"):
                     self._deliver(out)
+                self._record(*self.core.idle_stats(), None)
                 if self._dead:
                     self._fail_all(EngineDeadError(self._dead))
                     return
                 continue
             for out in outputs:
                 self._deliver(out)
-            self.last_stats = stats
-            for logger in self._loggers:
-                try:
-                    logger.record(stats, finished, routing)
-                except Exception:  # noqa: BLE001 - metrics must never stop the engine
-                    log.exception("stat logger failed")
+            self._record(stats, finished, routing)
         self._fail_all(EngineDeadError("engine stopped"))
+
+    def _record(self, stats, finished, routing) -> None:
+        self.last_stats = stats
+        for logger in self._loggers:
+            try:
+                logger.record(stats, finished, routing)
+            except Exception:  # noqa: BLE001 - metrics must never stop the engine
+                log.exception("stat logger failed")
 
     def _fail_all(self, exc: BaseException) -> None:
         with self._lock:

@@ -51,6 +51,7 @@ class EngineCore:
         self.seqs: dict[str, list[Sequence]] = {}
         self._seq_ids = itertools.count()
         self.moe_layers = [i for i, s in enumerate(cfg.sparse_layers) if s]
+        self._pending_finished: list[FinishedRequestStats] = []  # aborted between steps
         self.total_preemptions = 0  # since start (tests, logs)
         self.total_prefix_hit_tokens = 0
         self.fault_hook: Callable[[list[ScheduledSeq]], None] | None = None  # tests inject failures here
@@ -109,16 +110,26 @@ class EngineCore:
             seq.status = SeqStatus.RUNNING
         return seq
 
-    def abort(self, request_id: str) -> bool:
+    def abort(self, request_id: str, reason: str = "abort") -> bool:
         """Drop a request now, freeing its blocks. Returns whether it was known."""
-        state = self.requests.pop(request_id, None)
+        state = self.requests.get(request_id)
         if state is None:
             return False
-        for seq in self.seqs.pop(request_id, []):
+        for seq in self.seqs[request_id]:
             if not seq.finished:
                 self.scheduler.remove(seq)
                 seq.status = SeqStatus.FINISHED
+        self._finish(state, time.monotonic(), self._pending_finished, reason)
+        del self.requests[request_id]
+        del self.seqs[request_id]
         return True
+
+    def idle_stats(self) -> tuple[IterationStats, list[FinishedRequestStats]]:
+        """Stats between steps (after aborts left the engine idle), so gauges do not go stale."""
+        stats = IterationStats(timestamp=time.monotonic(), num_running=len(self.scheduler.running),
+                               num_waiting=len(self.scheduler.waiting), kv_cache_usage=self.pool.usage)
+        finished, self._pending_finished = self._pending_finished, []
+        return stats, finished
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)
@@ -132,7 +143,7 @@ class EngineCore:
         t0 = time.monotonic()
         batch = self.scheduler.schedule()
         stats = IterationStats(timestamp=t0, num_preemptions=batch.num_preemptions)
-        finished_stats: list[FinishedRequestStats] = []
+        finished_stats, self._pending_finished = self._pending_finished, []
         routing_stats = None
         outputs: list[RequestOutput] = []
         if not batch.empty:
@@ -169,7 +180,7 @@ class EngineCore:
         outs = []
         for rid in request_ids:
             if rid in self.requests:
-                self.abort(rid)
+                self.abort(rid, reason="error")
                 outs.append(RequestOutput(rid, [], finished=True, error=message))
         return outs
 
@@ -322,12 +333,14 @@ class EngineCore:
             outs.append(out)
         return outs
 
-    def _finish(self, state: RequestState, now: float, finished_stats: list[FinishedRequestStats]) -> RequestMetrics:
+    def _finish(self, state: RequestState, now: float, finished_stats: list[FinishedRequestStats],
+                reason: str | None = None) -> RequestMetrics:
         req = state.request
         arrival = req.arrival_time
-        scheduled = state.first_scheduled or arrival
+        scheduled = state.first_scheduled or now
         first = state.first_token_time or now
-        reason = next((s.finish_reason for s in self.seqs[req.request_id] if s.index == 0), "stop") or "stop"
+        if reason is None:
+            reason = next((s.finish_reason for s in self.seqs[req.request_id] if s.index == 0), None) or "stop"
         n_prompt = len(req.prompt_token_ids)
         finished_stats.append(FinishedRequestStats(
             finish_reason=reason, e2e_latency=now - arrival, queued_time=scheduled - arrival,

@@ -1,0 +1,206 @@
+"""POST /v1/completions: OpenAI's legacy completions (prompt shapes, echo, logprobs, n, stream)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import APIRouter, Request
+from starlette.responses import JSONResponse, Response
+
+from server.api.body import openapi_body, read_json
+from server.api.context import request_log
+from server.api.errors import bad_request
+from server.api.generation import GenerationStream
+from server.api.protocol import CompletionRequest
+from server.api.serving import Serving, common_sampling_kwargs, new_id, usage
+from server.api.sse import sse_response
+from server.api.tokens import LegacyLogprobs, prompt_logprobs_json
+from server.engine.request import EngineRequest, Logprob
+
+router = APIRouter()
+
+
+@dataclass
+class _Choice:
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[Logprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    routing: list[Any] = field(default_factory=list)
+
+
+@dataclass
+class _Plan:
+    """What the response needs to know about the request, per engine request `i`."""
+
+    request_id: str
+    created: int
+    model: str
+    n: int
+    echo: bool
+    logprobs: int | None
+    prompt_ids: list[list[int]]
+    prompt_texts: list[str]
+    prompt_logprobs: int | None
+    return_routing: bool
+
+    def index(self, i: int, output_index: int) -> int:
+        return i * self.n + output_index
+
+
+@router.post("/v1/completions", openapi_extra=openapi_body(CompletionRequest), response_model=None)
+async def create_completion(request: Request) -> Response:
+    body = await read_json(request, CompletionRequest)
+    serving: Serving = request.app.state.serving
+    serving.check_model(body.model)
+    if body.suffix is not None:
+        raise bad_request("suffix: is not supported by this server", param="suffix")
+    n = body.n if body.n is not None else 1
+    if body.best_of is not None and body.best_of != n:
+        raise bad_request("best_of: only best_of equal to n is supported", param="best_of")
+    if body.stream_options is not None and not body.stream:
+        raise bad_request("stream_options: only allowed when stream is true", param="stream_options")
+
+    prompts = serving.completion_prompts(body.prompt)
+    explicit_max = "max_tokens" in body.model_fields_set
+    prompt_lp = body.prompt_logprobs
+    if body.echo and body.logprobs is not None:  # echoed prompt tokens carry logprobs too
+        prompt_lp = max(prompt_lp or 0, body.logprobs)
+    common = common_sampling_kwargs(body)
+    common["prompt_logprobs"] = prompt_lp
+
+    request_id = new_id("cmpl")
+    log = request_log(request)
+    log.request_id = request_id
+    engine_requests = []
+    for i, (ids, text) in enumerate(prompts):
+        max_tokens = serving.resolve_max_tokens(len(ids), body.max_tokens, explicit_max,
+                                                prompt_param="prompt" if len(prompts) == 1 else f"prompt[{i}]")
+        sp = serving.sampling_params(max_tokens=max_tokens, logprobs=body.logprobs, **common)
+        engine_requests.append(EngineRequest(
+            request_id=request_id if len(prompts) == 1 else f"{request_id}-{i}",
+            prompt_token_ids=ids, sampling_params=sp, prompt=text,
+            priority=body.priority or 0, return_routing=bool(body.return_routing)))
+    log.prompt_tokens = sum(len(ids) for ids, _ in prompts)
+
+    plan = _Plan(request_id=request_id, created=int(time.time()), model=serving.model_name, n=n,
+                 echo=bool(body.echo), logprobs=body.logprobs,
+                 prompt_ids=[ids for ids, _ in prompts],
+                 prompt_texts=[t if t is not None else serving.decode(ids) for ids, t in prompts],
+                 prompt_logprobs=body.prompt_logprobs, return_routing=bool(body.return_routing))
+    headers = {"X-Request-Id": request_id}
+    gen = await serving.start_generation(request, engine_requests, stream=bool(body.stream))
+    if body.stream:
+        opts = body.stream_options
+        include_usage = bool(opts and opts.include_usage)
+        continuous = include_usage and bool(opts and opts.continuous_usage_stats)
+
+        def on_error(status: int) -> None:
+            log.stream_error = status
+
+        return sse_response(_stream(serving, plan, gen, include_usage, continuous, log),
+                            headers=headers, on_error=on_error)
+    return JSONResponse(await _collect(serving, plan, gen, log), headers=headers)
+
+
+async def _collect(serving: Serving, plan: _Plan, gen: GenerationStream, log: Any) -> dict[str, Any]:
+    choices: dict[int, _Choice] = {}
+    prompt_lps: dict[int, list[Logprob | None]] = {}
+    async for i, out in gen:
+        if out.prompt_logprobs is not None:
+            prompt_lps[i] = out.prompt_logprobs
+        for o in out.outputs:
+            c = choices.setdefault(plan.index(i, o.index), _Choice())
+            c.text += o.text
+            c.token_ids += o.token_ids
+            c.logprobs += o.logprobs or []
+            c.routing += o.routing or []
+            c.finish_reason = o.finish_reason or c.finish_reason
+    result = []
+    for idx in sorted(choices):
+        c, i = choices[idx], idx // plan.n
+        text = c.text
+        logprobs = None
+        if plan.logprobs is not None:
+            builder = LegacyLogprobs(serving.token_text, plan.logprobs)
+            logprobs = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+            if plan.echo:
+                _extend(logprobs, _prompt_entries(builder, plan.prompt_ids[i], prompt_lps.get(i)))
+            _extend(logprobs, builder.build(list(c.logprobs), c.token_ids))
+        if plan.echo:
+            text = plan.prompt_texts[i] + text
+        choice: dict[str, Any] = {"index": idx, "text": text, "logprobs": logprobs,
+                                  "finish_reason": c.finish_reason}
+        if plan.prompt_logprobs is not None:
+            choice["prompt_logprobs"] = prompt_logprobs_json(serving.token_text, prompt_lps.get(i),
+                                                             plan.prompt_logprobs)
+        if plan.return_routing:
+            choice["routing"] = c.routing
+        result.append(choice)
+    completion_tokens = sum(len(c.token_ids) for c in choices.values())
+    prompt_tokens = sum(len(ids) for ids in plan.prompt_ids)
+    log.completion_tokens = completion_tokens
+    return {"id": plan.request_id, "object": "text_completion", "created": plan.created,
+            "model": plan.model, "choices": result, "usage": usage(prompt_tokens, completion_tokens)}
+
+
+async def _stream(serving: Serving, plan: _Plan, gen: GenerationStream, include_usage: bool,
+                  continuous: bool, log: Any):
+    builders: dict[int, LegacyLogprobs] = {}
+    completion_tokens = 0
+    prompt_tokens = sum(len(ids) for ids in plan.prompt_ids)
+
+    def chunk(choices: list[dict[str, Any]]) -> dict[str, Any]:
+        c: dict[str, Any] = {"id": plan.request_id, "object": "text_completion", "created": plan.created,
+                             "model": plan.model, "choices": choices}
+        if include_usage:
+            c["usage"] = usage(prompt_tokens, completion_tokens) if continuous else None
+        return c
+
+    try:
+        async for i, out in gen:
+            for o in out.outputs:
+                idx = plan.index(i, o.index)
+                completion_tokens += len(o.token_ids)
+                text = o.text
+                logprobs = None
+                first = idx not in builders
+                if first:
+                    builders[idx] = LegacyLogprobs(serving.token_text, plan.logprobs or 0)
+                if plan.logprobs is not None:
+                    logprobs = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+                    if first and plan.echo:
+                        _extend(logprobs, _prompt_entries(builders[idx], plan.prompt_ids[i], out.prompt_logprobs))
+                    _extend(logprobs, builders[idx].build(list(o.logprobs or []), o.token_ids))
+                if first and plan.echo:
+                    text = plan.prompt_texts[i] + text
+                if not text and not o.token_ids and o.finish_reason is None and not first:
+                    continue
+                choice: dict[str, Any] = {"index": idx, "text": text, "logprobs": logprobs,
+                                          "finish_reason": o.finish_reason}
+                if first and plan.prompt_logprobs is not None:
+                    choice["prompt_logprobs"] = prompt_logprobs_json(serving.token_text, out.prompt_logprobs,
+                                                                     plan.prompt_logprobs)
+                if plan.return_routing:
+                    choice["routing"] = o.routing or []
+                yield chunk([choice])
+        if include_usage:
+            final = chunk([])
+            final["usage"] = usage(prompt_tokens, completion_tokens)
+            yield final
+    finally:
+        log.completion_tokens = completion_tokens
+
+
+def _prompt_entries(builder: LegacyLogprobs, ids: list[int],
+                    entries: list[Logprob | None] | None) -> dict[str, Any]:
+    if entries is None or len(entries) != len(ids):
+        entries = [None] * len(ids)
+    return builder.build(list(entries), ids)
+
+
+def _extend(into: dict[str, list[Any]], more: dict[str, list[Any]]) -> None:
+    for key, values in more.items():
+        into[key].extend(values)

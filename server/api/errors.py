@@ -1,0 +1,200 @@
+"""OpenAI-shaped errors: `{"error": {"message", "type", "param", "code"}}`.
+
+Every failure the API reports goes through `APIError` (or is converted into one by the
+handlers installed with `install_error_handlers`): validation problems are 400 (never
+FastAPI's 422), unknown routes 404, wrong methods 405, our own bugs 500.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse, Response
+
+logger = logging.getLogger("moe_serve.api")
+
+MAX_MESSAGE_CHARS = 500
+RETRY_AFTER_SECONDS = 1
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that went away first
+
+
+class ClientDisconnected(Exception):
+    """The HTTP client went away; its engine requests have been aborted (logged as 499)."""
+
+
+class APIError(Exception):
+    """An error the API answers with; `status` is the HTTP status."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | int | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = truncate(message, MAX_MESSAGE_CHARS)
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def truncate(text: str, limit: int = 80) -> str:
+    """Never echo a huge input back: cut `text` to `limit` characters."""
+    text = str(text)
+    return text if len(text) <= limit else text[: max(0, limit - 3)] + "..."
+
+
+def error_body(message: str, type: str, param: str | None = None,
+               code: str | int | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def error_json_bytes(err: APIError) -> bytes:
+    return json.dumps(err.body(), ensure_ascii=False).encode("utf-8")
+
+
+def error_response(err: APIError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+# -- constructors for the common cases ---------------------------------------------------
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def model_not_found(model: str) -> APIError:
+    return APIError(404, f"The model '{truncate(model)}' does not exist.", param="model",
+                    code="model_not_found")
+
+
+def overloaded(message: str = "The server is overloaded; retry later.") -> APIError:
+    return APIError(429, message, type="rate_limit_error", code="rate_limit_exceeded",
+                    headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+
+
+def unavailable(message: str, retry_after: int = RETRY_AFTER_SECONDS) -> APIError:
+    return APIError(503, message, type="service_unavailable", code="service_unavailable",
+                    headers={"Retry-After": str(retry_after)})
+
+
+def timed_out(seconds: float) -> APIError:
+    return APIError(504, f"The request did not finish within the server's timeout ({seconds:g}s).",
+                    type="timeout_error", code="request_timeout")
+
+
+def internal_error(message: str = "Internal server error.") -> APIError:
+    return APIError(500, message, type="server_error", code="internal_error")
+
+
+def unauthorized() -> APIError:
+    return APIError(401, "Invalid or missing API key. Send 'Authorization: Bearer <key>'.",
+                    type="invalid_request_error", code="invalid_api_key",
+                    headers={"WWW-Authenticate": "Bearer"})
+
+
+def body_too_large(limit: int) -> APIError:
+    return APIError(413, f"Request body exceeds the limit of {limit} bytes.",
+                    code="request_too_large")
+
+
+# -- pydantic errors -> one short 400 -------------------------------------------------------
+def loc_to_param(loc: tuple[Any, ...] | list[Any]) -> str | None:
+    """('messages', 0, 'role') -> 'messages[0].role'."""
+    out = ""
+    for part in loc:
+        if part in ("body",) and not out:
+            continue
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + truncate(str(part), 40)
+    return out or None
+
+
+_SHORT_MESSAGES = {
+    "extra_forbidden": "Unrecognized request argument supplied",
+    "missing": "Field required",
+}
+# What a union-typed field accepts, for the one message its several branch errors become.
+_UNION_HINTS = {
+    "prompt": "must be a string, a list of strings, a list of token ids or a list of token-id lists",
+    "stop": "must be a string or a list of strings",
+    "content": "must be a string or a list of content parts",
+    "tool_choice": "must be a string or an object",
+}
+_UNION_TAG = re.compile(r"^(str|int|float|bool|none|list\[.*\]|dict\[.*\]|literal\[.*\]|function-.*)$",
+                        re.IGNORECASE)
+
+
+def _strip_union_tags(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Pydantic puts the union member's name into `loc` ('prompt', 'list[int]', 1); drop those
+    and whatever follows them (an index inside one branch means nothing to the client)."""
+    for k, part in enumerate(loc):
+        if isinstance(part, str) and _UNION_TAG.match(part.replace(" ", "")):
+            return tuple(loc[:k])
+    return tuple(loc)
+
+
+def validation_error(errors: list[dict[str, Any]]) -> APIError:
+    """The first pydantic error as a 400 naming its parameter (plus how many more there were)."""
+    if not errors:
+        return bad_request("Invalid request body.")
+    err = errors[0]
+    raw_loc = tuple(p for p in err.get("loc", ()) if p != "body")
+    etype = err.get("type", "")
+    if etype == "json_invalid":
+        ctx = err.get("ctx") or {}
+        return bad_request(f"Malformed JSON body: {truncate(ctx.get('error', err.get('msg', '')), 120)}")
+    if etype in ("model_type", "model_attributes_type", "dict_type") and not raw_loc:
+        return bad_request("The request body must be a JSON object.")
+    loc = _strip_union_tags(raw_loc)
+    param = loc_to_param(loc)
+    if etype == "extra_forbidden":
+        msg = f"Unrecognized request argument supplied: {param}"
+    elif loc != raw_loc and loc and isinstance(loc[-1], str) and loc[-1] in _UNION_HINTS:
+        msg = f"{param}: {_UNION_HINTS[loc[-1]]}"
+    else:
+        text = _SHORT_MESSAGES.get(etype, err.get("msg", "Invalid value"))
+        msg = f"{param}: {text}" if param else text
+    others = {_strip_union_tags(tuple(p for p in e.get("loc", ()) if p != "body")) for e in errors} - {loc}
+    if others:
+        msg += f" (and {len(others)} more error{'s' if len(others) > 1 else ''})"
+    return bad_request(truncate(msg, 300), param=param)
+
+
+# -- handlers ------------------------------------------------------------------------------
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> Response:
+        return error_response(exc)
+
+    @app.exception_handler(ClientDisconnected)
+    async def _gone(_: Request, exc: ClientDisconnected) -> Response:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> Response:
+        return error_response(validation_error(list(exc.errors())))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        headers = dict(exc.headers or {})
+        if exc.status_code == 404:
+            err = APIError(404, f"Route {request.method} {truncate(request.url.path)} not found.",
+                           code="not_found", headers=headers)
+        elif exc.status_code == 405:
+            err = APIError(405, f"Method {request.method} is not allowed for "
+                                f"{truncate(request.url.path)}.", code="method_not_allowed",
+                           headers=headers)
+        else:
+            err = APIError(exc.status_code, truncate(str(exc.detail), 300), headers=headers,
+                           type="invalid_request_error" if exc.status_code < 500 else "server_error")
+        return error_response(err)

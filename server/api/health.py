@@ -1,0 +1,49 @@
+"""GET /health (liveness), /ready (readiness: 503 while starting or draining), /version."""
+
+from __future__ import annotations
+
+from importlib import metadata
+from typing import Any
+
+from fastapi import APIRouter, Request
+from starlette.responses import JSONResponse, Response
+
+from server.api.errors import RETRY_AFTER_SECONDS, error_response, unavailable
+from server.engine.protocol import EngineDeadError
+
+router = APIRouter()
+
+
+def server_version() -> str:
+    try:
+        return metadata.version("moe-serve")
+    except metadata.PackageNotFoundError:
+        return "0.0.0+unknown"
+
+
+@router.get("/health")
+async def health(request: Request) -> Response:
+    try:
+        await request.app.state.engine.check_health()
+    except EngineDeadError as e:
+        return error_response(unavailable(f"The engine is dead: {e}"))
+    return JSONResponse({"status": "ok"})
+
+
+@router.get("/ready")
+async def ready(request: Request) -> Response:
+    state = request.app.state
+    if state.draining:
+        return error_response(unavailable("The server is shutting down.", RETRY_AFTER_SECONDS))
+    if not state.ready:
+        return error_response(unavailable("The server is starting.", RETRY_AFTER_SECONDS))
+    try:
+        await state.engine.check_health()
+    except EngineDeadError as e:
+        return error_response(unavailable(f"The engine is dead: {e}"))
+    return JSONResponse({"status": "ready"})
+
+
+@router.get("/version")
+async def version(request: Request) -> dict[str, Any]:
+    return {"version": server_version(), "engine": request.app.state.config.engine.engine}

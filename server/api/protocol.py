@@ -1,0 +1,125 @@
+"""Request bodies of the OpenAI-compatible API (pydantic v2), shared by the endpoints.
+
+Bodies are validated strictly (no string-to-number coercion) and reject unknown fields, as
+OpenAI does. Ranges are checked by `SamplingParams` (one source of truth); the serving layer
+turns its `SamplingParamsError` into a 400 naming the parameter. Responses are plain dicts
+built in the endpoint modules (`completions.py`, `chat.py`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Prompt = Union[str, list[str], list[int], list[list[int]]]
+Stop = Union[str, list[str]]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(_Body):
+    include_usage: bool | None = None
+    continuous_usage_stats: bool | None = None  # vLLM: usage on every chunk
+
+
+class _VLLMSampling(_Body):
+    """vLLM's extra sampling fields, accepted in both completion bodies under vLLM's names."""
+
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool | None = None
+    skip_special_tokens: bool | None = None
+    include_stop_str_in_output: bool | None = None
+    prompt_logprobs: int | None = None
+    priority: int | None = None
+    # moe-serve extension: per-token expert ids in `choices[i].routing`
+    return_routing: bool | None = None
+
+
+class CompletionRequest(_VLLMSampling):
+    model: str | None = None
+    prompt: Prompt
+    suffix: str | None = None
+    max_tokens: int | None = 16
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int | None = None
+    best_of: int | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    logprobs: int | None = None
+    echo: bool | None = False
+    stop: Stop | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, Any] | None = None
+    seed: int | None = None
+    user: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+    refusal: str | None = None
+
+
+class ResponseFormat(_Body):
+    type: str
+    json_schema: dict[str, Any] | None = None
+
+
+class ChatCompletionRequest(_VLLMSampling):
+    model: str | None = None
+    messages: list[ChatMessage]
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    logprobs: bool | None = False
+    top_logprobs: int | None = None
+    stop: Stop | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, Any] | None = None
+    seed: int | None = None
+    user: str | None = None
+    response_format: ResponseFormat | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+
+
+class TokenizeRequest(_Body):
+    """vLLM's /tokenize: either `prompt` or `messages`."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None  # default: True for prompt, False for messages
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(_Body):
+    model: str | None = None
+    tokens: list[int] = Field(...)
+
+
+REQUEST_MODELS: dict[str, type[BaseModel]] = {
+    m.__name__: m for m in (CompletionRequest, ChatCompletionRequest, TokenizeRequest,
+                            DetokenizeRequest)
+}

@@ -1,0 +1,244 @@
+"""The serving layer: model name, tokenization, chat template, limits -> EngineRequests.
+
+Endpoints call into one `Serving` per app (on `app.state.serving`); it never reaches into the
+engine beyond the `EngineClient` protocol (`model_info`, `tokenizer`, `generate`, `abort`,
+`num_unfinished_requests`).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+import uuid
+from typing import Any
+
+from starlette.requests import Request
+
+from server.api.errors import APIError, bad_request, model_not_found, overloaded, truncate
+from server.api.generation import GenerationStream
+from server.api.protocol import ChatMessage
+from server.api.tokens import TokenText
+from server.config import ServerConfig
+from server.engine.request import EngineRequest, SamplingParams, SamplingParamsError
+
+ROLES = ("system", "developer", "user", "assistant", "tool")
+TEXT_JOINER = "\n"
+_INT_KEY = re.compile(r" *[+-]?[0-9]{1,20} *")
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def _short_list(items: list[Any], limit: int = 8) -> str:
+    shown = ", ".join(truncate(repr(x), 24) for x in items[:limit])
+    return shown + (f", ... ({len(items)} in all)" if len(items) > limit else "")
+
+
+class Serving:
+    def __init__(self, engine: Any, config: ServerConfig) -> None:
+        self.engine = engine
+        self.config = config
+        self.model_name = config.engine.served_model_name or engine.model_info.name
+        self.tokenizer = engine.tokenizer
+        self.token_text = TokenText(engine.tokenizer)
+        self.created = int(time.time())
+
+    # -- model ------------------------------------------------------------------------------
+    @property
+    def max_model_len(self) -> int:
+        return int(self.engine.model_info.max_model_len)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.engine.model_info.vocab_size)
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise model_not_found(model)
+
+    # -- prompts ----------------------------------------------------------------------------
+    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def check_token_ids(self, ids: list[int], param: str) -> None:
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise bad_request(f"{param}: token ids outside the vocabulary (size {self.vocab_size}): "
+                              f"{_short_list(bad)}", param=param)
+
+    def completion_prompts(self, prompt: Any) -> list[tuple[list[int], str | None]]:
+        """OpenAI's four prompt shapes -> [(token ids, text or None)]."""
+        if isinstance(prompt, str):
+            items: list[Any] = [prompt]
+        elif isinstance(prompt, list) and prompt and all(isinstance(p, int) for p in prompt):
+            items = [prompt]
+        else:
+            items = list(prompt)
+        if not items:
+            raise bad_request("prompt: must not be empty", param="prompt")
+        out: list[tuple[list[int], str | None]] = []
+        for k, item in enumerate(items):
+            param = "prompt" if len(items) == 1 else f"prompt[{k}]"
+            if isinstance(item, str):
+                if not item:
+                    raise bad_request(f"{param}: must not be empty", param=param)
+                ids = self.encode(item, add_special_tokens=True)
+                text: str | None = item
+            else:
+                ids = list(item)
+                self.check_token_ids(ids, param)
+                text = None
+            if not ids:
+                raise bad_request(f"{param}: must not be empty", param=param)
+            out.append((ids, text))
+        return out
+
+    def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
+        return self.encode(self.render_chat(messages, add_generation_prompt), add_special_tokens=False)
+
+    def render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> str:
+        if not messages:
+            raise bad_request("messages: must be a non-empty list", param="messages")
+        conversation = [self._message_dict(k, m) for k, m in enumerate(messages)]
+        try:
+            text = self.tokenizer.apply_chat_template(conversation, tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt)
+        except Exception as e:  # jinja's TemplateError, raise_exception(), bad content shapes
+            raise bad_request(f"messages: the chat template rejected the conversation: "
+                              f"{truncate(str(e), 200)}", param="messages") from None
+        if not isinstance(text, str):  # some tokenizers return a list for batched input
+            text = text[0]
+        return text
+
+    @staticmethod
+    def _message_dict(k: int, m: ChatMessage) -> dict[str, Any]:
+        p = f"messages[{k}]"
+        if m.role not in ROLES:
+            raise bad_request(f"{p}.role: unknown role '{truncate(m.role, 40)}'; expected one of "
+                              f"{', '.join(ROLES)}", param=f"{p}.role")
+        if m.tool_calls:
+            raise bad_request(f"{p}.tool_calls: tool calls are not supported", param=f"{p}.tool_calls")
+        content = m.content
+        if content is None:
+            raise bad_request(f"{p}.content: is required", param=f"{p}.content")
+        if isinstance(content, list):
+            texts = []
+            for j, part in enumerate(content):
+                ptype = part.get("type")
+                if ptype != "text":
+                    raise bad_request(
+                        f"{p}.content[{j}]: content part type '{truncate(str(ptype), 30)}' is not "
+                        f"supported; this model accepts text only", param=f"{p}.content[{j}].type")
+                text = part.get("text")
+                if not isinstance(text, str) or set(part) - {"type", "text"}:
+                    raise bad_request(f"{p}.content[{j}]: a text part is {{'type': 'text', 'text': str}}",
+                                      param=f"{p}.content[{j}]")
+                texts.append(text)
+            content = TEXT_JOINER.join(texts)
+        role = "system" if m.role == "developer" else m.role
+        d: dict[str, Any] = {"role": role, "content": content}
+        if m.name is not None:
+            d["name"] = m.name
+        if m.tool_call_id is not None:
+            d["tool_call_id"] = m.tool_call_id
+        return d
+
+    # -- limits -----------------------------------------------------------------------------
+    def resolve_max_tokens(self, prompt_len: int, requested: int | None, explicit: bool,
+                           param: str = "max_tokens", prompt_param: str = "prompt") -> int:
+        """`requested` None -> the rest of the context; an implicit default is capped to it."""
+        remaining = self.max_model_len - prompt_len
+        if remaining < 1:
+            raise APIError(400, f"This model's maximum context length is {self.max_model_len} tokens. "
+                                f"However, your {prompt_param} has {prompt_len} tokens, which leaves no "
+                                f"room for a completion. Please reduce the length of the {prompt_param}.",
+                           param=prompt_param, code="context_length_exceeded")
+        if requested is None:
+            return remaining
+        if not explicit:
+            return min(requested, remaining)
+        if requested >= 1 and prompt_len + requested > self.max_model_len:
+            raise APIError(400, f"This model's maximum context length is {self.max_model_len} tokens. "
+                                f"However, you requested {prompt_len + requested} tokens ({prompt_len} in "
+                                f"the {prompt_param}, {requested} in the completion). Please reduce the "
+                                f"length of the {prompt_param} or {param}.",
+                           param=param, code="context_length_exceeded")
+        return requested  # < 1 is rejected by SamplingParams with its own message
+
+    def sampling_params(self, **kwargs: Any) -> SamplingParams:
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        if "logit_bias" in kwargs:
+            kwargs["logit_bias"] = self._parse_logit_bias(kwargs["logit_bias"])
+        try:
+            sp = SamplingParams(**kwargs)
+            sp.verify_vocab(self.vocab_size)
+        except SamplingParamsError as e:
+            raise bad_request(truncate(e.message, 300), param=e.param) from None
+        return sp
+
+    def _parse_logit_bias(self, raw: dict[str, Any]) -> dict[int, float]:
+        """All bad entries named together: non-integer keys, ids outside the vocabulary,
+        values that are not numbers in [-100, 100]."""
+        bias: dict[int, float] = {}
+        bad: list[str] = []
+        for key, value in raw.items():
+            if not _INT_KEY.fullmatch(key):
+                bad.append(f"{truncate(repr(key), 24)} (not an integer token id)")
+                continue
+            tid = int(key)
+            if not 0 <= tid < self.vocab_size:
+                bad.append(f"{truncate(key, 24)} (outside the vocabulary of {self.vocab_size})")
+            elif (isinstance(value, bool) or not isinstance(value, (int, float))
+                  or not math.isfinite(value) or not -100 <= value <= 100):
+                bad.append(f"{truncate(key, 24)} (value must be a number in [-100, 100])")
+            else:
+                bias[tid] = float(value)
+        if bad:
+            shown = "; ".join(bad[:8]) + (f"; ... ({len(bad)} in all)" if len(bad) > 8 else "")
+            raise bad_request(f"logit_bias: invalid entries: {shown}", param="logit_bias")
+        return bias
+
+    # -- running ----------------------------------------------------------------------------
+    def check_capacity(self, num_requests: int) -> None:
+        cfg = self.config.engine
+        try:
+            unfinished = int(self.engine.num_unfinished_requests())
+        except Exception:
+            return
+        if unfinished + num_requests > cfg.max_num_seqs + cfg.max_queue_len:
+            raise overloaded(f"Too many requests in flight ({unfinished}); the queue limit is "
+                             f"{cfg.max_queue_len}. Retry later.")
+
+    async def start_generation(self, request: Request, requests: list[EngineRequest],
+                               stream: bool) -> GenerationStream:
+        """Submit and wait for the first outputs. While waiting, a disconnect aborts."""
+        self.check_capacity(len(requests))
+        gen = GenerationStream(self.engine, requests, self.config.request_timeout, receive=request.receive)
+        await gen.start()
+        if stream:
+            gen.stop_watching_disconnect()
+        return gen
+
+
+def common_sampling_kwargs(body: Any) -> dict[str, Any]:
+    """The sampling fields both completion bodies share (OpenAI's and vLLM's names)."""
+    return {
+        "n": body.n, "temperature": body.temperature, "top_p": body.top_p, "seed": body.seed,
+        "stop": body.stop, "presence_penalty": body.presence_penalty,
+        "frequency_penalty": body.frequency_penalty, "logit_bias": body.logit_bias,
+        "top_k": body.top_k, "min_p": body.min_p, "repetition_penalty": body.repetition_penalty,
+        "min_tokens": body.min_tokens, "stop_token_ids": body.stop_token_ids,
+        "ignore_eos": body.ignore_eos, "skip_special_tokens": body.skip_special_tokens,
+        "include_stop_str_in_output": body.include_stop_str_in_output,
+        "prompt_logprobs": body.prompt_logprobs,
+    }
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}

@@ -1,0 +1,94 @@
+"""`moe-serve` flags: vLLM's names, MOE_SERVE_* environment variables (the flag wins), clean
+exit 2 on bad configuration, and a --help that does not import torch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from server.cli import ENGINE_FLAGS, SERVER_FLAGS, build_config
+from server.config import BUNDLED_MODEL, EngineConfig, ServerConfig
+
+VLLM_FLAGS = ["--model", "--served-model-name", "--host", "--port", "--dtype", "--device", "--max-model-len",
+              "--max-num-seqs", "--max-num-batched-tokens", "--block-size", "--kv-cache-memory",
+              "--num-kv-blocks", "--enable-prefix-caching", "--scheduling-policy", "--api-key", "--engine",
+              "--max-queue-len", "--request-timeout", "--drain-timeout", "--max-body-bytes", "--log-format",
+              "--log-level", "--seed", "--expert-placement", "--expert-devices", "--num-redundant-experts",
+              "--gpu-expert-budget", "--rebalance-interval", "--record-routing", "--tensor-parallel-size",
+              "--data-parallel-size", "--enable-expert-parallel", "--enable-eplb", "--eplb-config",
+              "--gpu-memory-utilization"]
+
+
+def test_help_is_fast_and_lists_every_flag() -> None:
+    start = time.monotonic()
+    r = subprocess.run([sys.executable, "-c", "import sys; from server.cli import main\n"
+                        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+                        "heavy = [m for m in ('torch', 'transformers', 'fastapi', 'uvicorn') if m in sys.modules]\n"
+                        "print('HEAVY', heavy)"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert time.monotonic() - start < 10
+    for flag in VLLM_FLAGS + ["--no-enable-prefix-caching"]:
+        assert flag in r.stdout, flag
+    assert "HEAVY []" in r.stdout
+
+
+def test_defaults_come_from_the_config_dataclasses() -> None:
+    cfg = build_config([], environ={})
+    assert cfg == ServerConfig(engine=EngineConfig(model=BUNDLED_MODEL))
+
+
+def test_flags_map_onto_config() -> None:
+    cfg = build_config(["--model", "/m", "--served-model-name", "x", "--port", "0", "--max-model-len", "64",
+                        "--kv-cache-memory", "2GiB", "--no-enable-prefix-caching", "--expert-devices", "cpu, cuda:0",
+                        "--max-body-bytes", "1MiB", "--api-key", "k", "--request-timeout", "2.5",
+                        "--enable-eplb", "--log-format", "json", "--dtype", "bfloat16"], environ={})
+    e = cfg.engine
+    assert (e.model, e.served_model_name, e.max_model_len, e.kv_cache_memory) == ("/m", "x", 64, 2 * 2**30)
+    assert e.enable_prefix_caching is False and e.enable_eplb is True and e.dtype == "bfloat16"
+    assert e.expert_devices == ("cpu", "cuda:0")
+    assert (cfg.port, cfg.max_body_bytes, cfg.api_key, cfg.request_timeout, cfg.log_format) == \
+        (0, 2**20, "k", 2.5, "json")
+
+
+def test_env_vars_and_flag_precedence() -> None:
+    env = {"MOE_SERVE_API_KEY": "from-env", "MOE_SERVE_MAX_NUM_SEQS": "8", "MOE_SERVE_PORT": "9000",
+           "MOE_SERVE_ENABLE_PREFIX_CACHING": "false", "MOE_SERVE_KV_CACHE_MEMORY": "512MiB"}
+    cfg = build_config([], environ=env)
+    assert cfg.api_key == "from-env" and cfg.engine.max_num_seqs == 8 and cfg.port == 9000
+    assert cfg.engine.enable_prefix_caching is False and cfg.engine.kv_cache_memory == 512 * 2**20
+    cfg = build_config(["--port", "9100", "--enable-prefix-caching"], environ=env)
+    assert cfg.port == 9100 and cfg.engine.enable_prefix_caching is True
+
+
+def test_every_flag_documents_its_env_var() -> None:
+    from server.cli import build_parser
+
+    text = build_parser().format_help().replace("\n", " ")
+    for flag, field, *_ in ENGINE_FLAGS + SERVER_FLAGS:
+        if field != "api_key":
+            assert "MOE_SERVE_" + flag[2:].replace("-", "_").upper() in text.replace(" ", ""), flag
+
+
+@pytest.mark.parametrize("argv,env", [
+    (["--block-size", "3"], {}),
+    (["--engine", "tensorrt"], {}),
+    (["--port", "notaport"], {}),
+    (["--max-num-seqs", "0"], {}),
+    (["--kv-cache-memory", "lots"], {}),
+    (["--log-format", "xml"], {}),
+    ([], {"MOE_SERVE_MAX_NUM_SEQS": "many"}),
+    ([], {"MOE_SERVE_LOG_FORMAT": "xml"}),
+    (["--model", "/nonexistent/model"], {}),
+])
+def test_bad_configuration_exits_2(argv: list[str], env: dict[str, str]) -> None:
+    import os
+
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("MOE_SERVE_")} | env
+    r = subprocess.run([sys.executable, "-m", "server.cli", "--port", "0", *argv], capture_output=True, text=True,
+                       env=full_env, timeout=120)
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert "Traceback" not in r.stderr
+    assert "error" in r.stderr.lower()

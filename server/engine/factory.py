@@ -50,6 +50,7 @@ def build_native_core(config: EngineConfig, progress: bool = True):
     from transformers import AutoTokenizer
 
     from models import load_model
+    from models.placement.manager import attach_placement
     from server.engine.native.core import EngineCore
 
     torch.manual_seed(config.seed)
@@ -73,6 +74,7 @@ def build_native_core(config: EngineConfig, progress: bool = True):
         scheduling_policy=config.scheduling_policy, seed=config.seed,
         eos_token_ids=eos_token_ids(config.model, cfg, tokenizer),
     )
+    attach_placement(core, config)  # expert placement / rebalancing / routing traces, when asked
     dtype = str(model.embed.weight.dtype).replace("torch.", "")
     info = ModelInfo(
         name=config.model_name, path=config.model, max_model_len=core.max_model_len, vocab_size=cfg.vocab_size,

@@ -209,8 +209,6 @@ def test_concurrent_requests_amid_abandoned_streams(server: ServerProcess) -> No
     wait_idle(server)
 
 
-@pytest.mark.xfail(reason="engine publishes gauges only when it steps: after an abort with no other "
-                          "work, vllm:num_requests_running / kv_cache_usage_perc stay stale", strict=False)
 def test_gauges_refresh_after_abort_without_traffic(server: ServerProcess) -> None:
     body = {"prompt": PROMPT, "max_tokens": 60, "ignore_eos": True, "stream": True}
     with httpx.Client(base_url=server.url, timeout=30) as c:

@@ -100,7 +100,10 @@ async def _collect(serving: Serving, body: ChatCompletionRequest, top: int | Non
     choices: dict[int, _Choice] = {}
     prompt_lps = None
     prompt_routing = None
+    finished = []
     async for _, out in gen:
+        if out.finished:
+            finished.append(out.metrics)
         if out.prompt_logprobs is not None:
             prompt_lps = out.prompt_logprobs
         if out.prompt_routing is not None:
@@ -125,7 +128,7 @@ async def _collect(serving: Serving, body: ChatCompletionRequest, top: int | Non
     completion_tokens = sum(c.num_tokens for c in choices.values())
     log.completion_tokens = completion_tokens
     response = {**base, "choices": result,
-                "usage": usage(prompt_tokens, completion_tokens)}
+                "usage": usage(prompt_tokens, completion_tokens, finished)}
     if body.prompt_logprobs is not None:
         response["prompt_logprobs"] = prompt_logprobs_json(serving.token_text, prompt_lps, body.prompt_logprobs)
     if body.return_routing and prompt_routing is not None:
@@ -137,6 +140,7 @@ async def _stream(serving: Serving, body: ChatCompletionRequest, n: int, top: in
                   base: dict[str, Any], prompt_tokens: int, gen: GenerationStream,
                   include_usage: bool, continuous: bool, log: Any):
     completion_tokens = 0
+    finished: list = []
 
     def chunk(choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         c: dict[str, Any] = {**base, "object": "chat.completion.chunk", "choices": choices, **extra}
@@ -150,6 +154,8 @@ async def _stream(serving: Serving, body: ChatCompletionRequest, n: int, top: in
                           "logprobs": None, "finish_reason": None}])
         first = True
         async for _, out in gen:
+            if out.finished:
+                finished.append(out.metrics)
             extra: dict[str, Any] = {}
             if first and body.prompt_logprobs is not None:
                 extra["prompt_logprobs"] = prompt_logprobs_json(serving.token_text, out.prompt_logprobs,
@@ -173,7 +179,7 @@ async def _stream(serving: Serving, body: ChatCompletionRequest, n: int, top: in
                     extra = {}
         if include_usage:
             final = chunk([])
-            final["usage"] = usage(prompt_tokens, completion_tokens)
+            final["usage"] = usage(prompt_tokens, completion_tokens, finished)
             yield final
     finally:
         log.completion_tokens = completion_tokens

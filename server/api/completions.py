@@ -108,7 +108,10 @@ async def create_completion(request: Request) -> Response:
 async def _collect(serving: Serving, plan: _Plan, gen: GenerationStream, log: Any) -> dict[str, Any]:
     choices: dict[int, _Choice] = {}
     prompt_lps: dict[int, list[Logprob | None]] = {}
+    finished = []
     async for i, out in gen:
+        if out.finished:
+            finished.append(out.metrics)
         if out.prompt_logprobs is not None:
             prompt_lps[i] = out.prompt_logprobs
         for o in out.outputs:
@@ -143,7 +146,8 @@ async def _collect(serving: Serving, plan: _Plan, gen: GenerationStream, log: An
     prompt_tokens = sum(len(ids) for ids in plan.prompt_ids)
     log.completion_tokens = completion_tokens
     return {"id": plan.request_id, "object": "text_completion", "created": plan.created,
-            "model": plan.model, "choices": result, "usage": usage(prompt_tokens, completion_tokens)}
+            "model": plan.model, "choices": result,
+            "usage": usage(prompt_tokens, completion_tokens, finished)}
 
 
 async def _stream(serving: Serving, plan: _Plan, gen: GenerationStream, include_usage: bool,
@@ -151,6 +155,7 @@ async def _stream(serving: Serving, plan: _Plan, gen: GenerationStream, include_
     builders: dict[int, LegacyLogprobs] = {}
     completion_tokens = 0
     prompt_tokens = sum(len(ids) for ids in plan.prompt_ids)
+    finished: list = []
 
     def chunk(choices: list[dict[str, Any]]) -> dict[str, Any]:
         c: dict[str, Any] = {"id": plan.request_id, "object": "text_completion", "created": plan.created,
@@ -161,6 +166,8 @@ async def _stream(serving: Serving, plan: _Plan, gen: GenerationStream, include_
 
     try:
         async for i, out in gen:
+            if out.finished:
+                finished.append(out.metrics)
             for o in out.outputs:
                 idx = plan.index(i, o.index)
                 completion_tokens += len(o.token_ids)
@@ -188,7 +195,7 @@ async def _stream(serving: Serving, plan: _Plan, gen: GenerationStream, include_
                 yield chunk([choice])
         if include_usage:
             final = chunk([])
-            final["usage"] = usage(prompt_tokens, completion_tokens)
+            final["usage"] = usage(prompt_tokens, completion_tokens, finished)
             yield final
     finally:
         log.completion_tokens = completion_tokens

@@ -21,6 +21,7 @@ from server.api.protocol import ChatMessage
 from server.api.tokens import TokenText
 from server.config import ServerConfig
 from server.engine.request import EngineRequest, SamplingParams, SamplingParamsError
+from server.metrics.usage import moe_usage
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 TEXT_JOINER = "\n"
@@ -239,6 +240,12 @@ def common_sampling_kwargs(body: Any) -> dict[str, Any]:
     }
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+def usage(prompt_tokens: int, completion_tokens: int, metrics: list[Any] | None = None) -> dict[str, Any]:
+    """OpenAI's usage object, plus `moe` (see server/metrics/usage.py) once the engine requests
+    finished, when the engine observed their routing."""
+    out: dict[str, Any] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                           "total_tokens": prompt_tokens + completion_tokens}
+    summary = moe_usage(metrics) if metrics else None
+    if summary is not None:
+        out["moe"] = summary
+    return out

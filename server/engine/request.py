@@ -191,6 +191,10 @@ class RequestMetrics:
     num_prompt_tokens: int = 0
     num_generation_tokens: int = 0
     num_cached_prompt_tokens: int = 0
+    # MoE usage (engines that observe routing): token-expert assignments per [moe_layer][expert]
+    # over every token the request ran through the model, and how many were computed per device
+    expert_counts: list[list[int]] | None = None
+    device_expert_tokens: dict[str, int] | None = None
 
 
 @dataclass

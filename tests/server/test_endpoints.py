@@ -252,3 +252,28 @@ def test_request_id_header_and_json(http: httpx.Client) -> None:
     r = http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 1})
     assert r.headers["x-request-id"] == r.json()["id"]
     assert json.loads(r.text)["object"] == "text_completion"
+
+
+def test_usage_carries_moe_summary(server, model_name) -> None:
+    """usage.moe: distinct experts per layer, routing entropy, device shares; same when streamed."""
+    import math
+
+    body = {"model": model_name, "prompt": "The list data type", "max_tokens": 8, "temperature": 0,
+            "ignore_eos": True}
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        r = c.post("/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+        moe = r.json()["usage"]["moe"]
+        lines = [ln for ln in c.post("/v1/completions", json={**body, "stream": True,
+                                                                "stream_options": {"include_usage": True}}
+                                      ).text.splitlines() if ln.startswith("data: {")]
+    layers = len(moe["distinct_experts_per_layer"])
+    assert layers >= 1
+    assert all(1 <= d <= 8 for d in moe["distinct_experts_per_layer"])  # bundled model: 8 experts
+    usage = r.json()["usage"]
+    # every token that ran through the model (prompt + all generated but the last) x layers x top-2
+    assert moe["expert_assignments"] == (usage["total_tokens"] - 1) * layers * 2
+    assert 0 < moe["routing_entropy_bits"] <= moe["max_routing_entropy_bits"] == math.log2(8)
+    assert abs(sum(moe["device_share"].values()) - 1.0) < 1e-3
+    streamed = json.loads(lines[-1][len("data: "):])["usage"]["moe"]
+    assert streamed == moe

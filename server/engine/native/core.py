@@ -212,8 +212,8 @@ class EngineCore:
                 stats.num_prompt_tokens += min(item.num_new, seq.num_prompt_tokens - seq.num_computed)
             if j in result.prompt_rows:
                 self._prompt_logprobs(seq, result, j)
-            if state.request.return_routing and result.routing is not None:
-                self._append_routing(seq, item, result, j)
+            if result.routing is not None:
+                self._record_routing(seq, item, result, j)
             seq.num_computed += item.num_new
             self.kv.commit(seq.blocks, seq.token_ids, seq.num_computed)
             if not samples:
@@ -251,21 +251,29 @@ class EngineCore:
         targets = torch.tensor(seq.token_ids[start + 1 : start + 1 + count])
         state.prompt_logprobs.extend(compute_logprobs(result.logits[first : first + count], targets, k))
 
-    def _append_routing(self, seq: Sequence, item: ScheduledSeq, result: ModelOutput, j: int) -> None:
-        """Record the experts chosen for tokens not recorded before (not again after a preemption)."""
+    def _record_routing(self, seq: Sequence, item: ScheduledSeq, result: ModelOutput, j: int) -> None:
+        """Count the experts chosen for this sequence's tokens into its request's MoE usage and,
+        when asked, keep the ids; tokens recomputed after a preemption are not counted again."""
         begin = max(seq.num_computed, seq.routing_done)
         end = seq.num_computed + item.num_new
         if begin >= end:
             return
         off = result.token_offsets[j] - seq.num_computed
-        ids = result.routing[off + begin : off + end].tolist()  # [n, layers, k]
+        chosen = result.routing[off + begin : off + end]  # [n, layers, k]
+        state, (L, E) = seq.state, (chosen.shape[1], self.model.config.num_experts)
+        flat = (chosen + torch.arange(L, device=chosen.device)[None, :, None] * E).reshape(-1)
+        counts = torch.bincount(flat, minlength=L * E).view(L, E).cpu()  # [layers, experts]
+        state.expert_counts = counts if state.expert_counts is None else state.expert_counts + counts
+        seq.routing_done = end
+        if not state.request.return_routing:
+            return
+        ids = chosen.tolist()
         n_prompt = max(0, min(end, seq.num_prompt_tokens) - begin)
         if n_prompt:
             if seq.state.prompt_routing is None:
                 seq.state.prompt_routing = []
             seq.state.prompt_routing.extend(ids[:n_prompt])
         seq.pending_routing.extend(ids[n_prompt:])
-        seq.routing_done = end
 
     def _append_token(self, seq: Sequence, token: int, lp: Logprob | None, now: float, stats: IterationStats) -> None:
         state, params = seq.state, seq.params
@@ -347,7 +355,15 @@ class EngineCore:
             prefill_time=first - scheduled, decode_time=now - first, inference_time=now - scheduled,
             num_prompt_tokens=n_prompt, num_generation_tokens=state.num_generated,
             max_tokens_param=req.sampling_params.max_tokens, n_param=req.sampling_params.n))
+        expert_counts = device_tokens = None
+        if state.expert_counts is not None:
+            expert_counts = state.expert_counts.tolist()
+            if self.placement_manager is not None:
+                device_tokens = self.placement_manager.device_tokens_for_counts(state.expert_counts)
+            else:
+                device_tokens = {str(self.runner.device): int(state.expert_counts.sum())}
         return RequestMetrics(arrival_time=arrival, queued_time=scheduled - arrival, first_token_time=first,
                               last_token_time=state.last_token_time, finished_time=now,
                               num_prompt_tokens=n_prompt, num_generation_tokens=state.num_generated,
-                              num_cached_prompt_tokens=state.num_cached_prompt_tokens)
+                              num_cached_prompt_tokens=state.num_cached_prompt_tokens,
+                              expert_counts=expert_counts, device_expert_tokens=device_tokens)

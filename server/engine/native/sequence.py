@@ -34,6 +34,7 @@ class RequestState:
     prompt_routing: list[list[list[int]]] | None = None
     sent_prompt_info: bool = False
     num_generated: int = 0  # over all its sequences
+    expert_counts: torch.Tensor | None = None  # [moe_layers, experts] token-expert assignments
 
     @property
     def request_id(self) -> str:

@@ -31,13 +31,14 @@ def create_app(engine: Any, config: ServerConfig, metrics: ServerMetrics | None 
     info = engine.model_info
     if metrics is None:
         metrics = ServerMetrics(config.engine.served_model_name or info.name, config.engine.engine,
-                                num_layers=info.num_layers, num_experts=info.num_experts,
+                                num_layers=info.num_moe_layers or info.num_layers, num_experts=info.num_experts,
                                 max_model_len=info.max_model_len)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine.add_stat_logger(metrics.stat_logger)
         await engine.start()
+        engine.add_placement_listener(metrics.set_placement)  # experts move when rebalancing
         placement = engine.placement()
         if placement is not None:
             try:

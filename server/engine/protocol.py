@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Protocol, runtime_checkable
+from typing import Any, AsyncIterator, Callable, Protocol, runtime_checkable
 
 from server.engine.request import EngineRequest, RequestOutput
 from server.engine.stats import PlacementInfo, StatLogger
@@ -33,6 +33,7 @@ class ModelInfo:
     top_k: int
     dtype: str
     device: str
+    num_moe_layers: int | None = None  # layers with an MoE block (routing series are per MoE layer)
 
 
 @runtime_checkable
@@ -58,5 +59,9 @@ class EngineClient(Protocol):
     def add_stat_logger(self, logger: StatLogger) -> None: ...
 
     def placement(self) -> PlacementInfo | None: ...
+
+    def add_placement_listener(self, callback: Callable[[PlacementInfo], None]) -> None:
+        """Call `callback` with the new placement whenever experts move (rebalancing)."""
+        ...
 
     def num_unfinished_requests(self) -> int: ...

@@ -86,6 +86,9 @@ class FakeEngine:
     def placement(self) -> None:
         return None
 
+    def add_placement_listener(self, callback) -> None:
+        pass
+
     def num_unfinished_requests(self) -> int:
         return len(self._live)
 

@@ -105,6 +105,11 @@ class AsyncEngine:
     def placement(self) -> PlacementInfo | None:
         return self.core.placement_info()
 
+    def add_placement_listener(self, callback) -> None:
+        manager = self.core.placement_manager
+        if manager is not None:
+            manager.on_change.append(callback)
+
     def num_unfinished_requests(self) -> int:
         return len(self._streams)
 

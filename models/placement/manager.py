@@ -1,0 +1,269 @@
+"""PlacementManager: builds the plan and the executor, installs them, rebalances online, records traces.
+
+Engine contract (server/engine/native/core.py): the core calls `device_tokens(routing)` after
+each forward pass and then every routing listener (`on_routing`), both on the engine thread
+between steps; `info()` may be called from any thread (it reads one immutable Placement).
+A rebalance therefore happens between two steps: per layer the new weight stacks are built
+completely, then the layer's state reference is swapped; no pass ever sees a partial layer.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from models.placement.cost import measure
+from models.placement.executor import PlacedExperts, build_layer_state, torch_device
+from models.placement.plan import HOST_DEVICE, Placement
+from models.placement.planner import default_capacity, place
+from models.placement.trace import RoutingRecorder, TraceHeader
+from server.engine.stats import PlacementInfo, RoutingStats
+
+log = logging.getLogger("moe_serve.placement")
+
+NEVER_FETCH = 1 << 62
+MIN_GAIN = 0.02  # a rebalance must raise balancedness by this much (on its window) to move weights
+_UNITS = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6, "gb": 10**9,
+          "tb": 10**12, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40, "b": 1}
+
+
+def budget_slots(budget: str | int, expert_bytes: int, num_moe_layers: int) -> int:
+    """`--gpu-expert-budget` -> expert slots per layer per device: '4' is a count of experts per
+    layer, '2GiB' / '512MB' / '3e9B' are bytes for all MoE layers' experts on the device."""
+    s = str(budget).strip().lower().replace(" ", "")
+    if re.fullmatch(r"\d+", s):
+        return int(s)
+    m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:e[0-9]+)?)(kib|mib|gib|tib|kb|mb|gb|tb|k|m|g|t|b)", s)
+    if not m:
+        raise ValueError(f"--gpu-expert-budget {budget!r}: expected a count of experts per layer ('4') "
+                         f"or bytes with a unit ('2GiB', '512MB')")
+    nbytes = float(m.group(1)) * _UNITS[m.group(2)]
+    return int(nbytes // (expert_bytes * num_moe_layers))
+
+
+def placement_requested(config) -> bool:
+    return bool(config.expert_devices or config.num_redundant_experts or config.gpu_expert_budget
+                or config.rebalance_interval or config.record_routing)
+
+
+class PlacementManager:
+    def __init__(self, model, devices: Sequence[str] | None = None, *, policy: str = "contiguous",
+                 num_redundant: int = 0, capacity: Sequence[int] | None = None, budget: str | int | None = None,
+                 rebalance_interval: int = 0, fetch_threshold: int | None = None, min_gain: float = MIN_GAIN,
+                 record_path: str | None = None, record_token_ids: bool = False, place_experts: bool = True,
+                 initial_loads: np.ndarray | None = None):
+        cfg = model.config
+        blocks = sorted(model.moe_blocks(), key=lambda b: b.layer_idx)
+        if not blocks:
+            raise ValueError("the model has no MoE layers to place")
+        self.model = model
+        self.layer_ids = [b.layer_idx for b in blocks]
+        self.num_experts, self.top_k = cfg.num_experts, cfg.top_k
+        self.main_device = model.embed.weight.device
+        w13 = blocks[0].w13
+        self.expert_bytes = (w13[0].numel() + blocks[0].w2[0].numel()) * w13.element_size()
+        self.rebalance_interval = int(rebalance_interval)
+        self.min_gain = float(min_gain)
+        self.on_change: list[Callable[[PlacementInfo], None]] = []  # e.g. refresh the placement metric
+        self.num_rebalances = self.num_skipped = self.experts_moved = self.steps = 0
+        self._window = np.zeros((len(blocks), self.num_experts), dtype=np.int64)  # [L, E]
+        self._window_steps = 0
+        self._last_routing: torch.Tensor | None = None
+        self.recorder = None
+        if record_path:
+            self.recorder = RoutingRecorder(record_path, TraceHeader(
+                len(blocks), self.num_experts, self.top_k, cfg.hidden_size, self.expert_bytes, self.layer_ids),
+                record_token_ids=record_token_ids)
+        self.placement: Placement | None = None
+        self.executor: PlacedExperts | None = None
+        if not place_experts:
+            return  # trace recording only
+
+        names = tuple(devices) if devices else (_device_name(self.main_device),)
+        for name in names:
+            torch_device(name)  # validates, e.g. cuda:3 on a 2-GPU machine
+        self.devices = names
+        self.num_redundant = int(num_redundant)
+        if capacity is not None and budget is not None:
+            raise ValueError("give capacity or budget, not both")
+        if budget is not None:
+            per = budget_slots(budget, self.expert_bytes, len(blocks))
+            capacity = [per] * len(names)
+        self.host = None
+        if capacity is None:
+            capacity = default_capacity(self.num_experts, self.num_redundant, len(names))
+        elif sum(capacity) < self.num_experts + self.num_redundant:
+            total = sum(capacity)
+            what = f"the expert budget ({budget if budget is not None else capacity})"
+            if total == 0:
+                raise ValueError(f"{what} holds no expert on any device "
+                                 f"(one expert is {self.expert_bytes} bytes x {len(blocks)} MoE layers)")
+            if self.num_redundant:
+                raise ValueError(f"{what} gives {total} expert slots per layer over {len(names)} device(s): "
+                                 f"{self.num_experts} experts + {self.num_redundant} redundant need "
+                                 f"{self.num_experts + self.num_redundant}; lower --num-redundant-experts or "
+                                 f"raise the budget")
+            if HOST_DEVICE in names:
+                raise ValueError("experts beyond the budget live on 'cpu' (the host tier), so 'cpu' cannot also "
+                                 "be an expert device; use accelerators or virtual devices cpu:N")
+            self.host = HOST_DEVICE
+        self.capacity = list(capacity)
+        # the master copy of every expert: host memory unless everything already lives there
+        self.masters: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        to_host = self.main_device.type != "cpu"
+        for b in blocks:
+            if to_host:
+                b.w13.data = _host_copy(b.w13.data)
+                b.w2.data = _host_copy(b.w2.data)
+            self.masters[b.layer_idx] = (b.w13.data, b.w2.data)
+        self.fetch_threshold = self._fetch_threshold(cfg, fetch_threshold)
+        loads = np.zeros_like(self._window, dtype=np.float64) if initial_loads is None else initial_loads
+        self.executor = PlacedExperts(self.layer_ids)
+        self._install(place(policy, loads, names, self.capacity, self.num_redundant, host=self.host))
+        for b in blocks:
+            b.executor = self.executor
+        log.info("expert placement %s on %s (slots/layer %s%s%s), %d bytes per expert", policy, ", ".join(names),
+                 self.capacity, f", host tier {self.host} (copy-in from {self.fetch_threshold} tokens)"
+                 if self.host else "", f", {self.num_redundant} redundant" if self.num_redundant else "",
+                 self.expert_bytes)
+
+    @classmethod
+    def from_config(cls, model, config) -> PlacementManager:
+        place_experts = bool(config.expert_devices or config.num_redundant_experts or config.gpu_expert_budget
+                             or config.rebalance_interval)
+        return cls(model, config.expert_devices or None, policy=config.expert_placement,
+                   num_redundant=config.num_redundant_experts, budget=config.gpu_expert_budget,
+                   rebalance_interval=config.rebalance_interval, record_path=config.record_routing,
+                   place_experts=place_experts)
+
+    def _fetch_threshold(self, cfg, given: int | None) -> int:
+        if self.host is None:
+            return NEVER_FETCH
+        if given is not None:
+            return int(given)
+        if self.main_device.type == "cpu":
+            return NEVER_FETCH  # tokens already live in host memory: nothing to copy
+        w13 = self.masters[self.layer_ids[0]][0]
+        cost = measure(cfg.hidden_size, cfg.moe_intermediate_size, w13.dtype, self.main_device)
+        return cost.fetch_threshold(cfg.hidden_size, cfg.moe_intermediate_size, w13.element_size())
+
+    # -- installing a placement ---------------------------------------------------------------
+    def _install(self, placement: Placement) -> int:
+        """Build every layer's stacks from the new placement and swap them in; returns experts copied."""
+        copied = 0
+        for li, layer_idx in enumerate(self.layer_ids):
+            w13, w2 = self.masters[layer_idx]
+            state, n = build_layer_state(placement.layers[li], w13, w2, self.main_device, host=self.host,
+                                         fetch_threshold=self.fetch_threshold,
+                                         previous=self.executor.states.get(layer_idx))
+            self.executor.swap(layer_idx, state)
+            copied += n
+        self.placement = placement
+        self._split = _count_split(placement, self.num_experts)
+        return copied
+
+    # -- engine hooks ---------------------------------------------------------------------------
+    def info(self) -> PlacementInfo | None:
+        placement = self.placement
+        return None if placement is None else PlacementInfo(rows=placement.rows())
+
+    def device_tokens(self, routing: torch.Tensor) -> dict[str, int]:
+        """Token-expert computations per device for a step's routing [T, num_moe_layers, k]."""
+        self._last_routing = routing
+        if self.executor is None:
+            return {_device_name(self.main_device): int(routing.numel())}
+        return self.executor.device_tokens(routing, self.placement, _device_name(self.main_device))
+
+    def device_tokens_for_counts(self, expert_counts: torch.Tensor) -> dict[str, int]:
+        """Token-expert computations per device for accumulated counts [num_moe_layers, experts]
+        (a request's, at its end), attributed with the current placement: a replicated expert's
+        count split evenly over its replicas (the first `count mod n` replicas get one more)."""
+        counts = torch.as_tensor(expert_counts).detach().to("cpu", torch.long)
+        if self.executor is None:
+            return {_device_name(self.main_device): int(counts.sum())}
+        flat, n, rank, dev = self._split
+        c = counts.reshape(-1)[flat]  # [physical experts, all layers]
+        per = c // n + (rank < c % n).long()
+        totals = torch.bincount(dev, weights=per, minlength=len(self.placement.all_devices)).long().tolist()
+        return dict(zip(self.placement.all_devices, totals))
+
+    def on_routing(self, stats: RoutingStats) -> None:
+        """Routing listener: record the trace, accumulate the window, rebalance every N steps."""
+        counts = np.asarray(stats.expert_tokens, dtype=np.int64)  # [L, E]
+        routing, self._last_routing = self._last_routing, None
+        if self.recorder is not None:
+            self.recorder.record(counts, routing)
+        self.steps += 1
+        if self.executor is None or not self.rebalance_interval:
+            return
+        self._window += counts
+        self._window_steps += 1
+        if self._window_steps >= self.rebalance_interval:
+            window, self._window = self._window, np.zeros_like(self._window)
+            self._window_steps = 0
+            self.rebalance(window)
+
+    def rebalance(self, loads: np.ndarray) -> bool:
+        """Re-plan (balanced) for these loads [L, E]; move weights if it is better. Returns whether it moved."""
+        loads = np.asarray(loads, dtype=np.float64)
+        old = self.placement
+        new = place("balanced", loads, self.devices, self.capacity, self.num_redundant, host=self.host, previous=old)
+        if not _better(new, old, loads, self.min_gain) or new.moved_experts(old) == 0:
+            self.num_skipped += 1
+            return False
+        copied = self._install(new)
+        self.num_rebalances += 1
+        self.experts_moved += copied
+        log.info("rebalanced experts at step %d: balancedness %.3f -> %.3f, %d expert copies moved",
+                 self.steps, old.balancedness(loads), new.balancedness(loads), copied)
+        info = PlacementInfo(rows=new.rows())
+        for callback in self.on_change:
+            callback(info)
+        return True
+
+    def close(self) -> None:
+        if self.recorder is not None:
+            self.recorder.close()
+
+
+def _count_split(placement: Placement, num_experts: int) -> tuple[torch.Tensor, ...]:
+    """Per physical expert over all layers: (layer * E + logical, replicas, replica rank, device index)."""
+    index = {d: i for i, d in enumerate(placement.all_devices)}
+    rows = [(li * num_experts + p.logical, layer.num_replicas(p.logical), layer.replicas[p.logical].index(s),
+             index[p.device]) for li, layer in enumerate(placement.layers) for s, p in enumerate(layer.physical)]
+    return tuple(torch.tensor(col, dtype=torch.long) for col in zip(*rows))
+
+
+def _better(new: Placement, old: Placement, loads: np.ndarray, min_gain: float) -> bool:
+    """Less load on the host tier, or as much and a higher balancedness."""
+    host_new, host_old = new.host_fraction(loads), old.host_fraction(loads)
+    if host_new < host_old - 1e-9:
+        return True
+    if host_new > host_old + 1e-9:
+        return False
+    return new.balancedness(loads) > old.balancedness(loads) + min_gain + 1e-12
+
+
+def _device_name(dev: torch.device) -> str:
+    if dev.type == "cuda" and dev.index is None:
+        return f"cuda:{torch.cuda.current_device()}"
+    return str(dev)
+
+
+def _host_copy(t: torch.Tensor) -> torch.Tensor:
+    host = t.detach().to("cpu")
+    return host.pin_memory() if torch.cuda.is_available() else host
+
+
+def attach_placement(core, config) -> PlacementManager | None:
+    """Build the manager a config asks for and hook it into an EngineCore (None if none asked)."""
+    if not placement_requested(config):
+        return None
+    manager = PlacementManager.from_config(core.model, config)
+    core.placement_manager = manager
+    core.routing_listeners.append(manager.on_routing)
+    return manager

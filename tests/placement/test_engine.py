@@ -1,0 +1,128 @@
+"""Placement through the real engine: online rebalancing mid-generation, traces, the simulator."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from server.engine import LLM, SamplingParams
+from server.engine.stats import RoutingStats
+
+from .conftest import PROMPTS
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "loadtest"))
+import placement_sim
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+
+
+def tokens(llm: LLM) -> list[list[int]]:
+    return [r.outputs[0].token_ids for r in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
+
+
+@pytest.fixture(scope="module")
+def baseline(tiny_mixtral):
+    return tokens(LLM(tiny_mixtral, dtype="float32", max_num_seqs=2))
+
+
+def test_online_rebalancing_keeps_greedy_tokens(tiny_mixtral, baseline, tmp_path):
+    trace = tmp_path / "routing.jsonl"
+    llm = LLM(tiny_mixtral, dtype="float32", max_num_seqs=2, expert_devices=("cpu:0", "cpu:1"),
+              rebalance_interval=2, num_redundant_experts=2, record_routing=str(trace))
+    core = llm.core
+    mgr = core.placement_manager
+    seen: list[RoutingStats] = []
+    core.routing_listeners.append(seen.append)
+    changes = []
+    mgr.on_change.append(changes.append)
+    assert tokens(llm) == baseline
+    assert mgr.num_rebalances >= 1 and mgr.experts_moved > 0 and len(changes) == mgr.num_rebalances
+    rows = core.placement_info().rows
+    assert {d for _, _, d, _ in rows} == {"cpu:0", "cpu:1"}
+    assert len(rows) == 2 * (8 + 2)  # 2 MoE layers x (8 experts + 2 replicas)
+    for stats in seen:  # every token-expert computation is attributed to a placed device
+        assert set(stats.device_tokens) == {"cpu:0", "cpu:1"}
+        assert sum(stats.device_tokens.values()) == int(np.sum(stats.expert_tokens))
+    # the trace: a header and one line per step, with exactly the counts the engine reported
+    mgr.close()
+    lines = trace.read_text().splitlines()
+    head = json.loads(lines[0])
+    assert head["type"] == "header" and (head["num_layers"], head["num_experts"], head["top_k"]) == (2, 8, 2)
+    steps = [json.loads(x) for x in lines[1:]]
+    assert len(steps) == mgr.steps == len(seen)
+    assert all(np.array_equal(s["expert_tokens"], r.expert_tokens) for s, r in zip(steps, seen))
+    # ... and it replays through the simulator, which accounts for every pair
+    results = placement_sim.main(["--trace", str(trace), "--devices", "2", "--redundant", "2", "--no-progress"])
+    total = int(sum(np.sum(s["expert_tokens"]) for s in steps))
+    assert [r.policy for r in results] == ["contiguous", "round_robin", "balanced", "balanced+2"]
+    assert all(r.total_pairs == total for r in results)
+    assert results[3].replicas == 4
+    assert results[2].balancedness_total >= results[0].balancedness_total - 1e-9
+
+
+def test_cpu_tier_and_replicas_in_the_engine(tiny_mixtral, baseline):
+    llm = LLM(tiny_mixtral, dtype="float32", max_num_seqs=2, expert_devices=("cpu:0", "cpu:1"),
+              gpu_expert_budget="3", expert_placement="balanced", rebalance_interval=3)
+    mgr = llm.core.placement_manager
+    assert mgr.placement.host == "cpu"
+    assert tokens(llm) == baseline
+    assert mgr.num_rebalances >= 1
+
+
+def test_per_request_device_shares(tiny_mixtral):
+    """Finished requests report their token-expert computations per placed device."""
+    from server.engine.request import EngineRequest
+
+    llm = LLM(tiny_mixtral, dtype="float32", expert_devices=("cpu:0", "cpu:1"), num_redundant_experts=2,
+              gpu_expert_budget="5")
+    core = llm.core
+    for i, prompt in enumerate(PROMPTS[:2]):
+        core.add_request(EngineRequest(f"r{i}", prompt, SamplingParams(max_tokens=4, ignore_eos=True)))
+    finished = []
+    while core.has_unfinished():
+        finished += [o for o in core.step()[0] if o.finished]
+    assert len(finished) == 2
+    for out in finished:
+        shares, counts = out.metrics.device_expert_tokens, out.metrics.expert_counts
+        assert set(shares) == {"cpu:0", "cpu:1"}
+        assert sum(shares.values()) == int(np.sum(counts)) > 0
+
+
+def test_device_tokens_for_counts_splits_replicas(tiny_mixtral):
+    llm = LLM(tiny_mixtral, dtype="float32", expert_devices=("cpu:0", "cpu:1"), gpu_expert_budget="3")
+    mgr = llm.core.placement_manager
+    counts = torch.arange(16).view(2, 8)
+    got = mgr.device_tokens_for_counts(counts)
+    want = {d: 0 for d in mgr.placement.all_devices}
+    for li, layer in enumerate(mgr.placement.layers):
+        for p in layer.physical:
+            want[p.device] += int(counts[li, p.logical])  # budget 3 x 2 < 8: a host tier, no replicas
+    assert got == want and "cpu" in got
+
+
+def test_record_only_places_nothing(tiny_mixtral, tmp_path):
+    trace = tmp_path / "t.jsonl"
+    llm = LLM(tiny_mixtral, dtype="float32", record_routing=str(trace))
+    assert llm.core.placement_info() is None
+    assert all(b.executor is None for b in llm.core.model.moe_blocks())
+    assert llm.core.placement_manager.device_tokens_for_counts(torch.ones(2, 8)) == {"cpu": 16}
+    llm.generate([PROMPTS[0]], SamplingParams(max_tokens=3, ignore_eos=True), use_tqdm=False)
+    llm.core.placement_manager.close()
+    assert len(trace.read_text().splitlines()) == 1 + llm.core.placement_manager.steps
+
+
+def test_no_placement_options_no_manager(tiny_mixtral):
+    assert LLM(tiny_mixtral, dtype="float32").core.placement_manager is None
+
+
+def test_bad_placement_config_fails_at_build(tiny_mixtral):
+    with pytest.raises(ValueError, match="cannot also"):
+        LLM(tiny_mixtral, dtype="float32", expert_devices=("cpu",), gpu_expert_budget="2")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            LLM(tiny_mixtral, dtype="float32", expert_devices=("cuda:0", "cuda:1"))

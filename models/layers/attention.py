@@ -70,13 +70,11 @@ def decode_attention(
     k = k_cache[tables].flatten(1, 2)  # [B, L, kvh, d]
     v = v_cache[tables].flatten(1, 2)
     group = heads // kvh
-    qg = q.view(bsz, kvh, group, d)  # [B, kvh, group, d]
-    scores = torch.einsum("bhgd,blhd->bhgl", qg, k).float() * scale  # [B, kvh, group, L]
+    qg = q.view(bsz, kvh, group, d)  # [B, kvh, group, d]: a KV head's query heads as the query axis
     pos = torch.arange(k.shape[1], device=q.device)
-    mask = pos[None, :] >= seq_lens[:, None]  # [B, L]
-    scores.masked_fill_(mask[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(v.dtype)
-    out = torch.einsum("bhgl,blhd->bhgd", probs, v)  # [B, kvh, group, d]
+    mask = (pos[None, :] < seq_lens[:, None])[:, None, None, :]  # [B, 1, 1, L] keys each sequence sees
+    # k, v viewed as [B, kvh, L, d] without a copy; SDPA reads them strided
+    out = F.scaled_dot_product_attention(qg, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale)
     return out.reshape(bsz, heads, d)
 
 
@@ -87,17 +85,15 @@ def prefill_attention(
     are the queries' own positions. q: [n, heads, d]; k, v: [L, kv_heads, d] -> [n, heads, d]."""
     n, heads, d = q.shape
     length, kvh = k.shape[0], k.shape[1]
-    if kvh != heads:
-        k = k.repeat_interleave(heads // kvh, dim=1)
-        v = v.repeat_interleave(heads // kvh, dim=1)
+    gqa = kvh != heads  # SDPA shares each KV head among its query heads, no copy
     qt, kt, vt = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [heads, *, d]
     if length == n:
-        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale)
+        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=gqa)
     else:
         # query i sits at absolute position length - n + i and sees keys 0..that position
         qpos = torch.arange(length - n, length, device=q.device)[:, None]
         kpos = torch.arange(length, device=q.device)[None, :]
-        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=kpos <= qpos, scale=scale)
+        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=kpos <= qpos, scale=scale, enable_gqa=gqa)
     return out.transpose(0, 1)
 
 

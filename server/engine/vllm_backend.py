@@ -340,7 +340,8 @@ class VLLMEngine:
             name=config.model_name, path=config.model, max_model_len=int(mc.max_model_len),
             vocab_size=int(mc.get_vocab_size()), architecture=(mc.architectures or ["?"])[0],
             num_layers=int(getattr(hf, "num_hidden_layers", 0) or 0), num_experts=int(_num_experts(mc)),
-            top_k=int(_top_k(mc)), dtype=str(mc.dtype).replace("torch.", ""), device=self.device)
+            top_k=int(_top_k(mc)), dtype=str(mc.dtype).replace("torch.", ""), device=self.device,
+            num_moe_layers=_num_moe_layers(mc))
         self.max_in_flight = config.max_num_seqs + config.max_queue_len
         self._loggers: list[StatLogger] = []
         self._streams: dict[str, int] = {}  # request id -> n, for requests in flight
@@ -380,7 +381,8 @@ class VLLMEngine:
             raise RequestTooLongError("the prompt is empty: at least one token is needed")
         bad = [t for t in request.prompt_token_ids if not 0 <= t < vocab]
         if bad:
-            raise SamplingParamsError("prompt", f"prompt: token ids outside the vocabulary (size {vocab}): {_short(bad)}")
+            raise SamplingParamsError("prompt", f"prompt: token ids outside the vocabulary (size {vocab}): "
+                                                f"{_short(bad)}")
         if params.max_tokens is None:
             if n_prompt >= max_len:
                 raise RequestTooLongError(
@@ -485,6 +487,7 @@ class VLLMEngine:
                 routing = routing_from_experts(o.routed_experts, self.model_info.num_experts, self.device)
                 if routing is not None:
                     self._bridge.add_routing(routing)
+                    state.add_routing(routing)
         if not completions and not vout.finished:
             return None
         now = time.monotonic()
@@ -500,7 +503,8 @@ class VLLMEngine:
                 arrival_time=state.request.arrival_time, first_token_time=state.first_token_time,
                 last_token_time=now, finished_time=now, num_prompt_tokens=len(state.request.prompt_token_ids),
                 num_generation_tokens=state.num_generated,
-                num_cached_prompt_tokens=int(getattr(vout, "num_cached_tokens", 0) or 0))
+                num_cached_prompt_tokens=int(getattr(vout, "num_cached_tokens", 0) or 0),
+                expert_counts=state.expert_counts, device_expert_tokens=state.device_tokens)
             if self.routing_enabled and not self._streams.keys() - {state.request.request_id}:
                 self._bridge.record(None, None, force=True)  # idle after this one: deliver its routing now
         return out
@@ -529,6 +533,9 @@ class VLLMEngine:
     def placement(self) -> PlacementInfo | None:
         return None  # vLLM does not expose where its experts live
 
+    def add_placement_listener(self, callback: Callable[[PlacementInfo], None]) -> None:
+        """No-op: vLLM's EPLB moves experts inside its workers and tells no one."""
+
     def num_unfinished_requests(self) -> int:
         return len(self._streams)
 
@@ -538,7 +545,8 @@ class VLLMEngine:
 
 
 class _StreamState:
-    __slots__ = ("first_token_time", "num_generated", "prompt_logprobs", "request", "sent_prompt_info")
+    __slots__ = ("device_tokens", "expert_counts", "first_token_time", "num_generated", "prompt_logprobs",
+                 "request", "sent_prompt_info")
 
     def __init__(self, request: EngineRequest):
         self.request = request
@@ -546,6 +554,19 @@ class _StreamState:
         self.sent_prompt_info = False
         self.num_generated = 0
         self.first_token_time: float | None = None
+        # MoE usage (only with vLLM's routed experts): [layer][expert] assignments, per device
+        self.expert_counts: list[list[int]] | None = None
+        self.device_tokens: dict[str, int] | None = None
+
+    def add_routing(self, routing: RoutingStats) -> None:
+        if self.expert_counts is None:
+            self.expert_counts = [list(row) for row in routing.expert_tokens]
+            self.device_tokens = dict(routing.device_tokens)
+            return
+        self.expert_counts = [[a + b for a, b in zip(r1, r2, strict=True)]
+                              for r1, r2 in zip(self.expert_counts, routing.expert_tokens, strict=True)]
+        for dev, n in routing.device_tokens.items():
+            self.device_tokens[dev] = self.device_tokens.get(dev, 0) + n  # type: ignore[index]
 
 
 def _num_experts(mc: Any) -> int:
@@ -561,3 +582,17 @@ def _top_k(mc: Any) -> int:
         return int(mc.get_num_experts_per_tok() or 0)
     except Exception:  # noqa: BLE001
         return int(getattr(mc.hf_text_config, "num_experts_per_tok", 0) or 0)
+
+
+def _num_moe_layers(mc: Any) -> int | None:
+    """Layers with an MoE block, for the families our model config knows; None otherwise (the
+    metrics then size the routing series by all layers)."""
+    try:
+        from models.config import SUPPORTED_ARCHITECTURES, MoEModelConfig
+
+        arch = (mc.architectures or [""])[0]
+        if arch not in SUPPORTED_ARCHITECTURES:
+            return None
+        return int(MoEModelConfig.from_hf_config(mc.hf_text_config, arch).num_moe_layers)
+    except Exception:  # noqa: BLE001 - an architecture only vLLM serves
+        return None

@@ -86,7 +86,8 @@ def prefill_attention(
     n, heads, d = q.shape
     length, kvh = k.shape[0], k.shape[1]
     gqa = kvh != heads  # SDPA shares each KV head among its query heads, no copy
-    qt, kt, vt = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [heads, *, d]
+    # [1, heads, *, d]: 4-D inputs take SDPA's fused CPU kernel (3-D ones a slower path)
+    qt, kt, vt = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
     if length == n:
         out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=gqa)
     else:
@@ -94,7 +95,7 @@ def prefill_attention(
         qpos = torch.arange(length - n, length, device=q.device)[:, None]
         kpos = torch.arange(length, device=q.device)[None, :]
         out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=kpos <= qpos, scale=scale, enable_gqa=gqa)
-    return out.transpose(0, 1)
+    return out[0].transpose(0, 1)
 
 
 class Attention(nn.Module):

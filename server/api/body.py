@@ -14,8 +14,9 @@ from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel, ValidationError
 from pydantic.json_schema import models_json_schema
+from starlette.requests import ClientDisconnect
 
-from server.api.errors import bad_request, truncate, validation_error
+from server.api.errors import ClientDisconnected, bad_request, truncate, validation_error
 from server.api.protocol import REQUEST_MODELS
 
 M = TypeVar("M", bound=BaseModel)
@@ -31,7 +32,10 @@ async def read_json(request: Request, model: type[M]) -> M:
     content_type = request.headers.get("content-type", "")
     if not _is_json_content_type(content_type):
         raise bad_request(f"Content-Type must be application/json, not '{truncate(content_type, 60)}'.")
-    raw = await request.body()
+    try:
+        raw = await request.body()
+    except ClientDisconnect:  # the client left while sending its body: nothing to answer
+        raise ClientDisconnected() from None
     if not raw.strip():
         raise bad_request("The request body is empty; expected a JSON object.")
     try:

@@ -14,7 +14,7 @@ from typing import Any
 
 from starlette.responses import StreamingResponse
 
-from server.api.errors import APIError, internal_error
+from server.api.errors import CLIENT_CLOSED_REQUEST, APIError, ClientDisconnected, internal_error
 
 logger = logging.getLogger("moe_serve.api")
 
@@ -33,6 +33,9 @@ async def _events(chunks: AsyncIterator[dict[str, Any]], on_error: Any) -> Async
     except APIError as e:
         on_error(e.status)
         yield sse_event(e.body())
+    except ClientDisconnected:  # the client went away mid-stream: its requests were aborted
+        on_error(CLIENT_CLOSED_REQUEST)
+        return
     except Exception:  # our bug: report it in-band, keep serving
         logger.exception("error while streaming a response")
         err = internal_error()

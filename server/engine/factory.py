@@ -51,6 +51,7 @@ def build_native_core(config: EngineConfig, progress: bool = True):
 
     from models import load_model
     from models.placement.manager import attach_placement
+    from server.engine.native.faults import install_from_env as install_fault_injection
     from server.engine.native.core import EngineCore
 
     torch.manual_seed(config.seed)
@@ -75,6 +76,7 @@ def build_native_core(config: EngineConfig, progress: bool = True):
         eos_token_ids=eos_token_ids(config.model, cfg, tokenizer),
     )
     attach_placement(core, config)  # expert placement / rebalancing / routing traces, when asked
+    install_fault_injection(core)  # MOE_SERVE_FAULT_INJECT: fault tests only, off when unset
     dtype = str(model.embed.weight.dtype).replace("torch.", "")
     info = ModelInfo(
         name=config.model_name, path=config.model, max_model_len=core.max_model_len, vocab_size=cfg.vocab_size,

@@ -161,12 +161,14 @@ class AsyncEngine:
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
                 continue
-            in_step = list(self.core.requests)
             try:
                 outputs, stats, finished, routing = self.core.step()
                 failures = 0
             except Exception as exc:  # noqa: BLE001
                 failures += 1
+                # the requests of the failed step (all of them if it failed while scheduling)
+                in_step = self.core.step_request_ids
+                in_step = list(self.core.requests) if in_step is None else in_step
                 log.exception("engine step failed (%d in a row); failing %d requests", failures, len(in_step))
                 if failures >= MAX_CONSECUTIVE_FAILURES:  # dead before anyone hears of the failure
                     self._dead = f"engine failed {failures} steps in a row: {exc}"

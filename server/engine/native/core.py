@@ -52,6 +52,7 @@ class EngineCore:
         self._seq_ids = itertools.count()
         self.moe_layers = [i for i, s in enumerate(cfg.sparse_layers) if s]
         self._pending_finished: list[FinishedRequestStats] = []  # aborted between steps
+        self.step_request_ids: list[str] | None = None  # the requests in the step being run
         self.total_preemptions = 0  # since start (tests, logs)
         self.total_prefix_hit_tokens = 0
         self.fault_hook: Callable[[list[ScheduledSeq]], None] | None = None  # tests inject failures here
@@ -141,7 +142,9 @@ class EngineCore:
     # -- the step ---------------------------------------------------------------------
     def step(self) -> tuple[list[RequestOutput], IterationStats, list[FinishedRequestStats], RoutingStats | None]:
         t0 = time.monotonic()
+        self.step_request_ids = None  # unknown until scheduled: a failure now fails every request
         batch = self.scheduler.schedule()
+        self.step_request_ids = list(dict.fromkeys(item.seq.state.request_id for item in batch.scheduled))
         stats = IterationStats(timestamp=t0, num_preemptions=batch.num_preemptions)
         finished_stats, self._pending_finished = self._pending_finished, []
         routing_stats = None

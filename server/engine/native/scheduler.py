@@ -116,7 +116,11 @@ class Scheduler:
             if not self.chunked_prefill and num_new < seq.num_uncomputed:
                 break
             if not self.kv.allocate(seq.blocks, seq.num_computed, num_new, out.block_copies):
-                break  # it waits for blocks (admission guarantees it fits in an empty pool)
+                # it waits for blocks, holding none (a waiting sequence holding prefix blocks
+                # could starve everyone); admission guarantees it fits in an empty pool
+                self.kv.free(seq.blocks)
+                seq.num_computed = 0
+                break
             self.waiting.pop(0)
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)

@@ -108,10 +108,13 @@ async def create_completion(request: Request) -> Response:
 async def _collect(serving: Serving, plan: _Plan, gen: GenerationStream, log: Any) -> dict[str, Any]:
     choices: dict[int, _Choice] = {}
     prompt_lps: dict[int, list[Logprob | None]] = {}
+    prompt_routing: dict[int, list] = {}
     finished = []
     async for i, out in gen:
         if out.finished:
             finished.append(out.metrics)
+        if out.prompt_routing is not None:
+            prompt_routing[i] = out.prompt_routing
         if out.prompt_logprobs is not None:
             prompt_lps[i] = out.prompt_logprobs
         for o in out.outputs:
@@ -141,6 +144,7 @@ async def _collect(serving: Serving, plan: _Plan, gen: GenerationStream, log: An
                                                              plan.prompt_logprobs)
         if plan.return_routing:
             choice["routing"] = c.routing
+            choice["prompt_routing"] = prompt_routing.get(i)
         result.append(choice)
     completion_tokens = sum(len(c.token_ids) for c in choices.values())
     prompt_tokens = sum(len(ids) for ids in plan.prompt_ids)

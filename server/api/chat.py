@@ -14,7 +14,7 @@ from server.api.context import request_log
 from server.api.errors import bad_request
 from server.api.generation import GenerationStream
 from server.api.protocol import ChatCompletionRequest
-from server.api.serving import Serving, common_sampling_kwargs, new_id, usage
+from server.api.serving import Serving, common_sampling_kwargs, new_id, stream_usage_options, usage
 from server.api.sse import sse_response
 from server.api.tokens import prompt_logprobs_json
 from server.engine.request import MAX_LOGPROBS, EngineRequest, Logprob
@@ -79,9 +79,7 @@ async def create_chat_completion(request: Request) -> Response:
     headers = {"X-Request-Id": request_id}
     gen = await serving.start_generation(request, [engine_request], stream=bool(body.stream))
     if body.stream:
-        opts = body.stream_options
-        include_usage = bool(opts and opts.include_usage)
-        continuous = include_usage and bool(opts and opts.continuous_usage_stats)
+        include_usage, continuous = stream_usage_options(body.stream_options)
 
         def on_error(status: int) -> None:
             log.stream_error = status

@@ -240,6 +240,12 @@ def common_sampling_kwargs(body: Any) -> dict[str, Any]:
     }
 
 
+def stream_usage_options(opts: Any) -> tuple[bool, bool]:
+    """(include_usage, continuous_usage_stats) from a request's `stream_options`."""
+    include = bool(opts and opts.include_usage)
+    return include, include and bool(opts and opts.continuous_usage_stats)
+
+
 def usage(prompt_tokens: int, completion_tokens: int, metrics: list[Any] | None = None) -> dict[str, Any]:
     """OpenAI's usage object, plus `moe` (see server/metrics/usage.py) once the engine requests
     finished, when the engine observed their routing."""

@@ -18,7 +18,10 @@ SHAPES = {
 CACHE = Path(os.environ.get("MOE_SERVE_BENCH_CACHE", Path.home() / ".cache" / "moe-serve" / "bench"))
 
 
-def save_tokenizer(path: Path, vocab_size: int) -> None:
+def save_tokenizer(path: str | os.PathLike, vocab_size: int, num_texts: int | None = None,
+                   chat_template: str | None = None) -> None:
+    """A byte-level BPE fast tokenizer trained on Python's `pydoc_data` topics (the first
+    `num_texts` of them, or all), with `<s>`, `</s>`, `<pad>` and an optional chat template."""
     import pydoc_data.topics
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -28,8 +31,10 @@ def save_tokenizer(path: Path, vocab_size: int) -> None:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>", "<pad>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(list(pydoc_data.topics.topics.values()), trainer)
+    tok.train_from_iterator(list(pydoc_data.topics.topics.values())[:num_texts], trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    if chat_template is not None:
+        fast.chat_template = chat_template
     fast.save_pretrained(str(path))
 
 

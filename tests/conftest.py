@@ -12,22 +12,12 @@ BUNDLED = REPO / "models" / "checkpoints" / "tiny-mixtral"
 
 
 def save_test_tokenizer(path: str | os.PathLike, vocab_size: int = 300) -> None:
-    """A byte-level BPE fast tokenizer trained on a little standard-library text."""
-    import pydoc_data.topics
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    """A small byte-level BPE fast tokenizer (first 40 pydoc topics) with a chat template."""
+    from loadtest.bench_model import save_tokenizer
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>", "<pad>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    texts = list(pydoc_data.topics.topics.values())[:40]
-    tok.train_from_iterator(texts, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    fast.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                          "{% if add_generation_prompt %}assistant:{% endif %}")
-    fast.save_pretrained(str(path))
+    save_tokenizer(path, vocab_size, num_texts=40,
+                   chat_template=("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                                  "{% if add_generation_prompt %}assistant:{% endif %}"))
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,7 @@ from fastapi import FastAPI
 
 from server.api import chat, completions, health, models, tokenize
 from server.api import metrics as metrics_routes
+from server.api import ui as ui_routes
 from server.api.body import install_openapi
 from server.api.errors import install_error_handlers
 from server.api.health import server_version
@@ -65,6 +66,7 @@ def create_app(engine: Any, config: ServerConfig, metrics: ServerMetrics | None 
     app.state.inflight = 0
     for module in (completions, chat, models, tokenize, health, metrics_routes):
         app.include_router(module.router)
+    app.state.public_paths = ui_routes.install(app) if config.ui else frozenset()  # the web UI, open without a key
     install_error_handlers(app)
     install_openapi(app)
     app.add_middleware(APIMiddleware, state=app.state)

@@ -73,6 +73,7 @@ SERVER_FLAGS: list[tuple[str, str, str, str]] = [
     ("--max-header-bytes", "max_header_bytes", "bytes", "largest request head (400 past it)"),
     ("--log-format", "log_format", "choice:text,json", "log line format"),
     ("--log-level", "log_level", "choice:debug,info,warning,error,critical", "log level"),
+    ("--ui", "ui", "bool", "serve the web playground at / (--no-ui: off)"),
 ]
 
 

@@ -107,6 +107,7 @@ class ServerConfig:
     max_header_bytes: int = 64 * 2**10  # request line + headers; past it uvicorn answers 400
     log_format: str = "text"  # text | json
     log_level: str = "info"
+    ui: bool = True  # the web playground at /
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

@@ -50,7 +50,7 @@ class APIMiddleware:
                 resp.status = message["status"]
             await send(message)
 
-        exempt = is_exempt(path, config.auth_exempt_paths)
+        exempt = path in self.state.public_paths or is_exempt(path, config.auth_exempt_paths)
         counted = False
         try:
             if config.api_key and not exempt:

@@ -158,6 +158,8 @@ async def _stream(serving: Serving, body: ChatCompletionRequest, n: int, top: in
             if first and body.prompt_logprobs is not None:
                 extra["prompt_logprobs"] = prompt_logprobs_json(serving.token_text, out.prompt_logprobs,
                                                                 body.prompt_logprobs)
+            if first and body.return_routing:  # as in the non-streamed response: top level, once
+                extra["prompt_routing"] = out.prompt_routing
             first = False
             for o in out.outputs:
                 completion_tokens += len(o.token_ids)

@@ -158,6 +158,7 @@ async def _stream(serving: Serving, plan: _Plan, gen: GenerationStream, include_
     completion_tokens = 0
     prompt_tokens = sum(len(ids) for ids in plan.prompt_ids)
     finished: list = []
+    prompt_routing: dict[int, list] = {}
 
     def chunk(choices: list[dict[str, Any]]) -> dict[str, Any]:
         c: dict[str, Any] = {"id": plan.request_id, "object": "text_completion", "created": plan.created,
@@ -170,6 +171,8 @@ async def _stream(serving: Serving, plan: _Plan, gen: GenerationStream, include_
         async for i, out in gen:
             if out.finished:
                 finished.append(out.metrics)
+            if out.prompt_routing is not None:
+                prompt_routing[i] = out.prompt_routing
             for o in out.outputs:
                 idx = plan.index(i, o.index)
                 completion_tokens += len(o.token_ids)
@@ -194,6 +197,8 @@ async def _stream(serving: Serving, plan: _Plan, gen: GenerationStream, include_
                                                                      plan.prompt_logprobs)
                 if plan.return_routing:
                     choice["routing"] = o.routing or []
+                    if first:  # as in the non-streamed response: per choice, on its first chunk
+                        choice["prompt_routing"] = prompt_routing.get(i)
                 yield chunk([choice])
         if include_usage:
             final = chunk([])

@@ -1,0 +1,183 @@
+"""The playground in a real headless Chromium against a real moe-serve: streamed chat, the
+routing view (checked against the API's own routing for the same greedy request), prompt-token
+routing, the expert-load panel, completion mode, and the stop button aborting on the server."""
+
+from __future__ import annotations
+
+import httpx
+from selenium.webdriver.common.action_chains import ActionChains
+from selenium.webdriver.common.by import By
+
+from tests.ui.conftest import DESKTOP, save_screenshot
+from tests.ui.helpers import (
+    api_total_assignments,
+    by_testid,
+    configure,
+    js_errors,
+    last_response,
+    load_panel,
+    metric,
+    open_page,
+    routing_table,
+    send_and_watch,
+    wait,
+    wait_idle,
+)
+
+QUESTION = "What is a list?"  # with the chat template: under one KV block, so no prefix-cache hit
+
+
+def test_chat_streams_routes_and_updates_the_load_panel(browser, ui_server, ui_http: httpx.Client, artifacts):
+    browser.set_window_size(*DESKTOP)
+    open_page(browser, ui_server.url)
+    wait(browser, lambda d: load_panel(d)["updates"] >= 1, what="live panel's first refresh")
+    num_layers = ui_http.get("/v1/moe/routing").json()["num_layers"]
+    model = ui_http.get("/v1/moe/stats").json()["model"]
+
+    # the same greedy request through the API first: the page must show exactly this
+    ref = ui_http.post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 40, "temperature": 0, "seed": 7,
+        "return_routing": True}).json()
+    ref_tokens = ref["usage"]["completion_tokens"]
+    ref_routing = ref["choices"][0]["routing"]  # [token][layer][top_k]
+    assert ref_tokens > 4 and len(ref_routing) == ref_tokens - 1  # the last token is never run
+    before = api_total_assignments(ui_http)
+
+    configure(browser, temperature="0", max_tokens="40", seed="7")
+    lengths = send_and_watch(browser, QUESTION)
+    status = wait_idle(browser)
+    assert status.startswith(f"Done: {ref_tokens} tokens"), status
+    growth = sorted(set(lengths) - {0})
+    assert len(growth) >= 3, f"the text did not visibly stream: lengths seen {lengths}"
+    assert last_response(browser) == ref["choices"][0]["message"]["content"]
+
+    table = routing_table(browser)
+    assert table["layers"] == [f"L{i}" for i in range(num_layers)] and num_layers == model["num_moe_layers"]
+    assert [h["kind"] for h in table["heads"]] == ["gen"] * ref_tokens  # one column per generated token
+    shown = [[table["rows"][layer][t] for layer in range(num_layers)] for t in range(ref_tokens - 1)]
+    assert shown == ref_routing
+    assert all(table["rows"][layer][-1] is None for layer in range(num_layers))  # last token: no routing
+    assert all(len(e) == model["top_k"] for row in table["rows"] for e in row if e is not None)
+
+    # the expert-load panel refreshes after the response, to the server's own totals
+    after = api_total_assignments(ui_http)
+    assert after > before
+    wait(browser, lambda d: load_panel(d)["total"] == after, 10, "load panel shows the new totals")
+    heat = browser.find_element(By.ID, "heatmap")
+    assert heat.size["height"] > 0 and heat.size["width"] > 100
+    layer_rows = browser.find_elements(By.CSS_SELECTOR, "#layer-table tbody tr")
+    assert len(layer_rows) == num_layers
+
+    # hovering a token shows its experts per layer
+    first_token = browser.find_element(By.CSS_SELECTOR, "#routing thead th.tok button")
+    heading = browser.find_element(By.ID, "routing-title")  # from outside the table onto the token
+    ActionChains(browser).scroll_to_element(first_token).move_to_element(heading).move_to_element(first_token).perform()
+    detail = browser.find_element(By.ID, "token-detail").text.splitlines()
+    assert detail[0].startswith("generated token 1: ")
+    assert detail[1 : 1 + num_layers] == [
+        f"L{layer}: " + ", ".join(f"expert {e}" for e in ref_routing[0][layer]) for layer in range(num_layers)]
+    save_screenshot(browser, artifacts / "playground-desktop.png", docs_name="playground.png")
+
+    # a second turn with prompt tokens shown: columns for the whole templated prompt
+    browser.find_element(By.ID, "show-prompt").click()
+    configure(browser, temperature="0", max_tokens="12", seed="7")
+    send_and_watch(browser, "And a tuple?")
+    wait_idle(browser)
+    messages = [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": last_turn(ref)},
+                {"role": "user", "content": "And a tuple?"}]
+    n_prompt = ui_http.post("/tokenize", json={"messages": messages})
+    assert n_prompt.status_code == 200, n_prompt.text
+    table = routing_table(browser)
+    kinds = [h["kind"] for h in table["heads"]]
+    assert kinds.count("prompt") == n_prompt.json()["count"] and kinds[: kinds.count("prompt")] == ["prompt"] * kinds.count("prompt")
+    routed = [table["rows"][0][i] is not None for i in range(kinds.count("prompt"))]
+    # the first turn's blocks come from the prefix cache (no routing); the rest was computed
+    assert any(routed) and routed == sorted(routed), routed
+    assert js_errors(browser) == []
+
+
+def last_turn(ref: dict) -> str:
+    return ref["choices"][0]["message"]["content"]
+
+
+def test_completion_mode_streams_raw_text(browser, ui_server):
+    open_page(browser, ui_server.url)
+    browser.find_element(By.CSS_SELECTOR, "label[for=mode-completion]").click()
+    assert not browser.find_element(By.ID, "system-row").is_displayed()
+    configure(browser, temperature="0", max_tokens="16")
+    send_and_watch(browser, "The list type")
+    assert wait_idle(browser).startswith("Done: 16 tokens")
+    text = browser.execute_script("return document.querySelector('[data-testid=output] .msg.completion .text').textContent")
+    assert text.startswith("The list type") and len(text) > len("The list type")
+    assert [h["kind"] for h in routing_table(browser)["heads"]] == ["gen"] * 16
+    browser.find_element(By.ID, "copy").click()
+    wait(browser, lambda d: d.find_element(By.ID, "status").text == "Copied the last response.", 5, "copy")
+
+    # a request the server refuses: its OpenAI error message is shown, and the page goes on
+    configure(browser, temperature="0", max_tokens="5000")
+    send_and_watch(browser, "The list type")
+    assert wait_idle(browser) == "The request failed."
+    error = browser.find_element(By.ID, "error")
+    assert error.is_displayed() and error.text.startswith("Error 400: ") and "max_tokens" in error.text
+    browser.find_element(By.ID, "clear").click()
+    assert by_testid(browser, "output").text == "Responses stream here."
+    assert routing_table(browser)["heads"] == [] and browser.find_element(By.ID, "routing-caption").text == "No response yet."
+
+
+def test_stop_aborts_the_request_on_the_server(browser, ui_server):
+    open_page(browser, ui_server.url)
+    browser.find_element(By.CSS_SELECTOR, "label[for=mode-completion]").click()
+    aborted = metric(ui_server.url, "vllm:request_success_total", finished_reason="abort")
+    # seed 2 runs this prompt to 600 tokens (no EOS), about 20 s on 2 busy cores: long enough
+    configure(browser, temperature="1", max_tokens="600", seed="2")
+    box = by_testid(browser, "prompt")
+    box.clear()
+    box.send_keys("The list type")
+    by_testid(browser, "send").click()
+    wait(browser, lambda d: len(last_response(d) or "") > 20, 30, "text streams in")
+    assert metric(ui_server.url, "vllm:num_requests_running") == 1
+    stop = by_testid(browser, "stop")
+    assert stop.is_enabled(), f"the generation ended by itself: {wait_idle(browser, 1)!r}"
+    stop.click()
+    status = wait_idle(browser, 10)
+    assert status.startswith("Stopped after"), status
+    stopped_at = int(status.split()[2])
+    assert 0 < stopped_at < 600
+    wait(browser, lambda d: metric(ui_server.url, "vllm:num_requests_running") == 0, 10, "server running count 0")
+    assert metric(ui_server.url, "vllm:request_success_total", finished_reason="abort") == aborted + 1
+    assert by_testid(browser, "send").is_enabled() and not stop.is_enabled()
+    gen = [h for h in routing_table(browser)["heads"] if h["kind"] == "gen"]
+    assert stopped_at <= len(gen) < 600
+
+
+WEIGHTS_JS = """
+const done = arguments[arguments.length - 1];
+import('/ui/routing.js').then(({RoutingView}) => {
+  const table = document.createElement('table');
+  table.innerHTML = '<caption></caption><thead><tr><th>Layer</th></tr></thead><tbody></tbody>';
+  const detail = document.createElement('div');
+  document.body.append(table, detail);
+  const view = new RoutingView(table, detail, table.caption);
+  view.reset(2);
+  view.addGenerated(['a', 'b']);
+  view.addRouting([[[1, 2], [3, 4]]], [[[0.6, 0.4], [0.75, 0.25]]]);  // with routing_weights
+  view.show(0);
+  const withWeights = detail.innerText;
+  view.reset(2);
+  view.addGenerated(['a']);
+  view.addRouting([[[5, 6], [7, 0]]], undefined);  // an older server: ids only
+  view.show(0);
+  done([withWeights, detail.innerText]);
+});
+"""
+
+
+def test_router_weights_are_shown_when_the_server_sends_them(browser, ui_server):
+    """The page reads `routing_weights` (same nesting as `routing`) when present, ids alone when not."""
+    open_page(browser, ui_server.url)
+    with_weights, ids_only = ([line for line in text.splitlines() if line.strip()]
+                              for text in browser.execute_async_script(WEIGHTS_JS))
+    assert with_weights[1:3] == ["L0: expert 1 · 0.60, expert 2 · 0.40",
+                                             "L1: expert 3 · 0.75, expert 4 · 0.25"]
+    assert ids_only[1:3] == ["L0: expert 5, expert 6", "L1: expert 7, expert 0"]
+    assert "does not report router weights" in ids_only[-1]

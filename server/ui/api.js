@@ -65,16 +65,30 @@ export async function postJSON(path, body, signal) {
   return resp.json();
 }
 
+const YIELD_MS = 25;
+const yieldToPage = () => new Promise((resolve) => setTimeout(resolve, 0));
+
 // POST a streaming request and call onChunk(obj) for every `data: {...}` event until
 // `data: [DONE]`. An in-band `{"error": ...}` event is thrown as an ApiError. Aborting
-// `signal` closes the connection, which makes the server abort the request.
+// `signal` closes the connection, which makes the server abort the request. Reads of
+// already-buffered data resolve without returning to the event loop, so the loop yields every
+// YIELD_MS: on a slow page clicks (Stop) and rendering are never starved by a fast stream.
 export async function stream(path, body, signal, onChunk) {
   const resp = await fetch(path, { method: "POST", headers: headers(true), body: JSON.stringify(body), signal });
   if (!resp.ok) throw await errorFrom(resp);
   const reader = resp.body.getReader();
   const decoder = new TextDecoder();
   let buffer = "";
+  let lastYield = performance.now();
   for (;;) {
+    if (performance.now() - lastYield > YIELD_MS) {
+      await yieldToPage();
+      lastYield = performance.now();
+    }
+    if (signal.aborted) {
+      reader.cancel().catch(() => {});
+      throw new DOMException("stopped", "AbortError");
+    }
     const { value, done } = await reader.read();
     if (done) return;
     buffer += decoder.decode(value, { stream: true });

@@ -3,6 +3,8 @@
 
 import { postJSON, stream, tokenText } from "./api.js";
 
+const RENDER_MS = 80;
+
 function number(input) {
   const v = input.value.trim();
   if (v === "") return undefined;
@@ -80,7 +82,8 @@ export class Chat {
     }
     const req = this.buildRequest(text);
     const facts = this.hooks.facts() || {};
-    this.routing.reset(facts.num_moe_layers || 0, "Generating…");
+    if (this.routingSupported) this.routing.reset(facts.num_moe_layers || 0, "Generating…");
+    else this.routing.reset(0, "This engine does not report per-token routing.");
     els.output.querySelector(".empty")?.remove();
     let target;
     if (this.mode === "chat") {
@@ -108,12 +111,20 @@ export class Chat {
       .then((r) => r.token_strs.map(tokenText)).catch(() => null) : null;
     const state = { text: "", tokens: 0, usage: null, finish: null, prompt: null, start: performance.now(), first: null };
     let outcome = "done";
+    let queued = false;
+    const render = () => { // the text and the scroll position, a few times a second at most
+      queued = false;
+      generated.textContent = state.text;
+      els.output.scrollTop = els.output.scrollHeight;
+    };
     try {
       els.status.textContent = "Generating…";
       await stream(req.path, req.body, controller.signal, (chunk) => {
         this.onChunk(chunk, state);
-        generated.textContent = state.text;
-        els.output.scrollTop = els.output.scrollHeight;
+        if (!queued) { // every frame would cost more than the stream itself on a slow device
+          queued = true;
+          setTimeout(() => requestAnimationFrame(render), RENDER_MS);
+        }
       });
     } catch (err) {
       if (err.name === "AbortError") {
@@ -125,13 +136,13 @@ export class Chat {
         this.controller = null;
         this.setRunning(false);
         els.prompt.value = text;
-        this.routing.reset(0, "This engine does not report per-token routing.");
         return this.send();
       } else {
         outcome = "failed";
         this.hooks.onError(err);
       }
     }
+    render();
     if (promptLabels) {
       const labels = await promptLabels;
       const p = state.prompt;
@@ -159,7 +170,7 @@ export class Chat {
       if (labels && labels.length) {
         if (state.first === null) state.first = performance.now();
         state.tokens += labels.length;
-        this.routing.addGenerated(labels);
+        if (this.routingSupported) this.routing.addGenerated(labels);
       }
       if (choice.prompt_routing) state.prompt = { routing: choice.prompt_routing, weights: choice.prompt_routing_weights };
       if (choice.routing && choice.routing.length) this.routing.addRouting(choice.routing, choice.routing_weights);
@@ -169,6 +180,7 @@ export class Chat {
 
   finish(outcome, state, promptText) {
     const { els } = this;
+    const routing = this.routingSupported ? this.routing : { finish() {} };
     const seconds = (performance.now() - state.start) / 1000;
     const tokens = state.usage ? state.usage.completion_tokens : state.tokens;
     if (this.mode === "chat" && outcome !== "failed") {
@@ -179,14 +191,14 @@ export class Chat {
     const ttft = state.first !== null ? `, first token after ${((state.first - state.start) / 1000).toFixed(2)} s` : "";
     if (outcome === "stopped") {
       els.status.textContent = `Stopped after ${tokens} tokens.`;
-      this.routing.finish("stopped");
+      routing.finish("stopped");
     } else if (outcome === "failed") {
       els.status.textContent = "The request failed.";
-      this.routing.finish("failed");
+      routing.finish("failed");
     } else {
       els.status.textContent = `Done: ${tokens} tokens in ${seconds.toFixed(2)} s${rate}${ttft}; `
         + `finish reason: ${state.finish || "unknown"}.`;
-      this.routing.finish(`finish reason: ${state.finish || "unknown"}`);
+      routing.finish(`finish reason: ${state.finish || "unknown"}`);
     }
     els.status.dataset.state = outcome;
     this.hooks.onFinished();
@@ -212,7 +224,8 @@ export class Chat {
     this.els.output.replaceChildren(empty);
     this.els.status.textContent = "";
     const facts = this.hooks.facts() || {};
-    this.routing.reset(facts.num_moe_layers || 0);
+    if (this.routingSupported) this.routing.reset(facts.num_moe_layers || 0);
+    else this.routing.reset(0, "This engine does not report per-token routing.");
   }
 
   async copy() {

@@ -19,21 +19,23 @@ function describeExperts(experts, weights) {
     .join(", ");
 }
 
+const FLUSH_MS = 150; // new tokens are drawn in batches, a few times a second...
+const SLICE_MS = 12; // ...in slices of this much work, so that a click (Stop) never waits long
+const CHUNK = 32; // tokens per table: appending a token lays out one small table, not all of them
+
+// Each column is kept as data ({kind, text, routing, weights, why}) and drawn by flush() into a
+// row of tables of CHUNK tokens each (every table has the layer names as row headers): laying
+// out one table of n columns costs O(n), so a single table would make long responses slow.
 export class RoutingView {
-  constructor(table, detail, caption) {
-    this.table = table;
-    this.head = table.tHead.rows[0];
-    this.body = table.tBodies[0];
+  constructor(container, detail, caption) {
+    this.container = container;
     this.detail = detail;
     this.caption = caption;
-    this.cols = [];
-    this.numPrompt = 0;
-    this.nextRouted = 0; // index (among generated columns) of the next column to receive routing
-    this.pinned = null;
-    table.addEventListener("mouseover", (ev) => this.onPointer(ev, false));
-    table.addEventListener("click", (ev) => this.onPointer(ev, true));
-    table.addEventListener("keydown", (ev) => this.onKey(ev));
-    table.addEventListener("focusin", (ev) => {
+    this.flushTimer = null;
+    container.addEventListener("mouseover", (ev) => this.onPointer(ev, false));
+    container.addEventListener("click", (ev) => this.onPointer(ev, true));
+    container.addEventListener("keydown", (ev) => this.onKey(ev));
+    container.addEventListener("focusin", (ev) => {
       const col = ev.target.closest("[data-col]");
       if (col) this.show(Number(col.dataset.col));
     });
@@ -41,22 +43,53 @@ export class RoutingView {
   }
 
   reset(numLayers, note = "No response yet.") {
+    clearTimeout(this.flushTimer);
+    this.flushTimer = null;
     this.cols = [];
     this.numPrompt = 0;
-    this.nextRouted = 0;
+    this.nextRouted = 0; // index (among generated columns) of the next column to receive routing
     this.pinned = null;
     this.numLayers = numLayers;
-    while (this.head.cells.length > 1) this.head.deleteCell(1);
-    this.body.replaceChildren();
-    for (let layer = 0; layer < numLayers; layer++) {
-      const row = this.body.insertRow();
-      const th = document.createElement("th");
-      th.scope = "row";
-      th.textContent = `L${layer}`;
-      row.appendChild(th);
-    }
+    this.note = "";
+    this.dirty = new Set(); // drawn columns whose routing arrived since
+    this.clearTables();
     this.detail.replaceChildren();
     this.caption.textContent = note;
+  }
+
+  clearTables() {
+    this.chunks = [];
+    this.drawn = 0; // columns are drawn in order: cols[0 .. drawn) are in the tables
+    this.container.replaceChildren();
+    this.chunk(0); // the layer names show before the first token
+  }
+
+  chunk(i) { // the table holding tokens [i * CHUNK, (i + 1) * CHUNK)
+    while (this.chunks.length <= i) {
+      const table = document.createElement("table");
+      table.className = "routing";
+      const caption = table.createCaption();
+      caption.className = "visually-hidden";
+      const head = table.createTHead().insertRow();
+      const corner = document.createElement("th");
+      corner.scope = "col";
+      corner.className = "corner";
+      corner.textContent = "Layer";
+      head.appendChild(corner);
+      const body = table.createTBody();
+      const rows = [];
+      for (let layer = 0; layer < this.numLayers; layer++) {
+        const row = body.insertRow();
+        const th = document.createElement("th");
+        th.scope = "row";
+        th.textContent = `L${layer}`;
+        row.appendChild(th);
+        rows.push(row);
+      }
+      this.container.appendChild(table);
+      this.chunks.push({ table, caption, head, rows });
+    }
+    return this.chunks[i];
   }
 
   get generatedCount() {
@@ -68,22 +101,20 @@ export class RoutingView {
   addPrompt(labels, routing, weights, whyMissing) {
     const why = whyMissing || "prompt token served from the prefix cache: not run through the model again";
     const skipped = Math.max(0, labels.length - (routing ? routing.length : 0));
-    labels.forEach((label, i) => {
-      const r = i >= skipped ? routing[i - skipped] : null;
-      const w = i >= skipped && weights ? weights[i - skipped] : null;
-      const col = this.insertColumn(this.numPrompt, "prompt", label);
-      this.numPrompt++;
-      if (r) this.fill(col, r, w);
-      else this.markUnrouted(col, why);
-    });
-    this.renumber();
+    const cols = labels.map((text, i) => ({
+      kind: "prompt", text, routing: i >= skipped ? routing[i - skipped] : null,
+      weights: i >= skipped && weights ? weights[i - skipped] : null, why: i >= skipped ? null : why,
+    }));
+    this.cols.splice(this.numPrompt, 0, ...cols);
+    this.numPrompt += cols.length;
+    for (const col of this.cols) col.tds = null; // prompt columns go in front: draw everything again
+    this.clearTables();
+    this.flush(true);
   }
 
   addGenerated(labels) {
-    for (const label of labels) this.insertColumn(this.cols.length, "gen", label);
-    this.updateCaption();
-    const box = this.table.parentElement; // keep the newest token in view while streaming
-    box.scrollLeft = box.scrollWidth;
+    for (const text of labels) this.cols.push({ kind: "gen", text, routing: null, weights: null, why: null });
+    this.scheduleFlush();
   }
 
   // `entries[t][layer]` = expert ids of the next generated token(s) in order.
@@ -92,68 +123,97 @@ export class RoutingView {
       const col = this.cols[this.numPrompt + this.nextRouted];
       if (!col) return;
       this.nextRouted++;
-      this.fill(col, layers, weights ? weights[i] : null);
+      col.routing = layers;
+      col.weights = weights ? weights[i] : null;
+      this.dirty.add(col);
     });
+    this.scheduleFlush();
   }
 
   finish(message) {
     for (let i = this.numPrompt + this.nextRouted; i < this.cols.length; i++) {
-      this.markUnrouted(this.cols[i], "the last sampled token is never fed through the model, so it has no routing");
+      this.cols[i].why = "the last sampled token is never fed through the model, so it has no routing";
+      this.dirty.add(this.cols[i]);
     }
-    this.updateCaption(message);
+    this.note = message;
+    this.flush(true);
   }
 
-  updateCaption(extra = "") {
+  scheduleFlush() {
+    if (this.flushTimer === null) {
+      this.flushTimer = setTimeout(() => requestAnimationFrame(() => this.flush(false)), FLUSH_MS);
+    }
+  }
+
+  // Draw what changed: new routing into drawn columns, then new columns at the end; with
+  // `all` false, stop after SLICE_MS and go on in a later task.
+  flush(all) {
+    clearTimeout(this.flushTimer);
+    this.flushTimer = null;
+    const start = performance.now();
+    for (const col of this.dirty) if (col.tds) this.paint(col); // not drawn yet: drawColumn paints it
+    this.dirty.clear();
+    const before = this.drawn;
+    while (this.drawn < this.cols.length) {
+      if (!all && performance.now() - start > SLICE_MS) {
+        this.flushTimer = setTimeout(() => this.flush(false), 0);
+        break;
+      }
+      this.drawColumn(this.cols[this.drawn], this.drawn);
+      this.drawn++;
+    }
+    this.chunks.forEach((c, i) => { // touch only the captions that change: a change lays out the table again
+      const text = `Routing of tokens ${i * CHUNK + 1} to ${Math.min(this.drawn, (i + 1) * CHUNK)}`;
+      if (c.caption.textContent !== text) c.caption.textContent = text;
+    });
     const gen = this.generatedCount;
     const parts = [`${gen} generated token${gen === 1 ? "" : "s"}`];
     if (this.numPrompt) parts.push(`${this.numPrompt} prompt tokens`);
     parts.push(`${this.numLayers} MoE layers`);
-    this.caption.textContent = parts.join(" · ") + (extra ? ` · ${extra}` : "");
+    this.caption.textContent = parts.join(" · ") + (this.note ? ` · ${this.note}` : "");
+    if (this.drawn > before) { // keep the newest token in view (in the next frame: no forced layout here)
+      requestAnimationFrame(() => {
+        const box = this.container.parentElement;
+        box.scrollLeft = box.scrollWidth;
+      });
+    }
   }
 
-  insertColumn(index, kind, text) {
+  drawColumn(col, index) { // appended: columns are drawn in order
+    const chunk = this.chunk(Math.floor(index / CHUNK));
     const th = document.createElement("th");
     th.scope = "col";
-    th.className = `tok ${kind}`;
+    th.className = `tok ${col.kind}`;
+    th.dataset.col = index;
     const button = document.createElement("button");
     button.type = "button";
-    button.textContent = visibleToken(text);
-    button.tabIndex = this.cols.length === 0 ? 0 : -1;
+    button.textContent = visibleToken(col.text);
+    button.tabIndex = index === 0 ? 0 : -1;
     th.appendChild(button);
-    const before = this.head.cells[index + 1] || null;
-    this.head.insertBefore(th, before);
-    const tds = [];
-    for (const row of this.body.rows) {
+    chunk.head.appendChild(th);
+    col.th = th;
+    col.button = button;
+    col.tds = chunk.rows.map((row) => {
       const td = document.createElement("td");
-      td.className = `pending ${kind}`;
-      td.textContent = "…";
-      row.insertBefore(td, row.cells[index + 1] || null);
-      tds.push(td);
-    }
-    const col = { kind, text, th, button, tds, routing: null, weights: null };
-    this.cols.splice(index, 0, col);
-    if (kind === "gen") this.setIndex(col, index);
-    return col;
-  }
-
-  setIndex(col, index) {
-    col.th.dataset.col = index;
-    for (const td of col.tds) td.dataset.col = index;
-  }
-
-  renumber() {
-    this.cols.forEach((col, i) => {
-      this.setIndex(col, i);
-      col.button.tabIndex = i === 0 ? 0 : -1;
+      td.dataset.col = index;
+      row.appendChild(td);
+      return td;
     });
+    this.paint(col);
   }
 
-  fill(col, layers, weights) {
-    col.routing = layers;
-    col.weights = weights;
+  paint(col) {
     col.tds.forEach((td, layer) => {
-      const experts = layers[layer] || [];
-      const w = weights ? weights[layer] : null;
+      if (!col.routing) {
+        td.className = `${col.why ? "none" : "pending"} ${col.kind}`;
+        td.textContent = col.why ? "–" : "…";
+        td.title = col.why || "routing not received yet";
+        td.style.background = "";
+        delete td.dataset.experts;
+        return;
+      }
+      const experts = col.routing[layer] || [];
+      const w = col.weights ? col.weights[layer] : null;
       td.className = `cell ${col.kind}`;
       td.textContent = experts.join(" ");
       td.dataset.experts = experts.join(",");
@@ -164,15 +224,6 @@ export class RoutingView {
         : colors[0] || "";
       td.title = `layer ${layer}: experts ${describeExperts(experts, w)}`;
     });
-  }
-
-  markUnrouted(col, why) {
-    col.why = why;
-    for (const td of col.tds) {
-      td.className = `none ${col.kind}`;
-      td.textContent = "–";
-      td.title = why;
-    }
   }
 
   onPointer(ev, pin) {
@@ -191,6 +242,7 @@ export class RoutingView {
     if (!(ev.key in moves)) return;
     ev.preventDefault();
     const target = this.cols[Math.max(0, Math.min(this.cols.length - 1, moves[ev.key]))];
+    if (!target.button) this.flush(true);
     for (const col of this.cols) col.button.tabIndex = -1;
     target.button.tabIndex = 0;
     target.button.focus();
@@ -199,6 +251,7 @@ export class RoutingView {
   show(index) {
     const col = this.cols[index];
     if (!col) return;
+    if (index >= this.drawn) this.flush(true);
     for (const c of this.cols) c.th.classList.toggle("selected", c === col);
     const kind = col.kind === "prompt" ? "prompt token" : "generated token";
     const position = col.kind === "prompt" ? index + 1 : index - this.numPrompt + 1;

@@ -179,7 +179,7 @@ def test_huge_input_not_echoed(http: httpx.Client) -> None:
 def test_wrong_method_and_unknown_route(http: httpx.Client) -> None:
     for method, path in (("GET", C), ("GET", CHAT), ("PUT", TOK), ("DELETE", "/v1/models"), ("POST", "/health")):
         assert_error(http.request(method, path), 405, code="method_not_allowed")
-    for path in ("/v1/nothing", "/v2/completions", "/", "/v1/completions/extra"):
+    for path in ("/v1/nothing", "/v2/completions", "/v1/completions/extra"):  # "/": the web UI (tests/ui)
         assert_error(http.get(path), 404, code="not_found")
         assert_error(http.post(path, json={}), 404)
 

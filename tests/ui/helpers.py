@@ -83,17 +83,19 @@ def last_response(driver: Any) -> str:
 
 
 ROUTING_JS = """
-const t = document.querySelector('[data-testid=routing]');
-const heads = [...t.tHead.rows[0].cells].slice(1).map(th => ({
+const tables = [...document.querySelectorAll('[data-testid=routing] table')];
+const heads = tables.flatMap(t => [...t.tHead.rows[0].cells].slice(1)).map(th => ({
   kind: th.classList.contains('prompt') ? 'prompt' : 'gen', label: th.textContent}));
-const rows = [...t.tBodies[0].rows].map(r => [...r.cells].slice(1).map(td =>
+const layers = [...tables[0].tBodies[0].rows].map(r => r.cells[0].textContent);
+const rows = layers.map((_, l) => tables.flatMap(t => [...t.tBodies[0].rows[l].cells].slice(1)).map(td =>
   td.dataset.experts === undefined ? null : td.dataset.experts.split(',').map(Number)));
-return {heads, rows, layers: [...t.tBodies[0].rows].map(r => r.cells[0].textContent)};
+return {heads, rows, layers};
 """
 
 
 def routing_table(driver: Any) -> dict[str, Any]:
-    """{'heads': [{kind, label}], 'rows': [layer][column] -> expert ids or None, 'layers': names}."""
+    """{'heads': [{kind, label}], 'rows': [layer][column] -> expert ids or None, 'layers': names},
+    read across the view's tables (it draws tokens in tables of 32)."""
     return driver.execute_script(ROUTING_JS)
 
 

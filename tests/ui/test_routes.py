@@ -41,11 +41,17 @@ def test_page_and_every_file_it_references_are_served_from_here(ui_http: httpx.C
     assert set(static_files()) >= {"index.html", "app.css", "favicon.svg"} | {p[4:] for p in seen}
 
 
-@pytest.mark.parametrize("path", ["/ui/missing.js", "/ui/..%2F..%2Fconfig.py", "/ui/__init__.py"])
+@pytest.mark.parametrize("path", ["/ui/missing.js", "/ui/..%2F..%2Fconfig.py", "/ui/__init__.py", "/ui/"])
 def test_unknown_ui_files_are_404(ui_http: httpx.Client, path: str):
     r = ui_http.get(path)
     assert r.status_code == 404
     assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_the_page_is_get_only(ui_http: httpx.Client):
+    for method in ("POST", "PUT", "DELETE"):
+        r = ui_http.request(method, "/")
+        assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed", method
 
 
 def test_with_a_key_the_page_opens_but_the_api_and_stats_do_not(servers):

@@ -1,5 +1,8 @@
 """Mixture-of-Experts feed-forward: router, grouped SwiGLU experts, optional shared expert.
 
+The router variants live in `models/layers/router.py`, expert variants (biases, clamped SwiGLU,
+input scaling) in `models/layers/experts.py`.
+
 Experts are stored stacked: `w13 [E, 2 * I, H]` (gate rows, then up rows) and
 `w2 [E, H, I]`. Execution is grouped: the (token, slot) pairs are sorted by expert and each
 active expert runs one matmul over its contiguous slice; no loop over tokens.
@@ -75,11 +78,11 @@ def grouped_experts(
 class DenseMLP(nn.Module):
     """SwiGLU MLP with gate and up fused: w13 [2I, H], w2 [H, I]."""
 
-    def __init__(self, hidden: int, inter: int):
+    def __init__(self, hidden: int, inter: int, bias: bool = False):
         super().__init__()
         self.inter = inter
-        self.w13 = nn.Linear(hidden, 2 * inter, bias=False)
-        self.w2 = nn.Linear(inter, hidden, bias=False)
+        self.w13 = nn.Linear(hidden, 2 * inter, bias=bias)
+        self.w2 = nn.Linear(inter, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.w13(x)  # [T, 2I]
@@ -89,27 +92,33 @@ class DenseMLP(nn.Module):
 class MoEBlock(nn.Module):
     def __init__(self, cfg, layer_idx: int):
         super().__init__()
+        from models.layers.experts import expert_function
+        from models.layers.router import Router
+
         self.layer_idx = layer_idx
         self.num_experts, self.top_k = cfg.num_experts, cfg.top_k
         self.renormalize = cfg.norm_topk_prob
         H, inter = cfg.hidden_size, cfg.moe_intermediate_size
-        self.gate = nn.Linear(H, self.num_experts, bias=False)
-        self.w13 = nn.Parameter(torch.empty(self.num_experts, 2 * inter, H))
-        self.w2 = nn.Parameter(torch.empty(self.num_experts, H, inter))
-        self.shared = DenseMLP(H, cfg.shared_expert_intermediate_size) if cfg.shared_expert_intermediate_size else None
+        extra = 1 if cfg.expert_bias else 0  # gpt-oss: the bias rides as a last input column
+        self.gate = Router(H, self.num_experts, self.top_k, cfg.norm_topk_prob, cfg.router)
+        self.w13 = nn.Parameter(torch.empty(self.num_experts, 2 * inter, H + extra))
+        self.w2 = nn.Parameter(torch.empty(self.num_experts, H, inter + extra))
+        # (x, w13, w2, topk_ids, topk_w) -> [T, H]: grouped_experts or a family's variant
+        self.expert_fn = expert_function(cfg)
+        shared = cfg.shared_expert_intermediate_size
+        self.shared = DenseMLP(H, shared, bias=cfg.mlp_bias) if shared else None
         self.shared_gate = nn.Linear(H, 1, bias=False) if cfg.shared_expert_gate else None
         # set by models.placement to run experts on other devices; None: all local
         self.executor = None
 
     def forward(self, x: torch.Tensor, capture: RoutingCapture | None = None) -> torch.Tensor:
-        router_logits = self.gate(x)  # [T, E]
-        topk_w, topk_ids = route(router_logits, self.top_k, self.renormalize)  # [T, k] each
+        topk_w, topk_ids = self.gate(x)  # [T, k] each
         if capture is not None:
             capture.record(self.layer_idx, topk_ids, topk_w)
         if self.executor is not None:
             out = self.executor(self.layer_idx, x, topk_ids, topk_w)
         else:
-            out = grouped_experts(x, self.w13, self.w2, topk_ids, topk_w)
+            out = self.expert_fn(x, self.w13, self.w2, topk_ids, topk_w)
         if self.shared is not None:
             shared = self.shared(x)
             if self.shared_gate is not None:

@@ -103,7 +103,8 @@ def iter_tensors(path: str, progress: bool = True, quant: QuantSpec | None = Non
                     scale_name = _companion(name, where)
                     if scale_name is None:
                         raise CheckpointError(f"fp8 tensor {name} has no {name}_scale_inv / {name}_scale")
-                    tensor = dequant_fp8(tensor, handles[where[scale_name]].get_tensor(scale_name), dtype)
+                    scale = handles[where[scale_name]].get_tensor(scale_name)
+                    tensor = dequant_fp8(tensor, scale, dtype, quant.weight_block_size)
                 yield name, tensor
         if unused:
             log.info("ignored %d activation / KV-cache scale tensors (compute runs in the model dtype)", unused)

@@ -25,7 +25,7 @@ METHODS = ("fp8", "compressed-tensors", "mxfp4")
 @dataclass(frozen=True)
 class QuantSpec:
     method: str  # one of METHODS
-    weight_block_size: tuple[int, int] | None = None  # fp8: [block_n (output), block_k (input)]
+    weight_block_size: tuple[int, int] | None = None  # block scales: [block_n (output), block_k (input)]
     strategy: str | None = None  # compressed-tensors weights: tensor | channel | block
     ignore: tuple[str, ...] = ()  # modules left unquantized (informational: detected per tensor)
 
@@ -50,7 +50,7 @@ def parse_quantization(qcfg: dict[str, Any] | None) -> QuantSpec | None:
         fmt = qcfg.get("format")
         if fmt != "float-quantized":
             raise UnsupportedModelError(f"compressed-tensors format {fmt!r} is not supported (only float-quantized FP8)")
-        strategies = set()
+        strategies, blocks = set(), set()
         for name, group in (qcfg.get("config_groups") or {}).items():
             weights = group.get("weights") or {}
             if weights.get("type") != "float" or weights.get("num_bits") != 8:
@@ -60,6 +60,10 @@ def parse_quantization(qcfg: dict[str, Any] | None) -> QuantSpec | None:
             if strategy not in ("tensor", "channel", "block"):
                 raise UnsupportedModelError(f"compressed-tensors weight strategy {strategy!r} is not supported")
             strategies.add(strategy)
-        return QuantSpec("compressed-tensors", strategy=",".join(sorted(strategies)) or None,
-                         ignore=tuple(qcfg.get("ignore") or ()))
+            if strategy == "block":
+                blocks.add(tuple(int(b) for b in weights.get("block_structure") or (128, 128)))
+        if len(blocks) > 1:
+            raise UnsupportedModelError(f"compressed-tensors groups with different block structures {sorted(blocks)}")
+        return QuantSpec("compressed-tensors", weight_block_size=blocks.pop() if blocks else None,
+                         strategy=",".join(sorted(strategies)) or None, ignore=tuple(qcfg.get("ignore") or ()))
     return QuantSpec("mxfp4", ignore=tuple(qcfg.get("modules_to_not_convert") or ()))

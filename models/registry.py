@@ -17,6 +17,7 @@ import torch
 
 from models.config import SUPPORTED_ARCHITECTURES, MoEModelConfig, UnsupportedModelError
 from models.loader import load_weights
+from models.model import MoEForCausalLM
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +77,7 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_model(path: str, dtype: str = "auto", device: str = "auto", progress: bool = True):
-    from models.model import MoEForCausalLM
-
+def load_model(path: str, dtype: str = "auto", device: str = "auto", progress: bool = True) -> MoEForCausalLM:
     cfg = MoEModelConfig.from_hf(path)
     family = family_module(cfg.architecture)
     dev = resolve_device(device)

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.layers.router import Router
+
 
 class RoutingCapture:
     """Collects the router's choices per MoE layer during one forward pass, when asked."""
@@ -92,8 +94,7 @@ class DenseMLP(nn.Module):
 class MoEBlock(nn.Module):
     def __init__(self, cfg, layer_idx: int):
         super().__init__()
-        from models.layers.experts import expert_function
-        from models.layers.router import Router
+        from models.layers.experts import expert_function  # experts.py builds on grouped_experts above
 
         self.layer_idx = layer_idx
         self.num_experts, self.top_k = cfg.num_experts, cfg.top_k

@@ -149,3 +149,33 @@ def test_mla_cache_holds_latents_and_sizes_the_pool(checkpoint):
     while core.has_unfinished():
         core.step()
     check_pool_empty(llm)
+
+
+def test_mla_family_served_over_http(checkpoint, tmp_path):
+    """A real server on the DeepSeek-V3 checkpoint: `--kv-cache-memory` divided by the latent
+    bytes per block, `usage.moe` and the routing series over its 2 MoE layers (of 3)."""
+    import re
+
+    import httpx
+
+    from tests.server.conftest import start_server
+
+    path, _ = checkpoint("deepseek_v3")
+    per_block = 4 * 3 * (32 + 8) * 4  # block of 4 tokens x 3 layers x (latent + rotary key) x float32
+    server = start_server(["--model", path, "--dtype", "float32", "--kv-cache-memory", "1MiB", "--block-size", "4",
+                           "--max-model-len", "128", "--seed", "0"], tmp_path)
+    try:
+        assert f"KV cache {(1 << 20) // per_block} blocks x 4 tokens" in server.logs()
+        with httpx.Client(base_url=server.url, timeout=60) as c:
+            name = c.get("/v1/models").json()["data"][0]["id"]
+            r = c.post("/v1/completions", json={"model": name, "prompt": "The list data type", "max_tokens": 6,
+                                                "temperature": 0, "ignore_eos": True})
+            assert r.status_code == 200, r.text
+            usage = r.json()["usage"]
+            text = c.get("/metrics").text
+        assert len(usage["moe"]["distinct_experts_per_layer"]) == 2
+        assert usage["moe"]["expert_assignments"] == (usage["total_tokens"] - 1) * 2 * 2
+        layers = set(re.findall(r'moe_expert_tokens_total\{[^}]*layer="(\d+)"', text))
+        assert len(layers) == 2
+    finally:
+        assert server.stop() == 0

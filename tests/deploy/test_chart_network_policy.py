@@ -112,6 +112,17 @@ def test_ingress_from_restricts_the_api_port_to_the_given_peers(render):
     assert port_ranges(rule["ports"]) == {(9000, 9000)} and "from" not in rule
 
 
+def test_the_monitoring_example_admits_only_the_gateway_and_prometheus(render):
+    docs = render([CHART / "ci" / "monitoring-values.yaml"])
+    (rule,) = docs.one("NetworkPolicy", FULLNAME)["spec"]["ingress"]
+    assert rule["from"] == [GATEWAY, PROMETHEUS]
+    # the ServiceMonitor scrapes the very port the policy opens to Prometheus
+    (endpoint,) = docs.one("ServiceMonitor")["spec"]["endpoints"]
+    svc_port = next(p for p in docs.one("Service")["spec"]["ports"] if p["name"] == endpoint["port"])
+    container_ports = {p["name"]: p["containerPort"] for p in main_container(docs.server_pod_template())["ports"]}
+    assert port_ranges(rule["ports"]) == {(container_ports[svc_port["targetPort"]],) * 2}
+
+
 def test_disabled_renders_no_policy(render):
     for values_file in (None, MULTINODE):
         docs = render(files(values_file), set_values=["networkPolicy.enabled=false"],

@@ -19,6 +19,8 @@ from typing import ClassVar
 
 import pytest
 
+from tests.conftest import skip_or_fail
+
 from .helpers import CHART, main_container
 
 MODEL_FILES = {"config.json": b'{"model_type": "mixtral"}', "model.safetensors": b"\x00" * 1024,
@@ -82,8 +84,13 @@ def _env(tmp_path: Path, **overrides: str) -> dict[str, str]:
     return env
 
 
-needs_curl = pytest.mark.skipif(not all(shutil.which(t) for t in ("curl", "sha256sum", "tar")),
-                                reason="curl, sha256sum and tar (present in the init container's image) are needed")
+@pytest.fixture(autouse=False)
+def _download_tools() -> None:
+    if not all(shutil.which(t) for t in ("curl", "sha256sum", "tar")):
+        skip_or_fail("curl, sha256sum and tar (present in the init container's image) are needed")
+
+
+needs_curl = pytest.mark.usefixtures("_download_tools")
 
 
 @needs_curl

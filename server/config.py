@@ -13,6 +13,9 @@ from pathlib import Path
 BUNDLED_MODEL = str(Path(__file__).resolve().parent.parent / "models" / "checkpoints" / "tiny-mixtral")
 
 
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
 class ConfigError(ValueError):
     pass
 
@@ -39,7 +42,9 @@ class EngineConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     max_model_len: int | None = None  # default: the model's max_position_embeddings (capped)
     max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
+    # tokens per engine step; None: 2048 with chunked prefill, else max_model_len (a prompt must
+    # then fit one step whole)
+    max_num_batched_tokens: int | None = None
     block_size: int = 16
     kv_cache_memory: int | None = None  # bytes; default: 512 MiB on CPU, 40% of free on CUDA
     num_kv_blocks: int | None = None  # overrides kv_cache_memory (tests)
@@ -55,6 +60,12 @@ class EngineConfig:
     gpu_expert_budget: str | None = None
     rebalance_interval: int = 0
     record_routing: str | None = None
+    # Switch-style expert capacity: at most ceil(factor * tokens * top_k / experts) assignments
+    # per expert per step, the rest dropped (native engine); None: off (exact model outputs)
+    expert_capacity_factor: float | None = None
+    # seconds an engine holding requests may go without computing a token before it is
+    # declared unhealthy (/health 503, the process exits); 0: no watchdog
+    engine_progress_timeout: float = 300.0
     # vLLM pass-through
     tensor_parallel_size: int = 1
     data_parallel_size: int = 1
@@ -70,10 +81,11 @@ class EngineConfig:
             raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, not {self.dtype!r}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, not {self.device!r}")
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_queue_len",
-                     "tensor_parallel_size", "data_parallel_size"):
+        for name in ("max_num_seqs", "block_size", "max_queue_len", "tensor_parallel_size", "data_parallel_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1")
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
+            raise ConfigError("max_num_batched_tokens must be >= 1")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ConfigError("max_model_len must be >= 1")
         if self.block_size & (self.block_size - 1):
@@ -88,6 +100,10 @@ class EngineConfig:
             raise ConfigError("gpu_memory_utilization must be in (0, 1]")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise ConfigError("kv_cache_memory must be > 0 bytes")
+        if self.expert_capacity_factor is not None and not self.expert_capacity_factor > 0:
+            raise ConfigError("expert_capacity_factor must be > 0")
+        if self.engine_progress_timeout < 0:
+            raise ConfigError("engine_progress_timeout must be >= 0 (0: off)")
 
     @property
     def model_name(self) -> str:
@@ -107,10 +123,25 @@ class ServerConfig:
     max_header_bytes: int = 64 * 2**10  # request line + headers; past it uvicorn answers 400
     log_format: str = "text"  # text | json
     log_level: str = "info"
+    # /metrics needs the API key too (it shows per-expert routing counts); off by default so
+    # that Prometheus scrapes without a secret, as /health and /ready probes do
+    metrics_require_auth: bool = False
+    # Host header allow-list (DNS-rebinding protection); empty: the loopback names when bound
+    # to a loopback address, any host otherwise. Entries are host names without port; "*": any
+    allowed_hosts: tuple[str, ...] = ()
+    limit_concurrency: int | None = 2048  # open connections + tasks before uvicorn answers 503
+    body_read_timeout: float = 30.0  # seconds a client may take to send its request body (408)
 
     def __post_init__(self) -> None:
+        if self.api_key is not None and not self.api_key.strip():
+            raise ConfigError("api_key must not be empty (an empty key would disable authentication); "
+                              "leave --api-key / MOE_SERVE_API_KEY unset to run without one")
         if not 0 <= self.port <= 65535:
             raise ConfigError("port must be in [0, 65535]")
+        if self.limit_concurrency is not None and self.limit_concurrency < 1:
+            raise ConfigError("limit_concurrency must be >= 1")
+        if self.body_read_timeout <= 0:
+            raise ConfigError("body_read_timeout must be > 0")
         if self.log_format not in ("text", "json"):
             raise ConfigError("log_format must be text or json")
         if self.request_timeout <= 0 or self.drain_timeout < 0:
@@ -119,3 +150,18 @@ class ServerConfig:
             raise ConfigError("max_body_bytes must be >= 1024")
         if self.max_header_bytes < 1024:
             raise ConfigError("max_header_bytes must be >= 1024")
+
+    def effective_allowed_hosts(self) -> tuple[str, ...]:
+        """The Host allow-list in force ("*" alone: any host)."""
+        if self.allowed_hosts:
+            return tuple(h.lower() for h in self.allowed_hosts)
+        if self.host in LOOPBACK_HOSTS:
+            return LOOPBACK_HOSTS
+        return ("*",)
+
+    @property
+    def exempt_paths(self) -> tuple[str, ...]:
+        """Paths open without the API key."""
+        if self.metrics_require_auth:
+            return tuple(p for p in self.auth_exempt_paths if p != "/metrics")
+        return self.auth_exempt_paths

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.layers.capacity import apply_capacity
 from models.layers.router import Router
 
 
@@ -24,15 +25,31 @@ class RoutingCapture:
         self.with_weights = with_weights
         self.expert_ids: dict[int, torch.Tensor] = {}  # layer -> [num_tokens, top_k]
         self.weights: dict[int, torch.Tensor] = {}  # layer -> [num_tokens, top_k]
+        self.dropped: dict[int, torch.Tensor] = {}  # layer -> [num_tokens, top_k] bool (expert capacity)
 
-    def record(self, layer: int, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> None:
+    def record(self, layer: int, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+               dropped: torch.Tensor | None = None) -> None:
         self.expert_ids[layer] = topk_ids
         if self.with_weights:
             self.weights[layer] = topk_weights
+        if dropped is not None:
+            self.dropped[layer] = dropped
 
     def stacked_ids(self) -> torch.Tensor:
         """[num_tokens, num_moe_layers, top_k] in layer order."""
         return torch.stack([self.expert_ids[k] for k in sorted(self.expert_ids)], dim=1)
+
+    def stacked_weights(self) -> torch.Tensor | None:
+        """[num_tokens, num_moe_layers, top_k] router weights (after capacity), or None."""
+        if not self.weights:
+            return None
+        return torch.stack([self.weights[k] for k in sorted(self.weights)], dim=1)
+
+    def stacked_dropped(self) -> torch.Tensor | None:
+        """[num_tokens, num_moe_layers, top_k] dropped assignments, or None (no capacity limit)."""
+        if not self.dropped:
+            return None
+        return torch.stack([self.dropped[k] for k in sorted(self.dropped)], dim=1)
 
 
 def route(
@@ -111,11 +128,16 @@ class MoEBlock(nn.Module):
         self.shared_gate = nn.Linear(H, 1, bias=False) if cfg.shared_expert_gate else None
         # set by models.placement to run experts on other devices; None: all local
         self.executor = None
+        # Switch-style expert capacity per forward pass (models/layers/capacity.py); None: off
+        self.capacity_factor: float | None = None
 
     def forward(self, x: torch.Tensor, capture: RoutingCapture | None = None) -> torch.Tensor:
         topk_w, topk_ids = self.gate(x)  # [T, k] each
+        dropped = None
+        if self.capacity_factor is not None:
+            topk_w, dropped = apply_capacity(topk_ids, topk_w, self.num_experts, self.capacity_factor)
         if capture is not None:
-            capture.record(self.layer_idx, topk_ids, topk_w)
+            capture.record(self.layer_idx, topk_ids, topk_w, dropped)
         if self.executor is not None:
             out = self.executor(self.layer_idx, x, topk_ids, topk_w)
         else:

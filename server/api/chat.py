@@ -14,6 +14,7 @@ from server.api.context import request_log
 from server.api.errors import bad_request
 from server.api.generation import GenerationStream
 from server.api.protocol import ChatCompletionRequest
+from server.api.routing_json import ids_json, routing_fields, weights_json
 from server.api.serving import Serving, common_sampling_kwargs, new_id, stream_usage_options, usage
 from server.api.sse import sse_response
 from server.api.tokens import prompt_logprobs_json
@@ -29,6 +30,7 @@ class _Choice:
     logprobs: list[dict[str, Any]] = field(default_factory=list)
     finish_reason: str | None = None
     routing: list[Any] = field(default_factory=list)
+    routing_weights: list[Any] = field(default_factory=list)
 
 
 def _check_unsupported(body: ChatCompletionRequest) -> None:
@@ -61,7 +63,8 @@ async def create_chat_completion(request: Request) -> Response:
     serving: Serving = request.app.state.serving
     serving.check_model(body.model)
     _check_unsupported(body)
-    prompt_ids = serving.chat_prompt(body.messages)
+    serving.check_capacity(1)
+    prompt_ids = await serving.run_blocking(serving.chat_prompt, body.messages)
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     max_tokens = serving.resolve_max_tokens(len(prompt_ids), requested, explicit=True, param=param,
@@ -105,14 +108,15 @@ async def _collect(serving: Serving, body: ChatCompletionRequest, top: int | Non
         if out.prompt_logprobs is not None:
             prompt_lps = out.prompt_logprobs
         if out.prompt_routing is not None:
-            prompt_routing = out.prompt_routing
+            prompt_routing = routing_fields(out.prompt_routing, out.prompt_routing_weights, "prompt_")
         for o in out.outputs:
             c = choices.setdefault(o.index, _Choice())
             c.text += o.text
             c.num_tokens += len(o.token_ids)
             if top is not None:
                 c.logprobs += _logprob_entries(serving, o.logprobs, top)
-            c.routing += o.routing or []
+            c.routing += ids_json(o.routing)
+            c.routing_weights += weights_json(o.routing_weights)
             c.finish_reason = o.finish_reason or c.finish_reason
     result = []
     for idx in sorted(choices):
@@ -121,7 +125,7 @@ async def _collect(serving: Serving, body: ChatCompletionRequest, top: int | Non
                                   "logprobs": {"content": c.logprobs} if top is not None else None,
                                   "finish_reason": c.finish_reason}
         if body.return_routing:
-            choice["routing"] = c.routing
+            choice["routing"], choice["routing_weights"] = c.routing, c.routing_weights
         result.append(choice)
     completion_tokens = sum(c.num_tokens for c in choices.values())
     log.completion_tokens = completion_tokens
@@ -130,7 +134,7 @@ async def _collect(serving: Serving, body: ChatCompletionRequest, top: int | Non
     if body.prompt_logprobs is not None:
         response["prompt_logprobs"] = prompt_logprobs_json(serving.token_text, prompt_lps, body.prompt_logprobs)
     if body.return_routing and prompt_routing is not None:
-        response["prompt_routing"] = prompt_routing
+        response.update(prompt_routing)
     return response
 
 
@@ -158,6 +162,8 @@ async def _stream(serving: Serving, body: ChatCompletionRequest, n: int, top: in
             if first and body.prompt_logprobs is not None:
                 extra["prompt_logprobs"] = prompt_logprobs_json(serving.token_text, out.prompt_logprobs,
                                                                 body.prompt_logprobs)
+            if first and body.return_routing and out.prompt_routing is not None:
+                extra.update(routing_fields(out.prompt_routing, out.prompt_routing_weights, "prompt_"))
             first = False
             for o in out.outputs:
                 completion_tokens += len(o.token_ids)
@@ -168,7 +174,7 @@ async def _stream(serving: Serving, body: ChatCompletionRequest, n: int, top: in
                                      if top is not None else None),
                         "finish_reason": None}
                     if body.return_routing:
-                        choice["routing"] = o.routing or []
+                        choice.update(routing_fields(o.routing, o.routing_weights))
                     yield chunk([choice], **extra)
                     extra = {}
                 if o.finish_reason is not None:

@@ -7,11 +7,14 @@ engine beyond the `EngineClient` protocol (`model_info`, `tokenizer`, `generate`
 
 from __future__ import annotations
 
+import asyncio
 import math
 import re
 import time
 import uuid
-from typing import Any
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 from starlette.requests import Request
 
@@ -20,10 +23,14 @@ from server.api.generation import GenerationStream
 from server.api.protocol import ChatMessage
 from server.api.tokens import TokenText
 from server.config import ServerConfig
-from server.engine.request import EngineRequest, SamplingParams, SamplingParamsError
+from server.engine.request import MAX_LOGIT_BIAS, EngineRequest, SamplingParams, SamplingParamsError
 from server.metrics.usage import moe_usage
 
+T = TypeVar("T")
 ROLES = ("system", "developer", "user", "assistant", "tool")
+# Unicode normalisation can shrink a text (composing characters) before it is split into
+# tokens; the character-count bound on tokens allows for up to this factor.
+PROMPT_SHRINK = 4
 TEXT_JOINER = "\n"
 _INT_KEY = re.compile(r" *[+-]?[0-9]{1,20} *")
 
@@ -45,6 +52,37 @@ class Serving:
         self.tokenizer = engine.tokenizer
         self.token_text = TokenText(engine.tokenizer)
         self.created = int(time.time())
+        # Tokenization, chat templates and big-body validation run here, off the event loop, so
+        # that /health and /metrics answer while a huge prompt is processed. One thread: a
+        # tokenizer is not safe to drive from several threads at once.
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizer")
+        self._backend = self._fast_backend(engine.tokenizer)
+        # the longest token's text: a prompt of c characters has at least
+        # c / (PROMPT_SHRINK * max_token_chars) tokens (a bound that needs no tokenization)
+        vocab = engine.tokenizer.get_vocab() if hasattr(engine.tokenizer, "get_vocab") else {}
+        self.max_token_chars = max((len(t) for t in vocab), default=0)
+
+    async def run_blocking(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn(*args)` on the tokenizer thread (its APIError reaches the caller)."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    @staticmethod
+    def _fast_backend(tokenizer: Any) -> Any:
+        """The Rust tokenizer behind a fast HF tokenizer, when it encodes exactly as the HF
+        wrapper does (checked once): its batch encode releases the GIL and tells the length
+        before any Python list of ids is built."""
+        backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+        if backend is None:
+            return None
+        probe = "Hello, world!  The list data type\n\tdef f(x): return x ** 2 # é ß 漢字"
+        for special in (True, False):
+            if backend.encode_batch([probe], add_special_tokens=special)[0].ids != \
+                    list(tokenizer.encode(probe, add_special_tokens=special)):
+                return None
+        return backend
 
     # -- model ------------------------------------------------------------------------------
     @property
@@ -60,8 +98,48 @@ class Serving:
             raise model_not_found(model)
 
     # -- prompts ----------------------------------------------------------------------------
-    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+    def encode(self, text: str, add_special_tokens: bool, limit: int | None = None, param: str = "prompt") -> list[int]:
+        """Token ids of `text`; with `limit`, a text of more tokens raises the context-length 400
+        (its ids are never materialised). Call on the tokenizer thread."""
+        if self._backend is not None:
+            enc = self._backend.encode_batch([text], add_special_tokens=add_special_tokens)[0]
+            if limit is not None and len(enc) > limit:
+                raise self.too_long(len(enc), param)
+            return enc.ids
+        ids = list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+        if limit is not None and len(ids) > limit:
+            raise self.too_long(len(ids), param)
+        return ids
+
+    def too_long(self, num_tokens: int, param: str = "prompt", at_least: bool = False) -> APIError:
+        has = f"at least {num_tokens}" if at_least else str(num_tokens)
+        return APIError(400, f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                             f"your {param} has {has} tokens, which leaves no room for a completion. Please "
+                             f"reduce the length of the {param}.", param=param, code="context_length_exceeded")
+
+    def check_text_length(self, text: str, param: str) -> None:
+        """Refuse, without tokenizing, a text too long for the context whatever its tokens."""
+        if self.max_token_chars:
+            at_least = len(text) // (PROMPT_SHRINK * self.max_token_chars)
+            if at_least >= self.max_model_len:
+                raise self.too_long(at_least, param, at_least=True)
+
+    def check_prompt_count(self, prompt: Any) -> None:
+        """Cheap limits on a completion's prompts before any is tokenized: the count one request
+        may hold (400) and the engine's free capacity (429)."""
+        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+            count = len(prompt)
+        else:
+            count = 1
+        cfg = self.config.engine
+        most = cfg.max_num_seqs + cfg.max_queue_len
+        if count > most:
+            raise bad_request(f"prompt: at most {most} prompts per request on this server (--max-num-seqs "
+                              f"+ --max-queue-len); this one has {count}", param="prompt")
+        self.check_capacity(count)
+        for k, item in enumerate(prompt if count > 1 else [prompt]):
+            if isinstance(item, str):
+                self.check_text_length(item, "prompt" if count == 1 else f"prompt[{k}]")
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
@@ -88,7 +166,7 @@ class Serving:
             if isinstance(item, str):
                 if not item:
                     raise bad_request(f"{param}: must not be empty", param=param)
-                ids = self.encode(item, add_special_tokens=True)
+                ids = self.encode(item, add_special_tokens=True, limit=self.max_model_len - 1, param=param)
                 text: str | None = item
             else:
                 ids = list(item)
@@ -100,7 +178,9 @@ class Serving:
         return out
 
     def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
-        return self.encode(self.render_chat(messages, add_generation_prompt), add_special_tokens=False)
+        """Rendered and tokenized (call on the tokenizer thread)."""
+        return self.encode(self.render_chat(messages, add_generation_prompt), add_special_tokens=False,
+                           limit=self.max_model_len - 1, param="messages")
 
     def render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> str:
         if not messages:
@@ -155,10 +235,7 @@ class Serving:
         """`requested` None -> the rest of the context; an implicit default is capped to it."""
         remaining = self.max_model_len - prompt_len
         if remaining < 1:
-            raise APIError(400, f"This model's maximum context length is {self.max_model_len} tokens. "
-                                f"However, your {prompt_param} has {prompt_len} tokens, which leaves no "
-                                f"room for a completion. Please reduce the length of the {prompt_param}.",
-                           param=prompt_param, code="context_length_exceeded")
+            raise self.too_long(prompt_len, prompt_param)
         if requested is None:
             return remaining
         if not explicit:
@@ -185,6 +262,9 @@ class Serving:
     def _parse_logit_bias(self, raw: dict[str, Any]) -> dict[int, float]:
         """All bad entries named together: non-integer keys, ids outside the vocabulary,
         values that are not numbers in [-100, 100]."""
+        if len(raw) > MAX_LOGIT_BIAS:  # before looking at any entry
+            raise bad_request(f"logit_bias: at most {MAX_LOGIT_BIAS} entries; this one has {len(raw)}",
+                              param="logit_bias")
         bias: dict[int, float] = {}
         bad: list[str] = []
         for key, value in raw.items():

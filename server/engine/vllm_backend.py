@@ -66,7 +66,8 @@ def engine_args_kwargs(config: EngineConfig, *, on_cpu: bool, environ: dict[str,
         unsupported.append(f"--expert-placement {config.expert_placement} (vLLM places experts 'linear' "
                            f"(= contiguous) or 'round_robin'; use --enable-eplb for load-based placement)")
     for name, flag in (("expert_devices", "--expert-devices"), ("gpu_expert_budget", "--gpu-expert-budget"),
-                       ("record_routing", "--record-routing")):
+                       ("record_routing", "--record-routing"),
+                       ("expert_capacity_factor", "--expert-capacity-factor")):
         if getattr(config, name) != getattr(defaults, name):
             unsupported.append(flag)
     if (config.num_redundant_experts or config.rebalance_interval) and not config.enable_eplb:

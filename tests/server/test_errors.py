@@ -133,11 +133,20 @@ def test_logit_bias_names_all_bad_keys(http: httpx.Client) -> None:
     (b"null", {"content-type": "application/json"}),
     (b"", {"content-type": "application/json"}),
     (b'{"prompt": "\xff\xfe"}', {"content-type": "application/json"}),
-    (b'{"prompt": "x"}', {"content-type": "text/plain"}),
-    (b"prompt=x", {"content-type": "application/x-www-form-urlencoded"}),
 ])
 def test_malformed_bodies(http: httpx.Client, path: str, content: bytes, headers: dict) -> None:
     assert_error(http.post(path, content=content, headers=headers), 400)
+
+
+@pytest.mark.parametrize("path", [C, CHAT, TOK, DETOK])
+@pytest.mark.parametrize("headers", [{"content-type": "text/plain"}, {},
+                                     {"content-type": "application/x-www-form-urlencoded"}])
+def test_json_content_type_required(http: httpx.Client, path: str, headers: dict) -> None:
+    """A body that is not declared JSON is refused with 415 (a web page on another origin can send
+    text/plain without a CORS preflight; it must not drive a keyless local server)."""
+    r = http.post(path, content=b'{"prompt": "x", "messages": [{"role": "user", "content": "x"}]}',
+                  headers=headers)
+    assert_error(r, 415, code="unsupported_media_type")
 
 
 def test_unknown_model(http: httpx.Client, client: openai.OpenAI) -> None:

@@ -48,9 +48,22 @@ def plan_chat(serving: Any, body: ChatCompletionRequest) -> ChatPlan:
             raise bad_request("min_tokens: not supported together with a required or named tool choice",
                               param="min_tokens")
         spec = tools.spec
+    if tools.tools:
+        _check_history_names(body, {t["function"]["name"] for t in tools.tools})
     if body.chat_template_kwargs is not None and len(body.chat_template_kwargs) > 64:
         raise bad_request("chat_template_kwargs: at most 64 entries", param="chat_template_kwargs")
     return ChatPlan(tools, spec, serving.reasoning_parser, serving.tool_parser)
+
+
+def _check_history_names(body: ChatCompletionRequest, names: set[str]) -> None:
+    """Tool calls in the history must name one of the request's tools."""
+    for k, m in enumerate(body.messages):
+        for j, call in enumerate(m.tool_calls or []):
+            fn = call.get("function") if isinstance(call, dict) else None
+            name = fn.get("name") if isinstance(fn, dict) else None
+            if isinstance(name, str) and name not in names:
+                p = f"messages[{k}].tool_calls[{j}].function.name"
+                raise bad_request(f"{p}: unknown tool '{name[:64]}' (not in tools)", param=p)
 
 
 def prepare_chat(serving: Any, body: ChatCompletionRequest, plan: ChatPlan) -> PreparedChat:

@@ -64,7 +64,7 @@ def think_model(tiny_mixtral, tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def think_server(think_model, tmp_path_factory):
     """qwen3 reasoning parser, hermes tool parser, a Qwen-style template from --chat-template."""
-    s = start_server(["--model", think_model, "--max-model-len", "512", "--num-kv-blocks", "512",
+    s = start_server(["--model", think_model, "--max-model-len", "1024", "--num-kv-blocks", "512",
                       "--max-num-seqs", "16", "--seed", "0", "--reasoning-parser", "qwen3",
                       "--tool-call-parser", "hermes", "--enable-auto-tool-choice",
                       "--chat-template", str(QWEN_TEMPLATE), "--drain-timeout", "5"],

@@ -350,6 +350,13 @@ class VLLMEngine:
                          current_platform.device_count(), ray)
                 kwargs.update(ray)
         _check_arg_names(kwargs, AsyncEngineArgs)
+        # structured outputs: compact JSON as the native engine (vLLM reads this per engine, not per request)
+        from vllm.config import StructuredOutputsConfig
+
+        so = kwargs.get("structured_outputs_config") or {}
+        if isinstance(so, dict):
+            kwargs["structured_outputs_config"] = StructuredOutputsConfig(
+                **{"backend": "xgrammar", "disable_any_whitespace": True, **so})
         self.engine_args = AsyncEngineArgs(**kwargs)
         self.vllm_config = self.engine_args.create_engine_config(UsageContext.OPENAI_API_SERVER)
         mc = self.vllm_config.model_config

@@ -38,7 +38,6 @@ from dataclasses import dataclass, field
 import torch
 
 from server.engine.request import Logprob, SamplingParams
-from server.engine.structured.mask import apply_bitmask
 
 _NEG_INF = float("-inf")
 # compute_logprobs works in row chunks of at most this many [rows * vocab] elements
@@ -103,6 +102,8 @@ class Sampler:
             return SamplerOutput([], [])
         raw = logits[:, : self.vocab_size]  # [num_rows, vocab]; drops padded vocab columns
         if mask is not None:
+            from server.engine.structured.mask import apply_bitmask  # xgrammar: imported once needed
+
             raw = raw.to(torch.float32).contiguous() if raw.dtype != torch.float32 else raw.clone()
             apply_bitmask(raw, *mask)  # the caller's logits stay unmodified
         dev = raw.device

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import Future
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from server.engine.structured.mask import MaskFiller
-from server.engine.structured.state import GrammarState
+if TYPE_CHECKING:  # xgrammar is imported with the first structured request, not with the engine
+    from server.engine.structured.mask import MaskFiller
+    from server.engine.structured.state import GrammarState
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,8 @@ class StructuredRuntime:
     @property
     def filler(self) -> MaskFiller:
         if self._filler is None:
+            from server.engine.structured.mask import MaskFiller
+
             self._filler = MaskFiller(self.vocab_size, overlap=self.overlap)
         return self._filler
 
@@ -48,6 +51,8 @@ class StructuredRuntime:
         if structure.vocab_size != self.vocab_size:
             raise ValueError(f"grammar compiled for vocabulary {structure.vocab_size}, the model has "
                              f"{self.vocab_size}")
+        from server.engine.structured.state import GrammarState
+
         return GrammarState(structure)
 
     @staticmethod

@@ -27,9 +27,9 @@ def _run(llm, requests: list[EngineRequest]) -> dict[str, dict]:
         llm.core.add_request(r)
     while llm.core.has_unfinished():
         for o in llm.core.step()[0]:
-            for c in o.outputs:
-                acc = out[o.request_id if c.index == 0 else f"{o.request_id}#{c.index}"] if c.index == 0 else \
-                    out.setdefault(f"{o.request_id}#{c.index}", {"ids": [], "text": "", "reason": None})
+            for c in o.outputs:  # completion i > 0 of a request (n > 1) is "<id>#<i>"
+                key = o.request_id if c.index == 0 else f"{o.request_id}#{c.index}"
+                acc = out.setdefault(key, {"ids": [], "text": "", "reason": None})
                 acc["ids"] += c.token_ids
                 acc["text"] += c.text
                 acc["reason"] = c.finish_reason or acc["reason"]

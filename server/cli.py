@@ -23,7 +23,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from server.config import BUNDLED_MODEL, ConfigError, EngineConfig, ServerConfig, _parse_bytes
+from server.config import (BUNDLED_MODEL, REASONING_PARSERS, TOOL_CALL_PARSERS, ConfigError, EngineConfig,
+                           ServerConfig, _parse_bytes)
 
 ENV_PREFIX = "MOE_SERVE_"
 logger = logging.getLogger("moe_serve.cli")
@@ -65,6 +66,8 @@ ENGINE_FLAGS: list[tuple[str, str, str, str]] = [
     ("--enable-eplb", "enable_eplb", "bool", "vLLM: expert-parallel load balancer"),
     ("--eplb-config", "eplb_config", "str", "vLLM: EPLB config (JSON)"),
     ("--gpu-memory-utilization", "gpu_memory_utilization", "float", "vLLM: fraction of GPU memory"),
+    ("--reasoning-parser", "reasoning_parser", "choice:" + ",".join(REASONING_PARSERS),
+     "split <think> reasoning into reasoning_content; structured output starts after it"),
 ]
 SERVER_FLAGS: list[tuple[str, str, str, str]] = [
     ("--host", "host", "str", "address to bind"),
@@ -80,6 +83,10 @@ SERVER_FLAGS: list[tuple[str, str, str, str]] = [
      "Host header allow-list, comma-separated (default: loopback names when bound to loopback, else any)"),
     ("--limit-concurrency", "limit_concurrency", "int", "open connections/tasks before 503"),
     ("--body-read-timeout", "body_read_timeout", "float", "seconds to receive a request body (408 past it)"),
+    ("--tool-call-parser", "tool_call_parser", "choice:" + ",".join(TOOL_CALL_PARSERS),
+     "parser of the model's tool-call format (tool_choice auto)"),
+    ("--enable-auto-tool-choice", "enable_auto_tool_choice", "bool", "vLLM compatibility: needs --tool-call-parser"),
+    ("--chat-template", "chat_template", "str", "chat template (Jinja text or a file) instead of the tokenizer's"),
     ("--log-format", "log_format", "choice:text,json", "log line format"),
     ("--log-level", "log_level", "choice:debug,info,warning,error,critical", "log level"),
 ]

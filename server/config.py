@@ -14,6 +14,9 @@ BUNDLED_MODEL = str(Path(__file__).resolve().parent.parent / "models" / "checkpo
 
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+# vLLM's names; server/api/tool_parsers and server/api/reasoning hold the implementations
+TOOL_CALL_PARSERS = ("hermes", "mistral", "llama3_json", "deepseek_v3")
+REASONING_PARSERS = ("deepseek_r1", "qwen3")
 
 
 class ConfigError(ValueError):
@@ -73,8 +76,13 @@ class EngineConfig:
     enable_eplb: bool = False
     eplb_config: str | None = None
     gpu_memory_utilization: float = 0.9
+    # splits `<think>` reasoning from content (API) and starts structured output after it (engines)
+    reasoning_parser: str | None = None
 
     def __post_init__(self) -> None:
+        if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_PARSERS:
+            raise ConfigError(f"reasoning_parser must be one of {', '.join(REASONING_PARSERS)}, "
+                              f"not {self.reasoning_parser!r}")
         if self.engine not in ("native", "vllm"):
             raise ConfigError(f"engine must be 'native' or 'vllm', not {self.engine!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16", "half", "float"):
@@ -131,8 +139,18 @@ class ServerConfig:
     allowed_hosts: tuple[str, ...] = ()
     limit_concurrency: int | None = 2048  # open connections + tasks before uvicorn answers 503
     body_read_timeout: float = 30.0  # seconds a client may take to send its request body (408)
+    # tool calling: the parser of the model's own tool-call format (tool_choice "auto")
+    tool_call_parser: str | None = None
+    enable_auto_tool_choice: bool = False  # vLLM's flag; accepted, needs tool_call_parser
+    chat_template: str | None = None  # a Jinja template, or a file holding one, instead of the tokenizer's
 
     def __post_init__(self) -> None:
+        if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_CALL_PARSERS:
+            raise ConfigError(f"tool_call_parser must be one of {', '.join(TOOL_CALL_PARSERS)}, "
+                              f"not {self.tool_call_parser!r}")
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise ConfigError("--enable-auto-tool-choice needs --tool-call-parser (one of "
+                              f"{', '.join(TOOL_CALL_PARSERS)})")
         if self.api_key is not None and not self.api_key.strip():
             raise ConfigError("api_key must not be empty (an empty key would disable authentication); "
                               "leave --api-key / MOE_SERVE_API_KEY unset to run without one")

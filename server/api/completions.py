@@ -17,8 +17,10 @@ from server.api.protocol import CompletionRequest
 from server.api.routing_json import ids_json, routing_fields, weights_json
 from server.api.serving import Serving, common_sampling_kwargs, new_id, stream_usage_options, usage
 from server.api.sse import sse_response
+from server.api.structured import request_spec
 from server.api.tokens import LegacyLogprobs, prompt_logprobs_json
 from server.engine.request import EngineRequest, Logprob
+from server.engine.structured.spec import StructuredSpec
 
 router = APIRouter()
 
@@ -66,10 +68,11 @@ async def create_completion(request: Request) -> Response:
     if body.stream_options is not None and not body.stream:
         raise bad_request("stream_options: only allowed when stream is true", param="stream_options")
     serving.check_prompt_count(body.prompt)
+    spec = request_spec(body)  # structured output: checked here, compiled on the tokenizer thread
     request_id = new_id("cmpl")
     log = request_log(request)
     log.request_id = request_id
-    engine_requests, plan = await serving.run_blocking(_prepare, serving, body, request_id)
+    engine_requests, plan = await serving.run_blocking(_prepare, serving, body, request_id, spec)
     log.prompt_tokens = sum(len(ids) for ids in plan.prompt_ids)
     headers = {"X-Request-Id": request_id}
     gen = await serving.start_generation(request, engine_requests, stream=bool(body.stream))
@@ -84,9 +87,12 @@ async def create_completion(request: Request) -> Response:
     return JSONResponse(await _collect(serving, plan, gen, log), headers=headers)
 
 
-def _prepare(serving: Serving, body: CompletionRequest, request_id: str) -> tuple[list[EngineRequest], _Plan]:
-    """Tokenize and validate (on the tokenizer thread): the engine requests and the response plan."""
+def _prepare(serving: Serving, body: CompletionRequest, request_id: str,
+             spec: StructuredSpec | None) -> tuple[list[EngineRequest], _Plan]:
+    """Tokenize, validate and compile the grammar (on the tokenizer thread): the engine requests
+    and the response plan."""
     prompts = serving.completion_prompts(body.prompt)
+    structured = serving.compile_structured(spec) if spec is not None else None
     explicit_max = "max_tokens" in body.model_fields_set
     prompt_lp = body.prompt_logprobs
     if body.echo and body.logprobs is not None:  # echoed prompt tokens carry logprobs too
@@ -101,7 +107,7 @@ def _prepare(serving: Serving, body: CompletionRequest, request_id: str) -> tupl
         engine_requests.append(EngineRequest(
             request_id=request_id if len(prompts) == 1 else f"{request_id}-{i}",
             prompt_token_ids=ids, sampling_params=sp, prompt=text,
-            priority=body.priority or 0, return_routing=bool(body.return_routing)))
+            priority=body.priority or 0, return_routing=bool(body.return_routing), structured=structured))
     plan = _Plan(request_id=request_id, created=int(time.time()), model=serving.model_name,
                  n=body.n if body.n is not None else 1, echo=bool(body.echo), logprobs=body.logprobs,
                  prompt_ids=[ids for ids, _ in prompts],

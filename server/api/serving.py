@@ -18,20 +18,22 @@ from typing import Any, TypeVar
 
 from starlette.requests import Request
 
+from server.api import chat_messages
 from server.api.errors import APIError, bad_request, model_not_found, overloaded, truncate
 from server.api.generation import GenerationStream
 from server.api.protocol import ChatMessage
+from server.api.reasoning import REASONING_PARSERS
+from server.api.tool_parsers import TOOL_PARSERS
 from server.api.tokens import TokenText
 from server.config import ServerConfig
 from server.engine.request import MAX_LOGIT_BIAS, EngineRequest, SamplingParams, SamplingParamsError
+from server.engine.structured.spec import StructuredSpec, StructuredSpecError
 from server.metrics.usage import moe_usage
 
 T = TypeVar("T")
-ROLES = ("system", "developer", "user", "assistant", "tool")
 # Unicode normalisation can shrink a text (composing characters) before it is split into
 # tokens; the character-count bound on tokens allows for up to this factor.
 PROMPT_SHRINK = 4
-TEXT_JOINER = "\n"
 _INT_KEY = re.compile(r" *[+-]?[0-9]{1,20} *")
 
 
@@ -61,6 +63,11 @@ class Serving:
         # c / (PROMPT_SHRINK * max_token_chars) tokens (a bound that needs no tokenization)
         vocab = engine.tokenizer.get_vocab() if hasattr(engine.tokenizer, "get_vocab") else {}
         self.max_token_chars = max((len(t) for t in vocab), default=0)
+        self.chat_template = chat_messages.load_chat_template(config.chat_template)
+        # --tool-call-parser / --reasoning-parser (vLLM's names); parsers are stateless, one each
+        self.tool_parser = TOOL_PARSERS[config.tool_call_parser]() if config.tool_call_parser else None
+        self.reasoning_parser = REASONING_PARSERS.get(config.engine.reasoning_parser or "")
+        self._grammars: Any = None  # GrammarCache, made on the first structured request
 
     async def run_blocking(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn(*args)` on the tokenizer thread (its APIError reaches the caller)."""
@@ -177,57 +184,35 @@ class Serving:
             out.append((ids, text))
         return out
 
-    def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
+    def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool = True, **render: Any) -> list[int]:
         """Rendered and tokenized (call on the tokenizer thread)."""
-        return self.encode(self.render_chat(messages, add_generation_prompt), add_special_tokens=False,
+        return self.encode(self.render_chat(messages, add_generation_prompt, **render), add_special_tokens=False,
                            limit=self.max_model_len - 1, param="messages")
 
-    def render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> str:
-        if not messages:
-            raise bad_request("messages: must be a non-empty list", param="messages")
-        conversation = [self._message_dict(k, m) for k, m in enumerate(messages)]
-        try:
-            text = self.tokenizer.apply_chat_template(conversation, tokenize=False,
-                                                      add_generation_prompt=add_generation_prompt)
-        except Exception as e:  # jinja's TemplateError, raise_exception(), bad content shapes
-            raise bad_request(f"messages: the chat template rejected the conversation: "
-                              f"{truncate(str(e), 200)}", param="messages") from None
-        if not isinstance(text, str):  # some tokenizers return a list for batched input
-            text = text[0]
-        return text
+    def render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
+                    tools: list[dict[str, Any]] | None = None, template_kwargs: dict[str, Any] | None = None) -> str:
+        return chat_messages.render(self.tokenizer, messages, add_generation_prompt, tools=tools,
+                                    template_kwargs=template_kwargs, chat_template=self.chat_template)
 
-    @staticmethod
-    def _message_dict(k: int, m: ChatMessage) -> dict[str, Any]:
-        p = f"messages[{k}]"
-        if m.role not in ROLES:
-            raise bad_request(f"{p}.role: unknown role '{truncate(m.role, 40)}'; expected one of "
-                              f"{', '.join(ROLES)}", param=f"{p}.role")
-        if m.tool_calls:
-            raise bad_request(f"{p}.tool_calls: tool calls are not supported", param=f"{p}.tool_calls")
-        content = m.content
-        if content is None:
-            raise bad_request(f"{p}.content: is required", param=f"{p}.content")
-        if isinstance(content, list):
-            texts = []
-            for j, part in enumerate(content):
-                ptype = part.get("type")
-                if ptype != "text":
-                    raise bad_request(
-                        f"{p}.content[{j}]: content part type '{truncate(str(ptype), 30)}' is not "
-                        f"supported; this model accepts text only", param=f"{p}.content[{j}].type")
-                text = part.get("text")
-                if not isinstance(text, str) or set(part) - {"type", "text"}:
-                    raise bad_request(f"{p}.content[{j}]: a text part is {{'type': 'text', 'text': str}}",
-                                      param=f"{p}.content[{j}]")
-                texts.append(text)
-            content = TEXT_JOINER.join(texts)
-        role = "system" if m.role == "developer" else m.role
-        d: dict[str, Any] = {"role": role, "content": content}
-        if m.name is not None:
-            d["name"] = m.name
-        if m.tool_call_id is not None:
-            d["tool_call_id"] = m.tool_call_id
-        return d
+    # -- structured outputs -----------------------------------------------------------------
+    def compile_structured(self, spec: StructuredSpec, gate: tuple[int, ...] = ()) -> Any:
+        """The spec's compiled grammar (cached; call on the tokenizer thread): a 400 naming the
+        parameter when it does not compile."""
+        if self._grammars is None:
+            from server.engine.structured.backend import GrammarCompiler
+            from server.engine.structured.cache import GrammarCache
+
+            self._grammars = GrammarCache(GrammarCompiler(self.tokenizer, self.vocab_size,
+                                                          tuple(getattr(self.engine.model_info, "eos_token_ids", ()))))
+        try:
+            compiled = self._grammars.get(spec)
+        except StructuredSpecError as e:
+            raise bad_request(truncate(e.message, 400), param=e.param) from None
+        return compiled.with_gate(gate) if gate else compiled
+
+    @property
+    def grammar_cache(self) -> Any:
+        return self._grammars
 
     # -- limits -----------------------------------------------------------------------------
     def resolve_max_tokens(self, prompt_len: int, requested: int | None, explicit: bool,

@@ -88,6 +88,7 @@ def build_native_core(config: EngineConfig, progress: bool = True):
         name=config.model_name, path=config.model, max_model_len=core.max_model_len, vocab_size=cfg.vocab_size,
         architecture=cfg.architecture, num_layers=cfg.num_layers, num_experts=cfg.num_experts, top_k=cfg.top_k,
         dtype=dtype, device=str(model.embed.weight.device), num_moe_layers=cfg.num_moe_layers,
+        eos_token_ids=core.eos_token_ids,
     )
     log.info("loaded %s (%s, %s on %s) in %.1fs; KV cache %d blocks x %d tokens; max_model_len %d",
              config.model, cfg.architecture, dtype, info.device, model.load_seconds, blocks, config.block_size,

@@ -174,6 +174,9 @@ class EngineRequest:
     arrival_time: float = field(default_factory=time.monotonic)
     priority: int = 0  # lower runs first when the scheduler's policy is "priority"
     return_routing: bool = False  # per-token expert ids in the outputs
+    # structured output: a server.engine.structured.backend.CompiledStructure (its `spec` says what
+    # was asked, its `grammar` is compiled already: engines never compile), or None
+    structured: Any | None = None
 
 
 @dataclass

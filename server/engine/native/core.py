@@ -25,6 +25,7 @@ from server.engine.protocol import RequestTooLongError
 from server.engine.request import (MAX_ROUTING_IDS, CompletionOutput, EngineRequest, Logprob, RequestMetrics,
                                    RequestOutput, SamplingParamsError, _short)
 from server.engine.stats import FinishedRequestStats, IterationStats, RoutingStats
+from server.engine.structured.runtime import StructuredRuntime
 
 log = logging.getLogger("moe_serve.engine")
 
@@ -64,6 +65,7 @@ class EngineCore:
         # called after every step with that step's routing counts (expert placement, traces)
         self.routing_listeners: list[Callable[[RoutingStats], None]] = []
         self.placement_manager = None  # set by the factory when experts are placed (models.placement)
+        self.structured = StructuredRuntime(self.vocab_size)  # grammar masks (structured outputs)
 
     # -- admission --------------------------------------------------------------------
     def check_request(self, request: EngineRequest) -> int:
@@ -122,6 +124,8 @@ class EngineCore:
                                        params.include_stop_str_in_output)
         gen = None if params.seed is None else Sampler.make_generator(params.seed, index, self.runner.device)
         seq = Sequence(next(self._seq_ids), index, state, token_ids, len(prompt), detok, gen)
+        seq.grammar = (self.structured.new_state(state.request.structured) if parent is None
+                       else self.structured.fork(parent.grammar))
         if parent is not None:
             seq.blocks = self.kv.fork(parent.blocks)
             seq.num_computed = parent.num_computed
@@ -174,6 +178,8 @@ class EngineCore:
                     st.first_scheduled = t0
             if self.fault_hook is not None:
                 self.fault_hook(batch.scheduled)
+            # grammar masks of this step's samplers are filled while the model runs
+            self.structured.begin_step([item.seq.grammar for item in batch.scheduled if item.samples])
             result = self.runner.execute(batch)
             routing_stats = self._routing_stats(result, batch.num_tokens)
             if routing_stats is not None:
@@ -257,7 +263,7 @@ class EngineCore:
         if not rows:
             return touched
         logits = result.logits[torch.tensor(logit_index, device=result.logits.device)]  # [rows, vocab]
-        sampled = self.sampler(logits, rows)
+        sampled = self.sampler(logits, rows, self.structured.mask([seq.grammar for seq in row_seqs]))
         for seq, token, lp in zip(row_seqs, sampled.token_ids, sampled.logprobs):
             self._append_token(seq, token, lp, now, stats)
         return touched
@@ -329,14 +335,21 @@ class EngineCore:
         may_stop = seq.num_output >= params.min_tokens  # no stop of any kind before min_tokens
         stop_str = seq.detok.add_token(token, check_stop=may_stop)
         n_out = seq.num_output
-        if not params.ignore_eos and token in self.eos_token_ids and may_stop:
+        # structured output: "stop" once the structure is complete, "error" if the matcher failed
+        grammar_end = self.structured.accept(seq.grammar, token, seq.output_ids)
+        if grammar_end == "error":
+            seq.finish_reason = "error"
+        elif not params.ignore_eos and token in self.eos_token_ids and may_stop:
             seq.finish_reason = "stop"
         elif may_stop and token in params.stop_token_set:
             seq.finish_reason, seq.stop_reason = "stop", token
         elif stop_str is not None:
             seq.finish_reason, seq.stop_reason = "stop", stop_str
+        elif grammar_end is not None:
+            seq.finish_reason = grammar_end
         elif n_out >= state.max_tokens or len(seq.token_ids) >= self.max_model_len:
-            seq.finish_reason = "length"
+            # a structure that is complete at the budget's end stopped, one inside it ran out
+            seq.finish_reason = "stop" if self.structured.complete(seq.grammar) else "length"
 
     def _collect(self, touched: dict[str, None], finished_stats: list[FinishedRequestStats]) -> list[RequestOutput]:
         outs: list[RequestOutput] = []

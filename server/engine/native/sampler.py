@@ -3,6 +3,8 @@
 Per step the engine hands the sampler the last-position logits of every running sequence
 (`[num_rows, vocab]`) and one `SamplingRow` per sequence. Processing order:
 
+0. structured output: rows with a grammar get their token bitmask (disallowed tokens -inf;
+   server/engine/structured/), one batched op over those rows only;
 1. repetition penalty over prompt + output tokens (HF / vLLM: divide positive logits,
    multiply non-positive ones); frequency and presence penalties over output tokens only
    (OpenAI: `logit -= freq * count + presence * (count > 0)`);
@@ -86,7 +88,11 @@ class Sampler:
         return g
 
     # -- main entry -------------------------------------------------------------------------
-    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
+    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow],
+                 mask: tuple[torch.Tensor, torch.Tensor] | None = None) -> SamplerOutput:
+        """`mask`: structured output, (row indices [m], token bitmask [m, ceil(vocab / 32)] int32):
+        those rows' disallowed tokens are -inf before anything else (logprobs included, as vLLM);
+        the other rows are untouched."""
         num_rows = len(rows)
         if logits.dim() != 2 or logits.shape[0] != num_rows:
             raise ValueError(f"logits must be [{num_rows}, vocab], got {tuple(logits.shape)}")
@@ -95,6 +101,11 @@ class Sampler:
         if num_rows == 0:
             return SamplerOutput([], [])
         raw = logits[:, : self.vocab_size]  # [num_rows, vocab]; drops padded vocab columns
+        if mask is not None:
+            from server.engine.structured.mask import apply_bitmask  # xgrammar: imported once needed
+
+            raw = raw.to(torch.float32).contiguous() if raw.dtype != torch.float32 else raw.clone()
+            apply_bitmask(raw, *mask)  # the caller's logits stay unmodified
         dev = raw.device
 
         # Classify rows in one Python pass (loop over rows, never over the vocabulary).

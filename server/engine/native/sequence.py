@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -65,6 +66,7 @@ class Sequence:
     pending_routing: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # as prompt_routing
     output_ids: list[int] = field(default_factory=list)  # == token_ids[num_prompt_tokens:], kept as it grows
     sampling_cache: dict = field(default_factory=dict)  # the sampler's per-sequence tensors
+    grammar: Any = None  # structured output: its GrammarState (server/engine/structured/state.py)
     arrival: float = field(default_factory=time.monotonic)
 
     @property

@@ -3,7 +3,9 @@
 `MoEModelConfig.from_hf(path)` reads `config.json`, fills defaults from the matching
 `transformers` config class (so a checkpoint that omits a field gets the same value
 `transformers` would use), and refuses architectures or options we do not implement,
-naming them.
+naming them. The fields every family shares are read here; each family's module
+(`models/<family>.py`, `config_fields`) maps its own options (routing, attention kind,
+dense layers, multipliers) onto the same dataclass.
 """
 
 from __future__ import annotations
@@ -18,12 +20,66 @@ SUPPORTED_ARCHITECTURES = (
     "Qwen2MoeForCausalLM",
     "Qwen3MoeForCausalLM",
     "OlmoeForCausalLM",
+    "DeepseekV2ForCausalLM",
+    "DeepseekV3ForCausalLM",
+    "Glm4MoeForCausalLM",
+    "GptOssForCausalLM",
+    "Llama4ForCausalLM",
+    "GraniteMoeForCausalLM",
+    "GraniteMoeSharedForCausalLM",
+    "Ernie4_5_MoeForCausalLM",
+    "MiniMaxM2ForCausalLM",
 )
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+ROPE_STYLES = ("neox", "interleaved")
+QK_NORMS = (None, "head", "full", "l2")
 
 
 class UnsupportedModelError(ValueError):
     """The checkpoint's architecture or one of its options is not implemented."""
+
+
+@dataclass(frozen=True)
+class MLAConfig:
+    """Multi-head Latent Attention (DeepSeek-V2/V3): K and V come from a compressed latent."""
+
+    q_lora_rank: int | None  # None: q is one projection of the hidden state
+    kv_lora_rank: int  # width of the cached latent
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int  # the decoupled rotary part, one key head shared by all heads
+    v_head_dim: int
+
+    def __post_init__(self):
+        for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            if getattr(self, name) <= 0:
+                raise UnsupportedModelError(f"MLA {name}={getattr(self, name)} must be positive")
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """How router logits become (top-k ids, weights); see `models/layers/router.py`."""
+
+    scoring: str = "softmax"  # softmax (over experts) | sigmoid | softmax_topk (over the top-k logits)
+    correction_bias: bool = False  # e_score_correction_bias: added to the scores for the choice only
+    n_group: int = 1  # group-limited top-k: experts split in n_group groups ...
+    topk_group: int = 1  # ... of which only the best topk_group are eligible
+    group_score: str = "max"  # a group's score: its best expert (max) or its best two summed (top2_sum)
+    scaling_factor: float = 1.0  # routed_scaling_factor, applied to the final weights
+    renorm_min: float = 0.0  # renormalisation divides by max(sum, renorm_min)
+    bias: bool = False  # the router projection has a bias (gpt-oss)
+    fp32: bool = False  # router logits computed in float32 from a float32 weight
+
+    def __post_init__(self):
+        if self.scoring not in ("softmax", "sigmoid", "softmax_topk"):
+            raise UnsupportedModelError(f"router scoring {self.scoring!r} is not supported")
+        if self.group_score not in ("max", "top2_sum"):
+            raise UnsupportedModelError(f"router group score {self.group_score!r} is not supported")
+        if self.n_group < 1 or not 1 <= self.topk_group <= self.n_group:
+            raise UnsupportedModelError(f"invalid expert groups: n_group={self.n_group}, topk_group={self.topk_group}")
 
 
 @dataclass(frozen=True)
@@ -40,9 +96,9 @@ class MoEModelConfig:
     rope_theta: float
     rope_scaling: dict[str, Any] | None  # non-default rope settings (type, factor, ...)
     tie_word_embeddings: bool
-    qkv_bias: bool  # bias on q/k/v projections
+    qkv_bias: bool  # bias on q/k/v projections (MLA: on q_a / kv_a)
     o_bias: bool  # bias on the output projection
-    qk_norm: str | None  # None | "head" (per head, Qwen3) | "full" (whole projection, OLMoE)
+    qk_norm: str | None  # None | "head" (per head, Qwen3) | "full" (whole projection, OLMoE) | "l2" (Llama 4)
     clip_qkv: float | None
     num_experts: int
     top_k: int
@@ -55,7 +111,50 @@ class MoEModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     torch_dtype: str = "float32"
+    # -- attention variants --------------------------------------------------------------
+    mla: MLAConfig | None = None  # Multi-head Latent Attention instead of GQA
+    rope_style: str = "neox"  # neox (rotate halves) | interleaved (rotate pairs: DeepSeek, Llama 4, ERNIE)
+    rotary_dim: int | None = None  # rotary part of each head (partial rotary); None: all of it
+    attn_scale: float | None = None  # softmax scale; None: head_dim ** -0.5
+    sliding_windows: tuple[int | None, ...] = ()  # per layer: keys within this many positions; () none
+    attention_chunks: tuple[int | None, ...] = ()  # per layer: attend within fixed chunks (Llama 4); () none
+    nope_layers: tuple[bool, ...] = ()  # per layer: no rotary embedding (Llama 4 NoPE); () none
+    attn_temperature: tuple[float, float] | None = None  # (floor_scale, attn_scale) on NoPE layers (Llama 4)
+    attention_sinks: bool = False  # a learned per-head logit in every softmax (gpt-oss)
+    # -- MoE variants --------------------------------------------------------------------
+    router: RouterConfig = RouterConfig()
+    expert_bias: bool = False  # experts carry biases (gpt-oss)
+    swiglu_limit: float | None = None  # clamped SwiGLU (gpt-oss): clamp limit ...
+    swiglu_alpha: float = 1.702  # ... and sigmoid slope
+    expert_input_scaling: bool = False  # routing weight scales the expert's input, not output (Llama 4)
+    mlp_bias: bool = False  # bias on dense and shared-expert MLPs
+    # -- whole-model multipliers (Granite) -----------------------------------------------
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    logits_scaling: float = 1.0  # logits are divided by this
+    lm_head_bias: bool = False  # ERNIE with use_bias
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self):
+        n = self.num_layers
+        for name in ("sparse_layers", "sliding_windows", "attention_chunks", "nope_layers"):
+            value = getattr(self, name)
+            if value and len(value) != n:
+                raise UnsupportedModelError(f"{name} has {len(value)} entries for {n} layers")
+        if self.rope_style not in ROPE_STYLES:
+            raise UnsupportedModelError(f"rope style {self.rope_style!r} is not supported")
+        if self.qk_norm not in QK_NORMS:
+            raise UnsupportedModelError(f"qk norm {self.qk_norm!r} is not supported")
+        if self.rotary_dim is not None and not (0 < self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0):
+            raise UnsupportedModelError(f"rotary_dim={self.rotary_dim} must be even and in (0, {self.head_dim}]")
+        if not self.num_experts or not self.top_k or self.top_k > self.num_experts:
+            raise UnsupportedModelError(f"invalid MoE settings: num_experts={self.num_experts}, top_k={self.top_k}")
+        r = self.router
+        if self.num_experts % r.n_group:
+            raise UnsupportedModelError(f"n_group={r.n_group} does not divide num_experts={self.num_experts}")
+        if r.topk_group * (self.num_experts // r.n_group) < self.top_k:
+            raise UnsupportedModelError(f"topk_group={r.topk_group} of {r.n_group} groups leaves fewer than "
+                                        f"top_k={self.top_k} experts")
 
     @property
     def q_size(self) -> int:
@@ -68,6 +167,25 @@ class MoEModelConfig:
     @property
     def num_moe_layers(self) -> int:
         return sum(self.sparse_layers)
+
+    def sliding_window(self, layer: int) -> int | None:
+        return self.sliding_windows[layer] if self.sliding_windows else None
+
+    def attention_chunk(self, layer: int) -> int | None:
+        return self.attention_chunks[layer] if self.attention_chunks else None
+
+    def uses_rope(self, layer: int) -> bool:
+        return not (self.nope_layers and self.nope_layers[layer])
+
+    def kv_elements_per_token(self, layer: int) -> int:
+        """Cached values per token in one layer: the latent and rotary key (MLA) or K and V."""
+        if self.mla is not None:
+            return self.mla.kv_lora_rank + self.mla.qk_rope_head_dim
+        return 2 * self.num_kv_heads * self.head_dim
+
+    def kv_bytes_per_token(self, elem_bytes: int) -> int:
+        """KV-cache bytes one token takes over all layers, at `elem_bytes` per value."""
+        return elem_bytes * sum(self.kv_elements_per_token(i) for i in range(self.num_layers))
 
     @classmethod
     def from_hf(cls, path: str) -> "MoEModelConfig":
@@ -89,93 +207,79 @@ class MoEModelConfig:
             raise UnsupportedModelError(
                 f"rope type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
             )
-        from transformers import AutoConfig
+        from models.quant import parse_quantization
 
-        try:
-            hf = AutoConfig.from_pretrained(path)
-        except Exception as exc:  # invalid or unknown fields: say which checkpoint
-            raise UnsupportedModelError(f"cannot read {cfg_path}: {exc}") from exc
-        return cls.from_hf_config(hf, arch, raw)
+        quant = parse_quantization(raw.get("quantization_config"))  # refuses unsupported methods by name
+        hf = _hf_config(path, cfg_path, arch, raw)
+        cfg = cls.from_hf_config(hf, arch, raw)
+        cfg.extra["quant"] = quant
+        return cfg
 
     @classmethod
     def from_hf_config(cls, hf: Any, arch: str, raw: dict[str, Any] | None = None) -> "MoEModelConfig":
+        from models.registry import family_module
+
         raw = raw if raw is not None else hf.to_dict()
         get = lambda name, default=None: getattr(hf, name, default)  # noqa: E731
 
         act = get("hidden_act", "silu")
         if act not in ("silu", "swish"):
             raise UnsupportedModelError(f"hidden_act={act!r} is not supported (only silu)")
-
         num_heads = get("num_attention_heads")
-        head_dim = get("head_dim") or get("hidden_size") // num_heads
         num_layers = get("num_hidden_layers")
-
         rope_theta, rope_scaling = _rope(hf)
-        window = _effective_sliding_window(hf, arch)
-        if window is not None:
-            raise UnsupportedModelError(f"sliding_window={window} is not supported (sliding-window attention)")
-
-        if arch == "MixtralForCausalLM":
-            num_experts = get("num_local_experts")
-            moe_inter = get("intermediate_size")
-            norm_topk, qkv_bias, qk_norm = True, False, None
-            shared, dense_inter = 0, moe_inter
-            sparse = (True,) * num_layers
-        else:
-            num_experts = get("num_experts")
-            moe_inter = get("moe_intermediate_size") if arch != "OlmoeForCausalLM" else get("intermediate_size")
-            norm_topk = bool(get("norm_topk_prob", False))
-            dense_inter = get("intermediate_size")
-            if arch == "Qwen2MoeForCausalLM":
-                qkv_bias, qk_norm = bool(get("qkv_bias", True)), None
-                shared = get("shared_expert_intermediate_size") or 0
-            elif arch == "Qwen3MoeForCausalLM":
-                qkv_bias, qk_norm, shared = bool(get("attention_bias", False)), "head", 0
-            else:  # OLMoE
-                qkv_bias, qk_norm, shared = bool(get("attention_bias", False)), "full", 0
-            step = get("decoder_sparse_step", 1) or 1
-            dense_only = set(get("mlp_only_layers", []) or [])
-            sparse = tuple(
-                (i not in dense_only) and num_experts > 0 and (i + 1) % step == 0 for i in range(num_layers)
-            )
-        top_k = get("num_experts_per_tok")
-        if not num_experts or not top_k or top_k > num_experts:
-            raise UnsupportedModelError(f"invalid MoE settings: num_experts={num_experts}, top_k={top_k}")
-        o_bias = bool(get("attention_bias", False)) if arch in ("Qwen3MoeForCausalLM", "OlmoeForCausalLM") else False
-
         eos = get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
         dtype = raw.get("torch_dtype") or raw.get("dtype") or "float32"
-        return cls(
+        common: dict[str, Any] = dict(
             architecture=arch,
             vocab_size=get("vocab_size"),
             hidden_size=get("hidden_size"),
             num_layers=num_layers,
             num_heads=num_heads,
             num_kv_heads=get("num_key_value_heads") or num_heads,
-            head_dim=head_dim,
+            head_dim=get("head_dim") or get("hidden_size") // num_heads,
             rms_norm_eps=get("rms_norm_eps", 1e-6),
             max_position_embeddings=get("max_position_embeddings", 4096),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
             tie_word_embeddings=bool(get("tie_word_embeddings", False)),
-            qkv_bias=qkv_bias,
-            o_bias=o_bias,
-            qk_norm=qk_norm,
-            clip_qkv=get("clip_qkv"),
-            num_experts=num_experts,
-            top_k=top_k,
-            moe_intermediate_size=moe_inter,
-            norm_topk_prob=norm_topk,
-            shared_expert_intermediate_size=shared,
-            shared_expert_gate=shared > 0,
-            dense_intermediate_size=dense_inter,
-            sparse_layers=sparse,
+            qkv_bias=False,
+            o_bias=False,
+            qk_norm=None,
+            clip_qkv=None,
+            norm_topk_prob=False,
+            shared_expert_intermediate_size=0,
+            shared_expert_gate=False,
+            dense_intermediate_size=get("intermediate_size"),
+            sliding_windows=layer_windows(hf, num_layers),
+            rotary_dim=partial_rotary_dim(hf, get("head_dim") or get("hidden_size") // num_heads),
             bos_token_id=get("bos_token_id"),
             eos_token_ids=eos_ids,
             torch_dtype=str(dtype).replace("torch.", ""),
             extra={"hf_config": hf},
         )
+        fields = family_module(arch).config_fields(hf, arch, num_layers)
+        return cls(**{**common, **fields})
+
+
+def _hf_config(path: str, cfg_path: str, arch: str, raw: dict[str, Any]) -> Any:
+    """The transformers config (its defaults fill what config.json omits). A checkpoint whose
+    `model_type` transformers does not know (remote-code variants such as Kimi K2, a DeepSeek-V3
+    architecture) is read with its architecture's own config class."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path)
+    except Exception as exc:  # unknown model_type or invalid fields: say which checkpoint
+        from models.registry import family_module
+
+        cfg_cls = family_module(arch).hf_config_class(arch)
+        fields = {k: v for k, v in raw.items() if k not in ("model_type", "auto_map", "transformers_version")}
+        try:
+            return cfg_cls(**fields)
+        except Exception:  # noqa: BLE001 - report the original error
+            raise UnsupportedModelError(f"cannot read {cfg_path}: {exc}") from exc
 
 
 def _rope(hf: Any) -> tuple[float, dict[str, Any] | None]:
@@ -197,12 +301,24 @@ def _rope(hf: Any) -> tuple[float, dict[str, Any] | None]:
     return float(theta), scaling
 
 
-def _effective_sliding_window(hf: Any, arch: str) -> int | None:
+def partial_rotary_dim(hf: Any, head_dim: int) -> int | None:
+    """Rotary width when only part of each head rotates (GLM-4.5, MiniMax-M2); None: all of it."""
+    params = getattr(hf, "rope_parameters", None) or {}
+    factor = params.get("partial_rotary_factor", getattr(hf, "partial_rotary_factor", 1.0)) or 1.0
+    dim = int(head_dim * factor)
+    return None if dim >= head_dim else dim
+
+
+def layer_windows(hf: Any, num_layers: int) -> tuple[int | None, ...]:
+    """Per-layer sliding window: the config's `sliding_window` on the layers `layer_types` marks
+    `sliding_attention` (all layers when it has no `layer_types`); () when no layer slides."""
     window = getattr(hf, "sliding_window", None)
-    if window is None:
-        return None
-    if arch in ("Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM") and not getattr(hf, "use_sliding_window", False):
-        return None
+    if getattr(hf, "use_sliding_window", True) is False or not window:
+        return ()
     if window >= getattr(hf, "max_position_embeddings", 0):
-        return None  # never narrower than the context: plain causal attention
-    return int(window)
+        return ()  # never narrower than the context: plain causal attention
+    types = getattr(hf, "layer_types", None)
+    if types is None:
+        return (int(window),) * num_layers
+    out = tuple(int(window) if t == "sliding_attention" else None for t in types[:num_layers])
+    return out if any(w is not None for w in out) else ()

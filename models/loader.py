@@ -1,27 +1,47 @@
 """Checkpoint loading: safetensors (single file or sharded index) -> our parameters.
 
 Each family gives an explicit name-mapping table (`models/<family>.py`): every checkpoint
-tensor name maps to one of our parameters and the slice of it that it fills (our q/k/v and
-gate/up projections are fused, our experts stacked). Loading checks the table both ways:
-a missing tensor, an unexpected tensor or a shape mismatch fails, naming the tensors.
+tensor name maps to one of our parameters, the slice of it that it fills (our q/k/v and
+gate/up projections are fused, our experts stacked) and optionally a transform (transpose,
+de-interleave). Loading checks the table both ways: a missing tensor, an unexpected tensor or
+a shape mismatch fails, naming the tensors.
+
+Tensors are streamed one at a time; quantized weights (FP8 with their scales, MXFP4 blocks
+with theirs, see `models/quant`) are dequantized as they stream, so peak host memory beyond
+the model itself is one tensor. Layers past `num_hidden_layers` (multi-token-prediction
+modules of DeepSeek-V3 and GLM-4.5) and `mtp` modules are skipped with a log line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
-from typing import Iterator
+import re
+from typing import Callable, Iterator
 
 import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
 from models.config import MoEModelConfig
+from models.quant import QuantSpec
+from models.quant.fp8 import dequant_fp8
+from models.quant.mxfp4 import dequant_mxfp4
 
-# checkpoint name -> (our parameter name, index into that parameter; () for all of it)
-WeightMap = dict[str, tuple[str, tuple]]
+log = logging.getLogger(__name__)
+
+Transform = Callable[[torch.Tensor], torch.Tensor]
+# checkpoint name -> (our parameter name, index into that parameter; () for all of it[, transform])
+WeightMap = dict[str, tuple]
 
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+# tensors used only with activation / KV-cache quantization: we compute in the model dtype
+UNUSED_SCALES = (".input_scale", ".k_scale", ".v_scale", ".output_scale")
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+_MTP = re.compile(r"(^|\.)mtp")
 
 
 class CheckpointError(ValueError):
@@ -43,12 +63,51 @@ def checkpoint_files(path: str) -> list[str]:
     return [os.path.join(path, f) for f in found]
 
 
-def iter_tensors(path: str, progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+def _companion(name: str, present: dict[str, int]) -> str | None:
+    """The scale tensor that dequantizes `name`, if the checkpoint has one."""
+    for suffix in ("_scale_inv", "_scale"):
+        if name + suffix in present:
+            return name + suffix
+    return None
+
+
+def iter_tensors(path: str, progress: bool = True, quant: QuantSpec | None = None,
+                 dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) in checkpoint order, one at a time. Quantized weights come out dequantized
+    (to `dtype`) under the name and layout an unquantized checkpoint would use; their scale
+    tensors are consumed, not yielded."""
     files = checkpoint_files(path)
-    for file in tqdm(files, desc="loading shards", unit="shard", disable=not progress or len(files) < 2):
-        with safe_open(file, framework="pt") as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name)
+    with contextlib.ExitStack() as stack:
+        handles = [stack.enter_context(safe_open(f, framework="pt")) for f in files]
+        where = {name: i for i, h in enumerate(handles) for name in h.keys()}  # name -> file index
+        companions = {c for n in where if (c := _companion(n, where))} if quant is not None else set()
+        if quant is not None and quant.method == "mxfp4":
+            companions |= {n[: -len("_blocks")] + "_scales" for n in where if n.endswith("_blocks")}
+        unused = 0
+        for i, handle in enumerate(tqdm(handles, desc="loading shards", unit="shard",
+                                        disable=not progress or len(files) < 2)):
+            for name in handle.keys():
+                if name in companions:
+                    continue
+                if quant is not None and name.endswith(UNUSED_SCALES):
+                    unused += 1
+                    continue
+                if quant is not None and quant.method == "mxfp4" and name.endswith("_blocks"):
+                    base = name[: -len("_blocks")]
+                    scales = handles[where[base + "_scales"]].get_tensor(base + "_scales")
+                    # dequantized [E, rows, cols] is the transpose of the unquantized tensor
+                    yield base, dequant_mxfp4(handle.get_tensor(name), scales, dtype).transpose(-1, -2)
+                    continue
+                tensor = handle.get_tensor(name)
+                if tensor.dtype in FP8_DTYPES:
+                    scale_name = _companion(name, where)
+                    if scale_name is None:
+                        raise CheckpointError(f"fp8 tensor {name} has no {name}_scale_inv / {name}_scale")
+                    scale = handles[where[scale_name]].get_tensor(scale_name)
+                    tensor = dequant_fp8(tensor, scale, dtype, quant.weight_block_size)
+                yield name, tensor
+        if unused:
+            log.info("ignored %d activation / KV-cache scale tensors (compute runs in the model dtype)", unused)
 
 
 def attention_entries(cfg: MoEModelConfig, layer: int, hf_prefix: str, ours: str) -> WeightMap:
@@ -63,57 +122,107 @@ def attention_entries(cfg: MoEModelConfig, layer: int, hf_prefix: str, ours: str
     out[f"{hf_prefix}.o_proj.weight"] = (f"{ours}.o_proj.weight", ())
     if cfg.o_bias:
         out[f"{hf_prefix}.o_proj.bias"] = (f"{ours}.o_proj.bias", ())
-    if cfg.qk_norm:
+    if cfg.qk_norm in ("head", "full"):
         out[f"{hf_prefix}.q_norm.weight"] = (f"{ours}.q_norm.weight", ())
         out[f"{hf_prefix}.k_norm.weight"] = (f"{ours}.k_norm.weight", ())
+    if cfg.attention_sinks:
+        out[f"{hf_prefix}.sinks"] = (f"{ours}.sinks", ())
     return out
 
 
-def swiglu_entries(inter: int, hf_gate: str, hf_up: str, hf_down: str, w13: str, w2: str, expert=None) -> WeightMap:
-    """gate/up -> halves of our fused w13, down -> w2 (optionally one expert of a stack)."""
+def swiglu_entries(inter: int, hf_gate: str, hf_up: str, hf_down: str, w13: str, w2: str, expert=None,
+                   bias: bool = False) -> WeightMap:
+    """gate/up -> halves of our fused w13, down -> w2 (optionally one expert of a stack); with
+    `bias`, the matching `.bias` tensors of nn.Linear-style names too."""
     e = () if expert is None else (expert,)
-    return {
+    out = {
         hf_gate: (w13, e + (slice(0, inter),)),
         hf_up: (w13, e + (slice(inter, 2 * inter),)),
         hf_down: (w2, e),
     }
+    if bias:
+        for hf, (ours, index) in list(out.items()):
+            out[hf.removesuffix(".weight") + ".bias"] = (ours.removesuffix(".weight") + ".bias", index)
+    return out
 
 
-def common_entries(cfg: MoEModelConfig) -> WeightMap:
+def mlp_entries(cfg: MoEModelConfig, layer: int, hf: str, correction: tuple | None = None) -> WeightMap:
+    """The `mlp` naming DeepSeek, GLM-4.5 and ERNIE share: `{gate,up,down}_proj` on dense layers;
+    `gate` (router), `experts.{e}.{gate,up,down}_proj` and `shared_experts` on MoE layers, plus
+    the router's correction bias (`correction`: (checkpoint name, transform or None))."""
+    ours = f"layers.{layer}"
+    names = lambda p: (f"{p}.gate_proj.weight", f"{p}.up_proj.weight", f"{p}.down_proj.weight")  # noqa: E731
+    if not cfg.sparse_layers[layer]:
+        return swiglu_entries(cfg.dense_intermediate_size, *names(hf), f"{ours}.mlp.w13.weight",
+                              f"{ours}.mlp.w2.weight", bias=cfg.mlp_bias)
+    out: WeightMap = {f"{hf}.gate.weight": (f"{ours}.moe.gate.weight", ())}
+    if correction is not None:
+        name, fn = correction
+        out[name] = (f"{ours}.moe.gate.e_score_correction_bias", ()) + ((fn,) if fn else ())
+    for e in range(cfg.num_experts):
+        out.update(swiglu_entries(cfg.moe_intermediate_size, *names(f"{hf}.experts.{e}"), f"{ours}.moe.w13",
+                                  f"{ours}.moe.w2", expert=e))
+    if cfg.shared_expert_intermediate_size:
+        out.update(swiglu_entries(cfg.shared_expert_intermediate_size, *names(f"{hf}.shared_experts"),
+                                  f"{ours}.moe.shared.w13.weight", f"{ours}.moe.shared.w2.weight", bias=cfg.mlp_bias))
+    return out
+
+
+def common_entries(cfg: MoEModelConfig, attention: bool = True) -> WeightMap:
     out: WeightMap = {
         "model.embed_tokens.weight": ("embed.weight", ()),
         "model.norm.weight": ("norm.weight", ()),
     }
     if not cfg.tie_word_embeddings:
         out["lm_head.weight"] = ("lm_head.weight", ())
+    if cfg.lm_head_bias:
+        out["lm_head.bias"] = ("lm_head.bias", ())
     for i in range(cfg.num_layers):
         out[f"model.layers.{i}.input_layernorm.weight"] = (f"layers.{i}.input_norm.weight", ())
         out[f"model.layers.{i}.post_attention_layernorm.weight"] = (f"layers.{i}.post_attn_norm.weight", ())
-        out.update(attention_entries(cfg, i, f"model.layers.{i}.self_attn", f"layers.{i}.attn"))
+        if attention:
+            out.update(attention_entries(cfg, i, f"model.layers.{i}.self_attn", f"layers.{i}.attn"))
     return out
 
 
-def load_weights(model: torch.nn.Module, path: str, weight_map: WeightMap, progress: bool = True) -> None:
+def _skipped(name: str, num_layers: int) -> bool:
+    """Modules beyond the served model: extra (multi-token-prediction) layers and `mtp` modules."""
+    m = _LAYER.match(name)
+    return (m is not None and int(m.group(1)) >= num_layers) or _MTP.search(name) is not None
+
+
+def load_weights(model: torch.nn.Module, path: str, weight_map: WeightMap, progress: bool = True,
+                 quant: QuantSpec | None = None) -> None:
     params = dict(model.named_parameters(remove_duplicate=False))
-    missing_params = sorted({p for p, _ in weight_map.values()} - set(params))
+    missing_params = sorted({e[0] for e in weight_map.values()} - set(params))
     if missing_params:  # a bug in a mapping table, not in the checkpoint
         raise CheckpointError(f"mapping table names unknown parameters: {missing_params[:8]}")
+    num_layers = model.config.num_layers
+    dtype = model.embed.weight.dtype
     seen: set[str] = set()
     unexpected: list[str] = []
     mismatched: list[str] = []
-    for name, tensor in iter_tensors(path, progress):
+    skipped = 0
+    for name, tensor in iter_tensors(path, progress, quant, dtype):
         entry = weight_map.get(name)
         if entry is None:
-            if not name.endswith(IGNORED_SUFFIXES):
+            if _skipped(name, num_layers):
+                skipped += 1
+            elif not name.endswith(IGNORED_SUFFIXES):
                 unexpected.append(name)
             continue
-        param_name, index = entry
+        param_name, index = entry[0], entry[1]
+        if len(entry) > 2:
+            tensor = entry[2](tensor)
         dest = params[param_name].data[index] if index else params[param_name].data
         if tuple(dest.shape) != tuple(tensor.shape):
             mismatched.append(f"{name}: checkpoint {tuple(tensor.shape)} vs expected {tuple(dest.shape)}")
             continue
         dest.copy_(tensor.to(dest.dtype))
         seen.add(name)
+    if skipped:
+        log.info("ignored %d tensors of modules beyond the %d served layers (multi-token prediction)",
+                 skipped, num_layers)
     missing = sorted(set(weight_map) - seen - {m.split(":")[0] for m in mismatched})
     problems = []
     if missing:

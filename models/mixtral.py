@@ -2,8 +2,22 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from models.config import MoEModelConfig
 from models.loader import WeightMap, common_entries, swiglu_entries
+
+
+def hf_config_class(arch: str):
+    import transformers
+
+    return transformers.MixtralConfig
+
+
+def config_fields(hf: Any, arch: str, num_layers: int) -> dict[str, Any]:
+    inter = hf.intermediate_size
+    return dict(num_experts=hf.num_local_experts, top_k=hf.num_experts_per_tok, moe_intermediate_size=inter,
+                norm_topk_prob=True, dense_intermediate_size=inter, sparse_layers=(True,) * num_layers)
 
 
 def weight_map(cfg: MoEModelConfig) -> WeightMap:

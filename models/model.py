@@ -1,7 +1,8 @@
 """The decoder stack shared by every supported MoE family.
 
-Families differ only in their config (qk-norm, biases, shared experts, dense layers) and in
-their checkpoint names (see `models/<family>.py` mapping tables); the compute is here.
+Families differ only in their config (attention kind and variants per layer, routing, expert
+variants, dense layers, multipliers) and in their checkpoint names (see `models/<family>.py`
+mapping tables); the compute is here and in `models/layers`.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from torch import nn
 
 from models.config import MoEModelConfig
 from models.layers.attention import Attention, AttentionMetadata, KVCache
+from models.layers.mla import MLAttention
 from models.layers.moe import DenseMLP, MoEBlock, RoutingCapture
 from models.layers.norm import RMSNorm
 from models.layers.rotary import RotaryEmbedding
@@ -20,34 +22,50 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: MoEModelConfig, idx: int, rotary: RotaryEmbedding):
         super().__init__()
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.attn = Attention(cfg, idx, rotary)
+        self.attn = (MLAttention if cfg.mla is not None else Attention)(cfg, idx, rotary)
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.residual_multiplier = cfg.residual_multiplier
         self.is_moe = cfg.sparse_layers[idx]
         if self.is_moe:
             self.moe = MoEBlock(cfg, idx)
         else:
-            self.mlp = DenseMLP(cfg.hidden_size, cfg.dense_intermediate_size)
+            self.mlp = DenseMLP(cfg.hidden_size, cfg.dense_intermediate_size, bias=cfg.mlp_bias)
 
-    def forward(self, x, cos_sin, meta, cache, capture):
-        x = x + self.attn(self.input_norm(x), cos_sin, meta, cache)
+    def forward(self, x, cos_sin, meta, cache, capture, positions=None):
+        h = self.attn(self.input_norm(x), cos_sin, meta, cache, positions)
+        x = x + (h * self.residual_multiplier if self.residual_multiplier != 1.0 else h)
         h = self.post_attn_norm(x)
-        return x + (self.moe(h, capture) if self.is_moe else self.mlp(h))
+        h = self.moe(h, capture) if self.is_moe else self.mlp(h)
+        return x + (h * self.residual_multiplier if self.residual_multiplier != 1.0 else h)
 
 
 class MoEForCausalLM(nn.Module):
     def __init__(self, cfg: MoEModelConfig):
         super().__init__()
         self.config = cfg
-        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.extra.get("hf_config"))
+        rot_dim = cfg.mla.qk_rope_head_dim if cfg.mla is not None else (cfg.rotary_dim or cfg.head_dim)
+        self.rotary = RotaryEmbedding(rot_dim, cfg.rope_theta, cfg.rope_scaling, cfg.extra.get("hf_config"))
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, self.rotary) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=cfg.lm_head_bias)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
 
     def moe_blocks(self) -> list[MoEBlock]:
         return [layer.moe for layer in self.layers if layer.is_moe]
+
+    def restore_fp32_modules(self) -> "MoEForCausalLM":
+        """Modules whose reference keeps float32 weights in any dtype (routers of DeepSeek, GLM,
+        ERNIE, MiniMax) go back to float32 after a `.to(dtype)`."""
+        for module in self.modules():
+            if getattr(module, "keep_fp32", False):
+                module.float()
+        return self
+
+    def reset_buffers(self) -> None:
+        """Recompute non-persistent buffers (rotary frequencies) after `to_empty`."""
+        self.rotary.reset_parameters()
 
     @torch.inference_mode()
     def forward(
@@ -60,29 +78,38 @@ class MoEForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Hidden states after the final norm: [T, hidden]."""
         x = self.embed(input_ids)  # [T, hidden]
+        if self.config.embedding_multiplier != 1.0:
+            x = x * self.config.embedding_multiplier
         cos_sin = self.rotary.cos_sin(positions, x.dtype)
         for layer, cache in zip(self.layers, kv_caches):
-            x = layer(x, cos_sin, meta, cache, capture)
+            x = layer(x, cos_sin, meta, cache, capture, positions)
         return self.norm(x)
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> [N, vocab] in float32."""
-        return self.lm_head(hidden).float()
+        logits = self.lm_head(hidden)
+        if self.config.logits_scaling != 1.0:
+            logits = logits / self.config.logits_scaling
+        return logits.float()
+
+    def kv_cache_shapes(self, num_blocks: int, block_size: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+        """Per layer, the shapes of its cache pair: (K, V) for GQA, (latent, rotary key) for MLA."""
+        cfg = self.config
+        if cfg.mla is not None:
+            lat, pe = (num_blocks, block_size, 1, cfg.mla.kv_lora_rank), (num_blocks, block_size, 1, cfg.mla.qk_rope_head_dim)
+            return [(lat, pe)] * cfg.num_layers
+        kv = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+        return [(kv, kv)] * cfg.num_layers
 
     def allocate_kv_cache(
         self, num_blocks: int, block_size: int, dtype: torch.dtype | None = None, device=None
     ) -> list[KVCache]:
-        cfg = self.config
         dtype = dtype or self.embed.weight.dtype
         device = device or self.embed.weight.device
-        shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
-        return [
-            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-            for _ in range(cfg.num_layers)
-        ]
+        return [(torch.zeros(a, dtype=dtype, device=device), torch.zeros(b, dtype=dtype, device=device))
+                for a, b in self.kv_cache_shapes(num_blocks, block_size)]
 
     def kv_bytes_per_block(self, block_size: int, dtype: torch.dtype | None = None) -> int:
-        cfg = self.config
         elem = torch.empty((), dtype=dtype or self.embed.weight.dtype).element_size()
-        return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * elem
+        return block_size * self.config.kv_bytes_per_token(elem)

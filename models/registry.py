@@ -1,23 +1,48 @@
-"""HF `architectures` name -> (model class, checkpoint mapping table), and `load_model`."""
+"""HF `architectures` name -> family module (config mapping + checkpoint mapping table), and `load_model`.
+
+A family module (`models/<family>.py`) provides `config_fields(hf, arch, num_layers)` (its options as
+`MoEModelConfig` fields), `weight_map(cfg)` (checkpoint name -> our parameter) and
+`hf_config_class(arch)`; the compute is shared (`models/model.py`). docs/models.md says how to
+add one.
+"""
 
 from __future__ import annotations
 
+import importlib
+import logging
 import time
-from typing import Callable
+from types import ModuleType
 
 import torch
 
-from models import mixtral, qwen_moe
-from models.config import MoEModelConfig, UnsupportedModelError
-from models.loader import WeightMap, load_weights
+from models.config import SUPPORTED_ARCHITECTURES, MoEModelConfig, UnsupportedModelError
+from models.loader import load_weights
 from models.model import MoEForCausalLM
 
-REGISTRY: dict[str, tuple[type[MoEForCausalLM], Callable[[MoEModelConfig], WeightMap]]] = {
-    "MixtralForCausalLM": (MoEForCausalLM, mixtral.weight_map),
-    "Qwen2MoeForCausalLM": (MoEForCausalLM, qwen_moe.weight_map),
-    "Qwen3MoeForCausalLM": (MoEForCausalLM, qwen_moe.weight_map),
-    "OlmoeForCausalLM": (MoEForCausalLM, qwen_moe.weight_map),
+log = logging.getLogger(__name__)
+
+FAMILIES: dict[str, str] = {
+    "MixtralForCausalLM": "mixtral",
+    "Qwen2MoeForCausalLM": "qwen_moe",
+    "Qwen3MoeForCausalLM": "qwen_moe",
+    "OlmoeForCausalLM": "qwen_moe",
+    "DeepseekV2ForCausalLM": "deepseek",
+    "DeepseekV3ForCausalLM": "deepseek",
+    "Glm4MoeForCausalLM": "glm4_moe",
+    "GptOssForCausalLM": "gpt_oss",
+    "Llama4ForCausalLM": "llama4",
+    "GraniteMoeForCausalLM": "granite",
+    "GraniteMoeSharedForCausalLM": "granite",
+    "Ernie4_5_MoeForCausalLM": "ernie",
+    "MiniMaxM2ForCausalLM": "minimax",
 }
+assert set(FAMILIES) == set(SUPPORTED_ARCHITECTURES), "every supported architecture needs a family module"
+
+
+def family_module(arch: str) -> ModuleType:
+    if arch not in FAMILIES:
+        raise UnsupportedModelError(f"no model family registered for {arch}")
+    return importlib.import_module(f"models.{FAMILIES[arch]}")
 
 
 def cpu_has_native_bf16() -> bool:
@@ -52,23 +77,19 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_model(
-    path: str, dtype: str = "auto", device: str = "auto", progress: bool = True
-) -> MoEForCausalLM:
+def load_model(path: str, dtype: str = "auto", device: str = "auto", progress: bool = True) -> MoEForCausalLM:
     cfg = MoEModelConfig.from_hf(path)
-    if cfg.architecture not in REGISTRY:
-        raise UnsupportedModelError(f"no model class registered for {cfg.architecture}")
-    model_cls, mapping = REGISTRY[cfg.architecture]
+    family = family_module(cfg.architecture)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, cfg.torch_dtype, dev)
     t0 = time.monotonic()
     with torch.device("meta"):
-        model = model_cls(cfg).to(torch_dtype)  # no memory yet
+        model = MoEForCausalLM(cfg).to(torch_dtype).restore_fp32_modules()  # no memory yet
     model = model.to_empty(device=dev)
-    model.rotary.reset_parameters()
+    model.reset_buffers()
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed.weight
-    load_weights(model, path, mapping(cfg), progress=progress)
+    load_weights(model, path, family.weight_map(cfg), progress=progress, quant=cfg.extra.get("quant"))
     model.eval()
     model.load_seconds = time.monotonic() - t0
     return model

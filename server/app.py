@@ -54,6 +54,7 @@ def create_app(engine: Any, config: ServerConfig, metrics: ServerMetrics | None 
         finally:
             app.state.ready = False
             await engine.shutdown()
+            app.state.serving.close()
 
     app = FastAPI(title="moe-serve", version=server_version(), lifespan=lifespan,
                   description="OpenAI-compatible inference server for Mixture-of-Experts models.")

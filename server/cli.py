@@ -23,7 +23,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from server.config import BUNDLED_MODEL, ConfigError, EngineConfig, ServerConfig, _parse_bytes
+from server.config import (BUNDLED_MODEL, REASONING_PARSERS, TOOL_CALL_PARSERS, ConfigError, EngineConfig,
+                           ServerConfig, _parse_bytes)
 
 ENV_PREFIX = "MOE_SERVE_"
 logger = logging.getLogger("moe_serve.cli")
@@ -55,12 +56,18 @@ ENGINE_FLAGS: list[tuple[str, str, str, str]] = [
     ("--gpu-expert-budget", "gpu_expert_budget", "str", "GPU memory for experts (e.g. 4GiB) or a count"),
     ("--rebalance-interval", "rebalance_interval", "int", "steps between placement rebalances (0: never)"),
     ("--record-routing", "record_routing", "str", "file to record per-step routing to"),
+    ("--expert-capacity-factor", "expert_capacity_factor", "float",
+     "Switch-style expert capacity per step (tokens past it are dropped; off when unset)"),
+    ("--engine-progress-timeout", "engine_progress_timeout", "float",
+     "seconds with requests but no token computed before the engine counts as dead (0: off)"),
     ("--tensor-parallel-size", "tensor_parallel_size", "int", "vLLM: tensor-parallel size"),
     ("--data-parallel-size", "data_parallel_size", "int", "vLLM: data-parallel size"),
     ("--enable-expert-parallel", "enable_expert_parallel", "bool", "vLLM: expert parallelism"),
     ("--enable-eplb", "enable_eplb", "bool", "vLLM: expert-parallel load balancer"),
     ("--eplb-config", "eplb_config", "str", "vLLM: EPLB config (JSON)"),
     ("--gpu-memory-utilization", "gpu_memory_utilization", "float", "vLLM: fraction of GPU memory"),
+    ("--reasoning-parser", "reasoning_parser", "choice:" + ",".join(REASONING_PARSERS),
+     "split <think> reasoning into reasoning_content; structured output starts after it"),
 ]
 SERVER_FLAGS: list[tuple[str, str, str, str]] = [
     ("--host", "host", "str", "address to bind"),
@@ -71,6 +78,15 @@ SERVER_FLAGS: list[tuple[str, str, str, str]] = [
     ("--drain-timeout", "drain_timeout", "float", "seconds in-flight requests get after SIGTERM"),
     ("--max-body-bytes", "max_body_bytes", "bytes", "largest request body (413 past it), e.g. 4MiB"),
     ("--max-header-bytes", "max_header_bytes", "bytes", "largest request head (400 past it)"),
+    ("--metrics-require-auth", "metrics_require_auth", "bool", "/metrics needs the API key too"),
+    ("--allowed-hosts", "allowed_hosts", "list",
+     "Host header allow-list, comma-separated (default: loopback names when bound to loopback, else any)"),
+    ("--limit-concurrency", "limit_concurrency", "int", "open connections/tasks before 503"),
+    ("--body-read-timeout", "body_read_timeout", "float", "seconds to receive a request body (408 past it)"),
+    ("--tool-call-parser", "tool_call_parser", "choice:" + ",".join(TOOL_CALL_PARSERS),
+     "parser of the model's tool-call format (tool_choice auto)"),
+    ("--enable-auto-tool-choice", "enable_auto_tool_choice", "bool", "vLLM compatibility: needs --tool-call-parser"),
+    ("--chat-template", "chat_template", "str", "chat template (Jinja text or a file) instead of the tokenizer's"),
     ("--log-format", "log_format", "choice:text,json", "log line format"),
     ("--log-level", "log_level", "choice:debug,info,warning,error,critical", "log level"),
     ("--ui", "ui", "bool", "serve the web playground at / (--no-ui: off)"),
@@ -208,6 +224,7 @@ def run(config: ServerConfig, engine: Any) -> int:
     uv_config = uvicorn.Config(
         app, host=config.host, port=config.port, http="h11", lifespan="on", log_config=None,
         access_log=False, h11_max_incomplete_event_size=config.max_header_bytes,
+        limit_concurrency=config.limit_concurrency,
         timeout_graceful_shutdown=2, timeout_keep_alive=5, server_header=False)
     server = draining_server(uv_config, app.state, config.drain_timeout)
     asyncio.run(server.serve())

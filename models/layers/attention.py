@@ -5,7 +5,8 @@ head_dim]`; a sequence's tokens live in the blocks its block table lists. A step
 are flattened (`[num_tokens, ...]`) with decode sequences (one new token each) first, then
 prefill chunks. Decodes are attended in one batched op over gathered blocks; each prefill
 chunk runs through `scaled_dot_product_attention` over its gathered context (prefix cache
-hits and earlier chunks included).
+hits and earlier chunks included). Layers with a variant (sliding window, chunked attention,
+sinks) attend through `models/layers/attention_variants.py`; MLA layers are `models/layers/mla.py`.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.layers.attention_variants import AttentionVariant, attend_variant
 from models.layers.norm import RMSNorm
-from models.layers.rotary import RotaryEmbedding, apply_rotary
+from models.layers.rotary import RotaryEmbedding, rotate
 
 
 @dataclass
@@ -104,11 +106,16 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_size, self.kv_size = cfg.q_size, cfg.kv_size
-        self.scale = self.head_dim**-0.5
+        self.scale = cfg.attn_scale if cfg.attn_scale is not None else self.head_dim**-0.5
         # q, k and v fused into one projection: [q_size + 2 * kv_size, hidden]
         self.qkv = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
-        self.qk_norm = cfg.qk_norm
+        self.use_rope = cfg.uses_rope(layer_idx)
+        self.rope_style = cfg.rope_style
+        # Llama 4: q/k L2-normalised after rotary on rotary layers; NoPE layers scale q by position
+        self.qk_norm = None if (cfg.qk_norm == "l2" and not self.use_rope) else cfg.qk_norm
+        self.l2_eps = cfg.rms_norm_eps
+        self.temperature = cfg.attn_temperature if not self.use_rope else None
         if cfg.qk_norm == "head":
             self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
@@ -117,14 +124,17 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.kv_size, cfg.rms_norm_eps)
         self.clip_qkv = cfg.clip_qkv
         self.rotary = rotary
+        # sliding window / chunked attention / sinks take the reference path (attention_variants)
+        self.variant = AttentionVariant(cfg.sliding_window(layer_idx), cfg.attention_chunk(layer_idx),
+                                        cfg.attention_sinks)
+        self.sinks = nn.Parameter(torch.empty(self.num_heads)) if cfg.attention_sinks else None  # [heads]
 
-    def forward(
-        self,
-        x: torch.Tensor,  # [T, hidden]
-        cos_sin: tuple[torch.Tensor, torch.Tensor],
-        meta: AttentionMetadata,
-        cache: KVCache,
-    ) -> torch.Tensor:
+    def _l2(self, t: torch.Tensor) -> torch.Tensor:
+        tf = t.float()
+        return (tf * torch.rsqrt(tf.pow(2).mean(-1, keepdim=True) + self.l2_eps)).to(t.dtype)
+
+    def project(self, x: torch.Tensor, cos_sin, positions: torch.Tensor | None):
+        """q [T, heads, d], k and v [T, kv_heads, d]: projections, q/k norms, rotary."""
         T = x.shape[0]
         qkv = self.qkv(x)  # [T, q_size + 2 kv_size]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -137,9 +147,31 @@ class Attention(nn.Module):
         v = v.reshape(T, self.num_kv_heads, self.head_dim)
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = cos_sin
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.use_rope:
+            cos, sin = cos_sin
+            q, k = rotate(q, cos, sin, self.rope_style), rotate(k, cos, sin, self.rope_style)
+        if self.qk_norm == "l2":
+            q, k = self._l2(q), self._l2(k)
+        if self.temperature is not None:  # Llama 4 NoPE layers: q grows slowly with the position
+            floor_scale, attn_scale = self.temperature
+            scales = torch.log1p(torch.floor((positions.float() + 1.0) / floor_scale)) * attn_scale + 1.0  # [T]
+            q = (q * scales[:, None, None]).to(q.dtype)
+        return q, k, v
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [T, hidden]
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+        cache: KVCache,
+        positions: torch.Tensor | None = None,  # [T], needed by attention temperature tuning only
+    ) -> torch.Tensor:
+        T = x.shape[0]
+        q, k, v = self.project(x, cos_sin, positions)
         write_kv(cache, k, v.contiguous(), meta.slot_mapping)
+        if self.variant.active:
+            out = attend_variant(q, k, v, cache, meta, self.scale, self.variant, self.sinks)
+            return self.o_proj(out.view(T, self.q_size))
 
         out = torch.empty_like(q)  # [T, heads, head_dim]
         nd = meta.num_decodes

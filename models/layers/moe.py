@@ -1,5 +1,8 @@
 """Mixture-of-Experts feed-forward: router, grouped SwiGLU experts, optional shared expert.
 
+The router variants live in `models/layers/router.py`, expert variants (biases, clamped SwiGLU,
+input scaling) in `models/layers/experts.py`.
+
 Experts are stored stacked: `w13 [E, 2 * I, H]` (gate rows, then up rows) and
 `w2 [E, H, I]`. Execution is grouped: the (token, slot) pairs are sorted by expert and each
 active expert runs one matmul over its contiguous slice; no loop over tokens.
@@ -11,6 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.layers.capacity import apply_capacity
+from models.layers.router import Router
+
 
 class RoutingCapture:
     """Collects the router's choices per MoE layer during one forward pass, when asked."""
@@ -19,15 +25,31 @@ class RoutingCapture:
         self.with_weights = with_weights
         self.expert_ids: dict[int, torch.Tensor] = {}  # layer -> [num_tokens, top_k]
         self.weights: dict[int, torch.Tensor] = {}  # layer -> [num_tokens, top_k]
+        self.dropped: dict[int, torch.Tensor] = {}  # layer -> [num_tokens, top_k] bool (expert capacity)
 
-    def record(self, layer: int, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> None:
+    def record(self, layer: int, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+               dropped: torch.Tensor | None = None) -> None:
         self.expert_ids[layer] = topk_ids
         if self.with_weights:
             self.weights[layer] = topk_weights
+        if dropped is not None:
+            self.dropped[layer] = dropped
 
     def stacked_ids(self) -> torch.Tensor:
         """[num_tokens, num_moe_layers, top_k] in layer order."""
         return torch.stack([self.expert_ids[k] for k in sorted(self.expert_ids)], dim=1)
+
+    def stacked_weights(self) -> torch.Tensor | None:
+        """[num_tokens, num_moe_layers, top_k] router weights (after capacity), or None."""
+        if not self.weights:
+            return None
+        return torch.stack([self.weights[k] for k in sorted(self.weights)], dim=1)
+
+    def stacked_dropped(self) -> torch.Tensor | None:
+        """[num_tokens, num_moe_layers, top_k] dropped assignments, or None (no capacity limit)."""
+        if not self.dropped:
+            return None
+        return torch.stack([self.dropped[k] for k in sorted(self.dropped)], dim=1)
 
 
 def route(
@@ -75,11 +97,11 @@ def grouped_experts(
 class DenseMLP(nn.Module):
     """SwiGLU MLP with gate and up fused: w13 [2I, H], w2 [H, I]."""
 
-    def __init__(self, hidden: int, inter: int):
+    def __init__(self, hidden: int, inter: int, bias: bool = False):
         super().__init__()
         self.inter = inter
-        self.w13 = nn.Linear(hidden, 2 * inter, bias=False)
-        self.w2 = nn.Linear(inter, hidden, bias=False)
+        self.w13 = nn.Linear(hidden, 2 * inter, bias=bias)
+        self.w2 = nn.Linear(inter, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.w13(x)  # [T, 2I]
@@ -89,27 +111,37 @@ class DenseMLP(nn.Module):
 class MoEBlock(nn.Module):
     def __init__(self, cfg, layer_idx: int):
         super().__init__()
+        from models.layers.experts import expert_function  # experts.py builds on grouped_experts above
+
         self.layer_idx = layer_idx
         self.num_experts, self.top_k = cfg.num_experts, cfg.top_k
         self.renormalize = cfg.norm_topk_prob
         H, inter = cfg.hidden_size, cfg.moe_intermediate_size
-        self.gate = nn.Linear(H, self.num_experts, bias=False)
-        self.w13 = nn.Parameter(torch.empty(self.num_experts, 2 * inter, H))
-        self.w2 = nn.Parameter(torch.empty(self.num_experts, H, inter))
-        self.shared = DenseMLP(H, cfg.shared_expert_intermediate_size) if cfg.shared_expert_intermediate_size else None
+        extra = 1 if cfg.expert_bias else 0  # gpt-oss: the bias rides as a last input column
+        self.gate = Router(H, self.num_experts, self.top_k, cfg.norm_topk_prob, cfg.router)
+        self.w13 = nn.Parameter(torch.empty(self.num_experts, 2 * inter, H + extra))
+        self.w2 = nn.Parameter(torch.empty(self.num_experts, H, inter + extra))
+        # (x, w13, w2, topk_ids, topk_w) -> [T, H]: grouped_experts or a family's variant
+        self.expert_fn = expert_function(cfg)
+        shared = cfg.shared_expert_intermediate_size
+        self.shared = DenseMLP(H, shared, bias=cfg.mlp_bias) if shared else None
         self.shared_gate = nn.Linear(H, 1, bias=False) if cfg.shared_expert_gate else None
         # set by models.placement to run experts on other devices; None: all local
         self.executor = None
+        # Switch-style expert capacity per forward pass (models/layers/capacity.py); None: off
+        self.capacity_factor: float | None = None
 
     def forward(self, x: torch.Tensor, capture: RoutingCapture | None = None) -> torch.Tensor:
-        router_logits = self.gate(x)  # [T, E]
-        topk_w, topk_ids = route(router_logits, self.top_k, self.renormalize)  # [T, k] each
+        topk_w, topk_ids = self.gate(x)  # [T, k] each
+        dropped = None
+        if self.capacity_factor is not None:
+            topk_w, dropped = apply_capacity(topk_ids, topk_w, self.num_experts, self.capacity_factor)
         if capture is not None:
-            capture.record(self.layer_idx, topk_ids, topk_w)
+            capture.record(self.layer_idx, topk_ids, topk_w, dropped)
         if self.executor is not None:
             out = self.executor(self.layer_idx, x, topk_ids, topk_w)
         else:
-            out = grouped_experts(x, self.w13, self.w2, topk_ids, topk_w)
+            out = self.expert_fn(x, self.w13, self.w2, topk_ids, topk_w)
         if self.shared is not None:
             shared = self.shared(x)
             if self.shared_gate is not None:

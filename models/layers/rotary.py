@@ -1,7 +1,11 @@
-"""Rotary position embeddings (neox / "rotate half" layout, as Mixtral, Qwen-MoE and OLMoE use).
+"""Rotary position embeddings.
 
-Default, linear, llama3 and yarn settings: the inverse frequencies for non-default types come
-from `transformers`' rope initialisers so that they match the reference exactly.
+Two layouts: neox ("rotate half": dimension i pairs with i + d/2; Mixtral, Qwen, GLM, gpt-oss)
+and interleaved (dimension 2i pairs with 2i + 1; DeepSeek, Llama 4, ERNIE). Partial rotary
+(GLM-4.5, MiniMax-M2) rotates the first `rotary_dim` dimensions of each head and passes the
+rest through. Default, linear, llama3 and yarn settings: the inverse frequencies for
+non-default types come from `transformers`' rope initialisers so that they match the
+reference exactly.
 """
 
 from __future__ import annotations
@@ -48,3 +52,23 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
+
+
+def apply_rotary_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Pairs (2i, 2i + 1) rotate by frequency i. The result is laid out de-interleaved (all first
+    members, then all second members): applied to both q and k, dot products are unchanged.
+    x: [T, heads, d]; cos/sin: [T, 1, d] (cat(freqs, freqs) as `cos_sin` returns)."""
+    half = x.shape[-1] // 2
+    c, s = cos[..., :half], sin[..., :half]  # [T, 1, d/2]
+    x1, x2 = x[..., 0::2], x[..., 1::2]  # [T, heads, d/2]
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str = "neox") -> torch.Tensor:
+    """Rotary on the first cos.shape[-1] dims of every head of x [T, heads, head_dim]; the rest
+    (partial rotary) passes through."""
+    rot = cos.shape[-1]
+    fn = apply_rotary if style == "neox" else apply_rotary_interleaved
+    if rot == x.shape[-1]:
+        return fn(x, cos, sin)
+    return torch.cat((fn(x[..., :rot], cos, sin), x[..., rot:]), dim=-1)

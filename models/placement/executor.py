@@ -19,6 +19,7 @@ Virtual devices `cpu:N` are distinct placement devices backed by host memory (te
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -77,6 +78,8 @@ class LayerState:
     slot_group: torch.Tensor  # [num_physical] group index of each slot
     slot_local: torch.Tensor  # [num_physical] row in that group's stack
     host: HostTier | None = None
+    # the block's expert computation (models.layers.experts): grouped_experts or a family's variant
+    expert_fn: Callable = grouped_experts
 
     def assign(self, topk_ids: torch.Tensor) -> torch.Tensor:
         """[T, k] logical ids -> [T * k] physical slots.
@@ -111,21 +114,22 @@ def is_virtual(name: str) -> bool:
 
 
 def _run_on(device: torch.device, w13: torch.Tensor, w2: torch.Tensor, x: torch.Tensor, tokens: torch.Tensor,
-            rows: torch.Tensor, weights: torch.Tensor, out: torch.Tensor, remote: bool) -> None:
+            rows: torch.Tensor, weights: torch.Tensor, out: torch.Tensor, remote: bool,
+            fn: Callable = grouped_experts) -> None:
     """out[t] += sum of weights * expert(x[t]) over the given pairs, computed on `device`.
 
     Remote (another device, or a virtual one standing in for it): each distinct token travels
     once, its pairs are summed on the device, one partial sum per token comes back."""
     if not remote:  # nothing travels: compute the pairs in place
         xs = x.index_select(0, tokens)  # [n, H]
-        ys = grouped_experts(xs, w13, w2, rows.view(-1, 1), weights.view(-1, 1))  # [n, H]
+        ys = fn(xs, w13, w2, rows.view(-1, 1), weights.view(-1, 1))  # [n, H]
         out.index_add_(0, tokens, ys)
         return
     uniq, inv = torch.unique(tokens, return_inverse=True)  # distinct tokens; pair -> its token
     xd = x.index_select(0, uniq).to(device)  # [U, H]: each token travels once
     inv_d = inv.to(device)
     xs = xd.index_select(0, inv_d)  # [n, H]
-    ys = grouped_experts(xs, w13, w2, rows.to(device).view(-1, 1), weights.to(device).view(-1, 1))  # [n, H]
+    ys = fn(xs, w13, w2, rows.to(device).view(-1, 1), weights.to(device).view(-1, 1))  # [n, H]
     partial = torch.zeros_like(xd).index_add_(0, inv_d, ys)  # [U, H]: summed on the device
     out.index_add_(0, uniq, partial.to(out.device))
 
@@ -136,7 +140,7 @@ def run_layer(state: LayerState, x: torch.Tensor, topk_ids: torch.Tensor, topk_w
     if len(state.groups) == 1 and state.groups[0].device == x.device and state.host is None \
             and not is_virtual(state.groups[0].name):
         g = state.groups[0]
-        return grouped_experts(x, g.w13, g.w2, rows.view(T, k), topk_w)
+        return state.expert_fn(x, g.w13, g.w2, rows.view(T, k), topk_w)
     tokens = torch.arange(T * k, device=x.device) // k  # [T * k]
     weights = topk_w.reshape(-1)  # [T * k]
     out = torch.zeros_like(x)
@@ -146,20 +150,20 @@ def run_layer(state: LayerState, x: torch.Tensor, topk_ids: torch.Tensor, topk_w
             continue
         sel = (group == gi).nonzero().squeeze(1)  # [n_g]
         if state.host is not None and gi == state.host.group:
-            _run_host(state.host, g, x, tokens[sel], rows[sel], weights[sel], out)
+            _run_host(state.host, g, x, tokens[sel], rows[sel], weights[sel], out, state.expert_fn)
         else:
             remote = g.device != x.device or is_virtual(g.name)
-            _run_on(g.device, g.w13, g.w2, x, tokens[sel], rows[sel], weights[sel], out, remote)
+            _run_on(g.device, g.w13, g.w2, x, tokens[sel], rows[sel], weights[sel], out, remote, state.expert_fn)
     return out
 
 
-def _run_host(tier: HostTier, g: DeviceGroup, x, tokens, rows, weights, out) -> None:
+def _run_host(tier: HostTier, g: DeviceGroup, x, tokens, rows, weights, out, fn: Callable = grouped_experts) -> None:
     """Host experts: copy the busy ones to x's device, compute the rest on the CPU."""
     counts = torch.bincount(rows, minlength=g.w13.shape[0])  # [E] pairs per host expert (rows = logical)
     fetch = counts >= max(tier.fetch_threshold, 1)
     remote = g.device != x.device
     if not bool(fetch.any()):
-        _run_on(g.device, g.w13, g.w2, x, tokens, rows, weights, out, remote)
+        _run_on(g.device, g.w13, g.w2, x, tokens, rows, weights, out, remote, fn)
         return
     fetched = fetch.nonzero().squeeze(1)  # [F] logical ids to copy in
     remap = torch.full_like(counts, -1)
@@ -167,15 +171,15 @@ def _run_host(tier: HostTier, g: DeviceGroup, x, tokens, rows, weights, out) -> 
     hot = fetch[rows]  # [n] pairs whose expert is copied in
     w13 = g.w13.index_select(0, fetched.to(g.w13.device)).to(x.device)  # [F, 2I, H]
     w2 = g.w2.index_select(0, fetched.to(g.w2.device)).to(x.device)  # [F, H, I]
-    _run_on(x.device, w13, w2, x, tokens[hot], remap[rows[hot]], weights[hot], out, False)
+    _run_on(x.device, w13, w2, x, tokens[hot], remap[rows[hot]], weights[hot], out, False, fn)
     cold = ~hot
     if bool(cold.any()):
-        _run_on(g.device, g.w13, g.w2, x, tokens[cold], rows[cold], weights[cold], out, remote)
+        _run_on(g.device, g.w13, g.w2, x, tokens[cold], rows[cold], weights[cold], out, remote, fn)
 
 
 def build_layer_state(plan: LayerPlan, master_w13: torch.Tensor, master_w2: torch.Tensor, index_device: torch.device,
                       *, host: str | None = None, fetch_threshold: int = 1 << 62,
-                      previous: LayerState | None = None) -> tuple[LayerState, int]:
+                      previous: LayerState | None = None, expert_fn: Callable = grouped_experts) -> tuple[LayerState, int]:
     """Build a layer's stacks (reusing rows already on a device) -> (state, experts copied).
 
     `master_w13 [E, 2I, H]` / `master_w2 [E, H, I]` are the full expert weights (the host tier
@@ -214,7 +218,7 @@ def build_layer_state(plan: LayerPlan, master_w13: torch.Tensor, master_w2: torc
     table = [list(r) + [r[0]] * (max_rep - len(r)) for r in plan.replicas]
     as_t = lambda v: torch.tensor(v, dtype=torch.long, device=index_device)
     state = LayerState(plan, tuple(groups), as_t(table), as_t([len(r) for r in plan.replicas]),
-                       as_t(slot_group), as_t(slot_local), host_tier)
+                       as_t(slot_group), as_t(slot_local), host_tier, expert_fn)
     return state, copied
 
 

@@ -62,6 +62,7 @@ class PlacementManager:
             raise ValueError("the model has no MoE layers to place")
         self.model = model
         self.layer_ids = [b.layer_idx for b in blocks]
+        self.expert_fns = {b.layer_idx: b.expert_fn for b in blocks}  # grouped_experts or a family's variant
         self.num_experts, self.top_k = cfg.num_experts, cfg.top_k
         self.main_device = model.embed.weight.device
         w13 = blocks[0].w13
@@ -159,7 +160,8 @@ class PlacementManager:
             w13, w2 = self.masters[layer_idx]
             state, n = build_layer_state(placement.layers[li], w13, w2, self.main_device, host=self.host,
                                          fetch_threshold=self.fetch_threshold,
-                                         previous=self.executor.states.get(layer_idx))
+                                         previous=self.executor.states.get(layer_idx),
+                                         expert_fn=self.expert_fns[layer_idx])
             self.executor.swap(layer_idx, state)
             copied += n
         self.placement = placement

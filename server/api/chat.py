@@ -10,10 +10,13 @@ from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
 from server.api.body import openapi_body, read_json
+from server.api.chat_output import ChoiceOutput
+from server.api.chat_setup import choice_output, plan_chat, prepare_chat
 from server.api.context import request_log
 from server.api.errors import bad_request
 from server.api.generation import GenerationStream
 from server.api.protocol import ChatCompletionRequest
+from server.api.routing_json import ids_json, routing_fields, weights_json
 from server.api.serving import Serving, common_sampling_kwargs, new_id, stream_usage_options, usage
 from server.api.sse import sse_response
 from server.api.tokens import prompt_logprobs_json
@@ -29,23 +32,12 @@ class _Choice:
     logprobs: list[dict[str, Any]] = field(default_factory=list)
     finish_reason: str | None = None
     routing: list[Any] = field(default_factory=list)
+    routing_weights: list[Any] = field(default_factory=list)
 
 
 def _check_unsupported(body: ChatCompletionRequest) -> None:
     if body.stream_options is not None and not body.stream:
         raise bad_request("stream_options: only allowed when stream is true", param="stream_options")
-    if body.response_format is not None and body.response_format.type != "text":
-        kind = body.response_format.type
-        if kind in ("json_object", "json_schema"):
-            raise bad_request(f"response_format: '{kind}' is not supported by this server; only "
-                              f"'text' is", param="response_format")
-        raise bad_request("response_format.type: must be 'text'", param="response_format.type")
-    if body.tool_choice is not None and body.tool_choice != "none":
-        raise bad_request("tool_choice: tool calling is not supported; only 'none' is accepted",
-                          param="tool_choice")
-    if body.tools and body.tool_choice != "none":
-        raise bad_request("tools: tool calling is not supported by this server (set tool_choice "
-                          "to 'none' or leave tools out)", param="tools")
     if body.top_logprobs is not None:
         if not body.logprobs:
             raise bad_request("top_logprobs: requires logprobs to be true", param="top_logprobs")
@@ -61,19 +53,24 @@ async def create_chat_completion(request: Request) -> Response:
     serving: Serving = request.app.state.serving
     serving.check_model(body.model)
     _check_unsupported(body)
-    prompt_ids = serving.chat_prompt(body.messages)
+    plan = plan_chat(serving, body)  # tools, structured output, reasoning: cheap checks first
+    serving.check_capacity(1)
+    prepared = await serving.run_blocking(prepare_chat, serving, body, plan)  # template, tokens, grammar
+    prompt_ids = prepared.prompt_ids
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     max_tokens = serving.resolve_max_tokens(len(prompt_ids), requested, explicit=True, param=param,
                                             prompt_param="messages")
     top = (body.top_logprobs or 0) if body.logprobs else None
-    sp = serving.sampling_params(max_tokens=max_tokens, logprobs=top, **common_sampling_kwargs(body))
+    sp = serving.sampling_params(max_tokens=max_tokens, logprobs=top,
+                                 **{**common_sampling_kwargs(body), **plan.sampling_overrides(body)})
     request_id = new_id("chatcmpl")
     log = request_log(request)
     log.request_id = request_id
     log.prompt_tokens = len(prompt_ids)
     engine_request = EngineRequest(request_id=request_id, prompt_token_ids=prompt_ids, sampling_params=sp,
-                                   priority=body.priority or 0, return_routing=bool(body.return_routing))
+                                   priority=body.priority or 0, return_routing=bool(body.return_routing),
+                                   structured=prepared.structured)
     base = {"id": request_id, "object": "chat.completion", "created": int(time.time()),
             "model": serving.model_name}
     headers = {"X-Request-Id": request_id}
@@ -84,17 +81,19 @@ async def create_chat_completion(request: Request) -> Response:
         def on_error(status: int) -> None:
             log.stream_error = status
 
-        chunks = _stream(serving, body, sp.n, top, base, len(prompt_ids), gen, include_usage, continuous, log)
+        outputs = [choice_output(plan, prepared) for _ in range(sp.n)]
+        chunks = _stream(serving, body, outputs, top, base, len(prompt_ids), gen, include_usage, continuous, log)
         return sse_response(chunks, headers=headers, on_error=on_error)
-    return JSONResponse(await _collect(serving, body, top, base, len(prompt_ids), gen, log), headers=headers)
+    output = choice_output(plan, prepared)
+    return JSONResponse(await _collect(serving, body, output, top, base, len(prompt_ids), gen, log), headers=headers)
 
 
 def _logprob_entries(serving: Serving, entries: list[Logprob] | None, top: int) -> list[dict[str, Any]]:
     return [serving.token_text.chat_entry(lp, top) for lp in entries or []]
 
 
-async def _collect(serving: Serving, body: ChatCompletionRequest, top: int | None, base: dict[str, Any],
-                   prompt_tokens: int, gen: GenerationStream, log: Any) -> dict[str, Any]:
+async def _collect(serving: Serving, body: ChatCompletionRequest, output: ChoiceOutput, top: int | None,
+                   base: dict[str, Any], prompt_tokens: int, gen: GenerationStream, log: Any) -> dict[str, Any]:
     choices: dict[int, _Choice] = {}
     prompt_lps = None
     prompt_routing = None
@@ -105,23 +104,25 @@ async def _collect(serving: Serving, body: ChatCompletionRequest, top: int | Non
         if out.prompt_logprobs is not None:
             prompt_lps = out.prompt_logprobs
         if out.prompt_routing is not None:
-            prompt_routing = out.prompt_routing
+            prompt_routing = routing_fields(out.prompt_routing, out.prompt_routing_weights, "prompt_")
         for o in out.outputs:
             c = choices.setdefault(o.index, _Choice())
             c.text += o.text
             c.num_tokens += len(o.token_ids)
             if top is not None:
                 c.logprobs += _logprob_entries(serving, o.logprobs, top)
-            c.routing += o.routing or []
+            c.routing += ids_json(o.routing)
+            c.routing_weights += weights_json(o.routing_weights)
             c.finish_reason = o.finish_reason or c.finish_reason
     result = []
     for idx in sorted(choices):
         c = choices[idx]
-        choice: dict[str, Any] = {"index": idx, "message": {"role": "assistant", "content": c.text},
+        message, called = output.message(c.text)
+        choice: dict[str, Any] = {"index": idx, "message": message,
                                   "logprobs": {"content": c.logprobs} if top is not None else None,
-                                  "finish_reason": c.finish_reason}
+                                  "finish_reason": output.finish_reason(c.finish_reason, called)}
         if body.return_routing:
-            choice["routing"] = c.routing
+            choice["routing"], choice["routing_weights"] = c.routing, c.routing_weights
         result.append(choice)
     completion_tokens = sum(c.num_tokens for c in choices.values())
     log.completion_tokens = completion_tokens
@@ -130,11 +131,11 @@ async def _collect(serving: Serving, body: ChatCompletionRequest, top: int | Non
     if body.prompt_logprobs is not None:
         response["prompt_logprobs"] = prompt_logprobs_json(serving.token_text, prompt_lps, body.prompt_logprobs)
     if body.return_routing and prompt_routing is not None:
-        response["prompt_routing"] = prompt_routing
+        response.update(prompt_routing)
     return response
 
 
-async def _stream(serving: Serving, body: ChatCompletionRequest, n: int, top: int | None,
+async def _stream(serving: Serving, body: ChatCompletionRequest, outputs: list[ChoiceOutput], top: int | None,
                   base: dict[str, Any], prompt_tokens: int, gen: GenerationStream,
                   include_usage: bool, continuous: bool, log: Any):
     completion_tokens = 0
@@ -147,7 +148,8 @@ async def _stream(serving: Serving, body: ChatCompletionRequest, n: int, top: in
         return c
 
     try:
-        for idx in range(n):  # OpenAI: the role comes first, with empty content
+        held: dict[int, list[dict[str, Any]]] = {}  # logprob entries of text not sent yet
+        for idx in range(len(outputs)):  # OpenAI: the role comes first, with empty content
             yield chunk([{"index": idx, "delta": {"role": "assistant", "content": ""},
                           "logprobs": None, "finish_reason": None}])
         first = True
@@ -158,24 +160,29 @@ async def _stream(serving: Serving, body: ChatCompletionRequest, n: int, top: in
             if first and body.prompt_logprobs is not None:
                 extra["prompt_logprobs"] = prompt_logprobs_json(serving.token_text, out.prompt_logprobs,
                                                                 body.prompt_logprobs)
-            if first and body.return_routing:  # as in the non-streamed response: top level, once
-                extra["prompt_routing"] = out.prompt_routing
+            if first and body.return_routing and out.prompt_routing is not None:
+                extra.update(routing_fields(out.prompt_routing, out.prompt_routing_weights, "prompt_"))
             first = False
             for o in out.outputs:
                 completion_tokens += len(o.token_ids)
-                if o.text or o.token_ids:
+                parser = outputs[o.index]
+                if top is not None:
+                    held.setdefault(o.index, []).extend(_logprob_entries(serving, o.logprobs, top))
+                delta = parser.feed(o.text, final=o.finish_reason is not None)
+                if delta or (body.return_routing and o.token_ids):
                     choice: dict[str, Any] = {
-                        "index": o.index, "delta": {"content": o.text},
-                        "logprobs": ({"content": _logprob_entries(serving, o.logprobs, top)}
-                                     if top is not None else None),
+                        "index": o.index, "delta": delta,
+                        "logprobs": {"content": held.pop(o.index, [])} if top is not None else None,
                         "finish_reason": None}
                     if body.return_routing:
-                        choice["routing"] = o.routing or []
+                        choice.update(routing_fields(o.routing, o.routing_weights))
                     yield chunk([choice], **extra)
                     extra = {}
                 if o.finish_reason is not None:
-                    yield chunk([{"index": o.index, "delta": {}, "logprobs": None,
-                                  "finish_reason": o.finish_reason}], **extra)
+                    rest = held.pop(o.index, None)
+                    yield chunk([{"index": o.index, "delta": {},
+                                  "logprobs": {"content": rest} if rest else None,
+                                  "finish_reason": parser.stream_finish_reason(o.finish_reason)}], **extra)
                     extra = {}
         if include_usage:
             final = chunk([])

@@ -14,10 +14,13 @@ from server.api.context import request_log
 from server.api.errors import bad_request
 from server.api.generation import GenerationStream
 from server.api.protocol import CompletionRequest
+from server.api.routing_json import ids_json, routing_fields, weights_json
 from server.api.serving import Serving, common_sampling_kwargs, new_id, stream_usage_options, usage
 from server.api.sse import sse_response
+from server.api.structured import request_spec
 from server.api.tokens import LegacyLogprobs, prompt_logprobs_json
 from server.engine.request import EngineRequest, Logprob
+from server.engine.structured.spec import StructuredSpec
 
 router = APIRouter()
 
@@ -29,6 +32,7 @@ class _Choice:
     logprobs: list[Logprob] = field(default_factory=list)
     finish_reason: str | None = None
     routing: list[Any] = field(default_factory=list)
+    routing_weights: list[Any] = field(default_factory=list)
 
 
 @dataclass
@@ -54,6 +58,7 @@ class _Plan:
 async def create_completion(request: Request) -> Response:
     body = await read_json(request, CompletionRequest)
     serving: Serving = request.app.state.serving
+    # cheap checks first, on the event loop; tokenization runs on the tokenizer thread
     serving.check_model(body.model)
     if body.suffix is not None:
         raise bad_request("suffix: is not supported by this server", param="suffix")
@@ -62,34 +67,13 @@ async def create_completion(request: Request) -> Response:
         raise bad_request("best_of: only best_of equal to n is supported", param="best_of")
     if body.stream_options is not None and not body.stream:
         raise bad_request("stream_options: only allowed when stream is true", param="stream_options")
-
-    prompts = serving.completion_prompts(body.prompt)
-    explicit_max = "max_tokens" in body.model_fields_set
-    prompt_lp = body.prompt_logprobs
-    if body.echo and body.logprobs is not None:  # echoed prompt tokens carry logprobs too
-        prompt_lp = max(prompt_lp or 0, body.logprobs)
-    common = common_sampling_kwargs(body)
-    common["prompt_logprobs"] = prompt_lp
-
+    serving.check_prompt_count(body.prompt)
+    spec = request_spec(body)  # structured output: checked here, compiled on the tokenizer thread
     request_id = new_id("cmpl")
     log = request_log(request)
     log.request_id = request_id
-    engine_requests = []
-    for i, (ids, text) in enumerate(prompts):
-        max_tokens = serving.resolve_max_tokens(len(ids), body.max_tokens, explicit_max,
-                                                prompt_param="prompt" if len(prompts) == 1 else f"prompt[{i}]")
-        sp = serving.sampling_params(max_tokens=max_tokens, logprobs=body.logprobs, **common)
-        engine_requests.append(EngineRequest(
-            request_id=request_id if len(prompts) == 1 else f"{request_id}-{i}",
-            prompt_token_ids=ids, sampling_params=sp, prompt=text,
-            priority=body.priority or 0, return_routing=bool(body.return_routing)))
-    log.prompt_tokens = sum(len(ids) for ids, _ in prompts)
-
-    plan = _Plan(request_id=request_id, created=int(time.time()), model=serving.model_name, n=n,
-                 echo=bool(body.echo), logprobs=body.logprobs,
-                 prompt_ids=[ids for ids, _ in prompts],
-                 prompt_texts=[t if t is not None else serving.decode(ids) for ids, t in prompts],
-                 prompt_logprobs=body.prompt_logprobs, return_routing=bool(body.return_routing))
+    engine_requests, plan = await serving.run_blocking(_prepare, serving, body, request_id, spec)
+    log.prompt_tokens = sum(len(ids) for ids in plan.prompt_ids)
     headers = {"X-Request-Id": request_id}
     gen = await serving.start_generation(request, engine_requests, stream=bool(body.stream))
     if body.stream:
@@ -103,16 +87,45 @@ async def create_completion(request: Request) -> Response:
     return JSONResponse(await _collect(serving, plan, gen, log), headers=headers)
 
 
+def _prepare(serving: Serving, body: CompletionRequest, request_id: str,
+             spec: StructuredSpec | None) -> tuple[list[EngineRequest], _Plan]:
+    """Tokenize, validate and compile the grammar (on the tokenizer thread): the engine requests
+    and the response plan."""
+    prompts = serving.completion_prompts(body.prompt)
+    structured = serving.compile_structured(spec) if spec is not None else None
+    explicit_max = "max_tokens" in body.model_fields_set
+    prompt_lp = body.prompt_logprobs
+    if body.echo and body.logprobs is not None:  # echoed prompt tokens carry logprobs too
+        prompt_lp = max(prompt_lp or 0, body.logprobs)
+    common = common_sampling_kwargs(body)
+    common["prompt_logprobs"] = prompt_lp
+    engine_requests = []
+    for i, (ids, text) in enumerate(prompts):
+        max_tokens = serving.resolve_max_tokens(len(ids), body.max_tokens, explicit_max,
+                                                prompt_param="prompt" if len(prompts) == 1 else f"prompt[{i}]")
+        sp = serving.sampling_params(max_tokens=max_tokens, logprobs=body.logprobs, **common)
+        engine_requests.append(EngineRequest(
+            request_id=request_id if len(prompts) == 1 else f"{request_id}-{i}",
+            prompt_token_ids=ids, sampling_params=sp, prompt=text,
+            priority=body.priority or 0, return_routing=bool(body.return_routing), structured=structured))
+    plan = _Plan(request_id=request_id, created=int(time.time()), model=serving.model_name,
+                 n=body.n if body.n is not None else 1, echo=bool(body.echo), logprobs=body.logprobs,
+                 prompt_ids=[ids for ids, _ in prompts],
+                 prompt_texts=[t if t is not None else serving.decode(ids) for ids, t in prompts],
+                 prompt_logprobs=body.prompt_logprobs, return_routing=bool(body.return_routing))
+    return engine_requests, plan
+
+
 async def _collect(serving: Serving, plan: _Plan, gen: GenerationStream, log: Any) -> dict[str, Any]:
     choices: dict[int, _Choice] = {}
     prompt_lps: dict[int, list[Logprob | None]] = {}
-    prompt_routing: dict[int, list] = {}
+    prompt_routing: dict[int, dict[str, list]] = {}
     finished = []
     async for i, out in gen:
         if out.finished:
             finished.append(out.metrics)
         if out.prompt_routing is not None:
-            prompt_routing[i] = out.prompt_routing
+            prompt_routing[i] = routing_fields(out.prompt_routing, out.prompt_routing_weights, "prompt_")
         if out.prompt_logprobs is not None:
             prompt_lps[i] = out.prompt_logprobs
         for o in out.outputs:
@@ -120,7 +133,8 @@ async def _collect(serving: Serving, plan: _Plan, gen: GenerationStream, log: An
             c.text += o.text
             c.token_ids += o.token_ids
             c.logprobs += o.logprobs or []
-            c.routing += o.routing or []
+            c.routing += ids_json(o.routing)
+            c.routing_weights += weights_json(o.routing_weights)
             c.finish_reason = o.finish_reason or c.finish_reason
     result = []
     for idx in sorted(choices):
@@ -141,8 +155,8 @@ async def _collect(serving: Serving, plan: _Plan, gen: GenerationStream, log: An
             choice["prompt_logprobs"] = prompt_logprobs_json(serving.token_text, prompt_lps.get(i),
                                                              plan.prompt_logprobs)
         if plan.return_routing:
-            choice["routing"] = c.routing
-            choice["prompt_routing"] = prompt_routing.get(i)
+            choice["routing"], choice["routing_weights"] = c.routing, c.routing_weights
+            choice.update(prompt_routing.get(i) or {"prompt_routing": None, "prompt_routing_weights": None})
         result.append(choice)
     completion_tokens = sum(len(c.token_ids) for c in choices.values())
     prompt_tokens = sum(len(ids) for ids in plan.prompt_ids)
@@ -158,7 +172,6 @@ async def _stream(serving: Serving, plan: _Plan, gen: GenerationStream, include_
     completion_tokens = 0
     prompt_tokens = sum(len(ids) for ids in plan.prompt_ids)
     finished: list = []
-    prompt_routing: dict[int, list] = {}
 
     def chunk(choices: list[dict[str, Any]]) -> dict[str, Any]:
         c: dict[str, Any] = {"id": plan.request_id, "object": "text_completion", "created": plan.created,
@@ -171,8 +184,6 @@ async def _stream(serving: Serving, plan: _Plan, gen: GenerationStream, include_
         async for i, out in gen:
             if out.finished:
                 finished.append(out.metrics)
-            if out.prompt_routing is not None:
-                prompt_routing[i] = out.prompt_routing
             for o in out.outputs:
                 idx = plan.index(i, o.index)
                 completion_tokens += len(o.token_ids)
@@ -196,9 +207,9 @@ async def _stream(serving: Serving, plan: _Plan, gen: GenerationStream, include_
                     choice["prompt_logprobs"] = prompt_logprobs_json(serving.token_text, out.prompt_logprobs,
                                                                      plan.prompt_logprobs)
                 if plan.return_routing:
-                    choice["routing"] = o.routing or []
-                    if first:  # as in the non-streamed response: per choice, on its first chunk
-                        choice["prompt_routing"] = prompt_routing.get(i)
+                    choice.update(routing_fields(o.routing, o.routing_weights))
+                    if first and out.prompt_routing is not None:
+                        choice.update(routing_fields(out.prompt_routing, out.prompt_routing_weights, "prompt_"))
                 yield chunk([choice])
         if include_usage:
             final = chunk([])

@@ -100,6 +100,20 @@ def unauthorized() -> APIError:
                     headers={"WWW-Authenticate": "Bearer"})
 
 
+def body_timeout(seconds: float) -> APIError:
+    return APIError(408, f"The request body did not arrive within {seconds:g}s.", code="request_timeout")
+
+
+def invalid_host() -> APIError:
+    return APIError(400, "Invalid Host header: this server does not answer to that host name "
+                         "(see --allowed-hosts).", code="invalid_host")
+
+
+def unsupported_media_type(content_type: str) -> APIError:
+    return APIError(415, f"Content-Type must be application/json, not '{truncate(content_type, 60) or 'none'}'.",
+                    code="unsupported_media_type")
+
+
 def body_too_large(limit: int) -> APIError:
     return APIError(413, f"Request body exceeds the limit of {limit} bytes.",
                     code="request_too_large")

@@ -45,8 +45,9 @@ def engine_error_to_api(exc: BaseException) -> APIError:
         return bad_request(str(exc), code="context_length_exceeded")
     if isinstance(exc, EngineOverloadedError):
         return overloaded(str(exc) or "Too many requests are queued; retry later.")
-    if isinstance(exc, EngineDeadError):
-        return unavailable(f"The engine is not available: {exc}")
+    if isinstance(exc, EngineDeadError):  # details go to the log, not to clients
+        logger.error("engine unavailable: %s", exc)
+        return unavailable("The engine is not available; retry later.")
     logger.error("engine failed a request", exc_info=(type(exc), exc, exc.__traceback__))
     return internal_error()
 
@@ -155,7 +156,8 @@ class GenerationStream:
             if out.error or "error" in reasons:
                 await self.close()
                 logger.error("engine error for %s: %s", out.request_id, out.error)
-                raise internal_error(f"The engine failed the request: {out.error or 'error'}")
+                raise internal_error(f"The engine failed this request (request id {out.request_id}); "
+                                     f"the server log has the details.")
             if "abort" in reasons:
                 await self.close()
                 raise unavailable("The engine aborted the request (it may be shutting down).")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from importlib import metadata
 from typing import Any
 
@@ -12,6 +13,12 @@ from server.api.errors import RETRY_AFTER_SECONDS, error_response, unavailable
 from server.engine.protocol import EngineDeadError
 
 router = APIRouter()
+logger = logging.getLogger(__name__)
+
+
+def _dead(e: EngineDeadError) -> Response:
+    logger.error("health check: the engine is dead: %s", e)  # the reason stays in the log
+    return error_response(unavailable("The engine is dead."))
 
 
 def server_version() -> str:
@@ -26,7 +33,7 @@ async def health(request: Request) -> Response:
     try:
         await request.app.state.engine.check_health()
     except EngineDeadError as e:
-        return error_response(unavailable(f"The engine is dead: {e}"))
+        return _dead(e)
     return JSONResponse({"status": "ok"})
 
 
@@ -40,7 +47,7 @@ async def ready(request: Request) -> Response:
     try:
         await state.engine.check_health()
     except EngineDeadError as e:
-        return error_response(unavailable(f"The engine is dead: {e}"))
+        return _dead(e)
     return JSONResponse({"status": "ready"})
 
 

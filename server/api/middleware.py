@@ -1,5 +1,10 @@
-"""One pure-ASGI middleware around the app: auth, draining, body-size limit, in-flight count,
-HTTP metrics, the access log line, and a last-resort 500 (the server keeps serving).
+"""One pure-ASGI middleware around the app: Host check, auth, draining, body-size limit and
+body-read timeout, in-flight count, HTTP metrics, the access log line, and a last-resort 500
+(the server keeps serving).
+
+The Host check is DNS-rebinding protection: a web page on another origin can make a browser
+send requests to a server on localhost under the attacker's host name; such requests carry
+that name in `Host` and are refused (400) unless it is in the allow-list.
 
 Pure ASGI rather than `BaseHTTPMiddleware`, so streaming responses and client disconnects
 pass through untouched.
@@ -7,6 +12,7 @@ pass through untouched.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -14,7 +20,8 @@ from typing import Any
 
 from server.api.auth import bearer_ok, is_exempt
 from server.api.context import SCOPE_KEY, RequestLog
-from server.api.errors import APIError, body_too_large, error_json_bytes, internal_error, unauthorized, unavailable
+from server.api.errors import (APIError, body_timeout, body_too_large, error_json_bytes, internal_error, invalid_host,
+                               unauthorized, unavailable)
 
 access_logger = logging.getLogger("moe_serve.access")
 logger = logging.getLogger("moe_serve.api")
@@ -33,6 +40,7 @@ class APIMiddleware:
     def __init__(self, app: Any, state: Any) -> None:
         self.app = app
         self.state = state  # the FastAPI app.state: config, metrics, draining, inflight
+        self.allowed_hosts = state.config.effective_allowed_hosts()
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -48,11 +56,18 @@ class APIMiddleware:
             if message["type"] == "http.response.start":
                 resp.started = True
                 resp.status = message["status"]
+                headers = list(message.get("headers") or [])
+                if log.request_id and not any(k.lower() == b"x-request-id" for k, _ in headers):
+                    # errors too carry the id the server log uses for the request
+                    message = {**message, "headers": headers + [(b"x-request-id", log.request_id.encode())]}
             await send(message)
 
-        exempt = path in self.state.public_paths or is_exempt(path, config.auth_exempt_paths)
+        exempt = path in self.state.public_paths or is_exempt(path, config.exempt_paths)
         counted = False
         try:
+            if not host_allowed(scope, self.allowed_hosts):
+                await _send_error(send_wrapper, invalid_host())
+                return
             if config.api_key and not exempt:
                 auth = dict(scope.get("headers") or []).get(b"authorization")
                 if not bearer_ok(auth, config.api_key):
@@ -70,7 +85,7 @@ class APIMiddleware:
             if not exempt:
                 self.state.inflight += 1
                 counted = True
-            await self.app(scope, _limited(receive, limit), send_wrapper)
+            await self.app(scope, _limited(receive, limit, config.body_read_timeout), send_wrapper)
         except Exception as exc:  # our bug (or a body over the limit while streaming it in)
             err = exc if isinstance(exc, APIError) else internal_error()
             if not isinstance(exc, APIError):
@@ -102,17 +117,37 @@ def _content_length(scope: dict[str, Any]) -> int | None:
     return None
 
 
-def _limited(receive: Any, limit: int) -> Any:
-    """Count body bytes as they arrive (chunked bodies have no Content-Length)."""
+def host_allowed(scope: dict[str, Any], allowed: tuple[str, ...]) -> bool:
+    if "*" in allowed:
+        return True
+    raw = dict(scope.get("headers") or []).get(b"host", b"").decode("latin-1").strip().lower()
+    if raw.startswith("["):  # [::1]:8000
+        host = raw.split("]", 1)[0] + "]"
+    else:
+        host = raw.rsplit(":", 1)[0] if raw.count(":") == 1 else raw
+    return host in allowed
+
+
+def _limited(receive: Any, limit: int, timeout: float) -> Any:
+    """Count body bytes as they arrive (chunked bodies have no Content-Length), and give the
+    whole body `timeout` seconds (a slow sender holds a connection and a task: 408)."""
     seen = 0
+    deadline = time.monotonic() + timeout
+    body_done = False
 
     async def wrapped() -> dict[str, Any]:
-        nonlocal seen
-        message = await receive()
+        nonlocal seen, body_done
+        if body_done:  # after the body only a disconnect can come: wait as long as it takes
+            return await receive()
+        try:
+            message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            raise body_timeout(timeout) from None
         if message.get("type") == "http.request":
             seen += len(message.get("body", b""))
             if seen > limit:
                 raise body_too_large(limit)
+            body_done = not message.get("more_body", False)
         return message
 
     return wrapped

@@ -13,9 +13,9 @@ router = APIRouter()
 
 
 def _card(serving: Serving) -> dict[str, Any]:
-    info = serving.engine.model_info
+    # `root` is the served name, never the checkpoint's path on the server's disk
     return {"id": serving.model_name, "object": "model", "created": serving.created,
-            "owned_by": "moe-serve", "root": info.path, "parent": None,
+            "owned_by": "moe-serve", "root": serving.model_name, "parent": None,
             "max_model_len": serving.max_model_len}
 
 

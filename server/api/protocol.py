@@ -25,6 +25,26 @@ class StreamOptions(_Body):
     continuous_usage_stats: bool | None = None  # vLLM: usage on every chunk
 
 
+class StructuredOutputs(_Body):
+    """vLLM's `structured_outputs`: exactly one of json / regex / choice / grammar / json_object."""
+
+    json_schema: dict[str, Any] | str | None = Field(None, alias="json")  # a JSON schema (object or JSON text)
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None  # EBNF (xgrammar's GBNF dialect)
+    json_object: bool | None = None
+    structural_tag: Any | None = None  # refused: not supported
+    disable_any_whitespace: bool | None = None  # JSON: compact (the default here) or free whitespace
+    disable_fallback: bool | None = None  # accepted; one backend here, nothing to fall back to
+    disable_additional_properties: bool | None = None  # accepted (a guidance-backend option in vLLM)
+    whitespace_pattern: str | None = None  # refused when set: not supported by the xgrammar backend
+
+
+class ResponseFormat(_Body):
+    type: str
+    json_schema: dict[str, Any] | None = None
+
+
 class _VLLMSampling(_Body):
     """vLLM's extra sampling fields, accepted in both completion bodies under vLLM's names."""
 
@@ -40,6 +60,13 @@ class _VLLMSampling(_Body):
     priority: int | None = None
     # moe-serve extension: per-token expert ids in `choices[i].routing`
     return_routing: bool | None = None
+    # structured outputs (OpenAI's response_format is in each body; vLLM's fields here)
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None  # accepted; this server always uses xgrammar
 
 
 class CompletionRequest(_VLLMSampling):
@@ -61,6 +88,7 @@ class CompletionRequest(_VLLMSampling):
     logit_bias: dict[str, Any] | None = None
     seed: int | None = None
     user: str | None = None
+    response_format: ResponseFormat | None = None
 
 
 class ChatMessage(BaseModel):
@@ -72,11 +100,6 @@ class ChatMessage(BaseModel):
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
     refusal: str | None = None
-
-
-class ResponseFormat(_Body):
-    type: str
-    json_schema: dict[str, Any] | None = None
 
 
 class ChatCompletionRequest(_VLLMSampling):
@@ -101,6 +124,7 @@ class ChatCompletionRequest(_VLLMSampling):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None  # vLLM: extra template variables (enable_thinking)
 
 
 class TokenizeRequest(_Body):

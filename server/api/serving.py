@@ -7,24 +7,33 @@ engine beyond the `EngineClient` protocol (`model_info`, `tokenizer`, `generate`
 
 from __future__ import annotations
 
+import asyncio
 import math
 import re
 import time
 import uuid
-from typing import Any
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 from starlette.requests import Request
 
+from server.api import chat_messages
 from server.api.errors import APIError, bad_request, model_not_found, overloaded, truncate
 from server.api.generation import GenerationStream
 from server.api.protocol import ChatMessage
+from server.api.reasoning import REASONING_PARSERS
+from server.api.tool_parsers import TOOL_PARSERS
 from server.api.tokens import TokenText
 from server.config import ServerConfig
-from server.engine.request import EngineRequest, SamplingParams, SamplingParamsError
+from server.engine.request import MAX_LOGIT_BIAS, EngineRequest, SamplingParams, SamplingParamsError
+from server.engine.structured.spec import StructuredSpec, StructuredSpecError
 from server.metrics.usage import moe_usage
 
-ROLES = ("system", "developer", "user", "assistant", "tool")
-TEXT_JOINER = "\n"
+T = TypeVar("T")
+# Unicode normalisation can shrink a text (composing characters) before it is split into
+# tokens; the character-count bound on tokens allows for up to this factor.
+PROMPT_SHRINK = 4
 _INT_KEY = re.compile(r" *[+-]?[0-9]{1,20} *")
 
 
@@ -45,6 +54,42 @@ class Serving:
         self.tokenizer = engine.tokenizer
         self.token_text = TokenText(engine.tokenizer)
         self.created = int(time.time())
+        # Tokenization, chat templates and big-body validation run here, off the event loop, so
+        # that /health and /metrics answer while a huge prompt is processed. One thread: a
+        # tokenizer is not safe to drive from several threads at once.
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizer")
+        self._backend = self._fast_backend(engine.tokenizer)
+        # the longest token's text: a prompt of c characters has at least
+        # c / (PROMPT_SHRINK * max_token_chars) tokens (a bound that needs no tokenization)
+        vocab = engine.tokenizer.get_vocab() if hasattr(engine.tokenizer, "get_vocab") else {}
+        self.max_token_chars = max((len(t) for t in vocab), default=0)
+        self.chat_template = chat_messages.load_chat_template(config.chat_template)
+        # --tool-call-parser / --reasoning-parser (vLLM's names); parsers are stateless, one each
+        self.tool_parser = TOOL_PARSERS[config.tool_call_parser]() if config.tool_call_parser else None
+        self.reasoning_parser = REASONING_PARSERS.get(config.engine.reasoning_parser or "")
+        self._grammars: Any = None  # GrammarCache, made on the first structured request
+
+    async def run_blocking(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn(*args)` on the tokenizer thread (its APIError reaches the caller)."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    @staticmethod
+    def _fast_backend(tokenizer: Any) -> Any:
+        """The Rust tokenizer behind a fast HF tokenizer, when it encodes exactly as the HF
+        wrapper does (checked once): its batch encode releases the GIL and tells the length
+        before any Python list of ids is built."""
+        backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+        if backend is None:
+            return None
+        probe = "Hello, world!  The list data type\n\tdef f(x): return x ** 2 # é ß 漢字"
+        for special in (True, False):
+            if backend.encode_batch([probe], add_special_tokens=special)[0].ids != \
+                    list(tokenizer.encode(probe, add_special_tokens=special)):
+                return None
+        return backend
 
     # -- model ------------------------------------------------------------------------------
     @property
@@ -60,8 +105,48 @@ class Serving:
             raise model_not_found(model)
 
     # -- prompts ----------------------------------------------------------------------------
-    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+    def encode(self, text: str, add_special_tokens: bool, limit: int | None = None, param: str = "prompt") -> list[int]:
+        """Token ids of `text`; with `limit`, a text of more tokens raises the context-length 400
+        (its ids are never materialised). Call on the tokenizer thread."""
+        if self._backend is not None:
+            enc = self._backend.encode_batch([text], add_special_tokens=add_special_tokens)[0]
+            if limit is not None and len(enc) > limit:
+                raise self.too_long(len(enc), param)
+            return enc.ids
+        ids = list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+        if limit is not None and len(ids) > limit:
+            raise self.too_long(len(ids), param)
+        return ids
+
+    def too_long(self, num_tokens: int, param: str = "prompt", at_least: bool = False) -> APIError:
+        has = f"at least {num_tokens}" if at_least else str(num_tokens)
+        return APIError(400, f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                             f"your {param} has {has} tokens, which leaves no room for a completion. Please "
+                             f"reduce the length of the {param}.", param=param, code="context_length_exceeded")
+
+    def check_text_length(self, text: str, param: str) -> None:
+        """Refuse, without tokenizing, a text too long for the context whatever its tokens."""
+        if self.max_token_chars:
+            at_least = len(text) // (PROMPT_SHRINK * self.max_token_chars)
+            if at_least >= self.max_model_len:
+                raise self.too_long(at_least, param, at_least=True)
+
+    def check_prompt_count(self, prompt: Any) -> None:
+        """Cheap limits on a completion's prompts before any is tokenized: the count one request
+        may hold (400) and the engine's free capacity (429)."""
+        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+            count = len(prompt)
+        else:
+            count = 1
+        cfg = self.config.engine
+        most = cfg.max_num_seqs + cfg.max_queue_len
+        if count > most:
+            raise bad_request(f"prompt: at most {most} prompts per request on this server (--max-num-seqs "
+                              f"+ --max-queue-len); this one has {count}", param="prompt")
+        self.check_capacity(count)
+        for k, item in enumerate(prompt if count > 1 else [prompt]):
+            if isinstance(item, str):
+                self.check_text_length(item, "prompt" if count == 1 else f"prompt[{k}]")
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
@@ -88,7 +173,7 @@ class Serving:
             if isinstance(item, str):
                 if not item:
                     raise bad_request(f"{param}: must not be empty", param=param)
-                ids = self.encode(item, add_special_tokens=True)
+                ids = self.encode(item, add_special_tokens=True, limit=self.max_model_len - 1, param=param)
                 text: str | None = item
             else:
                 ids = list(item)
@@ -99,55 +184,35 @@ class Serving:
             out.append((ids, text))
         return out
 
-    def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
-        return self.encode(self.render_chat(messages, add_generation_prompt), add_special_tokens=False)
+    def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool = True, **render: Any) -> list[int]:
+        """Rendered and tokenized (call on the tokenizer thread)."""
+        return self.encode(self.render_chat(messages, add_generation_prompt, **render), add_special_tokens=False,
+                           limit=self.max_model_len - 1, param="messages")
 
-    def render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> str:
-        if not messages:
-            raise bad_request("messages: must be a non-empty list", param="messages")
-        conversation = [self._message_dict(k, m) for k, m in enumerate(messages)]
+    def render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
+                    tools: list[dict[str, Any]] | None = None, template_kwargs: dict[str, Any] | None = None) -> str:
+        return chat_messages.render(self.tokenizer, messages, add_generation_prompt, tools=tools,
+                                    template_kwargs=template_kwargs, chat_template=self.chat_template)
+
+    # -- structured outputs -----------------------------------------------------------------
+    def compile_structured(self, spec: StructuredSpec, gate: tuple[int, ...] = ()) -> Any:
+        """The spec's compiled grammar (cached; call on the tokenizer thread): a 400 naming the
+        parameter when it does not compile."""
+        if self._grammars is None:
+            from server.engine.structured.backend import GrammarCompiler
+            from server.engine.structured.cache import GrammarCache
+
+            self._grammars = GrammarCache(GrammarCompiler(self.tokenizer, self.vocab_size,
+                                                          tuple(getattr(self.engine.model_info, "eos_token_ids", ()))))
         try:
-            text = self.tokenizer.apply_chat_template(conversation, tokenize=False,
-                                                      add_generation_prompt=add_generation_prompt)
-        except Exception as e:  # jinja's TemplateError, raise_exception(), bad content shapes
-            raise bad_request(f"messages: the chat template rejected the conversation: "
-                              f"{truncate(str(e), 200)}", param="messages") from None
-        if not isinstance(text, str):  # some tokenizers return a list for batched input
-            text = text[0]
-        return text
+            compiled = self._grammars.get(spec)
+        except StructuredSpecError as e:
+            raise bad_request(truncate(e.message, 400), param=e.param) from None
+        return compiled.with_gate(gate) if gate else compiled
 
-    @staticmethod
-    def _message_dict(k: int, m: ChatMessage) -> dict[str, Any]:
-        p = f"messages[{k}]"
-        if m.role not in ROLES:
-            raise bad_request(f"{p}.role: unknown role '{truncate(m.role, 40)}'; expected one of "
-                              f"{', '.join(ROLES)}", param=f"{p}.role")
-        if m.tool_calls:
-            raise bad_request(f"{p}.tool_calls: tool calls are not supported", param=f"{p}.tool_calls")
-        content = m.content
-        if content is None:
-            raise bad_request(f"{p}.content: is required", param=f"{p}.content")
-        if isinstance(content, list):
-            texts = []
-            for j, part in enumerate(content):
-                ptype = part.get("type")
-                if ptype != "text":
-                    raise bad_request(
-                        f"{p}.content[{j}]: content part type '{truncate(str(ptype), 30)}' is not "
-                        f"supported; this model accepts text only", param=f"{p}.content[{j}].type")
-                text = part.get("text")
-                if not isinstance(text, str) or set(part) - {"type", "text"}:
-                    raise bad_request(f"{p}.content[{j}]: a text part is {{'type': 'text', 'text': str}}",
-                                      param=f"{p}.content[{j}]")
-                texts.append(text)
-            content = TEXT_JOINER.join(texts)
-        role = "system" if m.role == "developer" else m.role
-        d: dict[str, Any] = {"role": role, "content": content}
-        if m.name is not None:
-            d["name"] = m.name
-        if m.tool_call_id is not None:
-            d["tool_call_id"] = m.tool_call_id
-        return d
+    @property
+    def grammar_cache(self) -> Any:
+        return self._grammars
 
     # -- limits -----------------------------------------------------------------------------
     def resolve_max_tokens(self, prompt_len: int, requested: int | None, explicit: bool,
@@ -155,10 +220,7 @@ class Serving:
         """`requested` None -> the rest of the context; an implicit default is capped to it."""
         remaining = self.max_model_len - prompt_len
         if remaining < 1:
-            raise APIError(400, f"This model's maximum context length is {self.max_model_len} tokens. "
-                                f"However, your {prompt_param} has {prompt_len} tokens, which leaves no "
-                                f"room for a completion. Please reduce the length of the {prompt_param}.",
-                           param=prompt_param, code="context_length_exceeded")
+            raise self.too_long(prompt_len, prompt_param)
         if requested is None:
             return remaining
         if not explicit:
@@ -185,6 +247,9 @@ class Serving:
     def _parse_logit_bias(self, raw: dict[str, Any]) -> dict[int, float]:
         """All bad entries named together: non-integer keys, ids outside the vocabulary,
         values that are not numbers in [-100, 100]."""
+        if len(raw) > MAX_LOGIT_BIAS:  # before looking at any entry
+            raise bad_request(f"logit_bias: at most {MAX_LOGIT_BIAS} entries; this one has {len(raw)}",
+                              param="logit_bias")
         bias: dict[int, float] = {}
         bad: list[str] = []
         for key, value in raw.items():

@@ -21,6 +21,10 @@ async def tokenize(request: Request) -> dict[str, Any]:
     serving.check_model(body.model)
     if (body.prompt is None) == (body.messages is None):
         raise bad_request("Give exactly one of 'prompt' or 'messages'.", param="prompt")
+    return await serving.run_blocking(_tokenize, serving, body)  # off the event loop
+
+
+def _tokenize(serving: Serving, body: TokenizeRequest) -> dict[str, Any]:
     if body.prompt is not None:
         add_special = True if body.add_special_tokens is None else body.add_special_tokens
         ids = serving.encode(body.prompt, add_special_tokens=add_special)
@@ -39,4 +43,4 @@ async def detokenize(request: Request) -> dict[str, Any]:
     serving: Serving = request.app.state.serving
     serving.check_model(body.model)
     serving.check_token_ids(body.tokens, "tokens")
-    return {"prompt": serving.decode(body.tokens)}
+    return {"prompt": await serving.run_blocking(serving.decode, body.tokens)}

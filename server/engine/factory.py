@@ -15,6 +15,7 @@ log = logging.getLogger("moe_serve.engine")
 
 DEFAULT_CPU_KV_BYTES = 512 * 2**20
 MAX_DEFAULT_MODEL_LEN = 8192
+DEFAULT_BATCHED_TOKENS = 2048  # per step, with chunked prefill
 
 
 def eos_token_ids(model_path: str, model_cfg, tokenizer) -> tuple[int, ...]:
@@ -68,13 +69,18 @@ def build_native_core(config: EngineConfig, progress: bool = True):
             raise ValueError(f"--max-model-len {max_len} does not fit the KV cache "
                              f"({blocks} blocks of {config.block_size} tokens); raise --kv-cache-memory")
         max_len = blocks * config.block_size
+    budget = config.max_num_batched_tokens
+    if budget is None:  # without chunked prefill a whole prompt must fit one step
+        budget = DEFAULT_BATCHED_TOKENS if config.enable_chunked_prefill else max(max_len, DEFAULT_BATCHED_TOKENS)
     core = EngineCore(
         model, tokenizer, num_blocks=blocks, block_size=config.block_size, max_model_len=max_len,
-        max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+        max_num_seqs=config.max_num_seqs, max_num_batched_tokens=budget,
         enable_prefix_caching=config.enable_prefix_caching, enable_chunked_prefill=config.enable_chunked_prefill,
         scheduling_policy=config.scheduling_policy, seed=config.seed,
         eos_token_ids=eos_token_ids(config.model, cfg, tokenizer),
     )
+    for block in model.moe_blocks():
+        block.capacity_factor = config.expert_capacity_factor
     attach_placement(core, config)  # expert placement / rebalancing / routing traces, when asked
     install_fault_injection(core)  # MOE_SERVE_FAULT_INJECT: fault tests only, off when unset
     dtype = str(model.embed.weight.dtype).replace("torch.", "")
@@ -82,6 +88,7 @@ def build_native_core(config: EngineConfig, progress: bool = True):
         name=config.model_name, path=config.model, max_model_len=core.max_model_len, vocab_size=cfg.vocab_size,
         architecture=cfg.architecture, num_layers=cfg.num_layers, num_experts=cfg.num_experts, top_k=cfg.top_k,
         dtype=dtype, device=str(model.embed.weight.device), num_moe_layers=cfg.num_moe_layers,
+        eos_token_ids=core.eos_token_ids,
     )
     log.info("loaded %s (%s, %s on %s) in %.1fs; KV cache %d blocks x %d tokens; max_model_len %d",
              config.model, cfg.architecture, dtype, info.device, model.load_seconds, blocks, config.block_size,
@@ -97,4 +104,5 @@ def build_engine(config: EngineConfig) -> EngineClient:
     from server.engine.native.async_engine import AsyncEngine
 
     core, info = build_native_core(config)
-    return AsyncEngine(core, info, max_queue_len=config.max_queue_len, max_num_seqs=config.max_num_seqs)
+    return AsyncEngine(core, info, max_queue_len=config.max_queue_len, max_num_seqs=config.max_num_seqs,
+                       progress_timeout=config.engine_progress_timeout)

@@ -34,6 +34,7 @@ class ModelInfo:
     dtype: str
     device: str
     num_moe_layers: int | None = None  # layers with an MoE block (routing series are per MoE layer)
+    eos_token_ids: tuple[int, ...] = ()  # what ends a sequence (structured outputs stop on these)
 
 
 @runtime_checkable

@@ -16,6 +16,15 @@ from typing import Any
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
 MAX_LOGPROBS = 20
+# Per-request bounds on what each engine step pays for (documented in the README):
+MAX_N = 128  # completions per request (the engine also caps n at --max-num-seqs)
+MAX_LOGIT_BIAS = 300  # entries, as OpenAI
+MAX_STOP = 16  # stop strings
+MAX_STOP_CHARS = 256  # characters per stop string
+MAX_STOP_TOKEN_IDS = 256
+# return_routing: most expert ids one request may return, (prompt + n * max_tokens) tokens x
+# MoE layers x top-k (each id is ~3 bytes of JSON plus its weight; 2**20 ids is ~10 MB)
+MAX_ROUTING_IDS = 1 << 20
 
 
 class SamplingParamsError(ValueError):
@@ -60,6 +69,8 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # derived once from stop_token_ids (membership is tested for every generated token)
+    stop_token_set: frozenset[int] = field(init=False, repr=False, compare=False, default=frozenset())
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -71,14 +82,15 @@ class SamplingParams:
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
         self._validate()
+        self.stop_token_set = frozenset(self.stop_token_ids)
 
     # -- validation ---------------------------------------------------------------------
     def _validate(self) -> None:
         def bad(param: str, msg: str) -> None:
             raise SamplingParamsError(param, f"{param}: {msg}")
 
-        if not _is_int(self.n) or not 1 <= self.n <= 128:
-            bad("n", "must be an integer in [1, 128]")
+        if not _is_int(self.n) or not 1 <= self.n <= MAX_N:
+            bad("n", f"must be an integer in [1, {MAX_N}]")
         if not _is_num(self.temperature) or not 0.0 <= self.temperature <= 2.0:
             bad("temperature", "must be a number in [0, 2]")
         if not _is_num(self.top_p) or not 0.0 < self.top_p <= 1.0:
@@ -95,11 +107,15 @@ class SamplingParams:
             bad("min_tokens", "must be an integer >= 0")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             bad("min_tokens", f"must not exceed max_tokens ({self.max_tokens})")
-        if len(self.stop) > 16:
-            bad("stop", "at most 16 stop strings")
+        if len(self.stop) > MAX_STOP:
+            bad("stop", f"at most {MAX_STOP} stop strings")
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 bad("stop", "stop strings must be non-empty strings")
+            if len(s) > MAX_STOP_CHARS:
+                bad("stop", f"a stop string may have at most {MAX_STOP_CHARS} characters")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            bad("stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS} token ids")
         for t in self.stop_token_ids:
             if not _is_int(t) or t < 0:
                 bad("stop_token_ids", "must be non-negative integers")
@@ -116,6 +132,8 @@ class SamplingParams:
         if self.logit_bias is not None:
             if not isinstance(self.logit_bias, dict):
                 bad("logit_bias", "must be an object mapping token ids to numbers")
+            if len(self.logit_bias) > MAX_LOGIT_BIAS:
+                bad("logit_bias", f"at most {MAX_LOGIT_BIAS} entries")
             bad_keys = [k for k in self.logit_bias if not _is_int(k) or k < 0]
             if bad_keys:
                 bad("logit_bias", f"keys must be non-negative integer token ids; bad: {_short(bad_keys)}")
@@ -156,6 +174,9 @@ class EngineRequest:
     arrival_time: float = field(default_factory=time.monotonic)
     priority: int = 0  # lower runs first when the scheduler's policy is "priority"
     return_routing: bool = False  # per-token expert ids in the outputs
+    # structured output: a server.engine.structured.backend.CompiledStructure (its `spec` says what
+    # was asked, its `grammar` is compiled already: engines never compile), or None
+    structured: Any | None = None
 
 
 @dataclass
@@ -173,8 +194,11 @@ class CompletionOutput:
     logprobs: list[Logprob] | None = None  # delta, one per token in token_ids
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     stop_reason: int | str | None = None  # the stop string or token id that matched
-    # [num_new_tokens][num_layers][top_k] expert ids, when the request asked for routing
-    routing: list[list[list[int]]] | None = None
+    # when the request asked for routing: expert ids and router weights of the new tokens,
+    # [num_new_tokens, num_moe_layers, top_k], as compact tensors (uint8/int16 ids, float16
+    # weights) or nested lists; the API renders them with `.tolist()`
+    routing: Any | None = None
+    routing_weights: Any | None = None
 
     @property
     def finished(self) -> bool:
@@ -195,6 +219,7 @@ class RequestMetrics:
     # over every token the request ran through the model, and how many were computed per device
     expert_counts: list[list[int]] | None = None
     device_expert_tokens: dict[str, int] | None = None
+    num_dropped_assignments: int | None = None  # over expert capacity (None: no capacity limit)
 
 
 @dataclass
@@ -205,7 +230,8 @@ class RequestOutput:
     prompt_token_ids: list[int] | None = None  # set on the first output
     # per prompt token (first is None), when prompt_logprobs was asked; set on the first output
     prompt_logprobs: list[Logprob | None] | None = None
-    # [num_prompt_tokens][num_layers][top_k], first output only, when routing was asked
-    prompt_routing: list[list[list[int]]] | None = None
+    # as CompletionOutput.routing, per prompt token; first output only, when routing was asked
+    prompt_routing: Any | None = None
+    prompt_routing_weights: Any | None = None
     metrics: RequestMetrics | None = None
     error: str | None = None  # set when the engine failed this request

@@ -54,7 +54,8 @@ class RoutingStats:
     # [num_layers][num_experts] token-expert assignments this step
     expert_tokens: list[list[int]]
     device_tokens: dict[str, int] = field(default_factory=dict)
-    dropped_tokens: int = 0
+    # [num_layers] assignments dropped over expert capacity this step (None: no capacity limit)
+    dropped_tokens: list[int] | None = None
 
 
 @dataclass

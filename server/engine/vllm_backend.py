@@ -66,7 +66,8 @@ def engine_args_kwargs(config: EngineConfig, *, on_cpu: bool, environ: dict[str,
         unsupported.append(f"--expert-placement {config.expert_placement} (vLLM places experts 'linear' "
                            f"(= contiguous) or 'round_robin'; use --enable-eplb for load-based placement)")
     for name, flag in (("expert_devices", "--expert-devices"), ("gpu_expert_budget", "--gpu-expert-budget"),
-                       ("record_routing", "--record-routing")):
+                       ("record_routing", "--record-routing"),
+                       ("expert_capacity_factor", "--expert-capacity-factor")):
         if getattr(config, name) != getattr(defaults, name):
             unsupported.append(flag)
     if (config.num_redundant_experts or config.rebalance_interval) and not config.enable_eplb:
@@ -104,6 +105,8 @@ def engine_args_kwargs(config: EngineConfig, *, on_cpu: bool, environ: dict[str,
         log.warning("vLLM's CPU attention needs KV block sizes that are multiples of %d; --block-size %d "
                     "ignored, vLLM picks its CPU default", CPU_BLOCK_MULTIPLE, config.block_size)
         kw["block_size"] = None
+    if config.reasoning_parser:  # vLLM then starts structured outputs after the reasoning part
+        kw["reasoning_parser"] = config.reasoning_parser
     if config.num_kv_blocks:
         kw["num_gpu_blocks_override"] = config.num_kv_blocks
     if config.kv_cache_memory:
@@ -175,6 +178,25 @@ def to_vllm_sampling_kwargs(params: SamplingParams, max_tokens: int, return_rout
         skip_special_tokens=params.skip_special_tokens,
         include_stop_str_in_output=params.include_stop_str_in_output,
     )
+
+
+def to_vllm_structured(structured: Any) -> dict[str, Any] | None:
+    """Keyword arguments for vLLM's `StructuredOutputsParams` from our compiled request (only its
+    spec is used: vLLM compiles for itself; ours compiled on the API side for the 400s). A
+    reasoning part is skipped by vLLM's own reasoning parser (`--reasoning-parser` is passed on)."""
+    if structured is None:
+        return None
+    spec = structured.spec
+    kw: dict[str, Any] = {"disable_any_whitespace": not spec.any_whitespace}
+    if spec.kind == "json":
+        kw["json"] = json.loads(spec.value)
+    elif spec.kind == "json_object":
+        kw["json_object"] = True
+    elif spec.kind == "choice":
+        kw["choice"] = spec.choices()
+    else:  # regex, grammar
+        kw[spec.kind] = spec.value
+    return kw
 
 
 def to_logprob(token_id: int, position: Any, k: int) -> Logprob:
@@ -328,6 +350,13 @@ class VLLMEngine:
                          current_platform.device_count(), ray)
                 kwargs.update(ray)
         _check_arg_names(kwargs, AsyncEngineArgs)
+        # structured outputs: compact JSON as the native engine (vLLM reads this per engine, not per request)
+        from vllm.config import StructuredOutputsConfig
+
+        so = kwargs.get("structured_outputs_config") or {}
+        if isinstance(so, dict):
+            kwargs["structured_outputs_config"] = StructuredOutputsConfig(
+                **{"backend": "xgrammar", "disable_any_whitespace": True, **so})
         self.engine_args = AsyncEngineArgs(**kwargs)
         self.vllm_config = self.engine_args.create_engine_config(UsageContext.OPENAI_API_SERVER)
         mc = self.vllm_config.model_config
@@ -402,7 +431,12 @@ class VLLMEngine:
         from vllm.sampling_params import SamplingParams as VSamplingParams
 
         kw = to_vllm_sampling_kwargs(request.sampling_params, max_tokens, request.return_routing)
+        structured = to_vllm_structured(request.structured)
         try:
+            if structured is not None:
+                from vllm.sampling_params import StructuredOutputsParams
+
+                kw["structured_outputs"] = StructuredOutputsParams(**structured)
             return VSamplingParams(output_kind=RequestOutputKind.DELTA, **kw)
         except VLLMValidationError as e:
             param = e.parameter or "request"

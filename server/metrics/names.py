@@ -205,7 +205,8 @@ DEVICE_EXPERT_TOKENS = MetricSpec(
     "Token-to-expert assignments executed on each device.", (MODEL_NAME, DEVICE))
 DROPPED_TOKENS = MetricSpec(
     "moe_dropped_tokens_total", COUNTER,
-    "Token-to-expert assignments dropped (e.g. over expert capacity).", (MODEL_NAME,))
+    "Token-to-expert assignments dropped over expert capacity (--expert-capacity-factor), per MoE layer.",
+    (MODEL_NAME, LAYER))
 
 VLLM_SPECS: tuple[MetricSpec, ...] = (
     NUM_REQUESTS_RUNNING, NUM_REQUESTS_WAITING, KV_CACHE_USAGE,

@@ -59,7 +59,7 @@ class RoutingSnapshot:
     window: np.ndarray | None  # [num_layers, num_experts] within the window
     imbalance: np.ndarray | None  # [num_layers], NaN = no tokens in the window
     devices: dict[str, int] = field(default_factory=dict)
-    dropped: int = 0
+    dropped: np.ndarray | None = None  # [num_layers] assignments dropped over expert capacity
     placement: tuple[PlacementRow, ...] = ()
 
 
@@ -84,7 +84,7 @@ class ExpertLoadTracker:
             self._totals = np.zeros((num_layers, num_experts), dtype=np.int64)
         self._slots: deque[tuple[int, np.ndarray]] = deque()  # (slot index, [L, E] counts)
         self._devices: dict[str, int] = {}
-        self._dropped = 0
+        self._dropped: np.ndarray | None = None  # [num_layers]
         self._placement: tuple[PlacementRow, ...] = ()
         self._warned = False
 
@@ -94,9 +94,12 @@ class ExpertLoadTracker:
         with self._lock:
             for device, tokens in routing.device_tokens.items():
                 self._devices[str(device)] = self._devices.get(str(device), 0) + int(tokens)
-            self._dropped += max(0, int(routing.dropped_tokens))
             if not self._accept_shape(counts, routing):
                 return
+            if routing.dropped_tokens is not None:
+                dropped = np.maximum(_as_counts(routing.dropped_tokens), 0)  # [num_layers]
+                if dropped.shape == (counts.shape[0],):
+                    self._dropped = dropped if self._dropped is None else self._dropped + dropped
             if self._totals is None:
                 self._num_layers, self._num_experts = counts.shape
                 self._totals = np.zeros(counts.shape, dtype=np.int64)
@@ -150,7 +153,8 @@ class ExpertLoadTracker:
             snap = RoutingSnapshot(
                 num_layers=self._num_layers, num_experts=self._num_experts,
                 window_seconds=self.window_seconds, totals=totals, window=window,
-                imbalance=None, devices=dict(self._devices), dropped=self._dropped,
+                imbalance=None, devices=dict(self._devices),
+                dropped=None if self._dropped is None else self._dropped.copy(),
                 placement=self._placement)
         if window is not None:
             snap.imbalance = load_imbalance(window)
@@ -176,7 +180,8 @@ def snapshot_to_json(snap: RoutingSnapshot, model_name: str) -> dict:
         "window_seconds": snap.window_seconds,
         "layers": layers,
         "device_tokens": dict(sorted(snap.devices.items())),
-        "dropped_tokens": snap.dropped,
+        "dropped_tokens": 0 if snap.dropped is None else int(snap.dropped.sum()),
+        "dropped_tokens_per_layer": None if snap.dropped is None else snap.dropped.tolist(),
         "placement": [
             {"layer": l, "expert": e, "device": d, "replica": r} for l, e, d, r in snap.placement
         ],
@@ -249,5 +254,8 @@ class RoutingExposition:
         out.extend(f'{name}{{model_name="{m}",device="{_esc(device)}"}} {v}\n'
                    for device, v in sorted(snap.devices.items()))
         out.append(_header(n.DROPPED_TOKENS))
-        out.append(f'{n.DROPPED_TOKENS.name}{{model_name="{m}"}} {snap.dropped}\n')
+        if snap.dropped is not None:
+            name = n.DROPPED_TOKENS.name
+            out.extend(f'{name}{{model_name="{m}",layer="{layer}"}} {v}\n'
+                       for layer, v in enumerate(snap.dropped.tolist()))
         return "".join(out)

@@ -17,9 +17,12 @@ def moe_usage(metrics: Iterable[Any]) -> dict[str, Any] | None:
     engine did not observe routing."""
     counts: list[list[int]] | None = None
     devices: dict[str, int] = {}
+    dropped: int | None = None
     for m in metrics:
         if m is None or m.expert_counts is None:
             continue
+        if getattr(m, "num_dropped_assignments", None) is not None:
+            dropped = (dropped or 0) + m.num_dropped_assignments
         if counts is None:
             counts = [list(row) for row in m.expert_counts]
         else:
@@ -34,10 +37,13 @@ def moe_usage(metrics: Iterable[Any]) -> dict[str, Any] | None:
         entropies.append(-sum(c / total * math.log2(c / total) for c in row if c) if total else 0.0)
     assignments = sum(sum(row) for row in counts)
     dev_total = sum(devices.values())
-    return {
+    summary = {
         "expert_assignments": assignments,
         "distinct_experts_per_layer": [sum(1 for c in row if c) for row in counts],
         "routing_entropy_bits": round(sum(entropies) / len(entropies), 4) if entropies else 0.0,
         "max_routing_entropy_bits": round(math.log2(len(counts[0])), 4) if counts and counts[0] else 0.0,
         "device_share": {d: round(n / dev_total, 4) for d, n in sorted(devices.items())} if dev_total else {},
     }
+    if dropped is not None:  # only when the engine runs with an expert capacity
+        summary["dropped_assignments"] = dropped
+    return summary

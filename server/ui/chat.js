@@ -33,7 +33,7 @@ export class Chat {
     this.history = [];
     this.controller = null;
     this.lastText = "";
-    this.routingSupported = true;
+    this.noRouting = null; // why routing is left out of the request being retried, else null
   }
 
   setMode(mode) {
@@ -63,11 +63,11 @@ export class Chat {
       const messages = [...(system ? [{ role: "system", content: system }] : []), ...this.history,
         { role: "user", content: text }];
       const body = { ...base, messages, logprobs: true, top_logprobs: 0 };
-      if (this.routingSupported) body.return_routing = true;
+      if (!this.noRouting) body.return_routing = true;
       return { path: "/v1/chat/completions", body, tokenize: { messages, return_token_strs: true } };
     }
     const body = { ...base, prompt: text, logprobs: 0 };
-    if (this.routingSupported) body.return_routing = true;
+    if (!this.noRouting) body.return_routing = true;
     return { path: "/v1/completions", body, tokenize: { prompt: text, return_token_strs: true } };
   }
 
@@ -82,8 +82,8 @@ export class Chat {
     }
     const req = this.buildRequest(text);
     const facts = this.hooks.facts() || {};
-    if (this.routingSupported) this.routing.reset(facts.num_moe_layers || 0, "Generating…");
-    else this.routing.reset(0, "This engine does not report per-token routing.");
+    if (!this.noRouting) this.routing.reset(facts.num_moe_layers || 0, "Generating…");
+    else this.routing.reset(0, `No routing for this response: ${this.noRouting}`);
     els.output.querySelector(".empty")?.remove();
     let target;
     if (this.mode === "chat") {
@@ -106,7 +106,7 @@ export class Chat {
 
     const controller = (this.controller = new AbortController());
     this.setRunning(true);
-    const showPrompt = this.hooks.showPrompt() && this.routingSupported;
+    const showPrompt = this.hooks.showPrompt() && !this.noRouting;
     const promptLabels = showPrompt ? postJSON("/tokenize", req.tokenize, controller.signal)
       .then((r) => r.token_strs.map(tokenText)).catch(() => null) : null;
     const state = { text: "", tokens: 0, usage: null, finish: null, prompt: null, start: performance.now(), first: null };
@@ -129,8 +129,10 @@ export class Chat {
     } catch (err) {
       if (err.name === "AbortError") {
         outcome = "stopped";
-      } else if (err.param === "return_routing" && this.routingSupported && state.tokens === 0) {
-        this.routingSupported = false; // e.g. the vLLM engine: ask again without routing
+      } else if (err.param === "return_routing" && !this.noRouting && state.tokens === 0) {
+        // the server cannot return routing for this request (the vLLM engine; a response too
+        // big for routing): ask again without it, saying why
+        this.noRouting = err.message;
         target.div.remove();
         if (this.mode === "chat") els.output.lastChild?.remove();
         this.controller = null;
@@ -170,7 +172,7 @@ export class Chat {
       if (labels && labels.length) {
         if (state.first === null) state.first = performance.now();
         state.tokens += labels.length;
-        if (this.routingSupported) this.routing.addGenerated(labels);
+        if (!this.noRouting) this.routing.addGenerated(labels);
       }
       if (choice.prompt_routing) state.prompt = { routing: choice.prompt_routing, weights: choice.prompt_routing_weights };
       if (choice.routing && choice.routing.length) this.routing.addRouting(choice.routing, choice.routing_weights);
@@ -180,7 +182,8 @@ export class Chat {
 
   finish(outcome, state, promptText) {
     const { els } = this;
-    const routing = this.routingSupported ? this.routing : { finish() {} };
+    const routing = this.noRouting ? { finish() {} } : this.routing;
+    this.noRouting = null;
     const seconds = (performance.now() - state.start) / 1000;
     const tokens = state.usage ? state.usage.completion_tokens : state.tokens;
     if (this.mode === "chat" && outcome !== "failed") {
@@ -224,8 +227,7 @@ export class Chat {
     this.els.output.replaceChildren(empty);
     this.els.status.textContent = "";
     const facts = this.hooks.facts() || {};
-    if (this.routingSupported) this.routing.reset(facts.num_moe_layers || 0);
-    else this.routing.reset(0, "This engine does not report per-token routing.");
+    this.routing.reset(facts.num_moe_layers || 0);
   }
 
   async copy() {

@@ -278,13 +278,14 @@ export class RoutingView {
           chip.className = "chip";
           chip.style.background = expertColor(e);
           const w = col.weights && col.weights[layer] ? col.weights[layer][i] : null;
-          chip.textContent = typeof w === "number" ? `expert ${e} · ${w.toFixed(2)}` : `expert ${e}`;
+          chip.textContent = typeof w !== "number" ? `expert ${e}`
+            : w === 0 ? `expert ${e} · 0 (dropped over capacity)` : `expert ${e} · ${w.toFixed(2)}`;
           li.appendChild(chip);
         });
         list.appendChild(li);
       });
       parts.push(list);
-      if (!col.weights) {
+      if (!col.weights || !col.weights.length) {
         const note = document.createElement("p");
         note.className = "hint";
         note.textContent = "This server does not report router weights; expert ids only.";

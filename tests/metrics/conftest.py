@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import skip_or_fail
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -17,7 +19,7 @@ def prometheus_tools() -> dict[str, str]:
         r = subprocess.run(["bash", str(ROOT / "scripts" / "install_prometheus.sh")],
                            check=False, capture_output=True, text=True, timeout=900)
         if r.returncode == 2:
-            pytest.skip(f"cannot install prometheus: {r.stderr.strip()}")
+            skip_or_fail(f"cannot install prometheus: {r.stderr.strip()}")
         assert r.returncode == 0, f"install_prometheus.sh failed:\n{r.stdout}\n{r.stderr}"
     tools = {name: shutil.which(name) for name in ("promtool", "prometheus")}
     assert all(tools.values()), tools

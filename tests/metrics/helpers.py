@@ -33,7 +33,7 @@ def finished(reason: str = "stop", **kw) -> FinishedRequestStats:
 
 
 def routing(loads: list[list[int]], devices: dict[str, int] | None = None,
-            dropped: int = 0) -> RoutingStats:
+            dropped: list[int] | None = None) -> RoutingStats:
     return RoutingStats(num_layers=len(loads), num_experts=len(loads[0]), expert_tokens=loads,
                         device_tokens=devices or {}, dropped_tokens=dropped)
 

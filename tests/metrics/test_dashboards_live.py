@@ -88,7 +88,8 @@ def server(tmp_path_factory) -> Iterator[str]:
     log = logpath.open("w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "server.cli", "--host", "127.0.0.1", "--port", str(port),
-         "--max-model-len", "256", "--num-kv-blocks", "256"],
+         # an expert capacity, so that the dropped-tokens panel has real drops to show
+         "--max-model-len", "256", "--num-kv-blocks", "256", "--expert-capacity-factor", "1.0"],
         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:

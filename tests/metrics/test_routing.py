@@ -79,20 +79,23 @@ def test_window_memory_is_bounded():
 
 
 def test_device_tokens_and_dropped_tokens_accumulate():
-    m = ServerMetrics(MODEL, "0", 1, 2)
-    step(m, [[1, 1]], devices={"cuda:0": 5, "cuda:1": 1}, dropped=2)
-    step(m, [[1, 1]], devices={"cuda:0": 1}, dropped=1)
+    m = ServerMetrics(MODEL, "0", 2, 2)
+    step(m, [[1, 1], [0, 2]], devices={"cuda:0": 5, "cuda:1": 1}, dropped=[2, 0])
+    step(m, [[1, 1], [2, 0]], devices={"cuda:0": 1}, dropped=[1, 4])
     smp = samples(m.render()[0])
     assert value(smp, "moe_device_expert_tokens_total", device="cuda:0") == 6
     assert value(smp, "moe_device_expert_tokens_total", device="cuda:1") == 1
-    assert value(smp, "moe_dropped_tokens_total", model_name=MODEL) == 3
+    assert value(smp, "moe_dropped_tokens_total", model_name=MODEL, layer="0") == 3
+    assert value(smp, "moe_dropped_tokens_total", model_name=MODEL, layer="1") == 4
+    snap = m.routing_snapshot()
+    assert snap["dropped_tokens"] == 7 and snap["dropped_tokens_per_layer"] == [3, 4]
 
 
 def test_dimensions_learned_from_first_step_when_not_given():
     m = ServerMetrics(MODEL, "0")
     smp = samples(m.render()[0])
     assert not series(smp, "moe_expert_tokens_total")
-    assert value(smp, "moe_dropped_tokens_total", model_name=MODEL) == 0
+    assert not series(smp, "moe_dropped_tokens_total")  # no capacity limit: nothing is ever dropped
     step(m, [[1, 2, 3], [3, 2, 1]])
     assert len(series(samples(m.render()[0]), "moe_expert_tokens_total")) == 6
     assert m.routing_snapshot()["num_experts"] == 3

@@ -42,8 +42,8 @@ def test_config_fields(mixtral_dir):
 
 
 def test_unsupported_architecture_named(mixtral_dir):
-    _edit_config(mixtral_dir, architectures=["DeepseekV3ForCausalLM"])
-    with pytest.raises(UnsupportedModelError, match="DeepseekV3ForCausalLM"):
+    _edit_config(mixtral_dir, architectures=["DbrxForCausalLM"])
+    with pytest.raises(UnsupportedModelError, match="DbrxForCausalLM"):
         MoEModelConfig.from_hf(str(mixtral_dir))
 
 
@@ -53,10 +53,11 @@ def test_unsupported_options_named(mixtral_dir):
         MoEModelConfig.from_hf(str(mixtral_dir))
 
 
-def test_sliding_window_refused(mixtral_dir):
+def test_sliding_window_read_per_layer(mixtral_dir):
     _edit_config(mixtral_dir, sliding_window=64)
-    with pytest.raises(UnsupportedModelError, match="sliding_window=64"):
-        MoEModelConfig.from_hf(str(mixtral_dir))
+    assert MoEModelConfig.from_hf(str(mixtral_dir)).sliding_windows == (64, 64, 64)
+    _edit_config(mixtral_dir, sliding_window=4096)  # not narrower than the context: plain attention
+    assert MoEModelConfig.from_hf(str(mixtral_dir)).sliding_windows == ()
 
 
 def test_unsupported_rope_named(mixtral_dir):

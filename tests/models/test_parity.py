@@ -24,8 +24,33 @@ def hf_padded_logits(ref, prompts):
         ids[i, : len(p)] = torch.tensor(p)
         mask[i, : len(p)] = 1
     with torch.no_grad():
-        out = ref(input_ids=ids, attention_mask=mask, output_router_logits=True)
+        out = ref(input_ids=ids, attention_mask=mask)
     return out
+
+
+def hf_router_choices(ref, prompts):
+    """The reference's own routing decisions, per MoE layer in order: (ids [tokens, k],
+    weights [tokens, k]) over the real (unpadded) tokens, read from its router modules' outputs
+    (`(logits, weights, ids)`; Llama 4's router returns `(scores [T, E], logits)`)."""
+    k = ref.config.num_experts_per_tok
+    seen = []
+    hooks = [m.register_forward_hook(lambda mod, inp, out: seen.append(out))
+             for m in ref.modules() if type(m).__name__.endswith("Router")]
+    try:
+        hf_padded_logits(ref, prompts)
+    finally:
+        for h in hooks:
+            h.remove()
+    longest = max(len(p) for p in prompts)
+    keep = torch.cat([torch.arange(len(p)) + i * longest for i, p in enumerate(prompts)])
+    choices = []
+    for out in seen:
+        if len(out) == 2:  # Llama 4: sigmoid scores, 0 off the chosen experts
+            weights, ids = out[0].float().topk(k, dim=-1)
+        else:
+            weights, ids = out[1], out[2]
+        choices.append((ids.reshape(-1, k)[keep], weights.reshape(-1, k)[keep].float()))
+    return choices
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -34,24 +59,25 @@ def test_logits_and_router_match_transformers(family, family_checkpoint):
     if family == "qwen3_moe":
         assert os.path.isfile(os.path.join(path, "model.safetensors.index.json")), "expected a sharded checkpoint"
     model = load_model(path, dtype="float32", device="cpu", progress=False)
-    capture = RoutingCapture()
+    capture = RoutingCapture(with_weights=True)
     ours = prefill_logits(model, PROMPTS, capture)
     out = hf_padded_logits(ref, PROMPTS)
     for i, p in enumerate(PROMPTS):
         diff = (ours[i] - out.logits[i, : len(p)]).abs().max().item()
         assert diff <= 1e-4, f"{family} prompt {i}: max abs logit diff {diff}"
 
-    # router top-k ids: transformers returns router logits per MoE layer, [batch * seq, E]
+    # the same experts with the same weights, in every MoE layer, for every real token
     cfg = model.config
     moe_layers = [i for i, s in enumerate(cfg.sparse_layers) if s]
-    ref_router = [r for r in out.router_logits if r is not None]
-    assert len(ref_router) == len(moe_layers) == len(capture.expert_ids)
-    longest = max(len(p) for p in PROMPTS)
-    for layer, rl in zip(moe_layers, ref_router):
-        rl = rl.view(len(PROMPTS), longest, -1)
-        ref_ids = torch.cat([rl[i, : len(p)] for i, p in enumerate(PROMPTS)]).topk(cfg.top_k, -1).indices
-        ours_ids = capture.expert_ids[layer]
-        assert torch.equal(ref_ids.sort(-1).values, ours_ids.sort(-1).values), f"{family} layer {layer} router ids"
+    ref_choices = hf_router_choices(ref, PROMPTS)
+    assert len(ref_choices) == len(moe_layers) == len(capture.expert_ids)
+    for layer, (ref_ids, ref_w) in zip(moe_layers, ref_choices):
+        ours_ids, ours_w = capture.expert_ids[layer], capture.weights[layer]
+        ref_sorted, ref_order = ref_ids.sort(-1)
+        ours_sorted, ours_order = ours_ids.sort(-1)
+        assert torch.equal(ref_sorted, ours_sorted), f"{family} layer {layer} router ids"
+        diff = (ref_w.gather(1, ref_order) - ours_w.gather(1, ours_order)).abs().max().item()
+        assert diff <= 1e-5, f"{family} layer {layer}: routing weights differ by {diff}"
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

@@ -82,6 +82,12 @@ def test_every_flag_documents_its_env_var() -> None:
     ([], {"MOE_SERVE_MAX_NUM_SEQS": "many"}),
     ([], {"MOE_SERVE_LOG_FORMAT": "xml"}),
     (["--model", "/nonexistent/model"], {}),
+    # an empty key would silently disable authentication (hardening item 10)
+    (["--api-key", ""], {}),
+    ([], {"MOE_SERVE_API_KEY": ""}),
+    ([], {"MOE_SERVE_API_KEY": "   "}),
+    # a prompt longer than the step budget could never run without chunked prefill (item 8)
+    (["--no-enable-chunked-prefill", "--max-num-batched-tokens", "32", "--max-model-len", "128"], {}),
 ])
 def test_bad_configuration_exits_2(argv: list[str], env: dict[str, str]) -> None:
     import os

@@ -108,8 +108,7 @@ def test_completion_logprobs_up_to_20(client: openai.OpenAI, model_name: str) ->
 def test_completion_stop_string(client: openai.OpenAI, model_name: str) -> None:
     free = client.completions.create(model=model_name, prompt=PROMPT, max_tokens=12, temperature=0,
                                      extra_body={"ignore_eos": True}).choices[0].text
-    if len(free.strip()) < 2:
-        pytest.skip("greedy output too short to pick a stop string")
+    assert len(free.strip()) >= 2, f"12 greedy tokens of the bundled model gave {free!r}"
     stop = free.strip()[:2]
     r = client.completions.create(model=model_name, prompt=PROMPT, max_tokens=12, temperature=0, stop=[stop],
                                   extra_body={"ignore_eos": True})
@@ -139,7 +138,17 @@ def test_completion_vllm_extras(client: openai.OpenAI, model_name: str, http: ht
     extra = c.model_extra or {}
     assert "prompt_logprobs" in extra and len(extra["prompt_logprobs"]) == r.usage.prompt_tokens
     assert extra["prompt_logprobs"][0] is None
-    assert isinstance(extra.get("routing"), list)
+    assert_routing_shape(extra["routing"], r.usage.completion_tokens - 1)
+    assert_routing_shape(extra["prompt_routing"], r.usage.prompt_tokens)
+
+
+def assert_routing_shape(routing: list, num_tokens: int, layers: int = 4, top_k: int = 2, experts: int = 8) -> None:
+    """The bundled model: 4 MoE layers, 8 experts, top-2; one entry per routed token."""
+    assert len(routing) == num_tokens, (len(routing), num_tokens)
+    for token in routing:
+        assert len(token) == layers
+        for chosen in token:
+            assert len(chosen) == top_k == len(set(chosen)) and all(0 <= e < experts for e in chosen)
 
 
 def test_completion_max_tokens_null_uses_rest_of_context(http: httpx.Client, max_model_len: int) -> None:
@@ -215,9 +224,12 @@ def test_chat_response_format_text_and_tool_choice_none(client: openai.OpenAI, m
 
 
 def test_chat_return_routing(http: httpx.Client) -> None:
-    r = http.post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 2, "return_routing": True})
+    r = http.post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 3, "return_routing": True,
+                                                "ignore_eos": True})
     assert r.status_code == 200
-    assert isinstance(r.json()["choices"][0]["routing"], list)
+    body = r.json()
+    assert_routing_shape(body["choices"][0]["routing"], 2)  # the last generated token is never routed
+    assert_routing_shape(body["prompt_routing"], body["usage"]["prompt_tokens"])
 
 
 def test_model_may_be_omitted(http: httpx.Client) -> None:

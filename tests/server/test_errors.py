@@ -86,16 +86,18 @@ BAD_BODIES = [
     (CHAT, {"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "messages[0].content[0]"),
     (CHAT, {"messages": [{"role": "tool", "content": "42", "tool_call_id": "c1"}]}, "messages"),
     (CHAT, {"messages": [{"role": "assistant", "content": None,
-                          "tool_calls": [{"id": "c", "type": "function"}]}]}, "messages[0].tool_calls"),
+                          "tool_calls": [{"id": "c", "type": "function"}]}]}, "messages[0].tool_calls[0]"),
     (CHAT, {"messages": MSG, "top_logprobs": 21, "logprobs": True}, "top_logprobs"),
     (CHAT, {"messages": MSG, "top_logprobs": 2}, "top_logprobs"),
     (CHAT, {"messages": MSG, "logprobs": 3}, "logprobs"),
-    (CHAT, {"messages": MSG, "response_format": {"type": "json_object"}}, "response_format"),
+    (CHAT, {"messages": MSG, "response_format": {"type": "xml"}}, "response_format.type"),
     (CHAT, {"messages": MSG, "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
-     "response_format"),
+     "response_format.json_schema.schema"),
+    (C, {"prompt": "x", "guided_regex": "(unclosed"}, "guided_regex"),
     (CHAT, {"messages": MSG, "stream_options": {"include_usage": True}}, "stream_options"),
     (CHAT, {"messages": MSG, "stream": False, "stream_options": {"include_usage": True}}, "stream_options"),
-    (CHAT, {"messages": MSG, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    # tool_choice "auto" (the default with tools) needs --tool-call-parser, which this server lacks
+    (CHAT, {"messages": MSG, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tool_choice"),
     (CHAT, {"messages": MSG, "tool_choice": "auto"}, "tool_choice"),
     (CHAT, {"messages": MSG, "max_completion_tokens": 0}, "max_tokens"),
     (CHAT, {"messages": MSG, "seed": BIG}, "seed"),
@@ -133,11 +135,20 @@ def test_logit_bias_names_all_bad_keys(http: httpx.Client) -> None:
     (b"null", {"content-type": "application/json"}),
     (b"", {"content-type": "application/json"}),
     (b'{"prompt": "\xff\xfe"}', {"content-type": "application/json"}),
-    (b'{"prompt": "x"}', {"content-type": "text/plain"}),
-    (b"prompt=x", {"content-type": "application/x-www-form-urlencoded"}),
 ])
 def test_malformed_bodies(http: httpx.Client, path: str, content: bytes, headers: dict) -> None:
     assert_error(http.post(path, content=content, headers=headers), 400)
+
+
+@pytest.mark.parametrize("path", [C, CHAT, TOK, DETOK])
+@pytest.mark.parametrize("headers", [{"content-type": "text/plain"}, {},
+                                     {"content-type": "application/x-www-form-urlencoded"}])
+def test_json_content_type_required(http: httpx.Client, path: str, headers: dict) -> None:
+    """A body that is not declared JSON is refused with 415 (a web page on another origin can send
+    text/plain without a CORS preflight; it must not drive a keyless local server)."""
+    r = http.post(path, content=b'{"prompt": "x", "messages": [{"role": "user", "content": "x"}]}',
+                  headers=headers)
+    assert_error(r, 415, code="unsupported_media_type")
 
 
 def test_unknown_model(http: httpx.Client, client: openai.OpenAI) -> None:
@@ -209,8 +220,8 @@ def test_openai_client_maps_errors(client: openai.OpenAI, model_name: str) -> No
         client.chat.completions.create(model=model_name, messages=[{"role": "wizard", "content": "x"}])
     assert e.value.status_code == 400 and "role" in str(e.value)
     with pytest.raises(openai.BadRequestError):
-        client.chat.completions.create(model=model_name, messages=MSG, max_tokens=2,
-                                       response_format={"type": "json_object"})
+        client.chat.completions.create(model=model_name, messages=MSG, max_tokens=2, response_format={
+            "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "no-such-type"}}})
 
 
 def test_server_alive_after_errors(http: httpx.Client) -> None:

@@ -3,8 +3,8 @@ tests/server/conftest.py's ServerProcess, in parallel) and a real headless Chrom
 distribution's packages, driven by Selenium.
 
 The browser comes from `scripts/install_browser.sh` (apt: chromium, chromium-driver). Without
-it the browser tests skip locally, but FAIL when `CI` or `MOE_SERVE_REQUIRE_BROWSER` is set
-(.ci/run sets the latter): in CI a skipped browser test would be a test that never ran.
+it the browser tests skip locally, but fail under CI (`skip_or_fail`): there a skipped browser
+test would be a test that never ran.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.conftest import skip_or_fail
 from tests.server.conftest import ServerProcess
 
 CHROMIUM = os.environ.get("MOE_SERVE_CHROMIUM", "/usr/bin/chromium")
@@ -92,9 +93,7 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     """One headless Chromium for the session, with a fresh profile; console logs kept."""
     missing = _browser_missing()
     if missing:
-        if os.environ.get("CI") or os.environ.get("MOE_SERVE_REQUIRE_BROWSER"):
-            pytest.fail(f"browser tests cannot run in CI: {missing}")
-        pytest.skip(f"browser tests need a real browser: {missing}")
+        skip_or_fail(f"browser tests need a real browser: {missing}")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 

@@ -40,6 +40,7 @@ def test_chat_streams_routes_and_updates_the_load_panel(browser, ui_server, ui_h
         "return_routing": True}).json()
     ref_tokens = ref["usage"]["completion_tokens"]
     ref_routing = ref["choices"][0]["routing"]  # [token][layer][top_k]
+    ref_weights = ref["choices"][0]["routing_weights"]  # the same nesting
     assert ref_tokens > 4 and len(ref_routing) == ref_tokens - 1  # the last token is never run
     before = api_total_assignments(ui_http)
 
@@ -68,14 +69,15 @@ def test_chat_streams_routes_and_updates_the_load_panel(browser, ui_server, ui_h
     layer_rows = browser.find_elements(By.CSS_SELECTOR, "#layer-table tbody tr")
     assert len(layer_rows) == num_layers
 
-    # hovering a token shows its experts per layer
+    # hovering a token shows its experts and their router weights per layer
     first_token = browser.find_element(By.CSS_SELECTOR, "#routing thead th.tok button")
     heading = browser.find_element(By.ID, "routing-title")  # from outside the table onto the token
     ActionChains(browser).scroll_to_element(first_token).move_to_element(heading).move_to_element(first_token).perform()
     detail = browser.find_element(By.ID, "token-detail").text.splitlines()
     assert detail[0].startswith("generated token 1: ")
     assert detail[1 : 1 + num_layers] == [
-        f"L{layer}: " + ", ".join(f"expert {e}" for e in ref_routing[0][layer]) for layer in range(num_layers)]
+        f"L{layer}: " + ", ".join(f"expert {e} · {w:.2f}" for e, w in zip(ref_routing[0][layer], ref_weights[0][layer]))
+        for layer in range(num_layers)]
     save_screenshot(browser, artifacts / "playground-desktop.png", docs_name="playground.png")
 
     # a second turn with prompt tokens shown: columns for the whole templated prompt
@@ -90,9 +92,8 @@ def test_chat_streams_routes_and_updates_the_load_panel(browser, ui_server, ui_h
     table = routing_table(browser)
     kinds = [h["kind"] for h in table["heads"]]
     assert kinds.count("prompt") == n_prompt.json()["count"] and kinds[: kinds.count("prompt")] == ["prompt"] * kinds.count("prompt")
-    routed = [table["rows"][0][i] is not None for i in range(kinds.count("prompt"))]
-    # the first turn's blocks come from the prefix cache (no routing); the rest was computed
-    assert any(routed) and routed == sorted(routed), routed
+    # requests with return_routing bypass the prefix cache: every prompt token has its experts
+    assert all(table["rows"][layer][i] is not None for layer in range(num_layers) for i in range(kinds.count("prompt")))
     assert js_errors(browser) == []
 
 
@@ -209,4 +210,5 @@ def test_an_engine_without_routing_still_chats(browser, ui_server):
     assert wait_idle(browser).startswith("Done: 8 tokens")
     assert last_response(browser) and not browser.find_element(By.ID, "error").is_displayed()
     assert routing_table(browser)["heads"] == []
-    assert browser.find_element(By.ID, "routing-caption").text == "This engine does not report per-token routing."
+    caption = browser.find_element(By.ID, "routing-caption").text
+    assert caption == "No routing for this response: return_routing: per-token expert ids are not supported by the vllm engine"

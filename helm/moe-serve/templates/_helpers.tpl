@@ -137,6 +137,16 @@ app.kubernetes.io/component: server
 {{- if and (eq $m.source "download") (not (or $m.download.url (and $m.download.baseUrl $m.download.files))) }}
 {{- fail "model.source=download needs model.download.url, or model.download.baseUrl and model.download.files" }}
 {{- end }}
+{{- range $file, $_ := $m.download.checksums }}
+{{- if not (has $file $m.download.files) }}
+{{- fail (printf "model.download.checksums has an entry for %q, which is not in model.download.files" $file) }}
+{{- end }}
+{{- end }}
+{{- range .Values.networkPolicy.groupPorts }}
+{{- if and .endPort (lt (int .endPort) (int .port)) }}
+{{- fail (printf "networkPolicy.groupPorts: endPort %d is below port %d" (int .endPort) (int .port)) }}
+{{- end }}
+{{- end }}
 {{- if and .Values.apiKey.value .Values.apiKey.existingSecret }}
 {{- fail "set apiKey.value or apiKey.existingSecret, not both" }}
 {{- end }}
@@ -158,6 +168,23 @@ app.kubernetes.io/component: server
 {{- $gpus := mul (int .Values.multiNode.size) (int .Values.gpu.count) }}
 {{- if ne (mul $tp $dp) $gpus }}
 {{- fail (printf "multiNode: server.tensorParallelSize (%d) x server.dataParallelSize (%d) must equal multiNode.size (%d) x gpu.count (%d) = %d GPUs per group" $tp $dp (int .Values.multiNode.size) (int .Values.gpu.count) $gpus) }}
+{{- end }}
+{{- $w := .Values.multiNode.rayWorkerPorts }}
+{{- if gt (int $w.min) (int $w.max) }}
+{{- fail (printf "multiNode.rayWorkerPorts: min (%d) must be <= max (%d)" (int $w.min) (int $w.max)) }}
+{{- end }}
+{{- $seen := dict (toString (int .Values.server.port)) "server.port" }}
+{{- range include "moe-serve.rayPorts" . | fromYamlArray }}
+{{- $name := first . }}
+{{- $port := last . }}
+{{- $key := toString (int $port) }}
+{{- if hasKey $seen $key }}
+{{- fail (printf "multiNode: Ray's %s port %s is also %s: give each its own port" $name $key (get $seen $key)) }}
+{{- end }}
+{{- if and (ge (int $port) (int $w.min)) (le (int $port) (int $w.max)) }}
+{{- fail (printf "multiNode: Ray's %s port %s lies in multiNode.rayWorkerPorts (%d-%d)" $name $key (int $w.min) (int $w.max)) }}
+{{- end }}
+{{- $_ := set $seen $key (printf "Ray's %s port" $name) }}
 {{- end }}
 {{- end }}
 {{- end }}
@@ -213,6 +240,46 @@ app.kubernetes.io/component: server
 {{- end }}
 {{- end }}
 
+{{/* Ray's listening ports on each pod of a multi-node group, as a YAML list of [name, port]. Ray
+     picks random ports for all but the GCS by default; the chart fixes them so the NetworkPolicy can
+     name them. */}}
+{{- define "moe-serve.rayPorts" -}}
+{{- $p := .Values.multiNode.rayNodePorts }}
+- [gcs, {{ int .Values.multiNode.rayPort }}]
+- [node-manager, {{ int $p.nodeManager }}]
+- [object-manager, {{ int $p.objectManager }}]
+- [runtime-env-agent, {{ int $p.runtimeEnvAgent }}]
+- [dashboard-agent-grpc, {{ int $p.dashboardAgentGrpc }}]
+- [dashboard-agent-listen, {{ int $p.dashboardAgentHttp }}]
+- [metrics-export, {{ int $p.metricsExport }}]
+{{- end }}
+
+{{/* `ray start` flags that pin every port a Ray node listens on (leader and workers alike). */}}
+{{- define "moe-serve.rayStartPortFlags" -}}
+{{- $p := .Values.multiNode.rayNodePorts }}
+{{- $w := .Values.multiNode.rayWorkerPorts }}
+{{- printf "--node-manager-port=%d --object-manager-port=%d --runtime-env-agent-port=%d --dashboard-agent-grpc-port=%d --dashboard-agent-listen-port=%d --metrics-export-port=%d --min-worker-port=%d --max-worker-port=%d" (int $p.nodeManager) (int $p.objectManager) (int $p.runtimeEnvAgent) (int $p.dashboardAgentGrpc) (int $p.dashboardAgentHttp) (int $p.metricsExport) (int $w.min) (int $w.max) }}
+{{- end }}
+
+{{/* NetworkPolicyPort list of what the pods of a multi-node group reach on each other: Ray's ports,
+     its worker port range, and networkPolicy.groupPorts (collective communication). */}}
+{{- define "moe-serve.groupPorts" -}}
+{{- range include "moe-serve.rayPorts" . | fromYamlArray }}
+- port: {{ int (last .) }}
+  protocol: TCP
+{{- end }}
+- port: {{ int .Values.multiNode.rayWorkerPorts.min }}
+  endPort: {{ int .Values.multiNode.rayWorkerPorts.max }}
+  protocol: TCP
+{{- range .Values.networkPolicy.groupPorts }}
+- port: {{ int .port }}
+  {{- with .endPort }}
+  endPort: {{ int . }}
+  {{- end }}
+  protocol: {{ .protocol | default "TCP" }}
+{{- end }}
+{{- end }}
+
 {{/* The init container that downloads the model into the emptyDir (model.source=download). */}}
 {{- define "moe-serve.modelDownloadScript" -}}
 set -eu
@@ -241,10 +308,26 @@ if [ -n "${MODEL_URL:-}" ]; then
   esac
   rm -f "$archive"
 fi
+# MODEL_CHECKSUMS: one "<sha256>  <file>" line per file of MODEL_FILES that has a checksum.
+expected_sha256() {
+  printf '%s\n' "${MODEL_CHECKSUMS:-}" | while read -r sum name; do
+    if [ "$name" = "$1" ]; then echo "$sum"; break; fi
+  done
+}
 for f in ${MODEL_FILES:-}; do
   echo "downloading $MODEL_BASE_URL/$f"
   mkdir -p "$dest/$(dirname "$f")"
   fetch "$dest/$f" "$MODEL_BASE_URL/$f"
+  want="$(expected_sha256 "$f")"
+  if [ -n "$want" ]; then
+    got="$(sha256sum "$dest/$f" | cut -d ' ' -f 1)"
+    if [ "$got" != "$want" ]; then
+      rm -f "$dest/$f"
+      echo "sha256 mismatch for $f: expected $want (model.download.checksums), downloaded $got" >&2
+      exit 1
+    fi
+    echo "sha256 ok: $f"
+  fi
 done
 touch "$dest/.moe-serve-complete"
 echo "model ready in $dest"
@@ -271,6 +354,12 @@ echo "model ready in $dest"
       value: {{ trimSuffix "/" $d.baseUrl | quote }}
     - name: MODEL_FILES
       value: {{ join " " $d.files | quote }}
+    {{- $sums := list }}
+    {{- range $f := $d.files }}
+    {{- with get ($d.checksums | default dict) $f }}{{ $sums = append $sums (printf "%s  %s" (lower .) $f) }}{{ end }}
+    {{- end }}
+    - name: MODEL_CHECKSUMS
+      value: {{ join "\n" $sums | quote }}
     {{- if $d.tokenSecret.name }}
     - name: MODEL_TOKEN
       valueFrom:

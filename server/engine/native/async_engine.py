@@ -6,6 +6,10 @@ through a queue; each request's output deltas come back through an asyncio queue
 own. An exception inside a step fails only the requests of that step (their blocks are
 freed) and the engine carries on; after `MAX_CONSECUTIVE_FAILURES` failed steps in a row it
 declares itself dead: `check_health` raises and the server exits non-zero.
+
+Progress watchdog: an engine that holds requests but computes no token for
+`progress_timeout` seconds (a wedged scheduler, a hung kernel) is unhealthy too, so that
+Kubernetes restarts it rather than leaving its clients waiting.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from typing import AsyncIterator
 
 from server.engine.native.core import EngineCore
@@ -27,7 +32,8 @@ MAX_CONSECUTIVE_FAILURES = 3
 
 
 class AsyncEngine:
-    def __init__(self, core: EngineCore, model_info: ModelInfo, max_queue_len: int = 1024, max_num_seqs: int = 64):
+    def __init__(self, core: EngineCore, model_info: ModelInfo, max_queue_len: int = 1024, max_num_seqs: int = 64,
+                 progress_timeout: float = 300.0):
         self.core = core
         self.model_info = model_info
         self.tokenizer = core.tokenizer
@@ -42,6 +48,8 @@ class AsyncEngine:
         self._stop = False
         self._dead: str | None = None
         self.last_stats: IterationStats | None = None
+        self.progress_timeout = progress_timeout  # 0: no watchdog
+        self._last_progress = time.monotonic()  # last step that computed tokens, or idle
 
     # -- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
@@ -98,6 +106,10 @@ class AsyncEngine:
             raise EngineDeadError(self._dead)
         if self._thread is not None and not self._thread.is_alive() and not self._stop:
             raise EngineDeadError("engine thread exited")
+        stalled = time.monotonic() - self._last_progress
+        if self.progress_timeout and self._streams and stalled > self.progress_timeout:
+            raise EngineDeadError(f"no progress for {stalled:.0f}s with {len(self._streams)} request(s) in "
+                                  f"flight (--engine-progress-timeout {self.progress_timeout:g}s)")
 
     def add_stat_logger(self, logger: StatLogger) -> None:
         self._loggers.append(logger)
@@ -158,12 +170,18 @@ class AsyncEngine:
             if aborted and not self.core.has_unfinished():
                 self._record(*self.core.idle_stats(), None)  # the gauges must not go stale
             if not self.core.has_unfinished():
+                self._last_progress = time.monotonic()
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
                 continue
             try:
                 outputs, stats, finished, routing = self.core.step()
                 failures = 0
+                if stats.num_batched_tokens:
+                    self._last_progress = time.monotonic()
+                else:  # work but nothing schedulable now: don't spin
+                    self._wake.wait(timeout=0.005)
+                    self._wake.clear()
             except Exception as exc:  # noqa: BLE001
                 failures += 1
                 # the requests of the failed step (all of them if it failed while scheduling)

@@ -22,9 +22,10 @@ from server.engine.native.sampler import Sampler, SamplingRow, compute_logprobs
 from server.engine.native.scheduler import ScheduledSeq, Scheduler
 from server.engine.native.sequence import RequestState, Sequence, SeqStatus
 from server.engine.protocol import RequestTooLongError
-from server.engine.request import (CompletionOutput, EngineRequest, Logprob, RequestMetrics, RequestOutput,
-                                   SamplingParamsError, _short)
+from server.engine.request import (MAX_ROUTING_IDS, CompletionOutput, EngineRequest, Logprob, RequestMetrics,
+                                   RequestOutput, SamplingParamsError, _short)
 from server.engine.stats import FinishedRequestStats, IterationStats, RoutingStats
+from server.engine.structured.runtime import StructuredRuntime
 
 log = logging.getLogger("moe_serve.engine")
 
@@ -40,6 +41,11 @@ class EngineCore:
         self.vocab_size = cfg.vocab_size
         self.block_size = block_size
         self.max_model_len = min(max_model_len, num_blocks * block_size)
+        if not enable_chunked_prefill and max_num_batched_tokens < self.max_model_len:
+            # a longer prompt could never be scheduled (it would wait forever, blocking the queue)
+            raise ValueError(f"--max-num-batched-tokens ({max_num_batched_tokens}) must be at least "
+                             f"--max-model-len ({self.max_model_len}) when chunked prefill is off "
+                             f"(--no-enable-chunked-prefill): a prompt is then computed in one step")
         self.pool = BlockPool(num_blocks, block_size, enable_prefix_caching)
         self.kv = KVCacheManager(self.pool)
         self.scheduler = Scheduler(self.kv, max_num_seqs, max(max_num_batched_tokens, 1), self.max_model_len,
@@ -59,6 +65,7 @@ class EngineCore:
         # called after every step with that step's routing counts (expert placement, traces)
         self.routing_listeners: list[Callable[[RoutingStats], None]] = []
         self.placement_manager = None  # set by the factory when experts are placed (models.placement)
+        self.structured = StructuredRuntime(self.vocab_size)  # grammar masks (structured outputs)
 
     # -- admission --------------------------------------------------------------------
     def check_request(self, request: EngineRequest) -> int:
@@ -72,18 +79,31 @@ class EngineCore:
         if bad:
             raise SamplingParamsError("prompt", f"prompt: token ids outside the vocabulary "
                                                 f"(size {self.vocab_size}): {_short(bad)}")
+        if params.n > self.scheduler.max_num_seqs:
+            raise SamplingParamsError("n", f"n: at most {self.scheduler.max_num_seqs} completions per request "
+                                           f"on this server (--max-num-seqs)")
         if params.max_tokens is None:
             if n_prompt >= self.max_model_len:
                 raise RequestTooLongError(
                     f"This model's maximum context length is {self.max_model_len} tokens, but the prompt has "
                     f"{n_prompt} tokens; at least one token must be left for the completion.")
-            return self.max_model_len - n_prompt
-        if n_prompt + params.max_tokens > self.max_model_len:
+            max_tokens = self.max_model_len - n_prompt
+        elif n_prompt + params.max_tokens > self.max_model_len:
             raise RequestTooLongError(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
                 f"{n_prompt + params.max_tokens} tokens ({n_prompt} in the prompt, {params.max_tokens} for the "
                 f"completion). Please reduce the prompt or max_tokens.")
-        return params.max_tokens
+        else:
+            max_tokens = params.max_tokens
+        if request.return_routing:
+            cfg = self.model.config
+            ids = (n_prompt + params.n * max_tokens) * cfg.num_moe_layers * cfg.top_k
+            if ids > MAX_ROUTING_IDS:
+                raise SamplingParamsError(
+                    "return_routing", f"return_routing: this request could return {ids} expert ids ((prompt "
+                    f"{n_prompt} + n {params.n} x max_tokens {max_tokens}) tokens x {cfg.num_moe_layers} MoE "
+                    f"layers x top-{cfg.top_k}); the limit is {MAX_ROUTING_IDS}. Lower max_tokens or n.")
+        return max_tokens
 
     def add_request(self, request: EngineRequest) -> None:
         max_tokens = self.check_request(request)
@@ -104,6 +124,8 @@ class EngineCore:
                                        params.include_stop_str_in_output)
         gen = None if params.seed is None else Sampler.make_generator(params.seed, index, self.runner.device)
         seq = Sequence(next(self._seq_ids), index, state, token_ids, len(prompt), detok, gen)
+        seq.grammar = (self.structured.new_state(state.request.structured) if parent is None
+                       else self.structured.fork(parent.grammar))
         if parent is not None:
             seq.blocks = self.kv.fork(parent.blocks)
             seq.num_computed = parent.num_computed
@@ -156,6 +178,8 @@ class EngineCore:
                     st.first_scheduled = t0
             if self.fault_hook is not None:
                 self.fault_hook(batch.scheduled)
+            # grammar masks of this step's samplers are filled while the model runs
+            self.structured.begin_step([item.seq.grammar for item in batch.scheduled if item.samples])
             result = self.runner.execute(batch)
             routing_stats = self._routing_stats(result, batch.num_tokens)
             if routing_stats is not None:
@@ -199,7 +223,9 @@ class EngineCore:
             device_tokens = self.placement_manager.device_tokens(r)
         else:
             device_tokens = {str(self.runner.device): int(r.numel())}
-        return RoutingStats(num_layers=L, num_experts=E, expert_tokens=counts, device_tokens=device_tokens)
+        dropped = None if result.dropped is None else result.dropped.sum(dim=(0, 2)).tolist()  # [L]
+        return RoutingStats(num_layers=L, num_experts=E, expert_tokens=counts, device_tokens=device_tokens,
+                            dropped_tokens=dropped)
 
     def _update(self, scheduled: list[ScheduledSeq], result: ModelOutput, stats: IterationStats, now: float):
         rows: list[SamplingRow] = []
@@ -230,14 +256,14 @@ class EngineCore:
             else:
                 children = [seq]
             for child in children:
-                rows.append(SamplingRow(child.params, child.generator, child.token_ids[: child.num_prompt_tokens],
-                                        child.output_ids, self.eos_token_ids))
+                rows.append(SamplingRow(child.params, child.generator, state.request.prompt_token_ids,
+                                        child.output_ids, self.eos_token_ids, child.sampling_cache))
                 row_seqs.append(child)
                 logit_index.append(result.sample_rows[j])
         if not rows:
             return touched
         logits = result.logits[torch.tensor(logit_index, device=result.logits.device)]  # [rows, vocab]
-        sampled = self.sampler(logits, rows)
+        sampled = self.sampler(logits, rows, self.structured.mask([seq.grammar for seq in row_seqs]))
         for seq, token, lp in zip(row_seqs, sampled.token_ids, sampled.logprobs):
             self._append_token(seq, token, lp, now, stats)
         return touched
@@ -261,26 +287,39 @@ class EngineCore:
         end = seq.num_computed + item.num_new
         if begin >= end:
             return
-        off = result.token_offsets[j] - seq.num_computed
-        chosen = result.routing[off + begin : off + end]  # [n, layers, k]
+        rows = slice(result.token_offsets[j] - seq.num_computed + begin,
+                     result.token_offsets[j] - seq.num_computed + end)
+        chosen = result.routing[rows]  # [n, layers, k]
         state, (L, E) = seq.state, (chosen.shape[1], self.model.config.num_experts)
         flat = (chosen + torch.arange(L, device=chosen.device)[None, :, None] * E).reshape(-1)
         counts = torch.bincount(flat, minlength=L * E).view(L, E).cpu()  # [layers, experts]
         state.expert_counts = counts if state.expert_counts is None else state.expert_counts + counts
+        if result.dropped is not None:
+            state.num_dropped = (state.num_dropped or 0) + int(result.dropped[rows].sum())
         seq.routing_done = end
         if not state.request.return_routing:
             return
-        ids = chosen.tolist()
+        # kept compact until the API renders them: small ints and float16 weights
+        ids = chosen.to(torch.uint8 if E <= 256 else torch.int16).cpu()  # [n, layers, k]
+        weights = result.routing_weights[rows].to(torch.float16).cpu()  # [n, layers, k]
         n_prompt = max(0, min(end, seq.num_prompt_tokens) - begin)
         if n_prompt:
-            if seq.state.prompt_routing is None:
-                seq.state.prompt_routing = []
-            seq.state.prompt_routing.extend(ids[:n_prompt])
-        seq.pending_routing.extend(ids[n_prompt:])
+            state.prompt_routing.append((ids[:n_prompt], weights[:n_prompt]))
+        if n_prompt < ids.shape[0]:
+            seq.pending_routing.append((ids[n_prompt:], weights[n_prompt:]))
+
+    def _cat_routing(self, chunks: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One (ids, weights) pair [n, moe_layers, top_k] from the chunks recorded since the last output."""
+        if not chunks:
+            cfg = self.model.config
+            empty = torch.empty(0, cfg.num_moe_layers, cfg.top_k)
+            return empty.to(torch.uint8), empty.to(torch.float16)
+        return torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])
 
     def _append_token(self, seq: Sequence, token: int, lp: Logprob | None, now: float, stats: IterationStats) -> None:
         state, params = seq.state, seq.params
         seq.token_ids.append(token)
+        seq.output_ids.append(token)
         seq.pending_ids.append(token)
         if lp is not None:
             seq.pending_logprobs.append(lp)
@@ -293,16 +332,24 @@ class EngineCore:
             stats.inter_token_latencies.append(now - state.last_token_time)
         if seq.index == 0:
             state.last_token_time = now
+        may_stop = seq.num_output >= params.min_tokens  # no stop of any kind before min_tokens
+        stop_str = seq.detok.add_token(token, check_stop=may_stop)
         n_out = seq.num_output
-        stop_str = seq.detok.add_token(token)
-        if not params.ignore_eos and token in self.eos_token_ids and n_out >= params.min_tokens:
+        # structured output: "stop" once the structure is complete, "error" if the matcher failed
+        grammar_end = self.structured.accept(seq.grammar, token, seq.output_ids)
+        if grammar_end == "error":
+            seq.finish_reason = "error"
+        elif not params.ignore_eos and token in self.eos_token_ids and may_stop:
             seq.finish_reason = "stop"
-        elif token in params.stop_token_ids and n_out >= params.min_tokens:
+        elif may_stop and token in params.stop_token_set:
             seq.finish_reason, seq.stop_reason = "stop", token
-        elif stop_str is not None and n_out >= params.min_tokens:
+        elif stop_str is not None:
             seq.finish_reason, seq.stop_reason = "stop", stop_str
+        elif grammar_end is not None:
+            seq.finish_reason = grammar_end
         elif n_out >= state.max_tokens or len(seq.token_ids) >= self.max_model_len:
-            seq.finish_reason = "length"
+            # a structure that is complete at the budget's end stopped, one inside it ran out
+            seq.finish_reason = "stop" if self.structured.complete(seq.grammar) else "length"
 
     def _collect(self, touched: dict[str, None], finished_stats: list[FinishedRequestStats]) -> list[RequestOutput]:
         outs: list[RequestOutput] = []
@@ -322,11 +369,14 @@ class EngineCore:
                     state.num_seqs_left -= 1
                 else:
                     text = seq.detok.delta()
+                routing = weights = None
+                if state.request.return_routing:
+                    routing, weights = self._cat_routing(seq.pending_routing)
                 completions.append(CompletionOutput(
                     index=seq.index, text=text, token_ids=seq.pending_ids,
                     logprobs=seq.pending_logprobs if seq.params.logprobs is not None else None,
                     finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
-                    routing=seq.pending_routing if state.request.return_routing else None))
+                    routing=routing, routing_weights=weights))
                 seq.pending_ids, seq.pending_logprobs, seq.pending_routing = [], [], []
             if not completions:
                 continue
@@ -335,7 +385,9 @@ class EngineCore:
             if not state.sent_prompt_info:
                 out.prompt_token_ids = state.request.prompt_token_ids
                 out.prompt_logprobs = state.prompt_logprobs
-                out.prompt_routing = state.prompt_routing
+                if state.request.return_routing:
+                    out.prompt_routing, out.prompt_routing_weights = self._cat_routing(state.prompt_routing)
+                    state.prompt_routing = []
                 state.sent_prompt_info = True
             if finished:
                 out.metrics = self._finish(state, now, finished_stats)
@@ -369,4 +421,5 @@ class EngineCore:
                               last_token_time=state.last_token_time, finished_time=now,
                               num_prompt_tokens=n_prompt, num_generation_tokens=state.num_generated,
                               num_cached_prompt_tokens=state.num_cached_prompt_tokens,
-                              expert_counts=expert_counts, device_expert_tokens=device_tokens)
+                              expert_counts=expert_counts, device_expert_tokens=device_tokens,
+                              num_dropped_assignments=state.num_dropped)

@@ -5,6 +5,10 @@ The tensors themselves live with the model runner; this module only hands out bl
 A block whose reference count drops to zero goes to the back of the free queue; if it was
 full and hashed it stays findable by its hash until it is handed out again (LRU eviction
 from the front). Usage counts referenced blocks only, so a drained engine reports zero.
+
+A hash is only a hint: a cached block also records its token ids and the block id of its
+parent in the chain, and a hit is taken only when both match (the parent having been matched
+the same way), so a hash collision can cost a cache miss but never serve another prompt's KV.
 """
 
 from __future__ import annotations
@@ -18,6 +22,9 @@ class Block:
     block_id: int
     ref_count: int = 0
     block_hash: int | None = None
+    # set while registered in the prefix cache: what the block holds, and its parent block
+    token_ids: tuple[int, ...] | None = None
+    parent_id: int | None = None
 
 
 def hash_block(parent: int | None, token_ids: tuple[int, ...]) -> int:
@@ -52,7 +59,7 @@ class BlockPool:
         if block.block_hash is not None:  # evict it from the prefix cache
             if self.cached.get(block.block_hash) == block_id:
                 del self.cached[block.block_hash]
-            block.block_hash = None
+            block.block_hash = block.token_ids = block.parent_id = None
         block.ref_count = 1
         return block_id
 
@@ -70,15 +77,25 @@ class BlockPool:
             self.free[block_id] = None
 
     # -- prefix cache -------------------------------------------------------------------
-    def lookup(self, block_hash: int) -> int | None:
-        return self.cached.get(block_hash) if self.enable_prefix_caching else None
+    def lookup(self, block_hash: int, token_ids: tuple[int, ...], parent_id: int | None) -> int | None:
+        """The cached block holding `token_ids` after parent block `parent_id` (None: first
+        block), found by `block_hash` and verified; None on a miss or a hash collision."""
+        if not self.enable_prefix_caching:
+            return None
+        block_id = self.cached.get(block_hash)
+        if block_id is None:
+            return None
+        block = self.blocks[block_id]
+        if block.token_ids != token_ids or block.parent_id != parent_id:
+            return None  # a different block under the same hash
+        return block_id
 
-    def register(self, block_id: int, block_hash: int) -> None:
+    def register(self, block_id: int, block_hash: int, token_ids: tuple[int, ...], parent_id: int | None) -> None:
         if not self.enable_prefix_caching:
             return
         block = self.blocks[block_id]
         if block.block_hash is None and block_hash not in self.cached:
-            block.block_hash = block_hash
+            block.block_hash, block.token_ids, block.parent_id = block_hash, token_ids, parent_id
             self.cached[block_hash] = block_id
 
 
@@ -108,8 +125,9 @@ class KVCacheManager:
         parent = None
         self.pool.queries += max_blocks * bs
         for i in range(max_blocks):
-            h = hash_block(parent, tuple(token_ids[i * bs : (i + 1) * bs]))
-            block_id = self.pool.lookup(h)
+            tokens = tuple(token_ids[i * bs : (i + 1) * bs])
+            h = hash_block(parent, tokens)
+            block_id = self.pool.lookup(h, tokens, seq.table[-1] if seq.table else None)
             if block_id is None:
                 break
             self.pool.share(block_id)
@@ -144,8 +162,9 @@ class KVCacheManager:
         while len(seq.hashes) < full:
             i = len(seq.hashes)
             parent = seq.hashes[-1] if seq.hashes else None
-            h = hash_block(parent, tuple(token_ids[i * bs : (i + 1) * bs]))
-            self.pool.register(seq.table[i], h)
+            tokens = tuple(token_ids[i * bs : (i + 1) * bs])
+            h = hash_block(parent, tokens)
+            self.pool.register(seq.table[i], h, tokens, seq.table[i - 1] if i else None)
             seq.hashes.append(h)
 
     def fork(self, seq: SequenceBlocks) -> SequenceBlocks:

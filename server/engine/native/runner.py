@@ -25,6 +25,10 @@ class ModelOutput:
     prompt_rows: dict[int, tuple[int, int]]  # position in `scheduled` -> (first row, count)
     routing: torch.Tensor | None  # [num_tokens, num_moe_layers, top_k] expert ids
     token_offsets: list[int]  # [num_scheduled + 1] start of each sequence's tokens
+    # [num_tokens, num_moe_layers, top_k]: router weights (only when a request returns routing)
+    # and assignments dropped over expert capacity (only with --expert-capacity-factor)
+    routing_weights: torch.Tensor | None = None
+    dropped: torch.Tensor | None = None
 
 
 class ModelRunner:
@@ -33,7 +37,6 @@ class ModelRunner:
         self.block_size = block_size
         self.device = model.embed.weight.device
         self.kv_caches = model.allocate_kv_cache(num_blocks, block_size)
-        self.capture_routing = True
 
     def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if not copies:
@@ -94,8 +97,10 @@ class ModelRunner:
             block_tables=block_tables.to(self.device),
             decode_seq_lens=t(seq_lens[:num_decodes]),
         )
-        capture = RoutingCapture() if self.capture_routing else None
+        capture = RoutingCapture(with_weights=any(item.seq.request.return_routing for item in batch.scheduled))
         hidden = self.model(t(ids), t(positions), meta, self.kv_caches, capture)  # [T, hidden]
         logits = self.model.compute_logits(hidden[t(logit_positions)])  # [rows, vocab]
-        routing = capture.stacked_ids() if capture is not None and capture.expert_ids else None
-        return ModelOutput(logits, sample_rows, prompt_rows, routing, loc)
+        if not capture.expert_ids:
+            return ModelOutput(logits, sample_rows, prompt_rows, None, loc)
+        return ModelOutput(logits, sample_rows, prompt_rows, capture.stacked_ids(), loc,
+                           capture.stacked_weights(), capture.stacked_dropped())

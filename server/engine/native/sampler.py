@@ -3,6 +3,8 @@
 Per step the engine hands the sampler the last-position logits of every running sequence
 (`[num_rows, vocab]`) and one `SamplingRow` per sequence. Processing order:
 
+0. structured output: rows with a grammar get their token bitmask (disallowed tokens -inf;
+   server/engine/structured/), one batched op over those rows only;
 1. repetition penalty over prompt + output tokens (HF / vLLM: divide positive logits,
    multiply non-positive ones); frequency and presence penalties over output tokens only
    (OpenAI: `logit -= freq * count + presence * (count > 0)`);
@@ -30,9 +32,8 @@ logits are never modified (processing works on one float32 copy).
 
 from __future__ import annotations
 
-import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -50,6 +51,15 @@ class SamplingRow:
     prompt_token_ids: list[int]
     output_token_ids: list[int]  # generated so far (before this step)
     eos_token_ids: tuple[int, ...]  # model's EOS ids (empty if ignore handled by caller)
+    # per-sequence tensors built once and reused every step (the caller keeps the dict with
+    # the sequence): logit-bias ids/values, ids banned before min_tokens, the prompt ids
+    cache: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def cached(self, key: str, build) -> torch.Tensor:
+        t = self.cache.get(key)
+        if t is None:
+            t = self.cache[key] = build()
+        return t
 
 
 @dataclass
@@ -78,7 +88,11 @@ class Sampler:
         return g
 
     # -- main entry -------------------------------------------------------------------------
-    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
+    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow],
+                 mask: tuple[torch.Tensor, torch.Tensor] | None = None) -> SamplerOutput:
+        """`mask`: structured output, (row indices [m], token bitmask [m, ceil(vocab / 32)] int32):
+        those rows' disallowed tokens are -inf before anything else (logprobs included, as vLLM);
+        the other rows are untouched."""
         num_rows = len(rows)
         if logits.dim() != 2 or logits.shape[0] != num_rows:
             raise ValueError(f"logits must be [{num_rows}, vocab], got {tuple(logits.shape)}")
@@ -87,6 +101,11 @@ class Sampler:
         if num_rows == 0:
             return SamplerOutput([], [])
         raw = logits[:, : self.vocab_size]  # [num_rows, vocab]; drops padded vocab columns
+        if mask is not None:
+            from server.engine.structured.mask import apply_bitmask  # xgrammar: imported once needed
+
+            raw = raw.to(torch.float32).contiguous() if raw.dtype != torch.float32 else raw.clone()
+            apply_bitmask(raw, *mask)  # the caller's logits stay unmodified
         dev = raw.device
 
         # Classify rows in one Python pass (loop over rows, never over the vocabulary).
@@ -176,28 +195,25 @@ class Sampler:
 
     @staticmethod
     def _apply_logit_bias(x: torch.Tensor, rows: list[SamplingRow], idx: list[int]) -> None:
-        r_ids, t_ids, vals = [], [], []
-        for i in idx:
-            bias = rows[i].params.logit_bias
-            r_ids.extend([i] * len(bias))
-            t_ids.extend(bias.keys())
-            vals.extend(bias.values())
         dev = x.device
-        x.index_put_(
-            (torch.tensor(r_ids, device=dev), torch.tensor(t_ids, device=dev)),
-            torch.tensor(vals, dtype=torch.float32, device=dev),
-            accumulate=True,
-        )
+
+        def build(p: SamplingParams) -> torch.Tensor:  # [2, n]: token ids, values
+            return torch.tensor([list(p.logit_bias.keys()), list(p.logit_bias.values())],
+                                dtype=torch.float32, device=dev)
+
+        parts = [rows[i].cached("logit_bias", lambda p=rows[i].params: build(p)) for i in idx]
+        r, pairs = _rows_of(parts, idx, dev), torch.cat(parts, dim=1)  # [N], [2, N]
+        x.index_put_((r, pairs[0].long()), pairs[1], accumulate=True)
 
     @staticmethod
     def _apply_min_tokens(x: torch.Tensor, rows: list[SamplingRow], idx: list[int]) -> None:
-        r_ids, t_ids = [], []
-        for i in idx:
-            banned = set(rows[i].eos_token_ids) | set(rows[i].params.stop_token_ids)
-            r_ids.extend([i] * len(banned))
-            t_ids.extend(banned)
         dev = x.device
-        x[torch.tensor(r_ids, device=dev), torch.tensor(t_ids, device=dev)] = _NEG_INF
+
+        def build(r: SamplingRow) -> torch.Tensor:  # [n] EOS and stop token ids
+            return torch.tensor(sorted(set(r.eos_token_ids) | r.params.stop_token_set), dtype=torch.long, device=dev)
+
+        parts = [rows[i].cached("banned", lambda r=rows[i]: build(r)) for i in idx]
+        x[_rows_of(parts, idx, dev), torch.cat(parts)] = _NEG_INF
 
     # -- random sampling ----------------------------------------------------------------------
     def _race(self, y: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
@@ -346,20 +362,23 @@ def compute_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, k: int) -> l
     ]
 
 
+def _rows_of(parts: list[torch.Tensor], idx: list[int], device: torch.device) -> torch.Tensor:
+    """Row index of every element of `parts` (part j belongs to row idx[j]): [sum of lengths]."""
+    lengths = torch.tensor([p.shape[-1] for p in parts], device=device)
+    return torch.repeat_interleave(torch.tensor(idx, device=device), lengths)
+
+
 def _row_token_ids(
     rows: list[SamplingRow], idx: list[int], with_prompt: bool, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row index, token id) of every output (and prompt) token of rows idx, as two [T] tensors."""
-    r_ids: list[int] = []
-    t_ids: list[int] = []
+    """(row index, token id) of every output (and prompt) token of rows idx, as two [T] tensors.
+    The prompt part is built once per sequence; only the output ids are new each step."""
+    parts: list[torch.Tensor] = []
     for i in idx:
-        toks = rows[i].output_token_ids
+        r = rows[i]
+        out = torch.tensor(r.output_token_ids, dtype=torch.long, device=device)  # [n_out]
         if with_prompt:
-            r_ids.extend(itertools.repeat(i, len(rows[i].prompt_token_ids)))
-            t_ids.extend(rows[i].prompt_token_ids)
-        r_ids.extend(itertools.repeat(i, len(toks)))
-        t_ids.extend(toks)
-    return (
-        torch.tensor(r_ids, dtype=torch.long, device=device),
-        torch.tensor(t_ids, dtype=torch.long, device=device),
-    )
+            prompt = r.cached("prompt", lambda r=r: torch.tensor(r.prompt_token_ids, dtype=torch.long, device=device))
+            out = torch.cat([prompt, out])
+        parts.append(out)
+    return _rows_of(parts, idx, device), torch.cat(parts)

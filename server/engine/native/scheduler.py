@@ -107,7 +107,7 @@ class Scheduler:
             fanout = seq.params.n if seq.needs_fork else 1
             if self.running and len(self.running) + fanout > self.max_num_seqs:
                 break
-            if seq.num_computed == 0 and not seq.blocks.table:
+            if seq.num_computed == 0 and not seq.blocks.table and not seq.needs_prompt_outputs:
                 cached = self.kv.match_prefix(seq.blocks, seq.token_ids)
                 seq.num_computed = cached
                 if seq.num_output == 0:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -31,10 +32,12 @@ class RequestState:
     last_token_time: float | None = None
     num_cached_prompt_tokens: int = 0
     prompt_logprobs: list[Logprob | None] | None = None
-    prompt_routing: list[list[list[int]]] | None = None
+    # (expert ids, router weights) chunks, each [tokens, moe_layers, top_k], until first sent
+    prompt_routing: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     sent_prompt_info: bool = False
     num_generated: int = 0  # over all its sequences
     expert_counts: torch.Tensor | None = None  # [moe_layers, experts] token-expert assignments
+    num_dropped: int | None = None  # assignments dropped over expert capacity (None: no capacity limit)
 
     @property
     def request_id(self) -> str:
@@ -60,7 +63,10 @@ class Sequence:
     # deltas not yet sent
     pending_ids: list[int] = field(default_factory=list)
     pending_logprobs: list[Logprob] = field(default_factory=list)
-    pending_routing: list[list[list[int]]] = field(default_factory=list)
+    pending_routing: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # as prompt_routing
+    output_ids: list[int] = field(default_factory=list)  # == token_ids[num_prompt_tokens:], kept as it grows
+    sampling_cache: dict = field(default_factory=dict)  # the sampler's per-sequence tensors
+    grammar: Any = None  # structured output: its GrammarState (server/engine/structured/state.py)
     arrival: float = field(default_factory=time.monotonic)
 
     @property
@@ -72,16 +78,18 @@ class Sequence:
         return self.state.request.sampling_params
 
     @property
-    def output_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens :]
-
-    @property
     def num_output(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
 
     @property
     def num_uncomputed(self) -> int:
         return len(self.token_ids) - self.num_computed
+
+    @property
+    def needs_prompt_outputs(self) -> bool:
+        """Prompt logprobs or prompt routing were asked: every prompt position must run through
+        the model, so the prefix cache is not used for this sequence (as vLLM does)."""
+        return self.params.prompt_logprobs is not None or self.request.return_routing
 
     @property
     def finished(self) -> bool:

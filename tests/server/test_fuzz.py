@@ -1,7 +1,8 @@
 """Schema-driven fuzzing of the live server from its own OpenAPI document (schemathesis +
 hypothesis): >= 300 cases, valid and invalid bodies, never a 5xx, every 4xx in the OpenAI
-error shape, and the server still serving afterwards. Runs last (file name) so that a crash
-would show in the server fixture's teardown too."""
+error shape, and the server still serving afterwards. The fuzzed server is this module's own
+(a crash shows in its teardown, and no other test depends on what the fuzzer left behind), so
+the file runs in any order."""
 
 from __future__ import annotations
 
@@ -12,7 +13,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.server.conftest import ServerProcess
+from collections.abc import Iterator
+
+from tests.conftest import skip_or_fail
+from tests.server.conftest import MAIN_ARGS, ServerProcess, start_server
 
 # examples per (operation, generation mode): 4 POST operations x 2 modes x 40 = 320 bodies
 POST_EXAMPLES = 40
@@ -36,9 +40,22 @@ def _fuzz_operation(server: ServerProcess, operation, mode, examples: int, count
     run()
 
 
-def test_fuzz_openapi(server: ServerProcess) -> None:
-    schemathesis = pytest.importorskip("schemathesis")  # dev extra
+@pytest.fixture(scope="module")
+def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    s = start_server(MAIN_ARGS, tmp_path_factory.mktemp("fuzzed-server"))
+    yield s
+    rc = s.stop()
+    assert rc == 0, f"fuzzed server exited with {rc}:\n{s.logs()[-3000:]}"
+
+
+def test_fuzz_openapi(fuzzed: ServerProcess) -> None:
+    try:
+        import schemathesis  # dev extra
+    except ImportError:
+        skip_or_fail("schemathesis is not installed (pip install -e '.[dev]')")
     from schemathesis import GenerationMode
+
+    server = fuzzed
 
     schema = schemathesis.openapi.from_url(server.url + "/openapi.json")
     counter = [0]

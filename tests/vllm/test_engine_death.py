@@ -1,5 +1,5 @@
-"""Last in the group (it ends the shared server): when vLLM's engine core dies, /health answers
-503 and the server exits non-zero."""
+"""When vLLM's engine core dies, /health answers 503 and the server exits non-zero. The test
+kills a server of its own, so it runs in any order."""
 
 from __future__ import annotations
 
@@ -8,8 +8,12 @@ import signal
 import time
 from pathlib import Path
 
+from collections.abc import Iterator
+
 import httpx
 import pytest
+
+from tests.vllm.conftest import READY_TIMEOUT, SERVER_ARGS, SERVER_ENV, VLLMServer
 
 pytestmark = pytest.mark.vllm
 
@@ -38,12 +42,20 @@ def _descendants(pid: int) -> dict[int, str]:
     return out
 
 
-def test_engine_core_death_fails_health_and_exits(vllm_server):
+@pytest.fixture()
+def doomed(vllm_python, vllm_model) -> Iterator[VLLMServer]:
+    server = VLLMServer(vllm_python, vllm_model, SERVER_ARGS, SERVER_ENV)
+    server.wait_ready(READY_TIMEOUT)
+    yield server
+    server.stop()
+
+
+def test_engine_core_death_fails_health_and_exits(doomed: VLLMServer):
+    vllm_server = doomed
     assert httpx.get(vllm_server.url + "/health", timeout=10).status_code == 200
     children = _descendants(vllm_server.proc.pid)
     cores = [pid for pid, cmd in children.items() if "EngineCore" in cmd]
     assert cores, f"no vLLM engine core among {children}"
-    vllm_server.expected_exit_code = 1
     for pid in cores:
         os.kill(pid, signal.SIGKILL)
     statuses = []

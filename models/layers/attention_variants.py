@@ -1,0 +1,134 @@
+"""Attention over the paged cache for layers with a variant: sliding window (gpt-oss, Mixtral /
+Qwen checkpoints that set one), chunked attention (Llama 4) and attention sinks (gpt-oss).
+
+These layers take this reference PyTorch path, not the plain causal GQA kernels of
+`models/layers/attention.py`: the same cache layout and metadata, with the visibility rule of
+the variant. A query at position p sees key position j when j <= p and
+- sliding window w: p - j < w (w keys, itself included);
+- chunked attention c: j // c == p // c (only its own chunk).
+With sinks, each head's softmax has one more logit (a learned per-head value) whose probability
+mass is dropped. Only the blocks that hold visible keys are gathered, so a decode step over a
+window costs O(window), not O(context).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:  # attention.py imports this module
+    from models.layers.attention import AttentionMetadata, KVCache
+
+
+@dataclass(frozen=True)
+class AttentionVariant:
+    window: int | None = None
+    chunk: int | None = None
+    sinks: bool = False
+
+    @property
+    def active(self) -> bool:
+        return self.window is not None or self.chunk is not None or self.sinks
+
+    def first_visible(self, qpos: torch.Tensor) -> torch.Tensor:
+        """The first key position a query at `qpos` sees (same shape)."""
+        lo = torch.zeros_like(qpos)
+        if self.window is not None:
+            lo = torch.clamp(qpos - self.window + 1, min=0)
+        if self.chunk is not None:
+            lo = torch.maximum(lo, (qpos // self.chunk) * self.chunk)
+        return lo
+
+
+def attend(
+    q: torch.Tensor,  # [m, kvh, g, d] or [B, kvh, g, m, d]: query heads grouped by their KV head
+    k: torch.Tensor,  # [..., kvh, L, d]
+    v: torch.Tensor,  # [..., kvh, L, dv]
+    visible: torch.Tensor,  # bool, broadcastable to the scores [..., kvh, g, m, L]
+    scale: float,
+    sinks: torch.Tensor | None,  # [kvh, g] per-head sink logits, or None
+) -> torch.Tensor:
+    """Softmax attention with a visibility mask and optional sinks -> [..., kvh, g, m, dv]."""
+    if sinks is None:
+        # [.., kvh, g*m, d] against [.., kvh, L, d]: SDPA with the group folded into the queries
+        *lead, kvh, g, m, d = q.shape
+        mask = visible.expand(*lead, kvh, g, m, visible.shape[-1]).reshape(*lead, kvh, g * m, -1)
+        out = F.scaled_dot_product_attention(q.reshape(*lead, kvh, g * m, d), k, v, attn_mask=mask, scale=scale)
+        return out.view(*lead, kvh, g, m, v.shape[-1])
+    scores = torch.einsum("...hgmd,...hld->...hgml", q.float(), k.float()) * scale  # [.., kvh, g, m, L]
+    scores = scores.masked_fill(~visible, float("-inf"))
+    sink = sinks.float()[..., None, None].expand(*scores.shape[:-1], 1)  # [.., kvh, g, m, 1]
+    probs = torch.softmax(torch.cat((scores, sink), dim=-1), dim=-1)[..., :-1]  # the sink's mass is dropped
+    return torch.einsum("...hgml,...hld->...hgmd", probs.to(v.dtype), v)
+
+
+def _gather(cache: KVCache, tables: torch.Tensor, first_block: torch.Tensor, nblocks: int):
+    """K/V of blocks first_block .. first_block + nblocks - 1 of each row of `tables` [B, W]:
+    [B, nblocks * block_size, kvh, d] each (rows past a table's end repeat its last entry and
+    are masked out by position)."""
+    k_cache, v_cache = cache
+    idx = (first_block[:, None] + torch.arange(nblocks, device=tables.device)).clamp(max=tables.shape[1] - 1)
+    ids = tables.gather(1, idx)  # [B, nblocks]
+    return k_cache[ids].flatten(1, 2), v_cache[ids].flatten(1, 2)
+
+
+def decode_variant(q: torch.Tensor, cache: KVCache, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                   scale: float, variant: AttentionVariant, sinks: torch.Tensor | None) -> torch.Tensor:
+    """q: [B, heads, d], one token per sequence at position seq_len - 1 -> [B, heads, dv]."""
+    bsz, heads, d = q.shape
+    bs, kvh = cache[0].shape[1], cache[0].shape[2]
+    qpos = seq_lens - 1  # [B]
+    lo = variant.first_visible(qpos)  # [B]
+    first = lo // bs  # [B] first block holding a visible key
+    nblocks = int(((seq_lens + bs - 1) // bs - first).max())
+    k, v = _gather(cache, block_tables, first, nblocks)  # [B, L, kvh, d]
+    kpos = first[:, None] * bs + torch.arange(nblocks * bs, device=q.device)  # [B, L]
+    visible = (kpos >= lo[:, None]) & (kpos <= qpos[:, None])  # [B, L]
+    qg = q.view(bsz, kvh, heads // kvh, 1, d)  # [B, kvh, g, 1, d]
+    out = attend(qg, k.transpose(1, 2), v.transpose(1, 2), visible[:, None, None, None, :], scale,
+                 None if sinks is None else sinks.view(kvh, heads // kvh))
+    return out.reshape(bsz, heads, -1)
+
+
+def prefill_variant(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, cache: KVCache,
+                    block_table: torch.Tensor, seq_len: int, scale: float, variant: AttentionVariant,
+                    sinks: torch.Tensor | None) -> torch.Tensor:
+    """n new queries (positions seq_len - n ..) of one sequence; q: [n, heads, d] -> [n, heads, dv].
+    Keys come from the new K/V when the chunk is the whole context, else from the cache."""
+    n, heads, d = q.shape
+    kvh = k_new.shape[1]
+    dev = q.device
+    qpos = torch.arange(seq_len - n, seq_len, device=dev)  # [n]
+    lo = variant.first_visible(qpos)  # [n]
+    if seq_len == n:
+        k, v, start = k_new, v_new, 0
+    else:
+        bs = cache[0].shape[1]
+        first = int(lo[0]) // bs  # the first query sees the earliest keys
+        nblocks = (seq_len + bs - 1) // bs - first
+        k, v = _gather(cache, block_table[None], torch.tensor([first], device=dev), nblocks)
+        k, v, start = k[0, : seq_len - first * bs], v[0, : seq_len - first * bs], first * bs
+    kpos = start + torch.arange(k.shape[0], device=dev)  # [L]
+    visible = (kpos[None, :] >= lo[:, None]) & (kpos[None, :] <= qpos[:, None])  # [n, L]
+    qg = q.view(n, kvh, heads // kvh, d).permute(1, 2, 0, 3)  # [kvh, g, n, d]
+    out = attend(qg, k.transpose(0, 1), v.transpose(0, 1), visible, scale,
+                 None if sinks is None else sinks.view(kvh, heads // kvh))  # [kvh, g, n, dv]
+    return out.permute(2, 0, 1, 3).reshape(n, heads, -1)
+
+
+def attend_variant(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, meta: AttentionMetadata,
+                   scale: float, variant: AttentionVariant, sinks: torch.Tensor | None) -> torch.Tensor:
+    """A layer's attention for the whole step (decodes first, then prefill chunks), q: [T, heads, d]."""
+    out = torch.empty_like(q)  # [T, heads, d]
+    nd = meta.num_decodes
+    if nd:
+        out[:nd] = decode_variant(q[:nd], cache, meta.block_tables[:nd], meta.decode_seq_lens, scale, variant, sinks)
+    loc = meta.query_start_loc
+    for i in range(nd, meta.num_seqs):  # prefill chunks: one attention each
+        s, e = loc[i], loc[i + 1]
+        out[s:e] = prefill_variant(q[s:e], k[s:e], v[s:e], cache, meta.block_tables[i], meta.seq_lens[i],
+                                   scale, variant, sinks)
+    return out

@@ -1,0 +1,123 @@
+"""Multi-head Latent Attention (DeepSeek-V2/V3) over a paged cache of latents.
+
+Per token the cache holds only the normalised KV latent `c` (kv_lora_rank values) and the
+rotary key part `k_pe` (qk_rope_head_dim values, one head shared by all heads): a layer's cache
+is the pair `(latent [num_blocks, block_size, 1, kv_lora_rank], k_pe [num_blocks, block_size,
+1, qk_rope_head_dim])`, so the runner's (k, v) pair handling applies unchanged. Per-head K and V
+are never cached: `kv_b_proj` maps a latent to them.
+
+- Prefill chunks expand their context's latents through `kv_b_proj` (K = [k_nope, k_pe],
+  V) and attend causally.
+- Decode uses the absorbed-weights form: with W_uk / W_uv the key / value halves of
+  `kv_b_proj`, q_nope . (W_uk c) = (W_uk^T q_nope) . c, so each query head is moved into latent
+  space once and attends over the cached latents directly (a single shared "KV head" of width
+  kv_lora_rank + rope); the latent-space output goes through W_uv afterwards.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.layers.attention import AttentionMetadata, KVCache
+from models.layers.norm import RMSNorm
+from models.layers.rotary import RotaryEmbedding, rotate
+
+MLA_NORM_EPS = 1e-6  # DeepSeek's q_a / kv_a norms use the RMSNorm default, not rms_norm_eps
+
+
+class MLAttention(nn.Module):
+    def __init__(self, cfg, layer_idx: int, rotary: RotaryEmbedding):
+        super().__init__()
+        m = cfg.mla
+        self.layer_idx = layer_idx
+        self.num_heads = H = cfg.num_heads
+        self.rank, self.nope, self.rope, self.v_dim = m.kv_lora_rank, m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim
+        self.qk_dim = m.qk_head_dim
+        self.scale = cfg.attn_scale if cfg.attn_scale is not None else self.qk_dim**-0.5
+        self.rope_style = cfg.rope_style
+        hidden = cfg.hidden_size
+        if m.q_lora_rank is None:
+            self.q_proj = nn.Linear(hidden, H * self.qk_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(hidden, m.q_lora_rank, bias=cfg.qkv_bias)
+            self.q_a_norm = RMSNorm(m.q_lora_rank, MLA_NORM_EPS)
+            self.q_b_proj = nn.Linear(m.q_lora_rank, H * self.qk_dim, bias=False)
+        self.kv_a_proj = nn.Linear(hidden, self.rank + self.rope, bias=cfg.qkv_bias)  # -> [latent, k_pe]
+        self.kv_a_norm = RMSNorm(self.rank, MLA_NORM_EPS)
+        self.kv_b_proj = nn.Linear(self.rank, H * (self.nope + self.v_dim), bias=False)  # latent -> [k_nope, v]
+        self.o_proj = nn.Linear(H * self.v_dim, hidden, bias=cfg.o_bias)
+        self.rotary = rotary
+
+    def forward(self, x: torch.Tensor, cos_sin, meta: AttentionMetadata, cache: KVCache,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        T, H = x.shape[0], self.num_heads
+        q = self.q_proj(x) if hasattr(self, "q_proj") else self.q_b_proj(self.q_a_norm(self.q_a_proj(x)))
+        q_nope, q_pe = q.view(T, H, self.qk_dim).split([self.nope, self.rope], dim=-1)  # [T, H, dn], [T, H, dr]
+        latent, k_pe = self.kv_a_proj(x).split([self.rank, self.rope], dim=-1)  # [T, r], [T, dr]
+        latent = self.kv_a_norm(latent)[:, None, :]  # [T, 1, r]
+        cos, sin = cos_sin
+        q_pe = rotate(q_pe, cos, sin, self.rope_style)
+        k_pe = rotate(k_pe[:, None, :], cos, sin, self.rope_style)  # [T, 1, dr]
+        lat_cache, pe_cache = cache
+        lat_cache.view(-1, 1, self.rank).index_copy_(0, meta.slot_mapping, latent)
+        pe_cache.view(-1, 1, self.rope).index_copy_(0, meta.slot_mapping, k_pe)
+
+        out = q.new_empty(T, H, self.v_dim)
+        nd = meta.num_decodes
+        if nd:
+            out[:nd] = self._decode(q_nope[:nd], q_pe[:nd], cache, meta.block_tables[:nd], meta.decode_seq_lens)
+        loc = meta.query_start_loc
+        for i in range(nd, meta.num_seqs):  # prefill chunks
+            s, e = loc[i], loc[i + 1]
+            if meta.seq_lens[i] == e - s:  # no cached prefix: the new latents are the whole context
+                lat, pe = latent[s:e, 0], k_pe[s:e, 0]
+            else:
+                lat, pe = _gather(cache, meta.block_tables[i], meta.seq_lens[i])
+            out[s:e] = self._prefill(q_nope[s:e], q_pe[s:e], lat, pe)
+        return self.o_proj(out.view(T, H * self.v_dim))
+
+    def _prefill(self, q_nope, q_pe, lat: torch.Tensor, pe: torch.Tensor) -> torch.Tensor:
+        """n queries over a context of L >= n latents (the last n are theirs) -> [n, H, dv]."""
+        n, H = q_nope.shape[:2]
+        L = lat.shape[0]
+        kv = self.kv_b_proj(lat).view(L, H, self.nope + self.v_dim)  # [L, H, dn + dv]
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
+        k = torch.cat((k_nope, pe[:, None, :].expand(L, H, self.rope)), dim=-1)  # [L, H, dqk]
+        q = torch.cat((q_nope, q_pe), dim=-1)  # [n, H, dqk]
+        qt, kt, vt = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
+        if L == n:
+            o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=self.scale)
+        else:
+            qpos = torch.arange(L - n, L, device=q.device)[:, None]
+            kpos = torch.arange(L, device=q.device)[None, :]
+            o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=kpos <= qpos, scale=self.scale)
+        return o[0].transpose(0, 1)  # [n, H, dv]
+
+    def _decode(self, q_nope, q_pe, cache: KVCache, block_tables: torch.Tensor, seq_lens: torch.Tensor):
+        """Absorbed form, one query per sequence: q_nope [B, H, dn], q_pe [B, H, dr] -> [B, H, dv]."""
+        B, H = q_nope.shape[:2]
+        w = self.kv_b_proj.weight.view(H, self.nope + self.v_dim, self.rank)
+        w_uk, w_uv = w[:, : self.nope], w[:, self.nope :]  # [H, dn, r], [H, dv, r]
+        q_lat = torch.einsum("bhd,hdr->bhr", q_nope, w_uk)  # [B, H, r]
+        qk = torch.cat((q_lat, q_pe), dim=-1)[:, None]  # [B, 1, H, r + dr]: the heads as the query axis
+        lat_cache, pe_cache = cache
+        bs = lat_cache.shape[1]
+        nblocks = (int(seq_lens.max()) + bs - 1) // bs
+        tables = block_tables[:, :nblocks]  # [B, nblocks]
+        lat = lat_cache[tables].flatten(1, 2)  # [B, L, 1, r]
+        keys = torch.cat((lat, pe_cache[tables].flatten(1, 2)), dim=-1)  # [B, L, 1, r + dr]
+        pos = torch.arange(keys.shape[1], device=q_nope.device)
+        mask = (pos[None, :] < seq_lens[:, None])[:, None, None, :]  # [B, 1, 1, L]
+        o_lat = F.scaled_dot_product_attention(qk, keys.transpose(1, 2), lat.transpose(1, 2), attn_mask=mask,
+                                               scale=self.scale)  # [B, 1, H, r]
+        return torch.einsum("bhr,hvr->bhv", o_lat[:, 0], w_uv)  # [B, H, dv]
+
+
+def _gather(cache: KVCache, block_table: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Latents and rotary keys of one sequence: [length, r], [length, dr]."""
+    lat_cache, pe_cache = cache
+    bs = lat_cache.shape[1]
+    ids = block_table[: (length + bs - 1) // bs]
+    return lat_cache[ids].flatten(0, 1)[:length, 0], pe_cache[ids].flatten(0, 1)[:length, 0]

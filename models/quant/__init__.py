@@ -1,0 +1,69 @@
+"""Quantized checkpoints, dequantized to the compute dtype while loading.
+
+Supported `quantization_config` methods:
+- `fp8` with `weight_block_size` (DeepSeek-V3/R1, Kimi K2, Qwen3 FP8 releases): float8_e4m3
+  weights with a float32 `weight_scale_inv` per [block_n, block_k] tile (multiplied in);
+- `compressed-tensors` in `float-quantized` format (FP8 weights with a `weight_scale` per tensor,
+  per output channel or per block);
+- `mxfp4` (gpt-oss experts): `*_blocks` (two FP4 E2M1 values per byte, 32 per block) and
+  `*_scales` (one E8M0 power-of-two exponent per block).
+Anything else fails at load, naming the method. Dequantization happens one tensor at a time as
+the loader streams the checkpoint (`models/quant/reader.py`), so no quantized layer is ever
+held whole beside its dequantized copy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from models.config import UnsupportedModelError
+
+METHODS = ("fp8", "compressed-tensors", "mxfp4")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    method: str  # one of METHODS
+    weight_block_size: tuple[int, int] | None = None  # block scales: [block_n (output), block_k (input)]
+    strategy: str | None = None  # compressed-tensors weights: tensor | channel | block
+    ignore: tuple[str, ...] = ()  # modules left unquantized (informational: detected per tensor)
+
+
+def parse_quantization(qcfg: dict[str, Any] | None) -> QuantSpec | None:
+    """`config.json`'s `quantization_config` -> QuantSpec; unsupported methods fail by name."""
+    if not qcfg:
+        return None
+    method = str(qcfg.get("quant_method", "")).lower()
+    if method not in METHODS:
+        raise UnsupportedModelError(
+            f"quantization method {method or qcfg!r} is not supported; supported: {', '.join(METHODS)} "
+            f"(dequantized to the compute dtype at load)")
+    if method == "fp8":
+        block = qcfg.get("weight_block_size")
+        if block is None:
+            raise UnsupportedModelError("fp8 quantization without weight_block_size (per-tensor fp8) is not supported")
+        if qcfg.get("fmt", "e4m3") != "e4m3":
+            raise UnsupportedModelError(f"fp8 format {qcfg.get('fmt')!r} is not supported (only e4m3)")
+        return QuantSpec("fp8", weight_block_size=(int(block[0]), int(block[1])))
+    if method == "compressed-tensors":
+        fmt = qcfg.get("format")
+        if fmt != "float-quantized":
+            raise UnsupportedModelError(f"compressed-tensors format {fmt!r} is not supported (only float-quantized FP8)")
+        strategies, blocks = set(), set()
+        for name, group in (qcfg.get("config_groups") or {}).items():
+            weights = group.get("weights") or {}
+            if weights.get("type") != "float" or weights.get("num_bits") != 8:
+                raise UnsupportedModelError(f"compressed-tensors group {name!r}: weights "
+                                            f"{weights.get('type')}{weights.get('num_bits')} are not supported (only float8)")
+            strategy = weights.get("strategy", "tensor")
+            if strategy not in ("tensor", "channel", "block"):
+                raise UnsupportedModelError(f"compressed-tensors weight strategy {strategy!r} is not supported")
+            strategies.add(strategy)
+            if strategy == "block":
+                blocks.add(tuple(int(b) for b in weights.get("block_structure") or (128, 128)))
+        if len(blocks) > 1:
+            raise UnsupportedModelError(f"compressed-tensors groups with different block structures {sorted(blocks)}")
+        return QuantSpec("compressed-tensors", weight_block_size=blocks.pop() if blocks else None,
+                         strategy=",".join(sorted(strategies)) or None, ignore=tuple(qcfg.get("ignore") or ()))
+    return QuantSpec("mxfp4", ignore=tuple(qcfg.get("modules_to_not_convert") or ()))

@@ -1,0 +1,83 @@
+"""What a chat request needs beyond sampling: its tool plan, its structured-output constraint and
+its reasoning mode, checked cheaply on the event loop (`plan_chat`), then the prompt rendered and
+the grammar compiled on the tokenizer thread (`prepare_chat`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from server.api.chat_output import ChoiceOutput
+from server.api.errors import bad_request
+from server.api.protocol import ChatCompletionRequest
+from server.api.structured import request_spec
+from server.api.tools import ToolPlan, plan_tools
+from server.engine.structured.spec import StructuredSpec
+
+
+@dataclass(frozen=True)
+class ChatPlan:
+    tools: ToolPlan
+    spec: StructuredSpec | None  # the request's constraint, or the one of required / named tool choices
+    reasoning: type | None  # the reasoning parser class (--reasoning-parser)
+    tool_parser: Any | None  # the --tool-call-parser instance, used when tools.mode == "auto"
+
+    def sampling_overrides(self, body: ChatCompletionRequest) -> dict[str, Any]:
+        """Special tokens stay in the text when the tool parser needs them (unless the request says)."""
+        if (self.tools.mode == "auto" and self.tool_parser is not None and self.tool_parser.needs_special_tokens
+                and body.skip_special_tokens is None):
+            return {"skip_special_tokens": False}
+        return {}
+
+
+@dataclass(frozen=True)
+class PreparedChat:
+    prompt_ids: list[int]
+    structured: Any | None  # CompiledStructure
+    in_reasoning: bool  # the output starts inside the reasoning part
+
+
+def plan_chat(serving: Any, body: ChatCompletionRequest) -> ChatPlan:
+    tools = plan_tools(body, serving.tool_parser is not None)
+    spec = request_spec(body)
+    if tools.spec is not None:
+        if spec is not None:
+            raise bad_request(f"tool_choice: a required or named tool choice is enforced by its own grammar and "
+                              f"cannot be combined with {spec.param}", param="tool_choice")
+        if body.min_tokens:
+            raise bad_request("min_tokens: not supported together with a required or named tool choice",
+                              param="min_tokens")
+        spec = tools.spec
+    if tools.tools:
+        _check_history_names(body, {t["function"]["name"] for t in tools.tools})
+    if body.chat_template_kwargs is not None and len(body.chat_template_kwargs) > 64:
+        raise bad_request("chat_template_kwargs: at most 64 entries", param="chat_template_kwargs")
+    return ChatPlan(tools, spec, serving.reasoning_parser, serving.tool_parser)
+
+
+def _check_history_names(body: ChatCompletionRequest, names: set[str]) -> None:
+    """Tool calls in the history must name one of the request's tools."""
+    for k, m in enumerate(body.messages):
+        for j, call in enumerate(m.tool_calls or []):
+            fn = call.get("function") if isinstance(call, dict) else None
+            name = fn.get("name") if isinstance(fn, dict) else None
+            if isinstance(name, str) and name not in names:
+                p = f"messages[{k}].tool_calls[{j}].function.name"
+                raise bad_request(f"{p}: unknown tool '{name[:64]}' (not in tools)", param=p)
+
+
+def prepare_chat(serving: Any, body: ChatCompletionRequest, plan: ChatPlan) -> PreparedChat:
+    """On the tokenizer thread: render and tokenize the prompt, compile the grammar (cached)."""
+    text = serving.render_chat(body.messages, True, tools=plan.tools.tools, template_kwargs=body.chat_template_kwargs)
+    ids = serving.encode(text, add_special_tokens=False, limit=serving.max_model_len - 1, param="messages")
+    in_reasoning = bool(plan.reasoning and plan.reasoning.starts_in_reasoning(text, body.chat_template_kwargs))
+    compiled = None
+    if plan.spec is not None:
+        gate = tuple(serving.tokenizer.encode(plan.reasoning.end_tag, add_special_tokens=False)) if in_reasoning else ()
+        compiled = serving.compile_structured(plan.spec, gate)
+    return PreparedChat(ids, compiled, in_reasoning)
+
+
+def choice_output(plan: ChatPlan, prepared: PreparedChat) -> ChoiceOutput:
+    reasoning = plan.reasoning(prepared.in_reasoning) if plan.reasoning is not None else None
+    return ChoiceOutput(plan.tools, plan.tool_parser, reasoning)

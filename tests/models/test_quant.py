@@ -1,0 +1,211 @@
+"""Quantized checkpoints: tiny random models quantized with each format's own block layout load,
+dequantized, to logits within 1e-4 of transformers running the dequantized weights."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers.integrations.mxfp4 import FP4_VALUES, convert_moe_packed_tensors
+
+import models.loader as loader
+from models import UnsupportedModelError, load_model
+from models.generate import prefill_logits
+from tests.models.conftest import make_checkpoint
+from tests.models.test_parity import PROMPTS, hf_padded_logits
+
+E4M3_MAX = 448.0
+
+
+def quantizable(name: str, t: torch.Tensor) -> bool:
+    """The linear weights FP8 releases quantize: attention and MLP/expert projections (not the
+    router, norms, embeddings or lm_head)."""
+    return (t.dim() == 2 and name.endswith(".weight") and (".self_attn." in name or ".mlp." in name
+            or ".block_sparse_moe." in name) and "norm" not in name and not name.endswith((".gate.weight", "router.weight")))
+
+
+def fp8_tiles(w: torch.Tensor, bn: int, bk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per [bn, bk] tile (the last ones partial): (fp8 weight, scale [ceil(out/bn), ceil(in/bk)],
+    the dequantized weight the reference runs), tile by tile."""
+    out_dim, in_dim = w.shape
+    rows, cols = -(-out_dim // bn), -(-in_dim // bk)
+    q = torch.empty(w.shape, dtype=torch.float8_e4m3fn)
+    scale = torch.empty(rows, cols)
+    deq = torch.empty_like(w)
+    for r in range(rows):
+        for c in range(cols):
+            tile = w[r * bn:(r + 1) * bn, c * bk:(c + 1) * bk]
+            s = tile.abs().max().clamp(min=1e-12) / E4M3_MAX
+            qt = (tile / s).to(torch.float8_e4m3fn)
+            q[r * bn:(r + 1) * bn, c * bk:(c + 1) * bk] = qt
+            scale[r, c] = s
+            deq[r * bn:(r + 1) * bn, c * bk:(c + 1) * bk] = qt.float() * s
+    return q, scale, deq
+
+
+def rewrite(path, quantize, qcfg: dict) -> dict[str, torch.Tensor]:
+    """Quantize a saved checkpoint in place; returns the dequantized checkpoint for the reference."""
+    tensors = load_file(str(path / "model.safetensors"))
+    (path / "config.unquantized.json").write_text((path / "config.json").read_text())
+    out, reference = {}, {}
+    for name, t in tensors.items():
+        reference[name] = t
+        if quantizable(name, t):
+            extra, reference[name] = quantize(name, t)
+            out.update(extra)
+        else:
+            out[name] = t
+    save_file(out, str(path / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["quantization_config"] = qcfg
+    (path / "config.json").write_text(json.dumps(cfg))
+    return reference
+
+
+def assert_matches_dequantized(path, ref, reference: dict[str, torch.Tensor]) -> None:
+    """Our model loading the quantized checkpoint vs transformers loading the dequantized one."""
+    deq = path / "dequantized"
+    deq.mkdir()
+    save_file(reference, str(deq / "model.safetensors"), metadata={"format": "pt"})
+    (deq / "config.json").write_text((path / "config.unquantized.json").read_text())
+    ref = type(ref).from_pretrained(str(deq), dtype=torch.float32).eval()
+    model = load_model(str(path), dtype="float32", device="cpu", progress=False)
+    ours = prefill_logits(model, PROMPTS)
+    out = hf_padded_logits(ref, PROMPTS)
+    for i, p in enumerate(PROMPTS):
+        diff = (ours[i] - out.logits[i, : len(p)]).abs().max().item()
+        assert diff <= 1e-4, f"prompt {i}: max abs logit diff {diff}"
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "qwen3_moe"])
+def test_fp8_block_checkpoint(family, tmp_path):
+    """DeepSeek-V3 / Qwen3 FP8 layout: float8_e4m3 weights, float32 `weight_scale_inv` per tile."""
+    ref = make_checkpoint(family, tmp_path, seed=5)
+
+    def quantize(name, w):
+        q, scale, deq = fp8_tiles(w, 16, 16)
+        return {name: q, name + "_scale_inv": scale}, deq
+
+    reference = rewrite(tmp_path, quantize, {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                             "weight_block_size": [16, 16]})
+    assert any(t.dtype == torch.float8_e4m3fn for t in load_file(str(tmp_path / "model.safetensors")).values())
+    assert_matches_dequantized(tmp_path, ref, reference)
+
+
+@pytest.mark.parametrize("strategy", ["tensor", "channel", "block"])
+def test_compressed_tensors_fp8_checkpoint(strategy, tmp_path):
+    ref = make_checkpoint("mixtral", tmp_path, seed=6)
+
+    def quantize(name, w):
+        if strategy == "block":
+            q, scale, deq = fp8_tiles(w, 32, 32)
+        else:
+            amax = w.abs().amax(dim=1, keepdim=True) if strategy == "channel" else w.abs().max().reshape(1)
+            scale = amax.clamp(min=1e-12) / E4M3_MAX  # [out, 1] or [1]
+            q = (w / scale).to(torch.float8_e4m3fn)
+            deq = q.float() * scale
+        # a static activation scale too: unused when computing in the model dtype
+        return {name: q, name + "_scale": scale, name.removesuffix("weight") + "input_scale": torch.ones(1)}, deq
+
+    group = {"targets": ["Linear"], "weights": {"num_bits": 8, "type": "float", "strategy": strategy,
+                                                "symmetric": True, "dynamic": False},
+             "input_activations": {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False}}
+    if strategy == "block":
+        group["weights"]["block_structure"] = [32, 32]
+    reference = rewrite(tmp_path, quantize, {"quant_method": "compressed-tensors", "format": "float-quantized",
+                                             "config_groups": {"group_0": group}, "ignore": ["lm_head"]})
+    assert_matches_dequantized(tmp_path, ref, reference)
+
+
+FP4 = torch.tensor(FP4_VALUES)
+
+
+def mxfp4_pack(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [..., rows, cols] -> (blocks [..., rows, cols/32, 16] uint8, scales [..., rows, cols/32] uint8):
+    per 32 values a power-of-two scale (E8M0) with amax / scale <= 6, values rounded to E2M1."""
+    blocks32 = w.reshape(*w.shape[:-1], -1, 32)  # [..., rows, G, 32]
+    amax = blocks32.abs().amax(-1).clamp(min=2.0**-100)
+    exp = torch.ceil(torch.log2(amax / 6.0))  # [..., rows, G]
+    scaled = blocks32 / torch.exp2(exp)[..., None]
+    codes = (scaled[..., None] - FP4).abs().argmin(-1)  # nearest E2M1 code, sign included
+    packed = (codes[..., 0::2] | (codes[..., 1::2] << 4)).to(torch.uint8)  # low nibble first
+    return packed, (exp + 127).to(torch.uint8)
+
+
+def test_mxfp4_gpt_oss_checkpoint(tmp_path):
+    """gpt-oss experts as `*_blocks` / `*_scales`; the reference is transformers' own MXFP4 dequantization."""
+    ref = make_checkpoint("gpt_oss", tmp_path, seed=7)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    reference = dict(tensors)
+    (tmp_path / "config.unquantized.json").write_text((tmp_path / "config.json").read_text())
+    for name in [n for n in tensors if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        w = tensors.pop(name)  # [E, H, 2I] / [E, I, H]: the format blocks the transposed rows
+        blocks, scales = mxfp4_pack(w.transpose(1, 2))
+        tensors[name + "_blocks"], tensors[name + "_scales"] = blocks, scales
+        reference[name] = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)
+        assert reference[name].shape == w.shape and (reference[name] - w).abs().max() < 0.5 * w.abs().max()
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn"]}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert_matches_dequantized(tmp_path, ref, reference)
+
+
+@pytest.mark.parametrize("qcfg, named", [
+    ({"quant_method": "awq", "bits": 4}, "awq"),
+    ({"quant_method": "gptq", "bits": 4}, "gptq"),
+    ({"quant_method": "bitsandbytes", "load_in_4bit": True}, "bitsandbytes"),
+    ({"quant_method": "compressed-tensors", "format": "pack-quantized"}, "pack-quantized"),
+    ({"quant_method": "fp8", "fmt": "e4m3"}, "weight_block_size"),
+])
+def test_unsupported_quantization_named(qcfg, named, tmp_path):
+    make_checkpoint("mixtral", tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["quantization_config"] = qcfg
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedModelError, match=named):
+        load_model(str(tmp_path), dtype="float32", device="cpu", progress=False)
+
+
+def test_quantized_weights_stream_one_at_a_time(tmp_path, monkeypatch):
+    """Each dequantized weight is produced after reading just it and its scale: nothing is
+    read ahead, so host memory beyond the model holds one tensor at a time."""
+    make_checkpoint("deepseek_v3", tmp_path, seed=5)
+
+    def quantize(name, w):
+        q, scale, deq = fp8_tiles(w, 16, 16)
+        return {name: q, name + "_scale_inv": scale}, deq
+
+    rewrite(tmp_path, quantize, {"quant_method": "fp8", "weight_block_size": [16, 16]})
+    reads: list[str] = []
+    real_open = loader.safe_open
+
+    class Counting:
+        def __init__(self, *args, **kwargs):
+            self.inner = real_open(*args, **kwargs)
+
+        def __enter__(self):
+            self.handle = self.inner.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.inner.__exit__(*exc)
+
+        def keys(self):
+            return self.handle.keys()
+
+        def get_tensor(self, name):
+            reads.append(name)
+            return self.handle.get_tensor(name)
+
+    monkeypatch.setattr(loader, "safe_open", Counting)
+    from models.quant import QuantSpec
+
+    yielded = 0
+    for name, tensor in loader.iter_tensors(str(tmp_path), progress=False, quant=QuantSpec("fp8", (16, 16))):
+        yielded += 1
+        assert tensor.dtype == torch.float32
+        assert reads[-1] in (name, name + "_scale_inv") and len(reads) <= 2 * yielded
+    assert yielded and sum(n.endswith("_scale_inv") for n in reads) > 10

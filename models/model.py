@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from models.config import MoEModelConfig
+from models.kernels import SYNC_FREE_BACKENDS, KernelConfig
 from models.layers.attention import Attention, AttentionMetadata, KVCache
 from models.layers.moe import DenseMLP, MoEBlock, RoutingCapture
 from models.layers.norm import RMSNorm
@@ -48,6 +49,30 @@ class MoEForCausalLM(nn.Module):
 
     def moe_blocks(self) -> list[MoEBlock]:
         return [layer.moe for layer in self.layers if layer.is_moe]
+
+    def set_kernels(self, kernels: KernelConfig) -> None:
+        """Choose every layer's kernels for the model's current device and dtype (the layers
+        resolve `KernelConfig()` on first use when this is never called)."""
+        dev, dtype = self.embed.weight.device, self.embed.weight.dtype
+        for layer in self.layers:
+            layer.attn.set_kernels(kernels, dev, dtype)
+            if layer.is_moe:
+                layer.moe.set_kernels(kernels, dev, dtype)
+
+    def kernel_backends(self) -> dict[str, list[str]]:
+        """The resolved backend of every layer: {"attention": [...], "moe": [...]}."""
+        if any(layer.attn.decode_backend == "auto" for layer in self.layers) or any(
+                b.moe_backend == "auto" for b in self.moe_blocks()):
+            self.set_kernels(KernelConfig())
+        return {"attention": [layer.attn.decode_backend for layer in self.layers],
+                "moe": [b.moe_backend for b in self.moe_blocks()]}
+
+    def decode_is_sync_free(self) -> bool:
+        """Whether a decode-only forward reads nothing back to the host (so a CUDA graph can
+        capture it): sync-free kernels everywhere and no experts placed on other devices."""
+        backends = self.kernel_backends()
+        return (all(b in SYNC_FREE_BACKENDS for b in backends["attention"] + backends["moe"])
+                and all(b.executor is None for b in self.moe_blocks()))
 
     @torch.inference_mode()
     def forward(

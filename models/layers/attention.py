@@ -3,9 +3,14 @@
 The KV cache of one layer is a pair of tensors `[num_blocks, block_size, num_kv_heads,
 head_dim]`; a sequence's tokens live in the blocks its block table lists. A step's tokens
 are flattened (`[num_tokens, ...]`) with decode sequences (one new token each) first, then
-prefill chunks. Decodes are attended in one batched op over gathered blocks; each prefill
-chunk runs through `scaled_dot_product_attention` over its gathered context (prefix cache
-hits and earlier chunks included).
+prefill chunks. Decodes are attended in one batched op that reads the KV blocks in place
+(`models.kernels.paged_attention`: Triton on CUDA, a C kernel on CPU; the reference gathers
+them); each prefill chunk runs through `scaled_dot_product_attention` over its gathered
+context (prefix cache hits and earlier chunks included).
+
+Which decode kernel a layer uses is decided in one place, `decode_backend_for`: the kernels
+serve plain causal GQA layers; a layer with a variant (sliding window, attention sinks,
+chunked attention, latent KV) keeps the reference path.
 """
 
 from __future__ import annotations
@@ -16,8 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.kernels import KernelConfig
+from models.kernels.paged_attention import paged_decode
 from models.layers.norm import RMSNorm
 from models.layers.rotary import RotaryEmbedding, apply_rotary
+
+# attributes that mark an attention variant the paged kernels do not implement
+VARIANT_ATTRS = ("sliding_window", "sinks", "attention_chunk_size", "kv_lora_rank")
 
 
 @dataclass
@@ -58,24 +68,21 @@ def gather_kv(cache: KVCache, block_table: torch.Tensor, length: int) -> tuple[t
 
 
 def decode_attention(
-    q: torch.Tensor, cache: KVCache, block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float
+    q: torch.Tensor, cache: KVCache, block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+    backend: str = "reference",
 ) -> torch.Tensor:
-    """q: [B, heads, head_dim] (one token per sequence) -> [B, heads, head_dim]."""
+    """q: [B, heads, head_dim] (one token per sequence) -> [B, heads, head_dim].
+    Every backend but "reference" reads the blocks in place, with no host sync."""
     k_cache, v_cache = cache
-    bsz, heads, d = q.shape
-    bs, kvh = k_cache.shape[1], k_cache.shape[2]
-    max_len = int(seq_lens.max())
-    nblocks = (max_len + bs - 1) // bs
-    tables = block_tables[:, :nblocks]  # [B, nblocks]
-    k = k_cache[tables].flatten(1, 2)  # [B, L, kvh, d]
-    v = v_cache[tables].flatten(1, 2)
-    group = heads // kvh
-    qg = q.view(bsz, kvh, group, d)  # [B, kvh, group, d]: a KV head's query heads as the query axis
-    pos = torch.arange(k.shape[1], device=q.device)
-    mask = (pos[None, :] < seq_lens[:, None])[:, None, None, :]  # [B, 1, 1, L] keys each sequence sees
-    # k, v viewed as [B, kvh, L, d] without a copy; SDPA reads them strided
-    out = F.scaled_dot_product_attention(qg, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale)
-    return out.reshape(bsz, heads, d)
+    return paged_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, backend)
+
+
+def decode_backend_for(layer: nn.Module, kernels: KernelConfig, device: torch.device, dtype: torch.dtype) -> str:
+    """The one place that decides a layer's decode kernel: plain causal GQA layers get the
+    configured kernel, layers with a variant the kernels lack keep the reference."""
+    if any(getattr(layer, name, None) not in (None, 0, False) for name in VARIANT_ATTRS):
+        return "reference"
+    return kernels.attention_backend(device, dtype)
 
 
 def prefill_attention(
@@ -117,6 +124,10 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.kv_size, cfg.rms_norm_eps)
         self.clip_qkv = cfg.clip_qkv
         self.rotary = rotary
+        self.decode_backend = "auto"  # resolved on first use, or set by MoEForCausalLM.set_kernels
+
+    def set_kernels(self, kernels: KernelConfig, device: torch.device, dtype: torch.dtype) -> None:
+        self.decode_backend = decode_backend_for(self, kernels, device, dtype)
 
     def forward(
         self,
@@ -144,7 +155,10 @@ class Attention(nn.Module):
         out = torch.empty_like(q)  # [T, heads, head_dim]
         nd = meta.num_decodes
         if nd:
-            out[:nd] = decode_attention(q[:nd], cache, meta.block_tables[:nd], meta.decode_seq_lens, self.scale)
+            if self.decode_backend == "auto":
+                self.set_kernels(KernelConfig(), q.device, q.dtype)
+            out[:nd] = decode_attention(q[:nd], cache, meta.block_tables[:nd], meta.decode_seq_lens, self.scale,
+                                        self.decode_backend)
         loc = meta.query_start_loc
         for i in range(nd, meta.num_seqs):  # prefill chunks: one SDPA each
             s, e = loc[i], loc[i + 1]

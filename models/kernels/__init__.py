@@ -1,0 +1,70 @@
+"""Kernels for the hot paths, each with a pure-PyTorch reference the tests compare against.
+
+- `fused_moe`: the experts of an MoE layer. CUDA: a Triton grouped GEMM in the style of
+  vLLM's `fused_moe` (pairs aligned to the block size on the device, gate+up with SiLU-and-mul
+  fused, then down with the routing weight), or `torch._grouped_mm` (Hopper); CPU: one matmul
+  per active expert. None of the CUDA paths reads anything back to the host.
+- `paged_attention`: decode attention reading the KV blocks in place (Triton on CUDA, a C
+  kernel on CPU); the reference gathers each sequence's blocks.
+
+`KernelConfig` names the backend per op; "auto" picks per device and dtype (see
+`attention_backend` / `moe_backend`). A layer that a kernel does not serve (an attention
+variant, experts on other devices) keeps the reference path: the layers decide that.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+ATTENTION_BACKENDS = ("auto", "triton", "cpu", "reference")
+MOE_BACKENDS = ("auto", "triton", "grouped_mm", "loop", "reference")
+# backends that never read a device value back to the host (CUDA-graph capturable)
+SYNC_FREE_BACKENDS = frozenset({"triton", "grouped_mm", "cpu"})
+
+
+@functools.lru_cache(maxsize=1)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """torch._grouped_mm runs bf16 on Hopper (sm90) and newer."""
+    return (device.type == "cuda" and dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+            and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    attention: str = "auto"  # auto | triton | cpu | reference
+    moe: str = "auto"  # auto | triton | grouped_mm | loop | reference
+
+    def __post_init__(self) -> None:
+        if self.attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention kernel must be one of {ATTENTION_BACKENDS}, not {self.attention!r}")
+        if self.moe not in MOE_BACKENDS:
+            raise ValueError(f"moe kernel must be one of {MOE_BACKENDS}, not {self.moe!r}")
+
+    def attention_backend(self, device: torch.device, dtype: torch.dtype) -> str:
+        if self.attention != "auto":
+            return self.attention
+        if device.type == "cuda":
+            return "triton" if triton_available() else "reference"
+        from models.kernels import cpu_build
+
+        return "cpu" if dtype == torch.float32 and cpu_build.load() is not None else "reference"
+
+    def moe_backend(self, device: torch.device, dtype: torch.dtype) -> str:
+        if self.moe != "auto":
+            return self.moe
+        if device.type == "cuda":
+            if triton_available():
+                return "triton"
+            return "grouped_mm" if grouped_mm_available(device, dtype) else "reference"
+        return "loop"

@@ -33,7 +33,8 @@ class EngineCore:
     def __init__(self, model: MoEForCausalLM, tokenizer: Any, *, num_blocks: int, block_size: int,
                  max_model_len: int, max_num_seqs: int, max_num_batched_tokens: int,
                  enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True,
-                 scheduling_policy: str = "fcfs", seed: int = 0, eos_token_ids: tuple[int, ...] = ()):
+                 scheduling_policy: str = "fcfs", seed: int = 0, eos_token_ids: tuple[int, ...] = (),
+                 enforce_eager: bool = False):
         self.model = model
         self.tokenizer = tokenizer
         cfg = model.config
@@ -44,7 +45,9 @@ class EngineCore:
         self.kv = KVCacheManager(self.pool)
         self.scheduler = Scheduler(self.kv, max_num_seqs, max(max_num_batched_tokens, 1), self.max_model_len,
                                    scheduling_policy, enable_chunked_prefill)
-        self.runner = ModelRunner(model, num_blocks, block_size)
+        self.runner = ModelRunner(model, num_blocks, block_size, max_num_seqs=max_num_seqs,
+                                  max_model_len=self.max_model_len, max_num_batched_tokens=max_num_batched_tokens,
+                                  enforce_eager=enforce_eager)
         self.sampler = Sampler(self.vocab_size, self.runner.device, seed)
         self.eos_token_ids = tuple(eos_token_ids)
         self.requests: dict[str, RequestState] = {}
@@ -264,8 +267,11 @@ class EngineCore:
         off = result.token_offsets[j] - seq.num_computed
         chosen = result.routing[off + begin : off + end]  # [n, layers, k]
         state, (L, E) = seq.state, (chosen.shape[1], self.model.config.num_experts)
-        flat = (chosen + torch.arange(L, device=chosen.device)[None, :, None] * E).reshape(-1)
-        counts = torch.bincount(flat, minlength=L * E).view(L, E).cpu()  # [layers, experts]
+        if begin == seq.num_computed and result.seq_expert_counts is not None:
+            counts = result.seq_expert_counts[j]  # [layers, experts], counted for the whole step at once
+        else:  # tokens recomputed after a preemption: count only the new ones
+            flat = (chosen + torch.arange(L, device=chosen.device)[None, :, None] * E).reshape(-1)
+            counts = torch.bincount(flat, minlength=L * E).view(L, E).cpu()  # [layers, experts]
         state.expert_counts = counts if state.expert_counts is None else state.expert_counts + counts
         seq.routing_done = end
         if not state.request.return_routing:

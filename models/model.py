@@ -28,10 +28,17 @@ class DecoderLayer(nn.Module):
             self.moe = MoEBlock(cfg, idx)
         else:
             self.mlp = DenseMLP(cfg.hidden_size, cfg.dense_intermediate_size)
+        self.fused_norms = False  # Triton RMSNorm (+ residual add), set by MoEForCausalLM.set_kernels
 
     def forward(self, x, cos_sin, meta, cache, capture):
-        x = x + self.attn(self.input_norm(x), cos_sin, meta, cache)
-        h = self.post_attn_norm(x)
+        if self.fused_norms:
+            from models.kernels.triton_ops import rmsnorm
+
+            a = self.attn(rmsnorm(x, self.input_norm.weight, self.input_norm.eps)[0], cos_sin, meta, cache)
+            h, x = rmsnorm(a, self.post_attn_norm.weight, self.post_attn_norm.eps, residual=x)  # x += a; h = norm(x)
+        else:
+            x = x + self.attn(self.input_norm(x), cos_sin, meta, cache)
+            h = self.post_attn_norm(x)
         return x + (self.moe(h, capture) if self.is_moe else self.mlp(h))
 
 
@@ -46,6 +53,7 @@ class MoEForCausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
+        self.kernels: KernelConfig | None = None  # set_kernels; KernelConfig() at the first forward
 
     def moe_blocks(self) -> list[MoEBlock]:
         return [layer.moe for layer in self.layers if layer.is_moe]
@@ -53,16 +61,17 @@ class MoEForCausalLM(nn.Module):
     def set_kernels(self, kernels: KernelConfig) -> None:
         """Choose every layer's kernels for the model's current device and dtype (the layers
         resolve `KernelConfig()` on first use when this is never called)."""
+        self.kernels = kernels
         dev, dtype = self.embed.weight.device, self.embed.weight.dtype
         for layer in self.layers:
+            layer.fused_norms = kernels.use_fused_ops(dev)
             layer.attn.set_kernels(kernels, dev, dtype)
             if layer.is_moe:
                 layer.moe.set_kernels(kernels, dev, dtype)
 
     def kernel_backends(self) -> dict[str, list[str]]:
         """The resolved backend of every layer: {"attention": [...], "moe": [...]}."""
-        if any(layer.attn.decode_backend == "auto" for layer in self.layers) or any(
-                b.moe_backend == "auto" for b in self.moe_blocks()):
+        if self.kernels is None:
             self.set_kernels(KernelConfig())
         return {"attention": [layer.attn.decode_backend for layer in self.layers],
                 "moe": [b.moe_backend for b in self.moe_blocks()]}
@@ -84,10 +93,16 @@ class MoEForCausalLM(nn.Module):
         capture: RoutingCapture | None = None,
     ) -> torch.Tensor:
         """Hidden states after the final norm: [T, hidden]."""
+        if self.kernels is None:
+            self.set_kernels(KernelConfig())
         x = self.embed(input_ids)  # [T, hidden]
         cos_sin = self.rotary.cos_sin(positions, x.dtype)
         for layer, cache in zip(self.layers, kv_caches):
             x = layer(x, cos_sin, meta, cache, capture)
+        if self.layers and self.layers[0].fused_norms:
+            from models.kernels.triton_ops import rmsnorm
+
+            return rmsnorm(x, self.norm.weight, self.norm.eps)[0]
         return self.norm(x)
 
     @torch.inference_mode()

@@ -6,6 +6,8 @@
   per active expert. None of the CUDA paths reads anything back to the host.
 - `paged_attention`: decode attention reading the KV blocks in place (Triton on CUDA, a C
   kernel on CPU); the reference gathers each sequence's blocks.
+- `triton_ops`: small fused ops on CUDA (RMSNorm with the residual add; q/k norm + rotary +
+  KV-cache store), the layers' PyTorch code being their reference.
 
 `KernelConfig` names the backend per op; "auto" picks per device and dtype (see
 `attention_backend` / `moe_backend`). A layer that a kernel does not serve (an attention
@@ -21,6 +23,7 @@ import torch
 
 ATTENTION_BACKENDS = ("auto", "triton", "cpu", "reference")
 MOE_BACKENDS = ("auto", "triton", "grouped_mm", "loop", "reference")
+FUSED_OPS = ("auto", "triton", "torch")
 # backends that never read a device value back to the host (CUDA-graph capturable)
 SYNC_FREE_BACKENDS = frozenset({"triton", "grouped_mm", "cpu"})
 
@@ -44,8 +47,11 @@ def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
 class KernelConfig:
     attention: str = "auto"  # auto | triton | cpu | reference
     moe: str = "auto"  # auto | triton | grouped_mm | loop | reference
+    fused_ops: str = "auto"  # auto | triton | torch: the small fused ops of triton_ops
 
     def __post_init__(self) -> None:
+        if self.fused_ops not in FUSED_OPS:
+            raise ValueError(f"fused_ops must be one of {FUSED_OPS}, not {self.fused_ops!r}")
         if self.attention not in ATTENTION_BACKENDS:
             raise ValueError(f"attention kernel must be one of {ATTENTION_BACKENDS}, not {self.attention!r}")
         if self.moe not in MOE_BACKENDS:
@@ -59,6 +65,11 @@ class KernelConfig:
         from models.kernels import cpu_build
 
         return "cpu" if dtype == torch.float32 and cpu_build.load() is not None else "reference"
+
+    def use_fused_ops(self, device: torch.device) -> bool:
+        if self.fused_ops != "auto":
+            return self.fused_ops == "triton"
+        return device.type == "cuda" and triton_available()
 
     def moe_backend(self, device: torch.device, dtype: torch.dtype) -> str:
         if self.moe != "auto":

@@ -5,7 +5,9 @@
    activation loads, and SiLU(gate) * up is written: h [P, I].
 2. `_down_kernel`: h @ w2[e].T times the pair's routing weight: y [P, H].
 Then each token sums its top_k rows (a deterministic reduce, no atomics).
-Rows are found through `align_pairs` (device only), so the whole path has no host sync.
+Rows are sorted by expert and padded to the tile height by `_align_kernel` (one launch; the
+PyTorch version, `moe_align.align_pairs`, is its reference), so the whole path has no host
+sync and three launches plus the reduce.
 """
 
 from __future__ import annotations
@@ -14,7 +16,56 @@ import torch
 import triton
 import triton.language as tl
 
-from models.kernels.moe_align import align_pairs
+from models.kernels.moe_align import AlignedPairs
+
+
+@triton.jit
+def _align_kernel(ids_ptr, pairs_ptr, block_experts_ptr, num_rows_ptr, P,
+                  BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr):
+    # program e: count every expert's pairs, place expert e's run (stable, padded), label its blocks
+    e = tl.program_id(0)
+    offs_e = tl.arange(0, E_PAD)
+    counts = tl.zeros([E_PAD], tl.int32)
+    for c0 in range(0, P, CHUNK):
+        offs = c0 + tl.arange(0, CHUNK)
+        ids = tl.load(ids_ptr + offs, mask=offs < P, other=-1).to(tl.int32)
+        counts += tl.sum((ids[None, :] == offs_e[:, None]).to(tl.int32), 1)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M  # [E_PAD]
+    start = tl.sum(tl.where(offs_e < e, padded, 0), 0)
+    mine = tl.sum(tl.where(offs_e == e, counts, 0), 0)
+    mine_padded = tl.sum(tl.where(offs_e == e, padded, 0), 0)
+    if e == 0:
+        tl.store(num_rows_ptr, tl.sum(padded, 0).to(tl.int64))
+    running = tl.full([], 0, tl.int32)
+    for c0 in range(0, P, CHUNK):
+        offs = c0 + tl.arange(0, CHUNK)
+        ids = tl.load(ids_ptr + offs, mask=offs < P, other=-1).to(tl.int32)
+        hit = (ids == e).to(tl.int32)
+        rank = tl.cumsum(hit, 0) - 1 + running
+        tl.store(pairs_ptr + start + rank, offs.to(tl.int64), mask=hit == 1)
+        running += tl.sum(hit, 0)
+    for p0 in range(0, mine_padded - mine, CHUNK):  # padding rows of the run
+        offs = p0 + tl.arange(0, CHUNK)
+        tl.store(pairs_ptr + start + mine + offs, tl.zeros([CHUNK], tl.int64) + P, mask=mine + offs < mine_padded)
+    n_blocks = mine_padded // BLOCK_M
+    for b0 in range(0, n_blocks, CHUNK):
+        offs = b0 + tl.arange(0, CHUNK)
+        tl.store(block_experts_ptr + start // BLOCK_M + offs, tl.zeros([CHUNK], tl.int64) + e, mask=offs < n_blocks)
+
+
+def align_pairs_triton(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> AlignedPairs:
+    """`moe_align.align_pairs` in one launch (rows past `num_rows` are left unwritten)."""
+    flat = topk_ids.reshape(-1)
+    P = flat.numel()
+    max_rows = -(-(P + num_experts * (block_m - 1)) // block_m) * block_m
+    pairs = torch.empty(max_rows, dtype=torch.int64, device=flat.device)
+    block_experts = torch.empty(max_rows // block_m, dtype=torch.int64, device=flat.device)
+    num_rows = torch.empty(1, dtype=torch.int64, device=flat.device)
+    e_pad = triton.next_power_of_2(num_experts)
+    chunk = max(16, min(1024, 8192 // e_pad))
+    _align_kernel[(num_experts,)](flat, pairs, block_experts, num_rows, P, BLOCK_M=block_m, E_PAD=e_pad,
+                                  CHUNK=chunk, num_warps=4)
+    return AlignedPairs(pairs, block_experts, num_rows, block_m)
 
 
 @triton.jit
@@ -137,7 +188,7 @@ def fused_moe_triton(
     cfg = dict(config or tile_config(P, E, x.device.type))
     launch = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    aligned = align_pairs(topk_ids, E, bm)
+    aligned = align_pairs_triton(topk_ids, E, bm)
     max_rows = aligned.sorted_pairs.numel()
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
     h = torch.empty(P, inter, dtype=x.dtype, device=x.device)  # [P, I]

@@ -125,19 +125,27 @@ class Attention(nn.Module):
         self.clip_qkv = cfg.clip_qkv
         self.rotary = rotary
         self.decode_backend = "auto"  # resolved on first use, or set by MoEForCausalLM.set_kernels
+        self.fused_rope = False  # q/k norm + rotary + KV store in one Triton launch (set_kernels)
 
     def set_kernels(self, kernels: KernelConfig, device: torch.device, dtype: torch.dtype) -> None:
         self.decode_backend = decode_backend_for(self, kernels, device, dtype)
+        plain = not any(getattr(self, name, None) not in (None, 0, False) for name in VARIANT_ATTRS)
+        self.fused_rope = (kernels.use_fused_ops(device) and plain and self.clip_qkv is None
+                           and self.qk_norm in (None, "head"))
 
-    def forward(
-        self,
-        x: torch.Tensor,  # [T, hidden]
-        cos_sin: tuple[torch.Tensor, torch.Tensor],
-        meta: AttentionMetadata,
-        cache: KVCache,
-    ) -> torch.Tensor:
-        T = x.shape[0]
+    def _qkv_rope_store(self, x: torch.Tensor, cos_sin, meta: AttentionMetadata, cache: KVCache):
+        """(q, k, v) after q/k norm and rotary, each [T, (kv_)heads, head_dim], k and v stored into
+        the cache; the fused path returns only q (k and v are where they were stored)."""
         qkv = self.qkv(x)  # [T, q_size + 2 kv_size]
+        if self.fused_rope:
+            from models.kernels.triton_ops import rope_write_kv
+
+            head = self.qk_norm == "head"
+            q = rope_write_kv(qkv, *cos_sin, *cache, meta.slot_mapping, self.num_heads, self.num_kv_heads,
+                              self.head_dim, self.q_norm.weight if head else None,
+                              self.k_norm.weight if head else None, self.q_norm.eps if head else 1e-6)
+            return q, None, None
+        T = x.shape[0]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
@@ -150,21 +158,36 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = cos_sin
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        write_kv(cache, k, v.contiguous(), meta.slot_mapping)
+        v = v.contiguous()
+        write_kv(cache, k, v, meta.slot_mapping)
+        return q, k, v
 
-        out = torch.empty_like(q)  # [T, heads, head_dim]
+    def forward(
+        self,
+        x: torch.Tensor,  # [T, hidden]
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+        cache: KVCache,
+    ) -> torch.Tensor:
+        T = x.shape[0]
+        if self.decode_backend == "auto":
+            self.set_kernels(KernelConfig(), x.device, x.dtype)
+        q, k, v = self._qkv_rope_store(x, cos_sin, meta, cache)  # q: [T, heads, head_dim]
         nd = meta.num_decodes
+        if nd == T:  # decode-only step: no prefill chunk, no copy
+            out = decode_attention(q, cache, meta.block_tables[:nd], meta.decode_seq_lens, self.scale,
+                                   self.decode_backend)
+            return self.o_proj(out.view(T, self.q_size))
+        out = torch.empty_like(q)  # [T, heads, head_dim]
         if nd:
-            if self.decode_backend == "auto":
-                self.set_kernels(KernelConfig(), q.device, q.dtype)
             out[:nd] = decode_attention(q[:nd], cache, meta.block_tables[:nd], meta.decode_seq_lens, self.scale,
                                         self.decode_backend)
         loc = meta.query_start_loc
         for i in range(nd, meta.num_seqs):  # prefill chunks: one SDPA each
             s, e = loc[i], loc[i + 1]
-            if meta.seq_lens[i] == e - s:  # no cached prefix: the new keys are the whole context
+            if k is not None and meta.seq_lens[i] == e - s:  # no cached prefix: the new keys are the context
                 kc, vc = k[s:e], v[s:e]
-            else:
+            else:  # cached prefix / earlier chunks, or the fused path: read back from the cache
                 kc, vc = gather_kv(cache, meta.block_tables[i], meta.seq_lens[i])
             out[s:e] = prefill_attention(q[s:e], kc, vc, self.scale)
         return self.o_proj(out.view(T, self.q_size))

@@ -114,6 +114,26 @@ def moe_kernels(shape: str, batches: list[int], args) -> list[dict]:
             rows.append({"shape": shape, "tokens": T, "backend": be, "ms": round(ms, 4),
                          "experts_GBps": round(gbps, 1), "rel_err_vs_reference": round(err, 5)})
             log(f"moe {shape} T={T} {be}: {ms:.3f} ms ({gbps:.0f} GB/s of expert weights) err {err:.2e}")
+    if dev == "cuda" and args.moe_sweep:  # other tile shapes for the record (defaults: tile_config)
+        from models.kernels.triton_moe import fit_shared_memory, fused_moe_triton, tile_config
+
+        for T in (1, 256):
+            x = torch.randn(T, H, device=dev, dtype=dtype, generator=g)
+            w, ids = torch.softmax(torch.randn(T, E, device=dev, generator=g), -1).topk(k, -1)
+            base = tile_config(T * k, E, dev)
+            for change in ({}, {"BLOCK_N": 32}, {"BLOCK_N_DOWN": 64}, {"BLOCK_N": 128, "BLOCK_K": 64},
+                           {"BLOCK_M": 32}, {"GROUP_M": 1}, {"num_stages": 3}, {"num_warps": 8}):
+                cfg = fit_shared_memory({**base, **change}, 2)
+                try:
+                    ms = median_ms(lambda: fused_moe_triton(x, w13, w2, ids, w, cfg), dev)
+                except Exception as e:  # noqa: BLE001
+                    rows.append({"shape": shape, "tokens": T, "backend": f"triton {change}", "error": repr(e)[:200]})
+                    continue
+                rows.append({"shape": shape, "tokens": T, "backend": f"triton {change or 'default'}",
+                             "ms": round(ms, 4), "config": cfg})
+                log(f"moe sweep {shape} T={T} {change or 'default'}: {ms:.3f} ms")
+                if left(args) < 20:
+                    break
     del w13, w2
     return rows
 
@@ -289,13 +309,14 @@ def report(out: dict) -> str:
              f"{out['peak_GBps']} GB/s", ""]
     for r in out["engines"]:
         lines += [f"### {r['shape']} ({r['layers']} layers, {r['params_B']}B parameters)", "",
-                  "| batch | output tok/s | ms/step | GB/step | MBU | eager tok/s | transformers tok/s |",
-                  "|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| batch | output tok/s | ms/step | execute ms | rest ms | GB/step | MBU | eager tok/s "
+                  "| transformers tok/s |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         eager = {e["batch"]: e for e in r.get("eager", [])}
         hf = {h["batch"]: h for h in out.get("transformers", {}).get(r["shape"], []) if "output_tok_per_s" in h}
         for s in r["graphs"]:
             B = s["batch"]
-            lines.append(f"| {B} | {s['output_tok_per_s']} | {s['ms_per_step']} | {s['bytes_per_step'] / 1e9:.2f} | "
+            lines.append(f"| {B} | {s['output_tok_per_s']} | {s['ms_per_step']} | {s['execute_ms_per_step']} | "
+                         f"{s['rest_of_step_ms']} | {s['bytes_per_step'] / 1e9:.2f} | "
                          f"{s['mbu'] * 100:.1f}% | {eager.get(B, {}).get('output_tok_per_s', '')} | "
                          f"{hf.get(B, {}).get('output_tok_per_s', '')} |")
         lines.append("")
@@ -320,6 +341,7 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--peak-gbps", type=float, default=4800.0)
     ap.add_argument("--no-expert-tier", dest="expert_tier", action="store_false")
+    ap.add_argument("--moe-sweep", action="store_true", help="also time other Triton MoE tile shapes")
     ap.add_argument("--expert-tier-shape", default="qwen3-30b-a3b")
     ap.add_argument("--time-budget", type=float, default=300.0, help="seconds; later sections are skipped past it")
     ap.add_argument("--json", default="bench_gpu.json")

@@ -94,6 +94,7 @@ class DecodeRun:
     step_seconds: list[float] = field(default_factory=list)
     step_bytes: list[int] = field(default_factory=list)
     buckets: list = field(default_factory=list)
+    execute_seconds: list[float] = field(default_factory=list)  # runner.execute until the GPU is done
     prefill_seconds: float = 0.0
 
     def summary(self, peak_bw: float) -> dict:
@@ -106,6 +107,8 @@ class DecodeRun:
                 "ms_per_step": round(step * 1e3, 3), "bytes_per_step": int(mean_bytes),
                 "achieved_GBps": round(mean_bytes / step / 1e9, 1) if t else None,
                 "mbu": round(mean_bytes / step / peak_bw, 4) if t else None,
+                "execute_ms_per_step": round(sum(self.execute_seconds) / max(n, 1) * 1e3, 3),
+                "rest_of_step_ms": round((t - sum(self.execute_seconds)) / max(n, 1) * 1e3, 3),
                 "cuda_graph_buckets": sorted({b for b in self.buckets if b is not None}),
                 "eager_decode_steps": sum(1 for b in self.buckets if b is None),
                 "prefill_seconds": round(self.prefill_seconds, 3)}
@@ -125,8 +128,14 @@ def decode_run(core, batch: int, prompt_len: int, output_len: int, bytes_model: 
     seen: dict = {}
     orig = core.runner.execute
 
+    cuda = core.runner.device.type == "cuda"
+
     def execute(b):  # records references only: the counting happens after the timed loop
+        t0 = time.perf_counter()
         out = orig(b)
+        if cuda:  # the sampler syncs right after anyway; this splits the step into GPU and the rest
+            torch.cuda.synchronize()
+        seen["exec"] = time.perf_counter() - t0
         seen["decode"] = all(it.num_new == 1 for it in b.scheduled)
         seen["n"] = len(b.scheduled)
         seen["ctx"] = sum(it.seq.num_computed + 1 for it in b.scheduled)
@@ -143,6 +152,7 @@ def decode_run(core, batch: int, prompt_len: int, output_len: int, bytes_model: 
             if seen.get("decode") and seen["n"] == batch:  # full-batch decode steps only
                 run.step_seconds.append(dt)
                 run.buckets.append(seen["bucket"])
+                run.execute_seconds.append(seen["exec"])
                 pending.append((seen["routing"], seen["ctx"]))
             else:
                 run.prefill_seconds += dt

@@ -33,7 +33,7 @@ fi
 $PY -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 
 echo "=== [$(elapsed)s] CUDA tests: kernels vs references, bf16 parity, CUDA graphs vs eager"
-timeout 150 $PY -m pytest -q -x -p no:cacheprovider -m cuda -o addopts="" \
+timeout 150 $PY -m pytest -q -p no:cacheprovider -m cuda -o addopts="" \
   tests/models/kernels tests/models/test_cuda_parity.py tests/engine/test_decode_graphs.py 2>&1 | tee "$OUT/pytest_cuda.log" | tail -25
 CUDA_RC=${PIPESTATUS[0]}
 

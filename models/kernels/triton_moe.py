@@ -156,18 +156,42 @@ def _down_kernel(
              mask=row_mask[:, None] & n_mask[None, :])
 
 
-def tile_config(num_pairs: int, num_experts: int, device_type: str) -> dict:
-    """Block sizes by rows per expert: small M tiles for decode, larger for prefill."""
+SMEM_BUDGET = 200 * 1024  # bytes of shared memory a config may plan for (H100/H200: 227 KB per block)
+
+
+def tile_config(num_pairs: int, num_experts: int, device_type: str, elem_size: int = 2) -> dict:
+    """Block sizes by rows per expert. Decode (few rows): one 16-row tile per expert and narrow
+    column tiles, so that many programs stream the weights; more rows: tiles that hold an
+    expert's rows at once, so its weights are read once. GROUP_M=8 orders programs so that the
+    row tiles of one expert read each weight tile back to back (from L2). Shapes measured on
+    an H200 (docs/benchmarks.md)."""
     rows = num_pairs / num_experts
     if device_type != "cuda":  # the interpreter (tests): small tiles, fast to emulate
-        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)
+        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_N_DOWN=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)
     if rows <= 16:
-        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4)
-    if rows <= 64:
-        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4)
-    if rows <= 512:
-        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+        cfg = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_N_DOWN=32, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4)
+    elif rows <= 64:
+        cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_N_DOWN=64, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=3)
+    elif rows <= 512:
+        cfg = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_N_DOWN=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+    else:
+        cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_N_DOWN=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+    return fit_shared_memory(cfg, elem_size)
+
+
+def fit_shared_memory(cfg: dict, elem_size: int) -> dict:
+    """Fewer pipeline stages, then a shorter K tile, until the gate+up kernel's tiles (one
+    activation tile, two weight tiles per stage) fit: float32 needs twice bf16's room."""
+    cfg = dict(cfg)
+
+    def need(c):
+        return c["num_stages"] * (c["BLOCK_M"] * c["BLOCK_K"] + 2 * c["BLOCK_K"] * c["BLOCK_N"]) * elem_size
+
+    while need(cfg) > SMEM_BUDGET and cfg["num_stages"] > 2:
+        cfg["num_stages"] -= 1
+    while need(cfg) > SMEM_BUDGET and cfg["BLOCK_K"] > 32:
+        cfg["BLOCK_K"] //= 2
+    return cfg
 
 
 def fused_moe_triton(
@@ -185,8 +209,9 @@ def fused_moe_triton(
     if T == 0:
         return torch.zeros_like(x)
     assert x.stride(-1) == 1 and w13.stride(-1) == 1 and w2.stride(-1) == 1
-    cfg = dict(config or tile_config(P, E, x.device.type))
+    cfg = dict(config or tile_config(P, E, x.device.type, x.element_size()))
     launch = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
+    bn_down = cfg.pop("BLOCK_N_DOWN", cfg["BLOCK_N"])
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     aligned = align_pairs_triton(topk_ids, E, bm)
     max_rows = aligned.sorted_pairs.numel()
@@ -201,11 +226,11 @@ def fused_moe_triton(
     )
     y = torch.empty(P, H, dtype=x.dtype, device=x.device)  # [P, H] weighted expert outputs
     weights = topk_w.reshape(-1).contiguous()  # [P]
-    grid2 = (triton.cdiv(max_rows, bm) * triton.cdiv(H, bn),)
+    grid2 = (triton.cdiv(max_rows, bm) * triton.cdiv(H, bn_down),)
     _down_kernel[grid2](
         h, w2, y, weights, aligned.sorted_pairs, aligned.block_experts, aligned.num_rows,
         H, inter, P, max_rows,
         h.stride(0), w2.stride(0), w2.stride(1), y.stride(0),
-        PRECISION=precision, **cfg, **launch,
+        PRECISION=precision, **{**cfg, "BLOCK_N": bn_down}, **launch,
     )
     return y.view(T, k, H).sum(dim=1)

@@ -266,13 +266,17 @@ class EngineCore:
             return
         off = result.token_offsets[j] - seq.num_computed
         chosen = result.routing[off + begin : off + end]  # [n, layers, k]
-        state, (L, E) = seq.state, (chosen.shape[1], self.model.config.num_experts)
+        state = seq.state
         if begin == seq.num_computed and result.seq_expert_counts is not None:
             counts = result.seq_expert_counts[j]  # [layers, experts], counted for the whole step at once
         else:  # tokens recomputed after a preemption: count only the new ones
+            L, E = chosen.shape[1], self.model.config.num_experts
             flat = (chosen + torch.arange(L, device=chosen.device)[None, :, None] * E).reshape(-1)
             counts = torch.bincount(flat, minlength=L * E).view(L, E).cpu()  # [layers, experts]
-        state.expert_counts = counts if state.expert_counts is None else state.expert_counts + counts
+        if state.expert_counts is None:
+            state.expert_counts = counts.clone()
+        else:
+            state.expert_counts += counts  # in place: no new tensor per sequence and step
         seq.routing_done = end
         if not state.request.return_routing:
             return

@@ -160,22 +160,22 @@ SMEM_BUDGET = 200 * 1024  # bytes of shared memory a config may plan for (H100/H
 
 
 def tile_config(num_pairs: int, num_experts: int, device_type: str, elem_size: int = 2) -> dict:
-    """Block sizes by rows per expert. Decode (few rows): one 16-row tile per expert and narrow
-    column tiles, so that many programs stream the weights; more rows: tiles that hold an
-    expert's rows at once, so its weights are read once. GROUP_M=8 orders programs so that the
-    row tiles of one expert read each weight tile back to back (from L2). Shapes measured on
-    an H200 (docs/benchmarks.md)."""
+    """Block sizes by rows per expert: 16-row tiles for decode (few rows per expert), taller
+    tiles as the rows grow. These are the tiles measured on an H200 (docs/benchmarks.md);
+    `loadtest/bench_gpu.py --moe-sweep` times alternatives. float32 tiles are shrunk to fit
+    shared memory (`fit_shared_memory`)."""
     rows = num_pairs / num_experts
     if device_type != "cuda":  # the interpreter (tests): small tiles, fast to emulate
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_N_DOWN=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)
     if rows <= 16:
-        cfg = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_N_DOWN=32, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4)
+        cfg = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4)
     elif rows <= 64:
-        cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_N_DOWN=64, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=3)
+        cfg = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4)
     elif rows <= 512:
-        cfg = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_N_DOWN=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+        cfg = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
     else:
-        cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_N_DOWN=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+        cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+    cfg["BLOCK_N_DOWN"] = cfg["BLOCK_N"]
     return fit_shared_memory(cfg, elem_size)
 
 

@@ -359,7 +359,7 @@ def main() -> None:
 
     out = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "device": torch.cuda.get_device_name() if args.device == "cuda" else f"cpu dry run ({platform.machine()})",
-           "command": " ".join(sys.argv), "torch": torch.__version__, "transformers": transformers.__version__,
+           "command": " ".join(sys.argv), "torch": torch.__version__, "transformers_version": transformers.__version__,
            "python": platform.python_version(), "args": {k: str(v) if isinstance(v, torch.dtype) else v for k, v in vars(args).items()}, "peak_GBps": args.peak_gbps, "engines": [],
            "transformers": {}}
     out["copy_GBps"] = round(copy_bandwidth() / 1e9, 1) if args.device == "cuda" else None

@@ -11,6 +11,7 @@ from torch import nn
 
 from models.config import MoEModelConfig
 from models.kernels import SYNC_FREE_BACKENDS, KernelConfig
+from models.kernels.cpu_linear import PackedWeight, packed_linear
 from models.layers.attention import Attention, AttentionMetadata, KVCache
 from models.layers.moe import DenseMLP, MoEBlock, RoutingCapture
 from models.layers.norm import RMSNorm
@@ -54,6 +55,7 @@ class MoEForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
         self.kernels: KernelConfig | None = None  # set_kernels; KernelConfig() at the first forward
+        self.packed_lm_head: PackedWeight | None = None
 
     def moe_blocks(self) -> list[MoEBlock]:
         return [layer.moe for layer in self.layers if layer.is_moe]
@@ -68,6 +70,24 @@ class MoEForCausalLM(nn.Module):
             layer.attn.set_kernels(kernels, dev, dtype)
             if layer.is_moe:
                 layer.moe.set_kernels(kernels, dev, dtype)
+        # CPU: oneDNN-packed copies of the LM head, q/k/v and the experts' gate+up weights
+        loops = [b for b in self.moe_blocks() if b.moe_backend == "loop"]
+        extra = sum(t.numel() * t.element_size() for t in
+                    [self.lm_head.weight] + [layer.attn.qkv.weight for layer in self.layers] + [b.w13 for b in loops])
+        pack = kernels.pack_cpu_weights(dev, dtype, extra)
+        old = self._packed if hasattr(self, "_packed") else {}
+        self._packed = {}
+
+        def packed(weight, index=None):  # keeps an existing packed copy (packing costs a pass over the weight)
+            key = (id(weight), index)
+            self._packed[key] = old.get(key) or PackedWeight(weight, index)
+            return self._packed[key]
+
+        self.packed_lm_head = packed(self.lm_head.weight) if pack else None
+        for layer in self.layers:
+            layer.attn.packed_qkv = packed(layer.attn.qkv.weight) if pack else None
+        for b in self.moe_blocks():
+            b.packed_w13 = [packed(b.w13, e) for e in range(b.num_experts)] if pack and b in loops else None
 
     def kernel_backends(self) -> dict[str, list[str]]:
         """The resolved backend of every layer: {"attention": [...], "moe": [...]}."""
@@ -108,6 +128,10 @@ class MoEForCausalLM(nn.Module):
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> [N, vocab] in float32."""
+        if self.kernels is None:
+            self.set_kernels(KernelConfig())
+        if self.packed_lm_head is not None:
+            return packed_linear(hidden, self.packed_lm_head)
         return self.lm_head(hidden).float()
 
     def allocate_kv_cache(

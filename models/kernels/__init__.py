@@ -6,6 +6,8 @@
   per active expert. None of the CUDA paths reads anything back to the host.
 - `paged_attention`: decode attention reading the KV blocks in place (Triton on CUDA, a C
   kernel on CPU); the reference gathers each sequence's blocks.
+- `cpu_linear`: oneDNN-packed weights for the CPU's decode GEMMs (LM head, q/k/v, experts'
+  gate+up).
 - `triton_ops`: small fused ops on CUDA (RMSNorm with the residual add; q/k norm + rotary +
   KV-cache store), the layers' PyTorch code being their reference.
 
@@ -24,6 +26,8 @@ import torch
 ATTENTION_BACKENDS = ("auto", "triton", "cpu", "reference")
 MOE_BACKENDS = ("auto", "triton", "grouped_mm", "loop", "reference")
 FUSED_OPS = ("auto", "triton", "torch")
+CPU_LINEAR = ("auto", "packed", "plain")
+PACKED_BYTES_AUTO = 2**30  # "auto" packs CPU weights while the extra copies stay under this
 # backends that never read a device value back to the host (CUDA-graph capturable)
 SYNC_FREE_BACKENDS = frozenset({"triton", "grouped_mm", "cpu"})
 
@@ -48,8 +52,11 @@ class KernelConfig:
     attention: str = "auto"  # auto | triton | cpu | reference
     moe: str = "auto"  # auto | triton | grouped_mm | loop | reference
     fused_ops: str = "auto"  # auto | triton | torch: the small fused ops of triton_ops
+    cpu_linear: str = "auto"  # auto | packed | plain: oneDNN-packed weights on CPU (cpu_linear.py)
 
     def __post_init__(self) -> None:
+        if self.cpu_linear not in CPU_LINEAR:
+            raise ValueError(f"cpu_linear must be one of {CPU_LINEAR}, not {self.cpu_linear!r}")
         if self.fused_ops not in FUSED_OPS:
             raise ValueError(f"fused_ops must be one of {FUSED_OPS}, not {self.fused_ops!r}")
         if self.attention not in ATTENTION_BACKENDS:
@@ -70,6 +77,14 @@ class KernelConfig:
         if self.fused_ops != "auto":
             return self.fused_ops == "triton"
         return device.type == "cuda" and triton_available()
+
+    def pack_cpu_weights(self, device: torch.device, dtype: torch.dtype, extra_bytes: int) -> bool:
+        """Whether to keep oneDNN-packed copies of the decode-heavy weights (`extra_bytes` of them)."""
+        from models.kernels.cpu_linear import packing_available
+
+        if self.cpu_linear == "plain" or device.type != "cpu" or dtype != torch.float32 or not packing_available():
+            return False
+        return self.cpu_linear == "packed" or extra_bytes <= PACKED_BYTES_AUTO
 
     def moe_backend(self, device: torch.device, dtype: torch.dtype) -> str:
         if self.moe != "auto":

@@ -3,7 +3,7 @@
 - "triton": `triton_moe.fused_moe_triton` (CUDA; CPU tensors only under TRITON_INTERPRET=1)
 - "grouped_mm": `torch._grouped_mm` over the pairs sorted by expert (Hopper, bf16)
 - "loop": one matmul pair per active expert (CPU; the counts are read once per layer, which
-  costs nothing there)
+  costs nothing there), gate+up through oneDNN-packed weights when given (`cpu_linear`)
 - "reference": `reference.moe_reference`
 "Triton" and "grouped_mm" read nothing back to the host, so they can run in a CUDA graph.
 """
@@ -13,8 +13,40 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from models.kernels.cpu_linear import PackedWeight, packed_linear
 from models.kernels.moe_align import expert_counts
 from models.kernels.reference import moe_reference
+
+
+def moe_loop(
+    x: torch.Tensor,  # [T, H]
+    w13: torch.Tensor,  # [E, 2I, H]
+    w2: torch.Tensor,  # [E, H, I]
+    topk_ids: torch.Tensor,  # [T, k]
+    topk_w: torch.Tensor,  # [T, k]
+    packed_w13: list[PackedWeight] | None = None,  # [E] packed gate+up weights, or None
+) -> torch.Tensor:
+    """The CPU path: pairs sorted by expert, one gate+up and one down matmul per active expert."""
+    T, k = topk_ids.shape
+    inter = w2.shape[-1]
+    flat = topk_ids.reshape(-1)  # [T * k]
+    order = torch.argsort(flat, stable=True)  # [T * k] pairs sorted by expert
+    counts = torch.bincount(flat, minlength=w13.shape[0]).tolist()  # host ints: free on the CPU
+    token_of = order // k  # [T * k]
+    xs = x.index_select(0, token_of)  # [T * k, H]
+    ys = torch.empty_like(xs)
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        end = start + n
+        xe = xs[start:end]
+        h = packed_linear(xe, packed_w13[e]) if packed_w13 is not None else F.linear(xe, w13[e])  # [n, 2I]
+        torch.mm(F.silu(h[:, :inter]) * h[:, inter:], w2[e].t(), out=ys[start:end])  # [n, H]
+        start = end
+    ys.mul_(topk_w.reshape(-1)[order].to(ys.dtype)[:, None])
+    out = torch.zeros_like(x)
+    return out.index_add_(0, token_of, ys)
 
 
 def moe_grouped_mm(
@@ -45,6 +77,7 @@ def fused_experts(
     topk_ids: torch.Tensor,
     topk_w: torch.Tensor,
     backend: str,
+    packed_w13: list[PackedWeight] | None = None,
 ) -> torch.Tensor:
     """sum_k topk_w[t, k] * Expert_{topk_ids[t, k]}(x[t]) -> [T, H]."""
     if backend == "triton":
@@ -53,4 +86,6 @@ def fused_experts(
         return fused_moe_triton(x, w13, w2, topk_ids, topk_w)
     if backend == "grouped_mm":
         return moe_grouped_mm(x, w13, w2, topk_ids, topk_w)
+    if backend == "loop":
+        return moe_loop(x, w13, w2, topk_ids, topk_w, packed_w13)
     return moe_reference(x, w13, w2, topk_ids, topk_w)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.kernels import KernelConfig
+from models.kernels.cpu_linear import packed_linear
 from models.kernels.paged_attention import paged_decode
 from models.layers.norm import RMSNorm
 from models.layers.rotary import RotaryEmbedding, apply_rotary
@@ -126,6 +127,7 @@ class Attention(nn.Module):
         self.rotary = rotary
         self.decode_backend = "auto"  # resolved on first use, or set by MoEForCausalLM.set_kernels
         self.fused_rope = False  # q/k norm + rotary + KV store in one Triton launch (set_kernels)
+        self.packed_qkv = None  # CPU: a oneDNN-packed copy of the qkv weight (MoEForCausalLM.set_kernels)
 
     def set_kernels(self, kernels: KernelConfig, device: torch.device, dtype: torch.dtype) -> None:
         self.decode_backend = decode_backend_for(self, kernels, device, dtype)
@@ -136,7 +138,10 @@ class Attention(nn.Module):
     def _qkv_rope_store(self, x: torch.Tensor, cos_sin, meta: AttentionMetadata, cache: KVCache):
         """(q, k, v) after q/k norm and rotary, each [T, (kv_)heads, head_dim], k and v stored into
         the cache; the fused path returns only q (k and v are where they were stored)."""
-        qkv = self.qkv(x)  # [T, q_size + 2 kv_size]
+        if self.packed_qkv is not None:
+            qkv = packed_linear(x, self.packed_qkv, self.qkv.bias)  # [T, q_size + 2 kv_size]
+        else:
+            qkv = self.qkv(x)
         if self.fused_rope:
             from models.kernels.triton_ops import rope_write_kv
 

@@ -52,12 +52,13 @@ def grouped_experts(
     topk_ids: torch.Tensor,  # [T, k]
     topk_w: torch.Tensor,  # [T, k]
     backend: str | None = None,
+    packed_w13=None,  # CPU "loop" backend: [E] oneDNN-packed gate+up weights (models.kernels.cpu_linear)
 ) -> torch.Tensor:
     """sum_k w[t, k] * Expert_{ids[t, k]}(x[t]) for every token, grouped by expert.
     `backend`: a `models.kernels.MOE_BACKENDS` name; None picks by device and dtype."""
     if backend is None or backend == "auto":
         backend = KernelConfig().moe_backend(x.device, x.dtype)
-    return fused_experts(x, w13, w2, topk_ids, topk_w, backend)
+    return fused_experts(x, w13, w2, topk_ids, topk_w, backend, packed_w13)
 
 
 class DenseMLP(nn.Module):
@@ -89,6 +90,7 @@ class MoEBlock(nn.Module):
         # set by models.placement to run experts on other devices; None: all local
         self.executor = None
         self.moe_backend = "auto"  # resolved on first use, or set by MoEForCausalLM.set_kernels
+        self.packed_w13 = None  # CPU: oneDNN-packed gate+up weights per expert (set_kernels)
 
     def set_kernels(self, kernels: KernelConfig, device: torch.device, dtype: torch.dtype) -> None:
         self.moe_backend = kernels.moe_backend(device, dtype)
@@ -103,7 +105,7 @@ class MoEBlock(nn.Module):
         else:
             if self.moe_backend == "auto":
                 self.set_kernels(KernelConfig(), x.device, x.dtype)
-            out = grouped_experts(x, self.w13, self.w2, topk_ids, topk_w, self.moe_backend)
+            out = grouped_experts(x, self.w13, self.w2, topk_ids, topk_w, self.moe_backend, self.packed_w13)
         if self.shared is not None:
             shared = self.shared(x)
             if self.shared_gate is not None:

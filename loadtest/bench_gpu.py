@@ -33,7 +33,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from gpu_models import SHAPES, ByteModel, decode_run, hf_config, random_model  # noqa: E402
+from gpu_models import (ByteModel, copy_bandwidth, decode_run, hf_config, median_ms,  # noqa: E402
+                        random_model, report)
 
 T0 = time.monotonic()
 
@@ -49,34 +50,6 @@ def sync(args) -> None:
 
 def left(args) -> float:
     return args.time_budget - (time.monotonic() - T0)
-
-
-def copy_bandwidth() -> float:
-    """Device-to-device copy, bytes read + written per second (median of 10)."""
-    x = torch.empty(2**30, dtype=torch.uint8, device="cuda").random_(0, 255)  # 1 GiB
-    y = torch.empty_like(x)
-    times = []
-    for _ in range(12):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        y.copy_(x)
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    return 2 * x.numel() / sorted(times[2:])[len(times[2:]) // 2]
-
-
-def median_ms(fn, dev: str) -> float:
-    if dev == "cuda":
-        from triton.testing import do_bench
-
-        return do_bench(fn, warmup=5, rep=30, return_mode="median")
-    times = []
-    for _ in range(3):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1e3)
-    return sorted(times)[1]
 
 
 def moe_kernels(shape: str, batches: list[int], args) -> list[dict]:
@@ -134,7 +107,6 @@ def moe_kernels(shape: str, batches: list[int], args) -> list[dict]:
                 log(f"moe sweep {shape} T={T} {change or 'default'}: {ms:.3f} ms")
                 if left(args) < 20:
                     break
-    del w13, w2
     return rows
 
 
@@ -242,7 +214,7 @@ def bench_shape(shape: str, args, tokenizer, peak: float, out: dict) -> None:
             out.setdefault("errors", []).append(f"{name} {shape}: {e!r}"[:800])
             log(f"{name} {shape} FAILED: {e!r}")
     state.clear()
-    del model
+    sections.clear()  # the closures hold the model: free its GPU memory before the next shape
     gc.collect()
     if args.device == "cuda":
         torch.cuda.empty_cache()
@@ -302,30 +274,6 @@ def bench_transformers(shape: str, args) -> list[dict]:
     if args.device == "cuda":
         torch.cuda.empty_cache()
     return rows
-
-
-def report(out: dict) -> str:
-    lines = [f"device: {out['device']}; copy bandwidth {out['copy_GBps']} GB/s (read + write); MBU against "
-             f"{out['peak_GBps']} GB/s", ""]
-    for r in out["engines"]:
-        lines += [f"### {r['shape']} ({r['layers']} layers, {r['params_B']}B parameters)", "",
-                  "| batch | output tok/s | ms/step | execute ms | rest ms | GB/step | MBU | eager tok/s "
-                  "| transformers tok/s |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        eager = {e["batch"]: e for e in r.get("eager", [])}
-        hf = {h["batch"]: h for h in out.get("transformers", {}).get(r["shape"], []) if "output_tok_per_s" in h}
-        for s in r["graphs"]:
-            B = s["batch"]
-            lines.append(f"| {B} | {s['output_tok_per_s']} | {s['ms_per_step']} | {s['execute_ms_per_step']} | "
-                         f"{s['rest_of_step_ms']} | {s['bytes_per_step'] / 1e9:.2f} | "
-                         f"{s['mbu'] * 100:.1f}% | {eager.get(B, {}).get('output_tok_per_s', '')} | "
-                         f"{hf.get(B, {}).get('output_tok_per_s', '')} |")
-        lines.append("")
-    if out.get("moe_kernels"):
-        lines += ["| MoE layer | tokens | backend | ms | GB/s of experts | rel. err |", "|---|---:|---|---:|---:|---:|"]
-        for m in out["moe_kernels"]:
-            lines.append(f"| {m['shape']} | {m['tokens']} | {m['backend']} | {m.get('ms', m.get('error'))} | "
-                         f"{m.get('experts_GBps', '')} | {m.get('rel_err_vs_reference', '')} |")
-    return "\n".join(lines)
 
 
 def main() -> None:

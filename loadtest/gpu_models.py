@@ -1,4 +1,5 @@
-"""Random-weight models built in device memory, and a decode-throughput harness over EngineCore.
+"""Random-weight models built in device memory, a decode-throughput harness over EngineCore,
+and bench_gpu.py's timing helpers and report.
 
 For loadtest/bench_gpu.py: the shapes of Mixtral-8x7B and Qwen3-30B-A3B cut to a few layers
 (every per-layer shape real), initialised on the device (no checkpoint on disk: 24 GB of
@@ -168,3 +169,55 @@ def decode_run(core, batch: int, prompt_len: int, output_len: int, bytes_model: 
         run.step_bytes.append(bytes_model.dense + routing.shape[0] * bytes_model.embed_row
                               + distinct * bytes_model.expert + ctx * bytes_model.kv_per_token)
     return run
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy, bytes read + written per second (median of 10)."""
+    x = torch.empty(2**30, dtype=torch.uint8, device="cuda").random_(0, 255)  # 1 GiB
+    y = torch.empty_like(x)
+    times = []
+    for _ in range(12):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        y.copy_(x)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    return 2 * x.numel() / sorted(times[2:])[len(times[2:]) // 2]
+
+
+def median_ms(fn, dev: str) -> float:
+    if dev == "cuda":
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=5, rep=30, return_mode="median")
+    times = []
+    for _ in range(3):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+    return sorted(times)[1]
+
+
+def report(out: dict) -> str:
+    lines = [f"device: {out['device']}; copy bandwidth {out['copy_GBps']} GB/s (read + write); MBU against "
+             f"{out['peak_GBps']} GB/s", ""]
+    for r in out["engines"]:
+        lines += [f"### {r['shape']} ({r['layers']} layers, {r['params_B']}B parameters)", "",
+                  "| batch | output tok/s | ms/step | execute ms | rest ms | GB/step | MBU | eager tok/s "
+                  "| transformers tok/s |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        eager = {e["batch"]: e for e in r.get("eager", [])}
+        hf = {h["batch"]: h for h in out.get("transformers", {}).get(r["shape"], []) if "output_tok_per_s" in h}
+        for s in r["graphs"]:
+            B = s["batch"]
+            lines.append(f"| {B} | {s['output_tok_per_s']} | {s['ms_per_step']} | {s['execute_ms_per_step']} | "
+                         f"{s['rest_of_step_ms']} | {s['bytes_per_step'] / 1e9:.2f} | "
+                         f"{s['mbu'] * 100:.1f}% | {eager.get(B, {}).get('output_tok_per_s', '')} | "
+                         f"{hf.get(B, {}).get('output_tok_per_s', '')} |")
+        lines.append("")
+    if out.get("moe_kernels"):
+        lines += ["| MoE layer | tokens | backend | ms | GB/s of experts | rel. err |", "|---|---:|---|---:|---:|---:|"]
+        for m in out["moe_kernels"]:
+            lines.append(f"| {m['shape']} | {m['tokens']} | {m['backend']} | {m.get('ms', m.get('error'))} | "
+                         f"{m.get('experts_GBps', '')} | {m.get('rel_err_vs_reference', '')} |")
+    return "\n".join(lines)

@@ -25,7 +25,7 @@ from models.layers.moe import RoutingCapture
 from models.model import MoEForCausalLM
 from server.engine.native.decode_graphs import DecodeGraphs, bucket_sizes
 from server.engine.native.scheduler import SchedulerOutput
-from server.engine.native.step_inputs import StepBuffers, StepInputs
+from server.engine.native.step_inputs import StepBuffers
 
 log = logging.getLogger(__name__)
 

@@ -103,7 +103,10 @@ def build_native_core(config: EngineConfig, progress: bool = True):
         max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
         enable_prefix_caching=config.enable_prefix_caching, enable_chunked_prefill=config.enable_chunked_prefill,
         scheduling_policy=config.scheduling_policy, seed=config.seed,
-        eos_token_ids=eos_token_ids(config.model, cfg, tokenizer), enforce_eager=config.enforce_eager,
+        eos_token_ids=eos_token_ids(config.model, cfg, tokenizer),
+        # placed experts run through a host-syncing executor: no CUDA graphs to capture for them
+        enforce_eager=config.enforce_eager or bool(config.expert_devices or config.num_redundant_experts
+                                                   or config.gpu_expert_budget or config.rebalance_interval),
     )
     attach_placement(core, config)  # expert placement / rebalancing / routing traces, when asked
     install_fault_injection(core)  # MOE_SERVE_FAULT_INJECT: fault tests only, off when unset

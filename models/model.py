@@ -11,6 +11,8 @@ import torch
 from torch import nn
 
 from models.config import MoEModelConfig
+from models.kernels import SYNC_FREE_BACKENDS, KernelConfig
+from models.kernels.cpu_linear import PackedWeight, packed_linear
 from models.layers.attention import Attention, AttentionMetadata, KVCache
 from models.layers.mla import MLAttention
 from models.layers.moe import DenseMLP, MoEBlock, RoutingCapture
@@ -30,11 +32,18 @@ class DecoderLayer(nn.Module):
             self.moe = MoEBlock(cfg, idx)
         else:
             self.mlp = DenseMLP(cfg.hidden_size, cfg.dense_intermediate_size, bias=cfg.mlp_bias)
+        self.fused_norms = False  # Triton RMSNorm (+ residual add), set by MoEForCausalLM.set_kernels
 
     def forward(self, x, cos_sin, meta, cache, capture, positions=None):
-        h = self.attn(self.input_norm(x), cos_sin, meta, cache, positions)
-        x = x + (h * self.residual_multiplier if self.residual_multiplier != 1.0 else h)
-        h = self.post_attn_norm(x)
+        if self.fused_norms:  # residual_multiplier == 1 (set_kernels checks)
+            from models.kernels.triton_ops import rmsnorm
+
+            a = self.attn(rmsnorm(x, self.input_norm.weight, self.input_norm.eps)[0], cos_sin, meta, cache, positions)
+            h, x = rmsnorm(a, self.post_attn_norm.weight, self.post_attn_norm.eps, residual=x)  # x += a; h = norm(x)
+        else:
+            h = self.attn(self.input_norm(x), cos_sin, meta, cache, positions)
+            x = x + (h * self.residual_multiplier if self.residual_multiplier != 1.0 else h)
+            h = self.post_attn_norm(x)
         h = self.moe(h, capture) if self.is_moe else self.mlp(h)
         return x + (h * self.residual_multiplier if self.residual_multiplier != 1.0 else h)
 
@@ -51,6 +60,8 @@ class MoEForCausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=cfg.lm_head_bias)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
+        self.kernels: KernelConfig | None = None  # set_kernels; KernelConfig() at the first forward
+        self.packed_lm_head: PackedWeight | None = None
 
     def moe_blocks(self) -> list[MoEBlock]:
         return [layer.moe for layer in self.layers if layer.is_moe]
@@ -67,6 +78,51 @@ class MoEForCausalLM(nn.Module):
         """Recompute non-persistent buffers (rotary frequencies) after `to_empty`."""
         self.rotary.reset_parameters()
 
+    def set_kernels(self, kernels: KernelConfig) -> None:
+        """Choose every layer's kernels for the model's current device and dtype (the layers
+        resolve `KernelConfig()` on first use when this is never called)."""
+        self.kernels = kernels
+        dev, dtype = self.embed.weight.device, self.embed.weight.dtype
+        for layer in self.layers:
+            layer.fused_norms = kernels.use_fused_ops(dev) and layer.residual_multiplier == 1.0
+            if isinstance(layer.attn, Attention):  # MLA layers have their own decode path
+                layer.attn.set_kernels(kernels, dev, dtype)
+            if layer.is_moe:
+                layer.moe.set_kernels(kernels, dev, dtype)
+        # CPU: oneDNN-packed copies of the LM head, q/k/v and the experts' gate+up weights
+        loops = [b for b in self.moe_blocks() if b.moe_backend == "loop"]
+        gqa = [layer.attn for layer in self.layers if isinstance(layer.attn, Attention)]
+        extra = sum(t.numel() * t.element_size() for t in
+                    [self.lm_head.weight] + [a.qkv.weight for a in gqa] + [b.w13 for b in loops])
+        pack = kernels.pack_cpu_weights(dev, dtype, extra)
+        cache = self.__dict__.setdefault("_packed", {})  # kept across calls: packing costs a pass over the weight
+
+        def packed(weight, index=None):
+            key = (id(weight), index)
+            if key not in cache:
+                cache[key] = PackedWeight(weight, index)
+            return cache[key]
+
+        self.packed_lm_head = packed(self.lm_head.weight) if pack else None
+        for attn in gqa:
+            attn.packed_qkv = packed(attn.qkv.weight) if pack else None
+        for b in self.moe_blocks():
+            b.packed_w13 = [packed(b.w13, e) for e in range(b.num_experts)] if pack and b in loops else None
+
+    def kernel_backends(self) -> dict[str, list[str]]:
+        """The resolved backend of every layer: {"attention": [...], "moe": [...]}."""
+        if self.kernels is None:
+            self.set_kernels(KernelConfig())
+        return {"attention": [getattr(layer.attn, "decode_backend", "mla") for layer in self.layers],
+                "moe": [b.moe_backend for b in self.moe_blocks()]}
+
+    def decode_is_sync_free(self) -> bool:
+        """Whether a decode-only forward reads nothing back to the host (so a CUDA graph can
+        capture it): sync-free kernels everywhere and no experts placed on other devices."""
+        backends = self.kernel_backends()
+        return (all(b in SYNC_FREE_BACKENDS for b in backends["attention"] + backends["moe"])
+                and all(b.executor is None for b in self.moe_blocks()))
+
     @torch.inference_mode()
     def forward(
         self,
@@ -77,18 +133,29 @@ class MoEForCausalLM(nn.Module):
         capture: RoutingCapture | None = None,
     ) -> torch.Tensor:
         """Hidden states after the final norm: [T, hidden]."""
+        if self.kernels is None:
+            self.set_kernels(KernelConfig())
         x = self.embed(input_ids)  # [T, hidden]
         if self.config.embedding_multiplier != 1.0:
             x = x * self.config.embedding_multiplier
         cos_sin = self.rotary.cos_sin(positions, x.dtype)
         for layer, cache in zip(self.layers, kv_caches):
             x = layer(x, cos_sin, meta, cache, capture, positions)
+        if self.layers and self.layers[0].fused_norms:
+            from models.kernels.triton_ops import rmsnorm
+
+            return rmsnorm(x, self.norm.weight, self.norm.eps)[0]
         return self.norm(x)
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> [N, vocab] in float32."""
-        logits = self.lm_head(hidden)
+        if self.kernels is None:
+            self.set_kernels(KernelConfig())
+        if self.packed_lm_head is not None:
+            logits = packed_linear(hidden, self.packed_lm_head, self.lm_head.bias)
+        else:
+            logits = self.lm_head(hidden)
         if self.config.logits_scaling != 1.0:
             logits = logits / self.config.logits_scaling
         return logits.float()

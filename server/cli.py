@@ -47,6 +47,7 @@ ENGINE_FLAGS: list[tuple[str, str, str, str]] = [
     ("--num-kv-blocks", "num_kv_blocks", "int", "number of KV blocks (overrides --kv-cache-memory)"),
     ("--enable-prefix-caching", "enable_prefix_caching", "bool", "reuse KV blocks of shared prefixes"),
     ("--enable-chunked-prefill", "enable_chunked_prefill", "bool", "split long prefills across steps"),
+    ("--enforce-eager", "enforce_eager", "bool", "no CUDA graphs for decode steps (native engine on CUDA)"),
     ("--scheduling-policy", "scheduling_policy", "choice:fcfs,priority", "scheduling policy"),
     ("--max-queue-len", "max_queue_len", "int", "waiting requests past which the API answers 429"),
     ("--seed", "seed", "int", "engine seed"),

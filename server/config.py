@@ -53,6 +53,7 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # overrides kv_cache_memory (tests)
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
+    enforce_eager: bool = False  # native engine on CUDA: no CUDA graphs for decode steps
     scheduling_policy: str = "fcfs"  # fcfs | priority
     max_queue_len: int = 1024
     seed: int = 0

@@ -3,10 +3,15 @@
 The KV cache of one layer is a pair of tensors `[num_blocks, block_size, num_kv_heads,
 head_dim]`; a sequence's tokens live in the blocks its block table lists. A step's tokens
 are flattened (`[num_tokens, ...]`) with decode sequences (one new token each) first, then
-prefill chunks. Decodes are attended in one batched op over gathered blocks; each prefill
-chunk runs through `scaled_dot_product_attention` over its gathered context (prefix cache
-hits and earlier chunks included). Layers with a variant (sliding window, chunked attention,
-sinks) attend through `models/layers/attention_variants.py`; MLA layers are `models/layers/mla.py`.
+prefill chunks. Decodes are attended in one batched op that reads the KV blocks in place
+(`models.kernels.paged_attention`: Triton on CUDA, a C kernel on CPU; the reference gathers
+them); each prefill chunk runs through `scaled_dot_product_attention` over its gathered
+context (prefix cache hits and earlier chunks included).
+
+Layers with a variant (sliding window, chunked attention, sinks) attend through
+`models/layers/attention_variants.py` and keep the reference path; MLA layers are
+`models/layers/mla.py`. Which decode kernel a plain layer uses is decided in one place,
+`Attention.set_kernels`.
 """
 
 from __future__ import annotations
@@ -17,6 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.kernels import KernelConfig
+from models.kernels.cpu_linear import packed_linear
+from models.kernels.paged_attention import paged_decode
 from models.layers.attention_variants import AttentionVariant, attend_variant
 from models.layers.norm import RMSNorm
 from models.layers.rotary import RotaryEmbedding, rotate
@@ -60,24 +68,13 @@ def gather_kv(cache: KVCache, block_table: torch.Tensor, length: int) -> tuple[t
 
 
 def decode_attention(
-    q: torch.Tensor, cache: KVCache, block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float
+    q: torch.Tensor, cache: KVCache, block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+    backend: str = "reference",
 ) -> torch.Tensor:
-    """q: [B, heads, head_dim] (one token per sequence) -> [B, heads, head_dim]."""
+    """q: [B, heads, head_dim] (one token per sequence) -> [B, heads, head_dim].
+    Every backend but "reference" reads the blocks in place, with no host sync."""
     k_cache, v_cache = cache
-    bsz, heads, d = q.shape
-    bs, kvh = k_cache.shape[1], k_cache.shape[2]
-    max_len = int(seq_lens.max())
-    nblocks = (max_len + bs - 1) // bs
-    tables = block_tables[:, :nblocks]  # [B, nblocks]
-    k = k_cache[tables].flatten(1, 2)  # [B, L, kvh, d]
-    v = v_cache[tables].flatten(1, 2)
-    group = heads // kvh
-    qg = q.view(bsz, kvh, group, d)  # [B, kvh, group, d]: a KV head's query heads as the query axis
-    pos = torch.arange(k.shape[1], device=q.device)
-    mask = (pos[None, :] < seq_lens[:, None])[:, None, None, :]  # [B, 1, 1, L] keys each sequence sees
-    # k, v viewed as [B, kvh, L, d] without a copy; SDPA reads them strided
-    out = F.scaled_dot_product_attention(qg, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale)
-    return out.reshape(bsz, heads, d)
+    return paged_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, backend)
 
 
 def prefill_attention(
@@ -128,15 +125,33 @@ class Attention(nn.Module):
         self.variant = AttentionVariant(cfg.sliding_window(layer_idx), cfg.attention_chunk(layer_idx),
                                         cfg.attention_sinks)
         self.sinks = nn.Parameter(torch.empty(self.num_heads)) if cfg.attention_sinks else None  # [heads]
+        self.decode_backend = "auto"  # resolved on first use, or set by MoEForCausalLM.set_kernels
+        self.fused_rope = False  # q/k norm + rotary + KV store in one Triton launch (set_kernels)
+        self.packed_qkv = None  # CPU: a oneDNN-packed copy of the qkv weight (MoEForCausalLM.set_kernels)
+
+    def set_kernels(self, kernels: KernelConfig, device: torch.device, dtype: torch.dtype) -> None:
+        """The one place that decides this layer's kernels: plain causal GQA layers get the
+        configured decode kernel; a variant the kernels lack (window, chunk, sinks) keeps the
+        reference. The fused rotary + KV store covers neox rotary with per-head or no q/k norm."""
+        plain = not self.variant.active
+        self.decode_backend = kernels.attention_backend(device, dtype) if plain else "reference"
+        self.fused_rope = (kernels.use_fused_ops(device) and plain and self.use_rope and self.rope_style == "neox"
+                           and self.clip_qkv is None and self.qk_norm in (None, "head") and self.temperature is None
+                           and self.rotary.inv_freq.numel() * 2 == self.head_dim)  # full-width rotary
 
     def _l2(self, t: torch.Tensor) -> torch.Tensor:
         tf = t.float()
         return (tf * torch.rsqrt(tf.pow(2).mean(-1, keepdim=True) + self.l2_eps)).to(t.dtype)
 
+    def _qkv(self, x: torch.Tensor) -> torch.Tensor:  # [T, q_size + 2 kv_size]
+        if self.packed_qkv is not None:
+            return packed_linear(x, self.packed_qkv, self.qkv.bias)
+        return self.qkv(x)
+
     def project(self, x: torch.Tensor, cos_sin, positions: torch.Tensor | None):
         """q [T, heads, d], k and v [T, kv_heads, d]: projections, q/k norms, rotary."""
         T = x.shape[0]
-        qkv = self.qkv(x)  # [T, q_size + 2 kv_size]
+        qkv = self._qkv(x)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
@@ -167,22 +182,39 @@ class Attention(nn.Module):
         positions: torch.Tensor | None = None,  # [T], needed by attention temperature tuning only
     ) -> torch.Tensor:
         T = x.shape[0]
-        q, k, v = self.project(x, cos_sin, positions)
-        write_kv(cache, k, v.contiguous(), meta.slot_mapping)
+        if self.decode_backend == "auto":
+            self.set_kernels(KernelConfig(), x.device, x.dtype)
+        if self.fused_rope:  # k and v go straight into the cache; only q comes back
+            from models.kernels.triton_ops import rope_write_kv
+
+            head = self.qk_norm == "head"
+            q = rope_write_kv(self._qkv(x), *cos_sin, *cache, meta.slot_mapping, self.num_heads, self.num_kv_heads,
+                              self.head_dim, self.q_norm.weight if head else None,
+                              self.k_norm.weight if head else None, self.q_norm.eps if head else 1e-6)
+            k = v = None
+        else:
+            q, k, v = self.project(x, cos_sin, positions)
+            v = v.contiguous()
+            write_kv(cache, k, v, meta.slot_mapping)
         if self.variant.active:
             out = attend_variant(q, k, v, cache, meta, self.scale, self.variant, self.sinks)
             return self.o_proj(out.view(T, self.q_size))
 
-        out = torch.empty_like(q)  # [T, heads, head_dim]
         nd = meta.num_decodes
+        if nd == T:  # decode-only step: no prefill chunk, no copy
+            out = decode_attention(q, cache, meta.block_tables[:nd], meta.decode_seq_lens, self.scale,
+                                   self.decode_backend)
+            return self.o_proj(out.view(T, self.q_size))
+        out = torch.empty_like(q)  # [T, heads, head_dim]
         if nd:
-            out[:nd] = decode_attention(q[:nd], cache, meta.block_tables[:nd], meta.decode_seq_lens, self.scale)
+            out[:nd] = decode_attention(q[:nd], cache, meta.block_tables[:nd], meta.decode_seq_lens, self.scale,
+                                        self.decode_backend)
         loc = meta.query_start_loc
         for i in range(nd, meta.num_seqs):  # prefill chunks: one SDPA each
             s, e = loc[i], loc[i + 1]
-            if meta.seq_lens[i] == e - s:  # no cached prefix: the new keys are the whole context
+            if k is not None and meta.seq_lens[i] == e - s:  # no cached prefix: the new keys are the context
                 kc, vc = k[s:e], v[s:e]
-            else:
+            else:  # cached prefix / earlier chunks, or the fused path: read back from the cache
                 kc, vc = gather_kv(cache, meta.block_tables[i], meta.seq_lens[i])
             out[s:e] = prefill_attention(q[s:e], kc, vc, self.scale)
         return self.o_proj(out.view(T, self.q_size))

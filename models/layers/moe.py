@@ -4,8 +4,10 @@ The router variants live in `models/layers/router.py`, expert variants (biases, 
 input scaling) in `models/layers/experts.py`.
 
 Experts are stored stacked: `w13 [E, 2 * I, H]` (gate rows, then up rows) and
-`w2 [E, H, I]`. Execution is grouped: the (token, slot) pairs are sorted by expert and each
-active expert runs one matmul over its contiguous slice; no loop over tokens.
+`w2 [E, H, I]`. Execution is grouped (`models.kernels.fused_moe`): the (token, slot) pairs
+are sorted by expert and each expert's rows run as one GEMM (a fused Triton grouped GEMM or
+`torch._grouped_mm` on CUDA, one matmul per active expert on CPU); no loop over tokens.
+Family variants (biases, clamped SwiGLU, input scaling) keep the PyTorch path of experts.py.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.kernels import KernelConfig
+from models.kernels.fused_moe import fused_experts
 from models.layers.capacity import apply_capacity
 from models.layers.router import Router
 
@@ -69,29 +73,14 @@ def grouped_experts(
     w2: torch.Tensor,  # [E, H, I]
     topk_ids: torch.Tensor,  # [T, k]
     topk_w: torch.Tensor,  # [T, k]
+    backend: str | None = None,
+    packed_w13=None,  # CPU "loop" backend: [E] oneDNN-packed gate+up weights (models.kernels.cpu_linear)
 ) -> torch.Tensor:
-    """sum_k w[t, k] * Expert_{ids[t, k]}(x[t]) for every token, grouped by expert."""
-    T, k = topk_ids.shape
-    num_experts = w13.shape[0]
-    inter = w2.shape[-1]
-    flat_ids = topk_ids.reshape(-1)  # [T * k]
-    order = torch.argsort(flat_ids, stable=True)  # [T * k] (token, slot) pairs sorted by expert
-    counts = torch.bincount(flat_ids, minlength=num_experts).tolist()
-    token_of = order // k  # [T * k] source token of each sorted pair
-    xs = x.index_select(0, token_of)  # [T * k, H]
-    ys = torch.empty_like(xs)
-    start = 0
-    for e, n in enumerate(counts):
-        if n == 0:
-            continue
-        end = start + n
-        h = F.linear(xs[start:end], w13[e])  # [n, 2I]
-        torch.mm(F.silu(h[:, :inter]) * h[:, inter:], w2[e].t(), out=ys[start:end])  # [n, H]
-        start = end
-    ys = ys * topk_w.reshape(-1)[order].to(ys.dtype)[:, None]
-    out = torch.zeros_like(x)
-    out.index_add_(0, token_of, ys)
-    return out
+    """sum_k w[t, k] * Expert_{ids[t, k]}(x[t]) for every token, grouped by expert.
+    `backend`: a `models.kernels.MOE_BACKENDS` name; None picks by device and dtype."""
+    if backend is None or backend == "auto":
+        backend = KernelConfig().moe_backend(x.device, x.dtype)
+    return fused_experts(x, w13, w2, topk_ids, topk_w, backend, packed_w13)
 
 
 class DenseMLP(nn.Module):
@@ -130,6 +119,12 @@ class MoEBlock(nn.Module):
         self.executor = None
         # Switch-style expert capacity per forward pass (models/layers/capacity.py); None: off
         self.capacity_factor: float | None = None
+        self.moe_backend = "auto"  # resolved on first use, or set by MoEForCausalLM.set_kernels
+        self.packed_w13 = None  # CPU: oneDNN-packed gate+up weights per expert (set_kernels)
+
+    def set_kernels(self, kernels: KernelConfig, device: torch.device, dtype: torch.dtype) -> None:
+        """Plain SwiGLU experts get the configured kernel; a family variant keeps experts.py."""
+        self.moe_backend = kernels.moe_backend(device, dtype) if self.expert_fn is grouped_experts else "variant"
 
     def forward(self, x: torch.Tensor, capture: RoutingCapture | None = None) -> torch.Tensor:
         topk_w, topk_ids = self.gate(x)  # [T, k] each
@@ -141,7 +136,12 @@ class MoEBlock(nn.Module):
         if self.executor is not None:
             out = self.executor(self.layer_idx, x, topk_ids, topk_w)
         else:
-            out = self.expert_fn(x, self.w13, self.w2, topk_ids, topk_w)
+            if self.moe_backend == "auto":
+                self.set_kernels(KernelConfig(), x.device, x.dtype)
+            if self.moe_backend == "variant":
+                out = self.expert_fn(x, self.w13, self.w2, topk_ids, topk_w)
+            else:
+                out = grouped_experts(x, self.w13, self.w2, topk_ids, topk_w, self.moe_backend, self.packed_w13)
         if self.shared is not None:
             shared = self.shared(x)
             if self.shared_gate is not None:

@@ -46,6 +46,34 @@ def num_kv_blocks(config: EngineConfig, model) -> int:
     return max(1, budget // per_block)
 
 
+def physical_cores() -> int:
+    """Physical cores this process may run on (logical CPUs over SMT siblings)."""
+    logical = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        with open("/sys/devices/system/cpu/cpu0/topology/thread_siblings_list") as f:
+            text = f.read().strip()
+        smt = sum(len(range(int(a), int(b) + 1)) if "-" in part else 1
+                  for part in text.split(",") for a, _, b in [part.partition("-")])
+    except (OSError, ValueError):
+        smt = 1
+    return max(1, logical // max(1, smt))
+
+
+def configure_cpu_threads() -> int:
+    """The CPU engine's compute threads: one core is left to the engine loop, the HTTP server
+    and detokenization (as vLLM's CPU backend reserves one), so the GEMMs' OpenMP threads never
+    wait on a core that Python holds; on a 2-core machine that is 1 thread (measured there:
+    2 threads beside a busy Python thread made decode steps up to 6x slower). OMP_NUM_THREADS,
+    when set, wins; so does a thread count the caller already set."""
+    cores = physical_cores()
+    if os.environ.get("OMP_NUM_THREADS") or torch.get_num_threads() != cores:
+        return torch.get_num_threads()
+    threads = max(1, cores - 1)
+    torch.set_num_threads(threads)
+    log.info("CPU engine: %d compute thread(s) on %d core(s) (OMP_NUM_THREADS overrides)", threads, cores)
+    return threads
+
+
 def build_native_core(config: EngineConfig, progress: bool = True):
     """(EngineCore, ModelInfo) for the native engine."""
     from transformers import AutoTokenizer
@@ -57,6 +85,8 @@ def build_native_core(config: EngineConfig, progress: bool = True):
 
     torch.manual_seed(config.seed)
     model = load_model(config.model, dtype=config.dtype, device=config.device, progress=progress)
+    if model.embed.weight.device.type == "cpu":
+        configure_cpu_threads()
     tokenizer = AutoTokenizer.from_pretrained(config.model)
     cfg = model.config
     blocks = num_kv_blocks(config, model)
@@ -78,6 +108,11 @@ def build_native_core(config: EngineConfig, progress: bool = True):
         enable_prefix_caching=config.enable_prefix_caching, enable_chunked_prefill=config.enable_chunked_prefill,
         scheduling_policy=config.scheduling_policy, seed=config.seed,
         eos_token_ids=eos_token_ids(config.model, cfg, tokenizer),
+        # placed experts run through a host-syncing executor: no CUDA graphs to capture for them
+        # and expert capacity depends on the step's token count, which graph buckets pad
+        enforce_eager=config.enforce_eager or bool(config.expert_devices or config.num_redundant_experts
+                                                   or config.gpu_expert_budget or config.rebalance_interval
+                                                   or config.expert_capacity_factor),
     )
     for block in model.moe_blocks():
         block.capacity_factor = config.expert_capacity_factor

@@ -139,8 +139,8 @@ def test_mla_cache_holds_latents_and_sizes_the_pool(checkpoint):
     blocks = num_kv_blocks(EngineConfig(model=path, kv_cache_memory=1 << 20, block_size=4), model)
     assert llm.core.pool.num_blocks == blocks == (1 << 20) // (4 * per_token)
     allocated = sum(t.numel() * t.element_size() for pair in llm.core.runner.kv_caches for t in pair)
-    assert allocated == blocks * model.kv_bytes_per_block(4)
-    assert [tuple(t.shape) for t in llm.core.runner.kv_caches[0]] == [(blocks, 4, 1, 32), (blocks, 4, 1, 8)]
+    assert allocated == (blocks + 1) * model.kv_bytes_per_block(4)  # + 1: the runner's scratch block
+    assert [tuple(t.shape) for t in llm.core.runner.kv_caches[0]] == [(blocks + 1, 4, 1, 32), (blocks + 1, 4, 1, 8)]
     # usage counts blocks of latents: a 10-token prompt holds 3 blocks of 4
     core = llm.core
     core.add_request(EngineRequest("u", prompts_of([10])[0], SamplingParams(max_tokens=3, ignore_eos=True)))

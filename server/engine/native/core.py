@@ -34,7 +34,8 @@ class EngineCore:
     def __init__(self, model: MoEForCausalLM, tokenizer: Any, *, num_blocks: int, block_size: int,
                  max_model_len: int, max_num_seqs: int, max_num_batched_tokens: int,
                  enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True,
-                 scheduling_policy: str = "fcfs", seed: int = 0, eos_token_ids: tuple[int, ...] = ()):
+                 scheduling_policy: str = "fcfs", seed: int = 0, eos_token_ids: tuple[int, ...] = (),
+                 enforce_eager: bool = False):
         self.model = model
         self.tokenizer = tokenizer
         cfg = model.config
@@ -50,7 +51,9 @@ class EngineCore:
         self.kv = KVCacheManager(self.pool)
         self.scheduler = Scheduler(self.kv, max_num_seqs, max(max_num_batched_tokens, 1), self.max_model_len,
                                    scheduling_policy, enable_chunked_prefill)
-        self.runner = ModelRunner(model, num_blocks, block_size)
+        self.runner = ModelRunner(model, num_blocks, block_size, max_num_seqs=max_num_seqs,
+                                  max_model_len=self.max_model_len, max_num_batched_tokens=max_num_batched_tokens,
+                                  enforce_eager=enforce_eager)
         self.sampler = Sampler(self.vocab_size, self.runner.device, seed)
         self.eos_token_ids = tuple(eos_token_ids)
         self.requests: dict[str, RequestState] = {}
@@ -287,13 +290,20 @@ class EngineCore:
         end = seq.num_computed + item.num_new
         if begin >= end:
             return
-        rows = slice(result.token_offsets[j] - seq.num_computed + begin,
-                     result.token_offsets[j] - seq.num_computed + end)
+        off = result.token_offsets[j] - seq.num_computed
+        rows = slice(off + begin, off + end)
         chosen = result.routing[rows]  # [n, layers, k]
-        state, (L, E) = seq.state, (chosen.shape[1], self.model.config.num_experts)
-        flat = (chosen + torch.arange(L, device=chosen.device)[None, :, None] * E).reshape(-1)
-        counts = torch.bincount(flat, minlength=L * E).view(L, E).cpu()  # [layers, experts]
-        state.expert_counts = counts if state.expert_counts is None else state.expert_counts + counts
+        state, E = seq.state, self.model.config.num_experts
+        if begin == seq.num_computed and result.seq_expert_counts is not None:
+            counts = result.seq_expert_counts[j]  # [layers, experts], counted for the whole step at once
+        else:  # tokens recomputed after a preemption: count only the new ones
+            L = chosen.shape[1]
+            flat = (chosen + torch.arange(L, device=chosen.device)[None, :, None] * E).reshape(-1)
+            counts = torch.bincount(flat, minlength=L * E).view(L, E).cpu()  # [layers, experts]
+        if state.expert_counts is None:
+            state.expert_counts = counts.clone()
+        else:
+            state.expert_counts += counts  # in place: no new tensor per sequence and step
         if result.dropped is not None:
             state.num_dropped = (state.num_dropped or 0) + int(result.dropped[rows].sum())
         seq.routing_done = end

@@ -1,13 +1,21 @@
 """The model runner: turns a scheduled batch into tensors, runs the model, returns logits.
 
-It owns the KV-cache tensors (one (k, v) pair per layer, `[num_blocks, block_size,
-kv_heads, head_dim]`), performs the copy-on-write block copies the scheduler asks for, and
-computes logits only where needed: the last token of every sequence that samples, plus
-every prompt position of sequences that asked for prompt logprobs.
+It owns the KV-cache tensors (one (k, v) pair per layer, `[num_blocks + 1, block_size,
+kv_heads, head_dim]`; the extra block is scratch for padding rows), performs the
+copy-on-write block copies the scheduler asks for, and computes logits only where needed:
+the last token of every sequence that samples, plus every prompt position of sequences that
+asked for prompt logprobs.
+
+A step's metadata goes into preallocated buffers (`step_inputs.StepBuffers`), copied to the
+device without blocking, and the forward reads nothing back to the host (with the sync-free
+kernels). On CUDA, decode-only steps replay CUDA graphs captured at startup per batch-size
+bucket (`decode_graphs.DecodeGraphs`) unless `enforce_eager`; prefill and mixed steps run
+eagerly.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -15,7 +23,11 @@ import torch
 from models.layers.attention import AttentionMetadata
 from models.layers.moe import RoutingCapture
 from models.model import MoEForCausalLM
+from server.engine.native.decode_graphs import DecodeGraphs, bucket_sizes
 from server.engine.native.scheduler import SchedulerOutput
+from server.engine.native.step_inputs import StepBuffers
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -25,6 +37,9 @@ class ModelOutput:
     prompt_rows: dict[int, tuple[int, int]]  # position in `scheduled` -> (first row, count)
     routing: torch.Tensor | None  # [num_tokens, num_moe_layers, top_k] expert ids
     token_offsets: list[int]  # [num_scheduled + 1] start of each sequence's tokens
+    # [num_scheduled, num_moe_layers, num_experts] on the CPU: each sequence's expert choices this step
+    seq_expert_counts: torch.Tensor | None = None
+    graph_bucket: int | None = None  # the CUDA-graph bucket that ran this step, None when eager
     # [num_tokens, num_moe_layers, top_k]: router weights (only when a request returns routing)
     # and assignments dropped over expert capacity (only with --expert-capacity-factor)
     routing_weights: torch.Tensor | None = None
@@ -32,11 +47,35 @@ class ModelOutput:
 
 
 class ModelRunner:
-    def __init__(self, model: MoEForCausalLM, num_blocks: int, block_size: int):
+    def __init__(self, model: MoEForCausalLM, num_blocks: int, block_size: int, max_num_seqs: int = 64,
+                 max_model_len: int = 2048, max_num_batched_tokens: int = 2048, enforce_eager: bool = False):
         self.model = model
         self.block_size = block_size
         self.device = model.embed.weight.device
-        self.kv_caches = model.allocate_kv_cache(num_blocks, block_size)
+        self.kv_caches = model.allocate_kv_cache(num_blocks + 1, block_size)  # + 1: scratch block
+        self.pad_slot = num_blocks * block_size  # first slot of the scratch block
+        self.capture_routing = True
+        self._moe_blocks = model.moe_blocks()
+        self.num_moe_layers, self.num_experts = len(self._moe_blocks), model.config.num_experts
+        sizes = bucket_sizes(max_num_seqs)
+        max_blocks = -(-max_model_len // block_size)
+        self.buffers = StepBuffers(max(max_num_batched_tokens, max_num_seqs, sizes[-1]), max(max_num_seqs, sizes[-1]),
+                                   max_blocks, self.device)
+        self.graphs: DecodeGraphs | None = None
+        kernels = {op: sorted(set(b)) for op, b in model.kernel_backends().items()}  # resolves them now
+        log.info("kernels: %s", kernels)
+        if self.device.type == "cuda" and not enforce_eager:
+            if model.decode_is_sync_free():
+                self.enable_decode_graphs(sizes, cuda_graphs=True)
+            else:
+                log.info("CUDA graphs off: a layer uses a kernel that syncs with the host (%s)",
+                         model.kernel_backends())
+
+    def enable_decode_graphs(self, sizes: list[int], cuda_graphs: bool = True) -> None:
+        """Run decode-only steps padded to `sizes` buckets: captured CUDA graphs, or eagerly
+        on the same static buffers (`cuda_graphs=False`: tests the padding path on CPU)."""
+        self.graphs = DecodeGraphs(self.model, self.kv_caches, self.buffers.dev, sizes, self.pad_slot, cuda_graphs)
+        self.graphs.capture()
 
     def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if not copies:
@@ -47,60 +86,58 @@ class ModelRunner:
             k[dst] = k[src]
             v[dst] = v[src]
 
+    def _graph_bucket(self, batch: SchedulerOutput) -> int | None:
+        if self.graphs is None or len(batch.scheduled) > self.graphs.max_size:
+            return None
+        if any(b.executor is not None for b in self._moe_blocks):
+            # experts placed after capture (models.placement): the graphs ran the local kernels on
+            # weights that have moved; the placed path syncs with the host, so it runs eagerly
+            log.info("expert placement installed: CUDA graphs are off from now on")
+            self.graphs = None
+            return None
+        if any(it.num_new != 1 for it in batch.scheduled):
+            return None
+        return self.graphs.bucket(len(batch.scheduled))
+
     @torch.inference_mode()
     def execute(self, batch: SchedulerOutput) -> ModelOutput:
         self._copy_blocks(batch.block_copies)
-        bs = self.block_size
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        loc = [0]
-        seq_lens: list[int] = []
-        tables: list[list[int]] = []
-        logit_positions: list[int] = []
-        sample_rows: dict[int, int] = {}
-        prompt_rows: dict[int, tuple[int, int]] = {}
-        for j, item in enumerate(batch.scheduled):
-            seq = item.seq
-            start, end = seq.num_computed, seq.num_computed + item.num_new
-            ids.extend(seq.token_ids[start:end])
-            pos = range(start, end)
-            positions.extend(pos)
-            table = seq.blocks.table
-            slots.extend(table[p // bs] * bs + p % bs for p in pos)
-            loc.append(loc[-1] + item.num_new)
-            seq_lens.append(end)
-            tables.append(table)
-            want_prompt = seq.params.prompt_logprobs is not None and start < seq.num_prompt_tokens
-            if want_prompt:
-                # logits at positions start..min(end, prompt)-1 predict prompt tokens start+1..
-                last = min(end, seq.num_prompt_tokens)
-                n = last - start - (1 if last == seq.num_prompt_tokens else 0)
-                if n > 0:
-                    prompt_rows[j] = (len(logit_positions), n)
-                    logit_positions.extend(range(loc[j], loc[j] + n))
-            if item.samples:
-                sample_rows[j] = len(logit_positions)
-                logit_positions.append(loc[j + 1] - 1)
+        bucket = self._graph_bucket(batch)
+        bufs = self.buffers
+        dev_before = bufs.dev
+        inp = bufs.prepare(batch, self.block_size, self.pad_slot, pad_to=bucket or 0)
+        if bufs.dev is not dev_before and self.graphs is not None:  # buffers grew: graphs point at old ones
+            log.warning("step buffers grew past the captured sizes; CUDA graphs are off from now on")
+            self.graphs, bucket = None, None
+        d = bufs.dev
+        T = inp.num_tokens
+        with_weights = any(item.seq.request.return_routing for item in batch.scheduled)
+        if bucket is not None:
+            hidden, capture = self.graphs.run(bucket, self.capture_routing, with_weights)
+        else:
+            meta = AttentionMetadata(
+                num_decodes=inp.num_decodes, query_start_loc=inp.query_start_loc, seq_lens=inp.seq_lens,
+                slot_mapping=d["slots"][:T], block_tables=d["tables"][: inp.num_seqs, : inp.width],
+                decode_seq_lens=d["seq_lens"][: inp.num_decodes])
+            capture = RoutingCapture(with_weights) if self.capture_routing else None
+            hidden = self.model(d["ids"][:T], d["positions"][:T], meta, self.kv_caches, capture)  # [T, hidden]
+        rows = d["logit_rows"][: inp.num_logit_rows]
+        logits = self.model.compute_logits(hidden.index_select(0, rows))  # [rows, vocab]
+        out = ModelOutput(logits, inp.sample_rows, inp.prompt_rows, None, inp.query_start_loc, graph_bucket=bucket)
+        if capture is not None and capture.expert_ids:
+            out.routing = capture.stacked_ids()[:T]  # [T, moe_layers, k]
+            out.seq_expert_counts = self._seq_expert_counts(out.routing, d["seg"][:T], inp.num_seqs)
+            if with_weights:
+                out.routing_weights = capture.stacked_weights()[:T]
+            dropped = capture.stacked_dropped()
+            out.dropped = dropped[:T] if dropped is not None else None
+        return out
 
-        t = lambda x: torch.tensor(x, dtype=torch.long, device=self.device)  # noqa: E731
-        width = max(len(tb) for tb in tables)
-        block_tables = torch.zeros(len(tables), width, dtype=torch.long)
-        for r, tb in enumerate(tables):
-            block_tables[r, : len(tb)] = torch.tensor(tb, dtype=torch.long)
-        num_decodes = sum(1 for item in batch.scheduled if item.num_new == 1)
-        meta = AttentionMetadata(
-            num_decodes=num_decodes,
-            query_start_loc=loc,
-            seq_lens=seq_lens,
-            slot_mapping=t(slots),
-            block_tables=block_tables.to(self.device),
-            decode_seq_lens=t(seq_lens[:num_decodes]),
-        )
-        capture = RoutingCapture(with_weights=any(item.seq.request.return_routing for item in batch.scheduled))
-        hidden = self.model(t(ids), t(positions), meta, self.kv_caches, capture)  # [T, hidden]
-        logits = self.model.compute_logits(hidden[t(logit_positions)])  # [rows, vocab]
-        if not capture.expert_ids:
-            return ModelOutput(logits, sample_rows, prompt_rows, None, loc)
-        return ModelOutput(logits, sample_rows, prompt_rows, capture.stacked_ids(), loc,
-                           capture.stacked_weights(), capture.stacked_dropped())
+    def _seq_expert_counts(self, routing: torch.Tensor, seg: torch.Tensor, num_seqs: int) -> torch.Tensor:
+        """[S, L, E] per-sequence counts in one scatter and one copy to the host."""
+        L, E = self.num_moe_layers, self.num_experts
+        layer = torch.arange(L, device=routing.device)[None, :, None]  # [1, L, 1]
+        flat = ((seg[:, None, None] * L + layer) * E + routing).reshape(-1)  # [T * L * k]
+        counts = torch.zeros(num_seqs * L * E, dtype=torch.int64, device=routing.device)
+        counts.scatter_add_(0, flat, torch.ones_like(flat))
+        return counts.view(num_seqs, L, E).cpu()

@@ -1,0 +1,330 @@
+"""GPU decode benchmark of the native engine (bf16), with transformers side by side.
+
+    python loadtest/bench_gpu.py [--models mixtral-8x7b,qwen3-30b-a3b] [--layers 8]
+        [--batches 1,4,16,64,256] [--prompt-len 128] [--output-len 64] [--hf-batches 1,64]
+        [--no-expert-tier] [--time-budget 300] [--json out.json]
+
+Random-weight models with the real per-layer shapes of Mixtral-8x7B and Qwen3-30B-A3B, cut
+to --layers layers, built in GPU memory (loadtest/gpu_models.py). For each: decode output
+tok/s of the engine (EngineCore: scheduler, runner with CUDA graphs, sampler, detokenizer)
+at each batch size, the bytes each decode step must read (dense weights + the distinct
+experts its tokens were routed to + KV), and memory-bandwidth utilisation (MBU) against the
+device's peak (--peak-gbps, default the H200's 4800 GB/s; a device-to-device copy is measured
+too); the same engine with --enforce-eager; transformers `generate` at --hf-batches; the MoE
+kernels one against the other; a torch.profiler breakdown at batch 1; and the CPU expert
+tier (--gpu-expert-budget at half the experts). Sections that would overrun --time-budget
+are skipped and say so. Writes one JSON and prints markdown tables. `--cpu-dry-run` runs
+every section on the CPU at toy sizes (float32), to check the script without a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+from gpu_models import (ByteModel, copy_bandwidth, decode_run, hf_config, median_ms,  # noqa: E402
+                        random_model, report)
+
+T0 = time.monotonic()
+
+
+def log(msg: str) -> None:
+    print(f"[bench_gpu {time.monotonic() - T0:6.1f}s] {msg}", flush=True)
+
+
+def sync(args) -> None:
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+
+
+def left(args) -> float:
+    return args.time_budget - (time.monotonic() - T0)
+
+
+def moe_kernels(shape: str, batches: list[int], args) -> list[dict]:
+    """One MoE layer's experts: each backend's median time, and its error against the reference."""
+    from models.kernels import grouped_mm_available
+    from models.kernels.fused_moe import fused_experts
+
+    dev, dtype = args.device, args.dtype
+    _, hf = hf_config(shape, 1, dtype, args.cpu_dry_run)
+    H = hf.hidden_size
+    inter = getattr(hf, "moe_intermediate_size", None) or hf.intermediate_size
+    E = getattr(hf, "num_local_experts", None) or hf.num_experts
+    k = hf.num_experts_per_tok
+    g = torch.Generator(device=dev).manual_seed(0)
+    w13 = torch.randn(E, 2 * inter, H, device=dev, dtype=dtype, generator=g) * 0.02
+    w2 = torch.randn(E, H, inter, device=dev, dtype=dtype, generator=g) * 0.02
+    rows = []
+    backends = ["triton", "reference"] + (["grouped_mm"] if grouped_mm_available(w13.device, w13.dtype) else [])
+    if dev == "cpu":
+        backends = ["loop", "reference"]
+    for T in batches:
+        x = torch.randn(T, H, device=dev, dtype=dtype, generator=g)
+        w, ids = torch.softmax(torch.randn(T, E, device=dev, generator=g), -1).topk(k, -1)
+        distinct = int(torch.unique(ids).numel())
+        ref = fused_experts(x, w13, w2, ids, w, "reference").float()
+        for be in backends:
+            try:
+                out = fused_experts(x, w13, w2, ids, w, be).float()
+                err = ((out - ref).norm() / ref.norm()).item()
+                ms = median_ms(lambda: fused_experts(x, w13, w2, ids, w, be), dev)
+            except Exception as e:  # noqa: BLE001 (a backend that fails here is reported, not fatal)
+                rows.append({"shape": shape, "tokens": T, "backend": be, "error": repr(e)[:300]})
+                continue
+            gbps = distinct * 3 * H * inter * w13.element_size() / (ms / 1e3) / 1e9
+            rows.append({"shape": shape, "tokens": T, "backend": be, "ms": round(ms, 4),
+                         "experts_GBps": round(gbps, 1), "rel_err_vs_reference": round(err, 5)})
+            log(f"moe {shape} T={T} {be}: {ms:.3f} ms ({gbps:.0f} GB/s of expert weights) err {err:.2e}")
+    if dev == "cuda" and args.moe_sweep:  # other tile shapes for the record (defaults: tile_config)
+        from models.kernels.triton_moe import fit_shared_memory, fused_moe_triton, tile_config
+
+        for T in (1, 256):
+            x = torch.randn(T, H, device=dev, dtype=dtype, generator=g)
+            w, ids = torch.softmax(torch.randn(T, E, device=dev, generator=g), -1).topk(k, -1)
+            base = tile_config(T * k, E, dev)
+            for change in ({}, {"BLOCK_N": 32}, {"BLOCK_N_DOWN": 64}, {"BLOCK_N": 128, "BLOCK_K": 64},
+                           {"BLOCK_M": 32}, {"GROUP_M": 1}, {"num_stages": 3}, {"num_warps": 8}):
+                cfg = fit_shared_memory({**base, **change}, 2)
+                try:
+                    ms = median_ms(lambda: fused_moe_triton(x, w13, w2, ids, w, cfg), dev)
+                except Exception as e:  # noqa: BLE001
+                    rows.append({"shape": shape, "tokens": T, "backend": f"triton {change}", "error": repr(e)[:200]})
+                    continue
+                rows.append({"shape": shape, "tokens": T, "backend": f"triton {change or 'default'}",
+                             "ms": round(ms, 4), "config": cfg})
+                log(f"moe sweep {shape} T={T} {change or 'default'}: {ms:.3f} ms")
+                if left(args) < 20:
+                    break
+    return rows
+
+
+def make_core(model, tokenizer, max_batch: int, max_len: int, eager: bool, block_size: int = 16):
+    from server.engine.native.core import EngineCore
+
+    blocks = max_batch * -(-max_len // block_size) + 16
+    return EngineCore(model, tokenizer, num_blocks=blocks, block_size=block_size, max_model_len=max_len,
+                      max_num_seqs=max_batch, max_num_batched_tokens=4096, enforce_eager=eager, seed=0)
+
+
+def profile_batch1(core, args) -> dict:
+    """torch.profiler over a batch-1 decode: CPU time per step vs GPU kernel time per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
+    with profile(activities=acts) as prof:
+        run = decode_run(core, 1, args.prompt_len, 16, ByteModel.of(core.model), seed=99)
+    events = prof.key_averages()
+    kernels = sorted((e for e in events if e.self_device_time_total > 0), key=lambda e: -e.self_device_time_total)
+    steps = len(run.step_seconds)
+    gpu_us = sum(e.self_device_time_total for e in kernels)
+    total_steps = steps + 1  # the prefill step
+    return {"decode_steps": steps, "wall_ms_per_decode_step": round(sum(run.step_seconds) / steps * 1e3, 3),
+            "gpu_kernel_ms_per_step_all_steps": round(gpu_us / 1e3 / total_steps, 3),
+            "top_kernels": [{"name": e.key[:80], "ms_total": round(e.self_device_time_total / 1e3, 3),
+                             "calls": e.count} for e in kernels[:12]]}
+
+
+def bench_shape(shape: str, args, tokenizer, peak: float, out: dict) -> None:
+    """Every section for one model shape, most important first; each one skipped when the
+    time budget runs short, and a failure in one does not stop the others."""
+    res: dict = {"shape": shape, "layers": args.layers, "graphs": [], "eager": []}
+    out["engines"].append(res)
+    model = random_model(shape, args.layers, args.dtype, args.device, tiny=args.cpu_dry_run)
+    bm = ByteModel.of(model)
+    res["params_B"] = round(sum(p.numel() for p in model.parameters()) / 1e9, 2)
+    res["bytes"] = {"dense": bm.dense, "expert": bm.expert, "kv_per_token": bm.kv_per_token}
+    res["kernels"] = model.kernel_backends()
+    max_len = args.prompt_len + args.output_len + 16
+    state: dict = {}
+
+    def graphs():
+        t = time.monotonic()
+        state["core"] = core = make_core(model, tokenizer, max(args.batches), max_len, eager=False)
+        res["startup_seconds_with_graph_capture"] = round(time.monotonic() - t, 1)
+        log(f"{shape}: {res['params_B']}B params, kernels {res['kernels']}, engine ready in "
+            f"{res['startup_seconds_with_graph_capture']}s")
+        decode_run(core, 2, 16, 4, bm, seed=1)  # warm-up: prefill-shaped kernels compile here
+        for B in args.batches:
+            if left(args) < 15:
+                res.setdefault("skipped", []).append(f"graphs batch {B}: time budget")
+                continue
+            s = decode_run(core, B, args.prompt_len, args.output_len, bm).summary(peak)
+            res["graphs"].append(s)
+            log(f"{shape} B={B}: {s['output_tok_per_s']} tok/s, {s['ms_per_step']} ms/step, MBU {s['mbu']}, "
+                f"buckets {s['cuda_graph_buckets']}")
+
+    def hf():
+        out["transformers"][shape] = bench_transformers(shape, args)
+
+    def kernels():
+        out.setdefault("moe_kernels", []).extend(moe_kernels(shape, [int(x) for x in args.moe_kernel_batches.split(",")],
+                                                             args))
+
+    def eager():
+        core = make_core(model, tokenizer, max(args.eager_batches), max_len, eager=True)
+        for B in args.eager_batches:
+            if left(args) < 15:
+                res.setdefault("skipped", []).append(f"eager batch {B}: time budget")
+                continue
+            s = decode_run(core, B, args.prompt_len, min(args.output_len, 32), bm).summary(peak)
+            res["eager"].append(s)
+            log(f"{shape} eager B={B}: {s['output_tok_per_s']} tok/s, {s['ms_per_step']} ms/step")
+
+    def profile():
+        res["profile_batch1"] = profile_batch1(state["core"], args)
+        log(f"{shape} profile: {json.dumps(res['profile_batch1'])[:800]}")
+
+    def tier():
+        state.pop("core", None)
+        gc.collect()
+        res["expert_tier"] = expert_tier(model, tokenizer, args, bm, peak)
+
+    sections = [("graphs", graphs, 0), ("transformers", hf, 45), ("moe_kernels", kernels, 25), ("eager", eager, 20),
+                ("profile", profile, 20), ("expert_tier", tier, 60)]
+    for name, fn, need in sections:
+        if name == "transformers" and shape not in args.hf_models.split(","):
+            continue
+        if name == "profile" and "core" not in state:
+            continue
+        if name == "expert_tier" and not (args.expert_tier and shape == args.expert_tier_shape
+                                          and args.device == "cuda"):
+            continue
+        if left(args) < need:
+            res.setdefault("skipped", []).append(f"{name}: time budget")
+            log(f"{shape}: {name} skipped (time budget)")
+            continue
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 (reported in the JSON; the other sections still run)
+            import traceback
+
+            traceback.print_exc()
+            out.setdefault("errors", []).append(f"{name} {shape}: {e!r}"[:800])
+            log(f"{name} {shape} FAILED: {e!r}")
+    state.clear()
+    sections.clear()  # the closures hold the model: free its GPU memory before the next shape
+    gc.collect()
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def expert_tier(model, tokenizer, args, bm, peak) -> list[dict]:
+    """--gpu-expert-budget at half the experts (the rest in host memory, the CPU tier)."""
+    from models.placement.manager import attach_placement
+    from server.config import EngineConfig
+
+    E = model.config.num_experts
+    max_len = args.prompt_len + 32 + 16
+    core = make_core(model, tokenizer, 16, max_len, eager=True)
+    attach_placement(core, EngineConfig(model="bench", gpu_expert_budget=str(E // 2)))
+    rows = []
+    for B in (1, 16):
+        if left(args) < 25:
+            break
+        s = decode_run(core, B, args.prompt_len, 16, bm).summary(peak)
+        s["gpu_experts_per_layer"] = E // 2
+        rows.append(s)
+        log(f"expert tier (half on GPU) B={B}: {s['output_tok_per_s']} tok/s")
+    return rows
+
+
+def bench_transformers(shape: str, args) -> list[dict]:
+    import transformers
+
+    arch, hf = hf_config(shape, args.layers, args.dtype, args.cpu_dry_run)
+    cls = getattr(transformers, arch)
+    with torch.device(args.device):
+        ref = cls._from_config(hf, dtype=args.dtype).eval()
+    ref.generation_config.eos_token_id = None
+    rows = []
+    for B in args.hf_batches:
+        if left(args) < 30:
+            rows.append({"batch": B, "skipped": "time budget"})
+            continue
+        n = 32 if B == 1 else 16
+        ids = torch.randint(3, hf.vocab_size, (B, args.prompt_len), device=args.device)
+        kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=2)
+        with torch.inference_mode():
+            ref.generate(ids[:, :8], max_new_tokens=2, **{**kw, "attention_mask": torch.ones_like(ids[:, :8])})
+            times = {}
+            for m in (1, n):
+                sync(args)
+                t = time.perf_counter()
+                ref.generate(ids, max_new_tokens=m, min_new_tokens=m, **kw)
+                sync(args)
+                times[m] = time.perf_counter() - t
+        tps = B * (n - 1) / (times[n] - times[1])
+        rows.append({"batch": B, "decode_tokens": n - 1, "output_tok_per_s": round(tps, 1),
+                     "ms_per_step": round((times[n] - times[1]) / (n - 1) * 1e3, 2)})
+        log(f"transformers {shape} B={B}: {tps:.1f} tok/s")
+    del ref
+    gc.collect()
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="mixtral-8x7b,qwen3-30b-a3b")
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--batches", default="1,4,16,64,256")
+    ap.add_argument("--eager-batches", default="1,64")
+    ap.add_argument("--hf-batches", default="1,64")
+    ap.add_argument("--hf-models", default="mixtral-8x7b")
+    ap.add_argument("--moe-kernel-batches", default="1,16,64,256")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=64)
+    ap.add_argument("--peak-gbps", type=float, default=4800.0)
+    ap.add_argument("--no-expert-tier", dest="expert_tier", action="store_false")
+    ap.add_argument("--moe-sweep", action="store_true", help="also time other Triton MoE tile shapes")
+    ap.add_argument("--expert-tier-shape", default="qwen3-30b-a3b")
+    ap.add_argument("--time-budget", type=float, default=300.0, help="seconds; later sections are skipped past it")
+    ap.add_argument("--json", default="bench_gpu.json")
+    ap.add_argument("--cpu-dry-run", action="store_true", help="toy sizes on the CPU: checks the script only")
+    args = ap.parse_args()
+    args.device, args.dtype = ("cpu", torch.float32) if args.cpu_dry_run else ("cuda", torch.bfloat16)
+    ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
+    args.batches, args.eager_batches, args.hf_batches = ints(args.batches), ints(args.eager_batches), ints(args.hf_batches)
+    if not torch.cuda.is_available() and not args.cpu_dry_run:
+        raise SystemExit("bench_gpu.py needs a CUDA GPU (torch.cuda.is_available() is False)")
+    import transformers
+
+    from bench_model import save_tokenizer
+    from transformers import AutoTokenizer
+
+    out = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+           "device": torch.cuda.get_device_name() if args.device == "cuda" else f"cpu dry run ({platform.machine()})",
+           "command": " ".join(sys.argv), "torch": torch.__version__, "transformers_version": transformers.__version__,
+           "python": platform.python_version(), "args": {k: str(v) if isinstance(v, torch.dtype) else v for k, v in vars(args).items()}, "peak_GBps": args.peak_gbps, "engines": [],
+           "transformers": {}}
+    out["copy_GBps"] = round(copy_bandwidth() / 1e9, 1) if args.device == "cuda" else None
+    log(f"{out['device']}: copy {out['copy_GBps']} GB/s")
+    tok_dir = Path("/tmp/moe-serve-bench-tokenizer")
+    if not (tok_dir / "tokenizer.json").exists():
+        save_tokenizer(tok_dir, 32000)
+    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+    peak = args.peak_gbps * 1e9
+    path = Path(args.json)
+    for shape in args.models.split(","):
+        bench_shape(shape, args, tokenizer, peak, out)
+        path.write_text(json.dumps(out, indent=1))
+    out["seconds"] = round(time.monotonic() - T0, 1)
+    path.write_text(json.dumps(out, indent=1))
+    print(report(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+/* Paged decode attention on the CPU, reading the KV blocks in place (no gather).
+ *
+ * Built on first use by models/kernels/cpu_build.py (cc -O3 -march=native) and called
+ * through ctypes, which releases the GIL for the call. Threads: plain pthreads (an OpenMP
+ * runtime of our own would spin beside PyTorch's and steal its cores).
+ *
+ * Layouts (float32, C-contiguous):
+ *   q       [B, H, D]          one query token per sequence
+ *   k, v    [NB, BS, KVH, D]   the paged cache of one layer
+ *   tables  [B, W] int64       block ids of each sequence
+ *   lens    [B]    int64       keys each sequence attends to (0: its output is zeros)
+ *   out     [B, H, D]
+ * Work item = a sequence (all its heads: each token's K/V row is read as one contiguous run)
+ * or, when there are fewer sequences than threads, one (sequence, KV head) pair.
+ */
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct {
+    const float *q, *k, *v;
+    const int64_t *tables, *lens;
+    float *out;
+    int64_t B, H, KVH, D, BS, W;
+    float scale;
+    int64_t hpi;         /* KV heads per work item: KVH (whole rows read contiguously) or 1 */
+    int64_t first, last; /* work items [first, last) */
+} job_t;
+
+/* One work item: sequence b, KV heads [h0, h0 + nh), each with its G query heads. */
+static void run_item(const job_t *j, int64_t b, int64_t h0, int64_t nh, float *scores) {
+    const int64_t G = j->H / j->KVH, D = j->D, BS = j->BS, KVH = j->KVH;
+    const int64_t L = j->lens[b], R = nh * G; /* R query rows: heads h0 * G .. (h0 + nh) * G */
+    const float *qb = j->q + (b * j->H + h0 * G) * D; /* [R, D] */
+    float *ob = j->out + (b * j->H + h0 * G) * D;     /* [R, D] */
+    memset(ob, 0, (size_t)(R * D) * sizeof(float));
+    if (L <= 0) return;
+    const int64_t *table = j->tables + b * j->W;
+    /* pass 1: scores [R, L] = q . k * scale; a token's KV heads are adjacent in memory */
+    for (int64_t t0 = 0; t0 < L; t0 += BS) {
+        const int64_t n = (L - t0 < BS) ? (L - t0) : BS;
+        const float *kb = j->k + (table[t0 / BS] * BS * KVH + h0) * D;
+        for (int64_t i = 0; i < n; i++) {
+            for (int64_t r = 0; r < R; r++) {
+                const float *kt = kb + i * KVH * D + (r / G) * D, *qr = qb + r * D;
+                float acc = 0.f;
+#pragma GCC ivdep
+                for (int64_t d = 0; d < D; d++) acc += qr[d] * kt[d];
+                scores[r * L + t0 + i] = acc * j->scale;
+            }
+        }
+    }
+    /* softmax over each query row */
+    for (int64_t r = 0; r < R; r++) {
+        float *s = scores + r * L, m = -INFINITY, sum = 0.f;
+        for (int64_t t = 0; t < L; t++) m = s[t] > m ? s[t] : m;
+        for (int64_t t = 0; t < L; t++) { s[t] = expf(s[t] - m); sum += s[t]; }
+        const float inv = 1.f / sum;
+        for (int64_t t = 0; t < L; t++) s[t] *= inv;
+    }
+    /* pass 2: out [R, D] = sum_t p[r, t] * v_t */
+    for (int64_t t0 = 0; t0 < L; t0 += BS) {
+        const int64_t n = (L - t0 < BS) ? (L - t0) : BS;
+        const float *vb = j->v + (table[t0 / BS] * BS * KVH + h0) * D;
+        for (int64_t i = 0; i < n; i++) {
+            for (int64_t r = 0; r < R; r++) {
+                const float *vt = vb + i * KVH * D + (r / G) * D;
+                const float p = scores[r * L + t0 + i];
+                float *orow = ob + r * D;
+#pragma GCC ivdep
+                for (int64_t d = 0; d < D; d++) orow[d] += p * vt[d];
+            }
+        }
+    }
+}
+
+static void *run_range(void *arg) {
+    const job_t *j = (const job_t *)arg;
+    const int64_t per_seq = j->KVH / j->hpi;
+    int64_t maxlen = 1;
+    for (int64_t it = j->first; it < j->last; it++) {
+        const int64_t L = j->lens[it / per_seq];
+        maxlen = L > maxlen ? L : maxlen;
+    }
+    float *scores = (float *)malloc((size_t)(j->hpi * (j->H / j->KVH) * maxlen) * sizeof(float));
+    if (scores == NULL) return (void *)1;
+    for (int64_t it = j->first; it < j->last; it++)
+        run_item(j, it / per_seq, (it % per_seq) * j->hpi, j->hpi, scores);
+    free(scores);
+    return NULL;
+}
+
+/* Returns 0 on success. Items are split into `nthreads` contiguous ranges of equal key counts. */
+int paged_decode_f32(const float *q, const float *k, const float *v, const int64_t *tables,
+                     const int64_t *lens, float *out, int64_t B, int64_t H, int64_t KVH, int64_t D,
+                     int64_t BS, int64_t W, float scale, int nthreads) {
+    enum { MAX_THREADS = 64 };
+    if (nthreads < 1) nthreads = 1;
+    if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
+    /* whole sequences per item when there are enough of them, else one item per KV head */
+    const int64_t hpi = B >= 2 * nthreads ? KVH : 1, items = B * (KVH / hpi);
+    if (nthreads > items) nthreads = (int)(items > 0 ? items : 1);
+    job_t jobs[MAX_THREADS];
+    pthread_t tids[MAX_THREADS];
+    int64_t total = 0;
+    for (int64_t b = 0; b < B; b++) total += lens[b] > 0 ? lens[b] : 0;
+    total *= KVH / hpi;
+    /* balance by work (keys), not by item count */
+    int64_t it = 0, acc = 0;
+    for (int t = 0; t < nthreads; t++) {
+        job_t *j = &jobs[t];
+        *j = (job_t){q, k, v, tables, lens, out, B, H, KVH, D, BS, W, scale, hpi, it, it};
+        const int64_t target = total * (t + 1) / nthreads;
+        while (it < items && (t == nthreads - 1 || acc < target)) {
+            const int64_t L = lens[it / (KVH / hpi)];
+            acc += L > 0 ? L : 0;
+            it++;
+        }
+        j->last = it;
+    }
+    int rc = 0;
+    int started[MAX_THREADS] = {0};
+    for (int t = 1; t < nthreads; t++)
+        started[t] = pthread_create(&tids[t], NULL, run_range, &jobs[t]) == 0;
+    for (int t = 1; t < nthreads; t++)
+        if (!started[t]) rc |= run_range(&jobs[t]) != NULL;
+    rc |= run_range(&jobs[0]) != NULL;
+    for (int t = 1; t < nthreads; t++) {
+        void *res = NULL;
+        if (started[t]) { pthread_join(tids[t], &res); rc |= res != NULL; }
+    }
+    return rc;
+}

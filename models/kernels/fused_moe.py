@@ -1,0 +1,91 @@
+"""The experts of an MoE layer, by backend (resolved by `KernelConfig.moe_backend`).
+
+- "triton": `triton_moe.fused_moe_triton` (CUDA; CPU tensors only under TRITON_INTERPRET=1)
+- "grouped_mm": `torch._grouped_mm` over the pairs sorted by expert (Hopper, bf16)
+- "loop": one matmul pair per active expert (CPU; the counts are read once per layer, which
+  costs nothing there), gate+up through oneDNN-packed weights when given (`cpu_linear`)
+- "reference": `reference.moe_reference`
+"Triton" and "grouped_mm" read nothing back to the host, so they can run in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from models.kernels.cpu_linear import PackedWeight, packed_linear
+from models.kernels.moe_align import expert_counts
+from models.kernels.reference import moe_reference
+
+
+def moe_loop(
+    x: torch.Tensor,  # [T, H]
+    w13: torch.Tensor,  # [E, 2I, H]
+    w2: torch.Tensor,  # [E, H, I]
+    topk_ids: torch.Tensor,  # [T, k]
+    topk_w: torch.Tensor,  # [T, k]
+    packed_w13: list[PackedWeight] | None = None,  # [E] packed gate+up weights, or None
+) -> torch.Tensor:
+    """The CPU path: pairs sorted by expert, one gate+up and one down matmul per active expert."""
+    T, k = topk_ids.shape
+    inter = w2.shape[-1]
+    flat = topk_ids.reshape(-1)  # [T * k]
+    order = torch.argsort(flat, stable=True)  # [T * k] pairs sorted by expert
+    counts = torch.bincount(flat, minlength=w13.shape[0]).tolist()  # host ints: free on the CPU
+    token_of = order // k  # [T * k]
+    xs = x.index_select(0, token_of)  # [T * k, H]
+    ys = torch.empty_like(xs)
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        end = start + n
+        xe = xs[start:end]
+        h = packed_linear(xe, packed_w13[e]) if packed_w13 is not None else F.linear(xe, w13[e])  # [n, 2I]
+        torch.mm(F.silu(h[:, :inter]) * h[:, inter:], w2[e].t(), out=ys[start:end])  # [n, H]
+        start = end
+    ys.mul_(topk_w.reshape(-1)[order].to(ys.dtype)[:, None])
+    out = torch.zeros_like(x)
+    return out.index_add_(0, token_of, ys)
+
+
+def moe_grouped_mm(
+    x: torch.Tensor,  # [T, H]
+    w13: torch.Tensor,  # [E, 2I, H]
+    w2: torch.Tensor,  # [E, H, I]
+    topk_ids: torch.Tensor,  # [T, k]
+    topk_w: torch.Tensor,  # [T, k]
+) -> torch.Tensor:
+    T, k = topk_ids.shape
+    E, inter = w13.shape[0], w2.shape[-1]
+    flat = topk_ids.reshape(-1).to(torch.int64)  # [P]
+    order = torch.argsort(flat, stable=True)  # [P] pairs sorted by expert
+    offs = expert_counts(flat, E).cumsum(0).to(torch.int32)  # [E] end row of each expert
+    xs = x.index_select(0, order // k)  # [P, H]
+    h = torch._grouped_mm(xs, w13.transpose(1, 2), offs=offs)  # [P, 2I]
+    a = F.silu(h[:, :inter]) * h[:, inter:]  # [P, I]
+    ys = torch._grouped_mm(a, w2.transpose(1, 2), offs=offs)  # [P, H] in sorted order
+    ys = ys * topk_w.reshape(-1)[order].to(ys.dtype)[:, None]
+    y = torch.empty_like(ys).index_copy_(0, order, ys)  # [P, H] back in (token, slot) order
+    return y.view(T, k, -1).sum(dim=1)
+
+
+def fused_experts(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_w: torch.Tensor,
+    backend: str,
+    packed_w13: list[PackedWeight] | None = None,
+) -> torch.Tensor:
+    """sum_k topk_w[t, k] * Expert_{topk_ids[t, k]}(x[t]) -> [T, H]."""
+    if backend == "triton":
+        from models.kernels.triton_moe import fused_moe_triton
+
+        return fused_moe_triton(x, w13, w2, topk_ids, topk_w)
+    if backend == "grouped_mm":
+        return moe_grouped_mm(x, w13, w2, topk_ids, topk_w)
+    if backend == "loop":
+        return moe_loop(x, w13, w2, topk_ids, topk_w, packed_w13)
+    return moe_reference(x, w13, w2, topk_ids, topk_w)

@@ -1,0 +1,90 @@
+"""Paged decode attention in Triton: one program per (sequence, KV head) reads that head's
+keys and values straight from the cache blocks its block table lists (no gather), with an
+online softmax over tiles of BLOCK_N tokens. The G query heads that share a KV head are the
+rows of one `tl.dot` (padded to 16), so each key is loaded once for all of them.
+
+The context length is read on the device, so the launch needs no host sync and can be
+captured in a CUDA graph; a row with length 0 (graph padding) writes zeros.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _paged_decode_kernel(
+    q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr,
+    stride_qb, stride_qh,  # q [B, H, D], last dim contiguous
+    stride_cb, stride_cs, stride_ch,  # caches [num_blocks, block_size, KVH, D], last dim contiguous
+    stride_tb,  # tables [B, max_blocks]
+    stride_ob, stride_oh,  # out [B, H, D]
+    scale,
+    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    length = tl.load(lens_ptr + b)
+    offs_g = tl.arange(0, G_PAD)
+    offs_d = tl.arange(0, D_PAD)
+    g_mask = offs_g < G
+    d_mask = offs_d < D
+    q_rows = h * G + offs_g  # the query heads of KV head h
+    q = tl.load(q_ptr + b * stride_qb + q_rows[:, None] * stride_qh + offs_d[None, :],
+                mask=g_mask[:, None] & d_mask[None, :], other=0.0)  # [G_PAD, D_PAD]
+    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, D_PAD], tl.float32)
+    for start in range(0, length, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < length
+        block = tl.load(tables_ptr + b * stride_tb + offs_n // BLOCK_SIZE, mask=n_mask, other=0)
+        row = block.to(tl.int64) * stride_cb + (offs_n % BLOCK_SIZE) * stride_cs + h * stride_ch  # [BLOCK_N]
+        kv_mask = d_mask[:, None] & n_mask[None, :]
+        k_t = tl.load(k_ptr + row[None, :] + offs_d[:, None], mask=kv_mask, other=0.0)  # [D_PAD, BLOCK_N]
+        s = tl.dot(q, k_t, input_precision=PRECISION) * scale  # [G_PAD, BLOCK_N] float32
+        s = tl.where(n_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])  # [G_PAD, BLOCK_N]
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_ptr + row[:, None] + offs_d[None, :], mask=n_mask[:, None] & d_mask[None, :],
+                    other=0.0)  # [BLOCK_N, D_PAD]
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(out_ptr + b * stride_ob + q_rows[:, None] * stride_oh + offs_d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
+
+
+def paged_decode_triton(
+    q: torch.Tensor,  # [B, heads, d]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, d]
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [B, max_blocks] int
+    seq_lens: torch.Tensor,  # [B] int
+    scale: float,
+) -> torch.Tensor:
+    B, heads, d = q.shape
+    _, block_size, kvh, _ = k_cache.shape
+    assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1 and q.stride(-1) == 1
+    group = heads // kvh
+    out = torch.empty_like(q)  # [B, heads, d]
+    if B == 0:
+        return out
+    block_n = 64 if d <= 128 else 32
+    _paged_decode_kernel[(B, kvh)](
+        q, k_cache, v_cache, block_tables, seq_lens, out,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        scale,
+        G=group, G_PAD=max(16, triton.next_power_of_2(group)), D=d, D_PAD=max(16, triton.next_power_of_2(d)),
+        BLOCK_SIZE=block_size, BLOCK_N=block_n, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=4, num_stages=2,
+    )
+    return out

@@ -1,0 +1,125 @@
+"""A step's model inputs, built on the host with array ops into preallocated buffers.
+
+Token ids, positions, KV slots, sequence lengths, block tables and logit rows are written
+into fixed host buffers (pinned on CUDA) and copied to fixed device buffers without blocking,
+once per step; on the CPU the host buffers are the device buffers. Nothing loops over tokens
+in Python: positions and slots come from numpy over the per-sequence starts. The device
+buffers never move, which is what a CUDA graph needs from its inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from server.engine.native.scheduler import SchedulerOutput
+
+FIELDS = ("ids", "positions", "slots", "seg", "logit_rows", "seq_lens")  # 1-D int64 buffers
+
+
+@dataclass
+class StepInputs:
+    num_tokens: int
+    num_decodes: int  # leading sequences with exactly one new token
+    query_start_loc: list[int]  # [num_seqs + 1]
+    seq_lens: list[int]  # [num_seqs] context length after this step
+    width: int  # longest block table this step
+    num_logit_rows: int
+    sample_rows: dict[int, int]  # position in `scheduled` -> logits row of its last token
+    prompt_rows: dict[int, tuple[int, int]]  # position in `scheduled` -> (first row, count)
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens)
+
+
+class StepBuffers:
+    def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int, device: torch.device):
+        self.device = device
+        self._alloc(max_tokens, max_seqs, max_blocks)
+        self._copied: torch.cuda.Event | None = None
+
+    def _alloc(self, max_tokens: int, max_seqs: int, max_blocks: int) -> None:
+        cuda = self.device.type == "cuda"
+        sizes = {"ids": max_tokens, "positions": max_tokens, "slots": max_tokens, "seg": max_tokens,
+                 "logit_rows": max_tokens, "seq_lens": max_seqs}
+        self.max_tokens, self.max_seqs, self.max_blocks = max_tokens, max_seqs, max_blocks
+        self.host = {k: torch.zeros(n, dtype=torch.int64, pin_memory=cuda) for k, n in sizes.items()}
+        self.host["tables"] = torch.zeros(max_seqs, max_blocks, dtype=torch.int64, pin_memory=cuda)
+        self.np = {k: t.numpy() for k, t in self.host.items()}  # writable views of the same memory
+        self.dev = {k: t.to(self.device) for k, t in self.host.items()} if cuda else self.host
+
+    def _ensure(self, tokens: int, seqs: int, blocks: int) -> None:
+        if tokens > self.max_tokens or seqs > self.max_seqs or blocks > self.max_blocks:
+            # never with the engine's limits; a CUDA graph captured on the old buffers is dropped by the runner
+            self._alloc(max(tokens, self.max_tokens), max(seqs, self.max_seqs), max(blocks, self.max_blocks))
+
+    def prepare(self, batch: SchedulerOutput, block_size: int, pad_slot: int, pad_to: int = 0) -> StepInputs:
+        """Fill the buffers for `batch`; with `pad_to` > num tokens (a decode-only batch run as
+        a larger CUDA-graph bucket), the extra rows get token 0 at position 0, KV slot
+        `pad_slot` (a scratch block) and length 0 (attention writes zeros for them)."""
+        sched = batch.scheduled
+        S = len(sched)
+        starts = np.fromiter((it.seq.num_computed for it in sched), np.int64, S)  # [S]
+        counts = np.fromiter((it.num_new for it in sched), np.int64, S)  # [S]
+        loc = np.zeros(S + 1, np.int64)
+        np.cumsum(counts, out=loc[1:])
+        T = int(loc[-1])
+        width = max(len(it.seq.blocks.table) for it in sched)
+        self._ensure(max(T, pad_to), max(S, pad_to), width)
+        if self._copied is not None:
+            self._copied.synchronize()  # the last step's copies have left the host buffers
+        h = self.np
+        ids: list[int] = []
+        logit_rows: list[int] = []
+        sample_rows: dict[int, int] = {}
+        prompt_rows: dict[int, tuple[int, int]] = {}
+        tables = h["tables"]
+        for j, it in enumerate(sched):  # a loop over sequences, not tokens
+            seq = it.seq
+            start, end = int(starts[j]), int(starts[j] + counts[j])
+            ids.extend(seq.token_ids[start:end])
+            table = seq.blocks.table
+            tables[j, : len(table)] = table
+            if seq.params.prompt_logprobs is not None and start < seq.num_prompt_tokens:
+                # logits at positions start..min(end, prompt)-1 predict prompt tokens start+1..
+                last = min(end, seq.num_prompt_tokens)
+                n = last - start - (1 if last == seq.num_prompt_tokens else 0)
+                if n > 0:
+                    prompt_rows[j] = (len(logit_rows), n)
+                    logit_rows.extend(range(int(loc[j]), int(loc[j]) + n))
+            if it.samples:
+                sample_rows[j] = len(logit_rows)
+                logit_rows.append(int(loc[j + 1]) - 1)
+        seg = np.repeat(np.arange(S, dtype=np.int64), counts)  # [T] sequence of each token
+        pos = starts[seg] + (np.arange(T, dtype=np.int64) - loc[seg])  # [T]
+        h["ids"][:T] = ids
+        h["positions"][:T] = pos
+        h["seg"][:T] = seg
+        h["slots"][:T] = tables[seg, pos // block_size] * block_size + pos % block_size
+        h["seq_lens"][:S] = starts + counts
+        h["logit_rows"][: len(logit_rows)] = logit_rows
+        n_rows = max(T, pad_to)
+        if pad_to > T:
+            h["ids"][T:pad_to] = 0
+            h["positions"][T:pad_to] = 0
+            h["slots"][T:pad_to] = pad_slot
+            h["seg"][T:pad_to] = 0
+            h["seq_lens"][S:pad_to] = 0
+        self._copy(n_rows, max(S, pad_to), len(logit_rows))
+        num_decodes = int(np.argmax(counts != 1)) if (counts != 1).any() else S
+        return StepInputs(T, num_decodes, loc.tolist(), (starts + counts).tolist(), width, len(logit_rows),
+                          sample_rows, prompt_rows)
+
+    def _copy(self, n_rows: int, n_seqs: int, n_logits: int) -> None:
+        if self.dev is self.host:
+            return
+        for k in ("ids", "positions", "slots", "seg"):
+            self.dev[k][:n_rows].copy_(self.host[k][:n_rows], non_blocking=True)
+        self.dev["logit_rows"][:n_logits].copy_(self.host["logit_rows"][:n_logits], non_blocking=True)
+        self.dev["seq_lens"][:n_seqs].copy_(self.host["seq_lens"][:n_seqs], non_blocking=True)
+        self.dev["tables"][:n_seqs].copy_(self.host["tables"][:n_seqs], non_blocking=True)
+        self._copied = torch.cuda.Event()
+        self._copied.record()

@@ -136,23 +136,23 @@ class SamplingParams:
                 bad("logit_bias", f"at most {MAX_LOGIT_BIAS} entries")
             bad_keys = [k for k in self.logit_bias if not _is_int(k) or k < 0]
             if bad_keys:
-                bad("logit_bias", f"keys must be non-negative integer token ids; bad: {_short(bad_keys)}")
+                bad("logit_bias", f"keys must be non-negative integer token ids; bad: {short_list(bad_keys)}")
             bad_vals = [k for k, v in self.logit_bias.items() if not _is_num(v) or not -100 <= v <= 100]
             if bad_vals:
-                bad("logit_bias", f"values must be numbers in [-100, 100]; bad at keys: {_short(bad_vals)}")
+                bad("logit_bias", f"values must be numbers in [-100, 100]; bad at keys: {short_list(bad_vals)}")
 
     def verify_vocab(self, vocab_size: int) -> None:
         """Check token-id fields against the model's vocabulary (all bad ids named together)."""
         bad_stop = [t for t in self.stop_token_ids if t >= vocab_size]
         if bad_stop:
             raise SamplingParamsError(
-                "stop_token_ids", f"stop_token_ids: ids outside the vocabulary (size {vocab_size}): {_short(bad_stop)}"
+                "stop_token_ids", f"stop_token_ids: ids outside the vocabulary (size {vocab_size}): {short_list(bad_stop)}"
             )
         if self.logit_bias:
             bad_keys = [k for k in self.logit_bias if k >= vocab_size]
             if bad_keys:
                 raise SamplingParamsError(
-                    "logit_bias", f"logit_bias: token ids outside the vocabulary (size {vocab_size}): {_short(bad_keys)}"
+                    "logit_bias", f"logit_bias: token ids outside the vocabulary (size {vocab_size}): {short_list(bad_keys)}"
                 )
 
     @property
@@ -160,7 +160,8 @@ class SamplingParams:
         return self.temperature < 1e-5
 
 
-def _short(items: list[Any], limit: int = 8) -> str:
+def short_list(items: list[Any], limit: int = 8) -> str:
+    """The first `limit` items, then how many there are in all."""
     shown = ", ".join(repr(x) for x in items[:limit])
     return shown + (f", ... ({len(items)} in all)" if len(items) > limit else "")
 

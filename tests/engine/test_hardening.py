@@ -90,9 +90,9 @@ def test_n_above_max_num_seqs_is_refused(make_llm) -> None:
     """Item 9: such a request was admitted only when nothing else ran, draining the server."""
     llm = make_llm(num_kv_blocks=64, block_size=4, max_num_seqs=4)
     with pytest.raises(SamplingParamsError) as e:
-        llm.core.check_request(EngineRequest("x", [1, 2, 3], SamplingParams(n=5, temperature=1.0)))
+        llm.core.validate(EngineRequest("x", [1, 2, 3], SamplingParams(n=5, temperature=1.0)))
     assert e.value.param == "n" and "4" in str(e.value)
-    llm.core.check_request(EngineRequest("y", [1, 2, 3], SamplingParams(n=4, temperature=1.0)))
+    llm.core.validate(EngineRequest("y", [1, 2, 3], SamplingParams(n=4, temperature=1.0)))
 
 
 def test_return_routing_volume_is_capped(make_llm) -> None:
@@ -103,10 +103,10 @@ def test_return_routing_volume_is_capped(make_llm) -> None:
     llm.core.scheduler.max_num_seqs = 128
     llm.core.max_model_len = 10**7
     with pytest.raises(SamplingParamsError) as e:
-        llm.core.check_request(EngineRequest("x", [1, 2, 3], big, return_routing=True))
+        llm.core.validate(EngineRequest("x", [1, 2, 3], big, return_routing=True))
     assert e.value.param == "return_routing" and str(MAX_ROUTING_IDS) in str(e.value)
-    llm.core.check_request(EngineRequest("x", [1, 2, 3], big))  # fine without routing
-    llm.core.check_request(EngineRequest("y", [1, 2], SamplingParams(n=128, temperature=1.0, max_tokens=ok),
+    llm.core.validate(EngineRequest("x", [1, 2, 3], big))  # fine without routing
+    llm.core.validate(EngineRequest("y", [1, 2], SamplingParams(n=128, temperature=1.0, max_tokens=ok),
                                          return_routing=True))
 
 

@@ -69,7 +69,7 @@ class AsyncEngine:
     async def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
         if self._dead:
             raise EngineDeadError(self._dead)
-        self.core.check_request(request)  # raises SamplingParamsError / RequestTooLongError
+        max_tokens = self.core.validate(request)  # raises SamplingParamsError / RequestTooLongError
         with self._lock:
             if len(self._streams) >= self.max_in_flight:
                 raise EngineOverloadedError(
@@ -78,7 +78,7 @@ class AsyncEngine:
                 raise ValueError(f"duplicate request id {request.request_id!r}")
             stream: asyncio.Queue = asyncio.Queue()
             self._streams[request.request_id] = (asyncio.get_running_loop(), stream)
-        self._inbox.put(("add", request))
+        self._inbox.put(("add", (request, max_tokens)))
         self._wake.set()
         finished = False
         try:
@@ -156,10 +156,11 @@ class AsyncEngine:
             except queue.Empty:
                 return aborted
             if kind == "add":
+                request, max_tokens = arg
                 try:
-                    self.core.add_request(arg)
+                    self.core.add_request(request, max_tokens)  # validated once, in generate
                 except Exception as exc:  # noqa: BLE001 - reported to that request only
-                    self._deliver((arg.request_id, exc))
+                    self._deliver((request.request_id, exc))
             elif kind == "abort":
                 aborted |= self.core.abort(arg)
 

@@ -21,11 +21,10 @@ from server.engine.native.runner import ModelOutput, ModelRunner
 from server.engine.native.sampler import Sampler, SamplingRow, compute_logprobs
 from server.engine.native.scheduler import ScheduledSeq, Scheduler
 from server.engine.native.sequence import RequestState, Sequence, SeqStatus
-from server.engine.protocol import RequestTooLongError
-from server.engine.request import (MAX_ROUTING_IDS, CompletionOutput, EngineRequest, Logprob, RequestMetrics,
-                                   RequestOutput, SamplingParamsError, _short)
+from server.engine.request import CompletionOutput, EngineRequest, Logprob, RequestMetrics, RequestOutput
 from server.engine.stats import FinishedRequestStats, IterationStats, RoutingStats
 from server.engine.structured.runtime import StructuredRuntime
+from server.engine.validate import RoutingShape, validate_request
 
 log = logging.getLogger("moe_serve.engine")
 
@@ -71,45 +70,16 @@ class EngineCore:
         self.structured = StructuredRuntime(self.vocab_size)  # grammar masks (structured outputs)
 
     # -- admission --------------------------------------------------------------------
-    def check_request(self, request: EngineRequest) -> int:
-        """Validate against the model; returns the effective max_tokens."""
-        params = request.sampling_params
-        params.verify_vocab(self.vocab_size)
-        n_prompt = len(request.prompt_token_ids)
-        if n_prompt == 0:
-            raise RequestTooLongError("the prompt is empty: at least one token is needed")
-        bad = [t for t in request.prompt_token_ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise SamplingParamsError("prompt", f"prompt: token ids outside the vocabulary "
-                                                f"(size {self.vocab_size}): {_short(bad)}")
-        if params.n > self.scheduler.max_num_seqs:
-            raise SamplingParamsError("n", f"n: at most {self.scheduler.max_num_seqs} completions per request "
-                                           f"on this server (--max-num-seqs)")
-        if params.max_tokens is None:
-            if n_prompt >= self.max_model_len:
-                raise RequestTooLongError(
-                    f"This model's maximum context length is {self.max_model_len} tokens, but the prompt has "
-                    f"{n_prompt} tokens; at least one token must be left for the completion.")
-            max_tokens = self.max_model_len - n_prompt
-        elif n_prompt + params.max_tokens > self.max_model_len:
-            raise RequestTooLongError(
-                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
-                f"{n_prompt + params.max_tokens} tokens ({n_prompt} in the prompt, {params.max_tokens} for the "
-                f"completion). Please reduce the prompt or max_tokens.")
-        else:
-            max_tokens = params.max_tokens
-        if request.return_routing:
-            cfg = self.model.config
-            ids = (n_prompt + params.n * max_tokens) * cfg.num_moe_layers * cfg.top_k
-            if ids > MAX_ROUTING_IDS:
-                raise SamplingParamsError(
-                    "return_routing", f"return_routing: this request could return {ids} expert ids ((prompt "
-                    f"{n_prompt} + n {params.n} x max_tokens {max_tokens}) tokens x {cfg.num_moe_layers} MoE "
-                    f"layers x top-{cfg.top_k}); the limit is {MAX_ROUTING_IDS}. Lower max_tokens or n.")
-        return max_tokens
+    def validate(self, request: EngineRequest) -> int:
+        """Check a request against the model and this engine's limits; returns its max_tokens."""
+        cfg = self.model.config
+        return validate_request(request, self.vocab_size, self.max_model_len, max_num_seqs=self.scheduler.max_num_seqs,
+                                routing=RoutingShape(cfg.num_moe_layers, cfg.top_k))
 
-    def add_request(self, request: EngineRequest) -> None:
-        max_tokens = self.check_request(request)
+    def add_request(self, request: EngineRequest, max_tokens: int | None = None) -> None:
+        """Queue a request; `max_tokens` is `validate`'s answer when the caller validated already."""
+        if max_tokens is None:
+            max_tokens = self.validate(request)
         if request.request_id in self.requests:
             raise ValueError(f"duplicate request id {request.request_id!r}")
         params = request.sampling_params

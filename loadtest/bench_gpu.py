@@ -110,12 +110,13 @@ def moe_kernels(shape: str, batches: list[int], args) -> list[dict]:
     return rows
 
 
-def make_core(model, tokenizer, max_batch: int, max_len: int, eager: bool, block_size: int = 16):
+def make_core(model, tokenizer, max_batch: int, max_len: int, eager: bool, block_size: int = 16, placement=None):
     from server.engine.native.core import EngineCore
 
     blocks = max_batch * -(-max_len // block_size) + 16
     return EngineCore(model, tokenizer, num_blocks=blocks, block_size=block_size, max_model_len=max_len,
-                      max_num_seqs=max_batch, max_num_batched_tokens=4096, enforce_eager=eager, seed=0)
+                      max_num_seqs=max_batch, max_num_batched_tokens=4096, enforce_eager=eager, seed=0,
+                      placement=placement)
 
 
 def profile_batch1(core, args) -> dict:
@@ -222,13 +223,13 @@ def bench_shape(shape: str, args, tokenizer, peak: float, out: dict) -> None:
 
 def expert_tier(model, tokenizer, args, bm, peak) -> list[dict]:
     """--gpu-expert-budget at half the experts (the rest in host memory, the CPU tier)."""
-    from models.placement.manager import attach_placement
+    from server.engine.native.placement.manager import placement_from_config
     from server.config import EngineConfig
 
     E = model.config.num_experts
     max_len = args.prompt_len + 32 + 16
-    core = make_core(model, tokenizer, 16, max_len, eager=True)
-    attach_placement(core, EngineConfig(model="bench", gpu_expert_budget=str(E // 2)))
+    placement = placement_from_config(model, EngineConfig(model="bench", gpu_expert_budget=str(E // 2)))
+    core = make_core(model, tokenizer, 16, max_len, eager=True, placement=placement)
     rows = []
     for B in (1, 16):
         if left(args) < 25:

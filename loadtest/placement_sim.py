@@ -4,7 +4,7 @@
     python loadtest/placement_sim.py --synthetic zipf:1.2 --devices 8 --experts 64 --layers 8 \
         --redundant 8 --model path/to/Mixtral-8x7B   # expert bytes and hidden size from its config
 
-Input: a routing trace written by `moe-serve --record-routing PATH` (models/placement/trace.py
+Input: a routing trace written by `moe-serve --record-routing PATH` (server/engine/native/placement/trace.py
 format) or a synthetic trace: per layer, expert popularity ~ 1/rank^s under a random
 permutation (`zipf:S`; `uniform`), each token picks top_k distinct experts by that popularity;
 `--drift N` reshuffles the popularity every N steps (shifting hot spots).
@@ -38,10 +38,10 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from models.placement.manager import MIN_GAIN
+from server.engine.native.placement.manager import MIN_GAIN
 from models.placement.plan import Placement
 from models.placement.planner import default_capacity, place
-from models.placement.trace import RoutingRecorder, TraceHeader, read_trace
+from server.engine.native.placement.trace import RoutingRecorder, TraceHeader, read_trace
 
 
 # -- traces ---------------------------------------------------------------------------------------

@@ -3,8 +3,9 @@
 - `plan`: the immutable placement model (`Placement`, `LayerPlan`, `PhysicalExpert`).
 - `planner`: pure, deterministic planning (`plan()` balanced; `place()` for every policy).
 - `executor`: runs each MoE layer's experts on their devices (`MoEBlock.executor`).
-- `manager`: builds and installs both from the engine config, rebalances online, records traces.
-- `trace`: routing trace files; `cost`: the host-tier (CPU) compute-vs-copy cost model.
+The engine side (the manager that installs and rebalances a placement, routing traces, the
+host-tier cost model) is `server/engine/native/placement/`: this package imports nothing from
+`server/`.
 See docs/placement.md.
 """
 

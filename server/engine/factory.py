@@ -79,7 +79,7 @@ def build_native_core(config: EngineConfig, progress: bool = True):
     from transformers import AutoTokenizer
 
     from models import load_model
-    from models.placement.manager import attach_placement
+    from server.engine.native.placement.manager import placement_from_config
     from server.engine.native.faults import install_from_env as install_fault_injection
     from server.engine.native.core import EngineCore
 
@@ -102,6 +102,11 @@ def build_native_core(config: EngineConfig, progress: bool = True):
     budget = config.max_num_batched_tokens
     if budget is None:  # without chunked prefill a whole prompt must fit one step
         budget = DEFAULT_BATCHED_TOKENS if config.enable_chunked_prefill else max(max_len, DEFAULT_BATCHED_TOKENS)
+    for block in model.moe_blocks():
+        block.capacity_factor = config.expert_capacity_factor
+    # expert placement / rebalancing / routing traces, when asked: experts move before the
+    # runner resolves its kernels, and the core reports routing to the manager after each step
+    placement = placement_from_config(model, config)
     core = EngineCore(
         model, tokenizer, num_blocks=blocks, block_size=config.block_size, max_model_len=max_len,
         max_num_seqs=config.max_num_seqs, max_num_batched_tokens=budget,
@@ -113,10 +118,8 @@ def build_native_core(config: EngineConfig, progress: bool = True):
         enforce_eager=config.enforce_eager or bool(config.expert_devices or config.num_redundant_experts
                                                    or config.gpu_expert_budget or config.rebalance_interval
                                                    or config.expert_capacity_factor),
+        placement=placement,
     )
-    for block in model.moe_blocks():
-        block.capacity_factor = config.expert_capacity_factor
-    attach_placement(core, config)  # expert placement / rebalancing / routing traces, when asked
     install_fault_injection(core)  # MOE_SERVE_FAULT_INJECT: fault tests only, off when unset
     dtype = str(model.embed.weight.dtype).replace("torch.", "")
     info = ModelInfo(

@@ -72,14 +72,16 @@ def test_cuda_graphs_match_eager_and_transformers(make_llm, hf_reference):  # no
 def test_graphs_dropped_when_experts_are_placed_after_capture(make_llm):
     """Experts placed after the decode graphs were made (their weights move): the runner stops
     replaying and the placed, host-syncing path runs eagerly, with the same tokens."""
-    from models.placement.manager import attach_placement
+    from server.engine.native.placement.manager import PlacementManager
     from server.config import EngineConfig
 
     prompts = prompts_of(LENS)
     plain = make_llm(device="cpu", num_kv_blocks=128, block_size=4, max_num_seqs=8)
     placed = make_llm(device="cpu", num_kv_blocks=128, block_size=4, max_num_seqs=8)
     placed.core.runner.enable_decode_graphs([1, 2, 4, 8], cuda_graphs=False)
-    attach_placement(placed.core, EngineConfig(model="x", expert_devices=("cpu:0", "cpu:1")))
+    # installs executors on the model's MoE blocks behind the runner's back (the factory passes
+    # the manager to the core's constructor instead, before the runner resolves its kernels)
+    PlacementManager.from_config(placed.core.model, EngineConfig(model="x", expert_devices=("cpu:0", "cpu:1")))
     ref_tokens, ref_counts, _ = run(plain.core, prompts)
     tokens, counts, buckets = run(placed.core, prompts)
     assert buckets == {None} and placed.core.runner.graphs is None

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.placement.cost import HostCost, measure_cpu_flops
-from models.placement.manager import budget_slots
+from server.engine.native.placement.cost import HostCost, measure_cpu_flops
+from server.engine.native.placement.manager import budget_slots
 
 MIXTRAL = (4096, 14336, 2)  # hidden, intermediate, bytes per weight (bf16)
 

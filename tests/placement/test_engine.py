@@ -126,3 +126,46 @@ def test_bad_placement_config_fails_at_build(tiny_mixtral):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             LLM(tiny_mixtral, dtype="float32", expert_devices=("cuda:0", "cuda:1"))
+
+
+def test_shutdown_closes_the_routing_trace(tiny_mixtral, tmp_path):
+    """The factory hands the placement manager to the EngineCore's constructor; shutting the
+    AsyncEngine down closes it (the trace file is complete and closed)."""
+    import asyncio
+
+    from server.config import EngineConfig
+    from server.engine.factory import build_native_core
+    from server.engine.native.async_engine import AsyncEngine
+    from server.engine.request import EngineRequest
+
+    trace = tmp_path / "t.jsonl"
+    core, info = build_native_core(EngineConfig(model=tiny_mixtral, dtype="float32", record_routing=str(trace)),
+                                   progress=False)
+    mgr = core.placement_manager
+    assert mgr is not None and mgr.on_routing in core.routing_listeners
+
+    async def run() -> None:
+        eng = AsyncEngine(core, info)
+        await eng.start()
+        async for _ in eng.generate(EngineRequest("t", PROMPTS[0], SamplingParams(max_tokens=3, ignore_eos=True))):
+            pass
+        assert not mgr.recorder.closed
+        await eng.shutdown()
+
+    asyncio.run(run())
+    assert mgr.recorder.closed
+    assert len(trace.read_text().splitlines()) == 1 + mgr.steps
+
+
+def test_models_package_imports_nothing_from_server():
+    """models/ is the model library: it must not import the server (issue 16)."""
+    import ast
+    from pathlib import Path
+
+    offenders = []
+    for path in Path(__file__).resolve().parents[2].joinpath("models").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            offenders += [f"{path.name}: {n}" for n in names if n == "server" or n.startswith("server.")]
+    assert not offenders, offenders

@@ -8,7 +8,7 @@ import torch
 
 from models.generate import greedy_generate, prefill_logits
 from models.placement.executor import build_layer_state, run_layer, torch_device
-from models.placement.manager import NEVER_FETCH, PlacementManager, budget_slots
+from server.engine.native.placement.manager import NEVER_FETCH, PlacementManager, budget_slots
 from models.placement.planner import place
 
 from .conftest import PROMPTS

@@ -11,7 +11,7 @@ import torch
 
 from models.placement.executor import PlacedExperts, build_layer_state
 from models.placement.planner import place
-from models.placement.trace import read_trace
+from server.engine.native.placement.trace import read_trace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "loadtest"))
 import placement_sim

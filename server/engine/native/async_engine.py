@@ -63,7 +63,10 @@ class AsyncEngine:
         self._wake.set()
         if self._thread is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 30)
+            if self._thread.is_alive():  # a step still running: leave what it may touch open
+                return
             self._thread = None
+        self.core.close()
 
     # -- protocol -----------------------------------------------------------------------
     async def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:

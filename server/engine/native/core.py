@@ -34,7 +34,10 @@ class EngineCore:
                  max_model_len: int, max_num_seqs: int, max_num_batched_tokens: int,
                  enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True,
                  scheduling_policy: str = "fcfs", seed: int = 0, eos_token_ids: tuple[int, ...] = (),
-                 enforce_eager: bool = False):
+                 enforce_eager: bool = False, placement: Any = None,
+                 routing_listeners: tuple[Callable[[RoutingStats], None], ...] = ()):
+        """`placement`: a PlacementManager (server/engine/native/placement) whose experts are
+        placed already; it hears every step's routing. `routing_listeners` hear it too."""
         self.model = model
         self.tokenizer = tokenizer
         cfg = model.config
@@ -65,8 +68,10 @@ class EngineCore:
         self.total_prefix_hit_tokens = 0
         self.fault_hook: Callable[[list[ScheduledSeq]], None] | None = None  # tests inject failures here
         # called after every step with that step's routing counts (expert placement, traces)
-        self.routing_listeners: list[Callable[[RoutingStats], None]] = []
-        self.placement_manager = None  # set by the factory when experts are placed (models.placement)
+        self.routing_listeners: list[Callable[[RoutingStats], None]] = list(routing_listeners)
+        self.placement_manager = placement
+        if placement is not None:
+            self.routing_listeners.append(placement.on_routing)
         self.structured = StructuredRuntime(self.vocab_size)  # grammar masks (structured outputs)
 
     # -- admission --------------------------------------------------------------------
@@ -170,6 +175,11 @@ class EngineCore:
         self.pool.queries = self.pool.hits = 0
         stats.step_time = time.monotonic() - t0
         return outputs, stats, finished_stats, routing_stats
+
+    def close(self) -> None:
+        """Release what outlives a step (the placement manager's routing trace file)."""
+        if self.placement_manager is not None:
+            self.placement_manager.close()
 
     def placement_info(self):
         """Where each logical expert lives (PlacementInfo), or None when all are on one device."""

@@ -9,7 +9,7 @@ The executor copies an expert in when n >= the smallest n with cpu(n) >= fetch(n
 (`fetch_threshold`). `measure()` times the CPU side on this machine and the host->device link
 when CUDA is present; numbers it cannot measure are the stated defaults (estimates).
 
-Run `python -m models.placement.cost --hidden 4096 --inter 14336` to print the measurement.
+Run `python -m server.engine.native.placement.cost --hidden 4096 --inter 14336` to print the measurement.
 """
 
 from __future__ import annotations

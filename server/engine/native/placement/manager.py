@@ -1,6 +1,10 @@
 """PlacementManager: builds the plan and the executor, installs them, rebalances online, records traces.
 
-Engine contract (server/engine/native/core.py): the core calls `device_tokens(routing)` after
+It lives with the engine (it reads the engine's config and reports `server.engine.stats`
+types); the pure parts (plan, planner, executor) stay in `models/placement`.
+
+Engine contract (server/engine/native/core.py, which receives the manager in its constructor):
+the core calls `device_tokens(routing)` after
 each forward pass and then every routing listener (`on_routing`), both on the engine thread
 between steps; `info()` may be called from any thread (it reads one immutable Placement).
 A rebalance therefore happens between two steps: per layer the new weight stacks are built
@@ -16,11 +20,11 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from models.placement.cost import measure
+from server.engine.native.placement.cost import measure
 from models.placement.executor import PlacedExperts, build_layer_state, torch_device
 from models.placement.plan import HOST_DEVICE, Placement
 from models.placement.planner import default_capacity, place
-from models.placement.trace import RoutingRecorder, TraceHeader
+from server.engine.native.placement.trace import RoutingRecorder, TraceHeader
 from server.engine.stats import PlacementInfo, RoutingStats
 
 log = logging.getLogger("moe_serve.placement")
@@ -261,11 +265,9 @@ def _host_copy(t: torch.Tensor) -> torch.Tensor:
     return host.pin_memory() if torch.cuda.is_available() else host
 
 
-def attach_placement(core, config) -> PlacementManager | None:
-    """Build the manager a config asks for and hook it into an EngineCore (None if none asked)."""
+def placement_from_config(model, config) -> PlacementManager | None:
+    """The manager a config asks for (experts placed on the model now), or None if none asked;
+    the factory passes it to the EngineCore."""
     if not placement_requested(config):
         return None
-    manager = PlacementManager.from_config(core.model, config)
-    core.placement_manager = manager
-    core.routing_listeners.append(manager.on_routing)
-    return manager
+    return PlacementManager.from_config(model, config)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from models.config import MoEModelConfig, RouterConfig
-from models.loader import WeightMap, common_entries, swiglu_entries
+from models.loader import WeightMap, common_entries, dense_mlp_entries, swiglu_entries
 
 
 def hf_config_class(arch: str):
@@ -44,8 +44,7 @@ def weight_map(cfg: MoEModelConfig) -> WeightMap:
     for i in range(cfg.num_layers):
         hf, ours = f"model.layers.{i}.feed_forward", f"layers.{i}"
         if not cfg.sparse_layers[i]:
-            out.update(swiglu_entries(cfg.dense_intermediate_size, f"{hf}.gate_proj.weight", f"{hf}.up_proj.weight",
-                                      f"{hf}.down_proj.weight", f"{ours}.mlp.w13.weight", f"{ours}.mlp.w2.weight"))
+            out.update(dense_mlp_entries(cfg, hf, ours))
             continue
         out[f"{hf}.router.weight"] = (f"{ours}.moe.gate.weight", ())
         # stacked [E, H, 2I] (gate columns, then up) and [E, I, H]: ours is their transpose

@@ -146,6 +146,12 @@ def swiglu_entries(inter: int, hf_gate: str, hf_up: str, hf_down: str, w13: str,
     return out
 
 
+def dense_mlp_entries(cfg: MoEModelConfig, hf: str, ours: str) -> WeightMap:
+    """A dense layer's `{hf}.{gate,up,down}_proj.weight` -> our `{ours}.mlp` (fused gate+up)."""
+    return swiglu_entries(cfg.dense_intermediate_size, f"{hf}.gate_proj.weight", f"{hf}.up_proj.weight",
+                          f"{hf}.down_proj.weight", f"{ours}.mlp.w13.weight", f"{ours}.mlp.w2.weight")
+
+
 def mlp_entries(cfg: MoEModelConfig, layer: int, hf: str, correction: tuple | None = None) -> WeightMap:
     """The `mlp` naming DeepSeek, GLM-4.5 and ERNIE share: `{gate,up,down}_proj` on dense layers;
     `gate` (router), `experts.{e}.{gate,up,down}_proj` and `shared_experts` on MoE layers, plus

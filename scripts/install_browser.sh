@@ -13,25 +13,9 @@ if [ -x "$CHROMIUM" ] && [ -x "$DRIVER" ]; then
   exit 0
 fi
 
-if ! command -v apt-get >/dev/null 2>&1; then
-  echo "[install_browser] apt-get not available; install chromium + chromedriver by hand" >&2
-  exit 2
-fi
-
-SUDO=""
-if [ "$(id -u)" -ne 0 ]; then
-  if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
-    SUDO="sudo -n"
-  else
-    echo "[install_browser] not root and no password-less sudo; cannot apt-get install" >&2
-    exit 1
-  fi
-fi
-
-export DEBIAN_FRONTEND=noninteractive
-echo "[install_browser] apt-get install chromium chromium-driver"
-$SUDO apt-get update -qq
-$SUDO apt-get install -y -qq --no-install-recommends chromium chromium-driver fonts-dejavu-core >/dev/null
+. "$(dirname "$0")/apt_lib.sh"
+apt_prepare install_browser
+apt_install install_browser chromium chromium-driver fonts-dejavu-core
 
 for bin in "$CHROMIUM" "$DRIVER"; do
   [ -x "$bin" ] || { echo "[install_browser] $bin missing after install" >&2; exit 1; }

@@ -11,20 +11,8 @@ if command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1;
   exit 0
 fi
 
-if ! command -v apt-get >/dev/null 2>&1; then
-  echo "[install_prometheus] apt-get not available; install prometheus + promtool by hand" >&2
-  exit 2
-fi
-
-SUDO=""
-if [ "$(id -u)" -ne 0 ]; then
-  if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
-    SUDO="sudo -n"
-  else
-    echo "[install_prometheus] not root and no password-less sudo; cannot apt-get install" >&2
-    exit 2
-  fi
-fi
+. "$(dirname "$0")/apt_lib.sh"
+apt_prepare install_prometheus
 
 POLICY=/usr/sbin/policy-rc.d
 created_policy=0
@@ -37,10 +25,7 @@ fi
 cleanup() { if [ "$created_policy" = 1 ]; then $SUDO rm -f "$POLICY"; fi; }
 trap cleanup EXIT
 
-export DEBIAN_FRONTEND=noninteractive
-echo "[install_prometheus] apt-get install prometheus"
-$SUDO apt-get update -qq
-$SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+apt_install install_prometheus prometheus
 
 command -v promtool >/dev/null 2>&1 || { echo "[install_prometheus] promtool missing after install" >&2; exit 1; }
 echo "[install_prometheus] ok: $(prometheus --version 2>&1 | head -n 1)"

@@ -14,26 +14,17 @@ import torch
 import torch.nn.functional as F
 
 from models.kernels.cpu_linear import PackedWeight, packed_linear
-from models.kernels.moe_align import expert_counts
+from models.kernels.moe_align import expert_counts, sort_pairs
 from models.kernels.reference import moe_reference
 
 
-def moe_loop(
-    x: torch.Tensor,  # [T, H]
-    w13: torch.Tensor,  # [E, 2I, H]
-    w2: torch.Tensor,  # [E, H, I]
-    topk_ids: torch.Tensor,  # [T, k]
-    topk_w: torch.Tensor,  # [T, k]
-    packed_w13: list[PackedWeight] | None = None,  # [E] packed gate+up weights, or None
-) -> torch.Tensor:
-    """The CPU path: pairs sorted by expert, one gate+up and one down matmul per active expert."""
-    T, k = topk_ids.shape
+def moe_loop(x, w13, w2, topk_ids, topk_w, packed_w13: list[PackedWeight] | None = None) -> torch.Tensor:
+    """The CPU path (shapes as `fused_experts`): pairs sorted by expert, one gate+up and one
+    down matmul per active expert, gate+up through `packed_w13` ([E] oneDNN-packed) when given.
+    The counts are read on the host, which costs nothing on the CPU."""
     inter = w2.shape[-1]
-    flat = topk_ids.reshape(-1)  # [T * k]
-    order = torch.argsort(flat, stable=True)  # [T * k] pairs sorted by expert
-    counts = torch.bincount(flat, minlength=w13.shape[0]).tolist()  # host ints: free on the CPU
-    token_of = order // k  # [T * k]
-    xs = x.index_select(0, token_of)  # [T * k, H]
+    order, token_of, counts = sort_pairs(topk_ids, w13.shape[0])
+    xs = x.index_select(0, token_of)  # [P, H]
     ys = torch.empty_like(xs)
     start = 0
     for e, n in enumerate(counts):
@@ -45,17 +36,11 @@ def moe_loop(
         torch.mm(F.silu(h[:, :inter]) * h[:, inter:], w2[e].t(), out=ys[start:end])  # [n, H]
         start = end
     ys.mul_(topk_w.reshape(-1)[order].to(ys.dtype)[:, None])
-    out = torch.zeros_like(x)
-    return out.index_add_(0, token_of, ys)
+    return torch.zeros_like(x).index_add_(0, token_of, ys)
 
 
-def moe_grouped_mm(
-    x: torch.Tensor,  # [T, H]
-    w13: torch.Tensor,  # [E, 2I, H]
-    w2: torch.Tensor,  # [E, H, I]
-    topk_ids: torch.Tensor,  # [T, k]
-    topk_w: torch.Tensor,  # [T, k]
-) -> torch.Tensor:
+def moe_grouped_mm(x, w13, w2, topk_ids, topk_w) -> torch.Tensor:
+    """torch._grouped_mm over the pairs sorted by expert (shapes as `fused_experts`); no host sync."""
     T, k = topk_ids.shape
     E, inter = w13.shape[0], w2.shape[-1]
     flat = topk_ids.reshape(-1).to(torch.int64)  # [P]
@@ -71,15 +56,16 @@ def moe_grouped_mm(
 
 
 def fused_experts(
-    x: torch.Tensor,
-    w13: torch.Tensor,
-    w2: torch.Tensor,
-    topk_ids: torch.Tensor,
-    topk_w: torch.Tensor,
+    x: torch.Tensor,  # [T, H]
+    w13: torch.Tensor,  # [E, 2I, H] gate rows, then up rows
+    w2: torch.Tensor,  # [E, H, I]
+    topk_ids: torch.Tensor,  # [T, k]
+    topk_w: torch.Tensor,  # [T, k]
     backend: str,
     packed_w13: list[PackedWeight] | None = None,
 ) -> torch.Tensor:
-    """sum_k topk_w[t, k] * Expert_{topk_ids[t, k]}(x[t]) -> [T, H]."""
+    """sum_k topk_w[t, k] * Expert_{topk_ids[t, k]}(x[t]) -> [T, H], where Expert_e(v) =
+    w2[e] @ (silu(gate) * up) and (gate, up) = w13[e] @ v. Every backend takes these shapes."""
     if backend == "triton":
         from models.kernels.triton_moe import fused_moe_triton
 

@@ -28,6 +28,15 @@ def expert_counts(flat_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
     return counts.scatter_add_(0, flat_ids, torch.ones_like(flat_ids))
 
 
+def sort_pairs(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """The host-side grouping of the CPU loops: (order [P] pairs sorted by expert, token_of [P]
+    source token of each sorted pair, counts per expert as host ints: a sync on CUDA)."""
+    flat = topk_ids.reshape(-1)  # [P]
+    order = torch.argsort(flat, stable=True)  # [P]
+    counts = torch.bincount(flat, minlength=num_experts).tolist()
+    return order, order // topk_ids.shape[1], counts
+
+
 def align_pairs(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> AlignedPairs:
     flat = topk_ids.reshape(-1).to(torch.int64)  # [P]
     P = flat.numel()

@@ -2,7 +2,7 @@
 and the fallback wherever no kernel applies (CPU without a compiler, attention variants).
 
 They favour clarity over speed: the paged decode gathers each sequence's blocks into a
-contiguous tensor; the MoE loops over the experts with counts read on the host.
+contiguous tensor; the MoE masks the tokens of each expert in turn (transformers' formulation).
 """
 
 from __future__ import annotations
@@ -36,34 +36,18 @@ def paged_decode_reference(
     return out.reshape(bsz, heads, d)
 
 
-def moe_reference(
-    x: torch.Tensor,  # [T, H]
-    w13: torch.Tensor,  # [E, 2I, H] gate rows, then up rows
-    w2: torch.Tensor,  # [E, H, I]
-    topk_ids: torch.Tensor,  # [T, k]
-    topk_w: torch.Tensor,  # [T, k]
-) -> torch.Tensor:
-    """sum_k w[t, k] * Expert_{ids[t, k]}(x[t]) for every token, grouped by expert -> [T, H].
-
-    The (token, slot) pairs are sorted by expert and each active expert runs one matmul pair
-    over its contiguous slice; the counts are read on the host (a sync on CUDA)."""
-    T, k = topk_ids.shape
-    num_experts, inter = w13.shape[0], w2.shape[-1]
-    flat_ids = topk_ids.reshape(-1)  # [T * k]
-    order = torch.argsort(flat_ids, stable=True)  # [T * k] (token, slot) pairs sorted by expert
-    counts = torch.bincount(flat_ids, minlength=num_experts).tolist()
-    token_of = order // k  # [T * k] source token of each sorted pair
-    xs = x.index_select(0, token_of)  # [T * k, H]
-    ys = torch.empty_like(xs)
-    start = 0
-    for e, n in enumerate(counts):
-        if n == 0:
-            continue
-        end = start + n
-        h = F.linear(xs[start:end], w13[e])  # [n, 2I]
-        torch.mm(F.silu(h[:, :inter]) * h[:, inter:], w2[e].t(), out=ys[start:end])  # [n, H]
-        start = end
-    ys = ys * topk_w.reshape(-1)[order].to(ys.dtype)[:, None]
+def moe_reference(x, w13, w2, topk_ids, topk_w) -> torch.Tensor:
+    """The experts as transformers' Mixtral block writes them (shapes as
+    `fused_moe.fused_experts`): per expert, the tokens that chose it (a mask over the top-k
+    slots), its SwiGLU on them, scaled by their routing weight and added back. Independent of
+    the kernels' sort-by-expert grouping, which is what makes it a reference."""
+    inter = w2.shape[-1]
     out = torch.zeros_like(x)
-    out.index_add_(0, token_of, ys)
+    for e in range(w13.shape[0]):
+        tokens, slots = torch.nonzero(topk_ids == e, as_tuple=True)  # [n] each
+        if tokens.numel() == 0:
+            continue
+        h = F.linear(x[tokens], w13[e])  # [n, 2I]
+        y = F.linear(F.silu(h[:, :inter]) * h[:, inter:], w2[e])  # [n, H]
+        out.index_add_(0, tokens, y * topk_w[tokens, slots, None].to(y.dtype))
     return out

@@ -194,14 +194,9 @@ def fit_shared_memory(cfg: dict, elem_size: int) -> dict:
     return cfg
 
 
-def fused_moe_triton(
-    x: torch.Tensor,  # [T, H]
-    w13: torch.Tensor,  # [E, 2I, H]
-    w2: torch.Tensor,  # [E, H, I]
-    topk_ids: torch.Tensor,  # [T, k]
-    topk_w: torch.Tensor,  # [T, k]
-    config: dict | None = None,
-) -> torch.Tensor:
+def fused_moe_triton(x, w13, w2, topk_ids, topk_w, config: dict | None = None) -> torch.Tensor:
+    """The Triton grouped GEMMs (shapes as `fused_moe.fused_experts`): pairs aligned per expert on
+    the device, gate+up with SiLU-and-mul fused, then down times the routing weight; no host sync."""
     T, k = topk_ids.shape
     E, two_i, H = w13.shape
     inter = two_i // 2

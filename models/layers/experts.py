@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from models.kernels.moe_align import sort_pairs
 from models.layers.moe import grouped_experts
 
 ExpertFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -34,11 +35,7 @@ def clamped_swiglu(h: torch.Tensor, inter: int, alpha: float, limit: float) -> t
 
 
 def grouped_experts_variant(
-    x: torch.Tensor,  # [T, H]
-    w13: torch.Tensor,  # [E, 2I, H] (or [E, 2I, H + 1] with `biased`)
-    w2: torch.Tensor,  # [E, H, I] (or [E, H, I + 1] with `biased`)
-    topk_ids: torch.Tensor,  # [T, k]
-    topk_w: torch.Tensor,  # [T, k]
+    x, w13, w2, topk_ids, topk_w,  # shapes as grouped_experts; with `biased` w13 [E, 2I, H + 1], w2 [E, H, I + 1]
     *,
     biased: bool = False,
     limit: float | None = None,
@@ -46,13 +43,9 @@ def grouped_experts_variant(
     weight_on_input: bool = False,
 ) -> torch.Tensor:
     """sum_k w[t, k] * Expert_{ids[t, k]}(x[t]) (or Expert(w[t, k] * x[t]) with weight_on_input)."""
-    T, k = topk_ids.shape
     H = x.shape[1]
     inter = w2.shape[-1] - (1 if biased else 0)
-    flat_ids = topk_ids.reshape(-1)  # [T * k]
-    order = torch.argsort(flat_ids, stable=True)  # [T * k] (token, slot) pairs sorted by expert
-    counts = torch.bincount(flat_ids, minlength=w13.shape[0]).tolist()
-    token_of = order // k  # [T * k] source token of each sorted pair
+    order, token_of, counts = sort_pairs(topk_ids, w13.shape[0])  # pairs sorted by expert
     pair_w = topk_w.reshape(-1)[order].to(x.dtype)[:, None]  # [T * k, 1]
     xs = x.index_select(0, token_of)  # [T * k, H]
     if weight_on_input:
@@ -75,9 +68,7 @@ def grouped_experts_variant(
         start = end
     if not weight_on_input:
         ys = ys * pair_w
-    out = torch.zeros_like(x)
-    out.index_add_(0, token_of, ys)
-    return out
+    return torch.zeros_like(x).index_add_(0, token_of, ys)
 
 
 def expert_function(cfg) -> ExpertFn:

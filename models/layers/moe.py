@@ -68,11 +68,7 @@ def route(
 
 
 def grouped_experts(
-    x: torch.Tensor,  # [T, H]
-    w13: torch.Tensor,  # [E, 2I, H]
-    w2: torch.Tensor,  # [E, H, I]
-    topk_ids: torch.Tensor,  # [T, k]
-    topk_w: torch.Tensor,  # [T, k]
+    x, w13, w2, topk_ids, topk_w,  # [T, H], [E, 2I, H], [E, H, I], [T, k], [T, k]
     backend: str | None = None,
     packed_w13=None,  # CPU "loop" backend: [E] oneDNN-packed gate+up weights (models.kernels.cpu_linear)
 ) -> torch.Tensor:

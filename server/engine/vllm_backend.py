@@ -32,7 +32,7 @@ from dataclasses import fields
 from typing import Any
 
 from server.config import ConfigError, EngineConfig
-from server.engine.protocol import EngineDeadError, EngineOverloadedError, ModelInfo, RequestTooLongError
+from server.engine.protocol import EngineDeadError, EngineOverloadedError, ModelInfo
 from server.engine.request import (
     CompletionOutput,
     EngineRequest,
@@ -41,8 +41,8 @@ from server.engine.request import (
     RequestOutput,
     SamplingParams,
     SamplingParamsError,
-    _short,
 )
+from server.engine.validate import validate_request
 from server.engine.stats import FinishedRequestStats, IterationStats, PlacementInfo, RoutingStats, StatLogger
 
 log = logging.getLogger("moe_serve.engine")
@@ -402,28 +402,7 @@ class VLLMEngine:
     # -- protocol -----------------------------------------------------------------------
     def check_request(self, request: EngineRequest) -> int:
         """Validate against the model before submitting; returns the effective max_tokens."""
-        params = request.sampling_params
-        vocab, max_len = self.model_info.vocab_size, self.model_info.max_model_len
-        params.verify_vocab(vocab)
-        n_prompt = len(request.prompt_token_ids)
-        if n_prompt == 0:
-            raise RequestTooLongError("the prompt is empty: at least one token is needed")
-        bad = [t for t in request.prompt_token_ids if not 0 <= t < vocab]
-        if bad:
-            raise SamplingParamsError("prompt", f"prompt: token ids outside the vocabulary (size {vocab}): "
-                                                f"{_short(bad)}")
-        if params.max_tokens is None:
-            if n_prompt >= max_len:
-                raise RequestTooLongError(
-                    f"This model's maximum context length is {max_len} tokens, but the prompt has {n_prompt} "
-                    f"tokens; at least one token must be left for the completion.")
-            return max_len - n_prompt
-        if n_prompt + params.max_tokens > max_len:
-            raise RequestTooLongError(
-                f"This model's maximum context length is {max_len} tokens. However, you requested "
-                f"{n_prompt + params.max_tokens} tokens ({n_prompt} in the prompt, {params.max_tokens} for the "
-                f"completion). Please reduce the prompt or max_tokens.")
-        return params.max_tokens
+        return validate_request(request, self.model_info.vocab_size, self.model_info.max_model_len)
 
     def _vllm_params(self, request: EngineRequest, max_tokens: int) -> Any:
         from vllm.exceptions import VLLMValidationError

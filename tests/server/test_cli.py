@@ -67,9 +67,9 @@ def test_every_flag_documents_its_env_var() -> None:
     from server.cli import build_parser
 
     text = build_parser().format_help().replace("\n", " ")
-    for flag, field, *_ in ENGINE_FLAGS + SERVER_FLAGS:
-        if field != "api_key":
-            assert "MOE_SERVE_" + flag[2:].replace("-", "_").upper() in text.replace(" ", ""), flag
+    for flag in ENGINE_FLAGS + SERVER_FLAGS:
+        if flag.field != "api_key":
+            assert "MOE_SERVE_" + flag.flag[2:].replace("-", "_").upper() in text.replace(" ", ""), flag.flag
 
 
 @pytest.mark.parametrize("argv,env", [

@@ -98,3 +98,36 @@ def test_bad_configuration_exits_2(argv: list[str], env: dict[str, str]) -> None
     assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
     assert "Traceback" not in r.stderr
     assert "error" in r.stderr.lower()
+
+
+def test_readme_configuration_table_lists_exactly_the_parser_flags() -> None:
+    """The README's configuration table and `moe-serve --help` name the same flags."""
+    import re
+
+    from tests.conftest import REPO
+
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("\n## Configuration"):]
+    section = section[:section.index("\n## ", 5)]
+    first_cells = [line.split("|")[1] for line in section.splitlines() if line.startswith("| `--")]
+    documented = {"--" + m for cell in first_cells for m in re.findall(r"--(?:\[no-\])?([a-z0-9-]+)", cell)}
+    parser_flags = {flag.flag for flag in ENGINE_FLAGS + SERVER_FLAGS}
+    assert documented == parser_flags, (sorted(parser_flags - documented), sorted(documented - parser_flags))
+
+
+def test_flags_are_generated_from_every_config_field() -> None:
+    """One source: each config field (bar the nested engine config) is a flag whose choices are
+    its Literal's, and whose kind follows its annotation."""
+    import dataclasses
+
+    from typing import get_args
+
+    from server.config import Dtype
+
+    flags = {flag.field: flag for flag in ENGINE_FLAGS + SERVER_FLAGS}
+    fields = {f.name for cls in (EngineConfig, ServerConfig) for f in dataclasses.fields(cls)} - {"engine"}
+    assert fields | {"engine"} == set(flags) | {"engine"} and "engine" in {f.field for f in ENGINE_FLAGS}
+    assert flags["dtype"].choices == get_args(Dtype)
+    assert (flags["kv_cache_memory"].kind, flags["max_body_bytes"].kind) == ("bytes", "bytes")
+    assert (flags["max_num_seqs"].kind, flags["expert_devices"].kind, flags["ui"].kind) == ("int", "list", "bool")
+    assert flags["reasoning_parser"].choices == ("deepseek_r1", "qwen3")

@@ -80,7 +80,6 @@ def build_native_core(config: EngineConfig, progress: bool = True):
 
     from models import load_model
     from models.placement.manager import attach_placement
-    from server.engine.native.faults import install_from_env as install_fault_injection
     from server.engine.native.core import EngineCore
 
     torch.manual_seed(config.seed)
@@ -117,7 +116,6 @@ def build_native_core(config: EngineConfig, progress: bool = True):
     for block in model.moe_blocks():
         block.capacity_factor = config.expert_capacity_factor
     attach_placement(core, config)  # expert placement / rebalancing / routing traces, when asked
-    install_fault_injection(core)  # MOE_SERVE_FAULT_INJECT: fault tests only, off when unset
     dtype = str(model.embed.weight.dtype).replace("torch.", "")
     info = ModelInfo(
         name=config.model_name, path=config.model, max_model_len=core.max_model_len, vocab_size=cfg.vocab_size,

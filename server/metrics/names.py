@@ -238,6 +238,7 @@ PROMETHEUS_SYNTHETIC_SERIES: frozenset[str] = frozenset({
     "scrape_samples_post_metric_relabeling", "scrape_series_added",
 })
 
+
 def known_series_names() -> frozenset[str]:
     """Every sample name a PromQL expression may reference against a moe-serve target."""
     names: set[str] = set(RUNTIME_SERIES) | set(PROMETHEUS_SYNTHETIC_SERIES)

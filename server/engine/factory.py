@@ -131,7 +131,7 @@ def build_native_core(config: EngineConfig, progress: bool = True):
 
 def build_engine(config: EngineConfig) -> EngineClient:
     if config.engine == "vllm":
-        from server.engine.vllm_backend import VLLMEngine
+        from server.engine.vllm import VLLMEngine
 
         return VLLMEngine(config)
     from server.engine.native.async_engine import AsyncEngine

@@ -8,6 +8,7 @@ field), an environment variable (`MOE_SERVE_<FIELD>`) and, through the chart, a 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -33,6 +34,7 @@ assert set(get_args(Dtype)) == {"auto", *DTYPES, *DTYPE_ALIASES}, "models.dtypes
 
 _BYTE_UNITS = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6,
                "gb": 10**9, "tb": 10**12, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40, "b": 1}
+_SIZE = re.compile(r"([0-9]*\.?[0-9]+(?:e[0-9]+)?)(" + "|".join(_BYTE_UNITS) + ")?")
 
 
 class ConfigError(ValueError):
@@ -40,17 +42,15 @@ class ConfigError(ValueError):
 
 
 def parse_bytes(value: str | int | None, require_unit: bool = False) -> int | None:
-    """'2GiB', '512M', '1e9', 1234 -> bytes (ValueError on anything else). With `require_unit`,
-    a bare number is refused (e.g. where a bare number means a count, not bytes)."""
+    """'2GiB', '512M', '3e9B', '1e9', 1234 -> bytes (ValueError on anything else, negatives
+    included). With `require_unit`, a bare number is refused (where a bare number means a
+    count, as for --gpu-expert-budget)."""
     if value is None or isinstance(value, int):
         return value
-    s = str(value).strip().lower().replace(" ", "")
-    for suffix, mult in _BYTE_UNITS.items():
-        if s.endswith(suffix):
-            return int(float(s[: -len(suffix)]) * mult)
-    if require_unit:
-        raise ValueError(f"{value!r} has no unit (B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)")
-    return int(float(s))
+    m = _SIZE.fullmatch(str(value).strip().lower().replace(" ", ""))
+    if m is None or (require_unit and m.group(2) is None):
+        raise ValueError(f"expected a size like 512MiB or 2GiB, not {value!r}")
+    return int(float(m.group(1)) * _BYTE_UNITS[m.group(2) or "b"])
 
 
 def option(default: Any, help: str, *, kind: str | None = None, shown: str | None = None,

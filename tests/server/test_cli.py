@@ -131,3 +131,14 @@ def test_flags_are_generated_from_every_config_field() -> None:
     assert (flags["kv_cache_memory"].kind, flags["max_body_bytes"].kind) == ("bytes", "bytes")
     assert (flags["max_num_seqs"].kind, flags["expert_devices"].kind, flags["ui"].kind) == ("int", "list", "bool")
     assert flags["reasoning_parser"].choices == ("deepseek_r1", "qwen3")
+
+
+def test_parse_bytes_is_the_one_size_grammar() -> None:
+    from server.config import parse_bytes
+
+    assert [parse_bytes(v) for v in ("2GiB", "512M", "3e9B", "1e9", "2.5kib", "1 KB", 1234, None)] == \
+        [2 * 2**30, 512 * 2**20, 3 * 10**9, 10**9, 2560, 1000, 1234, None]
+    assert parse_bytes("2MiB", require_unit=True) == 2 * 2**20
+    for bad, unit in (("-1GiB", False), ("lots", False), ("2XB", False), ("", False), ("4", True)):
+        with pytest.raises(ValueError, match="expected a size"):
+            parse_bytes(bad, require_unit=unit)

@@ -16,6 +16,7 @@ from types import ModuleType
 import torch
 
 from models.config import SUPPORTED_ARCHITECTURES, MoEModelConfig, UnsupportedModelError
+from models.dtypes import canonical_dtype
 from models.loader import load_weights
 from models.model import MoEForCausalLM
 
@@ -57,11 +58,10 @@ def cpu_has_native_bf16() -> bool:
 def resolve_dtype(name: str, checkpoint_dtype: str, device: torch.device) -> torch.dtype:
     """`auto`: the checkpoint's dtype on CUDA (bf16 if the GPU has it); on CPUs without native
     bf16 compute, float32 (bf16 matmuls there are two orders of magnitude slower)."""
-    aliases = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
-    name = aliases.get(name, name)
+    name = canonical_dtype(name)
     if name != "auto":
         return getattr(torch, name)
-    ckpt = getattr(torch, aliases.get(checkpoint_dtype, checkpoint_dtype), torch.float32)
+    ckpt = getattr(torch, canonical_dtype(checkpoint_dtype), torch.float32)
     if device.type == "cuda":
         if ckpt == torch.bfloat16 and not torch.cuda.is_bf16_supported():
             return torch.float16

@@ -48,5 +48,5 @@ if [ -n "$missing" ]; then
   # shellcheck disable=SC2086
   "$VENV/bin/python" -m pip install -q $missing
 fi
-(cd / && "$VENV/bin/python" -c "import server.engine.vllm_backend; print('[vllm-cpu] moe-serve ok')")
+(cd / && "$VENV/bin/python" -c "import server.engine.vllm; print('[vllm-cpu] moe-serve ok')")
 echo "$VENV"

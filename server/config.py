@@ -1,92 +1,125 @@
-"""Configuration: frozen dataclasses validated when built, one source of defaults.
+"""Configuration: frozen dataclasses validated when built, one source of defaults and flags.
 
-CLI flags (server/cli.py), environment variables (`MOE_SERVE_<FIELD>`) and Helm values map
-onto these same fields.
+Each field with `help` in its metadata is a `moe-serve` flag (server/cli.py generates them: name
+`--<field-with-dashes>`, type from the annotation, choices from a `Literal`, default from the
+field), an environment variable (`MOE_SERVE_<FIELD>`) and, through the chart, a Helm value.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal, get_args
+
+from models.dtypes import DTYPE_ALIASES, DTYPES
 
 BUNDLED_MODEL = str(Path(__file__).resolve().parent.parent / "models" / "checkpoints" / "tiny-mixtral")
 
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 # vLLM's names; server/api/tool_parsers and server/api/reasoning hold the implementations
-TOOL_CALL_PARSERS = ("hermes", "mistral", "llama3_json", "deepseek_v3")
-REASONING_PARSERS = ("deepseek_r1", "qwen3")
+ToolCallParser = Literal["hermes", "mistral", "llama3_json", "deepseek_v3"]
+ReasoningParser = Literal["deepseek_r1", "qwen3"]
+TOOL_CALL_PARSERS: tuple[str, ...] = get_args(ToolCallParser)
+REASONING_PARSERS: tuple[str, ...] = get_args(ReasoningParser)
+EngineName = Literal["native", "vllm"]
+Dtype = Literal["auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16", "half", "float"]
+SchedulingPolicy = Literal["fcfs", "priority"]
+ExpertPlacement = Literal["contiguous", "round_robin", "balanced"]
+LogFormat = Literal["text", "json"]
+LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+assert set(get_args(Dtype)) == {"auto", *DTYPES, *DTYPE_ALIASES}, "models.dtypes and Dtype disagree"
+
+_BYTE_UNITS = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6,
+               "gb": 10**9, "tb": 10**12, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40, "b": 1}
+_SIZE = re.compile(r"([0-9]*\.?[0-9]+(?:e[0-9]+)?)(" + "|".join(_BYTE_UNITS) + ")?")
 
 
 class ConfigError(ValueError):
     pass
 
 
-def _parse_bytes(value: str | int | None) -> int | None:
-    """'2GiB', '512M', '1e9', 1234 -> bytes."""
+def parse_bytes(value: str | int | None, require_unit: bool = False) -> int | None:
+    """'2GiB', '512M', '3e9B', '1e9', 1234 -> bytes (ValueError on anything else, negatives
+    included). With `require_unit`, a bare number is refused (where a bare number means a
+    count, as for --gpu-expert-budget)."""
     if value is None or isinstance(value, int):
         return value
-    s = str(value).strip().lower().replace(" ", "")
-    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6,
-             "gb": 10**9, "tb": 10**12, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40, "b": 1}
-    for suffix, mult in units.items():
-        if s.endswith(suffix):
-            return int(float(s[: -len(suffix)]) * mult)
-    return int(float(s))
+    m = _SIZE.fullmatch(str(value).strip().lower().replace(" ", ""))
+    if m is None or (require_unit and m.group(2) is None):
+        raise ValueError(f"expected a size like 512MiB or 2GiB, not {value!r}")
+    return int(float(m.group(1)) * _BYTE_UNITS[m.group(2) or "b"])
+
+
+def option(default: Any, help: str, *, kind: str | None = None, shown: str | None = None,
+           env_in_help: bool = True) -> Any:
+    """A config field that is also a command-line flag: `help` is its --help text, `kind`
+    'bytes' parses sizes like 2GiB, `shown` replaces the default in --help, `env_in_help` False
+    leaves the env var and the default out of it (secrets)."""
+    meta = {"help": help, "kind": kind, "shown": shown, "env_in_help": env_in_help}
+    return field(default=default, metadata=meta)
 
 
 @dataclass(frozen=True)
 class EngineConfig:
-    model: str = BUNDLED_MODEL
-    served_model_name: str | None = None
-    engine: str = "native"  # native | vllm
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    max_model_len: int | None = None  # default: the model's max_position_embeddings (capped)
-    max_num_seqs: int = 64
+    model: str = option(BUNDLED_MODEL, "model directory (HF layout); default: the bundled tiny checkpoint",
+                        shown="bundled tiny-mixtral")
+    served_model_name: str | None = option(None, "model name in the API (default: directory name)")
+    engine: EngineName = option("native", "inference engine")
+    dtype: Dtype = option("auto", "weight dtype")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    # default: the model's max_position_embeddings (capped)
+    max_model_len: int | None = option(None, "context length (prompt + completion)")
+    max_num_seqs: int = option(64, "most sequences per batch")
     # tokens per engine step; None: 2048 with chunked prefill, else max_model_len (a prompt must
     # then fit one step whole)
-    max_num_batched_tokens: int | None = None
-    block_size: int = 16
-    kv_cache_memory: int | None = None  # bytes; default: 512 MiB on CPU, 40% of free on CUDA
-    num_kv_blocks: int | None = None  # overrides kv_cache_memory (tests)
-    enable_prefix_caching: bool = True
-    enable_chunked_prefill: bool = True
-    enforce_eager: bool = False  # native engine on CUDA: no CUDA graphs for decode steps
-    scheduling_policy: str = "fcfs"  # fcfs | priority
-    max_queue_len: int = 1024
-    seed: int = 0
+    max_num_batched_tokens: int | None = option(None, "most tokens per engine step")
+    block_size: int = option(16, "KV-cache block size in tokens (power of two)")
+    # bytes; default: 512 MiB on CPU, 40% of free on CUDA
+    kv_cache_memory: int | None = option(None, "KV-cache size, e.g. 512MiB or 2GiB", kind="bytes")
+    # overrides kv_cache_memory (tests)
+    num_kv_blocks: int | None = option(None, "number of KV blocks (overrides --kv-cache-memory)")
+    enable_prefix_caching: bool = option(True, "reuse KV blocks of shared prefixes")
+    enable_chunked_prefill: bool = option(True, "split long prefills across steps")
+    enforce_eager: bool = option(False, "no CUDA graphs for decode steps (native engine on CUDA)")
+    scheduling_policy: SchedulingPolicy = option("fcfs", "scheduling policy")
+    max_queue_len: int = option(1024, "waiting requests past which the API answers 429")
+    seed: int = option(0, "engine seed")
     # expert placement (native engine)
-    expert_placement: str = "contiguous"  # contiguous | round_robin | balanced
-    expert_devices: tuple[str, ...] = ()
-    num_redundant_experts: int = 0
-    gpu_expert_budget: str | None = None
-    rebalance_interval: int = 0
-    record_routing: str | None = None
+    expert_placement: ExpertPlacement = option("contiguous", "expert placement")
+    expert_devices: tuple[str, ...] = option((), "comma-separated devices for experts")
+    num_redundant_experts: int = option(0, "extra expert replicas")
+    gpu_expert_budget: str | None = option(None, "GPU memory for experts (e.g. 4GiB) or a count")
+    rebalance_interval: int = option(0, "steps between placement rebalances (0: never)")
+    record_routing: str | None = option(None, "file to record per-step routing to")
     # Switch-style expert capacity: at most ceil(factor * tokens * top_k / experts) assignments
     # per expert per step, the rest dropped (native engine); None: off (exact model outputs)
-    expert_capacity_factor: float | None = None
+    expert_capacity_factor: float | None = option(
+        None, "Switch-style expert capacity per step (tokens past it are dropped; off when unset)")
     # seconds an engine holding requests may go without computing a token before it is
     # declared unhealthy (/health 503, the process exits); 0: no watchdog
-    engine_progress_timeout: float = 300.0
+    engine_progress_timeout: float = option(
+        300.0, "seconds with requests but no token computed before the engine counts as dead (0: off)")
     # vLLM pass-through
-    tensor_parallel_size: int = 1
-    data_parallel_size: int = 1
-    enable_expert_parallel: bool = False
-    enable_eplb: bool = False
-    eplb_config: str | None = None
-    gpu_memory_utilization: float = 0.9
+    tensor_parallel_size: int = option(1, "vLLM: tensor-parallel size")
+    data_parallel_size: int = option(1, "vLLM: data-parallel size")
+    enable_expert_parallel: bool = option(False, "vLLM: expert parallelism")
+    enable_eplb: bool = option(False, "vLLM: expert-parallel load balancer")
+    eplb_config: str | None = option(None, "vLLM: EPLB config (JSON)")
+    gpu_memory_utilization: float = option(0.9, "vLLM: fraction of GPU memory")
     # splits `<think>` reasoning from content (API) and starts structured output after it (engines)
-    reasoning_parser: str | None = None
+    reasoning_parser: ReasoningParser | None = option(
+        None, "split <think> reasoning into reasoning_content; structured output starts after it")
 
     def __post_init__(self) -> None:
         if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_PARSERS:
             raise ConfigError(f"reasoning_parser must be one of {', '.join(REASONING_PARSERS)}, "
                               f"not {self.reasoning_parser!r}")
-        if self.engine not in ("native", "vllm"):
+        if self.engine not in get_args(EngineName):
             raise ConfigError(f"engine must be 'native' or 'vllm', not {self.engine!r}")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16", "half", "float"):
+        if self.dtype not in get_args(Dtype):
             raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, not {self.dtype!r}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, not {self.device!r}")
@@ -99,9 +132,9 @@ class EngineConfig:
             raise ConfigError("max_model_len must be >= 1")
         if self.block_size & (self.block_size - 1):
             raise ConfigError("block_size must be a power of two")
-        if self.scheduling_policy not in ("fcfs", "priority"):
+        if self.scheduling_policy not in get_args(SchedulingPolicy):
             raise ConfigError("scheduling_policy must be fcfs or priority")
-        if self.expert_placement not in ("contiguous", "round_robin", "balanced"):
+        if self.expert_placement not in get_args(ExpertPlacement):
             raise ConfigError("expert_placement must be contiguous, round_robin or balanced")
         if self.num_redundant_experts < 0 or self.rebalance_interval < 0:
             raise ConfigError("num_redundant_experts and rebalance_interval must be >= 0")
@@ -122,29 +155,35 @@ class EngineConfig:
 @dataclass(frozen=True)
 class ServerConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
-    host: str = "127.0.0.1"
-    port: int = 8000
-    api_key: str | None = None
-    auth_exempt_paths: tuple[str, ...] = ("/health", "/ready", "/metrics", "/version")
-    request_timeout: float = 600.0  # seconds per request
-    drain_timeout: float = 30.0  # seconds in-flight requests get after SIGTERM
-    max_body_bytes: int = 4 * 2**20
-    max_header_bytes: int = 64 * 2**10  # request line + headers; past it uvicorn answers 400
-    log_format: str = "text"  # text | json
-    log_level: str = "info"
+    host: str = option("127.0.0.1", "address to bind")
+    port: int = option(8000, "port to bind (0: any free port)")
+    api_key: str | None = option(None, "require 'Authorization: Bearer <key>' (env MOE_SERVE_API_KEY)",
+                                 env_in_help=False)
+    auth_exempt_paths: tuple[str, ...] = option(("/health", "/ready", "/metrics", "/version"),
+                                                "comma-separated paths open without a key")
+    request_timeout: float = option(600.0, "seconds a request may take before 504")
+    drain_timeout: float = option(30.0, "seconds in-flight requests get after SIGTERM")
+    max_body_bytes: int = option(4 * 2**20, "largest request body (413 past it), e.g. 4MiB", kind="bytes")
+    # request line + headers; past it uvicorn answers 400
+    max_header_bytes: int = option(64 * 2**10, "largest request head (400 past it)", kind="bytes")
     # /metrics needs the API key too (it shows per-expert routing counts); off by default so
     # that Prometheus scrapes without a secret, as /health and /ready probes do
-    metrics_require_auth: bool = False
+    metrics_require_auth: bool = option(False, "/metrics needs the API key too")
     # Host header allow-list (DNS-rebinding protection); empty: the loopback names when bound
     # to a loopback address, any host otherwise. Entries are host names without port; "*": any
-    allowed_hosts: tuple[str, ...] = ()
-    limit_concurrency: int | None = 2048  # open connections + tasks before uvicorn answers 503
-    body_read_timeout: float = 30.0  # seconds a client may take to send its request body (408)
+    allowed_hosts: tuple[str, ...] = option(
+        (), "Host header allow-list, comma-separated (default: loopback names when bound to loopback, else any)")
+    limit_concurrency: int | None = option(2048, "open connections/tasks before 503")  # uvicorn answers 503
+    body_read_timeout: float = option(30.0, "seconds to receive a request body (408 past it)")
     # tool calling: the parser of the model's own tool-call format (tool_choice "auto")
-    tool_call_parser: str | None = None
-    enable_auto_tool_choice: bool = False  # vLLM's flag; accepted, needs tool_call_parser
-    chat_template: str | None = None  # a Jinja template, or a file holding one, instead of the tokenizer's
-    ui: bool = True  # the web playground at /
+    tool_call_parser: ToolCallParser | None = option(None, "parser of the model's tool-call format (tool_choice auto)")
+    # vLLM's flag; accepted, needs tool_call_parser
+    enable_auto_tool_choice: bool = option(False, "vLLM compatibility: needs --tool-call-parser")
+    chat_template: str | None = option(
+        None, "chat template (Jinja text or a file) instead of the tokenizer's")
+    log_format: LogFormat = option("text", "log line format")
+    log_level: LogLevel = option("info", "log level")
+    ui: bool = option(True, "serve the web playground at / (--no-ui: off)")
 
     def __post_init__(self) -> None:
         if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_CALL_PARSERS:
@@ -162,7 +201,7 @@ class ServerConfig:
             raise ConfigError("limit_concurrency must be >= 1")
         if self.body_read_timeout <= 0:
             raise ConfigError("body_read_timeout must be > 0")
-        if self.log_format not in ("text", "json"):
+        if self.log_format not in get_args(LogFormat):
             raise ConfigError("log_format must be text or json")
         if self.request_timeout <= 0 or self.drain_timeout < 0:
             raise ConfigError("request_timeout must be > 0 and drain_timeout >= 0")

@@ -80,7 +80,6 @@ def build_native_core(config: EngineConfig, progress: bool = True):
 
     from models import load_model
     from server.engine.native.placement.manager import placement_from_config
-    from server.engine.native.faults import install_from_env as install_fault_injection
     from server.engine.native.core import EngineCore
 
     torch.manual_seed(config.seed)
@@ -120,7 +119,6 @@ def build_native_core(config: EngineConfig, progress: bool = True):
                                                    or config.expert_capacity_factor),
         placement=placement,
     )
-    install_fault_injection(core)  # MOE_SERVE_FAULT_INJECT: fault tests only, off when unset
     dtype = str(model.embed.weight.dtype).replace("torch.", "")
     info = ModelInfo(
         name=config.model_name, path=config.model, max_model_len=core.max_model_len, vocab_size=cfg.vocab_size,
@@ -136,7 +134,7 @@ def build_native_core(config: EngineConfig, progress: bool = True):
 
 def build_engine(config: EngineConfig) -> EngineClient:
     if config.engine == "vllm":
-        from server.engine.vllm_backend import VLLMEngine
+        from server.engine.vllm import VLLMEngine
 
         return VLLMEngine(config)
     from server.engine.native.async_engine import AsyncEngine

@@ -238,8 +238,6 @@ PROMETHEUS_SYNTHETIC_SERIES: frozenset[str] = frozenset({
     "scrape_samples_post_metric_relabeling", "scrape_series_added",
 })
 
-SPECS_BY_NAME: dict[str, MetricSpec] = {s.name: s for s in ALL_SPECS}
-
 
 def known_series_names() -> frozenset[str]:
     """Every sample name a PromQL expression may reference against a moe-serve target."""

@@ -1,4 +1,4 @@
-"""MOE_SERVE_FAULT_INJECT parsing and triggering (server/engine/native/faults.py)."""
+"""MOE_SERVE_FAULT_INJECT parsing and triggering (tests/loadtest/faults.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from server.engine.native.faults import ENV_VAR, FaultInjector, InjectedFault, install_from_env
+from tests.loadtest.faults import ENV_VAR, FaultInjector, InjectedFault, install_from_env
 
 
 def _item(prompt: list[int], output: list[int] = ()) -> SimpleNamespace:

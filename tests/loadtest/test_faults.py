@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from loadtest.loadgen.procs import ManagedServer, metric
-from server.engine.native.faults import ENV_VAR
+from tests.loadtest.faults import ENV_VAR
 from tests.loadtest.helpers import TOKEN_RANGE, completion, error_body, load, raw_stream_request, sse_events
 
 pytestmark = pytest.mark.timeout(300)
@@ -31,7 +31,7 @@ def poison_server(tiny_mixtral, tmp_path_factory):
     from tests.conftest import REPO
 
     log = tmp_path_factory.mktemp("faults") / "poison.log"
-    server = ManagedServer([sys.executable, "-m", "tests.loadtest._serve", "--model", tiny_mixtral, "--host",
+    server = ManagedServer([sys.executable, "-m", "tests.loadtest.fault_server", "--model", tiny_mixtral, "--host",
                             "127.0.0.1", "--port", "0"], log_path=log, cwd=REPO, env={ENV_VAR: f"token={POISON}"},
                            ready_path="/ready")
     server.start().wait_ready(120)

@@ -8,26 +8,28 @@ count that must return to zero. The acceptance tests run the real engine instead
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import random
 import time
 import zlib
 from functools import lru_cache
+from pathlib import Path
 from typing import Any, AsyncIterator
 
+from server.config import BUNDLED_MODEL
 from server.engine.protocol import EngineOverloadedError, ModelInfo, RequestTooLongError
 from server.engine.request import CompletionOutput, EngineRequest, Logprob, RequestOutput
 from server.engine.stats import IterationStats
 
 WORDS = ["hello", " world", " the", " quick", " brown", " fox", " jumps", " over", " lazy", " dog",
          ".", " and", " then", " a", " cat", " sat", "\n"]
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}"
-    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
-    "{{ raise_exception('Unsupported role: ' + message['role']) }}{% endif %}"
-    "{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
-)
+
+
+def bundled_chat_template() -> str:
+    """The bundled checkpoint's chat template (<|role|> ... <|end|>), read from its tokenizer config."""
+    with open(Path(BUNDLED_MODEL) / "tokenizer_config.json") as f:
+        return json.load(f)["chat_template"]
 
 
 @lru_cache(maxsize=1)
@@ -44,7 +46,7 @@ def make_tokenizer() -> Any:
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(["".join(WORDS)] * 20 + ["hello there, how are you? fine thanks"] * 5, trainer)
     t = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
-    t.chat_template = CHAT_TEMPLATE
+    t.chat_template = bundled_chat_template()
     return t
 
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import sys
 
-from server.cli import build_config, run
+from server.cli import build_config
 from server.logging_setup import configure_logging
+from server.serve import run
 from tests.server._fake_engine import FakeEngine
 
 

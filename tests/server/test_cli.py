@@ -67,9 +67,9 @@ def test_every_flag_documents_its_env_var() -> None:
     from server.cli import build_parser
 
     text = build_parser().format_help().replace("\n", " ")
-    for flag, field, *_ in ENGINE_FLAGS + SERVER_FLAGS:
-        if field != "api_key":
-            assert "MOE_SERVE_" + flag[2:].replace("-", "_").upper() in text.replace(" ", ""), flag
+    for flag in ENGINE_FLAGS + SERVER_FLAGS:
+        if flag.field != "api_key":
+            assert "MOE_SERVE_" + flag.flag[2:].replace("-", "_").upper() in text.replace(" ", ""), flag.flag
 
 
 @pytest.mark.parametrize("argv,env", [
@@ -98,3 +98,47 @@ def test_bad_configuration_exits_2(argv: list[str], env: dict[str, str]) -> None
     assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
     assert "Traceback" not in r.stderr
     assert "error" in r.stderr.lower()
+
+
+def test_readme_configuration_table_lists_exactly_the_parser_flags() -> None:
+    """The README's configuration table and `moe-serve --help` name the same flags."""
+    import re
+
+    from tests.conftest import REPO
+
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("\n## Configuration"):]
+    section = section[:section.index("\n## ", 5)]
+    first_cells = [line.split("|")[1] for line in section.splitlines() if line.startswith("| `--")]
+    documented = {"--" + m for cell in first_cells for m in re.findall(r"--(?:\[no-\])?([a-z0-9-]+)", cell)}
+    parser_flags = {flag.flag for flag in ENGINE_FLAGS + SERVER_FLAGS}
+    assert documented == parser_flags, (sorted(parser_flags - documented), sorted(documented - parser_flags))
+
+
+def test_flags_are_generated_from_every_config_field() -> None:
+    """One source: each config field (bar the nested engine config) is a flag whose choices are
+    its Literal's, and whose kind follows its annotation."""
+    import dataclasses
+
+    from typing import get_args
+
+    from server.config import Dtype
+
+    flags = {flag.field: flag for flag in ENGINE_FLAGS + SERVER_FLAGS}
+    fields = {f.name for cls in (EngineConfig, ServerConfig) for f in dataclasses.fields(cls)} - {"engine"}
+    assert fields | {"engine"} == set(flags) | {"engine"} and "engine" in {f.field for f in ENGINE_FLAGS}
+    assert flags["dtype"].choices == get_args(Dtype)
+    assert (flags["kv_cache_memory"].kind, flags["max_body_bytes"].kind) == ("bytes", "bytes")
+    assert (flags["max_num_seqs"].kind, flags["expert_devices"].kind, flags["ui"].kind) == ("int", "list", "bool")
+    assert flags["reasoning_parser"].choices == ("deepseek_r1", "qwen3")
+
+
+def test_parse_bytes_is_the_one_size_grammar() -> None:
+    from server.config import parse_bytes
+
+    assert [parse_bytes(v) for v in ("2GiB", "512M", "3e9B", "1e9", "2.5kib", "1 KB", 1234, None)] == \
+        [2 * 2**30, 512 * 2**20, 3 * 10**9, 10**9, 2560, 1000, 1234, None]
+    assert parse_bytes("2MiB", require_unit=True) == 2 * 2**20
+    for bad, unit in (("-1GiB", False), ("lots", False), ("2XB", False), ("", False), ("4", True)):
+        with pytest.raises(ValueError, match="expected a size"):
+            parse_bytes(bad, require_unit=unit)

@@ -40,9 +40,10 @@ def test_chat_template_from_a_file(tmp_path) -> None:
 
 def test_vllm_args_carry_the_reasoning_parser() -> None:
     from server.config import EngineConfig
-    from server.engine.vllm_backend import engine_args_kwargs, to_vllm_structured
     from server.engine.structured.backend import CompiledStructure
     from server.engine.structured.spec import choice_spec, json_schema_spec, regex_spec
+    from server.engine.vllm.args import engine_args_kwargs
+    from server.engine.vllm.sampling import to_vllm_structured
 
     kw = engine_args_kwargs(EngineConfig(reasoning_parser="deepseek_r1"), on_cpu=True, environ={})
     assert kw["reasoning_parser"] == "deepseek_r1"

@@ -10,17 +10,9 @@ import pytest
 
 from server.config import ConfigError, EngineConfig
 from server.engine.request import SamplingParams, SamplingParamsError
-from server.engine.vllm_backend import (
-    DEFAULT_CPU_KV_BYTES,
-    EXTRA_ARGS_ENV,
-    StatsBridge,
-    engine_args_kwargs,
-    finish_reason,
-    multi_node_defaults,
-    routing_from_experts,
-    to_logprob,
-    to_vllm_sampling_kwargs,
-)
+from server.engine.vllm.args import DEFAULT_CPU_KV_BYTES, EXTRA_ARGS_ENV, engine_args_kwargs, multi_node_defaults
+from server.engine.vllm.sampling import StreamState, finish_reason, to_logprob, to_vllm_sampling_kwargs
+from server.engine.vllm.stats import StatsBridge, routing_from_experts
 
 
 def kwargs(on_cpu: bool = False, env: dict | None = None, **cfg):
@@ -202,7 +194,7 @@ def test_routing_from_routed_experts():
 def fake_engine(routing_enabled: bool = False):
     """A VLLMEngine without vLLM: only what `_convert` uses."""
     from server.engine.protocol import ModelInfo
-    from server.engine.vllm_backend import VLLMEngine
+    from server.engine.vllm import VLLMEngine
 
     eng = VLLMEngine.__new__(VLLMEngine)
     eng.routing_enabled = routing_enabled
@@ -225,11 +217,10 @@ def comp(index, token_ids, text="", logprobs=None, finish=None, stop=None, route
 
 def test_convert_vllm_deltas():
     from server.engine.request import EngineRequest
-    from server.engine.vllm_backend import _StreamState
 
     eng = fake_engine()
     req = EngineRequest("r", [5, 6, 7], SamplingParams(max_tokens=2, logprobs=1, prompt_logprobs=0))
-    state = _StreamState(req)
+    state = StreamState(req)
     plps = [None, {6: lp(-1.5, 3)}, {7: lp(-0.5, 1)}]
     first = eng._convert(vout([comp(0, [9], "a", [{9: lp(-0.1, 1)}])], prompt_logprobs=plps), state,
                          req.sampling_params)
@@ -246,14 +237,13 @@ def test_convert_vllm_deltas():
 def test_convert_routed_experts_into_usage_and_routing_stats():
     np = pytest.importorskip("numpy")
     from server.engine.request import EngineRequest
-    from server.engine.vllm_backend import _StreamState
 
     eng = fake_engine(routing_enabled=True)
     rec = Recorder()
     eng._loggers.append(rec)
     req = EngineRequest("r", [5, 6], SamplingParams(max_tokens=1))
     routed = np.array([[[0, 1], [2, 3]], [[0, 2], [3, 3]], [[1, 1], [0, 0]]])  # prompt 2 + 1 generated
-    out = eng._convert(vout([comp(0, [9], "a", finish="length", routed=routed)], finished=True), _StreamState(req),
+    out = eng._convert(vout([comp(0, [9], "a", finish="length", routed=routed)], finished=True), StreamState(req),
                        req.sampling_params)
     assert out.metrics.expert_counts == [[2, 3, 1, 0], [2, 0, 1, 3]]
     assert out.metrics.device_expert_tokens == {"cuda": 12}

@@ -25,14 +25,13 @@ from models.placement.executor import PlacedExperts, build_layer_state, torch_de
 from models.placement.plan import HOST_DEVICE, Placement
 from models.placement.planner import default_capacity, place
 from server.engine.native.placement.trace import RoutingRecorder, TraceHeader
+from server.config import parse_bytes
 from server.engine.stats import PlacementInfo, RoutingStats
 
 log = logging.getLogger("moe_serve.placement")
 
 NEVER_FETCH = 1 << 62
 MIN_GAIN = 0.02  # a rebalance must raise balancedness by this much (on its window) to move weights
-_UNITS = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6, "gb": 10**9,
-          "tb": 10**12, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40, "b": 1}
 
 
 def budget_slots(budget: str | int, expert_bytes: int, num_moe_layers: int) -> int:
@@ -41,11 +40,11 @@ def budget_slots(budget: str | int, expert_bytes: int, num_moe_layers: int) -> i
     s = str(budget).strip().lower().replace(" ", "")
     if re.fullmatch(r"\d+", s):
         return int(s)
-    m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:e[0-9]+)?)(kib|mib|gib|tib|kb|mb|gb|tb|k|m|g|t|b)", s)
-    if not m:
+    try:
+        nbytes = parse_bytes(s, require_unit=True)
+    except ValueError:
         raise ValueError(f"--gpu-expert-budget {budget!r}: expected a count of experts per layer ('4') "
-                         f"or bytes with a unit ('2GiB', '512MB')")
-    nbytes = float(m.group(1)) * _UNITS[m.group(2)]
+                         f"or bytes with a unit ('2GiB', '512MB')") from None
     return int(nbytes // (expert_bytes * num_moe_layers))
 
 

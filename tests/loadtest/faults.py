@@ -12,7 +12,8 @@ At least one of `every` and `token` is needed; `token` alone means every step th
 
 `install_from_env(core)` reads the variable and sets `core.fault_hook` (the native EngineCore
 calls it with the scheduled batch before the forward); it does nothing when the variable is
-unset or empty. Never set it in production: it exists for the soak and fault tests.
+unset or empty. A test tool, outside the production import path: only the test entry point
+`python -m tests.loadtest.fault_server` installs it.
 """
 
 from __future__ import annotations

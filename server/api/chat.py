@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -16,23 +15,13 @@ from server.api.context import request_log
 from server.api.errors import bad_request
 from server.api.generation import GenerationStream
 from server.api.protocol import ChatCompletionRequest
-from server.api.routing_json import ids_json, routing_fields, weights_json
+from server.api.routing_json import routing_fields
 from server.api.serving import Serving, common_sampling_kwargs, new_id, stream_usage_options, usage
 from server.api.sse import sse_response
 from server.api.tokens import prompt_logprobs_json
-from server.engine.request import MAX_LOGPROBS, EngineRequest, Logprob
+from server.engine.request import MAX_LOGPROBS, EngineRequest, Logprob, RequestOutput
 
 router = APIRouter()
-
-
-@dataclass
-class _Choice:
-    text: str = ""
-    num_tokens: int = 0
-    logprobs: list[dict[str, Any]] = field(default_factory=list)
-    finish_reason: str | None = None
-    routing: list[Any] = field(default_factory=list)
-    routing_weights: list[Any] = field(default_factory=list)
 
 
 def _check_unsupported(body: ChatCompletionRequest) -> None:
@@ -94,44 +83,31 @@ def _logprob_entries(serving: Serving, entries: list[Logprob] | None, top: int) 
 
 async def _collect(serving: Serving, body: ChatCompletionRequest, output: ChoiceOutput, top: int | None,
                    base: dict[str, Any], prompt_tokens: int, gen: GenerationStream, log: Any) -> dict[str, Any]:
-    choices: dict[int, _Choice] = {}
-    prompt_lps = None
-    prompt_routing = None
-    finished = []
+    acc: RequestOutput | None = None
     async for _, out in gen:
-        if out.finished:
-            finished.append(out.metrics)
-        if out.prompt_logprobs is not None:
-            prompt_lps = out.prompt_logprobs
-        if out.prompt_routing is not None:
-            prompt_routing = routing_fields(out.prompt_routing, out.prompt_routing_weights, "prompt_")
-        for o in out.outputs:
-            c = choices.setdefault(o.index, _Choice())
-            c.text += o.text
-            c.num_tokens += len(o.token_ids)
-            if top is not None:
-                c.logprobs += _logprob_entries(serving, o.logprobs, top)
-            c.routing += ids_json(o.routing)
-            c.routing_weights += weights_json(o.routing_weights)
-            c.finish_reason = o.finish_reason or c.finish_reason
+        if acc is None:
+            acc = RequestOutput(out.request_id, [])
+        acc.add(out)
+    assert acc is not None  # the stream yields at least the first output
     result = []
-    for idx in sorted(choices):
-        c = choices[idx]
+    for c in acc.outputs:
         message, called = output.message(c.text)
-        choice: dict[str, Any] = {"index": idx, "message": message,
-                                  "logprobs": {"content": c.logprobs} if top is not None else None,
-                                  "finish_reason": output.finish_reason(c.finish_reason, called)}
+        choice: dict[str, Any] = {
+            "index": c.index, "message": message,
+            "logprobs": {"content": _logprob_entries(serving, c.logprobs, top)} if top is not None else None,
+            "finish_reason": output.finish_reason(c.finish_reason, called)}
         if body.return_routing:
-            choice["routing"], choice["routing_weights"] = c.routing, c.routing_weights
+            choice.update(routing_fields(c.routing, c.routing_weights))
         result.append(choice)
-    completion_tokens = sum(c.num_tokens for c in choices.values())
+    completion_tokens = sum(len(c.token_ids) for c in acc.outputs)
     log.completion_tokens = completion_tokens
     response = {**base, "choices": result,
-                "usage": usage(prompt_tokens, completion_tokens, finished)}
+                "usage": usage(prompt_tokens, completion_tokens, [acc.metrics] if acc.finished else [])}
     if body.prompt_logprobs is not None:
-        response["prompt_logprobs"] = prompt_logprobs_json(serving.token_text, prompt_lps, body.prompt_logprobs)
-    if body.return_routing and prompt_routing is not None:
-        response.update(prompt_routing)
+        response["prompt_logprobs"] = prompt_logprobs_json(serving.token_text, acc.prompt_logprobs,
+                                                           body.prompt_logprobs)
+    if body.return_routing and acc.prompt_routing is not None:
+        response.update(routing_fields(acc.prompt_routing, acc.prompt_routing_weights, "prompt_"))
     return response
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -14,25 +14,15 @@ from server.api.context import request_log
 from server.api.errors import bad_request
 from server.api.generation import GenerationStream
 from server.api.protocol import CompletionRequest
-from server.api.routing_json import ids_json, routing_fields, weights_json
+from server.api.routing_json import routing_fields
 from server.api.serving import Serving, common_sampling_kwargs, new_id, stream_usage_options, usage
 from server.api.sse import sse_response
 from server.api.structured import request_spec
 from server.api.tokens import LegacyLogprobs, prompt_logprobs_json
-from server.engine.request import EngineRequest, Logprob
+from server.engine.request import EngineRequest, Logprob, RequestOutput
 from server.engine.structured.spec import StructuredSpec
 
 router = APIRouter()
-
-
-@dataclass
-class _Choice:
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[Logprob] = field(default_factory=list)
-    finish_reason: str | None = None
-    routing: list[Any] = field(default_factory=list)
-    routing_weights: list[Any] = field(default_factory=list)
 
 
 @dataclass
@@ -117,50 +107,40 @@ def _prepare(serving: Serving, body: CompletionRequest, request_id: str,
 
 
 async def _collect(serving: Serving, plan: _Plan, gen: GenerationStream, log: Any) -> dict[str, Any]:
-    choices: dict[int, _Choice] = {}
-    prompt_lps: dict[int, list[Logprob | None]] = {}
-    prompt_routing: dict[int, dict[str, list]] = {}
-    finished = []
+    merged: dict[int, RequestOutput] = {}  # per engine request (prompt)
     async for i, out in gen:
-        if out.finished:
-            finished.append(out.metrics)
-        if out.prompt_routing is not None:
-            prompt_routing[i] = routing_fields(out.prompt_routing, out.prompt_routing_weights, "prompt_")
-        if out.prompt_logprobs is not None:
-            prompt_lps[i] = out.prompt_logprobs
-        for o in out.outputs:
-            c = choices.setdefault(plan.index(i, o.index), _Choice())
-            c.text += o.text
-            c.token_ids += o.token_ids
-            c.logprobs += o.logprobs or []
-            c.routing += ids_json(o.routing)
-            c.routing_weights += weights_json(o.routing_weights)
-            c.finish_reason = o.finish_reason or c.finish_reason
+        merged.setdefault(i, RequestOutput(out.request_id, [])).add(out)
     result = []
-    for idx in sorted(choices):
-        c, i = choices[idx], idx // plan.n
-        text = c.text
-        logprobs = None
-        if plan.logprobs is not None:
-            builder = LegacyLogprobs(serving.token_text, plan.logprobs)
-            logprobs = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for i in sorted(merged):
+        acc = merged[i]
+        for c in acc.outputs:
+            idx = plan.index(i, c.index)
+            text = c.text
+            logprobs = None
+            if plan.logprobs is not None:
+                builder = LegacyLogprobs(serving.token_text, plan.logprobs)
+                logprobs = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+                if plan.echo:
+                    _extend(logprobs, _prompt_entries(builder, plan.prompt_ids[i], acc.prompt_logprobs))
+                _extend(logprobs, builder.build(list(c.logprobs or []), c.token_ids))
             if plan.echo:
-                _extend(logprobs, _prompt_entries(builder, plan.prompt_ids[i], prompt_lps.get(i)))
-            _extend(logprobs, builder.build(list(c.logprobs), c.token_ids))
-        if plan.echo:
-            text = plan.prompt_texts[i] + text
-        choice: dict[str, Any] = {"index": idx, "text": text, "logprobs": logprobs,
-                                  "finish_reason": c.finish_reason}
-        if plan.prompt_logprobs is not None:
-            choice["prompt_logprobs"] = prompt_logprobs_json(serving.token_text, prompt_lps.get(i),
-                                                             plan.prompt_logprobs)
-        if plan.return_routing:
-            choice["routing"], choice["routing_weights"] = c.routing, c.routing_weights
-            choice.update(prompt_routing.get(i) or {"prompt_routing": None, "prompt_routing_weights": None})
-        result.append(choice)
-    completion_tokens = sum(len(c.token_ids) for c in choices.values())
+                text = plan.prompt_texts[i] + text
+            choice: dict[str, Any] = {"index": idx, "text": text, "logprobs": logprobs,
+                                      "finish_reason": c.finish_reason}
+            if plan.prompt_logprobs is not None:
+                choice["prompt_logprobs"] = prompt_logprobs_json(serving.token_text, acc.prompt_logprobs,
+                                                                 plan.prompt_logprobs)
+            if plan.return_routing:
+                choice.update(routing_fields(c.routing, c.routing_weights))
+                choice.update(routing_fields(acc.prompt_routing, acc.prompt_routing_weights, "prompt_")
+                              if acc.prompt_routing is not None
+                              else {"prompt_routing": None, "prompt_routing_weights": None})
+            result.append(choice)
+    result.sort(key=lambda ch: ch["index"])
+    completion_tokens = sum(len(c.token_ids) for acc in merged.values() for c in acc.outputs)
     prompt_tokens = sum(len(ids) for ids in plan.prompt_ids)
     log.completion_tokens = completion_tokens
+    finished = [acc.metrics for acc in merged.values() if acc.finished]
     return {"id": plan.request_id, "object": "text_completion", "created": plan.created,
             "model": plan.model, "choices": result,
             "usage": usage(prompt_tokens, completion_tokens, finished)}

@@ -28,7 +28,6 @@ from server.api.tokens import TokenText
 from server.config import ServerConfig
 from server.engine.request import MAX_LOGIT_BIAS, EngineRequest, SamplingParams, SamplingParamsError
 from server.engine.structured.spec import StructuredSpec, StructuredSpecError
-from server.metrics.usage import moe_usage
 
 T = TypeVar("T")
 # Unicode normalisation can shrink a text (composing characters) before it is split into
@@ -303,20 +302,3 @@ def common_sampling_kwargs(body: Any) -> dict[str, Any]:
         "include_stop_str_in_output": body.include_stop_str_in_output,
         "prompt_logprobs": body.prompt_logprobs,
     }
-
-
-def stream_usage_options(opts: Any) -> tuple[bool, bool]:
-    """(include_usage, continuous_usage_stats) from a request's `stream_options`."""
-    include = bool(opts and opts.include_usage)
-    return include, include and bool(opts and opts.continuous_usage_stats)
-
-
-def usage(prompt_tokens: int, completion_tokens: int, metrics: list[Any] | None = None) -> dict[str, Any]:
-    """OpenAI's usage object, plus `moe` (see server/metrics/usage.py) once the engine requests
-    finished, when the engine observed their routing."""
-    out: dict[str, Any] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                           "total_tokens": prompt_tokens + completion_tokens}
-    summary = moe_usage(metrics) if metrics else None
-    if summary is not None:
-        out["moe"] = summary
-    return out

@@ -72,6 +72,20 @@ def _container_end(s: str, i: int) -> int | None:
             return j
 
 
+def _after_item(s: str, j: int, close: str) -> tuple[int | None, bool]:
+    """After an object field or array item that ends at `j`: (None, True) when the text ends
+    there, (position after `close`, True) when the container closes, else (the next item's
+    position, False)."""
+    j = skip_ws(s, j)
+    if j >= len(s):
+        return None, True
+    if s[j] == close:
+        return j + 1, True
+    if s[j] != ",":
+        raise ValueError(f"expected ',' or '{close}' at {j}")
+    return j + 1, False
+
+
 def object_fields(s: str, i: int) -> tuple[list[tuple[str, int, int | None]], int | None]:
     """Fields of the object starting at s[i] == '{': [(key, value_start, value_end or None)] as
     far as the text goes, and the object's end (None while incomplete). A key whose value has
@@ -103,14 +117,9 @@ def object_fields(s: str, i: int) -> tuple[list[tuple[str, int, int | None]], in
         fields.append((key, j, vend))
         if vend is None:
             return fields, None
-        j = skip_ws(s, vend)
-        if j >= n:
-            return fields, None
-        if s[j] == "}":
-            return fields, j + 1
-        if s[j] != ",":
-            raise ValueError(f"expected ',' or '}}' at {j}")
-        j += 1
+        j, closed = _after_item(s, vend, "}")
+        if closed:
+            return fields, j
 
 
 def array_items(s: str, i: int) -> tuple[list[tuple[int, int | None]], int | None]:
@@ -130,14 +139,9 @@ def array_items(s: str, i: int) -> tuple[list[tuple[int, int | None]], int | Non
         items.append((j, end))
         if end is None:
             return items, None
-        j = skip_ws(s, end)
-        if j >= n:
-            return items, None
-        if s[j] == "]":
-            return items, j + 1
-        if s[j] != ",":
-            raise ValueError(f"expected ',' or ']' at {j}")
-        j += 1
+        j, closed = _after_item(s, end, "]")
+        if closed:
+            return items, j
 
 
 def partial_suffix(text: str, tag: str) -> int:

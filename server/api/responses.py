@@ -94,11 +94,17 @@ class CompletionChoice(_Out):
     prompt_routing_weights: Optional[RoutingWeights] = None
 
 
-class Completion(_Out):
+class _Envelope(_Out):
     id: str
-    object: Literal["text_completion"]
+    object: str  # a Literal in each subclass
     created: int
     model: str
+
+
+class Completion(_Envelope):
+    """A whole completion, and (with `stream: true`) each chunk of one."""
+
+    object: Literal["text_completion"]
     choices: list[CompletionChoice]
     usage: Optional[Usage] = None  # always set on whole responses; stream_options decide on chunks
 
@@ -140,19 +146,13 @@ class ChatChoice(_Out):
     routing_weights: Optional[RoutingWeights] = None
 
 
-class _ChatExtras(_Out):
+class ChatCompletion(_Envelope):
+    object: Literal["chat.completion"]
+    choices: list[ChatChoice]
+    usage: Usage
     prompt_logprobs: PromptLogprobs = None  # when prompt_logprobs was asked
     prompt_routing: Optional[RoutingIds] = None  # when return_routing was asked
     prompt_routing_weights: Optional[RoutingWeights] = None
-
-
-class ChatCompletion(_ChatExtras):
-    id: str
-    object: Literal["chat.completion"]
-    created: int
-    model: str
-    choices: list[ChatChoice]
-    usage: Usage
 
 
 class ChatDelta(_Out):
@@ -167,17 +167,16 @@ class ChatChunkChoice(_Out):
     delta: ChatDelta
     logprobs: Optional[ChatLogprobs]
     finish_reason: Optional[str]
-    routing: Optional[RoutingIds] = None
+    routing: Optional[RoutingIds] = None  # the new tokens' (when return_routing was asked)
     routing_weights: Optional[RoutingWeights] = None
 
 
-class ChatCompletionChunk(_ChatExtras):
-    id: str
-    object: Literal["chat.completion.chunk"]
-    created: int
-    model: str
-    choices: list[ChatChunkChoice]
-    usage: Optional[Usage] = None  # stream_options.include_usage
+class ChatCompletionChunk(ChatCompletion):
+    """One event of a streamed chat completion (the prompt fields come with the first)."""
+
+    object: Literal["chat.completion.chunk"]  # type: ignore[assignment]
+    choices: list[ChatChunkChoice]  # type: ignore[assignment]
+    usage: Optional[Usage] = None  # type: ignore[assignment]  # stream_options.include_usage
 
 
 # -- models, tokens, errors -----------------------------------------------------------------

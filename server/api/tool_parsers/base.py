@@ -66,6 +66,16 @@ def collect_calls(out: Parsed, text: str, marker: str, pos: int, read: CallReade
     return out
 
 
+def parse_marked(text: str, final: bool, marker: str, read: CallReader, call_marker: str | None = None) -> Parsed:
+    """Content before the first `marker`, then the calls `read` finds after each `call_marker`
+    (the same marker unless given) from there on."""
+    out, first = content_before(text, marker, final)
+    if first < 0:
+        return out
+    call_marker = call_marker or marker
+    return collect_calls(out, text, call_marker, text.find(call_marker, first), read)
+
+
 def read_arguments(call: ParsedCall, text: str, start: int) -> tuple[ParsedCall, int | None]:
     """The call's arguments: the JSON value at `start` (after whitespace), complete or not."""
     j = skip_ws(text, start)

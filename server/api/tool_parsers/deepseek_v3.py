@@ -11,7 +11,7 @@ after it; its arguments are the JSON value after the ```json fence.
 
 from __future__ import annotations
 
-from server.api.tool_parsers.base import Parsed, ParsedCall, ToolParser, collect_calls, content_before, read_arguments
+from server.api.tool_parsers.base import Parsed, ParsedCall, ToolParser, parse_marked, read_arguments
 
 CALLS_BEGIN = "<｜tool▁calls▁begin｜>"
 CALL_BEGIN = "<｜tool▁call▁begin｜>"
@@ -23,10 +23,7 @@ class DeepSeekV3ToolParser(ToolParser):
     name = "deepseek_v3"
 
     def parse(self, text: str, final: bool) -> Parsed:
-        out, first = content_before(text, CALLS_BEGIN, final)
-        if first < 0:
-            return out
-        return collect_calls(out, text, CALL_BEGIN, text.find(CALL_BEGIN, first), self._call)
+        return parse_marked(text, final, CALLS_BEGIN, self._call, call_marker=CALL_BEGIN)
 
     @staticmethod
     def _call(text: str, start: int) -> tuple[ParsedCall | None, int | None]:

@@ -12,7 +12,7 @@ text is held back until it is decided.
 
 from __future__ import annotations
 
-from server.api.tool_parsers.base import Parsed, ParsedCall, ToolParser, call_from_object, collect_calls, content_before
+from server.api.tool_parsers.base import Parsed, ParsedCall, ToolParser, call_from_object, parse_marked
 from server.api.tool_parsers.json_scan import skip_ws
 
 START, END = "<tool_call>", "</tool_call>"
@@ -22,10 +22,7 @@ class HermesToolParser(ToolParser):
     name = "hermes"
 
     def parse(self, text: str, final: bool) -> Parsed:
-        out, first = content_before(text, START, final)
-        if first < 0:
-            return out
-        return collect_calls(out, text, START, first, self._call)
+        return parse_marked(text, final, START, self._call)
 
     @staticmethod
     def _call(text: str, start: int) -> tuple[ParsedCall | None, int | None]:

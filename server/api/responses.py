@@ -218,7 +218,8 @@ class ErrorResponse(_Out):
 
 
 _ERROR_STATUSES = {400: "Invalid request", 401: "Missing or wrong API key", 404: "Unknown model or route",
-                   413: "Request body too large", 415: "Body is not JSON", 429: "Too many requests",
+                   408: "Request body not received in time", 413: "Request body too large",
+                   415: "Body is not JSON", 429: "Too many requests",
                    500: "Server bug", 503: "Engine unavailable or overloaded", 504: "Request timed out"}
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": text} for status, text in _ERROR_STATUSES.items()}

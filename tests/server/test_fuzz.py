@@ -76,6 +76,12 @@ def test_fuzz_openapi(fuzzed: ServerProcess) -> None:
         elif op.path not in ("/metrics",):
             _fuzz_operation(server, op, GenerationMode.POSITIVE, GET_EXAMPLES, counter, checks)
     assert set(posts) >= {"/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"}
+    # the conformance check has something to check: each operation documents its JSON answers
+    doc = httpx.get(server.url + "/openapi.json", timeout=30).json()
+    for path, method in [(p, "post") for p in posts] + [("/v1/models", "get"), ("/v1/models/{model}", "get")]:
+        responses = doc["paths"][path][method]["responses"]
+        assert "$ref" in responses["200"]["content"]["application/json"]["schema"], (path, responses["200"])
+        assert responses["400"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse"), path
     assert counter[0] >= 300, counter[0]
     with httpx.Client(base_url=server.url, timeout=60) as c:
         assert c.get("/health").status_code == 200

@@ -29,10 +29,9 @@ def byte_decoder() -> dict[str, int]:
     return {chr(c): b for b, c in zip(bs, cs, strict=True)}
 
 
-def _decoder_kind(tokenizer: Any) -> str:
+def _decoder(tokenizer: Any) -> Any:
     backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
-    decoder = getattr(backend, "decoder", None)
-    return type(decoder).__name__ if decoder is not None else ""
+    return getattr(backend, "decoder", None)
 
 
 class TokenBytes:
@@ -47,8 +46,10 @@ class TokenBytes:
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
         self.special_ids = frozenset(getattr(tokenizer, "all_special_ids", []) or [])
-        self.byte_level = "ByteLevel" in _decoder_kind(tokenizer)
-        self.exact = (_decoder_kind(tokenizer) == "ByteLevel"
+        decoder = _decoder(tokenizer)
+        # ByteLevel, alone or in a Sequence of decoders: its tokens' strings map back to bytes
+        self.byte_level = decoder is not None and "ByteLevel" in repr(decoder)
+        self.exact = (type(decoder).__name__ == "ByteLevel"
                       and not getattr(tokenizer, "clean_up_tokenization_spaces", False))
         self._cache: dict[int, bytes] = {}
         if self.exact:

@@ -46,11 +46,11 @@ async def read_json(request: Request, model: type[M]) -> M:
     except UnicodeDecodeError as e:
         raise bad_request(f"The request body is not valid UTF-8 (byte offset {e.start}).") from None
     if len(raw) <= OFF_LOOP_BYTES:
-        return _validate(model, raw)
-    return await request.app.state.serving.run_blocking(_validate, model, raw)  # big bodies: off the loop
+        return validate_body(model, raw)
+    return await request.app.state.serving.run_blocking(validate_body, model, raw)  # big bodies: off the loop
 
 
-def _validate(model: type[M], raw: bytes) -> M:
+def validate_body(model: type[M], raw: bytes) -> M:
     try:
         return model.model_validate_json(raw, strict=True)
     except ValidationError as e:

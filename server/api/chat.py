@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from server.api.body import openapi_body, read_json
 from server.api.chat_output import ChoiceOutput
@@ -16,38 +16,33 @@ from server.api.context import request_log
 from server.api.errors import bad_request
 from server.api.generation import GenerationStream
 from server.api.protocol import ChatCompletionRequest
+from server.api.responses import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatDelta,
+    ChatLogprobs,
+    generation_responses,
+)
 from server.api.routing_json import ids_json, routing_fields, weights_json
-from server.api.serving import Serving, common_sampling_kwargs, new_id, stream_usage_options, usage
-from server.api.sse import sse_response
+from server.api.serving import Serving, common_sampling_kwargs, new_id
+from server.api.streaming import StreamUsage, respond, usage
 from server.api.tokens import prompt_logprobs_json
-from server.engine.request import MAX_LOGPROBS, EngineRequest, Logprob
+from server.engine.request import EngineRequest, Logprob, RequestOutput
 
 router = APIRouter()
-
-
-@dataclass
-class _Choice:
-    text: str = ""
-    num_tokens: int = 0
-    logprobs: list[dict[str, Any]] = field(default_factory=list)
-    finish_reason: str | None = None
-    routing: list[Any] = field(default_factory=list)
-    routing_weights: list[Any] = field(default_factory=list)
 
 
 def _check_unsupported(body: ChatCompletionRequest) -> None:
     if body.stream_options is not None and not body.stream:
         raise bad_request("stream_options: only allowed when stream is true", param="stream_options")
-    if body.top_logprobs is not None:
-        if not body.logprobs:
-            raise bad_request("top_logprobs: requires logprobs to be true", param="top_logprobs")
-        if body.top_logprobs < 0 or body.top_logprobs > MAX_LOGPROBS:
-            raise bad_request(f"top_logprobs: must be an integer in [0, {MAX_LOGPROBS}]",
-                              param="top_logprobs")
+    if body.top_logprobs is not None and not body.logprobs:  # its range: the request model
+        raise bad_request("top_logprobs: requires logprobs to be true", param="top_logprobs")
 
 
 @router.post("/v1/chat/completions", openapi_extra=openapi_body(ChatCompletionRequest),
-             response_model=None)
+             response_model=None, responses=generation_responses(ChatCompletion, ChatCompletionChunk))
 async def create_chat_completion(request: Request) -> Response:
     body = await read_json(request, ChatCompletionRequest)
     serving: Serving = request.app.state.serving
@@ -71,21 +66,18 @@ async def create_chat_completion(request: Request) -> Response:
     engine_request = EngineRequest(request_id=request_id, prompt_token_ids=prompt_ids, sampling_params=sp,
                                    priority=body.priority or 0, return_routing=bool(body.return_routing),
                                    structured=prepared.structured)
-    base = {"id": request_id, "object": "chat.completion", "created": int(time.time()),
-            "model": serving.model_name}
-    headers = {"X-Request-Id": request_id}
+    base = {"id": request_id, "created": int(time.time()), "model": serving.model_name}
     gen = await serving.start_generation(request, [engine_request], stream=bool(body.stream))
-    if body.stream:
-        include_usage, continuous = stream_usage_options(body.stream_options)
 
-        def on_error(status: int) -> None:
-            log.stream_error = status
-
+    def chunks() -> tuple[AsyncIterator[dict[str, Any]], StreamUsage]:
+        state = StreamUsage(ChatCompletionChunk, {**base, "object": "chat.completion.chunk"}, len(prompt_ids),
+                            body.stream_options)
         outputs = [choice_output(plan, prepared) for _ in range(sp.n)]
-        chunks = _stream(serving, body, outputs, top, base, len(prompt_ids), gen, include_usage, continuous, log)
-        return sse_response(chunks, headers=headers, on_error=on_error)
-    output = choice_output(plan, prepared)
-    return JSONResponse(await _collect(serving, body, output, top, base, len(prompt_ids), gen, log), headers=headers)
+        return _stream(serving, body, outputs, top, gen, state), state
+
+    return await respond(bool(body.stream), log, {"X-Request-Id": request_id}, chunks, lambda: _collect(
+        serving, body, choice_output(plan, prepared), top, {**base, "object": "chat.completion"},
+        len(prompt_ids), gen, log))
 
 
 def _logprob_entries(serving: Serving, entries: list[Logprob] | None, top: int) -> list[dict[str, Any]]:
@@ -93,100 +85,70 @@ def _logprob_entries(serving: Serving, entries: list[Logprob] | None, top: int) 
 
 
 async def _collect(serving: Serving, body: ChatCompletionRequest, output: ChoiceOutput, top: int | None,
-                   base: dict[str, Any], prompt_tokens: int, gen: GenerationStream, log: Any) -> dict[str, Any]:
-    choices: dict[int, _Choice] = {}
-    prompt_lps = None
-    prompt_routing = None
-    finished = []
+                   base: dict[str, Any], prompt_tokens: int, gen: GenerationStream, log: Any) -> ChatCompletion:
+    acc: RequestOutput | None = None
     async for _, out in gen:
-        if out.finished:
-            finished.append(out.metrics)
-        if out.prompt_logprobs is not None:
-            prompt_lps = out.prompt_logprobs
-        if out.prompt_routing is not None:
-            prompt_routing = routing_fields(out.prompt_routing, out.prompt_routing_weights, "prompt_")
-        for o in out.outputs:
-            c = choices.setdefault(o.index, _Choice())
-            c.text += o.text
-            c.num_tokens += len(o.token_ids)
-            if top is not None:
-                c.logprobs += _logprob_entries(serving, o.logprobs, top)
-            c.routing += ids_json(o.routing)
-            c.routing_weights += weights_json(o.routing_weights)
-            c.finish_reason = o.finish_reason or c.finish_reason
-    result = []
-    for idx in sorted(choices):
-        c = choices[idx]
+        if acc is None:
+            acc = RequestOutput(out.request_id, [])
+        acc.add(out)
+    assert acc is not None  # the stream yields at least the first output
+    choices = []
+    for c in acc.outputs:
         message, called = output.message(c.text)
-        choice: dict[str, Any] = {"index": idx, "message": message,
-                                  "logprobs": {"content": c.logprobs} if top is not None else None,
-                                  "finish_reason": output.finish_reason(c.finish_reason, called)}
+        choice = ChatChoice(
+            index=c.index, message=message,
+            logprobs=ChatLogprobs(content=_logprob_entries(serving, c.logprobs, top)) if top is not None else None,
+            finish_reason=output.finish_reason(c.finish_reason, called))
         if body.return_routing:
-            choice["routing"], choice["routing_weights"] = c.routing, c.routing_weights
-        result.append(choice)
-    completion_tokens = sum(c.num_tokens for c in choices.values())
+            choice.routing, choice.routing_weights = ids_json(c.routing), weights_json(c.routing_weights)
+        choices.append(choice)
+    completion_tokens = sum(len(c.token_ids) for c in acc.outputs)
     log.completion_tokens = completion_tokens
-    response = {**base, "choices": result,
-                "usage": usage(prompt_tokens, completion_tokens, finished)}
+    response = ChatCompletion(**base, choices=choices,
+                              usage=usage(prompt_tokens, completion_tokens, [acc.metrics] if acc.finished else []))
     if body.prompt_logprobs is not None:
-        response["prompt_logprobs"] = prompt_logprobs_json(serving.token_text, prompt_lps, body.prompt_logprobs)
-    if body.return_routing and prompt_routing is not None:
-        response.update(prompt_routing)
+        response.prompt_logprobs = prompt_logprobs_json(serving.token_text, acc.prompt_logprobs, body.prompt_logprobs)
+    if body.return_routing and acc.prompt_routing is not None:
+        response.prompt_routing = ids_json(acc.prompt_routing)
+        response.prompt_routing_weights = weights_json(acc.prompt_routing_weights)
     return response
 
 
 async def _stream(serving: Serving, body: ChatCompletionRequest, outputs: list[ChoiceOutput], top: int | None,
-                  base: dict[str, Any], prompt_tokens: int, gen: GenerationStream,
-                  include_usage: bool, continuous: bool, log: Any):
-    completion_tokens = 0
-    finished: list = []
-
-    def chunk(choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
-        c: dict[str, Any] = {**base, "object": "chat.completion.chunk", "choices": choices, **extra}
-        if include_usage:
-            c["usage"] = usage(prompt_tokens, completion_tokens) if continuous else None
-        return c
-
-    try:
-        held: dict[int, list[dict[str, Any]]] = {}  # logprob entries of text not sent yet
-        for idx in range(len(outputs)):  # OpenAI: the role comes first, with empty content
-            yield chunk([{"index": idx, "delta": {"role": "assistant", "content": ""},
-                          "logprobs": None, "finish_reason": None}])
-        first = True
-        async for _, out in gen:
-            if out.finished:
-                finished.append(out.metrics)
-            extra: dict[str, Any] = {}
-            if first and body.prompt_logprobs is not None:
-                extra["prompt_logprobs"] = prompt_logprobs_json(serving.token_text, out.prompt_logprobs,
-                                                                body.prompt_logprobs)
-            if first and body.return_routing and out.prompt_routing is not None:
-                extra.update(routing_fields(out.prompt_routing, out.prompt_routing_weights, "prompt_"))
-            first = False
-            for o in out.outputs:
-                completion_tokens += len(o.token_ids)
-                parser = outputs[o.index]
-                if top is not None:
-                    held.setdefault(o.index, []).extend(_logprob_entries(serving, o.logprobs, top))
-                delta = parser.feed(o.text, final=o.finish_reason is not None)
-                if delta or (body.return_routing and o.token_ids):
-                    choice: dict[str, Any] = {
-                        "index": o.index, "delta": delta,
-                        "logprobs": {"content": held.pop(o.index, [])} if top is not None else None,
-                        "finish_reason": None}
-                    if body.return_routing:
-                        choice.update(routing_fields(o.routing, o.routing_weights))
-                    yield chunk([choice], **extra)
-                    extra = {}
-                if o.finish_reason is not None:
-                    rest = held.pop(o.index, None)
-                    yield chunk([{"index": o.index, "delta": {},
-                                  "logprobs": {"content": rest} if rest else None,
-                                  "finish_reason": parser.stream_finish_reason(o.finish_reason)}], **extra)
-                    extra = {}
-        if include_usage:
-            final = chunk([])
-            final["usage"] = usage(prompt_tokens, completion_tokens, finished)
-            yield final
-    finally:
-        log.completion_tokens = completion_tokens
+                  gen: GenerationStream, state: StreamUsage) -> AsyncIterator[dict[str, Any]]:
+    held: dict[int, list[dict[str, Any]]] = {}  # logprob entries of text not sent yet
+    for idx in range(len(outputs)):  # OpenAI: the role comes first, with empty content
+        yield state.chunk([ChatChunkChoice(index=idx, delta=ChatDelta(role="assistant", content=""),
+                                           logprobs=None, finish_reason=None)])
+    first = True
+    async for _, out in gen:
+        state.observe(out)
+        extra: dict[str, Any] = {}
+        if first and body.prompt_logprobs is not None:
+            extra["prompt_logprobs"] = prompt_logprobs_json(serving.token_text, out.prompt_logprobs,
+                                                            body.prompt_logprobs)
+        if first and body.return_routing and out.prompt_routing is not None:
+            extra.update(routing_fields(out.prompt_routing, out.prompt_routing_weights, "prompt_"))
+        first = False
+        for o in out.outputs:
+            state.completion_tokens += len(o.token_ids)
+            parser = outputs[o.index]
+            if top is not None:
+                held.setdefault(o.index, []).extend(_logprob_entries(serving, o.logprobs, top))
+            delta = parser.feed(o.text, final=o.finish_reason is not None)
+            if delta or (body.return_routing and o.token_ids):
+                choice = ChatChunkChoice(
+                    index=o.index, delta=ChatDelta(**delta),
+                    logprobs=ChatLogprobs(content=held.pop(o.index, [])) if top is not None else None,
+                    finish_reason=None)
+                if body.return_routing:
+                    choice.routing, choice.routing_weights = ids_json(o.routing), weights_json(o.routing_weights)
+                yield state.chunk([choice], **extra)
+                extra = {}
+            if o.finish_reason is not None:
+                rest = held.pop(o.index, None)
+                yield state.chunk([ChatChunkChoice(index=o.index, delta=ChatDelta(),
+                                                   logprobs=ChatLogprobs(content=rest) if rest else None,
+                                                   finish_reason=parser.stream_finish_reason(o.finish_reason))],
+                                  **extra)
+                extra = {}

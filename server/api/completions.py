@@ -3,36 +3,29 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from server.api.body import openapi_body, read_json
 from server.api.context import request_log
 from server.api.errors import bad_request
 from server.api.generation import GenerationStream
 from server.api.protocol import CompletionRequest
-from server.api.routing_json import ids_json, routing_fields, weights_json
-from server.api.serving import Serving, common_sampling_kwargs, new_id, stream_usage_options, usage
-from server.api.sse import sse_response
+from server.api.routing_json import routing_fields
+from server.api.responses import Completion, CompletionChoice, generation_responses
+from server.api.responses import LegacyLogprobs as LegacyLogprobsJSON
+from server.api.serving import Serving, common_sampling_kwargs, new_id
+from server.api.streaming import StreamUsage, respond, usage
 from server.api.structured import request_spec
 from server.api.tokens import LegacyLogprobs, prompt_logprobs_json
-from server.engine.request import EngineRequest, Logprob
+from server.engine.request import EngineRequest, Logprob, RequestOutput
 from server.engine.structured.spec import StructuredSpec
 
 router = APIRouter()
-
-
-@dataclass
-class _Choice:
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[Logprob] = field(default_factory=list)
-    finish_reason: str | None = None
-    routing: list[Any] = field(default_factory=list)
-    routing_weights: list[Any] = field(default_factory=list)
 
 
 @dataclass
@@ -53,8 +46,23 @@ class _Plan:
     def index(self, i: int, output_index: int) -> int:
         return i * self.n + output_index
 
+    def base(self) -> dict[str, Any]:
+        return {"id": self.request_id, "object": "text_completion", "created": self.created, "model": self.model}
 
-@router.post("/v1/completions", openapi_extra=openapi_body(CompletionRequest), response_model=None)
+    def logprobs_json(self, builder: LegacyLogprobs, i: int, first: bool, prompt_entries: list[Logprob | None] | None,
+                      entries: list[Logprob] | None, token_ids: list[int]) -> LegacyLogprobsJSON | None:
+        """The legacy logprobs of these tokens (after the echoed prompt's, on the first part)."""
+        if self.logprobs is None:
+            return None
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        if first and self.echo:
+            _extend(out, _prompt_entries(builder, self.prompt_ids[i], prompt_entries))
+        _extend(out, builder.build(list(entries or []), token_ids))
+        return LegacyLogprobsJSON(**out)
+
+
+@router.post("/v1/completions", openapi_extra=openapi_body(CompletionRequest), response_model=None,
+             responses=generation_responses(Completion, Completion))
 async def create_completion(request: Request) -> Response:
     body = await read_json(request, CompletionRequest)
     serving: Serving = request.app.state.serving
@@ -74,17 +82,14 @@ async def create_completion(request: Request) -> Response:
     log.request_id = request_id
     engine_requests, plan = await serving.run_blocking(_prepare, serving, body, request_id, spec)
     log.prompt_tokens = sum(len(ids) for ids in plan.prompt_ids)
-    headers = {"X-Request-Id": request_id}
     gen = await serving.start_generation(request, engine_requests, stream=bool(body.stream))
-    if body.stream:
-        include_usage, continuous = stream_usage_options(body.stream_options)
 
-        def on_error(status: int) -> None:
-            log.stream_error = status
+    def chunks() -> tuple[AsyncIterator[dict[str, Any]], StreamUsage]:
+        state = StreamUsage(Completion, plan.base(), log.prompt_tokens, body.stream_options)
+        return _stream(serving, plan, gen, state), state
 
-        return sse_response(_stream(serving, plan, gen, include_usage, continuous, log),
-                            headers=headers, on_error=on_error)
-    return JSONResponse(await _collect(serving, plan, gen, log), headers=headers)
+    return await respond(bool(body.stream), log, {"X-Request-Id": request_id}, chunks,
+                         lambda: _collect(serving, plan, gen, log))
 
 
 def _prepare(serving: Serving, body: CompletionRequest, request_id: str,
@@ -116,107 +121,65 @@ def _prepare(serving: Serving, body: CompletionRequest, request_id: str,
     return engine_requests, plan
 
 
-async def _collect(serving: Serving, plan: _Plan, gen: GenerationStream, log: Any) -> dict[str, Any]:
-    choices: dict[int, _Choice] = {}
-    prompt_lps: dict[int, list[Logprob | None]] = {}
-    prompt_routing: dict[int, dict[str, list]] = {}
-    finished = []
+async def _collect(serving: Serving, plan: _Plan, gen: GenerationStream, log: Any) -> Completion:
+    merged: dict[int, RequestOutput] = {}  # per engine request (prompt)
     async for i, out in gen:
-        if out.finished:
-            finished.append(out.metrics)
-        if out.prompt_routing is not None:
-            prompt_routing[i] = routing_fields(out.prompt_routing, out.prompt_routing_weights, "prompt_")
-        if out.prompt_logprobs is not None:
-            prompt_lps[i] = out.prompt_logprobs
-        for o in out.outputs:
-            c = choices.setdefault(plan.index(i, o.index), _Choice())
-            c.text += o.text
-            c.token_ids += o.token_ids
-            c.logprobs += o.logprobs or []
-            c.routing += ids_json(o.routing)
-            c.routing_weights += weights_json(o.routing_weights)
-            c.finish_reason = o.finish_reason or c.finish_reason
-    result = []
-    for idx in sorted(choices):
-        c, i = choices[idx], idx // plan.n
-        text = c.text
-        logprobs = None
-        if plan.logprobs is not None:
-            builder = LegacyLogprobs(serving.token_text, plan.logprobs)
-            logprobs = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-            if plan.echo:
-                _extend(logprobs, _prompt_entries(builder, plan.prompt_ids[i], prompt_lps.get(i)))
-            _extend(logprobs, builder.build(list(c.logprobs), c.token_ids))
-        if plan.echo:
-            text = plan.prompt_texts[i] + text
-        choice: dict[str, Any] = {"index": idx, "text": text, "logprobs": logprobs,
-                                  "finish_reason": c.finish_reason}
-        if plan.prompt_logprobs is not None:
-            choice["prompt_logprobs"] = prompt_logprobs_json(serving.token_text, prompt_lps.get(i),
-                                                             plan.prompt_logprobs)
-        if plan.return_routing:
-            choice["routing"], choice["routing_weights"] = c.routing, c.routing_weights
-            choice.update(prompt_routing.get(i) or {"prompt_routing": None, "prompt_routing_weights": None})
-        result.append(choice)
-    completion_tokens = sum(len(c.token_ids) for c in choices.values())
-    prompt_tokens = sum(len(ids) for ids in plan.prompt_ids)
+        merged.setdefault(i, RequestOutput(out.request_id, [])).add(out)
+    choices = []
+    for i in sorted(merged):
+        acc = merged[i]
+        for c in acc.outputs:
+            builder = LegacyLogprobs(serving.token_text, plan.logprobs or 0)
+            choice = CompletionChoice(
+                index=plan.index(i, c.index), text=plan.prompt_texts[i] + c.text if plan.echo else c.text,
+                logprobs=plan.logprobs_json(builder, i, True, acc.prompt_logprobs, c.logprobs, c.token_ids),
+                finish_reason=c.finish_reason)
+            if plan.prompt_logprobs is not None:
+                choice.prompt_logprobs = prompt_logprobs_json(serving.token_text, acc.prompt_logprobs,
+                                                              plan.prompt_logprobs)
+            if plan.return_routing:
+                _set_routing(choice, routing_fields(c.routing, c.routing_weights))
+                _set_routing(choice, routing_fields(acc.prompt_routing, acc.prompt_routing_weights, "prompt_")
+                             if acc.prompt_routing is not None
+                             else {"prompt_routing": None, "prompt_routing_weights": None})
+            choices.append(choice)
+    choices.sort(key=lambda ch: ch.index)
+    completion_tokens = sum(len(c.token_ids) for acc in merged.values() for c in acc.outputs)
     log.completion_tokens = completion_tokens
-    return {"id": plan.request_id, "object": "text_completion", "created": plan.created,
-            "model": plan.model, "choices": result,
-            "usage": usage(prompt_tokens, completion_tokens, finished)}
+    finished = [acc.metrics for acc in merged.values() if acc.finished]
+    return Completion(**plan.base(), choices=choices,
+                      usage=usage(log.prompt_tokens, completion_tokens, finished))
 
 
-async def _stream(serving: Serving, plan: _Plan, gen: GenerationStream, include_usage: bool,
-                  continuous: bool, log: Any):
+async def _stream(serving: Serving, plan: _Plan, gen: GenerationStream,
+                  state: StreamUsage) -> AsyncIterator[dict[str, Any]]:
     builders: dict[int, LegacyLogprobs] = {}
-    completion_tokens = 0
-    prompt_tokens = sum(len(ids) for ids in plan.prompt_ids)
-    finished: list = []
+    async for i, out in gen:
+        state.observe(out)
+        for o in out.outputs:
+            idx = plan.index(i, o.index)
+            state.completion_tokens += len(o.token_ids)
+            first = idx not in builders
+            if first:
+                builders[idx] = LegacyLogprobs(serving.token_text, plan.logprobs or 0)
+            logprobs = plan.logprobs_json(builders[idx], i, first, out.prompt_logprobs, o.logprobs, o.token_ids)
+            text = plan.prompt_texts[i] + o.text if first and plan.echo else o.text
+            if not text and not o.token_ids and o.finish_reason is None and not first:
+                continue
+            choice = CompletionChoice(index=idx, text=text, logprobs=logprobs, finish_reason=o.finish_reason)
+            if first and plan.prompt_logprobs is not None:
+                choice.prompt_logprobs = prompt_logprobs_json(serving.token_text, out.prompt_logprobs,
+                                                              plan.prompt_logprobs)
+            if plan.return_routing:
+                _set_routing(choice, routing_fields(o.routing, o.routing_weights))
+                if first and out.prompt_routing is not None:
+                    _set_routing(choice, routing_fields(out.prompt_routing, out.prompt_routing_weights, "prompt_"))
+            yield state.chunk([choice])
 
-    def chunk(choices: list[dict[str, Any]]) -> dict[str, Any]:
-        c: dict[str, Any] = {"id": plan.request_id, "object": "text_completion", "created": plan.created,
-                             "model": plan.model, "choices": choices}
-        if include_usage:
-            c["usage"] = usage(prompt_tokens, completion_tokens) if continuous else None
-        return c
 
-    try:
-        async for i, out in gen:
-            if out.finished:
-                finished.append(out.metrics)
-            for o in out.outputs:
-                idx = plan.index(i, o.index)
-                completion_tokens += len(o.token_ids)
-                text = o.text
-                logprobs = None
-                first = idx not in builders
-                if first:
-                    builders[idx] = LegacyLogprobs(serving.token_text, plan.logprobs or 0)
-                if plan.logprobs is not None:
-                    logprobs = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-                    if first and plan.echo:
-                        _extend(logprobs, _prompt_entries(builders[idx], plan.prompt_ids[i], out.prompt_logprobs))
-                    _extend(logprobs, builders[idx].build(list(o.logprobs or []), o.token_ids))
-                if first and plan.echo:
-                    text = plan.prompt_texts[i] + text
-                if not text and not o.token_ids and o.finish_reason is None and not first:
-                    continue
-                choice: dict[str, Any] = {"index": idx, "text": text, "logprobs": logprobs,
-                                          "finish_reason": o.finish_reason}
-                if first and plan.prompt_logprobs is not None:
-                    choice["prompt_logprobs"] = prompt_logprobs_json(serving.token_text, out.prompt_logprobs,
-                                                                     plan.prompt_logprobs)
-                if plan.return_routing:
-                    choice.update(routing_fields(o.routing, o.routing_weights))
-                    if first and out.prompt_routing is not None:
-                        choice.update(routing_fields(out.prompt_routing, out.prompt_routing_weights, "prompt_"))
-                yield chunk([choice])
-        if include_usage:
-            final = chunk([])
-            final["usage"] = usage(prompt_tokens, completion_tokens, finished)
-            yield final
-    finally:
-        log.completion_tokens = completion_tokens
+def _set_routing(choice: CompletionChoice, fields: dict[str, list | None]) -> None:
+    for name, value in fields.items():
+        setattr(choice, name, value)
 
 
 def _prompt_entries(builder: LegacyLogprobs, ids: list[int],

@@ -144,7 +144,7 @@ _UNION_HINTS = {
     "content": "must be a string or a list of content parts",
     "tool_choice": "must be a string or an object",
 }
-_UNION_TAG = re.compile(r"^(str|int|float|bool|none|list\[.*\]|dict\[.*\]|literal\[.*\]|function-.*)$",
+_UNION_TAG = re.compile(r"^(str|int|float|bool|none|list\[.*\]|dict\[.*\]|literal\[.*\]|function-.*|constrained-.*)$",
                         re.IGNORECASE)
 
 
@@ -157,11 +157,29 @@ def _strip_union_tags(loc: tuple[Any, ...]) -> tuple[Any, ...]:
     return tuple(loc)
 
 
+def _is_type_error(err: dict[str, Any]) -> bool:
+    return str(err.get("type", "")).endswith("_type")
+
+
+def _most_specific(errors: list[dict[str, Any]]) -> dict[str, Any]:
+    """The first error, or, when it is a union branch's type mismatch, the error of the branch
+    whose type matched (a range or length violation says more than 'must be a string or ...')."""
+    first = errors[0]
+    if not _is_type_error(first):
+        return first
+
+    def where(e: dict[str, Any]) -> tuple[Any, ...]:
+        return _strip_union_tags(tuple(p for p in e.get("loc", ()) if p != "body"))
+
+    loc = where(first)
+    return next((e for e in errors if where(e) == loc and not _is_type_error(e)), first)
+
+
 def validation_error(errors: list[dict[str, Any]]) -> APIError:
     """The first pydantic error as a 400 naming its parameter (plus how many more there were)."""
     if not errors:
         return bad_request("Invalid request body.")
-    err = errors[0]
+    err = _most_specific(errors)
     raw_loc = tuple(p for p in err.get("loc", ()) if p != "body")
     etype = err.get("type", "")
     if etype == "json_invalid":
@@ -173,7 +191,7 @@ def validation_error(errors: list[dict[str, Any]]) -> APIError:
     param = loc_to_param(loc)
     if etype == "extra_forbidden":
         msg = f"Unrecognized request argument supplied: {param}"
-    elif loc != raw_loc and loc and isinstance(loc[-1], str) and loc[-1] in _UNION_HINTS:
+    elif loc != raw_loc and loc and isinstance(loc[-1], str) and loc[-1] in _UNION_HINTS and _is_type_error(err):
         msg = f"{param}: {_UNION_HINTS[loc[-1]]}"
     else:
         text = _SHORT_MESSAGES.get(etype, err.get("msg", "Invalid value"))

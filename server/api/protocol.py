@@ -1,19 +1,42 @@
 """Request bodies of the OpenAI-compatible API (pydantic v2), shared by the endpoints.
 
 Bodies are validated strictly (no string-to-number coercion) and reject unknown fields, as
-OpenAI does. Ranges are checked by `SamplingParams` (one source of truth); the serving layer
-turns its `SamplingParamsError` into a 400 naming the parameter. Responses are plain dicts
-built in the endpoint modules (`completions.py`, `chat.py`).
+OpenAI does. The fields carry the constraints the server enforces (ranges, enums, lengths,
+limits: `SamplingParams` checks the same ones for every engine and the offline `LLM`, from
+the same constants), so /openapi.json states them; a violation is a 400 naming the parameter
+(server/api/errors.py `validation_error`). Constraints that need the model (token ids below
+the vocabulary size, context length) or span fields (min_tokens <= max_tokens) are checked by
+the serving layer; `json_schema_extra` documents the few it checks itself so that its error
+messages can name every bad entry (logit_bias, stop_token_ids). Responses: responses.py.
 """
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-Prompt = Union[str, list[str], list[int], list[list[int]]]
-Stop = Union[str, list[str]]
+from server.engine.request import (
+    INT64_MAX,
+    INT64_MIN,
+    MAX_LOGIT_BIAS,
+    MAX_LOGPROBS,
+    MAX_N,
+    MAX_STOP,
+    MAX_STOP_CHARS,
+    MAX_STOP_TOKEN_IDS,
+)
+
+Prompt = Union[Annotated[str, Field(min_length=1)], Annotated[list[str], Field(min_length=1)],
+               Annotated[list[int], Field(min_length=1)], Annotated[list[list[int]], Field(min_length=1)]]
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+Stop = Union[StopString, Annotated[list[StopString], Field(max_length=MAX_STOP)]]
+Logprobs = Annotated[int, Field(ge=0, le=MAX_LOGPROBS)]
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+# logit_bias: {token id (an integer, as a JSON key): bias in [-100, 100]}; the entries are checked
+# by the serving layer, which names every bad one in its message
+LOGIT_BIAS_SCHEMA = {"propertyNames": {"pattern": "^ *[+-]?[0-9]{1,20} *$"},
+                     "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}}
 
 
 class _Body(BaseModel):
@@ -41,60 +64,65 @@ class StructuredOutputs(_Body):
 
 
 class ResponseFormat(_Body):
-    type: str
+    type: Literal["text", "json_object", "json_schema"]
     json_schema: dict[str, Any] | None = None
 
 
-class _VLLMSampling(_Body):
-    """vLLM's extra sampling fields, accepted in both completion bodies under vLLM's names."""
+class _GenerationBody(_Body):
+    """The fields both completion bodies accept: vLLM's extra sampling fields, then OpenAI's
+    (the order pydantic validates in, so the order in which errors are reported)."""
 
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    min_tokens: int | None = None
-    stop_token_ids: list[int] | None = None
+    top_k: Optional[Annotated[int, Field(ge=-1)]] = None  # 0 or -1: disabled
+    min_p: Optional[Annotated[float, Field(ge=0.0, le=1.0)]] = None
+    repetition_penalty: Optional[Annotated[float, Field(gt=0.0, le=2.0)]] = None
+    min_tokens: Optional[Annotated[int, Field(ge=0)]] = None  # and <= max_tokens
+    stop_token_ids: Optional[list[int]] = Field(None, max_length=MAX_STOP_TOKEN_IDS,
+                                                json_schema_extra={"items": {"type": "integer", "minimum": 0}})
     ignore_eos: bool | None = None
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
-    prompt_logprobs: int | None = None
+    prompt_logprobs: Optional[Logprobs] = None
     priority: int | None = None
     # moe-serve extension: per-token expert ids in `choices[i].routing`
     return_routing: bool | None = None
-    # structured outputs (OpenAI's response_format is in each body; vLLM's fields here)
+    # structured outputs (OpenAI's response_format is below; vLLM's fields here)
     structured_outputs: StructuredOutputs | None = None
     guided_json: dict[str, Any] | str | None = None
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
     guided_decoding_backend: str | None = None  # accepted; this server always uses xgrammar
-
-
-class CompletionRequest(_VLLMSampling):
+    # OpenAI's
     model: str | None = None
-    prompt: Prompt
-    suffix: str | None = None
-    max_tokens: int | None = 16
-    temperature: float | None = None
-    top_p: float | None = None
-    n: int | None = None
-    best_of: int | None = None
+    max_tokens: Optional[Annotated[int, Field(ge=1)]] = None
+    temperature: Optional[Annotated[float, Field(ge=0.0, le=2.0)]] = None
+    top_p: Optional[Annotated[float, Field(gt=0.0, le=1.0)]] = None
+    n: Optional[Annotated[int, Field(ge=1, le=MAX_N)]] = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    logprobs: int | None = None
-    echo: bool | None = False
     stop: Stop | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, Any] | None = None
-    seed: int | None = None
+    presence_penalty: Optional[Penalty] = None
+    frequency_penalty: Optional[Penalty] = None
+    logit_bias: Optional[dict[str, Any]] = Field(None, max_length=MAX_LOGIT_BIAS,
+                                                 json_schema_extra=LOGIT_BIAS_SCHEMA)
+    seed: Optional[Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]] = None
     user: str | None = None
     response_format: ResponseFormat | None = None
+
+
+class CompletionRequest(_GenerationBody):
+    prompt: Prompt
+    suffix: str | None = None  # refused when set: not supported
+    max_tokens: Optional[Annotated[int, Field(ge=1)]] = 16
+    best_of: Optional[Annotated[int, Field(ge=1, le=MAX_N)]] = None  # must equal n
+    logprobs: Optional[Logprobs] = None
+    echo: bool | None = False
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    role: str
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
@@ -102,27 +130,15 @@ class ChatMessage(BaseModel):
     refusal: str | None = None
 
 
-class ChatCompletionRequest(_VLLMSampling):
-    model: str | None = None
-    messages: list[ChatMessage]
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    n: int | None = None
-    stream: bool | None = False
-    stream_options: StreamOptions | None = None
+class ChatCompletionRequest(_GenerationBody):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: Optional[Annotated[int, Field(ge=1)]] = None
     logprobs: bool | None = False
-    top_logprobs: int | None = None
-    stop: Stop | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, Any] | None = None
-    seed: int | None = None
-    user: str | None = None
-    response_format: ResponseFormat | None = None
+    top_logprobs: Optional[Logprobs] = None  # needs logprobs: true
     tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    # checked by server/api/tools.py (its message names the choices); the schema states them
+    tool_choice: str | dict[str, Any] | None = Field(None, json_schema_extra={"anyOf": [
+        {"enum": ["none", "auto", "required"]}, {"type": "object"}, {"type": "null"}]})
     parallel_tool_calls: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None  # vLLM: extra template variables (enable_thinking)
 

@@ -26,9 +26,9 @@ from server.api.reasoning import REASONING_PARSERS
 from server.api.tool_parsers import TOOL_PARSERS
 from server.api.tokens import TokenText
 from server.config import ServerConfig
-from server.engine.request import MAX_LOGIT_BIAS, EngineRequest, SamplingParams, SamplingParamsError
+from server.engine.request import MAX_LOGIT_BIAS, EngineRequest, SamplingParams, SamplingParamsError, short_list
 from server.engine.structured.spec import StructuredSpec, StructuredSpecError
-from server.metrics.usage import moe_usage
+from server.engine.validate import no_room_message, too_long_message
 
 T = TypeVar("T")
 # Unicode normalisation can shrink a text (composing characters) before it is split into
@@ -39,11 +39,6 @@ _INT_KEY = re.compile(r" *[+-]?[0-9]{1,20} *")
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
-
-
-def _short_list(items: list[Any], limit: int = 8) -> str:
-    shown = ", ".join(truncate(repr(x), 24) for x in items[:limit])
-    return shown + (f", ... ({len(items)} in all)" if len(items) > limit else "")
 
 
 class Serving:
@@ -119,10 +114,9 @@ class Serving:
         return ids
 
     def too_long(self, num_tokens: int, param: str = "prompt", at_least: bool = False) -> APIError:
-        has = f"at least {num_tokens}" if at_least else str(num_tokens)
-        return APIError(400, f"This model's maximum context length is {self.max_model_len} tokens. However, "
-                             f"your {param} has {has} tokens, which leaves no room for a completion. Please "
-                             f"reduce the length of the {param}.", param=param, code="context_length_exceeded")
+        shown = f"at least {num_tokens}" if at_least else num_tokens
+        return APIError(400, no_room_message(self.max_model_len, shown, param), param=param,
+                        code="context_length_exceeded")
 
     def check_text_length(self, text: str, param: str) -> None:
         """Refuse, without tokenizing, a text too long for the context whatever its tokens."""
@@ -155,7 +149,7 @@ class Serving:
         bad = [t for t in ids if not 0 <= t < self.vocab_size]
         if bad:
             raise bad_request(f"{param}: token ids outside the vocabulary (size {self.vocab_size}): "
-                              f"{_short_list(bad)}", param=param)
+                              f"{short_list(bad)}", param=param)
 
     def completion_prompts(self, prompt: Any) -> list[tuple[list[int], str | None]]:
         """OpenAI's four prompt shapes -> [(token ids, text or None)]."""
@@ -226,10 +220,7 @@ class Serving:
         if not explicit:
             return min(requested, remaining)
         if requested >= 1 and prompt_len + requested > self.max_model_len:
-            raise APIError(400, f"This model's maximum context length is {self.max_model_len} tokens. "
-                                f"However, you requested {prompt_len + requested} tokens ({prompt_len} in "
-                                f"the {prompt_param}, {requested} in the completion). Please reduce the "
-                                f"length of the {prompt_param} or {param}.",
+            raise APIError(400, too_long_message(self.max_model_len, prompt_len, requested, prompt_param, param),
                            param=param, code="context_length_exceeded")
         return requested  # < 1 is rejected by SamplingParams with its own message
 
@@ -282,8 +273,8 @@ class Serving:
 
     async def start_generation(self, request: Request, requests: list[EngineRequest],
                                stream: bool) -> GenerationStream:
-        """Submit and wait for the first outputs. While waiting, a disconnect aborts."""
-        self.check_capacity(len(requests))
+        """Submit and wait for the first outputs (the engine refuses what it cannot queue: 429).
+        While waiting, a disconnect aborts."""
         gen = GenerationStream(self.engine, requests, self.config.request_timeout, receive=request.receive)
         await gen.start()
         if stream:
@@ -303,20 +294,3 @@ def common_sampling_kwargs(body: Any) -> dict[str, Any]:
         "include_stop_str_in_output": body.include_stop_str_in_output,
         "prompt_logprobs": body.prompt_logprobs,
     }
-
-
-def stream_usage_options(opts: Any) -> tuple[bool, bool]:
-    """(include_usage, continuous_usage_stats) from a request's `stream_options`."""
-    include = bool(opts and opts.include_usage)
-    return include, include and bool(opts and opts.continuous_usage_stats)
-
-
-def usage(prompt_tokens: int, completion_tokens: int, metrics: list[Any] | None = None) -> dict[str, Any]:
-    """OpenAI's usage object, plus `moe` (see server/metrics/usage.py) once the engine requests
-    finished, when the engine observed their routing."""
-    out: dict[str, Any] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                           "total_tokens": prompt_tokens + completion_tokens}
-    summary = moe_usage(metrics) if metrics else None
-    if summary is not None:
-        out["moe"] = summary
-    return out

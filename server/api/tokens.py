@@ -1,40 +1,19 @@
 """Token text for logprobs: each token id's exact bytes and its (lossy) text.
 
-For byte-level BPE tokenizers (GPT-2 style, the bundled checkpoint's) the token string maps
-back to its exact bytes through the byte-to-unicode table, so a token that holds half of a
-UTF-8 character still reports the right `bytes`; other tokenizers fall back to `decode([id])`.
+A token's bytes come from server/tokenization.py (for byte-level BPE tokenizers, GPT-2 style,
+the exact bytes, so a token that holds half of a UTF-8 character still reports the right
+`bytes`; other tokenizers fall back to `decode([id])`); its text is those bytes as UTF-8.
 """
 
 from __future__ import annotations
 
 import math
-from functools import lru_cache
 from typing import Any
 
 from server.engine.request import Logprob
+from server.tokenization import token_bytes
 
 MIN_LOGPROB = -9999.0  # JSON has no -inf; vLLM reports this instead
-
-
-@lru_cache(maxsize=1)
-def _byte_decoder() -> dict[str, int]:
-    """The inverse of GPT-2's bytes_to_unicode table (a constant, computed once)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs, strict=True)}
-
-
-def _is_byte_level(tokenizer: Any) -> bool:
-    backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
-    decoder = getattr(backend, "decoder", None)
-    return decoder is not None and "ByteLevel" in repr(decoder)
 
 
 def clamp_logprob(x: float) -> float:
@@ -45,31 +24,18 @@ class TokenText:
     """id -> (text, bytes); cached per id (bounded by the vocabulary)."""
 
     def __init__(self, tokenizer: Any) -> None:
-        self._tok = tokenizer
-        self._byte_level = _is_byte_level(tokenizer)
-        self._special = set(getattr(tokenizer, "all_special_ids", []) or [])
+        self._bytes = token_bytes(tokenizer)  # shared with the engine's detokenizer
         self._cache: dict[int, tuple[str, list[int]]] = {}
 
     def get(self, token_id: int) -> tuple[str, list[int]]:
         hit = self._cache.get(token_id)
         if hit is None:
-            hit = self._cache[token_id] = self._compute(token_id)
+            raw = self._bytes.bytes_of(token_id)
+            hit = self._cache[token_id] = (raw.decode("utf-8", errors="replace"), list(raw))
         return hit
 
     def text(self, token_id: int) -> str:
         return self.get(token_id)[0]
-
-    def _compute(self, token_id: int) -> tuple[str, list[int]]:
-        piece = None
-        if self._byte_level and token_id not in self._special:
-            piece = self._tok.convert_ids_to_tokens(token_id)
-        if isinstance(piece, str):
-            table = _byte_decoder()
-            if all(ch in table for ch in piece):
-                raw = bytes(table[ch] for ch in piece)
-                return raw.decode("utf-8", errors="replace"), list(raw)
-        text = self._tok.decode([token_id], skip_special_tokens=False)
-        return text, list(text.encode("utf-8"))
 
     # -- the two logprob formats ------------------------------------------------------------
     def chat_entry(self, lp: Logprob, num_top: int) -> dict[str, Any]:

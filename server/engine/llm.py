@@ -40,33 +40,22 @@ class LLM:
             prompts = [prompts]  # type: ignore[list-item]
         params = sampling_params or SamplingParams()
         params_list = params if isinstance(params, list) else [params] * len(prompts)
-        results: dict[str, GenerationResult] = {}
-        order = []
+        results: dict[str, RequestOutput] = {}
+        texts: dict[str, str | None] = {}
         for prompt, sp in zip(prompts, params_list):
             rid = f"offline-{next(self._ids)}"
             text = prompt if isinstance(prompt, str) else None
             ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
             self.core.add_request(EngineRequest(rid, ids, dataclasses.replace(sp), prompt=text))
-            results[rid] = GenerationResult(rid, text, ids, [
-                CompletionOutput(index=i, logprobs=[] if sp.logprobs is not None else None) for i in range(sp.n)])
-            order.append(rid)
-        with tqdm(total=len(order), desc="generating", unit="req", disable=not use_tqdm) as bar:
+            results[rid] = RequestOutput(rid, [
+                CompletionOutput(index=i, logprobs=[] if sp.logprobs is not None else None) for i in range(sp.n)],
+                prompt_token_ids=ids)
+            texts[rid] = text
+        with tqdm(total=len(results), desc="generating", unit="req", disable=not use_tqdm) as bar:
             while self.core.has_unfinished():
                 outputs, *_ = self.core.step()
                 for out in outputs:
-                    self._merge(results[out.request_id], out)
+                    results[out.request_id].add(out)
                     bar.update(int(out.finished))
-        return [results[r] for r in order]
-
-    @staticmethod
-    def _merge(result: GenerationResult, out: RequestOutput) -> None:
-        if out.prompt_logprobs is not None:
-            result.prompt_logprobs = out.prompt_logprobs
-        for delta in out.outputs:
-            acc = result.outputs[delta.index]
-            acc.text += delta.text
-            acc.token_ids.extend(delta.token_ids)
-            if delta.logprobs is not None and acc.logprobs is not None:
-                acc.logprobs.extend(delta.logprobs)
-            if delta.finish_reason is not None:
-                acc.finish_reason, acc.stop_reason = delta.finish_reason, delta.stop_reason
+        return [GenerationResult(rid, texts[rid], acc.prompt_token_ids or [], acc.outputs, acc.prompt_logprobs)
+                for rid, acc in results.items()]

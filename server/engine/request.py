@@ -205,6 +205,36 @@ class CompletionOutput:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    def add(self, delta: CompletionOutput) -> None:
+        """Append a streamed delta of the same completion (text, tokens, logprobs, routing)."""
+        self.text += delta.text
+        self.token_ids.extend(delta.token_ids)
+        if delta.logprobs is not None:
+            if self.logprobs is None:
+                self.logprobs = []
+            self.logprobs.extend(delta.logprobs)
+        self.routing = concat_rows(self.routing, delta.routing)
+        self.routing_weights = concat_rows(self.routing_weights, delta.routing_weights)
+        if delta.finish_reason is not None:
+            self.finish_reason, self.stop_reason = delta.finish_reason, delta.stop_reason
+
+
+class RowChunks(list):
+    """Per-token rows (routing ids or weights) accumulated from several deltas: the deltas'
+    chunks in order (compact tensors or nested lists), concatenated only when rendered."""
+
+
+def concat_rows(acc: Any, new: Any) -> Any:
+    """`acc` followed by the rows of `new` (either may be None, a chunk or RowChunks)."""
+    if new is None:
+        return acc
+    if acc is None:
+        return RowChunks(new) if isinstance(new, RowChunks) else new
+    if not isinstance(acc, RowChunks):
+        acc = RowChunks([acc])
+    acc.extend(new if isinstance(new, RowChunks) else [new])
+    return acc
+
 
 @dataclass
 class RequestMetrics:
@@ -236,3 +266,25 @@ class RequestOutput:
     prompt_routing_weights: Any | None = None
     metrics: RequestMetrics | None = None
     error: str | None = None  # set when the engine failed this request
+
+    def add(self, delta: RequestOutput) -> None:
+        """Merge the next streamed delta of this request into this accumulated output.
+
+        Completions are matched by index (new ones are added, `outputs` stays sorted by index);
+        the prompt fields come from the first output that has them; the latest metrics win.
+        """
+        by_index = {o.index: o for o in self.outputs}
+        for d in delta.outputs:
+            acc = by_index.get(d.index)
+            if acc is None:
+                acc = by_index[d.index] = CompletionOutput(index=d.index)
+                self.outputs.append(acc)
+            acc.add(d)
+        self.outputs.sort(key=lambda o: o.index)
+        for name in ("prompt_token_ids", "prompt_logprobs", "prompt_routing", "prompt_routing_weights"):
+            if getattr(self, name) is None:
+                setattr(self, name, getattr(delta, name))
+        if delta.metrics is not None:
+            self.metrics = delta.metrics
+        self.finished = self.finished or delta.finished
+        self.error = self.error or delta.error

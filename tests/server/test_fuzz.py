@@ -1,5 +1,7 @@
 """Schema-driven fuzzing of the live server from its own OpenAPI document (schemathesis +
-hypothesis): >= 300 cases, valid and invalid bodies, never a 5xx, every 4xx in the OpenAI
+hypothesis): >= 300 cases, valid and invalid bodies, never a 5xx, every response conforming
+to the schema /openapi.json documents for its status (schemathesis's
+`response_schema_conformance` and `not_a_server_error` checks), every 4xx in the OpenAI
 error shape, and the server still serving afterwards. The fuzzed server is this module's own
 (a crash shows in its teardown, and no other test depends on what the fuzzer left behind), so
 the file runs in any order."""
@@ -23,7 +25,8 @@ POST_EXAMPLES = 40
 GET_EXAMPLES = 5
 
 
-def _fuzz_operation(server: ServerProcess, operation, mode, examples: int, counter: list[int]) -> None:
+def _fuzz_operation(server: ServerProcess, operation, mode, examples: int, counter: list[int],
+                    checks: list) -> None:
     @settings(max_examples=examples, deadline=None, database=None, derandomize=True,
               suppress_health_check=list(HealthCheck), print_blob=True)
     @given(case=operation.as_strategy(generation_mode=mode))
@@ -32,6 +35,7 @@ def _fuzz_operation(server: ServerProcess, operation, mode, examples: int, count
         counter[0] += 1
         status = response.status_code
         assert status < 500, f"{case.method} {case.path} -> {status}: {response.text[:500]}\nbody={case.body!r}"[:2000]
+        case.validate_response(response, checks=checks)  # raises on a schema validation mismatch
         if status >= 400:
             err = response.json()["error"]
             assert set(err) == {"message", "type", "param", "code"}, err
@@ -54,21 +58,30 @@ def test_fuzz_openapi(fuzzed: ServerProcess) -> None:
     except ImportError:
         skip_or_fail("schemathesis is not installed (pip install -e '.[dev]')")
     from schemathesis import GenerationMode
+    from schemathesis.checks import not_a_server_error
+    from schemathesis.specs.openapi.checks import response_schema_conformance
 
     server = fuzzed
 
     schema = schemathesis.openapi.from_url(server.url + "/openapi.json")
     counter = [0]
+    checks = [not_a_server_error, response_schema_conformance]
     posts = []
     for result in schema.get_all_operations():
         op = result.ok()
         if op.method.upper() == "POST":
             posts.append(op.path)
             for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
-                _fuzz_operation(server, op, mode, POST_EXAMPLES, counter)
+                _fuzz_operation(server, op, mode, POST_EXAMPLES, counter, checks)
         elif op.path not in ("/metrics",):
-            _fuzz_operation(server, op, GenerationMode.POSITIVE, GET_EXAMPLES, counter)
+            _fuzz_operation(server, op, GenerationMode.POSITIVE, GET_EXAMPLES, counter, checks)
     assert set(posts) >= {"/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"}
+    # the conformance check has something to check: each operation documents its JSON answers
+    doc = httpx.get(server.url + "/openapi.json", timeout=30).json()
+    for path, method in [(p, "post") for p in posts] + [("/v1/models", "get"), ("/v1/models/{model}", "get")]:
+        responses = doc["paths"][path][method]["responses"]
+        assert "$ref" in responses["200"]["content"]["application/json"]["schema"], (path, responses["200"])
+        assert responses["400"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse"), path
     assert counter[0] >= 300, counter[0]
     with httpx.Client(base_url=server.url, timeout=60) as c:
         assert c.get("/health").status_code == 200

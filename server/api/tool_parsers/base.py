@@ -17,10 +17,11 @@ from __future__ import annotations
 import json
 import secrets
 import string
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from server.api.tool_parsers.json_scan import object_fields
+from server.api.tool_parsers.json_scan import object_fields, partial_suffix, skip_ws, value_end
 
 ARG_KEYS = ("arguments", "parameters")
 
@@ -36,6 +37,54 @@ class ParsedCall:
 class Parsed:
     content: str = ""
     calls: list[ParsedCall] = field(default_factory=list)
+
+
+def content_before(text: str, marker: str, final: bool) -> tuple[Parsed, int]:
+    """(the content before the first `marker`, where it starts or -1). Without a marker, the
+    whole text is content, less a tail that may still become the marker (unless final)."""
+    first = text.find(marker)
+    if first < 0:
+        keep = len(text) if final else len(text) - partial_suffix(text, marker)
+        return Parsed(content=text[:keep]), -1
+    return Parsed(content=text[:first]), first
+
+
+CallReader = Callable[[str, int], "tuple[ParsedCall | None, int | None]"]
+
+
+def collect_calls(out: Parsed, text: str, marker: str, pos: int, read: CallReader) -> Parsed:
+    """Append the calls that follow each `marker` from `pos` on: `read(text, start)` returns
+    (the call or None when nothing can be read yet, where it ends or None when incomplete)."""
+    while pos >= 0:
+        call, end = read(text, pos + len(marker))
+        if call is None:
+            break
+        out.calls.append(call)
+        if end is None:
+            break
+        pos = text.find(marker, end)
+    return out
+
+
+def parse_marked(text: str, final: bool, marker: str, read: CallReader, call_marker: str | None = None) -> Parsed:
+    """Content before the first `marker`, then the calls `read` finds after each `call_marker`
+    (the same marker unless given) from there on."""
+    out, first = content_before(text, marker, final)
+    if first < 0:
+        return out
+    call_marker = call_marker or marker
+    return collect_calls(out, text, call_marker, text.find(call_marker, first), read)
+
+
+def read_arguments(call: ParsedCall, text: str, start: int) -> tuple[ParsedCall, int | None]:
+    """The call's arguments: the JSON value at `start` (after whitespace), complete or not."""
+    j = skip_ws(text, start)
+    if j >= len(text):
+        return call, None
+    end = value_end(text, j)
+    call.arguments = text[j:end] if end is not None else text[j:]
+    call.complete = end is not None
+    return call, end
 
 
 class ToolParser:

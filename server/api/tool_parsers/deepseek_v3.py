@@ -11,8 +11,7 @@ after it; its arguments are the JSON value after the ```json fence.
 
 from __future__ import annotations
 
-from server.api.tool_parsers.base import Parsed, ParsedCall, ToolParser
-from server.api.tool_parsers.json_scan import partial_suffix, skip_ws, value_end
+from server.api.tool_parsers.base import Parsed, ParsedCall, ToolParser, parse_marked, read_arguments
 
 CALLS_BEGIN = "<｜tool▁calls▁begin｜>"
 CALL_BEGIN = "<｜tool▁call▁begin｜>"
@@ -24,21 +23,7 @@ class DeepSeekV3ToolParser(ToolParser):
     name = "deepseek_v3"
 
     def parse(self, text: str, final: bool) -> Parsed:
-        first = text.find(CALLS_BEGIN)
-        if first < 0:
-            keep = len(text) if final else len(text) - partial_suffix(text, CALLS_BEGIN)
-            return Parsed(content=text[:keep])
-        out = Parsed(content=text[:first])
-        pos = text.find(CALL_BEGIN, first)
-        while pos >= 0:
-            call, end = self._call(text, pos + len(CALL_BEGIN))
-            if call is None:
-                break
-            out.calls.append(call)
-            if end is None:
-                break
-            pos = text.find(CALL_BEGIN, end)
-        return out
+        return parse_marked(text, final, CALLS_BEGIN, self._call, call_marker=CALL_BEGIN)
 
     @staticmethod
     def _call(text: str, start: int) -> tuple[ParsedCall | None, int | None]:
@@ -52,10 +37,4 @@ class DeepSeekV3ToolParser(ToolParser):
         fence = text.find(FENCE, newline)
         if fence < 0:
             return call, None
-        j = skip_ws(text, fence + len(FENCE))
-        if j >= len(text):
-            return call, None
-        end = value_end(text, j)
-        call.arguments = text[j:end] if end is not None else text[j:]
-        call.complete = end is not None
-        return call, end
+        return read_arguments(call, text, fence + len(FENCE))

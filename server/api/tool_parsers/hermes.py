@@ -12,8 +12,8 @@ text is held back until it is decided.
 
 from __future__ import annotations
 
-from server.api.tool_parsers.base import Parsed, ToolParser, call_from_object
-from server.api.tool_parsers.json_scan import partial_suffix, skip_ws
+from server.api.tool_parsers.base import Parsed, ParsedCall, ToolParser, call_from_object, parse_marked
+from server.api.tool_parsers.json_scan import skip_ws
 
 START, END = "<tool_call>", "</tool_call>"
 
@@ -22,21 +22,13 @@ class HermesToolParser(ToolParser):
     name = "hermes"
 
     def parse(self, text: str, final: bool) -> Parsed:
-        first = text.find(START)
-        if first < 0:
-            keep = len(text) if final else len(text) - partial_suffix(text, START)
-            return Parsed(content=text[:keep])
-        out = Parsed(content=text[:first])
-        pos = first
-        while pos >= 0:
-            body = skip_ws(text, pos + len(START))
-            if body >= len(text):
-                break
-            if text[body] != "{":
-                raise ValueError("a tool call must be a JSON object")
-            call, end = call_from_object(text, body)
-            out.calls.append(call)
-            if end is None:
-                break
-            pos = text.find(START, end)
-        return out
+        return parse_marked(text, final, START, self._call)
+
+    @staticmethod
+    def _call(text: str, start: int) -> tuple[ParsedCall | None, int | None]:
+        body = skip_ws(text, start)
+        if body >= len(text):
+            return None, None
+        if text[body] != "{":
+            raise ValueError("a tool call must be a JSON object")
+        return call_from_object(text, body)

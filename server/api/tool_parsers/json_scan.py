@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
+from typing import Any
 
 _WS = " \t\n\r"
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
@@ -72,72 +74,69 @@ def _container_end(s: str, i: int) -> int | None:
             return j
 
 
+def _items(s: str, i: int, brackets: str, read: Callable[[str, int], tuple[Any, int | None]]
+           ) -> tuple[list[Any], int | None]:
+    """The entries `read(s, start) -> (entry or None, end or None)` finds in the container that
+    opens at s[i] with brackets[0], separated by commas, as far as the text goes; and the
+    container's end (None while incomplete)."""
+    if s[i] != brackets[0]:
+        raise ValueError(f"expected '{brackets[0]}' at {i}")
+    out: list[Any] = []
+    j = skip_ws(s, i + 1)
+    if j < len(s) and s[j] == brackets[1]:
+        return out, j + 1
+    while True:
+        j = skip_ws(s, j)
+        if j >= len(s):
+            return out, None
+        entry, end = read(s, j)
+        if entry is not None:
+            out.append(entry)
+        if end is None:
+            return out, None
+        j = skip_ws(s, end)
+        if j >= len(s):
+            return out, None
+        if s[j] == brackets[1]:
+            return out, j + 1
+        if s[j] != ",":
+            raise ValueError(f"expected ',' or '{brackets[1]}' at {j}")
+        j += 1
+
+
+def _field(s: str, j: int) -> tuple[tuple[str, int, int | None] | None, int | None]:
+    """One `"key": value` at s[j]: ((key, value_start, value_end or None), value_end)."""
+    if s[j] != '"':
+        raise ValueError(f"expected a key at {j}")
+    kend = string_end(s, j)
+    if kend is None:
+        return None, None
+    key = json.loads(s[j:kend])
+    j = skip_ws(s, kend)
+    if j >= len(s):
+        return None, None
+    if s[j] != ":":
+        raise ValueError(f"expected ':' at {j}")
+    j = skip_ws(s, j + 1)
+    vend = value_end(s, j) if j < len(s) else None
+    return (key, j, vend), vend
+
+
+def _item(s: str, j: int) -> tuple[tuple[int, int | None], int | None]:
+    end = value_end(s, j)
+    return (j, end), end
+
+
 def object_fields(s: str, i: int) -> tuple[list[tuple[str, int, int | None]], int | None]:
     """Fields of the object starting at s[i] == '{': [(key, value_start, value_end or None)] as
     far as the text goes, and the object's end (None while incomplete). A key whose value has
     not started yet is listed with value_start == len(s)."""
-    if s[i] != "{":
-        raise ValueError("not an object")
-    fields: list[tuple[str, int, int | None]] = []
-    j = skip_ws(s, i + 1)
-    if j < len(s) and s[j] == "}":
-        return fields, j + 1
-    n = len(s)
-    while True:
-        j = skip_ws(s, j)
-        if j >= n:
-            return fields, None
-        if s[j] != '"':
-            raise ValueError(f"expected a key at {j}")
-        kend = string_end(s, j)
-        if kend is None:
-            return fields, None
-        key = json.loads(s[j:kend])
-        j = skip_ws(s, kend)
-        if j >= n:
-            return fields, None
-        if s[j] != ":":
-            raise ValueError(f"expected ':' at {j}")
-        j = skip_ws(s, j + 1)
-        vend = value_end(s, j) if j < n else None
-        fields.append((key, j, vend))
-        if vend is None:
-            return fields, None
-        j = skip_ws(s, vend)
-        if j >= n:
-            return fields, None
-        if s[j] == "}":
-            return fields, j + 1
-        if s[j] != ",":
-            raise ValueError(f"expected ',' or '}}' at {j}")
-        j += 1
+    return _items(s, i, "{}", _field)
 
 
 def array_items(s: str, i: int) -> tuple[list[tuple[int, int | None]], int | None]:
     """Elements of the array starting at s[i] == '[': [(start, end or None)], and its end."""
-    if s[i] != "[":
-        raise ValueError("not an array")
-    items: list[tuple[int, int | None]] = []
-    j = skip_ws(s, i + 1)
-    if j < len(s) and s[j] == "]":
-        return items, j + 1
-    n = len(s)
-    while True:
-        j = skip_ws(s, j)
-        if j >= n:
-            return items, None
-        end = value_end(s, j)
-        items.append((j, end))
-        if end is None:
-            return items, None
-        j = skip_ws(s, end)
-        if j >= n:
-            return items, None
-        if s[j] == "]":
-            return items, j + 1
-        if s[j] != ",":
-            raise ValueError(f"expected ',' or ']' at {j}")
-        j += 1
+    return _items(s, i, "[]", _item)
 
 
 def partial_suffix(text: str, tag: str) -> int:

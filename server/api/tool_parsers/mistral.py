@@ -10,8 +10,17 @@
 
 from __future__ import annotations
 
-from server.api.tool_parsers.base import Parsed, ParsedCall, ToolParser, call_from_object, mistral_call_id
-from server.api.tool_parsers.json_scan import array_items, partial_suffix, skip_ws, value_end
+from server.api.tool_parsers.base import (
+    Parsed,
+    ParsedCall,
+    ToolParser,
+    call_from_object,
+    collect_calls,
+    content_before,
+    mistral_call_id,
+    read_arguments,
+)
+from server.api.tool_parsers.json_scan import array_items, skip_ws
 
 TOOL_CALLS, ARGS, CALL_ID = "[TOOL_CALLS]", "[ARGS]", "[CALL_ID]"
 
@@ -25,11 +34,9 @@ class MistralToolParser(ToolParser):
         return mistral_call_id()
 
     def parse(self, text: str, final: bool) -> Parsed:
-        first = text.find(TOOL_CALLS)
+        out, first = content_before(text, TOOL_CALLS, final)
         if first < 0:
-            keep = len(text) if final else len(text) - partial_suffix(text, TOOL_CALLS)
-            return Parsed(content=text[:keep])
-        out = Parsed(content=text[:first])
+            return out
         body = skip_ws(text, first + len(TOOL_CALLS))
         if body >= len(text):
             return out
@@ -40,28 +47,14 @@ class MistralToolParser(ToolParser):
                     raise ValueError("a tool call must be a JSON object")
                 out.calls.append(call_from_object(text, start)[0])
             return out
-        pos = first
-        while pos >= 0:
-            call, end = self._named_call(text, pos + len(TOOL_CALLS), final)
-            out.calls.append(call)
-            if end is None:
-                break
-            pos = text.find(TOOL_CALLS, end)
-        return out
+        return collect_calls(out, text, TOOL_CALLS, first, self._named_call)
 
     @staticmethod
-    def _named_call(text: str, start: int, final: bool) -> tuple[ParsedCall, int | None]:
+    def _named_call(text: str, start: int) -> tuple[ParsedCall, int | None]:
         args_at = text.find(ARGS, start)
         if args_at < 0:
             return ParsedCall(), None
         name = text[start:args_at]
         if CALL_ID in name:
             name = name[: name.index(CALL_ID)]
-        call = ParsedCall(name=name.strip())
-        j = skip_ws(text, args_at + len(ARGS))
-        if j >= len(text):
-            return call, None
-        end = value_end(text, j)
-        call.arguments = text[j:end] if end is not None else text[j:]
-        call.complete = end is not None
-        return call, end
+        return read_arguments(ParsedCall(name=name.strip()), text, args_at + len(ARGS))

@@ -25,7 +25,7 @@ from server.api.serving import Serving
 from server.config import ServerConfig
 from server.metrics import ServerMetrics
 
-logger = logging.getLogger("moe_serve.app")
+logger = logging.getLogger(__name__)
 
 
 def create_app(engine: Any, config: ServerConfig, metrics: ServerMetrics | None = None) -> FastAPI:

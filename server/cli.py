@@ -23,7 +23,7 @@ from typing import Any
 from server.config import BUNDLED_MODEL, ConfigError, EngineConfig, ServerConfig, parse_bytes
 
 ENV_PREFIX = "MOE_SERVE_"
-logger = logging.getLogger("moe_serve.cli")
+logger = logging.getLogger(__name__)
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}

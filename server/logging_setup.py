@@ -40,7 +40,7 @@ def configure_logging(log_format: str = "text", level: str = "info") -> None:
         root.removeHandler(h)
     root.addHandler(handler)
     root.setLevel(level.upper())
-    # uvicorn's own loggers propagate to ours; its access log is replaced by moe_serve.access.
+    # uvicorn's own loggers propagate to ours; its access log is replaced by server.api.middleware.access.
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         lg = logging.getLogger(name)
         lg.handlers.clear()

@@ -19,7 +19,7 @@ import uvicorn
 from server.config import ServerConfig
 from server.engine.protocol import EngineDeadError
 
-logger = logging.getLogger("moe_serve.cli")
+logger = logging.getLogger(__name__)
 
 
 class DrainingServer(uvicorn.Server):

@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
-logger = logging.getLogger("moe_serve.api")
+logger = logging.getLogger(__name__)
 
 MAX_MESSAGE_CHARS = 500
 RETRY_AFTER_SECONDS = 1

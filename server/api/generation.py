@@ -30,7 +30,7 @@ from server.api.errors import (
 from server.engine.protocol import EngineDeadError, EngineOverloadedError, RequestTooLongError
 from server.engine.request import EngineRequest, RequestOutput, SamplingParamsError
 
-logger = logging.getLogger("moe_serve.api")
+logger = logging.getLogger(__name__)
 
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 

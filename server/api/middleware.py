@@ -23,8 +23,8 @@ from server.api.context import SCOPE_KEY, RequestLog
 from server.api.errors import (APIError, body_timeout, body_too_large, error_json_bytes, internal_error, invalid_host,
                                unauthorized, unavailable)
 
-access_logger = logging.getLogger("moe_serve.access")
-logger = logging.getLogger("moe_serve.api")
+access_logger = logging.getLogger(f"{__name__}.access")
+logger = logging.getLogger(__name__)
 
 # Probes are logged at DEBUG so that a scraper does not flood the access log.
 QUIET_PATHS = ("/health", "/ready", "/metrics")

@@ -16,7 +16,7 @@ from starlette.responses import StreamingResponse
 
 from server.api.errors import CLIENT_CLOSED_REQUEST, APIError, ClientDisconnected, internal_error
 
-logger = logging.getLogger("moe_serve.api")
+logger = logging.getLogger(__name__)
 
 DONE = b"data: [DONE]\n\n"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

@@ -11,7 +11,7 @@ import torch
 from server.config import EngineConfig
 from server.engine.protocol import EngineClient, ModelInfo
 
-log = logging.getLogger("moe_serve.engine")
+log = logging.getLogger(__name__)
 
 DEFAULT_CPU_KV_BYTES = 512 * 2**20
 MAX_DEFAULT_MODEL_LEN = 8192

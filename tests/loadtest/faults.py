@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 ENV_VAR = "MOE_SERVE_FAULT_INJECT"
-log = logging.getLogger("moe_serve.engine")
+log = logging.getLogger(__name__)
 
 
 class InjectedFault(RuntimeError):

@@ -98,7 +98,7 @@ def test_access_log_is_json(restricted: ServerProcess) -> None:
     import json
 
     lines = [json.loads(line) for line in restricted.logs().splitlines() if line.startswith("{")]
-    access = [x for x in lines if x.get("logger") == "moe_serve.access" and x.get("route") == "/v1/completions"]
+    access = [x for x in lines if x.get("logger") == "server.api.middleware.access" and x.get("route") == "/v1/completions"]
     assert access, restricted.logs()[-2000:]
     ok = [x for x in access if x["status"] == 200]
     assert ok and all(x["request_id"].startswith("cmpl-") for x in ok)

@@ -26,7 +26,7 @@ from server.engine.protocol import EngineDeadError, EngineOverloadedError, Model
 from server.engine.request import EngineRequest, RequestOutput
 from server.engine.stats import IterationStats, PlacementInfo, StatLogger
 
-log = logging.getLogger("moe_serve.engine")
+log = logging.getLogger(__name__)
 
 MAX_CONSECUTIVE_FAILURES = 3
 

@@ -26,7 +26,7 @@ from server.engine.stats import FinishedRequestStats, IterationStats, RoutingSta
 from server.engine.structured.runtime import StructuredRuntime
 from server.engine.validate import RoutingShape, validate_request
 
-log = logging.getLogger("moe_serve.engine")
+log = logging.getLogger(__name__)
 
 
 class EngineCore:

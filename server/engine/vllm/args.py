@@ -18,7 +18,7 @@ from typing import Any
 from models.dtypes import canonical_dtype
 from server.config import ConfigError, EngineConfig
 
-log = logging.getLogger("moe_serve.engine")
+log = logging.getLogger(__name__)
 
 EXTRA_ARGS_ENV = "MOE_SERVE_VLLM_ARGS"
 DEFAULT_CPU_KV_BYTES = 512 * 2**20  # as the native engine on CPU; vLLM would size it from host memory

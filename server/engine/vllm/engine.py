@@ -49,7 +49,7 @@ from server.engine.vllm.sampling import (
 )
 from server.engine.vllm.stats import StatsBridge, make_bridge_class, routing_from_experts
 
-log = logging.getLogger("moe_serve.engine")
+log = logging.getLogger(__name__)
 
 
 class VLLMEngine:

@@ -16,7 +16,7 @@ from typing import Any
 from server.engine.stats import FinishedRequestStats, IterationStats, RoutingStats, StatLogger
 from server.engine.vllm.sampling import finish_reason
 
-log = logging.getLogger("moe_serve.engine")
+log = logging.getLogger(__name__)
 
 
 class StatsBridge:

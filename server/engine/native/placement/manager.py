@@ -28,7 +28,7 @@ from server.engine.native.placement.trace import RoutingRecorder, TraceHeader
 from server.config import parse_bytes
 from server.engine.stats import PlacementInfo, RoutingStats
 
-log = logging.getLogger("moe_serve.placement")
+log = logging.getLogger(__name__)
 
 NEVER_FETCH = 1 << 62
 MIN_GAIN = 0.02  # a rebalance must raise balancedness by this much (on its window) to move weights

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-log = logging.getLogger("moe_serve.placement")
+log = logging.getLogger(__name__)
 
 TRACE_VERSION = 1
 

@@ -17,7 +17,7 @@ def make_seq(seq_id: int, tokens: list[int], arrival: float = 0.0, **params) -> 
     params.setdefault("max_tokens", 8)
     req = EngineRequest(f"r{seq_id}", list(tokens), SamplingParams(**params), arrival_time=arrival)
     state = RequestState(req, max_tokens=params["max_tokens"], num_seqs_left=1)
-    return Sequence(seq_id, 0, state, list(tokens), len(tokens), detok=None)  # type: ignore[arg-type]
+    return Sequence(seq_id, 0, state, list(tokens), len(tokens))
 
 
 def manager(num_blocks: int, caching: bool = True) -> KVCacheManager:

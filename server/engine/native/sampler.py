@@ -108,22 +108,15 @@ class Sampler:
             apply_bitmask(raw, *mask)  # the caller's logits stay unmodified
         dev = raw.device
 
-        # Classify rows in one Python pass (loop over rows, never over the vocabulary).
-        pen_rows, bias_rows, min_tok_rows, greedy_rows, random_rows = [], [], [], [], []
+        # Classify rows (loops over rows, never over the vocabulary).
+        greedy_rows, random_rows = [], []
         for i, r in enumerate(rows):
-            p = r.params
-            if _has_penalty(p):
-                pen_rows.append(i)
-            if p.logit_bias:
-                bias_rows.append(i)
-            if _min_tokens_active(r):
-                min_tok_rows.append(i)
-            (greedy_rows if p.greedy else random_rows).append(i)
+            (greedy_rows if r.params.greedy else random_rows).append(i)
 
-        if not (pen_rows or bias_rows or min_tok_rows or random_rows):
+        if not random_rows and not any(_needs_processing(r) for r in rows):
             tokens = raw.argmax(dim=-1)  # [num_rows]  fast path: plain greedy batch
         else:
-            x = self._process(raw, rows, pen_rows, bias_rows, min_tok_rows)  # [num_rows, vocab]
+            x = self.process_logits(raw, rows)  # [num_rows, vocab]
             if not random_rows:
                 tokens = x.argmax(dim=-1)
             else:
@@ -146,16 +139,10 @@ class Sampler:
 
         What greedy rows take the argmax of (and what temperature etc. then apply to).
         """
-        raw = logits[:, : self.vocab_size]
         pen = [i for i, r in enumerate(rows) if _has_penalty(r.params)]
         bias = [i for i, r in enumerate(rows) if r.params.logit_bias]
         mt = [i for i, r in enumerate(rows) if _min_tokens_active(r)]
-        return self._process(raw, rows, pen, bias, mt)
-
-    def _process(
-        self, raw: torch.Tensor, rows: list[SamplingRow], pen: list[int], bias: list[int], mt: list[int]
-    ) -> torch.Tensor:
-        x = raw.to(torch.float32, copy=True)  # [num_rows, vocab]
+        x = logits[:, : self.vocab_size].to(torch.float32, copy=True)  # [num_rows, vocab]
         if pen:
             self._apply_penalties(x, rows, pen)
         if bias:
@@ -319,6 +306,10 @@ def warp_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Ten
 
         filtered(tp_rows, top_k_top_p)
     return y
+
+
+def _needs_processing(r: SamplingRow) -> bool:
+    return _has_penalty(r.params) or bool(r.params.logit_bias) or _min_tokens_active(r)
 
 
 def _has_penalty(p: SamplingParams) -> bool:

@@ -27,7 +27,8 @@ from models.layers.moe import RoutingCapture
 from models.model import MoEForCausalLM
 from server.engine.native.decode_graphs import DecodeGraphs, bucket_sizes
 from server.engine.native.scheduler import SchedulerOutput
-from server.engine.native.sampler import Sampler, SamplingRow, compute_logprobs
+from server.engine.native.logprobs import compute_logprobs
+from server.engine.native.sampler import Sampler, SamplingRow
 from server.engine.native.step_inputs import StepBuffers
 from server.engine.request import Logprob
 from server.engine.structured.runtime import StructuredRuntime

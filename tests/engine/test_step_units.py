@@ -141,6 +141,7 @@ def test_output_processor_holds_back_and_cuts_at_a_stop_string(tok) -> None:
     proc = OutputProcessor(tok, num_moe_layers=1, num_experts=4, top_k=2, device_tokens=lambda c: {})
     ids = tok.encode("one two three four five", add_special_tokens=False)
     seq = make_seq(0, [1], stop=["three"], max_tokens=len(ids), include_stop_str_in_output=False)
+    proc.add_request(seq.state.request_id)
     stats, finished_stats, text, stop_at = IterationStats(timestamp=0.0), [], "", None
     for k, token in enumerate(ids):
         seq.token_ids.append(token)
@@ -162,12 +163,13 @@ def test_output_processor_holds_back_and_cuts_at_a_stop_string(tok) -> None:
     assert stats.num_generation_tokens == stop_at + 1 and len(stats.time_to_first_tokens) == 1
     assert len(finished_stats) == 1 and finished_stats[0].finish_reason == "stop"
     assert metrics.num_generation_tokens == stop_at + 1
-    assert not proc._detoks  # forgotten once finished
+    assert not proc.states  # forgotten once finished
 
 
 def test_output_processor_first_output_carries_the_prompt_once(tok) -> None:
     proc = OutputProcessor(tok, num_moe_layers=1, num_experts=4, top_k=2, device_tokens=lambda c: {})
     seq = make_seq(0, [5, 6])
+    proc.add_request(seq.state.request_id)
     stats = IterationStats(timestamp=0.0)
     outs = []
     for token in tok.encode("hello world", add_special_tokens=False):
@@ -180,4 +182,4 @@ def test_output_processor_first_output_carries_the_prompt_once(tok) -> None:
     last = proc.make_outputs([seq.state], [seq], [])
     assert last[0].finished and last[0].outputs[0].finish_reason == "length"
     assert "".join(o.outputs[0].text for o in outs + last) == "hello world"
-    assert proc.make_outputs([seq.state], [], []) == []  # nothing new after the end
+    assert not proc.states  # forgotten once finished

@@ -107,6 +107,7 @@ class EngineCore:
                        grammar=self.structured.new_state(request.structured))
         state.seqs = [seq]
         self.requests[request.request_id] = state
+        self.output.add_request(request.request_id)
         self.scheduler.add(seq)
 
     def abort(self, request_id: str, reason: str = "abort") -> bool:

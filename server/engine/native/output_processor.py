@@ -11,6 +11,7 @@ and the MoE usage in `RequestMetrics`), the per-step token and latency counts in
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
@@ -26,6 +27,33 @@ if TYPE_CHECKING:
 
 # expert counts [moe_layers, experts] -> tokens per device (expert placement), read when a request ends
 DeviceTokens = Callable[[torch.Tensor], dict[str, int]]
+Routing = tuple[torch.Tensor, torch.Tensor]  # (expert ids, router weights), each [tokens, moe_layers, top_k]
+
+
+@dataclass
+class SeqOutputState:
+    """One completion's output side: its detokenizer and the delta not sent yet."""
+
+    detok: IncrementalDetokenizer
+    ids: list[int] = field(default_factory=list)
+    logprobs: list[Logprob] = field(default_factory=list)
+    routing: list[Routing] = field(default_factory=list)  # chunks of its generated tokens' routing
+
+
+@dataclass
+class RequestOutputState:
+    """A request's output side: times, counts and what is sent once (the prompt's part)."""
+
+    first_scheduled: float | None = None
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    num_generated: int = 0  # over all its sequences
+    prompt_logprobs: list[Logprob | None] | None = None
+    prompt_routing: list[Routing] = field(default_factory=list)  # chunks until first sent
+    sent_prompt_info: bool = False
+    expert_counts: torch.Tensor | None = None  # [moe_layers, experts] token-expert assignments
+    num_dropped: int | None = None  # assignments dropped over expert capacity (None: no capacity limit)
+    seqs: dict[int, SeqOutputState] = field(default_factory=dict)  # completion index -> its state
 
 
 class OutputProcessor:
@@ -34,16 +62,28 @@ class OutputProcessor:
         self.tokenizer = tokenizer
         self.num_moe_layers, self.num_experts, self.top_k = num_moe_layers, num_experts, top_k
         self.device_tokens = device_tokens
-        self._detoks: dict[str, dict[int, IncrementalDetokenizer]] = {}  # request id -> completion index -> its
+        self.states: dict[str, RequestOutputState] = {}  # request id -> its output state
         self.pending_finished: list[FinishedRequestStats] = []  # requests aborted between steps
 
+    def add_request(self, request_id: str) -> None:
+        self.states[request_id] = RequestOutputState()
+
+    def _seq_state(self, seq: Sequence) -> SeqOutputState:
+        per_seq = self.states[seq.state.request_id].seqs
+        out = per_seq.get(seq.index)
+        if out is None:
+            params = seq.params
+            out = per_seq[seq.index] = SeqOutputState(IncrementalDetokenizer(
+                self.tokenizer, seq.request.prompt_token_ids, params.stop, params.skip_special_tokens,
+                params.include_stop_str_in_output))
+        return out
+
     # -- before the model runs -----------------------------------------------------------
-    @staticmethod
-    def on_scheduled(batch: SchedulerOutput, now: float) -> None:
+    def on_scheduled(self, batch: SchedulerOutput, now: float) -> None:
         for item in batch.scheduled:
-            state = item.seq.state
-            if state.first_scheduled is None:
-                state.first_scheduled = now
+            rec = self.states[item.seq.state.request_id]
+            if rec.first_scheduled is None:
+                rec.first_scheduled = now
 
     # -- the model's outputs, before the scheduler moves the sequences on ------------------
     def record_model_output(self, batch: SchedulerOutput, out: ModelOutput, stats: IterationStats) -> None:
@@ -57,9 +97,8 @@ class OutputProcessor:
             if out.routing is not None:
                 self._record_routing(seq, item.num_new, out, j)
 
-    @staticmethod
-    def _prompt_logprobs(seq: Sequence, logprobs: list[Logprob]) -> None:
-        state = seq.state
+    def _prompt_logprobs(self, seq: Sequence, logprobs: list[Logprob]) -> None:
+        state = self.states[seq.state.request_id]
         if state.prompt_logprobs is None:
             state.prompt_logprobs = [None]  # the first prompt token has no logprob
         if seq.num_computed + 1 == len(state.prompt_logprobs):  # else recomputed after a preemption
@@ -75,7 +114,7 @@ class OutputProcessor:
         off = out.token_offsets[j] - seq.num_computed
         rows = slice(off + begin, off + end)
         chosen = out.routing[rows]  # [n, layers, k]
-        state, E = seq.state, self.num_experts
+        state, E = self.states[seq.state.request_id], self.num_experts
         if begin == seq.num_computed and out.seq_expert_counts is not None:
             counts = out.seq_expert_counts[j]  # [layers, experts], counted for the whole step at once
         else:  # tokens recomputed after a preemption: count only the new ones
@@ -89,7 +128,7 @@ class OutputProcessor:
         if out.dropped is not None:
             state.num_dropped = (state.num_dropped or 0) + int(out.dropped[rows].sum())
         seq.routing_done = end
-        if not state.request.return_routing:
+        if not seq.request.return_routing:
             return
         # kept compact until the API renders them: small ints and float16 weights
         ids = chosen.to(torch.uint8 if E <= 256 else torch.int16).cpu()  # [n, layers, k]
@@ -98,37 +137,27 @@ class OutputProcessor:
         if n_prompt:
             state.prompt_routing.append((ids[:n_prompt], weights[:n_prompt]))
         if n_prompt < ids.shape[0]:
-            seq.pending_routing.append((ids[n_prompt:], weights[n_prompt:]))
+            self._seq_state(seq).routing.append((ids[n_prompt:], weights[n_prompt:]))
 
     # -- each appended token (the scheduler's TokenListener) -------------------------------
     def on_token(self, seq: Sequence, token: int, lp: Logprob | None, may_stop: bool, *,
                  now: float, stats: IterationStats) -> str | None:
         """Buffer the token for the next delta, count it, detokenize it; returns the stop string
         it completed (looked for only when `may_stop`, i.e. after `min_tokens`)."""
-        state = seq.state
-        seq.pending_ids.append(token)
+        state, out = self.states[seq.state.request_id], self._seq_state(seq)
+        out.ids.append(token)
         if lp is not None:
-            seq.pending_logprobs.append(lp)
+            out.logprobs.append(lp)
         stats.num_generation_tokens += 1
         state.num_generated += 1
         if state.first_token_time is None:
             state.first_token_time = now
-            stats.time_to_first_tokens.append(now - state.request.arrival_time)
+            stats.time_to_first_tokens.append(now - seq.request.arrival_time)
         elif seq.index == 0 and state.last_token_time is not None:
             stats.inter_token_latencies.append(now - state.last_token_time)
         if seq.index == 0:
             state.last_token_time = now
-        return self._detok(seq).add_token(token, check_stop=may_stop)
-
-    def _detok(self, seq: Sequence) -> IncrementalDetokenizer:
-        per_request = self._detoks.setdefault(seq.state.request_id, {})
-        detok = per_request.get(seq.index)
-        if detok is None:
-            params = seq.params
-            detok = per_request[seq.index] = IncrementalDetokenizer(
-                self.tokenizer, seq.request.prompt_token_ids, params.stop, params.skip_special_tokens,
-                params.include_stop_str_in_output)
-        return detok
+        return out.detok.add_token(token, check_stop=may_stop)
 
     # -- after the scheduler moved the sequences on ----------------------------------------
     def make_outputs(self, states: list[RequestState], finished_now: list[Sequence],
@@ -139,38 +168,39 @@ class OutputProcessor:
         now = time.monotonic()
         ended = {id(seq) for seq in finished_now}
         for state in states:
-            completions = [self._completion(seq, id(seq) in ended) for seq in state.seqs
-                           if id(seq) in ended or (not seq.finished and seq.pending_ids)]
+            rec = self.states[state.request_id]
+            completions = [self._completion(seq, rec.seqs[seq.index], id(seq) in ended) for seq in state.seqs
+                           if id(seq) in ended or (not seq.finished and _has_news(rec, seq.index))]
             if not completions:
                 continue
             finished = state.num_seqs_left == 0
             out = RequestOutput(state.request_id, completions, finished=finished)
-            if not state.sent_prompt_info:
+            if not rec.sent_prompt_info:
                 out.prompt_token_ids = state.request.prompt_token_ids
-                out.prompt_logprobs = state.prompt_logprobs
+                out.prompt_logprobs = rec.prompt_logprobs
                 if state.request.return_routing:
-                    out.prompt_routing, out.prompt_routing_weights = self._cat_routing(state.prompt_routing)
-                    state.prompt_routing = []
-                state.sent_prompt_info = True
+                    out.prompt_routing, out.prompt_routing_weights = self._cat_routing(rec.prompt_routing)
+                    rec.prompt_routing = []
+                rec.sent_prompt_info = True
             if finished:
                 out.metrics = self.finish(state, now, finished_stats)
             outs.append(out)
         return outs
 
-    def _completion(self, seq: Sequence, ended: bool) -> CompletionOutput:
-        detok = self._detok(seq)
+    def _completion(self, seq: Sequence, pending: SeqOutputState, ended: bool) -> CompletionOutput:
+        detok = pending.detok
         text = detok.flush(stopped_by_string=isinstance(seq.stop_reason, str)) if ended else detok.delta()
         routing = weights = None
         if seq.request.return_routing:
-            routing, weights = self._cat_routing(seq.pending_routing)
+            routing, weights = self._cat_routing(pending.routing)
         out = CompletionOutput(
-            index=seq.index, text=text, token_ids=seq.pending_ids,
-            logprobs=seq.pending_logprobs if seq.params.logprobs is not None else None,
+            index=seq.index, text=text, token_ids=pending.ids,
+            logprobs=pending.logprobs if seq.params.logprobs is not None else None,
             finish_reason=seq.finish_reason, stop_reason=seq.stop_reason, routing=routing, routing_weights=weights)
-        seq.pending_ids, seq.pending_logprobs, seq.pending_routing = [], [], []
+        pending.ids, pending.logprobs, pending.routing = [], [], []
         return out
 
-    def _cat_routing(self, chunks: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _cat_routing(self, chunks: list[Routing]) -> Routing:
         """One (ids, weights) pair [n, moe_layers, top_k] from the chunks recorded since the last output."""
         if not chunks:
             empty = torch.empty(0, self.num_moe_layers, self.top_k)
@@ -180,27 +210,32 @@ class OutputProcessor:
     # -- the end of a request ------------------------------------------------------------
     def finish(self, state: RequestState, now: float, finished_stats: list[FinishedRequestStats],
                reason: str | None = None) -> RequestMetrics:
-        """Its FinishedRequestStats (appended) and RequestMetrics; forgets its detokenizers."""
-        self._detoks.pop(state.request_id, None)
+        """Its FinishedRequestStats (appended) and RequestMetrics; forgets the request."""
+        rec = self.states.pop(state.request_id)
         req = state.request
         arrival = req.arrival_time
-        scheduled = state.first_scheduled or now
-        first = state.first_token_time or now
+        scheduled = rec.first_scheduled or now
+        first = rec.first_token_time or now
         if reason is None:
             reason = next((s.finish_reason for s in state.seqs if s.index == 0), None) or "stop"
         n_prompt = len(req.prompt_token_ids)
         finished_stats.append(FinishedRequestStats(
             finish_reason=reason, e2e_latency=now - arrival, queued_time=scheduled - arrival,
             prefill_time=first - scheduled, decode_time=now - first, inference_time=now - scheduled,
-            num_prompt_tokens=n_prompt, num_generation_tokens=state.num_generated,
+            num_prompt_tokens=n_prompt, num_generation_tokens=rec.num_generated,
             max_tokens_param=req.sampling_params.max_tokens, n_param=req.sampling_params.n))
         expert_counts = device_tokens = None
-        if state.expert_counts is not None:
-            expert_counts = state.expert_counts.tolist()
-            device_tokens = self.device_tokens(state.expert_counts)
+        if rec.expert_counts is not None:
+            expert_counts = rec.expert_counts.tolist()
+            device_tokens = self.device_tokens(rec.expert_counts)
         cached = next((s.num_cached_tokens for s in state.seqs if s.index == 0), 0)
         return RequestMetrics(arrival_time=arrival, queued_time=scheduled - arrival, first_token_time=first,
-                              last_token_time=state.last_token_time, finished_time=now,
-                              num_prompt_tokens=n_prompt, num_generation_tokens=state.num_generated,
+                              last_token_time=rec.last_token_time, finished_time=now,
+                              num_prompt_tokens=n_prompt, num_generation_tokens=rec.num_generated,
                               num_cached_prompt_tokens=cached, expert_counts=expert_counts,
-                              device_expert_tokens=device_tokens, num_dropped_assignments=state.num_dropped)
+                              device_expert_tokens=device_tokens, num_dropped_assignments=rec.num_dropped)
+
+
+def _has_news(rec: RequestOutputState, index: int) -> bool:
+    pending = rec.seqs.get(index)
+    return pending is not None and bool(pending.ids)

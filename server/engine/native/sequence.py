@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from server.engine.native.kv_cache import SequenceBlocks
-from server.engine.request import EngineRequest, Logprob
+from server.engine.request import EngineRequest
 
 
 _SEQ_IDS = itertools.count()
@@ -29,7 +29,7 @@ class SeqStatus(enum.Enum):
 
 @dataclass
 class RequestState:
-    """Per-request bookkeeping shared by its sequences."""
+    """A request as the scheduler sees it (its output side: output_processor.RequestOutputState)."""
 
     request: EngineRequest
     max_tokens: int
@@ -37,16 +37,6 @@ class RequestState:
     # one per completion index (0..n-1): seeded generators, None when the request has no seed
     generators: list[torch.Generator | None] = field(default_factory=list)
     seqs: list[Sequence] = field(default_factory=list)  # its sequences, in index order
-    first_scheduled: float | None = None
-    first_token_time: float | None = None
-    last_token_time: float | None = None
-    prompt_logprobs: list[Logprob | None] | None = None
-    # (expert ids, router weights) chunks, each [tokens, moe_layers, top_k], until first sent
-    prompt_routing: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
-    sent_prompt_info: bool = False
-    num_generated: int = 0  # over all its sequences
-    expert_counts: torch.Tensor | None = None  # [moe_layers, experts] token-expert assignments
-    num_dropped: int | None = None  # assignments dropped over expert capacity (None: no capacity limit)
 
     @property
     def request_id(self) -> str:
@@ -69,10 +59,6 @@ class Sequence:
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache when first admitted
     finish_reason: str | None = None
     stop_reason: int | str | None = None
-    # deltas not yet sent
-    pending_ids: list[int] = field(default_factory=list)
-    pending_logprobs: list[Logprob] = field(default_factory=list)
-    pending_routing: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # as prompt_routing
     output_ids: list[int] = field(default_factory=list)  # == token_ids[num_prompt_tokens:], kept as it grows
     sampling_cache: dict = field(default_factory=dict)  # the sampler's per-sequence tensors
     grammar: Any = None  # structured output: its GrammarState (server/engine/structured/state.py)

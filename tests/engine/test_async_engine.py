@@ -174,4 +174,4 @@ def test_memory_flat_over_200_requests(make_engine):
     rss = run(main())
     # after warm-up, resident memory must not keep growing (allow allocator noise)
     assert rss[-1] - rss[1] < 20, f"RSS grew: {rss}"
-    assert not eng.core.requests and not eng.core.seqs
+    assert not eng.core.requests and not eng.core.scheduler.running and not eng.core.scheduler.waiting

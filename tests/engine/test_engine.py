@@ -91,7 +91,7 @@ def test_n_shares_prompt_blocks_and_samples_differ(make_llm):
     while core.has_unfinished():
         step_outs, *_ = core.step()
         outs += step_outs
-        seqs = core.seqs.get("r", [])
+        seqs = core.requests["r"].seqs if "r" in core.requests else []
         if len(seqs) == 4:  # forked: full prompt blocks are shared, not copied
             tables = [s.blocks.table for s in seqs]
             full = len(prompt) // 4

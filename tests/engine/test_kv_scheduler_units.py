@@ -17,7 +17,7 @@ def make_seq(seq_id: int, tokens: list[int], arrival: float = 0.0, **params) -> 
     params.setdefault("max_tokens", 8)
     req = EngineRequest(f"r{seq_id}", list(tokens), SamplingParams(**params), arrival_time=arrival)
     state = RequestState(req, max_tokens=params["max_tokens"], num_seqs_left=1)
-    return Sequence(seq_id, 0, state, list(tokens), len(tokens), detok=None)  # type: ignore[arg-type]
+    return Sequence(seq_id, 0, state, list(tokens), len(tokens))
 
 
 def manager(num_blocks: int, caching: bool = True) -> KVCacheManager:
@@ -180,3 +180,43 @@ def test_prompt_outputs_skip_the_prefix_cache(chunked: bool) -> None:
     s.add(wants)
     out = {x.seq.seq_id: x.num_new for x in s.schedule().scheduled}
     assert out == {0: 1, 1: 17}
+
+
+def test_admission_counts_the_fan_out_of_n_against_max_num_seqs() -> None:
+    kv = manager(64)
+    s = Scheduler(kv, max_num_seqs=2, max_num_batched_tokens=64, max_model_len=64)
+    first = make_seq(0, [1, 2, 3])
+    s.add(first)
+    s.schedule()
+    first.num_computed = 3
+    first.token_ids.append(9)
+    forking = make_seq(1, [4, 5, 6], arrival=1.0, n=2, temperature=1.0)
+    forking.needs_fork = True  # becomes 2 sequences: 1 running + 2 > max_num_seqs
+    s.add(forking)
+    assert [x.seq.seq_id for x in s.schedule().scheduled] == [0] and s.waiting == [forking]
+    s.waiting.clear()
+    plain = make_seq(2, [4, 5, 6], arrival=2.0)
+    s.add(plain)
+    assert [x.seq.seq_id for x in s.schedule().scheduled] == [0, 2]
+    for seq in (first, plain):
+        kv.free(seq.blocks)
+
+
+def test_without_chunked_prefill_a_prompt_waits_for_the_whole_budget() -> None:
+    kv = manager(64)
+    s = Scheduler(kv, max_num_seqs=8, max_num_batched_tokens=10, max_model_len=64, chunked_prefill=False)
+    running = make_seq(0, [1, 2, 3])
+    s.add(running)
+    s.schedule()
+    running.num_computed = 3
+    running.token_ids.append(9)
+    long = make_seq(1, list(range(10)), arrival=1.0)  # 10 tokens: 9 are left after the decode
+    s.add(long)
+    out = s.schedule()
+    assert [(x.seq.seq_id, x.num_new) for x in out.scheduled] == [(0, 1)]
+    assert long.status is SeqStatus.WAITING and long.blocks.table == []
+    running.num_computed = 4
+    s.running.clear()  # the decode finished: the whole budget is free
+    assert [(x.seq.seq_id, x.num_new) for x in s.schedule().scheduled] == [(1, 10)]
+    kv.free(running.blocks)
+    kv.free(long.blocks)

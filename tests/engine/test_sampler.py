@@ -7,14 +7,10 @@ import math
 import pytest
 import torch
 
-from server.engine.native import sampler as sampler_mod
-from server.engine.native.sampler import (
-    Sampler,
-    SamplerOutput,
-    SamplingRow,
-    compute_logprobs,
-    warp_logits,
-)
+from server.engine.native import logprobs as logprobs_mod
+from server.engine.native.logprobs import compute_logprobs
+from server.engine.native.sampler import Sampler, SamplerOutput, SamplingRow
+from server.engine.native.warp import warp_logits
 from server.engine.request import SamplingParams
 
 
@@ -335,5 +331,5 @@ def test_compute_logprobs(monkeypatch):
     assert all(lp.top == [] for lp in compute_logprobs(logits, ids, 0))
     assert len(compute_logprobs(logits, ids, 100)[0].top) == 30  # k clamped to the vocab
     assert compute_logprobs(logits[:0], ids[:0], 3) == []
-    monkeypatch.setattr(sampler_mod, "_LOGPROB_CHUNK_ELEMS", 60)  # 2 rows per chunk
+    monkeypatch.setattr(logprobs_mod, "CHUNK_ELEMS", 60)  # 2 rows per chunk
     assert compute_logprobs(logits, ids, 4) == res

@@ -21,10 +21,10 @@ import threading
 import time
 from typing import AsyncIterator
 
-from server.engine.native.core import EngineCore
+from server.engine.native.core import EngineCore, StepError
 from server.engine.protocol import EngineDeadError, EngineOverloadedError, ModelInfo
 from server.engine.request import EngineRequest, RequestOutput
-from server.engine.stats import IterationStats, PlacementInfo, StatLogger
+from server.engine.stats import PlacementInfo, StatLogger
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,6 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._stop = False
         self._dead: str | None = None
-        self.last_stats: IterationStats | None = None
         self.progress_timeout = progress_timeout  # 0: no watchdog
         self._last_progress = time.monotonic()  # last step that computed tokens, or idle
 
@@ -186,11 +185,10 @@ class AsyncEngine:
                 else:  # work but nothing schedulable now: don't spin
                     self._wake.wait(timeout=0.005)
                     self._wake.clear()
-            except Exception as exc:  # noqa: BLE001
+            except StepError as err:
                 failures += 1
                 # the requests of the failed step (all of them if it failed while scheduling)
-                in_step = self.core.step_request_ids
-                in_step = list(self.core.requests) if in_step is None else in_step
+                in_step, exc = err.request_ids, err.cause
                 log.exception("engine step failed (%d in a row); failing %d requests", failures, len(in_step))
                 if failures >= MAX_CONSECUTIVE_FAILURES:  # dead before anyone hears of the failure
                     self._dead = f"engine failed {failures} steps in a row: {exc}"
@@ -208,7 +206,6 @@ class AsyncEngine:
         self._fail_all(EngineDeadError("engine stopped"))
 
     def _record(self, stats, finished, routing) -> None:
-        self.last_stats = stats
         for logger in self._loggers:
             try:
                 logger.record(stats, finished, routing)

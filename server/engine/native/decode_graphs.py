@@ -80,11 +80,11 @@ class DecodeGraphs:
         torch.cuda.synchronize()
         log.info("captured CUDA graphs for decode batches %s in %.1fs", self.sizes, time.monotonic() - t0)
 
-    def run(self, b: int, want_routing: bool, with_weights: bool = False) -> tuple[torch.Tensor, RoutingCapture | None]:
+    def run(self, b: int, with_weights: bool = False) -> tuple[torch.Tensor, RoutingCapture]:
         """Hidden states [b, hidden] of the padded bucket `b` (inputs already in the buffers)."""
         if self.cuda_graphs:
             graph, hidden, capture = self.graphs[b]
             graph.replay()
-            return hidden, capture if want_routing else None
-        capture = RoutingCapture(with_weights) if want_routing else None
+            return hidden, capture
+        capture = RoutingCapture(with_weights)
         return self._forward(b, capture), capture

@@ -1,10 +1,12 @@
-"""The model runner: turns a scheduled batch into tensors, runs the model, returns logits.
+"""The model runner: turns a scheduled batch into tensors, runs the model, samples.
 
 It owns the KV-cache tensors (one (k, v) pair per layer, `[num_blocks + 1, block_size,
 kv_heads, head_dim]`; the extra block is scratch for padding rows), performs the
 copy-on-write block copies the scheduler asks for, and computes logits only where needed:
 the last token of every sequence that samples, plus every prompt position of sequences that
-asked for prompt logprobs.
+asked for prompt logprobs. It returns the sampled token ids and their logprobs (the prompt
+sequence of an n > 1 request samples n tokens, one per completion, from its last logits row)
+and the prompt logprobs; structured outputs' grammar masks are filled while the model runs.
 
 A step's metadata goes into preallocated buffers (`step_inputs.StepBuffers`), copied to the
 device without blocking, and the forward reads nothing back to the host (with the sync-free
@@ -16,7 +18,7 @@ eagerly.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -25,18 +27,24 @@ from models.layers.moe import RoutingCapture
 from models.model import MoEForCausalLM
 from server.engine.native.decode_graphs import DecodeGraphs, bucket_sizes
 from server.engine.native.scheduler import SchedulerOutput
+from server.engine.native.logprobs import compute_logprobs
+from server.engine.native.sampler import Sampler, SamplingRow
 from server.engine.native.step_inputs import StepBuffers
+from server.engine.request import Logprob
+from server.engine.structured.runtime import StructuredRuntime
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # [num_logit_rows, vocab] float32
-    sample_rows: dict[int, int]  # position in `scheduled` -> logits row of its last token
-    prompt_rows: dict[int, tuple[int, int]]  # position in `scheduled` -> (first row, count)
     routing: torch.Tensor | None  # [num_tokens, num_moe_layers, top_k] expert ids
     token_offsets: list[int]  # [num_scheduled + 1] start of each sequence's tokens
+    # position in `scheduled` -> its sampled tokens (n for a forking prompt sequence, else one)
+    sampled_token_ids: dict[int, list[int]] = field(default_factory=dict)
+    sampled_logprobs: dict[int, list[Logprob | None]] = field(default_factory=dict)  # as the tokens
+    # position in `scheduled` -> logprobs of the prompt tokens after those computed this step
+    prompt_logprobs: dict[int, list[Logprob]] = field(default_factory=dict)
     # [num_scheduled, num_moe_layers, num_experts] on the CPU: each sequence's expert choices this step
     seq_expert_counts: torch.Tensor | None = None
     graph_bucket: int | None = None  # the CUDA-graph bucket that ran this step, None when eager
@@ -48,13 +56,16 @@ class ModelOutput:
 
 class ModelRunner:
     def __init__(self, model: MoEForCausalLM, num_blocks: int, block_size: int, max_num_seqs: int = 64,
-                 max_model_len: int = 2048, max_num_batched_tokens: int = 2048, enforce_eager: bool = False):
+                 max_model_len: int = 2048, max_num_batched_tokens: int = 2048, enforce_eager: bool = False,
+                 seed: int = 0, eos_token_ids: tuple[int, ...] = (), structured: StructuredRuntime | None = None):
         self.model = model
         self.block_size = block_size
         self.device = model.embed.weight.device
         self.kv_caches = model.allocate_kv_cache(num_blocks + 1, block_size)  # + 1: scratch block
         self.pad_slot = num_blocks * block_size  # first slot of the scratch block
-        self.capture_routing = True
+        self.sampler = Sampler(model.config.vocab_size, self.device, seed)
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.structured = structured if structured is not None else StructuredRuntime(model.config.vocab_size)
         self._moe_blocks = model.moe_blocks()
         self.num_moe_layers, self.num_experts = len(self._moe_blocks), model.config.num_experts
         sizes = bucket_sizes(max_num_seqs)
@@ -101,6 +112,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, batch: SchedulerOutput) -> ModelOutput:
+        # grammar masks of this step's samplers are filled while the model runs
+        self.structured.begin_step([item.seq.grammar for item in batch.scheduled if item.samples])
         self._copy_blocks(batch.block_copies)
         bucket = self._graph_bucket(batch)
         bufs = self.buffers
@@ -113,25 +126,63 @@ class ModelRunner:
         T = inp.num_tokens
         with_weights = any(item.seq.request.return_routing for item in batch.scheduled)
         if bucket is not None:
-            hidden, capture = self.graphs.run(bucket, self.capture_routing, with_weights)
+            hidden, capture = self.graphs.run(bucket, with_weights)
         else:
             meta = AttentionMetadata(
                 num_decodes=inp.num_decodes, query_start_loc=inp.query_start_loc, seq_lens=inp.seq_lens,
                 slot_mapping=d["slots"][:T], block_tables=d["tables"][: inp.num_seqs, : inp.width],
                 decode_seq_lens=d["seq_lens"][: inp.num_decodes])
-            capture = RoutingCapture(with_weights) if self.capture_routing else None
+            capture = RoutingCapture(with_weights)
             hidden = self.model(d["ids"][:T], d["positions"][:T], meta, self.kv_caches, capture)  # [T, hidden]
         rows = d["logit_rows"][: inp.num_logit_rows]
         logits = self.model.compute_logits(hidden.index_select(0, rows))  # [rows, vocab]
-        out = ModelOutput(logits, inp.sample_rows, inp.prompt_rows, None, inp.query_start_loc, graph_bucket=bucket)
-        if capture is not None and capture.expert_ids:
+        out = ModelOutput(None, inp.query_start_loc, graph_bucket=bucket)
+        if capture.expert_ids:
             out.routing = capture.stacked_ids()[:T]  # [T, moe_layers, k]
             out.seq_expert_counts = self._seq_expert_counts(out.routing, d["seg"][:T], inp.num_seqs)
             if with_weights:
                 out.routing_weights = capture.stacked_weights()[:T]
             dropped = capture.stacked_dropped()
             out.dropped = dropped[:T] if dropped is not None else None
+        self._prompt_logprobs(batch, logits, inp.prompt_rows, out)
+        self._sample(batch, logits, inp.sample_rows, out)
         return out
+
+    def _prompt_logprobs(self, batch: SchedulerOutput, logits: torch.Tensor, prompt_rows: dict[int, tuple[int, int]],
+                         out: ModelOutput) -> None:
+        for j, (first, count) in prompt_rows.items():
+            seq = batch.scheduled[j].seq
+            start = seq.num_computed
+            targets = torch.tensor(seq.token_ids[start + 1 : start + 1 + count])  # [count]
+            out.prompt_logprobs[j] = compute_logprobs(logits[first : first + count], targets,
+                                                      seq.params.prompt_logprobs)
+
+    def _sample(self, batch: SchedulerOutput, logits: torch.Tensor, sample_rows: dict[int, int],
+                out: ModelOutput) -> None:
+        """One row per completion: a forking prompt sequence samples its n completions' first
+        tokens from its one logits row, each with that completion's generator."""
+        rows: list[SamplingRow] = []
+        grammars, logit_index, owners = [], [], []
+        for j, item in enumerate(batch.scheduled):
+            if not item.samples:
+                continue
+            seq = item.seq
+            fan = seq.params.n if seq.needs_fork else 1
+            for i in range(fan):
+                gen = seq.generator if fan == 1 else (seq.state.generators[i] if seq.state.generators else None)
+                cache = seq.sampling_cache if i == 0 else {}
+                rows.append(SamplingRow(seq.params, gen, seq.request.prompt_token_ids, seq.output_ids,
+                                        self.eos_token_ids, cache))
+                grammars.append(seq.grammar)  # a child's grammar starts as a copy of this one
+                logit_index.append(sample_rows[j])
+                owners.append(j)
+        if not rows:
+            return
+        picked = logits[torch.tensor(logit_index, device=logits.device)]  # [rows, vocab]
+        sampled = self.sampler(picked, rows, self.structured.mask(grammars))
+        for j, token, lp in zip(owners, sampled.token_ids, sampled.logprobs):
+            out.sampled_token_ids.setdefault(j, []).append(token)
+            out.sampled_logprobs.setdefault(j, []).append(lp)
 
     def _seq_expert_counts(self, routing: torch.Tensor, seg: torch.Tensor, num_seqs: int) -> torch.Tensor:
         """[S, L, E] per-sequence counts in one scatter and one copy to the host."""

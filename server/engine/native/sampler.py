@@ -1,6 +1,6 @@
 """Token sampling for the native engine (vLLM v1 semantics).
 
-Per step the engine hands the sampler the last-position logits of every running sequence
+Per step the runner hands the sampler the last-position logits of every running sequence
 (`[num_rows, vocab]`) and one `SamplingRow` per sequence. Processing order:
 
 0. structured output: rows with a grammar get their token bitmask (disallowed tokens -inf;
@@ -32,16 +32,15 @@ logits are never modified (processing works on one float32 copy).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 
+from server.engine.native.logprobs import compute_logprobs
+from server.engine.native.warp import warp_logits
 from server.engine.request import Logprob, SamplingParams
 
 _NEG_INF = float("-inf")
-# compute_logprobs works in row chunks of at most this many [rows * vocab] elements
-_LOGPROB_CHUNK_ELEMS = 1 << 25
 
 
 @dataclass
@@ -108,22 +107,15 @@ class Sampler:
             apply_bitmask(raw, *mask)  # the caller's logits stay unmodified
         dev = raw.device
 
-        # Classify rows in one Python pass (loop over rows, never over the vocabulary).
-        pen_rows, bias_rows, min_tok_rows, greedy_rows, random_rows = [], [], [], [], []
+        # Classify rows (loops over rows, never over the vocabulary).
+        greedy_rows, random_rows = [], []
         for i, r in enumerate(rows):
-            p = r.params
-            if _has_penalty(p):
-                pen_rows.append(i)
-            if p.logit_bias:
-                bias_rows.append(i)
-            if _min_tokens_active(r):
-                min_tok_rows.append(i)
-            (greedy_rows if p.greedy else random_rows).append(i)
+            (greedy_rows if r.params.greedy else random_rows).append(i)
 
-        if not (pen_rows or bias_rows or min_tok_rows or random_rows):
+        if not random_rows and not any(_needs_processing(r) for r in rows):
             tokens = raw.argmax(dim=-1)  # [num_rows]  fast path: plain greedy batch
         else:
-            x = self._process(raw, rows, pen_rows, bias_rows, min_tok_rows)  # [num_rows, vocab]
+            x = self.process_logits(raw, rows)  # [num_rows, vocab]
             if not random_rows:
                 tokens = x.argmax(dim=-1)
             else:
@@ -146,16 +138,10 @@ class Sampler:
 
         What greedy rows take the argmax of (and what temperature etc. then apply to).
         """
-        raw = logits[:, : self.vocab_size]
         pen = [i for i, r in enumerate(rows) if _has_penalty(r.params)]
         bias = [i for i, r in enumerate(rows) if r.params.logit_bias]
         mt = [i for i, r in enumerate(rows) if _min_tokens_active(r)]
-        return self._process(raw, rows, pen, bias, mt)
-
-    def _process(
-        self, raw: torch.Tensor, rows: list[SamplingRow], pen: list[int], bias: list[int], mt: list[int]
-    ) -> torch.Tensor:
-        x = raw.to(torch.float32, copy=True)  # [num_rows, vocab]
+        x = logits[:, : self.vocab_size].to(torch.float32, copy=True)  # [num_rows, vocab]
         if pen:
             self._apply_penalties(x, rows, pen)
         if bias:
@@ -253,72 +239,8 @@ class Sampler:
         return out
 
 
-def warp_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    """Temperature, min_p, top_k, top_p for non-greedy rows: a new float32 [n, vocab] tensor.
-
-    Removed tokens are -inf. Each filter touches only the rows that use it (in place when
-    that is every row, else gathered and written back).
-    """
-    dev, n, vocab = logits.device, logits.shape[0], logits.shape[1]
-    temp = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=dev)
-    y = logits.float() / temp.unsqueeze(1)  # [n, vocab]  (a fresh tensor, ours to modify)
-
-    def filtered(rows: list[int], fn) -> None:  # fn(sub [m, vocab] ours to modify) -> [m, vocab]
-        if len(rows) == n:
-            out = fn(y)
-            if out is not y:
-                y.copy_(out)
-        else:
-            r_idx = torch.tensor(rows, device=dev)
-            y[r_idx] = fn(y[r_idx])
-
-    # min_p: prob < min_p * max_prob  <=>  logit < max_logit + log(min_p); no softmax needed.
-    mp_rows = [j for j, p in enumerate(params) if p.min_p > 0.0]
-    if mp_rows:
-        log_mp = torch.tensor([math.log(params[j].min_p) for j in mp_rows], device=dev)  # [m]
-
-        def min_p(sub: torch.Tensor) -> torch.Tensor:
-            thresh = sub.amax(dim=-1) + log_mp  # [m]
-            return sub.masked_fill_(sub < thresh.unsqueeze(1), _NEG_INF)
-
-        filtered(mp_rows, min_p)
-
-    # top_p rows: one full sort (their top_k applied on the sorted logits too);
-    # top_k-only rows: topk for the k-th largest value, no sort.
-    def k_of(p: SamplingParams) -> int:
-        return p.top_k if 0 < p.top_k < vocab else 0
-
-    tk_rows = [j for j, p in enumerate(params) if p.top_p >= 1.0 and k_of(p)]
-    if tk_rows:
-        ks = [k_of(params[j]) for j in tk_rows]
-        k_idx = torch.tensor(ks, device=dev).unsqueeze(1) - 1  # [m, 1]
-
-        def top_k(sub: torch.Tensor) -> torch.Tensor:
-            top_vals = sub.topk(max(ks), dim=-1).values  # [m, max_k] descending
-            kth = top_vals.gather(1, k_idx)  # [m, 1]
-            return sub.masked_fill_(sub < kth, _NEG_INF)  # ties with the k-th value are kept
-
-        filtered(tk_rows, top_k)
-
-    tp_rows = [j for j, p in enumerate(params) if p.top_p < 1.0]
-    if tp_rows:
-        ks = [k_of(params[j]) for j in tp_rows]
-        top_p = torch.tensor([params[j].top_p for j in tp_rows], dtype=torch.float32, device=dev)  # [m]
-
-        def top_k_top_p(sub: torch.Tensor) -> torch.Tensor:
-            sub_sorted, order = sub.sort(dim=-1)  # [m, vocab] ascending, [m, vocab]
-            if any(ks):
-                # k-th largest sits at position vocab - k; k == 0 (off) -> position 0 (keeps all)
-                pos = torch.tensor([vocab - k if k else 0 for k in ks], device=dev).unsqueeze(1)  # [m, 1]
-                sub_sorted.masked_fill_(sub_sorted < sub_sorted.gather(1, pos), _NEG_INF)
-            cum = sub_sorted.softmax(dim=-1).cumsum_(dim=-1)  # [m, vocab] ascending cumulative probs
-            drop = cum <= (1.0 - top_p).unsqueeze(1)  # [m, vocab]
-            drop[:, -1] = False  # always keep the most likely token
-            sub_sorted.masked_fill_(drop, _NEG_INF)
-            return sub.scatter_(1, order, sub_sorted)
-
-        filtered(tp_rows, top_k_top_p)
-    return y
+def _needs_processing(r: SamplingRow) -> bool:
+    return _has_penalty(r.params) or bool(r.params.logit_bias) or _min_tokens_active(r)
 
 
 def _has_penalty(p: SamplingParams) -> bool:
@@ -327,39 +249,6 @@ def _has_penalty(p: SamplingParams) -> bool:
 
 def _min_tokens_active(r: SamplingRow) -> bool:
     return len(r.output_token_ids) < r.params.min_tokens and bool(r.eos_token_ids or r.params.stop_token_ids)
-
-
-def compute_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, k: int) -> list[Logprob]:
-    """Logprob of token_ids[i] under log_softmax(logits[i]) plus the top-k (id, logprob), best first.
-
-    logits: [N, vocab] (any float dtype; computed in float32), token_ids: [N].
-    Works in row chunks so prompt logprobs over long prompts stay within bounded memory.
-    """
-    n, vocab = logits.shape
-    k = max(0, min(k, vocab))
-    token_ids = token_ids.to(device=logits.device, dtype=torch.long)
-    chunk = max(1, _LOGPROB_CHUNK_ELEMS // max(vocab, 1))
-    chosen_parts, top_v_parts, top_i_parts = [], [], []
-    for start in range(0, n, chunk):
-        lp = torch.log_softmax(logits[start : start + chunk].float(), dim=-1)  # [c, vocab]
-        ids = token_ids[start : start + chunk].unsqueeze(1)  # [c, 1]
-        chosen_parts.append(lp.gather(1, ids).squeeze(1))  # [c]
-        if k:
-            top = lp.topk(k, dim=-1)  # values/indices [c, k], descending
-            top_v_parts.append(top.values)
-            top_i_parts.append(top.indices)
-    if n == 0:
-        return []
-    chosen = torch.cat(chosen_parts).tolist()
-    ids_list = token_ids.tolist()
-    if not k:
-        return [Logprob(t, v) for t, v in zip(ids_list, chosen)]
-    top_v = torch.cat(top_v_parts).tolist()
-    top_i = torch.cat(top_i_parts).tolist()
-    return [
-        Logprob(t, v, list(zip(ti, tv)))
-        for t, v, ti, tv in zip(ids_list, chosen, top_i, top_v)
-    ]
 
 
 def _rows_of(parts: list[torch.Tensor], idx: list[int], device: torch.device) -> torch.Tensor:

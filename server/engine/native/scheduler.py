@@ -5,14 +5,30 @@ chunks (chunked prefill), running sequences first. When the block pool runs dry,
 lowest-priority running sequence (the latest arrival under FCFS) is preempted by
 recompute: its blocks are freed and it goes back to the front of the waiting queue with
 its tokens intact, so nothing is lost and no step can deadlock while one sequence fits.
+
+After the model ran, `update_from_output` moves each sequence on: its computed blocks are
+committed to the prefix cache, the prompt sequence of an n > 1 request forks into n, sampled
+tokens are appended and `stop.check_stop` decides who stops; finished sequences leave the
+queues and free their blocks.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
 
 from server.engine.native.kv_cache import KVCacheManager
-from server.engine.native.sequence import Sequence, SeqStatus
+from server.engine.native.sequence import RequestState, Sequence, SeqStatus, next_seq_id
+from server.engine.native.stop import check_stop
+from server.engine.request import Logprob
+from server.engine.structured.runtime import StructuredRuntime
+
+if TYPE_CHECKING:
+    from server.engine.native.runner import ModelOutput
+
+# called for every appended token: (sequence, token, its logprob, whether stops may apply now)
+# -> the stop string the token completed, if any (the output processor's detokenizer)
+TokenListener = Callable[[Sequence, int, "Logprob | None", bool], "str | None"]
 
 
 @dataclass
@@ -43,8 +59,9 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
-                 policy: str = "fcfs", chunked_prefill: bool = True):
+                 policy: str = "fcfs", chunked_prefill: bool = True, eos_token_ids: tuple[int, ...] = ()):
         self.kv = kv
+        self.eos_token_ids = tuple(eos_token_ids)
         self.max_num_seqs = max_num_seqs
         self.budget = max_num_batched_tokens
         self.max_model_len = max_model_len
@@ -59,16 +76,19 @@ class Scheduler:
         if self.policy == "priority":
             self.waiting.sort(key=lambda s: s.sort_key(self.policy))
 
-    def remove(self, seq: Sequence) -> None:
-        """Drop a sequence from the queues and free its blocks (finish or abort)."""
+    def abort_request(self, state: RequestState) -> None:
+        """Drop a request's unfinished sequences from the queues, freeing their blocks."""
+        for seq in state.seqs:
+            if not seq.finished:
+                self._remove(seq)
+
+    def _remove(self, seq: Sequence) -> None:
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.kv.free(seq.blocks)
-
-    def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        seq.status = SeqStatus.FINISHED
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
@@ -111,7 +131,7 @@ class Scheduler:
                 cached = self.kv.match_prefix(seq.blocks, seq.token_ids)
                 seq.num_computed = cached
                 if seq.num_output == 0:
-                    seq.state.num_cached_prompt_tokens = cached
+                    seq.num_cached_tokens = cached
             num_new = min(seq.num_uncomputed, budget)
             if not self.chunked_prefill and num_new < seq.num_uncomputed:
                 break
@@ -130,3 +150,50 @@ class Scheduler:
         scheduled.sort(key=lambda s: s.num_new != 1)
         out.scheduled = scheduled
         return out
+
+    # -- after the model ran ---------------------------------------------------------------
+    def update_from_output(self, batch: SchedulerOutput, out: ModelOutput, on_token: TokenListener) -> list[Sequence]:
+        """Apply a step's results (`out` from `ModelRunner.execute`); returns the sequences
+        that finished, in request order (their blocks are freed)."""
+        states: dict[str, RequestState] = {}
+        for j, item in enumerate(batch.scheduled):
+            seq = item.seq
+            states.setdefault(seq.state.request_id, seq.state)
+            seq.num_computed += item.num_new
+            self.kv.commit(seq.blocks, seq.token_ids, seq.num_computed)
+            tokens = out.sampled_token_ids.get(j)
+            if tokens is None:
+                continue
+            children = self._fork(seq) if seq.needs_fork else [seq]
+            for child, token, lp in zip(children, tokens, out.sampled_logprobs[j], strict=True):
+                self._append(child, token, lp, on_token)
+        finished = [seq for st in states.values() for seq in st.seqs if seq.finish_reason and not seq.finished]
+        for seq in finished:
+            self._remove(seq)
+            seq.state.num_seqs_left -= 1
+        return finished
+
+    def _fork(self, seq: Sequence) -> list[Sequence]:
+        """The n sequences of an n > 1 request, once its shared prompt is computed."""
+        state = seq.state
+        children = [seq] + [Sequence(next_seq_id(), i, state, list(seq.token_ids), seq.num_prompt_tokens,
+                                     state.generators[i] if state.generators else None,
+                                     blocks=self.kv.fork(seq.blocks), num_computed=seq.num_computed,
+                                     status=SeqStatus.RUNNING, routing_done=seq.routing_done,
+                                     grammar=StructuredRuntime.fork(seq.grammar))
+                            for i in range(1, seq.params.n)]
+        seq.needs_fork = False
+        state.seqs = children
+        self.running.extend(children[1:])
+        return children
+
+    def _append(self, seq: Sequence, token: int, lp: Logprob | None, on_token: TokenListener) -> None:
+        seq.token_ids.append(token)
+        seq.output_ids.append(token)
+        stop_str = on_token(seq, token, lp, seq.num_output >= seq.params.min_tokens)
+        # structured output: "stop" once the structure is complete, "error" if the matcher failed
+        grammar_end = StructuredRuntime.accept(seq.grammar, token, seq.output_ids)
+        stop = check_stop(seq, token, eos_token_ids=self.eos_token_ids, max_model_len=self.max_model_len,
+                          stop_str=stop_str, grammar_end=grammar_end)
+        if stop is not None:
+            seq.finish_reason, seq.stop_reason = stop

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import enum
-import time
+import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from server.engine.native.detokenizer import IncrementalDetokenizer
 from server.engine.native.kv_cache import SequenceBlocks
-from server.engine.request import EngineRequest, Logprob
+from server.engine.request import EngineRequest
+
+
+_SEQ_IDS = itertools.count()
+
+
+def next_seq_id() -> int:
+    """A fresh sequence id; ids grow with creation time (they break arrival-time ties)."""
+    return next(_SEQ_IDS)
 
 
 class SeqStatus(enum.Enum):
@@ -22,22 +29,14 @@ class SeqStatus(enum.Enum):
 
 @dataclass
 class RequestState:
-    """Per-request bookkeeping shared by its sequences."""
+    """A request as the scheduler sees it (its output side: output_processor.RequestOutputState)."""
 
     request: EngineRequest
     max_tokens: int
     num_seqs_left: int
-    first_scheduled: float | None = None
-    first_token_time: float | None = None
-    last_token_time: float | None = None
-    num_cached_prompt_tokens: int = 0
-    prompt_logprobs: list[Logprob | None] | None = None
-    # (expert ids, router weights) chunks, each [tokens, moe_layers, top_k], until first sent
-    prompt_routing: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
-    sent_prompt_info: bool = False
-    num_generated: int = 0  # over all its sequences
-    expert_counts: torch.Tensor | None = None  # [moe_layers, experts] token-expert assignments
-    num_dropped: int | None = None  # assignments dropped over expert capacity (None: no capacity limit)
+    # one per completion index (0..n-1): seeded generators, None when the request has no seed
+    generators: list[torch.Generator | None] = field(default_factory=list)
+    seqs: list[Sequence] = field(default_factory=list)  # its sequences, in index order
 
     @property
     def request_id(self) -> str:
@@ -51,23 +50,18 @@ class Sequence:
     state: RequestState
     token_ids: list[int]  # prompt + output
     num_prompt_tokens: int
-    detok: IncrementalDetokenizer
     generator: torch.Generator | None = None
     blocks: SequenceBlocks = field(default_factory=SequenceBlocks)
     num_computed: int = 0  # tokens whose KV is in the cache
     status: SeqStatus = SeqStatus.WAITING
     routing_done: int = 0  # tokens whose expert choices were recorded (return_routing)
     needs_fork: bool = False  # the shared prompt sequence of an n > 1 request
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache when first admitted
     finish_reason: str | None = None
     stop_reason: int | str | None = None
-    # deltas not yet sent
-    pending_ids: list[int] = field(default_factory=list)
-    pending_logprobs: list[Logprob] = field(default_factory=list)
-    pending_routing: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # as prompt_routing
     output_ids: list[int] = field(default_factory=list)  # == token_ids[num_prompt_tokens:], kept as it grows
     sampling_cache: dict = field(default_factory=dict)  # the sampler's per-sequence tensors
     grammar: Any = None  # structured output: its GrammarState (server/engine/structured/state.py)
-    arrival: float = field(default_factory=time.monotonic)
 
     @property
     def request(self) -> EngineRequest:

@@ -95,7 +95,7 @@ class DecodeRun:
     step_seconds: list[float] = field(default_factory=list)
     step_bytes: list[int] = field(default_factory=list)
     buckets: list = field(default_factory=list)
-    execute_seconds: list[float] = field(default_factory=list)  # runner.execute until the GPU is done
+    execute_seconds: list[float] = field(default_factory=list)  # runner.execute (forward + sampling) until the GPU is done
     prefill_seconds: float = 0.0
 
     def summary(self, peak_bw: float) -> dict:

@@ -16,8 +16,6 @@ import torch
 
 from server.engine.native.scheduler import SchedulerOutput
 
-FIELDS = ("ids", "positions", "slots", "seg", "logit_rows", "seq_lens")  # 1-D int64 buffers
-
 
 @dataclass
 class StepInputs:

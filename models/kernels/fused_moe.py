@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from models.kernels.cpu_linear import PackedWeight, packed_linear
-from models.kernels.moe_align import expert_counts, sort_pairs
+from models.kernels.moe_align import expert_counts, expert_runs, sort_pairs
 from models.kernels.reference import moe_reference
 
 
@@ -26,15 +26,10 @@ def moe_loop(x, w13, w2, topk_ids, topk_w, packed_w13: list[PackedWeight] | None
     order, token_of, counts = sort_pairs(topk_ids, w13.shape[0])
     xs = x.index_select(0, token_of)  # [P, H]
     ys = torch.empty_like(xs)
-    start = 0
-    for e, n in enumerate(counts):
-        if n == 0:
-            continue
-        end = start + n
+    for e, start, end in expert_runs(counts):
         xe = xs[start:end]
         h = packed_linear(xe, packed_w13[e]) if packed_w13 is not None else F.linear(xe, w13[e])  # [n, 2I]
         torch.mm(F.silu(h[:, :inter]) * h[:, inter:], w2[e].t(), out=ys[start:end])  # [n, H]
-        start = end
     ys.mul_(topk_w.reshape(-1)[order].to(ys.dtype)[:, None])
     return torch.zeros_like(x).index_add_(0, token_of, ys)
 

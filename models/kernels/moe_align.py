@@ -37,6 +37,15 @@ def sort_pairs(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, 
     return order, order // topk_ids.shape[1], counts
 
 
+def expert_runs(counts: list[int]):
+    """(expert, start, end) of each expert's non-empty run in the sorted pair order."""
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            yield e, start, start + n
+        start += n
+
+
 def align_pairs(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> AlignedPairs:
     flat = topk_ids.reshape(-1).to(torch.int64)  # [P]
     P = flat.numel()

@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from models.kernels.moe_align import sort_pairs
+from models.kernels.moe_align import expert_runs, sort_pairs
 from models.layers.moe import grouped_experts
 
 ExpertFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -51,11 +51,7 @@ def grouped_experts_variant(
     if weight_on_input:
         xs = xs * pair_w
     ys = torch.empty_like(xs)
-    start = 0
-    for e, n in enumerate(counts):
-        if n == 0:
-            continue
-        end = start + n
+    for e, start, end in expert_runs(counts):
         if biased:
             h = F.linear(xs[start:end], w13[e, :, :H], w13[e, :, H])  # [n, 2I]
         else:
@@ -65,7 +61,6 @@ def grouped_experts_variant(
             ys[start:end] = F.linear(a, w2[e, :, :inter], w2[e, :, inter])  # [n, H]
         else:
             ys[start:end] = F.linear(a, w2[e])
-        start = end
     if not weight_on_input:
         ys = ys * pair_w
     return torch.zeros_like(x).index_add_(0, token_of, ys)

@@ -59,23 +59,25 @@ def physical_cores() -> int:
     return max(1, logical // max(1, smt))
 
 
-def configure_cpu_threads() -> int:
-    """The CPU engine's compute threads: one core is left to the engine loop, the HTTP server
-    and detokenization (as vLLM's CPU backend reserves one), so the GEMMs' OpenMP threads never
-    wait on a core that Python holds; on a 2-core machine that is 1 thread (measured there:
-    2 threads beside a busy Python thread made decode steps up to 6x slower). OMP_NUM_THREADS,
-    when set, wins; so does a thread count the caller already set."""
+def configure_cpu_threads(reserve: int = 1) -> int:
+    """The CPU engine's compute threads: physical cores - `reserve`. A server leaves one core to
+    the event loop, the tokenizer thread and the engine loop (as vLLM's CPU backend reserves
+    one), so the GEMMs' OpenMP threads never wait on a core that Python holds (measured on a
+    2-core machine: 2 threads beside a busy Python thread made decode steps up to 6x slower).
+    The offline `LLM` has no other busy thread (its engine loop is the compute thread) and
+    reserves none. OMP_NUM_THREADS, when set, wins; so does a thread count the caller set."""
     cores = physical_cores()
     if os.environ.get("OMP_NUM_THREADS") or torch.get_num_threads() != cores:
         return torch.get_num_threads()
-    threads = max(1, cores - 1)
+    threads = max(1, cores - reserve)
     torch.set_num_threads(threads)
     log.info("CPU engine: %d compute thread(s) on %d core(s) (OMP_NUM_THREADS overrides)", threads, cores)
     return threads
 
 
-def build_native_core(config: EngineConfig, progress: bool = True):
-    """(EngineCore, ModelInfo) for the native engine."""
+def build_native_core(config: EngineConfig, progress: bool = True, reserve_cpu_cores: int = 1):
+    """(EngineCore, ModelInfo) for the native engine; `reserve_cpu_cores`: cores left free of
+    compute threads on a CPU engine (1 for a server, 0 offline)."""
     from transformers import AutoTokenizer
 
     from models import load_model
@@ -85,7 +87,7 @@ def build_native_core(config: EngineConfig, progress: bool = True):
     torch.manual_seed(config.seed)
     model = load_model(config.model, dtype=config.dtype, device=config.device, progress=progress)
     if model.embed.weight.device.type == "cpu":
-        configure_cpu_threads()
+        configure_cpu_threads(reserve_cpu_cores)
     tokenizer = AutoTokenizer.from_pretrained(config.model)
     cfg = model.config
     blocks = num_kv_blocks(config, model)

@@ -29,7 +29,8 @@ class LLM:
         if model is not None:
             engine_kwargs["model"] = model
         self.config = EngineConfig(**engine_kwargs)
-        self.core, self.model_info = build_native_core(self.config)
+        # offline: the engine loop runs on the compute thread, so no core is kept free
+        self.core, self.model_info = build_native_core(self.config, reserve_cpu_cores=0)
         self.tokenizer = self.core.tokenizer
         self._ids = itertools.count()
 

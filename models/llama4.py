@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from models.config import MoEModelConfig, RouterConfig
-from models.loader import WeightMap, common_entries, dense_mlp_entries, swiglu_entries
+from models.loader import WeightMap, common_entries, proj_entries
 
 
 def hf_config_class(arch: str):
@@ -44,14 +44,12 @@ def weight_map(cfg: MoEModelConfig) -> WeightMap:
     for i in range(cfg.num_layers):
         hf, ours = f"model.layers.{i}.feed_forward", f"layers.{i}"
         if not cfg.sparse_layers[i]:
-            out.update(dense_mlp_entries(cfg, hf, ours))
+            out.update(proj_entries(cfg.dense_intermediate_size, hf, f"{ours}.mlp.w13.weight", f"{ours}.mlp.w2.weight"))
             continue
         out[f"{hf}.router.weight"] = (f"{ours}.moe.gate.weight", ())
         # stacked [E, H, 2I] (gate columns, then up) and [E, I, H]: ours is their transpose
         out[f"{hf}.experts.gate_up_proj"] = (f"{ours}.moe.w13", (), lambda t: t.transpose(1, 2))
         out[f"{hf}.experts.down_proj"] = (f"{ours}.moe.w2", (), lambda t: t.transpose(1, 2))
-        s = f"{hf}.shared_expert"
-        out.update(swiglu_entries(cfg.shared_expert_intermediate_size, f"{s}.gate_proj.weight", f"{s}.up_proj.weight",
-                                  f"{s}.down_proj.weight", f"{ours}.moe.shared.w13.weight",
-                                  f"{ours}.moe.shared.w2.weight"))
+        out.update(proj_entries(cfg.shared_expert_intermediate_size, f"{hf}.shared_expert",
+                                f"{ours}.moe.shared.w13.weight", f"{ours}.moe.shared.w2.weight"))
     return out

@@ -146,10 +146,10 @@ def swiglu_entries(inter: int, hf_gate: str, hf_up: str, hf_down: str, w13: str,
     return out
 
 
-def dense_mlp_entries(cfg: MoEModelConfig, hf: str, ours: str) -> WeightMap:
-    """A dense layer's `{hf}.{gate,up,down}_proj.weight` -> our `{ours}.mlp` (fused gate+up)."""
-    return swiglu_entries(cfg.dense_intermediate_size, f"{hf}.gate_proj.weight", f"{hf}.up_proj.weight",
-                          f"{hf}.down_proj.weight", f"{ours}.mlp.w13.weight", f"{ours}.mlp.w2.weight")
+def proj_entries(inter: int, hf: str, w13: str, w2: str, expert=None, bias: bool = False) -> WeightMap:
+    """HF's SwiGLU naming, `{hf}.{gate,up,down}_proj.weight`, onto our fused w13 and w2."""
+    return swiglu_entries(inter, f"{hf}.gate_proj.weight", f"{hf}.up_proj.weight", f"{hf}.down_proj.weight",
+                          w13, w2, expert, bias)
 
 
 def mlp_entries(cfg: MoEModelConfig, layer: int, hf: str, correction: tuple | None = None) -> WeightMap:
@@ -157,20 +157,19 @@ def mlp_entries(cfg: MoEModelConfig, layer: int, hf: str, correction: tuple | No
     `gate` (router), `experts.{e}.{gate,up,down}_proj` and `shared_experts` on MoE layers, plus
     the router's correction bias (`correction`: (checkpoint name, transform or None))."""
     ours = f"layers.{layer}"
-    names = lambda p: (f"{p}.gate_proj.weight", f"{p}.up_proj.weight", f"{p}.down_proj.weight")  # noqa: E731
     if not cfg.sparse_layers[layer]:
-        return swiglu_entries(cfg.dense_intermediate_size, *names(hf), f"{ours}.mlp.w13.weight",
-                              f"{ours}.mlp.w2.weight", bias=cfg.mlp_bias)
+        return proj_entries(cfg.dense_intermediate_size, hf, f"{ours}.mlp.w13.weight", f"{ours}.mlp.w2.weight",
+                            bias=cfg.mlp_bias)
     out: WeightMap = {f"{hf}.gate.weight": (f"{ours}.moe.gate.weight", ())}
     if correction is not None:
         name, fn = correction
         out[name] = (f"{ours}.moe.gate.e_score_correction_bias", ()) + ((fn,) if fn else ())
     for e in range(cfg.num_experts):
-        out.update(swiglu_entries(cfg.moe_intermediate_size, *names(f"{hf}.experts.{e}"), f"{ours}.moe.w13",
-                                  f"{ours}.moe.w2", expert=e))
+        out.update(proj_entries(cfg.moe_intermediate_size, f"{hf}.experts.{e}", f"{ours}.moe.w13",
+                                f"{ours}.moe.w2", expert=e))
     if cfg.shared_expert_intermediate_size:
-        out.update(swiglu_entries(cfg.shared_expert_intermediate_size, *names(f"{hf}.shared_experts"),
-                                  f"{ours}.moe.shared.w13.weight", f"{ours}.moe.shared.w2.weight", bias=cfg.mlp_bias))
+        out.update(proj_entries(cfg.shared_expert_intermediate_size, f"{hf}.shared_experts",
+                                f"{ours}.moe.shared.w13.weight", f"{ours}.moe.shared.w2.weight", bias=cfg.mlp_bias))
     return out
 
 

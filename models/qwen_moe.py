@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from models.config import MoEModelConfig
-from models.loader import WeightMap, common_entries, dense_mlp_entries, swiglu_entries
+from models.loader import WeightMap, common_entries, proj_entries
 
 
 def hf_config_class(arch: str):
@@ -46,18 +46,15 @@ def weight_map(cfg: MoEModelConfig) -> WeightMap:
     for i in range(cfg.num_layers):
         hf, ours = f"model.layers.{i}.mlp", f"layers.{i}"
         if not cfg.sparse_layers[i]:
-            out.update(dense_mlp_entries(cfg, hf, ours))
+            out.update(proj_entries(cfg.dense_intermediate_size, hf, f"{ours}.mlp.w13.weight", f"{ours}.mlp.w2.weight"))
             continue
         out[f"{hf}.gate.weight"] = (f"{ours}.moe.gate.weight", ())
         for e in range(cfg.num_experts):
-            x = f"{hf}.experts.{e}"
-            out.update(swiglu_entries(cfg.moe_intermediate_size, f"{x}.gate_proj.weight", f"{x}.up_proj.weight",
-                                      f"{x}.down_proj.weight", f"{ours}.moe.w13", f"{ours}.moe.w2", expert=e))
+            out.update(proj_entries(cfg.moe_intermediate_size, f"{hf}.experts.{e}", f"{ours}.moe.w13", f"{ours}.moe.w2",
+                                    expert=e))
         if cfg.shared_expert_intermediate_size:
-            s = f"{hf}.shared_expert"
-            out.update(swiglu_entries(cfg.shared_expert_intermediate_size, f"{s}.gate_proj.weight",
-                                      f"{s}.up_proj.weight", f"{s}.down_proj.weight",
-                                      f"{ours}.moe.shared.w13.weight", f"{ours}.moe.shared.w2.weight"))
+            out.update(proj_entries(cfg.shared_expert_intermediate_size, f"{hf}.shared_expert",
+                                    f"{ours}.moe.shared.w13.weight", f"{ours}.moe.shared.w2.weight"))
         if cfg.shared_expert_gate:
             out[f"{hf}.shared_expert_gate.weight"] = (f"{ours}.moe.shared_gate.weight", ())
     return out

@@ -208,11 +208,9 @@ class EngineCore:
     def _routing_stats(self, result: ModelOutput) -> RoutingStats | None:
         if result.routing is None:
             return None
-        E = self.model.config.num_experts
         r = result.routing  # [T, moe_layers, k]
-        L = r.shape[1]
-        flat = (r + torch.arange(L, device=r.device)[None, :, None] * E).reshape(-1)
-        counts = torch.bincount(flat, minlength=L * E).view(L, E).tolist()
+        L, E = r.shape[1], self.model.config.num_experts
+        counts = result.seq_expert_counts.sum(0).tolist()  # [L, E]: the runner counted per sequence already
         if self.placement_manager is not None:
             device_tokens = self.placement_manager.device_tokens(r)
         else:

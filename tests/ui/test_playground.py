@@ -135,12 +135,15 @@ def test_stop_aborts_the_request_on_the_server(browser, ui_server):
     box, stop = by_testid(browser, "prompt"), by_testid(browser, "stop")
     box.clear()
     box.send_keys("The list type")
+    where = stop.location  # the page scrolls nowhere by itself: Stop must stay here while text streams
     # a slow device (a 4x slower CPU): the page must stay responsive while tokens pour in
     browser.execute_cdp_cmd("Emulation.setCPUThrottlingRate", {"rate": 4})
     try:
         by_testid(browser, "send").click()
         wait(browser, lambda d: last_response(d), 30, "text streams in")
         assert metric(ui_server.url, "vllm:num_requests_running") == 1  # still generating
+        wait(browser, lambda d: len(last_response(d)) > 200, 30, "a few lines of text")
+        assert stop.location == where, "the Stop button moved while the response streamed in"
         stop.click()
         status = wait_idle(browser, 20)
     finally:

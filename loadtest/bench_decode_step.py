@@ -3,8 +3,8 @@
     python loadtest/bench_decode_step.py [--batch 64] [--rounds 8]
         [--variants "cpu/packed/1,cpu/plain/1,reference/packed/1,cpu/packed/2"]
 
-A variant is attention backend / CPU linear / threads (KernelConfig.attention,
-KernelConfig.cpu_linear, torch threads). The engine (the 140M benchmark checkpoint,
+A variant is attention backend / CPU linear / threads [/ MoE backend] (KernelConfig.attention,
+KernelConfig.cpu_linear, torch threads, KernelConfig.moe; e.g. "cpu/onednn/1/loop"). The engine (the 140M benchmark checkpoint,
 loadtest/bench_model.py, float32) prefills `--batch` requests of 128 random tokens, then runs
 decode steps, switching variant every step, so that background load on a shared machine hits
 every variant alike. Prints each variant's median and best wall and CPU (process) time per step;
@@ -47,8 +47,9 @@ def main() -> None:
 
     variants = []
     for v in args.variants.split(","):
-        attn, linear, threads = v.split("/")
-        variants.append((v, KernelConfig(attention=attn, cpu_linear=linear), int(threads)))
+        attn, linear, threads, *moe = v.split("/")
+        variants.append((v, KernelConfig(attention=attn, cpu_linear=linear, moe=moe[0] if moe else "auto"),
+                         int(threads)))
     llm = LLM(make_checkpoint("mixtral-140m"), dtype="float32", max_num_seqs=args.batch, max_num_batched_tokens=2048,
               max_model_len=128 + 16 + 4 * args.rounds * len(variants))
     core = llm.core
@@ -85,7 +86,7 @@ def main() -> None:
         print(f"{name}: {len(ops) / 4:.0f} top-level PyTorch ops per step, {len(work) / 4:.0f} that are not views")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
     print(f"decode step, batch {args.batch}, {args.rounds} steps per variant, interleaved")
-    print("| attention / linear / threads | wall ms median | wall ms best | CPU ms median |\n|---|---:|---:|---:|")
+    print("| attention / linear / threads [/ moe] | wall ms median | wall ms best | CPU ms median |\n|---|---:|---:|---:|")
     for name, *_ in variants:
         print(f"| {name} | {statistics.median(wall[name]) * 1e3:.1f} | {min(wall[name]) * 1e3:.1f} | "
               f"{statistics.median(cpu[name]) * 1e3:.1f} |")

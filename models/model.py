@@ -13,6 +13,7 @@ from torch import nn
 from models.config import MoEModelConfig
 from models.kernels import SYNC_FREE_BACKENDS, KernelConfig
 from models.kernels.cpu_linear import PackedWeight, packed_linear
+from models.kernels.cpu_moe import PackedExperts
 from models.layers.attention import Attention, AttentionMetadata, KVCache
 from models.layers.mla import MLAttention
 from models.layers.moe import DenseMLP, MoEBlock, RoutingCapture
@@ -89,25 +90,45 @@ class MoEForCausalLM(nn.Module):
                 layer.attn.set_kernels(kernels, dev, dtype)
             if layer.is_moe:
                 layer.moe.set_kernels(kernels, dev, dtype)
-        # CPU: oneDNN-packed copies of the LM head, q/k/v and the experts' gate+up weights
+        # CPU: packed copies (cpu_linear) of the LM head, q/k/v, o and the experts' gate+up weights;
+        # the C experts kernel's packed copy of w13 and w2 ("cpu" backend)
         loops = [b for b in self.moe_blocks() if b.moe_backend == "loop"]
+        kernel_blocks = [b for b in self.moe_blocks() if b.moe_backend == "cpu"]
         gqa = [layer.attn for layer in self.layers if isinstance(layer.attn, Attention)]
         extra = sum(t.numel() * t.element_size() for t in
-                    [self.lm_head.weight] + [a.qkv.weight for a in gqa] + [b.w13 for b in loops])
+                    [self.lm_head.weight] + [w for a in gqa for w in (a.qkv.weight, a.o_proj.weight)]
+                    + [b.w13 for b in loops]
+                    + [w for b in kernel_blocks for w in (b.w13, b.w13, b.w2)])  # + gate+up for "loop" batches
         pack = kernels.pack_cpu_weights(dev, dtype, extra)
+        if not pack and kernels.moe == "auto":  # the C kernel needs its packed copy: over budget, loop
+            for b in kernel_blocks:
+                b.moe_backend = "loop"
+            loops, kernel_blocks = loops + kernel_blocks, []
         cache = self.__dict__.setdefault("_packed", {})  # kept across calls: packing costs a pass over the weight
 
+        layout = kernels.cpu_linear_layout()
+
         def packed(weight, index=None):
-            key = (id(weight), index)
+            key = (id(weight), index, layout)
             if key not in cache:
-                cache[key] = PackedWeight(weight, index)
+                cache[key] = PackedWeight(weight, index, layout=layout)
             return cache[key]
 
         self.packed_lm_head = packed(self.lm_head.weight) if pack else None
         for attn in gqa:
             attn.packed_qkv = packed(attn.qkv.weight) if pack else None
+            attn.packed_o = packed(attn.o_proj.weight) if pack else None
         for b in self.moe_blocks():
-            b.packed_w13 = [packed(b.w13, e) for e in range(b.num_experts)] if pack and b in loops else None
+            # a "cpu" block runs large batches (prefill) through the loop: it gets both copies
+            b.packed_w13 = ([packed(b.w13, e) for e in range(b.num_experts)]
+                            if pack and (b in loops or b in kernel_blocks) else None)
+            if b in kernel_blocks:
+                key = (id(b.w13), id(b.w2))
+                if key not in cache:
+                    cache[key] = PackedExperts(b.w13, b.w2)
+                b.packed_experts = cache[key]
+            else:
+                b.packed_experts = None
 
     def kernel_backends(self) -> dict[str, list[str]]:
         """The resolved backend of every layer: {"attention": [...], "moe": [...]}."""

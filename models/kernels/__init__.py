@@ -2,11 +2,13 @@
 
 - `fused_moe`: the experts of an MoE layer. CUDA: a Triton grouped GEMM in the style of
   vLLM's `fused_moe` (pairs aligned to the block size on the device, gate+up with SiLU-and-mul
-  fused, then down with the routing weight), or `torch._grouped_mm` (Hopper); CPU: one matmul
-  per active expert. None of the CUDA paths reads anything back to the host.
+  fused, then down with the routing weight), or `torch._grouped_mm` (Hopper); CPU: a C kernel
+  for decode-sized batches (`cpu_moe`: packed weights read once per step, SiLU-and-mul fused),
+  one matmul per active expert for larger ones. None of the CUDA paths reads anything back to
+  the host.
 - `paged_attention`: decode attention reading the KV blocks in place (Triton on CUDA, a C
   kernel on CPU); the reference gathers each sequence's blocks.
-- `cpu_linear`: oneDNN-packed weights for the CPU's decode GEMMs (LM head, q/k/v, experts'
+- `cpu_linear`: packed weights for the CPU's decode GEMMs (LM head, q/k/v, o, experts'
   gate+up).
 - `triton_ops`: small fused ops on CUDA (RMSNorm with the residual add; q/k norm + rotary +
   KV-cache store), the layers' PyTorch code being their reference.
@@ -24,9 +26,9 @@ from dataclasses import dataclass
 import torch
 
 ATTENTION_BACKENDS = ("auto", "triton", "cpu", "reference")
-MOE_BACKENDS = ("auto", "triton", "grouped_mm", "loop", "reference")
+MOE_BACKENDS = ("auto", "triton", "grouped_mm", "cpu", "loop", "reference")
 FUSED_OPS = ("auto", "triton", "torch")
-CPU_LINEAR = ("auto", "packed", "plain")
+CPU_LINEAR = ("auto", "packed", "panels", "onednn", "plain")
 PACKED_BYTES_AUTO = 2**30  # "auto" packs CPU weights while the extra copies stay under this
 # backends that never read a device value back to the host (CUDA-graph capturable)
 SYNC_FREE_BACKENDS = frozenset({"triton", "grouped_mm", "cpu"})
@@ -50,9 +52,11 @@ def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
 @dataclass(frozen=True)
 class KernelConfig:
     attention: str = "auto"  # auto | triton | cpu | reference
-    moe: str = "auto"  # auto | triton | grouped_mm | loop | reference
+    moe: str = "auto"  # auto | triton | grouped_mm | cpu | loop | reference
     fused_ops: str = "auto"  # auto | triton | torch: the small fused ops of triton_ops
-    cpu_linear: str = "auto"  # auto | packed | plain: oneDNN-packed weights on CPU (cpu_linear.py)
+    # auto | packed | panels | onednn | plain: packed CPU weights (cpu_linear.py); "auto" packs
+    # within PACKED_BYTES_AUTO, "packed" always; both in the best layout built here
+    cpu_linear: str = "auto"
 
     def __post_init__(self) -> None:
         if self.cpu_linear not in CPU_LINEAR:
@@ -84,7 +88,11 @@ class KernelConfig:
 
         if self.cpu_linear == "plain" or device.type != "cpu" or dtype != torch.float32 or not packing_available():
             return False
-        return self.cpu_linear == "packed" or extra_bytes <= PACKED_BYTES_AUTO
+        return self.cpu_linear != "auto" or extra_bytes <= PACKED_BYTES_AUTO
+
+    def cpu_linear_layout(self) -> str | None:
+        """The packed layout asked for ("panels" | "onednn"), None for the best one built here."""
+        return self.cpu_linear if self.cpu_linear in ("panels", "onednn") else None
 
     def moe_backend(self, device: torch.device, dtype: torch.dtype) -> str:
         if self.moe != "auto":
@@ -93,4 +101,6 @@ class KernelConfig:
             if triton_available():
                 return "triton"
             return "grouped_mm" if grouped_mm_available(device, dtype) else "reference"
-        return "loop"
+        from models.kernels import cpu_moe
+
+        return "cpu" if dtype == torch.float32 and cpu_moe.available() else "loop"

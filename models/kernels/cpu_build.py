@@ -22,7 +22,8 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("paged_attention_cpu.c",)
+SOURCES = ("paged_attention_cpu.c", "moe_cpu.c", "linear_cpu.c")
+HEADERS = ("panel_gemm.h",)
 FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-std=c11", "-fno-math-errno", "-fassociative-math",
          "-fno-signed-zeros", "-fno-trapping-math", "-ffp-contract=fast", "-pthread"]
 CSRC = Path(__file__).resolve().parent / "csrc"
@@ -47,6 +48,20 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     fn = lib.paged_decode_f32
     fn.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, ctypes.c_float, ctypes.c_int]
     fn.restype = ctypes.c_int
+    fn = lib.moe_fused_f32
+    fn.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i64, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    lib.moe_cpu_available.restype = ctypes.c_int
+    lib.moe_cpu_available.argtypes = []
+    fn = lib.linear_f32
+    fn.argtypes = [p, p, p, p, i64, i64, i64, i64, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    fn = lib.linear_pack_f32
+    fn.argtypes = [p, p, i64, i64]
+    fn.restype = None
+    fn = lib.moe_pack_f32
+    fn.argtypes = [p, p, p, p, i64, i64, i64]
+    fn.restype = None
     return lib
 
 
@@ -59,7 +74,7 @@ def load() -> ctypes.CDLL | None:
     if cc is None:
         log.warning("no C compiler found: CPU paged attention falls back to the PyTorch gather path")
         return None
-    src = b"".join((CSRC / s).read_bytes() for s in SOURCES)
+    src = b"".join((CSRC / s).read_bytes() for s in SOURCES + HEADERS)
     key = hashlib.sha256(src + " ".join([cc, *FLAGS, _cpu_id()]).encode()).hexdigest()[:16]
     out = _cache_dir() / f"moe_serve_cpu_{key}.so"
     if not out.exists():

@@ -2,6 +2,9 @@
 
 - "triton": `triton_moe.fused_moe_triton` (CUDA; CPU tensors only under TRITON_INTERPRET=1)
 - "grouped_mm": `torch._grouped_mm` over the pairs sorted by expert (Hopper, bf16)
+- "cpu": the C kernel of `cpu_moe` (float32, AVX2 + FMA) for batches of up to
+  `CPU_KERNEL_PAIRS_PER_EXPERT` token-expert pairs per expert on average (decode, small
+  prefill chunks), "loop" above that (where oneDNN's GEMMs are faster: docs/benchmarks.md)
 - "loop": one matmul pair per active expert (CPU; the counts are read once per layer, which
   costs nothing there), gate+up through oneDNN-packed weights when given (`cpu_linear`)
 - "reference": `reference.moe_reference`
@@ -14,8 +17,16 @@ import torch
 import torch.nn.functional as F
 
 from models.kernels.cpu_linear import PackedWeight, packed_linear
+from models.kernels.cpu_moe import PackedExperts, moe_cpu
+from models.kernels.cpu_moe import supports as cpu_moe_supports
 from models.kernels.moe_align import expert_counts, expert_runs, sort_pairs
 from models.kernels.reference import moe_reference
+
+
+# "cpu": the C kernel up to this many pairs per expert on average; "loop" above (measured
+# on the benchmark CPU, H 512, I 1024, top-2 of 8: the kernel is faster up to here at one and
+# two threads, even at one thread up to 256 pairs per expert; the loop at 2048 tokens, two threads)
+CPU_KERNEL_PAIRS_PER_EXPERT = 64
 
 
 def moe_loop(x, w13, w2, topk_ids, topk_w, packed_w13: list[PackedWeight] | None = None) -> torch.Tensor:
@@ -58,6 +69,7 @@ def fused_experts(
     topk_w: torch.Tensor,  # [T, k]
     backend: str,
     packed_w13: list[PackedWeight] | None = None,
+    packed_experts: PackedExperts | None = None,
 ) -> torch.Tensor:
     """sum_k topk_w[t, k] * Expert_{topk_ids[t, k]}(x[t]) -> [T, H], where Expert_e(v) =
     w2[e] @ (silu(gate) * up) and (gate, up) = w13[e] @ v. Every backend takes these shapes."""
@@ -67,6 +79,11 @@ def fused_experts(
         return fused_moe_triton(x, w13, w2, topk_ids, topk_w)
     if backend == "grouped_mm":
         return moe_grouped_mm(x, w13, w2, topk_ids, topk_w)
+    if backend == "cpu":
+        T, k = topk_ids.shape
+        if T * k <= CPU_KERNEL_PAIRS_PER_EXPERT * w13.shape[0] and cpu_moe_supports(w13, w2):
+            return moe_cpu(x, packed_experts if packed_experts is not None else PackedExperts(w13, w2), topk_ids, topk_w)
+        return moe_loop(x, w13, w2, topk_ids, topk_w, packed_w13)
     if backend == "loop":
         return moe_loop(x, w13, w2, topk_ids, topk_w, packed_w13)
     return moe_reference(x, w13, w2, topk_ids, topk_w)

@@ -127,7 +127,8 @@ class Attention(nn.Module):
         self.sinks = nn.Parameter(torch.empty(self.num_heads)) if cfg.attention_sinks else None  # [heads]
         self.decode_backend = "auto"  # resolved on first use, or set by MoEForCausalLM.set_kernels
         self.fused_rope = False  # q/k norm + rotary + KV store in one Triton launch (set_kernels)
-        self.packed_qkv = None  # CPU: a oneDNN-packed copy of the qkv weight (MoEForCausalLM.set_kernels)
+        self.packed_qkv = None  # CPU: packed copies of the qkv and o weights (MoEForCausalLM.set_kernels)
+        self.packed_o = None
 
     def set_kernels(self, kernels: KernelConfig, device: torch.device, dtype: torch.dtype) -> None:
         """The one place that decides this layer's kernels: plain causal GQA layers get the
@@ -147,6 +148,11 @@ class Attention(nn.Module):
         if self.packed_qkv is not None:
             return packed_linear(x, self.packed_qkv, self.qkv.bias)
         return self.qkv(x)
+
+    def _o(self, x: torch.Tensor) -> torch.Tensor:  # [T, q_size] -> [T, hidden]
+        if self.packed_o is not None:
+            return packed_linear(x, self.packed_o, self.o_proj.bias)
+        return self.o_proj(x)
 
     def project(self, x: torch.Tensor, cos_sin, positions: torch.Tensor | None):
         """q [T, heads, d], k and v [T, kv_heads, d]: projections, q/k norms, rotary."""
@@ -198,13 +204,13 @@ class Attention(nn.Module):
             write_kv(cache, k, v, meta.slot_mapping)
         if self.variant.active:
             out = attend_variant(q, k, v, cache, meta, self.scale, self.variant, self.sinks)
-            return self.o_proj(out.view(T, self.q_size))
+            return self._o(out.view(T, self.q_size))
 
         nd = meta.num_decodes
         if nd == T:  # decode-only step: no prefill chunk, no copy
             out = decode_attention(q, cache, meta.block_tables[:nd], meta.decode_seq_lens, self.scale,
                                    self.decode_backend)
-            return self.o_proj(out.view(T, self.q_size))
+            return self._o(out.view(T, self.q_size))
         out = torch.empty_like(q)  # [T, heads, head_dim]
         if nd:
             out[:nd] = decode_attention(q[:nd], cache, meta.block_tables[:nd], meta.decode_seq_lens, self.scale,
@@ -217,4 +223,4 @@ class Attention(nn.Module):
             else:  # cached prefix / earlier chunks, or the fused path: read back from the cache
                 kc, vc = gather_kv(cache, meta.block_tables[i], meta.seq_lens[i])
             out[s:e] = prefill_attention(q[s:e], kc, vc, self.scale)
-        return self.o_proj(out.view(T, self.q_size))
+        return self._o(out.view(T, self.q_size))

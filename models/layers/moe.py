@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.kernels import KernelConfig
+from models.kernels import KernelConfig, cpu_moe
 from models.kernels.fused_moe import fused_experts
 from models.layers.capacity import apply_capacity
 from models.layers.router import Router
@@ -71,12 +71,13 @@ def grouped_experts(
     x, w13, w2, topk_ids, topk_w,  # [T, H], [E, 2I, H], [E, H, I], [T, k], [T, k]
     backend: str | None = None,
     packed_w13=None,  # CPU "loop" backend: [E] oneDNN-packed gate+up weights (models.kernels.cpu_linear)
+    packed_experts=None,  # CPU "cpu" backend: the C kernel's packed weights (models.kernels.cpu_moe)
 ) -> torch.Tensor:
     """sum_k w[t, k] * Expert_{ids[t, k]}(x[t]) for every token, grouped by expert.
     `backend`: a `models.kernels.MOE_BACKENDS` name; None picks by device and dtype."""
     if backend is None or backend == "auto":
         backend = KernelConfig().moe_backend(x.device, x.dtype)
-    return fused_experts(x, w13, w2, topk_ids, topk_w, backend, packed_w13)
+    return fused_experts(x, w13, w2, topk_ids, topk_w, backend, packed_w13, packed_experts)
 
 
 class DenseMLP(nn.Module):
@@ -117,10 +118,13 @@ class MoEBlock(nn.Module):
         self.capacity_factor: float | None = None
         self.moe_backend = "auto"  # resolved on first use, or set by MoEForCausalLM.set_kernels
         self.packed_w13 = None  # CPU: oneDNN-packed gate+up weights per expert (set_kernels)
+        self.packed_experts = None  # CPU "cpu" backend: the C kernel's packed w13 and w2 (set_kernels)
 
     def set_kernels(self, kernels: KernelConfig, device: torch.device, dtype: torch.dtype) -> None:
         """Plain SwiGLU experts get the configured kernel; a family variant keeps experts.py."""
         self.moe_backend = kernels.moe_backend(device, dtype) if self.expert_fn is grouped_experts else "variant"
+        if self.moe_backend == "cpu" and not cpu_moe.supports(self.w13, self.w2):
+            self.moe_backend = "loop"  # e.g. sizes that are not multiples of the kernel's panel
 
     def forward(self, x: torch.Tensor, capture: RoutingCapture | None = None) -> torch.Tensor:
         topk_w, topk_ids = self.gate(x)  # [T, k] each
@@ -137,7 +141,8 @@ class MoEBlock(nn.Module):
             if self.moe_backend == "variant":
                 out = self.expert_fn(x, self.w13, self.w2, topk_ids, topk_w)
             else:
-                out = grouped_experts(x, self.w13, self.w2, topk_ids, topk_w, self.moe_backend, self.packed_w13)
+                out = grouped_experts(x, self.w13, self.w2, topk_ids, topk_w, self.moe_backend, self.packed_w13,
+                                      self.packed_experts)
         if self.shared is not None:
             shared = self.shared(x)
             if self.shared_gate is not None:

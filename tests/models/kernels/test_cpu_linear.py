@@ -1,5 +1,6 @@
-"""oneDNN-packed CPU linears: same results as F.linear, re-packed when the weight changes, and
-the model-level switch (packed vs plain) gives the same logits."""
+"""Packed CPU linears (the C panel kernel, oneDNN where it is not built or the shape does not
+fit): same results as F.linear, re-packed when the weight changes, and the model-level switch
+(packed vs plain) gives the same logits."""
 
 from __future__ import annotations
 
@@ -10,22 +11,55 @@ import torch.nn.functional as F
 from models import load_model
 from models.generate import prefill_logits
 from models.kernels import KernelConfig
-from models.kernels.cpu_linear import PackedWeight, packed_linear, packing_available
+from models.kernels.cpu_linear import (PackedWeight, onednn_available, packed_linear, packing_available,
+                                       panels_available)
 from tests.models.kernels.conftest import rel_err
 
-pytestmark = pytest.mark.skipif(not packing_available(), reason="this torch build has no oneDNN")
+pytestmark = pytest.mark.skipif(not packing_available(), reason="no C kernels and no oneDNN here")
 
 
-@pytest.mark.parametrize("rows", [0, 1, 7, 64])
-def test_packed_linear_matches_linear(rows):
+@pytest.mark.parametrize("out_features", [96, 40])  # 40: not a multiple of the 16-wide panels -> oneDNN
+@pytest.mark.parametrize("rows", [0, 1, 7, 13, 64])
+def test_packed_linear_matches_linear(rows, out_features):
     g = torch.Generator().manual_seed(rows)
-    w = torch.randn(96, 48, generator=g)
-    b = torch.randn(96, generator=g)
+    w = torch.randn(out_features, 48, generator=g)
+    b = torch.randn(out_features, generator=g)
     x = torch.randn(rows, 48, generator=g)
     pw = PackedWeight(w)
-    assert packed_linear(x, pw, b).shape == (rows, 96)
+    if out_features == 40 and not onednn_available():
+        pytest.skip("no oneDNN in this torch build")
+    assert pw.layout == ("panels" if out_features % 16 == 0 and panels_available() else "onednn")
+    assert packed_linear(x, pw, b).shape == (rows, out_features)
     if rows:
         assert rel_err(packed_linear(x, pw, b), F.linear(x, w, b)) < 1e-6
+        assert rel_err(packed_linear(x, pw), F.linear(x, w)) < 1e-6
+
+
+def test_panel_linear_is_batch_and_thread_invariant():
+    """A row's output does not depend on the other rows nor on the thread count (the LM head's
+    logits, hence greedy tokens, do not change with the batch a request lands in)."""
+    if not panels_available():
+        from tests.conftest import skip_or_fail
+
+        skip_or_fail("the C panel kernel is not built here (no C compiler or no AVX2 + FMA)")
+    from models.kernels.cpu_linear import MIN_MACS_PER_THREADING
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(1024, 64, generator=g)
+    rows = MIN_MACS_PER_THREADING // (1024 * 64) + 3  # above the threading bound
+    x = torch.randn(rows, 64, generator=g)
+    pw = PackedWeight(w)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = packed_linear(x, pw)
+        torch.set_num_threads(3)
+        three = packed_linear(x, pw)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, three)
+    for r in (0, 7, rows - 1):
+        assert torch.equal(packed_linear(x[r : r + 1], pw)[0], one[r])
 
 
 def test_packed_weight_repacks_after_an_in_place_change():

@@ -86,3 +86,101 @@ def test_cuda_bf16_error_within_reference_bf16_error(backend, T):
     ref_err = rel_err(moe_reference(x, w13, w2, ids, w).cpu(), exact)
     out = fused_experts(x, w13, w2, ids, w, backend)
     assert rel_err(out.cpu(), exact) <= max(2 * ref_err, 1e-2), (rel_err(out.cpu(), exact), ref_err)
+
+
+# -- the CPU experts kernel (models/kernels/csrc/moe_cpu.c) -----------------------------------
+CPU_SHAPES = [  # T, H, I, E, k: H and I multiples of the kernel's 16-wide panels
+    (1, 64, 48, 8, 2),  # one decode token
+    (7, 32, 16, 4, 1),  # top-1
+    (24, 48, 32, 16, 4),  # more experts than active ones; 7 rows for some experts (2 micro-kernel blocks)
+    (40, 32, 64, 4, 2),  # 20 rows per expert on average: several row blocks per panel
+]
+
+
+def needs_cpu_kernel():
+    from models.kernels import cpu_moe
+
+    if not cpu_moe.available():
+        from tests.conftest import skip_or_fail
+
+        skip_or_fail("the CPU experts kernel is not built here (no C compiler or no AVX2 + FMA)")
+
+
+@pytest.mark.parametrize("shape", CPU_SHAPES, ids=[f"T{s[0]}-H{s[1]}-I{s[2]}-E{s[3]}-k{s[4]}" for s in CPU_SHAPES])
+@pytest.mark.parametrize("skew", [False, True])
+def test_cpu_kernel_matches_reference(shape, skew):
+    from models.kernels.cpu_moe import PackedExperts, moe_cpu
+
+    needs_cpu_kernel()
+    x, w13, w2, ids, w = make_case(*shape, skew=skew)
+    out = moe_cpu(x, PackedExperts(w13, w2), ids, w)
+    assert rel_err(out, moe_exact(x, w13, w2, ids, w)) < 1e-6
+    # through the backend switch, which picks the kernel for these batch sizes
+    assert torch.equal(fused_experts(x, w13, w2, ids, w, "cpu"), out)
+
+
+def test_cpu_backend_falls_back_to_the_loop():
+    """Sizes the kernel does not serve (I not a multiple of 16) and batches above its pairs
+    per expert bound run through the loop, with the same results."""
+    from models.kernels.fused_moe import CPU_KERNEL_PAIRS_PER_EXPERT
+
+    x, w13, w2, ids, w = make_case(19, 32, 40, 4, 1)
+    assert rel_err(fused_experts(x, w13, w2, ids, w, "cpu"), moe_exact(x, w13, w2, ids, w)) < 1e-6
+    T = CPU_KERNEL_PAIRS_PER_EXPERT * 4 // 2 + 5  # just above the bound for E=4, k=2
+    x, w13, w2, ids, w = make_case(T, 32, 32, 4, 2)
+    assert rel_err(fused_experts(x, w13, w2, ids, w, "cpu"), moe_exact(x, w13, w2, ids, w)) < 1e-6
+
+
+def test_cpu_kernel_is_batch_invariant_and_thread_invariant():
+    """A token's output does not depend on the other tokens of the step, nor on the thread count."""
+    from models.kernels.cpu_moe import MIN_PAIRS_PER_THREADING, PackedExperts, moe_cpu
+
+    needs_cpu_kernel()
+    x, w13, w2, ids, w = make_case(MIN_PAIRS_PER_THREADING, 64, 32, 8, 2)
+    packed = PackedExperts(w13, w2)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = moe_cpu(x, packed, ids, w)
+        torch.set_num_threads(3)  # split over threads (the pairs are at the threading bound)
+        three = moe_cpu(x, packed, ids, w)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, three)
+    for t in (0, 5, x.shape[0] - 1):
+        assert torch.equal(moe_cpu(x[t : t + 1], packed, ids[t : t + 1], w[t : t + 1])[0], one[t])
+
+
+def test_cpu_kernel_repacks_after_an_in_place_change_and_checks_ids():
+    from models.kernels.cpu_moe import PackedExperts, moe_cpu
+
+    needs_cpu_kernel()
+    x, w13, w2, ids, w = make_case(5, 32, 16, 4, 2)
+    packed = PackedExperts(w13, w2)
+    moe_cpu(x, packed, ids, w)
+    w13.mul_(0.5)  # e.g. weights reloaded in place
+    w2[1].add_(0.25)
+    assert rel_err(moe_cpu(x, packed, ids, w), moe_exact(x, w13, w2, ids, w)) < 1e-6
+    assert moe_cpu(x[:0], packed, ids[:0], w[:0]).shape == (0, 32)
+    with pytest.raises(IndexError, match="expert id"):
+        moe_cpu(x, packed, torch.full_like(ids, 4), w)
+
+
+def test_model_uses_the_cpu_kernel_and_matches_the_loop(family_checkpoint):
+    """The bundled-family Mixtral checkpoint on CPU float32 picks the kernel, whose logits
+    match the loop backend's (the parity tests compare the auto path with transformers)."""
+    from models import load_model
+    from models.kernels import KernelConfig
+    from models.generate import prefill_logits
+
+    needs_cpu_kernel()
+    path, _ = family_checkpoint("mixtral")
+    model = load_model(path, dtype="float32", device="cpu", progress=False)
+    model.set_kernels(KernelConfig())
+    assert set(model.kernel_backends()["moe"]) == {"cpu"}
+    assert all(b.packed_experts is not None for b in model.moe_blocks())
+    prompts = [[5, 9, 23, 7, 81, 3], [11, 2, 40]]
+    fast = torch.cat(prefill_logits(model, prompts))
+    model.set_kernels(KernelConfig(moe="loop"))
+    assert all(b.packed_experts is None for b in model.moe_blocks())
+    assert rel_err(fast, torch.cat(prefill_logits(model, prompts))) < 1e-5

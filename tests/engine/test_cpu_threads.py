@@ -1,23 +1,25 @@
-"""The CPU engine's compute threads: physical cores - 1 for a server, all of them offline (at
-least 1); OMP_NUM_THREADS wins."""
+"""The CPU engine's compute threads: a server keeps one core free on machines with more than
+two physical cores and computes on all of one or two; offline, all of them; OMP_NUM_THREADS
+wins."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from server.engine import factory
 
 
-def test_one_core_left_to_the_engine_loop(monkeypatch):
+@pytest.mark.parametrize("cores,threads", [(1, 1), (2, 2), (3, 2), (4, 3), (64, 63)])
+def test_a_server_leaves_one_core_free_above_two(monkeypatch, cores, threads):
     prev = torch.get_num_threads()
     try:
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-        monkeypatch.setattr(factory, "physical_cores", lambda: 4)
-        torch.set_num_threads(4)
-        assert factory.configure_cpu_threads() == 3 and torch.get_num_threads() == 3
-        monkeypatch.setattr(factory, "physical_cores", lambda: 1)
-        torch.set_num_threads(1)
-        assert factory.configure_cpu_threads() == 1
+        monkeypatch.setattr(factory, "physical_cores", lambda: cores)
+        torch.set_num_threads(cores)
+        assert factory.configure_cpu_threads() == threads and torch.get_num_threads() == threads
+        torch.set_num_threads(cores)
+        assert factory.configure_cpu_threads(reserve=1) == max(1, cores - 1)
     finally:
         torch.set_num_threads(prev)
 
@@ -55,6 +57,10 @@ def test_offline_llm_reserves_no_core(monkeypatch, tiny_mixtral):
         assert torch.get_num_threads() == 2
         torch.set_num_threads(2)
         factory.build_native_core(factory.EngineConfig(model=tiny_mixtral, dtype="float32"), progress=False)
-        assert torch.get_num_threads() == 1  # a server's engine leaves one core free
+        assert torch.get_num_threads() == 2  # a server's engine on two cores computes on both
+        monkeypatch.setattr(factory, "physical_cores", lambda: 4)
+        torch.set_num_threads(4)
+        factory.build_native_core(factory.EngineConfig(model=tiny_mixtral, dtype="float32"), progress=False)
+        assert torch.get_num_threads() == 3  # above two cores, it leaves one free
     finally:
         torch.set_num_threads(prev)

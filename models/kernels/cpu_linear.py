@@ -20,6 +20,7 @@ import functools
 import torch
 
 from models.kernels import cpu_build
+from models.kernels.cpu_moe import version
 
 PANEL = 16
 # below this many multiply-adds one thread is faster than starting others
@@ -65,7 +66,7 @@ class PackedWeight:
 
     def get(self) -> torch.Tensor:
         w = self.weight
-        key = (w.data_ptr(), w._version)
+        key = (w.data_ptr(), version(w))
         if key != self._key:
             src = (w if self.index is None else w[self.index]).detach().contiguous()
             if self.layout == "panels":

@@ -36,6 +36,15 @@ def supports(w13: torch.Tensor, w2: torch.Tensor) -> bool:
             and available())
 
 
+def version(t: torch.Tensor) -> int:
+    """The tensor's version counter; inference tensors have none (they cannot change in place
+    outside inference mode): 0."""
+    try:
+        return t._version
+    except RuntimeError:
+        return 0
+
+
 class PackedExperts:
     """The kernel's packed copy of an MoE layer's w13 [E, 2I, H] and w2 [E, H, I]."""
 
@@ -45,7 +54,7 @@ class PackedExperts:
         self._packed: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def get(self) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (self.w13.data_ptr(), self.w13._version, self.w2.data_ptr(), self.w2._version)
+        key = (self.w13.data_ptr(), version(self.w13), self.w2.data_ptr(), version(self.w2))
         if key != self._key:
             E, two_i, H = self.w13.shape
             w13, w2 = self.w13.detach().contiguous(), self.w2.detach().contiguous()

@@ -69,7 +69,7 @@ def fused_experts(
     topk_w: torch.Tensor,  # [T, k]
     backend: str,
     packed_w13: list[PackedWeight] | None = None,
-    packed_experts: PackedExperts | None = None,
+    packed_experts: PackedExperts | None = None,  # "cpu": the kernel's packed w13 / w2 (cpu_moe)
 ) -> torch.Tensor:
     """sum_k topk_w[t, k] * Expert_{topk_ids[t, k]}(x[t]) -> [T, H], where Expert_e(v) =
     w2[e] @ (silu(gate) * up) and (gate, up) = w13[e] @ v. Every backend takes these shapes."""
@@ -81,8 +81,11 @@ def fused_experts(
         return moe_grouped_mm(x, w13, w2, topk_ids, topk_w)
     if backend == "cpu":
         T, k = topk_ids.shape
-        if T * k <= CPU_KERNEL_PAIRS_PER_EXPERT * w13.shape[0] and cpu_moe_supports(w13, w2):
-            return moe_cpu(x, packed_experts if packed_experts is not None else PackedExperts(w13, w2), topk_ids, topk_w)
+        # without a kept packed copy (e.g. the placement executor's per-device expert subsets)
+        # packing per call would cost more than it saves: the loop
+        if (packed_experts is not None and T * k <= CPU_KERNEL_PAIRS_PER_EXPERT * w13.shape[0]
+                and cpu_moe_supports(w13, w2)):
+            return moe_cpu(x, packed_experts, topk_ids, topk_w)
         return moe_loop(x, w13, w2, topk_ids, topk_w, packed_w13)
     if backend == "loop":
         return moe_loop(x, w13, w2, topk_ids, topk_w, packed_w13)

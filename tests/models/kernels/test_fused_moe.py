@@ -113,21 +113,30 @@ def test_cpu_kernel_matches_reference(shape, skew):
 
     needs_cpu_kernel()
     x, w13, w2, ids, w = make_case(*shape, skew=skew)
-    out = moe_cpu(x, PackedExperts(w13, w2), ids, w)
+    packed = PackedExperts(w13, w2)
+    out = moe_cpu(x, packed, ids, w)
     assert rel_err(out, moe_exact(x, w13, w2, ids, w)) < 1e-6
     # through the backend switch, which picks the kernel for these batch sizes
-    assert torch.equal(fused_experts(x, w13, w2, ids, w, "cpu"), out)
+    assert torch.equal(fused_experts(x, w13, w2, ids, w, "cpu", packed_experts=packed), out)
 
 
 def test_cpu_backend_falls_back_to_the_loop():
-    """Sizes the kernel does not serve (I not a multiple of 16) and batches above its pairs
-    per expert bound run through the loop, with the same results."""
+    """Sizes the kernel does not serve (I not a multiple of 16), batches above its pairs per
+    expert bound and calls without a packed copy run through the loop, with the same results."""
     from models.kernels.fused_moe import CPU_KERNEL_PAIRS_PER_EXPERT
 
+    from models.kernels.cpu_moe import PackedExperts
+
     x, w13, w2, ids, w = make_case(19, 32, 40, 4, 1)
-    assert rel_err(fused_experts(x, w13, w2, ids, w, "cpu"), moe_exact(x, w13, w2, ids, w)) < 1e-6
+    out = fused_experts(x, w13, w2, ids, w, "cpu", packed_experts=PackedExperts(w13, w2))
+    assert rel_err(out, moe_exact(x, w13, w2, ids, w)) < 1e-6
     T = CPU_KERNEL_PAIRS_PER_EXPERT * 4 // 2 + 5  # just above the bound for E=4, k=2
     x, w13, w2, ids, w = make_case(T, 32, 32, 4, 2)
+    out = fused_experts(x, w13, w2, ids, w, "cpu", packed_experts=PackedExperts(w13, w2))
+    assert rel_err(out, moe_exact(x, w13, w2, ids, w)) < 1e-6
+    # no packed copy (the placement executor's expert subsets, inference tensors): the loop
+    with torch.inference_mode():
+        x, w13, w2, ids, w = make_case(3, 32, 32, 4, 2)
     assert rel_err(fused_experts(x, w13, w2, ids, w, "cpu"), moe_exact(x, w13, w2, ids, w)) < 1e-6
 
 

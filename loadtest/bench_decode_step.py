@@ -8,7 +8,8 @@ KernelConfig.cpu_linear, torch threads, KernelConfig.moe; e.g. "cpu/onednn/1/loo
 loadtest/bench_model.py, float32) prefills `--batch` requests of 128 random tokens, then runs
 decode steps, switching variant every step, so that background load on a shared machine hits
 every variant alike. Prints each variant's median and best wall and CPU (process) time per step;
-`--profile` also prints, for the first variant, the PyTorch ops per step (`torch.profiler`).
+`--profile` also prints, for the first variant, the PyTorch ops per step (`torch.profiler`) and
+the Python functions by own time (`cProfile`, which sees the C kernels' ctypes calls).
 """
 
 from __future__ import annotations
@@ -85,6 +86,18 @@ def main() -> None:
         work = [e for e in ops if e.name.split("::")[1] not in VIEW_OPS]
         print(f"{name}: {len(ops) / 4:.0f} top-level PyTorch ops per step, {len(work) / 4:.0f} that are not views")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+        # the C kernels are ctypes calls, invisible to torch.profiler: Python's profiler sees them
+        import cProfile
+        import pstats
+
+        pr = cProfile.Profile()
+        t = time.perf_counter()
+        pr.enable()
+        for _ in range(4):
+            core.step()
+        pr.disable()
+        print(f"{name}: {(time.perf_counter() - t) / 4 * 1e3:.1f} ms per step under cProfile; functions by own time:")
+        pstats.Stats(pr).sort_stats("tottime").print_stats(10)
     print(f"decode step, batch {args.batch}, {args.rounds} steps per variant, interleaved")
     print("| attention / linear / threads [/ moe] | wall ms median | wall ms best | CPU ms median |\n|---|---:|---:|---:|")
     for name, *_ in variants:

@@ -1,4 +1,5 @@
-"""Build and load the CPU kernels in `csrc/` (plain C, called through ctypes).
+"""Build and load the CPU kernels in `csrc/` (plain C, called through ctypes; with -fopenmp where
+PyTorch runs libgomp, so that the kernels share its thread pool).
 
 The shared library is compiled on first use with the system C compiler, tuned for this
 machine (`-march=native`), and cached under `$MOE_SERVE_KERNEL_CACHE` (default
@@ -51,6 +52,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     fn = lib.moe_fused_f32
     fn.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i64, ctypes.c_int]
     fn.restype = ctypes.c_int
+    lib.cpu_kernels_openmp.restype = ctypes.c_int
+    lib.cpu_kernels_openmp.argtypes = []
     lib.moe_cpu_available.restype = ctypes.c_int
     lib.moe_cpu_available.argtypes = []
     fn = lib.linear_f32
@@ -65,33 +68,58 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     return lib
 
 
+def torch_runs_gomp() -> bool:
+    """Whether PyTorch's OpenMP runtime is a mapped `libgomp.so.1`: then a library built with
+    -fopenmp binds to that same runtime (one thread pool, already warm) instead of bringing a
+    second one whose threads would spin beside PyTorch's (Linux; False where it cannot tell)."""
+    import torch  # noqa: F401 - its OpenMP runtime must be mapped before we look
+
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return False
+    names = {Path(line.split()[-1]).name for line in maps.splitlines() if "omp" in line and "/" in line}
+    return "libgomp.so.1" in names and not any("iomp" in n or n.startswith("libgomp-") for n in names)
+
+
+def _build(cc: str, flags: list[str]) -> Path | None:
+    src = b"".join((CSRC / s).read_bytes() for s in SOURCES + HEADERS)
+    key = hashlib.sha256(src + " ".join([cc, *flags, _cpu_id()]).encode()).hexdigest()[:16]
+    out = _cache_dir() / f"moe_serve_cpu_{key}.so"
+    if out.exists():
+        return out
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+            tmp_so = Path(tmp) / out.name
+            cmd = [cc, *flags, *(str(CSRC / s) for s in SOURCES), "-o", str(tmp_so), "-lm"]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                log.warning("building the CPU kernels failed (%s): %s", " ".join(cmd), proc.stderr.strip()[-2000:])
+                return None
+            os.replace(tmp_so, out)  # atomic: concurrent builders race harmlessly
+    except OSError as e:
+        log.warning("cannot build the CPU kernels (%s)", e)
+        return None
+    return out
+
+
 @functools.lru_cache(maxsize=1)
 def load() -> ctypes.CDLL | None:
-    """The compiled kernels, or None where they cannot be built here (MOE_SERVE_CPU_KERNELS=0 disables)."""
+    """The compiled kernels, or None where they cannot be built here (MOE_SERVE_CPU_KERNELS=0
+    disables). Threads: PyTorch's OpenMP pool (-fopenmp) where `torch_runs_gomp`, pthreads
+    otherwise, or when the OpenMP build fails."""
     if os.environ.get("MOE_SERVE_CPU_KERNELS", "1") == "0":
         return None
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if cc is None:
-        log.warning("no C compiler found: CPU paged attention falls back to the PyTorch gather path")
+        log.warning("no C compiler found: the CPU kernels fall back to the PyTorch paths")
         return None
-    src = b"".join((CSRC / s).read_bytes() for s in SOURCES + HEADERS)
-    key = hashlib.sha256(src + " ".join([cc, *FLAGS, _cpu_id()]).encode()).hexdigest()[:16]
-    out = _cache_dir() / f"moe_serve_cpu_{key}.so"
-    if not out.exists():
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-                tmp_so = Path(tmp) / out.name
-                cmd = [cc, *FLAGS, *(str(CSRC / s) for s in SOURCES), "-o", str(tmp_so), "-lm"]
-                proc = subprocess.run(cmd, capture_output=True, text=True)
-                if proc.returncode != 0:
-                    log.warning("building the CPU kernels failed (%s): %s; using the PyTorch path",
-                                " ".join(cmd), proc.stderr.strip()[-2000:])
-                    return None
-                os.replace(tmp_so, out)  # atomic: concurrent builders race harmlessly
-        except OSError as e:
-            log.warning("cannot build the CPU kernels (%s); using the PyTorch path", e)
-            return None
+    out = _build(cc, FLAGS + ["-fopenmp"]) if torch_runs_gomp() else None
+    out = out or _build(cc, FLAGS)
+    if out is None:
+        log.warning("using the PyTorch paths instead of the CPU kernels")
+        return None
     try:
         return _declare(ctypes.CDLL(str(out)))
     except OSError as e:

@@ -4,8 +4,9 @@
  * each panel is streamed once per call while the batch's rows (at most a few dozen in a
  * decode step) are applied to it. oneDNN's GEMM, built for larger M, reads the weight at a
  * fraction of the memory bandwidth at these sizes (docs/benchmarks.md, "CPU kernels").
- * Built by models/kernels/cpu_build.py, called through ctypes (GIL released); threads are
- * plain pthreads, each taking a contiguous range of panels.
+ * Built by models/kernels/cpu_build.py, called through ctypes (GIL released); each thread takes
+ * a contiguous range of panels: PyTorch's OpenMP pool with -fopenmp, pthreads otherwise (see
+ * moe_cpu.c).
  */
 #include <stdint.h>
 
@@ -52,12 +53,18 @@ int linear_f32(const float *x, const float *Wp, const float *bias, float *y, int
     int started[LIN_MAX_THREADS] = {0};
     for (int t = 0; t < nthreads; t++)
         jobs[t] = (lin_job_t){x, Wp, bias, y, M, N, K, ldx, panels * t / nthreads, panels * (t + 1) / nthreads};
+#ifdef _OPENMP
+    (void)tids; (void)started;
+#pragma omp parallel for num_threads(nthreads) schedule(static, 1)
+    for (int t = 0; t < nthreads; t++) lin_range(&jobs[t]);
+#else
     for (int t = 1; t < nthreads; t++) started[t] = pthread_create(&tids[t], NULL, lin_range, &jobs[t]) == 0;
     for (int t = 1; t < nthreads; t++)
         if (!started[t]) lin_range(&jobs[t]);
     lin_range(&jobs[0]);
     for (int t = 1; t < nthreads; t++)
         if (started[t]) pthread_join(tids[t], NULL);
+#endif
     return 0;
 }
 

@@ -6,8 +6,10 @@
  * are gathered, gate+up run with SiLU-and-mul fused into the same pass, then down; each
  * weight is read once per call, as one sequential stream (the packed layouts below), which
  * is what a decode step on the CPU is bound by. Built by models/kernels/cpu_build.py and
- * called through ctypes (the GIL is released for the call). Threads: plain pthreads, as in
- * paged_attention_cpu.c (an OpenMP runtime of our own would spin beside PyTorch's).
+ * called through ctypes (the GIL is released for the call). Threads: PyTorch's own OpenMP pool
+ * when cpu_build compiles with -fopenmp (it does so only where PyTorch's runtime is the
+ * libgomp.so.1 this library binds to, so that there is one pool, warm, and no second set of
+ * threads spinning beside it); plain pthreads otherwise.
  *
  * Packed layouts (moe_pack_f32 builds them from the model's [E, 2I, H] and [E, H, I]):
  *   w13p [E, I/16, 2, H, 16]  panel j: the gate rows 16j..16j+15, then the up rows, each
@@ -25,6 +27,15 @@
 #include <string.h>
 
 int moe_cpu_available(void) { return 1; }
+
+/* 1 when built with -fopenmp: the kernels' threads are PyTorch's OpenMP pool */
+int cpu_kernels_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
 
 #include "panel_gemm.h"
 
@@ -109,6 +120,11 @@ static void run_phase(moe_job_t *base, int phase, int nthreads) {
         }
         jobs[t].last = it;
     }
+#ifdef _OPENMP
+    (void)tids; (void)started;
+#pragma omp parallel for num_threads(nthreads) schedule(static, 1)
+    for (int t = 0; t < nthreads; t++) run_items(&jobs[t]);
+#else
     for (int t = 1; t < nthreads; t++)
         if (jobs[t].first < jobs[t].last) started[t] = pthread_create(&tids[t], NULL, run_thread, &jobs[t]) == 0;
     for (int t = 1; t < nthreads; t++)
@@ -116,6 +132,7 @@ static void run_phase(moe_job_t *base, int phase, int nthreads) {
     run_items(&jobs[0]);
     for (int t = 1; t < nthreads; t++)
         if (started[t]) pthread_join(tids[t], NULL);
+#endif
 }
 
 /* Returns 0 on success, 1 when out of memory, 2 for an expert id out of range, 3 for bad shapes.
@@ -181,6 +198,7 @@ void moe_pack_f32(const float *w13, const float *w2, float *w13p, float *w2p, in
 
 #else /* no AVX2 + FMA: the callers keep the PyTorch path */
 int moe_cpu_available(void) { return 0; }
+int cpu_kernels_openmp(void) { return 0; }
 int moe_fused_f32(const float *x, const int64_t *topk_ids, const float *topk_w, const float *w13p,
                   const float *w2p, float *out, int64_t T, int64_t k, int64_t E, int64_t H, int64_t I,
                   int nthreads) { return 4; }

@@ -193,3 +193,19 @@ def test_model_uses_the_cpu_kernel_and_matches_the_loop(family_checkpoint):
     model.set_kernels(KernelConfig(moe="loop"))
     assert all(b.packed_experts is None for b in model.moe_blocks())
     assert rel_err(fast, torch.cat(prefill_logits(model, prompts))) < 1e-5
+
+
+def test_cpu_kernels_share_pytorchs_openmp_pool():
+    """Where PyTorch runs libgomp, the kernels are built with -fopenmp and bind to that same
+    runtime: one libgomp in the process, so their threads are PyTorch's pool (no second set of
+    threads spinning beside it)."""
+    from models.kernels import cpu_build
+
+    needs_cpu_kernel()
+    if not cpu_build.torch_runs_gomp():
+        pytest.skip("this PyTorch build does not run libgomp.so.1 (the kernels use pthreads)")
+    lib = cpu_build.load()
+    assert lib.cpu_kernels_openmp() == 1
+    maps = open("/proc/self/maps").read().splitlines()
+    gomp = {line.split()[-1] for line in maps if "libgomp" in line}
+    assert len(gomp) == 1, gomp

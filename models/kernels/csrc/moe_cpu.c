@@ -93,10 +93,12 @@ static void run_items(const moe_job_t *J) {
     }
 }
 
+#ifndef _OPENMP
 static void *run_thread(void *arg) {
     run_items((const moe_job_t *)arg);
     return NULL;
 }
+#endif
 
 /* Split a phase's items over threads, balanced by tokens (an item costs its expert's rows). */
 static void run_phase(moe_job_t *base, int phase, int nthreads) {

@@ -209,3 +209,28 @@ def test_cpu_kernels_share_pytorchs_openmp_pool():
     maps = open("/proc/self/maps").read().splitlines()
     gomp = {line.split()[-1] for line in maps if "libgomp" in line}
     assert len(gomp) == 1, gomp
+
+
+def test_pthread_build_matches_the_default_build():
+    """The kernels built without OpenMP (threads of their own: PyTorch builds on another
+    runtime, or -fopenmp unavailable) give bitwise the same results on several threads."""
+    import ctypes
+    import shutil
+
+    from models.kernels import cpu_build
+    from models.kernels.cpu_moe import PackedExperts, moe_cpu
+
+    needs_cpu_kernel()
+    cc = shutil.which("cc") or shutil.which("gcc")
+    path = cpu_build._build(cc, list(cpu_build.FLAGS))
+    assert path is not None
+    plain = cpu_build._declare(ctypes.CDLL(str(path)))
+    assert plain.cpu_kernels_openmp() == 0
+    x, w13, w2, ids, w = make_case(40, 32, 64, 4, 2)
+    packed = PackedExperts(w13, w2)
+    expected = moe_cpu(x, packed, ids, w)
+    p13, p2 = packed.get()
+    out = torch.empty_like(expected)
+    assert plain.moe_fused_f32(x.data_ptr(), ids.contiguous().data_ptr(), w.contiguous().data_ptr(), p13.data_ptr(),
+                               p2.data_ptr(), out.data_ptr(), 40, 2, 4, 32, 64, 3) == 0
+    assert torch.equal(out, expected)

@@ -108,14 +108,15 @@ def _build(cc: str, flags: list[str]) -> Path | None:
 def load() -> ctypes.CDLL | None:
     """The compiled kernels, or None where they cannot be built here (MOE_SERVE_CPU_KERNELS=0
     disables). Threads: PyTorch's OpenMP pool (-fopenmp) where `torch_runs_gomp`, pthreads
-    otherwise, or when the OpenMP build fails."""
+    otherwise, when the OpenMP build fails, or with MOE_SERVE_CPU_KERNELS_OPENMP=0."""
     if os.environ.get("MOE_SERVE_CPU_KERNELS", "1") == "0":
         return None
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if cc is None:
         log.warning("no C compiler found: the CPU kernels fall back to the PyTorch paths")
         return None
-    out = _build(cc, FLAGS + ["-fopenmp"]) if torch_runs_gomp() else None
+    openmp = os.environ.get("MOE_SERVE_CPU_KERNELS_OPENMP", "1") != "0" and torch_runs_gomp()
+    out = _build(cc, FLAGS + ["-fopenmp"]) if openmp else None
     out = out or _build(cc, FLAGS)
     if out is None:
         log.warning("using the PyTorch paths instead of the CPU kernels")

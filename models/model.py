@@ -108,11 +108,13 @@ class MoEForCausalLM(nn.Module):
 
         layout = kernels.cpu_linear_layout()
 
-        def packed(weight, index=None):
-            key = (id(weight), index, layout)
+        def cached(key, make):
             if key not in cache:
-                cache[key] = PackedWeight(weight, index, layout=layout)
+                cache[key] = make()
             return cache[key]
+
+        def packed(weight, index=None):
+            return cached((id(weight), index, layout), lambda: PackedWeight(weight, index, layout=layout))
 
         self.packed_lm_head = packed(self.lm_head.weight) if pack else None
         for attn in gqa:
@@ -122,13 +124,8 @@ class MoEForCausalLM(nn.Module):
             # a "cpu" block runs large batches (prefill) through the loop: it gets both copies
             b.packed_w13 = ([packed(b.w13, e) for e in range(b.num_experts)]
                             if pack and (b in loops or b in kernel_blocks) else None)
-            if b in kernel_blocks:
-                key = (id(b.w13), id(b.w2))
-                if key not in cache:
-                    cache[key] = PackedExperts(b.w13, b.w2)
-                b.packed_experts = cache[key]
-            else:
-                b.packed_experts = None
+            b.packed_experts = (cached((id(b.w13), id(b.w2)), lambda: PackedExperts(b.w13, b.w2))
+                                if b in kernel_blocks else None)
 
     def kernel_backends(self) -> dict[str, list[str]]:
         """The resolved backend of every layer: {"attention": [...], "moe": [...]}."""

@@ -19,10 +19,9 @@ import functools
 
 import torch
 
-from models.kernels import cpu_build
-from models.kernels.cpu_moe import version
+from models.kernels import cpu_build, cpu_moe
+from models.kernels.cpu_moe import PANEL, version
 
-PANEL = 16
 # below this many multiply-adds one thread is faster than starting others
 MIN_MACS_PER_THREADING = 1 << 24
 
@@ -37,10 +36,7 @@ def onednn_available() -> bool:
         return False
 
 
-@functools.lru_cache(maxsize=1)
 def panels_available() -> bool:
-    from models.kernels import cpu_moe
-
     return cpu_moe.available()  # the same library and CPU features
 
 

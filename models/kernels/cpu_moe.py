@@ -18,7 +18,7 @@ import torch
 
 from models.kernels import cpu_build
 
-PANEL = 16  # the kernel's panel width: H and I must be multiples of it
+PANEL = 16  # the kernels' panel width (NR in csrc/panel_gemm.h): H, I and linear outputs are multiples
 
 
 @functools.lru_cache(maxsize=1)
@@ -63,10 +63,6 @@ class PackedExperts:
                                           E, H, two_i // 2)
             self._packed, self._key = (p13, p2), key
         return self._packed
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.w13, self.w2))
 
 
 # below this many token-expert pairs one thread reads the weights as fast as several (measured

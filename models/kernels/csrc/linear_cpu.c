@@ -5,17 +5,12 @@
  * decode step) are applied to it. oneDNN's GEMM, built for larger M, reads the weight at a
  * fraction of the memory bandwidth at these sizes (docs/benchmarks.md, "CPU kernels").
  * Built by models/kernels/cpu_build.py, called through ctypes (GIL released); each thread takes
- * a contiguous range of panels: PyTorch's OpenMP pool with -fopenmp, pthreads otherwise (see
- * moe_cpu.c).
+ * a contiguous range of panels (`run_jobs`, panel_gemm.h).
  */
 #include <stdint.h>
 
 #if defined(__AVX2__) && defined(__FMA__)
-#include <pthread.h>
-
 #include "panel_gemm.h"
-
-#define LIN_MAX_THREADS 64
 
 typedef struct {
     const float *x, *Wp, *bias;
@@ -45,26 +40,13 @@ int linear_f32(const float *x, const float *Wp, const float *bias, float *y, int
                int64_t ldx, int nthreads) {
     if (N % NR || M < 0 || K < 1) return 3;
     if (nthreads < 1) nthreads = 1;
-    if (nthreads > LIN_MAX_THREADS) nthreads = LIN_MAX_THREADS;
+    if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
     const int64_t panels = N / NR;
     if (nthreads > panels) nthreads = (int)(panels > 0 ? panels : 1);
-    lin_job_t jobs[LIN_MAX_THREADS];
-    pthread_t tids[LIN_MAX_THREADS];
-    int started[LIN_MAX_THREADS] = {0};
+    lin_job_t jobs[MAX_THREADS];
     for (int t = 0; t < nthreads; t++)
         jobs[t] = (lin_job_t){x, Wp, bias, y, M, N, K, ldx, panels * t / nthreads, panels * (t + 1) / nthreads};
-#ifdef _OPENMP
-    (void)tids; (void)started;
-#pragma omp parallel for num_threads(nthreads) schedule(static, 1)
-    for (int t = 0; t < nthreads; t++) lin_range(&jobs[t]);
-#else
-    for (int t = 1; t < nthreads; t++) started[t] = pthread_create(&tids[t], NULL, lin_range, &jobs[t]) == 0;
-    for (int t = 1; t < nthreads; t++)
-        if (!started[t]) lin_range(&jobs[t]);
-    lin_range(&jobs[0]);
-    for (int t = 1; t < nthreads; t++)
-        if (started[t]) pthread_join(tids[t], NULL);
-#endif
+    run_jobs(lin_range, jobs, sizeof jobs[0], nthreads);
     return 0;
 }
 

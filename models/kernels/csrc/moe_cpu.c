@@ -6,10 +6,8 @@
  * are gathered, gate+up run with SiLU-and-mul fused into the same pass, then down; each
  * weight is read once per call, as one sequential stream (the packed layouts below), which
  * is what a decode step on the CPU is bound by. Built by models/kernels/cpu_build.py and
- * called through ctypes (the GIL is released for the call). Threads: PyTorch's own OpenMP pool
- * when cpu_build compiles with -fopenmp (it does so only where PyTorch's runtime is the
- * libgomp.so.1 this library binds to, so that there is one pool, warm, and no second set of
- * threads spinning beside it); plain pthreads otherwise.
+ * called through ctypes (the GIL is released for the call). Threads: `run_jobs` (panel_gemm.h),
+ * PyTorch's own OpenMP pool where cpu_build compiles with -fopenmp, pthreads otherwise.
  *
  * Packed layouts (moe_pack_f32 builds them from the model's [E, 2I, H] and [E, H, I]):
  *   w13p [E, I/16, 2, H, 16]  panel j: the gate rows 16j..16j+15, then the up rows, each
@@ -22,7 +20,6 @@
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
-#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -38,8 +35,6 @@ int cpu_kernels_openmp(void) {
 }
 
 #include "panel_gemm.h"
-
-#define MAX_THREADS 64
 
 typedef struct {
     /* shapes */
@@ -93,20 +88,16 @@ static void run_items(const moe_job_t *J) {
     }
 }
 
-#ifndef _OPENMP
 static void *run_thread(void *arg) {
     run_items((const moe_job_t *)arg);
     return NULL;
 }
-#endif
 
 /* Split a phase's items over threads, balanced by tokens (an item costs its expert's rows). */
 static void run_phase(moe_job_t *base, int phase, int nthreads) {
     const int64_t panels = phase == 0 ? base->I / NR : base->H / NR, items = base->E * panels;
     const int64_t P = base->start[base->E];
     moe_job_t jobs[MAX_THREADS];
-    pthread_t tids[MAX_THREADS];
-    int started[MAX_THREADS] = {0};
     /* cost of item it: rows of its expert + a constant (the panel is read even for one row) */
     const int64_t total = P * panels + items;
     int64_t it = 0, acc = 0;
@@ -122,19 +113,7 @@ static void run_phase(moe_job_t *base, int phase, int nthreads) {
         }
         jobs[t].last = it;
     }
-#ifdef _OPENMP
-    (void)tids; (void)started;
-#pragma omp parallel for num_threads(nthreads) schedule(static, 1)
-    for (int t = 0; t < nthreads; t++) run_items(&jobs[t]);
-#else
-    for (int t = 1; t < nthreads; t++)
-        if (jobs[t].first < jobs[t].last) started[t] = pthread_create(&tids[t], NULL, run_thread, &jobs[t]) == 0;
-    for (int t = 1; t < nthreads; t++)
-        if (!started[t] && jobs[t].first < jobs[t].last) run_items(&jobs[t]);
-    run_items(&jobs[0]);
-    for (int t = 1; t < nthreads; t++)
-        if (started[t]) pthread_join(tids[t], NULL);
-#endif
+    run_jobs(run_thread, jobs, sizeof jobs[0], nthreads);
 }
 
 /* Returns 0 on success, 1 when out of memory, 2 for an expert id out of range, 3 for bad shapes.

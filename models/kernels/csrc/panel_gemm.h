@@ -8,6 +8,8 @@
 #ifndef MOE_SERVE_PANEL_GEMM_H
 #define MOE_SERVE_PANEL_GEMM_H
 #include <immintrin.h>
+#include <pthread.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #define NR 16 /* panel width (two AVX registers) */
@@ -127,6 +129,31 @@ static inline void pack_panels(const float *W, int64_t ldw, int64_t N, int64_t K
             float *d = dst + j * K * NR + c;
             for (int64_t kk = 0; kk < K; kk++) d[kk * NR] = src[kk];
         }
+}
+
+#define MAX_THREADS 64
+
+typedef void *(*job_fn_t)(void *);
+
+/* Run fn(jobs + t * size) for t < n (n <= MAX_THREADS): on PyTorch's OpenMP pool when built
+ * with -fopenmp (cpu_build.py does so only where PyTorch's runtime is the libgomp.so.1 this
+ * library binds to: one pool, warm, no second set of threads spinning beside it); otherwise
+ * job 0 on the calling thread and the others on pthreads (inline where one cannot start). */
+static inline void run_jobs(job_fn_t fn, void *jobs, size_t size, int n) {
+    char *base = (char *)jobs;
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(n) schedule(static, 1)
+    for (int t = 0; t < n; t++) fn(base + (size_t)t * size);
+#else
+    pthread_t tids[MAX_THREADS];
+    int started[MAX_THREADS] = {0};
+    for (int t = 1; t < n; t++) started[t] = pthread_create(&tids[t], NULL, fn, base + (size_t)t * size) == 0;
+    for (int t = 1; t < n; t++)
+        if (!started[t]) fn(base + (size_t)t * size);
+    fn(base);
+    for (int t = 1; t < n; t++)
+        if (started[t]) pthread_join(tids[t], NULL);
+#endif
 }
 
 #endif

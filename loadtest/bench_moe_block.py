@@ -16,7 +16,7 @@ import time
 import torch
 import transformers
 
-from models.config import MoEModelConfig
+from models.hf_config import from_hf_config
 from models.layers.moe import MoEBlock
 
 
@@ -28,7 +28,7 @@ def build(hidden: int, inter: int, experts: int, top_k: int, dtype: torch.dtype)
     ref = transformers.models.mixtral.modeling_mixtral.MixtralSparseMoeBlock(hf_cfg).eval()
     for p in ref.parameters():
         torch.nn.init.normal_(p, std=0.02)
-    ours = MoEBlock(MoEModelConfig.from_hf_config(hf_cfg, "MixtralForCausalLM"), 0).eval()
+    ours = MoEBlock(from_hf_config(hf_cfg, "MixtralForCausalLM"), 0).eval()
     with torch.no_grad():
         ours.gate.weight.copy_(ref.gate.weight)
         ours.w13.copy_(ref.experts.gate_up_proj)  # [E, 2I, H]: gate rows then up rows, as ours
@@ -66,7 +66,7 @@ def main() -> None:
     print(f"MoE block: hidden {args.hidden}, intermediate {args.intermediate}, {args.experts} experts top-{args.top_k}, "
           f"{args.dtype}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"transformers {transformers.__version__}")
-    print(f"| tokens | transformers (ms) | moe-serve (ms) | speed-up |\n|---:|---:|---:|---:|")
+    print("| tokens | transformers (ms) | moe-serve (ms) | speed-up |\n|---:|---:|---:|---:|")
     for n in args.tokens:
         x = torch.randn(n, args.hidden, dtype=dtype)
         with torch.inference_mode():

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 import torch
 import transformers
 
-from models.config import MoEModelConfig
+from models.hf_config import from_hf_config
+from models.kernels.plan import resolve_plan
 from models.model import MoEForCausalLM
 
 SHAPES = {
@@ -52,7 +53,7 @@ def hf_config(shape: str, num_layers: int, dtype: torch.dtype, tiny: bool = Fals
 def random_model(shape: str, num_layers: int, dtype: torch.dtype, device: str, seed: int = 0,
                  tiny: bool = False) -> MoEForCausalLM:
     arch, hf = hf_config(shape, num_layers, dtype, tiny)
-    cfg = MoEModelConfig.from_hf_config(hf, arch)
+    cfg = from_hf_config(hf, arch)
     with torch.device("meta"):
         model = MoEForCausalLM(cfg).to(dtype)
     model = model.to_empty(device=device)
@@ -65,6 +66,7 @@ def random_model(shape: str, num_layers: int, dtype: torch.dtype, device: str, s
         else:
             p.normal_(0.0, 0.02, generator=gen)
     model.rotary.reset_parameters()
+    model.apply_plan(resolve_plan(cfg, torch.device(device), dtype))
     return model.eval()
 
 

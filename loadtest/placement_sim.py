@@ -182,9 +182,9 @@ def table(results: list[Result], interval: int) -> str:
 
 # -- CLI ----------------------------------------------------------------------------------------
 def _model_sizes(path: str) -> tuple[int, int]:
-    from models.config import MoEModelConfig
+    from models.hf_config import load_config
 
-    cfg = MoEModelConfig.from_hf(path)
+    cfg = load_config(path)
     wbytes = {"float32": 4, "float16": 2, "bfloat16": 2}.get(cfg.torch_dtype, 2)
     return 3 * cfg.hidden_size * cfg.moe_intermediate_size * wbytes, cfg.hidden_size
 

@@ -9,9 +9,9 @@ __all__ = ["MoEModelConfig", "UnsupportedModelError", "load_model"]
 
 def __getattr__(name: str) -> Any:
     # `load_model` needs torch: imported on first use, so that torch-free modules of this
-    # package (models.config, models.dtypes) import without it
+    # package (models.config, models.dtypes, models.kernels.flags) import without it
     if name == "load_model":
-        from models.registry import load_model
+        from models.build import load_model
 
         return load_model
     raise AttributeError(f"module 'models' has no attribute {name!r}")

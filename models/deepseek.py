@@ -16,7 +16,49 @@ import math
 from typing import Any
 
 from models.config import MLAConfig, MoEModelConfig, RouterConfig, UnsupportedModelError
-from models.loader import WeightMap, common_entries, mlp_entries
+from models.family import PublishedConfig, TinyConfig
+from models.weight_map import WeightMap, decoder_map, moe_entries
+
+ARCHITECTURES = ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM")
+_YARN = dict(type="yarn", factor=40, original_max_position_embeddings=4096, beta_fast=32, beta_slow=1, mscale=1.0,
+             mscale_all_dim=1.0)
+PUBLISHED = (
+    PublishedConfig("DeepSeek-V2", "DeepSeek-V2-Lite", "DeepseekV2ForCausalLM", dict(
+        hidden_size=2048, num_hidden_layers=27, num_attention_heads=16, num_key_value_heads=16,
+        intermediate_size=10944, moe_intermediate_size=1408, n_routed_experts=64, n_shared_experts=2,
+        num_experts_per_tok=6, first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=512, qk_nope_head_dim=128,
+        qk_rope_head_dim=64, v_head_dim=128, topk_method="greedy", n_group=1, topk_group=1,
+        routed_scaling_factor=1.0, vocab_size=102400, max_position_embeddings=163840,
+        rope_scaling=dict(_YARN, mscale=0.707, mscale_all_dim=0.707))),
+    PublishedConfig("DeepSeek-V3", "DeepSeek-V3 / R1", "DeepseekV3ForCausalLM", dict(
+        hidden_size=7168, num_hidden_layers=61, num_attention_heads=128, num_key_value_heads=128,
+        intermediate_size=18432, moe_intermediate_size=2048, n_routed_experts=256, n_shared_experts=1,
+        num_experts_per_tok=8, first_k_dense_replace=3, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
+        qk_rope_head_dim=64, v_head_dim=128, n_group=8, topk_group=4, routed_scaling_factor=2.5,
+        norm_topk_prob=True, vocab_size=129280, max_position_embeddings=163840, rope_scaling=_YARN),
+        quantized="FP8 block"),
+    PublishedConfig("DeepSeek-V3", "Kimi K2", "DeepseekV3ForCausalLM", dict(
+        hidden_size=7168, num_hidden_layers=61, num_attention_heads=64, num_key_value_heads=64,
+        intermediate_size=18432, moe_intermediate_size=2048, n_routed_experts=384, n_shared_experts=1,
+        num_experts_per_tok=8, first_k_dense_replace=1, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
+        qk_rope_head_dim=64, v_head_dim=128, n_group=1, topk_group=1, routed_scaling_factor=2.827,
+        norm_topk_prob=True, vocab_size=163840, max_position_embeddings=131072,
+        rope_scaling=dict(_YARN, factor=32.0)), quantized="FP8 block"),
+)
+_MLA = dict(kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, moe_intermediate_size=32,
+            intermediate_size=96, n_routed_experts=8, num_experts_per_tok=2, first_k_dense_replace=1,
+            n_shared_experts=1, num_key_value_heads=4)
+TINY = (
+    # MLA without q_lora, group-limited greedy softmax routing, routed scaling, a dense first layer
+    TinyConfig("deepseek_v2", "DeepseekV2ForCausalLM", dict(
+        _MLA, q_lora_rank=None, topk_method="group_limited_greedy", n_group=4, topk_group=2,
+        routed_scaling_factor=1.5, norm_topk_prob=False), engine="slow"),
+    # MLA with q_lora, sigmoid + correction bias, noaux_tc group top-k, YaRN with mscale
+    TinyConfig("deepseek_v3", "DeepseekV3ForCausalLM", dict(
+        _MLA, q_lora_rank=24, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+        rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=128,
+                             beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0)), engine="default"),
+)
 
 
 def hf_config_class(arch: str):
@@ -96,10 +138,7 @@ def mla_entries(cfg: MoEModelConfig, layer: int) -> WeightMap:
 
 
 def weight_map(cfg: MoEModelConfig) -> WeightMap:
-    out = common_entries(cfg, attention=False)
     v3 = cfg.router.correction_bias
-    for i in range(cfg.num_layers):
-        out.update(mla_entries(cfg, i))
-        hf = f"model.layers.{i}.mlp"
-        out.update(mlp_entries(cfg, i, hf, correction=(f"{hf}.gate.e_score_correction_bias", None) if v3 else None))
-    return out
+    return decoder_map(cfg, lambda i, hf, ours: moe_entries(
+        cfg, i, hf, correction=(f"{hf}.gate.e_score_correction_bias", None) if v3 else None),
+        attention=lambda i: mla_entries(cfg, i))

@@ -8,7 +8,23 @@ from __future__ import annotations
 from typing import Any
 
 from models.config import MoEModelConfig, RouterConfig, UnsupportedModelError
-from models.loader import WeightMap, common_entries, mlp_entries
+from models.family import PublishedConfig, TinyConfig
+from models.weight_map import WeightMap, decoder_map, moe_entries
+
+ARCHITECTURES = ("Ernie4_5_MoeForCausalLM",)
+PUBLISHED = (
+    PublishedConfig("ERNIE 4.5 MoE", "ERNIE-4.5-21B-A3B", "Ernie4_5_MoeForCausalLM", dict(
+        hidden_size=2560, num_hidden_layers=28, num_attention_heads=20, num_key_value_heads=4,
+        intermediate_size=12288, moe_intermediate_size=1536, moe_num_experts=64, moe_k=6, moe_num_shared_experts=2,
+        moe_layer_start_index=1, moe_layer_end_index=27, vocab_size=103424, max_position_embeddings=131072,
+        rope_theta=5e5)),
+)
+TINY = (
+    # biases everywhere, a correction bias on a softmax router, shared experts, a dense first layer
+    TinyConfig("ernie4_5_moe", "Ernie4_5_MoeForCausalLM", dict(
+        intermediate_size=96, moe_intermediate_size=32, moe_num_experts=8, moe_k=2, moe_num_shared_experts=1,
+        moe_layer_start_index=1, use_bias=True, bos_token_id=1, eos_token_id=2, pad_token_id=0), engine="slow"),
+)
 
 
 def hf_config_class(arch: str):
@@ -37,9 +53,5 @@ def config_fields(hf: Any, arch: str, num_layers: int) -> dict[str, Any]:
 
 
 def weight_map(cfg: MoEModelConfig) -> WeightMap:
-    out = common_entries(cfg)
-    for i in range(cfg.num_layers):
-        hf = f"model.layers.{i}.mlp"
-        out.update(mlp_entries(cfg, i, hf, correction=(f"{hf}.moe_statics.e_score_correction_bias",
-                                                        lambda t: t.reshape(-1))))  # [1, E] -> [E]
-    return out
+    return decoder_map(cfg, lambda i, hf, ours: moe_entries(
+        cfg, i, hf, correction=(f"{hf}.moe_statics.e_score_correction_bias", lambda t: t.reshape(-1))))  # [1, E]

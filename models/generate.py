@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from models.layers.attention import AttentionMetadata
+from models.layers.paged import AttentionMetadata
 from models.layers.moe import RoutingCapture
 from models.model import MoEForCausalLM
 
@@ -24,6 +24,7 @@ class SimpleRunner:
         self.tables = torch.arange(batch * self.blocks_per_seq, device=dev).view(batch, self.blocks_per_seq)
         self.device = dev
 
+    @torch.inference_mode()
     def step(
         self, seqs: list[int], new_tokens: list[list[int]], start: list[int], capture: RoutingCapture | None = None
     ) -> torch.Tensor:

@@ -12,7 +12,27 @@ from typing import Any
 import torch
 
 from models.config import MoEModelConfig, RouterConfig
-from models.loader import WeightMap, common_entries
+from models.family import PublishedConfig, TinyConfig
+from models.weight_map import WeightMap, decoder_map
+
+ARCHITECTURES = ("GptOssForCausalLM",)
+PUBLISHED = (
+    PublishedConfig("gpt-oss", "gpt-oss-120b", "GptOssForCausalLM", dict(
+        hidden_size=2880, num_hidden_layers=36, num_attention_heads=64, num_key_value_heads=8, head_dim=64,
+        intermediate_size=2880, num_local_experts=128, num_experts_per_tok=4, sliding_window=128,
+        vocab_size=201088, max_position_embeddings=131072, swiglu_limit=7.0,
+        rope_scaling=dict(rope_type="yarn", factor=32.0, beta_fast=32.0, beta_slow=1.0,
+                          original_max_position_embeddings=4096, truncate=False), rope_theta=150000.0),
+        quantized="MXFP4 experts"),
+)
+TINY = (
+    # sinks, sliding window 8 on even layers, YaRN, router bias, expert biases, clamped SwiGLU
+    TinyConfig("gpt_oss", "GptOssForCausalLM", dict(
+        intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, head_dim=16, sliding_window=8,
+        swiglu_limit=0.5, rope_parameters=dict(rope_type="yarn", rope_theta=150000.0, factor=32.0,
+                                               original_max_position_embeddings=16, beta_fast=32.0, beta_slow=1.0,
+                                               truncate=False)), engine="default"),
+)
 
 
 def hf_config_class(arch: str):
@@ -43,15 +63,17 @@ def _gate_up(t: torch.Tensor) -> torch.Tensor:
 
 
 def weight_map(cfg: MoEModelConfig) -> WeightMap:
-    out = common_entries(cfg)
     H, inter = cfg.hidden_size, cfg.moe_intermediate_size
     weights, bias = lambda n: (slice(None), slice(None), slice(0, n)), lambda n: (slice(None), slice(None), n)
-    for i in range(cfg.num_layers):
-        hf, ours = f"model.layers.{i}.mlp", f"layers.{i}.moe"
-        out[f"{hf}.router.weight"] = (f"{ours}.gate.weight", ())
-        out[f"{hf}.router.bias"] = (f"{ours}.gate.bias", ())
-        out[f"{hf}.experts.gate_up_proj"] = (f"{ours}.w13", weights(H), _gate_up)
-        out[f"{hf}.experts.gate_up_proj_bias"] = (f"{ours}.w13", bias(H), _deinterleave)
-        out[f"{hf}.experts.down_proj"] = (f"{ours}.w2", weights(inter), lambda t: t.transpose(1, 2))
-        out[f"{hf}.experts.down_proj_bias"] = (f"{ours}.w2", bias(inter))
-    return out
+
+    def moe(i: int, hf: str, ours: str) -> WeightMap:
+        return {
+            f"{hf}.router.weight": (f"{ours}.gate.weight", ()),
+            f"{hf}.router.bias": (f"{ours}.gate.bias", ()),
+            f"{hf}.experts.gate_up_proj": (f"{ours}.w13", weights(H), _gate_up),
+            f"{hf}.experts.gate_up_proj_bias": (f"{ours}.w13", bias(H), _deinterleave),
+            f"{hf}.experts.down_proj": (f"{ours}.w2", weights(inter), lambda t: t.transpose(1, 2)),
+            f"{hf}.experts.down_proj_bias": (f"{ours}.w2", bias(inter)),
+        }
+
+    return decoder_map(cfg, moe)

@@ -9,7 +9,26 @@ from __future__ import annotations
 from typing import Any
 
 from models.config import MoEModelConfig, RouterConfig
-from models.loader import WeightMap, common_entries, proj_entries
+from models.family import PublishedConfig, TinyConfig
+from models.weight_map import WeightMap, decoder_map, proj_entries
+
+ARCHITECTURES = ("Llama4ForCausalLM",)
+PUBLISHED = (
+    PublishedConfig("Llama 4", "Llama-4-Scout-17B-16E (text)", "Llama4ForCausalLM", dict(
+        hidden_size=5120, num_hidden_layers=48, num_attention_heads=40, num_key_value_heads=8, head_dim=128,
+        intermediate_size=8192, intermediate_size_mlp=16384, num_local_experts=16, num_experts_per_tok=1,
+        interleave_moe_layer_step=1, attention_chunk_size=8192, use_qk_norm=True, attn_temperature_tuning=True,
+        floor_scale=8192, attn_scale=0.1, vocab_size=202048, max_position_embeddings=10485760, rope_theta=5e5,
+        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                          original_max_position_embeddings=8192))),
+)
+TINY = (
+    # MoE on odd layers, NoPE odd layers with temperature tuning, chunked attention (8) elsewhere
+    TinyConfig("llama4", "Llama4ForCausalLM", dict(
+        num_hidden_layers=4, intermediate_size=32, intermediate_size_mlp=48, num_local_experts=4,
+        num_experts_per_tok=1, head_dim=16, interleave_moe_layer_step=2, no_rope_layer_interval=2,
+        attention_chunk_size=8, floor_scale=4, attn_scale=0.1), engine="default"),
+)
 
 
 def hf_config_class(arch: str):
@@ -40,16 +59,14 @@ def config_fields(hf: Any, arch: str, num_layers: int) -> dict[str, Any]:
 
 
 def weight_map(cfg: MoEModelConfig) -> WeightMap:
-    out = common_entries(cfg)
-    for i in range(cfg.num_layers):
-        hf, ours = f"model.layers.{i}.feed_forward", f"layers.{i}"
-        if not cfg.sparse_layers[i]:
-            out.update(proj_entries(cfg.dense_intermediate_size, hf, f"{ours}.mlp.w13.weight", f"{ours}.mlp.w2.weight"))
-            continue
-        out[f"{hf}.router.weight"] = (f"{ours}.moe.gate.weight", ())
+    def moe(i: int, hf: str, ours: str) -> WeightMap:
         # stacked [E, H, 2I] (gate columns, then up) and [E, I, H]: ours is their transpose
-        out[f"{hf}.experts.gate_up_proj"] = (f"{ours}.moe.w13", (), lambda t: t.transpose(1, 2))
-        out[f"{hf}.experts.down_proj"] = (f"{ours}.moe.w2", (), lambda t: t.transpose(1, 2))
-        out.update(proj_entries(cfg.shared_expert_intermediate_size, f"{hf}.shared_expert",
-                                f"{ours}.moe.shared.w13.weight", f"{ours}.moe.shared.w2.weight"))
-    return out
+        return {
+            f"{hf}.router.weight": (f"{ours}.gate.weight", ()),
+            f"{hf}.experts.gate_up_proj": (f"{ours}.w13", (), lambda t: t.transpose(1, 2)),
+            f"{hf}.experts.down_proj": (f"{ours}.w2", (), lambda t: t.transpose(1, 2)),
+            **proj_entries(cfg.shared_expert_intermediate_size, f"{hf}.shared_expert", f"{ours}.shared.w13.weight",
+                           f"{ours}.shared.w2.weight"),
+        }
+
+    return decoder_map(cfg, moe, block="feed_forward")

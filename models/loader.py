@@ -1,9 +1,9 @@
 """Checkpoint loading: safetensors (single file or sharded index) -> our parameters.
 
-Each family gives an explicit name-mapping table (`models/<family>.py`): every checkpoint
-tensor name maps to one of our parameters, the slice of it that it fills (our q/k/v and
-gate/up projections are fused, our experts stacked) and optionally a transform (transpose,
-de-interleave). Loading checks the table both ways: a missing tensor, an unexpected tensor or
+Each family gives an explicit name-mapping table (`models/<family>.py`, built with
+`models/weight_map.py`): every checkpoint tensor name maps to one of our parameters, the slice
+of it that it fills (our q/k/v and gate/up projections are fused, our experts stacked) and
+optionally a transform (transpose, de-interleave). Loading checks the table both ways: a missing tensor, an unexpected tensor or
 a shape mismatch fails, naming the tensors.
 
 Tensors are streamed one at a time; quantized weights (FP8 with their scales, MXFP4 blocks
@@ -19,22 +19,19 @@ import json
 import logging
 import os
 import re
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from models.config import MoEModelConfig
 from models.quant import QuantSpec
 from models.quant.fp8 import dequant_fp8
 from models.quant.mxfp4 import dequant_mxfp4
+from models.weight_map import WeightMap
 
 log = logging.getLogger(__name__)
 
-Transform = Callable[[torch.Tensor], torch.Tensor]
-# checkpoint name -> (our parameter name, index into that parameter; () for all of it[, transform])
-WeightMap = dict[str, tuple]
 
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -108,86 +105,6 @@ def iter_tensors(path: str, progress: bool = True, quant: QuantSpec | None = Non
                 yield name, tensor
         if unused:
             log.info("ignored %d activation / KV-cache scale tensors (compute runs in the model dtype)", unused)
-
-
-def attention_entries(cfg: MoEModelConfig, layer: int, hf_prefix: str, ours: str) -> WeightMap:
-    """q/k/v (fused into our qkv), o_proj, and q/k norms of one layer."""
-    q, kv = cfg.q_size, cfg.kv_size
-    out: WeightMap = {}
-    parts = {"q": slice(0, q), "k": slice(q, q + kv), "v": slice(q + kv, q + 2 * kv)}
-    kinds = ["weight"] + (["bias"] if cfg.qkv_bias else [])
-    for name, sl in parts.items():
-        for kind in kinds:
-            out[f"{hf_prefix}.{name}_proj.{kind}"] = (f"{ours}.qkv.{kind}", (sl,))
-    out[f"{hf_prefix}.o_proj.weight"] = (f"{ours}.o_proj.weight", ())
-    if cfg.o_bias:
-        out[f"{hf_prefix}.o_proj.bias"] = (f"{ours}.o_proj.bias", ())
-    if cfg.qk_norm in ("head", "full"):
-        out[f"{hf_prefix}.q_norm.weight"] = (f"{ours}.q_norm.weight", ())
-        out[f"{hf_prefix}.k_norm.weight"] = (f"{ours}.k_norm.weight", ())
-    if cfg.attention_sinks:
-        out[f"{hf_prefix}.sinks"] = (f"{ours}.sinks", ())
-    return out
-
-
-def swiglu_entries(inter: int, hf_gate: str, hf_up: str, hf_down: str, w13: str, w2: str, expert=None,
-                   bias: bool = False) -> WeightMap:
-    """gate/up -> halves of our fused w13, down -> w2 (optionally one expert of a stack); with
-    `bias`, the matching `.bias` tensors of nn.Linear-style names too."""
-    e = () if expert is None else (expert,)
-    out = {
-        hf_gate: (w13, e + (slice(0, inter),)),
-        hf_up: (w13, e + (slice(inter, 2 * inter),)),
-        hf_down: (w2, e),
-    }
-    if bias:
-        for hf, (ours, index) in list(out.items()):
-            out[hf.removesuffix(".weight") + ".bias"] = (ours.removesuffix(".weight") + ".bias", index)
-    return out
-
-
-def proj_entries(inter: int, hf: str, w13: str, w2: str, expert=None, bias: bool = False) -> WeightMap:
-    """HF's SwiGLU naming, `{hf}.{gate,up,down}_proj.weight`, onto our fused w13 and w2."""
-    return swiglu_entries(inter, f"{hf}.gate_proj.weight", f"{hf}.up_proj.weight", f"{hf}.down_proj.weight",
-                          w13, w2, expert, bias)
-
-
-def mlp_entries(cfg: MoEModelConfig, layer: int, hf: str, correction: tuple | None = None) -> WeightMap:
-    """The `mlp` naming DeepSeek, GLM-4.5 and ERNIE share: `{gate,up,down}_proj` on dense layers;
-    `gate` (router), `experts.{e}.{gate,up,down}_proj` and `shared_experts` on MoE layers, plus
-    the router's correction bias (`correction`: (checkpoint name, transform or None))."""
-    ours = f"layers.{layer}"
-    if not cfg.sparse_layers[layer]:
-        return proj_entries(cfg.dense_intermediate_size, hf, f"{ours}.mlp.w13.weight", f"{ours}.mlp.w2.weight",
-                            bias=cfg.mlp_bias)
-    out: WeightMap = {f"{hf}.gate.weight": (f"{ours}.moe.gate.weight", ())}
-    if correction is not None:
-        name, fn = correction
-        out[name] = (f"{ours}.moe.gate.e_score_correction_bias", ()) + ((fn,) if fn else ())
-    for e in range(cfg.num_experts):
-        out.update(proj_entries(cfg.moe_intermediate_size, f"{hf}.experts.{e}", f"{ours}.moe.w13",
-                                f"{ours}.moe.w2", expert=e))
-    if cfg.shared_expert_intermediate_size:
-        out.update(proj_entries(cfg.shared_expert_intermediate_size, f"{hf}.shared_experts",
-                                f"{ours}.moe.shared.w13.weight", f"{ours}.moe.shared.w2.weight", bias=cfg.mlp_bias))
-    return out
-
-
-def common_entries(cfg: MoEModelConfig, attention: bool = True) -> WeightMap:
-    out: WeightMap = {
-        "model.embed_tokens.weight": ("embed.weight", ()),
-        "model.norm.weight": ("norm.weight", ()),
-    }
-    if not cfg.tie_word_embeddings:
-        out["lm_head.weight"] = ("lm_head.weight", ())
-    if cfg.lm_head_bias:
-        out["lm_head.bias"] = ("lm_head.bias", ())
-    for i in range(cfg.num_layers):
-        out[f"model.layers.{i}.input_layernorm.weight"] = (f"layers.{i}.input_norm.weight", ())
-        out[f"model.layers.{i}.post_attention_layernorm.weight"] = (f"layers.{i}.post_attn_norm.weight", ())
-        if attention:
-            out.update(attention_entries(cfg, i, f"model.layers.{i}.self_attn", f"layers.{i}.attn"))
-    return out
 
 
 def _skipped(name: str, num_layers: int) -> bool:

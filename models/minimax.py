@@ -7,7 +7,22 @@ from __future__ import annotations
 from typing import Any
 
 from models.config import MoEModelConfig, RouterConfig
-from models.loader import WeightMap, common_entries, swiglu_entries
+from models.family import PublishedConfig, TinyConfig
+from models.mixtral import moe_entries as mixtral_moe_entries
+from models.weight_map import WeightMap, decoder_map
+
+ARCHITECTURES = ("MiniMaxM2ForCausalLM",)
+PUBLISHED = (
+    PublishedConfig("MiniMax-M2", "MiniMax-M2", "MiniMaxM2ForCausalLM", dict(
+        hidden_size=3072, num_hidden_layers=62, num_attention_heads=48, num_key_value_heads=8, head_dim=128,
+        intermediate_size=1536, num_local_experts=256, num_experts_per_tok=8, rotary_dim=64,
+        vocab_size=200064, max_position_embeddings=196608, rope_theta=5e6)),
+)
+TINY = (
+    # partial rotary + q/k norm over the whole projection, correction bias
+    TinyConfig("minimax_m2", "MiniMaxM2ForCausalLM", dict(intermediate_size=32, num_local_experts=8,
+               num_experts_per_tok=2, head_dim=16, rotary_dim=8, bos_token_id=1, eos_token_id=2), engine="slow"),
+)
 
 
 def hf_config_class(arch: str):
@@ -27,13 +42,8 @@ def config_fields(hf: Any, arch: str, num_layers: int) -> dict[str, Any]:
 
 
 def weight_map(cfg: MoEModelConfig) -> WeightMap:
-    out = common_entries(cfg)
-    for i in range(cfg.num_layers):
-        hf, ours = f"model.layers.{i}.block_sparse_moe", f"layers.{i}.moe"
-        out[f"{hf}.gate.weight"] = (f"{ours}.gate.weight", ())
-        out[f"{hf}.e_score_correction_bias"] = (f"{ours}.gate.e_score_correction_bias", ())
-        for e in range(cfg.num_experts):
-            x = f"{hf}.experts.{e}"
-            out.update(swiglu_entries(cfg.moe_intermediate_size, f"{x}.w1.weight", f"{x}.w3.weight",
-                                      f"{x}.w2.weight", f"{ours}.w13", f"{ours}.w2", expert=e))
-    return out
+    def moe(i: int, hf: str, ours: str) -> WeightMap:
+        return {**mixtral_moe_entries(cfg, hf, ours),
+                f"{hf}.e_score_correction_bias": (f"{ours}.gate.e_score_correction_bias", ())}
+
+    return decoder_map(cfg, moe, block="block_sparse_moe")

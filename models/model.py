@@ -11,10 +11,11 @@ import torch
 from torch import nn
 
 from models.config import MoEModelConfig
-from models.kernels import SYNC_FREE_BACKENDS, KernelConfig
-from models.kernels.cpu_linear import PackedWeight, packed_linear
-from models.kernels.cpu_moe import PackedExperts
-from models.layers.attention import Attention, AttentionMetadata, KVCache
+from models.kernels.packed import PackedExperts, PackedWeight, packed_linear
+from models.kernels.flags import KernelFlags
+from models.kernels.plan import KernelPlan, LinearLayout, MoEKernel, resolve_plan
+from models.layers.attention import Attention
+from models.layers.paged import AttentionMetadata, KVCache
 from models.layers.mla import MLAttention
 from models.layers.moe import DenseMLP, MoEBlock, RoutingCapture
 from models.layers.norm import RMSNorm
@@ -33,14 +34,15 @@ class DecoderLayer(nn.Module):
             self.moe = MoEBlock(cfg, idx)
         else:
             self.mlp = DenseMLP(cfg.hidden_size, cfg.dense_intermediate_size, bias=cfg.mlp_bias)
-        self.fused_norms = False  # Triton RMSNorm (+ residual add), set by MoEForCausalLM.set_kernels
+        self.fused_norms = False  # Triton RMSNorm (+ residual add): the kernel plan's choice
 
     def forward(self, x, cos_sin, meta, cache, capture, positions=None):
-        if self.fused_norms:  # residual_multiplier == 1 (set_kernels checks)
-            from models.kernels.triton_ops import rmsnorm
-
-            a = self.attn(rmsnorm(x, self.input_norm.weight, self.input_norm.eps)[0], cos_sin, meta, cache, positions)
-            h, x = rmsnorm(a, self.post_attn_norm.weight, self.post_attn_norm.eps, residual=x)  # x += a; h = norm(x)
+        if self.fused_norms:  # residual_multiplier == 1 (the plan checks)
+            ops = torch.ops.moe_serve
+            a = self.attn(ops.rmsnorm_triton(x, self.input_norm.weight, self.input_norm.eps), cos_sin, meta, cache,
+                          positions)
+            # x += a; h = norm(x)
+            h, x = ops.add_rmsnorm_triton(a, x, self.post_attn_norm.weight, self.post_attn_norm.eps)
         else:
             h = self.attn(self.input_norm(x), cos_sin, meta, cache, positions)
             x = x + (h * self.residual_multiplier if self.residual_multiplier != 1.0 else h)
@@ -61,8 +63,9 @@ class MoEForCausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=cfg.lm_head_bias)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
-        self.kernels: KernelConfig | None = None  # set_kernels; KernelConfig() at the first forward
+        self.kernel_plan: KernelPlan | None = None  # apply_plan (models.build.load_model applies one)
         self.packed_lm_head: PackedWeight | None = None
+        self._packed: dict[tuple, PackedWeight | PackedExperts] = {}  # kept across plans: packing reads a weight
 
     def moe_blocks(self) -> list[MoEBlock]:
         return [layer.moe for layer in self.layers if layer.is_moe]
@@ -79,69 +82,52 @@ class MoEForCausalLM(nn.Module):
         """Recompute non-persistent buffers (rotary frequencies) after `to_empty`."""
         self.rotary.reset_parameters()
 
-    def set_kernels(self, kernels: KernelConfig) -> None:
-        """Choose every layer's kernels for the model's current device and dtype (the layers
-        resolve `KernelConfig()` on first use when this is never called)."""
-        self.kernels = kernels
-        dev, dtype = self.embed.weight.device, self.embed.weight.dtype
-        for layer in self.layers:
-            layer.fused_norms = kernels.use_fused_ops(dev) and layer.residual_multiplier == 1.0
-            if isinstance(layer.attn, Attention):  # MLA layers have their own decode path
-                layer.attn.set_kernels(kernels, dev, dtype)
+    def apply_plan(self, plan: KernelPlan) -> None:
+        """Give every layer its kernels from `plan` (models/kernels/plan.py) and the packed weight
+        copies it asks for (made on first use; kept across plans for the same weight)."""
+        if len(plan.layers) != len(self.layers):
+            raise ValueError(f"a plan for {len(plan.layers)} layers applied to a model of {len(self.layers)}")
+
+        def packed(weight: torch.Tensor, layout: LinearLayout, index: int | None = None) -> PackedWeight | None:
+            if layout == LinearLayout.PLAIN:
+                return None
+            key = (id(weight), index, layout)
+            if key not in self._packed:
+                self._packed[key] = PackedWeight(weight, layout, index)
+            return self._packed[key]
+
+        if any(lk.fused_norms or lk.fused_rope for lk in plan.layers):
+            from models.kernels import triton_ops  # noqa: F401 - registers torch.ops.moe_serve.*_triton
+        for layer, lk in zip(self.layers, plan.layers):
+            layer.fused_norms = lk.fused_norms
+            attn = layer.attn
+            qkv = packed(attn.qkv.weight, lk.qkv) if hasattr(attn, "qkv") else None
+            o = packed(attn.o_proj.weight, lk.o) if hasattr(attn, "qkv") else None
+            attn.apply_kernels(lk, qkv, o)
             if layer.is_moe:
-                layer.moe.set_kernels(kernels, dev, dtype)
-        # CPU: packed copies (cpu_linear) of the LM head, q/k/v, o and the experts' gate+up weights;
-        # the C experts kernel's packed copy of w13 and w2 ("cpu" backend)
-        loops = [b for b in self.moe_blocks() if b.moe_backend == "loop"]
-        kernel_blocks = [b for b in self.moe_blocks() if b.moe_backend == "cpu"]
-        gqa = [layer.attn for layer in self.layers if isinstance(layer.attn, Attention)]
-        extra = sum(t.numel() * t.element_size() for t in
-                    [self.lm_head.weight] + [w for a in gqa for w in (a.qkv.weight, a.o_proj.weight)]
-                    + [b.w13 for b in loops]
-                    + [w for b in kernel_blocks for w in (b.w13, b.w13, b.w2)])  # + gate+up for "loop" batches
-        pack = kernels.pack_cpu_weights(dev, dtype, extra)
-        if not pack and kernels.moe == "auto":  # the C kernel needs its packed copy: over budget, loop
-            for b in kernel_blocks:
-                b.moe_backend = "loop"
-            loops, kernel_blocks = loops + kernel_blocks, []
-        cache = self.__dict__.setdefault("_packed", {})  # kept across calls: packing costs a pass over the weight
+                b = layer.moe
+                w13 = ([packed(b.w13, lk.gate_up, e) for e in range(b.num_experts)]
+                       if lk.gate_up != LinearLayout.PLAIN else None)
+                experts = None
+                if MoEKernel.CPU in (lk.moe, lk.moe_large):
+                    key = (id(b.w13), id(b.w2))
+                    experts = self._packed.setdefault(key, PackedExperts(b.w13, b.w2))
+                b.apply_kernels(lk, plan, w13, experts)
+        self.packed_lm_head = packed(self.lm_head.weight, plan.lm_head)
+        self.kernel_plan = plan
 
-        layout = kernels.cpu_linear_layout()
+    def plan_kernels(self, flags: KernelFlags | None = None) -> KernelPlan:
+        """Resolve the kernel plan for the model's device and dtype and `flags` (default: all
+        "auto"), apply it and return it."""
+        plan = resolve_plan(self.config, self.embed.weight.device, self.embed.weight.dtype, flags)
+        self.apply_plan(plan)
+        return plan
 
-        def cached(key, make):
-            if key not in cache:
-                cache[key] = make()
-            return cache[key]
+    def _check_plan(self) -> None:
+        if self.kernel_plan is None:
+            raise RuntimeError("the model has no kernel plan: load it with models.load_model, or "
+                               "apply_plan(resolve_plan(...)) first")
 
-        def packed(weight, index=None):
-            return cached((id(weight), index, layout), lambda: PackedWeight(weight, index, layout=layout))
-
-        self.packed_lm_head = packed(self.lm_head.weight) if pack else None
-        for attn in gqa:
-            attn.packed_qkv = packed(attn.qkv.weight) if pack else None
-            attn.packed_o = packed(attn.o_proj.weight) if pack else None
-        for b in self.moe_blocks():
-            # a "cpu" block runs large batches (prefill) through the loop: it gets both copies
-            b.packed_w13 = ([packed(b.w13, e) for e in range(b.num_experts)]
-                            if pack and (b in loops or b in kernel_blocks) else None)
-            b.packed_experts = (cached((id(b.w13), id(b.w2)), lambda: PackedExperts(b.w13, b.w2))
-                                if b in kernel_blocks else None)
-
-    def kernel_backends(self) -> dict[str, list[str]]:
-        """The resolved backend of every layer: {"attention": [...], "moe": [...]}."""
-        if self.kernels is None:
-            self.set_kernels(KernelConfig())
-        return {"attention": [getattr(layer.attn, "decode_backend", "mla") for layer in self.layers],
-                "moe": [b.moe_backend for b in self.moe_blocks()]}
-
-    def decode_is_sync_free(self) -> bool:
-        """Whether a decode-only forward reads nothing back to the host (so a CUDA graph can
-        capture it): sync-free kernels everywhere and no experts placed on other devices."""
-        backends = self.kernel_backends()
-        return (all(b in SYNC_FREE_BACKENDS for b in backends["attention"] + backends["moe"])
-                and all(b.executor is None for b in self.moe_blocks()))
-
-    @torch.inference_mode()
     def forward(
         self,
         input_ids: torch.Tensor,  # [T]
@@ -150,9 +136,10 @@ class MoEForCausalLM(nn.Module):
         kv_caches: list[KVCache],
         capture: RoutingCapture | None = None,
     ) -> torch.Tensor:
-        """Hidden states after the final norm: [T, hidden]."""
-        if self.kernels is None:
-            self.set_kernels(KernelConfig())
+        """Hidden states after the final norm: [T, hidden]. Callers run it without autograd (the
+        engine's runner in inference mode; `load_model` turns gradients off); a traced region
+        (torch.compile) holds no inference-mode switch of its own."""
+        self._check_plan()
         x = self.embed(input_ids)  # [T, hidden]
         if self.config.embedding_multiplier != 1.0:
             x = x * self.config.embedding_multiplier
@@ -160,16 +147,12 @@ class MoEForCausalLM(nn.Module):
         for layer, cache in zip(self.layers, kv_caches):
             x = layer(x, cos_sin, meta, cache, capture, positions)
         if self.layers and self.layers[0].fused_norms:
-            from models.kernels.triton_ops import rmsnorm
-
-            return rmsnorm(x, self.norm.weight, self.norm.eps)[0]
+            return torch.ops.moe_serve.rmsnorm_triton(x, self.norm.weight, self.norm.eps)
         return self.norm(x)
 
-    @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> [N, vocab] in float32."""
-        if self.kernels is None:
-            self.set_kernels(KernelConfig())
+        self._check_plan()
         if self.packed_lm_head is not None:
             logits = packed_linear(hidden, self.packed_lm_head, self.lm_head.bias)
         else:

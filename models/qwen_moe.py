@@ -7,7 +7,36 @@ from __future__ import annotations
 from typing import Any
 
 from models.config import MoEModelConfig
-from models.loader import WeightMap, common_entries, proj_entries
+from models.family import PublishedConfig, TinyConfig
+from models.weight_map import WeightMap, decoder_map, proj_entries
+
+ARCHITECTURES = ("Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM")
+PUBLISHED = (
+    PublishedConfig("Qwen2-MoE", "Qwen1.5-MoE-A2.7B", "Qwen2MoeForCausalLM", dict(
+        hidden_size=2048, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16,
+        intermediate_size=5632, moe_intermediate_size=1408, shared_expert_intermediate_size=5632, num_experts=60,
+        num_experts_per_tok=4, vocab_size=151936, max_position_embeddings=8192)),
+    PublishedConfig("Qwen3-MoE", "Qwen3-30B-A3B", "Qwen3MoeForCausalLM", dict(
+        hidden_size=2048, num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+        intermediate_size=6144, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
+        norm_topk_prob=True, vocab_size=151936, max_position_embeddings=40960, rope_theta=1e6),
+        quantized="FP8 block releases"),
+    PublishedConfig("OLMoE", "OLMoE-1B-7B-0924", "OlmoeForCausalLM", dict(
+        hidden_size=2048, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=16,
+        intermediate_size=1024, num_experts=64, num_experts_per_tok=8, vocab_size=50304,
+        max_position_embeddings=4096)),
+)
+_QWEN3 = dict(intermediate_size=128, moe_intermediate_size=48, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True)
+TINY = (
+    TinyConfig("qwen2_moe", "Qwen2MoeForCausalLM", dict(
+        intermediate_size=128, moe_intermediate_size=48, shared_expert_intermediate_size=80, num_experts=8,
+        num_experts_per_tok=2, norm_topk_prob=False, mlp_only_layers=[1])),
+    TinyConfig("qwen3_moe", "Qwen3MoeForCausalLM", dict(_QWEN3, head_dim=32, decoder_sparse_step=1,
+                                                        mlp_only_layers=[0])),
+    TinyConfig("qwen3_moe-sliding", "Qwen3MoeForCausalLM", dict(_QWEN3, use_sliding_window=True, sliding_window=8)),
+    TinyConfig("olmoe", "OlmoeForCausalLM", dict(intermediate_size=48, num_experts=8, num_experts_per_tok=2,
+                                                 norm_topk_prob=False, clip_qkv=8.0)),
+)
 
 
 def hf_config_class(arch: str):
@@ -42,19 +71,16 @@ def config_fields(hf: Any, arch: str, num_layers: int) -> dict[str, Any]:
 
 
 def weight_map(cfg: MoEModelConfig) -> WeightMap:
-    out = common_entries(cfg)
-    for i in range(cfg.num_layers):
-        hf, ours = f"model.layers.{i}.mlp", f"layers.{i}"
-        if not cfg.sparse_layers[i]:
-            out.update(proj_entries(cfg.dense_intermediate_size, hf, f"{ours}.mlp.w13.weight", f"{ours}.mlp.w2.weight"))
-            continue
-        out[f"{hf}.gate.weight"] = (f"{ours}.moe.gate.weight", ())
+    def moe(i: int, hf: str, ours: str) -> WeightMap:
+        out: WeightMap = {f"{hf}.gate.weight": (f"{ours}.gate.weight", ())}
         for e in range(cfg.num_experts):
-            out.update(proj_entries(cfg.moe_intermediate_size, f"{hf}.experts.{e}", f"{ours}.moe.w13", f"{ours}.moe.w2",
+            out.update(proj_entries(cfg.moe_intermediate_size, f"{hf}.experts.{e}", f"{ours}.w13", f"{ours}.w2",
                                     expert=e))
         if cfg.shared_expert_intermediate_size:
             out.update(proj_entries(cfg.shared_expert_intermediate_size, f"{hf}.shared_expert",
-                                    f"{ours}.moe.shared.w13.weight", f"{ours}.moe.shared.w2.weight"))
+                                    f"{ours}.shared.w13.weight", f"{ours}.shared.w2.weight"))
         if cfg.shared_expert_gate:
-            out[f"{hf}.shared_expert_gate.weight"] = (f"{ours}.moe.shared_gate.weight", ())
-    return out
+            out[f"{hf}.shared_expert_gate.weight"] = (f"{ours}.shared_gate.weight", ())
+        return out
+
+    return decoder_map(cfg, moe)

@@ -14,6 +14,14 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from models.dtypes import DTYPE_ALIASES, DTYPES
+from models.kernels.flags import (
+    AttentionChoice,
+    CpuKernelsChoice,
+    FusedOpsChoice,
+    KernelFlags,
+    LinearChoice,
+    MoEChoice,
+)
 
 BUNDLED_MODEL = str(Path(__file__).resolve().parent.parent / "models" / "checkpoints" / "tiny-mixtral")
 
@@ -84,6 +92,17 @@ class EngineConfig:
     enable_prefix_caching: bool = option(True, "reuse KV blocks of shared prefixes")
     enable_chunked_prefill: bool = option(True, "split long prefills across steps")
     enforce_eager: bool = option(False, "no CUDA graphs for decode steps (native engine on CUDA)")
+    # kernels (native engine): the kernel plan (models/kernels/plan.py) resolves "auto" at load
+    # and refuses a forced choice that cannot serve the model here, saying why
+    attention_backend: AttentionChoice = option(
+        "auto", "decode attention kernel (auto: Triton on CUDA, the C kernel on a float32 CPU, else reference)")
+    moe_backend: MoEChoice = option(
+        "auto", "MoE experts kernel (auto: Triton on CUDA, the C kernel on a float32 CPU, else loop)")
+    cpu_linear_layout: LinearChoice = option(
+        "auto", "packed copies of CPU linear weights (auto: the best layout while the copies stay under 1 GiB)")
+    fused_ops: FusedOpsChoice = option("auto", "fused RMSNorm and rotary + KV store (auto: Triton on CUDA)")
+    cpu_kernels: CpuKernelsChoice = option(
+        "auto", "the C kernels' threads (auto: PyTorch's OpenMP pool where possible; off: never build them)")
     scheduling_policy: SchedulingPolicy = option("fcfs", "scheduling policy")
     max_queue_len: int = option(1024, "waiting requests past which the API answers 429")
     seed: int = option(0, "engine seed")
@@ -146,10 +165,30 @@ class EngineConfig:
             raise ConfigError("expert_capacity_factor must be > 0")
         if self.engine_progress_timeout < 0:
             raise ConfigError("engine_progress_timeout must be >= 0 (0: off)")
+        try:
+            self.kernel_flags
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
     @property
     def model_name(self) -> str:
         return self.served_model_name or os.path.basename(os.path.normpath(self.model))
+
+    @property
+    def kernel_flags(self) -> KernelFlags:
+        return KernelFlags(attention=self.attention_backend, moe=self.moe_backend, cpu_linear=self.cpu_linear_layout,
+                           fused_ops=self.fused_ops, cpu_kernels=self.cpu_kernels)
+
+    @property
+    def places_experts(self) -> bool:
+        """Experts placed across devices / replicated / rebalanced (native engine)."""
+        return bool(self.expert_devices or self.num_redundant_experts or self.gpu_expert_budget
+                    or self.rebalance_interval)
+
+    @property
+    def placement_requested(self) -> bool:
+        """A placement manager is needed: experts placed, or routing traces recorded."""
+        return self.places_experts or bool(self.record_routing)
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,16 @@ def skip_or_fail(reason: str) -> None:
 BUNDLED = REPO / "models" / "checkpoints" / "tiny-mixtral"
 
 
+class RoutingCollector(list):
+    """A routing listener (server.engine.stats.RoutingListener) that keeps every step's stats."""
+
+    def on_routing(self, stats) -> None:
+        self.append(stats)
+
+    def close(self) -> None:
+        pass
+
+
 def save_test_tokenizer(path: str | os.PathLike, vocab_size: int = 300) -> None:
     """A small byte-level BPE fast tokenizer (first 40 pydoc topics) with a chat template."""
     from loadtest.bench_model import save_tokenizer

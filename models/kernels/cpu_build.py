@@ -1,17 +1,16 @@
-"""Build and load the CPU kernels in `csrc/` (plain C, called through ctypes; with -fopenmp where
-PyTorch runs libgomp, so that the kernels share its thread pool).
+"""Build the CPU kernels (`csrc/`): the C sources and the operator registrations (`ops.cpp`,
+torch.library) compiled into one shared library, loaded with `torch.ops.load_library`.
 
-The shared library is compiled on first use with the system C compiler, tuned for this
-machine (`-march=native`), and cached under `$MOE_SERVE_KERNEL_CACHE` (default
-`~/.cache/moe-serve/kernels`) by a hash of the source, the flags and the CPU. Where no
-compiler is found or the build fails, `load()` returns None and callers use the PyTorch
-reference path (logged once).
+The library is compiled on first use with the system compilers (`cc` and `c++`, or `$CC` and
+`$CXX`), tuned for this machine (`-march=native`), against the installed PyTorch's headers and
+libraries, and cached under `$MOE_SERVE_KERNEL_CACHE` (default `~/.cache/moe-serve/kernels`) by a
+hash of the sources, the flags, the PyTorch version and the CPU. The C kernels' threads are
+PyTorch's own OpenMP pool (`-fopenmp`, where PyTorch runs libgomp: one runtime, warm threads) or
+pthreads of their own. `python -m models.kernels.cpu_build` builds ahead of time (for an image).
 """
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import hashlib
 import logging
 import os
@@ -19,15 +18,27 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
+
+import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("paged_attention_cpu.c", "moe_cpu.c", "linear_cpu.c")
-HEADERS = ("panel_gemm.h",)
-FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-std=c11", "-fno-math-errno", "-fassociative-math",
-         "-fno-signed-zeros", "-fno-trapping-math", "-ffp-contract=fast", "-pthread"]
+C_SOURCES = ("paged_attention_cpu.c", "moe_cpu.c", "linear_cpu.c")
+CXX_SOURCES = ("ops.cpp",)
+HEADERS = ("panel_gemm.h", "kernels.h")
+# hidden: the C entry points stay inside the library (ops.cpp calls them; two builds loaded in one
+# process, tests do, never bind to each other's)
+C_FLAGS = ["-O3", "-march=native", "-fPIC", "-fvisibility=hidden", "-std=c11", "-fno-math-errno", "-fassociative-math",
+           "-fno-signed-zeros", "-fno-trapping-math", "-ffp-contract=fast", "-pthread"]
+CXX_FLAGS = ["-O2", "-fPIC", "-std=c++17", "-Wno-c++20-extensions"]
 CSRC = Path(__file__).resolve().parent / "csrc"
+NAMESPACE = "moe_serve"
+
+
+class BuildError(RuntimeError):
+    pass
 
 
 def _cpu_id() -> str:
@@ -40,40 +51,20 @@ def _cpu_id() -> str:
     return platform.processor() or platform.machine()
 
 
-def _cache_dir() -> Path:
+def cache_dir() -> Path:
     return Path(os.environ.get("MOE_SERVE_KERNEL_CACHE", Path.home() / ".cache" / "moe-serve" / "kernels"))
 
 
-def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
-    p, i64 = ctypes.c_void_p, ctypes.c_int64
-    fn = lib.paged_decode_f32
-    fn.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, ctypes.c_float, ctypes.c_int]
-    fn.restype = ctypes.c_int
-    fn = lib.moe_fused_f32
-    fn.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i64, ctypes.c_int]
-    fn.restype = ctypes.c_int
-    lib.cpu_kernels_openmp.restype = ctypes.c_int
-    lib.cpu_kernels_openmp.argtypes = []
-    lib.moe_cpu_available.restype = ctypes.c_int
-    lib.moe_cpu_available.argtypes = []
-    fn = lib.linear_f32
-    fn.argtypes = [p, p, p, p, i64, i64, i64, i64, ctypes.c_int]
-    fn.restype = ctypes.c_int
-    fn = lib.linear_pack_f32
-    fn.argtypes = [p, p, i64, i64]
-    fn.restype = None
-    fn = lib.moe_pack_f32
-    fn.argtypes = [p, p, p, p, i64, i64, i64]
-    fn.restype = None
-    return lib
+def compilers() -> tuple[str, str] | None:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    return (cc, cxx) if cc and cxx else None
 
 
 def torch_runs_gomp() -> bool:
     """Whether PyTorch's OpenMP runtime is a mapped `libgomp.so.1`: then a library built with
     -fopenmp binds to that same runtime (one thread pool, already warm) instead of bringing a
     second one whose threads would spin beside PyTorch's (Linux; False where it cannot tell)."""
-    import torch  # noqa: F401 - its OpenMP runtime must be mapped before we look
-
     try:
         maps = Path("/proc/self/maps").read_text()
     except OSError:
@@ -82,47 +73,65 @@ def torch_runs_gomp() -> bool:
     return "libgomp.so.1" in names and not any("iomp" in n or n.startswith("libgomp-") for n in names)
 
 
-def _build(cc: str, flags: list[str]) -> Path | None:
-    src = b"".join((CSRC / s).read_bytes() for s in SOURCES + HEADERS)
-    key = hashlib.sha256(src + " ".join([cc, *flags, _cpu_id()]).encode()).hexdigest()[:16]
-    out = _cache_dir() / f"moe_serve_cpu_{key}.so"
+def _torch_paths() -> tuple[list[str], str]:
+    root = Path(torch.__file__).resolve().parent
+    return [str(root / "include"), str(root / "include" / "torch" / "csrc" / "api" / "include")], str(root / "lib")
+
+
+def _run(cmd: list[str]) -> None:
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise BuildError(f"{' '.join(cmd[:3])} ... failed: {proc.stderr.strip()[-2000:]}")
+
+
+def build(openmp: bool, namespace: str = NAMESPACE) -> Path:
+    """The library's path (built now unless cached); raises BuildError (no compiler, a failed
+    compile). `namespace`: the torch.library namespace of its ops (one library per namespace
+    can be loaded in a process: tests load the other threading under another name)."""
+    tools = compilers()
+    if tools is None:
+        raise BuildError("no C/C++ compiler found (cc and c++, or $CC and $CXX)")
+    cc, cxx = tools
+    includes, libdir = _torch_paths()
+    c_flags = C_FLAGS + (["-fopenmp"] if openmp else [])
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    cxx_flags = CXX_FLAGS + [f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-DMOE_SERVE_OPS_NS={namespace}"] + [
+        f"-I{d}" for d in includes]
+    link = ["-shared", f"-L{libdir}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{libdir}", "-lm", "-pthread"] + (
+        ["-fopenmp"] if openmp else [])
+    src = b"".join((CSRC / s).read_bytes() for s in C_SOURCES + CXX_SOURCES + HEADERS)
+    key = hashlib.sha256(src + " ".join([cc, cxx, *c_flags, *cxx_flags, *link, torch.__version__,
+                                         _cpu_id()]).encode()).hexdigest()[:16]
+    out = cache_dir() / f"moe_serve_cpu_{namespace}_{key}.so"
     if out.exists():
         return out
+    t0 = time.monotonic()
+    log.info("building the CPU kernels (%s, %s threads) into %s", namespace, "OpenMP" if openmp else "pthread", out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+            objs = []
+            for s in C_SOURCES:
+                objs.append(str(Path(tmp) / (s + ".o")))
+                _run([cc, *c_flags, "-c", str(CSRC / s), "-o", objs[-1]])
+            for s in CXX_SOURCES:
+                objs.append(str(Path(tmp) / (s + ".o")))
+                _run([cxx, *cxx_flags, "-c", str(CSRC / s), "-o", objs[-1]])
             tmp_so = Path(tmp) / out.name
-            cmd = [cc, *flags, *(str(CSRC / s) for s in SOURCES), "-o", str(tmp_so), "-lm"]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                log.warning("building the CPU kernels failed (%s): %s", " ".join(cmd), proc.stderr.strip()[-2000:])
-                return None
+            _run([cxx, *objs, "-o", str(tmp_so), *link])
             os.replace(tmp_so, out)  # atomic: concurrent builders race harmlessly
     except OSError as e:
-        log.warning("cannot build the CPU kernels (%s)", e)
-        return None
+        raise BuildError(f"cannot build the CPU kernels: {e}") from e
+    log.info("built the CPU kernels in %.1fs", time.monotonic() - t0)
     return out
 
 
-@functools.lru_cache(maxsize=1)
-def load() -> ctypes.CDLL | None:
-    """The compiled kernels, or None where they cannot be built here (MOE_SERVE_CPU_KERNELS=0
-    disables). Threads: PyTorch's OpenMP pool (-fopenmp) where `torch_runs_gomp`, pthreads
-    otherwise, when the OpenMP build fails, or with MOE_SERVE_CPU_KERNELS_OPENMP=0."""
-    if os.environ.get("MOE_SERVE_CPU_KERNELS", "1") == "0":
-        return None
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if cc is None:
-        log.warning("no C compiler found: the CPU kernels fall back to the PyTorch paths")
-        return None
-    openmp = os.environ.get("MOE_SERVE_CPU_KERNELS_OPENMP", "1") != "0" and torch_runs_gomp()
-    out = _build(cc, FLAGS + ["-fopenmp"]) if openmp else None
-    out = out or _build(cc, FLAGS)
-    if out is None:
-        log.warning("using the PyTorch paths instead of the CPU kernels")
-        return None
-    try:
-        return _declare(ctypes.CDLL(str(out)))
-    except OSError as e:
-        log.warning("cannot load %s (%s); using the PyTorch path", out, e)
-        return None
+def main() -> None:
+    """Build both threadings ahead of time (an image build runs this)."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for openmp in (True, False):
+        print(build(openmp))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,52 +1,86 @@
-"""The experts of an MoE layer, by backend (resolved by `KernelConfig.moe_backend`).
+"""The experts of an MoE layer, by the kernel the plan chose (`models.kernels.plan.MoEKernel`).
 
-- "triton": `triton_moe.fused_moe_triton` (CUDA; CPU tensors only under TRITON_INTERPRET=1)
-- "grouped_mm": `torch._grouped_mm` over the pairs sorted by expert (Hopper, bf16)
-- "cpu": the C kernel of `cpu_moe` (float32, AVX2 + FMA) for batches of up to
-  `CPU_KERNEL_PAIRS_PER_EXPERT` token-expert pairs per expert on average (decode, small
-  prefill chunks), "loop" above that (where oneDNN's GEMMs are faster: docs/benchmarks.md)
-- "loop": one matmul pair per active expert (CPU; the counts are read once per layer, which
-  costs nothing there), gate+up through oneDNN-packed weights when given (`cpu_linear`)
-- "reference": `reference.moe_reference`
-"Triton" and "grouped_mm" read nothing back to the host, so they can run in a CUDA graph.
+Every kernel computes, for x [T, H], stacks w13 [E, 2I, H] (gate rows, then up rows) and
+w2 [E, H, I], and the routing topk_ids / topk_w [T, k]:
+    sum_k topk_w[t, k] * Expert_{topk_ids[t, k]}(x[t]),  Expert_e(v) = w2[e] @ (silu(gate) * up)
+with (gate, up) = w13[e] @ v.
+- TRITON: `torch.ops.moe_serve.fused_moe_triton` (CUDA; CPU tensors under TRITON_INTERPRET=1);
+- GROUPED_MM: `torch._grouped_mm` over the pairs sorted by expert (Hopper, bf16);
+- CPU: the C kernel over packed weights (`packed.moe_cpu`);
+- LOOP: `moe_loop`, one matmul pair per active expert, and the family variants (`ExpertVariant`);
+- REFERENCE: `reference.moe_reference`.
+TRITON, GROUPED_MM and CPU read nothing back to the host (a CUDA graph can capture them).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-from models.kernels.cpu_linear import PackedWeight, packed_linear
-from models.kernels.cpu_moe import PackedExperts, moe_cpu
-from models.kernels.cpu_moe import supports as cpu_moe_supports
 from models.kernels.moe_align import expert_counts, expert_runs, sort_pairs
+from models.kernels.packed import PackedExperts, PackedWeight, moe_cpu, packed_linear
+from models.kernels.plan import MoEKernel
 from models.kernels.reference import moe_reference
 
 
-# "cpu": the C kernel up to this many pairs per expert on average; "loop" above (measured
-# on the benchmark CPU, H 512, I 1024, top-2 of 8: the kernel is faster up to here at one and
-# two threads, even at one thread up to 256 pairs per expert; the loop at 2048 tokens, two threads)
-CPU_KERNEL_PAIRS_PER_EXPERT = 64
+@dataclass(frozen=True)
+class ExpertVariant:
+    """Experts that are not plain SwiGLU:
+    - `bias` (gpt-oss): biases ride in the stacks as one extra input column (w13 [E, 2I, H + 1],
+      w2 [E, H, I + 1], the bias last), so placement moves one tensor per projection as usual;
+    - `limit` (gpt-oss): the clamped SwiGLU `(clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g)`
+      with `g = clamp(gate, max=limit)`;
+    - `weight_on_input` (Llama 4): the routing weight scales the expert's input, not its output."""
+
+    bias: bool = False
+    limit: float | None = None
+    alpha: float = 1.702
+    weight_on_input: bool = False
 
 
-def moe_loop(x, w13, w2, topk_ids, topk_w, packed_w13: list[PackedWeight] | None = None) -> torch.Tensor:
-    """The CPU path (shapes as `fused_experts`): pairs sorted by expert, one gate+up and one
-    down matmul per active expert, gate+up through `packed_w13` ([E] oneDNN-packed) when given.
-    The counts are read on the host, which costs nothing on the CPU."""
-    inter = w2.shape[-1]
+def clamped_swiglu(h: torch.Tensor, inter: int, alpha: float, limit: float) -> torch.Tensor:
+    """gpt-oss activation of h [n, 2I] (gate columns, then up columns) -> [n, I]."""
+    gate = h[:, :inter].clamp(max=limit)
+    up = h[:, inter:].clamp(min=-limit, max=limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
+
+def moe_loop(x, w13, w2, topk_ids, topk_w, variant: ExpertVariant | None = None,
+             packed_w13: list[PackedWeight] | None = None) -> torch.Tensor:
+    """The pairs sorted by expert, one gate+up and one down matmul per active expert (the counts
+    are read on the host: free on the CPU, a sync on CUDA); gate+up through `packed_w13` ([E]
+    packed copies) when given. Shapes as the module docstring; `variant` for the families'."""
+    v = variant or ExpertVariant()
+    H = x.shape[1]
+    inter = w2.shape[-1] - (1 if v.bias else 0)
     order, token_of, counts = sort_pairs(topk_ids, w13.shape[0])
-    xs = x.index_select(0, token_of)  # [P, H]
-    ys = torch.empty_like(xs)
+    pair_w = topk_w.reshape(-1)[order].to(x.dtype)[:, None]  # [P, 1]
+    xs = x.index_select(0, token_of)  # [P, H] in expert order
+    if v.weight_on_input:
+        xs = xs * pair_w
+    ys = torch.empty_like(xs)  # [P, H]
     for e, start, end in expert_runs(counts):
         xe = xs[start:end]
-        h = packed_linear(xe, packed_w13[e]) if packed_w13 is not None else F.linear(xe, w13[e])  # [n, 2I]
-        torch.mm(F.silu(h[:, :inter]) * h[:, inter:], w2[e].t(), out=ys[start:end])  # [n, H]
-    ys.mul_(topk_w.reshape(-1)[order].to(ys.dtype)[:, None])
+        if v.bias:
+            h = F.linear(xe, w13[e, :, :H], w13[e, :, H])
+        elif packed_w13 is not None:
+            h = packed_linear(xe, packed_w13[e])
+        else:
+            h = F.linear(xe, w13[e])  # [n, 2I]
+        a = F.silu(h[:, :inter]) * h[:, inter:] if v.limit is None else clamped_swiglu(h, inter, v.alpha, v.limit)
+        if v.bias:
+            ys[start:end] = F.linear(a, w2[e, :, :inter], w2[e, :, inter])
+        else:
+            torch.mm(a, w2[e].t(), out=ys[start:end])  # [n, H]
+    if not v.weight_on_input:
+        ys.mul_(pair_w)
     return torch.zeros_like(x).index_add_(0, token_of, ys)
 
 
 def moe_grouped_mm(x, w13, w2, topk_ids, topk_w) -> torch.Tensor:
-    """torch._grouped_mm over the pairs sorted by expert (shapes as `fused_experts`); no host sync."""
+    """torch._grouped_mm over the pairs sorted by expert (shapes as the module docstring); no host sync."""
     T, k = topk_ids.shape
     E, inter = w13.shape[0], w2.shape[-1]
     flat = topk_ids.reshape(-1).to(torch.int64)  # [P]
@@ -67,26 +101,25 @@ def fused_experts(
     w2: torch.Tensor,  # [E, H, I]
     topk_ids: torch.Tensor,  # [T, k]
     topk_w: torch.Tensor,  # [T, k]
-    backend: str,
-    packed_w13: list[PackedWeight] | None = None,
-    packed_experts: PackedExperts | None = None,  # "cpu": the kernel's packed w13 / w2 (cpu_moe)
+    kernel: MoEKernel,
+    variant: ExpertVariant | None = None,  # LOOP only
+    packed_w13: list[PackedWeight] | None = None,  # LOOP: packed gate+up copies
+    packed_experts: PackedExperts | None = None,  # CPU: the kernel's packed w13 and w2
 ) -> torch.Tensor:
-    """sum_k topk_w[t, k] * Expert_{topk_ids[t, k]}(x[t]) -> [T, H], where Expert_e(v) =
-    w2[e] @ (silu(gate) * up) and (gate, up) = w13[e] @ v. Every backend takes these shapes."""
-    if backend == "triton":
-        from models.kernels.triton_moe import fused_moe_triton
+    """[T, H]: the layer's experts by `kernel` (every kernel takes these shapes)."""
+    kernel = MoEKernel(kernel)  # also takes its name
+    if kernel == MoEKernel.LOOP:
+        return moe_loop(x, w13, w2, topk_ids, topk_w, variant, packed_w13)
+    if variant is not None:
+        raise ValueError(f"expert variants run the loop, not {kernel.value}")
+    if kernel == MoEKernel.TRITON:
+        from models.kernels import triton_moe  # noqa: F401 - registers the op
 
-        return fused_moe_triton(x, w13, w2, topk_ids, topk_w)
-    if backend == "grouped_mm":
+        return torch.ops.moe_serve.fused_moe_triton(x, w13, w2, topk_ids, topk_w)
+    if kernel == MoEKernel.GROUPED_MM:
         return moe_grouped_mm(x, w13, w2, topk_ids, topk_w)
-    if backend == "cpu":
-        T, k = topk_ids.shape
-        # without a kept packed copy (e.g. the placement executor's per-device expert subsets)
-        # packing per call would cost more than it saves: the loop
-        if (packed_experts is not None and T * k <= CPU_KERNEL_PAIRS_PER_EXPERT * w13.shape[0]
-                and cpu_moe_supports(w13, w2)):
-            return moe_cpu(x, packed_experts, topk_ids, topk_w)
-        return moe_loop(x, w13, w2, topk_ids, topk_w, packed_w13)
-    if backend == "loop":
-        return moe_loop(x, w13, w2, topk_ids, topk_w, packed_w13)
+    if kernel == MoEKernel.CPU:
+        if packed_experts is None:
+            raise ValueError("the CPU experts kernel needs its packed weights (PackedExperts)")
+        return moe_cpu(x, packed_experts, topk_ids, topk_w)
     return moe_reference(x, w13, w2, topk_ids, topk_w)

@@ -88,3 +88,15 @@ def paged_decode_triton(
         num_warps=4, num_stages=2,
     )
     return out
+
+
+# -- the registered operator (what model code calls: visible to torch.profiler and torch.compile)
+@torch.library.custom_op("moe_serve::paged_decode_triton", mutates_args=())
+def paged_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                    seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    return paged_decode_triton(q, k_cache, v_cache, block_tables, seq_lens, scale)
+
+
+@paged_decode_op.register_fake
+def _(q, k_cache, v_cache, block_tables, seq_lens, scale):
+    return torch.empty_like(q)

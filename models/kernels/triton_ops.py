@@ -148,3 +148,42 @@ def rope_write_kv(
         num_warps=4,
     )
     return q
+
+
+# -- the registered operators (what model code calls: visible to torch.profiler and torch.compile)
+@torch.library.custom_op("moe_serve::rmsnorm_triton", mutates_args=())
+def rmsnorm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm(x) [T, N]."""
+    return rmsnorm(x, weight, eps)[0]
+
+
+@rmsnorm_op.register_fake
+def _(x, weight, eps):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("moe_serve::add_rmsnorm_triton", mutates_args=())
+def add_rmsnorm_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                   eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(RMSNorm(x + residual), x + residual), [T, N] each."""
+    return rmsnorm(x, weight, eps, residual=residual)
+
+
+@add_rmsnorm_op.register_fake
+def _(x, residual, weight, eps):
+    return torch.empty_like(x), torch.empty_like(x)
+
+
+@torch.library.custom_op("moe_serve::rope_write_kv_triton", mutates_args=("k_cache", "v_cache"))
+def rope_write_kv_op(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                     v_cache: torch.Tensor, slot_mapping: torch.Tensor, num_heads: int, num_kv_heads: int,
+                     head_dim: int, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None,
+                     eps: float) -> torch.Tensor:
+    """`rope_write_kv`: the rotated q [T, H, D]; k and v written into the caches."""
+    return rope_write_kv(qkv, cos, sin, k_cache, v_cache, slot_mapping, num_heads, num_kv_heads, head_dim, q_norm,
+                         k_norm, eps)
+
+
+@rope_write_kv_op.register_fake
+def _(qkv, cos, sin, k_cache, v_cache, slot_mapping, num_heads, num_kv_heads, head_dim, q_norm, k_norm, eps):
+    return qkv.new_empty(qkv.shape[0], num_heads, head_dim)

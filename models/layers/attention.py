@@ -9,72 +9,34 @@ them); each prefill chunk runs through `scaled_dot_product_attention` over its g
 context (prefix cache hits and earlier chunks included).
 
 Layers with a variant (sliding window, chunked attention, sinks) attend through
-`models/layers/attention_variants.py` and keep the reference path; MLA layers are
-`models/layers/mla.py`. Which decode kernel a plain layer uses is decided in one place,
-`Attention.set_kernels`.
+`models/layers/attention_variants.py`; MLA layers are `models/layers/mla.py`. Which decode
+kernel a layer uses, and whether its rotary and KV store run fused, is the kernel plan's
+choice (`models/kernels/plan.py`), handed to the layer by `apply_kernels`.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.kernels import KernelConfig
-from models.kernels.cpu_linear import packed_linear
+from models.kernels.packed import PackedWeight, packed_linear
 from models.kernels.paged_attention import paged_decode
+from models.kernels.plan import AttentionKernel, LayerKernels
 from models.layers.attention_variants import AttentionVariant, attend_variant
 from models.layers.norm import RMSNorm
+from models.layers.paged import AttentionMetadata, KVCache, gather_kv, write_kv
 from models.layers.rotary import RotaryEmbedding, rotate
-
-
-@dataclass
-class AttentionMetadata:
-    """How this step's flattened tokens map onto sequences and KV slots."""
-
-    num_decodes: int  # the first `num_decodes` sequences contribute exactly one token each
-    query_start_loc: list[int]  # [num_seqs + 1] token offsets of each sequence
-    seq_lens: list[int]  # [num_seqs] context length after this step (cached + new tokens)
-    slot_mapping: torch.Tensor  # [num_tokens] flat KV slot (block * block_size + offset)
-    block_tables: torch.Tensor  # [num_seqs, max_blocks] block ids, padded with 0
-    decode_seq_lens: torch.Tensor | None = None  # [num_decodes] as a tensor, for masking
-
-    @property
-    def num_seqs(self) -> int:
-        return len(self.seq_lens)
-
-
-KVCache = tuple[torch.Tensor, torch.Tensor]  # k, v: [num_blocks, block_size, kv_heads, head_dim]
-
-
-def write_kv(cache: KVCache, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    # k, v: [num_tokens, kv_heads, head_dim]
-    k_cache, v_cache = cache
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k)
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v)
-
-
-def gather_kv(cache: KVCache, block_table: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Contiguous K/V of one sequence: [length, kv_heads, head_dim] each."""
-    k_cache, v_cache = cache
-    bs = k_cache.shape[1]
-    nblocks = (length + bs - 1) // bs
-    ids = block_table[:nblocks]
-    k = k_cache[ids].flatten(0, 1)[:length]
-    v = v_cache[ids].flatten(0, 1)[:length]
-    return k, v
 
 
 def decode_attention(
     q: torch.Tensor, cache: KVCache, block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-    backend: str = "reference",
+    kernel: AttentionKernel = AttentionKernel.REFERENCE,
 ) -> torch.Tensor:
     """q: [B, heads, head_dim] (one token per sequence) -> [B, heads, head_dim].
-    Every backend but "reference" reads the blocks in place, with no host sync."""
+    Every kernel but the reference reads the blocks in place, with no host sync."""
     k_cache, v_cache = cache
-    return paged_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, backend)
+    return paged_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, kernel)
 
 
 def prefill_attention(
@@ -125,20 +87,18 @@ class Attention(nn.Module):
         self.variant = AttentionVariant(cfg.sliding_window(layer_idx), cfg.attention_chunk(layer_idx),
                                         cfg.attention_sinks)
         self.sinks = nn.Parameter(torch.empty(self.num_heads)) if cfg.attention_sinks else None  # [heads]
-        self.decode_backend = "auto"  # resolved on first use, or set by MoEForCausalLM.set_kernels
-        self.fused_rope = False  # q/k norm + rotary + KV store in one Triton launch (set_kernels)
-        self.packed_qkv = None  # CPU: packed copies of the qkv and o weights (MoEForCausalLM.set_kernels)
-        self.packed_o = None
+        # the kernel plan's choices (apply_kernels): the decode kernel, q/k norm + rotary + KV
+        # store in one Triton launch, packed copies of the qkv and o weights (CPU)
+        self.decode_kernel: AttentionKernel | None = None
+        self.fused_rope = False
+        self.packed_qkv: PackedWeight | None = None
+        self.packed_o: PackedWeight | None = None
 
-    def set_kernels(self, kernels: KernelConfig, device: torch.device, dtype: torch.dtype) -> None:
-        """The one place that decides this layer's kernels: plain causal GQA layers get the
-        configured decode kernel; a variant the kernels lack (window, chunk, sinks) keeps the
-        reference. The fused rotary + KV store covers neox rotary with per-head or no q/k norm."""
-        plain = not self.variant.active
-        self.decode_backend = kernels.attention_backend(device, dtype) if plain else "reference"
-        self.fused_rope = (kernels.use_fused_ops(device) and plain and self.use_rope and self.rope_style == "neox"
-                           and self.clip_qkv is None and self.qk_norm in (None, "head") and self.temperature is None
-                           and self.rotary.inv_freq.numel() * 2 == self.head_dim)  # full-width rotary
+    def apply_kernels(self, kernels: LayerKernels, packed_qkv: PackedWeight | None,
+                      packed_o: PackedWeight | None) -> None:
+        self.decode_kernel = kernels.attention
+        self.fused_rope = kernels.fused_rope
+        self.packed_qkv, self.packed_o = packed_qkv, packed_o
 
     def _l2(self, t: torch.Tensor) -> torch.Tensor:
         tf = t.float()
@@ -188,15 +148,14 @@ class Attention(nn.Module):
         positions: torch.Tensor | None = None,  # [T], needed by attention temperature tuning only
     ) -> torch.Tensor:
         T = x.shape[0]
-        if self.decode_backend == "auto":
-            self.set_kernels(KernelConfig(), x.device, x.dtype)
         if self.fused_rope:  # k and v go straight into the cache; only q comes back
-            from models.kernels.triton_ops import rope_write_kv
+            from models.kernels import triton_ops  # noqa: F401 - registers the op
 
             head = self.qk_norm == "head"
-            q = rope_write_kv(self._qkv(x), *cos_sin, *cache, meta.slot_mapping, self.num_heads, self.num_kv_heads,
-                              self.head_dim, self.q_norm.weight if head else None,
-                              self.k_norm.weight if head else None, self.q_norm.eps if head else 1e-6)
+            q = torch.ops.moe_serve.rope_write_kv_triton(
+                self._qkv(x), *cos_sin, *cache, meta.slot_mapping, self.num_heads, self.num_kv_heads, self.head_dim,
+                self.q_norm.weight if head else None, self.k_norm.weight if head else None,
+                self.q_norm.eps if head else 1e-6)
             k = v = None
         else:
             q, k, v = self.project(x, cos_sin, positions)
@@ -209,12 +168,12 @@ class Attention(nn.Module):
         nd = meta.num_decodes
         if nd == T:  # decode-only step: no prefill chunk, no copy
             out = decode_attention(q, cache, meta.block_tables[:nd], meta.decode_seq_lens, self.scale,
-                                   self.decode_backend)
+                                   self.decode_kernel)
             return self._o(out.view(T, self.q_size))
         out = torch.empty_like(q)  # [T, heads, head_dim]
         if nd:
             out[:nd] = decode_attention(q[:nd], cache, meta.block_tables[:nd], meta.decode_seq_lens, self.scale,
-                                        self.decode_backend)
+                                        self.decode_kernel)
         loc = meta.query_start_loc
         for i in range(nd, meta.num_seqs):  # prefill chunks: one SDPA each
             s, e = loc[i], loc[i + 1]

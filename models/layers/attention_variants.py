@@ -14,13 +14,10 @@ window costs O(window), not O(context).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 
-if TYPE_CHECKING:  # attention.py imports this module
-    from models.layers.attention import AttentionMetadata, KVCache
+from models.layers.paged import AttentionMetadata, KVCache
 
 
 @dataclass(frozen=True)

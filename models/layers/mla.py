@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.layers.attention import AttentionMetadata, KVCache
+from models.kernels.plan import AttentionKernel, LayerKernels
 from models.layers.norm import RMSNorm
+from models.layers.paged import AttentionMetadata, KVCache, gather_kv
 from models.layers.rotary import RotaryEmbedding, rotate
 
 MLA_NORM_EPS = 1e-6  # DeepSeek's q_a / kv_a norms use the RMSNorm default, not rms_norm_eps
@@ -49,6 +50,10 @@ class MLAttention(nn.Module):
         self.kv_b_proj = nn.Linear(self.rank, H * (self.nope + self.v_dim), bias=False)  # latent -> [k_nope, v]
         self.o_proj = nn.Linear(H * self.v_dim, hidden, bias=cfg.o_bias)
         self.rotary = rotary
+        self.decode_kernel: AttentionKernel | None = None  # the plan's: MLA has its own PyTorch path
+
+    def apply_kernels(self, kernels: LayerKernels, packed_qkv=None, packed_o=None) -> None:
+        self.decode_kernel = kernels.attention
 
     def forward(self, x: torch.Tensor, cos_sin, meta: AttentionMetadata, cache: KVCache,
                 positions: torch.Tensor | None = None) -> torch.Tensor:
@@ -74,7 +79,7 @@ class MLAttention(nn.Module):
             if meta.seq_lens[i] == e - s:  # no cached prefix: the new latents are the whole context
                 lat, pe = latent[s:e, 0], k_pe[s:e, 0]
             else:
-                lat, pe = _gather(cache, meta.block_tables[i], meta.seq_lens[i])
+                lat, pe = (c[:, 0] for c in gather_kv(cache, meta.block_tables[i], meta.seq_lens[i]))
             out[s:e] = self._prefill(q_nope[s:e], q_pe[s:e], lat, pe)
         return self.o_proj(out.view(T, H * self.v_dim))
 
@@ -114,10 +119,3 @@ class MLAttention(nn.Module):
                                                scale=self.scale)  # [B, 1, H, r]
         return torch.einsum("bhr,hvr->bhv", o_lat[:, 0], w_uv)  # [B, H, dv]
 
-
-def _gather(cache: KVCache, block_table: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Latents and rotary keys of one sequence: [length, r], [length, dr]."""
-    lat_cache, pe_cache = cache
-    bs = lat_cache.shape[1]
-    ids = block_table[: (length + bs - 1) // bs]
-    return lat_cache[ids].flatten(0, 1)[:length, 0], pe_cache[ids].flatten(0, 1)[:length, 0]

@@ -1,13 +1,11 @@
 """Mixture-of-Experts feed-forward: router, grouped SwiGLU experts, optional shared expert.
 
-The router variants live in `models/layers/router.py`, expert variants (biases, clamped SwiGLU,
-input scaling) in `models/layers/experts.py`.
-
-Experts are stored stacked: `w13 [E, 2 * I, H]` (gate rows, then up rows) and
-`w2 [E, H, I]`. Execution is grouped (`models.kernels.fused_moe`): the (token, slot) pairs
-are sorted by expert and each expert's rows run as one GEMM (a fused Triton grouped GEMM or
-`torch._grouped_mm` on CUDA, one matmul per active expert on CPU); no loop over tokens.
-Family variants (biases, clamped SwiGLU, input scaling) keep the PyTorch path of experts.py.
+The router variants live in `models/layers/router.py`. Experts are stored stacked: `w13 [E, 2 * I,
+H]` (gate rows, then up rows) and `w2 [E, H, I]` (gpt-oss's biases ride as one more column).
+Execution is grouped (`models.kernels.fused_moe`): the (token, slot) pairs are sorted by expert
+and each expert's rows run as one GEMM, by the kernel the plan chose (`apply_kernels`); family
+variants (biases, clamped SwiGLU, input scaling) run the per-expert loop with their
+`ExpertVariant`. No loop over tokens.
 """
 
 from __future__ import annotations
@@ -16,8 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.kernels import KernelConfig, cpu_moe
-from models.kernels.fused_moe import fused_experts
+from models.kernels.fused_moe import ExpertVariant, fused_experts
+from models.kernels.packed import PackedExperts, PackedWeight
+from models.kernels.plan import CPU_KERNEL_PAIRS_PER_EXPERT, KernelPlan, LayerKernels, MoEKernel
 from models.layers.capacity import apply_capacity
 from models.layers.router import Router
 
@@ -56,30 +55,6 @@ class RoutingCapture:
         return torch.stack([self.dropped[k] for k in sorted(self.dropped)], dim=1)
 
 
-def route(
-    router_logits: torch.Tensor, top_k: int, renormalize: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax over experts, top-k, optional renormalisation -> (weights [T, k] float32, ids [T, k])."""
-    probs = torch.softmax(router_logits.float(), dim=-1)  # [T, E]
-    topk_w, topk_ids = torch.topk(probs, top_k, dim=-1)  # [T, k]
-    if renormalize:
-        topk_w = topk_w / topk_w.sum(dim=-1, keepdim=True)
-    return topk_w, topk_ids
-
-
-def grouped_experts(
-    x, w13, w2, topk_ids, topk_w,  # [T, H], [E, 2I, H], [E, H, I], [T, k], [T, k]
-    backend: str | None = None,
-    packed_w13=None,  # CPU "loop" backend: [E] oneDNN-packed gate+up weights (models.kernels.cpu_linear)
-    packed_experts=None,  # CPU "cpu" backend: the C kernel's packed weights (models.kernels.cpu_moe)
-) -> torch.Tensor:
-    """sum_k w[t, k] * Expert_{ids[t, k]}(x[t]) for every token, grouped by expert.
-    `backend`: a `models.kernels.MOE_BACKENDS` name; None picks by device and dtype."""
-    if backend is None or backend == "auto":
-        backend = KernelConfig().moe_backend(x.device, x.dtype)
-    return fused_experts(x, w13, w2, topk_ids, topk_w, backend, packed_w13, packed_experts)
-
-
 class DenseMLP(nn.Module):
     """SwiGLU MLP with gate and up fused: w13 [2I, H], w2 [H, I]."""
 
@@ -94,11 +69,29 @@ class DenseMLP(nn.Module):
         return self.w2(F.silu(h[:, : self.inter]) * h[:, self.inter :])
 
 
+def expert_variant(cfg) -> ExpertVariant | None:
+    """The family's expert variant, or None for plain SwiGLU experts."""
+    if not (cfg.expert_bias or cfg.swiglu_limit is not None or cfg.expert_input_scaling):
+        return None
+    return ExpertVariant(bias=cfg.expert_bias, limit=cfg.swiglu_limit, alpha=cfg.swiglu_alpha,
+                         weight_on_input=cfg.expert_input_scaling)
+
+
+class PlacedExpertsFn:
+    """How the placement executor computes a device's subset of a layer's experts: the plan's
+    kernel for that device type (no packed copies: the subsets are stacks of their own)."""
+
+    def __init__(self, plan: KernelPlan, variant: ExpertVariant | None):
+        self.kernels = dict(plan.placed_moe)
+        self.variant = variant
+
+    def __call__(self, x, w13, w2, topk_ids, topk_w) -> torch.Tensor:
+        return fused_experts(x, w13, w2, topk_ids, topk_w, self.kernels[w13.device.type], self.variant)
+
+
 class MoEBlock(nn.Module):
     def __init__(self, cfg, layer_idx: int):
         super().__init__()
-        from models.layers.experts import expert_function  # experts.py builds on grouped_experts above
-
         self.layer_idx = layer_idx
         self.num_experts, self.top_k = cfg.num_experts, cfg.top_k
         self.renormalize = cfg.norm_topk_prob
@@ -107,8 +100,7 @@ class MoEBlock(nn.Module):
         self.gate = Router(H, self.num_experts, self.top_k, cfg.norm_topk_prob, cfg.router)
         self.w13 = nn.Parameter(torch.empty(self.num_experts, 2 * inter, H + extra))
         self.w2 = nn.Parameter(torch.empty(self.num_experts, H, inter + extra))
-        # (x, w13, w2, topk_ids, topk_w) -> [T, H]: grouped_experts or a family's variant
-        self.expert_fn = expert_function(cfg)
+        self.variant = expert_variant(cfg)
         shared = cfg.shared_expert_intermediate_size
         self.shared = DenseMLP(H, shared, bias=cfg.mlp_bias) if shared else None
         self.shared_gate = nn.Linear(H, 1, bias=False) if cfg.shared_expert_gate else None
@@ -116,15 +108,19 @@ class MoEBlock(nn.Module):
         self.executor = None
         # Switch-style expert capacity per forward pass (models/layers/capacity.py); None: off
         self.capacity_factor: float | None = None
-        self.moe_backend = "auto"  # resolved on first use, or set by MoEForCausalLM.set_kernels
-        self.packed_w13 = None  # CPU: oneDNN-packed gate+up weights per expert (set_kernels)
-        self.packed_experts = None  # CPU "cpu" backend: the C kernel's packed w13 and w2 (set_kernels)
+        # the kernel plan's choices (apply_kernels): the kernel, the one above the C kernel's
+        # batch size, their packed weight copies (CPU), the placement executor's function
+        self.kernel: MoEKernel | None = None
+        self.kernel_large: MoEKernel | None = None
+        self.packed_w13: list[PackedWeight] | None = None
+        self.packed_experts: PackedExperts | None = None
+        self.placed_fn: PlacedExpertsFn | None = None
 
-    def set_kernels(self, kernels: KernelConfig, device: torch.device, dtype: torch.dtype) -> None:
-        """Plain SwiGLU experts get the configured kernel; a family variant keeps experts.py."""
-        self.moe_backend = kernels.moe_backend(device, dtype) if self.expert_fn is grouped_experts else "variant"
-        if self.moe_backend == "cpu" and not cpu_moe.supports(self.w13, self.w2):
-            self.moe_backend = "loop"  # e.g. sizes that are not multiples of the kernel's panel
+    def apply_kernels(self, kernels: LayerKernels, plan: KernelPlan, packed_w13: list[PackedWeight] | None,
+                      packed_experts: PackedExperts | None) -> None:
+        self.kernel, self.kernel_large = kernels.moe, kernels.moe_large
+        self.packed_w13, self.packed_experts = packed_w13, packed_experts
+        self.placed_fn = PlacedExpertsFn(plan, self.variant)
 
     def forward(self, x: torch.Tensor, capture: RoutingCapture | None = None) -> torch.Tensor:
         topk_w, topk_ids = self.gate(x)  # [T, k] each
@@ -136,13 +132,11 @@ class MoEBlock(nn.Module):
         if self.executor is not None:
             out = self.executor(self.layer_idx, x, topk_ids, topk_w)
         else:
-            if self.moe_backend == "auto":
-                self.set_kernels(KernelConfig(), x.device, x.dtype)
-            if self.moe_backend == "variant":
-                out = self.expert_fn(x, self.w13, self.w2, topk_ids, topk_w)
-            else:
-                out = grouped_experts(x, self.w13, self.w2, topk_ids, topk_w, self.moe_backend, self.packed_w13,
-                                      self.packed_experts)
+            kernel = self.kernel
+            if self.kernel_large is not None and topk_ids.numel() > CPU_KERNEL_PAIRS_PER_EXPERT * self.num_experts:
+                kernel = self.kernel_large  # the plan's rule: past the C kernel's batch sizes
+            out = fused_experts(x, self.w13, self.w2, topk_ids, topk_w, kernel, self.variant, self.packed_w13,
+                                self.packed_experts)
         if self.shared is not None:
             shared = self.shared(x)
             if self.shared_gate is not None:

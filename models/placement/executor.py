@@ -5,7 +5,7 @@ experts it hosts (`w13 [n_d, 2I, H]`, `w2 [n_d, H, I]`) and index tables mapping
 (token, slot) pair to a physical expert. A forward pass:
 1. picks a replica for every pair: the pair's rank among the pairs routed to the same logical
    expert, modulo that expert's replica count (deterministic; spreads counts evenly);
-2. per device: moves the distinct tokens it needs there, runs `grouped_experts` on its stack,
+2. per device: moves the distinct tokens it needs there, runs the block's experts on its stack,
    sums each token's pairs on the device, brings the partial sums back and `index_add`s them
    into the output in token order;
 3. host-tier experts (the CPU tier) are either computed on the CPU or copied to the token's
@@ -23,8 +23,11 @@ from typing import Callable
 
 import torch
 
-from models.layers.moe import grouped_experts
 from models.placement.plan import LayerPlan, Placement
+
+# (x [n, H], w13, w2 stacks, ids [n, k], weights [n, k]) -> [n, H]: a block's experts on one
+# device's stacks (`MoEBlock.placed_fn`: the kernel plan's choice for that device type)
+ExpertFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def torch_device(name: str) -> torch.device:
@@ -77,9 +80,8 @@ class LayerState:
     num_rep: torch.Tensor  # [num_logical]
     slot_group: torch.Tensor  # [num_physical] group index of each slot
     slot_local: torch.Tensor  # [num_physical] row in that group's stack
+    expert_fn: ExpertFn
     host: HostTier | None = None
-    # the block's expert computation (models.layers.experts): grouped_experts or a family's variant
-    expert_fn: Callable = grouped_experts
 
     def assign(self, topk_ids: torch.Tensor) -> torch.Tensor:
         """[T, k] logical ids -> [T * k] physical slots.
@@ -115,7 +117,7 @@ def is_virtual(name: str) -> bool:
 
 def _run_on(device: torch.device, w13: torch.Tensor, w2: torch.Tensor, x: torch.Tensor, tokens: torch.Tensor,
             rows: torch.Tensor, weights: torch.Tensor, out: torch.Tensor, remote: bool,
-            fn: Callable = grouped_experts) -> None:
+            fn: ExpertFn) -> None:
     """out[t] += sum of weights * expert(x[t]) over the given pairs, computed on `device`.
 
     Remote (another device, or a virtual one standing in for it): each distinct token travels
@@ -157,7 +159,7 @@ def run_layer(state: LayerState, x: torch.Tensor, topk_ids: torch.Tensor, topk_w
     return out
 
 
-def _run_host(tier: HostTier, g: DeviceGroup, x, tokens, rows, weights, out, fn: Callable = grouped_experts) -> None:
+def _run_host(tier: HostTier, g: DeviceGroup, x, tokens, rows, weights, out, fn: ExpertFn) -> None:
     """Host experts: copy the busy ones to x's device, compute the rest on the CPU."""
     counts = torch.bincount(rows, minlength=g.w13.shape[0])  # [E] pairs per host expert (rows = logical)
     fetch = counts >= max(tier.fetch_threshold, 1)
@@ -178,8 +180,8 @@ def _run_host(tier: HostTier, g: DeviceGroup, x, tokens, rows, weights, out, fn:
 
 
 def build_layer_state(plan: LayerPlan, master_w13: torch.Tensor, master_w2: torch.Tensor, index_device: torch.device,
-                      *, host: str | None = None, fetch_threshold: int = 1 << 62,
-                      previous: LayerState | None = None, expert_fn: Callable = grouped_experts) -> tuple[LayerState, int]:
+                      expert_fn: ExpertFn, *, host: str | None = None, fetch_threshold: int = 1 << 62,
+                      previous: LayerState | None = None) -> tuple[LayerState, int]:
     """Build a layer's stacks (reusing rows already on a device) -> (state, experts copied).
 
     `master_w13 [E, 2I, H]` / `master_w2 [E, H, I]` are the full expert weights (the host tier
@@ -218,7 +220,7 @@ def build_layer_state(plan: LayerPlan, master_w13: torch.Tensor, master_w2: torc
     table = [list(r) + [r[0]] * (max_rep - len(r)) for r in plan.replicas]
     as_t = lambda v: torch.tensor(v, dtype=torch.long, device=index_device)
     state = LayerState(plan, tuple(groups), as_t(table), as_t([len(r) for r in plan.replicas]),
-                       as_t(slot_group), as_t(slot_local), host_tier, expert_fn)
+                       as_t(slot_group), as_t(slot_local), expert_fn, host_tier)
     return state, copied
 
 

@@ -8,7 +8,7 @@ Supported `quantization_config` methods:
 - `mxfp4` (gpt-oss experts): `*_blocks` (two FP4 E2M1 values per byte, 32 per block) and
   `*_scales` (one E8M0 power-of-two exponent per block).
 Anything else fails at load, naming the method. Dequantization happens one tensor at a time as
-the loader streams the checkpoint (`models/quant/reader.py`), so no quantized layer is ever
+the loader streams the checkpoint (`models/loader.py`, `iter_tensors`), so no quantized layer is ever
 held whole beside its dequantized copy.
 """
 

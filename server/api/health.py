@@ -53,4 +53,8 @@ async def ready(request: Request) -> Response:
 
 @router.get("/version")
 async def version(request: Request) -> dict[str, Any]:
-    return {"version": server_version(), "engine": request.app.state.config.engine.engine}
+    """The server's version, its engine and, for the native engine, the kernel plan (which kernel
+    serves each layer kind; models/kernels/plan.py)."""
+    info = request.app.state.serving.engine.model_info
+    return {"version": server_version(), "engine": request.app.state.config.engine.engine,
+            "kernel_plan": info.kernel_plan}

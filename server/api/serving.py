@@ -26,6 +26,7 @@ from server.api.reasoning import REASONING_PARSERS
 from server.api.tool_parsers import TOOL_PARSERS
 from server.api.tokens import TokenText
 from server.config import ServerConfig
+from server.engine.protocol import EngineOverloadedError
 from server.engine.request import MAX_LOGIT_BIAS, EngineRequest, SamplingParams, SamplingParamsError, short_list
 from server.engine.structured.spec import StructuredSpec, StructuredSpecError
 from server.engine.validate import no_room_message, too_long_message
@@ -132,8 +133,7 @@ class Serving:
             count = len(prompt)
         else:
             count = 1
-        cfg = self.config.engine
-        most = cfg.max_num_seqs + cfg.max_queue_len
+        most = self.engine.in_flight.limit
         if count > most:
             raise bad_request(f"prompt: at most {most} prompts per request on this server (--max-num-seqs "
                               f"+ --max-queue-len); this one has {count}", param="prompt")
@@ -262,14 +262,11 @@ class Serving:
 
     # -- running ----------------------------------------------------------------------------
     def check_capacity(self, num_requests: int) -> None:
-        cfg = self.config.engine
+        """The engine's admission rule (server/engine/admission.py), asked before tokenizing."""
         try:
-            unfinished = int(self.engine.num_unfinished_requests())
-        except Exception:
-            return
-        if unfinished + num_requests > cfg.max_num_seqs + cfg.max_queue_len:
-            raise overloaded(f"Too many requests in flight ({unfinished}); the queue limit is "
-                             f"{cfg.max_queue_len}. Retry later.")
+            self.engine.in_flight.check(num_requests)
+        except EngineOverloadedError as e:
+            raise overloaded(str(e)) from None
 
     async def start_generation(self, request: Request, requests: list[EngineRequest],
                                stream: bool) -> GenerationStream:

@@ -97,10 +97,12 @@ def build_native_core(config: EngineConfig, progress: bool = True, reserve_cpu_c
 
     from models import load_model
     from server.engine.native.placement.manager import placement_from_config
+    from server.engine.native.placement.trace import RoutingRecorder
     from server.engine.native.core import EngineCore
 
     torch.manual_seed(config.seed)
-    model = load_model(config.model, dtype=config.dtype, device=config.device, progress=progress)
+    model = load_model(config.model, dtype=config.dtype, device=config.device, progress=progress,
+                       kernels=config.kernel_flags)
     if model.embed.weight.device.type == "cpu":
         configure_cpu_threads(reserve_cpu_cores)
     tokenizer = AutoTokenizer.from_pretrained(config.model)
@@ -120,28 +122,26 @@ def build_native_core(config: EngineConfig, progress: bool = True, reserve_cpu_c
         budget = DEFAULT_BATCHED_TOKENS if config.enable_chunked_prefill else max(max_len, DEFAULT_BATCHED_TOKENS)
     for block in model.moe_blocks():
         block.capacity_factor = config.expert_capacity_factor
-    # expert placement / rebalancing / routing traces, when asked: experts move before the
-    # runner resolves its kernels, and the core reports routing to the manager after each step
+    # expert placement / rebalancing / routing traces, when asked (the core reports routing to
+    # the manager after each step); then the plan as the engine runs it: CUDA graphs or not
     placement = placement_from_config(model, config)
+    model.apply_plan(model.kernel_plan.for_engine(
+        placed=placement is not None and placement.executor is not None,
+        capacity_limited=config.expert_capacity_factor is not None, enforce_eager=config.enforce_eager))
     core = EngineCore(
         model, tokenizer, num_blocks=blocks, block_size=config.block_size, max_model_len=max_len,
         max_num_seqs=config.max_num_seqs, max_num_batched_tokens=budget,
         enable_prefix_caching=config.enable_prefix_caching, enable_chunked_prefill=config.enable_chunked_prefill,
         scheduling_policy=config.scheduling_policy, seed=config.seed,
-        eos_token_ids=eos_token_ids(config.model, cfg, tokenizer),
-        # placed experts run through a host-syncing executor: no CUDA graphs to capture for them
-        # and expert capacity depends on the step's token count, which graph buckets pad
-        enforce_eager=config.enforce_eager or bool(config.expert_devices or config.num_redundant_experts
-                                                   or config.gpu_expert_budget or config.rebalance_interval
-                                                   or config.expert_capacity_factor),
-        placement=placement,
+        eos_token_ids=eos_token_ids(config.model, cfg, tokenizer), placement=placement,
+        routing_listeners=(RoutingRecorder.for_model(config.record_routing, model),) if config.record_routing else (),
     )
     dtype = str(model.embed.weight.dtype).replace("torch.", "")
     info = ModelInfo(
         name=config.model_name, path=config.model, max_model_len=core.max_model_len, vocab_size=cfg.vocab_size,
         architecture=cfg.architecture, num_layers=cfg.num_layers, num_experts=cfg.num_experts, top_k=cfg.top_k,
         dtype=dtype, device=str(model.embed.weight.device), num_moe_layers=cfg.num_moe_layers,
-        eos_token_ids=core.eos_token_ids,
+        eos_token_ids=core.eos_token_ids, kernel_plan=model.kernel_plan.to_dict(),
     )
     log.info("loaded %s (%s, %s on %s) in %.1fs; KV cache %d blocks x %d tokens; max_model_len %d",
              config.model, cfg.architecture, dtype, info.device, model.load_seconds, blocks, config.block_size,

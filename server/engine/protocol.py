@@ -5,20 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Protocol, runtime_checkable
 
+from server.engine.admission import InFlight
+from server.engine.errors import EngineDeadError, EngineOverloadedError, RequestTooLongError
 from server.engine.request import EngineRequest, RequestOutput
 from server.engine.stats import PlacementInfo, StatLogger
 
-
-class EngineDeadError(RuntimeError):
-    """The engine cannot continue; /health fails and the process should exit non-zero."""
-
-
-class EngineOverloadedError(RuntimeError):
-    """Too many requests queued; the API answers 429 with Retry-After."""
-
-
-class RequestTooLongError(ValueError):
-    """Prompt (plus max_tokens) does not fit the context; the API answers 400."""
+__all__ = ["EngineClient", "EngineDeadError", "EngineOverloadedError", "ModelInfo", "RequestTooLongError"]
 
 
 @dataclass(frozen=True)
@@ -35,12 +27,14 @@ class ModelInfo:
     device: str
     num_moe_layers: int | None = None  # layers with an MoE block (routing series are per MoE layer)
     eos_token_ids: tuple[int, ...] = ()  # what ends a sequence (structured outputs stop on these)
+    kernel_plan: dict | None = None  # the native engine's kernels per layer (KernelPlan.to_dict)
 
 
 @runtime_checkable
 class EngineClient(Protocol):
     model_info: ModelInfo
     tokenizer: Any  # a transformers PreTrainedTokenizerFast
+    in_flight: InFlight  # the requests it holds: admission (429) decided there, for both engines
 
     async def start(self) -> None: ...
 
@@ -48,7 +42,8 @@ class EngineClient(Protocol):
 
     def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
         """Submit a request and stream its output deltas; raises SamplingParamsError,
-        RequestTooLongError or EngineOverloadedError before the first output."""
+        RequestTooLongError or EngineOverloadedError (from `in_flight.admit`) before the first
+        output."""
         ...
 
     async def abort(self, request_id: str) -> None: ...
@@ -65,4 +60,6 @@ class EngineClient(Protocol):
         """Call `callback` with the new placement whenever experts move (rebalancing)."""
         ...
 
-    def num_unfinished_requests(self) -> int: ...
+    def num_unfinished_requests(self) -> int:
+        """len(in_flight)."""
+        ...

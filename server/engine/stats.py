@@ -8,7 +8,7 @@ routing counts are per (layer, logical expert) and per device only.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 
 @dataclass
@@ -56,6 +56,17 @@ class RoutingStats:
     device_tokens: dict[str, int] = field(default_factory=dict)
     # [num_layers] assignments dropped over expert capacity this step (None: no capacity limit)
     dropped_tokens: list[int] | None = None
+    # [num_tokens, num_layers, top_k] the step's expert ids, a tensor (native engine; None elsewhere)
+    expert_ids: Any = None
+
+
+class RoutingListener(Protocol):
+    """Hears every engine step's routing, on the engine thread between steps (expert placement,
+    routing traces); closed with the engine."""
+
+    def on_routing(self, stats: RoutingStats) -> None: ...
+
+    def close(self) -> None: ...
 
 
 @dataclass

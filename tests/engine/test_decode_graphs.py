@@ -79,8 +79,8 @@ def test_graphs_dropped_when_experts_are_placed_after_capture(make_llm):
     plain = make_llm(device="cpu", num_kv_blocks=128, block_size=4, max_num_seqs=8)
     placed = make_llm(device="cpu", num_kv_blocks=128, block_size=4, max_num_seqs=8)
     placed.core.runner.enable_decode_graphs([1, 2, 4, 8], cuda_graphs=False)
-    # installs executors on the model's MoE blocks behind the runner's back (the factory passes
-    # the manager to the core's constructor instead, before the runner resolves its kernels)
+    # installs executors on the model's MoE blocks behind the runner's back (the factory places
+    # experts before the core is made); the manager turns the model plan's CUDA graphs off
     PlacementManager.from_config(placed.core.model, EngineConfig(model="x", expert_devices=("cpu:0", "cpu:1")))
     ref_tokens, ref_counts, _ = run(plain.core, prompts)
     tokens, counts, buckets = run(placed.core, prompts)

@@ -10,24 +10,23 @@ import pytest
 import torch
 
 from models.generate import greedy_generate
+from models.registry import TINY_CONFIGS
 from models.layers.attention_variants import AttentionVariant
 from server.config import EngineConfig
 from server.engine import LLM
 from server.engine.factory import num_kv_blocks
 from server.engine.request import EngineRequest, SamplingParams
 from server.metrics.usage import moe_usage
-from tests.conftest import save_test_tokenizer
+from tests.conftest import RoutingCollector, save_test_tokenizer
 from tests.engine.test_engine import prompts_of
 from tests.models.conftest import make_checkpoint
 
-# variants under test: MLA (both q forms, both routers), sinks + sliding window, chunked + NoPE,
-# partial rotary + q/k norm, multipliers + shared MLP, biases + correction bias, a sliding Mixtral
-FAMILIES = ["deepseek_v2", "deepseek_v3", "glm4_moe", "gpt_oss", "llama4", "granitemoeshared", "ernie4_5_moe",
-            "minimax_m2", "mixtral-sliding"]
-# the default suite runs one family per attention path the engine has (MLA, sinks + sliding
-# window, chunked + NoPE); the rest run the same paths (`pytest -m slow tests/engine/test_families.py`)
-DEFAULT = ("deepseek_v3", "gpt_oss", "llama4")
-ENGINE_FAMILIES = [f if f in DEFAULT else pytest.param(f, marks=pytest.mark.slow) for f in FAMILIES]
+# every tiny config the family registry marks for the engine (models/<family>.py, `TINY`): the
+# default suite runs one family per attention path the engine has (MLA, sinks + sliding window,
+# chunked + NoPE), the rest with `pytest -m slow tests/engine/test_families.py`
+FAMILIES = [name for name, t in TINY_CONFIGS.items() if t.engine != "none"]
+ENGINE_FAMILIES = [f if TINY_CONFIGS[f].engine == "default" else pytest.param(f, marks=pytest.mark.slow)
+                   for f in FAMILIES]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
 PROMPT_LENS = (5, 17, 40, 3, 33)
 
@@ -85,8 +84,8 @@ def test_routing_usage_and_placement(family, checkpoint):
     base = LLM(path, dtype="float32", num_kv_blocks=64, block_size=4)
     cfg = base.core.model.config
     moe_layers = [i for i, s in enumerate(cfg.sparse_layers) if s]
-    seen = []
-    base.core.routing_listeners.append(seen.append)
+    seen = RoutingCollector()
+    base.core.routing_listeners.append(seen)
     prompt = prompts_of([13])[0]
     base.core.add_request(EngineRequest("r", prompt, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)))
     outs = []

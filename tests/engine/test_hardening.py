@@ -13,7 +13,7 @@ from server.config import EngineConfig
 from server.engine.factory import build_native_core
 from server.engine.native import sampler as sampler_mod
 from server.engine.native.async_engine import AsyncEngine
-from server.engine.native.scheduler import SchedulerOutput
+from server.engine.native.outputs import SchedulerOutput
 from server.engine.protocol import EngineDeadError
 from server.engine.request import MAX_ROUTING_IDS, EngineRequest, SamplingParams, SamplingParamsError
 

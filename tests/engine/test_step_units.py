@@ -8,8 +8,8 @@ from transformers import AutoTokenizer
 
 from server.engine.native.kv_cache import BlockPool, KVCacheManager
 from server.engine.native.output_processor import OutputProcessor
-from server.engine.native.runner import ModelOutput
-from server.engine.native.scheduler import Scheduler, SchedulerOutput
+from server.engine.native.outputs import ModelOutput, SchedulerOutput
+from server.engine.native.scheduler import Scheduler
 from server.engine.native.sequence import RequestState, Sequence, SeqStatus
 from server.engine.native.stop import check_stop
 from server.engine.request import EngineRequest, SamplingParams

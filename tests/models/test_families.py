@@ -13,7 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from models import MoEModelConfig, UnsupportedModelError, load_model
+from models import UnsupportedModelError, load_model
+from models.hf_config import load_config
 from models.generate import prefill_logits
 from models.loader import CheckpointError
 from tests.models.conftest import make_checkpoint
@@ -68,7 +69,7 @@ def test_remote_code_model_type_reads_with_the_architecture_config(deepseek_dir,
         if f.is_file():
             (tmp_path / f.name).write_bytes(f.read_bytes())
     _edit_config(tmp_path, model_type="kimi_k2", auto_map={"AutoConfig": "configuration_deepseek.DeepseekV3Config"})
-    cfg = MoEModelConfig.from_hf(str(tmp_path))
+    cfg = load_config(str(tmp_path))
     assert cfg.architecture == "DeepseekV3ForCausalLM" and cfg.mla.kv_lora_rank == 32
     same = prefill_logits(_load(tmp_path), PROMPTS[1:2])[0]
     assert torch.equal(same, prefill_logits(_load(deepseek_dir), PROMPTS[1:2])[0])
@@ -86,7 +87,7 @@ def test_unsupported_options_are_named(family, changes, named, tmp_path):
     make_checkpoint(family, tmp_path)
     _edit_config(tmp_path, **changes)
     with pytest.raises(UnsupportedModelError, match=named):
-        MoEModelConfig.from_hf(str(tmp_path))
+        load_config(str(tmp_path))
 
 
 def test_real_checkpoint_configs_and_kv_bytes_per_token():

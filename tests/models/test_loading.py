@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from models import MoEModelConfig, UnsupportedModelError, load_model
+from models import UnsupportedModelError, load_model
+from models.hf_config import load_config
 from models.generate import prefill_logits
 from models.layers.moe import RoutingCapture
 from models.loader import CheckpointError
@@ -36,7 +37,7 @@ def _edit_weights(path, fn):
 
 
 def test_config_fields(mixtral_dir):
-    cfg = MoEModelConfig.from_hf(str(mixtral_dir))
+    cfg = load_config(str(mixtral_dir))
     assert (cfg.architecture, cfg.num_experts, cfg.top_k, cfg.norm_topk_prob) == ("MixtralForCausalLM", 8, 2, True)
     assert cfg.head_dim == 16 and cfg.sparse_layers == (True, True, True)
 
@@ -44,26 +45,26 @@ def test_config_fields(mixtral_dir):
 def test_unsupported_architecture_named(mixtral_dir):
     _edit_config(mixtral_dir, architectures=["DbrxForCausalLM"])
     with pytest.raises(UnsupportedModelError, match="DbrxForCausalLM"):
-        MoEModelConfig.from_hf(str(mixtral_dir))
+        load_config(str(mixtral_dir))
 
 
 def test_unsupported_options_named(mixtral_dir):
     _edit_config(mixtral_dir, hidden_act="gelu")
     with pytest.raises(UnsupportedModelError, match="hidden_act"):
-        MoEModelConfig.from_hf(str(mixtral_dir))
+        load_config(str(mixtral_dir))
 
 
 def test_sliding_window_read_per_layer(mixtral_dir):
     _edit_config(mixtral_dir, sliding_window=64)
-    assert MoEModelConfig.from_hf(str(mixtral_dir)).sliding_windows == (64, 64, 64)
+    assert load_config(str(mixtral_dir)).sliding_windows == (64, 64, 64)
     _edit_config(mixtral_dir, sliding_window=4096)  # not narrower than the context: plain attention
-    assert MoEModelConfig.from_hf(str(mixtral_dir)).sliding_windows == ()
+    assert load_config(str(mixtral_dir)).sliding_windows == ()
 
 
 def test_unsupported_rope_named(mixtral_dir):
     _edit_config(mixtral_dir, rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0})
     with pytest.raises(UnsupportedModelError, match="longrope"):
-        MoEModelConfig.from_hf(str(mixtral_dir))
+        load_config(str(mixtral_dir))
 
 
 def test_missing_tensor_named(mixtral_dir):

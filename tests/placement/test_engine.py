@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from server.engine import LLM, SamplingParams
-from server.engine.stats import RoutingStats
+from server.engine.native.placement.trace import RoutingRecorder
+from tests.conftest import RoutingCollector
 
 from .conftest import PROMPTS
 
@@ -36,8 +37,8 @@ def test_online_rebalancing_keeps_greedy_tokens(tiny_mixtral, baseline, tmp_path
               rebalance_interval=2, num_redundant_experts=2, record_routing=str(trace))
     core = llm.core
     mgr = core.placement_manager
-    seen: list[RoutingStats] = []
-    core.routing_listeners.append(seen.append)
+    seen = RoutingCollector()
+    core.routing_listeners.append(seen)
     changes = []
     mgr.on_change.append(changes.append)
     assert tokens(llm) == baseline
@@ -106,14 +107,16 @@ def test_device_tokens_for_counts_splits_replicas(tiny_mixtral):
 
 
 def test_record_only_places_nothing(tiny_mixtral, tmp_path):
+    """--record-routing alone: a trace recorder listens to the routing; no placement manager."""
     trace = tmp_path / "t.jsonl"
     llm = LLM(tiny_mixtral, dtype="float32", record_routing=str(trace))
-    assert llm.core.placement_info() is None
+    assert llm.core.placement_manager is None and llm.core.placement_info() is None
     assert all(b.executor is None for b in llm.core.model.moe_blocks())
-    assert llm.core.placement_manager.device_tokens_for_counts(torch.ones(2, 8)) == {"cpu": 16}
+    (recorder,) = [lst for lst in llm.core.routing_listeners if isinstance(lst, RoutingRecorder)]
     llm.generate([PROMPTS[0]], SamplingParams(max_tokens=3, ignore_eos=True), use_tqdm=False)
-    llm.core.placement_manager.close()
-    assert len(trace.read_text().splitlines()) == 1 + llm.core.placement_manager.steps
+    llm.core.close()
+    assert recorder.closed and recorder.steps >= 3
+    assert len(trace.read_text().splitlines()) == 1 + recorder.steps
 
 
 def test_no_placement_options_no_manager(tiny_mixtral):
@@ -141,20 +144,19 @@ def test_shutdown_closes_the_routing_trace(tiny_mixtral, tmp_path):
     trace = tmp_path / "t.jsonl"
     core, info = build_native_core(EngineConfig(model=tiny_mixtral, dtype="float32", record_routing=str(trace)),
                                    progress=False)
-    mgr = core.placement_manager
-    assert mgr is not None and mgr.on_routing in core.routing_listeners
+    (recorder,) = [lst for lst in core.routing_listeners if isinstance(lst, RoutingRecorder)]
 
     async def run() -> None:
         eng = AsyncEngine(core, info)
         await eng.start()
         async for _ in eng.generate(EngineRequest("t", PROMPTS[0], SamplingParams(max_tokens=3, ignore_eos=True))):
             pass
-        assert not mgr.recorder.closed
+        assert not recorder.closed
         await eng.shutdown()
 
     asyncio.run(run())
-    assert mgr.recorder.closed
-    assert len(trace.read_text().splitlines()) == 1 + mgr.steps
+    assert recorder.closed
+    assert len(trace.read_text().splitlines()) == 1 + recorder.steps
 
 
 def test_models_package_imports_nothing_from_server():

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from models.generate import greedy_generate, prefill_logits
+from models.kernels.fused_moe import moe_loop
 from models.placement.executor import build_layer_state, run_layer, torch_device
 from server.engine.native.placement.manager import NEVER_FETCH, PlacementManager, budget_slots
 from models.placement.planner import place
@@ -77,7 +78,7 @@ def test_rebalance_keeps_outputs_and_old_state_stays_usable(model, reference):
 def test_replicas_share_tokens_evenly_and_deterministically():
     plan = place("contiguous", np.ones((1, 4)), CPU2, [3, 3], 2).layers[0]  # experts 0 and 2 replicated
     w13, w2 = torch.randn(4, 6, 3), torch.randn(4, 3, 3)
-    state, copied = build_layer_state(plan, w13, w2, torch.device("cpu"))
+    state, copied = build_layer_state(plan, w13, w2, torch.device("cpu"), moe_loop)
     assert copied == 6
     ids = torch.tensor([[0, 1], [0, 2], [3, 0], [0, 1], [2, 0], [0, 3], [1, 2]])  # [T, k]
     slots = state.assign(ids)
@@ -93,7 +94,7 @@ def test_replicas_share_tokens_evenly_and_deterministically():
 def test_single_pairs_do_not_all_go_to_replica_zero():
     """Decode-sized batches: which replica takes an expert's lone pair follows the token."""
     plan = place("contiguous", np.ones((1, 4)), CPU2, [3, 3], 2).layers[0]
-    state, _ = build_layer_state(plan, torch.randn(4, 6, 3), torch.randn(4, 3, 3), torch.device("cpu"))
+    state, _ = build_layer_state(plan, torch.randn(4, 6, 3), torch.randn(4, 3, 3), torch.device("cpu"), moe_loop)
     used = {int(state.assign(torch.tensor([[2, 3]] * t + [[0, 1]]))[-2]) for t in range(4)}
     assert used == set(plan.replicas[0])
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from server.config import EngineConfig, ServerConfig
+from server.config import EngineConfig
 from server.engine.factory import build_native_core
 from server.engine.native.async_engine import AsyncEngine
 from server.engine.request import EngineRequest, SamplingParams

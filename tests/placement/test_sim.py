@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from models.kernels.fused_moe import moe_loop
 from models.placement.executor import PlacedExperts, build_layer_state
 from models.placement.planner import place
 from server.engine.native.placement.trace import read_trace
@@ -50,7 +51,7 @@ def test_simulated_device_loads_match_the_executor():
     ex = PlacedExperts([0, 1])
     for li in range(2):
         state, _ = build_layer_state(placement.layers[li], torch.zeros(8, 2, 1), torch.zeros(8, 1, 1),
-                                     torch.device("cpu"))
+                                     torch.device("cpu"), moe_loop)
         ex.swap(li, state)
     routing = torch.randint(0, 8, (37, 2, 2))
     routing[::2, :, 0] = 0  # a hot expert

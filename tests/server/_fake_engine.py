@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any, AsyncIterator
 
 from server.config import BUNDLED_MODEL
-from server.engine.protocol import EngineOverloadedError, ModelInfo, RequestTooLongError
+from server.engine.admission import InFlight
+from server.engine.protocol import ModelInfo, RequestTooLongError
 from server.engine.request import CompletionOutput, EngineRequest, Logprob, RequestOutput
 from server.engine.stats import IterationStats
 
@@ -64,7 +65,7 @@ class FakeEngine:
         self._used_blocks = 0
         self.token_delay = token_delay
         self._aborted: set[str] = set()
-        self._live: set[str] = set()
+        self.in_flight = InFlight(max_num_seqs, max_queue_len)  # the real admission rule
         self._running: asyncio.Semaphore | None = None
         self._loggers: list[Any] = []
         self._word_ids = [self.tokenizer.encode(w, add_special_tokens=False) for w in WORDS]
@@ -76,7 +77,7 @@ class FakeEngine:
         self.started = True
 
     async def shutdown(self) -> None:
-        for rid in list(self._live):
+        for rid in self.in_flight.ids():
             self._aborted.add(rid)
 
     async def check_health(self) -> None:
@@ -92,7 +93,7 @@ class FakeEngine:
         pass
 
     def num_unfinished_requests(self) -> int:
-        return len(self._live)
+        return len(self.in_flight)
 
     def kv_cache_usage(self) -> float:
         return self._used_blocks / self._total_blocks
@@ -104,7 +105,7 @@ class FakeEngine:
         return self._total_blocks
 
     async def abort(self, request_id: str) -> None:
-        if request_id in self._live:
+        if request_id in self.in_flight:
             self._aborted.add(request_id)
 
     def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
@@ -114,9 +115,7 @@ class FakeEngine:
         if len(request.prompt_token_ids) + max_tokens > self.model_info.max_model_len:
             raise RequestTooLongError(f"prompt ({len(request.prompt_token_ids)}) + max_tokens ({max_tokens}) "
                                       f"> {self.model_info.max_model_len}")
-        if len(self._live) >= self.max_num_seqs + self.max_queue_len:
-            raise EngineOverloadedError(f"queue full ({self.max_queue_len})")
-        self._live.add(request.request_id)
+        self.in_flight.admit(request.request_id)
         return self._run(request, max_tokens)
 
     # -- generation ---------------------------------------------------------------------------
@@ -181,13 +180,13 @@ class FakeEngine:
                                                            for t in request.prompt_token_ids[1:]]
                         first = False
                     for lg in self._loggers:
-                        lg.record(IterationStats(timestamp=time.monotonic(), num_running=len(self._live),
+                        lg.record(IterationStats(timestamp=time.monotonic(), num_running=len(self.in_flight),
                                                  kv_cache_usage=self.kv_cache_usage()), [], None)
                     yield ro
         finally:
             self._used_blocks -= blocks
-            self._live.discard(rid)
+            self.in_flight.release(rid)
             self._aborted.discard(rid)
             for lg in self._loggers:
-                lg.record(IterationStats(timestamp=time.monotonic(), num_running=len(self._live),
+                lg.record(IterationStats(timestamp=time.monotonic(), num_running=len(self.in_flight),
                                          kv_cache_usage=self.kv_cache_usage()), [], None)

@@ -20,6 +20,9 @@ def test_health_ready_version(http: httpx.Client) -> None:
     assert r.status_code == 200 and r.json() == {"status": "ready"}
     v = http.get("/version").json()
     assert isinstance(v["version"], str) and v["engine"] == "native"
+    plan = v["kernel_plan"]  # the native engine's kernels, as resolved at load (models/kernels/plan.py)
+    assert plan["device"] == "cpu" and plan["layers"] and plan["cuda_graphs"] is False
+    assert {group["attention"] for group in plan["layers"]} <= {"cpu", "reference"}
 
 
 def test_models(client: openai.OpenAI, http: httpx.Client, model_name: str) -> None:

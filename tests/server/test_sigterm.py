@@ -3,6 +3,7 @@ finish, and the process exits 0."""
 
 from __future__ import annotations
 
+import re
 import signal
 import threading
 import time
@@ -38,6 +39,13 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(tmp_path: Path) -> None:
         for t in threads:
             t.start()
         assert first_chunk.wait(60)
+        # both requests admitted before the signal (on a busy machine the plain one can still be
+        # on its way in when the stream's first chunk arrives: it would then be refused, rightly)
+        deadline = time.monotonic() + 60
+        with httpx.Client(base_url=s.url, timeout=10) as c:
+            while not re.search(r"^vllm:num_requests_running\{[^}]*\} 2\.0$", c.get("/metrics").text, re.M):
+                assert time.monotonic() < deadline, "the two requests never ran together"
+                time.sleep(0.05)
         s.signal(signal.SIGTERM)
         time.sleep(0.3)
         with httpx.Client(base_url=s.url, timeout=10) as c:

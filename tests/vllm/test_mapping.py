@@ -194,13 +194,15 @@ def test_routing_from_routed_experts():
 def fake_engine(routing_enabled: bool = False):
     """A VLLMEngine without vLLM: only what `_convert` uses."""
     from server.engine.protocol import ModelInfo
+    from server.engine.admission import InFlight
     from server.engine.vllm import VLLMEngine
 
     eng = VLLMEngine.__new__(VLLMEngine)
     eng.routing_enabled = routing_enabled
     eng.device = "cuda"
     eng.model_info = ModelInfo("m", "/m", 512, 100, "MixtralForCausalLM", 2, 4, 2, "float32", "cuda")
-    eng._streams = {"r": 1}
+    eng.in_flight = InFlight(4, 4)
+    eng.in_flight.admit("r", 1)
     eng._loggers = []
     eng._bridge = StatsBridge(eng._loggers, n_of=lambda rid: 1)
     return eng

@@ -9,6 +9,8 @@
  */
 #include <stdint.h>
 
+#include "kernels.h"
+
 #if defined(__AVX2__) && defined(__FMA__)
 #include "panel_gemm.h"
 

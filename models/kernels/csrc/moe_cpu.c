@@ -18,6 +18,8 @@
  */
 #include <stdint.h>
 
+#include "kernels.h"
+
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #include <stdlib.h>

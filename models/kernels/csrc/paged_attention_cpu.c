@@ -16,6 +16,8 @@
 #include <math.h>
 #include <pthread.h>
 #include <stdint.h>
+
+#include "kernels.h"
 #include <stdlib.h>
 #include <string.h>
 

@@ -21,8 +21,9 @@ import threading
 import time
 from typing import AsyncIterator
 
+from server.engine.admission import InFlight
 from server.engine.native.core import EngineCore, StepError
-from server.engine.protocol import EngineDeadError, EngineOverloadedError, ModelInfo
+from server.engine.protocol import EngineDeadError, ModelInfo
 from server.engine.request import EngineRequest, RequestOutput
 from server.engine.stats import PlacementInfo, StatLogger
 
@@ -37,12 +38,11 @@ class AsyncEngine:
         self.core = core
         self.model_info = model_info
         self.tokenizer = core.tokenizer
-        # requests beyond the running batch wait; past this many waiting, new ones are refused
-        self.max_in_flight = max_num_seqs + max_queue_len
+        # requests in flight, each with (its event loop, its output queue); past the limit new
+        # ones are refused (429)
+        self.in_flight = InFlight(max_num_seqs, max_queue_len)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._lock = threading.Lock()
         self._loggers: list[StatLogger] = []
         self._thread: threading.Thread | None = None
         self._stop = False
@@ -72,14 +72,8 @@ class AsyncEngine:
         if self._dead:
             raise EngineDeadError(self._dead)
         max_tokens = self.core.validate(request)  # raises SamplingParamsError / RequestTooLongError
-        with self._lock:
-            if len(self._streams) >= self.max_in_flight:
-                raise EngineOverloadedError(
-                    f"server is at capacity ({len(self._streams)} requests in flight); retry later")
-            if request.request_id in self._streams:
-                raise ValueError(f"duplicate request id {request.request_id!r}")
-            stream: asyncio.Queue = asyncio.Queue()
-            self._streams[request.request_id] = (asyncio.get_running_loop(), stream)
+        stream: asyncio.Queue = asyncio.Queue()
+        self.in_flight.admit(request.request_id, (asyncio.get_running_loop(), stream))  # or 429
         self._inbox.put(("add", (request, max_tokens)))
         self._wake.set()
         finished = False
@@ -93,8 +87,7 @@ class AsyncEngine:
                 if finished:
                     return
         finally:
-            with self._lock:
-                self._streams.pop(request.request_id, None)
+            self.in_flight.release(request.request_id)
             if not finished:  # the consumer went away (disconnect, timeout): free its blocks
                 self._inbox.put(("abort", request.request_id))
                 self._wake.set()
@@ -109,8 +102,8 @@ class AsyncEngine:
         if self._thread is not None and not self._thread.is_alive() and not self._stop:
             raise EngineDeadError("engine thread exited")
         stalled = time.monotonic() - self._last_progress
-        if self.progress_timeout and self._streams and stalled > self.progress_timeout:
-            raise EngineDeadError(f"no progress for {stalled:.0f}s with {len(self._streams)} request(s) in "
+        if self.progress_timeout and len(self.in_flight) and stalled > self.progress_timeout:
+            raise EngineDeadError(f"no progress for {stalled:.0f}s with {len(self.in_flight)} request(s) in "
                                   f"flight (--engine-progress-timeout {self.progress_timeout:g}s)")
 
     def add_stat_logger(self, logger: StatLogger) -> None:
@@ -125,7 +118,7 @@ class AsyncEngine:
             manager.on_change.append(callback)
 
     def num_unfinished_requests(self) -> int:
-        return len(self._streams)
+        return len(self.in_flight)
 
     # -- KV introspection (tests, /metrics) ---------------------------------------------
     def kv_cache_usage(self) -> float:
@@ -140,8 +133,7 @@ class AsyncEngine:
     # -- the engine thread ---------------------------------------------------------------
     def _deliver(self, out: RequestOutput | tuple[str, BaseException]) -> None:
         rid, item = (out.request_id, out) if isinstance(out, RequestOutput) else out
-        with self._lock:
-            target = self._streams.get(rid)
+        target = self.in_flight.get(rid)
         if target is not None:
             loop, stream = target
             try:
@@ -213,8 +205,6 @@ class AsyncEngine:
                 log.exception("stat logger failed")
 
     def _fail_all(self, exc: BaseException) -> None:
-        with self._lock:
-            rids = list(self._streams)
-        for rid in rids:
+        for rid in self.in_flight.ids():
             self._deliver((rid, exc))
 

@@ -19,12 +19,13 @@ import torch
 from models.model import MoEForCausalLM
 from server.engine.native.kv_cache import BlockPool, KVCacheManager
 from server.engine.native.output_processor import OutputProcessor
-from server.engine.native.runner import ModelOutput, ModelRunner
+from server.engine.native.outputs import ModelOutput, ScheduledSeq, SchedulerOutput
+from server.engine.native.runner import ModelRunner
 from server.engine.native.sampler import Sampler
-from server.engine.native.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
+from server.engine.native.scheduler import Scheduler
 from server.engine.native.sequence import RequestState, Sequence, next_seq_id
 from server.engine.request import EngineRequest, RequestOutput
-from server.engine.stats import FinishedRequestStats, IterationStats, RoutingStats
+from server.engine.stats import FinishedRequestStats, IterationStats, RoutingListener, RoutingStats
 from server.engine.structured.runtime import StructuredRuntime
 from server.engine.validate import RoutingShape, validate_request
 
@@ -53,10 +54,10 @@ class EngineCore:
                  max_model_len: int, max_num_seqs: int, max_num_batched_tokens: int,
                  enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True,
                  scheduling_policy: str = "fcfs", seed: int = 0, eos_token_ids: tuple[int, ...] = (),
-                 enforce_eager: bool = False, placement: Any = None,
-                 routing_listeners: tuple[Callable[[RoutingStats], None], ...] = ()):
+                 placement: Any = None, routing_listeners: tuple[RoutingListener, ...] = ()):
         """`placement`: a PlacementManager (server/engine/native/placement) whose experts are
-        placed already; it hears every step's routing. `routing_listeners` hear it too."""
+        placed already; it hears every step's routing. `routing_listeners` (e.g. a routing trace
+        recorder) hear it too; all are closed with the core."""
         self.model = model
         self.tokenizer = tokenizer
         cfg = model.config
@@ -76,7 +77,7 @@ class EngineCore:
         self.structured = StructuredRuntime(self.vocab_size)  # grammar masks (structured outputs)
         self.runner = ModelRunner(model, num_blocks, block_size, max_num_seqs=max_num_seqs,
                                   max_model_len=self.max_model_len, max_num_batched_tokens=max_num_batched_tokens,
-                                  enforce_eager=enforce_eager, seed=seed, eos_token_ids=self.eos_token_ids,
+                                  seed=seed, eos_token_ids=self.eos_token_ids,
                                   structured=self.structured)
         self.output = OutputProcessor(tokenizer, cfg.num_moe_layers, cfg.num_experts, cfg.top_k,
                                       self._device_tokens)
@@ -84,11 +85,11 @@ class EngineCore:
         self.total_preemptions = 0  # since start (tests, logs)
         self.total_prefix_hit_tokens = 0
         self.fault_hook: Callable[[list[ScheduledSeq]], None] | None = None  # tests inject failures here
-        # called after every step with that step's routing counts (expert placement, traces)
-        self.routing_listeners: list[Callable[[RoutingStats], None]] = list(routing_listeners)
+        # told every step's routing counts, between steps (expert placement, traces)
+        self.routing_listeners: list[RoutingListener] = list(routing_listeners)
         self.placement_manager = placement
         if placement is not None:
-            self.routing_listeners.append(placement.on_routing)
+            self.routing_listeners.append(placement)
 
     # -- admission --------------------------------------------------------------------
     def validate(self, request: EngineRequest) -> int:
@@ -160,7 +161,7 @@ class EngineCore:
             routing_stats = self._routing_stats(result)
             if routing_stats is not None:
                 for listener in self.routing_listeners:
-                    listener(routing_stats)
+                    listener.on_routing(routing_stats)
             self.output.record_model_output(batch, result, stats)
             states = list({id(it.seq.state): it.seq.state for it in batch.scheduled}.values())
             finished = self.scheduler.update_from_output(
@@ -182,9 +183,9 @@ class EngineCore:
         return StepResult(outputs, stats, finished_stats, routing_stats)
 
     def close(self) -> None:
-        """Release what outlives a step (the placement manager's routing trace file)."""
-        if self.placement_manager is not None:
-            self.placement_manager.close()
+        """Release what outlives a step (a routing trace file)."""
+        for listener in self.routing_listeners:
+            listener.close()
 
     def placement_info(self):
         """Where each logical expert lives (PlacementInfo), or None when all are on one device."""
@@ -217,4 +218,4 @@ class EngineCore:
             device_tokens = {str(self.runner.device): int(r.numel())}
         dropped = None if result.dropped is None else result.dropped.sum(dim=(0, 2)).tolist()  # [L]
         return RoutingStats(num_layers=L, num_experts=E, expert_tokens=counts, device_tokens=device_tokens,
-                            dropped_tokens=dropped)
+                            dropped_tokens=dropped, expert_ids=r)

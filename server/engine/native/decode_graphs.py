@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from models.layers.attention import AttentionMetadata
+from models.layers.paged import AttentionMetadata
 from models.layers.moe import RoutingCapture
 from models.model import MoEForCausalLM
 

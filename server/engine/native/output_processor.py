@@ -16,14 +16,14 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
+from server.engine.expert_counts import expert_counts
 from server.engine.native.detokenizer import IncrementalDetokenizer
 from server.engine.native.sequence import RequestState, Sequence
 from server.engine.request import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from server.engine.stats import FinishedRequestStats, IterationStats
 
 if TYPE_CHECKING:
-    from server.engine.native.runner import ModelOutput
-    from server.engine.native.scheduler import SchedulerOutput
+    from server.engine.native.outputs import ModelOutput, SchedulerOutput
 
 # expert counts [moe_layers, experts] -> tokens per device (expert placement), read when a request ends
 DeviceTokens = Callable[[torch.Tensor], dict[str, int]]
@@ -118,9 +118,7 @@ class OutputProcessor:
         if begin == seq.num_computed and out.seq_expert_counts is not None:
             counts = out.seq_expert_counts[j]  # [layers, experts], counted for the whole step at once
         else:  # tokens recomputed after a preemption: count only the new ones
-            L = chosen.shape[1]
-            flat = (chosen + torch.arange(L, device=chosen.device)[None, :, None] * E).reshape(-1)
-            counts = torch.bincount(flat, minlength=L * E).view(L, E).cpu()  # [layers, experts]
+            counts = expert_counts(chosen, E)[0].cpu()  # [layers, experts]
         if state.expert_counts is None:
             state.expert_counts = counts.clone()
         else:

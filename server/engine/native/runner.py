@@ -11,52 +11,33 @@ and the prompt logprobs; structured outputs' grammar masks are filled while the 
 A step's metadata goes into preallocated buffers (`step_inputs.StepBuffers`), copied to the
 device without blocking, and the forward reads nothing back to the host (with the sync-free
 kernels). On CUDA, decode-only steps replay CUDA graphs captured at startup per batch-size
-bucket (`decode_graphs.DecodeGraphs`) unless `enforce_eager`; prefill and mixed steps run
-eagerly.
+bucket (`decode_graphs.DecodeGraphs`) where the model's kernel plan says so
+(`KernelPlan.cuda_graphs`); prefill and mixed steps run eagerly.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 
 import torch
 
-from models.layers.attention import AttentionMetadata
+from models.layers.paged import AttentionMetadata
 from models.layers.moe import RoutingCapture
 from models.model import MoEForCausalLM
+from server.engine.expert_counts import expert_counts
 from server.engine.native.decode_graphs import DecodeGraphs, bucket_sizes
-from server.engine.native.scheduler import SchedulerOutput
 from server.engine.native.logprobs import compute_logprobs
+from server.engine.native.outputs import ModelOutput, SchedulerOutput
 from server.engine.native.sampler import Sampler, SamplingRow
 from server.engine.native.step_inputs import StepBuffers
-from server.engine.request import Logprob
 from server.engine.structured.runtime import StructuredRuntime
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class ModelOutput:
-    routing: torch.Tensor | None  # [num_tokens, num_moe_layers, top_k] expert ids
-    token_offsets: list[int]  # [num_scheduled + 1] start of each sequence's tokens
-    # position in `scheduled` -> its sampled tokens (n for a forking prompt sequence, else one)
-    sampled_token_ids: dict[int, list[int]] = field(default_factory=dict)
-    sampled_logprobs: dict[int, list[Logprob | None]] = field(default_factory=dict)  # as the tokens
-    # position in `scheduled` -> logprobs of the prompt tokens after those computed this step
-    prompt_logprobs: dict[int, list[Logprob]] = field(default_factory=dict)
-    # [num_scheduled, num_moe_layers, num_experts] on the CPU: each sequence's expert choices this step
-    seq_expert_counts: torch.Tensor | None = None
-    graph_bucket: int | None = None  # the CUDA-graph bucket that ran this step, None when eager
-    # [num_tokens, num_moe_layers, top_k]: router weights (only when a request returns routing)
-    # and assignments dropped over expert capacity (only with --expert-capacity-factor)
-    routing_weights: torch.Tensor | None = None
-    dropped: torch.Tensor | None = None
-
-
 class ModelRunner:
     def __init__(self, model: MoEForCausalLM, num_blocks: int, block_size: int, max_num_seqs: int = 64,
-                 max_model_len: int = 2048, max_num_batched_tokens: int = 2048, enforce_eager: bool = False,
+                 max_model_len: int = 2048, max_num_batched_tokens: int = 2048,
                  seed: int = 0, eos_token_ids: tuple[int, ...] = (), structured: StructuredRuntime | None = None):
         self.model = model
         self.block_size = block_size
@@ -73,14 +54,11 @@ class ModelRunner:
         self.buffers = StepBuffers(max(max_num_batched_tokens, max_num_seqs, sizes[-1]), max(max_num_seqs, sizes[-1]),
                                    max_blocks, self.device)
         self.graphs: DecodeGraphs | None = None
-        kernels = {op: sorted(set(b)) for op, b in model.kernel_backends().items()}  # resolves them now
-        log.info("kernels: %s", kernels)
-        if self.device.type == "cuda" and not enforce_eager:
-            if model.decode_is_sync_free():
-                self.enable_decode_graphs(sizes, cuda_graphs=True)
-            else:
-                log.info("CUDA graphs off: a layer uses a kernel that syncs with the host (%s)",
-                         model.kernel_backends())
+        if model.kernel_plan is None:
+            raise ValueError("the model has no kernel plan (models.load_model applies one)")
+        log.info("%s", model.kernel_plan.table())
+        if model.kernel_plan.cuda_graphs:
+            self.enable_decode_graphs(sizes, cuda_graphs=True)
 
     def enable_decode_graphs(self, sizes: list[int], cuda_graphs: bool = True) -> None:
         """Run decode-only steps padded to `sizes` buckets: captured CUDA graphs, or eagerly
@@ -100,10 +78,10 @@ class ModelRunner:
     def _graph_bucket(self, batch: SchedulerOutput) -> int | None:
         if self.graphs is None or len(batch.scheduled) > self.graphs.max_size:
             return None
-        if any(b.executor is not None for b in self._moe_blocks):
-            # experts placed after capture (models.placement): the graphs ran the local kernels on
-            # weights that have moved; the placed path syncs with the host, so it runs eagerly
-            log.info("expert placement installed: CUDA graphs are off from now on")
+        if self.model.kernel_plan.experts_placed:
+            # experts placed since capture (models.placement; the plan says so): the graphs ran
+            # the local kernels on weights that have moved, and the placed path reads back
+            log.info("experts placed after the decode graphs were made: decode runs eagerly from now on")
             self.graphs = None
             return None
         if any(it.num_new != 1 for it in batch.scheduled):
@@ -139,7 +117,8 @@ class ModelRunner:
         out = ModelOutput(None, inp.query_start_loc, graph_bucket=bucket)
         if capture.expert_ids:
             out.routing = capture.stacked_ids()[:T]  # [T, moe_layers, k]
-            out.seq_expert_counts = self._seq_expert_counts(out.routing, d["seg"][:T], inp.num_seqs)
+            # [S, L, E] on the host: one scatter, one copy
+            out.seq_expert_counts = expert_counts(out.routing, self.num_experts, d["seg"][:T], inp.num_seqs).cpu()
             if with_weights:
                 out.routing_weights = capture.stacked_weights()[:T]
             dropped = capture.stacked_dropped()
@@ -184,11 +163,3 @@ class ModelRunner:
             out.sampled_token_ids.setdefault(j, []).append(token)
             out.sampled_logprobs.setdefault(j, []).append(lp)
 
-    def _seq_expert_counts(self, routing: torch.Tensor, seg: torch.Tensor, num_seqs: int) -> torch.Tensor:
-        """[S, L, E] per-sequence counts in one scatter and one copy to the host."""
-        L, E = self.num_moe_layers, self.num_experts
-        layer = torch.arange(L, device=routing.device)[None, :, None]  # [1, L, 1]
-        flat = ((seg[:, None, None] * L + layer) * E + routing).reshape(-1)  # [T * L * k]
-        counts = torch.zeros(num_seqs * L * E, dtype=torch.int64, device=routing.device)
-        counts.scatter_add_(0, flat, torch.ones_like(flat))
-        return counts.view(num_seqs, L, E).cpu()

@@ -14,47 +14,18 @@ queues and free their blocks.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 from server.engine.native.kv_cache import KVCacheManager
+from server.engine.native.outputs import ModelOutput, ScheduledSeq, SchedulerOutput
 from server.engine.native.sequence import RequestState, Sequence, SeqStatus, next_seq_id
 from server.engine.native.stop import check_stop
 from server.engine.request import Logprob
 from server.engine.structured.runtime import StructuredRuntime
 
-if TYPE_CHECKING:
-    from server.engine.native.runner import ModelOutput
-
 # called for every appended token: (sequence, token, its logprob, whether stops may apply now)
 # -> the stop string the token completed, if any (the output processor's detokenizer)
 TokenListener = Callable[[Sequence, int, "Logprob | None", bool], "str | None"]
-
-
-@dataclass
-class ScheduledSeq:
-    seq: Sequence
-    num_new: int  # tokens to compute this step
-
-    @property
-    def samples(self) -> bool:
-        """Whether this step computes the sequence's last token (so a new one is sampled)."""
-        return self.seq.num_computed + self.num_new == len(self.seq.token_ids)
-
-
-@dataclass
-class SchedulerOutput:
-    scheduled: list[ScheduledSeq] = field(default_factory=list)  # decodes first, then prefills
-    block_copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) before the forward
-    num_preemptions: int = 0
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(s.num_new for s in self.scheduled)
-
-    @property
-    def empty(self) -> bool:
-        return not self.scheduled
 
 
 class Scheduler:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from server.engine.native.scheduler import SchedulerOutput
+from server.engine.native.outputs import SchedulerOutput
 
 
 @dataclass

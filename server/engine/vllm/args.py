@@ -37,7 +37,11 @@ def engine_args_kwargs(config: EngineConfig, *, on_cpu: bool, environ: dict[str,
                            f"(= contiguous) or 'round_robin'; use --enable-eplb for load-based placement)")
     for name, flag in (("expert_devices", "--expert-devices"), ("gpu_expert_budget", "--gpu-expert-budget"),
                        ("record_routing", "--record-routing"),
-                       ("expert_capacity_factor", "--expert-capacity-factor")):
+                       ("expert_capacity_factor", "--expert-capacity-factor"),
+                       ("attention_backend", "--attention-backend (the native engine's kernels)"),
+                       ("moe_backend", "--moe-backend (the native engine's kernels)"),
+                       ("cpu_linear_layout", "--cpu-linear-layout"), ("fused_ops", "--fused-ops"),
+                       ("cpu_kernels", "--cpu-kernels")):
         if getattr(config, name) != getattr(defaults, name):
             unsupported.append(flag)
     if (config.num_redundant_experts or config.rebalance_interval) and not config.enable_eplb:
@@ -149,11 +153,12 @@ def num_moe_layers(mc: Any) -> int | None:
     """Layers with an MoE block, for the families our model config knows; None otherwise (the
     metrics then size the routing series by all layers)."""
     try:
-        from models.config import SUPPORTED_ARCHITECTURES, MoEModelConfig
+        from models.hf_config import from_hf_config
+        from models.registry import SUPPORTED_ARCHITECTURES
 
         arch = (mc.architectures or [""])[0]
         if arch not in SUPPORTED_ARCHITECTURES:
             return None
-        return int(MoEModelConfig.from_hf_config(mc.hf_text_config, arch).num_moe_layers)
+        return int(from_hf_config(mc.hf_text_config, arch).num_moe_layers)
     except Exception:  # noqa: BLE001 - an architecture only vLLM serves
         return None

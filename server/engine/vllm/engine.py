@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from server.config import EngineConfig
+from server.engine.admission import InFlight
 from server.engine.protocol import EngineDeadError, EngineOverloadedError, ModelInfo
 from server.engine.request import (
     CompletionOutput,
@@ -95,10 +96,9 @@ class VLLMEngine:
             num_layers=int(getattr(hf, "num_hidden_layers", 0) or 0), num_experts=int(num_experts(mc)),
             top_k=int(top_k(mc)), dtype=str(mc.dtype).replace("torch.", ""), device=self.device,
             num_moe_layers=num_moe_layers(mc))
-        self.max_in_flight = config.max_num_seqs + config.max_queue_len
+        self.in_flight = InFlight(config.max_num_seqs, config.max_queue_len)  # request id -> its n
         self._loggers: list[StatLogger] = []
-        self._streams: dict[str, int] = {}  # request id -> n, for requests in flight
-        self._bridge = StatsBridge(self._loggers, lambda rid: self._streams.get(rid, 1))
+        self._bridge = StatsBridge(self._loggers, lambda rid: self.in_flight.get(rid, 1))
         self._engine: Any = None
         self._dead: str | None = None
         log.info("vLLM engine for %s (%s, %s on %s): max_model_len %d; routed experts %s", config.model,
@@ -155,11 +155,7 @@ class VLLMEngine:
         max_tokens = self.check_request(request)
         vparams = self._vllm_params(request, max_tokens)
         rid = request.request_id
-        if len(self._streams) >= self.max_in_flight:
-            raise EngineOverloadedError(f"server is at capacity ({len(self._streams)} requests in flight); retry later")
-        if rid in self._streams:
-            raise ValueError(f"duplicate request id {rid!r}")
-        self._streams[rid] = request.sampling_params.n
+        self.in_flight.admit(rid, request.sampling_params.n)  # or 429
         params = request.sampling_params
         state = StreamState(request)
         inner = self._engine.generate(tokens_input(list(request.prompt_token_ids)), vparams, rid,
@@ -193,7 +189,7 @@ class VLLMEngine:
                 if finished:
                     return
         finally:
-            self._streams.pop(rid, None)
+            self.in_flight.release(rid)
             if not finished:  # the consumer went away (disconnect, timeout) or an error: free vLLM's blocks
                 try:
                     await inner.aclose()
@@ -242,7 +238,7 @@ class VLLMEngine:
                 num_generation_tokens=state.num_generated,
                 num_cached_prompt_tokens=int(getattr(vout, "num_cached_tokens", 0) or 0),
                 expert_counts=state.expert_counts, device_expert_tokens=state.device_tokens)
-            if self.routing_enabled and not self._streams.keys() - {state.request.request_id}:
+            if self.routing_enabled and len(self.in_flight) <= 1:
                 self._bridge.record(None, None, force=True)  # idle after this one: deliver its routing now
         return out
 
@@ -274,4 +270,4 @@ class VLLMEngine:
         """No-op: vLLM's EPLB moves experts inside its workers and tells no one."""
 
     def num_unfinished_requests(self) -> int:
-        return len(self._streams)
+        return len(self.in_flight)

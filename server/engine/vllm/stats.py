@@ -114,12 +114,11 @@ def routing_from_experts(experts: Any, num_experts: int, device: str) -> Routing
     """[num_tokens, num_layers, top_k] expert ids (numpy) -> per-(layer, expert) token counts."""
     import numpy as np
 
+    from server.engine.expert_counts import expert_counts
+
     arr = np.asarray(experts)
     if arr.ndim != 3 or arr.size == 0 or num_experts <= 0:
         return None
-    layers = arr.shape[1]
-    flat = (arr.astype(np.int64) + np.arange(layers)[None, :, None] * num_experts).reshape(-1)
-    flat = flat[(flat >= 0) & (flat < layers * num_experts)]
-    counts = np.bincount(flat, minlength=layers * num_experts).reshape(layers, num_experts)
-    return RoutingStats(num_layers=layers, num_experts=num_experts, expert_tokens=counts.tolist(),
+    counts = expert_counts(arr.astype(np.int64), num_experts)[0]  # [layers, experts]
+    return RoutingStats(num_layers=arr.shape[1], num_experts=num_experts, expert_tokens=counts.tolist(),
                         device_tokens={device: int(arr.size)})

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.kernels import grouped_mm_available
-from models.kernels.fused_moe import fused_experts
+from models.kernels import cpu_ops
+from models.kernels.fused_moe import ExpertVariant, fused_experts, moe_loop
 from models.kernels.moe_align import align_pairs
 from models.kernels.reference import moe_reference
 from tests.models.kernels.conftest import DEVICES, rel_err
@@ -79,7 +79,7 @@ def test_cpu_loop_matches_reference(shape):
 def test_cuda_bf16_error_within_reference_bf16_error(backend, T):
     """bf16 on the GPU: each backend's error against exact math stays within twice the bf16
     reference's own error (the PyTorch loop in bf16)."""
-    if backend == "grouped_mm" and not grouped_mm_available(torch.device("cuda"), torch.bfloat16):
+    if backend == "grouped_mm" and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("torch._grouped_mm needs bf16 on sm90+")
     x, w13, w2, ids, w = make_case(T, 1024, 512, 16, 2, dtype=torch.bfloat16, device="cuda", seed=T)
     exact = moe_exact(x, w13, w2, ids, w)
@@ -97,10 +97,11 @@ CPU_SHAPES = [  # T, H, I, E, k: H and I multiples of the kernel's 16-wide panel
 ]
 
 
-def needs_cpu_kernel():
-    from models.kernels import cpu_moe
+MIN_PAIRS_PER_THREADING = 32  # kMinPairsPerThreading in csrc/ops.cpp: past it the kernel uses every thread
 
-    if not cpu_moe.available():
+
+def needs_cpu_kernel():
+    if cpu_ops.load() is None:
         from tests.conftest import skip_or_fail
 
         skip_or_fail("the CPU experts kernel is not built here (no C compiler or no AVX2 + FMA)")
@@ -109,40 +110,54 @@ def needs_cpu_kernel():
 @pytest.mark.parametrize("shape", CPU_SHAPES, ids=[f"T{s[0]}-H{s[1]}-I{s[2]}-E{s[3]}-k{s[4]}" for s in CPU_SHAPES])
 @pytest.mark.parametrize("skew", [False, True])
 def test_cpu_kernel_matches_reference(shape, skew):
-    from models.kernels.cpu_moe import PackedExperts, moe_cpu
+    from models.kernels.packed import PackedExperts, moe_cpu
 
     needs_cpu_kernel()
     x, w13, w2, ids, w = make_case(*shape, skew=skew)
     packed = PackedExperts(w13, w2)
     out = moe_cpu(x, packed, ids, w)
     assert rel_err(out, moe_exact(x, w13, w2, ids, w)) < 1e-6
-    # through the backend switch, which picks the kernel for these batch sizes
     assert torch.equal(fused_experts(x, w13, w2, ids, w, "cpu", packed_experts=packed), out)
 
 
-def test_cpu_backend_falls_back_to_the_loop():
-    """Sizes the kernel does not serve (I not a multiple of 16), batches above its pairs per
-    expert bound and calls without a packed copy run through the loop, with the same results."""
-    from models.kernels.fused_moe import CPU_KERNEL_PAIRS_PER_EXPERT
+def test_cpu_kernel_needs_its_packed_copy_and_variants_need_the_loop():
+    x, w13, w2, ids, w = make_case(3, 32, 32, 4, 2)
+    with pytest.raises(ValueError, match="packed weights"):
+        fused_experts(x, w13, w2, ids, w, "cpu")
+    with pytest.raises(ValueError, match="variants run the loop"):
+        fused_experts(x, w13, w2, ids, w, "reference", ExpertVariant(limit=1.0))
 
-    from models.kernels.cpu_moe import PackedExperts
 
-    x, w13, w2, ids, w = make_case(19, 32, 40, 4, 1)
-    out = fused_experts(x, w13, w2, ids, w, "cpu", packed_experts=PackedExperts(w13, w2))
-    assert rel_err(out, moe_exact(x, w13, w2, ids, w)) < 1e-6
-    T = CPU_KERNEL_PAIRS_PER_EXPERT * 4 // 2 + 5  # just above the bound for E=4, k=2
-    x, w13, w2, ids, w = make_case(T, 32, 32, 4, 2)
-    out = fused_experts(x, w13, w2, ids, w, "cpu", packed_experts=PackedExperts(w13, w2))
-    assert rel_err(out, moe_exact(x, w13, w2, ids, w)) < 1e-6
-    # no packed copy (the placement executor's expert subsets, inference tensors): the loop
-    with torch.inference_mode():
-        x, w13, w2, ids, w = make_case(3, 32, 32, 4, 2)
-    assert rel_err(fused_experts(x, w13, w2, ids, w, "cpu"), moe_exact(x, w13, w2, ids, w)) < 1e-6
+def test_loop_variants_match_their_definition():
+    """The one expert loop with each family variant against the variant written out per token."""
+    import torch.nn.functional as F
+
+    from models.kernels.fused_moe import clamped_swiglu
+
+    g = torch.Generator().manual_seed(3)
+    T, H, inter, E, k = 6, 16, 8, 4, 2
+    x = torch.randn(T, H, generator=g, dtype=torch.float64)
+    w13 = torch.randn(E, 2 * inter, H + 1, generator=g, dtype=torch.float64)  # the bias as a last column
+    w2 = torch.randn(E, H, inter + 1, generator=g, dtype=torch.float64)
+    ids = torch.randint(0, E, (T, k), generator=g)
+    w = torch.rand(T, k, generator=g, dtype=torch.float64)
+    for v in (ExpertVariant(bias=True, limit=0.7, alpha=1.5), ExpertVariant(weight_on_input=True)):
+        a13, a2 = (w13, w2) if v.bias else (w13[:, :, :H].contiguous(), w2[:, :, :inter].contiguous())
+        expected = torch.zeros_like(x)
+        for t in range(T):
+            for s in range(k):
+                e, xe = int(ids[t, s]), x[t] * (w[t, s] if v.weight_on_input else 1.0)
+                h = F.linear(xe[None], a13[e, :, :H], a13[e, :, H] if v.bias else None)
+                act = clamped_swiglu(h, inter, v.alpha, v.limit) if v.limit is not None else \
+                    F.silu(h[:, :inter]) * h[:, inter:]
+                y = F.linear(act, a2[e, :, :inter], a2[e, :, inter] if v.bias else None)[0]
+                expected[t] += y if v.weight_on_input else w[t, s] * y
+        assert rel_err(moe_loop(x, a13, a2, ids, w, v), expected) < 1e-12
 
 
 def test_cpu_kernel_is_batch_invariant_and_thread_invariant():
     """A token's output does not depend on the other tokens of the step, nor on the thread count."""
-    from models.kernels.cpu_moe import MIN_PAIRS_PER_THREADING, PackedExperts, moe_cpu
+    from models.kernels.packed import PackedExperts, moe_cpu
 
     needs_cpu_kernel()
     x, w13, w2, ids, w = make_case(MIN_PAIRS_PER_THREADING, 64, 32, 8, 2)
@@ -151,7 +166,7 @@ def test_cpu_kernel_is_batch_invariant_and_thread_invariant():
     try:
         torch.set_num_threads(1)
         one = moe_cpu(x, packed, ids, w)
-        torch.set_num_threads(3)  # split over threads (the pairs are at the threading bound)
+        torch.set_num_threads(3)  # split over threads (the pairs are past the threading bound)
         three = moe_cpu(x, packed, ids, w)
     finally:
         torch.set_num_threads(threads)
@@ -161,7 +176,7 @@ def test_cpu_kernel_is_batch_invariant_and_thread_invariant():
 
 
 def test_cpu_kernel_repacks_after_an_in_place_change_and_checks_ids():
-    from models.kernels.cpu_moe import PackedExperts, moe_cpu
+    from models.kernels.packed import PackedExperts, moe_cpu
 
     needs_cpu_kernel()
     x, w13, w2, ids, w = make_case(5, 32, 16, 4, 2)
@@ -176,22 +191,23 @@ def test_cpu_kernel_repacks_after_an_in_place_change_and_checks_ids():
 
 
 def test_model_uses_the_cpu_kernel_and_matches_the_loop(family_checkpoint):
-    """The bundled-family Mixtral checkpoint on CPU float32 picks the kernel, whose logits
-    match the loop backend's (the parity tests compare the auto path with transformers)."""
+    """The Mixtral checkpoint on CPU float32 gets the kernel from the plan (the loop above its
+    batch sizes); its logits match the loop's (the parity tests compare the plan's default path
+    with transformers). Prefill here runs 9 tokens x 2 of 8 experts: the kernel's range."""
     from models import load_model
-    from models.kernels import KernelConfig
     from models.generate import prefill_logits
+    from models.kernels.flags import KernelFlags
+    from models.kernels.plan import MoEKernel
 
     needs_cpu_kernel()
     path, _ = family_checkpoint("mixtral")
     model = load_model(path, dtype="float32", device="cpu", progress=False)
-    model.set_kernels(KernelConfig())
-    assert set(model.kernel_backends()["moe"]) == {"cpu"}
+    assert {(b.kernel, b.kernel_large) for b in model.moe_blocks()} == {(MoEKernel.CPU, MoEKernel.LOOP)}
     assert all(b.packed_experts is not None for b in model.moe_blocks())
     prompts = [[5, 9, 23, 7, 81, 3], [11, 2, 40]]
     fast = torch.cat(prefill_logits(model, prompts))
-    model.set_kernels(KernelConfig(moe="loop"))
-    assert all(b.packed_experts is None for b in model.moe_blocks())
+    model.plan_kernels(KernelFlags(moe="loop"))
+    assert all(b.packed_experts is None and b.kernel == MoEKernel.LOOP for b in model.moe_blocks())
     assert rel_err(fast, torch.cat(prefill_logits(model, prompts))) < 1e-5
 
 
@@ -204,8 +220,7 @@ def test_cpu_kernels_share_pytorchs_openmp_pool():
     needs_cpu_kernel()
     if not cpu_build.torch_runs_gomp():
         pytest.skip("this PyTorch build does not run libgomp.so.1 (the kernels use pthreads)")
-    lib = cpu_build.load()
-    assert lib.cpu_kernels_openmp() == 1
+    assert cpu_ops.load() == "openmp" and cpu_ops.ops().cpu_kernels_info()[1] == 1
     maps = open("/proc/self/maps").read().splitlines()
     gomp = {line.split()[-1] for line in maps if "libgomp" in line}
     assert len(gomp) == 1, gomp
@@ -213,24 +228,20 @@ def test_cpu_kernels_share_pytorchs_openmp_pool():
 
 def test_pthread_build_matches_the_default_build():
     """The kernels built without OpenMP (threads of their own: PyTorch builds on another
-    runtime, or -fopenmp unavailable) give bitwise the same results on several threads."""
-    import ctypes
-    import shutil
-
-    from models.kernels import cpu_build
-    from models.kernels.cpu_moe import PackedExperts, moe_cpu
+    runtime, or --cpu-kernels pthreads) give bitwise the same results on several threads. That
+    build is loaded beside the default one under another op namespace."""
+    from models.kernels.packed import PackedExperts, moe_cpu
 
     needs_cpu_kernel()
-    cc = shutil.which("cc") or shutil.which("gcc")
-    path = cpu_build._build(cc, list(cpu_build.FLAGS))
-    assert path is not None
-    plain = cpu_build._declare(ctypes.CDLL(str(path)))
-    assert plain.cpu_kernels_openmp() == 0
+    assert cpu_ops.load("pthreads", namespace="moe_serve_pthreads") == "pthreads"
+    plain = cpu_ops.ops("moe_serve_pthreads")
     x, w13, w2, ids, w = make_case(40, 32, 64, 4, 2)
     packed = PackedExperts(w13, w2)
     expected = moe_cpu(x, packed, ids, w)
-    p13, p2 = packed.get()
-    out = torch.empty_like(expected)
-    assert plain.moe_fused_f32(x.data_ptr(), ids.contiguous().data_ptr(), w.contiguous().data_ptr(), p13.data_ptr(),
-                               p2.data_ptr(), out.data_ptr(), 40, 2, 4, 32, 64, 3) == 0
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        out = plain.moe_experts_cpu(x, ids, w, *plain.moe_pack_cpu(w13, w2))
+    finally:
+        torch.set_num_threads(threads)
     assert torch.equal(out, expected)

@@ -8,8 +8,7 @@ import math
 import pytest
 import torch
 
-from models.kernels import cpu_build
-from models.kernels.paged_attention import paged_decode_cpu
+from models.kernels import cpu_ops
 from models.kernels.reference import paged_decode_reference
 from tests.models.kernels.conftest import DEVICES, rel_err
 
@@ -62,14 +61,14 @@ CASES = [  # B, heads, kv heads, head dim, block size, longest context
 
 @pytest.mark.parametrize("case", CASES, ids=[f"B{c[0]}-h{c[1]}-kv{c[2]}-d{c[3]}" for c in CASES])
 def test_cpu_kernel_matches_reference(case):
-    assert cpu_build.load() is not None, "the C kernel must build here (a C compiler is a test requirement)"
+    assert cpu_ops.load() is not None, "the C kernel must build here (a C compiler is a test requirement)"
     q, k, v, tables, lens = make_case(*case)
     scale = 1 / math.sqrt(case[3])
     for threads in (1, 2):
         prev = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
-            out = paged_decode_cpu(q, k, v, tables, lens, scale)
+            out = cpu_ops.ops().paged_decode_cpu(q, k, v, tables, lens, scale)
         finally:
             torch.set_num_threads(prev)
         assert rel_err(out, paged_decode_reference(q, k, v, tables, lens, scale)) < 1e-6
@@ -77,7 +76,7 @@ def test_cpu_kernel_matches_reference(case):
 
 def test_cpu_kernel_zero_length_rows_write_zeros():
     q, k, v, tables, lens = make_case(B=6, heads=4, kvh=2, d=16, block_size=8, max_len=30, zero_rows=(0, 4))
-    out = paged_decode_cpu(q, k, v, tables, lens, 0.25)
+    out = cpu_ops.ops().paged_decode_cpu(q, k, v, tables, lens, 0.25)
     assert out[0].abs().max() == 0 and out[4].abs().max() == 0
     keep = lens > 0
     ref = paged_decode_reference(q[keep], k, v, tables[keep], lens[keep], 0.25)

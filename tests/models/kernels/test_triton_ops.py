@@ -8,7 +8,7 @@ import torch
 
 from models import load_model
 from models.generate import prefill_logits
-from models.kernels import KernelConfig
+from models.kernels.flags import KernelFlags
 from models.layers.norm import RMSNorm
 from models.layers.rotary import RotaryEmbedding, apply_rotary
 from tests.models.kernels.conftest import DEVICES, rel_err
@@ -77,10 +77,9 @@ def test_model_with_all_triton_kernels_matches_reference_paths(family, family_ch
     path, _ = family_checkpoint(family)
     prompts = [[5, 9, 23, 7, 81, 3], [11, 2, 40]]
     logits, decoded = {}, {}
-    for name, kernels in (("triton", KernelConfig("triton", "triton", "triton")),
-                          ("reference", KernelConfig("reference", "reference", "torch"))):
-        model = load_model(path, dtype="float32", device=device, progress=False)
-        model.set_kernels(kernels)
+    for name, kernels in (("triton", KernelFlags(attention="triton", moe="triton", fused_ops="triton")),
+                          ("reference", KernelFlags(attention="reference", moe="reference", fused_ops="torch"))):
+        model = load_model(path, dtype="float32", device=device, progress=False, kernels=kernels)
         logits[name] = torch.cat(prefill_logits(model, prompts)).cpu()
         runner = SimpleRunner(model, 16, 2)
         runner.step([0, 1], prompts, [0, 0])

@@ -1,11 +1,11 @@
-"""PlacementManager: builds the plan and the executor, installs them, rebalances online, records traces.
+"""PlacementManager: builds the plan and the executor, installs them, rebalances online.
 
 It lives with the engine (it reads the engine's config and reports `server.engine.stats`
 types); the pure parts (plan, planner, executor) stay in `models/placement`.
 
 Engine contract (server/engine/native/core.py, which receives the manager in its constructor):
-the core calls `device_tokens(routing)` after
-each forward pass and then every routing listener (`on_routing`), both on the engine thread
+the core calls `device_tokens(routing)` after each forward pass and then every routing listener
+(`on_routing`: the manager is one, a routing trace recorder another), both on the engine thread
 between steps; `info()` may be called from any thread (it reads one immutable Placement).
 A rebalance therefore happens between two steps: per layer the new weight stacks are built
 completely, then the layer's state reference is swapped; no pass ever sees a partial layer.
@@ -24,7 +24,6 @@ from server.engine.native.placement.cost import measure
 from models.placement.executor import PlacedExperts, build_layer_state, torch_device
 from models.placement.plan import HOST_DEVICE, Placement
 from models.placement.planner import default_capacity, place
-from server.engine.native.placement.trace import RoutingRecorder, TraceHeader
 from server.config import parse_bytes
 from server.engine.stats import PlacementInfo, RoutingStats
 
@@ -48,16 +47,38 @@ def budget_slots(budget: str | int, expert_bytes: int, num_moe_layers: int) -> i
     return int(nbytes // (expert_bytes * num_moe_layers))
 
 
-def placement_requested(config) -> bool:
-    return bool(config.expert_devices or config.num_redundant_experts or config.gpu_expert_budget
-                or config.rebalance_interval or config.record_routing)
+def slot_capacity(names: Sequence[str], num_experts: int, num_redundant: int, capacity: Sequence[int] | None,
+                  budget: str | int | None, expert_bytes: int, num_moe_layers: int) -> tuple[list[int], str | None]:
+    """(expert slots per layer on each device, the host tier's device or None): from an explicit
+    capacity or `--gpu-expert-budget`, else an even split; experts beyond the slots live in the
+    host tier (ValueError where that cannot work)."""
+    if capacity is not None and budget is not None:
+        raise ValueError("give capacity or budget, not both")
+    if budget is not None:
+        capacity = [budget_slots(budget, expert_bytes, num_moe_layers)] * len(names)
+    if capacity is None:
+        return default_capacity(num_experts, num_redundant, len(names)), None
+    total = sum(capacity)
+    if total >= num_experts + num_redundant:
+        return list(capacity), None
+    what = f"the expert budget ({budget if budget is not None else list(capacity)})"
+    if total == 0:
+        raise ValueError(f"{what} holds no expert on any device "
+                         f"(one expert is {expert_bytes} bytes x {num_moe_layers} MoE layers)")
+    if num_redundant:
+        raise ValueError(f"{what} gives {total} expert slots per layer over {len(names)} device(s): "
+                         f"{num_experts} experts + {num_redundant} redundant need {num_experts + num_redundant}; "
+                         f"lower --num-redundant-experts or raise the budget")
+    if HOST_DEVICE in names:
+        raise ValueError("experts beyond the budget live on 'cpu' (the host tier), so 'cpu' cannot also "
+                         "be an expert device; use accelerators or virtual devices cpu:N")
+    return list(capacity), HOST_DEVICE
 
 
 class PlacementManager:
     def __init__(self, model, devices: Sequence[str] | None = None, *, policy: str = "contiguous",
                  num_redundant: int = 0, capacity: Sequence[int] | None = None, budget: str | int | None = None,
                  rebalance_interval: int = 0, fetch_threshold: int | None = None, min_gain: float = MIN_GAIN,
-                 record_path: str | None = None, record_token_ids: bool = False, place_experts: bool = True,
                  initial_loads: np.ndarray | None = None):
         cfg = model.config
         blocks = sorted(model.moe_blocks(), key=lambda b: b.layer_idx)
@@ -65,7 +86,7 @@ class PlacementManager:
             raise ValueError("the model has no MoE layers to place")
         self.model = model
         self.layer_ids = [b.layer_idx for b in blocks]
-        self.expert_fns = {b.layer_idx: b.expert_fn for b in blocks}  # grouped_experts or a family's variant
+        self.expert_fns = {b.layer_idx: b.placed_fn for b in blocks}  # the kernel plan's, per device type
         self.num_experts, self.top_k = cfg.num_experts, cfg.top_k
         self.main_device = model.embed.weight.device
         w13 = blocks[0].w13
@@ -76,46 +97,16 @@ class PlacementManager:
         self.num_rebalances = self.num_skipped = self.experts_moved = self.steps = 0
         self._window = np.zeros((len(blocks), self.num_experts), dtype=np.int64)  # [L, E]
         self._window_steps = 0
-        self._last_routing: torch.Tensor | None = None
-        self.recorder = None
-        if record_path:
-            self.recorder = RoutingRecorder(record_path, TraceHeader(
-                len(blocks), self.num_experts, self.top_k, cfg.hidden_size, self.expert_bytes, self.layer_ids),
-                record_token_ids=record_token_ids)
         self.placement: Placement | None = None
         self.executor: PlacedExperts | None = None
-        if not place_experts:
-            return  # trace recording only
 
         names = tuple(devices) if devices else (_device_name(self.main_device),)
         for name in names:
             torch_device(name)  # validates, e.g. cuda:3 on a 2-GPU machine
         self.devices = names
         self.num_redundant = int(num_redundant)
-        if capacity is not None and budget is not None:
-            raise ValueError("give capacity or budget, not both")
-        if budget is not None:
-            per = budget_slots(budget, self.expert_bytes, len(blocks))
-            capacity = [per] * len(names)
-        self.host = None
-        if capacity is None:
-            capacity = default_capacity(self.num_experts, self.num_redundant, len(names))
-        elif sum(capacity) < self.num_experts + self.num_redundant:
-            total = sum(capacity)
-            what = f"the expert budget ({budget if budget is not None else capacity})"
-            if total == 0:
-                raise ValueError(f"{what} holds no expert on any device "
-                                 f"(one expert is {self.expert_bytes} bytes x {len(blocks)} MoE layers)")
-            if self.num_redundant:
-                raise ValueError(f"{what} gives {total} expert slots per layer over {len(names)} device(s): "
-                                 f"{self.num_experts} experts + {self.num_redundant} redundant need "
-                                 f"{self.num_experts + self.num_redundant}; lower --num-redundant-experts or "
-                                 f"raise the budget")
-            if HOST_DEVICE in names:
-                raise ValueError("experts beyond the budget live on 'cpu' (the host tier), so 'cpu' cannot also "
-                                 "be an expert device; use accelerators or virtual devices cpu:N")
-            self.host = HOST_DEVICE
-        self.capacity = list(capacity)
+        self.capacity, self.host = slot_capacity(names, self.num_experts, self.num_redundant, capacity, budget,
+                                                 self.expert_bytes, len(blocks))
         # the master copy of every expert: host memory unless everything already lives there
         self.masters: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         to_host = self.main_device.type != "cpu"
@@ -130,6 +121,8 @@ class PlacementManager:
         self._install(place(policy, loads, names, self.capacity, self.num_redundant, host=self.host))
         for b in blocks:
             b.executor = self.executor
+        # the placed step reads counts back to the host: the model's plan says so (no CUDA graphs)
+        model.apply_plan(model.kernel_plan.for_engine(placed=True))
         log.info("expert placement %s on %s (slots/layer %s%s%s), %d bytes per expert", policy, ", ".join(names),
                  self.capacity, f", host tier {self.host} (copy-in from {self.fetch_threshold} tokens)"
                  if self.host else "", f", {self.num_redundant} redundant" if self.num_redundant else "",
@@ -137,12 +130,9 @@ class PlacementManager:
 
     @classmethod
     def from_config(cls, model, config) -> PlacementManager:
-        place_experts = bool(config.expert_devices or config.num_redundant_experts or config.gpu_expert_budget
-                             or config.rebalance_interval)
         return cls(model, config.expert_devices or None, policy=config.expert_placement,
                    num_redundant=config.num_redundant_experts, budget=config.gpu_expert_budget,
-                   rebalance_interval=config.rebalance_interval, record_path=config.record_routing,
-                   place_experts=place_experts)
+                   rebalance_interval=config.rebalance_interval)
 
     def _fetch_threshold(self, cfg, given: int | None) -> int:
         if self.host is None:
@@ -161,10 +151,9 @@ class PlacementManager:
         copied = 0
         for li, layer_idx in enumerate(self.layer_ids):
             w13, w2 = self.masters[layer_idx]
-            state, n = build_layer_state(placement.layers[li], w13, w2, self.main_device, host=self.host,
-                                         fetch_threshold=self.fetch_threshold,
-                                         previous=self.executor.states.get(layer_idx),
-                                         expert_fn=self.expert_fns[layer_idx])
+            state, n = build_layer_state(placement.layers[li], w13, w2, self.main_device, self.expert_fns[layer_idx],
+                                         host=self.host, fetch_threshold=self.fetch_threshold,
+                                         previous=self.executor.states.get(layer_idx))
             self.executor.swap(layer_idx, state)
             copied += n
         self.placement = placement
@@ -178,9 +167,6 @@ class PlacementManager:
 
     def device_tokens(self, routing: torch.Tensor) -> dict[str, int]:
         """Token-expert computations per device for a step's routing [T, num_moe_layers, k]."""
-        self._last_routing = routing
-        if self.executor is None:
-            return {_device_name(self.main_device): int(routing.numel())}
         return self.executor.device_tokens(routing, self.placement, _device_name(self.main_device))
 
     def device_tokens_for_counts(self, expert_counts: torch.Tensor) -> dict[str, int]:
@@ -188,8 +174,6 @@ class PlacementManager:
         (a request's, at its end), attributed with the current placement: a replicated expert's
         count split evenly over its replicas (the first `count mod n` replicas get one more)."""
         counts = torch.as_tensor(expert_counts).detach().to("cpu", torch.long)
-        if self.executor is None:
-            return {_device_name(self.main_device): int(counts.sum())}
         flat, n, rank, dev = self._split
         c = counts.reshape(-1)[flat]  # [physical experts, all layers]
         per = c // n + (rank < c % n).long()
@@ -197,13 +181,10 @@ class PlacementManager:
         return dict(zip(self.placement.all_devices, totals))
 
     def on_routing(self, stats: RoutingStats) -> None:
-        """Routing listener: record the trace, accumulate the window, rebalance every N steps."""
+        """Routing listener: accumulate the window, rebalance every N steps."""
         counts = np.asarray(stats.expert_tokens, dtype=np.int64)  # [L, E]
-        routing, self._last_routing = self._last_routing, None
-        if self.recorder is not None:
-            self.recorder.record(counts, routing)
         self.steps += 1
-        if self.executor is None or not self.rebalance_interval:
+        if not self.rebalance_interval:
             return
         self._window += counts
         self._window_steps += 1
@@ -231,8 +212,7 @@ class PlacementManager:
         return True
 
     def close(self) -> None:
-        if self.recorder is not None:
-            self.recorder.close()
+        pass
 
 
 def _count_split(placement: Placement, num_experts: int) -> tuple[torch.Tensor, ...]:
@@ -267,6 +247,6 @@ def _host_copy(t: torch.Tensor) -> torch.Tensor:
 def placement_from_config(model, config) -> PlacementManager | None:
     """The manager a config asks for (experts placed on the model now), or None if none asked;
     the factory passes it to the EngineCore."""
-    if not placement_requested(config):
+    if not config.places_experts:
         return None
     return PlacementManager.from_config(model, config)

@@ -39,7 +39,23 @@ class TraceHeader:
 
 
 class RoutingRecorder:
-    """Appends one line per step to `path`; stops (with one log line) after `max_steps`."""
+    """Appends one line per step to `path`; stops (with one log line) after `max_steps`. A routing
+    listener of the engine (`on_routing`), beside the placement manager (--record-routing)."""
+
+    @classmethod
+    def for_model(cls, path: str, model, record_token_ids: bool = False) -> RoutingRecorder:
+        cfg = model.config
+        blocks = sorted(model.moe_blocks(), key=lambda b: b.layer_idx)
+        if not blocks:
+            raise ValueError("the model has no MoE layers to record routing of")
+        w13, w2 = blocks[0].w13, blocks[0].w2
+        expert_bytes = (w13[0].numel() + w2[0].numel()) * w13.element_size()
+        return cls(path, TraceHeader(len(blocks), cfg.num_experts, cfg.top_k, cfg.hidden_size, expert_bytes,
+                                     [b.layer_idx for b in blocks]), record_token_ids=record_token_ids)
+
+    def on_routing(self, stats) -> None:
+        """Routing listener: one line for this step (RoutingStats)."""
+        self.record(stats.expert_tokens, stats.expert_ids)
 
     def __init__(self, path: str, header: TraceHeader, *, record_token_ids: bool = False,
                  max_steps: int | None = None):

@@ -1,0 +1,65 @@
+"""`load_model`: a checkpoint directory -> the model on its device, weights loaded, kernels planned.
+
+The steps: the config (`models/hf_config.py`), the family (`models/registry.py`), the module
+tree built on the meta device and materialised on the target device, the weights streamed in
+(`models/loader.py`), then the kernel plan resolved for that device and dtype and applied
+(`models/kernels/plan.py`).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from models.dtypes import canonical_dtype
+from models.hf_config import load_config
+from models.kernels.flags import KernelFlags
+from models.kernels.plan import cpu_has_native_bf16
+from models.loader import load_weights
+from models.model import MoEForCausalLM
+from models.registry import family_for
+
+
+def resolve_dtype(name: str, checkpoint_dtype: str, device: torch.device) -> torch.dtype:
+    """`auto`: the checkpoint's dtype on CUDA (bf16 if the GPU has it); on CPUs without native
+    bf16 compute, float32 (bf16 matmuls there are two orders of magnitude slower)."""
+    name = canonical_dtype(name)
+    if name != "auto":
+        return getattr(torch, name)
+    ckpt = getattr(torch, canonical_dtype(checkpoint_dtype), torch.float32)
+    if device.type == "cuda":
+        if ckpt == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+            return torch.float16
+        return ckpt if ckpt in (torch.bfloat16, torch.float16) else torch.bfloat16
+    if ckpt == torch.bfloat16 and cpu_has_native_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_model(path: str, dtype: str = "auto", device: str = "auto", progress: bool = True,
+               kernels: KernelFlags | None = None) -> MoEForCausalLM:
+    """The model of checkpoint `path`, with the kernel plan that `kernels` (default: every
+    choice "auto") resolves to for its device and dtype (`model.kernel_plan`)."""
+    cfg = load_config(path)
+    family = family_for(cfg.architecture)
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, cfg.torch_dtype, dev)
+    t0 = time.monotonic()
+    with torch.device("meta"):
+        model = MoEForCausalLM(cfg).to(torch_dtype).restore_fp32_modules()  # no memory yet
+    model = model.to_empty(device=dev)
+    model.reset_buffers()
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.embed.weight
+    load_weights(model, path, family.weight_map(cfg), progress=progress, quant=cfg.extra.get("quant"))
+    model.eval().requires_grad_(False)  # inference only: no autograd graph, whoever calls it
+    model.plan_kernels(kernels)
+    model.load_seconds = time.monotonic() - t0
+    return model

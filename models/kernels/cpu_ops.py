@@ -1,0 +1,98 @@
+"""The CPU kernels as PyTorch operators: `torch.ops.moe_serve.*` (defined in csrc/ops.cpp).
+
+`load(threading)` builds the library on first use (`cpu_build`), loads it and registers the
+ops' fake (meta) implementations, so that `torch.compile` traces through them and
+`torch.library.opcheck` checks them. The ops, all functional:
+
+- `paged_decode_cpu(q [B, H, D], k_cache, v_cache [NB, BS, KVH, D], block_tables [B, W],
+  seq_lens [B], scale) -> [B, H, D]`: decode attention reading the KV blocks in place;
+- `moe_experts_cpu(x [T, H], topk_ids [T, k], topk_weights [T, k], w13_packed [E, 2I, H],
+  w2_packed [E, H, I]) -> [T, H]`: the fused experts over `moe_pack_cpu`'s panels;
+- `linear_cpu(x [M, K], weight_packed [N, K], bias [N]?) -> [M, N]` over `linear_pack_cpu`'s panels;
+- `moe_pack_cpu(w13, w2) -> (w13_packed, w2_packed)`, `linear_pack_cpu(w) -> w_packed`;
+- `cpu_kernels_info() -> [built with AVX2 + FMA, threads from PyTorch's OpenMP pool]`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading as _threading
+
+import torch
+
+from models.kernels import cpu_build
+
+log = logging.getLogger(__name__)
+
+_lock = _threading.Lock()
+_loaded: dict[str, str | None] = {}  # namespace -> threading it was loaded with (None: unavailable)
+
+
+def load(threading: str = "auto", namespace: str = cpu_build.NAMESPACE) -> str | None:
+    """Build and load the ops once per process: returns their threading ("openmp" | "pthreads"),
+    or None where they cannot serve here (no compiler, a failed build, no AVX2 + FMA: logged).
+    `threading`: "auto" (PyTorch's OpenMP pool where PyTorch runs libgomp), "openmp" or
+    "pthreads". The first load of a namespace decides its threading for the process."""
+    with _lock:
+        if namespace in _loaded:
+            got = _loaded[namespace]
+            if got is not None and threading not in ("auto", got):
+                log.warning("the CPU kernels are loaded with %s threads already; --cpu-kernels %s applies to a new "
+                            "process", got, threading)
+            return got
+        _loaded[namespace] = _load(threading, namespace)
+        return _loaded[namespace]
+
+
+def _load(threading: str, namespace: str) -> str | None:
+    openmp = threading == "openmp" or (threading == "auto" and cpu_build.torch_runs_gomp())
+    try:
+        try:
+            path = cpu_build.build(openmp, namespace)
+        except cpu_build.BuildError as e:
+            if not openmp or threading == "openmp":
+                raise
+            log.warning("building the CPU kernels with OpenMP failed (%s); trying pthreads", e)
+            openmp, path = False, cpu_build.build(False, namespace)
+        torch.ops.load_library(str(path))
+    except (cpu_build.BuildError, OSError, RuntimeError) as e:
+        log.warning("the CPU kernels are not available (%s): the PyTorch paths serve instead", e)
+        return None
+    ops = getattr(torch.ops, namespace)
+    avx2, with_openmp = ops.cpu_kernels_info()
+    if not avx2:
+        log.warning("this CPU lacks AVX2 + FMA: the PyTorch paths serve instead of the CPU kernels")
+        return None
+    _register_fakes(namespace)
+    return "openmp" if with_openmp else "pthreads"
+
+
+def ops(namespace: str = cpu_build.NAMESPACE):
+    """`torch.ops.<namespace>` (after `load`)."""
+    return getattr(torch.ops, namespace)
+
+
+def _register_fakes(ns: str) -> None:
+    def fake(name):
+        return torch.library.register_fake(f"{ns}::{name}")
+
+    @fake("paged_decode_cpu")
+    def _(q, k_cache, v_cache, block_tables, seq_lens, scale):
+        return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+    @fake("moe_experts_cpu")
+    def _(x, topk_ids, topk_weights, w13_packed, w2_packed):
+        return x.new_empty(x.shape[0], x.shape[1])
+
+    @fake("moe_pack_cpu")
+    def _(w13, w2):
+        return (torch.empty_like(w13, memory_format=torch.contiguous_format),
+                torch.empty_like(w2, memory_format=torch.contiguous_format))
+
+    @fake("linear_cpu")
+    def _(x, weight_packed, bias):
+        return x.new_empty(x.shape[0], weight_packed.shape[0])
+
+    @fake("linear_pack_cpu")
+    def _(weight):
+        return torch.empty_like(weight, memory_format=torch.contiguous_format)

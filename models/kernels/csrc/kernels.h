@@ -1,0 +1,30 @@
+/* The C kernels' entry points: the one declaration both their definitions (*.c) and their
+ * callers (ops.cpp, the torch.library ops) compile against, so that a changed signature fails
+ * the build instead of corrupting memory. Shapes and return codes: see each definition. */
+#ifndef MOE_SERVE_KERNELS_H
+#define MOE_SERVE_KERNELS_H
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* 1 where the kernels are built (AVX2 + FMA), 0 otherwise (the entry points then return 4) */
+int moe_cpu_available(void);
+/* 1 when built with -fopenmp: the kernels' threads are PyTorch's OpenMP pool */
+int cpu_kernels_openmp(void);
+
+int paged_decode_f32(const float *q, const float *k, const float *v, const int64_t *tables, const int64_t *lens,
+                     float *out, int64_t B, int64_t H, int64_t KVH, int64_t D, int64_t BS, int64_t W, float scale,
+                     int nthreads);
+int moe_fused_f32(const float *x, const int64_t *topk_ids, const float *topk_w, const float *w13p, const float *w2p,
+                  float *out, int64_t T, int64_t k, int64_t E, int64_t H, int64_t I, int nthreads);
+void moe_pack_f32(const float *w13, const float *w2, float *w13p, float *w2p, int64_t E, int64_t H, int64_t I);
+int linear_f32(const float *x, const float *Wp, const float *bias, float *y, int64_t M, int64_t N, int64_t K,
+               int64_t ldx, int nthreads);
+void linear_pack_f32(const float *W, float *Wp, int64_t N, int64_t K);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,380 @@
+"""The kernel plan: the one place where (device, dtype, model config, flags, memory budget)
+becomes each layer's kernels, resolved once when the model is loaded.
+
+`resolve_plan` returns a `KernelPlan`; `MoEForCausalLM.apply_plan` hands every layer its
+`LayerKernels` and makes the packed weight copies the plan asks for. No layer chooses or
+demotes a kernel itself and nothing here is decided in a forward pass. The engine finishes the
+plan with `KernelPlan.for_engine` (expert placement, expert capacity, --enforce-eager), which
+decides whether decode steps replay CUDA graphs. The plan is logged at startup (`table`) and
+served by `GET /version` (`to_dict`).
+
+The rules, per layer kind:
+- attention: plain causal GQA layers decode with the Triton kernel on CUDA or the C kernel on
+  the CPU (float32); layers with a variant (sliding window, chunked attention, sinks) and MLA
+  layers have one PyTorch path each ("reference");
+- experts: plain SwiGLU experts run the Triton grouped GEMM on CUDA (`torch._grouped_mm` on
+  Hopper without Triton), the C kernel on the CPU (float32, sizes multiples of its panel) up to
+  `CPU_KERNEL_PAIRS_PER_EXPERT` token-expert pairs per expert and the per-expert loop above
+  (oneDNN's GEMMs are faster there: docs/benchmarks.md); family variants (biases, clamped
+  SwiGLU, input scaling) run the loop;
+- linear layers on the CPU (float32): the LM head, q/k/v, o and the loop's gate+up weights are
+  kept in a packed copy (C panels, oneDNN's layout where the panels do not fit) while the copies
+  stay within `PACKED_BYTES_AUTO`; over it, plain weights and the loop for the experts.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass, field, replace
+from enum import Enum
+
+import torch
+
+from models.config import MoEModelConfig
+from models.kernels.flags import KernelFlags
+
+log = logging.getLogger(__name__)
+
+PACKED_BYTES_AUTO = 2**30  # "auto" packs CPU weights while the extra copies stay under this
+# the CPU experts kernel serves up to this many token-expert pairs per expert on average; the
+# loop above (measured on the benchmark CPU, H 512, I 1024, top-2 of 8: docs/benchmarks.md)
+CPU_KERNEL_PAIRS_PER_EXPERT = 64
+PANEL = 16  # the C kernels' panel width (NR in csrc/panel_gemm.h)
+
+
+class AttentionKernel(str, Enum):
+    TRITON = "triton"  # Triton paged decode (CUDA; CPU tensors under TRITON_INTERPRET=1)
+    CPU = "cpu"  # the C paged decode kernel (float32)
+    REFERENCE = "reference"  # PyTorch: gather the blocks, then SDPA (variants and MLA: their own path)
+
+
+class MoEKernel(str, Enum):
+    TRITON = "triton"  # Triton grouped GEMM, gate+up with SiLU-and-mul fused
+    GROUPED_MM = "grouped_mm"  # torch._grouped_mm over the pairs sorted by expert (Hopper, bf16)
+    CPU = "cpu"  # the C experts kernel over packed weights (float32)
+    LOOP = "loop"  # one matmul pair per active expert (family variants too)
+    REFERENCE = "reference"  # transformers' formulation, a mask per expert
+
+
+class LinearLayout(str, Enum):
+    PANELS = "panels"  # the C kernel's [out/16, in, 16] panels
+    ONEDNN = "onednn"  # oneDNN's blocked layout
+    PLAIN = "plain"  # the weight as loaded (F.linear)
+
+
+# kernels that never read a device value back to the host (a CUDA graph can capture them)
+SYNC_FREE = frozenset({AttentionKernel.TRITON, AttentionKernel.CPU, MoEKernel.TRITON, MoEKernel.GROUPED_MM,
+                       MoEKernel.CPU})
+
+
+@functools.lru_cache(maxsize=1)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=1)
+def onednn_available() -> bool:
+    ops = getattr(torch.ops, "mkldnn", None)
+    try:
+        return (torch.backends.mkldnn.is_available() and ops is not None
+                and hasattr(ops, "_reorder_linear_weight") and hasattr(ops, "_linear_pointwise"))
+    except RuntimeError:
+        return False
+
+
+def cpu_has_native_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What this process can run on the model's device."""
+
+    device_type: str
+    triton: bool = False
+    grouped_mm: bool = False  # torch._grouped_mm in this dtype (Hopper and newer, bf16)
+    cpu_kernels: str | None = None  # the C kernels' threading ("openmp" | "pthreads"), None: not built
+    onednn: bool = False
+
+    @classmethod
+    def detect(cls, device: torch.device, dtype: torch.dtype, cpu_kernels: str = "auto") -> Capabilities:
+        if device.type == "cuda":
+            grouped = (dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+                       and torch.cuda.get_device_capability(device)[0] >= 9)
+            return cls("cuda", triton=triton_available(), grouped_mm=grouped)
+        from models.kernels import cpu_ops
+
+        threading = None if cpu_kernels == "off" else cpu_ops.load(cpu_kernels)
+        return cls(device.type, triton=triton_available(), cpu_kernels=threading, onednn=onednn_available())
+
+
+@dataclass(frozen=True)
+class LayerKernels:
+    """One decoder layer's kernels."""
+
+    attention_kind: str  # "gqa", "gqa+window", "gqa+chunked", "gqa+sinks" (combined with +), "mla"
+    attention: AttentionKernel  # the decode kernel
+    fused_rope: bool  # q/k norm + rotary + KV store in one Triton launch
+    fused_norms: bool  # Triton RMSNorm with the residual add
+    qkv: LinearLayout  # GQA layers' q/k/v and o projections (MLA: plain)
+    o: LinearLayout
+    expert_kind: str | None  # "swiglu", or the family variant ("biased clamped swiglu", ...); None: dense MLP
+    moe: MoEKernel | None
+    moe_large: MoEKernel | None = None  # MoEKernel.CPU: the kernel above `CPU_KERNEL_PAIRS_PER_EXPERT`
+    gate_up: LinearLayout = LinearLayout.PLAIN  # the loop's per-expert gate+up weights
+
+    @property
+    def sync_free(self) -> bool:
+        return self.attention in SYNC_FREE and (self.moe is None or (self.moe in SYNC_FREE and self.moe_large is None))
+
+
+@dataclass(frozen=True)
+class KernelPlan:
+    device: str
+    dtype: str
+    flags: KernelFlags
+    capabilities: Capabilities
+    layers: tuple[LayerKernels, ...]
+    lm_head: LinearLayout
+    # the kernel per device type for experts run by the placement executor (device subsets of
+    # the stacks, no packed copies): ((device type, kernel), ...)
+    placed_moe: tuple[tuple[str, MoEKernel], ...]
+    packed_bytes: int  # the packed copies' extra memory
+    cuda_graphs: bool  # decode steps replay CUDA graphs
+    notes: tuple[str, ...] = field(default=())  # why a choice was made (demotions, graphs off)
+    experts_placed: bool = False  # the engine placed experts across devices (for_engine)
+
+    def placed_kernel(self, device_type: str) -> MoEKernel:
+        return dict(self.placed_moe)[device_type]
+
+    def for_engine(self, *, placed: bool = False, capacity_limited: bool = False,
+                   enforce_eager: bool = False) -> KernelPlan:
+        """The plan as the engine runs it: CUDA graphs only where every decode step is sync-free
+        and padding a batch to a graph bucket changes nothing."""
+        reasons = [why for why, on in (
+            ("--enforce-eager", enforce_eager),
+            ("experts placed across devices (the placed step reads counts back to the host)", placed),
+            ("expert capacity depends on the step's token count, which graph buckets pad", capacity_limited),
+        ) if on and self.cuda_graphs]
+        if not reasons and placed <= self.experts_placed:
+            return self
+        return replace(self, cuda_graphs=self.cuda_graphs and not reasons, experts_placed=self.experts_placed or placed,
+                       notes=self.notes + tuple(f"CUDA graphs off: {r}" for r in reasons))
+
+    # -- reporting ------------------------------------------------------------------------------
+    def layer_groups(self) -> list[tuple[int, int, LayerKernels]]:
+        """(first, last, kernels) for runs of consecutive layers with the same kernels."""
+        groups: list[tuple[int, int, LayerKernels]] = []
+        for i, lk in enumerate(self.layers):
+            if groups and groups[-1][2] == lk:
+                groups[-1] = (groups[-1][0], i, lk)
+            else:
+                groups.append((i, i, lk))
+        return groups
+
+    def table(self) -> str:
+        caps = self.capabilities
+        c_kernels = caps.cpu_kernels or "not built" if caps.device_type == "cpu" else "-"
+        lines = [f"kernel plan ({self.device}, {self.dtype}; C kernels: {c_kernels}; triton: "
+                 f"{'yes' if caps.triton else 'no'}; flags: {_flags_text(self.flags)})",
+                 "| layers | attention | fused rope / norms | q/k/v, o | experts | expert gate+up |",
+                 "|---|---|---|---|---|---|"]
+        for first, last, lk in self.layer_groups():
+            experts = "dense MLP" if lk.moe is None else f"{lk.expert_kind}: {lk.moe.value}" + (
+                f" (up to {CPU_KERNEL_PAIRS_PER_EXPERT} pairs/expert, {lk.moe_large.value} above)"
+                if lk.moe_large is not None else "")
+            lines.append(f"| {first}-{last} | {lk.attention_kind}: {lk.attention.value} | "
+                         f"{'yes' if lk.fused_rope else 'no'} / {'yes' if lk.fused_norms else 'no'} | "
+                         f"{lk.qkv.value}, {lk.o.value} | {experts} | "
+                         f"{lk.gate_up.value if lk.moe == MoEKernel.LOOP or lk.moe_large else '-'} |")
+        placed = ", ".join(f"{d}: {k.value}" for d, k in self.placed_moe)
+        lines.append(f"LM head: {self.lm_head.value}; packed copies: {self.packed_bytes / 2**20:.1f} MiB; "
+                     f"placed experts: {placed}; CUDA graphs: {'on' if self.cuda_graphs else 'off'}")
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        caps = self.capabilities
+        return {
+            "device": self.device, "dtype": self.dtype, "flags": vars(self.flags).copy(),
+            "capabilities": {"triton": caps.triton, "grouped_mm": caps.grouped_mm, "cpu_kernels": caps.cpu_kernels,
+                             "onednn": caps.onednn},
+            "layers": [{"layers": [first, last], "attention_kind": lk.attention_kind, "attention": lk.attention.value,
+                        "fused_rope": lk.fused_rope, "fused_norms": lk.fused_norms, "qkv": lk.qkv.value,
+                        "o": lk.o.value, "expert_kind": lk.expert_kind,
+                        "moe": None if lk.moe is None else lk.moe.value,
+                        "moe_large": None if lk.moe_large is None else lk.moe_large.value,
+                        "moe_large_above_pairs_per_expert": CPU_KERNEL_PAIRS_PER_EXPERT if lk.moe_large else None,
+                        "gate_up": lk.gate_up.value}
+                       for first, last, lk in self.layer_groups()],
+            "lm_head": self.lm_head.value, "placed_moe": {d: k.value for d, k in self.placed_moe},
+            "packed_bytes": self.packed_bytes, "cuda_graphs": self.cuda_graphs, "experts_placed": self.experts_placed,
+            "notes": list(self.notes),
+        }
+
+
+def _flags_text(flags: KernelFlags) -> str:
+    forced = [f"{k}={v}" for k, v in vars(flags).items() if v != "auto"]
+    return ", ".join(forced) or "all auto"
+
+
+# -- resolution ---------------------------------------------------------------------------------
+class KernelPlanError(ValueError):
+    """A forced kernel choice cannot serve this model here (the message says why)."""
+
+
+def attention_kind(cfg: MoEModelConfig, layer: int) -> str:
+    if cfg.mla is not None:
+        return "mla"
+    parts = ["gqa"]
+    if cfg.sliding_window(layer) is not None:
+        parts.append("window")
+    if cfg.attention_chunk(layer) is not None:
+        parts.append("chunked")
+    if cfg.attention_sinks:
+        parts.append("sinks")
+    return "+".join(parts)
+
+
+def expert_kind(cfg: MoEModelConfig) -> str:
+    parts = [p for p, on in (("biased", cfg.expert_bias), ("clamped", cfg.swiglu_limit is not None),
+                             ("input-scaled", cfg.expert_input_scaling)) if on]
+    return " ".join(parts + ["swiglu"])
+
+
+def _attention(flags: KernelFlags, caps: Capabilities, dtype: torch.dtype) -> AttentionKernel:
+    """The decode kernel of plain GQA layers."""
+    choice = flags.attention
+    if choice == "auto":
+        if caps.device_type == "cuda":
+            return AttentionKernel.TRITON if caps.triton else AttentionKernel.REFERENCE
+        return AttentionKernel.CPU if dtype == torch.float32 and caps.cpu_kernels else AttentionKernel.REFERENCE
+    if choice == "triton" and not caps.triton:
+        raise KernelPlanError("--attention-backend triton: Triton is not installed")
+    if choice == "cpu" and not (caps.device_type == "cpu" and dtype == torch.float32 and caps.cpu_kernels):
+        raise KernelPlanError("--attention-backend cpu: needs float32 on the CPU and the C kernels built here "
+                              f"(device {caps.device_type}, dtype {dtype}, C kernels {caps.cpu_kernels or 'not built'})")
+    return AttentionKernel(choice)
+
+
+def cpu_moe_fits(cfg: MoEModelConfig) -> bool:
+    return cfg.hidden_size % PANEL == 0 and cfg.moe_intermediate_size % PANEL == 0
+
+
+def _moe(flags: KernelFlags, caps: Capabilities, dtype: torch.dtype, cfg: MoEModelConfig) -> MoEKernel:
+    """The kernel of plain SwiGLU experts on the model's device."""
+    choice = flags.moe
+    cpu_ok = caps.device_type == "cpu" and dtype == torch.float32 and caps.cpu_kernels is not None
+    if choice == "auto":
+        if caps.device_type == "cuda":
+            if caps.triton:
+                return MoEKernel.TRITON
+            return MoEKernel.GROUPED_MM if caps.grouped_mm else MoEKernel.REFERENCE
+        return MoEKernel.CPU if cpu_ok and cpu_moe_fits(cfg) else MoEKernel.LOOP
+    if choice == "triton" and not caps.triton:
+        raise KernelPlanError("--moe-backend triton: Triton is not installed")
+    if choice == "grouped_mm" and not caps.grouped_mm:
+        raise KernelPlanError("--moe-backend grouped_mm: needs bf16 on a CUDA GPU of compute capability 9.0+")
+    if choice == "cpu" and not (cpu_ok and cpu_moe_fits(cfg)):
+        raise KernelPlanError(f"--moe-backend cpu: needs float32 on the CPU, the C kernels built here and hidden "
+                              f"and expert intermediate sizes that are multiples of {PANEL} (device "
+                              f"{caps.device_type}, dtype {dtype}, C kernels {caps.cpu_kernels or 'not built'}, "
+                              f"sizes {cfg.hidden_size} and {cfg.moe_intermediate_size})")
+    return MoEKernel(choice)
+
+
+def _layout(flags: KernelFlags, caps: Capabilities, out_features: int) -> LinearLayout:
+    """The packed layout of a CPU weight with `out_features` rows (before the budget check)."""
+    panels = caps.cpu_kernels is not None and out_features % PANEL == 0
+    if flags.cpu_linear == "onednn" and caps.onednn:
+        return LinearLayout.ONEDNN
+    if panels:
+        return LinearLayout.PANELS
+    return LinearLayout.ONEDNN if caps.onednn else LinearLayout.PLAIN
+
+
+def resolve_plan(cfg: MoEModelConfig, device: torch.device, dtype: torch.dtype, flags: KernelFlags | None = None,
+                 caps: Capabilities | None = None) -> KernelPlan:
+    """The kernels of every layer of a model with config `cfg` on `device` in `dtype`."""
+    flags = flags or KernelFlags()
+    caps = caps or Capabilities.detect(device, dtype, flags.cpu_kernels)
+    notes: list[str] = []
+    fused = (caps.device_type == "cuda" and caps.triton) if flags.fused_ops == "auto" else flags.fused_ops == "triton"
+    if fused and not caps.triton:
+        raise KernelPlanError("--fused-ops triton: Triton is not installed")
+    plain_attention = _attention(flags, caps, dtype)
+    plain_moe = _moe(flags, caps, dtype, cfg)
+    variant = cfg.expert_bias or cfg.swiglu_limit is not None or cfg.expert_input_scaling
+
+    # packed copies on the CPU (float32): what they would cost, then whether they fit the budget
+    pack = (caps.device_type == "cpu" and dtype == torch.float32 and flags.cpu_linear != "plain"
+            and (caps.cpu_kernels is not None or caps.onednn))
+    elem = torch.empty((), dtype=dtype).element_size()
+    H, inter, E = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts
+    gqa = cfg.mla is None
+    extra = cfg.vocab_size * H
+    for i in range(cfg.num_layers):
+        if gqa:
+            extra += (cfg.q_size + 2 * cfg.kv_size) * H + H * cfg.q_size
+        if cfg.sparse_layers[i] and not variant:
+            # the loop's gate+up copies; the C kernel's copy of gate+up and down besides
+            extra += E * 2 * inter * H * (1 if plain_moe == MoEKernel.LOOP else 2) + (
+                E * H * inter if plain_moe == MoEKernel.CPU else 0)
+    extra *= elem
+    if pack and flags.cpu_linear == "auto" and extra > PACKED_BYTES_AUTO:
+        pack = False
+        notes.append(f"packed weight copies would take {extra / 2**20:.0f} MiB, over the "
+                     f"{PACKED_BYTES_AUTO / 2**20:.0f} MiB budget of --cpu-linear-layout auto: weights stay plain")
+        if plain_moe == MoEKernel.CPU and flags.moe == "auto":
+            plain_moe = MoEKernel.LOOP
+            notes.append("the C experts kernel needs its packed copy: experts run the loop")
+    if plain_moe == MoEKernel.CPU and not pack:
+        raise KernelPlanError("--moe-backend cpu needs packed expert weights: --cpu-linear-layout packed keeps them "
+                              "whatever their size (plain keeps none; auto only within its budget)")
+
+    def layout(out_features: int) -> LinearLayout:
+        return _layout(flags, caps, out_features) if pack else LinearLayout.PLAIN
+
+    layers = []
+    for i in range(cfg.num_layers):
+        kind = attention_kind(cfg, i)
+        plain = kind == "gqa"
+        use_rope = cfg.uses_rope(i)
+        fused_rope = (fused and plain and use_rope and cfg.rope_style == "neox" and cfg.clip_qkv is None
+                      and cfg.qk_norm in (None, "head") and cfg.rotary_dim in (None, cfg.head_dim))
+        moe = moe_large = None
+        if cfg.sparse_layers[i]:
+            moe = MoEKernel.LOOP if variant else plain_moe
+            moe_large = MoEKernel.LOOP if moe == MoEKernel.CPU else None
+        layers.append(LayerKernels(
+            attention_kind=kind, attention=plain_attention if plain else AttentionKernel.REFERENCE,
+            fused_rope=fused_rope, fused_norms=fused and cfg.residual_multiplier == 1.0,
+            qkv=layout(cfg.q_size + 2 * cfg.kv_size) if gqa else LinearLayout.PLAIN,
+            o=layout(H) if gqa else LinearLayout.PLAIN,
+            expert_kind=expert_kind(cfg) if cfg.sparse_layers[i] else None, moe=moe, moe_large=moe_large,
+            gate_up=layout(2 * inter) if moe in (MoEKernel.LOOP, MoEKernel.CPU) and not variant else LinearLayout.PLAIN,
+        ))
+    placed = MoEKernel.LOOP if variant else plain_moe
+    if placed == MoEKernel.CPU:  # device subsets of the stacks have no packed copy
+        placed = MoEKernel.LOOP
+    placed_moe = ((caps.device_type, placed),) + ((("cpu", MoEKernel.LOOP),) if caps.device_type != "cpu" else ())
+    graphs = caps.device_type == "cuda" and all(lk.sync_free for lk in layers)
+    if caps.device_type == "cuda" and not graphs:
+        slow = sorted({f"{lk.attention_kind}: {lk.attention.value}" for lk in layers
+                       if lk.attention not in SYNC_FREE}
+                      | {f"experts: {lk.moe.value}" for lk in layers if lk.moe is not None and lk.moe not in SYNC_FREE})
+        notes.append(f"CUDA graphs off: kernels that read back to the host ({', '.join(slow)})")
+    return KernelPlan(
+        device=str(device), dtype=str(dtype).removeprefix("torch."), flags=flags, capabilities=caps,
+        layers=tuple(layers), lm_head=layout(cfg.vocab_size), placed_moe=placed_moe,
+        packed_bytes=extra if pack else 0, cuda_graphs=graphs, notes=tuple(notes))

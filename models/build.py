@@ -12,6 +12,7 @@ import time
 
 import torch
 
+from models.config import UnsupportedModelError
 from models.dtypes import canonical_dtype
 from models.hf_config import load_config
 from models.kernels.flags import KernelFlags
@@ -43,6 +44,34 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def available_bytes(device: torch.device) -> int | None:
+    """Memory free for new tensors on `device` (host: MemAvailable; None where unknown)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_memory(model: MoEForCausalLM, device: torch.device, path: str) -> None:
+    """Refuse, before allocating, a model whose weights cannot fit the device (a config with a
+    huge size would otherwise end in the allocator's traceback), saying what it needs."""
+    need = sum(p.numel() * p.element_size() for p in model.parameters())
+    have = available_bytes(device)
+    if have is not None and need > have:
+        dtype = str(model.embed.weight.dtype).removeprefix("torch.")
+        raise UnsupportedModelError(
+            f"{path}: the weights need {need / 2**30:.1f} GiB in {dtype} ({sum(p.numel() for p in model.parameters()):,} "
+            f"parameters: {model.config.num_layers} layers, {model.config.num_experts} experts of "
+            f"{model.config.hidden_size} x {model.config.moe_intermediate_size}); {device} has "
+            f"{have / 2**30:.1f} GiB available")
+
+
 def load_model(path: str, dtype: str = "auto", device: str = "auto", progress: bool = True,
                kernels: KernelFlags | None = None) -> MoEForCausalLM:
     """The model of checkpoint `path`, with the kernel plan that `kernels` (default: every
@@ -54,6 +83,7 @@ def load_model(path: str, dtype: str = "auto", device: str = "auto", progress: b
     t0 = time.monotonic()
     with torch.device("meta"):
         model = MoEForCausalLM(cfg).to(torch_dtype).restore_fp32_modules()  # no memory yet
+    check_memory(model, dev, path)
     model = model.to_empty(device=dev)
     model.reset_buffers()
     if cfg.tie_word_embeddings:

@@ -117,6 +117,15 @@ class MoEModelConfig:
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
+        sizes = ["vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "num_experts",
+                 "top_k", "moe_intermediate_size", "max_position_embeddings"]
+        for name in sizes:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UnsupportedModelError(f"{name}={value!r} in the config: must be a positive integer")
+        if self.num_heads % self.num_kv_heads:
+            raise UnsupportedModelError(f"num_key_value_heads={self.num_kv_heads} does not divide "
+                                        f"num_attention_heads={self.num_heads}")
         n = self.num_layers
         for name in ("sparse_layers", "sliding_windows", "attention_chunks", "nope_layers"):
             value = getattr(self, name)
@@ -128,8 +137,14 @@ class MoEModelConfig:
             raise UnsupportedModelError(f"qk norm {self.qk_norm!r} is not supported")
         if self.rotary_dim is not None and not (0 < self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0):
             raise UnsupportedModelError(f"rotary_dim={self.rotary_dim} must be even and in (0, {self.head_dim}]")
-        if not self.num_experts or not self.top_k or self.top_k > self.num_experts:
+        if self.top_k > self.num_experts:
             raise UnsupportedModelError(f"invalid MoE settings: num_experts={self.num_experts}, top_k={self.top_k}")
+        if not any(self.sparse_layers):
+            raise UnsupportedModelError("no layer of this config has an MoE block: not a mixture-of-experts model")
+        dense = not all(self.sparse_layers)
+        if dense and (not isinstance(self.dense_intermediate_size, int) or self.dense_intermediate_size < 1):
+            raise UnsupportedModelError(f"intermediate_size={self.dense_intermediate_size!r} in the config: the dense "
+                                        f"layers need a positive integer")
         r = self.router
         if self.num_experts % r.n_group:
             raise UnsupportedModelError(f"n_group={r.n_group} does not divide num_experts={self.num_experts}")

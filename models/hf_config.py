@@ -61,6 +61,10 @@ def from_hf_config(hf: Any, arch: str, raw: dict[str, Any] | None = None) -> MoE
         raise UnsupportedModelError(f"hidden_act={act!r} is not supported (only silu)")
     num_heads = get("num_attention_heads")
     num_layers = get("num_hidden_layers")
+    for name in ("num_attention_heads", "num_hidden_layers", "hidden_size"):
+        value = get(name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UnsupportedModelError(f"{name}={value!r} in the config: must be a positive integer")
     rope_theta, rope_scaling = rope_settings(hf)
     eos = get("eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())

@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# what an unquantized checkpoint's weights are stored in (int8, bool, float64: refused, not cast)
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 # tensors used only with activation / KV-cache quantization: we compute in the model dtype
 UNUSED_SCALES = (".input_scale", ".k_scale", ".v_scale", ".output_scale")
@@ -49,8 +51,12 @@ def checkpoint_files(path: str) -> list[str]:
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
         with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-        return [os.path.join(path, name) for name in files]
+            try:
+                weight_map = json.load(f)["weight_map"]
+                files = sorted(set(weight_map.values()))
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+                raise CheckpointError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
+        return [_inside(path, name, index) for name in files]
     single = os.path.join(path, "model.safetensors")
     if os.path.isfile(single):
         return [single]
@@ -58,6 +64,17 @@ def checkpoint_files(path: str) -> list[str]:
     if not found:
         raise CheckpointError(f"no safetensors weights in {path!r}")
     return [os.path.join(path, f) for f in found]
+
+
+def _inside(path: str, name: object, index: str) -> str:
+    """A shard the index names, refused unless its name stays inside the model directory: an
+    index saying "../x.safetensors" or "/etc/x" must not read files from elsewhere. Symlinks the
+    directory holds are followed (the Hugging Face cache links its snapshots to shared blobs)."""
+    root = os.path.abspath(path)
+    shard = os.path.normpath(os.path.join(root, name)) if isinstance(name, str) and name else ""
+    if not shard.startswith(root + os.sep):
+        raise CheckpointError(f"{index}: shard {str(name)[:200]!r} is outside the model directory {path!r}")
+    return shard
 
 
 def _companion(name: str, present: dict[str, int]) -> str | None:
@@ -124,6 +141,8 @@ def load_weights(model: torch.nn.Module, path: str, weight_map: WeightMap, progr
     seen: set[str] = set()
     unexpected: list[str] = []
     mismatched: list[str] = []
+    bad_dtypes: list[str] = []
+    non_finite: list[str] = []
     skipped = 0
     for name, tensor in iter_tensors(path, progress, quant, dtype):
         entry = weight_map.get(name)
@@ -134,19 +153,31 @@ def load_weights(model: torch.nn.Module, path: str, weight_map: WeightMap, progr
                 unexpected.append(name)
             continue
         param_name, index = entry[0], entry[1]
+        if tensor.dtype not in WEIGHT_DTYPES:  # quantized formats arrive dequantized (iter_tensors)
+            bad_dtypes.append(f"{name}: {str(tensor.dtype).removeprefix('torch.')}")
+            continue
         if len(entry) > 2:
             tensor = entry[2](tensor)
         dest = params[param_name].data[index] if index else params[param_name].data
         if tuple(dest.shape) != tuple(tensor.shape):
             mismatched.append(f"{name}: checkpoint {tuple(tensor.shape)} vs expected {tuple(dest.shape)}")
             continue
+        if not bool(torch.isfinite(tensor).all()):  # one pass over a tensor already in memory
+            non_finite.append(name)
+            continue
         dest.copy_(tensor.to(dest.dtype))
         seen.add(name)
     if skipped:
         log.info("ignored %d tensors of modules beyond the %d served layers (multi-token prediction)",
                  skipped, num_layers)
-    missing = sorted(set(weight_map) - seen - {m.split(":")[0] for m in mismatched})
+    refused = {m.split(":")[0] for m in mismatched + bad_dtypes} | set(non_finite)
+    missing = sorted(set(weight_map) - seen - refused)
     problems = []
+    if bad_dtypes:
+        problems.append(f"tensors of a dtype these weights cannot have ({len(bad_dtypes)}; a quantized checkpoint "
+                        f"needs its quantization_config): {_names(bad_dtypes)}")
+    if non_finite:
+        problems.append(f"tensors holding NaN or infinity ({len(non_finite)}): {_names(non_finite)}")
     if missing:
         problems.append(f"missing tensors ({len(missing)}): {_names(missing)}")
     if unexpected:

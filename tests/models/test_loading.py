@@ -105,3 +105,75 @@ def test_routing_capture_only_when_asked(mixtral_dir):
     assert int(ids.min()) >= 0 and int(ids.max()) < 8
     for layer, w in capture.weights.items():
         assert torch.allclose(w.sum(-1), torch.ones(5), atol=1e-6)  # Mixtral renormalises
+
+
+# -- hostile or broken checkpoints (issue 25, item 10) ----------------------------------------
+def _shard(path, names):
+    """Split model.safetensors in two shards with an index whose weight map names `names`."""
+    tensors = load_file(str(path / "model.safetensors"))
+    os.remove(path / "model.safetensors")
+    keys = sorted(tensors)
+    half = len(keys) // 2
+    save_file({k: tensors[k] for k in keys[:half]}, str(path / "a.safetensors"), metadata={"format": "pt"})
+    second = path / names[1] if not os.path.isabs(names[1]) else names[1]
+    save_file({k: tensors[k] for k in keys[half:]}, str(second), metadata={"format": "pt"})
+    weight_map = {k: names[0] for k in keys[:half]} | {k: names[1] for k in keys[half:]}
+    (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
+@pytest.mark.parametrize("escape", ["../outside.safetensors", "{abs}"])
+def test_index_shards_outside_the_model_directory_are_refused(tmp_path, escape):
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    make_checkpoint("mixtral", model_dir)
+    name = str(tmp_path / "elsewhere.safetensors") if escape == "{abs}" else escape
+    _shard(model_dir, ["a.safetensors", name])
+    with pytest.raises(CheckpointError, match="outside the model directory"):
+        load_model(str(model_dir), dtype="float32", device="cpu", progress=False)
+
+
+def test_shards_linked_from_elsewhere_load(tmp_path, mixtral_dir):
+    """The Hugging Face cache links a snapshot's files to shared blobs: a symlink the directory
+    holds is followed (only the index's names must stay inside)."""
+    base = prefill_logits(load_model(str(mixtral_dir), dtype="float32", device="cpu", progress=False), [[1, 2, 3]])
+    blob = tmp_path / "blobs"
+    blob.mkdir()
+    os.replace(mixtral_dir / "model.safetensors", blob / "abc123")
+    os.symlink(blob / "abc123", mixtral_dir / "model.safetensors")
+    model = load_model(str(mixtral_dir), dtype="float32", device="cpu", progress=False)
+    assert torch.equal(prefill_logits(model, [[1, 2, 3]])[0], base[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.bool, torch.float64])
+def test_weights_in_dtypes_they_cannot_have_are_refused(mixtral_dir, dtype):
+    """Not cast silently (int8 experts would then compute garbage): named, with the hint."""
+    name = "model.layers.1.block_sparse_moe.experts.2.w1.weight"
+    _edit_weights(mixtral_dir, lambda t: t.__setitem__(name, t[name].to(dtype)))
+    with pytest.raises(CheckpointError, match=rf"dtype these weights cannot have.*quantization_config.*{name}"):
+        load_model(str(mixtral_dir), dtype="float32", device="cpu", progress=False)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused(mixtral_dir, bad):
+    name = "model.layers.0.self_attn.q_proj.weight"
+
+    def poison(t):
+        t[name] = t[name].clone()
+        t[name][3, 5] = bad
+    _edit_weights(mixtral_dir, poison)
+    with pytest.raises(CheckpointError, match=rf"NaN or infinity \(1\): {name}"):
+        load_model(str(mixtral_dir), dtype="float32", device="cpu", progress=False)
+
+
+@pytest.mark.parametrize("changes, named", [
+    (dict(num_hidden_layers=0), "num_hidden_layers=0"),
+    (dict(num_attention_heads=0), "num_attention_heads=0"),
+    (dict(vocab_size=-5), "vocab_size=-5"),
+    (dict(num_key_value_heads=3), "does not divide"),
+    (dict(num_local_experts=10**9), r"weights need \d+\.\d GiB in float32 .*1000000000 experts.*available"),
+    (dict(hidden_size=10**6), r"weights need \d+\.\d GiB in float32"),
+])
+def test_impossible_configs_are_named_before_any_allocation(mixtral_dir, changes, named):
+    _edit_config(mixtral_dir, **changes)
+    with pytest.raises(UnsupportedModelError, match=named):
+        load_model(str(mixtral_dir), dtype="float32", device="cpu", progress=False)

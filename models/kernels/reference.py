@@ -11,6 +11,11 @@ import torch
 import torch.nn.functional as F
 
 
+# the reference decode attends over the keys padded to a multiple of this many positions, whatever
+# the block size: the attention's reductions then see the same lengths for any KV block layout
+KEY_GRANULE = 64
+
+
 def paged_decode_reference(
     q: torch.Tensor,  # [B, heads, d] one query token per sequence
     k_cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, d]
@@ -19,17 +24,19 @@ def paged_decode_reference(
     seq_lens: torch.Tensor,  # [B] keys each sequence attends to
     scale: float,
 ) -> torch.Tensor:
-    """Attention of each sequence's query over its first seq_lens[b] cached keys -> [B, heads, d]."""
+    """Attention of each sequence's query over its first seq_lens[b] cached keys -> [B, heads, d].
+    The keys are gathered by position (slot = block of the position, then its offset) into
+    `KEY_GRANULE`-padded rows, so the result does not depend on the cache's block size."""
     bsz, heads, d = q.shape
     bs, kvh = k_cache.shape[1], k_cache.shape[2]
-    max_len = int(seq_lens.max())
-    nblocks = (max_len + bs - 1) // bs
-    tables = block_tables[:, :nblocks]  # [B, nblocks]
-    k = k_cache[tables].flatten(1, 2)  # [B, L, kvh, d]
-    v = v_cache[tables].flatten(1, 2)
+    length = -(-int(seq_lens.max()) // KEY_GRANULE) * KEY_GRANULE
+    pos = torch.arange(length, device=q.device)  # [L]
+    blocks = block_tables.gather(1, (pos // bs).clamp(max=block_tables.shape[1] - 1).expand(bsz, -1))  # [B, L]
+    slots = blocks * bs + pos % bs  # [B, L]
+    k = k_cache.view(-1, kvh, d)[slots]  # [B, L, kvh, d]
+    v = v_cache.view(-1, kvh, d)[slots]
     group = heads // kvh
     qg = q.view(bsz, kvh, group, d)  # [B, kvh, group, d]: a KV head's query heads as the query axis
-    pos = torch.arange(k.shape[1], device=q.device)
     mask = (pos[None, :] < seq_lens[:, None])[:, None, None, :]  # [B, 1, 1, L] keys each sequence sees
     # k, v viewed as [B, kvh, L, d] without a copy; SDPA reads them strided
     out = F.scaled_dot_product_attention(qg, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale)

@@ -4,7 +4,7 @@
  * each panel is streamed once per call while the batch's rows (at most a few dozen in a
  * decode step) are applied to it. oneDNN's GEMM, built for larger M, reads the weight at a
  * fraction of the memory bandwidth at these sizes (docs/benchmarks.md, "CPU kernels").
- * Built by models/kernels/cpu_build.py, called through ctypes (GIL released); each thread takes
+ * Built by models/kernels/cpu_build.py, called as torch.ops.moe_serve.linear_cpu (csrc/ops.cpp; GIL released); each thread takes
  * a contiguous range of panels (`run_jobs`, panel_gemm.h).
  */
 #include <stdint.h>

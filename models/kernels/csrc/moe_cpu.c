@@ -5,9 +5,10 @@
  * One call per layer: the pairs are grouped by expert here, each active expert's rows of x
  * are gathered, gate+up run with SiLU-and-mul fused into the same pass, then down; each
  * weight is read once per call, as one sequential stream (the packed layouts below), which
- * is what a decode step on the CPU is bound by. Built by models/kernels/cpu_build.py and
- * called through ctypes (the GIL is released for the call). Threads: `run_jobs` (panel_gemm.h),
- * PyTorch's own OpenMP pool where cpu_build compiles with -fopenmp, pthreads otherwise.
+ * is what a decode step on the CPU is bound by. Built by models/kernels/cpu_build.py and called as
+ * the operator torch.ops.moe_serve.moe_experts_cpu (csrc/ops.cpp; the GIL is released). Threads:
+ * `run_jobs` (panel_gemm.h), PyTorch's own OpenMP pool where cpu_build compiles with -fopenmp,
+ * pthreads otherwise.
  *
  * Packed layouts (moe_pack_f32 builds them from the model's [E, 2I, H] and [E, H, I]):
  *   w13p [E, I/16, 2, H, 16]  panel j: the gate rows 16j..16j+15, then the up rows, each

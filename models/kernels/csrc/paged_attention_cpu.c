@@ -1,7 +1,7 @@
 /* Paged decode attention on the CPU, reading the KV blocks in place (no gather).
  *
- * Built on first use by models/kernels/cpu_build.py (cc -O3 -march=native) and called
- * through ctypes, which releases the GIL for the call. Threads: plain pthreads (an OpenMP
+ * Built on first use by models/kernels/cpu_build.py (cc -O3 -march=native) and called as the
+ * operator torch.ops.moe_serve.paged_decode_cpu (csrc/ops.cpp; the GIL is released for the call). Threads: plain pthreads (an OpenMP
  * runtime of our own would spin beside PyTorch's and steal its cores).
  *
  * Layouts (float32, C-contiguous):

@@ -101,7 +101,7 @@ def test_opcheck_triton_ops(name):
 
 def test_profiler_names_the_c_kernels_of_a_decode_step(ops, tiny_mixtral):
     """An engine's CPU decode step under torch.profiler: the C kernels are there by name (they
-    were ctypes calls, invisible to it)."""
+    used to be ctypes calls, invisible to it)."""
     from server.engine import LLM, SamplingParams
     from server.engine.request import EngineRequest
 

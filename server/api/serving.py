@@ -21,6 +21,7 @@ from starlette.requests import Request
 from server.api import chat_messages
 from server.api.errors import APIError, bad_request, model_not_found, overloaded, truncate
 from server.api.generation import GenerationStream
+from server.api.inflight import InflightGenerations
 from server.api.protocol import ChatMessage
 from server.api.reasoning import REASONING_PARSERS
 from server.api.tool_parsers import TOOL_PARSERS
@@ -63,6 +64,7 @@ class Serving:
         self.tool_parser = TOOL_PARSERS[config.tool_call_parser]() if config.tool_call_parser else None
         self.reasoning_parser = REASONING_PARSERS.get(config.engine.reasoning_parser or "")
         self._grammars: Any = None  # GrammarCache, made on the first structured request
+        self.generations = InflightGenerations()  # what a drain past its deadline ends (server/serve.py)
 
     async def run_blocking(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn(*args)` on the tokenizer thread (its APIError reaches the caller)."""
@@ -275,7 +277,8 @@ class Serving:
                                stream: bool) -> GenerationStream:
         """Submit and wait for the first outputs (the engine refuses what it cannot queue: 429).
         While waiting, a disconnect aborts."""
-        gen = GenerationStream(self.engine, requests, self.config.request_timeout, receive=request.receive)
+        gen = GenerationStream(self.engine, requests, self.config.request_timeout, receive=request.receive,
+                               registry=self.generations)
         await gen.start()
         if stream:
             gen.stop_watching_disconnect()

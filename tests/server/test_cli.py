@@ -150,7 +150,7 @@ def test_parse_bytes_is_the_one_size_grammar() -> None:
     (["--expert-capacity-factor", "nan"], {}, "--expert-capacity-factor"),
     (["--drain-timeout", "nan"], {}, "--drain-timeout"),
     (["--request-timeout", "inf"], {}, "--request-timeout"),
-    (["--body-read-timeout", "-inf"], {}, "--body-read-timeout"),
+    (["--body-read-timeout=-inf"], {}, "--body-read-timeout"),
     (["--engine-progress-timeout", "nan"], {}, "--engine-progress-timeout"),
     (["--gpu-memory-utilization", "nan"], {}, "--gpu-memory-utilization"),
     ([], {"MOE_SERVE_DRAIN_TIMEOUT": "NaN"}, "--drain-timeout"),

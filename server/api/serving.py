@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 from starlette.requests import Request
 
 from server.api import chat_messages
+from server.api.encoder import ResponseEncoder
 from server.api.errors import APIError, bad_request, model_not_found, overloaded, truncate
 from server.api.generation import GenerationStream
 from server.api.inflight import InflightGenerations
@@ -54,6 +55,7 @@ class Serving:
         # that /health and /metrics answer while a huge prompt is processed. One thread: a
         # tokenizer is not safe to drive from several threads at once.
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizer")
+        self.encoder = ResponseEncoder()  # whole answers and big chunks are built and serialized there
         self._backend = self._fast_backend(engine.tokenizer)
         # the longest token's text: a prompt of c characters has at least
         # c / (PROMPT_SHRINK * max_token_chars) tokens (a bound that needs no tokenization)
@@ -72,6 +74,7 @@ class Serving:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self.encoder.close()
 
     @staticmethod
     def _fast_backend(tokenizer: Any) -> Any:

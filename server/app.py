@@ -14,7 +14,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from server.api import chat, completions, health, models, tokenize
+from server.api import chat, completions, docs, health, models, tokenize
 from server.api import metrics as metrics_routes
 from server.api import ui as ui_routes
 from server.api.body import install_openapi
@@ -56,7 +56,7 @@ def create_app(engine: Any, config: ServerConfig, metrics: ServerMetrics | None 
             await engine.shutdown()
             app.state.serving.close()
 
-    app = FastAPI(title="moe-serve", version=server_version(), lifespan=lifespan,
+    app = FastAPI(title="moe-serve", version=server_version(), lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="OpenAI-compatible inference server for Mixture-of-Experts models.")
     app.state.engine = engine
     app.state.config = config
@@ -68,6 +68,7 @@ def create_app(engine: Any, config: ServerConfig, metrics: ServerMetrics | None 
     for module in (completions, chat, models, tokenize, health, metrics_routes):
         app.include_router(module.router)
     app.state.public_paths = ui_routes.install(app) if config.ui else frozenset()  # the web UI, open without a key
+    docs.install(app)  # /docs, /redoc: from this server's files, not a CDN
     install_error_handlers(app)
     install_openapi(app)
     app.add_middleware(APIMiddleware, state=app.state)

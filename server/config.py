@@ -7,9 +7,10 @@ field), an environment variable (`MOE_SERVE_<FIELD>`) and, through the chart, a 
 
 from __future__ import annotations
 
+import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -45,8 +46,39 @@ _BYTE_UNITS = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10*
 _SIZE = re.compile(r"([0-9]*\.?[0-9]+(?:e[0-9]+)?)(" + "|".join(_BYTE_UNITS) + ")?")
 
 
+# Bounds of the float options (besides being finite: a NaN passes every comparison, an inf
+# overflows the arithmetic that uses it). Durations: past ~116 days a timeout means "never"
+# anyway, and every timer still holds it. Expert capacity: past E / top_k nothing is dropped;
+# bounded so that ceil(factor * tokens * top_k / experts) stays a 64-bit integer.
+MAX_SECONDS = 1e7
+MAX_CAPACITY_FACTOR = 1e6
+
+
 class ConfigError(ValueError):
     pass
+
+
+def flag_name(field_name: str) -> str:
+    """The command-line flag of a config field (server/cli.py builds them the same way)."""
+    return "--" + field_name.replace("_", "-")
+
+
+def check_finite(config: Any) -> None:
+    """Every float value of a config dataclass is a finite number."""
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{flag_name(f.name)} must be a finite number, not {value}")
+
+
+def check_range(config: Any, name: str, low: float, high: float, *, low_open: bool = False) -> None:
+    """`low <= value <= high` (`low < value` with `low_open`) for the option `name`, unless None."""
+    value = getattr(config, name)
+    if value is None:
+        return
+    if (value <= low if low_open else value < low) or value > high:
+        bounds = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+        raise ConfigError(f"{flag_name(name)} must be in {bounds}, not {value:g}")
 
 
 def parse_bytes(value: str | int | None, require_unit: bool = False) -> int | None:
@@ -58,7 +90,10 @@ def parse_bytes(value: str | int | None, require_unit: bool = False) -> int | No
     m = _SIZE.fullmatch(str(value).strip().lower().replace(" ", ""))
     if m is None or (require_unit and m.group(2) is None):
         raise ValueError(f"expected a size like 512MiB or 2GiB, not {value!r}")
-    return int(float(m.group(1)) * _BYTE_UNITS[m.group(2) or "b"])
+    size = float(m.group(1)) * _BYTE_UNITS[m.group(2) or "b"]
+    if not math.isfinite(size):  # 1e999
+        raise ValueError(f"expected a size like 512MiB or 2GiB, not {value!r}")
+    return int(size)
 
 
 def option(default: Any, help: str, *, kind: str | None = None, shown: str | None = None,
@@ -133,6 +168,7 @@ class EngineConfig:
         None, "split <think> reasoning into reasoning_content; structured output starts after it")
 
     def __post_init__(self) -> None:
+        check_finite(self)
         if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_PARSERS:
             raise ConfigError(f"reasoning_parser must be one of {', '.join(REASONING_PARSERS)}, "
                               f"not {self.reasoning_parser!r}")
@@ -157,14 +193,11 @@ class EngineConfig:
             raise ConfigError("expert_placement must be contiguous, round_robin or balanced")
         if self.num_redundant_experts < 0 or self.rebalance_interval < 0:
             raise ConfigError("num_redundant_experts and rebalance_interval must be >= 0")
-        if not 0.0 < self.gpu_memory_utilization <= 1.0:
-            raise ConfigError("gpu_memory_utilization must be in (0, 1]")
+        check_range(self, "gpu_memory_utilization", 0.0, 1.0, low_open=True)
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise ConfigError("kv_cache_memory must be > 0 bytes")
-        if self.expert_capacity_factor is not None and not self.expert_capacity_factor > 0:
-            raise ConfigError("expert_capacity_factor must be > 0")
-        if self.engine_progress_timeout < 0:
-            raise ConfigError("engine_progress_timeout must be >= 0 (0: off)")
+        check_range(self, "expert_capacity_factor", 0.0, MAX_CAPACITY_FACTOR, low_open=True)
+        check_range(self, "engine_progress_timeout", 0.0, MAX_SECONDS)  # 0: off
         try:
             self.kernel_flags
         except ValueError as e:
@@ -225,6 +258,7 @@ class ServerConfig:
     ui: bool = option(True, "serve the web playground at / (--no-ui: off)")
 
     def __post_init__(self) -> None:
+        check_finite(self)
         if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_CALL_PARSERS:
             raise ConfigError(f"tool_call_parser must be one of {', '.join(TOOL_CALL_PARSERS)}, "
                               f"not {self.tool_call_parser!r}")
@@ -238,12 +272,11 @@ class ServerConfig:
             raise ConfigError("port must be in [0, 65535]")
         if self.limit_concurrency is not None and self.limit_concurrency < 1:
             raise ConfigError("limit_concurrency must be >= 1")
-        if self.body_read_timeout <= 0:
-            raise ConfigError("body_read_timeout must be > 0")
+        check_range(self, "body_read_timeout", 0.0, MAX_SECONDS, low_open=True)
         if self.log_format not in get_args(LogFormat):
             raise ConfigError("log_format must be text or json")
-        if self.request_timeout <= 0 or self.drain_timeout < 0:
-            raise ConfigError("request_timeout must be > 0 and drain_timeout >= 0")
+        check_range(self, "request_timeout", 0.0, MAX_SECONDS, low_open=True)
+        check_range(self, "drain_timeout", 0.0, MAX_SECONDS)
         if self.max_body_bytes < 1024:
             raise ConfigError("max_body_bytes must be >= 1024")
         if self.max_header_bytes < 1024:

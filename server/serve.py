@@ -2,6 +2,8 @@
 
 SIGTERM / SIGINT drain: `/ready` turns 503, new requests get 503 with Retry-After, requests in
 flight get `--drain-timeout` seconds to finish, then the server stops and the process exits 0.
+Generations still running at the deadline are ended with a 503 (a stream: its error event and
+`data: [DONE]`; server/api/inflight.py), given up to END_GRACE seconds to send it, then stopped.
 A second signal stops at once. A watchdog stops the server (exit code 1) when the engine dies.
 Imported only once the flags are parsed (server/cli.py), so `moe-serve --help` loads no uvicorn.
 """
@@ -16,10 +18,12 @@ from typing import Any
 
 import uvicorn
 
+from server.api.errors import unavailable
 from server.config import ServerConfig
 from server.engine.protocol import EngineDeadError
 
 logger = logging.getLogger(__name__)
+END_GRACE = 2.0  # seconds the generations ended at the drain deadline get to send their last event
 
 
 class DrainingServer(uvicorn.Server):
@@ -70,7 +74,14 @@ class DrainingServer(uvicorn.Server):
                 break
             await asyncio.sleep(0.05)
         else:
-            logger.warning("drain timeout: %d request(s) still in flight; stopping anyway", state.inflight)
+            ended = state.serving.generations.expire_all(unavailable(
+                f"The server is shutting down and its drain timeout ({self.drain_timeout:g}s) ran out before this "
+                f"request finished; retry on another replica."))
+            logger.warning("drain timeout: %d request(s) still in flight; ending %d generation(s) with 503",
+                           state.inflight, ended)
+            end = time.monotonic() + END_GRACE
+            while state.inflight > 0 and time.monotonic() < end:
+                await asyncio.sleep(0.05)
         self.should_exit = True
 
     async def _watch_engine(self) -> None:

@@ -13,8 +13,10 @@ from server.api.body import openapi_body, read_json
 from server.api.chat_output import ChoiceOutput
 from server.api.chat_setup import choice_output, plan_chat, prepare_chat
 from server.api.context import request_log
+from server.api.encoder import encode_json
 from server.api.errors import bad_request
 from server.api.generation import GenerationStream
+from server.api.prompt_logprobs import check_prompt_logprob_entries
 from server.api.protocol import ChatCompletionRequest
 from server.api.responses import (
     ChatChoice,
@@ -23,6 +25,7 @@ from server.api.responses import (
     ChatCompletionChunk,
     ChatDelta,
     ChatLogprobs,
+    dump,
     generation_responses,
 )
 from server.api.routing_json import ids_json, routing_fields, weights_json
@@ -52,6 +55,7 @@ async def create_chat_completion(request: Request) -> Response:
     serving.check_capacity(1)
     prepared = await serving.run_blocking(prepare_chat, serving, body, plan)  # template, tokens, grammar
     prompt_ids = prepared.prompt_ids
+    check_prompt_logprob_entries([len(prompt_ids)], 1, body.prompt_logprobs)  # sent once per response
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     max_tokens = serving.resolve_max_tokens(len(prompt_ids), requested, explicit=True, param=param,
@@ -85,13 +89,20 @@ def _logprob_entries(serving: Serving, entries: list[Logprob] | None, top: int) 
 
 
 async def _collect(serving: Serving, body: ChatCompletionRequest, output: ChoiceOutput, top: int | None,
-                   base: dict[str, Any], prompt_tokens: int, gen: GenerationStream, log: Any) -> ChatCompletion:
+                   base: dict[str, Any], prompt_tokens: int, gen: GenerationStream, log: Any) -> bytes:
     acc: RequestOutput | None = None
     async for _, out in gen:
         if acc is None:
             acc = RequestOutput(out.request_id, [])
         acc.add(out)
     assert acc is not None  # the stream yields at least the first output
+    return await serving.encoder.run(_chat_json, serving, body, output, top, base, prompt_tokens, acc, log)
+
+
+def _chat_json(serving: Serving, body: ChatCompletionRequest, output: ChoiceOutput, top: int | None,
+               base: dict[str, Any], prompt_tokens: int, acc: RequestOutput, log: Any) -> bytes:
+    """The whole answer as JSON (on the encoder thread: it may be big); prompt_logprobs go in
+    past pydantic (plain JSON already)."""
     choices = []
     for c in acc.outputs:
         message, called = output.message(c.text)
@@ -106,27 +117,30 @@ async def _collect(serving: Serving, body: ChatCompletionRequest, output: Choice
     log.completion_tokens = completion_tokens
     response = ChatCompletion(**base, choices=choices,
                               usage=usage(prompt_tokens, completion_tokens, [acc.metrics] if acc.finished else []))
-    if body.prompt_logprobs is not None:
-        response.prompt_logprobs = prompt_logprobs_json(serving.token_text, acc.prompt_logprobs, body.prompt_logprobs)
     if body.return_routing and acc.prompt_routing is not None:
         response.prompt_routing = ids_json(acc.prompt_routing)
         response.prompt_routing_weights = weights_json(acc.prompt_routing_weights)
-    return response
+    fields = dump(response)
+    if body.prompt_logprobs is not None:
+        fields["prompt_logprobs"] = prompt_logprobs_json(serving.token_text, acc.prompt_logprobs, body.prompt_logprobs)
+    return encode_json(fields)
 
 
 async def _stream(serving: Serving, body: ChatCompletionRequest, outputs: list[ChoiceOutput], top: int | None,
-                  gen: GenerationStream, state: StreamUsage) -> AsyncIterator[dict[str, Any]]:
+                  gen: GenerationStream, state: StreamUsage) -> AsyncIterator[dict[str, Any] | bytes]:
     held: dict[int, list[dict[str, Any]]] = {}  # logprob entries of text not sent yet
     for idx in range(len(outputs)):  # OpenAI: the role comes first, with empty content
         yield state.chunk([ChatChunkChoice(index=idx, delta=ChatDelta(role="assistant", content=""),
                                            logprobs=None, finish_reason=None)])
     first = True
+    # what the first chunk sent carries (kept until one is sent: a parser may hold the first text back)
+    extra: dict[str, Any] = {}
+    prompt_lps: list[Any] | None = None  # built on the encoder thread
     async for _, out in gen:
         state.observe(out)
-        extra: dict[str, Any] = {}
         if first and body.prompt_logprobs is not None:
-            extra["prompt_logprobs"] = prompt_logprobs_json(serving.token_text, out.prompt_logprobs,
-                                                            body.prompt_logprobs)
+            prompt_lps = await serving.encoder.run(prompt_logprobs_json, serving.token_text, out.prompt_logprobs,
+                                                   body.prompt_logprobs)
         if first and body.return_routing and out.prompt_routing is not None:
             extra.update(routing_fields(out.prompt_routing, out.prompt_routing_weights, "prompt_"))
         first = False
@@ -143,12 +157,29 @@ async def _stream(serving: Serving, body: ChatCompletionRequest, outputs: list[C
                     finish_reason=None)
                 if body.return_routing:
                     choice.routing, choice.routing_weights = ids_json(o.routing), weights_json(o.routing_weights)
-                yield state.chunk([choice], **extra)
-                extra = {}
+                yield await _chunk(serving, state, choice, extra, prompt_lps)
+                extra, prompt_lps = {}, None
             if o.finish_reason is not None:
                 rest = held.pop(o.index, None)
-                yield state.chunk([ChatChunkChoice(index=o.index, delta=ChatDelta(),
-                                                   logprobs=ChatLogprobs(content=rest) if rest else None,
-                                                   finish_reason=parser.stream_finish_reason(o.finish_reason))],
-                                  **extra)
-                extra = {}
+                choice = ChatChunkChoice(index=o.index, delta=ChatDelta(),
+                                         logprobs=ChatLogprobs(content=rest) if rest else None,
+                                         finish_reason=parser.stream_finish_reason(o.finish_reason))
+                yield await _chunk(serving, state, choice, extra, prompt_lps)
+                extra, prompt_lps = {}, None
+
+
+async def _chunk(serving: Serving, state: StreamUsage, choice: ChatChunkChoice, extra: dict[str, Any],
+                 prompt_lps: list[Any] | None) -> dict[str, Any] | bytes:
+    """A chunk; the one that carries the prompt's data (prompt_routing, prompt_logprobs), which
+    can be big, is built and serialized on the encoder thread."""
+    if not extra and prompt_lps is None:
+        return state.chunk([choice])
+    return await serving.encoder.run(_prompt_chunk_json, state, choice, extra, prompt_lps)
+
+
+def _prompt_chunk_json(state: StreamUsage, choice: ChatChunkChoice, extra: dict[str, Any],
+                       prompt_lps: list[Any] | None) -> bytes:
+    chunk = state.chunk([choice], **extra)
+    if prompt_lps is not None:  # plain JSON already: past pydantic
+        chunk["prompt_logprobs"] = prompt_lps
+    return encode_json(chunk)

@@ -4,14 +4,17 @@ The reasoning parser (if any) splits the text first; the content part then goes 
 handling of the request: the `--tool-call-parser` for `auto`, the grammar-shaped parse for
 `required` and named choices, nothing for `none`. Streaming feeds each delta and sends what
 the parses of the growing text added; the last feed (`final=True`) releases any held-back
-tail. Both paths run the same parses, so a streamed answer adds up to the non-streamed one.
+tail. Both paths make the same decision, so a streamed answer adds up to the non-streamed one:
+for `auto`, the parser's one decision per output (server/api/tool_parsers/decision.py: tool
+calls are held back until the output is complete); for `required` and named choices, the
+incremental parse of their grammar-shaped output.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from server.api.tool_parsers import ToolCallStream, ToolParser
+from server.api.tool_parsers import HeldToolStream, ToolCallStream, ToolParser
 from server.api.tool_parsers.base import tool_call_json
 from server.api.tools import ToolPlan, parse_named, parse_required
 
@@ -24,15 +27,13 @@ class ChoiceOutput:
         self._reasoning_sent = 0
         self._content_sent = 0
         self._parse = None
-        self._new_id = ToolParser.new_call_id
-        if plan.mode == "auto" and tool_parser is not None:
-            self._parse, self._new_id = tool_parser.parse, tool_parser.new_call_id
-            self._extract = tool_parser.extract
-        elif plan.mode == "named":
-            self._parse = parse_named(plan.named or "")
-        elif plan.mode == "required":
-            self._parse = parse_required
-        self._stream = ToolCallStream(self._parse, self._new_id) if self._parse is not None else None
+        self._auto = tool_parser if plan.mode == "auto" else None  # its decide() answers both paths
+        self._stream: ToolCallStream | HeldToolStream | None = None
+        if self._auto is not None:
+            self._stream = self._auto.stream()
+        elif plan.mode in ("named", "required"):
+            self._parse = parse_named(plan.named or "") if plan.mode == "named" else parse_required
+            self._stream = ToolCallStream(self._parse, ToolParser.new_call_id)
 
     def _split(self, text: str, final: bool) -> tuple[str | None, str]:
         if self.reasoning is None:
@@ -72,15 +73,15 @@ class ChoiceOutput:
         if reasoning is not None:
             msg["reasoning_content"] = reasoning or None
         calls: list[dict[str, Any]] = []
-        if self.plan.mode == "auto" and self._parse is not None:
-            msg["content"], calls = self._extract(content)
+        if self._auto is not None:
+            msg["content"], calls = self._auto.extract(content)
         elif self._parse is not None:  # required / named: the grammar shaped the whole content
             try:
                 parsed = self._parse(content, True)
             except ValueError:
                 parsed = None
             if parsed is not None:
-                calls = [tool_call_json(self._new_id(), c.name, c.arguments) for c in parsed.calls if c.name]
+                calls = [tool_call_json(ToolParser.new_call_id(), c.name, c.arguments) for c in parsed.calls if c.name]
                 msg["content"] = None
         if calls:
             msg["tool_calls"] = calls

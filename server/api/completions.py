@@ -12,11 +12,13 @@ from starlette.responses import Response
 
 from server.api.body import openapi_body, read_json
 from server.api.context import request_log
+from server.api.encoder import encode_json
 from server.api.errors import bad_request
 from server.api.generation import GenerationStream
+from server.api.prompt_logprobs import check_prompt_logprob_entries
 from server.api.protocol import CompletionRequest
 from server.api.routing_json import routing_fields
-from server.api.responses import Completion, CompletionChoice, generation_responses
+from server.api.responses import Completion, CompletionChoice, dump, generation_responses
 from server.api.responses import LegacyLogprobs as LegacyLogprobsJSON
 from server.api.serving import Serving, common_sampling_kwargs, new_id
 from server.api.streaming import StreamUsage, respond, usage
@@ -97,6 +99,8 @@ def _prepare(serving: Serving, body: CompletionRequest, request_id: str,
     """Tokenize, validate and compile the grammar (on the tokenizer thread): the engine requests
     and the response plan."""
     prompts = serving.completion_prompts(body.prompt)
+    check_prompt_logprob_entries([len(ids) for ids, _ in prompts], body.n if body.n is not None else 1,
+                                 body.prompt_logprobs, body.logprobs if body.echo else None)
     structured = serving.compile_structured(spec) if spec is not None else None
     explicit_max = "max_tokens" in body.model_fields_set
     prompt_lp = body.prompt_logprobs
@@ -121,39 +125,51 @@ def _prepare(serving: Serving, body: CompletionRequest, request_id: str,
     return engine_requests, plan
 
 
-async def _collect(serving: Serving, plan: _Plan, gen: GenerationStream, log: Any) -> Completion:
+async def _collect(serving: Serving, plan: _Plan, gen: GenerationStream, log: Any) -> bytes:
     merged: dict[int, RequestOutput] = {}  # per engine request (prompt)
     async for i, out in gen:
         merged.setdefault(i, RequestOutput(out.request_id, [])).add(out)
-    choices = []
+    return await serving.encoder.run(_completion_json, serving, plan, merged, log)
+
+
+def _completion_json(serving: Serving, plan: _Plan, merged: dict[int, RequestOutput], log: Any) -> bytes:
+    """The whole answer as JSON (on the encoder thread: it may be big). A prompt's
+    prompt_logprobs are built once and go into each of its choices, past pydantic (plain JSON)."""
+    choices: list[tuple[int, dict[str, Any]]] = []
     for i in sorted(merged):
         acc = merged[i]
+        prompt_lps = (prompt_logprobs_json(serving.token_text, acc.prompt_logprobs, plan.prompt_logprobs)
+                      if plan.prompt_logprobs is not None else None)
         for c in acc.outputs:
             builder = LegacyLogprobs(serving.token_text, plan.logprobs or 0)
             choice = CompletionChoice(
                 index=plan.index(i, c.index), text=plan.prompt_texts[i] + c.text if plan.echo else c.text,
                 logprobs=plan.logprobs_json(builder, i, True, acc.prompt_logprobs, c.logprobs, c.token_ids),
                 finish_reason=c.finish_reason)
-            if plan.prompt_logprobs is not None:
-                choice.prompt_logprobs = prompt_logprobs_json(serving.token_text, acc.prompt_logprobs,
-                                                              plan.prompt_logprobs)
             if plan.return_routing:
                 _set_routing(choice, routing_fields(c.routing, c.routing_weights))
                 _set_routing(choice, routing_fields(acc.prompt_routing, acc.prompt_routing_weights, "prompt_")
                              if acc.prompt_routing is not None
                              else {"prompt_routing": None, "prompt_routing_weights": None})
-            choices.append(choice)
-    choices.sort(key=lambda ch: ch.index)
+            fields = dump(choice)
+            if plan.prompt_logprobs is not None:
+                fields["prompt_logprobs"] = prompt_lps
+            choices.append((choice.index, fields))
     completion_tokens = sum(len(c.token_ids) for acc in merged.values() for c in acc.outputs)
     log.completion_tokens = completion_tokens
     finished = [acc.metrics for acc in merged.values() if acc.finished]
-    return Completion(**plan.base(), choices=choices,
-                      usage=usage(log.prompt_tokens, completion_tokens, finished))
+    body = dump(Completion(**plan.base(), choices=[], usage=usage(log.prompt_tokens, completion_tokens, finished)))
+    body["choices"] = [fields for _, fields in sorted(choices, key=lambda c: c[0])]
+    return encode_json(body)
 
 
 async def _stream(serving: Serving, plan: _Plan, gen: GenerationStream,
-                  state: StreamUsage) -> AsyncIterator[dict[str, Any]]:
+                  state: StreamUsage) -> AsyncIterator[dict[str, Any] | bytes]:
+    """Chunks; a prompt's data (its prompt_logprobs, once per prompt; its echoed tokens' logprobs;
+    its routing) can be big: the chunks that carry it are built on the encoder thread."""
     builders: dict[int, LegacyLogprobs] = {}
+    prompts_sent: set[int] = set()  # engine requests whose prompt_logprobs went out
+    for_prompt = plan.prompt_logprobs is not None or (plan.echo and plan.logprobs is not None) or plan.return_routing
     async for i, out in gen:
         state.observe(out)
         for o in out.outputs:
@@ -162,19 +178,40 @@ async def _stream(serving: Serving, plan: _Plan, gen: GenerationStream,
             first = idx not in builders
             if first:
                 builders[idx] = LegacyLogprobs(serving.token_text, plan.logprobs or 0)
-            logprobs = plan.logprobs_json(builders[idx], i, first, out.prompt_logprobs, o.logprobs, o.token_ids)
-            text = plan.prompt_texts[i] + o.text if first and plan.echo else o.text
-            if not text and not o.token_ids and o.finish_reason is None and not first:
-                continue
-            choice = CompletionChoice(index=idx, text=text, logprobs=logprobs, finish_reason=o.finish_reason)
-            if first and plan.prompt_logprobs is not None:
-                choice.prompt_logprobs = prompt_logprobs_json(serving.token_text, out.prompt_logprobs,
-                                                              plan.prompt_logprobs)
-            if plan.return_routing:
-                _set_routing(choice, routing_fields(o.routing, o.routing_weights))
-                if first and out.prompt_routing is not None:
-                    _set_routing(choice, routing_fields(out.prompt_routing, out.prompt_routing_weights, "prompt_"))
-            yield state.chunk([choice])
+            with_prompt = plan.prompt_logprobs is not None and i not in prompts_sent
+            prompts_sent.add(i)
+            args = (serving, plan, state, builders[idx], i, idx, out, o, first, with_prompt)
+            if first and for_prompt:
+                yield await serving.encoder.run(_chunk_json, *args)
+            else:
+                chunk = _chunk(*args)
+                if chunk is not None:
+                    yield chunk
+
+
+def _chunk(serving: Serving, plan: _Plan, state: StreamUsage, builder: LegacyLogprobs, i: int, idx: int,
+           out: RequestOutput, o: Any, first: bool, with_prompt: bool) -> dict[str, Any] | None:
+    """The chunk of choice `idx` for this delta (None: nothing to send)."""
+    logprobs = plan.logprobs_json(builder, i, first, out.prompt_logprobs, o.logprobs, o.token_ids)
+    text = plan.prompt_texts[i] + o.text if first and plan.echo else o.text
+    if not text and not o.token_ids and o.finish_reason is None and not first:
+        return None
+    choice = CompletionChoice(index=idx, text=text, logprobs=logprobs, finish_reason=o.finish_reason)
+    if plan.return_routing:
+        _set_routing(choice, routing_fields(o.routing, o.routing_weights))
+        if first and out.prompt_routing is not None:
+            _set_routing(choice, routing_fields(out.prompt_routing, out.prompt_routing_weights, "prompt_"))
+    chunk = state.chunk([choice])
+    if with_prompt:
+        chunk["choices"][0]["prompt_logprobs"] = prompt_logprobs_json(serving.token_text, out.prompt_logprobs,
+                                                                      plan.prompt_logprobs)
+    return chunk
+
+
+def _chunk_json(*args: Any) -> bytes:
+    chunk = _chunk(*args)
+    assert chunk is not None  # a choice's first chunk always goes out
+    return encode_json(chunk)
 
 
 def _set_routing(choice: CompletionChoice, fields: dict[str, list | None]) -> None:

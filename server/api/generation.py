@@ -5,7 +5,8 @@ prompts submits several). `start()` waits until every engine request produced it
 output, so that errors the engine raises before that (overload, bad parameters, prompt too
 long) become a proper HTTP status even for streaming responses. `close()` aborts whatever is
 unfinished; it is shielded from cancellation, so a client that disconnects mid-stream always
-frees its KV blocks.
+frees its KV blocks. `expire(error)` ends it with that error at its next step (the SIGTERM
+drain past its deadline, through server/api/inflight.py).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from server.engine.request import EngineRequest, RequestOutput, SamplingParamsEr
 logger = logging.getLogger(__name__)
 
 Receive = Callable[[], Awaitable[dict[str, Any]]]
+DISCONNECTED, EXPIRED = -1, -2  # queue entries that are not an engine request's output
 
 
 def engine_error_to_api(exc: BaseException) -> APIError:
@@ -54,7 +56,7 @@ def engine_error_to_api(exc: BaseException) -> APIError:
 
 class GenerationStream:
     def __init__(self, engine: Any, requests: list[EngineRequest], timeout: float,
-                 receive: Receive | None = None) -> None:
+                 receive: Receive | None = None, registry: Any | None = None) -> None:
         self._engine = engine
         self._requests = requests
         self._deadline = time.monotonic() + timeout
@@ -66,10 +68,14 @@ class GenerationStream:
         self._done: set[int] = set()  # engine requests that finished (or failed)
         self._buffer: list[tuple[int, RequestOutput]] = []
         self._closed = False
+        self._registry = registry  # an InflightGenerations, or None
+        self._expired: APIError | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
         """Submit every request and wait for each one's first output (raises APIError)."""
+        if self._registry is not None:
+            self._registry.add(self)
         for i, req in enumerate(self._requests):
             self._tasks.append(asyncio.create_task(self._pump(i, req)))
         if self._receive is not None:
@@ -90,10 +96,21 @@ class GenerationStream:
             self._watcher.cancel()
             self._watcher = None
 
+    def expire(self, error: APIError) -> None:
+        """End the generation with `error` at its next step (its engine requests are aborted)."""
+        if self._expired is None and not self._closed:
+            self._expired = error
+            self._queue.put_nowait((EXPIRED, None, None))
+
+    def _unregister(self) -> None:
+        if self._registry is not None:
+            self._registry.discard(self)
+
     async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
+        self._unregister()
         with anyio.CancelScope(shield=True):
             self.stop_watching_disconnect()
             for t in self._tasks:
@@ -121,6 +138,7 @@ class GenerationStream:
                 yield await self._next()
         finally:
             self.stop_watching_disconnect()
+            self._unregister()
             if not self.finished:
                 await self.close()
 
@@ -137,7 +155,10 @@ class GenerationStream:
                     i, out, exc = await asyncio.wait_for(self._queue.get(), remaining)
                 except asyncio.TimeoutError:
                     continue
-            if i < 0:
+            if i == EXPIRED:
+                await self.close()
+                raise self._expired or unavailable("The request was ended by the server.")
+            if i == DISCONNECTED:
                 await self.close()
                 raise ClientDisconnected()
             if exc is not None:
@@ -179,5 +200,5 @@ class GenerationStream:
         while True:
             message = await receive()
             if message.get("type") == "http.disconnect":
-                self._queue.put_nowait((-1, None, None))
+                self._queue.put_nowait((DISCONNECTED, None, None))
                 return

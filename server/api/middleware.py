@@ -86,6 +86,10 @@ class APIMiddleware:
                 self.state.inflight += 1
                 counted = True
             await self.app(scope, _limited(receive, limit, config.body_read_timeout), send_wrapper)
+        except asyncio.CancelledError:  # the server stopped with the response unfinished (a stuck client)
+            if resp.started and log.stream_error is None:
+                log.stream_error = 503
+            raise
         except Exception as exc:  # our bug (or a body over the limit while streaming it in)
             err = exc if isinstance(exc, APIError) else internal_error()
             if not isinstance(exc, APIError):

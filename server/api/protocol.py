@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from server.api.prompt_logprobs import MAX_PROMPT_LOGPROB_ENTRIES
 from server.engine.request import (
     INT64_MAX,
     INT64_MIN,
@@ -33,6 +34,11 @@ StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 Stop = Union[StopString, Annotated[list[StopString], Field(max_length=MAX_STOP)]]
 Logprobs = Annotated[int, Field(ge=0, le=MAX_LOGPROBS)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+PROMPT_LOGPROBS_LIMIT = (
+    f"vLLM's: the top alternatives of each prompt token. An answer holds at most {MAX_PROMPT_LOGPROB_ENTRIES} "
+    "prompt logprob entries (a 400 past it): completions send each prompt's in every one of its n choices, "
+    "n x prompt tokens x (prompt_logprobs + 1), plus n x prompt tokens x (logprobs + 1) with echo; chat sends "
+    "them once, prompt tokens x (prompt_logprobs + 1).")
 # logit_bias: {token id (an integer, as a JSON key): bias in [-100, 100]}; the entries are checked
 # by the serving layer, which names every bad one in its message
 LOGIT_BIAS_SCHEMA = {"propertyNames": {"pattern": "^ *[+-]?[0-9]{1,20} *$"},
@@ -81,7 +87,7 @@ class _GenerationBody(_Body):
     ignore_eos: bool | None = None
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
-    prompt_logprobs: Optional[Logprobs] = None
+    prompt_logprobs: Optional[Logprobs] = Field(None, description=PROMPT_LOGPROBS_LIMIT)
     priority: int | None = None
     # moe-serve extension: per-token expert ids in `choices[i].routing`
     return_routing: bool | None = None
@@ -115,7 +121,9 @@ class CompletionRequest(_GenerationBody):
     suffix: str | None = None  # refused when set: not supported
     max_tokens: Optional[Annotated[int, Field(ge=1)]] = 16
     best_of: Optional[Annotated[int, Field(ge=1, le=MAX_N)]] = None  # must equal n
-    logprobs: Optional[Logprobs] = None
+    logprobs: Optional[Logprobs] = Field(None, description="The top alternatives of each completion token (and, "
+                                         "with echo, of each prompt token: those count toward the prompt logprob "
+                                         "limit, see prompt_logprobs).")
     echo: bool | None = False
 
 

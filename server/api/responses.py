@@ -5,7 +5,9 @@ Endpoints build these models with exactly the fields they send and serialize the
 is sent as null, as OpenAI does (clients rely on some nulls, e.g. `logprobs`,
 `finish_reason`). Optional extension fields (routing, prompt_logprobs, reasoning_content,
 tool_calls, usage on stream chunks) therefore default to None in the schema and appear only
-when the request asked for them.
+when the request asked for them. `prompt_logprobs`, which can be large and are plain JSON when
+built, are put into the dumped dict past validation (server/api/completions.py, chat.py); the
+models still document them.
 """
 
 from __future__ import annotations

@@ -19,8 +19,10 @@ from typing import Any, TypeVar
 from starlette.requests import Request
 
 from server.api import chat_messages
+from server.api.encoder import ResponseEncoder
 from server.api.errors import APIError, bad_request, model_not_found, overloaded, truncate
 from server.api.generation import GenerationStream
+from server.api.inflight import InflightGenerations
 from server.api.protocol import ChatMessage
 from server.api.reasoning import REASONING_PARSERS
 from server.api.tool_parsers import TOOL_PARSERS
@@ -54,6 +56,7 @@ class Serving:
         # that /health and /metrics answer while a huge prompt is processed. One thread: a
         # tokenizer is not safe to drive from several threads at once.
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizer")
+        self.encoder = ResponseEncoder()  # whole answers and big chunks are built and serialized there
         self._backend = self._fast_backend(engine.tokenizer)
         # the longest token's text: a prompt of c characters has at least
         # c / (PROMPT_SHRINK * max_token_chars) tokens (a bound that needs no tokenization)
@@ -64,6 +67,7 @@ class Serving:
         self.tool_parser = TOOL_PARSERS[config.tool_call_parser]() if config.tool_call_parser else None
         self.reasoning_parser = REASONING_PARSERS.get(config.engine.reasoning_parser or "")
         self._grammars: Any = None  # GrammarCache, made on the first structured request
+        self.generations = InflightGenerations()  # what a drain past its deadline ends (server/serve.py)
 
     async def run_blocking(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn(*args)` on the tokenizer thread (its APIError reaches the caller)."""
@@ -71,6 +75,7 @@ class Serving:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self.encoder.close()
 
     @staticmethod
     def _fast_backend(tokenizer: Any) -> Any:
@@ -272,7 +277,8 @@ class Serving:
                                stream: bool) -> GenerationStream:
         """Submit and wait for the first outputs (the engine refuses what it cannot queue: 429).
         While waiting, a disconnect aborts."""
-        gen = GenerationStream(self.engine, requests, self.config.request_timeout, receive=request.receive)
+        gen = GenerationStream(self.engine, requests, self.config.request_timeout, receive=request.receive,
+                               registry=self.generations)
         await gen.start()
         if stream:
             gen.stop_watching_disconnect()

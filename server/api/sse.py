@@ -23,10 +23,12 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def sse_event(obj: Any) -> bytes:
-    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n\n"
+    """One event: `obj` as compact JSON, or `obj` itself when it is JSON already (bytes)."""
+    data = obj if isinstance(obj, bytes) else json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return b"data: " + data + b"\n\n"
 
 
-async def _events(chunks: AsyncIterator[dict[str, Any]], on_error: Any) -> AsyncIterator[bytes]:
+async def _events(chunks: AsyncIterator[dict[str, Any] | bytes], on_error: Any) -> AsyncIterator[bytes]:
     try:
         async for chunk in chunks:
             yield sse_event(chunk)
@@ -48,7 +50,7 @@ async def _events(chunks: AsyncIterator[dict[str, Any]], on_error: Any) -> Async
     yield DONE
 
 
-def sse_response(chunks: AsyncIterator[dict[str, Any]], headers: dict[str, str] | None = None,
+def sse_response(chunks: AsyncIterator[dict[str, Any] | bytes], headers: dict[str, str] | None = None,
                  on_error: Any = lambda status: None) -> StreamingResponse:
     return StreamingResponse(_events(chunks, on_error), media_type="text/event-stream",
                              headers={**SSE_HEADERS, **(headers or {})})

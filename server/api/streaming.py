@@ -1,6 +1,8 @@
 """What /v1/completions and /v1/chat/completions share around the engine's delta stream:
 the JSON-or-SSE answer, usage accounting on stream chunks (`stream_options`), the final
-usage chunk, and logging the completion token count however the stream ends.
+usage chunk, and logging the completion token count however the stream ends. Whole answers
+are built and serialized on the encoder thread (server/api/encoder.py) and arrive as bytes;
+stream chunks are dicts, or bytes when a big one was serialized there.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from pydantic import BaseModel
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from server.api.responses import Usage, dump
 from server.api.sse import sse_response
@@ -64,8 +66,8 @@ class StreamUsage:
                                usage=usage(self.prompt_tokens, self.completion_tokens, self._finished)))
 
 
-async def _with_usage(chunks: AsyncIterator[dict[str, Any]], state: StreamUsage,
-                      log: Any) -> AsyncIterator[dict[str, Any]]:
+async def _with_usage(chunks: AsyncIterator[dict[str, Any] | bytes], state: StreamUsage,
+                      log: Any) -> AsyncIterator[dict[str, Any] | bytes]:
     try:
         async for chunk in chunks:
             yield chunk
@@ -78,10 +80,11 @@ async def _with_usage(chunks: AsyncIterator[dict[str, Any]], state: StreamUsage,
 
 
 async def respond(stream: bool, log: Any, headers: dict[str, str],
-                  chunks: Callable[[], tuple[AsyncIterator[dict[str, Any]], StreamUsage]],
-                  collect: Callable[[], Awaitable[BaseModel]]) -> Response:
+                  chunks: Callable[[], tuple[AsyncIterator[dict[str, Any] | bytes], StreamUsage]],
+                  collect: Callable[[], Awaitable[bytes]]) -> Response:
     """The answer of a generation endpoint: an SSE stream of `chunks()` (then the usage chunk
-    and `[DONE]`; a failure mid-stream is logged on `log.stream_error`), or the collected JSON."""
+    and `[DONE]`; a failure mid-stream is logged on `log.stream_error`), or the collected JSON
+    (`collect()`: the body's bytes)."""
     if stream:
         events, state = chunks()
 
@@ -89,4 +92,4 @@ async def respond(stream: bool, log: Any, headers: dict[str, str],
             log.stream_error = status
 
         return sse_response(_with_usage(events, state, log), headers=headers, on_error=on_error)
-    return JSONResponse(dump(await collect()), headers=headers)
+    return Response(await collect(), media_type="application/json", headers=headers)

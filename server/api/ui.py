@@ -24,12 +24,13 @@ PAGE = "index.html"
 STATIC_PREFIX = "/ui/"
 MEDIA_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
                ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml", ".png": "image/png"}
-# Everything comes from this server: no CDN, no inline script, no framing by other sites.
+# Everything comes from this server: no CDN, no inline script, no framing by other sites
+# (frame-ancestors, and X-Frame-Options for browsers that predate it).
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
        "connect-src 'self'; font-src 'self'; object-src 'none'; base-uri 'none'; "
        "form-action 'none'; frame-ancestors 'none'")
-HEADERS = {"Cache-Control": "no-cache", "Content-Security-Policy": CSP,
-           "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
+SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "X-Frame-Options": "DENY"}
+HEADERS = {"Cache-Control": "no-cache", "Content-Security-Policy": CSP, **SECURITY_HEADERS}
 
 # /v1/moe/stats: the core gauges and counters the live panel shows, by their exposed names.
 STAT_SERIES = {

@@ -142,3 +142,40 @@ def test_parse_bytes_is_the_one_size_grammar() -> None:
     for bad, unit in (("-1GiB", False), ("lots", False), ("2XB", False), ("", False), ("4", True)):
         with pytest.raises(ValueError, match="expected a size"):
             parse_bytes(bad, require_unit=unit)
+
+
+@pytest.mark.parametrize("argv,env,flag", [
+    (["--expert-capacity-factor", "inf"], {}, "--expert-capacity-factor"),
+    (["--expert-capacity-factor", "1e308"], {}, "--expert-capacity-factor"),  # ceil(f * tokens * k / E) overflows
+    (["--expert-capacity-factor", "nan"], {}, "--expert-capacity-factor"),
+    (["--drain-timeout", "nan"], {}, "--drain-timeout"),
+    (["--request-timeout", "inf"], {}, "--request-timeout"),
+    (["--body-read-timeout=-inf"], {}, "--body-read-timeout"),
+    (["--engine-progress-timeout", "nan"], {}, "--engine-progress-timeout"),
+    (["--gpu-memory-utilization", "nan"], {}, "--gpu-memory-utilization"),
+    ([], {"MOE_SERVE_DRAIN_TIMEOUT": "NaN"}, "--drain-timeout"),
+    ([], {"MOE_SERVE_EXPERT_CAPACITY_FACTOR": "Infinity"}, "--expert-capacity-factor"),
+    (["--drain-timeout", "1e300"], {}, "--drain-timeout"),  # a duration no timer can hold
+    (["--kv-cache-memory", "1e999"], {}, "--kv-cache-memory"),  # an infinite size
+])
+def test_non_finite_or_absurd_numbers_exit_2_naming_the_flag(argv: list[str], env: dict[str, str], flag: str) -> None:
+    """Hardening round 2, item 7: `--expert-capacity-factor inf` used to start a server whose every
+    request failed with 500 (the engine then declared dead); `--drain-timeout nan` drained for 0 s.
+    Every float option (flag, env var, hence Helm value) is refused at startup, naming the flag."""
+    import os
+
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("MOE_SERVE_")} | env
+    try:
+        r = subprocess.run([sys.executable, "-m", "server.cli", "--port", "0", *argv], capture_output=True,
+                           text=True, env=full_env, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{argv or env} was accepted: the server started")
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert "Traceback" not in r.stderr
+    assert flag in r.stderr, r.stderr[-1000:]
+
+
+def test_finite_floats_in_range_are_accepted() -> None:
+    cfg = build_config(["--expert-capacity-factor", "1.25", "--drain-timeout", "0", "--request-timeout", "1e6",
+                        "--engine-progress-timeout", "0", "--gpu-memory-utilization", "1"], environ={})
+    assert (cfg.engine.expert_capacity_factor, cfg.drain_timeout, cfg.request_timeout) == (1.25, 0.0, 1e6)

@@ -211,6 +211,46 @@ def test_auto_parses_the_models_tool_call_format(client) -> None:
     assert plain.message.tool_calls is None and plain.finish_reason in ("stop", "length")
 
 
+# the model's output for tool_choice "auto", forced with guided_choice: (text, a tool call?)
+FORCED_AUTO = [
+    ('Sure. <tool_call>\n{"name": "get_time", "arguments": {"zone": 1}}\n</tool_call>', True),
+    ('<tool_call>\n{"name": "get_weather", "name": "get_time", "arguments": {"zone": 1}}\n</tool_call>', False),
+    ('<tool_call>\n{"name": "get_time", "arguments": {"zone": 1}}\n</tool_call> and then garbage', False),
+    ('<tool_call>\n{"name": "get_time", "arguments": {"zone": 1.2.3}}\n</tool_call>', False),
+    ('<tool_call>\n{"name": "get_time", "arguments": {"zone": +1}}\n</tool_call>', False),
+    ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "\\q"}}\n</tool_call>', False),
+    ('<tool_call>\n{"name": 5, "arguments": {}}\n</tool_call>', False),
+    ('<tool_call>\n{"name": "get_time", "arguments": {"zone": 1', False),
+]
+
+
+@pytest.mark.parametrize("text,called", FORCED_AUTO)
+def test_auto_tool_calls_streamed_equal_the_whole_answer(client, text: str, called: bool) -> None:
+    """Hardening round 2, item 5: the stream used to announce a call (or emit invalid arguments with
+    finish_reason "tool_calls", or lose the text) where the whole answer returned the text as content."""
+    kw = dict(model=MODEL, messages=MSG, tools=TOOLS, tool_choice="auto", temperature=1.0, max_tokens=200,
+              extra_body={"guided_choice": [text]})
+    whole = client.chat.completions.create(**kw).choices[0]
+    calls = [(c.function.name, c.function.arguments) for c in whole.message.tool_calls or []]
+    if called:
+        assert whole.finish_reason == "tool_calls" and calls and whole.message.content == text.split("<")[0]
+        assert all(isinstance(json.loads(args), dict) for _, args in calls)
+    else:
+        assert (whole.finish_reason, calls, whole.message.content) == ("stop", [], text)
+    content, streamed_calls, finish = "", {}, None
+    for chunk in client.chat.completions.create(stream=True, **kw):
+        for ch in chunk.choices:
+            content += ch.delta.content or ""
+            finish = ch.finish_reason or finish
+            for d in ch.delta.tool_calls or []:
+                if d.id is not None:
+                    streamed_calls[d.index] = [d.function.name, d.function.arguments or ""]
+                else:
+                    streamed_calls[d.index][1] += d.function.arguments
+    assert (content or None, [tuple(c) for c in streamed_calls.values()], finish) == \
+        (whole.message.content, calls, whole.finish_reason)
+
+
 BAD = [
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}},
      "response_format.json_schema.schema"),

@@ -10,7 +10,7 @@ import pytest
 
 from server.api.chat_output import ChoiceOutput
 from server.api.reasoning import REASONING_PARSERS
-from server.api.tool_parsers import TOOL_PARSERS, ToolCallStream
+from server.api.tool_parsers import TOOL_PARSERS
 from server.api.tool_parsers.json_scan import array_items, object_fields, value_end
 from server.api.tools import ToolPlan
 from server.config import REASONING_PARSERS as REASONING_NAMES
@@ -74,7 +74,7 @@ def test_extract(name: str, case: tuple) -> None:
 
 
 def _stream(parser, text: str, sizes: list[int]) -> tuple[str, list[dict]]:
-    stream = ToolCallStream(parser.parse, parser.new_call_id)
+    stream = parser.stream()
     content, deltas, pos = "", [], 0
     for size in sizes:
         pos = min(len(text), pos + size)
@@ -113,7 +113,7 @@ def test_streaming_adds_up_to_extract(name: str, case: tuple) -> None:
 
 
 def test_partial_tags_are_held_back_then_released() -> None:
-    stream = ToolCallStream(TOOL_PARSERS["hermes"]().parse, lambda: "x")
+    stream = TOOL_PARSERS["hermes"]().stream()
     assert stream.update("Hello <tool", final=False) == ("Hello ", [])
     assert stream.update("Hello <tool", final=True) == ("<tool", [])
 

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 from server.api.tool_parsers.base import ToolCallStream, ToolParser
+from server.api.tool_parsers.decision import Decision, HeldToolStream
 from server.api.tool_parsers.deepseek_v3 import DeepSeekV3ToolParser
 from server.api.tool_parsers.hermes import HermesToolParser
 from server.api.tool_parsers.llama3_json import Llama3JsonToolParser
@@ -20,4 +21,4 @@ TOOL_PARSERS: dict[str, type[ToolParser]] = {
     p.name: p for p in (HermesToolParser, MistralToolParser, Llama3JsonToolParser, DeepSeekV3ToolParser)
 }
 
-__all__ = ["TOOL_PARSERS", "ToolCallStream", "ToolParser"]
+__all__ = ["TOOL_PARSERS", "Decision", "HeldToolStream", "ToolCallStream", "ToolParser"]

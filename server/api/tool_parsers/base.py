@@ -1,15 +1,17 @@
-"""What every tool-call parser shares: the parse result, the streaming differ, call ids.
+"""What every tool-call parser shares: the `ToolParser` base, call ids, and the incremental
+parse of grammar-shaped tool output.
 
-A parser implements one method, `parse(text, final)`: given the whole output so far, it returns
-the content (text that is not a tool call; while the output may still turn into a call, the
-undecided tail is held back) and the calls found, each with its name (once complete) and its
-arguments text so far. Successive parses of a growing text only ever extend each field, so:
-- non-streaming: `extract(text)` = one final parse; a call whose name or arguments are not
-  complete JSON makes the whole output plain content (as vLLM does);
-- streaming: `ToolCallStream` diffs successive parses into OpenAI's deltas: content
-  fragments, then per call `{index, id, type, function: {name, arguments: ""}}` once the name
-  is known, then `{index, function: {arguments: fragment}}` as the arguments grow.
-The concatenated streamed arguments equal the non-streamed ones (the same text, unchanged).
+`tool_choice: "auto"`: a parser (one per model format) says where the section of tool calls
+starts (`section_start`, by default the format's `marker`) and reads that section strictly
+(`read_calls`, raising ValueError on anything not well-formed); `decide` turns those into the
+one decision both the JSON answer (`extract`) and the stream (`stream()`: a HeldToolStream)
+give. The rule and why streams hold the section back: decision.py.
+
+`required` and named choices (server/api/tools.py): their output is shaped by a grammar, so it
+is parsed incrementally (`Parsed` / `ParsedCall` / `call_from_object`), and `ToolCallStream`
+diffs successive parses into OpenAI's deltas: per call `{index, id, type, function: {name,
+arguments: ""}}` once the name is known, then `{index, function: {arguments: fragment}}` as the
+arguments grow. The concatenated streamed arguments equal the non-streamed ones.
 """
 
 from __future__ import annotations
@@ -17,13 +19,12 @@ from __future__ import annotations
 import json
 import secrets
 import string
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from server.api.tool_parsers.json_scan import object_fields, partial_suffix, skip_ws, value_end
-
-ARG_KEYS = ("arguments", "parameters")
+from server.api.tool_parsers.decision import Decision, HeldToolStream
+from server.api.tool_parsers.json_scan import object_fields, partial_suffix
+from server.api.tool_parsers.strict import ARG_KEYS, Call
 
 
 @dataclass
@@ -39,63 +40,49 @@ class Parsed:
     calls: list[ParsedCall] = field(default_factory=list)
 
 
-def content_before(text: str, marker: str, final: bool) -> tuple[Parsed, int]:
-    """(the content before the first `marker`, where it starts or -1). Without a marker, the
-    whole text is content, less a tail that may still become the marker (unless final)."""
-    first = text.find(marker)
-    if first < 0:
-        keep = len(text) if final else len(text) - partial_suffix(text, marker)
-        return Parsed(content=text[:keep]), -1
-    return Parsed(content=text[:first]), first
-
-
-CallReader = Callable[[str, int], "tuple[ParsedCall | None, int | None]"]
-
-
-def collect_calls(out: Parsed, text: str, marker: str, pos: int, read: CallReader) -> Parsed:
-    """Append the calls that follow each `marker` from `pos` on: `read(text, start)` returns
-    (the call or None when nothing can be read yet, where it ends or None when incomplete)."""
-    while pos >= 0:
-        call, end = read(text, pos + len(marker))
-        if call is None:
-            break
-        out.calls.append(call)
-        if end is None:
-            break
-        pos = text.find(marker, end)
-    return out
-
-
-def parse_marked(text: str, final: bool, marker: str, read: CallReader, call_marker: str | None = None) -> Parsed:
-    """Content before the first `marker`, then the calls `read` finds after each `call_marker`
-    (the same marker unless given) from there on."""
-    out, first = content_before(text, marker, final)
-    if first < 0:
-        return out
-    call_marker = call_marker or marker
-    return collect_calls(out, text, call_marker, text.find(call_marker, first), read)
-
-
-def read_arguments(call: ParsedCall, text: str, start: int) -> tuple[ParsedCall, int | None]:
-    """The call's arguments: the JSON value at `start` (after whitespace), complete or not."""
-    j = skip_ws(text, start)
-    if j >= len(text):
-        return call, None
-    end = value_end(text, j)
-    call.arguments = text[j:end] if end is not None else text[j:]
-    call.complete = end is not None
-    return call, end
-
-
 class ToolParser:
-    """Base class: subclasses set `name` and implement `parse`."""
+    """Base class: subclasses set `name` and `marker` and implement `read_calls`."""
 
     name = ""
+    marker = ""  # the text that opens the section of tool calls
     # the model's tool-call markers are special tokens: the text needs them (skip_special_tokens off)
     needs_special_tokens = False
 
-    def parse(self, text: str, final: bool) -> Parsed:  # pragma: no cover - abstract
+    def section_start(self, text: str) -> int | None:
+        """Where the section of calls starts (the first marker), None when there is none."""
+        i = text.find(self.marker)
+        return i if i >= 0 else None
+
+    def undecided_tail(self, text: str) -> int:
+        """How many characters at the end of `text` (which has no section yet) may still turn
+        into the start of one: held back while streaming."""
+        return partial_suffix(text, self.marker)
+
+    def read_calls(self, text: str, start: int) -> list[Call]:  # pragma: no cover - abstract
+        """The calls of the section at `start`, which must run to the end of `text` and hold
+        nothing but well-formed calls (raises ValueError otherwise)."""
         raise NotImplementedError
+
+    # -- the decision -------------------------------------------------------------------------
+    def decide(self, text: str) -> Decision:
+        """The one decision for a finished output: (content before the section, its calls), or
+        all content when there is no section or it is not exactly well-formed calls."""
+        start = self.section_start(text)
+        if start is None:
+            return Decision(text)
+        try:
+            calls = tuple(self.read_calls(text, start))
+        except (ValueError, RecursionError):
+            return Decision(text)
+        return Decision(text[:start], calls) if calls else Decision(text)
+
+    def content_end(self, text: str) -> int:
+        """How much of an unfinished output is content whatever comes next (streamed at once)."""
+        start = self.section_start(text)
+        return start if start is not None else len(text) - self.undecided_tail(text)
+
+    def stream(self) -> HeldToolStream:
+        return HeldToolStream(self)
 
     @staticmethod
     def new_call_id() -> str:
@@ -103,30 +90,13 @@ class ToolParser:
 
     def extract(self, text: str) -> tuple[str | None, list[dict[str, Any]]]:
         """(content or None, OpenAI tool_calls) of a finished output."""
-        try:
-            parsed = self.parse(text, final=True)
-        except ValueError:
-            return text or None, []
-        calls = []
-        for c in parsed.calls:
-            if c.name is None or not c.complete or not _is_json(c.arguments):
-                return text or None, []
-            calls.append(tool_call_json(self.new_call_id(), c.name, c.arguments))
-        if not calls:
-            return text or None, []
-        return parsed.content or None, calls
+        decision = self.decide(text)
+        calls = [tool_call_json(self.new_call_id(), c.name, c.arguments) for c in decision.calls]
+        return decision.content or None, calls
 
 
 def tool_call_json(call_id: str, name: str, arguments: str) -> dict[str, Any]:
     return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
-
-
-def _is_json(text: str) -> bool:
-    try:
-        json.loads(text)
-    except ValueError:
-        return False
-    return True
 
 
 def mistral_call_id() -> str:

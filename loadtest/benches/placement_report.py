@@ -1,13 +1,12 @@
-"""Placement report: simulator tables on a routing trace recorded from the bundled model on real
-prompts, and on a synthetic Zipf-skewed trace, for 2, 4 and 8 devices.
+"""Placement report: the simulator on a routing trace of the bundled model and on a Zipf trace, 2, 4 and 8 devices.
 
-    python loadtest/placement_report.py [--out-dir loadtest/results/placement]
+    python -m loadtest placement-report [--out-dir loadtest/results/placement]
 
 1. Records a routing trace (`--record-routing`) while the bundled tiny-mixtral generates 32
    tokens for 48 real prompts (the first 200 characters of Python's `pydoc_data` topics).
 2. Writes a synthetic trace with the same shape (4 MoE layers, 8 experts, top-2), expert
    popularity Zipf(1.2).
-3. Replays both through loadtest/placement_sim.py on 2, 4 and 8 virtual devices: contiguous vs
+3. Replays both through the placement simulator (loadtest/benches/placement_sim.py) on 2, 4 and 8 virtual devices: contiguous vs
    round_robin vs balanced with 0 and with R = K replicas (balancedness = mean / max device load).
 """
 
@@ -16,12 +15,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-sys.path.insert(0, str(HERE))
+from loadtest import output, results
+from loadtest.benches import placement_sim
+
+HEADING = "## Placement report"
 
 
 def record_bundled_trace(path: Path) -> None:
@@ -35,27 +34,32 @@ def record_bundled_trace(path: Path) -> None:
     llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True))
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out-dir", default=str(HERE / "results" / "placement"))
-    args = ap.parse_args()
-    import placement_sim
-
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m loadtest placement-report", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out-dir", default=str(results.RESULTS / "placement"))
+    output.add_args(ap)
+    args = ap.parse_args(argv)
+    result = results.new_result("placement-report", argv, vars(args), heading=HEADING)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     bundled = out / "bundled-trace.jsonl"
     synthetic = out / "zipf-trace.jsonl"
     record_bundled_trace(bundled)
     with contextlib.redirect_stdout(io.StringIO()):
-        placement_sim.main(["--synthetic", "zipf:1.2", "--layers", "4", "--experts", "8", "--top-k", "2",
+        placement_sim.simulate(["--synthetic", "zipf:1.2", "--layers", "4", "--experts", "8", "--top-k", "2",
                             "--steps", "200", "--tokens", "256", "--save-trace", str(synthetic),
                             "--no-progress"])
+    tables = []
     for name, trace in (("bundled tiny-mixtral, real prompts", bundled), ("synthetic Zipf(1.2)", synthetic)):
         for k in (2, 4, 8):
             print(f"\n### {name}, {k} devices\n")
-            placement_sim.main(["--trace", str(trace), "--devices", str(k), "--redundant", str(k),
-                                "--no-progress"])
-
-
-if __name__ == "__main__":
-    main()
+            caption, rows = placement_sim.simulate(["--trace", str(trace), "--devices", str(k), "--redundant", str(k),
+                                                    "--no-progress"])
+            tables.append({"trace": name, "devices": k, "caption": caption,
+                           "results": [vars(r) for r in rows]})
+            result["summary"]["blocks"] += [results.text(f"**{name}, {k} devices**: {caption}"),
+                                            results.text(placement_sim.table(rows, 0))]
+    result["measurements"] = {"tables": tables}
+    output.finish(result, args)
+    return result

@@ -6,8 +6,9 @@
    tokens for 48 real prompts (the first 200 characters of Python's `pydoc_data` topics).
 2. Writes a synthetic trace with the same shape (4 MoE layers, 8 experts, top-2), expert
    popularity Zipf(1.2).
-3. Replays both through the placement simulator (loadtest/benches/placement_sim.py) on 2, 4 and 8 virtual devices: contiguous vs
-   round_robin vs balanced with 0 and with R = K replicas (balancedness = mean / max device load).
+3. Replays both through the placement simulator (loadtest/benches/placement_sim.py) on 2, 4 and 8
+   virtual devices: contiguous vs round_robin vs balanced with 0 and with R = K replicas
+   (balancedness = mean / max device load).
 """
 
 from __future__ import annotations

@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from loadtest.benches import placement_sim
 from server.engine import LLM, SamplingParams
 from server.engine.native.placement.trace import RoutingRecorder
 from tests.conftest import RoutingCollector
 
 from .conftest import PROMPTS
-
-from loadtest.benches import placement_sim
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 

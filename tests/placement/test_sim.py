@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import pytest
 import torch
 
+from loadtest.benches import placement_sim
 from models.kernels.fused_moe import moe_loop
 from models.placement.executor import PlacedExperts, build_layer_state
 from models.placement.planner import place
 from server.engine.native.placement.trace import read_trace
-
-from loadtest.benches import placement_sim
 
 
 def test_synthetic_zipf_ranks_policies(tmp_path, capsys):

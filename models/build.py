@@ -24,7 +24,8 @@ from models.registry import family_for
 
 def resolve_dtype(name: str, checkpoint_dtype: str, device: torch.device) -> torch.dtype:
     """`auto`: the checkpoint's dtype on CUDA (bf16 if the GPU has it); on CPUs without native
-    bf16 compute, float32 (bf16 matmuls there are two orders of magnitude slower)."""
+    bf16 compute, float32 (bf16 matmuls are far slower there: docs/benchmarks.md, section "Numbers
+    behind code choices")."""
     name = canonical_dtype(name)
     if name != "auto":
         return getattr(torch, name)

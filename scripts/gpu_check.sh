@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check, in one call (< 5 minutes on an H200): the CUDA tests, the engine tests on
-# CUDA, then loadtest/bench_gpu.py. Logs and JSON go to $OUT (default ./gpu_check_out).
+# CUDA, then the GPU benchmark (python -m loadtest gpu). Logs and JSON go to $OUT (default ./gpu_check_out).
 #
 #   bash scripts/gpu_check.sh               # needs an NVIDIA GPU: stops at once without one
 #   GPU_CHECK_DRY_RUN=1 bash scripts/gpu_check.sh   # no GPU: the same steps on the CPU, toy sizes
@@ -43,14 +43,14 @@ timeout 120 $PY -m pytest -q -p no:cacheprovider -o addopts="" -m "not slow" \
 ENGINE_RC=${PIPESTATUS[0]}
 
 LEFT=$(( BUDGET - $(elapsed) - 15 ))
-echo "=== [$(elapsed)s] bench_gpu.py with ${LEFT}s"
+echo "=== [$(elapsed)s] python -m loadtest gpu with ${LEFT}s"
 if [ "$DRY" = "1" ]; then
   BENCH_ARGS=(--cpu-dry-run --layers 2 --batches 1,4 --eager-batches 1 --hf-batches 1 --moe-kernel-batches 1
               --prompt-len 16 --output-len 8)
 else
   BENCH_ARGS=()
 fi
-timeout $(( LEFT + 10 )) $PY loadtest/bench_gpu.py --time-budget "$LEFT" --json "$OUT/bench_gpu.json" \
+timeout $(( LEFT + 10 )) $PY -m loadtest gpu --time-budget "$LEFT" --json "$OUT/bench_gpu.json" \
   "${BENCH_ARGS[@]}" "$@" 2>&1 | tee "$OUT/bench_gpu.log" | grep -v "^USDT" | tail -60
 BENCH_RC=${PIPESTATUS[0]}
 

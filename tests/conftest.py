@@ -39,7 +39,7 @@ class RoutingCollector(list):
 
 def save_test_tokenizer(path: str | os.PathLike, vocab_size: int = 300) -> None:
     """A small byte-level BPE fast tokenizer (first 40 pydoc topics) with a chat template."""
-    from loadtest.bench_model import save_tokenizer
+    from loadtest.checkpoints import save_tokenizer
 
     save_tokenizer(path, vocab_size, num_texts=40,
                    chat_template=("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"

@@ -28,7 +28,7 @@ Own code also lets tests drive faults (client aborts mid-stream) with the same c
 Modules: `dists` (length distributions), `workload` (seeded prompts), `client` (one streamed
 request, timed), `runner` (profiles, bounds), `stats` (percentiles, goodput), `report` (JSON,
 markdown, PNG), `__main__` (CLI); for benchmarks and tests: `procs` (start/stop a server
-process), `sysinfo` (machine facts, CPU sampling), `compare_report` (compare_servers' report).
+process), `sysinfo` (machine facts, CPU sampling); `python -m loadtest serving` builds on them.
 
 Safety: the generator only ever talks to the one base URL it is given (default loopback),
 ignores proxy environment variables, and every run is bounded in requests and in time.

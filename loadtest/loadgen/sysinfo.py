@@ -13,16 +13,33 @@ from pathlib import Path
 from typing import Any
 
 _HZ = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+# the instruction-set flags that decide which CPU kernels run (models/kernels/csrc: AVX2 + FMA;
+# bf16 compute: avx512_bf16 / amx_bf16, see models.kernels.plan.cpu_has_native_bf16)
+KERNEL_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx_vnni",
+                "amx_tile", "amx_bf16", "amx_int8")
 
 
 def machine() -> dict[str, Any]:
-    info: dict[str, Any] = {"cores": os.cpu_count(), "arch": platform.machine(), "os": platform.platform(),
-                            "python": platform.python_version(), "cpu_model": None, "mem_gib": None}
+    """Cores (logical and physical), CPU model, the kernel-relevant CPU flags present, RAM, OS."""
+    info: dict[str, Any] = {"cores": os.cpu_count(), "physical_cores": None, "arch": platform.machine(),
+                            "os": platform.platform(), "python": platform.python_version(), "cpu_model": None,
+                            "cpu_flags": None, "mem_gib": None}
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu_model"] = line.split(":", 1)[1].strip()
-                break
+        cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+        physical = set()
+        phys_id = "0"
+        for line in cpuinfo:
+            key, _, value = (part.strip() for part in line.partition(":"))
+            if key == "model name" and info["cpu_model"] is None:
+                info["cpu_model"] = value
+            elif key == "flags" and info["cpu_flags"] is None:
+                present = set(value.split())
+                info["cpu_flags"] = [f for f in KERNEL_FLAGS if f in present]
+            elif key == "physical id":
+                phys_id = value
+            elif key == "core id":
+                physical.add((phys_id, value))
+        info["physical_cores"] = len(physical) or None
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemTotal:"):
                 info["mem_gib"] = round(int(line.split()[1]) / 2**20, 1)

@@ -15,7 +15,8 @@ Reproduce (repo root; ~9-12 minutes wall on a 2-core machine shared with other j
 The step count is fixed (``--steps``) so runs are reproducible; ``--max-minutes``
 is only a safety stop for the training loop (if it fires, TRAINING.md says so).
 The default is one torch thread: with other processes on the two cores, two
-OpenMP threads were measured 3-4x slower per step.  The corpus (and so the
+OpenMP threads were slower per step (docs/benchmarks.md, section "Numbers behind
+code choices").  The corpus (and so the
 result) depends on the Python version, and bitwise on the torch build and thread
 count; TRAINING.md and training_metrics.json record them.
 """
@@ -200,7 +201,7 @@ def main(argv=None) -> int:
     ap.add_argument("--vocab-size", type=int, default=4096, help="BPE vocab incl. specials (default: %(default)s)")
     ap.add_argument("--seed", type=int, default=0, help="RNG seed (default: %(default)s)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: %(default)s; on a shared"
-                    " 2-core box 2 threads were 3-4x slower than 1)")
+                    " 2-core box 2 threads were slower than 1: docs/benchmarks.md)")
     ap.add_argument("--max-minutes", type=float, default=12.5,
                     help="safety stop for the training loop only; stops early (recorded) if exceeded")
     args = ap.parse_args(argv)

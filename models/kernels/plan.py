@@ -15,7 +15,7 @@ The rules, per layer kind:
 - experts: plain SwiGLU experts run the Triton grouped GEMM on CUDA (`torch._grouped_mm` on
   Hopper without Triton), the C kernel on the CPU (float32, sizes multiples of its panel) up to
   `CPU_KERNEL_PAIRS_PER_EXPERT` token-expert pairs per expert and the per-expert loop above
-  (oneDNN's GEMMs are faster there: docs/benchmarks.md); family variants (biases, clamped
+  (oneDNN's GEMMs are faster there: docs/benchmarks.md, section "CPU kernels"); family variants (biases, clamped
   SwiGLU, input scaling) run the loop;
 - linear layers on the CPU (float32): the LM head, q/k/v, o and the loop's gate+up weights are
   kept in a packed copy (C panels, oneDNN's layout where the panels do not fit) while the copies
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 PACKED_BYTES_AUTO = 2**30  # "auto" packs CPU weights while the extra copies stay under this
 # the CPU experts kernel serves up to this many token-expert pairs per expert on average; the
-# loop above (measured on the benchmark CPU, H 512, I 1024, top-2 of 8: docs/benchmarks.md)
+# loop above (docs/benchmarks.md, section "CPU kernels": the benchmark CPU, H 512, I 1024, top-2 of 8)
 CPU_KERNEL_PAIRS_PER_EXPERT = 64
 PANEL = 16  # the C kernels' panel width (NR in csrc/panel_gemm.h)
 

@@ -162,7 +162,7 @@ SMEM_BUDGET = 200 * 1024  # bytes of shared memory a config may plan for (H100/H
 def tile_config(num_pairs: int, num_experts: int, device_type: str, elem_size: int = 2) -> dict:
     """Block sizes by rows per expert: 16-row tiles for decode (few rows per expert), taller
     tiles as the rows grow. These are the tiles measured on an H200 (docs/benchmarks.md);
-    `loadtest/bench_gpu.py --moe-sweep` times alternatives. float32 tiles are shrunk to fit
+    `python -m loadtest gpu --moe-sweep` times alternatives. float32 tiles are shrunk to fit
     shared memory (`fit_shared_memory`)."""
     rows = num_pairs / num_experts
     if device_type != "cuda":  # the interpreter (tests): small tiles, fast to emulate

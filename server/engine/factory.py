@@ -67,10 +67,8 @@ def server_reserved_cores(cores: int) -> int:
     """Cores a server leaves free of compute threads: one on machines with more than two
     physical cores (as vLLM's CPU backend reserves one), none on one or two. The server's other
     threads (event loop, tokenizer) are idle most of the time (unlike vLLM's busy-polling engine
-    core process), and on two cores a reserved core halves the compute: measured on the 2-core
-    benchmark machine (docs/benchmarks.md, "Compute threads of a server"), two compute threads
-    served 1.27x the output tokens/s of one at concurrency 16 and cut p50 TTFT at concurrency 1
-    by a quarter; with a CPU hog beside them, two still did 1.04x of one."""
+    core process), and on two cores a reserved core halves the compute. The measurements behind
+    this: docs/benchmarks.md, section "Compute threads of a server"."""
     return 1 if cores > SERVER_RESERVE_ABOVE_CORES else 0
 
 

@@ -203,7 +203,8 @@ class RoutingExposition:
 
     Written directly rather than through prometheus_client's generic formatter: these
     families hold layers x experts series (thousands for large models), and per-sample
-    formatting there costs ~10 us/sample on the event loop. Label prefixes are built once.
+    formatting there is slow on the event loop (docs/benchmarks.md, section "Numbers behind code
+    choices"). Label prefixes are built once.
     """
 
     def __init__(self, tracker: ExpertLoadTracker, model_name: str) -> None:

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from models.generate import greedy_generate
+from tests.models.simple_runner import greedy_generate
 from models.registry import TINY_CONFIGS
 from models.layers.attention_variants import AttentionVariant
 from server.config import EngineConfig

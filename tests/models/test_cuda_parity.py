@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from models import load_model
-from models.generate import greedy_generate, prefill_logits
+from tests.models.simple_runner import greedy_generate, prefill_logits
 from models.layers.moe import RoutingCapture
 from tests.models.conftest import FAMILIES
 from tests.models.test_parity import PROMPTS

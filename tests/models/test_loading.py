@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from models import UnsupportedModelError, load_model
 from models.hf_config import load_config
-from models.generate import prefill_logits
+from tests.models.simple_runner import prefill_logits
 from models.layers.moe import RoutingCapture
 from models.loader import CheckpointError
 from tests.models.conftest import make_checkpoint

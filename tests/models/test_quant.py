@@ -12,7 +12,7 @@ from transformers.integrations.mxfp4 import FP4_VALUES, convert_moe_packed_tenso
 
 import models.loader as loader
 from models import UnsupportedModelError, load_model
-from models.generate import prefill_logits
+from tests.models.simple_runner import prefill_logits
 from tests.models.conftest import make_checkpoint
 from tests.models.test_parity import PROMPTS, hf_padded_logits
 

@@ -18,7 +18,7 @@ def tiny_model(tiny_mixtral):
 @pytest.fixture(scope="module")
 def reference(tiny_model):
     """Single-device logits and greedy continuations of PROMPTS."""
-    from models.generate import greedy_generate, prefill_logits
+    from tests.models.simple_runner import greedy_generate, prefill_logits
 
     for block in tiny_model.moe_blocks():
         block.executor = None

@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from loadtest.benches import placement_sim
 from server.engine import LLM, SamplingParams
 from server.engine.native.placement.trace import RoutingRecorder
 from tests.conftest import RoutingCollector
 
 from .conftest import PROMPTS
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "loadtest"))
-import placement_sim
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 
@@ -58,7 +54,7 @@ def test_online_rebalancing_keeps_greedy_tokens(tiny_mixtral, baseline, tmp_path
     assert len(steps) == mgr.steps == len(seen)
     assert all(np.array_equal(s["expert_tokens"], r.expert_tokens) for s, r in zip(steps, seen))
     # ... and it replays through the simulator, which accounts for every pair
-    results = placement_sim.main(["--trace", str(trace), "--devices", "2", "--redundant", "2", "--no-progress"])
+    _, results = placement_sim.simulate(["--trace", str(trace), "--devices", "2", "--redundant", "2", "--no-progress"])
     total = int(sum(np.sum(s["expert_tokens"]) for s in steps))
     assert [r.policy for r in results] == ["contiguous", "round_robin", "balanced", "balanced+2"]
     assert all(r.total_pairs == total for r in results)

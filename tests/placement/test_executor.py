@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.generate import greedy_generate, prefill_logits
+from tests.models.simple_runner import greedy_generate, prefill_logits
 from models.kernels.fused_moe import moe_loop
 from models.placement.executor import build_layer_state, run_layer, torch_device
 from server.engine.native.placement.manager import NEVER_FETCH, PlacementManager, budget_slots

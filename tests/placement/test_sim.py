@@ -2,26 +2,21 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
+from loadtest.benches import placement_sim
 from models.kernels.fused_moe import moe_loop
 from models.placement.executor import PlacedExperts, build_layer_state
 from models.placement.planner import place
 from server.engine.native.placement.trace import read_trace
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "loadtest"))
-import placement_sim
-
 
 def test_synthetic_zipf_ranks_policies(tmp_path, capsys):
     out = tmp_path / "syn.jsonl"
-    results = placement_sim.main(["--synthetic", "zipf:1.2", "--devices", "4", "--experts", "16", "--layers", "3",
-                                  "--steps", "30", "--tokens", "64", "--save-trace", str(out), "--no-progress"])
+    _, results = placement_sim.simulate(["--synthetic", "zipf:1.2", "--devices", "4", "--experts", "16",
+                                         "--layers", "3", "--steps", "30", "--tokens", "64", "--save-trace", str(out), "--no-progress"])
     by = {r.policy: r for r in results}
     assert set(by) == {"contiguous", "round_robin", "balanced", "balanced+4"}
     assert by["balanced"].balancedness_total >= max(by["contiguous"].balancedness_total,
@@ -33,14 +28,14 @@ def test_synthetic_zipf_ranks_policies(tmp_path, capsys):
     assert "| policy | balancedness (per step)" in table and "| balanced+4 |" in table
     header, _ = read_trace(str(out))  # the saved synthetic trace replays identically
     assert (header.num_layers, header.num_experts, header.top_k) == (3, 16, 2)
-    again = placement_sim.main(["--trace", str(out), "--devices", "4", "--no-progress"])
+    _, again = placement_sim.simulate(["--trace", str(out), "--devices", "4", "--no-progress"])
     assert [r.balancedness_step for r in again] == pytest.approx([r.balancedness_step for r in results])
 
 
 def test_online_mode_with_drift_reports_moves():
-    results = placement_sim.main(["--synthetic", "zipf:1.5", "--devices", "2", "--experts", "8", "--layers", "2",
-                                  "--steps", "40", "--tokens", "32", "--drift", "10", "--rebalance-interval", "5",
-                                  "--no-progress"])
+    _, results = placement_sim.simulate(["--synthetic", "zipf:1.5", "--devices", "2", "--experts", "8",
+                                         "--layers", "2", "--steps", "40", "--tokens", "32", "--drift", "10",
+                                         "--rebalance-interval", "5", "--no-progress"])
     assert results[2].rebalances >= 1 and results[2].moved > 0
 
 
@@ -65,4 +60,4 @@ def test_simulated_device_loads_match_the_executor():
 
 def test_bad_synthetic_spec():
     with pytest.raises(ValueError, match="unknown synthetic"):
-        placement_sim.main(["--synthetic", "pareto:2", "--no-progress"])
+        placement_sim.simulate(["--synthetic", "pareto:2", "--no-progress"])

@@ -8,7 +8,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoTokenizer
 
 from models import load_model
-from models.generate import greedy_generate, prefill_logits
+from tests.models.simple_runner import greedy_generate, prefill_logits
 from models.layers.moe import RoutingCapture
 from server.config import BUNDLED_MODEL
 

@@ -205,9 +205,9 @@ class Sampler:
     def _race(self, y: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
         """Exponential race: argmax(probs / q), q ~ Exp(1), is a draw from softmax(y) [n, vocab].
 
-        q = -log(u), u ~ U[0, 1): 3-4x cheaper than `exponential_` on CPU, same on GPU. u < 1
-        always, so q > 0 and no 0/0 = NaN can make a zero-probability token win; u == 0 gives
-        q = inf, i.e. that token scores 0.
+        q = -log(u), u ~ U[0, 1): cheaper than `exponential_` on CPU (docs/benchmarks.md, section
+        "Numbers behind code choices"). u < 1 always, so q > 0 and no 0/0 = NaN can make a
+        zero-probability token win; u == 0 gives q = inf, i.e. that token scores 0.
         """
         n = y.shape[0]
         probs = y.softmax(dim=-1)  # [n, vocab]

@@ -195,7 +195,7 @@ def test_model_uses_the_cpu_kernel_and_matches_the_loop(family_checkpoint):
     batch sizes); its logits match the loop's (the parity tests compare the plan's default path
     with transformers). Prefill here runs 9 tokens x 2 of 8 experts: the kernel's range."""
     from models import load_model
-    from models.generate import prefill_logits
+    from tests.models.simple_runner import prefill_logits
     from models.kernels.flags import KernelFlags
     from models.kernels.plan import MoEKernel
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from models import load_model
-from models.generate import prefill_logits
+from tests.models.simple_runner import prefill_logits
 from models.kernels import cpu_ops
 from models.kernels.flags import KernelFlags
 from models.kernels.packed import PackedWeight, packed_linear

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from models import load_model
-from models.generate import prefill_logits
+from tests.models.simple_runner import prefill_logits
 from models.kernels.flags import KernelFlags
 from models.layers.norm import RMSNorm
 from models.layers.rotary import RotaryEmbedding, apply_rotary
@@ -72,7 +72,7 @@ def test_rope_write_kv(device, qk_norm, dtype):
 def test_model_with_all_triton_kernels_matches_reference_paths(family, family_checkpoint, device):
     """Prefill + one decode step through every Triton kernel (fused norms, rotary + KV store,
     paged decode, fused MoE) against the PyTorch reference paths, same weights, float32."""
-    from models.generate import SimpleRunner
+    from tests.models.simple_runner import SimpleRunner
 
     path, _ = family_checkpoint(family)
     prompts = [[5, 9, 23, 7, 81, 3], [11, 2, 40]]

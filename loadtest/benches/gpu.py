@@ -1,11 +1,11 @@
-"""GPU decode benchmark of the native engine (bf16), with transformers side by side.
+"""GPU decode of the native engine (bf16): tok/s, MBU, CUDA graphs vs eager, transformers, the MoE kernels.
 
-    python loadtest/bench_gpu.py [--models mixtral-8x7b,qwen3-30b-a3b] [--layers 8]
+    python -m loadtest gpu [--models mixtral-8x7b,qwen3-30b-a3b] [--layers 8]
         [--batches 1,4,16,64,256] [--prompt-len 128] [--output-len 64] [--hf-batches 1,64]
-        [--no-expert-tier] [--time-budget 300] [--json out.json]
+        [--no-expert-tier] [--time-budget 300] [--json out.json] [--cpu-dry-run]
 
 Random-weight models with the real per-layer shapes of Mixtral-8x7B and Qwen3-30B-A3B, cut
-to --layers layers, built in GPU memory (loadtest/gpu_models.py). For each: decode output
+to --layers layers, built in GPU memory (loadtest/benches/gpu_models.py). For each: decode output
 tok/s of the engine (EngineCore: scheduler, runner with CUDA graphs, sampler, detokenizer)
 at each batch size, the bytes each decode step must read (dense weights + the distinct
 experts its tokens were routed to + KV), and memory-bandwidth utilisation (MBU) against the
@@ -13,8 +13,10 @@ device's peak (--peak-gbps, default the H200's 4800 GB/s; a device-to-device cop
 too); the same engine with --enforce-eager; transformers `generate` at --hf-batches; the MoE
 kernels one against the other; a torch.profiler breakdown at batch 1; and the CPU expert
 tier (--gpu-expert-budget at half the experts). Sections that would overrun --time-budget
-are skipped and say so. Writes one JSON and prints markdown tables. `--cpu-dry-run` runs
-every section on the CPU at toy sizes (float32), to check the script without a GPU.
+are skipped and say so. Timings by loadtest/harness.py (CUDA events and synchronization). Writes
+one JSON result (after each model shape, so a run cut short keeps what it measured) and prints
+its docs block. `--cpu-dry-run` runs every section on the CPU at toy sizes (float32), to check
+the benchmark without a GPU (scripts/gpu_check.sh with GPU_CHECK_DRY_RUN=1).
 """
 
 from __future__ import annotations
@@ -23,18 +25,17 @@ import argparse
 import gc
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-sys.path.insert(0, str(HERE))
+from loadtest import output, results
+from loadtest.benches.gpu_models import (ByteModel, copy_bandwidth, decode_run, hf_config, median_ms, random_model,
+                                         report_blocks)
+from loadtest.harness import Clock
 
-from gpu_models import (ByteModel, copy_bandwidth, decode_run, hf_config, median_ms,  # noqa: E402
-                        random_model, report)
+HEADING = "## GPU: native engine decode, bf16"
 
 T0 = time.monotonic()
 
@@ -43,19 +44,14 @@ def log(msg: str) -> None:
     print(f"[bench_gpu {time.monotonic() - T0:6.1f}s] {msg}", flush=True)
 
 
-def sync(args) -> None:
-    if args.device == "cuda":
-        torch.cuda.synchronize()
-
-
 def left(args) -> float:
     return args.time_budget - (time.monotonic() - T0)
 
 
 def moe_kernels(shape: str, batches: list[int], args) -> list[dict]:
     """One MoE layer's experts: each backend's median time, and its error against the reference."""
-    from models.kernels import grouped_mm_available
     from models.kernels.fused_moe import fused_experts
+    from models.kernels.plan import Capabilities
 
     dev, dtype = args.device, args.dtype
     _, hf = hf_config(shape, 1, dtype, args.cpu_dry_run)
@@ -67,7 +63,8 @@ def moe_kernels(shape: str, batches: list[int], args) -> list[dict]:
     w13 = torch.randn(E, 2 * inter, H, device=dev, dtype=dtype, generator=g) * 0.02
     w2 = torch.randn(E, H, inter, device=dev, dtype=dtype, generator=g) * 0.02
     rows = []
-    backends = ["triton", "reference"] + (["grouped_mm"] if grouped_mm_available(w13.device, w13.dtype) else [])
+    grouped = Capabilities.detect(w13.device, w13.dtype).grouped_mm if dev == "cuda" else False
+    backends = ["triton", "reference"] + (["grouped_mm"] if grouped else [])
     if dev == "cpu":
         backends = ["loop", "reference"]
     for T in batches:
@@ -111,12 +108,15 @@ def moe_kernels(shape: str, batches: list[int], args) -> list[dict]:
 
 
 def make_core(model, tokenizer, max_batch: int, max_len: int, eager: bool, block_size: int = 16, placement=None):
+    """An EngineCore over `model`, its kernel plan resolved afresh and finished for the engine as
+    server/engine/factory.py does (CUDA graphs unless `eager` or experts are placed)."""
     from server.engine.native.core import EngineCore
 
+    model.apply_plan(model.plan_kernels().for_engine(
+        placed=placement is not None and placement.executor is not None, enforce_eager=eager))
     blocks = max_batch * -(-max_len // block_size) + 16
     return EngineCore(model, tokenizer, num_blocks=blocks, block_size=block_size, max_model_len=max_len,
-                      max_num_seqs=max_batch, max_num_batched_tokens=4096, enforce_eager=eager, seed=0,
-                      placement=placement)
+                      max_num_seqs=max_batch, max_num_batched_tokens=4096, seed=0, placement=placement)
 
 
 def profile_batch1(core, args) -> dict:
@@ -146,7 +146,7 @@ def bench_shape(shape: str, args, tokenizer, peak: float, out: dict) -> None:
     bm = ByteModel.of(model)
     res["params_B"] = round(sum(p.numel() for p in model.parameters()) / 1e9, 2)
     res["bytes"] = {"dense": bm.dense, "expert": bm.expert, "kv_per_token": bm.kv_per_token}
-    res["kernels"] = model.kernel_backends()
+    res["kernels"] = model.kernel_plan.to_dict()
     max_len = args.prompt_len + args.output_len + 16
     state: dict = {}
 
@@ -154,7 +154,7 @@ def bench_shape(shape: str, args, tokenizer, peak: float, out: dict) -> None:
         t = time.monotonic()
         state["core"] = core = make_core(model, tokenizer, max(args.batches), max_len, eager=False)
         res["startup_seconds_with_graph_capture"] = round(time.monotonic() - t, 1)
-        log(f"{shape}: {res['params_B']}B params, kernels {res['kernels']}, engine ready in "
+        log(f"{shape}: {res['params_B']}B params, kernels\n{model.kernel_plan.table()}\nengine ready in "
             f"{res['startup_seconds_with_graph_capture']}s")
         decode_run(core, 2, 16, 4, bm, seed=1)  # warm-up: prefill-shaped kernels compile here
         for B in args.batches:
@@ -261,11 +261,9 @@ def bench_transformers(shape: str, args) -> list[dict]:
             ref.generate(ids[:, :8], max_new_tokens=2, **{**kw, "attention_mask": torch.ones_like(ids[:, :8])})
             times = {}
             for m in (1, n):
-                sync(args)
-                t = time.perf_counter()
-                ref.generate(ids, max_new_tokens=m, min_new_tokens=m, **kw)
-                sync(args)
-                times[m] = time.perf_counter() - t
+                with Clock(args.device) as clock:
+                    ref.generate(ids, max_new_tokens=m, min_new_tokens=m, **kw)
+                times[m] = clock.wall
         tps = B * (n - 1) / (times[n] - times[1])
         rows.append({"batch": B, "decode_tokens": n - 1, "output_tok_per_s": round(tps, 1),
                      "ms_per_step": round((times[n] - times[1]) / (n - 1) * 1e3, 2)})
@@ -277,8 +275,9 @@ def bench_transformers(shape: str, args) -> list[dict]:
     return rows
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m loadtest gpu", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="mixtral-8x7b,qwen3-30b-a3b")
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--batches", default="1,4,16,64,256")
@@ -293,24 +292,25 @@ def main() -> None:
     ap.add_argument("--moe-sweep", action="store_true", help="also time other Triton MoE tile shapes")
     ap.add_argument("--expert-tier-shape", default="qwen3-30b-a3b")
     ap.add_argument("--time-budget", type=float, default=300.0, help="seconds; later sections are skipped past it")
-    ap.add_argument("--json", default="bench_gpu.json")
-    ap.add_argument("--cpu-dry-run", action="store_true", help="toy sizes on the CPU: checks the script only")
-    args = ap.parse_args()
+    ap.add_argument("--cpu-dry-run", action="store_true", help="toy sizes on the CPU: checks the benchmark only")
+    output.add_args(ap)
+    args = ap.parse_args(argv)
     args.device, args.dtype = ("cpu", torch.float32) if args.cpu_dry_run else ("cuda", torch.bfloat16)
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     args.batches, args.eager_batches, args.hf_batches = ints(args.batches), ints(args.eager_batches), ints(args.hf_batches)
     if not torch.cuda.is_available() and not args.cpu_dry_run:
-        raise SystemExit("bench_gpu.py needs a CUDA GPU (torch.cuda.is_available() is False)")
-    import transformers
-
-    from bench_model import save_tokenizer
+        raise SystemExit("python -m loadtest gpu needs a CUDA GPU (torch.cuda.is_available() is False)")
     from transformers import AutoTokenizer
 
-    out = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-           "device": torch.cuda.get_device_name() if args.device == "cuda" else f"cpu dry run ({platform.machine()})",
-           "command": " ".join(sys.argv), "torch": torch.__version__, "transformers_version": transformers.__version__,
-           "python": platform.python_version(), "args": {k: str(v) if isinstance(v, torch.dtype) else v for k, v in vars(args).items()}, "peak_GBps": args.peak_gbps, "engines": [],
-           "transformers": {}}
+    from loadtest.checkpoints import save_tokenizer
+
+    result = results.new_result("gpu", argv, {k: str(v) if isinstance(v, torch.dtype) else v
+                                              for k, v in vars(args).items()},
+                                heading=HEADING, section="gpu-dry-run" if args.cpu_dry_run else "gpu",
+                                packages=("triton",))
+    out = result["measurements"] = {
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else f"cpu dry run ({platform.machine()})",
+        "peak_GBps": args.peak_gbps, "engines": [], "transformers": {}}
     out["copy_GBps"] = round(copy_bandwidth() / 1e9, 1) if args.device == "cuda" else None
     log(f"{out['device']}: copy {out['copy_GBps']} GB/s")
     tok_dir = Path("/tmp/moe-serve-bench-tokenizer")
@@ -318,14 +318,10 @@ def main() -> None:
         save_tokenizer(tok_dir, 32000)
     tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
     peak = args.peak_gbps * 1e9
-    path = Path(args.json)
     for shape in args.models.split(","):
         bench_shape(shape, args, tokenizer, peak, out)
-        path.write_text(json.dumps(out, indent=1))
+        result["summary"]["blocks"] = report_blocks(out)
+        results.write(result, args.json)  # what is measured so far survives a run cut short
     out["seconds"] = round(time.monotonic() - T0, 1)
-    path.write_text(json.dumps(out, indent=1))
-    print(report(out))
-
-
-if __name__ == "__main__":
-    main()
+    output.finish(result, args)
+    return result

@@ -1,7 +1,7 @@
-"""Random-weight models built in device memory, a decode-throughput harness over EngineCore,
-and bench_gpu.py's timing helpers and report.
+"""Random-weight models built in device memory, decode runs over EngineCore timed step by step,
+and the report blocks of `python -m loadtest gpu`.
 
-For loadtest/bench_gpu.py: the shapes of Mixtral-8x7B and Qwen3-30B-A3B cut to a few layers
+For loadtest/benches/gpu.py: the shapes of Mixtral-8x7B and Qwen3-30B-A3B cut to a few layers
 (every per-layer shape real), initialised on the device (no checkpoint on disk: 24 GB of
 safetensors would take longer to write than the benchmark runs). The harness times each
 engine step and, per decode step, counts the bytes it must read (dense weights, the distinct
@@ -11,12 +11,13 @@ experts its tokens were routed to, the KV cache), for memory-bandwidth utilisati
 from __future__ import annotations
 
 import random
-import time
 from dataclasses import dataclass, field
 
 import torch
 import transformers
 
+from loadtest import results
+from loadtest.harness import Clock, interleave
 from models.hf_config import from_hf_config
 from models.kernels.plan import resolve_plan
 from models.model import MoEForCausalLM
@@ -134,11 +135,10 @@ def decode_run(core, batch: int, prompt_len: int, output_len: int, bytes_model: 
     cuda = core.runner.device.type == "cuda"
 
     def execute(b):  # records references only: the counting happens after the timed loop
-        t0 = time.perf_counter()
-        out = orig(b)
-        if cuda:  # the sampler syncs right after anyway; this splits the step into GPU and the rest
-            torch.cuda.synchronize()
-        seen["exec"] = time.perf_counter() - t0
+        # synchronized after (the sampler syncs right after anyway): splits the step into GPU and the rest
+        with Clock(core.runner.device if cuda else None, cpu=False) as clock:
+            out = orig(b)
+        seen["exec"] = clock.wall
         seen["decode"] = all(it.num_new == 1 for it in b.scheduled)
         seen["n"] = len(b.scheduled)
         seen["ctx"] = sum(it.seq.num_computed + 1 for it in b.scheduled)
@@ -149,9 +149,9 @@ def decode_run(core, batch: int, prompt_len: int, output_len: int, bytes_model: 
     pending = []
     try:
         while core.has_unfinished():
-            t0 = time.perf_counter()
-            core.step()  # ends in the sampler's read of the tokens: the step's GPU work is done
-            dt = time.perf_counter() - t0
+            with Clock(cpu=False) as clock:
+                core.step()  # ends in the sampler's read of the tokens: the step's GPU work is done
+            dt = clock.wall
             if seen.get("decode") and seen["n"] == batch:  # full-batch decode steps only
                 run.step_seconds.append(dt)
                 run.buckets.append(seen["bucket"])
@@ -174,52 +174,53 @@ def decode_run(core, batch: int, prompt_len: int, output_len: int, bytes_model: 
 
 
 def copy_bandwidth() -> float:
-    """Device-to-device copy, bytes read + written per second (median of 10)."""
-    x = torch.empty(2**30, dtype=torch.uint8, device="cuda").random_(0, 255)  # 1 GiB
+    """Device-to-device copy of 1 GiB, bytes read + written per second (median of 10, GPU time)."""
+    x = torch.empty(2**30, dtype=torch.uint8, device="cuda").random_(0, 255)
     y = torch.empty_like(x)
-    times = []
-    for _ in range(12):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        y.copy_(x)
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    return 2 * x.numel() / sorted(times[2:])[len(times[2:]) // 2]
+    t = interleave({"copy": lambda: y.copy_(x)}, rounds=10, warmup=2, device="cuda")["copy"].summary()
+    return 2 * x.numel() / t["gpu_median_s"]
 
 
 def median_ms(fn, dev: str) -> float:
-    if dev == "cuda":
-        from triton.testing import do_bench
-
-        return do_bench(fn, warmup=5, rep=30, return_mode="median")
-    times = []
-    for _ in range(3):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1e3)
-    return sorted(times)[1]
+    """The median time of `fn` in ms: GPU time between CUDA events on CUDA (30 samples after 5
+    warm-up calls), wall time on the CPU (3 samples after one)."""
+    cuda = dev == "cuda"
+    t = interleave({"fn": fn}, rounds=30 if cuda else 3, warmup=5 if cuda else 1, device=dev)["fn"].summary()
+    return t["gpu_median_s" if cuda else "wall_median_s"] * 1e3
 
 
-def report(out: dict) -> str:
-    lines = [f"device: {out['device']}; copy bandwidth {out['copy_GBps']} GB/s (read + write); MBU against "
-             f"{out['peak_GBps']} GB/s", ""]
+def report_blocks(out: dict) -> list[dict]:
+    """The docs blocks of a run: per model shape, the decode table; then the MoE kernels."""
+    col = results.column
+    blocks = [results.text(f"Device: {out['device']}; copy bandwidth {out['copy_GBps']} GB/s (read + write); MBU "
+                           f"against {out['peak_GBps']} GB/s. Random-weight models with the real per-layer shapes, "
+                           "cut to a few layers; `batch` requests of random prompt tokens, greedy, `ignore_eos`, "
+                           "through `EngineCore` (scheduler, runner with CUDA graphs, sampler, detokenizer); tok/s "
+                           "over the decode steps that ran the full batch.")]
     for r in out["engines"]:
-        lines += [f"### {r['shape']} ({r['layers']} layers, {r['params_B']}B parameters)", "",
-                  "| batch | output tok/s | ms/step | execute ms | rest ms | GB/step | MBU | eager tok/s "
-                  "| transformers tok/s |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         eager = {e["batch"]: e for e in r.get("eager", [])}
         hf = {h["batch"]: h for h in out.get("transformers", {}).get(r["shape"], []) if "output_tok_per_s" in h}
-        for s in r["graphs"]:
-            B = s["batch"]
-            lines.append(f"| {B} | {s['output_tok_per_s']} | {s['ms_per_step']} | {s['execute_ms_per_step']} | "
-                         f"{s['rest_of_step_ms']} | {s['bytes_per_step'] / 1e9:.2f} | "
-                         f"{s['mbu'] * 100:.1f}% | {eager.get(B, {}).get('output_tok_per_s', '')} | "
-                         f"{hf.get(B, {}).get('output_tok_per_s', '')} |")
-        lines.append("")
+        rows = [[s["batch"], s["output_tok_per_s"], s["ms_per_step"], s["execute_ms_per_step"], s["rest_of_step_ms"],
+                 s["bytes_per_step"] / 1e9, None if s["mbu"] is None else s["mbu"] * 100,
+                 eager.get(s["batch"], {}).get("output_tok_per_s"), hf.get(s["batch"], {}).get("output_tok_per_s")]
+                for s in r["graphs"]]
+        blocks.append(results.table(
+            f"**{r['shape']}** ({r['layers']} layers, {r['params_B']}B parameters)",
+            [col("batch", "d"), col("output tok/s", ",.1f"), col("ms/step", ".2f"), col("execute ms", ".2f"),
+             col("rest ms", ".2f"), col("GB/step", ".2f"), col("MBU %", ".1f"), col("eager tok/s", ",.1f"),
+             col("transformers tok/s", ",.1f")], rows))
+        if r.get("skipped"):
+            blocks.append(results.text("Skipped: " + "; ".join(r["skipped"]) + "."))
     if out.get("moe_kernels"):
-        lines += ["| MoE layer | tokens | backend | ms | GB/s of experts | rel. err |", "|---|---:|---|---:|---:|---:|"]
-        for m in out["moe_kernels"]:
-            lines.append(f"| {m['shape']} | {m['tokens']} | {m['backend']} | {m.get('ms', m.get('error'))} | "
-                         f"{m.get('experts_GBps', '')} | {m.get('rel_err_vs_reference', '')} |")
-    return "\n".join(lines)
+        blocks.append(results.table(
+            "**MoE layer alone** (one layer's experts, random routing; median; error = relative L2 against the "
+            "reference):",
+            [col("MoE layer"), col("tokens", "d"), col("backend"), col("ms", ".4f"), col("GB/s of experts", ".1f"),
+             col("rel. err", ".5f")],
+            [[m["shape"], m["tokens"], m["backend"], m.get("ms"), m.get("experts_GBps"),
+              m.get("rel_err_vs_reference")] if "ms" in m else
+             [m["shape"], m["tokens"], m["backend"], None, None, m.get("error")] for m in out["moe_kernels"]]))
+    if out.get("errors"):
+        blocks.append(results.text("Errors: " + "; ".join(out["errors"])))
+    blocks.append({"kind": "note"})
+    return blocks

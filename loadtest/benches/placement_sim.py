@@ -1,7 +1,7 @@
-"""Expert-placement simulator: replay routing counts on K virtual devices, compare policies.
+"""Expert-placement simulator: replay routing counts on K virtual devices and compare placement policies.
 
-    python loadtest/placement_sim.py --trace routing.jsonl --devices 4
-    python loadtest/placement_sim.py --synthetic zipf:1.2 --devices 8 --experts 64 --layers 8 \
+    python -m loadtest placement-sim --trace routing.jsonl --devices 4
+    python -m loadtest placement-sim --synthetic zipf:1.2 --devices 8 --experts 64 --layers 8 \
         --redundant 8 --model path/to/Mixtral-8x7B   # expert bytes and hidden size from its config
 
 Input: a routing trace written by `moe-serve --record-routing PATH` (server/engine/native/placement/trace.py
@@ -22,26 +22,27 @@ Plans are made on the whole trace's loads (an oracle) unless `--rebalance-interv
 then balanced policies start from no statistics and re-plan every N steps on the last window,
 as the server does. A replicated expert's pairs are split evenly over its replicas (the
 executor gives each floor or ceil of that, the extra pair rotating with the batch), so device
-loads here are expectations. Prints a markdown table.
+loads here are expectations. Prints a markdown table and writes a JSON result (a simulation:
+no timing).
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
+import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from server.engine.native.placement.manager import MIN_GAIN
+from loadtest import output, results
 from models.placement.plan import Placement
 from models.placement.planner import default_capacity, place
+from server.engine.native.placement.manager import MIN_GAIN
 from server.engine.native.placement.trace import RoutingRecorder, TraceHeader, read_trace
+
+HEADING = "## Placement simulator"
 
 
 # -- traces ---------------------------------------------------------------------------------------
@@ -165,12 +166,12 @@ def _fmt_bytes(n: float) -> str:
     return str(n)
 
 
-def table(results: list[Result], interval: int) -> str:
+def table(results_: list[Result], interval: int) -> str:
     head = ("| policy | balancedness (per step) | balancedness (trace total) | replicas | "
             "expert memory / device | cross-device pairs | traffic |" + (" moved / rebalances |" if interval else ""))
     sep = "|" + "---|" * (7 + (1 if interval else 0))
     rows = [head, sep]
-    for r in results:
+    for r in results_:
         share = r.cross_pairs / r.total_pairs if r.total_pairs else 0.0
         row = (f"| {r.policy} | {r.balancedness_step:.3f} | {r.balancedness_total:.3f} | {r.replicas} | "
                f"{_fmt_bytes(r.max_expert_bytes)} | {share:.1%} | {_fmt_bytes(r.traffic_bytes)} |")
@@ -189,8 +190,9 @@ def _model_sizes(path: str) -> tuple[int, int]:
     return 3 * cfg.hidden_size * cfg.moe_intermediate_size * wbytes, cfg.hidden_size
 
 
-def main(argv: list[str] | None = None) -> list[Result]:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m loadtest placement-sim", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--trace", help="routing trace (JSON lines) from --record-routing")
     src.add_argument("--synthetic", help="zipf:S or uniform")
@@ -213,6 +215,12 @@ def main(argv: list[str] | None = None) -> list[Result]:
     ap.add_argument("--hidden-size", type=int, default=None)
     ap.add_argument("--act-bytes", type=int, default=2, help="bytes per activation value on the wire")
     ap.add_argument("--no-progress", action="store_true")
+    return ap
+
+
+def simulate(argv: list[str] | None = None) -> tuple[str, list[Result]]:
+    """Parse the flags, replay, print the table; returns (the table's caption, the results)."""
+    ap = parser()
     args = ap.parse_args(argv)
     if args.devices < 1:
         ap.error("--devices must be >= 1")
@@ -255,18 +263,33 @@ def main(argv: list[str] | None = None) -> list[Result]:
     runs = [("contiguous", "contiguous", 0), ("round_robin", "round_robin", 0), ("balanced", "balanced", 0)]
     if R:
         runs.append((f"balanced+{R}", "balanced", R))
-    results = []
+    out = []
     for name, policy, red in runs:
         cap = [args.capacity] * K if args.capacity else default_capacity(experts, red, K)
-        results.append(evaluate(name, policy, red, steps, num_steps, devices, cap, oracle, args.rebalance_interval,
+        out.append(evaluate(name, policy, red, steps, num_steps, devices, cap, oracle, args.rebalance_interval,
                                 expert_bytes, hidden, args.act_bytes, progress, args.min_gain))
     mode = (f"online, re-planned every {args.rebalance_interval} steps on the last window"
             if args.rebalance_interval else "plans from the whole trace's loads")
-    print(f"{K} devices, {experts} experts, {'trace ' + args.trace if args.trace else args.synthetic}; {mode}; "
-          f"expert {_fmt_bytes(expert_bytes)}, hidden {hidden}\n")
-    print(table(results, args.rebalance_interval))
-    return results
+    caption = (f"{K} devices, {experts} experts, {'trace ' + args.trace if args.trace else args.synthetic}; {mode}; "
+               f"expert {_fmt_bytes(expert_bytes)}, hidden {hidden}")
+    print(caption + "\n")
+    print(table(out, args.rebalance_interval))
+    return caption, out
 
 
-if __name__ == "__main__":
-    main()
+def main(argv: list[str] | None = None) -> dict:
+    ap = parser()
+    output.add_args(ap)
+    args = ap.parse_args(argv)
+    sim_argv = [a for a in (argv or []) if a not in ("--doc",)]
+    for flag in ("--json", "--note"):  # the result's own flags are not the simulator's
+        if flag in sim_argv:
+            i = sim_argv.index(flag)
+            del sim_argv[i:i + 2]
+    caption, res = simulate(sim_argv)
+    result = results.new_result("placement-sim", argv, vars(args), heading=HEADING)
+    result["measurements"] = {"caption": caption, "results": [dataclasses.asdict(r) for r in res]}
+    result["summary"]["blocks"] = [results.text(caption), results.text(table(res, args.rebalance_interval)),
+                                   {"kind": "note"}]
+    output.finish(result, args)
+    return result

@@ -1,6 +1,6 @@
 """A minimal batch runner over the paged KV cache, without a scheduler.
 
-For tests, micro-benchmarks and offline checks: prefill a batch of prompts, then decode
+For the tests: prefill a batch of prompts, then decode
 greedily, with each sequence given its own contiguous run of blocks. The serving engine
 (`server/engine/native`) does the real scheduling.
 """

@@ -1,15 +1,15 @@
-"""xgrammar vs llguidance: per-token mask cost (and compile cost) at 32k and 150k vocabularies.
+"""Grammar backends: xgrammar vs llguidance, per-token mask cost and compile cost at 32k and 150k vocabularies.
 
 Both libraries drive the same token sequences: valid instances of loadtest/schemas.py's
 RECORD_SCHEMA tokenized by each tokenizer, one mask fill and one accepted token per step, the
 stop token last. Measured side by side in one process, the two libraries alternating per
-round (the machine is shared: only ratios within one run mean something).
+round (loadtest/harness.py; the machine is shared: only ratios within one run mean something).
 
 Tokenizers (byte-level BPE, cached under ~/.cache/moe-serve/bench/):
 - `32k`, `150k`: trained on the standard library's sources (minutes each, the first time);
 - `tekken`: Mistral's Tekken (131k), when the `mistral-common` package (which ships it) is installed.
 
-    python loadtest/bench_grammar_backends.py --vocabs 32k,150k --rounds 3 --json /tmp/grammar.json
+    python -m loadtest grammar-backends [--vocabs 32k,150k] [--rounds 3]
 
 Needs both libraries: `pip install xgrammar llguidance` (moe-serve depends on xgrammar only).
 """
@@ -21,15 +21,15 @@ import glob
 import json
 import os
 import statistics
-import sys
 import sysconfig
-import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from loadtest import output, results
+from loadtest.checkpoints import CACHE
+from loadtest.harness import Clock, interleave
+from loadtest.schemas import RECORD_SCHEMA, record_instances
 
-from loadtest.bench_model import CACHE  # noqa: E402
-from loadtest.schemas import RECORD_SCHEMA, record_instances  # noqa: E402
+HEADING = "### Grammar backend: xgrammar vs llguidance (per-token mask cost)"
 
 
 def tokenizer_path(name: str) -> str:
@@ -81,10 +81,10 @@ class XGrammar:
         import xgrammar as xgr
 
         self.xgr = xgr
-        t = time.perf_counter()
-        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab)
-        self.compiler = xgr.GrammarCompiler(info, max_threads=threads, cache_enabled=False)
-        self.setup_s = time.perf_counter() - t
+        with Clock() as c:
+            info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab)
+            self.compiler = xgr.GrammarCompiler(info, max_threads=threads, cache_enabled=False)
+        self.setup_s = c.wall
         self.batch = xgr.BatchGrammarMatcher(threads)
         self.vocab = vocab
 
@@ -116,9 +116,9 @@ class LLGuidance:
         import llguidance.torch
 
         self.ll, self.llt = llguidance, llguidance.torch
-        t = time.perf_counter()
-        self.tok = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab)
-        self.setup_s = time.perf_counter() - t
+        with Clock() as c:
+            self.tok = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab)
+        self.setup_s = c.wall
         self.executor = llguidance.LLExecutor(threads)
         self.vocab = vocab
 
@@ -157,9 +157,9 @@ def run_single(lib, compiled, sequences: list[list[int]]) -> list[float]:
     for seq in sequences:
         m = lib.matcher(compiled)
         for tok in seq:
-            t = time.perf_counter_ns()
-            lib.fill(m, bitmask, 0)
-            times.append((time.perf_counter_ns() - t) / 1e3)
+            with Clock(cpu=False) as c:
+                lib.fill(m, bitmask, 0)
+            times.append(c.wall * 1e6)
             if not _allowed(bitmask, 0, tok) or not lib.accept(m, tok):
                 raise RuntimeError(f"{lib.name}: token {tok} rejected (the mask and the tokenization disagree)")
     return times
@@ -172,23 +172,54 @@ def run_batch(lib, compiled, sequences: list[list[int]], batch: int) -> list[flo
     bitmask = lib.bitmask(len(seqs))
     times = []
     for step in range(min(len(s) for s in seqs)):
-        t = time.perf_counter_ns()
-        lib.fill_batch(ms, bitmask)
-        times.append((time.perf_counter_ns() - t) / 1e3)
+        with Clock(cpu=False) as c:
+            lib.fill_batch(ms, bitmask)
+        times.append(c.wall * 1e6)
         for m, s in zip(ms, seqs):
             lib.accept(m, s[step])
     return times
 
 
+def one_round(lib, schema: str, sequences: list[list[int]], batch: int, r: dict) -> None:
+    """Compile the schema, then drive the matchers: one sequence at a time, then `batch` together."""
+    with Clock() as c:
+        compiled = lib.compile(schema)
+    r["compile_ms"].append(c.wall * 1e3)
+    r["single_us"] += run_single(lib, compiled, sequences)
+    r["batch_step_us"] += run_batch(lib, compiled, sequences, batch)
+
+
+def blocks(args, report: dict) -> list[dict]:
+    col = results.column
+    rows = []
+    for vocab, libs in report["vocabs"].items():
+        for name, s in libs.items():
+            rows.append([vocab, name, s["per_token_mask_us_mean"], s["per_token_mask_us_p50"],
+                         s["per_token_mask_us_p99"], s[f"batch{args.batch}_step_us_median"], s["compile_ms_median"],
+                         s["tokenizer_setup_s"]])
+    return [results.text(f"Byte-level BPE tokenizers trained on the standard library's sources ({args.vocabs}); "
+                         f"{args.instances} instances of `loadtest/schemas.py` RECORD_SCHEMA per round, each token: "
+                         f"one mask fill, then the token accepted; {args.threads} fill threads; the libraries "
+                         f"alternating round by round, {args.rounds} rounds."),
+            results.table(None, [col("vocabulary"), col("library"), col("mask fill per token, mean (µs)", ".1f"),
+                                 col("p50", ".1f"), col("p99", ".1f"),
+                                 col(f"{args.batch}-row batch fill per step, median (µs)", ".0f"),
+                                 col("compile, median (ms)", ".1f"), col("tokenizer setup (s)", ".2f")], rows),
+            {"kind": "note"}]
+
+
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m loadtest grammar-backends", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--vocabs", default="32k,150k", help="comma-separated: 32k, 150k, tekken")
     p.add_argument("--instances", type=int, default=16, help="JSON instances per round")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--json", help="write the results here")
+    output.add_args(p)
     args = p.parse_args(argv)
+    result = results.new_result("grammar-backends", argv, vars(args), heading=HEADING,
+                                packages=("xgrammar", "llguidance", "tokenizers"))
     from transformers import AutoTokenizer
 
     schema = json.dumps(RECORD_SCHEMA)
@@ -202,14 +233,8 @@ def main(argv: list[str] | None = None) -> dict:
         libs = [XGrammar(tok, vocab, args.threads), LLGuidance(tok, vocab, args.threads)]
         res = {lib.name: {"tokenizer_setup_s": round(lib.setup_s, 3), "compile_ms": [], "single_us": [],
                           "batch_step_us": []} for lib in libs}
-        for _ in range(args.rounds):
-            for lib in libs:
-                r = res[lib.name]
-                t = time.perf_counter()
-                compiled = lib.compile(schema)
-                r["compile_ms"].append((time.perf_counter() - t) * 1e3)
-                r["single_us"] += run_single(lib, compiled, sequences)
-                r["batch_step_us"] += run_batch(lib, compiled, sequences, args.batch)
+        interleave({lib.name: (lambda lib=lib: one_round(lib, schema, sequences, args.batch, res[lib.name]))
+                    for lib in libs}, rounds=args.rounds, warmup=0)
         summary = {}
         for lib_name, r in res.items():
             single, batch = sorted(r["single_us"]), sorted(r["batch_step_us"])
@@ -223,13 +248,11 @@ def main(argv: list[str] | None = None) -> dict:
                 "tokens_measured": len(single),
             }
         report["vocabs"][f"{name} ({vocab})"] = summary
+        report.setdefault("raw", {})[f"{name} ({vocab})"] = res
         print(f"\n== vocabulary {name}: {vocab} tokens, {sum(map(len, sequences))} tokens per round")
         for lib_name, s in summary.items():
             print(f"  {lib_name:10s} " + "  ".join(f"{k}={v}" for k, v in s.items()))
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
-    return report
-
-
-if __name__ == "__main__":
-    main()
+    result["measurements"] = report
+    result["summary"]["blocks"] = blocks(args, report)
+    output.finish(result, args)
+    return result

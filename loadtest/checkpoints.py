@@ -1,7 +1,9 @@
 """Random-weight benchmark checkpoints (generated, cached, never committed).
 
 `make_checkpoint(shape)` writes a Mixtral-shaped model with random weights and a byte-level
-BPE tokenizer (trained on standard-library text) to ~/.cache/moe-serve/bench/<shape>.
+BPE tokenizer (`save_tokenizer`, trained on Python's pydoc topics) to
+~/.cache/moe-serve/bench/<shape> (MOE_SERVE_BENCH_CACHE), once; the benchmarks call it. The
+tests make their small tokenizers with `save_tokenizer` too (tests/conftest.py).
 """
 
 from __future__ import annotations

@@ -1,0 +1,15 @@
+"""The benchmarks `python -m loadtest <name>` runs: name -> module (each has `main(argv)`; the
+first line of its docstring is its line in `python -m loadtest --help`)."""
+
+BENCHES = {
+    "moe-block": "loadtest.benches.moe_block",
+    "cpu-kernels": "loadtest.benches.cpu_kernels",
+    "decode-step": "loadtest.benches.decode_step",
+    "engine": "loadtest.benches.engine",
+    "serving": "loadtest.benches.serving",
+    "structured": "loadtest.benches.structured",
+    "grammar-backends": "loadtest.benches.grammar_backends",
+    "gpu": "loadtest.benches.gpu",
+    "placement-sim": "loadtest.benches.placement_sim",
+    "placement-report": "loadtest.benches.placement_report",
+}

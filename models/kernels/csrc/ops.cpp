@@ -23,7 +23,7 @@
 namespace {
 
 // below this many token-expert pairs one thread reads the experts' weights as fast as several
-// (measured on the benchmark CPU), and waking threads would only add their cost
+// (docs/benchmarks.md, "CPU kernels"), and waking threads would only add their cost
 constexpr int64_t kMinPairsPerThreading = 32;
 // below this many multiply-adds one thread is faster than starting others
 constexpr int64_t kMinMacsPerThreading = int64_t{1} << 24;

@@ -17,8 +17,6 @@
 #ifndef MOE_SERVE_OPS_NS
 #define MOE_SERVE_OPS_NS moe_serve
 #endif
-#define MOE_SERVE_STR2(x) #x
-#define MOE_SERVE_STR(x) MOE_SERVE_STR2(x)
 
 namespace {
 

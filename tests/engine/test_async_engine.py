@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import time
 
 import pytest
 
 from server.config import EngineConfig
 from server.engine.factory import build_native_core
 from server.engine.native.async_engine import AsyncEngine
+from server.engine.native.outputs import SchedulerOutput
 from server.engine.protocol import EngineDeadError, EngineOverloadedError
 from server.engine.request import EngineRequest, SamplingParams
 
@@ -175,3 +177,32 @@ def test_memory_flat_over_200_requests(make_engine):
     # after warm-up, resident memory must not keep growing (allow allocator noise)
     assert rss[-1] - rss[1] < 20, f"RSS grew: {rss}"
     assert not eng.core.requests and not eng.core.scheduler.running and not eng.core.scheduler.waiting
+
+
+def test_progress_watchdog_declares_a_wedged_engine_dead(make_llm) -> None:
+    """Item 8: an engine with work that never schedules it stayed healthy forever."""
+    llm = make_llm(num_kv_blocks=64, block_size=4)
+    core = llm.core
+    eng = AsyncEngine(core, llm.model_info, progress_timeout=0.5)
+    real_schedule = core.scheduler.schedule
+
+    async def main() -> None:
+        await eng.start()
+        core.scheduler.schedule = lambda: SchedulerOutput()  # wedged: never schedules anything
+        gen = eng.generate(EngineRequest("w", [1, 2, 3], SamplingParams(max_tokens=4)))
+        task = asyncio.ensure_future(gen.__anext__())
+        await asyncio.sleep(0.2)
+        await eng.check_health()  # not yet
+        await asyncio.sleep(0.8)
+        with pytest.raises(EngineDeadError, match="no progress"):
+            await eng.check_health()
+        core.scheduler.schedule = real_schedule  # unwedge: the request completes
+        await asyncio.wait_for(task, 30)
+        await gen.aclose()
+        await eng.check_health()
+        await eng.shutdown()
+
+    asyncio.run(main())
+    deadline = time.monotonic() + 5
+    while core.has_unfinished() and time.monotonic() < deadline:
+        core.step()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from server.engine.request import EngineRequest, SamplingParams
-from tests.engine.test_engine import hf_reference, prompts_of  # noqa: F401 (fixture)
+from tests.engine.units import prompts_of
 
 LENS = (5, 17, 40, 3, 9)
 MAX_TOKENS = (24, 7, 16, 24, 11)  # requests finish at different steps: the batch shrinks 5 -> 1

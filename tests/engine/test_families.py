@@ -18,7 +18,7 @@ from server.engine.factory import num_kv_blocks
 from server.engine.request import EngineRequest, SamplingParams
 from server.metrics.usage import moe_usage
 from tests.conftest import RoutingCollector, save_test_tokenizer
-from tests.engine.test_engine import prompts_of
+from tests.engine.units import prompts_of
 from tests.models.conftest import make_checkpoint
 
 # every tiny config the family registry marks for the engine (models/<family>.py, `TINY`): the

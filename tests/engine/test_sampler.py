@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from server.engine.native import logprobs as logprobs_mod
+from server.engine.native import sampler as sampler_mod
 from server.engine.native.logprobs import compute_logprobs
 from server.engine.native.sampler import Sampler, SamplerOutput, SamplingRow
 from server.engine.native.warp import warp_logits
@@ -333,3 +334,22 @@ def test_compute_logprobs(monkeypatch):
     assert compute_logprobs(logits[:0], ids[:0], 3) == []
     monkeypatch.setattr(logprobs_mod, "CHUNK_ELEMS", 60)  # 2 rows per chunk
     assert compute_logprobs(logits, ids, 4) == res
+
+
+def test_per_request_sampling_tensors_are_built_once(make_llm, monkeypatch) -> None:
+    """Item 5: logit_bias / min_tokens / penalty structures were rebuilt every step."""
+    builds: dict[str, int] = {}
+    real = sampler_mod.SamplingRow.cached
+
+    def counting(self, key, build):
+        if key not in self.cache:
+            builds[key] = builds.get(key, 0) + 1
+        return real(self, key, build)
+
+    monkeypatch.setattr(sampler_mod.SamplingRow, "cached", counting)
+    llm = make_llm(num_kv_blocks=64, block_size=4)
+    sp = SamplingParams(temperature=0.8, seed=1, max_tokens=12, min_tokens=6, stop_token_ids=[7, 8],
+                        logit_bias={5: 2.0, 6: -1.0}, repetition_penalty=1.2)
+    out = llm.generate([[3, 4, 5, 6, 9, 10]], sp, use_tqdm=False)[0]
+    assert len(out.outputs[0].token_ids) >= 6
+    assert builds == {"logit_bias": 1, "banned": 1, "prompt": 1}, builds

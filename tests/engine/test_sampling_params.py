@@ -119,3 +119,15 @@ def test_known_gaps_raise_sampling_params_error(field, value):
     with pytest.raises(SamplingParamsError) as exc:
         SamplingParams(**{field: value})
     assert exc.value.param == field
+
+
+@pytest.mark.parametrize("field,value", [
+    ("logit_bias", {i: 1.0 for i in range(301)}),
+    ("stop_token_ids", list(range(257))),
+    ("stop", ["x" * 257]),
+])
+def test_per_step_parameters_are_bounded(field, value) -> None:
+    """Item 5: 800k stop_token_ids or a full-vocabulary logit_bias slowed every step."""
+    with pytest.raises(SamplingParamsError) as e:
+        SamplingParams(**{field: value})
+    assert e.value.param == field

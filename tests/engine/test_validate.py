@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from server.engine.protocol import RequestTooLongError
-from server.engine.request import EngineRequest, SamplingParams, SamplingParamsError
+from server.engine.request import MAX_ROUTING_IDS, EngineRequest, SamplingParams, SamplingParamsError
 from server.engine.validate import RoutingShape, validate_request
 
 
@@ -49,3 +49,27 @@ def test_routing_volume_is_capped_only_when_asked():
         validate_request(req([1], return_routing=True, **big), vocab_size=10, max_model_len=5000, routing=shape)
     assert e.value.param == "return_routing"
     validate_request(req([1], **big), vocab_size=10, max_model_len=5000, routing=shape)
+
+
+def test_return_routing_volume_is_capped(make_llm) -> None:
+    """Item 7: routing of n=128 long completions was unbounded (gigabytes)."""
+    llm = make_llm(num_kv_blocks=64, block_size=4)  # 2 MoE layers x top-2: 4 ids per token
+    ok = MAX_ROUTING_IDS // 4 // 128 - 10
+    big = SamplingParams(n=128, temperature=1.0, max_tokens=ok + 20)
+    llm.core.scheduler.max_num_seqs = 128
+    llm.core.max_model_len = 10**7
+    with pytest.raises(SamplingParamsError) as e:
+        llm.core.validate(EngineRequest("x", [1, 2, 3], big, return_routing=True))
+    assert e.value.param == "return_routing" and str(MAX_ROUTING_IDS) in str(e.value)
+    llm.core.validate(EngineRequest("x", [1, 2, 3], big))  # fine without routing
+    llm.core.validate(EngineRequest("y", [1, 2], SamplingParams(n=128, temperature=1.0, max_tokens=ok),
+                                         return_routing=True))
+
+
+def test_n_above_max_num_seqs_is_refused(make_llm) -> None:
+    """Item 9: such a request was admitted only when nothing else ran, draining the server."""
+    llm = make_llm(num_kv_blocks=64, block_size=4, max_num_seqs=4)
+    with pytest.raises(SamplingParamsError) as e:
+        llm.core.validate(EngineRequest("x", [1, 2, 3], SamplingParams(n=5, temperature=1.0)))
+    assert e.value.param == "n" and "4" in str(e.value)
+    llm.core.validate(EngineRequest("y", [1, 2, 3], SamplingParams(n=4, temperature=1.0)))

@@ -80,7 +80,7 @@ def test_return_routing_volume_is_capped(http: httpx.Client) -> None:
     r = http.post(C, json={"prompt": "x", "n": 32, "temperature": 1, "max_tokens": 100, "return_routing": True})
     assert r.status_code == 200  # 32 x ~100 tokens x 4 layers x top-2: far under the cap
     # the cap itself, with the per-request numbers in the message, is exercised on the engine
-    # (tests/engine/test_hardening.py); here: its constant is what docs state
+    # (tests/engine/test_validate.py); here: its constant is what docs state
     assert MAX_ROUTING_IDS == 1 << 20
 
 

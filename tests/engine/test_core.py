@@ -6,33 +6,18 @@ import pytest
 import torch
 import transformers
 
+from server.config import EngineConfig
+from server.engine import LLM
+from server.engine.factory import build_native_core
 from server.engine.request import EngineRequest, SamplingParams
+from tests.engine.units import prompts_of
 
 PROMPT_LENS = (5, 17, 40, 3, 60, 9, 33, 1)
 
 
-def prompts_of(lens, base=2):
-    return [[(base + 7 * i + j) % 300 + 2 for j in range(n)] for i, n in enumerate(lens)]
-
-
-@pytest.fixture(scope="module")
-def hf_reference(tiny_mixtral):
-    ref = transformers.MixtralForCausalLM.from_pretrained(tiny_mixtral, dtype=torch.float32).eval()
-    ref.generation_config.eos_token_id = None
-    cache = {}
-
-    def greedy(prompt, n):
-        key = (tuple(prompt), n)
-        if key not in cache:
-            out = ref.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                               max_new_tokens=n, do_sample=False, pad_token_id=0)
-            cache[key] = out[0, len(prompt):].tolist()
-        return cache[key]
-
-    return greedy
-
-
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+GREEDY_KW = dict(temperature=0.0, ignore_eos=True)
+BF16_PROMPTS = ["The list data type", "def ", "Explain the for statement."]
 
 
 def test_greedy_matches_transformers_with_chunking_preemption_and_prefix_hits(make_llm, hf_reference):
@@ -199,3 +184,89 @@ def test_request_checks(make_llm):
     with pytest.raises(SamplingParamsError) as e:
         core.add_request(EngineRequest("z", [5], SamplingParams(logit_bias={400: 1.0})))
     assert e.value.param == "logit_bias"
+
+
+def test_capacity_factor_drops_tokens_and_counts_them(make_llm, tiny_mixtral) -> None:
+    plain = make_llm(num_kv_blocks=128, block_size=4)
+    capped = make_llm(num_kv_blocks=128, block_size=4)
+    for block in capped.core.model.moe_blocks():
+        block.capacity_factor = 0.25
+    roomy = make_llm(num_kv_blocks=128, block_size=4)
+    for block in roomy.core.model.moe_blocks():
+        block.capacity_factor = 4.0  # capacity >= every token: nothing dropped
+    prompts = [[(3 * i + j) % 300 + 2 for j in range(20)] for i in range(4)]
+    sp = SamplingParams(max_tokens=8, **GREEDY_KW)
+    base = [r.outputs[0].token_ids for r in plain.generate(prompts, sp, use_tqdm=False)]
+    assert [r.outputs[0].token_ids for r in roomy.generate(prompts, sp, use_tqdm=False)] == base
+    dropped = []
+    for i, p in enumerate(prompts):
+        capped.core.add_request(EngineRequest(f"c{i}", p, sp))
+    metrics = []
+    while capped.core.has_unfinished():
+        outs, _, _, routing = capped.core.step()
+        dropped.append(routing.dropped_tokens)
+        metrics += [o.metrics for o in outs if o.finished]
+    per_layer = torch.tensor(dropped).sum(0)  # [moe layers]
+    assert (per_layer > 0).all(), per_layer
+    assert sum(m.num_dropped_assignments for m in metrics) == int(per_layer.sum())
+
+
+def test_no_chunked_prefill_needs_a_budget_for_a_whole_prompt(tiny_mixtral) -> None:
+    """Item 8: without chunked prefill a prompt longer than the step budget waited forever."""
+    cfg = EngineConfig(model=tiny_mixtral, dtype="float32", num_kv_blocks=64, block_size=16,
+                       enable_chunked_prefill=False, max_num_batched_tokens=32, max_model_len=512)
+    with pytest.raises(ValueError, match="max-num-batched-tokens"):
+        build_native_core(cfg, progress=False)
+    auto = EngineConfig(model=tiny_mixtral, dtype="float32", num_kv_blocks=64, block_size=16,
+                        enable_chunked_prefill=False, max_model_len=512)
+    core, _ = build_native_core(auto, progress=False)
+    assert core.scheduler.budget >= 512
+
+
+def test_prompt_routing_complete_on_a_prefix_cache_hit(make_llm) -> None:
+    """Item 1: prompt_routing had one entry per computed token only (2 instead of 82)."""
+    llm = make_llm(num_kv_blocks=64, block_size=4)
+    prompt = [(5 * j) % 300 + 3 for j in range(26)]
+    outs = []
+    for _ in range(2):
+        llm.core.add_request(EngineRequest(f"r{len(outs)}", prompt, SamplingParams(max_tokens=2, **GREEDY_KW),
+                                           return_routing=True))
+        got = []
+        while llm.core.has_unfinished():
+            got += llm.core.step()[0]
+        outs.append(next(o for o in got if o.prompt_routing is not None))
+    for out in outs:
+        assert tuple(out.prompt_routing.shape) == (len(prompt), 2, 2)  # [tokens, moe layers, top-k]
+        assert out.prompt_routing.dtype == torch.uint8  # kept compact (item 7)
+        assert tuple(out.prompt_routing_weights.shape) == (len(prompt), 2, 2)
+    assert torch.equal(outs[0].prompt_routing, outs[1].prompt_routing)
+
+
+def test_prompt_logprobs_identical_on_a_prefix_cache_hit(make_llm) -> None:
+    """Item 1: the second identical request used to get null prompt logprobs from the cache hit."""
+    llm = make_llm(num_kv_blocks=64, block_size=4)
+    prompt = [(7 * j) % 300 + 3 for j in range(30)]
+    sp = SamplingParams(max_tokens=1, prompt_logprobs=2, **GREEDY_KW)
+    first, second = (llm.generate([prompt], sp, use_tqdm=False)[0] for _ in range(2))
+    assert len(first.prompt_logprobs) == len(second.prompt_logprobs) == len(prompt)
+    assert all(lp is not None for lp in first.prompt_logprobs[1:])
+    for a, b in zip(first.prompt_logprobs[1:], second.prompt_logprobs[1:]):
+        assert a.token_id == b.token_id and a.logprob == pytest.approx(b.logprob, abs=1e-5)
+    # a plain request of the same prompt still hits the cache
+    hits = llm.core.total_prefix_hit_tokens
+    llm.generate([prompt], SamplingParams(max_tokens=1, **GREEDY_KW), use_tqdm=False)
+    assert llm.core.total_prefix_hit_tokens > hits
+
+
+@pytest.mark.timeout(900)
+def test_bf16_outputs_do_not_depend_on_the_block_size():
+    """Issue 25, item 12: with the bundled model in bf16, --block-size 1 and 16 gave logprobs up to
+    0.03 apart (and diverging greedy text on some prompts); float32 runs the C kernels, which were
+    layout invariant already."""
+    sp = SamplingParams(temperature=0, max_tokens=16, logprobs=1)
+    runs = {}
+    for bs in (1, 16):
+        llm = LLM(dtype="bfloat16", block_size=bs, num_kv_blocks=4096 // bs)
+        runs[bs] = [(o.outputs[0].token_ids, [lp.logprob for lp in o.outputs[0].logprobs])
+                    for o in llm.generate(BF16_PROMPTS, sp, use_tqdm=False)]
+    assert runs[1] == runs[16]

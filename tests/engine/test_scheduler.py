@@ -1,119 +1,15 @@
-"""The KV-cache manager and the scheduler built directly (as vLLM's tests/v1/core do), no model."""
+"""The scheduler (server/engine/native/scheduler.py) built directly, no model: the token budget,
+admission, preemption, and `update_from_output` (append, fork, finish, free)."""
 
 from __future__ import annotations
 
 import pytest
 
-from server.engine.native import kv_cache
-from server.engine.native.kv_cache import BlockPool, KVCacheManager, SequenceBlocks
 from server.engine.native.scheduler import Scheduler
-from server.engine.native.sequence import RequestState, Sequence, SeqStatus
-from server.engine.request import EngineRequest, SamplingParams
-
-BS = 4
+from server.engine.native.sequence import SeqStatus
+from tests.engine.units import EOS, make_seq, manager, model_output, run_prefill, scheduler
 
 
-def make_seq(seq_id: int, tokens: list[int], arrival: float = 0.0, **params) -> Sequence:
-    params.setdefault("max_tokens", 8)
-    req = EngineRequest(f"r{seq_id}", list(tokens), SamplingParams(**params), arrival_time=arrival)
-    state = RequestState(req, max_tokens=params["max_tokens"], num_seqs_left=1)
-    return Sequence(seq_id, 0, state, list(tokens), len(tokens))
-
-
-def manager(num_blocks: int, caching: bool = True) -> KVCacheManager:
-    return KVCacheManager(BlockPool(num_blocks, BS, caching))
-
-
-def run_prefill(kv: KVCacheManager, seq: Sequence) -> None:
-    """As the engine does after a step computed the whole prompt: commit the full blocks."""
-    assert kv.allocate(seq.blocks, 0, len(seq.token_ids), [])
-    seq.num_computed = len(seq.token_ids)
-    kv.commit(seq.blocks, seq.token_ids, seq.num_computed)
-
-
-# -- prefix cache ----------------------------------------------------------------------------
-def test_prefix_hit_shares_blocks_and_counts_references() -> None:
-    kv = manager(16)
-    a = make_seq(0, list(range(10, 23)))  # 13 tokens: 3 full blocks + 1
-    run_prefill(kv, a)
-    b = SequenceBlocks()
-    hit = kv.match_prefix(b, list(range(10, 23)) + [99])
-    assert hit == 12 and b.table == a.blocks.table[:3]
-    assert [kv.pool.blocks[i].ref_count for i in b.table] == [2, 2, 2]
-    kv.free(a.blocks)
-    assert [kv.pool.blocks[i].ref_count for i in b.table] == [1, 1, 1]
-    kv.free(b)
-    assert kv.pool.num_free == 16
-
-
-def test_at_least_one_token_is_always_computed() -> None:
-    kv = manager(16)
-    a = make_seq(0, list(range(8)))  # exactly two full blocks
-    run_prefill(kv, a)
-    b = SequenceBlocks()
-    assert kv.match_prefix(b, list(range(8))) == 4  # the last block stays uncached: a token to sample from
-    kv.free(a.blocks)
-    kv.free(b)
-
-
-def test_hash_collision_is_never_a_hit(monkeypatch) -> None:
-    """Every block hashes alike: a lookup must still verify tokens and parent, not trust the hash."""
-    monkeypatch.setattr(kv_cache, "hash_block", lambda parent, tokens: 42)
-    kv = manager(16)
-    a = make_seq(0, [1, 2, 3, 4, 5, 6, 7, 8, 9])
-    run_prefill(kv, a)
-    other = SequenceBlocks()
-    assert kv.match_prefix(other, [9, 9, 9, 9, 5, 6, 7, 8, 1]) == 0  # same hash, other tokens
-    assert kv.match_prefix(other, [1, 2, 3, 4, 9]) == 4  # same tokens: a real hit
-    kv.free(other)
-    kv.free(a.blocks)
-
-
-def test_collision_in_the_parent_chain_is_not_a_hit() -> None:
-    """Block 2 holds the same tokens under another prefix: reaching it needs its own parent."""
-    kv = manager(16)
-    a = make_seq(0, [1, 1, 1, 1, 7, 7, 7, 7, 0])
-    run_prefill(kv, a)
-    # forge a cache entry: b's second block hashed as if its parent were a's first block
-    b = make_seq(1, [2, 2, 2, 2, 7, 7, 7, 7, 0])
-    run_prefill(kv, b)
-    h_a1 = a.blocks.hashes[0]
-    forged = kv_cache.hash_block(h_a1, (7, 7, 7, 7))
-    assert kv.pool.cached[forged] == a.blocks.table[1]
-    kv.pool.cached[forged] = b.blocks.table[1]  # what a colliding hash would do
-    c = SequenceBlocks()
-    assert kv.match_prefix(c, [1, 1, 1, 1, 7, 7, 7, 7, 5]) == 4  # block 1 matches, block 2 is refused
-    for blocks in (c, a.blocks, b.blocks):
-        kv.free(blocks)
-
-
-def test_copy_on_write_of_a_shared_partial_block() -> None:
-    kv = manager(8)
-    a = make_seq(0, [1, 2, 3, 4, 5, 6])
-    run_prefill(kv, a)
-    child = kv.fork(a.blocks)
-    copies: list[tuple[int, int]] = []
-    assert kv.allocate(child, 6, 1, copies)  # writes into the shared half-full block
-    assert copies == [(a.blocks.table[1], child.table[1])] and child.table[0] == a.blocks.table[0]
-    kv.free(child)
-    kv.free(a.blocks)
-    assert kv.pool.num_free == 8
-
-
-def test_lru_eviction_keeps_the_prefix_longest() -> None:
-    kv = manager(4)
-    a = make_seq(0, list(range(12)) + [50])
-    run_prefill(kv, a)  # 4 blocks, the first 3 full and cached
-    kv.free(a.blocks)  # tail first into the free queue
-    b = SequenceBlocks()
-    assert kv.allocate(b, 0, 4, [])  # takes the least recently freed block: a's uncached tail
-    c = SequenceBlocks()
-    assert kv.match_prefix(c, list(range(12)) + [50]) == 12
-    kv.free(b)
-    kv.free(c)
-
-
-# -- scheduler -------------------------------------------------------------------------------
 def test_budget_is_shared_decodes_first_then_prefill_chunks() -> None:
     kv = manager(64)
     s = Scheduler(kv, max_num_seqs=8, max_num_batched_tokens=10, max_model_len=64)
@@ -220,3 +116,50 @@ def test_without_chunked_prefill_a_prompt_waits_for_the_whole_budget() -> None:
     assert [(x.seq.seq_id, x.num_new) for x in s.schedule().scheduled] == [(1, 10)]
     kv.free(running.blocks)
     kv.free(long.blocks)
+
+
+def test_update_appends_commits_finishes_and_frees() -> None:
+    s = scheduler()
+    a, b = make_seq(0, list(range(10, 19))), make_seq(1, [3, 4, 5], max_tokens=1)
+    s.add(a)
+    s.add(b)
+    batch = s.schedule()
+    seen = []
+    finished = s.update_from_output(batch, model_output(batch, {0: [7], 1: [8]}),
+                                    lambda seq, tok, lp, may_stop: seen.append((seq.seq_id, tok, may_stop)))
+    assert seen == [(0, 7, True), (1, 8, True)]
+    assert a.token_ids[-1] == 7 and a.output_ids == [7] and a.num_computed == 9 and a.finish_reason is None
+    assert len(a.blocks.hashes) == 2  # its two full prompt blocks are in the prefix cache now
+    assert finished == [b] and b.finish_reason == "length" and b.status is SeqStatus.FINISHED
+    assert b.blocks.table == [] and s.running == [a] and b.state.num_seqs_left == 0
+    s.abort_request(a.state)
+    assert s.kv.pool.num_free == s.kv.pool.num_blocks
+
+
+def test_update_forks_n_children_sharing_the_prompt_blocks() -> None:
+    s = scheduler()
+    parent = make_seq(0, list(range(10, 19)), n=3)
+    s.add(parent)
+    batch = s.schedule()
+    s.update_from_output(batch, model_output(batch, {0: [7, 8, EOS]}), lambda *_: None)
+    kids = parent.state.seqs
+    assert [k.index for k in kids] == [0, 1, 2] and kids[0] is parent and not parent.needs_fork
+    assert [k.output_ids for k in kids] == [[7], [8], [EOS]]
+    assert kids[2].status is SeqStatus.FINISHED and s.running == kids[:2]  # the EOS one stopped
+    assert kids[1].blocks.table == parent.blocks.table and kids[1].num_computed == 9
+    assert all(s.kv.pool.blocks[b].ref_count == 2 for b in parent.blocks.table)
+    assert parent.state.num_seqs_left == 2
+    s.abort_request(parent.state)
+    assert s.kv.pool.num_free == s.kv.pool.num_blocks
+
+
+def test_stop_string_from_the_listener_finishes_in_the_same_step() -> None:
+    s = scheduler()
+    seq = make_seq(0, [3, 4], min_tokens=2)
+    s.add(seq)
+    listener = lambda _seq, _tok, _lp, may_stop: "stop!" if may_stop else None  # noqa: E731
+    batch = s.schedule()
+    assert s.update_from_output(batch, model_output(batch, {0: [9]}), listener) == []  # before min_tokens
+    batch = s.schedule()
+    assert s.update_from_output(batch, model_output(batch, {0: [9]}), listener) == [seq]
+    assert (seq.finish_reason, seq.stop_reason) == ("stop", "stop!") and not s.running

@@ -9,9 +9,12 @@ initialises to zero, are randomised so that the tests see them.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import transformers
+from safetensors.torch import load_file, save_file
 
 from models.registry import TINY_CONFIGS, family_for
 
@@ -59,3 +62,24 @@ def family_checkpoint(tmp_path_factory):
         return cache[family]
 
     return get
+
+
+@pytest.fixture()
+def mixtral_dir(tmp_path):
+    make_checkpoint("mixtral", tmp_path)
+    return tmp_path
+
+
+def edit_config(path, **changes) -> None:
+    """Change fields of a checkpoint's config.json."""
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(changes)
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+def edit_weights(path, fn) -> None:
+    """fn(tensors) edits model.safetensors' name -> tensor dict in place."""
+    file = path / "model.safetensors"
+    tensors = load_file(str(file))
+    fn(tensors)
+    save_file(tensors, str(file), metadata={"format": "pt"})

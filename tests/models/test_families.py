@@ -3,7 +3,6 @@ variants read, unsupported options named, real checkpoints' configs mapped (KV b
 
 from __future__ import annotations
 
-import json
 import logging
 import subprocess
 import sys
@@ -17,16 +16,10 @@ from models import UnsupportedModelError, load_model
 from models.hf_config import load_config
 from tests.models.simple_runner import prefill_logits
 from models.loader import CheckpointError
-from tests.models.conftest import make_checkpoint
+from tests.models.conftest import edit_config, make_checkpoint
 from tests.models.test_parity import PROMPTS
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _edit_config(path, **changes):
-    cfg = json.loads((path / "config.json").read_text())
-    cfg.update(changes)
-    (path / "config.json").write_text(json.dumps(cfg))
 
 
 def _load(path):
@@ -68,7 +61,7 @@ def test_remote_code_model_type_reads_with_the_architecture_config(deepseek_dir,
     for f in deepseek_dir.iterdir():
         if f.is_file():
             (tmp_path / f.name).write_bytes(f.read_bytes())
-    _edit_config(tmp_path, model_type="kimi_k2", auto_map={"AutoConfig": "configuration_deepseek.DeepseekV3Config"})
+    edit_config(tmp_path, model_type="kimi_k2", auto_map={"AutoConfig": "configuration_deepseek.DeepseekV3Config"})
     cfg = load_config(str(tmp_path))
     assert cfg.architecture == "DeepseekV3ForCausalLM" and cfg.mla.kv_lora_rank == 32
     same = prefill_logits(_load(tmp_path), PROMPTS[1:2])[0]
@@ -85,7 +78,7 @@ def test_remote_code_model_type_reads_with_the_architecture_config(deepseek_dir,
 ])
 def test_unsupported_options_are_named(family, changes, named, tmp_path):
     make_checkpoint(family, tmp_path)
-    _edit_config(tmp_path, **changes)
+    edit_config(tmp_path, **changes)
     with pytest.raises(UnsupportedModelError, match=named):
         load_config(str(tmp_path))
 

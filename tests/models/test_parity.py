@@ -114,3 +114,17 @@ def test_bf16_compute_close_to_float32(family_checkpoint):
     a, b = prefill_logits(m32, PROMPTS[1:2])[0], prefill_logits(m16, PROMPTS[1:2])[0]
     assert (a - b).abs().max().item() < 0.1
     assert (a.argmax(-1) == b.argmax(-1)).float().mean().item() > 0.8
+
+
+def test_routing_capture_only_when_asked(mixtral_dir):
+    model = load_model(str(mixtral_dir), dtype="float32", device="cpu", progress=False)
+    prompts = [[1, 2, 3, 4, 5]]
+    capture = RoutingCapture(with_weights=True)
+    with_capture = prefill_logits(model, prompts, capture)[0]
+    without = prefill_logits(model, prompts)[0]
+    assert torch.equal(with_capture, without)
+    ids = capture.stacked_ids()
+    assert ids.shape == (5, 3, 2)  # [tokens, moe layers, top_k]
+    assert int(ids.min()) >= 0 and int(ids.max()) < 8
+    for layer, w in capture.weights.items():
+        assert torch.allclose(w.sum(-1), torch.ones(5), atol=1e-6)  # Mixtral renormalises

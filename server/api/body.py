@@ -47,7 +47,7 @@ async def read_json(request: Request, model: type[M]) -> M:
         raise bad_request(f"The request body is not valid UTF-8 (byte offset {e.start}).") from None
     if len(raw) <= OFF_LOOP_BYTES:
         return validate_body(model, raw)
-    return await request.app.state.serving.run_blocking(validate_body, model, raw)  # big bodies: off the loop
+    return await request.app.state.serving.tokens.run_blocking(validate_body, model, raw)  # big bodies: off the loop
 
 
 def validate_body(model: type[M], raw: bytes) -> M:

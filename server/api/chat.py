@@ -29,7 +29,8 @@ from server.api.responses import (
     generation_responses,
 )
 from server.api.routing_json import ids_json, routing_fields, weights_json
-from server.api.serving import Serving, common_sampling_kwargs, new_id
+from server.api.sampling import common_sampling_kwargs
+from server.api.serving import Serving, new_id
 from server.api.streaming import StreamUsage, respond, usage
 from server.api.tokens import prompt_logprobs_json
 from server.engine.request import EngineRequest, Logprob, RequestOutput
@@ -52,13 +53,13 @@ async def create_chat_completion(request: Request) -> Response:
     serving.check_model(body.model)
     _check_unsupported(body)
     plan = plan_chat(serving, body)  # tools, structured output, reasoning: cheap checks first
-    serving.check_capacity(1)
-    prepared = await serving.run_blocking(prepare_chat, serving, body, plan)  # template, tokens, grammar
+    serving.limits.check_capacity(1)
+    prepared = await serving.tokens.run_blocking(prepare_chat, serving, body, plan)  # template, tokens, grammar
     prompt_ids = prepared.prompt_ids
     check_prompt_logprob_entries([len(prompt_ids)], 1, body.prompt_logprobs)  # sent once per response
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-    max_tokens = serving.resolve_max_tokens(len(prompt_ids), requested, explicit=True, param=param,
+    max_tokens = serving.limits.resolve_max_tokens(len(prompt_ids), requested, explicit=True, param=param,
                                             prompt_param="messages")
     top = (body.top_logprobs or 0) if body.logprobs else None
     sp = serving.sampling_params(max_tokens=max_tokens, logprobs=top,

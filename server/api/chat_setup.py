@@ -68,12 +68,12 @@ def _check_history_names(body: ChatCompletionRequest, names: set[str]) -> None:
 
 def prepare_chat(serving: Any, body: ChatCompletionRequest, plan: ChatPlan) -> PreparedChat:
     """On the tokenizer thread: render and tokenize the prompt, compile the grammar (cached)."""
-    text = serving.render_chat(body.messages, True, tools=plan.tools.tools, template_kwargs=body.chat_template_kwargs)
-    ids = serving.encode(text, add_special_tokens=False, limit=serving.max_model_len - 1, param="messages")
+    text = serving.tokens.render_chat(body.messages, True, tools=plan.tools.tools, template_kwargs=body.chat_template_kwargs)
+    ids = serving.tokens.encode(text, add_special_tokens=False, limit=serving.limits.max_model_len - 1, param="messages")
     in_reasoning = bool(plan.reasoning and plan.reasoning.starts_in_reasoning(text, body.chat_template_kwargs))
     compiled = None
     if plan.spec is not None:
-        gate = tuple(serving.tokenizer.encode(plan.reasoning.end_tag, add_special_tokens=False)) if in_reasoning else ()
+        gate = tuple(serving.tokens.tokenizer.encode(plan.reasoning.end_tag, add_special_tokens=False)) if in_reasoning else ()
         compiled = serving.compile_structured(plan.spec, gate)
     return PreparedChat(ids, compiled, in_reasoning)
 

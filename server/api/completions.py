@@ -20,7 +20,8 @@ from server.api.protocol import CompletionRequest
 from server.api.routing_json import routing_fields
 from server.api.responses import Completion, CompletionChoice, dump, generation_responses
 from server.api.responses import LegacyLogprobs as LegacyLogprobsJSON
-from server.api.serving import Serving, common_sampling_kwargs, new_id
+from server.api.sampling import common_sampling_kwargs
+from server.api.serving import Serving, new_id
 from server.api.streaming import StreamUsage, respond, usage
 from server.api.structured import request_spec
 from server.api.tokens import LegacyLogprobs, prompt_logprobs_json
@@ -77,12 +78,12 @@ async def create_completion(request: Request) -> Response:
         raise bad_request("best_of: only best_of equal to n is supported", param="best_of")
     if body.stream_options is not None and not body.stream:
         raise bad_request("stream_options: only allowed when stream is true", param="stream_options")
-    serving.check_prompt_count(body.prompt)
+    serving.limits.check_prompt_count(body.prompt)
     spec = request_spec(body)  # structured output: checked here, compiled on the tokenizer thread
     request_id = new_id("cmpl")
     log = request_log(request)
     log.request_id = request_id
-    engine_requests, plan = await serving.run_blocking(_prepare, serving, body, request_id, spec)
+    engine_requests, plan = await serving.tokens.run_blocking(_prepare, serving, body, request_id, spec)
     log.prompt_tokens = sum(len(ids) for ids in plan.prompt_ids)
     gen = await serving.start_generation(request, engine_requests, stream=bool(body.stream))
 
@@ -98,7 +99,7 @@ def _prepare(serving: Serving, body: CompletionRequest, request_id: str,
              spec: StructuredSpec | None) -> tuple[list[EngineRequest], _Plan]:
     """Tokenize, validate and compile the grammar (on the tokenizer thread): the engine requests
     and the response plan."""
-    prompts = serving.completion_prompts(body.prompt)
+    prompts = serving.tokens.completion_prompts(body.prompt)
     check_prompt_logprob_entries([len(ids) for ids, _ in prompts], body.n if body.n is not None else 1,
                                  body.prompt_logprobs, body.logprobs if body.echo else None)
     structured = serving.compile_structured(spec) if spec is not None else None
@@ -110,7 +111,7 @@ def _prepare(serving: Serving, body: CompletionRequest, request_id: str,
     common["prompt_logprobs"] = prompt_lp
     engine_requests = []
     for i, (ids, text) in enumerate(prompts):
-        max_tokens = serving.resolve_max_tokens(len(ids), body.max_tokens, explicit_max,
+        max_tokens = serving.limits.resolve_max_tokens(len(ids), body.max_tokens, explicit_max,
                                                 prompt_param="prompt" if len(prompts) == 1 else f"prompt[{i}]")
         sp = serving.sampling_params(max_tokens=max_tokens, logprobs=body.logprobs, **common)
         engine_requests.append(EngineRequest(
@@ -120,7 +121,7 @@ def _prepare(serving: Serving, body: CompletionRequest, request_id: str,
     plan = _Plan(request_id=request_id, created=int(time.time()), model=serving.model_name,
                  n=body.n if body.n is not None else 1, echo=bool(body.echo), logprobs=body.logprobs,
                  prompt_ids=[ids for ids, _ in prompts],
-                 prompt_texts=[t if t is not None else serving.decode(ids) for ids, t in prompts],
+                 prompt_texts=[t if t is not None else serving.tokens.decode(ids) for ids, t in prompts],
                  prompt_logprobs=body.prompt_logprobs, return_routing=bool(body.return_routing))
     return engine_requests, plan
 

@@ -14,7 +14,7 @@ router = APIRouter()
 def _card(serving: Serving) -> ModelCard:
     # `root` is the served name, never the checkpoint's path on the server's disk
     return ModelCard(id=serving.model_name, object="model", created=serving.created, owned_by="moe-serve",
-                     root=serving.model_name, parent=None, max_model_len=serving.max_model_len)
+                     root=serving.model_name, parent=None, max_model_len=serving.limits.max_model_len)
 
 
 @router.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES)

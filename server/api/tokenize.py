@@ -21,19 +21,19 @@ async def tokenize(request: Request) -> TokenizeResponse:
     serving.check_model(body.model)
     if (body.prompt is None) == (body.messages is None):
         raise bad_request("Give exactly one of 'prompt' or 'messages'.", param="prompt")
-    return await serving.run_blocking(_tokenize, serving, body)  # off the event loop
+    return await serving.tokens.run_blocking(_tokenize, serving, body)  # off the event loop
 
 
 def _tokenize(serving: Serving, body: TokenizeRequest) -> TokenizeResponse:
     if body.prompt is not None:
         add_special = True if body.add_special_tokens is None else body.add_special_tokens
-        ids = serving.encode(body.prompt, add_special_tokens=add_special)
+        ids = serving.tokens.encode(body.prompt, add_special_tokens=add_special)
     else:
-        text = serving.render_chat(body.messages or [], body.add_generation_prompt)
-        ids = serving.encode(text, add_special_tokens=bool(body.add_special_tokens))
-    out = TokenizeResponse(count=len(ids), max_model_len=serving.max_model_len, tokens=ids)
+        text = serving.tokens.render_chat(body.messages or [], body.add_generation_prompt)
+        ids = serving.tokens.encode(text, add_special_tokens=bool(body.add_special_tokens))
+    out = TokenizeResponse(count=len(ids), max_model_len=serving.limits.max_model_len, tokens=ids)
     if body.return_token_strs:
-        out.token_strs = serving.tokenizer.convert_ids_to_tokens(ids)
+        out.token_strs = serving.tokens.tokenizer.convert_ids_to_tokens(ids)
     return out
 
 
@@ -43,5 +43,5 @@ async def detokenize(request: Request) -> DetokenizeResponse:
     body = await read_json(request, DetokenizeRequest)
     serving: Serving = request.app.state.serving
     serving.check_model(body.model)
-    serving.check_token_ids(body.tokens, "tokens")
-    return DetokenizeResponse(prompt=await serving.run_blocking(serving.decode, body.tokens))
+    serving.limits.check_token_ids(body.tokens, "tokens")
+    return DetokenizeResponse(prompt=await serving.tokens.run_blocking(serving.tokens.decode, body.tokens))

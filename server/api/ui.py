@@ -90,7 +90,7 @@ def live_stats(app: FastAPI) -> dict[str, Any]:
                   "engine": app.state.config.engine.engine, "num_layers": info.num_layers,
                   "num_moe_layers": info.num_moe_layers or info.num_layers,
                   "num_experts": info.num_experts, "top_k": info.top_k,
-                  "max_model_len": app.state.serving.max_model_len,
+                  "max_model_len": app.state.serving.limits.max_model_len,
                   "dtype": info.dtype, "device": info.device},
     }
 

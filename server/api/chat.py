@@ -50,7 +50,8 @@ async def create_chat_completion(request: Request) -> Response:
     _check_unsupported(body)
     plan = plan_chat(serving, body)  # tools, structured output, reasoning: cheap checks first
     serving.check_capacity(1)
-    prepared = await serving.run_blocking(prepare_chat, serving, body, plan)  # template, tokens, grammar
+    compiled = await serving.compile_structured(plan.spec, request) if plan.spec is not None else None
+    prepared = await serving.run_blocking(prepare_chat, serving, body, plan, compiled)  # template, tokens
     prompt_ids = prepared.prompt_ids
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"

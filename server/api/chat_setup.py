@@ -1,6 +1,6 @@
 """What a chat request needs beyond sampling: its tool plan, its structured-output constraint and
-its reasoning mode, checked cheaply on the event loop (`plan_chat`), then the prompt rendered and
-the grammar compiled on the tokenizer thread (`prepare_chat`)."""
+its reasoning mode, checked cheaply on the event loop (`plan_chat`), then (the grammar compiled in
+the compile pool) the prompt rendered on the tokenizer thread (`prepare_chat`)."""
 
 from __future__ import annotations
 
@@ -66,15 +66,14 @@ def _check_history_names(body: ChatCompletionRequest, names: set[str]) -> None:
                 raise bad_request(f"{p}: unknown tool '{name[:64]}' (not in tools)", param=p)
 
 
-def prepare_chat(serving: Any, body: ChatCompletionRequest, plan: ChatPlan) -> PreparedChat:
-    """On the tokenizer thread: render and tokenize the prompt, compile the grammar (cached)."""
+def prepare_chat(serving: Any, body: ChatCompletionRequest, plan: ChatPlan, compiled: Any | None) -> PreparedChat:
+    """On the tokenizer thread: render and tokenize the prompt; the compiled grammar (if any)
+    starts after the reasoning part when the output starts inside one."""
     text = serving.render_chat(body.messages, True, tools=plan.tools.tools, template_kwargs=body.chat_template_kwargs)
     ids = serving.encode(text, add_special_tokens=False, limit=serving.max_model_len - 1, param="messages")
     in_reasoning = bool(plan.reasoning and plan.reasoning.starts_in_reasoning(text, body.chat_template_kwargs))
-    compiled = None
-    if plan.spec is not None:
-        gate = tuple(serving.tokenizer.encode(plan.reasoning.end_tag, add_special_tokens=False)) if in_reasoning else ()
-        compiled = serving.compile_structured(plan.spec, gate)
+    if compiled is not None and in_reasoning:
+        compiled = compiled.with_gate(tuple(serving.tokenizer.encode(plan.reasoning.end_tag, add_special_tokens=False)))
     return PreparedChat(ids, compiled, in_reasoning)
 
 

@@ -21,13 +21,15 @@ from starlette.requests import Request
 from server.api import chat_messages
 from server.api.errors import APIError, bad_request, model_not_found, overloaded, truncate
 from server.api.generation import GenerationStream
+from server.api.grammars import compile_for_request
 from server.api.protocol import ChatMessage
 from server.api.reasoning import REASONING_PARSERS
 from server.api.tool_parsers import TOOL_PARSERS
 from server.api.tokens import TokenText
 from server.config import ServerConfig
 from server.engine.request import MAX_LOGIT_BIAS, EngineRequest, SamplingParams, SamplingParamsError, short_list
-from server.engine.structured.spec import StructuredSpec, StructuredSpecError
+from server.engine.structured.service import GrammarService
+from server.engine.structured.spec import StructuredSpec
 from server.engine.validate import no_room_message, too_long_message
 
 T = TypeVar("T")
@@ -62,7 +64,9 @@ class Serving:
         # --tool-call-parser / --reasoning-parser (vLLM's names); parsers are stateless, one each
         self.tool_parser = TOOL_PARSERS[config.tool_call_parser]() if config.tool_call_parser else None
         self.reasoning_parser = REASONING_PARSERS.get(config.engine.reasoning_parser or "")
-        self._grammars: Any = None  # GrammarCache, made on the first structured request
+        # grammar compiles: in processes of their own (started with the first one), cached by bytes
+        self.grammars = GrammarService(engine.tokenizer, self.vocab_size,
+                                       tuple(getattr(engine.model_info, "eos_token_ids", ())), config.grammar_limits)
 
     async def run_blocking(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn(*args)` on the tokenizer thread (its APIError reaches the caller)."""
@@ -70,6 +74,7 @@ class Serving:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self.grammars.close()
 
     @staticmethod
     def _fast_backend(tokenizer: Any) -> Any:
@@ -189,24 +194,14 @@ class Serving:
                                     template_kwargs=template_kwargs, chat_template=self.chat_template)
 
     # -- structured outputs -----------------------------------------------------------------
-    def compile_structured(self, spec: StructuredSpec, gate: tuple[int, ...] = ()) -> Any:
-        """The spec's compiled grammar (cached; call on the tokenizer thread): a 400 naming the
-        parameter when it does not compile."""
-        if self._grammars is None:
-            from server.engine.structured.backend import GrammarCompiler
-            from server.engine.structured.cache import GrammarCache
-
-            self._grammars = GrammarCache(GrammarCompiler(self.tokenizer, self.vocab_size,
-                                                          tuple(getattr(self.engine.model_info, "eos_token_ids", ()))))
-        try:
-            compiled = self._grammars.get(spec)
-        except StructuredSpecError as e:
-            raise bad_request(truncate(e.message, 400), param=e.param) from None
-        return compiled.with_gate(gate) if gate else compiled
+    async def compile_structured(self, spec: StructuredSpec, request: Request | None = None) -> Any:
+        """The spec's compiled grammar (cached; compiled in the compile pool): a 400 naming the
+        parameter when it is refused; the wait ends when the request's client disconnects."""
+        return await compile_for_request(self.grammars, spec, request.receive if request is not None else None)
 
     @property
     def grammar_cache(self) -> Any:
-        return self._grammars
+        return self.grammars.cache
 
     # -- limits -----------------------------------------------------------------------------
     def resolve_max_tokens(self, prompt_len: int, requested: int | None, explicit: bool,

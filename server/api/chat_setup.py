@@ -50,6 +50,7 @@ def plan_chat(serving: Any, body: ChatCompletionRequest) -> ChatPlan:
         spec = tools.spec
     if tools.tools:
         _check_history_names(body, {t["function"]["name"] for t in tools.tools})
+    _check_tool_messages(body)
     if body.chat_template_kwargs is not None and len(body.chat_template_kwargs) > 64:
         raise bad_request("chat_template_kwargs: at most 64 entries", param="chat_template_kwargs")
     return ChatPlan(tools, spec, serving.reasoning_parser, serving.tool_parser)
@@ -64,6 +65,27 @@ def _check_history_names(body: ChatCompletionRequest, names: set[str]) -> None:
             if isinstance(name, str) and name not in names:
                 p = f"messages[{k}].tool_calls[{j}].function.name"
                 raise bad_request(f"{p}: unknown tool '{name[:64]}' (not in tools)", param=p)
+
+
+def _check_tool_messages(body: ChatCompletionRequest) -> None:
+    """As OpenAI: a `tool` message answers a call of the assistant message it follows (directly or
+    after other tool messages), naming that call's id."""
+    open_ids: set[str] | None = None  # the call ids of the assistant message the tool messages follow
+    for k, m in enumerate(body.messages):
+        if m.role == "tool":
+            p = f"messages[{k}]"
+            if m.tool_call_id is None:
+                raise bad_request(f"{p}.tool_call_id: is required for tool messages", param=f"{p}.tool_call_id")
+            if open_ids is None:
+                raise bad_request(f"{p}: a 'tool' message must answer a preceding assistant message with "
+                                  f"'tool_calls'", param=f"{p}.role")
+            if m.tool_call_id not in open_ids:
+                raise bad_request(f"{p}.tool_call_id: '{m.tool_call_id[:64]}' is not the id of a tool call of the "
+                                  f"preceding assistant message", param=f"{p}.tool_call_id")
+        elif m.role == "assistant" and m.tool_calls:
+            open_ids = {c.get("id") for c in m.tool_calls if isinstance(c, dict) and isinstance(c.get("id"), str)}
+        else:
+            open_ids = None
 
 
 def prepare_chat(serving: Any, body: ChatCompletionRequest, plan: ChatPlan, compiled: Any | None) -> PreparedChat:

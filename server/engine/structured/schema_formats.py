@@ -26,10 +26,11 @@ IPV4 = rf"{_OCTET}(?:\.{_OCTET}){{3}}"
 PATTERNS = {"date": DATE, "time": TIME, "date-time": f"{DATE}T{TIME}", "ipv4": IPV4}
 
 
-def exact_formats(schema: Any) -> Any:
+def exact_formats(schema: Any, nodes: list | None = None) -> Any:
     """`schema`, or a copy of it in which the formats above are their patterns (called after
-    schema_support.check_supported, which refuses `format` beside `pattern` or lengths)."""
-    if not any(isinstance(node, dict) and node.get("format") in PATTERNS for _p, node, _d in walk(schema)):
+    schema_support.check_supported, which refuses `format` beside `pattern` or lengths);
+    `nodes`: walk(schema)'s output, if at hand."""
+    if not any(isinstance(node, dict) and node.get("format") in PATTERNS for _p, node, _d in nodes or walk(schema)):
         return schema
     out = copy_json(schema)
     for _path, node, _depth in walk(out):

@@ -35,10 +35,13 @@ class SchemaLimitError(ValueError):
         self.message = message
 
 
-def check_limits(schema: Any) -> None:
-    """Raise SchemaLimitError for the first limit `schema` exceeds."""
+def check_limits(schema: Any) -> list[tuple[tuple[Any, ...], Any, int]]:
+    """Raise SchemaLimitError for the first limit `schema` exceeds; else return its subschemas
+    (walk's (path, node, depth)), for the checks that follow."""
+    seen: list[tuple[tuple[Any, ...], Any, int]] = []
     nodes = optional_total = enum_values = 0
     for path, node, depth in walk(schema, max_depth=MAX_DEPTH):
+        seen.append((path, node, depth))
         if depth > MAX_DEPTH:
             raise SchemaLimitError("depth", f"nested more than {MAX_DEPTH} levels deep (at {_short(path)}); "
                                             f"the limit is {MAX_DEPTH} (inline nesting costs the grammar "
@@ -68,6 +71,7 @@ def check_limits(schema: Any) -> None:
                 raise SchemaLimitError("optional_properties", (
                     f"more than {MAX_TOTAL_OPTIONAL_PROPERTIES} optional properties in all; the limit is "
                     f"{MAX_TOTAL_OPTIONAL_PROPERTIES}"))
+    return seen
 
 
 def _short(path: tuple[Any, ...]) -> str:

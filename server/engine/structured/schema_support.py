@@ -29,6 +29,7 @@ Unknown keywords are annotations (as JSON Schema says) and are ignored.
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -82,19 +83,23 @@ class UnsupportedSchema(ValueError):
         self.message = message
 
 
-def check_supported(root: Any) -> None:
-    """Raise UnsupportedSchema (message: the keyword, where, why) for the first problem."""
-    for path, node, _depth in walk(root):
+def check_supported(root: Any, nodes: list | None = None) -> None:
+    """Raise UnsupportedSchema (message: the keyword, where, why) for the first problem;
+    `nodes`: walk(root)'s output, if at hand."""
+    for path, node, _depth in nodes or walk(root):
         if isinstance(node, dict):
             # property names are strings whatever the schema says
-            _check_node(root, node, pointer(path), "string" if path[-1:] == ("propertyNames",) else None)
+            _check_node(root, node, path, "string" if path[-1:] == ("propertyNames",) else None)
 
 
-def _fail(where: str, message: str) -> None:
-    raise UnsupportedSchema(f"{message} (at {where})")
+Where = tuple  # a subschema's path (keys and indices), made a JSON pointer only for a message
 
 
-def _check_node(root: Any, node: dict[str, Any], where: str, implied: str | None) -> None:
+def _fail(where: Where, message: str) -> None:
+    raise UnsupportedSchema(f"{message} (at {pointer(where)})")
+
+
+def _check_node(root: Any, node: dict[str, Any], where: Where, implied: str | None) -> None:
     for key in node:
         if key in REFUSED:
             _fail(where, REFUSED[key])
@@ -135,7 +140,7 @@ def _check_node(root: Any, node: dict[str, Any], where: str, implied: str | None
         _check_number(node, types, where)
 
 
-def _check_shapes(node: dict[str, Any], where: str) -> None:
+def _check_shapes(node: dict[str, Any], where: Where) -> None:
     for key in ("properties", "patternProperties", "$defs", "definitions"):
         if key in node and not isinstance(node[key], dict):
             _fail(where, f"'{key}' must be an object")
@@ -162,7 +167,7 @@ def _check_shapes(node: dict[str, Any], where: str) -> None:
             _fail(where, f"'type' must name distinct types among {', '.join(TYPES)}")
 
 
-def _types(node: dict[str, Any], where: str) -> set[str]:
+def _types(node: dict[str, Any], where: Where) -> set[str]:
     """The types the backend generates for `node` (explicit, or implied by properties/items)."""
     t = node.get("type")
     if t is not None:
@@ -179,7 +184,7 @@ def _types(node: dict[str, Any], where: str) -> set[str]:
     return set(TYPES)
 
 
-def _check_object(node: dict[str, Any], where: str) -> None:
+def _check_object(node: dict[str, Any], where: Where) -> None:
     props = node.get("properties") or {}
     undeclared = [r for r in node.get("required", []) if r not in props]
     if undeclared:
@@ -207,7 +212,7 @@ def _check_object(node: dict[str, Any], where: str) -> None:
             _fail(where, f"'propertyNames' rejects the declared property {rejected[0][:40]!r}")
 
 
-def _check_string(node: dict[str, Any], where: str) -> None:
+def _check_string(node: dict[str, Any], where: Where) -> None:
     lengths = [k for k in ("minLength", "maxLength") if k in node]
     fmt = node.get("format")
     if fmt is not None:
@@ -222,7 +227,7 @@ def _check_string(node: dict[str, Any], where: str) -> None:
                      f"length into the pattern, e.g. ^[a-z]{{1,4}}$)")
 
 
-def _check_number(node: dict[str, Any], types: set[str], where: str) -> None:
+def _check_number(node: dict[str, Any], types: set[str], where: Where) -> None:
     if "multipleOf" not in node:
         return
     step = node["multipleOf"]
@@ -236,7 +241,7 @@ def _check_number(node: dict[str, Any], types: set[str], where: str) -> None:
                      "lower and an upper bound, or neither)")
 
 
-def _check_values(node: dict[str, Any], where: str) -> None:
+def _check_values(node: dict[str, Any], where: Where) -> None:
     """enum/const: xgrammar emits the values, ignoring the other keywords: they must all hold."""
     values = node["enum"] if "enum" in node else [node["const"]]
     if "enum" in node and "const" in node:
@@ -256,7 +261,7 @@ def _check_values(node: dict[str, Any], where: str) -> None:
                      f"the grammar backend does not apply to it")
 
 
-def _check_combinator(root: Any, node: dict[str, Any], key: str, where: str) -> None:
+def _check_combinator(root: Any, node: dict[str, Any], key: str, where: Where) -> None:
     if key != "oneOf" or len(node[key]) < 2:
         return
     branches = []
@@ -307,7 +312,7 @@ def _disjoint_types(branches: list[Any]) -> bool:
     sets = [_branch_types(b) for b in branches]
     if any(s is None for s in sets):
         return False
-    return all(not (sets[i] & sets[j]) for i in range(len(sets)) for j in range(i + 1, len(sets)))
+    return len(set().union(*sets)) == sum(len(s) for s in sets)  # pairwise disjoint
 
 
 def _disjoint_discriminator(branches: list[Any]) -> bool:
@@ -315,19 +320,25 @@ def _disjoint_discriminator(branches: list[Any]) -> bool:
         return False
     common = set.intersection(*(set(b.get("required") or []) for b in branches))
     for name in sorted(common):
-        value_sets = []
+        seen: set[str] = set()
         for b in branches:
             prop = b["properties"].get(name)
             if not isinstance(prop, dict) or not ("const" in prop or isinstance(prop.get("enum"), list)):
                 break
-            value_sets.append([prop["const"]] if "const" in prop else prop["enum"])
+            keys = {_canonical(v) for v in ([prop["const"]] if "const" in prop else prop["enum"])}
+            if keys & seen:
+                break
+            seen |= keys
         else:
-            if all(not any(_same(a, b) for a in value_sets[i] for b in value_sets[j])
-                   for i in range(len(value_sets)) for j in range(i + 1, len(value_sets))):
-                return True
+            return True
     return False
 
 
-def _same(a: Any, b: Any) -> bool:
-    """JSON equality: 1 == 1.0, but true != 1."""
-    return isinstance(a, bool) == isinstance(b, bool) and a == b
+def _canonical(value: Any) -> str:
+    """JSON equality as a string: 1 and 1.0 the same, true and 1 not."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    try:
+        return json.dumps(value, sort_keys=True)
+    except (TypeError, ValueError):
+        return repr(value)

@@ -25,25 +25,26 @@ def pointer(path: tuple[Any, ...]) -> str:
     return "#" + "".join("/" + str(p).replace("~", "~0").replace("/", "~1") for p in path)
 
 
+_KIND = {**{k: 1 for k in ONE_KEYS}, **{k: 2 for k in LIST_KEYS}, **{k: 3 for k in MAP_KEYS}}
+
+
 def subschemas(node: dict[str, Any]) -> Iterator[tuple[tuple[Any, ...], Any]]:
-    for key in ONE_KEYS:
-        if key in node:
-            yield (key,), node[key]
-    for key in LIST_KEYS:
-        value = node.get(key)
-        if isinstance(value, list):
+    for key, value in node.items():  # a schema has few keys: cheaper than looking each kind up
+        kind = _KIND.get(key)
+        if kind == 1:
+            yield (key,), value
+        elif kind == 2 and isinstance(value, list):
             for i, child in enumerate(value):
                 yield (key, i), child
-    for key in MAP_KEYS:
-        value = node.get(key)
-        if isinstance(value, dict):
+        elif kind == 3 and isinstance(value, dict):
             for name, child in value.items():
                 yield (key, name), child
 
 
 def walk(root: Any, max_depth: int | None = None) -> Iterator[tuple[tuple[Any, ...], Any, int]]:
-    """(path, subschema, depth) for the root (depth 0) and every subschema under it; nodes deeper
-    than `max_depth` are yielded but not descended into (the caller refuses them)."""
+    """(path, subschema, depth) for the root (depth 0) and every subschema under it, depth first
+    in document order; nodes deeper than `max_depth` are yielded but not descended into (the
+    caller refuses them)."""
     stack: list[tuple[tuple[Any, ...], Any, int]] = [((), root, 0)]
     while stack:
         path, node, depth = stack.pop()
@@ -51,7 +52,8 @@ def walk(root: Any, max_depth: int | None = None) -> Iterator[tuple[tuple[Any, .
         if not isinstance(node, dict) or (max_depth is not None and depth > max_depth):
             continue
         children = [(path + sub, child, depth + 1) for sub, child in subschemas(node)]
-        stack.extend(reversed(children))
+        children.reverse()
+        stack.extend(children)
 
 
 class RefError(ValueError):

@@ -87,26 +87,33 @@ def json_schema_spec(schema: Any, param: str, any_whitespace: bool = False) -> S
         schema = {}
     if not isinstance(schema, dict):
         raise StructuredSpecError(param, f"{param}: a JSON schema must be an object, not {type(schema).__name__}")
-    check_schema(schema, param)
-    schema = exact_formats(schema)
     # key order is kept: it is the order the properties are generated in
-    text = json.dumps(schema, separators=(",", ":"), ensure_ascii=False)
-    _check_size(param, text)
+    try:
+        text = json.dumps(schema, separators=(",", ":"), ensure_ascii=False)
+    except RecursionError:
+        raise StructuredSpecError(param, f"{param}: nested more than {MAX_JSON_DEPTH} levels deep; the limit is "
+                                         f"{MAX_JSON_DEPTH}") from None
+    _check_size(param, text)  # the request's schema (the exact formats below add patterns of ours)
+    exact = exact_formats(schema, check_schema(schema, param))
+    if exact is not schema:
+        text = json.dumps(exact, separators=(",", ":"), ensure_ascii=False)
     return StructuredSpec("json", text, any_whitespace, param)
 
 
-def check_schema(schema: Any, param: str) -> None:
+def check_schema(schema: Any, param: str) -> list:
     """What a JSON schema may ask of the grammar compiler (before it compiles): nesting, size,
-    optional properties (schema_limits), and only keywords the backend enforces (schema_support)."""
+    optional properties (schema_limits), and only keywords the backend enforces (schema_support).
+    Returns its subschemas, walked once (schema_walk.walk's output)."""
     depth = json_depth(schema)
     if depth > MAX_JSON_DEPTH:
         raise StructuredSpecError(param, f"{param}: nested more than {MAX_JSON_DEPTH} levels deep; the limit is "
                                          f"{MAX_JSON_DEPTH}")
     try:
-        check_limits(schema)
-        check_supported(schema)
+        nodes = check_limits(schema)
+        check_supported(schema, nodes)
     except (SchemaLimitError, UnsupportedSchema) as e:
         raise StructuredSpecError(param, f"{param}: {e.message}") from None
+    return nodes
 
 
 def json_depth(value: Any) -> int:

@@ -30,7 +30,7 @@ async def compile_for_request(service: GrammarService, spec: StructuredSpec,
     except StructuredSpecError as e:
         raise bad_request(truncate(e.message, 400), param=e.param) from None
     except CompileBacklogFull as e:
-        raise overloaded(f"Too many distinct grammars are waiting to be compiled ({e}); retry later.") from None
+        raise overloaded(f"The grammar compiler is busy: {e}; retry later.") from None
     except CompilerUnavailable as e:
         raise unavailable(f"The grammar compiler is not available ({e}); retry later.") from None
     finally:

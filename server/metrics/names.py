@@ -199,10 +199,12 @@ GRAMMAR_COMPILES_WAITING = MetricSpec(
     "moe_grammar_compiles_waiting", GAUGE,
     "Grammar compiles (distinct specs) queued for a compile process.", ())
 GRAMMAR_COMPILES_RUNNING = MetricSpec(
-    "moe_grammar_compiles_running", GAUGE, "Grammar compiles running in compile processes.", ())
+    "moe_grammar_compiles_running", GAUGE,
+    "Grammar compiles under way (the trial in a compile process, then the server's own).", ())
 GRAMMAR_COMPILE_DURATION = MetricSpec(
     "moe_grammar_compile_duration_seconds", HISTOGRAM,
-    "Wall time of one grammar compile in a compile process, by outcome.", (OUTCOME,), GRAMMAR_COMPILE_BUCKETS)
+    "Wall time of one grammar compile (trial and, when accepted, the server's own), by outcome.", (OUTCOME,),
+    GRAMMAR_COMPILE_BUCKETS)
 GRAMMAR_CACHE_BYTES = MetricSpec(
     "moe_grammar_cache_bytes", GAUGE, "Bytes held by the compiled-grammar cache (grammars and their specs).", ())
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import sys
 import threading
 import time
 from collections import deque
@@ -66,12 +67,11 @@ class CompilerUnavailable(Exception):
 
 
 class CompileJob:
-    __slots__ = ("future", "spec", "submitted")
+    __slots__ = ("future", "spec")
 
     def __init__(self, spec: StructuredSpec) -> None:
         self.spec = spec
         self.future: Future = Future()
-        self.submitted = time.monotonic()
 
 
 class _Slot:
@@ -127,7 +127,7 @@ class CompilePool:
         self.memory_budget = 4 * max_grammar_bytes + 256 * 2**20
         self.on_done = on_done
         self._ctx = multiprocessing.get_context("forkserver")
-        self._ctx.set_forkserver_preload([compile_worker.__name__])
+        self._ctx.set_forkserver_preload(_preload())
         self._queue: deque[CompileJob] = deque()
         self._cv = threading.Condition()
         self._info_json: str | None = None
@@ -197,6 +197,7 @@ class CompilePool:
                 if job.future.set_running_or_notify_cancel():
                     self._run(slot, job)
             finally:
+                job = None  # noqa: F841 - not kept (with its compiled grammar) while this thread waits
                 with self._cv:
                     self.running -= 1
 
@@ -210,9 +211,8 @@ class CompilePool:
         start = time.monotonic()
         outcome = "failed"
         try:
-            result = self._compile(slot, job.spec)
+            job.future.set_result(self._compile(slot, job.spec))
             outcome = "compiled"
-            job.future.set_result(result)
         except CompileTimeout as e:
             outcome = "timeout"
             job.future.set_exception(e)
@@ -309,18 +309,30 @@ class CompilePool:
         finally:
             child.close()
         slot.proc, slot.conn = proc, parent
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        while time.monotonic() < deadline and slot.alive():
+        start = time.monotonic()
+        while time.monotonic() < start + STARTUP_TIMEOUT and slot.alive():
             try:
                 if parent.poll(POLL):
                     if parent.recv()[0] == "ready":
                         slot.base_rss = slot.rss()
+                        log.info("grammar compile process %d up in %.2f s", proc.pid, time.monotonic() - start)
                         return
                     break
             except (EOFError, OSError):
                 break
         slot.kill()
         raise CompilerUnavailable("a grammar compile process did not start")
+
+
+def _preload() -> list[str]:
+    """What the forkserver imports once, for every compile process it forks: the worker (and
+    xgrammar), and the main module, which multiprocessing re-runs in each child (for
+    `python -m server.cli`: server.cli; its imports are then already done in the fork)."""
+    modules = [compile_worker.__name__]
+    name = getattr(getattr(sys.modules.get("__main__"), "__spec__", None), "name", None)
+    if name and name != "__main__" and not name.endswith(".__main__"):
+        modules.append(name)
+    return modules
 
 
 def _lower_priority(tid: int) -> None:
@@ -330,3 +342,4 @@ def _lower_priority(tid: int) -> None:
         os.setpriority(os.PRIO_PROCESS, tid, 10)
     except (AttributeError, OSError):
         pass
+

@@ -29,7 +29,7 @@ from server.engine.structured.spec import StructuredSpec
 
 @dataclass
 class _Flight:
-    job: CompileJob
+    job: CompileJob | None  # None once finished
     future: asyncio.Future
     waiters: int = 0
 
@@ -83,7 +83,8 @@ class GrammarService:
             item = await asyncio.shield(flight.future)
         finally:
             flight.waiters -= 1
-            if flight.waiters == 0 and not flight.future.done() and self.pool.cancel(flight.job):
+            if flight.waiters == 0 and flight.job is not None and not flight.future.done() \
+                    and self.pool.cancel(flight.job):
                 self._forget(spec.key, flight)
                 flight.future.cancel()
         if isinstance(item, GrammarError):
@@ -107,6 +108,9 @@ class GrammarService:
 
     def _finish(self, spec: StructuredSpec, flight: _Flight, f: Future) -> None:
         self._forget(spec.key, flight)
+        # job -> its future -> `done` -> flight -> job is a cycle: unbroken, a compiled grammar
+        # lived until the next full garbage collection (RSS grew ~7 MB per big grammar)
+        flight.job = None
         if flight.future.done():
             return
         if f.cancelled():

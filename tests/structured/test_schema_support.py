@@ -50,10 +50,17 @@ REFUSED = [
     ({"type": "object", "properties": {"a": {"type": "string", "contentEncoding": "base64"}}},
      ["contentEncoding", "#/properties/a"]),
     ({"type": "object", "properties": {"a": INT}, "$defs": [1]}, ["$defs", "object"]),
+    # malformed values are refused by shape before any check relies on them (was a TypeError)
+    ({"type": "string", "format": []}, ["'format' must be a string"]),
+    ({"type": "integer", "minimum": "a"}, ["'minimum' must be a finite number"]),
+    ('{"type": "number", "maximum": NaN}', ["'maximum' must be a finite number"]),
+    ({"type": "array", "items": [INT]}, ["'items' must be a schema"]),
+    ({"anyOf": [1, 2]}, ["'anyOf' must be an array of schemas"]),
 ]
 
 
-@pytest.mark.parametrize("schema,words", REFUSED, ids=[json.dumps(s)[:50] for s, _ in REFUSED])
+@pytest.mark.parametrize("schema,words", REFUSED, ids=[json.dumps(s)[:50] if not isinstance(s, str) else s[:50]
+                                                       for s, _ in REFUSED])
 def test_unenforced_keywords_are_refused_naming_keyword_and_path(schema, words) -> None:
     with pytest.raises(StructuredSpecError) as e:
         json_schema_spec(schema, "guided_json")

@@ -30,6 +30,7 @@ Unknown keywords are annotations (as JSON Schema says) and are ignored.
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Any
 
@@ -140,13 +141,38 @@ def _check_node(root: Any, node: dict[str, Any], where: Where, implied: str | No
         _check_number(node, types, where)
 
 
+_SCHEMA_KEYS = ("items", "additionalProperties", "propertyNames", "unevaluatedItems", "unevaluatedProperties")
+_COUNTS = ("minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties")
+_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf")
+
+
 def _check_shapes(node: dict[str, Any], where: Where) -> None:
+    """The values' JSON types, as the meta-schema says (so that later checks can trust them)."""
     for key in ("properties", "patternProperties", "$defs", "definitions"):
-        if key in node and not isinstance(node[key], dict):
-            _fail(where, f"'{key}' must be an object")
-    for key in ("allOf", "anyOf", "oneOf", "prefixItems", "enum"):
-        if key in node and not isinstance(node[key], list):
-            _fail(where, f"'{key}' must be an array")
+        if key in node and not (isinstance(node[key], dict) and all(isinstance(v, (dict, bool))
+                                                                    for v in node[key].values())):
+            _fail(where, f"'{key}' must be an object of schemas")
+    for key in ("allOf", "anyOf", "oneOf", "prefixItems"):
+        if key in node and not (isinstance(node[key], list) and all(isinstance(v, (dict, bool)) for v in node[key])):
+            _fail(where, f"'{key}' must be an array of schemas")
+    for key in _SCHEMA_KEYS:
+        if key in node and not isinstance(node[key], (dict, bool)):
+            _fail(where, f"'{key}' must be a schema (an object or a boolean)")
+    if "enum" in node and not isinstance(node["enum"], list):
+        _fail(where, "'enum' must be an array")
+    for key in ("format", "pattern", "$ref"):
+        if key in node and not isinstance(node[key], str):
+            _fail(where, f"'{key}' must be a string")
+    for key in _COUNTS:
+        if key in node and (isinstance(node[key], bool) or not isinstance(node[key], int) or node[key] < 0):
+            _fail(where, f"'{key}' must be a non-negative integer")
+    for key in _BOUNDS:
+        value = node.get(key)
+        if key in node and (isinstance(value, bool) or not isinstance(value, (int, float))
+                            or not math.isfinite(value)):
+            _fail(where, f"'{key}' must be a finite number")
+    if "uniqueItems" in node and not isinstance(node["uniqueItems"], bool):
+        _fail(where, "'uniqueItems' must be a boolean")
     for key in ("allOf", "anyOf", "oneOf", "enum"):
         if key in node and not node[key]:
             _fail(where, f"'{key}' must not be empty (an empty '{key}' accepts no output)" if key != "allOf"

@@ -9,8 +9,8 @@ replaced in milliseconds.
 A spec is compiled twice: on trial in a process, where it may be killed, and, once the trial
 has shown that it compiles within the time, memory and size budgets, again on the dispatcher
 thread, for this process (the same work, so it takes about as long as the trial did). Sending
-the compiled grammar back instead costs more: xgrammar's serialization of a 43 MB grammar
-took 6.5 s plus 1.5 s to read back, against 2.3 s for a compile (docs/benchmarks.md).
+the compiled grammar back instead costs more: xgrammar serializes a 48 MB grammar in 2.7 s and
+reads it back in 1.2 s, against 1.9 s to compile it (docs/benchmarks.md).
 
 - `workers` processes (default: half the cores, 1 to 4), each compiling with one xgrammar
   thread, so that compiles leave the engine its cores;
@@ -20,7 +20,10 @@ took 6.5 s plus 1.5 s to read back, against 2.3 s for a compile (docs/benchmarks
   the budget of wall time the compile is given up without keeping the failure), watches the
   process's memory (SIGKILL past its budget: `GrammarTooLarge`), then compiles the accepted
   spec itself (never on the event loop);
-- the processes and the dispatcher threads run at nice 10: the engine's threads come first;
+- the processes and the dispatcher threads run at nice 10: one decode stream on 2 cores ran
+  29% slower while a compile ran (189 -> 134 tokens/s; the issue: 132 -> 49 with xgrammar's 4
+  threads at nice 0); nice 19 was no better, SCHED_IDLE cost 4% but would starve compiles on
+  a server that decodes all the time;
 - a FIFO of specs waiting for a process, at most `max_queue` long (`CompileBacklogFull` past
   it: the API answers 429); a waiting spec whose requests all left is dropped (`cancel`).
 """

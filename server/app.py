@@ -62,6 +62,7 @@ def create_app(engine: Any, config: ServerConfig, metrics: ServerMetrics | None 
     app.state.config = config
     app.state.metrics = metrics
     app.state.serving = Serving(engine, config)
+    metrics.grammar.bind(app.state.serving.grammars)  # compile backlog, compile times, cache bytes
     app.state.draining = False
     app.state.ready = False
     app.state.inflight = 0

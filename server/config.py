@@ -23,6 +23,7 @@ from models.kernels.flags import (
     LinearChoice,
     MoEChoice,
 )
+from server.engine.structured.limits import GrammarLimits
 
 BUNDLED_MODEL = str(Path(__file__).resolve().parent.parent / "models" / "checkpoints" / "tiny-mixtral")
 
@@ -253,6 +254,13 @@ class ServerConfig:
     enable_auto_tool_choice: bool = option(False, "vLLM compatibility: needs --tool-call-parser")
     chat_template: str | None = option(
         None, "chat template (Jinja text or a file) instead of the tokenizer's")
+    # structured outputs: grammars compile in processes of their own, each within this budget
+    # (past it: 400, and the spec is refused at once from then on)
+    grammar_compile_timeout: float = option(10.0, "seconds of CPU one grammar compile may take (400 past it)")
+    # compiled grammars kept (LRU, by bytes); one grammar may take a quarter of it (400 past it)
+    grammar_cache_memory: int = option(512 * 2**20, "memory for compiled grammars, e.g. 512MiB", kind="bytes")
+    # None: half the cores, 1 to 4
+    grammar_compile_workers: int | None = option(None, "grammar compile processes (default: half the cores, 1-4)")
     log_format: LogFormat = option("text", "log line format")
     log_level: LogLevel = option("info", "log level")
     ui: bool = option(True, "serve the web playground at / (--no-ui: off)")
@@ -281,6 +289,15 @@ class ServerConfig:
             raise ConfigError("max_body_bytes must be >= 1024")
         if self.max_header_bytes < 1024:
             raise ConfigError("max_header_bytes must be >= 1024")
+        try:
+            self.grammar_limits  # noqa: B018 - validates the grammar_* fields
+        except ValueError as e:
+            raise ConfigError(str(e).replace("the grammar compile timeout", "grammar_compile_timeout")) from None
+
+    @property
+    def grammar_limits(self) -> GrammarLimits:
+        kw = {} if self.grammar_compile_workers is None else {"workers": self.grammar_compile_workers}
+        return GrammarLimits(timeout=self.grammar_compile_timeout, cache_bytes=self.grammar_cache_memory, **kw)
 
     def effective_allowed_hosts(self) -> tuple[str, ...]:
         """The Host allow-list in force ("*" alone: any host)."""

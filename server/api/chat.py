@@ -54,7 +54,8 @@ async def create_chat_completion(request: Request) -> Response:
     _check_unsupported(body)
     plan = plan_chat(serving, body)  # tools, structured output, reasoning: cheap checks first
     serving.limits.check_capacity(1)
-    prepared = await serving.tokens.run_blocking(prepare_chat, serving, body, plan)  # template, tokens, grammar
+    compiled = await serving.compile_structured(plan.spec, request) if plan.spec is not None else None
+    prepared = await serving.tokens.run_blocking(prepare_chat, serving, body, plan, compiled)  # template, tokens
     prompt_ids = prepared.prompt_ids
     check_prompt_logprob_entries([len(prompt_ids)], 1, body.prompt_logprobs)  # sent once per response
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens

@@ -1,6 +1,6 @@
 """What a chat request needs beyond sampling: its tool plan, its structured-output constraint and
-its reasoning mode, checked cheaply on the event loop (`plan_chat`), then the prompt rendered and
-the grammar compiled on the tokenizer thread (`prepare_chat`)."""
+its reasoning mode, checked cheaply on the event loop (`plan_chat`), then (the grammar compiled in
+the compile pool) the prompt rendered on the tokenizer thread (`prepare_chat`)."""
 
 from __future__ import annotations
 
@@ -50,6 +50,7 @@ def plan_chat(serving: Any, body: ChatCompletionRequest) -> ChatPlan:
         spec = tools.spec
     if tools.tools:
         _check_history_names(body, {t["function"]["name"] for t in tools.tools})
+    _check_tool_messages(body)
     if body.chat_template_kwargs is not None and len(body.chat_template_kwargs) > 64:
         raise bad_request("chat_template_kwargs: at most 64 entries", param="chat_template_kwargs")
     return ChatPlan(tools, spec, serving.reasoning_parser, serving.tool_parser)
@@ -66,15 +67,35 @@ def _check_history_names(body: ChatCompletionRequest, names: set[str]) -> None:
                 raise bad_request(f"{p}: unknown tool '{name[:64]}' (not in tools)", param=p)
 
 
-def prepare_chat(serving: Any, body: ChatCompletionRequest, plan: ChatPlan) -> PreparedChat:
-    """On the tokenizer thread: render and tokenize the prompt, compile the grammar (cached)."""
+def _check_tool_messages(body: ChatCompletionRequest) -> None:
+    """As OpenAI: a `tool` message answers a call of the assistant message it follows (directly or
+    after other tool messages), naming that call's id."""
+    open_ids: set[str] | None = None  # the call ids of the assistant message the tool messages follow
+    for k, m in enumerate(body.messages):
+        if m.role == "tool":
+            p = f"messages[{k}]"
+            if m.tool_call_id is None:
+                raise bad_request(f"{p}.tool_call_id: is required for tool messages", param=f"{p}.tool_call_id")
+            if open_ids is None:
+                raise bad_request(f"{p}: a 'tool' message must answer a preceding assistant message with "
+                                  f"'tool_calls'", param=f"{p}.role")
+            if m.tool_call_id not in open_ids:
+                raise bad_request(f"{p}.tool_call_id: '{m.tool_call_id[:64]}' is not the id of a tool call of the "
+                                  f"preceding assistant message", param=f"{p}.tool_call_id")
+        elif m.role == "assistant" and m.tool_calls:
+            open_ids = {c.get("id") for c in m.tool_calls if isinstance(c, dict) and isinstance(c.get("id"), str)}
+        else:
+            open_ids = None
+
+
+def prepare_chat(serving: Any, body: ChatCompletionRequest, plan: ChatPlan, compiled: Any | None) -> PreparedChat:
+    """On the tokenizer thread: render and tokenize the prompt; the compiled grammar (if any)
+    starts after the reasoning part when the output starts inside one."""
     text = serving.tokens.render_chat(body.messages, True, tools=plan.tools.tools, template_kwargs=body.chat_template_kwargs)
     ids = serving.tokens.encode(text, add_special_tokens=False, limit=serving.limits.max_model_len - 1, param="messages")
     in_reasoning = bool(plan.reasoning and plan.reasoning.starts_in_reasoning(text, body.chat_template_kwargs))
-    compiled = None
-    if plan.spec is not None:
-        gate = tuple(serving.tokens.tokenizer.encode(plan.reasoning.end_tag, add_special_tokens=False)) if in_reasoning else ()
-        compiled = serving.compile_structured(plan.spec, gate)
+    if compiled is not None and in_reasoning:
+        compiled = compiled.with_gate(tuple(serving.tokens.tokenizer.encode(plan.reasoning.end_tag, add_special_tokens=False)))
     return PreparedChat(ids, compiled, in_reasoning)
 
 

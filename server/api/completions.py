@@ -26,7 +26,6 @@ from server.api.streaming import StreamUsage, respond, usage
 from server.api.structured import request_spec
 from server.api.tokens import LegacyLogprobs, prompt_logprobs_json
 from server.engine.request import EngineRequest, Logprob, RequestOutput
-from server.engine.structured.spec import StructuredSpec
 
 router = APIRouter()
 
@@ -79,11 +78,12 @@ async def create_completion(request: Request) -> Response:
     if body.stream_options is not None and not body.stream:
         raise bad_request("stream_options: only allowed when stream is true", param="stream_options")
     serving.limits.check_prompt_count(body.prompt)
-    spec = request_spec(body)  # structured output: checked here, compiled on the tokenizer thread
+    spec = request_spec(body)  # structured output: checked here, compiled in the compile pool
     request_id = new_id("cmpl")
     log = request_log(request)
     log.request_id = request_id
-    engine_requests, plan = await serving.tokens.run_blocking(_prepare, serving, body, request_id, spec)
+    structured = await serving.compile_structured(spec, request) if spec is not None else None
+    engine_requests, plan = await serving.tokens.run_blocking(_prepare, serving, body, request_id, structured)
     log.prompt_tokens = sum(len(ids) for ids in plan.prompt_ids)
     gen = await serving.start_generation(request, engine_requests, stream=bool(body.stream))
 
@@ -96,13 +96,12 @@ async def create_completion(request: Request) -> Response:
 
 
 def _prepare(serving: Serving, body: CompletionRequest, request_id: str,
-             spec: StructuredSpec | None) -> tuple[list[EngineRequest], _Plan]:
-    """Tokenize, validate and compile the grammar (on the tokenizer thread): the engine requests
-    and the response plan."""
+             structured: Any | None) -> tuple[list[EngineRequest], _Plan]:
+    """Tokenize and validate (on the tokenizer thread): the engine requests (with the compiled
+    grammar, if any) and the response plan."""
     prompts = serving.tokens.completion_prompts(body.prompt)
     check_prompt_logprob_entries([len(ids) for ids, _ in prompts], body.n if body.n is not None else 1,
                                  body.prompt_logprobs, body.logprobs if body.echo else None)
-    structured = serving.compile_structured(spec) if spec is not None else None
     explicit_max = "max_tokens" in body.model_fields_set
     prompt_lp = body.prompt_logprobs
     if body.echo and body.logprobs is not None:  # echoed prompt tokens carry logprobs too

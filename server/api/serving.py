@@ -3,8 +3,9 @@
 It composes the pieces a request goes through on its way to the engine: `limits` (context
 length, prompt count, capacity, max_tokens: server/api/limits.py), `tokens` (tokenizer and chat
 template on their own thread: server/api/tokenizing.py), `sampling_params` (server/api/sampling.py),
-compiled grammars, then `start_generation`. It never reaches into the engine beyond the
-`EngineClient` protocol (`model_info`, `tokenizer`, `in_flight`, `generate`, `abort`).
+`grammars` (structured outputs compiled in a pool of their own: server/engine/structured/service.py),
+then `start_generation`. It never reaches into the engine beyond the `EngineClient` protocol
+(`model_info`, `tokenizer`, `in_flight`, `generate`, `abort`).
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from typing import Any
 from starlette.requests import Request
 
 from server.api.encoder import ResponseEncoder
-from server.api.errors import bad_request, model_not_found, truncate
+from server.api.errors import model_not_found
 from server.api.generation import GenerationStream
+from server.api.grammars import compile_for_request
 from server.api.inflight import InflightGenerations
 from server.api.limits import Limits
 from server.api.reasoning import REASONING_PARSERS
@@ -27,7 +29,8 @@ from server.api.tool_parsers import TOOL_PARSERS
 from server.api.tokens import TokenText
 from server.config import ServerConfig
 from server.engine.request import EngineRequest, SamplingParams
-from server.engine.structured.spec import StructuredSpec, StructuredSpecError
+from server.engine.structured.service import GrammarService
+from server.engine.structured.spec import StructuredSpec
 
 
 def new_id(prefix: str) -> str:
@@ -47,12 +50,15 @@ class Serving:
         # --tool-call-parser / --reasoning-parser (vLLM's names); parsers are stateless, one each
         self.tool_parser = TOOL_PARSERS[config.tool_call_parser]() if config.tool_call_parser else None
         self.reasoning_parser = REASONING_PARSERS.get(config.engine.reasoning_parser or "")
-        self._grammars: Any = None  # GrammarCache, made on the first structured request
+        # grammar compiles: in processes of their own (started with the first one), cached by bytes
+        self.grammars = GrammarService(engine.tokenizer, self.limits.vocab_size,
+                                       tuple(getattr(engine.model_info, "eos_token_ids", ())), config.grammar_limits)
         self.generations = InflightGenerations()  # what a drain past its deadline ends (server/serve.py)
 
     def close(self) -> None:
         self.tokens.close()
         self.encoder.close()
+        self.grammars.close()
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
@@ -61,25 +67,14 @@ class Serving:
     def sampling_params(self, **kwargs: Any) -> SamplingParams:
         return build_sampling_params(self.limits.vocab_size, **kwargs)
 
-    # -- structured outputs -----------------------------------------------------------------
-    def compile_structured(self, spec: StructuredSpec, gate: tuple[int, ...] = ()) -> Any:
-        """The spec's compiled grammar (cached; call on the tokenizer thread): a 400 naming the
-        parameter when it does not compile."""
-        if self._grammars is None:
-            from server.engine.structured.backend import GrammarCompiler
-            from server.engine.structured.cache import GrammarCache
-
-            self._grammars = GrammarCache(GrammarCompiler(self.tokens.tokenizer, self.limits.vocab_size,
-                                                          tuple(getattr(self.engine.model_info, "eos_token_ids", ()))))
-        try:
-            compiled = self._grammars.get(spec)
-        except StructuredSpecError as e:
-            raise bad_request(truncate(e.message, 400), param=e.param) from None
-        return compiled.with_gate(gate) if gate else compiled
+    async def compile_structured(self, spec: StructuredSpec, request: Request | None = None) -> Any:
+        """The spec's compiled grammar (cached; compiled in the compile pool): a 400 naming the
+        parameter when it is refused; the wait ends when the request's client disconnects."""
+        return await compile_for_request(self.grammars, spec, request.receive if request is not None else None)
 
     @property
     def grammar_cache(self) -> Any:
-        return self._grammars
+        return self.grammars.cache
 
     async def start_generation(self, request: Request, requests: list[EngineRequest],
                                stream: bool) -> GenerationStream:

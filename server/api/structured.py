@@ -1,5 +1,6 @@
-"""Structured-output fields of a request -> one `StructuredSpec` (cheap, on the event loop), then
-compiled through the grammar cache (on the tokenizer thread, `Serving.run_blocking`).
+"""Structured-output fields of a request -> one `StructuredSpec` (checked on the event loop: a JSON
+schema's keywords and size, spec.check_schema), then compiled through the grammar service
+(`Serving.compile_structured`: the cache, else the compile pool's processes).
 
 Accepted spellings (one constraint per request; two are a 400 naming both):
 - OpenAI: `response_format` {"type": "json_object"} | {"type": "json_schema", "json_schema":

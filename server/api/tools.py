@@ -8,6 +8,11 @@ named choices, and the parse of their (grammar-shaped) output.
   from the tool schemas, so arguments always validate against their tool's schema;
 - `{"type": "function", "function": {"name": X}}`: the output is X's arguments, enforced by
   X's parameter schema.
+A tool's `parameters` is a JSON schema of type object (as OpenAI requires); a tool whose schema
+becomes a grammar (required, named) is checked like any schema (spec.check_schema), its errors
+naming `tools[i].function.parameters`. When `max_tokens` cuts such an output, the calls so far
+come back with `finish_reason: "length"` and the last call's arguments are the JSON text
+generated until then (not valid JSON).
 """
 
 from __future__ import annotations
@@ -20,7 +25,15 @@ from typing import Any
 from server.api.errors import bad_request
 from server.api.tool_parsers.base import Parsed, ParsedCall, call_from_object
 from server.api.tool_parsers.json_scan import array_items, skip_ws
-from server.engine.structured.spec import StructuredSpec, StructuredSpecError, json_schema_spec
+from server.engine.structured.schema_walk import rebase_refs
+from server.engine.structured.spec import (
+    MAX_JSON_DEPTH,
+    StructuredSpec,
+    StructuredSpecError,
+    check_schema,
+    json_depth,
+    json_schema_spec,
+)
 
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _FUNCTION_KEYS = {"name", "description", "parameters", "strict"}
@@ -55,9 +68,11 @@ def plan_tools(body: Any, parser_configured: bool) -> ToolPlan:
                           "to 'none', 'required' or a named function, or leave tools out)", param="tool_choice")
     if mode == "named":
         name = _named_choice(choice)
-        schema = _parameters(tools, name)
-        return ToolPlan(tools, mode, name, _spec(schema, "tool_choice"))
+        i = _tool_index(tools, name)
+        _check_parameters(tools, [i])
+        return ToolPlan(tools, mode, name, _spec(_parameters(tools[i]), "tool_choice"))
     if mode == "required":
+        _check_parameters(tools, range(len(tools)))
         return ToolPlan(tools, mode, None, _spec(_required_schema(tools, body.parallel_tool_calls), "tools"))
     return ToolPlan(tools, mode)
 
@@ -88,6 +103,9 @@ def _validate_tools(tools: list[Any]) -> list[dict[str, Any]]:
         if params is not None and not isinstance(params, dict):
             raise bad_request(f"{p}.function.parameters: must be a JSON schema object",
                               param=f"{p}.function.parameters")
+        if params and params.get("type") != "object":  # {} or none: no parameters
+            raise bad_request(f"{p}.function.parameters: must be a JSON schema of type 'object' (the arguments are "
+                              f"an object), not type {str(params.get('type'))[:40]!r}", param=f"{p}.function.parameters")
     return tools
 
 
@@ -100,34 +118,40 @@ def _named_choice(choice: Any) -> str:
     return fn["name"]
 
 
-def _parameters(tools: list[dict[str, Any]], name: str) -> dict[str, Any]:
-    for tool in tools:
+def _tool_index(tools: list[dict[str, Any]], name: str) -> int:
+    for i, tool in enumerate(tools):
         if tool["function"]["name"] == name:
-            return tool["function"].get("parameters") or EMPTY_PARAMETERS
+            return i
     raise bad_request(f"tool_choice: names the function '{name[:64]}', which is not in tools", param="tool_choice")
 
 
+def _parameters(tool: dict[str, Any]) -> dict[str, Any]:
+    return tool["function"].get("parameters") or EMPTY_PARAMETERS
+
+
+def _check_parameters(tools: list[dict[str, Any]], indices: Any) -> None:
+    """The schemas that become a grammar: every limit and keyword check, naming the tool."""
+    for i in indices:
+        try:
+            check_schema(_parameters(tools[i]), f"tools[{i}].function.parameters")
+        except StructuredSpecError as e:
+            raise bad_request(e.message, param=e.param) from None
+
+
 def _required_schema(tools: list[dict[str, Any]], parallel: bool | None) -> dict[str, Any]:
-    """An array of {name, parameters} objects, one alternative per tool; each tool's `$defs`
-    move to the root, where `#/$defs/...` references resolve."""
+    """An array of {name, parameters} objects, one alternative per tool. Each tool's schema
+    moves under `$defs/tool_<i>` with its local references rebased there, so that `#` and
+    `#/$defs/...` inside it still mean its own root and definitions."""
     defs: dict[str, Any] = {}
     options = []
     for i, tool in enumerate(tools):
-        params = dict(tool["function"].get("parameters") or EMPTY_PARAMETERS)
-        for key in ("$defs", "definitions"):
-            for dname, dschema in (params.pop(key, None) or {}).items():
-                if dname in defs and defs[dname] != dschema:
-                    raise bad_request(f"tools[{i}].function.parameters.{key}: '{dname}' is defined differently by "
-                                      f"another tool", param=f"tools[{i}].function.parameters")
-                defs[dname] = dschema
+        defs[f"tool_{i}"] = rebase_refs(_parameters(tool), f"#/$defs/tool_{i}")
         options.append({"type": "object", "properties": {"name": {"const": tool["function"]["name"]},
-                                                         "parameters": params},
+                                                         "parameters": {"$ref": f"#/$defs/tool_{i}"}},
                         "required": ["name", "parameters"], "additionalProperties": False})
-    schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": options}}
+    schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": options}, "$defs": defs}
     if parallel is False:
         schema["maxItems"] = 1
-    if defs:
-        schema["$defs"] = defs
     return schema
 
 
@@ -176,10 +200,16 @@ def history_tool_calls(calls: list[Any], p: str) -> list[dict[str, Any]]:
             raise bad_request(f"{q}: a tool call is {{'id', 'type': 'function', 'function': {{'name', 'arguments'}}}}",
                               param=q)
         args = fn.get("arguments", "{}")
+        too_deep = False
         if isinstance(args, str):
             try:
                 args = json.loads(args) if args.strip() else {}
             except ValueError:
                 raise bad_request(f"{q}.function.arguments: not valid JSON", param=f"{q}.function.arguments") from None
+            except RecursionError:
+                too_deep = True
+        if too_deep or json_depth(args) > MAX_JSON_DEPTH:
+            raise bad_request(f"{q}.function.arguments: nested more than {MAX_JSON_DEPTH} levels deep; the limit is "
+                              f"{MAX_JSON_DEPTH}", param=f"{q}.function.arguments")
         out.append({"id": call.get("id"), "type": "function", "function": {"name": fn["name"], "arguments": args}})
     return out

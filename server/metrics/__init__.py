@@ -26,6 +26,7 @@ from server.engine.stats import (
 
 from . import names
 from .names import DEFAULT_MAX_MODEL_LEN
+from .grammar import GrammarMetrics
 from .prometheus import CONTENT_TYPE, CoreMetrics, HttpMetrics, render_registry
 from .routing import ExpertLoadTracker, RoutingExposition, load_imbalance, snapshot_to_json
 
@@ -73,6 +74,7 @@ class ServerMetrics:
         GCCollector(registry=self.registry)
         self._core = CoreMetrics(self.registry, model_name, engine_name, max_model_len)
         self._http = HttpMetrics(self.registry)
+        self.grammar = GrammarMetrics(self.registry)  # bound to the app's grammar compile service
         self._routing = ExpertLoadTracker(num_layers, num_experts,
                                           window_seconds=imbalance_window_s, clock=clock)
         self._routing_text = RoutingExposition(self._routing, model_name)

@@ -28,11 +28,14 @@ REPLICA = "replica"
 ROUTE = "route"
 METHOD = "method"
 STATUS = "status"
+OUTCOME = "outcome"
 
 CORE_LABELS: tuple[str, ...] = (MODEL_NAME, ENGINE)
 
 # vLLM's FinishReason values; the request_success series are created up front for each.
 FINISHED_REASONS: tuple[str, ...] = ("stop", "length", "abort", "error")
+# how a grammar compile ended (server/engine/structured/compile_pool.py); series made up front
+GRAMMAR_OUTCOMES: tuple[str, ...] = ("compiled", "invalid", "timeout", "too_large", "failed")
 
 # ---- bucket edges --------------------------------------------------------------------------
 # vLLM: vllm:time_to_first_token_seconds
@@ -64,6 +67,11 @@ HTTP_LATENCY_BUCKETS: tuple[float, ...] = (
 # ours: one engine step
 STEP_TIME_BUCKETS: tuple[float, ...] = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)
+
+# ours: one grammar compile (its budget is --grammar-compile-timeout, 10 s by default)
+GRAMMAR_COMPILE_BUCKETS: tuple[float, ...] = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 )
 
 DEFAULT_MAX_MODEL_LEN = 131072
@@ -186,6 +194,20 @@ HTTP_REQUEST_DURATION = MetricSpec(
     "HTTP request latency in seconds (until the response, or the stream, ends).",
     (ROUTE, METHOD), HTTP_LATENCY_BUCKETS)
 
+# ---- structured outputs: grammar compiles ----------------------------------------------------
+GRAMMAR_COMPILES_WAITING = MetricSpec(
+    "moe_grammar_compiles_waiting", GAUGE,
+    "Grammar compiles (distinct specs) queued for a compile process.", ())
+GRAMMAR_COMPILES_RUNNING = MetricSpec(
+    "moe_grammar_compiles_running", GAUGE,
+    "Grammar compiles under way (the trial in a compile process, then the server's own).", ())
+GRAMMAR_COMPILE_DURATION = MetricSpec(
+    "moe_grammar_compile_duration_seconds", HISTOGRAM,
+    "Wall time of one grammar compile (trial and, when accepted, the server's own), by outcome.", (OUTCOME,),
+    GRAMMAR_COMPILE_BUCKETS)
+GRAMMAR_CACHE_BYTES = MetricSpec(
+    "moe_grammar_cache_bytes", GAUGE, "Bytes held by the compiled-grammar cache (grammars and their specs).", ())
+
 # ---- MoE routing and placement -------------------------------------------------------------
 EXPERT_TOKENS = MetricSpec(
     "moe_expert_tokens_total", COUNTER,
@@ -220,10 +242,13 @@ VLLM_SPECS: tuple[MetricSpec, ...] = (
 )
 ENGINE_SPECS: tuple[MetricSpec, ...] = (ENGINE_STEP_DURATION,)
 HTTP_SPECS: tuple[MetricSpec, ...] = (HTTP_REQUESTS, HTTP_REQUEST_DURATION)
+GRAMMAR_SPECS: tuple[MetricSpec, ...] = (
+    GRAMMAR_COMPILES_WAITING, GRAMMAR_COMPILES_RUNNING, GRAMMAR_COMPILE_DURATION, GRAMMAR_CACHE_BYTES,
+)
 MOE_SPECS: tuple[MetricSpec, ...] = (
     EXPERT_TOKENS, EXPERT_LOAD_IMBALANCE, EXPERT_PLACEMENT, DEVICE_EXPERT_TOKENS, DROPPED_TOKENS,
 )
-ALL_SPECS: tuple[MetricSpec, ...] = VLLM_SPECS + ENGINE_SPECS + HTTP_SPECS + MOE_SPECS
+ALL_SPECS: tuple[MetricSpec, ...] = VLLM_SPECS + ENGINE_SPECS + HTTP_SPECS + GRAMMAR_SPECS + MOE_SPECS
 
 # Series from prometheus_client's process/platform/GC collectors (registered on every
 # ServerMetrics registry; process_* only on Linux), and series Prometheus itself synthesizes.

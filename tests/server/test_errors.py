@@ -84,7 +84,8 @@ BAD_BODIES = [
                                                        "image_url": {"url": "http://x/y.png"}}]}]},
      "messages[0].content[0].type"),
     (CHAT, {"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "messages[0].content[0]"),
-    (CHAT, {"messages": [{"role": "tool", "content": "42", "tool_call_id": "c1"}]}, "messages"),
+    # a tool message must answer a preceding assistant tool call (as OpenAI; issue 25 item 6)
+    (CHAT, {"messages": [{"role": "tool", "content": "42", "tool_call_id": "c1"}]}, "messages[0].role"),
     (CHAT, {"messages": [{"role": "assistant", "content": None,
                           "tool_calls": [{"id": "c", "type": "function"}]}]}, "messages[0].tool_calls[0]"),
     (CHAT, {"messages": MSG, "top_logprobs": 21, "logprobs": True}, "top_logprobs"),

@@ -4,6 +4,8 @@ thread) and once per distinct spec; the bitmask applied in the sampler touches o
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import os
 import threading
 
 import httpx
@@ -16,7 +18,7 @@ from server.engine.request import SamplingParams
 from server.engine.structured.backend import GrammarCompiler, GrammarError
 from server.engine.structured.cache import GrammarCache
 from server.engine.structured.mask import apply_bitmask
-from server.engine.structured.spec import choice_spec, grammar_spec, json_schema_spec, regex_spec
+from server.engine.structured.spec import grammar_spec, json_schema_spec, regex_spec
 
 SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
 
@@ -28,24 +30,33 @@ def tokenizer(tiny_mixtral):
     return AutoTokenizer.from_pretrained(tiny_mixtral)
 
 
-def test_cache_compiles_each_distinct_spec_once_and_caches_errors(tokenizer) -> None:
+def test_cache_keeps_grammars_by_bytes_and_failures_renamed(tokenizer) -> None:
     compiler = GrammarCompiler(tokenizer, 320, (1,))
-    cache = GrammarCache(compiler, capacity=2)
-    a1 = cache.get(json_schema_spec(SCHEMA, "response_format.json_schema.schema"))
-    a2 = cache.get(json_schema_spec('{"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}',
-                                    "guided_json"))  # the same schema, as text, from another field
-    assert compiler.num_compiles == 1 and a1.grammar is a2.grammar and a2.spec.param == "guided_json"
-    for _ in range(2):
-        with pytest.raises(GrammarError) as e:
-            cache.get(regex_spec("(ab", "structured_outputs.regex"))
-        assert e.value.param == "structured_outputs.regex" and e.value.message.startswith("structured_outputs.regex:")
-    with pytest.raises(GrammarError) as e:  # the cached failure, renamed for the field that sent it now
-        cache.get(regex_spec("(ab", "guided_regex"))
+    a = compiler.compile(json_schema_spec(SCHEMA, "response_format.json_schema.schema"))
+    assert a.nbytes == a.grammar.memory_size_bytes > 0
+    cache = GrammarCache(max_bytes=2**20)
+    cache.put(a.spec, a)
+    same = cache.lookup(json_schema_spec('{"type": "object", "properties": {"a": {"type": "integer"}}, '
+                                         '"required": ["a"]}', "guided_json"))  # the same schema, as text
+    assert same.grammar is a.grammar and same.spec.param == "guided_json"
+    bad = regex_spec("(ab", "structured_outputs.regex")
+    with pytest.raises(GrammarError) as e:
+        compiler.compile(bad)
+    cache.put(bad, e.value)
+    with pytest.raises(GrammarError) as e:  # the kept failure, renamed for the field that sent it now
+        cache.lookup(regex_spec("(ab", "guided_regex"))
     assert e.value.param == "guided_regex" and e.value.message.startswith("guided_regex:")
-    assert compiler.num_compiles == 2
-    cache.get(choice_spec(["x"], "guided_choice"))  # capacity 2: the schema (least recent) goes
-    cache.get(json_schema_spec(SCHEMA, "guided_json"))
-    assert compiler.num_compiles == 4 and len(cache) == 2
+    # bounded by bytes: room for two grammars of this size, not three
+    specs = [json_schema_spec({**SCHEMA, "title": f"t{i}"}, "guided_json") for i in range(3)]
+    grammars = [compiler.compile(s) for s in specs]
+    weight = max(g.nbytes + len(g.spec.value) for g in grammars)
+    cache = GrammarCache(max_bytes=int(2.5 * weight))
+    for g in grammars:
+        cache.put(g.spec, g)
+    assert len(cache) == 2 and cache.nbytes <= cache.max_bytes
+    assert cache.lookup(specs[0]) is None and cache.lookup(specs[2]) is not None  # least recent went first
+    cache.put(specs[0], dataclasses.replace(grammars[0], nbytes=cache.max_bytes + 1))  # never kept
+    assert cache.lookup(specs[0]) is None
 
 
 def test_bad_grammars_name_their_field(tokenizer) -> None:
@@ -90,7 +101,9 @@ def test_sampler_mask_constrains_only_its_rows() -> None:
     assert not logits.isinf().any()  # the caller's logits are not modified
 
 
-def test_compile_runs_on_the_tokenizer_thread_never_the_engine_thread(tiny_mixtral, monkeypatch) -> None:
+def test_compile_runs_in_compile_processes_never_the_tokenizer_or_engine_thread(tiny_mixtral, monkeypatch) -> None:
+    """Each distinct spec is tried in a compile process (killable), then compiled once more on a
+    compile-pool thread of the server; never on the tokenizer thread or the engine's."""
     from server.app import create_app
     from server.config import EngineConfig, ServerConfig
     from server.engine.factory import build_engine
@@ -102,29 +115,30 @@ def test_compile_runs_on_the_tokenizer_thread_never_the_engine_thread(tiny_mixtr
         threads.append(threading.current_thread().name)
         return real(self, spec)
 
-    monkeypatch.setattr(GrammarCompiler, "compile", spy)
+    monkeypatch.setattr(GrammarCompiler, "compile", spy)  # this process only (the compile processes fork clean)
     cfg = EngineConfig(model=tiny_mixtral, dtype="float32", max_model_len=256, num_kv_blocks=64)
     engine = build_engine(cfg)
     app = create_app(engine, ServerConfig(engine=cfg))
     fmt = {"type": "json_schema", "json_schema": {"name": "a", "schema": SCHEMA}}
 
-    async def run() -> list[int]:
+    async def run() -> tuple[list[int], list[int]]:
         await engine.start()
         try:
             async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1",
-                                         timeout=60) as c:
+                                         timeout=120) as c:
                 bodies = [{"messages": [{"role": "user", "content": f"q{i}"}], "max_tokens": 30,
                            "response_format": fmt} for i in range(3)]
                 bodies.append({"prompt": "x", "max_tokens": 30, "guided_json": SCHEMA})
                 bodies.append({"prompt": "x", "max_tokens": 5, "guided_choice": ["p", "q"]})
                 rs = await asyncio.gather(*(c.post("/v1/chat/completions" if "messages" in b else "/v1/completions",
                                                    json=b) for b in bodies))
-                return [r.status_code for r in rs]
+                return [r.status_code for r in rs], app.state.serving.grammars.pool.worker_pids()
         finally:
             await engine.shutdown()
             app.state.serving.close()
 
-    assert asyncio.run(run()) == [200] * 5
-    assert threads and all(t.startswith("tokenizer") for t in threads), threads
-    assert len(threads) == 2  # one schema (four requests, two spellings) and one choice list
-    assert app.state.serving.grammar_cache.hits == 3
+    statuses, pids = asyncio.run(run())
+    assert statuses == [200] * 5
+    assert pids and os.getpid() not in pids
+    # one schema (four requests, two spellings) and one choice list, each compiled once here
+    assert len(threads) == 2 and all(t.startswith("grammar-compile-") for t in threads), threads

@@ -6,14 +6,15 @@ time for most tokens (context-independent tokens), so a step costs microseconds 
 32k and 150k vocabularies alike, and its batch fill runs the rows on a thread pool.
 
 Compilation (`GrammarCompiler.compile`) is the expensive part (milliseconds to seconds for a
-large schema at a large vocabulary). It runs on the API's tokenizer thread, never on the engine
-thread, and `GrammarCache` keeps the result per normalised spec.
+large schema at a large vocabulary). The server runs it in compile processes of its own
+(compile_pool.py: a time and memory budget each, never the engine or tokenizer thread), and
+`GrammarCache` keeps the result per normalised spec, bounded by bytes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import os
 import re
 import threading
 from dataclasses import dataclass, field
@@ -21,17 +22,17 @@ from typing import Any
 
 import xgrammar as xgr
 
+from server.engine.structured.grammar_check import dead_rules
 from server.engine.structured.spec import StructuredSpec, StructuredSpecError, choice_grammar
 
 log = logging.getLogger(__name__)
 
 _CPP_PREFIX = re.compile(r"^\[[0-9:.]+\]\s+\S+:\d+:\s*")
-COMPILE_THREADS = max(1, min(4, os.cpu_count() or 1))
+# xgrammar's own threads per compile: one, so that a compile takes at most one core from the
+# engine (4 threads took running streams on 2 cores from 132 to 49 tokens/s); the server runs
+# compiles in parallel processes instead (compile_pool.py)
+COMPILE_THREADS = 1
 _JSON_OBJECT = '{"type": "object"}'
-
-
-class GrammarError(StructuredSpecError):
-    """The backend could not compile a spec (invalid schema / regex / grammar, unsupported feature)."""
 
 
 @dataclass(frozen=True)
@@ -46,9 +47,14 @@ class CompiledStructure:
     vocab_size: int
     gate: tuple[int, ...] = ()
     stop_token_ids: tuple[int, ...] = field(default=())
+    nbytes: int = 0  # the compiled grammar's memory (xgrammar's memory_size_bytes)
 
     def with_gate(self, gate: tuple[int, ...]) -> CompiledStructure:
-        return CompiledStructure(self.spec, self.grammar, self.vocab_size, tuple(gate), self.stop_token_ids)
+        return dataclasses.replace(self, gate=tuple(gate))
+
+    def for_spec(self, spec: StructuredSpec) -> CompiledStructure:
+        """The same grammar, for an equal spec from another request field."""
+        return self if spec.param == self.spec.param else dataclasses.replace(self, spec=spec)
 
 
 def _clean(message: str) -> str:
@@ -57,30 +63,43 @@ def _clean(message: str) -> str:
     return _CPP_PREFIX.sub("", first).strip()
 
 
+class GrammarError(StructuredSpecError):
+    """The backend could not compile a spec (invalid schema / regex / grammar, unsupported feature)."""
+
+
 class GrammarCompiler:
     """Compiles specs for one tokenizer and vocabulary (the model's logits width).
 
     The tokenizer's table is built on first use (a second or so for a 150k vocabulary), on the
-    calling thread: the API's tokenizer thread."""
+    calling thread; `info` (an xgrammar TokenizerInfo, e.g. deserialized in a compile process)
+    skips that."""
 
     def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: tuple[int, ...] = (),
-                 threads: int = COMPILE_THREADS):
+                 threads: int = COMPILE_THREADS, info: Any = None):
         self._tokenizer = tokenizer
         self.vocab_size = int(vocab_size)
         self._stop = tuple(stop_token_ids)
         self._threads = threads
+        self._info = info
         self._compiler: Any = None
-        self.stop_token_ids = self._stop  # what the matchers stop on (the tokenizer's EOS when none given)
+        self.stop_token_ids = tuple(info.stop_token_ids) if info is not None else self._stop
         self._lock = threading.Lock()
         self.num_compiles = 0  # grammars actually compiled (tests: once per distinct spec)
 
+    def tokenizer_info(self) -> Any:
+        """The xgrammar TokenizerInfo (built on first use)."""
+        with self._lock:
+            if self._info is None:
+                self._info = xgr.TokenizerInfo.from_huggingface(
+                    self._tokenizer, vocab_size=self.vocab_size, stop_token_ids=list(self._stop) or None)
+                self.stop_token_ids = tuple(self._info.stop_token_ids)
+            return self._info
+
     def _get(self) -> Any:
+        info = self.tokenizer_info()
         with self._lock:
             if self._compiler is None:
-                info = xgr.TokenizerInfo.from_huggingface(
-                    self._tokenizer, vocab_size=self.vocab_size, stop_token_ids=list(self._stop) or None)
                 self._compiler = xgr.GrammarCompiler(info, max_threads=self._threads, cache_enabled=False)
-                self.stop_token_ids = tuple(info.stop_token_ids)
             return self._compiler
 
     def compile(self, spec: StructuredSpec) -> CompiledStructure:
@@ -103,4 +122,19 @@ class GrammarCompiler:
                     "regex": "invalid or unsupported regular expression", "choice": "cannot build the choices",
                     "grammar": "the EBNF grammar does not compile"}[spec.kind]
             raise GrammarError(spec.param, f"{spec.param}: {what}: {_clean(str(e))[:300]}") from None
-        return CompiledStructure(spec, grammar, self.vocab_size, (), self.stop_token_ids)
+        if spec.kind in ("grammar", "regex"):
+            _check_no_dead_ends(spec, grammar.grammar)
+        return CompiledStructure(spec, grammar, self.vocab_size, (), self.stop_token_ids, grammar.memory_size_bytes)
+
+
+def _check_no_dead_ends(spec: StructuredSpec, grammar: Any) -> None:
+    dead = dead_rules(grammar.serialize_json())
+    if not dead:
+        return
+    if spec.kind == "regex":
+        raise GrammarError(spec.param, f"{spec.param}: the regular expression matches no text")
+    if dead[0] == "root":
+        raise GrammarError(spec.param, f"{spec.param}: the grammar accepts no output (its root rule derives no "
+                                       f"finite text, as in `root ::= root`)")
+    raise GrammarError(spec.param, f"{spec.param}: rule '{dead[0][:64]}' of the grammar derives no finite text, so "
+                                   f"an output that enters it could never end")

@@ -21,11 +21,16 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from server.engine.structured.schema_formats import exact_formats
+from server.engine.structured.schema_limits import SchemaLimitError, check_limits
+from server.engine.structured.schema_support import UnsupportedSchema, check_supported
+
 KINDS = ("json", "json_object", "regex", "choice", "grammar")
-# bounds on what one request may ask the compiler to do (the compile runs on the API's
-# tokenizer thread; the body-size limit bounds it too, these keep one request from hogging it)
+# bounds on what one request may ask the compiler to do (see also schema_limits: what a JSON
+# schema may ask; the compile pool's time and memory budgets)
 MAX_SPEC_CHARS = 256 * 1024
 MAX_CHOICES = 1024
+MAX_JSON_DEPTH = 100  # arrays / objects nested in a schema document (schema_limits bounds subschemas)
 
 
 class StructuredSpecError(ValueError):
@@ -73,6 +78,9 @@ def json_schema_spec(schema: Any, param: str, any_whitespace: bool = False) -> S
             schema = json.loads(schema)
         except json.JSONDecodeError as e:
             raise StructuredSpecError(param, f"{param}: not valid JSON: {e}") from None
+        except RecursionError:
+            raise StructuredSpecError(param, f"{param}: nested more than {MAX_JSON_DEPTH} levels deep; the limit "
+                                             f"is {MAX_JSON_DEPTH}") from None
     if isinstance(schema, bool):  # true: anything, false: nothing (JSON Schema booleans)
         if not schema:
             raise StructuredSpecError(param, f"{param}: the schema `false` accepts no output")
@@ -80,9 +88,51 @@ def json_schema_spec(schema: Any, param: str, any_whitespace: bool = False) -> S
     if not isinstance(schema, dict):
         raise StructuredSpecError(param, f"{param}: a JSON schema must be an object, not {type(schema).__name__}")
     # key order is kept: it is the order the properties are generated in
-    text = json.dumps(schema, separators=(",", ":"), ensure_ascii=False)
-    _check_size(param, text)
+    try:
+        text = json.dumps(schema, separators=(",", ":"), ensure_ascii=False)
+    except RecursionError:
+        raise StructuredSpecError(param, f"{param}: nested more than {MAX_JSON_DEPTH} levels deep; the limit is "
+                                         f"{MAX_JSON_DEPTH}") from None
+    _check_size(param, text)  # the request's schema (the exact formats below add patterns of ours)
+    exact = exact_formats(schema, check_schema(schema, param))
+    if exact is not schema:
+        text = json.dumps(exact, separators=(",", ":"), ensure_ascii=False)
     return StructuredSpec("json", text, any_whitespace, param)
+
+
+def check_schema(schema: Any, param: str) -> list:
+    """What a JSON schema may ask of the grammar compiler (before it compiles): nesting, size,
+    optional properties (schema_limits), and only keywords the backend enforces (schema_support).
+    Returns its subschemas, walked once (schema_walk.walk's output)."""
+    depth = json_depth(schema)
+    if depth > MAX_JSON_DEPTH:
+        raise StructuredSpecError(param, f"{param}: nested more than {MAX_JSON_DEPTH} levels deep; the limit is "
+                                         f"{MAX_JSON_DEPTH}")
+    try:
+        nodes = check_limits(schema)
+        check_supported(schema, nodes)
+    except (SchemaLimitError, UnsupportedSchema) as e:
+        raise StructuredSpecError(param, f"{param}: {e.message}") from None
+    return nodes
+
+
+def json_depth(value: Any) -> int:
+    """How deeply arrays and objects nest in `value` (0 for a scalar), without recursion."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            children = node.values()
+        elif isinstance(node, list):
+            children = node
+        else:
+            continue
+        deepest = max(deepest, depth)
+        if deepest > MAX_JSON_DEPTH:
+            return deepest
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+    return deepest
 
 
 def json_object_spec(param: str, any_whitespace: bool = False) -> StructuredSpec:

@@ -37,10 +37,6 @@ class GrammarState:
         """An independent copy in the same state (parallel sampling, n > 1)."""
         return GrammarState(self.structure, self.matcher.fork(), self.active)
 
-    @property
-    def terminated(self) -> bool:
-        return self.matcher.is_terminated()
-
     def accept(self, token: int, output_ids: list[int]) -> str | None:
         """Advance with the token just appended to `output_ids`. Returns "stop" when the
         structure is complete, "error" if the matcher rejected the token, else None."""

@@ -9,7 +9,8 @@ Reports the status, the answer's size and time, the worst /health latency and th
 with `--b-repo` the same in another checkout after it (e.g. main before the cap, 2eb9c1b).
 
     python -m loadtest big-answer                              # n 64: now a 400 (the cap)
-    python -m loadtest big-answer --n 64,9 --stream            # and n 9, just under the cap, streamed
+    python -m loadtest big-answer --n 9 --stream               # n 9, just under the cap, streamed
+    python -m loadtest big-answer --n 64,9 --modes whole,stream   # each n, whole and streamed
     python -m loadtest big-answer --b-repo ../wt-base          # and the same on another checkout
     python -m loadtest big-answer --url http://127.0.0.1:8000 --pid <server pid>
 """
@@ -120,6 +121,13 @@ def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
 
+def _modes(text: str) -> list[str]:
+    modes = [x for x in text.split(",") if x]
+    if not modes or any(m not in ("whole", "stream") for m in modes):
+        raise argparse.ArgumentTypeError(f"modes are whole and stream, not {text!r}")
+    return modes
+
+
 def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     server_args = argv[argv.index("--") + 1:] if "--" in argv else []
@@ -129,7 +137,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--n", type=_ints, default=[64], help="choices per request; comma-separated: one request each")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--prompt-tokens", type=int, default=1350)
-    ap.add_argument("--stream", action="store_true")
+    ap.add_argument("--modes", type=_modes, default=["whole"], help="whole, stream or both (comma-separated): "
+                    "one request per n and mode")
+    ap.add_argument("--stream", dest="modes", action="store_const", const=["stream"], help="= --modes stream")
     srv = ap.add_argument_group("servers")
     srv.add_argument("--url", help="server A: a running server (else one is started)")
     srv.add_argument("--pid", type=int, help="--url: the running server's pid (for RSS; without it, no RSS)")
@@ -162,7 +172,8 @@ def main(argv: list[str] | None = None) -> dict:
             url, pid = server.url, server.pid
         try:
             side = checkout.side(label, repo, url, flags)
-            side["probes"] = [probe(url, pid, n, args.max_tokens, args.stream, args.prompt_tokens) for n in args.n]
+            side["probes"] = [probe(url, pid, n, args.max_tokens, mode == "stream", args.prompt_tokens)
+                              for n in args.n for mode in args.modes]
         finally:
             if server is not None:
                 server.stop(timeout=60)

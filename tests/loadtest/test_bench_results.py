@@ -99,3 +99,9 @@ def test_big_answer_blocks() -> None:
     assert "**running server** (a running server), **2eb9c1b**." in text
     assert "| running server | 64 | no | 400 | 0.0 | 0.05 | 0.004 | 0 | 0 |" in text
     assert "| 2eb9c1b | 64 | no | 200 | 126.0 | 40.00 | 18.000 | 900 | 300 |" in text
+
+
+def test_big_answer_modes() -> None:
+    assert big_answer._modes("whole,stream") == ["whole", "stream"]
+    with pytest.raises(argparse.ArgumentTypeError):
+        big_answer._modes("sideways")

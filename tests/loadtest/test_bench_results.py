@@ -20,7 +20,8 @@ def _side(label: str, commit: str | None, **extra) -> dict:
 
 def _request(status: int, seconds: float) -> dict:
     return {"status": status, "seconds": seconds, "answer": "{}", "health_worst_s": 0.005, "tokenize_worst_s": 0.01,
-            "completion_worst_s": 0.03, "probe_errors": 0}
+            "completion_worst_s": 0.03, "probe_rounds": 3,
+            "probe_errors": 0}
 
 
 def _rendered(name: str, heading: str, measurements: dict, blocks: list) -> str:
@@ -73,7 +74,7 @@ def test_grammar_attacks_blocks_both_sides() -> None:
               "sides": [_side("abc1234", "abc1234", attacks=now), _side("old", "2eb9c1b", attacks=before)]}
     text = _rendered("grammar-attacks", grammar_attacks.HEADING, report, grammar_attacks.blocks(report))
     assert "**abc1234**: optional, ebnf, stream, rss" in text and "**old** (git 2eb9c1b): optional, rss" in text
-    assert "| old | `guided_json`, 1,600 optional integer properties (47 KB) | 200 | 50.50 | 5 | 10 | 30 |" in text
+    assert "| old | `guided_json`, 1,600 optional integer properties (47 KB) | 200 | 50.50 | 3 | 5 | 10 | 30 |" in text
     assert "| abc1234 | the same EBNF again | 400 | 0.03 |" in text
     assert "| abc1234 | 189.0 | 135.0 | 0.71 | 2 |" in text
     assert "| abc1234 | 20 | 231 | 19x 200, 1x 400 | 4.00 | 1,000 | 1,200 | 10.0 | 500 | 100 |" in text

@@ -39,7 +39,8 @@ CSP = UI_CSP
 REDOC_CSP = UI_CSP.replace("style-src 'self'", "style-src 'self' 'unsafe-inline'") + "; worker-src blob:"
 PAGE_HEADERS = {**SECURITY_HEADERS, "Cache-Control": "no-cache", "Content-Security-Policy": CSP}
 REDOC_HEADERS = {**PAGE_HEADERS, "Content-Security-Policy": REDOC_CSP}
-# the bundles are pinned: a day in the browser cache spares 2.8 MB per visit
+# the bundles are pinned: a day in the browser cache spares their megabytes on every visit
+# (docs/benchmarks.md, section "Numbers behind code choices")
 ASSET_HEADERS = {**PAGE_HEADERS, "Cache-Control": "public, max-age=86400"}
 
 

@@ -3,11 +3,12 @@
 Prompt logprobs cost one prefill to compute, but the answer repeats them: vLLM's completions
 API (which this server follows) puts a prompt's `prompt_logprobs` in each of its `n` choices,
 and `echo` with `logprobs` puts the prompt's tokens, with their top alternatives, in each
-choice's `logprobs`. So a 7 KB request (1,350 prompt tokens, n 64, top 20) made a 126 MB
-answer. The entries an answer would hold, n x prompt tokens x (top + 1) summed over the
-prompts (the +1: the prompt token's own entry), are capped at MAX_PROMPT_LOGPROB_ENTRIES,
-about 18 MB of JSON; a request over it is a 400 naming the limit. With n = 1 and top 20 that
-still allows prompts of 12,000 tokens.
+choice's `logprobs`. So a small request (1,350 prompt tokens, n 64, top 20) made an answer of
+over a hundred megabytes (docs/benchmarks.md, section "One big answer (prompt logprobs)",
+measured by `python -m loadtest big-answer`). The entries an answer would hold, n x prompt
+tokens x (top + 1) summed over the prompts (the +1: the prompt token's own entry), are capped
+at MAX_PROMPT_LOGPROB_ENTRIES; a request over it is a 400 naming the limit. With n = 1 and top
+20 that still allows prompts of 12,000 tokens.
 
 Where they go: completions put a prompt's `prompt_logprobs` in every one of its choices, as
 vLLM does, built once per prompt; streamed (vLLM streams none), once per prompt, on its first

@@ -29,8 +29,9 @@ log = logging.getLogger(__name__)
 
 _CPP_PREFIX = re.compile(r"^\[[0-9:.]+\]\s+\S+:\d+:\s*")
 # xgrammar's own threads per compile: one, so that a compile takes at most one core from the
-# engine (4 threads took running streams on 2 cores from 132 to 49 tokens/s); the server runs
-# compiles in parallel processes instead (compile_pool.py)
+# engine (its default of 4 slowed running streams on 2 cores to about a third: docs/benchmarks.md,
+# section "Numbers behind code choices"); the server runs compiles in parallel processes instead
+# (compile_pool.py)
 COMPILE_THREADS = 1
 _JSON_OBJECT = '{"type": "object"}'
 

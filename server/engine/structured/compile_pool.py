@@ -9,8 +9,9 @@ replaced in milliseconds.
 A spec is compiled twice: on trial in a process, where it may be killed, and, once the trial
 has shown that it compiles within the time, memory and size budgets, again on the dispatcher
 thread, for this process (the same work, so it takes about as long as the trial did). Sending
-the compiled grammar back instead costs more: xgrammar serializes a 48 MB grammar in 2.7 s and
-reads it back in 1.2 s, against 1.9 s to compile it (docs/benchmarks.md).
+the compiled grammar back instead costs more: serializing a big compiled grammar and reading it
+back takes longer than compiling it (docs/benchmarks.md, section "Grammar compile cost: what
+predicts it", measured by `python -m loadtest schema-compile`).
 
 - `workers` processes (default: half the cores, 1 to 4), each compiling with one xgrammar
   thread, so that compiles leave the engine its cores;
@@ -20,10 +21,11 @@ reads it back in 1.2 s, against 1.9 s to compile it (docs/benchmarks.md).
   the budget of wall time the compile is given up without keeping the failure), watches the
   process's memory (SIGKILL past its budget: `GrammarTooLarge`), then compiles the accepted
   spec itself (never on the event loop);
-- the processes and the dispatcher threads run at nice 10: one decode stream on 2 cores ran
-  29% slower while a compile ran (189 -> 134 tokens/s; the issue: 132 -> 49 with xgrammar's 4
-  threads at nice 0); nice 19 was no better, SCHED_IDLE cost 4% but would starve compiles on
-  a server that decodes all the time;
+- the processes and the dispatcher threads run at nice 10, so that a compile slows running
+  streams less; nice 19 was no better, and SCHED_IDLE, though it slowed them least, would starve
+  compiles on a server that decodes all the time (docs/benchmarks.md, section "Numbers behind
+  code choices"; `python -m loadtest grammar-attacks --only stream` measures a stream during a
+  compile);
 - a FIFO of specs waiting for a process, at most `max_queue` long (`CompileBacklogFull` past
   it: the API answers 429); a waiting spec whose requests all left is dropped (`cancel`).
 """

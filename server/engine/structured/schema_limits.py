@@ -1,14 +1,12 @@
 """How much work a JSON schema may ask of the grammar compiler, checked before it compiles.
 
-What predicts xgrammar's compile time (measured with loadtest/bench_schema_compile.py, one
-compile thread; the table is in docs/benchmarks.md):
-- optional properties of one object: time grows as about k^3.5 (k = 200: 0.23 s with the
-  bundled 4k vocabulary, 0.72 s with a 128k one; k = 800: 3.2 s at 4k; k = 1,600: 50 s in the
-  server of 2eb9c1b); required properties, enum values and anyOf branches grow about linearly;
+What predicts xgrammar's compile time (`python -m loadtest schema-compile`; the measurements
+are in docs/benchmarks.md, section "Grammar compile cost: what predicts it"):
+- optional properties of one object: time grows as about k^3.5; required properties, enum
+  values and anyOf branches grow about linearly;
 - nesting written inline (an array of arrays of ..., objects in objects): the schema -> grammar
-  conversion grows as about depth^3 (100 levels: 0.06-0.13 s, 400: 4-10 s, 900: 37 s), while
-  the same depth reached through `$ref`s stays linear;
-- the size of the vocabulary multiplies the compile (x3-4 from 4k to 128k tokens).
+  conversion grows as about depth^3, while the same depth reached through `$ref`s stays linear;
+- the size of the vocabulary multiplies the compile.
 So the limits are on those measures, each a 400 that names it; a compile that still runs past
 the time budget is stopped by the compile pool (server/engine/structured/compile_pool.py).
 """

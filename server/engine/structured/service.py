@@ -109,7 +109,8 @@ class GrammarService:
     def _finish(self, spec: StructuredSpec, flight: _Flight, f: Future) -> None:
         self._forget(spec.key, flight)
         # job -> its future -> `done` -> flight -> job is a cycle: unbroken, a compiled grammar
-        # lived until the next full garbage collection (RSS grew ~7 MB per big grammar)
+        # lived until the next full garbage collection (RSS grew with every big grammar:
+        # docs/benchmarks.md, section "Numbers behind code choices")
         flight.job = None
         if flight.future.done():
             return

@@ -18,7 +18,6 @@ with `--b-repo` the same in another checkout after it (e.g. main before the cap,
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 import threading
 import time
@@ -130,8 +129,7 @@ def _modes(text: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
-    server_args = argv[argv.index("--") + 1:] if "--" in argv else []
-    own = argv[:argv.index("--")] if "--" in argv else argv
+    own, server_args = checkout.split_argv(argv)
     ap = argparse.ArgumentParser(prog="python -m loadtest big-answer", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=_ints, default=[64], help="choices per request; comma-separated: one request each")
@@ -140,44 +138,19 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--modes", type=_modes, default=["whole"], help="whole, stream or both (comma-separated): "
                     "one request per n and mode")
     ap.add_argument("--stream", dest="modes", action="store_const", const=["stream"], help="= --modes stream")
-    srv = ap.add_argument_group("servers")
-    srv.add_argument("--url", help="server A: a running server (else one is started)")
-    srv.add_argument("--pid", type=int, help="--url: the running server's pid (for RSS; without it, no RSS)")
-    srv.add_argument("--a-repo", default=str(results.REPO), help="server A: moe-serve run in this checkout "
-                     "(default: this one)")
-    srv.add_argument("--a-label", help="default: A's short commit (or 'running server' with --url)")
-    srv.add_argument("--b-repo", help="server B, after A: moe-serve run in this other checkout")
-    srv.add_argument("--b-python", help="--b-repo: the Python to run it with (default: this one)")
-    srv.add_argument("--b-label", help="default: B's short commit")
-    srv.add_argument("--b-server-args", default="", help="--b-repo: extra flags for server B (one string)")
+    checkout.add_server_args(ap, "for RSS")
     output.add_args(ap)
     args = ap.parse_args(own)
     args.server_args = server_args
     result = results.new_result("big-answer", argv, vars(args), heading=HEADING, packages=("httpx",))
     stem = Path(args.json).with_suffix("") if args.json else results.default_path(result).with_suffix("")
-    plan = [(args.a_label or ("running server" if args.url else checkout.label(args.a_repo)),
-             None if args.url else args.a_repo, None, SERVER_ARGS + server_args)]
-    if args.b_repo:
-        plan.append((args.b_label or checkout.label(args.b_repo), args.b_repo, args.b_python,
-                     SERVER_ARGS + shlex.split(args.b_server_args)))
-    if len({x[0] for x in plan}) < len(plan):
-        ap.error(f"servers A and B need different labels (both {plan[0][0]!r}): --a-label / --b-label")
-    report: dict[str, Any] = {"server_args": SERVER_ARGS, "sides": []}
-    for label, repo, python, flags in plan:
-        server = None
-        if repo is None:
-            url, pid = args.url, args.pid
-        else:
-            server = checkout.start(repo, flags, stem.with_name(f"{stem.name}-{label.replace(' ', '_')}.log"), python)
-            url, pid = server.url, server.pid
-        try:
-            side = checkout.side(label, repo, url, flags)
-            side["probes"] = [probe(url, pid, n, args.max_tokens, mode == "stream", args.prompt_tokens)
-                              for n in args.n for mode in args.modes]
-        finally:
-            if server is not None:
-                server.stop(timeout=60)
-        report["sides"].append(side)
+    plan = checkout.plan_sides(args, ap, SERVER_ARGS, server_args)
+
+    def measure(i: int, url: str, pid: int | None) -> dict[str, Any]:
+        return {"probes": [probe(url, pid, n, args.max_tokens, mode == "stream", args.prompt_tokens)
+                           for n in args.n for mode in args.modes]}
+
+    report: dict[str, Any] = {"server_args": SERVER_ARGS, "sides": checkout.run_sides(plan, args, stem, measure)}
     result["measurements"] = report
     result["summary"]["blocks"] = blocks(report)
     output.finish(result, args)

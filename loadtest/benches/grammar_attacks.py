@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import shlex
 import statistics
 import sys
 import threading
@@ -292,54 +291,29 @@ def _attacks(text: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
-    server_args = argv[argv.index("--") + 1:] if "--" in argv else []
-    own = argv[:argv.index("--")] if "--" in argv else argv
+    own, server_args = checkout.split_argv(argv)
     p = argparse.ArgumentParser(prog="python -m loadtest grammar-attacks", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", type=_attacks, action="extend", help=f"run only these: {','.join(ATTACKS)} "
                    "(comma-separated or repeated)")
     p.add_argument("--count", type=int, default=70, help="distinct big grammars for `rss`")
     p.add_argument("--stream-rounds", type=int, default=3, help="rounds of `stream`")
-    srv = p.add_argument_group("servers")
-    srv.add_argument("--url", help="server A: an already running server instead of starting one")
-    srv.add_argument("--pid", type=int, help="--url: the running server's pid (for `rss`; without it, no RSS)")
-    srv.add_argument("--a-repo", default=str(results.REPO), help="server A: moe-serve run in this checkout "
-                     "(default: this one)")
-    srv.add_argument("--a-label", help="default: A's short commit (or 'running server' with --url)")
-    srv.add_argument("--b-repo", help="server B, after A: moe-serve run in this other checkout")
-    srv.add_argument("--b-python", help="--b-repo: the Python to run it with (default: this one)")
-    srv.add_argument("--b-label", help="default: B's short commit")
+    srv = checkout.add_server_args(p, "for `rss`")
     srv.add_argument("--b-only", type=_attacks, action="extend", help="--b-repo: B's attacks (default: A's)")
-    srv.add_argument("--b-server-args", default="", help="--b-repo: extra flags for server B (one string)")
     output.add_args(p)
     args = p.parse_args(own)
     args.server_args = server_args
     result = results.new_result("grammar-attacks", argv, vars(args), heading=HEADING,
                                 packages=("xgrammar", "httpx", "psutil"))
     stem = Path(args.json).with_suffix("") if args.json else results.default_path(result).with_suffix("")
-    a_label = args.a_label or ("running server" if args.url else checkout.label(args.a_repo))
-    plan = [(a_label, None if args.url else args.a_repo, None, SERVER_ARGS + server_args, args.only or list(ATTACKS))]
-    if args.b_repo:
-        plan.append((args.b_label or checkout.label(args.b_repo), args.b_repo, args.b_python,
-                     SERVER_ARGS + shlex.split(args.b_server_args), args.b_only or args.only or list(ATTACKS)))
-    if len({x[0] for x in plan}) < len(plan):
-        p.error(f"servers A and B need different labels (both {plan[0][0]!r}): --a-label / --b-label")
-    report: dict[str, Any] = {"server_args": SERVER_ARGS, "sides": []}
-    for label, repo, python, flags, attacks in plan:
-        print(f"\n=== {label}: {', '.join(attacks)}", flush=True)
-        server = None
-        if repo is None:
-            url, pid = args.url, args.pid
-        else:
-            server = checkout.start(repo, flags, stem.with_name(f"{stem.name}-{label.replace(' ', '_')}.log"), python)
-            url, pid = server.url, server.pid
-        try:
-            side = checkout.side(label, repo, url, flags)
-            side["attacks"] = run_side(url, pid, attacks, args)
-        finally:
-            if server is not None:
-                server.stop(timeout=60)
-        report["sides"].append(side)
+    plan = checkout.plan_sides(args, p, SERVER_ARGS, server_args)
+    attacks = [args.only or list(ATTACKS), args.b_only or args.only or list(ATTACKS)]
+
+    def measure(i: int, url: str, pid: int | None) -> dict[str, Any]:
+        print(f"\n=== {plan[i][0]}: {', '.join(attacks[i])}", flush=True)
+        return {"attacks": run_side(url, pid, attacks[i], args)}
+
+    report: dict[str, Any] = {"server_args": SERVER_ARGS, "sides": checkout.run_sides(plan, args, stem, measure)}
     result["measurements"] = report
     result["summary"]["blocks"] = blocks(report)
     output.finish(result, args)

@@ -14,6 +14,7 @@ from typing import Any
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 ROPE_STYLES = ("neox", "interleaved")
 QK_NORMS = (None, "head", "full", "l2")
+LAYER_KINDS = ("attention", "linear")
 
 
 class UnsupportedModelError(ValueError):
@@ -38,6 +39,43 @@ class MLAConfig:
     @property
     def qk_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+
+@dataclass(frozen=True)
+class LinearAttentionConfig:
+    """Gated DeltaNet (Qwen3-Next, Qwen3.5): a linear-attention layer whose state per sequence is
+    a short-convolution window and a [v_heads, k_dim, v_dim] recurrent matrix, not a KV cache."""
+
+    num_k_heads: int
+    num_v_heads: int  # a multiple of num_k_heads (each key head serves a group of value heads)
+    k_head_dim: int
+    v_head_dim: int
+    conv_kernel: int  # causal depthwise convolution width over q, k and v
+
+    def __post_init__(self):
+        for name in ("num_k_heads", "num_v_heads", "k_head_dim", "v_head_dim", "conv_kernel"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UnsupportedModelError(f"linear attention {name}={value!r} must be a positive integer")
+        if self.num_v_heads % self.num_k_heads:
+            raise UnsupportedModelError(f"linear attention: {self.num_k_heads} key heads do not divide "
+                                        f"{self.num_v_heads} value heads")
+
+    @property
+    def key_dim(self) -> int:
+        return self.num_k_heads * self.k_head_dim
+
+    @property
+    def value_dim(self) -> int:
+        return self.num_v_heads * self.v_head_dim
+
+    @property
+    def conv_dim(self) -> int:
+        return 2 * self.key_dim + self.value_dim
+
+    def state_elements(self) -> int:
+        """Values a sequence keeps in one layer: the convolution window and the recurrent matrix."""
+        return self.conv_dim * (self.conv_kernel - 1) + self.num_v_heads * self.k_head_dim * self.v_head_dim
 
 
 @dataclass(frozen=True)
@@ -94,6 +132,10 @@ class MoEModelConfig:
     torch_dtype: str = "float32"
     # -- attention variants --------------------------------------------------------------
     mla: MLAConfig | None = None  # Multi-head Latent Attention instead of GQA
+    # hybrid models: per layer "attention" or "linear" (linear attention, `linear_attention`); () all attention
+    layer_kinds: tuple[str, ...] = ()
+    linear_attention: LinearAttentionConfig | None = None
+    attn_output_gate: bool = False  # attention output times sigmoid(a per-head gate from q_proj) (Qwen3-Next)
     rope_style: str = "neox"  # neox (rotate halves) | interleaved (rotate pairs: DeepSeek, Llama 4, ERNIE)
     rotary_dim: int | None = None  # rotary part of each head (partial rotary); None: all of it
     attn_scale: float | None = None  # softmax scale; None: head_dim ** -0.5
@@ -127,10 +169,17 @@ class MoEModelConfig:
             raise UnsupportedModelError(f"num_key_value_heads={self.num_kv_heads} does not divide "
                                         f"num_attention_heads={self.num_heads}")
         n = self.num_layers
-        for name in ("sparse_layers", "sliding_windows", "attention_chunks", "nope_layers"):
+        for name in ("sparse_layers", "sliding_windows", "attention_chunks", "nope_layers", "layer_kinds"):
             value = getattr(self, name)
             if value and len(value) != n:
                 raise UnsupportedModelError(f"{name} has {len(value)} entries for {n} layers")
+        if any(k not in LAYER_KINDS for k in self.layer_kinds):
+            raise UnsupportedModelError(f"layer kinds {sorted(set(self.layer_kinds) - set(LAYER_KINDS))} are not "
+                                        f"supported (known: {', '.join(LAYER_KINDS)})")
+        if self.hybrid and self.linear_attention is None:
+            raise UnsupportedModelError("linear-attention layers need their linear_attention settings")
+        if self.hybrid and self.mla is not None:
+            raise UnsupportedModelError("linear-attention layers beside MLA are not supported yet")
         if self.rope_style not in ROPE_STYLES:
             raise UnsupportedModelError(f"rope style {self.rope_style!r} is not supported")
         if self.qk_norm not in QK_NORMS:
@@ -173,8 +222,26 @@ class MoEModelConfig:
     def uses_rope(self, layer: int) -> bool:
         return not (self.nope_layers and self.nope_layers[layer])
 
+    def layer_kind(self, layer: int) -> str:
+        """"attention" (a paged KV cache) or "linear" (a per-sequence recurrent state)."""
+        return self.layer_kinds[layer] if self.layer_kinds else "attention"
+
+    @property
+    def hybrid(self) -> bool:
+        """Some layers keep a per-sequence recurrent state instead of KV."""
+        return any(k != "attention" for k in self.layer_kinds)
+
+    def state_elements_per_sequence(self) -> int:
+        """Recurrent-state values one sequence keeps over all layers (0 without linear layers)."""
+        if not self.hybrid:
+            return 0
+        return sum(self.linear_attention.state_elements() for k in self.layer_kinds if k == "linear")
+
     def kv_elements_per_token(self, layer: int) -> int:
-        """Cached values per token in one layer: the latent and rotary key (MLA) or K and V."""
+        """Cached values per token in one layer: the latent and rotary key (MLA) or K and V (none
+        for a linear-attention layer: its state does not grow with the sequence)."""
+        if self.layer_kind(layer) != "attention":
+            return 0
         if self.mla is not None:
             return self.mla.kv_lora_rank + self.mla.qk_rope_head_dim
         return 2 * self.num_kv_heads * self.head_dim

@@ -7,6 +7,8 @@ mapping tables); the compute is here and in `models/layers`.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -16,6 +18,7 @@ from models.kernels.flags import KernelFlags
 from models.kernels.plan import KernelPlan, LinearLayout, MoEKernel, resolve_plan
 from models.layers.attention import Attention
 from models.layers.paged import AttentionMetadata, KVCache
+from models.layers.linear_attention import GatedDeltaNet
 from models.layers.mla import MLAttention
 from models.layers.moe import DenseMLP, MoEBlock, RoutingCapture
 from models.layers.norm import RMSNorm
@@ -26,7 +29,10 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: MoEModelConfig, idx: int, rotary: RotaryEmbedding):
         super().__init__()
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.attn = (MLAttention if cfg.mla is not None else Attention)(cfg, idx, rotary)
+        if cfg.layer_kind(idx) == "linear":
+            self.attn = GatedDeltaNet(cfg, idx)  # a recurrent state per sequence instead of KV
+        else:
+            self.attn = (MLAttention if cfg.mla is not None else Attention)(cfg, idx, rotary)
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.residual_multiplier = cfg.residual_multiplier
         self.is_moe = cfg.sparse_layers[idx]
@@ -161,22 +167,45 @@ class MoEForCausalLM(nn.Module):
             logits = logits / self.config.logits_scaling
         return logits.float()
 
-    def kv_cache_shapes(self, num_blocks: int, block_size: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
-        """Per layer, the shapes of its cache pair: (K, V) for GQA, (latent, rotary key) for MLA."""
+    def kv_layers(self) -> list[int]:
+        """The layers with a paged KV cache (the others, linear attention, keep state slots)."""
+        return [i for i in range(self.config.num_layers) if self.config.layer_kind(i) == "attention"]
+
+    def kv_cache_shapes(self, num_blocks: int, block_size: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The shapes of an attention layer's cache pair: (K, V) for GQA, (latent, rotary key) for MLA."""
         cfg = self.config
         if cfg.mla is not None:
-            lat, pe = (num_blocks, block_size, 1, cfg.mla.kv_lora_rank), (num_blocks, block_size, 1, cfg.mla.qk_rope_head_dim)
-            return [(lat, pe)] * cfg.num_layers
+            return (num_blocks, block_size, 1, cfg.mla.kv_lora_rank), (num_blocks, block_size, 1, cfg.mla.qk_rope_head_dim)
         kv = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
-        return [(kv, kv)] * cfg.num_layers
+        return kv, kv
 
-    def allocate_kv_cache(
-        self, num_blocks: int, block_size: int, dtype: torch.dtype | None = None, device=None
-    ) -> list[KVCache]:
+    def allocate_kv_cache(self, num_blocks: int, block_size: int, num_state_slots: int = 0,
+                          dtype: torch.dtype | None = None, device=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer its cache pair: the paged KV blocks of an attention layer, or the
+        `num_state_slots` state slots of a linear-attention layer (the convolution window in the
+        model dtype, the recurrent matrix in float32)."""
         dtype = dtype or self.embed.weight.dtype
         device = device or self.embed.weight.device
-        return [(torch.zeros(a, dtype=dtype, device=device), torch.zeros(b, dtype=dtype, device=device))
-                for a, b in self.kv_cache_shapes(num_blocks, block_size)]
+        kv_shapes = self.kv_cache_shapes(num_blocks, block_size)
+        caches = []
+        for layer in self.layers:
+            if isinstance(layer.attn, GatedDeltaNet):
+                conv, rec = layer.attn.state_shapes(num_state_slots)
+                caches.append((torch.zeros(conv, dtype=dtype, device=device),
+                               torch.zeros(rec, dtype=torch.float32, device=device)))
+            else:
+                caches.append(tuple(torch.zeros(s, dtype=dtype, device=device) for s in kv_shapes))
+        return caches
+
+    def state_bytes_per_sequence(self, dtype: torch.dtype | None = None) -> int:
+        """What one sequence's state slot takes over all linear-attention layers (0 without any)."""
+        elem = torch.empty((), dtype=dtype or self.embed.weight.dtype).element_size()
+        total = 0
+        for layer in self.layers:
+            if isinstance(layer.attn, GatedDeltaNet):
+                conv, rec = layer.attn.state_shapes(1)
+                total += math.prod(conv) * elem + math.prod(rec) * 4
+        return total
 
     def kv_bytes_per_block(self, block_size: int, dtype: torch.dtype | None = None) -> int:
         elem = torch.empty((), dtype=dtype or self.embed.weight.dtype).element_size()

@@ -122,7 +122,8 @@ class Capabilities:
 class LayerKernels:
     """One decoder layer's kernels."""
 
-    attention_kind: str  # "gqa", "gqa+window", "gqa+chunked", "gqa+sinks" (combined with +), "mla"
+    # "gqa", "gqa+window", "gqa+chunked", "gqa+sinks", "gqa+gate" (combined with +), "mla", "linear (gated deltanet)"
+    attention_kind: str
     attention: AttentionKernel  # the decode kernel
     fused_rope: bool  # q/k norm + rotary + KV store in one Triton launch
     fused_norms: bool  # Triton RMSNorm with the residual add
@@ -234,6 +235,8 @@ class KernelPlanError(ValueError):
 
 
 def attention_kind(cfg: MoEModelConfig, layer: int) -> str:
+    if cfg.layer_kind(layer) == "linear":
+        return "linear (gated deltanet)"
     if cfg.mla is not None:
         return "mla"
     parts = ["gqa"]
@@ -243,6 +246,8 @@ def attention_kind(cfg: MoEModelConfig, layer: int) -> str:
         parts.append("chunked")
     if cfg.attention_sinks:
         parts.append("sinks")
+    if cfg.attn_output_gate:
+        parts.append("gate")
     return "+".join(parts)
 
 
@@ -321,11 +326,12 @@ def resolve_plan(cfg: MoEModelConfig, device: torch.device, dtype: torch.dtype, 
             and (caps.cpu_kernels is not None or caps.onednn))
     elem = torch.empty((), dtype=dtype).element_size()
     H, inter, E = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts
-    gqa = cfg.mla is None
+    qkv_rows = cfg.q_size * (2 if cfg.attn_output_gate else 1) + 2 * cfg.kv_size
     extra = cfg.vocab_size * H
     for i in range(cfg.num_layers):
+        gqa = cfg.mla is None and cfg.layer_kind(i) == "attention"
         if gqa:
-            extra += (cfg.q_size + 2 * cfg.kv_size) * H + H * cfg.q_size
+            extra += qkv_rows * H + H * cfg.q_size
         if cfg.sparse_layers[i] and not variant:
             # the loop's gate+up copies; the C kernel's copy of gate+up and down besides
             extra += E * 2 * inter * H * (1 if plain_moe == MoEKernel.LOOP else 2) + (
@@ -348,9 +354,10 @@ def resolve_plan(cfg: MoEModelConfig, device: torch.device, dtype: torch.dtype, 
     layers = []
     for i in range(cfg.num_layers):
         kind = attention_kind(cfg, i)
-        plain = kind == "gqa"
+        gqa = cfg.mla is None and cfg.layer_kind(i) == "attention"
+        plain = kind in ("gqa", "gqa+gate")  # the paged decode kernels serve them (the gate comes after)
         use_rope = cfg.uses_rope(i)
-        fused_rope = (fused and plain and use_rope and cfg.rope_style == "neox" and cfg.clip_qkv is None
+        fused_rope = (fused and kind == "gqa" and use_rope and cfg.rope_style == "neox" and cfg.clip_qkv is None
                       and cfg.qk_norm in (None, "head") and cfg.rotary_dim in (None, cfg.head_dim))
         moe = moe_large = None
         if cfg.sparse_layers[i]:
@@ -359,7 +366,7 @@ def resolve_plan(cfg: MoEModelConfig, device: torch.device, dtype: torch.dtype, 
         layers.append(LayerKernels(
             attention_kind=kind, attention=plain_attention if plain else AttentionKernel.REFERENCE,
             fused_rope=fused_rope, fused_norms=fused and cfg.residual_multiplier == 1.0,
-            qkv=layout(cfg.q_size + 2 * cfg.kv_size) if gqa else LinearLayout.PLAIN,
+            qkv=layout(qkv_rows) if gqa else LinearLayout.PLAIN,
             o=layout(H) if gqa else LinearLayout.PLAIN,
             expert_kind=expert_kind(cfg) if cfg.sparse_layers[i] else None, moe=moe, moe_large=moe_large,
             gate_up=layout(2 * inter) if moe in (MoEKernel.LOOP, MoEKernel.CPU) and not variant else LinearLayout.PLAIN,

@@ -67,7 +67,9 @@ class Attention(nn.Module):
         self.q_size, self.kv_size = cfg.q_size, cfg.kv_size
         self.scale = cfg.attn_scale if cfg.attn_scale is not None else self.head_dim**-0.5
         # q, k and v fused into one projection: [q_size + 2 * kv_size, hidden]
-        self.qkv = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
+        # Qwen3-Next: q_proj also yields a per-head output gate, kept as rows q_size..2 q_size
+        self.gate_size = self.q_size if cfg.attn_output_gate else 0
+        self.qkv = nn.Linear(cfg.hidden_size, self.q_size + self.gate_size + 2 * self.kv_size, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
         self.use_rope = cfg.uses_rope(layer_idx)
         self.rope_style = cfg.rope_style
@@ -109,16 +111,20 @@ class Attention(nn.Module):
             return packed_linear(x, self.packed_qkv, self.qkv.bias)
         return self.qkv(x)
 
-    def _o(self, x: torch.Tensor) -> torch.Tensor:  # [T, q_size] -> [T, hidden]
+    def _o(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:  # [T, q_size] -> [T, hidden]
+        if gate is not None:  # the output gate (Qwen3-Next): [T, q_size]
+            x = x * torch.sigmoid(gate)
         if self.packed_o is not None:
             return packed_linear(x, self.packed_o, self.o_proj.bias)
         return self.o_proj(x)
 
     def project(self, x: torch.Tensor, cos_sin, positions: torch.Tensor | None):
-        """q [T, heads, d], k and v [T, kv_heads, d]: projections, q/k norms, rotary."""
+        """q [T, heads, d], k and v [T, kv_heads, d]: projections, q/k norms, rotary; and the
+        output gate [T, q_size] (None without one)."""
         T = x.shape[0]
         qkv = self._qkv(x)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, gate, k, v = qkv.split([self.q_size, self.gate_size, self.kv_size, self.kv_size], dim=-1)
+
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         if self.clip_qkv is not None:
@@ -137,7 +143,7 @@ class Attention(nn.Module):
             floor_scale, attn_scale = self.temperature
             scales = torch.log1p(torch.floor((positions.float() + 1.0) / floor_scale)) * attn_scale + 1.0  # [T]
             q = (q * scales[:, None, None]).to(q.dtype)
-        return q, k, v
+        return q, k, v, (gate if self.gate_size else None)
 
     def forward(
         self,
@@ -156,20 +162,20 @@ class Attention(nn.Module):
                 self._qkv(x), *cos_sin, *cache, meta.slot_mapping, self.num_heads, self.num_kv_heads, self.head_dim,
                 self.q_norm.weight if head else None, self.k_norm.weight if head else None,
                 self.q_norm.eps if head else 1e-6)
-            k = v = None
+            k = v = gate = None  # (the plan fuses only layers without an output gate)
         else:
-            q, k, v = self.project(x, cos_sin, positions)
+            q, k, v, gate = self.project(x, cos_sin, positions)
             v = v.contiguous()
             write_kv(cache, k, v, meta.slot_mapping)
         if self.variant.active:
             out = attend_variant(q, k, v, cache, meta, self.scale, self.variant, self.sinks)
-            return self._o(out.view(T, self.q_size))
+            return self._o(out.view(T, self.q_size), gate)
 
         nd = meta.num_decodes
         if nd == T:  # decode-only step: no prefill chunk, no copy
             out = decode_attention(q, cache, meta.block_tables[:nd], meta.decode_seq_lens, self.scale,
                                    self.decode_kernel)
-            return self._o(out.view(T, self.q_size))
+            return self._o(out.view(T, self.q_size), gate)
         out = torch.empty_like(q)  # [T, heads, head_dim]
         if nd:
             out[:nd] = decode_attention(q[:nd], cache, meta.block_tables[:nd], meta.decode_seq_lens, self.scale,
@@ -182,4 +188,4 @@ class Attention(nn.Module):
             else:  # cached prefix / earlier chunks, or the fused path: read back from the cache
                 kc, vc = gather_kv(cache, meta.block_tables[i], meta.seq_lens[i])
             out[s:e] = prefill_attention(q[s:e], kc, vc, self.scale)
-        return self._o(out.view(T, self.q_size))
+        return self._o(out.view(T, self.q_size), gate)

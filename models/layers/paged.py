@@ -24,6 +24,7 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] flat KV slot (block * block_size + offset)
     block_tables: torch.Tensor  # [num_seqs, max_blocks] block ids, padded with 0
     decode_seq_lens: torch.Tensor | None = None  # [num_decodes] as a tensor, for masking
+    state_slots: torch.Tensor | None = None  # [num_seqs] each sequence's state slot (linear-attention layers)
 
     @property
     def num_seqs(self) -> int:

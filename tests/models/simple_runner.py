@@ -18,7 +18,8 @@ class SimpleRunner:
     def __init__(self, model: MoEForCausalLM, max_len: int, batch: int, block_size: int = 16):
         self.model, self.block_size = model, block_size
         self.blocks_per_seq = (max_len + block_size - 1) // block_size
-        self.caches = model.allocate_kv_cache(self.blocks_per_seq * batch, block_size)
+        # sequence i also owns state slot i (the linear-attention layers of hybrid models)
+        self.caches = model.allocate_kv_cache(self.blocks_per_seq * batch, block_size, num_state_slots=batch)
         dev = model.embed.weight.device
         # sequence i owns blocks [i * blocks_per_seq, (i + 1) * blocks_per_seq)
         self.tables = torch.arange(batch * self.blocks_per_seq, device=dev).view(batch, self.blocks_per_seq)
@@ -54,7 +55,7 @@ class SimpleRunner:
         t = lambda x: torch.tensor(x, dtype=torch.long, device=self.device)  # noqa: E731
         meta = AttentionMetadata(
             num_decodes=nd, query_start_loc=loc, seq_lens=lens, slot_mapping=t(slots),
-            block_tables=self.tables[t(seqs)], decode_seq_lens=t(lens[:nd]),
+            block_tables=self.tables[t(seqs)], decode_seq_lens=t(lens[:nd]), state_slots=t(seqs),
         )
         return self.model(t(ids), t(pos), meta, self.caches, capture)
 

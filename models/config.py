@@ -73,10 +73,6 @@ class LinearAttentionConfig:
     def conv_dim(self) -> int:
         return 2 * self.key_dim + self.value_dim
 
-    def state_elements(self) -> int:
-        """Values a sequence keeps in one layer: the convolution window and the recurrent matrix."""
-        return self.conv_dim * (self.conv_kernel - 1) + self.num_v_heads * self.k_head_dim * self.v_head_dim
-
 
 @dataclass(frozen=True)
 class RouterConfig:
@@ -231,11 +227,15 @@ class MoEModelConfig:
         """Some layers keep a per-sequence recurrent state instead of KV."""
         return any(k != "attention" for k in self.layer_kinds)
 
-    def state_elements_per_sequence(self) -> int:
-        """Recurrent-state values one sequence keeps over all layers (0 without linear layers)."""
+    def state_bytes_per_sequence(self, elem: int) -> int:
+        """Recurrent-state bytes one sequence keeps over all linear-attention layers (0 without
+        any): the convolution window in the model dtype (`elem` bytes a value), the recurrent
+        matrix in float32."""
         if not self.hybrid:
             return 0
-        return sum(self.linear_attention.state_elements() for k in self.layer_kinds if k == "linear")
+        la = self.linear_attention
+        per_layer = la.conv_dim * (la.conv_kernel - 1) * elem + la.num_v_heads * la.k_head_dim * la.v_head_dim * 4
+        return per_layer * sum(k == "linear" for k in self.layer_kinds)
 
     def kv_elements_per_token(self, layer: int) -> int:
         """Cached values per token in one layer: the latent and rotary key (MLA) or K and V (none

@@ -7,8 +7,6 @@ mapping tables); the compute is here and in `models/layers`.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
@@ -200,12 +198,7 @@ class MoEForCausalLM(nn.Module):
     def state_bytes_per_sequence(self, dtype: torch.dtype | None = None) -> int:
         """What one sequence's state slot takes over all linear-attention layers (0 without any)."""
         elem = torch.empty((), dtype=dtype or self.embed.weight.dtype).element_size()
-        total = 0
-        for layer in self.layers:
-            if isinstance(layer.attn, GatedDeltaNet):
-                conv, rec = layer.attn.state_shapes(1)
-                total += math.prod(conv) * elem + math.prod(rec) * 4
-        return total
+        return self.config.state_bytes_per_sequence(elem)
 
     def kv_bytes_per_block(self, block_size: int, dtype: torch.dtype | None = None) -> int:
         elem = torch.empty((), dtype=dtype or self.embed.weight.dtype).element_size()

@@ -1,9 +1,10 @@
 #!/usr/bin/env python
 """Print the README's supported-families table from the family registry (`models/registry.py`):
 for one real checkpoint per family (each family module's `PUBLISHED` configs, copied from the
-checkpoints' `config.json`), the attention kind, the routing kind and the KV-cache bytes per
-token our native engine allocates (bf16 cache), computed by the same code the engine sizes its
-cache with (`MoEModelConfig.kv_bytes_per_token`). Run:
+checkpoints' `config.json`), the attention kind, the routing kind, the KV-cache bytes per
+token our native engine allocates (bf16 cache) and, for hybrid models, the recurrent-state bytes
+per sequence, computed by the same code the engine sizes its cache with
+(`MoEModelConfig.kv_bytes_per_token`, `MoEModelConfig.state_bytes_per_sequence`). Run:
 
     .venv/bin/python scripts/model_families.py
 """
@@ -11,6 +12,7 @@ cache with (`MoEModelConfig.kv_bytes_per_token`). Run:
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -30,6 +32,12 @@ def config_of(p: PublishedConfig) -> MoEModelConfig:
 
 
 def attention_kind(cfg: MoEModelConfig) -> str:
+    if cfg.hybrid:
+        la, n = cfg.linear_attention, cfg.num_layers
+        linear = sum(k == "linear" for k in cfg.layer_kinds)
+        full = replace(cfg, layer_kinds=(), linear_attention=None)
+        return (f"hybrid: Gated DeltaNet on {linear}/{n} layers ({la.num_k_heads}/{la.num_v_heads} heads x "
+                f"{la.k_head_dim}/{la.v_head_dim}), gated {attention_kind(full)} on {n - linear}")
     if cfg.mla is not None:
         q = "q_lora" if cfg.mla.q_lora_rank else "no q_lora"
         return f"MLA (latent {cfg.mla.kv_lora_rank} + rope {cfg.mla.qk_rope_head_dim}, {q})"
@@ -82,13 +90,14 @@ def rows() -> list[tuple[str, ...]]:
         cfg = config_of(p)
         status = "native" + (f"; {p.quantized} dequantized at load" if p.quantized else "")
         out.append((p.family, f"`{p.architecture}`", p.checkpoint, attention_kind(cfg), routing_kind(cfg),
-                    f"{cfg.kv_bytes_per_token(2):,}", status))
+                    f"{cfg.kv_bytes_per_token(2):,}", f"{cfg.state_bytes_per_sequence(2):,}" if cfg.hybrid else "-",
+                    status))
     return out
 
 
 def table() -> str:
     head = ("Family", "Architecture", "Checkpoint (config)", "Attention", "Routing", "KV bytes/token (bf16)",
-            "Status")
+            "State bytes/sequence (bf16)", "Status")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in rows()]
     return "\n".join(lines)

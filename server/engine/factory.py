@@ -31,7 +31,17 @@ def eos_token_ids(model_path: str, model_cfg, tokenizer) -> tuple[int, ...]:
     return tuple(dict.fromkeys(ids))
 
 
+def state_bytes(config: EngineConfig, model) -> int:
+    """What a hybrid model's state slots take: one per sequence the engine runs at once, plus
+    the runner's scratch row (0 for models without linear-attention layers)."""
+    if not model.config.hybrid:
+        return 0
+    return (config.max_num_seqs + 1) * model.state_bytes_per_sequence()
+
+
 def num_kv_blocks(config: EngineConfig, model) -> int:
+    """KV blocks from the cache budget (`--kv-cache-memory`), after a hybrid model's state slots
+    (the same budget holds both)."""
     if config.num_kv_blocks:
         return config.num_kv_blocks
     per_block = model.kv_bytes_per_block(config.block_size)
@@ -43,7 +53,12 @@ def num_kv_blocks(config: EngineConfig, model) -> int:
             budget = int(free * 0.4)
         else:
             budget = DEFAULT_CPU_KV_BYTES
-    return max(1, budget // per_block)
+    states = state_bytes(config, model)
+    if states and states + per_block > budget:
+        raise ValueError(f"the cache budget ({budget / 2**20:.1f} MiB) cannot hold the recurrent state of "
+                         f"--max-num-seqs {config.max_num_seqs} sequences ({states / 2**20:.1f} MiB) and a KV "
+                         f"block: raise --kv-cache-memory or lower --max-num-seqs")
+    return max(1, (budget - states) // per_block)
 
 
 def physical_cores() -> int:
@@ -144,6 +159,10 @@ def build_native_core(config: EngineConfig, progress: bool = True, reserve_cpu_c
     log.info("loaded %s (%s, %s on %s) in %.1fs; KV cache %d blocks x %d tokens; max_model_len %d",
              config.model, cfg.architecture, dtype, info.device, model.load_seconds, blocks, config.block_size,
              core.max_model_len)
+    if cfg.hybrid:
+        log.info("recurrent state: %d slots x %.2f MiB per sequence (%d linear-attention layers)",
+                 config.max_num_seqs + 1, model.state_bytes_per_sequence() / 2**20,
+                 sum(k == "linear" for k in cfg.layer_kinds))
     return core, info
 
 

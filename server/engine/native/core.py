@@ -24,6 +24,7 @@ from server.engine.native.runner import ModelRunner
 from server.engine.native.sampler import Sampler
 from server.engine.native.scheduler import Scheduler
 from server.engine.native.sequence import RequestState, Sequence, next_seq_id
+from server.engine.native.state_slots import StateSlots
 from server.engine.request import EngineRequest, RequestOutput
 from server.engine.stats import FinishedRequestStats, IterationStats, RoutingListener, RoutingStats
 from server.engine.structured.runtime import StructuredRuntime
@@ -70,15 +71,22 @@ class EngineCore:
                              f"--max-model-len ({self.max_model_len}) when chunked prefill is off "
                              f"(--no-enable-chunked-prefill): a prompt is then computed in one step")
         self.eos_token_ids = tuple(eos_token_ids)
+        if cfg.hybrid and enable_prefix_caching:
+            log.info("prefix caching is off for %s: its linear-attention layers keep a recurrent state per "
+                     "sequence, which cached KV blocks cannot restore", cfg.architecture)
+            enable_prefix_caching = False
         self.pool = BlockPool(num_blocks, block_size, enable_prefix_caching)
         self.kv = KVCacheManager(self.pool)
+        # hybrid models: a state slot per running sequence (n > 1 completions included)
+        self.state_slots = StateSlots(max_num_seqs) if cfg.hybrid else None
         self.scheduler = Scheduler(self.kv, max_num_seqs, max(max_num_batched_tokens, 1), self.max_model_len,
-                                   scheduling_policy, enable_chunked_prefill, self.eos_token_ids)
+                                   scheduling_policy, enable_chunked_prefill, self.eos_token_ids,
+                                   state_slots=self.state_slots)
         self.structured = StructuredRuntime(self.vocab_size)  # grammar masks (structured outputs)
         self.runner = ModelRunner(model, num_blocks, block_size, max_num_seqs=max_num_seqs,
                                   max_model_len=self.max_model_len, max_num_batched_tokens=max_num_batched_tokens,
                                   seed=seed, eos_token_ids=self.eos_token_ids,
-                                  structured=self.structured)
+                                  structured=self.structured, num_state_slots=max_num_seqs if cfg.hybrid else 0)
         self.output = OutputProcessor(tokenizer, cfg.num_moe_layers, cfg.num_experts, cfg.top_k,
                                       self._device_tokens)
         self.requests: dict[str, RequestState] = {}

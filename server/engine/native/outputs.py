@@ -29,6 +29,7 @@ class ScheduledSeq:
 class SchedulerOutput:
     scheduled: list[ScheduledSeq] = field(default_factory=list)  # decodes first, then prefills
     block_copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) before the forward
+    state_copies: list[tuple[int, int]] = field(default_factory=list)  # state slots (src, dst), forked sequences
     num_preemptions: int = 0
 
     @property

@@ -1,8 +1,10 @@
 """The model runner: turns a scheduled batch into tensors, runs the model, samples.
 
-It owns the KV-cache tensors (one (k, v) pair per layer, `[num_blocks + 1, block_size,
-kv_heads, head_dim]`; the extra block is scratch for padding rows), performs the
-copy-on-write block copies the scheduler asks for, and computes logits only where needed:
+It owns the KV-cache tensors (one (k, v) pair per attention layer, `[num_blocks + 1,
+block_size, kv_heads, head_dim]`; the extra block is scratch for padding rows) and, for hybrid
+models, the state slots of the linear-attention layers (`num_state_slots + 1` rows, the last
+scratch), performs the copy-on-write block copies and the forked states' copies the scheduler
+asks for, and computes logits only where needed:
 the last token of every sequence that samples, plus every prompt position of sequences that
 asked for prompt logprobs. It returns the sampled token ids and their logprobs (the prompt
 sequence of an n > 1 request samples n tokens, one per completion, from its last logits row)
@@ -38,12 +40,19 @@ log = logging.getLogger(__name__)
 class ModelRunner:
     def __init__(self, model: MoEForCausalLM, num_blocks: int, block_size: int, max_num_seqs: int = 64,
                  max_model_len: int = 2048, max_num_batched_tokens: int = 2048,
-                 seed: int = 0, eos_token_ids: tuple[int, ...] = (), structured: StructuredRuntime | None = None):
+                 seed: int = 0, eos_token_ids: tuple[int, ...] = (), structured: StructuredRuntime | None = None,
+                 num_state_slots: int = 0):
         self.model = model
         self.block_size = block_size
         self.device = model.embed.weight.device
-        self.kv_caches = model.allocate_kv_cache(num_blocks + 1, block_size)  # + 1: scratch block
+        # + 1: a scratch block, and a scratch state row
+        self.kv_caches = model.allocate_kv_cache(num_blocks + 1, block_size,
+                                                 num_state_slots + 1 if model.config.hybrid else 0)
+        kv_layers = set(model.kv_layers())
+        self._kv_pairs = [c for i, c in enumerate(self.kv_caches) if i in kv_layers]
+        self._state_pairs = [c for i, c in enumerate(self.kv_caches) if i not in kv_layers]
         self.pad_slot = num_blocks * block_size  # first slot of the scratch block
+        self.pad_state_slot = num_state_slots
         self.sampler = Sampler(model.config.vocab_size, self.device, seed)
         self.eos_token_ids = tuple(eos_token_ids)
         self.structured = structured if structured is not None else StructuredRuntime(model.config.vocab_size)
@@ -71,9 +80,18 @@ class ModelRunner:
             return
         src = torch.tensor([c[0] for c in copies], device=self.device)
         dst = torch.tensor([c[1] for c in copies], device=self.device)
-        for k, v in self.kv_caches:
+        for k, v in self._kv_pairs:
             k[dst] = k[src]
             v[dst] = v[src]
+
+    def _copy_states(self, copies: list[tuple[int, int]]) -> None:
+        if not copies:
+            return
+        src = torch.tensor([c[0] for c in copies], device=self.device)
+        dst = torch.tensor([c[1] for c in copies], device=self.device)
+        for conv, rec in self._state_pairs:
+            conv[dst] = conv[src]
+            rec[dst] = rec[src]
 
     def _graph_bucket(self, batch: SchedulerOutput) -> int | None:
         if self.graphs is None or len(batch.scheduled) > self.graphs.max_size:
@@ -93,10 +111,12 @@ class ModelRunner:
         # grammar masks of this step's samplers are filled while the model runs
         self.structured.begin_step([item.seq.grammar for item in batch.scheduled if item.samples])
         self._copy_blocks(batch.block_copies)
+        self._copy_states(batch.state_copies)
         bucket = self._graph_bucket(batch)
         bufs = self.buffers
         dev_before = bufs.dev
-        inp = bufs.prepare(batch, self.block_size, self.pad_slot, pad_to=bucket or 0)
+        inp = bufs.prepare(batch, self.block_size, self.pad_slot, pad_to=bucket or 0,
+                           pad_state_slot=self.pad_state_slot)
         if bufs.dev is not dev_before and self.graphs is not None:  # buffers grew: graphs point at old ones
             log.warning("step buffers grew past the captured sizes; CUDA graphs are off from now on")
             self.graphs, bucket = None, None
@@ -109,7 +129,7 @@ class ModelRunner:
             meta = AttentionMetadata(
                 num_decodes=inp.num_decodes, query_start_loc=inp.query_start_loc, seq_lens=inp.seq_lens,
                 slot_mapping=d["slots"][:T], block_tables=d["tables"][: inp.num_seqs, : inp.width],
-                decode_seq_lens=d["seq_lens"][: inp.num_decodes])
+                decode_seq_lens=d["seq_lens"][: inp.num_decodes], state_slots=d["state_slots"][: inp.num_seqs])
             capture = RoutingCapture(with_weights)
             hidden = self.model(d["ids"][:T], d["positions"][:T], meta, self.kv_caches, capture)  # [T, hidden]
         rows = d["logit_rows"][: inp.num_logit_rows]

@@ -10,6 +10,12 @@ After the model ran, `update_from_output` moves each sequence on: its computed b
 committed to the prefix cache, the prompt sequence of an n > 1 request forks into n, sampled
 tokens are appended and `stop.check_stop` decides who stops; finished sequences leave the
 queues and free their blocks.
+
+Hybrid models (linear-attention layers) also need a state slot per running sequence
+(`state_slots.StateSlots`): a sequence is admitted only when its slots are free as well (an
+n > 1 request takes all n at once), gives them back when it finishes or is preempted, and a
+fork asks the runner to copy the prompt's state into each completion's slot. Their prefix
+cache is off (a cached block restores KV, not the recurrent state at its end).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from typing import Callable
 from server.engine.native.kv_cache import KVCacheManager
 from server.engine.native.outputs import ModelOutput, ScheduledSeq, SchedulerOutput
 from server.engine.native.sequence import RequestState, Sequence, SeqStatus, next_seq_id
+from server.engine.native.state_slots import StateSlots
 from server.engine.native.stop import check_stop
 from server.engine.request import Logprob
 from server.engine.structured.runtime import StructuredRuntime
@@ -30,8 +37,11 @@ TokenListener = Callable[[Sequence, int, "Logprob | None", bool], "str | None"]
 
 class Scheduler:
     def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
-                 policy: str = "fcfs", chunked_prefill: bool = True, eos_token_ids: tuple[int, ...] = ()):
+                 policy: str = "fcfs", chunked_prefill: bool = True, eos_token_ids: tuple[int, ...] = (),
+                 state_slots: StateSlots | None = None):
         self.kv = kv
+        self.state_slots = state_slots
+        self._state_copies: list[tuple[int, int]] = []  # forks since the last schedule()
         self.eos_token_ids = tuple(eos_token_ids)
         self.max_num_seqs = max_num_seqs
         self.budget = max_num_batched_tokens
@@ -58,12 +68,19 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.kv.free(seq.blocks)
+        self._release(seq)
         seq.status = SeqStatus.FINISHED
+
+    def _release(self, seq: Sequence) -> None:
+        """Give back the sequence's KV blocks and state slots."""
+        self.kv.free(seq.blocks)
+        if seq.state_slots:
+            self.state_slots.free(seq.state_slots)
+            seq.state_slots = []
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.kv.free(seq.blocks)
+        self._release(seq)  # recompute: the state is rebuilt from the tokens
         seq.num_computed = 0
         seq.status = SeqStatus.WAITING
         self.waiting.insert(0, seq)
@@ -71,7 +88,8 @@ class Scheduler:
             self.waiting.sort(key=lambda s: s.sort_key(self.policy))
 
     def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput()
+        out = SchedulerOutput(state_copies=self._state_copies)
+        self._state_copies = []
         budget = self.budget
         scheduled: list[ScheduledSeq] = []
         # 1. running sequences (decodes and unfinished prefill chunks), in priority order
@@ -98,7 +116,13 @@ class Scheduler:
             fanout = seq.params.n if seq.needs_fork else 1
             if self.running and len(self.running) + fanout > self.max_num_seqs:
                 break
-            if seq.num_computed == 0 and not seq.blocks.table and not seq.needs_prompt_outputs:
+            if self.state_slots is not None and not seq.state_slots:
+                slots = self.state_slots.allocate(fanout)
+                if slots is None:
+                    break
+                seq.state_slots = slots
+            if (seq.num_computed == 0 and not seq.blocks.table and not seq.needs_prompt_outputs
+                    and self.state_slots is None):
                 cached = self.kv.match_prefix(seq.blocks, seq.token_ids)
                 seq.num_computed = cached
                 if seq.num_output == 0:
@@ -109,7 +133,7 @@ class Scheduler:
             if not self.kv.allocate(seq.blocks, seq.num_computed, num_new, out.block_copies):
                 # it waits for blocks, holding none (a waiting sequence holding prefix blocks
                 # could starve everyone); admission guarantees it fits in an empty pool
-                self.kv.free(seq.blocks)
+                self._release(seq)
                 seq.num_computed = 0
                 break
             self.waiting.pop(0)
@@ -147,12 +171,17 @@ class Scheduler:
     def _fork(self, seq: Sequence) -> list[Sequence]:
         """The n sequences of an n > 1 request, once its shared prompt is computed."""
         state = seq.state
+        slots = seq.state_slots[1:]
         children = [seq] + [Sequence(next_seq_id(), i, state, list(seq.token_ids), seq.num_prompt_tokens,
                                      state.generators[i] if state.generators else None,
                                      blocks=self.kv.fork(seq.blocks), num_computed=seq.num_computed,
                                      status=SeqStatus.RUNNING, routing_done=seq.routing_done,
-                                     grammar=StructuredRuntime.fork(seq.grammar))
+                                     grammar=StructuredRuntime.fork(seq.grammar),
+                                     state_slots=slots[i - 1: i])
                             for i in range(1, seq.params.n)]
+        if slots:  # each completion continues from the prompt's state
+            seq.state_slots = seq.state_slots[:1]
+            self._state_copies += [(seq.state_slot, slot) for slot in slots]
         seq.needs_fork = False
         state.seqs = children
         self.running.extend(children[1:])

@@ -62,6 +62,9 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)  # == token_ids[num_prompt_tokens:], kept as it grows
     sampling_cache: dict = field(default_factory=dict)  # the sampler's per-sequence tensors
     grammar: Any = None  # structured output: its GrammarState (server/engine/structured/state.py)
+    # hybrid models: the state slots it holds (state_slots.py); the first is its own, the others
+    # (an n > 1 prompt sequence's) go to its completions when it forks
+    state_slots: list[int] = field(default_factory=list)
 
     @property
     def request(self) -> EngineRequest:
@@ -84,6 +87,10 @@ class Sequence:
         """Prompt logprobs or prompt routing were asked: every prompt position must run through
         the model, so the prefix cache is not used for this sequence (as vLLM does)."""
         return self.params.prompt_logprobs is not None or self.request.return_routing
+
+    @property
+    def state_slot(self) -> int | None:
+        return self.state_slots[0] if self.state_slots else None
 
     @property
     def finished(self) -> bool:

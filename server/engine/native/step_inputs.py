@@ -42,7 +42,7 @@ class StepBuffers:
     def _alloc(self, max_tokens: int, max_seqs: int, max_blocks: int) -> None:
         cuda = self.device.type == "cuda"
         sizes = {"ids": max_tokens, "positions": max_tokens, "slots": max_tokens, "seg": max_tokens,
-                 "logit_rows": max_tokens, "seq_lens": max_seqs}
+                 "logit_rows": max_tokens, "seq_lens": max_seqs, "state_slots": max_seqs}
         self.max_tokens, self.max_seqs, self.max_blocks = max_tokens, max_seqs, max_blocks
         self.host = {k: torch.zeros(n, dtype=torch.int64, pin_memory=cuda) for k, n in sizes.items()}
         self.host["tables"] = torch.zeros(max_seqs, max_blocks, dtype=torch.int64, pin_memory=cuda)
@@ -54,10 +54,13 @@ class StepBuffers:
             # never with the engine's limits; a CUDA graph captured on the old buffers is dropped by the runner
             self._alloc(max(tokens, self.max_tokens), max(seqs, self.max_seqs), max(blocks, self.max_blocks))
 
-    def prepare(self, batch: SchedulerOutput, block_size: int, pad_slot: int, pad_to: int = 0) -> StepInputs:
+    def prepare(self, batch: SchedulerOutput, block_size: int, pad_slot: int, pad_to: int = 0,
+                pad_state_slot: int = 0) -> StepInputs:
         """Fill the buffers for `batch`; with `pad_to` > num tokens (a decode-only batch run as
         a larger CUDA-graph bucket), the extra rows get token 0 at position 0, KV slot
-        `pad_slot` (a scratch block) and length 0 (attention writes zeros for them)."""
+        `pad_slot` (a scratch block) and length 0 (attention writes zeros for them). Each
+        sequence's state slot (hybrid models) goes to `state_slots`; `pad_state_slot` (a
+        scratch row) where it has none."""
         sched = batch.scheduled
         S = len(sched)
         starts = np.fromiter((it.seq.num_computed for it in sched), np.int64, S)  # [S]
@@ -81,6 +84,7 @@ class StepBuffers:
             ids.extend(seq.token_ids[start:end])
             table = seq.blocks.table
             tables[j, : len(table)] = table
+            h["state_slots"][j] = seq.state_slots[0] if seq.state_slots else pad_state_slot
             if seq.params.prompt_logprobs is not None and start < seq.num_prompt_tokens:
                 # logits at positions start..min(end, prompt)-1 predict prompt tokens start+1..
                 last = min(end, seq.num_prompt_tokens)
@@ -106,6 +110,7 @@ class StepBuffers:
             h["slots"][T:pad_to] = pad_slot
             h["seg"][T:pad_to] = 0
             h["seq_lens"][S:pad_to] = 0
+            h["state_slots"][S:pad_to] = pad_state_slot
         self._copy(n_rows, max(S, pad_to), len(logit_rows))
         num_decodes = int(np.argmax(counts != 1)) if (counts != 1).any() else S
         return StepInputs(T, num_decodes, loc.tolist(), (starts + counts).tolist(), width, len(logit_rows),
@@ -118,6 +123,7 @@ class StepBuffers:
             self.dev[k][:n_rows].copy_(self.host[k][:n_rows], non_blocking=True)
         self.dev["logit_rows"][:n_logits].copy_(self.host["logit_rows"][:n_logits], non_blocking=True)
         self.dev["seq_lens"][:n_seqs].copy_(self.host["seq_lens"][:n_seqs], non_blocking=True)
+        self.dev["state_slots"][:n_seqs].copy_(self.host["state_slots"][:n_seqs], non_blocking=True)
         self.dev["tables"][:n_seqs].copy_(self.host["tables"][:n_seqs], non_blocking=True)
         self._copied = torch.cuda.Event()
         self._copied.record()

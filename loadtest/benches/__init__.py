@@ -15,4 +15,5 @@ BENCHES = {
     "gpu": "loadtest.benches.gpu",
     "placement-sim": "loadtest.benches.placement_sim",
     "placement-report": "loadtest.benches.placement_report",
+    "hybrid-decode": "loadtest.benches.hybrid_decode",
 }

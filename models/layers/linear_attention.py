@@ -71,9 +71,9 @@ def recurrent_gated_delta_step(q, k, v, g, beta, state: torch.Tensor):
     """One token for each of B sequences, float32: q, k [B, H, dk], v [B, H, dv], g, beta [B, H],
     state [B, H, dk, dv] -> (out [B, H, dv], new state)."""
     S = state * g.exp()[..., None, None]
-    kv = (S * k[..., None]).sum(-2)  # [B, H, dv] what S recalls for k
-    S = S + k[..., None] * ((v - kv) * beta[..., None])[..., None, :]
-    return (S * q[..., None]).sum(-2), S
+    kv = (k[..., None, :] @ S).squeeze(-2)  # [B, H, dv] what S recalls for k
+    S = S + k[..., :, None] @ ((v - kv) * beta[..., None])[..., None, :]  # rank-1 update
+    return (q[..., None, :] @ S).squeeze(-2), S
 
 
 class GatedDeltaNet(nn.Module):

@@ -73,6 +73,11 @@ class LinearAttentionConfig:
     def conv_dim(self) -> int:
         return 2 * self.key_dim + self.value_dim
 
+    def state_bytes(self, elem: int) -> int:
+        """One sequence's state in one layer: the convolution window in the model dtype (`elem`
+        bytes a value), the recurrent matrix in float32."""
+        return self.conv_dim * (self.conv_kernel - 1) * elem + self.num_v_heads * self.k_head_dim * self.v_head_dim * 4
+
 
 @dataclass(frozen=True)
 class RouterConfig:
@@ -172,8 +177,9 @@ class MoEModelConfig:
         if any(k not in LAYER_KINDS for k in self.layer_kinds):
             raise UnsupportedModelError(f"layer kinds {sorted(set(self.layer_kinds) - set(LAYER_KINDS))} are not "
                                         f"supported (known: {', '.join(LAYER_KINDS)})")
-        if self.hybrid and self.linear_attention is None:
-            raise UnsupportedModelError("linear-attention layers need their linear_attention settings")
+        for kind in sorted(set(self.layer_kinds) - {"attention"}):
+            if self.state_config(kind) is None:
+                raise UnsupportedModelError(f"{kind!r} layers need their settings ({kind} layer sizes missing)")
         if self.hybrid and self.mla is not None:
             raise UnsupportedModelError("linear-attention layers beside MLA are not supported yet")
         if self.rope_style not in ROPE_STYLES:
@@ -228,14 +234,15 @@ class MoEModelConfig:
         return any(k != "attention" for k in self.layer_kinds)
 
     def state_bytes_per_sequence(self, elem: int) -> int:
-        """Recurrent-state bytes one sequence keeps over all linear-attention layers (0 without
-        any): the convolution window in the model dtype (`elem` bytes a value), the recurrent
-        matrix in float32."""
+        """Recurrent-state bytes one sequence keeps over all its stateful layers (0 without any),
+        the model dtype taking `elem` bytes a value (each kind's `state_bytes`)."""
         if not self.hybrid:
             return 0
-        la = self.linear_attention
-        per_layer = la.conv_dim * (la.conv_kernel - 1) * elem + la.num_v_heads * la.k_head_dim * la.v_head_dim * 4
-        return per_layer * sum(k == "linear" for k in self.layer_kinds)
+        return sum(self.state_config(k).state_bytes(elem) for k in self.layer_kinds if k != "attention")
+
+    def state_config(self, kind: str):
+        """The sizes of a stateful layer kind (each has `state_bytes(elem)`)."""
+        return {"linear": self.linear_attention}[kind]
 
     def kv_elements_per_token(self, layer: int) -> int:
         """Cached values per token in one layer: the latent and rotary key (MLA) or K and V (none

@@ -23,12 +23,19 @@ from models.layers.norm import RMSNorm
 from models.layers.rotary import RotaryEmbedding
 
 
+# layer kind (MoEModelConfig.layer_kinds) -> the token mixer that keeps a per-sequence state
+# instead of KV: built as cls(cfg, layer_idx); `state_shapes(num_slots)` gives its state tensors as
+# ((shape, dtype or None for the model dtype), ...) and its forward takes them as the layer's cache
+STATE_MIXERS: dict[str, type[nn.Module]] = {"linear": GatedDeltaNet}
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: MoEModelConfig, idx: int, rotary: RotaryEmbedding):
         super().__init__()
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        if cfg.layer_kind(idx) == "linear":
-            self.attn = GatedDeltaNet(cfg, idx)  # a recurrent state per sequence instead of KV
+        kind = cfg.layer_kind(idx)
+        if kind != "attention":  # a recurrent state per sequence instead of KV
+            self.attn = STATE_MIXERS[kind](cfg, idx)
         else:
             self.attn = (MLAttention if cfg.mla is not None else Attention)(cfg, idx, rotary)
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -186,11 +193,10 @@ class MoEForCausalLM(nn.Module):
         device = device or self.embed.weight.device
         kv_shapes = self.kv_cache_shapes(num_blocks, block_size)
         caches = []
-        for layer in self.layers:
-            if isinstance(layer.attn, GatedDeltaNet):
-                conv, rec = layer.attn.state_shapes(num_state_slots)
-                caches.append((torch.zeros(conv, dtype=dtype, device=device),
-                               torch.zeros(rec, dtype=torch.float32, device=device)))
+        for i, layer in enumerate(self.layers):
+            if self.config.layer_kind(i) != "attention":
+                caches.append(tuple(torch.zeros(shape, dtype=state_dtype or dtype, device=device)
+                                    for shape, state_dtype in layer.attn.state_shapes(num_state_slots)))
             else:
                 caches.append(tuple(torch.zeros(s, dtype=dtype, device=device) for s in kv_shapes))
         return caches

@@ -48,12 +48,10 @@ class MixerTimer:
     """Wall time spent in the token mixers of one model, by kind, between `reset` calls."""
 
     def __init__(self, model) -> None:
-        from models.layers.linear_attention import GatedDeltaNet
-
         self.spent = {"linear": 0.0, "attention": 0.0}
         self._start = 0.0
-        for layer in model.layers:
-            kind = "linear" if isinstance(layer.attn, GatedDeltaNet) else "attention"
+        for i, layer in enumerate(model.layers):
+            kind = "linear" if model.config.layer_kind(i) != "attention" else "attention"
             layer.attn.register_forward_pre_hook(self._enter)
             layer.attn.register_forward_hook(lambda mod, inp, out, kind=kind: self._leave(kind))
 

@@ -95,9 +95,12 @@ class GatedDeltaNet(nn.Module):
     def apply_kernels(self, kernels, packed_qkv=None, packed_o=None) -> None:
         self.decode_kernel = kernels.attention
 
-    def state_shapes(self, num_slots: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    def state_shapes(self, num_slots: int):
+        """The state tensors, ((shape, dtype), ...): the convolution window in the model dtype
+        (None), the recurrent matrix in float32."""
         la = self.la
-        return (num_slots, la.conv_dim, la.conv_kernel - 1), (num_slots, la.num_v_heads, la.k_head_dim, la.v_head_dim)
+        return (((num_slots, la.conv_dim, la.conv_kernel - 1), None),
+                ((num_slots, la.num_v_heads, la.k_head_dim, la.v_head_dim), torch.float32))
 
     def _split(self, x: torch.Tensor):
         """x [T, hidden] -> (mixed q|k|v [T, conv_dim], z [T, Hv, dv], beta, g [T, Hv] float32)."""

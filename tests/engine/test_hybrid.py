@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from models.config import MoEModelConfig
-from models.layers.linear_attention import GatedDeltaNet
 from models.model import MoEForCausalLM
 from server.config import EngineConfig
 from server.engine import LLM
@@ -139,9 +138,7 @@ def test_readme_state_and_kv_bytes_are_what_the_engine_allocates(checkpoint):
     blocks, bs, slots = 3, 16, 2
     caches = model.allocate_kv_cache(blocks, bs, num_state_slots=slots, device="meta")
     nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
-    state = nbytes(t for layer, pair in zip(model.layers, caches) if isinstance(layer.attn, GatedDeltaNet)
-                   for t in pair)
-    kv = nbytes(t for layer, pair in zip(model.layers, caches) if not isinstance(layer.attn, GatedDeltaNet)
-                for t in pair)
+    state = nbytes(t for i, pair in enumerate(caches) if cfg.layer_kind(i) != "attention" for t in pair)
+    kv = nbytes(t for i, pair in enumerate(caches) if cfg.layer_kind(i) == "attention" for t in pair)
     assert abs(state / slots - state_per_seq) <= 0.05 * state_per_seq
     assert abs(kv / (blocks * bs) - kv_per_token) <= 0.05 * kv_per_token

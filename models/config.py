@@ -42,6 +42,30 @@ class MLAConfig:
 
 
 @dataclass(frozen=True)
+class DSAConfig:
+    """DeepSeek Sparse Attention (DeepSeek-V3.2, GLM-5): a lightning indexer scores the cached
+    tokens with its own small heads, and each query's MLA attends only to its `topk` best."""
+
+    n_heads: int
+    head_dim: int  # the index key cached per token beside MLA's latent and rotary key
+    topk: int
+    rope_style: str = "neox"  # the rotary on the index q/k's first qk_rope_head_dim dims
+    # per layer: True where the layer reuses the previous indexer layer's choice (GLM-5 "shared")
+    shared: tuple[bool, ...] = ()
+
+    def __post_init__(self):
+        for name in ("n_heads", "head_dim", "topk"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UnsupportedModelError(f"DSA {name}={value!r} must be a positive integer")
+        if self.shared and self.shared[0]:
+            raise UnsupportedModelError("DSA: the first layer cannot reuse a previous layer's top-k")
+
+    def has_indexer(self, layer: int) -> bool:
+        return not (self.shared and self.shared[layer])
+
+
+@dataclass(frozen=True)
 class LinearAttentionConfig:
     """Gated DeltaNet (Qwen3-Next, Qwen3.5): a linear-attention layer whose state per sequence is
     a short-convolution window and a [v_heads, k_dim, v_dim] recurrent matrix, not a KV cache."""
@@ -133,6 +157,7 @@ class MoEModelConfig:
     torch_dtype: str = "float32"
     # -- attention variants --------------------------------------------------------------
     mla: MLAConfig | None = None  # Multi-head Latent Attention instead of GQA
+    dsa: DSAConfig | None = None  # DeepSeek Sparse Attention over MLA (an index key cached per token)
     # hybrid models: per layer "attention" or "linear" (linear attention, `linear_attention`); () all attention
     layer_kinds: tuple[str, ...] = ()
     linear_attention: LinearAttentionConfig | None = None
@@ -182,6 +207,15 @@ class MoEModelConfig:
                 raise UnsupportedModelError(f"{kind!r} layers need their settings ({kind} layer sizes missing)")
         if self.hybrid and self.mla is not None:
             raise UnsupportedModelError("linear-attention layers beside MLA are not supported yet")
+        if self.dsa is not None:
+            if self.mla is None or self.mla.q_lora_rank is None:
+                raise UnsupportedModelError("DeepSeek Sparse Attention needs MLA with a q_lora_rank")
+            if self.dsa.rope_style not in ROPE_STYLES or self.dsa.head_dim < self.mla.qk_rope_head_dim:
+                raise UnsupportedModelError(f"DSA index heads of {self.dsa.head_dim} ({self.dsa.rope_style} rotary) "
+                                            f"cannot hold the rotary part of {self.mla.qk_rope_head_dim}")
+            if self.dsa.shared and len(self.dsa.shared) != self.num_layers:
+                raise UnsupportedModelError(f"DSA shared layers have {len(self.dsa.shared)} entries for "
+                                            f"{self.num_layers} layers")
         if self.rope_style not in ROPE_STYLES:
             raise UnsupportedModelError(f"rope style {self.rope_style!r} is not supported")
         if self.qk_norm not in QK_NORMS:
@@ -250,8 +284,14 @@ class MoEModelConfig:
         if self.layer_kind(layer) != "attention":
             return 0
         if self.mla is not None:
-            return self.mla.kv_lora_rank + self.mla.qk_rope_head_dim
+            return self.mla.kv_lora_rank + self.mla.qk_rope_head_dim + self.index_key_dim
         return 2 * self.num_kv_heads * self.head_dim
+
+    @property
+    def index_key_dim(self) -> int:
+        """The DSA index key cached per token and layer beside the rotary key (0 without DSA;
+        every layer's cache has room for it, shared-indexer layers leave it unused)."""
+        return self.dsa.head_dim if self.dsa is not None else 0
 
     def kv_bytes_per_token(self, elem_bytes: int) -> int:
         """KV-cache bytes one token takes over all layers, at `elem_bytes` per value."""

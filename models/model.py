@@ -180,7 +180,9 @@ class MoEForCausalLM(nn.Module):
         """The shapes of an attention layer's cache pair: (K, V) for GQA, (latent, rotary key) for MLA."""
         cfg = self.config
         if cfg.mla is not None:
-            return (num_blocks, block_size, 1, cfg.mla.kv_lora_rank), (num_blocks, block_size, 1, cfg.mla.qk_rope_head_dim)
+            # the rotary key's row also holds the DSA index key (DeepSeek-V3.2, GLM-5)
+            return ((num_blocks, block_size, 1, cfg.mla.kv_lora_rank),
+                    (num_blocks, block_size, 1, cfg.mla.qk_rope_head_dim + cfg.index_key_dim))
         kv = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
         return kv, kv
 

@@ -238,7 +238,7 @@ def attention_kind(cfg: MoEModelConfig, layer: int) -> str:
     if cfg.layer_kind(layer) == "linear":
         return "linear (gated deltanet)"
     if cfg.mla is not None:
-        return "mla"
+        return "mla+dsa" if cfg.dsa is not None else "mla"
     parts = ["gqa"]
     if cfg.sliding_window(layer) is not None:
         parts.append("window")

@@ -6,6 +6,12 @@ is the pair `(latent [num_blocks, block_size, 1, kv_lora_rank], k_pe [num_blocks
 1, qk_rope_head_dim])`, so the runner's (k, v) pair handling applies unchanged. Per-head K and V
 are never cached: `kv_b_proj` maps a latent to them.
 
+DeepSeek Sparse Attention (DeepSeek-V3.2, GLM-5; `cfg.dsa`): a lightning indexer (its own small
+heads from the q latent, one key per token from the hidden state, cached in the rotary key's row
+after `k_pe`) scores every cached token for every query, sum over heads of w_h relu(q_h . k);
+each query then attends only to its `topk` best (with fewer tokens in its context, to all of
+them). GLM-5's "shared" layers have no indexer and reuse the previous indexer layer's choice.
+
 - Prefill chunks expand their context's latents through `kv_b_proj` (K = [k_nope, k_pe],
   V) and attend causally.
 - Decode uses the absorbed-weights form: with W_uk / W_uv the key / value halves of
@@ -51,6 +57,9 @@ class MLAttention(nn.Module):
         self.o_proj = nn.Linear(H * self.v_dim, hidden, bias=cfg.o_bias)
         self.rotary = rotary
         self.decode_kernel: AttentionKernel | None = None  # the plan's: MLA has its own PyTorch path
+        self.dsa = cfg.dsa
+        if cfg.dsa is not None and cfg.dsa.has_indexer(layer_idx):
+            self.indexer = Indexer(cfg)
 
     def apply_kernels(self, kernels: LayerKernels, packed_qkv=None, packed_o=None) -> None:
         self.decode_kernel = kernels.attention
@@ -58,7 +67,8 @@ class MLAttention(nn.Module):
     def forward(self, x: torch.Tensor, cos_sin, meta: AttentionMetadata, cache: KVCache,
                 positions: torch.Tensor | None = None) -> torch.Tensor:
         T, H = x.shape[0], self.num_heads
-        q = self.q_proj(x) if hasattr(self, "q_proj") else self.q_b_proj(self.q_a_norm(self.q_a_proj(x)))
+        q_lat = None if hasattr(self, "q_proj") else self.q_a_norm(self.q_a_proj(x))
+        q = self.q_proj(x) if q_lat is None else self.q_b_proj(q_lat)
         q_nope, q_pe = q.view(T, H, self.qk_dim).split([self.nope, self.rope], dim=-1)  # [T, H, dn], [T, H, dr]
         latent, k_pe = self.kv_a_proj(x).split([self.rank, self.rope], dim=-1)  # [T, r], [T, dr]
         latent = self.kv_a_norm(latent)[:, None, :]  # [T, 1, r]
@@ -67,12 +77,30 @@ class MLAttention(nn.Module):
         k_pe = rotate(k_pe[:, None, :], cos, sin, self.rope_style)  # [T, 1, dr]
         lat_cache, pe_cache = cache
         lat_cache.view(-1, 1, self.rank).index_copy_(0, meta.slot_mapping, latent)
-        pe_cache.view(-1, 1, self.rope).index_copy_(0, meta.slot_mapping, k_pe)
+        width = pe_cache.shape[-1]  # dr, + the DSA index key
+        if width == self.rope:
+            pe_cache.view(-1, 1, self.rope).index_copy_(0, meta.slot_mapping, k_pe)
+        else:  # k_pe then the index key (zeros in layers without an indexer)
+            idx_q = idx_k = None
+            if hasattr(self, "indexer"):
+                idx_q, idx_k, idx_w = self.indexer.project(x, q_lat, cos, sin)
+            row = torch.cat((k_pe, (idx_k if idx_k is not None else k_pe.new_zeros(T, width - self.rope))[:, None]),
+                            dim=-1)
+            pe_cache.view(-1, 1, width).index_copy_(0, meta.slot_mapping, row)
+        sparse = self.dsa is not None
+        chosen = None  # DSA: per scheduled sequence, the [n, L] tokens its queries attend to
+        if sparse:
+            if hasattr(self, "indexer"):
+                chosen = self.indexer.select(idx_q, idx_w, idx_k, cache, meta)
+                meta.dsa_selection = chosen
+            else:
+                chosen = meta.dsa_selection
 
         out = q.new_empty(T, H, self.v_dim)
         nd = meta.num_decodes
         if nd:
-            out[:nd] = self._decode(q_nope[:nd], q_pe[:nd], cache, meta.block_tables[:nd], meta.decode_seq_lens)
+            out[:nd] = self._decode(q_nope[:nd], q_pe[:nd], cache, meta.block_tables[:nd], meta.decode_seq_lens,
+                                    chosen[0] if sparse else None)
         loc = meta.query_start_loc
         for i in range(nd, meta.num_seqs):  # prefill chunks
             s, e = loc[i], loc[i + 1]
@@ -80,11 +108,13 @@ class MLAttention(nn.Module):
                 lat, pe = latent[s:e, 0], k_pe[s:e, 0]
             else:
                 lat, pe = (c[:, 0] for c in gather_kv(cache, meta.block_tables[i], meta.seq_lens[i]))
-            out[s:e] = self._prefill(q_nope[s:e], q_pe[s:e], lat, pe)
+                pe = pe[:, : self.rope]
+            out[s:e] = self._prefill(q_nope[s:e], q_pe[s:e], lat, pe, chosen[1][i - nd] if sparse else None)
         return self.o_proj(out.view(T, H * self.v_dim))
 
-    def _prefill(self, q_nope, q_pe, lat: torch.Tensor, pe: torch.Tensor) -> torch.Tensor:
-        """n queries over a context of L >= n latents (the last n are theirs) -> [n, H, dv]."""
+    def _prefill(self, q_nope, q_pe, lat: torch.Tensor, pe: torch.Tensor, chosen: torch.Tensor | None = None):
+        """n queries over a context of L >= n latents (the last n are theirs) -> [n, H, dv];
+        `chosen` [n, L] (DSA): the tokens each query may attend to."""
         n, H = q_nope.shape[:2]
         L = lat.shape[0]
         kv = self.kv_b_proj(lat).view(L, H, self.nope + self.v_dim)  # [L, H, dn + dv]
@@ -92,16 +122,19 @@ class MLAttention(nn.Module):
         k = torch.cat((k_nope, pe[:, None, :].expand(L, H, self.rope)), dim=-1)  # [L, H, dqk]
         q = torch.cat((q_nope, q_pe), dim=-1)  # [n, H, dqk]
         qt, kt, vt = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
-        if L == n:
+        if L == n and chosen is None:
             o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=self.scale)
         else:
             qpos = torch.arange(L - n, L, device=q.device)[:, None]
             kpos = torch.arange(L, device=q.device)[None, :]
-            o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=kpos <= qpos, scale=self.scale)
+            mask = kpos <= qpos if chosen is None else (kpos <= qpos) & chosen
+            o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=self.scale)
         return o[0].transpose(0, 1)  # [n, H, dv]
 
-    def _decode(self, q_nope, q_pe, cache: KVCache, block_tables: torch.Tensor, seq_lens: torch.Tensor):
-        """Absorbed form, one query per sequence: q_nope [B, H, dn], q_pe [B, H, dr] -> [B, H, dv]."""
+    def _decode(self, q_nope, q_pe, cache: KVCache, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                chosen: torch.Tensor | None = None):
+        """Absorbed form, one query per sequence: q_nope [B, H, dn], q_pe [B, H, dr] -> [B, H, dv];
+        `chosen` [B, L] (DSA): the cached tokens each sequence's query may attend to."""
         B, H = q_nope.shape[:2]
         w = self.kv_b_proj.weight.view(H, self.nope + self.v_dim, self.rank)
         w_uk, w_uv = w[:, : self.nope], w[:, self.nope :]  # [H, dn, r], [H, dv, r]
@@ -112,10 +145,78 @@ class MLAttention(nn.Module):
         nblocks = (int(seq_lens.max()) + bs - 1) // bs
         tables = block_tables[:, :nblocks]  # [B, nblocks]
         lat = lat_cache[tables].flatten(1, 2)  # [B, L, 1, r]
-        keys = torch.cat((lat, pe_cache[tables].flatten(1, 2)), dim=-1)  # [B, L, 1, r + dr]
+        keys = torch.cat((lat, pe_cache[tables].flatten(1, 2)[..., : self.rope]), dim=-1)  # [B, L, 1, r + dr]
         pos = torch.arange(keys.shape[1], device=q_nope.device)
-        mask = (pos[None, :] < seq_lens[:, None])[:, None, None, :]  # [B, 1, 1, L]
+        valid = pos[None, :] < seq_lens[:, None]  # [B, L]
+        if chosen is not None:
+            valid = valid & chosen[:, : valid.shape[1]]
+        mask = valid[:, None, None, :]  # [B, 1, 1, L]
         o_lat = F.scaled_dot_product_attention(qk, keys.transpose(1, 2), lat.transpose(1, 2), attn_mask=mask,
                                                scale=self.scale)  # [B, 1, H, r]
         return torch.einsum("bhr,hvr->bhv", o_lat[:, 0], w_uv)  # [B, H, dv]
 
+
+
+class Indexer(nn.Module):
+    """The DSA lightning indexer of one layer: which cached tokens each query attends to."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        d = cfg.dsa
+        self.n_heads, self.head_dim, self.topk, self.rope_style = d.n_heads, d.head_dim, d.topk, d.rope_style
+        self.rope = cfg.mla.qk_rope_head_dim
+        self.wq_b = nn.Linear(cfg.mla.q_lora_rank, d.n_heads * d.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.hidden_size, d.head_dim, bias=False)
+        self.k_norm = nn.LayerNorm(d.head_dim, eps=1e-6)
+        self.weights_proj = nn.Linear(cfg.hidden_size, d.n_heads, bias=False)
+
+    def project(self, x: torch.Tensor, q_lat: torch.Tensor, cos, sin):
+        """Index queries [T, heads, d], index keys [T, d] (rotary on their first dims) and the
+        heads' weights [T, heads] (float32)."""
+        T = x.shape[0]
+        q = rotate(self.wq_b(q_lat).view(T, self.n_heads, self.head_dim), cos, sin, self.rope_style)
+        k = rotate(self.k_norm(self.wk(x))[:, None, :], cos, sin, self.rope_style)[:, 0]
+        w = self.weights_proj(x).float() * self.n_heads**-0.5
+        return q, k, w
+
+    def _scores(self, q, w, keys) -> torch.Tensor:
+        """q [n, heads, d], w [n, heads], keys [..., L, d] -> [n, L]: sum_h w_h relu(q_h . k / sqrt(d))."""
+        s = torch.relu(torch.einsum("nhd,nld->nhl", q.float(), keys.float().expand(q.shape[0], -1, -1))
+                       * self.head_dim**-0.5)
+        return torch.einsum("nh,nhl->nl", w, s)
+
+    def _top(self, scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """The `topk` best valid tokens of each row (all valid ones when fewer) as a mask."""
+        scores = scores.masked_fill(~valid, float("-inf"))
+        k = min(self.topk, scores.shape[-1])
+        chosen = torch.zeros_like(valid).scatter_(-1, scores.topk(k, dim=-1).indices, True)
+        return chosen & valid
+
+    def select(self, q, w, k_new, cache: KVCache, meta: AttentionMetadata):
+        """(decodes' [B, L] mask or None, [each prefill chunk's [n, L] mask])."""
+        width = cache[1].shape[-1]
+        nd = meta.num_decodes
+        decode = None
+        if nd:
+            pe_cache = cache[1]
+            bs = pe_cache.shape[1]
+            seq_lens = meta.decode_seq_lens
+            nblocks = (int(seq_lens.max()) + bs - 1) // bs
+            keys = pe_cache[meta.block_tables[:nd, :nblocks]].flatten(1, 2)[:, :, 0, self.rope : width]  # [B, L, d]
+            s = torch.relu(torch.einsum("bhd,bld->bhl", q[:nd].float(), keys.float()) * self.head_dim**-0.5)
+            scores = torch.einsum("bh,bhl->bl", w[:nd], s)
+            pos = torch.arange(keys.shape[1], device=q.device)
+            decode = self._top(scores, pos[None, :] < seq_lens[:, None])
+        chunks = []
+        loc = meta.query_start_loc
+        for i in range(nd, meta.num_seqs):
+            s, e = loc[i], loc[i + 1]
+            n, L = e - s, meta.seq_lens[i]
+            if L == n:
+                keys = k_new[s:e]
+            else:
+                keys = gather_kv(cache, meta.block_tables[i], L)[1][:, 0, self.rope : width]  # [L, d]
+            scores = self._scores(q[s:e], w[s:e], keys[None])
+            qpos = torch.arange(L - n, L, device=q.device)[:, None]
+            chunks.append(self._top(scores, torch.arange(L, device=q.device)[None, :] <= qpos))
+        return decode, chunks

@@ -25,6 +25,8 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # [num_seqs, max_blocks] block ids, padded with 0
     decode_seq_lens: torch.Tensor | None = None  # [num_decodes] as a tensor, for masking
     state_slots: torch.Tensor | None = None  # [num_seqs] each sequence's state slot (linear-attention layers)
+    # DeepSeek Sparse Attention: the last indexer layer's choice, for layers that reuse it (GLM-5)
+    dsa_selection: object = None
 
     @property
     def num_seqs(self) -> int:

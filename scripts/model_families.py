@@ -40,7 +40,13 @@ def attention_kind(cfg: MoEModelConfig) -> str:
                 f"{la.k_head_dim}/{la.v_head_dim}), gated {attention_kind(full)} on {n - linear}")
     if cfg.mla is not None:
         q = "q_lora" if cfg.mla.q_lora_rank else "no q_lora"
-        return f"MLA (latent {cfg.mla.kv_lora_rank} + rope {cfg.mla.qk_rope_head_dim}, {q})"
+        mla = f"MLA (latent {cfg.mla.kv_lora_rank} + rope {cfg.mla.qk_rope_head_dim}, {q})"
+        if cfg.dsa is not None:
+            d = cfg.dsa
+            shared = f", {sum(d.shared)} layers reuse the choice" if any(d.shared) else ""
+            mla += (f", sparse: top-{d.topk} tokens by an indexer ({d.n_heads} heads x {d.head_dim}, index key "
+                     f"cached){shared}")
+        return mla
     parts = [f"GQA {cfg.num_heads}/{cfg.num_kv_heads}x{cfg.head_dim}"]
     n = cfg.num_layers
     windows = [w for w in cfg.sliding_windows if w]

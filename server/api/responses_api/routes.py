@@ -74,6 +74,8 @@ def get_store(request: Request) -> ResponseStore:
              responses=_RESPONSES)
 async def create_response(request: Request) -> Response:
     body = await read_json(request, ResponsesRequest)
+    if logger.isEnabledFor(logging.DEBUG):
+        logger.debug("POST /v1/responses request: %s", json.dumps(_summary(body), ensure_ascii=False))
     serving: Serving = request.app.state.serving
     store = get_store(request)
     serving.check_model(body.model)
@@ -157,6 +159,18 @@ def _base(body: ResponsesRequest, response_id: str, created: int, model: str) ->
             "reasoning": body.reasoning.model_dump(mode="json", exclude_none=True) if body.reasoning else None,
             "text": text, "truncation": "disabled", "metadata": body.metadata or {}, "store": body.store is not False,
             "background": False, "user": body.user}
+
+
+def _summary(body: ResponsesRequest) -> dict[str, Any]:
+    """What a client sent, in short (the debug log: which fields, items and tools agents use)."""
+    items = [body.input[:40]] if isinstance(body.input, str) else [
+        f"{i.type or 'message'}:{getattr(i, 'role', None) or getattr(i, 'name', '')}" for i in body.input]
+    tools = [f"{t.get('type')}:{t.get('name')}" for t in body.tools or []]
+    fields = sorted(body.model_fields_set)
+    return {"fields": fields, "input": items, "tools": tools, "tool_choice": body.tool_choice,
+            "stream": body.stream, "store": body.store, "include": body.include,
+            "reasoning": body.reasoning.model_dump(exclude_none=True) if body.reasoning else None,
+            "max_output_tokens": body.max_output_tokens}
 
 
 def _as_input(item: dict[str, Any]) -> dict[str, Any]:

@@ -117,6 +117,14 @@ def test_reasoning_items(sdk: openai.OpenAI) -> None:
     a = sdk.responses.create(model="tiny-mixtral", input=history, max_output_tokens=1, reasoning=NO_THINKING)
     b = sdk.responses.create(model="tiny-mixtral", input=without, max_output_tokens=1, reasoning=NO_THINKING)
     assert a.usage.input_tokens > b.usage.input_tokens  # the reasoning was rendered
+    # a turn that produced only reasoning, continued by id or by resending it: the same prompt
+    chained = sdk.responses.create(model="tiny-mixtral", previous_response_id=r.id, input="more",
+                                   max_output_tokens=1, reasoning=NO_THINKING)
+    resent = sdk.responses.create(model="tiny-mixtral", max_output_tokens=1, reasoning=NO_THINKING, input=[
+        history[0], history[1], {"role": "user", "content": "more"}])
+    plain = sdk.responses.create(model="tiny-mixtral", max_output_tokens=1, reasoning=NO_THINKING, input=[
+        history[0], {"role": "user", "content": "more"}])
+    assert chained.usage.input_tokens == resent.usage.input_tokens > plain.usage.input_tokens
 
 
 # -- tools ----------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """A Responses request -> the chat layer's request (messages, tools, tool_choice,
-response_format, sampling), and the chat layer's output -> Responses output items.
+response_format, sampling); output.py goes the other way.
 
 Input items become OpenAI chat-format message dicts, validated through the chat layer's
 message type, so the chat pipeline (server/api/chat_setup.py: tool plan, structured output,
@@ -8,7 +8,8 @@ reasoning parser, chat template) serves both APIs:
 - consecutive `function_call` items -> one assistant message with `tool_calls` (joined to the
   assistant message right before them, if any), a `function_call_output` -> a `tool` message;
 - a `reasoning` item -> `reasoning` of the next assistant message (its `content`, else its
-  `summary`); `encrypted_content` is ignored (this server sends none);
+  `summary`), or of an empty assistant message when its turn produced nothing else;
+  `encrypted_content` is ignored (this server sends none);
 - `instructions` -> a first `system` message (not carried over by `previous_response_id`,
   as OpenAI).
 Tools: `function` tools, and `namespace` tools whose functions are shown to the template as
@@ -60,6 +61,10 @@ def chat_messages(items: list[dict[str, Any]], instructions: str | None) -> list
     reasoning: str | None = None
     for k, raw in enumerate(items):
         kind = raw.get("type") or "message"
+        if reasoning is not None and kind != "reasoning" and kind != "function_call" and raw.get("role") != "assistant":
+            # reasoning of a turn that produced nothing else: that turn, as it was
+            out.append({"role": "assistant", "content": "", "reasoning": reasoning})
+            reasoning = None
         if kind == "message":
             m = MessageItem.model_validate(raw)
             msg: dict[str, Any] = {"role": m.role, "content": _text(m.content)}

@@ -178,6 +178,9 @@ def _as_input(item: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in item.items() if v is not None}
 
 
+_FAILED_CODES = {400: "invalid_prompt", 429: "rate_limit_exceeded"}  # OpenAI's response.error codes
+
+
 def _sse(event: dict[str, Any]) -> bytes:
     data = json.dumps(event, ensure_ascii=False, separators=(",", ":"))
     return f"event: {event['type']}\ndata: {data}\n\n".encode()
@@ -218,8 +221,7 @@ async def _stream(gen: GenerationStream, output: Any, namespaced: dict[str, tupl
         yield _sse(events.event("error", code=str(err.code) if err.code is not None else err.type,
                                 message=err.message, param=err.param))
         failed = response_object(base, "failed", events.items, None,
-                                 error={"code": "server_error" if err.status >= 500 else "invalid_request",
-                                        "message": err.message})
+                                 error={"code": _FAILED_CODES.get(err.status, "server_error"), "message": err.message})
         yield _sse(events.event("response.failed", response=failed))
     finally:
         await gen.close()

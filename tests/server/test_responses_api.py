@@ -148,6 +148,23 @@ def test_forced_tool_choices(sdk: openai.OpenAI) -> None:
     assert [o.type for o in r.output] == ["message"]
 
 
+def test_namespace_tools(sdk: openai.OpenAI) -> None:
+    """A namespace's functions are called as <namespace>.<name>; the call names both, and goes
+    back into the conversation as it came."""
+    crm = {"type": "namespace", "name": "crm", "description": "Customer records.",
+           "tools": [{"type": "function", "name": "lookup", "parameters": {
+               "type": "object", "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 999}},
+               "required": ["id"], "additionalProperties": False}}]}
+    r = sdk.responses.create(model="tiny-mixtral", input="Look up customer 7.", tools=[crm], tool_choice="required",
+                             max_output_tokens=60, temperature=0, reasoning=NO_THINKING)
+    call = next(o for o in r.output if o.type == "function_call")
+    assert (call.namespace, call.name) == ("crm", "lookup") and 0 <= json.loads(call.arguments)["id"] <= 999
+    again = sdk.responses.create(model="tiny-mixtral", previous_response_id=r.id, tools=[crm], tool_choice="none",
+                                 input=[{"type": "function_call_output", "call_id": call.call_id, "output": "Ada"}],
+                                 max_output_tokens=2, reasoning=NO_THINKING)
+    assert again.output[0].type == "message"
+
+
 def test_tool_loop_by_items_and_by_previous_response_id(sdk: openai.OpenAI) -> None:
     """call -> result -> answer, once resending every item and once by previous_response_id:
     the same conversation, so the same prompt (input tokens) and the same answer."""

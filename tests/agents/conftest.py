@@ -1,9 +1,9 @@
 """Fixtures for the coding-agent tests (Codex CLI, Claude Code): their prompts (system prompt
 and tool definitions) are tens of thousands of tokens, past the bundled model's 2,048-token
 context, so they run on a tiny random-weight Mixtral with the bundled tokenizer and a 64k
-context, made here. Its output head favours the end-of-sequence token (about one chance in
-three per step), so that an agent that sends no output limit still gets short answers: a
-random model would otherwise fill the whole context."""
+context, made here. Its output head favours the end-of-sequence token, so that an agent that
+sends no output limit still gets answers of a few tokens: a random model would otherwise fill
+the whole context."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from tests.server.conftest import ServerProcess, start_server
 
 LONG_CONTEXT = 65536
 TOOL_TEMPLATE = Path(__file__).resolve().parent / "tool_chat_template.jinja"
-EOS_LOGIT = 0.95  # the head weight on that feature: EOS about one step in three at temperature 1 (measured)
+EOS_LOGIT = 0.95  # the head's weight on that feature: answers of a few tokens at temperature 1
 
 
 @pytest.fixture(scope="session")

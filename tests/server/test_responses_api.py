@@ -186,6 +186,7 @@ def test_tool_loop_by_items_and_by_previous_response_id(sdk: openai.OpenAI) -> N
         assert [o.type for o in r.output] == ["message"] and r.output_text
     assert resent.usage.input_tokens == chained.usage.input_tokens > first.usage.input_tokens
     assert resent.output_text == chained.output_text
+    assert chained.usage.input_tokens_details.cached_tokens > 0  # the resent prompt's prefix, from the cache
     # a third turn on the chain: the whole conversation so far plus the new message
     third = sdk.responses.create(model="tiny-mixtral", previous_response_id=chained.id, input="Thanks!",
                                  tools=[WEATHER], tool_choice="none", max_output_tokens=2, reasoning=NO_THINKING)

@@ -8,16 +8,13 @@ the whole context."""
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import BUNDLED
-from tests.server.conftest import ServerProcess, start_server
 
 LONG_CONTEXT = 65536
-TOOL_TEMPLATE = Path(__file__).resolve().parent / "tool_chat_template.jinja"
 EOS_LOGIT = 0.95  # the head's weight on that feature: answers of a few tokens at temperature 1
 
 
@@ -44,16 +41,3 @@ def long_context_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         shutil.copy(BUNDLED / name, path / name)
     return path
-
-
-@pytest.fixture(scope="session")
-def long_context_server(long_context_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """A real server on the long-context model: the whole context, a tool-call parser (agents
-    send `tool_choice: auto`) and a chat template that renders tool calls and results."""
-    s = start_server(["--model", str(long_context_model_dir), "--served-model-name", "tiny-long",
-                      "--max-model-len", str(LONG_CONTEXT), "--tool-call-parser", "hermes",
-                      "--chat-template", str(TOOL_TEMPLATE), "--seed", "0", "--log-level", "debug"],
-                     tmp_path_factory.mktemp("long-context-server"))
-    yield s
-    rc = s.stop()
-    assert rc == 0, f"long-context server exited with {rc}:\n{s.logs()[-3000:]}"

@@ -14,16 +14,32 @@ import json
 import os
 import re
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import REPO, skip_or_fail
-from tests.server.conftest import ServerProcess
+from tests.server.conftest import ServerProcess, start_server
 
 CODEX = REPO / ".tools" / "npm" / "node_modules" / ".bin" / "codex"
 TIMEOUT = 240
 KEY = "codex-test-key"
+TOOL_TEMPLATE = Path(__file__).resolve().parent / "tool_chat_template.jinja"
+
+
+@pytest.fixture(scope="module")
+def long_context_server(long_context_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A real server on the long-context model: the whole context, a tool-call parser (Codex sends
+    `tool_choice: auto`), a chat template that renders tool calls and results, and debug logging
+    (the request summaries this test records)."""
+    s = start_server(["--model", str(long_context_model_dir), "--served-model-name", "tiny-long",
+                      "--max-model-len", "65536", "--tool-call-parser", "hermes",
+                      "--chat-template", str(TOOL_TEMPLATE), "--seed", "0", "--log-level", "debug"],
+                     tmp_path_factory.mktemp("codex-server"))
+    yield s
+    rc = s.stop()
+    assert rc == 0, f"server exited with {rc}:\n{s.logs()[-3000:]}"
 
 
 @pytest.fixture

@@ -21,6 +21,8 @@ from server.api.body import install_openapi
 from server.api.errors import install_error_handlers
 from server.api.health import server_version
 from server.api.middleware import APIMiddleware
+from server.api.responses_api import routes as responses_routes
+from server.api.responses_api.store import ResponseStore
 from server.api.serving import Serving
 from server.config import ServerConfig
 from server.metrics import ServerMetrics
@@ -66,7 +68,9 @@ def create_app(engine: Any, config: ServerConfig, metrics: ServerMetrics | None 
     app.state.draining = False
     app.state.ready = False
     app.state.inflight = 0
-    for module in (completions, chat, models, tokenize, health, metrics_routes):
+    app.state.responses_store = ResponseStore(config.responses_store_max_entries, config.responses_store_max_bytes,
+                                              config.responses_store_ttl)
+    for module in (completions, chat, responses_routes, models, tokenize, health, metrics_routes):
         app.include_router(module.router)
     app.state.public_paths = ui_routes.install(app) if config.ui else frozenset()  # the web UI, open without a key
     docs.install(app)  # /docs, /redoc: from this server's files, not a CDN

@@ -261,6 +261,10 @@ class ServerConfig:
     grammar_cache_memory: int = option(512 * 2**20, "memory for compiled grammars, e.g. 512MiB", kind="bytes")
     # None: half the cores, 1 to 4
     grammar_compile_workers: int | None = option(None, "grammar compile processes (default: half the cores, 1-4)")
+    # /v1/responses: the in-memory store behind store=true, previous_response_id and GET/DELETE
+    responses_store_max_entries: int = option(1000, "responses kept for previous_response_id and GET (0: none)")
+    responses_store_max_bytes: int = option(64 * 2**20, "memory for stored responses, e.g. 64MiB", kind="bytes")
+    responses_store_ttl: float = option(3600.0, "seconds a stored response is kept")
     log_format: LogFormat = option("text", "log line format")
     log_level: LogLevel = option("info", "log level")
     ui: bool = option(True, "serve the web playground at / (--no-ui: off)")
@@ -287,6 +291,9 @@ class ServerConfig:
         check_range(self, "drain_timeout", 0.0, MAX_SECONDS)
         if self.max_body_bytes < 1024:
             raise ConfigError("max_body_bytes must be >= 1024")
+        if self.responses_store_max_entries < 0:
+            raise ConfigError("responses_store_max_entries must be >= 0")
+        check_range(self, "responses_store_ttl", 0.0, MAX_SECONDS, low_open=True)
         if self.max_header_bytes < 1024:
             raise ConfigError("max_header_bytes must be >= 1024")
         try:

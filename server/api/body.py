@@ -18,6 +18,7 @@ from starlette.requests import ClientDisconnect
 
 from server.api.errors import ClientDisconnected, bad_request, unsupported_media_type, validation_error
 from server.api.protocol import REQUEST_MODELS
+from server.api.responses_api.protocol import ResponsesRequest
 
 M = TypeVar("M", bound=BaseModel)
 OFF_LOOP_BYTES = 64 * 1024  # bodies larger than this are parsed on the tokenizer thread
@@ -71,7 +72,7 @@ def install_openapi(app: FastAPI) -> None:
             return app.openapi_schema
         schema = get_openapi(title=app.title, version=app.version, routes=app.routes,
                              description=app.description)
-        _, defs = models_json_schema([(m, "validation") for m in REQUEST_MODELS.values()],
+        _, defs = models_json_schema([(m, "validation") for m in (*REQUEST_MODELS.values(), ResponsesRequest)],
                                      ref_template=REF_TEMPLATE)
         schema.setdefault("components", {}).setdefault("schemas", {}).update(defs.get("$defs", {}))
         app.openapi_schema = schema

@@ -58,6 +58,23 @@ def test_request_timeout_non_stream_is_504(restricted: ServerProcess) -> None:
         assert c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 1}).status_code == 200
 
 
+def test_request_timeout_responses_api(restricted: ServerProcess) -> None:
+    """/v1/responses past the timeout: a 504, and a stream that started ends with an `error`
+    event, then `response.failed` (a string the schema makes fill the context keeps it going)."""
+    body = {"input": "Once upon a time", "text": {"format": {"type": "json_schema", "name": "long", "schema": {
+        "type": "object", "properties": {"s": {"type": "string", "minLength": 1090}}, "required": ["s"]}}}}
+    with httpx.Client(base_url=restricted.url, timeout=60, headers=AUTH) as c:
+        assert_error(c.post("/v1/responses", json=body), 504, code="request_timeout")
+        with c.stream("POST", "/v1/responses", json={**body, "stream": True}) as s:
+            assert s.status_code == 200
+            raw = s.read().decode()
+        kinds = [line[len("event: "):] for line in raw.splitlines() if line.startswith("event: ")]
+        assert kinds[:2] == ["response.created", "response.in_progress"] and kinds[-2:] == ["error", "response.failed"]
+        assert '"code":"request_timeout"' in raw and '"status":"failed"' in raw
+        r = c.post("/v1/responses", json={"input": "hi", "max_output_tokens": 1})
+        assert r.status_code == 200 and r.json()["status"] in ("completed", "incomplete")
+
+
 def test_queue_limit_429(restricted: ServerProcess) -> None:
     async def one(c: httpx.AsyncClient) -> httpx.Response:
         return await c.post("/v1/completions", json=LONG)

@@ -3,8 +3,8 @@ provider whose `base_url` is the server and `wire_api = "responses"`, the key fr
 environment. The tiny random model writes no useful code; the point is that every request
 Codex sends is parsed (its full prompt: developer instructions, environment context, function
 and namespace tools) and every stream it receives is valid: `codex exec` exits 0 with no
-protocol error. Web search is turned off in the Codex config: this server runs no hosted tools
-(a `web_search` tool is a 400 naming it). What Codex sent (the server's request summaries and
+protocol error, with Codex's default config (it offers the hosted `web_search` tool, which the
+server leaves out: it runs no hosted tools). What Codex sent (the server's request summaries and
 access lines) and what it printed are left in the test's artifacts (`agent-artifacts/` under
 $MOE_SERVE_TEST_ARTIFACTS, else under pytest's base temp dir)."""
 
@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from server.api.responses_api.convert import HOSTED_TOOLS
 from tests.conftest import REPO, skip_or_fail
 from tests.server.conftest import ServerProcess, start_server
 
@@ -57,7 +58,6 @@ def _codex_home(tmp_path: Path, server: ServerProcess, model: str) -> Path:
     (home / "config.toml").write_text(
         f'model = "{model}"\n'
         'model_provider = "moe-serve"\n'
-        'web_search = "disabled"\n'
         "[model_providers.moe-serve]\n"
         'name = "moe-serve"\n'
         f'base_url = "{server.url}/v1"\n'
@@ -98,7 +98,8 @@ def test_codex_exec_completes(long_context_server: ServerProcess, tmp_path: Path
     first, last = sent[0], sent[-1]
     assert first["stream"] is True
     # its prompt is long (instructions, environment, tools) and reached the model whole
-    assert all(t.startswith(("function:", "namespace:")) for t in first["tools"]), first["tools"]
+    kinds = {t.split(":")[0] for t in first["tools"]}
+    assert {"function", "namespace"} <= kinds <= {"function", "namespace", *HOSTED_TOOLS}, first["tools"]
     assert len(first["tools"]) >= 5, first["tools"]
     prompt_tokens = [int(m) for m in re.findall(r"prompt_tokens=(\d+)", "\n".join(access))]
     assert max(prompt_tokens) > 2048, prompt_tokens  # past the bundled model's context

@@ -323,8 +323,13 @@ def test_store_bytes_and_ttl() -> None:
 # -- errors ---------------------------------------------------------------------------------------
 def test_errors(sdk: openai.OpenAI, http: httpx.Client) -> None:
     err = _check_error(http.post("/v1/responses", json={"input": "x", "tools": [
-        WEATHER, {"type": "web_search"}]}), 400, "tools[1].type")
-    assert "web_search" in err["message"]
+        WEATHER, {"type": "custom", "name": "apply_patch"}]}), 400, "tools[1].type")
+    assert "custom" in err["message"]
+    # a hosted tool is offered but not run: left out, the request served (Codex offers web_search)
+    ok = http.post("/v1/responses", json={"input": "x", "max_output_tokens": 2, "tools": [{"type": "web_search"}]})
+    assert ok.status_code == 200 and ok.json()["status"] in ("completed", "incomplete")
+    _check_error(http.post("/v1/responses", json={"input": "x", "tools": [{"type": "web_search"}],
+                                                  "tool_choice": {"type": "web_search"}}), 400, "tool_choice")
     _check_error(http.post("/v1/responses", json={"input": "x", "previous_response_id": "resp_nope"}), 404,
                  "previous_response_id")
     err = _check_error(http.post("/v1/responses", json={"input": [{"role": "user", "content": [

@@ -19,6 +19,7 @@ naming it: this server runs no hosted tools (web search, file search, code inter
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any
 
@@ -36,7 +37,13 @@ from server.api.responses_api.protocol import (
 
 _MESSAGES = TypeAdapter(list[ChatMessage])
 TEXT_JOINER = "\n"
+log = logging.getLogger(__name__)
 _FUNCTION_KEYS = {"type", "name", "description", "parameters", "strict"}
+# hosted tools OpenAI runs itself: a client may offer them (Codex offers `web_search` by default)
+# but this server runs none, so they are left out of the prompt, logged once per type
+HOSTED_TOOLS = ("web_search", "web_search_preview", "file_search", "code_interpreter", "image_generation",
+                "computer_use_preview", "local_shell", "mcp")
+_hosted_logged: set[str] = set()
 _NAMESPACE_KEYS = {"type", "name", "description", "tools"}
 
 
@@ -123,11 +130,16 @@ def chat_tools(tools: list[dict[str, Any]] | None) -> tuple[list[dict[str, Any]]
                 t["function"]["name"] = flat
                 namespaced[flat] = (ns, fn["name"])
                 out.append(t)
+        elif kind in HOSTED_TOOLS:
+            if kind not in _hosted_logged:
+                _hosted_logged.add(kind)
+                log.warning("responses: a request offers the hosted tool %r; this server runs no hosted tools, "
+                            "so it is left out (the model cannot call it; logged once)", kind)
         else:
             raise bad_request(f"{p}.type: tool type '{truncate(str(kind), 40)}' is not supported: this server runs "
                               f"no hosted tools; only 'function' (and 'namespace') tools are accepted",
                               param=f"{p}.type")
-    return out, namespaced
+    return out or None, namespaced
 
 
 def _function(tool: dict[str, Any], p: str) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from typing import Any
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 ROPE_STYLES = ("neox", "interleaved")
 QK_NORMS = (None, "head", "full", "l2")
-LAYER_KINDS = ("attention", "linear")
+LAYER_KINDS = ("attention", "linear", "mamba")
 
 
 class UnsupportedModelError(ValueError):
@@ -104,6 +104,44 @@ class LinearAttentionConfig:
 
 
 @dataclass(frozen=True)
+class Mamba2Config:
+    """Mamba2 (Granite 4.0-H): a selective state-space layer whose state per sequence is the
+    causal depthwise convolution's window over [x | B | C] and a [heads, head_dim, state_size]
+    SSM state, not a KV cache."""
+
+    num_heads: int
+    head_dim: int
+    state_size: int  # d_state, the size of B and C per group
+    n_groups: int  # B and C are shared by num_heads / n_groups heads each
+    conv_kernel: int  # causal depthwise convolution width over x, B and C
+    chunk_size: int  # the chunked (SSD) scan's chunk length in prefill
+    conv_bias: bool = True
+    proj_bias: bool = False  # in_proj / out_proj biases
+    time_step_limit: tuple[float, float] = (0.0, float("inf"))  # dt clamp of the chunked scan
+
+    def __post_init__(self):
+        for name in ("num_heads", "head_dim", "state_size", "n_groups", "conv_kernel", "chunk_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UnsupportedModelError(f"mamba {name}={value!r} must be a positive integer")
+        if self.num_heads % self.n_groups:
+            raise UnsupportedModelError(f"mamba: {self.n_groups} groups do not divide {self.num_heads} heads")
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def conv_dim(self) -> int:
+        return self.intermediate_size + 2 * self.n_groups * self.state_size
+
+    def state_bytes(self, elem: int) -> int:
+        """One sequence's state in one layer: the convolution window in the model dtype (`elem`
+        bytes a value), the SSM state in float32."""
+        return self.conv_dim * (self.conv_kernel - 1) * elem + self.num_heads * self.head_dim * self.state_size * 4
+
+
+@dataclass(frozen=True)
 class RouterConfig:
     """How router logits become (top-k ids, weights); see `models/layers/router.py`."""
 
@@ -158,9 +196,11 @@ class MoEModelConfig:
     # -- attention variants --------------------------------------------------------------
     mla: MLAConfig | None = None  # Multi-head Latent Attention instead of GQA
     dsa: DSAConfig | None = None  # DeepSeek Sparse Attention over MLA (an index key cached per token)
-    # hybrid models: per layer "attention" or "linear" (linear attention, `linear_attention`); () all attention
+    # hybrid models: per layer "attention", "linear" (linear attention, `linear_attention`) or "mamba"
+    # (Mamba2, `mamba`); () all attention
     layer_kinds: tuple[str, ...] = ()
     linear_attention: LinearAttentionConfig | None = None
+    mamba: Mamba2Config | None = None
     attn_output_gate: bool = False  # attention output times sigmoid(a per-head gate from q_proj) (Qwen3-Next)
     rope_style: str = "neox"  # neox (rotate halves) | interleaved (rotate pairs: DeepSeek, Llama 4, ERNIE)
     rotary_dim: int | None = None  # rotary part of each head (partial rotary); None: all of it
@@ -259,7 +299,7 @@ class MoEModelConfig:
         return not (self.nope_layers and self.nope_layers[layer])
 
     def layer_kind(self, layer: int) -> str:
-        """"attention" (a paged KV cache) or "linear" (a per-sequence recurrent state)."""
+        """"attention" (a paged KV cache), or "linear" / "mamba" (a per-sequence recurrent state)."""
         return self.layer_kinds[layer] if self.layer_kinds else "attention"
 
     @property
@@ -276,7 +316,7 @@ class MoEModelConfig:
 
     def state_config(self, kind: str):
         """The sizes of a stateful layer kind (each has `state_bytes(elem)`)."""
-        return {"linear": self.linear_attention}[kind]
+        return {"linear": self.linear_attention, "mamba": self.mamba}[kind]
 
     def kv_elements_per_token(self, layer: int) -> int:
         """Cached values per token in one layer: the latent and rotary key (MLA) or K and V (none

@@ -32,6 +32,14 @@ def config_of(p: PublishedConfig) -> MoEModelConfig:
 
 
 def attention_kind(cfg: MoEModelConfig) -> str:
+    if cfg.hybrid and cfg.mamba is not None:
+        m, n = cfg.mamba, cfg.num_layers
+        mamba = sum(k == "mamba" for k in cfg.layer_kinds)
+        attn = [i for i in range(n) if cfg.layer_kind(i) == "attention"]
+        full = replace(cfg, layer_kinds=(), mamba=None, nope_layers=())
+        rope = "NoPE" if not any(cfg.uses_rope(i) for i in attn) else "rotary"
+        return (f"hybrid: Mamba2 on {mamba}/{n} layers ({m.num_heads} heads x {m.head_dim}, state {m.state_size}, "
+                f"{m.n_groups} group{'s' if m.n_groups > 1 else ''}), {attention_kind(full)} ({rope}) on {len(attn)}")
     if cfg.hybrid:
         la, n = cfg.linear_attention, cfg.num_layers
         linear = sum(k == "linear" for k in cfg.layer_kinds)

@@ -160,9 +160,9 @@ def build_native_core(config: EngineConfig, progress: bool = True, reserve_cpu_c
              config.model, cfg.architecture, dtype, info.device, model.load_seconds, blocks, config.block_size,
              core.max_model_len)
     if cfg.hybrid:
-        log.info("recurrent state: %d slots x %.2f MiB per sequence (%d linear-attention layers)",
+        log.info("recurrent state: %d slots x %.2f MiB per sequence (%d linear-attention / Mamba2 layers)",
                  config.max_num_seqs + 1, model.state_bytes_per_sequence() / 2**20,
-                 sum(k == "linear" for k in cfg.layer_kinds))
+                 sum(k != "attention" for k in cfg.layer_kinds))
     return core, info
 
 

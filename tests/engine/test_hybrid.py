@@ -1,6 +1,7 @@
-"""Hybrid models (linear-attention layers beside attention) through the engine: the recurrent
-state slots are admitted, forked, freed and sized like KV blocks are (the families' parity with
-transformers, chunked prefill and preemption included, is in tests/engine/test_families.py)."""
+"""Hybrid models (linear-attention or Mamba2 layers beside attention) through the engine: the
+recurrent state slots are admitted, forked, freed and sized like KV blocks are (the families'
+parity with transformers, chunked prefill and preemption included, is in
+tests/engine/test_families.py)."""
 
 from __future__ import annotations
 
@@ -26,10 +27,11 @@ from scripts.model_families import config_of, published
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def hybrid(tmp_path_factory):
-    path = tmp_path_factory.mktemp("qwen3_next")
-    ref = make_checkpoint("qwen3_next", path)
+@pytest.fixture(scope="module", params=["qwen3_next", "granitemoehybrid"])
+def hybrid(request, tmp_path_factory):
+    """A hybrid tiny checkpoint: Gated DeltaNet (Qwen3-Next) or Mamba2 (Granite 4.0-H) layers."""
+    path = tmp_path_factory.mktemp(request.param)
+    ref = make_checkpoint(request.param, path)
     ref.generation_config.eos_token_id = None
     save_test_tokenizer(path)
     return str(path), ref
@@ -106,7 +108,7 @@ def test_state_memory_is_taken_from_the_cache_budget(hybrid):
     cfg = model.config
     per_seq = model.state_bytes_per_sequence()
     assert per_seq == cfg.state_bytes_per_sequence(4) > 0
-    state_tensors = [t for i, pair in enumerate(core.runner.kv_caches) if cfg.layer_kind(i) == "linear" for t in pair]
+    state_tensors = [t for i, pair in enumerate(core.runner.kv_caches) if cfg.layer_kind(i) != "attention" for t in pair]
     kv_tensors = [t for i, pair in enumerate(core.runner.kv_caches) if cfg.layer_kind(i) == "attention" for t in pair]
     state_allocated = sum(t.numel() * t.element_size() for t in state_tensors)
     assert state_allocated == (5 + 1) * per_seq  # a slot per sequence + the scratch row
@@ -126,8 +128,8 @@ def _readme_row(checkpoint: str) -> list[str]:
     return [c.strip() for c in line.strip("|").split("|")]
 
 
-@pytest.mark.parametrize("checkpoint", ["Qwen3-Next-80B-A3B-Instruct", "Qwen3.5-35B-A3B (text)", "DeepSeek-V3.2-Exp",
-                                        "GLM-5"])
+@pytest.mark.parametrize("checkpoint", ["Qwen3-Next-80B-A3B-Instruct", "Qwen3.5-35B-A3B (text)", "granite-4.0-h-tiny",
+                                        "DeepSeek-V3.2-Exp", "GLM-5"])
 def test_readme_state_and_kv_bytes_are_what_the_engine_allocates(checkpoint):
     """The README's per-sequence state and per-token KV figures for the published configs, against
     the tensors the model allocates (a bf16 model built on the meta device: no memory used)."""

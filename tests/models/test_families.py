@@ -75,6 +75,7 @@ def test_remote_code_model_type_reads_with_the_architecture_config(deepseek_dir,
     ("ernie4_5_moe", dict(moe_num_experts=[8, 8]), "moe_num_experts"),
     ("glm4_moe", dict(n_group=3), "n_group=3"),
     ("gpt_oss", dict(hidden_act="gelu"), "hidden_act"),
+    ("granitemoehybrid", dict(num_local_experts=0), "num_local_experts=0"),
 ])
 def test_unsupported_options_are_named(family, changes, named, tmp_path):
     make_checkpoint(family, tmp_path)
@@ -100,6 +101,7 @@ def test_real_checkpoint_configs_and_kv_bytes_per_token():
         "gpt-oss-120b": 36 * 2 * 8 * 64 * bf16,
         "Llama-4-Scout-17B-16E (text)": 48 * 2 * 8 * 128 * bf16,
         "MiniMax-M2": 62 * 2 * 8 * 128 * bf16,
+        "granite-4.0-h-tiny": 4 * 2 * 4 * 128 * bf16,  # the 4 attention layers of 40 (36 are Mamba2)
     }
     for checkpoint, nbytes in expected.items():
         assert rows[checkpoint][5] == f"{nbytes:,}", checkpoint

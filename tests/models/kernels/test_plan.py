@@ -94,6 +94,7 @@ def test_over_the_packing_budget_weights_stay_plain_and_experts_run_the_loop():
     ("gpt_oss", {"gqa+window+sinks", "gqa+sinks"}, "biased clamped swiglu"),
     ("llama4", {"gqa+chunked", "gqa"}, "input-scaled swiglu"),
     ("deepseek_v3", {"mla"}, "swiglu"),
+    ("granitemoehybrid", {"mamba2", "gqa"}, "swiglu"),  # Mamba2 layers: their PyTorch scan
 ])
 def test_layer_kinds_the_kernels_lack_take_their_pytorch_paths(name, attention, experts):
     cfg = config(name)
@@ -104,6 +105,9 @@ def test_layer_kinds_the_kernels_lack_take_their_pytorch_paths(name, attention, 
         if lk.moe is not None:
             assert lk.expert_kind == experts
             assert lk.moe == (MoEKernel.CPU if experts == "swiglu" else MoEKernel.LOOP)
+    if name == "granitemoehybrid":  # no q/k/v packing for Mamba2 layers; no CUDA graphs (the scan syncs)
+        assert {lk.qkv for lk, kind in zip(plan.layers, cfg.layer_kinds) if kind == "mamba"} == {LinearLayout.PLAIN}
+        assert not resolve_plan(cfg, CUDA, torch.bfloat16, caps=H100).cuda_graphs
     if name == "deepseek_v3":
         assert {lk.expert_kind for lk in plan.layers} == {None, "swiglu"}  # a dense first layer
         assert {(lk.qkv, lk.o) for lk in plan.layers} == {(LinearLayout.PLAIN, LinearLayout.PLAIN)}

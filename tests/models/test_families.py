@@ -75,6 +75,9 @@ def test_remote_code_model_type_reads_with_the_architecture_config(deepseek_dir,
     ("ernie4_5_moe", dict(moe_num_experts=[8, 8]), "moe_num_experts"),
     ("glm4_moe", dict(n_group=3), "n_group=3"),
     ("gpt_oss", dict(hidden_act="gelu"), "hidden_act"),
+    ("hunyuan_moe", dict(moe_topk=[2, 1, 2]), "moe_topk"),
+    ("hunyuan_moe", dict(num_shared_expert=2), "num_shared_expert=2"),
+    ("hunyuan_moe", dict(rope_scaling=dict(type="dynamic", factor=2.0)), "rope type 'dynamic'"),
 ])
 def test_unsupported_options_are_named(family, changes, named, tmp_path):
     make_checkpoint(family, tmp_path)
@@ -100,6 +103,7 @@ def test_real_checkpoint_configs_and_kv_bytes_per_token():
         "gpt-oss-120b": 36 * 2 * 8 * 64 * bf16,
         "Llama-4-Scout-17B-16E (text)": 48 * 2 * 8 * 128 * bf16,
         "MiniMax-M2": 62 * 2 * 8 * 128 * bf16,
+        "Hunyuan-A13B": 32 * 2 * 8 * 128 * bf16,
     }
     for checkpoint, nbytes in expected.items():
         assert rows[checkpoint][5] == f"{nbytes:,}", checkpoint

@@ -104,6 +104,7 @@ def test_real_checkpoint_configs_and_kv_bytes_per_token():
         "Llama-4-Scout-17B-16E (text)": 48 * 2 * 8 * 128 * bf16,
         "MiniMax-M2": 62 * 2 * 8 * 128 * bf16,
         "Hunyuan-A13B": 32 * 2 * 8 * 128 * bf16,
+        "dots.llm1.inst": 62 * 2 * 32 * 128 * bf16,
     }
     for checkpoint, nbytes in expected.items():
         assert rows[checkpoint][5] == f"{nbytes:,}", checkpoint

@@ -110,6 +110,8 @@ class MoEModelConfig:
     swiglu_alpha: float = 1.702  # ... and sigmoid slope
     expert_input_scaling: bool = False  # routing weight scales the expert's input, not output (Llama 4)
     mlp_bias: bool = False  # bias on dense and shared-expert MLPs
+    zero_experts: int = 0  # LongCat: router ids num_experts.. are zero-computation experts (identity)
+    moe_shortcut: bool = False  # LongCat: an MoE layer's block runs beside its dense MLP and adds in one layer later
     # -- whole-model multipliers (Granite) -----------------------------------------------
     embedding_multiplier: float = 1.0
     residual_multiplier: float = 1.0
@@ -138,7 +140,7 @@ class MoEModelConfig:
             raise UnsupportedModelError(f"qk norm {self.qk_norm!r} is not supported")
         if self.rotary_dim is not None and not (0 < self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0):
             raise UnsupportedModelError(f"rotary_dim={self.rotary_dim} must be even and in (0, {self.head_dim}]")
-        if self.top_k > self.num_experts:
+        if self.top_k > self.num_experts + self.zero_experts:
             raise UnsupportedModelError(f"invalid MoE settings: num_experts={self.num_experts}, top_k={self.top_k}")
         if not any(self.sparse_layers):
             raise UnsupportedModelError("no layer of this config has an MoE block: not a mixture-of-experts model")

@@ -4,6 +4,7 @@ placement for every family (dense layers have no experts); MLA sizes its cache b
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -15,6 +16,7 @@ from models.layers.attention_variants import AttentionVariant
 from server.config import EngineConfig
 from server.engine import LLM
 from server.engine.factory import num_kv_blocks
+from server.engine.native.placement.trace import RoutingRecorder
 from server.engine.request import EngineRequest, SamplingParams
 from server.metrics.usage import moe_usage
 from tests.conftest import RoutingCollector, save_test_tokenizer
@@ -79,13 +81,14 @@ def test_engine_greedy_matches_transformers(family, checkpoint):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_routing_usage_and_placement(family, checkpoint):
+def test_routing_usage_and_placement(family, checkpoint, tmp_path):
     path, _ = checkpoint(family)
     base = LLM(path, dtype="float32", num_kv_blocks=64, block_size=4)
     cfg = base.core.model.config
     moe_layers = [i for i, s in enumerate(cfg.sparse_layers) if s]
     seen = RoutingCollector()
-    base.core.routing_listeners.append(seen)
+    trace = RoutingRecorder.for_model(str(tmp_path / "trace.jsonl"), base.core.model)
+    base.core.routing_listeners += [seen, trace]
     prompt = prompts_of([13])[0]
     base.core.add_request(EngineRequest("r", prompt, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)))
     outs = []
@@ -108,6 +111,10 @@ def test_routing_usage_and_placement(family, checkpoint):
     assert len(usage["distinct_experts_per_layer"]) == len(moe_layers)
     assert usage["expert_assignments"] == ran * len(moe_layers) * cfg.top_k - zero
     assert usage.get("zero_expert_assignments") == (zero if cfg.zero_experts else None)
+    trace.close()  # the routing trace: every step's tokens, the zero-computation assignments apart
+    steps = [json.loads(line) for line in (tmp_path / "trace.jsonl").read_text().splitlines()[1:]]
+    assert sum(st["tokens"] for st in steps) == ran
+    assert sum(sum(st.get("zero_expert_tokens", [])) for st in steps) == zero
     assert usage["max_routing_entropy_bits"] == round(math.log2(cfg.num_experts), 4)
     check_pool_empty(base)
     # expert placement over two devices with a replica: the same greedy tokens

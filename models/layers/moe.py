@@ -132,7 +132,8 @@ class MoEBlock(nn.Module):
         see only real ids."""
         E, Z = self.num_experts, self.zero_experts
         zero = topk_ids >= E  # [T, k]
-        identity = x * topk_w.masked_fill(~zero, 0.0).sum(dim=-1, keepdim=True).to(x.dtype)  # [T, H]
+        # in float32 (the weights' dtype), then the model dtype, as the reference rounds it
+        identity = (x * topk_w.masked_fill(~zero, 0.0).sum(dim=-1, keepdim=True)).to(x.dtype)  # [T, H]
         ids = torch.where(zero, (topk_ids - E) * E // Z, topk_ids)
         return ids, topk_w.masked_fill(zero, 0.0), identity
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "ntk_alpha")
 ROPE_STYLES = ("neox", "interleaved")
 QK_NORMS = (None, "head", "full", "l2")
 LAYER_KINDS = ("attention", "linear", "mamba")
@@ -210,6 +210,7 @@ class MoEModelConfig:
     nope_layers: tuple[bool, ...] = ()  # per layer: no rotary embedding (Llama 4 NoPE); () none
     attn_temperature: tuple[float, float] | None = None  # (floor_scale, attn_scale) on NoPE layers (Llama 4)
     attention_sinks: bool = False  # a learned per-head logit in every softmax (gpt-oss)
+    qk_norm_after_rope: bool = False  # the per-head q/k norm applies after rotary (HunYuan), not before
     # -- MoE variants --------------------------------------------------------------------
     router: RouterConfig = RouterConfig()
     expert_bias: bool = False  # experts carry biases (gpt-oss)
@@ -217,6 +218,8 @@ class MoEModelConfig:
     swiglu_alpha: float = 1.702  # ... and sigmoid slope
     expert_input_scaling: bool = False  # routing weight scales the expert's input, not output (Llama 4)
     mlp_bias: bool = False  # bias on dense and shared-expert MLPs
+    zero_experts: int = 0  # LongCat: router ids num_experts.. are zero-computation experts (identity)
+    moe_shortcut: bool = False  # LongCat: an MoE layer's block runs beside its dense MLP and adds in one layer later
     # -- whole-model multipliers (Granite) -----------------------------------------------
     embedding_multiplier: float = 1.0
     residual_multiplier: float = 1.0
@@ -262,7 +265,7 @@ class MoEModelConfig:
             raise UnsupportedModelError(f"qk norm {self.qk_norm!r} is not supported")
         if self.rotary_dim is not None and not (0 < self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0):
             raise UnsupportedModelError(f"rotary_dim={self.rotary_dim} must be even and in (0, {self.head_dim}]")
-        if self.top_k > self.num_experts:
+        if self.top_k > self.num_experts + self.zero_experts:
             raise UnsupportedModelError(f"invalid MoE settings: num_experts={self.num_experts}, top_k={self.top_k}")
         if not any(self.sparse_layers):
             raise UnsupportedModelError("no layer of this config has an MoE block: not a mixture-of-experts model")
@@ -338,17 +341,25 @@ class MoEModelConfig:
         return elem_bytes * sum(self.kv_elements_per_token(i) for i in range(self.num_layers))
 
 
+def rope_type_of(params: dict[str, Any] | None) -> str:
+    """A rope settings dict's type. HunYuan's "dynamic" with a fixed `alpha` does not depend on the
+    length (transformers calls it ntk_alpha): theta * alpha ** (d / (d - 2))."""
+    params = params or {}
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    return "ntk_alpha" if rope_type == "dynamic" and params.get("alpha") else rope_type
+
+
 def rope_settings(hf: Any) -> tuple[float, dict[str, Any] | None]:
     """(theta, scaling) from either the transformers-5 `rope_parameters` or the older fields."""
     params = getattr(hf, "rope_parameters", None)
     if isinstance(params, dict) and params:
         theta = params.get("rope_theta", getattr(hf, "rope_theta", 10000.0))
-        rope_type = params.get("rope_type", params.get("type", "default"))
+        rope_type = rope_type_of(params)
         scaling = None if rope_type == "default" else dict(params)
     else:
         theta = getattr(hf, "rope_theta", 10000.0)
         scaling = getattr(hf, "rope_scaling", None)
-        rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+        rope_type = rope_type_of(scaling)
         scaling = None if rope_type == "default" else dict(scaling)
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise UnsupportedModelError(

@@ -20,6 +20,7 @@ from models.config import (
     layer_windows,
     partial_rotary_dim,
     rope_settings,
+    rope_type_of,
 )
 from models.quant import parse_quantization
 from models.registry import SUPPORTED_ARCHITECTURES, family_for
@@ -39,7 +40,7 @@ def load_config(path: str) -> MoEModelConfig:
             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
     rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    rope_type = rope_type_of(rope)
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise UnsupportedModelError(
             f"rope type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"

@@ -22,6 +22,7 @@ from models.layers.mla import MLAttention
 from models.layers.moe import DenseMLP, MoEBlock, RoutingCapture
 from models.layers.norm import RMSNorm
 from models.layers.rotary import RotaryEmbedding
+from models.layers.shortcut import ShortcutDecoderLayer
 
 
 # layer kind (MoEModelConfig.layer_kinds) -> the token mixer that keeps a per-sequence state
@@ -70,7 +71,8 @@ class MoEForCausalLM(nn.Module):
         rot_dim = cfg.mla.qk_rope_head_dim if cfg.mla is not None else (cfg.rotary_dim or cfg.head_dim)
         self.rotary = RotaryEmbedding(rot_dim, cfg.rope_theta, cfg.rope_scaling, cfg.extra.get("hf_config"))
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, self.rotary) for i in range(cfg.num_layers))
+        layer_cls = ShortcutDecoderLayer if cfg.moe_shortcut else DecoderLayer  # LongCat: layers/shortcut.py
+        self.layers = nn.ModuleList(layer_cls(cfg, i, self.rotary) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=cfg.lm_head_bias)
         if cfg.tie_word_embeddings:
@@ -156,8 +158,12 @@ class MoEForCausalLM(nn.Module):
         if self.config.embedding_multiplier != 1.0:
             x = x * self.config.embedding_multiplier
         cos_sin = self.rotary.cos_sin(positions, x.dtype)
+        shortcut = None  # moe_shortcut: the MoE output one layer hands to the next
         for layer, cache in zip(self.layers, kv_caches):
-            x = layer(x, cos_sin, meta, cache, capture, positions)
+            if self.config.moe_shortcut:
+                x, shortcut = layer(x, cos_sin, meta, cache, capture, positions, shortcut)
+            else:
+                x = layer(x, cos_sin, meta, cache, capture, positions)
         if self.layers and self.layers[0].fused_norms:
             return torch.ops.moe_serve.rmsnorm_triton(x, self.norm.weight, self.norm.eps)
         return self.norm(x)

@@ -77,7 +77,8 @@ def routing_kind(cfg: MoEModelConfig) -> str:
     if r.scoring == "softmax_topk":
         parts = [f"top-{cfg.top_k}/{cfg.num_experts}, softmax over the top-k" + (" (router bias)" if r.bias else "")]
     else:
-        parts = [f"{r.scoring} top-{cfg.top_k}/{cfg.num_experts}"]
+        parts = [f"{r.scoring} top-{cfg.top_k}/{cfg.num_experts}"
+                 + (f" + {cfg.zero_experts} zero-computation" if cfg.zero_experts else "")]
     if r.correction_bias:
         parts.append("bias-corrected choice")
     if r.n_group > 1:
@@ -89,7 +90,9 @@ def routing_kind(cfg: MoEModelConfig) -> str:
     if cfg.shared_expert_intermediate_size:
         parts.append("shared expert")
     dense = cfg.num_layers - cfg.num_moe_layers
-    if dense:
+    if cfg.moe_shortcut:
+        parts.append(f"shortcut MoE over {cfg.num_moe_layers} pairs of attention + dense MLP sublayers")
+    elif dense:
         parts.append(f"{dense} dense layer{'s' if dense > 1 else ''}")
     if cfg.expert_bias or cfg.swiglu_limit is not None:
         parts.append("biased clamped-SwiGLU experts")

@@ -361,7 +361,8 @@ def resolve_plan(cfg: MoEModelConfig, device: torch.device, dtype: torch.dtype, 
         plain = kind in ("gqa", "gqa+gate")  # the paged decode kernels serve them (the gate comes after)
         use_rope = cfg.uses_rope(i)
         fused_rope = (fused and kind == "gqa" and use_rope and cfg.rope_style == "neox" and cfg.clip_qkv is None
-                      and cfg.qk_norm in (None, "head") and cfg.rotary_dim in (None, cfg.head_dim))
+                      and cfg.qk_norm in (None, "head") and not cfg.qk_norm_after_rope
+                      and cfg.rotary_dim in (None, cfg.head_dim))
         moe = moe_large = None
         if cfg.sparse_layers[i]:
             moe = MoEKernel.LOOP if variant else plain_moe

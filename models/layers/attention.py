@@ -83,6 +83,7 @@ class Attention(nn.Module):
         elif cfg.qk_norm == "full":
             self.q_norm = RMSNorm(self.q_size, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.kv_size, cfg.rms_norm_eps)
+        self.qk_norm_after_rope = cfg.qk_norm_after_rope
         self.clip_qkv = cfg.clip_qkv
         self.rotary = rotary
         # sliding window / chunked attention / sinks take the reference path (attention_variants)
@@ -132,11 +133,13 @@ class Attention(nn.Module):
         q = q.view(T, self.num_heads, self.head_dim)
         k = k.view(T, self.num_kv_heads, self.head_dim)
         v = v.reshape(T, self.num_kv_heads, self.head_dim)
-        if self.qk_norm == "head":
+        if self.qk_norm == "head" and not self.qk_norm_after_rope:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.use_rope:
             cos, sin = cos_sin
             q, k = rotate(q, cos, sin, self.rope_style), rotate(k, cos, sin, self.rope_style)
+        if self.qk_norm == "head" and self.qk_norm_after_rope:  # HunYuan
+            q, k = self.q_norm(q), self.k_norm(k)
         if self.qk_norm == "l2":
             q, k = self._l2(q), self._l2(k)
         if self.temperature is not None:  # Llama 4 NoPE layers: q grows slowly with the position

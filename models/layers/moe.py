@@ -95,9 +95,12 @@ class MoEBlock(nn.Module):
         self.layer_idx = layer_idx
         self.num_experts, self.top_k = cfg.num_experts, cfg.top_k
         self.renormalize = cfg.norm_topk_prob
+        # LongCat: the router also scores `zero_experts` zero-computation experts (ids num_experts
+        # and up), each of which returns its input times its routing weight
+        self.zero_experts = cfg.zero_experts
         H, inter = cfg.hidden_size, cfg.moe_intermediate_size
         extra = 1 if cfg.expert_bias else 0  # gpt-oss: the bias rides as a last input column
-        self.gate = Router(H, self.num_experts, self.top_k, cfg.norm_topk_prob, cfg.router)
+        self.gate = Router(H, self.num_experts + self.zero_experts, self.top_k, cfg.norm_topk_prob, cfg.router)
         self.w13 = nn.Parameter(torch.empty(self.num_experts, 2 * inter, H + extra))
         self.w2 = nn.Parameter(torch.empty(self.num_experts, H, inter + extra))
         self.variant = expert_variant(cfg)
@@ -122,13 +125,29 @@ class MoEBlock(nn.Module):
         self.packed_w13, self.packed_experts = packed_w13, packed_experts
         self.placed_fn = PlacedExpertsFn(plan, self.variant)
 
+    def _zero_experts(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor):
+        """(ids, weights, identity output [T, H]): the zero-computation assignments' weights summed
+        into one input scaling; in the expert pass they become real ids with weight 0 (spread over
+        the experts as the reference does), so every expert kernel and the placement executor
+        see only real ids."""
+        E, Z = self.num_experts, self.zero_experts
+        zero = topk_ids >= E  # [T, k]
+        # in float32 (the weights' dtype), then the model dtype, as the reference rounds it
+        identity = (x * topk_w.masked_fill(~zero, 0.0).sum(dim=-1, keepdim=True)).to(x.dtype)  # [T, H]
+        ids = torch.where(zero, (topk_ids - E) * E // Z, topk_ids)
+        return ids, topk_w.masked_fill(zero, 0.0), identity
+
     def forward(self, x: torch.Tensor, capture: RoutingCapture | None = None) -> torch.Tensor:
         topk_w, topk_ids = self.gate(x)  # [T, k] each
         dropped = None
         if self.capacity_factor is not None:
-            topk_w, dropped = apply_capacity(topk_ids, topk_w, self.num_experts, self.capacity_factor)
-        if capture is not None:
+            topk_w, dropped = apply_capacity(topk_ids, topk_w, self.num_experts + self.zero_experts,
+                                             self.capacity_factor)
+        if capture is not None:  # zero-computation experts recorded under their own ids (>= num_experts)
             capture.record(self.layer_idx, topk_ids, topk_w, dropped)
+        identity = None
+        if self.zero_experts:
+            topk_ids, topk_w, identity = self._zero_experts(x, topk_ids, topk_w)
         if self.executor is not None:
             out = self.executor(self.layer_idx, x, topk_ids, topk_w)
         else:
@@ -137,6 +156,8 @@ class MoEBlock(nn.Module):
                 kernel = self.kernel_large  # the plan's rule: past the C kernel's batch sizes
             out = fused_experts(x, self.w13, self.w2, topk_ids, topk_w, kernel, self.variant, self.packed_w13,
                                 self.packed_experts)
+        if identity is not None:
+            out = out + identity
         if self.shared is not None:
             shared = self.shared(x)
             if self.shared_gate is not None:

@@ -3,7 +3,7 @@
 Two layouts: neox ("rotate half": dimension i pairs with i + d/2; Mixtral, Qwen, GLM, gpt-oss)
 and interleaved (dimension 2i pairs with 2i + 1; DeepSeek, Llama 4, ERNIE). Partial rotary
 (GLM-4.5, MiniMax-M2) rotates the first `rotary_dim` dimensions of each head and passes the
-rest through. Default, linear, llama3 and yarn settings: the inverse frequencies for
+rest through. Default, NTK-alpha (HunYuan), linear, llama3 and yarn settings: the inverse frequencies for
 non-default types come from `transformers`' rope initialisers so that they match the
 reference exactly.
 """
@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from models.config import rope_type_of
 
 
 class RotaryEmbedding(nn.Module):
@@ -27,13 +29,14 @@ class RotaryEmbedding(nn.Module):
     def reset_parameters(self) -> None:
         """(Re)compute the frequencies in float32, e.g. after the module was built on `meta`."""
         d = self.head_dim
-        if self.scaling is None:
-            inv_freq = 1.0 / (self.theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+        rope_type = None if self.scaling is None else rope_type_of(self.scaling)
+        if rope_type in (None, "ntk_alpha"):  # ntk_alpha (HunYuan): a larger base, fixed
+            base = self.theta if rope_type is None else self.theta * self.scaling["alpha"] ** (d / (d - 2))
+            inv_freq = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
             attention_scaling = 1.0
         else:
             from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-            rope_type = self.scaling.get("rope_type", self.scaling.get("type"))
             inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](self.hf_config, "cpu")
         self.inv_freq = inv_freq.float().to(self.inv_freq.device)
         self.attention_scaling = float(attention_scaling)

@@ -260,11 +260,16 @@ class PlacedExperts:
         self.states[layer_idx] = state  # one reference assignment: a pass sees old or new, never a mix
 
     def device_tokens(self, routing: torch.Tensor, placement: Placement, fetch_device: str) -> dict[str, int]:
-        """Token-expert computations per device for a step's routing [T, num_moe_layers, k]."""
+        """Token-expert computations per device for a step's routing [T, num_moe_layers, k];
+        assignments to zero-computation experts (ids past the layer's experts, LongCat) compute
+        nothing and count nowhere."""
         out = {d: 0 for d in placement.all_devices}
         for li, layer_idx in enumerate(self.layer_ids):
             state = self.states[layer_idx]
-            group, rows = state.pair_groups(routing[:, li, :].to(state.num_rep.device))
+            ids = routing[:, li, :].to(state.num_rep.device)
+            if ids.numel() and int(ids.max()) >= state.num_rep.numel():
+                ids = ids[ids < state.num_rep.numel()].reshape(-1, 1)  # [real pairs, 1]
+            group, rows = state.pair_groups(ids)
             per_group = torch.bincount(group, minlength=len(state.groups)).tolist()
             for gi, g in enumerate(state.groups):
                 n = per_group[gi]

@@ -39,6 +39,7 @@ class MoEUsage(_Out):
     max_routing_entropy_bits: float
     device_share: dict[str, float]
     dropped_assignments: Optional[int] = None  # only with an expert capacity
+    zero_expert_assignments: Optional[int] = None  # only for models with zero-computation experts
 
 
 class Usage(_Out):

@@ -251,6 +251,8 @@ class RequestMetrics:
     expert_counts: list[list[int]] | None = None
     device_expert_tokens: dict[str, int] | None = None
     num_dropped_assignments: int | None = None  # over expert capacity (None: no capacity limit)
+    # to zero-computation experts (LongCat; None: the model has none), counted apart from expert_counts
+    num_zero_expert_assignments: int | None = None
 
 
 @dataclass

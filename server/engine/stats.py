@@ -56,6 +56,9 @@ class RoutingStats:
     device_tokens: dict[str, int] = field(default_factory=dict)
     # [num_layers] assignments dropped over expert capacity this step (None: no capacity limit)
     dropped_tokens: list[int] | None = None
+    # [num_layers] assignments to zero-computation experts this step (LongCat; None: the model has
+    # none): their own kind, in neither expert_tokens nor device_tokens
+    zero_expert_tokens: list[int] | None = None
     # [num_tokens, num_layers, top_k] the step's expert ids, a tensor (native engine; None elsewhere)
     expert_ids: Any = None
 

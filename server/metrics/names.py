@@ -229,6 +229,11 @@ DROPPED_TOKENS = MetricSpec(
     "moe_dropped_tokens_total", COUNTER,
     "Token-to-expert assignments dropped over expert capacity (--expert-capacity-factor), per MoE layer.",
     (MODEL_NAME, LAYER))
+ZERO_EXPERT_TOKENS = MetricSpec(
+    "moe_zero_expert_tokens_total", COUNTER,
+    "Token assignments to zero-computation experts (LongCat-Flash: the token passes through, scaled), "
+    "per MoE layer; not counted in moe_expert_tokens_total.",
+    (MODEL_NAME, LAYER))
 
 VLLM_SPECS: tuple[MetricSpec, ...] = (
     NUM_REQUESTS_RUNNING, NUM_REQUESTS_WAITING, KV_CACHE_USAGE,
@@ -247,6 +252,7 @@ GRAMMAR_SPECS: tuple[MetricSpec, ...] = (
 )
 MOE_SPECS: tuple[MetricSpec, ...] = (
     EXPERT_TOKENS, EXPERT_LOAD_IMBALANCE, EXPERT_PLACEMENT, DEVICE_EXPERT_TOKENS, DROPPED_TOKENS,
+    ZERO_EXPERT_TOKENS,
 )
 ALL_SPECS: tuple[MetricSpec, ...] = VLLM_SPECS + ENGINE_SPECS + HTTP_SPECS + GRAMMAR_SPECS + MOE_SPECS
 

@@ -60,6 +60,7 @@ class RoutingSnapshot:
     imbalance: np.ndarray | None  # [num_layers], NaN = no tokens in the window
     devices: dict[str, int] = field(default_factory=dict)
     dropped: np.ndarray | None = None  # [num_layers] assignments dropped over expert capacity
+    zero: np.ndarray | None = None  # [num_layers] assignments to zero-computation experts (LongCat)
     placement: tuple[PlacementRow, ...] = ()
 
 
@@ -85,6 +86,7 @@ class ExpertLoadTracker:
         self._slots: deque[tuple[int, np.ndarray]] = deque()  # (slot index, [L, E] counts)
         self._devices: dict[str, int] = {}
         self._dropped: np.ndarray | None = None  # [num_layers]
+        self._zero: np.ndarray | None = None  # [num_layers]
         self._placement: tuple[PlacementRow, ...] = ()
         self._warned = False
 
@@ -100,6 +102,10 @@ class ExpertLoadTracker:
                 dropped = np.maximum(_as_counts(routing.dropped_tokens), 0)  # [num_layers]
                 if dropped.shape == (counts.shape[0],):
                     self._dropped = dropped if self._dropped is None else self._dropped + dropped
+            if getattr(routing, "zero_expert_tokens", None) is not None:
+                zero = np.maximum(_as_counts(routing.zero_expert_tokens), 0)  # [num_layers]
+                if zero.shape == (counts.shape[0],):
+                    self._zero = zero if self._zero is None else self._zero + zero
             if self._totals is None:
                 self._num_layers, self._num_experts = counts.shape
                 self._totals = np.zeros(counts.shape, dtype=np.int64)
@@ -155,6 +161,7 @@ class ExpertLoadTracker:
                 window_seconds=self.window_seconds, totals=totals, window=window,
                 imbalance=None, devices=dict(self._devices),
                 dropped=None if self._dropped is None else self._dropped.copy(),
+                zero=None if self._zero is None else self._zero.copy(),
                 placement=self._placement)
         if window is not None:
             snap.imbalance = load_imbalance(window)
@@ -182,6 +189,7 @@ def snapshot_to_json(snap: RoutingSnapshot, model_name: str) -> dict:
         "device_tokens": dict(sorted(snap.devices.items())),
         "dropped_tokens": 0 if snap.dropped is None else int(snap.dropped.sum()),
         "dropped_tokens_per_layer": None if snap.dropped is None else snap.dropped.tolist(),
+        "zero_expert_tokens_per_layer": None if snap.zero is None else snap.zero.tolist(),
         "placement": [
             {"layer": l, "expert": e, "device": d, "replica": r} for l, e, d, r in snap.placement
         ],
@@ -259,4 +267,9 @@ class RoutingExposition:
             name = n.DROPPED_TOKENS.name
             out.extend(f'{name}{{model_name="{m}",layer="{layer}"}} {v}\n'
                        for layer, v in enumerate(snap.dropped.tolist()))
+        out.append(_header(n.ZERO_EXPERT_TOKENS))
+        if snap.zero is not None:
+            name = n.ZERO_EXPERT_TOKENS.name
+            out.extend(f'{name}{{model_name="{m}",layer="{layer}"}} {v}\n'
+                       for layer, v in enumerate(snap.zero.tolist()))
         return "".join(out)

@@ -18,11 +18,14 @@ def moe_usage(metrics: Iterable[Any]) -> dict[str, Any] | None:
     counts: list[list[int]] | None = None
     devices: dict[str, int] = {}
     dropped: int | None = None
+    zero: int | None = None
     for m in metrics:
         if m is None or m.expert_counts is None:
             continue
         if getattr(m, "num_dropped_assignments", None) is not None:
             dropped = (dropped or 0) + m.num_dropped_assignments
+        if getattr(m, "num_zero_expert_assignments", None) is not None:
+            zero = (zero or 0) + m.num_zero_expert_assignments
         if counts is None:
             counts = [list(row) for row in m.expert_counts]
         else:
@@ -46,4 +49,6 @@ def moe_usage(metrics: Iterable[Any]) -> dict[str, Any] | None:
     }
     if dropped is not None:  # only when the engine runs with an expert capacity
         summary["dropped_assignments"] = dropped
+    if zero is not None:  # only for models with zero-computation experts (LongCat)
+        summary["zero_expert_assignments"] = zero
     return summary

@@ -62,6 +62,7 @@ async function connect() {
       + `${facts.num_experts} experts, top-${facts.top_k} · ${facts.engine} engine on ${facts.device}`;
     const maxTokens = $("max-tokens");
     maxTokens.max = String(facts.max_model_len);
+    routing.numExperts = facts.num_experts;
     routing.reset(facts.num_moe_layers);
     live.start();
     return true;

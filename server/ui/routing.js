@@ -32,6 +32,8 @@ export class RoutingView {
     this.detail = detail;
     this.caption = caption;
     this.flushTimer = null;
+    // the model's expert count: router ids from it up are zero-computation experts (LongCat)
+    this.numExperts = null;
     container.addEventListener("mouseover", (ev) => this.onPointer(ev, false));
     container.addEventListener("click", (ev) => this.onPointer(ev, true));
     container.addEventListener("keydown", (ev) => this.onKey(ev));
@@ -278,8 +280,10 @@ export class RoutingView {
           chip.className = "chip";
           chip.style.background = expertColor(e);
           const w = col.weights && col.weights[layer] ? col.weights[layer][i] : null;
-          chip.textContent = typeof w !== "number" ? `expert ${e}`
-            : w === 0 ? `expert ${e} · 0 (dropped over capacity)` : `expert ${e} · ${w.toFixed(2)}`;
+          const zero = this.numExperts != null && e >= this.numExperts;
+          const name = zero ? `zero-computation expert ${e}` : `expert ${e}`;
+          chip.textContent = typeof w !== "number" ? name
+            : w === 0 ? `${name} · 0 (dropped over capacity)` : `${name} · ${w.toFixed(2)}`;
           li.appendChild(chip);
         });
         list.appendChild(li);

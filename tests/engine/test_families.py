@@ -4,6 +4,7 @@ placement for every family (dense layers have no experts); MLA sizes its cache b
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -15,6 +16,7 @@ from models.layers.attention_variants import AttentionVariant
 from server.config import EngineConfig
 from server.engine import LLM
 from server.engine.factory import num_kv_blocks
+from server.engine.native.placement.trace import RoutingRecorder
 from server.engine.request import EngineRequest, SamplingParams
 from server.metrics.usage import moe_usage
 from tests.conftest import RoutingCollector, save_test_tokenizer
@@ -84,13 +86,14 @@ def test_engine_greedy_matches_transformers(family, checkpoint):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_routing_usage_and_placement(family, checkpoint):
+def test_routing_usage_and_placement(family, checkpoint, tmp_path):
     path, _ = checkpoint(family)
     base = LLM(path, dtype="float32", num_kv_blocks=64, block_size=4)
     cfg = base.core.model.config
     moe_layers = [i for i, s in enumerate(cfg.sparse_layers) if s]
     seen = RoutingCollector()
-    base.core.routing_listeners.append(seen)
+    trace = RoutingRecorder.for_model(str(tmp_path / "trace.jsonl"), base.core.model)
+    base.core.routing_listeners += [seen, trace]
     prompt = prompts_of([13])[0]
     base.core.add_request(EngineRequest("r", prompt, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)))
     outs = []
@@ -98,13 +101,25 @@ def test_routing_usage_and_placement(family, checkpoint):
         outs += base.core.step()[0]
     final = outs[-1]
     tokens = [t for o in outs for t in o.outputs[0].token_ids]
-    # routing counters: one row per MoE layer (dense layers have none), every token x top_k
+    # routing counters: one row per MoE layer (dense layers have none), every token x top_k, the
+    # assignments to zero-computation experts (LongCat) counted apart, as their own kind
     assert all(s.num_layers == len(moe_layers) and s.num_experts == cfg.num_experts for s in seen)
     ran = len(prompt) + len(tokens) - 1  # every token that went through the model
-    assert sum(sum(map(sum, s.expert_tokens)) for s in seen) == ran * len(moe_layers) * cfg.top_k
+    zero = sum(sum(s.zero_expert_tokens) for s in seen) if cfg.zero_experts else 0
+    if cfg.zero_experts:
+        assert 0 < zero < ran * len(moe_layers) * cfg.top_k, "the tiny config routes to both kinds"
+    else:
+        assert all(s.zero_expert_tokens is None for s in seen)
+    assert sum(sum(map(sum, s.expert_tokens)) for s in seen) + zero == ran * len(moe_layers) * cfg.top_k
+    assert sum(sum(s.device_tokens.values()) for s in seen) + zero == ran * len(moe_layers) * cfg.top_k
     usage = moe_usage([final.metrics])
     assert len(usage["distinct_experts_per_layer"]) == len(moe_layers)
-    assert usage["expert_assignments"] == ran * len(moe_layers) * cfg.top_k
+    assert usage["expert_assignments"] == ran * len(moe_layers) * cfg.top_k - zero
+    assert usage.get("zero_expert_assignments") == (zero if cfg.zero_experts else None)
+    trace.close()  # the routing trace: every step's tokens, the zero-computation assignments apart
+    steps = [json.loads(line) for line in (tmp_path / "trace.jsonl").read_text().splitlines()[1:]]
+    assert sum(st["tokens"] for st in steps) == ran
+    assert sum(sum(st.get("zero_expert_tokens", [])) for st in steps) == zero
     assert usage["max_routing_entropy_bits"] == round(math.log2(cfg.num_experts), 4)
     check_pool_empty(base)
     # expert placement over two devices with a replica: the same greedy tokens
@@ -181,5 +196,45 @@ def test_mla_family_served_over_http(checkpoint, tmp_path):
         assert usage["moe"]["expert_assignments"] == (usage["total_tokens"] - 1) * 2 * 2
         layers = set(re.findall(r'moe_expert_tokens_total\{[^}]*layer="(\d+)"', text))
         assert len(layers) == 2
+    finally:
+        assert server.stop() == 0
+
+
+def test_zero_computation_experts_served_over_http(checkpoint, tmp_path):
+    """LongCat-Flash over a real server: assignments to zero-computation experts are their own
+    kind in `usage.moe`, `/metrics` and `/v1/moe/routing` (with the expert assignments they add
+    up to tokens x MoE layers x top-k), and `return_routing` shows them under their own ids."""
+    import re
+
+    import httpx
+
+    from tests.server.conftest import start_server
+
+    path, _ = checkpoint("longcat_flash")
+    server = start_server(["--model", path, "--dtype", "float32", "--kv-cache-memory", "1MiB", "--block-size", "4",
+                           "--max-model-len", "128", "--seed", "0"], tmp_path)
+    try:
+        with httpx.Client(base_url=server.url, timeout=60) as c:
+            name = c.get("/v1/models").json()["data"][0]["id"]
+            r = c.post("/v1/completions", json={"model": name, "prompt": "The list data type", "max_tokens": 8,
+                                                "temperature": 0, "ignore_eos": True, "return_routing": True})
+            assert r.status_code == 200, r.text
+            body = r.json()
+            text = c.get("/metrics").text
+            snap = c.get("/v1/moe/routing").json()
+        layers, k, experts = 2, 3, 8  # the tiny config: 2 MoE layers (of 4 sublayers), top-3 of 8 + 4 zero
+        usage = body["usage"]
+        moe = usage["moe"]
+        zero = moe["zero_expert_assignments"]
+        assert 0 < zero < moe["expert_assignments"] + zero == (usage["total_tokens"] - 1) * layers * k
+        series = re.findall(r'moe_zero_expert_tokens_total\{[^}]*layer="(\d+)"\} (\d+)', text)
+        assert len(series) == layers and sum(int(v) for _, v in series) == zero
+        assert sum(snap["zero_expert_tokens_per_layer"]) == zero
+        expert_series = re.findall(r'moe_expert_tokens_total\{[^}]*\} (\d+)', text)
+        assert sum(int(v) for v in expert_series) == moe["expert_assignments"]
+        choice = body["choices"][0]
+        ids = [i for tok in choice["routing"] + choice["prompt_routing"] for layer in tok for i in layer]
+        assert all(0 <= i < experts + 4 for i in ids)
+        assert sum(i >= experts for i in ids) == zero  # every token the request ran, generated and prompt
     finally:
         assert server.stop() == 0

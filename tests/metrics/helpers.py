@@ -33,9 +33,9 @@ def finished(reason: str = "stop", **kw) -> FinishedRequestStats:
 
 
 def routing(loads: list[list[int]], devices: dict[str, int] | None = None,
-            dropped: list[int] | None = None) -> RoutingStats:
+            dropped: list[int] | None = None, zero: list[int] | None = None) -> RoutingStats:
     return RoutingStats(num_layers=len(loads), num_experts=len(loads[0]), expert_tokens=loads,
-                        device_tokens=devices or {}, dropped_tokens=dropped)
+                        device_tokens=devices or {}, dropped_tokens=dropped, zero_expert_tokens=zero)
 
 
 def samples(body: bytes | str) -> dict[Key, float]:

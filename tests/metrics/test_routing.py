@@ -91,6 +91,22 @@ def test_device_tokens_and_dropped_tokens_accumulate():
     assert snap["dropped_tokens"] == 7 and snap["dropped_tokens_per_layer"] == [3, 4]
 
 
+def test_zero_expert_tokens_are_their_own_series():
+    """Assignments to zero-computation experts (LongCat) accumulate per layer in their own counter,
+    apart from the per-expert and per-device ones; absent for models without them."""
+    m = ServerMetrics(MODEL, "0", 2, 2)
+    step(m, [[1, 1], [0, 2]], devices={"cuda:0": 4})
+    assert not series(samples(m.render()[0]), "moe_zero_expert_tokens_total")
+    step(m, [[1, 0], [0, 1]], devices={"cuda:0": 2}, zero=[1, 1])
+    step(m, [[0, 0], [1, 0]], devices={"cuda:0": 1}, zero=[2, 1])
+    smp = samples(m.render()[0])
+    assert value(smp, "moe_zero_expert_tokens_total", model_name=MODEL, layer="0") == 3
+    assert value(smp, "moe_zero_expert_tokens_total", model_name=MODEL, layer="1") == 2
+    assert sum(v for (name, _), v in smp.items() if name == "moe_expert_tokens_total") == 7
+    assert value(smp, "moe_device_expert_tokens_total", device="cuda:0") == 7
+    assert m.routing_snapshot()["zero_expert_tokens_per_layer"] == [3, 2]
+
+
 def test_dimensions_learned_from_first_step_when_not_given():
     m = ServerMetrics(MODEL, "0")
     smp = samples(m.render()[0])

@@ -46,7 +46,7 @@ def full_metrics(**kw) -> ServerMetrics:
                   prefix_cache_hits=12, step_time=0.02, time_to_first_tokens=[0.03, 0.3],
                   inter_token_latencies=[0.02, 0.02, 0.2]),
         [finished("stop", max_tokens_param=64, n_param=2), finished("length")],
-        routing([[1, 1, 1, 1], [4, 0, 0, 0]], {"cuda:0": 6, "cuda:1": 2}, dropped=[1, 2]))
+        routing([[1, 1, 1, 1], [4, 0, 0, 0]], {"cuda:0": 6, "cuda:1": 2}, dropped=[1, 2], zero=[3, 0]))
     m.set_placement(PlacementInfo([(0, 0, "cuda:0", 0), (0, 0, "cuda:1", 1)]))
     m.observe_http("/v1/chat/completions", "POST", 200, 0.5)
     return m
@@ -204,6 +204,7 @@ def test_routing_snapshot_is_json_serialisable():
     assert snap["layers"][1]["imbalance"] == 4.0
     assert snap["device_tokens"] == {"cuda:0": 6, "cuda:1": 2}
     assert snap["dropped_tokens"] == 3 and snap["dropped_tokens_per_layer"] == [1, 2]
+    assert snap["zero_expert_tokens_per_layer"] == [3, 0]
     assert len(snap["placement"]) == 2
 
 

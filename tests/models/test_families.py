@@ -76,6 +76,11 @@ def test_remote_code_model_type_reads_with_the_architecture_config(deepseek_dir,
     ("glm4_moe", dict(n_group=3), "n_group=3"),
     ("gpt_oss", dict(hidden_act="gelu"), "hidden_act"),
     ("granitemoehybrid", dict(num_local_experts=0), "num_local_experts=0"),
+    ("hunyuan_moe", dict(moe_topk=[2, 1, 2]), "moe_topk"),
+    ("hunyuan_moe", dict(num_shared_expert=2), "num_shared_expert=2"),
+    ("hunyuan_moe", dict(rope_scaling=dict(type="dynamic", factor=2.0)), "rope type 'dynamic'"),
+    ("longcat_flash", dict(head_dim=16), "head_dim=16"),
+    ("longcat_flash", dict(zero_expert_type="constant"), "zero_expert_type='constant'"),
 ])
 def test_unsupported_options_are_named(family, changes, named, tmp_path):
     make_checkpoint(family, tmp_path)
@@ -102,12 +107,16 @@ def test_real_checkpoint_configs_and_kv_bytes_per_token():
         "Llama-4-Scout-17B-16E (text)": 48 * 2 * 8 * 128 * bf16,
         "MiniMax-M2": 62 * 2 * 8 * 128 * bf16,
         "granite-4.0-h-tiny": 4 * 2 * 4 * 128 * bf16,  # the 4 attention layers of 40 (36 are Mamba2)
+        "Hunyuan-A13B": 32 * 2 * 8 * 128 * bf16,
+        "dots.llm1.inst": 62 * 2 * 32 * 128 * bf16,
+        "LongCat-Flash-Chat": 2 * 28 * (512 + 64) * bf16,  # two MLA sublayers per layer
     }
     for checkpoint, nbytes in expected.items():
         assert rows[checkpoint][5] == f"{nbytes:,}", checkpoint
     assert "MLA" in rows["DeepSeek-V3 / R1"][3] and "groups 4/8" in rows["DeepSeek-V3 / R1"][4]
     assert "sliding 128 on 18/36" in rows["gpt-oss-120b"][3] and "sinks" in rows["gpt-oss-120b"][3]
     assert "chunked 8192 on 36/48" in rows["Llama-4-Scout-17B-16E (text)"][3]
+    assert "+ 256 zero-computation" in rows["LongCat-Flash-Chat"][4] and "28 pairs" in rows["LongCat-Flash-Chat"][4]
     assert f"per-head K and V would take {61 * 128 * (192 + 128) * bf16:,}" in out
     # the README shows exactly this table
     readme = (ROOT / "README.md").read_text()

@@ -12,6 +12,8 @@ from tests.models.simple_runner import greedy_generate, prefill_logits
 from models.layers.moe import RoutingCapture
 from tests.models.conftest import FAMILIES, make_checkpoint
 
+# reference router modules whose class name does not end in "Router"
+ROUTERS = ("HunYuanMoEV1Gate",)
 PROMPTS = [[7], [1, 17, 29, 3, 250, 71, 8, 99, 14, 5, 31], [1, 4, 4, 4], list(range(2, 40))]
 
 
@@ -30,12 +32,12 @@ def hf_padded_logits(ref, prompts):
 
 def hf_router_choices(ref, prompts):
     """The reference's own routing decisions, per MoE layer in order: (ids [tokens, k],
-    weights [tokens, k]) over the real (unpadded) tokens, read from its router modules' outputs
+    weights [tokens, k]) over the real (unpadded) tokens, read from its router modules' (`ROUTERS`) outputs
     (`(logits, weights, ids)`; Llama 4's router returns `(scores [T, E], logits)`)."""
     k = ref.config.num_experts_per_tok
     seen = []
     hooks = [m.register_forward_hook(lambda mod, inp, out: seen.append(out))
-             for m in ref.modules() if type(m).__name__.endswith("Router")]
+             for m in ref.modules() if type(m).__name__.endswith("Router") or type(m).__name__ in ROUTERS]
     try:
         hf_padded_logits(ref, prompts)
     finally:

@@ -174,20 +174,28 @@ import('/ui/routing.js').then(({RoutingView}) => {
   view.addGenerated(['a']);
   view.addRouting([[[5, 6], [7, 0]]], undefined);  // an older server: ids only
   view.show(0);
-  done([withWeights, detail.innerText]);
+  const idsOnly = detail.innerText;
+  view.numExperts = 8;  // LongCat: ids 8 and up are zero-computation experts
+  view.reset(1);
+  view.addGenerated(['a']);
+  view.addRouting([[[1, 9, 8]]], [[[0.5, 0.3, 0.2]]]);
+  view.show(0);
+  done([withWeights, idsOnly, detail.innerText]);
 });
 """
 
 
 def test_router_weights_are_shown_when_the_server_sends_them(browser, ui_server):
-    """The page reads `routing_weights` (same nesting as `routing`) when present, ids alone when not."""
+    """The page reads `routing_weights` (same nesting as `routing`) when present, ids alone when not;
+    ids past the model's experts are named zero-computation experts."""
     open_page(browser, ui_server.url)
-    with_weights, ids_only = ([line for line in text.splitlines() if line.strip()]
-                              for text in browser.execute_async_script(WEIGHTS_JS))
+    with_weights, ids_only, zero = ([line for line in text.splitlines() if line.strip()]
+                                    for text in browser.execute_async_script(WEIGHTS_JS))
     assert with_weights[1:3] == ["L0: expert 1 · 0.60, expert 2 · 0.40",
                                              "L1: expert 3 · 0.75, expert 4 · 0.25"]
     assert ids_only[1:3] == ["L0: expert 5, expert 6", "L1: expert 7, expert 0"]
     assert "does not report router weights" in ids_only[-1]
+    assert zero[1] == "L0: expert 1 · 0.50, zero-computation expert 9 · 0.30, zero-computation expert 8 · 0.20"
 
 
 # An engine that cannot report routing (the vLLM backend) answers return_routing with this 400.

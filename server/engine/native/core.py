@@ -220,10 +220,12 @@ class EngineCore:
         r = result.routing  # [T, moe_layers, k]
         L, E = r.shape[1], self.model.config.num_experts
         counts = result.seq_expert_counts.sum(0).tolist()  # [L, E]: the runner counted per sequence already
+        zero = result.zero_expert  # [T, L, k] zero-computation assignments (LongCat), else None
         if self.placement_manager is not None:
             device_tokens = self.placement_manager.device_tokens(r)
         else:
-            device_tokens = {str(self.runner.device): int(r.numel())}
+            device_tokens = {str(self.runner.device): int(r.numel() - (0 if zero is None else zero.sum()))}
         dropped = None if result.dropped is None else result.dropped.sum(dim=(0, 2)).tolist()  # [L]
+        zero_tokens = None if zero is None else zero.sum(dim=(0, 2)).tolist()  # [L]
         return RoutingStats(num_layers=L, num_experts=E, expert_tokens=counts, device_tokens=device_tokens,
-                            dropped_tokens=dropped, expert_ids=r)
+                            dropped_tokens=dropped, zero_expert_tokens=zero_tokens, expert_ids=r)

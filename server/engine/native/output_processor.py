@@ -53,6 +53,7 @@ class RequestOutputState:
     sent_prompt_info: bool = False
     expert_counts: torch.Tensor | None = None  # [moe_layers, experts] token-expert assignments
     num_dropped: int | None = None  # assignments dropped over expert capacity (None: no capacity limit)
+    num_zero: int | None = None  # assignments to zero-computation experts (None: the model has none)
     seqs: dict[int, SeqOutputState] = field(default_factory=dict)  # completion index -> its state
 
 
@@ -125,11 +126,13 @@ class OutputProcessor:
             state.expert_counts += counts  # in place: no new tensor per sequence and step
         if out.dropped is not None:
             state.num_dropped = (state.num_dropped or 0) + int(out.dropped[rows].sum())
+        if out.zero_expert is not None:
+            state.num_zero = (state.num_zero or 0) + int(out.zero_expert[rows].sum())
         seq.routing_done = end
         if not seq.request.return_routing:
             return
         # kept compact until the API renders them: small ints and float16 weights
-        ids = chosen.to(torch.uint8 if E <= 256 else torch.int16).cpu()  # [n, layers, k]
+        ids = chosen.to(torch.uint8 if int(chosen.max()) < 256 else torch.int16).cpu()  # [n, layers, k]
         weights = out.routing_weights[rows].to(torch.float16).cpu()  # [n, layers, k]
         n_prompt = max(0, min(end, seq.num_prompt_tokens) - begin)
         if n_prompt:
@@ -231,7 +234,8 @@ class OutputProcessor:
                               last_token_time=rec.last_token_time, finished_time=now,
                               num_prompt_tokens=n_prompt, num_generation_tokens=rec.num_generated,
                               num_cached_prompt_tokens=cached, expert_counts=expert_counts,
-                              device_expert_tokens=device_tokens, num_dropped_assignments=rec.num_dropped)
+                              device_expert_tokens=device_tokens, num_dropped_assignments=rec.num_dropped,
+                              num_zero_expert_assignments=rec.num_zero)
 
 
 def _has_news(rec: RequestOutputState, index: int) -> bool:

@@ -57,3 +57,5 @@ class ModelOutput:
     # and assignments dropped over expert capacity (only with --expert-capacity-factor)
     routing_weights: torch.Tensor | None = None
     dropped: torch.Tensor | None = None
+    # [num_tokens, num_moe_layers, top_k] bool: assignments to zero-computation experts (LongCat)
+    zero_expert: torch.Tensor | None = None

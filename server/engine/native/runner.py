@@ -58,6 +58,7 @@ class ModelRunner:
         self.structured = structured if structured is not None else StructuredRuntime(model.config.vocab_size)
         self._moe_blocks = model.moe_blocks()
         self.num_moe_layers, self.num_experts = len(self._moe_blocks), model.config.num_experts
+        self.zero_experts = model.config.zero_experts  # router ids >= num_experts: zero-computation experts
         sizes = bucket_sizes(max_num_seqs)
         max_blocks = -(-max_model_len // block_size)
         self.buffers = StepBuffers(max(max_num_batched_tokens, max_num_seqs, sizes[-1]), max(max_num_seqs, sizes[-1]),
@@ -137,6 +138,8 @@ class ModelRunner:
         out = ModelOutput(None, inp.query_start_loc, graph_bucket=bucket)
         if capture.expert_ids:
             out.routing = capture.stacked_ids()[:T]  # [T, moe_layers, k]
+            if self.zero_experts:  # counted as their own kind; expert_counts skips ids >= num_experts
+                out.zero_expert = out.routing >= self.num_experts
             # [S, L, E] on the host: one scatter, one copy
             out.seq_expert_counts = expert_counts(out.routing, self.num_experts, d["seg"][:T], inp.num_seqs).cpu()
             if with_weights:

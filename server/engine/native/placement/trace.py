@@ -55,7 +55,7 @@ class RoutingRecorder:
 
     def on_routing(self, stats) -> None:
         """Routing listener: one line for this step (RoutingStats)."""
-        self.record(stats.expert_tokens, stats.expert_ids)
+        self.record(stats.expert_tokens, stats.expert_ids, getattr(stats, "zero_expert_tokens", None))
 
     def __init__(self, path: str, header: TraceHeader, *, record_token_ids: bool = False,
                  max_steps: int | None = None):
@@ -73,13 +73,17 @@ class RoutingRecorder:
     def closed(self) -> bool:
         return self._file.closed
 
-    def record(self, expert_tokens, token_ids=None) -> None:
-        """expert_tokens: [L][E] counts; token_ids: optional [T, L, k] tensor or nested list."""
+    def record(self, expert_tokens, token_ids=None, zero_expert_tokens=None) -> None:
+        """expert_tokens: [L][E] counts; token_ids: optional [T, L, k] tensor or nested list;
+        zero_expert_tokens: [L] assignments to zero-computation experts (LongCat), or None."""
         if self._file.closed:
             return
         counts = np.asarray(expert_tokens, dtype=np.int64)  # [L, E]
-        line = {"step": self.steps, "tokens": int(counts[0].sum()) // max(self.header.top_k, 1),
+        zero = int(zero_expert_tokens[0]) if zero_expert_tokens else 0
+        line = {"step": self.steps, "tokens": (int(counts[0].sum()) + zero) // max(self.header.top_k, 1),
                 "expert_tokens": counts.tolist()}
+        if zero_expert_tokens is not None:
+            line["zero_expert_tokens"] = [int(z) for z in zero_expert_tokens]
         if self.record_token_ids and token_ids is not None:
             line["token_ids"] = token_ids.tolist() if hasattr(token_ids, "tolist") else token_ids
         self._file.write(json.dumps(line, separators=(",", ":")) + "\n")

@@ -1,0 +1,192 @@
+"""OpenTelemetry tracing (--otlp-traces-endpoint) against a real OTLP/HTTP receiver.
+
+The receiver is a small HTTP server on 127.0.0.1 that decodes what the SDK's OTLP exporter
+POSTs (ExportTraceServiceRequest protobuf, opentelemetry-proto); nothing of the exporter is
+replaced. A real `moe-serve` sends one streamed request whose `traceparent` names a parent span,
+one whose `traceparent` is not sampled, and one without any; then it is stopped (SIGTERM), which
+flushes what the batch processor still holds.
+"""
+
+from __future__ import annotations
+
+import gzip
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+
+from server.cli import build_config
+from server.config import ConfigError
+
+from .conftest import ServerProcess, start_server
+
+trace_pb2 = pytest.importorskip("opentelemetry.proto.collector.trace.v1.trace_service_pb2",
+                                reason="the otel extra (opentelemetry-proto) is not installed")
+span_pb2 = pytest.importorskip("opentelemetry.proto.trace.v1.trace_pb2")
+
+MAX_TOKENS = 8
+
+
+class Receiver:
+    """An OTLP/HTTP traces endpoint: POST /v1/traces, protobuf (optionally gzip) bodies."""
+
+    def __init__(self) -> None:
+        self.spans: list[tuple[dict[str, Any], Any]] = []  # (resource attributes, Span)
+        self.posts = 0
+        self.lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if self.headers.get("Content-Encoding") == "gzip":
+                    body = gzip.decompress(body)
+                ok = self.path == "/v1/traces" and self.headers.get("Content-Type") == "application/x-protobuf"
+                if ok:
+                    req = trace_pb2.ExportTraceServiceRequest()
+                    req.ParseFromString(body)
+                    with receiver.lock:
+                        receiver.posts += 1
+                        for rs in req.resource_spans:
+                            res = {a.key: value_of(a.value) for a in rs.resource.attributes}
+                            for ss in rs.scope_spans:
+                                receiver.spans.extend((res, s) for s in ss.spans)
+                out = trace_pb2.ExportTraceServiceResponse().SerializeToString() if ok else b""
+                self.send_response(200 if ok else 400)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", str(len(out)))
+                self.end_headers()
+                self.wfile.write(out)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1/traces"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def of_trace(self, trace_id: bytes) -> list[Any]:
+        with self.lock:
+            return [s for _, s in self.spans if s.trace_id == trace_id]
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def value_of(v: Any) -> Any:
+    return getattr(v, v.WhichOneof("value")) if v.WhichOneof("value") else None
+
+
+def attrs(span: Any) -> dict[str, Any]:
+    return {a.key: value_of(a.value) for a in span.attributes}
+
+
+@pytest.fixture(scope="module")
+def traced(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Receiver, ServerProcess]]:
+    receiver = Receiver()
+    env = {"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf", "OTEL_BSP_SCHEDULE_DELAY": "200",
+           "OTEL_SERVICE_NAME": "moe-serve-under-test"}
+    server = start_server(["--max-model-len", "128", "--num-kv-blocks", "64", "--seed", "0",
+                           "--otlp-traces-endpoint", receiver.url], tmp_path_factory.mktemp("traced"), env)
+    try:
+        yield receiver, server
+    finally:
+        server.stop()
+        receiver.close()
+
+
+def stream(server: ServerProcess, headers: dict[str, str]) -> dict[str, int]:
+    """One streamed completion; its usage (from the final chunk)."""
+    client = server.client()
+    chunks = list(client.completions.create(
+        model=client.models.list().data[0].id, prompt="The quick brown fox", max_tokens=MAX_TOKENS,
+        temperature=0.7, top_p=0.9, stream=True, stream_options={"include_usage": True},
+        extra_headers=headers))
+    usage = chunks[-1].usage
+    assert usage is not None and usage.completion_tokens >= 1
+    return {"prompt": usage.prompt_tokens, "completion": usage.completion_tokens}
+
+
+def wait_for(receiver: Receiver, trace_id: bytes, n: int, timeout: float = 30) -> list[Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        spans = receiver.of_trace(trace_id)
+        if len(spans) >= n:
+            return spans
+        time.sleep(0.1)
+    raise AssertionError(f"{len(receiver.of_trace(trace_id))} of {n} spans of trace {trace_id.hex()} arrived "
+                         f"within {timeout}s ({receiver.posts} exports received)")
+
+
+def test_streamed_request_span_is_a_child_of_the_traceparent(traced):
+    receiver, server = traced
+    trace_id, parent_id = secrets.token_bytes(16), secrets.token_bytes(8)
+    usage = stream(server, {"traceparent": f"00-{trace_id.hex()}-{parent_id.hex()}-01",
+                            "tracestate": "vendor=abc"})
+    spans = wait_for(receiver, trace_id, 4)  # exported while serving, not only at shutdown
+    by_name = {s.name: s for s in spans}
+    assert sorted(by_name) == ["decode", "llm_request", "prefill", "queue"], sorted(by_name)
+
+    req = by_name["llm_request"]
+    assert req.parent_span_id == parent_id
+    assert req.kind == span_pb2.Span.SPAN_KIND_SERVER
+    a = attrs(req)
+    model = server.client().models.list().data[0].id
+    assert a["gen_ai.request.model"] == a["gen_ai.response.model"] == model
+    assert a["gen_ai.request.max_tokens"] == MAX_TOKENS
+    assert a["gen_ai.request.temperature"] == pytest.approx(0.7)
+    assert a["gen_ai.request.top_p"] == pytest.approx(0.9)
+    assert a["gen_ai.request.n"] == 1 and a["gen_ai.usage.num_sequences"] == 1
+    assert a["gen_ai.usage.prompt_tokens"] == usage["prompt"]
+    assert a["gen_ai.usage.completion_tokens"] == usage["completion"]
+    assert a["gen_ai.request.id"]
+    ttft, e2e, queue = (a["gen_ai.latency.time_to_first_token"], a["gen_ai.latency.e2e"],
+                        a["gen_ai.latency.time_in_queue"])
+    assert 0 <= queue <= ttft <= e2e
+    assert 0 <= a["gen_ai.latency.time_in_model_prefill"] <= ttft
+    assert 0 <= a["gen_ai.latency.time_in_model_decode"] <= e2e
+    assert req.end_time_unix_nano - req.start_time_unix_nano == pytest.approx(e2e * 1e9, abs=2e6)
+
+    # the phases: children of the request span, in order, inside it, the queue starting with it
+    phases = [by_name[n] for n in ("queue", "prefill", "decode")]
+    for p in phases:
+        assert p.parent_span_id == req.span_id and p.trace_id == trace_id
+        assert req.start_time_unix_nano <= p.start_time_unix_nano <= p.end_time_unix_nano <= req.end_time_unix_nano
+    assert phases[0].start_time_unix_nano == req.start_time_unix_nano
+    assert phases[0].end_time_unix_nano <= phases[1].start_time_unix_nano + 1000
+    assert phases[1].end_time_unix_nano <= phases[2].start_time_unix_nano + 1000
+    assert (phases[1].end_time_unix_nano - req.start_time_unix_nano) == pytest.approx(ttft * 1e9, abs=2e6)
+
+    resource = next(res for res, s in receiver.spans if s.span_id == req.span_id)
+    assert resource["service.name"] == "moe-serve-under-test"
+
+
+def test_sampling_follows_the_parent_and_a_request_without_one_gets_a_root_span(traced):
+    receiver, server = traced
+    unsampled = secrets.token_bytes(16)
+    stream(server, {"traceparent": f"00-{unsampled.hex()}-{secrets.token_bytes(8).hex()}-00"})
+    before = {s.span_id for _, s in receiver.spans}
+    stream(server, {})
+    sampled = secrets.token_bytes(16)  # a marker that everything before it was exported
+    stream(server, {"traceparent": f"00-{sampled.hex()}-{secrets.token_bytes(8).hex()}-01"})
+    wait_for(receiver, sampled, 4)
+    assert server.stop() == 0  # SIGTERM: the provider's shutdown flushes what is left
+    assert receiver.of_trace(unsampled) == []  # parentbased_always_on: the caller did not sample it
+    roots = [s for _, s in receiver.spans if s.span_id not in before and s.name == "llm_request"
+             and not s.parent_span_id]
+    assert len(roots) == 1 and roots[0].trace_id not in (unsampled, sampled)
+
+
+@pytest.mark.parametrize("endpoint", ["localhost:4317", "ftp://collector:4317", "http://", ""])
+def test_an_endpoint_that_is_not_an_http_url_is_refused(endpoint):
+    if endpoint == "":  # empty: the flag is off, as unset
+        assert build_config(["--otlp-traces-endpoint", endpoint], environ={}).engine.otlp_traces_endpoint in (None, "")
+        return
+    with pytest.raises(ConfigError, match="--otlp-traces-endpoint must be an http:// or https:// URL"):
+        build_config(["--otlp-traces-endpoint", endpoint], environ={})

@@ -100,13 +100,34 @@ def attrs(span: Any) -> dict[str, Any]:
     return {a.key: value_of(a.value) for a in span.attributes}
 
 
-@pytest.fixture(scope="module")
-def traced(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Receiver, ServerProcess]]:
+def traced_server(log_dir, schedule_delay_ms: int) -> tuple[Receiver, ServerProcess]:
     receiver = Receiver()
-    env = {"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf", "OTEL_BSP_SCHEDULE_DELAY": "200",
+    env = {"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf", "OTEL_BSP_SCHEDULE_DELAY": str(schedule_delay_ms),
            "OTEL_SERVICE_NAME": "moe-serve-under-test"}
-    server = start_server(["--max-model-len", "128", "--num-kv-blocks", "64", "--seed", "0",
-                           "--otlp-traces-endpoint", receiver.url], tmp_path_factory.mktemp("traced"), env)
+    try:
+        server = start_server(["--max-model-len", "128", "--num-kv-blocks", "64", "--seed", "0",
+                               "--otlp-traces-endpoint", receiver.url], log_dir, env)
+    except BaseException:
+        receiver.close()
+        raise
+    return receiver, server
+
+
+@pytest.fixture
+def traced(tmp_path) -> Iterator[tuple[Receiver, ServerProcess]]:
+    """A server exporting every 200 ms."""
+    receiver, server = traced_server(tmp_path, 200)
+    try:
+        yield receiver, server
+    finally:
+        server.stop()
+        receiver.close()
+
+
+@pytest.fixture
+def traced_at_shutdown(tmp_path) -> Iterator[tuple[Receiver, ServerProcess]]:
+    """A server whose batch processor would wait 10 minutes: only the shutdown flush exports."""
+    receiver, server = traced_server(tmp_path, 600_000)
     try:
         yield receiver, server
     finally:
@@ -180,20 +201,20 @@ def test_streamed_request_span_is_a_child_of_the_traceparent(traced):
     assert resource["service.name"] == "moe-serve-under-test"
 
 
-def test_sampling_follows_the_parent_and_a_request_without_one_gets_a_root_span(traced):
-    receiver, server = traced
-    unsampled = secrets.token_bytes(16)
+def test_sampling_follows_the_parent_and_shutdown_flushes(traced_at_shutdown):
+    receiver, server = traced_at_shutdown
+    unsampled, sampled = secrets.token_bytes(16), secrets.token_bytes(16)
     stream(server, {"traceparent": f"00-{unsampled.hex()}-{secrets.token_bytes(8).hex()}-00"})
-    before = {s.span_id for _, s in receiver.spans}
-    stream(server, {})
-    sampled = secrets.token_bytes(16)  # a marker that everything before it was exported
+    stream(server, {})  # no traceparent: a new trace
     stream(server, {"traceparent": f"00-{sampled.hex()}-{secrets.token_bytes(8).hex()}-01"})
-    wait_for(receiver, sampled, 4)
-    assert server.stop() == 0  # SIGTERM: the provider's shutdown flushes what is left
+    time.sleep(0.5)
+    assert receiver.posts == 0  # nothing exported yet (OTEL_BSP_SCHEDULE_DELAY 10 min)
+    assert server.stop() == 0  # SIGTERM: the provider's shutdown exports what the batch holds
+    assert len(receiver.of_trace(sampled)) == 4
     assert receiver.of_trace(unsampled) == []  # parentbased_always_on: the caller did not sample it
-    roots = [s for _, s in receiver.spans if s.span_id not in before and s.name == "llm_request"
-             and not s.parent_span_id]
+    roots = [s for _, s in receiver.spans if s.name == "llm_request" and not s.parent_span_id]
     assert len(roots) == 1 and roots[0].trace_id not in (unsampled, sampled)
+    assert len(receiver.of_trace(roots[0].trace_id)) == 4
 
 
 @pytest.mark.parametrize("endpoint", ["localhost:4317", "ftp://collector:4317", "http://", ""])

@@ -224,3 +224,13 @@ def test_an_endpoint_that_is_not_an_http_url_is_refused(endpoint):
         return
     with pytest.raises(ConfigError, match="--otlp-traces-endpoint must be an http:// or https:// URL"):
         build_config(["--otlp-traces-endpoint", endpoint], environ={})
+
+
+def test_the_dev_extra_installs_the_otel_extra():
+    """CI installs `.[dev]`: the tracing tests need the otel extra's packages there too."""
+    import tomllib
+
+    from tests.conftest import REPO
+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert extras["otel"] and set(extras["otel"]) <= set(extras["dev"])

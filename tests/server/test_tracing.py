@@ -234,3 +234,54 @@ def test_the_dev_extra_installs_the_otel_extra():
 
     extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert extras["otel"] and set(extras["otel"]) <= set(extras["dev"])
+
+
+def test_otlp_over_grpc_the_default_protocol(tmp_path):
+    """Without OTEL_EXPORTER_OTLP_TRACES_PROTOCOL the spans go over gRPC (vLLM's default), here to
+    an in-test OTLP/gRPC TraceService."""
+    from concurrent import futures
+
+    import grpc
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
+
+    received: list[Any] = []
+
+    class TraceService(trace_service_pb2_grpc.TraceServiceServicer):
+        def Export(self, request, context):
+            received.extend(s for rs in request.resource_spans for ss in rs.scope_spans for s in ss.spans)
+            return trace_pb2.ExportTraceServiceResponse()
+
+    grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(TraceService(), grpc_server)
+    port = grpc_server.add_insecure_port("127.0.0.1:0")
+    grpc_server.start()
+    try:
+        server = start_server(["--max-model-len", "128", "--num-kv-blocks", "64",
+                               "--otlp-traces-endpoint", f"http://127.0.0.1:{port}"], tmp_path,
+                              {"OTEL_BSP_SCHEDULE_DELAY": "200"})
+        try:
+            trace_id, parent_id = secrets.token_bytes(16), secrets.token_bytes(8)
+            stream(server, {"traceparent": f"00-{trace_id.hex()}-{parent_id.hex()}-01"})
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and len([s for s in received if s.trace_id == trace_id]) < 4:
+                time.sleep(0.1)
+        finally:
+            assert server.stop() == 0
+        spans = {s.name: s for s in received if s.trace_id == trace_id}
+        assert sorted(spans) == ["decode", "llm_request", "prefill", "queue"]
+        assert spans["llm_request"].parent_span_id == parent_id
+    finally:
+        grpc_server.stop(0)
+
+
+def test_tracing_off_loads_no_opentelemetry_sdk():
+    """No endpoint: nothing is set up and the SDK is never imported (the request path only checks
+    for None)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from server.api.tracing import Tracing; from server.api import serving; "
+            "assert Tracing.create(None, 'm') is None and Tracing.create('', 'm') is None; "
+            "print(sorted(m for m in sys.modules if m.startswith('opentelemetry.sdk')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

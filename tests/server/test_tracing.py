@@ -285,3 +285,31 @@ def test_tracing_off_loads_no_opentelemetry_sdk():
             "print(sorted(m for m in sys.modules if m.startswith('opentelemetry.sdk')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_a_request_that_times_out_ends_its_span_with_an_error(tmp_path):
+    """--request-timeout 0.2 s against 400 tokens (ignore_eos): the request gets a 504 and its span
+    an ERROR status saying why."""
+    import openai
+
+    receiver = Receiver()
+    try:
+        server = start_server(["--max-model-len", "512", "--num-kv-blocks", "64", "--request-timeout", "0.2",
+                               "--otlp-traces-endpoint", receiver.url], tmp_path,
+                              {"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf"})
+        trace_id = secrets.token_bytes(16)
+        try:
+            client = server.client()
+            with pytest.raises(openai.APIStatusError) as e:
+                client.completions.create(model=client.models.list().data[0].id, prompt="Once", max_tokens=400,
+                                          extra_body={"ignore_eos": True},
+                                          extra_headers={"traceparent": f"00-{trace_id.hex()}-{'1' * 16}-01"})
+            assert e.value.status_code == 504
+        finally:
+            assert server.stop() == 0  # flushes
+        (span,) = receiver.of_trace(trace_id)
+        assert span.name == "llm_request"
+        assert span.status.code == span_pb2.Status.STATUS_CODE_ERROR and span.status.message == "timed out"
+        assert "gen_ai.usage.completion_tokens" not in attrs(span)  # unfinished: no usage
+    finally:
+        receiver.close()

@@ -1,10 +1,10 @@
-"""OpenTelemetry tracing (--otlp-traces-endpoint) against a real OTLP/HTTP receiver.
+"""OpenTelemetry tracing (--otlp-traces-endpoint) against real OTLP receivers.
 
-The receiver is a small HTTP server on 127.0.0.1 that decodes what the SDK's OTLP exporter
-POSTs (ExportTraceServiceRequest protobuf, opentelemetry-proto); nothing of the exporter is
-replaced. A real `moe-serve` sends one streamed request whose `traceparent` names a parent span,
-one whose `traceparent` is not sampled, and one without any; then it is stopped (SIGTERM), which
-flushes what the batch processor still holds.
+The receivers run in the test: an HTTP server on 127.0.0.1 decoding what the SDK's OTLP/HTTP
+exporter POSTs (ExportTraceServiceRequest protobuf, opentelemetry-proto), and an OTLP/gRPC
+TraceService; nothing of the exporter is replaced. A real `moe-serve` serves streamed requests
+with and without a `traceparent` (sampled and not), one that times out, and is stopped with
+SIGTERM, whose shutdown flushes what the batch processor holds.
 """
 
 from __future__ import annotations
@@ -124,17 +124,6 @@ def traced(tmp_path) -> Iterator[tuple[Receiver, ServerProcess]]:
         receiver.close()
 
 
-@pytest.fixture
-def traced_at_shutdown(tmp_path) -> Iterator[tuple[Receiver, ServerProcess]]:
-    """A server whose batch processor would wait 10 minutes: only the shutdown flush exports."""
-    receiver, server = traced_server(tmp_path, 600_000)
-    try:
-        yield receiver, server
-    finally:
-        server.stop()
-        receiver.close()
-
-
 def stream(server: ServerProcess, headers: dict[str, str]) -> dict[str, int]:
     """One streamed completion; its usage (from the final chunk)."""
     client = server.client()
@@ -201,22 +190,6 @@ def test_streamed_request_span_is_a_child_of_the_traceparent(traced):
     assert resource["service.name"] == "moe-serve-under-test"
 
 
-def test_sampling_follows_the_parent_and_shutdown_flushes(traced_at_shutdown):
-    receiver, server = traced_at_shutdown
-    unsampled, sampled = secrets.token_bytes(16), secrets.token_bytes(16)
-    stream(server, {"traceparent": f"00-{unsampled.hex()}-{secrets.token_bytes(8).hex()}-00"})
-    stream(server, {})  # no traceparent: a new trace
-    stream(server, {"traceparent": f"00-{sampled.hex()}-{secrets.token_bytes(8).hex()}-01"})
-    time.sleep(0.5)
-    assert receiver.posts == 0  # nothing exported yet (OTEL_BSP_SCHEDULE_DELAY 10 min)
-    assert server.stop() == 0  # SIGTERM: the provider's shutdown exports what the batch holds
-    assert len(receiver.of_trace(sampled)) == 4
-    assert receiver.of_trace(unsampled) == []  # parentbased_always_on: the caller did not sample it
-    roots = [s for _, s in receiver.spans if s.name == "llm_request" and not s.parent_span_id]
-    assert len(roots) == 1 and roots[0].trace_id not in (unsampled, sampled)
-    assert len(receiver.of_trace(roots[0].trace_id)) == 4
-
-
 @pytest.mark.parametrize("endpoint", ["localhost:4317", "ftp://collector:4317", "http://", ""])
 def test_an_endpoint_that_is_not_an_http_url_is_refused(endpoint):
     if endpoint == "":  # empty: the flag is off, as unset
@@ -236,18 +209,22 @@ def test_the_dev_extra_installs_the_otel_extra():
     assert extras["otel"] and set(extras["otel"]) <= set(extras["dev"])
 
 
-def test_otlp_over_grpc_the_default_protocol(tmp_path):
-    """Without OTEL_EXPORTER_OTLP_TRACES_PROTOCOL the spans go over gRPC (vLLM's default), here to
-    an in-test OTLP/gRPC TraceService."""
+def test_grpc_by_default_parent_based_sampling_and_the_shutdown_flush(tmp_path):
+    """Without OTEL_EXPORTER_OTLP_TRACES_PROTOCOL the spans go over gRPC (vLLM's default), here to an
+    in-test OTLP/gRPC TraceService. With a 10-minute batch delay nothing is exported until SIGTERM,
+    whose shutdown flushes everything: the sampled trace, the root span of a request without
+    `traceparent`, and nothing of the request whose caller did not sample it."""
     from concurrent import futures
 
     import grpc
     from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 
     received: list[Any] = []
+    exports = []
 
     class TraceService(trace_service_pb2_grpc.TraceServiceServicer):
         def Export(self, request, context):
+            exports.append(time.monotonic())
             received.extend(s for rs in request.resource_spans for ss in rs.scope_spans for s in ss.spans)
             return trace_pb2.ExportTraceServiceResponse()
 
@@ -258,18 +235,24 @@ def test_otlp_over_grpc_the_default_protocol(tmp_path):
     try:
         server = start_server(["--max-model-len", "128", "--num-kv-blocks", "64",
                                "--otlp-traces-endpoint", f"http://127.0.0.1:{port}"], tmp_path,
-                              {"OTEL_BSP_SCHEDULE_DELAY": "200"})
+                              {"OTEL_BSP_SCHEDULE_DELAY": "600000"})
+        unsampled, sampled = secrets.token_bytes(16), secrets.token_bytes(16)
+        parent = secrets.token_bytes(8)
         try:
-            trace_id, parent_id = secrets.token_bytes(16), secrets.token_bytes(8)
-            stream(server, {"traceparent": f"00-{trace_id.hex()}-{parent_id.hex()}-01"})
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline and len([s for s in received if s.trace_id == trace_id]) < 4:
-                time.sleep(0.1)
+            stream(server, {"traceparent": f"00-{unsampled.hex()}-{secrets.token_bytes(8).hex()}-00"})
+            stream(server, {})  # no traceparent: a new trace
+            stream(server, {"traceparent": f"00-{sampled.hex()}-{parent.hex()}-01"})
+            time.sleep(0.5)
+            assert exports == []  # the batch processor still holds them
         finally:
-            assert server.stop() == 0
-        spans = {s.name: s for s in received if s.trace_id == trace_id}
+            assert server.stop() == 0  # SIGTERM: the provider's shutdown exports what the batch holds
+        spans = {s.name: s for s in received if s.trace_id == sampled}
         assert sorted(spans) == ["decode", "llm_request", "prefill", "queue"]
-        assert spans["llm_request"].parent_span_id == parent_id
+        assert spans["llm_request"].parent_span_id == parent
+        assert [s for s in received if s.trace_id == unsampled] == []  # parentbased_always_on
+        roots = [s for s in received if s.name == "llm_request" and not s.parent_span_id]
+        assert len(roots) == 1 and roots[0].trace_id not in (unsampled, sampled)
+        assert len([s for s in received if s.trace_id == roots[0].trace_id]) == 4
     finally:
         grpc_server.stop(0)
 

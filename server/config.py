@@ -82,6 +82,20 @@ def check_range(config: Any, name: str, low: float, high: float, *, low_open: bo
         raise ConfigError(f"{flag_name(name)} must be in {bounds}, not {value:g}")
 
 
+def check_otlp_endpoint(endpoint: str) -> None:
+    """An http(s) URL, and the OpenTelemetry SDK (the `otel` extra) installed to send to it."""
+    from importlib.util import find_spec
+
+    if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", endpoint):
+        raise ConfigError(f"--otlp-traces-endpoint must be an http:// or https:// URL, not {endpoint!r}")
+    try:
+        installed = find_spec("opentelemetry.sdk") is not None
+    except ModuleNotFoundError:
+        installed = False
+    if not installed:
+        raise ConfigError("--otlp-traces-endpoint needs the OpenTelemetry SDK: pip install 'moe-serve[otel]'")
+
+
 def parse_bytes(value: str | int | None, require_unit: bool = False) -> int | None:
     """'2GiB', '512M', '3e9B', '1e9', 1234 -> bytes (ValueError on anything else, negatives
     included). With `require_unit`, a bare number is refused (where a bare number means a
@@ -167,6 +181,10 @@ class EngineConfig:
     # splits `<think>` reasoning from content (API) and starts structured output after it (engines)
     reasoning_parser: ReasoningParser | None = option(
         None, "split <think> reasoning into reasoning_content; structured output starts after it")
+    # OpenTelemetry (server/api/tracing.py; the `otel` extra): spans per request, exported over
+    # OTLP (gRPC, or HTTP with OTEL_EXPORTER_OTLP_TRACES_PROTOCOL=http/protobuf); also handed to vLLM
+    otlp_traces_endpoint: str | None = option(
+        None, "OTLP endpoint traces go to, e.g. http://otel-collector:4317 (off when unset; needs moe-serve[otel])")
 
     def __post_init__(self) -> None:
         check_finite(self)
@@ -199,6 +217,8 @@ class EngineConfig:
             raise ConfigError("kv_cache_memory must be > 0 bytes")
         check_range(self, "expert_capacity_factor", 0.0, MAX_CAPACITY_FACTOR, low_open=True)
         check_range(self, "engine_progress_timeout", 0.0, MAX_SECONDS)  # 0: off
+        if self.otlp_traces_endpoint:  # "" (an empty env var or Helm value): off
+            check_otlp_endpoint(self.otlp_traces_endpoint)
         try:
             self.kernel_flags
         except ValueError as e:

@@ -56,7 +56,7 @@ def engine_error_to_api(exc: BaseException) -> APIError:
 
 class GenerationStream:
     def __init__(self, engine: Any, requests: list[EngineRequest], timeout: float,
-                 receive: Receive | None = None, registry: Any | None = None) -> None:
+                 receive: Receive | None = None, registry: Any | None = None, trace: Any | None = None) -> None:
         self._engine = engine
         self._requests = requests
         self._deadline = time.monotonic() + timeout
@@ -70,6 +70,8 @@ class GenerationStream:
         self._closed = False
         self._registry = registry  # an InflightGenerations, or None
         self._expired: APIError | None = None
+        self._trace = trace  # a server.api.tracing.RequestTrace (--otlp-traces-endpoint), or None
+        self._end_reason = "ended before it finished"  # what an unfinished request's span says
 
     # -- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -111,6 +113,8 @@ class GenerationStream:
             return
         self._closed = True
         self._unregister()
+        if self._trace is not None:
+            self._trace.fail(self._end_reason)
         with anyio.CancelScope(shield=True):
             self.stop_watching_disconnect()
             for t in self._tasks:
@@ -146,6 +150,7 @@ class GenerationStream:
         while True:
             remaining = self._deadline - time.monotonic()
             if remaining <= 0:
+                self._end_reason = "timed out"
                 await self.close()
                 raise timed_out(self._timeout)
             try:  # the common case (outputs already queued) needs no timer
@@ -156,13 +161,16 @@ class GenerationStream:
                 except asyncio.TimeoutError:
                     continue
             if i == EXPIRED:
+                self._end_reason = "ended by the server"
                 await self.close()
                 raise self._expired or unavailable("The request was ended by the server.")
             if i == DISCONNECTED:
+                self._end_reason = "client disconnected"
                 await self.close()
                 raise ClientDisconnected()
             if exc is not None:
                 self._done.add(i)
+                self._end_reason = f"engine error: {type(exc).__name__}"
                 await self.close()
                 raise engine_error_to_api(exc)
             if out is None:  # the engine's stream ended
@@ -175,13 +183,17 @@ class GenerationStream:
                 self._done.add(i)
             reasons = {o.finish_reason for o in out.outputs}
             if out.error or "error" in reasons:
+                self._end_reason = "engine error"
                 await self.close()
                 logger.error("engine error for %s: %s", out.request_id, out.error)
                 raise internal_error(f"The engine failed this request (request id {out.request_id}); "
                                      f"the server log has the details.")
             if "abort" in reasons:
+                self._end_reason = "aborted by the engine"
                 await self.close()
                 raise unavailable("The engine aborted the request (it may be shutting down).")
+            if out.finished and self._trace is not None:
+                self._trace.finish(i, out.metrics, self._requests[i].sampling_params.n)
             return i, out
 
     async def _pump(self, i: int, req: EngineRequest) -> None:

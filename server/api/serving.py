@@ -27,6 +27,7 @@ from server.api.sampling import build_sampling_params
 from server.api.tokenizing import Tokenizing
 from server.api.tool_parsers import TOOL_PARSERS
 from server.api.tokens import TokenText
+from server.api.tracing import Tracing
 from server.config import ServerConfig
 from server.engine.request import EngineRequest, SamplingParams
 from server.engine.structured.service import GrammarService
@@ -54,11 +55,15 @@ class Serving:
         self.grammars = GrammarService(engine.tokenizer, self.limits.vocab_size,
                                        tuple(getattr(engine.model_info, "eos_token_ids", ())), config.grammar_limits)
         self.generations = InflightGenerations()  # what a drain past its deadline ends (server/serve.py)
+        # --otlp-traces-endpoint: spans per request (None: off, nothing imported)
+        self.tracing = Tracing.create(config.engine.otlp_traces_endpoint, self.model_name)
 
     def close(self) -> None:
         self.tokens.close()
         self.encoder.close()
         self.grammars.close()
+        if self.tracing is not None:
+            self.tracing.shutdown()  # exports what is buffered
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
@@ -80,8 +85,9 @@ class Serving:
                                stream: bool) -> GenerationStream:
         """Submit and wait for the first outputs (the engine refuses what it cannot queue: 429).
         While waiting, a disconnect aborts."""
+        trace = self.tracing.start(request.headers, requests) if self.tracing is not None else None
         gen = GenerationStream(self.engine, requests, self.config.request_timeout, receive=request.receive,
-                               registry=self.generations)
+                               registry=self.generations, trace=trace)
         await gen.start()
         if stream:
             gen.stop_watching_disconnect()

@@ -178,6 +178,9 @@ class EngineRequest:
     # structured output: a server.engine.structured.backend.CompiledStructure (its `spec` says what
     # was asked, its `grammar` is compiled already: engines never compile), or None
     structured: Any | None = None
+    # W3C trace context (traceparent, tracestate) of the request's span when tracing is on
+    # (server/api/tracing.py); engines that trace themselves (vLLM) parent their spans with it
+    trace_headers: dict[str, str] | None = None
 
 
 @dataclass

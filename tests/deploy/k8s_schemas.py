@@ -3,7 +3,7 @@
 Built-in kinds: the OpenAPI-derived JSON schemas that the `kubernetes-validate` package ships
 offline, in strict mode (unknown fields are errors, as with `kubectl apply --validate=strict`).
 
-CRDs (ServiceMonitor, PodMonitor, PrometheusRule, ScaledObject, LeaderWorkerSet) are not in that
+CRDs (ServiceMonitor, PodMonitor, PrometheusRule, ScaledObject, LeaderWorkerSet, HTTPRoute) are not in that
 package. For them this module holds hand-written schemas, written from the field lists of the
 upstream CRDs (prometheus-operator monitoring.coreos.com/v1, KEDA keda.sh/v1alpha1, LWS
 leaderworkerset.x-k8s.io/v1): apiVersion, kind, required fields, types, enums, and — unlike the
@@ -203,7 +203,54 @@ LEADER_WORKER_SET = _crd("leaderworkerset.x-k8s.io/v1", "LeaderWorkerSet", {
     "additionalProperties": False,
 })
 
+# Gateway API v1 (gateway.networking.k8s.io, standard channel): the HTTPRoute fields the chart
+# writes, with the CRD's formats for hostnames, paths and durations.
+_GW_DURATION = {"type": "string", "pattern": r"^([0-9]{1,5}(h|m|s|ms)){1,4}$"}
+_GW_HOSTNAME = {"type": "string", "maxLength": 253,
+                "pattern": r"^(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"}
+_GW_MATCH = {
+    "type": "object",
+    "properties": {
+        "path": {"type": "object", "properties": {
+            "type": {"enum": ["Exact", "PathPrefix", "RegularExpression"]},
+            "value": {"type": "string", "maxLength": 1024, "pattern": "^/"}}, "additionalProperties": False},
+        "headers": {"type": "array", "maxItems": 16, "items": {"type": "object"}},
+        "queryParams": {"type": "array", "maxItems": 16, "items": {"type": "object"}},
+        "method": {"enum": ["GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"]},
+    },
+    "additionalProperties": False,
+}
+HTTP_ROUTE = _crd("gateway.networking.k8s.io/v1", "HTTPRoute", {
+    "type": "object",
+    "properties": {
+        "parentRefs": {"type": "array", "minItems": 1, "maxItems": 32, "items": {
+            "type": "object", "required": ["name"],
+            "properties": {"group": _STR, "kind": _STR, "namespace": _STR, "name": {"type": "string", "minLength": 1},
+                           "sectionName": _STR, "port": {"type": "integer", "minimum": 1, "maximum": 65535}},
+            "additionalProperties": False}},
+        "hostnames": {"type": "array", "maxItems": 16, "items": _GW_HOSTNAME},
+        "rules": {"type": "array", "minItems": 1, "maxItems": 16, "items": {
+            "type": "object",
+            "properties": {
+                "name": _STR,
+                "matches": {"type": "array", "maxItems": 64, "items": _GW_MATCH},
+                "filters": {"type": "array", "maxItems": 16, "items": {"type": "object"}},
+                "backendRefs": {"type": "array", "items": {
+                    "type": "object", "required": ["name"],
+                    "properties": {"group": _STR, "kind": _STR, "name": {"type": "string", "minLength": 1},
+                                   "namespace": _STR, "port": {"type": "integer", "minimum": 1, "maximum": 65535},
+                                   "weight": {"type": "integer", "minimum": 0, "maximum": 1000000}},
+                    "additionalProperties": False}},
+                "timeouts": {"type": "object", "properties": {"request": _GW_DURATION, "backendRequest": _GW_DURATION},
+                             "additionalProperties": False},
+            },
+            "additionalProperties": False}},
+    },
+    "additionalProperties": False,
+})
+
 CRD_SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
+    ("gateway.networking.k8s.io/v1", "HTTPRoute"): HTTP_ROUTE,
     ("monitoring.coreos.com/v1", "ServiceMonitor"): SERVICE_MONITOR,
     ("monitoring.coreos.com/v1", "PodMonitor"): POD_MONITOR,
     ("monitoring.coreos.com/v1", "PrometheusRule"): PROMETHEUS_RULE,

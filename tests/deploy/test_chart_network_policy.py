@@ -19,6 +19,13 @@ GATEWAY = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": 
 PROMETHEUS = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
               "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}
 OFFICE = {"ipBlock": {"cidr": "10.20.0.0/16", "except": ["10.20.5.0/24"]}}
+# the `helm test` pod (helmTest.enabled, the default): let in next to the peers, and let out to the API
+TEST_POD = {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "moe-serve", "app.kubernetes.io/instance": RELEASE,
+                                            "app.kubernetes.io/component": "test"}}}
+TO_API = {"to": [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "moe-serve",
+                                                  "app.kubernetes.io/instance": RELEASE,
+                                                  "app.kubernetes.io/component": "server"}}}],
+          "ports": [{"port": 8000, "protocol": "TCP"}]}
 DNS = {"to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
                "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}],
        "ports": [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]}
@@ -105,7 +112,13 @@ def test_ingress_from_restricts_the_api_port_to_the_given_peers(render):
     policy = docs.one("NetworkPolicy", FULLNAME)
     validate_manifest(policy)
     (rule,) = policy["spec"]["ingress"]
+    assert rule["from"] == [GATEWAY, PROMETHEUS, OFFICE, TEST_POD]
+    # without the helm test pod: exactly the peers
+    docs = render(set_values=["helmTest.enabled=false"],
+                  set_json=[f"networkPolicy.ingressFrom={json.dumps([GATEWAY, PROMETHEUS, OFFICE])}"])
+    (rule,) = docs.one("NetworkPolicy", FULLNAME)["spec"]["ingress"]
     assert rule["from"] == [GATEWAY, PROMETHEUS, OFFICE]
+    assert "Pod" not in docs.kinds()
     assert port_ranges(rule["ports"]) == {(8000, 8000)}
     # the port follows server.port
     (rule,) = render(set_values=["server.port=9000"]).one("NetworkPolicy", FULLNAME)["spec"]["ingress"]
@@ -115,7 +128,7 @@ def test_ingress_from_restricts_the_api_port_to_the_given_peers(render):
 def test_the_monitoring_example_admits_only_the_gateway_and_prometheus(render):
     docs = render([CHART / "ci" / "monitoring-values.yaml"])
     (rule,) = docs.one("NetworkPolicy", FULLNAME)["spec"]["ingress"]
-    assert rule["from"] == [GATEWAY, PROMETHEUS]
+    assert rule["from"] == [GATEWAY, PROMETHEUS, TEST_POD]
     # the ServiceMonitor scrapes the very port the policy opens to Prometheus
     (endpoint,) = docs.one("ServiceMonitor")["spec"]["endpoints"]
     svc_port = next(p for p in docs.one("Service")["spec"]["ports"] if p["name"] == endpoint["port"])
@@ -194,13 +207,15 @@ def test_egress_is_restricted_only_when_rules_are_given(render):
     docs = render(set_json=[f"networkPolicy.egress={json.dumps([DNS])}"])
     egress = docs.one("NetworkPolicy", f"{FULLNAME}-egress")
     validate_manifest(egress)
-    assert egress["spec"]["policyTypes"] == ["Egress"] and egress["spec"]["egress"] == [DNS]
+    assert egress["spec"]["policyTypes"] == ["Egress"] and egress["spec"]["egress"] == [DNS, TO_API]
+    docs = render(set_values=["helmTest.enabled=false"], set_json=[f"networkPolicy.egress={json.dumps([DNS])}"])
+    assert docs.one("NetworkPolicy", f"{FULLNAME}-egress")["spec"]["egress"] == [DNS]
     assert selects(egress["spec"]["podSelector"], docs.server_pod_template()["metadata"]["labels"])
     # multi-node: the group's own ports are added, so restricting egress cannot cut the group apart
     docs = render([MULTINODE], set_json=[f"networkPolicy.egress={json.dumps([DNS])}"])
     egress = docs.one("NetworkPolicy", f"{FULLNAME}-egress")
     validate_manifest(egress)
     (group_rule,) = docs.one("NetworkPolicy", f"{FULLNAME}-group")["spec"]["ingress"]
-    assert egress["spec"]["egress"] == [DNS, {"to": group_rule["from"], "ports": group_rule["ports"]}]
+    assert egress["spec"]["egress"] == [DNS, {"to": group_rule["from"], "ports": group_rule["ports"]}, TO_API]
     for _, tpl in docs.pod_templates():
         assert selects(egress["spec"]["podSelector"], tpl["metadata"]["labels"])

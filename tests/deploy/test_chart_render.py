@@ -99,7 +99,7 @@ def test_every_manifest_is_valid_kubernetes(render, values_file, kube_version):
 
 
 def test_kinds_per_value_set(render):
-    base = {"ServiceAccount", "ConfigMap", "Service", "PodDisruptionBudget", "NetworkPolicy"}
+    base = {"ServiceAccount", "ConfigMap", "Service", "PodDisruptionBudget", "NetworkPolicy", "Pod"}  # Pod: helm test
     assert render().kinds() == base | {"Deployment"}
     assert render([ci("gpu-values")]).kinds() == base | {"Deployment"}
     assert render([ci("vllm-multinode-values")]).kinds() == base | {"LeaderWorkerSet"}

@@ -250,3 +250,18 @@ def test_convert_routed_experts_into_usage_and_routing_stats():
     assert out.metrics.expert_counts == [[2, 3, 1, 0], [2, 0, 1, 3]]
     assert out.metrics.device_expert_tokens == {"cuda": 12}
     assert rec.calls and rec.calls[-1][2].expert_tokens == [[2, 3, 1, 0], [2, 0, 1, 3]]  # delivered: now idle
+
+
+@pytest.mark.parametrize("extra", ['{"distributed_executor_backend": "ray"}', '{"data_parallel_backend": "ray"}'])
+def test_ray_on_the_cpu_build_is_refused_at_startup(extra):
+    """vLLM 0.32's CPU platform has no Ray device key: its Ray executor raises "current platform cpu
+    does not support ray" and Ray DP finds no devices (run by tests/vllm/test_multinode.py's
+    notes); refused here with the reason, before any process starts."""
+    with pytest.raises(ConfigError, match="vLLM's CPU backend cannot run on Ray"):
+        kwargs(on_cpu=True, env={EXTRA_ARGS_ENV: extra}, tensor_parallel_size=2)
+    assert kwargs(on_cpu=False, env={EXTRA_ARGS_ENV: extra})[extra.split('"')[1]] == "ray"  # GPUs: passed on
+
+
+def test_the_otlp_endpoint_is_passed_to_vllm():
+    assert kwargs(otlp_traces_endpoint="http://collector:4317")["otlp_traces_endpoint"] == "http://collector:4317"
+    assert "otlp_traces_endpoint" not in kwargs()

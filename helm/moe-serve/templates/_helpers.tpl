@@ -137,6 +137,12 @@ app.kubernetes.io/component: server
 {{- if and (eq $m.source "download") (not (or $m.download.url (and $m.download.baseUrl $m.download.files))) }}
 {{- fail "model.source=download needs model.download.url, or model.download.baseUrl and model.download.files" }}
 {{- end }}
+{{- if and (eq $m.source "huggingface") (not $m.huggingface.repo) }}
+{{- fail "model.source=huggingface needs model.huggingface.repo (e.g. Qwen/Qwen3-30B-A3B)" }}
+{{- end }}
+{{- if and (eq $m.source "huggingface") (not (regexMatch "^[0-9a-f]{40}$" $m.huggingface.revision)) }}
+{{- fail "model.source=huggingface needs model.huggingface.revision: a full 40-character commit hash (a branch or tag would move under the deployment)" }}
+{{- end }}
 {{- range $file, $_ := $m.download.checksums }}
 {{- if not (has $file $m.download.files) }}
 {{- fail (printf "model.download.checksums has an entry for %q, which is not in model.download.files" $file) }}
@@ -217,6 +223,18 @@ app.kubernetes.io/component: server
     medium: {{ . }}
     {{- end }}
     sizeLimit: {{ $m.download.sizeLimit }}
+{{- else if eq $m.source "huggingface" }}
+- name: model
+  {{- if $m.huggingface.pvcClaimName }}
+  persistentVolumeClaim:
+    claimName: {{ $m.huggingface.pvcClaimName }}
+  {{- else }}
+  emptyDir:
+    {{- with $m.huggingface.medium }}
+    medium: {{ . }}
+    {{- end }}
+    sizeLimit: {{ $m.huggingface.sizeLimit }}
+  {{- end }}
 {{- end }}
 {{- with .Values.extraVolumes }}
 {{ toYaml . }}
@@ -378,6 +396,9 @@ echo "model ready in $dest"
       mountPath: {{ .Values.model.mountPath }}
     - name: tmp
       mountPath: /tmp
+{{- end }}
+{{- if eq .Values.model.source "huggingface" }}
+{{ include "moe-serve.hfInitContainer" . }}
 {{- end }}
 {{- end }}
 
@@ -542,4 +563,86 @@ apiVersion: apps/v1
 kind: Deployment
 {{- end }}
 name: {{ include "moe-serve.fullname" . }}
+{{- end }}
+
+{{/* The `helm test` pod's script: /v1/models through the Service lists the served model. */}}
+{{- define "moe-serve.helmTestScript" -}}
+set -eu
+if [ -n "${API_KEY:-}" ]; then
+  body="$(curl -fsS --retry 10 --retry-delay 3 --retry-connrefused --max-time 10 -H "Authorization: Bearer $API_KEY" "$MODELS_URL")"
+else
+  body="$(curl -fsS --retry 10 --retry-delay 3 --retry-connrefused --max-time 10 "$MODELS_URL")"
+fi
+echo "$body"
+case "$body" in
+  *"\"id\":\"$SERVED_MODEL_NAME\""*) echo "ok: $SERVED_MODEL_NAME is served" ;;
+  *) echo "GET $MODELS_URL does not list the model $SERVED_MODEL_NAME" >&2; exit 1 ;;
+esac
+{{- end }}
+
+{{/* The init container's script for model.source=huggingface: `hf download` of one commit into
+     the model volume; a marker file per commit makes a restart skip what is already there. */}}
+{{- define "moe-serve.hfDownloadScript" -}}
+set -eu
+dest="$MODEL_DIR"
+mkdir -p "$dest"
+marker="$dest/.moe-serve-complete-$HF_REVISION"
+if [ -f "$marker" ]; then echo "$HF_REPO@$HF_REVISION already in $dest"; exit 0; fi
+set -- download "$HF_REPO" --revision "$HF_REVISION" --local-dir "$dest"
+for p in ${HF_INCLUDE:-}; do set -- "$@" --include "$p"; done
+for p in ${HF_EXCLUDE:-}; do set -- "$@" --exclude "$p"; done
+echo "hf $*"
+hf "$@"
+touch "$marker"
+echo "model $HF_REPO@$HF_REVISION ready in $dest"
+{{- end }}
+
+{{- define "moe-serve.hfInitContainer" -}}
+{{- $h := .Values.model.huggingface }}
+- name: hf-download
+  image: {{ ternary (include "moe-serve.image" .) (printf "%s:%s" $h.image.repository $h.image.tag) (eq $h.image.repository "") | quote }}
+  imagePullPolicy: {{ ternary .Values.image.pullPolicy $h.image.pullPolicy (eq $h.image.repository "") }}
+  command: ["/bin/sh", "-c"]
+  args:
+    - |
+      {{- include "moe-serve.hfDownloadScript" . | nindent 6 }}
+  env:
+    - name: HOME
+      value: /tmp
+    - name: HF_HOME
+      value: /tmp/hf
+    - name: HF_HUB_DISABLE_TELEMETRY
+      value: "1"
+    - name: MODEL_DIR
+      value: {{ include "moe-serve.modelPath" . | quote }}
+    - name: HF_REPO
+      value: {{ $h.repo | quote }}
+    - name: HF_REVISION
+      value: {{ $h.revision | quote }}
+    - name: HF_INCLUDE
+      value: {{ join " " $h.include | quote }}
+    - name: HF_EXCLUDE
+      value: {{ join " " $h.exclude | quote }}
+    {{- with $h.endpoint }}
+    - name: HF_ENDPOINT
+      value: {{ . | quote }}
+    {{- end }}
+    {{- if $h.tokenSecret.name }}
+    - name: HF_TOKEN
+      valueFrom:
+        secretKeyRef:
+          name: {{ $h.tokenSecret.name }}
+          key: {{ $h.tokenSecret.key }}
+    {{- end }}
+  {{- with $h.resources }}
+  resources:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  securityContext:
+    {{- toYaml .Values.securityContext | nindent 4 }}
+  volumeMounts:
+    - name: model
+      mountPath: {{ .Values.model.mountPath }}
+    - name: tmp
+      mountPath: /tmp
 {{- end }}

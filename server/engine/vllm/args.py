@@ -61,6 +61,8 @@ def engine_args_kwargs(config: EngineConfig, *, on_cpu: bool, environ: dict[str,
         gpu_memory_utilization=config.gpu_memory_utilization, max_logprobs=MAX_LOGPROBS,
         disable_log_stats=True,  # no periodic log lines; our bridge still gets the stats
     )
+    if config.otlp_traces_endpoint:  # vLLM's own request spans, children of ours (server/api/tracing.py)
+        kw["otlp_traces_endpoint"] = config.otlp_traces_endpoint
     if config.eplb_config or config.num_redundant_experts or config.rebalance_interval:
         try:
             eplb = json.loads(config.eplb_config) if config.eplb_config else {}
@@ -94,6 +96,13 @@ def engine_args_kwargs(config: EngineConfig, *, on_cpu: bool, environ: dict[str,
     if config.device.startswith("cuda:"):
         kw["device_ids"] = [int(config.device.split(":", 1)[1])]
     kw.update(extra_args(environ if environ is not None else os.environ))
+    if on_cpu:
+        ray = [k for k in ("distributed_executor_backend", "data_parallel_backend") if kw.get(k) == "ray"]
+        if ray:  # vLLM would fail at startup, deep in its Ray executor / DP placement
+            raise ConfigError(
+                f"{' and '.join(f'{k}=ray' for k in ray)}: vLLM's CPU backend cannot run on Ray (its CPU platform "
+                f"has no Ray device: vLLM raises 'current platform cpu does not support ray'); on CPU, tensor and "
+                f"data parallelism run on one node with the default multiprocessing executor")
     return kw
 
 

@@ -159,7 +159,7 @@ class VLLMEngine:
         params = request.sampling_params
         state = StreamState(request)
         inner = self._engine.generate(tokens_input(list(request.prompt_token_ids)), vparams, rid,
-                                      priority=request.priority)
+                                      priority=request.priority, trace_headers=request.trace_headers)
         finished = False
         try:
             while True:

@@ -8,11 +8,24 @@ compute is shared (`models/model.py`). docs/models.md says how to add one.
 
 from __future__ import annotations
 
-from models import deepseek, ernie, glm4_moe, gpt_oss, granite, llama4, minimax, mixtral, qwen3_next, qwen_moe
+from models import (
+    deepseek,
+    ernie,
+    glm4_moe,
+    gpt_oss,
+    granite,
+    kimi_linear,
+    llama4,
+    minimax,
+    mixtral,
+    qwen3_next,
+    qwen_moe,
+)
 from models.config import UnsupportedModelError
 from models.family import Family, TinyConfig
 
-FAMILIES: tuple[Family, ...] = (mixtral, qwen_moe, deepseek, glm4_moe, gpt_oss, llama4, granite, ernie, minimax, qwen3_next)
+FAMILIES: tuple[Family, ...] = (mixtral, qwen_moe, deepseek, glm4_moe, gpt_oss, llama4, granite, ernie, minimax, qwen3_next,
+                               kimi_linear)
 BY_ARCHITECTURE: dict[str, Family] = {arch: fam for fam in FAMILIES for arch in fam.ARCHITECTURES}
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(BY_ARCHITECTURE)
 TINY_CONFIGS: dict[str, TinyConfig] = {t.name: t for fam in FAMILIES for t in fam.TINY}

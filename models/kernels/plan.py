@@ -122,7 +122,8 @@ class Capabilities:
 class LayerKernels:
     """One decoder layer's kernels."""
 
-    # "gqa", "gqa+window", "gqa+chunked", "gqa+sinks", "gqa+gate" (combined with +), "mla", "linear (gated deltanet)"
+    # "gqa", "gqa+window", "gqa+chunked", "gqa+sinks", "gqa+gate" (combined with +), "mla", "linear (gated deltanet)",
+    # "linear (kimi delta attention)"
     attention_kind: str
     attention: AttentionKernel  # the decode kernel
     fused_rope: bool  # q/k norm + rotary + KV store in one Triton launch
@@ -237,6 +238,8 @@ class KernelPlanError(ValueError):
 def attention_kind(cfg: MoEModelConfig, layer: int) -> str:
     if cfg.layer_kind(layer) == "linear":
         return "linear (gated deltanet)"
+    if cfg.layer_kind(layer) == "kda":
+        return "linear (kimi delta attention)"
     if cfg.mla is not None:
         return "mla"
     parts = ["gqa"]

@@ -32,6 +32,12 @@ def config_of(p: PublishedConfig) -> MoEModelConfig:
 
 
 def attention_kind(cfg: MoEModelConfig) -> str:
+    if cfg.hybrid and "kda" in cfg.layer_kinds:
+        kda, n = cfg.kda, cfg.num_layers
+        stateful = sum(k == "kda" for k in cfg.layer_kinds)
+        full = replace(cfg, layer_kinds=(), kda=None)
+        return (f"hybrid: Kimi Delta Attention on {stateful}/{n} layers ({kda.num_heads} heads x {kda.head_dim}), "
+                f"{attention_kind(full)} on {n - stateful}")
     if cfg.hybrid:
         la, n = cfg.linear_attention, cfg.num_layers
         linear = sum(k == "linear" for k in cfg.layer_kinds)
@@ -40,6 +46,8 @@ def attention_kind(cfg: MoEModelConfig) -> str:
                 f"{la.k_head_dim}/{la.v_head_dim}), gated {attention_kind(full)} on {n - linear}")
     if cfg.mla is not None:
         q = "q_lora" if cfg.mla.q_lora_rank else "no q_lora"
+        if cfg.nope_layers and all(cfg.nope_layers):  # the "rope" key part is cached but never rotated
+            return f"MLA (latent {cfg.mla.kv_lora_rank} + key part {cfg.mla.qk_rope_head_dim}, {q}), NoPE"
         return f"MLA (latent {cfg.mla.kv_lora_rank} + rope {cfg.mla.qk_rope_head_dim}, {q})"
     parts = [f"GQA {cfg.num_heads}/{cfg.num_kv_heads}x{cfg.head_dim}"]
     n = cfg.num_layers

@@ -126,7 +126,7 @@ def _readme_row(checkpoint: str) -> list[str]:
     return [c.strip() for c in line.strip("|").split("|")]
 
 
-@pytest.mark.parametrize("checkpoint", ["Qwen3-Next-80B-A3B-Instruct", "Qwen3.5-35B-A3B (text)"])
+@pytest.mark.parametrize("checkpoint", ["Qwen3-Next-80B-A3B-Instruct", "Qwen3.5-35B-A3B (text)", "Kimi-Linear-48B-A3B"])
 def test_readme_state_and_kv_bytes_are_what_the_engine_allocates(checkpoint):
     """The README's per-sequence state and per-token KV figures for the published configs, against
     the tensors the model allocates (a bf16 model built on the meta device: no memory used)."""

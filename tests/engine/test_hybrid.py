@@ -35,6 +35,15 @@ def hybrid(tmp_path_factory):
     return str(path), ref
 
 
+@pytest.fixture(scope="module")
+def kimi_linear(tmp_path_factory):
+    """Kimi Delta Attention layers beside MLA (latent KV blocks)."""
+    path = tmp_path_factory.mktemp("kimi_linear")
+    make_checkpoint("kimi_linear", path)
+    save_test_tokenizer(path)
+    return str(path), None
+
+
 def test_state_slots_pool():
     slots = StateSlots(3)
     assert slots.allocate(2) == [0, 1]
@@ -98,15 +107,16 @@ def test_admission_waits_for_state_slots_and_aborts_free_them(hybrid):
     check_pool_empty(llm)
 
 
-def test_state_memory_is_taken_from_the_cache_budget(hybrid):
-    path, _ = hybrid
+@pytest.mark.parametrize("family", ["hybrid", "kimi_linear"])
+def test_state_memory_is_taken_from_the_cache_budget(family, request):
+    path, _ = request.getfixturevalue(family)
     budget = 1 << 20
     llm = LLM(path, dtype="float32", kv_cache_memory=budget, block_size=4, max_num_seqs=5)
     core, model = llm.core, llm.core.model
     cfg = model.config
     per_seq = model.state_bytes_per_sequence()
     assert per_seq == cfg.state_bytes_per_sequence(4) > 0
-    state_tensors = [t for i, pair in enumerate(core.runner.kv_caches) if cfg.layer_kind(i) == "linear" for t in pair]
+    state_tensors = [t for i, pair in enumerate(core.runner.kv_caches) if cfg.layer_kind(i) != "attention" for t in pair]
     kv_tensors = [t for i, pair in enumerate(core.runner.kv_caches) if cfg.layer_kind(i) == "attention" for t in pair]
     state_allocated = sum(t.numel() * t.element_size() for t in state_tensors)
     assert state_allocated == (5 + 1) * per_seq  # a slot per sequence + the scratch row

@@ -83,6 +83,16 @@ def config_fields(hf: Any, arch: str, num_layers: int) -> dict[str, Any]:
         kinds.append("kda" if t == "linear_attention" else "attention")
     if len(kinds) != num_layers:
         raise UnsupportedModelError(f"layer_types has {len(kinds)} entries for {num_layers} layers")
+    # options of later Kimi releases that transformers' KimiLinear does not implement either
+    linear_cfg = get("linear_attn_config") or {}
+    refused = {"mla_use_nope": get("mla_use_nope", True) is False,
+               "mla_use_output_gate": bool(get("mla_use_output_gate", False)),
+               "moe_router_activation_func": get("moe_router_activation_func", "sigmoid") not in (None, "sigmoid"),
+               "linear_attn_config.gate_lower_bound": linear_cfg.get("gate_lower_bound") is not None,
+               "linear_attn_config.use_full_rank_gate": bool(linear_cfg.get("use_full_rank_gate", False))}
+    for name, bad in refused.items():
+        if bad:
+            raise UnsupportedModelError(f"Kimi Linear with {name} set as in this config is not supported")
     mlp_types = list(get("mlp_layer_types") or [])
     if len(mlp_types) != num_layers or set(mlp_types) - {"dense", "sparse"}:
         raise UnsupportedModelError(f"mlp_layer_types={mlp_types!r}: one of dense / sparse per layer")
@@ -135,7 +145,7 @@ def weight_map(cfg: MoEModelConfig) -> WeightMap:
                 out[f"{hf}.{part}_conv1d.weight"] = (f"{ours}.conv_weight", (slice(j * kd, (j + 1) * kd),), _squeeze)
             out[f"{hf}.f_b_proj.weight"] = (f"{ours}.f_b_proj.weight", ())
             out[f"{hf}.g_b_proj.weight"] = (f"{ours}.g_b_proj.weight", ())
-            out[f"{hf}.dt_bias"] = (f"{ours}.dt_bias", ())
+            out[f"{hf}.dt_bias"] = (f"{ours}.dt.bias", ())
             out[f"{hf}.A_log"] = (f"{ours}.A_log", (), _flat)
             out[f"{hf}.o_norm.weight"] = (f"{ours}.norm_weight", ())
             out[f"{hf}.o_proj.weight"] = (f"{ours}.o_proj.weight", ())

@@ -81,6 +81,15 @@ def recurrent_kda_step(q, k, v, g, beta, state: torch.Tensor):
     return (q[..., None, :] @ S).squeeze(-2), S
 
 
+class Float32Bias(nn.Module):
+    """A bias the reference keeps in float32 in any model dtype (Kimi Linear's `dt_bias`)."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.bias = nn.Parameter(torch.empty(n))
+        self.keep_fp32 = True  # MoEForCausalLM.restore_fp32_modules
+
+
 class KimiDeltaAttention(nn.Module):
     def __init__(self, cfg, layer_idx: int):
         super().__init__()
@@ -93,7 +102,7 @@ class KimiDeltaAttention(nn.Module):
         self.conv_weight = nn.Parameter(torch.empty(kda.conv_dim, kda.conv_kernel))  # depthwise, causal
         self.f_b_proj = nn.Linear(d, kda.key_dim, bias=False)  # the forget gate's low-rank second half
         self.g_b_proj = nn.Linear(d, kda.key_dim, bias=False)  # the output gate's
-        self.dt_bias = nn.Parameter(torch.empty(kda.key_dim))
+        self.dt = Float32Bias(kda.key_dim)  # dt_bias, float32 as the reference keeps it
         self.A_log = nn.Parameter(torch.empty(H))
         self.norm_weight = nn.Parameter(torch.empty(d))  # the gated RMSNorm over each head
         self.o_proj = nn.Linear(kda.key_dim, cfg.hidden_size, bias=False)
@@ -116,7 +125,7 @@ class KimiDeltaAttention(nn.Module):
         H, d = kda.num_heads, kda.head_dim
         mixed, b, f_a, g_a = self.in_proj(x).split([kda.conv_dim, H, d, d], dim=-1)
         beta = b.sigmoid().float()  # in the model dtype first, as the reference
-        pre = self.f_b_proj(f_a).float() + self.dt_bias.float()
+        pre = self.f_b_proj(f_a).float() + self.dt.bias.float()
         g = -self.A_log.float().exp()[:, None] * F.softplus(pre.view(-1, H, d))
         return mixed, self.g_b_proj(g_a).view(-1, H, d), beta, g
 

@@ -12,9 +12,11 @@ from transformers.models.kimi_linear.modeling_kimi_linear import (
 )
 
 from models import load_model
+from models.config import UnsupportedModelError
+from models.hf_config import load_config
 from models.layers.kda import chunk_kda, l2norm, recurrent_kda_step
 from models.loader import CheckpointError
-from tests.models.conftest import make_checkpoint
+from tests.models.conftest import edit_config, make_checkpoint
 from tests.models.simple_runner import prefill_logits
 
 
@@ -57,3 +59,12 @@ def test_release_naming_of_the_dense_mlp_loads(tmp_path):
     save_file(renamed, str(file), metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=r"missing tensors \(1\): model\.layers\.0\.block_sparse_moe\.up_proj"):
         load_model(str(tmp_path), dtype="float32", device="cpu", progress=False)
+
+
+@pytest.mark.parametrize("option, value", [("mla_use_nope", False), ("moe_router_activation_func", "softmax"),
+                                           ("linear_attn_config", {"gate_lower_bound": -5.0})])
+def test_options_we_do_not_implement_are_refused(tmp_path, option, value):
+    make_checkpoint("kimi_linear", tmp_path)
+    edit_config(tmp_path, **{option: value})
+    with pytest.raises(UnsupportedModelError, match=option):
+        load_config(str(tmp_path))

@@ -162,7 +162,7 @@ def build_native_core(config: EngineConfig, progress: bool = True, reserve_cpu_c
     if cfg.hybrid:
         log.info("recurrent state: %d slots x %.2f MiB per sequence (%d linear-attention layers)",
                  config.max_num_seqs + 1, model.state_bytes_per_sequence() / 2**20,
-                 sum(k == "linear" for k in cfg.layer_kinds))
+                 sum(k != "attention" for k in cfg.layer_kinds))
     return core, info
 
 

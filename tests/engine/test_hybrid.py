@@ -39,9 +39,10 @@ def hybrid(tmp_path_factory):
 def kimi_linear(tmp_path_factory):
     """Kimi Delta Attention layers beside MLA (latent KV blocks)."""
     path = tmp_path_factory.mktemp("kimi_linear")
-    make_checkpoint("kimi_linear", path)
+    ref = make_checkpoint("kimi_linear", path)
+    ref.generation_config.eos_token_id = None
     save_test_tokenizer(path)
-    return str(path), None
+    return str(path), ref
 
 
 def test_state_slots_pool():
@@ -54,10 +55,11 @@ def test_state_slots_pool():
     assert sorted(slots.allocate(2)) == [0, 2]
 
 
-def test_forked_completions_continue_from_the_prompts_state(hybrid):
+@pytest.mark.parametrize("family", ["hybrid", "kimi_linear"])
+def test_forked_completions_continue_from_the_prompts_state(family, request):
     """n > 1: each completion gets its own slot holding a copy of the prompt's state; greedy
     completions are then all the single greedy continuation (a missing or wrong copy diverges)."""
-    path, ref = hybrid
+    path, ref = request.getfixturevalue(family)
     llm = LLM(path, dtype="float32", num_kv_blocks=64, block_size=4, max_num_seqs=4)
     prompt = prompts_of([21])[0]
     want = hf_greedy(ref, prompt, 10)

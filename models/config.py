@@ -14,7 +14,7 @@ from typing import Any
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "ntk_alpha")
 ROPE_STYLES = ("neox", "interleaved")
 QK_NORMS = (None, "head", "full", "l2")
-LAYER_KINDS = ("attention", "linear", "mamba")
+LAYER_KINDS = ("attention", "linear", "mamba", "kda")
 
 
 class UnsupportedModelError(ValueError):
@@ -142,6 +142,36 @@ class Mamba2Config:
 
 
 @dataclass(frozen=True)
+class KDAConfig:
+    """Kimi Delta Attention (Kimi Linear): a gated delta rule whose decay is per key channel, not
+    per head. Its state per sequence is the short-convolution window over q, k and v and a
+    [heads, head_dim, head_dim] recurrent matrix."""
+
+    num_heads: int
+    head_dim: int  # q, k and v heads alike
+    conv_kernel: int  # causal depthwise convolution width over q, k and v
+
+    def __post_init__(self):
+        for name in ("num_heads", "head_dim", "conv_kernel"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UnsupportedModelError(f"KDA {name}={value!r} must be a positive integer")
+
+    @property
+    def key_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def conv_dim(self) -> int:
+        return 3 * self.key_dim
+
+    def state_bytes(self, elem: int) -> int:
+        """One sequence's state in one layer: the convolution window in the model dtype (`elem`
+        bytes a value), the recurrent matrix in float32."""
+        return self.conv_dim * (self.conv_kernel - 1) * elem + self.num_heads * self.head_dim**2 * 4
+
+
+@dataclass(frozen=True)
 class RouterConfig:
     """How router logits become (top-k ids, weights); see `models/layers/router.py`."""
 
@@ -196,11 +226,12 @@ class MoEModelConfig:
     # -- attention variants --------------------------------------------------------------
     mla: MLAConfig | None = None  # Multi-head Latent Attention instead of GQA
     dsa: DSAConfig | None = None  # DeepSeek Sparse Attention over MLA (an index key cached per token)
-    # hybrid models: per layer "attention", "linear" (linear attention, `linear_attention`) or "mamba"
-    # (Mamba2, `mamba`); () all attention
+    # hybrid models: per layer "attention", "linear" (Gated DeltaNet, `linear_attention`), "mamba"
+    # (Mamba2, `mamba`) or "kda" (Kimi Delta Attention, `kda`); () all attention
     layer_kinds: tuple[str, ...] = ()
     linear_attention: LinearAttentionConfig | None = None
     mamba: Mamba2Config | None = None
+    kda: KDAConfig | None = None  # sizes of "kda" layers (Kimi Delta Attention, Kimi Linear)
     attn_output_gate: bool = False  # attention output times sigmoid(a per-head gate from q_proj) (Qwen3-Next)
     rope_style: str = "neox"  # neox (rotate halves) | interleaved (rotate pairs: DeepSeek, Llama 4, ERNIE)
     rotary_dim: int | None = None  # rotary part of each head (partial rotary); None: all of it
@@ -248,8 +279,8 @@ class MoEModelConfig:
         for kind in sorted(set(self.layer_kinds) - {"attention"}):
             if self.state_config(kind) is None:
                 raise UnsupportedModelError(f"{kind!r} layers need their settings ({kind} layer sizes missing)")
-        if self.hybrid and self.mla is not None:
-            raise UnsupportedModelError("linear-attention layers beside MLA are not supported yet")
+        if self.mla is not None and set(self.layer_kinds) & {"linear", "mamba"}:
+            raise UnsupportedModelError("Gated DeltaNet or Mamba2 layers beside MLA are not supported yet")
         if self.dsa is not None:
             if self.mla is None or self.mla.q_lora_rank is None:
                 raise UnsupportedModelError("DeepSeek Sparse Attention needs MLA with a q_lora_rank")
@@ -302,7 +333,8 @@ class MoEModelConfig:
         return not (self.nope_layers and self.nope_layers[layer])
 
     def layer_kind(self, layer: int) -> str:
-        """"attention" (a paged KV cache), or "linear" / "mamba" (a per-sequence recurrent state)."""
+        """"attention" (a paged KV cache) or a stateful kind, "linear", "mamba" or "kda" (a
+        per-sequence recurrent state)."""
         return self.layer_kinds[layer] if self.layer_kinds else "attention"
 
     @property
@@ -319,7 +351,7 @@ class MoEModelConfig:
 
     def state_config(self, kind: str):
         """The sizes of a stateful layer kind (each has `state_bytes(elem)`)."""
-        return {"linear": self.linear_attention, "mamba": self.mamba}[kind]
+        return {"linear": self.linear_attention, "mamba": self.mamba, "kda": self.kda}[kind]
 
     def kv_elements_per_token(self, layer: int) -> int:
         """Cached values per token in one layer: the latent and rotary key (MLA) or K and V (none

@@ -144,7 +144,9 @@ def load_weights(model: torch.nn.Module, path: str, weight_map: WeightMap, progr
     bad_dtypes: list[str] = []
     non_finite: list[str] = []
     skipped = 0
+    aliases: dict[str, str] = getattr(weight_map, "aliases", {})  # another release's name -> the table's
     for name, tensor in iter_tensors(path, progress, quant, dtype):
+        name = aliases.get(name, name)
         entry = weight_map.get(name)
         if entry is None:
             if _skipped(name, num_layers):

@@ -16,6 +16,7 @@ from models.kernels.flags import KernelFlags
 from models.kernels.plan import KernelPlan, LinearLayout, MoEKernel, resolve_plan
 from models.layers.attention import Attention
 from models.layers.paged import AttentionMetadata, KVCache
+from models.layers.kda import KimiDeltaAttention
 from models.layers.linear_attention import GatedDeltaNet
 from models.layers.mamba2 import Mamba2Mixer
 from models.layers.mla import MLAttention
@@ -28,7 +29,7 @@ from models.layers.shortcut import ShortcutDecoderLayer
 # layer kind (MoEModelConfig.layer_kinds) -> the token mixer that keeps a per-sequence state
 # instead of KV: built as cls(cfg, layer_idx); `state_shapes(num_slots)` gives its state tensors as
 # ((shape, dtype or None for the model dtype), ...) and its forward takes them as the layer's cache
-STATE_MIXERS: dict[str, type[nn.Module]] = {"linear": GatedDeltaNet, "mamba": Mamba2Mixer}
+STATE_MIXERS: dict[str, type[nn.Module]] = {"linear": GatedDeltaNet, "mamba": Mamba2Mixer, "kda": KimiDeltaAttention}
 
 
 class DecoderLayer(nn.Module):

@@ -21,6 +21,16 @@ Transform = Callable[[torch.Tensor], torch.Tensor]
 WeightMap = dict[str, tuple]
 
 
+class AliasedWeightMap(dict):
+    """A WeightMap whose checkpoint names may also appear under another name (releases that
+    differ in naming, e.g. Kimi Linear's dense MLP): `aliases` maps the other name to the one
+    in the table; the loader reads either, and reports the table's name when both are absent."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.aliases: dict[str, str] = {}
+
+
 def decoder_map(cfg: MoEModelConfig, moe: Callable[[int, str, str], WeightMap], *, block: str = "mlp",
                 attention: Callable[[int], WeightMap] | None = None) -> WeightMap:
     """The whole table: `common_entries`, then per layer its attention (`attention(i)`, default

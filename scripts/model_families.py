@@ -40,6 +40,12 @@ def attention_kind(cfg: MoEModelConfig) -> str:
         rope = "NoPE" if not any(cfg.uses_rope(i) for i in attn) else "rotary"
         return (f"hybrid: Mamba2 on {mamba}/{n} layers ({m.num_heads} heads x {m.head_dim}, state {m.state_size}, "
                 f"{m.n_groups} group{'s' if m.n_groups > 1 else ''}), {attention_kind(full)} ({rope}) on {len(attn)}")
+    if cfg.hybrid and "kda" in cfg.layer_kinds:
+        kda, n = cfg.kda, cfg.num_layers
+        stateful = sum(k == "kda" for k in cfg.layer_kinds)
+        full = replace(cfg, layer_kinds=(), kda=None)
+        return (f"hybrid: Kimi Delta Attention on {stateful}/{n} layers ({kda.num_heads} heads x {kda.head_dim}), "
+                f"{attention_kind(full)} on {n - stateful}")
     if cfg.hybrid:
         la, n = cfg.linear_attention, cfg.num_layers
         linear = sum(k == "linear" for k in cfg.layer_kinds)
@@ -48,7 +54,10 @@ def attention_kind(cfg: MoEModelConfig) -> str:
                 f"{la.k_head_dim}/{la.v_head_dim}), gated {attention_kind(full)} on {n - linear}")
     if cfg.mla is not None:
         q = "q_lora" if cfg.mla.q_lora_rank else "no q_lora"
-        mla = f"MLA (latent {cfg.mla.kv_lora_rank} + rope {cfg.mla.qk_rope_head_dim}, {q})"
+        if cfg.nope_layers and all(cfg.nope_layers):  # the "rope" key part is cached but never rotated
+            mla = f"MLA (latent {cfg.mla.kv_lora_rank} + key part {cfg.mla.qk_rope_head_dim}, {q}), NoPE"
+        else:
+            mla = f"MLA (latent {cfg.mla.kv_lora_rank} + rope {cfg.mla.qk_rope_head_dim}, {q})"
         if cfg.dsa is not None:
             d = cfg.dsa
             shared = f", {sum(d.shared)} layers reuse the choice" if any(d.shared) else ""

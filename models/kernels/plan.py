@@ -123,7 +123,7 @@ class LayerKernels:
     """One decoder layer's kernels."""
 
     # "gqa", "gqa+window", "gqa+chunked", "gqa+sinks", "gqa+gate" (combined with +), "mla", "linear (gated deltanet)",
-    # "mamba2"
+    # "mamba2", "linear (kimi delta attention)"
     attention_kind: str
     attention: AttentionKernel  # the decode kernel
     fused_rope: bool  # q/k norm + rotary + KV store in one Triton launch
@@ -240,6 +240,8 @@ def attention_kind(cfg: MoEModelConfig, layer: int) -> str:
         return "linear (gated deltanet)"
     if cfg.layer_kind(layer) == "mamba":
         return "mamba2"
+    if cfg.layer_kind(layer) == "kda":
+        return "linear (kimi delta attention)"
     if cfg.mla is not None:
         return "mla+dsa" if cfg.dsa is not None else "mla"
     parts = ["gqa"]

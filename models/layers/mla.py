@@ -44,6 +44,7 @@ class MLAttention(nn.Module):
         self.qk_dim = m.qk_head_dim
         self.scale = cfg.attn_scale if cfg.attn_scale is not None else self.qk_dim**-0.5
         self.rope_style = cfg.rope_style
+        self.use_rope = cfg.uses_rope(layer_idx)  # Kimi Linear's MLA: no rotary, the "rope" part passes as is
         hidden = cfg.hidden_size
         if m.q_lora_rank is None:
             self.q_proj = nn.Linear(hidden, H * self.qk_dim, bias=False)
@@ -72,9 +73,11 @@ class MLAttention(nn.Module):
         q_nope, q_pe = q.view(T, H, self.qk_dim).split([self.nope, self.rope], dim=-1)  # [T, H, dn], [T, H, dr]
         latent, k_pe = self.kv_a_proj(x).split([self.rank, self.rope], dim=-1)  # [T, r], [T, dr]
         latent = self.kv_a_norm(latent)[:, None, :]  # [T, 1, r]
-        cos, sin = cos_sin
-        q_pe = rotate(q_pe, cos, sin, self.rope_style)
-        k_pe = rotate(k_pe[:, None, :], cos, sin, self.rope_style)  # [T, 1, dr]
+        k_pe = k_pe[:, None, :]  # [T, 1, dr]
+        if self.use_rope:
+            cos, sin = cos_sin
+            q_pe = rotate(q_pe, cos, sin, self.rope_style)
+            k_pe = rotate(k_pe, cos, sin, self.rope_style)
         lat_cache, pe_cache = cache
         lat_cache.view(-1, 1, self.rank).index_copy_(0, meta.slot_mapping, latent)
         width = pe_cache.shape[-1]  # dr, + the DSA index key

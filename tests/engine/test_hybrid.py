@@ -37,6 +37,16 @@ def hybrid(request, tmp_path_factory):
     return str(path), ref
 
 
+@pytest.fixture(scope="module")
+def kimi_linear(tmp_path_factory):
+    """Kimi Delta Attention layers beside MLA (latent KV blocks)."""
+    path = tmp_path_factory.mktemp("kimi_linear")
+    ref = make_checkpoint("kimi_linear", path)
+    ref.generation_config.eos_token_id = None
+    save_test_tokenizer(path)
+    return str(path), ref
+
+
 def test_state_slots_pool():
     slots = StateSlots(3)
     assert slots.allocate(2) == [0, 1]
@@ -47,10 +57,11 @@ def test_state_slots_pool():
     assert sorted(slots.allocate(2)) == [0, 2]
 
 
-def test_forked_completions_continue_from_the_prompts_state(hybrid):
+@pytest.mark.parametrize("family", ["hybrid", "kimi_linear"])
+def test_forked_completions_continue_from_the_prompts_state(family, request):
     """n > 1: each completion gets its own slot holding a copy of the prompt's state; greedy
     completions are then all the single greedy continuation (a missing or wrong copy diverges)."""
-    path, ref = hybrid
+    path, ref = request.getfixturevalue(family)
     llm = LLM(path, dtype="float32", num_kv_blocks=64, block_size=4, max_num_seqs=4)
     prompt = prompts_of([21])[0]
     want = hf_greedy(ref, prompt, 10)
@@ -100,8 +111,9 @@ def test_admission_waits_for_state_slots_and_aborts_free_them(hybrid):
     check_pool_empty(llm)
 
 
-def test_state_memory_is_taken_from_the_cache_budget(hybrid):
-    path, _ = hybrid
+@pytest.mark.parametrize("family", ["hybrid", "kimi_linear"])
+def test_state_memory_is_taken_from_the_cache_budget(family, request):
+    path, _ = request.getfixturevalue(family)
     budget = 1 << 20
     llm = LLM(path, dtype="float32", kv_cache_memory=budget, block_size=4, max_num_seqs=5)
     core, model = llm.core, llm.core.model
@@ -129,7 +141,7 @@ def _readme_row(checkpoint: str) -> list[str]:
 
 
 @pytest.mark.parametrize("checkpoint", ["Qwen3-Next-80B-A3B-Instruct", "Qwen3.5-35B-A3B (text)", "granite-4.0-h-tiny",
-                                        "DeepSeek-V3.2-Exp", "GLM-5"])
+                                        "Kimi-Linear-48B-A3B", "DeepSeek-V3.2-Exp", "GLM-5"])
 def test_readme_state_and_kv_bytes_are_what_the_engine_allocates(checkpoint):
     """The README's per-sequence state and per-token KV figures for the published configs, against
     the tensors the model allocates (a bf16 model built on the meta device: no memory used)."""

@@ -14,7 +14,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from server.api import chat, completions, docs, health, models, tokenize
+from server.api import anthropic, chat, completions, docs, health, models, tokenize
 from server.api import metrics as metrics_routes
 from server.api import ui as ui_routes
 from server.api.body import install_openapi
@@ -66,7 +66,7 @@ def create_app(engine: Any, config: ServerConfig, metrics: ServerMetrics | None 
     app.state.draining = False
     app.state.ready = False
     app.state.inflight = 0
-    for module in (completions, chat, models, tokenize, health, metrics_routes):
+    for module in (completions, chat, anthropic, models, tokenize, health, metrics_routes):
         app.include_router(module.router)
     app.state.public_paths = ui_routes.install(app) if config.ui else frozenset()  # the web UI, open without a key
     docs.install(app)  # /docs, /redoc: from this server's files, not a CDN

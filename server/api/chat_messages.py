@@ -92,4 +92,6 @@ def message_dict(k: int, m: ChatMessage) -> dict[str, Any]:
         d["tool_call_id"] = m.tool_call_id
     if m.tool_calls:
         d["tool_calls"] = history_tool_calls(m.tool_calls, p)
+    if m.reasoning is not None and m.role == "assistant":
+        d["reasoning_content"] = m.reasoning  # the name chat templates read (Qwen3, DeepSeek, GLM)
     return d

@@ -6,13 +6,13 @@
 # TIKTOKEN_ENCODINGS_BASE, checked against harmony's own SHA-256. Any failure exits non-zero
 # (CI fails). Idempotent: does nothing when all three are there and work.
 #   TOOLS_DIR=...   install somewhere else (default: <repo>/.tools)
-#   CLAUDE_CODE_VERSION / CODEX_VERSION / JS_TIKTOKEN_VERSION   pin other versions
+#   CLAUDE_CODE_VERSION / CODEX_VERSION / JS_TIKTOKEN_VERSION   other versions than the pinned ones (tested)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TOOLS_DIR="${TOOLS_DIR:-$PWD/.tools}"
 NPM_DIR="$TOOLS_DIR/npm"
 VOCAB_DIR="$TOOLS_DIR/tiktoken"
-PKGS=("@anthropic-ai/claude-code@${CLAUDE_CODE_VERSION:-latest}" "@openai/codex@${CODEX_VERSION:-latest}"
+PKGS=("@anthropic-ai/claude-code@${CLAUDE_CODE_VERSION:-2.1.332}" "@openai/codex@${CODEX_VERSION:-0.171.0}"
       "js-tiktoken@${JS_TIKTOKEN_VERSION:-1.0.21}")
 O200K_SHA256=446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d
 

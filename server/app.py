@@ -72,5 +72,6 @@ def create_app(engine: Any, config: ServerConfig, metrics: ServerMetrics | None 
     docs.install(app)  # /docs, /redoc: from this server's files, not a CDN
     install_error_handlers(app)
     install_openapi(app)
+    anthropic.install_openapi(app)  # after install_openapi: it states the served model name
     app.add_middleware(APIMiddleware, state=app.state)
     return app

@@ -13,7 +13,7 @@ Anthropic content blocks: `thinking` (the reasoning parser's part), `text`, `too
 - `tool_choice`: auto (the default with tools) -> the `--tool-call-parser`, or the text as
   content without one; any -> OpenAI's `required`, tool -> a named choice (both enforced by the
   tool-call grammar, so the call is well-formed); none -> no calls;
-- `thinking` enabled / adaptive -> `chat_template_kwargs.enable_thinking: true`, disabled or absent
+- `thinking` enabled / adaptive / between_tools -> `chat_template_kwargs.enable_thinking: true`, disabled or absent
   (Anthropic's default) -> false, for templates that read it (Qwen3); the reasoning parser
   (`--reasoning-parser`) splits the output into thinking and text (a model that always thinks,
   e.g. DeepSeek-R1, still answers with a thinking block). A forced tool choice with thinking is a
@@ -86,7 +86,8 @@ def _texts(blocks: Any) -> list[str]:
 def _note_ignored(request: Request, body: Any) -> None:
     """Fields that do not change what this server generates: accepted, each logged once."""
     seen: set[str] = request.app.state.__dict__.setdefault("anthropic_ignored_logged", set())
-    found = [f for f in ("metadata", "service_tier", "context_management")
+    found = [f for f in ("metadata", "service_tier", "context_management", "cache_control", "inference_geo",
+                         "speed", "diagnostics", "user_profile_id", "workspace_id")
              if getattr(body, f, None) is not None]
     if body.output_config is not None and body.output_config.effort is not None:
         found.append("output_config.effort")
@@ -211,6 +212,23 @@ def _summary(body: AnthropicMessagesRequest) -> str:
             f"tools={len(body.tools or [])} tool_choice={body.tool_choice.type if body.tool_choice else '-'} "
             f"thinking={body.thinking.type if body.thinking else '-'} max_tokens={body.max_tokens} "
             f"stream={bool(body.stream)} fields={','.join(fields)}")
+
+
+def install_openapi(app: Any) -> None:
+    """/openapi.json states the one model name the Anthropic routes accept (the served one): a
+    generated client or a fuzzer sends a name that works, any other is a 404."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        schema = build()
+        name = app.state.serving.model_name
+        for model in (AnthropicMessagesRequest, AnthropicCountTokensRequest):
+            props = schema["components"]["schemas"][model.__name__]["properties"]
+            props["model"] = {"type": "string", "enum": [name], "title": "Model",
+                              "description": "The served model's name (GET /v1/models)."}
+        return schema
+
+    app.openapi = openapi
 
 
 # -- routes ------------------------------------------------------------------------------------

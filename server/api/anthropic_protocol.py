@@ -5,7 +5,8 @@ Content blocks and messages are discriminated unions (on `type`, on `role`), so 
 states exactly what is accepted: text, tool_use, tool_result, thinking and redacted_thinking
 blocks. Image and document blocks are not in the schema: no served model takes them, and the
 400 names the block type. Fields that Anthropic clients send and that do not change what this
-server generates (`metadata`, `context_management`, `service_tier`, `cache_control`,
+server generates (`metadata`, `context_management`, `service_tier`, `cache_control`, `speed`,
+`inference_geo`, `diagnostics`, `user_profile_id`, `workspace_id`,
 `citations`, a thinking block's `signature`, `output_config.effort`, `thinking.budget_tokens`,
 `thinking.display`, a tool's `defer_loading` / `strict` / `eager_input_streaming` /
 `input_examples`) are accepted and ignored (logged once per field: server/api/anthropic.py).
@@ -149,7 +150,12 @@ class ThinkingDisabled(_Body):
     type: Literal["disabled"]
 
 
-Thinking = Annotated[ThinkingEnabled | ThinkingAdaptive | ThinkingDisabled, Field(discriminator="type")]
+class ThinkingBetweenTools(_Body):
+    type: Literal["between_tools"]
+
+
+Thinking = Annotated[ThinkingEnabled | ThinkingAdaptive | ThinkingDisabled | ThinkingBetweenTools,
+                     Field(discriminator="type")]
 
 
 class JsonOutputFormat(_Body):
@@ -158,7 +164,7 @@ class JsonOutputFormat(_Body):
 
 
 class OutputConfig(_Body):
-    effort: Literal["low", "medium", "high", "max"] | None = None  # accepted, ignored
+    effort: Literal["low", "medium", "high", "xhigh", "max"] | None = None  # accepted, ignored
     format: JsonOutputFormat | None = None  # structured output: the grammar layer enforces it
 
 
@@ -189,6 +195,12 @@ class AnthropicMessagesRequest(_MessagesBase):
     # accepted, ignored
     metadata: dict[str, Any] | None = None
     service_tier: Literal["auto", "standard_only"] | None = None
+    cache_control: CacheControl = None
+    inference_geo: str | None = None
+    speed: Literal["standard", "fast"] | None = None
+    diagnostics: dict[str, Any] | None = None
+    user_profile_id: str | None = None
+    workspace_id: str | None = None
 
 
 class AnthropicCountTokensRequest(_MessagesBase):

@@ -85,7 +85,10 @@ def _texts(blocks: Any) -> list[str]:
 
 def _note_ignored(request: Request, body: Any) -> None:
     """Fields that do not change what this server generates: accepted, each logged once."""
-    seen: set[str] = request.app.state.__dict__.setdefault("anthropic_ignored_logged", set())
+    state = request.app.state
+    seen: set[str] | None = getattr(state, "anthropic_ignored_logged", None)
+    if seen is None:
+        seen = state.anthropic_ignored_logged = set()
     found = [f for f in ("metadata", "service_tier", "context_management", "cache_control", "inference_geo",
                          "speed", "diagnostics", "user_profile_id", "workspace_id")
              if getattr(body, f, None) is not None]
@@ -111,6 +114,10 @@ def _note_ignored(request: Request, body: Any) -> None:
 
 
 def _messages(body: Any) -> list[dict[str, Any]]:
+    if body.messages[-1].role == "assistant":
+        raise bad_request(f"messages[{len(body.messages) - 1}]: a final assistant message (a prefill the answer "
+                          f"would continue) is not supported; end with a user message",
+                          param=f"messages[{len(body.messages) - 1}]")
     system = [t for t in _texts(body.system)] if body.system is not None else []
     out: list[dict[str, Any]] = []
     for m in body.messages:

@@ -281,6 +281,8 @@ def assert_anthropic_error(r: httpx.Response, status: int, kind: str, *words: st
      400, "invalid_request_error", ("thinking",)),
     ({"tools": [{"name": "t", "input_schema": {"type": "string"}}]}, 400, "invalid_request_error", ("input_schema",)),
     ({"temperature": 1.5}, 400, "invalid_request_error", ("temperature",)),
+    ({"messages": [*USER, {"role": "assistant", "content": "The weather is"}]}, 400, "invalid_request_error",
+     ("prefill",)),
     ({"mcp_servers": [{"type": "url", "url": "http://x", "name": "x"}]}, 400, "invalid_request_error",
      ("mcp_servers",)),
 ])

@@ -14,7 +14,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from server.api import chat, completions, docs, health, models, tokenize
+from server.api import anthropic, chat, completions, docs, health, models, tokenize
 from server.api import metrics as metrics_routes
 from server.api import ui as ui_routes
 from server.api.body import install_openapi
@@ -70,11 +70,12 @@ def create_app(engine: Any, config: ServerConfig, metrics: ServerMetrics | None 
     app.state.inflight = 0
     app.state.responses_store = ResponseStore(config.responses_store_max_entries, config.responses_store_max_bytes,
                                               config.responses_store_ttl)
-    for module in (completions, chat, responses_routes, models, tokenize, health, metrics_routes):
+    for module in (completions, chat, anthropic, responses_routes, models, tokenize, health, metrics_routes):
         app.include_router(module.router)
     app.state.public_paths = ui_routes.install(app) if config.ui else frozenset()  # the web UI, open without a key
     docs.install(app)  # /docs, /redoc: from this server's files, not a CDN
     install_error_handlers(app)
     install_openapi(app)
+    anthropic.install_openapi(app)  # after install_openapi: it states the served model name
     app.add_middleware(APIMiddleware, state=app.state)
     return app

@@ -1,4 +1,5 @@
-"""Bearer-token authentication: `Authorization: Bearer <key>`, compared in constant time."""
+"""API-key authentication: `Authorization: Bearer <key>` (OpenAI) or `x-api-key: <key>` (Anthropic),
+compared in constant time."""
 
 from __future__ import annotations
 
@@ -23,3 +24,10 @@ def bearer_ok(authorization: bytes | None, api_key: str) -> bool:
     if scheme.lower() != b"bearer":
         return False
     return hmac.compare_digest(token.strip(), api_key.encode("utf-8"))
+
+
+def key_ok(authorization: bytes | None, x_api_key: bytes | None, api_key: str) -> bool:
+    """Either header carries the key (Anthropic clients send `x-api-key`)."""
+    if x_api_key is not None and hmac.compare_digest(x_api_key.strip(), api_key.encode("utf-8")):
+        return True
+    return bearer_ok(authorization, api_key)

@@ -4,6 +4,7 @@ the compile pool) the prompt rendered on the tokenizer thread (`prepare_chat`)."
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,6 +14,8 @@ from server.api.protocol import ChatCompletionRequest
 from server.api.structured import request_spec
 from server.api.tools import ToolPlan, plan_tools
 from server.engine.structured.spec import StructuredSpec
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,10 @@ class PreparedChat:
 
 def plan_chat(serving: Any, body: ChatCompletionRequest) -> ChatPlan:
     tools = plan_tools(body, serving.tool_parser is not None)
+    if tools.mode == "auto" and serving.tool_parser is None and not serving.warned_auto_without_parser:
+        serving.warned_auto_without_parser = True  # once per server (and once at startup: Serving)
+        logger.warning("a request asked for tool_choice 'auto' but the server runs without --tool-call-parser: "
+                       "such requests get the model's text as content, no tool calls (logged once)")
     spec = request_spec(body)
     if tools.spec is not None:
         if spec is not None:

@@ -57,12 +57,32 @@ def error_body(message: str, type: str, param: str | None = None,
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
-def error_json_bytes(err: APIError) -> bytes:
-    return json.dumps(err.body(), ensure_ascii=False).encode("utf-8")
+def error_json_bytes(err: APIError, path: str = "") -> bytes:
+    return json.dumps(body_for_path(err, path), ensure_ascii=False).encode("utf-8")
 
 
-def error_response(err: APIError) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+def error_response(err: APIError, path: str = "") -> JSONResponse:
+    return JSONResponse(body_for_path(err, path), status_code=err.status, headers=err.headers)
+
+
+# -- Anthropic's shape, on its routes: {"type": "error", "error": {"type", "message"}} ----------
+ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                         404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+                         503: "overloaded_error", 504: "timeout_error"}
+
+
+def is_anthropic_path(path: str) -> bool:
+    return path == "/v1/messages" or path.startswith("/v1/messages/")
+
+
+def anthropic_error_body(err: APIError) -> dict[str, Any]:
+    kind = ANTHROPIC_ERROR_TYPES.get(err.status, "api_error" if err.status >= 500 else "invalid_request_error")
+    return {"type": "error", "error": {"type": kind, "message": err.message}}
+
+
+def body_for_path(err: APIError, path: str) -> dict[str, Any]:
+    """The error body in the shape of the API `path` belongs to (Anthropic's or OpenAI's)."""
+    return anthropic_error_body(err) if is_anthropic_path(path) else err.body()
 
 
 # -- constructors for the common cases ---------------------------------------------------
@@ -95,7 +115,7 @@ def internal_error(message: str = "Internal server error.") -> APIError:
 
 
 def unauthorized() -> APIError:
-    return APIError(401, "Invalid or missing API key. Send 'Authorization: Bearer <key>'.",
+    return APIError(401, "Invalid or missing API key. Send 'Authorization: Bearer <key>' or 'x-api-key: <key>'.",
                     type="invalid_request_error", code="invalid_api_key",
                     headers={"WWW-Authenticate": "Bearer"})
 
@@ -205,16 +225,16 @@ def validation_error(errors: list[dict[str, Any]]) -> APIError:
 # -- handlers ------------------------------------------------------------------------------
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
-    async def _api_error(_: Request, exc: APIError) -> Response:
-        return error_response(exc)
+    async def _api_error(request: Request, exc: APIError) -> Response:
+        return error_response(exc, request.url.path)
 
     @app.exception_handler(ClientDisconnected)
     async def _gone(_: Request, exc: ClientDisconnected) -> Response:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> Response:
-        return error_response(validation_error(list(exc.errors())))
+    async def _validation(request: Request, exc: RequestValidationError) -> Response:
+        return error_response(validation_error(list(exc.errors())), request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:
@@ -229,4 +249,4 @@ def install_error_handlers(app: FastAPI) -> None:
         else:
             err = APIError(exc.status_code, truncate(str(exc.detail), 300), headers=headers,
                            type="invalid_request_error" if exc.status_code < 500 else "server_error")
-        return error_response(err)
+        return error_response(err, request.url.path)

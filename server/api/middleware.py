@@ -18,7 +18,7 @@ import logging
 import time
 from typing import Any
 
-from server.api.auth import bearer_ok, is_exempt
+from server.api.auth import is_exempt, key_ok
 from server.api.context import SCOPE_KEY, RequestLog
 from server.api.errors import (APIError, body_timeout, body_too_large, error_json_bytes, internal_error, invalid_host,
                                unauthorized, unavailable)
@@ -66,21 +66,21 @@ class APIMiddleware:
         counted = False
         try:
             if not host_allowed(scope, self.allowed_hosts):
-                await _send_error(send_wrapper, invalid_host())
+                await _send_error(send_wrapper, path, invalid_host())
                 return
             if config.api_key and not exempt:
-                auth = dict(scope.get("headers") or []).get(b"authorization")
-                if not bearer_ok(auth, config.api_key):
-                    await _send_error(send_wrapper, unauthorized())
+                headers = dict(scope.get("headers") or [])
+                if not key_ok(headers.get(b"authorization"), headers.get(b"x-api-key"), config.api_key):
+                    await _send_error(send_wrapper, path, unauthorized())
                     return
             if self.state.draining and not exempt:
-                await _send_error(send_wrapper, unavailable("The server is shutting down; retry on "
+                await _send_error(send_wrapper, path, unavailable("The server is shutting down; retry on "
                                                             "another replica."))
                 return
             limit = config.max_body_bytes
             length = _content_length(scope)
             if length is not None and length > limit:
-                await _send_error(send_wrapper, body_too_large(limit))
+                await _send_error(send_wrapper, path, body_too_large(limit))
                 return
             if not exempt:
                 self.state.inflight += 1
@@ -95,7 +95,7 @@ class APIMiddleware:
             if not isinstance(exc, APIError):
                 logger.exception("unhandled error on %s %s", scope.get("method"), path)
             if not resp.started:
-                await _send_error(send_wrapper, err)
+                await _send_error(send_wrapper, path, err)
             else:
                 resp.status = resp.status or err.status
         finally:
@@ -157,8 +157,8 @@ def _limited(receive: Any, limit: int, timeout: float) -> Any:
     return wrapped
 
 
-async def _send_error(send: Any, err: APIError) -> None:
-    body = error_json_bytes(err)
+async def _send_error(send: Any, path: str, err: APIError) -> None:
+    body = error_json_bytes(err, path)  # in the shape of the route's API
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     headers += [(k.lower().encode(), v.encode()) for k, v in err.headers.items()]
     await send({"type": "http.response.start", "status": err.status, "headers": headers})

@@ -136,7 +136,7 @@ class ChatMessage(BaseModel):
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
     refusal: str | None = None
-    reasoning: str | None = None  # an assistant message's reasoning (the Responses API's reasoning items)
+    reasoning: str | None = None  # an assistant turn's reasoning (what a thinking model returned)
 
 
 class ChatCompletionRequest(_GenerationBody):

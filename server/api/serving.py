@@ -10,6 +10,7 @@ then `start_generation`. It never reaches into the engine beyond the `EngineClie
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from typing import Any
@@ -33,6 +34,8 @@ from server.engine.request import EngineRequest, SamplingParams
 from server.engine.structured.service import GrammarService
 from server.engine.structured.spec import StructuredSpec
 
+logger = logging.getLogger(__name__)
+
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
@@ -51,6 +54,10 @@ class Serving:
         # --tool-call-parser / --reasoning-parser (vLLM's names); parsers are stateless, one each
         self.tool_parser = TOOL_PARSERS[config.tool_call_parser]() if config.tool_call_parser else None
         self.reasoning_parser = REASONING_PARSERS.get(config.engine.reasoning_parser or "")
+        self.warned_auto_without_parser = False  # tool_choice auto without a parser: text content (chat_setup)
+        if self.tool_parser is None:
+            logger.warning("no --tool-call-parser: requests with tool_choice 'auto' (what agents send with their "
+                           "tools) are answered with the model's text as content, no tool calls")
         # grammar compiles: in processes of their own (started with the first one), cached by bytes
         self.grammars = GrammarService(engine.tokenizer, self.limits.vocab_size,
                                        tuple(getattr(engine.model_info, "eos_token_ids", ())), config.grammar_limits)

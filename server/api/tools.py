@@ -2,7 +2,8 @@
 named choices, and the parse of their (grammar-shaped) output.
 
 - `none`: tools are shown to the chat template, the output is plain content;
-- `auto` (the default with tools): the model's own format, parsed by `--tool-call-parser`;
+- `auto` (the default with tools): the model's own format, parsed by `--tool-call-parser`; without
+  a parser the output is plain content (a warning at startup and at the first such request);
 - `required`: the output is a JSON array of `{"name": <a tool>, "parameters": <its arguments>}`
   (at least one; exactly one when `parallel_tool_calls` is false), enforced by a grammar built
   from the tool schemas, so arguments always validate against their tool's schema;
@@ -49,7 +50,7 @@ class ToolPlan:
     spec: StructuredSpec | None = None  # the grammar of required / named
 
 
-def plan_tools(body: Any, parser_configured: bool) -> ToolPlan:
+def plan_tools(body: Any, parser_configured: bool = False) -> ToolPlan:
     tools = _validate_tools(body.tools) if body.tools else None
     choice = body.tool_choice
     if choice is None:
@@ -63,9 +64,6 @@ def plan_tools(body: Any, parser_configured: bool) -> ToolPlan:
         mode = "named"
     if mode != "none" and not tools:
         raise bad_request("tool_choice: needs a non-empty tools list", param="tool_choice")
-    if mode == "auto" and not parser_configured:
-        raise bad_request("tool_choice: 'auto' needs the server to run with --tool-call-parser (set tool_choice "
-                          "to 'none', 'required' or a named function, or leave tools out)", param="tool_choice")
     if mode == "named":
         name = _named_choice(choice)
         i = _tool_index(tools, name)

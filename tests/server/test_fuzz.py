@@ -69,6 +69,8 @@ def test_fuzz_openapi(fuzzed: ServerProcess) -> None:
     posts = []
     for result in schema.get_all_operations():
         op = result.ok()
+        if op.path.startswith("/v1/messages"):
+            continue  # Anthropic's API, its own error shape: fuzzed by tests/agents/test_anthropic_fuzz.py
         if op.method.upper() == "POST":
             posts.append(op.path)
             for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):

@@ -27,24 +27,33 @@ from scripts.model_families import config_of, published
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """name -> (path, transformers reference) of a tiny hybrid checkpoint, made once."""
+    cache: dict[str, tuple] = {}
+
+    def get(name: str):
+        if name not in cache:
+            path = tmp_path_factory.mktemp(name)
+            ref = make_checkpoint(name, path)
+            ref.generation_config.eos_token_id = None
+            save_test_tokenizer(path)
+            cache[name] = (str(path), ref)
+        return cache[name]
+
+    return get
+
+
 @pytest.fixture(scope="module", params=["qwen3_next", "granitemoehybrid"])
-def hybrid(request, tmp_path_factory):
+def hybrid(request, tiny):
     """A hybrid tiny checkpoint: Gated DeltaNet (Qwen3-Next) or Mamba2 (Granite 4.0-H) layers."""
-    path = tmp_path_factory.mktemp(request.param)
-    ref = make_checkpoint(request.param, path)
-    ref.generation_config.eos_token_id = None
-    save_test_tokenizer(path)
-    return str(path), ref
+    return tiny(request.param)
 
 
 @pytest.fixture(scope="module")
-def kimi_linear(tmp_path_factory):
+def kimi_linear(tiny):
     """Kimi Delta Attention layers beside MLA (latent KV blocks)."""
-    path = tmp_path_factory.mktemp("kimi_linear")
-    ref = make_checkpoint("kimi_linear", path)
-    ref.generation_config.eos_token_id = None
-    save_test_tokenizer(path)
-    return str(path), ref
+    return tiny("kimi_linear")
 
 
 def test_state_slots_pool():
@@ -57,11 +66,11 @@ def test_state_slots_pool():
     assert sorted(slots.allocate(2)) == [0, 2]
 
 
-@pytest.mark.parametrize("family", ["hybrid", "kimi_linear"])
-def test_forked_completions_continue_from_the_prompts_state(family, request):
+@pytest.mark.parametrize("family", ["qwen3_next", "granitemoehybrid", "kimi_linear"])
+def test_forked_completions_continue_from_the_prompts_state(family, tiny):
     """n > 1: each completion gets its own slot holding a copy of the prompt's state; greedy
     completions are then all the single greedy continuation (a missing or wrong copy diverges)."""
-    path, ref = request.getfixturevalue(family)
+    path, ref = tiny(family)
     llm = LLM(path, dtype="float32", num_kv_blocks=64, block_size=4, max_num_seqs=4)
     prompt = prompts_of([21])[0]
     want = hf_greedy(ref, prompt, 10)
@@ -111,9 +120,9 @@ def test_admission_waits_for_state_slots_and_aborts_free_them(hybrid):
     check_pool_empty(llm)
 
 
-@pytest.mark.parametrize("family", ["hybrid", "kimi_linear"])
-def test_state_memory_is_taken_from_the_cache_budget(family, request):
-    path, _ = request.getfixturevalue(family)
+@pytest.mark.parametrize("family", ["qwen3_next", "granitemoehybrid", "kimi_linear"])
+def test_state_memory_is_taken_from_the_cache_budget(family, tiny):
+    path, _ = tiny(family)
     budget = 1 << 20
     llm = LLM(path, dtype="float32", kv_cache_memory=budget, block_size=4, max_num_seqs=5)
     core, model = llm.core, llm.core.model

@@ -254,6 +254,12 @@ class ServerConfig:
     enable_auto_tool_choice: bool = option(False, "vLLM compatibility: needs --tool-call-parser")
     chat_template: str | None = option(
         None, "chat template (Jinja text or a file) instead of the tokenizer's")
+    # vLLM now sends the reasoning as `reasoning` only; this also sends its older name
+    legacy_reasoning_content: bool = option(
+        False, "also send the reasoning as reasoning_content (the older name) beside reasoning")
+    # vLLM's --generation-config: where the default sampling parameters come from
+    generation_config: str = option(
+        "auto", "sampling defaults: auto (the model's generation_config.json), vllm (none) or a directory holding one")
     # structured outputs: grammars compile in processes of their own, each within this budget
     # (past it: 400, and the spec is refused at once from then on)
     grammar_compile_timeout: float = option(10.0, "seconds of CPU one grammar compile may take (400 past it)")

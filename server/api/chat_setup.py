@@ -59,10 +59,9 @@ def plan_chat(serving: Any, body: ChatCompletionRequest) -> ChatPlan:
 def _check_history_names(body: ChatCompletionRequest, names: set[str]) -> None:
     """Tool calls in the history must name one of the request's tools."""
     for k, m in enumerate(body.messages):
-        for j, call in enumerate(m.tool_calls or []):
-            fn = call.get("function") if isinstance(call, dict) else None
-            name = fn.get("name") if isinstance(fn, dict) else None
-            if isinstance(name, str) and name not in names:
+        for j, call in enumerate(getattr(m, "tool_calls", None) or []):
+            name = call.function.name
+            if name not in names:
                 p = f"messages[{k}].tool_calls[{j}].function.name"
                 raise bad_request(f"{p}: unknown tool '{name[:64]}' (not in tools)", param=p)
 
@@ -74,8 +73,6 @@ def _check_tool_messages(body: ChatCompletionRequest) -> None:
     for k, m in enumerate(body.messages):
         if m.role == "tool":
             p = f"messages[{k}]"
-            if m.tool_call_id is None:
-                raise bad_request(f"{p}.tool_call_id: is required for tool messages", param=f"{p}.tool_call_id")
             if open_ids is None:
                 raise bad_request(f"{p}: a 'tool' message must answer a preceding assistant message with "
                                   f"'tool_calls'", param=f"{p}.role")
@@ -83,7 +80,7 @@ def _check_tool_messages(body: ChatCompletionRequest) -> None:
                 raise bad_request(f"{p}.tool_call_id: '{m.tool_call_id[:64]}' is not the id of a tool call of the "
                                   f"preceding assistant message", param=f"{p}.tool_call_id")
         elif m.role == "assistant" and m.tool_calls:
-            open_ids = {c.get("id") for c in m.tool_calls if isinstance(c, dict) and isinstance(c.get("id"), str)}
+            open_ids = {c.id for c in m.tool_calls if c.id is not None}
         else:
             open_ids = None
 
@@ -91,7 +88,10 @@ def _check_tool_messages(body: ChatCompletionRequest) -> None:
 def prepare_chat(serving: Any, body: ChatCompletionRequest, plan: ChatPlan, compiled: Any | None) -> PreparedChat:
     """On the tokenizer thread: render and tokenize the prompt; the compiled grammar (if any)
     starts after the reasoning part when the output starts inside one."""
-    text = serving.tokens.render_chat(body.messages, True, tools=plan.tools.tools, template_kwargs=body.chat_template_kwargs)
+    kwargs = body.chat_template_kwargs
+    if body.reasoning_effort is not None:  # as vLLM: a template variable (the request's kwargs win)
+        kwargs = {"reasoning_effort": body.reasoning_effort, **(kwargs or {})}
+    text = serving.tokens.render_chat(body.messages, True, tools=plan.tools.tools, template_kwargs=kwargs)
     ids = serving.tokens.encode(text, add_special_tokens=False, limit=serving.limits.max_model_len - 1, param="messages")
     in_reasoning = bool(plan.reasoning and plan.reasoning.starts_in_reasoning(text, body.chat_template_kwargs))
     if compiled is not None and in_reasoning:

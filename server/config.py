@@ -30,8 +30,9 @@ BUNDLED_MODEL = str(Path(__file__).resolve().parent.parent / "models" / "checkpo
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 # vLLM's names; server/api/tool_parsers and server/api/reasoning hold the implementations
-ToolCallParser = Literal["hermes", "mistral", "llama3_json", "deepseek_v3"]
-ReasoningParser = Literal["deepseek_r1", "qwen3"]
+ToolCallParser = Literal["hermes", "mistral", "llama3_json", "deepseek_v3", "openai", "glm45", "kimi_k2",
+                         "qwen3_coder", "minimax_m2", "llama4_pythonic"]
+ReasoningParser = Literal["deepseek_r1", "qwen3", "openai_gptoss"]
 TOOL_CALL_PARSERS: tuple[str, ...] = get_args(ToolCallParser)
 REASONING_PARSERS: tuple[str, ...] = get_args(ReasoningParser)
 EngineName = Literal["native", "vllm"]

@@ -23,9 +23,13 @@ class ChatPlan:
     tool_parser: Any | None  # the --tool-call-parser instance, used when tools.mode == "auto"
 
     def sampling_overrides(self, body: ChatCompletionRequest) -> dict[str, Any]:
-        """Special tokens stay in the text when the tool parser needs them (unless the request says)."""
-        if (self.tools.mode == "auto" and self.tool_parser is not None and self.tool_parser.needs_special_tokens
-                and body.skip_special_tokens is None):
+        """Special tokens stay in the text when the tool parser or the reasoning parser needs them
+        (unless the request says)."""
+        if body.skip_special_tokens is not None:
+            return {}
+        if self.tools.mode == "auto" and self.tool_parser is not None and self.tool_parser.needs_special_tokens:
+            return {"skip_special_tokens": False}
+        if getattr(self.reasoning, "needs_special_tokens", False):
             return {"skip_special_tokens": False}
         return {}
 

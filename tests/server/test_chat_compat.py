@@ -3,10 +3,12 @@ template, the OpenAI fields clients send by default are accepted and logged once
 would change the output are refused by name, non-text content parts are refused by type,
 `usage.prompt_tokens_details.cached_tokens` comes from the prefix cache, and schemathesis
 finds POST /v1/chat/completions consistent with its schema. One real server (the bundled
-model with GLM-4.5's own chat template, which renders `reasoning_content`)."""
+model with GLM-4.5's own chat template, which renders `reasoning_content`, and the `glm45`
+tool-call parser)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -27,7 +29,8 @@ TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
 @pytest.fixture(scope="module")
 def glm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     s = start_server(["--max-model-len", "512", "--num-kv-blocks", "256", "--block-size", "16", "--seed", "0",
-                      "--chat-template", str(TEMPLATES / "glm45.jinja"), "--drain-timeout", "5"],
+                      "--chat-template", str(TEMPLATES / "glm45.jinja"), "--tool-call-parser", "glm45",
+                      "--drain-timeout", "5"],
                      tmp_path_factory.mktemp("chat-compat"))
     yield s
     assert s.stop() == 0, s.logs()[-3000:]
@@ -152,3 +155,24 @@ def test_schemathesis_finds_chat_completions_consistent(glm_server: ServerProces
     assert proc.returncode == 0, out[-4000:]
     assert "Schema validation mismatch" not in out, out[-4000:]
     assert "500" not in re.findall(r"\b5\d\d\b", out), out[-4000:]
+
+
+def test_glm45_tool_calls_through_the_server(glm_server: ServerProcess) -> None:
+    """The random model is made to write GLM's call format (a regex); the `glm45` parser turns
+    it into tool calls, the same streamed and whole."""
+    forced = (r"Checking\.\n<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>(Paris|Rome)</arg_value>\n"
+              r"</tool_call>")
+    body = {"messages": [{"role": "user", "content": "Weather?"}], "tools": [TOOL], "tool_choice": "auto",
+            "max_tokens": 120, "temperature": 1.0, "seed": 3, "guided_regex": forced}
+    r = httpx.post(glm_server.url + "/v1/chat/completions", json=body, timeout=120).json()
+    choice = r["choices"][0]
+    assert choice["finish_reason"] == "tool_calls", choice
+    assert choice["message"]["content"] == "Checking.\n"
+    call = choice["message"]["tool_calls"][0]["function"]
+    assert call["name"] == "get_weather" and json.loads(call["arguments"])["city"] in ("Paris", "Rome")
+    chunks = httpx.post(glm_server.url + "/v1/chat/completions", json={**body, "stream": True}, timeout=120).text
+    deltas = [json.loads(line[6:])["choices"][0]["delta"] for line in chunks.splitlines()
+              if line.startswith("data: {") and json.loads(line[6:])["choices"]]
+    assert "".join(d.get("content") or "" for d in deltas) == "Checking.\n"
+    args = "".join(t["function"].get("arguments", "") for d in deltas for t in d.get("tool_calls") or [])
+    assert args == call["arguments"]

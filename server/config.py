@@ -277,6 +277,10 @@ class ServerConfig:
         if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_CALL_PARSERS:
             raise ConfigError(f"tool_call_parser must be one of {', '.join(TOOL_CALL_PARSERS)}, "
                               f"not {self.tool_call_parser!r}")
+        if self.generation_config not in ("auto", "vllm") and not (
+                Path(self.generation_config) / "generation_config.json").is_file():
+            raise ConfigError(f"generation_config must be auto, vllm or a directory holding generation_config.json, "
+                              f"not {self.generation_config!r}")
         if self.enable_auto_tool_choice and self.tool_call_parser is None:
             raise ConfigError("--enable-auto-tool-choice needs --tool-call-parser (one of "
                               f"{', '.join(TOOL_CALL_PARSERS)})")

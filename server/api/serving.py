@@ -10,6 +10,7 @@ then `start_generation`. It never reaches into the engine beyond the `EngineClie
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from typing import Any
@@ -19,18 +20,21 @@ from starlette.requests import Request
 from server.api.encoder import ResponseEncoder
 from server.api.errors import model_not_found
 from server.api.generation import GenerationStream
+from server.api.generation_defaults import apply_defaults, describe, load_defaults
 from server.api.grammars import compile_for_request
 from server.api.inflight import InflightGenerations
 from server.api.limits import Limits
 from server.api.reasoning import REASONING_PARSERS
 from server.api.sampling import build_sampling_params
 from server.api.tokenizing import Tokenizing
-from server.api.tool_parsers import TOOL_PARSERS
 from server.api.tokens import TokenText
+from server.api.tool_parsers import TOOL_PARSERS
 from server.config import ServerConfig
 from server.engine.request import EngineRequest, SamplingParams
 from server.engine.structured.service import GrammarService
 from server.engine.structured.spec import StructuredSpec
+
+logger = logging.getLogger(__name__)
 
 
 def new_id(prefix: str) -> str:
@@ -54,6 +58,9 @@ class Serving:
         self.grammars = GrammarService(engine.tokenizer, self.limits.vocab_size,
                                        tuple(getattr(engine.model_info, "eos_token_ids", ())), config.grammar_limits)
         self.generations = InflightGenerations()  # what a drain past its deadline ends (server/serve.py)
+        # --generation-config: default sampling parameters from the model's generation_config.json
+        self.generation_defaults, path = load_defaults(config.generation_config, config.engine.model)
+        logger.info("%s", describe(self.generation_defaults, path, config.generation_config))
 
     def close(self) -> None:
         self.tokens.close()
@@ -65,7 +72,9 @@ class Serving:
             raise model_not_found(model)
 
     def sampling_params(self, **kwargs: Any) -> SamplingParams:
-        return build_sampling_params(self.limits.vocab_size, **kwargs)
+        """SamplingParams of a request's fields (None: unset), the --generation-config defaults
+        filled in (server/api/generation_defaults.py)."""
+        return build_sampling_params(self.limits.vocab_size, **apply_defaults(kwargs, self.generation_defaults))
 
     async def compile_structured(self, spec: StructuredSpec, request: Request | None = None) -> Any:
         """The spec's compiled grammar (cached; compiled in the compile pool): a 400 naming the

@@ -82,10 +82,7 @@ def message_dict(k: int, m: ChatMessage) -> dict[str, Any]:
     if isinstance(m, ToolMessage):
         d["tool_call_id"] = m.tool_call_id
     if isinstance(m, AssistantHistoryMessage):
-        reasoning = m.reasoning if m.reasoning is not None else m.reasoning_content
-        if m.reasoning is not None and m.reasoning_content is not None and m.reasoning != m.reasoning_content:
-            raise bad_request(f"{p}: reasoning and reasoning_content differ; send one of them",
-                              param=f"{p}.reasoning_content")
+        reasoning = m.reasoning if m.reasoning is not None else m.reasoning_content  # vLLM's rule: reasoning wins
         if reasoning is not None:  # Qwen3 / GLM / MiniMax / Kimi templates read `reasoning_content`
             d["reasoning_content"] = d["reasoning"] = d["thinking"] = reasoning  # gpt-oss reads `thinking`
         if tool_calls:

@@ -92,15 +92,26 @@ def _check_tool_messages(body: ChatCompletionRequest) -> None:
 def prepare_chat(serving: Any, body: ChatCompletionRequest, plan: ChatPlan, compiled: Any | None) -> PreparedChat:
     """On the tokenizer thread: render and tokenize the prompt; the compiled grammar (if any)
     starts after the reasoning part when the output starts inside one."""
-    kwargs = body.chat_template_kwargs
-    if body.reasoning_effort is not None:  # as vLLM: a template variable (the request's kwargs win)
-        kwargs = {"reasoning_effort": body.reasoning_effort, **(kwargs or {})}
+    kwargs = template_kwargs(body)
     text = serving.tokens.render_chat(body.messages, True, tools=plan.tools.tools, template_kwargs=kwargs)
     ids = serving.tokens.encode(text, add_special_tokens=False, limit=serving.limits.max_model_len - 1, param="messages")
-    in_reasoning = bool(plan.reasoning and plan.reasoning.starts_in_reasoning(text, body.chat_template_kwargs))
+    in_reasoning = bool(plan.reasoning and plan.reasoning.starts_in_reasoning(text, kwargs))
     if compiled is not None and in_reasoning:
         compiled = compiled.with_gate(tuple(serving.tokens.tokenizer.encode(plan.reasoning.end_tag, add_special_tokens=False)))
     return PreparedChat(ids, compiled, in_reasoning)
+
+
+def template_kwargs(body: ChatCompletionRequest) -> dict[str, Any] | None:
+    """The chat template's extra variables: `chat_template_kwargs`, plus, as vLLM passes them,
+    `reasoning_effort` and (unless the request sets it) `enable_thinking` = effort != "none"."""
+    kwargs = body.chat_template_kwargs
+    effort = getattr(body, "reasoning_effort", None)
+    if effort is not None:
+        extra = {"reasoning_effort": effort}
+        if "enable_thinking" not in (kwargs or {}):
+            extra["enable_thinking"] = effort != "none"
+        kwargs = {**extra, **(kwargs or {})}
+    return kwargs
 
 
 def choice_output(plan: ChatPlan, prepared: PreparedChat) -> ChoiceOutput:

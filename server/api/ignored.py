@@ -3,8 +3,9 @@ accepted, ignored, and each logged once per process (a warning naming the field)
 accepts and ignores them. Fields that would change the output and are not supported are not
 in the request models, so they get the 400 naming them (server/api/errors.py).
 
-`reasoning_effort` reaches the chat template as a variable (vLLM's behaviour: gpt-oss's
-template reads it); it is logged as ignored only when the template never mentions it.
+`reasoning_effort` reaches the chat template as a variable, with `enable_thinking` = effort !=
+"none" unless the request sets that (vLLM's behaviour: gpt-oss's template reads the first,
+Qwen3's the second); it is logged as ignored only when the template uses neither.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ IGNORED_CHAT_FIELDS: dict[str, str] = {
     "verbosity": "a length hint no served model's template takes",
     "modalities": "text is the only output modality (['text'] only)",
     "stream_options.include_obfuscation": "no obfuscation padding is added to stream chunks",
-    "reasoning_effort": "the chat template does not use it",
+    "reasoning_effort": "the chat template uses neither reasoning_effort nor enable_thinking",
 }
 _logged: set[str] = set()
 _lock = threading.Lock()
@@ -53,7 +54,8 @@ def note_ignored_chat_fields(body: Any, template: Any) -> list[str]:
              and getattr(body, name, None) is not None]
     if body.stream_options is not None and body.stream_options.include_obfuscation is not None:
         found.append("stream_options.include_obfuscation")
-    if body.reasoning_effort is not None and not template_uses(template, "reasoning_effort"):
+    if body.reasoning_effort is not None and not template_uses(template, "reasoning_effort") and not (
+            template_uses(template, "enable_thinking") and "enable_thinking" not in (body.chat_template_kwargs or {})):
         found.append("reasoning_effort")
     for name in found:
         _log_once(name)

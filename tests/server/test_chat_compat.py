@@ -60,19 +60,27 @@ def test_assistant_reasoning_in_history_reaches_the_template(glm_server: ServerP
     assert "<think></think>" in _rendered(glm_server, plain)
 
 
-def test_reasoning_and_reasoning_content_must_agree(glm_server: ServerProcess) -> None:
-    msgs = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "reasoning": "a",
-                                              "reasoning_content": "b"}, {"role": "user", "content": "z"}]
-    r = httpx.post(glm_server.url + "/v1/chat/completions", json={"messages": msgs, "max_tokens": 1}, timeout=60)
-    assert r.status_code == 400 and r.json()["error"]["param"] == "messages[1].reasoning_content", r.text
-    msgs[1]["reasoning_content"] = "a"
-    assert httpx.post(glm_server.url + "/v1/chat/completions", json={"messages": msgs, "max_tokens": 1},
-                      timeout=60).status_code == 200
+def test_reasoning_wins_over_reasoning_content(glm_server: ServerProcess) -> None:
+    """As vLLM: `reasoning_content` is the deprecated name; when both are sent, `reasoning` is used."""
+    msgs = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "reasoning": "new name",
+                                              "reasoning_content": "old name"}]
+    text = _rendered(glm_server, msgs, add_generation_prompt=False)
+    assert "<think>new name</think>" in text and "old name" not in text
+
+
+def test_reasoning_effort_reaches_the_template(glm_server: ServerProcess) -> None:
+    """vLLM passes reasoning_effort to the template, and enable_thinking = effort != "none"
+    (GLM's template then ends the prompt with an empty think block)."""
+    msgs = [{"role": "user", "content": "hi"}]
+    assert _rendered(glm_server, msgs).endswith("<|assistant|>")
+    r = httpx.post(glm_server.url + "/v1/chat/completions",
+                   json={"messages": msgs, "max_tokens": 1, "reasoning_effort": "none"}, timeout=60)
+    plain = httpx.post(glm_server.url + "/v1/chat/completions", json={"messages": msgs, "max_tokens": 1}, timeout=60)
+    assert r.json()["usage"]["prompt_tokens"] > plain.json()["usage"]["prompt_tokens"]  # "/nothink<|assistant|>\n<think></think>"
 
 
 IGNORED = {"metadata": {"app": "test"}, "store": False, "service_tier": "auto", "user": "u-1",
-           "prompt_cache_key": "k", "safety_identifier": "s-1", "verbosity": "low", "modalities": ["text"],
-           "reasoning_effort": "low"}
+           "prompt_cache_key": "k", "safety_identifier": "s-1", "verbosity": "low", "modalities": ["text"]}
 
 
 def test_default_client_fields_are_accepted_and_logged_once(glm_server: ServerProcess) -> None:
@@ -176,3 +184,13 @@ def test_glm45_tool_calls_through_the_server(glm_server: ServerProcess) -> None:
     assert "".join(d.get("content") or "" for d in deltas) == "Checking.\n"
     args = "".join(t["function"].get("arguments", "") for d in deltas for t in d.get("tool_calls") or [])
     assert args == call["arguments"]
+
+
+def test_reasoning_effort_is_logged_as_ignored_where_the_template_has_no_use_for_it(server: ServerProcess) -> None:
+    """The bundled model's template uses neither reasoning_effort nor enable_thinking."""
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "temperature": 0}
+    plain = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60).json()
+    for effort in ("low", "high"):
+        r = httpx.post(server.url + "/v1/chat/completions", json={**body, "reasoning_effort": effort}, timeout=60)
+        assert r.status_code == 200 and r.json()["choices"] == plain["choices"]
+    assert len(re.findall(r"request field 'reasoning_effort' is accepted and ignored", server.logs())) == 1

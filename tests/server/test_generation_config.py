@@ -11,7 +11,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server.api.generation_defaults import GenerationConfigError, apply_defaults, load_defaults
+from server.api.generation_defaults import (
+    GenerationConfigError,
+    apply_defaults,
+    load_defaults,
+)
 from server.config import BUNDLED_MODEL
 from tests.server.conftest import ServerProcess, start_server
 

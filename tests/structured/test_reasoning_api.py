@@ -71,6 +71,21 @@ def test_reasoning_split_streamed_and_whole(think_server, model_name, end_id) ->
         for key in got:
             got[key] += getattr(chunk.choices[0].delta, key, None) or "" if chunk.choices else ""
     assert got == {"reasoning": reasoning, "content": content}
+    # vLLM's name only (the older `reasoning_content` needs --legacy-reasoning-content)
+    raw_msg = httpx.post(think_server.url + "/v1/chat/completions", json={"model": model_name, "messages": MSG,
+                                                                          **sampling}, timeout=60).json()
+    assert (raw_msg["choices"][0]["message"]["reasoning"] or "") == reasoning
+    assert "reasoning_content" not in raw_msg["choices"][0]["message"]
+
+
+def test_legacy_reasoning_content_sends_both_names() -> None:
+    from server.api.chat import _reasoning_names
+
+    fields = {"role": "assistant", "content": "x", "reasoning_content": "r"}
+    assert _reasoning_names(fields, False) == {"role": "assistant", "content": "x", "reasoning": "r"}
+    assert _reasoning_names(fields, True) == {"role": "assistant", "content": "x", "reasoning": "r",
+                                              "reasoning_content": "r"}
+    assert _reasoning_names({"content": "x"}, True) == {"content": "x"}
 
 
 def test_structured_output_applies_after_the_reasoning(think_server, model_name, end_id) -> None:

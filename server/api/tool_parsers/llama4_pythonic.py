@@ -15,6 +15,7 @@ from __future__ import annotations
 import ast
 import json
 import re
+import warnings
 
 from server.api.tool_parsers.base import ToolParser
 from server.api.tool_parsers.json_scan import partial_suffix
@@ -51,7 +52,9 @@ class Llama4PythonicToolParser(ToolParser):
         if source.endswith(PY_END):
             source = source[:-len(PY_END)].rstrip()
         try:
-            tree = ast.parse(source, mode="eval")
+            with warnings.catch_warnings():  # Python's own complaints (an invalid escape) are no output
+                warnings.simplefilter("ignore")
+                tree = ast.parse(source, mode="eval")
         except SyntaxError:
             raise ValueError("not a Python list of calls") from None
         if not isinstance(tree.body, ast.List) or not tree.body.elts:

@@ -129,6 +129,9 @@ def test_kimi_call_names_come_from_the_call_ids() -> None:
     text = ("<|tool_calls_section_begin|><|tool_call_begin|>functions.run.cmd:0<|tool_call_argument_begin|>"
             '{"a": 1}<|tool_call_end|><|tool_calls_section_end|>')
     assert _decided("kimi_k2", text) == (None, [("run.cmd", {"a": 1})])
+    _, calls = TOOL_PARSERS["kimi_k2"]().extract(text)
+    assert calls[0]["id"] == "functions.run.cmd:0"  # the model's own id, streamed too
+    assert TOOL_PARSERS["kimi_k2"]().stream().update(text, final=True)[1][0]["id"] == "functions.run.cmd:0"
     assert _decided("kimi_k2", text.replace(":0", ""))[1] == []  # no index: not a Kimi call id
 
 

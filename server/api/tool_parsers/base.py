@@ -96,7 +96,7 @@ class ToolParser:
     def extract(self, text: str) -> tuple[str | None, list[dict[str, Any]]]:
         """(content or None, OpenAI tool_calls) of a finished output."""
         decision = self.decide(text)
-        calls = [tool_call_json(self.new_call_id(), c.name, c.arguments) for c in decision.calls]
+        calls = [tool_call_json(c.id or self.new_call_id(), c.name, c.arguments) for c in decision.calls]
         return decision.content or None, calls
 
 

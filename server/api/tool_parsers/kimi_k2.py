@@ -5,7 +5,8 @@
 Content is the text before `<|tool_calls_section_begin|>`. The section is one or more calls,
 each an id `functions.NAME:INDEX` (the name is what lies between `functions.` and the last
 `:`) and a JSON object of arguments; the closing markers may be missing only where the output
-stops; only whitespace around them.
+stops; only whitespace around them. The call's id is the model's own (`functions.NAME:INDEX`),
+as vLLM returns it: Kimi's template writes the history's call ids back into the prompt.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class KimiK2ToolParser(ToolParser):
         while True:
             call_id, pos = until(text, expect(text, pos, CALL), ARGS)
             arguments, end = read_arguments(text, pos)
-            calls.append(Call(call_name(call_id), arguments))
+            calls.append(Call(call_name(call_id), arguments, call_id.strip()))  # its id, as vLLM returns it
             pos = skip_ws(text, end)
             if pos >= len(text):
                 return calls

@@ -30,8 +30,9 @@ BUNDLED_MODEL = str(Path(__file__).resolve().parent.parent / "models" / "checkpo
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 # vLLM's names; server/api/tool_parsers and server/api/reasoning hold the implementations
-ToolCallParser = Literal["hermes", "mistral", "llama3_json", "deepseek_v3"]
-ReasoningParser = Literal["deepseek_r1", "qwen3"]
+ToolCallParser = Literal["hermes", "mistral", "llama3_json", "deepseek_v3", "openai", "glm45", "kimi_k2",
+                         "qwen3_coder", "minimax_m2", "llama4_pythonic"]
+ReasoningParser = Literal["deepseek_r1", "qwen3", "openai_gptoss"]
 TOOL_CALL_PARSERS: tuple[str, ...] = get_args(ToolCallParser)
 REASONING_PARSERS: tuple[str, ...] = get_args(ReasoningParser)
 EngineName = Literal["native", "vllm"]
@@ -274,6 +275,12 @@ class ServerConfig:
     enable_auto_tool_choice: bool = option(False, "vLLM compatibility: needs --tool-call-parser")
     chat_template: str | None = option(
         None, "chat template (Jinja text or a file) instead of the tokenizer's")
+    # vLLM now sends the reasoning as `reasoning` only; this also sends its older name
+    legacy_reasoning_content: bool = option(
+        False, "also send the reasoning as reasoning_content (the older name) beside reasoning")
+    # vLLM's --generation-config: where the default sampling parameters come from
+    generation_config: str = option(
+        "auto", "sampling defaults: auto (the model's generation_config.json), vllm (none) or a directory holding one")
     # structured outputs: grammars compile in processes of their own, each within this budget
     # (past it: 400, and the spec is refused at once from then on)
     grammar_compile_timeout: float = option(10.0, "seconds of CPU one grammar compile may take (400 past it)")
@@ -294,6 +301,10 @@ class ServerConfig:
         if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_CALL_PARSERS:
             raise ConfigError(f"tool_call_parser must be one of {', '.join(TOOL_CALL_PARSERS)}, "
                               f"not {self.tool_call_parser!r}")
+        if self.generation_config not in ("auto", "vllm") and not (
+                Path(self.generation_config) / "generation_config.json").is_file():
+            raise ConfigError(f"generation_config must be auto, vllm or a directory holding generation_config.json, "
+                              f"not {self.generation_config!r}")
         if self.enable_auto_tool_choice and self.tool_call_parser is None:
             raise ConfigError("--enable-auto-tool-choice needs --tool-call-parser (one of "
                               f"{', '.join(TOOL_CALL_PARSERS)})")

@@ -16,6 +16,7 @@ from server.api.context import request_log
 from server.api.encoder import encode_json
 from server.api.errors import bad_request
 from server.api.generation import GenerationStream
+from server.api.ignored import note_ignored_chat_fields
 from server.api.prompt_logprobs import check_prompt_logprob_entries
 from server.api.protocol import ChatCompletionRequest
 from server.api.responses import (
@@ -52,6 +53,7 @@ async def create_chat_completion(request: Request) -> Response:
     serving: Serving = request.app.state.serving
     serving.check_model(body.model)
     _check_unsupported(body)
+    note_ignored_chat_fields(body, serving.tokens.chat_template or getattr(serving.tokens.tokenizer, "chat_template", None))
     plan = plan_chat(serving, body)  # tools, structured output, reasoning: cheap checks first
     serving.limits.check_capacity(1)
     compiled = await serving.compile_structured(plan.spec, request) if plan.spec is not None else None
@@ -86,6 +88,16 @@ async def create_chat_completion(request: Request) -> Response:
         len(prompt_ids), gen, log))
 
 
+def _reasoning_names(fields: dict[str, Any], legacy: bool) -> dict[str, Any]:
+    """ChoiceOutput's `reasoning_content` goes out as `reasoning` (vLLM's name now), and also
+    under the older name with --legacy-reasoning-content."""
+    if "reasoning_content" not in fields:
+        return fields
+    out = dict(fields)
+    out["reasoning"] = out["reasoning_content"] if legacy else out.pop("reasoning_content")
+    return out
+
+
 def _logprob_entries(serving: Serving, entries: list[Logprob] | None, top: int) -> list[dict[str, Any]]:
     return [serving.token_text.chat_entry(lp, top) for lp in entries or []]
 
@@ -109,7 +121,7 @@ def _chat_json(serving: Serving, body: ChatCompletionRequest, output: ChoiceOutp
     for c in acc.outputs:
         message, called = output.message(c.text)
         choice = ChatChoice(
-            index=c.index, message=message,
+            index=c.index, message=_reasoning_names(message, serving.config.legacy_reasoning_content),
             logprobs=ChatLogprobs(content=_logprob_entries(serving, c.logprobs, top)) if top is not None else None,
             finish_reason=output.finish_reason(c.finish_reason, called))
         if body.return_routing:
@@ -154,7 +166,7 @@ async def _stream(serving: Serving, body: ChatCompletionRequest, outputs: list[C
             delta = parser.feed(o.text, final=o.finish_reason is not None)
             if delta or (body.return_routing and o.token_ids):
                 choice = ChatChunkChoice(
-                    index=o.index, delta=ChatDelta(**delta),
+                    index=o.index, delta=ChatDelta(**_reasoning_names(delta, serving.config.legacy_reasoning_content)),
                     logprobs=ChatLogprobs(content=held.pop(o.index, [])) if top is not None else None,
                     finish_reason=None)
                 if body.return_routing:

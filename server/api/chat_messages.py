@@ -1,8 +1,9 @@
 """Chat messages -> the dicts a chat template renders, and the rendering itself.
 
 Roles: system, developer (rendered as system), user, assistant (with `tool_calls`, whose
-`arguments` reach the template as objects), tool (with `tool_call_id`). Content is a string or
-a list of text parts (joined with newlines). Tools reach the template as `tools=[...]` (OpenAI's
+`arguments` reach the template as objects, and its thinking as `reasoning_content` and
+`reasoning`), tool (with `tool_call_id`). Content is a string or a list of text parts (joined
+with newlines); the request models (server/api/protocol.py) refuse every other part type. Tools reach the template as `tools=[...]` (OpenAI's
 function definitions), extra variables as `chat_template_kwargs`; `--chat-template` replaces the
 tokenizer's template.
 """
@@ -13,10 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from server.api.errors import bad_request, truncate
-from server.api.protocol import ChatMessage
+from server.api.protocol import (
+    AssistantHistoryMessage,
+    ChatMessage,
+    TextPart,
+    ToolMessage,
+)
 from server.api.tools import history_tool_calls
 
-ROLES = ("system", "developer", "user", "assistant", "tool")
 TEXT_JOINER = "\n"
 # template variables a request may not override (they are the conversation itself)
 _RESERVED_KWARGS = {"messages", "conversation", "tools", "documents", "add_generation_prompt", "tokenize",
@@ -59,39 +64,27 @@ def render(tokenizer: Any, messages: list[ChatMessage], add_generation_prompt: b
 
 
 def message_dict(k: int, m: ChatMessage) -> dict[str, Any]:
+    """One validated message (a role model of server/api/protocol.py) -> the template's dict."""
     p = f"messages[{k}]"
-    if m.role not in ROLES:
-        raise bad_request(f"{p}.role: unknown role '{truncate(m.role, 40)}'; expected one of "
-                          f"{', '.join(ROLES)}", param=f"{p}.role")
-    if m.tool_calls is not None and m.role != "assistant":
-        raise bad_request(f"{p}.tool_calls: only assistant messages have tool calls", param=f"{p}.tool_calls")
-    if m.role == "tool" and m.tool_call_id is None:
-        raise bad_request(f"{p}.tool_call_id: is required for tool messages", param=f"{p}.tool_call_id")
+    tool_calls = getattr(m, "tool_calls", None)
     content = m.content
-    if content is None and not m.tool_calls:
+    if content is None and not tool_calls:
         raise bad_request(f"{p}.content: is required", param=f"{p}.content")
     if isinstance(content, list):
         texts = []
-        for j, part in enumerate(content):
-            ptype = part.get("type")
-            if ptype != "text":
-                raise bad_request(
-                    f"{p}.content[{j}]: content part type '{truncate(str(ptype), 30)}' is not "
-                    f"supported; this model accepts text only", param=f"{p}.content[{j}].type")
-            text = part.get("text")
-            if not isinstance(text, str) or set(part) - {"type", "text"}:
-                raise bad_request(f"{p}.content[{j}]: a text part is {{'type': 'text', 'text': str}}",
-                                  param=f"{p}.content[{j}]")
-            texts.append(text)
+        for part in content:
+            texts.append(part.text if isinstance(part, TextPart) else part.refusal)
         content = TEXT_JOINER.join(texts)
     role = "system" if m.role == "developer" else m.role
     d: dict[str, Any] = {"role": role, "content": content if content is not None else ""}
     if m.name is not None:
         d["name"] = m.name
-    if m.tool_call_id is not None:
+    if isinstance(m, ToolMessage):
         d["tool_call_id"] = m.tool_call_id
-    if m.tool_calls:
-        d["tool_calls"] = history_tool_calls(m.tool_calls, p)
-    if m.reasoning is not None and m.role == "assistant":
-        d["reasoning_content"] = d["reasoning"] = m.reasoning  # the names chat templates render
+    if isinstance(m, AssistantHistoryMessage):
+        reasoning = m.reasoning if m.reasoning is not None else m.reasoning_content  # vLLM's rule: reasoning wins
+        if reasoning is not None:  # Qwen3 / GLM / MiniMax / Kimi templates read `reasoning_content`
+            d["reasoning_content"] = d["reasoning"] = d["thinking"] = reasoning  # gpt-oss reads `thinking`
+        if tool_calls:
+            d["tool_calls"] = history_tool_calls([c.model_dump() for c in tool_calls], p)
     return d

@@ -27,7 +27,9 @@ class ChoiceOutput:
         self._reasoning_sent = 0
         self._content_sent = 0
         self._parse = None
-        self._auto = tool_parser if plan.mode == "auto" else None  # its decide() answers both paths
+        # its decide() answers both paths; bound to the request's tools (their parameter types)
+        self._auto = (tool_parser.for_tools(plan.tools)
+                      if plan.mode == "auto" and tool_parser is not None else None)
         self._stream: ToolCallStream | HeldToolStream | None = None
         if self._auto is not None:
             self._stream = self._auto.stream()

@@ -26,9 +26,13 @@ class ChatPlan:
     tool_parser: Any | None  # the --tool-call-parser instance, used when tools.mode == "auto"
 
     def sampling_overrides(self, body: ChatCompletionRequest) -> dict[str, Any]:
-        """Special tokens stay in the text when the tool parser needs them (unless the request says)."""
-        if (self.tools.mode == "auto" and self.tool_parser is not None and self.tool_parser.needs_special_tokens
-                and body.skip_special_tokens is None):
+        """Special tokens stay in the text when the tool parser or the reasoning parser needs them
+        (unless the request says)."""
+        if body.skip_special_tokens is not None:
+            return {}
+        if self.tools.mode == "auto" and self.tool_parser is not None and self.tool_parser.needs_special_tokens:
+            return {"skip_special_tokens": False}
+        if getattr(self.reasoning, "needs_special_tokens", False):
             return {"skip_special_tokens": False}
         return {}
 
@@ -66,10 +70,9 @@ def plan_chat(serving: Any, body: ChatCompletionRequest) -> ChatPlan:
 def _check_history_names(body: ChatCompletionRequest, names: set[str]) -> None:
     """Tool calls in the history must name one of the request's tools."""
     for k, m in enumerate(body.messages):
-        for j, call in enumerate(m.tool_calls or []):
-            fn = call.get("function") if isinstance(call, dict) else None
-            name = fn.get("name") if isinstance(fn, dict) else None
-            if isinstance(name, str) and name not in names:
+        for j, call in enumerate(getattr(m, "tool_calls", None) or []):
+            name = call.function.name
+            if name not in names:
                 p = f"messages[{k}].tool_calls[{j}].function.name"
                 raise bad_request(f"{p}: unknown tool '{name[:64]}' (not in tools)", param=p)
 
@@ -81,8 +84,6 @@ def _check_tool_messages(body: ChatCompletionRequest) -> None:
     for k, m in enumerate(body.messages):
         if m.role == "tool":
             p = f"messages[{k}]"
-            if m.tool_call_id is None:
-                raise bad_request(f"{p}.tool_call_id: is required for tool messages", param=f"{p}.tool_call_id")
             if open_ids is None:
                 raise bad_request(f"{p}: a 'tool' message must answer a preceding assistant message with "
                                   f"'tool_calls'", param=f"{p}.role")
@@ -90,7 +91,7 @@ def _check_tool_messages(body: ChatCompletionRequest) -> None:
                 raise bad_request(f"{p}.tool_call_id: '{m.tool_call_id[:64]}' is not the id of a tool call of the "
                                   f"preceding assistant message", param=f"{p}.tool_call_id")
         elif m.role == "assistant" and m.tool_calls:
-            open_ids = {c.get("id") for c in m.tool_calls if isinstance(c, dict) and isinstance(c.get("id"), str)}
+            open_ids = {c.id for c in m.tool_calls if c.id is not None}
         else:
             open_ids = None
 
@@ -98,12 +99,26 @@ def _check_tool_messages(body: ChatCompletionRequest) -> None:
 def prepare_chat(serving: Any, body: ChatCompletionRequest, plan: ChatPlan, compiled: Any | None) -> PreparedChat:
     """On the tokenizer thread: render and tokenize the prompt; the compiled grammar (if any)
     starts after the reasoning part when the output starts inside one."""
-    text = serving.tokens.render_chat(body.messages, True, tools=plan.tools.tools, template_kwargs=body.chat_template_kwargs)
+    kwargs = template_kwargs(body)
+    text = serving.tokens.render_chat(body.messages, True, tools=plan.tools.tools, template_kwargs=kwargs)
     ids = serving.tokens.encode(text, add_special_tokens=False, limit=serving.limits.max_model_len - 1, param="messages")
-    in_reasoning = bool(plan.reasoning and plan.reasoning.starts_in_reasoning(text, body.chat_template_kwargs))
+    in_reasoning = bool(plan.reasoning and plan.reasoning.starts_in_reasoning(text, kwargs))
     if compiled is not None and in_reasoning:
         compiled = compiled.with_gate(tuple(serving.tokens.tokenizer.encode(plan.reasoning.end_tag, add_special_tokens=False)))
     return PreparedChat(ids, compiled, in_reasoning)
+
+
+def template_kwargs(body: ChatCompletionRequest) -> dict[str, Any] | None:
+    """The chat template's extra variables: `chat_template_kwargs`, plus, as vLLM passes them,
+    `reasoning_effort` and (unless the request sets it) `enable_thinking` = effort != "none"."""
+    kwargs = body.chat_template_kwargs
+    effort = getattr(body, "reasoning_effort", None)
+    if effort is not None:
+        extra = {"reasoning_effort": effort}
+        if "enable_thinking" not in (kwargs or {}):
+            extra["enable_thinking"] = effort != "none"
+        kwargs = {**extra, **(kwargs or {})}
+    return kwargs
 
 
 def choice_output(plan: ChatPlan, prepared: PreparedChat) -> ChoiceOutput:

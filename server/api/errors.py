@@ -171,10 +171,41 @@ _UNION_TAG = re.compile(r"^(str|int|float|bool|none|list\[.*\]|dict\[.*\]|litera
 def _strip_union_tags(loc: tuple[Any, ...]) -> tuple[Any, ...]:
     """Pydantic puts the union member's name into `loc` ('prompt', 'list[int]', 1); drop those
     and whatever follows them (an index inside one branch means nothing to the client)."""
+    loc = tuple(p for k, p in enumerate(loc) if not (p in _DISCRIMINATOR_TAGS and _is_tag(loc, k)))
     for k, part in enumerate(loc):
         if isinstance(part, str) and _UNION_TAG.match(part.replace(" ", "")):
+            if "Part" in part and k + 1 < len(loc) and isinstance(loc[k + 1], int):  # a content part: named
+                return (*loc[:k], loc[k + 1])
             return tuple(loc[:k])
     return tuple(loc)
+
+
+# the tags of the discriminated unions (server/api/protocol.py: message roles, content part
+# types), which pydantic puts into `loc` after the list index: ('messages', 0, 'user', 'content')
+_DISCRIMINATOR_TAGS = {"system", "developer", "user", "assistant", "tool", "text", "refusal"}
+
+
+def _unknown_tag(err: dict[str, Any], raw_loc: tuple[Any, ...]) -> APIError:
+    ctx = err.get("ctx") or {}
+    tag, field = str(ctx.get("tag", "")), str(ctx.get("discriminator", "")).strip("'")
+    loc = tuple(p for k, p in enumerate(raw_loc) if not _is_tag(raw_loc, k))
+    param = loc_to_param((*loc, field))
+    expected = str(ctx.get("expected_tags", "")).replace("'", "")
+    if field == "type" and "content" in loc:
+        part = loc_to_param(loc)
+        msg = f"{part}: content part type '{truncate(tag, 30)}' is not supported; expected one of {expected}"
+    else:
+        msg = f"{param}: '{truncate(tag, 30)}' is not supported; expected one of {expected}"
+    return bad_request(truncate(msg, 300), param=param)
+
+
+def _is_tag(loc: tuple[Any, ...], k: int) -> bool:
+    part = loc[k]
+    if not isinstance(part, str):
+        return False
+    if _UNION_TAG.match(part.replace(" ", "")):
+        return True
+    return part in _DISCRIMINATOR_TAGS and k > 0 and isinstance(loc[k - 1], int)
 
 
 def _is_type_error(err: dict[str, Any]) -> bool:
@@ -192,7 +223,7 @@ def _most_specific(errors: list[dict[str, Any]]) -> dict[str, Any]:
         return _strip_union_tags(tuple(p for p in e.get("loc", ()) if p != "body"))
 
     loc = where(first)
-    return next((e for e in errors if where(e) == loc and not _is_type_error(e)), first)
+    return next((e for e in errors if where(e)[:len(loc)] == loc and not _is_type_error(e)), first)
 
 
 def validation_error(errors: list[dict[str, Any]]) -> APIError:
@@ -207,6 +238,18 @@ def validation_error(errors: list[dict[str, Any]]) -> APIError:
         return bad_request(f"Malformed JSON body: {truncate(ctx.get('error', err.get('msg', '')), 120)}")
     if etype in ("model_type", "model_attributes_type", "dict_type") and not raw_loc:
         return bad_request("The request body must be a JSON object.")
+    if etype == "union_tag_invalid":  # a message role or a content part type this server does not take
+        return _unknown_tag(err, raw_loc)
+    if etype == "union_tag_not_found":  # no `role` (or part `type`) to tell the model by
+        field = str((err.get("ctx") or {}).get("discriminator", "")).strip("'")
+        param = loc_to_param((*(p for k, p in enumerate(raw_loc) if not _is_tag(raw_loc, k)), field))
+        return bad_request(f"{param}: Field required", param=param)
+    for e in errors:  # a content part of a type the served model does not take: named by its type
+        eloc = tuple(p for p in e.get("loc", ()) if p != "body")
+        if e.get("type") == "literal_error" and eloc[-1:] == ("type",) and "content" in eloc:
+            part = loc_to_param(tuple(p for k, p in enumerate(eloc[:-1]) if not _is_tag(eloc, k)))
+            return bad_request(f"{part}: content part type '{truncate(str(e.get('input')), 30)}' is not "
+                               f"supported; the served model takes text only", param=f"{part}.type")
     loc = _strip_union_tags(raw_loc)
     param = loc_to_param(loc)
     if etype == "extra_forbidden":

@@ -52,6 +52,7 @@ class _Body(BaseModel):
 class StreamOptions(_Body):
     include_usage: bool | None = None
     continuous_usage_stats: bool | None = None  # vLLM: usage on every chunk
+    include_obfuscation: bool | None = None  # OpenAI's; accepted and ignored (no obfuscation padding is sent)
 
 
 class StructuredOutputs(_Body):
@@ -127,16 +128,83 @@ class CompletionRequest(_GenerationBody):
     echo: bool | None = False
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+# -- chat messages: one model per role (the `role` discriminates), typed content parts ---------
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
 
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[dict[str, Any]] | None = None
+
+class RefusalPart(_Body):
+    """An assistant's refusal part (OpenAI's); rendered like text."""
+
+    type: Literal["refusal"]
+    refusal: str
+
+
+# Only text parts: image_url / input_audio / file / other part types are refused with a 400
+# naming the part type (server/api/errors.py `union_tag_invalid`): no served model takes them.
+TextContent = Union[str, list[TextPart]]
+AssistantPart = Annotated[Union[TextPart, RefusalPart], Field(discriminator="type")]
+
+
+class HistoryFunctionCall(_Body):
+    name: str
+    arguments: Union[str, dict[str, Any]] = Field(
+        "{}", description="The arguments as JSON text (OpenAI's), or as an object; JSON text must parse.")
+
+
+class HistoryToolCall(_Body):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: HistoryFunctionCall
+
+
+class SystemMessage(_Body):
+    role: Literal["system"]
+    content: TextContent
     name: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
-    tool_call_id: str | None = None
+
+
+class DeveloperMessage(_Body):
+    """OpenAI's `developer` role: rendered as a system message."""
+
+    role: Literal["developer"]
+    content: TextContent
+    name: str | None = None
+
+
+class UserMessage(_Body):
+    role: Literal["user"]
+    content: TextContent
+    name: str | None = None
+
+
+class AssistantHistoryMessage(_Body):
+    """An earlier assistant turn. `reasoning` (vLLM's current name) or `reasoning_content` (the
+    older one, DeepSeek's): its thinking, which reaches the template as `reasoning_content`
+    (the variable the Qwen3 / GLM / MiniMax / Kimi templates read) and as `reasoning`."""
+
+    role: Literal["assistant"]
+    content: Union[str, list[AssistantPart], None] = None
+    name: str | None = None
     refusal: str | None = None
-    reasoning: str | None = None  # an assistant turn's reasoning (what a thinking model returned)
+    tool_calls: list[HistoryToolCall] | None = None
+    reasoning: str | None = None
+    reasoning_content: str | None = None
+
+
+class ToolMessage(_Body):
+    role: Literal["tool"]
+    content: TextContent
+    tool_call_id: str
+    name: str | None = None  # accepted, as vLLM does (some templates render it)
+
+
+ChatMessage = Annotated[Union[SystemMessage, DeveloperMessage, UserMessage, AssistantHistoryMessage, ToolMessage],
+                        Field(discriminator="role")]
+"""One chat message; validate lists with `pydantic.TypeAdapter(list[ChatMessage])`."""
+CHAT_ROLE_MODELS = {"system": SystemMessage, "developer": DeveloperMessage, "user": UserMessage,
+                    "assistant": AssistantHistoryMessage, "tool": ToolMessage}
 
 
 class ChatCompletionRequest(_GenerationBody):
@@ -150,6 +218,18 @@ class ChatCompletionRequest(_GenerationBody):
         {"enum": ["none", "auto", "required"]}, {"type": "object"}, {"type": "null"}]})
     parallel_tool_calls: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None  # vLLM: extra template variables (enable_thinking)
+    # reaches the chat template as `reasoning_effort` (as vLLM passes it; gpt-oss's reads it);
+    # accepted and ignored (logged once) where the template does not use it
+    reasoning_effort: Optional[Literal["none", "minimal", "low", "medium", "high", "xhigh"]] = None
+    # OpenAI fields clients send by default that do not change what is generated: accepted,
+    # ignored, each logged once (server/api/ignored.py; README "Chat Completions compatibility")
+    metadata: Optional[dict[str, Annotated[str, Field(max_length=512)]]] = Field(None, max_length=16)
+    store: bool | None = None
+    service_tier: Optional[Literal["auto", "default", "flex", "scale", "priority"]] = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+    verbosity: Optional[Literal["low", "medium", "high"]] = None
+    modalities: Optional[list[Literal["text"]]] = None  # text is all the served models write
 
 
 class TokenizeRequest(_Body):

@@ -3,7 +3,7 @@
 Endpoints build these models with exactly the fields they send and serialize them with
 `dump(...)` (`exclude_unset`): a field that was never set is left out, a field set to None
 is sent as null, as OpenAI does (clients rely on some nulls, e.g. `logprobs`,
-`finish_reason`). Optional extension fields (routing, prompt_logprobs, reasoning_content,
+`finish_reason`). Optional extension fields (routing, prompt_logprobs, reasoning,
 tool_calls, usage on stream chunks) therefore default to None in the schema and appear only
 when the request asked for them. `prompt_logprobs`, which can be large and are plain JSON when
 built, are put into the dumped dict past validation (server/api/completions.py, chat.py); the
@@ -42,10 +42,15 @@ class MoEUsage(_Out):
     zero_expert_assignments: Optional[int] = None  # only for models with zero-computation experts
 
 
+class PromptTokensDetails(_Out):
+    cached_tokens: int  # prompt tokens served from the prefix cache
+
+
 class Usage(_Out):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: Optional[PromptTokensDetails] = None  # once the requests finished
     moe: Optional[MoEUsage] = None  # once the request finished, when the engine observed routing
 
 
@@ -136,7 +141,8 @@ class ToolCallDelta(_Out):
 class AssistantMessage(_Out):
     role: Literal["assistant"]
     content: Optional[str]
-    reasoning_content: Optional[str] = None  # with --reasoning-parser
+    reasoning: Optional[str] = None  # with --reasoning-parser (vLLM's name)
+    reasoning_content: Optional[str] = None  # the same, with --legacy-reasoning-content (the older name)
     tool_calls: Optional[list[ToolCall]] = None
 
 
@@ -161,7 +167,8 @@ class ChatCompletion(_Envelope):
 class ChatDelta(_Out):
     role: Optional[Literal["assistant"]] = None
     content: Optional[str] = None
-    reasoning_content: Optional[str] = None
+    reasoning: Optional[str] = None
+    reasoning_content: Optional[str] = None  # with --legacy-reasoning-content
     tool_calls: Optional[list[ToolCallDelta]] = None
 
 

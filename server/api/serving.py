@@ -20,15 +20,16 @@ from starlette.requests import Request
 from server.api.encoder import ResponseEncoder
 from server.api.errors import model_not_found
 from server.api.generation import GenerationStream
+from server.api.generation_defaults import apply_defaults, describe, load_defaults
 from server.api.grammars import compile_for_request
 from server.api.inflight import InflightGenerations
 from server.api.limits import Limits
 from server.api.reasoning import REASONING_PARSERS
 from server.api.sampling import build_sampling_params
 from server.api.tokenizing import Tokenizing
-from server.api.tool_parsers import TOOL_PARSERS
 from server.api.tokens import TokenText
 from server.api.tracing import Tracing
+from server.api.tool_parsers import TOOL_PARSERS
 from server.config import ServerConfig
 from server.engine.request import EngineRequest, SamplingParams
 from server.engine.structured.service import GrammarService
@@ -64,6 +65,9 @@ class Serving:
         self.generations = InflightGenerations()  # what a drain past its deadline ends (server/serve.py)
         # --otlp-traces-endpoint: spans per request (None: off, nothing imported)
         self.tracing = Tracing.create(config.engine.otlp_traces_endpoint, self.model_name)
+        # --generation-config: default sampling parameters from the model's generation_config.json
+        self.generation_defaults, path = load_defaults(config.generation_config, config.engine.model)
+        logger.info("%s", describe(self.generation_defaults, path, config.generation_config))
 
     def close(self) -> None:
         self.tokens.close()
@@ -77,7 +81,9 @@ class Serving:
             raise model_not_found(model)
 
     def sampling_params(self, **kwargs: Any) -> SamplingParams:
-        return build_sampling_params(self.limits.vocab_size, **kwargs)
+        """SamplingParams of a request's fields (None: unset), the --generation-config defaults
+        filled in (server/api/generation_defaults.py)."""
+        return build_sampling_params(self.limits.vocab_size, **apply_defaults(kwargs, self.generation_defaults))
 
     async def compile_structured(self, spec: StructuredSpec, request: Request | None = None) -> Any:
         """The spec's compiled grammar (cached; compiled in the compile pool): a 400 naming the

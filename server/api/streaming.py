@@ -13,18 +13,25 @@ from typing import Any
 from pydantic import BaseModel
 from starlette.responses import Response
 
-from server.api.responses import Usage, dump
+from server.api.responses import PromptTokensDetails, Usage, dump
 from server.api.sse import sse_response
 from server.engine.request import RequestOutput
 from server.metrics.usage import moe_usage
 
 
 def usage(prompt_tokens: int, completion_tokens: int, metrics: list[Any] | None = None) -> Usage:
-    """OpenAI's usage object, plus `moe` (see server/metrics/usage.py) once the engine requests
-    finished, when the engine observed their routing."""
+    """OpenAI's usage object, plus, once the engine requests finished, `prompt_tokens_details`
+    (`cached_tokens`: prompt tokens served from the prefix cache) and `moe` (see
+    server/metrics/usage.py, when the engine observed their routing)."""
     summary = moe_usage(metrics) if metrics else None
+    extra: dict[str, Any] = {}
+    if metrics:  # the prompt tokens the engine served from its prefix cache
+        extra["prompt_tokens_details"] = PromptTokensDetails(
+            cached_tokens=sum(int(getattr(m, "num_cached_prompt_tokens", 0) or 0) for m in metrics))
+    if summary is not None:
+        extra["moe"] = summary
     return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                 total_tokens=prompt_tokens + completion_tokens, **({"moe": summary} if summary is not None else {}))
+                 total_tokens=prompt_tokens + completion_tokens, **extra)
 
 
 def stream_usage_options(opts: Any) -> tuple[bool, bool]:

@@ -130,7 +130,7 @@ def test_flags_are_generated_from_every_config_field() -> None:
     assert flags["dtype"].choices == get_args(Dtype)
     assert (flags["kv_cache_memory"].kind, flags["max_body_bytes"].kind) == ("bytes", "bytes")
     assert (flags["max_num_seqs"].kind, flags["expert_devices"].kind, flags["ui"].kind) == ("int", "list", "bool")
-    assert flags["reasoning_parser"].choices == ("deepseek_r1", "qwen3")
+    assert flags["reasoning_parser"].choices == ("deepseek_r1", "qwen3", "openai_gptoss")
 
 
 def test_parse_bytes_is_the_one_size_grammar() -> None:

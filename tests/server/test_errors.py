@@ -87,7 +87,7 @@ BAD_BODIES = [
     # a tool message must answer a preceding assistant tool call (as OpenAI; issue 25 item 6)
     (CHAT, {"messages": [{"role": "tool", "content": "42", "tool_call_id": "c1"}]}, "messages[0].role"),
     (CHAT, {"messages": [{"role": "assistant", "content": None,
-                          "tool_calls": [{"id": "c", "type": "function"}]}]}, "messages[0].tool_calls[0]"),
+                          "tool_calls": [{"id": "c", "type": "function"}]}]}, "messages[0].tool_calls[0].function"),
     (CHAT, {"messages": MSG, "top_logprobs": 21, "logprobs": True}, "top_logprobs"),
     (CHAT, {"messages": MSG, "top_logprobs": 2}, "top_logprobs"),
     (CHAT, {"messages": MSG, "logprobs": 3}, "logprobs"),

@@ -112,7 +112,11 @@ def test_stop_limits_match_sampling_params() -> None:
 def test_enums_are_documented() -> None:
     chat = ChatCompletionRequest.model_json_schema()
     defs = chat["$defs"]
-    assert defs["ChatMessage"]["properties"]["role"]["enum"] == ["system", "developer", "user", "assistant", "tool"]
+    # one message model per role, told apart by `role` (a discriminated union in the schema)
+    messages = chat["properties"]["messages"]["items"]
+    assert messages["discriminator"]["propertyName"] == "role"
+    assert sorted(messages["discriminator"]["mapping"]) == ["assistant", "developer", "system", "tool", "user"]
+    assert defs["TextPart"]["properties"]["type"]["const"] == "text"
     assert defs["ResponseFormat"]["properties"]["type"]["enum"] == ["text", "json_object", "json_schema"]
     assert {"enum": ["none", "auto", "required"]} in chat["properties"]["tool_choice"]["anyOf"]
     assert chat["properties"]["messages"]["minItems"] == 1

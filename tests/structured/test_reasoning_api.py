@@ -10,6 +10,7 @@ import json
 import httpx
 import jsonschema
 import pytest
+from pydantic import TypeAdapter
 from transformers import AutoTokenizer
 
 from server.api.chat_messages import render
@@ -41,7 +42,7 @@ def model_name(think_server) -> str:
 
 def test_qwen_template_renders_tools_history_and_tool_results(think_model) -> None:
     tok = AutoTokenizer.from_pretrained(think_model)
-    text = render(tok, [ChatMessage(**m) for m in HISTORY], True, tools=[TOOL],
+    text = render(tok, TypeAdapter(list[ChatMessage]).validate_python(HISTORY), True, tools=[TOOL],
                   chat_template=QWEN_TEMPLATE.read_text())
     assert "<tools>\n" + json.dumps(TOOL) + "\n</tools>" in text
     assert '<tool_call>\n{"name": "lookup", "arguments": {"q": "os"}}\n</tool_call><|im_end|>' in text
@@ -56,7 +57,7 @@ def _raw(server, model_name, messages, **sampling) -> str:
     return r.json()["choices"][0]["text"]
 
 
-def test_reasoning_content_split_streamed_and_whole(think_server, model_name, end_id) -> None:
+def test_reasoning_split_streamed_and_whole(think_server, model_name, end_id) -> None:
     client = think_server.client()
     sampling = dict(temperature=1.0, seed=4, max_tokens=40, logit_bias={str(end_id): 4.0})
     raw = _raw(think_server, model_name, MSG, **sampling)
@@ -64,12 +65,27 @@ def test_reasoning_content_split_streamed_and_whole(think_server, model_name, en
     reasoning, content = raw.removeprefix("<think>").split(THINK_END, 1)
     r = client.chat.completions.create(model=model_name, messages=MSG, **sampling)
     msg = r.choices[0].message
-    assert (msg.reasoning_content or "", msg.content) == (reasoning, content)
-    got = {"reasoning_content": "", "content": ""}
+    assert (msg.reasoning or "", msg.content) == (reasoning, content)
+    got = {"reasoning": "", "content": ""}
     for chunk in client.chat.completions.create(model=model_name, messages=MSG, stream=True, **sampling):
         for key in got:
             got[key] += getattr(chunk.choices[0].delta, key, None) or "" if chunk.choices else ""
-    assert got == {"reasoning_content": reasoning, "content": content}
+    assert got == {"reasoning": reasoning, "content": content}
+    # vLLM's name only (the older `reasoning_content` needs --legacy-reasoning-content)
+    raw_msg = httpx.post(think_server.url + "/v1/chat/completions", json={"model": model_name, "messages": MSG,
+                                                                          **sampling}, timeout=60).json()
+    assert (raw_msg["choices"][0]["message"]["reasoning"] or "") == reasoning
+    assert "reasoning_content" not in raw_msg["choices"][0]["message"]
+
+
+def test_legacy_reasoning_content_sends_both_names() -> None:
+    from server.api.chat import _reasoning_names
+
+    fields = {"role": "assistant", "content": "x", "reasoning_content": "r"}
+    assert _reasoning_names(fields, False) == {"role": "assistant", "content": "x", "reasoning": "r"}
+    assert _reasoning_names(fields, True) == {"role": "assistant", "content": "x", "reasoning": "r",
+                                              "reasoning_content": "r"}
+    assert _reasoning_names({"content": "x"}, True) == {"content": "x"}
 
 
 def test_structured_output_applies_after_the_reasoning(think_server, model_name, end_id) -> None:
@@ -82,12 +98,12 @@ def test_structured_output_applies_after_the_reasoning(think_server, model_name,
         msg = r.choices[0].message
         jsonschema.validate(json.loads(msg.content), SCHEMA)
         assert r.choices[0].finish_reason == "stop"
-        seen_reasoning |= bool(msg.reasoning_content)
+        seen_reasoning |= bool(msg.reasoning)
     assert seen_reasoning  # free text before </think>, the schema after it
     off = client.chat.completions.create(model=model_name, messages=MSG, response_format=fmt, temperature=1.0,
                                          seed=1, max_tokens=60,
                                          extra_body={"chat_template_kwargs": {"enable_thinking": False}})
-    assert off.choices[0].message.reasoning_content is None  # thinking off: constrained from the first token
+    assert off.choices[0].message.reasoning is None  # thinking off: constrained from the first token
     jsonschema.validate(json.loads(off.choices[0].message.content), SCHEMA)
 
 

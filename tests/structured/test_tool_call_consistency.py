@@ -10,8 +10,10 @@ all content with finish_reason "stop"."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
+from pathlib import Path
 
 import pytest
 
@@ -33,6 +35,9 @@ NAMES = {  # the name as JSON text: the first is well-formed
 }
 CALLS_BEGIN, CALL_BEGIN = "<｜tool▁calls▁begin｜>", "<｜tool▁call▁begin｜>"
 CALL_END, CALLS_END, SEP = "<｜tool▁call▁end｜>", "<｜tool▁calls▁end｜>", "<｜tool▁sep｜>"
+KIMI_BEGIN, KIMI_END = "<|tool_calls_section_begin|>", "<|tool_calls_section_end|>"
+# openai-harmony (the `openai` parser) reads o200k_base from here (scripts/install_agents.sh writes it)
+os.environ.setdefault("TIKTOKEN_ENCODINGS_BASE", str(Path(__file__).resolve().parents[2] / ".tools" / "tiktoken"))
 
 
 def _bare(name: str) -> str:
@@ -54,7 +59,24 @@ def call_text(parser: str, name: str, args: str, variant: int = 0) -> str:
         if variant:
             return f"[TOOL_CALLS]{_bare(name)}[ARGS]{args}"
         return f'[TOOL_CALLS][{{"name": {name}, "arguments": {args}}}]'
-    return f"{CALLS_BEGIN}{CALL_BEGIN}function{SEP}{_bare(name)}\n```json\n{args}\n```{CALL_END}{CALLS_END}"
+    if parser == "deepseek_v3":
+        return f"{CALLS_BEGIN}{CALL_BEGIN}function{SEP}{_bare(name)}\n```json\n{args}\n```{CALL_END}{CALLS_END}"
+    # the formats that write arguments as key / value text: one argument `v` holding the text
+    bare = _bare(name)
+    if parser == "glm45":
+        return f"<tool_call>{bare}\n<arg_key>v</arg_key>\n<arg_value>{args}</arg_value>\n</tool_call>"
+    if parser == "qwen3_coder":
+        return f"<tool_call>\n<function={bare}>\n<parameter=v>\n{args}\n</parameter>\n</function>\n</tool_call>"
+    if parser == "minimax_m2":
+        return (f'<minimax:tool_call>\n<invoke name="{bare}">\n<parameter name="v">{args}</parameter>\n</invoke>\n'
+                f"</minimax:tool_call>")
+    if parser == "kimi_k2":
+        return (f"{KIMI_BEGIN}<|tool_call_begin|>functions.{bare}:0<|tool_call_argument_begin|>{args}"
+                f"<|tool_call_end|>{KIMI_END}")
+    if parser == "llama4_pythonic":
+        return f"[{bare}(v={args})]"
+    assert parser == "openai", parser
+    return f"<|start|>assistant to=functions.{bare}<|channel|>commentary json<|message|>{args}<|call|>"
 
 
 def two_calls(parser: str, first: str, second: str) -> str:
@@ -66,8 +88,14 @@ def two_calls(parser: str, first: str, second: str) -> str:
         return call_text(parser, a, first) + "; " + call_text(parser, b, second)
     if parser == "mistral":
         return f'[TOOL_CALLS][{{"name": {a}, "arguments": {first}}}, {{"name": {b}, "arguments": {second}}}]'
-    one = call_text(parser, a, first)[: -len(CALLS_END)]
-    return one + call_text(parser, b, second)[len(CALLS_BEGIN):]
+    if parser == "deepseek_v3":
+        one = call_text(parser, a, first)[: -len(CALLS_END)]
+        return one + call_text(parser, b, second)[len(CALLS_BEGIN):]
+    if parser == "kimi_k2":
+        return call_text(parser, a, first)[: -len(KIMI_END)] + call_text(parser, b, second)[len(KIMI_BEGIN):]
+    if parser == "llama4_pythonic":
+        return call_text(parser, a, first)[:-1] + ", " + call_text(parser, b, second)[1:]
+    return call_text(parser, a, first) + "\n" + call_text(parser, b, second)
 
 
 def outputs(parser: str) -> list[str]:
@@ -82,7 +110,9 @@ def outputs(parser: str) -> list[str]:
     for args in ARGS.values():
         out += [two_calls(parser, GOOD_ARGS, args), two_calls(parser, args, "{}")]
     marker = {"hermes": "<tool_call>", "llama3_json": "<|python_tag|>", "mistral": "[TOOL_CALLS]",
-              "deepseek_v3": CALLS_BEGIN}[parser]
+              "deepseek_v3": CALLS_BEGIN, "glm45": "<tool_call>", "qwen3_coder": "<tool_call>",
+              "minimax_m2": "<minimax:tool_call>", "kimi_k2": KIMI_BEGIN, "llama4_pythonic": "[get_weather(",
+              "openai": "<|start|>assistant to=functions."}[parser]
     good = call_text(parser, NAMES["plain"], GOOD_ARGS)
     out += ["", " ", "Just text.", "Text with a partial marker at the end " + marker[:-2], marker,
             marker + " not a call", "Text " + marker, good + good, good + marker, marker[:3] + good,

@@ -6,14 +6,22 @@ engine's grammar starts at the end tag's tokens).
 | ------------- | ------------------------------------------------ |
 | `deepseek_r1` | DeepSeek-R1 and its distills                     |
 | `qwen3`       | Qwen3 thinking models (incl. Qwen3-MoE), QwQ     |
+| `openai_gptoss` | gpt-oss (harmony: the analysis channel)        |
 """
 
 from __future__ import annotations
 
-from server.api.reasoning.think import DeepSeekR1ReasoningParser, Qwen3ReasoningParser, ThinkReasoningParser
+from typing import Any
 
-REASONING_PARSERS: dict[str, type[ThinkReasoningParser]] = {
-    p.name: p for p in (DeepSeekR1ReasoningParser, Qwen3ReasoningParser)
+from server.api.reasoning.harmony import HarmonyReasoningParser
+from server.api.reasoning.think import (
+    DeepSeekR1ReasoningParser,
+    Qwen3ReasoningParser,
+    ThinkReasoningParser,
+)
+
+REASONING_PARSERS: dict[str, type[Any]] = {
+    p.name: p for p in (DeepSeekR1ReasoningParser, Qwen3ReasoningParser, HarmonyReasoningParser)
 }
 
 __all__ = ["REASONING_PARSERS", "ThinkReasoningParser"]

@@ -48,6 +48,11 @@ class ToolParser:
     # the model's tool-call markers are special tokens: the text needs them (skip_special_tokens off)
     needs_special_tokens = False
 
+    def for_tools(self, tools: list[dict[str, Any]] | None) -> ToolParser:
+        """The parser for one request's tools: formats that write arguments as text read them
+        by the tools' parameter types (xml_args.py); the others need nothing."""
+        return self
+
     def section_start(self, text: str) -> int | None:
         """Where the section of calls starts (the first marker), None when there is none."""
         i = text.find(self.marker)
@@ -91,7 +96,7 @@ class ToolParser:
     def extract(self, text: str) -> tuple[str | None, list[dict[str, Any]]]:
         """(content or None, OpenAI tool_calls) of a finished output."""
         decision = self.decide(text)
-        calls = [tool_call_json(self.new_call_id(), c.name, c.arguments) for c in decision.calls]
+        calls = [tool_call_json(c.id or self.new_call_id(), c.name, c.arguments) for c in decision.calls]
         return decision.content or None, calls
 
 

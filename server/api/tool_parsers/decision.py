@@ -63,7 +63,7 @@ class HeldToolStream:
         assert decision.content.startswith(text[:self._sent]), "streamed content is not a prefix of the decision"
         deltas: list[dict[str, Any]] = []
         for i, call in enumerate(decision.calls):
-            deltas.append({"index": i, "id": self._parser.new_call_id(), "type": "function",
+            deltas.append({"index": i, "id": call.id or self._parser.new_call_id(), "type": "function",
                            "function": {"name": call.name, "arguments": ""}})
             deltas.append({"index": i, "function": {"arguments": call.arguments}})
         self.called = bool(decision.calls)

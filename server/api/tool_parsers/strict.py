@@ -23,6 +23,7 @@ ARG_KEYS = ("arguments", "parameters")
 class Call(NamedTuple):
     name: str
     arguments: str  # the JSON object's text, exactly as the model wrote it
+    id: str | None = None  # the model's own call id where its format has one (Kimi K2); else a new one
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -87,7 +87,7 @@ COPY models/kernels/cpu_build.py /src/kernels/
 COPY models/kernels/csrc/ /src/kernels/csrc/
 # hadolint ignore=SC2086
 RUN python /src/kernels/cpu_build.py --prebuild "$MOE_SERVE_PREBUILT_KERNELS" $CPU_KERNEL_LEVELS
-COPY README.md ./
+COPY README.md LICENSE ./
 COPY server/ server/
 COPY models/ models/
 RUN pip install --no-deps --no-build-isolation . \

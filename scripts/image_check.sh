@@ -121,18 +121,24 @@ size=$("${POD[@]}" image inspect --format '{{.Size}}' "$RUN_IMAGE")
 step "image $RUN_IMAGE: $(( size / 1000000 )) MB ($size bytes)"
 
 # ---- run ---------------------------------------------------------------------------------------
-step "starting it (read-only root, cache dir on a tmpfs) on port $PORT"
+# an empty directory at the cache dir, as the chart's emptyDir (podman 4's tmpfs ignores mode=)
+mkdir -m 1777 "$conf_dir/cache"
+step "starting it (read-only root, an empty cache dir mounted) on port $PORT"
 t_run=$(date +%s.%N)
 "${POD[@]}" run -d --name "$NAME" --network host \
   --ulimit nofile=1024:1024 --ulimit nproc=1024:1024 \
-  --read-only --tmpfs /tmp:rw,mode=1777 --tmpfs /var/cache/moe-serve:rw,mode=1777 \
+  --read-only --volume "$conf_dir/cache:/var/cache/moe-serve" \
   -e MOE_SERVE_PORT="$PORT" -e MOE_SERVE_DRAIN_TIMEOUT=30 "$RUN_IMAGE" >/dev/null
 BASE_URL="http://127.0.0.1:$PORT"
-"$PY" - "$BASE_URL" "$t_run" <<'PYEOF' || { "${POD[@]}" logs "$NAME" 2>&1 | tail -40; fail "no /health"; }
-import sys, time, urllib.request
-url, t0 = sys.argv[1], float(sys.argv[2])
+"$PY" - "$BASE_URL" "$t_run" "${POD[*]}" "$NAME" <<'PYEOF' || { "${POD[@]}" logs "$NAME" 2>&1 | tail -40; fail "no /health"; }
+import subprocess, sys, time, urllib.request
+url, t0, pod, name = sys.argv[1], float(sys.argv[2]), sys.argv[3].split(), sys.argv[4]
 deadline = time.time() + 600
 while time.time() < deadline:
+    state = subprocess.run([*pod, "inspect", "--format", "{{.State.Status}}", name], capture_output=True, text=True)
+    if state.stdout.strip() not in ("running", "created", "configured"):
+        print(f"[image_check] the container is {state.stdout.strip() or state.stderr.strip()}", file=sys.stderr)
+        sys.exit(1)
     try:
         with urllib.request.urlopen(url + "/health", timeout=2) as r:
             if r.status == 200:

@@ -204,7 +204,7 @@ class EngineConfig:
         check_range(self, "expert_capacity_factor", 0.0, MAX_CAPACITY_FACTOR, low_open=True)
         check_range(self, "engine_progress_timeout", 0.0, MAX_SECONDS)  # 0: off
         try:
-            self.kernel_flags
+            self.kernel_flags  # noqa: B018 - validates the kernel flags
         except ValueError as e:
             raise ConfigError(str(e)) from None
 

@@ -23,8 +23,9 @@ def usage(prompt_tokens: int, completion_tokens: int, metrics: list[Any] | None 
     """OpenAI's usage object, plus `moe` (see server/metrics/usage.py) once the engine requests
     finished, when the engine observed their routing."""
     summary = moe_usage(metrics) if metrics else None
+    extra: dict[str, Any] = {"moe": summary} if summary is not None else {}  # unset, not null, without one
     return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                 total_tokens=prompt_tokens + completion_tokens, **({"moe": summary} if summary is not None else {}))
+                 total_tokens=prompt_tokens + completion_tokens, **extra)
 
 
 def stream_usage_options(opts: Any) -> tuple[bool, bool]:

@@ -14,7 +14,7 @@ queues and free their blocks.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from server.engine.native.kv_cache import KVCacheManager
 from server.engine.native.outputs import ModelOutput, ScheduledSeq, SchedulerOutput

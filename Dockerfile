@@ -92,6 +92,10 @@ COPY server/ server/
 COPY models/ models/
 RUN pip install --no-deps --no-build-isolation . \
  && moe-serve --help > /dev/null
+# xgrammar requires triton on Linux x86-64 (~1 GB), but on CPU tensors it runs its own CPU kernel
+# and moe-serve's Triton kernels are CUDA-only: the CPU image leaves it out.
+ARG VARIANT
+RUN if [ "$VARIANT" = cpu ]; then pip uninstall -y triton; fi
 
 # ---- runtime: non-root, no build files; no compilers (CUDA: the C compiler Triton needs) ---
 FROM base AS runtime

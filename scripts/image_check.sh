@@ -172,6 +172,15 @@ with post("/v1/chat/completions", {"model": model, "messages": [{"role": "user",
             chunks += 1
 assert done and chunks >= 2, (chunks, done)
 print(f"[image_check] stream: {chunks} chunks, then [DONE]")
+schema = {"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"]}
+out = json.load(post("/v1/chat/completions", {"model": model, "messages": [{"role": "user", "content": "json"}],
+                    "max_tokens": 24, "temperature": 0,
+                    "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": schema}}}))
+text = out["choices"][0]["message"]["content"]
+assert text.lstrip().startswith("{"), text  # the grammar (xgrammar, in the image) held the output
+if out["choices"][0]["finish_reason"] == "stop":
+    assert isinstance(json.loads(text)["answer"], int), text
+print(f"[image_check] structured output (json_schema): {text!r}")
 metrics = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
 ok = [line for line in metrics.splitlines() if line.startswith("vllm:request_success_total{")]
 assert ok and sum(float(line.rsplit(" ", 1)[1]) for line in ok) >= 2, ok

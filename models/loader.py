@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import re
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from safetensors import safe_open
@@ -98,8 +98,7 @@ def iter_tensors(path: str, progress: bool = True, quant: QuantSpec | None = Non
         if quant is not None and quant.method == "mxfp4":
             companions |= {n[: -len("_blocks")] + "_scales" for n in where if n.endswith("_blocks")}
         unused = 0
-        for i, handle in enumerate(tqdm(handles, desc="loading shards", unit="shard",
-                                        disable=not progress or len(files) < 2)):
+        for handle in tqdm(handles, desc="loading shards", unit="shard", disable=not progress or len(files) < 2):
             for name in handle.keys():
                 if name in companions:
                     continue

@@ -85,7 +85,7 @@ class MoEForCausalLM(nn.Module):
     def moe_blocks(self) -> list[MoEBlock]:
         return [layer.moe for layer in self.layers if layer.is_moe]
 
-    def restore_fp32_modules(self) -> "MoEForCausalLM":
+    def restore_fp32_modules(self) -> MoEForCausalLM:
         """Modules whose reference keeps float32 weights in any dtype (routers of DeepSeek, GLM,
         ERNIE, MiniMax) go back to float32 after a `.to(dtype)`."""
         for module in self.modules():

@@ -10,7 +10,7 @@ helpers below it name the common pieces.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

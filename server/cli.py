@@ -158,6 +158,23 @@ def build_config(argv: Sequence[str] | None = None, environ: dict[str, str] | No
     return ServerConfig(engine=EngineConfig(**engine_kwargs), **server_kwargs)
 
 
+def use_cache_dir(engine: EngineConfig, environ: Any = os.environ) -> None:
+    """Send the run-time caches under --cache-dir (creating it; an OSError where it cannot be
+    written): sets the variables torch, Triton, Hugging Face and vLLM read. A variable set
+    already in the environment (TRITON_CACHE_DIR, ...) is kept: the operator's choice wins."""
+    env = engine.cache_environment()
+    if not env:
+        return
+    root = env["MOE_SERVE_CACHE_DIR"]
+    os.makedirs(root, exist_ok=True)
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise PermissionError(f"{root} is not writable by this user (uid {os.getuid()})")
+    for name, value in env.items():
+        if name == "MOE_SERVE_CACHE_DIR" or not environ.get(name):
+            environ[name] = value
+    logger.info("caches under %s", root)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     try:
         config = build_config(argv)
@@ -167,6 +184,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     from server.logging_setup import configure_logging
 
     configure_logging(config.log_format, config.log_level)
+    try:
+        use_cache_dir(config.engine)
+    except OSError as e:
+        logger.error("--cache-dir %s: %s", config.engine.cache_dir, e)
+        sys.exit(2)
     try:
         from server.engine.factory import build_engine
 

@@ -172,6 +172,10 @@ class EngineConfig:
     # declared unhealthy (/health 503, the process exits); 0: no watchdog
     engine_progress_timeout: float = option(
         300.0, "seconds with requests but no token computed before the engine counts as dead (0: off)")
+    # caches written at run time (CPU kernel builds, Triton, torch inductor, Hugging Face, vLLM):
+    # subdirectories of this one; None: each tool's default (~/.cache/...)
+    cache_dir: str | None = option(
+        None, "directory for run-time caches: CPU kernel builds, Triton, torch inductor, Hugging Face (default: ~/.cache)")
     # vLLM pass-through
     tensor_parallel_size: int = option(1, "vLLM: tensor-parallel size")
     data_parallel_size: int = option(1, "vLLM: data-parallel size")
@@ -221,9 +225,22 @@ class EngineConfig:
         if self.otlp_traces_endpoint:  # "" (an empty env var or Helm value): off
             check_otlp_endpoint(self.otlp_traces_endpoint)
         try:
-            self.kernel_flags
+            self.kernel_flags  # noqa: B018 - validates the kernel flags
         except ValueError as e:
             raise ConfigError(str(e)) from None
+
+    def cache_environment(self) -> dict[str, str]:
+        """The environment variables that send every run-time cache under `cache_dir` ({} when unset).
+        Set before torch, Triton or vLLM read them (server.cli does, at startup)."""
+        if not self.cache_dir:
+            return {}
+        root = os.path.abspath(self.cache_dir)
+        return {"MOE_SERVE_CACHE_DIR": root,  # models.kernels.cpu_build: <root>/kernels
+                "TRITON_CACHE_DIR": os.path.join(root, "triton"),
+                "TORCHINDUCTOR_CACHE_DIR": os.path.join(root, "inductor"),
+                "HF_HOME": os.path.join(root, "huggingface"),
+                "VLLM_CACHE_ROOT": os.path.join(root, "vllm"),
+                "XDG_CACHE_HOME": root}
 
     @property
     def model_name(self) -> str:

@@ -273,7 +273,7 @@ def main(argv=None) -> int:
     model.train()
     t0, stopped_early, step, losses = time.time(), False, 0, []
     bar = tqdm(range(args.steps), desc="train", mininterval=5.0, file=sys.stdout)
-    for step in bar:
+    for step in bar:  # noqa: B007 - read after the loop (steps_done)
         if pos + args.batch_size > len(order):
             order, pos = torch.randperm(len(train_data), generator=g), 0
         x = train_data[order[pos: pos + args.batch_size]]

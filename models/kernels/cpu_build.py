@@ -1,17 +1,22 @@
 """Build the CPU kernels (`csrc/`): the C sources and the operator registrations (`ops.cpp`,
 torch.library) compiled into one shared library, loaded with `torch.ops.load_library`.
 
-The library is compiled on first use with the system compilers (`cc` and `c++`, or `$CC` and
+Where a library built ahead of time for this PyTorch serves (`$MOE_SERVE_PREBUILT_KERNELS`: one
+per instruction-set level and threading, `python -m models.kernels.cpu_build --prebuild DIR
+LEVEL...`, as the image's build stage does), the best level this CPU supports is loaded. Otherwise
+the library is compiled on first use with the system compilers (`cc` and `c++`, or `$CC` and
 `$CXX`), tuned for this machine (`-march=native`), against the installed PyTorch's headers and
-libraries, and cached under `$MOE_SERVE_KERNEL_CACHE` (default `~/.cache/moe-serve/kernels`) by a
-hash of the sources, the flags, the PyTorch version and the CPU. The C kernels' threads are
-PyTorch's own OpenMP pool (`-fopenmp`, where PyTorch runs libgomp: one runtime, warm threads) or
-pthreads of their own. `python -m models.kernels.cpu_build` builds ahead of time (for an image).
+libraries, and cached under `$MOE_SERVE_KERNEL_CACHE` (default: `kernels/` in the cache directory,
+`$MOE_SERVE_CACHE_DIR` or `~/.cache/moe-serve`) by a hash of the sources, the flags, the PyTorch
+version and the CPU. The C kernels' threads are PyTorch's own OpenMP pool (`-fopenmp`, where
+PyTorch runs libgomp: one runtime, warm threads) or pthreads of their own.
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
+import json
 import logging
 import os
 import platform
@@ -35,6 +40,14 @@ C_FLAGS = ["-O3", "-march=native", "-fPIC", "-fvisibility=hidden", "-std=c11", "
 CXX_FLAGS = ["-O2", "-fPIC", "-std=c++17", "-Wno-c++20-extensions"]
 CSRC = Path(__file__).resolve().parent / "csrc"
 NAMESPACE = "moe_serve"
+# Instruction-set levels for ahead-of-time builds (gcc/clang -march), best first, with the
+# /proc/cpuinfo flags each one needs (x86-64 psABI levels; the kernels need AVX2 + FMA, so v3 up).
+LEVELS: dict[str, frozenset[str]] = {
+    "x86-64-v4": frozenset({"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave",
+                            "avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}),
+    "x86-64-v3": frozenset({"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"}),
+}
+MANIFEST = "manifest.json"
 
 
 class BuildError(RuntimeError):
@@ -51,8 +64,60 @@ def _cpu_id() -> str:
     return platform.processor() or platform.machine()
 
 
+def base_cache_dir() -> Path:
+    """Where moe-serve's caches go: `$MOE_SERVE_CACHE_DIR` (--cache-dir), else ~/.cache/moe-serve."""
+    env = os.environ.get("MOE_SERVE_CACHE_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "moe-serve"
+
+
 def cache_dir() -> Path:
-    return Path(os.environ.get("MOE_SERVE_KERNEL_CACHE", Path.home() / ".cache" / "moe-serve" / "kernels"))
+    env = os.environ.get("MOE_SERVE_KERNEL_CACHE")
+    return Path(env) if env else base_cache_dir() / "kernels"
+
+
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags (/proc/cpuinfo; empty where there is none)."""
+    line = _cpu_id()
+    return frozenset(line.split(":", 1)[1].split()) if line.startswith("flags") else frozenset()
+
+
+def best_level(flags: frozenset[str], levels: list[str] | tuple[str, ...]) -> str | None:
+    """The best of `levels` (names in LEVELS) that a CPU with `flags` runs, or None."""
+    for name in LEVELS:
+        if name in levels and LEVELS[name] <= flags:
+            return name
+    return None
+
+
+def _threading(openmp: bool) -> str:
+    return "openmp" if openmp else "pthreads"
+
+
+def prebuilt(openmp: bool, namespace: str = NAMESPACE, directory: str | Path | None = None,
+             flags: frozenset[str] | None = None) -> tuple[Path, str] | None:
+    """(library, level) built ahead of time for this PyTorch and the best level this CPU runs, from
+    `directory` (default `$MOE_SERVE_PREBUILT_KERNELS`), or None (none there, another PyTorch, no
+    level this CPU runs: the caller compiles, where it can)."""
+    directory = directory or os.environ.get("MOE_SERVE_PREBUILT_KERNELS")
+    if not directory:
+        return None
+    try:
+        manifest = json.loads((Path(directory) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    if manifest.get("torch") != torch.__version__:
+        log.warning("the prebuilt CPU kernels in %s are for torch %s, not %s: not used", directory,
+                    manifest.get("torch"), torch.__version__)
+        return None
+    if all((CSRC / f).exists() for f in C_SOURCES + CXX_SOURCES + HEADERS) and manifest.get("sources") != _sources_hash():
+        log.warning("the prebuilt CPU kernels in %s were built from other sources: not used", directory)
+        return None
+    libs = manifest.get("libraries", {}).get(namespace, {}).get(_threading(openmp), {})
+    level = best_level(cpu_flags() if flags is None else flags, tuple(libs))
+    if level is None:
+        return None
+    path = Path(directory) / libs[level]
+    return (path, level) if path.exists() else None
 
 
 def compilers() -> tuple[str, str] | None:
@@ -78,31 +143,45 @@ def _torch_paths() -> tuple[list[str], str]:
     return [str(root / "include"), str(root / "include" / "torch" / "csrc" / "api" / "include")], str(root / "lib")
 
 
+def _sources() -> bytes:
+    return b"".join((CSRC / s).read_bytes() for s in C_SOURCES + CXX_SOURCES + HEADERS)
+
+
+def _sources_hash() -> str:
+    return hashlib.sha256(_sources()).hexdigest()[:16]
+
+
 def _run(cmd: list[str]) -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise BuildError(f"{' '.join(cmd[:3])} ... failed: {proc.stderr.strip()[-2000:]}")
 
 
-def build(openmp: bool, namespace: str = NAMESPACE) -> Path:
+def build(openmp: bool, namespace: str = NAMESPACE, march: str = "native", out_dir: Path | None = None) -> Path:
     """The library's path (built now unless cached); raises BuildError (no compiler, a failed
     compile). `namespace`: the torch.library namespace of its ops (one library per namespace
-    can be loaded in a process: tests load the other threading under another name)."""
+    can be loaded in a process: tests load the other threading under another name). `march`:
+    "native" (this CPU) or a level of LEVELS (portable: any CPU of that level); `out_dir`: where
+    (default: the cache directory)."""
+    if march != "native" and march not in LEVELS:
+        raise BuildError(f"unknown instruction-set level {march!r} (one of {', '.join(LEVELS)})")
     tools = compilers()
     if tools is None:
         raise BuildError("no C/C++ compiler found (cc and c++, or $CC and $CXX)")
     cc, cxx = tools
     includes, libdir = _torch_paths()
-    c_flags = C_FLAGS + (["-fopenmp"] if openmp else [])
+    c_flags = [f if f != "-march=native" else f"-march={march}" for f in C_FLAGS] + (["-fopenmp"] if openmp else [])
+    if march != "native":
+        c_flags.append("-mtune=generic")
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     cxx_flags = CXX_FLAGS + [f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-DMOE_SERVE_OPS_NS={namespace}"] + [
         f"-I{d}" for d in includes]
     link = ["-shared", f"-L{libdir}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{libdir}", "-lm", "-pthread"] + (
         ["-fopenmp"] if openmp else [])
-    src = b"".join((CSRC / s).read_bytes() for s in C_SOURCES + CXX_SOURCES + HEADERS)
+    src = _sources()
     key = hashlib.sha256(src + " ".join([cc, cxx, *c_flags, *cxx_flags, *link, torch.__version__,
-                                         _cpu_id()]).encode()).hexdigest()[:16]
-    out = cache_dir() / f"moe_serve_cpu_{namespace}_{key}.so"
+                                         _cpu_id() if march == "native" else march]).encode()).hexdigest()[:16]
+    out = (out_dir or cache_dir()) / f"moe_serve_cpu_{namespace}_{key}.so"
     if out.exists():
         return out
     t0 = time.monotonic()
@@ -126,9 +205,33 @@ def build(openmp: bool, namespace: str = NAMESPACE) -> Path:
     return out
 
 
-def main() -> None:
-    """Build both threadings ahead of time (an image build runs this)."""
+def prebuild(directory: Path, levels: list[str], namespace: str = NAMESPACE,
+             threadings: tuple[str, ...] = ("openmp", "pthreads")) -> dict:
+    """Build each threading for each level into `directory`, with the manifest `prebuilt` reads."""
+    directory.mkdir(parents=True, exist_ok=True)
+    libs: dict[str, dict[str, str]] = {}
+    for level in levels:
+        for openmp in (t == "openmp" for t in threadings):
+            path = build(openmp, namespace, march=level, out_dir=directory)
+            libs.setdefault(_threading(openmp), {})[level] = path.name
+            print(f"[cpu_build] {level} {_threading(openmp)}: {path}", flush=True)
+    manifest = {"torch": torch.__version__, "sources": _sources_hash(), "libraries": {namespace: libs}}
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Build both threadings: for this CPU into the cache, or with --prebuild DIR for the given
+    instruction-set levels (an image's build stage)."""
+    parser = argparse.ArgumentParser(prog="python -m models.kernels.cpu_build", description=main.__doc__)
+    parser.add_argument("--prebuild", type=Path, metavar="DIR", help="build for LEVELS into DIR (with a manifest)")
+    parser.add_argument("levels", nargs="*", metavar="LEVEL",
+                        help=f"instruction-set levels for --prebuild ({', '.join(LEVELS)}; default all)")
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.prebuild is not None:
+        prebuild(args.prebuild, args.levels or list(LEVELS))
+        return
     for openmp in (True, False):
         print(build(openmp))
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading as _threading
+from pathlib import Path
 
 import torch
 
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 
 _lock = _threading.Lock()
 _loaded: dict[str, str | None] = {}  # namespace -> threading it was loaded with (None: unavailable)
+_origin: dict[str, str] = {}  # namespace -> where its library came from ("prebuilt x86-64-v3", "built here")
 
 
 def load(threading: str = "auto", namespace: str = cpu_build.NAMESPACE) -> str | None:
@@ -44,16 +46,31 @@ def load(threading: str = "auto", namespace: str = cpu_build.NAMESPACE) -> str |
         return _loaded[namespace]
 
 
+def origin(namespace: str = cpu_build.NAMESPACE) -> str | None:
+    """Where the loaded library came from: "prebuilt <level>" (built ahead of time, e.g. in the
+    image) or "built here" (-march=native, compiled or cached); None before a successful load."""
+    return _origin.get(namespace) if _loaded.get(namespace) else None
+
+
+def _find(openmp: bool, namespace: str) -> Path:
+    found = cpu_build.prebuilt(openmp, namespace)
+    if found is not None:
+        _origin[namespace] = f"prebuilt {found[1]}"
+        return found[0]
+    _origin[namespace] = "built here"
+    return cpu_build.build(openmp, namespace)
+
+
 def _load(threading: str, namespace: str) -> str | None:
     openmp = threading == "openmp" or (threading == "auto" and cpu_build.torch_runs_gomp())
     try:
         try:
-            path = cpu_build.build(openmp, namespace)
+            path = _find(openmp, namespace)
         except cpu_build.BuildError as e:
             if not openmp or threading == "openmp":
                 raise
             log.warning("building the CPU kernels with OpenMP failed (%s); trying pthreads", e)
-            openmp, path = False, cpu_build.build(False, namespace)
+            openmp, path = False, _find(False, namespace)
         torch.ops.load_library(str(path))
     except (cpu_build.BuildError, OSError, RuntimeError) as e:
         log.warning("the CPU kernels are not available (%s): the PyTorch paths serve instead", e)

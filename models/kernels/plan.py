@@ -105,6 +105,7 @@ class Capabilities:
     grouped_mm: bool = False  # torch._grouped_mm in this dtype (Hopper and newer, bf16)
     cpu_kernels: str | None = None  # the C kernels' threading ("openmp" | "pthreads"), None: not built
     onednn: bool = False
+    cpu_kernels_origin: str | None = None  # "prebuilt x86-64-v3" (ahead of time) or "built here"
 
     @classmethod
     def detect(cls, device: torch.device, dtype: torch.dtype, cpu_kernels: str = "auto") -> Capabilities:
@@ -115,7 +116,8 @@ class Capabilities:
         from models.kernels import cpu_ops
 
         threading = None if cpu_kernels == "off" else cpu_ops.load(cpu_kernels)
-        return cls(device.type, triton=triton_available(), cpu_kernels=threading, onednn=onednn_available())
+        return cls(device.type, triton=triton_available(), cpu_kernels=threading, onednn=onednn_available(),
+                   cpu_kernels_origin=cpu_ops.origin() if threading else None)
 
 
 @dataclass(frozen=True)
@@ -187,6 +189,8 @@ class KernelPlan:
     def table(self) -> str:
         caps = self.capabilities
         c_kernels = caps.cpu_kernels or "not built" if caps.device_type == "cpu" else "-"
+        if caps.device_type == "cpu" and caps.cpu_kernels and caps.cpu_kernels_origin:
+            c_kernels += f" ({caps.cpu_kernels_origin})"
         lines = [f"kernel plan ({self.device}, {self.dtype}; C kernels: {c_kernels}; triton: "
                  f"{'yes' if caps.triton else 'no'}; flags: {_flags_text(self.flags)})",
                  "| layers | attention | fused rope / norms | q/k/v, o | experts | expert gate+up |",
@@ -210,7 +214,7 @@ class KernelPlan:
         return {
             "device": self.device, "dtype": self.dtype, "flags": vars(self.flags).copy(),
             "capabilities": {"triton": caps.triton, "grouped_mm": caps.grouped_mm, "cpu_kernels": caps.cpu_kernels,
-                             "onednn": caps.onednn},
+                             "cpu_kernels_origin": caps.cpu_kernels_origin, "onednn": caps.onednn},
             "layers": [{"layers": [first, last], "attention_kind": lk.attention_kind, "attention": lk.attention.value,
                         "fused_rope": lk.fused_rope, "fused_norms": lk.fused_norms, "qkv": lk.qkv.value,
                         "o": lk.o.value, "expert_kind": lk.expert_kind,

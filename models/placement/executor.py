@@ -19,7 +19,7 @@ Virtual devices `cpu:N` are distinct placement devices backed by host memory (te
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

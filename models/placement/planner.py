@@ -288,7 +288,7 @@ def place(policy: str, loads, devices: Sequence[str], capacity_per_device: Seque
     num_experts = arr.shape[1]
     slots = sum(capacity)
     usable = sum(1 for c in capacity if c > 0)
-    layers = []
+    layers: list[LayerPlan] = []
     for load in arr:
         residents = _residents(load, slots, host)
         spare = min(num_redundant, slots - len(residents))

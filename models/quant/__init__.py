@@ -50,7 +50,8 @@ def parse_quantization(qcfg: dict[str, Any] | None) -> QuantSpec | None:
         fmt = qcfg.get("format")
         if fmt != "float-quantized":
             raise UnsupportedModelError(f"compressed-tensors format {fmt!r} is not supported (only float-quantized FP8)")
-        strategies, blocks = set(), set()
+        strategies: set[str] = set()
+        blocks: set[tuple[int, int]] = set()
         for name, group in (qcfg.get("config_groups") or {}).items():
             weights = group.get("weights") or {}
             if weights.get("type") != "float" or weights.get("num_bits") != 8:
@@ -61,7 +62,11 @@ def parse_quantization(qcfg: dict[str, Any] | None) -> QuantSpec | None:
                 raise UnsupportedModelError(f"compressed-tensors weight strategy {strategy!r} is not supported")
             strategies.add(strategy)
             if strategy == "block":
-                blocks.add(tuple(int(b) for b in weights.get("block_structure") or (128, 128)))
+                block = [int(b) for b in weights.get("block_structure") or (128, 128)]
+                if len(block) != 2:
+                    raise UnsupportedModelError(f"compressed-tensors group {name!r}: block_structure {block} is not "
+                                                f"[rows, columns]")
+                blocks.add((block[0], block[1]))
         if len(blocks) > 1:
             raise UnsupportedModelError(f"compressed-tensors groups with different block structures {sorted(blocks)}")
         return QuantSpec("compressed-tensors", weight_block_size=blocks.pop() if blocks else None,

@@ -77,7 +77,7 @@ async def create_chat_completion(request: Request) -> Response:
     base = {"id": request_id, "created": int(time.time()), "model": serving.model_name}
     gen = await serving.start_generation(request, [engine_request], stream=bool(body.stream))
 
-    def chunks() -> tuple[AsyncIterator[dict[str, Any]], StreamUsage]:
+    def chunks() -> tuple[AsyncIterator[dict[str, Any] | bytes], StreamUsage]:
         state = StreamUsage(ChatCompletionChunk, {**base, "object": "chat.completion.chunk"}, len(prompt_ids),
                             body.stream_options)
         outputs = [choice_output(plan, prepared) for _ in range(sp.n)]
@@ -121,8 +121,9 @@ def _chat_json(serving: Serving, body: ChatCompletionRequest, output: ChoiceOutp
     for c in acc.outputs:
         message, called = output.message(c.text)
         choice = ChatChoice(
-            index=c.index, message=_reasoning_names(message, serving.config.legacy_reasoning_content),
-            logprobs=ChatLogprobs(content=_logprob_entries(serving, c.logprobs, top)) if top is not None else None,
+            index=c.index, message=_reasoning_names(message, serving.config.legacy_reasoning_content),  # type: ignore[arg-type]
+            logprobs=ChatLogprobs(content=_logprob_entries(serving, c.logprobs, top))  # type: ignore[arg-type]
+            if top is not None else None,
             finish_reason=output.finish_reason(c.finish_reason, called))
         if body.return_routing:
             choice.routing, choice.routing_weights = ids_json(c.routing), weights_json(c.routing_weights)
@@ -167,7 +168,8 @@ async def _stream(serving: Serving, body: ChatCompletionRequest, outputs: list[C
             if delta or (body.return_routing and o.token_ids):
                 choice = ChatChunkChoice(
                     index=o.index, delta=ChatDelta(**_reasoning_names(delta, serving.config.legacy_reasoning_content)),
-                    logprobs=ChatLogprobs(content=held.pop(o.index, [])) if top is not None else None,
+                    logprobs=ChatLogprobs(content=held.pop(o.index, []))  # type: ignore[arg-type]
+                    if top is not None else None,
                     finish_reason=None)
                 if body.return_routing:
                     choice.routing, choice.routing_weights = ids_json(o.routing), weights_json(o.routing_weights)
@@ -176,7 +178,7 @@ async def _stream(serving: Serving, body: ChatCompletionRequest, outputs: list[C
             if o.finish_reason is not None:
                 rest = held.pop(o.index, None)
                 choice = ChatChunkChoice(index=o.index, delta=ChatDelta(),
-                                         logprobs=ChatLogprobs(content=rest) if rest else None,
+                                         logprobs=ChatLogprobs(content=rest) if rest else None,  # type: ignore[arg-type]
                                          finish_reason=parser.stream_finish_reason(o.finish_reason))
                 yield await _chunk(serving, state, choice, extra, prompt_lps)
                 extra, prompt_lps = {}, None

@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 class ChatPlan:
     tools: ToolPlan
     spec: StructuredSpec | None  # the request's constraint, or the one of required / named tool choices
-    reasoning: type | None  # the reasoning parser class (--reasoning-parser)
+    reasoning: Any | None  # the reasoning parser class (--reasoning-parser)
     tool_parser: Any | None  # the --tool-call-parser instance, used when tools.mode == "auto"
 
     def sampling_overrides(self, body: ChatCompletionRequest) -> dict[str, Any]:

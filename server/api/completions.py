@@ -56,7 +56,7 @@ class _Plan:
         """The legacy logprobs of these tokens (after the echoed prompt's, on the first part)."""
         if self.logprobs is None:
             return None
-        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        out: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         if first and self.echo:
             _extend(out, _prompt_entries(builder, self.prompt_ids[i], prompt_entries))
         _extend(out, builder.build(list(entries or []), token_ids))
@@ -87,7 +87,7 @@ async def create_completion(request: Request) -> Response:
     log.prompt_tokens = sum(len(ids) for ids in plan.prompt_ids)
     gen = await serving.start_generation(request, engine_requests, stream=bool(body.stream))
 
-    def chunks() -> tuple[AsyncIterator[dict[str, Any]], StreamUsage]:
+    def chunks() -> tuple[AsyncIterator[dict[str, Any] | bytes], StreamUsage]:
         state = StreamUsage(Completion, plan.base(), log.prompt_tokens, body.stream_options)
         return _stream(serving, plan, gen, state), state
 

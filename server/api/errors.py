@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -208,25 +209,25 @@ def _is_tag(loc: tuple[Any, ...], k: int) -> bool:
     return part in _DISCRIMINATOR_TAGS and k > 0 and isinstance(loc[k - 1], int)
 
 
-def _is_type_error(err: dict[str, Any]) -> bool:
+def _is_type_error(err: Mapping[str, Any]) -> bool:
     return str(err.get("type", "")).endswith("_type")
 
 
-def _most_specific(errors: list[dict[str, Any]]) -> dict[str, Any]:
+def _most_specific(errors: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
     """The first error, or, when it is a union branch's type mismatch, the error of the branch
     whose type matched (a range or length violation says more than 'must be a string or ...')."""
     first = errors[0]
     if not _is_type_error(first):
         return first
 
-    def where(e: dict[str, Any]) -> tuple[Any, ...]:
+    def where(e: Mapping[str, Any]) -> tuple[Any, ...]:
         return _strip_union_tags(tuple(p for p in e.get("loc", ()) if p != "body"))
 
     loc = where(first)
     return next((e for e in errors if where(e)[:len(loc)] == loc and not _is_type_error(e)), first)
 
 
-def validation_error(errors: list[dict[str, Any]]) -> APIError:
+def validation_error(errors: Sequence[Mapping[str, Any]]) -> APIError:
     """The first pydantic error as a 400 naming its parameter (plus how many more there were)."""
     if not errors:
         return bad_request("Invalid request body.")

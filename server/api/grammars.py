@@ -5,7 +5,7 @@ other request waits for, if it has not started)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from server.api.errors import ClientDisconnected, bad_request, overloaded, truncate, unavailable
@@ -14,7 +14,7 @@ from server.engine.structured.compile_pool import CompileBacklogFull, CompilerUn
 from server.engine.structured.service import GrammarService
 from server.engine.structured.spec import StructuredSpec, StructuredSpecError
 
-Receive = Callable[[], Awaitable[dict[str, Any]]]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]  # ASGI's (starlette.types.Receive)
 
 
 async def compile_for_request(service: GrammarService, spec: StructuredSpec,

@@ -41,7 +41,7 @@ PROMPT_LOGPROBS_LIMIT = (
     "them once, prompt tokens x (prompt_logprobs + 1).")
 # logit_bias: {token id (an integer, as a JSON key): bias in [-100, 100]}; the entries are checked
 # by the serving layer, which names every bad one in its message
-LOGIT_BIAS_SCHEMA = {"propertyNames": {"pattern": "^ *[+-]?[0-9]{1,20} *$"},
+LOGIT_BIAS_SCHEMA: dict[str, Any] = {"propertyNames": {"pattern": "^ *[+-]?[0-9]{1,20} *$"},
                      "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}}
 
 

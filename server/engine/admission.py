@@ -11,7 +11,8 @@ Thread-safe: the native engine delivers from its engine thread.
 from __future__ import annotations
 
 import threading
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 from server.engine.errors import EngineOverloadedError
 

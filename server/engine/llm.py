@@ -46,7 +46,7 @@ class LLM:
         for prompt, sp in zip(prompts, params_list):
             rid = f"offline-{next(self._ids)}"
             text = prompt if isinstance(prompt, str) else None
-            ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+            ids: list[int] = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)  # type: ignore[arg-type]
             self.core.add_request(EngineRequest(rid, ids, dataclasses.replace(sp), prompt=text))
             results[rid] = RequestOutput(rid, [
                 CompletionOutput(index=i, logprobs=[] if sp.logprobs is not None else None) for i in range(sp.n)],

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
+from collections.abc import AsyncIterator, Callable
 
 from server.engine.admission import InFlight
 from server.engine.errors import EngineDeadError, EngineOverloadedError, RequestTooLongError

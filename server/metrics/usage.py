@@ -9,7 +9,8 @@ expert computations each device served (GPU vs the CPU tier under expert placeme
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from typing import Any
+from collections.abc import Iterable
 
 
 def moe_usage(metrics: Iterable[Any]) -> dict[str, Any] | None:

@@ -197,11 +197,36 @@ def test_config_changes_roll_the_pods(render):
     assert a != b
 
 
+@pytest.mark.parametrize("values_file", VALUE_SETS, ids=IDS)
+def test_caches_go_to_an_emptydir_under_the_read_only_root(render, values_file):
+    """Every container that runs moe-serve code (server, LWS leader and Ray workers) has a writable
+    emptyDir at MOE_SERVE_CACHE_DIR (CPU kernels, Triton, inductor, HF caches), the root being read-only."""
+    docs = render(files(values_file))
+    cache_dir = docs.config_env()["MOE_SERVE_CACHE_DIR"]
+    assert cache_dir == values_of(values_file).get("cache", {}).get("mountPath", "/var/cache/moe-serve")
+    for _, tpl in docs.pod_templates():
+        volumes = {v["name"]: v for v in tpl["spec"]["volumes"]}
+        c = main_container(tpl)
+        assert c["securityContext"]["readOnlyRootFilesystem"] is True
+        mount = next(m for m in c["volumeMounts"] if m["mountPath"] == cache_dir)
+        assert not mount.get("readOnly")
+        assert "emptyDir" in volumes[mount["name"]] and volumes[mount["name"]]["emptyDir"]["sizeLimit"]
+
+
+def test_cache_dir_values(render, render_fails):
+    docs = render(set_values=["cache.mountPath=/cache", "cache.medium=Memory", "cache.sizeLimit=512Mi"])
+    assert docs.config_env()["MOE_SERVE_CACHE_DIR"] == "/cache"
+    tpl = docs.server_pod_template()
+    assert {"name": "cache", "mountPath": "/cache"} in main_container(tpl)["volumeMounts"]
+    assert {"name": "cache", "emptyDir": {"medium": "Memory", "sizeLimit": "512Mi"}} in tpl["spec"]["volumes"]
+    assert "mountPath" in render_fails(set_values=["cache.mountPath=relative/dir"])
+
+
 def test_unset_flags_are_left_to_the_server(render):
     """null / "" values render no env var, so server/config.py stays the one source of defaults."""
     env = render().config_env()
     assert set(env) == {"MOE_SERVE_HOST", "MOE_SERVE_PORT", "MOE_SERVE_ENGINE", "MOE_SERVE_DRAIN_TIMEOUT",
-                        "MOE_SERVE_LOG_FORMAT", "MOE_SERVE_SERVED_MODEL_NAME"}
+                        "MOE_SERVE_LOG_FORMAT", "MOE_SERVE_SERVED_MODEL_NAME", "MOE_SERVE_CACHE_DIR"}
     assert env["MOE_SERVE_SERVED_MODEL_NAME"] == "tiny-mixtral"
     env = render([ci("gpu-values")]).config_env()
     assert env["MOE_SERVE_MAX_MODEL_LEN"] == "8192" and env["MOE_SERVE_ENABLE_PREFIX_CACHING"] == "true"

@@ -302,3 +302,45 @@ def test_build_context_builds_the_package(tmp_path):
     for f in ("config.json", "model.safetensors"):
         assert (bundled / f).exists(), f"the bundled checkpoint has no {f}"
         assert f"models/checkpoints/tiny-mixtral/{f}" in names, f"the image would lack the bundled {f}"
+
+
+def test_base_images_are_build_arguments():
+    """The same Dockerfile builds from the public bases and from a local one (no registry)."""
+    args_before_from = {i.value.split("=")[0]: i.value for i in INSTRUCTIONS if i.cmd == "ARG" and i.stage == -1}
+    assert args_before_from["BASE_IMAGE_CPU"].startswith("BASE_IMAGE_CPU=python:")
+    assert in_stage("base-cpu")[0].value.startswith("${BASE_IMAGE_CPU}")
+    assert in_stage("base-cuda")[0].value.startswith("${CUDA_IMAGE}")
+
+
+def test_every_pip_install_uses_the_constraints():
+    runs = [i for i in in_stage("builder") if i.cmd == "RUN" and "pip install" in i.value]
+    assert runs
+    for ins in runs:
+        if "--no-deps" in ins.value:  # the package itself: nothing to resolve
+            continue
+        assert ins.value.count("pip install") == ins.value.count("pip install -c constraints.txt"), ins.value
+    assert any(i.cmd == "COPY" and "constraints.txt" in i.value for i in in_stage("builder"))
+
+
+def test_cpu_kernels_are_prebuilt_and_the_cpu_runtime_has_no_compiler():
+    """The builder compiles the CPU kernels per instruction-set level into MOE_SERVE_PREBUILT_KERNELS;
+    the runtime copies them, installs nothing, and (CPU variant) inherits no compiler. The CUDA
+    base carries what Triton compiles with at run time: a C compiler and the Python headers."""
+    from models.kernels.cpu_build import LEVELS
+
+    env = " ".join(i.value for i in in_stage("base") if i.cmd == "ENV")
+    assert "MOE_SERVE_PREBUILT_KERNELS=/opt/moe-serve/kernels" in env
+    assert "MOE_SERVE_CACHE_DIR=/var/cache/moe-serve" in env
+    builder = in_stage("builder")
+    levels = next(i.value for i in builder if i.cmd == "ARG" and i.value.startswith("CPU_KERNEL_LEVELS="))
+    assert set(shlex.split(levels.partition("=")[2])[0].split()) == set(LEVELS)
+    prebuild = [i.value for i in builder if i.cmd == "RUN" and "cpu_build.py --prebuild" in i.value]
+    assert prebuild and "$MOE_SERVE_PREBUILT_KERNELS" in prebuild[0]
+    final = final_stage()
+    copies = [copy_sources(i) for i in final if i.cmd == "COPY"]
+    assert (["/opt/moe-serve"], "/opt/moe-serve", {"from": "builder"}) in copies
+    cpu_base = " ".join(i.value for i in in_stage("base-cpu"))
+    assert "gcc" not in cpu_base and "g++" not in cpu_base
+    cuda_base = " ".join(i.value for i in in_stage("base-cuda") if i.cmd == "RUN")
+    assert "gcc" in cuda_base and "python3-dev" in cuda_base
+    assert "mkdir -p /models \"$MOE_SERVE_CACHE_DIR\"" in " ".join(i.value for i in final if i.cmd == "RUN")

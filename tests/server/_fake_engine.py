@@ -15,7 +15,8 @@ import time
 import zlib
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
+from collections.abc import AsyncIterator
 
 from server.config import BUNDLED_MODEL
 from server.engine.admission import InFlight

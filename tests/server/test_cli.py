@@ -179,3 +179,34 @@ def test_finite_floats_in_range_are_accepted() -> None:
     cfg = build_config(["--expert-capacity-factor", "1.25", "--drain-timeout", "0", "--request-timeout", "1e6",
                         "--engine-progress-timeout", "0", "--gpu-memory-utilization", "1"], environ={})
     assert (cfg.engine.expert_capacity_factor, cfg.drain_timeout, cfg.request_timeout) == (1.25, 0.0, 1e6)
+
+
+def test_cache_dir_sends_every_cache_under_it(tmp_path) -> None:
+    """--cache-dir / MOE_SERVE_CACHE_DIR: the CPU kernel builds, Triton, torch inductor, Hugging Face
+    and vLLM caches go under it (created); an operator's own TRITON_CACHE_DIR etc. is kept."""
+    from server.cli import use_cache_dir
+
+    root = tmp_path / "caches"
+    cfg = build_config(["--cache-dir", str(root)], environ={})
+    environ = {"TRITON_CACHE_DIR": "/elsewhere/triton"}
+    use_cache_dir(cfg.engine, environ)
+    assert root.is_dir()
+    assert environ == {"MOE_SERVE_CACHE_DIR": str(root), "TRITON_CACHE_DIR": "/elsewhere/triton",
+                       "TORCHINDUCTOR_CACHE_DIR": str(root / "inductor"), "HF_HOME": str(root / "huggingface"),
+                       "VLLM_CACHE_ROOT": str(root / "vllm"), "XDG_CACHE_HOME": str(root)}
+    assert build_config([], environ={"MOE_SERVE_CACHE_DIR": "/var/cache/x"}).engine.cache_dir == "/var/cache/x"
+    unset: dict[str, str] = {}
+    use_cache_dir(build_config([], environ={}).engine, unset)
+    assert unset == {}, "without --cache-dir every tool keeps its default"
+
+
+def test_unwritable_cache_dir_exits_2_naming_the_flag(tmp_path) -> None:
+    import os
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MOE_SERVE_")}
+    r = subprocess.run([sys.executable, "-m", "server.cli", "--port", "0", "--cache-dir", str(blocker / "sub")],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert "--cache-dir" in r.stderr and "Traceback" not in r.stderr

@@ -119,6 +119,7 @@ app.kubernetes.io/component: server
 {{- end }}
 {{- end }}
 {{- $_ := set $env "MOE_SERVE_SERVED_MODEL_NAME" (include "moe-serve.servedModelName" .) }}
+{{- $_ := set $env "MOE_SERVE_CACHE_DIR" .Values.cache.mountPath }}
 {{- with include "moe-serve.modelPath" . }}
 {{- $_ := set $env "MOE_SERVE_MODEL" . }}
 {{- end }}
@@ -199,6 +200,12 @@ app.kubernetes.io/component: server
 {{- define "moe-serve.volumes" -}}
 - name: tmp
   emptyDir: {}
+- name: cache
+  emptyDir:
+    {{- with .Values.cache.medium }}
+    medium: {{ . }}
+    {{- end }}
+    sizeLimit: {{ .Values.cache.sizeLimit }}
 {{- if or .Values.sharedMemory.enabled .Values.multiNode.enabled }}
 - name: dshm
   emptyDir:
@@ -244,6 +251,8 @@ app.kubernetes.io/component: server
 {{- define "moe-serve.volumeMounts" -}}
 - name: tmp
   mountPath: /tmp
+- name: cache
+  mountPath: {{ .Values.cache.mountPath }}
 {{- if or .Values.sharedMemory.enabled .Values.multiNode.enabled }}
 - name: dshm
   mountPath: /dev/shm

@@ -19,7 +19,7 @@ import logging
 import queue
 import threading
 import time
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 from server.engine.admission import InFlight
 from server.engine.native.core import EngineCore, StepError

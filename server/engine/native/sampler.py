@@ -108,7 +108,8 @@ class Sampler:
         dev = raw.device
 
         # Classify rows (loops over rows, never over the vocabulary).
-        greedy_rows, random_rows = [], []
+        greedy_rows: list[int] = []
+        random_rows: list[int] = []
         for i, r in enumerate(rows):
             (greedy_rows if r.params.greedy else random_rows).append(i)
 

@@ -20,7 +20,7 @@ cache is off (a cached block restores KV, not the recurrent state at its end).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from server.engine.native.kv_cache import KVCacheManager
 from server.engine.native.outputs import ModelOutput, ScheduledSeq, SchedulerOutput

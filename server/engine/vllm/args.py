@@ -13,6 +13,7 @@ import json
 import logging
 import os
 from dataclasses import fields
+from collections.abc import Mapping
 from typing import Any
 
 from models.dtypes import canonical_dtype
@@ -106,7 +107,7 @@ def engine_args_kwargs(config: EngineConfig, *, on_cpu: bool, environ: dict[str,
     return kw
 
 
-def extra_args(environ: dict[str, str]) -> dict[str, Any]:
+def extra_args(environ: Mapping[str, str]) -> dict[str, Any]:
     raw = environ.get(EXTRA_ARGS_ENV, "").strip()
     if not raw:
         return {}

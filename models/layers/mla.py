@@ -206,8 +206,8 @@ class Indexer(nn.Module):
             seq_lens = meta.decode_seq_lens
             nblocks = (int(seq_lens.max()) + bs - 1) // bs
             keys = pe_cache[meta.block_tables[:nd, :nblocks]].flatten(1, 2)[:, :, 0, self.rope : width]  # [B, L, d]
-            s = torch.relu(torch.einsum("bhd,bld->bhl", q[:nd].float(), keys.float()) * self.head_dim**-0.5)
-            scores = torch.einsum("bh,bhl->bl", w[:nd], s)
+            per_head = torch.relu(torch.einsum("bhd,bld->bhl", q[:nd].float(), keys.float()) * self.head_dim**-0.5)
+            scores = torch.einsum("bh,bhl->bl", w[:nd], per_head)
             pos = torch.arange(keys.shape[1], device=q.device)
             decode = self._top(scores, pos[None, :] < seq_lens[:, None])
         chunks = []

@@ -310,8 +310,9 @@ async def _create_message(request: Request) -> Response:
     msg, called = output.message(text)
     content = _blocks(msg)
     stop_reason, stop_sequence = _stop(reason, stop_str, called)
-    answer = AnthropicMessage(**base, content=content, stop_reason=stop_reason, stop_sequence=stop_sequence,
-                              usage={"input_tokens": len(prompt_ids), "output_tokens": tokens})
+    answer = AnthropicMessage.model_validate({**base, "content": content, "stop_reason": stop_reason,
+                                              "stop_sequence": stop_sequence, "usage": {
+                                                  "input_tokens": len(prompt_ids), "output_tokens": tokens}})
     return JSONResponse(answer.model_dump(), headers=headers)
 
 

@@ -72,8 +72,8 @@ def install_openapi(app: FastAPI) -> None:
             return app.openapi_schema
         schema = get_openapi(title=app.title, version=app.version, routes=app.routes,
                              description=app.description)
-        _, defs = models_json_schema([(m, "validation") for m in (*REQUEST_MODELS.values(), ResponsesRequest)],
-                                     ref_template=REF_TEMPLATE)
+        models: list[Any] = [*REQUEST_MODELS.values(), ResponsesRequest]
+        _, defs = models_json_schema([(m, "validation") for m in models], ref_template=REF_TEMPLATE)
         schema.setdefault("components", {}).setdefault("schemas", {}).update(defs.get("$defs", {}))
         app.openapi_schema = schema
         return schema

@@ -186,7 +186,7 @@ def _strip_union_tags(loc: tuple[Any, ...]) -> tuple[Any, ...]:
 _DISCRIMINATOR_TAGS = {"system", "developer", "user", "assistant", "tool", "text", "refusal"}
 
 
-def _unknown_tag(err: dict[str, Any], raw_loc: tuple[Any, ...]) -> APIError:
+def _unknown_tag(err: Mapping[str, Any], raw_loc: tuple[Any, ...]) -> APIError:
     ctx = err.get("ctx") or {}
     tag, field = str(ctx.get("tag", "")), str(ctx.get("discriminator", "")).strip("'")
     loc = tuple(p for k, p in enumerate(raw_loc) if not _is_tag(raw_loc, k))

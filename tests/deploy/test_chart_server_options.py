@@ -1,8 +1,8 @@
 """Every `moe-serve` flag is a chart value: `server.<flagInCamelCase>` in values.yaml and in
 values.schema.json (with the flag's type, and exactly its choices), and a value set for each one
 reaches the server's configuration through the ConfigMap. A new flag without a chart entry fails
-here. Two flags are set elsewhere in the chart: --model (model.*) and --api-key (apiKey.*, a
-Secret)."""
+here. Three flags are set elsewhere in the chart: --model (model.*), --api-key (apiKey.*, a Secret)
+and --cache-dir (cache.mountPath, an emptyDir)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ from .helpers import CHART
 from .test_chart_server_contract import server_argv, server_environ
 
 FLAGS = {f.field: f for f in ENGINE_FLAGS + SERVER_FLAGS}
-SET_ELSEWHERE = {"model": "model.source / model.path", "api_key": "apiKey.value / apiKey.existingSecret"}
+SET_ELSEWHERE = {"model": "model.source / model.path", "api_key": "apiKey.value / apiKey.existingSecret",
+                 "cache_dir": "cache.mountPath (an emptyDir under the read-only root)"}
 SCHEMA = json.loads((CHART / "values.schema.json").read_text())
 SERVER_SCHEMA = SCHEMA["properties"]["server"]
 VALUES = yaml.safe_load((CHART / "values.yaml").read_text())["server"]
@@ -97,7 +98,12 @@ EVERY_OPTION = {
     "allowed_hosts": ("moe.example.com,localhost", ("moe.example.com", "localhost")),
     "limit_concurrency": (512, 512),
     "body_read_timeout": (15.5, 15.5),
-    "tool_call_parser": ("hermes", "hermes"),
+    "tool_call_parser": ("glm45", "glm45"),
+    "legacy_reasoning_content": (True, True),
+    "generation_config": ("vllm", "vllm"),
+    "responses_store_max_entries": (10, 10),
+    "responses_store_max_bytes": ("1MiB", 2**20),
+    "responses_store_ttl": (60, 60.0),
     "enable_auto_tool_choice": (True, True),
     "chat_template": ("{{ messages[0]['content'] }}", "{{ messages[0]['content'] }}"),
     "grammar_compile_timeout": (5, 5.0),

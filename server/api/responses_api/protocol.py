@@ -114,14 +114,14 @@ _FUNCTION_TOOL_SCHEMA = {
     "properties": {"type": {"const": "function"}, "name": {"type": "string", "pattern": NAME_PATTERN},
                    "description": {"type": ["string", "null"]}, "parameters": _PARAMETERS_SCHEMA,
                    "strict": {"type": ["boolean", "null"]}}}
-TOOLS_SCHEMA = {"anyOf": [{"type": "array", "maxItems": 128, "items": {"oneOf": [
+TOOLS_SCHEMA: dict[str, Any] = {"anyOf": [{"type": "array", "maxItems": 128, "items": {"oneOf": [
     _FUNCTION_TOOL_SCHEMA,
     {"type": "object", "required": ["type", "name", "tools"], "additionalProperties": False,
      "properties": {"type": {"const": "namespace"}, "name": {"type": "string", "pattern": NAME_PATTERN},
                     "description": {"type": ["string", "null"]},
                     "tools": {"type": "array", "minItems": 1, "items": _FUNCTION_TOOL_SCHEMA}}}]}},
     {"type": "null"}]}
-TOOL_CHOICE_SCHEMA = {"anyOf": [
+TOOL_CHOICE_SCHEMA: dict[str, Any] = {"anyOf": [
     {"enum": ["none", "auto", "required"]},
     {"type": "object", "required": ["type", "name"], "additionalProperties": False,
      "properties": {"type": {"const": "function"}, "name": {"type": "string", "pattern": NAME_PATTERN}}},

@@ -408,6 +408,19 @@ def partial_rotary_dim(hf: Any, head_dim: int) -> int | None:
     return None if dim >= head_dim else dim
 
 
+def hybrid_layer_kinds(hf: Any, num_layers: int, linear_kind: str) -> tuple[str, ...]:
+    """A hybrid config's `layer_types` (linear_attention / full_attention, as Qwen3-Next and Kimi
+    Linear name them) as our layer kinds, the linear layers being `linear_kind`."""
+    kinds = []
+    for i, t in enumerate(getattr(hf, "layer_types", None) or []):
+        if t not in ("linear_attention", "full_attention"):
+            raise UnsupportedModelError(f"layer_types[{i}]={t!r} is not supported (linear_attention, full_attention)")
+        kinds.append(linear_kind if t == "linear_attention" else "attention")
+    if len(kinds) != num_layers:
+        raise UnsupportedModelError(f"layer_types has {len(kinds)} entries for {num_layers} layers")
+    return tuple(kinds)
+
+
 def layer_windows(hf: Any, num_layers: int) -> tuple[int | None, ...]:
     """Per-layer sliding window: the config's `sliding_window` on the layers `layer_types` marks
     `sliding_attention` (all layers when it has no `layer_types`); () when no layer slides."""

@@ -25,6 +25,7 @@ from models.config import (
     MoEModelConfig,
     RouterConfig,
     UnsupportedModelError,
+    hybrid_layer_kinds,
 )
 from models.deepseek import mla_entries
 from models.family import PublishedConfig, TinyConfig
@@ -76,13 +77,7 @@ def hf_config_class(arch: str):
 
 def config_fields(hf: Any, arch: str, num_layers: int) -> dict[str, Any]:
     get = lambda name, default=None: getattr(hf, name, default)  # noqa: E731
-    kinds = []
-    for i, t in enumerate(get("layer_types") or []):
-        if t not in ("linear_attention", "full_attention"):
-            raise UnsupportedModelError(f"layer_types[{i}]={t!r} is not supported (linear_attention, full_attention)")
-        kinds.append("kda" if t == "linear_attention" else "attention")
-    if len(kinds) != num_layers:
-        raise UnsupportedModelError(f"layer_types has {len(kinds)} entries for {num_layers} layers")
+    kinds = hybrid_layer_kinds(hf, num_layers, "kda")
     # options of later Kimi releases that transformers' KimiLinear does not implement either
     linear_cfg = get("linear_attn_config") or {}
     refused = {"mla_use_nope": get("mla_use_nope", True) is False,

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from models.config import LinearAttentionConfig, MoEModelConfig, UnsupportedModelError
+from models.config import LinearAttentionConfig, MoEModelConfig, hybrid_layer_kinds
 from models.family import PublishedConfig, TinyConfig
 from models.weight_map import WeightMap, common_entries, proj_entries
 
@@ -63,13 +63,7 @@ def hf_config_class(arch: str):
 
 def config_fields(hf: Any, arch: str, num_layers: int) -> dict[str, Any]:
     get = lambda name, default=None: getattr(hf, name, default)  # noqa: E731
-    kinds = []
-    for i, t in enumerate(get("layer_types") or []):
-        if t not in ("linear_attention", "full_attention"):
-            raise UnsupportedModelError(f"layer_types[{i}]={t!r} is not supported (linear_attention, full_attention)")
-        kinds.append("linear" if t == "linear_attention" else "attention")
-    if len(kinds) != num_layers:
-        raise UnsupportedModelError(f"layer_types has {len(kinds)} entries for {num_layers} layers")
+    kinds = hybrid_layer_kinds(hf, num_layers, "linear")
     num_experts = get("num_experts") or 0
     if arch == "Qwen3NextForCausalLM":
         step = get("decoder_sparse_step", 1) or 1

@@ -29,6 +29,7 @@ from torch import nn
 
 from models.config import KDAConfig
 from models.layers.paged import AttentionMetadata
+from models.layers.state_conv import conv_decode, conv_prefill, decode_rows, prefill_chunks
 
 StateCache = tuple[torch.Tensor, torch.Tensor]  # conv [slots, 3 * H * d, K - 1], recurrent [slots, H, d, d]
 CHUNK = 64
@@ -145,31 +146,20 @@ class KimiDeltaAttention(nn.Module):
                 positions: torch.Tensor | None = None) -> torch.Tensor:
         T = x.shape[0]
         conv_cache, rec_cache = cache
-        K, H, d = self.kda.conv_kernel, self.kda.num_heads, self.kda.head_dim
+        H, d = self.kda.num_heads, self.kda.head_dim
         mixed, gate, beta, g = self._split(x)
         out = x.new_empty(T, H, d)
         nd = meta.num_decodes
         if nd:
-            slots = meta.state_slots[:nd]
-            fresh = (meta.decode_seq_lens <= 1)[:, None, None]  # a sequence's first token: no state yet
-            window = torch.cat((conv_cache[slots].masked_fill(fresh, 0), mixed[:nd, :, None]), dim=-1)  # [B, C, K]
-            conv_cache.index_copy_(0, slots, window[..., 1:])
-            conv = F.silu((window.float() * self.conv_weight.float()).sum(-1)).to(x.dtype)  # [B, C]
-            q, k, v = self._heads(conv)
+            slots, fresh = decode_rows(meta)
+            q, k, v = self._heads(F.silu(conv_decode(conv_cache, slots, fresh, mixed[:nd], self.conv_weight)).to(x.dtype))
             state = rec_cache[slots].masked_fill(fresh[..., None], 0)
             o, state = recurrent_kda_step(q, k, v, g[:nd], beta[:nd], state)
             rec_cache.index_copy_(0, slots, state)
             out[:nd] = o.to(x.dtype)
-        loc = meta.query_start_loc
-        for i in range(nd, meta.num_seqs):  # prefill chunks, each from its sequence's state so far
-            s, e = loc[i], loc[i + 1]
-            slot = meta.state_slots[i]
-            carried = meta.seq_lens[i] > e - s  # earlier chunks of this sequence ran before
-            prev = conv_cache[slot] if carried else mixed.new_zeros(self.kda.conv_dim, K - 1)
-            seq_in = torch.cat((prev, mixed[s:e].t()), dim=-1)  # [C, K - 1 + n]
-            conv_cache[slot] = seq_in[:, -(K - 1):]
-            conv = F.conv1d(seq_in[None].float(), self.conv_weight.float()[:, None, :], groups=self.kda.conv_dim)
-            q, k, v = self._heads(F.silu(conv[0].t()).to(x.dtype))  # [n, H, d]
+        for s, e, slot, carried in prefill_chunks(meta):  # each from its sequence's state so far
+            conv = conv_prefill(conv_cache, slot, carried, mixed[s:e], self.conv_weight)
+            q, k, v = self._heads(F.silu(conv).to(x.dtype))  # [n, H, d]
             o, state = chunk_kda(q, k, v, g[s:e], beta[s:e], rec_cache[slot] if carried else None)
             rec_cache[slot] = state
             out[s:e] = o.to(x.dtype)

@@ -27,6 +27,7 @@ from torch import nn
 
 from models.config import Mamba2Config
 from models.layers.paged import AttentionMetadata
+from models.layers.state_conv import conv_decode, conv_prefill, decode_rows, prefill_chunks
 
 StateCache = tuple[torch.Tensor, torch.Tensor]  # conv [slots, conv_dim, K - 1], ssm [slots, H, P, N]
 
@@ -118,38 +119,23 @@ class Mamba2Mixer(nn.Module):
         m = self.m
         T = x.shape[0]
         conv_cache, ssm_cache = cache
-        K = m.conv_kernel
         z, xbc, dt = self.in_proj(x).split([m.intermediate_size, m.conv_dim, m.num_heads], dim=-1)
         A = -self.A_log.float().exp()
         D = self.D.float()[:, None]
-        weight = self.conv_weight.float()
-        bias = self.conv_bias.float() if self.conv_bias is not None else None
+        weight, bias = self.conv_weight, self.conv_bias
         dt = dt.float() + self.dt_bias.float()
         y = torch.empty(T, m.num_heads, m.head_dim, dtype=torch.float32, device=x.device)
         nd = meta.num_decodes
         if nd:
-            slots = meta.state_slots[:nd]
-            fresh = (meta.decode_seq_lens <= 1)[:, None, None]  # a sequence's first token: no state yet
-            window = torch.cat((conv_cache[slots].masked_fill(fresh, 0), xbc[:nd, :, None]), dim=-1)  # [S, C, K]
-            conv_cache.index_copy_(0, slots, window[..., 1:])
-            conv = (window.float() * weight).sum(-1)
-            if bias is not None:
-                conv = conv + bias
-            xs, B, C = self._ssm_inputs(F.silu(conv).to(x.dtype))
+            slots, fresh = decode_rows(meta)
+            xs, B, C = self._ssm_inputs(F.silu(conv_decode(conv_cache, slots, fresh, xbc[:nd], weight, bias)).to(x.dtype))
             state = ssm_cache[slots].masked_fill(fresh[..., None], 0)
             out, state = mamba2_step(xs, F.softplus(dt[:nd]), A, B, C, state)
             ssm_cache.index_copy_(0, slots, state)
             y[:nd] = out + D * xs
-        loc = meta.query_start_loc
         lo, hi = m.time_step_limit
-        for i in range(nd, meta.num_seqs):  # prefill chunks, each from its sequence's state so far
-            s, e = loc[i], loc[i + 1]
-            slot = meta.state_slots[i]
-            carried = meta.seq_lens[i] > e - s  # earlier chunks of this sequence ran before
-            prev = conv_cache[slot] if carried else xbc.new_zeros(m.conv_dim, K - 1)
-            seq_in = torch.cat((prev, xbc[s:e].t()), dim=-1)  # [C, K - 1 + n]
-            conv_cache[slot] = seq_in[:, -(K - 1):]
-            conv = F.conv1d(seq_in[None].float(), weight[:, None, :], bias, groups=m.conv_dim)[0].t()
+        for s, e, slot, carried in prefill_chunks(meta):  # each from its sequence's state so far
+            conv = conv_prefill(conv_cache, slot, carried, xbc[s:e], weight, bias)
             xs, B, C = self._ssm_inputs(F.silu(conv).to(x.dtype))
             step = F.softplus(dt[s:e]).clamp(lo, hi)
             out, state = mamba2_chunk_scan(xs, step, A, B, C, ssm_cache[slot] if carried else None, m.chunk_size)

@@ -14,28 +14,20 @@ the output stops. `<|observation|>` (the token GLM ends a tool-calling turn with
 
 from __future__ import annotations
 
-from typing import Any
 
-from server.api.tool_parsers.base import ToolParser
 from server.api.tool_parsers.json_scan import skip_ws
 from server.api.tool_parsers.strict import Call, check_name
-from server.api.tool_parsers.xml_args import Arguments, expect, parameter_types, until
+from server.api.tool_parsers.xml_args import Arguments, TypedArgumentsParser, expect, until
 
 START, END = "<tool_call>", "</tool_call>"
 KEY, KEY_END, VALUE, VALUE_END = "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>"
 TRAILERS = ("<|observation|>",)
 
 
-class Glm45ToolParser(ToolParser):
+class Glm45ToolParser(TypedArgumentsParser):
     name = "glm45"
     marker = START
     needs_special_tokens = True  # <tool_call>, <arg_key>, ... are special tokens of GLM's tokenizer
-
-    def __init__(self, types: dict[str, dict[str, set[str]]] | None = None) -> None:
-        self.types = types or {}
-
-    def for_tools(self, tools: list[dict[str, Any]] | None) -> ToolParser:
-        return type(self)(parameter_types(tools))
 
     def read_calls(self, text: str, start: int) -> list[Call]:
         calls, pos = [], start

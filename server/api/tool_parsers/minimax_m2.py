@@ -15,28 +15,20 @@ them; the last `</minimax:tool_call>` may be missing where the output stops.
 
 from __future__ import annotations
 
-from typing import Any
 
-from server.api.tool_parsers.base import ToolParser
 from server.api.tool_parsers.json_scan import skip_ws
 from server.api.tool_parsers.strict import Call, check_name
-from server.api.tool_parsers.xml_args import Arguments, expect, parameter_types, until
+from server.api.tool_parsers.xml_args import Arguments, TypedArgumentsParser, expect, until
 
 START, END = "<minimax:tool_call>", "</minimax:tool_call>"
 INVOKE, INVOKE_END = '<invoke name="', "</invoke>"
 PARAM, PARAM_END = '<parameter name="', "</parameter>"
 
 
-class MiniMaxM2ToolParser(ToolParser):
+class MiniMaxM2ToolParser(TypedArgumentsParser):
     name = "minimax_m2"
     marker = START
     needs_special_tokens = True  # <minimax:tool_call> is a special token of MiniMax's tokenizer
-
-    def __init__(self, types: dict[str, dict[str, set[str]]] | None = None) -> None:
-        self.types = types or {}
-
-    def for_tools(self, tools: list[dict[str, Any]] | None) -> ToolParser:
-        return type(self)(parameter_types(tools))
 
     def read_calls(self, text: str, start: int) -> list[Call]:
         calls, pos = [], start

@@ -18,12 +18,10 @@ the output stops.
 
 from __future__ import annotations
 
-from typing import Any
 
-from server.api.tool_parsers.base import ToolParser
 from server.api.tool_parsers.json_scan import skip_ws
 from server.api.tool_parsers.strict import Call, check_name
-from server.api.tool_parsers.xml_args import Arguments, expect, parameter_types, until
+from server.api.tool_parsers.xml_args import Arguments, TypedArgumentsParser, expect, until
 
 START, END = "<tool_call>", "</tool_call>"
 FUNCTION, FUNCTION_END = "<function=", "</function>"
@@ -35,15 +33,9 @@ def _value(raw: str) -> str:
     return raw.removeprefix("\n").removesuffix("\n")
 
 
-class Qwen3CoderToolParser(ToolParser):
+class Qwen3CoderToolParser(TypedArgumentsParser):
     name = "qwen3_coder"
     marker = START
-
-    def __init__(self, types: dict[str, dict[str, set[str]]] | None = None) -> None:
-        self.types = types or {}
-
-    def for_tools(self, tools: list[dict[str, Any]] | None) -> ToolParser:
-        return type(self)(parameter_types(tools))
 
     def read_calls(self, text: str, start: int) -> list[Call]:
         calls, pos = [], start

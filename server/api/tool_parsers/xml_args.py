@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from server.api.tool_parsers.base import ToolParser
 from server.api.tool_parsers.strict import load
 
 
@@ -77,3 +78,15 @@ def until(text: str, pos: int, token: str) -> tuple[str, int]:
     if end < 0:
         raise ValueError(f"expected {token}")
     return text[pos:end], end + len(token)
+
+
+class TypedArgumentsParser(ToolParser):
+    """A parser whose formats write arguments as text (GLM-4.5, Qwen3-Coder, MiniMax-M2): it needs
+    the request's tools to tell a string parameter (kept as its text) from others (read as JSON)."""
+
+    def __init__(self, types: dict[str, dict[str, set[str]]] | None = None) -> None:
+        self.types = types or {}
+
+    def for_tools(self, tools: list[dict[str, Any]] | None) -> ToolParser:
+        return type(self)(parameter_types(tools))
+

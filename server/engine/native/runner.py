@@ -76,23 +76,15 @@ class ModelRunner:
         self.graphs = DecodeGraphs(self.model, self.kv_caches, self.buffers.dev, sizes, self.pad_slot, cuda_graphs)
         self.graphs.capture()
 
-    def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+    def _copy_rows(self, pairs: list, copies: list[tuple[int, int]]) -> None:
+        """Rows (src, dst) of every tensor in `pairs`: KV blocks (copy-on-write) or state slots (forks)."""
         if not copies:
             return
         src = torch.tensor([c[0] for c in copies], device=self.device)
         dst = torch.tensor([c[1] for c in copies], device=self.device)
-        for k, v in self._kv_pairs:
-            k[dst] = k[src]
-            v[dst] = v[src]
-
-    def _copy_states(self, copies: list[tuple[int, int]]) -> None:
-        if not copies:
-            return
-        src = torch.tensor([c[0] for c in copies], device=self.device)
-        dst = torch.tensor([c[1] for c in copies], device=self.device)
-        for conv, rec in self._state_pairs:
-            conv[dst] = conv[src]
-            rec[dst] = rec[src]
+        for pair in pairs:
+            for t in pair:
+                t[dst] = t[src]
 
     def _graph_bucket(self, batch: SchedulerOutput) -> int | None:
         if self.graphs is None or len(batch.scheduled) > self.graphs.max_size:
@@ -111,8 +103,8 @@ class ModelRunner:
     def execute(self, batch: SchedulerOutput) -> ModelOutput:
         # grammar masks of this step's samplers are filled while the model runs
         self.structured.begin_step([item.seq.grammar for item in batch.scheduled if item.samples])
-        self._copy_blocks(batch.block_copies)
-        self._copy_states(batch.state_copies)
+        self._copy_rows(self._kv_pairs, batch.block_copies)
+        self._copy_rows(self._state_pairs, batch.state_copies)
         bucket = self._graph_bucket(batch)
         bufs = self.buffers
         dev_before = bufs.dev

@@ -7,6 +7,8 @@ import torch
 import transformers
 
 from server.engine.llm import LLM
+from tests.conftest import save_test_tokenizer
+from tests.models.conftest import make_checkpoint
 
 
 @pytest.fixture()
@@ -43,3 +45,21 @@ def hf_reference(tiny_mixtral):
         return cache[key]
 
     return greedy
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """family -> (path, transformers reference) of a tiny registered config with the test tokenizer,
+    made once per module (its generation stops only at max_new_tokens)."""
+    cache: dict[str, tuple] = {}
+
+    def get(family: str):
+        if family not in cache:
+            path = tmp_path_factory.mktemp(f"engine-{family}")
+            ref = make_checkpoint(family, path)
+            ref.generation_config.eos_token_id = None
+            save_test_tokenizer(path)
+            cache[family] = (str(path), ref)
+        return cache[family]
+
+    return get

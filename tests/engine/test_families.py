@@ -19,9 +19,8 @@ from server.engine.factory import num_kv_blocks
 from server.engine.native.placement.trace import RoutingRecorder
 from server.engine.request import EngineRequest, SamplingParams
 from server.metrics.usage import moe_usage
-from tests.conftest import RoutingCollector, save_test_tokenizer
+from tests.conftest import RoutingCollector
 from tests.engine.units import prompts_of
-from tests.models.conftest import make_checkpoint
 
 # every tiny config the family registry marks for the engine (models/<family>.py, `TINY`): the
 # default suite runs one family per attention path the engine has (MLA, sinks + sliding window,
@@ -31,23 +30,6 @@ ENGINE_FAMILIES = [f if TINY_CONFIGS[f].engine == "default" else pytest.param(f,
                    for f in FAMILIES]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
 PROMPT_LENS = (5, 17, 40, 3, 33)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """family -> (path, transformers reference with a greedy helper)."""
-    cache: dict[str, tuple] = {}
-
-    def get(family: str):
-        if family not in cache:
-            path = tmp_path_factory.mktemp(f"engine-{family}")
-            ref = make_checkpoint(family, path)
-            ref.generation_config.eos_token_id = None
-            save_test_tokenizer(path)
-            cache[family] = (str(path), ref)
-        return cache[family]
-
-    return get
 
 
 def hf_greedy(ref, prompt: list[int], n: int) -> list[int]:

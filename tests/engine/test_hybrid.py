@@ -18,42 +18,23 @@ from server.engine import LLM
 from server.engine.factory import num_kv_blocks
 from server.engine.native.state_slots import StateSlots
 from server.engine.request import EngineRequest, SamplingParams
-from tests.conftest import save_test_tokenizer
 from tests.engine.test_families import check_pool_empty, hf_greedy
 from tests.engine.units import prompts_of
-from tests.models.conftest import make_checkpoint
 from scripts.model_families import config_of, published
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """name -> (path, transformers reference) of a tiny hybrid checkpoint, made once."""
-    cache: dict[str, tuple] = {}
-
-    def get(name: str):
-        if name not in cache:
-            path = tmp_path_factory.mktemp(name)
-            ref = make_checkpoint(name, path)
-            ref.generation_config.eos_token_id = None
-            save_test_tokenizer(path)
-            cache[name] = (str(path), ref)
-        return cache[name]
-
-    return get
-
-
 @pytest.fixture(scope="module", params=["qwen3_next", "granitemoehybrid"])
-def hybrid(request, tiny):
+def hybrid(request, checkpoint):
     """A hybrid tiny checkpoint: Gated DeltaNet (Qwen3-Next) or Mamba2 (Granite 4.0-H) layers."""
-    return tiny(request.param)
+    return checkpoint(request.param)
 
 
 @pytest.fixture(scope="module")
-def kimi_linear(tiny):
+def kimi_linear(checkpoint):
     """Kimi Delta Attention layers beside MLA (latent KV blocks)."""
-    return tiny("kimi_linear")
+    return checkpoint("kimi_linear")
 
 
 def test_state_slots_pool():
@@ -67,10 +48,10 @@ def test_state_slots_pool():
 
 
 @pytest.mark.parametrize("family", ["qwen3_next", "granitemoehybrid", "kimi_linear"])
-def test_forked_completions_continue_from_the_prompts_state(family, tiny):
+def test_forked_completions_continue_from_the_prompts_state(family, checkpoint):
     """n > 1: each completion gets its own slot holding a copy of the prompt's state; greedy
     completions are then all the single greedy continuation (a missing or wrong copy diverges)."""
-    path, ref = tiny(family)
+    path, ref = checkpoint(family)
     llm = LLM(path, dtype="float32", num_kv_blocks=64, block_size=4, max_num_seqs=4)
     prompt = prompts_of([21])[0]
     want = hf_greedy(ref, prompt, 10)
@@ -121,8 +102,8 @@ def test_admission_waits_for_state_slots_and_aborts_free_them(hybrid):
 
 
 @pytest.mark.parametrize("family", ["qwen3_next", "granitemoehybrid", "kimi_linear"])
-def test_state_memory_is_taken_from_the_cache_budget(family, tiny):
-    path, _ = tiny(family)
+def test_state_memory_is_taken_from_the_cache_budget(family, checkpoint):
+    path, _ = checkpoint(family)
     budget = 1 << 20
     llm = LLM(path, dtype="float32", kv_cache_memory=budget, block_size=4, max_num_seqs=5)
     core, model = llm.core, llm.core.model
@@ -149,14 +130,14 @@ def _readme_row(checkpoint: str) -> list[str]:
     return [c.strip() for c in line.strip("|").split("|")]
 
 
-@pytest.mark.parametrize("checkpoint", ["Qwen3-Next-80B-A3B-Instruct", "Qwen3.5-35B-A3B (text)", "granite-4.0-h-tiny",
+@pytest.mark.parametrize("published_name", ["Qwen3-Next-80B-A3B-Instruct", "Qwen3.5-35B-A3B (text)", "granite-4.0-h-tiny",
                                         "Kimi-Linear-48B-A3B", "DeepSeek-V3.2-Exp", "GLM-5"])
-def test_readme_state_and_kv_bytes_are_what_the_engine_allocates(checkpoint):
+def test_readme_state_and_kv_bytes_are_what_the_engine_allocates(published_name):
     """The README's per-sequence state and per-token KV figures for the published configs, against
     the tensors the model allocates (a bf16 model built on the meta device: no memory used)."""
-    row = _readme_row(checkpoint)
+    row = _readme_row(published_name)
     kv_per_token, state_per_seq = (int(re.sub(r"\D", "", c) or 0) for c in row[5:7])  # "-": no state
-    cfg: MoEModelConfig = config_of(next(p for p in published() if p.checkpoint == checkpoint))
+    cfg: MoEModelConfig = config_of(next(p for p in published() if p.checkpoint == published_name))
     with torch.device("meta"):
         model = MoEForCausalLM(cfg).to(torch.bfloat16)
     blocks, bs, slots = 3, 16, 2

@@ -121,8 +121,7 @@ class Scheduler:
                 if slots is None:
                     break
                 seq.state_slots = slots
-            if (seq.num_computed == 0 and not seq.blocks.table and not seq.needs_prompt_outputs
-                    and self.state_slots is None):
+            if seq.num_computed == 0 and not seq.blocks.table and not seq.needs_prompt_outputs:
                 cached = self.kv.match_prefix(seq.blocks, seq.token_ids)
                 seq.num_computed = cached
                 if seq.num_output == 0:

@@ -176,6 +176,9 @@ class EngineConfig:
     # subdirectories of this one; None: each tool's default (~/.cache/...)
     cache_dir: str | None = option(
         None, "directory for run-time caches: CPU kernel builds, Triton, torch inductor, Hugging Face (default: ~/.cache)")
+    # speculative decoding (server/engine/native/spec/): vLLM's JSON; None: off
+    speculative_config: str | None = option(
+        None, 'speculative decoding, JSON as vLLM spells it, e.g. {"method": "ngram", "num_speculative_tokens": 4}')
     # vLLM pass-through
     tensor_parallel_size: int = option(1, "vLLM: tensor-parallel size")
     data_parallel_size: int = option(1, "vLLM: data-parallel size")
@@ -222,6 +225,10 @@ class EngineConfig:
             raise ConfigError("kv_cache_memory must be > 0 bytes")
         check_range(self, "expert_capacity_factor", 0.0, MAX_CAPACITY_FACTOR, low_open=True)
         check_range(self, "engine_progress_timeout", 0.0, MAX_SECONDS)  # 0: off
+        try:
+            self.speculative  # noqa: B018 - validates --speculative-config
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         if self.otlp_traces_endpoint:  # "" (an empty env var or Helm value): off
             check_otlp_endpoint(self.otlp_traces_endpoint)
         try:
@@ -250,6 +257,13 @@ class EngineConfig:
     def kernel_flags(self) -> KernelFlags:
         return KernelFlags(attention=self.attention_backend, moe=self.moe_backend, cpu_linear=self.cpu_linear_layout,
                            fused_ops=self.fused_ops, cpu_kernels=self.cpu_kernels)
+
+    @property
+    def speculative(self):
+        """The parsed --speculative-config (a SpeculativeConfig), None when off."""
+        from server.engine.native.spec.config import SpeculativeConfig
+
+        return SpeculativeConfig.parse(self.speculative_config)
 
     @property
     def places_experts(self) -> bool:

@@ -181,6 +181,21 @@ def serving() -> dict:
            + f"(rate(vllm:request_{k}_tokens_bucket{{{M}}}[{RI}])))", k)
           for k in ("prompt", "generation")])))
 
+    p.append(row(lay, "Speculative decoding"))
+    p.append(panel(lay, ts, "Speculative decoding acceptance rate", targets(
+        (f"sum(rate(vllm:spec_decode_num_accepted_tokens_total{{{M}}}[{RI}])) / "
+         + f"clamp_min(sum(rate(vllm:spec_decode_num_draft_tokens_total{{{M}}}[{RI}])), 1e-9)",
+         "acceptance rate"),
+        (f"sum by (position) (rate(vllm:spec_decode_num_accepted_tokens_per_pos_total{{{M}}}[{RI}])) / "
+         + f"ignoring(position) group_left clamp_min(sum(rate(vllm:spec_decode_num_drafts_total{{{M}}}[{RI}])), 1e-9)",
+         "position {{position}}")), unit="percentunit", field_config={"max": 1, "min": 0},
+        description="Accepted / drafted tokens (--speculative-config), overall and per draft position."))
+    p.append(panel(lay, ts, "Distinct experts per verify vs plain decode step", targets(
+        (f"sum by (step) (rate(moe_decode_step_distinct_experts_total{{{M}}}[{RI}])) / "
+         + f"clamp_min(sum by (step) (rate(moe_decode_steps_total{{{M}}}[{RI}])), 1e-9)", "{{step}}")),
+        description="Experts touched per step summed over MoE layers: what a verify step streams "
+                    "compared with a one-token decode step."))
+
     p.append(row(lay, "HTTP"))
     p.append(panel(lay, ts, "HTTP requests by status", targets(
         (f"sum by (status) (rate(moe_http_requests_total[{RI}]))", "{{status}}")),

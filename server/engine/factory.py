@@ -148,6 +148,7 @@ def build_native_core(config: EngineConfig, progress: bool = True, reserve_cpu_c
         scheduling_policy=config.scheduling_policy, seed=config.seed,
         eos_token_ids=eos_token_ids(config.model, cfg, tokenizer), placement=placement,
         routing_listeners=(RoutingRecorder.for_model(config.record_routing, model),) if config.record_routing else (),
+        speculative=config.speculative, kernels=config.kernel_flags,
     )
     dtype = str(model.embed.weight.dtype).replace("torch.", "")
     info = ModelInfo(

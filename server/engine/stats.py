@@ -29,6 +29,16 @@ class IterationStats:
     # (request_id-free) first-token latencies and inter-token latencies observed this step
     time_to_first_tokens: list[float] = field(default_factory=list)
     inter_token_latencies: list[float] = field(default_factory=list)
+    # speculative decoding (native engine): sequences verified with drafts this step, their
+    # drafted and accepted tokens, and the accepted count per draft position (index = position)
+    spec_num_drafts: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
+    spec_accepted_per_pos: list[int] = field(default_factory=list)
+    # a step with no prefill tokens: "verify" (some sequence verified drafts) or "decode"
+    # (plain one-token decodes), and the distinct experts its tokens touched per MoE layer
+    decode_step_kind: str | None = None
+    distinct_experts: list[int] | None = None
 
 
 @dataclass

@@ -29,6 +29,8 @@ ROUTE = "route"
 METHOD = "method"
 STATUS = "status"
 OUTCOME = "outcome"
+POSITION = "position"  # speculative decoding: the draft position (0-based)
+STEP = "step"  # a decode-only engine step: "verify" (drafts verified) or "decode" (plain)
 
 CORE_LABELS: tuple[str, ...] = (MODEL_NAME, ENGINE)
 
@@ -179,10 +181,31 @@ REQUEST_DECODE_TIME = _v(
     "vllm:request_decode_time_seconds", HISTOGRAM,
     "Histogram of time spent in DECODE phase for request.", buckets=REQUEST_LATENCY_BUCKETS)
 
+# ---- speculative decoding (vLLM names) ------------------------------------------------------
+SPEC_DECODE_NUM_DRAFTS = _v(
+    "vllm:spec_decode_num_drafts_total", COUNTER, "Number of spec decoding drafts.")
+SPEC_DECODE_NUM_DRAFT_TOKENS = _v(
+    "vllm:spec_decode_num_draft_tokens_total", COUNTER, "Number of draft tokens.")
+SPEC_DECODE_NUM_ACCEPTED_TOKENS = _v(
+    "vllm:spec_decode_num_accepted_tokens_total", COUNTER, "Number of accepted tokens.")
+SPEC_DECODE_NUM_ACCEPTED_TOKENS_PER_POS = _v(
+    "vllm:spec_decode_num_accepted_tokens_per_pos_total", COUNTER,
+    "Accepted tokens per draft position.", extra=(POSITION,))
+
 # ---- our engine series ---------------------------------------------------------------------
 ENGINE_STEP_DURATION = MetricSpec(
     "moe_engine_step_duration_seconds", HISTOGRAM, "Wall time of one engine step in seconds.",
     CORE_LABELS, STEP_TIME_BUCKETS)
+
+DECODE_STEPS = MetricSpec(
+    "moe_decode_steps_total", COUNTER,
+    "Engine steps without prefill tokens, by kind: verify (some sequence verified speculative drafts) "
+    "or decode (one token per sequence).", CORE_LABELS + (STEP,))
+DECODE_STEP_DISTINCT_EXPERTS = MetricSpec(
+    "moe_decode_step_distinct_experts_total", COUNTER,
+    "Distinct experts the tokens of such steps touched, per MoE layer, summed over steps "
+    "(divide by moe_decode_steps_total: experts streamed per verify step vs per plain decode step).",
+    CORE_LABELS + (LAYER, STEP))
 
 # ---- HTTP ----------------------------------------------------------------------------------
 HTTP_REQUESTS = MetricSpec(
@@ -244,8 +267,10 @@ VLLM_SPECS: tuple[MetricSpec, ...] = (
     TIME_TO_FIRST_TOKEN, INTER_TOKEN_LATENCY, REQUEST_TIME_PER_OUTPUT_TOKEN,
     E2E_REQUEST_LATENCY, REQUEST_QUEUE_TIME, REQUEST_INFERENCE_TIME, REQUEST_PREFILL_TIME,
     REQUEST_DECODE_TIME,
+    SPEC_DECODE_NUM_DRAFTS, SPEC_DECODE_NUM_DRAFT_TOKENS, SPEC_DECODE_NUM_ACCEPTED_TOKENS,
+    SPEC_DECODE_NUM_ACCEPTED_TOKENS_PER_POS,
 )
-ENGINE_SPECS: tuple[MetricSpec, ...] = (ENGINE_STEP_DURATION,)
+ENGINE_SPECS: tuple[MetricSpec, ...] = (ENGINE_STEP_DURATION, DECODE_STEPS, DECODE_STEP_DISTINCT_EXPERTS)
 HTTP_SPECS: tuple[MetricSpec, ...] = (HTTP_REQUESTS, HTTP_REQUEST_DURATION)
 GRAMMAR_SPECS: tuple[MetricSpec, ...] = (
     GRAMMAR_COMPILES_WAITING, GRAMMAR_COMPILES_RUNNING, GRAMMAR_COMPILE_DURATION, GRAMMAR_CACHE_BYTES,

@@ -73,6 +73,13 @@ class CoreMetrics:
         self.max_tokens_param = bind(n.REQUEST_PARAMS_MAX_TOKENS)
         self.n_param = bind(n.REQUEST_PARAMS_N)
 
+        self.spec_drafts = bind(n.SPEC_DECODE_NUM_DRAFTS)
+        self.spec_draft_tokens = bind(n.SPEC_DECODE_NUM_DRAFT_TOKENS)
+        self.spec_accepted = bind(n.SPEC_DECODE_NUM_ACCEPTED_TOKENS)
+        self._spec_per_pos = make_metric(n.SPEC_DECODE_NUM_ACCEPTED_TOKENS_PER_POS, registry, max_model_len)
+        self._decode_steps = make_metric(n.DECODE_STEPS, registry, max_model_len)
+        self._distinct = make_metric(n.DECODE_STEP_DISTINCT_EXPERTS, registry, max_model_len)
+
         success = make_metric(n.REQUEST_SUCCESS, registry, max_model_len)
         self._success_parent = success
         self._labelvalues = lv
@@ -95,6 +102,16 @@ class CoreMetrics:
             self.ttft.observe(ttft)
         for itl in it.inter_token_latencies:
             self.itl.observe(itl)
+        if it.spec_num_drafts:
+            self.spec_drafts.inc(it.spec_num_drafts)
+            self.spec_draft_tokens.inc(it.spec_num_draft_tokens)
+            self.spec_accepted.inc(it.spec_num_accepted_tokens)
+            for pos, count in enumerate(it.spec_accepted_per_pos):
+                self._spec_per_pos.labels(*self._labelvalues, str(pos)).inc(count)
+        if it.decode_step_kind is not None and it.distinct_experts is not None:
+            self._decode_steps.labels(*self._labelvalues, it.decode_step_kind).inc()
+            for layer, count in enumerate(it.distinct_experts):
+                self._distinct.labels(*self._labelvalues, str(layer), it.decode_step_kind).inc(count)
 
     def record_finished(self, req: FinishedRequestStats) -> None:
         child = self.success.get(req.finish_reason)

@@ -44,7 +44,9 @@ def full_metrics(**kw) -> ServerMetrics:
         iteration(num_running=3, num_waiting=2, kv_cache_usage=0.25, num_prompt_tokens=30,
                   num_generation_tokens=4, num_preemptions=1, prefix_cache_queries=30,
                   prefix_cache_hits=12, step_time=0.02, time_to_first_tokens=[0.03, 0.3],
-                  inter_token_latencies=[0.02, 0.02, 0.2]),
+                  inter_token_latencies=[0.02, 0.02, 0.2], spec_num_drafts=2, spec_num_draft_tokens=6,
+                  spec_num_accepted_tokens=3, spec_accepted_per_pos=[2, 1, 0], decode_step_kind="verify",
+                  distinct_experts=[3, 4]),
         [finished("stop", max_tokens_param=64, n_param=2), finished("length")],
         routing([[1, 1, 1, 1], [4, 0, 0, 0]], {"cuda:0": 6, "cuda:1": 2}, dropped=[1, 2], zero=[3, 0]))
     m.set_placement(PlacementInfo([(0, 0, "cuda:0", 0), (0, 0, "cuda:1", 1)]))
@@ -246,3 +248,19 @@ def test_engine_thread_records_while_loop_renders():
     assert value(smp, "vllm:e2e_request_latency_seconds_count", **CORE) == steps
     assert value(smp, "moe_expert_tokens_total", layer="3", expert="7") == steps
     assert value(smp, "moe_device_expert_tokens_total", device="cuda:0") == 32 * steps
+
+
+def test_speculative_decoding_series():
+    smp = samples(full_metrics().render()[0])
+
+    def value(name: str, **labels: str) -> float:
+        hits = [v for (nm, ls), v in smp.items() if nm == name and all((k, x) in ls for k, x in labels.items())]
+        assert len(hits) == 1, (name, labels, hits)
+        return hits[0]
+
+    assert value("vllm:spec_decode_num_drafts_total") == 2
+    assert value("vllm:spec_decode_num_draft_tokens_total") == 6
+    assert value("vllm:spec_decode_num_accepted_tokens_total") == 3
+    assert [value("vllm:spec_decode_num_accepted_tokens_per_pos_total", position=str(i)) for i in range(3)] == [2, 1, 0]
+    assert value("moe_decode_steps_total", step="verify") == 1
+    assert [value("moe_decode_step_distinct_experts_total", layer=str(i), step="verify") for i in range(2)] == [3, 4]

@@ -25,6 +25,8 @@ from server.engine.native.runner import ModelRunner
 from server.engine.native.sampler import Sampler
 from server.engine.native.scheduler import Scheduler
 from server.engine.native.sequence import RequestState, Sequence, next_seq_id
+from server.engine.native.spec.config import SpeculativeConfig
+from server.engine.native.spec.engine import SpecDecoder, build_proposer, distinct_experts
 from server.engine.native.state_slots import StateSlots
 from server.engine.request import EngineRequest, RequestOutput
 from server.engine.stats import FinishedRequestStats, IterationStats, RoutingListener, RoutingStats
@@ -56,10 +58,12 @@ class EngineCore:
                  max_model_len: int, max_num_seqs: int, max_num_batched_tokens: int,
                  enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True,
                  scheduling_policy: str = "fcfs", seed: int = 0, eos_token_ids: tuple[int, ...] = (),
-                 placement: Any = None, routing_listeners: tuple[RoutingListener, ...] = ()):
+                 placement: Any = None, routing_listeners: tuple[RoutingListener, ...] = (),
+                 speculative: SpeculativeConfig | None = None, kernels: Any = None):
         """`placement`: a PlacementManager (server/engine/native/placement) whose experts are
         placed already; it hears every step's routing. `routing_listeners` (e.g. a routing trace
-        recorder) hear it too; all are closed with the core."""
+        recorder) hear it too; all are closed with the core. `speculative`: speculative decoding
+        (spec/; `kernels`, the KernelFlags a draft model is loaded with)."""
         self.model = model
         self.tokenizer = tokenizer
         cfg = model.config
@@ -99,6 +103,19 @@ class EngineCore:
         self.placement_manager = placement
         if placement is not None:
             self.routing_listeners.append(placement)
+        self.spec: SpecDecoder | None = None
+        if speculative is not None:
+            if cfg.hybrid:
+                raise ValueError(f"--speculative-config: {cfg.architecture} has linear-attention layers, whose "
+                                 f"recurrent state cannot take back rejected drafts; speculative decoding is off "
+                                 f"for hybrid models")
+            proposer = build_proposer(speculative, model, num_blocks=num_blocks, block_size=block_size,
+                                      max_model_len=self.max_model_len, max_num_seqs=max_num_seqs,
+                                      max_num_batched_tokens=max_num_batched_tokens, kernels=kernels)
+            self.spec = SpecDecoder(speculative, proposer, self.max_model_len, self.vocab_size)
+            self.runner.keep_hidden = proposer.wants_hidden_states
+            self.scheduler.release_hook = lambda seq: proposer.release(seq.seq_id)
+            log.info("speculative decoding: %s", speculative.to_json())
 
     # -- admission --------------------------------------------------------------------
     def validate(self, request: EngineRequest) -> int:
@@ -172,6 +189,11 @@ class EngineCore:
                 for listener in self.routing_listeners:
                     listener.on_routing(routing_stats)
             self.output.record_model_output(batch, result, stats)
+            distinct_experts(batch, result, stats)
+            target = None
+            if self.spec is not None:
+                self.spec.record(batch, result, stats)
+                target = self.spec.target_hidden(batch, result)
             states = list({id(it.seq.state): it.seq.state for it in batch.scheduled}.values())
             finished = self.scheduler.update_from_output(
                 batch, result, lambda seq, token, lp, may_stop: self.output.on_token(
@@ -180,6 +202,8 @@ class EngineCore:
             for out in outputs:
                 if out.finished:
                     del self.requests[out.request_id]
+            if self.spec is not None:  # drafts for the next step
+                self.spec.propose(self.scheduler.running, target)
         stats.num_running = len(self.scheduler.running)
         stats.num_waiting = len(self.scheduler.waiting)
         stats.kv_cache_usage = self.pool.usage
@@ -193,6 +217,8 @@ class EngineCore:
 
     def close(self) -> None:
         """Release what outlives a step (a routing trace file)."""
+        if self.spec is not None:
+            self.spec.proposer.close()
         for listener in self.routing_listeners:
             listener.close()
 

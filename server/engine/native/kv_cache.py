@@ -167,6 +167,13 @@ class KVCacheManager:
             self.pool.register(seq.table[i], h, tokens, seq.table[i - 1] if i else None)
             seq.hashes.append(h)
 
+    def trim(self, seq: SequenceBlocks, num_tokens: int) -> None:
+        """Release the whole blocks past the first `num_tokens` tokens (speculative decoding:
+        the blocks that held only rejected drafts)."""
+        keep = max(-(-num_tokens // self.block_size), len(seq.hashes))
+        while len(seq.table) > keep:
+            self.pool.release(seq.table.pop())
+
     def fork(self, seq: SequenceBlocks) -> SequenceBlocks:
         """A child sharing every block of `seq` (the partial last one is copied on write)."""
         child = SequenceBlocks()

@@ -97,7 +97,9 @@ class OutputProcessor:
             if j in out.prompt_logprobs:
                 self._prompt_logprobs(seq, out.prompt_logprobs[j])
             if out.routing is not None:
-                self._record_routing(seq, item.num_new, out, j)
+                # speculative decoding: the routing of rejected drafts is not the request's
+                num_new = item.num_new - item.num_spec + out.num_accepted.get(j, 0)
+                self._record_routing(seq, num_new, out, j, whole_step=not item.num_spec)
 
     def _prompt_logprobs(self, seq: Sequence, logprobs: list[Logprob]) -> None:
         state = self.states[seq.state.request_id]
@@ -106,7 +108,7 @@ class OutputProcessor:
         if seq.num_computed + 1 == len(state.prompt_logprobs):  # else recomputed after a preemption
             state.prompt_logprobs.extend(logprobs)
 
-    def _record_routing(self, seq: Sequence, num_new: int, out: ModelOutput, j: int) -> None:
+    def _record_routing(self, seq: Sequence, num_new: int, out: ModelOutput, j: int, whole_step: bool = True) -> None:
         """Count the experts chosen for this sequence's tokens into its request's MoE usage and,
         when asked, keep the ids; tokens recomputed after a preemption are not counted again."""
         begin = max(seq.num_computed, seq.routing_done)
@@ -117,7 +119,7 @@ class OutputProcessor:
         rows = slice(off + begin, off + end)
         chosen = out.routing[rows]  # [n, layers, k]
         state, E = self.states[seq.state.request_id], self.num_experts
-        if begin == seq.num_computed and out.seq_expert_counts is not None:
+        if whole_step and begin == seq.num_computed and out.seq_expert_counts is not None:
             counts = out.seq_expert_counts[j]  # [layers, experts], counted for the whole step at once
         else:  # tokens recomputed after a preemption: count only the new ones
             counts = expert_counts(chosen, E)[0].cpu()  # [layers, experts]

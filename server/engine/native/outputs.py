@@ -17,12 +17,13 @@ if TYPE_CHECKING:
 @dataclass
 class ScheduledSeq:
     seq: Sequence
-    num_new: int  # tokens to compute this step
+    num_new: int  # tokens to compute this step (with num_spec drafted tokens after its last one)
+    num_spec: int = 0  # speculative decoding: drafts verified this step (seq.spec_tokens[:num_spec])
 
     @property
     def samples(self) -> bool:
         """Whether this step computes the sequence's last token (so a new one is sampled)."""
-        return self.seq.num_computed + self.num_new == len(self.seq.token_ids)
+        return self.seq.num_computed + self.num_new - self.num_spec == len(self.seq.token_ids)
 
 
 @dataclass
@@ -59,3 +60,8 @@ class ModelOutput:
     dropped: torch.Tensor | None = None
     # [num_tokens, num_moe_layers, top_k] bool: assignments to zero-computation experts (LongCat)
     zero_expert: torch.Tensor | None = None
+    # speculative decoding: position in `scheduled` -> drafts accepted (its sampled tokens are
+    # those drafts then one more); `hidden` [num_tokens, hidden] the step's final hidden states,
+    # kept only when a proposer wants them
+    num_accepted: dict[int, int] = field(default_factory=dict)
+    hidden: torch.Tensor | None = None

@@ -31,6 +31,7 @@ from server.engine.native.decode_graphs import DecodeGraphs, bucket_sizes
 from server.engine.native.logprobs import compute_logprobs
 from server.engine.native.outputs import ModelOutput, SchedulerOutput
 from server.engine.native.sampler import Sampler, SamplingRow
+from server.engine.native.spec.verify import VerifyItem, verify
 from server.engine.native.step_inputs import StepBuffers
 from server.engine.structured.runtime import StructuredRuntime
 
@@ -64,6 +65,7 @@ class ModelRunner:
         self.buffers = StepBuffers(max(max_num_batched_tokens, max_num_seqs, sizes[-1]), max(max_num_seqs, sizes[-1]),
                                    max_blocks, self.device)
         self.graphs: DecodeGraphs | None = None
+        self.keep_hidden = False  # a speculative proposer reads the step's hidden states (ModelOutput.hidden)
         if model.kernel_plan is None:
             raise ValueError("the model has no kernel plan (models.load_model applies one)")
         log.info("%s", model.kernel_plan.table())
@@ -102,7 +104,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: SchedulerOutput) -> ModelOutput:
         # grammar masks of this step's samplers are filled while the model runs
-        self.structured.begin_step([item.seq.grammar for item in batch.scheduled if item.samples])
+        # (sequences with drafts carry their positions' masks already: spec/engine.py)
+        self.structured.begin_step([item.seq.grammar for item in batch.scheduled if item.samples and not item.num_spec])
         self._copy_rows(self._kv_pairs, batch.block_copies)
         self._copy_rows(self._state_pairs, batch.state_copies)
         bucket = self._graph_bucket(batch)
@@ -140,7 +143,22 @@ class ModelRunner:
             out.dropped = dropped[:T] if dropped is not None else None
         self._prompt_logprobs(batch, logits, inp.prompt_rows, out)
         self._sample(batch, logits, inp.sample_rows, out)
+        self._verify(batch, logits, inp.sample_rows, out)
+        if self.keep_hidden:
+            out.hidden = hidden[:T]
         return out
+
+    def _verify(self, batch: SchedulerOutput, logits: torch.Tensor, sample_rows: dict[int, int],
+                out: ModelOutput) -> None:
+        """Speculative decoding: accept or reject each drafted sequence's drafts (spec/verify.py)."""
+        owners = [j for j, item in enumerate(batch.scheduled) if item.num_spec]
+        if not owners:
+            return
+        items = [VerifyItem(batch.scheduled[j].seq, sample_rows[j], batch.scheduled[j].num_spec) for j in owners]
+        for j, (tokens, lps, accepted) in zip(owners, verify(self.sampler, logits, items, self.eos_token_ids)):
+            out.sampled_token_ids[j] = tokens
+            out.sampled_logprobs[j] = lps
+            out.num_accepted[j] = accepted
 
     def _prompt_logprobs(self, batch: SchedulerOutput, logits: torch.Tensor, prompt_rows: dict[int, tuple[int, int]],
                          out: ModelOutput) -> None:
@@ -158,7 +176,7 @@ class ModelRunner:
         rows: list[SamplingRow] = []
         grammars, logit_index, owners = [], [], []
         for j, item in enumerate(batch.scheduled):
-            if not item.samples:
+            if not item.samples or item.num_spec:
                 continue
             seq = item.seq
             fan = seq.params.n if seq.needs_fork else 1

@@ -50,6 +50,9 @@ class Scheduler:
         self.chunked_prefill = chunked_prefill
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
+        # told when a sequence gives its blocks back (finished, aborted, preempted): the
+        # speculative proposer forgets it
+        self.release_hook: Callable[[Sequence], None] | None = None
 
     def add(self, seq: Sequence) -> None:
         seq.status = SeqStatus.WAITING
@@ -72,8 +75,13 @@ class Scheduler:
         seq.status = SeqStatus.FINISHED
 
     def _release(self, seq: Sequence) -> None:
-        """Give back the sequence's KV blocks and state slots."""
+        """Give back the sequence's KV blocks and state slots (and its drafts, and whatever a
+        speculative proposer keeps for it)."""
         self.kv.free(seq.blocks)
+        if seq.spec_tokens:
+            seq.clear_spec()
+        if self.release_hook is not None:
+            self.release_hook(seq)
         if seq.state_slots:
             self.state_slots.free(seq.state_slots)
             seq.state_slots = []
@@ -97,6 +105,17 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            # speculative decoding: a decode with k drafts computes k + 1 tokens; drafts take
+            # what the budget and the free blocks allow and never preempt anyone
+            num_spec = min(len(seq.spec_tokens), budget - 1) if seq.num_uncomputed == 1 else 0
+            if num_spec and self.kv.allocate(seq.blocks, seq.num_computed, 1 + num_spec, out.block_copies):
+                del seq.spec_tokens[num_spec:]
+                scheduled.append(ScheduledSeq(seq, 1 + num_spec, num_spec))
+                budget -= 1 + num_spec
+                i += 1
+                continue
+            if seq.spec_tokens:
+                seq.clear_spec()
             num_new = min(seq.num_uncomputed, budget)
             while not self.kv.allocate(seq.blocks, seq.num_computed, num_new, out.block_copies):
                 victim = self.running[-1]
@@ -153,6 +172,9 @@ class Scheduler:
         for j, item in enumerate(batch.scheduled):
             seq = item.seq
             states.setdefault(seq.state.request_id, seq.state)
+            if item.num_spec:
+                self._update_spec(seq, item, j, out, on_token)
+                continue
             seq.num_computed += item.num_new
             self.kv.commit(seq.blocks, seq.token_ids, seq.num_computed)
             tokens = out.sampled_token_ids.get(j)
@@ -166,6 +188,21 @@ class Scheduler:
             self._remove(seq)
             seq.state.num_seqs_left -= 1
         return finished
+
+    def _update_spec(self, seq: Sequence, item: ScheduledSeq, j: int, out: ModelOutput,
+                     on_token: TokenListener) -> None:
+        """A verified sequence: its accepted drafts' KV stays (num_computed moves past them),
+        its tokens are appended until one stops it (nothing is emitted past a stop or
+        max_tokens), and the blocks past its new length go back to the pool (the rejected
+        positions' slots in a kept block are simply overwritten later)."""
+        seq.num_computed += item.num_new - item.num_spec + out.num_accepted[j]
+        seq.clear_spec()
+        for token, lp in zip(out.sampled_token_ids[j], out.sampled_logprobs[j], strict=True):
+            self._append(seq, token, lp, on_token)
+            if seq.finish_reason:
+                break
+        self.kv.commit(seq.blocks, seq.token_ids, seq.num_computed)
+        self.kv.trim(seq.blocks, seq.num_computed)
 
     def _fork(self, seq: Sequence) -> list[Sequence]:
         """The n sequences of an n > 1 request, once its shared prompt is computed."""

@@ -65,6 +65,15 @@ class Sequence:
     # hybrid models: the state slots it holds (state_slots.py); the first is its own, the others
     # (an n > 1 prompt sequence's) go to its completions when it forks
     state_slots: list[int] = field(default_factory=list)
+    # speculative decoding (spec/): drafts proposed for the next step, their draft
+    # probabilities ([k, vocab] or None: one-hot) and, for structured outputs, the grammar
+    # bitmask of each of the k + 1 verified positions ([k + 1, words] int32)
+    spec_tokens: list[int] = field(default_factory=list)
+    spec_probs: Any = None
+    spec_masks: Any = None
+
+    def clear_spec(self) -> None:
+        self.spec_tokens, self.spec_probs, self.spec_masks = [], None, None
 
     @property
     def request(self) -> EngineRequest:

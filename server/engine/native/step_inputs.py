@@ -25,7 +25,7 @@ class StepInputs:
     seq_lens: list[int]  # [num_seqs] context length after this step
     width: int  # longest block table this step
     num_logit_rows: int
-    sample_rows: dict[int, int]  # position in `scheduled` -> logits row of its last token
+    sample_rows: dict[int, int]  # position in `scheduled` -> logits row of its last token (the first of k + 1 with drafts)
     prompt_rows: dict[int, tuple[int, int]]  # position in `scheduled` -> (first row, count)
 
     @property
@@ -81,7 +81,11 @@ class StepBuffers:
         for j, it in enumerate(sched):  # a loop over sequences, not tokens
             seq = it.seq
             start, end = int(starts[j]), int(starts[j] + counts[j])
-            ids.extend(seq.token_ids[start:end])
+            if it.num_spec:  # its last token, then the drafts to verify
+                ids.extend(seq.token_ids[start:])
+                ids.extend(seq.spec_tokens[: it.num_spec])
+            else:
+                ids.extend(seq.token_ids[start:end])
             table = seq.blocks.table
             tables[j, : len(table)] = table
             h["state_slots"][j] = seq.state_slots[0] if seq.state_slots else pad_state_slot
@@ -92,9 +96,9 @@ class StepBuffers:
                 if n > 0:
                     prompt_rows[j] = (len(logit_rows), n)
                     logit_rows.extend(range(int(loc[j]), int(loc[j]) + n))
-            if it.samples:
+            if it.samples:  # its last token's row; with k drafts, the last k + 1 rows
                 sample_rows[j] = len(logit_rows)
-                logit_rows.append(int(loc[j + 1]) - 1)
+                logit_rows.extend(range(int(loc[j + 1]) - 1 - it.num_spec, int(loc[j + 1])))
         seg = np.repeat(np.arange(S, dtype=np.int64), counts)  # [T] sequence of each token
         pos = starts[seg] + (np.arange(T, dtype=np.int64) - loc[seg])  # [T]
         h["ids"][:T] = ids

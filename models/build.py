@@ -19,6 +19,7 @@ from models.kernels.flags import KernelFlags
 from models.kernels.plan import cpu_has_native_bf16
 from models.loader import load_weights
 from models.model import MoEForCausalLM
+from models.mtp import MultiTokenPredictor, checkpoint_tensor_names, mtp_weight_map, num_mtp_layers
 from models.registry import family_for
 
 
@@ -74,23 +75,36 @@ def check_memory(model: MoEForCausalLM, device: torch.device, path: str) -> None
 
 
 def load_model(path: str, dtype: str = "auto", device: str = "auto", progress: bool = True,
-               kernels: KernelFlags | None = None) -> MoEForCausalLM:
+               kernels: KernelFlags | None = None, mtp: bool = False) -> MoEForCausalLM:
     """The model of checkpoint `path`, with the kernel plan that `kernels` (default: every
-    choice "auto") resolves to for its device and dtype (`model.kernel_plan`)."""
+    choice "auto") resolves to for its device and dtype (`model.kernel_plan`). With `mtp`, the
+    checkpoint's multi-token-prediction layers too, as `model.mtp` (models/mtp.py; otherwise the
+    loader skips them)."""
     cfg = load_config(path)
     family = family_for(cfg.architecture)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, cfg.torch_dtype, dev)
     t0 = time.monotonic()
+    weight_map = family.weight_map(cfg)
     with torch.device("meta"):
-        model = MoEForCausalLM(cfg).to(torch_dtype).restore_fp32_modules()  # no memory yet
+        model = MoEForCausalLM(cfg)
+        predictor = None
+        if mtp:
+            n = num_mtp_layers(cfg)
+            mtp_map, own_embed, own_head = mtp_weight_map(family, cfg, n, checkpoint_tensor_names(path))
+            predictor = model.mtp = MultiTokenPredictor(cfg, n, model.rotary, own_embed, own_head)
+            weight_map.update(mtp_map)
+        model = model.to(torch_dtype).restore_fp32_modules()  # no memory yet
     check_memory(model, dev, path)
     model = model.to_empty(device=dev)
     model.reset_buffers()
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed.weight
-    load_weights(model, path, family.weight_map(cfg), progress=progress, quant=cfg.extra.get("quant"))
+    load_weights(model, path, weight_map, progress=progress, quant=cfg.extra.get("quant"))
     model.eval().requires_grad_(False)  # inference only: no autograd graph, whoever calls it
     model.plan_kernels(kernels)
+    if predictor is not None:
+        predictor.bind(model)
+        predictor.apply_plan(model.kernel_plan)
     model.load_seconds = time.monotonic() - t0
     return model

@@ -9,7 +9,8 @@ a shape mismatch fails, naming the tensors.
 Tensors are streamed one at a time; quantized weights (FP8 with their scales, MXFP4 blocks
 with theirs, see `models/quant`) are dequantized as they stream, so peak host memory beyond
 the model itself is one tensor. Layers past `num_hidden_layers` (multi-token-prediction
-modules of DeepSeek-V3 and GLM-4.5) and `mtp` modules are skipped with a log line.
+modules of DeepSeek-V3 and GLM-4.5) and `mtp` modules are skipped with a log line, unless the
+weight map names them (`load_model(..., mtp=True)` adds the MTP layers' entries: models/mtp.py).
 """
 
 from __future__ import annotations

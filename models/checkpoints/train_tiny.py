@@ -163,6 +163,22 @@ def patch_json(path: Path, drop=(), **updates) -> None:
     path.write_text(json.dumps({**d, **updates}, indent=2, ensure_ascii=False) + "\n")
 
 
+def format_docs(tok, docs) -> list[tuple[str, bool]]:
+    """(text, is_chat) per doc: ~35% of API docstrings additionally appear as a chat exchange
+    (deterministic)."""
+    out = []
+    for doc_id, name, text in docs:
+        out.append((text, False))
+        if doc_id.startswith(("obj:", "mod:")) and h("chat" + doc_id) % 100 < 35:
+            body = text.split("\n\n", 1)[-1] if doc_id.startswith("obj:") else text
+            msgs = [{"role": "user", "content": CHAT_PROMPTS[h(doc_id) % 4].format(name)},
+                    {"role": "assistant", "content": body}]
+            if h("sys" + doc_id) % 2:
+                msgs.insert(0, {"role": "system", "content": SYSTEM_PROMPT})
+            out.append((tok.apply_chat_template(msgs, tokenize=False), True))
+    return out
+
+
 def to_ids(tok, docs) -> list[list[int]]:
     """Plain docs -> <s> text </s>; chat docs (rendered with the template, which adds <s>) -> ... </s>."""
     texts = [t if chat else tok.bos_token + t for t, chat in docs]
@@ -227,20 +243,7 @@ def main(argv=None) -> int:
     patch_json(args.out / "tokenizer_config.json", drop=("backend", "extra_special_tokens"),
                tokenizer_class="PreTrainedTokenizerFast", additional_special_tokens=SPECIAL[3:])
 
-    def fmt(docs):  # ~35% of API docstrings additionally appear as a chat exchange (deterministic)
-        out = []
-        for doc_id, name, text in docs:
-            out.append((text, False))
-            if doc_id.startswith(("obj:", "mod:")) and h("chat" + doc_id) % 100 < 35:
-                body = text.split("\n\n", 1)[-1] if doc_id.startswith("obj:") else text
-                msgs = [{"role": "user", "content": CHAT_PROMPTS[h(doc_id) % 4].format(name)},
-                        {"role": "assistant", "content": body}]
-                if h("sys" + doc_id) % 2:
-                    msgs.insert(0, {"role": "system", "content": SYSTEM_PROMPT})
-                out.append((tok.apply_chat_template(msgs, tokenize=False), True))
-        return out
-
-    train_docs, held_docs = fmt(train), fmt(held)
+    train_docs, held_docs = format_docs(tok, train), format_docs(tok, held)
     rng.shuffle(train_docs)
     rng.shuffle(held_docs)  # a doc and its chat copy must not sit side by side in an eval window
     train_stream = [i for ids in to_ids(tok, train_docs) for i in ids]

@@ -133,3 +133,22 @@ def test_reference_kernel_refuses_variants():
     q, k, v, tables, lens, _ = _case(CASES[2], VARIANTS[0])
     with pytest.raises(ValueError, match="plain causal"):
         paged_decode(q, k, v, tables, lens, 0.25, "reference", 8)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+@pytest.mark.parametrize("variant", [(128, 0, True), (0, 256, False), (0, 0, True)], ids=["window-sinks", "chunk",
+                                                                                      "sinks"])
+def test_triton_bf16_variants_error_within_reference_bf16_error(variant):
+    """gpt-oss / Llama 4 shapes in bf16: the kernel differs from exact math by no more than the
+    bf16 reference path does."""
+    window, chunk, with_sinks = variant
+    q, k, v, tables, lens = make_case(B=16, heads=64, kvh=8, d=64, block_size=16, max_len=700, device="cuda")
+    sinks = torch.randn(64, device="cuda") if with_sinks else None
+    spec = AttentionVariant(window or None, chunk or None, with_sinks)
+    exact = decode_variant(q.double(), (k.double(), v.double()), tables, lens, 0.125, spec,
+                           None if sinks is None else sinks.double())
+    qb, kb, vb, sb = q.bfloat16(), k.bfloat16(), v.bfloat16(), None if sinks is None else sinks.bfloat16()
+    ref_err = rel_err(decode_variant(qb, (kb, vb), tables, lens, 0.125, spec, sb), exact)
+    ker_err = rel_err(paged_decode(qb, kb, vb, tables, lens, 0.125, "triton", window, chunk, sb), exact)
+    assert ker_err <= max(2 * ref_err, 1e-2), (ker_err, ref_err)

@@ -5,7 +5,8 @@ ops' fake (meta) implementations, so that `torch.compile` traces through them an
 `torch.library.opcheck` checks them. The ops, all functional:
 
 - `paged_decode_cpu(q [B, H, D], k_cache, v_cache [NB, BS, KVH, D], block_tables [B, W],
-  seq_lens [B], scale) -> [B, H, D]`: decode attention reading the KV blocks in place;
+  seq_lens [B], scale, window=0, chunk=0, sinks [H]?) -> [B, H, D]`: decode attention reading the
+  KV blocks in place, with a sliding window / attention chunk (0: none) and per-head sinks;
 - `moe_experts_cpu(x [T, H], topk_ids [T, k], topk_weights [T, k], w13_packed [E, 2I, H],
   w2_packed [E, H, I]) -> [T, H]`: the fused experts over `moe_pack_cpu`'s panels;
 - `linear_cpu(x [M, K], weight_packed [N, K], bias [N]?) -> [M, N]` over `linear_pack_cpu`'s panels;
@@ -94,7 +95,7 @@ def _register_fakes(ns: str) -> None:
         return torch.library.register_fake(f"{ns}::{name}")
 
     @fake("paged_decode_cpu")
-    def _(q, k_cache, v_cache, block_tables, seq_lens, scale):
+    def _(q, k_cache, v_cache, block_tables, seq_lens, scale, window=0, chunk=0, sinks=None):
         return torch.empty_like(q, memory_format=torch.contiguous_format)
 
     @fake("moe_experts_cpu")

@@ -5,6 +5,11 @@ plan chose (`models.kernels.plan.AttentionKernel`).
 - CPU: `torch.ops.moe_serve.paged_decode_cpu`, the C kernel of csrc/paged_attention_cpu.c (float32)
 - REFERENCE: gather each sequence's blocks, then SDPA (`reference.paged_decode_reference`)
 Both kernels read the blocks in place, with no host sync; the reference reads the longest length.
+Both kernels also serve the attention variants: a sliding window (`window`: the query sees its
+last `window` keys), chunked attention (`chunk`: the keys of its own chunk) and per-head sinks
+(`sinks` [heads]: one more logit in each softmax's denominator); they read only the visible
+keys. The reference serves plain causal attention only (the variants' reference path is
+`models/layers/attention_variants.py`).
 """
 
 from __future__ import annotations
@@ -23,13 +28,20 @@ def paged_decode(
     seq_lens: torch.Tensor,  # [B]
     scale: float,
     kernel: AttentionKernel,
+    window: int | None = None,
+    chunk: int | None = None,
+    sinks: torch.Tensor | None = None,  # [heads]
 ) -> torch.Tensor:
     """q: [B, heads, d] -> [B, heads, d]."""
     kernel = AttentionKernel(kernel)  # also takes its name
+    w, c = window or 0, chunk or 0
     if kernel == AttentionKernel.TRITON:
         from models.kernels import triton_attention  # noqa: F401 - registers the op
 
-        return torch.ops.moe_serve.paged_decode_triton(q, k_cache, v_cache, block_tables, seq_lens, scale)
+        return torch.ops.moe_serve.paged_decode_triton(q, k_cache, v_cache, block_tables, seq_lens, scale, w, c, sinks)
     if kernel == AttentionKernel.CPU:
-        return torch.ops.moe_serve.paged_decode_cpu(q, k_cache, v_cache, block_tables, seq_lens, scale)
+        return torch.ops.moe_serve.paged_decode_cpu(q, k_cache, v_cache, block_tables, seq_lens, scale, w, c, sinks)
+    if w or c or sinks is not None:
+        raise ValueError("the reference paged decode serves plain causal attention: variants take "
+                         "models.layers.attention_variants.decode_variant")
     return paged_decode_reference(q, k_cache, v_cache, block_tables, seq_lens, scale)

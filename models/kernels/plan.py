@@ -9,9 +9,9 @@ decides whether decode steps replay CUDA graphs. The plan is logged at startup (
 served by `GET /version` (`to_dict`).
 
 The rules, per layer kind:
-- attention: plain causal GQA layers decode with the Triton kernel on CUDA or the C kernel on
-  the CPU (float32); layers with a variant (sliding window, chunked attention, sinks) and MLA
-  layers have one PyTorch path each ("reference");
+- attention: GQA layers, plain or with a variant (sliding window, chunked attention, sinks,
+  output gate), decode with the Triton kernel on CUDA or the C kernel on the CPU (float32),
+  which take the variant; MLA layers have one PyTorch path ("reference");
 - experts: plain SwiGLU experts run the Triton grouped GEMM on CUDA (`torch._grouped_mm` on
   Hopper without Triton), the C kernel on the CPU (float32, sizes multiples of its panel) up to
   `CPU_KERNEL_PAIRS_PER_EXPERT` token-expert pairs per expert and the per-expert loop above
@@ -364,7 +364,9 @@ def resolve_plan(cfg: MoEModelConfig, device: torch.device, dtype: torch.dtype, 
     for i in range(cfg.num_layers):
         kind = attention_kind(cfg, i)
         gqa = cfg.mla is None and cfg.layer_kind(i) == "attention"
-        plain = kind in ("gqa", "gqa+gate")  # the paged decode kernels serve them (the gate comes after)
+        # the paged decode kernels serve every GQA kind: window, chunk and sinks are kernel arguments
+        # (the gate comes after)
+        plain = kind.startswith("gqa")
         use_rope = cfg.uses_rope(i)
         fused_rope = (fused and kind == "gqa" and use_rope and cfg.rope_style == "neox" and cfg.clip_qkv is None
                       and cfg.qk_norm in (None, "head") and not cfg.qk_norm_after_rope

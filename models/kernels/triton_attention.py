@@ -5,6 +5,11 @@ rows of one `tl.dot` (padded to 16), so each key is loaded once for all of them.
 
 The context length is read on the device, so the launch needs no host sync and can be
 captured in a CUDA graph; a row with length 0 (graph padding) writes zeros.
+
+Variants (gpt-oss, Llama 4, Mixtral / Qwen checkpoints with a sliding window): with a window W
+the query at position p = length - 1 sees keys p - W + 1 .. p, with an attention chunk C keys
+(p // C) * C .. p; the tiles start at the first visible key, so keys outside are never read.
+Sinks add one per-head logit to each softmax's denominator (its probability mass is dropped).
 """
 
 from __future__ import annotations
@@ -16,12 +21,13 @@ import triton.language as tl
 
 @triton.jit
 def _paged_decode_kernel(
-    q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr,
+    q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, sinks_ptr, out_ptr,
     stride_qb, stride_qh,  # q [B, H, D], last dim contiguous
     stride_cb, stride_cs, stride_ch,  # caches [num_blocks, block_size, KVH, D], last dim contiguous
     stride_tb,  # tables [B, max_blocks]
     stride_ob, stride_oh,  # out [B, H, D]
-    scale,
+    scale, window, chunk,  # window / chunk: 0 for none
+    HAS_SINKS: tl.constexpr,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -38,7 +44,11 @@ def _paged_decode_kernel(
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, D_PAD], tl.float32)
-    for start in range(0, length, BLOCK_N):
+    # the first key the query (position length - 1) sees
+    first = tl.maximum(tl.where(window > 0, length - window, 0),
+                       tl.where(chunk > 0, ((length - 1) // tl.maximum(chunk, 1)) * chunk, 0))
+    first = tl.maximum(first, 0)
+    for start in range(first, length, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         n_mask = offs_n < length
         block = tl.load(tables_ptr + b * stride_tb + offs_n // BLOCK_SIZE, mask=n_mask, other=0)
@@ -55,6 +65,12 @@ def _paged_decode_kernel(
                     other=0.0)  # [BLOCK_N, D_PAD]
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
+    if HAS_SINKS:  # one more logit per head in the denominator
+        sink = tl.load(sinks_ptr + q_rows, mask=g_mask, other=0.0).to(tl.float32)  # [G_PAD]
+        m_f = tl.maximum(m_i, sink)
+        alpha = tl.exp(m_i - m_f)
+        l_i = l_i * alpha + tl.exp(sink - m_f)
+        acc = acc * alpha[:, None]
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + b * stride_ob + q_rows[:, None] * stride_oh + offs_d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
@@ -67,6 +83,9 @@ def paged_decode_triton(
     block_tables: torch.Tensor,  # [B, max_blocks] int
     seq_lens: torch.Tensor,  # [B] int
     scale: float,
+    window: int = 0,  # each query sees its last `window` keys (0: all)
+    chunk: int = 0,  # each query sees the keys of its own chunk of `chunk` positions (0: all)
+    sinks: torch.Tensor | None = None,  # [heads] per-head sink logits
 ) -> torch.Tensor:
     B, heads, d = q.shape
     _, block_size, kvh, _ = k_cache.shape
@@ -76,13 +95,16 @@ def paged_decode_triton(
     if B == 0:
         return out
     block_n = 64 if d <= 128 else 32
+    if sinks is not None:
+        assert sinks.numel() == heads
+        sinks = sinks.contiguous()
     _paged_decode_kernel[(B, kvh)](
-        q, k_cache, v_cache, block_tables, seq_lens, out,
+        q, k_cache, v_cache, block_tables, seq_lens, q if sinks is None else sinks, out,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0),
         out.stride(0), out.stride(1),
-        scale,
+        scale, window, chunk, HAS_SINKS=sinks is not None,
         G=group, G_PAD=max(16, triton.next_power_of_2(group)), D=d, D_PAD=max(16, triton.next_power_of_2(d)),
         BLOCK_SIZE=block_size, BLOCK_N=block_n, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=4, num_stages=2,
@@ -93,10 +115,11 @@ def paged_decode_triton(
 # -- the registered operator (what model code calls: visible to torch.profiler and torch.compile)
 @torch.library.custom_op("moe_serve::paged_decode_triton", mutates_args=())
 def paged_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                    seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    return paged_decode_triton(q, k_cache, v_cache, block_tables, seq_lens, scale)
+                    seq_lens: torch.Tensor, scale: float, window: int = 0, chunk: int = 0,
+                    sinks: torch.Tensor | None = None) -> torch.Tensor:
+    return paged_decode_triton(q, k_cache, v_cache, block_tables, seq_lens, scale, window, chunk, sinks)
 
 
 @paged_decode_op.register_fake
-def _(q, k_cache, v_cache, block_tables, seq_lens, scale):
+def _(q, k_cache, v_cache, block_tables, seq_lens, scale, window=0, chunk=0, sinks=None):
     return torch.empty_like(q)

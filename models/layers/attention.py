@@ -8,8 +8,10 @@ prefill chunks. Decodes are attended in one batched op that reads the KV blocks 
 them); each prefill chunk runs through `scaled_dot_product_attention` over its gathered
 context (prefix cache hits and earlier chunks included).
 
-Layers with a variant (sliding window, chunked attention, sinks) attend through
-`models/layers/attention_variants.py`; MLA layers are `models/layers/mla.py`. Which decode
+Layers with a variant (sliding window, chunked attention, sinks) decode with the same kernels,
+which take the variant (the keys outside a window are not read), and attend their prefill chunks
+through `models/layers/attention_variants.py`; where the plan gives them the reference, their
+whole step goes there. MLA layers are `models/layers/mla.py`. Which decode
 kernel a layer uses, and whether its rotary and KV store run fused, is the kernel plan's
 choice (`models/kernels/plan.py`), handed to the layer by `apply_kernels`.
 """
@@ -23,7 +25,7 @@ from torch import nn
 from models.kernels.packed import PackedWeight, packed_linear
 from models.kernels.paged_attention import paged_decode
 from models.kernels.plan import AttentionKernel, LayerKernels
-from models.layers.attention_variants import AttentionVariant, attend_variant
+from models.layers.attention_variants import AttentionVariant, attend_variant, prefill_variant
 from models.layers.norm import RMSNorm
 from models.layers.paged import AttentionMetadata, KVCache, gather_kv, write_kv
 from models.layers.rotary import RotaryEmbedding, rotate
@@ -31,12 +33,17 @@ from models.layers.rotary import RotaryEmbedding, rotate
 
 def decode_attention(
     q: torch.Tensor, cache: KVCache, block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-    kernel: AttentionKernel = AttentionKernel.REFERENCE,
+    kernel: AttentionKernel = AttentionKernel.REFERENCE, variant: AttentionVariant | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q: [B, heads, head_dim] (one token per sequence) -> [B, heads, head_dim].
-    Every kernel but the reference reads the blocks in place, with no host sync."""
+    Every kernel but the reference reads the blocks in place, with no host sync. A variant
+    (window, chunk, sinks) needs a kernel (the reference path is `attend_variant`)."""
     k_cache, v_cache = cache
-    return paged_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, kernel)
+    if variant is None or not variant.active:
+        return paged_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, kernel)
+    return paged_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, kernel, variant.window,
+                        variant.chunk, sinks if variant.sinks else None)
 
 
 def prefill_attention(
@@ -86,7 +93,8 @@ class Attention(nn.Module):
         self.qk_norm_after_rope = cfg.qk_norm_after_rope
         self.clip_qkv = cfg.clip_qkv
         self.rotary = rotary
-        # sliding window / chunked attention / sinks take the reference path (attention_variants)
+        # sliding window / chunked attention / sinks: the decode kernels take them; prefill chunks and
+        # the reference path are attention_variants'
         self.variant = AttentionVariant(cfg.sliding_window(layer_idx), cfg.attention_chunk(layer_idx),
                                         cfg.attention_sinks)
         self.sinks = nn.Parameter(torch.empty(self.num_heads)) if cfg.attention_sinks else None  # [heads]
@@ -170,22 +178,28 @@ class Attention(nn.Module):
             q, k, v, gate = self.project(x, cos_sin, positions)
             v = v.contiguous()
             write_kv(cache, k, v, meta.slot_mapping)
-        if self.variant.active:
-            out = attend_variant(q, k, v, cache, meta, self.scale, self.variant, self.sinks)
+        variant = self.variant
+        if variant.active and self.decode_kernel in (None, AttentionKernel.REFERENCE):
+            out = attend_variant(q, k, v, cache, meta, self.scale, variant, self.sinks)
             return self._o(out.view(T, self.q_size), gate)
 
         nd = meta.num_decodes
         if nd == T:  # decode-only step: no prefill chunk, no copy
             out = decode_attention(q, cache, meta.block_tables[:nd], meta.decode_seq_lens, self.scale,
-                                   self.decode_kernel)
+                                   self.decode_kernel, variant, self.sinks)
             return self._o(out.view(T, self.q_size), gate)
         out = torch.empty_like(q)  # [T, heads, head_dim]
         if nd:
             out[:nd] = decode_attention(q[:nd], cache, meta.block_tables[:nd], meta.decode_seq_lens, self.scale,
-                                        self.decode_kernel)
+                                        self.decode_kernel, variant, self.sinks)
         loc = meta.query_start_loc
         for i in range(nd, meta.num_seqs):  # prefill chunks: one SDPA each
             s, e = loc[i], loc[i + 1]
+            if variant.active:  # the keys the chunk's queries see, in query tiles
+                out[s:e] = prefill_variant(q[s:e], None if k is None else k[s:e], None if v is None else v[s:e],
+                                           cache, meta.block_tables[i], meta.seq_lens[i], self.scale, variant,
+                                           self.sinks)
+                continue
             if k is not None and meta.seq_lens[i] == e - s:  # no cached prefix: the new keys are the context
                 kc, vc = k[s:e], v[s:e]
             else:  # cached prefix / earlier chunks, or the fused path: read back from the cache

@@ -9,6 +9,13 @@ the variant. A query at position p sees key position j when j <= p and
 With sinks, each head's softmax has one more logit (a learned per-head value) whose probability
 mass is dropped. Only the blocks that hold visible keys are gathered, so a decode step over a
 window costs O(window), not O(context).
+
+Where the plan gives these layers a decode kernel (`models/kernels/paged_attention.py`: the C
+kernel on the CPU in float32, Triton on CUDA), decodes take it and only prefill chunks come
+here. A prefill chunk attends in tiles of queries, each over the keys its queries can see (a
+view of the chunk's own K/V when it is the whole context, else of one gather of the cached
+blocks from the chunk's first visible key on), so its scores stay bounded
+(`PREFILL_SCORES_BUDGET`) and a window layer's prompt costs O(prompt x window), not O(prompt^2).
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from models.layers.paged import AttentionMetadata, KVCache
+
+PREFILL_SCORES_BUDGET = 2**24  # a prefill query tile's scores (heads x queries x keys) stay under this
 
 
 @dataclass(frozen=True)
@@ -38,6 +47,15 @@ class AttentionVariant:
         if self.chunk is not None:
             lo = torch.maximum(lo, (qpos // self.chunk) * self.chunk)
         return lo
+
+    def first_visible_at(self, qpos: int) -> int:
+        """`first_visible` of one position, on the host."""
+        lo = max(qpos - self.window + 1, 0) if self.window is not None else 0
+        return max(lo, (qpos // self.chunk) * self.chunk) if self.chunk is not None else lo
+
+    def max_visible(self, seq_len: int) -> int:
+        """The most keys a query of a context of `seq_len` sees."""
+        return min([seq_len] + [x for x in (self.window, self.chunk) if x is not None])
 
 
 def attend(
@@ -90,30 +108,41 @@ def decode_variant(q: torch.Tensor, cache: KVCache, block_tables: torch.Tensor, 
     return out.reshape(bsz, heads, -1)
 
 
-def prefill_variant(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, cache: KVCache,
+def prefill_variant(q: torch.Tensor, k_new: torch.Tensor | None, v_new: torch.Tensor | None, cache: KVCache,
                     block_table: torch.Tensor, seq_len: int, scale: float, variant: AttentionVariant,
                     sinks: torch.Tensor | None) -> torch.Tensor:
     """n new queries (positions seq_len - n ..) of one sequence; q: [n, heads, d] -> [n, heads, dv].
-    Keys come from the new K/V when the chunk is the whole context, else from the cache."""
+    Keys come from the new K/V when the chunk is the whole context, else from the cache (only
+    the blocks from the chunk's first visible key on). Queries go in tiles, each over its
+    visible keys only."""
     n, heads, d = q.shape
-    kvh = k_new.shape[1]
+    bs, kvh = cache[0].shape[1], cache[0].shape[2]
     dev = q.device
-    qpos = torch.arange(seq_len - n, seq_len, device=dev)  # [n]
-    lo = variant.first_visible(qpos)  # [n]
-    if seq_len == n:
-        k, v, start = k_new, v_new, 0
+    q0 = seq_len - n  # the first query's position
+    if seq_len == n and k_new is not None:
+        k, v, base = k_new, v_new, 0
     else:
-        bs = cache[0].shape[1]
-        first = int(lo[0]) // bs  # the first query sees the earliest keys
+        first = variant.first_visible_at(q0) // bs  # the first query sees the earliest keys
         nblocks = (seq_len + bs - 1) // bs - first
         k, v = _gather(cache, block_table[None], torch.tensor([first], device=dev), nblocks)
-        k, v, start = k[0, : seq_len - first * bs], v[0, : seq_len - first * bs], first * bs
-    kpos = start + torch.arange(k.shape[0], device=dev)  # [L]
-    visible = (kpos[None, :] >= lo[:, None]) & (kpos[None, :] <= qpos[:, None])  # [n, L]
-    qg = q.view(n, kvh, heads // kvh, d).permute(1, 2, 0, 3)  # [kvh, g, n, d]
-    out = attend(qg, k.transpose(0, 1), v.transpose(0, 1), visible, scale,
-                 None if sinks is None else sinks.view(kvh, heads // kvh))  # [kvh, g, n, dv]
-    return out.permute(2, 0, 1, 3).reshape(n, heads, -1)
+        k, v, base = k[0, : seq_len - first * bs], v[0, : seq_len - first * bs], first * bs
+    assert v is not None
+    tile, reach = n, variant.max_visible(seq_len)
+    while tile > 64 and heads * tile * min(seq_len, reach + tile) > PREFILL_SCORES_BUDGET:
+        tile = (tile + 1) // 2
+    group_sinks = None if sinks is None else sinks.view(kvh, heads // kvh)
+    out = q.new_empty(n, heads, v.shape[-1])
+    for t0 in range(0, n, tile):
+        t1 = min(n, t0 + tile)
+        klo, khi = variant.first_visible_at(q0 + t0), q0 + t1  # the tile's keys: klo .. khi - 1
+        qpos = torch.arange(q0 + t0, q0 + t1, device=dev)  # [m]
+        kpos = torch.arange(klo, khi, device=dev)  # [L]
+        visible = (kpos[None, :] >= variant.first_visible(qpos)[:, None]) & (kpos[None, :] <= qpos[:, None])
+        qg = q[t0:t1].view(t1 - t0, kvh, heads // kvh, d).permute(1, 2, 0, 3)  # [kvh, g, m, d]
+        o = attend(qg, k[klo - base: khi - base].transpose(0, 1), v[klo - base: khi - base].transpose(0, 1),
+                   visible, scale, group_sinks)  # [kvh, g, m, dv]
+        out[t0:t1] = o.permute(2, 0, 1, 3).reshape(t1 - t0, heads, -1)
+    return out
 
 
 def attend_variant(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, meta: AttentionMetadata,

@@ -17,6 +17,11 @@ int cpu_kernels_openmp(void);
 int paged_decode_f32(const float *q, const float *k, const float *v, const int64_t *tables, const int64_t *lens,
                      float *out, int64_t B, int64_t H, int64_t KVH, int64_t D, int64_t BS, int64_t W, float scale,
                      int nthreads);
+/* the same with a sliding window / attention chunk (0: none) and per-head sinks [H] (NULL: none) */
+int paged_decode_variant_f32(const float *q, const float *k, const float *v, const int64_t *tables,
+                             const int64_t *lens, const float *sinks, float *out, int64_t B, int64_t H,
+                             int64_t KVH, int64_t D, int64_t BS, int64_t W, int64_t window, int64_t chunk,
+                             float scale, int nthreads);
 int moe_fused_f32(const float *x, const int64_t *topk_ids, const float *topk_w, const float *w13p, const float *w2p,
                   float *out, int64_t T, int64_t k, int64_t E, int64_t H, int64_t I, int nthreads);
 void moe_pack_f32(const float *w13, const float *w2, float *w13p, float *w2p, int64_t E, int64_t H, int64_t I);

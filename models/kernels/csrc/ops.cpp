@@ -40,8 +40,11 @@ void check_rc(int rc, const char* op) {
 }
 
 at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                        const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale) {
+                        const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale, int64_t window,
+                        int64_t chunk, const std::optional<at::Tensor>& sinks) {
     // q [B, H, D]; caches [NB, BS, KVH, D]; block_tables [B, W]; seq_lens [B] -> [B, H, D]
+    // window / chunk: each query sees its last `window` keys / its own chunk's keys (0: all);
+    // sinks [H]: a per-head logit in each softmax's denominator (gpt-oss)
     check_f32_cpu(q, "q");
     check_f32_cpu(k_cache, "k_cache");
     check_f32_cpu(v_cache, "v_cache");
@@ -52,14 +55,21 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at
     TORCH_CHECK(k_cache.size(3) == D && KVH > 0 && H % KVH == 0, "paged_decode: head sizes do not match");
     TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == B && seq_lens.numel() == B,
                 "paged_decode: block_tables [B, W] and seq_lens [B] must match q's batch");
+    TORCH_CHECK(window >= 0 && chunk >= 0, "paged_decode: window and chunk must be >= 0 (0: none)");
+    at::Tensor sk;
+    if (sinks.has_value() && sinks->defined()) {
+        TORCH_CHECK(sinks->device().is_cpu() && sinks->numel() == H, "paged_decode: sinks must be a CPU tensor of ",
+                    H, " per-head logits");
+        sk = sinks->to(at::kFloat).contiguous();
+    }
     const at::Tensor qc = q.contiguous();
     const at::Tensor tables = block_tables.to(at::kLong).contiguous();
     const at::Tensor lens = seq_lens.to(at::kLong).contiguous();
     at::Tensor out = at::empty_like(qc);
-    const int rc = paged_decode_f32(qc.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
-                                    tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), out.data_ptr<float>(), B, H,
-                                    KVH, D, k_cache.size(1), tables.size(1), static_cast<float>(scale),
-                                    at::get_num_threads());
+    const int rc = paged_decode_variant_f32(
+        qc.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), tables.data_ptr<int64_t>(),
+        lens.data_ptr<int64_t>(), sk.defined() ? sk.data_ptr<float>() : nullptr, out.data_ptr<float>(), B, H, KVH, D,
+        k_cache.size(1), tables.size(1), window, chunk, static_cast<float>(scale), at::get_num_threads());
     TORCH_CHECK(rc == 0, "paged_decode: could not allocate its score buffer");
     return out;
 }
@@ -149,7 +159,7 @@ std::vector<int64_t> build_info() {
 
 MOE_SERVE_LIBRARY(MOE_SERVE_OPS_NS, m) {
     m.def("paged_decode_cpu(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
-          "float scale) -> Tensor");
+          "float scale, int window=0, int chunk=0, Tensor? sinks=None) -> Tensor");
     m.def("moe_experts_cpu(Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor w13_packed, Tensor w2_packed) "
           "-> Tensor");
     m.def("moe_pack_cpu(Tensor w13, Tensor w2) -> (Tensor, Tensor)");

@@ -9,7 +9,13 @@
  *   k, v    [NB, BS, KVH, D]   the paged cache of one layer
  *   tables  [B, W] int64       block ids of each sequence
  *   lens    [B]    int64       keys each sequence attends to (0: its output is zeros)
+ *   sinks   [H] or NULL        per-head sink logits (gpt-oss): one more term in each softmax's
+ *                              denominator, whose probability mass is dropped
  *   out     [B, H, D]
+ * The query of sequence b sits at position p = lens[b] - 1 and sees keys lo .. p, where lo is
+ * max(0, p - window + 1) with a sliding window (window > 0) and at least p's chunk start
+ * (p / chunk) * chunk with chunked attention (chunk > 0). Keys before lo are never read, so a
+ * windowed step costs O(window), not O(context).
  * Work item = a sequence (all its heads: each token's K/V row is read as one contiguous run)
  * or, when there are fewer sequences than threads, one (sequence, KV head) pair.
  */
@@ -24,12 +30,27 @@
 typedef struct {
     const float *q, *k, *v;
     const int64_t *tables, *lens;
+    const float *sinks;
     float *out;
-    int64_t B, H, KVH, D, BS, W;
+    int64_t B, H, KVH, D, BS, W, window, chunk;
     float scale;
     int64_t hpi;         /* KV heads per work item: KVH (whole rows read contiguously) or 1 */
     int64_t first, last; /* work items [first, last) */
 } job_t;
+
+/* The first key position the query of a sequence with L keys sees. */
+static inline int64_t first_visible(int64_t L, int64_t window, int64_t chunk) {
+    const int64_t p = L - 1;
+    int64_t lo = 0;
+    if (window > 0 && p - window + 1 > lo) lo = p - window + 1;
+    if (chunk > 0 && (p / chunk) * chunk > lo) lo = (p / chunk) * chunk;
+    return lo;
+}
+
+/* Keys the query of a sequence with L keys sees (0 for L <= 0). */
+static inline int64_t visible_keys(int64_t L, int64_t window, int64_t chunk) {
+    return L > 0 ? L - first_visible(L, window, chunk) : 0;
+}
 
 /* One work item: sequence b, KV heads [h0, h0 + nh), each with its G query heads. */
 static void run_item(const job_t *j, int64_t b, int64_t h0, int64_t nh, float *scores) {
@@ -40,41 +61,47 @@ static void run_item(const job_t *j, int64_t b, int64_t h0, int64_t nh, float *s
     memset(ob, 0, (size_t)(R * D) * sizeof(float));
     if (L <= 0) return;
     const int64_t *table = j->tables + b * j->W;
-    /* pass 1: scores [R, L] = q . k * scale; a token's KV heads are adjacent in memory */
-    for (int64_t t0 = 0; t0 < L; t0 += BS) {
-        const int64_t n = (L - t0 < BS) ? (L - t0) : BS;
-        const float *kb = j->k + (table[t0 / BS] * BS * KVH + h0) * D;
+    const int64_t lo = first_visible(L, j->window, j->chunk), N = L - lo; /* N visible keys: lo .. L-1 */
+    /* pass 1: scores [R, N] = q . k * scale; a token's KV heads are adjacent in memory */
+    for (int64_t t = lo; t < L;) {
+        const int64_t off = t % BS, n = (L - t < BS - off) ? (L - t) : (BS - off);
+        const float *kb = j->k + ((table[t / BS] * BS + off) * KVH + h0) * D;
         for (int64_t i = 0; i < n; i++) {
             for (int64_t r = 0; r < R; r++) {
                 const float *kt = kb + i * KVH * D + (r / G) * D, *qr = qb + r * D;
                 float acc = 0.f;
 #pragma GCC ivdep
                 for (int64_t d = 0; d < D; d++) acc += qr[d] * kt[d];
-                scores[r * L + t0 + i] = acc * j->scale;
+                scores[r * N + t - lo + i] = acc * j->scale;
             }
         }
+        t += n;
     }
-    /* softmax over each query row */
+    /* softmax over each query row (with a sink: one more logit in the denominator) */
     for (int64_t r = 0; r < R; r++) {
-        float *s = scores + r * L, m = -INFINITY, sum = 0.f;
-        for (int64_t t = 0; t < L; t++) m = s[t] > m ? s[t] : m;
-        for (int64_t t = 0; t < L; t++) { s[t] = expf(s[t] - m); sum += s[t]; }
+        float *s = scores + r * N, m = -INFINITY, sum = 0.f;
+        const float sink = j->sinks ? j->sinks[h0 * G + r] : -INFINITY;
+        for (int64_t t = 0; t < N; t++) m = s[t] > m ? s[t] : m;
+        if (sink > m) m = sink;
+        for (int64_t t = 0; t < N; t++) { s[t] = expf(s[t] - m); sum += s[t]; }
+        if (j->sinks) sum += expf(sink - m);
         const float inv = 1.f / sum;
-        for (int64_t t = 0; t < L; t++) s[t] *= inv;
+        for (int64_t t = 0; t < N; t++) s[t] *= inv;
     }
     /* pass 2: out [R, D] = sum_t p[r, t] * v_t */
-    for (int64_t t0 = 0; t0 < L; t0 += BS) {
-        const int64_t n = (L - t0 < BS) ? (L - t0) : BS;
-        const float *vb = j->v + (table[t0 / BS] * BS * KVH + h0) * D;
+    for (int64_t t = lo; t < L;) {
+        const int64_t off = t % BS, n = (L - t < BS - off) ? (L - t) : (BS - off);
+        const float *vb = j->v + ((table[t / BS] * BS + off) * KVH + h0) * D;
         for (int64_t i = 0; i < n; i++) {
             for (int64_t r = 0; r < R; r++) {
                 const float *vt = vb + i * KVH * D + (r / G) * D;
-                const float p = scores[r * L + t0 + i];
+                const float p = scores[r * N + t - lo + i];
                 float *orow = ob + r * D;
 #pragma GCC ivdep
                 for (int64_t d = 0; d < D; d++) orow[d] += p * vt[d];
             }
         }
+        t += n;
     }
 }
 
@@ -83,7 +110,7 @@ static void *run_range(void *arg) {
     const int64_t per_seq = j->KVH / j->hpi;
     int64_t maxlen = 1;
     for (int64_t it = j->first; it < j->last; it++) {
-        const int64_t L = j->lens[it / per_seq];
+        const int64_t L = visible_keys(j->lens[it / per_seq], j->window, j->chunk);
         maxlen = L > maxlen ? L : maxlen;
     }
     float *scores = (float *)malloc((size_t)(j->hpi * (j->H / j->KVH) * maxlen) * sizeof(float));
@@ -94,10 +121,19 @@ static void *run_range(void *arg) {
     return NULL;
 }
 
-/* Returns 0 on success. Items are split into `nthreads` contiguous ranges of equal key counts. */
 int paged_decode_f32(const float *q, const float *k, const float *v, const int64_t *tables,
                      const int64_t *lens, float *out, int64_t B, int64_t H, int64_t KVH, int64_t D,
                      int64_t BS, int64_t W, float scale, int nthreads) {
+    return paged_decode_variant_f32(q, k, v, tables, lens, NULL, out, B, H, KVH, D, BS, W, 0, 0, scale, nthreads);
+}
+
+/* Returns 0 on success. Items are split into `nthreads` contiguous ranges of equal key counts
+ * (visible keys: a window's or chunk's, not the whole context's). window, chunk: 0 for none;
+ * sinks: NULL for none. */
+int paged_decode_variant_f32(const float *q, const float *k, const float *v, const int64_t *tables,
+                             const int64_t *lens, const float *sinks, float *out, int64_t B, int64_t H,
+                             int64_t KVH, int64_t D, int64_t BS, int64_t W, int64_t window, int64_t chunk,
+                             float scale, int nthreads) {
     enum { MAX_THREADS = 64 };
     if (nthreads < 1) nthreads = 1;
     if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
@@ -107,17 +143,16 @@ int paged_decode_f32(const float *q, const float *k, const float *v, const int64
     job_t jobs[MAX_THREADS];
     pthread_t tids[MAX_THREADS];
     int64_t total = 0;
-    for (int64_t b = 0; b < B; b++) total += lens[b] > 0 ? lens[b] : 0;
+    for (int64_t b = 0; b < B; b++) total += visible_keys(lens[b], window, chunk);
     total *= KVH / hpi;
     /* balance by work (keys), not by item count */
     int64_t it = 0, acc = 0;
     for (int t = 0; t < nthreads; t++) {
         job_t *j = &jobs[t];
-        *j = (job_t){q, k, v, tables, lens, out, B, H, KVH, D, BS, W, scale, hpi, it, it};
+        *j = (job_t){q, k, v, tables, lens, sinks, out, B, H, KVH, D, BS, W, window, chunk, scale, hpi, it, it};
         const int64_t target = total * (t + 1) / nthreads;
         while (it < items && (t == nthreads - 1 || acc < target)) {
-            const int64_t L = lens[it / (KVH / hpi)];
-            acc += L > 0 ? L : 0;
+            acc += visible_keys(lens[it / (KVH / hpi)], window, chunk);
             it++;
         }
         j->last = it;

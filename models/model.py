@@ -126,7 +126,8 @@ class MoEForCausalLM(nn.Module):
                 experts = None
                 if MoEKernel.CPU in (lk.moe, lk.moe_large):
                     key = (id(b.w13), id(b.w2))
-                    experts = self._packed.setdefault(key, PackedExperts(b.w13, b.w2))
+                    experts = self._packed.setdefault(key, PackedExperts(b.w13, b.w2, bias=b.variant is not None
+                                                                         and b.variant.bias))
                 b.apply_kernels(lk, plan, w13, experts)
         self.packed_lm_head = packed(self.lm_head.weight, plan.lm_head)
         self.kernel_plan = plan

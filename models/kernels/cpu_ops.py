@@ -10,6 +10,10 @@ ops' fake (meta) implementations, so that `torch.compile` traces through them an
 - `moe_experts_cpu(x [T, H], topk_ids [T, k], topk_weights [T, k], w13_packed [E, 2I, H],
   w2_packed [E, H, I]) -> [T, H]`: the fused experts over `moe_pack_cpu`'s panels;
 - `linear_cpu(x [M, K], weight_packed [N, K], bias [N]?) -> [M, N]` over `linear_pack_cpu`'s panels;
+- `moe_experts_variant_cpu(..., w13_bias [E, 2I]?, w2_bias [E, H]?, limit?, alpha, weight_on_input)`:
+  the same with the family variants (biases, the clamped SwiGLU, routing weights on the input);
+- `moe_route_cpu(logits [T, E], correction_bias [E]?, top_k, scoring, renormalize, renorm_min,
+  n_group, topk_group, group_score, scaling) -> (weights [T, k], ids [T, k])`: the router's choice;
 - `moe_pack_cpu(w13, w2) -> (w13_packed, w2_packed)`, `linear_pack_cpu(w) -> w_packed`;
 - `cpu_kernels_info() -> [built with AVX2 + FMA, threads from PyTorch's OpenMP pool]`.
 """
@@ -101,6 +105,16 @@ def _register_fakes(ns: str) -> None:
     @fake("moe_experts_cpu")
     def _(x, topk_ids, topk_weights, w13_packed, w2_packed):
         return x.new_empty(x.shape[0], x.shape[1])
+
+    @fake("moe_experts_variant_cpu")
+    def _(x, topk_ids, topk_weights, w13_packed, w2_packed, w13_bias, w2_bias, limit, alpha, weight_on_input):
+        return x.new_empty(x.shape[0], x.shape[1])
+
+    @fake("moe_route_cpu")
+    def _(logits, correction_bias, top_k, scoring, renormalize, renorm_min, n_group, topk_group, group_score,
+          scaling):
+        return (logits.new_empty(logits.shape[0], top_k),
+                logits.new_empty(logits.shape[0], top_k, dtype=torch.long))
 
     @fake("moe_pack_cpu")
     def _(w13, w2):

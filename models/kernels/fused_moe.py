@@ -7,8 +7,10 @@ with (gate, up) = w13[e] @ v.
 - TRITON: `torch.ops.moe_serve.fused_moe_triton` (CUDA; CPU tensors under TRITON_INTERPRET=1);
 - GROUPED_MM: `torch._grouped_mm` over the pairs sorted by expert (Hopper, bf16);
 - CPU: the C kernel over packed weights (`packed.moe_cpu`);
-- LOOP: `moe_loop`, one matmul pair per active expert, and the family variants (`ExpertVariant`);
+- LOOP: `moe_loop`, one matmul pair per active expert;
 - REFERENCE: `reference.moe_reference`.
+The family variants (`ExpertVariant`: biases, the clamped SwiGLU, routing weights on the input)
+run in TRITON, CPU and LOOP.
 TRITON, GROUPED_MM and CPU read nothing back to the host (a CUDA graph can capture them).
 """
 
@@ -102,7 +104,7 @@ def fused_experts(
     topk_ids: torch.Tensor,  # [T, k]
     topk_w: torch.Tensor,  # [T, k]
     kernel: MoEKernel,
-    variant: ExpertVariant | None = None,  # LOOP only
+    variant: ExpertVariant | None = None,  # LOOP, TRITON and CPU
     packed_w13: list[PackedWeight] | None = None,  # LOOP: packed gate+up copies
     packed_experts: PackedExperts | None = None,  # CPU: the kernel's packed w13 and w2
 ) -> torch.Tensor:
@@ -110,16 +112,19 @@ def fused_experts(
     kernel = MoEKernel(kernel)  # also takes its name
     if kernel == MoEKernel.LOOP:
         return moe_loop(x, w13, w2, topk_ids, topk_w, variant, packed_w13)
-    if variant is not None:
-        raise ValueError(f"expert variants run the loop, not {kernel.value}")
+    if variant is not None and kernel not in (MoEKernel.TRITON, MoEKernel.CPU):
+        raise ValueError(f"expert variants run the loop, the Triton or the C kernel, not {kernel.value}")
     if kernel == MoEKernel.TRITON:
         from models.kernels import triton_moe  # noqa: F401 - registers the op
 
-        return torch.ops.moe_serve.fused_moe_triton(x, w13, w2, topk_ids, topk_w)
+        if variant is None:
+            return torch.ops.moe_serve.fused_moe_triton(x, w13, w2, topk_ids, topk_w)
+        return torch.ops.moe_serve.fused_moe_triton(x, w13, w2, topk_ids, topk_w, variant.bias, variant.limit,
+                                                    variant.alpha, variant.weight_on_input)
     if kernel == MoEKernel.GROUPED_MM:
         return moe_grouped_mm(x, w13, w2, topk_ids, topk_w)
     if kernel == MoEKernel.CPU:
         if packed_experts is None:
             raise ValueError("the CPU experts kernel needs its packed weights (PackedExperts)")
-        return moe_cpu(x, packed_experts, topk_ids, topk_w)
+        return moe_cpu(x, packed_experts, topk_ids, topk_w, variant)
     return moe_reference(x, w13, w2, topk_ids, topk_w)

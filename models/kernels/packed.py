@@ -13,9 +13,14 @@ weight changes (its version counter, or its storage moved), so it never goes sta
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from models.kernels.plan import LinearLayout
+
+if TYPE_CHECKING:
+    from models.kernels.fused_moe import ExpertVariant
 
 
 def version(t: torch.Tensor) -> int:
@@ -72,17 +77,32 @@ def packed_linear(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | No
 
 
 class PackedExperts(_Packed):
-    """The C experts kernel's packed copy of an MoE layer's w13 [E, 2I, H] and w2 [E, H, I]."""
+    """The C experts kernel's packed copy of an MoE layer's w13 [E, 2I, H] and w2 [E, H, I]. With
+    `bias` (gpt-oss: the stacks carry the biases as one more last column, w13 [E, 2I, H + 1] and
+    w2 [E, H, I + 1]) the weights are packed without it and the biases kept apart ([E, 2I], [E, H])."""
 
-    def __init__(self, w13: torch.Tensor, w2: torch.Tensor):
+    def __init__(self, w13: torch.Tensor, w2: torch.Tensor, bias: bool = False):
         super().__init__(w13, w2)
-        self.w13, self.w2 = w13, w2
+        self.w13, self.w2, self.bias = w13, w2, bias
 
-    def _pack(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.ops.moe_serve.moe_pack_cpu(self.w13.detach(), self.w2.detach())
+    def _pack(self) -> tuple[torch.Tensor, ...]:
+        w13, w2 = self.w13.detach(), self.w2.detach()
+        if not self.bias:
+            return torch.ops.moe_serve.moe_pack_cpu(w13, w2)
+        H, inter = w13.shape[2] - 1, w2.shape[2] - 1
+        p13, p2 = torch.ops.moe_serve.moe_pack_cpu(w13[..., :H], w2[..., :inter])
+        return p13, p2, w13[..., H].contiguous(), w2[..., inter].contiguous()
 
 
-def moe_cpu(x: torch.Tensor, packed: PackedExperts, topk_ids: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
-    """sum_k topk_w[t, k] * Expert_{topk_ids[t, k]}(x[t]) -> [T, H], as `fused_experts`."""
-    p13, p2 = packed.get()
-    return torch.ops.moe_serve.moe_experts_cpu(x, topk_ids, topk_w, p13, p2)
+def moe_cpu(x: torch.Tensor, packed: PackedExperts, topk_ids: torch.Tensor, topk_w: torch.Tensor,
+            variant: ExpertVariant | None = None) -> torch.Tensor:
+    """sum_k topk_w[t, k] * Expert_{topk_ids[t, k]}(x[t]) -> [T, H], as `fused_experts` (with the
+    family's `variant`: biases, the clamped SwiGLU, routing weights on the input)."""
+    p13, p2, *biases = packed.get()
+    if variant is None and not biases:
+        return torch.ops.moe_serve.moe_experts_cpu(x, topk_ids, topk_w, p13, p2)
+    b13, b2 = biases or (None, None)
+    limit = None if variant is None else variant.limit
+    return torch.ops.moe_serve.moe_experts_variant_cpu(
+        x, topk_ids, topk_w, p13, p2, b13, b2, limit, 1.702 if variant is None else variant.alpha,
+        variant is not None and variant.weight_on_input)

@@ -16,7 +16,9 @@ The rules, per layer kind:
   Hopper without Triton), the C kernel on the CPU (float32, sizes multiples of its panel) up to
   `CPU_KERNEL_PAIRS_PER_EXPERT` token-expert pairs per expert and the per-expert loop above
   (oneDNN's GEMMs are faster there: docs/benchmarks.md, section "CPU kernels"); family variants (biases, clamped
-  SwiGLU, input scaling) run the loop;
+  SwiGLU, input scaling) run in the Triton and the C kernel too (`torch._grouped_mm` has none: the loop);
+- the router's choice (softmax or sigmoid, correction bias, groups, top-k): one Triton launch on
+  CUDA, the C op on the CPU;
 - linear layers on the CPU (float32): the LM head, q/k/v, o and the loop's gate+up weights are
   kept in a packed copy (C panels, oneDNN's layout where the panels do not fit) while the copies
   stay within `PACKED_BYTES_AUTO`; over it, plain weights and the loop for the experts.
@@ -63,6 +65,8 @@ class LinearLayout(str, Enum):
     PLAIN = "plain"  # the weight as loaded (F.linear)
 
 
+# the kernels that also run the family variants (biases, clamped SwiGLU, input scaling)
+VARIANT_KERNELS = frozenset({MoEKernel.TRITON, MoEKernel.CPU, MoEKernel.LOOP})
 # kernels that never read a device value back to the host (a CUDA graph can capture them)
 SYNC_FREE = frozenset({AttentionKernel.TRITON, AttentionKernel.CPU, MoEKernel.TRITON, MoEKernel.GROUPED_MM,
                        MoEKernel.CPU})
@@ -136,6 +140,8 @@ class LayerKernels:
     moe: MoEKernel | None
     moe_large: MoEKernel | None = None  # MoEKernel.CPU: the kernel above `CPU_KERNEL_PAIRS_PER_EXPERT`
     gate_up: LinearLayout = LinearLayout.PLAIN  # the loop's per-expert gate+up weights
+    # the router's expert choice: "triton" (CUDA), "cpu" (the C op), "reference" (PyTorch ops)
+    router: str = "reference"
 
     @property
     def sync_free(self) -> bool:
@@ -221,7 +227,7 @@ class KernelPlan:
                         "moe": None if lk.moe is None else lk.moe.value,
                         "moe_large": None if lk.moe_large is None else lk.moe_large.value,
                         "moe_large_above_pairs_per_expert": CPU_KERNEL_PAIRS_PER_EXPERT if lk.moe_large else None,
-                        "gate_up": lk.gate_up.value}
+                        "gate_up": lk.gate_up.value, "router": lk.router}
                        for first, last, lk in self.layer_groups()],
             "lm_head": self.lm_head.value, "placed_moe": {d: k.value for d, k in self.placed_moe},
             "packed_bytes": self.packed_bytes, "cuda_graphs": self.cuda_graphs, "experts_placed": self.experts_placed,
@@ -281,6 +287,14 @@ def _attention(flags: KernelFlags, caps: Capabilities, dtype: torch.dtype) -> At
     return AttentionKernel(choice)
 
 
+def _router(caps: Capabilities) -> str:
+    """The router's kernel: one Triton launch on CUDA, the C op on the CPU (its logits are float32
+    in every dtype), else PyTorch's ops."""
+    if caps.device_type == "cuda":
+        return "triton" if caps.triton else "reference"
+    return "cpu" if caps.cpu_kernels is not None else "reference"
+
+
 def cpu_moe_fits(cfg: MoEModelConfig) -> bool:
     return cfg.hidden_size % PANEL == 0 and cfg.moe_intermediate_size % PANEL == 0
 
@@ -329,6 +343,7 @@ def resolve_plan(cfg: MoEModelConfig, device: torch.device, dtype: torch.dtype, 
     plain_attention = _attention(flags, caps, dtype)
     plain_moe = _moe(flags, caps, dtype, cfg)
     variant = cfg.expert_bias or cfg.swiglu_limit is not None or cfg.expert_input_scaling
+    router = _router(caps)
 
     # packed copies on the CPU (float32): what they would cost, then whether they fit the budget
     pack = (caps.device_type == "cpu" and dtype == torch.float32 and flags.cpu_linear != "plain"
@@ -345,6 +360,8 @@ def resolve_plan(cfg: MoEModelConfig, device: torch.device, dtype: torch.dtype, 
             # the loop's gate+up copies; the C kernel's copy of gate+up and down besides
             extra += E * 2 * inter * H * (1 if plain_moe == MoEKernel.LOOP else 2) + (
                 E * H * inter if plain_moe == MoEKernel.CPU else 0)
+        elif cfg.sparse_layers[i] and plain_moe == MoEKernel.CPU:  # variants: the C kernel's copy only
+            extra += E * 3 * inter * H
     extra *= elem
     if pack and flags.cpu_linear == "auto" and extra > PACKED_BYTES_AUTO:
         pack = False
@@ -373,7 +390,7 @@ def resolve_plan(cfg: MoEModelConfig, device: torch.device, dtype: torch.dtype, 
                       and cfg.rotary_dim in (None, cfg.head_dim))
         moe = moe_large = None
         if cfg.sparse_layers[i]:
-            moe = MoEKernel.LOOP if variant else plain_moe
+            moe = MoEKernel.LOOP if variant and plain_moe not in VARIANT_KERNELS else plain_moe
             moe_large = MoEKernel.LOOP if moe == MoEKernel.CPU else None
         layers.append(LayerKernels(
             attention_kind=kind, attention=plain_attention if plain else AttentionKernel.REFERENCE,
@@ -382,8 +399,9 @@ def resolve_plan(cfg: MoEModelConfig, device: torch.device, dtype: torch.dtype, 
             o=layout(H) if gqa else LinearLayout.PLAIN,
             expert_kind=expert_kind(cfg) if cfg.sparse_layers[i] else None, moe=moe, moe_large=moe_large,
             gate_up=layout(2 * inter) if moe in (MoEKernel.LOOP, MoEKernel.CPU) and not variant else LinearLayout.PLAIN,
+            router=router if cfg.sparse_layers[i] else "reference",
         ))
-    placed = MoEKernel.LOOP if variant else plain_moe
+    placed = MoEKernel.LOOP if variant and plain_moe not in VARIANT_KERNELS else plain_moe
     if placed == MoEKernel.CPU:  # device subsets of the stacks have no packed copy
         placed = MoEKernel.LOOP
     placed_moe = ((caps.device_type, placed),) + ((("cpu", MoEKernel.LOOP),) if caps.device_type != "cpu" else ())

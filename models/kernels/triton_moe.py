@@ -4,6 +4,8 @@
    intermediate columns, both the gate and the up tile are accumulated from the same
    activation loads, and SiLU(gate) * up is written: h [P, I].
 2. `_down_kernel`: h @ w2[e].T times the pair's routing weight: y [P, H].
+The family variants are constexpr switches of the same kernels: biases (read in place from the
+stacks' last column), gpt-oss's clamped SwiGLU, Llama 4's routing weight on the input.
 Then each token sums its top_k rows (a deterministic reduce, no atomics).
 Rows are sorted by expert and padded to the tile height by `_align_kernel` (one launch; the
 PyTorch version, `moe_align.align_pairs`, is its reference), so the whole path has no host
@@ -84,13 +86,16 @@ def _tile_ids(pid, num_rows_max, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
 
 @triton.jit
 def _gate_up_kernel(
-    x_ptr, w_ptr, h_ptr, pairs_ptr, block_experts_ptr, num_rows_ptr,
-    N, K, num_pairs, num_rows_max,
+    x_ptr, w_ptr, h_ptr, pairs_ptr, block_experts_ptr, num_rows_ptr, weights_ptr,
+    N, K, num_pairs, num_rows_max, limit, alpha,
     stride_xm, stride_we, stride_wn, stride_hm,
     TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, CLAMP: tl.constexpr, SCALE_INPUT: tl.constexpr,
 ):
-    # x [T, K]; w [E, 2N, K] (gate rows, then up rows; K contiguous); h [P, N]
+    # x [T, K]; w [E, 2N, K] (gate rows, then up rows; K contiguous; HAS_BIAS: the bias in column
+    # K, the rows stride_wn = K + 1 apart); h [P, N]. CLAMP: gpt-oss's clamped SwiGLU with `limit`
+    # and `alpha`; SCALE_INPUT: each row of x times its pair's routing weight (Llama 4)
     pid_m, pid_n = _tile_ids(tl.program_id(0), num_rows_max, N, BLOCK_M, BLOCK_N, GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_rows_ptr):
         return
@@ -106,9 +111,13 @@ def _gate_up_kernel(
     u_ptrs = g_ptrs + N * stride_wn
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SCALE_INPUT:
+        rw = tl.load(weights_ptr + pair, mask=row_mask, other=0.0)
     for k0 in range(0, K, BLOCK_K):
         k_mask = offs_k < K - k0
         a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        if SCALE_INPUT:
+            a = (a * rw.to(a.dtype)[:, None]).to(a.dtype)
         wg = tl.load(g_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         wu = tl.load(u_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         acc_g = tl.dot(a, wg, acc_g, input_precision=PRECISION)
@@ -116,7 +125,16 @@ def _gate_up_kernel(
         a_ptrs += BLOCK_K
         g_ptrs += BLOCK_K
         u_ptrs += BLOCK_K
-    h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u  # SiLU(gate) * up
+    if HAS_BIAS:
+        b_ptrs = w_ptr + expert * stride_we + offs_n * stride_wn + K
+        acc_g += tl.load(b_ptrs, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        acc_u += tl.load(b_ptrs + N * stride_wn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if CLAMP:  # (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g), g = min(gate, limit)
+        g = tl.minimum(acc_g, limit)
+        u = tl.minimum(tl.maximum(acc_u, -limit), limit)
+        h = g / (1.0 + tl.exp(-alpha * g)) * (u + 1.0)
+    else:
+        h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u  # SiLU(gate) * up
     tl.store(h_ptr + pair[:, None] * stride_hm + offs_n[None, :], h.to(h_ptr.dtype.element_ty),
              mask=row_mask[:, None] & n_mask[None, :])
 
@@ -128,8 +146,10 @@ def _down_kernel(
     stride_hm, stride_we, stride_wn, stride_ym,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SCALE_INPUT: tl.constexpr,
 ):
-    # h [P, K]; w [E, N, K] (K contiguous); y [P, N] = routing weight * h @ w[e].T
+    # h [P, K]; w [E, N, K] (K contiguous; HAS_BIAS: the bias in column K); y [P, N] = routing
+    # weight * (h @ w[e].T + bias) (SCALE_INPUT: the weight was applied to the input instead)
     pid_m, pid_n = _tile_ids(tl.program_id(0), num_rows_max, N, BLOCK_M, BLOCK_N, GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_rows_ptr):
         return
@@ -150,8 +170,11 @@ def _down_kernel(
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
-    w = tl.load(weights_ptr + pair, mask=row_mask, other=0.0).to(tl.float32)
-    acc = acc * w[:, None]
+    if HAS_BIAS:
+        acc += tl.load(w_ptr + expert * stride_we + offs_n * stride_wn + K, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if not SCALE_INPUT:
+        w = tl.load(weights_ptr + pair, mask=row_mask, other=0.0).to(tl.float32)
+        acc = acc * w[:, None]
     tl.store(y_ptr + pair[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=row_mask[:, None] & n_mask[None, :])
 
@@ -194,11 +217,15 @@ def fit_shared_memory(cfg: dict, elem_size: int) -> dict:
     return cfg
 
 
-def fused_moe_triton(x, w13, w2, topk_ids, topk_w, config: dict | None = None) -> torch.Tensor:
+def fused_moe_triton(x, w13, w2, topk_ids, topk_w, config: dict | None = None, bias: bool = False,
+                     limit: float | None = None, alpha: float = 1.702, weight_on_input: bool = False) -> torch.Tensor:
     """The Triton grouped GEMMs (shapes as `fused_moe.fused_experts`): pairs aligned per expert on
-    the device, gate+up with SiLU-and-mul fused, then down times the routing weight; no host sync."""
+    the device, gate+up with SiLU-and-mul fused, then down times the routing weight; no host sync.
+    The family variants (`fused_moe.ExpertVariant`): `bias` (the stacks' last column, read in
+    place), the clamped SwiGLU where `limit` is given, `weight_on_input`."""
     T, k = topk_ids.shape
     E, two_i, H = w13.shape
+    H -= 1 if bias else 0
     inter = two_i // 2
     P = T * k
     if T == 0:
@@ -212,21 +239,22 @@ def fused_moe_triton(x, w13, w2, topk_ids, topk_w, config: dict | None = None) -
     max_rows = aligned.sorted_pairs.numel()
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
     h = torch.empty(P, inter, dtype=x.dtype, device=x.device)  # [P, I]
+    weights = topk_w.reshape(-1).contiguous()  # [P]
+    variant = dict(HAS_BIAS=bool(bias), SCALE_INPUT=bool(weight_on_input))
     grid1 = (triton.cdiv(max_rows, bm) * triton.cdiv(inter, bn),)
     _gate_up_kernel[grid1](
-        x, w13, h, aligned.sorted_pairs, aligned.block_experts, aligned.num_rows,
-        inter, H, P, max_rows,
+        x, w13, h, aligned.sorted_pairs, aligned.block_experts, aligned.num_rows, weights,
+        inter, H, P, max_rows, float(limit or 0.0), float(alpha),
         x.stride(0), w13.stride(0), w13.stride(1), h.stride(0),
-        TOP_K=k, PRECISION=precision, **cfg, **launch,
+        TOP_K=k, PRECISION=precision, CLAMP=limit is not None, **variant, **cfg, **launch,
     )
     y = torch.empty(P, H, dtype=x.dtype, device=x.device)  # [P, H] weighted expert outputs
-    weights = topk_w.reshape(-1).contiguous()  # [P]
     grid2 = (triton.cdiv(max_rows, bm) * triton.cdiv(H, bn_down),)
     _down_kernel[grid2](
         h, w2, y, weights, aligned.sorted_pairs, aligned.block_experts, aligned.num_rows,
         H, inter, P, max_rows,
         h.stride(0), w2.stride(0), w2.stride(1), y.stride(0),
-        PRECISION=precision, **{**cfg, "BLOCK_N": bn_down}, **launch,
+        PRECISION=precision, **variant, **{**cfg, "BLOCK_N": bn_down}, **launch,
     )
     return y.view(T, k, H).sum(dim=1)
 
@@ -234,11 +262,13 @@ def fused_moe_triton(x, w13, w2, topk_ids, topk_w, config: dict | None = None) -
 # -- the registered operator (what model code calls: visible to torch.profiler and torch.compile)
 @torch.library.custom_op("moe_serve::fused_moe_triton", mutates_args=())
 def fused_moe_op(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: torch.Tensor,
-                 topk_w: torch.Tensor) -> torch.Tensor:
+                 topk_w: torch.Tensor, bias: bool = False, limit: float | None = None, alpha: float = 1.702,
+                 weight_on_input: bool = False) -> torch.Tensor:
     """`fused_moe_triton` with the default tile configuration, as `torch.ops.moe_serve.fused_moe_triton`."""
-    return fused_moe_triton(x, w13, w2, topk_ids, topk_w)
+    return fused_moe_triton(x, w13, w2, topk_ids, topk_w, bias=bias, limit=limit, alpha=alpha,
+                            weight_on_input=weight_on_input)
 
 
 @fused_moe_op.register_fake
-def _(x, w13, w2, topk_ids, topk_w):
+def _(x, w13, w2, topk_ids, topk_w, bias=False, limit=None, alpha=1.702, weight_on_input=False):
     return x.new_empty(x.shape)

@@ -3,9 +3,8 @@
 The router variants live in `models/layers/router.py`. Experts are stored stacked: `w13 [E, 2 * I,
 H]` (gate rows, then up rows) and `w2 [E, H, I]` (gpt-oss's biases ride as one more column).
 Execution is grouped (`models.kernels.fused_moe`): the (token, slot) pairs are sorted by expert
-and each expert's rows run as one GEMM, by the kernel the plan chose (`apply_kernels`); family
-variants (biases, clamped SwiGLU, input scaling) run the per-expert loop with their
-`ExpertVariant`. No loop over tokens.
+and each expert's rows run as one GEMM, by the kernel the plan chose (`apply_kernels`), family
+variants (biases, clamped SwiGLU, input scaling) included (`ExpertVariant`). No loop over tokens.
 """
 
 from __future__ import annotations
@@ -122,6 +121,7 @@ class MoEBlock(nn.Module):
     def apply_kernels(self, kernels: LayerKernels, plan: KernelPlan, packed_w13: list[PackedWeight] | None,
                       packed_experts: PackedExperts | None) -> None:
         self.kernel, self.kernel_large = kernels.moe, kernels.moe_large
+        self.gate.kernel = None if kernels.router == "reference" else kernels.router
         self.packed_w13, self.packed_experts = packed_w13, packed_experts
         self.placed_fn = PlacedExpertsFn(plan, self.variant)
 

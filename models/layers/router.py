@@ -10,6 +10,8 @@ One `Router` module covers the variants (`RouterConfig`):
   a group scored by its best expert (DeepSeek-V2 `group_limited_greedy`) or its best two summed
   (DeepSeek-V3 `noaux_tc`);
 - `routed_scaling_factor` on the final weights.
+`select_experts` is the PyTorch formulation; `select_experts_fused` the same in one kernel
+(Triton on CUDA, C on the CPU), which the kernel plan gives the router where it can.
 """
 
 from __future__ import annotations
@@ -46,6 +48,24 @@ def select_experts(
     return weights, ids
 
 
+def select_experts_fused(
+    logits: torch.Tensor,  # [T, E] float32
+    top_k: int,
+    renormalize: bool,
+    spec: RouterConfig,
+    correction_bias: torch.Tensor | None,  # [E]
+    kernel: str,  # "triton" (torch.ops.moe_serve.route_triton) | "cpu" (the C op moe_route_cpu)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`select_experts` in one kernel: the same ids (ties aside) and weights (to rounding)."""
+    args = (correction_bias, top_k, spec.scoring, renormalize, spec.renorm_min, spec.n_group, spec.topk_group,
+            spec.group_score, spec.scaling_factor)
+    if kernel == "triton":
+        from models.kernels import triton_router  # noqa: F401 - registers the op
+
+        return torch.ops.moe_serve.route_triton(logits, *args)
+    return torch.ops.moe_serve.moe_route_cpu(logits, *args)
+
+
 def _limit_groups(choice: torch.Tensor, spec: RouterConfig) -> torch.Tensor:
     """Scores outside the best `topk_group` groups set to -inf (never chosen)."""
     T, E = choice.shape
@@ -69,6 +89,7 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_experts, hidden))
         self.bias = nn.Parameter(torch.empty(num_experts)) if spec.bias else None
         self.e_score_correction_bias = nn.Parameter(torch.empty(num_experts)) if spec.correction_bias else None
+        self.kernel: str | None = None  # the plan's fused choice ("triton" | "cpu"); None: select_experts
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """[T, H] -> [T, E] float32 (computed in float32 where the family's reference does)."""
@@ -77,4 +98,8 @@ class Router(nn.Module):
         return F.linear(x, self.weight, self.bias).float()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return select_experts(self.logits(x), self.top_k, self.renormalize, self.spec, self.e_score_correction_bias)
+        logits = self.logits(x)
+        if self.kernel is not None:
+            return select_experts_fused(logits, self.top_k, self.renormalize, self.spec, self.e_score_correction_bias,
+                                        self.kernel)
+        return select_experts(logits, self.top_k, self.renormalize, self.spec, self.e_score_correction_bias)

@@ -24,6 +24,13 @@ int paged_decode_variant_f32(const float *q, const float *k, const float *v, con
                              float scale, int nthreads);
 int moe_fused_f32(const float *x, const int64_t *topk_ids, const float *topk_w, const float *w13p, const float *w2p,
                   float *out, int64_t T, int64_t k, int64_t E, int64_t H, int64_t I, int nthreads);
+int moe_fused_variant_f32(const float *x, const int64_t *topk_ids, const float *topk_w, const float *w13p,
+                          const float *w2p, const float *b13, const float *b2, int clamp, float alpha, float limit,
+                          int weight_on_input, float *out, int64_t T, int64_t k, int64_t E, int64_t H, int64_t I,
+                          int nthreads);
+int moe_route_f32(const float *logits, const float *corr, float *weights, int64_t *ids, int64_t T, int64_t E,
+                  int64_t k, int scoring, int renormalize, float renorm_min, int64_t n_group, int64_t topk_group,
+                  int group_top2, float scaling);
 void moe_pack_f32(const float *w13, const float *w2, float *w13p, float *w2p, int64_t E, int64_t H, int64_t I);
 int linear_f32(const float *x, const float *Wp, const float *bias, float *y, int64_t M, int64_t N, int64_t K,
                int64_t ldx, int nthreads);

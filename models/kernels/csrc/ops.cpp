@@ -74,8 +74,10 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at
     return out;
 }
 
-at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
-                       const at::Tensor& w13_packed, const at::Tensor& w2_packed) {
+at::Tensor moe_experts_impl(const at::Tensor& x, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
+                            const at::Tensor& w13_packed, const at::Tensor& w2_packed,
+                            const std::optional<at::Tensor>& w13_bias, const std::optional<at::Tensor>& w2_bias,
+                            std::optional<double> limit, double alpha, bool weight_on_input) {
     // x [T, H]; topk_ids, topk_weights [T, k]; packed w13 [E, 2I, H], w2 [E, H, I] (moe_pack) -> [T, H]
     check_f32_cpu(x, "x");
     check_f32_cpu(w13_packed, "w13_packed");
@@ -92,12 +94,71 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& topk_ids, const at
     const at::Tensor xc = x.contiguous();
     const at::Tensor ids = topk_ids.to(at::kLong).contiguous();
     const at::Tensor w = topk_weights.to(at::kFloat).contiguous();
+    at::Tensor b13, b2;
+    if (w13_bias.has_value() && w13_bias->defined()) {
+        b13 = w13_bias->to(at::kFloat).contiguous();
+        TORCH_CHECK(b13.numel() == E * 2 * I, "moe_experts: w13_bias must be [E, 2I]");
+    }
+    if (w2_bias.has_value() && w2_bias->defined()) {
+        b2 = w2_bias->to(at::kFloat).contiguous();
+        TORCH_CHECK(b2.numel() == E * H, "moe_experts: w2_bias must be [E, H]");
+    }
     const int threads = T * k >= kMinPairsPerThreading ? at::get_num_threads() : 1;
-    check_rc(moe_fused_f32(xc.data_ptr<float>(), ids.data_ptr<int64_t>(), w.data_ptr<float>(),
-                           w13_packed.data_ptr<float>(), w2_packed.data_ptr<float>(), out.data_ptr<float>(), T, k, E,
-                           H, I, threads),
+    check_rc(moe_fused_variant_f32(xc.data_ptr<float>(), ids.data_ptr<int64_t>(), w.data_ptr<float>(),
+                                   w13_packed.data_ptr<float>(), w2_packed.data_ptr<float>(),
+                                   b13.defined() ? b13.data_ptr<float>() : nullptr,
+                                   b2.defined() ? b2.data_ptr<float>() : nullptr, limit.has_value() ? 1 : 0,
+                                   static_cast<float>(alpha), static_cast<float>(limit.value_or(0.0)),
+                                   weight_on_input ? 1 : 0, out.data_ptr<float>(), T, k, E, H, I, threads),
              "moe_experts");
     return out;
+}
+
+at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
+                       const at::Tensor& w13_packed, const at::Tensor& w2_packed) {
+    // x [T, H]; topk_ids, topk_weights [T, k]; packed w13 [E, 2I, H], w2 [E, H, I] (moe_pack) -> [T, H]
+    return moe_experts_impl(x, topk_ids, topk_weights, w13_packed, w2_packed, std::nullopt, std::nullopt, std::nullopt,
+                            1.702, false);
+}
+
+at::Tensor moe_experts_variant(const at::Tensor& x, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
+                               const at::Tensor& w13_packed, const at::Tensor& w2_packed,
+                               const std::optional<at::Tensor>& w13_bias, const std::optional<at::Tensor>& w2_bias,
+                               std::optional<double> limit, double alpha, bool weight_on_input) {
+    // moe_experts with the family variants: biases w13_bias [E, 2I], w2_bias [E, H]; the clamped
+    // SwiGLU where `limit` is given (with `alpha`); routing weights on the input (csrc/moe_cpu.c)
+    return moe_experts_impl(x, topk_ids, topk_weights, w13_packed, w2_packed, w13_bias, w2_bias, limit, alpha,
+                            weight_on_input);
+}
+
+std::tuple<at::Tensor, at::Tensor> moe_route(const at::Tensor& logits, const std::optional<at::Tensor>& correction_bias,
+                                             int64_t top_k, c10::string_view scoring, bool renormalize,
+                                             double renorm_min, int64_t n_group, int64_t topk_group,
+                                             c10::string_view group_score, double scaling) {
+    // logits [T, E] float32 -> (weights [T, k] float32, ids [T, k] int64), as router.select_experts
+    check_f32_cpu(logits, "logits");
+    TORCH_CHECK(logits.dim() == 2, "moe_route: logits must be [T, E]");
+    const int64_t T = logits.size(0), E = logits.size(1);
+    const int sc = scoring == "softmax" ? 0 : scoring == "sigmoid" ? 1 : scoring == "softmax_topk" ? 2 : -1;
+    TORCH_CHECK(sc >= 0, "moe_route: scoring must be softmax, sigmoid or softmax_topk");
+    TORCH_CHECK(group_score == "max" || group_score == "top2_sum", "moe_route: group_score must be max or top2_sum");
+    TORCH_CHECK(top_k >= 1 && top_k <= E, "moe_route: top_k must be in [1, E]");
+    TORCH_CHECK(n_group >= 1 && E % n_group == 0 && topk_group >= 1 && topk_group <= n_group,
+                "moe_route: the experts must split into n_group groups, topk_group of them kept");
+    TORCH_CHECK(group_score == "max" || n_group == 1 || E / n_group >= 2, "moe_route: top2_sum needs 2 experts per group");
+    at::Tensor corr;
+    if (correction_bias.has_value() && correction_bias->defined()) {
+        corr = correction_bias->to(at::kFloat).contiguous();
+        TORCH_CHECK(corr.numel() == E, "moe_route: correction_bias must have E elements");
+    }
+    const at::Tensor lc = logits.contiguous();
+    at::Tensor w = at::empty({T, top_k}, logits.options());
+    at::Tensor ids = at::empty({T, top_k}, logits.options().dtype(at::kLong));
+    check_rc(moe_route_f32(lc.data_ptr<float>(), corr.defined() ? corr.data_ptr<float>() : nullptr, w.data_ptr<float>(),
+                           ids.data_ptr<int64_t>(), T, E, top_k, sc, renormalize ? 1 : 0, static_cast<float>(renorm_min),
+                           n_group, topk_group, group_score == "top2_sum" ? 1 : 0, static_cast<float>(scaling)),
+             "moe_route");
+    return {w, ids};
 }
 
 std::tuple<at::Tensor, at::Tensor> moe_pack(const at::Tensor& w13, const at::Tensor& w2) {
@@ -163,6 +224,11 @@ MOE_SERVE_LIBRARY(MOE_SERVE_OPS_NS, m) {
     m.def("moe_experts_cpu(Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor w13_packed, Tensor w2_packed) "
           "-> Tensor");
     m.def("moe_pack_cpu(Tensor w13, Tensor w2) -> (Tensor, Tensor)");
+    m.def("moe_experts_variant_cpu(Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor w13_packed, "
+          "Tensor w2_packed, Tensor? w13_bias, Tensor? w2_bias, float? limit, float alpha, bool weight_on_input) "
+          "-> Tensor");
+    m.def("moe_route_cpu(Tensor logits, Tensor? correction_bias, int top_k, str scoring, bool renormalize, "
+          "float renorm_min, int n_group, int topk_group, str group_score, float scaling) -> (Tensor, Tensor)");
     m.def("linear_cpu(Tensor x, Tensor weight_packed, Tensor? bias) -> Tensor");
     m.def("linear_pack_cpu(Tensor weight) -> Tensor");
     m.def("cpu_kernels_info() -> int[]");
@@ -172,6 +238,8 @@ MOE_SERVE_LIBRARY_IMPL(MOE_SERVE_OPS_NS, CPU, m) {
     m.impl("paged_decode_cpu", &paged_decode);
     m.impl("moe_experts_cpu", &moe_experts);
     m.impl("moe_pack_cpu", &moe_pack);
+    m.impl("moe_experts_variant_cpu", &moe_experts_variant);
+    m.impl("moe_route_cpu", &moe_route);
     m.impl("linear_cpu", &linear);
     m.impl("linear_pack_cpu", &linear_pack);
 }

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m loadtest spec-decode", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="model directory (default: the bundled checkpoint)")
-    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--dtype", default="float32", help="float32: the C kernels on the CPU")
     ap.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
     ap.add_argument("--lookup-max", type=int, default=4, help="prompt_lookup_max")
     ap.add_argument("--max-tokens", type=int, default=128)

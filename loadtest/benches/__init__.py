@@ -17,4 +17,5 @@ BENCHES = {
     "placement-report": "loadtest.benches.placement_report",
     "hybrid-decode": "loadtest.benches.hybrid_decode",
     "family-decode": "loadtest.benches.family_decode",
+    "spec-decode": "loadtest.benches.spec_decode",
 }

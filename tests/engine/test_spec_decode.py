@@ -143,7 +143,8 @@ def test_draft_model_greedy_identical_and_its_blocks_come_back(make_llm, tiny_mi
     cfg = json.dumps({"method": "draft_model", "model": tiny_mixtral, "num_speculative_tokens": 3})
     base, spec = make_llm(**kw), make_llm(speculative_config=cfg, **kw)
     prompts = prompts_of([5, 17, 30, 9])
-    reqs = lambda: [EngineRequest(f"g{i}", p, GREEDY) for i, p in enumerate(prompts)]  # noqa: E731
+    reqs = lambda: [EngineRequest(f"g{i}", p, SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True))  # noqa: E731
+                    for i, p in enumerate(prompts)]
     want, got = run(base, reqs()), run(spec, reqs())
     assert got == want
     totals = spec.core.spec.totals
@@ -164,9 +165,10 @@ def test_draft_model_greedy_identical_and_its_blocks_come_back(make_llm, tiny_mi
 def test_disable_by_batch_size(make_llm):
     cfg = json.dumps({"method": "ngram", "num_speculative_tokens": 3, "disable_by_batch_size": 3})
     spec = make_llm(num_kv_blocks=128, block_size=4, speculative_config=cfg)
-    run(spec, [EngineRequest(f"g{i}", loop_prompt(i), GREEDY) for i in range(3)])
+    short = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    run(spec, [EngineRequest(f"g{i}", loop_prompt(i), short) for i in range(3)])
     assert spec.core.spec.totals["drafts"] == 0
-    run(spec, [EngineRequest(f"h{i}", loop_prompt(i), GREEDY) for i in range(2)])
+    run(spec, [EngineRequest(f"h{i}", loop_prompt(i), short) for i in range(2)])
     assert spec.core.spec.totals["drafts"] > 0
 
 
@@ -258,7 +260,7 @@ def test_rejection_sampler_keeps_the_target_distribution(one_hot):
     torch.manual_seed(0)
     p = torch.tensor([0.4, 0.25, 0.2, 0.1, 0.05])
     q = torch.tensor([0.1, 0.1, 0.2, 0.3, 0.3])
-    n = 6000
+    n = 2000
     gen = torch.Generator().manual_seed(1)
     right, wrong = np.zeros(5), np.zeros(5)
     for _ in range(n):
@@ -280,14 +282,13 @@ def test_sampled_speculation_matches_plain_sampling_end_to_end(make_llm):
     base = make_llm(**kw)
     spec = make_llm(speculative_config=json.dumps({"method": "ngram", "num_speculative_tokens": 3}), **kw)
     prompt = loop_prompt(0, 20)
-    n = 300
 
-    def sample(llm) -> np.ndarray:
+    def sample(llm, seeds) -> np.ndarray:
         outs = run(llm, [EngineRequest(f"s{i}", prompt, SamplingParams(temperature=1.5, top_k=4, max_tokens=4,
-                                                                      seed=i, ignore_eos=True)) for i in range(n)])
+                                                                      seed=i, ignore_eos=True)) for i in seeds])
         return np.array([o["ids"] for o in outs.values()])  # [n, 4]
 
-    plain, drafted = sample(base), sample(spec)
+    plain, drafted = sample(base, range(200)), sample(spec, range(200))
     totals = spec.core.spec.totals
     assert totals["accepted"] > 0 and totals["draft_tokens"] > totals["accepted"], totals
     vocab = base.core.vocab_size
@@ -295,6 +296,5 @@ def test_sampled_speculation_matches_plain_sampling_end_to_end(make_llm):
         a = np.bincount(plain[:, pos], minlength=vocab)
         b = np.bincount(drafted[:, pos], minlength=vocab)
         assert homogeneity_pvalue(a, b) > 0.01, pos
-    # seeded requests are reproducible with speculation
-    again = sample(spec)
-    assert (again == drafted).all()
+    # seeded requests are reproducible with speculation, whatever runs beside them
+    assert (sample(spec, [5, 7])[:, :] == drafted[[5, 7]]).all()

@@ -81,6 +81,10 @@ class MoEForCausalLM(nn.Module):
         self.kernel_plan: KernelPlan | None = None  # apply_plan (models.build.load_model applies one)
         self.packed_lm_head: PackedWeight | None = None
         self._packed: dict[tuple, PackedWeight | PackedExperts] = {}  # kept across plans: packing reads a weight
+        # EAGLE-3 drafts (models/eagle3.py): the residual stream entering these layers is kept in
+        # `aux_hidden` by each forward ([T, hidden] per layer, in order); () keeps nothing
+        self.aux_hidden_layers: tuple[int, ...] = ()
+        self.aux_hidden: list[torch.Tensor] = []
 
     def moe_blocks(self) -> list[MoEBlock]:
         return [layer.moe for layer in self.layers if layer.is_moe]
@@ -161,7 +165,12 @@ class MoEForCausalLM(nn.Module):
             x = x * self.config.embedding_multiplier
         cos_sin = self.rotary.cos_sin(positions, x.dtype)
         shortcut = None  # moe_shortcut: the MoE output one layer hands to the next
-        for layer, cache in zip(self.layers, kv_caches):
+        aux = self.aux_hidden_layers
+        if aux:
+            self.aux_hidden = []
+        for i, (layer, cache) in enumerate(zip(self.layers, kv_caches)):
+            if aux and i in aux:
+                self.aux_hidden.append(x)
             if self.config.moe_shortcut:
                 x, shortcut = layer(x, cos_sin, meta, cache, capture, positions, shortcut)
             else:

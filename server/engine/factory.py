@@ -118,8 +118,9 @@ def build_native_core(config: EngineConfig, progress: bool = True, reserve_cpu_c
 
         check_method(config.speculative)
     torch.manual_seed(config.seed)
+    spec = config.speculative
     model = load_model(config.model, dtype=config.dtype, device=config.device, progress=progress,
-                       kernels=config.kernel_flags)
+                       kernels=config.kernel_flags, mtp=spec is not None and spec.method == "mtp")
     if model.embed.weight.device.type == "cpu":
         configure_cpu_threads(reserve_cpu_cores)
     tokenizer = AutoTokenizer.from_pretrained(config.model)

@@ -54,9 +54,9 @@ def rms(x, w, eps=1e-6):
 def reference_mtp_logits(path, tensors, ids: list[int], own_head: bool) -> torch.Tensor:
     """MTP logits at positions 0..len(ids)-2 (drafting ids[t+2]), written out directly: transformers'
     main model for the hidden states, its decoder layer class (loaded as layer 3) for the block."""
-    main = transformers.DeepseekV3ForCausalLM.from_pretrained(path, attn_implementation="sdpa").eval()
+    main = transformers.DeepseekV3ForCausalLM.from_pretrained(path, attn_implementation="sdpa", dtype=torch.float32).eval()
     with_block = transformers.DeepseekV3ForCausalLM.from_pretrained(
-        path, num_hidden_layers=L + 1, attn_implementation="sdpa").eval()
+        path, num_hidden_layers=L + 1, attn_implementation="sdpa", dtype=torch.float32).eval()
     p = f"model.layers.{L}."
     x = torch.tensor([ids])
     hidden = main.model(input_ids=x).last_hidden_state[:, :-1]  # h_t after the final norm
@@ -125,3 +125,33 @@ def test_mtp_refused_without_mtp_layers(tmp_path):
     make_checkpoint("deepseek_v3", tmp_path, num_nextn_predict_layers=0)
     with pytest.raises(UnsupportedModelError, match="no MTP layers"):
         load_model(str(tmp_path), dtype="float32", device="cpu", progress=False, mtp=True)
+
+
+def test_bundled_tiny_deepseek_mtp(tmp_path):
+    """The bundled checkpoint: without MTP, logits equal transformers' DeepseekV3ForCausalLM; with
+    MTP, the layer loads from its published names and predicts as the direct formulation does."""
+    from models.checkpoints.train_tiny_mtp import OUT_DIR
+
+    path = str(OUT_DIR)
+    ids = [0, 464, 1242, 2001, 1112, 13, 1130, 389]
+    plain = load_model(path, dtype="float32", device="cpu", progress=False)
+    assert not hasattr(plain, "mtp")
+    ref = transformers.DeepseekV3ForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = ref(input_ids=torch.tensor([ids])).logits[0]
+        got = plain.compute_logits(SimpleRunner(plain, 16, 1).step([0], [ids], [0]))
+    assert (got - want).abs().max().item() < 1e-4
+
+    model = load_model(path, dtype="float32", device="cpu", progress=False, mtp=True)
+    assert model.mtp.num_layers == 1 and model.mtp.layers[0].head is None  # the main LM head is shared
+    tensors = {k: v.float() for k, v in load_file(f"{path}/model.safetensors").items()}
+    expect = reference_mtp_logits(path, tensors, ids, own_head=False)
+    with torch.inference_mode():
+        runner = SimpleRunner(model, 16, 1)
+        hidden = runner.step([0], [ids], [0])
+        caches = model.mtp.allocate_kv_cache(runner.tables.numel(), runner.block_size)
+        n = len(ids) - 1
+        out = model.mtp(torch.tensor(ids[1:]), torch.arange(n), hidden[:n], one_seq_meta(runner, 0, n), caches)
+        logits = model.mtp.compute_logits(out)
+    assert (logits - expect).abs().max().item() < 1e-3
+    assert torch.equal(logits.argmax(-1), expect.argmax(-1))

@@ -41,11 +41,18 @@ def _draft_model(config: SpeculativeConfig, target: Any, args: dict[str, Any]) -
     return DraftModelProposer(config, target, **args)
 
 
+def _mtp(config: SpeculativeConfig, target: Any, args: dict[str, Any]) -> Proposer:
+    from server.engine.native.spec.mtp import MTPProposer
+
+    return MTPProposer(config, target, **args)
+
+
 # method -> factory(config, target model, engine args: num_blocks, block_size, max_model_len,
 # max_num_seqs, max_num_batched_tokens, kernels); mtp / eagle3 register theirs here
 PROPOSERS: dict[str, Callable[[SpeculativeConfig, Any, dict[str, Any]], Proposer]] = {
     "ngram": _ngram,
     "draft_model": _draft_model,
+    "mtp": _mtp,
 }
 
 
@@ -85,7 +92,7 @@ class SpecDecoder:
             room = min(self.k, seq.state.max_tokens - seq.num_output - 1, self.max_model_len - len(seq.token_ids) - 1)
             if room >= 1:
                 requests.append(DraftRequest(seq, room))
-        if not requests:
+        if not requests and (target is None or not self.proposer.wants_hidden_states):
             return
         for r, d in zip(requests, self.proposer.propose(requests, target), strict=True):
             tokens = list(d.tokens[: r.max_drafts])
@@ -117,12 +124,13 @@ class SpecDecoder:
         """Before the scheduler moves the sequences on (positions are the pre-step ones)."""
         if result.hidden is None:
             return None
-        rows, positions = {}, {}
+        rows, positions, seqs = {}, {}, {}
         for j, item in enumerate(batch.scheduled):
             kept = item.num_new - item.num_spec + result.num_accepted.get(j, 0)
             rows[item.seq.seq_id] = (result.token_offsets[j], kept)
             positions[item.seq.seq_id] = item.seq.num_computed
-        return TargetHidden(result.hidden, rows, positions)
+            seqs[item.seq.seq_id] = item.seq
+        return TargetHidden(result.hidden, rows, positions, seqs=seqs)
 
     # -- stats ---------------------------------------------------------------------------
     def record(self, batch: SchedulerOutput, result: ModelOutput, stats: IterationStats) -> None:

@@ -25,7 +25,10 @@ after the step's tokens were appended, for the running sequences that decode nex
   belong to that sequence and whose tokens stay (a verify step's rejected drafts are cut off):
   row `first + i` holds the state at position `positions[seq_id] + i`, whose next token is
   `seq.token_ids[positions[seq_id] + i + 1]`. A sequence absent from `rows` computed nothing
-  this step (it will not be asked to propose).
+  this step (it will not be asked to propose);
+  `seqs[seq_id]` its Sequence. A proposer that wants hidden states is called after every step
+  that kept them, with no requests too (prefill chunks), so it can run its layers over every
+  row (MTP keeps its KV for the whole sequence).
 - `release(seq_id)`: the sequence finished, was aborted or preempted; drop whatever the
   proposer keeps for it (its own paged KV blocks: a model-based proposer owns a pool of its own,
   e.g. `spec/draft_model.py` keeps a `BlockPool` + `KVCacheManager` over its own KV tensors and
@@ -70,6 +73,7 @@ class TargetHidden:
     rows: dict[int, tuple[int, int]]  # seq_id -> (first row, count) of its kept tokens
     positions: dict[int, int]  # seq_id -> the position of its row `first`
     aux: list[torch.Tensor] = field(default_factory=list)  # [T, hidden] per aux_hidden_layers entry
+    seqs: dict[int, Sequence] = field(default_factory=dict)  # seq_id -> its Sequence (every row's owner)
 
 
 class Proposer:

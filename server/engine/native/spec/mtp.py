@@ -1,0 +1,160 @@
+"""`mtp` proposer: the checkpoint's own multi-token-prediction layers draft (models/mtp.py; the
+target is loaded with `load_model(..., mtp=True)`, which server/engine/factory.py asks for when
+`--speculative-config` names method mtp).
+
+The MTP layer at position t reads the target's final hidden state h_t and the token at t+1, and
+predicts the token at t+2. Its attention keeps a paged KV cache of its own tensors indexed by the
+target's block tables (the MTP entry of position t sits in the slot of the target's position t),
+so prefix-cache hits, chunked prefill and preemption need no bookkeeping here: a cached block
+holds the MTP entries computed when it was filled.
+
+Each engine step (spec/engine.py calls `propose` after every step that kept hidden states):
+1. ingest: for every sequence of the step, the MTP layer runs over the rows the target kept
+   (prefill chunks, or the accepted drafts plus the bonus token; the same positions, the tokens
+   one further), in one batched forward, writing its KV; the last row of a sequence that decodes
+   next gives the logits of the first draft;
+2. chain (k > 1): draft s + 1 comes from the MTP layer (layer s % n) at the next position, fed the
+   previous draft and the previous MTP output hidden state, one batched one-token step per draft.
+   These speculative entries are written past the sequence's computed tokens: into its own
+   partially filled last block, or into scratch blocks past the target's pool; the next step's
+   ingest overwrites them with entries made from the target's hidden states.
+Greedy requests draft the argmax (q one-hot); sampled ones draw from softmax(logits / T) with the
+request's generator and hand q to the rejection sampler.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from models.layers.paged import AttentionMetadata
+from server.engine.native.spec.config import SpeculativeConfig
+from server.engine.native.spec.proposer import Draft, DraftRequest, Proposer, TargetHidden
+
+
+class MTPProposer(Proposer):
+    method = "mtp"
+    wants_hidden_states = True
+
+    def __init__(self, config: SpeculativeConfig, target: Any, *, num_blocks: int, block_size: int,
+                 max_num_seqs: int, **_: Any):
+        mtp = getattr(target, "mtp", None)
+        if mtp is None:
+            raise ValueError("--speculative-config: method mtp needs the model loaded with its MTP layers")
+        self.mtp, self.target = mtp, target
+        self.k = config.num_speculative_tokens
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        # scratch blocks for the chained drafts past a sequence's blocks: per sequence of a step
+        self.scratch_per_seq = -(-self.k // block_size) + 1
+        self.kv_caches = mtp.allocate_kv_cache(num_blocks + max_num_seqs * self.scratch_per_seq, block_size)
+        self.device = target.embed.weight.device
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(0)
+        self.totals = {"ingested_tokens": 0}
+
+    def _meta(self, lens: list[int], starts: list[int], tables: list[list[int]]) -> tuple[AttentionMetadata, list[int]]:
+        """Metadata for sequences computing `lens[i]` tokens from position `starts[i]` (one-token
+        sequences first, as the attention expects), and their flat slots in that order."""
+        bs = self.block_size
+        loc, seq_lens, slots = [0], [], []
+        for n, s, table in zip(lens, starts, tables):
+            slots += [table[p // bs] * bs + p % bs for p in range(s, s + n)]
+            loc.append(loc[-1] + n)
+            seq_lens.append(s + n)
+        width = max(len(t) for t in tables)
+        bt = torch.zeros(len(tables), width, dtype=torch.long)
+        for i, t in enumerate(tables):
+            bt[i, : len(t)] = torch.tensor(t, dtype=torch.long)
+        nd = sum(1 for n in lens if n == 1)
+        dev = self.device
+        meta = AttentionMetadata(
+            num_decodes=nd, query_start_loc=loc, seq_lens=seq_lens,
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev), block_tables=bt.to(dev),
+            decode_seq_lens=torch.tensor(seq_lens[:nd], dtype=torch.long, device=dev),
+            state_slots=torch.zeros(len(lens), dtype=torch.long, device=dev))
+        return meta, slots
+
+    def _pick(self, seq: Any, logits: torch.Tensor) -> tuple[int, torch.Tensor | None]:
+        if seq.params.greedy:
+            return int(logits.argmax()), None
+        q = (logits / seq.params.temperature).softmax(-1)
+        return int(torch.multinomial(q, 1, generator=seq.generator or self.generator)), q
+
+    @torch.inference_mode()
+    def propose(self, requests: list[DraftRequest], target: TargetHidden | None) -> list[Draft]:
+        drafts = [Draft() for _ in requests]
+        if target is None:
+            return drafts
+        want = {r.seq.seq_id: i for i, r in enumerate(requests)}
+        # -- 1. ingest every sequence's kept rows; one-token sequences first --------------------------
+        items = []  # (seq, first row, count, start position)
+        for seq_id, (first, count) in target.rows.items():
+            seq = target.seqs.get(seq_id)
+            if seq is None or count <= 0:
+                continue
+            start = target.positions[seq_id]
+            count = min(count, len(seq.token_ids) - 1 - start)  # the token after each row must be known
+            if count <= 0 or len(seq.blocks.table) * self.block_size < start + count:
+                continue  # finished and freed, or nothing to do
+            items.append((seq, first, count, start))
+        if not items:
+            return drafts
+        items.sort(key=lambda it: it[2] != 1)
+        dev = self.device
+        ids = torch.tensor([t for seq, _, c, s in items for t in seq.token_ids[s + 1: s + 1 + c]], dtype=torch.long,
+                           device=dev)
+        positions = torch.tensor([p for _, _, c, s in items for p in range(s, s + c)], dtype=torch.long, device=dev)
+        rows = torch.tensor([r for _, f, c, _ in items for r in range(f, f + c)], dtype=torch.long, device=dev)
+        meta, _ = self._meta([c for _, _, c, _ in items], [s for *_, s in items],
+                             [seq.blocks.table for seq, *_ in items])
+        out = self.mtp(ids, positions, target.hidden.index_select(0, rows), meta, self.kv_caches, step=0)
+        self.totals["ingested_tokens"] += len(ids)
+        ends = torch.tensor(meta.query_start_loc[1:], dtype=torch.long, device=dev) - 1
+        live = [(j, want[seq.seq_id]) for j, (seq, _, c, s) in enumerate(items)
+                if seq.seq_id in want and s + c == len(seq.token_ids) - 1]
+        if not live:
+            return drafts
+        sel = torch.tensor([j for j, _ in live], dtype=torch.long, device=dev)
+        hidden = out.index_select(0, ends.index_select(0, sel))  # [n, H]
+        logits = self.mtp.compute_logits(hidden, step=0)
+        probs: dict[int, list[torch.Tensor]] = {}
+        for row, (_, i) in enumerate(live):
+            tok, q = self._pick(requests[i].seq, logits[row])
+            drafts[i].tokens.append(tok)
+            if q is not None:
+                probs.setdefault(i, []).append(q)
+        # -- 2. chained drafts: one-token steps at the following positions ---------------------------
+        bs = self.block_size
+        scratch = {i: [self.num_blocks + n * self.scratch_per_seq + b for b in range(self.scratch_per_seq)]
+                   for n, (_, i) in enumerate(live)}
+        for step in range(1, self.k):
+            keep = [row for row, (_, i) in enumerate(live) if requests[i].max_drafts > step]
+            if not keep:
+                break
+            tables, starts = [], []
+            for row in keep:
+                i = live[row][1]
+                seq = requests[i].seq
+                pos = len(seq.token_ids) - 2 + step  # the position of the draft fed in
+                table = list(seq.blocks.table)
+                need = pos // bs + 1
+                table += scratch[i][: max(0, need - len(table))]
+                tables.append(table)
+                starts.append(pos)
+            meta, _ = self._meta([1] * len(keep), starts, tables)
+            sel = torch.tensor(keep, dtype=torch.long, device=dev)
+            ids = torch.tensor([drafts[live[row][1]].tokens[-1] for row in keep], dtype=torch.long, device=dev)
+            pos_t = torch.tensor(starts, dtype=torch.long, device=dev)
+            hidden = self.mtp(ids, pos_t, hidden.index_select(0, sel), meta, self.kv_caches, step=step)
+            logits = self.mtp.compute_logits(hidden, step=step)
+            live = [live[row] for row in keep]
+            for row, (_, i) in enumerate(live):
+                tok, q = self._pick(requests[i].seq, logits[row])
+                drafts[i].tokens.append(tok)
+                if q is not None:
+                    probs.setdefault(i, []).append(q)
+        for i, qs in probs.items():
+            drafts[i].probs = torch.stack(qs)
+        return drafts

@@ -14,7 +14,7 @@ from server.engine import LLM
 from server.engine.request import SamplingParams
 from tests.engine.units import prompts_of
 
-FAMILIES = ("gpt_oss", "llama4", "mixtral-sliding", "qwen3_moe-sliding")
+FAMILIES = ("gpt_oss", "llama4", "mixtral-sliding")
 PARAMS = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, logprobs=3)
 
 

@@ -1,5 +1,5 @@
 """The families with attention variants (gpt-oss: sliding window + sinks; Llama 4: chunked
-attention; Mixtral / Qwen3 checkpoints with a sliding window) through the real engine with the
+attention; a Mixtral checkpoint with a sliding window on every layer) through the real engine with the
 decode kernels on (the C kernel, float32) against the same engine on the reference path: the
 same greedy tokens and log-probabilities within float32 rounding, across chunked prefill,
 prefix-cache hits and decodes that run past the windows and chunks (8 positions, blocks of 4).

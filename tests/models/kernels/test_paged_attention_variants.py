@@ -184,3 +184,19 @@ def test_prefill_query_tiles_match_float64(variant, prefix, monkeypatch):
     want = torch.cat([naive(q[i: i + 1], k, v, table[None], torch.tensor([prefix + i + 1]), 0.25, window, chunk,
                             sinks) for i in range(n)])
     assert rel_err(out, want) < 1e-5
+
+
+def test_opcheck_with_variant_arguments():
+    """The ops' schemas and fake implementations with a window, a chunk and sinks."""
+    from models.kernels import triton_attention  # noqa: F401 - registers the op
+
+    q, k, v, tables, lens, sinks = _case(CASES[2], (5, 0, True))
+    k, v = k.nan_to_num(), v.nan_to_num()
+    cpu_ops.load()
+    torch.library.opcheck(torch.ops.moe_serve.paged_decode_cpu.default, (q, k, v, tables, lens, 0.25, 5, 0, sinks))
+    torch.library.opcheck(torch.ops.moe_serve.paged_decode_triton.default, (q, k, v, tables, lens, 0.25, 0, 7, sinks),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    with pytest.raises(RuntimeError, match="sinks must be"):
+        torch.ops.moe_serve.paged_decode_cpu(q, k, v, tables, lens, 0.25, 5, 0, sinks[:2])
+    with pytest.raises(RuntimeError, match="must be >= 0"):
+        torch.ops.moe_serve.paged_decode_cpu(q, k, v, tables, lens, 0.25, -1, 0, None)

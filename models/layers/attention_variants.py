@@ -58,6 +58,22 @@ class AttentionVariant:
         return min([seq_len] + [x for x in (self.window, self.chunk) if x is not None])
 
 
+def kv_reach(cfg) -> int | None:
+    """The most positions back any layer of a model with config `cfg` reads keys from (a query
+    at p reads p - reach + 1 .. p), when every layer is a GQA attention layer with a sliding
+    window or attention chunk; None when some layer reads its whole context (or keeps other
+    state). The KV cache manager releases blocks out of this reach."""
+    if cfg.mla is not None or not cfg.num_layers:
+        return None
+    reach = 0
+    for i in range(cfg.num_layers):
+        limits = [x for x in (cfg.sliding_window(i), cfg.attention_chunk(i)) if x]
+        if cfg.layer_kind(i) != "attention" or not limits:
+            return None
+        reach = max(reach, min(limits))
+    return reach
+
+
 def attend(
     q: torch.Tensor,  # [m, kvh, g, d] or [B, kvh, g, m, d]: query heads grouped by their KV head
     k: torch.Tensor,  # [..., kvh, L, d]

@@ -1,5 +1,5 @@
 """The families with attention variants (gpt-oss: sliding window + sinks; Llama 4: chunked
-attention; Mixtral / Qwen3 checkpoints with a sliding window) through the real engine with the
+attention; a Mixtral checkpoint with a sliding window on every layer) through the real engine with the
 decode kernels on (the C kernel, float32) against the same engine on the reference path: the
 same greedy tokens and log-probabilities within float32 rounding, across chunked prefill,
 prefix-cache hits and decodes that run past the windows and chunks (8 positions, blocks of 4).
@@ -14,7 +14,7 @@ from server.engine import LLM
 from server.engine.request import SamplingParams
 from tests.engine.units import prompts_of
 
-FAMILIES = ("gpt_oss", "llama4", "mixtral-sliding", "qwen3_moe-sliding")
+FAMILIES = ("gpt_oss", "llama4", "mixtral-sliding")
 PARAMS = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, logprobs=3)
 
 
@@ -71,3 +71,36 @@ def test_cuda_triton_variants_match_transformers(family, checkpoint):
     params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
     for p, r in zip(prompts, llm.generate(prompts, params, use_tqdm=False)):
         assert r.outputs[0].token_ids == hf_greedy(ref, p, 16), family
+
+
+def test_blocks_out_of_every_windows_reach_are_released(checkpoint):
+    """Mixtral with a sliding window of 8 on every layer, blocks of 4: a sequence holds the
+    blocks of its window (plus the partial and parent blocks), not its context, so two
+    27-token sequences (7 blocks each) run side by side in 8 blocks without preemption, with
+    transformers' tokens; models with a full layer (gpt-oss) keep every block."""
+    from models.layers.attention_variants import kv_reach
+    from tests.engine.test_families import hf_greedy
+    from tests.models.kernels.test_plan import config
+
+    path, ref = checkpoint("mixtral-sliding")
+    llm = LLM(path, dtype="float32", num_kv_blocks=8, block_size=4, max_num_seqs=4)
+    core = llm.core
+    assert core.kv.reach == 8
+    held = []
+    orig = core.scheduler.update_from_output
+
+    def update(batch, out, on_token):
+        finished = orig(batch, out, on_token)
+        held.extend(len(s.blocks.table) - s.blocks.dropped for s in core.scheduler.running)
+        return finished
+
+    core.scheduler.update_from_output = update
+    prompts = prompts_of((10, 11))
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    for p, r in zip(prompts, llm.generate(prompts, params, use_tqdm=False)):
+        assert r.outputs[0].token_ids == hf_greedy(ref, p, 16)
+    assert core.total_preemptions == 0 and max(held) <= 4, (core.total_preemptions, max(held))
+    assert core.pool.num_free == core.pool.num_blocks
+    # a full-attention layer reads the whole context: gpt-oss, Llama 4 (NoPE layers), MLA keep every block
+    assert [kv_reach(config(f)) for f in ("gpt_oss", "llama4", "deepseek_v3", "qwen3_moe-sliding")] == [
+        None, None, None, 8]

@@ -87,3 +87,27 @@ def test_lru_eviction_keeps_the_prefix_longest() -> None:
     assert kv.match_prefix(c, list(range(12)) + [50]) == 12
     kv.free(b)
     kv.free(c)
+
+
+def test_blocks_out_of_reach_are_released_and_forks_and_frees_skip_them():
+    """`reach` (every layer windowed): commit releases the blocks before the next query's first
+    visible key, keeping the last full one (the next block's parent in the prefix cache)."""
+    pool = kv_cache.BlockPool(16, 4)
+    kv = kv_cache.KVCacheManager(pool, reach=6)
+    seq = SequenceBlocks()
+    tokens = list(range(30))
+    assert kv.allocate(seq, 0, 14, [])
+    kv.commit(seq, tokens, 14)  # the next query (position 14) sees 9..14: blocks 0 and 1 are out
+    assert seq.dropped == 2 and pool.num_free == 16 - 2
+    assert kv.allocate(seq, 14, 10, [])
+    kv.commit(seq, tokens, 24)  # sees 19..24: blocks 0..3 out, block 4 (16..19) kept
+    assert seq.dropped == 4 and pool.num_free == 16 - 2
+    child = kv.fork(seq)
+    assert child.dropped == 4 and all(pool.blocks[b].ref_count == 2 for b in seq.table[4:])
+    kv.free(child)
+    kv.free(seq)
+    assert pool.num_free == 16 and seq.dropped == 0 and all(b.ref_count == 0 for b in pool.blocks)
+    # the released blocks stay in the prefix cache: a new sequence with the same tokens hits them
+    again = SequenceBlocks()
+    assert kv.match_prefix(again, tokens[:25]) == 24
+    kv.free(again)

@@ -18,6 +18,7 @@ from collections.abc import Callable
 import torch
 
 from models.model import MoEForCausalLM
+from models.layers.attention_variants import kv_reach
 from server.engine.native.kv_cache import BlockPool, KVCacheManager
 from server.engine.native.output_processor import OutputProcessor
 from server.engine.native.outputs import ModelOutput, ScheduledSeq, SchedulerOutput
@@ -81,7 +82,8 @@ class EngineCore:
                      "sequence, which cached KV blocks cannot restore", cfg.architecture)
             enable_prefix_caching = False
         self.pool = BlockPool(num_blocks, block_size, enable_prefix_caching)
-        self.kv = KVCacheManager(self.pool)
+        # every layer windowed or chunked: blocks out of every layer's reach are released
+        self.kv = KVCacheManager(self.pool, kv_reach(cfg))
         # hybrid models: a state slot per running sequence (n > 1 completions included)
         self.state_slots = StateSlots(max_num_seqs) if cfg.hybrid else None
         self.scheduler = Scheduler(self.kv, max_num_seqs, max(max_num_batched_tokens, 1), self.max_model_len,

@@ -6,6 +6,12 @@ A block whose reference count drops to zero goes to the back of the free queue; 
 full and hashed it stays findable by its hash until it is handed out again (LRU eviction
 from the front). Usage counts referenced blocks only, so a drained engine reports zero.
 
+Models whose every attention layer sees only a bounded reach of keys (sliding window,
+attention chunk: `KVCacheManager(reach=...)`) release a sequence's blocks once they hold only
+positions no later query can see: its block table keeps their ids (never read again) and
+`SequenceBlocks.dropped` counts them, so such a sequence holds about reach / block_size
+blocks, not its whole context. The blocks stay findable in the prefix cache until evicted.
+
 A hash is only a hint: a cached block also records its token ids and the block id of its
 parent in the chain, and a hit is taken only when both match (the parent having been matched
 the same way), so a hash collision can cost a cache miss but never serve another prompt's KV.
@@ -102,17 +108,21 @@ class BlockPool:
 class SequenceBlocks:
     """A sequence's block table plus the hashes of its full, computed blocks."""
 
-    __slots__ = ("table", "hashes")
+    __slots__ = ("table", "hashes", "dropped")
 
     def __init__(self) -> None:
         self.table: list[int] = []
         self.hashes: list[int] = []
+        self.dropped = 0  # table[:dropped] released: outside every layer's reach (KVCacheManager.reach)
 
 
 class KVCacheManager:
-    def __init__(self, pool: BlockPool):
+    def __init__(self, pool: BlockPool, reach: int | None = None):
+        """`reach`: every attention layer's query at position p reads keys p - reach + 1 .. p at
+        most (a sliding window or attention chunk on every layer); None: some layer reads all."""
         self.pool = pool
         self.block_size = pool.block_size
+        self.reach = reach
 
     def blocks_needed(self, seq: SequenceBlocks, num_tokens: int) -> int:
         return max(0, -(-num_tokens // self.block_size) - len(seq.table))
@@ -166,6 +176,16 @@ class KVCacheManager:
             h = hash_block(parent, tokens)
             self.pool.register(seq.table[i], h, tokens, seq.table[i - 1] if i else None)
             seq.hashes.append(h)
+        if self.reach is not None:
+            self._drop_unreachable(seq, num_computed)
+
+    def _drop_unreachable(self, seq: SequenceBlocks, num_computed: int) -> None:
+        """Release the blocks before the first key the next query (position `num_computed`) can
+        see, keeping the last full block (the parent the next block registers under)."""
+        upto = min(max(0, num_computed - self.reach + 1) // self.block_size, len(seq.hashes) - 1)
+        while seq.dropped < upto:
+            self.pool.release(seq.table[seq.dropped])
+            seq.dropped += 1
 
     def trim(self, seq: SequenceBlocks, num_tokens: int) -> None:
         """Release the whole blocks past the first `num_tokens` tokens (speculative decoding:
@@ -177,15 +197,17 @@ class KVCacheManager:
     def fork(self, seq: SequenceBlocks) -> SequenceBlocks:
         """A child sharing every block of `seq` (the partial last one is copied on write)."""
         child = SequenceBlocks()
-        for block_id in seq.table:
+        for block_id in seq.table[seq.dropped:]:
             self.pool.share(block_id)
         child.table = list(seq.table)
         child.hashes = list(seq.hashes)
+        child.dropped = seq.dropped
         return child
 
     def free(self, seq: SequenceBlocks) -> None:
         # tail first, so the prefix stays cached longest
-        for block_id in reversed(seq.table):
+        for block_id in reversed(seq.table[seq.dropped:]):
             self.pool.release(block_id)
         seq.table.clear()
         seq.hashes.clear()
+        seq.dropped = 0

@@ -40,13 +40,12 @@ def naive(q, k, v, tables, lens, scale, window=0, chunk=0, sinks=None):
         slots = [int(tables[b, t // bs]) * bs + t % bs for t in pos]
         kk = k.reshape(-1, kvh, d)[slots].double().cpu()
         vv = v.reshape(-1, kvh, d)[slots].double().cpu()
-        for h in range(heads):
-            kv = h // (heads // kvh)
-            logits = (kk[:, kv] @ q[b, h].double().cpu()) * scale
-            if sinks is not None:
-                logits = torch.cat((logits, sinks[h].double().cpu()[None]))
-            p = torch.softmax(logits, dim=0)[: len(slots)]
-            out[b, h] = p @ vv[:, kv]
+        kv = torch.arange(heads) // (heads // kvh)  # each query head's KV head
+        logits = torch.einsum("hd,lhd->hl", q[b].double().cpu(), kk[:, kv]) * scale  # [heads, L]
+        if sinks is not None:
+            logits = torch.cat((logits, sinks.double().cpu()[:, None]), dim=1)
+        p = torch.softmax(logits, dim=1)[:, : len(slots)]
+        out[b] = torch.einsum("hl,lhd->hd", p, vv[:, kv])
     return out
 
 
@@ -152,3 +151,52 @@ def test_triton_bf16_variants_error_within_reference_bf16_error(variant):
     ref_err = rel_err(decode_variant(qb, (kb, vb), tables, lens, 0.125, spec, sb), exact)
     ker_err = rel_err(paged_decode(qb, kb, vb, tables, lens, 0.125, "triton", window, chunk, sb), exact)
     assert ker_err <= max(2 * ref_err, 1e-2), (ker_err, ref_err)
+
+
+@pytest.mark.parametrize("variant", [(12, 0, True), (0, 16, False), (0, 0, True), (9, 0, False)],
+                         ids=["window-sinks", "chunk", "sinks", "window"])
+@pytest.mark.parametrize("prefix", [0, 37], ids=["whole-context", "cached-prefix"])
+def test_prefill_query_tiles_match_float64(variant, prefix, monkeypatch):
+    """A prefill chunk of 100 queries in tiles of 50 (the scores budget made small), each tile
+    over its visible keys only, from the chunk's own K/V or the cache (the blocks before the
+    first visible key poisoned), against each query's softmax written out in float64."""
+    from models.layers import attention_variants
+
+    monkeypatch.setattr(attention_variants, "PREFILL_SCORES_BUDGET", 1)
+    window, chunk, with_sinks = variant
+    n, heads, kvh, d, bs = 100, 4, 2, 16, 8
+    seq_len = prefix + n
+    g = torch.Generator().manual_seed(3)
+    width = -(-seq_len // bs)
+    k, v = torch.randn(width + 4, bs, kvh, d, generator=g), torch.randn(width + 4, bs, kvh, d, generator=g)
+    table = torch.randperm(width + 4, generator=g)[:width]
+    q = torch.randn(n, heads, d, generator=g)
+    sinks = torch.randn(heads, generator=g) if with_sinks else None
+    slots = table[torch.arange(seq_len) // bs] * bs + torch.arange(seq_len) % bs
+    k_new, v_new = k.view(-1, kvh, d)[slots[prefix:]], v.view(-1, kvh, d)[slots[prefix:]]
+    spec = AttentionVariant(window or None, chunk or None, with_sinks)
+    kp, vp = poison_outside(k, v, table[None], torch.tensor([prefix + 1]), window, chunk)
+    kp, vp = kp.view(-1, kvh, d), vp.view(-1, kvh, d)
+    first = spec.first_visible_at(prefix) // bs * bs  # the gather starts at this block
+    kp[slots[first:]], vp[slots[first:]] = k.view(-1, kvh, d)[slots[first:]], v.view(-1, kvh, d)[slots[first:]]
+    out = attention_variants.prefill_variant(q, k_new, v_new, (kp.view_as(k), vp.view_as(v)), table, seq_len, 0.25,
+                                             spec, sinks)
+    want = torch.cat([naive(q[i: i + 1], k, v, table[None], torch.tensor([prefix + i + 1]), 0.25, window, chunk,
+                            sinks) for i in range(n)])
+    assert rel_err(out, want) < 1e-5
+
+
+def test_opcheck_with_variant_arguments():
+    """The ops' schemas and fake implementations with a window, a chunk and sinks."""
+    from models.kernels import triton_attention  # noqa: F401 - registers the op
+
+    q, k, v, tables, lens, sinks = _case(CASES[2], (5, 0, True))
+    k, v = k.nan_to_num(), v.nan_to_num()
+    cpu_ops.load()
+    torch.library.opcheck(torch.ops.moe_serve.paged_decode_cpu.default, (q, k, v, tables, lens, 0.25, 5, 0, sinks))
+    torch.library.opcheck(torch.ops.moe_serve.paged_decode_triton.default, (q, k, v, tables, lens, 0.25, 0, 7, sinks),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    with pytest.raises(RuntimeError, match="sinks must be"):
+        torch.ops.moe_serve.paged_decode_cpu(q, k, v, tables, lens, 0.25, 5, 0, sinks[:2])
+    with pytest.raises(RuntimeError, match="must be >= 0"):
+        torch.ops.moe_serve.paged_decode_cpu(q, k, v, tables, lens, 0.25, -1, 0, None)

@@ -1,7 +1,7 @@
 """Decode cost per active weight byte of the gpt-oss- and DeepSeek-V3-shaped models against the Mixtral-shaped one (CPU).
 
     python -m loadtest family-decode [--concurrency 1 16] [--steps 8] [--rounds 5] [--prompt 256]
-        [--repo DIR] [--label before]
+        [--threads N] [--repo DIR] [--label before]
 
 Three random-weight models with the hidden size, layers and expert shapes of the 140M
 Mixtral-shaped benchmark model (loadtest/checkpoints.py `mixtral-140m`: hidden 512, 8 layers, 8
@@ -109,11 +109,14 @@ def active_bytes(model) -> int:
 
 
 # -- the timing (in this process, or in a child run with another checkout's engine) -------------
-def measure(paths: dict[str, str], concurrency: list[int], steps: int, rounds: int, prompt: int) -> dict:
+def measure(paths: dict[str, str], concurrency: list[int], steps: int, rounds: int, prompt: int,
+            threads: int | None = None) -> dict:
     import random
 
     import torch
 
+    if threads:
+        torch.set_num_threads(threads)
     from loadtest.harness import interleave
     from server.engine import LLM, SamplingParams
     from server.engine.request import EngineRequest
@@ -205,12 +208,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, default=8, help="decode steps per timed sample")
     ap.add_argument("--rounds", type=int, default=5, help="timed samples per model and concurrency")
     ap.add_argument("--prompt", type=int, default=256, help="prompt tokens per sequence (the context)")
+    ap.add_argument("--threads", type=int, help="torch threads (default: the engine's); 1 steadies the ratios on a "
+                    "machine other jobs load")
     ap.add_argument("--repo", help="measure this checkout's engine (default: this one)")
     ap.add_argument("--label", help="names the result's docs section (family-decode-<label>), e.g. before / after")
     output.add_args(ap)
     args = ap.parse_args(argv)
     paths = {fam: make_model(fam) for fam in FAMILIES}
-    spec = dict(paths=paths, concurrency=args.concurrency, steps=args.steps, rounds=args.rounds, prompt=args.prompt)
+    spec = dict(paths=paths, concurrency=args.concurrency, steps=args.steps, rounds=args.rounds, prompt=args.prompt,
+                threads=args.threads)
     repo = Path(args.repo).resolve() if args.repo else REPO
     got = run_in(repo, spec) if args.repo else measure(**spec)
     section = "family-decode" + (f"-{args.label}" if args.label else "")

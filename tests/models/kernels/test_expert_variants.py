@@ -58,7 +58,7 @@ def make_variant_case(T, H, inter, E, k, v: ExpertVariant, device="cpu", seed=0)
     return x.to(device), w13.to(device), w2.to(device), ids.to(device), topk_w.to(device)
 
 
-SHAPES = [(1, 64, 48, 8, 2), (21, 32, 32, 4, 1), (40, 48, 64, 6, 3)]  # T, H, I, E, k (C: H, I multiples of 16)
+SHAPES = [(1, 64, 48, 8, 2), (21, 32, 32, 4, 1), (12, 48, 64, 6, 3)]  # T, H, I, E, k (C: H, I multiples of 16)
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
@@ -83,7 +83,7 @@ def test_cpu_kernel_variants_match_reference(name, shape):
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_triton_variants_match_reference(name, device):
     v = VARIANTS[name]
-    x, w13, w2, ids, w = make_variant_case(13, 48, 40, 4, 2, v, device=device)  # I not a multiple of the tile
+    x, w13, w2, ids, w = make_variant_case(6, 48, 40, 4, 2, v, device=device)  # I not a multiple of the tile
     out = fused_experts(x, w13, w2, ids, w, "triton", v)
     assert rel_err(out.cpu(), variant_exact(x, w13, w2, ids, w, v)) < 1e-5
 
@@ -131,9 +131,9 @@ def test_cpu_router_matches_select_experts(name):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("name", list(ROUTERS))
+@pytest.mark.parametrize("name", ["mixtral", "gpt-oss", "deepseek-v3", "deepseek-v2"])  # the interpreter is slow
 def test_triton_router_matches_select_experts(name, device):
-    logits, k, renorm, spec, bias = route_case(name, T=9, device=device)
+    logits, k, renorm, spec, bias = route_case(name, T=5, device=device)
     check_same_choice(select_experts_fused(logits, k, renorm, spec, bias, "triton"),
                       select_experts(logits, k, renorm, spec, bias))
 

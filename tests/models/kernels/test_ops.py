@@ -40,11 +40,15 @@ def cpu_cases():
         "moe_pack_cpu": (w13, w2),
         "linear_cpu": (x, torch.ops.moe_serve.linear_pack_cpu(lin), torch.randn(48, generator=g)),
         "linear_pack_cpu": (lin,),
+        "moe_experts_variant_cpu": (x, ids, w, p13, p2, torch.randn(4, 64, generator=g), torch.randn(4, 32, generator=g),
+                                    7.0, 1.702, True),
+        "moe_route_cpu": (torch.randn(5, 8, generator=g), torch.randn(8, generator=g), 2, "sigmoid", True, 0.0, 4, 2,
+                          "top2_sum", 2.5),
     }
 
 
 @pytest.mark.parametrize("name", ["paged_decode_cpu", "moe_experts_cpu", "moe_pack_cpu", "linear_cpu",
-                                  "linear_pack_cpu"])
+                                  "linear_pack_cpu", "moe_experts_variant_cpu", "moe_route_cpu"])
 def test_opcheck_cpu_ops(ops, name):
     torch.library.opcheck(getattr(ops, name).default, cpu_cases()[name])
 
@@ -86,14 +90,16 @@ def triton_cases():
         "rmsnorm_triton": (x, torch.ones(H), 1e-6),
         "add_rmsnorm_triton": (x, torch.randn(T, H, generator=g), torch.ones(H), 1e-6),
         "rope_write_kv_triton": (qkv, cos, sin, *kv, torch.tensor([0, 3, 5, 9, 14]), 4, 2, 16, None, None, 1e-6),
+        "route_triton": (torch.randn(T, 8, generator=g), torch.randn(8, generator=g), 2, "sigmoid", True, 0.0, 4, 2,
+                         "top2_sum", 2.5),
     }
 
 
 @pytest.mark.parametrize("name", ["fused_moe_triton", "paged_decode_triton", "rmsnorm_triton", "add_rmsnorm_triton",
-                                  "rope_write_kv_triton"])
+                                  "rope_write_kv_triton", "route_triton"])
 def test_opcheck_triton_ops(name):
     """Under TRITON_INTERPRET=1 on the CPU (tests/conftest.py), compiled on a GPU."""
-    from models.kernels import triton_attention, triton_moe, triton_ops  # noqa: F401 - register the ops
+    from models.kernels import triton_attention, triton_moe, triton_ops, triton_router  # noqa: F401 - register the ops
 
     torch.library.opcheck(getattr(torch.ops.moe_serve, name).default, triton_cases()[name],
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))

@@ -104,9 +104,9 @@ def test_layer_kinds_the_kernels_lack_take_their_pytorch_paths(name, attention, 
         # GQA layers with a variant (window, chunk, sinks) take the decode kernels too
         assert lk.attention == (AttentionKernel.CPU if lk.attention_kind.startswith("gqa") else
                                 AttentionKernel.REFERENCE)
-        if lk.moe is not None:
+        if lk.moe is not None:  # every expert kind runs the C kernel, the router the C op
             assert lk.expert_kind == experts
-            assert lk.moe == (MoEKernel.CPU if experts == "swiglu" else MoEKernel.LOOP)
+            assert (lk.moe, lk.moe_large, lk.router) == (MoEKernel.CPU, MoEKernel.LOOP, "cpu")
     if name == "granitemoehybrid":  # no q/k/v packing for Mamba2 layers; no CUDA graphs (the scan syncs)
         assert {lk.qkv for lk, kind in zip(plan.layers, cfg.layer_kinds) if kind == "mamba"} == {LinearLayout.PLAIN}
         assert not resolve_plan(cfg, CUDA, torch.bfloat16, caps=H100).cuda_graphs
@@ -132,6 +132,13 @@ def test_cuda_plan_fuses_and_captures_graphs_unless_the_engine_cannot():
     assert not without_triton.cuda_graphs  # the reference attention reads lengths back
     variants = resolve_plan(config("gpt_oss"), CUDA, torch.bfloat16, caps=H100)
     assert not variants.cuda_graphs and any("read back to the host" in n for n in variants.notes)
+    # the expert variants run the Triton kernel (placed experts too), the router one Triton launch;
+    # torch._grouped_mm has no variants: the loop
+    assert {(lk.moe, lk.router) for lk in variants.layers} == {(MoEKernel.TRITON, "triton")}
+    assert not any("experts" in n for n in variants.notes)
+    assert variants.placed_moe == (("cuda", MoEKernel.TRITON), ("cpu", MoEKernel.LOOP))
+    grouped = resolve_plan(config("gpt_oss"), CUDA, torch.bfloat16, caps=dataclasses.replace(H100, triton=False))
+    assert {(lk.moe, lk.router) for lk in grouped.layers} == {(MoEKernel.LOOP, "reference")}
     # partial rotary and q/k norms over the whole projection: the fused rotary does not serve them
     assert not any(lk.fused_rope for lk in resolve_plan(config("minimax_m2"), CUDA, torch.bfloat16,
                                                         caps=H100).layers)

@@ -20,9 +20,10 @@ def make_case(B, H, r, dr, dn, dv, block_size, max_len, pe_extra=0, device="cpu"
     g = torch.Generator().manual_seed(seed)
     width = -(-max_len // block_size)
     num_blocks = B * width + 3
+    q = torch.randn(B, H, dn + dr, generator=g)  # as in the layer: q_nope and q_pe are views of one q
     c = {
-        "q_nope": torch.randn(B, H, dn, generator=g),
-        "q_pe": torch.randn(B, H, dr, generator=g),
+        "q_nope": q[..., :dn],
+        "q_pe": q[..., dn:],
         "kv_b": torch.randn(H * (dn + dv), r, generator=g) * r**-0.5,
         "lat": torch.randn(num_blocks, block_size, 1, r, generator=g),
         "pe": torch.randn(num_blocks, block_size, 1, dr + pe_extra, generator=g),
@@ -31,7 +32,9 @@ def make_case(B, H, r, dr, dn, dv, block_size, max_len, pe_extra=0, device="cpu"
     }
     for z in zero_rows:
         c["lens"][z] = 0
-    return {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in c.items()}
+    c = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in c.items()}
+    q = torch.cat((c["q_nope"], c["q_pe"]), -1)
+    return {**c, "q_nope": q[..., :dn], "q_pe": q[..., dn:]}
 
 
 def unabsorbed(c, dn, dv, scale):

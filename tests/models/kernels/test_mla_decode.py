@@ -130,3 +130,23 @@ def test_triton_bf16_error_within_reference_bf16_error():
         scale=scale)[:, 0]
     ref = torch.bmm(o_lat.transpose(0, 1), w_uv_t).transpose(0, 1)
     assert rel_err(out.cpu(), exact) <= 1.5 * rel_err(ref.cpu(), exact) + 1e-3
+
+
+def test_opcheck_mla_cpu_op():
+    """The C op registered right (schema, fake implementation, dynamic shapes): `torch.compile`
+    traces through it. (The Triton op's fake: checked where a GPU runs the cuda group.)"""
+    assert cpu_ops.load() is not None
+    c = make_case(3, 4, 32, 8, 16, 16, 4, 10, pe_extra=16)
+    args = (torch.randn(3, 4, 32), c["q_pe"], c["lat"], c["pe"], c["tables"], c["lens"], 0.25)
+    torch.library.opcheck(torch.ops.moe_serve.mla_decode_cpu.default, args)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_opcheck_mla_triton_op():
+    from models.kernels import triton_mla  # noqa: F401 - registers the op
+
+    c = make_case(3, 4, 32, 8, 16, 16, 4, 10, pe_extra=16, device="cuda")
+    args = (torch.randn(3, 4, 32, device="cuda"), c["q_pe"], c["lat"], c["pe"], c["tables"], c["lens"], 0.25)
+    torch.library.opcheck(torch.ops.moe_serve.mla_decode_triton.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))

@@ -101,7 +101,7 @@ def test_layer_kinds_the_kernels_lack_take_their_pytorch_paths(name, attention, 
     plan = resolve_plan(cfg, CPU, torch.float32, caps=CPU_CAPS)
     assert {lk.attention_kind for lk in plan.layers} == attention
     for lk in plan.layers:
-        assert lk.attention == (AttentionKernel.CPU if lk.attention_kind == "gqa" else AttentionKernel.REFERENCE)
+        assert lk.attention == (AttentionKernel.CPU if lk.attention_kind in ("gqa", "mla") else AttentionKernel.REFERENCE)
         if lk.moe is not None:
             assert lk.expert_kind == experts
             assert lk.moe == (MoEKernel.CPU if experts == "swiglu" else MoEKernel.LOOP)

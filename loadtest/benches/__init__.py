@@ -18,4 +18,5 @@ BENCHES = {
     "hybrid-decode": "loadtest.benches.hybrid_decode",
     "family-decode": "loadtest.benches.family_decode",
     "spec-decode": "loadtest.benches.spec_decode",
+    "mla-decode": "loadtest.benches.mla_decode",
 }

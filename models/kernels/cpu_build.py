@@ -30,7 +30,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-C_SOURCES = ("paged_attention_cpu.c", "moe_cpu.c", "linear_cpu.c")
+C_SOURCES = ("paged_attention_cpu.c", "moe_cpu.c", "linear_cpu.c", "mla_decode_cpu.c")
 CXX_SOURCES = ("ops.cpp",)
 HEADERS = ("panel_gemm.h", "kernels.h")
 # hidden: the C entry points stay inside the library (ops.cpp calls them; two builds loaded in one

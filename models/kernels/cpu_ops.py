@@ -15,6 +15,9 @@ ops' fake (meta) implementations, so that `torch.compile` traces through them an
 - `moe_route_cpu(logits [T, E], correction_bias [E]?, top_k, scoring, renormalize, renorm_min,
   n_group, topk_group, group_score, scaling) -> (weights [T, k], ids [T, k])`: the router's choice;
 - `moe_pack_cpu(w13, w2) -> (w13_packed, w2_packed)`, `linear_pack_cpu(w) -> w_packed`;
+- `mla_decode_cpu(q_lat [B, H, R], q_pe [B, H, DR], lat_cache [NB, BS, 1, R], pe_cache [NB, BS, 1,
+  PW], block_tables [B, W], seq_lens [B], scale) -> [B, H, R]`: MLA decode in the absorbed form,
+  reading the latent blocks in place (csrc/mla_decode_cpu.c);
 - `cpu_kernels_info() -> [built with AVX2 + FMA, threads from PyTorch's OpenMP pool]`.
 """
 
@@ -128,3 +131,7 @@ def _register_fakes(ns: str) -> None:
     @fake("linear_pack_cpu")
     def _(weight):
         return torch.empty_like(weight, memory_format=torch.contiguous_format)
+
+    @fake("mla_decode_cpu")
+    def _(q_lat, q_pe, lat_cache, pe_cache, block_tables, seq_lens, scale):
+        return q_lat.new_empty(q_lat.shape)

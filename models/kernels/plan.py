@@ -11,7 +11,9 @@ served by `GET /version` (`to_dict`).
 The rules, per layer kind:
 - attention: GQA layers, plain or with a variant (sliding window, chunked attention, sinks,
   output gate), decode with the Triton kernel on CUDA or the C kernel on the CPU (float32),
-  which take the variant; MLA layers have one PyTorch path ("reference");
+  which take the variant; so do MLA layers, with their own kernels (absorbed form over the
+  latent cache, models/kernels/mla_decode.py); MLA with DSA's top-k selection has one PyTorch
+  path ("reference");
 - experts: plain SwiGLU experts run the Triton grouped GEMM on CUDA (`torch._grouped_mm` on
   Hopper without Triton), the C kernel on the CPU (float32, sizes multiples of its panel) up to
   `CPU_KERNEL_PAIRS_PER_EXPERT` token-expert pairs per expert and the per-expert loop above
@@ -49,6 +51,7 @@ class AttentionKernel(str, Enum):
     TRITON = "triton"  # Triton paged decode (CUDA; CPU tensors under TRITON_INTERPRET=1)
     CPU = "cpu"  # the C paged decode kernel (float32)
     REFERENCE = "reference"  # PyTorch: gather the blocks, then SDPA (variants and MLA: their own path)
+    # (MLA layers given TRITON or CPU run its MLA kernels, models/kernels/mla_decode.py)
 
 
 class MoEKernel(str, Enum):
@@ -382,8 +385,8 @@ def resolve_plan(cfg: MoEModelConfig, device: torch.device, dtype: torch.dtype, 
         kind = attention_kind(cfg, i)
         gqa = cfg.mla is None and cfg.layer_kind(i) == "attention"
         # the paged decode kernels serve every GQA kind: window, chunk and sinks are kernel arguments
-        # (the gate comes after)
-        plain = kind.startswith("gqa")
+        # (the gate comes after); MLA has its own decode kernels (models/kernels/mla_decode.py), not DSA
+        plain = kind.startswith("gqa") or kind == "mla"
         use_rope = cfg.uses_rope(i)
         fused_rope = (fused and kind == "gqa" and use_rope and cfg.rope_style == "neox" and cfg.clip_qkv is None
                       and cfg.qk_norm in (None, "head") and not cfg.qk_norm_after_rope

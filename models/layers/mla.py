@@ -12,12 +12,18 @@ after `k_pe`) scores every cached token for every query, sum over heads of w_h r
 each query then attends only to its `topk` best (with fewer tokens in its context, to all of
 them). GLM-5's "shared" layers have no indexer and reuse the previous indexer layer's choice.
 
-- Prefill chunks expand their context's latents through `kv_b_proj` (K = [k_nope, k_pe],
-  V) and attend causally.
 - Decode uses the absorbed-weights form: with W_uk / W_uv the key / value halves of
   `kv_b_proj`, q_nope . (W_uk c) = (W_uk^T q_nope) . c, so each query head is moved into latent
   space once and attends over the cached latents directly (a single shared "KV head" of width
-  kv_lora_rank + rope); the latent-space output goes through W_uv afterwards.
+  kv_lora_rank + rope); the latent-space output goes through W_uv afterwards. The plan's kernel
+  (models/kernels/mla_decode.py: Triton on CUDA, C on the CPU) reads the latent blocks in place
+  with no host sync; the PyTorch path ("reference", and DSA layers) gathers the blocks.
+- Prefill chunks expand their context's latents through `kv_b_proj` (K = [k_nope, k_pe],
+  V) and attend causally; the cached contexts of all the step's continuing chunks are read from
+  the cache in one indexed read and expanded in one matmul. With a kernel, a chunk that continues a cached
+  context with few queries (fewer than `absorb_max_queries`, where the absorbed form costs fewer
+  multiply-adds than expanding the whole context) runs its queries as rows of the decode kernel
+  instead (each with its causal length): nothing gathered, nothing expanded.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.kernels.mla_decode import absorbed_weights, mla_decode
 from models.kernels.plan import AttentionKernel, LayerKernels
 from models.layers.norm import RMSNorm
 from models.layers.paged import AttentionMetadata, KVCache, gather_kv
@@ -57,13 +64,34 @@ class MLAttention(nn.Module):
         self.kv_b_proj = nn.Linear(self.rank, H * (self.nope + self.v_dim), bias=False)  # latent -> [k_nope, v]
         self.o_proj = nn.Linear(H * self.v_dim, hidden, bias=cfg.o_bias)
         self.rotary = rotary
-        self.decode_kernel: AttentionKernel | None = None  # the plan's: MLA has its own PyTorch path
+        self.decode_kernel: AttentionKernel | None = None  # the plan's (REFERENCE: the PyTorch path)
+        self.absorbed: tuple[torch.Tensor, torch.Tensor] | None = None  # (W_uk, W_uv^T), apply_kernels
+        # prefill continuations with fewer queries run as decode-kernel rows: below this many the
+        # absorbed form, (2r + dr) multiply-adds per query and key and head, costs less than
+        # expanding the context, r (dn + dv) per key and head, then (dqk + dv) per query and key
+        extra = 2 * self.rank + self.rope - (self.qk_dim + self.v_dim)
+        self.absorb_max_queries = self.rank * (self.nope + self.v_dim) // extra if extra > 0 else 1 << 30
         self.dsa = cfg.dsa
         if cfg.dsa is not None and cfg.dsa.has_indexer(layer_idx):
             self.indexer = Indexer(cfg)
 
     def apply_kernels(self, kernels: LayerKernels, packed_qkv=None, packed_o=None) -> None:
         self.decode_kernel = kernels.attention
+        self.absorbed = (None if kernels.attention == AttentionKernel.REFERENCE
+                         else absorbed_weights(self.kv_b_proj.weight, self.num_heads, self.nope, self.v_dim))
+
+    @property
+    def _kernel(self) -> AttentionKernel | None:
+        """The decode kernel where one serves this layer (not DSA's sparse selection)."""
+        k = self.decode_kernel
+        return k if k not in (None, AttentionKernel.REFERENCE) and self.dsa is None and self.absorbed else None
+
+    def _absorbed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W_uk, W_uv^T): the views apply_kernels made, remade if the weight moved since (`.to`)."""
+        w_uk, w_uv_t = self.absorbed
+        if w_uk.data_ptr() != self.kv_b_proj.weight.data_ptr():
+            self.absorbed = absorbed_weights(self.kv_b_proj.weight, self.num_heads, self.nope, self.v_dim)
+        return self.absorbed
 
     def forward(self, x: torch.Tensor, cos_sin, meta: AttentionMetadata, cache: KVCache,
                 positions: torch.Tensor | None = None) -> torch.Tensor:
@@ -101,26 +129,71 @@ class MLAttention(nn.Module):
 
         out = q.new_empty(T, H, self.v_dim)
         nd = meta.num_decodes
+        kernel = self._kernel
         if nd:
-            out[:nd] = self._decode(q_nope[:nd], q_pe[:nd], cache, meta.block_tables[:nd], meta.decode_seq_lens,
-                                    chosen[0] if sparse else None)
-        loc = meta.query_start_loc
-        for i in range(nd, meta.num_seqs):  # prefill chunks
-            s, e = loc[i], loc[i + 1]
-            if meta.seq_lens[i] == e - s:  # no cached prefix: the new latents are the whole context
-                lat, pe = latent[s:e, 0], k_pe[s:e, 0]
+            if kernel is not None:
+                w_uk, w_uv_t = self._absorbed()
+                out[:nd] = mla_decode(q_nope[:nd], q_pe[:nd], w_uk, w_uv_t, lat_cache, pe_cache,
+                                      meta.block_tables[:nd], meta.decode_seq_lens, self.scale, kernel)
             else:
-                lat, pe = (c[:, 0] for c in gather_kv(cache, meta.block_tables[i], meta.seq_lens[i]))
-                pe = pe[:, : self.rope]
-            out[s:e] = self._prefill(q_nope[s:e], q_pe[s:e], lat, pe, chosen[1][i - nd] if sparse else None)
+                out[:nd] = self._decode(q_nope[:nd], q_pe[:nd], cache, meta.block_tables[:nd], meta.decode_seq_lens,
+                                        chosen[0] if sparse else None)
+        if meta.num_seqs > nd:
+            self._prefills(out, q_nope, q_pe, latent[:, 0], k_pe[:, 0], cache, meta, chosen, kernel)
         return self.o_proj(out.view(T, H * self.v_dim))
 
-    def _prefill(self, q_nope, q_pe, lat: torch.Tensor, pe: torch.Tensor, chosen: torch.Tensor | None = None):
-        """n queries over a context of L >= n latents (the last n are theirs) -> [n, H, dv];
-        `chosen` [n, L] (DSA): the tokens each query may attend to."""
+    def _prefills(self, out, q_nope, q_pe, latent, k_pe, cache: KVCache, meta: AttentionMetadata, chosen,
+                  kernel: AttentionKernel | None) -> None:
+        """The step's prefill chunks into `out`: short continuations as decode-kernel rows (with a
+        kernel), the others expanded, their cached contexts read in one indexed read."""
+        nd, loc, dev = meta.num_decodes, meta.query_start_loc, q_nope.device
+        lat_cache, pe_cache = cache
+        rows: list[int] = []  # chunks run as absorbed rows
+        expand: list[int] = []  # chunks expanded over a context read from the cache
+        for i in range(nd, meta.num_seqs):
+            n, L = loc[i + 1] - loc[i], meta.seq_lens[i]
+            if L == n:
+                continue  # no cached prefix: the new latents are the whole context
+            (rows if kernel is not None and n < self.absorb_max_queries else expand).append(i)
+        if rows:  # each query a row: its sequence's blocks, its causal length
+            seq = [i for i in rows for _ in range(loc[i], loc[i + 1])]
+            lens = [meta.seq_lens[i] - (loc[i + 1] - loc[i]) + 1 + j for i in rows for j in range(loc[i + 1] - loc[i])]
+            tok = torch.tensor([t for i in rows for t in range(loc[i], loc[i + 1])], device=dev)
+            w_uk, w_uv_t = self._absorbed()
+            out[tok] = mla_decode(q_nope[tok], q_pe[tok], w_uk, w_uv_t, lat_cache, pe_cache,
+                                  meta.block_tables[torch.tensor(seq, device=dev)],
+                                  torch.tensor(lens, dtype=torch.int32, device=dev), self.scale, kernel)
+        ctx: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        if expand:  # one indexed read of every expanded chunk's context: slot = block * bs + offset
+            bs = lat_cache.shape[1]
+            lens_t = torch.tensor([meta.seq_lens[i] for i in expand], device=dev)
+            pos = torch.arange(int(sum(meta.seq_lens[i] for i in expand)), device=dev)
+            starts = torch.cumsum(lens_t, 0) - lens_t
+            which = torch.repeat_interleave(torch.arange(len(expand), device=dev), lens_t)
+            pos = pos - starts[which]
+            blocks = meta.block_tables[torch.tensor(expand, device=dev)][which, pos // bs]
+            slots = blocks * bs + pos % bs
+            kv_all = self.kv_b_proj(lat_cache.view(-1, self.rank).index_select(0, slots))  # one matmul
+            pe_all = pe_cache.view(-1, pe_cache.shape[-1]).index_select(0, slots)[:, : self.rope]
+            off = 0
+            for i in expand:
+                L = meta.seq_lens[i]
+                ctx[i] = (kv_all[off: off + L], pe_all[off: off + L])
+                off += L
+        for i in range(nd, meta.num_seqs):
+            if i in rows:
+                continue
+            s, e = loc[i], loc[i + 1]
+            kv, pe = ctx[i] if i in ctx else (self.kv_b_proj(latent[s:e]), k_pe[s:e])
+            out[s:e] = self._prefill(q_nope[s:e], q_pe[s:e], kv, pe, chosen[1][i - nd] if chosen is not None else None)
+
+    def _prefill(self, q_nope, q_pe, kv: torch.Tensor, pe: torch.Tensor, chosen: torch.Tensor | None = None):
+        """n queries over a context of L >= n tokens (the last n are theirs), its latents expanded
+        through `kv_b_proj` (kv [L, H * (dn + dv)]) -> [n, H, dv]; `chosen` [n, L] (DSA): the
+        tokens each query may attend to."""
         n, H = q_nope.shape[:2]
-        L = lat.shape[0]
-        kv = self.kv_b_proj(lat).view(L, H, self.nope + self.v_dim)  # [L, H, dn + dv]
+        L = kv.shape[0]
+        kv = kv.view(L, H, self.nope + self.v_dim)  # [L, H, dn + dv]
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
         k = torch.cat((k_nope, pe[:, None, :].expand(L, H, self.rope)), dim=-1)  # [L, H, dqk]
         q = torch.cat((q_nope, q_pe), dim=-1)  # [n, H, dqk]

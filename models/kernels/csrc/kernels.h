@@ -35,6 +35,9 @@ void moe_pack_f32(const float *w13, const float *w2, float *w13p, float *w2p, in
 int linear_f32(const float *x, const float *Wp, const float *bias, float *y, int64_t M, int64_t N, int64_t K,
                int64_t ldx, int nthreads);
 void linear_pack_f32(const float *W, float *Wp, int64_t N, int64_t K);
+int mla_decode_f32(const float *q_lat, const float *q_pe, const float *lat, const float *pe, const int64_t *tables,
+                   const int64_t *lens, float *out, int64_t B, int64_t H, int64_t R, int64_t DR, int64_t PW,
+                   int64_t BS, int64_t W, float scale, int nthreads);
 
 #ifdef __cplusplus
 }

@@ -208,6 +208,39 @@ at::Tensor linear_pack(const at::Tensor& weight) {
     return packed;
 }
 
+at::Tensor mla_decode(const at::Tensor& q_lat, const at::Tensor& q_pe, const at::Tensor& lat_cache,
+                      const at::Tensor& pe_cache, const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                      double scale) {
+    // q_lat [B, H, R], q_pe [B, H, DR]; caches [NB, BS, 1, R] and [NB, BS, 1, PW >= DR];
+    // block_tables [B, W]; seq_lens [B] -> [B, H, R] (csrc/mla_decode_cpu.c)
+    check_f32_cpu(q_lat, "q_lat");
+    check_f32_cpu(q_pe, "q_pe");
+    check_f32_cpu(lat_cache, "lat_cache");
+    check_f32_cpu(pe_cache, "pe_cache");
+    TORCH_CHECK(q_lat.dim() == 3 && q_pe.dim() == 3 && q_pe.size(0) == q_lat.size(0) && q_pe.size(1) == q_lat.size(1),
+                "mla_decode: q_lat must be [B, H, R] and q_pe [B, H, DR]");
+    TORCH_CHECK(lat_cache.dim() == 4 && pe_cache.dim() == 4 && lat_cache.size(2) == 1 && pe_cache.size(2) == 1 &&
+                lat_cache.size(0) == pe_cache.size(0) && lat_cache.size(1) == pe_cache.size(1),
+                "mla_decode: the caches must be [blocks, block_size, 1, R] and [blocks, block_size, 1, PW] alike");
+    TORCH_CHECK(lat_cache.size(3) == q_lat.size(2) && pe_cache.size(3) >= q_pe.size(2),
+                "mla_decode: the latent width must match q_lat's and the rotary row hold q_pe's width");
+    TORCH_CHECK(lat_cache.is_contiguous() && pe_cache.is_contiguous(), "mla_decode: the caches must be contiguous");
+    const int64_t B = q_lat.size(0), H = q_lat.size(1), R = q_lat.size(2), DR = q_pe.size(2);
+    TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == B && seq_lens.numel() == B,
+                "mla_decode: block_tables [B, W] and seq_lens [B] must match q's batch");
+    const at::Tensor ql = q_lat.contiguous(), qp = q_pe.contiguous();
+    const at::Tensor tables = block_tables.to(at::kLong).contiguous();
+    const at::Tensor lens = seq_lens.to(at::kLong).contiguous();
+    at::Tensor out = at::empty({B, H, R}, ql.options());
+    if (B == 0) return out;
+    check_rc(mla_decode_f32(ql.data_ptr<float>(), qp.data_ptr<float>(), lat_cache.data_ptr<float>(),
+                            pe_cache.data_ptr<float>(), tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(),
+                            out.data_ptr<float>(), B, H, R, DR, pe_cache.size(3), lat_cache.size(1), tables.size(1),
+                            static_cast<float>(scale), at::get_num_threads()),
+             "mla_decode");
+    return out;
+}
+
 std::vector<int64_t> build_info() {
     // [built with AVX2 + FMA, threads from PyTorch's OpenMP pool]
     return {moe_cpu_available(), cpu_kernels_openmp()};
@@ -231,6 +264,8 @@ MOE_SERVE_LIBRARY(MOE_SERVE_OPS_NS, m) {
           "float renorm_min, int n_group, int topk_group, str group_score, float scaling) -> (Tensor, Tensor)");
     m.def("linear_cpu(Tensor x, Tensor weight_packed, Tensor? bias) -> Tensor");
     m.def("linear_pack_cpu(Tensor weight) -> Tensor");
+    m.def("mla_decode_cpu(Tensor q_lat, Tensor q_pe, Tensor lat_cache, Tensor pe_cache, Tensor block_tables, "
+          "Tensor seq_lens, float scale) -> Tensor");
     m.def("cpu_kernels_info() -> int[]");
 }
 
@@ -242,6 +277,7 @@ MOE_SERVE_LIBRARY_IMPL(MOE_SERVE_OPS_NS, CPU, m) {
     m.impl("moe_route_cpu", &moe_route);
     m.impl("linear_cpu", &linear);
     m.impl("linear_pack_cpu", &linear_pack);
+    m.impl("mla_decode_cpu", &mla_decode);
 }
 
 MOE_SERVE_LIBRARY_IMPL(MOE_SERVE_OPS_NS, CompositeExplicitAutograd, m) {

@@ -101,9 +101,9 @@ def test_layer_kinds_the_kernels_lack_take_their_pytorch_paths(name, attention, 
     plan = resolve_plan(cfg, CPU, torch.float32, caps=CPU_CAPS)
     assert {lk.attention_kind for lk in plan.layers} == attention
     for lk in plan.layers:
-        # GQA layers with a variant (window, chunk, sinks) take the decode kernels too
-        assert lk.attention == (AttentionKernel.CPU if lk.attention_kind.startswith("gqa") else
-                                AttentionKernel.REFERENCE)
+        # GQA layers with a variant (window, chunk, sinks) take the decode kernels too; MLA its own
+        assert lk.attention == (AttentionKernel.CPU if lk.attention_kind.startswith("gqa") or lk.attention_kind == "mla"
+                                else AttentionKernel.REFERENCE)
         if lk.moe is not None:  # every expert kind runs the C kernel, the router the C op
             assert lk.expert_kind == experts
             assert (lk.moe, lk.moe_large, lk.router) == (MoEKernel.CPU, MoEKernel.LOOP, "cpu")

@@ -148,3 +148,84 @@ def test_cuda_devices_match(tiny_mixtral):
     PlacementManager(model, devices, budget="3", num_redundant=1, policy="balanced", fetch_threshold=2)
     for a, b in zip(prefill_logits(model, PROMPTS), ref):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+class HostReads:
+    """Counts every way a tensor's value reaches Python (and the ops that read sizes back on
+    CUDA) while installed: patched on torch.Tensor / torch, all threads."""
+
+    METHODS = ("tolist", "item", "__bool__", "__int__", "__float__", "__index__", "nonzero", "unique", "bincount")
+
+    def __init__(self, monkeypatch):
+        self.calls: list[str] = []
+        for name in self.METHODS:
+            self._wrap(monkeypatch, torch.Tensor, name)
+        for name in ("nonzero", "unique", "bincount"):
+            self._wrap(monkeypatch, torch, name)
+
+    def _wrap(self, monkeypatch, owner, name):
+        orig = getattr(owner, name)
+        calls = self.calls
+
+        def counted(*args, **kwargs):
+            calls.append(name)
+            return orig(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, counted)
+
+
+def single_device(model, layer_idx, x, ids, w):
+    block = next(b for b in model.moe_blocks() if b.layer_idx == layer_idx)
+    return moe_loop(x, block.w13.detach(), block.w2.detach(), ids, w)
+
+
+@pytest.mark.parametrize("kwargs", [dict(devices=CPU2, num_redundant=3, policy="balanced"),
+                                    dict(devices=CPU2, budget="2"), dict(devices=["cpu:0"], budget="5")],
+                         ids=["replicas", "cpu-tier", "one-device+tier"])
+def test_placed_decode_step_reads_nothing_back(model, monkeypatch, kwargs):
+    """A decode-sized pass through every placed layer: the C kernel on every CPU stack (and the CPU
+    tier on its thread), no value read back to the host, the single-device result."""
+    from models.kernels import cpu_ops
+
+    assert cpu_ops.load() is not None, "the C kernels must build here (the CPU experts kernel serves placement)"
+    loads = np.random.default_rng(1).pareto(1.0, (2, 8)) * 10
+    mgr = PlacementManager(model, kwargs.pop("devices"), initial_loads=loads, **kwargs)
+    ex = mgr.executor
+    for state in ex.states.values():
+        assert all(g.packed is not None for i, g in enumerate(state.groups) if not state.host or i != state.host.group)
+        assert state.host is None or state.host.packed is not None
+    gen = torch.Generator().manual_seed(2)
+    cases = []
+    for T in (1, 16):
+        for layer_idx in mgr.layer_ids:
+            x = torch.randn(T, 64, generator=gen)
+            ids = torch.stack([torch.randperm(8, generator=gen)[:2] for _ in range(T)])
+            w = torch.rand(T, 2, generator=gen)
+            cases.append((layer_idx, x, ids, w))
+    reads = HostReads(monkeypatch)
+    with torch.inference_mode():
+        got = [ex(*case) for case in cases]
+    assert reads.calls == []
+    monkeypatch.undo()
+    for case, y in zip(cases, got):
+        torch.testing.assert_close(y, single_device(model, *case), atol=1e-5, rtol=1e-5)
+    assert (ex._worker is not None) == (mgr.host is not None)  # the tier ran on its thread
+    mgr.close()
+
+
+def test_prefill_sized_steps_take_the_compact_dispatch(model):
+    """Past SYNC_FREE_TOKENS the devices get only their pairs (counts read back): same result."""
+    from models.placement.executor import SYNC_FREE_TOKENS
+
+    mgr = PlacementManager(model, CPU2, budget="3", num_redundant=0, fetch_threshold=NEVER_FETCH)
+    layer_idx = mgr.layer_ids[1]
+    T = SYNC_FREE_TOKENS + 5
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(T, 64, generator=gen)
+    ids = torch.stack([torch.randperm(8, generator=gen)[:2] for _ in range(T)])
+    w = torch.rand(T, 2, generator=gen)
+    want = single_device(model, layer_idx, x, ids, w)
+    torch.testing.assert_close(mgr.executor(layer_idx, x, ids, w), want, atol=1e-5, rtol=1e-5)
+    chunks = [mgr.executor(layer_idx, x[i:i + 64], ids[i:i + 64], w[i:i + 64]) for i in range(0, T, 64)]
+    torch.testing.assert_close(torch.cat(chunks), want, atol=1e-5, rtol=1e-5)
+    mgr.close()

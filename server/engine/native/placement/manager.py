@@ -121,8 +121,9 @@ class PlacementManager:
         self._install(place(policy, loads, names, self.capacity, self.num_redundant, host=self.host))
         for b in blocks:
             b.executor = self.executor
-        # the placed step reads counts back to the host: the model's plan says so (no CUDA graphs)
-        model.apply_plan(model.kernel_plan.for_engine(placed=True))
+        # the placed decode step is sync-free (CUDA graphs stay on), the CPU tier's is not: the
+        # model's plan says so
+        model.apply_plan(model.kernel_plan.for_engine(placed=True, host_tier=self.host is not None))
         log.info("expert placement %s on %s (slots/layer %s%s%s), %d bytes per expert", policy, ", ".join(names),
                  self.capacity, f", host tier {self.host} (copy-in from {self.fetch_threshold} tokens)"
                  if self.host else "", f", {self.num_redundant} redundant" if self.num_redundant else "",
@@ -212,7 +213,8 @@ class PlacementManager:
         return True
 
     def close(self) -> None:
-        pass
+        if self.executor is not None:
+            self.executor.close()  # the CPU tier's thread
 
 
 def _count_split(placement: Placement, num_experts: int) -> tuple[torch.Tensor, ...]:

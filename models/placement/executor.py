@@ -182,24 +182,28 @@ def start_layer(state: LayerState, x: torch.Tensor, topk_ids: torch.Tensor, topk
         return lambda: out
     group, rows = state.pair_groups(topk_ids)  # [T * k] each
     weights = topk_w.reshape(-1)  # [T * k]
-    join_host = None
+    joins = []  # what the host computes: the CPU tier, CPU devices of an accelerator's model
+    (worker or _INLINE).begin()
     if state.host is not None:
-        join_host = _start_host(state, worker, x, group, rows, weights, T, k)
+        joins.append(_start_host(state, worker, x, group, rows, weights, T, k))
     out = torch.zeros_like(x)
     for gi, g in enumerate(state.groups):
         if state.host is not None and gi == state.host.group:
             continue
         ids, w = _device_buffer(group == gi, rows, weights, T, k)
-        if g.device != x.device:
+        if g.device.type == "cpu" and x.device.type != "cpu":  # the host computes: staged, on the worker
+            fn = lambda xh, ih, wh, g=g: _call(state.expert_fn, g, xh, ih, wh)  # noqa: E731
+            joins.append((worker or _INLINE).submit(fn, x, ids, w, dtype=g.w13.dtype, key=gi))
+        elif g.device != x.device:
             ys = _call(state.expert_fn, g, x.to(g.device, non_blocking=True), ids.to(g.device, non_blocking=True),
                        w.to(g.device, non_blocking=True))
-            out += ys.to(x.device, non_blocking=True)
+            out += ys.to(x.device, non_blocking=x.device.type == "cuda")
         else:
             out += _call(state.expert_fn, g, x, ids, w)
 
     def join() -> torch.Tensor:
-        if join_host is not None:
-            out.add_(join_host())
+        for j in joins:
+            out.add_(j())
         return out
     return join
 
@@ -251,6 +255,11 @@ class HostWorker:
         self._turn = 0
         self._lock = threading.Lock()
 
+    def begin(self) -> None:
+        """A new pass: its submits use the other staging set."""
+        with self._lock:
+            self._turn ^= 1
+
     def _buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         buf = self._staging[self._turn]
         t = buf.get(name)
@@ -260,16 +269,16 @@ class HostWorker:
         return t[: shape[0]]
 
     def submit(self, fn, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor,
-               dtype: torch.dtype = torch.float32) -> Callable[[], torch.Tensor]:
+               dtype: torch.dtype = torch.float32, key: int = -1) -> Callable[[], torch.Tensor]:
+        """`key`: which staging set (one per thing computed on the host in a pass)."""
         if x.device.type == "cpu":
             xh, ih, wh, event, yh = x.to(dtype), ids, w.to(dtype), None, None
         else:
             with self._lock:
-                self._turn ^= 1
-                xh = self._buffer("x", tuple(x.shape), dtype)
-                ih = self._buffer("ids", tuple(ids.shape), ids.dtype)
-                wh = self._buffer("w", tuple(w.shape), dtype)
-                yh = self._buffer("y", tuple(x.shape), dtype)
+                xh = self._buffer(f"x{key}", tuple(x.shape), dtype)
+                ih = self._buffer(f"ids{key}", tuple(ids.shape), ids.dtype)
+                wh = self._buffer(f"w{key}", tuple(w.shape), dtype)
+                yh = self._buffer(f"y{key}", tuple(x.shape), dtype)
             xh.copy_(x, non_blocking=True)
             ih.copy_(ids, non_blocking=True)
             wh.copy_(w, non_blocking=True)

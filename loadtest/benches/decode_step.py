@@ -4,9 +4,12 @@
         [--variants "auto/auto/1,cpu/onednn/1/loop,reference/auto/1"] [--profile]
     python -m loadtest decode-step --variants default           # the default plan, default threads
     python -m loadtest decode-step --b-repo /work/wt-base [--a-repo DIR] [--runs 4] [--rounds 8]
+    python -m loadtest decode-step ... --expert-devices cpu:0,cpu:1 [--gpu-expert-budget 2]   # placed experts
 
 The engine (the 140M benchmark checkpoint, loadtest/checkpoints.py, float32) prefills `--batch`
-requests of 128 random tokens, then runs decode steps.
+requests of 128 random tokens, then runs decode steps. `--expert-devices` / `--gpu-expert-budget`
+place the experts as the server's flags do (virtual devices `cpu:N`; experts beyond the budget
+in the CPU tier), in every variant and checkout.
 
 Variants: attention / CPU linear layout / threads [/ MoE] (`KernelFlags.attention`,
 `.cpu_linear`, torch threads, `.moe`: the choices of --attention-backend, --cpu-linear-layout
@@ -51,14 +54,23 @@ def parse_variant(spec: str):
     return spec, KernelFlags(attention=attn, cpu_linear=linear, moe=moe[0] if moe else "auto"), int(threads)
 
 
-def engine(model: str, batch: int, steps: int):
+def placement_kwargs(args) -> dict:
+    kw: dict = {}
+    if args.expert_devices:
+        kw["expert_devices"] = tuple(args.expert_devices.split(","))
+    if args.gpu_expert_budget:
+        kw["gpu_expert_budget"] = args.gpu_expert_budget
+    return kw
+
+
+def engine(model: str, batch: int, steps: int, **placement):
     """An EngineCore with `batch` requests prefilled and room for `steps` more decode steps. Uses
     only what both an older and a newer checkout offer (offline LLM, core.add_request, step)."""
     from server.engine import LLM, SamplingParams
     from server.engine.request import EngineRequest
 
     llm = LLM(model, dtype="float32", max_num_seqs=batch, max_num_batched_tokens=2048,
-              max_model_len=PROMPT_LEN + 16 + 2 * steps)
+              max_model_len=PROMPT_LEN + 16 + 2 * steps, **placement)
     core = llm.core
     rng = random.Random(0)
     for i in range(batch):
@@ -73,7 +85,7 @@ def run_variants(args, model: str) -> tuple[dict, list[dict]]:
     import torch
 
     variants = [parse_variant(v) for v in args.variants.split(",")]
-    core = engine(model, args.batch, (args.rounds + 1) * len(variants) + 4)
+    core = engine(model, args.batch, (args.rounds + 1) * len(variants) + 4, **placement_kwargs(args))
     default_threads = torch.get_num_threads()
     spec = {name: (flags, threads or default_threads) for name, flags, threads in variants}
     plans = {}
@@ -109,7 +121,7 @@ def child(args) -> None:
     """One run of --b-repo mode: the default plan's decode steps, as JSON on the last line."""
     import torch
 
-    core = engine(args.model, args.batch, args.rounds + 4)
+    core = engine(args.model, args.batch, args.rounds + 4, **placement_kwargs(args))
     core.step()  # warm-up: packs weights, builds the C kernels
     s = Samples()
     for _ in range(args.rounds):
@@ -133,6 +145,8 @@ def run_checkouts(args, model: str) -> tuple[dict, list[dict]]:
             env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), str(REPO)]), "PYTHONDONTWRITEBYTECODE": "1"}
             cmd = [sys.executable, "-m", "loadtest", "decode-step", "--child", "--model", model,
                    "--batch", str(args.batch), "--rounds", str(args.rounds)]
+            cmd += ["--expert-devices", args.expert_devices] if args.expert_devices else []
+            cmd += ["--gpu-expert-budget", args.gpu_expert_budget] if args.gpu_expert_budget else []
             proc = subprocess.run(cmd, cwd=repo, env=env, stdout=subprocess.PIPE, text=True)
             if proc.returncode != 0:
                 raise SystemExit(f"{label} ({repo}): the run failed (exit {proc.returncode})")
@@ -187,6 +201,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     ap.add_argument("--a-label", default="A")
     ap.add_argument("--b-label", default="B")
     ap.add_argument("--runs", type=int, default=4, help="--b-repo mode: alternating runs per checkout")
+    ap.add_argument("--expert-devices", help="place the experts on these devices (e.g. cpu:0,cpu:1)")
+    ap.add_argument("--gpu-expert-budget", help="experts per layer per device (the rest: the CPU tier)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     output.add_args(ap)

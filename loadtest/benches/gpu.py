@@ -109,11 +109,12 @@ def moe_kernels(shape: str, batches: list[int], args) -> list[dict]:
 
 def make_core(model, tokenizer, max_batch: int, max_len: int, eager: bool, block_size: int = 16, placement=None):
     """An EngineCore over `model`, its kernel plan resolved afresh and finished for the engine as
-    server/engine/factory.py does (CUDA graphs unless `eager` or experts are placed)."""
+    server/engine/factory.py does (CUDA graphs unless `eager` or the host computes experts)."""
     from server.engine.native.core import EngineCore
 
     model.apply_plan(model.plan_kernels().for_engine(
-        placed=placement is not None and placement.executor is not None, enforce_eager=eager))
+        placed=placement is not None and placement.executor is not None, enforce_eager=eager,
+        host_tier=placement is not None and getattr(placement, "computes_on_host", placement.host is not None)))
     blocks = max_batch * -(-max_len // block_size) + 16
     return EngineCore(model, tokenizer, num_blocks=blocks, block_size=block_size, max_model_len=max_len,
                       max_num_seqs=max_batch, max_num_batched_tokens=4096, seed=0, placement=placement)
@@ -222,20 +223,25 @@ def bench_shape(shape: str, args, tokenizer, peak: float, out: dict) -> None:
 
 
 def expert_tier(model, tokenizer, args, bm, peak) -> list[dict]:
-    """--gpu-expert-budget at half the experts (the rest in host memory, the CPU tier)."""
+    """--gpu-expert-budget at half the experts (the rest in host memory, the CPU tier: the C
+    experts kernel on a worker thread, overlapped with the GPU's experts and shared expert). CUDA
+    graphs where the plan allows them (`cuda_graphs` in each row says whether they replayed)."""
     from server.engine.native.placement.manager import placement_from_config
     from server.config import EngineConfig
 
     E = model.config.num_experts
     max_len = args.prompt_len + 32 + 16
     placement = placement_from_config(model, EngineConfig(model="bench", gpu_expert_budget=str(E // 2)))
-    core = make_core(model, tokenizer, 16, max_len, eager=True, placement=placement)
+    core = make_core(model, tokenizer, 16, max_len, eager=False, placement=placement)
     rows = []
     for B in (1, 16):
         if left(args) < 25:
             break
         s = decode_run(core, B, args.prompt_len, 16, bm).summary(peak)
         s["gpu_experts_per_layer"] = E // 2
+        s["cuda_graphs"] = bool(core.model.kernel_plan.cuda_graphs and core.runner.graphs is not None)
+        s["cpu_tier_kernel"] = "c" if any(st.host is not None and st.host.packed is not None
+                                          for st in placement.executor.states.values()) else "loop"
         rows.append(s)
         log(f"expert tier (half on GPU) B={B}: {s['output_tok_per_s']} tok/s")
     return rows

@@ -171,12 +171,15 @@ class KernelPlan:
         return dict(self.placed_moe)[device_type]
 
     def for_engine(self, *, placed: bool = False, capacity_limited: bool = False,
-                   enforce_eager: bool = False) -> KernelPlan:
+                   enforce_eager: bool = False, host_tier: bool = False) -> KernelPlan:
         """The plan as the engine runs it: CUDA graphs only where every decode step is sync-free
-        and padding a batch to a graph bucket changes nothing."""
+        and padding a batch to a graph bucket changes nothing. Placed experts (`placed`) keep
+        them: the executor dispatches decode steps with no host sync; the CPU expert tier
+        (`host_tier`) does not: the host computes its experts in the middle of the step."""
+        placed = placed or host_tier
         reasons = [why for why, on in (
             ("--enforce-eager", enforce_eager),
-            ("experts placed across devices (the placed step reads counts back to the host)", placed),
+            ("the CPU expert tier computes on the host in the middle of each step", host_tier),
             ("expert capacity depends on the step's token count, which graph buckets pad", capacity_limited),
         ) if on and self.cuda_graphs]
         if not reasons and placed <= self.experts_placed:
@@ -298,6 +301,15 @@ def _router(caps: Capabilities) -> str:
     return "cpu" if caps.cpu_kernels is not None else "reference"
 
 
+def host_experts_kernel_loads() -> bool:
+    """Whether the C experts kernel loads in this process: an accelerator's plan names it for the
+    CPU expert tier (`placed_moe`) without loading it; the placement executor asks here before
+    packing the tier (the kernels are built or loaded then, once)."""
+    from models.kernels import cpu_ops
+
+    return cpu_ops.load() is not None
+
+
 def cpu_moe_fits(cfg: MoEModelConfig) -> bool:
     return cfg.hidden_size % PANEL == 0 and cfg.moe_intermediate_size % PANEL == 0
 
@@ -404,10 +416,13 @@ def resolve_plan(cfg: MoEModelConfig, device: torch.device, dtype: torch.dtype, 
             gate_up=layout(2 * inter) if moe in (MoEKernel.LOOP, MoEKernel.CPU) and not variant else LinearLayout.PLAIN,
             router=router if cfg.sparse_layers[i] else "reference",
         ))
-    placed = MoEKernel.LOOP if variant and plain_moe not in VARIANT_KERNELS else plain_moe
-    if placed == MoEKernel.CPU:  # device subsets of the stacks have no packed copy
-        placed = MoEKernel.LOOP
-    placed_moe = ((caps.device_type, placed),) + ((("cpu", MoEKernel.LOOP),) if caps.device_type != "cpu" else ())
+    # the placement executor packs each CPU device's stack for the C kernel (float32 copies); the
+    # CPU expert tier of an accelerator's plan too (its experts in float32; the kernels load then).
+    # Its packed stacks carry no biases or limits: placed family variants run the Triton kernel
+    # (which takes them through the layer's expert function) or the loop
+    placed = plain_moe if not variant or plain_moe in (VARIANT_KERNELS - {MoEKernel.CPU}) else MoEKernel.LOOP
+    host_tier = MoEKernel.CPU if not variant and cpu_moe_fits(cfg) and flags.cpu_kernels != "off" else MoEKernel.LOOP
+    placed_moe = ((caps.device_type, placed),) + ((("cpu", host_tier),) if caps.device_type != "cpu" else ())
     graphs = caps.device_type == "cuda" and all(lk.sync_free for lk in layers)
     if caps.device_type == "cuda" and not graphs:
         slow = sorted({f"{lk.attention_kind}: {lk.attention.value}" for lk in layers

@@ -78,14 +78,22 @@ def expert_variant(cfg) -> ExpertVariant | None:
 
 class PlacedExpertsFn:
     """How the placement executor computes a device's subset of a layer's experts: the plan's
-    kernel for that device type (no packed copies: the subsets are stacks of their own)."""
+    kernel for that device type. Where that is the C kernel (`c_kernel`), the executor keeps a
+    packed copy of the subset and calls it itself; this function then serves the batches above
+    the C kernel's sizes, with the loop."""
 
     def __init__(self, plan: KernelPlan, variant: ExpertVariant | None):
         self.kernels = dict(plan.placed_moe)
         self.variant = variant
 
+    def c_kernel(self, device_type: str) -> bool:
+        return self.kernels.get(device_type) == MoEKernel.CPU
+
     def __call__(self, x, w13, w2, topk_ids, topk_w) -> torch.Tensor:
-        return fused_experts(x, w13, w2, topk_ids, topk_w, self.kernels[w13.device.type], self.variant)
+        kernel = self.kernels[w13.device.type]
+        if kernel == MoEKernel.CPU:
+            kernel = MoEKernel.LOOP
+        return fused_experts(x, w13, w2, topk_ids, topk_w, kernel, self.variant)
 
 
 class MoEBlock(nn.Module):
@@ -148,19 +156,25 @@ class MoEBlock(nn.Module):
         identity = None
         if self.zero_experts:
             topk_ids, topk_w, identity = self._zero_experts(x, topk_ids, topk_w)
-        if self.executor is not None:
-            out = self.executor(self.layer_idx, x, topk_ids, topk_w)
+        join = None
+        if self.executor is not None:  # launched; the CPU tier computes while the shared expert runs
+            join = self.executor.start(self.layer_idx, x, topk_ids, topk_w)
+            out = None
         else:
             kernel = self.kernel
             if self.kernel_large is not None and topk_ids.numel() > CPU_KERNEL_PAIRS_PER_EXPERT * self.num_experts:
                 kernel = self.kernel_large  # the plan's rule: past the C kernel's batch sizes
             out = fused_experts(x, self.w13, self.w2, topk_ids, topk_w, kernel, self.variant, self.packed_w13,
                                 self.packed_experts)
-        if identity is not None:
-            out = out + identity
+        shared = None
         if self.shared is not None:
             shared = self.shared(x)
             if self.shared_gate is not None:
                 shared = torch.sigmoid(self.shared_gate(x)) * shared
+        if join is not None:
+            out = join()
+        if identity is not None:
+            out = out + identity
+        if shared is not None:
             out = out + shared
         return out

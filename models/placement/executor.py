@@ -5,25 +5,45 @@ experts it hosts (`w13 [n_d, 2I, H]`, `w2 [n_d, H, I]`) and index tables mapping
 (token, slot) pair to a physical expert. A forward pass:
 1. picks a replica for every pair: the pair's rank among the pairs routed to the same logical
    expert, modulo that expert's replica count (deterministic; spreads counts evenly);
-2. per device: moves the distinct tokens it needs there, runs the block's experts on its stack,
-   sums each token's pairs on the device, brings the partial sums back and `index_add`s them
-   into the output in token order;
-3. host-tier experts (the CPU tier) are either computed on the CPU or copied to the token's
-   device for this pass, per expert, by a token-count threshold (see `HostTier`).
+2. per device, with no host sync (steps of up to `SYNC_FREE_TOKENS` tokens: every decode step
+   and every CUDA graph bucket): the device gets a fixed-size buffer of all T * k pairs (the
+   capacity is the step's pair count, so nothing can overflow): its own pairs keep their stack
+   row and weight, the others become padding with weight 0 on a row one of its own pairs uses
+   (on no row's weights beyond those it reads anyway); the block's experts run over the buffer
+   on the device and the [T, H] result is added into the output. Nothing is read back to the
+   host: the step can be captured in a CUDA graph (the plan's `for_engine`), and the C experts
+   kernel serves CPU devices (a float32 packed copy of each CPU stack, `DeviceGroup.packed`).
+   Larger steps (prefill) move only the tokens each device needs (`nonzero`: a host sync);
+3. host-tier experts (the CPU tier): in a step too small for any expert to reach the copy-in
+   threshold, computed on the CPU by the C experts kernel over a float32 packed copy of the
+   tier's experts, on a worker thread (`HostWorker`): the activations go to pinned, double-
+   buffered staging with an asynchronous copy, the CPU computes while the caller's device runs
+   its own experts (and the block its shared expert: `PlacedExperts.start`), the result comes
+   back asynchronously and is added. Larger steps: per expert, by a token-count threshold,
+   computed on the CPU or copied to the tokens' device for this pass (see `HostTier`).
 `PlacedExperts` is the object installed as every block's `executor`; swapping a layer's state
-is one dict assignment, so a rebalance between engine steps never mixes placements in a pass.
+is one dict assignment, so a rebalance between engine steps never mixes placements in a pass;
+its `generation` changes with every swap (captured CUDA graphs are made again).
 
 Virtual devices `cpu:N` are distinct placement devices backed by host memory (tests, CPU-only).
 """
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from collections.abc import Callable
 
 import torch
 
+from models.kernels.moe_align import expert_counts
+from models.kernels.packed import PackedExperts, moe_cpu
+from models.kernels.plan import CPU_KERNEL_PAIRS_PER_EXPERT, PANEL, host_experts_kernel_loads
 from models.placement.plan import LayerPlan, Placement
+
+# steps of up to this many tokens dispatch with no host sync (every decode graph bucket fits)
+SYNC_FREE_TOKENS = 256
 
 # (x [n, H], w13, w2 stacks, ids [n, k], weights [n, k]) -> [n, H]: a block's experts on one
 # device's stacks (`MoEBlock.placed_fn`: the kernel plan's choice for that device type)
@@ -57,6 +77,7 @@ class DeviceGroup:
     logicals: tuple[int, ...]  # logical expert of each stack row
     w13: torch.Tensor  # [n, 2I, H]
     w2: torch.Tensor  # [n, H, I]
+    packed: PackedExperts | None = None  # CPU devices: the C experts kernel's copy of the stacks
 
 
 @dataclass(frozen=True)
@@ -70,6 +91,10 @@ class HostTier:
 
     group: int  # index of the host group in LayerState.groups
     fetch_threshold: int
+    # the tier's experts for the C kernel: float32 packed copy of their stack, and logical id ->
+    # row of that stack (on the index device; -1 off the tier); None: the C kernel cannot serve them
+    packed: PackedExperts | None = None
+    local: torch.Tensor | None = None  # [num_logical]
 
 
 @dataclass(frozen=True)
@@ -95,7 +120,7 @@ class LayerState:
         n = flat_ids.numel()
         num_logical = self.num_rep.numel()
         order = torch.argsort(flat_ids, stable=True)  # [N] pairs grouped by expert, token order inside
-        counts = torch.bincount(flat_ids, minlength=num_logical)  # [E]
+        counts = expert_counts(flat_ids, num_logical)  # [E] (bincount reads its size back)
         starts = torch.cumsum(counts, 0) - counts  # [E]
         sorted_ids = flat_ids[order]
         first_token = order[starts[sorted_ids]] // k  # [N] token of the expert's first pair
@@ -137,12 +162,156 @@ def _run_on(device: torch.device, w13: torch.Tensor, w2: torch.Tensor, x: torch.
 
 
 def run_layer(state: LayerState, x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
+    return start_layer(state, x, topk_ids, topk_w)()
+
+
+def start_layer(state: LayerState, x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor,
+                worker: HostWorker | None = None) -> Callable[[], torch.Tensor]:
+    """Launch a layer's experts; returns the function that joins them into the output [T, H].
+
+    The host tier, where there is one, is computed between the two on `worker` (inline without
+    one); everything else is launched on its devices before this returns."""
     T, k = topk_ids.shape
-    group, rows = state.pair_groups(topk_ids)  # [T * k] each
     if len(state.groups) == 1 and state.groups[0].device == x.device and state.host is None \
             and not is_virtual(state.groups[0].name):
         g = state.groups[0]
-        return state.expert_fn(x, g.w13, g.w2, rows.view(T, k), topk_w)
+        out = state.expert_fn(x, g.w13, g.w2, state.pair_groups(topk_ids)[1].view(T, k), topk_w)
+        return lambda: out
+    if T > SYNC_FREE_TOKENS or (state.host is not None and T >= state.host.fetch_threshold):
+        out = _run_compact(state, x, topk_ids, topk_w)  # reads counts back: prefill-sized steps only
+        return lambda: out
+    group, rows = state.pair_groups(topk_ids)  # [T * k] each
+    weights = topk_w.reshape(-1)  # [T * k]
+    joins = []  # what the host computes: the CPU tier, CPU devices of an accelerator's model
+    (worker or _INLINE).begin()
+    if state.host is not None:
+        joins.append(_start_host(state, worker, x, group, rows, weights, T, k))
+    out = torch.zeros_like(x)
+    for gi, g in enumerate(state.groups):
+        if state.host is not None and gi == state.host.group:
+            continue
+        ids, w = _device_buffer(group == gi, rows, weights, T, k)
+        if g.device.type == "cpu" and x.device.type != "cpu":  # the host computes: staged, on the worker
+            fn = lambda xh, ih, wh, g=g: _call(state.expert_fn, g, xh, ih, wh)  # noqa: E731
+            joins.append((worker or _INLINE).submit(fn, x, ids, w, dtype=g.w13.dtype, key=gi))
+        elif g.device != x.device:
+            ys = _call(state.expert_fn, g, x.to(g.device, non_blocking=True), ids.to(g.device, non_blocking=True),
+                       w.to(g.device, non_blocking=True))
+            out += ys.to(x.device, non_blocking=x.device.type == "cuda")
+        else:
+            out += _call(state.expert_fn, g, x, ids, w)
+
+    def join() -> torch.Tensor:
+        for j in joins:
+            out.add_(j())
+        return out
+    return join
+
+
+def _device_buffer(mine: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, T: int, k: int):
+    """One device's fixed-size dispatch buffer ([T, k] stack rows, [T, k] weights): its own pairs
+    as they are, every other pair padding with weight 0 on a row one of its pairs uses (row 0
+    when it has none), so padding adds no weights to read. All on the device, no host sync."""
+    fallback = torch.where(mine, rows, -1).amax().clamp(min=0)  # [] a row this device reads anyway
+    ids = torch.where(mine, rows, fallback).view(T, k)
+    return ids, torch.where(mine, weights, torch.zeros_like(weights)).view(T, k)
+
+
+def _call(fn: ExpertFn, g: DeviceGroup, x, ids, w) -> torch.Tensor:
+    """A device's experts over its buffer: the C kernel on its packed copy where the device has
+    one (up to the kernel's batch sizes, as the plan's rule), else the plan's kernel."""
+    if g.packed is not None and ids.numel() <= CPU_KERNEL_PAIRS_PER_EXPERT * g.w13.shape[0]:
+        return moe_cpu(x, g.packed, ids, w.to(x.dtype))
+    return fn(x, g.w13, g.w2, ids, w)
+
+
+def _start_host(state: LayerState, worker: HostWorker | None, x, group, rows, weights, T: int, k: int):
+    """Launch the host tier's pairs (C kernel where it can serve them, on the worker) -> join."""
+    tier = state.host
+    g = state.groups[tier.group]
+    mine = group == tier.group
+    if tier.packed is not None:
+        local = tier.local[rows].clamp(min=0)  # [T * k] row of the tier's packed stack
+        ids, w = _device_buffer(mine, local, weights, T, k)
+        fn = lambda xh, ih, wh: moe_cpu(xh, tier.packed, ih, wh)  # noqa: E731
+        return (worker or _INLINE).submit(fn, x, ids, w)
+    ids, w = _device_buffer(mine, rows, weights, T, k)  # rows are logical ids: the master stacks
+    fn = lambda xh, ih, wh: state.expert_fn(xh, g.w13, g.w2, ih, wh)  # noqa: E731
+    return (worker or _INLINE).submit(fn, x, ids, w, dtype=g.w13.dtype)
+
+
+class HostWorker:
+    """Computes the host tier on a thread of its own while the caller's device runs the rest.
+
+    `submit(fn, x, ids, w)`: on an accelerator, x / ids / w are copied without blocking into
+    pinned staging (two sets, used in turn: one can be read by a copy still in flight while the
+    other is filled), an event marks them; the thread waits for the event (not the caller), runs
+    `fn` on the CPU, writes the result into pinned staging; `join()` waits for the thread and
+    starts the copy back. On the CPU the thread reads x in place."""
+
+    def __init__(self, threads: bool = True):
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="cpu-experts") if threads else None
+        self._staging: list[dict[str, torch.Tensor]] = [{}, {}]
+        self._turn = 0
+        self._lock = threading.Lock()
+
+    def begin(self) -> None:
+        """A new pass: its submits use the other staging set."""
+        with self._lock:
+            self._turn ^= 1
+
+    def _buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        buf = self._staging[self._turn]
+        t = buf.get(name)
+        if t is None or t.dtype != dtype or t.shape[0] < shape[0] or t.shape[1:] != shape[1:]:
+            t = torch.empty((max(shape[0], 16),) + shape[1:], dtype=dtype, pin_memory=True)
+            buf[name] = t
+        return t[: shape[0]]
+
+    def submit(self, fn, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor,
+               dtype: torch.dtype = torch.float32, key: int = -1) -> Callable[[], torch.Tensor]:
+        """`key`: which staging set (one per thing computed on the host in a pass)."""
+        if x.device.type == "cpu":
+            xh, ih, wh, event, yh = x.to(dtype), ids, w.to(dtype), None, None
+        else:
+            with self._lock:
+                xh = self._buffer(f"x{key}", tuple(x.shape), dtype)
+                ih = self._buffer(f"ids{key}", tuple(ids.shape), ids.dtype)
+                wh = self._buffer(f"w{key}", tuple(w.shape), dtype)
+                yh = self._buffer(f"y{key}", tuple(x.shape), dtype)
+            xh.copy_(x, non_blocking=True)
+            ih.copy_(ids, non_blocking=True)
+            wh.copy_(w, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+
+        def work() -> torch.Tensor:
+            if event is not None:
+                event.synchronize()
+            with torch.inference_mode():
+                y = fn(xh, ih, wh)
+                if yh is None:
+                    return y
+                return yh.copy_(y)
+
+        if self._pool is None:
+            y = work()
+            return lambda: y.to(x.device, x.dtype, non_blocking=True)
+        future = self._pool.submit(work)
+        return lambda: future.result().to(x.device, x.dtype, non_blocking=True)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+
+_INLINE = HostWorker(threads=False)
+
+
+def _run_compact(state: LayerState, x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
+    """Large steps: each device gets only its pairs and the tokens they need (counts read back)."""
+    T, k = topk_ids.shape
+    group, rows = state.pair_groups(topk_ids)  # [T * k] each
     tokens = torch.arange(T * k, device=x.device) // k  # [T * k]
     weights = topk_w.reshape(-1)  # [T * k]
     out = torch.zeros_like(x)
@@ -204,16 +373,20 @@ def build_layer_state(plan: LayerPlan, master_w13: torch.Tensor, master_w2: torc
             groups.append(DeviceGroup(name, master_w13.device, logicals, master_w13, master_w2))
             for s in slots:
                 slot_group[s], slot_local[s] = gi, plan.physical[s].logical
-            host_tier = HostTier(gi, fetch_threshold)
+            host_tier = _host_tier(gi, fetch_threshold, logicals, master_w13, master_w2, expert_fn, index_device,
+                                   previous.host if previous is not None else None)
             continue
         logicals = tuple(plan.physical[s].logical for s in slots)
         prev = old.get(name)
         if prev is not None and prev.logicals == logicals:
             groups.append(prev)
         else:
-            w13, w2, n = _stack(torch_device(name), logicals, master_w13, master_w2, prev)
+            dev = torch_device(name)
+            w13, w2, n = _stack(dev, logicals, master_w13, master_w2, prev)
             copied += n
-            groups.append(DeviceGroup(name, torch_device(name), logicals, w13, w2))
+            packed = PackedExperts(w13, w2) if dev.type == "cpu" and w13.dtype == torch.float32 \
+                and _c_kernel(expert_fn, w13) else None
+            groups.append(DeviceGroup(name, dev, logicals, w13, w2, packed))
         for j, s in enumerate(slots):
             slot_group[s], slot_local[s] = gi, j
     max_rep = max(len(r) for r in plan.replicas)
@@ -222,6 +395,47 @@ def build_layer_state(plan: LayerPlan, master_w13: torch.Tensor, master_w2: torc
     state = LayerState(plan, tuple(groups), as_t(table), as_t([len(r) for r in plan.replicas]),
                        as_t(slot_group), as_t(slot_local), expert_fn, host_tier)
     return state, copied
+
+
+def _c_kernel(expert_fn: ExpertFn, w13: torch.Tensor) -> bool:
+    """Whether the C experts kernel serves these experts: the plan says so for CPU devices
+    (`PlacedExpertsFn.c_kernel`), their sizes fit its panels and it loads here."""
+    wants = getattr(expert_fn, "c_kernel", None)
+    if wants is None or not wants("cpu"):
+        return False
+    if w13.shape[-1] % PANEL or w13.shape[1] % (2 * PANEL):
+        return False
+    return host_experts_kernel_loads()
+
+
+class _Prepacked(PackedExperts):
+    """A packed copy made once (the host tier's float32 copy: the sources are not kept)."""
+
+    def __init__(self, w13: torch.Tensor, w2: torch.Tensor):
+        super().__init__(w13, w2)
+        self._packed = torch.ops.moe_serve.moe_pack_cpu(w13, w2)
+        self.sources = self.w13 = self.w2 = ()  # type: ignore[assignment]
+
+    def get(self):
+        return self._packed
+
+
+def _host_tier(gi: int, fetch_threshold: int, logicals: tuple[int, ...], master_w13, master_w2, expert_fn,
+               index_device: torch.device, previous: HostTier | None) -> HostTier:
+    """The host tier of a layer: its experts packed for the C kernel in float32 where it serves
+    them (reused when the tier holds the same experts as before)."""
+    if not logicals or not _c_kernel(expert_fn, master_w13):
+        return HostTier(gi, fetch_threshold)
+    local = [-1] * master_w13.shape[0]
+    for j, e in enumerate(logicals):
+        local[e] = j
+    local_t = torch.tensor(local, dtype=torch.long, device=index_device)
+    if previous is not None and previous.packed is not None and previous.local is not None \
+            and torch.equal(previous.local.cpu(), local_t.cpu()):
+        return HostTier(gi, fetch_threshold, previous.packed, previous.local)
+    src = torch.tensor(logicals, dtype=torch.long)
+    packed = _Prepacked(master_w13.index_select(0, src).float(), master_w2.index_select(0, src).float())
+    return HostTier(gi, fetch_threshold, packed, local_t)
 
 
 def _stack(device: torch.device, logicals: tuple[int, ...], master_w13, master_w2, prev: DeviceGroup | None):
@@ -249,15 +463,37 @@ def _stack(device: torch.device, logicals: tuple[int, ...], master_w13, master_w
 class PlacedExperts:
     """The executor installed in every MoE block: runs layer `layer_idx` per its current state."""
 
-    def __init__(self, layer_ids: list[int]):
+    def __init__(self, layer_ids: list[int], host_worker: bool = True):
         self.layer_ids = list(layer_ids)  # model layer index of each MoE layer, in order
         self.states: dict[int, LayerState] = {}  # model layer index -> state
+        # the CPU tier's thread (made on first use); False: the tier computes inline
+        self.host_worker = host_worker
+        self._worker: HostWorker | None = None
+        # changes with every swap: a CUDA graph captured at another generation holds old tensors
+        self.generation = 0
+
+    def start(self, layer_idx: int, x: torch.Tensor, topk_ids: torch.Tensor,
+              topk_w: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """Launch layer `layer_idx`'s experts; the returned function joins them ([T, H])."""
+        state = self.states[layer_idx]
+        worker = None
+        if state.host is not None and self.host_worker:
+            if self._worker is None:
+                self._worker = HostWorker()
+            worker = self._worker
+        return start_layer(state, x, topk_ids, topk_w, worker)
 
     def __call__(self, layer_idx: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
-        return run_layer(self.states[layer_idx], x, topk_ids, topk_w)
+        return self.start(layer_idx, x, topk_ids, topk_w)()
 
     def swap(self, layer_idx: int, state: LayerState) -> None:
         self.states[layer_idx] = state  # one reference assignment: a pass sees old or new, never a mix
+        self.generation += 1
+
+    def close(self) -> None:
+        if self._worker is not None:
+            self._worker.close()
+            self._worker = None
 
     def device_tokens(self, routing: torch.Tensor, placement: Placement, fetch_device: str) -> dict[str, int]:
         """Token-expert computations per device for a step's routing [T, num_moe_layers, k];

@@ -4,6 +4,7 @@ to transformers."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -69,20 +70,28 @@ def test_cuda_graphs_match_eager_and_transformers(make_llm, hf_reference):  # no
         assert tokens[f"r{i}"] == hf_reference(p, MAX_TOKENS[i])
 
 
-def test_graphs_dropped_when_experts_are_placed_after_capture(make_llm):
-    """Experts placed after the decode graphs were made (their weights move): the runner stops
-    replaying and the placed, host-syncing path runs eagerly, with the same tokens."""
+def test_graphs_made_again_when_experts_are_placed_after_capture(make_llm):
+    """Experts placed (or moved) after the decode graphs were made: the graphs are made again
+    (the placed decode step reads nothing back) and the padded buckets keep serving, with the
+    same tokens."""
     from server.engine.native.placement.manager import PlacementManager
     from server.config import EngineConfig
 
     prompts = prompts_of(LENS)
     plain = make_llm(device="cpu", num_kv_blocks=128, block_size=4, max_num_seqs=8)
     placed = make_llm(device="cpu", num_kv_blocks=128, block_size=4, max_num_seqs=8)
-    placed.core.runner.enable_decode_graphs([1, 2, 4, 8], cuda_graphs=False)
+    runner = placed.core.runner
+    runner.enable_decode_graphs([1, 2, 4, 8], cuda_graphs=False)
+    made = []
+    capture = runner.graphs.capture
+    runner.graphs.capture = lambda: made.append(1) or capture()
     # installs executors on the model's MoE blocks behind the runner's back (the factory places
-    # experts before the core is made); the manager turns the model plan's CUDA graphs off
-    PlacementManager.from_config(placed.core.model, EngineConfig(model="x", expert_devices=("cpu:0", "cpu:1")))
+    # experts before the core is made)
+    mgr = PlacementManager.from_config(placed.core.model, EngineConfig(model="x", expert_devices=("cpu:0", "cpu:1")))
     ref_tokens, ref_counts, _ = run(plain.core, prompts)
     tokens, counts, buckets = run(placed.core, prompts)
-    assert buckets == {None} and placed.core.runner.graphs is None
+    assert buckets - {None} and runner.graphs is not None and len(made) == 1
+    assert mgr.rebalance(np.arange(16, dtype=np.float64).reshape(2, 8) ** 3)  # moves experts: made again next step
+    tokens2, _, buckets2 = run(placed.core, prompts)
+    assert buckets2 - {None} and len(made) == 2 and tokens2 == ref_tokens
     assert tokens == ref_tokens and counts == ref_counts

@@ -148,3 +148,175 @@ def test_cuda_devices_match(tiny_mixtral):
     PlacementManager(model, devices, budget="3", num_redundant=1, policy="balanced", fetch_threshold=2)
     for a, b in zip(prefill_logits(model, PROMPTS), ref):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+class HostReads:
+    """Counts every way a tensor's value reaches Python (and the ops that read sizes back on
+    CUDA) while installed: patched on torch.Tensor / torch, all threads."""
+
+    METHODS = ("tolist", "item", "__bool__", "__int__", "__float__", "__index__", "nonzero", "unique", "bincount")
+
+    def __init__(self, monkeypatch):
+        self.calls: list[str] = []
+        for name in self.METHODS:
+            self._wrap(monkeypatch, torch.Tensor, name)
+        for name in ("nonzero", "unique", "bincount"):
+            self._wrap(monkeypatch, torch, name)
+
+    def _wrap(self, monkeypatch, owner, name):
+        orig = getattr(owner, name)
+        calls = self.calls
+
+        def counted(*args, **kwargs):
+            calls.append(name)
+            return orig(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, counted)
+
+
+def single_device(model, layer_idx, x, ids, w):
+    block = next(b for b in model.moe_blocks() if b.layer_idx == layer_idx)
+    return moe_loop(x, block.w13.detach(), block.w2.detach(), ids, w)
+
+
+@pytest.mark.parametrize("kwargs", [dict(devices=CPU2, num_redundant=3, policy="balanced"),
+                                    dict(devices=CPU2, budget="2"), dict(devices=["cpu:0"], budget="5")],
+                         ids=["replicas", "cpu-tier", "one-device+tier"])
+def test_placed_decode_step_reads_nothing_back(model, monkeypatch, kwargs):
+    """A decode-sized pass through every placed layer: the C kernel on every CPU stack (and the CPU
+    tier on its thread), no value read back to the host, the single-device result."""
+    from models.kernels import cpu_ops
+
+    assert cpu_ops.load() is not None, "the C kernels must build here (the CPU experts kernel serves placement)"
+    loads = np.random.default_rng(1).pareto(1.0, (2, 8)) * 10
+    mgr = PlacementManager(model, kwargs.pop("devices"), initial_loads=loads, **kwargs)
+    ex = mgr.executor
+    for state in ex.states.values():
+        assert all(g.packed is not None for i, g in enumerate(state.groups) if not state.host or i != state.host.group)
+        assert state.host is None or state.host.packed is not None
+    gen = torch.Generator().manual_seed(2)
+    cases = []
+    for T in (1, 16):
+        for layer_idx in mgr.layer_ids:
+            x = torch.randn(T, 64, generator=gen)
+            ids = torch.stack([torch.randperm(8, generator=gen)[:2] for _ in range(T)])
+            w = torch.rand(T, 2, generator=gen)
+            cases.append((layer_idx, x, ids, w))
+    reads = HostReads(monkeypatch)
+    with torch.inference_mode():
+        got = [ex(*case) for case in cases]
+    assert reads.calls == []
+    monkeypatch.undo()
+    for case, y in zip(cases, got):
+        torch.testing.assert_close(y, single_device(model, *case), atol=1e-5, rtol=1e-5)
+    assert (ex._worker is not None) == (mgr.host is not None)  # the tier ran on its thread
+    mgr.close()
+
+
+def test_prefill_sized_steps_take_the_compact_dispatch(model):
+    """Past SYNC_FREE_TOKENS the devices get only their pairs (counts read back): same result."""
+    from models.placement.executor import SYNC_FREE_TOKENS
+
+    mgr = PlacementManager(model, CPU2, budget="3", num_redundant=0, fetch_threshold=NEVER_FETCH)
+    layer_idx = mgr.layer_ids[1]
+    T = SYNC_FREE_TOKENS + 5
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(T, 64, generator=gen)
+    ids = torch.stack([torch.randperm(8, generator=gen)[:2] for _ in range(T)])
+    w = torch.rand(T, 2, generator=gen)
+    want = single_device(model, layer_idx, x, ids, w)
+    torch.testing.assert_close(mgr.executor(layer_idx, x, ids, w), want, atol=1e-5, rtol=1e-5)
+    chunks = [mgr.executor(layer_idx, x[i:i + 64], ids[i:i + 64], w[i:i + 64]) for i in range(0, T, 64)]
+    torch.testing.assert_close(torch.cat(chunks), want, atol=1e-5, rtol=1e-5)
+    mgr.close()
+
+
+def test_the_cpu_tier_follows_the_routing_statistics(model, reference):
+    """Which experts stay on the devices: the hottest by decayed frequency (recent steps weigh most);
+    moved between steps, outputs unchanged."""
+    from server.engine.stats import RoutingStats
+
+    mgr = PlacementManager(model, CPU2, budget="2", rebalance_interval=4, policy="contiguous")
+    on_devices = lambda: {e for e in range(8) if e not in mgr.placement.layers[0].device_logicals("cpu")}  # noqa: E731
+    assert on_devices() == {0, 1, 2, 3}
+
+    def step(hot):
+        counts = [[10 if e in hot else 0 for e in range(8)] for _ in range(2)]
+        mgr.on_routing(RoutingStats(2, 8, counts))
+
+    for _ in range(8):  # long ago: 0-3 hot
+        step({0, 1, 2, 3})
+    for _ in range(4):  # lately: 4-7 hot, as often as 0-3 were; decay makes the recent ones win
+        step({4, 5, 6, 7})
+    assert on_devices() == {4, 5, 6, 7} and mgr.num_rebalances == 1
+    loads = mgr.routing_loads()
+    assert loads[0, 4] > loads[0, 0] > 0
+    for _ in range(4):  # everyone as frequent in this window: no move without a gain
+        step({0, 1, 2, 3, 4, 5, 6, 7})
+    assert on_devices() == {4, 5, 6, 7}
+    assert_same_as_reference(model, reference)
+    mgr.close()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kwargs", [dict(num_redundant=2, policy="balanced"), dict(budget="4")],
+                         ids=["replicas", "cpu-tier"])
+def test_cuda_placed_decode_step_does_not_sync(tiny_mixtral, kwargs):
+    """On the GPU a decode-sized placed pass runs under torch.cuda.set_sync_debug_mode("error"):
+    replicas over two devices and the CPU tier (its copies asynchronous, its wait on its thread)."""
+    from models import load_model
+
+    model = load_model(tiny_mixtral, dtype="float32", device="cuda:0", progress=False)
+    if "budget" in kwargs:
+        devices = ["cuda:0"]
+    else:  # two GPUs, or the GPU and a CPU device (computed on the host, as the tier is)
+        devices = ["cuda:0", "cuda:1"] if torch.cuda.device_count() > 1 else ["cuda:0", "cpu:0"]
+    mgr = PlacementManager(model, devices, **kwargs)
+    assert (mgr.host is not None) == ("budget" in kwargs)
+    gen = torch.Generator().manual_seed(4)
+    cases = []
+    for T in (1, 16):
+        for layer_idx in mgr.layer_ids:
+            ids = torch.stack([torch.randperm(8, generator=gen)[:2] for _ in range(T)])
+            cases.append((layer_idx, torch.randn(T, 64, generator=gen), ids, torch.rand(T, 2, generator=gen)))
+    on_gpu = [(i, x.cuda(), ids.cuda(), w.cuda()) for i, x, ids, w in cases]
+    with torch.inference_mode():
+        mgr.executor(*on_gpu[0])  # warm-up: Triton compiles, staging is allocated
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            got = [mgr.executor(*case) for case in on_gpu]
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    for (layer_idx, x, ids, w), y in zip(cases, got):
+        torch.testing.assert_close(y.cpu(), single_device(model, layer_idx, x, ids, w), atol=1e-4, rtol=1e-4)
+    mgr.close()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graphs_replay_with_placed_experts(tiny_mixtral):
+    """Placement no longer turns CUDA graphs off: placed experts (replicas on two GPUs), decode steps replay graphs
+    and give the unplaced engine's greedy tokens; the CPU tier turns them off (the plan says why)."""
+    from server.engine import LLM, SamplingParams
+
+    greedy = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+
+    def run(**kw):
+        llm = LLM(tiny_mixtral, dtype="float32", device="cuda", max_num_seqs=4, **kw)
+        outs = [r.outputs[0].token_ids for r in llm.generate(PROMPTS, greedy, use_tqdm=False)]
+        return llm, outs
+
+    _, want = run()
+    two = torch.cuda.device_count() > 1  # one GPU: the placement is the executor on that GPU alone
+    placed, got = run(expert_devices=("cuda:0", "cuda:1") if two else ("cuda:0",),
+                      num_redundant_experts=2 if two else 0, expert_placement="balanced")
+    assert all(b.executor is not None for b in placed.core.model.moe_blocks())
+    assert placed.core.model.kernel_plan.cuda_graphs and placed.core.runner.graphs is not None
+    assert placed.core.runner.graphs.cuda_graphs and placed.core.runner.graphs.graphs
+    assert got == want
+    tier, got_tier = run(gpu_expert_budget="4")
+    assert not tier.core.model.kernel_plan.cuda_graphs
+    assert any("CPU expert tier" in n for n in tier.core.model.kernel_plan.notes)
+    assert got_tier == want

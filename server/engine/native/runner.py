@@ -66,6 +66,7 @@ class ModelRunner:
                                    max_blocks, self.device)
         self.graphs: DecodeGraphs | None = None
         self.keep_hidden = False  # a speculative proposer reads the step's hidden states (ModelOutput.hidden)
+        self._graph_placement = None  # the placement the graphs were made under (_placement_key)
         if model.kernel_plan is None:
             raise ValueError("the model has no kernel plan (models.load_model applies one)")
         log.info("%s", model.kernel_plan.table())
@@ -77,6 +78,13 @@ class ModelRunner:
         on the same static buffers (`cuda_graphs=False`: tests the padding path on CPU)."""
         self.graphs = DecodeGraphs(self.model, self.kv_caches, self.buffers.dev, sizes, self.pad_slot, cuda_graphs)
         self.graphs.capture()
+        self._graph_placement = self._placement_key()
+
+    def _placement_key(self):
+        """(executor, generation) of the experts' placement (models.placement), None without one:
+        graphs captured under another key hold tensors of a placement that has moved."""
+        executor = self._moe_blocks[0].executor if self._moe_blocks else None
+        return None if executor is None else (id(executor), getattr(executor, "generation", 0))
 
     def _copy_rows(self, pairs: list, copies: list[tuple[int, int]]) -> None:
         """Rows (src, dst) of every tensor in `pairs`: KV blocks (copy-on-write) or state slots (forks)."""
@@ -91,12 +99,17 @@ class ModelRunner:
     def _graph_bucket(self, batch: SchedulerOutput) -> int | None:
         if self.graphs is None or len(batch.scheduled) > self.graphs.max_size:
             return None
-        if self.model.kernel_plan.experts_placed:
-            # experts placed since capture (models.placement; the plan says so): the graphs ran
-            # the local kernels on weights that have moved, and the placed path reads back
-            log.info("experts placed after the decode graphs were made: decode runs eagerly from now on")
-            self.graphs = None
-            return None
+        if self._placement_key() != self._graph_placement:
+            # experts placed or moved since capture (models.placement): the graphs ran on weights
+            # and tables that have moved; the placed decode step is sync-free, so they are made
+            # again, unless the plan now says no graphs (the CPU expert tier)
+            if self.graphs.cuda_graphs and not self.model.kernel_plan.cuda_graphs:
+                log.info("experts placed after the decode graphs were made: decode runs eagerly from now on")
+                self.graphs = None
+                return None
+            log.info("expert placement changed since the decode graphs were made: making them again")
+            self.graphs.capture()
+            self._graph_placement = self._placement_key()
         if any(it.num_new != 1 for it in batch.scheduled):
             return None
         return self.graphs.bucket(len(batch.scheduled))

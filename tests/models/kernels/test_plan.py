@@ -49,7 +49,7 @@ def test_cpu_float32_gets_the_c_kernels_and_packed_copies():
     assert {(lk.qkv, lk.o, lk.gate_up) for lk in plan.layers} == {(LinearLayout.PANELS,) * 3}
     assert plan.lm_head == LinearLayout.PANELS and plan.packed_bytes > 0
     assert not plan.cuda_graphs and not any(lk.fused_rope or lk.fused_norms for lk in plan.layers)
-    assert plan.placed_moe == (("cpu", MoEKernel.LOOP),)  # device subsets have no packed copy
+    assert plan.placed_moe == (("cpu", MoEKernel.CPU),)  # the executor packs each device's stack
     table = plan.table()
     assert "gqa: cpu" in table and f"up to {CPU_KERNEL_PAIRS_PER_EXPERT} pairs/expert, loop above" in table
     as_dict = plan.to_dict()
@@ -121,9 +121,13 @@ def test_cuda_plan_fuses_and_captures_graphs_unless_the_engine_cannot():
     assert {(lk.attention, lk.moe, lk.fused_rope, lk.fused_norms) for lk in plan.layers if lk.moe} == {
         (AttentionKernel.TRITON, MoEKernel.TRITON, True, True)}
     assert plan.cuda_graphs and plan.packed_bytes == 0
-    assert plan.placed_moe == (("cuda", MoEKernel.TRITON), ("cpu", MoEKernel.LOOP))
+    assert plan.placed_moe == (("cuda", MoEKernel.TRITON), ("cpu", MoEKernel.CPU))  # the CPU tier: C kernel
     assert plan.for_engine() is plan
-    for kwargs, why in (({"placed": True}, "placed"), ({"capacity_limited": True}, "capacity"),
+    placed = plan.for_engine(placed=True)  # the executor's decode dispatch is sync-free: graphs stay on
+    assert placed.cuda_graphs and placed.experts_placed and not any("CUDA graphs off" in n for n in placed.notes)
+    assert plan.for_engine(host_tier=True).experts_placed
+    for kwargs, why in (({"host_tier": True}, "CPU expert tier"), ({"placed": True, "host_tier": True}, "host"),
+                        ({"capacity_limited": True}, "capacity"),
                         ({"enforce_eager": True}, "--enforce-eager")):
         engine = plan.for_engine(**kwargs)
         assert not engine.cuda_graphs and any(why in n for n in engine.notes)

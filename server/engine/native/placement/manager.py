@@ -31,6 +31,11 @@ log = logging.getLogger(__name__)
 
 NEVER_FETCH = 1 << 62
 MIN_GAIN = 0.02  # a rebalance must raise balancedness by this much (on its window) to move weights
+# the routing statistics a rebalance plans on: per (layer, expert) a frequency that halves every
+# `rebalance_interval` steps (recent steps weigh most, older ones still count), and recency: an
+# expert seen in the latest steps gets up to RECENCY more (a tie-break between experts about as
+# frequent: the one routed to lately stays on the fast device)
+RECENCY = 1e-3
 
 
 def budget_slots(budget: str | int, expert_bytes: int, num_moe_layers: int) -> int:
@@ -95,8 +100,9 @@ class PlacementManager:
         self.min_gain = float(min_gain)
         self.on_change: list[Callable[[PlacementInfo], None]] = []  # e.g. refresh the placement metric
         self.num_rebalances = self.num_skipped = self.experts_moved = self.steps = 0
-        self._window = np.zeros((len(blocks), self.num_experts), dtype=np.int64)  # [L, E]
         self._window_steps = 0
+        self._freq = np.zeros((len(blocks), self.num_experts))  # [L, E] decayed token counts
+        self._last_seen = np.full((len(blocks), self.num_experts), -np.inf)  # [L, E] step last routed to
         self.placement: Placement | None = None
         self.executor: PlacedExperts | None = None
 
@@ -116,17 +122,25 @@ class PlacementManager:
                 b.w2.data = _host_copy(b.w2.data)
             self.masters[b.layer_idx] = (b.w13.data, b.w2.data)
         self.fetch_threshold = self._fetch_threshold(cfg, fetch_threshold)
-        loads = np.zeros_like(self._window, dtype=np.float64) if initial_loads is None else initial_loads
+        loads = np.zeros_like(self._freq) if initial_loads is None else initial_loads
         self.executor = PlacedExperts(self.layer_ids)
         self._install(place(policy, loads, names, self.capacity, self.num_redundant, host=self.host))
         for b in blocks:
             b.executor = self.executor
-        # the placed step reads counts back to the host: the model's plan says so (no CUDA graphs)
-        model.apply_plan(model.kernel_plan.for_engine(placed=True))
+        # the placed decode step is sync-free (CUDA graphs stay on), the CPU tier's is not: the
+        # model's plan says so
+        model.apply_plan(model.kernel_plan.for_engine(placed=True, host_tier=self.computes_on_host))
         log.info("expert placement %s on %s (slots/layer %s%s%s), %d bytes per expert", policy, ", ".join(names),
                  self.capacity, f", host tier {self.host} (copy-in from {self.fetch_threshold} tokens)"
                  if self.host else "", f", {self.num_redundant} redundant" if self.num_redundant else "",
                  self.expert_bytes)
+
+    @property
+    def computes_on_host(self) -> bool:
+        """The host computes experts in the middle of a step (the CPU tier, or CPU devices of an
+        accelerator's model): the step cannot be a CUDA graph."""
+        return self.host is not None or (self.main_device.type != "cpu" and any(
+            torch_device(d).type == "cpu" for d in self.devices))
 
     @classmethod
     def from_config(cls, model, config) -> PlacementManager:
@@ -181,17 +195,25 @@ class PlacementManager:
         return dict(zip(self.placement.all_devices, totals))
 
     def on_routing(self, stats: RoutingStats) -> None:
-        """Routing listener: accumulate the window, rebalance every N steps."""
-        counts = np.asarray(stats.expert_tokens, dtype=np.int64)  # [L, E]
+        """Routing listener: update the routing statistics, rebalance every N steps on them."""
+        counts = np.asarray(stats.expert_tokens, dtype=np.float64)  # [L, E]
         self.steps += 1
         if not self.rebalance_interval:
             return
-        self._window += counts
+        self._freq *= 0.5 ** (1.0 / self.rebalance_interval)
+        self._freq += counts
+        self._last_seen[counts > 0] = self.steps
         self._window_steps += 1
         if self._window_steps >= self.rebalance_interval:
-            window, self._window = self._window, np.zeros_like(self._window)
             self._window_steps = 0
-            self.rebalance(window)
+            self.rebalance(self.routing_loads())
+
+    def routing_loads(self) -> np.ndarray:
+        """[L, E] what a rebalance plans on: the decayed frequency, plus the recency tie-break
+        (RECENCY for an expert routed to in the latest step, halving every interval since)."""
+        interval = max(self.rebalance_interval, 1)
+        recency = np.where(np.isfinite(self._last_seen), 0.5 ** ((self.steps - self._last_seen) / interval), 0.0)
+        return self._freq + RECENCY * recency
 
     def rebalance(self, loads: np.ndarray) -> bool:
         """Re-plan (balanced) for these loads [L, E]; move weights if it is better. Returns whether it moved."""
@@ -212,7 +234,8 @@ class PlacementManager:
         return True
 
     def close(self) -> None:
-        pass
+        if self.executor is not None:
+            self.executor.close()  # the CPU tier's thread
 
 
 def _count_split(placement: Placement, num_experts: int) -> tuple[torch.Tensor, ...]:

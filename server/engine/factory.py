@@ -113,6 +113,10 @@ def build_native_core(config: EngineConfig, progress: bool = True, reserve_cpu_c
     from server.engine.native.placement.trace import RoutingRecorder
     from server.engine.native.core import EngineCore
 
+    if config.speculative is not None:  # a method without a proposer fails before the model loads
+        from server.engine.native.spec.engine import check_method
+
+        check_method(config.speculative)
     torch.manual_seed(config.seed)
     spec = config.speculative
     model = load_model(config.model, dtype=config.dtype, device=config.device, progress=progress,

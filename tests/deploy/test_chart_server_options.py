@@ -83,6 +83,8 @@ EVERY_OPTION = {
     "enable_expert_parallel": (True, True),
     "enable_eplb": (True, True),
     "eplb_config": ('{"window_size": 100}', '{"window_size": 100}'),
+    "speculative_config": ('{"method": "ngram", "num_speculative_tokens": 3}',
+                           '{"method": "ngram", "num_speculative_tokens": 3}'),
     "gpu_memory_utilization": (0.5, 0.5),
     "reasoning_parser": ("qwen3", "qwen3"),
     "otlp_traces_endpoint": ("http://otel-collector:4317", "http://otel-collector:4317"),

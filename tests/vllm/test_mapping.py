@@ -37,6 +37,13 @@ def test_scale_flags_pass_through_with_vllms_names():
     assert kwargs()["expert_placement_strategy"] == "linear"
 
 
+def test_speculative_config_is_passed_as_written():
+    spec = '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3}'
+    assert kwargs(speculative_config=spec)["speculative_config"] == {
+        "method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3}
+    assert "speculative_config" not in kwargs()
+
+
 def test_cpu_defaults():
     kw = kwargs(on_cpu=True)
     assert kw["kv_cache_memory_bytes"] == DEFAULT_CPU_KV_BYTES  # not sized from host memory

@@ -122,10 +122,15 @@ class ModelRunner:
         if bucket is not None:
             hidden, capture = self.graphs.run(bucket, with_weights)
         else:
-            meta = AttentionMetadata(
-                num_decodes=inp.num_decodes, query_start_loc=inp.query_start_loc, seq_lens=inp.seq_lens,
-                slot_mapping=d["slots"][:T], block_tables=d["tables"][: inp.num_seqs, : inp.width],
-                decode_seq_lens=d["seq_lens"][: inp.num_decodes], state_slots=d["state_slots"][: inp.num_seqs])
+            if inp.attention is not None:  # drafts verified as one-token decode rows (step_inputs.py)
+                nd, loc, lens, tables, decode_lens = inp.attention
+                meta = AttentionMetadata(num_decodes=nd, query_start_loc=loc, seq_lens=lens,
+                                         slot_mapping=d["slots"][:T], block_tables=tables, decode_seq_lens=decode_lens)
+            else:
+                meta = AttentionMetadata(
+                    num_decodes=inp.num_decodes, query_start_loc=inp.query_start_loc, seq_lens=inp.seq_lens,
+                    slot_mapping=d["slots"][:T], block_tables=d["tables"][: inp.num_seqs, : inp.width],
+                    decode_seq_lens=d["seq_lens"][: inp.num_decodes], state_slots=d["state_slots"][: inp.num_seqs])
             capture = RoutingCapture(with_weights)
             hidden = self.model(d["ids"][:T], d["positions"][:T], meta, self.kv_caches, capture)  # [T, hidden]
         rows = d["logit_rows"][: inp.num_logit_rows]

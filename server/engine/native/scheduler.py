@@ -159,8 +159,8 @@ class Scheduler:
             self.running.append(seq)
             scheduled.append(ScheduledSeq(seq, num_new))
             budget -= num_new
-        # decodes (one token) first: the attention batches them together
-        scheduled.sort(key=lambda s: s.num_new != 1)
+        # decodes (one token, and drafts to verify) first: the attention batches them together
+        scheduled.sort(key=lambda s: s.num_new - s.num_spec != 1)
         out.scheduled = scheduled
         return out
 

@@ -27,6 +27,11 @@ class StepInputs:
     num_logit_rows: int
     sample_rows: dict[int, int]  # position in `scheduled` -> logits row of its last token (the first of k + 1 with drafts)
     prompt_rows: dict[int, tuple[int, int]]  # position in `scheduled` -> (first row, count)
+    # speculative decoding: the attention's own view of the step, where each sequence verifying
+    # k drafts is k + 1 one-token decode rows (row i sees the context up to its own position,
+    # the step's KV being written first) so verify steps take the decode kernel:
+    # (num_decodes, query_start_loc, seq_lens, block_tables, decode_seq_lens); None: as above
+    attention: tuple | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -117,8 +122,27 @@ class StepBuffers:
             h["state_slots"][S:pad_to] = pad_state_slot
         self._copy(n_rows, max(S, pad_to), len(logit_rows))
         num_decodes = int(np.argmax(counts != 1)) if (counts != 1).any() else S
+        spec = np.fromiter((it.num_spec for it in sched), np.int64, S)  # [S]
+        attention = self._verify_rows(starts, counts, spec, width) if spec.any() else None
         return StepInputs(T, num_decodes, loc.tolist(), (starts + counts).tolist(), width, len(logit_rows),
-                          sample_rows, prompt_rows)
+                          sample_rows, prompt_rows, attention)
+
+    def _verify_rows(self, starts: np.ndarray, counts: np.ndarray, spec: np.ndarray, width: int) -> tuple:
+        """The attention rows of a step with drafts (`StepInputs.attention`); the sequences with
+        drafts come before the prefill chunks (the scheduler's order)."""
+        S = len(counts)
+        per = np.where(spec > 0, spec + 1, 1)  # [S] attention rows of each sequence
+        src = np.repeat(np.arange(S), per)  # [R] the sequence of each row
+        within = np.arange(len(src)) - np.repeat(np.cumsum(per) - per, per)  # [R] index inside its sequence
+        one = spec[src] > 0
+        a_counts = np.where(one, 1, counts[src])  # [R]
+        a_lens = np.where(one, starts[src] + within + 1, starts[src] + counts[src])  # [R]
+        a_loc = np.zeros(len(src) + 1, np.int64)
+        np.cumsum(a_counts, out=a_loc[1:])
+        nd = int(np.argmax(a_counts != 1)) if (a_counts != 1).any() else len(src)
+        tables = torch.from_numpy(self.np["tables"][src, :width]).to(self.device)  # [R, width] (a copy)
+        lens = torch.from_numpy(a_lens[:nd].copy()).to(self.device)  # [nd]
+        return nd, a_loc.tolist(), a_lens.tolist(), tables, lens
 
     def _copy(self, n_rows: int, n_seqs: int, n_logits: int) -> None:
         if self.dev is self.host:

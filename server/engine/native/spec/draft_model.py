@@ -118,14 +118,14 @@ class DraftModelProposer(Proposer):
             live = [i for i in live if requests[i].max_drafts > step]
             if not live:
                 break
-            items = [ScheduledSeq(self.seqs[requests[i].seq.seq_id],
-                                  len(self.seqs[requests[i].seq.seq_id].token_ids)
-                                  - self.seqs[requests[i].seq.seq_id].num_computed) for i in live]
-            order = sorted(range(len(live)), key=lambda x: items[x].num_new != 1)  # decodes first
-            live, items = [live[x] for x in order], [items[x] for x in order]
+            states = [self.seqs[requests[i].seq.seq_id] for i in live]
+            order = sorted(range(len(live)), key=lambda x: len(states[x].token_ids) - states[x].num_computed != 1)
+            live, states = [live[x] for x in order], [states[x] for x in order]  # decodes first
+            # (_DraftSeq has what StepBuffers reads of a Sequence)
+            items = [ScheduledSeq(st, len(st.token_ids) - st.num_computed) for st in states]  # type: ignore[arg-type]
             logits = self._forward(items)  # [len(live), vocab]
             for row, i in enumerate(live):
-                seq, st = requests[i].seq, items[row].seq
+                seq, st = requests[i].seq, states[row]
                 st.num_computed = len(st.token_ids)
                 if seq.params.greedy:
                     tok = int(logits[row].argmax())

@@ -56,12 +56,16 @@ PROPOSERS: dict[str, Callable[[SpeculativeConfig, Any, dict[str, Any]], Proposer
 }
 
 
-def build_proposer(config: SpeculativeConfig, target: Any, **args: Any) -> Proposer:
-    factory = PROPOSERS.get(config.method)
-    if factory is None:
+def check_method(config: SpeculativeConfig) -> None:
+    """Refuse a method without a proposer (before any model is loaded)."""
+    if config.method not in PROPOSERS:
         raise ValueError(f"--speculative-config: method {config.method!r} needs a proposer that this build "
                          f"does not have yet (available: {', '.join(PROPOSERS)})")
-    return factory(config, target, args)
+
+
+def build_proposer(config: SpeculativeConfig, target: Any, **args: Any) -> Proposer:
+    check_method(config)
+    return PROPOSERS[config.method](config, target, args)
 
 
 class SpecDecoder:

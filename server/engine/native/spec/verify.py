@@ -6,6 +6,7 @@ without speculation (log_softmax of the raw logits, after a structured-output ma
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -14,10 +15,13 @@ from server.engine.native.spec.rejection import accept_greedy, accept_sampled
 from server.engine.native.warp import warp_logits
 from server.engine.request import Logprob
 
+if TYPE_CHECKING:
+    from server.engine.native.sequence import Sequence
+
 
 @dataclass
 class VerifyItem:
-    seq: object  # the Sequence
+    seq: Sequence
     first_row: int  # its first logits row (k + 1 rows)
     num_spec: int  # k
 
@@ -48,7 +52,7 @@ def verify(sampler: Sampler, logits: torch.Tensor, items: list[VerifyItem], eos_
         raw = raw.to(torch.float32).contiguous()
         apply_bitmask(raw, torch.tensor(mask_rows, dtype=torch.long), torch.cat(mask_parts))
     x = sampler.process_logits(raw, rows) if any(_needs_processing(r) for r in rows) else raw.float()
-    results = []
+    results: list[tuple[list[int], list[Logprob | None], int]] = []
     r0 = 0
     greedy_argmax = x.argmax(dim=-1).tolist()
     emitted_rows: list[int] = []
@@ -64,7 +68,8 @@ def verify(sampler: Sampler, logits: torch.Tensor, items: list[VerifyItem], eos_
             p = y.softmax(dim=-1)  # [k + 1, vocab]
             q = None if seq.spec_probs is None else seq.spec_probs[: it.num_spec]
             tokens, a = accept_sampled(p, drafts, q, seq.generator, sampler.generator)
-        results.append((tokens, [None] * len(tokens), a))
+        no_lps: list[Logprob | None] = [None] * len(tokens)
+        results.append((tokens, no_lps, a))
         if seq.params.logprobs is not None:
             emitted_rows.extend(range(r0, r0 + len(tokens)))
             emitted_tokens.extend(tokens)

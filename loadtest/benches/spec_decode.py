@@ -1,0 +1,178 @@
+"""Speculative decoding (n-gram) on the bundled model: decode tok/s with and without, acceptance per position.
+
+    python -m loadtest spec-decode [--k 4] [--max-tokens 128] [--rounds 3] [--prompts 4]
+        [--concurrency 16] [--disable-by-batch-size 8] [--model DIR] [--dtype auto]
+
+Part 1, batch 1, copy-heavy prompts: a passage of the bundled model's training text (Python's own
+documentation, `pydoc_data.topics`), then the passage's first sentence again, so that the model
+repeats it: greedy decode tokens per second (the steps after the first token) without
+speculation and with `{"method": "ngram", "num_speculative_tokens": k}`, each prompt once per
+round, variants interleaved round by round (loadtest/harness.py), plus the acceptance rate per
+draft position. Part 2, `--concurrency` requests at once on prompts whose drafts are mostly
+rejected (sampled at temperature 1 from short questions): generated tokens per second without
+speculation, with n-gram drafts always on, and with `disable_by_batch_size` (no drafts while
+that many sequences run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from loadtest import output, results
+from loadtest.harness import interleave
+
+HEADING = "### Speculative decoding (n-gram, CPU)"
+QUESTIONS = ["What does the for statement do?", "Explain list comprehensions.", "How are exceptions raised?",
+             "What is a generator?", "Describe the with statement.", "What does import do?",
+             "How do classes work?", "What is a lambda?"]
+
+
+def passages(tokenizer, count: int, length: int = 160) -> list[list[int]]:
+    """`count` copy prompts: a training passage of ~`length` tokens, a blank line, its first 12 tokens."""
+    from pydoc_data.topics import topics
+
+    out = []
+    for key in sorted(topics)[::7]:
+        ids = tokenizer.encode(topics[key], add_special_tokens=False)
+        if len(ids) < length:
+            continue
+        body = ids[:length]
+        out.append(tokenizer.encode("", add_special_tokens=True) + body
+                   + tokenizer.encode("\n\n", add_special_tokens=False) + body[:12])
+        if len(out) == count:
+            break
+    return out
+
+
+def decode_run(core, prompts: list[list[int]], params, stats_sink: dict | None) -> tuple[int, float]:
+    """Run `prompts` together to the end; returns (tokens generated after each one's first, seconds
+    of the steps after every prompt had its first token)."""
+    from server.engine.request import EngineRequest
+
+    for i, p in enumerate(prompts):
+        core.add_request(EngineRequest(f"b{time.monotonic_ns()}-{i}", p, params))
+    seen: dict[str, int] = {}
+    t_decode = None
+    while core.has_unfinished():
+        outs, st, *_ = core.step()
+        for o in outs:
+            seen[o.request_id] = seen.get(o.request_id, 0) + sum(len(c.token_ids) for c in o.outputs)
+        if t_decode is None and len(seen) == len(prompts) and all(v > 0 for v in seen.values()):
+            t_decode, first = time.perf_counter(), sum(seen.values())
+        if stats_sink is not None and st.spec_num_drafts:
+            stats_sink["drafts"] += st.spec_num_drafts
+            stats_sink["draft_tokens"] += st.spec_num_draft_tokens
+            stats_sink["accepted"] += st.spec_num_accepted_tokens
+            for i, a in enumerate(st.spec_accepted_per_pos):
+                stats_sink["per_pos"][i] += a
+    assert t_decode is not None
+    return sum(seen.values()) - first, time.perf_counter() - t_decode
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m loadtest spec-decode", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="model directory (default: the bundled checkpoint)")
+    ap.add_argument("--dtype", default="float32", help="float32: the C kernels on the CPU")
+    ap.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
+    ap.add_argument("--lookup-max", type=int, default=4, help="prompt_lookup_max")
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--prompts", type=int, default=4, help="copy prompts (batch 1, one after the other)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--disable-by-batch-size", type=int, default=8)
+    ap.add_argument("--threads", type=int, help="torch threads (default: the engine's)")
+    output.add_args(ap)
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from server.config import BUNDLED_MODEL
+    from server.engine import LLM, SamplingParams
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = args.model or BUNDLED_MODEL
+    ngram = {"method": "ngram", "num_speculative_tokens": args.k, "prompt_lookup_max": args.lookup_max}
+    cut = dict(ngram, disable_by_batch_size=args.disable_by_batch_size)
+    kw = dict(dtype=args.dtype, kv_cache_memory=256 << 20, max_num_seqs=max(args.concurrency, 1))
+    engines = {"plain": LLM(model, **kw).core, "ngram": LLM(model, speculative_config=json.dumps(ngram), **kw).core,
+               "ngram+cutoff": LLM(model, speculative_config=json.dumps(cut), **kw).core}
+    tok = engines["plain"].tokenizer
+    copy = passages(tok, args.prompts)
+    greedy = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
+    acc = {"drafts": 0, "draft_tokens": 0, "accepted": 0, "per_pos": [0] * args.k}
+    tallies: dict[str, list[tuple[int, float]]] = {"plain": [], "ngram": []}
+
+    def batch1(name: str):
+        def run():
+            for p in copy:
+                tallies[name].append(decode_run(engines[name], [p], greedy, acc if name == "ngram" else None))
+        return run
+
+    print(f"part 1: {len(copy)} copy prompts, batch 1, {args.rounds} rounds", flush=True)
+    s1 = interleave({n: batch1(n) for n in ("plain", "ngram")}, rounds=args.rounds, warmup=1, number=1)
+
+    def rate(name: str) -> float:
+        toks = sum(t for t, _ in tallies[name])
+        secs = sum(s for _, s in tallies[name])
+        return toks / secs
+
+    # the tallies include the warm-up round: drop it (the first len(copy) entries of each)
+    for name in tallies:
+        tallies[name] = tallies[name][len(copy):]
+    plain1, ngram1 = rate("plain"), rate("ngram")
+    per_pos = [a / max(acc["drafts"], 1) for a in acc["per_pos"]]
+    print(f"batch 1: plain {plain1:.1f} tok/s, ngram {ngram1:.1f} tok/s ({ngram1 / plain1:.2f}x); acceptance "
+          f"{acc['accepted'] / max(acc['draft_tokens'], 1):.0%}, per position "
+          + " ".join(f"{x:.0%}" for x in per_pos), flush=True)
+
+    questions = [tok.encode(q) for q in (QUESTIONS * (args.concurrency // len(QUESTIONS) + 1))[: args.concurrency]]
+    sampled = SamplingParams(temperature=1.0, max_tokens=args.max_tokens // 2, ignore_eos=True, seed=1)
+    tallies2: dict[str, list[tuple[int, float]]] = {n: [] for n in engines}
+    acc2 = {n: {"drafts": 0, "draft_tokens": 0, "accepted": 0, "per_pos": [0] * args.k} for n in engines}
+
+    def batch16(name: str):
+        def run():
+            tallies2[name].append(decode_run(engines[name], questions, sampled, acc2[name]))
+        return run
+
+    print(f"part 2: {args.concurrency} concurrent sampled requests, {args.rounds} rounds", flush=True)
+    s2 = interleave({n: batch16(n) for n in engines}, rounds=args.rounds, warmup=1, number=1)
+    rates2 = {}
+    for n in engines:
+        kept = tallies2[n][1:]
+        rates2[n] = sum(t for t, _ in kept) / sum(s for _, s in kept)
+    print("concurrency: " + ", ".join(f"{n} {r:.1f} tok/s ({r / rates2['plain']:.2f}x)" for n, r in rates2.items()),
+          flush=True)
+
+    result = results.new_result("spec-decode", argv, vars(args) | {"threads": torch.get_num_threads()},
+                                heading=HEADING)
+    result["measurements"] = {
+        "batch1": {"plain_tok_s": plain1, "ngram_tok_s": ngram1, "speedup": ngram1 / plain1, "acceptance": acc,
+                   "acceptance_per_pos": per_pos, "samples": {k: v.to_json() for k, v in s1.items()}},
+        "concurrency": {"tok_s": rates2, "acceptance": acc2, "samples": {k: v.to_json() for k, v in s2.items()}},
+    }
+    rows = [["batch 1, copy prompts", "plain", plain1, 1.0, "-"],
+            ["batch 1, copy prompts", f"ngram k={args.k}", ngram1, ngram1 / plain1,
+             f"{acc['accepted'] / max(acc['draft_tokens'], 1):.0%}"]]
+    for n, r in rates2.items():
+        a = acc2[n]
+        rows.append([f"{args.concurrency} concurrent, sampled", n, r, r / rates2["plain"],
+                     f"{a['accepted'] / a['draft_tokens']:.0%}" if a["draft_tokens"] else "no drafts"])
+    result["summary"]["blocks"] = [
+        results.text(f"The bundled checkpoint ({model.rstrip('/').split('/')[-1]}, dtype {args.dtype}), "
+                     f"{torch.get_num_threads()} thread(s). Decode tokens per second: the tokens generated after "
+                     f"each request's first, over the time of those steps; {args.rounds} interleaved rounds after a "
+                     f"warm-up. n-gram: num_speculative_tokens {args.k}, prompt_lookup_max {args.lookup_max}; "
+                     f"cutoff: disable_by_batch_size {args.disable_by_batch_size}."),
+        results.table(None, [results.column("workload"), results.column("variant"), results.column("tok/s", ".1f"),
+                             results.column("vs plain", ".2f"), results.column("acceptance")], rows),
+        results.text("Acceptance per draft position (batch 1, copy prompts): "
+                     + ", ".join(f"{i}: {x:.0%}" for i, x in enumerate(per_pos)) + "."),
+        {"kind": "note"},
+    ]
+    output.finish(result, args)
+    return result

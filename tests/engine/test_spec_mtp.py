@@ -1,5 +1,5 @@
 """The `mtp` proposer (server/engine/native/spec/mtp.py) in the engine: greedy outputs identical
-with and without speculation (k = 1 and chained k = 2, chunked prefill and prefix-cache hits), the
+with and without speculation (chained k = 2, chunked prefill and prefix-cache hits), the
 first draft of every step equal to the MTP layer's own prediction on the final sequence (a direct
 formulation on transformers' layers), and the bundled tiny-deepseek-mtp accepting drafts for real."""
 
@@ -14,9 +14,9 @@ from models.checkpoints.train_tiny_mtp import OUT_DIR as BUNDLED
 from server.engine.llm import LLM
 from server.engine.request import SamplingParams
 from tests.conftest import save_test_tokenizer
-from tests.models.test_mtp import mtp_checkpoint, reference_mtp_logits
+from tests.models.test_mtp import mtp_checkpoint, reference_mtp_logits, reference_models
 
-PROMPTS = [[1, 17, 29, 3, 250, 71, 8, 99], [5, 6, 7], list(range(2, 40)), list(range(2, 40)) + [9, 9]]
+PROMPTS = [[5, 6, 7], list(range(2, 40)), list(range(2, 40)) + [9, 9]]
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def spec(k: int) -> str:
     return json.dumps({"method": "mtp", "num_speculative_tokens": k})
 
 
-def generate(llm: LLM, prompts, n: int = 12):
+def generate(llm: LLM, prompts, n: int = 10):
     sp = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
     return [r.outputs[0].token_ids for r in llm.generate(prompts, sp, use_tqdm=False)]
 
@@ -42,10 +42,13 @@ def check_pool(llm: LLM) -> None:
 
 
 def test_mtp_drafts_are_the_mtp_layers_predictions_and_greedy_is_unchanged(random_mtp):
+    """Chained k = 2 with chunked prompts (24-token steps), blocks of 8 and, the second time round,
+    prefix-cache hits: greedy output unchanged, and every first draft is the MTP layer's argmax at
+    the sequence's last position given the target's hidden states of the whole final sequence."""
     path, tensors = random_mtp
-    kw = dict(dtype="float32", max_num_batched_tokens=24, block_size=8)  # chunked prompts, blocks crossed
+    kw = dict(dtype="float32", max_num_batched_tokens=24, block_size=8)
     base = generate(LLM(path, **kw), PROMPTS)
-    llm = LLM(path, speculative_config=spec(1), **kw)
+    llm = LLM(path, speculative_config=spec(2), **kw)
     seen: list[tuple[list[int], int]] = []  # (tokens so far, first draft)
     proposer = llm.core.spec.proposer
     inner = proposer.propose
@@ -57,42 +60,29 @@ def test_mtp_drafts_are_the_mtp_layers_predictions_and_greedy_is_unchanged(rando
 
     proposer.propose = record
     out = generate(llm, PROMPTS)
-    assert out == base
+    again = generate(llm, PROMPTS)  # the prompts' full blocks are prefix-cache hits now
+    assert out == again == base
+    assert llm.core.total_prefix_hit_tokens > 0
+    assert llm.core.spec.totals["draft_tokens"] > llm.core.spec.totals["drafts"]  # chained: 2 drafts a step
     check_pool(llm)
-    assert proposer.totals["ingested_tokens"] >= sum(len(p) for p in PROMPTS)
-    # every first draft: the MTP argmax at the sequence's last computed position, given the target's
-    # hidden states of the whole (final) sequence
     finals = {tuple(p): p + o for p, o in zip(PROMPTS, out)}
-    refs = {k: reference_mtp_logits(path, tensors, v, own_head=False).argmax(-1) for k, v in finals.items()}
+    models = reference_models(path)
+    refs = {k: reference_mtp_logits(models, tensors, v, own_head=False).argmax(-1) for k, v in finals.items()}
     checked = 0
     for tokens, draft in seen:
         prompt = next(p for p in PROMPTS if len(tokens) >= len(p) and finals[tuple(p)][: len(tokens)] == tokens)
         assert draft == int(refs[tuple(prompt)][len(tokens) - 2]), f"draft after {len(tokens)} tokens"
         checked += 1
-    assert checked >= len(PROMPTS) * 5
-
-
-def test_chained_mtp_with_prefix_hits_keeps_greedy_output(random_mtp):
-    path, _ = random_mtp
-    kw = dict(dtype="float32", block_size=8)
-    base = generate(LLM(path, **kw), PROMPTS)
-    llm = LLM(path, speculative_config=spec(2), **kw)
-    first = generate(llm, PROMPTS)
-    again = generate(llm, PROMPTS)  # the prompts' full blocks are prefix-cache hits now
-    assert first == again == base
-    assert llm.core.total_prefix_hit_tokens > 0
-    assert llm.core.spec.totals["draft_tokens"] > llm.core.spec.totals["drafts"]  # chained: 2 drafts per step
-    check_pool(llm)
+    assert checked >= 2 * len(PROMPTS) * 3
 
 
 @pytest.mark.skipif(not os.path.isfile(BUNDLED / "model.safetensors"), reason="bundled checkpoint not built")
-@pytest.mark.parametrize("k", [1, 2])
-def test_bundled_tiny_deepseek_mtp_accepts_drafts(k):
+def test_bundled_tiny_deepseek_mtp_accepts_drafts():
     path = str(BUNDLED)
-    prompts = ["The list data type", "Return a new", "def "]
-    base = generate(LLM(path, dtype="float32"), prompts, 24)
-    llm = LLM(path, dtype="float32", speculative_config=spec(k))
-    assert generate(llm, prompts, 24) == base
+    prompts = ["The list data type"]
+    base = generate(LLM(path, dtype="float32"), prompts, 12)
+    llm = LLM(path, dtype="float32", speculative_config=spec(2))
+    assert generate(llm, prompts, 12) == base
     t = llm.core.spec.totals
-    assert t["accepted"] / t["draft_tokens"] > 0.3, t  # a trained MTP head, not chance (1 / 4096)
+    assert t["accepted"] / t["drafts"] > 0.5, t  # a trained MTP head, not chance (1 / 4096)
     check_pool(llm)

@@ -50,13 +50,20 @@ def rms(x, w, eps=1e-6):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
 
 
-@torch.no_grad()
-def reference_mtp_logits(path, tensors, ids: list[int], own_head: bool) -> torch.Tensor:
-    """MTP logits at positions 0..len(ids)-2 (drafting ids[t+2]), written out directly: transformers'
-    main model for the hidden states, its decoder layer class (loaded as layer 3) for the block."""
-    main = transformers.DeepseekV3ForCausalLM.from_pretrained(path, attn_implementation="sdpa", dtype=torch.float32).eval()
+def reference_models(path):
+    """transformers' main model and the same checkpoint read with the MTP block as its layer 3."""
+    main = transformers.DeepseekV3ForCausalLM.from_pretrained(path, attn_implementation="sdpa",
+                                                              dtype=torch.float32).eval()
     with_block = transformers.DeepseekV3ForCausalLM.from_pretrained(
         path, num_hidden_layers=L + 1, attn_implementation="sdpa", dtype=torch.float32).eval()
+    return main, with_block
+
+
+@torch.no_grad()
+def reference_mtp_logits(models, tensors, ids: list[int], own_head: bool) -> torch.Tensor:
+    """MTP logits at positions 0..len(ids)-2 (drafting ids[t+2]), written out directly: transformers'
+    main model for the hidden states, its decoder layer class (loaded as layer 3) for the block."""
+    main, with_block = models
     p = f"model.layers.{L}."
     x = torch.tensor([ids])
     hidden = main.model(input_ids=x).last_hidden_state[:, :-1]  # h_t after the final norm
@@ -91,7 +98,7 @@ def test_mtp_layer_matches_reference(tmp_path, own_head):
     mtp = model.mtp
     assert mtp.num_layers == 1 and (mtp.layers[0].head is not None) == own_head
     ids = PROMPT
-    ref = reference_mtp_logits(str(path), tensors, ids, own_head)
+    ref = reference_mtp_logits(reference_models(str(path)), tensors, ids, own_head)
 
     with torch.inference_mode():
         runner = SimpleRunner(model, 32, 1)
@@ -145,7 +152,7 @@ def test_bundled_tiny_deepseek_mtp(tmp_path):
     model = load_model(path, dtype="float32", device="cpu", progress=False, mtp=True)
     assert model.mtp.num_layers == 1 and model.mtp.layers[0].head is None  # the main LM head is shared
     tensors = {k: v.float() for k, v in load_file(f"{path}/model.safetensors").items()}
-    expect = reference_mtp_logits(path, tensors, ids, own_head=False)
+    expect = reference_mtp_logits((ref, reference_models(path)[1]), tensors, ids, own_head=False)
     with torch.inference_mode():
         runner = SimpleRunner(model, 16, 1)
         hidden = runner.step([0], [ids], [0])

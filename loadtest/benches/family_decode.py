@@ -124,8 +124,9 @@ def measure(paths: dict[str, str], concurrency: list[int], steps: int, rounds: i
     budget = (rounds + 2) * steps + 8
     cores, out = {}, {"threads": torch.get_num_threads(), "families": {}}
     for fam, path in paths.items():
+        # a KV pool for the sequences measured, no more: three engines share the machine's memory
         llm = LLM(path, dtype="float32", max_num_seqs=max(concurrency), max_num_batched_tokens=4096,
-                  max_model_len=prompt + budget + 16)
+                  max_model_len=prompt + budget + 16, kv_cache_memory=192 << 20)
         cores[fam] = llm.core
         model = llm.core.model
         plan = getattr(model, "kernel_plan", None)

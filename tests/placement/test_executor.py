@@ -320,3 +320,25 @@ def test_cuda_graphs_replay_with_placed_experts(tiny_mixtral):
     assert not tier.core.model.kernel_plan.cuda_graphs
     assert any("CPU expert tier" in n for n in tier.core.model.kernel_plan.notes)
     assert got_tier == want
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "gpt_oss"])
+def test_shared_experts_and_expert_variants_with_the_cpu_tier(tmp_path, family):
+    """The shared expert runs between launching the placed experts and joining them (qwen2_moe);
+    biased clamped experts (gpt-oss) run the loop on every stack and on the tier's master
+    weights (no C kernel for them): the same greedy tokens and logits as unplaced."""
+    from models import load_model
+    from tests.models.conftest import make_checkpoint
+
+    make_checkpoint(family, tmp_path)
+    m = load_model(str(tmp_path), dtype="float32", device="cpu", progress=False)
+    prompts = [[5, 6, 7, 8, 9], [20, 21, 22]]
+    want_tokens, want_logits = greedy_generate(m, prompts, 6), prefill_logits(m, prompts)
+    mgr = PlacementManager(m, CPU2, budget=str(max(1, m.config.num_experts // 4)))
+    assert mgr.host is not None
+    tier_packed = {st.host.packed is not None for st in mgr.executor.states.values()}
+    assert tier_packed == {family != "gpt_oss"}
+    assert greedy_generate(m, prompts, 6) == want_tokens
+    for a, b in zip(prefill_logits(m, prompts), want_logits):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+    mgr.close()

@@ -114,7 +114,8 @@ def make_core(model, tokenizer, max_batch: int, max_len: int, eager: bool, block
 
     model.apply_plan(model.plan_kernels().for_engine(
         placed=placement is not None and placement.executor is not None, enforce_eager=eager,
-        host_tier=placement is not None and getattr(placement, "computes_on_host", placement.host is not None)))
+        host_tier=placement is not None and getattr(placement, "computes_on_host", placement.host is not None),
+        several_gpus=placement is not None and getattr(placement, "several_gpus", False)))
     blocks = max_batch * -(-max_len // block_size) + 16
     return EngineCore(model, tokenizer, num_blocks=blocks, block_size=block_size, max_model_len=max_len,
                       max_num_seqs=max_batch, max_num_batched_tokens=4096, seed=0, placement=placement)

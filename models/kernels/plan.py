@@ -171,15 +171,18 @@ class KernelPlan:
         return dict(self.placed_moe)[device_type]
 
     def for_engine(self, *, placed: bool = False, capacity_limited: bool = False,
-                   enforce_eager: bool = False, host_tier: bool = False) -> KernelPlan:
+                   enforce_eager: bool = False, host_tier: bool = False, several_gpus: bool = False) -> KernelPlan:
         """The plan as the engine runs it: CUDA graphs only where every decode step is sync-free
         and padding a batch to a graph bucket changes nothing. Placed experts (`placed`) keep
         them: the executor dispatches decode steps with no host sync; the CPU expert tier
-        (`host_tier`) does not: the host computes its experts in the middle of the step."""
-        placed = placed or host_tier
+        (`host_tier`) does not: the host computes its experts in the middle of the step; nor do
+        experts on several GPUs (`several_gpus`): one graph captured across devices has not been
+        verified (their steps are sync-free, so the GPUs still overlap)."""
+        placed = placed or host_tier or several_gpus
         reasons = [why for why, on in (
             ("--enforce-eager", enforce_eager),
             ("the CPU expert tier computes on the host in the middle of each step", host_tier),
+            ("experts on several GPUs (a decode graph captured across devices is not verified)", several_gpus),
             ("expert capacity depends on the step's token count, which graph buckets pad", capacity_limited),
         ) if on and self.cuda_graphs]
         if not reasons and placed <= self.experts_placed:

@@ -146,6 +146,7 @@ def build_native_core(config: EngineConfig, progress: bool = True, reserve_cpu_c
     model.apply_plan(model.kernel_plan.for_engine(
         placed=placement is not None and placement.executor is not None,
         host_tier=placement is not None and placement.computes_on_host,
+        several_gpus=placement is not None and placement.several_gpus,
         capacity_limited=config.expert_capacity_factor is not None, enforce_eager=config.enforce_eager))
     core = EngineCore(
         model, tokenizer, num_blocks=blocks, block_size=config.block_size, max_model_len=max_len,

@@ -297,8 +297,9 @@ def test_cuda_placed_decode_step_does_not_sync(tiny_mixtral, kwargs):
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graphs_replay_with_placed_experts(tiny_mixtral):
-    """Placement no longer turns CUDA graphs off: placed experts (replicas on two GPUs), decode steps replay graphs
-    and give the unplaced engine's greedy tokens; the CPU tier turns them off (the plan says why)."""
+    """Placement no longer turns CUDA graphs off: experts placed on the GPU, decode steps replay
+    graphs and give the unplaced engine's greedy tokens; the CPU tier and several GPUs turn them
+    off (the plan says why)."""
     from server.engine import LLM, SamplingParams
 
     greedy = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
@@ -309,14 +310,37 @@ def test_cuda_graphs_replay_with_placed_experts(tiny_mixtral):
         return llm, outs
 
     _, want = run()
-    two = torch.cuda.device_count() > 1  # one GPU: the placement is the executor on that GPU alone
-    placed, got = run(expert_devices=("cuda:0", "cuda:1") if two else ("cuda:0",),
-                      num_redundant_experts=2 if two else 0, expert_placement="balanced")
+    placed, got = run(expert_devices=("cuda:0",), expert_placement="balanced")
     assert all(b.executor is not None for b in placed.core.model.moe_blocks())
     assert placed.core.model.kernel_plan.cuda_graphs and placed.core.runner.graphs is not None
     assert placed.core.runner.graphs.cuda_graphs and placed.core.runner.graphs.graphs
     assert got == want
+    if torch.cuda.device_count() > 1:
+        two, got_two = run(expert_devices=("cuda:0", "cuda:1"), num_redundant_experts=2)
+        assert not two.core.model.kernel_plan.cuda_graphs and got_two == want
     tier, got_tier = run(gpu_expert_budget="4")
     assert not tier.core.model.kernel_plan.cuda_graphs
     assert any("CPU expert tier" in n for n in tier.core.model.kernel_plan.notes)
     assert got_tier == want
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "gpt_oss"])
+def test_shared_experts_and_expert_variants_with_the_cpu_tier(tmp_path, family):
+    """The shared expert runs between launching the placed experts and joining them (qwen2_moe);
+    biased clamped experts (gpt-oss) run the loop on every stack and on the tier's master
+    weights (no C kernel for them): the same greedy tokens and logits as unplaced."""
+    from models import load_model
+    from tests.models.conftest import make_checkpoint
+
+    make_checkpoint(family, tmp_path)
+    m = load_model(str(tmp_path), dtype="float32", device="cpu", progress=False)
+    prompts = [[5, 6, 7, 8, 9], [20, 21, 22]]
+    want_tokens, want_logits = greedy_generate(m, prompts, 6), prefill_logits(m, prompts)
+    mgr = PlacementManager(m, CPU2, budget=str(max(1, m.config.num_experts // 4)))
+    assert mgr.host is not None
+    tier_packed = {st.host.packed is not None for st in mgr.executor.states.values()}
+    assert tier_packed == {family != "gpt_oss"}
+    assert greedy_generate(m, prompts, 6) == want_tokens
+    for a, b in zip(prefill_logits(m, prompts), want_logits):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+    mgr.close()

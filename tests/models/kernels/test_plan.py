@@ -127,6 +127,7 @@ def test_cuda_plan_fuses_and_captures_graphs_unless_the_engine_cannot():
     assert placed.cuda_graphs and placed.experts_placed and not any("CUDA graphs off" in n for n in placed.notes)
     assert plan.for_engine(host_tier=True).experts_placed
     for kwargs, why in (({"host_tier": True}, "CPU expert tier"), ({"placed": True, "host_tier": True}, "host"),
+                        ({"placed": True, "several_gpus": True}, "several GPUs"),
                         ({"capacity_limited": True}, "capacity"),
                         ({"enforce_eager": True}, "--enforce-eager")):
         engine = plan.for_engine(**kwargs)

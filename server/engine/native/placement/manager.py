@@ -129,7 +129,8 @@ class PlacementManager:
             b.executor = self.executor
         # the placed decode step is sync-free (CUDA graphs stay on), the CPU tier's is not: the
         # model's plan says so
-        model.apply_plan(model.kernel_plan.for_engine(placed=True, host_tier=self.computes_on_host))
+        model.apply_plan(model.kernel_plan.for_engine(placed=True, host_tier=self.computes_on_host,
+                                                      several_gpus=self.several_gpus))
         log.info("expert placement %s on %s (slots/layer %s%s%s), %d bytes per expert", policy, ", ".join(names),
                  self.capacity, f", host tier {self.host} (copy-in from {self.fetch_threshold} tokens)"
                  if self.host else "", f", {self.num_redundant} redundant" if self.num_redundant else "",
@@ -141,6 +142,12 @@ class PlacementManager:
         accelerator's model): the step cannot be a CUDA graph."""
         return self.host is not None or (self.main_device.type != "cpu" and any(
             torch_device(d).type == "cpu" for d in self.devices))
+
+    @property
+    def several_gpus(self) -> bool:
+        """Experts on more than one accelerator (the plan keeps decode graphs off for now)."""
+        return len({torch_device(d) for d in self.devices if torch_device(d).type != "cpu"}
+                   | ({self.main_device} if self.main_device.type != "cpu" else set())) > 1
 
     @classmethod
     def from_config(cls, model, config) -> PlacementManager:

@@ -43,11 +43,41 @@ typedef struct {
     int failed;
 } mla_job_t;
 
-static inline float dot(const float *a, const float *b, int64_t n) {
-    float acc = 0.f;
-#pragma GCC ivdep
-    for (int64_t d = 0; d < n; d++) acc += a[d] * b[d];
-    return acc;
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+/* out[h] += q[h * ldq :][:n] . c[:n] for h < nh: four heads at a time (four independent FMA
+ * chains, each load of c serving all four), the rest one by one */
+static inline void dots(const float *q, int64_t ldq, int64_t nh, const float *c, int64_t n, float *out) {
+    const int64_t n8 = n & ~(int64_t)7;
+    int64_t h = 0;
+    for (; h + 4 <= nh; h += 4) {
+        const float *q0 = q + h * ldq, *q1 = q0 + ldq, *q2 = q1 + ldq, *q3 = q2 + ldq;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t d = 0; d < n8; d += 8) {
+            const __m256 cv = _mm256_loadu_ps(c + d);
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + d), cv, a0);
+            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q1 + d), cv, a1);
+            a2 = _mm256_fmadd_ps(_mm256_loadu_ps(q2 + d), cv, a2);
+            a3 = _mm256_fmadd_ps(_mm256_loadu_ps(q3 + d), cv, a3);
+        }
+        float s0 = hsum(a0), s1 = hsum(a1), s2 = hsum(a2), s3 = hsum(a3);
+        for (int64_t d = n8; d < n; d++) {
+            s0 += q0[d] * c[d]; s1 += q1[d] * c[d]; s2 += q2[d] * c[d]; s3 += q3[d] * c[d];
+        }
+        out[h] += s0; out[h + 1] += s1; out[h + 2] += s2; out[h + 3] += s3;
+    }
+    for (; h < nh; h++) {
+        const float *qh = q + h * ldq;
+        __m256 a = _mm256_setzero_ps();
+        for (int64_t d = 0; d < n8; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(qh + d), _mm256_loadu_ps(c + d), a);
+        float sum = hsum(a);
+        for (int64_t d = n8; d < n; d++) sum += qh[d] * c[d];
+        out[h] += sum;
+    }
 }
 
 /* Row b, heads [h0, h0 + nh); `scores` holds nh * lens[b] floats. */
@@ -58,23 +88,30 @@ static void mla_item(const mla_job_t *j, int64_t b, int64_t h0, int64_t nh, floa
     memset(ob, 0, (size_t)(nh * R) * sizeof(float));
     if (L <= 0) return;
     const int64_t *table = j->tables + b * j->W;
-    /* pass 1: scores [nh, L]; a token's latent and rotary key are read once for all heads */
+    /* pass 1: scores [L, nh] (token-major); a token's latent and rotary key are read once for
+     * all heads */
     for (int64_t t0 = 0; t0 < L; t0 += BS) {
         const int64_t n = (L - t0 < BS) ? (L - t0) : BS, blk = table[t0 / BS];
         const float *cb = j->lat + blk * BS * R, *pb = j->pe + blk * BS * PW;
         for (int64_t i = 0; i < n; i++) {
-            const float *c = cb + i * R, *p = pb + i * PW;
-            for (int64_t h = 0; h < nh; h++)
-                scores[h * L + t0 + i] = (dot(ql + h * R, c, R) + dot(qp + h * DR, p, DR)) * j->scale;
+            float *st = scores + (t0 + i) * nh;
+            for (int64_t h = 0; h < nh; h++) st[h] = 0.f;
+            dots(ql, R, nh, cb + i * R, R, st);
+            dots(qp, DR, nh, pb + i * PW, DR, st);
+            for (int64_t h = 0; h < nh; h++) st[h] *= j->scale;
         }
     }
-    /* softmax over each head's row */
+    /* softmax over each head's column */
     for (int64_t h = 0; h < nh; h++) {
-        float *s = scores + h * L, m = -INFINITY, sum = 0.f;
-        for (int64_t t = 0; t < L; t++) m = s[t] > m ? s[t] : m;
-        for (int64_t t = 0; t < L; t++) { s[t] = expf(s[t] - m); sum += s[t]; }
+        float m = -INFINITY, sum = 0.f;
+        for (int64_t t = 0; t < L; t++) m = scores[t * nh + h] > m ? scores[t * nh + h] : m;
+        for (int64_t t = 0; t < L; t++) {
+            const float e = expf(scores[t * nh + h] - m);
+            scores[t * nh + h] = e;
+            sum += e;
+        }
         const float inv = 1.f / sum;
-        for (int64_t t = 0; t < L; t++) s[t] *= inv;
+        for (int64_t t = 0; t < L; t++) scores[t * nh + h] *= inv;
     }
     /* pass 2: out [nh, R] = sum_t p[h, t] c_t */
     for (int64_t t0 = 0; t0 < L; t0 += BS) {
@@ -83,7 +120,7 @@ static void mla_item(const mla_job_t *j, int64_t b, int64_t h0, int64_t nh, floa
         for (int64_t i = 0; i < n; i++) {
             const float *c = cb + i * R;
             for (int64_t h = 0; h < nh; h++) {
-                const float w = scores[h * L + t0 + i];
+                const float w = scores[(t0 + i) * nh + h];
                 float *o = ob + h * R;
 #pragma GCC ivdep
                 for (int64_t d = 0; d < R; d++) o[d] += w * c[d];

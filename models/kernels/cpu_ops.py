@@ -10,6 +10,8 @@ ops' fake (meta) implementations, so that `torch.compile` traces through them an
   w2_packed [E, H, I]) -> [T, H]`: the fused experts over `moe_pack_cpu`'s panels;
 - `linear_cpu(x [M, K], weight_packed [N, K], bias [N]?) -> [M, N]` over `linear_pack_cpu`'s panels;
 - `moe_pack_cpu(w13, w2) -> (w13_packed, w2_packed)`, `linear_pack_cpu(w) -> w_packed`;
+- `quant_linear_cpu`, `quant_moe_cpu`: the same over int8 / int4 weights (models/kernels/quant.py),
+  `quant_isa(level) -> [level in use, best level]` (their instruction-set level);
 - `cpu_kernels_info() -> [built with AVX2 + FMA, threads from PyTorch's OpenMP pool]`.
 """
 
@@ -113,3 +115,11 @@ def _register_fakes(ns: str) -> None:
     @fake("linear_pack_cpu")
     def _(weight):
         return torch.empty_like(weight, memory_format=torch.contiguous_format)
+
+    @fake("quant_linear_cpu")
+    def _(x, qweight, scales, mins, fmt, bias):
+        return x.new_empty(x.shape[0], qweight.shape[0])
+
+    @fake("quant_moe_cpu")
+    def _(x, topk_ids, topk_weights, fmt, q13, s13, m13, q2, s2, m2):
+        return x.new_empty(x.shape[0], x.shape[1])

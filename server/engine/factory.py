@@ -115,7 +115,11 @@ def build_native_core(config: EngineConfig, progress: bool = True, reserve_cpu_c
 
     torch.manual_seed(config.seed)
     model = load_model(config.model, dtype=config.dtype, device=config.device, progress=progress,
-                       kernels=config.kernel_flags)
+                       kernels=config.kernel_flags, quantization=config.quantization)
+    if model.quantized and config.places_experts:
+        raise ValueError("--quantization keeps the experts only quantized, for the CPU experts kernel: expert "
+                         "placement (--expert-devices, --num-redundant-experts, --gpu-expert-budget, "
+                         "--rebalance-interval) cannot move them")
     if model.embed.weight.device.type == "cpu":
         configure_cpu_threads(reserve_cpu_cores)
     tokenizer = AutoTokenizer.from_pretrained(config.model)

@@ -17,4 +17,5 @@ BENCHES = {
     "placement-report": "loadtest.benches.placement_report",
     "hybrid-decode": "loadtest.benches.hybrid_decode",
     "quant-quality": "loadtest.benches.quant_quality",
+    "quant-decode": "loadtest.benches.quant_decode",
 }

@@ -16,7 +16,8 @@ from models.config import UnsupportedModelError
 from models.dtypes import canonical_dtype
 from models.hf_config import load_config
 from models.kernels.flags import KernelFlags
-from models.kernels.plan import cpu_has_native_bf16
+from models.kernels.plan import KernelPlan, LinearLayout, MoEKernel, cpu_has_native_bf16, resolve_plan
+from models.kernels.quant import QUANTIZATIONS, QuantWeight, select_isa
 from models.loader import load_weights
 from models.model import MoEForCausalLM
 from models.mtp import MultiTokenPredictor, checkpoint_tensor_names, mtp_weight_map, num_mtp_layers
@@ -74,17 +75,40 @@ def check_memory(model: MoEForCausalLM, device: torch.device, path: str) -> None
             f"{have / 2**30:.1f} GiB available")
 
 
+def quantized_params(model: MoEForCausalLM, plan: KernelPlan) -> list[str]:
+    """The names of the parameters `plan` keeps quantized (--quantization)."""
+    names = ["lm_head.weight"] if plan.lm_head == LinearLayout.QUANTIZED else []
+    for i, lk in enumerate(plan.layers):
+        if lk.qkv == LinearLayout.QUANTIZED:
+            names += [f"layers.{i}.attn.qkv.weight", f"layers.{i}.attn.o_proj.weight"]
+        if lk.quant and lk.moe == MoEKernel.CPU and lk.moe_large is None:
+            names += [f"layers.{i}.moe.w13", f"layers.{i}.moe.w2"]
+        if lk.shared == LinearLayout.QUANTIZED:
+            names += [f"layers.{i}.moe.shared.w13.weight", f"layers.{i}.moe.shared.w2.weight"]
+    return names
+
+
 def load_model(path: str, dtype: str = "auto", device: str = "auto", progress: bool = True,
-               kernels: KernelFlags | None = None, mtp: bool = False) -> MoEForCausalLM:
+               kernels: KernelFlags | None = None, mtp: bool = False,
+               quantization: str | None = None) -> MoEForCausalLM:
     """The model of checkpoint `path`, with the kernel plan that `kernels` (default: every
     choice "auto") resolves to for its device and dtype (`model.kernel_plan`). With `mtp`, the
     checkpoint's multi-token-prediction layers too, as `model.mtp` (models/mtp.py; otherwise the
-    loader skips them)."""
+    loader skips them). `quantization` (a format of models/kernels/quant.py: int8, int4, ...):
+    the q/k/v, o, expert, shared expert and LM head weights are quantized as they stream in and
+    kept only quantized (CPU, float32 activations; `--dtype auto` then means float32)."""
     cfg = load_config(path)
     family = family_for(cfg.architecture)
     dev = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, cfg.torch_dtype, dev)
+    torch_dtype = torch.float32 if quantization and canonical_dtype(dtype) == "auto" else resolve_dtype(
+        dtype, cfg.torch_dtype, dev)
     t0 = time.monotonic()
+    plan = None
+    if quantization:
+        if quantization not in QUANTIZATIONS:
+            raise UnsupportedModelError(f"quantization {quantization!r}: one of {', '.join(QUANTIZATIONS)}")
+        plan = resolve_plan(cfg, dev, torch_dtype, kernels, quantization=quantization)  # refuses early
+        select_isa()
     weight_map = family.weight_map(cfg)
     with torch.device("meta"):
         model = MoEForCausalLM(cfg)
@@ -95,14 +119,28 @@ def load_model(path: str, dtype: str = "auto", device: str = "auto", progress: b
             predictor = model.mtp = MultiTokenPredictor(cfg, n, model.rotary, own_embed, own_head)
             weight_map.update(mtp_map)
         model = model.to(torch_dtype).restore_fp32_modules()  # no memory yet
+    quantized = quantized_params(model, plan) if plan is not None else []
+    held = {}
+    for name in quantized:  # kept off the device: only their quantized copy will exist
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        held[name] = (module, attr, module._parameters[attr])
+        module._parameters[attr] = None
     check_memory(model, dev, path)
     model = model.to_empty(device=dev)
+    for name, (module, attr, meta) in held.items():
+        module._parameters[attr] = meta
+        model.quantized[name] = QuantWeight.empty(tuple(meta.shape), quantization)
     model.reset_buffers()
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed.weight
-    load_weights(model, path, weight_map, progress=progress, quant=cfg.extra.get("quant"))
+    load_weights(model, path, weight_map, progress=progress, quant=cfg.extra.get("quant"),
+                 quantized=model.quantized)
     model.eval().requires_grad_(False)  # inference only: no autograd graph, whoever calls it
-    model.plan_kernels(kernels)
+    if plan is not None:
+        model.apply_plan(plan)
+    else:
+        model.plan_kernels(kernels)
     if predictor is not None:
         predictor.bind(model)
         predictor.apply_plan(model.kernel_plan)

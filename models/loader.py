@@ -26,6 +26,7 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
+from models.kernels.quant import QuantWeight, row_index
 from models.quant import QuantSpec
 from models.quant.fp8 import dequant_fp8
 from models.quant.mxfp4 import dequant_mxfp4
@@ -131,8 +132,15 @@ def _skipped(name: str, num_layers: int) -> bool:
 
 
 def load_weights(model: torch.nn.Module, path: str, weight_map: WeightMap, progress: bool = True,
-                 quant: QuantSpec | None = None) -> None:
+                 quant: QuantSpec | None = None, quantized: dict[str, QuantWeight] | None = None) -> None:
+    """Stream the checkpoint into the model's parameters; those named in `quantized`
+    (--quantization: the parameter is a shape on the meta device) are quantized tensor by tensor
+    into their `QuantWeight` instead, so that no float copy of them is ever whole."""
     params = dict(model.named_parameters(remove_duplicate=False))
+    quantized = quantized or {}
+    for name, entry in weight_map.items():
+        if entry[0] in quantized and not row_index(tuple(entry[1]), len(quantized[entry[0]].shape)):
+            raise CheckpointError(f"{name} fills columns of {entry[0]}, which --quantization keeps in row blocks")
     missing_params = sorted({e[0] for e in weight_map.values()} - set(params))
     if missing_params:  # a bug in a mapping table, not in the checkpoint
         raise CheckpointError(f"mapping table names unknown parameters: {missing_params[:8]}")
@@ -166,6 +174,10 @@ def load_weights(model: torch.nn.Module, path: str, weight_map: WeightMap, progr
             continue
         if not bool(torch.isfinite(tensor).all()):  # one pass over a tensor already in memory
             non_finite.append(name)
+            continue
+        if param_name in quantized:
+            quantized[param_name].write(tuple(index), tensor)
+            seen.add(name)
             continue
         dest.copy_(tensor.to(dest.dtype))
         seen.add(name)

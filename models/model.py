@@ -11,9 +11,10 @@ import torch
 from torch import nn
 
 from models.config import MoEModelConfig
-from models.kernels.packed import PackedExperts, PackedWeight, packed_linear
+from models.kernels.packed import PackedExperts, PackedWeight, QuantizedExperts, QuantizedLinear, packed_linear
 from models.kernels.flags import KernelFlags
 from models.kernels.plan import KernelPlan, LinearLayout, MoEKernel, resolve_plan
+from models.kernels.quant import QuantWeight
 from models.layers.attention import Attention
 from models.layers.paged import AttentionMetadata, KVCache
 from models.layers.kda import KimiDeltaAttention
@@ -85,6 +86,8 @@ class MoEForCausalLM(nn.Module):
         # `aux_hidden` by each forward ([T, hidden] per layer, in order); () keeps nothing
         self.aux_hidden_layers: tuple[int, ...] = ()
         self.aux_hidden: list[torch.Tensor] = []
+        # --quantization: parameter name -> its only copy, quantized (the parameter: a shape on the meta device)
+        self.quantized: dict[str, QuantWeight] = {}
 
     def moe_blocks(self) -> list[MoEBlock]:
         return [layer.moe for layer in self.layers if layer.is_moe]
@@ -107,9 +110,20 @@ class MoEForCausalLM(nn.Module):
         if len(plan.layers) != len(self.layers):
             raise ValueError(f"a plan for {len(plan.layers)} layers applied to a model of {len(self.layers)}")
 
+        quantized = {id(p): self.quantized[n] for n, p in self.named_parameters(remove_duplicate=False)
+                     if n in self.quantized}
+
+        def quant(weight: torch.Tensor) -> QuantWeight:
+            if id(weight) not in quantized:
+                raise ValueError("the plan asks for quantized weights the model does not hold (load it with "
+                                 "load_model(..., quantization=...))")
+            return quantized[id(weight)]
+
         def packed(weight: torch.Tensor, layout: LinearLayout, index: int | None = None) -> PackedWeight | None:
             if layout == LinearLayout.PLAIN:
                 return None
+            if layout == LinearLayout.QUANTIZED:
+                return QuantizedLinear(quant(weight))
             key = (id(weight), index, layout)
             if key not in self._packed:
                 self._packed[key] = PackedWeight(weight, layout, index)
@@ -127,19 +141,26 @@ class MoEForCausalLM(nn.Module):
                 b = layer.moe
                 w13 = ([packed(b.w13, lk.gate_up, e) for e in range(b.num_experts)]
                        if lk.gate_up != LinearLayout.PLAIN else None)
-                experts = None
-                if MoEKernel.CPU in (lk.moe, lk.moe_large):
+                experts: PackedExperts | None = None
+                if id(b.w13) in quantized:
+                    experts = QuantizedExperts(quant(b.w13), quant(b.w2))
+                elif MoEKernel.CPU in (lk.moe, lk.moe_large):
                     key = (id(b.w13), id(b.w2))
                     experts = self._packed.setdefault(key, PackedExperts(b.w13, b.w2, bias=b.variant is not None
                                                                          and b.variant.bias))
                 b.apply_kernels(lk, plan, w13, experts)
+                if b.shared is not None:
+                    w13s, w2s = packed(b.shared.w13.weight, lk.shared), packed(b.shared.w2.weight, lk.shared)
+                    b.shared.packed = (w13s, w2s) if w13s is not None and w2s is not None else None
         self.packed_lm_head = packed(self.lm_head.weight, plan.lm_head)
         self.kernel_plan = plan
 
     def plan_kernels(self, flags: KernelFlags | None = None) -> KernelPlan:
         """Resolve the kernel plan for the model's device and dtype and `flags` (default: all
         "auto"), apply it and return it."""
-        plan = resolve_plan(self.config, self.embed.weight.device, self.embed.weight.dtype, flags)
+        fmts = {q.fmt for q in self.quantized.values()}
+        plan = resolve_plan(self.config, self.embed.weight.device, self.embed.weight.dtype, flags,
+                            quantization=fmts.pop() if fmts else None)
         self.apply_plan(plan)
         return plan
 

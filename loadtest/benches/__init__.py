@@ -19,4 +19,6 @@ BENCHES = {
     "family-decode": "loadtest.benches.family_decode",
     "spec-decode": "loadtest.benches.spec_decode",
     "mla-decode": "loadtest.benches.mla_decode",
+    "quant-quality": "loadtest.benches.quant_quality",
+    "quant-decode": "loadtest.benches.quant_decode",
 }

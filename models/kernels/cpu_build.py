@@ -30,9 +30,10 @@ import torch
 
 log = logging.getLogger(__name__)
 
-C_SOURCES = ("paged_attention_cpu.c", "moe_cpu.c", "linear_cpu.c", "mla_decode_cpu.c")
+C_SOURCES = ("paged_attention_cpu.c", "moe_cpu.c", "linear_cpu.c", "mla_decode_cpu.c", "linear_quant_cpu.c",
+             "moe_quant_cpu.c")
 CXX_SOURCES = ("ops.cpp",)
-HEADERS = ("panel_gemm.h", "kernels.h")
+HEADERS = ("panel_gemm.h", "kernels.h", "quant_gemm.h", "quant_gemm_body.h")
 # hidden: the C entry points stay inside the library (ops.cpp calls them; two builds loaded in one
 # process, tests do, never bind to each other's)
 C_FLAGS = ["-O3", "-march=native", "-fPIC", "-fvisibility=hidden", "-std=c11", "-fno-math-errno", "-fassociative-math",

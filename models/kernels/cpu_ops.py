@@ -18,6 +18,8 @@ ops' fake (meta) implementations, so that `torch.compile` traces through them an
 - `mla_decode_cpu(q_lat [B, H, R], q_pe [B, H, DR], lat_cache [NB, BS, 1, R], pe_cache [NB, BS, 1,
   PW], block_tables [B, W], seq_lens [B], scale) -> [B, H, R]`: MLA decode in the absorbed form,
   reading the latent blocks in place (csrc/mla_decode_cpu.c);
+- `quant_linear_cpu`, `quant_moe_cpu`: the same over int8 / int4 weights (models/kernels/quant.py),
+  `quant_isa(level) -> [level in use, best level]` (their instruction-set level);
 - `cpu_kernels_info() -> [built with AVX2 + FMA, threads from PyTorch's OpenMP pool]`.
 """
 
@@ -135,3 +137,10 @@ def _register_fakes(ns: str) -> None:
     @fake("mla_decode_cpu")
     def _(q_lat, q_pe, lat_cache, pe_cache, block_tables, seq_lens, scale):
         return q_lat.new_empty(q_lat.shape)
+    @fake("quant_linear_cpu")
+    def _(x, qweight, scales, mins, fmt, bias):
+        return x.new_empty(x.shape[0], qweight.shape[0])
+
+    @fake("quant_moe_cpu")
+    def _(x, topk_ids, topk_weights, fmt, q13, s13, m13, q2, s2, m2):
+        return x.new_empty(x.shape[0], x.shape[1])

@@ -6,6 +6,8 @@ Decode on the CPU is bound by reading weights; a packed copy is streamed once pe
   stream) or oneDNN's blocked layout; `packed_linear` is `F.linear` over it.
 - `PackedExperts`: an MoE layer's w13 [E, 2I, H] and w2 [E, H, I] in the C experts kernel's
   panels (`moe_experts_cpu`); `moe_cpu` runs the layer's experts over them.
+- `QuantizedLinear`, `QuantizedExperts`: weights kept only quantized (int8 / int4,
+  models/kernels/quant.py; `--quantization`): no float weight beside them, nothing to remake.
 A copy costs one more copy of the weight. It is made on first use and made again when the
 weight changes (its version counter, or its storage moved), so it never goes stale; inside a
 `torch.compile` trace the copy is taken as it is (make it before compiling: one eager call).
@@ -18,6 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from models.kernels.plan import LinearLayout
+from models.kernels.quant import QuantWeight, quant_linear, quant_moe
 
 if TYPE_CHECKING:
     from models.kernels.fused_moe import ExpertVariant
@@ -67,8 +70,20 @@ class PackedWeight(_Packed):
         return torch.ops.mkldnn._reorder_linear_weight(src.contiguous(), self.batch_hint)
 
 
+class QuantizedLinear(PackedWeight):
+    """A linear's weight kept only quantized (the model's parameter is a shape on the meta device)."""
+
+    def __init__(self, quant: QuantWeight):  # no float source to pack from
+        self.quant, self.layout, self.index = quant, LinearLayout.QUANTIZED, None
+
+    def get(self):
+        return self.quant
+
+
 def packed_linear(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, in] @ weight.T (+ bias) -> [M, out], as F.linear."""
+    if isinstance(weight, QuantizedLinear):
+        return quant_linear(x, weight.quant, bias)
     if weight.layout == LinearLayout.ONEDNN:
         if x.shape[0] == 0:
             return x.new_empty(0, weight.weight.shape[-2])
@@ -94,10 +109,25 @@ class PackedExperts(_Packed):
         return p13, p2, w13[..., H].contiguous(), w2[..., inter].contiguous()
 
 
+class QuantizedExperts(PackedExperts):
+    """An MoE layer's w13 [E, 2I, H] and w2 [E, H, I] kept only quantized, for the C experts kernel
+    (plain SwiGLU experts: the plan quantizes no family variant)."""
+
+    def __init__(self, w13: QuantWeight, w2: QuantWeight):  # no float source to pack from
+        self.qw13, self.qw2 = w13, w2
+
+    def get(self):
+        return self.qw13, self.qw2
+
+
 def moe_cpu(x: torch.Tensor, packed: PackedExperts, topk_ids: torch.Tensor, topk_w: torch.Tensor,
             variant: ExpertVariant | None = None) -> torch.Tensor:
     """sum_k topk_w[t, k] * Expert_{topk_ids[t, k]}(x[t]) -> [T, H], as `fused_experts` (with the
     family's `variant`: biases, the clamped SwiGLU, routing weights on the input)."""
+    if isinstance(packed, QuantizedExperts):
+        if variant is not None:
+            raise ValueError("quantized experts run plain SwiGLU only (the plan quantizes no family variant)")
+        return quant_moe(x, topk_ids, topk_w, packed.qw13, packed.qw2)
     p13, p2, *biases = packed.get()
     if variant is None and not biases:
         return torch.ops.moe_serve.moe_experts_cpu(x, topk_ids, topk_w, p13, p2)

@@ -23,7 +23,12 @@ The rules, per layer kind:
   CUDA, the C op on the CPU;
 - linear layers on the CPU (float32): the LM head, q/k/v, o and the loop's gate+up weights are
   kept in a packed copy (C panels, oneDNN's layout where the panels do not fit) while the copies
-  stay within `PACKED_BYTES_AUTO`; over it, plain weights and the loop for the experts.
+  stay within `PACKED_BYTES_AUTO`; over it, plain weights and the loop for the experts;
+- `--quantization int8|int4|...` (CPU, float32 activations, the C kernels built here): q/k/v and o
+  of GQA layers, plain SwiGLU experts (the C experts kernel at every batch size), shared experts
+  and an untied LM head whose input sizes are multiples of 32 are kept only quantized
+  (`models/kernels/quant.py`: the quantized weight replaces the float one, so no budget applies);
+  the rest (norms, router, embedding, MLA, linear attention, expert variants) stays float32.
 """
 
 from __future__ import annotations
@@ -66,6 +71,7 @@ class LinearLayout(str, Enum):
     PANELS = "panels"  # the C kernel's [out/16, in, 16] panels
     ONEDNN = "onednn"  # oneDNN's blocked layout
     PLAIN = "plain"  # the weight as loaded (F.linear)
+    QUANTIZED = "quantized"  # only an int8 / int4 copy (models/kernels/quant.py), the C kernels
 
 
 # the kernels that also run the family variants (biases, clamped SwiGLU, input scaling)
@@ -145,6 +151,8 @@ class LayerKernels:
     gate_up: LinearLayout = LinearLayout.PLAIN  # the loop's per-expert gate+up weights
     # the router's expert choice: "triton" (CUDA), "cpu" (the C op), "reference" (PyTorch ops)
     router: str = "reference"
+    shared: LinearLayout = LinearLayout.PLAIN  # the shared expert's weights
+    quant: str | None = None  # the format of the layer's quantized weights (--quantization), None: none
 
     @property
     def sync_free(self) -> bool:
@@ -166,6 +174,8 @@ class KernelPlan:
     cuda_graphs: bool  # decode steps replay CUDA graphs
     notes: tuple[str, ...] = field(default=())  # why a choice was made (demotions, graphs off)
     experts_placed: bool = False  # the engine placed experts across devices (for_engine)
+    quantization: str | None = None  # --quantization: the format of the quantized weights
+    quantized_bytes: int = 0  # what the quantized weights take (they replace the float ones)
 
     def placed_kernel(self, device_type: str) -> MoEKernel:
         return dict(self.placed_moe)[device_type]
@@ -206,7 +216,8 @@ class KernelPlan:
         c_kernels = caps.cpu_kernels or "not built" if caps.device_type == "cpu" else "-"
         if caps.device_type == "cpu" and caps.cpu_kernels and caps.cpu_kernels_origin:
             c_kernels += f" ({caps.cpu_kernels_origin})"
-        lines = [f"kernel plan ({self.device}, {self.dtype}; C kernels: {c_kernels}; triton: "
+        quant = f"; weights: {self.quantization}" if self.quantization else ""
+        lines = [f"kernel plan ({self.device}, {self.dtype}{quant}; C kernels: {c_kernels}; triton: "
                  f"{'yes' if caps.triton else 'no'}; flags: {_flags_text(self.flags)})",
                  "| layers | attention | fused rope / norms | q/k/v, o | experts | expert gate+up |",
                  "|---|---|---|---|---|---|"]
@@ -216,10 +227,13 @@ class KernelPlan:
                 if lk.moe_large is not None else "")
             lines.append(f"| {first}-{last} | {lk.attention_kind}: {lk.attention.value} | "
                          f"{'yes' if lk.fused_rope else 'no'} / {'yes' if lk.fused_norms else 'no'} | "
-                         f"{lk.qkv.value}, {lk.o.value} | {experts} | "
+                         f"{_lv(lk.qkv, lk)}, {_lv(lk.o, lk)} | {experts}{_quant_note(lk)} | "
                          f"{lk.gate_up.value if lk.moe == MoEKernel.LOOP or lk.moe_large else '-'} |")
         placed = ", ".join(f"{d}: {k.value}" for d, k in self.placed_moe)
-        lines.append(f"LM head: {self.lm_head.value}; packed copies: {self.packed_bytes / 2**20:.1f} MiB; "
+        lm_head = self.lm_head.value if self.lm_head != LinearLayout.QUANTIZED else self.quantization
+        if self.quantization:
+            lm_head += f"; quantized weights: {self.quantized_bytes / 2**20:.1f} MiB"
+        lines.append(f"LM head: {lm_head}; packed copies: {self.packed_bytes / 2**20:.1f} MiB; "
                      f"placed experts: {placed}; CUDA graphs: {'on' if self.cuda_graphs else 'off'}")
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
@@ -236,12 +250,24 @@ class KernelPlan:
                         "moe": None if lk.moe is None else lk.moe.value,
                         "moe_large": None if lk.moe_large is None else lk.moe_large.value,
                         "moe_large_above_pairs_per_expert": CPU_KERNEL_PAIRS_PER_EXPERT if lk.moe_large else None,
-                        "gate_up": lk.gate_up.value, "router": lk.router}
+                        "gate_up": lk.gate_up.value, "router": lk.router, "shared": lk.shared.value,
+                        "quantization": lk.quant}
                        for first, last, lk in self.layer_groups()],
             "lm_head": self.lm_head.value, "placed_moe": {d: k.value for d, k in self.placed_moe},
             "packed_bytes": self.packed_bytes, "cuda_graphs": self.cuda_graphs, "experts_placed": self.experts_placed,
-            "notes": list(self.notes),
+            "notes": list(self.notes), "quantization": self.quantization, "quantized_bytes": self.quantized_bytes,
         }
+
+
+def _lv(layout: LinearLayout, lk: LayerKernels) -> str:
+    return lk.quant if layout == LinearLayout.QUANTIZED and lk.quant else layout.value
+
+
+def _quant_note(lk: LayerKernels) -> str:
+    parts = [what for what, on in (("experts", lk.moe is not None and lk.moe_large is None and lk.quant
+                                                and lk.moe == MoEKernel.CPU),
+                                   ("shared expert", lk.shared == LinearLayout.QUANTIZED)) if on]
+    return f" ({' and '.join(parts)} {lk.quant})" if parts else ""
 
 
 def _flags_text(flags: KernelFlags) -> str:
@@ -349,12 +375,42 @@ def _layout(flags: KernelFlags, caps: Capabilities, out_features: int) -> Linear
     return LinearLayout.ONEDNN if caps.onednn else LinearLayout.PLAIN
 
 
+QUANT_GROUP = 32  # the quantized formats' group size: input sizes must be multiples of it
+
+
+def quantizable(cfg: MoEModelConfig) -> dict[str, bool]:
+    """Which weights `--quantization` quantizes (their input sizes are multiples of the group)."""
+    g = QUANT_GROUP
+    variant = cfg.expert_bias or cfg.swiglu_limit is not None or cfg.expert_input_scaling
+    shared = cfg.shared_expert_intermediate_size or 0
+    return {"attention": cfg.mla is None and cfg.hidden_size % g == 0 and cfg.q_size % g == 0,
+            "experts": not variant and cfg.hidden_size % g == 0 and cfg.moe_intermediate_size % g == 0,
+            "shared": bool(shared) and cfg.hidden_size % g == 0 and shared % g == 0,
+            "lm_head": not cfg.tie_word_embeddings and cfg.hidden_size % g == 0}
+
+
+def _check_quantization(quantization: str, flags: KernelFlags, caps: Capabilities, dtype: torch.dtype) -> None:
+    if not (caps.device_type == "cpu" and caps.cpu_kernels):
+        raise KernelPlanError(f"--quantization {quantization}: needs the CPU and the C kernels built here (device "
+                              f"{caps.device_type}, C kernels {caps.cpu_kernels or 'not built'})")
+    if dtype != torch.float32:
+        raise KernelPlanError(f"--quantization {quantization}: the quantized kernels compute in float32 "
+                              f"(--dtype float32 or auto), not {dtype}")
+    if flags.moe not in ("auto", "cpu"):
+        raise KernelPlanError(f"--quantization {quantization}: quantized experts run the C experts kernel "
+                              f"(--moe-backend auto or cpu), not {flags.moe}")
+
+
 def resolve_plan(cfg: MoEModelConfig, device: torch.device, dtype: torch.dtype, flags: KernelFlags | None = None,
-                 caps: Capabilities | None = None) -> KernelPlan:
-    """The kernels of every layer of a model with config `cfg` on `device` in `dtype`."""
+                 caps: Capabilities | None = None, quantization: str | None = None) -> KernelPlan:
+    """The kernels of every layer of a model with config `cfg` on `device` in `dtype`, its
+    weights quantized to `quantization` (a format of models/kernels/quant.py) where given."""
     flags = flags or KernelFlags()
     caps = caps or Capabilities.detect(device, dtype, flags.cpu_kernels)
     notes: list[str] = []
+    quant = quantizable(cfg) if quantization else {}
+    if quantization:
+        _check_quantization(quantization, flags, caps, dtype)
     fused = (caps.device_type == "cuda" and caps.triton) if flags.fused_ops == "auto" else flags.fused_ops == "triton"
     if fused and not caps.triton:
         raise KernelPlanError("--fused-ops triton: Triton is not installed")
@@ -369,16 +425,16 @@ def resolve_plan(cfg: MoEModelConfig, device: torch.device, dtype: torch.dtype, 
     elem = torch.empty((), dtype=dtype).element_size()
     H, inter, E = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts
     qkv_rows = cfg.q_size * (2 if cfg.attn_output_gate else 1) + 2 * cfg.kv_size
-    extra = cfg.vocab_size * H
+    extra = 0 if quant.get("lm_head") else cfg.vocab_size * H
     for i in range(cfg.num_layers):
         gqa = cfg.mla is None and cfg.layer_kind(i) == "attention"
-        if gqa:
+        if gqa and not quant.get("attention"):
             extra += qkv_rows * H + H * cfg.q_size
-        if cfg.sparse_layers[i] and not variant:
+        if cfg.sparse_layers[i] and not variant and not quant.get("experts"):
             # the loop's gate+up copies; the C kernel's copy of gate+up and down besides
             extra += E * 2 * inter * H * (1 if plain_moe == MoEKernel.LOOP else 2) + (
                 E * H * inter if plain_moe == MoEKernel.CPU else 0)
-        elif cfg.sparse_layers[i] and plain_moe == MoEKernel.CPU:  # variants: the C kernel's copy only
+        elif cfg.sparse_layers[i] and variant and plain_moe == MoEKernel.CPU:  # variants: the C kernel's copy only
             extra += E * 3 * inter * H
     extra *= elem
     if pack and flags.cpu_linear == "auto" and extra > PACKED_BYTES_AUTO:
@@ -388,7 +444,7 @@ def resolve_plan(cfg: MoEModelConfig, device: torch.device, dtype: torch.dtype, 
         if plain_moe == MoEKernel.CPU and flags.moe == "auto":
             plain_moe = MoEKernel.LOOP
             notes.append("the C experts kernel needs its packed copy: experts run the loop")
-    if plain_moe == MoEKernel.CPU and not pack:
+    if plain_moe == MoEKernel.CPU and not pack and not quant.get("experts"):
         raise KernelPlanError("--moe-backend cpu needs packed expert weights: --cpu-linear-layout packed keeps them "
                               "whatever their size (plain keeps none; auto only within its budget)")
 
@@ -410,14 +466,22 @@ def resolve_plan(cfg: MoEModelConfig, device: torch.device, dtype: torch.dtype, 
         if cfg.sparse_layers[i]:
             moe = MoEKernel.LOOP if variant and plain_moe not in VARIANT_KERNELS else plain_moe
             moe_large = MoEKernel.LOOP if moe == MoEKernel.CPU else None
+            if quant.get("experts"):  # only the quantized stacks exist: the C kernel at every batch size
+                moe, moe_large = MoEKernel.CPU, None
+        q_attn = gqa and quant.get("attention", False)
+        q_shared = cfg.sparse_layers[i] and quant.get("shared", False)
+        q_experts = cfg.sparse_layers[i] and quant.get("experts", False)
         layers.append(LayerKernels(
             attention_kind=kind, attention=plain_attention if plain else AttentionKernel.REFERENCE,
             fused_rope=fused_rope, fused_norms=fused and cfg.residual_multiplier == 1.0,
-            qkv=layout(qkv_rows) if gqa else LinearLayout.PLAIN,
-            o=layout(H) if gqa else LinearLayout.PLAIN,
+            qkv=LinearLayout.QUANTIZED if q_attn else layout(qkv_rows) if gqa else LinearLayout.PLAIN,
+            o=LinearLayout.QUANTIZED if q_attn else layout(H) if gqa else LinearLayout.PLAIN,
             expert_kind=expert_kind(cfg) if cfg.sparse_layers[i] else None, moe=moe, moe_large=moe_large,
-            gate_up=layout(2 * inter) if moe in (MoEKernel.LOOP, MoEKernel.CPU) and not variant else LinearLayout.PLAIN,
+            gate_up=layout(2 * inter) if moe in (MoEKernel.LOOP, MoEKernel.CPU) and not variant and not q_experts
+            else LinearLayout.PLAIN,
             router=router if cfg.sparse_layers[i] else "reference",
+            shared=LinearLayout.QUANTIZED if q_shared else LinearLayout.PLAIN,
+            quant=quantization if (q_attn or q_shared or q_experts) else None,
         ))
     # the placement executor packs each CPU device's stack for the C kernel (float32 copies); the
     # CPU expert tier of an accelerator's plan too (its experts in float32; the kernels load then).
@@ -432,7 +496,31 @@ def resolve_plan(cfg: MoEModelConfig, device: torch.device, dtype: torch.dtype, 
                        if lk.attention not in SYNC_FREE}
                       | {f"experts: {lk.moe.value}" for lk in layers if lk.moe is not None and lk.moe not in SYNC_FREE})
         notes.append(f"CUDA graphs off: kernels that read back to the host ({', '.join(slow)})")
+    lm_head = LinearLayout.QUANTIZED if quant.get("lm_head") else layout(cfg.vocab_size)
     return KernelPlan(
         device=str(device), dtype=str(dtype).removeprefix("torch."), flags=flags, capabilities=caps,
-        layers=tuple(layers), lm_head=layout(cfg.vocab_size), placed_moe=placed_moe,
-        packed_bytes=extra if pack else 0, cuda_graphs=graphs, notes=tuple(notes))
+        layers=tuple(layers), lm_head=lm_head, placed_moe=placed_moe,
+        packed_bytes=extra if pack else 0, cuda_graphs=graphs, notes=tuple(notes), quantization=quantization,
+        quantized_bytes=quantized_bytes(cfg, quantization, tuple(layers), lm_head) if quantization else 0)
+
+
+def quantized_bytes(cfg: MoEModelConfig, fmt: str, layers: tuple[LayerKernels, ...], lm_head: LinearLayout) -> int:
+    """The bytes of the weights a plan keeps quantized in `fmt` (values and scales)."""
+    from models.kernels.quant import bytes_per_weight
+
+    H, inter, E = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts
+    qkv_rows = cfg.q_size * (2 if cfg.attn_output_gate else 1) + 2 * cfg.kv_size
+    shared = cfg.shared_expert_intermediate_size or 0
+
+    def b(rows: int, k: int) -> int:
+        return round(rows * k * bytes_per_weight(fmt, k))
+
+    total = b(cfg.vocab_size, H) if lm_head == LinearLayout.QUANTIZED else 0
+    for lk in layers:
+        if lk.qkv == LinearLayout.QUANTIZED:
+            total += b(qkv_rows, H) + b(H, cfg.q_size)
+        if lk.quant and lk.moe == MoEKernel.CPU and lk.moe_large is None:
+            total += E * (b(2 * inter, H) + b(H, inter))
+        if lk.shared == LinearLayout.QUANTIZED:
+            total += b(2 * shared, H) + b(H, shared)
+    return total

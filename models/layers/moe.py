@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.kernels.fused_moe import ExpertVariant, fused_experts
-from models.kernels.packed import PackedExperts, PackedWeight
+from models.kernels.packed import PackedExperts, PackedWeight, packed_linear
 from models.kernels.plan import CPU_KERNEL_PAIRS_PER_EXPERT, KernelPlan, LayerKernels, MoEKernel
 from models.layers.capacity import apply_capacity
 from models.layers.router import Router
@@ -62,8 +62,13 @@ class DenseMLP(nn.Module):
         self.inter = inter
         self.w13 = nn.Linear(hidden, 2 * inter, bias=bias)
         self.w2 = nn.Linear(inter, hidden, bias=bias)
+        # the kernel plan's quantized weights (--quantization: only these exist; apply_plan)
+        self.packed: tuple[PackedWeight, PackedWeight] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            h = packed_linear(x, self.packed[0], self.w13.bias)
+            return packed_linear(F.silu(h[:, : self.inter]) * h[:, self.inter :], self.packed[1], self.w2.bias)
         h = self.w13(x)  # [T, 2I]
         return self.w2(F.silu(h[:, : self.inter]) * h[:, self.inter :])
 

@@ -120,7 +120,12 @@ def build_native_core(config: EngineConfig, progress: bool = True, reserve_cpu_c
     torch.manual_seed(config.seed)
     spec = config.speculative
     model = load_model(config.model, dtype=config.dtype, device=config.device, progress=progress,
-                       kernels=config.kernel_flags, mtp=spec is not None and spec.method == "mtp")
+                       kernels=config.kernel_flags, quantization=config.quantization,
+                       mtp=spec is not None and spec.method == "mtp")
+    if model.quantized and config.places_experts:
+        raise ValueError("--quantization keeps the experts only quantized, for the CPU experts kernel: expert "
+                         "placement (--expert-devices, --num-redundant-experts, --gpu-expert-budget, "
+                         "--rebalance-interval) cannot move them")
     if model.embed.weight.device.type == "cpu":
         configure_cpu_threads(reserve_cpu_cores)
     tokenizer = AutoTokenizer.from_pretrained(config.model)

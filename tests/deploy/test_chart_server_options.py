@@ -67,6 +67,7 @@ EVERY_OPTION = {
     "cpu_linear_layout": ("plain", "plain"),
     "fused_ops": ("torch", "torch"),
     "cpu_kernels": ("off", "off"),
+    "quantization": ("int4", "int4"),
     "scheduling_policy": ("priority", "priority"),
     "max_queue_len": (32, 32),
     "seed": (7, 7),

@@ -39,6 +39,16 @@ int mla_decode_f32(const float *q_lat, const float *q_pe, const float *lat, cons
                    const int64_t *lens, float *out, int64_t B, int64_t H, int64_t R, int64_t DR, int64_t PW,
                    int64_t BS, int64_t W, float scale, int nthreads);
 
+/* quantized weights (quant_gemm.h: formats 0 int8/32, 1 int8/channel, 2 int4/32, 3 int4/32 + zero point) */
+int quant_isa_best(void);
+int quant_isa_set(int level);
+int quant_isa_get(void);
+int qlinear_f32(const float *x, int64_t ldx, int fmt, const uint8_t *q, const uint16_t *d, const uint16_t *mins,
+                const float *bias, float *y, int64_t M, int64_t N, int64_t K, int nthreads);
+int qmoe_f32(const float *x, const int64_t *topk_ids, const float *topk_w, int fmt, const uint8_t *q13,
+             const uint16_t *d13, const uint16_t *m13, const uint8_t *q2, const uint16_t *d2, const uint16_t *m2,
+             float *out, int64_t T, int64_t k, int64_t E, int64_t H, int64_t I, int nthreads);
+
 #ifdef __cplusplus
 }
 #endif

@@ -241,6 +241,88 @@ at::Tensor mla_decode(const at::Tensor& q_lat, const at::Tensor& q_pe, const at:
     return out;
 }
 
+// -- quantized weights (csrc/quant_gemm.h) ----------------------------------------------------
+int64_t quant_k(int64_t fmt, const at::Tensor& q) { return fmt >= 2 ? 2 * q.size(-1) : q.size(-1); }
+
+void check_quant(int64_t fmt, const at::Tensor& q, const at::Tensor& d, const std::optional<at::Tensor>& m,
+                 const char* op) {
+    TORCH_CHECK(fmt >= 0 && fmt <= 3, op, ": unknown quantized format ", fmt);
+    TORCH_CHECK(q.device().is_cpu() && q.scalar_type() == at::kByte && q.is_contiguous(), op,
+                ": quantized weights must be contiguous uint8 CPU tensors");
+    TORCH_CHECK(d.device().is_cpu() && d.scalar_type() == at::kHalf && d.is_contiguous(), op,
+                ": scales must be contiguous float16 CPU tensors");
+    const int64_t K = quant_k(fmt, q), S = fmt == 1 ? 1 : K / 32;
+    TORCH_CHECK(K % 32 == 0, op, ": the input size must be a multiple of 32, got ", K);
+    TORCH_CHECK(d.dim() == q.dim() && d.size(-1) == S && d.numel() / S == q.numel() / q.size(-1), op,
+                ": scales must be [..., rows, ", S, "]");
+    if (fmt == 3) {
+        TORCH_CHECK(m.has_value() && m->defined() && m->sizes() == d.sizes() && m->scalar_type() == at::kHalf &&
+                    m->is_contiguous(), op, ": int4 with zero points needs float16 minimums shaped as the scales");
+    }
+}
+
+const uint16_t* half_ptr(const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::Half>()); }
+
+at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                        const std::optional<at::Tensor>& mins, int64_t fmt, const std::optional<at::Tensor>& bias) {
+    // x [M, K] @ W^T (+ bias) -> [M, N]; W quantized: qweight [N, K] (int8) or [N, K/2] (int4) uint8, scales fp16
+    check_f32_cpu(x, "x");
+    check_quant(fmt, qweight, scales, mins, "quant_linear");
+    TORCH_CHECK(x.dim() == 2 && qweight.dim() == 2 && x.size(1) == quant_k(fmt, qweight),
+                "quant_linear: x must be [M, K] and the weight [N, K]");
+    const int64_t M = x.size(0), N = qweight.size(0), K = x.size(1);
+    at::Tensor y = at::empty({M, N}, x.options());
+    if (M == 0) return y;
+    const at::Tensor xc = x.contiguous();
+    at::Tensor b;
+    if (bias.has_value() && bias->defined()) {
+        b = bias->to(at::kFloat).contiguous();
+        TORCH_CHECK(b.numel() == N, "quant_linear: bias must have ", N, " elements");
+    }
+    const int threads = M * N * K >= kMinMacsPerThreading / 4 ? at::get_num_threads() : 1;
+    check_rc(qlinear_f32(xc.data_ptr<float>(), K, static_cast<int>(fmt), qweight.data_ptr<uint8_t>(), half_ptr(scales),
+                         fmt == 3 ? half_ptr(*mins) : nullptr, b.defined() ? b.data_ptr<float>() : nullptr,
+                         y.data_ptr<float>(), M, N, K, threads),
+             "quant_linear");
+    return y;
+}
+
+at::Tensor quant_moe(const at::Tensor& x, const at::Tensor& topk_ids, const at::Tensor& topk_weights, int64_t fmt,
+                     const at::Tensor& q13, const at::Tensor& s13, const std::optional<at::Tensor>& m13,
+                     const at::Tensor& q2, const at::Tensor& s2, const std::optional<at::Tensor>& m2) {
+    // x [T, H]; topk [T, k]; quantized w13 [E, 2I, H], w2 [E, H, I] -> [T, H]
+    check_f32_cpu(x, "x");
+    check_quant(fmt, q13, s13, m13, "quant_moe");
+    check_quant(fmt, q2, s2, m2, "quant_moe");
+    TORCH_CHECK(x.dim() == 2 && topk_ids.dim() == 2 && topk_ids.sizes() == topk_weights.sizes() &&
+                topk_ids.size(0) == x.size(0), "quant_moe: x must be [T, H], topk_ids and topk_weights [T, k]");
+    TORCH_CHECK(q13.dim() == 3 && q2.dim() == 3 && q13.size(0) == q2.size(0) && quant_k(fmt, q13) == x.size(1) &&
+                q2.size(1) == x.size(1) && q13.size(1) == 2 * quant_k(fmt, q2),
+                "quant_moe: weights must be [E, 2I, H] and [E, H, I]");
+    const int64_t T = x.size(0), k = topk_ids.size(1), E = q13.size(0), H = x.size(1), I = quant_k(fmt, q2);
+    at::Tensor out = at::empty({T, H}, x.options());
+    if (T == 0) return out;
+    const at::Tensor xc = x.contiguous();
+    const at::Tensor ids = topk_ids.to(at::kLong).contiguous();
+    const at::Tensor w = topk_weights.to(at::kFloat).contiguous();
+    const int threads = T * k >= kMinPairsPerThreading / 2 ? at::get_num_threads() : 1;
+    check_rc(qmoe_f32(xc.data_ptr<float>(), ids.data_ptr<int64_t>(), w.data_ptr<float>(), static_cast<int>(fmt),
+                      q13.data_ptr<uint8_t>(), half_ptr(s13), fmt == 3 ? half_ptr(*m13) : nullptr,
+                      q2.data_ptr<uint8_t>(), half_ptr(s2), fmt == 3 ? half_ptr(*m2) : nullptr, out.data_ptr<float>(),
+                      T, k, E, H, I, threads),
+             "quant_moe");
+    return out;
+}
+
+std::vector<int64_t> quant_isa(int64_t level) {
+    // level -1: query; 0: the best this CPU runs; 1 avx2, 2 avx512, 3 avx512vnni -> [current, best]
+    if (level >= 0) {
+        TORCH_CHECK(quant_isa_set(static_cast<int>(level)) > 0, "quant_isa: level ", level,
+                    " is not supported by this CPU (best: ", quant_isa_best(), ")");
+    }
+    return {quant_isa_get(), quant_isa_best()};
+}
+
 std::vector<int64_t> build_info() {
     // [built with AVX2 + FMA, threads from PyTorch's OpenMP pool]
     return {moe_cpu_available(), cpu_kernels_openmp()};
@@ -267,6 +349,10 @@ MOE_SERVE_LIBRARY(MOE_SERVE_OPS_NS, m) {
     m.def("mla_decode_cpu(Tensor q_lat, Tensor q_pe, Tensor lat_cache, Tensor pe_cache, Tensor block_tables, "
           "Tensor seq_lens, float scale) -> Tensor");
     m.def("cpu_kernels_info() -> int[]");
+    m.def("quant_linear_cpu(Tensor x, Tensor qweight, Tensor scales, Tensor? mins, int fmt, Tensor? bias) -> Tensor");
+    m.def("quant_moe_cpu(Tensor x, Tensor topk_ids, Tensor topk_weights, int fmt, Tensor q13, Tensor s13, "
+          "Tensor? m13, Tensor q2, Tensor s2, Tensor? m2) -> Tensor");
+    m.def("quant_isa(int level) -> int[]");
 }
 
 MOE_SERVE_LIBRARY_IMPL(MOE_SERVE_OPS_NS, CPU, m) {
@@ -278,8 +364,11 @@ MOE_SERVE_LIBRARY_IMPL(MOE_SERVE_OPS_NS, CPU, m) {
     m.impl("linear_cpu", &linear);
     m.impl("linear_pack_cpu", &linear_pack);
     m.impl("mla_decode_cpu", &mla_decode);
+    m.impl("quant_linear_cpu", &quant_linear);
+    m.impl("quant_moe_cpu", &quant_moe);
 }
 
 MOE_SERVE_LIBRARY_IMPL(MOE_SERVE_OPS_NS, CompositeExplicitAutograd, m) {
     m.impl("cpu_kernels_info", &build_info);
+    m.impl("quant_isa", &quant_isa);
 }

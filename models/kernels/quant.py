@@ -1,0 +1,198 @@
+"""Weights kept quantized on the CPU: int8 and int4 formats for the C kernels (csrc/quant_gemm.h).
+
+Formats (round to nearest, llama.cpp-like; `FORMATS`), a weight [..., N, K] with K a multiple of 32:
+- `int8`: int8 per group of 32 along K with a float16 scale (Q8_0: 34 bytes per 32 weights);
+- `int8_channel`: int8 with one float16 scale per output row;
+- `int4`: symmetric int4 per group of 32, float16 scale, w = d * (q - 8) (Q4_0: 18 bytes per 32);
+- `int4_zp`: int4 per group of 32 with a zero point, w = d * q + m, float16 d and m (Q4_1: 20 bytes).
+`QuantWeight` holds one weight (or a stack of experts' weights) in its format: the kernel's layout,
+row-major, so a checkpoint tensor filling some rows is quantized and written on its own as the
+loader streams it (`write`): the float weight never exists whole. The kernels quantize the
+activations per row on the fly, in blocks of 32 (int8), and accumulate in float32.
+
+Instruction-set levels of the quantized kernels (`ISA_LEVELS`): the best the CPU runs is chosen
+at load; `MOE_SERVE_CPU_ISA=avx2|avx512|avx512vnni` forces a lower one (`select_isa`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+FORMATS: dict[str, int] = {"int8": 0, "int8_channel": 1, "int4": 2, "int4_zp": 3}  # name -> csrc format code
+QUANTIZATIONS = tuple(FORMATS)  # --quantization choices
+GROUP = 32
+ISA_LEVELS: dict[str, int] = {"avx2": 1, "avx512": 2, "avx512vnni": 3}
+ISA_ENV = "MOE_SERVE_CPU_ISA"
+
+
+class QuantError(ValueError):
+    pass
+
+
+def bytes_per_weight(fmt: str, K: int) -> float:
+    """Resident bytes per weight element of a row of K in format `fmt` (values + scales)."""
+    if fmt == "int8":
+        return 1 + 2 / GROUP
+    if fmt == "int8_channel":
+        return 1 + 2 / K
+    if fmt == "int4":
+        return 0.5 + 2 / GROUP
+    if fmt == "int4_zp":
+        return 0.5 + 4 / GROUP
+    raise QuantError(f"unknown quantized format {fmt!r} (one of {', '.join(FORMATS)})")
+
+
+def quantize(w: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """w [..., N, K] float -> (q uint8 [..., N, K] or [..., N, K/2], scales fp16 [..., N, K/32 or 1],
+    minimums fp16 [..., N, K/32] or None). Scales are rounded to float16 before the values are
+    quantized against them: the kernels compute with exactly `dequantize`'s weights."""
+    K = w.shape[-1]
+    if K % GROUP:
+        raise QuantError(f"quantized formats need an input size that is a multiple of {GROUP}, got {K}")
+    x = w.detach().float()
+    lead = x.shape[:-1]
+    if fmt == "int8_channel":
+        d = (x.abs().amax(dim=-1, keepdim=True) / 127).half()
+        df = d.float()
+        q = torch.where(df > 0, torch.round(x / df), 0.0).clamp(-127, 127).to(torch.int8)
+        return q.view(torch.uint8), d, None
+    b = x.reshape(*lead, K // GROUP, GROUP)
+    if fmt == "int8":
+        d = (b.abs().amax(dim=-1, keepdim=True) / 127).half()
+        df = d.float()
+        q = torch.where(df > 0, torch.round(b / df), 0.0).clamp(-127, 127).to(torch.int8)
+        return q.reshape(*lead, K).view(torch.uint8), d.reshape(*lead, K // GROUP), None
+    if fmt == "int4":
+        idx = b.abs().argmax(dim=-1, keepdim=True)
+        d = (torch.gather(b, -1, idx) / -8).half()  # the value of largest magnitude maps to -8
+        df = d.float()
+        q = (torch.where(df != 0, torch.round(b / df), 0.0) + 8).clamp(0, 15).to(torch.uint8)
+        return _nibbles(q, lead, K), d.reshape(*lead, K // GROUP), None
+    if fmt == "int4_zp":
+        mn, mx = b.amin(dim=-1, keepdim=True), b.amax(dim=-1, keepdim=True)
+        d, m = ((mx - mn) / 15).half(), mn.half()
+        df, mf = d.float(), m.float()
+        q = torch.where(df > 0, torch.round((b - mf) / df), 0.0).clamp(0, 15).to(torch.uint8)
+        return _nibbles(q, lead, K), d.reshape(*lead, K // GROUP), m.reshape(*lead, K // GROUP)
+    raise QuantError(f"unknown quantized format {fmt!r} (one of {', '.join(FORMATS)})")
+
+
+def _nibbles(q: torch.Tensor, lead, K: int) -> torch.Tensor:
+    """q [..., nb, 32] in 0..15 -> [..., K/2]: byte i of a block holds element i (low) and i + 16 (high)."""
+    return (q[..., :16] | (q[..., 16:] << 4)).reshape(*lead, K // 2)
+
+
+def dequantize(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None, fmt: str) -> torch.Tensor:
+    """The float32 weights a quantized weight stands for (the kernels' exact operand)."""
+    if fmt in ("int8", "int8_channel"):
+        v = q.view(torch.int8).float()
+        lead, K = v.shape[:-1], v.shape[-1]
+        s = d.float().repeat_interleave(GROUP, dim=-1) if fmt == "int8" else d.float()
+        return (v * s).reshape(*lead, K)
+    lead, K = q.shape[:-1], 2 * q.shape[-1]
+    b = q.reshape(*lead, K // GROUP, 16)
+    v = torch.cat([b & 0x0F, b >> 4], dim=-1).float()  # [..., nb, 32]
+    df = d.float().unsqueeze(-1)
+    w = df * (v - 8) if fmt == "int4" else df * v + m.float().unsqueeze(-1)
+    return w.reshape(*lead, K)
+
+
+def quantize_activations(x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] float32 as the kernels see it: int8 per block of 32 (d = max|x| / 127), dequantized."""
+    b = x.float().reshape(x.shape[0], -1, GROUP)
+    d = b.abs().amax(dim=-1, keepdim=True) / 127
+    inv = torch.where(d > 0, 1 / d, 0.0)
+    return (torch.round(b * inv) * d).reshape(x.shape)
+
+
+@dataclass
+class QuantWeight:
+    """A weight [..., N, K] (a linear's, or an MoE layer's stack [E, N, K]) in a quantized format."""
+
+    fmt: str
+    shape: tuple[int, ...]  # the float weight's shape
+    q: torch.Tensor
+    scales: torch.Tensor
+    mins: torch.Tensor | None
+
+    @classmethod
+    def empty(cls, shape: tuple[int, ...], fmt: str) -> QuantWeight:
+        *lead, K = shape
+        if K % GROUP:
+            raise QuantError(f"quantized formats need an input size that is a multiple of {GROUP}, got {K}")
+        q = torch.zeros(*lead, K if fmt.startswith("int8") else K // 2, dtype=torch.uint8)
+        s = torch.zeros(*lead, 1 if fmt == "int8_channel" else K // GROUP, dtype=torch.float16)
+        return cls(fmt, tuple(shape), q, s, torch.zeros_like(s) if fmt == "int4_zp" else None)
+
+    @classmethod
+    def of(cls, w: torch.Tensor, fmt: str) -> QuantWeight:
+        q, s, m = quantize(w, fmt)
+        return cls(fmt, tuple(w.shape), q, s, m)
+
+    @property
+    def code(self) -> int:
+        return FORMATS[self.fmt]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.q, self.scales, self.mins) if t is not None)
+
+    def write(self, index: tuple, tensor: torch.Tensor) -> None:
+        """Quantize `tensor` into the rows `index` selects (an index over the leading dims and the
+        rows, whole rows only: the loader's slices of stacked or fused weights)."""
+        q, s, m = quantize(tensor, self.fmt)
+        self.q[index].copy_(q)
+        self.scales[index].copy_(s)
+        if m is not None:
+            self.mins[index].copy_(m)
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize(self.q, self.scales, self.mins, self.fmt)
+
+
+def row_index(index: tuple, ndim: int) -> bool:
+    """Whether a loader index (ints and slices over a weight of `ndim` dims) selects whole rows:
+    nothing indexes the last (input) dim."""
+    return len(index) < ndim
+
+
+def quant_linear(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] @ w.T (+ bias) -> [M, N] (float32), as F.linear over the dequantized weight."""
+    return torch.ops.moe_serve.quant_linear_cpu(x, w.q, w.scales, w.mins, w.code, bias)
+
+
+def quant_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor, w13: QuantWeight,
+              w2: QuantWeight) -> torch.Tensor:
+    """The experts over quantized stacks w13 [E, 2I, H] and w2 [E, H, I], as `fused_experts`."""
+    return torch.ops.moe_serve.quant_moe_cpu(x, topk_ids, topk_w, w13.code, w13.q, w13.scales, w13.mins,
+                                             w2.q, w2.scales, w2.mins)
+
+
+def isa() -> tuple[str, str]:
+    """(the level the quantized kernels run, the best this CPU runs), after `cpu_ops.load`."""
+    names = {v: k for k, v in ISA_LEVELS.items()}
+    current, best = torch.ops.moe_serve.quant_isa(-1)
+    return names[current], names[best]
+
+
+def set_isa(name: str | None) -> str:
+    """Run the quantized kernels at level `name` (None or "auto": the best); refused above what
+    the CPU runs. Returns the level now in use."""
+    if name in (None, "", "auto"):
+        torch.ops.moe_serve.quant_isa(0)
+        return isa()[0]
+    if name not in ISA_LEVELS:
+        raise QuantError(f"{ISA_ENV}={name!r}: one of auto, {', '.join(ISA_LEVELS)}")
+    try:
+        torch.ops.moe_serve.quant_isa(ISA_LEVELS[name])
+    except RuntimeError:
+        raise QuantError(f"{ISA_ENV}={name}: this CPU runs at most {isa()[1]}") from None
+    return name
+
+
+def select_isa() -> str:
+    """The level `MOE_SERVE_CPU_ISA` asks for (default: the best this CPU runs), set and returned."""
+    return set_isa(os.environ.get(ISA_ENV))

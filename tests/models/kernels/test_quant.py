@@ -1,0 +1,163 @@
+"""Quantized CPU weights (models/kernels/quant.py, csrc/quant_gemm.h): each kernel at each
+instruction-set level this CPU runs against a float64 reference of the dequantized math; the
+formats' bytes; quantize-at-load keeping only the quantized weights; batch invariance."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models import load_model
+from models.kernels import cpu_ops
+from models.kernels import quant as Q
+from models.kernels.plan import LinearLayout, MoEKernel
+from tests.conftest import BUNDLED, skip_or_fail
+from tests.models.conftest import make_checkpoint
+from tests.models.kernels.conftest import rel_err
+from tests.models.simple_runner import greedy_generate, prefill_logits
+
+FORMATS = list(Q.FORMATS)
+
+
+def needs_kernels():
+    if cpu_ops.load() is None:
+        skip_or_fail("the C kernels are not built here (no C compiler or no AVX2 + FMA)")
+
+
+@pytest.fixture(params=list(Q.ISA_LEVELS))
+def isa(request):
+    """Each level: run where this CPU has it (the code for every level is compiled in), skipped
+    with the reason where it does not; the best level is restored afterwards."""
+    needs_kernels()
+    best = Q.isa()[1]
+    if Q.ISA_LEVELS[request.param] > Q.ISA_LEVELS[best]:
+        pytest.skip(f"this CPU runs the quantized kernels at most at {best}, not {request.param}")
+    Q.set_isa(request.param)
+    yield request.param
+    Q.set_isa(None)
+
+
+def reference_linear(x, qw: Q.QuantWeight, bias=None):
+    """float64: the kernels' int8 activations times the dequantized weights."""
+    y = Q.quantize_activations(x).double() @ qw.dequantize().double().T
+    return y if bias is None else y + bias.double()
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_quant_linear_matches_dequantized_math(isa, fmt):
+    g = torch.Generator().manual_seed(3)
+    w, b = torch.randn(48, 96, generator=g), torch.randn(48, generator=g)
+    qw = Q.QuantWeight.of(w, fmt)
+    for rows in (1, 7):  # odd M: a partial 4-row tile
+        x = torch.randn(rows, 96, generator=g)
+        assert rel_err(Q.quant_linear(x, qw, b), reference_linear(x, qw, b)) < 1e-5
+    assert Q.quant_linear(torch.randn(0, 96), qw).shape == (0, 48)
+    # rows past the last whole 16-row chunk
+    qw40 = Q.QuantWeight.of(torch.randn(40, 64, generator=g), fmt)
+    x = torch.randn(5, 64, generator=g)
+    assert rel_err(Q.quant_linear(x, qw40), reference_linear(x, qw40)) < 1e-5
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_quant_experts_match_dequantized_math(isa, fmt):
+    g = torch.Generator().manual_seed(5)
+    E, H, I, T, k = 4, 64, 96, 7, 2
+    w13, w2 = Q.QuantWeight.of(torch.randn(E, 2 * I, H, generator=g) * 0.1, fmt), Q.QuantWeight.of(
+        torch.randn(E, H, I, generator=g) * 0.1, fmt)
+    x, ids, tw = torch.randn(T, H, generator=g), torch.randint(0, E, (T, k), generator=g), torch.rand(T, k, generator=g)
+    out = Q.quant_moe(x, ids, tw, w13, w2)
+    A, B = w13.dequantize().double(), w2.dequantize().double()
+    xq = Q.quantize_activations(x).double()
+    ref = torch.zeros(T, H, dtype=torch.float64)
+    for t in range(T):
+        for s in range(k):
+            h = A[ids[t, s]] @ xq[t]
+            act = Q.quantize_activations((F.silu(h[:I]) * h[I:]).float()[None])[0].double()
+            ref[t] += tw[t, s].double() * (B[ids[t, s]] @ act)
+    assert rel_err(out, ref) < 1e-5
+    with pytest.raises(IndexError, match="out of range"):
+        Q.quant_moe(x, torch.full((T, k), E), tw, w13, w2)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_formats_bytes_and_rounding(fmt):
+    w = torch.randn(3, 32, 64)
+    qw = Q.QuantWeight.of(w, fmt)
+    assert qw.nbytes == round(w.numel() * Q.bytes_per_weight(fmt, 64))
+    err = rel_err(qw.dequantize(), w)
+    assert err < (0.01 if fmt.startswith("int8") else 0.12), err  # round to nearest: int8 ~0.5%, int4 ~8%
+    # a row written on its own quantizes as in the whole tensor (the loader streams slices)
+    part = Q.QuantWeight.empty(tuple(w.shape), fmt)
+    for e in range(3):
+        part.write((e, slice(0, 16)), w[e, :16])
+        part.write((e, slice(16, 32)), w[e, 16:])
+    assert torch.equal(part.q, qw.q) and torch.equal(part.scales, qw.scales)
+    with pytest.raises(Q.QuantError, match="multiple of 32"):
+        Q.quantize(torch.randn(4, 40), fmt)
+
+
+def test_isa_override_and_bad_shapes(monkeypatch):
+    needs_kernels()
+    best = Q.isa()[1]
+    try:
+        monkeypatch.setenv(Q.ISA_ENV, "avx2")
+        assert Q.select_isa() == "avx2" and Q.isa()[0] == "avx2"
+        monkeypatch.setenv(Q.ISA_ENV, "sse2")
+        with pytest.raises(Q.QuantError, match="one of auto, avx2"):
+            Q.select_isa()
+        if best != "avx512vnni":
+            with pytest.raises(Q.QuantError, match=f"at most {best}"):
+                Q.set_isa("avx512vnni")
+    finally:
+        Q.set_isa(None)
+    assert Q.isa()[0] == best
+    qw = Q.QuantWeight.of(torch.randn(16, 64), "int4")
+    with pytest.raises(RuntimeError, match="x must be"):
+        Q.quant_linear(torch.randn(2, 32), qw)
+
+
+def test_quantized_load_keeps_only_the_quantized_weights(tmp_path):
+    """A model with shared experts: q/k/v, o, experts, shared experts and LM head exist only
+    quantized (their parameters are shapes on the meta device), in exactly the format's bytes."""
+    needs_kernels()
+    make_checkpoint("qwen2_moe", tmp_path, moe_intermediate_size=64, shared_expert_intermediate_size=96)
+    ref = load_model(str(tmp_path), dtype="float32", progress=False)
+    model = load_model(str(tmp_path), progress=False, quantization="int8")
+    plan = model.kernel_plan
+    names = set(model.quantized)
+    assert {"lm_head.weight", "layers.0.attn.qkv.weight", "layers.0.moe.w13", "layers.0.moe.w2",
+            "layers.0.moe.shared.w13.weight", "layers.2.attn.o_proj.weight"} <= names
+    params = dict(model.named_parameters())
+    assert all(params[n].is_meta for n in names)
+    assert not any(p.is_meta for n, p in params.items() if n not in names)
+    assert sum(q.nbytes for q in model.quantized.values()) == plan.quantized_bytes > 0
+    for n in names:
+        assert model.quantized[n].nbytes == round(params[n].numel() * Q.bytes_per_weight("int8", params[n].shape[-1]))
+    assert plan.lm_head == LinearLayout.QUANTIZED and plan.layers[0].moe == MoEKernel.CPU
+    assert plan.layers[0].moe_large is None and plan.packed_bytes == 0
+    assert plan.to_dict()["quantization"] == "int8" and "int8" in plan.table()
+    prompts = [[3, 17, 40, 99, 5], [7, 8]]
+    for a, b in zip(prefill_logits(model, prompts), prefill_logits(ref, prompts)):
+        assert rel_err(a, b) < 0.05  # random weights, 64 wide: int8 weights and activations, 3 layers
+
+
+def test_quantized_bundled_model_is_batch_invariant():
+    """Greedy tokens of a prompt do not depend on the prompts batched with it (int4; the random
+    model above runs int8)."""
+    needs_kernels()
+    model = load_model(str(BUNDLED), progress=False, quantization="int4")
+    prompts = [[0, 450, 1601, 1153, 906], [0, 5], [0, 77, 78, 79, 80, 81, 82]]
+    alone = [greedy_generate(model, [p], 6)[0] for p in prompts]
+    assert greedy_generate(model, prompts, 6) == alone
+
+
+def test_quantization_refused_where_it_cannot_serve():
+    needs_kernels()
+    from models.kernels.plan import KernelPlanError
+    from models.kernels.flags import KernelFlags
+
+    with pytest.raises(KernelPlanError, match="compute in float32"):
+        load_model(str(BUNDLED), dtype="bfloat16", progress=False, quantization="int8")
+    with pytest.raises(KernelPlanError, match="C experts kernel"):
+        load_model(str(BUNDLED), progress=False, quantization="int4", kernels=KernelFlags(moe="loop"))

@@ -45,7 +45,7 @@ class MTPProposer(Proposer):
         self.mtp, self.target = mtp, target
         self.k = config.num_speculative_tokens
         self.block_size = block_size
-        self.num_blocks = num_blocks
+        self.pool_blocks = num_blocks  # the target's; the scratch blocks come after them
         # scratch blocks for the chained drafts past a sequence's blocks: per sequence of a step
         self.scratch_per_seq = -(-self.k // block_size) + 1
         self.kv_caches = mtp.allocate_kv_cache(num_blocks + max_num_seqs * self.scratch_per_seq, block_size)
@@ -127,7 +127,7 @@ class MTPProposer(Proposer):
                 probs.setdefault(i, []).append(q)
         # -- 2. chained drafts: one-token steps at the following positions ---------------------------
         bs = self.block_size
-        scratch = {i: [self.num_blocks + n * self.scratch_per_seq + b for b in range(self.scratch_per_seq)]
+        scratch = {i: [self.pool_blocks + n * self.scratch_per_seq + b for b in range(self.scratch_per_seq)]
                    for n, (_, i) in enumerate(live)}
         for step in range(1, self.k):
             keep = [row for row, (_, i) in enumerate(live) if requests[i].max_drafts > step]

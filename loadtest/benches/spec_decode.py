@@ -101,7 +101,7 @@ def mtp_main(args, argv) -> dict:
     print(f"batch 1: plain {rate['plain']:.1f} tok/s, mtp {rate['mtp']:.1f} tok/s ({speedup:.2f}x); acceptance "
           f"{total:.0%}, per position " + " ".join(f"{x:.0%}" for x in per_pos), flush=True)
     result = results.new_result("spec-decode", argv, vars(args) | {"threads": torch.get_num_threads()},
-                                heading=MTP_HEADING)
+                                heading=MTP_HEADING, section=f"spec-decode-mtp-k{args.k}")
     result["measurements"] = {"batch1": {"plain_tok_s": rate["plain"], "mtp_tok_s": rate["mtp"], "speedup": speedup,
                                          "acceptance": acc, "acceptance_per_pos": per_pos,
                                          "samples": {k: v.to_json() for k, v in samples.items()}}}

@@ -79,8 +79,9 @@ def test_mtp_and_eagle3_need_a_proposer_at_startup(tiny_mixtral, method):
     from server.engine import LLM
 
     extra = {"model": tiny_mixtral} if method == "eagle3" else {}
-    # mtp has a proposer (spec/mtp.py), but a checkpoint without MTP layers cannot serve it
-    why = "MixtralForCausalLM checkpoint has no MTP layers" if method == "mtp" else f"method '{method}' needs a proposer"
+    # both have proposers (spec/mtp.py); a checkpoint without MTP layers, or a directory that is
+    # not an EAGLE-3 head, is refused at startup
+    why = "MixtralForCausalLM checkpoint has no MTP layers" if method == "mtp" else "not an EAGLE-3 head"
     with pytest.raises(ValueError, match=why):
         LLM(tiny_mixtral, dtype="float32", speculative_config=json.dumps(
             {"method": method, "num_speculative_tokens": 1, **extra}))

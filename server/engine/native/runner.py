@@ -151,6 +151,8 @@ class ModelRunner:
         self._verify(batch, logits, inp.sample_rows, out)
         if self.keep_hidden:
             out.hidden = hidden[:T]
+            if self.model.aux_hidden_layers:
+                out.aux = [a[:T] for a in self.model.aux_hidden]
         return out
 
     def _verify(self, batch: SchedulerOutput, logits: torch.Tensor, sample_rows: dict[int, int],

@@ -85,7 +85,7 @@ def test_bundled_tiny_deepseek_mtp_accepts_drafts():
     llm = LLM(path, dtype="float32", speculative_config=spec(2))
     assert generate(llm, prompts, 12) == base
     t = llm.core.spec.totals
-    assert t["accepted"] / t["drafts"] > 0.5, t  # a trained MTP head, not chance (1 / 4096)
+    assert t["accepted"] / t["draft_tokens"] > 0.15, t  # a trained MTP head; chance is ~1 / 4096
     check_pool(llm)
 
 

@@ -65,3 +65,4 @@ class ModelOutput:
     # kept only when a proposer wants them
     num_accepted: dict[int, int] = field(default_factory=dict)
     hidden: torch.Tensor | None = None
+    aux_hidden: list[torch.Tensor] = field(default_factory=list)  # [num_tokens, hidden] per aux layer

@@ -122,7 +122,7 @@ class SpecDecoder:
             kept = item.num_new - item.num_spec + result.num_accepted.get(j, 0)
             rows[item.seq.seq_id] = (result.token_offsets[j], kept)
             positions[item.seq.seq_id] = item.seq.num_computed
-        return TargetHidden(result.hidden, rows, positions)
+        return TargetHidden(result.hidden, rows, positions, list(result.aux_hidden))
 
     # -- stats ---------------------------------------------------------------------------
     def record(self, batch: SchedulerOutput, result: ModelOutput, stats: IterationStats) -> None:

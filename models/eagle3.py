@@ -151,7 +151,7 @@ class Eagle3Head(nn.Module):
         -inf elsewhere."""
         draft = self.lm_head(normed).float()
         out = torch.full((normed.shape[0], self.config.vocab_size), float("-inf"), device=normed.device)
-        ids = torch.arange(self.config.draft_vocab_size, device=normed.device) + self.d2t
+        ids = torch.arange(self.config.draft_vocab_size, device=normed.device) + self.get_buffer("d2t")
         out[:, ids] = draft
         return out
 
@@ -223,7 +223,7 @@ def load_eagle3(path: str, target_layers: int, target_hidden: int, vocab_size: i
                 raise CheckpointError(f"EAGLE-3 head {path!r}: {name} is {tuple(t.shape)}, expected "
                                       f"{tuple(dest.shape)}")
             dest.copy_(t.to(dest.dtype))
-    ids = torch.arange(cfg.draft_vocab_size) + head.d2t
+    ids = torch.arange(cfg.draft_vocab_size) + head.get_buffer("d2t")
     if ids.min() < 0 or ids.max() >= cfg.vocab_size:
         raise CheckpointError(f"EAGLE-3 head {path!r}: d2t maps draft ids outside the target vocabulary")
     head.rotary.reset_parameters()

@@ -28,6 +28,7 @@ import dataclasses
 import json
 import os
 import weakref
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -131,7 +132,7 @@ class MultiTokenPredictor(nn.Module):
         (`kv_caches[step % n]`) at `meta.slot_mapping`."""
         target = self.target
         i = step % len(self.layers)
-        layer = self.layers[i]
+        layer: Any = self.layers[i]
         emb = (target.embed if layer.embed is None else layer.embed)(input_ids)
         emb = emb.masked_fill((positions == 0)[:, None], 0.0)  # position 0: no embedding (vLLM)
         x = layer.eh_proj(torch.cat([layer.enorm(emb), layer.hnorm(hidden)], dim=-1))
@@ -140,7 +141,7 @@ class MultiTokenPredictor(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor, step: int = 0) -> torch.Tensor:
         """[N, H] MTP outputs -> [N, vocab] float32 logits of the token after next."""
-        layer = self.layers[step % len(self.layers)]
+        layer: Any = self.layers[step % len(self.layers)]
         h = layer.head_norm(hidden)
         if layer.head is None:
             return self.target.compute_logits(h)
@@ -156,7 +157,8 @@ class MultiTokenPredictor(nn.Module):
 
     @property
     def eh_proj_dtype(self) -> torch.dtype:
-        return self.layers[0].eh_proj.weight.dtype
+        first: Any = self.layers[0]
+        return first.eh_proj.weight.dtype
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int, dtype: torch.dtype | None = None,
                           device=None) -> list[KVCache]:
@@ -164,7 +166,8 @@ class MultiTokenPredictor(nn.Module):
         rotary key), indexed by the same block tables."""
         target = self.target
         dtype = dtype or self.eh_proj_dtype
-        device = device or self.layers[0].eh_proj.weight.device
+        first: Any = self.layers[0]
+        device = device or first.eh_proj.weight.device
         shapes = type(target).kv_cache_shapes(target, num_blocks, block_size)
         return [tuple(torch.zeros(s, dtype=dtype, device=device) for s in shapes)  # type: ignore[misc]
                 for _ in self.layers]
@@ -180,7 +183,7 @@ class MultiTokenPredictor(nn.Module):
         if lk.fused_norms or lk.fused_rope:
             from models.kernels import triton_ops  # noqa: F401 - registers torch.ops.moe_serve.*_triton
         for layer in self.layers:
-            block = layer.block
+            block: Any = layer.block
             block.fused_norms = lk.fused_norms
             attn = block.attn
             has_qkv = hasattr(attn, "qkv")

@@ -12,6 +12,10 @@ draft position. Part 2, `--concurrency` requests at once on prompts whose drafts
 rejected (sampled at temperature 1 from short questions): generated tokens per second without
 speculation, with n-gram drafts always on, and with `disable_by_batch_size` (no drafts while
 that many sequences run).
+
+`--method mtp` (default model: the bundled tiny-deepseek-mtp, whose MTP layer drafts): part 1 only,
+on ordinary prompts (the first 16 tokens of training passages, continued greedily), plain vs
+`{"method": "mtp", "num_speculative_tokens": k}`, with the acceptance rate per draft position.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from loadtest import output, results
 from loadtest.harness import interleave
 
 HEADING = "### Speculative decoding (n-gram, CPU)"
+MTP_HEADING = "### Speculative decoding (MTP, CPU)"
 QUESTIONS = ["What does the for statement do?", "Explain list comprehensions.", "How are exceptions raised?",
              "What is a generator?", "Describe the with statement.", "What does import do?",
              "How do classes work?", "What is a lambda?"]
@@ -44,6 +49,76 @@ def passages(tokenizer, count: int, length: int = 160) -> list[list[int]]:
         if len(out) == count:
             break
     return out
+
+
+def openings(tokenizer, count: int, length: int = 16) -> list[list[int]]:
+    """`count` ordinary prompts: the first `length` tokens of training passages (the model goes on)."""
+    from pydoc_data.topics import topics
+
+    out = []
+    for key in sorted(topics)[3::7]:
+        ids = tokenizer.encode(topics[key], add_special_tokens=False)
+        if len(ids) >= length:
+            out.append(tokenizer.encode("", add_special_tokens=True) + ids[:length])
+        if len(out) == count:
+            break
+    return out
+
+
+def mtp_main(args, argv) -> dict:
+    """--method mtp: batch 1, ordinary prompts, plain vs MTP drafts."""
+    import torch
+
+    from models.checkpoints.train_tiny_mtp import OUT_DIR
+    from server.engine import LLM, SamplingParams
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = args.model or str(OUT_DIR)
+    spec = {"method": "mtp", "num_speculative_tokens": args.k}
+    kw = dict(dtype=args.dtype, kv_cache_memory=256 << 20, max_num_seqs=1)
+    engines = {"plain": LLM(model, **kw).core, "mtp": LLM(model, speculative_config=json.dumps(spec), **kw).core}
+    prompts = openings(engines["plain"].tokenizer, args.prompts)
+    greedy = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
+    acc = {"drafts": 0, "draft_tokens": 0, "accepted": 0, "per_pos": [0] * args.k}
+    tallies: dict[str, list[tuple[int, float]]] = {"plain": [], "mtp": []}
+
+    def batch1(name: str):
+        def run():
+            for p in prompts:
+                tallies[name].append(decode_run(engines[name], [p], greedy, acc if name == "mtp" else None))
+        return run
+
+    print(f"{len(prompts)} ordinary prompts, batch 1, {args.rounds} rounds", flush=True)
+    samples = interleave({n: batch1(n) for n in tallies}, rounds=args.rounds, warmup=1, number=1)
+    rate = {}
+    for name in tallies:
+        kept = tallies[name][len(prompts):]  # the warm-up round's runs dropped
+        rate[name] = sum(t for t, _ in kept) / sum(s for _, s in kept)
+    per_pos = [a / max(acc["drafts"], 1) for a in acc["per_pos"]]
+    speedup = rate["mtp"] / rate["plain"]
+    total = acc["accepted"] / max(acc["draft_tokens"], 1)
+    print(f"batch 1: plain {rate['plain']:.1f} tok/s, mtp {rate['mtp']:.1f} tok/s ({speedup:.2f}x); acceptance "
+          f"{total:.0%}, per position " + " ".join(f"{x:.0%}" for x in per_pos), flush=True)
+    result = results.new_result("spec-decode", argv, vars(args) | {"threads": torch.get_num_threads()},
+                                heading=MTP_HEADING, section=f"spec-decode-mtp-k{args.k}")
+    result["measurements"] = {"batch1": {"plain_tok_s": rate["plain"], "mtp_tok_s": rate["mtp"], "speedup": speedup,
+                                         "acceptance": acc, "acceptance_per_pos": per_pos,
+                                         "samples": {k: v.to_json() for k, v in samples.items()}}}
+    result["summary"]["blocks"] = [
+        results.text(f"{model.rstrip('/').split('/')[-1]} (dtype {args.dtype}), {torch.get_num_threads()} thread(s), "
+                     f"batch 1, {len(prompts)} ordinary prompts (16 tokens of training text, continued greedily for "
+                     f"{args.max_tokens} tokens). Decode tokens per second: the tokens generated after the first, "
+                     f"over the time of those steps; {args.rounds} interleaved rounds after a warm-up."),
+        results.table(None, [results.column("variant"), results.column("tok/s", ".1f"),
+                             results.column("vs plain", ".2f"), results.column("acceptance")],
+                      [["plain", rate["plain"], 1.0, "-"], [f"mtp k={args.k}", rate["mtp"], speedup, f"{total:.0%}"]]),
+        results.text("Acceptance per draft position (the share of drafts whose position i was accepted): "
+                     + ", ".join(f"{i}: {x:.0%}" for i, x in enumerate(per_pos)) + "."),
+        {"kind": "note"},
+    ]
+    output.finish(result, args)
+    return result
 
 
 def decode_run(core, prompts: list[list[int]], params, stats_sink: dict | None) -> tuple[int, float]:
@@ -74,7 +149,9 @@ def decode_run(core, prompts: list[list[int]], params, stats_sink: dict | None) 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m loadtest spec-decode", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", help="model directory (default: the bundled checkpoint)")
+    ap.add_argument("--method", choices=("ngram", "mtp"), default="ngram",
+                    help="ngram (copy prompts, then concurrency) or mtp (ordinary prompts, batch 1)")
+    ap.add_argument("--model", help="model directory (default: the bundled checkpoint; mtp: tiny-deepseek-mtp)")
     ap.add_argument("--dtype", default="float32", help="float32: the C kernels on the CPU")
     ap.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
     ap.add_argument("--lookup-max", type=int, default=4, help="prompt_lookup_max")
@@ -86,6 +163,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, help="torch threads (default: the engine's)")
     output.add_args(ap)
     args = ap.parse_args(argv)
+    if args.method == "mtp":
+        return mtp_main(args, argv)
 
     import torch
 

@@ -187,7 +187,7 @@ def main(argv=None) -> int:
         routed_scaling_factor=2.5, norm_topk_prob=True, num_nextn_predict_layers=1,
         max_position_embeddings=2048, rope_theta=10000.0, rope_interleave=True, tie_word_embeddings=False,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-        initializer_range=0.02, rms_norm_eps=1e-6, attn_implementation="sdpa")
+        initializer_range=0.02, rms_norm_eps=1e-6, attn_implementation="sdpa")  # type: ignore[call-arg]
     model = DeepseekV3ForCausalLM(cfg).float()
     L = cfg.num_hidden_layers
     mtp = MTPLayer(cfg, L).float()

@@ -79,7 +79,10 @@ def test_mtp_and_eagle3_need_a_proposer_at_startup(tiny_mixtral, method):
     from server.engine import LLM
 
     extra = {"model": tiny_mixtral} if method == "eagle3" else {}
-    with pytest.raises(ValueError, match=f"method '{method}' needs a proposer"):
+    # both have proposers (spec/mtp.py); a checkpoint without MTP layers, or a directory that is
+    # not an EAGLE-3 head, is refused at startup
+    why = "MixtralForCausalLM checkpoint has no MTP layers" if method == "mtp" else "not an EAGLE-3 head"
+    with pytest.raises(ValueError, match=why):
         LLM(tiny_mixtral, dtype="float32", speculative_config=json.dumps(
             {"method": method, "num_speculative_tokens": 1, **extra}))
 
@@ -298,3 +301,42 @@ def test_sampled_speculation_matches_plain_sampling_end_to_end(make_llm):
         assert homogeneity_pvalue(a, b) > 0.01, pos
     # seeded requests are reproducible with speculation, whatever runs beside them
     assert (sample(spec, [5, 7])[:, :] == drafted[[5, 7]]).all()
+
+
+# -- the hook model-based proposers (MTP, EAGLE-3) plug into ----------------------------------------------
+def test_hidden_state_proposers_get_the_rows_of_the_kept_tokens(make_llm, monkeypatch):
+    from server.engine.native.spec import engine as spec_engine
+    from server.engine.native.spec.ngram import NgramProposer
+
+    seen = []
+
+    class HiddenNgram(NgramProposer):  # drafts as n-gram; records what a model-based proposer would read
+        wants_hidden_states = True
+        aux_hidden_layers = (0, 1)
+
+        def propose(self, requests, target):
+            seen.append(target)
+            return super().propose(requests, target)
+
+    monkeypatch.setitem(spec_engine.PROPOSERS, "ngram", lambda c, m, a: HiddenNgram(3, 1, 3))
+    llm = make_llm(num_kv_blocks=64, block_size=4, speculative_config=NGRAM)
+    model = llm.core.model
+    out = run(llm, [EngineRequest("h", loop_prompt(2), SamplingParams(temperature=0.0, max_tokens=20,
+                                                                      ignore_eos=True))])["h#0"]["ids"]
+    tokens, n_prompt = loop_prompt(2) + out, len(loop_prompt(2))
+    assert llm.core.spec.totals["accepted"] > 0
+    checked = 0
+    for target in seen:
+        assert target is not None and len(target.aux) == 2
+        assert all(a.shape == target.hidden.shape for a in target.aux)
+        for seq_id, (first, count) in target.rows.items():
+            pos = target.positions[seq_id]
+            # row first + i holds position pos + i, whose next token is tokens[pos + i + 1]; the
+            # model chose the tokens after the prompt (greedy)
+            skip = max(0, n_prompt - 1 - pos)
+            if skip >= count:
+                continue
+            logits = model.compute_logits(target.hidden[first + skip: first + count])
+            assert logits.argmax(-1).tolist() == tokens[pos + skip + 1: pos + count + 1]
+            checked += count - skip
+    assert checked > len(seen)  # verify steps kept more than one token per step

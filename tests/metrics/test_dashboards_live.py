@@ -88,8 +88,10 @@ def server(tmp_path_factory) -> Iterator[str]:
     log = logpath.open("w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "server.cli", "--host", "127.0.0.1", "--port", str(port),
-         # an expert capacity, so that the dropped-tokens panel has real drops to show
-         "--max-model-len", "256", "--num-kv-blocks", "256", "--expert-capacity-factor", "1.0"],
+         # an expert capacity, so that the dropped-tokens panel has real drops to show; n-gram
+         # speculation, so that the speculative-decoding panels have drafts to show
+         "--max-model-len", "256", "--num-kv-blocks", "256", "--expert-capacity-factor", "1.0",
+         "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 2}'],
         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:

@@ -128,7 +128,8 @@ def test_real_prometheus_ingests_vllm_series_and_quantiles_work(metrics_target, 
     metrics.stat_logger.record(
         iteration(num_running=3, num_waiting=1, kv_cache_usage=0.5, num_prompt_tokens=100,
                   num_generation_tokens=20, time_to_first_tokens=[0.03] * 20,
-                  inter_token_latencies=[0.02] * 20),
+                  inter_token_latencies=[0.02] * 20, spec_num_drafts=1, spec_num_draft_tokens=2,
+                  spec_num_accepted_tokens=1, spec_accepted_per_pos=[1, 0]),
         [finished("stop"), finished("length")],
         routing([[1, 1, 1, 1], [8, 0, 0, 0]], {"cuda:0": 12}))
     metrics.set_placement(PlacementInfo([(0, 0, "cuda:0", 0), (1, 0, "cuda:1", 0)]))

@@ -116,6 +116,8 @@ class EngineCore:
                                       max_num_batched_tokens=max_num_batched_tokens, kernels=kernels)
             self.spec = SpecDecoder(speculative, proposer, self.max_model_len, self.vocab_size)
             self.runner.keep_hidden = proposer.wants_hidden_states
+            if proposer.wants_hidden_states:
+                self.runner.keep_aux_hidden(tuple(proposer.aux_hidden_layers))
             self.scheduler.release_hook = lambda seq: proposer.release(seq.seq_id)
             log.info("speculative decoding: %s", speculative.to_json())
 

@@ -2,7 +2,8 @@
 
     {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 5}
     {"method": "draft_model", "model": "/path/to/small-model", "num_speculative_tokens": 3}
-    {"method": "mtp" | "eagle3", ...}   (parsed; refused at startup until their proposers exist)
+    {"method": "mtp", "num_speculative_tokens": 2}   (the checkpoint's MTP layers: spec/mtp.py)
+    {"method": "eagle3", "model": "/path/to/eagle3-head", "num_speculative_tokens": 3}
 
 Keys: `method` (ngram, draft_model, mtp, eagle3; vLLM's "[ngram]" and "draft" spellings are
 not accepted), `num_speculative_tokens` (k, 1..MAX_SPEC_TOKENS), `prompt_lookup_min` /

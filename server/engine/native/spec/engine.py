@@ -41,6 +41,12 @@ def _draft_model(config: SpeculativeConfig, target: Any, args: dict[str, Any]) -
     return DraftModelProposer(config, target, **args)
 
 
+def _eagle3(config: SpeculativeConfig, target: Any, args: dict[str, Any]) -> Proposer:
+    from server.engine.native.spec.mtp import Eagle3Proposer
+
+    return Eagle3Proposer(config, target, **args)
+
+
 def _mtp(config: SpeculativeConfig, target: Any, args: dict[str, Any]) -> Proposer:
     from server.engine.native.spec.mtp import MTPProposer
 
@@ -53,6 +59,7 @@ PROPOSERS: dict[str, Callable[[SpeculativeConfig, Any, dict[str, Any]], Proposer
     "ngram": _ngram,
     "draft_model": _draft_model,
     "mtp": _mtp,
+    "eagle3": _eagle3,
 }
 
 
@@ -130,7 +137,10 @@ class SpecDecoder:
             rows[item.seq.seq_id] = (result.token_offsets[j], kept)
             positions[item.seq.seq_id] = item.seq.num_computed
             seqs[item.seq.seq_id] = item.seq
-        return TargetHidden(result.hidden, rows, positions, seqs=seqs)
+        # EAGLE-3 (spec/mtp.py Eagle3Proposer): the model's own capture of the layers' inputs, as
+        # vLLM takes them; other proposers: the runner's hooks on aux_hidden_layers' outputs
+        aux = result.aux if result.aux is not None else list(result.aux_hidden)
+        return TargetHidden(result.hidden, rows, positions, aux, seqs=seqs)
 
     # -- stats ---------------------------------------------------------------------------
     def record(self, batch: SchedulerOutput, result: ModelOutput, stats: IterationStats) -> None:

@@ -45,7 +45,7 @@ class MTPProposer(Proposer):
         self.mtp, self.target = mtp, target
         self.k = config.num_speculative_tokens
         self.block_size = block_size
-        self.num_blocks = num_blocks
+        self.pool_blocks = num_blocks  # the target's; the scratch blocks come after them
         # scratch blocks for the chained drafts past a sequence's blocks: per sequence of a step
         self.scratch_per_seq = -(-self.k // block_size) + 1
         self.kv_caches = mtp.allocate_kv_cache(num_blocks + max_num_seqs * self.scratch_per_seq, block_size)
@@ -75,6 +75,20 @@ class MTPProposer(Proposer):
             decode_seq_lens=torch.tensor(seq_lens[:nd], dtype=torch.long, device=dev),
             state_slots=torch.zeros(len(lens), dtype=torch.long, device=dev))
         return meta, slots
+
+    # -- what differs between MTP layers and EAGLE-3 heads ----------------------------------------
+    def _target_states(self, target: TargetHidden) -> torch.Tensor:
+        """The target's per-token states the drafter reads: its final hidden states."""
+        return target.hidden
+
+    def _run(self, ids: torch.Tensor, positions: torch.Tensor, hidden: torch.Tensor, meta: AttentionMetadata,
+             step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the state a chained step is fed, what the head's logits are computed from)."""
+        out = self.mtp(ids, positions, hidden, meta, self.kv_caches, step=step)
+        return out, out
+
+    def _logits(self, head_in: torch.Tensor, step: int) -> torch.Tensor:
+        return self.mtp.compute_logits(head_in, step=step)
 
     def _pick(self, seq: Any, logits: torch.Tensor) -> tuple[int, torch.Tensor | None]:
         if seq.params.greedy:
@@ -109,7 +123,7 @@ class MTPProposer(Proposer):
         rows = torch.tensor([r for _, f, c, _ in items for r in range(f, f + c)], dtype=torch.long, device=dev)
         meta, _ = self._meta([c for _, _, c, _ in items], [s for *_, s in items],
                              [seq.blocks.table for seq, *_ in items])
-        out = self.mtp(ids, positions, target.hidden.index_select(0, rows), meta, self.kv_caches, step=0)
+        out, head_in = self._run(ids, positions, self._target_states(target).index_select(0, rows), meta, 0)
         self.totals["ingested_tokens"] += len(ids)
         ends = torch.tensor(meta.query_start_loc[1:], dtype=torch.long, device=dev) - 1
         live = [(j, want[seq.seq_id]) for j, (seq, _, c, s) in enumerate(items)
@@ -117,8 +131,9 @@ class MTPProposer(Proposer):
         if not live:
             return drafts
         sel = torch.tensor([j for j, _ in live], dtype=torch.long, device=dev)
-        hidden = out.index_select(0, ends.index_select(0, sel))  # [n, H]
-        logits = self.mtp.compute_logits(hidden, step=0)
+        last = ends.index_select(0, sel)
+        hidden = out.index_select(0, last)  # [n, H]: what a chained step is fed
+        logits = self._logits(head_in.index_select(0, last), 0)
         probs: dict[int, list[torch.Tensor]] = {}
         for row, (_, i) in enumerate(live):
             tok, q = self._pick(requests[i].seq, logits[row])
@@ -127,7 +142,7 @@ class MTPProposer(Proposer):
                 probs.setdefault(i, []).append(q)
         # -- 2. chained drafts: one-token steps at the following positions ---------------------------
         bs = self.block_size
-        scratch = {i: [self.num_blocks + n * self.scratch_per_seq + b for b in range(self.scratch_per_seq)]
+        scratch = {i: [self.pool_blocks + n * self.scratch_per_seq + b for b in range(self.scratch_per_seq)]
                    for n, (_, i) in enumerate(live)}
         for step in range(1, self.k):
             keep = [row for row, (_, i) in enumerate(live) if requests[i].max_drafts > step]
@@ -147,8 +162,8 @@ class MTPProposer(Proposer):
             sel = torch.tensor(keep, dtype=torch.long, device=dev)
             ids = torch.tensor([drafts[live[row][1]].tokens[-1] for row in keep], dtype=torch.long, device=dev)
             pos_t = torch.tensor(starts, dtype=torch.long, device=dev)
-            hidden = self.mtp(ids, pos_t, hidden.index_select(0, sel), meta, self.kv_caches, step=step)
-            logits = self.mtp.compute_logits(hidden, step=step)
+            hidden, head_in = self._run(ids, pos_t, hidden.index_select(0, sel), meta, step)
+            logits = self._logits(head_in, step)
             live = [live[row] for row in keep]
             for row, (_, i) in enumerate(live):
                 tok, q = self._pick(requests[i].seq, logits[row])
@@ -158,3 +173,44 @@ class MTPProposer(Proposer):
         for i, qs in probs.items():
             drafts[i].probs = torch.stack(qs)
         return drafts
+
+
+class Eagle3Proposer(MTPProposer):
+    """`eagle3`: an EAGLE-3 head (models/eagle3.py) from `--speculative-config` `model`, fed the
+    target's aux hidden states (three layers' inputs, concatenated: `MoEForCausalLM.aux_hidden_layers`),
+    its KV on the target's block tables like the MTP layer's; the same ingest and chaining."""
+
+    method = "eagle3"
+
+    def __init__(self, config: SpeculativeConfig, target: Any, *, num_blocks: int, block_size: int,
+                 max_num_seqs: int, **_: Any):
+        from models.eagle3 import load_eagle3
+
+        cfg = target.config
+        dev, dtype = target.embed.weight.device, target.embed.weight.dtype
+        self.head = load_eagle3(str(config.model), cfg.num_layers, cfg.hidden_size, cfg.vocab_size, dtype, dev)
+        # the residual stream entering these layers (vLLM's convention), kept by the model's own
+        # capture (not the runner's hooks on layer outputs: `aux_hidden_layers` stays ())
+        self.target_aux_layers = tuple(sorted(self.head.config.aux_layers(cfg.num_layers)))
+        target.aux_hidden_layers = self.target_aux_layers
+        self.target, self.k, self.block_size = target, config.num_speculative_tokens, block_size
+        self.pool_blocks = num_blocks
+        self.scratch_per_seq = -(-self.k // block_size) + 1
+        self.head_cache = self.head.allocate_kv_cache(num_blocks + max_num_seqs * self.scratch_per_seq, block_size)
+        self.device = dev
+        self.generator = torch.Generator(device=dev)
+        self.generator.manual_seed(0)
+        self.totals = {"ingested_tokens": 0}
+
+    def _target_states(self, target: TargetHidden) -> torch.Tensor:
+        if len(target.aux) != 3:
+            raise RuntimeError("EAGLE-3 drafts need the target's three aux hidden states")
+        return torch.cat(target.aux, dim=-1)
+
+    def _run(self, ids: torch.Tensor, positions: torch.Tensor, hidden: torch.Tensor, meta: AttentionMetadata,
+             step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        normed, pre = self.head(ids, positions, hidden, meta, self.head_cache, self.target.embed)
+        return pre, normed
+
+    def _logits(self, head_in: torch.Tensor, step: int) -> torch.Tensor:
+        return self.head.compute_logits(head_in)

@@ -20,15 +20,18 @@ after the step's tokens were appended, for the running sequences that decode nex
 - `target` (a `TargetHidden`, only when the proposer sets `wants_hidden_states = True`): the
   target model's hidden states of the step that just ran, for MTP / EAGLE-3 heads:
   `hidden` [T, hidden] are the forward's output (after the final norm, what `compute_logits`
-  reads), `aux` the hidden states after the decoder layers listed in `aux_hidden_layers` (EAGLE-3:
-  e.g. (2, L // 2, L - 3)); `rows[seq_id] = (first, count)` are the rows of `hidden` that
+  reads), `aux` the outputs of the decoder layers listed in `aux_hidden_layers` (EAGLE-3:
+  e.g. (2, L // 2, L - 3); distinct and increasing; captured by forward hooks, so decode steps
+  then run without CUDA graphs), same rows as `hidden`; `rows[seq_id] = (first, count)` are the rows of `hidden` that
   belong to that sequence and whose tokens stay (a verify step's rejected drafts are cut off):
   row `first + i` holds the state at position `positions[seq_id] + i`, whose next token is
-  `seq.token_ids[positions[seq_id] + i + 1]`. A sequence absent from `rows` computed nothing
-  this step (it will not be asked to propose);
-  `seqs[seq_id]` its Sequence. A proposer that wants hidden states is called after every step
-  that kept them, with no requests too (prefill chunks), so it can run its layers over every
-  row (MTP keeps its KV for the whole sequence).
+  `seq.token_ids[positions[seq_id] + i + 1]` (tests/engine/test_spec_decode.py checks this
+  mapping). The tensors belong to that step: copy what you keep. A sequence absent from `rows`
+  computed nothing this step (it may still be asked to propose: it was not scheduled, e.g. the
+  token budget ran out; use what you kept, or propose nothing); `seqs[seq_id]` its Sequence.
+  A proposer that wants hidden states is called after every step that kept them, with no
+  requests too (prefill chunks), so it can run its layers over every row (MTP keeps its KV for
+  the whole sequence).
 - `release(seq_id)`: the sequence finished, was aborted or preempted; drop whatever the
   proposer keeps for it (its own paged KV blocks: a model-based proposer owns a pool of its own,
   e.g. `spec/draft_model.py` keeps a `BlockPool` + `KVCacheManager` over its own KV tensors and

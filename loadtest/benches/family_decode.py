@@ -173,7 +173,7 @@ def child_main(argv: list[str]) -> None:
 def run_in(repo: Path, spec: dict) -> dict:
     """`measure` in a child process whose models/ and server/ come from `repo`."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), str(REPO)]), "PYTHONDONTWRITEBYTECODE": "1"}
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--spec", json.dumps(spec)], cwd=repo,
+    proc = subprocess.run([sys.executable, "-P", str(Path(__file__).resolve()), "--spec", json.dumps(spec)], cwd=repo,
                           env=env, stdout=subprocess.PIPE, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("FAMILY-DECODE-RESULT ")]
     print("\n".join(ln for ln in proc.stdout.splitlines() if not ln.startswith("FAMILY-DECODE-RESULT ")), flush=True)
@@ -239,6 +239,5 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-if __name__ == "__main__":  # the child of --repo: this directory's modules must not shadow the checkout's
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+if __name__ == "__main__":  # the child of --repo (run with -P: this directory's modules never shadow the checkout's)
     child_main(sys.argv[1:])

@@ -15,15 +15,25 @@ weight changes (its version counter, or its storage moved), so it never goes sta
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
 from models.kernels.plan import LinearLayout
 from models.kernels.quant import QuantWeight, quant_linear, quant_moe
 
-if TYPE_CHECKING:
-    from models.kernels.fused_moe import ExpertVariant
+
+class ExpertVariantLike(Protocol):
+    """What `moe_cpu` reads of a `fused_moe.ExpertVariant` (not imported: fused_moe imports this module)."""
+
+    @property
+    def limit(self) -> float | None: ...
+
+    @property
+    def alpha(self) -> float: ...
+
+    @property
+    def weight_on_input(self) -> bool: ...
 
 
 def version(t: torch.Tensor) -> int:
@@ -121,7 +131,7 @@ class QuantizedExperts(PackedExperts):
 
 
 def moe_cpu(x: torch.Tensor, packed: PackedExperts, topk_ids: torch.Tensor, topk_w: torch.Tensor,
-            variant: ExpertVariant | None = None) -> torch.Tensor:
+            variant: ExpertVariantLike | None = None) -> torch.Tensor:
     """sum_k topk_w[t, k] * Expert_{topk_ids[t, k]}(x[t]) -> [T, H], as `fused_experts` (with the
     family's `variant`: biases, the clamped SwiGLU, routing weights on the input)."""
     if isinstance(packed, QuantizedExperts):

@@ -18,6 +18,7 @@ from collections.abc import Callable
 import torch
 
 from models.model import MoEForCausalLM
+from server.engine.native.async_step import AsyncStepper
 from server.engine.native.kv_cache import BlockPool, KVCacheManager
 from server.engine.native.output_processor import OutputProcessor
 from server.engine.native.outputs import ModelOutput, ScheduledSeq, SchedulerOutput
@@ -56,10 +57,12 @@ class EngineCore:
                  max_model_len: int, max_num_seqs: int, max_num_batched_tokens: int,
                  enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True,
                  scheduling_policy: str = "fcfs", seed: int = 0, eos_token_ids: tuple[int, ...] = (),
-                 placement: Any = None, routing_listeners: tuple[RoutingListener, ...] = ()):
+                 placement: Any = None, routing_listeners: tuple[RoutingListener, ...] = (),
+                 async_scheduling: bool = False):
         """`placement`: a PlacementManager (server/engine/native/placement) whose experts are
         placed already; it hears every step's routing. `routing_listeners` (e.g. a routing trace
-        recorder) hear it too; all are closed with the core."""
+        recorder) hear it too; all are closed with the core. `async_scheduling`: the host schedules
+        and applies results one step ahead of the device (`async_step.py`; off with placement)."""
         self.model = model
         self.tokenizer = tokenizer
         cfg = model.config
@@ -99,6 +102,11 @@ class EngineCore:
         self.placement_manager = placement
         if placement is not None:
             self.routing_listeners.append(placement)
+        self.async_step: AsyncStepper | None = None
+        if async_scheduling and placement is not None:
+            log.info("async scheduling is off: expert placement rebalances between steps, with the device idle")
+        elif async_scheduling:
+            self.async_step = AsyncStepper(self)
 
     # -- admission --------------------------------------------------------------------
     def validate(self, request: EngineRequest) -> int:
@@ -146,7 +154,10 @@ class EngineCore:
 
     # -- the step ---------------------------------------------------------------------
     def step(self) -> StepResult:
-        """One engine step. Raises `StepError` naming the requests it was running if it fails."""
+        """One engine step. Raises `StepError` naming the requests it was running if it fails.
+        With async scheduling it launches the next step and returns the results of the one before."""
+        if self.async_step is not None:
+            return self.async_step.step()
         t0 = time.monotonic()
         try:
             batch = self.scheduler.schedule()
@@ -167,19 +178,32 @@ class EngineCore:
             if self.fault_hook is not None:
                 self.fault_hook(batch.scheduled)
             result = self.runner.execute(batch)
-            routing_stats = self._routing_stats(result)
-            if routing_stats is not None:
-                for listener in self.routing_listeners:
-                    listener.on_routing(routing_stats)
-            self.output.record_model_output(batch, result, stats)
-            states = list({id(it.seq.state): it.seq.state for it in batch.scheduled}.values())
-            finished = self.scheduler.update_from_output(
-                batch, result, lambda seq, token, lp, may_stop: self.output.on_token(
-                    seq, token, lp, may_stop, now=t0, stats=stats))
-            outputs = self.output.make_outputs(states, finished, finished_stats)
-            for out in outputs:
-                if out.finished:
-                    del self.requests[out.request_id]
+            routing_stats = self.apply_output(batch, result, t0, stats, finished_stats, outputs)
+        self.end_step(batch, stats, t0)
+        return StepResult(outputs, stats, finished_stats, routing_stats)
+
+    def apply_output(self, batch: SchedulerOutput, result: ModelOutput, now: float, stats: IterationStats,
+                     finished_stats: list[FinishedRequestStats], outputs: list[RequestOutput]) -> RoutingStats | None:
+        """A computed step's results: routing to the listeners, the sequences moved on, the
+        deltas appended to `outputs`. Sequences that finished while it was in flight (async
+        scheduling) are skipped."""
+        routing_stats = self._routing_stats(result)
+        if routing_stats is not None:
+            for listener in self.routing_listeners:
+                listener.on_routing(routing_stats)
+        self.output.record_model_output(batch, result, stats)
+        states = list({id(it.seq.state): it.seq.state for it in batch.scheduled if not it.seq.finished}.values())
+        finished = self.scheduler.update_from_output(
+            batch, result, lambda seq, token, lp, may_stop: self.output.on_token(
+                seq, token, lp, may_stop, now=now, stats=stats))
+        new = self.output.make_outputs(states, finished, finished_stats)
+        for out in new:
+            if out.finished:
+                del self.requests[out.request_id]
+        outputs.extend(new)
+        return routing_stats
+
+    def end_step(self, batch: SchedulerOutput, stats: IterationStats, t0: float) -> None:
         stats.num_running = len(self.scheduler.running)
         stats.num_waiting = len(self.scheduler.waiting)
         stats.kv_cache_usage = self.pool.usage
@@ -189,10 +213,11 @@ class EngineCore:
         self.total_prefix_hit_tokens += self.pool.hits
         self.pool.queries = self.pool.hits = 0
         stats.step_time = time.monotonic() - t0
-        return StepResult(outputs, stats, finished_stats, routing_stats)
 
     def close(self) -> None:
-        """Release what outlives a step (a routing trace file)."""
+        """Release what outlives a step (a routing trace file, the async device thread)."""
+        if self.async_step is not None:
+            self.async_step.close()
         for listener in self.routing_listeners:
             listener.close()
 

@@ -16,4 +16,5 @@ BENCHES = {
     "placement-sim": "loadtest.benches.placement_sim",
     "placement-report": "loadtest.benches.placement_report",
     "hybrid-decode": "loadtest.benches.hybrid_decode",
+    "async-scheduling": "loadtest.benches.async_sched",
 }

@@ -47,7 +47,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -57,10 +57,10 @@ from server.engine.expert_counts import expert_counts
 from server.engine.native.logprobs import compute_logprobs
 from server.engine.native.outputs import ModelOutput, SchedulerOutput
 from server.engine.native.sampler import SamplingRow
+from server.engine.native.step_result import StepError, StepResult
 from server.engine.stats import IterationStats
 
 if TYPE_CHECKING:
-    from server.engine.native.core import EngineCore, StepResult
     from server.engine.native.sequence import Sequence
     from server.engine.native.step_inputs import StepInputs
 
@@ -106,7 +106,7 @@ class AsyncStats:
 
 
 class AsyncStepper:
-    def __init__(self, core: EngineCore):
+    def __init__(self, core: Any):  # an EngineCore (core.py imports this module)
         self.core = core
         runner = core.runner
         runner.buffers.split_device()  # the host fills step N+1's buffers while step N reads its own
@@ -118,8 +118,6 @@ class AsyncStepper:
 
     # -- the step -------------------------------------------------------------------------
     def step(self) -> StepResult:
-        from server.engine.native.core import StepError, StepResult
-
         core = self.core
         t0 = time.monotonic()
         prev, self._inflight = self._inflight, None

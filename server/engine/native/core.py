@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, NamedTuple
+from typing import Any
 from collections.abc import Callable
 
 import torch
@@ -27,29 +27,13 @@ from server.engine.native.sampler import Sampler
 from server.engine.native.scheduler import Scheduler
 from server.engine.native.sequence import RequestState, Sequence, next_seq_id
 from server.engine.native.state_slots import StateSlots
+from server.engine.native.step_result import StepError, StepResult
 from server.engine.request import EngineRequest, RequestOutput
 from server.engine.stats import FinishedRequestStats, IterationStats, RoutingListener, RoutingStats
 from server.engine.structured.runtime import StructuredRuntime
 from server.engine.validate import RoutingShape, validate_request
 
 log = logging.getLogger(__name__)
-
-
-class StepResult(NamedTuple):
-    outputs: list[RequestOutput]
-    stats: IterationStats
-    finished: list[FinishedRequestStats]  # requests that ended this step (or were aborted since the last)
-    routing: RoutingStats | None
-
-
-class StepError(RuntimeError):
-    """A step failed: `request_ids` are the requests it was running (every request when it
-    failed while scheduling); `cause` is the exception."""
-
-    def __init__(self, request_ids: list[str], cause: BaseException):
-        super().__init__(str(cause))
-        self.request_ids = request_ids
-        self.cause = cause
 
 
 class EngineCore:

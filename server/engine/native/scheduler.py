@@ -98,7 +98,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            if seq.num_uncomputed == 0:  # all its tokens are in a step in flight (async scheduling)
+            if seq.num_inflight and seq.num_uncomputed == 0:  # all its tokens are in a step in flight (async)
                 i += 1
                 continue
             num_new = min(seq.num_uncomputed, budget)

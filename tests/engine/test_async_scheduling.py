@@ -147,3 +147,26 @@ def test_streamed_equals_whole_answers(make_llm):
     for i, res in enumerate(whole):
         for c in res.outputs:
             assert streamed[(f"x{i}", c.index)][:3] == (c.token_ids, c.text, c.finish_reason)
+
+
+def test_hybrid_model_same_outputs(checkpoint):
+    """A model with linear-attention layers (a recurrent state slot per sequence): the slots of
+    sequences stopped or preempted while a step is in flight are reused correctly."""
+    from server.engine import LLM
+
+    path, _ = checkpoint("qwen3_next")
+    prompts = prompts_of((9, 21, 4, 14))
+    params = [SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True),
+              SamplingParams(temperature=1.0, max_tokens=10, seed=4, ignore_eos=True),
+              SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True),
+              SamplingParams(temperature=0.9, max_tokens=12, seed=8, n=2, ignore_eos=True)]
+    got = []
+    for flag in (False, True):
+        llm = LLM(path, dtype="float32", num_kv_blocks=24, block_size=4, max_num_batched_tokens=16, max_num_seqs=4,
+                  async_scheduling=flag)
+        got.append(_run(llm, [EngineRequest(f"h{i}", p, params[i]) for i, p in enumerate(prompts)]))
+        assert llm.core.pool.num_free == llm.core.pool.num_blocks
+        slots = llm.core.state_slots
+        assert slots.num_free == slots.num_slots, "state slots leaked"
+        llm.core.close()
+    assert got[0] == got[1]

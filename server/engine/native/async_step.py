@@ -43,6 +43,7 @@ in `server.engine.factory.resolve_async_scheduling`.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -65,6 +66,8 @@ if TYPE_CHECKING:
     from server.engine.native.step_inputs import StepInputs
 
 log = logging.getLogger(__name__)
+
+SWITCH_INTERVAL = 0.0005  # seconds: sys.setswitchinterval while async scheduling is on
 
 
 def needs_host_token(seq: Sequence) -> bool:
@@ -113,6 +116,11 @@ class AsyncStepper:
         if runner.graphs is not None:
             runner.graphs.dev = runner.buffers.dev
         self._device = ThreadPoolExecutor(1, thread_name_prefix="engine-device")
+        # the device thread takes the GIL back after each kernel while the engine thread runs
+        # Python: with the default 5 ms switch interval it waits that long each time
+        # (docs/benchmarks.md, "Async scheduling"); process-wide, which the server can afford
+        if sys.getswitchinterval() > SWITCH_INTERVAL:
+            sys.setswitchinterval(SWITCH_INTERVAL)
         self._inflight: InFlightStep | None = None
         self.stats = AsyncStats()
 
@@ -252,6 +260,8 @@ class AsyncStepper:
         runner = self.core.runner
         bufs, inp = runner.buffers, step.inputs
         try:
+            if runner.device.type == "cuda":  # the current device is per thread
+                torch.cuda.set_device(runner.device)
             bufs.copy(inp.copy_sizes)
         finally:
             step.taken.set()

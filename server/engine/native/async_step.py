@@ -152,7 +152,9 @@ class AsyncStepper:
                 r = core.apply_output(done.batch, result, time.monotonic(), stats, finished_stats, outputs)
                 routing = r if r is not None else routing
         except Exception as exc:
-            ids = [it.seq.state.request_id for s in (prev, step) if s is not None for it in s.batch.scheduled]
+            # the requests of the step that failed and of the one in flight (its results are lost)
+            ids = [it.seq.state.request_id for b in (prev.batch if prev is not None else None, batch)
+                   if b is not None for it in b.scheduled]
             self._settle(prev)
             self._settle(step)
             raise StepError(list(dict.fromkeys(ids)), exc) from exc

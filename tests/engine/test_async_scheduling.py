@@ -169,3 +169,16 @@ def test_hybrid_model_same_outputs(checkpoint):
         assert slots.num_free == slots.num_slots, "state slots leaked"
         llm.core.close()
     assert got[0] == got[1]
+
+
+def test_padded_decode_graph_path(make_llm):
+    """Decode steps padded to graph buckets (the CUDA-graph path, run eagerly on the CPU) read the
+    pending input ids from the static buffers like the eager path."""
+    prompts = prompts_of((6, 11, 3))
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    got = []
+    for flag in (False, True):
+        llm = make_llm(num_kv_blocks=64, block_size=4, max_num_seqs=4, async_scheduling=flag)
+        llm.core.runner.enable_decode_graphs([1, 2, 4], cuda_graphs=False)
+        got.append(_run(llm, [EngineRequest(f"g{i}", p, params) for i, p in enumerate(prompts)]))
+    assert got[0] == got[1]

@@ -20,6 +20,7 @@ little; on a GPU the same engine loop is measured by `python -m loadtest gpu --a
 from __future__ import annotations
 
 import argparse
+import gc
 import random
 import statistics
 import time
@@ -82,6 +83,8 @@ def measure(model: str, concurrency: int, rounds: int, per_sample: int) -> dict:
                      "samples": s.to_json()}
     for core, _ in cores.values():
         core.close()
+    cores.clear()
+    gc.collect()  # two engines' weights, packed copies and KV caches: gone before the next pair
     sync, async_ = row["sync"], row["async"]
     host = sync["wall_median_s"] - sync["device_median_s"]
     row["ratio"] = async_["wall_median_s"] / sync["wall_median_s"]

@@ -7,7 +7,9 @@ For each model (the bundled tiny checkpoint, the 140M benchmark checkpoint of
 loadtest/checkpoints.py; float32) and concurrency, two engines are built in one process, one
 synchronous and one with async scheduling, each holding `concurrency` requests of 32 random prompt
 tokens that decode greedily past the measurement. Their decode steps are timed interleaved
-(loadtest/harness.py, `--steps-per-sample` steps per sample), so background load hits both alike.
+(loadtest/harness.py, `--steps-per-sample` steps per sample), so background load hits both alike;
+an async sample ends when the last step it launched is computed (`AsyncStepper.wait_device`), so
+it holds as many forwards as steps and none of it runs during the other engine's sample.
 
 Reported per engine: the wall time per step (median), the device time per step (the synchronous
 engine's `ModelRunner.execute`, the async engine's device thread: forward and sampling), and so
@@ -74,6 +76,8 @@ def measure(model: str, concurrency: int, rounds: int, per_sample: int) -> dict:
         before = spent()
         for _ in range(per_sample):
             core.step()
+        if core.async_step is not None:  # the last step launched computes inside this sample, not the next one's
+            core.async_step.wait_device()
         device[name].append((spent() - before) / per_sample)
 
     t = interleave({name: (lambda n=name: run(n)) for name in cores}, rounds=rounds, warmup=1)

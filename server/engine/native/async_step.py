@@ -166,6 +166,12 @@ class AsyncStepper:
         self.stats.wall += stats.step_time
         return StepResult(outputs, stats, finished_stats, routing)
 
+    def wait_device(self) -> None:
+        """Block until the step in flight is computed (benchmarks: the device idle before timing
+        something else); its results are applied by the next `step()`, an error raised there."""
+        if self._inflight is not None and self._inflight.future is not None:
+            self._inflight.future.exception()
+
     def _wait(self, step: InFlightStep) -> ModelOutput:
         t = time.monotonic()
         try:

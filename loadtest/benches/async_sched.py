@@ -83,7 +83,8 @@ def measure(model: str, concurrency: int, rounds: int, per_sample: int) -> dict:
     t = interleave({name: (lambda n=name: run(n)) for name in cores}, rounds=rounds, warmup=1)
     row: dict = {"concurrency": concurrency}
     for name, s in t.items():
-        row[name] = {"wall_median_s": statistics.median(s.wall), "device_median_s": statistics.median(device[name][1:]),
+        walls = [w / per_sample for w in s.wall]  # a sample is `per_sample` steps
+        row[name] = {"wall_median_s": statistics.median(walls), "device_median_s": statistics.median(device[name][1:]),
                      "samples": s.to_json()}
     for core, _ in cores.values():
         core.close()

@@ -46,7 +46,7 @@ ENGINE_RC=${PIPESTATUS[0]}
 LEFT=$(( BUDGET - $(elapsed) - 15 ))
 echo "=== [$(elapsed)s] python -m loadtest gpu with ${LEFT}s"
 if [ "$DRY" = "1" ]; then
-  BENCH_ARGS=(--cpu-dry-run --layers 2 --batches 1,4 --eager-batches 1 --hf-batches 1 --moe-kernel-batches 1
+  BENCH_ARGS=(--cpu-dry-run --layers 2 --batches 1,4 --eager-batches 1 --hf-batches 1 --moe-kernel-batches 1 --async-batches 4
               --prompt-len 16 --output-len 8)
 else
   BENCH_ARGS=()

@@ -144,6 +144,11 @@ class EngineConfig:
     enable_prefix_caching: bool = option(True, "reuse KV blocks of shared prefixes")
     enable_chunked_prefill: bool = option(True, "split long prefills across steps")
     enforce_eager: bool = option(False, "no CUDA graphs for decode steps (native engine on CUDA)")
+    # the host schedules step N+1 and applies step N-1's results while the device computes step N
+    # (native engine: server/engine/native/async_step.py; vLLM: its own flag); resolved once, with
+    # what turns it off, by server.engine.factory.resolve_async_scheduling
+    async_scheduling: bool = option(
+        False, "schedule the next step and process the last one's outputs while the device computes (vLLM's name)")
     # kernels (native engine): the kernel plan (models/kernels/plan.py) resolves "auto" at load
     # and refuses a forced choice that cannot serve the model here, saying why
     attention_backend: AttentionChoice = option(

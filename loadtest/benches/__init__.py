@@ -21,4 +21,5 @@ BENCHES = {
     "mla-decode": "loadtest.benches.mla_decode",
     "quant-quality": "loadtest.benches.quant_quality",
     "quant-decode": "loadtest.benches.quant_decode",
+    "async-scheduling": "loadtest.benches.async_sched",
 }

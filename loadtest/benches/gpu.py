@@ -2,7 +2,7 @@
 
     python -m loadtest gpu [--models mixtral-8x7b,qwen3-30b-a3b] [--layers 8]
         [--batches 1,4,16,64,256] [--prompt-len 128] [--output-len 64] [--hf-batches 1,64]
-        [--no-expert-tier] [--time-budget 300] [--json out.json] [--cpu-dry-run]
+        [--no-expert-tier] [--async-batches 256] [--time-budget 300] [--json out.json] [--cpu-dry-run]
 
 Random-weight models with the real per-layer shapes of Mixtral-8x7B and Qwen3-30B-A3B, cut
 to --layers layers, built in GPU memory (loadtest/benches/gpu_models.py). For each: decode output
@@ -11,7 +11,8 @@ at each batch size, the bytes each decode step must read (dense weights + the di
 experts its tokens were routed to + KV), and memory-bandwidth utilisation (MBU) against the
 device's peak (--peak-gbps, default the H200's 4800 GB/s; a device-to-device copy is measured
 too); the same engine with --enforce-eager; transformers `generate` at --hf-batches; the MoE
-kernels one against the other; a torch.profiler breakdown at batch 1; and the CPU expert
+kernels one against the other; a torch.profiler breakdown at batch 1; `--async-scheduling`
+against the synchronous engine at --async-batches (default 256) on --async-shape; and the CPU expert
 tier (--gpu-expert-budget at half the experts). Sections that would overrun --time-budget
 are skipped and say so. Timings by loadtest/harness.py (CUDA events and synchronization). Writes
 one JSON result (after each model shape, so a run cut short keeps what it measured) and prints
@@ -25,6 +26,7 @@ import argparse
 import gc
 import json
 import platform
+import random
 import time
 from pathlib import Path
 
@@ -107,7 +109,8 @@ def moe_kernels(shape: str, batches: list[int], args) -> list[dict]:
     return rows
 
 
-def make_core(model, tokenizer, max_batch: int, max_len: int, eager: bool, block_size: int = 16, placement=None):
+def make_core(model, tokenizer, max_batch: int, max_len: int, eager: bool, block_size: int = 16, placement=None,
+              async_scheduling: bool = False):
     """An EngineCore over `model`, its kernel plan resolved afresh and finished for the engine as
     server/engine/factory.py does (CUDA graphs unless `eager` or the host computes experts)."""
     from server.engine.native.core import EngineCore
@@ -118,7 +121,57 @@ def make_core(model, tokenizer, max_batch: int, max_len: int, eager: bool, block
         several_gpus=placement is not None and getattr(placement, "several_gpus", False)))
     blocks = max_batch * -(-max_len // block_size) + 16
     return EngineCore(model, tokenizer, num_blocks=blocks, block_size=block_size, max_model_len=max_len,
-                      max_num_seqs=max_batch, max_num_batched_tokens=4096, seed=0, placement=placement)
+                      max_num_seqs=max_batch, max_num_batched_tokens=4096, seed=0, placement=placement,
+                      async_scheduling=async_scheduling)
+
+
+def steady_decode(core, batch: int, prompt_len: int, output_len: int, seed: int) -> dict:
+    """Output tok/s of `batch` greedy requests once every one of them has its first token (so
+    the prefill steps are left out), to the end; works for the synchronous and the async engine
+    alike (it reads only the outputs, as a server does)."""
+    from server.engine.request import EngineRequest, SamplingParams
+
+    rng = random.Random(seed)
+    vocab = core.model.config.vocab_size
+    for i in range(batch):
+        core.add_request(EngineRequest(f"a{batch}-{seed}-{i}", [rng.randrange(3, vocab) for _ in range(prompt_len)],
+                                       SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)))
+    started: set[str] = set()
+    tokens, steps, t0 = 0, 0, None
+    while core.has_unfinished():
+        outs = core.step()[0]
+        n = sum(len(c.token_ids) for o in outs for c in o.outputs)
+        if t0 is None:
+            started.update(o.request_id for o in outs if any(c.token_ids for c in o.outputs))
+            if len(started) == batch:
+                t0 = time.perf_counter()
+            continue
+        tokens, steps = tokens + n, steps + 1
+    dt = time.perf_counter() - t0 if t0 is not None else 0.0
+    return {"batch": batch, "tokens": tokens, "steps": steps, "seconds": round(dt, 4),
+            "output_tok_per_s": round(tokens / dt, 1) if dt else None,
+            "ms_per_step": round(dt / steps * 1e3, 3) if steps else None}
+
+
+def async_scheduling(model, tokenizer, args, max_len: int) -> list[dict]:
+    """--async-scheduling against the synchronous engine (CUDA graphs both), alternating runs."""
+    cores = {False: make_core(model, tokenizer, max(args.async_batches), max_len, eager=False),
+             True: make_core(model, tokenizer, max(args.async_batches), max_len, eager=False, async_scheduling=True)}
+    for core in cores.values():
+        steady_decode(core, 2, 16, 4, seed=1)  # warm-up
+    rows = []
+    for B in args.async_batches:
+        for rep in range(2):
+            for flag in ((False, True) if rep == 0 else (True, False)):
+                if left(args) < 15:
+                    break
+                s = steady_decode(cores[flag], B, args.prompt_len, args.output_len, seed=10 + rep)
+                s.update(async_scheduling=flag, run=rep)
+                rows.append(s)
+                log(f"async scheduling {flag} B={B} run {rep}: {s['output_tok_per_s']} tok/s, {s['ms_per_step']} ms/step")
+    for core in cores.values():
+        core.close()
+    return rows
 
 
 def profile_batch1(core, args) -> dict:
@@ -171,6 +224,11 @@ def bench_shape(shape: str, args, tokenizer, peak: float, out: dict) -> None:
     def hf():
         out["transformers"][shape] = bench_transformers(shape, args)
 
+    def async_():
+        state.pop("core", None)
+        gc.collect()
+        res["async_scheduling"] = async_scheduling(model, tokenizer, args, max_len)
+
     def kernels():
         out.setdefault("moe_kernels", []).extend(moe_kernels(shape, [int(x) for x in args.moe_kernel_batches.split(",")],
                                                              args))
@@ -195,8 +253,10 @@ def bench_shape(shape: str, args, tokenizer, peak: float, out: dict) -> None:
         res["expert_tier"] = expert_tier(model, tokenizer, args, bm, peak)
 
     sections = [("graphs", graphs, 0), ("transformers", hf, 45), ("moe_kernels", kernels, 25), ("eager", eager, 20),
-                ("profile", profile, 20), ("expert_tier", tier, 60)]
+                ("profile", profile, 20), ("async_scheduling", async_, 40), ("expert_tier", tier, 60)]
     for name, fn, need in sections:
+        if name == "async_scheduling" and shape != args.async_shape:
+            continue
         if name == "transformers" and shape not in args.hf_models.split(","):
             continue
         if name == "profile" and "core" not in state:
@@ -298,6 +358,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--no-expert-tier", dest="expert_tier", action="store_false")
     ap.add_argument("--moe-sweep", action="store_true", help="also time other Triton MoE tile shapes")
     ap.add_argument("--expert-tier-shape", default="qwen3-30b-a3b")
+    ap.add_argument("--async-shape", default="mixtral-8x7b", help="the shape --async-scheduling is measured on")
+    ap.add_argument("--async-batches", default="256", help="batches of the --async-scheduling comparison")
     ap.add_argument("--time-budget", type=float, default=300.0, help="seconds; later sections are skipped past it")
     ap.add_argument("--cpu-dry-run", action="store_true", help="toy sizes on the CPU: checks the benchmark only")
     output.add_args(ap)
@@ -305,6 +367,7 @@ def main(argv: list[str] | None = None) -> dict:
     args.device, args.dtype = ("cpu", torch.float32) if args.cpu_dry_run else ("cuda", torch.bfloat16)
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     args.batches, args.eager_batches, args.hf_batches = ints(args.batches), ints(args.eager_batches), ints(args.hf_batches)
+    args.async_batches = ints(args.async_batches)
     if not torch.cuda.is_available() and not args.cpu_dry_run:
         raise SystemExit("python -m loadtest gpu needs a CUDA GPU (torch.cuda.is_available() is False)")
     from transformers import AutoTokenizer

@@ -209,6 +209,14 @@ def report_blocks(out: dict) -> list[dict]:
             [col("batch", "d"), col("output tok/s", ",.1f"), col("ms/step", ".2f"), col("execute ms", ".2f"),
              col("rest ms", ".2f"), col("GB/step", ".2f"), col("MBU %", ".1f"), col("eager tok/s", ",.1f"),
              col("transformers tok/s", ",.1f")], rows))
+        if r.get("async_scheduling"):
+            blocks.append(results.table(
+                f"**{r['shape']}, `--async-scheduling`** (the same engine with CUDA graphs, runs alternating; tok/s "
+                "once every request has its first token)",
+                [col("batch", "d"), col("async scheduling"), col("run", "d"), col("output tok/s", ",.1f"),
+                 col("ms/step", ".2f")],
+                [[a["batch"], "on" if a["async_scheduling"] else "off", a["run"], a["output_tok_per_s"],
+                  a["ms_per_step"]] for a in r["async_scheduling"]]))
         if r.get("skipped"):
             blocks.append(results.text("Skipped: " + "; ".join(r["skipped"]) + "."))
     if out.get("moe_kernels"):

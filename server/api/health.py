@@ -57,4 +57,4 @@ async def version(request: Request) -> dict[str, Any]:
     serves each layer kind; models/kernels/plan.py)."""
     info = request.app.state.serving.engine.model_info
     return {"version": server_version(), "engine": request.app.state.config.engine.engine,
-            "kernel_plan": info.kernel_plan}
+            "async_scheduling": info.async_scheduling, "kernel_plan": info.kernel_plan}

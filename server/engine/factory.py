@@ -153,6 +153,7 @@ def build_native_core(config: EngineConfig, progress: bool = True, reserve_cpu_c
         host_tier=placement is not None and placement.computes_on_host,
         several_gpus=placement is not None and placement.several_gpus,
         capacity_limited=config.expert_capacity_factor is not None, enforce_eager=config.enforce_eager))
+    async_scheduling = resolve_async_scheduling(config, placement is not None)
     core = EngineCore(
         model, tokenizer, num_blocks=blocks, block_size=config.block_size, max_model_len=max_len,
         max_num_seqs=config.max_num_seqs, max_num_batched_tokens=budget,
@@ -160,7 +161,7 @@ def build_native_core(config: EngineConfig, progress: bool = True, reserve_cpu_c
         scheduling_policy=config.scheduling_policy, seed=config.seed,
         eos_token_ids=eos_token_ids(config.model, cfg, tokenizer), placement=placement,
         routing_listeners=(RoutingRecorder.for_model(config.record_routing, model),) if config.record_routing else (),
-        speculative=config.speculative, kernels=config.kernel_flags,
+        speculative=config.speculative, kernels=config.kernel_flags, async_scheduling=async_scheduling,
     )
     dtype = str(model.embed.weight.dtype).replace("torch.", "")
     info = ModelInfo(
@@ -168,15 +169,34 @@ def build_native_core(config: EngineConfig, progress: bool = True, reserve_cpu_c
         architecture=cfg.architecture, num_layers=cfg.num_layers, num_experts=cfg.num_experts, top_k=cfg.top_k,
         dtype=dtype, device=str(model.embed.weight.device), num_moe_layers=cfg.num_moe_layers,
         eos_token_ids=core.eos_token_ids, kernel_plan=model.kernel_plan.to_dict(),
+        async_scheduling=core.async_step is not None,
     )
     log.info("loaded %s (%s, %s on %s) in %.1fs; KV cache %d blocks x %d tokens; max_model_len %d",
              config.model, cfg.architecture, dtype, info.device, model.load_seconds, blocks, config.block_size,
              core.max_model_len)
+    log.info("async scheduling: %s", "on" if info.async_scheduling else "off")
     if cfg.hybrid:
         log.info("recurrent state: %d slots x %.2f MiB per sequence (%d linear-attention / Mamba2 layers)",
                  config.max_num_seqs + 1, model.state_bytes_per_sequence() / 2**20,
                  sum(k != "attention" for k in cfg.layer_kinds))
     return core, info
+
+
+def resolve_async_scheduling(config: EngineConfig, placed: bool) -> bool:
+    """Whether the native engine schedules asynchronously: the one place that decides it.
+    Off with expert placement (a rebalance moves experts between steps, with the device idle) and
+    with speculative decoding, as vLLM did at first: a step's accepted tokens decide the next
+    step's inputs (and drafts) on the host."""
+    if not config.async_scheduling:
+        return False
+    if config.speculative is not None:
+        log.info("async scheduling is off: speculative decoding (--speculative-config) decides each step's "
+                 "inputs from the last one's accepted tokens on the host")
+        return False
+    if placed:
+        log.info("async scheduling is off: expert placement rebalances experts between steps")
+        return False
+    return True
 
 
 def build_engine(config: EngineConfig) -> EngineClient:

@@ -29,6 +29,7 @@ class ModelInfo:
     num_moe_layers: int | None = None  # layers with an MoE block (routing series are per MoE layer)
     eos_token_ids: tuple[int, ...] = ()  # what ends a sequence (structured outputs stop on these)
     kernel_plan: dict | None = None  # the native engine's kernels per layer (KernelPlan.to_dict)
+    async_scheduling: bool = False  # the engine schedules one step ahead of the device (--async-scheduling)
 
 
 @runtime_checkable

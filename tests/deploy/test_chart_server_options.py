@@ -62,6 +62,7 @@ EVERY_OPTION = {
     "enable_prefix_caching": (False, False),
     "enable_chunked_prefill": (False, False),
     "enforce_eager": (True, True),
+    "async_scheduling": (True, True),
     "attention_backend": ("reference", "reference"),
     "moe_backend": ("loop", "loop"),
     "cpu_linear_layout": ("plain", "plain"),

@@ -48,8 +48,9 @@ def run(coro):
     return asyncio.run(coro)
 
 
-def test_concurrent_streams_match_sequential(make_engine):
-    eng = make_engine(num_kv_blocks=256, block_size=8)
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_concurrent_streams_match_sequential(make_engine, async_scheduling):
+    eng = make_engine(num_kv_blocks=256, block_size=8, async_scheduling=async_scheduling)
 
     async def main():
         await eng.start()
@@ -66,8 +67,9 @@ def test_concurrent_streams_match_sequential(make_engine):
         assert o1.finished and o1.metrics.num_generation_tokens == 12
 
 
-def test_consumer_going_away_aborts_and_frees(make_engine):
-    eng = make_engine(num_kv_blocks=128, block_size=8)
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_consumer_going_away_aborts_and_frees(make_engine, async_scheduling):
+    eng = make_engine(num_kv_blocks=128, block_size=8, async_scheduling=async_scheduling)
 
     async def main():
         await eng.start()
@@ -103,8 +105,9 @@ def test_queue_limit_refuses(make_engine):
     run(main())
 
 
-def test_step_exception_fails_only_that_step(make_engine):
-    eng = make_engine(num_kv_blocks=128, block_size=8)
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_step_exception_fails_only_that_step(make_engine, async_scheduling):
+    eng = make_engine(num_kv_blocks=128, block_size=8, async_scheduling=async_scheduling)
     calls = {"n": 0}
 
     def hook(scheduled):

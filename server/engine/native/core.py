@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, NamedTuple
+from typing import Any
 from collections.abc import Callable
 
 import torch
 
 from models.model import MoEForCausalLM
 from models.layers.attention_variants import kv_reach
+from server.engine.native.async_step import AsyncStepper
 from server.engine.native.kv_cache import BlockPool, KVCacheManager
 from server.engine.native.output_processor import OutputProcessor
 from server.engine.native.outputs import ModelOutput, ScheduledSeq, SchedulerOutput
@@ -29,6 +30,7 @@ from server.engine.native.sequence import RequestState, Sequence, next_seq_id
 from server.engine.native.spec.config import SpeculativeConfig
 from server.engine.native.spec.engine import SpecDecoder, build_proposer, distinct_experts
 from server.engine.native.state_slots import StateSlots
+from server.engine.native.step_result import StepError, StepResult
 from server.engine.request import EngineRequest, RequestOutput
 from server.engine.stats import FinishedRequestStats, IterationStats, RoutingListener, RoutingStats
 from server.engine.structured.runtime import StructuredRuntime
@@ -37,34 +39,19 @@ from server.engine.validate import RoutingShape, validate_request
 log = logging.getLogger(__name__)
 
 
-class StepResult(NamedTuple):
-    outputs: list[RequestOutput]
-    stats: IterationStats
-    finished: list[FinishedRequestStats]  # requests that ended this step (or were aborted since the last)
-    routing: RoutingStats | None
-
-
-class StepError(RuntimeError):
-    """A step failed: `request_ids` are the requests it was running (every request when it
-    failed while scheduling); `cause` is the exception."""
-
-    def __init__(self, request_ids: list[str], cause: BaseException):
-        super().__init__(str(cause))
-        self.request_ids = request_ids
-        self.cause = cause
-
-
 class EngineCore:
     def __init__(self, model: MoEForCausalLM, tokenizer: Any, *, num_blocks: int, block_size: int,
                  max_model_len: int, max_num_seqs: int, max_num_batched_tokens: int,
                  enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True,
                  scheduling_policy: str = "fcfs", seed: int = 0, eos_token_ids: tuple[int, ...] = (),
                  placement: Any = None, routing_listeners: tuple[RoutingListener, ...] = (),
-                 speculative: SpeculativeConfig | None = None, kernels: Any = None):
+                 speculative: SpeculativeConfig | None = None, kernels: Any = None, async_scheduling: bool = False):
         """`placement`: a PlacementManager (server/engine/native/placement) whose experts are
         placed already; it hears every step's routing. `routing_listeners` (e.g. a routing trace
         recorder) hear it too; all are closed with the core. `speculative`: speculative decoding
-        (spec/; `kernels`, the KernelFlags a draft model is loaded with)."""
+        (spec/; `kernels`, the KernelFlags a draft model is loaded with). `async_scheduling`: the
+        host schedules and applies results one step ahead of the device (`async_step.py`; off with
+        placement and with speculative decoding: server/engine/factory.py resolve_async_scheduling)."""
         self.model = model
         self.tokenizer = tokenizer
         cfg = model.config
@@ -82,8 +69,13 @@ class EngineCore:
                      "sequence, which cached KV blocks cannot restore", cfg.architecture)
             enable_prefix_caching = False
         self.pool = BlockPool(num_blocks, block_size, enable_prefix_caching)
-        # every layer windowed or chunked: blocks out of every layer's reach are released
-        self.kv = KVCacheManager(self.pool, kv_reach(cfg))
+        # every layer windowed or chunked: blocks out of every layer's reach are released; with
+        # speculative decoding the reach counts the drafts too (a step's blocks are committed with
+        # its drafted tokens, of which up to all k may be rejected)
+        reach = kv_reach(cfg)
+        if reach is not None and speculative is not None:
+            reach += speculative.num_speculative_tokens + 1
+        self.kv = KVCacheManager(self.pool, reach)
         # hybrid models: a state slot per running sequence (n > 1 completions included)
         self.state_slots = StateSlots(max_num_seqs) if cfg.hybrid else None
         self.scheduler = Scheduler(self.kv, max_num_seqs, max(max_num_batched_tokens, 1), self.max_model_len,
@@ -120,6 +112,12 @@ class EngineCore:
                 self.runner.keep_aux_hidden(tuple(proposer.aux_hidden_layers))
             self.scheduler.release_hook = lambda seq: proposer.release(seq.seq_id)
             log.info("speculative decoding: %s", speculative.to_json())
+        self.async_step: AsyncStepper | None = None
+        if async_scheduling and (placement is not None or self.spec is not None):
+            log.info("async scheduling is off: %s", "expert placement rebalances between steps, with the device idle"
+                     if placement is not None else "speculative decoding decides each step's inputs on the host")
+        elif async_scheduling:
+            self.async_step = AsyncStepper(self)
 
     # -- admission --------------------------------------------------------------------
     def validate(self, request: EngineRequest) -> int:
@@ -167,7 +165,10 @@ class EngineCore:
 
     # -- the step ---------------------------------------------------------------------
     def step(self) -> StepResult:
-        """One engine step. Raises `StepError` naming the requests it was running if it fails."""
+        """One engine step. Raises `StepError` naming the requests it was running if it fails.
+        With async scheduling it launches the next step and returns the results of the one before."""
+        if self.async_step is not None:
+            return self.async_step.step()
         t0 = time.monotonic()
         try:
             batch = self.scheduler.schedule()
@@ -188,26 +189,39 @@ class EngineCore:
             if self.fault_hook is not None:
                 self.fault_hook(batch.scheduled)
             result = self.runner.execute(batch)
-            routing_stats = self._routing_stats(result)
-            if routing_stats is not None:
-                for listener in self.routing_listeners:
-                    listener.on_routing(routing_stats)
-            self.output.record_model_output(batch, result, stats)
-            distinct_experts(batch, result, stats)
-            target = None
-            if self.spec is not None:
-                self.spec.record(batch, result, stats)
-                target = self.spec.target_hidden(batch, result)
-            states = list({id(it.seq.state): it.seq.state for it in batch.scheduled}.values())
-            finished = self.scheduler.update_from_output(
-                batch, result, lambda seq, token, lp, may_stop: self.output.on_token(
-                    seq, token, lp, may_stop, now=t0, stats=stats))
-            outputs = self.output.make_outputs(states, finished, finished_stats)
-            for out in outputs:
-                if out.finished:
-                    del self.requests[out.request_id]
-            if self.spec is not None:  # drafts for the next step
-                self.spec.propose(self.scheduler.running, target)
+            routing_stats = self.apply_output(batch, result, t0, stats, finished_stats, outputs)
+        self.end_step(batch, stats, t0)
+        return StepResult(outputs, stats, finished_stats, routing_stats)
+
+    def apply_output(self, batch: SchedulerOutput, result: ModelOutput, now: float, stats: IterationStats,
+                     finished_stats: list[FinishedRequestStats], outputs: list[RequestOutput]) -> RoutingStats | None:
+        """A computed step's results: routing to the listeners, the sequences moved on, the
+        deltas appended to `outputs`, and with speculative decoding the drafts for the next
+        step. Sequences that finished while it was in flight (async scheduling) are skipped."""
+        routing_stats = self._routing_stats(result)
+        if routing_stats is not None:
+            for listener in self.routing_listeners:
+                listener.on_routing(routing_stats)
+        self.output.record_model_output(batch, result, stats)
+        distinct_experts(batch, result, stats)
+        target = None
+        if self.spec is not None:
+            self.spec.record(batch, result, stats)
+            target = self.spec.target_hidden(batch, result)
+        states = list({id(it.seq.state): it.seq.state for it in batch.scheduled if not it.seq.finished}.values())
+        finished = self.scheduler.update_from_output(
+            batch, result, lambda seq, token, lp, may_stop: self.output.on_token(
+                seq, token, lp, may_stop, now=now, stats=stats))
+        new = self.output.make_outputs(states, finished, finished_stats)
+        for out in new:
+            if out.finished:
+                del self.requests[out.request_id]
+        outputs.extend(new)
+        if self.spec is not None:  # drafts for the next step
+            self.spec.propose(self.scheduler.running, target)
+        return routing_stats
+
+    def end_step(self, batch: SchedulerOutput, stats: IterationStats, t0: float) -> None:
         stats.num_running = len(self.scheduler.running)
         stats.num_waiting = len(self.scheduler.waiting)
         stats.kv_cache_usage = self.pool.usage
@@ -217,10 +231,11 @@ class EngineCore:
         self.total_prefix_hit_tokens += self.pool.hits
         self.pool.queries = self.pool.hits = 0
         stats.step_time = time.monotonic() - t0
-        return StepResult(outputs, stats, finished_stats, routing_stats)
 
     def close(self) -> None:
-        """Release what outlives a step (a routing trace file)."""
+        """Release what outlives a step (a routing trace file, the async device thread, a proposer's state)."""
+        if self.async_step is not None:
+            self.async_step.close()
         if self.spec is not None:
             self.spec.proposer.close()
         for listener in self.routing_listeners:

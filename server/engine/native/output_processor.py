@@ -92,6 +92,8 @@ class OutputProcessor:
         """Prompt tokens computed, prompt logprobs and expert choices of this step."""
         for j, item in enumerate(batch.scheduled):
             seq = item.seq
+            if seq.finished:  # stopped or aborted while the step was in flight (async scheduling)
+                continue
             if seq.num_computed < seq.num_prompt_tokens:
                 stats.num_prompt_tokens += min(item.num_new, seq.num_prompt_tokens - seq.num_computed)
             if j in out.prompt_logprobs:

@@ -23,7 +23,9 @@ class ScheduledSeq:
     @property
     def samples(self) -> bool:
         """Whether this step computes the sequence's last token (so a new one is sampled)."""
-        return self.seq.num_computed + self.num_new - self.num_spec == len(self.seq.token_ids)
+        seq = self.seq  # (num_inflight / num_pending: async scheduling, before this step is launched)
+        return (seq.num_computed + seq.num_inflight + self.num_new - self.num_spec
+                == len(seq.token_ids) + seq.num_pending)
 
 
 @dataclass

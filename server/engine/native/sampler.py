@@ -65,6 +65,7 @@ class SamplingRow:
 class SamplerOutput:
     token_ids: list[int]  # one per row
     logprobs: list[Logprob | None]  # per row; None unless params.logprobs is not None
+    tokens: torch.Tensor | None = None  # [rows] the same ids on the device (async scheduling feeds them on)
 
 
 class Sampler:
@@ -131,7 +132,7 @@ class Sampler:
                 tokens[r_idx] = self._race(y, [r.generator for r in sampled])
 
         token_list: list[int] = tokens.tolist()
-        return SamplerOutput(token_list, self._logprobs(raw, tokens, rows))
+        return SamplerOutput(token_list, self._logprobs(raw, tokens, rows), tokens)
 
     # -- logits processing ------------------------------------------------------------------
     def process_logits(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:

@@ -90,6 +90,7 @@ class Scheduler:
         self.running.remove(seq)
         self._release(seq)  # recompute: the state is rebuilt from the tokens
         seq.num_computed = 0
+        seq.num_inflight = 0  # a step in flight (async scheduling) computed it for nothing
         seq.status = SeqStatus.WAITING
         self.waiting.insert(0, seq)
         if self.policy == "priority":
@@ -105,8 +106,11 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            # speculative decoding: a decode with k drafts computes k + 1 tokens; drafts take
-            # what the budget and the free blocks allow and never preempt anyone
+            if seq.num_inflight and seq.num_uncomputed == 0:  # all its tokens are in a step in flight (async)
+                i += 1
+                continue
+            # speculative decoding (never with async scheduling): a decode with k drafts computes
+            # k + 1 tokens; drafts take what the budget and the free blocks allow and never preempt anyone
             num_spec = min(len(seq.spec_tokens), budget - 1) if seq.num_uncomputed == 1 else 0
             if num_spec and self.kv.allocate(seq.blocks, seq.num_computed, 1 + num_spec, out.block_copies):
                 del seq.spec_tokens[num_spec:]
@@ -117,7 +121,7 @@ class Scheduler:
             if seq.spec_tokens:
                 seq.clear_spec()
             num_new = min(seq.num_uncomputed, budget)
-            while not self.kv.allocate(seq.blocks, seq.num_computed, num_new, out.block_copies):
+            while not self.kv.allocate(seq.blocks, seq.num_computed + seq.num_inflight, num_new, out.block_copies):
                 victim = self.running[-1]
                 self._preempt(victim)
                 out.num_preemptions += 1
@@ -132,6 +136,8 @@ class Scheduler:
         # 2. waiting sequences, if nothing was preempted this step
         while self.waiting and budget > 0 and not out.num_preemptions:
             seq = self.waiting[0]
+            if seq.num_pending:  # preempted with its last token still on the device (async scheduling)
+                break
             fanout = seq.params.n if seq.needs_fork else 1
             if self.running and len(self.running) + fanout > self.max_num_seqs:
                 break
@@ -171,15 +177,20 @@ class Scheduler:
         states: dict[str, RequestState] = {}
         for j, item in enumerate(batch.scheduled):
             seq = item.seq
+            if seq.finished:  # stopped or aborted while this step was in flight (async scheduling)
+                continue  # its token is discarded (never emitted); its blocks were freed then
             states.setdefault(seq.state.request_id, seq.state)
             if item.num_spec:
                 self._update_spec(seq, item, j, out, on_token)
                 continue
-            seq.num_computed += item.num_new
-            self.kv.commit(seq.blocks, seq.token_ids, seq.num_computed)
+            if seq.status is SeqStatus.RUNNING:  # else preempted while in flight: it recomputes
+                seq.num_computed += item.num_new
+                seq.num_inflight = max(0, seq.num_inflight - item.num_new)
+                self.kv.commit(seq.blocks, seq.token_ids, seq.num_computed)
             tokens = out.sampled_token_ids.get(j)
             if tokens is None:
                 continue
+            seq.num_pending = 0  # the host knows it now
             children = self._fork(seq) if seq.needs_fork else [seq]
             for child, token, lp in zip(children, tokens, out.sampled_logprobs[j], strict=True):
                 self._append(child, token, lp, on_token)

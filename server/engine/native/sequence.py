@@ -74,6 +74,11 @@ class Sequence:
 
     def clear_spec(self) -> None:
         self.spec_tokens, self.spec_probs, self.spec_masks = [], None, None
+    # async scheduling (async_step.py): tokens scheduled into a step whose results the host has
+    # not applied yet, and sampled tokens the device holds but the host does not know yet (0 or 1;
+    # the next step reads it from the device). Both stay 0 without async scheduling.
+    num_inflight: int = 0
+    num_pending: int = 0
 
     @property
     def request(self) -> EngineRequest:
@@ -89,7 +94,7 @@ class Sequence:
 
     @property
     def num_uncomputed(self) -> int:
-        return len(self.token_ids) - self.num_computed
+        return len(self.token_ids) + self.num_pending - self.num_computed - self.num_inflight
 
     @property
     def needs_prompt_outputs(self) -> bool:

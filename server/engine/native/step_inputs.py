@@ -9,7 +9,7 @@ buffers never move, which is what a CUDA graph needs from its inputs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -32,6 +32,10 @@ class StepInputs:
     # the step's KV being written first) so verify steps take the decode kernel:
     # (num_decodes, query_start_loc, seq_lens, block_tables, decode_seq_lens); None: as above
     attention: tuple | None = None
+    # async scheduling: (token row, position in `scheduled`) of input ids the host does not know
+    # yet (a placeholder 0 in `ids`; the previous step's sampled ids on the device fill them)
+    pending: list[tuple[int, int]] = field(default_factory=list)
+    copy_sizes: tuple[int, int, int] = (0, 0, 0)  # (rows, seqs, logit rows) `copy` moves
 
     @property
     def num_seqs(self) -> int:
@@ -41,8 +45,16 @@ class StepInputs:
 class StepBuffers:
     def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int, device: torch.device):
         self.device = device
+        self.separate_device = device.type == "cuda"  # on the CPU too with async scheduling
         self._alloc(max_tokens, max_seqs, max_blocks)
         self._copied: torch.cuda.Event | None = None
+
+    def split_device(self) -> None:
+        """Device buffers of their own on the CPU too (async scheduling: the host fills the next
+        step's buffers while the device thread's forward reads this step's)."""
+        if not self.separate_device:
+            self.separate_device = True
+            self.dev = {k: t.clone() for k, t in self.host.items()}
 
     def _alloc(self, max_tokens: int, max_seqs: int, max_blocks: int) -> None:
         cuda = self.device.type == "cuda"
@@ -52,7 +64,8 @@ class StepBuffers:
         self.host = {k: torch.zeros(n, dtype=torch.int64, pin_memory=cuda) for k, n in sizes.items()}
         self.host["tables"] = torch.zeros(max_seqs, max_blocks, dtype=torch.int64, pin_memory=cuda)
         self.np = {k: t.numpy() for k, t in self.host.items()}  # writable views of the same memory
-        self.dev = {k: t.to(self.device) for k, t in self.host.items()} if cuda else self.host
+        self.dev = ({k: t.to(self.device, copy=True) for k, t in self.host.items()} if self.separate_device
+                    else self.host)
 
     def _ensure(self, tokens: int, seqs: int, blocks: int) -> None:
         if tokens > self.max_tokens or seqs > self.max_seqs or blocks > self.max_blocks:
@@ -60,15 +73,17 @@ class StepBuffers:
             self._alloc(max(tokens, self.max_tokens), max(seqs, self.max_seqs), max(blocks, self.max_blocks))
 
     def prepare(self, batch: SchedulerOutput, block_size: int, pad_slot: int, pad_to: int = 0,
-                pad_state_slot: int = 0) -> StepInputs:
+                pad_state_slot: int = 0, copy: bool = True) -> StepInputs:
         """Fill the buffers for `batch`; with `pad_to` > num tokens (a decode-only batch run as
         a larger CUDA-graph bucket), the extra rows get token 0 at position 0, KV slot
         `pad_slot` (a scratch block) and length 0 (attention writes zeros for them). Each
         sequence's state slot (hybrid models) goes to `state_slots`; `pad_state_slot` (a
-        scratch row) where it has none."""
+        scratch row) where it has none. `copy=False`: the caller calls `copy` later (async
+        scheduling: on the device thread, in order with the forwards)."""
         sched = batch.scheduled
         S = len(sched)
-        starts = np.fromiter((it.seq.num_computed for it in sched), np.int64, S)  # [S]
+        # (num_inflight: tokens of a step still in flight, async scheduling)
+        starts = np.fromiter((it.seq.num_computed + it.seq.num_inflight for it in sched), np.int64, S)  # [S]
         counts = np.fromiter((it.num_new for it in sched), np.int64, S)  # [S]
         loc = np.zeros(S + 1, np.int64)
         np.cumsum(counts, out=loc[1:])
@@ -82,15 +97,19 @@ class StepBuffers:
         logit_rows: list[int] = []
         sample_rows: dict[int, int] = {}
         prompt_rows: dict[int, tuple[int, int]] = {}
+        pending: list[tuple[int, int]] = []
         tables = h["tables"]
         for j, it in enumerate(sched):  # a loop over sequences, not tokens
             seq = it.seq
             start, end = int(starts[j]), int(starts[j] + counts[j])
-            if it.num_spec:  # its last token, then the drafts to verify
+            if it.num_spec:  # its last token, then the drafts to verify (never with async scheduling)
                 ids.extend(seq.token_ids[start:])
                 ids.extend(seq.spec_tokens[: it.num_spec])
             else:
                 ids.extend(seq.token_ids[start:end])
+                if end > len(seq.token_ids):  # its last token is still on the device (async scheduling)
+                    pending.append((len(ids), j))
+                    ids.append(0)
             table = seq.blocks.table
             tables[j, : len(table)] = table
             h["state_slots"][j] = seq.state_slots[0] if seq.state_slots else pad_state_slot
@@ -120,12 +139,14 @@ class StepBuffers:
             h["seg"][T:pad_to] = 0
             h["seq_lens"][S:pad_to] = 0
             h["state_slots"][S:pad_to] = pad_state_slot
-        self._copy(n_rows, max(S, pad_to), len(logit_rows))
+        sizes = (n_rows, max(S, pad_to), len(logit_rows))
+        if copy:
+            self.copy(sizes)
         num_decodes = int(np.argmax(counts != 1)) if (counts != 1).any() else S
         spec = np.fromiter((it.num_spec for it in sched), np.int64, S)  # [S]
         attention = self._verify_rows(starts, counts, spec, width) if spec.any() else None
         return StepInputs(T, num_decodes, loc.tolist(), (starts + counts).tolist(), width, len(logit_rows),
-                          sample_rows, prompt_rows, attention)
+                          sample_rows, prompt_rows, attention, pending, sizes)
 
     def _verify_rows(self, starts: np.ndarray, counts: np.ndarray, spec: np.ndarray, width: int) -> tuple:
         """The attention rows of a step with drafts (`StepInputs.attention`); the sequences with
@@ -144,14 +165,17 @@ class StepBuffers:
         lens = torch.from_numpy(a_lens[:nd].copy()).to(self.device)  # [nd]
         return nd, a_loc.tolist(), a_lens.tolist(), tables, lens
 
-    def _copy(self, n_rows: int, n_seqs: int, n_logits: int) -> None:
+    def copy(self, sizes: tuple[int, int, int]) -> None:
+        """The host buffers' first (rows, seqs, logit rows) to the device buffers."""
         if self.dev is self.host:
             return
+        n_rows, n_seqs, n_logits = sizes
         for k in ("ids", "positions", "slots", "seg"):
             self.dev[k][:n_rows].copy_(self.host[k][:n_rows], non_blocking=True)
         self.dev["logit_rows"][:n_logits].copy_(self.host["logit_rows"][:n_logits], non_blocking=True)
         self.dev["seq_lens"][:n_seqs].copy_(self.host["seq_lens"][:n_seqs], non_blocking=True)
         self.dev["state_slots"][:n_seqs].copy_(self.host["state_slots"][:n_seqs], non_blocking=True)
         self.dev["tables"][:n_seqs].copy_(self.host["tables"][:n_seqs], non_blocking=True)
-        self._copied = torch.cuda.Event()
-        self._copied.record()
+        if self.device.type == "cuda":
+            self._copied = torch.cuda.Event()
+            self._copied.record()

@@ -84,6 +84,8 @@ def engine_args_kwargs(config: EngineConfig, *, on_cpu: bool, environ: dict[str,
         log.warning("vLLM's CPU attention needs KV block sizes that are multiples of %d; --block-size %d "
                     "ignored, vLLM picks its CPU default", CPU_BLOCK_MULTIPLE, config.block_size)
         kw["block_size"] = None
+    if config.async_scheduling:  # vLLM's own flag of the same name
+        kw["async_scheduling"] = True
     if config.reasoning_parser:  # vLLM then starts structured outputs after the reasoning part
         kw["reasoning_parser"] = config.reasoning_parser
     if config.num_kv_blocks:

@@ -136,6 +136,9 @@ class MoEForCausalLM(nn.Module):
             attn = layer.attn
             qkv = packed(attn.qkv.weight, lk.qkv) if hasattr(attn, "qkv") else None
             o = packed(attn.o_proj.weight, lk.o) if hasattr(attn, "qkv") else None
+            if isinstance(attn, MLAttention):  # its projections by name (MLAttention.PACKED)
+                qkv = {n: packed(getattr(attn, n).weight, lk.qkv) for n in attn.PACKED if hasattr(attn, n)}
+                o = packed(attn.o_proj.weight, lk.o)
             attn.apply_kernels(lk, qkv, o)
             if layer.is_moe:
                 b = layer.moe

@@ -34,6 +34,7 @@ The rules, per layer kind:
 from __future__ import annotations
 
 import functools
+import math
 import logging
 from dataclasses import dataclass, field, replace
 from enum import Enum
@@ -143,7 +144,7 @@ class LayerKernels:
     attention: AttentionKernel  # the decode kernel
     fused_rope: bool  # q/k norm + rotary + KV store in one Triton launch
     fused_norms: bool  # Triton RMSNorm with the residual add
-    qkv: LinearLayout  # GQA layers' q/k/v and o projections (MLA: plain)
+    qkv: LinearLayout  # GQA layers' q/k/v and o projections (MLA: its q, q_a, q_b and kv_a projections, and o)
     o: LinearLayout
     expert_kind: str | None  # "swiglu", or the family variant ("biased clamped swiglu", ...); None: dense MLP
     moe: MoEKernel | None
@@ -224,7 +225,9 @@ class KernelPlan:
         for first, last, lk in self.layer_groups():
             experts = "dense MLP" if lk.moe is None else f"{lk.expert_kind}: {lk.moe.value}" + (
                 f" (up to {CPU_KERNEL_PAIRS_PER_EXPERT} pairs/expert, {lk.moe_large.value} above)"
-                if lk.moe_large is not None else "")
+                if lk.moe_large is not None else "") + (
+                f"; shared expert: {lk.shared.value}" if lk.shared not in (LinearLayout.PLAIN, LinearLayout.QUANTIZED)
+                else "")
             lines.append(f"| {first}-{last} | {lk.attention_kind}: {lk.attention.value} | "
                          f"{'yes' if lk.fused_rope else 'no'} / {'yes' if lk.fused_norms else 'no'} | "
                          f"{_lv(lk.qkv, lk)}, {_lv(lk.o, lk)} | {experts}{_quant_note(lk)} | "
@@ -378,6 +381,17 @@ def _layout(flags: KernelFlags, caps: Capabilities, out_features: int) -> Linear
 QUANT_GROUP = 32  # the quantized formats' group size: input sizes must be multiples of it
 
 
+def mla_projections(cfg: MoEModelConfig) -> list[tuple[int, int]]:
+    """(rows, in) of an MLA layer's projections of the hidden state and the q latent that the
+    plan packs (q, or q_a and q_b; kv_a); o_proj besides. [] without MLA."""
+    m = cfg.mla
+    if m is None:
+        return []
+    H, q_rows = cfg.hidden_size, cfg.num_heads * m.qk_head_dim
+    q = [(q_rows, H)] if m.q_lora_rank is None else [(m.q_lora_rank, H), (q_rows, m.q_lora_rank)]
+    return q + [(m.kv_lora_rank + m.qk_rope_head_dim, H)]
+
+
 def quantizable(cfg: MoEModelConfig) -> dict[str, bool]:
     """Which weights `--quantization` quantizes (their input sizes are multiples of the group)."""
     g = QUANT_GROUP
@@ -426,10 +440,16 @@ def resolve_plan(cfg: MoEModelConfig, device: torch.device, dtype: torch.dtype, 
     H, inter, E = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts
     qkv_rows = cfg.q_size * (2 if cfg.attn_output_gate else 1) + 2 * cfg.kv_size
     extra = 0 if quant.get("lm_head") else cfg.vocab_size * H
+    mla_in = mla_projections(cfg)
+    shared = cfg.shared_expert_intermediate_size or 0
     for i in range(cfg.num_layers):
         gqa = cfg.mla is None and cfg.layer_kind(i) == "attention"
         if gqa and not quant.get("attention"):
             extra += qkv_rows * H + H * cfg.q_size
+        if cfg.mla is not None and cfg.layer_kind(i) == "attention":  # MLA's projections (never quantized)
+            extra += sum(rows * k for rows, k in mla_in) + H * cfg.num_heads * cfg.mla.v_head_dim
+        if cfg.sparse_layers[i] and shared and not quant.get("shared"):  # the shared expert's w13 and w2
+            extra += 3 * shared * H
         if cfg.sparse_layers[i] and not variant and not quant.get("experts"):
             # the loop's gate+up copies; the C kernel's copy of gate+up and down besides
             extra += E * 2 * inter * H * (1 if plain_moe == MoEKernel.LOOP else 2) + (
@@ -451,9 +471,11 @@ def resolve_plan(cfg: MoEModelConfig, device: torch.device, dtype: torch.dtype, 
     def layout(out_features: int) -> LinearLayout:
         return _layout(flags, caps, out_features) if pack else LinearLayout.PLAIN
 
+    mla_rows = math.gcd(*(rows for rows, _ in mla_in)) if mla_in else 0  # panels need every one a multiple
     layers = []
     for i in range(cfg.num_layers):
         kind = attention_kind(cfg, i)
+        mla = cfg.mla is not None and cfg.layer_kind(i) == "attention"
         gqa = cfg.mla is None and cfg.layer_kind(i) == "attention"
         # the paged decode kernels serve every GQA kind: window, chunk and sinks are kernel arguments
         # (the gate comes after); MLA has its own decode kernels (models/kernels/mla_decode.py), not DSA
@@ -474,13 +496,15 @@ def resolve_plan(cfg: MoEModelConfig, device: torch.device, dtype: torch.dtype, 
         layers.append(LayerKernels(
             attention_kind=kind, attention=plain_attention if plain else AttentionKernel.REFERENCE,
             fused_rope=fused_rope, fused_norms=fused and cfg.residual_multiplier == 1.0,
-            qkv=LinearLayout.QUANTIZED if q_attn else layout(qkv_rows) if gqa else LinearLayout.PLAIN,
-            o=LinearLayout.QUANTIZED if q_attn else layout(H) if gqa else LinearLayout.PLAIN,
+            qkv=LinearLayout.QUANTIZED if q_attn else layout(qkv_rows) if gqa else layout(mla_rows) if mla
+            else LinearLayout.PLAIN,
+            o=LinearLayout.QUANTIZED if q_attn else layout(H) if gqa or mla else LinearLayout.PLAIN,
             expert_kind=expert_kind(cfg) if cfg.sparse_layers[i] else None, moe=moe, moe_large=moe_large,
             gate_up=layout(2 * inter) if moe in (MoEKernel.LOOP, MoEKernel.CPU) and not variant and not q_experts
             else LinearLayout.PLAIN,
             router=router if cfg.sparse_layers[i] else "reference",
-            shared=LinearLayout.QUANTIZED if q_shared else LinearLayout.PLAIN,
+            shared=LinearLayout.QUANTIZED if q_shared else layout(math.gcd(2 * shared, H)) if cfg.sparse_layers[i]
+            and shared else LinearLayout.PLAIN,
             quant=quantization if (q_attn or q_shared or q_experts) else None,
         ))
     # the placement executor packs each CPU device's stack for the C kernel (float32 copies); the

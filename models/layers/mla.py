@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.kernels.mla_decode import absorbed_weights, mla_decode
+from models.kernels.packed import PackedWeight, packed_linear
 from models.kernels.plan import AttentionKernel, LayerKernels
 from models.layers.norm import RMSNorm
 from models.layers.paged import AttentionMetadata, KVCache, gather_kv
@@ -65,6 +66,7 @@ class MLAttention(nn.Module):
         self.o_proj = nn.Linear(H * self.v_dim, hidden, bias=cfg.o_bias)
         self.rotary = rotary
         self.decode_kernel: AttentionKernel | None = None  # the plan's (REFERENCE: the PyTorch path)
+        self.packed: dict[str, PackedWeight] = {}  # projection name -> its packed copy (apply_kernels)
         self.absorbed: tuple[torch.Tensor, torch.Tensor] | None = None  # (W_uk, W_uv^T), apply_kernels
         # prefill continuations with fewer queries run as decode-kernel rows: below this many the
         # absorbed form, (2r + dr) multiply-adds per query and key and head, costs less than
@@ -75,10 +77,25 @@ class MLAttention(nn.Module):
         if cfg.dsa is not None and cfg.dsa.has_indexer(layer_idx):
             self.indexer = Indexer(cfg)
 
-    def apply_kernels(self, kernels: LayerKernels, packed_qkv=None, packed_o=None) -> None:
+    # the projections the plan may pack (LayerKernels.qkv; o_proj: LayerKernels.o)
+    PACKED = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj")
+
+    def apply_kernels(self, kernels: LayerKernels, packed_qkv: dict[str, PackedWeight | None] | None = None,
+                      packed_o: PackedWeight | None = None) -> None:
+        """The plan's decode kernel and the packed copies of the projections (`packed_qkv`: by
+        name, those of `PACKED`; None or a None entry: that projection runs `F.linear`)."""
+        self.packed = {n: w for n, w in (packed_qkv or {}).items() if w is not None}
+        if packed_o is not None:
+            self.packed["o_proj"] = packed_o
         self.decode_kernel = kernels.attention
         self.absorbed = (None if kernels.attention == AttentionKernel.REFERENCE
                          else absorbed_weights(self.kv_b_proj.weight, self.num_heads, self.nope, self.v_dim))
+
+    def _proj(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """Projection `name` of x, over its packed copy where the plan gave one."""
+        lin = getattr(self, name)
+        w = self.packed.get(name)
+        return lin(x) if w is None else packed_linear(x, w, lin.bias)
 
     @property
     def _kernel(self) -> AttentionKernel | None:
@@ -96,10 +113,10 @@ class MLAttention(nn.Module):
     def forward(self, x: torch.Tensor, cos_sin, meta: AttentionMetadata, cache: KVCache,
                 positions: torch.Tensor | None = None) -> torch.Tensor:
         T, H = x.shape[0], self.num_heads
-        q_lat = None if hasattr(self, "q_proj") else self.q_a_norm(self.q_a_proj(x))
-        q = self.q_proj(x) if q_lat is None else self.q_b_proj(q_lat)
+        q_lat = None if hasattr(self, "q_proj") else self.q_a_norm(self._proj("q_a_proj", x))
+        q = self._proj("q_proj", x) if q_lat is None else self._proj("q_b_proj", q_lat)
         q_nope, q_pe = q.view(T, H, self.qk_dim).split([self.nope, self.rope], dim=-1)  # [T, H, dn], [T, H, dr]
-        latent, k_pe = self.kv_a_proj(x).split([self.rank, self.rope], dim=-1)  # [T, r], [T, dr]
+        latent, k_pe = self._proj("kv_a_proj", x).split([self.rank, self.rope], dim=-1)  # [T, r], [T, dr]
         latent = self.kv_a_norm(latent)[:, None, :]  # [T, 1, r]
         k_pe = k_pe[:, None, :]  # [T, 1, dr]
         if self.use_rope:
@@ -140,7 +157,7 @@ class MLAttention(nn.Module):
                                         chosen[0] if sparse else None)
         if meta.num_seqs > nd:
             self._prefills(out, q_nope, q_pe, latent[:, 0], k_pe[:, 0], cache, meta, chosen, kernel)
-        return self.o_proj(out.view(T, H * self.v_dim))
+        return self._proj("o_proj", out.view(T, H * self.v_dim))
 
     def _prefills(self, out, q_nope, q_pe, latent, k_pe, cache: KVCache, meta: AttentionMetadata, chosen,
                   kernel: AttentionKernel | None) -> None:

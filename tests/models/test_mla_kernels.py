@@ -61,6 +61,34 @@ def test_mla_kernels_match_the_reference_path(family, family_checkpoint):
             assert torch.equal(g.argmax(-1), r.argmax(-1)), f"{family} {kernel.value} step {step}"
 
 
+def test_packed_mla_projections_and_shared_expert_match_plain_weights(tmp_path):
+    """The plan's packed copies of MLA's projections (q_a, q_b, kv_a, o) and of the shared expert,
+    in the C kernel's panels (every size here a multiple of 16) and in oneDNN's layout, give the
+    logits of the plain weights (F.linear)."""
+    from tests.models.conftest import make_checkpoint
+
+    make_checkpoint("deepseek_v3", tmp_path, q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=16)
+    model = load_model(str(tmp_path), dtype="float32", device="cpu", progress=False)
+    ref = schedule(model, KernelFlags(cpu_linear="plain", moe="loop"))
+    mla = [layer.attn for layer in model.layers]
+    shared = [layer.moe.shared for layer in model.layers if layer.is_moe]
+    assert shared and all(not a.packed for a in mla) and all(s.packed is None for s in shared)
+    for layout in ("panels", "onednn"):
+        got = schedule(model, KernelFlags(cpu_linear=layout, moe="loop"))
+        plan = model.kernel_plan
+        assert {(lk.qkv.value, lk.o.value) for lk in plan.layers} == {(layout, layout)}
+        assert {lk.shared.value for lk in plan.layers if lk.moe} == {layout}
+        assert all(set(a.packed) == {"q_a_proj", "q_b_proj", "kv_a_proj", "o_proj"} for a in mla)
+        assert all(s.packed is not None and {w.layout.value for w in s.packed} == {layout} for s in shared)
+        # the forward read them (a copy is made on first use)
+        assert all(w._packed is not None for a in mla for w in a.packed.values())
+        assert all(w._packed is not None for s in shared for w in s.packed)
+        for step, (g, r) in enumerate(zip(got, ref)):
+            err = ((g - r).abs().max() / r.abs().max()).item()
+            assert err < 2e-5, f"{layout} step {step}: {err}"
+            assert torch.equal(g.argmax(-1), r.argmax(-1)), f"{layout} step {step}"
+
+
 def test_plan_gives_mla_the_kernels_but_not_dsa(family_checkpoint):
     for family, want in (("deepseek_v3", AttentionKernel.CPU), ("deepseek_v32", AttentionKernel.REFERENCE)):
         path, _ = family_checkpoint(family)

@@ -80,6 +80,83 @@ static inline void dots(const float *q, int64_t ldq, int64_t nh, const float *c,
     }
 }
 
+/* one step of the four heads' FMA chains for two tokens: x, y the tokens' values at d */
+#define DOT_STEP(qa, qb, qc, qd, d, x, y)                                                       \
+    do {                                                                                          \
+        __m256 qv = _mm256_loadu_ps((qa) + (d));                                                  \
+        a0 = _mm256_fmadd_ps(qv, x, a0); b0 = _mm256_fmadd_ps(qv, y, b0);                         \
+        qv = _mm256_loadu_ps((qb) + (d));                                                         \
+        a1 = _mm256_fmadd_ps(qv, x, a1); b1 = _mm256_fmadd_ps(qv, y, b1);                         \
+        qv = _mm256_loadu_ps((qc) + (d));                                                         \
+        a2 = _mm256_fmadd_ps(qv, x, a2); b2 = _mm256_fmadd_ps(qv, y, b2);                         \
+        qv = _mm256_loadu_ps((qd) + (d));                                                         \
+        a3 = _mm256_fmadd_ps(qv, x, a3); b3 = _mm256_fmadd_ps(qv, y, b3);                         \
+    } while (0)
+
+/* the sums of four vectors' lanes: [sum a, sum b, sum c, sum d] */
+static inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
+    const __m256 u = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+    return _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1));
+}
+
+/* Scores of four heads for two tokens: out0[k] += ql_k . c0 + qp_k . p0 and out1[k] += ql_k . c1 +
+ * qp_k . p1 for k < 4 (ql_k = ql + k * R [R], qp_k = qp + k * DR [DR]): eight FMA chains, each load
+ * of a query serving both tokens, the latent and rotary parts into the same chains, reduced once */
+static inline void dots4x2(const float *ql, int64_t R, const float *qp, int64_t DR, const float *c0,
+                           const float *c1, const float *p0, const float *p1, float *out0, float *out1) {
+    const int64_t r8 = R & ~(int64_t)7, dr8 = DR & ~(int64_t)7;
+    const float *l0 = ql, *l1 = l0 + R, *l2 = l1 + R, *l3 = l2 + R;
+    const float *e0 = qp, *e1 = e0 + DR, *e2 = e1 + DR, *e3 = e2 + DR;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+    for (int64_t d = 0; d < r8; d += 8) {
+        const __m256 x = _mm256_loadu_ps(c0 + d), y = _mm256_loadu_ps(c1 + d);
+        DOT_STEP(l0, l1, l2, l3, d, x, y);
+    }
+    for (int64_t d = 0; d < dr8; d += 8) {
+        const __m256 x = _mm256_loadu_ps(p0 + d), y = _mm256_loadu_ps(p1 + d);
+        DOT_STEP(e0, e1, e2, e3, d, x, y);
+    }
+    __m128 s0 = hsum4(a0, a1, a2, a3), s1 = hsum4(b0, b1, b2, b3);
+    if (r8 < R || dr8 < DR) {
+        float t[8] = {0};
+        const float *l[4] = {l0, l1, l2, l3}, *e[4] = {e0, e1, e2, e3};
+        for (int k = 0; k < 4; k++) {
+            for (int64_t d = r8; d < R; d++) { t[k] += l[k][d] * c0[d]; t[4 + k] += l[k][d] * c1[d]; }
+            for (int64_t d = dr8; d < DR; d++) { t[k] += e[k][d] * p0[d]; t[4 + k] += e[k][d] * p1[d]; }
+        }
+        s0 = _mm_add_ps(s0, _mm_loadu_ps(t));
+        s1 = _mm_add_ps(s1, _mm_loadu_ps(t + 4));
+    }
+    _mm_storeu_ps(out0, _mm_add_ps(_mm_loadu_ps(out0), s0));
+    _mm_storeu_ps(out1, _mm_add_ps(_mm_loadu_ps(out1), s1));
+}
+
+/* o[k * R + d0 :][:w] = sum_t p[t * ldp + k] c_t[d0 :][:w] for k < nk (nk <= 4, w 16 or 8): the
+ * accumulators stay in registers over all L tokens (each latent load serves nk heads) */
+static inline void wsum(const mla_job_t *j, const int64_t *table, int64_t L, const float *p, int64_t ldp, int64_t nk,
+                        int64_t d0, int64_t w, float *o) {
+    const int64_t R = j->R, BS = j->BS;
+    __m256 a[4][2];
+    for (int k = 0; k < 4; k++) a[k][0] = a[k][1] = _mm256_setzero_ps();
+    for (int64_t t0 = 0; t0 < L; t0 += BS) {
+        const int64_t n = (L - t0 < BS) ? (L - t0) : BS;
+        const float *cb = j->lat + table[t0 / BS] * BS * R + d0;
+        const float *pt = p + t0 * ldp;
+        for (int64_t i = 0; i < n; i++, cb += R, pt += ldp) {
+            const __m256 x = _mm256_loadu_ps(cb), y = w == 16 ? _mm256_loadu_ps(cb + 8) : x;
+            for (int64_t k = 0; k < nk; k++) {
+                const __m256 pk = _mm256_broadcast_ss(pt + k);
+                a[k][0] = _mm256_fmadd_ps(pk, x, a[k][0]);
+                if (w == 16) a[k][1] = _mm256_fmadd_ps(pk, y, a[k][1]);
+            }
+        }
+    }
+    for (int64_t k = 0; k < nk; k++) {
+        _mm256_storeu_ps(o + k * R + d0, a[k][0]);
+        if (w == 16) _mm256_storeu_ps(o + k * R + d0 + 8, a[k][1]);
+    }
+}
+
 /* Row b, heads [h0, h0 + nh); `scores` holds nh * lens[b] floats. */
 static void mla_item(const mla_job_t *j, int64_t b, int64_t h0, int64_t nh, float *scores) {
     const int64_t R = j->R, DR = j->DR, PW = j->PW, BS = j->BS, L = j->lens[b];
@@ -93,16 +170,41 @@ static void mla_item(const mla_job_t *j, int64_t b, int64_t h0, int64_t nh, floa
     for (int64_t t0 = 0; t0 < L; t0 += BS) {
         const int64_t n = (L - t0 < BS) ? (L - t0) : BS, blk = table[t0 / BS];
         const float *cb = j->lat + blk * BS * R, *pb = j->pe + blk * BS * PW;
-        for (int64_t i = 0; i < n; i++) {
-            float *st = scores + (t0 + i) * nh;
-            for (int64_t h = 0; h < nh; h++) st[h] = 0.f;
-            dots(ql, R, nh, cb + i * R, R, st);
-            dots(qp, DR, nh, pb + i * PW, DR, st);
-            for (int64_t h = 0; h < nh; h++) st[h] *= j->scale;
+        float *st = scores + t0 * nh;
+        for (int64_t h = 0; h < n * nh; h++) st[h] = 0.f;
+        int64_t i = 0;
+        for (; i + 2 <= n; i += 2) {  /* token pairs: four heads at a time, then the rest */
+            int64_t h = 0;
+            for (; h + 4 <= nh; h += 4)
+                dots4x2(ql + h * R, R, qp + h * DR, DR, cb + i * R, cb + (i + 1) * R, pb + i * PW, pb + (i + 1) * PW,
+                        st + i * nh + h, st + (i + 1) * nh + h);
+            for (int64_t k = i; k < i + 2; k++) {
+                dots(ql + h * R, R, nh - h, cb + k * R, R, st + k * nh + h);
+                dots(qp + h * DR, DR, nh - h, pb + k * PW, DR, st + k * nh + h);
+            }
         }
+        for (; i < n; i++) {
+            dots(ql, R, nh, cb + i * R, R, st + i * nh);
+            dots(qp, DR, nh, pb + i * PW, DR, st + i * nh);
+        }
+        for (int64_t h = 0; h < n * nh; h++) st[h] *= j->scale;
     }
-    /* softmax over each head's column */
-    for (int64_t h = 0; h < nh; h++) {
+    /* softmax over each head's column: eight heads at a time (a token's scores of eight heads are
+     * one vector; exp8 of panel_gemm.h), the rest one by one */
+    int64_t h8 = 0;
+    for (; h8 + 8 <= nh; h8 += 8) {
+        __m256 m = _mm256_set1_ps(-INFINITY), sum = _mm256_setzero_ps();
+        for (int64_t t = 0; t < L; t++) m = _mm256_max_ps(m, _mm256_loadu_ps(scores + t * nh + h8));
+        for (int64_t t = 0; t < L; t++) {
+            const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + t * nh + h8), m));
+            _mm256_storeu_ps(scores + t * nh + h8, e);
+            sum = _mm256_add_ps(sum, e);
+        }
+        const __m256 inv = _mm256_div_ps(_mm256_set1_ps(1.f), sum);
+        for (int64_t t = 0; t < L; t++)
+            _mm256_storeu_ps(scores + t * nh + h8, _mm256_mul_ps(_mm256_loadu_ps(scores + t * nh + h8), inv));
+    }
+    for (int64_t h = h8; h < nh; h++) {
         float m = -INFINITY, sum = 0.f;
         for (int64_t t = 0; t < L; t++) m = scores[t * nh + h] > m ? scores[t * nh + h] : m;
         for (int64_t t = 0; t < L; t++) {
@@ -113,18 +215,21 @@ static void mla_item(const mla_job_t *j, int64_t b, int64_t h0, int64_t nh, floa
         const float inv = 1.f / sum;
         for (int64_t t = 0; t < L; t++) scores[t * nh + h] *= inv;
     }
-    /* pass 2: out [nh, R] = sum_t p[h, t] c_t */
-    for (int64_t t0 = 0; t0 < L; t0 += BS) {
-        const int64_t n = (L - t0 < BS) ? (L - t0) : BS;
-        const float *cb = j->lat + table[t0 / BS] * BS * R;
-        for (int64_t i = 0; i < n; i++) {
-            const float *c = cb + i * R;
-            for (int64_t h = 0; h < nh; h++) {
-                const float w = scores[(t0 + i) * nh + h];
-                float *o = ob + h * R;
-#pragma GCC ivdep
-                for (int64_t d = 0; d < R; d++) o[d] += w * c[d];
-            }
+    /* pass 2: out [nh, R] = sum_t p[h, t] c_t, in tiles of four heads by 16 (then 8) latent
+     * values held in registers over all the tokens; the last R % 8 values one by one */
+    const int64_t R16 = R & ~(int64_t)15, R8 = R & ~(int64_t)7;
+    for (int64_t h = 0; h < nh; h += 4) {
+        const int64_t nk = nh - h < 4 ? nh - h : 4;
+        for (int64_t d = 0; d < R16; d += 16) wsum(j, table, L, scores + h, nh, nk, d, 16, ob + h * R);
+        if (R8 > R16) wsum(j, table, L, scores + h, nh, nk, R16, 8, ob + h * R);
+    }
+    if (R8 < R) {
+        for (int64_t t0 = 0; t0 < L; t0 += BS) {
+            const int64_t n = (L - t0 < BS) ? (L - t0) : BS;
+            const float *cb = j->lat + table[t0 / BS] * BS * R;
+            for (int64_t i = 0; i < n; i++)
+                for (int64_t h = 0; h < nh; h++)
+                    for (int64_t d = R8; d < R; d++) ob[h * R + d] += scores[(t0 + i) * nh + h] * cb[i * R + d];
         }
     }
 }

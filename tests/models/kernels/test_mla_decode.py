@@ -65,6 +65,10 @@ CASES = [  # B, heads, kv_lora_rank, rope dim, nope dim, v dim, block size, long
     (1, 8, 128, 32, 64, 64, 16, 300, 0),  # one row, long: heads split over threads
     (9, 4, 32, 8, 16, 16, 4, 41, 16),  # many rows (DSA-wide rotary row), tiny blocks
     (5, 3, 48, 24, 16, 8, 8, 37, 0),  # sizes not powers of two
+    # the C kernel's tails: latent and rotary sizes no multiple of 8, heads past a group of 4 (and
+    # of 8: one vector of softmax, the rest one by one), a latent tile of 8 after those of 16
+    (3, 6, 36, 12, 16, 8, 8, 29, 0),
+    (2, 12, 40, 8, 8, 8, 4, 23, 0),
 ]
 IDS = [f"B{c[0]}-h{c[1]}-r{c[2]}-dr{c[3]}" for c in CASES]
 

@@ -112,7 +112,19 @@ def test_layer_kinds_the_kernels_lack_take_their_pytorch_paths(name, attention, 
         assert not resolve_plan(cfg, CUDA, torch.bfloat16, caps=H100).cuda_graphs
     if name == "deepseek_v3":
         assert {lk.expert_kind for lk in plan.layers} == {None, "swiglu"}  # a dense first layer
-        assert {(lk.qkv, lk.o) for lk in plan.layers} == {(LinearLayout.PLAIN, LinearLayout.PLAIN)}
+        # MLA's projections packed (the tiny q_a's 24 rows are no multiple of the panel: oneDNN), the
+        # shared expert too, all counted in the packed bytes; none without packing
+        assert {(lk.qkv, lk.o) for lk in plan.layers} == {(LinearLayout.ONEDNN, LinearLayout.PANELS)}
+        assert {lk.shared for lk in plan.layers if lk.moe} == {LinearLayout.PANELS}
+        assert "shared expert: panels" in plan.table()
+        plain = resolve_plan(cfg, CPU, torch.float32, KernelFlags(cpu_linear="plain", moe="loop"), caps=CPU_CAPS)
+        assert {(lk.qkv, lk.o, lk.shared) for lk in plain.layers} == {(LinearLayout.PLAIN,) * 3}
+        m, H, S = cfg.mla, cfg.hidden_size, cfg.shared_expert_intermediate_size
+        mla = (m.q_lora_rank * H + cfg.num_heads * m.qk_head_dim * m.q_lora_rank
+               + (m.kv_lora_rank + m.qk_rope_head_dim) * H + H * cfg.num_heads * m.v_head_dim)
+        E, inter = cfg.num_experts, cfg.moe_intermediate_size
+        others = cfg.vocab_size * H + sum(cfg.sparse_layers) * (E * 2 * inter * H * 2 + E * H * inter)  # head, experts
+        assert plan.packed_bytes == 4 * (others + cfg.num_layers * mla + sum(cfg.sparse_layers) * 3 * S * H)
 
 
 def test_cuda_plan_fuses_and_captures_graphs_unless_the_engine_cannot():

@@ -468,7 +468,8 @@ def resolve_plan(cfg: MoEModelConfig, device: torch.device, dtype: torch.dtype, 
             moe = MoEKernel.LOOP if variant and plain_moe not in VARIANT_KERNELS else plain_moe
             # plain experts: the loop above the C kernel's batch sizes (oneDNN's GEMMs there); family
             # variants keep the C kernel at every size (their loop reads the unpacked stacks, bias
-            # column included: slower at every batch measured, docs/benchmarks.md "Family decode")
+            # column included: slower at every size measured, scripts/bench_variant_experts.py and
+            # docs/benchmarks.md "Family decode")
             moe_large = MoEKernel.LOOP if moe == MoEKernel.CPU and not variant else None
             if quant.get("experts"):  # only the quantized stacks exist: the C kernel at every batch size
                 moe, moe_large = MoEKernel.CPU, None

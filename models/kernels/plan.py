@@ -18,7 +18,8 @@ The rules, per layer kind:
   Hopper without Triton), the C kernel on the CPU (float32, sizes multiples of its panel) up to
   `CPU_KERNEL_PAIRS_PER_EXPERT` token-expert pairs per expert and the per-expert loop above
   (oneDNN's GEMMs are faster there: docs/benchmarks.md, section "CPU kernels"); family variants (biases, clamped
-  SwiGLU, input scaling) run in the Triton and the C kernel too (`torch._grouped_mm` has none: the loop);
+  SwiGLU, input scaling) run in the Triton and the C kernel too (`torch._grouped_mm` has none: the loop),
+  the C kernel at every batch size (their loop is slower at every size);
 - the router's choice (softmax or sigmoid, correction bias, groups, top-k): one Triton launch on
   CUDA, the C op on the CPU;
 - linear layers on the CPU (float32): the LM head, q/k/v, o and the loop's gate+up weights are
@@ -487,7 +488,11 @@ def resolve_plan(cfg: MoEModelConfig, device: torch.device, dtype: torch.dtype, 
         moe = moe_large = None
         if cfg.sparse_layers[i]:
             moe = MoEKernel.LOOP if variant and plain_moe not in VARIANT_KERNELS else plain_moe
-            moe_large = MoEKernel.LOOP if moe == MoEKernel.CPU else None
+            # plain experts: the loop above the C kernel's batch sizes (oneDNN's GEMMs there); family
+            # variants keep the C kernel at every size (their loop reads the unpacked stacks, bias
+            # column included: slower at every size measured, scripts/bench_variant_experts.py and
+            # docs/benchmarks.md "Family decode")
+            moe_large = MoEKernel.LOOP if moe == MoEKernel.CPU and not variant else None
             if quant.get("experts"):  # only the quantized stacks exist: the C kernel at every batch size
                 moe, moe_large = MoEKernel.CPU, None
         q_attn = gqa and quant.get("attention", False)

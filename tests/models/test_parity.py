@@ -49,9 +49,12 @@ def hf_router_choices(ref, prompts):
     for out in seen:
         if len(out) == 2:  # Llama 4: sigmoid scores, 0 off the chosen experts
             weights, ids = out[0].float().topk(k, dim=-1)
+            logits = out[1]
         else:
-            weights, ids = out[1], out[2]
-        choices.append((ids.reshape(-1, k)[keep], weights.reshape(-1, k)[keep].float()))
+            logits, weights, ids = out[0], out[1], out[2]
+        E = logits.shape[-1]
+        choices.append((ids.reshape(-1, k)[keep], weights.reshape(-1, k)[keep].float(),
+                        logits.reshape(-1, E)[keep].float()))
     return choices
 
 
@@ -73,11 +76,17 @@ def test_logits_and_router_match_transformers(family, family_checkpoint):
     moe_layers = [i for i, s in enumerate(cfg.sparse_layers) if s]
     ref_choices = hf_router_choices(ref, PROMPTS)
     assert len(ref_choices) == len(moe_layers) == len(capture.expert_ids)
-    for layer, (ref_ids, ref_w) in zip(moe_layers, ref_choices):
+    for layer, (ref_ids, ref_w, ref_logits) in zip(moe_layers, ref_choices):
         ours_ids, ours_w = capture.expert_ids[layer], capture.weights[layer]
         ref_sorted, ref_order = ref_ids.sort(-1)
         ours_sorted, ours_order = ours_ids.sort(-1)
-        assert torch.equal(ref_sorted, ours_sorted), f"{family} layer {layer} router ids"
+        # where the reference's router logits tie at the top-k boundary (a token whose logits are
+        # all equal), topk implementations may pick different tied experts: there our choice must
+        # carry the same reference logits; everywhere else, the same experts
+        same = (ref_sorted == ours_sorted).all(-1)  # [tokens]
+        tied = ref_logits.gather(1, ref_ids).sort(-1).values == ref_logits.gather(1, ours_ids).sort(-1).values
+        assert bool((same | tied.all(-1)).all()), f"{family} layer {layer} router ids"
+        assert int((~same).sum()) <= max(1, len(same) // 10), f"{family} layer {layer}: too many tied tokens"
         diff = (ref_w.gather(1, ref_order) - ours_w.gather(1, ours_order)).abs().max().item()
         assert diff <= 1e-5, f"{family} layer {layer}: routing weights differ by {diff}"
 

@@ -109,15 +109,13 @@ def load_model(path: str, dtype: str = "auto", device: str = "auto", progress: b
             raise UnsupportedModelError(f"quantization {quantization!r}: one of {', '.join(QUANTIZATIONS)}")
         plan = resolve_plan(cfg, dev, torch_dtype, kernels, quantization=quantization)  # refuses early
         select_isa()
-    weight_map = family.weight_map(cfg)
     with torch.device("meta"):
         model = MoEForCausalLM(cfg)
-        predictor = None
+        predictor, mtp_map = None, {}
         if mtp:
             n = num_mtp_layers(cfg)
             mtp_map, own_embed, own_head = mtp_weight_map(family, cfg, n, checkpoint_tensor_names(path))
             predictor = model.mtp = MultiTokenPredictor(cfg, n, model.rotary, own_embed, own_head)
-            weight_map.update(mtp_map)
         model = model.to(torch_dtype).restore_fp32_modules()  # no memory yet
     quantized = quantized_params(model, plan) if plan is not None else []
     held = {}
@@ -126,7 +124,8 @@ def load_model(path: str, dtype: str = "auto", device: str = "auto", progress: b
         module = model.get_submodule(module_name)
         held[name] = (module, attr, module._parameters[attr])
         module._parameters[attr] = None
-    check_memory(model, dev, path)
+    check_memory(model, dev, path)  # before the weight map too: its size grows with the experts'
+    weight_map = {**family.weight_map(cfg), **mtp_map}
     model = model.to_empty(device=dev)
     for name, (module, attr, meta) in held.items():
         module._parameters[attr] = meta

@@ -44,6 +44,8 @@ class _DraftSeq:
     state_slots: list[int] = field(default_factory=list)
     num_prompt_tokens: int = 0
     params: Any = _NoPromptLogprobs
+    num_inflight: int = 0  # async scheduling's counters (StepBuffers reads them): never in flight here
+    num_pending: int = 0
 
 
 class DraftModelProposer(Proposer):

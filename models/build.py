@@ -125,7 +125,8 @@ def load_model(path: str, dtype: str = "auto", device: str = "auto", progress: b
         held[name] = (module, attr, module._parameters[attr])
         module._parameters[attr] = None
     check_memory(model, dev, path)  # before the weight map too: its size grows with the experts'
-    weight_map = {**family.weight_map(cfg), **mtp_map}
+    weight_map = family.weight_map(cfg)  # (a family's own mapping type: Kimi Linear's has aliases)
+    weight_map.update(mtp_map)
     model = model.to_empty(device=dev)
     for name, (module, attr, meta) in held.items():
         module._parameters[attr] = meta

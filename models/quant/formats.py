@@ -75,7 +75,7 @@ class QTensor:
         if len(self.shape) < 3:
             raise FormatError("indexing a QTensor selects experts; this one is a single weight")
         data = self.data[i]
-        lead = tuple(data.shape[: len(self.shape) - 2])
+        lead = tuple(data.shape[: data.dim() - 2])
         return replace(self, shape=lead + self.shape[-2:], data=data, scale=self.scale[i],
                        zero=None if self.zero is None else self.zero[i])
 

@@ -21,8 +21,10 @@ FP8, gpt-oss's MXFP4) are converted to these at load by their readers, once.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, replace
 from enum import Enum
+from typing import Protocol
 
 import torch
 
@@ -125,3 +127,20 @@ def dequant(q: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         s = q.scale.to(work).repeat_interleave(q.group, dim=-1)
         return ((codes - zero) * s).to(dtype)
     raise FormatError(f"format {fmt.value} has no quantized tensors")
+
+
+class CheckpointReader(Protocol):
+    """Turns one quantization method's checkpoint tensors into QTensors (one reader per method:
+    DeepSeek FP8, compressed-tensors, MXFP4, GPTQ, AWQ). The loader asks `group` once over all
+    tensor names, then reads each group's tensors and calls `assemble`."""
+
+    def group(self, names: Collection[str]) -> dict[str, tuple[str, ...]]:
+        """{the weight's name as an unquantized checkpoint names it ("...q_proj.weight"): the names of
+        the checkpoint tensors it is made of} for every quantized weight among `names`. Tensors in no
+        group are read as plain tensors."""
+        ...
+
+    def assemble(self, name: str, tensors: dict[str, torch.Tensor]) -> QTensor:
+        """The QTensor of weight `name` from its tensors (checkpoint name -> tensor); its logical shape
+        is the unquantized weight's [out, in] (an nn.Linear weight), leading dims for expert stacks."""
+        ...

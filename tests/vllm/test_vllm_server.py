@@ -142,13 +142,23 @@ def _wait_idle(vllm_server) -> None:
 
 
 def test_running_gauge_mid_stream(vllm_server, model_name):
-    # a scrape takes a moment; on a loaded machine the 500 tokens may be done first: retry then
-    for _ in range(3):
-        running = _stream(vllm_server, model_name, 500, lambda: _running(vllm_server))
-        _wait_idle(vllm_server)
-        if running == 1.0:
-            return
-    raise AssertionError(f"vllm:num_requests_running was {running} while a request was streaming")
+    """While a request streams, the gauge reads 1 (vLLM updates it once per engine step, and a
+    scrape takes a moment: scrape every few chunks until it does, while the stream is open); after
+    it, 0."""
+    body = {"model": model_name, "prompt": PROMPT, "max_tokens": 400, "temperature": 0, "ignore_eos": True,
+            "stream": True}
+    readings: list[float] = []
+    with httpx.Client(timeout=60) as http, \
+            http.stream("POST", vllm_server.url + "/v1/completions", json=body) as resp:
+        assert resp.status_code == 200
+        chunks = 0
+        for line in resp.iter_lines():
+            chunks += line.startswith("data: {")
+            if chunks >= 2 and chunks % 10 == 2 and 1.0 not in readings:
+                readings.append(_running(vllm_server))
+    _wait_idle(vllm_server)
+    assert 1.0 in readings, f"vllm:num_requests_running read {readings} while a request was streaming"
+    assert set(readings) <= {0.0, 1.0}, readings
 
 
 def test_abort_on_disconnect(vllm_server, client, model_name):

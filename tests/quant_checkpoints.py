@@ -51,6 +51,8 @@ def int_quantize(w: torch.Tensor, bits: int, group: int, sym: bool, zero_min: in
     asymmetric zeros at or above it (GPTQ v1 cannot store a zero of 0)."""
     N, K = w.shape
     g = K if group == -1 else group
+    if K % g:
+        raise ValueError(f"group size {g} does not divide {K} inputs")
     maxq = (1 << bits) - 1
     wg = w.double().reshape(N, K // g, g)
     if sym:

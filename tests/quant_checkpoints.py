@@ -75,23 +75,17 @@ def gptq_pack(q: torch.Tensor, zero: torch.Tensor, scale: torch.Tensor, bits: in
     G = zero.shape[1]
     per = 32 // bits
     mask = (1 << bits) - 1
+    # auto-gptq's loops (`for j in range(i, i + per): qweight[row] |= intweight[j] << (bits * (j - i))`,
+    # row by row; qzeros column by column), each word's `per` elements taken at once
     intweight = q.t().long()  # [K, N]
     qweight = torch.zeros(K // per, N, dtype=torch.int64)
-    i, row = 0, 0
-    while row < qweight.shape[0]:
-        for j in range(i, i + per):
-            qweight[row] |= intweight[j] << (bits * (j - i))
-        i += per
-        row += 1
+    for j in range(per):
+        qweight |= intweight[j::per] << (bits * j)
     zeros = zero.t().long() - (1 if checkpoint_format == "gptq" else 0)  # [G, N]
     zeros = zeros & mask
     qzeros = torch.zeros(G, N // per, dtype=torch.int64)
-    i, col = 0, 0
-    while col < qzeros.shape[1]:
-        for j in range(i, i + per):
-            qzeros[:, col] |= zeros[:, j] << (bits * (j - i))
-        i += per
-        col += 1
+    for j in range(per):
+        qzeros |= zeros[:, j::per] << (bits * j)
     g = K // G
     return {"qweight": _to_int32(qweight), "qzeros": _to_int32(qzeros), "scales": scale.t().contiguous(),
             "g_idx": (torch.arange(K) // g).to(torch.int32)}
@@ -103,10 +97,11 @@ def awq_pack(q: torch.Tensor, zero: torch.Tensor, scale: torch.Tensor) -> dict[s
     order_map = [0, 2, 4, 6, 1, 3, 5, 7]
 
     def pack(cols: torch.Tensor) -> torch.Tensor:  # [R, N] -> [R, N/8]
+        # AutoAWQ's loop (`for col ...: for i ...: qweight[:, col] |= intweight[:, col * 8 + order_map[i]]
+        # << (i * 4)`), every column word at once
         out = torch.zeros(cols.shape[0], cols.shape[1] // 8, dtype=torch.int64)
-        for col in range(cols.shape[1] // 8):
-            for i in range(8):
-                out[:, col] |= cols[:, col * 8 + order_map[i]] << (i * 4)
+        for i in range(8):
+            out |= cols[:, order_map[i]::8] << (i * 4)
         return _to_int32(out)
 
     return {"qweight": pack(q.t().long()), "qzeros": pack(zero.t().long()), "scales": scale.t().contiguous()}

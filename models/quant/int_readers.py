@@ -173,13 +173,14 @@ def _parse_compressed_tensors(qcfg: dict[str, Any]) -> IntQuantConfig:
 
 
 def unpack_int32(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
-    """int32 words -> unsigned codes (int64), 32/bits per word along `dim`, element j of a word at
-    bits [j*bits, (j+1)*bits) (the GPTQ, AWQ-before-reorder and compressed-tensors order)."""
+    """int32 words -> unsigned codes (uint8), 32/bits per word along `dim`, element j of a word at
+    bits [j*bits, (j+1)*bits) (the GPTQ, AWQ-before-reorder and compressed-tensors order). Works
+    in int32: one temporary of 4 bytes per weight."""
     if packed.dtype != torch.int32:
         raise FormatError(f"packed weights must be int32, not {packed.dtype}")
-    shifts = torch.arange(0, 32, bits, dtype=torch.int64, device=packed.device)
-    p = packed.to(torch.int64).movedim(dim, -1)
-    codes = (p.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=packed.device)
+    p = packed.movedim(dim, -1)
+    codes = ((p.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).to(torch.uint8)
     return codes.flatten(-2).movedim(-1, dim)
 
 
@@ -288,7 +289,7 @@ class GPTQReader(_Reader):
             raise FormatError(f"{name}: {G} scale groups over {K} inputs, not group_size {self.cfg.group_size}")
         _check_g_idx(name, g_idx, K, group, "gptq")
         codes = unpack_int32(qweight, bits, -2).transpose(-1, -2)  # [..., N, K]
-        zero = unpack_int32(qzeros, bits, -1)[..., :N] + (1 if self.cfg.zero_plus_one else 0)  # [..., G, N]
+        zero = unpack_int32(qzeros, bits, -1)[..., :N].to(torch.int16) + (1 if self.cfg.zero_plus_one else 0)
         zero = zero.transpose(-1, -2)
         scale = scales.transpose(-1, -2)
         half = 1 << (bits - 1)
@@ -296,7 +297,7 @@ class GPTQReader(_Reader):
             if G != 1 or not bool((zero == half).all()):
                 raise UnsupportedModelError(f"{name}: gptq 8-bit weights need one symmetric group per channel "
                                             f"(int8_channel)")
-            return _int8(name, codes - half, scale)
+            return _int8(name, codes.to(torch.int16) - half, scale)
         if self.cfg.sym:
             if not bool((zero == half).all()):
                 raise FormatError(f"{name}: gptq sym=true but zero points other than {half} "
@@ -445,7 +446,7 @@ def _ct_qtensor(name: str, codes: torch.Tensor, bits: int, scale: torch.Tensor, 
     if bits == 8:
         if G != 1 or (zero is not None and not bool((zero == half).all())):
             raise UnsupportedModelError(f"{name}: int8 weights need one symmetric scale per channel (int8_channel)")
-        return _int8(name, codes - half, scale)
+        return _int8(name, codes.to(torch.int16) - half, scale)
     if zero is not None and zero.shape != scale.shape:
         raise FormatError(f"{name}: weight_zero_point {tuple(zero.shape)} vs weight_scale {tuple(scale.shape)}")
     return _int4(name, codes, scale, zero)

@@ -274,3 +274,17 @@ def test_checkpoint_round_trip(method, kw, tiny_mixtral, tmp_path):
     assert qcfg["quant_method"] == method
     with pytest.raises(UnsupportedModelError, match=method):
         load_model(str(tmp_path), dtype="float32", device="cpu", progress=False)
+
+
+def test_compressed_tensors_stacked_experts():
+    """A fused expert tensor [E, N, K] (leading dims) reads as a stacked QTensor, each expert's
+    slice dequantizing as compressed-tensors decompresses it."""
+    scheme = ct_scheme(4, "group", 32, False)
+    reader = int_reader(parse_quantization(ct_config(scheme, "pack-quantized", [])))
+    per = [ct_compress(weight(20 + e).to(torch.bfloat16), scheme) for e in range(3)]
+    stacked = {k: torch.stack([p[k] for p in per]) for k in ("weight_packed", "weight_scale", "weight_zero_point")}
+    stacked["weight_shape"] = torch.tensor([3, N, K])
+    qt = read(reader, "model.layers.0.mlp.experts.gate_up_proj", stacked)
+    assert qt.shape == (3, N, K) and qt.data.shape == (3, N, K // 2) and qt.zero is not None
+    for e in range(3):
+        assert torch.equal(qt[e].dequant(torch.float64), ct_decompress(per[e], scheme))

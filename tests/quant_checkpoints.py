@@ -179,16 +179,27 @@ def ct_config(scheme, fmt: str, ignore: list[str]) -> dict:
 
 
 def gptq_config(bits: int, group_size: int, sym: bool, checkpoint_format: str = "gptq") -> dict:
-    """As optimum / GPTQModel write it into config.json."""
-    return {"quant_method": "gptq", "bits": bits, "group_size": group_size, "damp_percent": 0.01,
-            "desc_act": False, "static_groups": False, "sym": sym, "true_sequential": True,
-            "checkpoint_format": checkpoint_format, "model_name_or_path": None, "model_file_base_name": None}
+    """config.json's quantization_config as transformers' GPTQConfig writes it (GPTQModel backend:
+    `format` and `checkpoint_format`)."""
+    from transformers import GPTQConfig
+
+    cfg = GPTQConfig(bits=bits, group_size=group_size, sym=sym, checkpoint_format=checkpoint_format)
+    return json.loads(json.dumps(cfg.to_dict()))  # as saved: the method enum as its string
 
 
 def awq_config(group_size: int) -> dict:
-    """As AutoAWQ / transformers' AwqConfig write it (MoE routers listed as not converted)."""
-    return {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True, "version": "gemm",
-            "modules_to_not_convert": ["gate"]}
+    """As transformers' AwqConfig writes it (GEMM version; MoE routers listed as not converted)."""
+    from transformers import AwqConfig
+
+    cfg = AwqConfig(bits=4, group_size=group_size, zero_point=True, version="gemm", modules_to_not_convert=["gate"])
+    return json.loads(json.dumps(cfg.to_dict()))
+
+
+# older writers: optimum / auto-gptq (no `format`), AutoAWQ's quant_config (upper-case version)
+OPTIMUM_GPTQ_CONFIG = {"quant_method": "gptq", "bits": 4, "group_size": 32, "damp_percent": 0.01, "desc_act": False,
+                       "static_groups": False, "sym": True, "true_sequential": True, "model_name_or_path": None,
+                       "model_file_base_name": None}
+AUTOAWQ_CONFIG = {"quant_method": "awq", "zero_point": True, "q_group_size": 32, "w_bit": 4, "version": "GEMM"}
 
 
 def _read_all(src: Path) -> dict[str, torch.Tensor]:

@@ -122,7 +122,7 @@ def _parse_awq(qcfg: dict[str, Any]) -> IntQuantConfig:
     bits = _int(qcfg.get("bits", qcfg.get("w_bit", 4)), "awq bits")
     if bits != 4:
         raise UnsupportedModelError(f"awq bits {bits} is not supported (4)")
-    version = str(qcfg.get("version", "gemm")).lower()
+    version = str(qcfg.get("version") or qcfg.get("format") or "gemm").lower()  # transformers 5 writes both
     if version != "gemm":
         raise UnsupportedModelError(f"awq version {version!r} is not supported (gemm)")
     if not qcfg.get("zero_point", True):

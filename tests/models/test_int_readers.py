@@ -19,6 +19,8 @@ from models.quant.formats import FormatError, WeightFormat
 from models.quant.int_readers import INT_READERS, IntQuantConfig, int_reader, parse_int_quantization
 from tests.models.conftest import make_checkpoint
 from tests.quant_checkpoints import (
+    AUTOAWQ_CONFIG,
+    OPTIMUM_GPTQ_CONFIG,
     awq_config,
     awq_pack,
     ct_compress,
@@ -288,3 +290,14 @@ def test_compressed_tensors_stacked_experts():
     assert qt.shape == (3, N, K) and qt.data.shape == (3, N, K // 2) and qt.zero is not None
     for e in range(3):
         assert torch.equal(qt[e].dequant(torch.float64), ct_decompress(per[e], scheme))
+
+
+def test_older_writers_configs():
+    """optimum's GPTQ config (no format: v1 zeros) and AutoAWQ's (w_bit, q_group_size, "GEMM")."""
+    q, zero, scale = int_quantize(weight(30), 4, 32, sym=True)
+    reader = int_reader(parse_quantization(OPTIMUM_GPTQ_CONFIG))
+    assert torch.equal(read(reader, "a", gptq_pack(q, zero, scale, 4, "gptq")).dequant(torch.float64),
+                       int_dequant(q, zero, scale))
+    q, zero, scale = int_quantize(weight(31), 4, 32, sym=False)
+    reader = int_reader(parse_quantization(AUTOAWQ_CONFIG))
+    assert torch.equal(read(reader, "a", awq_pack(q, zero, scale)).dequant(torch.float64), int_dequant(q, zero, scale))

@@ -184,6 +184,15 @@ def unpack_int32(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     return codes.flatten(-2).movedim(-1, dim)
 
 
+def _check_groups(name: str, K: int, G: int, group_size: int | None) -> None:
+    """G scale groups over K inputs as the config's group_size says (None: one per channel; a group
+    wider than K is one group)."""
+    want = 1 if group_size is None else -(-K // group_size)
+    if G != want:
+        raise FormatError(f"{name}: {G} scale groups over {K} inputs, not group_size "
+                          f"{-1 if group_size is None else group_size}")
+
+
 def _check_g_idx(name: str, g_idx: torch.Tensor | None, K: int, group: int, what: str) -> None:
     """A g_idx must be the trivial k // group (no activation reordering)."""
     if g_idx is None:
@@ -248,7 +257,7 @@ class _Reader:
         present = set(names)
         lead = self.suffixes[0]
         out: dict[str, tuple[str, ...]] = {}
-        for n in present:
+        for n in names:  # in the checkpoint's order
             if not n.endswith(lead):
                 continue
             prefix = n[: -len(lead)]
@@ -278,16 +287,17 @@ class GPTQReader(_Reader):
         qweight, qzeros, scales = (_get(tensors, p, s) for s in self.suffixes)
         assert qweight is not None and qzeros is not None and scales is not None
         g_idx = _get(tensors, p, ".g_idx", required=False)
-        pf = 32 // (bits := self._bits(p, qweight, scales))
+        if qweight.dtype != torch.int32:
+            raise FormatError(f"{name}: gptq qweight int32 expected, not {qweight.dtype}")
+        bits = self.cfg.bits[0]
+        pf = 32 // bits
         K, N = qweight.shape[-2] * pf, qweight.shape[-1]
         G = scales.shape[-2]
         if scales.shape[-1] != N or qzeros.shape[-2] != G or qzeros.shape[-1] * pf < N or G == 0 or K % G:
             raise FormatError(f"{name}: gptq qweight {tuple(qweight.shape)}, qzeros {tuple(qzeros.shape)}, "
                               f"scales {tuple(scales.shape)} do not fit together")
-        group = K // G
-        if self.cfg.group_size is not None and group != self.cfg.group_size:
-            raise FormatError(f"{name}: {G} scale groups over {K} inputs, not group_size {self.cfg.group_size}")
-        _check_g_idx(name, g_idx, K, group, "gptq")
+        _check_groups(name, K, G, self.cfg.group_size)
+        _check_g_idx(name, g_idx, K, K // G, "gptq")
         codes = unpack_int32(qweight, bits, -2).transpose(-1, -2)  # [..., N, K]
         zero = unpack_int32(qzeros, bits, -1)[..., :N].to(torch.int16) + (1 if self.cfg.zero_plus_one else 0)
         zero = zero.transpose(-1, -2)
@@ -305,12 +315,6 @@ class GPTQReader(_Reader):
             return _int4(name, codes, scale, None)
         return _int4(name, codes, scale, zero)
 
-    def _bits(self, name: str, qweight: torch.Tensor, scales: torch.Tensor) -> int:
-        bits = self.cfg.bits[0]
-        if qweight.dtype != torch.int32:
-            raise FormatError(f"{name}.qweight: int32 expected, not {qweight.dtype}")
-        return bits
-
 
 class AWQReader(_Reader):
     """AWQ GEMM `qweight` / `qzeros` / `scales` -> int4_group with zero points."""
@@ -326,8 +330,7 @@ class AWQReader(_Reader):
         if scales.shape[-1] != N or tuple(qzeros.shape[-2:]) != (G, N // 8) or G == 0 or K % G:
             raise FormatError(f"{name}: awq qweight {tuple(qweight.shape)}, qzeros {tuple(qzeros.shape)}, "
                               f"scales {tuple(scales.shape)} do not fit together")
-        if self.cfg.group_size is not None and K // G != self.cfg.group_size:
-            raise FormatError(f"{name}: {G} scale groups over {K} inputs, not group_size {self.cfg.group_size}")
+        _check_groups(name, K, G, self.cfg.group_size)
         codes = awq_unpack(qweight).transpose(-1, -2)  # [..., N, K]
         zero = awq_unpack(qzeros).transpose(-1, -2)  # [..., N, G]
         return _int4(name, codes, scales.transpose(-1, -2), zero)
@@ -402,7 +405,7 @@ class CompressedTensorsIntQuantizedReader(_Reader):
     def group(self, names: Collection[str]) -> dict[str, tuple[str, ...]]:
         present = set(names)
         out = {}
-        for n in present:
+        for n in names:
             if n.endswith(".weight_scale") and (w := n[: -len("_scale")]) in present:
                 out[w] = (w, n) + tuple(w + s[len(".weight"):] for s in self.optional if w + s[len(".weight"):] in present)
         return out

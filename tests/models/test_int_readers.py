@@ -217,6 +217,10 @@ def test_shapes_that_do_not_fit_are_named():
         read(reader, "bad", {**packed, "scales": packed["scales"][:, :-1]})
     with pytest.raises(FormatError, match="not group_size 64"):
         read(int_reader(parse_int_quantization(gptq_config(4, 64, False))), "bad", packed)
+    with pytest.raises(FormatError, match="not group_size -1"):
+        read(int_reader(parse_int_quantization(gptq_config(4, -1, False))), "bad", packed)
+    with pytest.raises(FormatError, match="not group_size 64"):
+        read(int_reader(parse_int_quantization(awq_config(64))), "bad", awq_pack(q, zero, scale))
     with pytest.raises(FormatError, match="missing"):
         reader.group(["bad.qweight", "bad.scales"])
 

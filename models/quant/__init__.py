@@ -7,6 +7,9 @@ Supported `quantization_config` methods:
   per output channel or per block);
 - `mxfp4` (gpt-oss experts): `*_blocks` (two FP4 E2M1 values per byte, 32 per block) and
   `*_scales` (one E8M0 power-of-two exponent per block).
+- `gptq`, `awq` and compressed-tensors `pack-quantized` / `int-quantized` (INT4 / INT8): parsed by
+  `models/quant/int_readers.py` into `QuantSpec.int_config`, whose readers convert the tensors to
+  canonical `QTensor`s.
 Anything else fails at load, naming the method. Dequantization happens one tensor at a time as
 the loader streams the checkpoint (`models/loader.py`, `iter_tensors`), so no quantized layer is ever
 held whole beside its dequantized copy.
@@ -18,8 +21,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from models.config import UnsupportedModelError
+from models.quant.int_readers import IntQuantConfig, is_int_quantization, parse_int_quantization
 
-METHODS = ("fp8", "compressed-tensors", "mxfp4")
+METHODS = ("fp8", "compressed-tensors", "mxfp4", "gptq", "awq")
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,7 @@ class QuantSpec:
     weight_block_size: tuple[int, int] | None = None  # block scales: [block_n (output), block_k (input)]
     strategy: str | None = None  # compressed-tensors weights: tensor | channel | block
     ignore: tuple[str, ...] = ()  # modules left unquantized (informational: detected per tensor)
+    int_config: IntQuantConfig | None = None  # gptq / awq / compressed-tensors int (models/quant/int_readers.py)
 
 
 def parse_quantization(qcfg: dict[str, Any] | None) -> QuantSpec | None:
@@ -39,6 +44,9 @@ def parse_quantization(qcfg: dict[str, Any] | None) -> QuantSpec | None:
         raise UnsupportedModelError(
             f"quantization method {method or qcfg!r} is not supported; supported: {', '.join(METHODS)} "
             f"(dequantized to the compute dtype at load)")
+    if is_int_quantization(qcfg):
+        ic = parse_int_quantization(qcfg)
+        return QuantSpec(method, ignore=ic.ignore, int_config=ic)
     if method == "fp8":
         block = qcfg.get("weight_block_size")
         if block is None:

@@ -127,3 +127,15 @@ def test_reference_paths_read_fp8():
     out = prefill_variant(qp, None, None, (k8, v8), tables[b], L, scale, spec, sinks, (K_SCALE, V_SCALE))
     want = prefill_variant(qp.double(), None, None, (kd, vd), tables[b], L, scale, spec, sinks.double())
     assert rel_err(out, want) < 1e-5
+
+
+def test_opcheck_fp8_cpu_op():
+    """The registered op's fake (meta) implementation and dispatch agree (opcheck's schema check
+    is left out: its mutation check multiplies the inputs, which float8 tensors cannot on the CPU)."""
+    assert cpu_ops.load() is not None
+    q, k8, v8, _, _, tables, lens = fp8_case(CASES[2])
+    torch.library.opcheck(torch.ops.moe_serve.paged_decode_fp8_cpu.default,
+                          (q, k8, v8, tables, lens, 0.25, K_SCALE, V_SCALE, 0, 0, None),
+                          test_utils=("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"))
+    with pytest.raises(RuntimeError, match="float8_e4m3fn"):
+        torch.ops.moe_serve.paged_decode_fp8_cpu(q, k8.float(), v8.float(), tables, lens, 0.25)

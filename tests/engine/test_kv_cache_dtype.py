@@ -64,6 +64,8 @@ def test_server_with_fp8_kv_cache(tmp_path):
     try:
         with httpx.Client(base_url=server.url, timeout=60) as c:
             assert c.get("/version").json()["kv_cache_dtype"] == "float8_e4m3fn"
+            assert 'cache_dtype="fp8"' in next(line for line in c.get("/metrics").text.splitlines()
+                                               if line.startswith("vllm:cache_config_info{"))
             name = c.get("/v1/models").json()["data"][0]["id"]
             for prompt in ("The with statement is used to", "Decorators are"):
                 r = c.post("/v1/completions", json={"model": name, "prompt": prompt, "max_tokens": 24,

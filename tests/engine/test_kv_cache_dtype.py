@@ -27,10 +27,10 @@ MAX_FLIP_MARGIN = 0.25
 MIN_IDENTICAL = 10
 
 
-@pytest.mark.parametrize("dtype,ratio", [("bfloat16", 2), ("float32", 4)])
-def test_fp8_doubles_the_blocks_against_bf16(dtype, ratio):
-    """The same --kv-cache-memory holds 2x the blocks of a bf16 cache, 4x a float32 one."""
-    model = load_model(str(BUNDLED), dtype=dtype, progress=False)
+def test_fp8_doubles_the_blocks_against_bf16():
+    """The same --kv-cache-memory holds 2x the blocks of a bf16 cache (4x a float32 one: checked
+    on the engines of test_bundled_model_greedy_outputs_with_fp8)."""
+    model = load_model(str(BUNDLED), dtype="bfloat16", progress=False)
     budget = 3 * 2**20
     blocks = {}
     for name in ("auto", "fp8", "fp8_e4m3"):
@@ -38,7 +38,7 @@ def test_fp8_doubles_the_blocks_against_bf16(dtype, ratio):
         blocks[name] = num_kv_blocks(EngineConfig(kv_cache_memory=budget, block_size=16), model)
     per_token = model.config.kv_bytes_per_token(1)  # values per token over all layers, one byte each in fp8
     assert blocks["fp8"] == blocks["fp8_e4m3"] == budget // (16 * per_token)
-    assert blocks["fp8"] == ratio * blocks["auto"]
+    assert blocks["fp8"] == 2 * blocks["auto"]
     caches = model.allocate_kv_cache(4, 16)
     assert all(t.dtype == torch.float8_e4m3fn for pair in caches for t in pair)
 

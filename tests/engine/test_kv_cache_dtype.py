@@ -112,3 +112,14 @@ def test_checkpoint_kv_scales_are_read(tmp_path):
                "model.layers.2.self_attn.kv_scale": torch.tensor([2.0]),
                "model.layers.1.self_attn.q_proj.weight": torch.zeros(2, 2)}, str(tmp_path / "model.safetensors"))
     assert checkpoint_kv_scales(str(tmp_path)) == {0: (0.5, 0.25), 2: (2.0, 2.0)}
+
+
+def test_vllm_engine_gets_the_flag():
+    from server.engine.vllm.args import engine_args_kwargs
+
+    def kw(value):
+        return engine_args_kwargs(EngineConfig(engine="vllm", model="/m", kv_cache_dtype=value), on_cpu=True,
+                                  environ={})
+
+    assert kw("fp8")["kv_cache_dtype"] == "fp8" and kw("fp8_e4m3")["kv_cache_dtype"] == "fp8_e4m3"
+    assert "kv_cache_dtype" not in kw("auto")  # vLLM's own default, the model dtype

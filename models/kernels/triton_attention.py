@@ -11,8 +11,10 @@ the query at position p = length - 1 sees keys p - W + 1 .. p, with an attention
 (p // C) * C .. p; the tiles start at the first visible key, so keys outside are never read.
 Sinks add one per-head logit to each softmax's denominator (its probability mass is dropped).
 
-An fp8 cache (float8_e4m3fn, `--kv-cache-dtype fp8`) is converted to q's dtype as each tile is
-loaded; its per-tensor `k_scale` folds into the score scale and `v_scale` scales the output.
+An fp8 cache (float8_e4m3fn, `--kv-cache-dtype fp8`) is read as its bytes and decoded to float32
+with integer ops as each tile is loaded (exact, and on every GPU: Triton's float8e4nv type needs
+sm89+), then cast to q's dtype; its per-tensor `k_scale` folds into the score scale and `v_scale`
+scales the output.
 """
 
 from __future__ import annotations
@@ -20,6 +22,18 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def _e4m3fn_to_f32(b):
+    """float8_e4m3fn bytes -> float32: sign, 4 exponent bits biased by 7, 3 mantissa bits
+    (exponent 0: subnormals m * 2^-9). The cache never holds NaN (writes saturate at +-448)."""
+    x = b.to(tl.uint32)
+    e = (x >> 3) & 15
+    m = x & 7
+    normal = ((x & 128) << 24 | (e + 120) << 23 | m << 20).to(tl.float32, bitcast=True)
+    sub = m.to(tl.float32) * 0.001953125
+    return tl.where(e == 0, tl.where((x & 128) != 0, -sub, sub), normal)
 
 
 @triton.jit
@@ -60,7 +74,7 @@ def _paged_decode_kernel(
         kv_mask = d_mask[:, None] & n_mask[None, :]
         k_t = tl.load(k_ptr + row[None, :] + offs_d[:, None], mask=kv_mask, other=0.0)  # [D_PAD, BLOCK_N]
         if KV_FP8:
-            k_t = k_t.to(tl.float32).to(q.dtype)
+            k_t = _e4m3fn_to_f32(k_t).to(q.dtype)
         s = tl.dot(q, k_t, input_precision=PRECISION) * scale  # [G_PAD, BLOCK_N] float32
         s = tl.where(n_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -70,7 +84,7 @@ def _paged_decode_kernel(
         v = tl.load(v_ptr + row[:, None] + offs_d[None, :], mask=n_mask[:, None] & d_mask[None, :],
                     other=0.0)  # [BLOCK_N, D_PAD]
         if KV_FP8:
-            v = v.to(tl.float32).to(q.dtype)
+            v = _e4m3fn_to_f32(v).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     if HAS_SINKS:  # one more logit per head in the denominator
@@ -112,6 +126,8 @@ def paged_decode_triton(
     if sinks is not None:
         assert sinks.numel() == heads
         sinks = sinks.contiguous()
+    if fp8:  # its bytes, decoded in the kernel
+        k_cache, v_cache = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
     _paged_decode_kernel[(B, kvh)](
         q, k_cache, v_cache, block_tables, seq_lens, q if sinks is None else sinks, out,
         q.stride(0), q.stride(1),

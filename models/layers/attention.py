@@ -172,6 +172,8 @@ class Attention(nn.Module):
         positions: torch.Tensor | None = None,  # [T], needed by attention temperature tuning only
     ) -> torch.Tensor:
         T = x.shape[0]
+        # an fp8 cache is written by write_kv (torch's saturating round-to-nearest, on every GPU), not by
+        # the fused rotary + KV store, which stores the model dtype
         fp8 = is_fp8(cache[0])
         if self.fused_rope and not fp8:  # k and v go straight into the cache; only q comes back
             from models.kernels import triton_ops  # noqa: F401 - registers the op

@@ -8,9 +8,12 @@ import math
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from models.kernels import cpu_ops
 from models.kernels.paged_attention import paged_decode
+from models.kernels.triton_attention import _e4m3fn_to_f32
 from models.layers.attention_variants import AttentionVariant, decode_variant, prefill_variant
 from models.layers.paged import FP8_KV_DTYPE, dequantize_fp8, gather_kv, quantize_fp8, write_kv
 from tests.models.kernels.conftest import DEVICES, rel_err
@@ -139,3 +142,21 @@ def test_opcheck_fp8_cpu_op():
                           test_utils=("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"))
     with pytest.raises(RuntimeError, match="float8_e4m3fn"):
         torch.ops.moe_serve.paged_decode_fp8_cpu(q, k8.float(), v8.float(), tables, lens, 0.25)
+
+
+@triton.jit
+def _decode_bytes(src, dst, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    tl.store(dst + offs, _e4m3fn_to_f32(tl.load(src + offs)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_triton_fp8_decode_is_exact_for_every_byte(device):
+    """The Triton kernels' integer decode of float8_e4m3fn bytes equals PyTorch's conversion for
+    all 256 (NaN, which saturating writes never store, aside)."""
+    b = torch.arange(256, dtype=torch.uint8, device=device)
+    out = torch.empty(256, device=device)
+    _decode_bytes[(1,)](b, out, N=256)
+    ref = b.view(torch.float8_e4m3fn).float()
+    finite = ~ref.isnan()
+    assert finite.sum() == 254 and torch.equal(out[finite], ref[finite])

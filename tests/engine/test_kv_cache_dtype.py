@@ -56,6 +56,31 @@ def test_bundled_model_greedy_outputs_with_fp8():
     assert all(d["ref_margin"] < MAX_FLIP_MARGIN for d in cmp["differences"]), cmp
 
 
+def test_fp8_outputs_do_not_depend_on_chunking_or_prefix_hits():
+    """Prefill chunks and prefix-cache hits read the fp8 blocks; a whole-prompt prefill attends
+    the same dequantized values: greedy outputs identical whichever way a prompt goes in."""
+    from server.engine.llm import LLM
+    from server.engine.request import SamplingParams
+
+    prompts = [" ".join(PROMPTS[i:i + 4]) for i in (0, 8)]  # ~40-60 tokens each
+    sp = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=1)
+
+    def run(llm):
+        outs = [r.outputs[0] for r in llm.generate(prompts, sp, use_tqdm=False)]
+        return [o.token_ids for o in outs], torch.tensor([[lp.logprob for lp in o.logprobs or []] for o in outs])
+
+    def close(a, b):  # same tokens; logprobs equal up to float32 summation order (a prefill that
+        # attended the unquantized K/V instead would differ by ~7e-3 here)
+        return a[0] == b[0] and (a[1] - b[1]).abs().max().item() < 1e-4
+
+    kw = dict(kv_cache_dtype="fp8", block_size=8, seed=0)
+    whole = run(LLM(str(BUNDLED), enable_prefix_caching=False, **kw))
+    chunked = LLM(str(BUNDLED), max_num_batched_tokens=16, **kw)
+    assert close(run(chunked), whole)
+    assert close(run(chunked), whole)  # the prompts' full blocks are prefix-cache hits now
+    assert chunked.core.total_prefix_hit_tokens > 0
+
+
 def test_server_with_fp8_kv_cache(tmp_path):
     from tests.server.conftest import start_server
 

@@ -50,13 +50,17 @@ PROMPTS = (
 )
 
 
-def generate(dtype: str, kv_cache_dtype: str, max_tokens: int, prompts=PROMPTS,
-             model: str = str(CHECKPOINT)) -> dict[str, Any]:
-    """One engine's greedy outputs: {"blocks", "tokens": [[ids]], "top2": [[(lp1, lp2)]]}."""
+def engine(dtype: str, kv_cache_dtype: str, model: str = str(CHECKPOINT), **kw: Any):
+    """An offline engine (server.engine.llm.LLM) with the comparison's cache budget."""
     from server.engine.llm import LLM
+
+    return LLM(model, dtype=dtype, kv_cache_dtype=kv_cache_dtype, kv_cache_memory=KV_BUDGET, seed=0, **kw)
+
+
+def generate(llm, max_tokens: int, prompts=PROMPTS) -> dict[str, Any]:
+    """An engine's greedy outputs: {"blocks", "cache_dtype", "tokens": [[ids]], "top2": [[(lp1, lp2)]]}."""
     from server.engine.request import SamplingParams
 
-    llm = LLM(model, dtype=dtype, kv_cache_dtype=kv_cache_dtype, kv_cache_memory=KV_BUDGET, seed=0)
     out = llm.generate(list(prompts), SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=2,
                                                      ignore_eos=True), use_tqdm=False)
     tokens = [r.outputs[0].token_ids for r in out]
@@ -96,8 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     rows, lines = [], []
     for dtype in [d for d in args.dtype.split(",") if d]:
         t0 = time.monotonic()
-        ref = generate(dtype, "auto", args.max_tokens, model=args.model)
-        got = generate(dtype, "fp8", args.max_tokens, model=args.model)
+        ref = generate(engine(dtype, "auto", args.model), args.max_tokens)
+        got = generate(engine(dtype, "fp8", args.model), args.max_tokens)
         cmp = compare(ref, got)
         result["measurements"][dtype] = {"auto_blocks": ref["blocks"], "fp8_blocks": got["blocks"],
                                          "auto_cache_dtype": ref["cache_dtype"], "fp8_cache_dtype": got["cache_dtype"],

@@ -10,7 +10,7 @@ import httpx
 import pytest
 import torch
 
-from loadtest.benches.kv_fp8_quality import PROMPTS, compare, generate
+from loadtest.benches.kv_fp8_quality import PROMPTS, compare, engine, generate
 from models import load_model
 from models.kv_cache_dtype import KVCacheDtypeError, checkpoint_kv_scales, configure_kv_cache
 from server.config import EngineConfig
@@ -43,11 +43,16 @@ def test_fp8_doubles_the_blocks_against_bf16():
     assert all(t.dtype == torch.float8_e4m3fn for pair in caches for t in pair)
 
 
-def test_bundled_model_greedy_outputs_with_fp8():
+@pytest.fixture(scope="module")
+def fp8_engine():
+    return engine("float32", "fp8")
+
+
+def test_bundled_model_greedy_outputs_with_fp8(fp8_engine):
     """The default CPU path (float32, the C decode kernel, prefill reading the fp8 cache) on the
     20 prompts of `python -m loadtest kv-fp8-quality`."""
-    ref = generate("float32", "auto", 16)
-    got = generate("float32", "fp8", 16)
+    ref = generate(engine("float32", "auto"), 16)
+    got = generate(fp8_engine, 16)
     assert (ref["cache_dtype"], got["cache_dtype"]) == ("float32", "float8_e4m3fn")
     assert got["blocks"] == 4 * ref["blocks"]
     cmp = compare(ref, got)
@@ -56,10 +61,9 @@ def test_bundled_model_greedy_outputs_with_fp8():
     assert all(d["ref_margin"] < MAX_FLIP_MARGIN for d in cmp["differences"]), cmp
 
 
-def test_fp8_outputs_do_not_depend_on_chunking_or_prefix_hits():
+def test_fp8_outputs_do_not_depend_on_chunking_or_prefix_hits(fp8_engine):
     """Prefill chunks and prefix-cache hits read the fp8 blocks; a whole-prompt prefill attends
     the same dequantized values: greedy outputs identical whichever way a prompt goes in."""
-    from server.engine.llm import LLM
     from server.engine.request import SamplingParams
 
     prompts = [" ".join(PROMPTS[i:i + 4]) for i in (0, 8)]  # ~40-60 tokens each
@@ -73,9 +77,10 @@ def test_fp8_outputs_do_not_depend_on_chunking_or_prefix_hits():
         # attended the unquantized K/V instead would differ by ~7e-3 here)
         return a[0] == b[0] and (a[1] - b[1]).abs().max().item() < 1e-4
 
-    kw = dict(kv_cache_dtype="fp8", block_size=8, seed=0)
-    whole = run(LLM(str(BUNDLED), enable_prefix_caching=False, **kw))
-    chunked = LLM(str(BUNDLED), max_num_batched_tokens=16, **kw)
+    hits = fp8_engine.core.total_prefix_hit_tokens
+    whole = run(fp8_engine)  # whole prompts in one prefill each (2048-token steps), no cached prefix
+    assert fp8_engine.core.total_prefix_hit_tokens == hits
+    chunked = engine("float32", "fp8", max_num_batched_tokens=16)
     assert close(run(chunked), whole)
     assert close(run(chunked), whole)  # the prompts' full blocks are prefix-cache hits now
     assert chunked.core.total_prefix_hit_tokens > 0

@@ -160,3 +160,19 @@ def test_triton_fp8_decode_is_exact_for_every_byte(device):
     ref = b.view(torch.float8_e4m3fn).float()
     finite = ~ref.isnan()
     assert finite.sum() == 254 and torch.equal(out[finite], ref[finite])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_bundled_model_fp8_kv_cache_on_cuda():
+    """The GPU path end to end (bf16, the Triton decode kernel over fp8 blocks, CUDA graphs): twice
+    the blocks of the bf16 cache, and greedy tokens flip only at near ties of the bf16 reference
+    (the bound of tests/engine/test_kv_cache_dtype.py)."""
+    from loadtest.benches.kv_fp8_quality import compare, engine, generate
+    from tests.engine.test_kv_cache_dtype import MAX_FLIP_MARGIN
+
+    ref = generate(engine("bfloat16", "auto", device="cuda"), 16)
+    got = generate(engine("bfloat16", "fp8", device="cuda"), 16)
+    assert got["cache_dtype"] == "float8_e4m3fn" and got["blocks"] == 2 * ref["blocks"]
+    cmp = compare(ref, got)
+    assert cmp["identical"] >= 5 and all(d["ref_margin"] < MAX_FLIP_MARGIN for d in cmp["differences"]), cmp

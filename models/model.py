@@ -88,6 +88,9 @@ class MoEForCausalLM(nn.Module):
         self.aux_hidden: list[torch.Tensor] = []
         # --quantization: parameter name -> its only copy, quantized (the parameter: a shape on the meta device)
         self.quantized: dict[str, QuantWeight] = {}
+        # what the paged KV cache stores (--kv-cache-dtype, models/kv_cache_dtype.py): None is the
+        # model dtype; float8_e4m3fn with each attention layer's kv_scales
+        self.kv_cache_dtype: torch.dtype | None = None
 
     def moe_blocks(self) -> list[MoEBlock]:
         return [layer.moe for layer in self.layers if layer.is_moe]
@@ -232,8 +235,10 @@ class MoEForCausalLM(nn.Module):
                           dtype: torch.dtype | None = None, device=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer its cache pair: the paged KV blocks of an attention layer, or the
         `num_state_slots` state slots of a linear-attention layer (the convolution window in the
-        model dtype, the recurrent matrix in float32)."""
+        model dtype, the recurrent matrix in float32). The KV blocks take `kv_cache_dtype` where
+        one is set (--kv-cache-dtype fp8), the state slots never do."""
         dtype = dtype or self.embed.weight.dtype
+        kv_dtype = self.kv_cache_dtype or dtype
         device = device or self.embed.weight.device
         kv_shapes = self.kv_cache_shapes(num_blocks, block_size)
         caches = []
@@ -242,7 +247,7 @@ class MoEForCausalLM(nn.Module):
                 caches.append(tuple(torch.zeros(shape, dtype=state_dtype or dtype, device=device)
                                     for shape, state_dtype in layer.attn.state_shapes(num_state_slots)))
             else:
-                caches.append(tuple(torch.zeros(s, dtype=dtype, device=device) for s in kv_shapes))
+                caches.append(tuple(torch.zeros(s, dtype=kv_dtype, device=device) for s in kv_shapes))
         return caches
 
     def state_bytes_per_sequence(self, dtype: torch.dtype | None = None) -> int:
@@ -251,5 +256,6 @@ class MoEForCausalLM(nn.Module):
         return self.config.state_bytes_per_sequence(elem)
 
     def kv_bytes_per_block(self, block_size: int, dtype: torch.dtype | None = None) -> int:
-        elem = torch.empty((), dtype=dtype or self.embed.weight.dtype).element_size()
+        """One block's bytes over all attention layers, in `dtype` (default: the KV-cache dtype)."""
+        elem = torch.empty((), dtype=dtype or self.kv_cache_dtype or self.embed.weight.dtype).element_size()
         return block_size * self.config.kv_bytes_per_token(elem)

@@ -36,6 +36,7 @@ def create_app(engine: Any, config: ServerConfig, metrics: ServerMetrics | None 
         metrics = ServerMetrics(config.engine.served_model_name or info.name, config.engine.engine,
                                 num_layers=info.num_moe_layers or info.num_layers, num_experts=info.num_experts,
                                 max_model_len=info.max_model_len)
+    metrics.set_cache_config(config.engine.kv_cache_dtype, config.engine.block_size)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -38,6 +38,7 @@ REASONING_PARSERS: tuple[str, ...] = get_args(ReasoningParser)
 EngineName = Literal["native", "vllm"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16", "half", "float"]
 Quantization = Literal["int8", "int8_channel", "int4", "int4_zp"]  # models.kernels.quant.FORMATS
+KVCacheDtype = Literal["auto", "fp8", "fp8_e4m3"]  # models.kv_cache_dtype.KV_CACHE_DTYPES (vLLM's names)
 SchedulingPolicy = Literal["fcfs", "priority"]
 ExpertPlacement = Literal["contiguous", "round_robin", "balanced"]
 LogFormat = Literal["text", "json"]
@@ -139,6 +140,10 @@ class EngineConfig:
     block_size: int = option(16, "KV-cache block size in tokens (power of two)")
     # bytes; default: 512 MiB on CPU, 40% of free on CUDA
     kv_cache_memory: int | None = option(None, "KV-cache size, e.g. 512MiB or 2GiB", kind="bytes")
+    # auto: the model dtype; fp8 / fp8_e4m3: float8_e4m3fn with per-tensor scales (half the bytes of
+    # bf16, so twice the blocks for the same --kv-cache-memory; models/kv_cache_dtype.py)
+    kv_cache_dtype: KVCacheDtype = option(
+        "auto", "KV-cache storage: auto (the model dtype) or fp8 / fp8_e4m3 (float8 e4m3 with per-tensor scales)")
     # overrides kv_cache_memory (tests)
     num_kv_blocks: int | None = option(None, "number of KV blocks (overrides --kv-cache-memory)")
     enable_prefix_caching: bool = option(True, "reuse KV blocks of shared prefixes")
@@ -217,6 +222,9 @@ class EngineConfig:
         if self.quantization and self.engine != "native":
             raise ConfigError("--quantization quantizes for the native engine's CPU kernels; vLLM takes "
                               "pre-quantized checkpoints instead")
+        if self.kv_cache_dtype not in get_args(KVCacheDtype):
+            raise ConfigError(f"kv_cache_dtype must be one of {', '.join(get_args(KVCacheDtype))}, "
+                              f"not {self.kv_cache_dtype!r}")
         if self.dtype not in get_args(Dtype):
             raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, not {self.dtype!r}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):

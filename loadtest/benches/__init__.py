@@ -21,5 +21,6 @@ BENCHES = {
     "mla-decode": "loadtest.benches.mla_decode",
     "quant-quality": "loadtest.benches.quant_quality",
     "quant-decode": "loadtest.benches.quant_decode",
+    "kv-fp8-quality": "loadtest.benches.kv_fp8_quality",
     "async-scheduling": "loadtest.benches.async_sched",
 }

@@ -7,6 +7,9 @@ ops' fake (meta) implementations, so that `torch.compile` traces through them an
 - `paged_decode_cpu(q [B, H, D], k_cache, v_cache [NB, BS, KVH, D], block_tables [B, W],
   seq_lens [B], scale, window=0, chunk=0, sinks [H]?) -> [B, H, D]`: decode attention reading the
   KV blocks in place, with a sliding window / attention chunk (0: none) and per-head sinks;
+- `paged_decode_fp8_cpu(q, k_cache, v_cache, block_tables, seq_lens, scale, k_scale=1, v_scale=1,
+  window=0, chunk=0, sinks?)`: the same over a float8_e4m3fn cache (`--kv-cache-dtype fp8`),
+  keys k8 * k_scale and values v8 * v_scale converted to float32 in the kernel;
 - `moe_experts_cpu(x [T, H], topk_ids [T, k], topk_weights [T, k], w13_packed [E, 2I, H],
   w2_packed [E, H, I]) -> [T, H]`: the fused experts over `moe_pack_cpu`'s panels;
 - `linear_cpu(x [M, K], weight_packed [N, K], bias [N]?) -> [M, N]` over `linear_pack_cpu`'s panels;
@@ -105,6 +108,11 @@ def _register_fakes(ns: str) -> None:
 
     @fake("paged_decode_cpu")
     def _(q, k_cache, v_cache, block_tables, seq_lens, scale, window=0, chunk=0, sinks=None):
+        return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+    @fake("paged_decode_fp8_cpu")
+    def _(q, k_cache, v_cache, block_tables, seq_lens, scale, k_scale=1.0, v_scale=1.0, window=0, chunk=0,
+          sinks=None):
         return torch.empty_like(q, memory_format=torch.contiguous_format)
 
     @fake("moe_experts_cpu")

@@ -23,10 +23,13 @@ def paged_decode_reference(
     block_tables: torch.Tensor,  # [B, max_blocks] block ids
     seq_lens: torch.Tensor,  # [B] keys each sequence attends to
     scale: float,
+    k_scale: float = 1.0,  # an fp8 cache's per-tensor scales: keys are k8 * k_scale, values v8 * v_scale
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Attention of each sequence's query over its first seq_lens[b] cached keys -> [B, heads, d].
     The keys are gathered by position (slot = block of the position, then its offset) into
-    `KEY_GRANULE`-padded rows, so the result does not depend on the cache's block size."""
+    `KEY_GRANULE`-padded rows, so the result does not depend on the cache's block size. A
+    float8_e4m3fn cache is dequantized (after the gather) into q's dtype."""
     bsz, heads, d = q.shape
     bs, kvh = k_cache.shape[1], k_cache.shape[2]
     length = -(-int(seq_lens.max()) // KEY_GRANULE) * KEY_GRANULE
@@ -35,6 +38,8 @@ def paged_decode_reference(
     slots = blocks * bs + pos % bs  # [B, L]
     k = k_cache.view(-1, kvh, d)[slots]  # [B, L, kvh, d]
     v = v_cache.view(-1, kvh, d)[slots]
+    if k.dtype == torch.float8_e4m3fn:
+        k, v = (k.float() * k_scale).to(q.dtype), (v.float() * v_scale).to(q.dtype)
     group = heads // kvh
     qg = q.view(bsz, kvh, group, d)  # [B, kvh, group, d]: a KV head's query heads as the query axis
     mask = (pos[None, :] < seq_lens[:, None])[:, None, None, :]  # [B, 1, 1, L] keys each sequence sees

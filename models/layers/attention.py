@@ -27,23 +27,27 @@ from models.kernels.paged_attention import paged_decode
 from models.kernels.plan import AttentionKernel, LayerKernels
 from models.layers.attention_variants import AttentionVariant, attend_variant, prefill_variant
 from models.layers.norm import RMSNorm
-from models.layers.paged import AttentionMetadata, KVCache, gather_kv, write_kv
+from models.layers.paged import (
+    NO_SCALES, AttentionMetadata, KVCache, KVScales, fp8_roundtrip, gather_kv, is_fp8, write_kv,
+)
 from models.layers.rotary import RotaryEmbedding, rotate
 
 
 def decode_attention(
     q: torch.Tensor, cache: KVCache, block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
     kernel: AttentionKernel = AttentionKernel.REFERENCE, variant: AttentionVariant | None = None,
-    sinks: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None, scales: KVScales = NO_SCALES,
 ) -> torch.Tensor:
-    """q: [B, heads, head_dim] (one token per sequence) -> [B, heads, head_dim].
+    """q: [B, heads, head_dim] (one token per sequence) -> [B, heads, head_dim]. `scales`: an
+    fp8 cache's (k_scale, v_scale).
     Every kernel but the reference reads the blocks in place, with no host sync. A variant
     (window, chunk, sinks) needs a kernel (the reference path is `attend_variant`)."""
     k_cache, v_cache = cache
     if variant is None or not variant.active:
-        return paged_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, kernel)
+        return paged_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, kernel,
+                            k_scale=scales[0], v_scale=scales[1])
     return paged_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, kernel, variant.window,
-                        variant.chunk, sinks if variant.sinks else None)
+                        variant.chunk, sinks if variant.sinks else None, scales[0], scales[1])
 
 
 def prefill_attention(
@@ -104,6 +108,9 @@ class Attention(nn.Module):
         self.fused_rope = False
         self.packed_qkv: PackedWeight | None = None
         self.packed_o: PackedWeight | None = None
+        # an fp8 KV cache's per-tensor scales (vLLM's k_scale / v_scale): 1.0 unless the
+        # checkpoint carries them (models/kv_cache_dtype.py)
+        self.kv_scales: KVScales = NO_SCALES
 
     def apply_kernels(self, kernels: LayerKernels, packed_qkv: PackedWeight | None,
                       packed_o: PackedWeight | None) -> None:
@@ -165,7 +172,10 @@ class Attention(nn.Module):
         positions: torch.Tensor | None = None,  # [T], needed by attention temperature tuning only
     ) -> torch.Tensor:
         T = x.shape[0]
-        if self.fused_rope:  # k and v go straight into the cache; only q comes back
+        # an fp8 cache is written by write_kv (torch's saturating round-to-nearest, on every GPU), not by
+        # the fused rotary + KV store, which stores the model dtype
+        fp8 = is_fp8(cache[0])
+        if self.fused_rope and not fp8:  # k and v go straight into the cache; only q comes back
             from models.kernels import triton_ops  # noqa: F401 - registers the op
 
             head = self.qk_norm == "head"
@@ -177,32 +187,34 @@ class Attention(nn.Module):
         else:
             q, k, v, gate = self.project(x, cos_sin, positions)
             v = v.contiguous()
-            write_kv(cache, k, v, meta.slot_mapping)
+            write_kv(cache, k, v, meta.slot_mapping, self.kv_scales)
+            if fp8:  # the prefill attends what the cache holds, as the decode and later chunks do
+                k, v = fp8_roundtrip(k, self.kv_scales[0]), fp8_roundtrip(v, self.kv_scales[1])
         variant = self.variant
         if variant.active and self.decode_kernel in (None, AttentionKernel.REFERENCE):
-            out = attend_variant(q, k, v, cache, meta, self.scale, variant, self.sinks)
+            out = attend_variant(q, k, v, cache, meta, self.scale, variant, self.sinks, self.kv_scales)
             return self._o(out.view(T, self.q_size), gate)
 
         nd = meta.num_decodes
         if nd == T:  # decode-only step: no prefill chunk, no copy
             out = decode_attention(q, cache, meta.block_tables[:nd], meta.decode_seq_lens, self.scale,
-                                   self.decode_kernel, variant, self.sinks)
+                                   self.decode_kernel, variant, self.sinks, self.kv_scales)
             return self._o(out.view(T, self.q_size), gate)
         out = torch.empty_like(q)  # [T, heads, head_dim]
         if nd:
             out[:nd] = decode_attention(q[:nd], cache, meta.block_tables[:nd], meta.decode_seq_lens, self.scale,
-                                        self.decode_kernel, variant, self.sinks)
+                                        self.decode_kernel, variant, self.sinks, self.kv_scales)
         loc = meta.query_start_loc
         for i in range(nd, meta.num_seqs):  # prefill chunks: one SDPA each
             s, e = loc[i], loc[i + 1]
             if variant.active:  # the keys the chunk's queries see, in query tiles
                 out[s:e] = prefill_variant(q[s:e], None if k is None else k[s:e], None if v is None else v[s:e],
                                            cache, meta.block_tables[i], meta.seq_lens[i], self.scale, variant,
-                                           self.sinks)
+                                           self.sinks, self.kv_scales)
                 continue
             if k is not None and meta.seq_lens[i] == e - s:  # no cached prefix: the new keys are the context
                 kc, vc = k[s:e], v[s:e]
             else:  # cached prefix / earlier chunks, or the fused path: read back from the cache
-                kc, vc = gather_kv(cache, meta.block_tables[i], meta.seq_lens[i])
+                kc, vc = gather_kv(cache, meta.block_tables[i], meta.seq_lens[i], self.kv_scales, q.dtype)
             out[s:e] = prefill_attention(q[s:e], kc, vc, self.scale)
         return self._o(out.view(T, self.q_size), gate)

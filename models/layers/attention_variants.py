@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from models.layers.paged import AttentionMetadata, KVCache
+from models.layers.paged import NO_SCALES, AttentionMetadata, KVCache, KVScales, dequantize_fp8, is_fp8
 
 PREFILL_SCORES_BUDGET = 2**24  # a prefill query tile's scores (heads x queries x keys) stay under this
 
@@ -96,18 +96,24 @@ def attend(
     return torch.einsum("...hgml,...hld->...hgmd", probs.to(v.dtype), v)
 
 
-def _gather(cache: KVCache, tables: torch.Tensor, first_block: torch.Tensor, nblocks: int):
+def _gather(cache: KVCache, tables: torch.Tensor, first_block: torch.Tensor, nblocks: int,
+            scales: KVScales = NO_SCALES, dtype: torch.dtype | None = None):
     """K/V of blocks first_block .. first_block + nblocks - 1 of each row of `tables` [B, W]:
     [B, nblocks * block_size, kvh, d] each (rows past a table's end repeat its last entry and
-    are masked out by position)."""
+    are masked out by position; an fp8 cache's dequantized into `dtype`)."""
     k_cache, v_cache = cache
     idx = (first_block[:, None] + torch.arange(nblocks, device=tables.device)).clamp(max=tables.shape[1] - 1)
     ids = tables.gather(1, idx)  # [B, nblocks]
-    return k_cache[ids].flatten(1, 2), v_cache[ids].flatten(1, 2)
+    k, v = k_cache[ids].flatten(1, 2), v_cache[ids].flatten(1, 2)
+    if is_fp8(k_cache):
+        assert dtype is not None, "an fp8 KV cache is read into the model dtype"
+        return dequantize_fp8(k, scales[0], dtype), dequantize_fp8(v, scales[1], dtype)
+    return k, v
 
 
 def decode_variant(q: torch.Tensor, cache: KVCache, block_tables: torch.Tensor, seq_lens: torch.Tensor,
-                   scale: float, variant: AttentionVariant, sinks: torch.Tensor | None) -> torch.Tensor:
+                   scale: float, variant: AttentionVariant, sinks: torch.Tensor | None,
+                   scales: KVScales = NO_SCALES) -> torch.Tensor:
     """q: [B, heads, d], one token per sequence at position seq_len - 1 -> [B, heads, dv]."""
     bsz, heads, d = q.shape
     bs, kvh = cache[0].shape[1], cache[0].shape[2]
@@ -115,7 +121,7 @@ def decode_variant(q: torch.Tensor, cache: KVCache, block_tables: torch.Tensor, 
     lo = variant.first_visible(qpos)  # [B]
     first = lo // bs  # [B] first block holding a visible key
     nblocks = int(((seq_lens + bs - 1) // bs - first).max())
-    k, v = _gather(cache, block_tables, first, nblocks)  # [B, L, kvh, d]
+    k, v = _gather(cache, block_tables, first, nblocks, scales, q.dtype)  # [B, L, kvh, d]
     kpos = first[:, None] * bs + torch.arange(nblocks * bs, device=q.device)  # [B, L]
     visible = (kpos >= lo[:, None]) & (kpos <= qpos[:, None])  # [B, L]
     qg = q.view(bsz, kvh, heads // kvh, 1, d)  # [B, kvh, g, 1, d]
@@ -126,7 +132,7 @@ def decode_variant(q: torch.Tensor, cache: KVCache, block_tables: torch.Tensor, 
 
 def prefill_variant(q: torch.Tensor, k_new: torch.Tensor | None, v_new: torch.Tensor | None, cache: KVCache,
                     block_table: torch.Tensor, seq_len: int, scale: float, variant: AttentionVariant,
-                    sinks: torch.Tensor | None) -> torch.Tensor:
+                    sinks: torch.Tensor | None, scales: KVScales = NO_SCALES) -> torch.Tensor:
     """n new queries (positions seq_len - n ..) of one sequence; q: [n, heads, d] -> [n, heads, dv].
     Keys come from the new K/V when the chunk is the whole context, else from the cache (only
     the blocks from the chunk's first visible key on). Queries go in tiles, each over its
@@ -140,7 +146,7 @@ def prefill_variant(q: torch.Tensor, k_new: torch.Tensor | None, v_new: torch.Te
     else:
         first = variant.first_visible_at(q0) // bs  # the first query sees the earliest keys
         nblocks = (seq_len + bs - 1) // bs - first
-        k, v = _gather(cache, block_table[None], torch.tensor([first], device=dev), nblocks)
+        k, v = _gather(cache, block_table[None], torch.tensor([first], device=dev), nblocks, scales, q.dtype)
         k, v, base = k[0, : seq_len - first * bs], v[0, : seq_len - first * bs], first * bs
     assert v is not None
     tile, reach = n, variant.max_visible(seq_len)
@@ -162,15 +168,17 @@ def prefill_variant(q: torch.Tensor, k_new: torch.Tensor | None, v_new: torch.Te
 
 
 def attend_variant(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, meta: AttentionMetadata,
-                   scale: float, variant: AttentionVariant, sinks: torch.Tensor | None) -> torch.Tensor:
+                   scale: float, variant: AttentionVariant, sinks: torch.Tensor | None,
+                   scales: KVScales = NO_SCALES) -> torch.Tensor:
     """A layer's attention for the whole step (decodes first, then prefill chunks), q: [T, heads, d]."""
     out = torch.empty_like(q)  # [T, heads, d]
     nd = meta.num_decodes
     if nd:
-        out[:nd] = decode_variant(q[:nd], cache, meta.block_tables[:nd], meta.decode_seq_lens, scale, variant, sinks)
+        out[:nd] = decode_variant(q[:nd], cache, meta.block_tables[:nd], meta.decode_seq_lens, scale, variant, sinks,
+                                  scales)
     loc = meta.query_start_loc
     for i in range(nd, meta.num_seqs):  # prefill chunks: one attention each
         s, e = loc[i], loc[i + 1]
         out[s:e] = prefill_variant(q[s:e], k[s:e], v[s:e], cache, meta.block_tables[i], meta.seq_lens[i],
-                                   scale, variant, sinks)
+                                   scale, variant, sinks, scales)
     return out

@@ -2,7 +2,10 @@
 one layer, with the two ways tokens move in and out of it.
 
 A layer's cache is a pair of tensors `[num_blocks, block_size, heads, width]`: K and V for GQA
-layers, the latent and the rotary key for MLA layers (`heads` 1). A sequence's tokens live in
+layers, the latent and the rotary key for MLA layers (`heads` 1). With `--kv-cache-dtype fp8`
+a GQA layer's pair is float8_e4m3fn with one scale per tensor (`KVScales`, vLLM's `k_scale` /
+`v_scale`): a write stores `x / scale` saturated to +-448, a read gives back `x8 * scale` in the
+model dtype; what the attention sees is always what the cache holds (`fp8_roundtrip`). A sequence's tokens live in
 the blocks its block table lists. A step's tokens are flattened (`[num_tokens, ...]`) with the
 decode sequences (one new token each) first, then the prefill chunks.
 """
@@ -34,18 +37,54 @@ class AttentionMetadata:
 
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # [num_blocks, block_size, heads, width] each
+KVScales = tuple[float, float]  # (k_scale, v_scale) of an fp8 cache pair; (1.0, 1.0) unless the checkpoint has them
+
+FP8_KV_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0  # float8_e4m3fn's largest finite value: writes saturate there
+NO_SCALES: KVScales = (1.0, 1.0)
 
 
-def write_kv(cache: KVCache, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Store a step's new entries: k, v [num_tokens, heads, width] at their flat slots."""
+def is_fp8(t: torch.Tensor) -> bool:
+    return t.dtype == FP8_KV_DTYPE
+
+
+def quantize_fp8(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """x / scale as float8_e4m3fn, saturated to +-448 (computed in float32)."""
+    return (x.float() / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8_KV_DTYPE)
+
+
+def dequantize_fp8(x8: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """x8 * scale in `dtype`."""
+    return (x8.float() * scale).to(dtype)
+
+
+def fp8_roundtrip(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """What an fp8 cache gives back for x: dequantize(quantize(x)) in x's dtype."""
+    return dequantize_fp8(quantize_fp8(x, scale), scale, x.dtype)
+
+
+def write_kv(cache: KVCache, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
+             scales: KVScales = NO_SCALES) -> None:
+    """Store a step's new entries: k, v [num_tokens, heads, width] at their flat slots (an fp8
+    cache stores them quantized with `scales`)."""
     k_cache, v_cache = cache
+    if is_fp8(k_cache):  # (index_copy_ has no float8 kernel on the CPU: copy the bytes)
+        k = quantize_fp8(k, scales[0]).view(torch.uint8)
+        v = quantize_fp8(v, scales[1]).view(torch.uint8)
+        k_cache, v_cache = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
     k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k)
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v)
 
 
-def gather_kv(cache: KVCache, block_table: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first `length` entries of one sequence, contiguous: [length, heads, width] each."""
+def gather_kv(cache: KVCache, block_table: torch.Tensor, length: int, scales: KVScales = NO_SCALES,
+              dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `length` entries of one sequence, contiguous: [length, heads, width] each (an
+    fp8 cache's dequantized into `dtype`, which it then needs)."""
     k_cache, v_cache = cache
     bs = k_cache.shape[1]
     ids = block_table[: (length + bs - 1) // bs]
-    return k_cache[ids].flatten(0, 1)[:length], v_cache[ids].flatten(0, 1)[:length]
+    k, v = k_cache[ids].flatten(0, 1)[:length], v_cache[ids].flatten(0, 1)[:length]
+    if is_fp8(k_cache):
+        assert dtype is not None, "an fp8 KV cache is read into the model dtype"
+        return dequantize_fp8(k, scales[0], dtype), dequantize_fp8(v, scales[1], dtype)
+    return k, v

@@ -53,8 +53,9 @@ async def ready(request: Request) -> Response:
 
 @router.get("/version")
 async def version(request: Request) -> dict[str, Any]:
-    """The server's version, its engine and, for the native engine, the kernel plan (which kernel
-    serves each layer kind; models/kernels/plan.py)."""
+    """The server's version, its engine, the KV cache's dtype (--kv-cache-dtype) and, for the
+    native engine, the kernel plan (which kernel serves each layer kind; models/kernels/plan.py)."""
     info = request.app.state.serving.engine.model_info
     return {"version": server_version(), "engine": request.app.state.config.engine.engine,
-            "async_scheduling": info.async_scheduling, "kernel_plan": info.kernel_plan}
+            "async_scheduling": info.async_scheduling, "kv_cache_dtype": info.kv_cache_dtype,
+            "kernel_plan": info.kernel_plan}

@@ -109,6 +109,7 @@ def build_native_core(config: EngineConfig, progress: bool = True, reserve_cpu_c
     from transformers import AutoTokenizer
 
     from models import load_model
+    from models.kv_cache_dtype import configure_kv_cache, kv_cache_dtype_name
     from server.engine.native.placement.manager import placement_from_config
     from server.engine.native.placement.trace import RoutingRecorder
     from server.engine.native.core import EngineCore
@@ -130,6 +131,7 @@ def build_native_core(config: EngineConfig, progress: bool = True, reserve_cpu_c
         configure_cpu_threads(reserve_cpu_cores)
     tokenizer = AutoTokenizer.from_pretrained(config.model)
     cfg = model.config
+    kv_dtype = configure_kv_cache(model, config.kv_cache_dtype, config.model)  # before the blocks are counted
     blocks = num_kv_blocks(config, model)
     max_len = config.max_model_len or min(cfg.max_position_embeddings, MAX_DEFAULT_MODEL_LEN)
     if config.max_model_len and config.max_model_len > cfg.max_position_embeddings:
@@ -169,11 +171,11 @@ def build_native_core(config: EngineConfig, progress: bool = True, reserve_cpu_c
         architecture=cfg.architecture, num_layers=cfg.num_layers, num_experts=cfg.num_experts, top_k=cfg.top_k,
         dtype=dtype, device=str(model.embed.weight.device), num_moe_layers=cfg.num_moe_layers,
         eos_token_ids=core.eos_token_ids, kernel_plan=model.kernel_plan.to_dict(),
-        async_scheduling=core.async_step is not None,
+        async_scheduling=core.async_step is not None, kv_cache_dtype=kv_cache_dtype_name(kv_dtype),
     )
-    log.info("loaded %s (%s, %s on %s) in %.1fs; KV cache %d blocks x %d tokens; max_model_len %d",
+    log.info("loaded %s (%s, %s on %s) in %.1fs; KV cache %d blocks x %d tokens (%s, %.1f MiB); max_model_len %d",
              config.model, cfg.architecture, dtype, info.device, model.load_seconds, blocks, config.block_size,
-             core.max_model_len)
+             info.kv_cache_dtype, blocks * model.kv_bytes_per_block(config.block_size) / 2**20, core.max_model_len)
     log.info("async scheduling: %s", "on" if info.async_scheduling else "off")
     if cfg.hybrid:
         log.info("recurrent state: %d slots x %.2f MiB per sequence (%d linear-attention / Mamba2 layers)",

@@ -30,6 +30,7 @@ class ModelInfo:
     eos_token_ids: tuple[int, ...] = ()  # what ends a sequence (structured outputs stop on these)
     kernel_plan: dict | None = None  # the native engine's kernels per layer (KernelPlan.to_dict)
     async_scheduling: bool = False  # the engine schedules one step ahead of the device (--async-scheduling)
+    kv_cache_dtype: str | None = None  # what the paged KV cache stores (--kv-cache-dtype): bfloat16, float8_e4m3fn ...
 
 
 @runtime_checkable

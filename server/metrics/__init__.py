@@ -62,7 +62,8 @@ class ServerMetrics:
                  num_experts: int | None = None, *,
                  max_model_len: int = DEFAULT_MAX_MODEL_LEN,
                  imbalance_window_s: float = 60.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 kv_cache_dtype: str = "auto", block_size: int = 16) -> None:
         """`engine_name` is the value of vLLM's `engine` label; `max_model_len` sets the
         token-count histogram buckets (vLLM's 1-2-5 series up to it); `clock` drives the
         imbalance window (injectable for tests)."""
@@ -73,12 +74,17 @@ class ServerMetrics:
         PlatformCollector(registry=self.registry)
         GCCollector(registry=self.registry)
         self._core = CoreMetrics(self.registry, model_name, engine_name, max_model_len)
+        self._core.set_cache_config(kv_cache_dtype, block_size)  # the engine defaults until the app sets them
         self._http = HttpMetrics(self.registry)
         self.grammar = GrammarMetrics(self.registry)  # bound to the app's grammar compile service
         self._routing = ExpertLoadTracker(num_layers, num_experts,
                                           window_seconds=imbalance_window_s, clock=clock)
         self._routing_text = RoutingExposition(self._routing, model_name)
         self.stat_logger = MetricsStatLogger(self._core, self._routing)
+
+    def set_cache_config(self, cache_dtype: str, block_size: int) -> None:
+        """vllm:cache_config_info: the KV cache's dtype (--kv-cache-dtype) and block size."""
+        self._core.set_cache_config(cache_dtype, block_size)
 
     def observe_http(self, route: str, method: str, status: int, seconds: float) -> None:
         """`route` must be the route template (e.g. "/v1/models/{model}"), never the raw path."""

@@ -31,6 +31,8 @@ STATUS = "status"
 OUTCOME = "outcome"
 POSITION = "position"  # speculative decoding: the draft position (0-based)
 STEP = "step"  # a decode-only engine step: "verify" (drafts verified) or "decode" (plain)
+CACHE_DTYPE = "cache_dtype"  # vllm:cache_config_info: --kv-cache-dtype as given (auto, fp8, fp8_e4m3)
+BLOCK_SIZE = "block_size"
 
 CORE_LABELS: tuple[str, ...] = (MODEL_NAME, ENGINE)
 
@@ -126,6 +128,8 @@ NUM_REQUESTS_WAITING = _v(
     "vllm:num_requests_waiting", GAUGE, "Number of requests waiting to be processed.")
 KV_CACHE_USAGE = _v(
     "vllm:kv_cache_usage_perc", GAUGE, "KV-cache usage. 1 means 100 percent usage.")
+CACHE_CONFIG_INFO = _v(
+    "vllm:cache_config_info", GAUGE, "Information of the LLMEngine CacheConfig", extra=(CACHE_DTYPE, BLOCK_SIZE))
 
 PROMPT_TOKENS = _v("vllm:prompt_tokens_total", COUNTER, "Number of prefill tokens processed.")
 GENERATION_TOKENS = _v(
@@ -259,7 +263,7 @@ ZERO_EXPERT_TOKENS = MetricSpec(
     (MODEL_NAME, LAYER))
 
 VLLM_SPECS: tuple[MetricSpec, ...] = (
-    NUM_REQUESTS_RUNNING, NUM_REQUESTS_WAITING, KV_CACHE_USAGE,
+    NUM_REQUESTS_RUNNING, NUM_REQUESTS_WAITING, KV_CACHE_USAGE, CACHE_CONFIG_INFO,
     PROMPT_TOKENS, GENERATION_TOKENS, NUM_PREEMPTIONS, PREFIX_CACHE_QUERIES, PREFIX_CACHE_HITS,
     REQUEST_SUCCESS,
     REQUEST_PROMPT_TOKENS, REQUEST_GENERATION_TOKENS, ITERATION_TOKENS, REQUEST_PARAMS_N,

@@ -52,6 +52,7 @@ class CoreMetrics:
         self.running = bind(n.NUM_REQUESTS_RUNNING)
         self.waiting = bind(n.NUM_REQUESTS_WAITING)
         self.kv_usage = bind(n.KV_CACHE_USAGE)
+        self._cache_info = make_metric(n.CACHE_CONFIG_INFO, registry, max_model_len)
         self.prompt_tokens = bind(n.PROMPT_TOKENS)
         self.generation_tokens = bind(n.GENERATION_TOKENS)
         self.preemptions = bind(n.NUM_PREEMPTIONS)
@@ -84,6 +85,12 @@ class CoreMetrics:
         self._success_parent = success
         self._labelvalues = lv
         self.success = {r: success.labels(*lv, r) for r in n.FINISHED_REASONS}
+
+    def set_cache_config(self, cache_dtype: str, block_size: int) -> None:
+        """vllm:cache_config_info = 1 with the KV cache's settings (cache_dtype: --kv-cache-dtype as
+        given, as vLLM labels it)."""
+        self._cache_info.clear()
+        self._cache_info.labels(*self._labelvalues, cache_dtype, str(block_size)).set(1)
 
     def record_iteration(self, it: IterationStats) -> None:
         self.running.set(it.num_running)

@@ -58,6 +58,7 @@ EVERY_OPTION = {
     "max_num_batched_tokens": (512, 512),
     "block_size": (32, 32),
     "kv_cache_memory": ("256MiB", 256 * 2**20),
+    "kv_cache_dtype": ("fp8", "fp8"),
     "num_kv_blocks": (64, 64),
     "enable_prefix_caching": (False, False),
     "enable_chunked_prefill": (False, False),

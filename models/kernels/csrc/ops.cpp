@@ -74,6 +74,45 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at
     return out;
 }
 
+at::Tensor paged_decode_fp8_op(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                               const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale, double k_scale,
+                               double v_scale, int64_t window, int64_t chunk, const std::optional<at::Tensor>& sinks) {
+    // paged_decode over a float8_e4m3fn cache (--kv-cache-dtype fp8): keys k8 * k_scale, values
+    // v8 * v_scale, converted to float32 in the kernel
+    check_f32_cpu(q, "q");
+    for (const at::Tensor* c : {&k_cache, &v_cache}) {
+        TORCH_CHECK(c->device().is_cpu() && c->scalar_type() == at::kFloat8_e4m3fn,
+                    "paged_decode_fp8: the KV cache must be a float8_e4m3fn CPU tensor, got ", c->scalar_type());
+    }
+    TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), "paged_decode_fp8: q must "
+                "be [B, H, D] and the caches [blocks, block_size, kv_heads, D] alike");
+    TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "paged_decode_fp8: the KV cache must be contiguous");
+    const int64_t B = q.size(0), H = q.size(1), D = q.size(2), KVH = k_cache.size(2);
+    TORCH_CHECK(k_cache.size(3) == D && KVH > 0 && H % KVH == 0, "paged_decode_fp8: head sizes do not match");
+    TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == B && seq_lens.numel() == B,
+                "paged_decode_fp8: block_tables [B, W] and seq_lens [B] must match q's batch");
+    TORCH_CHECK(window >= 0 && chunk >= 0, "paged_decode_fp8: window and chunk must be >= 0 (0: none)");
+    TORCH_CHECK(k_scale > 0 && v_scale > 0, "paged_decode_fp8: k_scale and v_scale must be > 0");
+    at::Tensor sk;
+    if (sinks.has_value() && sinks->defined()) {
+        TORCH_CHECK(sinks->device().is_cpu() && sinks->numel() == H, "paged_decode_fp8: sinks must be a CPU tensor of ",
+                    H, " per-head logits");
+        sk = sinks->to(at::kFloat).contiguous();
+    }
+    const at::Tensor qc = q.contiguous();
+    const at::Tensor tables = block_tables.to(at::kLong).contiguous();
+    const at::Tensor lens = seq_lens.to(at::kLong).contiguous();
+    at::Tensor out = at::empty_like(qc);
+    const int rc = paged_decode_fp8(
+        qc.data_ptr<float>(), static_cast<const uint8_t*>(k_cache.const_data_ptr()),
+        static_cast<const uint8_t*>(v_cache.const_data_ptr()), static_cast<float>(k_scale),
+        static_cast<float>(v_scale), tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(),
+        sk.defined() ? sk.data_ptr<float>() : nullptr, out.data_ptr<float>(), B, H, KVH, D, k_cache.size(1),
+        tables.size(1), window, chunk, static_cast<float>(scale), at::get_num_threads());
+    TORCH_CHECK(rc == 0, "paged_decode_fp8: could not allocate its score buffer");
+    return out;
+}
+
 at::Tensor moe_experts_impl(const at::Tensor& x, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
                             const at::Tensor& w13_packed, const at::Tensor& w2_packed,
                             const std::optional<at::Tensor>& w13_bias, const std::optional<at::Tensor>& w2_bias,
@@ -336,6 +375,8 @@ std::vector<int64_t> build_info() {
 MOE_SERVE_LIBRARY(MOE_SERVE_OPS_NS, m) {
     m.def("paged_decode_cpu(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
           "float scale, int window=0, int chunk=0, Tensor? sinks=None) -> Tensor");
+    m.def("paged_decode_fp8_cpu(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
+          "float scale, float k_scale=1.0, float v_scale=1.0, int window=0, int chunk=0, Tensor? sinks=None) -> Tensor");
     m.def("moe_experts_cpu(Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor w13_packed, Tensor w2_packed) "
           "-> Tensor");
     m.def("moe_pack_cpu(Tensor w13, Tensor w2) -> (Tensor, Tensor)");
@@ -357,6 +398,7 @@ MOE_SERVE_LIBRARY(MOE_SERVE_OPS_NS, m) {
 
 MOE_SERVE_LIBRARY_IMPL(MOE_SERVE_OPS_NS, CPU, m) {
     m.impl("paged_decode_cpu", &paged_decode);
+    m.impl("paged_decode_fp8_cpu", &paged_decode_fp8_op);
     m.impl("moe_experts_cpu", &moe_experts);
     m.impl("moe_pack_cpu", &moe_pack);
     m.impl("moe_experts_variant_cpu", &moe_experts_variant);

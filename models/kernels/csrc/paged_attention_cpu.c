@@ -16,6 +16,8 @@
  * max(0, p - window + 1) with a sliding window (window > 0) and at least p's chunk start
  * (p / chunk) * chunk with chunked attention (chunk > 0). Keys before lo are never read, so a
  * windowed step costs O(window), not O(context).
+ * paged_decode_fp8 reads a float8_e4m3fn cache (bytes, same layout) with per-tensor scales,
+ * converting each row to float32 in the kernel; the float32 path is unchanged.
  * Work item = a sequence (all its heads: each token's K/V row is read as one contiguous run)
  * or, when there are fewer sequences than threads, one (sequence, KV head) pair.
  */
@@ -36,6 +38,11 @@ typedef struct {
     float scale;
     int64_t hpi;         /* KV heads per work item: KVH (whole rows read contiguously) or 1 */
     int64_t first, last; /* work items [first, last) */
+    /* an fp8 cache (paged_decode_fp8): k8 / v8 replace k / v (NULL otherwise); lut: the 256
+     * float8_e4m3fn values; k_scale folds into the score scale, v_scale scales the output */
+    const uint8_t *k8, *v8;
+    const float *lut;
+    float v_scale;
 } job_t;
 
 /* The first key position the query of a sequence with L keys sees. */
@@ -105,6 +112,63 @@ static void run_item(const job_t *j, int64_t b, int64_t h0, int64_t nh, float *s
     }
 }
 
+/* run_item over an fp8 cache: each token's K (then V) row of the item's heads is converted to
+ * float32 once (table lookup) into `row` [nh * D], then read as run_item reads the float row.
+ * The scores use scale * k_scale; the output is scaled by v_scale at the end. */
+static void run_item_fp8(const job_t *j, int64_t b, int64_t h0, int64_t nh, float *scores, float *row) {
+    const int64_t G = j->H / j->KVH, D = j->D, BS = j->BS, KVH = j->KVH;
+    const int64_t L = j->lens[b], R = nh * G, RD = nh * D;
+    const float *qb = j->q + (b * j->H + h0 * G) * D; /* [R, D] */
+    float *ob = j->out + (b * j->H + h0 * G) * D;     /* [R, D] */
+    const float *lut = j->lut;
+    memset(ob, 0, (size_t)(R * D) * sizeof(float));
+    if (L <= 0) return;
+    const int64_t *table = j->tables + b * j->W;
+    const int64_t lo = first_visible(L, j->window, j->chunk), N = L - lo;
+    for (int64_t t = lo; t < L;) {
+        const int64_t off = t % BS, n = (L - t < BS - off) ? (L - t) : (BS - off);
+        const uint8_t *kb = j->k8 + ((table[t / BS] * BS + off) * KVH + h0) * D;
+        for (int64_t i = 0; i < n; i++) {
+            const uint8_t *src = kb + i * KVH * D;
+            for (int64_t e = 0; e < RD; e++) row[e] = lut[src[e]];
+            for (int64_t r = 0; r < R; r++) {
+                const float *kt = row + (r / G) * D, *qr = qb + r * D;
+                float acc = 0.f;
+#pragma GCC ivdep
+                for (int64_t d = 0; d < D; d++) acc += qr[d] * kt[d];
+                scores[r * N + t - lo + i] = acc * j->scale;
+            }
+        }
+        t += n;
+    }
+    for (int64_t r = 0; r < R; r++) {
+        float *s = scores + r * N, m = -INFINITY, sum = 0.f;
+        const float sink = j->sinks ? j->sinks[h0 * G + r] : -INFINITY;
+        for (int64_t t = 0; t < N; t++) m = s[t] > m ? s[t] : m;
+        if (sink > m) m = sink;
+        for (int64_t t = 0; t < N; t++) { s[t] = expf(s[t] - m); sum += s[t]; }
+        if (j->sinks) sum += expf(sink - m);
+        const float inv = j->v_scale / sum; /* the values' scale, folded into the probabilities */
+        for (int64_t t = 0; t < N; t++) s[t] *= inv;
+    }
+    for (int64_t t = lo; t < L;) {
+        const int64_t off = t % BS, n = (L - t < BS - off) ? (L - t) : (BS - off);
+        const uint8_t *vb = j->v8 + ((table[t / BS] * BS + off) * KVH + h0) * D;
+        for (int64_t i = 0; i < n; i++) {
+            const uint8_t *src = vb + i * KVH * D;
+            for (int64_t e = 0; e < RD; e++) row[e] = lut[src[e]];
+            for (int64_t r = 0; r < R; r++) {
+                const float *vt = row + (r / G) * D;
+                const float p = scores[r * N + t - lo + i];
+                float *orow = ob + r * D;
+#pragma GCC ivdep
+                for (int64_t d = 0; d < D; d++) orow[d] += p * vt[d];
+            }
+        }
+        t += n;
+    }
+}
+
 static void *run_range(void *arg) {
     const job_t *j = (const job_t *)arg;
     const int64_t per_seq = j->KVH / j->hpi;
@@ -113,13 +177,37 @@ static void *run_range(void *arg) {
         const int64_t L = visible_keys(j->lens[it / per_seq], j->window, j->chunk);
         maxlen = L > maxlen ? L : maxlen;
     }
-    float *scores = (float *)malloc((size_t)(j->hpi * (j->H / j->KVH) * maxlen) * sizeof(float));
+    /* fp8: one converted row of the item's heads after the scores */
+    const size_t nscores = (size_t)(j->hpi * (j->H / j->KVH) * maxlen), nrow = j->k8 ? (size_t)(j->hpi * j->D) : 0;
+    float *scores = (float *)malloc((nscores + nrow) * sizeof(float));
     if (scores == NULL) return (void *)1;
-    for (int64_t it = j->first; it < j->last; it++)
-        run_item(j, it / per_seq, (it % per_seq) * j->hpi, j->hpi, scores);
+    for (int64_t it = j->first; it < j->last; it++) {
+        if (j->k8)
+            run_item_fp8(j, it / per_seq, (it % per_seq) * j->hpi, j->hpi, scores, scores + nscores);
+        else
+            run_item(j, it / per_seq, (it % per_seq) * j->hpi, j->hpi, scores);
+    }
     free(scores);
     return NULL;
 }
+
+/* The float32 value of each float8_e4m3fn byte (1 sign, 4 exponent bits biased by 7, 3 mantissa
+ * bits; exponent 0: subnormals m / 8 * 2^-6; 0x7f / 0xff: NaN; no infinities). */
+static void fp8_e4m3fn_table(float lut[256]) {
+    for (int i = 0; i < 256; i++) {
+        const int e = (i >> 3) & 15, m = i & 7;
+        float x;
+        if (e == 15 && m == 7) x = NAN;
+        else if (e == 0) x = ldexpf((float)m / 8.f, -6);
+        else x = ldexpf(1.f + (float)m / 8.f, e - 7);
+        lut[i] = (i & 128) ? -x : x;
+    }
+}
+
+static int paged_decode_run(const float *q, const float *k, const float *v, const uint8_t *k8, const uint8_t *v8,
+                            const float *lut, float v_scale, const int64_t *tables, const int64_t *lens,
+                            const float *sinks, float *out, int64_t B, int64_t H, int64_t KVH, int64_t D,
+                            int64_t BS, int64_t W, int64_t window, int64_t chunk, float scale, int nthreads);
 
 int paged_decode_f32(const float *q, const float *k, const float *v, const int64_t *tables,
                      const int64_t *lens, float *out, int64_t B, int64_t H, int64_t KVH, int64_t D,
@@ -134,6 +222,26 @@ int paged_decode_variant_f32(const float *q, const float *k, const float *v, con
                              const int64_t *lens, const float *sinks, float *out, int64_t B, int64_t H,
                              int64_t KVH, int64_t D, int64_t BS, int64_t W, int64_t window, int64_t chunk,
                              float scale, int nthreads) {
+    return paged_decode_run(q, k, v, NULL, NULL, NULL, 1.f, tables, lens, sinks, out, B, H, KVH, D, BS, W, window,
+                            chunk, scale, nthreads);
+}
+
+/* The same over a float8_e4m3fn cache (k8, v8: its bytes, same layout): keys k8 * k_scale,
+ * values v8 * v_scale, converted to float32 in the kernel. */
+int paged_decode_fp8(const float *q, const uint8_t *k8, const uint8_t *v8, float k_scale, float v_scale,
+                     const int64_t *tables, const int64_t *lens, const float *sinks, float *out, int64_t B,
+                     int64_t H, int64_t KVH, int64_t D, int64_t BS, int64_t W, int64_t window, int64_t chunk,
+                     float scale, int nthreads) {
+    float lut[256];
+    fp8_e4m3fn_table(lut);
+    return paged_decode_run(q, NULL, NULL, k8, v8, lut, v_scale, tables, lens, sinks, out, B, H, KVH, D, BS, W,
+                            window, chunk, scale * k_scale, nthreads);
+}
+
+static int paged_decode_run(const float *q, const float *k, const float *v, const uint8_t *k8, const uint8_t *v8,
+                            const float *lut, float v_scale, const int64_t *tables, const int64_t *lens,
+                            const float *sinks, float *out, int64_t B, int64_t H, int64_t KVH, int64_t D,
+                            int64_t BS, int64_t W, int64_t window, int64_t chunk, float scale, int nthreads) {
     enum { MAX_THREADS = 64 };
     if (nthreads < 1) nthreads = 1;
     if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
@@ -149,7 +257,8 @@ int paged_decode_variant_f32(const float *q, const float *k, const float *v, con
     int64_t it = 0, acc = 0;
     for (int t = 0; t < nthreads; t++) {
         job_t *j = &jobs[t];
-        *j = (job_t){q, k, v, tables, lens, sinks, out, B, H, KVH, D, BS, W, window, chunk, scale, hpi, it, it};
+        *j = (job_t){q, k, v, tables, lens, sinks, out, B, H, KVH, D, BS, W, window, chunk, scale, hpi, it, it,
+                     k8, v8, lut, v_scale};
         const int64_t target = total * (t + 1) / nthreads;
         while (it < items && (t == nthreads - 1 || acc < target)) {
             acc += visible_keys(lens[it / (KVH / hpi)], window, chunk);

@@ -88,6 +88,8 @@ def engine_args_kwargs(config: EngineConfig, *, on_cpu: bool, environ: dict[str,
         kw["async_scheduling"] = True
     if config.reasoning_parser:  # vLLM then starts structured outputs after the reasoning part
         kw["reasoning_parser"] = config.reasoning_parser
+    if config.kv_cache_dtype != "auto":  # vLLM's own flag, same names and meaning
+        kw["kv_cache_dtype"] = config.kv_cache_dtype
     if config.num_kv_blocks:
         kw["num_gpu_blocks_override"] = config.num_kv_blocks
     if config.kv_cache_memory:

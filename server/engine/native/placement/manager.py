@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import replace
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -22,6 +23,7 @@ import torch
 
 from server.engine.native.placement.cost import measure
 from models.placement.executor import PlacedExperts, build_layer_state, torch_device
+from models.placement.executor import tier_format as tier_fmt
 from models.placement.plan import HOST_DEVICE, Placement
 from models.placement.planner import default_capacity, place
 from server.config import parse_bytes
@@ -84,7 +86,7 @@ class PlacementManager:
     def __init__(self, model, devices: Sequence[str] | None = None, *, policy: str = "contiguous",
                  num_redundant: int = 0, capacity: Sequence[int] | None = None, budget: str | int | None = None,
                  rebalance_interval: int = 0, fetch_threshold: int | None = None, min_gain: float = MIN_GAIN,
-                 initial_loads: np.ndarray | None = None):
+                 initial_loads: np.ndarray | None = None, tier_format: str = "auto"):
         cfg = model.config
         blocks = sorted(model.moe_blocks(), key=lambda b: b.layer_idx)
         if not blocks:
@@ -111,6 +113,8 @@ class PlacementManager:
             torch_device(name)  # validates, e.g. cuda:3 on a 2-GPU machine
         self.devices = names
         self.num_redundant = int(num_redundant)
+        self.tier_format = tier_format
+        tier_fmt(tier_format, w13.dtype)  # validates
         self.capacity, self.host = slot_capacity(names, self.num_experts, self.num_redundant, capacity, budget,
                                                  self.expert_bytes, len(blocks))
         # the master copy of every expert: host memory unless everything already lives there
@@ -127,13 +131,19 @@ class PlacementManager:
         self._install(place(policy, loads, names, self.capacity, self.num_redundant, host=self.host))
         for b in blocks:
             b.executor = self.executor
+        tier = self.tier_info()
+        if tier is not None:
+            plan = model.kernel_plan
+            model.apply_plan(replace(plan, cpu_tier=tier["format"], cpu_tier_bytes=tier["bytes"],
+                                     cpu_tier_in_place=tier["in_place"]))
         # the placed decode step is sync-free (CUDA graphs stay on), the CPU tier's is not: the
         # model's plan says so
         model.apply_plan(model.kernel_plan.for_engine(placed=True, host_tier=self.computes_on_host,
                                                       several_gpus=self.several_gpus))
         log.info("expert placement %s on %s (slots/layer %s%s%s), %d bytes per expert", policy, ", ".join(names),
-                 self.capacity, f", host tier {self.host} (copy-in from {self.fetch_threshold} tokens)"
-                 if self.host else "", f", {self.num_redundant} redundant" if self.num_redundant else "",
+                 self.capacity, f", host tier {self.host} ({tier['format']}, {tier['bytes'] / 2**20:.1f} MiB"
+                 f"{' in place' if tier['in_place'] else ''}; copy-in from {self.fetch_threshold} tokens)"
+                 if tier else "", f", {self.num_redundant} redundant" if self.num_redundant else "",
                  self.expert_bytes)
 
     @property
@@ -153,7 +163,7 @@ class PlacementManager:
     def from_config(cls, model, config) -> PlacementManager:
         return cls(model, config.expert_devices or None, policy=config.expert_placement,
                    num_redundant=config.num_redundant_experts, budget=config.gpu_expert_budget,
-                   rebalance_interval=config.rebalance_interval)
+                   rebalance_interval=config.rebalance_interval, tier_format=config.cpu_expert_format)
 
     def _fetch_threshold(self, cfg, given: int | None) -> int:
         if self.host is None:
@@ -174,12 +184,23 @@ class PlacementManager:
             w13, w2 = self.masters[layer_idx]
             state, n = build_layer_state(placement.layers[li], w13, w2, self.main_device, self.expert_fns[layer_idx],
                                          host=self.host, fetch_threshold=self.fetch_threshold,
-                                         previous=self.executor.states.get(layer_idx))
+                                         previous=self.executor.states.get(layer_idx), tier_format=self.tier_format)
             self.executor.swap(layer_idx, state)
             copied += n
         self.placement = placement
         self._split = _count_split(placement, self.num_experts)
         return copied
+
+    def tier_info(self) -> dict | None:
+        """The CPU tier's format and memory: {"format", "bytes" (its experts in that format, all
+        MoE layers), "in_place" (computed from the model's own weights: no copy beside them)},
+        None without a tier."""
+        if self.host is None or self.executor is None:
+            return None
+        tiers = [st.host for st in self.executor.states.values() if st.host is not None]
+        if not tiers:
+            return None
+        return {"format": tiers[0].fmt, "bytes": sum(t.nbytes for t in tiers), "in_place": all(t.in_place for t in tiers)}
 
     # -- engine hooks ---------------------------------------------------------------------------
     def info(self) -> PlacementInfo | None:

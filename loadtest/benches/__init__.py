@@ -21,5 +21,6 @@ BENCHES = {
     "mla-decode": "loadtest.benches.mla_decode",
     "quant-quality": "loadtest.benches.quant_quality",
     "quant-decode": "loadtest.benches.quant_decode",
+    "cpu-tier": "loadtest.benches.cpu_tier",
     "async-scheduling": "loadtest.benches.async_sched",
 }

@@ -79,7 +79,7 @@ def test_cpu_tier_format_in_the_engine(tiny_mixtral, baseline):
     tier = llm.model_info.kernel_plan["cpu_tier"]
     expert = 3 * 64 * 96  # weights of one tiny expert; int8: a byte each + a float16 scale per 32
     assert tier == {"format": "int8", "bytes": 2 * 2 * expert * 34 // 32, "in_place": False}
-    assert llm.core.placement_manager.tier_info() == tier
+    assert llm.core.placement_manager.tier_info() == tier == llm.core.placement_info().cpu_tier  # /v1/moe/routing
     assert all(len(t) == len(b) for t, b in zip(tokens(llm), baseline))
     auto = LLM(tiny_mixtral, dtype="float32", max_num_seqs=2, expert_devices=("cpu:0", "cpu:1"),
                gpu_expert_budget="3")

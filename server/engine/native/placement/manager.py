@@ -205,7 +205,7 @@ class PlacementManager:
     # -- engine hooks ---------------------------------------------------------------------------
     def info(self) -> PlacementInfo | None:
         placement = self.placement
-        return None if placement is None else PlacementInfo(rows=placement.rows())
+        return None if placement is None else PlacementInfo(rows=placement.rows(), cpu_tier=self.tier_info())
 
     def device_tokens(self, routing: torch.Tensor) -> dict[str, int]:
         """Token-expert computations per device for a step's routing [T, num_moe_layers, k]."""
@@ -256,7 +256,7 @@ class PlacementManager:
         self.experts_moved += copied
         log.info("rebalanced experts at step %d: balancedness %.3f -> %.3f, %d expert copies moved",
                  self.steps, old.balancedness(loads), new.balancedness(loads), copied)
-        info = PlacementInfo(rows=new.rows())
+        info = PlacementInfo(rows=new.rows(), cpu_tier=self.tier_info())
         for callback in self.on_change:
             callback(info)
         return True

@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=20, help="timed steps per variant")
     ap.add_argument("--shape", default="mixtral-140m", help="expert shapes of this benchmark checkpoint")
     ap.add_argument("--on-device", type=int, default=None, help="experts per layer off the tier (default: half)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     output.add_args(ap)
     args = ap.parse_args(argv)
 
@@ -55,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     from models.placement.executor import _INLINE, _start_host, build_layer_state
     from models.placement.planner import place
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if cpu_ops.load() is None:
         raise SystemExit("the C kernels do not build here")
     shape = SHAPES[args.shape]

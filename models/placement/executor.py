@@ -15,8 +15,9 @@ experts it hosts (`w13 [n_d, 2I, H]`, `w2 [n_d, H, I]`) and index tables mapping
    kernel serves CPU devices (a float32 packed copy of each CPU stack, `DeviceGroup.packed`).
    Larger steps (prefill) move only the tokens each device needs (`nonzero`: a host sync);
 3. host-tier experts (the CPU tier): in a step too small for any expert to reach the copy-in
-   threshold, computed on the CPU by the C experts kernel over a float32 packed copy of the
-   tier's experts, on a worker thread (`HostWorker`): the activations go to pinned, double-
+   threshold, computed on the CPU by the C kernels over the tier's experts in the tier's format
+   (`HostTier.fmt`, `--cpu-expert-format`: a float32 packed copy; bf16 with fp32 math, a bf16
+   model's own weights read in place; int8 / int4 quantized), on a worker thread (`HostWorker`): the activations go to pinned, double-
    buffered staging with an asynchronous copy, the CPU computes while the caller's device runs
    its own experts (and the block its shared expert: `PlacedExperts.start`), the result comes
    back asynchronously and is added. Larger steps: per expert, by a token-count threshold,
@@ -111,7 +112,9 @@ class HostTier:
 
     An expert with at least `fetch_threshold` tokens in a pass is copied to the tokens' device
     and computed there; with fewer it is computed on the CPU (0: always copy; a huge value:
-    never copy). Weights are the master copy in host memory, indexed by logical id.
+    never copy). Weights are the master copy in host memory, indexed by logical id: the source
+    of every expert that moves to a device (its original weights, whatever the tier's format)
+    and of the copy-in; the CPU computes in the tier's format at every step size.
     """
 
     group: int  # index of the host group in LayerState.groups

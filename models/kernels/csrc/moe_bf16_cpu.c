@@ -11,7 +11,8 @@
  * with SiLU-and-mul fused, then down; each weight row is read once per call, as one sequential
  * stream. bf16 -> float32 in registers: the 16 bits zero-extended to 32 and shifted left by 16
  * (bf16 is float32's upper half), then FMAs in float32. Every output element sums its row in
- * k order whatever the batch (batch invariant). AVX2 only: no AVX512-BF16 path (VDPBF16PS would
+ * k order whatever the batch (batch invariant). Pairs of routing weight 0 (the placement
+ * executor's padding: its fixed-size buffers) are skipped: they add nothing. AVX2 only: no AVX512-BF16 path (VDPBF16PS would
  * round the activations to bf16 too; the CPUs this is tested on have no AVX-512).
  */
 #include <stdint.h>
@@ -161,11 +162,12 @@ int moe_fused_bf16(const float *x, const int64_t *topk_ids, const float *topk_w,
     for (int64_t p = 0; p < P; p++) {
         const int64_t e = topk_ids[p];
         if (e < 0 || e >= E) { rc = 2; goto done; }
-        start[e + 2]++;
+        if (topk_w[p] != 0.f) start[e + 2]++; /* a pair of weight 0 adds nothing: not computed */
     }
     for (int64_t e = 0; e < E; e++) start[e + 2] += start[e + 1];
-    for (int64_t p = 0; p < P; p++) pair[start[topk_ids[p] + 1]++] = p; /* stable: pairs of e in (t, s) order */
-    for (int64_t q = 0; q < P; q++) memcpy(xs + q * H, x + (pair[q] / k) * H, (size_t)H * sizeof(float));
+    for (int64_t p = 0; p < P; p++) /* stable: pairs of e in (t, s) order */
+        if (topk_w[p] != 0.f) pair[start[topk_ids[p] + 1]++] = p;
+    for (int64_t q = 0; q < start[E]; q++) memcpy(xs + q * H, x + (pair[q] / k) * H, (size_t)H * sizeof(float));
     bmoe_job_t base = {k, E, H, I, w13, w2, start, pair, xs, act, ys, 0, 0, 0};
     bmoe_phase(&base, 0, nthreads);
     bmoe_phase(&base, 1, nthreads);
@@ -174,7 +176,8 @@ int moe_fused_bf16(const float *x, const int64_t *topk_ids, const float *topk_w,
         for (int64_t h = 0; h < H; h += 8) {
             __m256 a = _mm256_setzero_ps();
             for (int64_t s = 0; s < k; s++)
-                a = _mm256_fmadd_ps(_mm256_set1_ps(topk_w[t * k + s]), _mm256_loadu_ps(ys + (t * k + s) * H + h), a);
+                if (topk_w[t * k + s] != 0.f)
+                    a = _mm256_fmadd_ps(_mm256_set1_ps(topk_w[t * k + s]), _mm256_loadu_ps(ys + (t * k + s) * H + h), a);
             _mm256_storeu_ps(o + h, a);
         }
     }

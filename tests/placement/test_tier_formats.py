@@ -50,10 +50,32 @@ def test_bf16_kernel_matches_float64_reference(E_, H_, I_, T, k):
     w[0, -1] = 0.0  # padding (weight 0) adds nothing; the kernel skips it
     y = torch.ops.moe_serve.moe_experts_bf16_cpu(x, ids, w, w13, w2)
     torch.testing.assert_close(y.double(), reference_f64(x, w13, w2, ids, w), atol=2e-6, rtol=1e-5)
+    moved = ids.clone()
+    moved[0, -1] = (ids[0, -1] + 1) % E_  # a weight-0 pair's expert changes nothing
+    assert torch.equal(torch.ops.moe_serve.moe_experts_bf16_cpu(x, moved, w, w13, w2), y)
     alone = torch.ops.moe_serve.moe_experts_bf16_cpu(x[-1:], ids[-1:], w[-1:], w13, w2)
     assert torch.equal(alone, y[-1:])
     with pytest.raises(RuntimeError, match="bfloat16"):
         torch.ops.moe_serve.moe_experts_bf16_cpu(x, ids, w, w13.float(), w2)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_quantized_kernel_skips_weight_zero_pairs(fmt):
+    """The executor pads its buffers with weight-0 pairs: the quantized experts kernel computes
+    them not at all (whichever expert they name, the result is the same bits)."""
+    gen = torch.Generator().manual_seed(7)
+    q13 = QuantWeight.of(torch.randn(E, 2 * INTER, H, generator=gen) * 0.1, fmt)
+    q2 = QuantWeight.of(torch.randn(E, H, INTER, generator=gen) * 0.1, fmt)
+    x = torch.randn(5, H, generator=gen)
+    ids = torch.stack([torch.randperm(E, generator=gen)[:2] for _ in range(5)])
+    w = torch.rand(5, 2, generator=gen)
+    w[1, 0] = w[3, 1] = 0.0
+    y = quant_moe(x, ids, w, q13, q2)
+    moved = ids.clone()
+    moved[1, 0], moved[3, 1] = (ids[1, 0] + 3) % E, (ids[3, 1] + 5) % E
+    assert torch.equal(quant_moe(x, moved, w, q13, q2), y)
+    alone = quant_moe(x[1:2], ids[1:2, 1:], w[1:2, 1:], q13, q2)  # token 1 by its other pair only
+    assert torch.equal(alone, y[1:2])
 
 
 def test_tier_format_names():

@@ -481,11 +481,11 @@ def _host_tier(gi: int, fetch_threshold: int, logicals: tuple[int, ...], master_
     dtypes a bf16 copy; int8 / int4 -> quantized from the master (round to nearest, groups of 32).
     The master stacks stay the source: an expert moving to a device takes its original weights."""
     H, inter = master_w13.shape[2], master_w2.shape[2]
-    fmt = tier_format(fmt, master_w13.dtype)
+    requested, fmt = fmt, tier_format(fmt, master_w13.dtype)
     natural = _dtype_format(master_w13.dtype)
     quantized = fmt in ("int8", "int4")
     if not logicals or not _c_kernel(expert_fn, master_w13) or (quantized and (H % GROUP or inter % GROUP)):
-        if logicals and fmt not in (natural, "float32"):
+        if logicals and requested != "auto" and fmt != natural:  # the master's dtype is all the fallback has
             raise ValueError(f"the CPU tier's {fmt} format needs the C experts kernel for these experts (plain "
                              f"SwiGLU experts, sizes multiples of {GROUP if quantized else 2 * PANEL}, the C kernels "
                              f"built): use --cpu-expert-format auto")

@@ -218,3 +218,29 @@ def test_quantized_tier(model, reference, monkeypatch, fmt):
 def test_tier_format_errors(model):
     with pytest.raises(ValueError, match="one of auto"):
         PlacementManager(model, CPU2, budget="2", tier_format="int2")
+
+
+def test_rebalance_quantizes_what_enters_the_tier_and_returns_originals(model):
+    """Experts moving into an int8 tier are quantized then; experts moving out of it to a device
+    get the model's original float weights (the master copy), exactly."""
+    from server.engine.stats import RoutingStats
+
+    mgr = PlacementManager(model, CPU2, budget="2", rebalance_interval=4, policy="contiguous", tier_format="int8")
+    assert tier_experts(mgr, 0) == [4, 5, 6, 7]
+    for _ in range(4):  # 4-7 hot: they move to the devices, 0-3 into the tier
+        mgr.on_routing(RoutingStats(2, E, [[10 if e >= 4 else 0 for e in range(E)] for _ in range(2)]))
+    assert mgr.num_rebalances == 1 and tier_experts(mgr, 0) == [0, 1, 2, 3]
+    for li, block in enumerate(sorted(model.moe_blocks(), key=lambda b: b.layer_idx)):
+        state = mgr.executor.states[block.layer_idx]
+        for gi, g in enumerate(state.groups):
+            if gi == state.host.group:
+                continue
+            for row, e in enumerate(g.logicals):  # on a device: the original weights
+                assert torch.equal(g.w13[row], block.w13.detach()[e]) and torch.equal(g.w2[row], block.w2.detach()[e])
+        tier = torch.tensor(tier_experts(mgr, li))
+        assert torch.equal(state.host.packed.qw13.q, QuantWeight.of(block.w13.detach()[tier], "int8").q)
+        assert torch.equal(state.host.packed.qw2.q, QuantWeight.of(block.w2.detach()[tier], "int8").q)
+        assert torch.equal(state.host.local[tier], torch.arange(4))
+    assert mgr.info().cpu_tier == {"format": "int8", "bytes": 2 * 4 * tier_expert_bytes("int8", H, INTER),
+                                   "in_place": False}
+    mgr.close()

@@ -132,6 +132,9 @@ class PlacementManager:
         for b in blocks:
             b.executor = self.executor
         tier = self.tier_info()
+        if tier is None and tier_format != "auto":
+            log.warning("--cpu-expert-format %s has no effect: every expert fits the devices (no CPU tier)",
+                        tier_format)
         if tier is not None:
             plan = model.kernel_plan
             model.apply_plan(replace(plan, cpu_tier=tier["format"], cpu_tier_bytes=tier["bytes"],

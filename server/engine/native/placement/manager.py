@@ -23,6 +23,7 @@ import torch
 
 from server.engine.native.placement.cost import measure
 from models.placement.executor import PlacedExperts, build_layer_state, torch_device
+from models.placement.executor import tier_expert_bytes
 from models.placement.executor import tier_format as tier_fmt
 from models.placement.plan import HOST_DEVICE, Placement
 from models.placement.planner import default_capacity, place
@@ -176,8 +177,11 @@ class PlacementManager:
         if self.main_device.type == "cpu":
             return NEVER_FETCH  # tokens already live in host memory: nothing to copy
         w13 = self.masters[self.layer_ids[0]][0]
-        cost = measure(cfg.hidden_size, cfg.moe_intermediate_size, w13.dtype, self.main_device)
-        return cost.fetch_threshold(cfg.hidden_size, cfg.moe_intermediate_size, w13.element_size())
+        H, inter = cfg.hidden_size, cfg.moe_intermediate_size
+        cost = measure(H, inter, w13.dtype, self.main_device)
+        # the CPU reads the tier's format (int4: ~1/4 of bf16's bytes), the copy-in the master's
+        cpu_wbytes = tier_expert_bytes(tier_fmt(self.tier_format, w13.dtype), H, inter) / (3 * H * inter)
+        return cost.fetch_threshold(H, inter, w13.element_size(), cpu_wbytes=cpu_wbytes)
 
     # -- installing a placement ---------------------------------------------------------------
     def _install(self, placement: Placement) -> int:

@@ -41,6 +41,7 @@ Quantization = Literal["int8", "int8_channel", "int4", "int4_zp"]  # models.kern
 KVCacheDtype = Literal["auto", "fp8", "fp8_e4m3"]  # models.kv_cache_dtype.KV_CACHE_DTYPES (vLLM's names)
 SchedulingPolicy = Literal["fcfs", "priority"]
 ExpertPlacement = Literal["contiguous", "round_robin", "balanced"]
+CpuExpertFormat = Literal["auto", "float32", "bf16", "int8", "int4"]  # models.placement.executor.TIER_FORMATS
 LogFormat = Literal["text", "json"]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 assert set(get_args(Dtype)) == {"auto", *DTYPES, *DTYPE_ALIASES}, "models.dtypes and Dtype disagree"
@@ -177,6 +178,10 @@ class EngineConfig:
     expert_devices: tuple[str, ...] = option((), "comma-separated devices for experts")
     num_redundant_experts: int = option(0, "extra expert replicas")
     gpu_expert_budget: str | None = option(None, "GPU memory for experts (e.g. 4GiB) or a count")
+    # the experts beyond --gpu-expert-budget (the CPU tier) are kept and computed in this format
+    cpu_expert_format: CpuExpertFormat = option(
+        "auto", "format of the CPU expert tier's experts: auto (bf16 model: bf16 in place, else float32), "
+                "float32, bf16 (fp32 math), int8, int4 (groups of 32)")
     rebalance_interval: int = option(0, "steps between placement rebalances (0: never)")
     record_routing: str | None = option(None, "file to record per-step routing to")
     # Switch-style expert capacity: at most ceil(factor * tokens * top_k / experts) assignments
@@ -242,6 +247,9 @@ class EngineConfig:
             raise ConfigError("scheduling_policy must be fcfs or priority")
         if self.expert_placement not in get_args(ExpertPlacement):
             raise ConfigError("expert_placement must be contiguous, round_robin or balanced")
+        if self.cpu_expert_format not in get_args(CpuExpertFormat):
+            raise ConfigError(f"cpu_expert_format must be one of {', '.join(get_args(CpuExpertFormat))}, "
+                              f"not {self.cpu_expert_format!r}")
         if self.num_redundant_experts < 0 or self.rebalance_interval < 0:
             raise ConfigError("num_redundant_experts and rebalance_interval must be >= 0")
         check_range(self, "gpu_memory_utilization", 0.0, 1.0, low_open=True)

@@ -22,5 +22,6 @@ BENCHES = {
     "quant-quality": "loadtest.benches.quant_quality",
     "quant-decode": "loadtest.benches.quant_decode",
     "kv-fp8-quality": "loadtest.benches.kv_fp8_quality",
+    "cpu-tier": "loadtest.benches.cpu_tier",
     "async-scheduling": "loadtest.benches.async_sched",
 }

@@ -292,7 +292,8 @@ def expert_tier(model, tokenizer, args, bm, peak) -> list[dict]:
 
     E = model.config.num_experts
     max_len = args.prompt_len + 32 + 16
-    placement = placement_from_config(model, EngineConfig(model="bench", gpu_expert_budget=str(E // 2)))
+    placement = placement_from_config(model, EngineConfig(model="bench", gpu_expert_budget=str(E // 2),
+                                                          cpu_expert_format=args.expert_tier_format))
     core = make_core(model, tokenizer, 16, max_len, eager=False, placement=placement)
     rows = []
     for B in (1, 16):
@@ -303,6 +304,7 @@ def expert_tier(model, tokenizer, args, bm, peak) -> list[dict]:
         s["cuda_graphs"] = bool(core.model.kernel_plan.cuda_graphs and core.runner.graphs is not None)
         s["cpu_tier_kernel"] = "c" if any(st.host is not None and st.host.packed is not None
                                           for st in placement.executor.states.values()) else "loop"
+        s["cpu_tier"] = placement.tier_info()  # format, bytes, in place
         rows.append(s)
         log(f"expert tier (half on GPU) B={B}: {s['output_tok_per_s']} tok/s")
     return rows
@@ -358,6 +360,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--no-expert-tier", dest="expert_tier", action="store_false")
     ap.add_argument("--moe-sweep", action="store_true", help="also time other Triton MoE tile shapes")
     ap.add_argument("--expert-tier-shape", default="qwen3-30b-a3b")
+    ap.add_argument("--expert-tier-format", default="auto", help="--cpu-expert-format of the expert-tier section")
     ap.add_argument("--async-shape", default="mixtral-8x7b", help="the shape --async-scheduling is measured on")
     ap.add_argument("--async-batches", default="256", help="batches of the --async-scheduling comparison")
     ap.add_argument("--time-budget", type=float, default=300.0, help="seconds; later sections are skipped past it")

@@ -123,6 +123,10 @@ def _register_fakes(ns: str) -> None:
     def _(x, topk_ids, topk_weights, w13_packed, w2_packed, w13_bias, w2_bias, limit, alpha, weight_on_input):
         return x.new_empty(x.shape[0], x.shape[1])
 
+    @fake("moe_experts_bf16_cpu")
+    def _(x, topk_ids, topk_weights, w13, w2):
+        return x.new_empty(x.shape[0], x.shape[1])
+
     @fake("moe_route_cpu")
     def _(logits, correction_bias, top_k, scoring, renormalize, renorm_min, n_group, topk_group, group_score,
           scaling):

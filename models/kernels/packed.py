@@ -6,6 +6,8 @@ Decode on the CPU is bound by reading weights; a packed copy is streamed once pe
   stream) or oneDNN's blocked layout; `packed_linear` is `F.linear` over it.
 - `PackedExperts`: an MoE layer's w13 [E, 2I, H] and w2 [E, H, I] in the C experts kernel's
   panels (`moe_experts_cpu`); `moe_cpu` runs the layer's experts over them.
+- `Bf16Experts`: an MoE layer's bf16 stacks as they are, for the C bf16 experts kernel (the
+  CPU expert tier's bf16 format: no copy of a bf16 model's weights).
 - `QuantizedLinear`, `QuantizedExperts`: weights kept only quantized (int8 / int4,
   models/kernels/quant.py; `--quantization`): no float weight beside them, nothing to remake.
 A copy costs one more copy of the weight. It is made on first use and made again when the
@@ -130,6 +132,20 @@ class QuantizedExperts(PackedExperts):
         return self.qw13, self.qw2
 
 
+class Bf16Experts(PackedExperts):
+    """An MoE layer's w13 [E, 2I, H] and w2 [E, H, I] in bfloat16 as they are (row-major, no packed
+    layout: a bf16 model's own weights are computed in place), for the C bf16 experts kernel
+    (`moe_experts_bf16_cpu`: float32 math; plain SwiGLU experts)."""
+
+    def __init__(self, w13: torch.Tensor, w2: torch.Tensor):
+        if w13.dtype != torch.bfloat16 or w2.dtype != torch.bfloat16:
+            raise ValueError("Bf16Experts holds bfloat16 weights")
+        self.bw13, self.bw2 = w13.contiguous(), w2.contiguous()
+
+    def get(self):
+        return self.bw13, self.bw2
+
+
 def moe_cpu(x: torch.Tensor, packed: PackedExperts, topk_ids: torch.Tensor, topk_w: torch.Tensor,
             variant: ExpertVariantLike | None = None) -> torch.Tensor:
     """sum_k topk_w[t, k] * Expert_{topk_ids[t, k]}(x[t]) -> [T, H], as `fused_experts` (with the
@@ -138,6 +154,10 @@ def moe_cpu(x: torch.Tensor, packed: PackedExperts, topk_ids: torch.Tensor, topk
         if variant is not None:
             raise ValueError("quantized experts run plain SwiGLU only (the plan quantizes no family variant)")
         return quant_moe(x, topk_ids, topk_w, packed.qw13, packed.qw2)
+    if isinstance(packed, Bf16Experts):
+        if variant is not None:
+            raise ValueError("bf16 experts run plain SwiGLU only")
+        return torch.ops.moe_serve.moe_experts_bf16_cpu(x, topk_ids, topk_w, packed.bw13, packed.bw2)
     p13, p2, *biases = packed.get()
     if variant is None and not biases:
         return torch.ops.moe_serve.moe_experts_cpu(x, topk_ids, topk_w, p13, p2)

@@ -178,6 +178,11 @@ class KernelPlan:
     experts_placed: bool = False  # the engine placed experts across devices (for_engine)
     quantization: str | None = None  # --quantization: the format of the quantized weights
     quantized_bytes: int = 0  # what the quantized weights take (they replace the float ones)
+    # the CPU expert tier (placement, --cpu-expert-format): its experts' format, their bytes in it
+    # (all MoE layers), and whether it computes from the model's own weights (no copy beside them)
+    cpu_tier: str | None = None
+    cpu_tier_bytes: int = 0
+    cpu_tier_in_place: bool = False
 
     def placed_kernel(self, device_type: str) -> MoEKernel:
         return dict(self.placed_moe)[device_type]
@@ -239,6 +244,9 @@ class KernelPlan:
             lm_head += f"; quantized weights: {self.quantized_bytes / 2**20:.1f} MiB"
         lines.append(f"LM head: {lm_head}; packed copies: {self.packed_bytes / 2**20:.1f} MiB; "
                      f"placed experts: {placed}; CUDA graphs: {'on' if self.cuda_graphs else 'off'}")
+        if self.cpu_tier:
+            lines.append(f"CPU expert tier: {self.cpu_tier}, {self.cpu_tier_bytes / 2**20:.1f} MiB "
+                         f"({'the model weights in place' if self.cpu_tier_in_place else 'a copy'})")
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -260,6 +268,8 @@ class KernelPlan:
             "lm_head": self.lm_head.value, "placed_moe": {d: k.value for d, k in self.placed_moe},
             "packed_bytes": self.packed_bytes, "cuda_graphs": self.cuda_graphs, "experts_placed": self.experts_placed,
             "notes": list(self.notes), "quantization": self.quantization, "quantized_bytes": self.quantized_bytes,
+            "cpu_tier": None if not self.cpu_tier else {"format": self.cpu_tier, "bytes": self.cpu_tier_bytes,
+                                                        "in_place": self.cpu_tier_in_place},
         }
 
 

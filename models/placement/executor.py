@@ -15,8 +15,9 @@ experts it hosts (`w13 [n_d, 2I, H]`, `w2 [n_d, H, I]`) and index tables mapping
    kernel serves CPU devices (a float32 packed copy of each CPU stack, `DeviceGroup.packed`).
    Larger steps (prefill) move only the tokens each device needs (`nonzero`: a host sync);
 3. host-tier experts (the CPU tier): in a step too small for any expert to reach the copy-in
-   threshold, computed on the CPU by the C experts kernel over a float32 packed copy of the
-   tier's experts, on a worker thread (`HostWorker`): the activations go to pinned, double-
+   threshold, computed on the CPU by the C kernels over the tier's experts in the tier's format
+   (`HostTier.fmt`, `--cpu-expert-format`: a float32 packed copy; bf16 with fp32 math, a bf16
+   model's own weights read in place; int8 / int4 quantized), on a worker thread (`HostWorker`): the activations go to pinned, double-
    buffered staging with an asynchronous copy, the CPU computes while the caller's device runs
    its own experts (and the block its shared expert: `PlacedExperts.start`), the result comes
    back asynchronously and is added. Larger steps: per expert, by a token-count threshold,
@@ -32,18 +33,43 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from collections.abc import Callable
 
 import torch
 
 from models.kernels.moe_align import expert_counts
-from models.kernels.packed import PackedExperts, moe_cpu
+from models.kernels.packed import Bf16Experts, PackedExperts, QuantizedExperts, moe_cpu
+from models.kernels.quant import GROUP, QuantWeight
 from models.kernels.plan import CPU_KERNEL_PAIRS_PER_EXPERT, PANEL, host_experts_kernel_loads
 from models.placement.plan import LayerPlan, Placement
 
 # steps of up to this many tokens dispatch with no host sync (every decode graph bucket fits)
 SYNC_FREE_TOKENS = 256
+
+# the CPU tier's expert formats (`--cpu-expert-format`): auto is the model dtype's natural one
+TIER_FORMATS = ("auto", "float32", "bf16", "int8", "int4")
+
+
+def tier_format(fmt: str, dtype: torch.dtype) -> str:
+    """The format the CPU tier keeps its experts in: `fmt`, or for auto the model dtype's natural
+    one (bf16 -> bf16, computed in place; float32 and float16 -> float32, exact)."""
+    if fmt not in TIER_FORMATS:
+        raise ValueError(f"CPU tier format must be one of {', '.join(TIER_FORMATS)}, not {fmt!r}")
+    if fmt != "auto":
+        return fmt
+    return "bf16" if dtype == torch.bfloat16 else "float32"
+
+
+def tier_expert_bytes(fmt: str, H: int, inter: int) -> int:
+    """Bytes of one expert (w13 [2I, H] and w2 [H, I]) in a CPU tier format (values + scales)."""
+    n = 3 * H * inter
+    if fmt == "float32":
+        return 4 * n
+    if fmt == "bf16":
+        return 2 * n
+    values = 1 if fmt == "int8" else 0.5  # + one float16 scale per group of 32 along the input
+    return int(n * values) + 2 * (2 * inter * (H // GROUP) + H * (inter // GROUP))
 
 # (x [n, H], w13, w2 stacks, ids [n, k], weights [n, k]) -> [n, H]: a block's experts on one
 # device's stacks (`MoEBlock.placed_fn`: the kernel plan's choice for that device type)
@@ -86,15 +112,22 @@ class HostTier:
 
     An expert with at least `fetch_threshold` tokens in a pass is copied to the tokens' device
     and computed there; with fewer it is computed on the CPU (0: always copy; a huge value:
-    never copy). Weights are the master copy in host memory, indexed by logical id.
+    never copy). Weights are the master copy in host memory, indexed by logical id: the source
+    of every expert that moves to a device (its original weights, whatever the tier's format)
+    and of the copy-in; the CPU computes in the tier's format at every step size.
     """
 
     group: int  # index of the host group in LayerState.groups
     fetch_threshold: int
-    # the tier's experts for the C kernel: float32 packed copy of their stack, and logical id ->
-    # row of that stack (on the index device; -1 off the tier); None: the C kernel cannot serve them
+    # the tier's experts for the C kernels, in the tier's format (`fmt`): float32 -> a packed copy
+    # (PackedExperts), bf16 -> Bf16Experts (a bf16 model's own weights in place, else a bf16
+    # copy), int8 / int4 -> QuantizedExperts; and logical id -> row of that stack (on the index
+    # device; -1 off the tier). None: the C kernels cannot serve them (the master stacks serve)
     packed: PackedExperts | None = None
     local: torch.Tensor | None = None  # [num_logical]
+    fmt: str = "float32"
+    nbytes: int = 0  # the tier's experts in their format (in place: the model's own bytes)
+    in_place: bool = False  # computed from the model's own weights (no copy)
 
 
 @dataclass(frozen=True)
@@ -334,7 +367,7 @@ def _run_host(tier: HostTier, g: DeviceGroup, x, tokens, rows, weights, out, fn:
     fetch = counts >= max(tier.fetch_threshold, 1)
     remote = g.device != x.device
     if not bool(fetch.any()):
-        _run_on(g.device, g.w13, g.w2, x, tokens, rows, weights, out, remote, fn)
+        _run_host_cpu(tier, g, x, tokens, rows, weights, out, remote, fn)
         return
     fetched = fetch.nonzero().squeeze(1)  # [F] logical ids to copy in
     remap = torch.full_like(counts, -1)
@@ -345,16 +378,32 @@ def _run_host(tier: HostTier, g: DeviceGroup, x, tokens, rows, weights, out, fn:
     _run_on(x.device, w13, w2, x, tokens[hot], remap[rows[hot]], weights[hot], out, False, fn)
     cold = ~hot
     if bool(cold.any()):
-        _run_on(g.device, g.w13, g.w2, x, tokens[cold], rows[cold], weights[cold], out, remote, fn)
+        _run_host_cpu(tier, g, x, tokens[cold], rows[cold], weights[cold], out, remote, fn)
+
+
+def _run_host_cpu(tier: HostTier, g: DeviceGroup, x, tokens, rows, weights, out, remote: bool, fn: ExpertFn) -> None:
+    """Host-tier pairs computed on the CPU (rows: logical ids). In a format other than float32
+    the tier's own kernel computes them at every step size (prefill sees the weights decode
+    sees); float32 keeps the plan's kernel on the master (oneDNN above the C kernel's sizes)."""
+    if tier.packed is None or tier.fmt == "float32":
+        _run_on(g.device, g.w13, g.w2, x, tokens, rows, weights, out, remote, fn)
+        return
+    uniq, inv = torch.unique(tokens, return_inverse=True)  # each token travels once
+    xh = x.index_select(0, uniq).to("cpu", torch.float32)  # [U, H]
+    ids = tier.local[rows].to("cpu").view(-1, 1)  # [n, 1] rows of the tier's stack
+    ys = moe_cpu(xh.index_select(0, inv.to("cpu")), tier.packed, ids, weights.to("cpu", torch.float32).view(-1, 1))
+    partial = torch.zeros_like(xh).index_add_(0, inv.to("cpu"), ys)  # [U, H]
+    out.index_add_(0, uniq, partial.to(out.device, out.dtype))
 
 
 def build_layer_state(plan: LayerPlan, master_w13: torch.Tensor, master_w2: torch.Tensor, index_device: torch.device,
                       expert_fn: ExpertFn, *, host: str | None = None, fetch_threshold: int = 1 << 62,
-                      previous: LayerState | None = None) -> tuple[LayerState, int]:
+                      previous: LayerState | None = None, tier_format: str = "auto") -> tuple[LayerState, int]:
     """Build a layer's stacks (reusing rows already on a device) -> (state, experts copied).
 
     `master_w13 [E, 2I, H]` / `master_w2 [E, H, I]` are the full expert weights (the host tier
     computes straight from them, so they must be in host memory when a host tier is used).
+    `tier_format`: the format the host tier keeps its experts in (`TIER_FORMATS`, `_host_tier`).
     """
     old = {g.name: g for g in previous.groups} if previous is not None else {}
     names = list(dict.fromkeys(p.device for p in plan.physical))
@@ -374,7 +423,7 @@ def build_layer_state(plan: LayerPlan, master_w13: torch.Tensor, master_w2: torc
             for s in slots:
                 slot_group[s], slot_local[s] = gi, plan.physical[s].logical
             host_tier = _host_tier(gi, fetch_threshold, logicals, master_w13, master_w2, expert_fn, index_device,
-                                   previous.host if previous is not None else None)
+                                   previous.host if previous is not None else None, tier_format)
             continue
         logicals = tuple(plan.physical[s].logical for s in slots)
         prev = old.get(name)
@@ -420,22 +469,54 @@ class _Prepacked(PackedExperts):
         return self._packed
 
 
+def _dtype_format(dtype: torch.dtype) -> str:
+    return {torch.float32: "float32", torch.bfloat16: "bf16"}.get(dtype, str(dtype).replace("torch.", ""))
+
+
 def _host_tier(gi: int, fetch_threshold: int, logicals: tuple[int, ...], master_w13, master_w2, expert_fn,
-               index_device: torch.device, previous: HostTier | None) -> HostTier:
-    """The host tier of a layer: its experts packed for the C kernel in float32 where it serves
-    them (reused when the tier holds the same experts as before)."""
-    if not logicals or not _c_kernel(expert_fn, master_w13):
-        return HostTier(gi, fetch_threshold)
-    local = [-1] * master_w13.shape[0]
-    for j, e in enumerate(logicals):
-        local[e] = j
-    local_t = torch.tensor(local, dtype=torch.long, device=index_device)
+               index_device: torch.device, previous: HostTier | None, fmt: str = "auto") -> HostTier:
+    """The host tier of a layer: its experts in the tier's format for the C kernels where they
+    serve them (reused when the tier holds the same experts in the same format as before):
+    float32 -> a packed copy; bf16 -> a bf16 model's own weights in place (no copy), other
+    dtypes a bf16 copy; int8 / int4 -> quantized from the master (round to nearest, groups of 32).
+    The master stacks stay the source: an expert moving to a device takes its original weights."""
+    H, inter = master_w13.shape[2], master_w2.shape[2]
+    requested, fmt = fmt, tier_format(fmt, master_w13.dtype)
+    natural = _dtype_format(master_w13.dtype)
+    quantized = fmt in ("int8", "int4")
+    if not logicals or not _c_kernel(expert_fn, master_w13) or (quantized and (H % GROUP or inter % GROUP)):
+        if logicals and requested != "auto" and fmt != natural:  # the master's dtype is all the fallback has
+            raise ValueError(f"the CPU tier's {fmt} format needs the C experts kernel for these experts (plain "
+                             f"SwiGLU experts, sizes multiples of {GROUP if quantized else 2 * PANEL}, the C kernels "
+                             f"built): use --cpu-expert-format auto")
+        nbytes = len(logicals) * (master_w13[0].numel() + master_w2[0].numel()) * master_w13.element_size()
+        return HostTier(gi, fetch_threshold, fmt=natural, nbytes=nbytes, in_place=True)
+    nbytes = len(logicals) * tier_expert_bytes(fmt, H, inter)
+    in_place = fmt == "bf16" and master_w13.dtype == torch.bfloat16 and master_w13.is_contiguous() \
+        and master_w2.is_contiguous()
+    if in_place:  # the kernel reads the model's own rows: logical id = row
+        local_t = torch.arange(master_w13.shape[0], dtype=torch.long, device=index_device)
+    else:
+        local = [-1] * master_w13.shape[0]
+        for j, e in enumerate(logicals):
+            local[e] = j
+        local_t = torch.tensor(local, dtype=torch.long, device=index_device)
     if previous is not None and previous.packed is not None and previous.local is not None \
-            and torch.equal(previous.local.cpu(), local_t.cpu()):
-        return HostTier(gi, fetch_threshold, previous.packed, previous.local)
-    src = torch.tensor(logicals, dtype=torch.long)
-    packed = _Prepacked(master_w13.index_select(0, src).float(), master_w2.index_select(0, src).float())
-    return HostTier(gi, fetch_threshold, packed, local_t)
+            and previous.fmt == fmt and torch.equal(previous.local.cpu(), local_t.cpu()):
+        return replace(previous, group=gi, fetch_threshold=fetch_threshold, nbytes=nbytes)
+    packed: PackedExperts
+    if in_place:
+        packed = Bf16Experts(master_w13, master_w2)
+    else:
+        src = torch.tensor(logicals, dtype=torch.long)
+        w13, w2 = master_w13.index_select(0, src), master_w2.index_select(0, src)
+        if fmt == "float32":
+            packed = _Prepacked(w13.float(), w2.float())
+        elif fmt == "bf16":
+            packed = Bf16Experts(w13.bfloat16(), w2.bfloat16())
+        else:
+            packed = QuantizedExperts(QuantWeight.of(w13, fmt), QuantWeight.of(w2, fmt))
+    return HostTier(gi, fetch_threshold, packed, local_t, fmt=fmt, nbytes=nbytes, in_place=in_place)
 
 
 def _stack(device: torch.device, logicals: tuple[int, ...], master_w13, master_w2, prev: DeviceGroup | None):

@@ -87,6 +87,8 @@ class PlacementInfo:
     """Where each logical expert lives: rows of (layer, expert, device, replica)."""
 
     rows: list[tuple[int, int, str, int]] = field(default_factory=list)
+    # the CPU expert tier, where there is one: {"format", "bytes", "in_place"} (PlacementManager.tier_info)
+    cpu_tier: dict | None = None
 
 
 class StatLogger(Protocol):

@@ -62,6 +62,7 @@ class RoutingSnapshot:
     dropped: np.ndarray | None = None  # [num_layers] assignments dropped over expert capacity
     zero: np.ndarray | None = None  # [num_layers] assignments to zero-computation experts (LongCat)
     placement: tuple[PlacementRow, ...] = ()
+    cpu_tier: dict | None = None  # the CPU expert tier's format and bytes (PlacementInfo.cpu_tier)
 
 
 class ExpertLoadTracker:
@@ -88,6 +89,7 @@ class ExpertLoadTracker:
         self._dropped: np.ndarray | None = None  # [num_layers]
         self._zero: np.ndarray | None = None  # [num_layers]
         self._placement: tuple[PlacementRow, ...] = ()
+        self._cpu_tier: dict | None = None
         self._warned = False
 
     # -- engine thread -------------------------------------------------------------------
@@ -145,6 +147,7 @@ class ExpertLoadTracker:
             rows[key] = None
         with self._lock:
             self._placement = tuple(rows)
+            self._cpu_tier = dict(info.cpu_tier) if info.cpu_tier else None
 
     def snapshot(self) -> RoutingSnapshot:
         with self._lock:
@@ -162,7 +165,7 @@ class ExpertLoadTracker:
                 imbalance=None, devices=dict(self._devices),
                 dropped=None if self._dropped is None else self._dropped.copy(),
                 zero=None if self._zero is None else self._zero.copy(),
-                placement=self._placement)
+                placement=self._placement, cpu_tier=self._cpu_tier)
         if window is not None:
             snap.imbalance = load_imbalance(window)
         return snap
@@ -193,6 +196,7 @@ def snapshot_to_json(snap: RoutingSnapshot, model_name: str) -> dict:
         "placement": [
             {"layer": l, "expert": e, "device": d, "replica": r} for l, e, d, r in snap.placement
         ],
+        "cpu_tier": snap.cpu_tier,
     }
 
 

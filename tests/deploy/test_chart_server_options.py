@@ -77,6 +77,7 @@ EVERY_OPTION = {
     "expert_devices": ("cpu,cpu", ("cpu", "cpu")),
     "num_redundant_experts": (1, 1),
     "gpu_expert_budget": ("4GiB", "4GiB"),
+    "cpu_expert_format": ("int8", "int8"),
     "rebalance_interval": (100, 100),
     "record_routing": ("/tmp/routing.jsonl", "/tmp/routing.jsonl"),
     "expert_capacity_factor": (1.25, 1.25),

@@ -151,6 +151,10 @@ def test_placement_gauges_replace_old_placement():
     assert got == {("1", "3", "cuda:1", "0"), ("1", "3", "cuda:0", "1")}
     assert all(dict(ls)["model_name"] == MODEL for ls in place)
     assert [r["replica"] for r in m.routing_snapshot()["placement"]] == [0, 1]
+    assert m.routing_snapshot()["cpu_tier"] is None
+    tier = {"format": "int8", "bytes": 1234, "in_place": False}
+    m.set_placement(PlacementInfo([(1, 3, "cuda:0", 0), (1, 2, "cpu", 0)], cpu_tier=tier))
+    assert m.routing_snapshot()["cpu_tier"] == tier
 
 
 @pytest.mark.parametrize("row", [(2, 0, "cuda:0", 0), (0, 4, "cuda:0", 0), (0, -1, "x", 0)])

@@ -20,6 +20,11 @@ def test_fetch_threshold_follows_the_cost_model():
     assert faster_link.fetch_threshold(*MIXTRAL) < n
     slow_host = HostCost(1e11, 15e9, 25e9, False)  # weights stream slower than the link: always copy
     assert slow_host.fetch_threshold(*MIXTRAL) == 1
+    # a CPU tier in int4 (0.5625 bytes per weight) reads 3.6x fewer bytes than the bf16 it copies in:
+    # on the slow host the CPU now wins for small token counts (bandwidth-bound there); the
+    # server's threshold is where its CPU is compute-bound, which the format does not change
+    assert slow_host.fetch_threshold(*MIXTRAL, cpu_wbytes=0.5625) == 4
+    assert server.fetch_threshold(*MIXTRAL, cpu_wbytes=0.5625) == n
 
 
 def test_cpu_measurement_is_positive():

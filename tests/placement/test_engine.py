@@ -71,6 +71,23 @@ def test_cpu_tier_and_replicas_in_the_engine(tiny_mixtral, baseline):
     assert mgr.num_rebalances >= 1
 
 
+def test_cpu_tier_format_in_the_engine(tiny_mixtral, baseline):
+    """--cpu-expert-format int8: the tier's experts quantized (its bytes in the kernel plan that
+    /version reports), the engine serves (a float32 model's auto tier stays float32: greedy exact)."""
+    llm = LLM(tiny_mixtral, dtype="float32", max_num_seqs=2, expert_devices=("cpu:0", "cpu:1"),
+              gpu_expert_budget="3", cpu_expert_format="int8")
+    tier = llm.model_info.kernel_plan["cpu_tier"]
+    expert = 3 * 64 * 96  # weights of one tiny expert; int8: a byte each + a float16 scale per 32
+    assert tier == {"format": "int8", "bytes": 2 * 2 * expert * 34 // 32, "in_place": False}
+    assert llm.core.placement_manager.tier_info() == tier == llm.core.placement_info().cpu_tier  # /v1/moe/routing
+    assert all(len(t) == len(b) for t, b in zip(tokens(llm), baseline))
+    auto = LLM(tiny_mixtral, dtype="float32", max_num_seqs=2, expert_devices=("cpu:0", "cpu:1"),
+               gpu_expert_budget="3")
+    assert auto.model_info.kernel_plan["cpu_tier"] == {"format": "float32", "bytes": 2 * 2 * expert * 4,
+                                                       "in_place": False}
+    assert tokens(auto) == baseline
+
+
 def test_per_request_device_shares(tiny_mixtral):
     """Finished requests report their token-expert computations per placed device."""
     from server.engine.request import EngineRequest

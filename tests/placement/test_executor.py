@@ -340,6 +340,12 @@ def test_shared_experts_and_expert_variants_with_the_cpu_tier(tmp_path, family):
     assert mgr.host is not None
     tier_packed = {st.host.packed is not None for st in mgr.executor.states.values()}
     assert tier_packed == {family != "gpt_oss"}
+    if family == "gpt_oss":  # no C kernel for its experts: the tier keeps the model's dtype, no other format
+        assert mgr.tier_info()["format"] == "float32" and mgr.tier_info()["in_place"]
+        with pytest.raises(ValueError, match="int8 format needs the C experts kernel"):
+            PlacementManager(m, CPU2, budget=str(max(1, m.config.num_experts // 4)), tier_format="int8")
+        for b in m.moe_blocks():
+            b.executor = mgr.executor
     assert greedy_generate(m, prompts, 6) == want_tokens
     for a, b in zip(prefill_logits(m, prompts), want_logits):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)

@@ -59,6 +59,7 @@ def test_cpu_defaults():
     ({"expert_placement": "balanced"}, "--expert-placement balanced"),
     ({"expert_devices": ("cuda:0",)}, "--expert-devices"),
     ({"gpu_expert_budget": "4GiB"}, "--gpu-expert-budget"),
+    ({"cpu_expert_format": "int8"}, "--cpu-expert-format"),
     ({"record_routing": "/tmp/r.jsonl"}, "--record-routing"),
     ({"num_redundant_experts": 2}, "--num-redundant-experts"),
 ])

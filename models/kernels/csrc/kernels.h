@@ -36,6 +36,10 @@ int moe_fused_variant_f32(const float *x, const int64_t *topk_ids, const float *
 int moe_route_f32(const float *logits, const float *corr, float *weights, int64_t *ids, int64_t T, int64_t E,
                   int64_t k, int scoring, int renormalize, float renorm_min, int64_t n_group, int64_t topk_group,
                   int group_top2, float scaling);
+/* bf16 weights [E, 2I, H] / [E, H, I] as they are (uint16), float32 math (moe_bf16_cpu.c) */
+int moe_fused_bf16(const float *x, const int64_t *topk_ids, const float *topk_w, const uint16_t *w13,
+                   const uint16_t *w2, float *out, int64_t T, int64_t k, int64_t E, int64_t H, int64_t I,
+                   int nthreads);
 void moe_pack_f32(const float *w13, const float *w2, float *w13p, float *w2p, int64_t E, int64_t H, int64_t I);
 int linear_f32(const float *x, const float *Wp, const float *bias, float *y, int64_t M, int64_t N, int64_t K,
                int64_t ldx, int nthreads);

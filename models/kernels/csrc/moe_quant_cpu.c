@@ -7,7 +7,8 @@
  * rows at a time with SiLU-and-mul fused, the activations quantized, then down; each weight is
  * read once per call. The weights: w13 [E, 2I, H] and w2 [E, H, I] in a quantized format, as
  * row-major rows (expert e's gate row j is row e * 2I + j, its up row e * 2I + I + j). Every
- * output element sums its blocks in k order whatever the batch (batch invariant).
+ * output element sums its blocks in k order whatever the batch (batch invariant). Pairs of
+ * routing weight 0 (the placement executor's padding) are skipped: they add nothing.
  */
 #include <stdint.h>
 
@@ -106,24 +107,26 @@ int qmoe_f32(const float *x, const int64_t *topk_ids, const float *topk_w, int f
     for (int64_t p = 0; p < P; p++) {
         const int64_t e = topk_ids[p];
         if (e < 0 || e >= E) { rc = 2; goto done; }
-        start[e + 2]++;
+        if (topk_w[p] != 0.f) start[e + 2]++; /* a pair of weight 0 adds nothing: not computed */
     }
     for (int64_t e = 0; e < E; e++) start[e + 2] += start[e + 1];
-    for (int64_t p = 0; p < P; p++) pair[start[topk_ids[p] + 1]++] = p;
-    /* now start[e] = first pair of expert e, start[E] = P; quantize each pair's row of x (a
-     * token's row quantizes the same in every slot: the same blocks, the same bits) */
-    for (int64_t q = 0; q < P; q++) quantize_rows(x + (pair[q] / k) * H, H, 1, H, &(qact_t){xs.q + q * H, xs.d + q * (H / QK), xs.s + q * (H / QK), H});
+    for (int64_t p = 0; p < P; p++)
+        if (topk_w[p] != 0.f) pair[start[topk_ids[p] + 1]++] = p;
+    /* now start[e] = first pair of expert e, start[E] = the pairs computed; quantize each pair's
+     * row of x (a token's row quantizes the same in every slot: the same blocks, the same bits) */
+    for (int64_t q = 0; q < start[E]; q++) quantize_rows(x + (pair[q] / k) * H, H, 1, H, &(qact_t){xs.q + q * H, xs.d + q * (H / QK), xs.s + q * (H / QK), H});
     const qmat_t W13 = {fmt, E * 2 * I, H, q13, d13, m13}, W2 = {fmt, E * H, I, q2, d2, m2};
     qmoe_job_t base = {k, E, H, I, &W13, &W2, start, pair, &xs, act, &as, ys, 0, 0, 0};
     qmoe_phase(&base, 0, nthreads);
-    quantize_rows(act, I, P, I, &as);
+    quantize_rows(act, I, start[E], I, &as);
     qmoe_phase(&base, 1, nthreads);
     for (int64_t t = 0; t < T; t++) {
         float *o = out + t * H;
         for (int64_t h = 0; h < H; h += 8) {
             __m256 a = _mm256_setzero_ps();
             for (int64_t s = 0; s < k; s++)
-                a = _mm256_fmadd_ps(_mm256_set1_ps(topk_w[t * k + s]), _mm256_loadu_ps(ys + (t * k + s) * H + h), a);
+                if (topk_w[t * k + s] != 0.f)
+                    a = _mm256_fmadd_ps(_mm256_set1_ps(topk_w[t * k + s]), _mm256_loadu_ps(ys + (t * k + s) * H + h), a);
             _mm256_storeu_ps(o + h, a);
         }
     }

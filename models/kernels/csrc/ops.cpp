@@ -200,6 +200,35 @@ std::tuple<at::Tensor, at::Tensor> moe_route(const at::Tensor& logits, const std
     return {w, ids};
 }
 
+at::Tensor moe_experts_bf16(const at::Tensor& x, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
+                            const at::Tensor& w13, const at::Tensor& w2) {
+    // x [T, H] float32; topk_ids, topk_weights [T, k]; bf16 w13 [E, 2I, H], w2 [E, H, I] as they are
+    // (no packed copy; csrc/moe_bf16_cpu.c) -> [T, H] float32
+    check_f32_cpu(x, "x");
+    for (const at::Tensor* t : {&w13, &w2})
+        TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kBFloat16 && t->is_contiguous(),
+                    "moe_experts_bf16: weights must be contiguous bfloat16 CPU tensors");
+    TORCH_CHECK(x.dim() == 2 && topk_ids.dim() == 2 && topk_ids.sizes() == topk_weights.sizes() &&
+                topk_ids.size(0) == x.size(0), "moe_experts_bf16: x must be [T, H], topk_ids and topk_weights [T, k]");
+    TORCH_CHECK(w13.dim() == 3 && w2.dim() == 3 && w13.size(2) == x.size(1) && w2.size(1) == x.size(1) &&
+                w13.size(1) == 2 * w2.size(2) && w13.size(0) == w2.size(0),
+                "moe_experts_bf16: weights must be [E, 2I, H] and [E, H, I]");
+    const int64_t T = x.size(0), k = topk_ids.size(1), E = w13.size(0), H = x.size(1), I = w2.size(2);
+    TORCH_CHECK(H % 16 == 0 && I % 16 == 0, "moe_experts_bf16: H and I must be multiples of 16");
+    at::Tensor out = at::empty({T, H}, x.options());
+    if (T == 0) return out;
+    const at::Tensor xc = x.contiguous();
+    const at::Tensor ids = topk_ids.to(at::kLong).contiguous();
+    const at::Tensor w = topk_weights.to(at::kFloat).contiguous();
+    const int threads = T * k >= kMinPairsPerThreading ? at::get_num_threads() : 1;
+    check_rc(moe_fused_bf16(xc.data_ptr<float>(), ids.data_ptr<int64_t>(), w.data_ptr<float>(),
+                            reinterpret_cast<const uint16_t*>(w13.data_ptr<at::BFloat16>()),
+                            reinterpret_cast<const uint16_t*>(w2.data_ptr<at::BFloat16>()), out.data_ptr<float>(),
+                            T, k, E, H, I, threads),
+             "moe_experts_bf16");
+    return out;
+}
+
 std::tuple<at::Tensor, at::Tensor> moe_pack(const at::Tensor& w13, const at::Tensor& w2) {
     // w13 [E, 2I, H], w2 [E, H, I] -> the kernel's panels, same shapes (csrc/moe_cpu.c)
     check_f32_cpu(w13, "w13");
@@ -380,6 +409,7 @@ MOE_SERVE_LIBRARY(MOE_SERVE_OPS_NS, m) {
     m.def("moe_experts_cpu(Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor w13_packed, Tensor w2_packed) "
           "-> Tensor");
     m.def("moe_pack_cpu(Tensor w13, Tensor w2) -> (Tensor, Tensor)");
+    m.def("moe_experts_bf16_cpu(Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor w13, Tensor w2) -> Tensor");
     m.def("moe_experts_variant_cpu(Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor w13_packed, "
           "Tensor w2_packed, Tensor? w13_bias, Tensor? w2_bias, float? limit, float alpha, bool weight_on_input) "
           "-> Tensor");
@@ -401,6 +431,7 @@ MOE_SERVE_LIBRARY_IMPL(MOE_SERVE_OPS_NS, CPU, m) {
     m.impl("paged_decode_fp8_cpu", &paged_decode_fp8_op);
     m.impl("moe_experts_cpu", &moe_experts);
     m.impl("moe_pack_cpu", &moe_pack);
+    m.impl("moe_experts_bf16_cpu", &moe_experts_bf16);
     m.impl("moe_experts_variant_cpu", &moe_experts_variant);
     m.impl("moe_route_cpu", &moe_route);
     m.impl("linear_cpu", &linear);

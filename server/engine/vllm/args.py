@@ -37,6 +37,7 @@ def engine_args_kwargs(config: EngineConfig, *, on_cpu: bool, environ: dict[str,
         unsupported.append(f"--expert-placement {config.expert_placement} (vLLM places experts 'linear' "
                            f"(= contiguous) or 'round_robin'; use --enable-eplb for load-based placement)")
     for name, flag in (("expert_devices", "--expert-devices"), ("gpu_expert_budget", "--gpu-expert-budget"),
+                       ("cpu_expert_format", "--cpu-expert-format"),
                        ("record_routing", "--record-routing"),
                        ("expert_capacity_factor", "--expert-capacity-factor"),
                        ("attention_backend", "--attention-backend (the native engine's kernels)"),

@@ -31,8 +31,10 @@ class HostCost:
     link_bytes_per_s: float  # host -> accelerator copy bandwidth
     link_measured: bool
 
-    def cpu_seconds(self, n: int, hidden: int, inter: int, wbytes: int, abytes: int) -> float:
-        weights = 3 * hidden * inter * wbytes
+    def cpu_seconds(self, n: int, hidden: int, inter: int, wbytes: int, abytes: int,
+                    cpu_wbytes: float | None = None) -> float:
+        """`cpu_wbytes`: bytes per weight the CPU reads (the CPU tier's format), default `wbytes`."""
+        weights = 3 * hidden * inter * (wbytes if cpu_wbytes is None else cpu_wbytes)
         compute = max(weights / self.dram_bytes_per_s, 6 * hidden * inter * n / self.cpu_flops)
         return compute + 2 * n * hidden * abytes / self.link_bytes_per_s
 
@@ -40,17 +42,18 @@ class HostCost:
         return 3 * hidden * inter * wbytes / self.link_bytes_per_s
 
     def fetch_threshold(self, hidden: int, inter: int, wbytes: int, abytes: int | None = None,
-                        limit: int = 1 << 16) -> int:
-        """Smallest token count at which copying the expert in beats computing it on the CPU."""
+                        limit: int = 1 << 16, cpu_wbytes: float | None = None) -> int:
+        """Smallest token count at which copying the expert in (`wbytes` per weight) beats computing
+        it on the CPU (reading `cpu_wbytes` per weight: the CPU tier's format; default `wbytes`)."""
         abytes = abytes or wbytes
         fetch = self.fetch_seconds(hidden, inter, wbytes)
         n = 1
-        while n < limit and self.cpu_seconds(n, hidden, inter, wbytes, abytes) < fetch:
+        while n < limit and self.cpu_seconds(n, hidden, inter, wbytes, abytes, cpu_wbytes) < fetch:
             n *= 2
         lo, hi = max(1, n // 2), n  # binary search in (lo, hi]
         while lo < hi:
             mid = (lo + hi) // 2
-            if self.cpu_seconds(mid, hidden, inter, wbytes, abytes) >= fetch:
+            if self.cpu_seconds(mid, hidden, inter, wbytes, abytes, cpu_wbytes) >= fetch:
                 hi = mid
             else:
                 lo = mid + 1

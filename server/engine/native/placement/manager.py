@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import replace
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -22,6 +23,8 @@ import torch
 
 from server.engine.native.placement.cost import measure
 from models.placement.executor import PlacedExperts, build_layer_state, torch_device
+from models.placement.executor import tier_expert_bytes
+from models.placement.executor import tier_format as tier_fmt
 from models.placement.plan import HOST_DEVICE, Placement
 from models.placement.planner import default_capacity, place
 from server.config import parse_bytes
@@ -84,7 +87,7 @@ class PlacementManager:
     def __init__(self, model, devices: Sequence[str] | None = None, *, policy: str = "contiguous",
                  num_redundant: int = 0, capacity: Sequence[int] | None = None, budget: str | int | None = None,
                  rebalance_interval: int = 0, fetch_threshold: int | None = None, min_gain: float = MIN_GAIN,
-                 initial_loads: np.ndarray | None = None):
+                 initial_loads: np.ndarray | None = None, tier_format: str = "auto"):
         cfg = model.config
         blocks = sorted(model.moe_blocks(), key=lambda b: b.layer_idx)
         if not blocks:
@@ -111,6 +114,8 @@ class PlacementManager:
             torch_device(name)  # validates, e.g. cuda:3 on a 2-GPU machine
         self.devices = names
         self.num_redundant = int(num_redundant)
+        self.tier_format = tier_format
+        tier_fmt(tier_format, w13.dtype)  # validates
         self.capacity, self.host = slot_capacity(names, self.num_experts, self.num_redundant, capacity, budget,
                                                  self.expert_bytes, len(blocks))
         # the master copy of every expert: host memory unless everything already lives there
@@ -127,13 +132,22 @@ class PlacementManager:
         self._install(place(policy, loads, names, self.capacity, self.num_redundant, host=self.host))
         for b in blocks:
             b.executor = self.executor
+        tier = self.tier_info()
+        if tier is None and tier_format != "auto":
+            log.warning("--cpu-expert-format %s has no effect: every expert fits the devices (no CPU tier)",
+                        tier_format)
+        if tier is not None:
+            plan = model.kernel_plan
+            model.apply_plan(replace(plan, cpu_tier=tier["format"], cpu_tier_bytes=tier["bytes"],
+                                     cpu_tier_in_place=tier["in_place"]))
         # the placed decode step is sync-free (CUDA graphs stay on), the CPU tier's is not: the
         # model's plan says so
         model.apply_plan(model.kernel_plan.for_engine(placed=True, host_tier=self.computes_on_host,
                                                       several_gpus=self.several_gpus))
         log.info("expert placement %s on %s (slots/layer %s%s%s), %d bytes per expert", policy, ", ".join(names),
-                 self.capacity, f", host tier {self.host} (copy-in from {self.fetch_threshold} tokens)"
-                 if self.host else "", f", {self.num_redundant} redundant" if self.num_redundant else "",
+                 self.capacity, f", host tier {self.host} ({tier['format']}, {tier['bytes'] / 2**20:.1f} MiB"
+                 f"{' in place' if tier['in_place'] else ''}; copy-in from {self.fetch_threshold} tokens)"
+                 if tier else "", f", {self.num_redundant} redundant" if self.num_redundant else "",
                  self.expert_bytes)
 
     @property
@@ -153,7 +167,7 @@ class PlacementManager:
     def from_config(cls, model, config) -> PlacementManager:
         return cls(model, config.expert_devices or None, policy=config.expert_placement,
                    num_redundant=config.num_redundant_experts, budget=config.gpu_expert_budget,
-                   rebalance_interval=config.rebalance_interval)
+                   rebalance_interval=config.rebalance_interval, tier_format=config.cpu_expert_format)
 
     def _fetch_threshold(self, cfg, given: int | None) -> int:
         if self.host is None:
@@ -163,8 +177,11 @@ class PlacementManager:
         if self.main_device.type == "cpu":
             return NEVER_FETCH  # tokens already live in host memory: nothing to copy
         w13 = self.masters[self.layer_ids[0]][0]
-        cost = measure(cfg.hidden_size, cfg.moe_intermediate_size, w13.dtype, self.main_device)
-        return cost.fetch_threshold(cfg.hidden_size, cfg.moe_intermediate_size, w13.element_size())
+        H, inter = cfg.hidden_size, cfg.moe_intermediate_size
+        cost = measure(H, inter, w13.dtype, self.main_device)
+        # the CPU reads the tier's format (int4: ~1/4 of bf16's bytes), the copy-in the master's
+        cpu_wbytes = tier_expert_bytes(tier_fmt(self.tier_format, w13.dtype), H, inter) / (3 * H * inter)
+        return cost.fetch_threshold(H, inter, w13.element_size(), cpu_wbytes=cpu_wbytes)
 
     # -- installing a placement ---------------------------------------------------------------
     def _install(self, placement: Placement) -> int:
@@ -174,17 +191,28 @@ class PlacementManager:
             w13, w2 = self.masters[layer_idx]
             state, n = build_layer_state(placement.layers[li], w13, w2, self.main_device, self.expert_fns[layer_idx],
                                          host=self.host, fetch_threshold=self.fetch_threshold,
-                                         previous=self.executor.states.get(layer_idx))
+                                         previous=self.executor.states.get(layer_idx), tier_format=self.tier_format)
             self.executor.swap(layer_idx, state)
             copied += n
         self.placement = placement
         self._split = _count_split(placement, self.num_experts)
         return copied
 
+    def tier_info(self) -> dict | None:
+        """The CPU tier's format and memory: {"format", "bytes" (its experts in that format, all
+        MoE layers), "in_place" (computed from the model's own weights: no copy beside them)},
+        None without a tier."""
+        if self.host is None or self.executor is None:
+            return None
+        tiers = [st.host for st in self.executor.states.values() if st.host is not None]
+        if not tiers:
+            return None
+        return {"format": tiers[0].fmt, "bytes": sum(t.nbytes for t in tiers), "in_place": all(t.in_place for t in tiers)}
+
     # -- engine hooks ---------------------------------------------------------------------------
     def info(self) -> PlacementInfo | None:
         placement = self.placement
-        return None if placement is None else PlacementInfo(rows=placement.rows())
+        return None if placement is None else PlacementInfo(rows=placement.rows(), cpu_tier=self.tier_info())
 
     def device_tokens(self, routing: torch.Tensor) -> dict[str, int]:
         """Token-expert computations per device for a step's routing [T, num_moe_layers, k]."""
@@ -235,7 +263,7 @@ class PlacementManager:
         self.experts_moved += copied
         log.info("rebalanced experts at step %d: balancedness %.3f -> %.3f, %d expert copies moved",
                  self.steps, old.balancedness(loads), new.balancedness(loads), copied)
-        info = PlacementInfo(rows=new.rows())
+        info = PlacementInfo(rows=new.rows(), cpu_tier=self.tier_info())
         for callback in self.on_change:
             callback(info)
         return True

@@ -1,0 +1,193 @@
+/* Fused MoE experts over bf16 weights with float32 math on the CPU (AVX2 + FMA): the CPU expert
+ * tier's bf16 format (models/placement/executor.py).
+ *
+ * out[t] = sum_s topk_w[t, s] * W2[e] @ (silu(G[e] @ x[t]) * (U[e] @ x[t])),  e = topk_ids[t, s]
+ *
+ * The weights are read where they are, in the model's own layout: w13 [E, 2I, H] and w2 [E, H, I]
+ * bf16, row-major (expert e's gate row j is row e * 2I + j, its up row e * 2I + I + j), so a bf16
+ * model's host copy of its experts is computed in place, with no packed copy beside it. As
+ * moe_cpu.c (float32) and moe_quant_cpu.c (int8 / int4): the pairs are grouped by expert, each
+ * active expert's rows of x gathered, gate and up computed 16 rows at a time for up to 4 tokens
+ * with SiLU-and-mul fused, then down; each weight row is read once per call, as one sequential
+ * stream. bf16 -> float32 in registers: the 16 bits zero-extended to 32 and shifted left by 16
+ * (bf16 is float32's upper half), then FMAs in float32. Every output element sums its row in
+ * k order whatever the batch (batch invariant). Pairs of routing weight 0 (the placement
+ * executor's padding: its fixed-size buffers) are skipped: they add nothing. AVX2 only: no AVX512-BF16 path (VDPBF16PS would
+ * round the activations to bf16 too; the CPUs this is tested on have no AVX-512).
+ */
+#include <stdint.h>
+
+#include "kernels.h"
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "panel_gemm.h"
+
+#define BCH 16 /* weight rows per item */
+#define BMR 4  /* token rows per tile: 8 accumulators + 2 weight vectors */
+#define BPF 512 /* bf16 elements ahead to prefetch in a row (1 KiB) */
+
+typedef struct {
+    int64_t k, E, H, I;
+    const uint16_t *w13, *w2;
+    const int64_t *start, *pair;
+    const float *xs; /* [P, H] expert order */
+    float *act;      /* [P, I] */
+    float *ys;       /* [P, H] by pair index */
+    int phase;
+    int64_t first, last;
+} bmoe_job_t;
+
+/* 16 bf16 -> two float32 vectors (elements 0-7, 8-15) */
+static inline __attribute__((always_inline)) void bf16x16(const uint16_t *p, __m256 *lo, __m256 *hi) {
+    const __m256i raw = _mm256_loadu_si256((const __m256i *)p);
+    *lo = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(raw)), 16));
+    *hi = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(raw, 1)), 16));
+}
+
+static inline float hsum8(__m256 a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+#define B_FMA(i)                                                                        \
+    if (mr > i) {                                                                       \
+        a##i##0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + i * ldx + kk), a##i##0);       \
+        a##i##1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + i * ldx + kk + 8), a##i##1);   \
+    }
+#define B_STORE(i) \
+    if (mr > i) y[i * ldy + c] = hsum8(_mm256_add_ps(a##i##0, a##i##1));
+
+/* y[i * ldy + c] = x[i] . W[c] for i < mr <= 4, c < nr; W rows `ldw` apart, K a multiple of 16 */
+static inline __attribute__((always_inline)) void btile(const int mr, const float *x, int64_t ldx, const uint16_t *W,
+                                                       int64_t ldw, int64_t K, int nr, float *y, int64_t ldy) {
+    for (int c = 0; c < nr; c++) {
+        const uint16_t *row = W + c * ldw;
+        __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00,
+               a31 = a00;
+        for (int64_t kk = 0; kk < K; kk += 16) {
+            _mm_prefetch((const char *)(row + kk + BPF), _MM_HINT_T0);
+            __m256 w0, w1;
+            bf16x16(row + kk, &w0, &w1);
+            B_FMA(0) B_FMA(1) B_FMA(2) B_FMA(3)
+        }
+        B_STORE(0) B_STORE(1) B_STORE(2) B_STORE(3)
+    }
+}
+
+static inline void btile_any(int mr, const float *x, int64_t ldx, const uint16_t *W, int64_t ldw, int64_t K, int nr,
+                             float *y, int64_t ldy) {
+    switch (mr) {
+    case 1: btile(1, x, ldx, W, ldw, K, nr, y, ldy); break;
+    case 2: btile(2, x, ldx, W, ldw, K, nr, y, ldy); break;
+    case 3: btile(3, x, ldx, W, ldw, K, nr, y, ldy); break;
+    default: btile(4, x, ldx, W, ldw, K, nr, y, ldy); break;
+    }
+}
+
+static void bmoe_items(const bmoe_job_t *J) {
+    const int64_t H = J->H, I = J->I;
+    const int64_t panels = J->phase == 0 ? I / BCH : H / BCH;
+    float g[BMR * BCH], u[BMR * BCH], y[BMR * BCH];
+    for (int64_t it = J->first; it < J->last; it++) {
+        const int64_t e = it / panels, j = it % panels;
+        const int64_t p0 = J->start[e], n = J->start[e + 1] - p0;
+        for (int64_t m = 0; m < n; m += BMR) {
+            const int mr = (int)(n - m < BMR ? n - m : BMR);
+            if (J->phase == 0) {
+                const float *xm = J->xs + (p0 + m) * H;
+                btile_any(mr, xm, H, J->w13 + (e * 2 * I + j * BCH) * H, H, H, BCH, g, BCH);
+                btile_any(mr, xm, H, J->w13 + (e * 2 * I + I + j * BCH) * H, H, H, BCH, u, BCH);
+                for (int i = 0; i < mr; i++) silu_mul16(g + i * BCH, u + i * BCH, J->act + (p0 + m + i) * I + j * BCH);
+            } else {
+                btile_any(mr, J->act + (p0 + m) * I, I, J->w2 + (e * H + j * BCH) * I, I, I, BCH, y, BCH);
+                for (int i = 0; i < mr; i++)
+                    memcpy(J->ys + J->pair[p0 + m + i] * H + j * BCH, y + i * BCH, BCH * sizeof(float));
+            }
+        }
+    }
+}
+
+static void *bmoe_thread(void *arg) {
+    bmoe_items((const bmoe_job_t *)arg);
+    return NULL;
+}
+
+/* a phase's items (expert, 16-row chunk) split over threads, balanced by rows (+1 per item: the
+ * chunk is read); experts with no pair cost nothing and are skipped */
+static void bmoe_phase(bmoe_job_t *base, int phase, int nthreads) {
+    const int64_t panels = phase == 0 ? base->I / BCH : base->H / BCH, items = base->E * panels;
+    const int64_t P = base->start[base->E];
+    int64_t active = 0;
+    for (int64_t e = 0; e < base->E; e++) active += base->start[e + 1] > base->start[e];
+    const int64_t total = P * panels + active * panels;
+    bmoe_job_t jobs[MAX_THREADS];
+    int64_t it = 0, acc = 0;
+    for (int t = 0; t < nthreads; t++) {
+        jobs[t] = *base;
+        jobs[t].phase = phase;
+        jobs[t].first = it;
+        const int64_t target = total * (t + 1) / nthreads;
+        while (it < items && (t == nthreads - 1 || acc < target)) {
+            const int64_t e = it / panels, n = base->start[e + 1] - base->start[e];
+            acc += n ? n + 1 : 0;
+            it++;
+        }
+        jobs[t].last = it;
+    }
+    run_jobs(bmoe_thread, jobs, sizeof jobs[0], nthreads);
+}
+
+/* Returns 0 on success, 1 when out of memory, 2 for an expert id out of range, 3 for bad shapes.
+ * x [T, H] float32; topk_ids [T, k] int64; topk_w [T, k] float32; w13 [E, 2I, H], w2 [E, H, I]
+ * bf16 (as uint16); out [T, H] (overwritten). H and I multiples of 16. */
+int moe_fused_bf16(const float *x, const int64_t *topk_ids, const float *topk_w, const uint16_t *w13,
+                   const uint16_t *w2, float *out, int64_t T, int64_t k, int64_t E, int64_t H, int64_t I,
+                   int nthreads) {
+    if (H % BCH || I % BCH || T < 0 || k < 1 || E < 1) return 3;
+    if (nthreads < 1) nthreads = 1;
+    if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
+    const int64_t P = T * k;
+    int64_t *start = (int64_t *)calloc((size_t)(E + 2), sizeof(int64_t));
+    int64_t *pair = (int64_t *)malloc((size_t)(P > 0 ? P : 1) * sizeof(int64_t));
+    float *xs = (float *)malloc((size_t)(P > 0 ? P : 1) * (size_t)(2 * H + I) * sizeof(float));
+    int rc = 0;
+    if (!start || !pair || !xs) { rc = 1; goto done; }
+    float *act = xs + P * H, *ys = act + P * I;
+    for (int64_t p = 0; p < P; p++) {
+        const int64_t e = topk_ids[p];
+        if (e < 0 || e >= E) { rc = 2; goto done; }
+        if (topk_w[p] != 0.f) start[e + 2]++; /* a pair of weight 0 adds nothing: not computed */
+    }
+    for (int64_t e = 0; e < E; e++) start[e + 2] += start[e + 1];
+    for (int64_t p = 0; p < P; p++) /* stable: pairs of e in (t, s) order */
+        if (topk_w[p] != 0.f) pair[start[topk_ids[p] + 1]++] = p;
+    for (int64_t q = 0; q < start[E]; q++) memcpy(xs + q * H, x + (pair[q] / k) * H, (size_t)H * sizeof(float));
+    bmoe_job_t base = {k, E, H, I, w13, w2, start, pair, xs, act, ys, 0, 0, 0};
+    bmoe_phase(&base, 0, nthreads);
+    bmoe_phase(&base, 1, nthreads);
+    for (int64_t t = 0; t < T; t++) {
+        float *o = out + t * H;
+        for (int64_t h = 0; h < H; h += 8) {
+            __m256 a = _mm256_setzero_ps();
+            for (int64_t s = 0; s < k; s++)
+                if (topk_w[t * k + s] != 0.f)
+                    a = _mm256_fmadd_ps(_mm256_set1_ps(topk_w[t * k + s]), _mm256_loadu_ps(ys + (t * k + s) * H + h), a);
+            _mm256_storeu_ps(o + h, a);
+        }
+    }
+done:
+    free(start); free(pair); free(xs);
+    return rc;
+}
+
+#else
+int moe_fused_bf16(const float *x, const int64_t *topk_ids, const float *topk_w, const uint16_t *w13,
+                   const uint16_t *w2, float *out, int64_t T, int64_t k, int64_t E, int64_t H, int64_t I,
+                   int nthreads) { return 4; }
+#endif

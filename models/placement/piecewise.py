@@ -41,17 +41,19 @@ computes on the worker thread and returns its static output: the segmentation's 
 (cut order, static buffers, the functions recorded) is what the eager pieces check anywhere.
 
 Work on another GPU (`PeerCall`, experts placed on several GPUs): a graph captured on one
-device's stream does not capture another device's kernels launched on that device's own
-stream, and PyTorch's graph memory pool is one device's. So the other device's work is a cut
-too: `start` launches it eagerly on a side stream of that device after an event of the main
-stream (copies in, the experts, the copy back into the call's static output), `finish` makes
-the main stream wait for its event; no host sync. The kernel plan keeps decode graphs off for
-several GPUs unless asked (`KernelPlan.for_engine(graphs_across_gpus=True)`): not yet run on
-two GPUs.
+device's stream does not hold kernels launched on another device's stream, and PyTorch's
+graph memory pool belongs to one device. So the other GPU's experts are a cut too: `start`
+launches them eagerly on a side stream of that GPU (the inputs copied in after the piece that
+staged them), they run while the main GPU replays its next piece (its own experts, the shared
+expert), and `finish` copies the result back into the call's static output, the main stream
+waiting for that copy only: events, no host sync. The kernel plan keeps decode graphs off for
+several GPUs unless asked (`KernelPlan.for_engine(graphs_across_gpus=True)`): this has not run
+on two GPUs yet.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -84,8 +86,11 @@ class HostCall:
             self.xh, self.ih, self.wh = pin(self.x_s), pin(self.ids_s), pin(self.w_s)
             self.yh = torch.empty(x.shape, dtype=dtype, pin_memory=True)
             self.event = torch.cuda.Event()
+            # a copy from the host that also converts would stage through unpinned memory
+            self.y_d = torch.empty(x.shape, dtype=dtype, device=dev) if dtype != x.dtype else None
         else:
             self.xh, self.ih, self.wh, self.yh, self.event = self.x_s, self.ids_s, self.w_s, None, None
+            self.y_d = None
         self._future: Future | None = None
         self._y: torch.Tensor | None = None
 
@@ -116,12 +121,24 @@ class HostCall:
             y, self._future = self._future.result(), None
         else:  # no thread: computed here, while the device runs the piece launched before
             y = self._work()
-        self.y_s.copy_(y, non_blocking=self.cuda)
+        if self.y_d is not None:  # the host's dtype differs: in, then converted on the device
+            self.y_d.copy_(y, non_blocking=True)
+            self.y_s.copy_(self.y_d)
+        else:
+            self.y_s.copy_(y, non_blocking=self.cuda)
 
 
 class PeerCall:
-    """A device group's experts on another GPU: launched eagerly on that device's side stream,
-    ordered by events only (see the module docstring)."""
+    """A device group's experts on another GPU: launched eagerly on that device's side stream
+    between two pieces, ordered against the main stream by events only (no host sync).
+
+    PyTorch orders a cross-device copy against the current streams of both devices (a two-way
+    event barrier, the copy on the source device's stream). So `start`, under the side stream,
+    copies the inputs in (on the main stream, after the piece that staged them; the side
+    stream waits for it) and launches the experts on the side stream, which then run while the
+    main stream replays the next piece; `finish`, under the side stream again, copies the
+    result back into the static output (the side stream waits for the main stream's piece,
+    the main stream for the copy): the join."""
 
     _streams: dict[torch.device, torch.cuda.Stream] = {}
 
@@ -131,37 +148,34 @@ class PeerCall:
         self.signature = ("peer", key, tuple(x.shape), tuple(ids.shape), x.dtype)
         self.x_s, self.ids_s, self.w_s = torch.empty_like(x), torch.empty_like(ids), torch.empty_like(w)
         self.y_s = torch.empty_like(x)
-        self.cuda = x.device.type == "cuda"
-        if self.cuda:
-            self.ready, self.done = torch.cuda.Event(), torch.cuda.Event()
-            if device not in PeerCall._streams:
-                PeerCall._streams[device] = torch.cuda.Stream(device)
-            self.stream = PeerCall._streams[device]
+        self.cuda = x.device.type == "cuda" and device.type == "cuda"
+        self._y: torch.Tensor | None = None
+        if self.cuda and device not in PeerCall._streams:
+            PeerCall._streams[device] = torch.cuda.Stream(device)
 
     def stage(self, x, ids, w) -> None:
         self.x_s.copy_(x)
         self.ids_s.copy_(ids)
         self.w_s.copy_(w)
 
-    def _compute(self) -> None:
-        dev = self.device
-        y = self.fn(self.x_s.to(dev, non_blocking=True), self.ids_s.to(dev, non_blocking=True),
-                    self.w_s.to(dev, non_blocking=True))
-        self.y_s.copy_(y, non_blocking=True)
+    def _on_peer(self):
+        if not self.cuda:
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.cuda.device(self.device))
+        stack.enter_context(torch.cuda.stream(PeerCall._streams[self.device]))
+        return stack
 
     def start(self) -> None:
-        if not self.cuda:
-            self._compute()
-            return
-        self.ready.record()  # the main stream's piece has written the static inputs
-        with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
-            self.stream.wait_event(self.ready)
-            self._compute()  # cross-device copies order themselves against the current streams
-            self.done.record(self.stream)
+        dev = self.device
+        with self._on_peer():
+            self._y = self.fn(self.x_s.to(dev, non_blocking=True), self.ids_s.to(dev, non_blocking=True),
+                              self.w_s.to(dev, non_blocking=True))
 
     def finish(self) -> None:
-        if self.cuda:
-            torch.cuda.current_stream().wait_event(self.done)
+        with self._on_peer():
+            self.y_s.copy_(self._y, non_blocking=True)
+        self._y = None
 
 
 class Pieces:

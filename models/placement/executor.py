@@ -189,7 +189,12 @@ def start_layer(state: LayerState, x: torch.Tensor, topk_ids: torch.Tensor, topk
     if state.host is not None:
         joins.append(_start_host(state, worker, x, group, rows, weights, T, k))
     out = torch.zeros_like(x)
-    for gi, g in enumerate(state.groups):
+    # other devices' groups first (launched, or handed to the host), then x's own: the others
+    # then work while x's device computes its experts (and, in a piecewise step, the cut that
+    # launches them comes before the piece with x's device's experts)
+    order = sorted(range(len(state.groups)), key=lambda gi: state.groups[gi].device == x.device)
+    for gi in order:
+        g = state.groups[gi]
         if state.host is not None and gi == state.host.group:
             continue
         ids, w = _device_buffer(group == gi, rows, weights, T, k)

@@ -27,11 +27,12 @@ executor reaches the host, so the model code is not split by hand:
 So the host tier's CPU time hides behind the device experts and shared expert of its own
 layer, as in the eager path, and the GPU never waits on the host except at `finish`.
 
-Every buffer a cut touches is static per bucket (made while the pieces are recorded), so a
-replay writes and reads the same addresses: the device inputs (`x_s`, `ids_s`, `w_s`), the
-pinned staging and the device output `y_s`. Each call has its own staging set, and a step's
-`start` of a call comes after the previous step's `finish` of it in stream order, so one set
-per call is race-free (no double buffering needed here). The calls hold the executor's
+Every buffer a cut touches is static (made while the pieces are recorded), so a replay writes
+and reads the same addresses: the device inputs (`x_s`, `ids_s`, `w_s`), the pinned staging
+and the device output `y_s`. Each call of a step has its own set; the buckets share them (the
+smaller ones take the first rows of the largest's: one bucket's step runs at a time). A step's
+`start` of a call comes after the previous step's `finish` of it (and after that copy back, in
+stream order), so one set per call is race-free (no double buffering needed here). The calls hold the executor's
 function as it was when recorded: a placement that moves (a new generation) needs the
 pieces recorded again, as whole graphs do (`server/engine/native/runner.py`).
 
@@ -68,26 +69,40 @@ def active() -> Pieces | None:
     return getattr(_STATE, "pieces", None)
 
 
+def _static(storage: dict | None, name: str, shape: tuple[int, ...], dtype: torch.dtype,
+            device: torch.device | str = "cpu", pin: bool = False) -> torch.Tensor:
+    """A static buffer: the first rows of `storage[name]` where it has them (the buckets of one
+    engine share their calls' buffers: only one bucket's step runs at a time, and the largest
+    is recorded first), else a new one kept there."""
+    t = storage.get(name) if storage is not None else None
+    if t is None or t.dtype != dtype or t.device != torch.device(device) or t.shape[1:] != shape[1:] \
+            or t.shape[0] < shape[0]:
+        t = torch.empty(shape, dtype=dtype, device=device, pin_memory=pin)
+        if storage is not None:
+            storage[name] = t
+    return t[: shape[0]]
+
+
 class HostCall:
     """One host computation of a step (`fn(x, ids, w)` on the CPU), on static buffers."""
 
     def __init__(self, fn, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, dtype: torch.dtype,
-                 pool: ThreadPoolExecutor | None, key: int):
+                 pool: ThreadPoolExecutor | None, key: int, storage: dict | None = None, index: int = 0):
         self.fn, self.pool, self.key = fn, pool, key
         self.signature = ("host", key, tuple(x.shape), tuple(ids.shape), dtype)
         dev = x.device
-        self.x_s = torch.empty(x.shape, dtype=dtype, device=dev)  # [T, H] device inputs
-        self.ids_s = torch.empty(ids.shape, dtype=ids.dtype, device=dev)  # [T, k]
-        self.w_s = torch.empty(w.shape, dtype=dtype, device=dev)  # [T, k]
-        self.y_s = torch.empty(x.shape, dtype=x.dtype, device=dev)  # [T, H] device output
+        buf = lambda name, t, dt, **kw: _static(storage, f"{index}.{name}", tuple(t.shape), dt, **kw)  # noqa: E731
+        self.x_s = buf("x", x, dtype, device=dev)  # [T, H] device inputs
+        self.ids_s = buf("ids", ids, ids.dtype, device=dev)  # [T, k]
+        self.w_s = buf("w", w, dtype, device=dev)  # [T, k]
+        self.y_s = buf("y", x, x.dtype, device=dev)  # [T, H] device output
         self.cuda = dev.type == "cuda"
         if self.cuda:  # pinned staging: asynchronous copies both ways
-            pin = lambda t: torch.empty(t.shape, dtype=t.dtype, pin_memory=True)  # noqa: E731
-            self.xh, self.ih, self.wh = pin(self.x_s), pin(self.ids_s), pin(self.w_s)
-            self.yh = torch.empty(x.shape, dtype=dtype, pin_memory=True)
+            self.xh, self.ih = buf("xh", x, dtype, pin=True), buf("ih", ids, ids.dtype, pin=True)
+            self.wh, self.yh = buf("wh", w, dtype, pin=True), buf("yh", x, dtype, pin=True)
             self.event = torch.cuda.Event()
             # a copy from the host that also converts would stage through unpinned memory
-            self.y_d = torch.empty(x.shape, dtype=dtype, device=dev) if dtype != x.dtype else None
+            self.y_d = buf("yd", x, dtype, device=dev) if dtype != x.dtype else None
         else:
             self.xh, self.ih, self.wh, self.yh, self.event = self.x_s, self.ids_s, self.w_s, None, None
             self.y_d = None
@@ -143,11 +158,11 @@ class PeerCall:
     _streams: dict[torch.device, torch.cuda.Stream] = {}
 
     def __init__(self, fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], x, ids, w,
-                 device: torch.device, key: int):
+                 device: torch.device, key: int, storage: dict | None = None, index: int = 0):
         self.fn, self.key, self.device = fn, key, device
         self.signature = ("peer", key, tuple(x.shape), tuple(ids.shape), x.dtype)
-        self.x_s, self.ids_s, self.w_s = torch.empty_like(x), torch.empty_like(ids), torch.empty_like(w)
-        self.y_s = torch.empty_like(x)
+        buf = lambda name, t: _static(storage, f"{index}.{name}", tuple(t.shape), t.dtype, device=t.device)  # noqa: E731
+        self.x_s, self.ids_s, self.w_s, self.y_s = buf("x", x), buf("ids", ids), buf("w", w), buf("y", x)
         self.cuda = x.device.type == "cuda" and device.type == "cuda"
         self._y: torch.Tensor | None = None
         if self.cuda and device not in PeerCall._streams:
@@ -187,9 +202,10 @@ class Pieces:
     replays the graphs with the calls' host work between them; `run_eager` runs the forward
     with every cut taking its recorded call (no graphs)."""
 
-    def __init__(self, cuda_graphs: bool, pool=None):
+    def __init__(self, cuda_graphs: bool, pool=None, storage: dict | None = None):
         self.cuda_graphs = cuda_graphs
         self.pool = pool  # the graph memory pool the pieces share (with other buckets)
+        self.storage = storage  # the calls' static buffers, shared with other buckets (`_static`)
         self.calls: list[HostCall | PeerCall] = []
         self.actions: list[tuple[str, HostCall | PeerCall]] = []  # ("start" | "finish", call) per cut
         self.graphs: list[torch.cuda.CUDAGraph] = []
@@ -203,7 +219,7 @@ class Pieces:
     # -- the cut points (called by the executor while this is active) -----------------------------
     def host_call(self, pool: ThreadPoolExecutor | None, fn, x, ids, w, dtype, key: int) -> Callable[[], torch.Tensor]:
         if self._mode == "record":
-            call: HostCall | PeerCall = HostCall(fn, x, ids, w, dtype, pool, key)
+            call: HostCall | PeerCall = HostCall(fn, x, ids, w, dtype, pool, key, self.storage, len(self.calls))
             self.calls.append(call)
         else:
             call = self._take(("host", key, tuple(x.shape), tuple(ids.shape), dtype))
@@ -211,7 +227,7 @@ class Pieces:
 
     def peer_call(self, fn, x, ids, w, device: torch.device, key: int) -> Callable[[], torch.Tensor]:
         if self._mode == "record":
-            call: HostCall | PeerCall = PeerCall(fn, x, ids, w, device, key)
+            call: HostCall | PeerCall = PeerCall(fn, x, ids, w, device, key, self.storage, len(self.calls))
             self.calls.append(call)
         else:
             call = self._take(("peer", key, tuple(x.shape), tuple(ids.shape), x.dtype))

@@ -100,7 +100,8 @@ def test_cpu_tier_piecewise_steps_match_eager_placement(make_llm, monkeypatch):
     # every bucket: one piece before each layer's host call, one between its start and finish, one after
     assert runner.graphs.num_pieces == {b: 2 * tier_layers + 1 for b in (1, 2, 4, 8)}
     calls = {b: list(p.calls) for b, (p, _, _) in runner.graphs.graphs.items()}
-    assert all(c.y_s.shape[0] == b for b, cs in calls.items() for c in cs)  # static per bucket
+    assert all(c.y_s.shape[0] == b for b, cs in calls.items() for c in cs)  # static, the first rows of bucket 8's
+    assert all(c.y_s.data_ptr() == calls[8][i].y_s.data_ptr() for cs in calls.values() for i, c in enumerate(cs))
 
     reads = HostReads(monkeypatch)
     want = run(eager.core, prompts)

@@ -86,14 +86,14 @@ class DecodeGraphs:
             log.info("decode graphs up to %d sequences: larger steps reach the expert copy-in threshold", limit)
         d = self.dev
         self.graphs = {}
-        pool = None
+        pool, storage = None, {}  # one graph memory pool, one set of the calls' static buffers
         stream = torch.cuda.Stream() if self.cuda_graphs else None
         for b in reversed(self.sizes):
             d["ids"][:b].zero_()
             d["positions"][:b].zero_()
             d["slots"][:b].fill_(self.pad_slot)
             d["seq_lens"][:b].zero_()
-            pieces = Pieces(self.cuda_graphs, pool)
+            pieces = Pieces(self.cuda_graphs, pool, storage)
             # warm-up (kernel compilation, allocator) and the calls' static buffers
             pieces.record(lambda: self._forward(b, RoutingCapture()))  # noqa: B023
             capture = RoutingCapture(with_weights=True)  # static tensors: reading weights costs nothing

@@ -86,7 +86,8 @@ class DecodeGraphs:
             log.info("decode graphs up to %d sequences: larger steps reach the expert copy-in threshold", limit)
         d = self.dev
         self.graphs = {}
-        pool, storage = None, {}  # one graph memory pool, one set of the calls' static buffers
+        pool = None  # one graph memory pool for every bucket
+        storage: dict[str, torch.Tensor] = {}  # one set of the calls' static buffers (models.placement.piecewise)
         stream = torch.cuda.Stream() if self.cuda_graphs else None
         for b in reversed(self.sizes):
             d["ids"][:b].zero_()

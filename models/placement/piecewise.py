@@ -260,12 +260,10 @@ class Pieces:
         getattr(call, kind)()
 
     def _begin_piece(self) -> None:
+        if self.pool is None:  # made before any capture (a graph's own pool is known only after it)
+            self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        if self.pool is not None:
-            graph.capture_begin(self.pool)
-        else:
-            graph.capture_begin()
-            self.pool = graph.pool()
+        graph.capture_begin(self.pool)
         self.graphs.append(graph)
 
     def _active(self, mode: str, forward: Callable[[], torch.Tensor]) -> torch.Tensor:

@@ -229,3 +229,41 @@ def test_cuda_piecewise_graphs_across_two_gpus(tiny_mixtral):
     want, got = run(eager, prompts), run(graphs, prompts)
     assert set(got[2]) - {None}
     assert_same(got, want)
+
+
+def test_cuts_frame_the_device_experts_and_the_shared_expert(tmp_path, monkeypatch):
+    """The cut points (qwen2_moe: a shared expert): each layer's host call starts before the
+    device's own experts and the shared expert run and finishes after them, so the CPU tier
+    overlaps them; the pieces give the unpieced logits."""
+    import threading
+
+    from models import load_model
+    from models.placement import executor as ex
+    from models.placement.piecewise import HostCall, Pieces
+    from server.engine.native.placement.manager import PlacementManager
+    from tests.models.conftest import make_checkpoint
+    from tests.models.simple_runner import prefill_logits
+
+    make_checkpoint("qwen2_moe", tmp_path)
+    m = load_model(str(tmp_path), dtype="float32", device="cpu", progress=False)
+    prompts = [[5, 6, 7, 8, 9], [20, 21, 22]]
+    mgr = PlacementManager(m, ["cpu:0"], budget=str(m.config.num_experts // 2))
+    want = prefill_logits(m, prompts)
+    events = []
+    main = threading.current_thread()
+    for name in ("start", "finish"):
+        orig = getattr(HostCall, name)
+        monkeypatch.setattr(HostCall, name, lambda self, orig=orig, name=name: events.append(name) or orig(self))
+    moe_cpu = ex.moe_cpu
+    monkeypatch.setattr(ex, "moe_cpu", lambda *a, **k: (threading.current_thread() is main and events.append("experts"))
+                        or moe_cpu(*a, **k))
+    for b in m.moe_blocks():
+        b.shared.register_forward_hook(lambda *_: events.append("shared"))
+    pieces = Pieces(cuda_graphs=False)
+    got = pieces.record(lambda: prefill_logits(m, prompts))
+    layers = len(m.moe_blocks())
+    assert len(pieces.calls) == layers and pieces.num_pieces == 2 * layers + 1
+    assert events == ["start", "experts", "shared", "finish"] * layers, events
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    mgr.close()

@@ -35,7 +35,7 @@ $PY -c "import torch, triton, transformers; print('torch', torch.__version__, 't
 echo "=== [$(elapsed)s] CUDA tests: kernels vs references, bf16 parity, CUDA graphs vs eager, placement without syncs"
 timeout 150 $PY -m pytest -q -p no:cacheprovider -m cuda -o addopts="" \
   tests/models/kernels tests/models/test_cuda_parity.py tests/engine/test_decode_graphs.py \
-  tests/engine/test_attention_variant_kernels.py tests/placement/test_executor.py 2>&1 | tee "$OUT/pytest_cuda.log" | tail -25
+  tests/engine/test_attention_variant_kernels.py tests/placement/test_executor.py tests/engine/test_piecewise_graphs.py 2>&1 | tee "$OUT/pytest_cuda.log" | tail -25
 CUDA_RC=${PIPESTATUS[0]}
 
 echo "=== [$(elapsed)s] engine tests with the engine on the default device (CUDA when present)"

@@ -286,7 +286,8 @@ def bench_shape(shape: str, args, tokenizer, peak: float, out: dict) -> None:
 def expert_tier(model, tokenizer, args, bm, peak) -> list[dict]:
     """--gpu-expert-budget at half the experts (the rest in host memory, the CPU tier: the C
     experts kernel on a worker thread, overlapped with the GPU's experts and shared expert). CUDA
-    graphs where the plan allows them (`cuda_graphs` in each row says whether they replayed)."""
+    graphs where the plan allows them, piecewise (`cuda_graphs` in each row says whether that
+    batch replayed them, `graph_pieces` how many graphs a step is)."""
     from server.engine.native.placement.manager import placement_from_config
     from server.config import EngineConfig
 
@@ -301,7 +302,10 @@ def expert_tier(model, tokenizer, args, bm, peak) -> list[dict]:
             break
         s = decode_run(core, B, args.prompt_len, 16, bm).summary(peak)
         s["gpu_experts_per_layer"] = E // 2
-        s["cuda_graphs"] = bool(core.model.kernel_plan.cuda_graphs and core.runner.graphs is not None)
+        graphs = core.runner.graphs if core.model.kernel_plan.cuda_graphs else None
+        bucket = graphs.bucket(B) if graphs is not None else None  # None past the tier's copy-in threshold
+        s["cuda_graphs"] = bucket is not None
+        s["graph_pieces"] = graphs.num_pieces.get(bucket) if bucket is not None else None  # piecewise: 2L + 1
         s["cpu_tier_kernel"] = "c" if any(st.host is not None and st.host.packed is not None
                                           for st in placement.executor.states.values()) else "loop"
         s["cpu_tier"] = placement.tier_info()  # format, bytes, in place

@@ -188,24 +188,33 @@ class KernelPlan:
         return dict(self.placed_moe)[device_type]
 
     def for_engine(self, *, placed: bool = False, capacity_limited: bool = False,
-                   enforce_eager: bool = False, host_tier: bool = False, several_gpus: bool = False) -> KernelPlan:
+                   enforce_eager: bool = False, host_tier: bool = False, several_gpus: bool = False,
+                   graphs_across_gpus: bool = False) -> KernelPlan:
         """The plan as the engine runs it: CUDA graphs only where every decode step is sync-free
         and padding a batch to a graph bucket changes nothing. Placed experts (`placed`) keep
-        them: the executor dispatches decode steps with no host sync; the CPU expert tier
-        (`host_tier`) does not: the host computes its experts in the middle of the step; nor do
-        experts on several GPUs (`several_gpus`): one graph captured across devices has not been
-        verified (their steps are sync-free, so the GPUs still overlap)."""
+        them: the executor dispatches decode steps with no host sync. The CPU expert tier
+        (`host_tier`: the host computes experts in the middle of each step) keeps them too, as
+        piecewise graphs cut at the host's calls (models/placement/piecewise.py). Experts on
+        several GPUs (`several_gpus`) run eagerly unless `graphs_across_gpus`: their pieces
+        launch the other GPU's experts between replays, which has not been run on two GPUs yet
+        (their steps are sync-free either way, so the GPUs still overlap)."""
         placed = placed or host_tier or several_gpus
         reasons = [why for why, on in (
             ("--enforce-eager", enforce_eager),
-            ("the CPU expert tier computes on the host in the middle of each step", host_tier),
-            ("experts on several GPUs (a decode graph captured across devices is not verified)", several_gpus),
+            ("experts on several GPUs (piecewise graphs across GPUs are not verified yet)",
+             several_gpus and not graphs_across_gpus),
             ("expert capacity depends on the step's token count, which graph buckets pad", capacity_limited),
         ) if on and self.cuda_graphs]
-        if not reasons and placed <= self.experts_placed:
+        notes = tuple(f"CUDA graphs off: {r}" for r in reasons)
+        if self.cuda_graphs and not reasons and (host_tier or several_gpus):
+            cut = "the CPU expert tier's calls" if host_tier else ""
+            cut += (" and " if cut else "") + ("the other GPUs' experts" if several_gpus else "")
+            note = f"CUDA graphs piecewise: decode steps cut at {cut}"
+            notes += (note,) if note not in self.notes else ()
+        if not notes and placed <= self.experts_placed:
             return self
         return replace(self, cuda_graphs=self.cuda_graphs and not reasons, experts_placed=self.experts_placed or placed,
-                       notes=self.notes + tuple(f"CUDA graphs off: {r}" for r in reasons))
+                       notes=self.notes + notes)
 
     # -- reporting ------------------------------------------------------------------------------
     def layer_groups(self) -> list[tuple[int, int, LayerKernels]]:

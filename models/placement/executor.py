@@ -20,7 +20,8 @@ experts it hosts (`w13 [n_d, 2I, H]`, `w2 [n_d, H, I]`) and index tables mapping
    model's own weights read in place; int8 / int4 quantized), on a worker thread (`HostWorker`): the activations go to pinned, double-
    buffered staging with an asynchronous copy, the CPU computes while the caller's device runs
    its own experts (and the block its shared expert: `PlacedExperts.start`), the result comes
-   back asynchronously and is added. Larger steps: per expert, by a token-count threshold,
+   back asynchronously and is added (in a piecewise decode step these calls are the cuts
+   between CUDA graphs: models/placement/piecewise.py). Larger steps: per expert, by a token-count threshold,
    computed on the CPU or copied to the tokens' device for this pass (see `HostTier`).
 `PlacedExperts` is the object installed as every block's `executor`; swapping a layer's state
 is one dict assignment, so a rebalance between engine steps never mixes placements in a pass;
@@ -42,6 +43,7 @@ from models.kernels.moe_align import expert_counts
 from models.kernels.packed import Bf16Experts, PackedExperts, QuantizedExperts, moe_cpu
 from models.kernels.quant import GROUP, QuantWeight
 from models.kernels.plan import CPU_KERNEL_PAIRS_PER_EXPERT, PANEL, host_experts_kernel_loads
+from models.placement import piecewise
 from models.placement.plan import LayerPlan, Placement
 
 # steps of up to this many tokens dispatch with no host sync (every decode graph bucket fits)
@@ -220,13 +222,21 @@ def start_layer(state: LayerState, x: torch.Tensor, topk_ids: torch.Tensor, topk
     if state.host is not None:
         joins.append(_start_host(state, worker, x, group, rows, weights, T, k))
     out = torch.zeros_like(x)
-    for gi, g in enumerate(state.groups):
+    # other devices' groups first (launched, or handed to the host), then x's own: the others
+    # then work while x's device computes its experts (and, in a piecewise step, the cut that
+    # launches them comes before the piece with x's device's experts)
+    order = sorted(range(len(state.groups)), key=lambda gi: state.groups[gi].device == x.device)
+    for gi in order:
+        g = state.groups[gi]
         if state.host is not None and gi == state.host.group:
             continue
         ids, w = _device_buffer(group == gi, rows, weights, T, k)
         if g.device.type == "cpu" and x.device.type != "cpu":  # the host computes: staged, on the worker
             fn = lambda xh, ih, wh, g=g: _call(state.expert_fn, g, xh, ih, wh)  # noqa: E731
             joins.append((worker or _INLINE).submit(fn, x, ids, w, dtype=g.w13.dtype, key=gi))
+        elif g.device != x.device and piecewise.active() is not None:  # a cut of a piecewise step
+            fn = lambda xd, idd, wd, g=g: _call(state.expert_fn, g, xd, idd, wd)  # noqa: E731
+            joins.append(piecewise.active().peer_call(fn, x, ids, w, g.device, key=gi))
         elif g.device != x.device:
             ys = _call(state.expert_fn, g, x.to(g.device, non_blocking=True), ids.to(g.device, non_blocking=True),
                        w.to(g.device, non_blocking=True))
@@ -303,7 +313,11 @@ class HostWorker:
 
     def submit(self, fn, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor,
                dtype: torch.dtype = torch.float32, key: int = -1) -> Callable[[], torch.Tensor]:
-        """`key`: which staging set (one per thing computed on the host in a pass)."""
+        """`key`: which staging set (one per thing computed on the host in a pass). Inside a
+        piecewise decode step (`piecewise.active()`) the call is a cut between two graphs."""
+        pieces = piecewise.active()
+        if pieces is not None:
+            return pieces.host_call(self._pool, fn, x, ids, w, dtype, key)
         if x.device.type == "cpu":
             xh, ih, wh, event, yh = x.to(dtype), ids, w.to(dtype), None, None
         else:
@@ -566,6 +580,15 @@ class PlacedExperts:
 
     def __call__(self, layer_idx: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
         return self.start(layer_idx, x, topk_ids, topk_w)()
+
+    def sync_free_tokens(self) -> int:
+        """The most tokens a pass can have and read nothing back to the host (so a CUDA graph can
+        hold it): past a host tier's copy-in threshold the experts' counts are read back."""
+        limit = SYNC_FREE_TOKENS
+        for state in self.states.values():
+            if state.host is not None:
+                limit = min(limit, state.host.fetch_threshold - 1)
+        return limit
 
     def swap(self, layer_idx: int, state: LayerState) -> None:
         self.states[layer_idx] = state  # one reference assignment: a pass sees old or new, never a mix

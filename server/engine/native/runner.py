@@ -14,7 +14,8 @@ A step's metadata goes into preallocated buffers (`step_inputs.StepBuffers`), co
 device without blocking, and the forward reads nothing back to the host (with the sync-free
 kernels). On CUDA, decode-only steps replay CUDA graphs captured at startup per batch-size
 bucket (`decode_graphs.DecodeGraphs`) where the model's kernel plan says so
-(`KernelPlan.cuda_graphs`); prefill and mixed steps run eagerly.
+(`KernelPlan.cuda_graphs`); with the CPU expert tier each bucket is piecewise graphs cut at
+the tier's calls (models/placement/piecewise.py); prefill and mixed steps run eagerly.
 """
 
 from __future__ import annotations
@@ -118,8 +119,9 @@ class ModelRunner:
             return None
         if self._placement_key() != self._graph_placement:
             # experts placed or moved since capture (models.placement): the graphs ran on weights
-            # and tables that have moved; the placed decode step is sync-free, so they are made
-            # again, unless the plan now says no graphs (the CPU expert tier)
+            # and tables that have moved (and piecewise steps' host calls hold the CPU tier's
+            # experts as they were); the placed decode step is sync-free, so they are made again,
+            # unless the plan now says no graphs (experts on several GPUs)
             if self.graphs.cuda_graphs and not self.model.kernel_plan.cuda_graphs:
                 log.info("experts placed after the decode graphs were made: decode runs eagerly from now on")
                 self.graphs = None

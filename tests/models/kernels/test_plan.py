@@ -139,9 +139,15 @@ def test_cuda_plan_fuses_and_captures_graphs_unless_the_engine_cannot():
     assert plan.for_engine() is plan
     placed = plan.for_engine(placed=True)  # the executor's decode dispatch is sync-free: graphs stay on
     assert placed.cuda_graphs and placed.experts_placed and not any("CUDA graphs off" in n for n in placed.notes)
-    assert plan.for_engine(host_tier=True).experts_placed
-    for kwargs, why in (({"host_tier": True}, "CPU expert tier"), ({"placed": True, "host_tier": True}, "host"),
-                        ({"placed": True, "several_gpus": True}, "several GPUs"),
+    # the CPU tier: piecewise graphs cut at its calls (the plan says so); several GPUs: eager unless asked
+    for kwargs, cut in (({"host_tier": True}, "CPU expert tier"), ({"placed": True, "host_tier": True}, "CPU expert"),
+                        ({"several_gpus": True, "graphs_across_gpus": True}, "other GPUs")):
+        tier = plan.for_engine(**kwargs)
+        assert tier.cuda_graphs and tier.experts_placed and not any("CUDA graphs off" in n for n in tier.notes)
+        assert any(n.startswith("CUDA graphs piecewise") and cut in n for n in tier.notes)
+        assert tier.for_engine(**kwargs) is tier  # idempotent: the note is not added twice
+    for kwargs, why in (({"placed": True, "several_gpus": True}, "several GPUs"),
+                        ({"host_tier": True, "several_gpus": True}, "several GPUs"),
                         ({"capacity_limited": True}, "capacity"),
                         ({"enforce_eager": True}, "--enforce-eager")):
         engine = plan.for_engine(**kwargs)

@@ -140,8 +140,8 @@ class PlacementManager:
             plan = model.kernel_plan
             model.apply_plan(replace(plan, cpu_tier=tier["format"], cpu_tier_bytes=tier["bytes"],
                                      cpu_tier_in_place=tier["in_place"]))
-        # the placed decode step is sync-free (CUDA graphs stay on), the CPU tier's is not: the
-        # model's plan says so
+        # the placed decode step is sync-free (CUDA graphs stay on; with the CPU tier they are
+        # piecewise, cut at its calls; several GPUs: eager): the model's plan says so
         model.apply_plan(model.kernel_plan.for_engine(placed=True, host_tier=self.computes_on_host,
                                                       several_gpus=self.several_gpus))
         log.info("expert placement %s on %s (slots/layer %s%s%s), %d bytes per expert", policy, ", ".join(names),
@@ -153,13 +153,14 @@ class PlacementManager:
     @property
     def computes_on_host(self) -> bool:
         """The host computes experts in the middle of a step (the CPU tier, or CPU devices of an
-        accelerator's model): the step cannot be a CUDA graph."""
+        accelerator's model): the step's CUDA graphs are piecewise, cut at those calls."""
         return self.host is not None or (self.main_device.type != "cpu" and any(
             torch_device(d).type == "cpu" for d in self.devices))
 
     @property
     def several_gpus(self) -> bool:
-        """Experts on more than one accelerator (the plan keeps decode graphs off for now)."""
+        """Experts on more than one accelerator (the plan keeps decode graphs off unless asked:
+        `KernelPlan.for_engine(graphs_across_gpus=True)`)."""
         return len({torch_device(d) for d in self.devices if torch_device(d).type != "cpu"}
                    | ({self.main_device} if self.main_device.type != "cpu" else set())) > 1
 

@@ -1,0 +1,416 @@
+"""GGUF import: a llama.cpp checkpoint (one `.gguf` file) -> our config and parameters.
+
+`gguf_path(path)` says whether `--model` names a GGUF checkpoint (a `.gguf` file, or a directory
+holding exactly one and no config.json). `GGUFCheckpoint` reads it with the `gguf` package (memory
+mapped): the metadata (`<arch>.block_count`, `.embedding_length`, `.expert_count`, ...) becomes
+the transformers config of the matching family, and so our `MoEModelConfig`; llama.cpp's tensor
+names map onto the family's checkpoint names and from there onto our parameters (the family's
+weight map), experts stacked per layer as llama.cpp stores them. Architectures: `llama` with
+experts (Mixtral), `qwen2moe` (shared expert with its gate), `qwen3moe`, `olmoe`.
+
+llama.cpp's converter reorders the q/k rows of llama-architecture models (its rope pairs adjacent
+elements, ours the two halves of a head): the rows are put back as they are read (whole rows, so
+packed rows too).
+
+Tensor formats (ggml types):
+- F32 / F16 / BF16: loaded as float, in the model dtype;
+- Q8_0 / Q4_0 / Q4_1 in the weight groups our quantized kernels run (q/k/v and o, experts, shared
+  experts, LM head; `models/kernels/plan.py` `quantized_groups`): kept packed as `int8` / `int4` /
+  `int4_zp` QuantWeights. Each block's values are the bytes of the file (the nibble order is
+  ggml's: byte i of a block holds element i low and i + 16 high); the fp16 scales (and Q4_1
+  minimums) are split out of the interleaved blocks into their own arrays once, at load. No float
+  copy is made; the resident bytes equal the file's bytes of those tensors;
+- other types the `gguf` package dequantizes (K-quants Q2_K..Q6_K, Q5_0/Q5_1, IQ*, TQ*, MXFP4):
+  dequantized tensor by tensor at load, with a log line naming each, into `int8` inside a
+  quantized group and into float elsewhere;
+- a packed tensor outside the quantized groups (token embeddings, routers, dense MLP layers) is
+  dequantized to float (logged); a fused weight whose parts come in different formats (q in Q4_0,
+  v in Q8_0) is held in the widest of them, the others re-quantized into it (logged);
+- anything else (I8..I64, F64, types the package cannot dequantize) is refused, naming the type
+  and the tensors.
+The tokenizer comes from the file's metadata (`tokenizer_source`: transformers builds it from
+`tokenizer.ggml.*`, the chat template from `tokenizer.chat_template`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import warnings
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.config import MoEModelConfig, UnsupportedModelError
+from models.kernels.plan import param_group
+from models.kernels.quant import FORMATS, GROUP, QuantWeight
+from models.weight_map import WeightMap
+
+log = logging.getLogger(__name__)
+
+# llama.cpp `general.architecture` -> the transformers architecture our families serve
+ARCHITECTURES = {"llama": "MixtralForCausalLM", "qwen2moe": "Qwen2MoeForCausalLM",
+                 "qwen3moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM"}
+FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+# ggml block type -> our packed format (the same block content: models/kernels/quant.py)
+PACKED = {"Q8_0": "int8", "Q4_0": "int4", "Q4_1": "int4_zp"}
+# bytes of a 32-block: fp16 d [, fp16 m], values
+_BLOCK = {"Q8_0": (34, 1), "Q4_0": (18, 1), "Q4_1": (20, 2)}
+_WIDTH = {"int4": 0, "int4_zp": 1, "int8": 2}  # the widest format holds the others' values best
+
+# our names (family checkpoint names, transformers') -> llama.cpp's
+_NAMES = [
+    (r"model\.embed_tokens\.weight", "token_embd.weight"),
+    (r"model\.norm\.weight", "output_norm.weight"),
+    (r"lm_head\.weight", "output.weight"),
+    (r"model\.layers\.(\d+)\.input_layernorm\.weight", r"blk.\1.attn_norm.weight"),
+    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", r"blk.\1.ffn_norm.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)", r"blk.\1.attn_\2.\3"),
+    (r"model\.layers\.(\d+)\.self_attn\.o_proj\.(weight|bias)", r"blk.\1.attn_output.\2"),
+    (r"model\.layers\.(\d+)\.self_attn\.([qk])_norm\.weight", r"blk.\1.attn_\2_norm.weight"),
+    (r"model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.gate\.weight", r"blk.\1.ffn_gate_inp.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.shared_expert_gate\.weight", r"blk.\1.ffn_gate_inp_shexp.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.shared_expert\.(gate|up|down)_proj\.weight", r"blk.\1.ffn_\2_shexp.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight", r"blk.\1.ffn_\2.weight"),
+]
+_EXPERT = re.compile(r"model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.experts\.\d+\.(w1|w2|w3|gate_proj|up_proj|"
+                     r"down_proj)\.weight")
+_EXPERT_KIND = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2": "down", "down_proj": "down"}
+
+
+class GGUFError(UnsupportedModelError):
+    pass
+
+
+def gguf_path(path: str) -> str | None:
+    """The GGUF file `path` names (the file, or the only .gguf of a directory without a
+    config.json); None for a Hugging Face checkpoint directory."""
+    if os.path.isfile(path):
+        return path if path.endswith(".gguf") else None
+    if not os.path.isdir(path) or os.path.isfile(os.path.join(path, "config.json")):
+        return None
+    found = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
+    if len(found) > 1:
+        raise GGUFError(f"{path}: {len(found)} .gguf files ({', '.join(found[:4])}); pass --model the one to load "
+                        f"(split GGUF files are not supported: merge them with llama-gguf-split --merge)")
+    return os.path.join(path, found[0]) if found else None
+
+
+def tokenizer_source(path: str) -> tuple[str, dict[str, str]]:
+    """(directory, keyword arguments) for `AutoTokenizer.from_pretrained` of model `path`: a GGUF
+    checkpoint's tokenizer is built from its metadata (`gguf_file=`)."""
+    file = gguf_path(path)
+    if file is None:
+        return path, {}
+    return os.path.dirname(os.path.abspath(file)), {"gguf_file": os.path.basename(file)}
+
+
+def _hf_name_to_gguf(name: str) -> tuple[str, bool]:
+    """(llama.cpp's tensor name, whether it is an experts stack) of a family checkpoint name."""
+    if m := _EXPERT.fullmatch(name):
+        return f"blk.{m[1]}.ffn_{_EXPERT_KIND[m[2]]}_exps.weight", True
+    for pattern, repl in _NAMES:
+        if re.fullmatch(pattern, name):
+            return re.sub(pattern, repl, name), False
+    raise GGUFError(f"no llama.cpp tensor name for {name}")
+
+
+def _unpermute_rows(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """Undo llama.cpp's q/k row order: rows (head, pair, 2) -> (head, 2, half). Any row width."""
+    rows = t.shape[0]
+    return t.reshape(heads, rows // heads // 2, 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape)
+
+
+class GGUFCheckpoint:
+    """A GGUF file, read (memory mapped) with the `gguf` package: its config and its tensors."""
+
+    def __init__(self, path: str):
+        import gguf
+
+        self.path = path
+        try:
+            self.reader = gguf.GGUFReader(path)
+        except Exception as e:  # noqa: BLE001 - a damaged or non-GGUF file: say which
+            raise GGUFError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+        self.tensors = {t.name: t for t in self.reader.tensors}
+        self.arch = str(self.field("general.architecture", ""))
+        if self.arch not in ARCHITECTURES:
+            raise GGUFError(f"{path}: GGUF architecture {self.arch!r} is not supported; supported: "
+                            f"{', '.join(ARCHITECTURES)} (llama with experts: Mixtral)")
+        self.architecture = ARCHITECTURES[self.arch]
+        self._check_types()
+
+    def field(self, key: str, default: Any = None) -> Any:
+        f = self.reader.fields.get(key)
+        if f is None:
+            return default
+        value = f.contents()
+        return value
+
+    def arch_field(self, key: str, default: Any = None) -> Any:
+        return self.field(f"{self.arch}.{key}", default)
+
+    def type_name(self, name: str) -> str:
+        return self.tensors[name].tensor_type.name
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The tensor's shape in torch order (ggml lists dimensions innermost first)."""
+        return tuple(int(d) for d in reversed(self.tensors[name].shape))
+
+    def _check_types(self) -> None:
+        """Refuse, before anything is allocated, tensors of types we can neither keep nor dequantize."""
+        from gguf.quants import _type_traits
+
+        bad: dict[str, list[str]] = {}
+        for name, t in self.tensors.items():
+            kind = t.tensor_type
+            if kind.name in FLOAT_TYPES or kind.name in PACKED:
+                continue
+            if kind not in _type_traits:
+                bad.setdefault(kind.name, []).append(name)
+        if bad:
+            what = "; ".join(f"{k}: {', '.join(v[:6])}" + (f", ... ({len(v) - 6} more)" if len(v) > 6 else "")
+                             for k, v in bad.items())
+            raise GGUFError(f"{self.path}: GGUF tensor type(s) not supported ({what}); supported: F32, F16, BF16, "
+                            f"Q8_0, Q4_0, Q4_1 kept packed, and the types the gguf package dequantizes "
+                            f"(K-quants, IQ*, ...)")
+
+    # --- config ---------------------------------------------------------------------------------
+
+    def config(self) -> MoEModelConfig:
+        """Our config, through the family's transformers config built from the metadata."""
+        from models.hf_config import from_hf_config
+        from models.registry import family_for
+
+        a = self.arch_field
+        num_layers, hidden = a("block_count"), a("embedding_length")
+        heads, kv_heads = a("attention.head_count"), a("attention.head_count_kv")
+        experts, used = a("expert_count", 0), a("expert_used_count", 0)
+        for key, value in (("block_count", num_layers), ("embedding_length", hidden),
+                           ("attention.head_count", heads)):
+            if not isinstance(value, int) or value < 1:
+                raise GGUFError(f"{self.path}: metadata {self.arch}.{key} = {value!r}: a positive integer needed")
+        if isinstance(kv_heads, list) or isinstance(heads, list):
+            raise GGUFError(f"{self.path}: per-layer head counts ({self.arch}.attention.head_count_kv) are not supported")
+        if not experts:
+            raise GGUFError(f"{self.path}: no {self.arch}.expert_count: a dense model (moe-serve serves "
+                            f"mixture-of-experts models)")
+        scaling = a("rope.scaling.type")
+        if scaling not in (None, "none"):
+            raise GGUFError(f"{self.path}: rope scaling {scaling!r} ({self.arch}.rope.scaling.type) is not supported")
+        head_dim = a("attention.key_length") or hidden // heads
+        rope_dim = a("rope.dimension_count", head_dim)
+        if rope_dim != head_dim:
+            raise GGUFError(f"{self.path}: partial rotary ({self.arch}.rope.dimension_count {rope_dim} of a head of "
+                            f"{head_dim}) is not supported for {self.arch}")
+        embd = self.shape("token_embd.weight") if "token_embd.weight" in self.tensors else None
+        tokens = self.reader.fields.get("tokenizer.ggml.tokens")
+        vocab = embd[0] if embd else a("vocab_size") or (len(tokens.data) if tokens is not None else None)
+        dense = [i for i in range(num_layers) if f"blk.{i}.ffn_gate_exps.weight" not in self.tensors]
+        bias = "blk.0.attn_q.bias" in self.tensors
+        ffn = a("feed_forward_length")
+        expert_ffn = a("expert_feed_forward_length") or ffn
+        fields: dict[str, Any] = dict(
+            vocab_size=vocab, hidden_size=hidden, num_hidden_layers=num_layers, num_attention_heads=heads,
+            num_key_value_heads=kv_heads or heads, head_dim=head_dim,
+            rms_norm_eps=float(a("attention.layer_norm_rms_epsilon", 1e-6)),
+            max_position_embeddings=a("context_length", 4096),
+            rope_parameters={"rope_type": "default", "rope_theta": float(a("rope.freq_base", 10000.0))},
+            tie_word_embeddings="output.weight" not in self.tensors,
+            bos_token_id=self.field("tokenizer.ggml.bos_token_id"),
+            eos_token_id=self.field("tokenizer.ggml.eos_token_id"),
+            pad_token_id=self.field("tokenizer.ggml.padding_token_id"),
+        )
+        if self.arch == "llama":
+            if dense:
+                raise GGUFError(f"{self.path}: llama layers without experts ({dense[:4]}): not a Mixtral checkpoint")
+            fields.update(intermediate_size=expert_ffn, num_local_experts=experts, num_experts_per_tok=used,
+                          sliding_window=None)
+        else:
+            fields.update(num_experts=experts, num_experts_per_tok=used, moe_intermediate_size=expert_ffn,
+                          mlp_only_layers=dense, decoder_sparse_step=1,
+                          intermediate_size=ffn if self.arch != "olmoe" else expert_ffn)
+            if self.arch == "qwen2moe":
+                shexp = "blk.0.ffn_up_shexp.weight"
+                shared = a("expert_shared_feed_forward_length") or (
+                    self.shape(shexp)[0] if shexp in self.tensors else 0)
+                fields.update(shared_expert_intermediate_size=shared, qkv_bias=bias,
+                              norm_topk_prob=bool(a("expert_weights_norm", False)), use_sliding_window=False)
+            elif self.arch == "qwen3moe":
+                # llama.cpp renormalises Qwen3-MoE's top-k weights whatever the file says
+                fields.update(attention_bias=bias, norm_topk_prob=bool(a("expert_weights_norm", True)),
+                              use_sliding_window=False)
+            else:  # olmoe
+                fields.update(attention_bias=bias, norm_topk_prob=bool(a("expert_weights_norm", False)),
+                              clip_qkv=a("attention.clamp_kqv"))
+        family = family_for(self.architecture)
+        try:
+            hf = family.hf_config_class(self.architecture)(**fields)
+        except Exception as e:  # noqa: BLE001 - the metadata does not make a valid config
+            raise GGUFError(f"{self.path}: its metadata does not make a {self.architecture} config: {e}") from None
+        hf.architectures = [self.architecture]
+        cfg = from_hf_config(hf, self.architecture, {"torch_dtype": self.float_dtype()})
+        cfg.extra["quant"] = None
+        cfg.extra["gguf"] = self.path
+        return cfg
+
+    def float_dtype(self) -> str:
+        """The dtype of the file's float matrices (the checkpoint dtype `--dtype auto` starts from)."""
+        kinds = Counter(t.tensor_type.name for t in self.tensors.values() if len(t.shape) >= 2)
+        floats = [k for k, _ in kinds.most_common() if k in FLOAT_TYPES]
+        return {"F16": "float16", "BF16": "bfloat16"}.get(floats[0], "float32") if floats else "float32"
+
+    # --- weights ----------------------------------------------------------------------------------
+
+    def entries(self, weight_map: WeightMap) -> dict[str, list[tuple[str, tuple]]]:
+        """llama.cpp tensor name -> [(our parameter, index)] from the family's weight map: an
+        experts stack fills the same rows of every expert at once."""
+        out: dict[str, list[tuple[str, tuple]]] = {}
+        for name, entry in weight_map.items():
+            if len(entry) > 2:
+                raise GGUFError(f"{name}: a transformed checkpoint tensor, not supported in GGUF import")
+            param, index = entry[0], tuple(entry[1])
+            gname, stacked = _hf_name_to_gguf(name)
+            if stacked:  # (expert, rows...) -> (all experts, rows...)
+                index = (slice(None),) + index[1:] if len(index) > 1 else ()
+            target = (param, index)
+            if target not in out.setdefault(gname, []):
+                out[gname].append(target)
+        return out
+
+    def plan_formats(self, cfg: MoEModelConfig, weight_map: WeightMap,
+                     quantizable: dict[str, bool]) -> tuple[dict[str, bool], dict[str, str]]:
+        """(which weight groups stay quantized, parameter -> its packed format). A group is kept
+        quantized when its tensors are not all float (and our kernels run it: `quantizable`)."""
+        entries = self.entries(weight_map)
+        parts: dict[str, list[str]] = {}  # parameter -> the types of the tensors filling it
+        for gname, targets in entries.items():
+            if gname in self.tensors:
+                for param, _ in targets:
+                    parts.setdefault(param, []).append(self.type_name(gname))
+        groups = {g: False for g in quantizable}
+        for param, kinds in parts.items():
+            g = param_group(param)
+            if g is not None and quantizable.get(g) and any(k not in FLOAT_TYPES for k in kinds):
+                groups[g] = True
+        formats = {}
+        for param, kinds in parts.items():
+            g = param_group(param)
+            if g is None or not groups[g]:
+                continue
+            fmts = {PACKED.get(k, "int8") for k in kinds}  # float and other types: requantized to int8
+            formats[param] = max(fmts, key=_WIDTH.__getitem__)
+        return groups, formats
+
+    def load(self, model: torch.nn.Module, weight_map: WeightMap, quantized: dict[str, QuantWeight]) -> None:
+        """Every tensor into its parameter(s) (or, for those in `quantized`, its QuantWeight),
+        checking the file against the weight map both ways."""
+        from models.loader import CheckpointError
+
+        entries = self.entries(weight_map)
+        params = dict(model.named_parameters(remove_duplicate=False))
+        cfg = model.config
+        unexpected = sorted(set(self.tensors) - set(entries) - {"rope_freqs.weight"})
+        missing = sorted(set(entries) - set(self.tensors))
+        mismatched, non_finite = [], []
+        for gname, targets in entries.items():
+            if gname not in self.tensors:
+                continue
+            t = self.tensors[gname]
+            kind = t.tensor_type.name
+            shape = self.shape(gname)
+            heads = None
+            if self.arch == "llama" and gname.endswith(("attn_q.weight", "attn_k.weight")):
+                heads = cfg.num_heads if ".attn_q." in gname else cfg.num_kv_heads
+            for param, index in targets:
+                dest_shape = tuple(params[param][index].shape) if index else tuple(params[param].shape)
+                if shape != dest_shape and not (len(shape) == 1 and int(np.prod(dest_shape)) == shape[0]):
+                    mismatched.append(f"{gname}: file {shape} vs expected {dest_shape}")
+                    continue
+                qw = quantized.get(param)
+                if qw is not None and kind in PACKED and PACKED[kind] == qw.fmt:
+                    q, d, m = self._blocks(gname)
+                    if heads:
+                        q, d, m = (None if x is None else _unpermute_rows(x, heads) for x in (q, d, m))
+                    qw.q[index].copy_(q)
+                    qw.scales[index].copy_(d)
+                    if m is not None:
+                        qw.mins[index].copy_(m)
+                    continue
+                w = self._float(gname, qw.fmt if qw is not None else None)
+                if heads:
+                    w = _unpermute_rows(w, heads)
+                if not bool(torch.isfinite(w).all()):
+                    non_finite.append(gname)
+                    continue
+                if qw is not None:
+                    if kind in FLOAT_TYPES:
+                        log.info("GGUF %s: %s %s quantized at load to %s (its fused weight is held packed)", gname,
+                                 kind, list(shape), qw.fmt)
+                    qw.write(index, w)
+                else:
+                    dest = params[param].data[index] if index else params[param].data
+                    dest.copy_(w.reshape(dest.shape).to(dest.dtype))
+        problems = []
+        if missing:
+            problems.append(f"missing tensors ({len(missing)}): {', '.join(missing[:10])}")
+        if unexpected:
+            problems.append(f"unexpected tensors ({len(unexpected)}): {', '.join(unexpected[:10])}")
+        if mismatched:
+            problems.append(f"shape mismatches ({len(mismatched)}): {', '.join(mismatched[:10])}")
+        if non_finite:
+            problems.append(f"tensors holding NaN or infinity ({len(non_finite)}): {', '.join(non_finite[:10])}")
+        if problems:
+            raise CheckpointError(f"GGUF {self.path!r} does not fit {self.architecture}: " + "; ".join(problems))
+
+    def _blocks(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """A Q8_0 / Q4_0 / Q4_1 tensor's (values [..., rows, K or K/2] uint8, fp16 d [..., rows, K/32],
+        fp16 m or None): the blocks' bytes, de-interleaved."""
+        t = self.tensors[name]
+        kind = t.tensor_type.name
+        size, halves = _BLOCK[kind]
+        *lead, K = self.shape(name)
+        with warnings.catch_warnings():  # a read-only view of the file's map: only read, copied out
+            warnings.simplefilter("ignore", UserWarning)
+            raw = torch.from_numpy(np.asarray(t.data)).reshape(*lead, K // GROUP, size)
+        d = raw[..., :2].contiguous().view(torch.float16).reshape(*lead, K // GROUP)
+        m = raw[..., 2:4].contiguous().view(torch.float16).reshape(*lead, K // GROUP) if halves == 2 else None
+        q = raw[..., 2 * halves:].reshape(*lead, -1)
+        return q, d, m
+
+    def _float(self, name: str, into: str | None) -> torch.Tensor:
+        """A tensor as float32 (float types as stored; block types dequantized by the gguf package,
+        logged: `into` the packed format it goes to, None for a float parameter)."""
+        from gguf.quants import dequantize
+
+        t = self.tensors[name]
+        kind = t.tensor_type.name
+        shape = self.shape(name)
+        if kind == "BF16":
+            return torch.from_numpy(np.array(t.data).view(np.int16)).view(torch.bfloat16).reshape(shape).float()
+        if kind in ("F32", "F16"):
+            return torch.from_numpy(np.array(t.data)).reshape(shape).float()
+        log.info("GGUF %s: %s %s dequantized at load to %s", name, kind, list(shape),
+                 f"float, requantized to {into}" if into else "float")
+        return torch.from_numpy(np.ascontiguousarray(dequantize(t.data, t.tensor_type), dtype=np.float32)).reshape(shape)
+
+    def describe_formats(self, formats: dict[str, str]) -> str:
+        """One line: the packed formats held, by group (the kernel plan's note)."""
+        by_group: dict[str, Counter] = {}
+        for param, fmt in formats.items():
+            by_group.setdefault(param_group(param) or "?", Counter())[fmt] += 1
+        return "GGUF weights kept packed: " + "; ".join(
+            f"{g} {', '.join(sorted(c))}" for g, c in by_group.items()) if by_group else "GGUF weights: all float"
+
+    def close(self) -> None:
+        """Drop the file mapping (the tensors were copied out)."""
+        self.tensors = {}
+        mm = getattr(self.reader, "data", None)
+        self.reader = None  # type: ignore[assignment]
+        del mm
+
+
+assert set(PACKED.values()) <= set(FORMATS)

@@ -37,8 +37,10 @@ from __future__ import annotations
 import logging
 import os
 import re
+import struct
 import warnings
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -85,6 +87,96 @@ class GGUFError(UnsupportedModelError):
     pass
 
 
+# GGUF metadata value types (gguf.GGUFValueType) -> numpy scalar type; 8 string, 9 array
+_SCALARS = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32, 6: np.float32,
+            7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
+
+
+@dataclass
+class TensorInfo:
+    name: str
+    kind: str  # the ggml type's name (Q4_0, F32, ...), or "type <id>" for one the gguf package does not know
+    shape: tuple[int, ...]  # torch order (ggml lists dimensions innermost first)
+    data: np.ndarray  # the tensor's bytes: a read-only view of the file's map
+    ggml_type: Any = None  # gguf.GGMLQuantizationType
+
+
+class GGUFFile:
+    """The header of a GGUF file (metadata and tensor table) over a read-only memory map.
+
+    The `gguf` package's GGUFReader decodes every metadata array into Python objects, the
+    tokenizer's too (~1 s per 10k tokens and merges here: half a minute for a 150k vocabulary);
+    this reader skips string arrays (their length is kept) and leaves the tensors in the map.
+    Types, block sizes and dequantization are the gguf package's."""
+
+    def __init__(self, path: str):
+        import gguf
+
+        buf = self.map = np.memmap(path, dtype=np.uint8, mode="r")
+        if bytes(buf[:4]) != b"GGUF":
+            raise ValueError("no GGUF magic")
+        version, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
+        if version not in (2, 3):
+            raise ValueError(f"GGUF version {version} (2 and 3 are read)")
+        pos = 24
+        self.fields: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key, pos = self._string(pos)
+            (vtype,) = struct.unpack_from("<I", buf, pos)
+            self.fields[key], pos = self._value(pos + 4, vtype)
+        table = []
+        for _ in range(n_tensors):
+            name, pos = self._string(pos)
+            (ndim,) = struct.unpack_from("<I", buf, pos)
+            dims = struct.unpack_from(f"<{ndim}Q", buf, pos + 4)
+            kind, offset = struct.unpack_from("<IQ", buf, pos + 4 + 8 * ndim)
+            pos += 4 + 8 * ndim + 12
+            table.append((name, tuple(reversed(dims)), kind, offset))
+        align = int(self.fields.get("general.alignment", 32))
+        start = (pos + align - 1) // align * align
+        self.tensors: dict[str, TensorInfo] = {}
+        for name, shape, kind, offset in table:
+            try:
+                qtype = gguf.GGMLQuantizationType(kind)
+            except ValueError:
+                self.tensors[name] = TensorInfo(name, f"type {kind}", shape, buf[:0])
+                continue
+            block, size = gguf.GGML_QUANT_SIZES[qtype]
+            nbytes = int(np.prod(shape, dtype=np.int64)) // block * size
+            if start + offset + nbytes > len(buf):
+                raise ValueError(f"tensor {name} runs past the end of the file (truncated?)")
+            self.tensors[name] = TensorInfo(name, qtype.name, shape, buf[start + offset:start + offset + nbytes], qtype)
+
+    def _string(self, pos: int) -> tuple[str, int]:
+        (n,) = struct.unpack_from("<Q", self.map, pos)
+        return bytes(self.map[pos + 8:pos + 8 + n]).decode("utf-8", errors="replace"), pos + 8 + n
+
+    def _value(self, pos: int, vtype: int) -> tuple[Any, int]:
+        if vtype == 8:
+            return self._string(pos)
+        if vtype in _SCALARS:
+            t = np.dtype(_SCALARS[vtype])
+            return np.frombuffer(self.map, t, 1, pos)[0].item(), pos + t.itemsize
+        if vtype != 9:
+            raise ValueError(f"metadata value type {vtype}")
+        etype, count = struct.unpack_from("<IQ", self.map, pos)
+        pos += 12
+        if etype in _SCALARS:
+            t = np.dtype(_SCALARS[etype])
+            return np.frombuffer(self.map, t, count, pos), pos + t.itemsize * count
+        if etype == 8:  # strings (the vocabulary, merges): skipped, their count kept
+            for _ in range(count):
+                (n,) = struct.unpack_from("<Q", self.map, pos)
+                pos += 8 + n
+            return SkippedStrings(count), pos
+        raise ValueError(f"metadata array of type {etype}")
+
+
+@dataclass
+class SkippedStrings:
+    count: int
+
+
 def gguf_path(path: str) -> str | None:
     """The GGUF file `path` names (the file, or the only .gguf of a directory without a
     config.json); None for a Hugging Face checkpoint directory."""
@@ -128,14 +220,13 @@ class GGUFCheckpoint:
     """A GGUF file, read (memory mapped) with the `gguf` package: its config and its tensors."""
 
     def __init__(self, path: str):
-        import gguf
-
         self.path = path
         try:
-            self.reader = gguf.GGUFReader(path)
+            self.file: GGUFFile | None = GGUFFile(path)
         except Exception as e:  # noqa: BLE001 - a damaged or non-GGUF file: say which
             raise GGUFError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
-        self.tensors = {t.name: t for t in self.reader.tensors}
+        self.fields = self.file.fields
+        self.tensors = self.file.tensors
         self.arch = str(self.field("general.architecture", ""))
         if self.arch not in ARCHITECTURES:
             raise GGUFError(f"{path}: GGUF architecture {self.arch!r} is not supported; supported: "
@@ -144,21 +235,17 @@ class GGUFCheckpoint:
         self._check_types()
 
     def field(self, key: str, default: Any = None) -> Any:
-        f = self.reader.fields.get(key)
-        if f is None:
-            return default
-        value = f.contents()
-        return value
+        return self.fields.get(key, default)
 
     def arch_field(self, key: str, default: Any = None) -> Any:
         return self.field(f"{self.arch}.{key}", default)
 
     def type_name(self, name: str) -> str:
-        return self.tensors[name].tensor_type.name
+        return self.tensors[name].kind
 
     def shape(self, name: str) -> tuple[int, ...]:
         """The tensor's shape in torch order (ggml lists dimensions innermost first)."""
-        return tuple(int(d) for d in reversed(self.tensors[name].shape))
+        return self.tensors[name].shape
 
     def _check_types(self) -> None:
         """Refuse, before anything is allocated, tensors of types we can neither keep nor dequantize."""
@@ -166,11 +253,10 @@ class GGUFCheckpoint:
 
         bad: dict[str, list[str]] = {}
         for name, t in self.tensors.items():
-            kind = t.tensor_type
-            if kind.name in FLOAT_TYPES or kind.name in PACKED:
+            if t.kind in FLOAT_TYPES or t.kind in PACKED:
                 continue
-            if kind not in _type_traits:
-                bad.setdefault(kind.name, []).append(name)
+            if t.ggml_type not in _type_traits:
+                bad.setdefault(t.kind, []).append(name)
         if bad:
             what = "; ".join(f"{k}: {', '.join(v[:6])}" + (f", ... ({len(v) - 6} more)" if len(v) > 6 else "")
                              for k, v in bad.items())
@@ -193,7 +279,7 @@ class GGUFCheckpoint:
                            ("attention.head_count", heads)):
             if not isinstance(value, int) or value < 1:
                 raise GGUFError(f"{self.path}: metadata {self.arch}.{key} = {value!r}: a positive integer needed")
-        if isinstance(kv_heads, list) or isinstance(heads, list):
+        if isinstance(kv_heads, np.ndarray) or isinstance(heads, np.ndarray):
             raise GGUFError(f"{self.path}: per-layer head counts ({self.arch}.attention.head_count_kv) are not supported")
         if not experts:
             raise GGUFError(f"{self.path}: no {self.arch}.expert_count: a dense model (moe-serve serves "
@@ -207,8 +293,8 @@ class GGUFCheckpoint:
             raise GGUFError(f"{self.path}: partial rotary ({self.arch}.rope.dimension_count {rope_dim} of a head of "
                             f"{head_dim}) is not supported for {self.arch}")
         embd = self.shape("token_embd.weight") if "token_embd.weight" in self.tensors else None
-        tokens = self.reader.fields.get("tokenizer.ggml.tokens")
-        vocab = embd[0] if embd else a("vocab_size") or (len(tokens.data) if tokens is not None else None)
+        tokens = self.field("tokenizer.ggml.tokens")
+        vocab = embd[0] if embd else a("vocab_size") or (tokens.count if tokens is not None else None)
         dense = [i for i in range(num_layers) if f"blk.{i}.ffn_gate_exps.weight" not in self.tensors]
         bias = "blk.0.attn_q.bias" in self.tensors
         ffn = a("feed_forward_length")
@@ -259,7 +345,7 @@ class GGUFCheckpoint:
 
     def float_dtype(self) -> str:
         """The dtype of the file's float matrices (the checkpoint dtype `--dtype auto` starts from)."""
-        kinds = Counter(t.tensor_type.name for t in self.tensors.values() if len(t.shape) >= 2)
+        kinds = Counter(t.kind for t in self.tensors.values() if len(t.shape) >= 2)
         floats = [k for k, _ in kinds.most_common() if k in FLOAT_TYPES]
         return {"F16": "float16", "BF16": "bfloat16"}.get(floats[0], "float32") if floats else "float32"
 
@@ -320,7 +406,7 @@ class GGUFCheckpoint:
             if gname not in self.tensors:
                 continue
             t = self.tensors[gname]
-            kind = t.tensor_type.name
+            kind = t.kind
             shape = self.shape(gname)
             heads = None
             if self.arch == "llama" and gname.endswith(("attn_q.weight", "attn_k.weight")):
@@ -370,7 +456,7 @@ class GGUFCheckpoint:
         """A Q8_0 / Q4_0 / Q4_1 tensor's (values [..., rows, K or K/2] uint8, fp16 d [..., rows, K/32],
         fp16 m or None): the blocks' bytes, de-interleaved."""
         t = self.tensors[name]
-        kind = t.tensor_type.name
+        kind = t.kind
         size, halves = _BLOCK[kind]
         *lead, K = self.shape(name)
         with warnings.catch_warnings():  # a read-only view of the file's map: only read, copied out
@@ -387,15 +473,17 @@ class GGUFCheckpoint:
         from gguf.quants import dequantize
 
         t = self.tensors[name]
-        kind = t.tensor_type.name
+        kind = t.kind
         shape = self.shape(name)
         if kind == "BF16":
             return torch.from_numpy(np.array(t.data).view(np.int16)).view(torch.bfloat16).reshape(shape).float()
         if kind in ("F32", "F16"):
-            return torch.from_numpy(np.array(t.data)).reshape(shape).float()
+            return torch.from_numpy(np.array(t.data).view(np.float32 if kind == "F32" else np.float16)).reshape(
+                shape).float()
         log.info("GGUF %s: %s %s dequantized at load to %s", name, kind, list(shape),
                  f"float, requantized to {into}" if into else "float")
-        return torch.from_numpy(np.ascontiguousarray(dequantize(t.data, t.tensor_type), dtype=np.float32)).reshape(shape)
+        rows = t.data.reshape(*shape[:-1], -1)  # [..., bytes of a row]
+        return torch.from_numpy(np.ascontiguousarray(dequantize(rows, t.ggml_type), dtype=np.float32)).reshape(shape)
 
     def describe_formats(self, formats: dict[str, str]) -> str:
         """One line: the packed formats held, by group (the kernel plan's note)."""
@@ -408,9 +496,7 @@ class GGUFCheckpoint:
     def close(self) -> None:
         """Drop the file mapping (the tensors were copied out)."""
         self.tensors = {}
-        mm = getattr(self.reader, "data", None)
-        self.reader = None  # type: ignore[assignment]
-        del mm
+        self.file = None
 
 
 assert set(PACKED.values()) <= set(FORMATS)

@@ -83,12 +83,13 @@ def tensor_type(name: str, t: np.ndarray, qtype) -> Q:
 
 
 def write_gguf(hf_dir: Path, path: Path, qtype=Q.F32, tokenizer_dir: Path | None = None,
-               types: dict[str, Q] | None = None, arch: str | None = None) -> dict[str, Q]:
+               types: dict[str, Q] | None = None, arch: str | None = None, tokenizer: bool = True) -> dict[str, Q]:
     """Write `hf_dir` (a transformers checkpoint) as the GGUF file `path`, weights in `qtype`
-    (`types`: per-tensor overrides); the tokenizer of `tokenizer_dir` (default: hf_dir) as metadata.
-    Returns the type of each tensor written."""
+    (`types`: per-tensor overrides); the tokenizer of `tokenizer_dir` (default: hf_dir) as metadata
+    unless `tokenizer` is false. Returns the type of each tensor written."""
     cfg, tensors = gguf_tensors(hf_dir)
-    arch = arch or ARCH[cfg["architectures"][0]]
+    src = ARCH[cfg["architectures"][0]]
+    arch = arch or src  # another name: a file of an architecture the importer refuses
     w = gguf.GGUFWriter(str(path), arch)
     w.add_name(hf_dir.name)
     w.add_block_count(cfg["num_hidden_layers"])
@@ -106,9 +107,9 @@ def write_gguf(hf_dir: Path, path: Path, qtype=Q.F32, tokenizer_dir: Path | None
     w.add_vocab_size(cfg["vocab_size"])
     w.add_expert_count(cfg.get("num_local_experts") or cfg["num_experts"])
     w.add_expert_used_count(cfg["num_experts_per_tok"])
-    if arch == "llama":
+    if src == "llama":
         w.add_feed_forward_length(cfg["intermediate_size"])
-    elif arch == "olmoe":
+    elif src == "olmoe":
         w.add_feed_forward_length(cfg["intermediate_size"])
         if cfg.get("clip_qkv"):
             w.add_clamp_kqv(cfg["clip_qkv"])
@@ -117,9 +118,10 @@ def write_gguf(hf_dir: Path, path: Path, qtype=Q.F32, tokenizer_dir: Path | None
         w.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
         if cfg.get("shared_expert_intermediate_size"):
             w.add_expert_shared_feed_forward_length(cfg["shared_expert_intermediate_size"])
-    if arch == "qwen3moe" or cfg.get("norm_topk_prob"):
+    if src == "qwen3moe" or cfg.get("norm_topk_prob"):
         w.add_expert_weights_norm(bool(cfg.get("norm_topk_prob", True)))
-    add_tokenizer(w, tokenizer_dir or hf_dir)
+    if tokenizer:
+        add_tokenizer(w, tokenizer_dir or hf_dir)
     written = {}
     for name, t in tensors.items():
         qt = (types or {}).get(name) or tensor_type(name, t, qtype)
@@ -127,6 +129,8 @@ def write_gguf(hf_dir: Path, path: Path, qtype=Q.F32, tokenizer_dir: Path | None
             w.add_tensor(name, t.astype(np.float32))
         elif qt == Q.F16:
             w.add_tensor(name, t.astype(np.float16))
+        elif qt == Q.I32:
+            w.add_tensor(name, t.astype(np.int32))
         else:
             w.add_tensor(name, gguf.quants.quantize(t.astype(np.float32), qt), raw_dtype=qt)
         written[name] = qt
@@ -165,13 +169,16 @@ def add_tokenizer(w: gguf.GGUFWriter, tok_dir: Path) -> None:
 
 
 def dequantized_state_dict(path: Path, hf_dir: Path) -> dict[str, torch.Tensor]:
-    """The transformers state dict a GGUF file stands for, from the `gguf` package's own reader
-    and dequantizer (q/k rows un-permuted, experts unstacked): the reference weights."""
+    """The transformers state dict a GGUF file stands for, from the `gguf` package's dequantizer
+    (q/k rows un-permuted, experts unstacked): the reference weights. The tensors' bytes come from
+    the importer's header reader (GGUFReader decodes the whole vocabulary: seconds per file), which
+    test_gguf.py checks against GGUFReader."""
+    from models.gguf_loader import GGUFFile
+
     cfg = json.loads((hf_dir / "config.json").read_text())
     arch = ARCH[cfg["architectures"][0]]
-    reader = gguf.GGUFReader(str(path))
-    gg = {t.name: gguf.quants.dequantize(t.data, t.tensor_type).reshape(tuple(int(x) for x in reversed(t.shape)))
-          for t in reader.tensors}
+    gg = {t.name: gguf.quants.dequantize(t.data.reshape(*t.shape[:-1], -1), t.ggml_type).reshape(t.shape)
+          for t in GGUFFile(str(path)).tensors.values()}
     sd = {}
     for name, ref in load_file(str(hf_dir / "model.safetensors")).items():
         if m := _EXPERT.fullmatch(name):

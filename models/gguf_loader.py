@@ -200,6 +200,23 @@ def tokenizer_source(path: str) -> tuple[str, dict[str, str]]:
     return os.path.dirname(os.path.abspath(file)), {"gguf_file": os.path.basename(file)}
 
 
+def load_tokenizer(path: str) -> Any:
+    """The tokenizer of model `path` (`AutoTokenizer`); a GGUF checkpoint's from its metadata, its
+    control tokens (special in the file: `<|im_end|>`, ...) counted among the special ids as a
+    tokenizer.json's added special tokens are (what `skip_special_tokens` leaves out)."""
+    from transformers import AutoTokenizer
+
+    directory, kwargs = tokenizer_source(path)
+    tok = AutoTokenizer.from_pretrained(directory, **kwargs)
+    if kwargs:
+        known = set(tok.all_special_ids)
+        extra = [t.content for i, t in sorted(tok.added_tokens_decoder.items()) if t.special and i not in known]
+        if extra:
+            tok.add_special_tokens({"extra_special_tokens": list(getattr(tok, "extra_special_tokens", None) or [])
+                                    + extra})
+    return tok
+
+
 def _hf_name_to_gguf(name: str) -> tuple[str, bool]:
     """(llama.cpp's tensor name, whether it is an experts stack) of a family checkpoint name."""
     if m := _EXPERT.fullmatch(name):

@@ -41,7 +41,7 @@ import struct
 import warnings
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -50,6 +50,9 @@ from models.config import MoEModelConfig, UnsupportedModelError
 from models.kernels.plan import param_group
 from models.kernels.quant import FORMATS, GROUP, QuantWeight
 from models.weight_map import WeightMap
+
+if TYPE_CHECKING:
+    from models.model import MoEForCausalLM
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +115,8 @@ class GGUFFile:
     def __init__(self, path: str):
         import gguf
 
-        buf = self.map = np.memmap(path, dtype=np.uint8, mode="r")
+        self.map = np.memmap(path, dtype=np.uint8, mode="r")
+        buf = self.view = self.map.data  # a memoryview: struct reads the header from it
         if bytes(buf[:4]) != b"GGUF":
             raise ValueError("no GGUF magic")
         version, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
@@ -139,17 +143,18 @@ class GGUFFile:
             try:
                 qtype = gguf.GGMLQuantizationType(kind)
             except ValueError:
-                self.tensors[name] = TensorInfo(name, f"type {kind}", shape, buf[:0])
+                self.tensors[name] = TensorInfo(name, f"type {kind}", shape, self.map[:0])
                 continue
             block, size = gguf.GGML_QUANT_SIZES[qtype]
             nbytes = int(np.prod(shape, dtype=np.int64)) // block * size
-            if start + offset + nbytes > len(buf):
+            if start + offset + nbytes > len(self.map):
                 raise ValueError(f"tensor {name} runs past the end of the file (truncated?)")
-            self.tensors[name] = TensorInfo(name, qtype.name, shape, buf[start + offset:start + offset + nbytes], qtype)
+            self.tensors[name] = TensorInfo(name, qtype.name, shape, self.map[start + offset:start + offset + nbytes],
+                                            qtype)
 
     def _string(self, pos: int) -> tuple[str, int]:
-        (n,) = struct.unpack_from("<Q", self.map, pos)
-        return bytes(self.map[pos + 8:pos + 8 + n]).decode("utf-8", errors="replace"), pos + 8 + n
+        (n,) = struct.unpack_from("<Q", self.view, pos)
+        return bytes(self.view[pos + 8:pos + 8 + n]).decode("utf-8", errors="replace"), pos + 8 + n
 
     def _value(self, pos: int, vtype: int) -> tuple[Any, int]:
         if vtype == 8:
@@ -159,14 +164,14 @@ class GGUFFile:
             return np.frombuffer(self.map, t, 1, pos)[0].item(), pos + t.itemsize
         if vtype != 9:
             raise ValueError(f"metadata value type {vtype}")
-        etype, count = struct.unpack_from("<IQ", self.map, pos)
+        etype, count = struct.unpack_from("<IQ", self.view, pos)
         pos += 12
         if etype in _SCALARS:
             t = np.dtype(_SCALARS[etype])
             return np.frombuffer(self.map, t, count, pos), pos + t.itemsize * count
         if etype == 8:  # strings (the vocabulary, merges): skipped, their count kept
             for _ in range(count):
-                (n,) = struct.unpack_from("<Q", self.map, pos)
+                (n,) = struct.unpack_from("<Q", self.view, pos)
                 pos += 8 + n
             return SkippedStrings(count), pos
         raise ValueError(f"metadata array of type {etype}")
@@ -408,7 +413,7 @@ class GGUFCheckpoint:
             formats[param] = max(fmts, key=_WIDTH.__getitem__)
         return groups, formats
 
-    def load(self, model: torch.nn.Module, weight_map: WeightMap, quantized: dict[str, QuantWeight]) -> None:
+    def load(self, model: MoEForCausalLM, weight_map: WeightMap, quantized: dict[str, QuantWeight]) -> None:
         """Every tensor into its parameter(s) (or, for those in `quantized`, its QuantWeight),
         checking the file against the weight map both ways."""
         from models.loader import CheckpointError

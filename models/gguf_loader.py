@@ -411,6 +411,9 @@ class GGUFCheckpoint:
                 continue
             fmts = {PACKED.get(k, "int8") for k in kinds}  # float and other types: requantized to int8
             formats[param] = max(fmts, key=_WIDTH.__getitem__)
+        for param in list(formats):  # the C experts kernel takes one format for a layer's w13 and w2
+            if param.endswith(".moe.w13") and (w2 := param[:-3] + "w2") in formats:
+                formats[param] = formats[w2] = max(formats[param], formats[w2], key=_WIDTH.__getitem__)
         return groups, formats
 
     def load(self, model: MoEForCausalLM, weight_map: WeightMap, quantized: dict[str, QuantWeight]) -> None:

@@ -131,6 +131,8 @@ def write_gguf(hf_dir: Path, path: Path, qtype=Q.F32, tokenizer_dir: Path | None
             w.add_tensor(name, t.astype(np.float16))
         elif qt == Q.I32:
             w.add_tensor(name, t.astype(np.int32))
+        elif qt == Q.Q6_K:  # the gguf package has no quantizer for it: random blocks of the tensor's scale
+            w.add_tensor(name, q6_k_blocks(t), raw_dtype=qt)
         else:
             w.add_tensor(name, gguf.quants.quantize(t.astype(np.float32), qt), raw_dtype=qt)
         written[name] = qt
@@ -139,6 +141,19 @@ def write_gguf(hf_dir: Path, path: Path, qtype=Q.F32, tokenizer_dir: Path | None
     w.write_tensors_to_file()
     w.close()
     return written
+
+
+def q6_k_blocks(t: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Valid Q6_K blocks (210 bytes per 256 weights: 4+2-bit values, int8 scales per 16, fp16 d
+    last) of random values about as large as `t`'s: a K-quant tensor for the loader's dequantizing path."""
+    rng = np.random.default_rng(seed)
+    *lead, K = t.shape
+    nb = K // 256
+    blocks = rng.integers(0, 256, size=(*lead, nb, 210), dtype=np.uint8)
+    blocks[..., 192:208] = rng.integers(1, 32, size=(*lead, nb, 16), dtype=np.int8).view(np.uint8)
+    d = (np.abs(t).max() / (32 * 32)).astype(np.float16)
+    blocks[..., 208:210] = np.full((*lead, nb, 1), d, dtype=np.float16).view(np.uint8)
+    return blocks.reshape(*lead, nb * 210)
 
 
 def add_tokenizer(w: gguf.GGUFWriter, tok_dir: Path) -> None:

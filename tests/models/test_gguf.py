@@ -153,28 +153,37 @@ def test_packed_gguf_keeps_the_file_blocks(family, qtype, fmt, checkpoints, tmp_
     assert float(np.median(errs)) < 0.03 and max(errs) < 0.3, errs
 
 
-def test_mixed_gguf_and_dequantized_types(checkpoints, tmp_path, caplog):
-    """llama-quantize mixes types: q/k in Q4_0 with v in Q8_0 make the fused q/k/v int8; a Q5_1
-    expert stack and a Q5_0 LM head (types our kernels do not run) are dequantized by the gguf
-    package at load and held as int8, each named in a log line."""
+def test_mixed_gguf_and_dequantized_types(tmp_path, caplog):
+    """llama-quantize mixes types: q/k in Q4_0 with v in Q8_0 make the fused q/k/v int8; a Q6_K
+    (K-quant) and a Q5_1 expert stack and a Q5_0 LM head (types our kernels do not run) are
+    dequantized by the gguf package at load and held as int8 (with the rest of their layer's
+    experts), each named in a log line; the model runs, near its dequantized reference."""
     needs_kernels()
-    hf = checkpoints("mixtral")
-    types = {"blk.0.attn_v.weight": Q.Q8_0, "blk.1.ffn_down_exps.weight": Q.Q5_1, "output.weight": Q.Q5_0}
+    hf = tmp_path / "hf"
+    make_checkpoint("mixtral", hf, seed=2, **{**SIZES, "intermediate_size": 256})  # K-quants: rows of 256
+    types = {"blk.0.attn_v.weight": Q.Q8_0, "blk.1.ffn_down_exps.weight": Q.Q6_K, "blk.0.ffn_up_exps.weight": Q.Q5_1,
+             "output.weight": Q.Q5_0}
     path = gguf_of(hf, tmp_path, Q.Q4_0, types=types)
     with caplog.at_level(logging.INFO, logger="models.gguf_loader"):
         model = load_model(str(path), progress=False)
     q = model.quantized
     assert q["layers.0.attn.qkv.weight"].fmt == "int8" and q["layers.1.attn.qkv.weight"].fmt == "int4"
-    assert q["layers.1.moe.w2"].fmt == "int8" and q["layers.1.moe.w13"].fmt == "int4"
+    # one format per layer's experts (the C experts kernel's): the widest of gate, up and down
+    assert {q[f"layers.{i}.moe.{w}"].fmt for i in (0, 1) for w in ("w13", "w2")} == {"int8"}
     assert q["lm_head.weight"].fmt == "int8"
-    for name, kind in (("blk.1.ffn_down_exps.weight", "Q5_1"), ("output.weight", "Q5_0"),
+    for name, kind in (("blk.1.ffn_down_exps.weight", "Q6_K"), ("blk.0.ffn_up_exps.weight", "Q5_1"),
+                       ("blk.0.ffn_gate_exps.weight", "Q4_0"), ("output.weight", "Q5_0"),
                        ("blk.0.attn_q.weight", "Q4_0")):
         assert any(name in r.message and kind in r.message and "int8" in r.message for r in caplog.records), name
     assert model.kernel_plan.quantized_bytes == sum(w.nbytes for w in q.values())
+    assert "GGUF weights kept packed" in " ".join(model.kernel_plan.notes)
     ref = float_reference(path, hf, tmp_path / "dequantized")
     ref_params = dict(ref.named_parameters())
     for name, w in q.items():  # requantized to int8: within int8's rounding of the dequantized values
         assert rel_err(w.dequantize(), ref_params[name].float()) < (0.01 if w.fmt == "int8" else 1e-7), name
+    errs = [rel_err(a[i], b[i]) for a, b in zip(prefill_logits(model, PROMPTS), prefill_logits(ref, PROMPTS))
+            for i in range(a.shape[0])]
+    assert float(np.median(errs)) < 0.03, errs
 
 
 def test_gguf_tokenizer_from_metadata(checkpoints, tmp_path):

@@ -232,6 +232,11 @@ def _hf_name_to_gguf(name: str) -> tuple[str, bool]:
     raise GGUFError(f"no llama.cpp tensor name for {name}")
 
 
+def _f32(value: float) -> float:
+    """A float32 metadata value as the decimal it was written from (1e-05, not 9.99999974e-06)."""
+    return float(str(np.float32(value)))
+
+
 def _unpermute_rows(t: torch.Tensor, heads: int) -> torch.Tensor:
     """Undo llama.cpp's q/k row order: rows (head, pair, 2) -> (head, 2, half). Any row width."""
     rows = t.shape[0]
@@ -324,12 +329,14 @@ class GGUFCheckpoint:
         fields: dict[str, Any] = dict(
             vocab_size=vocab, hidden_size=hidden, num_hidden_layers=num_layers, num_attention_heads=heads,
             num_key_value_heads=kv_heads or heads, head_dim=head_dim,
-            rms_norm_eps=float(a("attention.layer_norm_rms_epsilon", 1e-6)),
+            rms_norm_eps=_f32(a("attention.layer_norm_rms_epsilon", 1e-6)),
             max_position_embeddings=a("context_length", 4096),
-            rope_parameters={"rope_type": "default", "rope_theta": float(a("rope.freq_base", 10000.0))},
+            rope_parameters={"rope_type": "default", "rope_theta": _f32(a("rope.freq_base", 10000.0))},
             tie_word_embeddings="output.weight" not in self.tensors,
             bos_token_id=self.field("tokenizer.ggml.bos_token_id"),
-            eos_token_id=self.field("tokenizer.ggml.eos_token_id"),
+            # llama.cpp ends generation at any end-of-generation token: end of text, of turn, of message
+            eos_token_id=[i for k in ("eos", "eot", "eom") if (i := self.field(f"tokenizer.ggml.{k}_token_id"))
+                          is not None] or None,
             pad_token_id=self.field("tokenizer.ggml.padding_token_id"),
         )
         if self.arch == "llama":
@@ -424,7 +431,7 @@ class GGUFCheckpoint:
         entries = self.entries(weight_map)
         params = dict(model.named_parameters(remove_duplicate=False))
         cfg = model.config
-        unexpected = sorted(set(self.tensors) - set(entries) - {"rope_freqs.weight"})
+        unexpected = sorted(set(self.tensors) - set(entries))  # rope_freqs (llama 3 rope scaling) too
         missing = sorted(set(entries) - set(self.tensors))
         mismatched, non_finite = [], []
         for gname, targets in entries.items():

@@ -34,6 +34,7 @@ The tokenizer comes from the file's metadata (`tokenizer_source`: transformers b
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -197,8 +198,8 @@ def gguf_path(path: str) -> str | None:
 
 
 def tokenizer_source(path: str) -> tuple[str, dict[str, str]]:
-    """(directory, keyword arguments) for `AutoTokenizer.from_pretrained` of model `path`: a GGUF
-    checkpoint's tokenizer is built from its metadata (`gguf_file=`)."""
+    """(directory, keyword arguments) for `from_pretrained` of model `path`'s tokenizer: a GGUF
+    checkpoint's is built from its metadata (`gguf_file=`)."""
     file = gguf_path(path)
     if file is None:
         return path, {}
@@ -206,19 +207,35 @@ def tokenizer_source(path: str) -> tuple[str, dict[str, str]]:
 
 
 def load_tokenizer(path: str) -> Any:
-    """The tokenizer of model `path` (`AutoTokenizer`); a GGUF checkpoint's from its metadata, its
+    """The tokenizer of model `path` (`AutoTokenizer`); a GGUF checkpoint's from its metadata (a fast
+    tokenizer: transformers builds it from `tokenizer.ggml.*`), its
     control tokens (special in the file: `<|im_end|>`, ...) counted among the special ids as a
     tokenizer.json's added special tokens are (what `skip_special_tokens` leaves out)."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     directory, kwargs = tokenizer_source(path)
-    tok = AutoTokenizer.from_pretrained(directory, **kwargs)
-    if kwargs:
-        known = set(tok.all_special_ids)
-        extra = [t.content for i, t in sorted(tok.added_tokens_decoder.items()) if t.special and i not in known]
-        if extra:
-            tok.add_special_tokens({"extra_special_tokens": list(getattr(tok, "extra_special_tokens", None) or [])
-                                    + extra})
+    if not kwargs:
+        return AutoTokenizer.from_pretrained(directory)
+    # not AutoTokenizer: it reads the file's config too, refusing architectures transformers does not
+    # load from GGUF (olmoe); the tokenizer needs only the `tokenizer.*` metadata
+    name = kwargs["gguf_file"]
+    tok = PreTrainedTokenizerFast.from_pretrained(directory, gguf_file=name)
+    file = GGUFFile(os.path.join(directory, name))
+    tokens = file.fields.get("tokenizer.ggml.tokens")
+    n = tokens.count if isinstance(tokens, SkippedStrings) else len(tok)
+    if len(tok) > n:
+        # transformers' byte-level builder adds GPT-2's "<|endoftext|>" when the vocabulary lacks it:
+        # an id past the model's embeddings that a prompt holding that text would reach. Dropped.
+        from tokenizers import Tokenizer
+
+        data = json.loads(tok.backend_tokenizer.to_str())
+        data["added_tokens"] = [t for t in data["added_tokens"] if t["id"] < n]
+        tok._tokenizer = Tokenizer.from_str(json.dumps(data))
+    known = set(tok.all_special_ids)
+    extra = [t.content for i, t in sorted(tok.added_tokens_decoder.items()) if t.special and i not in known]
+    if extra:
+        tok.add_special_tokens({"extra_special_tokens": list(getattr(tok, "extra_special_tokens", None) or [])
+                                + extra})
     return tok
 
 

@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 
 from models import load_model
 from models.config import UnsupportedModelError
-from models.gguf_loader import GGUFError, GGUFFile, gguf_path, tokenizer_source
+from models.gguf_loader import GGUFError, GGUFFile, gguf_path, load_tokenizer, tokenizer_source
 from models.kernels.plan import LinearLayout, MoEKernel
 from tests.conftest import BUNDLED
 from tests.models.conftest import make_checkpoint
@@ -187,15 +187,19 @@ def test_mixed_gguf_and_dequantized_types(tmp_path, caplog):
 
 
 def test_gguf_tokenizer_from_metadata(checkpoints, tmp_path):
-    """transformers builds the tokenizer from the file's metadata, offline: the same ids and chat
-    template as the tokenizer.json it was written from; a directory with one .gguf is a model."""
+    """transformers builds the tokenizer from the file's metadata, offline, for an architecture it
+    does not load from GGUF itself (olmoe): the same ids, special tokens and chat template as the
+    tokenizer.json it was written from; a directory with one .gguf is a model."""
     from transformers import AutoTokenizer
 
-    path = gguf_of(checkpoints("qwen3_moe"), tmp_path / "one", Q.F32)
+    path = gguf_of(checkpoints("olmoe"), tmp_path / "one", Q.F32)
     assert gguf_path(str(path.parent)) == str(path) and gguf_path(str(BUNDLED)) is None
-    directory, kwargs = tokenizer_source(str(path.parent))
-    tok = AutoTokenizer.from_pretrained(directory, **kwargs)
+    assert tokenizer_source(str(path.parent)) == (str(path.parent), {"gguf_file": path.name})
+    tok = load_tokenizer(str(path.parent))
     ref = AutoTokenizer.from_pretrained(str(BUNDLED))
+    assert sorted(tok.all_special_ids) == sorted(ref.all_special_ids) and len(tok) == len(ref) == 4096
+    assert tok("a <|endoftext|> b").input_ids == ref("a <|endoftext|> b").input_ids  # no id past the vocabulary
+    assert tok.decode([6, 300, 1], skip_special_tokens=True) == ref.decode([6, 300, 1], skip_special_tokens=True)
     text = "Hello world, the list data type <|user|> 12345 ünïcode"
     assert tok(text).input_ids == ref(text).input_ids and tok.chat_template == ref.chat_template
     msgs = [{"role": "user", "content": "hi"}]

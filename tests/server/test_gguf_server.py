@@ -35,6 +35,9 @@ def test_server_on_a_q8_0_gguf(tmp_path):
         chat = client.chat.completions.create(model=name, messages=[{"role": "user", "content": "Hello"}],
                                               max_tokens=4, temperature=0)
         assert chat.choices[0].message.content is not None
+        # text naming a token the file's vocabulary lacks is text, not an id past the embeddings
+        odd = client.completions.create(model=name, prompt="a <|endoftext|> b", max_tokens=2, temperature=0)
+        assert odd.usage.prompt_tokens > 3
     finally:
         assert server.stop() == 0
     # the same file in this process: the tokenizer from its metadata, the model's greedy tokens

@@ -1,8 +1,9 @@
 """GGUF import: a llama.cpp checkpoint (one `.gguf` file) -> our config and parameters.
 
 `gguf_path(path)` says whether `--model` names a GGUF checkpoint (a `.gguf` file, or a directory
-holding exactly one and no config.json). `GGUFCheckpoint` reads it with the `gguf` package (memory
-mapped): the metadata (`<arch>.block_count`, `.embedding_length`, `.expert_count`, ...) becomes
+holding exactly one and no config.json). `GGUFCheckpoint` reads it (`GGUFFile`: the header parsed
+here, the tensors left in a read-only memory map; the `gguf` package's types, block sizes and
+dequantizer): the metadata (`<arch>.block_count`, `.embedding_length`, `.expert_count`, ...) becomes
 the transformers config of the matching family, and so our `MoEModelConfig`; llama.cpp's tensor
 names map onto the family's checkpoint names and from there onto our parameters (the family's
 weight map), experts stacked per layer as llama.cpp stores them. Architectures: `llama` with
@@ -25,10 +26,11 @@ Tensor formats (ggml types):
   quantized group and into float elsewhere;
 - a packed tensor outside the quantized groups (token embeddings, routers, dense MLP layers) is
   dequantized to float (logged); a fused weight whose parts come in different formats (q in Q4_0,
-  v in Q8_0) is held in the widest of them, the others re-quantized into it (logged);
+  v in Q8_0) is held in the widest of them, the others re-quantized into it (logged), and so is
+  a layer's pair of expert stacks (the C experts kernel takes one format for w13 and w2);
 - anything else (I8..I64, F64, types the package cannot dequantize) is refused, naming the type
   and the tensors.
-The tokenizer comes from the file's metadata (`tokenizer_source`: transformers builds it from
+The tokenizer comes from the file's metadata (`load_tokenizer`: transformers builds it from
 `tokenizer.ggml.*`, the chat template from `tokenizer.chat_template`).
 """
 

@@ -7,12 +7,15 @@ the Python-side model's on the same file."""
 from __future__ import annotations
 
 import httpx
+
 from models import load_model
 from models.gguf_loader import GGUFFile, load_tokenizer
 from tests.conftest import BUNDLED
 from tests.models.gguf_files import Q, write_gguf
 from tests.models.simple_runner import greedy_generate
-from tests.server.conftest import MAIN_ARGS, start_server
+from tests.server.conftest import MAIN_ARGS, ServerProcess
+
+PROMPTS = ["The list data type", "def main():"]
 
 
 def test_server_on_a_q8_0_gguf(tmp_path):
@@ -20,18 +23,24 @@ def test_server_on_a_q8_0_gguf(tmp_path):
     model_dir.mkdir()
     path = model_dir / "tiny-mixtral-Q8_0.gguf"
     write_gguf(BUNDLED, path, Q.Q8_0)
-    packed = sum(t.data.nbytes for t in GGUFFile(str(path)).tensors.values() if t.kind == "Q8_0")
-    server = start_server([*MAIN_ARGS, "--device", "cpu", "--model", str(model_dir)], tmp_path)
+    tensors = GGUFFile(str(path)).tensors
+    packed = sum(t.data.nbytes for t in tensors.values() if t.kind == "Q8_0")
+    server = ServerProcess([*MAIN_ARGS, "--device", "cpu", "--model", str(model_dir)], tmp_path)
     try:
+        # while the server starts: the same file in this process, the tokenizer from its metadata
+        tok = load_tokenizer(str(path))
+        model = load_model(str(path), progress=False)
+        ids = greedy_generate(model, [tok(p).input_ids for p in PROMPTS], 8)
+        server.wait_ready()
         plan = httpx.get(server.url + "/version", timeout=30).json()["kernel_plan"]
         # every Q8_0 tensor but the token embeddings (an nn.Embedding: dequantized) stays packed
-        embd = GGUFFile(str(path)).tensors["token_embd.weight"]
-        assert plan["quantization"] == "int8" and plan["quantized_bytes"] == packed - embd.data.nbytes
+        assert plan["quantization"] == "int8"
+        assert plan["quantized_bytes"] == packed - tensors["token_embd.weight"].data.nbytes
         client = server.client()
         name = client.models.list().data[0].id
-        prompts = ["The list data type", "def main():"]
         outs = [client.completions.create(model=name, prompt=p, max_tokens=8, temperature=0,
-                                          extra_body={"ignore_eos": True}).choices[0].text for p in prompts]
+                                          extra_body={"ignore_eos": True}).choices[0].text for p in PROMPTS]
+        assert outs == [tok.decode(i, skip_special_tokens=True) for i in ids] and any(outs)
         chat = client.chat.completions.create(model=name, messages=[{"role": "user", "content": "Hello"}],
                                               max_tokens=4, temperature=0)
         assert chat.choices[0].message.content is not None
@@ -40,9 +49,3 @@ def test_server_on_a_q8_0_gguf(tmp_path):
         assert odd.usage.prompt_tokens > 3
     finally:
         assert server.stop() == 0
-    # the same file in this process: the tokenizer from its metadata, the model's greedy tokens
-    tok = load_tokenizer(str(path))
-    model = load_model(str(path), progress=False)
-    ids = greedy_generate(model, [tok(p).input_ids for p in prompts], 8)
-    assert outs == [tok.decode(i, skip_special_tokens=True) for i in ids]
-    assert any(outs)

@@ -273,6 +273,9 @@ class GGUFCheckpoint:
             raise GGUFError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
         self.fields = self.file.fields
         self.tensors = self.file.tensors
+        if int(self.field("split.count", 1) or 1) > 1:
+            raise GGUFError(f"{path}: one of {self.field('split.count')} split GGUF files; merge them first "
+                            f"(llama-gguf-split --merge)")
         self.arch = str(self.field("general.architecture", ""))
         if self.arch not in ARCHITECTURES:
             raise GGUFError(f"{path}: GGUF architecture {self.arch!r} is not supported; supported: "

@@ -222,6 +222,16 @@ def test_gguf_refusals(checkpoints, tmp_path):
     shutil.copy(gguf_of(hf, tmp_path, Q.F32), tmp_path / "second.gguf")
     with pytest.raises(GGUFError, match="2 .gguf files"):
         load_model(str(tmp_path), progress=False)
+    # one part of a split file
+    split = tmp_path / "split" / "model-00001-of-00002.gguf"
+    split.parent.mkdir()
+    w = gguf.GGUFWriter(str(split), "llama")
+    w.add_uint16("split.count", 2)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+    with pytest.raises(GGUFError, match="one of 2 split GGUF files"):
+        load_model(str(split), progress=False)
     # a damaged file
     bad = tmp_path / "bad" / "model.gguf"
     bad.parent.mkdir()

@@ -8,15 +8,18 @@ tree built on the meta device and materialised on the target device, the weights
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import torch
 
 from models.config import UnsupportedModelError
 from models.dtypes import canonical_dtype
+from models.gguf_loader import GGUFCheckpoint, GGUFError, gguf_path
 from models.hf_config import load_config
 from models.kernels.flags import KernelFlags
-from models.kernels.plan import KernelPlan, LinearLayout, MoEKernel, cpu_has_native_bf16, resolve_plan
+from models.kernels.plan import (KernelPlan, KernelPlanError, LinearLayout, MoEKernel, cpu_has_native_bf16, quantizable,
+                                 resolve_plan)
 from models.kernels.quant import QUANTIZATIONS, QuantWeight, select_isa
 from models.loader import load_weights
 from models.model import MoEForCausalLM
@@ -96,18 +99,40 @@ def load_model(path: str, dtype: str = "auto", device: str = "auto", progress: b
     checkpoint's multi-token-prediction layers too, as `model.mtp` (models/mtp.py; otherwise the
     loader skips them). `quantization` (a format of models/kernels/quant.py: int8, int4, ...):
     the q/k/v, o, expert, shared expert and LM head weights are quantized as they stream in and
-    kept only quantized (CPU, float32 activations; `--dtype auto` then means float32)."""
-    cfg = load_config(path)
+    kept only quantized (CPU, float32 activations; `--dtype auto` then means float32).
+    `path` may name a GGUF checkpoint (models/gguf_loader.py): its Q8_0 / Q4_0 / Q4_1 weights
+    stay packed in the formats int8 / int4 / int4_zp, as if `quantization` had made them."""
+    t0 = time.monotonic()
+    file = gguf_path(path)
+    gguf = GGUFCheckpoint(file) if file is not None else None
+    formats: dict[str, str] = {}  # GGUF: parameter -> the packed format the file gives it
+    groups = None
+    if gguf is not None:
+        if quantization:
+            raise GGUFError(f"--quantization {quantization} with a GGUF checkpoint: its tensors keep the formats "
+                            f"the file stores (requantize it with llama-quantize)")
+        if mtp:
+            raise GGUFError("multi-token prediction layers are not read from GGUF checkpoints")
+        cfg = gguf.config()
+        groups, formats = gguf.plan_formats(cfg, family_for(cfg.architecture).weight_map(cfg), quantizable(cfg))
+        # the plan's format: the experts' (the bulk of the bytes), else any held
+        quantization = next((f for p, f in formats.items() if ".moe.w" in p), next(iter(formats.values()), None))
+    else:
+        cfg = load_config(path)
     family = family_for(cfg.architecture)
     dev = resolve_device(device)
     torch_dtype = torch.float32 if quantization and canonical_dtype(dtype) == "auto" else resolve_dtype(
         dtype, cfg.torch_dtype, dev)
-    t0 = time.monotonic()
     plan = None
     if quantization:
         if quantization not in QUANTIZATIONS:
             raise UnsupportedModelError(f"quantization {quantization!r}: one of {', '.join(QUANTIZATIONS)}")
-        plan = resolve_plan(cfg, dev, torch_dtype, kernels, quantization=quantization)  # refuses early
+        try:  # refuses early
+            plan = resolve_plan(cfg, dev, torch_dtype, kernels, quantization=quantization, quantized_groups=groups)
+        except KernelPlanError as e:
+            if gguf is None:
+                raise
+            raise KernelPlanError(f"{file}: its packed GGUF weights run on the quantized CPU kernels: {e}") from None
         select_isa()
     with torch.device("meta"):
         model = MoEForCausalLM(cfg)
@@ -130,12 +155,19 @@ def load_model(path: str, dtype: str = "auto", device: str = "auto", progress: b
     model = model.to_empty(device=dev)
     for name, (module, attr, meta) in held.items():
         module._parameters[attr] = meta
-        model.quantized[name] = QuantWeight.empty(tuple(meta.shape), quantization)
+        model.quantized[name] = QuantWeight.empty(tuple(meta.shape), formats.get(name, quantization))
     model.reset_buffers()
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed.weight
-    load_weights(model, path, weight_map, progress=progress, quant=cfg.extra.get("quant"),
-                 quantized=model.quantized)
+    if gguf is not None:
+        gguf.load(model, weight_map, model.quantized)
+        if plan is not None and len(set(formats.values())) > 1:  # the plan counted one format: the real bytes
+            plan = dataclasses.replace(plan, quantized_bytes=sum(q.nbytes for q in model.quantized.values()),
+                                       notes=plan.notes + (gguf.describe_formats(formats),))
+        gguf.close()
+    else:
+        load_weights(model, path, weight_map, progress=progress, quant=cfg.extra.get("quant"),
+                     quantized=model.quantized)
     model.eval().requires_grad_(False)  # inference only: no autograd graph, whoever calls it
     if plan is not None:
         model.apply_plan(plan)

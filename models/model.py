@@ -7,13 +7,15 @@ mapping tables); the compute is here and in `models/layers`.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 
 from models.config import MoEModelConfig
 from models.kernels.packed import PackedExperts, PackedWeight, QuantizedExperts, QuantizedLinear, packed_linear
 from models.kernels.flags import KernelFlags
-from models.kernels.plan import KernelPlan, LinearLayout, MoEKernel, resolve_plan
+from models.kernels.plan import KernelPlan, LinearLayout, MoEKernel, quantized_groups, resolve_plan
 from models.kernels.quant import QuantWeight
 from models.layers.attention import Attention
 from models.layers.paged import AttentionMetadata, KVCache
@@ -166,7 +168,10 @@ class MoEForCausalLM(nn.Module):
         "auto"), apply it and return it."""
         fmts = {q.fmt for q in self.quantized.values()}
         plan = resolve_plan(self.config, self.embed.weight.device, self.embed.weight.dtype, flags,
-                            quantization=fmts.pop() if fmts else None)
+                            quantization=fmts.pop() if fmts else None,
+                            quantized_groups=quantized_groups(self.quantized) if self.quantized else None)
+        if fmts:  # several formats (a GGUF file's): the plan's bytes are the weights' own
+            plan = replace(plan, quantized_bytes=sum(q.nbytes for q in self.quantized.values()))
         self.apply_plan(plan)
         return plan
 

@@ -126,7 +126,7 @@ def option(default: Any, help: str, *, kind: str | None = None, shown: str | Non
 
 @dataclass(frozen=True)
 class EngineConfig:
-    model: str = option(BUNDLED_MODEL, "model directory (HF layout); default: the bundled tiny checkpoint",
+    model: str = option(BUNDLED_MODEL, "model directory (HF layout) or GGUF file; default: the bundled tiny checkpoint",
                         shown="bundled tiny-mixtral")
     served_model_name: str | None = option(None, "model name in the API (default: directory name)")
     engine: EngineName = option("native", "inference engine")

@@ -37,7 +37,9 @@ from __future__ import annotations
 import functools
 import math
 import logging
+import re
 from dataclasses import dataclass, field, replace
+from collections.abc import Mapping
 from enum import Enum
 
 import torch
@@ -423,6 +425,23 @@ def quantizable(cfg: MoEModelConfig) -> dict[str, bool]:
             "lm_head": not cfg.tie_word_embeddings and cfg.hidden_size % g == 0}
 
 
+_PARAM_GROUPS = ((re.compile(r"layers\.\d+\.attn\.(qkv|o_proj)\.weight"), "attention"),
+                 (re.compile(r"layers\.\d+\.moe\.(w13|w2)"), "experts"),
+                 (re.compile(r"layers\.\d+\.moe\.shared\.(w13|w2)\.weight"), "shared"),
+                 (re.compile(r"lm_head\.weight"), "lm_head"))
+
+
+def param_group(param: str) -> str | None:
+    """The group of `quantizable` a parameter of ours belongs to (None: never quantized)."""
+    return next((g for pattern, g in _PARAM_GROUPS if pattern.fullmatch(param)), None)
+
+
+def quantized_groups(names) -> dict[str, bool]:
+    """Which groups the quantized parameters `names` fill (a model's `quantized`)."""
+    held = {param_group(n) for n in names}
+    return {g: g in held for g in ("attention", "experts", "shared", "lm_head")}
+
+
 def _check_quantization(quantization: str, flags: KernelFlags, caps: Capabilities, dtype: torch.dtype) -> None:
     if not (caps.device_type == "cpu" and caps.cpu_kernels):
         raise KernelPlanError(f"--quantization {quantization}: needs the CPU and the C kernels built here (device "
@@ -436,13 +455,18 @@ def _check_quantization(quantization: str, flags: KernelFlags, caps: Capabilitie
 
 
 def resolve_plan(cfg: MoEModelConfig, device: torch.device, dtype: torch.dtype, flags: KernelFlags | None = None,
-                 caps: Capabilities | None = None, quantization: str | None = None) -> KernelPlan:
+                 caps: Capabilities | None = None, quantization: str | None = None,
+                 quantized_groups: Mapping[str, bool] | None = None) -> KernelPlan:
     """The kernels of every layer of a model with config `cfg` on `device` in `dtype`, its
-    weights quantized to `quantization` (a format of models/kernels/quant.py) where given."""
+    weights quantized to `quantization` (a format of models/kernels/quant.py) where given.
+    `quantized_groups` (default: every group `quantizable` allows): which groups of weights are
+    held quantized (a GGUF file's packed tensors: models/gguf_loader.py)."""
     flags = flags or KernelFlags()
     caps = caps or Capabilities.detect(device, dtype, flags.cpu_kernels)
     notes: list[str] = []
     quant = quantizable(cfg) if quantization else {}
+    if quantization and quantized_groups is not None:
+        quant = {g: on and bool(quantized_groups.get(g)) for g, on in quant.items()}
     if quantization:
         _check_quantization(quantization, flags, caps, dtype)
     fused = (caps.device_type == "cuda" and caps.triton) if flags.fused_ops == "auto" else flags.fused_ops == "triton"

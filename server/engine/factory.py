@@ -106,10 +106,9 @@ def configure_cpu_threads(reserve: int | None = None) -> int:
 def build_native_core(config: EngineConfig, progress: bool = True, reserve_cpu_cores: int | None = None):
     """(EngineCore, ModelInfo) for the native engine; `reserve_cpu_cores`: cores left free of
     compute threads on a CPU engine (None: a server's default, `server_reserved_cores`; 0 offline)."""
-    from transformers import AutoTokenizer
-
     from models import load_model
     from models.kv_cache_dtype import configure_kv_cache, kv_cache_dtype_name
+    from models.gguf_loader import load_tokenizer
     from server.engine.native.placement.manager import placement_from_config
     from server.engine.native.placement.trace import RoutingRecorder
     from server.engine.native.core import EngineCore
@@ -129,7 +128,7 @@ def build_native_core(config: EngineConfig, progress: bool = True, reserve_cpu_c
                          "--rebalance-interval) cannot move them")
     if model.embed.weight.device.type == "cpu":
         configure_cpu_threads(reserve_cpu_cores)
-    tokenizer = AutoTokenizer.from_pretrained(config.model)
+    tokenizer = load_tokenizer(config.model)  # AutoTokenizer; a GGUF file's: built from its metadata
     cfg = model.config
     kv_dtype = configure_kv_cache(model, config.kv_cache_dtype, config.model)  # before the blocks are counted
     blocks = num_kv_blocks(config, model)

@@ -1,0 +1,556 @@
+"""GGUF import: a llama.cpp checkpoint (one `.gguf` file) -> our config and parameters.
+
+`gguf_path(path)` says whether `--model` names a GGUF checkpoint (a `.gguf` file, or a directory
+holding exactly one and no config.json). `GGUFCheckpoint` reads it (`GGUFFile`: the header parsed
+here, the tensors left in a read-only memory map; the `gguf` package's types, block sizes and
+dequantizer): the metadata (`<arch>.block_count`, `.embedding_length`, `.expert_count`, ...) becomes
+the transformers config of the matching family, and so our `MoEModelConfig`; llama.cpp's tensor
+names map onto the family's checkpoint names and from there onto our parameters (the family's
+weight map), experts stacked per layer as llama.cpp stores them. Architectures: `llama` with
+experts (Mixtral), `qwen2moe` (shared expert with its gate), `qwen3moe`, `olmoe`.
+
+llama.cpp's converter reorders the q/k rows of llama-architecture models (its rope pairs adjacent
+elements, ours the two halves of a head): the rows are put back as they are read (whole rows, so
+packed rows too).
+
+Tensor formats (ggml types):
+- F32 / F16 / BF16: loaded as float, in the model dtype;
+- Q8_0 / Q4_0 / Q4_1 in the weight groups our quantized kernels run (q/k/v and o, experts, shared
+  experts, LM head; `models/kernels/plan.py` `quantized_groups`): kept packed as `int8` / `int4` /
+  `int4_zp` QuantWeights. Each block's values are the bytes of the file (the nibble order is
+  ggml's: byte i of a block holds element i low and i + 16 high); the fp16 scales (and Q4_1
+  minimums) are split out of the interleaved blocks into their own arrays once, at load. No float
+  copy is made; the resident bytes equal the file's bytes of those tensors;
+- other types the `gguf` package dequantizes (K-quants Q2_K..Q6_K, Q5_0/Q5_1, IQ*, TQ*, MXFP4):
+  dequantized tensor by tensor at load, with a log line naming each, into `int8` inside a
+  quantized group and into float elsewhere;
+- a packed tensor outside the quantized groups (token embeddings, routers, dense MLP layers) is
+  dequantized to float (logged); a fused weight whose parts come in different formats (q in Q4_0,
+  v in Q8_0) is held in the widest of them, the others re-quantized into it (logged), and so is
+  a layer's pair of expert stacks (the C experts kernel takes one format for w13 and w2);
+- anything else (I8..I64, F64, types the package cannot dequantize) is refused, naming the type
+  and the tensors.
+The tokenizer comes from the file's metadata (`load_tokenizer`: transformers builds it from
+`tokenizer.ggml.*`, the chat template from `tokenizer.chat_template`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import struct
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from models.config import MoEModelConfig, UnsupportedModelError
+from models.kernels.plan import param_group
+from models.kernels.quant import FORMATS, GROUP, QuantWeight
+from models.weight_map import WeightMap
+
+if TYPE_CHECKING:
+    from models.model import MoEForCausalLM
+
+log = logging.getLogger(__name__)
+
+# llama.cpp `general.architecture` -> the transformers architecture our families serve
+ARCHITECTURES = {"llama": "MixtralForCausalLM", "qwen2moe": "Qwen2MoeForCausalLM",
+                 "qwen3moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM"}
+FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+# ggml block type -> our packed format (the same block content: models/kernels/quant.py)
+PACKED = {"Q8_0": "int8", "Q4_0": "int4", "Q4_1": "int4_zp"}
+# bytes of a 32-block: fp16 d [, fp16 m], values
+_BLOCK = {"Q8_0": (34, 1), "Q4_0": (18, 1), "Q4_1": (20, 2)}
+_WIDTH = {"int4": 0, "int4_zp": 1, "int8": 2}  # the widest format holds the others' values best
+
+# our names (family checkpoint names, transformers') -> llama.cpp's
+_NAMES = [
+    (r"model\.embed_tokens\.weight", "token_embd.weight"),
+    (r"model\.norm\.weight", "output_norm.weight"),
+    (r"lm_head\.weight", "output.weight"),
+    (r"model\.layers\.(\d+)\.input_layernorm\.weight", r"blk.\1.attn_norm.weight"),
+    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", r"blk.\1.ffn_norm.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)", r"blk.\1.attn_\2.\3"),
+    (r"model\.layers\.(\d+)\.self_attn\.o_proj\.(weight|bias)", r"blk.\1.attn_output.\2"),
+    (r"model\.layers\.(\d+)\.self_attn\.([qk])_norm\.weight", r"blk.\1.attn_\2_norm.weight"),
+    (r"model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.gate\.weight", r"blk.\1.ffn_gate_inp.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.shared_expert_gate\.weight", r"blk.\1.ffn_gate_inp_shexp.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.shared_expert\.(gate|up|down)_proj\.weight", r"blk.\1.ffn_\2_shexp.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight", r"blk.\1.ffn_\2.weight"),
+]
+_EXPERT = re.compile(r"model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.experts\.\d+\.(w1|w2|w3|gate_proj|up_proj|"
+                     r"down_proj)\.weight")
+_EXPERT_KIND = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2": "down", "down_proj": "down"}
+
+
+class GGUFError(UnsupportedModelError):
+    pass
+
+
+# GGUF metadata value types (gguf.GGUFValueType) -> numpy scalar type; 8 string, 9 array
+_SCALARS = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32, 6: np.float32,
+            7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
+
+
+@dataclass
+class TensorInfo:
+    name: str
+    kind: str  # the ggml type's name (Q4_0, F32, ...), or "type <id>" for one the gguf package does not know
+    shape: tuple[int, ...]  # torch order (ggml lists dimensions innermost first)
+    data: np.ndarray  # the tensor's bytes: a read-only view of the file's map
+    ggml_type: Any = None  # gguf.GGMLQuantizationType
+
+
+class GGUFFile:
+    """The header of a GGUF file (metadata and tensor table) over a read-only memory map.
+
+    The `gguf` package's GGUFReader decodes every metadata array into Python objects, the
+    tokenizer's too (~1 s per 10k tokens and merges here: half a minute for a 150k vocabulary);
+    this reader skips string arrays (their length is kept) and leaves the tensors in the map.
+    Types, block sizes and dequantization are the gguf package's."""
+
+    def __init__(self, path: str):
+        import gguf
+
+        self.map = np.memmap(path, dtype=np.uint8, mode="r")
+        buf = self.view = self.map.data  # a memoryview: struct reads the header from it
+        if bytes(buf[:4]) != b"GGUF":
+            raise ValueError("no GGUF magic")
+        version, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
+        if version not in (2, 3):
+            raise ValueError(f"GGUF version {version} (2 and 3 are read)")
+        pos = 24
+        self.fields: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key, pos = self._string(pos)
+            (vtype,) = struct.unpack_from("<I", buf, pos)
+            self.fields[key], pos = self._value(pos + 4, vtype)
+        table = []
+        for _ in range(n_tensors):
+            name, pos = self._string(pos)
+            (ndim,) = struct.unpack_from("<I", buf, pos)
+            dims = struct.unpack_from(f"<{ndim}Q", buf, pos + 4)
+            kind, offset = struct.unpack_from("<IQ", buf, pos + 4 + 8 * ndim)
+            pos += 4 + 8 * ndim + 12
+            table.append((name, tuple(reversed(dims)), kind, offset))
+        align = int(self.fields.get("general.alignment", 32))
+        start = (pos + align - 1) // align * align
+        self.tensors: dict[str, TensorInfo] = {}
+        for name, shape, kind, offset in table:
+            try:
+                qtype = gguf.GGMLQuantizationType(kind)
+            except ValueError:
+                self.tensors[name] = TensorInfo(name, f"type {kind}", shape, self.map[:0])
+                continue
+            block, size = gguf.GGML_QUANT_SIZES[qtype]
+            nbytes = int(np.prod(shape, dtype=np.int64)) // block * size
+            if start + offset + nbytes > len(self.map):
+                raise ValueError(f"tensor {name} runs past the end of the file (truncated?)")
+            self.tensors[name] = TensorInfo(name, qtype.name, shape, self.map[start + offset:start + offset + nbytes],
+                                            qtype)
+
+    def _string(self, pos: int) -> tuple[str, int]:
+        (n,) = struct.unpack_from("<Q", self.view, pos)
+        return bytes(self.view[pos + 8:pos + 8 + n]).decode("utf-8", errors="replace"), pos + 8 + n
+
+    def _value(self, pos: int, vtype: int) -> tuple[Any, int]:
+        if vtype == 8:
+            return self._string(pos)
+        if vtype in _SCALARS:
+            t = np.dtype(_SCALARS[vtype])
+            return np.frombuffer(self.map, t, 1, pos)[0].item(), pos + t.itemsize
+        if vtype != 9:
+            raise ValueError(f"metadata value type {vtype}")
+        etype, count = struct.unpack_from("<IQ", self.view, pos)
+        pos += 12
+        if etype in _SCALARS:
+            t = np.dtype(_SCALARS[etype])
+            return np.frombuffer(self.map, t, count, pos), pos + t.itemsize * count
+        if etype == 8:  # strings (the vocabulary, merges): skipped, their count kept
+            for _ in range(count):
+                (n,) = struct.unpack_from("<Q", self.view, pos)
+                pos += 8 + n
+            return SkippedStrings(count), pos
+        raise ValueError(f"metadata array of type {etype}")
+
+
+@dataclass
+class SkippedStrings:
+    count: int
+
+
+def gguf_path(path: str) -> str | None:
+    """The GGUF file `path` names (the file, or the only .gguf of a directory without a
+    config.json); None for a Hugging Face checkpoint directory."""
+    if os.path.isfile(path):
+        return path if path.endswith(".gguf") else None
+    if not os.path.isdir(path) or os.path.isfile(os.path.join(path, "config.json")):
+        return None
+    found = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
+    if len(found) > 1:
+        raise GGUFError(f"{path}: {len(found)} .gguf files ({', '.join(found[:4])}); pass --model the one to load "
+                        f"(split GGUF files are not supported: merge them with llama-gguf-split --merge)")
+    return os.path.join(path, found[0]) if found else None
+
+
+def tokenizer_source(path: str) -> tuple[str, dict[str, str]]:
+    """(directory, keyword arguments) for `from_pretrained` of model `path`'s tokenizer: a GGUF
+    checkpoint's is built from its metadata (`gguf_file=`)."""
+    file = gguf_path(path)
+    if file is None:
+        return path, {}
+    return os.path.dirname(os.path.abspath(file)), {"gguf_file": os.path.basename(file)}
+
+
+def load_tokenizer(path: str) -> Any:
+    """The tokenizer of model `path` (`AutoTokenizer`); a GGUF checkpoint's from its metadata (a fast
+    tokenizer: transformers builds it from `tokenizer.ggml.*`), its
+    control tokens (special in the file: `<|im_end|>`, ...) counted among the special ids as a
+    tokenizer.json's added special tokens are (what `skip_special_tokens` leaves out)."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    directory, kwargs = tokenizer_source(path)
+    if not kwargs:
+        return AutoTokenizer.from_pretrained(directory)
+    # not AutoTokenizer: it reads the file's config too, refusing architectures transformers does not
+    # load from GGUF (olmoe); the tokenizer needs only the `tokenizer.*` metadata
+    name = kwargs["gguf_file"]
+    tok = PreTrainedTokenizerFast.from_pretrained(directory, gguf_file=name)
+    file = GGUFFile(os.path.join(directory, name))
+    tokens = file.fields.get("tokenizer.ggml.tokens")
+    n = tokens.count if isinstance(tokens, SkippedStrings) else len(tok)
+    if len(tok) > n:
+        # transformers' byte-level builder adds GPT-2's "<|endoftext|>" when the vocabulary lacks it:
+        # an id past the model's embeddings that a prompt holding that text would reach. Dropped.
+        from tokenizers import Tokenizer
+
+        data = json.loads(tok.backend_tokenizer.to_str())
+        data["added_tokens"] = [t for t in data["added_tokens"] if t["id"] < n]
+        tok._tokenizer = Tokenizer.from_str(json.dumps(data))
+    known = set(tok.all_special_ids)
+    extra = [t.content for i, t in sorted(tok.added_tokens_decoder.items()) if t.special and i not in known]
+    if extra:
+        tok.add_special_tokens({"extra_special_tokens": list(getattr(tok, "extra_special_tokens", None) or [])
+                                + extra})
+    return tok
+
+
+def _hf_name_to_gguf(name: str) -> tuple[str, bool]:
+    """(llama.cpp's tensor name, whether it is an experts stack) of a family checkpoint name."""
+    if m := _EXPERT.fullmatch(name):
+        return f"blk.{m[1]}.ffn_{_EXPERT_KIND[m[2]]}_exps.weight", True
+    for pattern, repl in _NAMES:
+        if re.fullmatch(pattern, name):
+            return re.sub(pattern, repl, name), False
+    raise GGUFError(f"no llama.cpp tensor name for {name}")
+
+
+def _f32(value: float) -> float:
+    """A float32 metadata value as the decimal it was written from (1e-05, not 9.99999974e-06)."""
+    return float(str(np.float32(value)))
+
+
+def _unpermute_rows(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """Undo llama.cpp's q/k row order: rows (head, pair, 2) -> (head, 2, half). Any row width."""
+    rows = t.shape[0]
+    return t.reshape(heads, rows // heads // 2, 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape)
+
+
+class GGUFCheckpoint:
+    """A GGUF file, read (memory mapped) with the `gguf` package: its config and its tensors."""
+
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            self.file: GGUFFile | None = GGUFFile(path)
+        except Exception as e:  # noqa: BLE001 - a damaged or non-GGUF file: say which
+            raise GGUFError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+        self.fields = self.file.fields
+        self.tensors = self.file.tensors
+        if int(self.field("split.count", 1) or 1) > 1:
+            raise GGUFError(f"{path}: one of {self.field('split.count')} split GGUF files; merge them first "
+                            f"(llama-gguf-split --merge)")
+        self.arch = str(self.field("general.architecture", ""))
+        if self.arch not in ARCHITECTURES:
+            raise GGUFError(f"{path}: GGUF architecture {self.arch!r} is not supported; supported: "
+                            f"{', '.join(ARCHITECTURES)} (llama with experts: Mixtral)")
+        self.architecture = ARCHITECTURES[self.arch]
+        self._check_types()
+
+    def field(self, key: str, default: Any = None) -> Any:
+        return self.fields.get(key, default)
+
+    def arch_field(self, key: str, default: Any = None) -> Any:
+        return self.field(f"{self.arch}.{key}", default)
+
+    def type_name(self, name: str) -> str:
+        return self.tensors[name].kind
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The tensor's shape in torch order (ggml lists dimensions innermost first)."""
+        return self.tensors[name].shape
+
+    def _check_types(self) -> None:
+        """Refuse, before anything is allocated, tensors of types we can neither keep nor dequantize."""
+        from gguf.quants import _type_traits
+
+        bad: dict[str, list[str]] = {}
+        for name, t in self.tensors.items():
+            if t.kind in FLOAT_TYPES or t.kind in PACKED:
+                continue
+            if t.ggml_type not in _type_traits:
+                bad.setdefault(t.kind, []).append(name)
+        if bad:
+            what = "; ".join(f"{k}: {', '.join(v[:6])}" + (f", ... ({len(v) - 6} more)" if len(v) > 6 else "")
+                             for k, v in bad.items())
+            raise GGUFError(f"{self.path}: GGUF tensor type(s) not supported ({what}); supported: F32, F16, BF16, "
+                            f"Q8_0, Q4_0, Q4_1 kept packed, and the types the gguf package dequantizes "
+                            f"(K-quants, IQ*, ...)")
+
+    # --- config ---------------------------------------------------------------------------------
+
+    def config(self) -> MoEModelConfig:
+        """Our config, through the family's transformers config built from the metadata."""
+        from models.hf_config import from_hf_config
+        from models.registry import family_for
+
+        a = self.arch_field
+        num_layers, hidden = a("block_count"), a("embedding_length")
+        heads, kv_heads = a("attention.head_count"), a("attention.head_count_kv")
+        experts, used = a("expert_count", 0), a("expert_used_count", 0)
+        for key, value in (("block_count", num_layers), ("embedding_length", hidden),
+                           ("attention.head_count", heads)):
+            if not isinstance(value, int) or value < 1:
+                raise GGUFError(f"{self.path}: metadata {self.arch}.{key} = {value!r}: a positive integer needed")
+        if isinstance(kv_heads, np.ndarray) or isinstance(heads, np.ndarray):
+            raise GGUFError(f"{self.path}: per-layer head counts ({self.arch}.attention.head_count_kv) are not supported")
+        if not experts:
+            raise GGUFError(f"{self.path}: no {self.arch}.expert_count: a dense model (moe-serve serves "
+                            f"mixture-of-experts models)")
+        scaling = a("rope.scaling.type")
+        if scaling not in (None, "none"):
+            raise GGUFError(f"{self.path}: rope scaling {scaling!r} ({self.arch}.rope.scaling.type) is not supported")
+        head_dim = a("attention.key_length") or hidden // heads
+        rope_dim = a("rope.dimension_count", head_dim)
+        if rope_dim != head_dim:
+            raise GGUFError(f"{self.path}: partial rotary ({self.arch}.rope.dimension_count {rope_dim} of a head of "
+                            f"{head_dim}) is not supported for {self.arch}")
+        embd = self.shape("token_embd.weight") if "token_embd.weight" in self.tensors else None
+        tokens = self.field("tokenizer.ggml.tokens")
+        vocab = embd[0] if embd else a("vocab_size") or (tokens.count if tokens is not None else None)
+        dense = [i for i in range(num_layers) if f"blk.{i}.ffn_gate_exps.weight" not in self.tensors]
+        bias = "blk.0.attn_q.bias" in self.tensors
+        ffn = a("feed_forward_length")
+        expert_ffn = a("expert_feed_forward_length") or ffn
+        fields: dict[str, Any] = dict(
+            vocab_size=vocab, hidden_size=hidden, num_hidden_layers=num_layers, num_attention_heads=heads,
+            num_key_value_heads=kv_heads or heads, head_dim=head_dim,
+            rms_norm_eps=_f32(a("attention.layer_norm_rms_epsilon", 1e-6)),
+            max_position_embeddings=a("context_length", 4096),
+            rope_parameters={"rope_type": "default", "rope_theta": _f32(a("rope.freq_base", 10000.0))},
+            tie_word_embeddings="output.weight" not in self.tensors,
+            bos_token_id=self.field("tokenizer.ggml.bos_token_id"),
+            # llama.cpp ends generation at any end-of-generation token: end of text, of turn, of message
+            eos_token_id=[i for k in ("eos", "eot", "eom") if (i := self.field(f"tokenizer.ggml.{k}_token_id"))
+                          is not None] or None,
+            pad_token_id=self.field("tokenizer.ggml.padding_token_id"),
+        )
+        if self.arch == "llama":
+            if dense:
+                raise GGUFError(f"{self.path}: llama layers without experts ({dense[:4]}): not a Mixtral checkpoint")
+            fields.update(intermediate_size=expert_ffn, num_local_experts=experts, num_experts_per_tok=used,
+                          sliding_window=None)
+        else:
+            fields.update(num_experts=experts, num_experts_per_tok=used, moe_intermediate_size=expert_ffn,
+                          mlp_only_layers=dense, decoder_sparse_step=1,
+                          intermediate_size=ffn if self.arch != "olmoe" else expert_ffn)
+            if self.arch == "qwen2moe":
+                shexp = "blk.0.ffn_up_shexp.weight"
+                shared = a("expert_shared_feed_forward_length") or (
+                    self.shape(shexp)[0] if shexp in self.tensors else 0)
+                fields.update(shared_expert_intermediate_size=shared, qkv_bias=bias,
+                              norm_topk_prob=bool(a("expert_weights_norm", False)), use_sliding_window=False)
+            elif self.arch == "qwen3moe":
+                # llama.cpp renormalises Qwen3-MoE's top-k weights whatever the file says
+                fields.update(attention_bias=bias, norm_topk_prob=bool(a("expert_weights_norm", True)),
+                              use_sliding_window=False)
+            else:  # olmoe
+                fields.update(attention_bias=bias, norm_topk_prob=bool(a("expert_weights_norm", False)),
+                              clip_qkv=a("attention.clamp_kqv"))
+        family = family_for(self.architecture)
+        try:
+            hf = family.hf_config_class(self.architecture)(**fields)
+        except Exception as e:  # noqa: BLE001 - the metadata does not make a valid config
+            raise GGUFError(f"{self.path}: its metadata does not make a {self.architecture} config: {e}") from None
+        hf.architectures = [self.architecture]
+        cfg = from_hf_config(hf, self.architecture, {"torch_dtype": self.float_dtype()})
+        cfg.extra["quant"] = None
+        cfg.extra["gguf"] = self.path
+        return cfg
+
+    def float_dtype(self) -> str:
+        """The dtype of the file's float matrices (the checkpoint dtype `--dtype auto` starts from)."""
+        kinds = Counter(t.kind for t in self.tensors.values() if len(t.shape) >= 2)
+        floats = [k for k, _ in kinds.most_common() if k in FLOAT_TYPES]
+        return {"F16": "float16", "BF16": "bfloat16"}.get(floats[0], "float32") if floats else "float32"
+
+    # --- weights ----------------------------------------------------------------------------------
+
+    def entries(self, weight_map: WeightMap) -> dict[str, list[tuple[str, tuple]]]:
+        """llama.cpp tensor name -> [(our parameter, index)] from the family's weight map: an
+        experts stack fills the same rows of every expert at once."""
+        out: dict[str, list[tuple[str, tuple]]] = {}
+        for name, entry in weight_map.items():
+            if len(entry) > 2:
+                raise GGUFError(f"{name}: a transformed checkpoint tensor, not supported in GGUF import")
+            param, index = entry[0], tuple(entry[1])
+            gname, stacked = _hf_name_to_gguf(name)
+            if stacked:  # (expert, rows...) -> (all experts, rows...)
+                index = (slice(None),) + index[1:] if len(index) > 1 else ()
+            target = (param, index)
+            if target not in out.setdefault(gname, []):
+                out[gname].append(target)
+        return out
+
+    def plan_formats(self, cfg: MoEModelConfig, weight_map: WeightMap,
+                     quantizable: dict[str, bool]) -> tuple[dict[str, bool], dict[str, str]]:
+        """(which weight groups stay quantized, parameter -> its packed format). A group is kept
+        quantized when its tensors are not all float (and our kernels run it: `quantizable`)."""
+        entries = self.entries(weight_map)
+        parts: dict[str, list[str]] = {}  # parameter -> the types of the tensors filling it
+        for gname, targets in entries.items():
+            if gname in self.tensors:
+                for param, _ in targets:
+                    parts.setdefault(param, []).append(self.type_name(gname))
+        groups = {g: False for g in quantizable}
+        for param, kinds in parts.items():
+            g = param_group(param)
+            if g is not None and quantizable.get(g) and any(k not in FLOAT_TYPES for k in kinds):
+                groups[g] = True
+        formats = {}
+        for param, kinds in parts.items():
+            g = param_group(param)
+            if g is None or not groups[g]:
+                continue
+            fmts = {PACKED.get(k, "int8") for k in kinds}  # float and other types: requantized to int8
+            formats[param] = max(fmts, key=_WIDTH.__getitem__)
+        for param in list(formats):  # the C experts kernel takes one format for a layer's w13 and w2
+            if param.endswith(".moe.w13") and (w2 := param[:-3] + "w2") in formats:
+                formats[param] = formats[w2] = max(formats[param], formats[w2], key=_WIDTH.__getitem__)
+        return groups, formats
+
+    def load(self, model: MoEForCausalLM, weight_map: WeightMap, quantized: dict[str, QuantWeight]) -> None:
+        """Every tensor into its parameter(s) (or, for those in `quantized`, its QuantWeight),
+        checking the file against the weight map both ways."""
+        from models.loader import CheckpointError
+
+        entries = self.entries(weight_map)
+        params = dict(model.named_parameters(remove_duplicate=False))
+        cfg = model.config
+        unexpected = sorted(set(self.tensors) - set(entries))  # rope_freqs (llama 3 rope scaling) too
+        missing = sorted(set(entries) - set(self.tensors))
+        mismatched, non_finite = [], []
+        for gname, targets in entries.items():
+            if gname not in self.tensors:
+                continue
+            t = self.tensors[gname]
+            kind = t.kind
+            shape = self.shape(gname)
+            heads = None
+            if self.arch == "llama" and gname.endswith(("attn_q.weight", "attn_k.weight")):
+                heads = cfg.num_heads if ".attn_q." in gname else cfg.num_kv_heads
+            for param, index in targets:
+                dest_shape = tuple(params[param][index].shape) if index else tuple(params[param].shape)
+                if shape != dest_shape and not (len(shape) == 1 and int(np.prod(dest_shape)) == shape[0]):
+                    mismatched.append(f"{gname}: file {shape} vs expected {dest_shape}")
+                    continue
+                qw = quantized.get(param)
+                if qw is not None and kind in PACKED and PACKED[kind] == qw.fmt:
+                    q, d, m = self._blocks(gname)
+                    if heads:
+                        q, d, m = (None if x is None else _unpermute_rows(x, heads) for x in (q, d, m))
+                    qw.q[index].copy_(q)
+                    qw.scales[index].copy_(d)
+                    if m is not None:
+                        qw.mins[index].copy_(m)
+                    continue
+                w = self._float(gname, qw.fmt if qw is not None else None)
+                if heads:
+                    w = _unpermute_rows(w, heads)
+                if not bool(torch.isfinite(w).all()):
+                    non_finite.append(gname)
+                    continue
+                if qw is not None:
+                    if kind in FLOAT_TYPES:
+                        log.info("GGUF %s: %s %s quantized at load to %s (its fused weight is held packed)", gname,
+                                 kind, list(shape), qw.fmt)
+                    qw.write(index, w)
+                else:
+                    dest = params[param].data[index] if index else params[param].data
+                    dest.copy_(w.reshape(dest.shape).to(dest.dtype))
+        problems = []
+        if missing:
+            problems.append(f"missing tensors ({len(missing)}): {', '.join(missing[:10])}")
+        if unexpected:
+            problems.append(f"unexpected tensors ({len(unexpected)}): {', '.join(unexpected[:10])}")
+        if mismatched:
+            problems.append(f"shape mismatches ({len(mismatched)}): {', '.join(mismatched[:10])}")
+        if non_finite:
+            problems.append(f"tensors holding NaN or infinity ({len(non_finite)}): {', '.join(non_finite[:10])}")
+        if problems:
+            raise CheckpointError(f"GGUF {self.path!r} does not fit {self.architecture}: " + "; ".join(problems))
+
+    def _blocks(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """A Q8_0 / Q4_0 / Q4_1 tensor's (values [..., rows, K or K/2] uint8, fp16 d [..., rows, K/32],
+        fp16 m or None): the blocks' bytes, de-interleaved."""
+        t = self.tensors[name]
+        kind = t.kind
+        size, halves = _BLOCK[kind]
+        *lead, K = self.shape(name)
+        with warnings.catch_warnings():  # a read-only view of the file's map: only read, copied out
+            warnings.simplefilter("ignore", UserWarning)
+            raw = torch.from_numpy(np.asarray(t.data)).reshape(*lead, K // GROUP, size)
+        d = raw[..., :2].contiguous().view(torch.float16).reshape(*lead, K // GROUP)
+        m = raw[..., 2:4].contiguous().view(torch.float16).reshape(*lead, K // GROUP) if halves == 2 else None
+        q = raw[..., 2 * halves:].reshape(*lead, -1)
+        return q, d, m
+
+    def _float(self, name: str, into: str | None) -> torch.Tensor:
+        """A tensor as float32 (float types as stored; block types dequantized by the gguf package,
+        logged: `into` the packed format it goes to, None for a float parameter)."""
+        from gguf.quants import dequantize
+
+        t = self.tensors[name]
+        kind = t.kind
+        shape = self.shape(name)
+        if kind == "BF16":
+            return torch.from_numpy(np.array(t.data).view(np.int16)).view(torch.bfloat16).reshape(shape).float()
+        if kind in ("F32", "F16"):
+            return torch.from_numpy(np.array(t.data).view(np.float32 if kind == "F32" else np.float16)).reshape(
+                shape).float()
+        log.info("GGUF %s: %s %s dequantized at load to %s", name, kind, list(shape),
+                 f"float, requantized to {into}" if into else "float")
+        rows = t.data.reshape(*shape[:-1], -1)  # [..., bytes of a row]
+        return torch.from_numpy(np.ascontiguousarray(dequantize(rows, t.ggml_type), dtype=np.float32)).reshape(shape)
+
+    def describe_formats(self, formats: dict[str, str]) -> str:
+        """One line: the packed formats held, by group (the kernel plan's note)."""
+        by_group: dict[str, Counter] = {}
+        for param, fmt in formats.items():
+            by_group.setdefault(param_group(param) or "?", Counter())[fmt] += 1
+        return "GGUF weights kept packed: " + "; ".join(
+            f"{g} {', '.join(sorted(c))}" for g, c in by_group.items()) if by_group else "GGUF weights: all float"
+
+    def close(self) -> None:
+        """Drop the file mapping (the tensors were copied out)."""
+        self.tensors = {}
+        self.file = None
+
+
+assert set(PACKED.values()) <= set(FORMATS)

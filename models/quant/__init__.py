@@ -1,4 +1,5 @@
-"""Quantized checkpoints, dequantized to the compute dtype while loading.
+"""Quantized checkpoints: their `quantization_config` parsed (`parse_quantization`) and the reader
+that turns each method's tensors into `QTensor`s kept in their format (`READERS`, `reader_for`).
 
 Supported `quantization_config` methods:
 - `fp8` with `weight_block_size` (DeepSeek-V3/R1, Kimi K2, Qwen3 FP8 releases): float8_e4m3
@@ -7,17 +8,21 @@ Supported `quantization_config` methods:
   per output channel or per block);
 - `mxfp4` (gpt-oss experts): `*_blocks` (two FP4 E2M1 values per byte, 32 per block) and
   `*_scales` (one E8M0 power-of-two exponent per block).
-Anything else fails at load, naming the method. Dequantization happens one tensor at a time as
-the loader streams the checkpoint (`models/loader.py`, `iter_tensors`), so no quantized layer is ever
-held whole beside its dequantized copy.
+Anything else fails at load, naming the method. The loader (`models/loader.py`) keeps the weights
+it can in their format (expert stacks, attention / MLA projections, shared experts, the LM head);
+a weight whose fusion or transform cannot be done in the quantized layout is dequantized, one
+tensor at a time as the loader streams the checkpoint, and named in the log.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from models.config import UnsupportedModelError
+from models.quant.formats import CheckpointReader
+from models.quant.fp8_readers import CompressedFloatReader, DeepSeekFP8Reader, MXFP4Reader
 
 METHODS = ("fp8", "compressed-tensors", "mxfp4")
 
@@ -28,6 +33,27 @@ class QuantSpec:
     weight_block_size: tuple[int, int] | None = None  # block scales: [block_n (output), block_k (input)]
     strategy: str | None = None  # compressed-tensors weights: tensor | channel | block
     ignore: tuple[str, ...] = ()  # modules left unquantized (informational: detected per tensor)
+    format: str | None = None  # compressed-tensors: its `format` ("float-quantized", ...)
+
+    @property
+    def reader_key(self) -> str:
+        """The key of this method's reader in `READERS`."""
+        return f"{self.method}:{self.format}" if self.method == "compressed-tensors" else self.method
+
+
+# the one registry of checkpoint readers: `QuantSpec.reader_key` -> a factory taking the spec
+# (the method's `quant_method`; compressed-tensors by "compressed-tensors:<format>")
+READERS: dict[str, Callable[[QuantSpec], CheckpointReader]] = {
+    "fp8": lambda spec: DeepSeekFP8Reader(spec.weight_block_size),
+    "compressed-tensors:float-quantized": lambda spec: CompressedFloatReader(spec.weight_block_size),
+    "mxfp4": lambda spec: MXFP4Reader(),
+}
+
+
+def reader_for(spec: QuantSpec) -> CheckpointReader | None:
+    """The reader of `spec`'s checkpoints, None where no reader keeps them quantized."""
+    factory = READERS.get(spec.reader_key)
+    return None if factory is None else factory(spec)
 
 
 def parse_quantization(qcfg: dict[str, Any] | None) -> QuantSpec | None:
@@ -70,5 +96,6 @@ def parse_quantization(qcfg: dict[str, Any] | None) -> QuantSpec | None:
         if len(blocks) > 1:
             raise UnsupportedModelError(f"compressed-tensors groups with different block structures {sorted(blocks)}")
         return QuantSpec("compressed-tensors", weight_block_size=blocks.pop() if blocks else None,
-                         strategy=",".join(sorted(strategies)) or None, ignore=tuple(qcfg.get("ignore") or ()))
+                         strategy=",".join(sorted(strategies)) or None, ignore=tuple(qcfg.get("ignore") or ()),
+                         format=fmt)
     return QuantSpec("mxfp4", ignore=tuple(qcfg.get("modules_to_not_convert") or ()))

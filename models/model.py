@@ -99,8 +99,8 @@ class MoEForCausalLM(nn.Module):
     def qtensor_candidates(self) -> dict[str, tuple[tuple[int, ...], bool]]:
         """{parameter name: (shape, whether it carries a bias column)} of the weights the engine can
         run kept in a checkpoint's quantized format (`models.quant.ops`): q/k/v and o (GQA), MLA's
-        projections of the hidden state and q latent and its o (not kv_b, which the absorbed decode
-        splits), expert stacks, shared experts, dense MLPs, an untied LM head."""
+        projections (kv_b too: dequantized per call where the absorbed decode splits it), expert
+        stacks, shared experts, dense MLPs, an untied LM head."""
         out: dict[str, tuple[tuple[int, ...], bool]] = {}
         for i, layer in enumerate(self.layers):
             if not isinstance(layer, DecoderLayer):  # LongCat's shortcut layers: not wired
@@ -108,7 +108,8 @@ class MoEForCausalLM(nn.Module):
             attn, p = layer.attn, f"layers.{i}"
             names = []
             if isinstance(attn, MLAttention):
-                names += [f"attn.{n}.weight" for n in attn.PACKED if hasattr(attn, n)] + ["attn.o_proj.weight"]
+                names += [f"attn.{n}.weight" for n in attn.PACKED if hasattr(attn, n)] + [
+                    "attn.o_proj.weight", "attn.kv_b_proj.weight"]
             elif hasattr(attn, "qkv"):
                 names += ["attn.qkv.weight", "attn.o_proj.weight"]
             if layer.is_moe:
@@ -199,6 +200,7 @@ class MoEForCausalLM(nn.Module):
             qkv = packed(attn.qkv.weight, lk.qkv) if hasattr(attn, "qkv") else None
             o = packed(attn.o_proj.weight, lk.o) if hasattr(attn, "qkv") else None
             if isinstance(attn, MLAttention):  # its projections by name (MLAttention.PACKED)
+                attn.kv_b_q = kept.get(id(attn.kv_b_proj.weight))
                 qkv = {n: packed(getattr(attn, n).weight, lk.qkv) for n in attn.PACKED if hasattr(attn, n)}
                 o = packed(attn.o_proj.weight, lk.o)
             attn.apply_kernels(lk, qkv, o)

@@ -448,7 +448,7 @@ def _check_quantization(quantization: str, flags: KernelFlags, caps: Capabilitie
                               f"(--moe-backend auto or cpu), not {flags.moe}")
 
 
-ATTN_PARAMS = ("qkv", "o_proj", "q_proj", "q_a_proj", "q_b_proj", "kv_a_proj")
+ATTN_PARAMS = ("qkv", "o_proj", "q_proj", "q_a_proj", "q_b_proj", "kv_a_proj", "kv_b_proj")
 
 
 def _group_format(formats: dict[str, str], names: list[str]) -> str:
@@ -563,7 +563,10 @@ def resolve_plan(cfg: MoEModelConfig, device: torch.device, dtype: torch.dtype, 
         q_attn = gqa and quant.get("attention", False)
         q_shared = cfg.sparse_layers[i] and quant.get("shared", False)
         q_experts = cfg.sparse_layers[i] and (quant.get("experts", False) or held(experts_names(i)))
-        kept_attn = all(n in qf for n in attn_names(i) if n.rsplit(".", 2)[-2] in ("qkv", "o_proj")) and gqa
+        proj = (("qkv",) if gqa else ("q_proj",) if mla and cfg.mla.q_lora_rank is None else ("q_a_proj", "q_b_proj")
+                if mla else ())
+        kept_attn = bool(proj) and all(f"layers.{i}.attn.{n}.weight" in qf for n in proj + (
+            () if gqa else ("kv_a_proj",)))
         kept_shared = cfg.sparse_layers[i] and shared and all(n in qf for n in shared_names(i))
         layers.append(LayerKernels(
             attention_kind=kind, attention=plain_attention if plain else AttentionKernel.REFERENCE,

@@ -131,12 +131,13 @@ class MoEForCausalLM(nn.Module):
         return {n: q.fmt.value for n, q in self.qweights.items()}
 
     def weight_bytes(self) -> dict[str, int]:
-        """The engine's own accounting of its resident weights: `quantized` (the QParams' and
+        """The engine's own accounting of its resident weights: `quantized` (the QTensors' and
         --quantization int8/int4's tensors), `float` (every other parameter, once: tied ones count
         once, meta shapes not at all), `experts_linears` (the expert stacks and linears the engine can
         run quantized: quantized or float, as they are held) and `total`."""
-        quantized = sum(q.nbytes for q in self.qweights.values()) + sum(q.nbytes for q in self.quantized.values())
-        floats = sum(p.numel() * p.element_size() for p in self.parameters() if p.device.type != "meta")
+        quantized = sum(q.q.nbytes for q in self.qweights.values()) + sum(q.nbytes for q in self.quantized.values())
+        floats = sum(p.numel() * p.element_size() for p in self.parameters() if p.device.type != "meta") + sum(
+            q.nbytes - q.q.nbytes for q in self.qweights.values())  # gpt-oss's expert biases beside their QTensors
         linears = 0
         for name in self.qtensor_candidates():
             if name in self.qweights:

@@ -1,5 +1,7 @@
-"""Quantized checkpoints: tiny random models quantized with each format's own block layout load,
-dequantized, to logits within 1e-4 of transformers running the dequantized weights."""
+"""Quantized checkpoints: tiny random models quantized with each format's own block layout load
+with their quantized weights kept in their format (QTensors: the engine's resident expert and
+linear weights within 1.05x the checkpoint's quantized bytes), to logits within 1e-4 of
+transformers running the dequantized weights and the same greedy continuations."""
 
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ from transformers.integrations.mxfp4 import FP4_VALUES, convert_moe_packed_tenso
 
 import models.loader as loader
 from models import UnsupportedModelError, load_model
-from tests.models.simple_runner import prefill_logits
+from models.registry import family_for
+from tests.models.simple_runner import greedy_generate, prefill_logits
 from tests.models.conftest import make_checkpoint
 from tests.models.test_parity import PROMPTS, hf_padded_logits
 
@@ -64,19 +67,52 @@ def rewrite(path, quantize, qcfg: dict) -> dict[str, torch.Tensor]:
     return reference
 
 
-def assert_matches_dequantized(path, ref, reference: dict[str, torch.Tensor]) -> None:
-    """Our model loading the quantized checkpoint vs transformers loading the dequantized one."""
+QUANTIZED_SUFFIXES = ("_blocks", "_scales", ".weight_scale", ".weight_scale_inv")
+
+
+def checkpoint_quantized(path) -> tuple[set[str], int]:
+    """(the names an unquantized checkpoint gives the quantized weights, the bytes of their
+    quantized tensors and weight scales as stored)."""
+    names, total = set(), 0
+    for name, t in load_file(str(path / "model.safetensors")).items():
+        if t.dtype == torch.float8_e4m3fn or name.endswith(QUANTIZED_SUFFIXES):
+            total += t.numel() * t.element_size()
+            if t.dtype == torch.float8_e4m3fn or name.endswith("_blocks"):
+                names.add(name.removesuffix("_blocks"))
+    return names, total
+
+
+def assert_matches_dequantized(path, ref, reference: dict[str, torch.Tensor], formats: set[str] | None = None,
+                               greedy: bool = True) -> None:
+    """Our model loading the quantized checkpoint vs transformers loading the dequantized one;
+    every quantized weight kept in its format (`formats`: the WeightFormats the engine holds)."""
     deq = path / "dequantized"
     deq.mkdir()
     save_file(reference, str(deq / "model.safetensors"), metadata={"format": "pt"})
     (deq / "config.json").write_text((path / "config.unquantized.json").read_text())
     ref = type(ref).from_pretrained(str(deq), dtype=torch.float32).eval()
     model = load_model(str(path), dtype="float32", device="cpu", progress=False)
+    if formats is not None:
+        names, ckpt_bytes = checkpoint_quantized(path)
+        weight_map = family_for(model.config.architecture).weight_map(model.config)
+        held = {weight_map[n][0] for n in names}
+        assert held <= set(model.qweights), f"dequantized at load: {sorted(held - set(model.qweights))}"
+        assert set(model.weight_formats().values()) == formats
+        plan = model.kernel_plan.to_dict()
+        assert {f for g in plan["layers"] for v in g["weight_formats"].values() if v for f in v.split("+")} >= formats
+        resident = model.weight_bytes()
+        assert plan["quantized_bytes"] == resident["quantized"] and plan["weight_bytes"] == resident["total"]
+        assert resident["quantized"] <= 1.05 * ckpt_bytes, (resident["quantized"], ckpt_bytes)
+        assert not any(p.device.type != "meta" for n, p in model.named_parameters() if n in model.qweights)
     ours = prefill_logits(model, PROMPTS)
     out = hf_padded_logits(ref, PROMPTS)
     for i, p in enumerate(PROMPTS):
         diff = (ours[i] - out.logits[i, : len(p)]).abs().max().item()
         assert diff <= 1e-4, f"prompt {i}: max abs logit diff {diff}"
+    if greedy:  # against our float path on the dequantized checkpoint (its logits match transformers': test_parity)
+        dequantized = load_model(str(deq), dtype="float32", device="cpu", progress=False)
+        prompts = PROMPTS[1:3]
+        assert greedy_generate(model, prompts, 6) == greedy_generate(dequantized, prompts, 6)
 
 
 @pytest.mark.parametrize("family", ["deepseek_v3", "qwen3_moe"])
@@ -91,7 +127,7 @@ def test_fp8_block_checkpoint(family, tmp_path):
     reference = rewrite(tmp_path, quantize, {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                              "weight_block_size": [16, 16]})
     assert any(t.dtype == torch.float8_e4m3fn for t in load_file(str(tmp_path / "model.safetensors")).values())
-    assert_matches_dequantized(tmp_path, ref, reference)
+    assert_matches_dequantized(tmp_path, ref, reference, {"fp8_block"})
 
 
 @pytest.mark.parametrize("strategy", ["tensor", "channel", "block"])
@@ -116,7 +152,9 @@ def test_compressed_tensors_fp8_checkpoint(strategy, tmp_path):
         group["weights"]["block_structure"] = [32, 32]
     reference = rewrite(tmp_path, quantize, {"quant_method": "compressed-tensors", "format": "float-quantized",
                                              "config_groups": {"group_0": group}, "ignore": ["lm_head"]})
-    assert_matches_dequantized(tmp_path, ref, reference)
+    # per tensor: fused q/k/v and each expert's gate+up keep their tensors' scales per row
+    formats = {"block": {"fp8_block"}, "channel": {"fp8_channel"}, "tensor": {"fp8_tensor", "fp8_channel"}}[strategy]
+    assert_matches_dequantized(tmp_path, ref, reference, formats)
 
 
 FP4 = torch.tensor(FP4_VALUES)
@@ -150,7 +188,7 @@ def test_mxfp4_gpt_oss_checkpoint(tmp_path):
     cfg = json.loads((tmp_path / "config.json").read_text())
     cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn"]}
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    assert_matches_dequantized(tmp_path, ref, reference)
+    assert_matches_dequantized(tmp_path, ref, reference, {"mxfp4"})
 
 
 @pytest.mark.parametrize("qcfg, named", [

@@ -63,8 +63,7 @@ def parse_quantization(qcfg: dict[str, Any] | None) -> QuantSpec | None:
     method = str(qcfg.get("quant_method", "")).lower()
     if method not in METHODS:
         raise UnsupportedModelError(
-            f"quantization method {method or qcfg!r} is not supported; supported: {', '.join(METHODS)} "
-            f"(dequantized to the compute dtype at load)")
+            f"quantization method {method or qcfg!r} is not supported; supported: {', '.join(METHODS)}")
     if method == "fp8":
         block = qcfg.get("weight_block_size")
         if block is None:

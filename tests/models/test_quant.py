@@ -98,6 +98,8 @@ def assert_matches_dequantized(path, ref, reference: dict[str, torch.Tensor], fo
         held = {weight_map[n][0] for n in names}
         assert held <= set(model.qweights), f"dequantized at load: {sorted(held - set(model.qweights))}"
         assert set(model.weight_formats().values()) == formats
+        sparse = [i for i in range(model.config.num_layers) if model.config.sparse_layers[i]]
+        assert all(f"layers.{i}.moe.{w}" in model.qweights for i in sparse for w in ("w13", "w2"))
         plan = model.kernel_plan.to_dict()
         assert {f for g in plan["layers"] for v in g["weight_formats"].values() if v for f in v.split("+")} >= formats
         resident = model.weight_bytes()
@@ -155,6 +157,12 @@ def test_compressed_tensors_fp8_checkpoint(strategy, tmp_path):
     # per tensor: fused q/k/v and each expert's gate+up keep their tensors' scales per row
     formats = {"block": {"fp8_block"}, "channel": {"fp8_channel"}, "tensor": {"fp8_tensor", "fp8_channel"}}[strategy]
     assert_matches_dequantized(tmp_path, ref, reference, formats)
+    if strategy == "channel":  # expert placement keeps float stacks: dequantized at load, the same logits
+        kept = load_model(str(tmp_path), dtype="float32", device="cpu", progress=False)
+        placed = load_model(str(tmp_path), dtype="float32", device="cpu", progress=False, keep_quantized=False)
+        assert kept.qweights and not placed.qweights and placed.weight_bytes()["quantized"] == 0
+        for a, b in zip(prefill_logits(kept, PROMPTS), prefill_logits(placed, PROMPTS)):
+            assert (a - b).abs().max().item() <= 1e-4
 
 
 FP4 = torch.tensor(FP4_VALUES)
@@ -247,3 +255,26 @@ def test_quantized_weights_stream_one_at_a_time(tmp_path, monkeypatch):
         assert tensor.dtype == torch.float32
         assert reads[-1] in (name, name + "_scale_inv") and len(reads) <= 2 * yielded
     assert yielded and sum(n.endswith("_scale_inv") for n in reads) > 10
+
+
+def test_quantization_fp8_quantizes_a_float_checkpoint_per_channel(mixtral_dir):
+    """--quantization fp8: every expert stack and linear kept as fp8_channel (a quarter of their
+    float32 bytes, plus a scale per row), computing what the float model computes with those weights."""
+    model = load_model(str(mixtral_dir), dtype="float32", device="cpu", progress=False, quantization="fp8")
+    assert set(model.qweights) == set(model.qtensor_candidates())
+    assert set(model.weight_formats().values()) == {"fp8_channel"}
+    ref = load_model(str(mixtral_dir), dtype="float32", device="cpu", progress=False)
+    assert model.weight_bytes()["experts_linears"] <= 0.27 * ref.weight_bytes()["experts_linears"]
+    with torch.no_grad():
+        for name, q in model.qweights.items():
+            ref.get_parameter(name).copy_(q.dequant())
+    ref.plan_kernels()
+    for a, b in zip(prefill_logits(model, PROMPTS), prefill_logits(ref, PROMPTS)):
+        assert (a - b).abs().max().item() <= 1e-4
+    assert greedy_generate(model, PROMPTS[1:3], 6) == greedy_generate(ref, PROMPTS[1:3], 6)
+    assert model.kernel_plan.lm_head_format == "fp8_channel" and "fp8_channel" in model.kernel_plan.table()
+
+
+def test_quantization_fp8_refuses_unknown_names(mixtral_dir):
+    with pytest.raises(UnsupportedModelError, match="fp8"):
+        load_model(str(mixtral_dir), dtype="float32", device="cpu", progress=False, quantization="fp4")

@@ -42,7 +42,7 @@ class DeepSeekFP8Reader:
 
     def group(self, names: Collection[str]) -> dict[str, tuple[str, ...]]:
         names = set(names)
-        out = {}
+        out: dict[str, tuple[str, ...]] = {}
         for n in names:
             for suffix in self.suffixes:
                 if n.endswith(".weight") and n + suffix in names:

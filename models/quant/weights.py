@@ -27,8 +27,8 @@ FP8 = (WeightFormat.FP8_BLOCK, WeightFormat.FP8_CHANNEL, WeightFormat.FP8_TENSOR
 def empty_qtensor(shape: tuple[int, ...], fmt: WeightFormat, block: tuple[int, int] | None = None,
                   group: int | None = None, device: torch.device | str = "cpu") -> QTensor:
     """A zero QTensor of logical `shape` [..., N, K] in `fmt` (the formats this module writes)."""
-    *lead, N, K = shape
-    lead = tuple(lead)
+    *rest, N, K = shape
+    lead = tuple(rest)
     if fmt in FP8:
         data = torch.zeros(*lead, N, K, dtype=torch.float8_e4m3fn, device=device)
         if fmt == WeightFormat.FP8_BLOCK:

@@ -9,7 +9,7 @@ never resident. Both compute in x's dtype with float32 dequantization.
 `qmoe` computes, for x [T, H], w13 [E, 2I, H] (gate rows, then up rows) and w2 [E, H, I]:
     sum_k topk_w[t, k] * (w2[e] @ act(w13[e] @ x[t] + b13[e]) + b2[e]),  e = topk_ids[t, k]
 with act the SwiGLU `silu(gate) * up`, or gpt-oss's clamped one where `limit` is given
-(models/kernels/fused_moe.clamped_swiglu), and with `weight_on_input` (Llama 4) the routing weight
+(`clamped_swiglu`), and with `weight_on_input` (Llama 4) the routing weight
 scaling the expert's input instead of its output.
 """
 
@@ -19,6 +19,13 @@ import torch
 import torch.nn.functional as F
 
 from models.quant.formats import QTensor
+
+
+def clamped_swiglu(h: torch.Tensor, inter: int, alpha: float, limit: float) -> torch.Tensor:
+    """gpt-oss activation of h [n, 2I] (gate columns, then up columns) -> [n, I]."""
+    gate = h[:, :inter].clamp(max=limit)
+    up = h[:, inter:].clamp(min=-limit, max=limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
 
 
 def qlinear(x: torch.Tensor, w: QTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -52,7 +59,6 @@ def qmoe_reference(x: torch.Tensor, w13: QTensor, w2: QTensor, topk_ids: torch.T
                    alpha: float = 1.702, weight_on_input: bool = False) -> torch.Tensor:
     """The torch reference of `qmoe`: the pairs sorted by expert, each active expert's weights
     dequantized for its matmuls only (the counts are read on the host)."""
-    from models.kernels.fused_moe import clamped_swiglu
     from models.kernels.moe_align import expert_runs, sort_pairs
 
     E, inter = w13.shape[0], w2.shape[-1]

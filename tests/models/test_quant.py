@@ -278,3 +278,36 @@ def test_quantization_fp8_quantizes_a_float_checkpoint_per_channel(mixtral_dir):
 def test_quantization_fp8_refuses_unknown_names(mixtral_dir):
     with pytest.raises(UnsupportedModelError, match="fp8"):
         load_model(str(mixtral_dir), dtype="float32", device="cpu", progress=False, quantization="fp4")
+
+
+def test_fused_rows_that_split_fp8_blocks_fall_back_to_float_by_name(tmp_path, caplog):
+    """Blocks of 48 rows: q (64 rows) ends inside a block that k would share, so the fused q/k/v
+    is dequantized at load and named in the log; gate/up (96 rows each) and the rest stay fp8_block."""
+    ref = make_checkpoint("mixtral", tmp_path, seed=8)
+
+    def quantize(name, w):
+        q, scale, deq = fp8_tiles(w, 48, 32)
+        return {name: q, name + "_scale": scale}, deq
+
+    group = {"targets": ["Linear"], "weights": {"num_bits": 8, "type": "float", "strategy": "block",
+                                                "block_structure": [48, 32], "symmetric": True, "dynamic": False}}
+    reference = rewrite(tmp_path, quantize, {"quant_method": "compressed-tensors", "format": "float-quantized",
+                                             "config_groups": {"group_0": group}, "ignore": ["lm_head"]})
+    deq = tmp_path / "dequantized"
+    deq.mkdir()
+    save_file(reference, str(deq / "model.safetensors"), metadata={"format": "pt"})
+    (deq / "config.json").write_text((tmp_path / "config.unquantized.json").read_text())
+    ref = type(ref).from_pretrained(str(deq), dtype=torch.float32).eval()
+    with caplog.at_level("INFO", logger="models"):
+        model = load_model(str(tmp_path), dtype="float32", device="cpu", progress=False)
+    n = model.config.num_layers
+    assert not any(f"layers.{i}.attn.qkv.weight" in model.qweights for i in range(n))
+    assert all(f"layers.{i}.{w}" in model.qweights for i in range(n) for w in ("attn.o_proj.weight", "moe.w13",
+                                                                             "moe.w2"))
+    assert "layers.0.attn.qkv.weight (model.layers.0.self_attn.q_proj.weight fills rows 0:64, not whole fp8 " \
+           "blocks of 48)" in caplog.text
+    assert "model.layers.0.self_attn.k_proj.weight" in caplog.text  # dequantized at load, by name
+    assert model.kernel_plan.to_dict()["layers"][0]["weight_formats"]["attention"] == "fp8_block"  # o
+    out = hf_padded_logits(ref, PROMPTS)
+    for i, (p, ours) in enumerate(zip(PROMPTS, prefill_logits(model, PROMPTS))):
+        assert (ours - out.logits[i, : len(p)]).abs().max().item() <= 1e-4

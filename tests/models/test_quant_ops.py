@@ -103,3 +103,18 @@ def test_qparam_writes_fused_rows_and_refuses_split_blocks():
     c.write((2, slice(0, INTER)), w)
     assert (c.q[2].dequant()[:INTER] - w).abs().max() <= 0.07 * w.abs().max()
     torch.testing.assert_close(c.q[2].dequant()[:INTER], quantize_fp8_channel(w).dequant())
+
+
+def test_plan_refuses_quantized_weights_on_cuda_without_triton():
+    from models.hf_config import load_config
+    from models.kernels.plan import Capabilities, KernelPlanError, resolve_plan
+    from server.config import BUNDLED_MODEL
+
+    cfg = load_config(BUNDLED_MODEL)
+    with pytest.raises(KernelPlanError, match="Triton is not installed"):
+        resolve_plan(cfg, torch.device("cuda"), torch.bfloat16, caps=Capabilities("cuda", triton=False),
+                     weight_formats={"layers.0.moe.w13": "fp8_block", "layers.0.moe.w2": "fp8_block"})
+    plan = resolve_plan(cfg, torch.device("cuda"), torch.bfloat16, caps=Capabilities("cuda", triton=True),
+                        weight_formats={"layers.0.moe.w13": "fp8_block", "layers.0.moe.w2": "fp8_block"})
+    assert plan.layers[0].experts_format == "fp8_block" and plan.layers[0].moe.value == "triton"
+    assert plan.layers[1].experts_format == "bf16"

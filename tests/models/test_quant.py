@@ -134,18 +134,27 @@ def test_fp8_block_checkpoint(family, tmp_path):
 
 @pytest.mark.parametrize("strategy", ["tensor", "channel", "block"])
 def test_compressed_tensors_fp8_checkpoint(strategy, tmp_path):
+    """compressed-tensors float-quantized, its weights made by the package's own compressor
+    (`FloatQuantizationCompressor`: rounding and layout) and the reference by its decompressor."""
+    from compressed_tensors.compressors.naive_quantized.base import FloatQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
     ref = make_checkpoint("mixtral", tmp_path, seed=6)
+    scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
+        num_bits=8, type="float", strategy=strategy, symmetric=True, dynamic=False,
+        block_structure=[32, 32] if strategy == "block" else None))
 
     def quantize(name, w):
         if strategy == "block":
-            q, scale, deq = fp8_tiles(w, 32, 32)
+            _, scale, _ = fp8_tiles(w, 32, 32)
         else:
             amax = w.abs().amax(dim=1, keepdim=True) if strategy == "channel" else w.abs().max().reshape(1)
             scale = amax.clamp(min=1e-12) / E4M3_MAX  # [out, 1] or [1]
-            q = (w / scale).to(torch.float8_e4m3fn)
-            deq = q.float() * scale
+        out = FloatQuantizationCompressor.compress({"weight": w, "weight_scale": scale}, scheme)
+        deq = FloatQuantizationCompressor.decompress(dict(out), scheme)["weight"].float()
         # a static activation scale too: unused when computing in the model dtype
-        return {name: q, name + "_scale": scale, name.removesuffix("weight") + "input_scale": torch.ones(1)}, deq
+        return {name: out["weight"], name + "_scale": out["weight_scale"],
+                name.removesuffix("weight") + "input_scale": torch.ones(1)}, deq
 
     group = {"targets": ["Linear"], "weights": {"num_bits": 8, "type": "float", "strategy": strategy,
                                                 "symmetric": True, "dynamic": False},

@@ -11,9 +11,9 @@ Quantized weights (FP8 with their scales, MXFP4 blocks with theirs: each method'
 `models.quant.READERS`) are kept in their format where the engine runs them quantized
 (`plan_quantized` decides which parameters, from the checkpoint's headers, before loading:
 expert stacks, attention and MLA projections, shared experts, the LM head) and written into
-their `QParam` slice by slice; the others are dequantized as they stream, and named in the log. Layers past `num_hidden_layers` (multi-token-prediction
-modules of DeepSeek-V3 and GLM-4.5) and `mtp` modules are skipped with a log line, unless the
-weight map names them (`load_model(..., mtp=True)` adds the MTP layers' entries: models/mtp.py).
+their `QParam` slice by slice; the others are dequantized as they stream, and named in the log.
+Layers past `num_hidden_layers` (multi-token-prediction modules of DeepSeek-V3 and GLM-4.5) and
+`mtp` modules are skipped with a log line, unless the weight map names them (`load_model(..., mtp=True)` adds the MTP layers' entries: models/mtp.py).
 """
 
 from __future__ import annotations

@@ -192,7 +192,7 @@ def plan_quantized(path: str, weight_map: WeightMap, quant: QuantSpec | None, ca
             weights.append((name, rows, entry[2] if len(entry) > 2 else None))
         quantized = [w for w in weights if w[0] in described]
         if not quantized:
-            if fp8 and reason is None and all(t is None for _, _, t in weights):
+            if fp8 and reason is None:  # float tensors are transformed, then quantized per row
                 kept[param] = (WeightFormat.FP8_CHANNEL, None, bias_column)
             continue
         fmts = {described[n][0] for n, _, _ in quantized}

@@ -251,7 +251,7 @@ class KernelPlan:
         placed = ", ".join(f"{d}: {k.value}" for d, k in self.placed_moe)
         lm_head = self.lm_head.value if self.lm_head != LinearLayout.QUANTIZED else (
             self.quantization or self.lm_head_format)
-        if self.lm_head_format != "bf16":
+        if self.lm_head_format != "bf16" and self.lm_head != LinearLayout.QUANTIZED:
             lm_head += f" ({self.lm_head_format})"
         if self.quantization or self.quantized_bytes:
             lm_head += f"; quantized weights: {self.quantized_bytes / 2**20:.1f} MiB"

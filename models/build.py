@@ -161,8 +161,9 @@ def load_model(path: str, dtype: str = "auto", device: str = "auto", progress: b
     for name, (module, attr, meta) in held.items():
         module._parameters[attr] = meta
         if name in kept:
-            fmt, block, bias_column = kept[name]
-            model.qweights[name] = QParam.empty(name, tuple(meta.shape), fmt, block, bias_column, torch_dtype, dev)
+            fmt, block, bias_column, extras = kept[name]
+            model.qweights[name] = QParam.empty(name, tuple(meta.shape), fmt, block, bias_column, torch_dtype, dev,
+                                                **extras)
         else:
             model.quantized[name] = QuantWeight.empty(tuple(meta.shape), quantization)
     model.reset_buffers()

@@ -152,12 +152,13 @@ def _rows_index(index: tuple, shape: tuple[int, ...], bias_column: bool) -> tupl
 
 
 def plan_quantized(path: str, weight_map: WeightMap, quant: QuantSpec | None, candidates: dict[str, tuple],
-                   fp8: bool = False) -> tuple[dict[str, tuple[WeightFormat, tuple[int, int] | None, bool]],
-                                               list[str]]:
+                   fp8: bool = False) -> tuple[dict[str, tuple], list[str]]:
     """Which of `candidates` ({parameter name: (shape, has a bias column)}: the linears and expert
     stacks the engine can run quantized) the loader keeps quantized, decided from the checkpoint's
-    headers before reading any data: {name: (format, block, bias column)}, and the parameters a
-    quantized checkpoint fills that stay float (dequantized at load), each with its reason.
+    headers before reading any data: {name: (format, block, bias column, extras)}, and the parameters
+    a quantized checkpoint fills that stay float (dequantized at load), each with its reason. A reader
+    says a weight's format with `describe(name, shapes) -> (format, shape, block[, extras])`
+    (`extras`: `models.quant.weights.empty_qtensor`'s group / zero / scale_dtype, int4_group).
 
     A parameter is kept quantized when every weight filling it is quantized in one format (FP8
     per tensor and per channel together: per channel), each fills whole rows (FP8 blocks: whole
@@ -177,7 +178,7 @@ def plan_quantized(path: str, weight_map: WeightMap, quant: QuantSpec | None, ca
     for name, entry in weight_map.items():
         if entry[0] in candidates:
             by_param.setdefault(entry[0], []).append((name, entry))
-    kept: dict[str, tuple[WeightFormat, tuple[int, int] | None, bool]] = {}
+    kept: dict[str, tuple] = {}
     fallback: list[str] = []
     for param, entries in by_param.items():
         shape, bias_column = candidates[param]
@@ -193,7 +194,7 @@ def plan_quantized(path: str, weight_map: WeightMap, quant: QuantSpec | None, ca
         quantized = [w for w in weights if w[0] in described]
         if not quantized:
             if fp8 and reason is None:  # float tensors are transformed, then quantized per row
-                kept[param] = (WeightFormat.FP8_CHANNEL, None, bias_column)
+                kept[param] = (WeightFormat.FP8_CHANNEL, None, bias_column, {})
             continue
         fmts = {described[n][0] for n, _, _ in quantized}
         blocks = {described[n][2] for n, _, _ in quantized}
@@ -225,7 +226,11 @@ def plan_quantized(path: str, weight_map: WeightMap, quant: QuantSpec | None, ca
         if reason is not None or fmt is None:
             fallback.append(f"{param} ({reason or 'format known only when read'})")
             continue
-        kept[param] = (fmt, block, bias_column)
+        extras = {(k, v) for n, _, _ in quantized for k, v in (described[n][3] if len(described[n]) > 3 else {}).items()}
+        if len({k for k, _ in extras}) < len(extras):
+            fallback.append(f"{param} (weights with different {sorted(k for k, _ in extras)})")
+            continue
+        kept[param] = (fmt, block, bias_column, dict(extras))
     return kept, fallback
 
 

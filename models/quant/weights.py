@@ -25,10 +25,22 @@ FP8 = (WeightFormat.FP8_BLOCK, WeightFormat.FP8_CHANNEL, WeightFormat.FP8_TENSOR
 
 
 def empty_qtensor(shape: tuple[int, ...], fmt: WeightFormat, block: tuple[int, int] | None = None,
-                  group: int | None = None, device: torch.device | str = "cpu") -> QTensor:
-    """A zero QTensor of logical `shape` [..., N, K] in `fmt` (the formats this module writes)."""
+                  group: int | None = None, device: torch.device | str = "cpu", zero: bool = False,
+                  scale_dtype: torch.dtype = torch.float32) -> QTensor:
+    """A zero QTensor of logical `shape` [..., N, K] in `fmt` (`group`, `zero` and `scale_dtype`:
+    int4_group's group size, zero points and scale dtype)."""
     *rest, N, K = shape
     lead = tuple(rest)
+    if fmt == WeightFormat.INT8_CHANNEL:
+        return QTensor(fmt, tuple(shape), torch.zeros(*lead, N, K, dtype=torch.int8, device=device),
+                       torch.zeros(*lead, N, 1, dtype=torch.float32, device=device))
+    if fmt == WeightFormat.INT4_GROUP:
+        if group is None or K % group:
+            raise FormatError(f"int4_group needs a group size dividing its input size {K}, got {group}")
+        return QTensor(fmt, tuple(shape), torch.zeros(*lead, N, K // 2, dtype=torch.uint8, device=device),
+                       torch.zeros(*lead, N, K // group, dtype=scale_dtype, device=device),
+                       zero=torch.zeros(*lead, N, K // group, dtype=torch.uint8, device=device) if zero else None,
+                       group=group)
     if fmt in FP8:
         data = torch.zeros(*lead, N, K, dtype=torch.float8_e4m3fn, device=device)
         if fmt == WeightFormat.FP8_BLOCK:
@@ -86,10 +98,12 @@ class QParam:
     @classmethod
     def empty(cls, name: str, param_shape: tuple[int, ...], fmt: WeightFormat, block: tuple[int, int] | None = None,
               bias_column: bool = False, dtype: torch.dtype = torch.float32,
-              device: torch.device | str = "cpu") -> QParam:
+              device: torch.device | str = "cpu", **extras) -> QParam:
+        """`extras`: `empty_qtensor`'s group / zero / scale_dtype (int4_group)."""
         shape = tuple(param_shape[:-1]) + (param_shape[-1] - (1 if bias_column else 0),)
         bias = torch.zeros(shape[:-1], dtype=dtype, device=device) if bias_column else None
-        return cls(name, tuple(param_shape), empty_qtensor(shape, WeightFormat(fmt), block, device=device), bias)
+        return cls(name, tuple(param_shape), empty_qtensor(shape, WeightFormat(fmt), block, device=device, **extras),
+                   bias)
 
     @property
     def fmt(self) -> WeightFormat:
@@ -145,8 +159,13 @@ class QParam:
             raise FormatError(f"{self.name}: a {tuple(value.shape)} weight does not fit rows {index} "
                               f"(data {tuple(data.shape)} vs {tuple(value.data.shape)}, scales {tuple(scale.shape)} "
                               f"vs {tuple(value.scale.shape)})")
+        if value.group != self.q.group or (value.zero is None) != (self.q.zero is None):
+            raise FormatError(f"{self.name}: group {value.group} / zero points {value.zero is not None} written into "
+                              f"group {self.q.group} / zero points {self.q.zero is not None}")
         data.copy_(value.data)
         scale.copy_(value.scale)
+        if self.q.zero is not None:
+            (self.q.zero[index] if index else self.q.zero).copy_(value.zero)
 
     def dequant(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float parameter it stands for (bias column included): tests and the placement fallback."""

@@ -1,5 +1,5 @@
-"""models.quant.ops on the CPU: `qmoe` / `qlinear` over QTensors in every format the loader keeps
-(fp8 block / channel / tensor, mxfp4) equal the float kernels (`moe_loop`, F.linear) over the
+"""models.quant.ops on the CPU: `qmoe` / `qlinear` over QTensors in every format (fp8 block /
+channel / tensor, mxfp4, int4_group, int8_channel) equal the float kernels (`moe_loop`, F.linear) over the
 dequantized weights, family variants included, and dequantize only the experts a batch routes to;
 `QParam` writes slice by slice (fused rows, stacked experts, fp8 blocks) and refuses misaligned rows."""
 
@@ -25,6 +25,14 @@ def make(fmt: WeightFormat, shape: tuple[int, ...], gen: torch.Generator) -> QTe
         codes = torch.randint(0, 16, (*lead, N, Kin), generator=gen)
         scale = torch.randint(120, 128, (*lead, N, Kin // 32), generator=gen).to(torch.uint8)
         return QTensor(fmt, shape, pack_nibbles(codes), scale, group=32)
+    if fmt == WeightFormat.INT8_CHANNEL:
+        data = torch.randint(-127, 128, shape, generator=gen).to(torch.int8)
+        return QTensor(fmt, shape, data, torch.rand(*lead, N, 1, generator=gen) * 1e-2 + 1e-3)
+    if fmt == WeightFormat.INT4_GROUP:  # asymmetric: zero points per group
+        codes = torch.randint(0, 16, (*lead, N, Kin), generator=gen)
+        scale = (torch.rand(*lead, N, Kin // 32, generator=gen) * 1e-2 + 1e-3).half()
+        zero = torch.randint(0, 16, (*lead, N, Kin // 32), generator=gen).to(torch.uint8)
+        return QTensor(fmt, shape, pack_nibbles(codes), scale, zero=zero, group=32)
     data = (torch.randn(shape, generator=gen) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
     if fmt == WeightFormat.FP8_BLOCK:
         s = (*lead, -(-N // 16), -(-Kin // 32))
@@ -33,7 +41,8 @@ def make(fmt: WeightFormat, shape: tuple[int, ...], gen: torch.Generator) -> QTe
     return QTensor(fmt, shape, data, torch.rand(s, generator=gen) * 1e-3 + 1e-4)
 
 
-FORMATS = [WeightFormat.FP8_BLOCK, WeightFormat.FP8_CHANNEL, WeightFormat.FP8_TENSOR, WeightFormat.MXFP4]
+FORMATS = [WeightFormat.FP8_BLOCK, WeightFormat.FP8_CHANNEL, WeightFormat.FP8_TENSOR, WeightFormat.MXFP4,
+           WeightFormat.INT4_GROUP, WeightFormat.INT8_CHANNEL]
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.value)
@@ -118,3 +127,16 @@ def test_plan_refuses_quantized_weights_on_cuda_without_triton():
                         weight_formats={"layers.0.moe.w13": "fp8_block", "layers.0.moe.w2": "fp8_block"})
     assert plan.layers[0].experts_format == "fp8_block" and plan.layers[0].moe.value == "triton"
     assert plan.layers[1].experts_format == "bf16"
+
+
+def test_qparam_holds_int4_groups_with_zero_points():
+    """The holder the int readers' weights go into (models/quant/int_readers.py): gate and up rows
+    of one expert written apart, their zero points with them."""
+    gen = torch.Generator().manual_seed(7)
+    p = QParam.empty("w13", (E, 2 * INTER, H), WeightFormat.INT4_GROUP, group=32, zero=True,
+                     scale_dtype=torch.float16)
+    gate, up = make(WeightFormat.INT4_GROUP, (INTER, H), gen), make(WeightFormat.INT4_GROUP, (INTER, H), gen)
+    p.write((3, slice(0, INTER)), gate)
+    p.write((3, slice(INTER, 2 * INTER)), up)
+    torch.testing.assert_close(p.q[3].dequant(), torch.cat((gate.dequant(), up.dequant())))
+    assert p.q.nbytes == E * 2 * INTER * (H // 2 + 3 * H // 32)

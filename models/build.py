@@ -9,6 +9,7 @@ tree built on the meta device and materialised on the target device, the weights
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 
 import torch
@@ -21,10 +22,14 @@ from models.kernels.flags import KernelFlags
 from models.kernels.plan import (KernelPlan, KernelPlanError, LinearLayout, MoEKernel, cpu_has_native_bf16, quantizable,
                                  resolve_plan)
 from models.kernels.quant import QUANTIZATIONS, QuantWeight, select_isa
-from models.loader import load_weights
+from models.loader import load_weights, plan_quantized
 from models.model import MoEForCausalLM
+from models.quant import reader_for
+from models.quant.weights import QParam
 from models.mtp import MultiTokenPredictor, checkpoint_tensor_names, mtp_weight_map, num_mtp_layers
 from models.registry import family_for
+
+log = logging.getLogger(__name__)
 
 
 def resolve_dtype(name: str, checkpoint_dtype: str, device: torch.device) -> torch.dtype:
@@ -91,15 +96,22 @@ def quantized_params(model: MoEForCausalLM, plan: KernelPlan) -> list[str]:
     return names
 
 
+FP8_QUANTIZATION = "fp8"  # --quantization fp8: experts and linears to fp8_channel at load (QParam)
+
+
 def load_model(path: str, dtype: str = "auto", device: str = "auto", progress: bool = True,
                kernels: KernelFlags | None = None, mtp: bool = False,
-               quantization: str | None = None) -> MoEForCausalLM:
+               quantization: str | None = None, keep_quantized: bool = True) -> MoEForCausalLM:
     """The model of checkpoint `path`, with the kernel plan that `kernels` (default: every
     choice "auto") resolves to for its device and dtype (`model.kernel_plan`). With `mtp`, the
     checkpoint's multi-token-prediction layers too, as `model.mtp` (models/mtp.py; otherwise the
     loader skips them). `quantization` (a format of models/kernels/quant.py: int8, int4, ...):
     the q/k/v, o, expert, shared expert and LM head weights are quantized as they stream in and
-    kept only quantized (CPU, float32 activations; `--dtype auto` then means float32).
+    kept only quantized (CPU, float32 activations; `--dtype auto` then means float32); `fp8`:
+    those weights quantized per channel to FP8 as they stream (`models/quant/weights.py`), run by
+    `models.quant.ops` on any device. A quantized checkpoint's weights stay in their format where the
+    engine runs them so (`models.loader.plan_quantized`), unless `keep_quantized` is off (expert
+    placement moves float stacks): then they are dequantized at load, as the others.
     `path` may name a GGUF checkpoint (models/gguf_loader.py): its Q8_0 / Q4_0 / Q4_1 weights
     stay packed in the formats int8 / int4 / int4_zp, as if `quantization` had made them."""
     t0 = time.monotonic()
@@ -124,9 +136,20 @@ def load_model(path: str, dtype: str = "auto", device: str = "auto", progress: b
     torch_dtype = torch.float32 if quantization and canonical_dtype(dtype) == "auto" else resolve_dtype(
         dtype, cfg.torch_dtype, dev)
     plan = None
+    spec = cfg.extra.get("quant")
+    fp8 = quantization == FP8_QUANTIZATION
+    if fp8:
+        quantization = None
+    elif quantization and spec is not None:
+        log.info("--quantization %s over a %s checkpoint: its weights are dequantized at load, then quantized",
+                 quantization, spec.method)
+    if spec is not None and not keep_quantized and reader_for(spec) is not None:
+        log.info("%s checkpoint with expert placement: weights dequantized to %s at load (placement moves "
+                 "float expert stacks)", spec.method, str(torch_dtype).removeprefix("torch."))
     if quantization:
         if quantization not in QUANTIZATIONS:
-            raise UnsupportedModelError(f"quantization {quantization!r}: one of {', '.join(QUANTIZATIONS)}")
+            raise UnsupportedModelError(f"quantization {quantization!r}: one of "
+                                        f"{', '.join(QUANTIZATIONS + (FP8_QUANTIZATION,))}")
         try:  # refuses early
             plan = resolve_plan(cfg, dev, torch_dtype, kernels, quantization=quantization, quantized_groups=groups)
         except KernelPlanError as e:
@@ -143,8 +166,15 @@ def load_model(path: str, dtype: str = "auto", device: str = "auto", progress: b
             predictor = model.mtp = MultiTokenPredictor(cfg, n, model.rotary, own_embed, own_head)
         model = model.to(torch_dtype).restore_fp32_modules()  # no memory yet
     quantized = quantized_params(model, plan) if plan is not None else []
+    kept: dict = {}
+    if fp8 or (spec is not None and keep_quantized and not quantization and reader_for(spec) is not None):
+        kept, fallback = plan_quantized(path, family.weight_map(cfg), spec if keep_quantized else None,
+                                        model.qtensor_candidates(), fp8=fp8)
+        if fallback:
+            log.info("kept in %s, not quantized (dequantized at load where the checkpoint quantizes them): %s",
+                     str(torch_dtype).removeprefix("torch."), ", ".join(fallback))
     held = {}
-    for name in quantized:  # kept off the device: only their quantized copy will exist
+    for name in list(quantized) + list(kept):  # kept off the device: only their quantized copy will exist
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
         held[name] = (module, attr, module._parameters[attr])
@@ -155,7 +185,12 @@ def load_model(path: str, dtype: str = "auto", device: str = "auto", progress: b
     model = model.to_empty(device=dev)
     for name, (module, attr, meta) in held.items():
         module._parameters[attr] = meta
-        model.quantized[name] = QuantWeight.empty(tuple(meta.shape), formats.get(name, quantization))
+        if name in kept:
+            fmt, block, bias_column, extras = kept[name]
+            model.qweights[name] = QParam.empty(name, tuple(meta.shape), fmt, block, bias_column, torch_dtype, dev,
+                                                **extras)
+        else:
+            model.quantized[name] = QuantWeight.empty(tuple(meta.shape), formats.get(name, quantization))
     model.reset_buffers()
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed.weight
@@ -166,11 +201,11 @@ def load_model(path: str, dtype: str = "auto", device: str = "auto", progress: b
                                        notes=plan.notes + (gguf.describe_formats(formats),))
         gguf.close()
     else:
-        load_weights(model, path, weight_map, progress=progress, quant=cfg.extra.get("quant"),
-                     quantized=model.quantized)
+        load_weights(model, path, weight_map, progress=progress, quant=spec,
+                     quantized=model.quantized, qparams=model.qweights)
     model.eval().requires_grad_(False)  # inference only: no autograd graph, whoever calls it
     if plan is not None:
-        model.apply_plan(plan)
+        model.apply_plan(model.with_weight_bytes(plan))
     else:
         model.plan_kernels(kernels)
     if predictor is not None:

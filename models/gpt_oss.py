@@ -62,6 +62,25 @@ def _gate_up(t: torch.Tensor) -> torch.Tensor:
     return _deinterleave(t).transpose(1, 2)  # [E, H, 2I] -> [E, 2I, H]
 
 
+def _gate_up_rows(q):
+    """`_gate_up` of an MXFP4 QTensor [E, 2I, H] (rows are gpt-oss's interleaved gate/up outputs)."""
+    from models.quant.weights import permute_rows
+
+    n = q.shape[-2]
+    return permute_rows(q, torch.cat((torch.arange(0, n, 2), torch.arange(1, n, 2))))
+
+
+def _down(t: torch.Tensor) -> torch.Tensor:
+    return t.transpose(1, 2)  # [E, I, H] -> [E, H, I]
+
+
+# the same transforms of a weight kept quantized (models/loader.plan_quantized): its rows are the
+# output features already; gate/up's de-interleave is a row permutation
+_gate_up.qtensor = _gate_up_rows  # type: ignore[attr-defined]
+_gate_up.permutes_rows = True  # type: ignore[attr-defined]
+_down.qtensor = lambda q: q  # type: ignore[attr-defined]
+
+
 def weight_map(cfg: MoEModelConfig) -> WeightMap:
     H, inter = cfg.hidden_size, cfg.moe_intermediate_size
     weights, bias = lambda n: (slice(None), slice(None), slice(0, n)), lambda n: (slice(None), slice(None), n)
@@ -72,7 +91,7 @@ def weight_map(cfg: MoEModelConfig) -> WeightMap:
             f"{hf}.router.bias": (f"{ours}.gate.bias", ()),
             f"{hf}.experts.gate_up_proj": (f"{ours}.w13", weights(H), _gate_up),
             f"{hf}.experts.gate_up_proj_bias": (f"{ours}.w13", bias(H), _deinterleave),
-            f"{hf}.experts.down_proj": (f"{ours}.w2", weights(inter), lambda t: t.transpose(1, 2)),
+            f"{hf}.experts.down_proj": (f"{ours}.w2", weights(inter), _down),
             f"{hf}.experts.down_proj_bias": (f"{ours}.w2", bias(inter)),
         }
 

@@ -13,10 +13,12 @@ import torch
 from torch import nn
 
 from models.config import MoEModelConfig
-from models.kernels.packed import PackedExperts, PackedWeight, QuantizedExperts, QuantizedLinear, packed_linear
+from models.kernels.packed import (PackedExperts, PackedWeight, QTensorExperts, QTensorLinear, QuantizedExperts,
+                                   QuantizedLinear, packed_linear)
 from models.kernels.flags import KernelFlags
 from models.kernels.plan import KernelPlan, LinearLayout, MoEKernel, quantized_groups, resolve_plan
 from models.kernels.quant import QuantWeight
+from models.quant.weights import QParam
 from models.layers.attention import Attention
 from models.layers.paged import AttentionMetadata, KVCache
 from models.layers.kda import KimiDeltaAttention
@@ -93,6 +95,62 @@ class MoEForCausalLM(nn.Module):
         # what the paged KV cache stores (--kv-cache-dtype, models/kv_cache_dtype.py): None is the
         # model dtype; float8_e4m3fn with each attention layer's kv_scales
         self.kv_cache_dtype: torch.dtype | None = None
+        # a quantized checkpoint's weights kept in their format, or --quantization fp8: parameter name ->
+        # its only copy (models/quant/weights.py; the parameter: a shape on the meta device)
+        self.qweights: dict[str, QParam] = {}
+
+    def qtensor_candidates(self) -> dict[str, tuple[tuple[int, ...], bool]]:
+        """{parameter name: (shape, whether it carries a bias column)} of the weights the engine can
+        run kept in a checkpoint's quantized format (`models.quant.ops`): q/k/v and o (GQA), MLA's
+        projections (kv_b too: dequantized per call where the absorbed decode splits it), expert
+        stacks, shared experts, dense MLPs, an untied LM head."""
+        out: dict[str, tuple[tuple[int, ...], bool]] = {}
+        for i, layer in enumerate(self.layers):
+            if not isinstance(layer, DecoderLayer):  # LongCat's shortcut layers: not wired
+                continue
+            attn, p = layer.attn, f"layers.{i}"
+            names = []
+            if isinstance(attn, MLAttention):
+                names += [f"attn.{n}.weight" for n in attn.PACKED if hasattr(attn, n)] + [
+                    "attn.o_proj.weight", "attn.kv_b_proj.weight"]
+            elif hasattr(attn, "qkv"):
+                names += ["attn.qkv.weight", "attn.o_proj.weight"]
+            if layer.is_moe:
+                names += ["moe.w13", "moe.w2"]
+                if layer.moe.shared is not None:
+                    names += ["moe.shared.w13.weight", "moe.shared.w2.weight"]
+            else:
+                names += ["mlp.w13.weight", "mlp.w2.weight"]
+            for n in names:
+                param = self.get_parameter(f"{p}.{n}")
+                bias = n.startswith("moe.w") and layer.moe.variant is not None and layer.moe.variant.bias
+                out[f"{p}.{n}"] = (tuple(param.shape), bias)
+        if not self.config.tie_word_embeddings:
+            out["lm_head.weight"] = (tuple(self.lm_head.weight.shape), False)
+        return out
+
+    def weight_formats(self) -> dict[str, str]:
+        """{parameter name: WeightFormat} of the parameters kept in a quantized checkpoint format."""
+        return {n: q.fmt.value for n, q in self.qweights.items()}
+
+    def weight_bytes(self) -> dict[str, int]:
+        """The engine's own accounting of its resident weights: `quantized` (the QTensors' and
+        --quantization int8/int4's tensors), `float` (every other parameter, once: tied ones count
+        once, meta shapes not at all), `experts_linears` (the expert stacks and linears the engine can
+        run quantized: quantized or float, as they are held) and `total`."""
+        quantized = sum(q.q.nbytes for q in self.qweights.values()) + sum(q.nbytes for q in self.quantized.values())
+        floats = sum(p.numel() * p.element_size() for p in self.parameters() if p.device.type != "meta") + sum(
+            q.nbytes - q.q.nbytes for q in self.qweights.values())  # gpt-oss's expert biases beside their QTensors
+        linears = 0
+        for name in self.qtensor_candidates():
+            if name in self.qweights:
+                linears += self.qweights[name].nbytes
+            elif name in self.quantized:
+                linears += self.quantized[name].nbytes
+            else:
+                p = self.get_parameter(name)
+                linears += p.numel() * p.element_size()
+        return {"quantized": quantized, "float": floats, "experts_linears": linears, "total": quantized + floats}
 
     def moe_blocks(self) -> list[MoEBlock]:
         return [layer.moe for layer in self.layers if layer.is_moe]
@@ -117,6 +175,8 @@ class MoEForCausalLM(nn.Module):
 
         quantized = {id(p): self.quantized[n] for n, p in self.named_parameters(remove_duplicate=False)
                      if n in self.quantized}
+        kept = {id(p): self.qweights[n] for n, p in self.named_parameters(remove_duplicate=False)
+                if n in self.qweights}
 
         def quant(weight: torch.Tensor) -> QuantWeight:
             if id(weight) not in quantized:
@@ -125,6 +185,8 @@ class MoEForCausalLM(nn.Module):
             return quantized[id(weight)]
 
         def packed(weight: torch.Tensor, layout: LinearLayout, index: int | None = None) -> PackedWeight | None:
+            if id(weight) in kept:  # whatever the layout: its only copy is quantized
+                return QTensorLinear(kept[id(weight)])
             if layout == LinearLayout.PLAIN:
                 return None
             if layout == LinearLayout.QUANTIZED:
@@ -142,6 +204,7 @@ class MoEForCausalLM(nn.Module):
             qkv = packed(attn.qkv.weight, lk.qkv) if hasattr(attn, "qkv") else None
             o = packed(attn.o_proj.weight, lk.o) if hasattr(attn, "qkv") else None
             if isinstance(attn, MLAttention):  # its projections by name (MLAttention.PACKED)
+                attn.kv_b_q = kept.get(id(attn.kv_b_proj.weight))
                 qkv = {n: packed(getattr(attn, n).weight, lk.qkv) for n in attn.PACKED if hasattr(attn, n)}
                 o = packed(attn.o_proj.weight, lk.o)
             attn.apply_kernels(lk, qkv, o)
@@ -150,7 +213,10 @@ class MoEForCausalLM(nn.Module):
                 w13 = ([packed(b.w13, lk.gate_up, e) for e in range(b.num_experts)]
                        if lk.gate_up != LinearLayout.PLAIN else None)
                 experts: PackedExperts | None = None
-                if id(b.w13) in quantized:
+                if id(b.w13) in kept:
+                    w13 = None
+                    experts = QTensorExperts(kept[id(b.w13)], kept[id(b.w2)])
+                elif id(b.w13) in quantized:
                     experts = QuantizedExperts(quant(b.w13), quant(b.w2))
                 elif MoEKernel.CPU in (lk.moe, lk.moe_large):
                     key = (id(b.w13), id(b.w2))
@@ -160,6 +226,9 @@ class MoEForCausalLM(nn.Module):
                 if b.shared is not None:
                     w13s, w2s = packed(b.shared.w13.weight, lk.shared), packed(b.shared.w2.weight, lk.shared)
                     b.shared.packed = (w13s, w2s) if w13s is not None and w2s is not None else None
+            elif hasattr(layer, "mlp") and id(layer.mlp.w13.weight) in kept:  # a dense layer's MLP
+                layer.mlp.packed = (packed(layer.mlp.w13.weight, LinearLayout.PLAIN),
+                                    packed(layer.mlp.w2.weight, LinearLayout.PLAIN))
         self.packed_lm_head = packed(self.lm_head.weight, plan.lm_head)
         self.kernel_plan = plan
 
@@ -169,11 +238,19 @@ class MoEForCausalLM(nn.Module):
         fmts = {q.fmt for q in self.quantized.values()}
         plan = resolve_plan(self.config, self.embed.weight.device, self.embed.weight.dtype, flags,
                             quantization=fmts.pop() if fmts else None,
-                            quantized_groups=quantized_groups(self.quantized) if self.quantized else None)
+                            quantized_groups=quantized_groups(self.quantized) if self.quantized else None,
+                            weight_formats=self.weight_formats())
         if fmts:  # several formats (a GGUF file's): the plan's bytes are the weights' own
             plan = replace(plan, quantized_bytes=sum(q.nbytes for q in self.quantized.values()))
+        plan = self.with_weight_bytes(plan)
         self.apply_plan(plan)
         return plan
+
+    def with_weight_bytes(self, plan: KernelPlan) -> KernelPlan:
+        """`plan` with the resident weight bytes this model holds (`weight_bytes`)."""
+        counted = self.weight_bytes()
+        return replace(plan, weight_bytes=counted["total"],
+                       quantized_bytes=counted["quantized"] if self.qweights else plan.quantized_bytes)
 
     def _check_plan(self) -> None:
         if self.kernel_plan is None:

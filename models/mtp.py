@@ -187,8 +187,10 @@ class MultiTokenPredictor(nn.Module):
             block.fused_norms = lk.fused_norms
             attn = block.attn
             has_qkv = hasattr(attn, "qkv")
-            qkv = PackedWeight(attn.qkv.weight, lk.qkv) if has_qkv and lk.qkv != LinearLayout.PLAIN else None
-            o = PackedWeight(attn.o_proj.weight, lk.o) if has_qkv and lk.o != LinearLayout.PLAIN else None
+            # (the MTP layers' own weights are float: a layout the target keeps quantized is plain here)
+            float_layout = (LinearLayout.PLAIN, LinearLayout.QUANTIZED)
+            qkv = PackedWeight(attn.qkv.weight, lk.qkv) if has_qkv and lk.qkv not in float_layout else None
+            o = PackedWeight(attn.o_proj.weight, lk.o) if has_qkv and lk.o not in float_layout else None
             attn.apply_kernels(lk, qkv, o)
             b = block.moe
             w13 = ([PackedWeight(b.w13, lk.gate_up, e) for e in range(b.num_experts)]

@@ -114,7 +114,7 @@ def rows() -> list[tuple[str, ...]]:
     out = []
     for p in published():
         cfg = config_of(p)
-        status = "native" + (f"; {p.quantized} dequantized at load" if p.quantized else "")
+        status = "native" + (f"; {p.quantized} kept quantized" if p.quantized else "")
         out.append((p.family, f"`{p.architecture}`", p.checkpoint, attention_kind(cfg), routing_kind(cfg),
                     f"{cfg.kv_bytes_per_token(2):,}", f"{cfg.state_bytes_per_sequence(2):,}" if cfg.hybrid else "-",
                     status))

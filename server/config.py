@@ -37,7 +37,8 @@ TOOL_CALL_PARSERS: tuple[str, ...] = get_args(ToolCallParser)
 REASONING_PARSERS: tuple[str, ...] = get_args(ReasoningParser)
 EngineName = Literal["native", "vllm"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16", "half", "float"]
-Quantization = Literal["int8", "int8_channel", "int4", "int4_zp"]  # models.kernels.quant.FORMATS
+# models.kernels.quant.FORMATS (CPU C kernels), and fp8 (models/quant/weights.py: any device)
+Quantization = Literal["int8", "int8_channel", "int4", "int4_zp", "fp8"]
 KVCacheDtype = Literal["auto", "fp8", "fp8_e4m3"]  # models.kv_cache_dtype.KV_CACHE_DTYPES (vLLM's names)
 SchedulingPolicy = Literal["fcfs", "priority"]
 ExpertPlacement = Literal["contiguous", "round_robin", "balanced"]
@@ -166,10 +167,11 @@ class EngineConfig:
     fused_ops: FusedOpsChoice = option("auto", "fused RMSNorm and rotary + KV store (auto: Triton on CUDA)")
     cpu_kernels: CpuKernelsChoice = option(
         "auto", "the C kernels' threads (auto: PyTorch's OpenMP pool where possible; off: never build them)")
-    # weights quantized at load and kept quantized (native engine, CPU; models/kernels/quant.py)
+    # weights quantized at load and kept quantized (native engine; models/kernels/quant.py, models/quant)
     quantization: Quantization | None = option(
-        None, "quantize the weights at load on the CPU and keep them quantized: int8 (groups of 32), int8_channel, "
-              "int4 (symmetric, groups of 32), int4_zp (groups of 32 with zero points)")
+        None, "quantize the weights at load and keep them quantized: on the CPU int8 (groups of 32), int8_channel, "
+              "int4 (symmetric, groups of 32), int4_zp (groups of 32 with zero points); on any device fp8 (float8_e4m3 "
+              "per output channel)")
     scheduling_policy: SchedulingPolicy = option("fcfs", "scheduling policy")
     max_queue_len: int = option(1024, "waiting requests past which the API answers 429")
     seed: int = option(0, "engine seed")
@@ -225,7 +227,7 @@ class EngineConfig:
             raise ConfigError(f"quantization must be one of {', '.join(get_args(Quantization))}, "
                               f"not {self.quantization!r}")
         if self.quantization and self.engine != "native":
-            raise ConfigError("--quantization quantizes for the native engine's CPU kernels; vLLM takes "
+            raise ConfigError("--quantization quantizes for the native engine's kernels; vLLM takes "
                               "pre-quantized checkpoints instead")
         if self.kv_cache_dtype not in get_args(KVCacheDtype):
             raise ConfigError(f"kv_cache_dtype must be one of {', '.join(get_args(KVCacheDtype))}, "

@@ -22,9 +22,10 @@ import torch
 import torch.nn.functional as F
 
 from models.kernels.moe_align import expert_counts, expert_runs, sort_pairs
-from models.kernels.packed import PackedExperts, PackedWeight, moe_cpu, packed_linear
+from models.kernels.packed import PackedExperts, PackedWeight, QTensorExperts, moe_cpu, packed_linear
 from models.kernels.plan import MoEKernel
 from models.kernels.reference import moe_reference
+from models.quant.ops import clamped_swiglu  # noqa: F401 - the activation's home is models.quant.ops (no cycle)
 
 
 @dataclass(frozen=True)
@@ -40,13 +41,6 @@ class ExpertVariant:
     limit: float | None = None
     alpha: float = 1.702
     weight_on_input: bool = False
-
-
-def clamped_swiglu(h: torch.Tensor, inter: int, alpha: float, limit: float) -> torch.Tensor:
-    """gpt-oss activation of h [n, 2I] (gate columns, then up columns) -> [n, I]."""
-    gate = h[:, :inter].clamp(max=limit)
-    up = h[:, inter:].clamp(min=-limit, max=limit)
-    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
 
 
 def moe_loop(x, w13, w2, topk_ids, topk_w, variant: ExpertVariant | None = None,
@@ -108,7 +102,11 @@ def fused_experts(
     packed_w13: list[PackedWeight] | None = None,  # LOOP: packed gate+up copies
     packed_experts: PackedExperts | None = None,  # CPU: the kernel's packed w13 and w2
 ) -> torch.Tensor:
-    """[T, H]: the layer's experts by `kernel` (every kernel takes these shapes)."""
+    """[T, H]: the layer's experts by `kernel` (every kernel takes these shapes); experts kept in a
+    checkpoint's quantized format (`QTensorExperts`) run `models.quant.ops.qmoe` whatever the kernel
+    (the plan names Triton on CUDA, the loop on the CPU: its torch reference)."""
+    if isinstance(packed_experts, QTensorExperts):
+        return packed_experts(x, topk_ids, topk_w, variant)
     kernel = MoEKernel(kernel)  # also takes its name
     if kernel == MoEKernel.LOOP:
         return moe_loop(x, w13, w2, topk_ids, topk_w, variant, packed_w13)

@@ -9,7 +9,10 @@ Decode on the CPU is bound by reading weights; a packed copy is streamed once pe
 - `Bf16Experts`: an MoE layer's bf16 stacks as they are, for the C bf16 experts kernel (the
   CPU expert tier's bf16 format: no copy of a bf16 model's weights).
 - `QuantizedLinear`, `QuantizedExperts`: weights kept only quantized (int8 / int4,
-  models/kernels/quant.py; `--quantization`): no float weight beside them, nothing to remake.
+  models/kernels/quant.py; `--quantization`): no float weight beside them, nothing to remake;
+- `QTensorLinear`, `QTensorExperts`: weights kept in a checkpoint's format (FP8, MXFP4, ...:
+  `models.quant.weights.QParam`), run by `models.quant.ops` (Triton on CUDA, the torch reference
+  on the CPU) on any device.
 A copy costs one more copy of the weight. It is made on first use and made again when the
 weight changes (its version counter, or its storage moved), so it never goes stale; inside a
 `torch.compile` trace the copy is taken as it is (make it before compiling: one eager call).
@@ -92,8 +95,33 @@ class QuantizedLinear(PackedWeight):
         return self.quant
 
 
+class QTensorLinear(PackedWeight):
+    """A linear's weight kept in a checkpoint's quantized format (a `QParam`; the model's parameter
+    is a shape on the meta device)."""
+
+    def __init__(self, param: QParamLike):
+        self.param, self.layout, self.index = param, LinearLayout.QUANTIZED, None
+
+    def get(self):
+        return self.param.q
+
+
+class QParamLike(Protocol):
+    """What the model's packed holders read of a `models.quant.weights.QParam`."""
+
+    @property
+    def q(self): ...
+
+    @property
+    def bias(self) -> torch.Tensor | None: ...
+
+
 def packed_linear(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, in] @ weight.T (+ bias) -> [M, out], as F.linear."""
+    if isinstance(weight, QTensorLinear):
+        from models.quant.ops import qlinear
+
+        return qlinear(x, weight.param.q, bias)
     if isinstance(weight, QuantizedLinear):
         return quant_linear(x, weight.quant, bias)
     if weight.layout == LinearLayout.ONEDNN:
@@ -144,6 +172,26 @@ class Bf16Experts(PackedExperts):
 
     def get(self):
         return self.bw13, self.bw2
+
+
+class QTensorExperts(PackedExperts):
+    """An MoE layer's w13 [E, 2I, H] and w2 [E, H, I] kept in a checkpoint's quantized format
+    (`QParam`s; gpt-oss's biases apart), for `models.quant.ops.qmoe` on any device."""
+
+    def __init__(self, w13: QParamLike, w2: QParamLike):
+        self.qp13, self.qp2 = w13, w2
+
+    def get(self):
+        return self.qp13.q, self.qp2.q
+
+    def __call__(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor,
+                 variant: ExpertVariantLike | None = None) -> torch.Tensor:
+        from models.quant.ops import qmoe
+
+        return qmoe(x, self.qp13.q, self.qp2.q, topk_ids, topk_w, b13=self.qp13.bias, b2=self.qp2.bias,
+                    limit=None if variant is None else variant.limit,
+                    alpha=1.702 if variant is None else variant.alpha,
+                    weight_on_input=variant is not None and variant.weight_on_input)
 
 
 def moe_cpu(x: torch.Tensor, packed: PackedExperts, topk_ids: torch.Tensor, topk_w: torch.Tensor,

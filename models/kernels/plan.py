@@ -29,7 +29,15 @@ The rules, per layer kind:
   of GQA layers, plain SwiGLU experts (the C experts kernel at every batch size), shared experts
   and an untied LM head whose input sizes are multiples of 32 are kept only quantized
   (`models/kernels/quant.py`: the quantized weight replaces the float one, so no budget applies);
-  the rest (norms, router, embedding, MLA, linear attention, expert variants) stays float32.
+  the rest (norms, router, embedding, MLA, linear attention, expert variants) stays float32;
+- weights a quantized checkpoint ships (FP8 block / channel / tensor, MXFP4) or `--quantization fp8`
+  gives (`weight_formats`: parameter name -> `models.quant.formats.WeightFormat`, those the loader
+  kept in their format): they run `models.quant.ops` (the Triton kernels on CUDA, which then need
+  Triton; the torch reference on the CPU, dequantizing per call only what a batch uses), experts
+  with the layer's variant; the plan names a `WeightFormat` per layer group (attention linears,
+  experts, shared expert) and for the LM head ("bf16": the compute dtype, not quantized), and the
+  resident weight bytes (`weight_bytes`: quantized tensors plus float weights; `quantized_bytes`:
+  the quantized ones) once the model holds them (`MoEForCausalLM.plan_kernels`).
 """
 
 from __future__ import annotations
@@ -157,6 +165,10 @@ class LayerKernels:
     router: str = "reference"
     shared: LinearLayout = LinearLayout.PLAIN  # the shared expert's weights
     quant: str | None = None  # the format of the layer's quantized weights (--quantization), None: none
+    # WeightFormat per group (models.quant.formats; "bf16": the compute dtype), several joined by "+"
+    attn_format: str = "bf16"  # q/k/v and o (MLA: its projections)
+    experts_format: str | None = None  # the expert stacks' (a dense layer: its MLP's)
+    shared_format: str | None = None  # the shared expert's (None: none)
 
     @property
     def sync_free(self) -> bool:
@@ -185,6 +197,8 @@ class KernelPlan:
     cpu_tier: str | None = None
     cpu_tier_bytes: int = 0
     cpu_tier_in_place: bool = False
+    lm_head_format: str = "bf16"  # the LM head's WeightFormat
+    weight_bytes: int = 0  # resident weights (quantized + float), once the model holds them; 0: not counted
 
     def placed_kernel(self, device_type: str) -> MoEKernel:
         return dict(self.placed_moe)[device_type]
@@ -237,8 +251,8 @@ class KernelPlan:
         quant = f"; weights: {self.quantization}" if self.quantization else ""
         lines = [f"kernel plan ({self.device}, {self.dtype}{quant}; C kernels: {c_kernels}; triton: "
                  f"{'yes' if caps.triton else 'no'}; flags: {_flags_text(self.flags)})",
-                 "| layers | attention | fused rope / norms | q/k/v, o | experts | expert gate+up |",
-                 "|---|---|---|---|---|---|"]
+                 "| layers | attention | fused rope / norms | q/k/v, o | experts | expert gate+up | weights |",
+                 "|---|---|---|---|---|---|---|"]
         for first, last, lk in self.layer_groups():
             experts = "dense MLP" if lk.moe is None else f"{lk.expert_kind}: {lk.moe.value}" + (
                 f" (up to {CPU_KERNEL_PAIRS_PER_EXPERT} pairs/expert, {lk.moe_large.value} above)"
@@ -248,11 +262,17 @@ class KernelPlan:
             lines.append(f"| {first}-{last} | {lk.attention_kind}: {lk.attention.value} | "
                          f"{'yes' if lk.fused_rope else 'no'} / {'yes' if lk.fused_norms else 'no'} | "
                          f"{_lv(lk.qkv, lk)}, {_lv(lk.o, lk)} | {experts}{_quant_note(lk)} | "
-                         f"{lk.gate_up.value if lk.moe == MoEKernel.LOOP or lk.moe_large else '-'} |")
+                         f"{lk.gate_up.value if lk.moe == MoEKernel.LOOP or lk.moe_large else '-'} | "
+                         f"{_formats_text(lk)} |")
         placed = ", ".join(f"{d}: {k.value}" for d, k in self.placed_moe)
-        lm_head = self.lm_head.value if self.lm_head != LinearLayout.QUANTIZED else self.quantization
-        if self.quantization:
+        lm_head = self.lm_head.value if self.lm_head != LinearLayout.QUANTIZED else (
+            self.quantization or self.lm_head_format)
+        if self.lm_head_format != "bf16" and self.lm_head != LinearLayout.QUANTIZED:
+            lm_head += f" ({self.lm_head_format})"
+        if self.quantization or self.quantized_bytes:
             lm_head += f"; quantized weights: {self.quantized_bytes / 2**20:.1f} MiB"
+        if self.weight_bytes:
+            lm_head += f"; resident weights: {self.weight_bytes / 2**20:.1f} MiB"
         lines.append(f"LM head: {lm_head}; packed copies: {self.packed_bytes / 2**20:.1f} MiB; "
                      f"placed experts: {placed}; CUDA graphs: {'on' if self.cuda_graphs else 'off'}")
         if self.cpu_tier:
@@ -274,13 +294,16 @@ class KernelPlan:
                         "moe_large": None if lk.moe_large is None else lk.moe_large.value,
                         "moe_large_above_pairs_per_expert": CPU_KERNEL_PAIRS_PER_EXPERT if lk.moe_large else None,
                         "gate_up": lk.gate_up.value, "router": lk.router, "shared": lk.shared.value,
-                        "quantization": lk.quant}
+                        "quantization": lk.quant,
+                        "weight_formats": {"attention": lk.attn_format, "experts": lk.experts_format,
+                                           "shared": lk.shared_format}}
                        for first, last, lk in self.layer_groups()],
             "lm_head": self.lm_head.value, "placed_moe": {d: k.value for d, k in self.placed_moe},
             "packed_bytes": self.packed_bytes, "cuda_graphs": self.cuda_graphs, "experts_placed": self.experts_placed,
             "notes": list(self.notes), "quantization": self.quantization, "quantized_bytes": self.quantized_bytes,
             "cpu_tier": None if not self.cpu_tier else {"format": self.cpu_tier, "bytes": self.cpu_tier_bytes,
                                                         "in_place": self.cpu_tier_in_place},
+            "lm_head_format": self.lm_head_format, "weight_bytes": self.weight_bytes,
         }
 
 
@@ -288,11 +311,20 @@ def _lv(layout: LinearLayout, lk: LayerKernels) -> str:
     return lk.quant if layout == LinearLayout.QUANTIZED and lk.quant else layout.value
 
 
+def _formats_text(lk: LayerKernels) -> str:
+    parts = [f"attention {lk.attn_format}"]
+    if lk.experts_format is not None:
+        parts.append(f"{'experts' if lk.moe is not None else 'mlp'} {lk.experts_format}")
+    if lk.shared_format is not None:
+        parts.append(f"shared {lk.shared_format}")
+    return ", ".join(parts)
+
+
 def _quant_note(lk: LayerKernels) -> str:
     parts = [what for what, on in (("experts", lk.moe is not None and lk.moe_large is None and lk.quant
                                                 and lk.moe == MoEKernel.CPU),
                                    ("shared expert", lk.shared == LinearLayout.QUANTIZED)) if on]
-    return f" ({' and '.join(parts)} {lk.quant})" if parts else ""
+    return f" ({' and '.join(parts)} {lk.quant})" if parts and lk.quant else ""
 
 
 def _flags_text(flags: KernelFlags) -> str:
@@ -454,16 +486,44 @@ def _check_quantization(quantization: str, flags: KernelFlags, caps: Capabilitie
                               f"(--moe-backend auto or cpu), not {flags.moe}")
 
 
+ATTN_PARAMS = ("qkv", "o_proj", "q_proj", "q_a_proj", "q_b_proj", "kv_a_proj", "kv_b_proj")
+
+
+def _group_format(formats: dict[str, str], names: list[str]) -> str:
+    """The WeightFormat of a group of parameters ("bf16" for float ones; several joined by "+")."""
+    found = sorted({str(getattr(formats.get(n), "value", formats.get(n) or "bf16")) for n in names})
+    return "+".join(found)
+
+
 def resolve_plan(cfg: MoEModelConfig, device: torch.device, dtype: torch.dtype, flags: KernelFlags | None = None,
                  caps: Capabilities | None = None, quantization: str | None = None,
-                 quantized_groups: Mapping[str, bool] | None = None) -> KernelPlan:
+                 quantized_groups: Mapping[str, bool] | None = None,
+                 weight_formats: dict[str, str] | None = None) -> KernelPlan:
     """The kernels of every layer of a model with config `cfg` on `device` in `dtype`, its
     weights quantized to `quantization` (a format of models/kernels/quant.py) where given.
     `quantized_groups` (default: every group `quantizable` allows): which groups of weights are
-    held quantized (a GGUF file's packed tensors: models/gguf_loader.py)."""
+    held quantized (a GGUF file's packed tensors: models/gguf_loader.py); `weight_formats`: the
+    parameters kept in a checkpoint's quantized format (name -> WeightFormat)."""
     flags = flags or KernelFlags()
     caps = caps or Capabilities.detect(device, dtype, flags.cpu_kernels)
     notes: list[str] = []
+    qf = dict(weight_formats or {})
+    if qf and caps.device_type == "cuda" and not caps.triton:
+        raise KernelPlanError(f"weights kept in {_group_format(qf, list(qf))} run the Triton kernels on CUDA "
+                              "(models/kernels/triton_qmoe.py): Triton is not installed")
+
+    def attn_names(i: int) -> list[str]:
+        return [f"layers.{i}.attn.{n}.weight" for n in ATTN_PARAMS]
+
+    def held(names: list[str]) -> bool:
+        return any(n in qf for n in names)
+
+    def experts_names(i: int) -> list[str]:
+        return [f"layers.{i}.moe.w13", f"layers.{i}.moe.w2"] if cfg.sparse_layers[i] else \
+            [f"layers.{i}.mlp.w13.weight", f"layers.{i}.mlp.w2.weight"]
+
+    def shared_names(i: int) -> list[str]:
+        return [f"layers.{i}.moe.shared.w13.weight", f"layers.{i}.moe.shared.w2.weight"]
     quant = quantizable(cfg) if quantization else {}
     if quantization and quantized_groups is not None:
         quant = {g: on and bool(quantized_groups.get(g)) for g, on in quant.items()}
@@ -483,18 +543,20 @@ def resolve_plan(cfg: MoEModelConfig, device: torch.device, dtype: torch.dtype, 
     elem = torch.empty((), dtype=dtype).element_size()
     H, inter, E = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts
     qkv_rows = cfg.q_size * (2 if cfg.attn_output_gate else 1) + 2 * cfg.kv_size
-    extra = 0 if quant.get("lm_head") else cfg.vocab_size * H
+    extra = 0 if quant.get("lm_head") or "lm_head.weight" in qf else cfg.vocab_size * H
     mla_in = mla_projections(cfg)
     shared = cfg.shared_expert_intermediate_size or 0
     for i in range(cfg.num_layers):
         gqa = cfg.mla is None and cfg.layer_kind(i) == "attention"
-        if gqa and not quant.get("attention"):
+        if gqa and not quant.get("attention") and not held(attn_names(i)):
             extra += qkv_rows * H + H * cfg.q_size
-        if cfg.mla is not None and cfg.layer_kind(i) == "attention":  # MLA's projections (never quantized)
+        if cfg.mla is not None and cfg.layer_kind(i) == "attention" and not held(attn_names(i)):  # MLA's projections
             extra += sum(rows * k for rows, k in mla_in) + H * cfg.num_heads * cfg.mla.v_head_dim
-        if cfg.sparse_layers[i] and shared and not quant.get("shared"):  # the shared expert's w13 and w2
-            extra += 3 * shared * H
-        if cfg.sparse_layers[i] and not variant and not quant.get("experts"):
+        if cfg.sparse_layers[i] and shared and not quant.get("shared") and not held(shared_names(i)):
+            extra += 3 * shared * H  # the shared expert's w13 and w2
+        if held(experts_names(i)):
+            pass  # kept quantized: no packed copy
+        elif cfg.sparse_layers[i] and not variant and not quant.get("experts"):
             # the loop's gate+up copies; the C kernel's copy of gate+up and down besides
             extra += E * 2 * inter * H * (1 if plain_moe == MoEKernel.LOOP else 2) + (
                 E * H * inter if plain_moe == MoEKernel.CPU else 0)
@@ -508,7 +570,8 @@ def resolve_plan(cfg: MoEModelConfig, device: torch.device, dtype: torch.dtype, 
         if plain_moe == MoEKernel.CPU and flags.moe == "auto":
             plain_moe = MoEKernel.LOOP
             notes.append("the C experts kernel needs its packed copy: experts run the loop")
-    if plain_moe == MoEKernel.CPU and not pack and not quant.get("experts"):
+    if plain_moe == MoEKernel.CPU and not pack and not quant.get("experts") and not all(
+            held(experts_names(i)) for i in range(cfg.num_layers) if cfg.sparse_layers[i]):
         raise KernelPlanError("--moe-backend cpu needs packed expert weights: --cpu-linear-layout packed keeps them "
                               "whatever their size (plain keeps none; auto only within its budget)")
 
@@ -538,22 +601,34 @@ def resolve_plan(cfg: MoEModelConfig, device: torch.device, dtype: torch.dtype, 
             moe_large = MoEKernel.LOOP if moe == MoEKernel.CPU and not variant else None
             if quant.get("experts"):  # only the quantized stacks exist: the C kernel at every batch size
                 moe, moe_large = MoEKernel.CPU, None
+            if held(experts_names(i)):  # models.quant.ops.qmoe: Triton on CUDA, the torch reference (a loop) here
+                moe, moe_large = (MoEKernel.TRITON if caps.device_type == "cuda" else MoEKernel.LOOP), None
         q_attn = gqa and quant.get("attention", False)
         q_shared = cfg.sparse_layers[i] and quant.get("shared", False)
-        q_experts = cfg.sparse_layers[i] and quant.get("experts", False)
+        q_experts = cfg.sparse_layers[i] and (quant.get("experts", False) or held(experts_names(i)))
+        proj = (("qkv",) if gqa else ("q_proj",) if mla and cfg.mla.q_lora_rank is None else ("q_a_proj", "q_b_proj")
+                if mla else ())
+        kept_attn = bool(proj) and all(f"layers.{i}.attn.{n}.weight" in qf for n in proj + (
+            () if gqa else ("kv_a_proj",)))
+        kept_shared = cfg.sparse_layers[i] and shared and all(n in qf for n in shared_names(i))
         layers.append(LayerKernels(
             attention_kind=kind, attention=plain_attention if plain else AttentionKernel.REFERENCE,
             fused_rope=fused_rope, fused_norms=fused and cfg.residual_multiplier == 1.0,
-            qkv=LinearLayout.QUANTIZED if q_attn else layout(qkv_rows) if gqa else layout(mla_rows) if mla
+            qkv=LinearLayout.QUANTIZED if q_attn or kept_attn else layout(qkv_rows) if gqa else layout(mla_rows) if mla
             else LinearLayout.PLAIN,
-            o=LinearLayout.QUANTIZED if q_attn else layout(H) if gqa or mla else LinearLayout.PLAIN,
+            o=LinearLayout.QUANTIZED if q_attn or kept_attn or f"layers.{i}.attn.o_proj.weight" in qf
+            else layout(H) if gqa or mla else LinearLayout.PLAIN,
             expert_kind=expert_kind(cfg) if cfg.sparse_layers[i] else None, moe=moe, moe_large=moe_large,
             gate_up=layout(2 * inter) if moe in (MoEKernel.LOOP, MoEKernel.CPU) and not variant and not q_experts
             else LinearLayout.PLAIN,
             router=router if cfg.sparse_layers[i] else "reference",
-            shared=LinearLayout.QUANTIZED if q_shared else layout(math.gcd(2 * shared, H)) if cfg.sparse_layers[i]
-            and shared else LinearLayout.PLAIN,
-            quant=quantization if (q_attn or q_shared or q_experts) else None,
+            shared=LinearLayout.QUANTIZED if q_shared or kept_shared else layout(math.gcd(2 * shared, H))
+            if cfg.sparse_layers[i] and shared else LinearLayout.PLAIN,
+            quant=quantization if (q_attn or q_shared or (q_experts and quantization)) else None,
+            attn_format=_group_format(qf, [n for n in attn_names(i) if n in qf] or ["-"])
+            if cfg.layer_kind(i) == "attention" else "bf16",
+            experts_format=_group_format(qf, experts_names(i)),
+            shared_format=_group_format(qf, shared_names(i)) if cfg.sparse_layers[i] and shared else None,
         ))
     # the placement executor packs each CPU device's stack for the C kernel (float32 copies); the
     # CPU expert tier of an accelerator's plan too (its experts in float32; the kernels load then).
@@ -568,12 +643,13 @@ def resolve_plan(cfg: MoEModelConfig, device: torch.device, dtype: torch.dtype, 
                        if lk.attention not in SYNC_FREE}
                       | {f"experts: {lk.moe.value}" for lk in layers if lk.moe is not None and lk.moe not in SYNC_FREE})
         notes.append(f"CUDA graphs off: kernels that read back to the host ({', '.join(slow)})")
-    lm_head = LinearLayout.QUANTIZED if quant.get("lm_head") else layout(cfg.vocab_size)
+    lm_head = LinearLayout.QUANTIZED if quant.get("lm_head") or "lm_head.weight" in qf else layout(cfg.vocab_size)
     return KernelPlan(
         device=str(device), dtype=str(dtype).removeprefix("torch."), flags=flags, capabilities=caps,
         layers=tuple(layers), lm_head=lm_head, placed_moe=placed_moe,
         packed_bytes=extra if pack else 0, cuda_graphs=graphs, notes=tuple(notes), quantization=quantization,
-        quantized_bytes=quantized_bytes(cfg, quantization, tuple(layers), lm_head) if quantization else 0)
+        quantized_bytes=quantized_bytes(cfg, quantization, tuple(layers), lm_head) if quantization else 0,
+        lm_head_format=_group_format(qf, ["lm_head.weight"]))
 
 
 def quantized_bytes(cfg: MoEModelConfig, fmt: str, layers: tuple[LayerKernels, ...], lm_head: LinearLayout) -> int:

@@ -68,6 +68,9 @@ class MLAttention(nn.Module):
         self.decode_kernel: AttentionKernel | None = None  # the plan's (REFERENCE: the PyTorch path)
         self.packed: dict[str, PackedWeight] = {}  # projection name -> its packed copy (apply_kernels)
         self.absorbed: tuple[torch.Tensor, torch.Tensor] | None = None  # (W_uk, W_uv^T), apply_kernels
+        # kv_b_proj's weight kept in a checkpoint's quantized format (models/quant/weights.QParam; the
+        # parameter a meta shape): dequantized per call where a full weight is needed (transient)
+        self.kv_b_q = None
         # prefill continuations with fewer queries run as decode-kernel rows: below this many the
         # absorbed form, (2r + dr) multiply-adds per query and key and head, costs less than
         # expanding the context, r (dn + dv) per key and head, then (dqk + dv) per query and key
@@ -88,8 +91,19 @@ class MLAttention(nn.Module):
         if packed_o is not None:
             self.packed["o_proj"] = packed_o
         self.decode_kernel = kernels.attention
-        self.absorbed = (None if kernels.attention == AttentionKernel.REFERENCE
+        self.absorbed = (None if kernels.attention == AttentionKernel.REFERENCE or self.kv_b_q is not None
                          else absorbed_weights(self.kv_b_proj.weight, self.num_heads, self.nope, self.v_dim))
+
+    def _kv_b_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """kv_b_proj's weight [H * (dn + dv), r]: the parameter, or its quantized copy dequantized for this call."""
+        return self.kv_b_proj.weight if self.kv_b_q is None else self.kv_b_q.q.dequant(dtype)
+
+    def _kv_b(self, latent: torch.Tensor) -> torch.Tensor:
+        if self.kv_b_q is None:
+            return self.kv_b_proj(latent)
+        from models.quant.ops import qlinear
+
+        return qlinear(latent, self.kv_b_q.q)
 
     def _proj(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """Projection `name` of x, over its packed copy where the plan gave one."""
@@ -101,10 +115,15 @@ class MLAttention(nn.Module):
     def _kernel(self) -> AttentionKernel | None:
         """The decode kernel where one serves this layer (not DSA's sparse selection)."""
         k = self.decode_kernel
-        return k if k not in (None, AttentionKernel.REFERENCE) and self.dsa is None and self.absorbed else None
+        return k if k not in (None, AttentionKernel.REFERENCE) and self.dsa is None and (
+            self.absorbed or self.kv_b_q is not None) else None
 
     def _absorbed(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(W_uk, W_uv^T): the views apply_kernels made, remade if the weight moved since (`.to`)."""
+        """(W_uk, W_uv^T): the views apply_kernels made, remade if the weight moved since (`.to`);
+        of the dequantized weight, per call, when kv_b_proj is kept quantized."""
+        if self.kv_b_q is not None:
+            return absorbed_weights(self._kv_b_weight(self.kv_a_norm.weight.dtype), self.num_heads, self.nope,
+                                    self.v_dim)
         w_uk, w_uv_t = self.absorbed
         if w_uk.data_ptr() != self.kv_b_proj.weight.data_ptr():
             self.absorbed = absorbed_weights(self.kv_b_proj.weight, self.num_heads, self.nope, self.v_dim)
@@ -190,7 +209,7 @@ class MLAttention(nn.Module):
             pos = pos - starts[which]
             blocks = meta.block_tables[torch.tensor(expand, device=dev)][which, pos // bs]
             slots = blocks * bs + pos % bs
-            kv_all = self.kv_b_proj(lat_cache.view(-1, self.rank).index_select(0, slots))  # one matmul
+            kv_all = self._kv_b(lat_cache.view(-1, self.rank).index_select(0, slots))  # one matmul
             pe_all = pe_cache.view(-1, pe_cache.shape[-1]).index_select(0, slots)[:, : self.rope]
             off = 0
             for i in expand:
@@ -201,7 +220,7 @@ class MLAttention(nn.Module):
             if i in rows:
                 continue
             s, e = loc[i], loc[i + 1]
-            kv, pe = ctx[i] if i in ctx else (self.kv_b_proj(latent[s:e]), k_pe[s:e])
+            kv, pe = ctx[i] if i in ctx else (self._kv_b(latent[s:e]), k_pe[s:e])
             out[s:e] = self._prefill(q_nope[s:e], q_pe[s:e], kv, pe, chosen[1][i - nd] if chosen is not None else None)
 
     def _prefill(self, q_nope, q_pe, kv: torch.Tensor, pe: torch.Tensor, chosen: torch.Tensor | None = None):
@@ -229,7 +248,7 @@ class MLAttention(nn.Module):
         """Absorbed form, one query per sequence: q_nope [B, H, dn], q_pe [B, H, dr] -> [B, H, dv];
         `chosen` [B, L] (DSA): the cached tokens each sequence's query may attend to."""
         B, H = q_nope.shape[:2]
-        w = self.kv_b_proj.weight.view(H, self.nope + self.v_dim, self.rank)
+        w = self._kv_b_weight(q_nope.dtype).view(H, self.nope + self.v_dim, self.rank)
         w_uk, w_uv = w[:, : self.nope], w[:, self.nope :]  # [H, dn, r], [H, dv, r]
         q_lat = torch.einsum("bhd,hdr->bhr", q_nope, w_uk)  # [B, H, r]
         qk = torch.cat((q_lat, q_pe), dim=-1)[:, None]  # [B, 1, H, r + dr]: the heads as the query axis

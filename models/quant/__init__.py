@@ -1,4 +1,5 @@
-"""Quantized checkpoints, dequantized to the compute dtype while loading.
+"""Quantized checkpoints: their `quantization_config` parsed (`parse_quantization`) and the reader
+that turns each method's tensors into `QTensor`s kept in their format (`READERS`, `reader_for`).
 
 Supported `quantization_config` methods:
 - `fp8` with `weight_block_size` (DeepSeek-V3/R1, Kimi K2, Qwen3 FP8 releases): float8_e4m3
@@ -10,18 +11,22 @@ Supported `quantization_config` methods:
 - `gptq`, `awq` and compressed-tensors `pack-quantized` / `int-quantized` (INT4 / INT8): parsed by
   `models/quant/int_readers.py` into `QuantSpec.int_config`, whose readers convert the tensors to
   canonical `QTensor`s.
-Anything else fails at load, naming the method. Dequantization happens one tensor at a time as
-the loader streams the checkpoint (`models/loader.py`, `iter_tensors`), so no quantized layer is ever
-held whole beside its dequantized copy.
+Anything else fails at load, naming the method. The loader (`models/loader.py`) keeps the weights
+it can in their format (expert stacks, attention / MLA projections, shared experts, the LM head);
+a weight whose fusion or transform cannot be done in the quantized layout is dequantized, one
+tensor at a time as the loader streams the checkpoint, and named in the log.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from models.config import UnsupportedModelError
-from models.quant.int_readers import IntQuantConfig, is_int_quantization, parse_int_quantization
+from models.quant.int_readers import IntQuantConfig, int_reader, is_int_quantization, parse_int_quantization
+from models.quant.formats import CheckpointReader
+from models.quant.fp8_readers import CompressedFloatReader, DeepSeekFP8Reader, MXFP4Reader
 
 METHODS = ("fp8", "compressed-tensors", "mxfp4", "gptq", "awq")
 
@@ -33,6 +38,29 @@ class QuantSpec:
     strategy: str | None = None  # compressed-tensors weights: tensor | channel | block
     ignore: tuple[str, ...] = ()  # modules left unquantized (informational: detected per tensor)
     int_config: IntQuantConfig | None = None  # gptq / awq / compressed-tensors int (models/quant/int_readers.py)
+    format: str | None = None  # compressed-tensors: its `format` ("float-quantized", ...)
+
+    @property
+    def reader_key(self) -> str:
+        """The key of this method's reader in `READERS`."""
+        return f"{self.method}:{self.format}" if self.method == "compressed-tensors" else self.method
+
+
+# the one registry of checkpoint readers: `QuantSpec.reader_key` -> a factory taking the spec
+# (the method's `quant_method`; compressed-tensors by "compressed-tensors:<format>")
+READERS: dict[str, Callable[[QuantSpec], CheckpointReader]] = {
+    "fp8": lambda spec: DeepSeekFP8Reader(spec.weight_block_size),
+    "compressed-tensors:float-quantized": lambda spec: CompressedFloatReader(spec.weight_block_size),
+    "mxfp4": lambda spec: MXFP4Reader(),
+}
+
+
+def reader_for(spec: QuantSpec) -> CheckpointReader | None:
+    """The reader of `spec`'s checkpoints, None where no reader keeps them quantized."""
+    if spec.int_config is not None:  # gptq / awq / compressed-tensors int: models/quant/int_readers.py
+        return int_reader(spec)
+    factory = READERS.get(spec.reader_key)
+    return None if factory is None else factory(spec)
 
 
 def parse_quantization(qcfg: dict[str, Any] | None) -> QuantSpec | None:
@@ -42,8 +70,7 @@ def parse_quantization(qcfg: dict[str, Any] | None) -> QuantSpec | None:
     method = str(qcfg.get("quant_method", "")).lower()
     if method not in METHODS:
         raise UnsupportedModelError(
-            f"quantization method {method or qcfg!r} is not supported; supported: {', '.join(METHODS)} "
-            f"(dequantized to the compute dtype at load)")
+            f"quantization method {method or qcfg!r} is not supported; supported: {', '.join(METHODS)}")
     if is_int_quantization(qcfg):
         ic = parse_int_quantization(qcfg)
         return QuantSpec(method, ignore=ic.ignore, int_config=ic)
@@ -78,5 +105,6 @@ def parse_quantization(qcfg: dict[str, Any] | None) -> QuantSpec | None:
         if len(blocks) > 1:
             raise UnsupportedModelError(f"compressed-tensors groups with different block structures {sorted(blocks)}")
         return QuantSpec("compressed-tensors", weight_block_size=blocks.pop() if blocks else None,
-                         strategy=",".join(sorted(strategies)) or None, ignore=tuple(qcfg.get("ignore") or ()))
+                         strategy=",".join(sorted(strategies)) or None, ignore=tuple(qcfg.get("ignore") or ()),
+                         format=fmt)
     return QuantSpec("mxfp4", ignore=tuple(qcfg.get("modules_to_not_convert") or ()))

@@ -243,6 +243,21 @@ def _prefix(name: str) -> str:
     return name[: -len(".weight")] if name.endswith(".weight") else name
 
 
+SCALE_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
+
+
+def _described(lead: tuple[int, ...], N: int, K: int, G: int, bits: int, zero: bool, scale_dtype: str | None
+               ) -> tuple[WeightFormat, tuple[int, ...], None, dict[str, Any]]:
+    """(format, logical shape, block, extras) of an int weight from its header alone (the loader's
+    `plan_quantized`; `assemble` returns the same format, group, zero points and scale dtype)."""
+    if bits == 8:
+        return WeightFormat.INT8_CHANNEL, lead + (N, K), None, {}
+    if G == 0 or K % G or K % 2:
+        raise FormatError(f"{K} inputs in {G} groups do not fit int4_group")
+    return WeightFormat.INT4_GROUP, lead + (N, K), None, {
+        "group": K // G, "zero": zero, "scale_dtype": SCALE_DTYPES.get(scale_dtype or "", torch.float32)}
+
+
 class _Reader:
     suffixes: tuple[str, ...] = ()  # the first names the weight (…<prefix><suffix>); the others join it
     optional: tuple[str, ...] = ()
@@ -281,6 +296,14 @@ class GPTQReader(_Reader):
 
     suffixes = (".qweight", ".qzeros", ".scales")
     optional = (".g_idx",)
+
+    def describe(self, name: str, shapes: dict[str, tuple[int, ...]], dtypes: dict[str, str] | None = None) -> tuple:
+        p = _prefix(name)
+        qweight, scales = shapes[p + ".qweight"], shapes[p + ".scales"]
+        bits = self.cfg.bits[0]
+        K, N = qweight[-2] * (32 // bits), qweight[-1]
+        return _described(tuple(qweight[:-2]), N, K, scales[-2], bits, not self.cfg.sym,
+                          (dtypes or {}).get(p + ".scales"))
 
     def assemble(self, name: str, tensors: dict[str, torch.Tensor]) -> QTensor:
         p = _prefix(name)
@@ -321,6 +344,12 @@ class AWQReader(_Reader):
 
     suffixes = (".qweight", ".qzeros", ".scales")
 
+    def describe(self, name: str, shapes: dict[str, tuple[int, ...]], dtypes: dict[str, str] | None = None) -> tuple:
+        p = _prefix(name)
+        qweight, scales = shapes[p + ".qweight"], shapes[p + ".scales"]
+        return _described(tuple(qweight[:-2]), qweight[-1] * 8, qweight[-2], scales[-2], 4, True,
+                          (dtypes or {}).get(p + ".scales"))
+
     def assemble(self, name: str, tensors: dict[str, torch.Tensor]) -> QTensor:
         p = _prefix(name)
         qweight, qzeros, scales = (_get(tensors, p, s) for s in self.suffixes)
@@ -353,6 +382,19 @@ class CompressedTensorsIntReader(_Reader):
 
     def _required(self, missing: list[str]) -> bool:
         return not all(m.endswith(".weight_shape") for m in missing)  # old releases omit it for group
+
+    def describe(self, name: str, shapes: dict[str, tuple[int, ...]], dtypes: dict[str, str] | None = None) -> tuple:
+        """Needs one declared bit width (weight_shape's values are data, not in the header): else the
+        format is known only when read (the loader dequantizes that weight)."""
+        if len(self.cfg.bits) != 1:
+            return None, None, None
+        p = _prefix(name)
+        packed, scale = shapes[p + ".weight_packed"], shapes[p + ".weight_scale"]
+        bits = self.cfg.bits[0]
+        N, K = packed[-2], packed[-1] * 32 // bits
+        G = scale[-1] if len(scale) >= 2 and scale[-2] == N else 1
+        return _described(tuple(packed[:-2]), N, K, G, bits, p + ".weight_zero_point" in shapes,
+                          (dtypes or {}).get(p + ".weight_scale"))
 
     def assemble(self, name: str, tensors: dict[str, torch.Tensor]) -> QTensor:
         p = _prefix(name)
@@ -401,6 +443,14 @@ class CompressedTensorsIntQuantizedReader(_Reader):
 
     suffixes = (".weight", ".weight_scale")
     optional = (".weight_zero_point", ".weight_g_idx")
+
+    def describe(self, name: str, shapes: dict[str, tuple[int, ...]], dtypes: dict[str, str] | None = None) -> tuple:
+        p = _prefix(name)
+        w, scale = shapes[p + ".weight"], shapes[p + ".weight_scale"]
+        N, K = w[-2], w[-1]
+        G = scale[-1] if len(scale) >= 2 and scale[-2] == N else 1
+        return _described(tuple(w[:-2]), N, K, G, 4 if self.cfg.bits == (4,) else 8,
+                          p + ".weight_zero_point" in shapes, (dtypes or {}).get(p + ".weight_scale"))
 
     def group(self, names: Collection[str]) -> dict[str, tuple[str, ...]]:
         present = set(names)

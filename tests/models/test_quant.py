@@ -1,5 +1,7 @@
-"""Quantized checkpoints: tiny random models quantized with each format's own block layout load,
-dequantized, to logits within 1e-4 of transformers running the dequantized weights."""
+"""Quantized checkpoints: tiny random models quantized with each format's own block layout load
+with their quantized weights kept in their format (QTensors: the engine's resident expert and
+linear weights within 1.05x the checkpoint's quantized bytes), to logits within 1e-4 of
+transformers running the dequantized weights and the same greedy continuations."""
 
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ from transformers.integrations.mxfp4 import FP4_VALUES, convert_moe_packed_tenso
 
 import models.loader as loader
 from models import UnsupportedModelError, load_model
-from tests.models.simple_runner import prefill_logits
+from models.registry import family_for
+from tests.models.simple_runner import greedy_generate, prefill_logits
 from tests.models.conftest import make_checkpoint
 from tests.models.test_parity import PROMPTS, hf_padded_logits
 
@@ -64,19 +67,54 @@ def rewrite(path, quantize, qcfg: dict) -> dict[str, torch.Tensor]:
     return reference
 
 
-def assert_matches_dequantized(path, ref, reference: dict[str, torch.Tensor]) -> None:
-    """Our model loading the quantized checkpoint vs transformers loading the dequantized one."""
+QUANTIZED_SUFFIXES = ("_blocks", "_scales", ".weight_scale", ".weight_scale_inv")
+
+
+def checkpoint_quantized(path) -> tuple[set[str], int]:
+    """(the names an unquantized checkpoint gives the quantized weights, the bytes of their
+    quantized tensors and weight scales as stored)."""
+    names, total = set(), 0
+    for name, t in load_file(str(path / "model.safetensors")).items():
+        if t.dtype == torch.float8_e4m3fn or name.endswith(QUANTIZED_SUFFIXES):
+            total += t.numel() * t.element_size()
+            if t.dtype == torch.float8_e4m3fn or name.endswith("_blocks"):
+                names.add(name.removesuffix("_blocks"))
+    return names, total
+
+
+def assert_matches_dequantized(path, ref, reference: dict[str, torch.Tensor], formats: set[str] | None = None,
+                               greedy: bool = True) -> None:
+    """Our model loading the quantized checkpoint vs transformers loading the dequantized one;
+    every quantized weight kept in its format (`formats`: the WeightFormats the engine holds)."""
     deq = path / "dequantized"
     deq.mkdir()
     save_file(reference, str(deq / "model.safetensors"), metadata={"format": "pt"})
     (deq / "config.json").write_text((path / "config.unquantized.json").read_text())
     ref = type(ref).from_pretrained(str(deq), dtype=torch.float32).eval()
     model = load_model(str(path), dtype="float32", device="cpu", progress=False)
+    if formats is not None:
+        names, ckpt_bytes = checkpoint_quantized(path)
+        weight_map = family_for(model.config.architecture).weight_map(model.config)
+        held = {weight_map[n][0] for n in names}
+        assert held <= set(model.qweights), f"dequantized at load: {sorted(held - set(model.qweights))}"
+        assert set(model.weight_formats().values()) == formats
+        sparse = [i for i in range(model.config.num_layers) if model.config.sparse_layers[i]]
+        assert all(f"layers.{i}.moe.{w}" in model.qweights for i in sparse for w in ("w13", "w2"))
+        plan = model.kernel_plan.to_dict()
+        assert {f for g in plan["layers"] for v in g["weight_formats"].values() if v for f in v.split("+")} >= formats
+        resident = model.weight_bytes()
+        assert plan["quantized_bytes"] == resident["quantized"] and plan["weight_bytes"] == resident["total"]
+        assert resident["quantized"] <= 1.05 * ckpt_bytes, (resident["quantized"], ckpt_bytes)
+        assert not any(p.device.type != "meta" for n, p in model.named_parameters() if n in model.qweights)
     ours = prefill_logits(model, PROMPTS)
     out = hf_padded_logits(ref, PROMPTS)
     for i, p in enumerate(PROMPTS):
         diff = (ours[i] - out.logits[i, : len(p)]).abs().max().item()
         assert diff <= 1e-4, f"prompt {i}: max abs logit diff {diff}"
+    if greedy:  # against our float path on the dequantized checkpoint (its logits match transformers': test_parity)
+        dequantized = load_model(str(deq), dtype="float32", device="cpu", progress=False)
+        prompts = PROMPTS[1:3]
+        assert greedy_generate(model, prompts, 6) == greedy_generate(dequantized, prompts, 6)
 
 
 @pytest.mark.parametrize("family", ["deepseek_v3", "qwen3_moe"])
@@ -91,23 +129,32 @@ def test_fp8_block_checkpoint(family, tmp_path):
     reference = rewrite(tmp_path, quantize, {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                              "weight_block_size": [16, 16]})
     assert any(t.dtype == torch.float8_e4m3fn for t in load_file(str(tmp_path / "model.safetensors")).values())
-    assert_matches_dequantized(tmp_path, ref, reference)
+    assert_matches_dequantized(tmp_path, ref, reference, {"fp8_block"})
 
 
 @pytest.mark.parametrize("strategy", ["tensor", "channel", "block"])
 def test_compressed_tensors_fp8_checkpoint(strategy, tmp_path):
+    """compressed-tensors float-quantized, its weights made by the package's own compressor
+    (`FloatQuantizationCompressor`: rounding and layout) and the reference by its decompressor."""
+    from compressed_tensors.compressors.naive_quantized.base import FloatQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
     ref = make_checkpoint("mixtral", tmp_path, seed=6)
+    scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
+        num_bits=8, type="float", strategy=strategy, symmetric=True, dynamic=False,
+        block_structure=[32, 32] if strategy == "block" else None))
 
     def quantize(name, w):
         if strategy == "block":
-            q, scale, deq = fp8_tiles(w, 32, 32)
+            _, scale, _ = fp8_tiles(w, 32, 32)
         else:
             amax = w.abs().amax(dim=1, keepdim=True) if strategy == "channel" else w.abs().max().reshape(1)
             scale = amax.clamp(min=1e-12) / E4M3_MAX  # [out, 1] or [1]
-            q = (w / scale).to(torch.float8_e4m3fn)
-            deq = q.float() * scale
+        out = FloatQuantizationCompressor.compress({"weight": w, "weight_scale": scale}, scheme)
+        deq = FloatQuantizationCompressor.decompress(dict(out), scheme)["weight"].float()
         # a static activation scale too: unused when computing in the model dtype
-        return {name: q, name + "_scale": scale, name.removesuffix("weight") + "input_scale": torch.ones(1)}, deq
+        return {name: out["weight"], name + "_scale": out["weight_scale"],
+                name.removesuffix("weight") + "input_scale": torch.ones(1)}, deq
 
     group = {"targets": ["Linear"], "weights": {"num_bits": 8, "type": "float", "strategy": strategy,
                                                 "symmetric": True, "dynamic": False},
@@ -116,7 +163,15 @@ def test_compressed_tensors_fp8_checkpoint(strategy, tmp_path):
         group["weights"]["block_structure"] = [32, 32]
     reference = rewrite(tmp_path, quantize, {"quant_method": "compressed-tensors", "format": "float-quantized",
                                              "config_groups": {"group_0": group}, "ignore": ["lm_head"]})
-    assert_matches_dequantized(tmp_path, ref, reference)
+    # per tensor: fused q/k/v and each expert's gate+up keep their tensors' scales per row
+    formats = {"block": {"fp8_block"}, "channel": {"fp8_channel"}, "tensor": {"fp8_tensor", "fp8_channel"}}[strategy]
+    assert_matches_dequantized(tmp_path, ref, reference, formats)
+    if strategy == "channel":  # expert placement keeps float stacks: dequantized at load, the same logits
+        kept = load_model(str(tmp_path), dtype="float32", device="cpu", progress=False)
+        placed = load_model(str(tmp_path), dtype="float32", device="cpu", progress=False, keep_quantized=False)
+        assert kept.qweights and not placed.qweights and placed.weight_bytes()["quantized"] == 0
+        for a, b in zip(prefill_logits(kept, PROMPTS), prefill_logits(placed, PROMPTS)):
+            assert (a - b).abs().max().item() <= 1e-4
 
 
 FP4 = torch.tensor(FP4_VALUES)
@@ -150,7 +205,7 @@ def test_mxfp4_gpt_oss_checkpoint(tmp_path):
     cfg = json.loads((tmp_path / "config.json").read_text())
     cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn"]}
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    assert_matches_dequantized(tmp_path, ref, reference)
+    assert_matches_dequantized(tmp_path, ref, reference, {"mxfp4"})
 
 
 @pytest.mark.parametrize("qcfg, named", [
@@ -209,3 +264,59 @@ def test_quantized_weights_stream_one_at_a_time(tmp_path, monkeypatch):
         assert tensor.dtype == torch.float32
         assert reads[-1] in (name, name + "_scale_inv") and len(reads) <= 2 * yielded
     assert yielded and sum(n.endswith("_scale_inv") for n in reads) > 10
+
+
+def test_quantization_fp8_quantizes_a_float_checkpoint_per_channel(mixtral_dir):
+    """--quantization fp8: every expert stack and linear kept as fp8_channel (a quarter of their
+    float32 bytes, plus a scale per row), computing what the float model computes with those weights."""
+    model = load_model(str(mixtral_dir), dtype="float32", device="cpu", progress=False, quantization="fp8")
+    assert set(model.qweights) == set(model.qtensor_candidates())
+    assert set(model.weight_formats().values()) == {"fp8_channel"}
+    ref = load_model(str(mixtral_dir), dtype="float32", device="cpu", progress=False)
+    assert model.weight_bytes()["experts_linears"] <= 0.27 * ref.weight_bytes()["experts_linears"]
+    with torch.no_grad():
+        for name, q in model.qweights.items():
+            ref.get_parameter(name).copy_(q.dequant())
+    ref.plan_kernels()
+    for a, b in zip(prefill_logits(model, PROMPTS), prefill_logits(ref, PROMPTS)):
+        assert (a - b).abs().max().item() <= 1e-4
+    assert greedy_generate(model, PROMPTS[1:3], 6) == greedy_generate(ref, PROMPTS[1:3], 6)
+    assert model.kernel_plan.lm_head_format == "fp8_channel" and "fp8_channel" in model.kernel_plan.table()
+
+
+def test_quantization_fp8_refuses_unknown_names(mixtral_dir):
+    with pytest.raises(UnsupportedModelError, match="fp8"):
+        load_model(str(mixtral_dir), dtype="float32", device="cpu", progress=False, quantization="fp4")
+
+
+def test_fused_rows_that_split_fp8_blocks_fall_back_to_float_by_name(tmp_path, caplog):
+    """Blocks of 48 rows: q (64 rows) ends inside a block that k would share, so the fused q/k/v
+    is dequantized at load and named in the log; gate/up (96 rows each) and the rest stay fp8_block."""
+    ref = make_checkpoint("mixtral", tmp_path, seed=8)
+
+    def quantize(name, w):
+        q, scale, deq = fp8_tiles(w, 48, 32)
+        return {name: q, name + "_scale": scale}, deq
+
+    group = {"targets": ["Linear"], "weights": {"num_bits": 8, "type": "float", "strategy": "block",
+                                                "block_structure": [48, 32], "symmetric": True, "dynamic": False}}
+    reference = rewrite(tmp_path, quantize, {"quant_method": "compressed-tensors", "format": "float-quantized",
+                                             "config_groups": {"group_0": group}, "ignore": ["lm_head"]})
+    deq = tmp_path / "dequantized"
+    deq.mkdir()
+    save_file(reference, str(deq / "model.safetensors"), metadata={"format": "pt"})
+    (deq / "config.json").write_text((tmp_path / "config.unquantized.json").read_text())
+    ref = type(ref).from_pretrained(str(deq), dtype=torch.float32).eval()
+    with caplog.at_level("INFO", logger="models"):
+        model = load_model(str(tmp_path), dtype="float32", device="cpu", progress=False)
+    n = model.config.num_layers
+    assert not any(f"layers.{i}.attn.qkv.weight" in model.qweights for i in range(n))
+    assert all(f"layers.{i}.{w}" in model.qweights for i in range(n) for w in ("attn.o_proj.weight", "moe.w13",
+                                                                             "moe.w2"))
+    assert "layers.0.attn.qkv.weight (model.layers.0.self_attn.q_proj.weight fills rows 0:64, not whole fp8 " \
+           "blocks of 48)" in caplog.text
+    assert "model.layers.0.self_attn.k_proj.weight" in caplog.text  # dequantized at load, by name
+    assert model.kernel_plan.to_dict()["layers"][0]["weight_formats"]["attention"] == "fp8_block"  # o
+    out = hf_padded_logits(ref, PROMPTS)
+    for i, (p, ours) in enumerate(zip(PROMPTS, prefill_logits(model, PROMPTS))):
+        assert (ours - out.logits[i, : len(p)]).abs().max().item() <= 1e-4

@@ -209,10 +209,10 @@ def test_mxfp4_gpt_oss_checkpoint(tmp_path):
 
 
 @pytest.mark.parametrize("qcfg, named", [
-    ({"quant_method": "awq", "bits": 4}, "awq"),
-    ({"quant_method": "gptq", "bits": 4}, "gptq"),
+    ({"quant_method": "awq", "bits": 4, "version": "gemv"}, "awq version 'gemv'"),
+    ({"quant_method": "gptq", "bits": 3, "group_size": 128}, "gptq bits 3"),
     ({"quant_method": "bitsandbytes", "load_in_4bit": True}, "bitsandbytes"),
-    ({"quant_method": "compressed-tensors", "format": "pack-quantized"}, "pack-quantized"),
+    ({"quant_method": "compressed-tensors", "format": "pack-quantized"}, "pack-quantized without config_groups"),
     ({"quant_method": "fp8", "fmt": "e4m3"}, "weight_block_size"),
 ])
 def test_unsupported_quantization_named(qcfg, named, tmp_path):

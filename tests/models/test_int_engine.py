@@ -1,18 +1,12 @@
-"""PENDING (not collected: the file name has no test_ prefix): engine parity for INT4 / INT8
-checkpoints, for when the loader keeps GPTQ / AWQ / compressed-tensors int weights as QTensors
-(issue 27, the q-fp8mx branch's loader through models/quant/int_readers.py's INT_READERS).
-
-On the q-int branch the loader still refuses these methods by name (tests/models/test_int_readers.py
-checks that), so these tests fail there. Once the loader reads them, the integrator renames this file
-to test_int_engine.py (dropping the refusal check in test_int_readers.py's round trip), and it runs:
-
-    pytest -q tests/models/int_engine_pending.py     # an explicitly named file is collected
+"""Engine parity for INT4 / INT8 checkpoints (GPTQ, AWQ, compressed-tensors int; issue 27): the loader
+keeps their weights as QTensors through models/quant/int_readers.py.
 
 Each case quantizes a tiny random Mixtral / Qwen3-MoE (expert and attention linears, as releases do:
 tests/quant_checkpoints.py), writes the dequantized weights as a plain checkpoint, and requires our
 engine on the quantized checkpoint to match our engine on the dequantized one: prefill logits within
-1e-3 and greedy continuations identical. Then the memory acceptance: the model's resident quantized
-weights take at most 1.05x the bytes of the checkpoint's quantized tensors.
+1e-3 and greedy continuations identical. Then the memory acceptance, from the engine's own accounting
+(`weight_bytes`): the model's resident quantized weights take at most 1.05x the bytes of the
+checkpoint's quantized tensors, and every quantized linear and expert stack is held in its format.
 """
 
 from __future__ import annotations
@@ -20,13 +14,11 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 from safetensors import safe_open
 
 from models import load_model
 from models.hf_config import load_config
 from models.loader import checkpoint_files
-from models.quant.formats import QTensor
 from models.quant.int_readers import int_reader
 from tests.models.conftest import make_checkpoint
 from tests.models.simple_runner import greedy_generate, prefill_logits
@@ -59,28 +51,6 @@ def checkpoint_quantized_bytes(path) -> int:
     return total
 
 
-def resident_qtensors(model: torch.nn.Module) -> list[QTensor]:
-    """Every QTensor the model holds (module attributes, and dicts / lists of them)."""
-    found: dict[int, QTensor] = {}
-
-    def visit(v, depth=0):
-        if isinstance(v, QTensor):
-            found[id(v)] = v
-        elif depth < 3 and isinstance(v, dict):
-            for x in v.values():
-                visit(x, depth + 1)
-        elif depth < 3 and isinstance(v, (list, tuple)):
-            for x in v:
-                visit(x, depth + 1)
-        elif depth < 3 and hasattr(v, "quant"):  # a wrapper holding one (models/kernels/packed.py style)
-            visit(v.quant, depth + 1)
-
-    for m in model.modules():
-        for v in vars(m).values():
-            visit(v)
-    return list(found.values())
-
-
 @pytest.mark.parametrize("family, method, kw", CASES)
 def test_int_checkpoint_matches_dequantized(family, method, kw, tmp_path):
     src, qdir, ddir = tmp_path / "src", tmp_path / "quantized", tmp_path / "dequantized"
@@ -93,8 +63,12 @@ def test_int_checkpoint_matches_dequantized(family, method, kw, tmp_path):
         diff = (a - b).abs().max().item()
         assert diff <= 1e-3, f"prompt {i}: max abs logit diff {diff}"
     assert greedy_generate(ours, PROMPTS, 8) == greedy_generate(ref, PROMPTS, 8)
-    held = resident_qtensors(ours)
-    assert held, "the quantized model holds no QTensor: its weights were dequantized at load"
-    resident = sum(q.nbytes for q in held)
+    formats = set(ours.weight_formats().values())
+    want = {"int8_channel"} if kw.get("bits") == 8 else {"int4_group"}
+    assert formats == want, formats
+    kept = set(ours.qweights)
+    assert any(n.endswith("moe.w13") for n in kept) and any(n.endswith("attn.qkv.weight") for n in kept), kept
+    resident = ours.weight_bytes()["quantized"]
+    assert resident == sum(q.q.nbytes for q in ours.qweights.values())
     shipped = checkpoint_quantized_bytes(qdir)
     assert resident <= 1.05 * shipped, f"resident quantized bytes {resident} vs {shipped} in the checkpoint"

@@ -31,6 +31,7 @@ def fuzzed(long_context_model_dir: Path, tmp_path_factory: pytest.TempPathFactor
     assert s.stop() == 0, s.logs()[-3000:]
 
 
+@pytest.mark.slow  # the slow group: CI runs it (`pytest -m slow`), the default suite does not
 def test_schemathesis_messages(fuzzed: ServerProcess, tmp_path: Path) -> None:
     st = Path(sys.executable).with_name("st")
     cmd = [str(st), "run", fuzzed.url + "/openapi.json", "--include-path-regex", "^/v1/messages",

@@ -145,6 +145,7 @@ def test_cached_tokens_from_the_prefix_cache(glm_server: ServerProcess) -> None:
     assert f'"prompt_tokens_details":{{"cached_tokens":{cached}}}' in last.replace(" ", ""), last
 
 
+@pytest.mark.slow  # the slow group: CI runs it (`pytest -m slow`), the default suite does not
 def test_schemathesis_finds_chat_completions_consistent(glm_server: ServerProcess, tmp_path: Path) -> None:
     """The schemathesis CLI over POST /v1/chat/completions: no 5xx, no response that breaks
     its schema, and no "Schema validation mismatch" (positive cases it generated from the

@@ -52,6 +52,7 @@ def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     assert rc == 0, f"fuzzed server exited with {rc}:\n{s.logs()[-3000:]}"
 
 
+@pytest.mark.slow  # the slow group: CI runs it (`pytest -m slow`), the default suite does not
 def test_fuzz_openapi(fuzzed: ServerProcess) -> None:
     try:
         import schemathesis  # dev extra

@@ -55,6 +55,7 @@ def prebuilt_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow  # the slow group: CI runs it (`pytest -m slow`), the default suite does not
 def test_prebuilt_library_is_chosen_by_level_and_torch_version(prebuilt_dir, tmp_path):
     import torch
 
@@ -73,6 +74,7 @@ def test_prebuilt_library_is_chosen_by_level_and_torch_version(prebuilt_dir, tmp
     assert cpu_build.prebuilt(False, directory=other, flags=V3) is None  # built for another torch
 
 
+@pytest.mark.slow  # the slow group: CI runs it (`pytest -m slow`), the default suite does not
 def test_prebuilt_kernels_serve_without_a_compiler(prebuilt_dir, tmp_path):
     """A process with the prebuilt directory and no compiler (as the CPU image runs) loads the
     prebuilt library and runs an op; the kernel plan says where it came from."""

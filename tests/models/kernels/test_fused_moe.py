@@ -226,6 +226,7 @@ def test_cpu_kernels_share_pytorchs_openmp_pool():
     assert len(gomp) == 1, gomp
 
 
+@pytest.mark.slow  # the slow group: CI runs it (`pytest -m slow`), the default suite does not
 def test_pthread_build_matches_the_default_build():
     """The kernels built without OpenMP (threads of their own: PyTorch builds on another
     runtime, or --cpu-kernels pthreads) give bitwise the same results on several threads. That

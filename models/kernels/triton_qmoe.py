@@ -15,8 +15,8 @@ reduce) over quantized stacks; `qlinear_triton` is the dense linear. Per format 
   compressed-tensors FP8 MoE with `per_act_token_quant`, its FP8-dynamic scheme); both scales are
   applied once after the K loop. The per-tensor weight scale is the channel case with stride 0.
 - without fp8 dot hardware (CUDA capability < 8.9; `fp8_act=False`), the fp8 formats run W8A16:
-  the weight tile is up-converted to the activation dtype in registers and scaled (vLLM's Marlin
-  fallback does the same thing on Ampere).
+  the weight bytes are decoded (e4m3 bit fields; Triton has no e4m3 type before sm89) and scaled in
+  registers, then the dot runs in the activation dtype (what vLLM's Marlin fallback does on Ampere).
 - `mxfp4` (gpt-oss): W4A16. E2M1 codes decoded arithmetically in registers (sign, 2-bit exponent,
   1-bit mantissa: the FP4 table without a memory lookup), times 2^(e8m0 - 127) per 32 inputs;
   the biases and clamped SwiGLU of gpt-oss in the epilogue.
@@ -52,7 +52,7 @@ def _round_e4m3(y):
     exp = ((bits >> 23) & 0xFF) - 127
     exp = tl.maximum(exp, -6)  # subnormals share the smallest normal exponent's step
     step = ((exp - 3 + 127) << 23).to(tl.float32, bitcast=True)  # 2^(exp - 3): 3 mantissa bits
-    q = a / step  # exact (a power of two)
+    q = a * ((3 - exp + 127) << 23).to(tl.float32, bitcast=True)  # a / step, exact
     f = tl.floor(q)
     d = q - f
     odd = (f - 2.0 * tl.floor(f * 0.5)) != 0.0
@@ -78,7 +78,7 @@ def _quant_fp8_kernel(x_ptr, q_ptr, s_ptr, K, GROUP, stride_xm, stride_qm, strid
         offs = start + c + tl.arange(0, BLOCK)
         m = (c + tl.arange(0, BLOCK) < GROUP) & (offs < K)
         x = tl.load(x_ptr + row * stride_xm + offs, mask=m, other=0.0).to(tl.float32)
-        y = tl.minimum(tl.maximum(x / scale, -448.0), 448.0)
+        y = tl.minimum(tl.maximum(tl.div_rn(x, scale), -448.0), 448.0)  # IEEE division, as torch
         tl.store(q_ptr + row * stride_qm + offs, _round_e4m3(y).to(q_ptr.dtype.element_ty), mask=m)
 
 
@@ -98,39 +98,50 @@ def quant_fp8_groups(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.T
 
 
 @triton.jit
-def _w_tile(d_ptr, s_ptr, z_ptr, rows, n_mask, kk, k_mask, stride_dn, stride_sn, stride_sk, stride_zn,
+def _w_tile(d_ptr, s_ptr, z_ptr, rows, n_mask, k0, kk, k_mask, stride_dn, stride_sn, stride_sk, stride_zn,
             BN, GROUP, FMT: tl.constexpr, SCALE: tl.constexpr, A8: tl.constexpr, DT: tl.constexpr):
-    """The weight tile [BLOCK_K, BLOCK_N] for output rows `rows` and inputs `kk` (both absolute),
+    """The weight tile [BLOCK_K, BLOCK_N] for output rows `rows` and inputs `kk` = k0 + [0, BLOCK_K),
     ready for tl.dot with activations of dtype DT: raw fp8 when A8 (its scales are applied by the
     caller), else dequantized (SCALE == _S_ROW: the row scale is left to the caller)."""
     m = k_mask[:, None] & n_mask[None, :]
+    # one return at the end: the constexpr branches below are resolved at compile time
     if FMT == 0 or FMT == 1:  # fp8 / int8 codes, one byte per weight
         w = tl.load(d_ptr + rows[None, :] * stride_dn + kk[:, None], mask=m, other=0.0)
         if A8:
-            return w
-        wf = w.to(tl.float32)
-        if SCALE == 1:  # fp8_block in W8A16: the block scale per element
-            s = tl.load(s_ptr + (rows // BN)[None, :] * stride_sn + (kk // GROUP)[:, None] * stride_sk, mask=m,
-                        other=0.0)
-            wf = wf * s
-        return wf.to(DT)
-    byte = tl.load(d_ptr + rows[None, :] * stride_dn + (kk // 2)[:, None], mask=m, other=0).to(tl.int32)
-    code = (byte >> ((kk % 2) * 4)[:, None]) & 0xF
-    sm = tl.load(s_ptr + rows[None, :] * stride_sn + (kk // GROUP)[:, None] * stride_sk, mask=m, other=0)
-    if FMT == 2:  # E2M1: sign bit 3, exponent bits 1-2, mantissa bit 0; E8M0 scale 2^(s - 127)
-        e = (code >> 1) & 3
-        mant = (code & 1).to(tl.float32)
-        pow2 = ((tl.maximum(e, 1) + 126) << 23).to(tl.float32, bitcast=True)  # 2^(e - 1)
-        mag = tl.where(e == 0, 0.5 * mant, (1.0 + 0.5 * mant) * pow2)
-        v = tl.where((code & 8) != 0, -mag, mag)
-        scale = (sm.to(tl.int32) << 23).to(tl.float32, bitcast=True)
-        return (v * scale).to(DT)
-    # int4 group: (code - zero) * scale, zero 8 when symmetric (z_ptr is None)
-    if z_ptr is None:
-        zero = 8.0
+            out = w
+        else:
+            if FMT == 0:  # float8_e4m3fn bytes decoded here (sm80 has no e4m3 type): S.EEEE.MMM, bias 7
+                b = w.to(tl.int32)
+                e = (b >> 3) & 0xF
+                mt = (b & 7).to(tl.float32)
+                pow2 = ((tl.maximum(e, 1) + 117) << 23).to(tl.float32, bitcast=True)  # 2^(e - 10)
+                mag = tl.where(e == 0, mt * 0.001953125, (8.0 + mt) * pow2)  # subnormal: mt * 2^-9
+                wf = tl.where((b & 0x80) != 0, -mag, mag)
+            else:
+                wf = w.to(tl.float32)
+            if SCALE == 1:  # fp8_block in W8A16: one block scale per output row in this K tile
+                s = tl.load(s_ptr + (rows // BN) * stride_sn + (k0 // GROUP) * stride_sk, mask=n_mask, other=0.0)
+                wf = wf * s[None, :]
+            out = wf.to(DT)
     else:
-        zero = tl.load(z_ptr + rows[None, :] * stride_zn + (kk // GROUP)[:, None], mask=m, other=0).to(tl.float32)
-    return ((code.to(tl.float32) - zero) * sm.to(tl.float32)).to(DT)
+        byte = tl.load(d_ptr + rows[None, :] * stride_dn + (kk // 2)[:, None], mask=m, other=0).to(tl.int32)
+        code = (byte >> ((kk % 2) * 4)[:, None]) & 0xF
+        sm = tl.load(s_ptr + rows[None, :] * stride_sn + (kk // GROUP)[:, None] * stride_sk, mask=m, other=0)
+        if FMT == 2:  # E2M1: sign bit 3, exponent bits 1-2, mantissa bit 0; E8M0 scale 2^(s - 127)
+            e = (code >> 1) & 3
+            mant = (code & 1).to(tl.float32)
+            pow2 = ((tl.maximum(e, 1) + 126) << 23).to(tl.float32, bitcast=True)  # 2^(e - 1)
+            mag = tl.where(e == 0, 0.5 * mant, (1.0 + 0.5 * mant) * pow2)
+            v = tl.where((code & 8) != 0, -mag, mag)
+            scale = (sm.to(tl.int32) << 23).to(tl.float32, bitcast=True)
+            out = (v * scale).to(DT)
+        else:  # int4 group: (code - zero) * scale, zero 8 when symmetric (z_ptr is None)
+            if z_ptr is None:
+                zf = (code * 0 + 8).to(tl.float32)
+            else:
+                zf = tl.load(z_ptr + rows[None, :] * stride_zn + (kk // GROUP)[:, None], mask=m, other=0).to(tl.float32)
+            out = ((code.to(tl.float32) - zf) * sm.to(tl.float32)).to(DT)
+    return out
 
 
 @triton.jit
@@ -149,10 +160,10 @@ def _qmm(a_ptrs, as_ptrs, row_mask, d_ptr, s_ptr, z_ptr, offs_n, n_mask, K, N2,
         kk = k0 + offs_k
         k_mask = kk < K
         a = tl.load(a_ptrs + k0, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        w = _w_tile(d_ptr, s_ptr, z_ptr, offs_n, n_mask, kk, k_mask, stride_dn, stride_sn, stride_sk, stride_zn,
+        w = _w_tile(d_ptr, s_ptr, z_ptr, offs_n, n_mask, k0, kk, k_mask, stride_dn, stride_sn, stride_sk, stride_zn,
                     BN, GROUP, FMT, SCALE, A8, a.dtype)
         if TWO:
-            w2 = _w_tile(d_ptr, s_ptr, z_ptr, rows2, n_mask, kk, k_mask, stride_dn, stride_sn, stride_sk, stride_zn,
+            w2 = _w_tile(d_ptr, s_ptr, z_ptr, rows2, n_mask, k0, kk, k_mask, stride_dn, stride_sn, stride_sk, stride_zn,
                          BN, GROUP, FMT, SCALE, A8, a.dtype)
         if A8 and SCALE == 1:  # fp8 block: a_scale[row, kb] * w_scale[nb, kb] per K tile (BLOCK_K divides bk)
             kb = k0 // GROUP
@@ -345,6 +356,10 @@ class _W:
     def fp8(self) -> bool:
         return self.FMT == _FP8
 
+    def data_arg(self, a8: bool) -> torch.Tensor:
+        """fp8 data as float8 for the fp8 dots, as its bytes for W8A16 (decoded in registers)."""
+        return self.data.view(torch.uint8) if self.fp8 and not a8 else self.data
+
     def act_group(self) -> int:
         """The activation quantization group of W8A8: bk for block scales, the whole row otherwise."""
         return self.group if self.SCALE == _S_BLOCK else self.K
@@ -354,7 +369,7 @@ def _config(cfg: dict, w: _W, a8: bool) -> tuple[dict, dict, int]:
     cfg = dict(cfg)
     launch = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
     bn_down = cfg.pop("BLOCK_N_DOWN", cfg["BLOCK_N"])
-    if a8 and w.SCALE == _S_BLOCK:  # one activation / weight scale per K tile
+    if w.SCALE == _S_BLOCK:  # one weight (and W8A8: activation) scale per K tile
         while cfg["BLOCK_K"] > w.group or w.group % cfg["BLOCK_K"]:
             cfg["BLOCK_K"] //= 2
             if cfg["BLOCK_K"] < 16:
@@ -417,7 +432,7 @@ def qmoe_triton(x: torch.Tensor, w13: QTensor, w2: QTensor, topk_ids: torch.Tens
     bias1, stride_b1 = _bias_arg(b13, x)
     grid1 = (triton.cdiv(max_rows, bm) * triton.cdiv(inter, cfg1["BLOCK_N"]),)
     _qgate_up_kernel[grid1](
-        a, a_s, g.data, g.scale, g.zero, bias1, h, aligned.sorted_pairs, aligned.block_experts, aligned.num_rows,
+        a, a_s, g.data_arg(a8_1), g.scale, g.zero, bias1, h, aligned.sorted_pairs, aligned.block_experts, aligned.num_rows,
         weights, inter, H, P, max_rows, float(limit or 0.0), float(alpha), g.bn, g.group,
         a.stride(0), a_s.stride(0), g.stride_e[0], g.stride_dn, g.stride_e[1], g.stride_sn, g.stride_sk,
         g.stride_e[2], g.stride_zn, stride_b1, h.stride(0),
@@ -429,7 +444,7 @@ def qmoe_triton(x: torch.Tensor, w13: QTensor, w2: QTensor, topk_ids: torch.Tens
     y = torch.empty(P, H, dtype=x.dtype, device=x.device)
     grid2 = (triton.cdiv(max_rows, bm) * triton.cdiv(H, bn_down),)
     _qdown_kernel[grid2](
-        hq, h_s, d.data, d.scale, d.zero, bias2, y, weights, aligned.sorted_pairs, aligned.block_experts,
+        hq, h_s, d.data_arg(a8_2), d.scale, d.zero, bias2, y, weights, aligned.sorted_pairs, aligned.block_experts,
         aligned.num_rows, H, inter, P, max_rows, d.bn, d.group,
         hq.stride(0), h_s.stride(0), d.stride_e[0], d.stride_dn, d.stride_e[1], d.stride_sn, d.stride_sk,
         d.stride_e[2], d.stride_zn, stride_b2, y.stride(0),
@@ -470,7 +485,7 @@ def qlinear_triton(x: torch.Tensor, w: QTensor, bias: torch.Tensor | None = None
     b, _ = _bias_arg(bias, x)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(q.N, cfg["BLOCK_N"]),)
     _qlinear_kernel[grid](
-        a, a_s, q.data, q.scale, q.zero, b, y, M, q.N, K, q.bn, q.group,
+        a, a_s, q.data_arg(a8), q.scale, q.zero, b, y, M, q.N, K, q.bn, q.group,
         a.stride(0), a_s.stride(0), q.stride_dn, q.stride_sn, q.stride_sk, q.stride_zn, y.stride(0),
         FMT=q.FMT, SCALE=q.SCALE, A8=a8, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         HAS_BIAS=bias is not None, **cfg, **launch,

@@ -342,6 +342,15 @@ class _W:
         else:
             raise FormatError(f"format {fmt.value} is not a quantized format")
         s = self.scale
+        expect = {_S_ROW: (s.shape[-2], 1), _S_BLOCK: (-(-self.N // self.bn), -(-self.K // self.group)),
+                  _S_GROUP: (self.N, -(-self.K // self.group))}[self.SCALE]
+        if self.SCALE == _S_ROW and s.shape[-2] not in (1, self.N):
+            expect = (self.N, 1)
+        if tuple(s.shape[-2:]) != expect or (self.zero is not None and self.zero.shape != s.shape):
+            raise FormatError(f"{fmt.value} [{self.N}, {self.K}]: scales {tuple(s.shape)}, expected [..., "
+                              f"{expect[0]}, {expect[1]}]" + ("" if self.zero is None else " (zeros alike)"))
+        if self.FMT in (_MXFP4, _INT4) and (self.K % 2 or self.data.shape[-1] * 2 != self.K):
+            raise FormatError(f"{fmt.value}: K={self.K} packs into {self.K // 2} bytes, data has {self.data.shape[-1]}")
         self.stride_e = (self.data.stride(0), s.stride(0), self.zero.stride(0) if self.zero is not None else 0) \
             if experts else (0, 0, 0)
         # per-tensor scales [.., 1, 1]: the row stride 0 makes it the channel case

@@ -210,6 +210,10 @@ def test_no_tokens_and_shape_errors():
         qmoe_triton(torch.zeros(1, 64), q13, q13, *routing(1, E, K_TOP, g))
     with pytest.raises(ValueError, match="inputs"):
         qlinear_triton(torch.zeros(1, 32), make_q("int8_channel", (8, 64), g))
+    bad = make_q("int4_group", (8, 64), g, group=32)
+    bad.group = 128  # scales of group 32 read as group 128: refused, not read out of bounds
+    with pytest.raises(ValueError, match="scales"):
+        qlinear_triton(torch.zeros(1, 64), bad)
 
 
 @pytest.mark.cuda

@@ -67,6 +67,7 @@ def moe_ref(x, w13: QTensor, w2: QTensor, ids, tw, b13=None, b2=None, limit=None
     """Per expert, in float64 from the dequantized weights; `a8_group`: the activation groups of
     x and of h when the kernel runs W8A8."""
     W13, W2 = dequant(w13.to("cpu"), torch.float64), dequant(w2.to("cpu"), torch.float64)
+    act = x.dtype  # the kernel stores h in it before quantizing it (W8A8)
     x, ids, tw = x.cpu().double(), ids.cpu(), tw.cpu().double()
     if a8_group:
         x = fake_quant_fp8(x, a8_group[0])
@@ -84,7 +85,7 @@ def moe_ref(x, w13: QTensor, w2: QTensor, ids, tw, b13=None, b2=None, limit=None
                 gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
                 a = (up + 1) * gate * torch.sigmoid(alpha * gate)
             if a8_group:
-                a = fake_quant_fp8(a.float()[None], a8_group[1])[0]
+                a = fake_quant_fp8(a.to(act).float()[None], a8_group[1])[0]
             y = W2[e] @ a + (b2[e].cpu().double() if b2 is not None else 0)
             out[t] += y if weight_on_input else y * w
     return out

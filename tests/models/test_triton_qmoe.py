@@ -2,7 +2,8 @@
 reference built from `formats.dequant`, for every QTensor format.
 
 On the CPU the kernels run under Triton's interpreter (TRITON_INTERPRET=1, set by tests/conftest.py)
-in float32; the interpreter runs the fp8 x fp8 dots of W8A8 too. The `cuda` variants (pytest -m cuda,
+in float32 (and float16 once; the interpreter's bfloat16 dots are wrong); it runs the fp8 x fp8 dots
+of W8A8 exactly (its own fp32 -> fp8 cast is not used: see triton_qmoe). The `cuda` variants (pytest -m cuda,
 scripts/gpu_check.sh) run the compiled kernels in bfloat16. W8A8 cases compare against a reference
 that quantizes the activations the way the kernel does (per token, per group of bk, scale = amax /
 448, round to nearest even), so the bound stays tight.
@@ -152,6 +153,21 @@ def test_qmoe_matches_dequant_reference(case, T, device):
     # bfloat16 on CUDA: h and the dequantized weight tiles round to bf16
     bound = (2e-2 if a8 else 1e-5) if device == "cpu" else 4e-2
     assert rel_err_ok(run_case(case, T, device), bound)
+
+
+@pytest.mark.parametrize("case", ["int4-zp-g64", "fp8_block-32x32"])
+def test_qmoe_float16_activations(case):
+    """Half-precision activations on the CPU: the interpreter has float16 (not bfloat16: its bf16
+    dots are wrong, for the float kernels too), so the 16-bit tile path is checked here in float16."""
+    fmt, kw, H, a8, _ = CASES[case]
+    g = torch.Generator().manual_seed(11)
+    q13, q2 = make_q(fmt, (E, 2 * INTER, H), g, **kw), make_q(fmt, (E, H, INTER), g, **kw)
+    x = torch.randn(5, H, generator=g).half()
+    ids, tw = routing(5, E, K_TOP, g)
+    out = qmoe_triton(x, q13, q2, ids, tw, fp8_act=a8)
+    assert out.dtype == torch.float16
+    ref = moe_ref(x, q13, q2, ids, tw, a8_group=a8_groups(q13, q2, H, INTER) if a8 else None)
+    assert rel_err_ok(rel_err(out, ref), 2e-2)
 
 
 def rel_err_ok(err: float, bound: float) -> bool:

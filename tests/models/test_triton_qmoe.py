@@ -208,13 +208,13 @@ def test_activation_quant_rounds_like_torch(device):
     """The per-group fp8 quantization (its own rounding, see triton_qmoe) equals torch's cast,
     including the values that round up into the next binade."""
     g = torch.Generator().manual_seed(3)
-    x = torch.randn(6, 256, generator=g) * torch.logspace(-3, 3, 256)
+    x = torch.randn(2, 256, generator=g) * torch.logspace(-3, 3, 256)
     x[0, :8] = torch.tensor([7.8216, -31.8131, 0.0, 1e-6, -448.0, 15.9, 239.9, -0.017])
     q, s = quant_fp8_groups(x.to(device), 128)
-    assert s.shape == (6, 2)
-    scale = x.reshape(6, 2, 128).abs().amax(-1).clamp_min(1e-10) / 448.0
+    assert s.shape == (2, 2)
+    scale = x.reshape(2, 2, 128).abs().amax(-1).clamp_min(1e-10) / 448.0
     torch.testing.assert_close(s.cpu(), scale, rtol=0, atol=0)
-    ref = (x.reshape(6, 2, 128) / scale[..., None]).clamp(-448, 448).to(F8).reshape(6, 256)
+    ref = (x.reshape(2, 2, 128) / scale[..., None]).clamp(-448, 448).to(F8).reshape(2, 256)
     assert torch.equal(q.cpu().view(torch.uint8), ref.view(torch.uint8))
 
 

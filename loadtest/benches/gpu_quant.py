@@ -3,7 +3,8 @@
 For each quantized model shape, the MoE layers' experts are built on the device from random codes
 and scales in their QTensor format (no float weights are ever made), their resident bytes are read
 from the allocator against the formats' own bytes, and the decode time of all the layers' experts
-(`triton_qmoe.qmoe_triton`, one call per layer, random routing per layer) is measured at each batch,
+(`triton_qmoe.qmoe_triton`, one call per layer, random routing per layer, replayed from a CUDA graph
+as the engine's decode does) is measured at each batch,
 against the same shapes in bf16 through `triton_moe.fused_moe_triton` (bf16 stacks cut to the layers
 that fit --quant-bf16-gb; its time is per layer, scaled to the model's layers). MBU: the bytes the
 step must read (the distinct experts each layer's tokens were routed to, whole, scales included,
@@ -67,6 +68,28 @@ def random_qtensor(s: QuantShape, N: int, K: int, dev: str, g: torch.Generator):
     assert s.fmt == "int4_group" and s.group
     scale = (torch.rand(E, N, K // s.group, device=dev, generator=g) * (K**-0.5) / 4).to(torch.bfloat16)
     return QTensor(WeightFormat.INT4_GROUP, (E, N, K), codes, scale, group=s.group)
+
+
+def graphed(fn, dev: str, log):
+    """(a callable replaying `fn` from a CUDA graph, True) on CUDA, as the engine's decode runs it (at
+    batch 1 the Python launches of 36 layers would otherwise be timed, not the kernels); (fn, False)
+    on the CPU or when the capture fails."""
+    if dev != "cuda":
+        return fn, False
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up (compiles) outside the capture
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return graph.replay, True
+    except Exception as e:  # noqa: BLE001 (timed eagerly instead, and said so)
+        log(f"CUDA graph capture failed ({e!r:.200}): timing eagerly")
+        torch.cuda.synchronize()
+        return fn, False
 
 
 def _allocated(dev: str) -> int:
@@ -134,8 +157,9 @@ def bench_quant_shape(s: QuantShape, batches: list[int], args, peak: float, left
         if left() < 10:
             res.setdefault("skipped", []).append(f"batch {T}: time budget")
             continue
-        ms = median_ms(run, dev)
-        row = {"batch": T, "format": s.fmt, "ms_all_layers": round(ms, 4), "ms_per_layer": round(ms / L, 4),
+        timed, graph = graphed(run, dev, log)
+        ms = median_ms(timed, dev)
+        row = {"batch": T, "format": s.fmt, "cuda_graph": graph, "ms_all_layers": round(ms, 4), "ms_per_layer": round(ms / L, 4),
                "moe_tok_per_s": round(T / (ms / 1e3), 1), "bytes_per_step": int(step_bytes),
                "achieved_GBps": round(step_bytes / (ms / 1e3) / 1e9, 1),
                "mbu": round(step_bytes / (ms / 1e3) / peak, 4)}
@@ -162,12 +186,14 @@ def bench_quant_shape(s: QuantShape, batches: list[int], args, peak: float, left
             for (w13, w2), (ids, w) in zip(bl, rl):
                 fused_moe_triton(x, w13, w2, ids, w, bias=s.gptoss, **extra)
 
-        ms = median_ms(run16, dev)
+        timed, graph = graphed(run16, dev, log)
+        ms = median_ms(timed, dev)
+        del timed
         distinct = sum(int(torch.unique(ids).numel()) for ids, _ in rl[:L16])
         b16 = distinct * (3 * H * inter * 2 + bias_bytes) + L16 * 2 * T * H * x.element_size()
         row = next(r for r in res["rows"] if r["batch"] == T)
         ms_all = ms / L16 * L
-        row.update(bf16_ms_per_layer=round(ms / L16, 4), bf16_moe_tok_per_s=round(T / (ms_all / 1e3), 1),
+        row.update(bf16_cuda_graph=graph, bf16_ms_per_layer=round(ms / L16, 4), bf16_moe_tok_per_s=round(T / (ms_all / 1e3), 1),
                    bf16_mbu=round(b16 / (ms / 1e3) / peak, 4),
                    speedup_vs_bf16=round((ms / L16) / row["ms_per_layer"], 3))
         log(f"bf16 {s.name} B={T}: {ms / L16:.3f} ms per layer; {s.fmt} is {row['speedup_vs_bf16']}x")

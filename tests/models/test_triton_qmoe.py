@@ -203,6 +203,24 @@ def test_qlinear_matches_dequant_reference(case, device):
     assert rel_err_ok(rel_err(out.cpu(), ref), (1e-2 if a8 else 1e-5) if device == "cpu" else 2e-2)
 
 
+@pytest.mark.parametrize("fmt,K,kw", [("mxfp4", 96, {}), ("int4_group", 96, dict(group=32, zp=True)),
+                                       ("fp8_block", 96, dict(block=(64, 64))), ("int8_channel", 72, {})],
+                         ids=["mxfp4", "int4", "fp8_block", "int8"])
+def test_qlinear_k_tail(fmt, K, kw):
+    """K not a multiple of the K tile (64 here): the last tile is masked, scales and codes alike."""
+    g = torch.Generator().manual_seed(5)
+    q = make_q(fmt, (40, K), g, **kw)
+    x = torch.randn(3, K, generator=g)
+    cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, GROUP_M=1, num_warps=4, num_stages=1)
+    a8 = fmt == "fp8_block"
+    out = qlinear_triton(x, q, config=cfg, fp8_act=a8)
+    xr = x.double()
+    if a8:  # K = 96 in groups of 64: the second group has 32 inputs
+        xr = torch.cat([fake_quant_fp8(x[:, :64].double(), 64), fake_quant_fp8(x[:, 64:].double(), 32)], 1)
+    ref = xr @ dequant(q, torch.float64).T
+    assert rel_err_ok(rel_err(out, ref), 1e-2 if a8 else 1e-5)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_activation_quant_rounds_like_torch(device):
     """The per-group fp8 quantization (its own rounding, see triton_qmoe) equals torch's cast,

@@ -3,6 +3,7 @@
     python -m loadtest gpu [--models mixtral-8x7b,qwen3-30b-a3b] [--layers 8]
         [--batches 1,4,16,64,256] [--prompt-len 128] [--output-len 64] [--hf-batches 1,64]
         [--no-expert-tier] [--async-batches 256] [--time-budget 300] [--json out.json] [--cpu-dry-run]
+        [--quant-models deepseek-v3-fp8,gpt-oss-120b-mxfp4,qwen3-30b-a3b-int4] [--quant-batches 1,16,64,256]
 
 Random-weight models with the real per-layer shapes of Mixtral-8x7B and Qwen3-30B-A3B, cut
 to --layers layers, built in GPU memory (loadtest/benches/gpu_models.py). For each: decode output
@@ -18,6 +19,9 @@ are skipped and say so. Timings by loadtest/harness.py (CUDA events and synchron
 one JSON result (after each model shape, so a run cut short keeps what it measured) and prints
 its docs block. `--cpu-dry-run` runs every section on the CPU at toy sizes (float32), to check
 the benchmark without a GPU (scripts/gpu_check.sh with GPU_CHECK_DRY_RUN=1).
+Then the quantized MoE layers (loadtest/benches/gpu_quant.py: FP8 block, MXFP4, INT4 experts through
+the Triton kernels of models/kernels/triton_qmoe.py, against bf16; resident bytes vs the formats'
+bytes), `quant_moe` in the JSON; `--models none` measures only those, `--quant-models ""` skips them.
 """
 
 from __future__ import annotations
@@ -369,12 +373,22 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--async-batches", default="256", help="batches of the --async-scheduling comparison")
     ap.add_argument("--time-budget", type=float, default=300.0, help="seconds; later sections are skipped past it")
     ap.add_argument("--cpu-dry-run", action="store_true", help="toy sizes on the CPU: checks the benchmark only")
+    ap.add_argument("--quant-models", default="deepseek-v3-fp8,gpt-oss-120b-mxfp4,qwen3-30b-a3b-int4",
+                    help="quantized MoE shapes (loadtest/benches/gpu_quant.py); '' skips them")
+    ap.add_argument("--quant-batches", default="1,16,64,256")
+    ap.add_argument("--quant-bf16-gb", type=float, default=24.0,
+                    help="GB of bf16 expert stacks the bf16 comparison may build (whole layers, at least one)")
     output.add_args(ap)
     args = ap.parse_args(argv)
     args.device, args.dtype = ("cpu", torch.float32) if args.cpu_dry_run else ("cuda", torch.bfloat16)
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     args.batches, args.eager_batches, args.hf_batches = ints(args.batches), ints(args.eager_batches), ints(args.hf_batches)
     args.async_batches = ints(args.async_batches)
+    args.quant_batches = ints(args.quant_batches)
+    if args.cpu_dry_run:  # the quantized kernels run under Triton's interpreter (read when triton is imported)
+        import os
+
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     if not torch.cuda.is_available() and not args.cpu_dry_run:
         raise SystemExit("python -m loadtest gpu needs a CUDA GPU (torch.cuda.is_available() is False)")
     from transformers import AutoTokenizer
@@ -390,15 +404,22 @@ def main(argv: list[str] | None = None) -> dict:
         "peak_GBps": args.peak_gbps, "engines": [], "transformers": {}}
     out["copy_GBps"] = round(copy_bandwidth() / 1e9, 1) if args.device == "cuda" else None
     log(f"{out['device']}: copy {out['copy_GBps']} GB/s")
+    models = [m for m in args.models.split(",") if m and m != "none"]
     tok_dir = Path("/tmp/moe-serve-bench-tokenizer")
-    if not (tok_dir / "tokenizer.json").exists():
+    if models and not (tok_dir / "tokenizer.json").exists():
         save_tokenizer(tok_dir, 32000)
-    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir)) if models else None
     peak = args.peak_gbps * 1e9
-    for shape in args.models.split(","):
+    for shape in models:
         bench_shape(shape, args, tokenizer, peak, out)
         result["summary"]["blocks"] = report_blocks(out)
         results.write(result, args.json)  # what is measured so far survives a run cut short
+    if args.quant_models:
+        from loadtest.benches.gpu_quant import quant_moe
+
+        out["quant_moe"] = quant_moe(args, peak, lambda: left(args), log)
+        result["summary"]["blocks"] = report_blocks(out)
+        results.write(result, args.json)
     out["seconds"] = round(time.monotonic() - T0, 1)
     output.finish(result, args)
     return result

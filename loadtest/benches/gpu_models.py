@@ -228,6 +228,23 @@ def report_blocks(out: dict) -> list[dict]:
             [[m["shape"], m["tokens"], m["backend"], m.get("ms"), m.get("experts_GBps"),
               m.get("rel_err_vs_reference")] if "ms" in m else
              [m["shape"], m["tokens"], m["backend"], None, None, m.get("error")] for m in out["moe_kernels"]]))
+    for q in out.get("quant_moe", []):
+        if "rows" not in q:
+            blocks.append(results.text(f"Quantized {q['shape']}: {q.get('skipped') or q.get('error')}"))
+            continue
+        blocks.append(results.table(
+            f"**{q['shape']}: quantized MoE layers** ({q['layers']} layers of {q['experts']} experts top-"
+            f"{q['top_k']}, H {q['hidden']}, I {q['inter']}, `{q['format']}`{' W8A8' if q.get('w8a8') else ''}; "
+            f"resident {q['resident_bytes'] / 1e9:.2f} GB = {q['resident_over_format']}x the format's "
+            f"{q['format_bytes'] / 1e9:.2f} GB, bf16 {q['bf16_bytes_same_shapes'] / 1e9:.2f} GB; bf16 timed over "
+            f"{q.get('bf16_layers_measured')} layers, scaled; experts only, median):",
+            [col("batch", "d"), col("ms all layers", ".3f"), col("MoE tok/s", ",.1f"), col("GB/s", ".1f"),
+             col("MBU %", ".1f"), col("bf16 ms/layer", ".4f"), col("bf16 tok/s", ",.1f"), col("bf16 MBU %", ".1f"),
+             col("x bf16", ".2f")],
+            [[r["batch"], r["ms_all_layers"], r["moe_tok_per_s"], r["achieved_GBps"], r["mbu"] * 100,
+              r.get("bf16_ms_per_layer"), r.get("bf16_moe_tok_per_s"),
+              None if r.get("bf16_mbu") is None else r["bf16_mbu"] * 100, r.get("speedup_vs_bf16")]
+             for r in q["rows"]]))
     if out.get("errors"):
         blocks.append(results.text("Errors: " + "; ".join(out["errors"])))
     blocks.append({"kind": "note"})

@@ -83,8 +83,10 @@ def tier_expert_bytes(fmt: str, H: int, inter: int) -> int:
     return int(n * values) + 2 * (2 * inter * (H // GROUP) + H * (inter // GROUP))
 
 # (x [n, H], w13, w2 stacks, ids [n, k], weights [n, k]) -> [n, H]: a block's experts on one
-# device's stacks (`MoEBlock.placed_fn`: the kernel plan's choice for that device type)
-ExpertFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# device's stacks (`MoEBlock.placed_fn`: the kernel plan's choice for that device type;
+# a stack is a float tensor or a QStack: kept in a checkpoint's quantized format)
+Stack = torch.Tensor | QStack
+ExpertFn = Callable[[torch.Tensor, Stack, Stack, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def torch_device(name: str) -> torch.device:
@@ -210,7 +212,7 @@ def is_virtual(name: str) -> bool:
     return name.startswith("cpu:")
 
 
-def _run_on(device: torch.device, w13: torch.Tensor, w2: torch.Tensor, x: torch.Tensor, tokens: torch.Tensor,
+def _run_on(device: torch.device, w13: Stack, w2: Stack, x: torch.Tensor, tokens: torch.Tensor,
             rows: torch.Tensor, weights: torch.Tensor, out: torch.Tensor, remote: bool,
             fn: ExpertFn) -> None:
     """out[t] += sum of weights * expert(x[t]) over the given pairs, computed on `device`.
@@ -445,7 +447,7 @@ def _run_host_cpu(tier: HostTier, g: DeviceGroup, x, tokens, rows, weights, out,
     out.index_add_(0, uniq, partial.to(out.device, out.dtype))
 
 
-def build_layer_state(plan: LayerPlan, master_w13: torch.Tensor, master_w2: torch.Tensor, index_device: torch.device,
+def build_layer_state(plan: LayerPlan, master_w13: Stack, master_w2: Stack, index_device: torch.device,
                       expert_fn: ExpertFn, *, host: str | None = None, fetch_threshold: int = 1 << 62,
                       previous: LayerState | None = None, tier_format: str = "auto") -> tuple[LayerState, int]:
     """Build a layer's stacks (reusing rows already on a device) -> (state, experts copied).
@@ -583,12 +585,14 @@ def _stack(device: torch.device, logicals: tuple[int, ...], master_w13, master_w
     if isinstance(master_w13, QStack):
         return _qstack(device, logicals, master_w13, master_w2, prev)
     n = len(logicals)
+    assert isinstance(master_w13, torch.Tensor) and isinstance(master_w2, torch.Tensor)
     w13 = torch.empty((n,) + tuple(master_w13.shape[1:]), dtype=master_w13.dtype, device=device)
     w2 = torch.empty((n,) + tuple(master_w2.shape[1:]), dtype=master_w2.dtype, device=device)
     have = {e: i for i, e in enumerate(prev.logicals)} if prev is not None else {}
     keep = [(j, have[e]) for j, e in enumerate(logicals) if e in have]
     bring = [(j, e) for j, e in enumerate(logicals) if e not in have]
     if keep:
+        assert prev is not None and isinstance(prev.w13, torch.Tensor) and isinstance(prev.w2, torch.Tensor)
         dst = torch.tensor([j for j, _ in keep], device=device)
         src = torch.tensor([i for _, i in keep], device=device)
         w13[dst] = prev.w13[src]
@@ -608,8 +612,11 @@ def _qstack(device: torch.device, logicals: tuple[int, ...], master_w13: QStack,
     have = {e: i for i, e in enumerate(prev.logicals)} if prev is not None and isinstance(prev.w13, QStack) else {}
     keep = [(j, have[e]) for j, e in enumerate(logicals) if e in have]
     bring = [(j, e) for j, e in enumerate(logicals) if e not in have]
-    parts13, parts2, order = [], [], []
+    parts13: list[QStack] = []
+    parts2: list[QStack] = []
+    order: list[int] = []
     if keep:
+        assert prev is not None and isinstance(prev.w13, QStack) and isinstance(prev.w2, QStack)
         src = torch.tensor([i for _, i in keep], device=device)
         parts13.append(prev.w13.select(src))
         parts2.append(prev.w2.select(src))

@@ -211,3 +211,40 @@ def test_engine_places_the_quantized_experts(tmp_path_factory, tiny_mixtral):
     llm.core.placement_manager.close()
     with pytest.raises(ValueError, match="--quantization int8 keeps the experts only quantized.*cannot move them"):
         LLM(tiny_mixtral, dtype="float32", device="cpu", quantization="int8", expert_devices=("cpu:0", "cpu:1"))
+
+
+def test_gpt_oss_mxfp4_experts_placed_with_their_biases(tmp_path):
+    """gpt-oss's MXFP4 experts (biased, clamped SwiGLU): replicas and the CPU tier carry the MXFP4
+    stacks with their biases; the unplaced model's greedy tokens and logits."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from tests.models.test_quant import mxfp4_pack
+
+    make_checkpoint("gpt_oss", tmp_path, seed=7)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    for name in [n for n in tensors if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        blocks, scales = mxfp4_pack(tensors.pop(name).transpose(1, 2))
+        tensors[name + "_blocks"], tensors[name + "_scales"] = blocks, scales
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn"]}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    m = load_model(str(tmp_path), dtype="float32", device="cpu", progress=False)
+    prompts = PROMPTS[:2]
+    want_tokens, want_logits = greedy_generate(m, prompts, 6), prefill_logits(m, prompts)
+    for kwargs in (dict(num_redundant=2, policy="balanced"), dict(budget="1")):
+        mgr = PlacementManager(m, CPU2, **kwargs)
+        assert (mgr.host is not None) == ("budget" in kwargs)
+        for st in mgr.executor.states.values():
+            for gi, g in enumerate(st.groups):
+                assert isinstance(g.w13, QStack) and isinstance(g.w2, QStack) and g.w13.fmt.value == "mxfp4"
+                rows = m.config.num_experts if st.host is not None and gi == st.host.group else len(g.logicals)
+                assert g.w13.bias is not None and g.w2.bias is not None and len(g.w13.bias) == len(g.w2.bias) == rows
+        assert greedy_generate(m, prompts, 6) == want_tokens
+        for a, b in zip(prefill_logits(m, prompts), want_logits):
+            torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+        mgr.close()
+        for b in m.moe_blocks():
+            b.executor = None

@@ -212,6 +212,21 @@ def test_engine_places_the_quantized_experts(tmp_path_factory, tiny_mixtral):
     with pytest.raises(ValueError, match="--quantization int8 keeps the experts only quantized.*cannot move them"):
         LLM(tiny_mixtral, dtype="float32", device="cpu", quantization="int8", expert_devices=("cpu:0", "cpu:1"))
 
+    # --quantization fp8 (fp8_channel QTensors made at load) is placed the same way, the CPU tier too
+    def run(**kw):
+        llm = LLM(tiny_mixtral, dtype="float32", device="cpu", max_num_seqs=2, quantization="fp8",
+                  kv_cache_memory=8 * 2**20, **kw)
+        return llm, [r.outputs[0].token_ids for r in llm.generate(PROMPTS[:2], greedy, use_tqdm=False)]
+
+    _, want_fp8 = run()
+    tier, got_fp8 = run(expert_devices=("cpu:0",), gpu_expert_budget="5")
+    mgr = tier.core.placement_manager
+    assert mgr.tier_info()["format"] == "fp8_channel" and mgr.tier_info()["in_place"]
+    assert all(isinstance(g.w13, QStack) and g.w13.fmt.value == "fp8_channel"
+               for st in mgr.executor.states.values() for g in st.groups)
+    assert got_fp8 == want_fp8
+    mgr.close()
+
 
 def test_gpt_oss_mxfp4_experts_placed_with_their_biases(tmp_path):
     """gpt-oss's MXFP4 experts (biased, clamped SwiGLU): replicas and the CPU tier carry the MXFP4
@@ -248,3 +263,65 @@ def test_gpt_oss_mxfp4_experts_placed_with_their_biases(tmp_path):
         mgr.close()
         for b in m.moe_blocks():
             b.executor = None
+
+
+def random_qtensor(fmt: str, E: int, N: int, K: int, gen: torch.Generator):
+    """A random [E, N, K] QTensor in `fmt` (values of a well-scaled weight)."""
+    from models.quant.formats import QTensor, WeightFormat
+
+    f = WeightFormat(fmt)
+    shape = (E, N, K)
+    if f in (WeightFormat.FP8_BLOCK, WeightFormat.FP8_CHANNEL, WeightFormat.FP8_TENSOR):
+        data = (torch.randn(shape, generator=gen) * 64).clamp(-448, 448).to(torch.float8_e4m3fn)
+        block = (16, 16) if f == WeightFormat.FP8_BLOCK else None
+        s = {WeightFormat.FP8_BLOCK: (N // 16, K // 16), WeightFormat.FP8_CHANNEL: (N, 1)}.get(f, (1, 1))
+        return QTensor(f, shape, data, torch.rand((E,) + s, generator=gen) * 1e-3 + 1e-4, block=block)
+    if f == WeightFormat.INT8_CHANNEL:
+        data = torch.randint(-127, 128, shape, generator=gen, dtype=torch.int8)
+        return QTensor(f, shape, data, torch.rand(E, N, 1, generator=gen) * 1e-3 + 1e-4)
+    codes = torch.randint(0, 256, (E, N, K // 2), generator=gen, dtype=torch.uint8)
+    if f == WeightFormat.MXFP4:
+        return QTensor(f, shape, codes, torch.randint(118, 124, (E, N, K // 32), generator=gen, dtype=torch.uint8),
+                       group=32)
+    zero = torch.randint(0, 16, (E, N, K // 32), generator=gen, dtype=torch.uint8)
+    return QTensor(f, shape, codes, (torch.rand(E, N, K // 32, generator=gen) * 0.02).to(torch.bfloat16), zero=zero,
+                   group=32)
+
+
+@pytest.mark.parametrize("fmt", ["fp8_block", "fp8_channel", "fp8_tensor", "mxfp4", "int4_group", "int8_channel"])
+def test_every_format_placed_with_replicas_and_the_cpu_tier(fmt, monkeypatch):
+    """Each format's stacks through the executor (two virtual devices with replicas, then with the
+    CPU tier): QStacks of that format on every device, the unplaced `qmoe` result; decode-sized
+    passes read nothing back, a prefill-sized one takes the compact dispatch."""
+    from models.placement.executor import SYNC_FREE_TOKENS, build_layer_state, run_layer
+    from models.placement.planner import place
+    from models.quant.ops import qmoe_reference
+    from models.quant.stack import qmoe_stack
+
+    E, H, inter, k = 6, 64, 32, 2
+    gen = torch.Generator().manual_seed(11)
+    b13, b2 = torch.randn(E, 2 * inter, generator=gen) * 0.1, torch.randn(E, H, generator=gen) * 0.1
+    m13 = QStack(random_qtensor(fmt, E, 2 * inter, H, gen), b13)
+    m2 = QStack(random_qtensor(fmt, E, H, inter, gen), b2)
+    loads = np.random.default_rng(2).pareto(1.0, (1, E)) * 10
+    plans = [place("balanced", loads, CPU2, [4, 4], 2).layers[0],
+             place("contiguous", loads, CPU2, [2, 2], 0, host="cpu").layers[0]]
+    cases = []
+    for T in (1, 3, SYNC_FREE_TOKENS + 4):
+        ids = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(T)])
+        cases.append((torch.randn(T, H, generator=gen), ids, torch.rand(T, k, generator=gen)))
+    for plan in plans:
+        state, copied = build_layer_state(plan, m13, m2, torch.device("cpu"), qmoe_stack, host="cpu")
+        assert copied == sum(len(g.logicals) for g in state.groups if state.host is None or g is not
+                             state.groups[state.host.group])
+        for g in state.groups:
+            assert isinstance(g.w13, QStack) and g.w13.fmt.value == fmt and g.w2.fmt.value == fmt
+        reads = HostReads(monkeypatch)
+        with torch.inference_mode():
+            got = [run_layer(state, *case) for case in cases[:2]]
+        assert reads.calls == []
+        monkeypatch.undo()
+        got.append(run_layer(state, *cases[2]))
+        for (x, ids, w), y in zip(cases, got):
+            want = qmoe_reference(x, m13.q, m2.q, ids, w, b13=b13, b2=b2)
+            torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-4)

@@ -136,7 +136,7 @@ class PlacementManager:
         self.masters: dict[int, tuple[torch.Tensor | QStack, torch.Tensor | QStack]] = {}
         to_host = self.main_device.type != "cpu"
         for b in blocks:
-            if self.quantized:  # the QTensors and scales as they are (host memory: the QParams move there)
+            if id(b.w13) in kept:  # the QTensors and scales as they are (host memory: the QParams move there)
                 masters = []
                 for qp in (kept[id(b.w13)], kept[id(b.w2)]):
                     st = QStack.of(qp).map(_host_copy) if to_host else QStack.of(qp)

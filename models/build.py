@@ -110,8 +110,9 @@ def load_model(path: str, dtype: str = "auto", device: str = "auto", progress: b
     kept only quantized (CPU, float32 activations; `--dtype auto` then means float32); `fp8`:
     those weights quantized per channel to FP8 as they stream (`models/quant/weights.py`), run by
     `models.quant.ops` on any device. A quantized checkpoint's weights stay in their format where the
-    engine runs them so (`models.loader.plan_quantized`), unless `keep_quantized` is off (expert
-    placement moves float stacks): then they are dequantized at load, as the others.
+    engine runs them so (`models.loader.plan_quantized`), unless `keep_quantized` is off (a float
+    copy asked for; expert placement moves the quantized stacks as they are): then they are
+    dequantized at load, as the others.
     `path` may name a GGUF checkpoint (models/gguf_loader.py): its Q8_0 / Q4_0 / Q4_1 weights
     stay packed in the formats int8 / int4 / int4_zp, as if `quantization` had made them."""
     t0 = time.monotonic()
@@ -144,8 +145,8 @@ def load_model(path: str, dtype: str = "auto", device: str = "auto", progress: b
         log.info("--quantization %s over a %s checkpoint: its weights are dequantized at load, then quantized",
                  quantization, spec.method)
     if spec is not None and not keep_quantized and reader_for(spec) is not None:
-        log.info("%s checkpoint with expert placement: weights dequantized to %s at load (placement moves "
-                 "float expert stacks)", spec.method, str(torch_dtype).removeprefix("torch."))
+        log.info("%s checkpoint loaded with keep_quantized=False: weights dequantized to %s at load",
+                 spec.method, str(torch_dtype).removeprefix("torch."))
     if quantization:
         if quantization not in QUANTIZATIONS:
             raise UnsupportedModelError(f"quantization {quantization!r}: one of "

@@ -18,6 +18,7 @@ from models.kernels.packed import PackedExperts, PackedWeight, packed_linear
 from models.kernels.plan import CPU_KERNEL_PAIRS_PER_EXPERT, KernelPlan, LayerKernels, MoEKernel
 from models.layers.capacity import apply_capacity
 from models.layers.router import Router
+from models.quant.stack import QStack, qmoe_stack
 
 
 class RoutingCapture:
@@ -85,7 +86,8 @@ class PlacedExpertsFn:
     """How the placement executor computes a device's subset of a layer's experts: the plan's
     kernel for that device type. Where that is the C kernel (`c_kernel`), the executor keeps a
     packed copy of the subset and calls it itself; this function then serves the batches above
-    the C kernel's sizes, with the loop."""
+    the C kernel's sizes, with the loop. Stacks kept in a checkpoint's quantized format (`QStack`)
+    are computed by `models.quant.ops.qmoe` (`qmoe_stack`) on every device type."""
 
     def __init__(self, plan: KernelPlan, variant: ExpertVariant | None):
         self.kernels = dict(plan.placed_moe)
@@ -95,6 +97,8 @@ class PlacedExpertsFn:
         return self.kernels.get(device_type) == MoEKernel.CPU
 
     def __call__(self, x, w13, w2, topk_ids, topk_w) -> torch.Tensor:
+        if isinstance(w13, QStack):  # kept in the checkpoint's format: `qmoe` on any device
+            return qmoe_stack(x, w13, w2, topk_ids, topk_w, self.variant)
         kernel = self.kernels[w13.device.type]
         if kernel == MoEKernel.CPU:
             kernel = MoEKernel.LOOP

@@ -28,6 +28,14 @@ is one dict assignment, so a rebalance between engine steps never mixes placemen
 its `generation` changes with every swap (captured CUDA graphs are made again).
 
 Virtual devices `cpu:N` are distinct placement devices backed by host memory (tests, CPU-only).
+
+Experts kept in a checkpoint's quantized format (FP8, MXFP4, INT4/INT8: `models.quant.stack.QStack`,
+a QTensor stack and its biases) are placed as they are: a device's stack is the selected experts'
+quantized tensors and scales moved there (`QStack.select(...).to(device)`), a rebalance swaps
+QTensor slices, a copy-in moves the expert's QTensor; the expert function (`PlacedExpertsFn`)
+computes them with `models.quant.ops.qmoe`. Their CPU tier is the master stacks in place, in the
+checkpoint's format, computed by `qmoe`'s CPU reference (the routed experts dequantized per call;
+`qmoe_pairs` at decode sizes: nothing read back) on the tier's worker thread.
 """
 
 from __future__ import annotations
@@ -45,6 +53,7 @@ from models.kernels.quant import GROUP, QuantWeight
 from models.kernels.plan import CPU_KERNEL_PAIRS_PER_EXPERT, PANEL, host_experts_kernel_loads
 from models.placement import piecewise
 from models.placement.plan import LayerPlan, Placement
+from models.quant.stack import QStack
 
 # steps of up to this many tokens dispatch with no host sync (every decode graph bucket fits)
 SYNC_FREE_TOKENS = 256
@@ -74,8 +83,10 @@ def tier_expert_bytes(fmt: str, H: int, inter: int) -> int:
     return int(n * values) + 2 * (2 * inter * (H // GROUP) + H * (inter // GROUP))
 
 # (x [n, H], w13, w2 stacks, ids [n, k], weights [n, k]) -> [n, H]: a block's experts on one
-# device's stacks (`MoEBlock.placed_fn`: the kernel plan's choice for that device type)
-ExpertFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# device's stacks (`MoEBlock.placed_fn`: the kernel plan's choice for that device type;
+# a stack is a float tensor or a QStack: kept in a checkpoint's quantized format)
+Stack = torch.Tensor | QStack
+ExpertFn = Callable[[torch.Tensor, Stack, Stack, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def torch_device(name: str) -> torch.device:
@@ -103,9 +114,35 @@ class DeviceGroup:
     name: str  # placement device name
     device: torch.device
     logicals: tuple[int, ...]  # logical expert of each stack row
-    w13: torch.Tensor  # [n, 2I, H]
-    w2: torch.Tensor  # [n, H, I]
+    w13: torch.Tensor | QStack  # [n, 2I, H] (QStack: kept in a checkpoint's quantized format)
+    w2: torch.Tensor | QStack  # [n, H, I]
     packed: PackedExperts | None = None  # CPU devices: the C experts kernel's copy of the stacks
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the stacks (and of a packed copy beside them)."""
+        return _stack_bytes(self.w13) + _stack_bytes(self.w2) + (0 if self.packed is None else _packed_bytes(self.packed))
+
+
+def _stack_bytes(w) -> int:
+    return w.nbytes if isinstance(w, QStack) else w.numel() * w.element_size()
+
+
+def _packed_bytes(p: PackedExperts) -> int:
+    own = getattr(p, "_packed", None)  # made on first use
+    return 0 if own is None else sum(t.numel() * t.element_size() for t in own if isinstance(t, torch.Tensor))
+
+
+def _rows(w, idx: torch.Tensor, device: torch.device):
+    """Experts `idx` of a stack, moved to `device` (a QStack's quantized tensors as they are)."""
+    if isinstance(w, QStack):
+        return w.select(idx).to(device)
+    return w.index_select(0, idx.to(w.device)).to(device)
+
+
+def _stage_dtype(g: DeviceGroup, x: torch.Tensor) -> torch.dtype:
+    """The dtype a host computation stages activations in: the stacks' (quantized: x's)."""
+    return x.dtype if isinstance(g.w13, QStack) else g.w13.dtype
 
 
 @dataclass(frozen=True)
@@ -175,7 +212,7 @@ def is_virtual(name: str) -> bool:
     return name.startswith("cpu:")
 
 
-def _run_on(device: torch.device, w13: torch.Tensor, w2: torch.Tensor, x: torch.Tensor, tokens: torch.Tensor,
+def _run_on(device: torch.device, w13: Stack, w2: Stack, x: torch.Tensor, tokens: torch.Tensor,
             rows: torch.Tensor, weights: torch.Tensor, out: torch.Tensor, remote: bool,
             fn: ExpertFn) -> None:
     """out[t] += sum of weights * expert(x[t]) over the given pairs, computed on `device`.
@@ -233,7 +270,7 @@ def start_layer(state: LayerState, x: torch.Tensor, topk_ids: torch.Tensor, topk
         ids, w = _device_buffer(group == gi, rows, weights, T, k)
         if g.device.type == "cpu" and x.device.type != "cpu":  # the host computes: staged, on the worker
             fn = lambda xh, ih, wh, g=g: _call(state.expert_fn, g, xh, ih, wh)  # noqa: E731
-            joins.append((worker or _INLINE).submit(fn, x, ids, w, dtype=g.w13.dtype, key=gi))
+            joins.append((worker or _INLINE).submit(fn, x, ids, w, dtype=_stage_dtype(g, x), key=gi))
         elif g.device != x.device and piecewise.active() is not None:  # a cut of a piecewise step
             fn = lambda xd, idd, wd, g=g: _call(state.expert_fn, g, xd, idd, wd)  # noqa: E731
             joins.append(piecewise.active().peer_call(fn, x, ids, w, g.device, key=gi))
@@ -280,7 +317,7 @@ def _start_host(state: LayerState, worker: HostWorker | None, x, group, rows, we
         return (worker or _INLINE).submit(fn, x, ids, w)
     ids, w = _device_buffer(mine, rows, weights, T, k)  # rows are logical ids: the master stacks
     fn = lambda xh, ih, wh: state.expert_fn(xh, g.w13, g.w2, ih, wh)  # noqa: E731
-    return (worker or _INLINE).submit(fn, x, ids, w, dtype=g.w13.dtype)
+    return (worker or _INLINE).submit(fn, x, ids, w, dtype=_stage_dtype(g, x))
 
 
 class HostWorker:
@@ -387,8 +424,8 @@ def _run_host(tier: HostTier, g: DeviceGroup, x, tokens, rows, weights, out, fn:
     remap = torch.full_like(counts, -1)
     remap[fetched] = torch.arange(fetched.numel(), device=remap.device)
     hot = fetch[rows]  # [n] pairs whose expert is copied in
-    w13 = g.w13.index_select(0, fetched.to(g.w13.device)).to(x.device)  # [F, 2I, H]
-    w2 = g.w2.index_select(0, fetched.to(g.w2.device)).to(x.device)  # [F, H, I]
+    w13 = _rows(g.w13, fetched, x.device)  # [F, 2I, H]
+    w2 = _rows(g.w2, fetched, x.device)  # [F, H, I]
     _run_on(x.device, w13, w2, x, tokens[hot], remap[rows[hot]], weights[hot], out, False, fn)
     cold = ~hot
     if bool(cold.any()):
@@ -410,7 +447,7 @@ def _run_host_cpu(tier: HostTier, g: DeviceGroup, x, tokens, rows, weights, out,
     out.index_add_(0, uniq, partial.to(out.device, out.dtype))
 
 
-def build_layer_state(plan: LayerPlan, master_w13: torch.Tensor, master_w2: torch.Tensor, index_device: torch.device,
+def build_layer_state(plan: LayerPlan, master_w13: Stack, master_w2: Stack, index_device: torch.device,
                       expert_fn: ExpertFn, *, host: str | None = None, fetch_threshold: int = 1 << 62,
                       previous: LayerState | None = None, tier_format: str = "auto") -> tuple[LayerState, int]:
     """Build a layer's stacks (reusing rows already on a device) -> (state, experts copied).
@@ -447,8 +484,8 @@ def build_layer_state(plan: LayerPlan, master_w13: torch.Tensor, master_w2: torc
             dev = torch_device(name)
             w13, w2, n = _stack(dev, logicals, master_w13, master_w2, prev)
             copied += n
-            packed = PackedExperts(w13, w2) if dev.type == "cpu" and w13.dtype == torch.float32 \
-                and _c_kernel(expert_fn, w13) else None
+            packed = PackedExperts(w13, w2) if dev.type == "cpu" and not isinstance(w13, QStack) \
+                and w13.dtype == torch.float32 and _c_kernel(expert_fn, w13) else None
             groups.append(DeviceGroup(name, dev, logicals, w13, w2, packed))
         for j, s in enumerate(slots):
             slot_group[s], slot_local[s] = gi, j
@@ -493,7 +530,16 @@ def _host_tier(gi: int, fetch_threshold: int, logicals: tuple[int, ...], master_
     serve them (reused when the tier holds the same experts in the same format as before):
     float32 -> a packed copy; bf16 -> a bf16 model's own weights in place (no copy), other
     dtypes a bf16 copy; int8 / int4 -> quantized from the master (round to nearest, groups of 32).
-    The master stacks stay the source: an expert moving to a device takes its original weights."""
+    The master stacks stay the source: an expert moving to a device takes its original weights.
+    Stacks kept in a checkpoint's quantized format (QStack): the tier is the master in place, in
+    that format (computed by the expert function: `qmoe`); only `auto` names it."""
+    if isinstance(master_w13, QStack):
+        qfmt = master_w13.fmt.value
+        if fmt != "auto":
+            raise ValueError(f"--cpu-expert-format {fmt}: the experts are kept in the checkpoint's {qfmt} format "
+                             f"and the CPU tier computes them in it (no conversion); use --cpu-expert-format auto")
+        nbytes = len(logicals) * (master_w13.expert_bytes() + master_w2.expert_bytes())
+        return HostTier(gi, fetch_threshold, fmt=qfmt, nbytes=nbytes, in_place=True)
     H, inter = master_w13.shape[2], master_w2.shape[2]
     requested, fmt = fmt, tier_format(fmt, master_w13.dtype)
     natural = _dtype_format(master_w13.dtype)
@@ -536,13 +582,17 @@ def _host_tier(gi: int, fetch_threshold: int, logicals: tuple[int, ...], master_
 def _stack(device: torch.device, logicals: tuple[int, ...], master_w13, master_w2, prev: DeviceGroup | None):
     """New stacks for a device: rows it already holds are copied on the device, others come from
     the master copy. Returns (w13, w2, number of experts brought in)."""
+    if isinstance(master_w13, QStack):
+        return _qstack(device, logicals, master_w13, master_w2, prev)
     n = len(logicals)
+    assert isinstance(master_w13, torch.Tensor) and isinstance(master_w2, torch.Tensor)
     w13 = torch.empty((n,) + tuple(master_w13.shape[1:]), dtype=master_w13.dtype, device=device)
     w2 = torch.empty((n,) + tuple(master_w2.shape[1:]), dtype=master_w2.dtype, device=device)
     have = {e: i for i, e in enumerate(prev.logicals)} if prev is not None else {}
     keep = [(j, have[e]) for j, e in enumerate(logicals) if e in have]
     bring = [(j, e) for j, e in enumerate(logicals) if e not in have]
     if keep:
+        assert prev is not None and isinstance(prev.w13, torch.Tensor) and isinstance(prev.w2, torch.Tensor)
         dst = torch.tensor([j for j, _ in keep], device=device)
         src = torch.tensor([i for _, i in keep], device=device)
         w13[dst] = prev.w13[src]
@@ -552,6 +602,34 @@ def _stack(device: torch.device, logicals: tuple[int, ...], master_w13, master_w
         src = torch.tensor([e for _, e in bring], device=master_w13.device)
         w13[dst] = master_w13.index_select(0, src).to(device)
         w2[dst] = master_w2.index_select(0, src).to(device)
+    return w13, w2, len(bring)
+
+
+def _qstack(device: torch.device, logicals: tuple[int, ...], master_w13: QStack, master_w2: QStack,
+            prev: DeviceGroup | None):
+    """`_stack` for quantized stacks: the rows the device holds are selected there, the others'
+    quantized tensors and scales come from the master; joined in the new order."""
+    have = {e: i for i, e in enumerate(prev.logicals)} if prev is not None and isinstance(prev.w13, QStack) else {}
+    keep = [(j, have[e]) for j, e in enumerate(logicals) if e in have]
+    bring = [(j, e) for j, e in enumerate(logicals) if e not in have]
+    parts13: list[QStack] = []
+    parts2: list[QStack] = []
+    order: list[int] = []
+    if keep:
+        assert prev is not None and isinstance(prev.w13, QStack) and isinstance(prev.w2, QStack)
+        src = torch.tensor([i for _, i in keep], device=device)
+        parts13.append(prev.w13.select(src))
+        parts2.append(prev.w2.select(src))
+        order += [j for j, _ in keep]
+    if bring:
+        src = torch.tensor([e for _, e in bring], device=master_w13.device)
+        parts13.append(master_w13.select(src).to(device))
+        parts2.append(master_w2.select(src).to(device))
+        order += [j for j, _ in bring]
+    w13, w2 = QStack.cat(parts13), QStack.cat(parts2)
+    if order != sorted(order):  # back to the new stack's order
+        inv = torch.argsort(torch.tensor(order)).to(device)
+        w13, w2 = w13.select(inv), w2.select(inv)
     return w13, w2, len(bring)
 
 
@@ -593,6 +671,20 @@ class PlacedExperts:
     def swap(self, layer_idx: int, state: LayerState) -> None:
         self.states[layer_idx] = state  # one reference assignment: a pass sees old or new, never a mix
         self.generation += 1
+
+    def resident_bytes(self) -> dict[str, int]:
+        """{placement device: bytes of the expert stacks it holds (and their packed copies), all
+        layers}; the host tier's experts (the master stacks, computed in place) count under its
+        device only where it keeps a copy of its own (its `nbytes` when not in place)."""
+        out: dict[str, int] = {}
+        for state in self.states.values():
+            for gi, g in enumerate(state.groups):
+                if state.host is not None and gi == state.host.group:
+                    n = 0 if state.host.in_place else state.host.nbytes
+                else:
+                    n = g.nbytes
+                out[g.name] = out.get(g.name, 0) + n
+        return out
 
     def close(self) -> None:
         if self._worker is not None:

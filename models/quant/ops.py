@@ -75,3 +75,39 @@ def qmoe_reference(x: torch.Tensor, w13: QTensor, w2: QTensor, topk_ids: torch.T
     if not weight_on_input:
         ys.mul_(pair_w)
     return torch.zeros_like(x).index_add_(0, token_of, ys)
+
+
+# the transient dequantized weights of one chunk of pairs in `qmoe_pairs` (float32 bytes)
+PAIR_CHUNK_BYTES = 32 * 2**20
+
+
+def qmoe_pairs(x: torch.Tensor, w13: QTensor, w2: QTensor, topk_ids: torch.Tensor, topk_w: torch.Tensor, *,
+               b13: torch.Tensor | None = None, b2: torch.Tensor | None = None, limit: float | None = None,
+               alpha: float = 1.702, weight_on_input: bool = False) -> torch.Tensor:
+    """`qmoe` with nothing read back to the host (the placement executor's decode steps on the
+    CPU): each (token, slot) pair's expert is gathered from the quantized stacks and dequantized
+    for that pair, in chunks of at most PAIR_CHUNK_BYTES of transient float weights; no counts,
+    no sort. Same math as `qmoe_reference` (summation order aside)."""
+    T, k = topk_ids.shape
+    H, inter = x.shape[1], w2.shape[-1]
+    flat = topk_ids.reshape(-1)  # [P]
+    pair_w = topk_w.reshape(-1).to(x.dtype)[:, None]  # [P, 1]
+    xs = x.repeat_interleave(k, dim=0)  # [P, H]
+    if weight_on_input:
+        xs = xs * pair_w
+    chunk = max(1, PAIR_CHUNK_BYTES // (4 * 3 * H * inter))
+    ys = []
+    for s in range(0, flat.numel(), chunk):
+        e = flat[s:s + chunk]
+        h = torch.bmm(w13[e].dequant(x.dtype), xs[s:s + chunk, :, None]).squeeze(-1)  # [c, 2I]
+        if b13 is not None:
+            h = h + b13.index_select(0, e).to(x.dtype)
+        a = F.silu(h[:, :inter]) * h[:, inter:] if limit is None else clamped_swiglu(h, inter, alpha, limit)
+        y = torch.bmm(w2[e].dequant(x.dtype), a[:, :, None]).squeeze(-1)  # [c, H]
+        if b2 is not None:
+            y = y + b2.index_select(0, e).to(x.dtype)
+        ys.append(y)
+    out = torch.cat(ys) if ys else xs.new_zeros(0, H)
+    if not weight_on_input:
+        out = out * pair_w
+    return out.view(T, k, H).sum(dim=1)

@@ -121,12 +121,13 @@ def build_native_core(config: EngineConfig, progress: bool = True, reserve_cpu_c
     spec = config.speculative
     model = load_model(config.model, dtype=config.dtype, device=config.device, progress=progress,
                        kernels=config.kernel_flags, quantization=config.quantization,
-                       mtp=spec is not None and spec.method == "mtp",
-                       keep_quantized=not config.places_experts)  # placement moves float stacks
-    if (model.quantized or model.qweights) and config.places_experts:
-        raise ValueError("--quantization keeps the experts only quantized, for the CPU experts kernel: expert "
-                         "placement (--expert-devices, --num-redundant-experts, --gpu-expert-budget, "
-                         "--rebalance-interval) cannot move them")
+                       mtp=spec is not None and spec.method == "mtp")
+    # a quantized checkpoint's experts (and --quantization fp8's) are placed as QTensor stacks;
+    # --quantization int8/int4's are held for the CPU experts kernel only
+    if model.quantized and config.places_experts:
+        raise ValueError(f"--quantization {config.quantization} keeps the experts only quantized, for the CPU "
+                         "experts kernel: expert placement (--expert-devices, --num-redundant-experts, "
+                         "--gpu-expert-budget, --rebalance-interval) cannot move them")
     if model.embed.weight.device.type == "cpu":
         configure_cpu_threads(reserve_cpu_cores)
     tokenizer = load_tokenizer(config.model)  # AutoTokenizer; a GGUF file's: built from its metadata

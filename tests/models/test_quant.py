@@ -166,7 +166,7 @@ def test_compressed_tensors_fp8_checkpoint(strategy, tmp_path):
     # per tensor: fused q/k/v and each expert's gate+up keep their tensors' scales per row
     formats = {"block": {"fp8_block"}, "channel": {"fp8_channel"}, "tensor": {"fp8_tensor", "fp8_channel"}}[strategy]
     assert_matches_dequantized(tmp_path, ref, reference, formats)
-    if strategy == "channel":  # expert placement keeps float stacks: dequantized at load, the same logits
+    if strategy == "channel":  # load_model(keep_quantized=False): dequantized at load, the same logits
         kept = load_model(str(tmp_path), dtype="float32", device="cpu", progress=False)
         placed = load_model(str(tmp_path), dtype="float32", device="cpu", progress=False, keep_quantized=False)
         assert kept.qweights and not placed.qweights and placed.weight_bytes()["quantized"] == 0

@@ -31,17 +31,17 @@ class HostCost:
     link_bytes_per_s: float  # host -> accelerator copy bandwidth
     link_measured: bool
 
-    def cpu_seconds(self, n: int, hidden: int, inter: int, wbytes: int, abytes: int,
+    def cpu_seconds(self, n: int, hidden: int, inter: int, wbytes: float, abytes: float,
                     cpu_wbytes: float | None = None) -> float:
         """`cpu_wbytes`: bytes per weight the CPU reads (the CPU tier's format), default `wbytes`."""
         weights = 3 * hidden * inter * (wbytes if cpu_wbytes is None else cpu_wbytes)
         compute = max(weights / self.dram_bytes_per_s, 6 * hidden * inter * n / self.cpu_flops)
         return compute + 2 * n * hidden * abytes / self.link_bytes_per_s
 
-    def fetch_seconds(self, hidden: int, inter: int, wbytes: int) -> float:
+    def fetch_seconds(self, hidden: int, inter: int, wbytes: float) -> float:
         return 3 * hidden * inter * wbytes / self.link_bytes_per_s
 
-    def fetch_threshold(self, hidden: int, inter: int, wbytes: int, abytes: int | None = None,
+    def fetch_threshold(self, hidden: int, inter: int, wbytes: float, abytes: float | None = None,
                         limit: int = 1 << 16, cpu_wbytes: float | None = None) -> int:
         """Smallest token count at which copying the expert in (`wbytes` per weight) beats computing
         it on the CPU (reading `cpu_wbytes` per weight: the CPU tier's format; default `wbytes`)."""

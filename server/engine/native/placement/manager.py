@@ -27,6 +27,7 @@ from models.placement.executor import tier_expert_bytes
 from models.placement.executor import tier_format as tier_fmt
 from models.placement.plan import HOST_DEVICE, Placement
 from models.placement.planner import default_capacity, place
+from models.quant.stack import QStack
 from server.config import parse_bytes
 from server.engine.stats import PlacementInfo, RoutingStats
 
@@ -97,8 +98,16 @@ class PlacementManager:
         self.expert_fns = {b.layer_idx: b.placed_fn for b in blocks}  # the kernel plan's, per device type
         self.num_experts, self.top_k = cfg.num_experts, cfg.top_k
         self.main_device = model.embed.weight.device
+        self.main_dtype = model.embed.weight.dtype
         w13 = blocks[0].w13
-        self.expert_bytes = (w13[0].numel() + blocks[0].w2[0].numel()) * w13.element_size()
+        # experts kept in a checkpoint's quantized format: their QParams (placed as QTensor stacks)
+        kept = {id(p): q for n, p in model.named_parameters(remove_duplicate=False)
+                for q in (getattr(model, "qweights", {}).get(n),) if q is not None}
+        self.quantized = id(w13) in kept
+        if self.quantized:
+            self.expert_bytes = QStack.of(kept[id(w13)]).expert_bytes() + QStack.of(kept[id(blocks[0].w2)]).expert_bytes()
+        else:
+            self.expert_bytes = (w13[0].numel() + blocks[0].w2[0].numel()) * w13.element_size()
         self.rebalance_interval = int(rebalance_interval)
         self.min_gain = float(min_gain)
         self.on_change: list[Callable[[PlacementInfo], None]] = []  # e.g. refresh the placement metric
@@ -116,12 +125,25 @@ class PlacementManager:
         self.num_redundant = int(num_redundant)
         self.tier_format = tier_format
         tier_fmt(tier_format, w13.dtype)  # validates
+        if self.quantized and tier_format != "auto":
+            fmt = kept[id(w13)].fmt.value
+            raise ValueError(f"--cpu-expert-format {tier_format}: the experts are kept in the checkpoint's {fmt} "
+                             f"format and the CPU tier computes them in it (no conversion); use --cpu-expert-format "
+                             f"auto")
         self.capacity, self.host = slot_capacity(names, self.num_experts, self.num_redundant, capacity, budget,
                                                  self.expert_bytes, len(blocks))
         # the master copy of every expert: host memory unless everything already lives there
-        self.masters: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.masters: dict[int, tuple[torch.Tensor | QStack, torch.Tensor | QStack]] = {}
         to_host = self.main_device.type != "cpu"
         for b in blocks:
+            if id(b.w13) in kept:  # the QTensors and scales as they are (host memory: the QParams move there)
+                masters = []
+                for qp in (kept[id(b.w13)], kept[id(b.w2)]):
+                    st = QStack.of(qp).map(_host_copy) if to_host else QStack.of(qp)
+                    qp.q, qp.bias = st.q, st.bias
+                    masters.append(st)
+                self.masters[b.layer_idx] = (masters[0], masters[1])
+                continue
             if to_host:
                 b.w13.data = _host_copy(b.w13.data)
                 b.w2.data = _host_copy(b.w2.data)
@@ -179,6 +201,10 @@ class PlacementManager:
             return NEVER_FETCH  # tokens already live in host memory: nothing to copy
         w13 = self.masters[self.layer_ids[0]][0]
         H, inter = cfg.hidden_size, cfg.moe_intermediate_size
+        if isinstance(w13, QStack):  # the copy-in and the CPU both read the checkpoint's format
+            wbytes = self.expert_bytes / (3 * H * inter)
+            cost = measure(H, inter, self.main_dtype, self.main_device)
+            return cost.fetch_threshold(H, inter, wbytes, abytes=self.main_dtype.itemsize, cpu_wbytes=wbytes)
         cost = measure(H, inter, w13.dtype, self.main_device)
         # the CPU reads the tier's format (int4: ~1/4 of bf16's bytes), the copy-in the master's
         cpu_wbytes = tier_expert_bytes(tier_fmt(self.tier_format, w13.dtype), H, inter) / (3 * H * inter)

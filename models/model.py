@@ -178,6 +178,9 @@ class MoEForCausalLM(nn.Module):
         kept = {id(p): self.qweights[n] for n, p in self.named_parameters(remove_duplicate=False)
                 if n in self.qweights}
 
+        # the kept weights run the Triton kernels where the plan runs the experts kept with them so
+        q_triton = True if kept and any(lk.moe == MoEKernel.TRITON for lk in plan.layers) else None
+
         def quant(weight: torch.Tensor) -> QuantWeight:
             if id(weight) not in quantized:
                 raise ValueError("the plan asks for quantized weights the model does not hold (load it with "
@@ -186,7 +189,7 @@ class MoEForCausalLM(nn.Module):
 
         def packed(weight: torch.Tensor, layout: LinearLayout, index: int | None = None) -> PackedWeight | None:
             if id(weight) in kept:  # whatever the layout: its only copy is quantized
-                return QTensorLinear(kept[id(weight)])
+                return QTensorLinear(kept[id(weight)], triton=q_triton)
             if layout == LinearLayout.PLAIN:
                 return None
             if layout == LinearLayout.QUANTIZED:
@@ -215,7 +218,7 @@ class MoEForCausalLM(nn.Module):
                 experts: PackedExperts | None = None
                 if id(b.w13) in kept:
                     w13 = None
-                    experts = QTensorExperts(kept[id(b.w13)], kept[id(b.w2)])
+                    experts = QTensorExperts(kept[id(b.w13)], kept[id(b.w2)], triton=lk.moe == MoEKernel.TRITON)
                 elif id(b.w13) in quantized:
                     experts = QuantizedExperts(quant(b.w13), quant(b.w2))
                 elif MoEKernel.CPU in (lk.moe, lk.moe_large):

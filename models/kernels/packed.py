@@ -99,8 +99,9 @@ class QTensorLinear(PackedWeight):
     """A linear's weight kept in a checkpoint's quantized format (a `QParam`; the model's parameter
     is a shape on the meta device)."""
 
-    def __init__(self, param: QParamLike):
+    def __init__(self, param: QParamLike, triton: bool | None = None):
         self.param, self.layout, self.index = param, LinearLayout.QUANTIZED, None
+        self.triton = triton  # the Triton kernel (None: on CUDA tensors; the plan sets it)
 
     def get(self):
         return self.param.q
@@ -121,7 +122,7 @@ def packed_linear(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | No
     if isinstance(weight, QTensorLinear):
         from models.quant.ops import qlinear
 
-        return qlinear(x, weight.param.q, bias)
+        return qlinear(x, weight.param.q, bias, triton=weight.triton)
     if isinstance(weight, QuantizedLinear):
         return quant_linear(x, weight.quant, bias)
     if weight.layout == LinearLayout.ONEDNN:
@@ -178,8 +179,9 @@ class QTensorExperts(PackedExperts):
     """An MoE layer's w13 [E, 2I, H] and w2 [E, H, I] kept in a checkpoint's quantized format
     (`QParam`s; gpt-oss's biases apart), for `models.quant.ops.qmoe` on any device."""
 
-    def __init__(self, w13: QParamLike, w2: QParamLike):
+    def __init__(self, w13: QParamLike, w2: QParamLike, triton: bool | None = None):
         self.qp13, self.qp2 = w13, w2
+        self.triton = triton  # the Triton kernel (None: on CUDA tensors; the plan sets it)
 
     def get(self):
         return self.qp13.q, self.qp2.q
@@ -191,7 +193,7 @@ class QTensorExperts(PackedExperts):
         return qmoe(x, self.qp13.q, self.qp2.q, topk_ids, topk_w, b13=self.qp13.bias, b2=self.qp2.bias,
                     limit=None if variant is None else variant.limit,
                     alpha=1.702 if variant is None else variant.alpha,
-                    weight_on_input=variant is not None and variant.weight_on_input)
+                    weight_on_input=variant is not None and variant.weight_on_input, triton=self.triton)
 
 
 def moe_cpu(x: torch.Tensor, packed: PackedExperts, topk_ids: torch.Tensor, topk_w: torch.Tensor,

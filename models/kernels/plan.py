@@ -601,8 +601,10 @@ def resolve_plan(cfg: MoEModelConfig, device: torch.device, dtype: torch.dtype, 
             moe_large = MoEKernel.LOOP if moe == MoEKernel.CPU and not variant else None
             if quant.get("experts"):  # only the quantized stacks exist: the C kernel at every batch size
                 moe, moe_large = MoEKernel.CPU, None
-            if held(experts_names(i)):  # models.quant.ops.qmoe: Triton on CUDA, the torch reference (a loop) here
-                moe, moe_large = (MoEKernel.TRITON if caps.device_type == "cuda" else MoEKernel.LOOP), None
+            if held(experts_names(i)):  # models.quant.ops.qmoe: Triton on CUDA, the torch reference (a loop) on
+                # the CPU unless --moe-backend triton asks for the Triton kernels there (TRITON_INTERPRET=1: tests)
+                use_triton = caps.device_type == "cuda" or (flags.moe == "triton" and caps.triton)
+                moe, moe_large = (MoEKernel.TRITON if use_triton else MoEKernel.LOOP), None
         q_attn = gqa and quant.get("attention", False)
         q_shared = cfg.sparse_layers[i] and quant.get("shared", False)
         q_experts = cfg.sparse_layers[i] and (quant.get("experts", False) or held(experts_names(i)))

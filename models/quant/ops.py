@@ -28,9 +28,11 @@ def clamped_swiglu(h: torch.Tensor, inter: int, alpha: float, limit: float) -> t
     return (up + 1) * (gate * torch.sigmoid(gate * alpha))
 
 
-def qlinear(x: torch.Tensor, w: QTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K] @ w.T (+ bias) -> [M, N] in x.dtype."""
-    if x.is_cuda:
+def qlinear(x: torch.Tensor, w: QTensor, bias: torch.Tensor | None = None, triton: bool | None = None
+            ) -> torch.Tensor:
+    """x [M, K] @ w.T (+ bias) -> [M, N] in x.dtype; `triton`: the Triton kernel (None: on CUDA
+    tensors; on CPU tensors it runs under TRITON_INTERPRET=1, which is how the CPU tests the CUDA path)."""
+    if x.is_cuda if triton is None else triton:
         from models.kernels.triton_qmoe import qlinear_triton
 
         return qlinear_triton(x, w, bias)
@@ -43,9 +45,10 @@ def qlinear_reference(x: torch.Tensor, w: QTensor, bias: torch.Tensor | None = N
 
 def qmoe(x: torch.Tensor, w13: QTensor, w2: QTensor, topk_ids: torch.Tensor, topk_w: torch.Tensor, *,
          b13: torch.Tensor | None = None, b2: torch.Tensor | None = None, limit: float | None = None,
-         alpha: float = 1.702, weight_on_input: bool = False) -> torch.Tensor:
-    """[T, H] in x.dtype: the experts over quantized stacks (see the module docstring)."""
-    if x.is_cuda:
+         alpha: float = 1.702, weight_on_input: bool = False, triton: bool | None = None) -> torch.Tensor:
+    """[T, H] in x.dtype: the experts over quantized stacks (see the module docstring); `triton` as
+    `qlinear`'s."""
+    if x.is_cuda if triton is None else triton:
         from models.kernels.triton_qmoe import qmoe_triton
 
         return qmoe_triton(x, w13, w2, topk_ids, topk_w, b13=b13, b2=b2, limit=limit, alpha=alpha,

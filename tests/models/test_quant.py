@@ -320,3 +320,115 @@ def test_fused_rows_that_split_fp8_blocks_fall_back_to_float_by_name(tmp_path, c
     out = hf_padded_logits(ref, PROMPTS)
     for i, (p, ours) in enumerate(zip(PROMPTS, prefill_logits(model, PROMPTS))):
         assert (ours - out.logits[i, : len(p)]).abs().max().item() <= 1e-4
+
+
+def _cuda_vs_dequantized(path, reference: dict[str, torch.Tensor], formats: set[str]) -> None:
+    """On the GPU: the quantized checkpoint (its weights kept in their format, run by the Triton
+    kernels of models/kernels/triton_qmoe.py) against the dequantized one in the same dtype.
+    FP8 block runs W8A8 (activations quantized per token group), so this compares the logits'
+    direction and the top-1 tokens, not 1e-4."""
+    deq = path / "dequantized"
+    deq.mkdir()
+    save_file(reference, str(deq / "model.safetensors"), metadata={"format": "pt"})
+    (deq / "config.json").write_text((path / "config.unquantized.json").read_text())
+    model = load_model(str(path), dtype="bfloat16", device="cuda", progress=False)
+    assert set(model.weight_formats().values()) == formats
+    assert all(q.q.data.device.type == "cuda" for q in model.qweights.values())
+    dense = load_model(str(deq), dtype="bfloat16", device="cuda", progress=False)
+    ours, theirs = prefill_logits(model, PROMPTS), prefill_logits(dense, PROMPTS)
+    agree = total = 0
+    for i, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+        a, b = a.float(), b.float()
+        cos = torch.nn.functional.cosine_similarity(a, b, dim=-1).min().item()
+        assert cos >= 0.98, f"prompt {i}: logits cosine {cos}"
+        agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+        total += a.shape[0]
+    assert agree >= 0.8 * total, f"top-1 agreement {agree}/{total}"
+    out = greedy_generate(model, PROMPTS[1:3], 6)
+    assert all(len(o) == 6 for o in out)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_cuda_quantized_checkpoints_run_the_triton_kernels(tmp_path):
+    """FP8 block (DeepSeek-V3 layout, MLA), MXFP4 (gpt-oss, biased clamped experts) and GPTQ int4
+    (Mixtral) checkpoints on the GPU, kept quantized, against their dequantized weights."""
+    from tests.quant_checkpoints import quantize_checkpoint, write_dequantized
+
+    fp8 = tmp_path / "fp8"
+    make_checkpoint("deepseek_v3", fp8, seed=5)
+
+    def quantize(name, w):
+        q, scale, deq = fp8_tiles(w, 16, 16)
+        return {name: q, name + "_scale_inv": scale}, deq
+
+    reference = rewrite(fp8, quantize, {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                        "weight_block_size": [16, 16]})
+    _cuda_vs_dequantized(fp8, reference, {"fp8_block"})
+
+    mx = tmp_path / "mxfp4"
+    make_checkpoint("gpt_oss", mx, seed=7)
+    tensors = load_file(str(mx / "model.safetensors"))
+    reference = dict(tensors)
+    (mx / "config.unquantized.json").write_text((mx / "config.json").read_text())
+    for name in [n for n in tensors if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        blocks, scales = mxfp4_pack(tensors.pop(name).transpose(1, 2))
+        tensors[name + "_blocks"], tensors[name + "_scales"] = blocks, scales
+        reference[name] = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)
+    save_file(tensors, str(mx / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((mx / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn"]}
+    (mx / "config.json").write_text(json.dumps(cfg))
+    _cuda_vs_dequantized(mx, reference, {"mxfp4"})
+
+    src, gptq, deq = tmp_path / "src", tmp_path / "gptq", tmp_path / "gptq-deq"
+    make_checkpoint("mixtral", src, num_hidden_layers=2)
+    ref = quantize_checkpoint(src, gptq, "gptq", bits=4, group_size=32, sym=True)
+    write_dequantized(src, deq, ref)
+    model = load_model(str(gptq), dtype="bfloat16", device="cuda", progress=False)
+    dense = load_model(str(deq), dtype="bfloat16", device="cuda", progress=False)
+    assert set(model.weight_formats().values()) == {"int4_group"}
+    for a, b in zip(prefill_logits(model, PROMPTS), prefill_logits(dense, PROMPTS), strict=True):
+        assert torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1).min().item() >= 0.99
+
+
+def test_the_triton_path_through_the_engine_matches_the_reference(tmp_path, monkeypatch):
+    """The CUDA path of kept weights on the CPU: `--moe-backend triton` runs models.kernels.triton_qmoe
+    (under TRITON_INTERPRET=1) for every kept linear and expert stack. FP8 block (DeepSeek-V3: MLA's
+    projections too; W8A16 here, the W8A8 kernels have their own tests), gpt-oss MXFP4 (biases,
+    clamped SwiGLU) and GPTQ int4 with zero points: the same logits as the torch reference path."""
+    import models.kernels.triton_qmoe as triton_qmoe
+    from models.kernels.flags import KernelFlags
+    from tests.quant_checkpoints import quantize_checkpoint
+
+    monkeypatch.setattr(triton_qmoe, "fp8_dot_supported", lambda device: False)  # W8A16: exact vs the reference
+    fp8 = tmp_path / "fp8"
+    make_checkpoint("deepseek_v3", fp8, seed=5)
+
+    def quantize(name, w):
+        q, scale, deq = fp8_tiles(w, 16, 16)
+        return {name: q, name + "_scale_inv": scale}, deq
+
+    rewrite(fp8, quantize, {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                            "weight_block_size": [16, 16]})
+    mx = tmp_path / "mxfp4"
+    make_checkpoint("gpt_oss", mx, seed=7)
+    tensors = load_file(str(mx / "model.safetensors"))
+    for name in [n for n in tensors if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        tensors[name + "_blocks"], tensors[name + "_scales"] = mxfp4_pack(tensors.pop(name).transpose(1, 2))
+    save_file(tensors, str(mx / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((mx / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "mxfp4"}
+    (mx / "config.json").write_text(json.dumps(cfg))
+    src, gptq = tmp_path / "src", tmp_path / "gptq"
+    make_checkpoint("mixtral", src, num_hidden_layers=2)
+    quantize_checkpoint(src, gptq, "gptq", bits=4, group_size=32, sym=False, checkpoint_format="gptq_v2")
+    prompts = PROMPTS[:2]
+    for path, fmt in ((fp8, "fp8_block"), (mx, "mxfp4"), (gptq, "int4_group")):
+        ref = load_model(str(path), dtype="float32", device="cpu", progress=False)
+        tri = load_model(str(path), dtype="float32", device="cpu", progress=False, kernels=KernelFlags(moe="triton"))
+        assert set(tri.weight_formats().values()) == {fmt}
+        moe_kernels = {lk.moe for lk in tri.kernel_plan.layers if lk.moe is not None and fmt in (lk.experts_format or "")}
+        assert moe_kernels == {"triton"}, (path.name, moe_kernels)
+        a, b = torch.cat(prefill_logits(ref, prompts)), torch.cat(prefill_logits(tri, prompts))
+        assert ((a - b).norm() / a.norm()).item() < 1e-5, path.name

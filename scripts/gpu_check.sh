@@ -39,7 +39,7 @@ echo "=== [$(elapsed)s] CUDA tests: kernels vs references (quantized ones too), 
 timeout 180 $PY -m pytest -q -p no:cacheprovider -m cuda -o addopts="" \
   tests/models/kernels tests/models/test_triton_qmoe.py tests/models/test_cuda_parity.py tests/engine/test_decode_graphs.py \
   tests/engine/test_attention_variant_kernels.py tests/placement/test_executor.py tests/engine/test_piecewise_graphs.py \
-  tests/placement/test_quantized.py tests/models/test_quant_ops.py tests/models/kernels/test_kv_fp8.py 2>&1 | tee "$OUT/pytest_cuda.log" | tail -25
+  tests/placement/test_quantized.py tests/models/test_quant.py tests/models/kernels/test_kv_fp8.py 2>&1 | tee "$OUT/pytest_cuda.log" | tail -25
 CUDA_RC=${PIPESTATUS[0]}
 
 echo "=== [$(elapsed)s] engine tests with the engine on the default device (CUDA when present)"

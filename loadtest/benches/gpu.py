@@ -3,7 +3,7 @@
     python -m loadtest gpu [--models mixtral-8x7b,qwen3-30b-a3b] [--layers 8]
         [--batches 1,4,16,64,256] [--prompt-len 128] [--output-len 64] [--hf-batches 1,64]
         [--no-expert-tier] [--async-batches 256] [--time-budget 300] [--json out.json] [--cpu-dry-run]
-        [--quant-models deepseek-v3-fp8,gpt-oss-120b-mxfp4,qwen3-30b-a3b-int4] [--quant-batches 1,16,64,256]
+        [--quant-models deepseek-v3-fp8,gpt-oss-120b-mxfp4,qwen3-30b-a3b-int4,mixtral-8x7b-fp8] [--quant-batches 1,16,64,256]
 
 Random-weight models with the real per-layer shapes of Mixtral-8x7B and Qwen3-30B-A3B, cut
 to --layers layers, built in GPU memory (loadtest/benches/gpu_models.py). For each: decode output
@@ -373,7 +373,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--async-batches", default="256", help="batches of the --async-scheduling comparison")
     ap.add_argument("--time-budget", type=float, default=300.0, help="seconds; later sections are skipped past it")
     ap.add_argument("--cpu-dry-run", action="store_true", help="toy sizes on the CPU: checks the benchmark only")
-    ap.add_argument("--quant-models", default="deepseek-v3-fp8,gpt-oss-120b-mxfp4,qwen3-30b-a3b-int4",
+    ap.add_argument("--quant-models", default="deepseek-v3-fp8,gpt-oss-120b-mxfp4,qwen3-30b-a3b-int4,mixtral-8x7b-fp8",
                     help="quantized MoE shapes (loadtest/benches/gpu_quant.py); '' skips them")
     ap.add_argument("--quant-batches", default="1,16,64,256")
     ap.add_argument("--quant-bf16-gb", type=float, default=24.0,

@@ -12,7 +12,8 @@ plus the activations) over the time, against the peak bandwidth.
 
 Shapes (`QUANT_SHAPES`): DeepSeek-V3 (256 experts top-8, H 7168, I 2048, FP8 block 128x128, W8A8;
 4 layers), gpt-oss-120b (128 experts top-4, H 2880, I 2880, MXFP4 with biases and the clamped SwiGLU;
-all 36 layers), Qwen3-30B-A3B INT4 (128 experts top-8, H 2048, I 768, group 128, symmetric; 8 layers).
+all 36 layers), Qwen3-30B-A3B INT4 (128 experts top-8, H 2048, I 768, group 128, symmetric; 8 layers),
+Mixtral-8x7B FP8 block (8 experts top-2, H 4096, I 14336, 128x128; 8 layers).
 On the CPU (`--cpu-dry-run`) the same code runs under TRITON_INTERPRET=1 at toy sizes.
 """
 
@@ -46,6 +47,8 @@ QUANT_SHAPES = {
     "deepseek-v3-fp8": QuantShape("deepseek-v3-fp8", "fp8_block", 256, 8, 7168, 2048, 4, block=(128, 128)),
     "gpt-oss-120b-mxfp4": QuantShape("gpt-oss-120b-mxfp4", "mxfp4", 128, 4, 2880, 2880, 36, gptoss=True),
     "qwen3-30b-a3b-int4": QuantShape("qwen3-30b-a3b-int4", "int4_group", 128, 8, 2048, 768, 8, group=128),
+    # issue 27's acceptance shape: FP8 block at batch 1 >= 1.6x the bf16 tok/s (half the bytes), MBU >= 50%
+    "mixtral-8x7b-fp8": QuantShape("mixtral-8x7b-fp8", "fp8_block", 8, 2, 4096, 14336, 8, block=(128, 128)),
 }
 
 

@@ -121,6 +121,14 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def fp8_dots(device: torch.device) -> bool:
+    """Whether `device` multiplies float8 x float8 in the Triton kernels: CUDA capability 8.9+ (Ada,
+    Hopper, Blackwell); the CPU's Triton interpreter too. Below, the fp8 formats run W8A16."""
+    if device.type != "cuda":
+        return True
+    return torch.cuda.get_device_capability(device) >= (8, 9)
+
+
 @dataclass(frozen=True)
 class Capabilities:
     """What this process can run on the model's device."""

@@ -305,10 +305,10 @@ _FP8_FORMATS = (WeightFormat.FP8_BLOCK, WeightFormat.FP8_CHANNEL, WeightFormat.F
 
 
 def fp8_dot_supported(device: torch.device) -> bool:
-    """fp8 x fp8 tensor-core dots: CUDA capability 8.9+ (Ada, Hopper, Blackwell); the interpreter too."""
-    if device.type != "cuda":
-        return True
-    return torch.cuda.get_device_capability(device) >= (8, 9)
+    """fp8 x fp8 tensor-core dots (the kernel plan's probe, `plan.fp8_dots`)."""
+    from models.kernels.plan import fp8_dots
+
+    return fp8_dots(device)
 
 
 class _W:

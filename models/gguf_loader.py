@@ -52,6 +52,7 @@ import torch
 from models.config import MoEModelConfig, UnsupportedModelError
 from models.kernels.plan import param_group
 from models.kernels.quant import FORMATS, GROUP, QuantWeight
+from models.loader import _names
 from models.weight_map import WeightMap
 
 if TYPE_CHECKING:
@@ -496,13 +497,13 @@ class GGUFCheckpoint:
                     dest.copy_(w.reshape(dest.shape).to(dest.dtype))
         problems = []
         if missing:
-            problems.append(f"missing tensors ({len(missing)}): {', '.join(missing[:10])}")
+            problems.append(f"missing tensors ({len(missing)}): {_names(missing)}")
         if unexpected:
-            problems.append(f"unexpected tensors ({len(unexpected)}): {', '.join(unexpected[:10])}")
+            problems.append(f"unexpected tensors ({len(unexpected)}): {_names(unexpected)}")
         if mismatched:
-            problems.append(f"shape mismatches ({len(mismatched)}): {', '.join(mismatched[:10])}")
+            problems.append(f"shape mismatches ({len(mismatched)}): {_names(mismatched)}")
         if non_finite:
-            problems.append(f"tensors holding NaN or infinity ({len(non_finite)}): {', '.join(non_finite[:10])}")
+            problems.append(f"tensors holding NaN or infinity ({len(non_finite)}): {_names(non_finite)}")
         if problems:
             raise CheckpointError(f"GGUF {self.path!r} does not fit {self.architecture}: " + "; ".join(problems))
 

@@ -85,6 +85,19 @@ def _tile_ids(pid, num_rows_max, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
 
 
 @triton.jit
+def _swiglu(acc_g, acc_u, limit, alpha, CLAMP: tl.constexpr):
+    """SiLU(gate) * up; CLAMP: gpt-oss's (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g),
+    g = min(gate, limit) (shared by the float and the quantized gate/up kernels)."""
+    if CLAMP:
+        g = tl.minimum(acc_g, limit)
+        u = tl.minimum(tl.maximum(acc_u, -limit), limit)
+        h = g / (1.0 + tl.exp(-alpha * g)) * (u + 1.0)
+    else:
+        h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
+    return h
+
+
+@triton.jit
 def _gate_up_kernel(
     x_ptr, w_ptr, h_ptr, pairs_ptr, block_experts_ptr, num_rows_ptr, weights_ptr,
     N, K, num_pairs, num_rows_max, limit, alpha,
@@ -129,12 +142,7 @@ def _gate_up_kernel(
         b_ptrs = w_ptr + expert * stride_we + offs_n * stride_wn + K
         acc_g += tl.load(b_ptrs, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         acc_u += tl.load(b_ptrs + N * stride_wn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    if CLAMP:  # (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g), g = min(gate, limit)
-        g = tl.minimum(acc_g, limit)
-        u = tl.minimum(tl.maximum(acc_u, -limit), limit)
-        h = g / (1.0 + tl.exp(-alpha * g)) * (u + 1.0)
-    else:
-        h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u  # SiLU(gate) * up
+    h = _swiglu(acc_g, acc_u, limit, alpha, CLAMP)
     tl.store(h_ptr + pair[:, None] * stride_hm + offs_n[None, :], h.to(h_ptr.dtype.element_ty),
              mask=row_mask[:, None] & n_mask[None, :])
 

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from models.kernels.triton_moe import _tile_ids, align_pairs_triton, fit_shared_memory, tile_config
+from models.kernels.triton_moe import _swiglu, _tile_ids, align_pairs_triton, fit_shared_memory, tile_config
 from models.quant.formats import MX_GROUP, FormatError, QTensor, WeightFormat
 
 FP8_MAX = 448.0
@@ -229,12 +229,7 @@ def _qgate_up_kernel(
     if HAS_BIAS:
         acc_g += tl.load(b_ptr + expert * stride_be + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         acc_u += tl.load(b_ptr + expert * stride_be + N + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    if CLAMP:  # (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g), g = min(gate, limit)
-        g = tl.minimum(acc_g, limit)
-        u = tl.minimum(tl.maximum(acc_u, -limit), limit)
-        h = g / (1.0 + tl.exp(-alpha * g)) * (u + 1.0)
-    else:
-        h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
+    h = _swiglu(acc_g, acc_u, limit, alpha, CLAMP)
     tl.store(h_ptr + pair[:, None] * stride_hm + offs_n[None, :], h.to(h_ptr.dtype.element_ty),
              mask=row_mask[:, None] & n_mask[None, :])
 

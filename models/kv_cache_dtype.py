@@ -1,6 +1,10 @@
 """`--kv-cache-dtype` (vLLM's flag, names and meaning): what the paged KV cache stores.
 
 - `auto`: the model dtype (K and V as the attention computes them).
+- `bfloat16`: bfloat16 whatever the model dtype. On the CPU, where the engine computes in
+  float32, this halves the cache (llama.cpp's default F16 cache takes as many bytes): a write
+  rounds to nearest even, a read widens exactly (the C decode kernel shifts the 16 bits into a
+  float32's upper half in registers). On a bfloat16 model it is `auto`.
 - `fp8` / `fp8_e4m3`: float8_e4m3fn with one scale per tensor and layer (`k_scale`, `v_scale`):
   a write stores `x / scale` saturated to +-448, a read gives `x8 * scale` back in the model dtype
   (models/layers/paged.py; the decode kernels convert in the kernel). The scales are 1.0, as in
@@ -9,10 +13,10 @@
   quarter of float32's, so the same `--kv-cache-memory` holds 2x (bf16 models) or 4x (float32
   models) the blocks.
 
-Only the paged attention KV of GQA layers is fp8: the state slots of linear-attention layers
-stay in the model dtype, and MLA's latent cache (DeepSeek, Kimi K2, GLM-5 ...) is not served
-in fp8 (its decode kernels and absorbed-form prefill read the latent in the model dtype):
-`configure_kv_cache` refuses fp8 there.
+The state slots of linear-attention layers stay in the model dtype. MLA's latent cache
+(DeepSeek, Kimi K2, GLM-5 ...) takes every format: the latent and the rotary key (with DSA's
+index key) of a token are one cache entry, as in vLLM, so an fp8 one shares the layer's k_scale;
+the C and Triton MLA decode kernels convert in the kernel, the PyTorch paths after the read.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from models.layers.paged import FP8_KV_DTYPE, KVScales
 
 log = logging.getLogger(__name__)
 
-KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+KV_CACHE_DTYPES = ("auto", "bfloat16", "fp8", "fp8_e4m3")  # vLLM's CacheDType names (no fp8_e5m2 here)
 FP8_NAMES = ("fp8", "fp8_e4m3")
 
 # vLLM's checkpoint names for the KV-cache scales of layer N's attention (compressed-tensors and
@@ -45,6 +49,8 @@ def kv_cache_torch_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
         return model_dtype
     if name in FP8_NAMES:
         return FP8_KV_DTYPE
+    if name == "bfloat16":
+        return torch.bfloat16
     raise KVCacheDtypeError(f"--kv-cache-dtype must be one of {', '.join(KV_CACHE_DTYPES)}, not {name!r}")
 
 
@@ -85,15 +91,13 @@ def configure_kv_cache(model, name: str, path: str | None = None) -> torch.dtype
     model.kv_cache_dtype = dtype
     if dtype != FP8_KV_DTYPE:
         return dtype
-    cfg = model.config
-    if cfg.mla is not None:
-        raise KVCacheDtypeError(
-            f"--kv-cache-dtype {name}: {cfg.architecture} keeps an MLA latent cache, which the native engine stores "
-            f"in the model dtype only (its MLA decode kernels read it so); use --kv-cache-dtype auto")
+    mla = model.config.mla is not None
     scales = checkpoint_kv_scales(path) if path else {}
     kv_layers = model.kv_layers()
     for i in kv_layers:
-        model.layers[i].attn.kv_scales = scales.get(i, (1.0, 1.0))
+        k_scale, v_scale = scales.get(i, (1.0, 1.0))
+        # MLA: one scale for the latent and the rotary key (one entry in vLLM's cache: its k_scale)
+        model.layers[i].attn.kv_scales = (k_scale, k_scale) if mla else (k_scale, v_scale)
     if scales:
         log.info("--kv-cache-dtype %s: the checkpoint's k_scale / v_scale for %d of %d attention layers "
                  "(the others 1.0)", name, len(set(scales) & set(kv_layers)), len(kv_layers))

@@ -39,7 +39,7 @@ EngineName = Literal["native", "vllm"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16", "half", "float"]
 # models.kernels.quant.FORMATS (CPU C kernels), and fp8 (models/quant/weights.py: any device)
 Quantization = Literal["int8", "int8_channel", "int4", "int4_zp", "fp8"]
-KVCacheDtype = Literal["auto", "fp8", "fp8_e4m3"]  # models.kv_cache_dtype.KV_CACHE_DTYPES (vLLM's names)
+KVCacheDtype = Literal["auto", "bfloat16", "fp8", "fp8_e4m3"]  # models.kv_cache_dtype.KV_CACHE_DTYPES (vLLM's names)
 SchedulingPolicy = Literal["fcfs", "priority"]
 ExpertPlacement = Literal["contiguous", "round_robin", "balanced"]
 CpuExpertFormat = Literal["auto", "float32", "bf16", "int8", "int4"]  # models.placement.executor.TIER_FORMATS
@@ -142,10 +142,12 @@ class EngineConfig:
     block_size: int = option(16, "KV-cache block size in tokens (power of two)")
     # bytes; default: 512 MiB on CPU, 40% of free on CUDA
     kv_cache_memory: int | None = option(None, "KV-cache size, e.g. 512MiB or 2GiB", kind="bytes")
-    # auto: the model dtype; fp8 / fp8_e4m3: float8_e4m3fn with per-tensor scales (half the bytes of
-    # bf16, so twice the blocks for the same --kv-cache-memory; models/kv_cache_dtype.py)
+    # auto: the model dtype; bfloat16: half a float32 cache's bytes (CPU); fp8 / fp8_e4m3:
+    # float8_e4m3fn with per-tensor scales (half the bytes of bf16, so twice the blocks for the same
+    # --kv-cache-memory; models/kv_cache_dtype.py)
     kv_cache_dtype: KVCacheDtype = option(
-        "auto", "KV-cache storage: auto (the model dtype) or fp8 / fp8_e4m3 (float8 e4m3 with per-tensor scales)")
+        "auto", "KV-cache storage: auto (the model dtype), bfloat16, or fp8 / fp8_e4m3 (float8 e4m3 with "
+        "per-tensor scales)")
     # overrides kv_cache_memory (tests)
     num_kv_blocks: int | None = option(None, "number of KV blocks (overrides --kv-cache-memory)")
     enable_prefix_caching: bool = option(True, "reuse KV blocks of shared prefixes")

@@ -6,7 +6,8 @@ ops' fake (meta) implementations, so that `torch.compile` traces through them an
 
 - `paged_decode_cpu(q [B, H, D], k_cache, v_cache [NB, BS, KVH, D], block_tables [B, W],
   seq_lens [B], scale, window=0, chunk=0, sinks [H]?) -> [B, H, D]`: decode attention reading the
-  KV blocks in place, with a sliding window / attention chunk (0: none) and per-head sinks;
+  KV blocks in place, with a sliding window / attention chunk (0: none) and per-head sinks; the
+  cache float32 or bfloat16 (`--kv-cache-dtype bfloat16`, widened to float32 in the kernel);
 - `paged_decode_fp8_cpu(q, k_cache, v_cache, block_tables, seq_lens, scale, k_scale=1, v_scale=1,
   window=0, chunk=0, sinks?)`: the same over a float8_e4m3fn cache (`--kv-cache-dtype fp8`),
   keys k8 * k_scale and values v8 * v_scale converted to float32 in the kernel;

@@ -2,14 +2,16 @@
 plan chose (`models.kernels.plan.AttentionKernel`).
 
 - TRITON: `torch.ops.moe_serve.paged_decode_triton` (CUDA; CPU tensors under TRITON_INTERPRET=1)
-- CPU: `torch.ops.moe_serve.paged_decode_cpu`, the C kernel of csrc/paged_attention_cpu.c (float32);
-  over a float8_e4m3fn cache (`--kv-cache-dtype fp8`) `paged_decode_fp8_cpu`, which converts in the kernel
+- CPU: `torch.ops.moe_serve.paged_decode_cpu`, the C kernel of csrc/paged_attention_cpu.c (float32
+  math over a float32 or bfloat16 cache); over a float8_e4m3fn cache (`--kv-cache-dtype fp8`)
+  `paged_decode_fp8_cpu`; both convert in the kernel
 - REFERENCE: gather each sequence's blocks, then SDPA (`reference.paged_decode_reference`)
 Both kernels read the blocks in place, with no host sync; the reference reads the longest length.
 Both kernels also serve the attention variants: a sliding window (`window`: the query sees its
 last `window` keys), chunked attention (`chunk`: the keys of its own chunk) and per-head sinks
 (`sinks` [heads]: one more logit in each softmax's denominator); they read only the visible
-keys. Every path reads an fp8 cache (float8_e4m3fn, keys k8 * k_scale, values v8 * v_scale).
+keys. Every path reads an fp8 cache (float8_e4m3fn, keys k8 * k_scale, values v8 * v_scale) and
+a bfloat16 cache of a float32 model (`--kv-cache-dtype bfloat16`).
 The reference serves plain causal attention only (the variants' reference path is
 `models/layers/attention_variants.py`).
 """

@@ -29,7 +29,7 @@ def paged_decode_reference(
     """Attention of each sequence's query over its first seq_lens[b] cached keys -> [B, heads, d].
     The keys are gathered by position (slot = block of the position, then its offset) into
     `KEY_GRANULE`-padded rows, so the result does not depend on the cache's block size. A
-    float8_e4m3fn cache is dequantized (after the gather) into q's dtype."""
+    float8_e4m3fn (or bfloat16) cache is dequantized (after the gather) into q's dtype."""
     bsz, heads, d = q.shape
     bs, kvh = k_cache.shape[1], k_cache.shape[2]
     length = -(-int(seq_lens.max()) // KEY_GRANULE) * KEY_GRANULE
@@ -40,6 +40,8 @@ def paged_decode_reference(
     v = v_cache.view(-1, kvh, d)[slots]
     if k.dtype == torch.float8_e4m3fn:
         k, v = (k.float() * k_scale).to(q.dtype), (v.float() * v_scale).to(q.dtype)
+    elif k.dtype != q.dtype:  # a bfloat16 cache of a float32 model: widened exactly
+        k, v = k.to(q.dtype), v.to(q.dtype)
     group = heads // kvh
     qg = q.view(bsz, kvh, group, d)  # [B, kvh, group, d]: a KV head's query heads as the query axis
     mask = (pos[None, :] < seq_lens[:, None])[:, None, None, :]  # [B, 1, 1, L] keys each sequence sees

@@ -14,7 +14,8 @@ Sinks add one per-head logit to each softmax's denominator (its probability mass
 An fp8 cache (float8_e4m3fn, `--kv-cache-dtype fp8`) is read as its bytes and decoded to float32
 with integer ops as each tile is loaded (exact, and on every GPU: Triton's float8e4nv type needs
 sm89+), then cast to q's dtype; its per-tensor `k_scale` folds into the score scale and `v_scale`
-scales the output.
+scales the output. A bfloat16 cache of a float32 model (`--kv-cache-dtype bfloat16`) is loaded as
+bfloat16 and widened to float32 (exact) as each tile is loaded.
 """
 
 from __future__ import annotations
@@ -75,6 +76,8 @@ def _paged_decode_kernel(
         k_t = tl.load(k_ptr + row[None, :] + offs_d[:, None], mask=kv_mask, other=0.0)  # [D_PAD, BLOCK_N]
         if KV_FP8:
             k_t = _e4m3fn_to_f32(k_t).to(q.dtype)
+        else:  # a bfloat16 cache of a float32 model: widened (a no-op for the model dtype's cache)
+            k_t = k_t.to(q.dtype)
         s = tl.dot(q, k_t, input_precision=PRECISION) * scale  # [G_PAD, BLOCK_N] float32
         s = tl.where(n_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -85,6 +88,8 @@ def _paged_decode_kernel(
                     other=0.0)  # [BLOCK_N, D_PAD]
         if KV_FP8:
             v = _e4m3fn_to_f32(v).to(q.dtype)
+        else:
+            v = v.to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     if HAS_SINKS:  # one more logit per head in the denominator
@@ -118,7 +123,8 @@ def paged_decode_triton(
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1 and q.stride(-1) == 1
     group = heads // kvh
     fp8 = k_cache.dtype == torch.float8_e4m3fn
-    assert v_cache.dtype == k_cache.dtype and (fp8 or k_cache.dtype == q.dtype)
+    assert v_cache.dtype == k_cache.dtype and (
+        fp8 or k_cache.dtype == q.dtype or (k_cache.dtype == torch.bfloat16 and q.dtype == torch.float32))
     out = torch.empty_like(q)  # [B, heads, d]
     if B == 0:
         return out

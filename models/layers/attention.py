@@ -28,7 +28,7 @@ from models.kernels.plan import AttentionKernel, LayerKernels
 from models.layers.attention_variants import AttentionVariant, attend_variant, prefill_variant
 from models.layers.norm import RMSNorm
 from models.layers.paged import (
-    NO_SCALES, AttentionMetadata, KVCache, KVScales, fp8_roundtrip, gather_kv, is_fp8, write_kv,
+    NO_SCALES, AttentionMetadata, KVCache, KVScales, gather_kv, kv_roundtrip, write_kv,
 )
 from models.layers.rotary import RotaryEmbedding, rotate
 
@@ -172,10 +172,11 @@ class Attention(nn.Module):
         positions: torch.Tensor | None = None,  # [T], needed by attention temperature tuning only
     ) -> torch.Tensor:
         T = x.shape[0]
-        # an fp8 cache is written by write_kv (torch's saturating round-to-nearest, on every GPU), not by
-        # the fused rotary + KV store, which stores the model dtype
-        fp8 = is_fp8(cache[0])
-        if self.fused_rope and not fp8:  # k and v go straight into the cache; only q comes back
+        # an fp8 / bfloat16 cache of another dtype than the model's is written by write_kv (torch's
+        # saturating round-to-nearest, on every GPU), not by the fused rotary + KV store, which
+        # stores the model dtype
+        converts = cache[0].dtype != x.dtype
+        if self.fused_rope and not converts:  # k and v go straight into the cache; only q comes back
             from models.kernels import triton_ops  # noqa: F401 - registers the op
 
             head = self.qk_norm == "head"
@@ -188,8 +189,9 @@ class Attention(nn.Module):
             q, k, v, gate = self.project(x, cos_sin, positions)
             v = v.contiguous()
             write_kv(cache, k, v, meta.slot_mapping, self.kv_scales)
-            if fp8:  # the prefill attends what the cache holds, as the decode and later chunks do
-                k, v = fp8_roundtrip(k, self.kv_scales[0]), fp8_roundtrip(v, self.kv_scales[1])
+            if converts:  # the prefill attends what the cache holds, as the decode and later chunks do
+                k = kv_roundtrip(k, cache[0].dtype, self.kv_scales[0])
+                v = kv_roundtrip(v, cache[1].dtype, self.kv_scales[1])
         variant = self.variant
         if variant.active and self.decode_kernel in (None, AttentionKernel.REFERENCE):
             out = attend_variant(q, k, v, cache, meta, self.scale, variant, self.sinks, self.kv_scales)

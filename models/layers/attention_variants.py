@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from models.layers.paged import NO_SCALES, AttentionMetadata, KVCache, KVScales, dequantize_fp8, is_fp8
+from models.layers.paged import NO_SCALES, AttentionMetadata, KVCache, KVScales, is_fp8, load_kv
 
 PREFILL_SCORES_BUDGET = 2**24  # a prefill query tile's scores (heads x queries x keys) stay under this
 
@@ -107,7 +107,8 @@ def _gather(cache: KVCache, tables: torch.Tensor, first_block: torch.Tensor, nbl
     k, v = k_cache[ids].flatten(1, 2), v_cache[ids].flatten(1, 2)
     if is_fp8(k_cache):
         assert dtype is not None, "an fp8 KV cache is read into the model dtype"
-        return dequantize_fp8(k, scales[0], dtype), dequantize_fp8(v, scales[1], dtype)
+    if dtype is not None and k.dtype != dtype:  # fp8 / bfloat16 cache of a float32 model
+        return load_kv(k, scales[0], dtype), load_kv(v, scales[1], dtype)
     return k, v
 
 

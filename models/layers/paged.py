@@ -3,9 +3,11 @@ one layer, with the two ways tokens move in and out of it.
 
 A layer's cache is a pair of tensors `[num_blocks, block_size, heads, width]`: K and V for GQA
 layers, the latent and the rotary key for MLA layers (`heads` 1). With `--kv-cache-dtype fp8`
-a GQA layer's pair is float8_e4m3fn with one scale per tensor (`KVScales`, vLLM's `k_scale` /
-`v_scale`): a write stores `x / scale` saturated to +-448, a read gives back `x8 * scale` in the
-model dtype; what the attention sees is always what the cache holds (`fp8_roundtrip`). A sequence's tokens live in
+the pair is float8_e4m3fn with one scale per tensor (`KVScales`, vLLM's `k_scale` /
+`v_scale`; an MLA layer's latent and rotary key share k_scale): a write stores `x / scale`
+saturated to +-448, a read gives back `x8 * scale` in the model dtype. With `--kv-cache-dtype
+bfloat16` on a float32 model the pair is bfloat16 (a write rounds to nearest even, a read widens
+exactly). What the attention sees is always what the cache holds (`kv_roundtrip`). A sequence's tokens live in
 the blocks its block table lists. A step's tokens are flattened (`[num_tokens, ...]`) with the
 decode sequences (one new token each) first, then the prefill chunks.
 """
@@ -63,28 +65,56 @@ def fp8_roundtrip(x: torch.Tensor, scale: float) -> torch.Tensor:
     return dequantize_fp8(quantize_fp8(x, scale), scale, x.dtype)
 
 
+def store_kv(x: torch.Tensor, cache_dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+    """x as a cache of `cache_dtype` stores it: fp8 quantized with `scale`, otherwise cast
+    (bfloat16: round to nearest even)."""
+    if cache_dtype == FP8_KV_DTYPE:
+        return quantize_fp8(x, scale)
+    return x.to(cache_dtype)
+
+
+def load_kv(x: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """Cache entries x back in `dtype` (fp8: x8 * scale)."""
+    if is_fp8(x):
+        return dequantize_fp8(x, scale, dtype)
+    return x.to(dtype)
+
+
+def kv_roundtrip(x: torch.Tensor, cache_dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+    """What a cache of `cache_dtype` gives back for x, in x's dtype (x itself where it stores x's dtype)."""
+    if cache_dtype == x.dtype:
+        return x
+    return load_kv(store_kv(x, cache_dtype, scale), scale, x.dtype)
+
+
+def write_rows(cache: torch.Tensor, x: torch.Tensor, slot_mapping: torch.Tensor, scale: float = 1.0) -> None:
+    """Store rows x [num_tokens, heads, width] of one cache tensor at their flat slots, converted
+    to the cache's dtype (`store_kv`)."""
+    if cache.dtype != x.dtype:
+        x = store_kv(x, cache.dtype, scale)
+    if is_fp8(cache):  # (index_copy_ has no float8 kernel on the CPU: copy the bytes)
+        x, cache = x.view(torch.uint8), cache.view(torch.uint8)
+    cache.view(-1, *cache.shape[2:]).index_copy_(0, slot_mapping, x)
+
+
 def write_kv(cache: KVCache, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
              scales: KVScales = NO_SCALES) -> None:
     """Store a step's new entries: k, v [num_tokens, heads, width] at their flat slots (an fp8
-    cache stores them quantized with `scales`)."""
-    k_cache, v_cache = cache
-    if is_fp8(k_cache):  # (index_copy_ has no float8 kernel on the CPU: copy the bytes)
-        k = quantize_fp8(k, scales[0]).view(torch.uint8)
-        v = quantize_fp8(v, scales[1]).view(torch.uint8)
-        k_cache, v_cache = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k)
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v)
+    cache stores them quantized with `scales`, a bfloat16 one rounded)."""
+    write_rows(cache[0], k, slot_mapping, scales[0])
+    write_rows(cache[1], v, slot_mapping, scales[1])
 
 
 def gather_kv(cache: KVCache, block_table: torch.Tensor, length: int, scales: KVScales = NO_SCALES,
               dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first `length` entries of one sequence, contiguous: [length, heads, width] each (an
-    fp8 cache's dequantized into `dtype`, which it then needs)."""
+    """The first `length` entries of one sequence, contiguous: [length, heads, width] each (a
+    cache of another dtype than `dtype` converted into it: fp8 dequantized; an fp8 cache needs it)."""
     k_cache, v_cache = cache
     bs = k_cache.shape[1]
     ids = block_table[: (length + bs - 1) // bs]
     k, v = k_cache[ids].flatten(0, 1)[:length], v_cache[ids].flatten(0, 1)[:length]
     if is_fp8(k_cache):
         assert dtype is not None, "an fp8 KV cache is read into the model dtype"
-        return dequantize_fp8(k, scales[0], dtype), dequantize_fp8(v, scales[1], dtype)
+    if dtype is not None and k.dtype != dtype:
+        return load_kv(k, scales[0], dtype), load_kv(v, scales[1], dtype)
     return k, v

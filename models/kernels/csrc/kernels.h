@@ -22,6 +22,10 @@ int paged_decode_variant_f32(const float *q, const float *k, const float *v, con
                              const int64_t *lens, const float *sinks, float *out, int64_t B, int64_t H,
                              int64_t KVH, int64_t D, int64_t BS, int64_t W, int64_t window, int64_t chunk,
                              float scale, int nthreads);
+/* the same over a bfloat16 cache (its 16-bit words), widened to float32 in the kernel */
+int paged_decode_bf16(const float *q, const uint16_t *k16, const uint16_t *v16, const int64_t *tables,
+                      const int64_t *lens, const float *sinks, float *out, int64_t B, int64_t H, int64_t KVH,
+                      int64_t D, int64_t BS, int64_t W, int64_t window, int64_t chunk, float scale, int nthreads);
 /* the same over a float8_e4m3fn cache (its bytes): keys k8 * k_scale, values v8 * v_scale */
 int paged_decode_fp8(const float *q, const uint8_t *k8, const uint8_t *v8, float k_scale, float v_scale,
                      const int64_t *tables, const int64_t *lens, const float *sinks, float *out, int64_t B,

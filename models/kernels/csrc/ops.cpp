@@ -45,9 +45,14 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at
     // q [B, H, D]; caches [NB, BS, KVH, D]; block_tables [B, W]; seq_lens [B] -> [B, H, D]
     // window / chunk: each query sees its last `window` keys / its own chunk's keys (0: all);
     // sinks [H]: a per-head logit in each softmax's denominator (gpt-oss)
+    // the cache: float32, or bfloat16 (--kv-cache-dtype bfloat16 on a float32 model), widened in the kernel
     check_f32_cpu(q, "q");
-    check_f32_cpu(k_cache, "k_cache");
-    check_f32_cpu(v_cache, "v_cache");
+    const bool bf16 = k_cache.scalar_type() == at::kBFloat16;
+    for (const at::Tensor* c : {&k_cache, &v_cache}) {
+        TORCH_CHECK(c->device().is_cpu() && c->scalar_type() == k_cache.scalar_type() &&
+                    (c->scalar_type() == at::kFloat || bf16), "paged_decode: the KV cache must be a float32 or "
+                    "bfloat16 CPU tensor pair, got ", c->scalar_type());
+    }
     TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), "paged_decode: q must be "
                 "[B, H, D] and the caches [blocks, block_size, kv_heads, D] alike");
     TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "paged_decode: the KV cache must be contiguous");
@@ -66,7 +71,12 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at
     const at::Tensor tables = block_tables.to(at::kLong).contiguous();
     const at::Tensor lens = seq_lens.to(at::kLong).contiguous();
     at::Tensor out = at::empty_like(qc);
-    const int rc = paged_decode_variant_f32(
+    const int rc = bf16 ? paged_decode_bf16(
+        qc.data_ptr<float>(), static_cast<const uint16_t*>(k_cache.const_data_ptr()),
+        static_cast<const uint16_t*>(v_cache.const_data_ptr()), tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(),
+        sk.defined() ? sk.data_ptr<float>() : nullptr, out.data_ptr<float>(), B, H, KVH, D, k_cache.size(1),
+        tables.size(1), window, chunk, static_cast<float>(scale), at::get_num_threads())
+        : paged_decode_variant_f32(
         qc.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), tables.data_ptr<int64_t>(),
         lens.data_ptr<int64_t>(), sk.defined() ? sk.data_ptr<float>() : nullptr, out.data_ptr<float>(), B, H, KVH, D,
         k_cache.size(1), tables.size(1), window, chunk, static_cast<float>(scale), at::get_num_threads());

@@ -16,8 +16,9 @@
  * max(0, p - window + 1) with a sliding window (window > 0) and at least p's chunk start
  * (p / chunk) * chunk with chunked attention (chunk > 0). Keys before lo are never read, so a
  * windowed step costs O(window), not O(context).
- * paged_decode_fp8 reads a float8_e4m3fn cache (bytes, same layout) with per-tensor scales,
- * converting each row to float32 in the kernel; the float32 path is unchanged.
+ * paged_decode_bf16 reads a bfloat16 cache (its 16-bit words, same layout) and paged_decode_fp8 a
+ * float8_e4m3fn cache (bytes) with per-tensor scales: one routine (run_item_kind) for the three,
+ * converting each token's row to float32 in the kernel (the float32 cache is read in place).
  * Work item = a sequence (all its heads: each token's K/V row is read as one contiguous run)
  * or, when there are fewer sequences than threads, one (sequence, KV head) pair.
  */
@@ -29,20 +30,23 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* what the cache stores: float32 read in place; bfloat16 and float8_e4m3fn converted to float32
+ * one token row at a time (bf16: the 16 bits shifted left into a float32; fp8: a 256-entry table) */
+enum { KV_F32 = 0, KV_BF16 = 1, KV_FP8 = 2 };
+
 typedef struct {
-    const float *q, *k, *v;
+    const float *q;
+    const void *k, *v; /* the cache's elements: float, uint16_t (bf16) or uint8_t (fp8) by kind */
     const int64_t *tables, *lens;
     const float *sinks;
     float *out;
     int64_t B, H, KVH, D, BS, W, window, chunk;
-    float scale;
+    float scale;         /* the score scale (fp8: times k_scale) */
     int64_t hpi;         /* KV heads per work item: KVH (whole rows read contiguously) or 1 */
     int64_t first, last; /* work items [first, last) */
-    /* an fp8 cache (paged_decode_fp8): k8 / v8 replace k / v (NULL otherwise); lut: the 256
-     * float8_e4m3fn values; k_scale folds into the score scale, v_scale scales the output */
-    const uint8_t *k8, *v8;
-    const float *lut;
-    float v_scale;
+    int kind;            /* KV_F32, KV_BF16, KV_FP8 */
+    const float *lut;    /* fp8: the 256 float8_e4m3fn values */
+    float v_scale;       /* scales the output (fp8's v_scale; 1 otherwise), folded into the probabilities */
 } job_t;
 
 /* The first key position the query of a sequence with L keys sees. */
@@ -59,10 +63,32 @@ static inline int64_t visible_keys(int64_t L, int64_t window, int64_t chunk) {
     return L > 0 ? L - first_visible(L, window, chunk) : 0;
 }
 
-/* One work item: sequence b, KV heads [h0, h0 + nh), each with its G query heads. */
-static void run_item(const job_t *j, int64_t b, int64_t h0, int64_t nh, float *scores) {
+/* The n values of the cache from element `at` as float32: in place for a float32 cache, else
+ * converted into `row` */
+static inline const float *load_row(const job_t *j, const void *base, int64_t at, int64_t n, float *row) {
+    switch (j->kind) {
+    case KV_BF16: {
+        const uint16_t *src = (const uint16_t *)base + at;
+        uint32_t *dst = (uint32_t *)row;
+        for (int64_t e = 0; e < n; e++) dst[e] = (uint32_t)src[e] << 16;
+        return row;
+    }
+    case KV_FP8: {
+        const uint8_t *src = (const uint8_t *)base + at;
+        for (int64_t e = 0; e < n; e++) row[e] = j->lut[src[e]];
+        return row;
+    }
+    default:
+        return (const float *)base + at;
+    }
+}
+
+/* One work item: sequence b, KV heads [h0, h0 + nh), each with its G query heads. A token's K
+ * (then V) row of the item's heads is one contiguous run of nh * D values (`load_row`). */
+static inline __attribute__((always_inline)) void run_item_kind(const job_t *j, int64_t b, int64_t h0, int64_t nh,
+                                                                float *scores, float *row) {
     const int64_t G = j->H / j->KVH, D = j->D, BS = j->BS, KVH = j->KVH;
-    const int64_t L = j->lens[b], R = nh * G; /* R query rows: heads h0 * G .. (h0 + nh) * G */
+    const int64_t L = j->lens[b], R = nh * G, RD = nh * D; /* R query rows: heads h0 * G .. (h0 + nh) * G */
     const float *qb = j->q + (b * j->H + h0 * G) * D; /* [R, D] */
     float *ob = j->out + (b * j->H + h0 * G) * D;     /* [R, D] */
     memset(ob, 0, (size_t)(R * D) * sizeof(float));
@@ -72,10 +98,11 @@ static void run_item(const job_t *j, int64_t b, int64_t h0, int64_t nh, float *s
     /* pass 1: scores [R, N] = q . k * scale; a token's KV heads are adjacent in memory */
     for (int64_t t = lo; t < L;) {
         const int64_t off = t % BS, n = (L - t < BS - off) ? (L - t) : (BS - off);
-        const float *kb = j->k + ((table[t / BS] * BS + off) * KVH + h0) * D;
+        const int64_t at = ((table[t / BS] * BS + off) * KVH + h0) * D;
         for (int64_t i = 0; i < n; i++) {
+            const float *kr = load_row(j, j->k, at + i * KVH * D, RD, row);
             for (int64_t r = 0; r < R; r++) {
-                const float *kt = kb + i * KVH * D + (r / G) * D, *qr = qb + r * D;
+                const float *kt = kr + (r / G) * D, *qr = qb + r * D;
                 float acc = 0.f;
 #pragma GCC ivdep
                 for (int64_t d = 0; d < D; d++) acc += qr[d] * kt[d];
@@ -92,16 +119,17 @@ static void run_item(const job_t *j, int64_t b, int64_t h0, int64_t nh, float *s
         if (sink > m) m = sink;
         for (int64_t t = 0; t < N; t++) { s[t] = expf(s[t] - m); sum += s[t]; }
         if (j->sinks) sum += expf(sink - m);
-        const float inv = 1.f / sum;
+        const float inv = j->v_scale / sum; /* the values' scale (1 but for fp8), folded into the probabilities */
         for (int64_t t = 0; t < N; t++) s[t] *= inv;
     }
     /* pass 2: out [R, D] = sum_t p[r, t] * v_t */
     for (int64_t t = lo; t < L;) {
         const int64_t off = t % BS, n = (L - t < BS - off) ? (L - t) : (BS - off);
-        const float *vb = j->v + ((table[t / BS] * BS + off) * KVH + h0) * D;
+        const int64_t at = ((table[t / BS] * BS + off) * KVH + h0) * D;
         for (int64_t i = 0; i < n; i++) {
+            const float *vr = load_row(j, j->v, at + i * KVH * D, RD, row);
             for (int64_t r = 0; r < R; r++) {
-                const float *vt = vb + i * KVH * D + (r / G) * D;
+                const float *vt = vr + (r / G) * D;
                 const float p = scores[r * N + t - lo + i];
                 float *orow = ob + r * D;
 #pragma GCC ivdep
@@ -112,61 +140,21 @@ static void run_item(const job_t *j, int64_t b, int64_t h0, int64_t nh, float *s
     }
 }
 
-/* run_item over an fp8 cache: each token's K (then V) row of the item's heads is converted to
- * float32 once (table lookup) into `row` [nh * D], then read as run_item reads the float row.
- * The scores use scale * k_scale; the output is scaled by v_scale at the end. */
+/* one copy of the routine per cache kind (the kind a constant inside each: no branch per row) */
+static void run_item_f32(const job_t *j, int64_t b, int64_t h0, int64_t nh, float *scores, float *row) {
+    job_t c = *j;
+    c.kind = KV_F32;
+    run_item_kind(&c, b, h0, nh, scores, row);
+}
+static void run_item_bf16(const job_t *j, int64_t b, int64_t h0, int64_t nh, float *scores, float *row) {
+    job_t c = *j;
+    c.kind = KV_BF16;
+    run_item_kind(&c, b, h0, nh, scores, row);
+}
 static void run_item_fp8(const job_t *j, int64_t b, int64_t h0, int64_t nh, float *scores, float *row) {
-    const int64_t G = j->H / j->KVH, D = j->D, BS = j->BS, KVH = j->KVH;
-    const int64_t L = j->lens[b], R = nh * G, RD = nh * D;
-    const float *qb = j->q + (b * j->H + h0 * G) * D; /* [R, D] */
-    float *ob = j->out + (b * j->H + h0 * G) * D;     /* [R, D] */
-    const float *lut = j->lut;
-    memset(ob, 0, (size_t)(R * D) * sizeof(float));
-    if (L <= 0) return;
-    const int64_t *table = j->tables + b * j->W;
-    const int64_t lo = first_visible(L, j->window, j->chunk), N = L - lo;
-    for (int64_t t = lo; t < L;) {
-        const int64_t off = t % BS, n = (L - t < BS - off) ? (L - t) : (BS - off);
-        const uint8_t *kb = j->k8 + ((table[t / BS] * BS + off) * KVH + h0) * D;
-        for (int64_t i = 0; i < n; i++) {
-            const uint8_t *src = kb + i * KVH * D;
-            for (int64_t e = 0; e < RD; e++) row[e] = lut[src[e]];
-            for (int64_t r = 0; r < R; r++) {
-                const float *kt = row + (r / G) * D, *qr = qb + r * D;
-                float acc = 0.f;
-#pragma GCC ivdep
-                for (int64_t d = 0; d < D; d++) acc += qr[d] * kt[d];
-                scores[r * N + t - lo + i] = acc * j->scale;
-            }
-        }
-        t += n;
-    }
-    for (int64_t r = 0; r < R; r++) {
-        float *s = scores + r * N, m = -INFINITY, sum = 0.f;
-        const float sink = j->sinks ? j->sinks[h0 * G + r] : -INFINITY;
-        for (int64_t t = 0; t < N; t++) m = s[t] > m ? s[t] : m;
-        if (sink > m) m = sink;
-        for (int64_t t = 0; t < N; t++) { s[t] = expf(s[t] - m); sum += s[t]; }
-        if (j->sinks) sum += expf(sink - m);
-        const float inv = j->v_scale / sum; /* the values' scale, folded into the probabilities */
-        for (int64_t t = 0; t < N; t++) s[t] *= inv;
-    }
-    for (int64_t t = lo; t < L;) {
-        const int64_t off = t % BS, n = (L - t < BS - off) ? (L - t) : (BS - off);
-        const uint8_t *vb = j->v8 + ((table[t / BS] * BS + off) * KVH + h0) * D;
-        for (int64_t i = 0; i < n; i++) {
-            const uint8_t *src = vb + i * KVH * D;
-            for (int64_t e = 0; e < RD; e++) row[e] = lut[src[e]];
-            for (int64_t r = 0; r < R; r++) {
-                const float *vt = row + (r / G) * D;
-                const float p = scores[r * N + t - lo + i];
-                float *orow = ob + r * D;
-#pragma GCC ivdep
-                for (int64_t d = 0; d < D; d++) orow[d] += p * vt[d];
-            }
-        }
-        t += n;
-    }
+    job_t c = *j;
+    c.kind = KV_FP8;
+    run_item_kind(&c, b, h0, nh, scores, row);
 }
 
 static void *run_range(void *arg) {
@@ -177,16 +165,15 @@ static void *run_range(void *arg) {
         const int64_t L = visible_keys(j->lens[it / per_seq], j->window, j->chunk);
         maxlen = L > maxlen ? L : maxlen;
     }
-    /* fp8: one converted row of the item's heads after the scores */
-    const size_t nscores = (size_t)(j->hpi * (j->H / j->KVH) * maxlen), nrow = j->k8 ? (size_t)(j->hpi * j->D) : 0;
+    /* bf16 / fp8: one converted row of the item's heads after the scores */
+    const size_t nscores = (size_t)(j->hpi * (j->H / j->KVH) * maxlen);
+    const size_t nrow = j->kind != KV_F32 ? (size_t)(j->hpi * j->D) : 0;
     float *scores = (float *)malloc((nscores + nrow) * sizeof(float));
     if (scores == NULL) return (void *)1;
-    for (int64_t it = j->first; it < j->last; it++) {
-        if (j->k8)
-            run_item_fp8(j, it / per_seq, (it % per_seq) * j->hpi, j->hpi, scores, scores + nscores);
-        else
-            run_item(j, it / per_seq, (it % per_seq) * j->hpi, j->hpi, scores);
-    }
+    void (*item)(const job_t *, int64_t, int64_t, int64_t, float *, float *) =
+        j->kind == KV_BF16 ? run_item_bf16 : j->kind == KV_FP8 ? run_item_fp8 : run_item_f32;
+    for (int64_t it = j->first; it < j->last; it++)
+        item(j, it / per_seq, (it % per_seq) * j->hpi, j->hpi, scores, scores + nscores);
     free(scores);
     return NULL;
 }
@@ -204,10 +191,10 @@ static void fp8_e4m3fn_table(float lut[256]) {
     }
 }
 
-static int paged_decode_run(const float *q, const float *k, const float *v, const uint8_t *k8, const uint8_t *v8,
-                            const float *lut, float v_scale, const int64_t *tables, const int64_t *lens,
-                            const float *sinks, float *out, int64_t B, int64_t H, int64_t KVH, int64_t D,
-                            int64_t BS, int64_t W, int64_t window, int64_t chunk, float scale, int nthreads);
+static int paged_decode_run(const float *q, const void *k, const void *v, int kind, const float *lut, float v_scale,
+                            const int64_t *tables, const int64_t *lens, const float *sinks, float *out, int64_t B,
+                            int64_t H, int64_t KVH, int64_t D, int64_t BS, int64_t W, int64_t window, int64_t chunk,
+                            float scale, int nthreads);
 
 int paged_decode_f32(const float *q, const float *k, const float *v, const int64_t *tables,
                      const int64_t *lens, float *out, int64_t B, int64_t H, int64_t KVH, int64_t D,
@@ -222,7 +209,16 @@ int paged_decode_variant_f32(const float *q, const float *k, const float *v, con
                              const int64_t *lens, const float *sinks, float *out, int64_t B, int64_t H,
                              int64_t KVH, int64_t D, int64_t BS, int64_t W, int64_t window, int64_t chunk,
                              float scale, int nthreads) {
-    return paged_decode_run(q, k, v, NULL, NULL, NULL, 1.f, tables, lens, sinks, out, B, H, KVH, D, BS, W, window,
+    return paged_decode_run(q, k, v, KV_F32, NULL, 1.f, tables, lens, sinks, out, B, H, KVH, D, BS, W, window, chunk,
+                            scale, nthreads);
+}
+
+/* The same over a bfloat16 cache (k16, v16: its bits, same layout), widened to float32 in the
+ * kernel (exactly: the 16 bits are a float32's upper half). */
+int paged_decode_bf16(const float *q, const uint16_t *k16, const uint16_t *v16, const int64_t *tables,
+                      const int64_t *lens, const float *sinks, float *out, int64_t B, int64_t H, int64_t KVH,
+                      int64_t D, int64_t BS, int64_t W, int64_t window, int64_t chunk, float scale, int nthreads) {
+    return paged_decode_run(q, k16, v16, KV_BF16, NULL, 1.f, tables, lens, sinks, out, B, H, KVH, D, BS, W, window,
                             chunk, scale, nthreads);
 }
 
@@ -234,14 +230,14 @@ int paged_decode_fp8(const float *q, const uint8_t *k8, const uint8_t *v8, float
                      float scale, int nthreads) {
     float lut[256];
     fp8_e4m3fn_table(lut);
-    return paged_decode_run(q, NULL, NULL, k8, v8, lut, v_scale, tables, lens, sinks, out, B, H, KVH, D, BS, W,
-                            window, chunk, scale * k_scale, nthreads);
+    return paged_decode_run(q, k8, v8, KV_FP8, lut, v_scale, tables, lens, sinks, out, B, H, KVH, D, BS, W, window,
+                            chunk, scale * k_scale, nthreads);
 }
 
-static int paged_decode_run(const float *q, const float *k, const float *v, const uint8_t *k8, const uint8_t *v8,
-                            const float *lut, float v_scale, const int64_t *tables, const int64_t *lens,
-                            const float *sinks, float *out, int64_t B, int64_t H, int64_t KVH, int64_t D,
-                            int64_t BS, int64_t W, int64_t window, int64_t chunk, float scale, int nthreads) {
+static int paged_decode_run(const float *q, const void *k, const void *v, int kind, const float *lut, float v_scale,
+                            const int64_t *tables, const int64_t *lens, const float *sinks, float *out, int64_t B,
+                            int64_t H, int64_t KVH, int64_t D, int64_t BS, int64_t W, int64_t window, int64_t chunk,
+                            float scale, int nthreads) {
     enum { MAX_THREADS = 64 };
     if (nthreads < 1) nthreads = 1;
     if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
@@ -258,7 +254,7 @@ static int paged_decode_run(const float *q, const float *k, const float *v, cons
     for (int t = 0; t < nthreads; t++) {
         job_t *j = &jobs[t];
         *j = (job_t){q, k, v, tables, lens, sinks, out, B, H, KVH, D, BS, W, window, chunk, scale, hpi, it, it,
-                     k8, v8, lut, v_scale};
+                     kind, lut, v_scale};
         const int64_t target = total * (t + 1) / nthreads;
         while (it < items && (t == nthreads - 1 || acc < target)) {
             acc += visible_keys(lens[it / (KVH / hpi)], window, chunk);

@@ -96,8 +96,9 @@ class VLLMEngine:
             num_layers=int(getattr(hf, "num_hidden_layers", 0) or 0), num_experts=int(num_experts(mc)),
             top_k=int(top_k(mc)), dtype=str(mc.dtype).replace("torch.", ""), device=self.device,
             num_moe_layers=num_moe_layers(mc),
-            # vLLM's --kv-cache-dtype: auto stores the model dtype, fp8 / fp8_e4m3 float8_e4m3fn
-            kv_cache_dtype=str(mc.dtype).replace("torch.", "") if config.kv_cache_dtype == "auto" else "float8_e4m3fn")
+            # vLLM's --kv-cache-dtype: auto stores the model dtype, bfloat16 bfloat16, fp8 / fp8_e4m3 float8_e4m3fn
+            kv_cache_dtype={"auto": str(mc.dtype).replace("torch.", ""), "bfloat16": "bfloat16"}.get(
+                config.kv_cache_dtype, "float8_e4m3fn"))
         self.in_flight = InFlight(config.max_num_seqs, config.max_queue_len)  # request id -> its n
         self._loggers: list[StatLogger] = []
         self._bridge = StatsBridge(self._loggers, lambda rid: self.in_flight.get(rid, 1))

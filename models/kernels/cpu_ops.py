@@ -20,8 +20,9 @@ ops' fake (meta) implementations, so that `torch.compile` traces through them an
   n_group, topk_group, group_score, scaling) -> (weights [T, k], ids [T, k])`: the router's choice;
 - `moe_pack_cpu(w13, w2) -> (w13_packed, w2_packed)`, `linear_pack_cpu(w) -> w_packed`;
 - `mla_decode_cpu(q_lat [B, H, R], q_pe [B, H, DR], lat_cache [NB, BS, 1, R], pe_cache [NB, BS, 1,
-  PW], block_tables [B, W], seq_lens [B], scale) -> [B, H, R]`: MLA decode in the absorbed form,
-  reading the latent blocks in place (csrc/mla_decode_cpu.c);
+  PW], block_tables [B, W], seq_lens [B], scale, k_scale=1) -> [B, H, R]`: MLA decode in the absorbed
+  form, reading the latent blocks in place (csrc/mla_decode_cpu.c): float32, bfloat16 or
+  float8_e4m3fn (values x8 * k_scale) caches, converted in the kernel;
 - `quant_linear_cpu`, `quant_moe_cpu`: the same over int8 / int4 weights (models/kernels/quant.py),
   `quant_isa(level) -> [level in use, best level]` (their instruction-set level);
 - `cpu_kernels_info() -> [built with AVX2 + FMA, threads from PyTorch's OpenMP pool]`.
@@ -148,7 +149,7 @@ def _register_fakes(ns: str) -> None:
         return torch.empty_like(weight, memory_format=torch.contiguous_format)
 
     @fake("mla_decode_cpu")
-    def _(q_lat, q_pe, lat_cache, pe_cache, block_tables, seq_lens, scale):
+    def _(q_lat, q_pe, lat_cache, pe_cache, block_tables, seq_lens, scale, k_scale=1.0):
         return q_lat.new_empty(q_lat.shape)
     @fake("quant_linear_cpu")
     def _(x, qweight, scales, mins, fmt, bias):

@@ -13,6 +13,12 @@ loaded once for all of them and serves as both key and value. A row is one query
 decode sequence, or one token of a prefill chunk with its causal length). Lengths are read on
 the device: no host sync, so a decode step can be captured in a CUDA graph; a row of length 0
 (graph padding) writes zeros.
+
+The latent cache may hold another dtype than the queries (`--kv-cache-dtype`): a bfloat16 cache
+of a float32 model is widened as each tile is loaded; a float8_e4m3fn cache is read as its bytes
+and decoded with integer ops (triton_attention._e4m3fn_to_f32: exact, on every GPU), its one
+k_scale (latent and rotary key share it, as in vLLM's MLA cache) folded into the score scale and
+the output.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from models.kernels.triton_attention import _e4m3fn_to_f32
 
 
 @triton.jit
@@ -32,6 +40,8 @@ def _mla_decode_kernel(
     stride_tb,  # tables [B, max_blocks]
     stride_ob, stride_oh,  # out [B, H, R]
     scale, H,
+    v_scale,  # an fp8 cache's scale on the output (its score part is folded into `scale`)
+    KV_FP8: tl.constexpr,
     R: tl.constexpr, R_PAD: tl.constexpr, DR: tl.constexpr, DR_PAD: tl.constexpr, BLOCK_H: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -62,6 +72,12 @@ def _mla_decode_kernel(
                     other=0.0)  # [BLOCK_N, R_PAD]: the keys' latent part and the values
         k_pe = tl.load(pe_ptr + pe_row[None, :] + offs_p[:, None], mask=p_mask[:, None] & n_mask[None, :],
                        other=0.0)  # [DR_PAD, BLOCK_N]
+        if KV_FP8:
+            c = _e4m3fn_to_f32(c).to(q_lat.dtype)
+            k_pe = _e4m3fn_to_f32(k_pe).to(q_lat.dtype)
+        else:  # a bfloat16 cache of a float32 model: widened (a no-op for the model dtype's cache)
+            c = c.to(q_lat.dtype)
+            k_pe = k_pe.to(q_lat.dtype)
         s = tl.dot(q_lat, tl.trans(c), input_precision=PRECISION)
         s = (s + tl.dot(q_pe, k_pe, input_precision=PRECISION)) * scale  # [BLOCK_H, BLOCK_N] float32
         s = tl.where(n_mask[None, :], s, float("-inf"))
@@ -72,6 +88,8 @@ def _mla_decode_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(c.dtype), c, input_precision=PRECISION)
         m_i = m_new
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    if KV_FP8:
+        out = out * v_scale
     tl.store(out_ptr + b * stride_ob + offs_h[:, None] * stride_oh + offs_r[None, :],
              out.to(out_ptr.dtype.element_ty), mask=h_mask[:, None] & r_mask[None, :])
 
@@ -84,11 +102,17 @@ def mla_decode_triton(
     block_tables: torch.Tensor,  # [B, max_blocks] int
     seq_lens: torch.Tensor,  # [B] int
     scale: float,
+    k_scale: float = 1.0,  # an fp8 cache's scale: values x8 * k_scale
 ) -> torch.Tensor:
     B, H, R = q_lat.shape
     DR = q_pe.shape[-1]
     assert q_pe.shape[:2] == (B, H) and lat_cache.shape[-1] == R and pe_cache.shape[-1] >= DR
     assert lat_cache.shape[:3] == pe_cache.shape[:3] and lat_cache.shape[2] == 1
+    fp8 = lat_cache.dtype == torch.float8_e4m3fn
+    assert pe_cache.dtype == lat_cache.dtype and (
+        fp8 or lat_cache.dtype == q_lat.dtype or (lat_cache.dtype == torch.bfloat16 and q_lat.dtype == torch.float32))
+    if fp8:  # its bytes, decoded in the kernel
+        lat_cache, pe_cache = lat_cache.view(torch.uint8), pe_cache.view(torch.uint8)
     assert q_lat.stride(-1) == 1 and q_pe.stride(-1) == 1 and lat_cache.stride(-1) == 1 and pe_cache.stride(-1) == 1
     out = q_lat.new_empty(B, H, R)
     if B == 0:
@@ -101,7 +125,7 @@ def mla_decode_triton(
         q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1),
         lat_cache.stride(0), lat_cache.stride(1), pe_cache.stride(0), pe_cache.stride(1),
         block_tables.stride(0), out.stride(0), out.stride(1),
-        scale, H,
+        scale * k_scale if fp8 else scale, H, k_scale if fp8 else 1.0, KV_FP8=fp8,
         R=R, R_PAD=r_pad, DR=DR, DR_PAD=max(16, triton.next_power_of_2(DR)), BLOCK_H=block_h,
         BLOCK_SIZE=lat_cache.shape[1], BLOCK_N=block_n,
         PRECISION="ieee" if q_lat.dtype == torch.float32 else "tf32",
@@ -113,10 +137,11 @@ def mla_decode_triton(
 # -- the registered operator (what model code calls: visible to torch.profiler and torch.compile)
 @torch.library.custom_op("moe_serve::mla_decode_triton", mutates_args=())
 def mla_decode_op(q_lat: torch.Tensor, q_pe: torch.Tensor, lat_cache: torch.Tensor, pe_cache: torch.Tensor,
-                  block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    return mla_decode_triton(q_lat, q_pe, lat_cache, pe_cache, block_tables, seq_lens, scale)
+                  block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                  k_scale: float = 1.0) -> torch.Tensor:
+    return mla_decode_triton(q_lat, q_pe, lat_cache, pe_cache, block_tables, seq_lens, scale, k_scale)
 
 
 @mla_decode_op.register_fake
-def _(q_lat, q_pe, lat_cache, pe_cache, block_tables, seq_lens, scale):
+def _(q_lat, q_pe, lat_cache, pe_cache, block_tables, seq_lens, scale, k_scale=1.0):
     return q_lat.new_empty(q_lat.shape)

@@ -36,7 +36,7 @@ from models.kernels.mla_decode import absorbed_weights, mla_decode
 from models.kernels.packed import PackedWeight, packed_linear
 from models.kernels.plan import AttentionKernel, LayerKernels
 from models.layers.norm import RMSNorm
-from models.layers.paged import AttentionMetadata, KVCache, gather_kv
+from models.layers.paged import NO_SCALES, AttentionMetadata, KVCache, KVScales, gather_kv, kv_roundtrip, load_kv, write_rows
 from models.layers.rotary import RotaryEmbedding, rotate
 
 MLA_NORM_EPS = 1e-6  # DeepSeek's q_a / kv_a norms use the RMSNorm default, not rms_norm_eps
@@ -79,6 +79,9 @@ class MLAttention(nn.Module):
         self.dsa = cfg.dsa
         if cfg.dsa is not None and cfg.dsa.has_indexer(layer_idx):
             self.indexer = Indexer(cfg)
+        # an fp8 latent cache's scale (--kv-cache-dtype fp8; models/kv_cache_dtype.py): the latent and
+        # the rotary row share kv_scales[0] (one entry in vLLM's MLA cache); 1.0 unless the checkpoint has it
+        self.kv_scales: KVScales = NO_SCALES
 
     # the projections the plan may pack (LayerKernels.qkv; o_proj: LayerKernels.o)
     PACKED = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj")
@@ -143,22 +146,28 @@ class MLAttention(nn.Module):
             q_pe = rotate(q_pe, cos, sin, self.rope_style)
             k_pe = rotate(k_pe, cos, sin, self.rope_style)
         lat_cache, pe_cache = cache
-        lat_cache.view(-1, 1, self.rank).index_copy_(0, meta.slot_mapping, latent)
+        ks = self.kv_scales[0]
+        # a bfloat16 / fp8 cache stores the entries converted (fp8: / ks, saturated)
+        write_rows(lat_cache, latent, meta.slot_mapping, ks)
         width = pe_cache.shape[-1]  # dr, + the DSA index key
         if width == self.rope:
-            pe_cache.view(-1, 1, self.rope).index_copy_(0, meta.slot_mapping, k_pe)
+            write_rows(pe_cache, k_pe, meta.slot_mapping, ks)
         else:  # k_pe then the index key (zeros in layers without an indexer)
             idx_q = idx_k = None
             if hasattr(self, "indexer"):
                 idx_q, idx_k, idx_w = self.indexer.project(x, q_lat, cos, sin)
             row = torch.cat((k_pe, (idx_k if idx_k is not None else k_pe.new_zeros(T, width - self.rope))[:, None]),
                             dim=-1)
-            pe_cache.view(-1, 1, width).index_copy_(0, meta.slot_mapping, row)
+            write_rows(pe_cache, row, meta.slot_mapping, ks)
+            if idx_k is not None:  # the indexer scores what the cache holds
+                idx_k = kv_roundtrip(idx_k, pe_cache.dtype, ks)
+        if lat_cache.dtype != latent.dtype:  # prefill attends what the cache holds, as decode and later chunks do
+            latent, k_pe = kv_roundtrip(latent, lat_cache.dtype, ks), kv_roundtrip(k_pe, pe_cache.dtype, ks)
         sparse = self.dsa is not None
         chosen = None  # DSA: per scheduled sequence, the [n, L] tokens its queries attend to
         if sparse:
             if hasattr(self, "indexer"):
-                chosen = self.indexer.select(idx_q, idx_w, idx_k, cache, meta)
+                chosen = self.indexer.select(idx_q, idx_w, idx_k, cache, meta, ks)
                 meta.dsa_selection = chosen
             else:
                 chosen = meta.dsa_selection
@@ -170,7 +179,7 @@ class MLAttention(nn.Module):
             if kernel is not None:
                 w_uk, w_uv_t = self._absorbed()
                 out[:nd] = mla_decode(q_nope[:nd], q_pe[:nd], w_uk, w_uv_t, lat_cache, pe_cache,
-                                      meta.block_tables[:nd], meta.decode_seq_lens, self.scale, kernel)
+                                      meta.block_tables[:nd], meta.decode_seq_lens, self.scale, kernel, ks)
             else:
                 out[:nd] = self._decode(q_nope[:nd], q_pe[:nd], cache, meta.block_tables[:nd], meta.decode_seq_lens,
                                         chosen[0] if sparse else None)
@@ -198,7 +207,8 @@ class MLAttention(nn.Module):
             w_uk, w_uv_t = self._absorbed()
             out[tok] = mla_decode(q_nope[tok], q_pe[tok], w_uk, w_uv_t, lat_cache, pe_cache,
                                   meta.block_tables[torch.tensor(seq, device=dev)],
-                                  torch.tensor(lens, dtype=torch.int32, device=dev), self.scale, kernel)
+                                  torch.tensor(lens, dtype=torch.int32, device=dev), self.scale, kernel,
+                                  self.kv_scales[0])
         ctx: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         if expand:  # one indexed read of every expanded chunk's context: slot = block * bs + offset
             bs = lat_cache.shape[1]
@@ -209,8 +219,9 @@ class MLAttention(nn.Module):
             pos = pos - starts[which]
             blocks = meta.block_tables[torch.tensor(expand, device=dev)][which, pos // bs]
             slots = blocks * bs + pos % bs
-            kv_all = self._kv_b(lat_cache.view(-1, self.rank).index_select(0, slots))  # one matmul
-            pe_all = pe_cache.view(-1, pe_cache.shape[-1]).index_select(0, slots)[:, : self.rope]
+            ks, dt = self.kv_scales[0], q_nope.dtype
+            kv_all = self._kv_b(load_kv(self._rows(lat_cache, slots), ks, dt))  # one matmul
+            pe_all = load_kv(self._rows(pe_cache, slots)[:, : self.rope], ks, dt)
             off = 0
             for i in expand:
                 L = meta.seq_lens[i]
@@ -222,6 +233,15 @@ class MLAttention(nn.Module):
             s, e = loc[i], loc[i + 1]
             kv, pe = ctx[i] if i in ctx else (self._kv_b(latent[s:e]), k_pe[s:e])
             out[s:e] = self._prefill(q_nope[s:e], q_pe[s:e], kv, pe, chosen[1][i - nd] if chosen is not None else None)
+
+    @staticmethod
+    def _rows(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """The cache rows at flat `slots`: [n, width] in the cache's dtype (an fp8 cache's selected
+        as bytes: index_select has no float8 kernel on the CPU)."""
+        rows = cache.view(-1, cache.shape[-1])
+        if rows.dtype == torch.float8_e4m3fn:
+            return rows.view(torch.uint8).index_select(0, slots).view(rows.dtype)
+        return rows.index_select(0, slots)
 
     def _prefill(self, q_nope, q_pe, kv: torch.Tensor, pe: torch.Tensor, chosen: torch.Tensor | None = None):
         """n queries over a context of L >= n tokens (the last n are theirs), its latents expanded
@@ -256,8 +276,10 @@ class MLAttention(nn.Module):
         bs = lat_cache.shape[1]
         nblocks = (int(seq_lens.max()) + bs - 1) // bs
         tables = block_tables[:, :nblocks]  # [B, nblocks]
-        lat = lat_cache[tables].flatten(1, 2)  # [B, L, 1, r]
-        keys = torch.cat((lat, pe_cache[tables].flatten(1, 2)[..., : self.rope]), dim=-1)  # [B, L, 1, r + dr]
+        ks, dt = self.kv_scales[0], q_nope.dtype  # a bfloat16 / fp8 cache read back in the model dtype
+        lat = load_kv(lat_cache[tables].flatten(1, 2), ks, dt)  # [B, L, 1, r]
+        pe = load_kv(pe_cache[tables].flatten(1, 2)[..., : self.rope], ks, dt)
+        keys = torch.cat((lat, pe), dim=-1)  # [B, L, 1, r + dr]
         pos = torch.arange(keys.shape[1], device=q_nope.device)
         valid = pos[None, :] < seq_lens[:, None]  # [B, L]
         if chosen is not None:
@@ -304,8 +326,9 @@ class Indexer(nn.Module):
         chosen = torch.zeros_like(valid).scatter_(-1, scores.topk(k, dim=-1).indices, True)
         return chosen & valid
 
-    def select(self, q, w, k_new, cache: KVCache, meta: AttentionMetadata):
-        """(decodes' [B, L] mask or None, [each prefill chunk's [n, L] mask])."""
+    def select(self, q, w, k_new, cache: KVCache, meta: AttentionMetadata, k_scale: float = 1.0):
+        """(decodes' [B, L] mask or None, [each prefill chunk's [n, L] mask]); `k_scale`: an fp8
+        cache's scale."""
         width = cache[1].shape[-1]
         nd = meta.num_decodes
         decode = None
@@ -315,6 +338,7 @@ class Indexer(nn.Module):
             seq_lens = meta.decode_seq_lens
             nblocks = (int(seq_lens.max()) + bs - 1) // bs
             keys = pe_cache[meta.block_tables[:nd, :nblocks]].flatten(1, 2)[:, :, 0, self.rope : width]  # [B, L, d]
+            keys = load_kv(keys, k_scale, torch.float32)
             per_head = torch.relu(torch.einsum("bhd,bld->bhl", q[:nd].float(), keys.float()) * self.head_dim**-0.5)
             scores = torch.einsum("bh,bhl->bl", w[:nd], per_head)
             pos = torch.arange(keys.shape[1], device=q.device)
@@ -327,7 +351,7 @@ class Indexer(nn.Module):
             if L == n:
                 keys = k_new[s:e]
             else:
-                keys = gather_kv(cache, meta.block_tables[i], L)[1][:, 0, self.rope : width]  # [L, d]
+                keys = gather_kv(cache, meta.block_tables[i], L, (k_scale, k_scale), k_new.dtype)[1][:, 0, self.rope : width]
             scores = self._scores(q[s:e], w[s:e], keys[None])
             qpos = torch.arange(L - n, L, device=q.device)[:, None]
             chunks.append(self._top(scores, torch.arange(L, device=q.device)[None, :] <= qpos))

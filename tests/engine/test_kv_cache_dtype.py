@@ -12,7 +12,7 @@ import torch
 
 from loadtest.benches.kv_fp8_quality import PROMPTS, compare, engine, generate
 from models import load_model
-from models.kv_cache_dtype import KVCacheDtypeError, checkpoint_kv_scales, configure_kv_cache
+from models.kv_cache_dtype import checkpoint_kv_scales, configure_kv_cache
 from server.config import EngineConfig
 from server.engine.factory import num_kv_blocks
 from tests.conftest import BUNDLED
@@ -113,14 +113,16 @@ def test_bad_kv_cache_dtype_is_a_clear_startup_error():
                        text=True, timeout=120)
     assert r.returncode == 2
     assert "--kv-cache-dtype" in r.stderr and "fp8_e4m3" in r.stderr, r.stderr
-    with pytest.raises(ValueError, match="kv_cache_dtype must be one of auto, fp8, fp8_e4m3"):
+    with pytest.raises(ValueError, match="kv_cache_dtype must be one of auto, bfloat16, fp8, fp8_e4m3"):
         EngineConfig(kv_cache_dtype="fp16")  # type: ignore[arg-type]
 
 
-def test_mla_refuses_fp8_and_hybrid_state_stays_in_model_dtype(checkpoint):
+def test_mla_takes_fp8_and_hybrid_state_stays_in_model_dtype(checkpoint):
+    """MLA's latent cache is stored in fp8 (no refusal; its kernels: tests/models/kernels/
+    test_mla_kv_dtypes.py); a hybrid model's linear-attention state slots keep the model dtype."""
     mla = load_model(checkpoint("deepseek_v3")[0], dtype="float32", progress=False)
-    with pytest.raises(KVCacheDtypeError, match="MLA latent cache"):
-        configure_kv_cache(mla, "fp8")
+    assert configure_kv_cache(mla, "fp8") == torch.float8_e4m3fn
+    assert all(t.dtype == torch.float8_e4m3fn for pair in mla.allocate_kv_cache(2, 16) for t in pair)
     hybrid = load_model(checkpoint("qwen3_next")[0], dtype="float32", progress=False)
     configure_kv_cache(hybrid, "fp8")
     caches = hybrid.allocate_kv_cache(4, 16, num_state_slots=2)

@@ -51,6 +51,10 @@ void linear_pack_f32(const float *W, float *Wp, int64_t N, int64_t K);
 int mla_decode_f32(const float *q_lat, const float *q_pe, const float *lat, const float *pe, const int64_t *tables,
                    const int64_t *lens, float *out, int64_t B, int64_t H, int64_t R, int64_t DR, int64_t PW,
                    int64_t BS, int64_t W, float scale, int nthreads);
+/* the same over a bfloat16 (kind 1) or float8_e4m3fn (kind 2, values x8 * kscale) latent cache */
+int mla_decode_q(const float *q_lat, const float *q_pe, const void *lat, const void *pe, int kind, float kscale,
+                 const int64_t *tables, const int64_t *lens, float *out, int64_t B, int64_t H, int64_t R, int64_t DR,
+                 int64_t PW, int64_t BS, int64_t W, float scale, int nthreads);
 
 /* quantized weights (quant_gemm.h: formats 0 int8/32, 1 int8/channel, 2 int4/32, 3 int4/32 + zero point) */
 int quant_isa_best(void);

@@ -288,13 +288,18 @@ at::Tensor linear_pack(const at::Tensor& weight) {
 
 at::Tensor mla_decode(const at::Tensor& q_lat, const at::Tensor& q_pe, const at::Tensor& lat_cache,
                       const at::Tensor& pe_cache, const at::Tensor& block_tables, const at::Tensor& seq_lens,
-                      double scale) {
+                      double scale, double k_scale) {
     // q_lat [B, H, R], q_pe [B, H, DR]; caches [NB, BS, 1, R] and [NB, BS, 1, PW >= DR];
-    // block_tables [B, W]; seq_lens [B] -> [B, H, R] (csrc/mla_decode_cpu.c)
+    // block_tables [B, W]; seq_lens [B] -> [B, H, R] (csrc/mla_decode_cpu.c). The caches: float32,
+    // bfloat16 or float8_e4m3fn (values x8 * k_scale), converted in the kernel
     check_f32_cpu(q_lat, "q_lat");
     check_f32_cpu(q_pe, "q_pe");
-    check_f32_cpu(lat_cache, "lat_cache");
-    check_f32_cpu(pe_cache, "pe_cache");
+    const at::ScalarType ct = lat_cache.scalar_type();
+    TORCH_CHECK(lat_cache.device().is_cpu() && pe_cache.device().is_cpu() && pe_cache.scalar_type() == ct &&
+                (ct == at::kFloat || ct == at::kBFloat16 || ct == at::kFloat8_e4m3fn),
+                "mla_decode: the caches must be a float32, bfloat16 or float8_e4m3fn CPU tensor pair, got ", ct,
+                " and ", pe_cache.scalar_type());
+    TORCH_CHECK(k_scale > 0, "mla_decode: k_scale must be > 0");
     TORCH_CHECK(q_lat.dim() == 3 && q_pe.dim() == 3 && q_pe.size(0) == q_lat.size(0) && q_pe.size(1) == q_lat.size(1),
                 "mla_decode: q_lat must be [B, H, R] and q_pe [B, H, DR]");
     TORCH_CHECK(lat_cache.dim() == 4 && pe_cache.dim() == 4 && lat_cache.size(2) == 1 && pe_cache.size(2) == 1 &&
@@ -311,11 +316,20 @@ at::Tensor mla_decode(const at::Tensor& q_lat, const at::Tensor& q_pe, const at:
     const at::Tensor lens = seq_lens.to(at::kLong).contiguous();
     at::Tensor out = at::empty({B, H, R}, ql.options());
     if (B == 0) return out;
-    check_rc(mla_decode_f32(ql.data_ptr<float>(), qp.data_ptr<float>(), lat_cache.data_ptr<float>(),
-                            pe_cache.data_ptr<float>(), tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(),
-                            out.data_ptr<float>(), B, H, R, DR, pe_cache.size(3), lat_cache.size(1), tables.size(1),
-                            static_cast<float>(scale), at::get_num_threads()),
-             "mla_decode");
+    if (ct == at::kFloat) {
+        check_rc(mla_decode_f32(ql.data_ptr<float>(), qp.data_ptr<float>(), lat_cache.data_ptr<float>(),
+                                pe_cache.data_ptr<float>(), tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(),
+                                out.data_ptr<float>(), B, H, R, DR, pe_cache.size(3), lat_cache.size(1),
+                                tables.size(1), static_cast<float>(scale), at::get_num_threads()),
+                 "mla_decode");
+    } else {
+        check_rc(mla_decode_q(ql.data_ptr<float>(), qp.data_ptr<float>(), lat_cache.const_data_ptr(),
+                              pe_cache.const_data_ptr(), ct == at::kBFloat16 ? 1 : 2, static_cast<float>(k_scale),
+                              tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), out.data_ptr<float>(), B, H, R,
+                              DR, pe_cache.size(3), lat_cache.size(1), tables.size(1), static_cast<float>(scale),
+                              at::get_num_threads()),
+                 "mla_decode");
+    }
     return out;
 }
 
@@ -428,7 +442,7 @@ MOE_SERVE_LIBRARY(MOE_SERVE_OPS_NS, m) {
     m.def("linear_cpu(Tensor x, Tensor weight_packed, Tensor? bias) -> Tensor");
     m.def("linear_pack_cpu(Tensor weight) -> Tensor");
     m.def("mla_decode_cpu(Tensor q_lat, Tensor q_pe, Tensor lat_cache, Tensor pe_cache, Tensor block_tables, "
-          "Tensor seq_lens, float scale) -> Tensor");
+          "Tensor seq_lens, float scale, float k_scale=1.0) -> Tensor");
     m.def("cpu_kernels_info() -> int[]");
     m.def("quant_linear_cpu(Tensor x, Tensor qweight, Tensor scales, Tensor? mins, int fmt, Tensor? bias) -> Tensor");
     m.def("quant_moe_cpu(Tensor x, Tensor topk_ids, Tensor topk_weights, int fmt, Tensor q13, Tensor s13, "

@@ -31,7 +31,10 @@
 #include <string.h>
 
 /* what the cache stores: float32 read in place; bfloat16 and float8_e4m3fn converted to float32
- * one token row at a time (bf16: the 16 bits shifted left into a float32; fp8: a 256-entry table) */
+ * one token row at a time, with integer ops that vectorise (bf16: the 16 bits shifted into a
+ * float32's upper half; fp8 S.EEEE.MMM, bias 7: sign, exponent and mantissa moved to float32's
+ * places, times 2^120: exact, subnormals included while the FPU keeps subnormals (no DAZ, as
+ * PyTorch leaves it); no NaN: the cache never holds one, writes saturate at +-448) */
 enum { KV_F32 = 0, KV_BF16 = 1, KV_FP8 = 2 };
 
 typedef struct {
@@ -45,7 +48,6 @@ typedef struct {
     int64_t hpi;         /* KV heads per work item: KVH (whole rows read contiguously) or 1 */
     int64_t first, last; /* work items [first, last) */
     int kind;            /* KV_F32, KV_BF16, KV_FP8 */
-    const float *lut;    /* fp8: the 256 float8_e4m3fn values */
     float v_scale;       /* scales the output (fp8's v_scale; 1 otherwise), folded into the probabilities */
 } job_t;
 
@@ -75,7 +77,9 @@ static inline const float *load_row(const job_t *j, const void *base, int64_t at
     }
     case KV_FP8: {
         const uint8_t *src = (const uint8_t *)base + at;
-        for (int64_t e = 0; e < n; e++) row[e] = j->lut[src[e]];
+        uint32_t *dst = (uint32_t *)row;
+        for (int64_t e = 0; e < n; e++) dst[e] = ((uint32_t)(src[e] & 0x80) << 24) | ((uint32_t)(src[e] & 0x7f) << 20);
+        for (int64_t e = 0; e < n; e++) row[e] *= 0x1p120f;
         return row;
     }
     default:
@@ -178,20 +182,7 @@ static void *run_range(void *arg) {
     return NULL;
 }
 
-/* The float32 value of each float8_e4m3fn byte (1 sign, 4 exponent bits biased by 7, 3 mantissa
- * bits; exponent 0: subnormals m / 8 * 2^-6; 0x7f / 0xff: NaN; no infinities). */
-static void fp8_e4m3fn_table(float lut[256]) {
-    for (int i = 0; i < 256; i++) {
-        const int e = (i >> 3) & 15, m = i & 7;
-        float x;
-        if (e == 15 && m == 7) x = NAN;
-        else if (e == 0) x = ldexpf((float)m / 8.f, -6);
-        else x = ldexpf(1.f + (float)m / 8.f, e - 7);
-        lut[i] = (i & 128) ? -x : x;
-    }
-}
-
-static int paged_decode_run(const float *q, const void *k, const void *v, int kind, const float *lut, float v_scale,
+static int paged_decode_run(const float *q, const void *k, const void *v, int kind, float v_scale,
                             const int64_t *tables, const int64_t *lens, const float *sinks, float *out, int64_t B,
                             int64_t H, int64_t KVH, int64_t D, int64_t BS, int64_t W, int64_t window, int64_t chunk,
                             float scale, int nthreads);
@@ -209,7 +200,7 @@ int paged_decode_variant_f32(const float *q, const float *k, const float *v, con
                              const int64_t *lens, const float *sinks, float *out, int64_t B, int64_t H,
                              int64_t KVH, int64_t D, int64_t BS, int64_t W, int64_t window, int64_t chunk,
                              float scale, int nthreads) {
-    return paged_decode_run(q, k, v, KV_F32, NULL, 1.f, tables, lens, sinks, out, B, H, KVH, D, BS, W, window, chunk,
+    return paged_decode_run(q, k, v, KV_F32, 1.f, tables, lens, sinks, out, B, H, KVH, D, BS, W, window, chunk,
                             scale, nthreads);
 }
 
@@ -218,7 +209,7 @@ int paged_decode_variant_f32(const float *q, const float *k, const float *v, con
 int paged_decode_bf16(const float *q, const uint16_t *k16, const uint16_t *v16, const int64_t *tables,
                       const int64_t *lens, const float *sinks, float *out, int64_t B, int64_t H, int64_t KVH,
                       int64_t D, int64_t BS, int64_t W, int64_t window, int64_t chunk, float scale, int nthreads) {
-    return paged_decode_run(q, k16, v16, KV_BF16, NULL, 1.f, tables, lens, sinks, out, B, H, KVH, D, BS, W, window,
+    return paged_decode_run(q, k16, v16, KV_BF16, 1.f, tables, lens, sinks, out, B, H, KVH, D, BS, W, window,
                             chunk, scale, nthreads);
 }
 
@@ -228,13 +219,11 @@ int paged_decode_fp8(const float *q, const uint8_t *k8, const uint8_t *v8, float
                      const int64_t *tables, const int64_t *lens, const float *sinks, float *out, int64_t B,
                      int64_t H, int64_t KVH, int64_t D, int64_t BS, int64_t W, int64_t window, int64_t chunk,
                      float scale, int nthreads) {
-    float lut[256];
-    fp8_e4m3fn_table(lut);
-    return paged_decode_run(q, k8, v8, KV_FP8, lut, v_scale, tables, lens, sinks, out, B, H, KVH, D, BS, W, window,
+    return paged_decode_run(q, k8, v8, KV_FP8, v_scale, tables, lens, sinks, out, B, H, KVH, D, BS, W, window,
                             chunk, scale * k_scale, nthreads);
 }
 
-static int paged_decode_run(const float *q, const void *k, const void *v, int kind, const float *lut, float v_scale,
+static int paged_decode_run(const float *q, const void *k, const void *v, int kind, float v_scale,
                             const int64_t *tables, const int64_t *lens, const float *sinks, float *out, int64_t B,
                             int64_t H, int64_t KVH, int64_t D, int64_t BS, int64_t W, int64_t window, int64_t chunk,
                             float scale, int nthreads) {
@@ -254,7 +243,7 @@ static int paged_decode_run(const float *q, const void *k, const void *v, int ki
     for (int t = 0; t < nthreads; t++) {
         job_t *j = &jobs[t];
         *j = (job_t){q, k, v, tables, lens, sinks, out, B, H, KVH, D, BS, W, window, chunk, scale, hpi, it, it,
-                     kind, lut, v_scale};
+                     kind, v_scale};
         const int64_t target = total * (t + 1) / nthreads;
         while (it < items && (t == nthreads - 1 || acc < target)) {
             acc += visible_keys(lens[it / (KVH / hpi)], window, chunk);

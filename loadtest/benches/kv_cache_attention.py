@@ -48,7 +48,7 @@ def measure(batch: int, context: int, rounds: int) -> dict[str, dict[str, float]
     times: dict[str, list[float]] = {name: [] for name in caches}
     cpu: dict[str, list[float]] = {name: [] for name in caches}
     for _ in range(2):  # warm up
-        for name, (k, v, (ks, vs)) in caches.items():
+        for k, v, (ks, vs) in caches.values():
             paged_decode(q, k, v, tables, lens, scale, "cpu", k_scale=ks, v_scale=vs)
     for _ in range(rounds):  # interleaved: each format sees the same machine load
         for name, (k, v, (ks, vs)) in caches.items():
@@ -57,7 +57,7 @@ def measure(batch: int, context: int, rounds: int) -> dict[str, dict[str, float]
             times[name].append(time.perf_counter() - t0)
             cpu[name].append(time.process_time() - c0)
     out = {}
-    for name, (k, v, _) in caches.items():
+    for name, (k, _, _) in caches.items():
         read = 2 * batch * context * KV_HEADS * HEAD_DIM * k.element_size()
         out[name] = {"median_ms": 1e3 * statistics.median(times[name]), "best_ms": 1e3 * min(times[name]),
                      "cpu_ms": 1e3 * statistics.median(cpu[name]), "kv_mib": read / 2**20}

@@ -1,6 +1,6 @@
 """Greedy outputs of the bundled model with `--kv-cache-dtype fp8` against `auto`, on 20 prompts.
 
-    python -m loadtest kv-fp8-quality [--dtype float32,bfloat16] [--max-tokens 32]
+    python -m loadtest kv-fp8-quality [--dtype float32,bfloat16] [--max-tokens 32] [--kv-cache-dtype fp8|bfloat16]
 
 For each weight dtype, two offline engines (server.engine.llm.LLM: the native engine, its
 kernel plan and paged KV cache, the same --kv-cache-memory) generate greedily from the same 20
@@ -90,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated weight dtypes to compare in (default: %(default)s)")
     ap.add_argument("--max-tokens", type=int, default=32, help="greedy tokens per prompt (default: %(default)s)")
     ap.add_argument("--model", default=str(CHECKPOINT), help="checkpoint (default: the bundled tiny-mixtral)")
+    ap.add_argument("--kv-cache-dtype", default="fp8", choices=("fp8", "fp8_e4m3", "bfloat16"),
+                    help="the cache compared with auto (default: %(default)s)")
     output.add_args(ap)
     args = ap.parse_args(argv)
 
@@ -101,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     for dtype in [d for d in args.dtype.split(",") if d]:
         t0 = time.monotonic()
         ref = generate(engine(dtype, "auto", args.model), args.max_tokens)
-        got = generate(engine(dtype, "fp8", args.model), args.max_tokens)
+        got = generate(engine(dtype, args.kv_cache_dtype, args.model), args.max_tokens)
         cmp = compare(ref, got)
         result["measurements"][dtype] = {"auto_blocks": ref["blocks"], "fp8_blocks": got["blocks"],
                                          "auto_cache_dtype": ref["cache_dtype"], "fp8_cache_dtype": got["cache_dtype"],
@@ -113,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{cmp['prompts']} ({args.max_tokens} tokens each)", flush=True)
         for d in cmp["differences"]:
             line = (f"{dtype}: prompt {d['prompt']} first differs at token {d['position']}: auto {d['ref_token']}, "
-                    f"fp8 {d['fp8_token']}; reference logit margin {d['ref_margin']:.4f}")
+                    f"{args.kv_cache_dtype} {d['fp8_token']}; reference logit margin {d['ref_margin']:.4f}")
             print("  " + line, flush=True)
             lines.append(f"- {line}")
     result["summary"]["blocks"] = [

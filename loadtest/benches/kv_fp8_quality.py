@@ -120,10 +120,11 @@ def main(argv: list[str] | None = None) -> int:
             lines.append(f"- {line}")
     result["summary"]["blocks"] = [
         results.table(None, [results.column("weights"), results.column("KV blocks, auto"),
-                             results.column("KV blocks, fp8"), results.column("blocks ratio"),
+                             results.column(f"KV blocks, {args.kv_cache_dtype}"), results.column("blocks ratio"),
                              results.column("identical greedy continuations")], rows),
         results.text(f"{len(PROMPTS)} prompts, {args.max_tokens} greedy tokens each, --kv-cache-memory "
-                     f"{KV_BUDGET // 2**20} MiB; fp8 scales 1.0." + ("\n\n" + "\n".join(lines) if lines else "")),
+                     f"{KV_BUDGET // 2**20} MiB" + ("; fp8 scales 1.0." if args.kv_cache_dtype != "bfloat16" else ".")
+                     + ("\n\n" + "\n".join(lines) if lines else "")),
     ]
     output.finish(result, args)
     return 0

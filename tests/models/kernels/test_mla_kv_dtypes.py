@@ -91,3 +91,35 @@ def test_deepseek_tiny_with_a_quantized_latent_cache(tmp_path):
             # rounding flips where the two paths' float32 sums differ (measured 1.3e-4, bfloat16 step 2)
             same = ((g - r).abs().max() / r.abs().max()).item()
             assert same < max(2e-5, err / 5), (kind, step, same, err)
+
+
+def test_dsa_indexer_reads_the_quantized_index_keys(family_checkpoint):
+    """DeepSeek-V3.2's index keys share the rotary row: the indexer's choice over an fp8 cache
+    (k_scale 0.05) equals its choice over a float32 cache holding the dequantized values, for
+    decodes and for a chunk after a cached prefix."""
+    from models.layers.paged import AttentionMetadata
+
+    path, _ = family_checkpoint("deepseek_v32")
+    model = load_model(path, dtype="float32", device="cpu", progress=False)
+    ix = next(layer.attn.indexer for layer in model.layers if hasattr(layer.attn, "indexer"))
+    ix.topk = 5  # fewer than the contexts: the choice matters
+    g = torch.Generator().manual_seed(0)
+    bs, nblocks, width = 4, 12, model.layers[0].attn.rope + ix.head_dim
+    pe = torch.randn(nblocks, bs, 1, width, generator=g)
+    pe8 = quantize_fp8(pe, K_SCALE)
+    lat = torch.zeros(nblocks, bs, 1, 32)
+    tables = torch.randperm(nblocks, generator=g).view(3, 4)
+    lens = [13, 9, 16]  # two decodes, then a chunk of 3 queries after 13 cached tokens
+    meta = AttentionMetadata(num_decodes=2, query_start_loc=[0, 1, 2, 5], seq_lens=lens,
+                             slot_mapping=torch.zeros(5, dtype=torch.long), block_tables=tables,
+                             decode_seq_lens=torch.tensor(lens[:2]))
+    q = torch.randn(5, ix.n_heads, ix.head_dim, generator=g)
+    w = torch.randn(5, ix.n_heads, generator=g)
+    k_new = torch.randn(5, ix.head_dim, generator=g)
+    got = ix.select(q, w, k_new, (lat.to(pe8.dtype), pe8), meta, K_SCALE)
+    want = ix.select(q, w, k_new, (lat, pe8.float() * K_SCALE), meta)
+    assert torch.equal(got[0], want[0]) and len(got[1]) == 1 and torch.equal(got[1][0], want[1][0])
+    assert got[0].sum(-1).tolist() == [5, 5]
+    # (a positive scale on every key keeps the choice; the bytes misread as integers change it)
+    wrong = ix.select(q, w, k_new, (lat, pe8.view(torch.uint8).float()), meta)
+    assert not torch.equal(wrong[0], want[0]) or not torch.equal(wrong[1][0], want[1][0])

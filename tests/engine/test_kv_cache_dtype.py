@@ -147,9 +147,20 @@ def test_bad_kv_cache_dtype_is_a_clear_startup_error():
 def test_mla_takes_fp8_and_hybrid_state_stays_in_model_dtype(checkpoint):
     """MLA's latent cache is stored in fp8 (no refusal; its kernels: tests/models/kernels/
     test_mla_kv_dtypes.py); a hybrid model's linear-attention state slots keep the model dtype."""
-    mla = load_model(checkpoint("deepseek_v3")[0], dtype="float32", progress=False)
+    from server.engine.llm import LLM
+    from server.engine.request import SamplingParams
+
+    path = checkpoint("deepseek_v3")[0]
+    mla = load_model(path, dtype="float32", progress=False)
     assert configure_kv_cache(mla, "fp8") == torch.float8_e4m3fn
     assert all(t.dtype == torch.float8_e4m3fn for pair in mla.allocate_kv_cache(2, 16) for t in pair)
+    # the engine end to end: chunked prefill over the fp8 latent blocks, the C MLA decode kernel
+    sp = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    llm = LLM(path, dtype="float32", kv_cache_dtype="fp8", kv_cache_memory=2**20, block_size=4,
+              max_num_batched_tokens=16)
+    assert llm.model_info.kv_cache_dtype == "float8_e4m3fn"
+    outs = llm.generate(["one two three four five six seven eight nine ten eleven", "hello"], sp, use_tqdm=False)
+    assert [len(r.outputs[0].token_ids) for r in outs] == [6, 6]
     hybrid = load_model(checkpoint("qwen3_next")[0], dtype="float32", progress=False)
     configure_kv_cache(hybrid, "fp8")
     caches = hybrid.allocate_kv_cache(4, 16, num_state_slots=2)

@@ -338,5 +338,9 @@ def test_hidden_state_proposers_get_the_rows_of_the_kept_tokens(make_llm, monkey
                 continue
             logits = model.compute_logits(target.hidden[first + skip: first + count])
             assert logits.argmax(-1).tolist() == tokens[pos + skip + 1: pos + count + 1]
+            # aux: the residual stream entering layers 0 and 1; layer 0's input is the token's embedding
+            embedded = model.embed(torch.tensor(tokens[pos: pos + count]))
+            assert torch.equal(target.aux[0][first: first + count], embedded)
+            assert not torch.equal(target.aux[1][first: first + count], embedded)
             checked += count - skip
     assert checked > len(seen)  # verify steps kept more than one token per step

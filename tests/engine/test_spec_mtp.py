@@ -105,7 +105,7 @@ def test_eagle3_head_drafts_in_the_engine(checkpoint, tmp_path):
     inner = proposer.propose
     proposer.propose = lambda requests, target: [drafted.extend(d.tokens) or d for d in inner(requests, target)]
     assert generate(llm, PROMPTS) == base
-    assert proposer.target_aux_layers == llm.core.model.aux_hidden_layers == (0, 1, 2)
+    assert proposer.aux_hidden_layers == llm.core.model.aux_hidden_layers == (0, 1, 2)
     allowed = set((torch.arange(100) + tensors["d2t"]).tolist())
     assert len(drafted) >= len(PROMPTS) * 2 * 5 and set(drafted) <= allowed
     check_pool(llm)

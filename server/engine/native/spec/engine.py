@@ -137,10 +137,8 @@ class SpecDecoder:
             rows[item.seq.seq_id] = (result.token_offsets[j], kept)
             positions[item.seq.seq_id] = item.seq.num_computed
             seqs[item.seq.seq_id] = item.seq
-        # EAGLE-3 (spec/mtp.py Eagle3Proposer): the model's own capture of the layers' inputs, as
-        # vLLM takes them; other proposers: the runner's hooks on aux_hidden_layers' outputs
-        aux = result.aux if result.aux is not None else list(result.aux_hidden)
-        return TargetHidden(result.hidden, rows, positions, aux, seqs=seqs)
+        # the residual stream entering the proposer's aux_hidden_layers (the model's own capture)
+        return TargetHidden(result.hidden, rows, positions, list(result.aux or ()), seqs=seqs)
 
     # -- stats ---------------------------------------------------------------------------
     def record(self, batch: SchedulerOutput, result: ModelOutput, stats: IterationStats) -> None:

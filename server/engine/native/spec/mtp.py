@@ -189,10 +189,9 @@ class Eagle3Proposer(MTPProposer):
         cfg = target.config
         dev, dtype = target.embed.weight.device, target.embed.weight.dtype
         self.head = load_eagle3(str(config.model), cfg.num_layers, cfg.hidden_size, cfg.vocab_size, dtype, dev)
-        # the residual stream entering these layers (vLLM's convention), kept by the model's own
-        # capture (not the runner's hooks on layer outputs: `aux_hidden_layers` stays ())
-        self.target_aux_layers = tuple(sorted(self.head.config.aux_layers(cfg.num_layers)))
-        target.aux_hidden_layers = self.target_aux_layers
+        # the residual stream entering these layers (vLLM's convention): the engine has the model
+        # keep them (ModelRunner.keep_aux_hidden -> MoEForCausalLM.aux_hidden_layers)
+        self.aux_hidden_layers = tuple(sorted(self.head.config.aux_layers(cfg.num_layers)))
         self.target, self.k, self.block_size = target, config.num_speculative_tokens, block_size
         self.pool_blocks = num_blocks
         self.scratch_per_seq = -(-self.k // block_size) + 1

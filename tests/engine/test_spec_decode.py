@@ -165,6 +165,23 @@ def test_draft_model_greedy_identical_and_its_blocks_come_back(make_llm, tiny_mi
     spec_pool_free(spec)
 
 
+def test_draft_model_kv_is_inside_the_kv_cache_budget(make_llm, tiny_mixtral):
+    """--kv-cache-memory holds the target's blocks and the draft model's (as many, plus its pad
+    block), split in the ratio of their per-token KV sizes; both reported in model_info.kv_cache."""
+    budget = 1 << 20
+    kw = dict(block_size=4, kv_cache_memory=budget)
+    cfg = json.dumps({"method": "draft_model", "model": tiny_mixtral, "num_speculative_tokens": 2})
+    base, spec = make_llm(**kw), make_llm(speculative_config=cfg, **kw)
+    kv0, kv = base.model_info.kv_cache, spec.model_info.kv_cache
+    assert kv0["draft_bytes"] == 0
+    proposer = spec.core.spec.proposer
+    held = sum(t.numel() * t.element_size() for pair in proposer.kv_caches for t in pair)
+    assert kv["draft_bytes"] == held and proposer.num_blocks() == kv["blocks"] == spec.core.pool.num_blocks
+    assert kv["target_bytes"] + kv["draft_bytes"] <= budget
+    # the target is its own draft model: the budget halves (less the pad block)
+    assert kv["blocks"] in (kv0["blocks"] // 2, kv0["blocks"] // 2 - 1)
+
+
 def test_disable_by_batch_size(make_llm):
     cfg = json.dumps({"method": "ngram", "num_speculative_tokens": 3, "disable_by_batch_size": 3})
     spec = make_llm(num_kv_blocks=128, block_size=4, speculative_config=cfg)

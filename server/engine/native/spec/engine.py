@@ -25,7 +25,7 @@ from server.engine.native.outputs import ModelOutput, SchedulerOutput
 from server.engine.native.sequence import Sequence
 from server.engine.native.spec.config import SpeculativeConfig
 from server.engine.native.spec.ngram import NgramProposer
-from server.engine.native.spec.proposer import DraftRequest, Proposer, TargetHidden
+from server.engine.native.spec.proposer import DraftRequest, Proposer, TargetHidden, scratch_blocks
 from server.engine.stats import IterationStats
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,31 @@ def check_method(config: SpeculativeConfig) -> None:
     if config.method not in PROPOSERS:
         raise ValueError(f"--speculative-config: method {config.method!r} needs a proposer that this build "
                          f"does not have yet (available: {', '.join(PROPOSERS)})")
+
+
+def draft_kv_bytes(config: SpeculativeConfig, target: Any, block_size: int, max_num_seqs: int) -> tuple[int, int]:
+    """What a proposer's own KV cache takes from `--kv-cache-memory`: (bytes it adds to each of
+    the target's blocks, bytes it holds besides). MTP layers and EAGLE-3 heads index their cache
+    by the target's block tables (a block of theirs per target block) plus scratch blocks for
+    the chained drafts (`scratch_blocks` per running sequence); a draft model has its own pool of
+    as many blocks as the target's, plus one pad block. n-gram: nothing."""
+    if config.method == "ngram":
+        return 0, 0
+    elem = target.embed.weight.element_size()
+    if config.method == "mtp":
+        mtp = getattr(target, "mtp", None)
+        per_block = mtp.kv_bytes_per_block(block_size) if mtp is not None else 0
+    elif config.method == "eagle3":
+        from models.eagle3 import Eagle3Config
+
+        head = Eagle3Config.from_dir(str(config.model))
+        per_block = block_size * 2 * head.num_kv_heads * head.head_dim * elem
+    else:  # draft_model
+        from models.hf_config import load_config
+
+        per_block = block_size * load_config(str(config.model)).kv_bytes_per_token(elem)
+        return per_block, per_block  # + its pad block
+    return per_block, max_num_seqs * scratch_blocks(config.num_speculative_tokens, block_size) * per_block
 
 
 def build_proposer(config: SpeculativeConfig, target: Any, **args: Any) -> Proposer:

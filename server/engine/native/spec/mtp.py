@@ -30,7 +30,7 @@ import torch
 
 from models.layers.paged import AttentionMetadata
 from server.engine.native.spec.config import SpeculativeConfig
-from server.engine.native.spec.proposer import Draft, DraftRequest, Proposer, TargetHidden
+from server.engine.native.spec.proposer import Draft, DraftRequest, Proposer, TargetHidden, scratch_blocks
 
 
 class MTPProposer(Proposer):
@@ -47,7 +47,7 @@ class MTPProposer(Proposer):
         self.block_size = block_size
         self.pool_blocks = num_blocks  # the target's; the scratch blocks come after them
         # scratch blocks for the chained drafts past a sequence's blocks: per sequence of a step
-        self.scratch_per_seq = -(-self.k // block_size) + 1
+        self.scratch_per_seq = scratch_blocks(self.k, block_size)
         self.kv_caches = mtp.allocate_kv_cache(num_blocks + max_num_seqs * self.scratch_per_seq, block_size)
         self.device = target.embed.weight.device
         self.generator = torch.Generator(device=self.device)
@@ -194,7 +194,7 @@ class Eagle3Proposer(MTPProposer):
         self.aux_hidden_layers = tuple(sorted(self.head.config.aux_layers(cfg.num_layers)))
         self.target, self.k, self.block_size = target, config.num_speculative_tokens, block_size
         self.pool_blocks = num_blocks
-        self.scratch_per_seq = -(-self.k // block_size) + 1
+        self.scratch_per_seq = scratch_blocks(self.k, block_size)
         self.head_cache = self.head.allocate_kv_cache(num_blocks + max_num_seqs * self.scratch_per_seq, block_size)
         self.device = dev
         self.generator = torch.Generator(device=dev)

@@ -59,6 +59,11 @@ if TYPE_CHECKING:
     from server.engine.native.sequence import Sequence
 
 
+def scratch_blocks(k: int, block_size: int) -> int:
+    """Blocks past a sequence's own that an MTP layer / EAGLE-3 head writes its chained drafts' KV to."""
+    return -(-k // block_size) + 1
+
+
 @dataclass
 class DraftRequest:
     seq: Sequence

@@ -119,8 +119,8 @@ class SpecDecoder:
             if disabled or seq.num_uncomputed != 1 or seq.needs_fork or seq.finish_reason:
                 continue
             g = seq.grammar
-            if g is not None and (not g.active or g.failed):
-                continue  # still in its reasoning part (or failed): no drafts
+            if g is not None and g.failed:
+                continue
             room = min(self.k, seq.state.max_tokens - seq.num_output - 1, self.max_model_len - len(seq.token_ids) - 1)
             if room >= 1:
                 requests.append(DraftRequest(seq, room))
@@ -130,24 +130,40 @@ class SpecDecoder:
             tokens = list(d.tokens[: r.max_drafts])
             seq = r.seq
             if tokens and seq.grammar is not None:
-                tokens, seq.spec_masks = self._grammar_walk(seq.grammar, tokens)
+                tokens, seq.spec_masks = self._grammar_walk(seq.grammar, tokens, seq.output_ids)
             if tokens:
                 seq.spec_tokens = tokens
                 seq.spec_probs = None if d.probs is None else d.probs[: len(tokens)]
 
-    def _grammar_walk(self, state: Any, tokens: list[int]) -> tuple[list[int], torch.Tensor]:
+    def _grammar_walk(self, state: Any, tokens: list[int], output_ids: list[int]
+                      ) -> tuple[list[int], torch.Tensor | None]:
         """The drafts up to the first one the grammar rejects, and the bitmask of every verified
-        position ([kept + 1, words]; rows past a terminating token allow everything)."""
+        position ([kept + 1, words]; rows past a terminating token allow everything; None when
+        every position is in the reasoning part). A sequence still in its reasoning part (the
+        state's gate, structured/state.py) drafts freely: positions before the gate's last token
+        allow everything, as plain decoding does, and the grammar applies from the position
+        after it, on a fork of the matcher (which has seen no token yet)."""
         m = state.matcher.fork()
         masks = torch.full((len(tokens) + 1, self.words), -1, dtype=torch.int32)
+        active, gate = state.active, state.structure.gate
+        gated_from = 0 if active else None  # the first position the grammar masks
+        out = list(output_ids) if not active else []
         kept = 0
         for i, t in enumerate(tokens):  # at most k drafts
+            if not active:  # the reasoning part: free, watching for the gate
+                kept += 1
+                out.append(t)
+                if len(out) >= len(gate) and tuple(out[-len(gate):]) == gate:
+                    active, gated_from = True, i + 1
+                continue
             m.fill_next_token_bitmask(masks, i)
             if not m.accept_token(t):
                 break
             kept += 1
             if m.is_terminated():
                 break
+        if gated_from is None:
+            return tokens[:kept], None
         if not m.is_terminated():
             m.fill_next_token_bitmask(masks, kept)
         return tokens[:kept], masks[: kept + 1]

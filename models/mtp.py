@@ -196,7 +196,8 @@ class MultiTokenPredictor(nn.Module):
         def packed(weight: torch.Tensor, layout: LinearLayout, index: int | None = None) -> PackedWeight | None:
             return None if layout in float_layout else PackedWeight(weight, layout, index)
 
-        for layer in self.layers:
+        for mtp_layer in self.layers:
+            layer: Any = mtp_layer
             block: Any = layer.block
             block.fused_norms = lk.fused_norms
             attn = block.attn

@@ -6,7 +6,7 @@
   drafts, clamped to the room left before max_tokens / max_model_len; a structured-output
   sequence's drafts are walked through a fork of its grammar matcher and cut at the first
   token the grammar rejects, and the bitmask of each of the k + 1 positions is kept for the
-  verify step. With `disable_by_batch_size`, nothing is drafted while that many sequences run.
+  verify step (in the reasoning part, before the grammar's gate, positions are unmasked). With `disable_by_batch_size`, nothing is drafted while that many sequences run.
 - `target_hidden(batch, result)`: the `TargetHidden` of the step for proposers that want it.
 - `record(batch, result, stats)`: the step's acceptance counts into `IterationStats`.
 The scheduler turns drafts into k + 1 query tokens (scheduler.py), the runner verifies them

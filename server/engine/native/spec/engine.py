@@ -87,10 +87,20 @@ def draft_kv_bytes(config: SpeculativeConfig, target: Any, block_size: int, max_
 
         head = Eagle3Config.from_dir(str(config.model))
         per_block = block_size * 2 * head.num_kv_heads * head.head_dim * elem
-    else:  # draft_model
+    else:  # draft_model: its config as load_model reads it (a GGUF file's from its metadata)
+        from models.gguf_loader import GGUFCheckpoint, gguf_path
         from models.hf_config import load_config
 
-        per_block = block_size * load_config(str(config.model)).kv_bytes_per_token(elem)
+        file = gguf_path(str(config.model))
+        if file is None:
+            cfg = load_config(str(config.model))
+        else:
+            gguf = GGUFCheckpoint(file)
+            try:
+                cfg = gguf.config()
+            finally:
+                gguf.close()
+        per_block = block_size * cfg.kv_bytes_per_token(elem)
         return per_block, per_block  # + its pad block
     return per_block, max_num_seqs * scratch_blocks(config.num_speculative_tokens, block_size) * per_block
 

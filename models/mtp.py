@@ -35,8 +35,9 @@ from safetensors import safe_open
 from torch import nn
 
 from models.config import MoEModelConfig, UnsupportedModelError
-from models.kernels.packed import PackedExperts, PackedWeight
+from models.kernels.packed import PackedExperts, PackedWeight, packed_linear
 from models.kernels.plan import KernelPlan, LinearLayout, MoEKernel
+from models.layers.mla import MLAttention
 from models.layers.norm import RMSNorm
 from models.loader import checkpoint_files
 from models.model import DecoderLayer
@@ -90,6 +91,12 @@ class MTPLayer(nn.Module):
         self.head_norm = RMSNorm(H, cfg.rms_norm_eps)
         self.embed = nn.Embedding(cfg.vocab_size, H) if own_embed else None
         self.head = nn.Linear(H, cfg.vocab_size, bias=False) if own_head else None
+        self.eh_packed: PackedWeight | None = None  # eh_proj's packed copy (MultiTokenPredictor.apply_plan)
+
+    def combine(self, emb: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """eh_proj(concat(enorm(emb), hnorm(hidden)))."""
+        x = torch.cat([self.enorm(emb), self.hnorm(hidden)], dim=-1)
+        return self.eh_proj(x) if self.eh_packed is None else packed_linear(x, self.eh_packed)
 
 
 class MultiTokenPredictor(nn.Module):
@@ -135,7 +142,7 @@ class MultiTokenPredictor(nn.Module):
         layer: Any = self.layers[i]
         emb = (target.embed if layer.embed is None else layer.embed)(input_ids)
         emb = emb.masked_fill((positions == 0)[:, None], 0.0)  # position 0: no embedding (vLLM)
-        x = layer.eh_proj(torch.cat([layer.enorm(emb), layer.hnorm(hidden)], dim=-1))
+        x = layer.combine(emb, hidden)
         cos_sin = target.rotary.cos_sin(positions, x.dtype)
         return layer.block(x, cos_sin, meta, kv_caches[i], None, positions)
 
@@ -175,28 +182,42 @@ class MultiTokenPredictor(nn.Module):
     # -- kernels -----------------------------------------------------------------------------------
     def apply_plan(self, plan: KernelPlan) -> None:
         """The kernels of the target's last MoE layer for every MTP layer (the same attention kind
-        and expert kind), with packed weight copies where that layer has them."""
+        and expert kind), with packed weight copies where that layer has them (the attention's
+        projections, the experts, the shared expert; `eh_proj` takes the o projection's layout)."""
         moe_layers = [lk for lk in plan.layers if lk.moe is not None]
         if not moe_layers:
             raise UnsupportedModelError("MTP layers need a target with MoE layers")
         lk = moe_layers[-1]
         if lk.fused_norms or lk.fused_rope:
             from models.kernels import triton_ops  # noqa: F401 - registers torch.ops.moe_serve.*_triton
-        for layer in self.layers:
+        # (the MTP layers' own weights are float: a layout the target keeps quantized is plain here)
+        float_layout = (LinearLayout.PLAIN, LinearLayout.QUANTIZED)
+
+        def packed(weight: torch.Tensor, layout: LinearLayout, index: int | None = None) -> PackedWeight | None:
+            return None if layout in float_layout else PackedWeight(weight, layout, index)
+
+        for mtp_layer in self.layers:
+            layer: Any = mtp_layer
             block: Any = layer.block
             block.fused_norms = lk.fused_norms
             attn = block.attn
-            has_qkv = hasattr(attn, "qkv")
-            # (the MTP layers' own weights are float: a layout the target keeps quantized is plain here)
-            float_layout = (LinearLayout.PLAIN, LinearLayout.QUANTIZED)
-            qkv = PackedWeight(attn.qkv.weight, lk.qkv) if has_qkv and lk.qkv not in float_layout else None
-            o = PackedWeight(attn.o_proj.weight, lk.o) if has_qkv and lk.o not in float_layout else None
+            qkv: Any = None
+            o = None
+            if isinstance(attn, MLAttention):  # its projections by name, as MoEForCausalLM.apply_plan
+                qkv = {n: packed(getattr(attn, n).weight, lk.qkv) for n in attn.PACKED if hasattr(attn, n)}
+                o = packed(attn.o_proj.weight, lk.o)
+            elif hasattr(attn, "qkv"):
+                qkv, o = packed(attn.qkv.weight, lk.qkv), packed(attn.o_proj.weight, lk.o)
             attn.apply_kernels(lk, qkv, o)
             b = block.moe
             w13 = ([PackedWeight(b.w13, lk.gate_up, e) for e in range(b.num_experts)]
-                   if lk.gate_up != LinearLayout.PLAIN else None)
+                   if lk.gate_up not in float_layout else None)
             experts = PackedExperts(b.w13, b.w2) if MoEKernel.CPU in (lk.moe, lk.moe_large) else None
             b.apply_kernels(lk, plan, w13, experts)
+            if b.shared is not None:
+                w13s, w2s = packed(b.shared.w13.weight, lk.shared), packed(b.shared.w2.weight, lk.shared)
+                b.shared.packed = (w13s, w2s) if w13s is not None and w2s is not None else None
+            layer.eh_packed = packed(layer.eh_proj.weight, lk.o)
 
 
 def mtp_weight_map(family, cfg: MoEModelConfig, n: int, names: set[str]) -> tuple[WeightMap, tuple, tuple]:

@@ -16,6 +16,9 @@ that many sequences run).
 `--method mtp` (default model: the bundled tiny-deepseek-mtp, whose MTP layer drafts): part 1 only,
 on ordinary prompts (the first 16 tokens of training passages, continued greedily), plain vs
 `{"method": "mtp", "num_speculative_tokens": k}`, with the acceptance rate per draft position.
+`--method mtp --step-costs`: where a decode step's time goes, plain vs MTP (the thread's CPU time
+per call of the target forward, the LM heads, the sampler / verify, the MTP layer, the proposer,
+the scheduler; medians over rounds), and the ceiling that sets for the speedup.
 """
 
 from __future__ import annotations
@@ -121,6 +124,137 @@ def mtp_main(args, argv) -> dict:
     return result
 
 
+# (label, class path, method): the calls `--step-costs` times, with the thread's CPU time
+COST_CALLS = [
+    ("step", "server.engine.native.core:EngineCore", "step"),
+    ("runner", "server.engine.native.runner:ModelRunner", "execute"),
+    ("target forward", "models.model:MoEForCausalLM", "forward"),
+    ("LM heads", "models.model:MoEForCausalLM", "compute_logits"),
+    ("sampler", "server.engine.native.runner:ModelRunner", "_sample"),
+    ("verify", "server.engine.native.runner:ModelRunner", "_verify"),
+    ("proposer", "server.engine.native.spec.engine:SpecDecoder", "propose"),
+    ("MTP layer", "models.mtp:MultiTokenPredictor", "forward"),
+    ("MTP head", "models.mtp:MultiTokenPredictor", "compute_logits"),
+    ("schedule", "server.engine.native.scheduler:Scheduler", "schedule"),
+    ("scheduler update", "server.engine.native.scheduler:Scheduler", "update_from_output"),
+]
+
+
+def mtp_costs(args, argv) -> dict:
+    """--method mtp --step-costs: per-step CPU time by component, plain vs MTP, and the ceiling."""
+    import importlib
+    import statistics
+    from collections import defaultdict
+
+    import torch
+
+    from models.checkpoints.train_tiny_mtp import OUT_DIR
+    from server.engine import LLM, SamplingParams
+    from server.engine.request import EngineRequest
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = args.model or str(OUT_DIR)
+    kw = dict(dtype=args.dtype, kv_cache_memory=256 << 20, max_num_seqs=1)
+    spec = {"method": "mtp", "num_speculative_tokens": args.k}
+    engines = {"plain": LLM(model, **kw).core, "mtp": LLM(model, speculative_config=json.dumps(spec), **kw).core}
+    prompts = openings(engines["plain"].tokenizer, args.prompts)
+    greedy = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
+    spent: dict[str, float] = defaultdict(float)
+    originals = []
+    for label, where, name in COST_CALLS:  # wrap each timed method (restored at the end)
+        mod, _, cls_name = where.partition(":")
+        cls = getattr(importlib.import_module(mod), cls_name)
+        fn = getattr(cls, name)
+        originals.append((cls, name, fn))
+
+        def timed(*a, _fn=fn, _label=label, **k):
+            t0 = time.thread_time()
+            try:
+                return _fn(*a, **k)
+            finally:
+                spent[_label] += time.thread_time() - t0
+        setattr(cls, name, timed)
+
+    def one_round(core) -> tuple[dict[str, float], float]:
+        """ms of CPU per decode step by component, tokens per decode step (prefill steps excluded)."""
+        spent.clear()
+        steps = toks = 0
+        for p in prompts:
+            core.add_request(EngineRequest(f"c{time.monotonic_ns()}", p, greedy))
+            core.step()  # the prompt
+            skip = dict(spent)
+            while core.has_unfinished():
+                outs, *_ = core.step()
+                steps += 1
+                toks += sum(len(c.token_ids) for o in outs for c in o.outputs)
+            for key, v in skip.items():
+                spent[key] -= v
+        return {key: v / steps * 1e3 for key, v in spent.items()}, toks / steps
+
+    try:
+        for core in engines.values():
+            one_round(core)  # warm-up
+        per: dict[str, list[dict[str, float]]] = {n: [] for n in engines}
+        tps: dict[str, float] = {}
+        for _ in range(args.rounds):
+            for name, core in engines.items():
+                ms, tps[name] = one_round(core)
+                per[name].append(ms)
+    finally:
+        for cls, name, fn in originals:
+            setattr(cls, name, fn)
+    med = {n: {label: statistics.median(r.get(label, 0.0) for r in per[n]) for label, *_ in COST_CALLS} for n in per}
+    for m in med.values():  # the parts, without what is timed inside them
+        m["LM heads"] -= m["MTP head"]  # the MTP head calls the target's LM head
+        m["proposer other"] = m["proposer"] - m["MTP layer"] - m["MTP head"]
+        m["runner other"] = m["runner"] - m["target forward"] - m["LM heads"] - m["sampler"] - m["verify"]
+        m["scheduler"] = m["schedule"] + m["scheduler update"]
+        m["engine other"] = m["step"] - m["runner"] - m["proposer"] - m["scheduler"]
+    P, S = med["plain"]["step"], med["mtp"]["step"]
+    layers = engines["plain"].model.config.num_layers
+    layer = med["plain"]["target forward"] / layers  # one target layer, on average
+    head = med["plain"]["LM heads"]
+    tau = tps["mtp"]
+    floor = 1 + args.k * (layer + head) / P  # an MTP step's cost, in plain steps, at best
+    ceiling = tau / floor
+    measured = tau / (S / P)
+    need = 1.4 * floor  # tokens per step 1.4x needs at that cost
+    rows = []
+    for label in ("target forward", "LM heads", "sampler", "verify", "runner other", "MTP layer", "MTP head",
+                  "proposer other", "scheduler", "engine other", "step"):
+        a, b = med["plain"][label], med["mtp"][label]
+        rows.append([label, a, b, b / P])
+    print(f"plain step {P:.3f} ms CPU, mtp step {S:.3f} ms ({S / P:.3f}x), {tau:.3f} tokens per mtp step: "
+          f"{measured:.2f}x; ceiling {ceiling:.2f}x (a step at {floor:.3f} plain steps); 1.4x needs "
+          f"{need:.2f} tokens per step (at most {args.k + 1})", flush=True)
+    result = results.new_result("spec-decode", argv, vars(args) | {"threads": torch.get_num_threads()},
+                                heading=MTP_HEADING, section=f"spec-decode-mtp-costs-k{args.k}")
+    result["measurements"] = {"plain_ms": med["plain"], "mtp_ms": med["mtp"], "tokens_per_step": tau,
+                              "layer_ms": layer, "head_ms": head, "floor_steps": floor, "ceiling": ceiling,
+                              "speedup_cpu_time": measured, "tokens_needed_for_1_4x": need,
+                              "rounds": {n: per[n] for n in per}}
+    result["summary"]["blocks"] = [
+        results.text(f"Where a decode step's time goes, {model.rstrip('/').split('/')[-1]} (dtype {args.dtype}), "
+                     f"{torch.get_num_threads()} thread(s), batch 1, {len(prompts)} ordinary prompts x "
+                     f"{args.max_tokens} greedy tokens, plain vs MTP k={args.k}: CPU time of this thread per decode "
+                     f"step (time.thread_time around each call, so other jobs on the machine count less), medians "
+                     f"of {args.rounds} rounds after a warm-up."),
+        results.table(None, [results.column("part"), results.column("plain ms", ".3f"),
+                             results.column("mtp ms", ".3f"), results.column("mtp, in plain steps", ".3f")], rows),
+        results.text(f"An MTP step takes {S / P:.2f} plain steps and yields {tau:.2f} tokens: {measured:.2f}x. "
+                     f"Ceiling: even with every other cost gone (a verify forward of {args.k + 1} tokens as cheap "
+                     f"as one token's, no Python around it), each draft needs the MTP layer, at least one target "
+                     f"layer ({layer:.3f} ms: the forward over {layers} layers), and the LM head ({head:.3f} ms), so "
+                     f"a step costs >= {floor:.2f} plain steps and the speedup is <= {ceiling:.2f}x at this "
+                     f"acceptance. 1.4x would need {need:.2f} tokens per step"
+                     + (f", more than the {args.k + 1} a step can give." if need > args.k + 1 else ".")),
+        {"kind": "note"},
+    ]
+    output.finish(result, args)
+    return result
+
+
 def decode_run(core, prompts: list[list[int]], params, stats_sink: dict | None) -> tuple[int, float]:
     """Run `prompts` together to the end; returns (tokens generated after each one's first, seconds
     of the steps after every prompt had its first token)."""
@@ -161,10 +295,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--disable-by-batch-size", type=int, default=8)
     ap.add_argument("--threads", type=int, help="torch threads (default: the engine's)")
+    ap.add_argument("--step-costs", action="store_true",
+                    help="mtp: where a decode step's time goes, plain vs MTP, and the speedup's ceiling")
     output.add_args(ap)
     args = ap.parse_args(argv)
     if args.method == "mtp":
-        return mtp_main(args, argv)
+        return mtp_costs(args, argv) if args.step_costs else mtp_main(args, argv)
 
     import torch
 

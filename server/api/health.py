@@ -54,8 +54,9 @@ async def ready(request: Request) -> Response:
 @router.get("/version")
 async def version(request: Request) -> dict[str, Any]:
     """The server's version, its engine, the KV cache's dtype (--kv-cache-dtype) and, for the
-    native engine, the kernel plan (which kernel serves each layer kind; models/kernels/plan.py)."""
+    native engine, the kernel plan (which kernel serves each layer kind; models/kernels/plan.py)
+    and the KV cache (blocks; the target's and a speculative drafter's bytes)."""
     info = request.app.state.serving.engine.model_info
     return {"version": server_version(), "engine": request.app.state.config.engine.engine,
             "async_scheduling": info.async_scheduling, "kv_cache_dtype": info.kv_cache_dtype,
-            "kernel_plan": info.kernel_plan}
+            "kernel_plan": info.kernel_plan, "kv_cache": info.kv_cache}

@@ -39,12 +39,16 @@ def state_bytes(config: EngineConfig, model) -> int:
     return (config.max_num_seqs + 1) * model.state_bytes_per_sequence()
 
 
-def num_kv_blocks(config: EngineConfig, model) -> int:
+def num_kv_blocks(config: EngineConfig, model, draft: tuple[int, int] = (0, 0)) -> int:
     """KV blocks from the cache budget (`--kv-cache-memory`), after a hybrid model's state slots
-    (the same budget holds both)."""
+    (the same budget holds both). `draft`: a speculative proposer's own KV (spec/engine.py
+    `draft_kv_bytes`: bytes per target block, fixed bytes), inside the same budget: every block
+    counts the target's and the drafter's bytes, so the budget splits between them in the ratio
+    of their per-token KV sizes."""
     if config.num_kv_blocks:
         return config.num_kv_blocks
-    per_block = model.kv_bytes_per_block(config.block_size)
+    draft_per_block, draft_fixed = draft
+    per_block = model.kv_bytes_per_block(config.block_size) + draft_per_block
     budget = config.kv_cache_memory
     if budget is None:
         dev = model.embed.weight.device
@@ -54,6 +58,11 @@ def num_kv_blocks(config: EngineConfig, model) -> int:
         else:
             budget = DEFAULT_CPU_KV_BYTES
     states = state_bytes(config, model)
+    if draft_fixed + per_block > budget:
+        raise ValueError(f"the cache budget ({budget / 2**20:.1f} MiB) cannot hold a KV block of the target and "
+                         f"the speculative drafter's KV ({(draft_fixed + per_block) / 2**20:.1f} MiB): raise "
+                         f"--kv-cache-memory")
+    states += draft_fixed
     if states and states + per_block > budget:
         raise ValueError(f"the cache budget ({budget / 2**20:.1f} MiB) cannot hold the recurrent state of "
                          f"--max-num-seqs {config.max_num_seqs} sequences ({states / 2**20:.1f} MiB) and a KV "
@@ -133,7 +142,12 @@ def build_native_core(config: EngineConfig, progress: bool = True, reserve_cpu_c
     tokenizer = load_tokenizer(config.model)  # AutoTokenizer; a GGUF file's: built from its metadata
     cfg = model.config
     kv_dtype = configure_kv_cache(model, config.kv_cache_dtype, config.model)  # before the blocks are counted
-    blocks = num_kv_blocks(config, model)
+    draft_kv = (0, 0)
+    if spec is not None:
+        from server.engine.native.spec.engine import draft_kv_bytes
+
+        draft_kv = draft_kv_bytes(spec, model, config.block_size, config.max_num_seqs)
+    blocks = num_kv_blocks(config, model, draft_kv)
     max_len = config.max_model_len or min(cfg.max_position_embeddings, MAX_DEFAULT_MODEL_LEN)
     if config.max_model_len and config.max_model_len > cfg.max_position_embeddings:
         raise ValueError(f"--max-model-len {config.max_model_len} exceeds the model's "
@@ -173,10 +187,17 @@ def build_native_core(config: EngineConfig, progress: bool = True, reserve_cpu_c
         dtype=dtype, device=str(model.embed.weight.device), num_moe_layers=cfg.num_moe_layers,
         eos_token_ids=core.eos_token_ids, kernel_plan=model.kernel_plan.to_dict(),
         async_scheduling=core.async_step is not None, kv_cache_dtype=kv_cache_dtype_name(kv_dtype),
+        kv_cache={"blocks": blocks, "block_size": config.block_size,
+                  "target_bytes": blocks * model.kv_bytes_per_block(config.block_size),
+                  "draft_bytes": blocks * draft_kv[0] + draft_kv[1]},
     )
     log.info("loaded %s (%s, %s on %s) in %.1fs; KV cache %d blocks x %d tokens (%s, %.1f MiB); max_model_len %d",
              config.model, cfg.architecture, dtype, info.device, model.load_seconds, blocks, config.block_size,
-             info.kv_cache_dtype, blocks * model.kv_bytes_per_block(config.block_size) / 2**20, core.max_model_len)
+             info.kv_cache_dtype, info.kv_cache["target_bytes"] / 2**20, core.max_model_len)
+    if spec is not None and spec.method != "ngram":
+        log.info("speculative drafter (%s) KV cache: %.1f MiB, inside the same budget (%d blocks of its own)",
+                 spec.method, info.kv_cache["draft_bytes"] / 2**20,
+                 (blocks * draft_kv[0] + draft_kv[1]) // max(draft_kv[0], 1))
     log.info("async scheduling: %s", "on" if info.async_scheduling else "off")
     if cfg.hybrid:
         log.info("recurrent state: %d slots x %.2f MiB per sequence (%d linear-attention / Mamba2 layers)",

@@ -31,6 +31,9 @@ class ModelInfo:
     kernel_plan: dict | None = None  # the native engine's kernels per layer (KernelPlan.to_dict)
     async_scheduling: bool = False  # the engine schedules one step ahead of the device (--async-scheduling)
     kv_cache_dtype: str | None = None  # what the paged KV cache stores (--kv-cache-dtype): bfloat16, float8_e4m3fn ...
+    # the native engine's KV cache: blocks, block_size, target_bytes and draft_bytes (a speculative
+    # drafter's own KV: MTP layers, an EAGLE-3 head, a draft model; inside --kv-cache-memory)
+    kv_cache: dict | None = None
 
 
 @runtime_checkable

@@ -165,6 +165,23 @@ def test_draft_model_greedy_identical_and_its_blocks_come_back(make_llm, tiny_mi
     spec_pool_free(spec)
 
 
+def test_draft_model_kv_is_inside_the_kv_cache_budget(make_llm, tiny_mixtral):
+    """--kv-cache-memory holds the target's blocks and the draft model's (as many, plus its pad
+    block), split in the ratio of their per-token KV sizes; both reported in model_info.kv_cache."""
+    budget = 1 << 20
+    kw = dict(block_size=4, kv_cache_memory=budget)
+    cfg = json.dumps({"method": "draft_model", "model": tiny_mixtral, "num_speculative_tokens": 2})
+    base, spec = make_llm(**kw), make_llm(speculative_config=cfg, **kw)
+    kv0, kv = base.model_info.kv_cache, spec.model_info.kv_cache
+    assert kv0["draft_bytes"] == 0
+    proposer = spec.core.spec.proposer
+    held = sum(t.numel() * t.element_size() for pair in proposer.kv_caches for t in pair)
+    assert kv["draft_bytes"] == held and proposer.num_blocks() == kv["blocks"] == spec.core.pool.num_blocks
+    assert kv["target_bytes"] + kv["draft_bytes"] <= budget
+    # the target is its own draft model: the budget halves (less the pad block)
+    assert kv["blocks"] in (kv0["blocks"] // 2, kv0["blocks"] // 2 - 1)
+
+
 def test_disable_by_batch_size(make_llm):
     cfg = json.dumps({"method": "ngram", "num_speculative_tokens": 3, "disable_by_batch_size": 3})
     spec = make_llm(num_kv_blocks=128, block_size=4, speculative_config=cfg)
@@ -196,6 +213,60 @@ def test_structured_outputs_drafts_follow_the_grammar(make_llm):
     assert json.loads(got["j#0"]["text"])["a"] in ("xyzxyz", "abab")
     assert got["c#0"]["text"] in ("abcabcabc", "abcab")
     assert spec.core.spec.totals["accepted"] > 0
+
+
+def test_structured_outputs_draft_in_the_reasoning_part_too(make_llm):
+    """A structured-output sequence behind a reasoning gate drafts freely until the gate's tokens,
+    the grammar masking from the position after them (drafts that carry the gate included): the
+    same greedy output as without speculation."""
+    import re
+
+    from server.engine.structured.backend import GrammarCompiler
+    from server.engine.structured.spec import regex_spec
+
+    kw = dict(num_kv_blocks=128, block_size=4)
+    base, spec = make_llm(**kw), make_llm(speculative_config=NGRAM, **kw)
+    prompts = [loop_prompt(i, 30) for i in range(3)]
+    free = run(base, [EngineRequest(f"f{i}", p, GREEDY) for i, p in enumerate(prompts)])
+    comp = GrammarCompiler(base.tokenizer, base.core.vocab_size, base.core.eos_token_ids)
+    compiled = comp.compile(regex_spec("[0-9]{4}", "guided_regex"))
+    params = SamplingParams(temperature=0.0, max_tokens=24)
+    # the gate: two tokens the model produces unconstrained, a few tokens into its output
+    gates = [tuple(free[f"f{i}#0"]["ids"][6:7]) for i in range(len(prompts))]
+    reqs = lambda: [EngineRequest(f"g{i}", p, params, structured=compiled.with_gate(g))  # noqa: E731
+                    for i, (p, g) in enumerate(zip(prompts, gates))]
+    walks: list[tuple[bool, int, bool]] = []  # (active at the walk, drafts kept, masked)
+    inner = spec.core.spec._grammar_walk
+
+    def walk(state, tokens, output_ids):
+        kept, masks = inner(state, tokens, output_ids)
+        walks.append((state.active, len(kept), masks is not None))
+        return kept, masks
+
+    spec.core.spec._grammar_walk = walk
+    want, got = run(base, reqs()), run(spec, reqs())
+    assert got == want
+    for i, g in enumerate(gates):
+        ids = got[f"g{i}#0"]["ids"]
+        cut = next(j for j in range(len(g), len(ids) + 1) if tuple(ids[j - len(g): j]) == g)
+        assert re.fullmatch("[0-9]{4}", base.tokenizer.decode(ids[cut:]).strip()), (ids, g)
+    assert any(not active and kept for active, kept, _ in walks)  # drafts in the reasoning part
+    assert spec.core.spec.totals["accepted"] > 0
+    # a draft that carries the gate: free before it and at it, the grammar from the next position
+    from server.engine.structured.state import GrammarState
+
+    tok = base.tokenizer
+    gate, other, digit = tok.encode("Q", add_special_tokens=False), prompts[0][0], tok.encode("7", add_special_tokens=False)
+    assert len(gate) == len(digit) == 1 and not re.fullmatch("[0-9]", tok.decode([other]))
+    state = GrammarState(compiled.with_gate(tuple(gate)))
+    kept, masks = inner(state, [other, gate[0], digit[0], other], [other])
+    assert kept == [other, gate[0], digit[0]]  # the non-digit after the gate is cut
+    assert masks is not None and masks.shape[0] == 4 and bool((masks[:2] == -1).all())
+    fresh = GrammarState(compiled).matcher
+    row = torch.empty(1, masks.shape[1], dtype=torch.int32)
+    fresh.fill_next_token_bitmask(row, 0)
+    assert torch.equal(masks[2], row[0]) and not bool((row == -1).all())
+    assert not state.active  # the walk left the sequence's own state as it was
 
 
 # -- the verify step's logits -------------------------------------------------------------------------------
@@ -338,5 +409,9 @@ def test_hidden_state_proposers_get_the_rows_of_the_kept_tokens(make_llm, monkey
                 continue
             logits = model.compute_logits(target.hidden[first + skip: first + count])
             assert logits.argmax(-1).tolist() == tokens[pos + skip + 1: pos + count + 1]
+            # aux: the residual stream entering layers 0 and 1; layer 0's input is the token's embedding
+            embedded = model.embed(torch.tensor(tokens[pos: pos + count]))
+            assert torch.equal(target.aux[0][first: first + count], embedded)
+            assert not torch.equal(target.aux[1][first: first + count], embedded)
             checked += count - skip
     assert checked > len(seen)  # verify steps kept more than one token per step

@@ -105,7 +105,31 @@ def test_eagle3_head_drafts_in_the_engine(checkpoint, tmp_path):
     inner = proposer.propose
     proposer.propose = lambda requests, target: [drafted.extend(d.tokens) or d for d in inner(requests, target)]
     assert generate(llm, PROMPTS) == base
-    assert proposer.target_aux_layers == llm.core.model.aux_hidden_layers == (0, 1, 2)
+    assert proposer.aux_hidden_layers == llm.core.model.aux_hidden_layers == (0, 1, 2)
     allowed = set((torch.arange(100) + tensors["d2t"]).tolist())
     assert len(drafted) >= len(PROMPTS) * 2 * 5 and set(drafted) <= allowed
     check_pool(llm)
+
+
+def kv_bytes(caches) -> int:
+    return sum(t.numel() * t.element_size() for pair in caches for t in pair)
+
+
+def test_mtp_kv_is_inside_the_kv_cache_budget(random_mtp):
+    """--kv-cache-memory holds the target's blocks and the MTP layer's (one per target block, plus
+    the chained drafts' scratch blocks): fewer target blocks than without MTP, both reported."""
+    path, _ = random_mtp
+    budget = 1 << 20
+    kw = dict(dtype="float32", block_size=8, kv_cache_memory=budget, max_num_seqs=4)
+    plain, llm = LLM(path, **kw), LLM(path, speculative_config=spec(3), **kw)
+    kv, kv0 = llm.model_info.kv_cache, plain.model_info.kv_cache
+    assert kv0["draft_bytes"] == 0 and kv0["target_bytes"] <= budget
+    per_block = kv0["target_bytes"] // kv0["blocks"]
+    assert kv["blocks"] == llm.core.pool.num_blocks < kv0["blocks"]
+    assert kv["target_bytes"] == kv["blocks"] * per_block
+    assert kv["draft_bytes"] == kv_bytes(llm.core.spec.proposer.kv_caches) > 0
+    assert kv["target_bytes"] + kv["draft_bytes"] <= budget
+    # the split follows the per-token KV sizes (the MTP layer: one layer's worth of the target's)
+    layers = llm.core.model.config.num_layers
+    assert kv["draft_bytes"] > kv["target_bytes"] / layers
+    assert generate(llm, PROMPTS) == generate(plain, PROMPTS)

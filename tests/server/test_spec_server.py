@@ -64,3 +64,11 @@ def test_bad_speculative_config_stops_the_server_with_the_reason():
                        capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert r.returncode != 0
     assert "num_speculative_tokens must be an integer in 1..16" in r.stderr
+
+
+def test_version_reports_the_kv_cache(spec_server):
+    import httpx
+
+    kv = httpx.get(spec_server.url + "/version", timeout=10).json()["kv_cache"]
+    assert kv["blocks"] > 0 and kv["target_bytes"] > 0
+    assert kv["draft_bytes"] == 0  # n-gram drafts keep no KV of their own

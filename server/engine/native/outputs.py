@@ -67,5 +67,6 @@ class ModelOutput:
     # kept only when a proposer wants them
     num_accepted: dict[int, int] = field(default_factory=dict)
     hidden: torch.Tensor | None = None
-    aux_hidden: list[torch.Tensor] = field(default_factory=list)  # [num_tokens, hidden] per aux layer
-    aux: list[torch.Tensor] | None = None  # the model's aux_hidden_layers states (EAGLE-3), when kept
+    # [num_tokens, hidden] per layer of the model's aux_hidden_layers (the residual stream entering
+    # it: EAGLE-3), when kept
+    aux: list[torch.Tensor] | None = None

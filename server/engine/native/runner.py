@@ -68,7 +68,6 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         self.keep_hidden = False  # a speculative proposer reads the step's hidden states (ModelOutput.hidden)
         self._graph_placement = None  # the placement the graphs were made under (_placement_key)
-        self._aux: list[torch.Tensor] = []  # this step's outputs of the layers `keep_aux_hidden` named
         if model.kernel_plan is None:
             raise ValueError("the model has no kernel plan (models.load_model applies one)")
         log.info("%s", model.kernel_plan.table())
@@ -76,20 +75,16 @@ class ModelRunner:
             self.enable_decode_graphs(sizes, cuda_graphs=True)
 
     def keep_aux_hidden(self, layers: tuple[int, ...]) -> None:
-        """Keep the outputs of these decoder layers each step (EAGLE-3's auxiliary hidden states,
-        ModelOutput.aux_hidden, in `layers` order), by forward hooks: decode steps then run
-        eagerly (a replayed CUDA graph runs no hooks)."""
+        """Keep the residual stream entering these decoder layers each step (EAGLE-3's auxiliary
+        hidden states, as vLLM takes them; ModelOutput.aux, in `layers` order): the model's own
+        capture (`MoEForCausalLM.aux_hidden_layers`). Decode steps then run eagerly (a replayed
+        CUDA graph would not refresh the captured list)."""
         if not layers:
             return
         if list(layers) != sorted(set(layers)) or not 0 <= layers[0] <= layers[-1] < len(self.model.layers):
             raise ValueError(f"aux_hidden_layers must be distinct, increasing decoder layer indices, not {layers}")
+        self.model.aux_hidden_layers = tuple(layers)
         self.graphs = None
-
-        def hook(module, inputs, output) -> None:
-            self._aux.append(output[0] if isinstance(output, tuple) else output)
-
-        for i in layers:
-            self.model.layers[i].register_forward_hook(hook)
 
     def enable_decode_graphs(self, sizes: list[int], cuda_graphs: bool = True) -> None:
         """Run decode-only steps padded to `sizes` buckets: captured CUDA graphs, or eagerly
@@ -183,8 +178,6 @@ class ModelRunner:
         self._verify(batch, logits, inp.sample_rows, out)
         if self.keep_hidden:
             out.hidden = hidden[:T]
-            out.aux_hidden = [h[:T] for h in self._aux]
-            self._aux = []
             if self.model.aux_hidden_layers:
                 out.aux = [a[:T] for a in self.model.aux_hidden]
         return out

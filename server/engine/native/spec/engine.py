@@ -6,7 +6,7 @@
   drafts, clamped to the room left before max_tokens / max_model_len; a structured-output
   sequence's drafts are walked through a fork of its grammar matcher and cut at the first
   token the grammar rejects, and the bitmask of each of the k + 1 positions is kept for the
-  verify step. With `disable_by_batch_size`, nothing is drafted while that many sequences run.
+  verify step (in the reasoning part, before the grammar's gate, positions are unmasked). With `disable_by_batch_size`, nothing is drafted while that many sequences run.
 - `target_hidden(batch, result)`: the `TargetHidden` of the step for proposers that want it.
 - `record(batch, result, stats)`: the step's acceptance counts into `IterationStats`.
 The scheduler turns drafts into k + 1 query tokens (scheduler.py), the runner verifies them
@@ -25,7 +25,7 @@ from server.engine.native.outputs import ModelOutput, SchedulerOutput
 from server.engine.native.sequence import Sequence
 from server.engine.native.spec.config import SpeculativeConfig
 from server.engine.native.spec.ngram import NgramProposer
-from server.engine.native.spec.proposer import DraftRequest, Proposer, TargetHidden
+from server.engine.native.spec.proposer import DraftRequest, Proposer, TargetHidden, scratch_blocks
 from server.engine.stats import IterationStats
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,41 @@ def check_method(config: SpeculativeConfig) -> None:
                          f"does not have yet (available: {', '.join(PROPOSERS)})")
 
 
+def draft_kv_bytes(config: SpeculativeConfig, target: Any, block_size: int, max_num_seqs: int) -> tuple[int, int]:
+    """What a proposer's own KV cache takes from `--kv-cache-memory`: (bytes it adds to each of
+    the target's blocks, bytes it holds besides). MTP layers and EAGLE-3 heads index their cache
+    by the target's block tables (a block of theirs per target block) plus scratch blocks for
+    the chained drafts (`scratch_blocks` per running sequence); a draft model has its own pool of
+    as many blocks as the target's, plus one pad block. n-gram: nothing."""
+    if config.method == "ngram":
+        return 0, 0
+    elem = target.embed.weight.element_size()
+    if config.method == "mtp":
+        mtp = getattr(target, "mtp", None)
+        per_block = mtp.kv_bytes_per_block(block_size) if mtp is not None else 0
+    elif config.method == "eagle3":
+        from models.eagle3 import Eagle3Config
+
+        head = Eagle3Config.from_dir(str(config.model))
+        per_block = block_size * 2 * head.num_kv_heads * head.head_dim * elem
+    else:  # draft_model: its config as load_model reads it (a GGUF file's from its metadata)
+        from models.gguf_loader import GGUFCheckpoint, gguf_path
+        from models.hf_config import load_config
+
+        file = gguf_path(str(config.model))
+        if file is None:
+            cfg = load_config(str(config.model))
+        else:
+            gguf = GGUFCheckpoint(file)
+            try:
+                cfg = gguf.config()
+            finally:
+                gguf.close()
+        per_block = block_size * cfg.kv_bytes_per_token(elem)
+        return per_block, per_block  # + its pad block
+    return per_block, max_num_seqs * scratch_blocks(config.num_speculative_tokens, block_size) * per_block
+
+
 def build_proposer(config: SpeculativeConfig, target: Any, **args: Any) -> Proposer:
     check_method(config)
     return PROPOSERS[config.method](config, target, args)
@@ -94,8 +129,8 @@ class SpecDecoder:
             if disabled or seq.num_uncomputed != 1 or seq.needs_fork or seq.finish_reason:
                 continue
             g = seq.grammar
-            if g is not None and (not g.active or g.failed):
-                continue  # still in its reasoning part (or failed): no drafts
+            if g is not None and g.failed:
+                continue
             room = min(self.k, seq.state.max_tokens - seq.num_output - 1, self.max_model_len - len(seq.token_ids) - 1)
             if room >= 1:
                 requests.append(DraftRequest(seq, room))
@@ -105,24 +140,40 @@ class SpecDecoder:
             tokens = list(d.tokens[: r.max_drafts])
             seq = r.seq
             if tokens and seq.grammar is not None:
-                tokens, seq.spec_masks = self._grammar_walk(seq.grammar, tokens)
+                tokens, seq.spec_masks = self._grammar_walk(seq.grammar, tokens, seq.output_ids)
             if tokens:
                 seq.spec_tokens = tokens
                 seq.spec_probs = None if d.probs is None else d.probs[: len(tokens)]
 
-    def _grammar_walk(self, state: Any, tokens: list[int]) -> tuple[list[int], torch.Tensor]:
+    def _grammar_walk(self, state: Any, tokens: list[int], output_ids: list[int]
+                      ) -> tuple[list[int], torch.Tensor | None]:
         """The drafts up to the first one the grammar rejects, and the bitmask of every verified
-        position ([kept + 1, words]; rows past a terminating token allow everything)."""
+        position ([kept + 1, words]; rows past a terminating token allow everything; None when
+        every position is in the reasoning part). A sequence still in its reasoning part (the
+        state's gate, structured/state.py) drafts freely: positions before the gate's last token
+        allow everything, as plain decoding does, and the grammar applies from the position
+        after it, on a fork of the matcher (which has seen no token yet)."""
         m = state.matcher.fork()
         masks = torch.full((len(tokens) + 1, self.words), -1, dtype=torch.int32)
+        active, gate = state.active, state.structure.gate
+        gated_from = 0 if active else None  # the first position the grammar masks
+        out = list(output_ids) if not active else []
         kept = 0
         for i, t in enumerate(tokens):  # at most k drafts
+            if not active:  # the reasoning part: free, watching for the gate
+                kept += 1
+                out.append(t)
+                if len(out) >= len(gate) and tuple(out[-len(gate):]) == gate:
+                    active, gated_from = True, i + 1
+                continue
             m.fill_next_token_bitmask(masks, i)
             if not m.accept_token(t):
                 break
             kept += 1
             if m.is_terminated():
                 break
+        if gated_from is None:
+            return tokens[:kept], None
         if not m.is_terminated():
             m.fill_next_token_bitmask(masks, kept)
         return tokens[:kept], masks[: kept + 1]
@@ -137,10 +188,8 @@ class SpecDecoder:
             rows[item.seq.seq_id] = (result.token_offsets[j], kept)
             positions[item.seq.seq_id] = item.seq.num_computed
             seqs[item.seq.seq_id] = item.seq
-        # EAGLE-3 (spec/mtp.py Eagle3Proposer): the model's own capture of the layers' inputs, as
-        # vLLM takes them; other proposers: the runner's hooks on aux_hidden_layers' outputs
-        aux = result.aux if result.aux is not None else list(result.aux_hidden)
-        return TargetHidden(result.hidden, rows, positions, aux, seqs=seqs)
+        # the residual stream entering the proposer's aux_hidden_layers (the model's own capture)
+        return TargetHidden(result.hidden, rows, positions, list(result.aux or ()), seqs=seqs)
 
     # -- stats ---------------------------------------------------------------------------
     def record(self, batch: SchedulerOutput, result: ModelOutput, stats: IterationStats) -> None:

@@ -30,7 +30,7 @@ import torch
 
 from models.layers.paged import AttentionMetadata
 from server.engine.native.spec.config import SpeculativeConfig
-from server.engine.native.spec.proposer import Draft, DraftRequest, Proposer, TargetHidden
+from server.engine.native.spec.proposer import Draft, DraftRequest, Proposer, TargetHidden, scratch_blocks
 
 
 class MTPProposer(Proposer):
@@ -47,7 +47,8 @@ class MTPProposer(Proposer):
         self.block_size = block_size
         self.pool_blocks = num_blocks  # the target's; the scratch blocks come after them
         # scratch blocks for the chained drafts past a sequence's blocks: per sequence of a step
-        self.scratch_per_seq = -(-self.k // block_size) + 1
+        self.scratch_per_seq = scratch_blocks(self.k, block_size)
+        self.rows_max = self.k + 1  # ingested as one-token rows up to this many tokens (_meta)
         self.kv_caches = mtp.allocate_kv_cache(num_blocks + max_num_seqs * self.scratch_per_seq, block_size)
         self.device = target.embed.weight.device
         self.generator = torch.Generator(device=self.device)
@@ -55,25 +56,30 @@ class MTPProposer(Proposer):
         self.totals = {"ingested_tokens": 0}
 
     def _meta(self, lens: list[int], starts: list[int], tables: list[list[int]]) -> tuple[AttentionMetadata, list[int]]:
-        """Metadata for sequences computing `lens[i]` tokens from position `starts[i]` (one-token
-        sequences first, as the attention expects), and their flat slots in that order."""
+        """Metadata for sequences computing `lens[i]` tokens from position `starts[i]`, and their
+        flat slots in that order. A sequence of up to `rows_max` tokens (the accepted drafts and
+        the bonus token of a verify step) runs as that many one-token decode rows, each attending
+        up to its own position (as the target's verify step runs drafts: the decode path, no
+        per-chunk work); such sequences come first (the attention's decode rows lead)."""
         bs = self.block_size
-        loc, seq_lens, slots = [0], [], []
+        loc, seq_lens, slots, rows = [0], [], [], []
         for n, s, table in zip(lens, starts, tables):
             slots += [table[p // bs] * bs + p % bs for p in range(s, s + n)]
-            loc.append(loc[-1] + n)
-            seq_lens.append(s + n)
-        width = max(len(t) for t in tables)
-        bt = torch.zeros(len(tables), width, dtype=torch.long)
-        for i, t in enumerate(tables):
-            bt[i, : len(t)] = torch.tensor(t, dtype=torch.long)
-        nd = sum(1 for n in lens if n == 1)
+            for q in range(n) if n <= self.rows_max else (n - 1,):
+                loc.append(loc[-1] + (1 if n <= self.rows_max else n))
+                seq_lens.append(s + q + 1)
+                rows.append(table)
+        nd = 0
+        while nd + 1 < len(loc) and loc[nd + 1] - loc[nd] == 1:
+            nd += 1
+        width = max(len(t) for t in rows)
         dev = self.device
         meta = AttentionMetadata(
             num_decodes=nd, query_start_loc=loc, seq_lens=seq_lens,
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev), block_tables=bt.to(dev),
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            block_tables=torch.tensor([t + [0] * (width - len(t)) for t in rows], dtype=torch.long, device=dev),
             decode_seq_lens=torch.tensor(seq_lens[:nd], dtype=torch.long, device=dev),
-            state_slots=torch.zeros(len(lens), dtype=torch.long, device=dev))
+            state_slots=torch.zeros(len(rows), dtype=torch.long, device=dev))
         return meta, slots
 
     # -- what differs between MTP layers and EAGLE-3 heads ----------------------------------------
@@ -115,7 +121,7 @@ class MTPProposer(Proposer):
             items.append((seq, first, count, start))
         if not items:
             return drafts
-        items.sort(key=lambda it: it[2] != 1)
+        items.sort(key=lambda it: it[2] > self.rows_max)  # (decode rows first: _meta)
         dev = self.device
         ids = torch.tensor([t for seq, _, c, s in items for t in seq.token_ids[s + 1: s + 1 + c]], dtype=torch.long,
                            device=dev)
@@ -125,13 +131,15 @@ class MTPProposer(Proposer):
                              [seq.blocks.table for seq, *_ in items])
         out, head_in = self._run(ids, positions, self._target_states(target).index_select(0, rows), meta, 0)
         self.totals["ingested_tokens"] += len(ids)
-        ends = torch.tensor(meta.query_start_loc[1:], dtype=torch.long, device=dev) - 1
+        ends, end = [], 0  # each item's last row
+        for _, _, c, _ in items:
+            end += c
+            ends.append(end - 1)
         live = [(j, want[seq.seq_id]) for j, (seq, _, c, s) in enumerate(items)
                 if seq.seq_id in want and s + c == len(seq.token_ids) - 1]
         if not live:
             return drafts
-        sel = torch.tensor([j for j, _ in live], dtype=torch.long, device=dev)
-        last = ends.index_select(0, sel)
+        last = torch.tensor([ends[j] for j, _ in live], dtype=torch.long, device=dev)
         hidden = out.index_select(0, last)  # [n, H]: what a chained step is fed
         logits = self._logits(head_in.index_select(0, last), 0)
         probs: dict[int, list[torch.Tensor]] = {}
@@ -189,13 +197,13 @@ class Eagle3Proposer(MTPProposer):
         cfg = target.config
         dev, dtype = target.embed.weight.device, target.embed.weight.dtype
         self.head = load_eagle3(str(config.model), cfg.num_layers, cfg.hidden_size, cfg.vocab_size, dtype, dev)
-        # the residual stream entering these layers (vLLM's convention), kept by the model's own
-        # capture (not the runner's hooks on layer outputs: `aux_hidden_layers` stays ())
-        self.target_aux_layers = tuple(sorted(self.head.config.aux_layers(cfg.num_layers)))
-        target.aux_hidden_layers = self.target_aux_layers
+        # the residual stream entering these layers (vLLM's convention): the engine has the model
+        # keep them (ModelRunner.keep_aux_hidden -> MoEForCausalLM.aux_hidden_layers)
+        self.aux_hidden_layers = tuple(sorted(self.head.config.aux_layers(cfg.num_layers)))
         self.target, self.k, self.block_size = target, config.num_speculative_tokens, block_size
         self.pool_blocks = num_blocks
-        self.scratch_per_seq = -(-self.k // block_size) + 1
+        self.scratch_per_seq = scratch_blocks(self.k, block_size)
+        self.rows_max = 1  # its attention loops over sequences: verified runs stay one sequence each
         self.head_cache = self.head.allocate_kv_cache(num_blocks + max_num_seqs * self.scratch_per_seq, block_size)
         self.device = dev
         self.generator = torch.Generator(device=dev)

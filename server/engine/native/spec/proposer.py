@@ -20,9 +20,10 @@ after the step's tokens were appended, for the running sequences that decode nex
 - `target` (a `TargetHidden`, only when the proposer sets `wants_hidden_states = True`): the
   target model's hidden states of the step that just ran, for MTP / EAGLE-3 heads:
   `hidden` [T, hidden] are the forward's output (after the final norm, what `compute_logits`
-  reads), `aux` the outputs of the decoder layers listed in `aux_hidden_layers` (EAGLE-3:
-  e.g. (2, L // 2, L - 3); distinct and increasing; captured by forward hooks, so decode steps
-  then run without CUDA graphs), same rows as `hidden`; `rows[seq_id] = (first, count)` are the rows of `hidden` that
+  reads), `aux` the residual stream entering each decoder layer listed in `aux_hidden_layers`
+  (EAGLE-3: e.g. (2, L // 2, L - 3), vLLM's convention; distinct and increasing; kept by the
+  model's forward, `MoEForCausalLM.aux_hidden_layers`, so decode steps then run without CUDA
+  graphs), same rows as `hidden`; `rows[seq_id] = (first, count)` are the rows of `hidden` that
   belong to that sequence and whose tokens stay (a verify step's rejected drafts are cut off):
   row `first + i` holds the state at position `positions[seq_id] + i`, whose next token is
   `seq.token_ids[positions[seq_id] + i + 1]` (tests/engine/test_spec_decode.py checks this
@@ -58,6 +59,11 @@ if TYPE_CHECKING:
     from server.engine.native.sequence import Sequence
 
 
+def scratch_blocks(k: int, block_size: int) -> int:
+    """Blocks past a sequence's own that an MTP layer / EAGLE-3 head writes its chained drafts' KV to."""
+    return -(-k // block_size) + 1
+
+
 @dataclass
 class DraftRequest:
     seq: Sequence
@@ -75,7 +81,7 @@ class TargetHidden:
     hidden: torch.Tensor  # [T, hidden]: the step's final hidden states (after the final norm)
     rows: dict[int, tuple[int, int]]  # seq_id -> (first row, count) of its kept tokens
     positions: dict[int, int]  # seq_id -> the position of its row `first`
-    aux: list[torch.Tensor] = field(default_factory=list)  # [T, hidden] per aux_hidden_layers entry
+    aux: list[torch.Tensor] = field(default_factory=list)  # [T, hidden] per aux_hidden_layers entry (its input)
     seqs: dict[int, Sequence] = field(default_factory=dict)  # seq_id -> its Sequence (every row's owner)
 
 
@@ -84,7 +90,7 @@ class Proposer:
 
     method: str = ""
     wants_hidden_states: bool = False  # receive TargetHidden (MTP, EAGLE-3)
-    aux_hidden_layers: tuple[int, ...] = ()  # decoder layers whose outputs go into TargetHidden.aux
+    aux_hidden_layers: tuple[int, ...] = ()  # decoder layers whose inputs go into TargetHidden.aux
 
     def propose(self, requests: list[DraftRequest], target: TargetHidden | None) -> list[Draft]:
         raise NotImplementedError

@@ -65,7 +65,7 @@ ARCHITECTURES = {"llama": "MixtralForCausalLM", "qwen2moe": "Qwen2MoeForCausalLM
                  "qwen3moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM"}
 FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 # ggml block type -> our packed format (the same block content: models/kernels/quant.py)
-PACKED = {"Q8_0": "int8", "Q4_0": "int4", "Q4_1": "int4_zp"}
+PACKED = {"Q8_0": "int8", "Q4_0": "int4", "Q4_1": "int4_zp", "Q4_K": "int4_zp"}
 # bytes of a 32-block: fp16 d [, fp16 m], values
 _BLOCK = {"Q8_0": (34, 1), "Q4_0": (18, 1), "Q4_1": (20, 2)}
 _WIDTH = {"int4": 0, "int4_zp": 1, "int8": 2}  # the widest format holds the others' values best
@@ -508,10 +508,12 @@ class GGUFCheckpoint:
             raise CheckpointError(f"GGUF {self.path!r} does not fit {self.architecture}: " + "; ".join(problems))
 
     def _blocks(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """A Q8_0 / Q4_0 / Q4_1 tensor's (values [..., rows, K or K/2] uint8, fp16 d [..., rows, K/32],
-        fp16 m or None): the blocks' bytes, de-interleaved."""
+        """A Q8_0 / Q4_0 / Q4_1 / Q4_K tensor's (values [..., rows, K or K/2] uint8, fp16 d
+        [..., rows, K/32], fp16 m or None): the blocks' bytes, de-interleaved."""
         t = self.tensors[name]
         kind = t.kind
+        if kind == "Q4_K":
+            return self._q4_k(name)
         size, halves = _BLOCK[kind]
         *lead, K = self.shape(name)
         with warnings.catch_warnings():  # a read-only view of the file's map: only read, copied out
@@ -521,6 +523,36 @@ class GGUFCheckpoint:
         m = raw[..., 2:4].contiguous().view(torch.float16).reshape(*lead, K // GROUP) if halves == 2 else None
         q = raw[..., 2 * halves:].reshape(*lead, -1)
         return q, d, m
+
+    def _q4_k(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A Q4_K tensor as `int4_zp` groups of 32: (nibbles [..., rows, K/2], d, m fp16 [..., K/32]).
+
+        A Q4_K super-block of 256 (144 bytes: fp16 d and dmin, 12 bytes of eight 6-bit scales sc
+        and minimums mn, 128 bytes of 4-bit values) holds 8 sub-blocks of 32 with
+        w = (d * sc) * q - (dmin * mn): each sub-block is an int4_zp group with d' = d * sc and
+        m' = -dmin * mn. The values are the file's (only their nibble order changes: ggml puts
+        sub-blocks 2c and 2c + 1 in the low and high nibbles of the same 32 bytes, ours elements
+        i and i + 16 of a group in one byte). d' and m' are computed exactly in float32 (an 11-bit
+        fp16 times a 6-bit integer) and rounded to float16 once: |d' - d*sc| <= 2^-11 |d*sc|
+        (2^-25 below fp16's normal range), m' alike, so each weight is within
+        15 |d' - d*sc| + |m' - dmin*mn| of the file's dequantization (not bit-exact)."""
+        from gguf.quants import Q4_K
+
+        t = self.tensors[name]
+        *lead, K = self.shape(name)
+        nb = K // 256
+        raw = np.asarray(t.data).reshape(-1, 144)
+        d = raw[:, 0:2].copy().view(np.float16).astype(np.float32)  # [B, 1]
+        dmin = raw[:, 2:4].copy().view(np.float16).astype(np.float32)
+        sc, mn = Q4_K.get_scale_min(raw[:, 4:16])  # [B, 8] each, 0..63
+        scale = torch.from_numpy(d * sc.astype(np.float32)).half()
+        mins = torch.from_numpy(-(dmin * mn.astype(np.float32))).half()
+        if not bool(torch.isfinite(scale).all() and torch.isfinite(mins).all()):
+            raise GGUFError(f"{self.path}: {name}: a Q4_K sub-block scale outside float16's range")
+        qs = torch.from_numpy(raw[:, 16:].copy()).reshape(-1, 4, 32)  # [B, chunk, 32]
+        vals = torch.stack((qs & 0x0F, qs >> 4), dim=2).reshape(-1, 8, 32)  # [B, sub-block, 32]
+        packed = vals[..., :16] | (vals[..., 16:] << 4)  # [B, 8, 16]
+        return (packed.reshape(*lead, nb * 128), scale.reshape(*lead, nb * 8), mins.reshape(*lead, nb * 8))
 
     def _float(self, name: str, into: str | None) -> torch.Tensor:
         """A tensor as float32 (float types as stored; block types dequantized by the gguf package,

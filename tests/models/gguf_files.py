@@ -133,6 +133,8 @@ def write_gguf(hf_dir: Path, path: Path, qtype=Q.F32, tokenizer_dir: Path | None
             w.add_tensor(name, t.astype(np.int32))
         elif qt == Q.Q6_K:  # the gguf package has no quantizer for it: random blocks of the tensor's scale
             w.add_tensor(name, q6_k_blocks(t), raw_dtype=qt)
+        elif qt == Q.Q4_K:  # nor for this one
+            w.add_tensor(name, q4_k_blocks(t), raw_dtype=qt)
         else:
             w.add_tensor(name, gguf.quants.quantize(t.astype(np.float32), qt), raw_dtype=qt)
         written[name] = qt
@@ -154,6 +156,23 @@ def q6_k_blocks(t: np.ndarray, seed: int = 0) -> np.ndarray:
     d = (np.abs(t).max() / (32 * 32)).astype(np.float16)
     blocks[..., 208:210] = np.full((*lead, nb, 1), d, dtype=np.float16).view(np.uint8)
     return blocks.reshape(*lead, nb * 210)
+
+
+def q4_k_blocks(t: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Valid Q4_K blocks (144 bytes per 256 weights: fp16 d and dmin, 12 bytes of 6-bit scales and
+    minimums, 4-bit values) of random values about as large as `t`'s: every byte pattern of the
+    scales and values is valid; d and dmin positive, sized so w = d*sc*q - dmin*mn spans about
+    +-max|t| (sc, mn up to 63, q up to 15)."""
+    rng = np.random.default_rng(seed)
+    *lead, K = t.shape
+    nb = K // 256
+    blocks = rng.integers(0, 256, size=(*lead, nb, 144), dtype=np.uint8)
+    top = float(np.abs(t).max())
+    d = (top / (63 * 15) * rng.uniform(0.5, 2, size=(*lead, nb, 1))).astype(np.float16)
+    dmin = (top / 63 * rng.uniform(0.5, 2, size=(*lead, nb, 1))).astype(np.float16)
+    blocks[..., 0:2] = d.view(np.uint8)
+    blocks[..., 2:4] = dmin.view(np.uint8)
+    return blocks.reshape(*lead, nb * 144)
 
 
 def add_tokenizer(w: gguf.GGUFWriter, tok_dir: Path) -> None:

@@ -62,7 +62,9 @@ log = logging.getLogger(__name__)
 
 # llama.cpp `general.architecture` -> the transformers architecture our families serve
 ARCHITECTURES = {"llama": "MixtralForCausalLM", "qwen2moe": "Qwen2MoeForCausalLM",
-                 "qwen3moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM"}
+                 "qwen3moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM",
+                 # V2 (softmax routing) or V3 (sigmoid with exp_probs_b): decided per file
+                 "deepseek2": "DeepseekV2ForCausalLM", "gpt-oss": "GptOssForCausalLM"}
 FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 # ggml block type -> our packed format (the same block content: models/kernels/quant.py)
 PACKED = {"Q8_0": "int8", "Q4_0": "int4", "Q4_1": "int4_zp", "Q4_K": "int4_zp"}
@@ -84,6 +86,18 @@ _NAMES = [
     (r"model\.layers\.(\d+)\.mlp\.shared_expert_gate\.weight", r"blk.\1.ffn_gate_inp_shexp.weight"),
     (r"model\.layers\.(\d+)\.mlp\.shared_expert\.(gate|up|down)_proj\.weight", r"blk.\1.ffn_\2_shexp.weight"),
     (r"model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight", r"blk.\1.ffn_\2.weight"),
+    # DeepSeek-V2/V3 (MLA, shared experts, the router's correction bias)
+    (r"model\.layers\.(\d+)\.self_attn\.q_a_proj\.weight", r"blk.\1.attn_q_a.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.q_b_proj\.weight", r"blk.\1.attn_q_b.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.q_a_layernorm\.weight", r"blk.\1.attn_q_a_norm.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.kv_a_proj_with_mqa\.weight", r"blk.\1.attn_kv_a_mqa.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.kv_a_layernorm\.weight", r"blk.\1.attn_kv_a_norm.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.kv_b_proj\.weight", r"blk.\1.attn_kv_b.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.shared_experts\.(gate|up|down)_proj\.weight", r"blk.\1.ffn_\2_shexp.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.gate\.e_score_correction_bias", r"blk.\1.exp_probs_b.bias"),
+    # gpt-oss (its experts: `_gpt_oss_experts`)
+    (r"model\.layers\.(\d+)\.self_attn\.sinks", r"blk.\1.attn_sinks.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.router\.(weight|bias)", r"blk.\1.ffn_gate_inp.\2"),
 ]
 _EXPERT = re.compile(r"model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.experts\.\d+\.(w1|w2|w3|gate_proj|up_proj|"
                      r"down_proj)\.weight")
@@ -252,6 +266,22 @@ def _hf_name_to_gguf(name: str) -> tuple[str, bool]:
     raise GGUFError(f"no llama.cpp tensor name for {name}")
 
 
+def _gpt_oss_experts(cfg: MoEModelConfig) -> dict[str, list[tuple[str, tuple]]]:
+    """gpt-oss's experts as llama.cpp stores them (gate and up split out of gpt-oss's interleaved
+    gate_up, each [E, I, H], down [E, H, I], and their biases [E, I] / [E, H]) -> our w13
+    [E, 2I, H + 1] (gate rows, up rows, the bias as the last column) and w2 [E, H, I + 1]."""
+    H, inter, all_ = cfg.hidden_size, cfg.moe_intermediate_size, slice(None)
+    out = {}
+    for i in range(cfg.num_layers):
+        w13, w2, blk = f"layers.{i}.moe.w13", f"layers.{i}.moe.w2", f"blk.{i}"
+        for kind, rows in (("gate", slice(0, inter)), ("up", slice(inter, 2 * inter))):
+            out[f"{blk}.ffn_{kind}_exps.weight"] = [(w13, (all_, rows, slice(0, H)))]
+            out[f"{blk}.ffn_{kind}_exps.bias"] = [(w13, (all_, rows, H))]
+        out[f"{blk}.ffn_down_exps.weight"] = [(w2, (all_, all_, slice(0, inter)))]
+        out[f"{blk}.ffn_down_exps.bias"] = [(w2, (all_, all_, inter))]
+    return out
+
+
 def _f32(value: float) -> float:
     """A float32 metadata value as the decimal it was written from (1e-05, not 9.99999974e-06)."""
     return float(str(np.float32(value)))
@@ -282,6 +312,9 @@ class GGUFCheckpoint:
             raise GGUFError(f"{path}: GGUF architecture {self.arch!r} is not supported; supported: "
                             f"{', '.join(ARCHITECTURES)} (llama with experts: Mixtral)")
         self.architecture = ARCHITECTURES[self.arch]
+        if self.arch == "deepseek2" and (any(n.endswith(".exp_probs_b.bias") for n in self.tensors)
+                                         or self.arch_field("expert_gating_func") == 2):
+            self.architecture = "DeepseekV3ForCausalLM"
         self._check_types()
 
     def field(self, key: str, default: Any = None) -> Any:
@@ -334,14 +367,7 @@ class GGUFCheckpoint:
         if not experts:
             raise GGUFError(f"{self.path}: no {self.arch}.expert_count: a dense model (moe-serve serves "
                             f"mixture-of-experts models)")
-        scaling = a("rope.scaling.type")
-        if scaling not in (None, "none"):
-            raise GGUFError(f"{self.path}: rope scaling {scaling!r} ({self.arch}.rope.scaling.type) is not supported")
-        head_dim = a("attention.key_length") or hidden // heads
-        rope_dim = a("rope.dimension_count", head_dim)
-        if rope_dim != head_dim:
-            raise GGUFError(f"{self.path}: partial rotary ({self.arch}.rope.dimension_count {rope_dim} of a head of "
-                            f"{head_dim}) is not supported for {self.arch}")
+        theta = _f32(a("rope.freq_base", 10000.0))
         embd = self.shape("token_embd.weight") if "token_embd.weight" in self.tensors else None
         tokens = self.field("tokenizer.ggml.tokens")
         vocab = embd[0] if embd else a("vocab_size") or (tokens.count if tokens is not None else None)
@@ -351,10 +377,10 @@ class GGUFCheckpoint:
         expert_ffn = a("expert_feed_forward_length") or ffn
         fields: dict[str, Any] = dict(
             vocab_size=vocab, hidden_size=hidden, num_hidden_layers=num_layers, num_attention_heads=heads,
-            num_key_value_heads=kv_heads or heads, head_dim=head_dim,
+            num_key_value_heads=kv_heads or heads,
             rms_norm_eps=_f32(a("attention.layer_norm_rms_epsilon", 1e-6)),
             max_position_embeddings=a("context_length", 4096),
-            rope_parameters={"rope_type": "default", "rope_theta": _f32(a("rope.freq_base", 10000.0))},
+            rope_parameters=self._rope(theta),
             tie_word_embeddings="output.weight" not in self.tensors,
             bos_token_id=self.field("tokenizer.ggml.bos_token_id"),
             # llama.cpp ends generation at any end-of-generation token: end of text, of turn, of message
@@ -362,12 +388,28 @@ class GGUFCheckpoint:
                           is not None] or None,
             pad_token_id=self.field("tokenizer.ggml.padding_token_id"),
         )
+        if self.arch == "deepseek2":
+            fields.update(self._deepseek2_fields(ffn, expert_ffn, experts, used))
+        elif self.arch == "gpt-oss":
+            head_dim = a("attention.key_length") or hidden // heads
+            fields.update(head_dim=head_dim, intermediate_size=expert_ffn, num_local_experts=experts,
+                          num_experts_per_tok=used, sliding_window=a("attention.sliding_window"),
+                          attention_bias=bias,
+                          # not in the file: llama.cpp's gpt-oss graph clamps at 7.0 (the released models')
+                          swiglu_limit=_f32(a("swiglu_clamp_exp", 7.0)))
+        else:
+            head_dim = a("attention.key_length") or hidden // heads
+            rope_dim = a("rope.dimension_count", head_dim)
+            if rope_dim != head_dim:
+                raise GGUFError(f"{self.path}: partial rotary ({self.arch}.rope.dimension_count {rope_dim} of a head "
+                                f"of {head_dim}) is not supported for {self.arch}")
+            fields["head_dim"] = head_dim
         if self.arch == "llama":
             if dense:
                 raise GGUFError(f"{self.path}: llama layers without experts ({dense[:4]}): not a Mixtral checkpoint")
             fields.update(intermediate_size=expert_ffn, num_local_experts=experts, num_experts_per_tok=used,
                           sliding_window=None)
-        else:
+        elif self.arch in ("qwen2moe", "qwen3moe", "olmoe"):
             fields.update(num_experts=experts, num_experts_per_tok=used, moe_intermediate_size=expert_ffn,
                           mlp_only_layers=dense, decoder_sparse_step=1,
                           intermediate_size=ffn if self.arch != "olmoe" else expert_ffn)
@@ -395,6 +437,59 @@ class GGUFCheckpoint:
         cfg.extra["gguf"] = self.path
         return cfg
 
+    def _rope(self, theta: float) -> dict[str, Any]:
+        """rope_parameters from `<arch>.rope.*`: default, or YaRN for deepseek2 and gpt-oss."""
+        a = self.arch_field
+        scaling = a("rope.scaling.type")
+        if scaling in (None, "none"):
+            return {"rope_type": "default", "rope_theta": theta}
+        if scaling != "yarn" or self.arch not in ("deepseek2", "gpt-oss"):
+            raise GGUFError(f"{self.path}: rope scaling {scaling!r} ({self.arch}.rope.scaling.type) is not supported "
+                            f"for {self.arch} (YaRN is, for deepseek2 and gpt-oss)")
+        params = dict(rope_type="yarn", rope_theta=theta, factor=_f32(a("rope.scaling.factor")),
+                      original_max_position_embeddings=a("rope.scaling.original_context_length"),
+                      beta_fast=_f32(a("rope.scaling.yarn_beta_fast", 32.0)),
+                      beta_slow=_f32(a("rope.scaling.yarn_beta_slow", 1.0)))
+        if (attn := a("rope.scaling.yarn_attn_factor")) is not None:
+            params["attention_factor"] = _f32(attn)
+        if self.arch == "deepseek2" and (log_mul := a("rope.scaling.yarn_log_multiplier")) is not None:
+            # llama.cpp's converter writes 0.1 * mscale_all_dim; the released models have mscale equal to it
+            params["mscale"] = params["mscale_all_dim"] = _f32(log_mul / 0.1)
+        if self.arch == "gpt-oss":
+            params["truncate"] = False  # gpt-oss's own YaRN (its config.json); llama.cpp rounds the ramp's ends
+        return params
+
+    def _deepseek2_fields(self, ffn: int, expert_ffn: int, experts: int, used: int) -> dict[str, Any]:
+        """DeepSeek-V2/V3's MLA and routing fields from llama.cpp's `deepseek2` metadata (written for
+        MLA as MQA: head_count_kv 1 and, in newer files, key/value lengths of the latent)."""
+        a = self.arch_field
+        heads, rope = a("attention.head_count"), a("rope.dimension_count")
+        kv_rank = a("attention.kv_lora_rank")
+        key = a("attention.key_length_mla") or a("attention.key_length")
+        value = a("attention.value_length_mla") or a("attention.value_length")
+        if not all(isinstance(v, int) and v > 0 for v in (rope, kv_rank, key, value)) or key <= rope:
+            raise GGUFError(f"{self.path}: deepseek2 metadata without a valid MLA shape (attention.kv_lora_rank "
+                            f"{kv_rank}, key_length(_mla) {key}, value_length(_mla) {value}, rope.dimension_count {rope})")
+        gating = a("expert_gating_func")
+        v3 = self.architecture == "DeepseekV3ForCausalLM"
+        if gating is not None and gating != (2 if v3 else 1):
+            raise GGUFError(f"{self.path}: deepseek2 with expert_gating_func {gating} "
+                            f"{'and' if v3 else 'without'} exp_probs_b (router correction biases) is not supported")
+        groups, used_groups = a("expert_group_count", 1) or 1, a("expert_group_used_count", 1) or 1
+        out = dict(q_lora_rank=a("attention.q_lora_rank") or None, kv_lora_rank=kv_rank, qk_rope_head_dim=rope,
+                   qk_nope_head_dim=key - rope, v_head_dim=value, num_key_value_heads=heads,
+                   intermediate_size=ffn, moe_intermediate_size=expert_ffn, n_routed_experts=experts,
+                   num_experts_per_tok=used, n_shared_experts=a("expert_shared_count", 0),
+                   first_k_dense_replace=a("leading_dense_block_count", 0),
+                   routed_scaling_factor=_f32(a("expert_weights_scale", 1.0)) or 1.0,
+                   norm_topk_prob=bool(a("expert_weights_norm", False)), n_group=groups, topk_group=used_groups,
+                   attention_bias=False)
+        if v3:
+            out.update(scoring_func="sigmoid", topk_method="noaux_tc", rope_interleave=True)
+        else:
+            out.update(scoring_func="softmax", topk_method="group_limited_greedy" if groups > 1 else "greedy")
+        return out
+
     def float_dtype(self) -> str:
         """The dtype of the file's float matrices (the checkpoint dtype `--dtype auto` starts from)."""
         kinds = Counter(t.kind for t in self.tensors.values() if len(t.shape) >= 2)
@@ -403,27 +498,52 @@ class GGUFCheckpoint:
 
     # --- weights ----------------------------------------------------------------------------------
 
-    def entries(self, weight_map: WeightMap) -> dict[str, list[tuple[str, tuple]]]:
+    def entries(self, weight_map: WeightMap, cfg: MoEModelConfig) -> dict[str, list[tuple[str, tuple]]]:
         """llama.cpp tensor name -> [(our parameter, index)] from the family's weight map: an
         experts stack fills the same rows of every expert at once."""
         out: dict[str, list[tuple[str, tuple]]] = {}
         for name, entry in weight_map.items():
+            if self.arch == "gpt-oss" and ".mlp.experts." in name:
+                continue  # stored per expert kind by llama.cpp: below
             if len(entry) > 2:
                 raise GGUFError(f"{name}: a transformed checkpoint tensor, not supported in GGUF import")
             param, index = entry[0], tuple(entry[1])
             gname, stacked = _hf_name_to_gguf(name)
+            if self.arch == "gpt-oss":  # its post_attention_layernorm is the pre-FFN norm; llama.cpp's name
+                gname = gname.replace(".ffn_norm.", ".post_attention_norm.")
             if stacked:  # (expert, rows...) -> (all experts, rows...)
                 index = (slice(None),) + index[1:] if len(index) > 1 else ()
             target = (param, index)
             if target not in out.setdefault(gname, []):
                 out[gname].append(target)
+        if self.arch == "gpt-oss":
+            out.update(_gpt_oss_experts(cfg))
         return out
+
+    def _derived_from(self, gname: str) -> tuple[str, ...]:
+        """The file's tensors `derived(gname)` builds `gname` from; () if it cannot."""
+        if not gname.endswith(".attn_kv_b.weight"):
+            return ()
+        names = gname.replace("attn_kv_b", "attn_k_b"), gname.replace("attn_kv_b", "attn_v_b")
+        return names if all(n in self.tensors for n in names) else ()
+
+    def derived(self, gname: str) -> torch.Tensor:
+        """A tensor the file holds in another form, as float32: DeepSeek's `attn_kv_b` [H * (nope + v),
+        rank], which newer llama.cpp writes split as `attn_k_b` [H, rank, nope] (transposed, for MLA's
+        weight absorption) and `attn_v_b` [H, v, rank]."""
+        k_name, v_name = self._derived_from(gname)
+        k_b, v_b = self._float(k_name, None), self._float(v_name, None)
+        if k_b.dim() != 3 or v_b.dim() != 3 or k_b.shape[:2] != (v_b.shape[0], v_b.shape[2]):
+            raise GGUFError(f"{self.path}: {k_name} {tuple(k_b.shape)} and {v_name} {tuple(v_b.shape)} do not "
+                            f"make one kv_b ([heads, rank, nope] and [heads, v, rank])")
+        kv = torch.cat((k_b.transpose(1, 2), v_b), dim=1)  # [H, nope + v, rank]
+        return kv.reshape(-1, kv.shape[-1])
 
     def plan_formats(self, cfg: MoEModelConfig, weight_map: WeightMap,
                      quantizable: dict[str, bool]) -> tuple[dict[str, bool], dict[str, str]]:
         """(which weight groups stay quantized, parameter -> its packed format). A group is kept
         quantized when its tensors are not all float (and our kernels run it: `quantizable`)."""
-        entries = self.entries(weight_map)
+        entries = self.entries(weight_map, cfg)
         parts: dict[str, list[str]] = {}  # parameter -> the types of the tensors filling it
         for gname, targets in entries.items():
             if gname in self.tensors:
@@ -451,18 +571,23 @@ class GGUFCheckpoint:
         checking the file against the weight map both ways."""
         from models.loader import CheckpointError
 
-        entries = self.entries(weight_map)
-        params = dict(model.named_parameters(remove_duplicate=False))
         cfg = model.config
-        unexpected = sorted(set(self.tensors) - set(entries))  # rope_freqs (llama 3 rope scaling) too
-        missing = sorted(set(entries) - set(self.tensors))
+        entries = self.entries(weight_map, cfg)
+        params = dict(model.named_parameters(remove_duplicate=False))
+        derived = {g: src for g in set(entries) - set(self.tensors) if (src := self._derived_from(g))}
+        parts = {p for used in derived.values() for p in used}
+        # rope_freqs (llama 3 rope scaling) is unexpected too
+        unexpected = sorted(set(self.tensors) - set(entries) - parts)
+        missing = sorted(set(entries) - set(self.tensors) - set(derived))
         mismatched, non_finite = [], []
         for gname, targets in entries.items():
-            if gname not in self.tensors:
+            if gname in derived:
+                w = self.derived(gname)
+                kind, shape = "derived", tuple(w.shape)
+            elif gname in self.tensors:
+                kind, shape = self.tensors[gname].kind, self.shape(gname)
+            else:
                 continue
-            t = self.tensors[gname]
-            kind = t.kind
-            shape = self.shape(gname)
             heads = None
             if self.arch == "llama" and gname.endswith(("attn_q.weight", "attn_k.weight")):
                 heads = cfg.num_heads if ".attn_q." in gname else cfg.num_kv_heads
@@ -481,7 +606,8 @@ class GGUFCheckpoint:
                     if m is not None:
                         qw.mins[index].copy_(m)
                     continue
-                w = self._float(gname, qw.fmt if qw is not None else None)
+                if gname not in derived:
+                    w = self._float(gname, qw.fmt if qw is not None else None)
                 if heads:
                     w = _unpermute_rows(w, heads)
                 if not bool(torch.isfinite(w).all()):

@@ -83,13 +83,16 @@ def check_memory(model: MoEForCausalLM, device: torch.device, path: str) -> None
             f"{have / 2**30:.1f} GiB available")
 
 
-def quantized_params(model: MoEForCausalLM, plan: KernelPlan) -> list[str]:
-    """The names of the parameters `plan` keeps quantized (--quantization)."""
+def quantized_params(model: MoEForCausalLM, plan: KernelPlan, groups: dict[str, bool] | None = None) -> list[str]:
+    """The names of the parameters `plan` keeps quantized (--quantization; a GGUF file's `groups`)."""
     names = ["lm_head.weight"] if plan.lm_head == LinearLayout.QUANTIZED else []
+    # a layer's `quant` says some group of it is quantized: the experts only if they can be (not
+    # gpt-oss's biased, clamped experts beside quantized attention)
+    experts = quantizable(model.config)["experts"] and (groups is None or bool(groups.get("experts")))
     for i, lk in enumerate(plan.layers):
         if lk.qkv == LinearLayout.QUANTIZED:
             names += [f"layers.{i}.attn.qkv.weight", f"layers.{i}.attn.o_proj.weight"]
-        if lk.quant and lk.moe == MoEKernel.CPU and lk.moe_large is None:
+        if experts and lk.quant and lk.moe == MoEKernel.CPU and lk.moe_large is None:
             names += [f"layers.{i}.moe.w13", f"layers.{i}.moe.w2"]
         if lk.shared == LinearLayout.QUANTIZED:
             names += [f"layers.{i}.moe.shared.w13.weight", f"layers.{i}.moe.shared.w2.weight"]
@@ -166,7 +169,7 @@ def load_model(path: str, dtype: str = "auto", device: str = "auto", progress: b
             mtp_map, own_embed, own_head = mtp_weight_map(family, cfg, n, checkpoint_tensor_names(path))
             predictor = model.mtp = MultiTokenPredictor(cfg, n, model.rotary, own_embed, own_head)
         model = model.to(torch_dtype).restore_fp32_modules()  # no memory yet
-    quantized = quantized_params(model, plan) if plan is not None else []
+    quantized = quantized_params(model, plan, groups if gguf is not None else None) if plan is not None else []
     kept: dict = {}
     if fp8 or (spec is not None and keep_quantized and not quantization and reader_for(spec) is not None):
         kept, fallback = plan_quantized(path, family.weight_map(cfg), spec if keep_quantized else None,

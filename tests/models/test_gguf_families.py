@@ -1,0 +1,126 @@
+"""GGUF import of DeepSeek-V2/V3 (llama.cpp's `deepseek2`) and gpt-oss (`gpt-oss`): tiny random
+checkpoints written as llama.cpp's convert_hf_to_gguf.py writes them (tests/models/gguf_files.py:
+MLA as MQA metadata, kv_b split into k_b / v_b as newer llama.cpp does or whole as older ones,
+exp_probs_b, shared experts, leading dense layers, YaRN; gpt-oss's sinks, biases, gate/up split
+out of its interleaved gate_up, post_attention_norm) load into the same model as the safetensors
+checkpoint:
+
+- F32 files: logits equal (to 1e-5), greedy outputs identical;
+- Q8_0 files: experts and shared experts kept packed (int8), MLA attention dequantized, logits
+  follow a float run of gguf's dequantization; gpt-oss's MXFP4 experts dequantized exactly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from models import load_model
+from models.gguf_loader import GGUFError, GGUFFile
+from tests.conftest import BUNDLED
+from tests.models.conftest import make_checkpoint
+from tests.models.gguf_files import Q, write_gguf
+from tests.models.simple_runner import greedy_generate, prefill_logits
+from tests.models.test_gguf import PROMPTS, SIZES, float_reference, needs_kernels, rel_err
+
+# gpt-oss: the file has no swiglu_limit; llama.cpp (and the importer) use the released 7.0
+FAMILIES = {"deepseek_v2": {}, "deepseek_v3": {}, "gpt_oss": {"swiglu_limit": 7.0}}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    cache = {}
+
+    def get(family: str):
+        if family not in cache:
+            path = tmp_path_factory.mktemp(f"hf-{family}")
+            make_checkpoint(family, path, seed=5, **{**SIZES, **FAMILIES[family]})
+            cache[family] = path
+        return cache[family]
+
+    return get
+
+
+@pytest.mark.parametrize("family,split", [("deepseek_v2", False), ("deepseek_v3", True),
+                                          ("gpt_oss", True)])
+def test_f32_gguf_equals_safetensors(family, split, checkpoints, tmp_path):
+    hf = checkpoints(family)
+    path = tmp_path / "model.gguf"
+    write_gguf(hf, path, Q.F32, tokenizer_dir=BUNDLED, split_kv_b=split)
+    names = set(GGUFFile(str(path)).tensors)
+    if family.startswith("deepseek"):
+        assert ("blk.1.attn_k_b.weight" in names) == split and ("blk.1.attn_kv_b.weight" in names) != split
+        assert ("blk.1.exp_probs_b.bias" in names) == (family == "deepseek_v3")
+    model = load_model(str(path), progress=False)
+    ref = load_model(str(hf), dtype="float32", progress=False)
+    assert model.config.architecture == ref.config.architecture
+    for field in ("mla", "router", "sparse_layers", "rope_scaling", "attn_scale", "rope_style", "swiglu_limit",
+                  "attention_sinks", "expert_bias", "layer_windows", "shared_expert_intermediate_size"):
+        assert getattr(model.config, field, None) == getattr(ref.config, field, None), field
+    for a, b in zip(prefill_logits(model, PROMPTS), prefill_logits(ref, PROMPTS)):
+        assert torch.allclose(a, b, atol=1e-5, rtol=0), float((a - b).abs().max())
+    assert greedy_generate(model, PROMPTS, 6) == greedy_generate(ref, PROMPTS, 6)
+
+
+def test_deepseek_q8_0_experts_packed(checkpoints, tmp_path):
+    """Q8_0 DeepSeek-V3: routed and shared experts stay int8 (the file's blocks), the MLA
+    projections (no quantized kernel) and the dense first layer are dequantized to float."""
+    needs_kernels()
+    hf = checkpoints("deepseek_v3")
+    path = tmp_path / "model.gguf"
+    write_gguf(hf, path, Q.Q8_0, tokenizer_dir=BUNDLED)
+    model = load_model(str(path), progress=False)
+    ref = float_reference(path, hf, tmp_path / "dequantized")
+    assert {"layers.1.moe.w13", "layers.1.moe.w2", "layers.1.moe.shared.w13.weight", "lm_head.weight"} <= set(
+        model.quantized)
+    assert all(q.fmt == "int8" for q in model.quantized.values())
+    assert not any(".attn." in n or ".mlp." in n for n in model.quantized)
+    ref_params = dict(ref.named_parameters())
+    for name, qw in model.quantized.items():
+        assert torch.equal(qw.dequantize(), ref_params[name].float()), name
+    for name, p in model.named_parameters():
+        if not p.is_meta:
+            assert torch.equal(p.float(), ref_params[name].float()), name
+    errs = [rel_err(a[i], b[i]) for a, b in zip(prefill_logits(model, PROMPTS), prefill_logits(ref, PROMPTS))
+            for i in range(a.shape[0])]
+    assert float(np.median(errs)) < 0.03, errs
+
+
+def test_gpt_oss_mxfp4_experts(checkpoints, tmp_path):
+    """gpt-oss as llama.cpp ships it: MXFP4 experts (dequantized exactly at load: its biased,
+    clamped experts have no quantized kernel), Q8_0 attention kept packed."""
+    needs_kernels()
+    hf = checkpoints("gpt_oss")
+    path = tmp_path / "model.gguf"
+    types = {f"blk.{i}.ffn_{k}_exps.weight": Q.MXFP4 for i in range(2) for k in ("gate", "up", "down")}
+    write_gguf(hf, path, Q.Q8_0, tokenizer_dir=BUNDLED, types=types)
+    assert GGUFFile(str(path)).tensors["blk.0.ffn_up_exps.weight"].kind == "MXFP4"
+    model = load_model(str(path), progress=False)
+    ref = float_reference(path, hf, tmp_path / "dequantized")
+    assert set(model.quantized) >= {"layers.0.attn.qkv.weight", "layers.1.attn.o_proj.weight"}
+    assert not any(".moe." in n for n in model.quantized)
+    mine, theirs = dict(model.named_parameters()), dict(ref.named_parameters())
+    for name in ("layers.0.moe.w13", "layers.1.moe.w2", "layers.1.attn.sinks", "layers.0.moe.gate.bias"):
+        assert torch.equal(mine[name], theirs[name]), name
+    errs = [rel_err(a[i], b[i]) for a, b in zip(prefill_logits(model, PROMPTS), prefill_logits(ref, PROMPTS))
+            for i in range(a.shape[0])]
+    assert float(np.median(errs)) < 0.03, errs
+
+
+def test_deepseek_refusals(checkpoints, tmp_path):
+    """A kv_b that is neither whole nor split, and a gating function that does not match the
+    file's router tensors, are refused by name."""
+    import gguf
+
+    hf = checkpoints("deepseek_v3")
+    path = tmp_path / "no-v_b.gguf"
+    write_gguf(hf, path, Q.F32, tokenizer_dir=BUNDLED, drop=("blk.0.attn_v_b.weight",))
+    with pytest.raises(Exception, match=r"missing tensors \(1\): blk\.0\.attn_kv_b\.weight.*unexpected tensors "
+                                        r"\(1\): blk\.0\.attn_k_b\.weight"):
+        load_model(str(path), progress=False)
+    path = tmp_path / "gating.gguf"
+    write_gguf(hf, path, Q.F32, tokenizer_dir=BUNDLED,
+               extra=lambda w: w.add_expert_gating_func(gguf.ExpertGatingFuncType.SOFTMAX))
+    with pytest.raises(GGUFError, match="expert_gating_func 1 and exp_probs_b"):
+        load_model(str(path), progress=False)

@@ -566,9 +566,22 @@ class GGUFCheckpoint:
                 formats[param] = formats[w2] = max(formats[param], formats[w2], key=_WIDTH.__getitem__)
         return groups, formats
 
-    def load(self, model: MoEForCausalLM, weight_map: WeightMap, quantized: dict[str, QuantWeight]) -> None:
-        """Every tensor into its parameter(s) (or, for those in `quantized`, its QuantWeight),
-        checking the file against the weight map both ways."""
+    def mxfp4_params(self, cfg: MoEModelConfig, weight_map: WeightMap, groups: dict[str, bool]) -> list[str]:
+        """The parameters kept as `mxfp4` QTensors (models/quant: the format gpt-oss's own checkpoints
+        keep their experts in): expert stacks whose weight tensors are all MXFP4 in the file and
+        that our int8/int4 kernels do not hold (`groups`: gpt-oss's biased, clamped experts)."""
+        kinds: dict[str, set[str]] = {}
+        for gname, targets in self.entries(weight_map, cfg).items():
+            if gname in self.tensors and gname.endswith(".weight"):
+                for param, _ in targets:
+                    kinds.setdefault(param, set()).add(self.type_name(gname))
+        return sorted(p for p, k in kinds.items() if k == {"MXFP4"} and re.fullmatch(r"layers\.\d+\.moe\.w(13|2)", p)
+                      and not groups.get("experts"))
+
+    def load(self, model: MoEForCausalLM, weight_map: WeightMap, quantized: dict[str, QuantWeight],
+             qparams: dict[str, Any] | None = None) -> None:
+        """Every tensor into its parameter(s) (or, for those in `quantized`, its QuantWeight; in
+        `qparams`, its QParam), checking the file against the weight map both ways."""
         from models.loader import CheckpointError
 
         cfg = model.config
@@ -596,6 +609,13 @@ class GGUFCheckpoint:
                 if shape != dest_shape and not (len(shape) == 1 and int(np.prod(dest_shape)) == shape[0]):
                     mismatched.append(f"{gname}: file {shape} vs expected {dest_shape}")
                     continue
+                qp = (qparams or {}).get(param)
+                if qp is not None:
+                    if kind == "MXFP4":  # the weight's rows: the index without its input columns
+                        qp.write(index[:-1], self._mxfp4(gname))
+                    else:  # an expert bias (the bias column)
+                        qp.write(index, self._float(gname, None).to(qp.bias.dtype))
+                    continue
                 qw = quantized.get(param)
                 if qw is not None and kind in PACKED and PACKED[kind] == qw.fmt:
                     q, d, m = self._blocks(gname)
@@ -605,6 +625,13 @@ class GGUFCheckpoint:
                     qw.scales[index].copy_(d)
                     if m is not None:
                         qw.mins[index].copy_(m)
+                    continue
+                if qw is not None and qw.fmt == "int8" and kind == "MXFP4" and (exact := self._mxfp4_int8(gname)):
+                    q, d = exact  # MXFP4 fits int8 groups of 32 exactly: no re-rounding
+                    if heads:
+                        q, d = _unpermute_rows(q, heads), _unpermute_rows(d, heads)
+                    qw.q[index].copy_(q)
+                    qw.scales[index].copy_(d)
                     continue
                 if gname not in derived:
                     w = self._float(gname, qw.fmt if qw is not None else None)
@@ -679,6 +706,40 @@ class GGUFCheckpoint:
         vals = torch.stack((qs & 0x0F, qs >> 4), dim=2).reshape(-1, 8, 32)  # [B, sub-block, 32]
         packed = vals[..., :16] | (vals[..., 16:] << 4)  # [B, 8, 16]
         return (packed.reshape(*lead, nb * 128), scale.reshape(*lead, nb * 8), mins.reshape(*lead, nb * 8))
+
+    def _mxfp4(self, name: str) -> Any:
+        """An MXFP4 tensor as models/quant's `mxfp4` QTensor, bit for bit: ggml's 17-byte block (E8M0
+        exponent e, then 16 bytes holding element j low and j + 16 high, codes read as twice the
+        E2M1 value times 2^(e - 128)) -> codes with element 2j low and 2j + 1 high, the same E8M0
+        byte (E2M1 value times 2^(e - 127): the same weights)."""
+        from models.quant.formats import MX_GROUP, QTensor, WeightFormat
+
+        t = self.tensors[name]
+        *lead, K = self.shape(name)
+        raw = torch.from_numpy(np.array(t.data)).reshape(*lead, K // MX_GROUP, 17)
+        scale = raw[..., 0].contiguous()
+        qs = raw[..., 1:]
+        codes = torch.stack((qs & 0x0F, qs >> 4), dim=-2).reshape(*lead, K // MX_GROUP, 32)  # element order
+        data = (codes[..., 0::2] | (codes[..., 1::2] << 4)).reshape(*lead, K // 2)
+        return QTensor(WeightFormat.MXFP4, (*lead, K), data.contiguous(), scale, group=MX_GROUP)
+
+    def _mxfp4_int8(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """An MXFP4 tensor as `int8` groups of 32, exactly: ggml's codes are twice the E2M1 values
+        (integers -12..12) times 2^(e - 128), so q = those integers and d = 2^(e - 128) in float16
+        (exact for e - 128 in -24..15). None when some exponent is outside that range."""
+        from gguf.quants import MXFP4
+
+        t = self.tensors[name]
+        *lead, K = self.shape(name)
+        raw = torch.from_numpy(np.array(t.data)).reshape(*lead, K // GROUP, 17)
+        e = raw[..., 0].to(torch.int32) - 128
+        if bool((e < -24).any() or (e > 15).any()):
+            return None
+        lut = torch.tensor(MXFP4.kvalues, dtype=torch.int8)
+        qs = raw[..., 1:]
+        codes = torch.cat((qs & 0x0F, qs >> 4), dim=-1).long()  # element j low, j + 16 high
+        q = lut[codes].reshape(*lead, K).view(torch.uint8)
+        return q, torch.ldexp(torch.ones(()), e.float()).half()
 
     def _float(self, name: str, into: str | None) -> torch.Tensor:
         """A tensor as float32 (float types as stored; block types dequantized by the gguf package,

@@ -88,8 +88,9 @@ def test_deepseek_q8_0_experts_packed(checkpoints, tmp_path):
 
 
 def test_gpt_oss_mxfp4_experts(checkpoints, tmp_path):
-    """gpt-oss as llama.cpp ships it: MXFP4 experts (dequantized exactly at load: its biased,
-    clamped experts have no quantized kernel), Q8_0 attention kept packed."""
+    """gpt-oss as llama.cpp ships it: MXFP4 experts kept as models/quant `mxfp4` QTensors (the
+    format of gpt-oss's own checkpoints; bit for bit, only the nibble order changes), biases
+    beside them; Q8_0 attention kept packed (int8); keep_quantized=False dequantizes them, exactly."""
     needs_kernels()
     hf = checkpoints("gpt_oss")
     path = tmp_path / "model.gguf"
@@ -98,14 +99,22 @@ def test_gpt_oss_mxfp4_experts(checkpoints, tmp_path):
     assert GGUFFile(str(path)).tensors["blk.0.ffn_up_exps.weight"].kind == "MXFP4"
     model = load_model(str(path), progress=False)
     ref = float_reference(path, hf, tmp_path / "dequantized")
+    theirs = dict(ref.named_parameters())
     assert set(model.quantized) >= {"layers.0.attn.qkv.weight", "layers.1.attn.o_proj.weight"}
-    assert not any(".moe." in n for n in model.quantized)
-    mine, theirs = dict(model.named_parameters()), dict(ref.named_parameters())
-    for name in ("layers.0.moe.w13", "layers.1.moe.w2", "layers.1.attn.sinks", "layers.0.moe.gate.bias"):
-        assert torch.equal(mine[name], theirs[name]), name
+    assert sorted(model.qweights) == [f"layers.{i}.moe.{w}" for i in range(2) for w in ("w13", "w2")]
+    for name, qp in model.qweights.items():
+        assert qp.fmt.value == "mxfp4" and torch.equal(qp.dequant(torch.float32), theirs[name].float()), name
+        E, N, K1 = qp.param_shape
+        assert qp.q.nbytes == E * N * (K1 - 1) * 17 // 32  # the file's MXFP4 bytes
+    assert model.kernel_plan.layers[0].experts_format == "mxfp4"
     errs = [rel_err(a[i], b[i]) for a, b in zip(prefill_logits(model, PROMPTS), prefill_logits(ref, PROMPTS))
             for i in range(a.shape[0])]
     assert float(np.median(errs)) < 0.03, errs
+    plain = load_model(str(path), progress=False, keep_quantized=False)
+    mine = dict(plain.named_parameters())
+    assert not plain.qweights
+    for name in ("layers.0.moe.w13", "layers.1.moe.w2", "layers.1.attn.sinks", "layers.0.moe.gate.bias"):
+        assert torch.equal(mine[name], theirs[name]), name
 
 
 def test_deepseek_refusals(checkpoints, tmp_path):

@@ -5,7 +5,8 @@ package's own dequantization (gguf.quants) as the reference:
   weight within the stated bound of the reference, the resident bytes 0.625 per weight;
 - Q6_K dequantized and re-quantized to `int8` groups of 32 (no exact mapping): the error measured
   against the reference stays within int8's half step;
-- MXFP4 (gpt-oss's experts; also any other tensor): dequantized at load, exactly;
+- MXFP4: exactly, as int8 groups of 32 in a packed group (Mixtral's experts here), as float
+  elsewhere (gpt-oss's experts, kept as mxfp4 QTensors: test_gguf_families.py);
 - F16 / BF16 tensors: loaded bit-exactly (the logits equal the float32 file's).
 """
 
@@ -138,13 +139,17 @@ def test_mxfp4_and_float_types_exact(tmp_path):
     # bf16 rounding moves the logits, a little
     assert any(not torch.equal(a, b) for a, b in zip(logits[Q.F16], logits[Q.BF16]))
     path = tmp_path / "mxfp4.gguf"
-    types = {"token_embd.weight": Q.MXFP4, "blk.1.ffn_gate_inp.weight": Q.MXFP4}
+    types = {"token_embd.weight": Q.MXFP4, "blk.1.ffn_gate_inp.weight": Q.MXFP4, "blk.0.ffn_down_exps.weight": Q.MXFP4}
     write_gguf(hf, path, Q.F32, tokenizer_dir=BUNDLED, types=types)
     model = load_model(str(path), progress=False)
     ref = float_reference(path, hf, tmp_path / "ref-mxfp4")
     mine, theirs = dict(model.named_parameters()), dict(ref.named_parameters())
     for name in ("embed.weight", "layers.1.moe.gate.weight"):
         assert torch.equal(mine[name], theirs[name]), name
+    # in a packed group (Mixtral's experts): int8 groups of 32 hold MXFP4 exactly (codes x 2, d = 2^(e-128))
+    w2 = model.quantized["layers.0.moe.w2"]
+    assert w2.fmt == "int8" and torch.equal(w2.dequantize(), theirs["layers.0.moe.w2"].float())
+    assert int(w2.q.view(torch.int8).abs().max()) <= 12
     assert GGUFFile(str(path)).tensors["token_embd.weight"].kind == "MXFP4"
     assert not torch.equal(mine["embed.weight"], dict(load_model(str(hf), progress=False).named_parameters())[
         "embed.weight"])  # it was rounded to MXFP4

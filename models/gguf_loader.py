@@ -104,6 +104,31 @@ _EXPERT = re.compile(r"model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.experts\.
 _EXPERT_KIND = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2": "down", "down_proj": "down"}
 
 
+# llama.cpp pre-tokenizers (`tokenizer.ggml.pre`) that transformers' GGUF builder does not know: the
+# splits of llama-vocab.cpp (the regexes of the models' own tokenizer.json), applied in order, each
+# piece kept, before the byte-level mapping
+_PRE_SPLITS: dict[str, tuple[str, ...]] = {
+    "deepseek-v3": (
+        '\\p{N}{1,3}',
+        '[一-龥\u3040-ゟ゠-ヿ]+',
+        '[!"#$%&\'()*+,\\-./:;<=>?@\\[\\\\\\]^_`{|}~][A-Za-z]+|[^\r\n\\p{L}\\p{'
+        'P}\\p{S}]?[\\p{L}\\p{M}]+| ?[\\p{P}\\p{S}]+[\r\n]*|\\s*[\r\n]+|\\s+(?!\\'
+        'S)|\\s+',
+    ),
+    "deepseek-llm": (
+        '[\r\n]',
+        '\\s?[A-Za-zµÀ-ÖØ-öø-ƺƼ-ƿǄ-ʓʕ-ʯͰ-ͳͶͷͻ-ͽͿΆΈ-ΊΌΎ-ΡΣ-ϵϷ-ҁҊ-ԯԱ-ՖႠ-'
+        'ჅᎠ-Ᏽᏸ-ᏽᲐ-ᲺᲽ-Ჿᴀ-ᴫᵫ-ᵷᵹ-ᶚḀ-ἕἘ-Ἕἠ-ὅὈ-Ὅὐ-ὗὙὛὝὟ-ώᾀ-ᾴᾶ-ᾼιῂ-ῄῆ-ῌῐ-ΐῖ'
+        '-Ίῠ-Ῥῲ-ῴῶ-ῼℂℇℊ-ℓℕℙ-ℝℤΩℨK-ℭℯ-ℴℹℼ-ℿⅅ-ⅉⅎↃↄⰀ-ⱻⱾ-ⳤⳫ-ⳮⳲⳳꙀ-ꙭꚀ-ꚛꜢ-ꝯꝱ'
+        '-ꞇꞋ-ꞎꭰ-ꮿﬀ-ﬆﬓ-ﬗＡ-Ｚａ-ｚ𐐀-𐑏𐒰-𐓓𐓘-𐓻𐲀-𐲲𐳀-𐳲𑢠-𑣟𞤀-𞥃]+',
+        '\\s?[!-/:-~！-／：-～‘-‟\u3000-。]+',
+        '\\s+$',
+        '[一-龥ࠀ-一가-\ud7ff]+',
+        '\\p{N}+',
+    ),
+}
+
+
 class GGUFError(UnsupportedModelError):
     pass
 
@@ -248,6 +273,13 @@ def load_tokenizer(path: str) -> Any:
         data = json.loads(tok.backend_tokenizer.to_str())
         data["added_tokens"] = [t for t in data["added_tokens"] if t["id"] < n]
         tok._tokenizer = Tokenizer.from_str(json.dumps(data))
+    pre = file.fields.get("tokenizer.ggml.pre")
+    if file.fields.get("tokenizer.ggml.model") == "gpt2" and pre in _PRE_SPLITS:
+        from tokenizers import Regex, pre_tokenizers
+
+        tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in _PRE_SPLITS[pre]]
+            + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     known = set(tok.all_special_ids)
     extra = [t.content for i, t in sorted(tok.added_tokens_decoder.items()) if t.special and i not in known]
     if extra:

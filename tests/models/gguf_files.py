@@ -250,8 +250,9 @@ def q4_k_blocks(t: np.ndarray, seed: int = 0) -> np.ndarray:
     return blocks.reshape(*lead, nb * 144)
 
 
-def add_tokenizer(w: gguf.GGUFWriter, tok_dir: Path) -> None:
-    """A byte-level BPE tokenizer.json as llama.cpp's converter stores it (`_set_vocab_gpt2`)."""
+def add_tokenizer(w: gguf.GGUFWriter, tok_dir: Path, pre: str = "gpt-2") -> None:
+    """A byte-level BPE tokenizer.json as llama.cpp's converter stores it (`_set_vocab_gpt2`; `pre`:
+    the pre-tokenizer name the converter recognised from the tokenizer's hash)."""
     tok = json.loads((tok_dir / "tokenizer.json").read_text())
     vocab: dict[str, int] = dict(tok["model"]["vocab"])
     added = {t["id"]: t for t in tok.get("added_tokens", [])}
@@ -271,7 +272,7 @@ def add_tokenizer(w: gguf.GGUFWriter, tok_dir: Path) -> None:
             tokens.append(by_id[i])
             types.append(gguf.TokenType.NORMAL)
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("gpt-2")
+    w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
     w.add_token_types(types)
     gguf.SpecialVocab(tok_dir, load_merges=True, n_vocab=len(tokens)).add_to_gguf(w, quiet=True)

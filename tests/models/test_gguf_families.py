@@ -133,3 +133,41 @@ def test_deepseek_refusals(checkpoints, tmp_path):
                extra=lambda w: w.add_expert_gating_func(gguf.ExpertGatingFuncType.SOFTMAX))
     with pytest.raises(GGUFError, match="expert_gating_func 1 and exp_probs_b"):
         load_model(str(path), progress=False)
+
+
+def test_deepseek_v3_pre_tokenizer(tmp_path):
+    """A GGUF tokenizer whose pre-tokenizer is DeepSeek-V3's (`tokenizer.ggml.pre` deepseek-v3:
+    digits in groups of up to three, CJK runs, ...; transformers' GGUF builder does not know it)
+    tokenizes as the tokenizer.json it was converted from, not as GPT-2's split would."""
+    import json
+    import shutil
+
+    import gguf
+    from tokenizers import Regex, Tokenizer, pre_tokenizers
+    from transformers import AutoTokenizer
+
+    from models.gguf_loader import _PRE_SPLITS, load_tokenizer
+    from tests.models.gguf_files import add_tokenizer
+
+    src = tmp_path / "src"
+    shutil.copytree(BUNDLED, src, ignore=shutil.ignore_patterns("*.safetensors"))
+    tok = Tokenizer.from_file(str(src / "tokenizer.json"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in _PRE_SPLITS["deepseek-v3"]]
+        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    (src / "tokenizer.json").write_text(tok.to_str())
+    for pre, name in (("deepseek-v3", "v3.gguf"), ("gpt-2", "gpt2.gguf")):
+        out = tmp_path / pre
+        out.mkdir()
+        w = gguf.GGUFWriter(str(out / name), "deepseek2")
+        add_tokenizer(w, src, pre=pre)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    ref = AutoTokenizer.from_pretrained(str(src))
+    ours, gpt2 = load_tokenizer(str(tmp_path / "deepseek-v3")), load_tokenizer(str(tmp_path / "gpt-2"))
+    text = "In 2024, 1234567 tokens cost $89.99!\n\n  東京 data-type x=y; 'quoted' ünïcode"
+    assert ours(text).input_ids == ref(text).input_ids
+    assert gpt2(text).input_ids != ref(text).input_ids  # the split matters for this text
+    assert json.loads(ours.backend_tokenizer.to_str())["pre_tokenizer"]["type"] == "Sequence"

@@ -261,9 +261,12 @@ def load_tokenizer(path: str) -> Any:
     # not AutoTokenizer: it reads the file's config too, refusing architectures transformers does not
     # load from GGUF (olmoe); the tokenizer needs only the `tokenizer.*` metadata
     name = kwargs["gguf_file"]
+    fields = GGUFFile(os.path.join(directory, name)).fields
+    if "tokenizer.ggml.tokens" not in fields or fields.get("tokenizer.ggml.model") in (None, "none"):
+        raise GGUFError(f"{path}: the GGUF file has no tokenizer (tokenizer.ggml.tokens / .model): pass "
+                        f"--tokenizer a directory holding one")
     tok = PreTrainedTokenizerFast.from_pretrained(directory, gguf_file=name)
-    file = GGUFFile(os.path.join(directory, name))
-    tokens = file.fields.get("tokenizer.ggml.tokens")
+    tokens = fields.get("tokenizer.ggml.tokens")
     n = tokens.count if isinstance(tokens, SkippedStrings) else len(tok)
     if len(tok) > n:
         # transformers' byte-level builder adds GPT-2's "<|endoftext|>" when the vocabulary lacks it:
@@ -273,8 +276,8 @@ def load_tokenizer(path: str) -> Any:
         data = json.loads(tok.backend_tokenizer.to_str())
         data["added_tokens"] = [t for t in data["added_tokens"] if t["id"] < n]
         tok._tokenizer = Tokenizer.from_str(json.dumps(data))
-    pre = file.fields.get("tokenizer.ggml.pre")
-    if file.fields.get("tokenizer.ggml.model") == "gpt2" and pre in _PRE_SPLITS:
+    pre = fields.get("tokenizer.ggml.pre")
+    if fields.get("tokenizer.ggml.model") == "gpt2" and pre in _PRE_SPLITS:
         from tokenizers import Regex, pre_tokenizers
 
         tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(

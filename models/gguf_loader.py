@@ -406,7 +406,7 @@ class GGUFCheckpoint:
         embd = self.shape("token_embd.weight") if "token_embd.weight" in self.tensors else None
         tokens = self.field("tokenizer.ggml.tokens")
         vocab = embd[0] if embd else a("vocab_size") or (tokens.count if tokens is not None else None)
-        dense = [i for i in range(num_layers) if f"blk.{i}.ffn_gate_exps.weight" not in self.tensors]
+        dense = [i for i in range(num_layers) if f"blk.{i}.ffn_down_exps.weight" not in self.tensors]
         bias = "blk.0.attn_q.bias" in self.tensors
         ffn = a("feed_forward_length")
         expert_ffn = a("expert_feed_forward_length") or ffn
@@ -553,6 +553,32 @@ class GGUFCheckpoint:
                 out[gname].append(target)
         if self.arch == "gpt-oss":
             out.update(_gpt_oss_experts(cfg))
+        return self._fused(out)
+
+    def _fused(self, out: dict[str, list[tuple[str, tuple]]]) -> dict[str, list[tuple[str, tuple]]]:
+        """llama.cpp's optional fused tensors (convert_hf_to_gguf.py --fuse-gate-up-exps, --fuse-qkv):
+        `ffn_gate_up_exps` [E, 2I, H] (gate rows, then up) and `attn_qkv` (q, k, v rows) fill the
+        rows their parts would, when those parts fill consecutive rows of one parameter (our fused
+        w13 and qkv). Not for `llama` q/k/v (their rows are permuted per part)."""
+        for name in self.tensors:
+            m = re.fullmatch(r"blk\.(\d+)\.(ffn_gate_up_exps|attn_qkv)\.(weight|bias)", name)
+            if not m or name in out or (m[2] == "attn_qkv" and self.arch == "llama"):
+                continue
+            kinds = ("gate_exps", "up_exps") if m[2] == "ffn_gate_up_exps" else ("q", "k", "v")
+            prefix = "ffn" if m[2] == "ffn_gate_up_exps" else "attn"
+            parts = [f"blk.{m[1]}.{prefix}_{k}.{m[3]}" for k in kinds]
+            targets = [out.get(p) or [] for p in parts]
+            if any(len(t) != 1 for t in targets) or len({t[0][0] for t in targets}) != 1:
+                continue
+            param, indexes = targets[0][0][0], [t[0][1] for t in targets]
+            rows = [ix[-1] if ix else None for ix in indexes]
+            if not all(isinstance(r, slice) and r.step is None for r in rows) or any(
+                    ix[:-1] != indexes[0][:-1] for ix in indexes) or any(
+                    a.stop != b.start for a, b in zip(rows, rows[1:])):
+                continue
+            for p in parts:
+                del out[p]
+            out[name] = [(param, indexes[0][:-1] + (slice(rows[0].start, rows[-1].stop),))]
         return out
 
     def _derived_from(self, gname: str) -> tuple[str, ...]:

@@ -117,10 +117,11 @@ def tensor_type(name: str, t: np.ndarray, qtype) -> Q:
 
 def write_gguf(hf_dir: Path, path: Path, qtype=Q.F32, tokenizer_dir: Path | None = None,
                types: dict[str, Q] | None = None, arch: str | None = None, tokenizer: bool = True,
-               split_kv_b: bool = True, drop: tuple[str, ...] = (), extra=None) -> dict[str, Q]:
+               split_kv_b: bool = True, drop: tuple[str, ...] = (), extra=None, fuse: bool = False) -> dict[str, Q]:
     """Write `hf_dir` (a transformers checkpoint) as the GGUF file `path`, weights in `qtype`
     (`types`: per-tensor overrides); the tokenizer of `tokenizer_dir` (default: hf_dir) as metadata
-    unless `tokenizer` is false; without the tensors `drop`; `extra(writer)` adds metadata.
+    unless `tokenizer` is false; without the tensors `drop`; `extra(writer)` adds metadata; `fuse`:
+    gate/up experts and q/k/v fused as llama.cpp's --fuse-gate-up-exps / --fuse-qkv write them.
     Returns the type of each tensor written."""
     cfg, tensors = gguf_tensors(hf_dir, split_kv_b)
     src = ARCH[cfg["architectures"][0]]
@@ -195,6 +196,13 @@ def write_gguf(hf_dir: Path, path: Path, qtype=Q.F32, tokenizer_dir: Path | None
         add_tokenizer(w, tokenizer_dir or hf_dir)
     if extra is not None:
         extra(w)
+    if fuse:  # convert_hf_to_gguf.py --fuse-gate-up-exps --fuse-qkv
+        for name in [n for n in tensors if n.endswith("ffn_gate_exps.weight")]:
+            tensors[name.replace("gate_exps", "gate_up_exps")] = np.concatenate(
+                [tensors.pop(name), tensors.pop(name.replace("gate", "up"))], axis=1)
+        for name in [n for n in tensors if ".attn_q." in n]:
+            tensors[name.replace("attn_q", "attn_qkv")] = np.concatenate(
+                [tensors.pop(name.replace("attn_q", f"attn_{k}")) for k in "qkv"], axis=0)
     written = {}
     for name, t in tensors.items():
         if name in drop:

@@ -171,3 +171,29 @@ def test_deepseek_v3_pre_tokenizer(tmp_path):
     assert ours(text).input_ids == ref(text).input_ids
     assert gpt2(text).input_ids != ref(text).input_ids  # the split matters for this text
     assert json.loads(ours.backend_tokenizer.to_str())["pre_tokenizer"]["type"] == "Sequence"
+
+
+def test_fused_gate_up_and_qkv(tmp_path):
+    """Files written with llama.cpp's --fuse-gate-up-exps / --fuse-qkv (`ffn_gate_up_exps`,
+    `attn_qkv`): the same logits as the safetensors checkpoint (F32), and kept packed (Q8_0)."""
+    from tests.models.test_gguf import FAMILIES as BASE
+
+    hf = tmp_path / "hf"
+    make_checkpoint("qwen3_moe", hf, seed=6, **{**SIZES, **BASE["qwen3_moe"]})
+    path = tmp_path / "fused.gguf"
+    write_gguf(hf, path, Q.F32, tokenizer_dir=BUNDLED, fuse=True)
+    names = set(GGUFFile(str(path)).tensors)
+    assert "blk.0.ffn_gate_up_exps.weight" in names and "blk.0.attn_qkv.weight" in names
+    assert "blk.0.ffn_gate_exps.weight" not in names and "blk.0.attn_q.weight" not in names
+    model, ref = load_model(str(path), progress=False), load_model(str(hf), dtype="float32", progress=False)
+    for a, b in zip(prefill_logits(model, PROMPTS), prefill_logits(ref, PROMPTS)):
+        assert torch.allclose(a, b, atol=1e-5, rtol=0), float((a - b).abs().max())
+    needs_kernels()
+    path = tmp_path / "fused-q8.gguf"
+    write_gguf(hf, path, Q.Q8_0, tokenizer_dir=BUNDLED, fuse=True)
+    model = load_model(str(path), progress=False)
+    write_gguf(hf, tmp_path / "plain-q8.gguf", Q.Q8_0, tokenizer_dir=BUNDLED)
+    plain = load_model(str(tmp_path / "plain-q8.gguf"), progress=False)
+    assert {"layers.0.moe.w13", "layers.0.attn.qkv.weight"} <= set(model.quantized) == set(plain.quantized)
+    for name, qw in model.quantized.items():  # Q8_0 blocks are per row: fused or not, the same bytes
+        assert torch.equal(qw.q, plain.quantized[name].q) and torch.equal(qw.scales, plain.quantized[name].scales)

@@ -7,7 +7,11 @@ dequantizer): the metadata (`<arch>.block_count`, `.embedding_length`, `.expert_
 the transformers config of the matching family, and so our `MoEModelConfig`; llama.cpp's tensor
 names map onto the family's checkpoint names and from there onto our parameters (the family's
 weight map), experts stacked per layer as llama.cpp stores them. Architectures: `llama` with
-experts (Mixtral), `qwen2moe` (shared expert with its gate), `qwen3moe`, `olmoe`.
+experts (Mixtral), `qwen2moe` (shared expert with its gate), `qwen3moe`, `olmoe`, `deepseek2`
+(DeepSeek-V2, or V3 when the file has `exp_probs_b`: MLA, `attn_kv_b` whole or split into
+`attn_k_b` / `attn_v_b`, shared experts, leading dense layers, YaRN) and `gpt-oss` (sinks, biases,
+gate/up split out of its interleaved gate_up: `_gpt_oss_experts`). llama.cpp's optional fused
+`attn_qkv` / `ffn_gate_up_exps` fill our fused weights (`_fused`).
 
 llama.cpp's converter reorders the q/k rows of llama-architecture models (its rope pairs adjacent
 elements, ours the two halves of a head): the rows are put back as they are read (whole rows, so
@@ -21,17 +25,24 @@ Tensor formats (ggml types):
   ggml's: byte i of a block holds element i low and i + 16 high); the fp16 scales (and Q4_1
   minimums) are split out of the interleaved blocks into their own arrays once, at load. No float
   copy is made; the resident bytes equal the file's bytes of those tensors;
-- other types the `gguf` package dequantizes (K-quants Q2_K..Q6_K, Q5_0/Q5_1, IQ*, TQ*, MXFP4):
+- Q4_K there: `int4_zp` groups of 32 (`_q4_k`: the 4-bit values as stored, each sub-block's
+  d*sc and -dmin*mn rounded to float16 once: within 15|dd| + |dm| of the file's dequantization);
+- MXFP4 there: `int8` groups of 32, exactly (`_mxfp4_int8`); gpt-oss's MXFP4 expert stacks (no int
+  kernel for its variant experts) are kept as models/quant `mxfp4` QTensors, bit for bit (`_mxfp4`);
+- other types the `gguf` package dequantizes (Q6_K, other K-quants, Q5_0/Q5_1, IQ*, TQ*):
   dequantized tensor by tensor at load, with a log line naming each, into `int8` inside a
-  quantized group and into float elsewhere;
-- a packed tensor outside the quantized groups (token embeddings, routers, dense MLP layers) is
-  dequantized to float (logged); a fused weight whose parts come in different formats (q in Q4_0,
-  v in Q8_0) is held in the widest of them, the others re-quantized into it (logged), and so is
-  a layer's pair of expert stacks (the C experts kernel takes one format for w13 and w2);
+  quantized group (Q6_K's groups of 16 with their own scales do not fit one scale per 32) and
+  into float elsewhere;
+- a packed tensor outside the quantized groups (token embeddings, routers, dense MLP layers, MLA's
+  projections) is dequantized to float (logged); a fused weight whose parts come in different
+  formats (q in Q4_0, v in Q8_0) is held in the widest of them, the others re-quantized into it
+  (logged), and so is a layer's pair of expert stacks (the C experts kernel takes one format for
+  w13 and w2);
 - anything else (I8..I64, F64, types the package cannot dequantize) is refused, naming the type
   and the tensors.
 The tokenizer comes from the file's metadata (`load_tokenizer`: transformers builds it from
-`tokenizer.ggml.*`, the chat template from `tokenizer.chat_template`).
+`tokenizer.ggml.*`, the chat template from `tokenizer.chat_template`; DeepSeek's pre-tokenizer
+splits, which transformers does not know, from `_PRE_SPLITS`), or from `--tokenizer`.
 """
 
 from __future__ import annotations
@@ -306,7 +317,7 @@ def _gpt_oss_experts(cfg: MoEModelConfig) -> dict[str, list[tuple[str, tuple]]]:
     gate_up, each [E, I, H], down [E, H, I], and their biases [E, I] / [E, H]) -> our w13
     [E, 2I, H + 1] (gate rows, up rows, the bias as the last column) and w2 [E, H, I + 1]."""
     H, inter, all_ = cfg.hidden_size, cfg.moe_intermediate_size, slice(None)
-    out = {}
+    out: dict[str, list[tuple[str, tuple]]] = {}
     for i in range(cfg.num_layers):
         w13, w2, blk = f"layers.{i}.moe.w13", f"layers.{i}.moe.w2", f"blk.{i}"
         for kind, rows in (("gate", slice(0, inter)), ("up", slice(inter, 2 * inter))):

@@ -82,6 +82,7 @@ PACKED = {"Q8_0": "int8", "Q4_0": "int4", "Q4_1": "int4_zp", "Q4_K": "int4_zp"}
 # bytes of a 32-block: fp16 d [, fp16 m], values
 _BLOCK = {"Q8_0": (34, 1), "Q4_0": (18, 1), "Q4_1": (20, 2)}
 _WIDTH = {"int4": 0, "int4_zp": 1, "int8": 2}  # the widest format holds the others' values best
+_CHUNK = 1 << 16  # super-blocks converted at a time (Q4_K: 16M weights)
 
 # our names (family checkpoint names, transformers') -> llama.cpp's
 _NAMES = [
@@ -767,16 +768,20 @@ class GGUFCheckpoint:
         *lead, K = self.shape(name)
         nb = K // 256
         raw = np.asarray(t.data).reshape(-1, 144)
-        d = raw[:, 0:2].copy().view(np.float16).astype(np.float32)  # [B, 1]
-        dmin = raw[:, 2:4].copy().view(np.float16).astype(np.float32)
-        sc, mn = Q4_K.get_scale_min(raw[:, 4:16])  # [B, 8] each, 0..63
-        scale = torch.from_numpy(d * sc.astype(np.float32)).half()
-        mins = torch.from_numpy(-(dmin * mn.astype(np.float32))).half()
+        packed = torch.empty(len(raw), 8, 16, dtype=torch.uint8)
+        scale, mins = torch.empty(len(raw), 8, dtype=torch.float16), torch.empty(len(raw), 8, dtype=torch.float16)
+        for s in range(0, len(raw), _CHUNK):  # a bounded working set for large expert stacks
+            r = raw[s:s + _CHUNK]
+            d = r[:, 0:2].copy().view(np.float16).astype(np.float32)  # [B, 1]
+            dmin = r[:, 2:4].copy().view(np.float16).astype(np.float32)
+            sc, mn = Q4_K.get_scale_min(r[:, 4:16])  # [B, 8] each, 0..63
+            scale[s:s + _CHUNK] = torch.from_numpy(d * sc.astype(np.float32)).half()
+            mins[s:s + _CHUNK] = torch.from_numpy(-(dmin * mn.astype(np.float32))).half()
+            qs = torch.from_numpy(r[:, 16:].copy()).reshape(-1, 4, 32)  # [B, chunk, 32]
+            vals = torch.stack((qs & 0x0F, qs >> 4), dim=2).reshape(-1, 8, 32)  # [B, sub-block, 32]
+            packed[s:s + _CHUNK] = vals[..., :16] | (vals[..., 16:] << 4)
         if not bool(torch.isfinite(scale).all() and torch.isfinite(mins).all()):
             raise GGUFError(f"{self.path}: {name}: a Q4_K sub-block scale outside float16's range")
-        qs = torch.from_numpy(raw[:, 16:].copy()).reshape(-1, 4, 32)  # [B, chunk, 32]
-        vals = torch.stack((qs & 0x0F, qs >> 4), dim=2).reshape(-1, 8, 32)  # [B, sub-block, 32]
-        packed = vals[..., :16] | (vals[..., 16:] << 4)  # [B, 8, 16]
         return (packed.reshape(*lead, nb * 128), scale.reshape(*lead, nb * 8), mins.reshape(*lead, nb * 8))
 
     def _mxfp4(self, name: str) -> Any:
@@ -808,10 +813,12 @@ class GGUFCheckpoint:
         if bool((e < -24).any() or (e > 15).any()):
             return None
         lut = torch.tensor(MXFP4.kvalues, dtype=torch.int8)
-        qs = raw[..., 1:]
-        codes = torch.cat((qs & 0x0F, qs >> 4), dim=-1).long()  # element j low, j + 16 high
-        q = lut[codes].reshape(*lead, K).view(torch.uint8)
-        return q, torch.ldexp(torch.ones(()), e.float()).half()
+        blocks = raw.reshape(-1, 17)
+        q = torch.empty(len(blocks), 32, dtype=torch.int8)
+        for s in range(0, len(blocks), _CHUNK * 8):  # a bounded working set (the codes index as int64)
+            qs = blocks[s:s + _CHUNK * 8, 1:]
+            q[s:s + _CHUNK * 8] = lut[torch.cat((qs & 0x0F, qs >> 4), dim=-1).long()]  # element j low, j + 16 high
+        return q.reshape(*lead, K).view(torch.uint8), torch.ldexp(torch.ones(()), e.float()).half()
 
     def _float(self, name: str, into: str | None) -> torch.Tensor:
         """A tensor as float32 (float types as stored; block types dequantized by the gguf package,

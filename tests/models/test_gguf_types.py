@@ -38,9 +38,11 @@ def fp16_rounding(x: torch.Tensor) -> torch.Tensor:
     return torch.maximum(x.float().abs() * 2.0**-11, torch.tensor(2.0**-25))
 
 
-def test_q4_k_repack_bound(tmp_path):
+def test_q4_k_repack_bound(tmp_path, monkeypatch):
     """Q4_K blocks (random bytes, valid scales) -> int4_zp: within 15 |dd| + |dm| of gguf's
-    dequantization per weight, where dd, dm are float16's rounding of d*sc and dmin*mn."""
+    dequantization per weight, where dd, dm are float16's rounding of d*sc and dmin*mn
+    (converted a few super-blocks at a time, as a large tensor is)."""
+    monkeypatch.setattr("models.gguf_loader._CHUNK", 5)
     t = np.random.default_rng(0).standard_normal((3, 8, 512)).astype(np.float32) * 0.05
     blocks = q4_k_blocks(t)
     ref = torch.from_numpy(dequantize(blocks, Q.Q4_K).reshape(t.shape))
@@ -122,7 +124,7 @@ def test_q6_k_requantized_to_int8(k_checkpoint, tmp_path):
     assert qw.fmt == "int8" and torch.equal(qw.dequantize(), QuantWeight.of(w2, "int8").dequantize())
 
 
-def test_mxfp4_and_float_types_exact(tmp_path):
+def test_mxfp4_and_float_types_exact(tmp_path, monkeypatch):
     """F16 / BF16 files load bit-exactly (the float32 file's logits from the same rounded
     weights); MXFP4 tensors (a float group's and a packed group's) are dequantized exactly."""
     hf = tmp_path / "hf"
@@ -138,6 +140,7 @@ def test_mxfp4_and_float_types_exact(tmp_path):
         logits[qt] = prefill_logits(model, PROMPTS)
     # bf16 rounding moves the logits, a little
     assert any(not torch.equal(a, b) for a, b in zip(logits[Q.F16], logits[Q.BF16]))
+    monkeypatch.setattr("models.gguf_loader._CHUNK", 3)  # MXFP4 -> int8 a few blocks at a time
     path = tmp_path / "mxfp4.gguf"
     types = {"token_embd.weight": Q.MXFP4, "blk.1.ffn_gate_inp.weight": Q.MXFP4, "blk.0.ffn_down_exps.weight": Q.MXFP4}
     write_gguf(hf, path, Q.F32, tokenizer_dir=BUNDLED, types=types)

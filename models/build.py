@@ -83,13 +83,16 @@ def check_memory(model: MoEForCausalLM, device: torch.device, path: str) -> None
             f"{have / 2**30:.1f} GiB available")
 
 
-def quantized_params(model: MoEForCausalLM, plan: KernelPlan) -> list[str]:
-    """The names of the parameters `plan` keeps quantized (--quantization)."""
+def quantized_params(model: MoEForCausalLM, plan: KernelPlan, groups: dict[str, bool] | None = None) -> list[str]:
+    """The names of the parameters `plan` keeps quantized (--quantization; a GGUF file's `groups`)."""
     names = ["lm_head.weight"] if plan.lm_head == LinearLayout.QUANTIZED else []
+    # a layer's `quant` says some group of it is quantized: the experts only if they can be (not
+    # gpt-oss's biased, clamped experts beside quantized attention)
+    experts = quantizable(model.config)["experts"] and (groups is None or bool(groups.get("experts")))
     for i, lk in enumerate(plan.layers):
         if lk.qkv == LinearLayout.QUANTIZED:
             names += [f"layers.{i}.attn.qkv.weight", f"layers.{i}.attn.o_proj.weight"]
-        if lk.quant and lk.moe == MoEKernel.CPU and lk.moe_large is None:
+        if experts and lk.quant and lk.moe == MoEKernel.CPU and lk.moe_large is None:
             names += [f"layers.{i}.moe.w13", f"layers.{i}.moe.w2"]
         if lk.shared == LinearLayout.QUANTIZED:
             names += [f"layers.{i}.moe.shared.w13.weight", f"layers.{i}.moe.shared.w2.weight"]
@@ -120,6 +123,7 @@ def load_model(path: str, dtype: str = "auto", device: str = "auto", progress: b
     gguf = GGUFCheckpoint(file) if file is not None else None
     formats: dict[str, str] = {}  # GGUF: parameter -> the packed format the file gives it
     groups = None
+    gguf_mxfp4: list[str] = []
     if gguf is not None:
         if quantization:
             raise GGUFError(f"--quantization {quantization} with a GGUF checkpoint: its tensors keep the formats "
@@ -128,6 +132,9 @@ def load_model(path: str, dtype: str = "auto", device: str = "auto", progress: b
             raise GGUFError("multi-token prediction layers are not read from GGUF checkpoints")
         cfg = gguf.config()
         groups, formats = gguf.plan_formats(cfg, family_for(cfg.architecture).weight_map(cfg), quantizable(cfg))
+        # MXFP4 expert stacks our int kernels do not run (gpt-oss's): kept as models/quant mxfp4 QTensors
+        gguf_mxfp4 = gguf.mxfp4_params(cfg, family_for(cfg.architecture).weight_map(cfg), groups) \
+            if keep_quantized else []
         # the plan's format: the experts' (the bulk of the bytes), else any held
         quantization = next((f for p, f in formats.items() if ".moe.w" in p), next(iter(formats.values()), None))
     else:
@@ -152,7 +159,8 @@ def load_model(path: str, dtype: str = "auto", device: str = "auto", progress: b
             raise UnsupportedModelError(f"quantization {quantization!r}: one of "
                                         f"{', '.join(QUANTIZATIONS + (FP8_QUANTIZATION,))}")
         try:  # refuses early
-            plan = resolve_plan(cfg, dev, torch_dtype, kernels, quantization=quantization, quantized_groups=groups)
+            plan = resolve_plan(cfg, dev, torch_dtype, kernels, quantization=quantization, quantized_groups=groups,
+                                weight_formats={n: "mxfp4" for n in gguf_mxfp4} if gguf is not None else None)
         except KernelPlanError as e:
             if gguf is None:
                 raise
@@ -166,7 +174,7 @@ def load_model(path: str, dtype: str = "auto", device: str = "auto", progress: b
             mtp_map, own_embed, own_head = mtp_weight_map(family, cfg, n, checkpoint_tensor_names(path))
             predictor = model.mtp = MultiTokenPredictor(cfg, n, model.rotary, own_embed, own_head)
         model = model.to(torch_dtype).restore_fp32_modules()  # no memory yet
-    quantized = quantized_params(model, plan) if plan is not None else []
+    quantized = quantized_params(model, plan, groups if gguf is not None else None) if plan is not None else []
     kept: dict = {}
     if fp8 or (spec is not None and keep_quantized and not quantization and reader_for(spec) is not None):
         kept, fallback = plan_quantized(path, family.weight_map(cfg), spec if keep_quantized else None,
@@ -174,6 +182,9 @@ def load_model(path: str, dtype: str = "auto", device: str = "auto", progress: b
         if fallback:
             log.info("kept in %s, not quantized (dequantized at load where the checkpoint quantizes them): %s",
                      str(torch_dtype).removeprefix("torch."), ", ".join(fallback))
+    if gguf is not None:
+        candidates = model.qtensor_candidates()
+        kept = {n: ("mxfp4", None, candidates[n][1], {}) for n in gguf_mxfp4 if n in candidates}
     held = {}
     for name in list(quantized) + list(kept):  # kept off the device: only their quantized copy will exist
         module_name, _, attr = name.rpartition(".")
@@ -196,7 +207,7 @@ def load_model(path: str, dtype: str = "auto", device: str = "auto", progress: b
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed.weight
     if gguf is not None:
-        gguf.load(model, weight_map, model.quantized)
+        gguf.load(model, weight_map, model.quantized, model.qweights)
         if plan is not None and len(set(formats.values())) > 1:  # the plan counted one format: the real bytes
             plan = dataclasses.replace(plan, quantized_bytes=sum(q.nbytes for q in model.quantized.values()),
                                        notes=plan.notes + (gguf.describe_formats(formats),))

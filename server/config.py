@@ -130,6 +130,7 @@ class EngineConfig:
     model: str = option(BUNDLED_MODEL, "model directory (HF layout) or GGUF file; default: the bundled tiny checkpoint",
                         shown="bundled tiny-mixtral")
     served_model_name: str | None = option(None, "model name in the API (default: directory name)")
+    tokenizer: str | None = option(None, "tokenizer directory (default: the model's; a GGUF file's from its metadata)")
     engine: EngineName = option("native", "inference engine")
     dtype: Dtype = option("auto", "weight dtype")
     device: str = option("auto", "auto, cpu, cuda or cuda:N")

@@ -139,7 +139,8 @@ def build_native_core(config: EngineConfig, progress: bool = True, reserve_cpu_c
                          "--gpu-expert-budget, --rebalance-interval) cannot move them")
     if model.embed.weight.device.type == "cpu":
         configure_cpu_threads(reserve_cpu_cores)
-    tokenizer = load_tokenizer(config.model)  # AutoTokenizer; a GGUF file's: built from its metadata
+    # AutoTokenizer of --tokenizer or the model; a GGUF file's: built from its metadata
+    tokenizer = load_tokenizer(config.tokenizer or config.model)
     cfg = model.config
     kv_dtype = configure_kv_cache(model, config.kv_cache_dtype, config.model)  # before the blocks are counted
     draft_kv = (0, 0)

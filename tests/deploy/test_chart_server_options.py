@@ -50,6 +50,7 @@ def schema_types(entry: dict) -> set[str]:
 # must form a valid configuration.
 EVERY_OPTION = {
     "served_model_name": ("every-option", "every-option"),
+    "tokenizer": ("/models/tokenizer", "/models/tokenizer"),
     "engine": ("native", "native"),
     "dtype": ("float32", "float32"),
     "device": ("cpu", "cpu"),

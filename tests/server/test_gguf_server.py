@@ -49,3 +49,28 @@ def test_server_on_a_q8_0_gguf(tmp_path):
         assert odd.usage.prompt_tokens > 3
     finally:
         assert server.stop() == 0
+
+
+def test_server_gguf_with_tokenizer_flag(tmp_path):
+    """A GGUF file without tokenizer metadata: refused by name without --tokenizer; served with
+    `--tokenizer` a directory (the bundled tokenizer: prompts count its tokens)."""
+    import pytest
+    from transformers import AutoTokenizer
+
+    from models.gguf_loader import GGUFError
+
+    path = tmp_path / "model.gguf"
+    write_gguf(BUNDLED, path, Q.Q4_0, tokenizer=False)
+    with pytest.raises(GGUFError, match="no tokenizer.*--tokenizer"):
+        load_tokenizer(str(path))
+    server = ServerProcess([*MAIN_ARGS, "--device", "cpu", "--model", str(path), "--tokenizer", str(BUNDLED)],
+                           tmp_path)
+    try:
+        ref = AutoTokenizer.from_pretrained(str(BUNDLED))
+        server.wait_ready()
+        client = server.client()
+        name = client.models.list().data[0].id
+        out = client.completions.create(model=name, prompt=PROMPTS[0], max_tokens=3, temperature=0)
+        assert out.usage.prompt_tokens == len(ref(PROMPTS[0]).input_ids) and out.usage.completion_tokens == 3
+    finally:
+        assert server.stop() == 0

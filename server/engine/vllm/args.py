@@ -63,6 +63,8 @@ def engine_args_kwargs(config: EngineConfig, *, on_cpu: bool, environ: dict[str,
         gpu_memory_utilization=config.gpu_memory_utilization, max_logprobs=MAX_LOGPROBS,
         disable_log_stats=True,  # no periodic log lines; our bridge still gets the stats
     )
+    if config.tokenizer:
+        kw["tokenizer"] = config.tokenizer
     if config.speculative is not None:  # validated with our rules, passed as written (vLLM's spelling)
         kw["speculative_config"] = json.loads(config.speculative_config)
     if config.otlp_traces_endpoint:  # vLLM's own request spans, children of ours (server/api/tracing.py)

@@ -211,6 +211,7 @@ class MoEForCausalLM(nn.Module):
             o = packed(attn.o_proj.weight, lk.o) if hasattr(attn, "qkv") else None
             if isinstance(attn, MLAttention):  # its projections by name (MLAttention.PACKED)
                 attn.kv_b_q = kept.get(id(attn.kv_b_proj.weight))
+                attn.kv_b_cpu = q_cpu
                 qkv = {n: packed(getattr(attn, n).weight, lk.qkv) for n in attn.PACKED if hasattr(attn, n)}
                 o = packed(attn.o_proj.weight, lk.o)
             attn.apply_kernels(lk, qkv, o)

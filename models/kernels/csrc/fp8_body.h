@@ -94,6 +94,62 @@ static void F8N(convert_row)(const f8mat_t *W, int64_t r, float *dst) {
     if (mr > i) y[i * ldy + c] = F8_HSUM(t##i);
 #define F8_DECL(i) F8N(vf) a##i = F8_ZERO(), b##i = a##i;
 
+/* tile(1, ...) over rows r and r + 1 of W at once: y[0], y[1]. Each row's sums are the same
+ * operations in the same order as tile's (bitwise the same results); the two rows' four
+ * accumulator chains hide the FMA latency that one row's two would expose (decode: one row of x). */
+static inline __attribute__((always_inline)) void F8N(pair1)(const float *x, const f8mat_t *W, const float *fw,
+                                                              int64_t r, float *y) {
+    const int64_t K = W->K, bk = W->bk;
+    const uint8_t *row0 = W->q + r * K, *row1 = row0 + K;
+    const float *f0 = fw, *f1 = fw ? fw + K : NULL;
+    const float *s0 = W->s + (r / W->bn) * W->skb, *s1 = W->s + ((r + 1) / W->bn) * W->skb;
+    F8N(vf) t0 = F8_ZERO(), t1 = t0;
+    for (int64_t k0 = 0, kb = 0; k0 < K; k0 += bk, kb++) {
+        const int64_t k1 = k0 + bk < K ? k0 + bk : K;
+        F8N(vf) a0 = F8_ZERO(), b0 = a0, a1 = a0, b1 = a0;
+        int64_t kk = k0;
+        for (; kk + F8_STEP <= k1; kk += F8_STEP) {
+            F8N(vf) w0l, w0h, w1l, w1h;
+            if (fw) {
+                w0l = F8_LOAD(f0 + kk), w0h = F8_LOAD(f0 + kk + F8_LANES);
+                w1l = F8_LOAD(f1 + kk), w1h = F8_LOAD(f1 + kk + F8_LANES);
+            } else {
+                _mm_prefetch((const char *)(row0 + kk + 1024), _MM_HINT_T0);
+                _mm_prefetch((const char *)(row1 + kk + 1024), _MM_HINT_T0);
+                F8N(cvt)(row0 + kk, &w0l, &w0h);
+                F8N(cvt)(row1 + kk, &w1l, &w1h);
+            }
+            const F8N(vf) xl = F8_LOAD(x + kk), xh = F8_LOAD(x + kk + F8_LANES);
+            a0 = F8_FMA(w0l, xl, a0), b0 = F8_FMA(w0h, xh, b0);
+            a1 = F8_FMA(w1l, xl, a1), b1 = F8_FMA(w1h, xh, b1);
+        }
+        if (kk < k1) {
+            const int n = (int)(k1 - kk);
+            F8_MASKT ml, mh;
+            F8N(masks)(n, &ml, &mh);
+            F8N(vf) w0l, w0h, w1l, w1h;
+            if (fw) {
+                w0l = F8_MLOAD(f0 + kk, ml), w0h = F8_MLOAD(f0 + kk + F8_LANES, mh);
+                w1l = F8_MLOAD(f1 + kk, ml), w1h = F8_MLOAD(f1 + kk + F8_LANES, mh);
+            } else {
+                float wb0[F8_STEP], wb1[F8_STEP];
+                for (int j = 0; j < F8_STEP; j++) {
+                    wb0[j] = j < n ? f8_value(row0[kk + j]) * (1.f / 256.f) : 0.f;
+                    wb1[j] = j < n ? f8_value(row1[kk + j]) * (1.f / 256.f) : 0.f;
+                }
+                w0l = F8_LOAD(wb0), w0h = F8_LOAD(wb0 + F8_LANES), w1l = F8_LOAD(wb1), w1h = F8_LOAD(wb1 + F8_LANES);
+            }
+            const F8N(vf) xl = F8_MLOAD(x + kk, ml), xh = F8_MLOAD(x + kk + F8_LANES, mh);
+            a0 = F8_FMA(w0l, xl, a0), b0 = F8_FMA(w0h, xh, b0);
+            a1 = F8_FMA(w1l, xl, a1), b1 = F8_FMA(w1h, xh, b1);
+        }
+        t0 = F8_FMA(F8_SET1(s0[kb] * 256.f), F8_ADD(a0, b0), t0);
+        t1 = F8_FMA(F8_SET1(s1[kb] * 256.f), F8_ADD(a1, b1), t1);
+    }
+    y[0] = F8_HSUM(t0);
+    y[1] = F8_HSUM(t1);
+}
+
 /* y[i * ldy + c] = x[i] . dequant(W)[r0 + c] for i < mr, c < nr. `fw` NULL: W's bytes are converted
  * here; else fw holds rows r0.. converted (convert_row, K floats each): the same values, the same
  * sums in the same order (a row's result does not depend on mr, nor on which source). Each block
@@ -106,6 +162,11 @@ static inline __attribute__((always_inline)) void F8N(tile)(const int mr, const 
     const int64_t K = W->K, bk = W->bk;
     for (int c = 0; c < nr; c++) {
         const int64_t r = r0 + c;
+        if (mr == 1 && c + 1 < nr) { /* one row of x: two rows of W at a time */
+            F8N(pair1)(x, W, fw ? fw + (int64_t)c * K : NULL, r, y + c);
+            c++;
+            continue;
+        }
         const uint8_t *row = W->q + r * K;
         const float *frow = fw ? fw + (int64_t)c * K : NULL;
         const float *srow = W->s + (r / W->bn) * W->skb;

@@ -424,7 +424,7 @@ at::Tensor fp8_linear(const at::Tensor& x, const at::Tensor& weight, const at::T
         b = bias->to(at::kFloat).contiguous();
         TORCH_CHECK(b.numel() == N, "fp8_linear: bias must have ", N, " elements");
     }
-    const int threads = M * N * K >= kMinMacsPerThreading / 4 ? at::get_num_threads() : 1;
+    const int threads = M * N * K >= kMinMacsPerThreading ? at::get_num_threads() : 1;
     check_rc(fp8_linear_f32(xc.data_ptr<float>(), K, fp8_ptr(weight), scale.data_ptr<float>(), bn, bk,
                             b.defined() ? b.data_ptr<float>() : nullptr, y.data_ptr<float>(), M, N, K, threads),
              "fp8_linear");

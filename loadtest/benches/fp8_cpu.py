@@ -7,7 +7,7 @@ DeepSeek-style FP8 checkpoint (`quant_method: fp8`, e4m3 weights with float32 `w
 per 128x128 block for the attention and expert projections; embedding, LM head, norms and router
 as they are), under the benchmark cache. Then, interleaved call by call (loadtest/harness.py):
 
-1. kernels, at a decode-sized (1 row) and a batch-16 shape: a 2048 x 2048 linear and the
+1. kernels (one thread by default: per-core speed), at a decode-sized (1 row) and a batch-16 shape: a 2048 x 2048 linear and the
    checkpoint's experts layer (8 experts of 512 x 1024, top-2): the C fp8 kernels
    (`fp8_linear_cpu`, `fp8_moe_cpu`), the torch reference of models.quant.ops (dequantize, then
    the float32 matmuls) and float32 weights in the C float32 kernels (`linear_cpu`,
@@ -170,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=10, help="timed calls per kernel variant")
     ap.add_argument("--steps", type=int, default=6, help="timed decode steps per engine")
     ap.add_argument("--batches", default="1,16")
+    ap.add_argument("--kernel-threads", type=int, default=1,
+                    help="threads of the kernel timings (1: per-core speed, unaffected by a preempted thread)")
     ap.add_argument("--shape", default="mixtral-140m", help="benchmark checkpoint (loadtest/checkpoints.py)")
     output.add_args(ap)
     args = ap.parse_args(argv)
@@ -190,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
                                 heading=HEADING, packages=("torch",))
     col = results.column
     krows = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.kernel_threads)
     for rows in batches:
         timed = interleave(kernel_variants(rows), rounds=args.rounds, warmup=2)
         for name, samples in timed.items():
@@ -197,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
             result["measurements"][f"kernel {name} / {rows}"] = {"rows": rows, "summary": s}
             krows.append([name, rows, s["wall_median_s"] * 1e3, s["wall_best_s"] * 1e3])
             print(f"{name} rows {rows}: {s['wall_median_s'] * 1e3:.3f} ms", flush=True)
+    torch.set_num_threads(threads)
     cores = {}
     for b in batches:
         cores[f"float32/{b}"] = engine(src, b, args.steps + 2)
@@ -223,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     result["summary"]["blocks"] = [
         results.text(f"The {args.shape} benchmark checkpoint and its FP8 copy (e4m3, float32 scales per 128x128 "
                      f"block on the attention and expert projections), {torch.get_num_threads()} threads, "
-                     f"kernel level {Q.isa()[0]}. Kernels: {args.rounds} timed calls each, interleaved."),
+                     f"kernel level {Q.isa()[0]}. Kernels: {args.rounds} timed calls each, interleaved, "
+                     f"{args.kernel_threads} thread(s)."),
         results.table("Kernels (ms per call)", [col("kernel / weights"), col("rows", "d"), col("median ms", ".3f"),
                                                 col("best ms", ".3f")], krows),
         results.table(f"Engine decode steps (context ~{PROMPT_LEN} tokens, {args.steps} timed steps each)",

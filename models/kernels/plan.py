@@ -33,8 +33,9 @@ The rules, per layer kind:
 - weights a quantized checkpoint ships (FP8 block / channel / tensor, MXFP4) or `--quantization fp8`
   gives (`weight_formats`: parameter name -> `models.quant.formats.WeightFormat`, those the loader
   kept in their format): they run `models.quant.ops` (the Triton kernels on CUDA, which then need
-  Triton; the torch reference on the CPU, dequantizing per call only what a batch uses), experts
-  with the layer's variant; the plan names a `WeightFormat` per layer group (attention linears,
+  Triton; on the CPU the C fp8 kernels for the fp8 formats where the C kernels are built, experts
+  "cpu" at every batch size (`fp8_cpu_kernels`; a note names the path), else the torch reference,
+  dequantizing per call only what a batch uses), experts with the layer's variant; the plan names a `WeightFormat` per layer group (attention linears,
   experts, shared expert) and for the LM head ("bf16": the compute dtype, not quantized), and the
   resident weight bytes (`weight_bytes`: quantized tensors plus float weights; `quantized_bytes`:
   the quantized ones) once the model holds them (`MoEForCausalLM.plan_kernels`).

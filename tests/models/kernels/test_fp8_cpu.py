@@ -165,3 +165,21 @@ def test_the_ops_refuse_what_they_do_not_serve(isa):  # noqa: F811
     w13, w2 = fp8_weight(torch.randn(2, 64, 32), "fp8_channel"), fp8_weight(torch.randn(2, 32, 32), "fp8_channel")
     with pytest.raises(IndexError, match="expert id"):
         qops.qmoe_cpu(torch.randn(1, 32), w13, w2, torch.tensor([[2]]), torch.ones(1, 1))
+
+
+def test_opcheck_fp8_ops(isa):  # noqa: F811
+    """Fake implementation and dispatch of both ops (torch.library.opcheck; its schema check
+    compares tensors with ops torch lacks for float8 on the CPU: left out)."""
+    g = torch.Generator().manual_seed(23)
+    checks = ("test_faketensor", "test_aot_dispatch_dynamic", "test_autograd_registration")
+    w = fp8_weight(torch.randn(48, 40, generator=g), "fp8_block", (16, 16))
+    torch.library.opcheck(torch.ops.moe_serve.fp8_linear_cpu.default,
+                          (torch.randn(5, 40, generator=g), w.data, w.scale, 16, 16, torch.randn(48, generator=g)),
+                          test_utils=checks)
+    w13, w2 = fp8_weight(torch.randn(4, 64, 32, generator=g), "fp8_channel"), fp8_weight(
+        torch.randn(4, 32, 32, generator=g), "fp8_channel")
+    ids, tw = torch.randint(0, 4, (5, 2), generator=g), torch.rand(5, 2, generator=g)
+    torch.library.opcheck(torch.ops.moe_serve.fp8_moe_cpu.default,
+                          (torch.randn(5, 32, generator=g), ids, tw, w13.data, w13.scale, 1, 32, w2.data, w2.scale,
+                           1, 32, torch.randn(4, 64, generator=g), torch.randn(4, 32, generator=g), 7.0, 1.702, False),
+                          test_utils=checks)

@@ -17,6 +17,7 @@ from models.kernels.packed import (PackedExperts, PackedWeight, QTensorExperts, 
                                    QuantizedLinear, packed_linear)
 from models.kernels.flags import KernelFlags
 from models.kernels.plan import KernelPlan, LinearLayout, MoEKernel, quantized_groups, resolve_plan
+from models.kernels.plan import fp8_linears_on_cpu
 from models.kernels.quant import QuantWeight
 from models.quant.weights import QParam
 from models.layers.attention import Attention
@@ -180,6 +181,8 @@ class MoEForCausalLM(nn.Module):
 
         # the kept weights run the Triton kernels where the plan runs the experts kept with them so
         q_triton = True if kept and any(lk.moe == MoEKernel.TRITON for lk in plan.layers) else None
+        # on the CPU the kept fp8 linears run the C fp8 kernel where the plan has the C kernels (models.quant.ops)
+        q_cpu = fp8_linears_on_cpu(plan.capabilities)
 
         def quant(weight: torch.Tensor) -> QuantWeight:
             if id(weight) not in quantized:
@@ -189,7 +192,7 @@ class MoEForCausalLM(nn.Module):
 
         def packed(weight: torch.Tensor, layout: LinearLayout, index: int | None = None) -> PackedWeight | None:
             if id(weight) in kept:  # whatever the layout: its only copy is quantized
-                return QTensorLinear(kept[id(weight)], triton=q_triton)
+                return QTensorLinear(kept[id(weight)], triton=q_triton, cpu=q_cpu)
             if layout == LinearLayout.PLAIN:
                 return None
             if layout == LinearLayout.QUANTIZED:
@@ -208,6 +211,7 @@ class MoEForCausalLM(nn.Module):
             o = packed(attn.o_proj.weight, lk.o) if hasattr(attn, "qkv") else None
             if isinstance(attn, MLAttention):  # its projections by name (MLAttention.PACKED)
                 attn.kv_b_q = kept.get(id(attn.kv_b_proj.weight))
+                attn.kv_b_cpu = q_cpu
                 qkv = {n: packed(getattr(attn, n).weight, lk.qkv) for n in attn.PACKED if hasattr(attn, n)}
                 o = packed(attn.o_proj.weight, lk.o)
             attn.apply_kernels(lk, qkv, o)
@@ -218,7 +222,8 @@ class MoEForCausalLM(nn.Module):
                 experts: PackedExperts | None = None
                 if id(b.w13) in kept:
                     w13 = None
-                    experts = QTensorExperts(kept[id(b.w13)], kept[id(b.w2)], triton=lk.moe == MoEKernel.TRITON)
+                    experts = QTensorExperts(kept[id(b.w13)], kept[id(b.w2)], triton=lk.moe == MoEKernel.TRITON,
+                                             cpu=lk.moe == MoEKernel.CPU)
                 elif id(b.w13) in quantized:
                     experts = QuantizedExperts(quant(b.w13), quant(b.w2))
                 elif MoEKernel.CPU in (lk.moe, lk.moe_large):

@@ -30,10 +30,10 @@ import torch
 
 log = logging.getLogger(__name__)
 
-C_SOURCES = ("paged_attention_cpu.c", "moe_cpu.c", "linear_cpu.c", "mla_decode_cpu.c", "linear_quant_cpu.c",
+C_SOURCES: tuple[str, ...] = ("paged_attention_cpu.c", "moe_cpu.c", "linear_cpu.c", "mla_decode_cpu.c", "linear_quant_cpu.c",
              "moe_quant_cpu.c", "moe_bf16_cpu.c")
 CXX_SOURCES = ("ops.cpp",)
-HEADERS = ("panel_gemm.h", "kernels.h", "quant_gemm.h", "quant_gemm_body.h")
+HEADERS: tuple[str, ...] = ("panel_gemm.h", "kernels.h", "quant_gemm.h", "quant_gemm_body.h")
 # hidden: the C entry points stay inside the library (ops.cpp calls them; two builds loaded in one
 # process, tests do, never bind to each other's)
 C_FLAGS = ["-O3", "-march=native", "-fPIC", "-fvisibility=hidden", "-std=c11", "-fno-math-errno", "-fassociative-math",
@@ -49,6 +49,9 @@ LEVELS: dict[str, frozenset[str]] = {
     "x86-64-v3": frozenset({"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"}),
 }
 MANIFEST = "manifest.json"
+# fp8 weights (csrc/fp8_cpu.c and the body it includes once per instruction-set level)
+C_SOURCES += ("fp8_cpu.c",)
+HEADERS += ("fp8_body.h",)
 
 
 class BuildError(RuntimeError):

@@ -25,6 +25,10 @@ ops' fake (meta) implementations, so that `torch.compile` traces through them an
   float8_e4m3fn (values x8 * k_scale) caches, converted in the kernel;
 - `quant_linear_cpu`, `quant_moe_cpu`: the same over int8 / int4 weights (models/kernels/quant.py),
   `quant_isa(level) -> [level in use, best level]` (their instruction-set level);
+- `fp8_linear_cpu(x, weight [N, K] float8_e4m3fn, scale, bn, bk, bias?)`, `fp8_moe_cpu(x, topk_ids,
+  topk_weights, w13, s13, bn13, bk13, w2, s2, bn2, bk2, b13?, b2?, limit?, alpha, weight_on_input)`:
+  the same over fp8 weights with scales per bn x bk block, converted in the kernel (csrc/fp8_cpu.c;
+  `models.quant.ops` calls them for the fp8 formats on the CPU);
 - `cpu_kernels_info() -> [built with AVX2 + FMA, threads from PyTorch's OpenMP pool]`.
 """
 
@@ -158,3 +162,16 @@ def _register_fakes(ns: str) -> None:
     @fake("quant_moe_cpu")
     def _(x, topk_ids, topk_weights, fmt, q13, s13, m13, q2, s2, m2):
         return x.new_empty(x.shape[0], x.shape[1])
+
+    @fake("fp8_linear_cpu")
+    def _(x, weight, scale, bn, bk, bias):
+        return x.new_empty(x.shape[0], weight.shape[0])
+
+    @fake("fp8_moe_cpu")
+    def _(x, topk_ids, topk_weights, w13, s13, bn13, bk13, w2, s2, bn2, bk2, b13, b2, limit, alpha, weight_on_input):
+        return x.new_empty(x.shape[0], x.shape[1])
+
+
+def available(namespace: str = cpu_build.NAMESPACE) -> bool:
+    """Whether the ops of `namespace` are loaded in this process (a successful `load`)."""
+    return bool(_loaded.get(namespace))

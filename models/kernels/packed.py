@@ -99,9 +99,10 @@ class QTensorLinear(PackedWeight):
     """A linear's weight kept in a checkpoint's quantized format (a `QParam`; the model's parameter
     is a shape on the meta device)."""
 
-    def __init__(self, param: QParamLike, triton: bool | None = None):
+    def __init__(self, param: QParamLike, triton: bool | None = None, cpu: bool | None = None):
         self.param, self.layout, self.index = param, LinearLayout.QUANTIZED, None
         self.triton = triton  # the Triton kernel (None: on CUDA tensors; the plan sets it)
+        self.cpu = cpu  # on the CPU: the C fp8 kernel where it serves (None/True) or the torch reference (False)
 
     def get(self):
         return self.param.q
@@ -122,7 +123,7 @@ def packed_linear(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | No
     if isinstance(weight, QTensorLinear):
         from models.quant.ops import qlinear
 
-        return qlinear(x, weight.param.q, bias, triton=weight.triton)
+        return qlinear(x, weight.param.q, bias, triton=weight.triton, cpu=weight.cpu)
     if isinstance(weight, QuantizedLinear):
         return quant_linear(x, weight.quant, bias)
     if weight.layout == LinearLayout.ONEDNN:
@@ -179,9 +180,10 @@ class QTensorExperts(PackedExperts):
     """An MoE layer's w13 [E, 2I, H] and w2 [E, H, I] kept in a checkpoint's quantized format
     (`QParam`s; gpt-oss's biases apart), for `models.quant.ops.qmoe` on any device."""
 
-    def __init__(self, w13: QParamLike, w2: QParamLike, triton: bool | None = None):
+    def __init__(self, w13: QParamLike, w2: QParamLike, triton: bool | None = None, cpu: bool | None = None):
         self.qp13, self.qp2 = w13, w2
         self.triton = triton  # the Triton kernel (None: on CUDA tensors; the plan sets it)
+        self.cpu = cpu  # on the CPU: the C fp8 kernel where it serves (None/True) or the torch reference (False)
 
     def get(self):
         return self.qp13.q, self.qp2.q
@@ -193,7 +195,8 @@ class QTensorExperts(PackedExperts):
         return qmoe(x, self.qp13.q, self.qp2.q, topk_ids, topk_w, b13=self.qp13.bias, b2=self.qp2.bias,
                     limit=None if variant is None else variant.limit,
                     alpha=1.702 if variant is None else variant.alpha,
-                    weight_on_input=variant is not None and variant.weight_on_input, triton=self.triton)
+                    weight_on_input=variant is not None and variant.weight_on_input, triton=self.triton,
+                    cpu=self.cpu)
 
 
 def moe_cpu(x: torch.Tensor, packed: PackedExperts, topk_ids: torch.Tensor, topk_w: torch.Tensor,

@@ -33,8 +33,9 @@ The rules, per layer kind:
 - weights a quantized checkpoint ships (FP8 block / channel / tensor, MXFP4) or `--quantization fp8`
   gives (`weight_formats`: parameter name -> `models.quant.formats.WeightFormat`, those the loader
   kept in their format): they run `models.quant.ops` (the Triton kernels on CUDA, which then need
-  Triton; the torch reference on the CPU, dequantizing per call only what a batch uses), experts
-  with the layer's variant; the plan names a `WeightFormat` per layer group (attention linears,
+  Triton; on the CPU the C fp8 kernels for the fp8 formats where the C kernels are built, experts
+  "cpu" at every batch size (`fp8_cpu_kernels`; a note names the path), else the torch reference,
+  dequantizing per call only what a batch uses), experts with the layer's variant; the plan names a `WeightFormat` per layer group (attention linears,
   experts, shared expert) and for the LM head ("bf16": the compute dtype, not quantized), and the
   resident weight bytes (`weight_bytes`: quantized tensors plus float weights; `quantized_bytes`:
   the quantized ones) once the model holds them (`MoEForCausalLM.plan_kernels`).
@@ -613,6 +614,8 @@ def resolve_plan(cfg: MoEModelConfig, device: torch.device, dtype: torch.dtype, 
                 # the CPU unless --moe-backend triton asks for the Triton kernels there (TRITON_INTERPRET=1: tests)
                 use_triton = caps.device_type == "cuda" or (flags.moe == "triton" and caps.triton)
                 moe, moe_large = (MoEKernel.TRITON if use_triton else MoEKernel.LOOP), None
+                if not use_triton and fp8_cpu_kernels(caps, flags, [qf[n] for n in experts_names(i) if n in qf]):
+                    moe = MoEKernel.CPU  # the C fp8 experts kernel (csrc/fp8_cpu.c), every batch size
         q_attn = gqa and quant.get("attention", False)
         q_shared = cfg.sparse_layers[i] and quant.get("shared", False)
         q_experts = cfg.sparse_layers[i] and (quant.get("experts", False) or held(experts_names(i)))
@@ -654,12 +657,41 @@ def resolve_plan(cfg: MoEModelConfig, device: torch.device, dtype: torch.dtype, 
                       | {f"experts: {lk.moe.value}" for lk in layers if lk.moe is not None and lk.moe not in SYNC_FREE})
         notes.append(f"CUDA graphs off: kernels that read back to the host ({', '.join(slow)})")
     lm_head = LinearLayout.QUANTIZED if quant.get("lm_head") or "lm_head.weight" in qf else layout(cfg.vocab_size)
+    notes += fp8_cpu_notes(caps, flags, qf)
     return KernelPlan(
         device=str(device), dtype=str(dtype).removeprefix("torch."), flags=flags, capabilities=caps,
         layers=tuple(layers), lm_head=lm_head, placed_moe=placed_moe,
         packed_bytes=extra if pack else 0, cuda_graphs=graphs, notes=tuple(notes), quantization=quantization,
         quantized_bytes=quantized_bytes(cfg, quantization, tuple(layers), lm_head) if quantization else 0,
         lm_head_format=_group_format(qf, ["lm_head.weight"]))
+
+
+FP8_FORMATS = frozenset({"fp8_block", "fp8_channel", "fp8_tensor"})
+
+
+def fp8_cpu_kernels(caps: Capabilities, flags: KernelFlags, formats) -> bool:
+    """Whether weights kept in `formats` (WeightFormats) run the C fp8 kernels (csrc/fp8_cpu.c): all
+    fp8, on the CPU, with the C kernels built here and --moe-backend auto or cpu (for experts)."""
+    names = [str(getattr(f, "value", f)) for f in formats]
+    return (caps.device_type == "cpu" and caps.cpu_kernels is not None and flags.moe in ("auto", "cpu")
+            and bool(names) and all(n in FP8_FORMATS for n in names))
+
+
+def fp8_linears_on_cpu(caps: Capabilities) -> bool:
+    """Whether linears kept in an fp8 format run the C fp8 kernel (the CPU with the C kernels built)."""
+    return caps.device_type == "cpu" and caps.cpu_kernels is not None
+
+
+def fp8_cpu_notes(caps: Capabilities, flags: KernelFlags, qf: Mapping[str, str]) -> list[str]:
+    """The plan's line on which path computes the fp8 weights on the CPU."""
+    fp8 = sorted({str(getattr(f, "value", f)) for f in qf.values()} & FP8_FORMATS)
+    if caps.device_type != "cpu" or not fp8:
+        return []
+    if fp8_linears_on_cpu(caps):
+        experts = "experts and linears" if flags.moe in ("auto", "cpu") else "linears (experts: the torch reference)"
+        return [f"{'+'.join(fp8)} weights: the C fp8 kernels ({experts}; csrc/fp8_cpu.c, the e4m3 bytes converted "
+                "in registers, float32 math)"]
+    return [f"{'+'.join(fp8)} weights: the torch reference (dequantized per call; the C kernels are not built here)"]
 
 
 def quantized_bytes(cfg: MoEModelConfig, fmt: str, layers: tuple[LayerKernels, ...], lm_head: LinearLayout) -> int:

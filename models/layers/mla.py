@@ -71,6 +71,7 @@ class MLAttention(nn.Module):
         # kv_b_proj's weight kept in a checkpoint's quantized format (models/quant/weights.QParam; the
         # parameter a meta shape): dequantized per call where a full weight is needed (transient)
         self.kv_b_q = None
+        self.kv_b_cpu: bool | None = None  # kv_b kept in fp8 on the CPU: the C fp8 kernel (the plan's choice)
         # prefill continuations with fewer queries run as decode-kernel rows: below this many the
         # absorbed form, (2r + dr) multiply-adds per query and key and head, costs less than
         # expanding the context, r (dn + dv) per key and head, then (dqk + dv) per query and key
@@ -106,7 +107,7 @@ class MLAttention(nn.Module):
             return self.kv_b_proj(latent)
         from models.quant.ops import qlinear
 
-        return qlinear(latent, self.kv_b_q.q)
+        return qlinear(latent, self.kv_b_q.q, cpu=self.kv_b_cpu)
 
     def _proj(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """Projection `name` of x, over its packed copy where the plan gave one."""

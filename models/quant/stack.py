@@ -93,11 +93,12 @@ def qmoe_stack(x: torch.Tensor, w13: QStack, w2: QStack, topk_ids: torch.Tensor,
                variant=None) -> torch.Tensor:
     """A layer's experts over quantized stacks (`variant`: the family's `ExpertVariant`: gpt-oss's
     clamped SwiGLU, Llama 4's input scaling; the biases ride on the stacks) -> [T, H] in x.dtype."""
-    from models.quant.ops import qmoe, qmoe_pairs
+    from models.quant.ops import cpu_fp8_serves, qmoe, qmoe_pairs
 
     kw = dict(b13=w13.bias, b2=w2.bias, limit=None if variant is None else variant.limit,
               alpha=1.702 if variant is None else variant.alpha,
               weight_on_input=variant is not None and variant.weight_on_input)
-    if x.device.type == "cpu" and topk_ids.numel() <= SYNC_FREE_PAIRS_PER_EXPERT * len(w13):
+    if x.device.type == "cpu" and topk_ids.numel() <= SYNC_FREE_PAIRS_PER_EXPERT * len(w13) and not cpu_fp8_serves(
+            x, w13.q, w2.q):  # (the C fp8 kernel reads nothing back either: the ids are on the host)
         return qmoe_pairs(x, w13.q, w2.q, topk_ids, topk_w, **kw)
     return qmoe(x, w13.q, w2.q, topk_ids, topk_w, **kw)

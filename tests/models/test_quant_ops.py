@@ -77,7 +77,7 @@ def test_qmoe_dequantizes_only_the_routed_experts(monkeypatch):
 
     monkeypatch.setattr(formats, "dequant", counting)
     ids = torch.tensor([[1, 3], [3, 1]])
-    qmoe(torch.randn(2, H, generator=gen), w13, w2, ids, torch.ones(2, 2))
+    qmoe(torch.randn(2, H, generator=gen), w13, w2, ids, torch.ones(2, 2), cpu=False)  # the torch reference
     # one expert's w13 and w2 at a time, two experts: never a stack
     assert sorted(seen) == sorted([(2 * INTER, H), (H, INTER)] * 2)
 

@@ -66,6 +66,15 @@ int qmoe_f32(const float *x, const int64_t *topk_ids, const float *topk_w, int f
              const uint16_t *d13, const uint16_t *m13, const uint8_t *q2, const uint16_t *d2, const uint16_t *m2,
              float *out, int64_t T, int64_t k, int64_t E, int64_t H, int64_t I, int nthreads);
 
+/* fp8 (float8_e4m3fn bytes) weights with float32 scales per bn x bk block (fp8_cpu.c; channel:
+ * bn 1, bk K; tensor: bn N, bk K); the instruction-set level is quant_isa_get()'s */
+int fp8_linear_f32(const float *x, int64_t ldx, const uint8_t *q, const float *s, int64_t bn, int64_t bk,
+                   const float *bias, float *y, int64_t M, int64_t N, int64_t K, int nthreads);
+int fp8_moe_f32(const float *x, const int64_t *topk_ids, const float *topk_w, const uint8_t *q13, const float *s13,
+                int64_t bn13, int64_t bk13, const uint8_t *q2, const float *s2, int64_t bn2, int64_t bk2,
+                const float *b13, const float *b2, int clamp, float alpha, float limit, int weight_on_input,
+                float *out, int64_t T, int64_t k, int64_t E, int64_t H, int64_t I, int nthreads);
+
 #ifdef __cplusplus
 }
 #endif

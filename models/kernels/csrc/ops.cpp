@@ -415,6 +415,86 @@ std::vector<int64_t> quant_isa(int64_t level) {
     return {quant_isa_get(), quant_isa_best()};
 }
 
+// -- fp8 weights (csrc/fp8_cpu.c) -----------------------------------------------------------------
+// A weight: float8_e4m3fn [..., N, K] and float32 scales [..., ceil(N/bn), ceil(K/bk)] (fp8_block:
+// (bn, bk) its block; fp8_channel: (1, K); fp8_tensor: (N, K))
+void check_fp8(const at::Tensor& w, const at::Tensor& s, int64_t bn, int64_t bk, int64_t lead, const char* op) {
+    TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kFloat8_e4m3fn && w.is_contiguous(), op,
+                ": fp8 weights must be contiguous float8_e4m3fn CPU tensors, got ", w.scalar_type());
+    TORCH_CHECK(s.device().is_cpu() && s.scalar_type() == at::kFloat && s.is_contiguous(), op,
+                ": fp8 scales must be contiguous float32 CPU tensors, got ", s.scalar_type());
+    TORCH_CHECK(w.dim() == lead + 2, op, ": fp8 weights must have ", lead + 2, " dims, got ", w.dim());
+    TORCH_CHECK(bn >= 1 && bk >= 1, op, ": the scale blocks must be at least 1x1, got ", bn, "x", bk);
+    const int64_t N = w.size(-2), K = w.size(-1), per = ((N + bn - 1) / bn) * ((K + bk - 1) / bk);
+    const int64_t mats = lead ? w.size(0) : 1;
+    TORCH_CHECK(s.numel() == mats * per, op, ": ", s.numel(), " scales for ", mats, " weight(s) of ", N, "x", K,
+                " in blocks of ", bn, "x", bk, " (want ", per, " each)");
+}
+
+const uint8_t* fp8_ptr(const at::Tensor& t) { return reinterpret_cast<const uint8_t*>(t.data_ptr()); }
+
+at::Tensor fp8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale, int64_t bn, int64_t bk,
+                      const std::optional<at::Tensor>& bias) {
+    // x [M, K] float32 @ dequant(weight [N, K])^T (+ bias) -> [M, N] float32
+    check_f32_cpu(x, "x");
+    check_fp8(weight, scale, bn, bk, 0, "fp8_linear");
+    TORCH_CHECK(x.dim() == 2 && x.size(1) == weight.size(1), "fp8_linear: x must be [M, K] and the weight [N, K]");
+    const int64_t M = x.size(0), N = weight.size(0), K = x.size(1);
+    at::Tensor y = at::empty({M, N}, x.options());
+    if (M == 0) return y;
+    const at::Tensor xc = x.contiguous();
+    at::Tensor b;
+    if (bias.has_value() && bias->defined()) {
+        b = bias->to(at::kFloat).contiguous();
+        TORCH_CHECK(b.numel() == N, "fp8_linear: bias must have ", N, " elements");
+    }
+    const int threads = M * N * K >= kMinMacsPerThreading ? at::get_num_threads() : 1;
+    check_rc(fp8_linear_f32(xc.data_ptr<float>(), K, fp8_ptr(weight), scale.data_ptr<float>(), bn, bk,
+                            b.defined() ? b.data_ptr<float>() : nullptr, y.data_ptr<float>(), M, N, K, threads),
+             "fp8_linear");
+    return y;
+}
+
+at::Tensor fp8_moe(const at::Tensor& x, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
+                   const at::Tensor& w13, const at::Tensor& s13, int64_t bn13, int64_t bk13, const at::Tensor& w2,
+                   const at::Tensor& s2, int64_t bn2, int64_t bk2, const std::optional<at::Tensor>& b13,
+                   const std::optional<at::Tensor>& b2, std::optional<double> limit, double alpha,
+                   bool weight_on_input) {
+    // x [T, H]; topk [T, k]; fp8 w13 [E, 2I, H], w2 [E, H, I] with their scales; biases [E, 2I] / [E, H];
+    // limit: gpt-oss's clamped SwiGLU (with alpha), else SiLU-and-mul -> [T, H] float32
+    check_f32_cpu(x, "x");
+    check_fp8(w13, s13, bn13, bk13, 1, "fp8_moe");
+    check_fp8(w2, s2, bn2, bk2, 1, "fp8_moe");
+    TORCH_CHECK(x.dim() == 2 && topk_ids.dim() == 2 && topk_ids.sizes() == topk_weights.sizes() &&
+                topk_ids.size(0) == x.size(0), "fp8_moe: x must be [T, H], topk_ids and topk_weights [T, k]");
+    TORCH_CHECK(w13.size(0) == w2.size(0) && w13.size(2) == x.size(1) && w2.size(1) == x.size(1) &&
+                w13.size(1) == 2 * w2.size(2), "fp8_moe: weights must be [E, 2I, H] and [E, H, I]");
+    const int64_t T = x.size(0), k = topk_ids.size(1), E = w13.size(0), H = x.size(1), I = w2.size(2);
+    at::Tensor c13, c2;
+    if (b13.has_value() && b13->defined()) {
+        c13 = b13->to(at::kFloat).contiguous();
+        TORCH_CHECK(c13.numel() == E * 2 * I, "fp8_moe: w13's bias must be [E, 2I]");
+    }
+    if (b2.has_value() && b2->defined()) {
+        c2 = b2->to(at::kFloat).contiguous();
+        TORCH_CHECK(c2.numel() == E * H, "fp8_moe: w2's bias must be [E, H]");
+    }
+    at::Tensor out = at::empty({T, H}, x.options());
+    if (T == 0) return out;
+    const at::Tensor xc = x.contiguous();
+    const at::Tensor ids = topk_ids.to(at::kLong).contiguous();
+    const at::Tensor w = topk_weights.to(at::kFloat).contiguous();
+    const int threads = T * k >= kMinPairsPerThreading / 2 ? at::get_num_threads() : 1;
+    check_rc(fp8_moe_f32(xc.data_ptr<float>(), ids.data_ptr<int64_t>(), w.data_ptr<float>(), fp8_ptr(w13),
+                         s13.data_ptr<float>(), bn13, bk13, fp8_ptr(w2), s2.data_ptr<float>(), bn2, bk2,
+                         c13.defined() ? c13.data_ptr<float>() : nullptr, c2.defined() ? c2.data_ptr<float>() : nullptr,
+                         limit.has_value() ? 1 : 0, static_cast<float>(alpha),
+                         limit.has_value() ? static_cast<float>(*limit) : 0.f, weight_on_input ? 1 : 0,
+                         out.data_ptr<float>(), T, k, E, H, I, threads),
+             "fp8_moe");
+    return out;
+}
+
 std::vector<int64_t> build_info() {
     // [built with AVX2 + FMA, threads from PyTorch's OpenMP pool]
     return {moe_cpu_available(), cpu_kernels_openmp()};
@@ -448,6 +528,10 @@ MOE_SERVE_LIBRARY(MOE_SERVE_OPS_NS, m) {
     m.def("quant_moe_cpu(Tensor x, Tensor topk_ids, Tensor topk_weights, int fmt, Tensor q13, Tensor s13, "
           "Tensor? m13, Tensor q2, Tensor s2, Tensor? m2) -> Tensor");
     m.def("quant_isa(int level) -> int[]");
+    m.def("fp8_linear_cpu(Tensor x, Tensor weight, Tensor scale, int bn, int bk, Tensor? bias) -> Tensor");
+    m.def("fp8_moe_cpu(Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor w13, Tensor s13, int bn13, int bk13, "
+          "Tensor w2, Tensor s2, int bn2, int bk2, Tensor? b13, Tensor? b2, float? limit, float alpha, "
+          "bool weight_on_input) -> Tensor");
 }
 
 MOE_SERVE_LIBRARY_IMPL(MOE_SERVE_OPS_NS, CPU, m) {
@@ -463,6 +547,8 @@ MOE_SERVE_LIBRARY_IMPL(MOE_SERVE_OPS_NS, CPU, m) {
     m.impl("mla_decode_cpu", &mla_decode);
     m.impl("quant_linear_cpu", &quant_linear);
     m.impl("quant_moe_cpu", &quant_moe);
+    m.impl("fp8_linear_cpu", &fp8_linear);
+    m.impl("fp8_moe_cpu", &fp8_moe);
 }
 
 MOE_SERVE_LIBRARY_IMPL(MOE_SERVE_OPS_NS, CompositeExplicitAutograd, m) {

@@ -23,6 +23,8 @@ ops' fake (meta) implementations, so that `torch.compile` traces through them an
   reading the latent blocks in place (csrc/mla_decode_cpu.c);
 - `quant_linear_cpu`, `quant_moe_cpu`: the same over int8 / int4 weights (models/kernels/quant.py),
   `quant_isa(level) -> [level in use, best level]` (their instruction-set level);
+- `linear_bf16_cpu(x [M, K], weight [N/16, ceil(K/2), 16, 2] bfloat16, bias [N]?) -> [M, N]`: bf16 weights in panels,
+  float32 math (csrc/linear_bf16_cpu.c), `bf16_isa(level) -> [level in use, best level]`;
 - `cpu_kernels_info() -> [built with AVX2 + FMA, threads from PyTorch's OpenMP pool]`.
 """
 
@@ -156,3 +158,7 @@ def _register_fakes(ns: str) -> None:
     @fake("quant_moe_cpu")
     def _(x, topk_ids, topk_weights, fmt, q13, s13, m13, q2, s2, m2):
         return x.new_empty(x.shape[0], x.shape[1])
+
+    @fake("linear_bf16_cpu")
+    def _(x, weight, bias):
+        return x.new_empty(x.shape[0], 16 * weight.shape[0])

@@ -107,6 +107,8 @@ def quantized_params(model: MoEForCausalLM, plan: KernelPlan) -> list[str]:
             names += [f"layers.{i}.moe.w13", f"layers.{i}.moe.w2"]
         if lk.shared == LinearLayout.QUANTIZED:
             names += [f"layers.{i}.moe.shared.w13.weight", f"layers.{i}.moe.shared.w2.weight"]
+        if lk.mlp == LinearLayout.QUANTIZED:  # a dense layer's MLP (bf16 weights)
+            names += [f"layers.{i}.mlp.w13.weight", f"layers.{i}.mlp.w2.weight"]
     return names
 
 

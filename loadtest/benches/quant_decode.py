@@ -3,6 +3,10 @@
     python -m loadtest quant-decode [--formats float32,int8,int4] [--batches 1,16] [--rounds 10]
         [--shape mixtral-140m]
 
+Formats: float32, bfloat16 (--dtype bfloat16: bf16 compute), bf16 (a bf16 copy of the checkpoint
+served with --dtype auto: bf16 weights, float32 math in the C kernels), and the --quantization
+formats (int8, int8_channel, int4, int4_zp).
+
 One offline engine per (format, batch) on the benchmark checkpoint (loadtest/checkpoints.py,
 random weights), each with `batch` requests of 128 random tokens prefilled; then decode steps,
 the engines interleaved step by step (loadtest/harness.py) so that background load on a shared
@@ -24,13 +28,45 @@ HEADING = "### Decode step by weight format (CPU, quantized weights)"
 PROMPT_LEN = 128
 
 
+def bf16_copy(path: str) -> str:
+    """A bf16 copy of checkpoint `path` beside it (`<path>-bf16`: the weights rounded to bf16, the
+    config's dtype bfloat16), made once."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    src, dst = Path(path), Path(f"{path}-bf16")
+    if (dst / "model.safetensors").exists():
+        return str(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.suffix != ".safetensors" and f.name != "config.json" and f.is_file():
+            shutil.copy(f, dst / f.name)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["dtype"] = cfg["torch_dtype"] = "bfloat16"
+    (dst / "config.json").write_text(json.dumps(cfg, indent=2))
+    tensors = load_file(str(src / "model.safetensors"))
+    save_file({k: v.to(torch.bfloat16) for k, v in tensors.items()}, str(dst / "model.safetensors"),
+              metadata={"format": "pt"})
+    return str(dst)
+
+
 def engine(model: str, fmt: str, batch: int, steps: int):
     from server.engine import LLM, SamplingParams
     from server.engine.request import EngineRequest
 
-    quant = None if fmt in ("float32", "bfloat16") else fmt
-    llm = LLM(model, dtype="float32" if quant else fmt, quantization=quant, max_num_seqs=batch,
-              max_num_batched_tokens=2048, max_model_len=PROMPT_LEN + 16 + 2 * steps)
+    quant = None if fmt in ("float32", "bfloat16", "bf16") else fmt
+    if fmt == "bf16":  # --dtype auto on a bf16 checkpoint: bf16 weights, float32 math
+        llm = LLM(bf16_copy(model), dtype="auto", max_num_seqs=batch, max_num_batched_tokens=2048,
+                  max_model_len=PROMPT_LEN + 16 + 2 * steps)
+        if llm.core.model.kernel_plan.quantization != "bf16":
+            raise SystemExit("bf16: --dtype auto did not keep the weights in bf16 here (C kernels not built?)")
+    else:
+        llm = LLM(model, dtype="float32" if quant else fmt, quantization=quant, max_num_seqs=batch,
+                  max_num_batched_tokens=2048, max_model_len=PROMPT_LEN + 16 + 2 * steps)
     core = llm.core
     rng = random.Random(0)
     for i in range(batch):

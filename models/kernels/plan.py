@@ -182,6 +182,7 @@ class LayerKernels:
     attn_format: str = "bf16"  # q/k/v and o (MLA: its projections)
     experts_format: str | None = None  # the expert stacks' (a dense layer: its MLP's)
     shared_format: str | None = None  # the shared expert's (None: none)
+    mlp: LinearLayout = LinearLayout.PLAIN  # a dense layer's MLP (QUANTIZED: bf16 weights, `bf16_groups`)
 
     @property
     def sync_free(self) -> bool:
@@ -267,11 +268,12 @@ class KernelPlan:
                  "| layers | attention | fused rope / norms | q/k/v, o | experts | expert gate+up | weights |",
                  "|---|---|---|---|---|---|---|"]
         for first, last, lk in self.layer_groups():
-            experts = "dense MLP" if lk.moe is None else f"{lk.expert_kind}: {lk.moe.value}" + (
+            experts = ("dense MLP" + (f" ({weights_label(lk.quant)})" if lk.mlp == LinearLayout.QUANTIZED else "")
+                       if lk.moe is None else f"{lk.expert_kind}: {lk.moe.value}" + (
                 f" (up to {CPU_KERNEL_PAIRS_PER_EXPERT} pairs/expert, {lk.moe_large.value} above)"
                 if lk.moe_large is not None else "") + (
                 f"; shared expert: {lk.shared.value}" if lk.shared not in (LinearLayout.PLAIN, LinearLayout.QUANTIZED)
-                else "")
+                else ""))
             lines.append(f"| {first}-{last} | {lk.attention_kind}: {lk.attention.value} | "
                          f"{'yes' if lk.fused_rope else 'no'} / {'yes' if lk.fused_norms else 'no'} | "
                          f"{_lv(lk.qkv, lk)}, {_lv(lk.o, lk)} | {experts}{_quant_note(lk)} | "
@@ -308,6 +310,7 @@ class KernelPlan:
                         "moe_large": None if lk.moe_large is None else lk.moe_large.value,
                         "moe_large_above_pairs_per_expert": CPU_KERNEL_PAIRS_PER_EXPERT if lk.moe_large else None,
                         "gate_up": lk.gate_up.value, "router": lk.router, "shared": lk.shared.value,
+                        "mlp": lk.mlp.value,
                         "quantization": lk.quant,
                         "weight_formats": {"attention": lk.attn_format, "experts": lk.experts_format,
                                            "shared": lk.shared_format}}
@@ -488,10 +491,12 @@ def bf16_groups(cfg: MoEModelConfig) -> dict[str, bool]:
     variant = cfg.expert_bias or cfg.swiglu_limit is not None or cfg.expert_input_scaling
     shared = cfg.shared_expert_intermediate_size or 0
     qkv_rows = cfg.q_size * (2 if cfg.attn_output_gate else 1) + 2 * cfg.kv_size
+    dense = cfg.dense_intermediate_size if isinstance(cfg.dense_intermediate_size, int) else 0
     return {"attention": cfg.mla is None and qkv_rows % p == 0 and cfg.hidden_size % p == 0,
             "experts": not variant and cpu_moe_fits(cfg),
             "shared": bool(shared) and cfg.hidden_size % p == 0 and (2 * shared) % p == 0,
-            "lm_head": not cfg.tie_word_embeddings and cfg.vocab_size % p == 0}
+            "lm_head": not cfg.tie_word_embeddings and cfg.vocab_size % p == 0,
+            "dense": dense > 0 and not cfg.moe_shortcut and cfg.hidden_size % p == 0 and (2 * dense) % p == 0}
 
 
 def bf16_weights_serve(flags: KernelFlags | None, caps: Capabilities | None = None) -> bool:
@@ -509,7 +514,8 @@ def bf16_weights_serve(flags: KernelFlags | None, caps: Capabilities | None = No
 _PARAM_GROUPS = ((re.compile(r"layers\.\d+\.attn\.(qkv|o_proj)\.weight"), "attention"),
                  (re.compile(r"layers\.\d+\.moe\.(w13|w2)"), "experts"),
                  (re.compile(r"layers\.\d+\.moe\.shared\.(w13|w2)\.weight"), "shared"),
-                 (re.compile(r"lm_head\.weight"), "lm_head"))
+                 (re.compile(r"lm_head\.weight"), "lm_head"),
+                 (re.compile(r"layers\.\d+\.mlp\.(w13|w2)\.weight"), "dense"))
 
 
 def param_group(param: str) -> str | None:
@@ -520,7 +526,7 @@ def param_group(param: str) -> str | None:
 def quantized_groups(names) -> dict[str, bool]:
     """Which groups the quantized parameters `names` fill (a model's `quantized`)."""
     held = {param_group(n) for n in names}
-    return {g: g in held for g in ("attention", "experts", "shared", "lm_head")}
+    return {g: g in held for g in ("attention", "experts", "shared", "lm_head", "dense")}
 
 
 def _check_quantization(quantization: str, flags: KernelFlags, caps: Capabilities, dtype: torch.dtype) -> None:
@@ -669,6 +675,7 @@ def resolve_plan(cfg: MoEModelConfig, device: torch.device, dtype: torch.dtype, 
         kept_attn = bool(proj) and all(f"layers.{i}.attn.{n}.weight" in qf for n in proj + (
             () if gqa else ("kv_a_proj",)))
         kept_shared = cfg.sparse_layers[i] and shared and all(n in qf for n in shared_names(i))
+        q_dense = not cfg.sparse_layers[i] and quant.get("dense", False) and not held(experts_names(i))
         layers.append(LayerKernels(
             attention_kind=kind, attention=plain_attention if plain else AttentionKernel.REFERENCE,
             fused_rope=fused_rope, fused_norms=fused and cfg.residual_multiplier == 1.0,
@@ -682,11 +689,12 @@ def resolve_plan(cfg: MoEModelConfig, device: torch.device, dtype: torch.dtype, 
             router=router if cfg.sparse_layers[i] else "reference",
             shared=LinearLayout.QUANTIZED if q_shared or kept_shared else layout(math.gcd(2 * shared, H))
             if cfg.sparse_layers[i] and shared else LinearLayout.PLAIN,
-            quant=quantization if (q_attn or q_shared or (q_experts and quantization)) else None,
+            quant=quantization if (q_attn or q_shared or q_dense or (q_experts and quantization)) else None,
             attn_format=_group_format(qf, [n for n in attn_names(i) if n in qf] or ["-"])
             if cfg.layer_kind(i) == "attention" else "bf16",
             experts_format=_group_format(qf, experts_names(i)),
             shared_format=_group_format(qf, shared_names(i)) if cfg.sparse_layers[i] and shared else None,
+            mlp=LinearLayout.QUANTIZED if q_dense else LinearLayout.PLAIN,
         ))
     # the placement executor packs each CPU device's stack for the C kernel (float32 copies); the
     # CPU expert tier of an accelerator's plan too (its experts in float32; the kernels load then).
@@ -729,4 +737,6 @@ def quantized_bytes(cfg: MoEModelConfig, fmt: str, layers: tuple[LayerKernels, .
             total += E * (b(2 * inter, H) + b(H, inter))
         if lk.shared == LinearLayout.QUANTIZED:
             total += b(2 * shared, H) + b(H, shared)
+        if lk.mlp == LinearLayout.QUANTIZED:
+            total += b(2 * cfg.dense_intermediate_size, H) + b(H, cfg.dense_intermediate_size)
     return total

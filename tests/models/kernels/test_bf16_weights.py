@@ -16,6 +16,7 @@ from models.kernels import quant as Q
 from models.kernels.flags import KernelFlags
 from models.kernels.plan import LinearLayout, MoEKernel
 from tests.conftest import BUNDLED
+from tests.models.conftest import make_checkpoint
 from tests.models.kernels.conftest import rel_err
 from tests.models.kernels.test_quant import needs_kernels
 from tests.models.simple_runner import greedy_generate, prefill_logits
@@ -186,3 +187,22 @@ def test_the_dtype_rule():
     model = load_model(str(BUNDLED), dtype="bfloat16", progress=False)  # bf16 compute, as asked
     assert not model.quantized and model.embed.weight.dtype == torch.bfloat16
     assert model.kernel_plan.quantization is None
+
+
+def test_shared_experts_and_dense_layers_stay_bf16(tmp_path):
+    """A bf16 qwen2_moe with shared experts, q/k/v biases and a dense layer: shared experts and the
+    dense MLP are held in bf16 too, in the plan's bytes, with the float32 engine's logits."""
+    needs_kernels()
+    make_checkpoint("qwen2_moe", tmp_path, dtype=torch.bfloat16, moe_intermediate_size=64,
+                    shared_expert_intermediate_size=96, mlp_only_layers=[1])
+    model = load_model(str(tmp_path), progress=False)
+    ref = load_model(str(tmp_path), dtype="float32", progress=False)
+    plan = model.kernel_plan
+    assert {"layers.0.moe.shared.w13.weight", "layers.0.moe.shared.w2.weight", "layers.1.mlp.w13.weight",
+            "layers.1.mlp.w2.weight", "layers.1.attn.qkv.weight", "layers.0.moe.w13"} <= set(model.quantized)
+    assert plan.layers[1].mlp == LinearLayout.QUANTIZED and plan.layers[0].shared == LinearLayout.QUANTIZED
+    assert "dense MLP (bf16 (fp32 math))" in plan.table()
+    assert sum(q.nbytes for q in model.quantized.values()) == plan.quantized_bytes > 0
+    prompts = [[3, 17, 40, 99, 5], [7, 8]]
+    for a, b in zip(prefill_logits(model, prompts), prefill_logits(ref, prompts)):
+        assert rel_err(a, b) < 1e-5

@@ -12,7 +12,9 @@
  * Levels (chosen at run time, `bf16_isa_set`; models/kernels/quant.py reads MOE_SERVE_CPU_ISA):
  * - AVX2 + FMA: bf16 -> float32 in registers (a lane's low half shifted left by 16 is the even
  *   k's float32, its high half masked is the odd k's: bf16 is float32's upper half), float32
- *   FMAs, 6 rows x 16 columns per tile;
+ *   FMAs: one row against 4 panels (2 rows against 2) at a time, so that 8 accumulators are
+ *   independent; up to 6 rows against one panel; above 6 rows each panel is converted once to
+ *   float32 (panel_gemm.h's layout) and every 6-row tile runs the float32 micro-kernel on it;
  * - AVX-512F: the same, 16 columns per register;
  * - AVX512-BF16: VDPBF16PS over the activations rounded to bf16 (once per call, to nearest even),
  *   products summed in float32: what llama.cpp's bf16 path computes. It changes the math
@@ -93,6 +95,74 @@ static void btile_avx2(int mr, const float *x, int64_t ldx, const uint16_t *P, i
     case 4: btile(4, x, ldx, P, K, y, ldy); break;
     case 5: btile(5, x, ldx, P, K, y, ldy); break;
     default: btile(6, x, ldx, P, K, y, ldy); break;
+    }
+}
+
+/* M <= 2: `np` panels at once (1 row: 4, 2 rows: 2), so that 8 accumulators are independent
+ * (one row's two accumulators would wait on the FMA latency, not on memory). Each output
+ * element still sums in k order: the same results as `btile`. */
+#define EVEN(r) _mm256_castsi256_ps(_mm256_slli_epi32(r, 16))
+#define ODD(r) _mm256_castsi256_ps(_mm256_and_si256(r, hi))
+#define SP_FMA(p, W)                                                                          \
+    if (np > p) {                                                                             \
+        const uint16_t *q = P + (p) * pstride + k * BNR;                                      \
+        const __m256 w0 = W(_mm256_loadu_si256((const __m256i *)q));                         \
+        const __m256 w1 = W(_mm256_loadu_si256((const __m256i *)(q + 16)));                   \
+        c0##p##0 = _mm256_fmadd_ps(a0, w0, c0##p##0);                                         \
+        c0##p##1 = _mm256_fmadd_ps(a0, w1, c0##p##1);                                         \
+        if (mr > 1) {                                                                         \
+            c1##p##0 = _mm256_fmadd_ps(a1, w0, c1##p##0);                                     \
+            c1##p##1 = _mm256_fmadd_ps(a1, w1, c1##p##1);                                     \
+        }                                                                                     \
+    }
+#define SP_STORE(i, p)                                                                        \
+    if (mr > i && np > p) {                                                                   \
+        _mm256_storeu_ps(y + i * ldy + (p) * BNR, c##i##p##0);                                \
+        _mm256_storeu_ps(y + i * ldy + (p) * BNR + 8, c##i##p##1);                            \
+    }
+
+static inline __attribute__((always_inline)) void stile(const int mr, const int np, const float *x, int64_t ldx,
+                                                       const uint16_t *P, int64_t K, float *y, int64_t ldy) {
+    const int64_t pstride = (K + 1) / 2 * 2 * BNR;
+    const __m256i hi = _mm256_set1_epi32((int)0xFFFF0000u);
+    __m256 c000 = _mm256_setzero_ps(), c001 = c000, c010 = c000, c011 = c000, c020 = c000, c021 = c000,
+           c030 = c000, c031 = c000, c100 = c000, c101 = c000, c110 = c000, c111 = c000, c120 = c000, c121 = c000,
+           c130 = c000, c131 = c000;
+    const float *x1 = x + (mr > 1 ? ldx : 0);
+    int64_t k = 0;
+    for (; k + 2 <= K; k += 2) {
+        _mm_prefetch((const char *)(P + k * BNR + BPF), _MM_HINT_T0);
+        _mm_prefetch((const char *)(P + pstride + k * BNR + BPF), _MM_HINT_T0);
+        if (np > 2) {
+            _mm_prefetch((const char *)(P + 2 * pstride + k * BNR + BPF), _MM_HINT_T0);
+            _mm_prefetch((const char *)(P + 3 * pstride + k * BNR + BPF), _MM_HINT_T0);
+        }
+        __m256 a0 = _mm256_broadcast_ss(x + k), a1 = _mm256_broadcast_ss(x1 + k);
+        SP_FMA(0, EVEN) SP_FMA(1, EVEN) SP_FMA(2, EVEN) SP_FMA(3, EVEN)
+        a0 = _mm256_broadcast_ss(x + k + 1);
+        a1 = _mm256_broadcast_ss(x1 + k + 1);
+        SP_FMA(0, ODD) SP_FMA(1, ODD) SP_FMA(2, ODD) SP_FMA(3, ODD)
+    }
+    if (k < K) {
+        const __m256 a0 = _mm256_broadcast_ss(x + k), a1 = _mm256_broadcast_ss(x1 + k);
+        SP_FMA(0, EVEN) SP_FMA(1, EVEN) SP_FMA(2, EVEN) SP_FMA(3, EVEN)
+    }
+    SP_STORE(0, 0) SP_STORE(0, 1) SP_STORE(0, 2) SP_STORE(0, 3)
+    SP_STORE(1, 0) SP_STORE(1, 1) SP_STORE(1, 2) SP_STORE(1, 3)
+}
+
+/* one panel to float32 panels [K, 16] (panel_gemm.h's layout, for `micro_any`) */
+static void unpack_panel(const uint16_t *P, int64_t K, float *F) {
+    const __m256i hi = _mm256_set1_epi32((int)0xFFFF0000u);
+    for (int64_t k = 0; k < K; k += 2) {
+        const __m256i r0 = _mm256_loadu_si256((const __m256i *)(P + k * BNR));
+        const __m256i r1 = _mm256_loadu_si256((const __m256i *)(P + k * BNR + 16));
+        _mm256_storeu_ps(F + k * BNR, EVEN(r0));
+        _mm256_storeu_ps(F + k * BNR + 8, EVEN(r1));
+        if (k + 1 < K) {
+            _mm256_storeu_ps(F + (k + 1) * BNR, ODD(r0));
+            _mm256_storeu_ps(F + (k + 1) * BNR + 8, ODD(r1));
+        }
     }
 }
 
@@ -214,30 +284,59 @@ typedef struct {
     const uint32_t *x2; /* the activations in bf16 pairs (AVX512-BF16 level), else NULL */
     const float *bias;
     float *y;
+    float *buf; /* one panel in float32 [K, 16] (AVX2, M > 6), else NULL */
     int64_t M, N, K, ldx, p0, p1;
     int isa;
 } blin_job_t;
 
+/* AVX2: rows of x against panels [p0, p1) */
+static void blin_avx2(const blin_job_t *J) {
+    const int64_t M = J->M, N = J->N, K = J->K, K2 = (K + 1) / 2, ldx = J->ldx;
+    for (int64_t j = J->p0; j < J->p1;) {
+        const uint16_t *P = J->W + j * K2 * 2 * BNR;
+        float *y = J->y + j * BNR;
+        if (M == 1 && J->p1 - j >= 4) {
+            stile(1, 4, J->x, ldx, P, K, y, N);
+            j += 4;
+        } else if (M <= 2 && J->p1 - j >= 2) {
+            if (M == 1) stile(1, 2, J->x, ldx, P, K, y, N);
+            else stile(2, 2, J->x, ldx, P, K, y, N);
+            j += 2;
+        } else if (M <= BMR) {
+            btile_avx2((int)M, J->x, ldx, P, K, y, N);
+            j++;
+        } else { /* the panel converted once, then every tile of rows against it */
+            unpack_panel(P, K, J->buf);
+            for (int64_t m = 0; m < M; m += MR) {
+                const int mr = (int)(M - m < MR ? M - m : MR);
+                micro_any(mr, J->x + m * ldx, ldx, J->buf, K, y + m * N, N);
+            }
+            j++;
+        }
+    }
+}
+
 static void *blin_range(void *arg) {
     const blin_job_t *J = (const blin_job_t *)arg;
     const int64_t M = J->M, N = J->N, K = J->K, K2 = (K + 1) / 2, ldx = J->ldx;
-    for (int64_t j = J->p0; j < J->p1; j++) {
-        const uint16_t *P = J->W + j * K2 * 2 * BNR;
-        for (int64_t m = 0; m < M; m += BMR) {
-            const int mr = (int)(M - m < BMR ? M - m : BMR);
-            float *y = J->y + m * N + j * BNR;
-            switch (J->isa) {
+    if (J->isa == BF_AVX2) {
+        blin_avx2(J);
+    } else {
+        for (int64_t j = J->p0; j < J->p1; j++) {
+            const uint16_t *P = J->W + j * K2 * 2 * BNR;
+            for (int64_t m = 0; m < M; m += BMR) {
+                const int mr = (int)(M - m < BMR ? M - m : BMR);
+                float *y = J->y + m * N + j * BNR;
 #if BF_HAVE_AVX512
-            case BF_AVX512BF16: btile_bf16dp(mr, J->x2 + m * K2, K2, P, y, N); break;
-            case BF_AVX512: btile_avx512(mr, J->x + m * ldx, ldx, P, K, y, N); break;
+                if (J->isa == BF_AVX512BF16) btile_bf16dp(mr, J->x2 + m * K2, K2, P, y, N);
+                else btile_avx512(mr, J->x + m * ldx, ldx, P, K, y, N);
 #endif
-            default: btile_avx2(mr, J->x + m * ldx, ldx, P, K, y, N); break;
             }
-            if (J->bias)
-                for (int i = 0; i < mr; i++)
-                    for (int c = 0; c < BNR; c++) y[i * N + c] += J->bias[j * BNR + c];
         }
     }
+    if (J->bias)
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t n = J->p0 * BNR; n < J->p1 * BNR; n++) J->y[m * N + n] += J->bias[n];
     return NULL;
 }
 
@@ -263,10 +362,20 @@ int linear_bf16(const float *x, int64_t ldx, const uint16_t *W, const float *bia
                 x2[m * K2 + k2] = lo | (up << 16);
             }
     }
+    float *buf = NULL;
+    if (isa == BF_AVX2 && M > BMR) {
+        buf = (float *)malloc((size_t)nthreads * (size_t)(K + 1) * BNR * sizeof(float));
+        if (!buf) {
+            free(x2);
+            return 1;
+        }
+    }
     blin_job_t jobs[MAX_THREADS];
     for (int t = 0; t < nthreads; t++)
-        jobs[t] = (blin_job_t){x, W, x2, bias, y, M, N, K, ldx, panels * t / nthreads, panels * (t + 1) / nthreads, isa};
+        jobs[t] = (blin_job_t){x, W, x2, bias, y, buf ? buf + (size_t)t * (size_t)(K + 1) * BNR : NULL, M, N, K, ldx,
+                               panels * t / nthreads, panels * (t + 1) / nthreads, isa};
     run_jobs(blin_range, jobs, sizeof jobs[0], nthreads);
+    free(buf);
     free(x2);
     return 0;
 }

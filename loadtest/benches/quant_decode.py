@@ -25,6 +25,7 @@ from loadtest import output, results
 from loadtest.harness import interleave
 
 HEADING = "### Decode step by weight format (CPU, quantized weights)"
+BF16_HEADING = "### bf16 weights with float32 math (CPU decode step)"  # runs with the bf16 format
 PROMPT_LEN = 128
 
 
@@ -100,8 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     formats = [f for f in args.formats.split(",") if f]
     batches = [int(b) for b in args.batches.split(",") if b]
     cores = {(f, b): engine(model, f, b, args.rounds + 4) for f in formats for b in batches}
+    bf16 = "bf16" in formats  # its own docs section: the bf16 weights of --dtype auto
     result = results.new_result("quant-decode", argv, vars(args) | {"threads": torch.get_num_threads()},
-                                heading=HEADING, packages=("torch",))
+                                heading=BF16_HEADING if bf16 else HEADING,
+                                section="quant-decode-bf16" if bf16 else None, packages=("torch",))
     timed = interleave({f"{f}/{b}": c.step for (f, b), c in cores.items()}, rounds=args.rounds, warmup=1)
     rows = []
     for (f, b), core in cores.items():

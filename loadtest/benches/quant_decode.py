@@ -13,7 +13,7 @@ the engines interleaved step by step (loadtest/harness.py) so that background lo
 machine hits them alike. Reported: median and best step wall time per format and batch, tokens/s
 (batch / median step) and the weight bytes the format keeps (float32: every parameter; a
 quantized format: its quantized weights plus the float32 parameters it leaves, embedding, norms
-and router).
+and router), and the packed float32 copies the kernel plan makes beside them.
 """
 
 from __future__ import annotations
@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         wb = weight_bytes(core.model)
         result["measurements"][f"{f}/{b}"] = {"format": f, "batch": b, "summary": s, "weight_bytes": wb,
                                               "kernel_plan": core.model.kernel_plan.to_dict()}
-        rows.append([f, b, s["wall_median_s"] * 1e3, s["wall_best_s"] * 1e3, b / s["wall_median_s"], wb / 2**20])
+        rows.append([f, b, s["wall_median_s"] * 1e3, s["wall_best_s"] * 1e3, b / s["wall_median_s"], wb / 2**20,
+                     core.model.kernel_plan.packed_bytes / 2**20])
         print(f"{f} batch {b}: median step {s['wall_median_s'] * 1e3:.1f} ms", flush=True)
     col = results.column
     result["summary"]["blocks"] = [
@@ -120,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
                      f"per weight format and batch, interleaved step by step, {args.rounds} timed steps each, "
                      f"{torch.get_num_threads()} threads."),
         results.table(None, [col("weights"), col("batch", "d"), col("step ms median", ".1f"), col("best", ".1f"),
-                             col("tokens/s", ".1f"), col("weight MiB", ".0f")], rows),
+                             col("tokens/s", ".1f"), col("weight MiB", ".0f"), col("packed copies MiB", ".0f")],
+                      rows),
     ]
     output.finish(result, args)
     return 0

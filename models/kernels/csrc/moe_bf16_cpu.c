@@ -1,5 +1,6 @@
 /* Fused MoE experts over bf16 weights with float32 math on the CPU (AVX2 + FMA): the CPU expert
- * tier's bf16 format (models/placement/executor.py).
+ * tier's bf16 format (models/placement/executor.py), and the experts of a bf16 checkpoint that
+ * --dtype auto keeps in bf16 on the CPU (models/kernels/quant.py, format "bf16").
  *
  * out[t] = sum_s topk_w[t, s] * W2[e] @ (silu(G[e] @ x[t]) * (U[e] @ x[t])),  e = topk_ids[t, s]
  *

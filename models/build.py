@@ -19,9 +19,9 @@ from models.dtypes import canonical_dtype
 from models.gguf_loader import GGUFCheckpoint, GGUFError, gguf_path
 from models.hf_config import load_config
 from models.kernels.flags import KernelFlags
-from models.kernels.plan import (KernelPlan, KernelPlanError, LinearLayout, MoEKernel, cpu_has_native_bf16, quantizable,
-                                 resolve_plan)
-from models.kernels.quant import QUANTIZATIONS, QuantWeight, select_isa
+from models.kernels.plan import (KernelPlan, KernelPlanError, LinearLayout, MoEKernel, bf16_weights_serve,
+                                 cpu_has_native_bf16, quantizable, resolve_plan)
+from models.kernels.quant import BF16, QUANTIZATIONS, QuantWeight, select_isa
 from models.loader import load_weights, plan_quantized
 from models.model import MoEForCausalLM
 from models.quant import reader_for
@@ -33,9 +33,12 @@ log = logging.getLogger(__name__)
 
 
 def resolve_dtype(name: str, checkpoint_dtype: str, device: torch.device) -> torch.dtype:
-    """`auto`: the checkpoint's dtype on CUDA (bf16 if the GPU has it); on CPUs without native
-    bf16 compute, float32 (bf16 matmuls are far slower there: docs/benchmarks.md, section "Numbers
-    behind code choices")."""
+    """The compute dtype. `auto`: the checkpoint's dtype on CUDA (bf16 if the GPU has it); on the
+    CPU float32, except a bf16 checkpoint on a CPU with native bf16 compute where the C kernels do
+    not serve it (`cpu_bf16_weights` decides first: a bf16 checkpoint's weights stay bf16 with
+    float32 math in the C kernels, faster than bf16 compute through the reference paths and than
+    float32 weights: docs/benchmarks.md, "bf16 weights on the CPU"). Without native bf16, bf16
+    matmuls are far slower (section "Numbers behind code choices")."""
     name = canonical_dtype(name)
     if name != "auto":
         return getattr(torch, name)
@@ -47,6 +50,17 @@ def resolve_dtype(name: str, checkpoint_dtype: str, device: torch.device) -> tor
     if ckpt == torch.bfloat16 and cpu_has_native_bf16():
         return torch.bfloat16
     return torch.float32
+
+
+def cpu_bf16_weights(dtype: str, checkpoint_dtype: str, device: torch.device, kernels: KernelFlags | None) -> bool:
+    """The `--dtype auto` rule for a bf16 checkpoint on the CPU: keep its q/k/v, o, experts, shared
+    experts and LM head in bf16, as loaded (half the bytes of float32 copies), and compute in float32
+    through the C kernels (csrc/linear_bf16_cpu.c, moe_bf16_cpu.c), wherever they load and the
+    kernel flags let them serve. `--dtype float32` keeps float32 weights, `--dtype bfloat16` bf16
+    compute. float16 checkpoints load in float32 (bf16 would round their mantissas)."""
+    if canonical_dtype(dtype) != "auto" or device.type != "cpu" or canonical_dtype(checkpoint_dtype) != "bfloat16":
+        return False
+    return bf16_weights_serve(kernels)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -96,6 +110,8 @@ def quantized_params(model: MoEForCausalLM, plan: KernelPlan, groups: dict[str, 
             names += [f"layers.{i}.moe.w13", f"layers.{i}.moe.w2"]
         if lk.shared == LinearLayout.QUANTIZED:
             names += [f"layers.{i}.moe.shared.w13.weight", f"layers.{i}.moe.shared.w2.weight"]
+        if lk.mlp == LinearLayout.QUANTIZED:  # a dense layer's MLP (bf16 weights)
+            names += [f"layers.{i}.mlp.w13.weight", f"layers.{i}.mlp.w2.weight"]
     return names
 
 
@@ -104,7 +120,8 @@ FP8_QUANTIZATION = "fp8"  # --quantization fp8: experts and linears to fp8_chann
 
 def load_model(path: str, dtype: str = "auto", device: str = "auto", progress: bool = True,
                kernels: KernelFlags | None = None, mtp: bool = False,
-               quantization: str | None = None, keep_quantized: bool = True) -> MoEForCausalLM:
+               quantization: str | None = None, keep_quantized: bool = True,
+               bf16_weights: bool = True) -> MoEForCausalLM:
     """The model of checkpoint `path`, with the kernel plan that `kernels` (default: every
     choice "auto") resolves to for its device and dtype (`model.kernel_plan`). With `mtp`, the
     checkpoint's multi-token-prediction layers too, as `model.mtp` (models/mtp.py; otherwise the
@@ -117,7 +134,11 @@ def load_model(path: str, dtype: str = "auto", device: str = "auto", progress: b
     copy asked for; expert placement moves the quantized stacks as they are): then they are
     dequantized at load, as the others.
     `path` may name a GGUF checkpoint (models/gguf_loader.py): its Q8_0 / Q4_0 / Q4_1 weights
-    stay packed in the formats int8 / int4 / int4_zp, as if `quantization` had made them."""
+    stay packed in the formats int8 / int4 / int4_zp, as if `quantization` had made them.
+    `dtype` "auto" on the CPU with a bf16 checkpoint (`cpu_bf16_weights`; `bf16_weights` off: not,
+    e.g. for expert placement, which moves float stacks): its q/k/v, o, experts, shared experts and
+    LM head are held only in bf16 (`model.quantized`, format "bf16"; the loader writes the
+    checkpoint's slices into them) and computed in float32 by the C kernels."""
     t0 = time.monotonic()
     file = gguf_path(path)
     gguf = GGUFCheckpoint(file) if file is not None else None
@@ -141,6 +162,9 @@ def load_model(path: str, dtype: str = "auto", device: str = "auto", progress: b
         cfg = load_config(path)
     family = family_for(cfg.architecture)
     dev = resolve_device(device)
+    if (bf16_weights and not quantization and gguf is None and not mtp and cfg.extra.get("quant") is None
+            and cpu_bf16_weights(dtype, cfg.torch_dtype, dev, kernels)):
+        quantization = BF16
     torch_dtype = torch.float32 if quantization and canonical_dtype(dtype) == "auto" else resolve_dtype(
         dtype, cfg.torch_dtype, dev)
     plan = None
@@ -155,7 +179,7 @@ def load_model(path: str, dtype: str = "auto", device: str = "auto", progress: b
         log.info("%s checkpoint loaded with keep_quantized=False: weights dequantized to %s at load",
                  spec.method, str(torch_dtype).removeprefix("torch."))
     if quantization:
-        if quantization not in QUANTIZATIONS:
+        if quantization not in QUANTIZATIONS + (BF16,):
             raise UnsupportedModelError(f"quantization {quantization!r}: one of "
                                         f"{', '.join(QUANTIZATIONS + (FP8_QUANTIZATION,))}")
         try:  # refuses early

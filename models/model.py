@@ -234,9 +234,9 @@ class MoEForCausalLM(nn.Module):
                 if b.shared is not None:
                     w13s, w2s = packed(b.shared.w13.weight, lk.shared), packed(b.shared.w2.weight, lk.shared)
                     b.shared.packed = (w13s, w2s) if w13s is not None and w2s is not None else None
-            elif hasattr(layer, "mlp") and id(layer.mlp.w13.weight) in kept:  # a dense layer's MLP
-                layer.mlp.packed = (packed(layer.mlp.w13.weight, LinearLayout.PLAIN),
-                                    packed(layer.mlp.w2.weight, LinearLayout.PLAIN))
+            elif hasattr(layer, "mlp") and (id(layer.mlp.w13.weight) in kept or lk.mlp == LinearLayout.QUANTIZED):
+                layer.mlp.packed = (packed(layer.mlp.w13.weight, lk.mlp),  # a dense layer's MLP
+                                    packed(layer.mlp.w2.weight, lk.mlp))
         self.packed_lm_head = packed(self.lm_head.weight, plan.lm_head)
         self.kernel_plan = plan
 

@@ -29,6 +29,8 @@ ops' fake (meta) implementations, so that `torch.compile` traces through them an
   topk_weights, w13, s13, bn13, bk13, w2, s2, bn2, bk2, b13?, b2?, limit?, alpha, weight_on_input)`:
   the same over fp8 weights with scales per bn x bk block, converted in the kernel (csrc/fp8_cpu.c;
   `models.quant.ops` calls them for the fp8 formats on the CPU);
+- `linear_bf16_cpu(x [M, K], weight [N/16, ceil(K/2), 16, 2] bfloat16, bias [N]?) -> [M, N]`: bf16 weights in panels,
+  float32 math (csrc/linear_bf16_cpu.c), `bf16_isa(level) -> [level in use, best level]`;
 - `cpu_kernels_info() -> [built with AVX2 + FMA, threads from PyTorch's OpenMP pool]`.
 """
 
@@ -155,6 +157,7 @@ def _register_fakes(ns: str) -> None:
     @fake("mla_decode_cpu")
     def _(q_lat, q_pe, lat_cache, pe_cache, block_tables, seq_lens, scale, k_scale=1.0):
         return q_lat.new_empty(q_lat.shape)
+
     @fake("quant_linear_cpu")
     def _(x, qweight, scales, mins, fmt, bias):
         return x.new_empty(x.shape[0], qweight.shape[0])
@@ -170,6 +173,10 @@ def _register_fakes(ns: str) -> None:
     @fake("fp8_moe_cpu")
     def _(x, topk_ids, topk_weights, w13, s13, bn13, bk13, w2, s2, bn2, bk2, b13, b2, limit, alpha, weight_on_input):
         return x.new_empty(x.shape[0], x.shape[1])
+
+    @fake("linear_bf16_cpu")
+    def _(x, weight, bias):
+        return x.new_empty(x.shape[0], 16 * weight.shape[0])
 
 
 def available(namespace: str = cpu_build.NAMESPACE) -> bool:

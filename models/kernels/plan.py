@@ -30,6 +30,11 @@ The rules, per layer kind:
   and an untied LM head whose input sizes are multiples of 32 are kept only quantized
   (`models/kernels/quant.py`: the quantized weight replaces the float one, so no budget applies);
   the rest (norms, router, embedding, MLA, linear attention, expert variants) stays float32;
+- bf16 weights with float32 math (`quantization="bf16"`: `--dtype auto` on a bf16 checkpoint on the
+  CPU, models/build.py): the same groups kept only in bf16, as the checkpoint stores them, for the
+  C kernels (csrc/linear_bf16_cpu.c, whose output sizes must be multiples of 16, and the bf16
+  experts kernel csrc/moe_bf16_cpu.c at every batch size, plain SwiGLU experts); the plan names
+  the format "bf16 (fp32 math)";
 - weights a quantized checkpoint ships (FP8 block / channel / tensor, MXFP4) or `--quantization fp8`
   gives (`weight_formats`: parameter name -> `models.quant.formats.WeightFormat`, those the loader
   kept in their format): they run `models.quant.ops` (the Triton kernels on CUDA, which then need
@@ -178,6 +183,7 @@ class LayerKernels:
     attn_format: str = "bf16"  # q/k/v and o (MLA: its projections)
     experts_format: str | None = None  # the expert stacks' (a dense layer: its MLP's)
     shared_format: str | None = None  # the shared expert's (None: none)
+    mlp: LinearLayout = LinearLayout.PLAIN  # a dense layer's MLP (QUANTIZED: bf16 weights, `bf16_groups`)
 
     @property
     def sync_free(self) -> bool:
@@ -257,17 +263,18 @@ class KernelPlan:
         c_kernels = caps.cpu_kernels or "not built" if caps.device_type == "cpu" else "-"
         if caps.device_type == "cpu" and caps.cpu_kernels and caps.cpu_kernels_origin:
             c_kernels += f" ({caps.cpu_kernels_origin})"
-        quant = f"; weights: {self.quantization}" if self.quantization else ""
+        quant = f"; weights: {weights_label(self.quantization)}" if self.quantization else ""
         lines = [f"kernel plan ({self.device}, {self.dtype}{quant}; C kernels: {c_kernels}; triton: "
                  f"{'yes' if caps.triton else 'no'}; flags: {_flags_text(self.flags)})",
                  "| layers | attention | fused rope / norms | q/k/v, o | experts | expert gate+up | weights |",
                  "|---|---|---|---|---|---|---|"]
         for first, last, lk in self.layer_groups():
-            experts = "dense MLP" if lk.moe is None else f"{lk.expert_kind}: {lk.moe.value}" + (
+            experts = ("dense MLP" + (f" ({weights_label(lk.quant)})" if lk.mlp == LinearLayout.QUANTIZED else "")
+                       if lk.moe is None else f"{lk.expert_kind}: {lk.moe.value}" + (
                 f" (up to {CPU_KERNEL_PAIRS_PER_EXPERT} pairs/expert, {lk.moe_large.value} above)"
                 if lk.moe_large is not None else "") + (
                 f"; shared expert: {lk.shared.value}" if lk.shared not in (LinearLayout.PLAIN, LinearLayout.QUANTIZED)
-                else "")
+                else ""))
             lines.append(f"| {first}-{last} | {lk.attention_kind}: {lk.attention.value} | "
                          f"{'yes' if lk.fused_rope else 'no'} / {'yes' if lk.fused_norms else 'no'} | "
                          f"{_lv(lk.qkv, lk)}, {_lv(lk.o, lk)} | {experts}{_quant_note(lk)} | "
@@ -275,11 +282,12 @@ class KernelPlan:
                          f"{_formats_text(lk)} |")
         placed = ", ".join(f"{d}: {k.value}" for d, k in self.placed_moe)
         lm_head = self.lm_head.value if self.lm_head != LinearLayout.QUANTIZED else (
-            self.quantization or self.lm_head_format)
+            weights_label(self.quantization) if self.quantization else self.lm_head_format)
         if self.lm_head_format != "bf16" and self.lm_head != LinearLayout.QUANTIZED:
             lm_head += f" ({self.lm_head_format})"
         if self.quantization or self.quantized_bytes:
-            lm_head += f"; quantized weights: {self.quantized_bytes / 2**20:.1f} MiB"
+            held = "bf16" if self.quantization == BF16_WEIGHTS else "quantized"
+            lm_head += f"; {held} weights: {self.quantized_bytes / 2**20:.1f} MiB"
         if self.weight_bytes:
             lm_head += f"; resident weights: {self.weight_bytes / 2**20:.1f} MiB"
         lines.append(f"LM head: {lm_head}; packed copies: {self.packed_bytes / 2**20:.1f} MiB; "
@@ -303,6 +311,7 @@ class KernelPlan:
                         "moe_large": None if lk.moe_large is None else lk.moe_large.value,
                         "moe_large_above_pairs_per_expert": CPU_KERNEL_PAIRS_PER_EXPERT if lk.moe_large else None,
                         "gate_up": lk.gate_up.value, "router": lk.router, "shared": lk.shared.value,
+                        "mlp": lk.mlp.value,
                         "quantization": lk.quant,
                         "weight_formats": {"attention": lk.attn_format, "experts": lk.experts_format,
                                            "shared": lk.shared_format}}
@@ -310,14 +319,23 @@ class KernelPlan:
             "lm_head": self.lm_head.value, "placed_moe": {d: k.value for d, k in self.placed_moe},
             "packed_bytes": self.packed_bytes, "cuda_graphs": self.cuda_graphs, "experts_placed": self.experts_placed,
             "notes": list(self.notes), "quantization": self.quantization, "quantized_bytes": self.quantized_bytes,
+            "weights": weights_label(self.quantization) if self.quantization else self.dtype,
             "cpu_tier": None if not self.cpu_tier else {"format": self.cpu_tier, "bytes": self.cpu_tier_bytes,
                                                         "in_place": self.cpu_tier_in_place},
             "lm_head_format": self.lm_head_format, "weight_bytes": self.weight_bytes,
         }
 
 
+BF16_WEIGHTS = "bf16"  # models.kernels.quant.BF16: bf16 weights, float32 math (not imported: quant imports torch ops)
+
+
+def weights_label(fmt: str | None) -> str:
+    """How the plan names a CPU weight format: "bf16 (fp32 math)" for bf16 weights, else the format."""
+    return "bf16 (fp32 math)" if fmt == BF16_WEIGHTS else str(fmt)
+
+
 def _lv(layout: LinearLayout, lk: LayerKernels) -> str:
-    return lk.quant if layout == LinearLayout.QUANTIZED and lk.quant else layout.value
+    return weights_label(lk.quant) if layout == LinearLayout.QUANTIZED and lk.quant else layout.value
 
 
 def _formats_text(lk: LayerKernels) -> str:
@@ -333,7 +351,7 @@ def _quant_note(lk: LayerKernels) -> str:
     parts = [what for what, on in (("experts", lk.moe is not None and lk.moe_large is None and lk.quant
                                                 and lk.moe == MoEKernel.CPU),
                                    ("shared expert", lk.shared == LinearLayout.QUANTIZED)) if on]
-    return f" ({' and '.join(parts)} {lk.quant})" if parts and lk.quant else ""
+    return f" ({' and '.join(parts)} {weights_label(lk.quant)})" if parts and lk.quant else ""
 
 
 def _flags_text(flags: KernelFlags) -> str:
@@ -466,10 +484,39 @@ def quantizable(cfg: MoEModelConfig) -> dict[str, bool]:
             "lm_head": not cfg.tie_word_embeddings and cfg.hidden_size % g == 0}
 
 
+def bf16_groups(cfg: MoEModelConfig) -> dict[str, bool]:
+    """Which weights bf16 weights with float32 math keep in bf16 (`quantizable`'s groups): linears
+    whose output sizes are multiples of the bf16 kernel's panel (any input size), plain SwiGLU
+    experts the bf16 experts kernel serves (sizes multiples of 16)."""
+    p = PANEL
+    variant = cfg.expert_bias or cfg.swiglu_limit is not None or cfg.expert_input_scaling
+    shared = cfg.shared_expert_intermediate_size or 0
+    qkv_rows = cfg.q_size * (2 if cfg.attn_output_gate else 1) + 2 * cfg.kv_size
+    dense = cfg.dense_intermediate_size if isinstance(cfg.dense_intermediate_size, int) else 0
+    return {"attention": cfg.mla is None and qkv_rows % p == 0 and cfg.hidden_size % p == 0,
+            "experts": not variant and cpu_moe_fits(cfg),
+            "shared": bool(shared) and cfg.hidden_size % p == 0 and (2 * shared) % p == 0,
+            "lm_head": not cfg.tie_word_embeddings and cfg.vocab_size % p == 0,
+            "dense": dense > 0 and not cfg.moe_shortcut and cfg.hidden_size % p == 0 and (2 * dense) % p == 0}
+
+
+def bf16_weights_serve(flags: KernelFlags | None, caps: Capabilities | None = None) -> bool:
+    """Whether the C kernels can run bf16 weights with float32 math on the CPU (`caps`; None: this
+    process's, the kernels loaded if they build), as `flags` allow (what `--dtype auto` asks before
+    keeping a bf16 checkpoint's weights in bf16 on the CPU)."""
+    flags = flags or KernelFlags()
+    if flags.cpu_kernels == "off":
+        return False
+    caps = caps or Capabilities.detect(torch.device("cpu"), torch.float32, flags.cpu_kernels)
+    return (caps.device_type == "cpu" and caps.cpu_kernels is not None and flags.moe in ("auto", "cpu")
+            and flags.cpu_linear in ("auto", "packed"))
+
+
 _PARAM_GROUPS = ((re.compile(r"layers\.\d+\.attn\.(qkv|o_proj)\.weight"), "attention"),
                  (re.compile(r"layers\.\d+\.moe\.(w13|w2)"), "experts"),
                  (re.compile(r"layers\.\d+\.moe\.shared\.(w13|w2)\.weight"), "shared"),
-                 (re.compile(r"lm_head\.weight"), "lm_head"))
+                 (re.compile(r"lm_head\.weight"), "lm_head"),
+                 (re.compile(r"layers\.\d+\.mlp\.(w13|w2)\.weight"), "dense"))
 
 
 def param_group(param: str) -> str | None:
@@ -480,10 +527,17 @@ def param_group(param: str) -> str | None:
 def quantized_groups(names) -> dict[str, bool]:
     """Which groups the quantized parameters `names` fill (a model's `quantized`)."""
     held = {param_group(n) for n in names}
-    return {g: g in held for g in ("attention", "experts", "shared", "lm_head")}
+    return {g: g in held for g in ("attention", "experts", "shared", "lm_head", "dense")}
 
 
 def _check_quantization(quantization: str, flags: KernelFlags, caps: Capabilities, dtype: torch.dtype) -> None:
+    if quantization == BF16_WEIGHTS:
+        if not bf16_weights_serve(flags, caps) or dtype != torch.float32:
+            raise KernelPlanError(f"bf16 weights with float32 math need the CPU, the C kernels built here, float32 "
+                                  f"compute and --moe-backend auto|cpu, --cpu-linear-layout auto|packed (device "
+                                  f"{caps.device_type}, C kernels {caps.cpu_kernels or 'not built'}, dtype {dtype}, "
+                                  f"flags: {_flags_text(flags)})")
+        return
     if not (caps.device_type == "cpu" and caps.cpu_kernels):
         raise KernelPlanError(f"--quantization {quantization}: needs the CPU and the C kernels built here (device "
                               f"{caps.device_type}, C kernels {caps.cpu_kernels or 'not built'})")
@@ -533,7 +587,7 @@ def resolve_plan(cfg: MoEModelConfig, device: torch.device, dtype: torch.dtype, 
 
     def shared_names(i: int) -> list[str]:
         return [f"layers.{i}.moe.shared.w13.weight", f"layers.{i}.moe.shared.w2.weight"]
-    quant = quantizable(cfg) if quantization else {}
+    quant = (bf16_groups(cfg) if quantization == BF16_WEIGHTS else quantizable(cfg)) if quantization else {}
     if quantization and quantized_groups is not None:
         quant = {g: on and bool(quantized_groups.get(g)) for g, on in quant.items()}
     if quantization:
@@ -624,6 +678,7 @@ def resolve_plan(cfg: MoEModelConfig, device: torch.device, dtype: torch.dtype, 
         kept_attn = bool(proj) and all(f"layers.{i}.attn.{n}.weight" in qf for n in proj + (
             () if gqa else ("kv_a_proj",)))
         kept_shared = cfg.sparse_layers[i] and shared and all(n in qf for n in shared_names(i))
+        q_dense = not cfg.sparse_layers[i] and quant.get("dense", False) and not held(experts_names(i))
         layers.append(LayerKernels(
             attention_kind=kind, attention=plain_attention if plain else AttentionKernel.REFERENCE,
             fused_rope=fused_rope, fused_norms=fused and cfg.residual_multiplier == 1.0,
@@ -637,11 +692,12 @@ def resolve_plan(cfg: MoEModelConfig, device: torch.device, dtype: torch.dtype, 
             router=router if cfg.sparse_layers[i] else "reference",
             shared=LinearLayout.QUANTIZED if q_shared or kept_shared else layout(math.gcd(2 * shared, H))
             if cfg.sparse_layers[i] and shared else LinearLayout.PLAIN,
-            quant=quantization if (q_attn or q_shared or (q_experts and quantization)) else None,
+            quant=quantization if (q_attn or q_shared or q_dense or (q_experts and quantization)) else None,
             attn_format=_group_format(qf, [n for n in attn_names(i) if n in qf] or ["-"])
             if cfg.layer_kind(i) == "attention" else "bf16",
             experts_format=_group_format(qf, experts_names(i)),
             shared_format=_group_format(qf, shared_names(i)) if cfg.sparse_layers[i] and shared else None,
+            mlp=LinearLayout.QUANTIZED if q_dense else LinearLayout.PLAIN,
         ))
     # the placement executor packs each CPU device's stack for the C kernel (float32 copies); the
     # CPU expert tier of an accelerator's plan too (its experts in float32; the kernels load then).
@@ -713,4 +769,6 @@ def quantized_bytes(cfg: MoEModelConfig, fmt: str, layers: tuple[LayerKernels, .
             total += E * (b(2 * inter, H) + b(H, inter))
         if lk.shared == LinearLayout.QUANTIZED:
             total += b(2 * shared, H) + b(H, shared)
+        if lk.mlp == LinearLayout.QUANTIZED:
+            total += b(2 * cfg.dense_intermediate_size, H) + b(H, cfg.dense_intermediate_size)
     return total

@@ -10,8 +10,14 @@ row-major, so a checkpoint tensor filling some rows is quantized and written on 
 loader streams it (`write`): the float weight never exists whole. The kernels quantize the
 activations per row on the fly, in blocks of 32 (int8), and accumulate in float32.
 
+Besides, `bf16` (`BF16`, not a --quantization choice: `--dtype auto` keeps a bf16 checkpoint's
+weights so on the CPU, models/build.py): the bf16 values as they are, float32 math in the C
+kernels; a linear's weight [N, K] in the panels of csrc/linear_bf16_cpu.c ([N/16, ceil(K/2), 16,
+2]: `bf16_panels`), an MoE layer's stacks [E, N, K] row-major (csrc/moe_bf16_cpu.c).
+
 Instruction-set levels of the quantized kernels (`ISA_LEVELS`): the best the CPU runs is chosen
-at load; `MOE_SERVE_CPU_ISA=avx2|avx512|avx512vnni` forces a lower one (`select_isa`).
+at load; `MOE_SERVE_CPU_ISA=avx2|avx512|avx512vnni|avx512bf16` forces a lower one (`select_isa`;
+the bf16 kernels have levels avx2, avx512 and avx512bf16 and run the highest not above it).
 """
 
 from __future__ import annotations
@@ -24,7 +30,9 @@ import torch
 FORMATS: dict[str, int] = {"int8": 0, "int8_channel": 1, "int4": 2, "int4_zp": 3}  # name -> csrc format code
 QUANTIZATIONS = tuple(FORMATS)  # --quantization choices
 GROUP = 32
-ISA_LEVELS: dict[str, int] = {"avx2": 1, "avx512": 2, "avx512vnni": 3}
+ISA_LEVELS: dict[str, int] = {"avx2": 1, "avx512": 2, "avx512vnni": 3, "avx512bf16": 4}
+BF16 = "bf16"  # bf16 weights, float32 math (csrc/linear_bf16_cpu.c, moe_bf16_cpu.c)
+BF16_PANEL = 16  # the bf16 linear kernel's panel width: output sizes must be multiples of it
 ISA_ENV = "MOE_SERVE_CPU_ISA"
 
 
@@ -34,6 +42,8 @@ class QuantError(ValueError):
 
 def bytes_per_weight(fmt: str, K: int) -> float:
     """Resident bytes per weight element of a row of K in format `fmt` (values + scales)."""
+    if fmt == BF16:
+        return 2.0  # (a linear's panels pad an odd K by one element a row: not counted)
     if fmt == "int8":
         return 1 + 2 / GROUP
     if fmt == "int8_channel":
@@ -108,6 +118,20 @@ def quantize_activations(x: torch.Tensor) -> torch.Tensor:
     return (torch.round(b * inv) * d).reshape(x.shape)
 
 
+def bf16_panels(w: torch.Tensor) -> torch.Tensor:
+    """w [N, K] (N a multiple of 16) -> bf16 panels [N/16, ceil(K/2), 16, 2]: W[n, k] at
+    [n // 16, k // 2, n % 16, k % 2], an odd K's last pair padded with 0 (csrc/linear_bf16_cpu.c)."""
+    N, K = w.shape
+    b = torch.nn.functional.pad(w.detach().to(torch.bfloat16), (0, K % 2))
+    return b.reshape(N // BF16_PANEL, BF16_PANEL, -1, 2).permute(0, 2, 1, 3).contiguous()
+
+
+def bf16_unpanel(p: torch.Tensor, K: int) -> torch.Tensor:
+    """`bf16_panels`'s inverse: [N/16, ceil(K/2), 16, 2] -> [N, K] bf16."""
+    P, K2 = p.shape[0], p.shape[1]
+    return p.permute(0, 2, 1, 3).reshape(P * BF16_PANEL, 2 * K2)[:, :K]
+
+
 @dataclass
 class QuantWeight:
     """A weight [..., N, K] (a linear's, or an MoE layer's stack [E, N, K]) in a quantized format."""
@@ -121,6 +145,13 @@ class QuantWeight:
     @classmethod
     def empty(cls, shape: tuple[int, ...], fmt: str) -> QuantWeight:
         *lead, K = shape
+        if fmt == BF16:  # a linear's weight in panels, a stack of experts' row-major
+            if len(shape) == 2 and shape[0] % BF16_PANEL:
+                raise QuantError(f"bf16 linear weights need an output size that is a multiple of {BF16_PANEL}, "
+                                 f"got {shape[0]}")
+            q = (torch.zeros(shape[0] // BF16_PANEL, (K + 1) // 2, BF16_PANEL, 2, dtype=torch.bfloat16)
+                 if len(shape) == 2 else torch.zeros(*shape, dtype=torch.bfloat16))
+            return cls(fmt, tuple(shape), q, torch.zeros(0, dtype=torch.float16), None)
         if K % GROUP:
             raise QuantError(f"quantized formats need an input size that is a multiple of {GROUP}, got {K}")
         q = torch.zeros(*lead, K if fmt.startswith("int8") else K // 2, dtype=torch.uint8)
@@ -129,12 +160,16 @@ class QuantWeight:
 
     @classmethod
     def of(cls, w: torch.Tensor, fmt: str) -> QuantWeight:
+        if fmt == BF16:
+            out = cls.empty(tuple(w.shape), fmt)
+            out.write((), w)
+            return out
         q, s, m = quantize(w, fmt)
         return cls(fmt, tuple(w.shape), q, s, m)
 
     @property
     def code(self) -> int:
-        return FORMATS[self.fmt]
+        return FORMATS[self.fmt] if self.fmt != BF16 else -1
 
     @property
     def nbytes(self) -> int:
@@ -143,13 +178,29 @@ class QuantWeight:
     def write(self, index: tuple, tensor: torch.Tensor) -> None:
         """Quantize `tensor` into the rows `index` selects (an index over the leading dims and the
         rows, whole rows only: the loader's slices of stacked or fused weights)."""
+        if self.fmt == BF16:
+            self._write_bf16(index, tensor)
+            return
         q, s, m = quantize(tensor, self.fmt)
         self.q[index].copy_(q)
         self.scales[index].copy_(s)
         if m is not None:
             self.mins[index].copy_(m)
 
+    def _write_bf16(self, index: tuple, tensor: torch.Tensor) -> None:
+        if len(self.shape) != 2:  # expert stacks: row-major, as loaded
+            self.q[index].copy_(tensor.to(torch.bfloat16))
+            return
+        N, K = self.shape
+        rows = torch.arange(N)[index] if index else torch.arange(N)
+        rows = rows.reshape(-1)
+        t = torch.nn.functional.pad(tensor.detach().to(torch.bfloat16).reshape(len(rows), K), (0, K % 2))
+        view = self.q.permute(0, 2, 1, 3)  # [N/16, 16, ceil(K/2), 2], writes through to q
+        view[rows // BF16_PANEL, rows % BF16_PANEL] = t.reshape(len(rows), -1, 2)
+
     def dequantize(self) -> torch.Tensor:
+        if self.fmt == BF16:
+            return (bf16_unpanel(self.q, self.shape[1]) if len(self.shape) == 2 else self.q).float()
         return dequantize(self.q, self.scales, self.mins, self.fmt)
 
 
@@ -161,12 +212,16 @@ def row_index(index: tuple, ndim: int) -> bool:
 
 def quant_linear(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] @ w.T (+ bias) -> [M, N] (float32), as F.linear over the dequantized weight."""
+    if w.fmt == BF16:
+        return torch.ops.moe_serve.linear_bf16_cpu(x, w.q, bias)
     return torch.ops.moe_serve.quant_linear_cpu(x, w.q, w.scales, w.mins, w.code, bias)
 
 
 def quant_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor, w13: QuantWeight,
               w2: QuantWeight) -> torch.Tensor:
     """The experts over quantized stacks w13 [E, 2I, H] and w2 [E, H, I], as `fused_experts`."""
+    if w13.fmt == BF16:
+        return torch.ops.moe_serve.moe_experts_bf16_cpu(x, topk_ids, topk_w, w13.q, w2.q)
     return torch.ops.moe_serve.quant_moe_cpu(x, topk_ids, topk_w, w13.code, w13.q, w13.scales, w13.mins,
                                              w2.q, w2.scales, w2.mins)
 
@@ -178,18 +233,31 @@ def isa() -> tuple[str, str]:
     return names[current], names[best]
 
 
+def bf16_isa() -> tuple[str, str]:
+    """(the level the bf16 linear kernel runs, the best it runs on this CPU), after `cpu_ops.load`."""
+    names = {v: k for k, v in ISA_LEVELS.items()}
+    current, best = torch.ops.moe_serve.bf16_isa(-1)
+    return names[current], names[best]
+
+
 def set_isa(name: str | None) -> str:
-    """Run the quantized kernels at level `name` (None or "auto": the best); refused above what
-    the CPU runs. Returns the level now in use."""
+    """Run the quantized and bf16 kernels at level `name` (None or "auto": the best); refused above
+    what the CPU runs. Each kernel runs its highest level not above `name` (the quantized ones have
+    no avx512bf16 level, the bf16 one no avx512vnni). Returns the level now in use."""
     if name in (None, "", "auto"):
         torch.ops.moe_serve.quant_isa(0)
+        torch.ops.moe_serve.bf16_isa(0)
         return isa()[0]
     if name not in ISA_LEVELS:
         raise QuantError(f"{ISA_ENV}={name!r}: one of auto, {', '.join(ISA_LEVELS)}")
-    try:
-        torch.ops.moe_serve.quant_isa(ISA_LEVELS[name])
-    except RuntimeError:
-        raise QuantError(f"{ISA_ENV}={name}: this CPU runs at most {isa()[1]}") from None
+    level = ISA_LEVELS[name]
+    best_q, best_b = torch.ops.moe_serve.quant_isa(-1)[1], torch.ops.moe_serve.bf16_isa(-1)[1]
+    if level > max(best_q, best_b) or (level == ISA_LEVELS["avx512vnni"] and best_q < level):
+        names = {v: k for k, v in ISA_LEVELS.items()}
+        raise QuantError(f"{ISA_ENV}={name}: this CPU runs at most {names[max(best_q, best_b)]}"
+                         + (" (no avx512vnni)" if level == ISA_LEVELS["avx512vnni"] else ""))
+    torch.ops.moe_serve.quant_isa(min(level, best_q))
+    torch.ops.moe_serve.bf16_isa(min(level, best_b) if level != ISA_LEVELS["avx512vnni"] else ISA_LEVELS["avx512"])
     return name
 
 

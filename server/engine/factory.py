@@ -130,7 +130,8 @@ def build_native_core(config: EngineConfig, progress: bool = True, reserve_cpu_c
     spec = config.speculative
     model = load_model(config.model, dtype=config.dtype, device=config.device, progress=progress,
                        kernels=config.kernel_flags, quantization=config.quantization,
-                       mtp=spec is not None and spec.method == "mtp")
+                       mtp=spec is not None and spec.method == "mtp",
+                       bf16_weights=not config.places_experts)  # placement moves float expert stacks
     # a quantized checkpoint's experts (and --quantization fp8's) are placed as QTensor stacks;
     # --quantization int8/int4's are held for the CPU experts kernel only
     if model.quantized and config.places_experts:

@@ -22,6 +22,9 @@ def test_health_ready_version(http: httpx.Client) -> None:
     assert isinstance(v["version"], str) and v["engine"] == "native"
     plan = v["kernel_plan"]  # the native engine's kernels, as resolved at load (models/kernels/plan.py)
     assert plan["device"] == "cpu" and plan["layers"] and plan["cuda_graphs"] is False
+    if plan["capabilities"]["cpu_kernels"]:  # the bundled checkpoint is bf16: --dtype auto keeps its weights so
+        assert plan["quantization"] == "bf16" and plan["weights"] == "bf16 (fp32 math)" and plan["dtype"] == "float32"
+        assert 0 < plan["quantized_bytes"] < plan["weight_bytes"]
     assert {group["attention"] for group in plan["layers"]} <= {"cpu", "reference"}
 
 

@@ -74,6 +74,13 @@ int fp8_moe_f32(const float *x, const int64_t *topk_ids, const float *topk_w, co
                 int64_t bn13, int64_t bk13, const uint8_t *q2, const float *s2, int64_t bn2, int64_t bk2,
                 const float *b13, const float *b2, int clamp, float alpha, float limit, int weight_on_input,
                 float *out, int64_t T, int64_t k, int64_t E, int64_t H, int64_t I, int nthreads);
+/* bf16 weights [N, K] as they are (uint16), float32 math (linear_bf16_cpu.c); levels 1 AVX2, 2 AVX-512F,
+ * 4 AVX512-BF16 (3, the quantized kernels' VNNI level, runs 2) */
+int bf16_isa_best(void);
+int bf16_isa_set(int level);
+int bf16_isa_get(void);
+int linear_bf16(const float *x, int64_t ldx, const uint16_t *W, const float *bias, float *y, int64_t M, int64_t N,
+                int64_t K, int nthreads);
 
 #ifdef __cplusplus
 }

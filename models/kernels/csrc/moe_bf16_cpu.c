@@ -1,5 +1,6 @@
 /* Fused MoE experts over bf16 weights with float32 math on the CPU (AVX2 + FMA): the CPU expert
- * tier's bf16 format (models/placement/executor.py).
+ * tier's bf16 format (models/placement/executor.py), and the experts of a bf16 checkpoint that
+ * --dtype auto keeps in bf16 on the CPU (models/kernels/quant.py, format "bf16").
  *
  * out[t] = sum_s topk_w[t, s] * W2[e] @ (silu(G[e] @ x[t]) * (U[e] @ x[t])),  e = topk_ids[t, s]
  *
@@ -80,10 +81,39 @@ static inline __attribute__((always_inline)) void btile(const int mr, const floa
     }
 }
 
+/* one token row against 4 weight rows at a time: 8 independent accumulators (one row's two would
+ * wait on the FMA latency, not on memory); each output sums exactly as in `btile` */
+#define R_FMA(j)                                                                        \
+    bf16x16(r##j + kk, &w0, &w1);                                                       \
+    a##j##0 = _mm256_fmadd_ps(w0, x0, a##j##0);                                         \
+    a##j##1 = _mm256_fmadd_ps(w1, x1, a##j##1);
+static inline void btile_row(const float *x, const uint16_t *W, int64_t ldw, int64_t K, int nr, float *y) {
+    int c = 0;
+    for (; c + 4 <= nr; c += 4) {
+        const uint16_t *r0 = W + c * ldw, *r1 = r0 + ldw, *r2 = r1 + ldw, *r3 = r2 + ldw;
+        __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00,
+               a31 = a00;
+        for (int64_t kk = 0; kk < K; kk += 16) {
+            _mm_prefetch((const char *)(r0 + kk + BPF), _MM_HINT_T0);
+            _mm_prefetch((const char *)(r1 + kk + BPF), _MM_HINT_T0);
+            _mm_prefetch((const char *)(r2 + kk + BPF), _MM_HINT_T0);
+            _mm_prefetch((const char *)(r3 + kk + BPF), _MM_HINT_T0);
+            const __m256 x0 = _mm256_loadu_ps(x + kk), x1 = _mm256_loadu_ps(x + kk + 8);
+            __m256 w0, w1;
+            R_FMA(0) R_FMA(1) R_FMA(2) R_FMA(3)
+        }
+        y[c] = hsum8(_mm256_add_ps(a00, a01));
+        y[c + 1] = hsum8(_mm256_add_ps(a10, a11));
+        y[c + 2] = hsum8(_mm256_add_ps(a20, a21));
+        y[c + 3] = hsum8(_mm256_add_ps(a30, a31));
+    }
+    if (c < nr) btile(1, x, 0, W + c * ldw, ldw, K, nr - c, y + c, 0);
+}
+
 static inline void btile_any(int mr, const float *x, int64_t ldx, const uint16_t *W, int64_t ldw, int64_t K, int nr,
                              float *y, int64_t ldy) {
     switch (mr) {
-    case 1: btile(1, x, ldx, W, ldw, K, nr, y, ldy); break;
+    case 1: btile_row(x, W, ldw, K, nr, y); break;
     case 2: btile(2, x, ldx, W, ldw, K, nr, y, ldy); break;
     case 3: btile(3, x, ldx, W, ldw, K, nr, y, ldy); break;
     default: btile(4, x, ldx, W, ldw, K, nr, y, ldy); break;

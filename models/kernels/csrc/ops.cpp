@@ -495,6 +495,42 @@ at::Tensor fp8_moe(const at::Tensor& x, const at::Tensor& topk_ids, const at::Te
     return out;
 }
 
+// -- bf16 weights, float32 math (csrc/linear_bf16_cpu.c) ----------------------------------------
+at::Tensor linear_bf16_op(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+    // x [M, K] float32 @ W^T (+ bias) -> [M, N] float32; W [N, K] bf16 in its panels
+    // [N/16, ceil(K/2), 16, 2] (models/kernels/quant.py bf16_panels; csrc/linear_bf16_cpu.c)
+    check_f32_cpu(x, "x");
+    TORCH_CHECK(weight.device().is_cpu() && weight.scalar_type() == at::kBFloat16 && weight.is_contiguous(),
+                "linear_bf16: the weight must be a contiguous bfloat16 CPU tensor");
+    TORCH_CHECK(x.dim() == 2 && x.size(1) > 0 && weight.dim() == 4 && weight.size(0) > 0 &&
+                weight.size(1) == (x.size(1) + 1) / 2 && weight.size(2) == 16 && weight.size(3) == 2,
+                "linear_bf16: x must be [M, K] and the weight's panels [N/16, ceil(K/2), 16, 2]");
+    const int64_t M = x.size(0), N = 16 * weight.size(0), K = x.size(1);
+    at::Tensor y = at::empty({M, N}, x.options());
+    if (M == 0) return y;
+    const at::Tensor xc = x.contiguous();
+    at::Tensor b;
+    if (bias.has_value() && bias->defined()) {
+        b = bias->to(at::kFloat).contiguous();
+        TORCH_CHECK(b.numel() == N, "linear_bf16: bias must have ", N, " elements");
+    }
+    // as the float32 linear: a bf16 weight reads faster, so it needs no lower bar for threads
+    const int threads = M * N * K >= kMinMacsPerThreading ? at::get_num_threads() : 1;
+    check_rc(linear_bf16(xc.data_ptr<float>(), K, reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>()),
+                         b.defined() ? b.data_ptr<float>() : nullptr, y.data_ptr<float>(), M, N, K, threads),
+             "linear_bf16");
+    return y;
+}
+
+std::vector<int64_t> bf16_isa(int64_t level) {
+    // level -1: query; 0: the best this CPU runs; 1 avx2, 2 (or 3) avx512, 4 avx512bf16 -> [current, best]
+    if (level >= 0) {
+        TORCH_CHECK(bf16_isa_set(static_cast<int>(level)) > 0, "bf16_isa: level ", level,
+                    " is not supported by this CPU (best: ", bf16_isa_best(), ")");
+    }
+    return {bf16_isa_get(), bf16_isa_best()};
+}
+
 std::vector<int64_t> build_info() {
     // [built with AVX2 + FMA, threads from PyTorch's OpenMP pool]
     return {moe_cpu_available(), cpu_kernels_openmp()};
@@ -532,6 +568,8 @@ MOE_SERVE_LIBRARY(MOE_SERVE_OPS_NS, m) {
     m.def("fp8_moe_cpu(Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor w13, Tensor s13, int bn13, int bk13, "
           "Tensor w2, Tensor s2, int bn2, int bk2, Tensor? b13, Tensor? b2, float? limit, float alpha, "
           "bool weight_on_input) -> Tensor");
+    m.def("linear_bf16_cpu(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+    m.def("bf16_isa(int level) -> int[]");
 }
 
 MOE_SERVE_LIBRARY_IMPL(MOE_SERVE_OPS_NS, CPU, m) {
@@ -549,9 +587,11 @@ MOE_SERVE_LIBRARY_IMPL(MOE_SERVE_OPS_NS, CPU, m) {
     m.impl("quant_moe_cpu", &quant_moe);
     m.impl("fp8_linear_cpu", &fp8_linear);
     m.impl("fp8_moe_cpu", &fp8_moe);
+    m.impl("linear_bf16_cpu", &linear_bf16_op);
 }
 
 MOE_SERVE_LIBRARY_IMPL(MOE_SERVE_OPS_NS, CompositeExplicitAutograd, m) {
     m.impl("cpu_kernels_info", &build_info);
     m.impl("quant_isa", &quant_isa);
+    m.impl("bf16_isa", &bf16_isa);
 }

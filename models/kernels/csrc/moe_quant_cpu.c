@@ -22,8 +22,8 @@
 #include "panel_gemm.h"
 #include "quant_gemm.h"
 
-#define QCH 16 /* weight rows per item */
-#define QMR 4
+#define QCH QTILE_N /* weight rows per item */
+#define QMR QTILE_M
 
 typedef struct {
     int64_t k, E, H, I;
@@ -33,6 +33,7 @@ typedef struct {
     float *act;       /* [P, I] */
     const qact_t *as; /* [P, I] quantized act */
     float *ys;        /* [P, H] by pair index */
+    int8_t *buf;      /* 2 * QCH * max(H, I) bytes: the item's int4 rows unpacked */
     int phase;
     int64_t first, last;
 } qmoe_job_t;
@@ -44,14 +45,22 @@ static void qmoe_items(const qmoe_job_t *J) {
     for (int64_t it = J->first; it < J->last; it++) {
         const int64_t e = it / panels, j = it % panels;
         const int64_t p0 = J->start[e], n = J->start[e + 1] - p0;
+        if (n == 0) continue;
+        const int8_t *wg = NULL, *wu = NULL, *wd = NULL;
+        if (J->phase == 0) {
+            wg = qrows_prepare(J->W13, e * 2 * I + j * QCH, QCH, J->buf);
+            wu = qrows_prepare(J->W13, e * 2 * I + I + j * QCH, QCH, J->buf + QCH * H);
+        } else {
+            wd = qrows_prepare(J->W2, e * H + j * QCH, QCH, J->buf);
+        }
         for (int64_t m = 0; m < n; m += QMR) {
             const int mr = (int)(n - m < QMR ? n - m : QMR);
             if (J->phase == 0) {
-                qgemm_tile(J->xs, p0 + m, mr, J->W13, e * 2 * I + j * QCH, QCH, g, QCH);
-                qgemm_tile(J->xs, p0 + m, mr, J->W13, e * 2 * I + I + j * QCH, QCH, u, QCH);
+                qgemm_tile(J->xs, p0 + m, mr, J->W13, wg, e * 2 * I + j * QCH, QCH, g, QCH);
+                qgemm_tile(J->xs, p0 + m, mr, J->W13, wu, e * 2 * I + I + j * QCH, QCH, u, QCH);
                 for (int i = 0; i < mr; i++) silu_mul16(g + i * QCH, u + i * QCH, J->act + (p0 + m + i) * I + j * QCH);
             } else {
-                qgemm_tile(J->as, p0 + m, mr, J->W2, e * H + j * QCH, QCH, y, QCH);
+                qgemm_tile(J->as, p0 + m, mr, J->W2, wd, e * H + j * QCH, QCH, y, QCH);
                 for (int i = 0; i < mr; i++)
                     memcpy(J->ys + J->pair[p0 + m + i] * H + j * QCH, y + i * QCH, QCH * sizeof(float));
             }
@@ -73,6 +82,7 @@ static void qmoe_phase(qmoe_job_t *base, int phase, int nthreads) {
     int64_t it = 0, acc = 0;
     for (int t = 0; t < nthreads; t++) {
         jobs[t] = *base;
+        if (base->buf) jobs[t].buf = base->buf + (int64_t)t * 2 * QCH * (base->H > base->I ? base->H : base->I);
         jobs[t].phase = phase;
         jobs[t].first = it;
         const int64_t target = total * (t + 1) / nthreads;
@@ -101,8 +111,12 @@ int qmoe_f32(const float *x, const int64_t *topk_ids, const float *topk_w, int f
     int64_t *pair = (int64_t *)malloc((size_t)(P > 0 ? P : 1) * sizeof(int64_t));
     float *buf = (float *)malloc((size_t)(P > 0 ? P : 1) * (size_t)(I + H) * sizeof(float));
     qact_t xs = {0}, as = {0};
+    int8_t *wbuf = fmt >= QF_Q4 ? (int8_t *)malloc((size_t)nthreads * 2 * QCH * (size_t)(H > I ? H : I)) : NULL;
     int rc = 0;
-    if (!start || !pair || !buf || !qact_alloc(&xs, P, H) || !qact_alloc(&as, P, I)) { rc = 1; goto done; }
+    if (!start || !pair || !buf || (fmt >= QF_Q4 && !wbuf) || !qact_alloc(&xs, P, H) || !qact_alloc(&as, P, I)) {
+        rc = 1;
+        goto done;
+    }
     float *act = buf, *ys = buf + P * I;
     for (int64_t p = 0; p < P; p++) {
         const int64_t e = topk_ids[p];
@@ -114,11 +128,11 @@ int qmoe_f32(const float *x, const int64_t *topk_ids, const float *topk_w, int f
         if (topk_w[p] != 0.f) pair[start[topk_ids[p] + 1]++] = p;
     /* now start[e] = first pair of expert e, start[E] = the pairs computed; quantize each pair's
      * row of x (a token's row quantizes the same in every slot: the same blocks, the same bits) */
-    for (int64_t q = 0; q < start[E]; q++) quantize_rows(x + (pair[q] / k) * H, H, 1, H, &(qact_t){xs.q + q * H, xs.d + q * (H / QK), xs.s + q * (H / QK), H});
+    for (int64_t q = 0; q < start[E]; q++) quantize_rows(x + (pair[q] / k) * H, H, 1, H, &xs, q);
     const qmat_t W13 = {fmt, E * 2 * I, H, q13, d13, m13}, W2 = {fmt, E * H, I, q2, d2, m2};
-    qmoe_job_t base = {k, E, H, I, &W13, &W2, start, pair, &xs, act, &as, ys, 0, 0, 0};
+    qmoe_job_t base = {k, E, H, I, &W13, &W2, start, pair, &xs, act, &as, ys, wbuf, 0, 0, 0};
     qmoe_phase(&base, 0, nthreads);
-    quantize_rows(act, I, start[E], I, &as);
+    quantize_rows(act, I, start[E], I, &as, 0);
     qmoe_phase(&base, 1, nthreads);
     for (int64_t t = 0; t < T; t++) {
         float *o = out + t * H;
@@ -133,7 +147,7 @@ int qmoe_f32(const float *x, const int64_t *topk_ids, const float *topk_w, int f
 done:
     if (xs.q) qact_free(&xs);
     if (as.q) qact_free(&as);
-    free(start); free(pair); free(buf);
+    free(start); free(pair); free(buf); free(wbuf);
     return rc;
 }
 

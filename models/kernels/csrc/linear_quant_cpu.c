@@ -84,32 +84,68 @@ int quant_isa_get(void) {
     return g_isa;
 }
 
-void qgemm_tile(const qact_t *A, int64_t m0, int mr, const qmat_t *W, const int8_t *wq, int64_t r0, int nr, float *y,
-                int64_t ldy) {
+void qgemm_tile(const qact_t *A, int64_t m0, int mr, const qpanel_t *P, float *y, int64_t ldy) {
     switch (quant_isa_get()) {
 #if QG_HAVE_AVX512
-    case ISA_AVX512VNNI: qgemm_tile_vnni(A, m0, mr, W, wq, r0, nr, y, ldy); return;
-    case ISA_AVX512: qgemm_tile_avx512(A, m0, mr, W, wq, r0, nr, y, ldy); return;
+    case ISA_AVX512VNNI: qgemm_tile_vnni(A, m0, mr, P, y, ldy); return;
+    case ISA_AVX512: qgemm_tile_avx512(A, m0, mr, P, y, ldy); return;
 #endif
-    default: qgemm_tile_avx2(A, m0, mr, W, wq, r0, nr, y, ldy); return;
+    default: qgemm_tile_avx2(A, m0, mr, P, y, ldy); return;
     }
 }
 
-const int8_t *qrows_prepare(const qmat_t *W, int64_t r0, int nr, int8_t *buf) {
-    const int64_t K = W->K;
-    if (W->fmt <= QF_Q8C) return (const int8_t *)W->q + r0 * K;
-    const __m256i lo = _mm256_set1_epi8(0x0F), off = _mm256_set1_epi8(W->fmt == QF_Q4 ? 8 : 0);
-    for (int c = 0; c < nr; c++) {
-        const uint8_t *src = W->q + (r0 + c) * (K / 2);
-        int8_t *dst = buf + c * K;
-        for (int64_t b = 0; b < K / QK; b++) {
-            const __m128i t = _mm_loadu_si128((const __m128i *)(src + b * (QK / 2)));
-            __m256i v = _mm256_insertf128_si256(_mm256_castsi128_si256(t), _mm_srli_epi16(t, 4), 1);
-            v = _mm256_sub_epi8(_mm256_and_si256(v, lo), off);
-            _mm256_storeu_si256((__m256i *)(dst + b * QK), v);
+/* r[c] = row c's block (dword g: its k 4g..4g+3) -> dst + 64 g = [r[0].g, ..., r[7].g] (and |.| into adst) */
+static inline void panel_transpose8(const __m256i *r, int8_t *dst, int8_t *adst) {
+    const __m256i t0 = _mm256_unpacklo_epi32(r[0], r[1]), t1 = _mm256_unpackhi_epi32(r[0], r[1]);
+    const __m256i t2 = _mm256_unpacklo_epi32(r[2], r[3]), t3 = _mm256_unpackhi_epi32(r[2], r[3]);
+    const __m256i t4 = _mm256_unpacklo_epi32(r[4], r[5]), t5 = _mm256_unpackhi_epi32(r[4], r[5]);
+    const __m256i t6 = _mm256_unpacklo_epi32(r[6], r[7]), t7 = _mm256_unpackhi_epi32(r[6], r[7]);
+    const __m256i u[8] = {_mm256_unpacklo_epi64(t0, t2), _mm256_unpackhi_epi64(t0, t2), _mm256_unpacklo_epi64(t1, t3),
+                          _mm256_unpackhi_epi64(t1, t3), _mm256_unpacklo_epi64(t4, t6), _mm256_unpackhi_epi64(t4, t6),
+                          _mm256_unpacklo_epi64(t5, t7), _mm256_unpackhi_epi64(t5, t7)};
+    for (int g = 0; g < 4; g++) {
+        const __m256i lo = _mm256_permute2x128_si256(u[g], u[g + 4], 0x20), hi = _mm256_permute2x128_si256(u[g], u[g + 4], 0x31);
+        _mm256_storeu_si256((__m256i *)(dst + 64 * g), lo);
+        _mm256_storeu_si256((__m256i *)(dst + 64 * (g + 4)), hi);
+        if (adst) {
+            _mm256_storeu_si256((__m256i *)(adst + 64 * g), _mm256_abs_epi8(lo));
+            _mm256_storeu_si256((__m256i *)(adst + 64 * (g + 4)), _mm256_abs_epi8(hi));
         }
     }
-    return buf;
+}
+
+void qpanel_prepare(const qmat_t *W, int64_t r0, int nr, void *buf, qpanel_t *P) {
+    const int64_t K = W->K, nb = K / QK, S = W->fmt == QF_Q8C ? 1 : nb;
+    const int q4 = W->fmt >= QF_Q4;
+    P->fmt = W->fmt, P->nr = nr, P->K = K;
+    P->w = (int8_t *)buf;
+    P->a = P->w + QTILE_N * K;
+    P->sc = (float *)(void *)(P->a + QTILE_N * K);
+    P->mn = P->sc + nb * QTILE_N;
+    const __m256i lo = _mm256_set1_epi8(0x0F);
+    for (int64_t b = 0; b < nb; b++)
+        for (int h = 0; h < 2; h++) {
+            __m256i r[8];
+            for (int c = 0; c < 8; c++) {
+                const int64_t row = r0 + h * 8 + c;
+                if (h * 8 + c >= nr) r[c] = _mm256_setzero_si256();
+                else if (!q4) r[c] = _mm256_loadu_si256((const __m256i *)(W->q + row * K + b * QK));
+                else {
+                    const __m128i t = _mm_loadu_si128((const __m128i *)(W->q + row * (K / 2) + b * (QK / 2)));
+                    r[c] = _mm256_and_si256(_mm256_insertf128_si256(_mm256_castsi128_si256(t), _mm_srli_epi16(t, 4), 1), lo);
+                }
+            }
+            const int64_t o = b * QK * QTILE_N + h * 32;
+            panel_transpose8(r, P->w + o, q4 ? NULL : P->a + o);
+        }
+    for (int c = 0; c < QTILE_N; c++) {
+        const int64_t row = r0 + c;
+        for (int64_t b = 0; b < nb; b++) {
+            const float d = c < nr ? _cvtsh_ss(W->d[row * S + (S == 1 ? 0 : b)]) : 0.f;
+            P->sc[b * QTILE_N + c] = d;
+            P->mn[b * QTILE_N + c] = c >= nr ? 0.f : W->fmt == QF_Q4 ? -8.f * d : W->fmt == QF_Q4Z ? _cvtsh_ss(W->m[row * nb + b]) : 0.f;
+        }
+    }
 }
 
 int qact_alloc(qact_t *A, int64_t M, int64_t K) {
@@ -169,7 +205,7 @@ typedef struct {
     const qmat_t *W;
     const float *bias;
     float *y;
-    int8_t *buf; /* QTILE_N * K bytes (int4 formats) */
+    char *buf; /* qpanel_bytes(K) */
     int64_t M, r0, r1;
 } qlin_job_t;
 
@@ -182,11 +218,12 @@ static void *qlin_range(void *arg) {
         const int64_t me = J->M - mb < QMB ? J->M : mb + QMB;
         for (int64_t r = J->r0; r < J->r1; r += QTILE_N) {
             const int nr = (int)(J->r1 - r < QTILE_N ? J->r1 - r : QTILE_N);
-            const int8_t *wq = qrows_prepare(J->W, r, nr, J->buf);
+            qpanel_t P;
+            qpanel_prepare(J->W, r, nr, J->buf, &P);
             for (int64_t m = mb; m < me; m += QTILE_M) {
                 const int mr = (int)(me - m < QTILE_M ? me - m : QTILE_M);
                 float *yb = J->y + m * N + r;
-                qgemm_tile(J->A, m, mr, J->W, wq, r, nr, yb, N);
+                qgemm_tile(J->A, m, mr, &P, yb, N);
                 if (J->bias)
                     for (int i = 0; i < mr; i++)
                         for (int c = 0; c < nr; c++) yb[i * N + c] += J->bias[r + c];
@@ -206,8 +243,8 @@ int qlinear_f32(const float *x, int64_t ldx, int fmt, const uint8_t *q, const ui
     const int64_t chunks = (N + QTILE_N - 1) / QTILE_N;
     if (nthreads > chunks) nthreads = (int)chunks;
     qact_t A;
-    int8_t *buf = fmt >= QF_Q4 ? (int8_t *)malloc((size_t)(nthreads * QTILE_N * K)) : NULL;
-    if ((fmt >= QF_Q4 && !buf) || !qact_alloc(&A, M, K)) {
+    char *buf = (char *)malloc((size_t)(nthreads * qpanel_bytes(K)));
+    if (!buf || !qact_alloc(&A, M, K)) {
         free(buf);
         return 1;
     }
@@ -216,7 +253,7 @@ int qlinear_f32(const float *x, int64_t ldx, int fmt, const uint8_t *q, const ui
     qlin_job_t jobs[MAX_THREADS];
     for (int t = 0; t < nthreads; t++) {
         const int64_t c0 = chunks * t / nthreads, c1 = chunks * (t + 1) / nthreads;
-        jobs[t] = (qlin_job_t){&A, &W, bias, y, buf ? buf + t * QTILE_N * K : NULL, M, c0 * QTILE_N,
+        jobs[t] = (qlin_job_t){&A, &W, bias, y, buf + t * qpanel_bytes(K), M, c0 * QTILE_N,
                                c1 * QTILE_N < N ? c1 * QTILE_N : N};
     }
     run_jobs(qlin_range, jobs, sizeof jobs[0], nthreads);

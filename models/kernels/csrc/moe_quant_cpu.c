@@ -33,7 +33,7 @@ typedef struct {
     float *act;       /* [P, I] */
     const qact_t *as; /* [P, I] quantized act */
     float *ys;        /* [P, H] by pair index */
-    int8_t *buf;      /* 2 * QCH * max(H, I) bytes: the item's int4 rows unpacked */
+    char *buf;        /* 2 * qpanel_bytes(max(H, I)): the item's prepared panels */
     int phase;
     int64_t first, last;
 } qmoe_job_t;
@@ -46,21 +46,21 @@ static void qmoe_items(const qmoe_job_t *J) {
         const int64_t e = it / panels, j = it % panels;
         const int64_t p0 = J->start[e], n = J->start[e + 1] - p0;
         if (n == 0) continue;
-        const int8_t *wg = NULL, *wu = NULL, *wd = NULL;
+        qpanel_t pg, pu, pd;
         if (J->phase == 0) {
-            wg = qrows_prepare(J->W13, e * 2 * I + j * QCH, QCH, J->buf);
-            wu = qrows_prepare(J->W13, e * 2 * I + I + j * QCH, QCH, J->buf + QCH * H);
+            qpanel_prepare(J->W13, e * 2 * I + j * QCH, QCH, J->buf, &pg);
+            qpanel_prepare(J->W13, e * 2 * I + I + j * QCH, QCH, J->buf + qpanel_bytes(H), &pu);
         } else {
-            wd = qrows_prepare(J->W2, e * H + j * QCH, QCH, J->buf);
+            qpanel_prepare(J->W2, e * H + j * QCH, QCH, J->buf, &pd);
         }
         for (int64_t m = 0; m < n; m += QMR) {
             const int mr = (int)(n - m < QMR ? n - m : QMR);
             if (J->phase == 0) {
-                qgemm_tile(J->xs, p0 + m, mr, J->W13, wg, e * 2 * I + j * QCH, QCH, g, QCH);
-                qgemm_tile(J->xs, p0 + m, mr, J->W13, wu, e * 2 * I + I + j * QCH, QCH, u, QCH);
+                qgemm_tile(J->xs, p0 + m, mr, &pg, g, QCH);
+                qgemm_tile(J->xs, p0 + m, mr, &pu, u, QCH);
                 for (int i = 0; i < mr; i++) silu_mul16(g + i * QCH, u + i * QCH, J->act + (p0 + m + i) * I + j * QCH);
             } else {
-                qgemm_tile(J->as, p0 + m, mr, J->W2, wd, e * H + j * QCH, QCH, y, QCH);
+                qgemm_tile(J->as, p0 + m, mr, &pd, y, QCH);
                 for (int i = 0; i < mr; i++)
                     memcpy(J->ys + J->pair[p0 + m + i] * H + j * QCH, y + i * QCH, QCH * sizeof(float));
             }
@@ -82,7 +82,7 @@ static void qmoe_phase(qmoe_job_t *base, int phase, int nthreads) {
     int64_t it = 0, acc = 0;
     for (int t = 0; t < nthreads; t++) {
         jobs[t] = *base;
-        if (base->buf) jobs[t].buf = base->buf + (int64_t)t * 2 * QCH * (base->H > base->I ? base->H : base->I);
+        jobs[t].buf = base->buf + (int64_t)t * 2 * qpanel_bytes(base->H > base->I ? base->H : base->I);
         jobs[t].phase = phase;
         jobs[t].first = it;
         const int64_t target = total * (t + 1) / nthreads;
@@ -111,9 +111,9 @@ int qmoe_f32(const float *x, const int64_t *topk_ids, const float *topk_w, int f
     int64_t *pair = (int64_t *)malloc((size_t)(P > 0 ? P : 1) * sizeof(int64_t));
     float *buf = (float *)malloc((size_t)(P > 0 ? P : 1) * (size_t)(I + H) * sizeof(float));
     qact_t xs = {0}, as = {0};
-    int8_t *wbuf = fmt >= QF_Q4 ? (int8_t *)malloc((size_t)nthreads * 2 * QCH * (size_t)(H > I ? H : I)) : NULL;
+    char *wbuf = (char *)malloc((size_t)nthreads * 2 * (size_t)qpanel_bytes(H > I ? H : I));
     int rc = 0;
-    if (!start || !pair || !buf || (fmt >= QF_Q4 && !wbuf) || !qact_alloc(&xs, P, H) || !qact_alloc(&as, P, I)) {
+    if (!start || !pair || !buf || !wbuf || !qact_alloc(&xs, P, H) || !qact_alloc(&as, P, I)) {
         rc = 1;
         goto done;
     }

@@ -42,19 +42,29 @@ typedef struct {
 
 static inline int64_t qrow_bytes(int fmt, int64_t K) { return fmt >= QF_Q4 ? K / 2 : K; }
 
-#define QTILE_N 16 /* weight rows per prepared chunk (the unit of work along N) */
-#define QTILE_M 4  /* activation rows per micro-kernel call (one accumulator each) */
-#define QKC 8      /* blocks per step of the micro-kernel: one accumulator lane per block */
+#define QTILE_N 16 /* weight rows per prepared panel (the unit of work along N) */
+#define QTILE_M 4  /* activation rows per micro-kernel call */
+#define QPW 8      /* weight rows per micro-kernel call (half a panel: one 256-bit lane each) */
 
-/* Rows [r0, r0 + nr) of W (nr <= QTILE_N) as int8 rows of K for qgemm_tile: the int8 formats'
- * own rows, the int4 formats' nibbles unpacked into buf (QTILE_N * K bytes; q - 8 for QF_Q4, q
- * for QF_Q4Z). Done once per chunk and reused by every row of the batch. */
-const int8_t *qrows_prepare(const qmat_t *W, int64_t r0, int nr, int8_t *buf);
-/* Rows [m0, m0 + mr) of A (mr <= QTILE_M) times the nr prepared rows wq (rows r0.. of W, for their
- * scales): y[i * ldy + c] = A[m0 + i] . W[r0 + c]. Runs the level chosen by quant_isa_set
- * (linear_quant_cpu.c). Each output sums its blocks the same way whatever mr, m0 or the batch. */
-void qgemm_tile(const qact_t *A, int64_t m0, int mr, const qmat_t *W, const int8_t *wq, int64_t r0, int nr, float *y,
-                int64_t ldy);
+/* Up to QTILE_N weight rows prepared for the micro-kernel (quant_gemm_body.h), once per panel and
+ * reused by every row of the batch: for block b and group g of 4 along k, the 16 rows' 4 weights
+ * side by side, w[((b * 8 + g) * 16 + c) * 4 + j] = W[r0 + c, 32 b + 4 g + j] (int8 as is; int4
+ * as 0..15), |w| likewise for the int8 formats, and per block the 16 rows' float scales (sc) and
+ * zero-point terms (mn: -8 d for QF_Q4, m for QF_Q4Z). Rows past nr are zeros. */
+typedef struct {
+    int fmt, nr;
+    int64_t K;
+    int8_t *w, *a; /* [K/32][8][16][4] */
+    float *sc, *mn; /* [K/32][16] */
+} qpanel_t;
+
+/* bytes of the scratch one qpanel_t of K needs (qpanel_prepare's buf) */
+static inline int64_t qpanel_bytes(int64_t K) { return 2 * QTILE_N * K + 2 * (K / QK) * QTILE_N * (int64_t)sizeof(float); }
+/* rows [r0, r0 + nr) of W (nr <= QTILE_N) into P, in buf (qpanel_bytes(K), 32-byte aligned) */
+void qpanel_prepare(const qmat_t *W, int64_t r0, int nr, void *buf, qpanel_t *P);
+/* Rows [m0, m0 + mr) of A (mr <= QTILE_M) times the panel's rows: y[i * ldy + c] = A[m0 + i] . W[r0 + c],
+ * c < P->nr. Runs the level chosen by quant_isa_set (linear_quant_cpu.c). */
+void qgemm_tile(const qact_t *A, int64_t m0, int mr, const qpanel_t *P, float *y, int64_t ldy);
 /* Quantize rows x [M, K] (rows ldx apart) into A's rows [a0, a0 + M) (blocks of 32). */
 void quantize_rows(const float *x, int64_t ldx, int64_t M, int64_t K, qact_t *A, int64_t a0);
 /* A with room for M rows of K (one allocation; free(A->q)); 0 when out of memory */

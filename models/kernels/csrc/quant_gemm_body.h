@@ -1,155 +1,109 @@
-/* One instruction-set level of the quantized dot-product kernel (quant_gemm.h), included by
+/* One instruction-set level of the quantized GEMM micro-kernel (quant_gemm.h), included by
  * linear_quant_cpu.c once per level inside a `#pragma GCC target` region, with:
- *   QG_NAME(x)  the level's name for x;   QG_WIDE  1: two blocks per 512-bit step (AVX-512BW);
- *   QG_VNNI     1: VPDPBUSD dot products (AVX512-VNNI) instead of VPMADDUBSW + VPMADDWD.
+ *   QG_NAME(x)  the level's name for x;
+ *   QG_VNNI     1: VPDPBUSD dot products (AVX512-VNNI, 256-bit) instead of VPMADDUBSW + VPMADDWD.
+ * Every level runs the same tiling on the same prepared panels (qpanel_t), so they compute the
+ * same exact int32 block sums and the same float32 operations.
  *
- * The micro-kernel (every level alike): a tile of up to QTILE_M activation rows times one
- * prepared int8 weight row, QKC = 8 blocks per step. Per block, the exact int32 dot product of
- * 32 int8 pairs as 8 partial sums (|x| times sign(w, x): VPMADDUBSW + VPMADDWD, or VPDPBUSD);
- * the 8 blocks' partial sums are transposed and summed into one vector whose lane j holds block
- * j's dot product, converted once and scaled by (weight scale x activation scale) of the 8 blocks
- * in one multiply, into one 8-lane accumulator per activation row (QF_Q4Z adds min x d*sum(q)
- * lane by lane). The weight's 8 blocks stay in L1 while the tile's rows use them; the scaling
- * costs 3 instructions per 8 blocks instead of 3 per block. At the end the 8 lanes are summed in
- * a fixed order. The same instructions compute an output whatever the tile: batch invariant. */
+ * A tile: up to QTILE_M activation rows times 8 weight rows (half of a 16-row panel). Per block of
+ * 32 along k and per group of 4 k, the panel holds the 8 rows' 4 weights side by side (32 bytes):
+ * one broadcast of the row's 4 activations and one VPMADDUBSW give the 8 rows' partial sums in the
+ * 8 lanes, no horizontal sums. int4 (weights 0..15, unsigned operand; activations signed): the
+ * 16-bit partial sums of the block's 8 groups add up in int16 (at most 16 x 15 x 127 = 30480),
+ * one VPMADDWD per block; int8: |w| times sign(x, w), VPMADDWD per group. Per block the int32
+ * sums are converted once and scaled by the rows' scales x the activation's scale (one multiply),
+ * and for int4 the zero point (QF_Q4: -8 d; QF_Q4Z: m) times the activation block's d * sum(q).
+ * Each output sums its blocks in k order in one float lane whatever the tile: batch invariant. */
 
-/* lane j = the sum of v_j's 8 lanes */
-static inline __attribute__((always_inline)) __m256i QG_NAME(tsum8)(__m256i v0, __m256i v1, __m256i v2, __m256i v3,
-                                                                     __m256i v4, __m256i v5, __m256i v6, __m256i v7) {
-    const __m256i u0 = _mm256_hadd_epi32(_mm256_hadd_epi32(v0, v1), _mm256_hadd_epi32(v2, v3));
-    const __m256i u1 = _mm256_hadd_epi32(_mm256_hadd_epi32(v4, v5), _mm256_hadd_epi32(v6, v7));
-    return _mm256_add_epi32(_mm256_permute2x128_si256(u0, u1, 0x20), _mm256_permute2x128_si256(u0, u1, 0x31));
-}
+#define QG_BC(i, g) _mm256_set1_epi32(*(const int32_t *)(A->q + (m0 + i) * K + b * QK + 4 * (g)))
 
-/* block dot product: 8 int32 partial sums of w . x over 32 int8 (ax = |x|; no saturation: |w|, |x| <= 127) */
-static inline __attribute__((always_inline)) __m256i QG_NAME(bdot)(const int8_t *w, const int8_t *x, const int8_t *ax) {
-    const __m256i sw = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)w), _mm256_loadu_si256((const __m256i *)x));
-    const __m256i av = _mm256_loadu_si256((const __m256i *)ax);
 #if QG_VNNI
-    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), av, sw);
+#define QG_G4(i, g) if (mr > i) a##i = _mm256_dpbusd_epi32(a##i, wv, QG_BC(i, g));
+#define QG_G8(i, g) if (mr > i) a##i = _mm256_dpbusd_epi32(a##i, av, _mm256_sign_epi8(QG_BC(i, g), wv));
 #else
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(av, sw), _mm256_set1_epi16(1));
-#endif
-}
-
-#if QG_WIDE
-/* two consecutive blocks in one 512-bit step: the low half of the result is block 0's, the high block 1's */
-static inline __attribute__((always_inline)) __m512i QG_NAME(bdot2)(const int8_t *w, const int8_t *x, const int8_t *ax) {
-    const __m512i wv = _mm512_loadu_si512((const void *)w), xv = _mm512_loadu_si512((const void *)x);
-    const __m512i sw = _mm512_mask_sub_epi8(wv, _mm512_movepi8_mask(xv), _mm512_setzero_si512(), wv);
-    const __m512i av = _mm512_loadu_si512((const void *)ax);
-#if QG_VNNI
-    return _mm512_dpbusd_epi32(_mm512_setzero_si512(), av, sw);
-#else
-    return _mm512_madd_epi16(_mm512_maddubs_epi16(av, sw), _mm512_set1_epi16(1));
-#endif
-}
-#define QG_PAIR(j, a, b)                                                                                    \
-    const __m512i z##j = QG_NAME(bdot2)(w + (j) * QK, x + (j) * QK, ax + (j) * QK);                        \
-    const __m256i a = _mm512_castsi512_si256(z##j), b = _mm512_extracti64x4_epi64(z##j, 1);
+#define QG_G4(i, g) if (mr > i) a##i = _mm256_add_epi16(a##i, _mm256_maddubs_epi16(wv, QG_BC(i, g)));
+#define QG_G8(i, g)                                                                                         \
+    if (mr > i) a##i = _mm256_add_epi32(a##i, _mm256_madd_epi16(_mm256_maddubs_epi16(av, _mm256_sign_epi8(QG_BC(i, g), wv)), ones));
 #endif
 
-/* The 8 blocks' dot products of one row (lane j: block j); blocks >= nbk count 0. */
-static inline __attribute__((always_inline)) __m256i QG_NAME(dots8)(const int8_t *w, const int8_t *x, const int8_t *ax,
-                                                                      const int nbk) {
-    if (nbk == QKC) {
-#if QG_WIDE
-        QG_PAIR(0, v0, v1) QG_PAIR(2, v2, v3) QG_PAIR(4, v4, v5) QG_PAIR(6, v6, v7)
-#else
-        const __m256i v0 = QG_NAME(bdot)(w, x, ax), v1 = QG_NAME(bdot)(w + QK, x + QK, ax + QK);
-        const __m256i v2 = QG_NAME(bdot)(w + 2 * QK, x + 2 * QK, ax + 2 * QK);
-        const __m256i v3 = QG_NAME(bdot)(w + 3 * QK, x + 3 * QK, ax + 3 * QK);
-        const __m256i v4 = QG_NAME(bdot)(w + 4 * QK, x + 4 * QK, ax + 4 * QK);
-        const __m256i v5 = QG_NAME(bdot)(w + 5 * QK, x + 5 * QK, ax + 5 * QK);
-        const __m256i v6 = QG_NAME(bdot)(w + 6 * QK, x + 6 * QK, ax + 6 * QK);
-        const __m256i v7 = QG_NAME(bdot)(w + 7 * QK, x + 7 * QK, ax + 7 * QK);
-#endif
-        return QG_NAME(tsum8)(v0, v1, v2, v3, v4, v5, v6, v7);
+#define QG_GROUP(g)                                                                                        \
+    {                                                                                                      \
+        const __m256i wv = _mm256_loadu_si256((const __m256i *)(wp + (g) * 8 * QPW));                       \
+        if (q4) {                                                                                          \
+            QG_G4(0, g) QG_G4(1, g) QG_G4(2, g) QG_G4(3, g)                                                \
+        } else {                                                                                           \
+            const __m256i av = _mm256_loadu_si256((const __m256i *)(ap + (g) * 8 * QPW));                    \
+            QG_G8(0, g) QG_G8(1, g) QG_G8(2, g) QG_G8(3, g)                                                \
+        }                                                                                                  \
     }
-    __m256i v[QKC];
-    for (int j = 0; j < QKC; j++) v[j] = j < nbk ? QG_NAME(bdot)(w + j * QK, x + j * QK, ax + j * QK) : _mm256_setzero_si256();
-    return QG_NAME(tsum8)(v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]);
-}
 
-/* 8 fp16 values from p (n < 8: the first n, then zeros) as floats */
-static inline __attribute__((always_inline)) __m256 QG_NAME(half8)(const uint16_t *p, const int n) {
-    if (n == QKC) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
-    uint16_t t[QKC] = {0};
-    for (int j = 0; j < n; j++) t[j] = p[j];
-    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)t));
-}
+#if QG_VNNI
+#define QG_SUM(i) a##i
+#else
+#define QG_SUM(i) (q4 ? _mm256_madd_epi16(a##i, ones) : a##i)
+#endif
 
-static inline __attribute__((always_inline)) __m256 QG_NAME(float8)(const float *p, const __m256i mask, const int n) {
-    return n == QKC ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, mask);
-}
-
-#define QG_ROW(i)                                                                                          \
+#define QG_SCALE(i)                                                                                        \
     if (mr > i) {                                                                                          \
         const int64_t row = m0 + i;                                                                        \
-        const __m256i dots = QG_NAME(dots8)(w, A->q + row * K + b0 * QK, A->a + row * K + b0 * QK, nbk);   \
-        const __m256 sc = _mm256_mul_ps(dwv, QG_NAME(float8)(A->d + row * nb + b0, mask, nbk));            \
-        acc##i = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), sc, acc##i);                                    \
-        if (fmt == QF_Q4Z) acc##i = _mm256_fmadd_ps(mwv, QG_NAME(float8)(A->s + row * nb + b0, mask, nbk), acc##i); \
+        f##i = _mm256_fmadd_ps(_mm256_cvtepi32_ps(QG_SUM(i)), _mm256_mul_ps(sc, _mm256_broadcast_ss(A->d + row * nb + b)), f##i); \
+        if (q4) f##i = _mm256_fmadd_ps(mn, _mm256_broadcast_ss(A->s + row * nb + b), f##i);                 \
     }
 
-/* one step of QKC blocks (nbk of them: QKC, or fewer at the end of a row) */
-static inline __attribute__((always_inline)) void QG_NAME(step)(const int fmt, const int mr, const int nbk,
-                                                                 const qact_t *A, int64_t m0, const int8_t *wrow,
-                                                                 const uint16_t *wd, const uint16_t *wm, int64_t b0,
-                                                                 int64_t nb, __m256 *acc) {
-    const int64_t K = nb * QK;
-    const int8_t *w = wrow + b0 * QK;
-    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(nbk), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    const __m256 dwv = fmt == QF_Q8C ? _mm256_set1_ps(_cvtsh_ss(wd[0])) : QG_NAME(half8)(wd + b0, nbk);
-    const __m256 mwv = fmt == QF_Q4Z ? QG_NAME(half8)(wm + b0, nbk) : _mm256_setzero_ps();
-    __m256 acc0 = acc[0], acc1 = acc[1], acc2 = acc[2], acc3 = acc[3];
-    QG_ROW(0) QG_ROW(1) QG_ROW(2) QG_ROW(3)
-    acc[0] = acc0, acc[1] = acc1, acc[2] = acc2, acc[3] = acc3;
-}
-
-static inline float QG_NAME(hsum)(__m256 a) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
-static inline __attribute__((always_inline)) void QG_NAME(tile)(const int fmt, const int mr, const qact_t *A,
-                                                                 int64_t m0, const qmat_t *W, const int8_t *wq,
-                                                                 int64_t r0, int nr, float *y, int64_t ldy) {
-    const int64_t K = W->K, nb = K / QK, S = fmt == QF_Q8C ? 1 : nb;
-    for (int c = 0; c < nr; c++) {
-        const int64_t r = r0 + c;
-        const int8_t *wrow = wq + c * K;
-        const uint16_t *wd = W->d + r * S, *wm = fmt == QF_Q4Z ? W->m + r * nb : NULL;
-        __m256 acc[QTILE_M] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-        int64_t b0 = 0;
-        for (; b0 + QKC <= nb; b0 += QKC) QG_NAME(step)(fmt, mr, QKC, A, m0, wrow, wd, wm, b0, nb, acc);
-        if (b0 < nb) QG_NAME(step)(fmt, mr, (int)(nb - b0), A, m0, wrow, wd, wm, b0, nb, acc);
-        for (int i = 0; i < mr; i++) y[i * ldy + c] = QG_NAME(hsum)(acc[i]);
-    }
-}
-
-#define QG_MR(fmt)                                                                   \
-    switch (mr) {                                                                    \
-    case 1: QG_NAME(tile)(fmt, 1, A, m0, W, wq, r0, nr, y, ldy); break;              \
-    case 2: QG_NAME(tile)(fmt, 2, A, m0, W, wq, r0, nr, y, ldy); break;              \
-    case 3: QG_NAME(tile)(fmt, 3, A, m0, W, wq, r0, nr, y, ldy); break;              \
-    default: QG_NAME(tile)(fmt, 4, A, m0, W, wq, r0, nr, y, ldy); break;             \
+#define QG_STORE(i)                                                                                        \
+    if (mr > i) {                                                                                          \
+        if (nr == 8) _mm256_storeu_ps(y + i * ldy, f##i);                                                   \
+        else {                                                                                             \
+            float t[8];                                                                                    \
+            _mm256_storeu_ps(t, f##i);                                                                     \
+            for (int c = 0; c < nr; c++) y[i * ldy + c] = t[c];                                            \
+        }                                                                                                  \
     }
 
-static void QG_NAME(qgemm_tile)(const qact_t *A, int64_t m0, int mr, const qmat_t *W, const int8_t *wq, int64_t r0,
-                                int nr, float *y, int64_t ldy) {
-    switch (W->fmt) {
-    case QF_Q8: QG_MR(QF_Q8) break;
-    case QF_Q8C: QG_MR(QF_Q8C) break;
-    case QF_Q4: QG_MR(QF_Q4) break;
-    default: QG_MR(QF_Q4Z) break;
+/* rows [m0, m0 + mr) of A times rows [8h, 8h + nr) of the panel P: y[i * ldy + c] */
+static inline __attribute__((always_inline)) void QG_NAME(tile8)(const int q4, const int mr, const qact_t *A,
+                                                                  int64_t m0, const qpanel_t *P, int h, int nr,
+                                                                  float *y, int64_t ldy) {
+    const int64_t K = P->K, nb = K / QK;
+    const __m256i ones = _mm256_set1_epi16(1);
+    (void)ones; /* unused by the VNNI level */
+    __m256 f0 = _mm256_setzero_ps(), f1 = f0, f2 = f0, f3 = f0;
+    for (int64_t b = 0; b < nb; b++) {
+        const int8_t *wp = P->w + b * QK * 2 * QPW + h * 4 * QPW, *ap = q4 ? NULL : P->a + b * QK * 2 * QPW + h * 4 * QPW;
+        __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+        QG_GROUP(0) QG_GROUP(1) QG_GROUP(2) QG_GROUP(3) QG_GROUP(4) QG_GROUP(5) QG_GROUP(6) QG_GROUP(7)
+        const __m256 sc = _mm256_loadu_ps(P->sc + b * 2 * QPW + h * QPW);
+        const __m256 mn = q4 ? _mm256_loadu_ps(P->mn + b * 2 * QPW + h * QPW) : _mm256_setzero_ps();
+        QG_SCALE(0) QG_SCALE(1) QG_SCALE(2) QG_SCALE(3)
+    }
+    QG_STORE(0) QG_STORE(1) QG_STORE(2) QG_STORE(3)
+}
+
+#define QG_MR(q4)                                                                   \
+    switch (mr) {                                                                   \
+    case 1: QG_NAME(tile8)(q4, 1, A, m0, P, h, n, y, ldy); break;                   \
+    case 2: QG_NAME(tile8)(q4, 2, A, m0, P, h, n, y, ldy); break;                   \
+    case 3: QG_NAME(tile8)(q4, 3, A, m0, P, h, n, y, ldy); break;                   \
+    default: QG_NAME(tile8)(q4, 4, A, m0, P, h, n, y, ldy); break;                  \
+    }
+
+static void QG_NAME(qgemm_tile)(const qact_t *A, int64_t m0, int mr, const qpanel_t *P, float *y0, int64_t ldy) {
+    for (int h = 0; h * QPW < P->nr; h++) {
+        const int n = P->nr - h * QPW < QPW ? P->nr - h * QPW : QPW;
+        float *y = y0 + h * QPW;
+        if (P->fmt >= QF_Q4) {
+            QG_MR(1)
+        } else {
+            QG_MR(0)
+        }
     }
 }
 
-#undef QG_ROW
+#undef QG_BC
+#undef QG_G4
+#undef QG_G8
+#undef QG_GROUP
+#undef QG_SUM
+#undef QG_SCALE
+#undef QG_STORE
 #undef QG_MR
-#if QG_WIDE
-#undef QG_PAIR
-#endif

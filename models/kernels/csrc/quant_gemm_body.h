@@ -79,6 +79,77 @@ static inline __attribute__((always_inline)) void QG_NAME(tile8)(const int q4, c
     QG_STORE(0) QG_STORE(1) QG_STORE(2) QG_STORE(3)
 }
 
+/* lane j = the sum of v_j's 8 lanes */
+static inline __attribute__((always_inline)) __m256i QG_NAME(tsum8)(const __m256i *v) {
+    const __m256i u0 = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+    const __m256i u1 = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
+    return _mm256_add_epi32(_mm256_permute2x128_si256(u0, u1, 0x20), _mm256_permute2x128_si256(u0, u1, 0x31));
+}
+
+/* The same outputs as tile8, bit for bit, for one activation row, reading W's rows as they are
+ * (no panel: P holds only the scales, sc and mn): per block, the 8 rows' exact int32 sums from
+ * row-wise dot products, transposed into the 8 lanes, then tile8's float32 operations. Cheaper
+ * than preparing a panel when the batch has a row or two (decode). */
+static inline __attribute__((always_inline)) void QG_NAME(row8)(const int fmt, const qact_t *A, int64_t m, const qmat_t *W,
+                                                                 int64_t r0, const qpanel_t *P, int h, int nr,
+                                                                 float *y) {
+    const int64_t K = P->K, nb = K / QK, rb = qrow_bytes(fmt, K);
+    const int q4 = fmt >= QF_Q4;
+    const __m256i lo = _mm256_set1_epi8(0x0F);
+    const __m256i ones = _mm256_set1_epi16(1);
+    (void)ones;
+    __m256 f = _mm256_setzero_ps();
+    const uint8_t *wr = W->q + (r0 + h * QPW) * rb;
+    for (int64_t b = 0; b < nb; b++) {
+        const __m256i xv = _mm256_loadu_si256((const __m256i *)(A->q + m * K + b * QK));
+        const __m256i av = _mm256_loadu_si256((const __m256i *)(A->a + m * K + b * QK));
+        __m256i v[8];
+        for (int c = 0; c < 8; c++) {
+            if (c >= nr) {
+                v[c] = _mm256_setzero_si256();
+                continue;
+            }
+            if (q4) {
+                const __m128i t = _mm_loadu_si128((const __m128i *)(wr + c * rb + b * (QK / 2)));
+                const __m256i wu = _mm256_and_si256(_mm256_insertf128_si256(_mm256_castsi128_si256(t), _mm_srli_epi16(t, 4), 1), lo);
+#if QG_VNNI
+                v[c] = _mm256_dpbusd_epi32(_mm256_setzero_si256(), wu, xv);
+#else
+                v[c] = _mm256_madd_epi16(_mm256_maddubs_epi16(wu, xv), ones);
+#endif
+            } else {
+                const __m256i sw = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(wr + c * rb + b * QK)), xv);
+#if QG_VNNI
+                v[c] = _mm256_dpbusd_epi32(_mm256_setzero_si256(), av, sw);
+#else
+                v[c] = _mm256_madd_epi16(_mm256_maddubs_epi16(av, sw), ones);
+#endif
+            }
+        }
+        const __m256 sc = _mm256_loadu_ps(P->sc + b * 2 * QPW + h * QPW);
+        f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(QG_NAME(tsum8)(v)), _mm256_mul_ps(sc, _mm256_broadcast_ss(A->d + m * nb + b)), f);
+        if (q4) f = _mm256_fmadd_ps(_mm256_loadu_ps(P->mn + b * 2 * QPW + h * QPW), _mm256_broadcast_ss(A->s + m * nb + b), f);
+    }
+    if (nr == 8) _mm256_storeu_ps(y, f);
+    else {
+        float t[8];
+        _mm256_storeu_ps(t, f);
+        for (int c = 0; c < nr; c++) y[c] = t[c];
+    }
+}
+
+static void QG_NAME(qgemm_row)(const qact_t *A, int64_t m, const qmat_t *W, int64_t r0, const qpanel_t *P, float *y0) {
+    for (int h = 0; h * QPW < P->nr; h++) {
+        const int n = P->nr - h * QPW < QPW ? P->nr - h * QPW : QPW;
+        switch (W->fmt) {
+        case QF_Q8: QG_NAME(row8)(QF_Q8, A, m, W, r0, P, h, n, y0 + h * QPW); break;
+        case QF_Q8C: QG_NAME(row8)(QF_Q8C, A, m, W, r0, P, h, n, y0 + h * QPW); break;
+        case QF_Q4: QG_NAME(row8)(QF_Q4, A, m, W, r0, P, h, n, y0 + h * QPW); break;
+        default: QG_NAME(row8)(QF_Q4Z, A, m, W, r0, P, h, n, y0 + h * QPW); break;
+        }
+    }
+}
+
 #define QG_MR(q4)                                                                   \
     switch (mr) {                                                                   \
     case 1: QG_NAME(tile8)(q4, 1, A, m0, P, h, n, y, ldy); break;                   \

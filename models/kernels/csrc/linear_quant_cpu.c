@@ -114,17 +114,17 @@ static inline void panel_transpose8(const __m256i *r, int8_t *dst, int8_t *adst)
     }
 }
 
-void qgemm_row(const qact_t *A, int64_t m, const qmat_t *W, int64_t r0, const qpanel_t *P, float *y) {
+void qgemm_row(const qact_t *A, int64_t m, const qmat_t *W, int64_t r0, int nr, float *y) {
     switch (quant_isa_get()) {
 #if QG_HAVE_AVX512
-    case ISA_AVX512VNNI: qgemm_row_vnni(A, m, W, r0, P, y); return;
-    case ISA_AVX512: qgemm_row_avx512(A, m, W, r0, P, y); return;
+    case ISA_AVX512VNNI: qgemm_row_vnni(A, m, W, r0, nr, y); return;
+    case ISA_AVX512: qgemm_row_avx512(A, m, W, r0, nr, y); return;
 #endif
-    default: qgemm_row_avx2(A, m, W, r0, P, y); return;
+    default: qgemm_row_avx2(A, m, W, r0, nr, y); return;
     }
 }
 
-void qpanel_prepare(const qmat_t *W, int64_t r0, int nr, void *buf, qpanel_t *P, int weights) {
+void qpanel_prepare(const qmat_t *W, int64_t r0, int nr, void *buf, qpanel_t *P) {
     const int64_t K = W->K, nb = K / QK, S = W->fmt == QF_Q8C ? 1 : nb;
     const int q4 = W->fmt >= QF_Q4;
     P->fmt = W->fmt, P->nr = nr, P->K = K;
@@ -133,7 +133,7 @@ void qpanel_prepare(const qmat_t *W, int64_t r0, int nr, void *buf, qpanel_t *P,
     P->sc = (float *)(void *)(P->a + QTILE_N * K);
     P->mn = P->sc + nb * QTILE_N;
     const __m256i lo = _mm256_set1_epi8(0x0F);
-    for (int64_t b = 0; b < nb && weights; b++)
+    for (int64_t b = 0; b < nb; b++)
         for (int h = 0; h < 2; h++) {
             __m256i r[8];
             for (int c = 0; c < 8; c++) {
@@ -228,15 +228,17 @@ static void *qlin_range(void *arg) {
         const int64_t me = J->M - mb < QMB ? J->M : mb + QMB;
         for (int64_t r = J->r0; r < J->r1; r += QTILE_N) {
             const int nr = (int)(J->r1 - r < QTILE_N ? J->r1 - r : QTILE_N);
-            qpanel_t P;
-            const int rows = J->M <= QROW_MAX;
-            qpanel_prepare(J->W, r, nr, J->buf, &P, !rows);
-            for (int64_t m = mb; m < me && rows; m++) {
-                qgemm_row(J->A, m, J->W, r, &P, J->y + m * N + r);
-                if (J->bias)
-                    for (int c = 0; c < nr; c++) J->y[m * N + r + c] += J->bias[r + c];
+            if (J->M <= QROW_MAX) { /* decode: no panel */
+                for (int64_t m = mb; m < me; m++) {
+                    qgemm_row(J->A, m, J->W, r, nr, J->y + m * N + r);
+                    if (J->bias)
+                        for (int c = 0; c < nr; c++) J->y[m * N + r + c] += J->bias[r + c];
+                }
+                continue;
             }
-            for (int64_t m = mb; m < me && !rows; m += QTILE_M) {
+            qpanel_t P;
+            qpanel_prepare(J->W, r, nr, J->buf, &P);
+            for (int64_t m = mb; m < me; m += QTILE_M) {
                 const int mr = (int)(me - m < QTILE_M ? me - m : QTILE_M);
                 float *yb = J->y + m * N + r;
                 qgemm_tile(J->A, m, mr, &P, yb, N);

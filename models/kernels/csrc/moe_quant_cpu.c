@@ -49,19 +49,19 @@ static void qmoe_items(const qmoe_job_t *J) {
         qpanel_t pg, pu, pd;
         const int rows = n <= QROW_MAX; /* a token or two: W's rows as they are (the same bits) */
         const int64_t rg = e * 2 * I + j * QCH, ru = rg + I, rd = e * H + j * QCH;
-        if (J->phase == 0) {
-            qpanel_prepare(J->W13, rg, QCH, J->buf, &pg, !rows);
-            qpanel_prepare(J->W13, ru, QCH, J->buf + qpanel_bytes(H), &pu, !rows);
-        } else {
-            qpanel_prepare(J->W2, rd, QCH, J->buf, &pd, !rows);
+        if (J->phase == 0 && !rows) {
+            qpanel_prepare(J->W13, rg, QCH, J->buf, &pg);
+            qpanel_prepare(J->W13, ru, QCH, J->buf + qpanel_bytes(H), &pu);
+        } else if (!rows) {
+            qpanel_prepare(J->W2, rd, QCH, J->buf, &pd);
         }
         for (int64_t m = 0; m < n && rows; m++) {
             if (J->phase == 0) {
-                qgemm_row(J->xs, p0 + m, J->W13, rg, &pg, g);
-                qgemm_row(J->xs, p0 + m, J->W13, ru, &pu, u);
+                qgemm_row(J->xs, p0 + m, J->W13, rg, QCH, g);
+                qgemm_row(J->xs, p0 + m, J->W13, ru, QCH, u);
                 silu_mul16(g, u, J->act + (p0 + m) * I + j * QCH);
             } else {
-                qgemm_row(J->as, p0 + m, J->W2, rd, &pd, y);
+                qgemm_row(J->as, p0 + m, J->W2, rd, QCH, y);
                 memcpy(J->ys + J->pair[p0 + m] * H + j * QCH, y, QCH * sizeof(float));
             }
         }

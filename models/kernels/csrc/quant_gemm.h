@@ -60,14 +60,15 @@ typedef struct {
 
 /* bytes of the scratch one qpanel_t of K needs (qpanel_prepare's buf) */
 static inline int64_t qpanel_bytes(int64_t K) { return 2 * QTILE_N * K + 2 * (K / QK) * QTILE_N * (int64_t)sizeof(float); }
-/* rows [r0, r0 + nr) of W (nr <= QTILE_N) into P, in buf (qpanel_bytes(K)); weights 0: only the
- * scales (sc, mn), for qgemm_row */
-void qpanel_prepare(const qmat_t *W, int64_t r0, int nr, void *buf, qpanel_t *P, int weights);
+/* rows [r0, r0 + nr) of W (nr <= QTILE_N) into P, in buf (qpanel_bytes(K)) */
+void qpanel_prepare(const qmat_t *W, int64_t r0, int nr, void *buf, qpanel_t *P);
 /* Activation rows up to QROW_MAX per call take qgemm_row, which reads W's rows as they are: the
  * same results, bit for bit, as qgemm_tile on the prepared panel (decode batches skip preparing). */
+#ifndef QROW_MAX
 #define QROW_MAX 2
-/* Row m of A times rows [r0, r0 + P->nr) of W (P prepared without weights): y[c], c < P->nr. */
-void qgemm_row(const qact_t *A, int64_t m, const qmat_t *W, int64_t r0, const qpanel_t *P, float *y);
+#endif
+/* Row m of A times rows [r0, r0 + nr) of W (nr <= QTILE_N): y[c]. */
+void qgemm_row(const qact_t *A, int64_t m, const qmat_t *W, int64_t r0, int nr, float *y);
 /* Rows [m0, m0 + mr) of A (mr <= QTILE_M) times the panel's rows: y[i * ldy + c] = A[m0 + i] . W[r0 + c],
  * c < P->nr. Runs the level chosen by quant_isa_set (linear_quant_cpu.c). */
 void qgemm_tile(const qact_t *A, int64_t m0, int mr, const qpanel_t *P, float *y, int64_t ldy);

@@ -86,20 +86,36 @@ static inline __attribute__((always_inline)) __m256i QG_NAME(tsum8)(const __m256
     return _mm256_add_epi32(_mm256_permute2x128_si256(u0, u1, 0x20), _mm256_permute2x128_si256(u0, u1, 0x31));
 }
 
+/* p[0], p[stride], ..., p[7 stride] (nr < 8: the first nr, then zeros, through t) */
+static inline __attribute__((always_inline)) __m128i QG_NAME(gather8)(const uint16_t *p, int64_t stride, int nr, uint16_t *t) {
+    if (nr == 8) {
+        __m128i v = _mm_cvtsi32_si128(p[0]);
+        v = _mm_insert_epi16(v, p[stride], 1);
+        v = _mm_insert_epi16(v, p[2 * stride], 2);
+        v = _mm_insert_epi16(v, p[3 * stride], 3);
+        v = _mm_insert_epi16(v, p[4 * stride], 4);
+        v = _mm_insert_epi16(v, p[5 * stride], 5);
+        v = _mm_insert_epi16(v, p[6 * stride], 6);
+        return _mm_insert_epi16(v, p[7 * stride], 7);
+    }
+    for (int c = 0; c < 8; c++) t[c] = c < nr ? p[c * stride] : 0;
+    return _mm_loadu_si128((const __m128i *)t);
+}
+
 /* The same outputs as tile8, bit for bit, for one activation row, reading W's rows as they are
- * (no panel: P holds only the scales, sc and mn): per block, the 8 rows' exact int32 sums from
+ * (no panel): per block, the 8 rows' exact int32 sums from
  * row-wise dot products, transposed into the 8 lanes, then tile8's float32 operations. Cheaper
  * than preparing a panel when the batch has a row or two (decode). */
 static inline __attribute__((always_inline)) void QG_NAME(row8)(const int fmt, const qact_t *A, int64_t m, const qmat_t *W,
-                                                                 int64_t r0, const qpanel_t *P, int h, int nr,
-                                                                 float *y) {
-    const int64_t K = P->K, nb = K / QK, rb = qrow_bytes(fmt, K);
+                                                                 int64_t r0, int nr, float *y) {
+    const int64_t K = W->K, nb = K / QK, rb = qrow_bytes(fmt, K), S = fmt == QF_Q8C ? 1 : nb;
     const int q4 = fmt >= QF_Q4;
     const __m256i lo = _mm256_set1_epi8(0x0F);
     const __m256i ones = _mm256_set1_epi16(1);
     (void)ones;
     __m256 f = _mm256_setzero_ps();
-    const uint8_t *wr = W->q + (r0 + h * QPW) * rb;
+    const uint8_t *wr = W->q + r0 * rb;
+    uint16_t hd[8], hm[8];
     for (int64_t b = 0; b < nb; b++) {
         const __m256i xv = _mm256_loadu_si256((const __m256i *)(A->q + m * K + b * QK));
         const __m256i av = _mm256_loadu_si256((const __m256i *)(A->a + m * K + b * QK));
@@ -126,9 +142,14 @@ static inline __attribute__((always_inline)) void QG_NAME(row8)(const int fmt, c
 #endif
             }
         }
-        const __m256 sc = _mm256_loadu_ps(P->sc + b * 2 * QPW + h * QPW);
+        /* the rows' scales of the block (qpanel_prepare's sc and mn, the same values) */
+        const __m256 sc = _mm256_cvtph_ps(QG_NAME(gather8)(W->d + r0 * S + (S == 1 ? 0 : b), S, nr, hd));
         f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(QG_NAME(tsum8)(v)), _mm256_mul_ps(sc, _mm256_broadcast_ss(A->d + m * nb + b)), f);
-        if (q4) f = _mm256_fmadd_ps(_mm256_loadu_ps(P->mn + b * 2 * QPW + h * QPW), _mm256_broadcast_ss(A->s + m * nb + b), f);
+        if (fmt == QF_Q4) f = _mm256_fmadd_ps(_mm256_mul_ps(sc, _mm256_set1_ps(-8.f)), _mm256_broadcast_ss(A->s + m * nb + b), f);
+        if (fmt == QF_Q4Z) {
+            const __m256 mn = _mm256_cvtph_ps(QG_NAME(gather8)(W->m + r0 * nb + b, nb, nr, hm));
+            f = _mm256_fmadd_ps(mn, _mm256_broadcast_ss(A->s + m * nb + b), f);
+        }
     }
     if (nr == 8) _mm256_storeu_ps(y, f);
     else {
@@ -138,14 +159,16 @@ static inline __attribute__((always_inline)) void QG_NAME(row8)(const int fmt, c
     }
 }
 
-static void QG_NAME(qgemm_row)(const qact_t *A, int64_t m, const qmat_t *W, int64_t r0, const qpanel_t *P, float *y0) {
-    for (int h = 0; h * QPW < P->nr; h++) {
-        const int n = P->nr - h * QPW < QPW ? P->nr - h * QPW : QPW;
+static void QG_NAME(qgemm_row)(const qact_t *A, int64_t m, const qmat_t *W, int64_t r0, int nr, float *y0) {
+    for (int h = 0; h * QPW < nr; h++) {
+        const int n = nr - h * QPW < QPW ? nr - h * QPW : QPW;
+        const int64_t r = r0 + h * QPW;
+        float *y = y0 + h * QPW;
         switch (W->fmt) {
-        case QF_Q8: QG_NAME(row8)(QF_Q8, A, m, W, r0, P, h, n, y0 + h * QPW); break;
-        case QF_Q8C: QG_NAME(row8)(QF_Q8C, A, m, W, r0, P, h, n, y0 + h * QPW); break;
-        case QF_Q4: QG_NAME(row8)(QF_Q4, A, m, W, r0, P, h, n, y0 + h * QPW); break;
-        default: QG_NAME(row8)(QF_Q4Z, A, m, W, r0, P, h, n, y0 + h * QPW); break;
+        case QF_Q8: QG_NAME(row8)(QF_Q8, A, m, W, r, n, y); break;
+        case QF_Q8C: QG_NAME(row8)(QF_Q8C, A, m, W, r, n, y); break;
+        case QF_Q4: QG_NAME(row8)(QF_Q4, A, m, W, r, n, y); break;
+        default: QG_NAME(row8)(QF_Q4Z, A, m, W, r, n, y); break;
         }
     }
 }

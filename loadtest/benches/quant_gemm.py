@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     out_rows = []
     for shape, M, best in table:
         ref = best["C float32"]
-        out_rows.append([shape, M] + [best[n] * 1e3 if n in best else float("nan") for n in names]
+        out_rows.append([shape, M] + [best[n] * 1e3 if n in best else None for n in names]
                         + [ref / best[n] for n in qnames])
     result["measurements"]["rows"] = [{"shape": s, "M": M, "best_s": b} for s, M, b in table]
     result["summary"]["blocks"] = [

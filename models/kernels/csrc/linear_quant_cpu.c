@@ -2,15 +2,20 @@
  * run-time choice of the instruction-set level of the quantized kernels.
  *
  * y[M, N] = x[M, K] @ W[N, K]^T (+ bias): x's rows are quantized to int8 blocks of 32 once per
- * call (with their magnitudes), then each thread takes a contiguous range of W's rows (a multiple
- * of 16) and, 64 rows of x at a time, chunk by chunk of 16 weight rows (int4 unpacked to int8 once
- * per chunk), applies every 4-row tile of x to them (quant_gemm_body.h): the chunk stays in cache
- * while the 64 rows use it and the 64 rows' int8 stay in L2 while the weight rows stream by.
+ * call (with their magnitudes), then each thread takes a contiguous range of W's rows (whole
+ * 16-row panels: the split is over N, for decode and prefill alike; N has hundreds of panels in
+ * every layer but the smallest) and, 64 rows of x at a time, panel by panel: the panel is
+ * prepared once (qpanel_prepare: int4 unpacked, k4-interleaved) and every 4-row tile of the 64
+ * applied to it (quant_gemm_body.h), so the panel stays in L1/L2 while the rows use it and the 64
+ * rows' int8 stay in L2 while the panels stream by. Calls of 1-2 rows (decode) skip the panel:
+ * qgemm_row reads W's rows as they are and computes the same bits.
  *
- * Levels: AVX2 (VPMADDUBSW + VPMADDWD, as llama.cpp's Q8_0 x Q8_0), AVX-512 (two blocks per
- * 512-bit step) and AVX512-VNNI (VPDPBUSD), each compiled with GCC target pragmas whatever
- * -march says, chosen at run time by the CPU's features (__builtin_cpu_supports) or forced lower
- * (quant_isa_set; models/kernels/quant.py reads MOE_SERVE_CPU_ISA).
+ * Levels: AVX2 (VPMADDUBSW + VPMADDWD), AVX-512 (the same 256-bit code compiled for AVX-512VL:
+ * EVEX encodings, 32 vector registers) and AVX512-VNNI (VPDPBUSD in place of VPMADDUBSW +
+ * VPMADDWD), each compiled with GCC target pragmas whatever -march says, with the same tiling,
+ * chosen at run time by the CPU's features (__builtin_cpu_supports) or forced lower
+ * (quant_isa_set; models/kernels/quant.py reads MOE_SERVE_CPU_ISA). Their exact int32 block sums
+ * are equal, so are their float32 results.
  */
 #include <stdint.h>
 
@@ -25,11 +30,9 @@
 #include "quant_gemm.h"
 
 #define QG_NAME(x) x##_avx2
-#define QG_WIDE 0
 #define QG_VNNI 0
 #include "quant_gemm_body.h"
 #undef QG_NAME
-#undef QG_WIDE
 #undef QG_VNNI
 
 #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 8
@@ -37,22 +40,18 @@
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl")
 #define QG_NAME(x) x##_avx512
-#define QG_WIDE 1
 #define QG_VNNI 0
 #include "quant_gemm_body.h"
 #undef QG_NAME
-#undef QG_WIDE
 #undef QG_VNNI
 #pragma GCC pop_options
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni")
 #define QG_NAME(x) x##_vnni
-#define QG_WIDE 1
 #define QG_VNNI 1
 #include "quant_gemm_body.h"
 #undef QG_NAME
-#undef QG_WIDE
 #undef QG_VNNI
 #pragma GCC pop_options
 #else

@@ -5,7 +5,10 @@
  * As moe_cpu.c (the float32 kernel): the pairs are grouped by expert, each active expert's rows
  * of x gathered (here quantized to int8 blocks of 32 once per call), gate and up computed 16
  * rows at a time with SiLU-and-mul fused, the activations quantized, then down; each weight is
- * read once per call. The weights: w13 [E, 2I, H] and w2 [E, H, I] in a quantized format, as
+ * read once per call. An item (expert, 16 weight rows) prepares its panels once (quant_gemm.h)
+ * and runs every 4-row tile of the expert's tokens over them: in prefill each expert has hundreds
+ * of rows, so the dot products run as a GEMM; an expert with 1-2 tokens (decode) reads its rows
+ * as they are (qgemm_row, the same bits). The weights: w13 [E, 2I, H] and w2 [E, H, I] in a quantized format, as
  * row-major rows (expert e's gate row j is row e * 2I + j, its up row e * 2I + I + j). Every
  * output element sums its blocks in k order whatever the batch (batch invariant). Pairs of
  * routing weight 0 (the placement executor's padding) are skipped: they add nothing.

@@ -145,7 +145,7 @@ void qpanel_prepare(const qmat_t *W, int64_t r0, int nr, void *buf, qpanel_t *P)
                 }
             }
             const int64_t o = b * QK * QTILE_N + h * 32;
-            panel_transpose8(r, P->w + o, q4 ? NULL : P->a + o);
+            panel_transpose8(r, P->w + o, NULL);
         }
     for (int c = 0; c < QTILE_N; c++) {
         const int64_t row = r0 + c;

@@ -49,12 +49,12 @@ static inline int64_t qrow_bytes(int fmt, int64_t K) { return fmt >= QF_Q4 ? K /
 /* Up to QTILE_N weight rows prepared for the micro-kernel (quant_gemm_body.h), once per panel and
  * reused by every row of the batch: for block b and group g of 4 along k, the 16 rows' 4 weights
  * side by side, w[((b * 8 + g) * 16 + c) * 4 + j] = W[r0 + c, 32 b + 4 g + j] (int8 as is; int4
- * as 0..15), |w| likewise for the int8 formats, and per block the 16 rows' float scales (sc) and
+ * as 0..15), and per block the 16 rows' float scales (sc) and
  * zero-point terms (mn: -8 d for QF_Q4, m for QF_Q4Z). Rows past nr are zeros. */
 typedef struct {
     int fmt, nr;
     int64_t K;
-    int8_t *w, *a; /* [K/32][8][16][4] */
+    int8_t *w, *a; /* w: [K/32][8][16][4]; a: unused (room kept in the scratch) */
     float *sc, *mn; /* [K/32][16] */
 } qpanel_t;
 

@@ -10,20 +10,21 @@
  * one broadcast of the row's 4 activations and one VPMADDUBSW give the 8 rows' partial sums in the
  * 8 lanes, no horizontal sums. int4 (weights 0..15, unsigned operand; activations signed): the
  * 16-bit partial sums of the block's 8 groups add up in int16 (at most 16 x 15 x 127 = 30480),
- * one VPMADDWD per block; int8: |w| times sign(x, w), VPMADDWD per group. Per block the int32
+ * one VPMADDWD per block; int8: |x| (broadcast too) times w sign(x), VPMADDWD per group. Per block the int32
  * sums are converted once and scaled by the rows' scales x the activation's scale (one multiply),
  * and for int4 the zero point (QF_Q4: -8 d; QF_Q4Z: m) times the activation block's d * sum(q).
  * Each output sums its blocks in k order in one float lane whatever the tile: batch invariant. */
 
 #define QG_BC(i, g) _mm256_set1_epi32(*(const int32_t *)(A->q + (m0 + i) * K + b * QK + 4 * (g)))
+#define QG_BCA(i, g) _mm256_set1_epi32(*(const int32_t *)(A->a + (m0 + i) * K + b * QK + 4 * (g)))
 
 #if QG_VNNI
 #define QG_G4(i, g) if (mr > i) a##i = _mm256_dpbusd_epi32(a##i, wv, QG_BC(i, g));
-#define QG_G8(i, g) if (mr > i) a##i = _mm256_dpbusd_epi32(a##i, av, _mm256_sign_epi8(QG_BC(i, g), wv));
+#define QG_G8(i, g) if (mr > i) a##i = _mm256_dpbusd_epi32(a##i, QG_BCA(i, g), _mm256_sign_epi8(wv, QG_BC(i, g)));
 #else
 #define QG_G4(i, g) if (mr > i) a##i = _mm256_add_epi16(a##i, _mm256_maddubs_epi16(wv, QG_BC(i, g)));
 #define QG_G8(i, g)                                                                                         \
-    if (mr > i) a##i = _mm256_add_epi32(a##i, _mm256_madd_epi16(_mm256_maddubs_epi16(av, _mm256_sign_epi8(QG_BC(i, g), wv)), ones));
+    if (mr > i) a##i = _mm256_add_epi32(a##i, _mm256_madd_epi16(_mm256_maddubs_epi16(QG_BCA(i, g), _mm256_sign_epi8(wv, QG_BC(i, g))), ones));
 #endif
 
 #define QG_GROUP(g)                                                                                        \
@@ -32,7 +33,6 @@
         if (q4) {                                                                                          \
             QG_G4(0, g) QG_G4(1, g) QG_G4(2, g) QG_G4(3, g)                                                \
         } else {                                                                                           \
-            const __m256i av = _mm256_loadu_si256((const __m256i *)(ap + (g) * 8 * QPW));                    \
             QG_G8(0, g) QG_G8(1, g) QG_G8(2, g) QG_G8(3, g)                                                \
         }                                                                                                  \
     }
@@ -69,7 +69,7 @@ static inline __attribute__((always_inline)) void QG_NAME(tile8)(const int q4, c
     (void)ones; /* unused by the VNNI level */
     __m256 f0 = _mm256_setzero_ps(), f1 = f0, f2 = f0, f3 = f0;
     for (int64_t b = 0; b < nb; b++) {
-        const int8_t *wp = P->w + b * QK * 2 * QPW + h * 4 * QPW, *ap = q4 ? NULL : P->a + b * QK * 2 * QPW + h * 4 * QPW;
+        const int8_t *wp = P->w + b * QK * 2 * QPW + h * 4 * QPW;
         __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
         QG_GROUP(0) QG_GROUP(1) QG_GROUP(2) QG_GROUP(3) QG_GROUP(4) QG_GROUP(5) QG_GROUP(6) QG_GROUP(7)
         const __m256 sc = _mm256_loadu_ps(P->sc + b * 2 * QPW + h * QPW);
@@ -194,6 +194,7 @@ static void QG_NAME(qgemm_tile)(const qact_t *A, int64_t m0, int mr, const qpane
 }
 
 #undef QG_BC
+#undef QG_BCA
 #undef QG_G4
 #undef QG_G8
 #undef QG_GROUP

@@ -27,7 +27,7 @@ from loadtest.harness import interleave
 
 HEADING = "### Quantized CPU GEMM kernels by batch rows (int8 / int4 vs float32)"
 REPO = Path(__file__).resolve().parents[2]
-LINEAR = {"140M q/k/v": (1024, 512), "140M expert w13": (2048, 512), "2.4B expert w13": (11264, 2048),
+LINEAR = {"140M q/k/v": (1024, 512), "140M LM head": (32000, 512), "140M expert w13": (2048, 512), "2.4B expert w13": (11264, 2048),
           "2.4B expert w2": (2048, 5632)}
 E, H, I, TOPK = 8, 512, 1024, 2
 BASE_NS = "moe_serve_qbase"

@@ -137,7 +137,8 @@ void qpanel_prepare(const qmat_t *W, int64_t r0, int nr, void *buf, qpanel_t *P)
             __m256i r[8];
             for (int c = 0; c < 8; c++) {
                 const int64_t row = r0 + h * 8 + c;
-                if (h * 8 + c < nr) _mm_prefetch((const char *)(W->q + row * qrow_bytes(W->fmt, K) + b * (q4 ? QK / 2 : QK) + 512), _MM_HINT_T0);
+                /* the same spot of the next panel (rows are read block by block, across the panel) */
+                _mm_prefetch((const char *)(W->q + (row + QTILE_N) * qrow_bytes(W->fmt, K) + b * (q4 ? QK / 2 : QK)), _MM_HINT_T0);
                 if (h * 8 + c >= nr) r[c] = _mm256_setzero_si256();
                 else if (!q4) r[c] = _mm256_loadu_si256((const __m256i *)(W->q + row * K + b * QK));
                 else {

@@ -125,7 +125,8 @@ static inline __attribute__((always_inline)) void QG_NAME(row8)(const int fmt, c
                 v[c] = _mm256_setzero_si256();
                 continue;
             }
-            _mm_prefetch((const char *)(wr + c * rb + b * (rb / nb) + 512), _MM_HINT_T0); /* 8 row streams */
+            /* the same spot 8 rows on (the next call's rows): the 8 rows are read block by block, across */
+            _mm_prefetch((const char *)(wr + (c + 8) * rb + b * (rb / nb)), _MM_HINT_T0);
             if (q4) {
                 const __m128i t = _mm_loadu_si128((const __m128i *)(wr + c * rb + b * (QK / 2)));
                 const __m256i wu = _mm256_and_si256(_mm256_insertf128_si256(_mm256_castsi128_si256(t), _mm_srli_epi16(t, 4), 1), lo);

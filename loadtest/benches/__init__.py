@@ -21,6 +21,7 @@ BENCHES = {
     "mla-decode": "loadtest.benches.mla_decode",
     "quant-quality": "loadtest.benches.quant_quality",
     "quant-decode": "loadtest.benches.quant_decode",
+    "quant-gemm": "loadtest.benches.quant_gemm",
     "kv-fp8-quality": "loadtest.benches.kv_fp8_quality",
     "cpu-tier": "loadtest.benches.cpu_tier",
     "async-scheduling": "loadtest.benches.async_sched",

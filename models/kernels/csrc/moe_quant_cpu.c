@@ -5,7 +5,10 @@
  * As moe_cpu.c (the float32 kernel): the pairs are grouped by expert, each active expert's rows
  * of x gathered (here quantized to int8 blocks of 32 once per call), gate and up computed 16
  * rows at a time with SiLU-and-mul fused, the activations quantized, then down; each weight is
- * read once per call. The weights: w13 [E, 2I, H] and w2 [E, H, I] in a quantized format, as
+ * read once per call. An item (expert, 16 weight rows) prepares its panels once (quant_gemm.h)
+ * and runs every 4-row tile of the expert's tokens over them: in prefill each expert has hundreds
+ * of rows, so the dot products run as a GEMM; an expert with 1-2 tokens (decode) reads its rows
+ * as they are (qgemm_row, the same bits). The weights: w13 [E, 2I, H] and w2 [E, H, I] in a quantized format, as
  * row-major rows (expert e's gate row j is row e * 2I + j, its up row e * 2I + I + j). Every
  * output element sums its blocks in k order whatever the batch (batch invariant). Pairs of
  * routing weight 0 (the placement executor's padding) are skipped: they add nothing.
@@ -22,8 +25,8 @@
 #include "panel_gemm.h"
 #include "quant_gemm.h"
 
-#define QCH 16 /* weight rows per item */
-#define QMR 4
+#define QCH QTILE_N /* weight rows per item */
+#define QMR QTILE_M
 
 typedef struct {
     int64_t k, E, H, I;
@@ -33,6 +36,7 @@ typedef struct {
     float *act;       /* [P, I] */
     const qact_t *as; /* [P, I] quantized act */
     float *ys;        /* [P, H] by pair index */
+    char *buf;        /* 2 * qpanel_bytes(max(H, I)): the item's prepared panels */
     int phase;
     int64_t first, last;
 } qmoe_job_t;
@@ -44,14 +48,34 @@ static void qmoe_items(const qmoe_job_t *J) {
     for (int64_t it = J->first; it < J->last; it++) {
         const int64_t e = it / panels, j = it % panels;
         const int64_t p0 = J->start[e], n = J->start[e + 1] - p0;
-        for (int64_t m = 0; m < n; m += QMR) {
+        if (n == 0) continue;
+        qpanel_t pg, pu, pd;
+        const int rows = n <= QROW_MAX; /* a token or two: W's rows as they are (the same bits) */
+        const int64_t rg = e * 2 * I + j * QCH, ru = rg + I, rd = e * H + j * QCH;
+        if (J->phase == 0 && !rows) {
+            qpanel_prepare(J->W13, rg, QCH, J->buf, &pg);
+            qpanel_prepare(J->W13, ru, QCH, J->buf + qpanel_bytes(H), &pu);
+        } else if (!rows) {
+            qpanel_prepare(J->W2, rd, QCH, J->buf, &pd);
+        }
+        for (int64_t m = 0; m < n && rows; m++) {
+            if (J->phase == 0) {
+                qgemm_row(J->xs, p0 + m, J->W13, rg, QCH, g);
+                qgemm_row(J->xs, p0 + m, J->W13, ru, QCH, u);
+                silu_mul16(g, u, J->act + (p0 + m) * I + j * QCH);
+            } else {
+                qgemm_row(J->as, p0 + m, J->W2, rd, QCH, y);
+                memcpy(J->ys + J->pair[p0 + m] * H + j * QCH, y, QCH * sizeof(float));
+            }
+        }
+        for (int64_t m = 0; m < n && !rows; m += QMR) {
             const int mr = (int)(n - m < QMR ? n - m : QMR);
             if (J->phase == 0) {
-                qgemm_tile(J->xs, p0 + m, mr, J->W13, e * 2 * I + j * QCH, QCH, g, QCH);
-                qgemm_tile(J->xs, p0 + m, mr, J->W13, e * 2 * I + I + j * QCH, QCH, u, QCH);
+                qgemm_tile(J->xs, p0 + m, mr, &pg, g, QCH);
+                qgemm_tile(J->xs, p0 + m, mr, &pu, u, QCH);
                 for (int i = 0; i < mr; i++) silu_mul16(g + i * QCH, u + i * QCH, J->act + (p0 + m + i) * I + j * QCH);
             } else {
-                qgemm_tile(J->as, p0 + m, mr, J->W2, e * H + j * QCH, QCH, y, QCH);
+                qgemm_tile(J->as, p0 + m, mr, &pd, y, QCH);
                 for (int i = 0; i < mr; i++)
                     memcpy(J->ys + J->pair[p0 + m + i] * H + j * QCH, y + i * QCH, QCH * sizeof(float));
             }
@@ -73,6 +97,7 @@ static void qmoe_phase(qmoe_job_t *base, int phase, int nthreads) {
     int64_t it = 0, acc = 0;
     for (int t = 0; t < nthreads; t++) {
         jobs[t] = *base;
+        jobs[t].buf = base->buf + (int64_t)t * 2 * qpanel_bytes(base->H > base->I ? base->H : base->I);
         jobs[t].phase = phase;
         jobs[t].first = it;
         const int64_t target = total * (t + 1) / nthreads;
@@ -101,8 +126,12 @@ int qmoe_f32(const float *x, const int64_t *topk_ids, const float *topk_w, int f
     int64_t *pair = (int64_t *)malloc((size_t)(P > 0 ? P : 1) * sizeof(int64_t));
     float *buf = (float *)malloc((size_t)(P > 0 ? P : 1) * (size_t)(I + H) * sizeof(float));
     qact_t xs = {0}, as = {0};
+    char *wbuf = (char *)malloc((size_t)nthreads * 2 * (size_t)qpanel_bytes(H > I ? H : I));
     int rc = 0;
-    if (!start || !pair || !buf || !qact_alloc(&xs, P, H) || !qact_alloc(&as, P, I)) { rc = 1; goto done; }
+    if (!start || !pair || !buf || !wbuf || !qact_alloc(&xs, P, H) || !qact_alloc(&as, P, I)) {
+        rc = 1;
+        goto done;
+    }
     float *act = buf, *ys = buf + P * I;
     for (int64_t p = 0; p < P; p++) {
         const int64_t e = topk_ids[p];
@@ -114,11 +143,11 @@ int qmoe_f32(const float *x, const int64_t *topk_ids, const float *topk_w, int f
         if (topk_w[p] != 0.f) pair[start[topk_ids[p] + 1]++] = p;
     /* now start[e] = first pair of expert e, start[E] = the pairs computed; quantize each pair's
      * row of x (a token's row quantizes the same in every slot: the same blocks, the same bits) */
-    for (int64_t q = 0; q < start[E]; q++) quantize_rows(x + (pair[q] / k) * H, H, 1, H, &(qact_t){xs.q + q * H, xs.d + q * (H / QK), xs.s + q * (H / QK), H});
+    for (int64_t q = 0; q < start[E]; q++) quantize_rows(x + (pair[q] / k) * H, H, 1, H, &xs, q);
     const qmat_t W13 = {fmt, E * 2 * I, H, q13, d13, m13}, W2 = {fmt, E * H, I, q2, d2, m2};
-    qmoe_job_t base = {k, E, H, I, &W13, &W2, start, pair, &xs, act, &as, ys, 0, 0, 0};
+    qmoe_job_t base = {k, E, H, I, &W13, &W2, start, pair, &xs, act, &as, ys, wbuf, 0, 0, 0};
     qmoe_phase(&base, 0, nthreads);
-    quantize_rows(act, I, start[E], I, &as);
+    quantize_rows(act, I, start[E], I, &as, 0);
     qmoe_phase(&base, 1, nthreads);
     for (int64_t t = 0; t < T; t++) {
         float *o = out + t * H;
@@ -133,7 +162,7 @@ int qmoe_f32(const float *x, const int64_t *topk_ids, const float *topk_w, int f
 done:
     if (xs.q) qact_free(&xs);
     if (as.q) qact_free(&as);
-    free(start); free(pair); free(buf);
+    free(start); free(pair); free(buf); free(wbuf);
     return rc;
 }
 

@@ -67,10 +67,39 @@ def test_quant_linear_matches_dequantized_math(isa, fmt):
         x = torch.randn(rows, 96, generator=g)
         assert rel_err(Q.quant_linear(x, qw, b), reference_linear(x, qw, b)) < 1e-5
     assert Q.quant_linear(torch.randn(0, 96), qw).shape == (0, 48)
-    # rows past the last whole 16-row chunk
+    # rows past the last whole 16-row panel
     qw40 = Q.QuantWeight.of(torch.randn(40, 64, generator=g), fmt)
     x = torch.randn(5, 64, generator=g)
     assert rel_err(Q.quant_linear(x, qw40), reference_linear(x, qw40)) < 1e-5
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_quant_linear_tiles_and_batch_rows(isa, fmt):
+    """Every tiling path: M = 1, 7, 33, 300 (partial 4-row tiles, several 64-row passes), N = 44
+    (a full 16-row panel, then 12 rows: a full and a partial 8-row half), K = 352 (11 blocks: a
+    block count that is not a multiple of anything the kernel steps by); and each row's output
+    is the same bits whatever rows share its call (batch invariance at the kernel)."""
+    g = torch.Generator().manual_seed(11)
+    qw = Q.QuantWeight.of(torch.randn(44, 352, generator=g) * 0.2, fmt)
+    b = torch.randn(44, generator=g)
+    x = torch.randn(300, 352, generator=g) * torch.rand(300, 1, generator=g) * 4  # rows of different scales
+    full = Q.quant_linear(x, qw, b)
+    assert rel_err(full, reference_linear(x, qw, b)) < 1e-5
+    for rows in (1, 7, 33):
+        part = Q.quant_linear(x[-rows:], qw, b)
+        assert torch.equal(part, full[-rows:]), rows
+        assert rel_err(part, reference_linear(x[-rows:], qw, b)) < 1e-5
+
+
+def reference_experts(x, ids, tw, w13: Q.QuantWeight, w2: Q.QuantWeight):
+    """float64 experts over the dequantized weights and the kernels' int8 activations."""
+    A, B = w13.dequantize().double(), w2.dequantize().double()
+    xq = Q.quantize_activations(x).double()
+    I = B.shape[-1]
+    h = torch.einsum("tkoh,th->tko", A[ids], xq)  # [T, k, 2I]
+    act = F.silu(h[..., :I]) * h[..., I:]
+    act = Q.quantize_activations(act.reshape(-1, I).float()).double().reshape(act.shape)
+    return (tw.double()[..., None] * torch.einsum("tkhi,tki->tkh", B[ids], act)).sum(1)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -81,15 +110,14 @@ def test_quant_experts_match_dequantized_math(isa, fmt):
         torch.randn(E, H, I, generator=g) * 0.1, fmt)
     x, ids, tw = torch.randn(T, H, generator=g), torch.randint(0, E, (T, k), generator=g), torch.rand(T, k, generator=g)
     out = Q.quant_moe(x, ids, tw, w13, w2)
-    A, B = w13.dequantize().double(), w2.dequantize().double()
-    xq = Q.quantize_activations(x).double()
-    ref = torch.zeros(T, H, dtype=torch.float64)
-    for t in range(T):
-        for s in range(k):
-            h = A[ids[t, s]] @ xq[t]
-            act = Q.quantize_activations((F.silu(h[:I]) * h[I:]).float()[None])[0].double()
-            ref[t] += tw[t, s].double() * (B[ids[t, s]] @ act)
-    assert rel_err(out, ref) < 1e-5
+    assert rel_err(out, reference_experts(x, ids, tw, w13, w2)) < 1e-5
+    # prefill-sized: ~75 tokens per expert (several 4-row tiles per expert and panel), and each
+    # token's output the same bits as when it runs alone
+    xp, idp = torch.randn(150, H, generator=g), torch.randint(0, E, (150, k), generator=g)
+    twp = torch.rand(150, k, generator=g)
+    outp = Q.quant_moe(xp, idp, twp, w13, w2)
+    assert rel_err(outp, reference_experts(xp, idp, twp, w13, w2)) < 1e-5
+    assert torch.equal(Q.quant_moe(xp[:3], idp[:3], twp[:3], w13, w2), outp[:3])
     with pytest.raises(IndexError, match="out of range"):
         Q.quant_moe(x, torch.full((T, k), E), tw, w13, w2)
 

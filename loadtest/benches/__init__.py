@@ -24,4 +24,5 @@ BENCHES = {
     "kv-fp8-quality": "loadtest.benches.kv_fp8_quality",
     "cpu-tier": "loadtest.benches.cpu_tier",
     "async-scheduling": "loadtest.benches.async_sched",
+    "llamacpp": "loadtest.benches.llamacpp_side",
 }

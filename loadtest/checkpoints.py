@@ -125,9 +125,10 @@ def make_streamed_checkpoint(shape: str, path: Path, progress: bool = True) -> s
     for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         if (tok_src / f).exists():
             shutil.copy(tok_src / f, path / f)
-    conf = transformers.MixtralConfig(**cfg, bos_token_id=0, eos_token_id=1, pad_token_id=2, dtype="bfloat16")
+    conf = transformers.MixtralConfig(**cfg, bos_token_id=0, eos_token_id=1, pad_token_id=2, dtype="bfloat16",
+                                      architectures=["MixtralForCausalLM"])
     conf.save_pretrained(str(path))
-    json.loads((path / "config.json").read_text())  # written and readable
+    assert json.loads((path / "config.json").read_text())["architectures"] == ["MixtralForCausalLM"]
     tensors = mixtral_tensors(cfg)
     n = sum(math_prod(s) for _, s in tensors)
     print(f"[bench] writing random-weight {shape} ({n / 1e9:.2f}B parameters, {2 * n / 2**30:.1f} GiB bf16) to {path}",

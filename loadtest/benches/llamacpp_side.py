@@ -236,14 +236,16 @@ def main(argv: list[str] | None = None) -> int:
     for f in formats:
         moe_serve_pair(f, args.float_dtype)
     engines = {e for e in args.engines.split(",") if e}
-    L.ensure_built()
+    if "llama.cpp" in engines:
+        L.ensure_built()
     model, label = resolve_model(args.model)
     cfg = json.loads((Path(model) / "config.json").read_text())
     token_range = (3, cfg["vocab_size"] - 1)
-    ggufs = L.gguf_files(model, Path(model) / "gguf", tuple(formats), threads=args.threads)
+    ggufs = L.gguf_files(model, Path(model) / "gguf", tuple(formats), threads=args.threads) \
+        if "llama.cpp" in engines else {}
     result = results.new_result("llamacpp", argv, vars(args) | {"model_dir": model},
                                 heading=f"{HEADING}: {label}", section=f"llamacpp-{label}", packages=("httpx", "gguf"))
-    result["versions"]["llama.cpp"] = L.version()
+    result["versions"]["llama.cpp"] = L.version() if "llama.cpp" in engines else None
     stem = results.default_path(result).with_suffix("") if not args.json else Path(args.json).with_suffix("")
     tokens = args.parallel * args.ctx
     block = 16
@@ -254,12 +256,12 @@ def main(argv: list[str] | None = None) -> int:
                             "formats": {}}
     for fmt in formats:
         dtype, quant = moe_serve_pair(fmt, args.float_dtype)
-        info = L.gguf_info(ggufs[fmt])
-        m: dict[str, Any] = {"gguf": str(ggufs[fmt]), "gguf_weight_bytes": info["weight_bytes"],
+        info = L.gguf_info(ggufs[fmt]) if fmt in ggufs else {"weight_bytes": None}
+        m: dict[str, Any] = {"gguf": str(ggufs.get(fmt)), "gguf_weight_bytes": info["weight_bytes"],
                              "llama_kv_bytes": L.kv_bytes(cfg, tokens, 2), "moe_serve": {"dtype": dtype,
                                                                                           "quantization": quant}}
         print(f"\n##### {fmt} (llama.cpp) vs moe-serve --dtype {dtype}" + (f" --quantization {quant}" if quant else "")
-              + f": GGUF weights {info['weight_bytes'] / 2**30:.2f} GiB", flush=True)
+              + (f": GGUF weights {info['weight_bytes'] / 2**30:.2f} GiB" if info["weight_bytes"] else ""), flush=True)
         if "llama.cpp" in engines and not args.skip_llama_bench:
             before = loadavg()
             m["llama_bench"] = L.run_bench(ggufs[fmt], threads=args.threads, reps=args.runs,

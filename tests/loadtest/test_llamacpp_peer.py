@@ -123,7 +123,7 @@ def test_streamed_random_checkpoint_loads_and_runs(tmp_path: Path) -> None:
         expected = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     tensors = mixtral_tensors(cfg)
     assert dict(tensors) == expected  # the names and shapes transformers' Mixtral saves
-    hf.save_pretrained(str(tmp_path))
+    hf.save_pretrained(str(tmp_path))  # as make_streamed_checkpoint writes it
     n = write_random_safetensors(tmp_path / "model.safetensors", tensors, seed=1, progress=False)
     assert n == sum(math.prod(s) for _, s in tensors) and not (tmp_path / "model.safetensors.part").exists()
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:

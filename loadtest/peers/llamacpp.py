@@ -90,9 +90,7 @@ def byte_level_gpt2(tokenizer_json: dict[str, Any]) -> bool:
 
 WRAPPER = r'''
 import os, runpy, sys
-src = sys.argv.pop(1)
-sys.path.insert(0, src)
-sys.path.insert(1, os.path.join(src, "gguf-py"))
+src = sys.argv.pop(1)  # the tree; it and its gguf-py are on PYTHONPATH (convert_command's env)
 import conversion.base as base
 original = base.TextModel.get_vocab_base_pre
 
@@ -125,7 +123,13 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 def convert_command(hf_dir: str | Path, out: str | Path, outtype: str = "f16", *, python: str = sys.executable,
                     home: Path = HOME) -> list[str]:
+    """The wrapped converter's command; run it with `convert_env` (the tree on PYTHONPATH)."""
     return [python, "-c", WRAPPER, str(src_dir(home)), str(hf_dir), "--outfile", str(out), "--outtype", outtype]
+
+
+def convert_env(home: Path = HOME) -> dict[str, str]:
+    src = src_dir(home)
+    return {"PYTHONPATH": os.pathsep.join([str(src), str(src / "gguf-py")])}
 
 
 def convert(hf_dir: str | Path, out: str | Path, outtype: str = "f16", *, python: str = sys.executable,
@@ -134,7 +138,7 @@ def convert(hf_dir: str | Path, out: str | Path, outtype: str = "f16", *, python
     out = Path(out)
     if out.exists():
         return out
-    env = dict(os.environ)
+    env = dict(os.environ) | convert_env(home)
     tj = Path(hf_dir) / "tokenizer.json"
     if tj.exists() and byte_level_gpt2(json.loads(tj.read_text())):
         env["MOE_SERVE_GGUF_PRE"] = "gpt-2"

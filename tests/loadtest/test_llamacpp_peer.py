@@ -36,6 +36,8 @@ def test_commands_carry_the_benchmark_settings(tmp_path: Path) -> None:
     assert L.quantize_command("a.gguf", "b.gguf", "Q4_0", 2, home=tmp_path)[1:] == ["a.gguf", "b.gguf", "Q4_0", "2"]
     c = L.convert_command("ckpt", "out.gguf", "f16", python="py", home=tmp_path)
     assert c[0] == "py" and c[3:] == [str(L.src_dir(tmp_path)), "ckpt", "--outfile", "out.gguf", "--outtype", "f16"]
+    assert L.convert_env(tmp_path)["PYTHONPATH"].split(":") == [str(L.src_dir(tmp_path)),
+                                                                str(L.src_dir(tmp_path) / "gguf-py")]
 
 
 def test_moe_serve_runs_the_matching_bits() -> None:

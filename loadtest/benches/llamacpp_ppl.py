@@ -102,15 +102,10 @@ def main(argv: list[str] | None = None) -> int:
         text_file = Path(tmp) / "held_out.txt"
         text_file.write_text(text)
         llama: dict[str, Any] = {}
-        n_ctx = n_chunk = 0
-        ids: list[int] = []
-        for i, fmt in enumerate(formats):
-            dump = Path(tmp) / "tokens.bin" if i == 0 else None
-            llama[fmt] = L.run_perplexity(ggufs[fmt], text_file, ctx=args.ctx, threads=args.threads,
-                                          logits_file=dump)
-            if dump is not None:
-                n_ctx, n_chunk, ids = L.read_logits_tokens(dump)
-                dump.unlink()
+        n_ctx, n_chunk, ids = L.perplexity_tokens(ggufs[formats[0]], text_file, Path(tmp) / "tokens.bin",
+                                                  ctx=args.ctx, threads=args.threads)
+        for fmt in formats:
+            llama[fmt] = L.run_perplexity(ggufs[fmt], text_file, ctx=args.ctx, threads=args.threads)
             print(f"llama.cpp {fmt}: PPL {llama[fmt]['perplexity']:.4f} +/- {llama[fmt]['stderr']:.4f} "
                   f"({llama[fmt].get('chunks')} chunks of {llama[fmt].get('ctx')})", flush=True)
     hf = hf_ids(tok, text, bool(info["add_bos"]))

@@ -312,10 +312,23 @@ def read_logits_tokens(path: str | Path) -> tuple[int, int, list[int]]:
 
 
 def run_perplexity(gguf: str | Path, text_file: str | Path, *, ctx: int = 256, threads: int = 2,
-                   logits_file: str | Path | None = None, home: Path = HOME,
-                   timeout: float = 3600) -> dict[str, Any]:
-    cmd = perplexity_command(gguf, text_file, ctx=ctx, threads=threads, logits_file=logits_file, home=home)
+                   home: Path = HOME, timeout: float = 3600) -> dict[str, Any]:
+    cmd = perplexity_command(gguf, text_file, ctx=ctx, threads=threads, home=home)
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if r.returncode != 0:
         raise RuntimeError(f"llama-perplexity failed ({r.returncode}):\n{(r.stdout + r.stderr)[-4000:]}")
     return parse_perplexity(r.stdout + r.stderr) | {"command": cmd}
+
+
+def perplexity_tokens(gguf: str | Path, text_file: str | Path, dump: str | Path, *, ctx: int = 256,
+                      threads: int = 2, home: Path = HOME, timeout: float = 3600) -> tuple[int, int, list[int]]:
+    """(n_ctx, n_chunk, ids): the token ids llama-perplexity scores, from its --kl-divergence-base
+    dump (a pass of its own: in that mode it prints no final estimate)."""
+    cmd = perplexity_command(gguf, text_file, ctx=ctx, threads=threads, logits_file=dump, home=home)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if r.returncode != 0:
+        raise RuntimeError(f"llama-perplexity failed ({r.returncode}):\n{(r.stdout + r.stderr)[-4000:]}")
+    try:
+        return read_logits_tokens(dump)
+    finally:
+        Path(dump).unlink(missing_ok=True)

@@ -311,13 +311,42 @@ def read_logits_tokens(path: str | Path) -> tuple[int, int, list[int]]:
     return n_ctx, n_chunk, ids
 
 
+EXIT_DELAY_C = "#include <unistd.h>\n__attribute__((destructor)) static void moe_serve_exit_delay(void) { usleep(300000); }\n"
+
+
+def exit_delay_library(home: Path = HOME) -> Path | None:
+    """A tiny LD_PRELOAD library that waits 0.3 s at exit. llama.cpp's tools log through a
+    worker thread that is never joined (common/log.cpp: the logger is a leaked static), so the
+    last lines (llama-perplexity's "Final estimate") are sometimes lost when the process exits
+    on a busy machine; the pause lets the thread drain its queue. None where cc fails."""
+    lib = home / "build" / "moe_serve_exit_delay.so"
+    if not lib.exists():
+        c = lib.with_suffix(".c")
+        try:
+            c.write_text(EXIT_DELAY_C)
+            subprocess.run(["cc", "-shared", "-fPIC", "-O2", "-o", str(lib), str(c)], check=True,
+                           capture_output=True, timeout=120)
+        except (OSError, subprocess.SubprocessError):
+            return None
+    return lib
+
+
 def run_perplexity(gguf: str | Path, text_file: str | Path, *, ctx: int = 256, threads: int = 2,
-                   home: Path = HOME, timeout: float = 3600) -> dict[str, Any]:
+                   home: Path = HOME, timeout: float = 3600, tries: int = 3) -> dict[str, Any]:
     cmd = perplexity_command(gguf, text_file, ctx=ctx, threads=threads, home=home)
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    if r.returncode != 0:
-        raise RuntimeError(f"llama-perplexity failed ({r.returncode}):\n{(r.stdout + r.stderr)[-4000:]}")
-    return parse_perplexity(r.stdout + r.stderr) | {"command": cmd}
+    lib = exit_delay_library(home)
+    env = dict(os.environ) | ({"LD_PRELOAD": str(lib)} if lib else {})
+    for attempt in range(tries):
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        if r.returncode != 0:
+            raise RuntimeError(f"llama-perplexity failed ({r.returncode}):\n{(r.stdout + r.stderr)[-4000:]}")
+        try:
+            return parse_perplexity(r.stdout + r.stderr) | {"command": cmd, "attempts": attempt + 1}
+        except ValueError:
+            if attempt == tries - 1:
+                raise
+            print("[llama.cpp] llama-perplexity's final line was lost at exit: running it again", flush=True)
+    raise AssertionError("unreachable")
 
 
 def perplexity_tokens(gguf: str | Path, text_file: str | Path, dump: str | Path, *, ctx: int = 256,

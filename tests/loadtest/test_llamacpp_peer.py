@@ -177,3 +177,38 @@ def test_real_llamacpp_on_the_bundled_model(tmp_path: Path) -> None:
         assert r.ok and r.output_tokens == 8 and r.tpot and r.tpot > 0, (r.error, srv.log_tail())
     finally:
         srv.stop()
+
+
+def test_summary_blocks_render_pairs_and_ratios() -> None:
+    from loadtest import docs, results
+
+    rng = random.Random(1)
+    argv = ["--formats", "Q4_0"]
+    res = results.new_result("llamacpp", argv, {"prefill_len": 512, "decode_len": 128, "concurrency": [1, 16],
+                                                "threads": 2, "parallel": 16, "ctx": 640, "runs": 3},
+                             heading="### llama.cpp side by side, speed and memory: t", section="llamacpp-t")
+    speed = {k: rng.uniform(1, 100) for k in ("pf_l", "dec_l", "c1_l", "c16_l", "pf_m", "dec_m", "c1_m", "c16_m")}
+
+    def server(pf: float, dec: float, c1: float, c16: float, rss_gib: float) -> dict:
+        return {"probes": {"prefill_tok_s": pf, "decode_tok_s": dec}, "rss_after_load_kib": {"VmRSS": int(rss_gib * 2**20)},
+                "serving": {"1": {"output_tok_s": c1}, "16": {"output_tok_s": c16}}, "argv": ["x"]}
+
+    res["measurements"] = {
+        "config": {"hidden_size": 8, "intermediate_size": 16, "num_local_experts": 4, "num_experts_per_tok": 2,
+                   "num_hidden_layers": 2, "vocab_size": 100},
+        "formats": {"Q4_0": {
+            "gguf_weight_bytes": 2**30, "llama_kv_bytes": 2**29, "moe_serve_kv_bytes": 2**30,
+            "llama_bench": {"pp512": {"tok_s": 50.0, "stddev": 1.0}, "tg128": {"tok_s": 10.0, "stddev": 0.5}},
+            "llama_server": server(speed["pf_l"], speed["dec_l"], speed["c1_l"], speed["c16_l"], 2.0),
+            "moe_serve": server(speed["pf_m"], speed["dec_m"], speed["c1_m"], speed["c16_m"], 3.0)
+            | {"dtype": "float32", "quantization": "int4", "kernel_plan": {"weight_bytes": 2**31}}}}}
+    res["summary"]["blocks"] = side.summary_blocks(res, "t")
+    assert results.validate(res) == []
+    rows = res["summary"]["blocks"][1]["rows"]
+    assert [r[0] for r in rows] == ["llama.cpp Q4_0", "moe-serve int4"]
+    assert rows[0][4] == pytest.approx(2.0 / 1.5) and rows[1][4] == pytest.approx(1.0)  # RSS / (weights + KV)
+    assert rows[0][9] == "pp512 50.0, tg128 10.0"
+    ratio = res["summary"]["blocks"][2]["rows"][0]
+    assert ratio[1] == pytest.approx(speed["pf_m"] / speed["pf_l"]) and ratio[4] == pytest.approx(speed["c16_m"] / speed["c16_l"])
+    assert f"decode vs tg128 {speed['dec_m'] / 10.0:.2f}x" in ratio[5]
+    assert "| moe-serve int4 |" in docs.render_block(res)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import shlex
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     result = results.new_result("llamacpp-ppl", argv, vars(args) | {"threads": args.threads},
                                 heading=HEADING, section="llamacpp-ppl", packages=("torch", "gguf"))
     result["versions"]["llama.cpp"] = L.version()
+    result["command"] = shlex.join(["python", "-m", "loadtest", "llamacpp", "--perplexity", *(argv or [])])
     meas: dict[str, Any] = {"gguf": {f: str(p) for f, p in ggufs.items()}, "text_chars": len(text),
                             "add_bos": info["add_bos"], "pre": info["pre"]}
     with tempfile.TemporaryDirectory(prefix="llamacpp-ppl-") as tmp:

@@ -73,8 +73,16 @@ def version(home: Path = HOME) -> str | None:
         r = subprocess.run([str(binary("llama-server", home)), "--version"], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         return None
-    m = re.search(r"version:\s*(\S+)\s*\((\w+)\)", r.stdout + r.stderr)
-    return f"b{m.group(1)} ({m.group(2)})" if m else None
+    return parse_version(r.stdout + r.stderr)
+
+
+def parse_version(text: str) -> str | None:
+    """`--version` output -> "0.5.0-dev, commit 0c1e570" (older builds: "b4567, commit abcdef0")."""
+    m = re.search(r"version:\s*(\S+)\s*\((?:build\s*\d+,\s*)?(?:commit\s*)?(\w+)\)", text)
+    if not m:
+        return None
+    ver = m.group(1) if not m.group(1).isdigit() else f"b{m.group(1)}"
+    return f"{ver}, commit {m.group(2)}"
 
 
 # ---------------------------------------------------------------- conversion

@@ -40,6 +40,13 @@ def test_commands_carry_the_benchmark_settings(tmp_path: Path) -> None:
                                                                 str(L.src_dir(tmp_path) / "gguf-py")]
 
 
+def test_parse_version() -> None:
+    text = "load_backend: x\nversion: 0.5.0-dev (build 1, commit 0c1e570)\nbuilt with GNU 12.2.0 for Linux x86_64\n"
+    assert L.parse_version(text) == "0.5.0-dev, commit 0c1e570"
+    assert L.parse_version("version: 4567 (abcdef0)") == "b4567, commit abcdef0"
+    assert L.parse_version("no version here") is None
+
+
 def test_moe_serve_runs_the_matching_bits() -> None:
     assert side.moe_serve_pair("F16", "bfloat16") == ("bfloat16", None)
     assert side.moe_serve_pair("F16", "float32") == ("float32", None)

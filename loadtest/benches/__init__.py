@@ -26,4 +26,5 @@ BENCHES = {
     "cpu-tier": "loadtest.benches.cpu_tier",
     "async-scheduling": "loadtest.benches.async_sched",
     "fp8-cpu": "loadtest.benches.fp8_cpu",
+    "llamacpp": "loadtest.benches.llamacpp_side",
 }

@@ -29,6 +29,15 @@ SEQ_LEN, SEED = 256, 0  # train_tiny.py's defaults, with which the bundled check
 
 def held_out_windows(path: Path = CHECKPOINT):
     """[n, SEQ_LEN + 1] token windows of the held-out split, as train_tiny.py builds them."""
+    from models.checkpoints import train_tiny as tt
+
+    tok, held_docs = held_out_docs(path)
+    stream = [i for ids in tt.to_ids(tok, held_docs) for i in ids]
+    return tt.chunks(stream, SEQ_LEN)
+
+
+def held_out_docs(path: Path = CHECKPOINT):
+    """(tokenizer, [(text, is_chat)]): the held-out documents in train_tiny.py's order."""
     from transformers import AutoTokenizer
 
     from models.checkpoints import train_tiny as tt
@@ -55,19 +64,20 @@ def held_out_windows(path: Path = CHECKPOINT):
     train_docs, held_docs = fmt(train), fmt(held)
     rng.shuffle(train_docs)  # the script shuffles the train docs first: the same generator state
     rng.shuffle(held_docs)
-    stream = [i for ids in tt.to_ids(tok, held_docs) for i in ids]
-    return tt.chunks(stream, SEQ_LEN)
+    return tok, held_docs
 
 
-def cross_entropy(model, windows) -> tuple[float, int]:
-    """(mean next-token cross-entropy in nats, tokens scored) over `windows`, one prefill each."""
+def cross_entropy(model, windows, score_from: int = 0) -> tuple[float, int]:
+    """(mean next-token cross-entropy in nats, tokens scored) over `windows`, one prefill each;
+    `score_from`: score the predictions from that position on (llama-perplexity scores the
+    second half of each window)."""
     import torch
     import torch.nn.functional as F
 
     from models.layers.paged import AttentionMetadata
 
     block = 16
-    n_blocks = (SEQ_LEN + block - 1) // block
+    n_blocks = (max(len(w) for w in windows) - 1 + block - 1) // block
     caches = model.allocate_kv_cache(n_blocks, block)
     tables = torch.arange(n_blocks).view(1, n_blocks)
     total, count = 0.0, 0
@@ -80,8 +90,8 @@ def cross_entropy(model, windows) -> tuple[float, int]:
                                      decode_seq_lens=torch.zeros(0, dtype=torch.long),
                                      state_slots=torch.zeros(1, dtype=torch.long))
             logits = model.compute_logits(model(ids, torch.arange(T), meta, caches))
-            total += F.cross_entropy(logits.float(), target, reduction="sum").item()
-            count += target.numel()
+            total += F.cross_entropy(logits[score_from:].float(), target[score_from:], reduction="sum").item()
+            count += target[score_from:].numel()
     return total / count, count
 
 

@@ -630,7 +630,7 @@ class GGUFCheckpoint:
         formats = {}
         for param, kinds in parts.items():
             g = param_group(param)
-            if g is None or not groups[g]:
+            if g is None or not groups.get(g):
                 continue
             fmts = {PACKED.get(k, "int8") for k in kinds}  # float and other types: requantized to int8
             formats[param] = max(fmts, key=_WIDTH.__getitem__)

@@ -1,7 +1,7 @@
 """llama.cpp side by side: llama-bench and llama-server vs moe-serve at matching bits (F16/bf16, Q8_0/int8, Q4_0/int4).
 
     python -m loadtest llamacpp [--model mixtral-140m|mixtral-2.4b|DIR] [--formats F16,Q8_0,Q4_0]
-        [--float-dtype bfloat16|float32] [--threads 2] [--runs 3] [--concurrency 1,16]
+        [--float-dtype auto|bfloat16|float32] [--threads 2] [--runs 3] [--concurrency 1,16]
     python -m loadtest llamacpp --perplexity [--ctx 256]     # quality: loadtest/benches/llamacpp_ppl.py
 
 MEASURE ON A QUIET MACHINE: llama.cpp's spinning threads lose badly when another process takes
@@ -15,7 +15,8 @@ beside the checkpoint). For each format, one format's servers at a time (memory)
 
 1. `llama-bench -t T -r R -p 512 -n 128 -o json`: pp512 and tg128 (tokens/s, mean of R runs).
 2. llama-server (`-np 16 -c 16*ctx -t T --cont-batching`), then moe-serve (`python -m
-   server.cli`, OMP_NUM_THREADS=T, the F16 pair at `--float-dtype`, Q8_0 vs `--quantization
+   server.cli`, OMP_NUM_THREADS=T, the F16 pair at `--float-dtype` (default auto: a bf16
+   checkpoint keeps bf16 weights with float32 math on the CPU), Q8_0 vs `--quantization
    int8`, Q4_0 vs `--quantization int4`; KV cache for the same 16 x ctx tokens). Each server,
    over HTTP (streamed /v1/completions, token-id prompts, greedy, ignore_eos; the same client
    for both): RSS after load (/proc/PID/status VmRSS, and VmHWM at the end) against the format's
@@ -205,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="mixtral-140m", help="mixtral-140m, mixtral-2.4b or a checkpoint directory")
     ap.add_argument("--formats", default="F16,Q8_0,Q4_0", help="llama.cpp types (F16, Q8_0, Q4_0), each against "
                     "moe-serve at the same bits")
-    ap.add_argument("--float-dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"],
+    ap.add_argument("--float-dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"],
                     help="moe-serve's --dtype against F16 (default: %(default)s)")
     ap.add_argument("--threads", type=int, default=2, help="threads of every engine (default: %(default)s)")
     ap.add_argument("--runs", type=int, default=3, help="llama-bench -r, and HTTP prefill/decode probes (median)")

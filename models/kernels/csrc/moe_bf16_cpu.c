@@ -151,24 +151,15 @@ static void *bmoe_thread(void *arg) {
 /* a phase's items (expert, 16-row chunk) split over threads, balanced by rows (+1 per item: the
  * chunk is read); experts with no pair cost nothing and are skipped */
 static void bmoe_phase(bmoe_job_t *base, int phase, int nthreads) {
-    const int64_t panels = phase == 0 ? base->I / BCH : base->H / BCH, items = base->E * panels;
-    const int64_t P = base->start[base->E];
-    int64_t active = 0;
-    for (int64_t e = 0; e < base->E; e++) active += base->start[e + 1] > base->start[e];
-    const int64_t total = P * panels + active * panels;
+    const int64_t panels = phase == 0 ? base->I / BCH : base->H / BCH;
     bmoe_job_t jobs[MAX_THREADS];
-    int64_t it = 0, acc = 0;
+    int64_t bounds[MAX_THREADS + 1];
+    split_expert_items(base->start, base->E, panels, nthreads, bounds);
     for (int t = 0; t < nthreads; t++) {
         jobs[t] = *base;
         jobs[t].phase = phase;
-        jobs[t].first = it;
-        const int64_t target = total * (t + 1) / nthreads;
-        while (it < items && (t == nthreads - 1 || acc < target)) {
-            const int64_t e = it / panels, n = base->start[e + 1] - base->start[e];
-            acc += n ? n + 1 : 0;
-            it++;
-        }
-        jobs[t].last = it;
+        jobs[t].first = bounds[t];
+        jobs[t].last = bounds[t + 1];
     }
     run_jobs(bmoe_thread, jobs, sizeof jobs[0], nthreads);
 }

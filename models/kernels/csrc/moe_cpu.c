@@ -127,25 +127,17 @@ static void *run_thread(void *arg) {
     return NULL;
 }
 
-/* Split a phase's items over threads, balanced by tokens (an item costs its expert's rows). */
+/* Split a phase's items over threads, balanced by rows (split_expert_items, panel_gemm.h). */
 static void run_phase(moe_job_t *base, int phase, int nthreads) {
-    const int64_t panels = phase == 0 ? base->I / NR : base->H / NR, items = base->E * panels;
-    const int64_t P = base->start[base->E];
+    const int64_t panels = phase == 0 ? base->I / NR : base->H / NR;
     moe_job_t jobs[MAX_THREADS];
-    /* cost of item it: rows of its expert + a constant (the panel is read even for one row) */
-    const int64_t total = P * panels + items;
-    int64_t it = 0, acc = 0;
+    int64_t bounds[MAX_THREADS + 1];
+    split_expert_items(base->start, base->E, panels, nthreads, bounds);
     for (int t = 0; t < nthreads; t++) {
         jobs[t] = *base;
         jobs[t].phase = phase;
-        jobs[t].first = it;
-        const int64_t target = total * (t + 1) / nthreads;
-        while (it < items && (t == nthreads - 1 || acc < target)) {
-            const int64_t e = it / panels;
-            acc += base->start[e + 1] - base->start[e] + 1;
-            it++;
-        }
-        jobs[t].last = it;
+        jobs[t].first = bounds[t];
+        jobs[t].last = bounds[t + 1];
     }
     run_jobs(run_thread, jobs, sizeof jobs[0], nthreads);
 }

@@ -88,25 +88,18 @@ static void *qmoe_thread(void *arg) {
     return NULL;
 }
 
-/* a phase's items (expert, 16-row chunk) split over threads, balanced by rows (+1 per item: the chunk is read) */
+/* a phase's items (expert, 16-row chunk) split over threads, balanced by rows (split_expert_items) */
 static void qmoe_phase(qmoe_job_t *base, int phase, int nthreads) {
-    const int64_t panels = phase == 0 ? base->I / QCH : base->H / QCH, items = base->E * panels;
-    const int64_t P = base->start[base->E];
-    const int64_t total = P * panels + items;
+    const int64_t panels = phase == 0 ? base->I / QCH : base->H / QCH;
     qmoe_job_t jobs[MAX_THREADS];
-    int64_t it = 0, acc = 0;
+    int64_t bounds[MAX_THREADS + 1];
+    split_expert_items(base->start, base->E, panels, nthreads, bounds);
     for (int t = 0; t < nthreads; t++) {
         jobs[t] = *base;
         jobs[t].buf = base->buf + (int64_t)t * 2 * qpanel_bytes(base->H > base->I ? base->H : base->I);
         jobs[t].phase = phase;
-        jobs[t].first = it;
-        const int64_t target = total * (t + 1) / nthreads;
-        while (it < items && (t == nthreads - 1 || acc < target)) {
-            const int64_t e = it / panels;
-            acc += base->start[e + 1] - base->start[e] + 1;
-            it++;
-        }
-        jobs[t].last = it;
+        jobs[t].first = bounds[t];
+        jobs[t].last = bounds[t + 1];
     }
     run_jobs(qmoe_thread, jobs, sizeof jobs[0], nthreads);
 }

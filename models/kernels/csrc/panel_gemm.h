@@ -156,4 +156,25 @@ static inline void run_jobs(job_fn_t fn, void *jobs, size_t size, int n) {
 #endif
 }
 
+/* Split an experts phase's items (expert e, panel j: item e * panels + j) over n threads (n <=
+ * MAX_THREADS), balanced by cost: an item costs its expert's rows + 1 (the panel is read), an
+ * item of an expert with no rows nothing (the kernels skip it). Thread t takes the items
+ * bounds[t] .. bounds[t + 1] - 1; start[e] .. start[e + 1] - 1 are expert e's rows. */
+static inline void split_expert_items(const int64_t *start, int64_t E, int64_t panels, int n, int64_t *bounds) {
+    int64_t active = 0;
+    for (int64_t e = 0; e < E; e++) active += start[e + 1] > start[e];
+    const int64_t items = E * panels, total = (start[E] + active) * panels;
+    int64_t it = 0, acc = 0;
+    bounds[0] = 0;
+    for (int t = 0; t < n; t++) {
+        const int64_t target = total * (t + 1) / n;
+        while (it < items && (t == n - 1 || acc < target)) {
+            const int64_t rows = start[it / panels + 1] - start[it / panels];
+            acc += rows ? rows + 1 : 0;
+            it++;
+        }
+        bounds[t + 1] = it;
+    }
+}
+
 #endif

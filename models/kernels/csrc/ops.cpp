@@ -406,13 +406,19 @@ at::Tensor quant_moe(const at::Tensor& x, const at::Tensor& topk_ids, const at::
     return out;
 }
 
-std::vector<int64_t> quant_isa(int64_t level) {
-    // level -1: query; 0: the best this CPU runs; 1 avx2, 2 avx512, 3 avx512vnni -> [current, best]
+// A kernel family's instruction-set level: level -1 queries, 0 sets the best this CPU runs, a
+// higher one sets that level (refused above the CPU's best) -> [current, best]
+std::vector<int64_t> isa_level(int64_t level, int (*set)(int), int (*get)(void), int (*best)(void), const char* op) {
     if (level >= 0) {
-        TORCH_CHECK(quant_isa_set(static_cast<int>(level)) > 0, "quant_isa: level ", level,
-                    " is not supported by this CPU (best: ", quant_isa_best(), ")");
+        TORCH_CHECK(set(static_cast<int>(level)) > 0, op, ": level ", level, " is not supported by this CPU (best: ",
+                    best(), ")");
     }
-    return {quant_isa_get(), quant_isa_best()};
+    return {get(), best()};
+}
+
+std::vector<int64_t> quant_isa(int64_t level) {
+    // 1 avx2, 2 avx512, 3 avx512vnni
+    return isa_level(level, quant_isa_set, quant_isa_get, quant_isa_best, "quant_isa");
 }
 
 // -- fp8 weights (csrc/fp8_cpu.c) -----------------------------------------------------------------
@@ -523,12 +529,8 @@ at::Tensor linear_bf16_op(const at::Tensor& x, const at::Tensor& weight, const s
 }
 
 std::vector<int64_t> bf16_isa(int64_t level) {
-    // level -1: query; 0: the best this CPU runs; 1 avx2, 2 (or 3) avx512, 4 avx512bf16 -> [current, best]
-    if (level >= 0) {
-        TORCH_CHECK(bf16_isa_set(static_cast<int>(level)) > 0, "bf16_isa: level ", level,
-                    " is not supported by this CPU (best: ", bf16_isa_best(), ")");
-    }
-    return {bf16_isa_get(), bf16_isa_best()};
+    // 1 avx2, 2 (or 3) avx512, 4 avx512bf16
+    return isa_level(level, bf16_isa_set, bf16_isa_get, bf16_isa_best, "bf16_isa");
 }
 
 std::vector<int64_t> build_info() {

@@ -7,7 +7,9 @@ The `cuda` variants (pytest -m cuda) run the compiled kernels on the GPU.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -27,3 +29,14 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     out, ref = out.double(), ref.double()
     err = ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
     return err if err == err else float("inf")
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """PyTorch's thread count (the C kernels' threads) at `n` inside the block, restored after."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)

@@ -13,7 +13,7 @@ from models.kernels import cpu_ops
 from models.kernels.paged_attention import paged_decode
 from models.layers.attention_variants import AttentionVariant, decode_variant, prefill_variant
 from models.layers.paged import gather_kv, kv_roundtrip, write_kv
-from tests.models.kernels.conftest import DEVICES, rel_err
+from tests.models.kernels.conftest import DEVICES, rel_err, torch_threads
 from tests.models.kernels.test_kv_fp8 import CASES, VARIANTS, VIDS, exact
 from tests.models.kernels.test_paged_attention import make_case
 
@@ -49,12 +49,8 @@ def test_cpu_kernel_bf16_matches_float64(case, variant):
     scale = 1 / math.sqrt(case[3])
     ref = exact(q, kd, vd, tables, lens, scale, window, chunk, sinks)
     for threads in (1, 2):
-        prev = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
+        with torch_threads(threads):
             out = paged_decode(q, k16, v16, tables, lens, scale, "cpu", window, chunk, sinks)
-        finally:
-            torch.set_num_threads(prev)
         assert out.dtype == torch.float32
         assert rel_err(out, ref) < 1e-5, threads
     # the same values in a float32 cache: the same kernel routine, the same result up to rounding

@@ -16,7 +16,7 @@ from models.kernels.paged_attention import paged_decode
 from models.kernels.triton_attention import _e4m3fn_to_f32
 from models.layers.attention_variants import AttentionVariant, decode_variant, prefill_variant
 from models.layers.paged import FP8_KV_DTYPE, dequantize_fp8, gather_kv, quantize_fp8, write_kv
-from tests.models.kernels.conftest import DEVICES, rel_err
+from tests.models.kernels.conftest import DEVICES, rel_err, torch_threads
 from tests.models.kernels.test_paged_attention import make_case
 
 K_SCALE, V_SCALE = 0.05, 0.5  # not 1.0: a kernel that ignored or swapped a scale would fail
@@ -76,12 +76,8 @@ def test_cpu_kernel_fp8_matches_float64(case, variant):
     scale = 1 / math.sqrt(case[3])
     ref = exact(q, kd, vd, tables, lens, scale, window, chunk, sinks)
     for threads in (1, 2):
-        prev = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
+        with torch_threads(threads):
             out = paged_decode(q, k8, v8, tables, lens, scale, "cpu", window, chunk, sinks, K_SCALE, V_SCALE)
-        finally:
-            torch.set_num_threads(prev)
         assert out.dtype == torch.float32
         assert rel_err(out, ref) < 1e-5, threads
 

@@ -12,7 +12,7 @@ import torch
 from models.kernels import cpu_ops
 from models.kernels.mla_decode import absorbed_weights, mla_decode
 from models.kernels.plan import AttentionKernel
-from tests.models.kernels.conftest import DEVICES, rel_err
+from tests.models.kernels.conftest import DEVICES, rel_err, torch_threads
 
 
 def make_case(B, H, r, dr, dn, dv, block_size, max_len, pe_extra=0, device="cpu", dtype=torch.float32, seed=0,
@@ -88,13 +88,9 @@ def absorbed_equals_unabsorbed(case, kernel, device, threads=None):
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_cpu_kernel_matches_unabsorbed_float64(case):
     assert cpu_ops.load() is not None, "the C kernel must build here (a C compiler is a test requirement)"
-    prev = torch.get_num_threads()
     for threads in (1, 2):
-        torch.set_num_threads(threads)
-        try:
+        with torch_threads(threads):
             absorbed_equals_unabsorbed(case, AttentionKernel.CPU, "cpu")
-        finally:
-            torch.set_num_threads(prev)
 
 
 @pytest.mark.parametrize("device", DEVICES)

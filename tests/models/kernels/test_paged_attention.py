@@ -10,7 +10,7 @@ import torch
 
 from models.kernels import cpu_ops
 from models.kernels.reference import paged_decode_reference
-from tests.models.kernels.conftest import DEVICES, rel_err
+from tests.models.kernels.conftest import DEVICES, rel_err, torch_threads
 
 
 def make_case(B, heads, kvh, d, block_size, max_len, dtype=torch.float32, device="cpu", seed=0, zero_rows=()):
@@ -65,12 +65,8 @@ def test_cpu_kernel_matches_reference(case):
     q, k, v, tables, lens = make_case(*case)
     scale = 1 / math.sqrt(case[3])
     for threads in (1, 2):
-        prev = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
+        with torch_threads(threads):
             out = cpu_ops.ops().paged_decode_cpu(q, k, v, tables, lens, scale)
-        finally:
-            torch.set_num_threads(prev)
         assert rel_err(out, paged_decode_reference(q, k, v, tables, lens, scale)) < 1e-6
 
 

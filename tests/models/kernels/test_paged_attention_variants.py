@@ -13,7 +13,7 @@ import torch
 from models.kernels import cpu_ops
 from models.kernels.paged_attention import paged_decode
 from models.layers.attention_variants import AttentionVariant, decode_variant
-from tests.models.kernels.conftest import DEVICES, rel_err
+from tests.models.kernels.conftest import DEVICES, rel_err, torch_threads
 from tests.models.kernels.test_paged_attention import make_case
 
 
@@ -95,12 +95,8 @@ def test_cpu_kernel_variants_match_float64(case, variant):
     scale = 1 / math.sqrt(case[3])
     exact = naive(q, k, v, tables, lens, scale, window, chunk, sinks)
     for threads in (1, 2):
-        prev = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
+        with torch_threads(threads):
             out = paged_decode(q, k, v, tables, lens, scale, "cpu", window, chunk, sinks)
-        finally:
-            torch.set_num_threads(prev)
         assert rel_err(out, exact) < 1e-5, threads
         if case[0] > 2:
             assert out[2].abs().max() == 0  # a zero-length (padding) row writes zeros

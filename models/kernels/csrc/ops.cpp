@@ -20,11 +20,17 @@
 
 namespace {
 
-// below this many token-expert pairs one thread reads the experts' weights as fast as several
-// (docs/benchmarks.md, "CPU kernels"), and waking threads would only add their cost
-constexpr int64_t kMinPairsPerThreading = 32;
 // below this many multiply-adds one thread is faster than starting others
 constexpr int64_t kMinMacsPerThreading = int64_t{1} << 24;
+
+// Threads for an experts call: all of them once its token-expert pairs' multiply-adds
+// (pairs x 3 x H x I) reach `min_macs`, else one. Counted in work, not pairs: a decode step's
+// two pairs of a 140M model's small experts are done before a second thread wakes, while the
+// same two pairs of a 2.4B model's experts read 40 MB of weights, which two threads read twice
+// as fast as one.
+static int moe_threads(int64_t pairs, int64_t H, int64_t I, int64_t min_macs) {
+    return pairs * 3 * H * I >= min_macs ? at::get_num_threads() : 1;
+}
 
 void check_f32_cpu(const at::Tensor& t, const char* name) {
     TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
@@ -152,7 +158,7 @@ at::Tensor moe_experts_impl(const at::Tensor& x, const at::Tensor& topk_ids, con
         b2 = w2_bias->to(at::kFloat).contiguous();
         TORCH_CHECK(b2.numel() == E * H, "moe_experts: w2_bias must be [E, H]");
     }
-    const int threads = T * k >= kMinPairsPerThreading ? at::get_num_threads() : 1;
+    const int threads = moe_threads(T * k, H, I, kMinMacsPerThreading);
     check_rc(moe_fused_variant_f32(xc.data_ptr<float>(), ids.data_ptr<int64_t>(), w.data_ptr<float>(),
                                    w13_packed.data_ptr<float>(), w2_packed.data_ptr<float>(),
                                    b13.defined() ? b13.data_ptr<float>() : nullptr,
@@ -230,7 +236,7 @@ at::Tensor moe_experts_bf16(const at::Tensor& x, const at::Tensor& topk_ids, con
     const at::Tensor xc = x.contiguous();
     const at::Tensor ids = topk_ids.to(at::kLong).contiguous();
     const at::Tensor w = topk_weights.to(at::kFloat).contiguous();
-    const int threads = T * k >= kMinPairsPerThreading ? at::get_num_threads() : 1;
+    const int threads = moe_threads(T * k, H, I, kMinMacsPerThreading);
     check_rc(moe_fused_bf16(xc.data_ptr<float>(), ids.data_ptr<int64_t>(), w.data_ptr<float>(),
                             reinterpret_cast<const uint16_t*>(w13.data_ptr<at::BFloat16>()),
                             reinterpret_cast<const uint16_t*>(w2.data_ptr<at::BFloat16>()), out.data_ptr<float>(),
@@ -397,7 +403,7 @@ at::Tensor quant_moe(const at::Tensor& x, const at::Tensor& topk_ids, const at::
     const at::Tensor xc = x.contiguous();
     const at::Tensor ids = topk_ids.to(at::kLong).contiguous();
     const at::Tensor w = topk_weights.to(at::kFloat).contiguous();
-    const int threads = T * k >= kMinPairsPerThreading / 2 ? at::get_num_threads() : 1;
+    const int threads = moe_threads(T * k, H, I, kMinMacsPerThreading / 4);
     check_rc(qmoe_f32(xc.data_ptr<float>(), ids.data_ptr<int64_t>(), w.data_ptr<float>(), static_cast<int>(fmt),
                       q13.data_ptr<uint8_t>(), half_ptr(s13), fmt == 3 ? half_ptr(*m13) : nullptr,
                       q2.data_ptr<uint8_t>(), half_ptr(s2), fmt == 3 ? half_ptr(*m2) : nullptr, out.data_ptr<float>(),
@@ -490,7 +496,7 @@ at::Tensor fp8_moe(const at::Tensor& x, const at::Tensor& topk_ids, const at::Te
     const at::Tensor xc = x.contiguous();
     const at::Tensor ids = topk_ids.to(at::kLong).contiguous();
     const at::Tensor w = topk_weights.to(at::kFloat).contiguous();
-    const int threads = T * k >= kMinPairsPerThreading / 2 ? at::get_num_threads() : 1;
+    const int threads = moe_threads(T * k, H, I, kMinMacsPerThreading / 4);
     check_rc(fp8_moe_f32(xc.data_ptr<float>(), ids.data_ptr<int64_t>(), w.data_ptr<float>(), fp8_ptr(w13),
                          s13.data_ptr<float>(), bn13, bk13, fp8_ptr(w2), s2.data_ptr<float>(), bn2, bk2,
                          c13.defined() ? c13.data_ptr<float>() : nullptr, c2.defined() ? c2.data_ptr<float>() : nullptr,

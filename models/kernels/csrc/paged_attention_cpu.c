@@ -1,8 +1,10 @@
 /* Paged decode attention on the CPU, reading the KV blocks in place (no gather).
  *
  * Built on first use by models/kernels/cpu_build.py (cc -O3 -march=native) and called as the
- * operator torch.ops.moe_serve.paged_decode_cpu (csrc/ops.cpp; the GIL is released for the call). Threads: plain pthreads (an OpenMP
- * runtime of our own would spin beside PyTorch's and steal its cores).
+ * operator torch.ops.moe_serve.paged_decode_cpu (csrc/ops.cpp; the GIL is released for the call).
+ * Threads: `run_jobs` (panel_gemm.h): PyTorch's OpenMP pool where the build binds to it, else
+ * pthreads. (A pthread started per call used to wait for a core behind the OpenMP pool's threads,
+ * still spinning after the previous op: ~1 ms per call on 2 cores instead of ~0.1.)
  *
  * Layouts (float32, C-contiguous):
  *   q       [B, H, D]          one query token per sequence
@@ -23,12 +25,12 @@
  * or, when there are fewer sequences than threads, one (sequence, KV head) pair.
  */
 #include <math.h>
-#include <pthread.h>
 #include <stdint.h>
-
-#include "kernels.h"
 #include <stdlib.h>
 #include <string.h>
+
+#include "kernels.h"
+#include "panel_gemm.h"
 
 /* what the cache stores: float32 read in place; bfloat16 and float8_e4m3fn converted to float32
  * one token row at a time, with integer ops that vectorise (bf16: the 16 bits shifted into a
@@ -49,6 +51,7 @@ typedef struct {
     int64_t first, last; /* work items [first, last) */
     int kind;            /* KV_F32, KV_BF16, KV_FP8 */
     float v_scale;       /* scales the output (fp8's v_scale; 1 otherwise), folded into the probabilities */
+    int failed;          /* set by the job: its scratch could not be allocated */
 } job_t;
 
 /* The first key position the query of a sequence with L keys sees. */
@@ -162,7 +165,7 @@ static void run_item_fp8(const job_t *j, int64_t b, int64_t h0, int64_t nh, floa
 }
 
 static void *run_range(void *arg) {
-    const job_t *j = (const job_t *)arg;
+    job_t *j = (job_t *)arg;
     const int64_t per_seq = j->KVH / j->hpi;
     int64_t maxlen = 1;
     for (int64_t it = j->first; it < j->last; it++) {
@@ -173,7 +176,10 @@ static void *run_range(void *arg) {
     const size_t nscores = (size_t)(j->hpi * (j->H / j->KVH) * maxlen);
     const size_t nrow = j->kind != KV_F32 ? (size_t)(j->hpi * j->D) : 0;
     float *scores = (float *)malloc((nscores + nrow) * sizeof(float));
-    if (scores == NULL) return (void *)1;
+    if (scores == NULL) {
+        j->failed = 1;
+        return NULL;
+    }
     void (*item)(const job_t *, int64_t, int64_t, int64_t, float *, float *) =
         j->kind == KV_BF16 ? run_item_bf16 : j->kind == KV_FP8 ? run_item_fp8 : run_item_f32;
     for (int64_t it = j->first; it < j->last; it++)
@@ -227,14 +233,12 @@ static int paged_decode_run(const float *q, const void *k, const void *v, int ki
                             const int64_t *tables, const int64_t *lens, const float *sinks, float *out, int64_t B,
                             int64_t H, int64_t KVH, int64_t D, int64_t BS, int64_t W, int64_t window, int64_t chunk,
                             float scale, int nthreads) {
-    enum { MAX_THREADS = 64 };
     if (nthreads < 1) nthreads = 1;
     if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
     /* whole sequences per item when there are enough of them, else one item per KV head */
     const int64_t hpi = B >= 2 * nthreads ? KVH : 1, items = B * (KVH / hpi);
     if (nthreads > items) nthreads = (int)(items > 0 ? items : 1);
     job_t jobs[MAX_THREADS];
-    pthread_t tids[MAX_THREADS];
     int64_t total = 0;
     for (int64_t b = 0; b < B; b++) total += visible_keys(lens[b], window, chunk);
     total *= KVH / hpi;
@@ -243,7 +247,7 @@ static int paged_decode_run(const float *q, const void *k, const void *v, int ki
     for (int t = 0; t < nthreads; t++) {
         job_t *j = &jobs[t];
         *j = (job_t){q, k, v, tables, lens, sinks, out, B, H, KVH, D, BS, W, window, chunk, scale, hpi, it, it,
-                     kind, v_scale};
+                     kind, v_scale, 0};
         const int64_t target = total * (t + 1) / nthreads;
         while (it < items && (t == nthreads - 1 || acc < target)) {
             acc += visible_keys(lens[it / (KVH / hpi)], window, chunk);
@@ -251,16 +255,8 @@ static int paged_decode_run(const float *q, const void *k, const void *v, int ki
         }
         j->last = it;
     }
-    int rc = 0;
-    int started[MAX_THREADS] = {0};
-    for (int t = 1; t < nthreads; t++)
-        started[t] = pthread_create(&tids[t], NULL, run_range, &jobs[t]) == 0;
-    for (int t = 1; t < nthreads; t++)
-        if (!started[t]) rc |= run_range(&jobs[t]) != NULL;
-    rc |= run_range(&jobs[0]) != NULL;
-    for (int t = 1; t < nthreads; t++) {
-        void *res = NULL;
-        if (started[t]) { pthread_join(tids[t], &res); rc |= res != NULL; }
-    }
-    return rc;
+    run_jobs(run_range, jobs, sizeof jobs[0], nthreads);
+    for (int t = 0; t < nthreads; t++)
+        if (jobs[t].failed) return 1;
+    return 0;
 }

@@ -122,6 +122,42 @@ def test_quant_experts_match_dequantized_math(isa, fmt):
         Q.quant_moe(x, torch.full((T, k), E), tw, w13, w2)
 
 
+@pytest.mark.parametrize("fmt", [*FORMATS, Q.BF16, "float32"])
+def test_decode_sized_calls_of_large_experts_thread_with_the_same_bits(fmt):
+    """Two tokens on experts of 1024 x 2048 (4 pairs, 25M multiply-adds): above the threading
+    threshold in work (csrc/ops.cpp moe_threads), so the call runs on both threads, and each
+    output element is still computed whole by one thread: the same bits as on one thread."""
+    from tests.models.kernels.conftest import torch_threads
+
+    needs_kernels()
+    g = torch.Generator().manual_seed(11)
+    E, H, I, T, k = 2, 1024, 2048, 2, 2
+    w13f, w2f = torch.randn(E, 2 * I, H, generator=g) * 0.03, torch.randn(E, H, I, generator=g) * 0.03
+    x, tw = torch.randn(T, H, generator=g), torch.rand(T, k, generator=g)
+    ids = torch.tensor([[0, 1], [1, 0]])
+    if fmt == "float32":
+        p13, p2 = torch.ops.moe_serve.moe_pack_cpu(w13f, w2f)
+        def run():
+            return torch.ops.moe_serve.moe_experts_cpu(x, ids, tw, p13, p2)
+    else:
+        w13, w2 = Q.QuantWeight.of(w13f, fmt), Q.QuantWeight.of(w2f, fmt)
+        def run():
+            return Q.quant_moe(x, ids, tw, w13, w2)
+    with torch_threads(1):
+        one = run()
+    with torch_threads(2):
+        two = run()
+    assert torch.equal(one, two)
+    if fmt in ("float32", Q.BF16):  # float32 math on the float32 / bf16-rounded weights
+        a, b = (w.bfloat16().double() if fmt == Q.BF16 else w.double() for w in (w13f, w2f))
+        ref = (tw.double()[..., None] * torch.stack([torch.stack([
+            b[e] @ (F.silu(a[e, :I] @ x[t].double()) * (a[e, I:] @ x[t].double())) for e in ids[t].tolist()])
+            for t in range(T)])).sum(1)
+    else:
+        ref = reference_experts(x, ids, tw, w13, w2)
+    assert rel_err(two, ref) < 1e-5
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_formats_bytes_and_rounding(fmt):
     w = torch.randn(3, 32, 64)

@@ -48,8 +48,10 @@ def test_chat_streams_routes_and_updates_the_load_panel(browser, ui_server, ui_h
     lengths = send_and_watch(browser, QUESTION)
     status = wait_idle(browser)
     assert status.startswith(f"Done: {ref_tokens} tokens"), status
+    # the page renders at most once per 80 ms (chat.js RENDER_MS) and the bundled model answers 40
+    # tokens in a few of those: streamed = a partial text was shown before the whole
     growth = sorted(set(lengths) - {0})
-    assert len(growth) >= 3, f"the text did not visibly stream: lengths seen {lengths}"
+    assert len(growth) >= 2, f"the text did not visibly stream: lengths seen {lengths}"
     assert last_response(browser) == ref["choices"][0]["message"]["content"]
 
     table = routing_table(browser)

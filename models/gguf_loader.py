@@ -694,17 +694,13 @@ class GGUFCheckpoint:
                     q, d, m = self._blocks(gname)
                     if heads:
                         q, d, m = (None if x is None else _unpermute_rows(x, heads) for x in (q, d, m))
-                    qw.q[index].copy_(q)
-                    qw.scales[index].copy_(d)
-                    if m is not None:
-                        qw.mins[index].copy_(m)
+                    qw.write_quantized(index, q, d, m)
                     continue
                 if qw is not None and qw.fmt == "int8" and kind == "MXFP4" and (exact := self._mxfp4_int8(gname)):
                     q, d = exact  # MXFP4 fits int8 groups of 32 exactly: no re-rounding
                     if heads:
                         q, d = _unpermute_rows(q, heads), _unpermute_rows(d, heads)
-                    qw.q[index].copy_(q)
-                    qw.scales[index].copy_(d)
+                    qw.write_quantized(index, q, d, None)
                     continue
                 if gname not in derived:
                     w = self._float(gname, qw.fmt if qw is not None else None)

@@ -6,7 +6,8 @@
 Linear shapes: the 140M benchmark checkpoint's q/k/v (1024 x 512) and an expert's gate/up
 (2048 x 512: w13 of one expert), and the 2.4B Mixtral-shaped model's expert gate/up (11264 x 2048,
 one expert's w13) and down (2048 x 5632). Experts: the 140M checkpoint's MoE layer (8 experts
-top-2, hidden 512, intermediate 1024) with M tokens routed at random. Each (shape, M) times, in
+top-2, hidden 512, intermediate 1024; `experts`) and the 2.4B model's (hidden 2048, intermediate 5632;
+`experts-2.4b`) with M tokens routed at random. Each (shape, M) times, in
 one interleaved run (loadtest/harness.py): float32 through torch's F.linear (oneDNN / MKL), the C
 panel kernels (linear_cpu / moe_experts_cpu over packed float32 weights), and the quantized
 kernels per format; `--baseline REF` also builds the kernels of git REF (e.g. main) into a
@@ -29,12 +30,14 @@ HEADING = "### Quantized CPU GEMM kernels by batch rows (int8 / int4 vs float32)
 REPO = Path(__file__).resolve().parents[2]
 LINEAR = {"140M q/k/v": (1024, 512), "140M LM head": (32000, 512), "140M expert w13": (2048, 512), "2.4B expert w13": (11264, 2048),
           "2.4B expert w2": (2048, 5632)}
-E, H, I, TOPK = 8, 512, 1024, 2
+EXPERTS = {"experts": (8, 512, 1024, "experts 140M"), "experts-2.4b": (8, 2048, 5632, "experts 2.4B")}  # E, H, I
+TOPK = 2
 BASE_NS = "moe_serve_qbase"
 
 
-def build_baseline(ref: str) -> None:
-    """Build git `ref`'s CPU kernels into the namespace BASE_NS and load them."""
+def build_baseline(ref: str) -> bool:
+    """Build git `ref`'s CPU kernels into the namespace BASE_NS and load them; whether they read
+    the weights in the kernel order (csrc/quant_gemm.h QGROUP; older kernels read them row-major)."""
     import torch
 
     from models.kernels import cpu_build
@@ -50,6 +53,12 @@ def build_baseline(ref: str) -> None:
     finally:
         cpu_build.CSRC = saved
     torch.ops.load_library(str(path))
+    return "QGROUP" in (tmp / csrc / "quant_gemm.h").read_text()
+
+
+def base_args(qw, kernel_order: bool) -> tuple:
+    """(q, scales, minimums) of `qw` as the baseline's kernels read them."""
+    return (qw.q, qw.scales, qw.mins) if kernel_order else qw.rows()
 
 
 def rounds_for(work: float, rounds: int) -> int:
@@ -62,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", default="1,4,16,64,512")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--formats", default="int8,int4")
-    ap.add_argument("--shapes", default="all", help="comma-separated linear shape names, 'experts', or all")
+    ap.add_argument("--shapes", default="all", help="comma-separated linear shape names, 'experts' (140M), 'experts-2.4b', or all")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: as is)")
     ap.add_argument("--baseline", default=None, help="git ref whose quantized kernels run beside (before/after)")
     output.add_args(ap)
@@ -79,13 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     if cpu_ops.load() is None:
         raise SystemExit("the C kernels are not available here")
     ops = torch.ops.moe_serve
-    base = None
+    base, base_order = None, True
     if args.baseline:
-        build_baseline(args.baseline)
+        base_order = build_baseline(args.baseline)
         base = getattr(torch.ops, BASE_NS)
     rows = [int(r) for r in args.rows.split(",") if r]
     formats = [f for f in args.formats.split(",") if f]
-    shapes = list(LINEAR) + ["experts"] if args.shapes == "all" else args.shapes.split(",")
+    shapes = list(LINEAR) + list(EXPERTS) if args.shapes == "all" else args.shapes.split(",")
     result = results.new_result("quant-gemm", argv, vars(args) | {"threads": torch.get_num_threads(),
                                                                   "isa": Q.isa()[0]},
                                 heading=HEADING, packages=("torch",))
@@ -93,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     table = []
     names = ["F.linear", "C float32"] + [f"{f}{s}" for f in formats for s in ((" before", " after") if base else ("",))]
     for shape in shapes:
-        if shape == "experts":
+        if shape in EXPERTS:
+            E, H, I, label = EXPERTS[shape]
             w13, w2 = torch.randn(E, 2 * I, H, generator=g) * 0.05, torch.randn(E, H, I, generator=g) * 0.05
             p13, p2 = ops.moe_pack_cpu(w13, w2)
             qws = {f: (Q.QuantWeight.of(w13, f), Q.QuantWeight.of(w2, f)) for f in formats}
@@ -105,9 +115,10 @@ def main(argv: list[str] | None = None) -> int:
                     args13 = (x, ids, wt, a.code, a.q, a.scales, a.mins, b.q, b.scales, b.mins)
                     v[f + (" after" if base else "")] = lambda args13=args13: ops.quant_moe_cpu(*args13)
                     if base:
-                        v[f + " before"] = lambda args13=args13: base.quant_moe_cpu(*args13)
+                        b13 = (x, ids, wt, a.code, *base_args(a, base_order), *base_args(b, base_order))
+                        v[f + " before"] = lambda b13=b13: base.quant_moe_cpu(*b13)
                 t = interleave(v, rounds=rounds_for(M * TOPK * 3 * H * I * 2, args.rounds), warmup=1)
-                table.append(("experts 140M", M, {k: s.summary()["wall_best_s"] for k, s in t.items()}))
+                table.append((label, M, {k: s.summary()["wall_best_s"] for k, s in t.items()}))
                 print(table[-1], flush=True)
             continue
         N, K = LINEAR[shape]
@@ -121,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
                 a = (x, qw.q, qw.scales, qw.mins, qw.code, None)
                 v[f + (" after" if base else "")] = lambda a=a: ops.quant_linear_cpu(*a)
                 if base:
-                    v[f + " before"] = lambda a=a: base.quant_linear_cpu(*a)
+                    b = (x, *base_args(qw, base_order), qw.code, None)
+                    v[f + " before"] = lambda b=b: base.quant_linear_cpu(*b)
             t = interleave(v, rounds=rounds_for(M * N * K * 2, args.rounds), warmup=1)
             table.append((shape, M, {k: s.summary()["wall_best_s"] for k, s in t.items()}))
             print(table[-1], flush=True)

@@ -460,6 +460,7 @@ def _layout(flags: KernelFlags, caps: Capabilities, out_features: int) -> Linear
 
 
 QUANT_GROUP = 32  # the quantized formats' group size: input sizes must be multiples of it
+QUANT_ROWS = 8  # and their kernel order's row group (csrc/quant_gemm.h): output sizes must be multiples of it
 
 
 def mla_projections(cfg: MoEModelConfig) -> list[tuple[int, int]]:
@@ -474,14 +475,16 @@ def mla_projections(cfg: MoEModelConfig) -> list[tuple[int, int]]:
 
 
 def quantizable(cfg: MoEModelConfig) -> dict[str, bool]:
-    """Which weights `--quantization` quantizes (their input sizes are multiples of the group)."""
-    g = QUANT_GROUP
+    """Which weights `--quantization` quantizes (their input sizes are multiples of the group, their
+    output sizes of the kernel order's row group)."""
+    g, r = QUANT_GROUP, QUANT_ROWS
     variant = cfg.expert_bias or cfg.swiglu_limit is not None or cfg.expert_input_scaling
     shared = cfg.shared_expert_intermediate_size or 0
-    return {"attention": cfg.mla is None and cfg.hidden_size % g == 0 and cfg.q_size % g == 0,
+    qkv_rows = cfg.q_size * (2 if cfg.attn_output_gate else 1) + 2 * cfg.kv_size
+    return {"attention": cfg.mla is None and cfg.hidden_size % g == 0 and cfg.q_size % g == 0 and qkv_rows % r == 0,
             "experts": not variant and cfg.hidden_size % g == 0 and cfg.moe_intermediate_size % g == 0,
             "shared": bool(shared) and cfg.hidden_size % g == 0 and shared % g == 0,
-            "lm_head": not cfg.tie_word_embeddings and cfg.hidden_size % g == 0}
+            "lm_head": not cfg.tie_word_embeddings and cfg.hidden_size % g == 0 and cfg.vocab_size % r == 0}
 
 
 def bf16_groups(cfg: MoEModelConfig) -> dict[str, bool]:

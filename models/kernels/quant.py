@@ -5,9 +5,12 @@ Formats (round to nearest, llama.cpp-like; `FORMATS`), a weight [..., N, K] with
 - `int8_channel`: int8 with one float16 scale per output row;
 - `int4`: symmetric int4 per group of 32, float16 scale, w = d * (q - 8) (Q4_0: 18 bytes per 32);
 - `int4_zp`: int4 per group of 32 with a zero point, w = d * q + m, float16 d and m (Q4_1: 20 bytes).
-`QuantWeight` holds one weight (or a stack of experts' weights) in its format: the kernel's layout,
-row-major, so a checkpoint tensor filling some rows is quantized and written on its own as the
-loader streams it (`write`): the float weight never exists whole. The kernels quantize the
+`QuantWeight` holds one weight (or a stack of experts' weights) in its format, in the kernels'
+order (`to_kernel_order`, csrc/quant_gemm.h: groups of 8 rows, each block's 8 rows x 4 weights
+side by side, the scales of a block's 8 rows together; the row-major shapes, output sizes a
+multiple of 8): a checkpoint tensor filling some rows (whole groups) is quantized, reordered and
+written on its own as the loader streams it (`write`): the float weight never exists whole, and
+the kernels read the stored bytes as they are, at every batch size. The kernels quantize the
 activations per row on the fly, in blocks of 32 (int8), and accumulate in float32.
 
 Besides, `bf16` (`BF16`, not a --quantization choice: `--dtype auto` keeps a bf16 checkpoint's
@@ -33,6 +36,7 @@ GROUP = 32
 ISA_LEVELS: dict[str, int] = {"avx2": 1, "avx512": 2, "avx512vnni": 3, "avx512bf16": 4}
 BF16 = "bf16"  # bf16 weights, float32 math (csrc/linear_bf16_cpu.c, moe_bf16_cpu.c)
 BF16_PANEL = 16  # the bf16 linear kernel's panel width: output sizes must be multiples of it
+QGROUP = 8  # int8/int4 weight rows stored together in the kernel order (csrc/quant_gemm.h QGROUP)
 ISA_ENV = "MOE_SERVE_CPU_ISA"
 
 
@@ -110,6 +114,56 @@ def dequantize(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None, fmt: st
     return w.reshape(*lead, K)
 
 
+def to_kernel_order(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None,
+                    fmt: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """`quantize`'s row-major (q, scales, minimums) [..., N, *] -> the kernels' order, same shapes
+    (N a multiple of QGROUP; csrc/quant_gemm.h). Per group of 8 rows and block b: int8, for each
+    group g of 4 along k, the 8 rows' 4 values side by side (byte 32 g + 4 c + j = W[c, 32 b + 4 g
+    + j]); int4, the same with groups g and g + 4 in the low and high nibbles of 4 such runs; the
+    scales (and minimums) of the block's 8 rows side by side."""
+    *lead, N, KB = q.shape
+    if N % QGROUP:
+        raise QuantError(f"quantized formats need an output size that is a multiple of {QGROUP}, got {N}")
+    G = N // QGROUP
+    if fmt in ("int8", "int8_channel"):
+        nb = KB // GROUP
+        out = q.reshape(*lead, G, QGROUP, nb, 8, 4).transpose(-4, -3).transpose(-3, -2)
+    else:
+        nb = 2 * KB // GROUP
+        b = q.reshape(*lead, N, nb, 16)
+        v = torch.cat([b & 0x0F, b >> 4], dim=-1)  # [..., N, nb, 32]: the values in k order
+        v = v.reshape(*lead, G, QGROUP, nb, 8, 4).transpose(-4, -3).transpose(-3, -2)  # [.., G, nb, g, c, j]
+        out = v[..., :4, :, :] | (v[..., 4:, :, :] << 4)
+    return out.reshape(q.shape).contiguous(), _scales_to_kernel(d), None if m is None else _scales_to_kernel(m)
+
+
+def from_kernel_order(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None,
+                      fmt: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """`to_kernel_order`'s inverse: the row-major (q, scales, minimums) of `quantize`."""
+    *lead, N, KB = q.shape
+    G = N // QGROUP
+    if fmt in ("int8", "int8_channel"):
+        nb = KB // GROUP
+        out = q.reshape(*lead, G, nb, 8, QGROUP, 4).transpose(-3, -2).transpose(-4, -3)
+    else:
+        nb = 2 * KB // GROUP
+        x = q.reshape(*lead, G, nb, 4, QGROUP, 4)
+        v = torch.cat([x & 0x0F, x >> 4], dim=-3)  # [.., G, nb, g, c, j]
+        v = v.transpose(-3, -2).transpose(-4, -3).reshape(*lead, N, nb, 32)
+        out = v[..., :16] | (v[..., 16:] << 4)
+    return out.reshape(q.shape).contiguous(), _scales_from_kernel(d), None if m is None else _scales_from_kernel(m)
+
+
+def _scales_to_kernel(d: torch.Tensor) -> torch.Tensor:
+    *lead, N, S = d.shape
+    return d.reshape(*lead, N // QGROUP, QGROUP, S).transpose(-1, -2).reshape(d.shape).contiguous()
+
+
+def _scales_from_kernel(d: torch.Tensor) -> torch.Tensor:
+    *lead, N, S = d.shape
+    return d.reshape(*lead, N // QGROUP, S, QGROUP).transpose(-1, -2).reshape(d.shape).contiguous()
+
+
 def quantize_activations(x: torch.Tensor) -> torch.Tensor:
     """x [M, K] float32 as the kernels see it: int8 per block of 32 (d = max|x| / 127), dequantized."""
     b = x.float().reshape(x.shape[0], -1, GROUP)
@@ -154,6 +208,9 @@ class QuantWeight:
             return cls(fmt, tuple(shape), q, torch.zeros(0, dtype=torch.float16), None)
         if K % GROUP:
             raise QuantError(f"quantized formats need an input size that is a multiple of {GROUP}, got {K}")
+        if not lead or lead[-1] % QGROUP:
+            raise QuantError(f"quantized formats need an output size that is a multiple of {QGROUP}, "
+                             f"got {lead[-1] if lead else 0}")
         q = torch.zeros(*lead, K if fmt.startswith("int8") else K // 2, dtype=torch.uint8)
         s = torch.zeros(*lead, 1 if fmt == "int8_channel" else K // GROUP, dtype=torch.float16)
         return cls(fmt, tuple(shape), q, s, torch.zeros_like(s) if fmt == "int4_zp" else None)
@@ -164,7 +221,10 @@ class QuantWeight:
             out = cls.empty(tuple(w.shape), fmt)
             out.write((), w)
             return out
-        q, s, m = quantize(w, fmt)
+        if w.dim() < 2 or w.shape[-2] % QGROUP:
+            raise QuantError(f"quantized formats need an output size that is a multiple of {QGROUP}, "
+                             f"got {tuple(w.shape)}")
+        q, s, m = to_kernel_order(*quantize(w, fmt), fmt)
         return cls(fmt, tuple(w.shape), q, s, m)
 
     @property
@@ -177,15 +237,40 @@ class QuantWeight:
 
     def write(self, index: tuple, tensor: torch.Tensor) -> None:
         """Quantize `tensor` into the rows `index` selects (an index over the leading dims and the
-        rows, whole rows only: the loader's slices of stacked or fused weights)."""
+        rows, whole rows only: the loader's slices of stacked or fused weights; int formats: whole
+        groups of 8 rows)."""
         if self.fmt == BF16:
             self._write_bf16(index, tensor)
             return
-        q, s, m = quantize(tensor, self.fmt)
+        self.write_quantized(index, *quantize(tensor, self.fmt))
+
+    def write_quantized(self, index: tuple, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None) -> None:
+        """Write already quantized rows (row-major, as `quantize` gives them: a GGUF file's blocks)
+        into the rows `index` selects, reordered for the kernels."""
+        self._check_groups(index)
+        q, d, m = to_kernel_order(q, d, m, self.fmt)
         self.q[index].copy_(q)
-        self.scales[index].copy_(s)
+        self.scales[index].copy_(d)
         if m is not None:
             self.mins[index].copy_(m)
+
+    def _check_groups(self, index: tuple) -> None:
+        """The rows `index` selects must be whole groups of QGROUP (the kernel order is per group)."""
+        if len(index) < len(self.shape) - 1:
+            return  # every row of the selected leading entries
+        rows = index[len(self.shape) - 2]
+        N = self.shape[-2]
+        ok = isinstance(rows, slice) and rows.indices(N)[2] == 1
+        if ok:
+            start, stop, _ = rows.indices(N)
+            ok = start % QGROUP == 0 and (stop - start) % QGROUP == 0
+        if not ok:
+            raise QuantError(f"quantized weights are written in whole groups of {QGROUP} rows, got rows {rows!r} "
+                             f"of {N}")
+
+    def rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(q, scales, minimums) in `quantize`'s row-major order (int formats)."""
+        return from_kernel_order(self.q, self.scales, self.mins, self.fmt)
 
     def _write_bf16(self, index: tuple, tensor: torch.Tensor) -> None:
         if len(self.shape) != 2:  # expert stacks: row-major, as loaded
@@ -201,7 +286,7 @@ class QuantWeight:
     def dequantize(self) -> torch.Tensor:
         if self.fmt == BF16:
             return (bf16_unpanel(self.q, self.shape[1]) if len(self.shape) == 2 else self.q).float()
-        return dequantize(self.q, self.scales, self.mins, self.fmt)
+        return dequantize(*self.rows(), self.fmt)
 
 
 def row_index(index: tuple, ndim: int) -> bool:

@@ -93,7 +93,8 @@ def test_q4_k_model_kept_packed(k_checkpoint, tmp_path):
         assert qw.fmt == "int4_zp" and params[name].is_meta
         assert qw.nbytes == int(np.prod(qw.shape)) * 5 // 8  # 0.5 + 4/32 bytes per weight
         r = ref_params[name].float()
-        bound = (15 * fp16_rounding(qw.scales) + fp16_rounding(qw.mins)).repeat_interleave(GROUP, dim=-1)
+        _, scales, mins = qw.rows()
+        bound = (15 * fp16_rounding(scales) + fp16_rounding(mins)).repeat_interleave(GROUP, dim=-1)
         assert bool(((qw.dequantize() - r).abs() <= bound * (1 + 2.0**-10) + 2.0**-22 * r.abs()).all()), name
     errs = [rel_err(a[i], b[i]) for a, b in zip(prefill_logits(model, PROMPTS), prefill_logits(ref, PROMPTS))
             for i in range(a.shape[0])]
@@ -110,7 +111,7 @@ def test_q6_k_requantized_to_int8(k_checkpoint, tmp_path):
     from models.kernels.quant import QuantWeight
 
     qw = QuantWeight.of(ref, "int8")
-    step = qw.scales.float().repeat_interleave(GROUP, dim=-1)
+    step = qw.rows()[1].float().repeat_interleave(GROUP, dim=-1)
     err = (qw.dequantize() - ref).abs()
     assert bool((err <= step / 2 * (1 + 1e-3)).all())
     assert rel_err(qw.dequantize(), ref) < 0.01  # int8 of 32 re-rounding: well under 1%

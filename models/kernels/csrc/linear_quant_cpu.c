@@ -3,12 +3,11 @@
  *
  * y[M, N] = x[M, K] @ W[N, K]^T (+ bias): x's rows are quantized to int8 blocks of 32 once per
  * call (with their magnitudes), then each thread takes a contiguous range of W's rows (whole
- * 16-row panels: the split is over N, for decode and prefill alike; N has hundreds of panels in
- * every layer but the smallest) and, 64 rows of x at a time, panel by panel: the panel is
- * prepared once (qpanel_prepare: int4 unpacked, k4-interleaved) and every 4-row tile of the 64
- * applied to it (quant_gemm_body.h), so the panel stays in L1/L2 while the rows use it and the 64
- * rows' int8 stay in L2 while the panels stream by. Calls of 1-2 rows (decode) skip the panel:
- * qgemm_row reads W's rows as they are and computes the same bits.
+ * 16-row chunks: the split is over N, for decode and prefill alike; N has hundreds of chunks in
+ * every layer but the smallest) and, 64 rows of x at a time, chunk by chunk: every 4-row tile of
+ * the 64 reads the chunk's two 8-row groups as stored (the kernel order of quant_gemm.h, packed
+ * at load: nothing is prepared per call), so the chunk stays in L1/L2 while the rows use it and
+ * the 64 rows' int8 stay in L2 while the chunks stream by. A decode row is a tile of one row.
  *
  * Levels: AVX2 (VPMADDUBSW + VPMADDWD), AVX-512 (the same 256-bit code compiled for AVX-512VL:
  * EVEX encodings, 32 vector registers) and AVX512-VNNI (VPDPBUSD in place of VPMADDUBSW +
@@ -83,79 +82,13 @@ int quant_isa_get(void) {
     return g_isa;
 }
 
-void qgemm_tile(const qact_t *A, int64_t m0, int mr, const qpanel_t *P, float *y, int64_t ldy) {
+void qgemm_tile(const qact_t *A, int64_t m0, int mr, const qmat_t *W, int64_t G, float *y, int64_t ldy) {
     switch (quant_isa_get()) {
 #if QG_HAVE_AVX512
-    case ISA_AVX512VNNI: qgemm_tile_vnni(A, m0, mr, P, y, ldy); return;
-    case ISA_AVX512: qgemm_tile_avx512(A, m0, mr, P, y, ldy); return;
+    case ISA_AVX512VNNI: qgemm_tile_vnni(A, m0, mr, W, G, y, ldy); return;
+    case ISA_AVX512: qgemm_tile_avx512(A, m0, mr, W, G, y, ldy); return;
 #endif
-    default: qgemm_tile_avx2(A, m0, mr, P, y, ldy); return;
-    }
-}
-
-/* r[c] = row c's block (dword g: its k 4g..4g+3) -> dst + 64 g = [r[0].g, ..., r[7].g] (and |.| into adst) */
-static inline void panel_transpose8(const __m256i *r, int8_t *dst, int8_t *adst) {
-    const __m256i t0 = _mm256_unpacklo_epi32(r[0], r[1]), t1 = _mm256_unpackhi_epi32(r[0], r[1]);
-    const __m256i t2 = _mm256_unpacklo_epi32(r[2], r[3]), t3 = _mm256_unpackhi_epi32(r[2], r[3]);
-    const __m256i t4 = _mm256_unpacklo_epi32(r[4], r[5]), t5 = _mm256_unpackhi_epi32(r[4], r[5]);
-    const __m256i t6 = _mm256_unpacklo_epi32(r[6], r[7]), t7 = _mm256_unpackhi_epi32(r[6], r[7]);
-    const __m256i u[8] = {_mm256_unpacklo_epi64(t0, t2), _mm256_unpackhi_epi64(t0, t2), _mm256_unpacklo_epi64(t1, t3),
-                          _mm256_unpackhi_epi64(t1, t3), _mm256_unpacklo_epi64(t4, t6), _mm256_unpackhi_epi64(t4, t6),
-                          _mm256_unpacklo_epi64(t5, t7), _mm256_unpackhi_epi64(t5, t7)};
-    for (int g = 0; g < 4; g++) {
-        const __m256i lo = _mm256_permute2x128_si256(u[g], u[g + 4], 0x20), hi = _mm256_permute2x128_si256(u[g], u[g + 4], 0x31);
-        _mm256_storeu_si256((__m256i *)(dst + 64 * g), lo);
-        _mm256_storeu_si256((__m256i *)(dst + 64 * (g + 4)), hi);
-        if (adst) {
-            _mm256_storeu_si256((__m256i *)(adst + 64 * g), _mm256_abs_epi8(lo));
-            _mm256_storeu_si256((__m256i *)(adst + 64 * (g + 4)), _mm256_abs_epi8(hi));
-        }
-    }
-}
-
-void qgemm_row(const qact_t *A, int64_t m, const qmat_t *W, int64_t r0, int nr, float *y) {
-    switch (quant_isa_get()) {
-#if QG_HAVE_AVX512
-    case ISA_AVX512VNNI: qgemm_row_vnni(A, m, W, r0, nr, y); return;
-    case ISA_AVX512: qgemm_row_avx512(A, m, W, r0, nr, y); return;
-#endif
-    default: qgemm_row_avx2(A, m, W, r0, nr, y); return;
-    }
-}
-
-void qpanel_prepare(const qmat_t *W, int64_t r0, int nr, void *buf, qpanel_t *P) {
-    const int64_t K = W->K, nb = K / QK, S = W->fmt == QF_Q8C ? 1 : nb;
-    const int q4 = W->fmt >= QF_Q4;
-    P->fmt = W->fmt, P->nr = nr, P->K = K;
-    P->w = (int8_t *)buf;
-    P->a = P->w + QTILE_N * K;
-    P->sc = (float *)(void *)(P->a + QTILE_N * K);
-    P->mn = P->sc + nb * QTILE_N;
-    const __m256i lo = _mm256_set1_epi8(0x0F);
-    for (int64_t b = 0; b < nb; b++)
-        for (int h = 0; h < 2; h++) {
-            __m256i r[8];
-            for (int c = 0; c < 8; c++) {
-                const int64_t row = r0 + h * 8 + c;
-                /* the same spot of the next panel (rows are read block by block, across the panel) */
-                _mm_prefetch((const char *)(W->q + (row + QTILE_N) * qrow_bytes(W->fmt, K) + b * (q4 ? QK / 2 : QK)), _MM_HINT_T0);
-                if (h * 8 + c >= nr) r[c] = _mm256_setzero_si256();
-                else if (!q4) r[c] = _mm256_loadu_si256((const __m256i *)(W->q + row * K + b * QK));
-                else {
-                    const __m128i t = _mm_loadu_si128((const __m128i *)(W->q + row * (K / 2) + b * (QK / 2)));
-                    r[c] = _mm256_and_si256(_mm256_insertf128_si256(_mm256_castsi128_si256(t), _mm_srli_epi16(t, 4), 1), lo);
-                }
-            }
-            const int64_t o = b * QK * QTILE_N + h * 32;
-            panel_transpose8(r, P->w + o, NULL);
-        }
-    for (int c = 0; c < QTILE_N; c++) {
-        const int64_t row = r0 + c;
-        for (int64_t b = 0; b < nb; b++) {
-            const float d = c < nr ? _cvtsh_ss(W->d[row * S + (S == 1 ? 0 : b)]) : 0.f;
-            P->sc[b * QTILE_N + c] = d;
-            P->mn[b * QTILE_N + c] = c >= nr ? 0.f : W->fmt == QF_Q4 ? -8.f * d : W->fmt == QF_Q4Z ? _cvtsh_ss(W->m[row * nb + b]) : 0.f;
-        }
+    default: qgemm_tile_avx2(A, m0, mr, W, G, y, ldy); return;
     }
 }
 
@@ -216,12 +149,11 @@ typedef struct {
     const qmat_t *W;
     const float *bias;
     float *y;
-    char *buf; /* qpanel_bytes(K) */
     int64_t M, r0, r1;
 } qlin_job_t;
 
-/* rows [r0, r1) of W for every row of x: QMB rows of x at a time, over W's rows in chunks of
- * QTILE_N (int4 unpacked once per chunk and pass), each chunk against every QTILE_M-row tile */
+/* rows [r0, r1) of W (whole 8-row groups) for every row of x: QMB rows of x at a time, over W's
+ * rows in chunks of QTILE_N, each chunk against every QTILE_M-row tile */
 static void *qlin_range(void *arg) {
     const qlin_job_t *J = (const qlin_job_t *)arg;
     const int64_t N = J->W->N;
@@ -229,20 +161,10 @@ static void *qlin_range(void *arg) {
         const int64_t me = J->M - mb < QMB ? J->M : mb + QMB;
         for (int64_t r = J->r0; r < J->r1; r += QTILE_N) {
             const int nr = (int)(J->r1 - r < QTILE_N ? J->r1 - r : QTILE_N);
-            if (J->M <= QROW_MAX) { /* decode: no panel */
-                for (int64_t m = mb; m < me; m++) {
-                    qgemm_row(J->A, m, J->W, r, nr, J->y + m * N + r);
-                    if (J->bias)
-                        for (int c = 0; c < nr; c++) J->y[m * N + r + c] += J->bias[r + c];
-                }
-                continue;
-            }
-            qpanel_t P;
-            qpanel_prepare(J->W, r, nr, J->buf, &P);
             for (int64_t m = mb; m < me; m += QTILE_M) {
                 const int mr = (int)(me - m < QTILE_M ? me - m : QTILE_M);
                 float *yb = J->y + m * N + r;
-                qgemm_tile(J->A, m, mr, &P, yb, N);
+                for (int h = 0; h * QGROUP < nr; h++) qgemm_tile(J->A, m, mr, J->W, r / QGROUP + h, yb + h * QGROUP, N);
                 if (J->bias)
                     for (int i = 0; i < mr; i++)
                         for (int c = 0; c < nr; c++) yb[i * N + c] += J->bias[r + c];
@@ -255,29 +177,23 @@ static void *qlin_range(void *arg) {
 /* Returns 0 on success, 1 when out of memory, 3 for bad shapes. x [M, K] rows ldx apart; y [M, N]. */
 int qlinear_f32(const float *x, int64_t ldx, int fmt, const uint8_t *q, const uint16_t *d, const uint16_t *mins,
                 const float *bias, float *y, int64_t M, int64_t N, int64_t K, int nthreads) {
-    if (K % QK || M < 0 || N < 1 || fmt < QF_Q8 || fmt > QF_Q4Z || (fmt == QF_Q4Z && !mins)) return 3;
+    if (K % QK || N % QGROUP || M < 0 || N < 1 || fmt < QF_Q8 || fmt > QF_Q4Z || (fmt == QF_Q4Z && !mins)) return 3;
     if (M == 0) return 0;
     if (nthreads < 1) nthreads = 1;
     if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
     const int64_t chunks = (N + QTILE_N - 1) / QTILE_N;
     if (nthreads > chunks) nthreads = (int)chunks;
     qact_t A;
-    char *buf = (char *)malloc((size_t)(nthreads * qpanel_bytes(K)));
-    if (!buf || !qact_alloc(&A, M, K)) {
-        free(buf);
-        return 1;
-    }
+    if (!qact_alloc(&A, M, K)) return 1;
     quantize_rows(x, ldx, M, K, &A, 0);
     const qmat_t W = {fmt, N, K, q, d, mins};
     qlin_job_t jobs[MAX_THREADS];
     for (int t = 0; t < nthreads; t++) {
         const int64_t c0 = chunks * t / nthreads, c1 = chunks * (t + 1) / nthreads;
-        jobs[t] = (qlin_job_t){&A, &W, bias, y, buf + t * qpanel_bytes(K), M, c0 * QTILE_N,
-                               c1 * QTILE_N < N ? c1 * QTILE_N : N};
+        jobs[t] = (qlin_job_t){&A, &W, bias, y, M, c0 * QTILE_N, c1 * QTILE_N < N ? c1 * QTILE_N : N};
     }
     run_jobs(qlin_range, jobs, sizeof jobs[0], nthreads);
     qact_free(&A);
-    free(buf);
     return 0;
 }
 

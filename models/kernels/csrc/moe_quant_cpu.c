@@ -36,7 +36,6 @@ typedef struct {
     float *act;       /* [P, I] */
     const qact_t *as; /* [P, I] quantized act */
     float *ys;        /* [P, H] by pair index */
-    char *buf;        /* 2 * qpanel_bytes(max(H, I)): the item's prepared panels */
     int phase;
     int64_t first, last;
 } qmoe_job_t;
@@ -49,33 +48,18 @@ static void qmoe_items(const qmoe_job_t *J) {
         const int64_t e = it / panels, j = it % panels;
         const int64_t p0 = J->start[e], n = J->start[e + 1] - p0;
         if (n == 0) continue;
-        qpanel_t pg, pu, pd;
-        const int rows = n <= QROW_MAX; /* a token or two: W's rows as they are (the same bits) */
         const int64_t rg = e * 2 * I + j * QCH, ru = rg + I, rd = e * H + j * QCH;
-        if (J->phase == 0 && !rows) {
-            qpanel_prepare(J->W13, rg, QCH, J->buf, &pg);
-            qpanel_prepare(J->W13, ru, QCH, J->buf + qpanel_bytes(H), &pu);
-        } else if (!rows) {
-            qpanel_prepare(J->W2, rd, QCH, J->buf, &pd);
-        }
-        for (int64_t m = 0; m < n && rows; m++) {
-            if (J->phase == 0) {
-                qgemm_row(J->xs, p0 + m, J->W13, rg, QCH, g);
-                qgemm_row(J->xs, p0 + m, J->W13, ru, QCH, u);
-                silu_mul16(g, u, J->act + (p0 + m) * I + j * QCH);
-            } else {
-                qgemm_row(J->as, p0 + m, J->W2, rd, QCH, y);
-                memcpy(J->ys + J->pair[p0 + m] * H + j * QCH, y, QCH * sizeof(float));
-            }
-        }
-        for (int64_t m = 0; m < n && !rows; m += QMR) {
+        for (int64_t m = 0; m < n; m += QMR) {
             const int mr = (int)(n - m < QMR ? n - m : QMR);
             if (J->phase == 0) {
-                qgemm_tile(J->xs, p0 + m, mr, &pg, g, QCH);
-                qgemm_tile(J->xs, p0 + m, mr, &pu, u, QCH);
+                for (int h = 0; h < QCH / QGROUP; h++) {
+                    qgemm_tile(J->xs, p0 + m, mr, J->W13, rg / QGROUP + h, g + h * QGROUP, QCH);
+                    qgemm_tile(J->xs, p0 + m, mr, J->W13, ru / QGROUP + h, u + h * QGROUP, QCH);
+                }
                 for (int i = 0; i < mr; i++) silu_mul16(g + i * QCH, u + i * QCH, J->act + (p0 + m + i) * I + j * QCH);
             } else {
-                qgemm_tile(J->as, p0 + m, mr, &pd, y, QCH);
+                for (int h = 0; h < QCH / QGROUP; h++)
+                    qgemm_tile(J->as, p0 + m, mr, J->W2, rd / QGROUP + h, y + h * QGROUP, QCH);
                 for (int i = 0; i < mr; i++)
                     memcpy(J->ys + J->pair[p0 + m + i] * H + j * QCH, y + i * QCH, QCH * sizeof(float));
             }
@@ -96,7 +80,6 @@ static void qmoe_phase(qmoe_job_t *base, int phase, int nthreads) {
     split_expert_items(base->start, base->E, panels, nthreads, bounds);
     for (int t = 0; t < nthreads; t++) {
         jobs[t] = *base;
-        jobs[t].buf = base->buf + (int64_t)t * 2 * qpanel_bytes(base->H > base->I ? base->H : base->I);
         jobs[t].phase = phase;
         jobs[t].first = bounds[t];
         jobs[t].last = bounds[t + 1];
@@ -119,9 +102,8 @@ int qmoe_f32(const float *x, const int64_t *topk_ids, const float *topk_w, int f
     int64_t *pair = (int64_t *)malloc((size_t)(P > 0 ? P : 1) * sizeof(int64_t));
     float *buf = (float *)malloc((size_t)(P > 0 ? P : 1) * (size_t)(I + H) * sizeof(float));
     qact_t xs = {0}, as = {0};
-    char *wbuf = (char *)malloc((size_t)nthreads * 2 * (size_t)qpanel_bytes(H > I ? H : I));
     int rc = 0;
-    if (!start || !pair || !buf || !wbuf || !qact_alloc(&xs, P, H) || !qact_alloc(&as, P, I)) {
+    if (!start || !pair || !buf || !qact_alloc(&xs, P, H) || !qact_alloc(&as, P, I)) {
         rc = 1;
         goto done;
     }
@@ -138,7 +120,7 @@ int qmoe_f32(const float *x, const int64_t *topk_ids, const float *topk_w, int f
      * row of x (a token's row quantizes the same in every slot: the same blocks, the same bits) */
     for (int64_t q = 0; q < start[E]; q++) quantize_rows(x + (pair[q] / k) * H, H, 1, H, &xs, q);
     const qmat_t W13 = {fmt, E * 2 * I, H, q13, d13, m13}, W2 = {fmt, E * H, I, q2, d2, m2};
-    qmoe_job_t base = {k, E, H, I, &W13, &W2, start, pair, &xs, act, &as, ys, wbuf, 0, 0, 0};
+    qmoe_job_t base = {k, E, H, I, &W13, &W2, start, pair, &xs, act, &as, ys, 0, 0, 0};
     qmoe_phase(&base, 0, nthreads);
     quantize_rows(act, I, start[E], I, &as, 0);
     qmoe_phase(&base, 1, nthreads);
@@ -155,7 +137,7 @@ int qmoe_f32(const float *x, const int64_t *topk_ids, const float *topk_w, int f
 done:
     if (xs.q) qact_free(&xs);
     if (as.q) qact_free(&as);
-    free(start); free(pair); free(buf); free(wbuf);
+    free(start); free(pair); free(buf);
     return rc;
 }
 

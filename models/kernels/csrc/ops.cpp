@@ -351,6 +351,8 @@ void check_quant(int64_t fmt, const at::Tensor& q, const at::Tensor& d, const st
                 ": scales must be contiguous float16 CPU tensors");
     const int64_t K = quant_k(fmt, q), S = fmt == 1 ? 1 : K / 32;
     TORCH_CHECK(K % 32 == 0, op, ": the input size must be a multiple of 32, got ", K);
+    TORCH_CHECK(q.dim() >= 2 && q.size(-2) % 8 == 0, op, ": the output size must be a multiple of 8 (the kernel "
+                "order stores groups of 8 rows), got ", q.dim() >= 2 ? q.size(-2) : 0);
     TORCH_CHECK(d.dim() == q.dim() && d.size(-1) == S && d.numel() / S == q.numel() / q.size(-1), op,
                 ": scales must be [..., rows, ", S, "]");
     if (fmt == 3) {
@@ -363,7 +365,8 @@ const uint16_t* half_ptr(const at::Tensor& t) { return reinterpret_cast<const ui
 
 at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                         const std::optional<at::Tensor>& mins, int64_t fmt, const std::optional<at::Tensor>& bias) {
-    // x [M, K] @ W^T (+ bias) -> [M, N]; W quantized: qweight [N, K] (int8) or [N, K/2] (int4) uint8, scales fp16
+    // x [M, K] @ W^T (+ bias) -> [M, N]; W quantized: qweight [N, K] (int8) or [N, K/2] (int4) uint8, scales fp16,
+    // in the kernel order (csrc/quant_gemm.h; models/kernels/quant.py to_kernel_order)
     check_f32_cpu(x, "x");
     check_quant(fmt, qweight, scales, mins, "quant_linear");
     TORCH_CHECK(x.dim() == 2 && qweight.dim() == 2 && x.size(1) == quant_k(fmt, qweight),

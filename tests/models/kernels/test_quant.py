@@ -67,7 +67,7 @@ def test_quant_linear_matches_dequantized_math(isa, fmt):
         x = torch.randn(rows, 96, generator=g)
         assert rel_err(Q.quant_linear(x, qw, b), reference_linear(x, qw, b)) < 1e-5
     assert Q.quant_linear(torch.randn(0, 96), qw).shape == (0, 48)
-    # rows past the last whole 16-row panel
+    # a last chunk of one 8-row group
     qw40 = Q.QuantWeight.of(torch.randn(40, 64, generator=g), fmt)
     x = torch.randn(5, 64, generator=g)
     assert rel_err(Q.quant_linear(x, qw40), reference_linear(x, qw40)) < 1e-5
@@ -75,13 +75,13 @@ def test_quant_linear_matches_dequantized_math(isa, fmt):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_quant_linear_tiles_and_batch_rows(isa, fmt):
-    """Every tiling path: M = 1, 7, 33, 300 (partial 4-row tiles, several 64-row passes), N = 44
-    (a full 16-row panel, then 12 rows: a full and a partial 8-row half), K = 352 (11 blocks: a
-    block count that is not a multiple of anything the kernel steps by); and each row's output
-    is the same bits whatever rows share its call (batch invariance at the kernel)."""
+    """Every tiling path: M = 1, 7, 33, 300 (partial 4-row tiles, several 64-row passes), N = 40
+    (two 16-row chunks, then a chunk of one 8-row group), K = 352 (11 blocks: a block count that
+    is not a multiple of anything the kernel steps by); and each row's output is the same bits
+    whatever rows share its call (batch invariance at the kernel)."""
     g = torch.Generator().manual_seed(11)
-    qw = Q.QuantWeight.of(torch.randn(44, 352, generator=g) * 0.2, fmt)
-    b = torch.randn(44, generator=g)
+    qw = Q.QuantWeight.of(torch.randn(40, 352, generator=g) * 0.2, fmt)
+    b = torch.randn(40, generator=g)
     x = torch.randn(300, 352, generator=g) * torch.rand(300, 1, generator=g) * 4  # rows of different scales
     full = Q.quant_linear(x, qw, b)
     assert rel_err(full, reference_linear(x, qw, b)) < 1e-5
@@ -173,6 +173,45 @@ def test_formats_bytes_and_rounding(fmt):
     assert torch.equal(part.q, qw.q) and torch.equal(part.scales, qw.scales)
     with pytest.raises(Q.QuantError, match="multiple of 32"):
         Q.quantize(torch.randn(4, 40), fmt)
+    # stored in the kernel order; `rows` gives quantize's row-major form back
+    for got, want in zip(qw.rows(), Q.quantize(w, fmt)):
+        assert (got is None and want is None) or torch.equal(got, want)
+    with pytest.raises(Q.QuantError, match="groups of 8 rows"):
+        part.write((0, slice(4, 12)), w[0, 4:12])
+    with pytest.raises(Q.QuantError, match="multiple of 8"):
+        Q.QuantWeight.of(torch.randn(12, 64), fmt)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_kernel_order_is_the_documented_layout(fmt):
+    """csrc/quant_gemm.h: per group of 8 rows and block, the 8 rows' 4 values of each k-group of
+    4 side by side (int4: k-groups g and g + 4 in one byte's low and high nibbles); the block's 8
+    scales side by side."""
+    g = torch.Generator().manual_seed(3)
+    N, K = 16, 64
+    q, d, m = Q.quantize(torch.randn(N, K, generator=g), fmt)
+    kq, kd, km = Q.to_kernel_order(q, d, m, fmt)
+    vals = Q.dequantize(q, torch.ones_like(d), None if m is None else torch.zeros_like(m), fmt)  # q's values
+    if fmt.startswith("int4"):
+        vals = vals + 8 if fmt == "int4" else vals
+    vals = vals.round().to(torch.int64)
+    stride = 256 if fmt.startswith("int8") else 128  # bytes of a block of a group
+    for G in range(N // 8):
+        for b in range(K // 32):
+            blk = kq[8 * G:8 * G + 8].reshape(-1)[b * stride:(b + 1) * stride].to(torch.int64)
+            for c in range(8):
+                for j in range(4):
+                    if fmt.startswith("int8"):
+                        for kg in range(8):
+                            assert (blk[32 * kg + 4 * c + j].item() - vals[8 * G + c, 32 * b + 4 * kg + j].item()) % 256 == 0
+                    else:
+                        for kg in range(4):
+                            byte = blk[32 * kg + 4 * c + j].item()
+                            assert byte & 15 == vals[8 * G + c, 32 * b + 4 * kg + j]
+                            assert byte >> 4 == vals[8 * G + c, 32 * b + 4 * (kg + 4) + j]
+            if fmt != "int8_channel":
+                assert torch.equal(kd[8 * G:8 * G + 8].reshape(-1)[8 * b:8 * b + 8], d[8 * G:8 * G + 8, b])
+    assert all(torch.equal(a, b) for a, b in zip(Q.from_kernel_order(kq, kd, km, fmt)[:2], (q, d)))
 
 
 def test_isa_override_and_bad_shapes(monkeypatch):

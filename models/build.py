@@ -248,23 +248,4 @@ def load_model(path: str, dtype: str = "auto", device: str = "auto", progress: b
         predictor.bind(model)
         predictor.apply_plan(model.kernel_plan)
     model.load_seconds = time.monotonic() - t0
-    release_freed_memory()
     return model
-
-
-def release_freed_memory() -> int:
-    """Hand the heap's free pages back to the OS after a load (glibc's malloc_trim): quantizing or
-    converting at load frees many tensor-sized temporaries, which glibc keeps resident in its heap
-    once its mmap threshold has grown past them; the server's RSS after load counts them. Returns
-    malloc_trim's result (1: memory released), 0 where there is no glibc."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if not name:
-        return 0
-    try:
-        libc = ctypes.CDLL(name)
-        return int(libc.malloc_trim(0)) if hasattr(libc, "malloc_trim") else 0
-    except OSError:
-        return 0

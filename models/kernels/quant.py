@@ -114,6 +114,12 @@ def dequantize(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None, fmt: st
     return w.reshape(*lead, K)
 
 
+def check_output_rows(shape: tuple[int, ...]) -> None:
+    """int8/int4 weights [..., N, *] are stored in groups of QGROUP rows: N must be a multiple."""
+    if len(shape) < 2 or shape[-2] % QGROUP:
+        raise QuantError(f"quantized formats need an output size that is a multiple of {QGROUP}, got {shape}")
+
+
 def to_kernel_order(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None,
                     fmt: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """`quantize`'s row-major (q, scales, minimums) [..., N, *] -> the kernels' order, same shapes
@@ -121,9 +127,8 @@ def to_kernel_order(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None,
     group g of 4 along k, the 8 rows' 4 values side by side (byte 32 g + 4 c + j = W[c, 32 b + 4 g
     + j]); int4, the same with groups g and g + 4 in the low and high nibbles of 4 such runs; the
     scales (and minimums) of the block's 8 rows side by side."""
+    check_output_rows(tuple(q.shape))
     *lead, N, KB = q.shape
-    if N % QGROUP:
-        raise QuantError(f"quantized formats need an output size that is a multiple of {QGROUP}, got {N}")
     G = N // QGROUP
     if fmt in ("int8", "int8_channel"):
         nb = KB // GROUP
@@ -208,9 +213,7 @@ class QuantWeight:
             return cls(fmt, tuple(shape), q, torch.zeros(0, dtype=torch.float16), None)
         if K % GROUP:
             raise QuantError(f"quantized formats need an input size that is a multiple of {GROUP}, got {K}")
-        if not lead or lead[-1] % QGROUP:
-            raise QuantError(f"quantized formats need an output size that is a multiple of {QGROUP}, "
-                             f"got {lead[-1] if lead else 0}")
+        check_output_rows(tuple(shape))
         q = torch.zeros(*lead, K if fmt.startswith("int8") else K // 2, dtype=torch.uint8)
         s = torch.zeros(*lead, 1 if fmt == "int8_channel" else K // GROUP, dtype=torch.float16)
         return cls(fmt, tuple(shape), q, s, torch.zeros_like(s) if fmt == "int4_zp" else None)
@@ -221,9 +224,7 @@ class QuantWeight:
             out = cls.empty(tuple(w.shape), fmt)
             out.write((), w)
             return out
-        if w.dim() < 2 or w.shape[-2] % QGROUP:
-            raise QuantError(f"quantized formats need an output size that is a multiple of {QGROUP}, "
-                             f"got {tuple(w.shape)}")
+        check_output_rows(tuple(w.shape))  # before quantizing the whole weight
         q, s, m = to_kernel_order(*quantize(w, fmt), fmt)
         return cls(fmt, tuple(w.shape), q, s, m)
 

@@ -135,11 +135,14 @@ class VLLMServer:
     def client(self) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=120)
 
-    def metrics_text(self) -> str:
+    def metrics_text(self, http: httpx.Client | None = None) -> str:
+        """GET /metrics; over `http` (a kept-alive client) when given."""
+        if http is not None:
+            return http.get(self.url + "/metrics").text
         return httpx.get(self.url + "/metrics", timeout=10).text
 
-    def metric(self, name: str) -> float | None:
-        for line in self.metrics_text().splitlines():
+    def metric(self, name: str, http: httpx.Client | None = None) -> float | None:
+        for line in self.metrics_text(http).splitlines():
             if re.match(rf"{re.escape(name)}[{{ ]", line):
                 return float(line.rsplit(" ", 1)[1])
         return None

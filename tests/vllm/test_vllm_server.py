@@ -116,8 +116,8 @@ def test_prompt_too_long_is_400(client, model_name):
     assert "512" in str(e.value)
 
 
-def _running(server) -> float:
-    return server.metric("vllm:num_requests_running") or 0.0
+def _running(server, http: httpx.Client | None = None) -> float:
+    return server.metric("vllm:num_requests_running", http) or 0.0
 
 
 def _stream(vllm_server, model_name, max_tokens, on_second_chunk=lambda: None):
@@ -157,9 +157,7 @@ def test_running_gauge_mid_stream(vllm_server, model_name):
     def scrape() -> None:
         with httpx.Client(timeout=10) as http:
             while not done.is_set():
-                text = http.get(vllm_server.url + "/metrics").text
-                m = re.search(r"^vllm:num_requests_running[{ ].* (\S+)$", text, re.MULTILINE)
-                readings.append(float(m.group(1)) if m else 0.0)
+                readings.append(_running(vllm_server, http))
                 done.wait(0.005)
 
     def stream(_: int) -> int:

@@ -14,7 +14,7 @@ from models.kernels import quant as Q
 from models.kernels.plan import LinearLayout, MoEKernel
 from tests.conftest import BUNDLED, skip_or_fail
 from tests.models.conftest import make_checkpoint
-from tests.models.kernels.conftest import rel_err
+from tests.models.kernels.conftest import rel_err, torch_threads
 from tests.models.simple_runner import greedy_generate, prefill_logits
 
 FORMATS = list(Q.FORMATS)
@@ -127,8 +127,6 @@ def test_decode_sized_calls_of_large_experts_thread_with_the_same_bits(fmt):
     """Two tokens on experts of 1024 x 2048 (4 pairs, 25M multiply-adds): above the threading
     threshold in work (csrc/ops.cpp moe_threads), so the call runs on both threads, and each
     output element is still computed whole by one thread: the same bits as on one thread."""
-    from tests.models.kernels.conftest import torch_threads
-
     needs_kernels()
     g = torch.Generator().manual_seed(11)
     E, H, I, T, k = 2, 1024, 2048, 2, 2

@@ -71,7 +71,6 @@ static inline __attribute__((always_inline)) void QG_NAME(tile8)(const int fmt, 
     const __m256i lo = _mm256_set1_epi8(0x0F);
     const __m256i ones = _mm256_set1_epi16(1);
     (void)ones; /* unused by the VNNI level */
-    (void)lo;
     const __m256 sc_channel = fmt == QF_Q8C ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)dg)) : _mm256_setzero_ps();
     __m256 f0 = _mm256_setzero_ps(), f1 = f0, f2 = f0, f3 = f0;
     for (int64_t b = 0; b < nb; b++) {
@@ -86,7 +85,6 @@ static inline __attribute__((always_inline)) void QG_NAME(tile8)(const int fmt, 
         const __m256 mn = fmt == QF_Q4 ? _mm256_mul_ps(sc, _mm256_set1_ps(-8.f))
                           : fmt == QF_Q4Z ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(mg + b * QGROUP)))
                                           : _mm256_setzero_ps();
-        (void)mn;
         QG_SCALE(0) QG_SCALE(1) QG_SCALE(2) QG_SCALE(3)
     }
     QG_STORE(0) QG_STORE(1) QG_STORE(2) QG_STORE(3)

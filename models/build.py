@@ -32,10 +32,12 @@ from models.registry import family_for
 log = logging.getLogger(__name__)
 
 
-def resolve_dtype(name: str, checkpoint_dtype: str, device: torch.device) -> torch.dtype:
+def resolve_dtype(name: str, checkpoint_dtype: str, device: torch.device,
+                  kernels: KernelFlags | None = None) -> torch.dtype:
     """The compute dtype. `auto`: the checkpoint's dtype on CUDA (bf16 if the GPU has it); on the
     CPU float32, except a bf16 checkpoint on a CPU with native bf16 compute where the C kernels do
-    not serve it (`cpu_bf16_weights` decides first: a bf16 checkpoint's weights stay bf16 with
+    not serve (built here and allowed by `kernels`: with them float32 runs the kernels, bf16 compute
+    the reference paths, slower). `cpu_bf16_weights` decides first: a bf16 checkpoint's weights stay bf16 with
     float32 math in the C kernels, faster than bf16 compute through the reference paths and than
     float32 weights: docs/benchmarks.md, "bf16 weights on the CPU"). Without native bf16, bf16
     matmuls are far slower (section "Numbers behind code choices")."""
@@ -47,7 +49,7 @@ def resolve_dtype(name: str, checkpoint_dtype: str, device: torch.device) -> tor
         if ckpt == torch.bfloat16 and not torch.cuda.is_bf16_supported():
             return torch.float16
         return ckpt if ckpt in (torch.bfloat16, torch.float16) else torch.bfloat16
-    if ckpt == torch.bfloat16 and cpu_has_native_bf16():
+    if ckpt == torch.bfloat16 and cpu_has_native_bf16() and not bf16_weights_serve(kernels):
         return torch.bfloat16
     return torch.float32
 
@@ -166,7 +168,7 @@ def load_model(path: str, dtype: str = "auto", device: str = "auto", progress: b
             and cpu_bf16_weights(dtype, cfg.torch_dtype, dev, kernels)):
         quantization = BF16
     torch_dtype = torch.float32 if quantization and canonical_dtype(dtype) == "auto" else resolve_dtype(
-        dtype, cfg.torch_dtype, dev)
+        dtype, cfg.torch_dtype, dev, kernels)
     plan = None
     spec = cfg.extra.get("quant")
     fp8 = quantization == FP8_QUANTIZATION

@@ -93,7 +93,9 @@ def test_queue_limit_refuses(make_engine):
 
     async def main():
         await eng.start()
-        params = dict(max_tokens=30, ignore_eos=True)
+        # long enough that "a" still runs and "b" still waits when "c" comes (a fast CPU decoded
+        # 30 tokens of the test model within the 50 ms)
+        params = dict(max_tokens=500, ignore_eos=True)
         a = asyncio.create_task(collect(eng, "a", [5, 6, 7], **params))
         b = asyncio.create_task(collect(eng, "b", [5, 6, 8], **params))
         await asyncio.sleep(0.05)

@@ -60,9 +60,10 @@ def test_request_timeout_non_stream_is_504(restricted: ServerProcess) -> None:
 
 def test_request_timeout_responses_api(restricted: ServerProcess) -> None:
     """/v1/responses past the timeout: a 504, and a stream that started ends with an `error`
-    event, then `response.failed` (a string the schema makes fill the context keeps it going)."""
+    event, then `response.failed` (a string the schema makes fill the context keeps it going: longer
+    in characters than the 1100-token context can hold, as a token may be several characters)."""
     body = {"input": "Once upon a time", "text": {"format": {"type": "json_schema", "name": "long", "schema": {
-        "type": "object", "properties": {"s": {"type": "string", "minLength": 1090}}, "required": ["s"]}}}}
+        "type": "object", "properties": {"s": {"type": "string", "minLength": 20000}}, "required": ["s"]}}}}
     with httpx.Client(base_url=restricted.url, timeout=60, headers=AUTH) as c:
         assert_error(c.post("/v1/responses", json=body), 504, code="request_timeout")
         with c.stream("POST", "/v1/responses", json={**body, "stream": True}) as s:

@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 
+from models.kernels.cpu_build import release_openmp_threads
 from server.engine.admission import InFlight
 from server.engine.native.core import EngineCore, StepError
 from server.engine.protocol import EngineDeadError, ModelInfo
@@ -54,6 +55,9 @@ class AsyncEngine:
     async def start(self) -> None:
         if self._thread is None:
             self._stop = False
+            # the steps run on the engine thread: this thread's OpenMP workers (from loading the
+            # model) would cut the engine thread's workers' spinning to ~100 loops (cpu_build.py)
+            release_openmp_threads()
             self._thread = threading.Thread(target=self._loop, name="engine-core", daemon=True)
             self._thread.start()
 

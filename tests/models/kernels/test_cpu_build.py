@@ -98,3 +98,38 @@ print(caps.cpu_kernels_origin)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == "prebuilt x86-64-v3"
     assert not (tmp_path / "cache" / "kernels").exists(), "nothing compiled at run time"
+
+
+RELEASE_SCRIPT = r"""
+import os, threading, time
+import torch
+from models.kernels.cpu_build import release_openmp_threads, torch_runs_gomp
+
+torch.set_num_threads(2)
+tasks = lambda: len(os.listdir("/proc/self/task"))
+x = torch.randn(1 << 22)
+start = tasks()
+(x * 2).sum()  # a parallel region on this thread: its pool gets one worker
+pooled = tasks()
+released = release_openmp_threads()
+for _ in range(100):  # the workers leave on their own
+    if tasks() < pooled:
+        break
+    time.sleep(0.01)
+after = tasks()
+out = []
+th = threading.Thread(target=lambda: out.append(float((x * 3).sum())))  # parallel work elsewhere still runs
+th.start(); th.join()
+print(torch_runs_gomp(), start, pooled, released, after, out[0] == float((x * 3).sum()))
+"""
+
+
+def test_release_openmp_threads_frees_the_callers_pool():
+    """The server loads on one thread and steps on another: the loading thread's OpenMP workers go
+    (async_engine.py), so libgomp does not throttle the engine thread's (cpu_build.py)."""
+    out = subprocess.run([sys.executable, "-c", RELEASE_SCRIPT], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[3], env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    gomp, start, pooled, released, after, same = out.stdout.split()
+    assert gomp == "True"  # PyTorch's Linux wheels run GNU libgomp
+    assert int(pooled) == int(start) + 1 and released == "True" and int(after) == int(start) and same == "True"

@@ -529,8 +529,10 @@ at::Tensor linear_bf16_op(const at::Tensor& x, const at::Tensor& weight, const s
         b = bias->to(at::kFloat).contiguous();
         TORCH_CHECK(b.numel() == N, "linear_bf16: bias must have ", N, " elements");
     }
-    // as the float32 linear: a bf16 weight reads faster, so it needs no lower bar for threads
-    const int threads = M * N * K >= kMinMacsPerThreading ? at::get_num_threads() : 1;
+    // a quarter of the float32 linear's bar, as the int8 / int4 linears: one thread reads a bf16
+    // weight of 8 MB or more slower than two (the 2.4B model's q/k/v, 12 MB, and o, 8 MB, at one row:
+    // 0.46 ms per call on one thread)
+    const int threads = M * N * K >= kMinMacsPerThreading / 4 ? at::get_num_threads() : 1;
     check_rc(linear_bf16(xc.data_ptr<float>(), K, reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>()),
                          b.defined() ? b.data_ptr<float>() : nullptr, y.data_ptr<float>(), M, N, K, threads),
              "linear_bf16");

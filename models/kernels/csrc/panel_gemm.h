@@ -11,6 +11,7 @@
 #include <pthread.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 #define NR 16 /* panel width (two AVX registers) */
 #define MR 6  /* token rows per micro-kernel call: 12 accumulators + 2 panel loads + 1 broadcast */
@@ -129,6 +130,14 @@ static inline void pack_panels(const float *W, int64_t ldw, int64_t N, int64_t K
             float *d = dst + j * K * NR + c;
             for (int64_t kk = 0; kk < K; kk++) d[kk * NR] = src[kk];
         }
+}
+
+/* float32 -> bf16, round to nearest even (NaN kept a NaN): what VCVTNEPS2BF16 does */
+static inline uint16_t to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((u >> 16) | 0x40);
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1)) >> 16);
 }
 
 #define MAX_THREADS 64

@@ -58,7 +58,9 @@ def reference(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, level
     return (y if bias is None else y + bias.double()), bound
 
 
-@pytest.mark.parametrize("N,K", [(48, 64), (16, 71), (80, 9)])  # K tails: odd, not a multiple of 8 or 16
+# K tails: odd, not a multiple of 8 or 16; 13 and 7 panels: the AVX-512 levels' groups of 8, 4 and 2
+# panels (1, 2 and more rows) and the panels left over
+@pytest.mark.parametrize("N,K", [(48, 64), (16, 71), (80, 9), (208, 40), (112, 33)])
 def test_bf16_linear_matches_float64_reference(level, N, K):
     g = torch.Generator().manual_seed(N + K)
     w = torch.randn(N, K, generator=g).bfloat16()
@@ -67,7 +69,7 @@ def test_bf16_linear_matches_float64_reference(level, N, K):
     assert torch.equal(qw.dequantize(), w.float()) and qw.nbytes == 2 * N * (K + K % 2)
     x = torch.randn(33, K, generator=g)
     alone = Q.quant_linear(x[:1], qw, b)
-    for M in (1, 7, 33):  # 7 and 33: partial 6-row tiles
+    for M in (1, 2, 3, 7, 33):  # 7 and 33: partial 6-row tiles
         y = Q.quant_linear(x[:M], qw, b if M != 7 else None)
         ref, bound = reference(x[:M], w, b if M != 7 else None, level)
         assert ((y.double() - ref).abs() <= bound).all(), (M, (y.double() - ref).abs().max())
@@ -76,11 +78,13 @@ def test_bf16_linear_matches_float64_reference(level, N, K):
     assert Q.quant_linear(torch.randn(0, K), qw).shape == (0, N)
 
 
-def test_bf16_experts_match_float64_reference():
-    """The experts kernel (csrc/moe_bf16_cpu.c, AVX2) over the bf16 holders' row-major stacks."""
-    needs_kernels()
+@pytest.mark.parametrize("H,inter", [(64, 48), (48, 80)])  # a 16-weight tail of the 32-weight steps in H, then I
+def test_bf16_experts_match_float64_reference(level, H, inter):
+    """The experts kernel (csrc/moe_bf16_cpu.c) at each level over the bf16 holders' row-major
+    stacks; at avx512bf16 the reference rounds the activations (x, then silu(g) * u) to bf16 as the
+    kernel does: a reference without that rounding is 100x further off (checked)."""
     g = torch.Generator().manual_seed(5)
-    E, H, inter, T, k = 4, 64, 48, 7, 2
+    E, T, k = 4, 7, 2
     w13 = Q.QuantWeight.of(torch.randn(E, 2 * inter, H, generator=g) * 0.1, Q.BF16)
     w2 = Q.QuantWeight.of(torch.randn(E, H, inter, generator=g) * 0.1, Q.BF16)
     assert w13.q.dtype == torch.bfloat16 and w13.q.shape == (E, 2 * inter, H)
@@ -89,14 +93,23 @@ def test_bf16_experts_match_float64_reference():
     tw = torch.rand(T, k, generator=g)
     out = Q.quant_moe(x, ids, tw, w13, w2)
     a, c = w13.dequantize().double(), w2.dequantize().double()
-    ref = torch.zeros(T, H, dtype=torch.float64)
-    for t in range(T):
-        for s in range(k):
-            e = int(ids[t, s])
-            gu = a[e] @ x[t].double()
-            act = torch.nn.functional.silu(gu[:inter]) * gu[inter:]
-            ref[t] += tw[t, s].double() * (c[e] @ act)
-    assert rel_err(out, ref) < 1e-5
+
+    def reference(rounded: bool) -> torch.Tensor:
+        bf = (lambda v: v.float().bfloat16().double()) if rounded else (lambda v: v)
+        ref = torch.zeros(T, H, dtype=torch.float64)
+        for t in range(T):
+            for s in range(k):
+                e = int(ids[t, s])
+                gu = a[e] @ bf(x[t].double())
+                act = torch.nn.functional.silu(gu[:inter]) * gu[inter:]
+                ref[t] += tw[t, s].double() * (c[e] @ bf(act))
+        return ref
+
+    assert rel_err(out, reference(level == "avx512bf16")) < 1e-5
+    if level == "avx512bf16":
+        assert rel_err(out, reference(False)) > 1e-3
+    alone = Q.quant_moe(x[:1], ids[:1], tw[:1], w13, w2)  # batch invariant: token 0 alone, then with 6 more
+    assert torch.equal(out[:1], alone)
 
 
 def test_panels_written_in_row_slices_equal_the_whole():
@@ -168,8 +181,9 @@ def test_auto_dtype_keeps_a_bf16_checkpoint_in_bf16(bundled):
 def engine_tolerance(level: str) -> float:
     """Logits of the bf16-weights engine against the float32 engine on the same weights: float32
     sums in another order (1e-5), except at the avx512bf16 level, whose linears multiply activations
-    rounded to bf16 (8 bits of mantissa: one rounding of 2^-9 per activation, averaged over K)."""
-    return 2.0**-8 if level == "avx512bf16" else 1e-5
+    rounded to bf16 (8 bits of mantissa: a rounding of up to 2^-9 per activation, compounded over
+    the layers of a random-weight model: 2.4e-3 to 4.0e-3 seen on the test models)."""
+    return 1e-2 if level == "avx512bf16" else 1e-5
 
 
 def test_bf16_weights_match_the_float32_engine(bundled, level):

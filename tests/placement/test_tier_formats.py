@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from models.kernels import cpu_ops
+from models.kernels import quant as Q
 from models.kernels.fused_moe import moe_loop
 from models.kernels.packed import moe_cpu
 from models.kernels.quant import QuantWeight, quant_moe
@@ -26,6 +27,21 @@ ERRORS: dict[str, float] = {}  # format -> relative logit error (test_quantized_
 @pytest.fixture(autouse=True, scope="module")
 def kernels():
     assert cpu_ops.load() is not None, "the C kernels must build here (the CPU tier's formats need them)"
+
+
+@pytest.fixture(autouse=True)
+def float32_math():
+    """The bf16 kernels in float32 math: on an AVX512-BF16 CPU their best level rounds the
+    activations to bf16 (VDPBF16PS), tested against its own reference per level in
+    tests/models/kernels/test_bf16_weights.py; these tests compare the tier with float32 math on
+    the same bf16 weights exactly, at the AVX-512F level there (set per test: loading a model
+    sets MOE_SERVE_CPU_ISA's level)."""
+    forced = Q.bf16_isa()[1] == "avx512bf16"
+    if forced:
+        Q.set_isa("avx512")
+    yield
+    if forced:
+        Q.set_isa(None)
 
 
 def reference_f64(x, w13, w2, ids, w):

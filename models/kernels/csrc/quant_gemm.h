@@ -53,6 +53,7 @@ static inline int64_t qrow_bytes(int fmt, int64_t K) { return fmt >= QF_Q4 ? K /
 #define QGROUP 8   /* weight rows stored together (the kernel order) and per micro-kernel call */
 #define QTILE_N 16 /* weight rows per work item (two groups) */
 #define QTILE_M 4  /* activation rows per micro-kernel call */
+#define QPF 2048   /* bytes of a weight stream prefetched ahead (the kernel order is one stream per thread) */
 
 /* Rows [m0, m0 + mr) of A (mr <= QTILE_M) times W's rows [8 G, 8 G + 8): y[i * ldy + c] =
  * A[m0 + i] . W[8 G + c]. Runs the level chosen by quant_isa_set (linear_quant_cpu.c). */

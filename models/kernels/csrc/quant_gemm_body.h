@@ -75,6 +75,13 @@ static inline __attribute__((always_inline)) void QG_NAME(tile8)(const int fmt, 
     __m256 f0 = _mm256_setzero_ps(), f1 = f0, f2 = f0, f3 = f0;
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *wp = wg + b * QGROUP * (q4 ? QK / 2 : QK);
+        /* the stream QPF bytes ahead (across 4 KiB pages, where the hardware prefetchers stop) */
+        _mm_prefetch((const char *)(wp + QPF), _MM_HINT_T0);
+        _mm_prefetch((const char *)(wp + QPF + 64), _MM_HINT_T0);
+        if (!q4) {
+            _mm_prefetch((const char *)(wp + QPF + 128), _MM_HINT_T0);
+            _mm_prefetch((const char *)(wp + QPF + 192), _MM_HINT_T0);
+        }
         __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
         if (q4) {
             QG_GROUP4(0) QG_GROUP4(1) QG_GROUP4(2) QG_GROUP4(3)

@@ -49,6 +49,7 @@ The rules, per layer kind:
 from __future__ import annotations
 
 import functools
+import importlib.util
 import math
 import logging
 import re
@@ -101,11 +102,13 @@ SYNC_FREE = frozenset({AttentionKernel.TRITON, AttentionKernel.CPU, MoEKernel.TR
 
 @functools.lru_cache(maxsize=1)
 def triton_available() -> bool:
+    """Whether Triton is installed, without importing it: a CPU server that runs no Triton kernel
+    would otherwise map libtriton (~70 MB of its resident memory); the Triton kernels' modules
+    import it where a plan chooses them."""
     try:
-        import triton  # noqa: F401
-    except ImportError:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):
         return False
-    return True
 
 
 @functools.lru_cache(maxsize=1)

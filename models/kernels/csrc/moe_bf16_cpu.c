@@ -55,6 +55,16 @@ typedef struct {
     int64_t first, last;
 } bmoe_job_t;
 
+/* The address BPF weights ahead of W[r, kk] for a tile of R rows starting at W (rows `ldw` apart,
+ * K long): past the row's end, the same distance into row r + R, the next tile's: each tile's
+ * rows start in pages the hardware prefetchers have not seen (a 2.4B-model row of H bf16 is one
+ * 4 KiB page), and without this their first lines would be read cold, all R at once. Prefetches
+ * never fault: past the last row they are harmless. */
+static inline const char *ahead(const uint16_t *W, int64_t ldw, int64_t K, int r, int R, int64_t kk) {
+    const int64_t p = kk + BPF;
+    return (const char *)(p < K ? W + r * ldw + p : W + (r + R) * ldw + (p - K));
+}
+
 /* 16 bf16 -> two float32 vectors (elements 0-7, 8-15) */
 static inline __attribute__((always_inline)) void bf16x16(const uint16_t *p, __m256 *lo, __m256 *hi) {
     const __m256i raw = _mm256_loadu_si256((const __m256i *)p);
@@ -85,7 +95,7 @@ static inline __attribute__((always_inline)) void btile(const int mr, const floa
         __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00,
                a31 = a00;
         for (int64_t kk = 0; kk < K; kk += 16) {
-            _mm_prefetch((const char *)(row + kk + BPF), _MM_HINT_T0);
+            _mm_prefetch(ahead(W, ldw, K, c, 1, kk), _MM_HINT_T0);
             __m256 w0, w1;
             bf16x16(row + kk, &w0, &w1);
             B_FMA(0) B_FMA(1) B_FMA(2) B_FMA(3)
@@ -107,10 +117,10 @@ static inline void btile_row(const float *x, const uint16_t *W, int64_t ldw, int
         __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00,
                a31 = a00;
         for (int64_t kk = 0; kk < K; kk += 16) {
-            _mm_prefetch((const char *)(r0 + kk + BPF), _MM_HINT_T0);
-            _mm_prefetch((const char *)(r1 + kk + BPF), _MM_HINT_T0);
-            _mm_prefetch((const char *)(r2 + kk + BPF), _MM_HINT_T0);
-            _mm_prefetch((const char *)(r3 + kk + BPF), _MM_HINT_T0);
+            _mm_prefetch(ahead(r0, ldw, K, 0, 4, kk), _MM_HINT_T0);
+            _mm_prefetch(ahead(r0, ldw, K, 1, 4, kk), _MM_HINT_T0);
+            _mm_prefetch(ahead(r0, ldw, K, 2, 4, kk), _MM_HINT_T0);
+            _mm_prefetch(ahead(r0, ldw, K, 3, 4, kk), _MM_HINT_T0);
             const __m256 x0 = _mm256_loadu_ps(x + kk), x1 = _mm256_loadu_ps(x + kk + 8);
             __m256 w0, w1;
             R_FMA(0) R_FMA(1) R_FMA(2) R_FMA(3)
@@ -156,7 +166,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) static inline __attribute__
 #pragma GCC unroll 8
         for (int r = 0; r < R; r++) {
             const uint16_t *q = W + r * ldw + kk;
-            _mm_prefetch((const char *)(q + BPF), _MM_HINT_T0);
+            _mm_prefetch(ahead(W, ldw, K, r, R, kk), _MM_HINT_T0);
             w[r] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)q)), 16));
         }
 #pragma GCC unroll 4
@@ -188,7 +198,7 @@ drows(const int mr, const int R, const uint32_t *x2, int64_t ldx2, const uint16_
 #pragma GCC unroll 8
         for (int r = 0; r < R; r++) {
             const uint16_t *q = W + r * ldw + kk;
-            _mm_prefetch((const char *)(q + BPF), _MM_HINT_T0);
+            _mm_prefetch(ahead(W, ldw, K, r, R, kk), _MM_HINT_T0);
             w[r] = (__m512bh)_mm512_loadu_si512((const void *)q);
         }
 #pragma GCC unroll 4

@@ -260,6 +260,19 @@ def test_quantized_load_keeps_only_the_quantized_weights(tmp_path):
         assert rel_err(a, b) < 0.05  # random weights, 64 wide: int8 weights and activations, 3 layers
 
 
+def test_int4_keeps_the_lm_head_in_int8():
+    """--quantization int4 is llama-quantize Q4_0's mix: the LM head in int8 (Q4_0 keeps it in
+    Q6_K), everything else 4 bits; the plan counts the real bytes and says so."""
+    needs_kernels()
+    model = load_model(str(BUNDLED), progress=False, quantization="int4")
+    fmts = {n: q.fmt for n, q in model.quantized.items()}
+    assert fmts.pop("lm_head.weight") == "int8" and set(fmts.values()) == {"int4"}
+    assert {"layers.0.attn.qkv.weight", "layers.0.moe.w13"} <= set(fmts)
+    plan = model.kernel_plan
+    assert plan.quantized_bytes == sum(q.nbytes for q in model.quantized.values())
+    assert plan.to_dict()["quantization"] == "int4" and "int8: lm_head.weight" in plan.table()
+
+
 def test_quantized_bundled_model_is_batch_invariant():
     """Greedy tokens of a prompt do not depend on the prompts batched with it (int4; the random
     model above runs int8)."""

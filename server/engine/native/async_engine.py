@@ -196,9 +196,11 @@ class AsyncEngine:
                     self._fail_all(EngineDeadError(self._dead))
                     return
                 continue
+            # the metrics first: a client that has its last token and then scrapes /metrics finds
+            # the step counted (the routing counters, the finished request's histograms)
+            self._record(stats, finished, routing)
             for out in outputs:
                 self._deliver(out)
-            self._record(stats, finished, routing)
         self._fail_all(EngineDeadError("engine stopped"))
 
     def _record(self, stats, finished, routing) -> None:

@@ -100,15 +100,22 @@ SYNC_FREE = frozenset({AttentionKernel.TRITON, AttentionKernel.CPU, MoEKernel.TR
                        MoEKernel.CPU})
 
 
-@functools.lru_cache(maxsize=1)
-def triton_available() -> bool:
-    """Whether Triton is installed, without importing it: a CPU server that runs no Triton kernel
-    would otherwise map libtriton (~70 MB of its resident memory); the Triton kernels' modules
-    import it where a plan chooses them."""
+@functools.lru_cache(maxsize=2)
+def triton_available(load: bool = True) -> bool:
+    """Whether Triton imports (`load`: a GPU plan, whose kernels are Triton's), or, without
+    importing it, whether it is installed (the CPU, where a plan runs Triton only under the
+    interpreter when asked: importing it would map libtriton, ~70 MB of a CPU server's resident
+    memory; the Triton kernels' modules import it where a plan chooses them)."""
+    if not load:
+        try:
+            return importlib.util.find_spec("triton") is not None
+        except (ImportError, ValueError):
+            return False
     try:
-        return importlib.util.find_spec("triton") is not None
-    except (ImportError, ValueError):
+        import triton  # noqa: F401
+    except ImportError:
         return False
+    return True
 
 
 @functools.lru_cache(maxsize=1)
@@ -158,7 +165,7 @@ class Capabilities:
         from models.kernels import cpu_ops
 
         threading = None if cpu_kernels == "off" else cpu_ops.load(cpu_kernels)
-        return cls(device.type, triton=triton_available(), cpu_kernels=threading, onednn=onednn_available(),
+        return cls(device.type, triton=triton_available(load=False), cpu_kernels=threading, onednn=onednn_available(),
                    cpu_kernels_origin=cpu_ops.origin() if threading else None)
 
 

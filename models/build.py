@@ -276,16 +276,15 @@ def load_model(path: str, dtype: str = "auto", device: str = "auto", progress: b
         model.lm_head.weight = model.embed.weight
     if gguf is not None:
         gguf.load(model, weight_map, model.quantized, model.qweights)
-        if plan is not None and len(set(formats.values())) > 1:  # the plan counted one format: the real bytes
-            plan = dataclasses.replace(plan, quantized_bytes=sum(q.nbytes for q in model.quantized.values()),
-                                       notes=plan.notes + (gguf.describe_formats(formats),))
+        mixed = gguf.describe_formats(formats) if len(set(formats.values())) > 1 else None
         gguf.close()
     else:
         load_weights(model, path, weight_map, progress=progress, quant=spec,
                      quantized=model.quantized, qparams=model.qweights)
-        if plan is not None and formats:  # the plan counted one format: the real bytes
-            plan = dataclasses.replace(plan, quantized_bytes=sum(q.nbytes for q in model.quantized.values()),
-                                       notes=plan.notes + (mix_note(formats),))
+        mixed = mix_note(formats) if formats else None
+    if plan is not None and mixed:  # the plan counted one format: the real bytes
+        plan = dataclasses.replace(plan, quantized_bytes=sum(q.nbytes for q in model.quantized.values()),
+                                   notes=plan.notes + (mixed,))
     model.eval().requires_grad_(False)  # inference only: no autograd graph, whoever calls it
     if plan is not None:
         model.apply_plan(model.with_weight_bytes(plan))

@@ -131,15 +131,20 @@ def compilers() -> tuple[str, str] | None:
     return (cc, cxx) if cc and cxx else None
 
 
+def _mapped_omp_libraries() -> set[str]:
+    """Paths of the OpenMP runtimes mapped into this process (/proc/self/maps; none where unreadable)."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return set()
+    return {line.split()[-1] for line in maps.splitlines() if "omp" in line and "/" in line}
+
+
 def torch_runs_gomp() -> bool:
     """Whether PyTorch's OpenMP runtime is a mapped `libgomp.so.1`: then a library built with
     -fopenmp binds to that same runtime (one thread pool, already warm) instead of bringing a
     second one whose threads would spin beside PyTorch's (Linux; False where it cannot tell)."""
-    try:
-        maps = Path("/proc/self/maps").read_text()
-    except OSError:
-        return False
-    names = {Path(line.split()[-1]).name for line in maps.splitlines() if "omp" in line and "/" in line}
+    names = {Path(p).name for p in _mapped_omp_libraries()}
     return "libgomp.so.1" in names and not any("iomp" in n or n.startswith("libgomp-") for n in names)
 
 
@@ -153,13 +158,7 @@ def release_openmp_threads() -> bool:
     model's int4 decode step, 2 threads on 2 cores: 15.4 ms on a second thread vs 12.1 ms on the
     loading thread; 13.4 ms after this). The pool comes back if this thread runs parallel work
     again. Returns whether a libgomp was found and released it (False elsewhere: a no-op)."""
-    try:
-        maps = Path("/proc/self/maps").read_text()
-    except OSError:
-        return False
-    libs = sorted({line.split()[-1] for line in maps.splitlines()
-                   if "/" in line and Path(line.split()[-1]).name.startswith("libgomp")})
-    for path in libs:
+    for path in sorted(p for p in _mapped_omp_libraries() if Path(p).name.startswith("libgomp")):
         try:
             lib = ctypes.CDLL(path)
             pause = lib.omp_pause_resource_all

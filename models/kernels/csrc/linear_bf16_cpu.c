@@ -466,12 +466,7 @@ int linear_bf16(const float *x, int64_t ldx, const uint16_t *W, const float *bia
     if (isa == BF_AVX512BF16) {
         x2 = (uint32_t *)malloc((size_t)(M * K2) * sizeof(uint32_t));
         if (!x2) return 1;
-        for (int64_t m = 0; m < M; m++)
-            for (int64_t k2 = 0; k2 < K2; k2++) {
-                const uint32_t lo = to_bf16(x[m * ldx + 2 * k2]);
-                const uint32_t up = 2 * k2 + 1 < K ? to_bf16(x[m * ldx + 2 * k2 + 1]) : 0;
-                x2[m * K2 + k2] = lo | (up << 16);
-            }
+        bf16_pairs(x, ldx, M, K, x2);
     }
     float *buf = NULL;
     if (isa == BF_AVX2 && M > BMR) {

@@ -283,9 +283,7 @@ static void bmoe_items(const bmoe_job_t *J) {
                     float *a = J->act + (p0 + m + i) * I + j * BCH;
                     silu_mul16(g + i * BCH, u + i * BCH, a);
                     if (J->act2) /* the next phase's operand: bf16 pairs */
-                        for (int c = 0; c < BCH; c += 2)
-                            J->act2[(p0 + m + i) * (I / 2) + (j * BCH + c) / 2] =
-                                (uint32_t)to_bf16(a[c]) | ((uint32_t)to_bf16(a[c + 1]) << 16);
+                        bf16_pairs(a, BCH, 1, BCH, J->act2 + (p0 + m + i) * (I / 2) + j * BCH / 2);
                 }
             } else {
                 tile16(J, mr, J->act + (p0 + m) * I, J->act2 ? J->act2 + (p0 + m) * (I / 2) : NULL, I,
@@ -346,10 +344,7 @@ int moe_fused_bf16(const float *x, const int64_t *topk_ids, const float *topk_w,
     for (int64_t p = 0; p < P; p++) /* stable: pairs of e in (t, s) order */
         if (topk_w[p] != 0.f) pair[start[topk_ids[p] + 1]++] = p;
     for (int64_t q = 0; q < start[E]; q++) memcpy(xs + q * H, x + (pair[q] / k) * H, (size_t)H * sizeof(float));
-    if (x2)
-        for (int64_t q = 0; q < start[E]; q++)
-            for (int64_t h = 0; h < H; h += 2)
-                x2[q * (H / 2) + h / 2] = (uint32_t)to_bf16(xs[q * H + h]) | ((uint32_t)to_bf16(xs[q * H + h + 1]) << 16);
+    if (x2) bf16_pairs(xs, H, start[E], H, x2);
     bmoe_job_t base = {k, E, H, I, w13, w2, start, pair, xs, act, ys, x2, x2 ? x2 + P * (H / 2) : NULL, isa, 0, 0, 0};
     bmoe_phase(&base, 0, nthreads);
     bmoe_phase(&base, 1, nthreads);

@@ -140,6 +140,18 @@ static inline uint16_t to_bf16(float f) {
     return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1)) >> 16);
 }
 
+/* rows x [M, K] (`ldx` apart) -> bf16 pairs x2 [M, ceil(K/2)]: (k, k + 1) in one uint32, k in the
+ * low half (the operand layout of VDPBF16PS); an odd K's last pair has 0 in its high half */
+static inline void bf16_pairs(const float *x, int64_t ldx, int64_t M, int64_t K, uint32_t *x2) {
+    const int64_t K2 = (K + 1) / 2;
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t k2 = 0; k2 < K2; k2++) {
+            const uint32_t lo = to_bf16(x[m * ldx + 2 * k2]);
+            const uint32_t up = 2 * k2 + 1 < K ? to_bf16(x[m * ldx + 2 * k2 + 1]) : 0;
+            x2[m * K2 + k2] = lo | (up << 16);
+        }
+}
+
 #define MAX_THREADS 64
 
 typedef void *(*job_fn_t)(void *);

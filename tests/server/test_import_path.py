@@ -38,3 +38,25 @@ def test_the_production_factory_ignores_the_fault_variable(monkeypatch) -> None:
     core, _ = build_native_core(EngineConfig(num_kv_blocks=16, max_model_len=64, dtype="float32"), progress=False)
     assert core.fault_hook is None
     assert not [p for p in (REPO / "server").rglob("*.py") if "FAULT_INJECT" in p.read_text()]
+
+
+def test_a_started_server_holds_neither_sympy_nor_xgrammar() -> None:
+    """Memory: loading a model and building the app import neither sympy (PyTorch's Python
+    empty_like of meta tensors imported it through torch.fx's symbolic shapes, ~28 MB) nor
+    xgrammar (~45 MB with its libraries) until a grammar is compiled; then xgrammar loads."""
+    code = ("import sys, asyncio\n"
+            "from server.config import EngineConfig, ServerConfig\n"
+            "from server.engine.factory import build_engine\n"
+            "from server.app import create_app\n"
+            "from server.engine.structured.spec import json_schema_spec\n"
+            "cfg = ServerConfig(engine=EngineConfig(num_kv_blocks=16, max_model_len=64, dtype='float32'))\n"
+            "engine = build_engine(cfg.engine)\n"
+            "app = create_app(engine, cfg)\n"
+            "asyncio.run(engine.start())\n"
+            "print(sorted(m for m in ('sympy', 'torch.fx.experimental.symbolic_shapes', 'xgrammar') if m in sys.modules))\n"
+            "app.state.serving.grammars.compiler.compile(json_schema_spec({'type': 'integer'}, 'response_format'))\n"
+            "print('xgrammar' in sys.modules)\n"
+            "asyncio.run(engine.shutdown())\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["[]", "True"], r.stdout

@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 
+from models.build import trim_host_heap
 from models.kernels.cpu_build import release_openmp_threads
 from server.engine.admission import InFlight
 from server.engine.native.core import EngineCore, StepError
@@ -58,6 +59,7 @@ class AsyncEngine:
             # the steps run on the engine thread: this thread's OpenMP workers (from loading the
             # model) would cut the engine thread's workers' spinning to ~100 loops (cpu_build.py)
             release_openmp_threads()
+            trim_host_heap()  # what loading freed goes back before serving (RSS)
             self._thread = threading.Thread(target=self._loop, name="engine-core", daemon=True)
             self._thread.start()
 

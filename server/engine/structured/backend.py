@@ -20,8 +20,6 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-import xgrammar as xgr
-
 from server.engine.structured.grammar_check import dead_rules
 from server.engine.structured.spec import StructuredSpec, StructuredSpecError, choice_grammar
 
@@ -33,6 +31,14 @@ _CPP_PREFIX = re.compile(r"^\[[0-9:.]+\]\s+\S+:\d+:\s*")
 # section "Numbers behind code choices"); the server runs compiles in parallel processes instead
 # (compile_pool.py)
 COMPILE_THREADS = 1
+
+
+def xgr() -> Any:
+    """The xgrammar module, imported on first use: a server that never sees a structured request
+    does not hold it (about 45 MB of resident memory with its libraries)."""
+    import xgrammar
+
+    return xgrammar
 _JSON_OBJECT = '{"type": "object"}'
 
 
@@ -91,7 +97,7 @@ class GrammarCompiler:
         """The xgrammar TokenizerInfo (built on first use)."""
         with self._lock:
             if self._info is None:
-                self._info = xgr.TokenizerInfo.from_huggingface(
+                self._info = xgr().TokenizerInfo.from_huggingface(
                     self._tokenizer, vocab_size=self.vocab_size, stop_token_ids=list(self._stop) or None)
                 self.stop_token_ids = tuple(self._info.stop_token_ids)
             return self._info
@@ -100,7 +106,7 @@ class GrammarCompiler:
         info = self.tokenizer_info()
         with self._lock:
             if self._compiler is None:
-                self._compiler = xgr.GrammarCompiler(info, max_threads=self._threads, cache_enabled=False)
+                self._compiler = xgr().GrammarCompiler(info, max_threads=self._threads, cache_enabled=False)
             return self._compiler
 
     def compile(self, spec: StructuredSpec) -> CompiledStructure:

@@ -43,7 +43,6 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
-from server.engine.structured import compile_worker
 from server.engine.structured.backend import COMPILE_THREADS, CompiledStructure, GrammarCompiler, GrammarError
 from server.engine.structured.spec import StructuredSpec
 
@@ -304,7 +303,7 @@ class CompilePool:
             if self._info_json is None:
                 self._info_json = self.compiler.tokenizer_info().serialize_json()
         parent, child = self._ctx.Pipe(duplex=True)
-        proc = self._ctx.Process(target=compile_worker.serve, name=f"moe-serve-grammar-{slot.index}", daemon=True,
+        proc = self._ctx.Process(target=_worker().serve, name=f"moe-serve-grammar-{slot.index}", daemon=True,
                                  args=(child, self._info_json, self.compiler.vocab_size, COMPILE_THREADS,
                                        self.max_grammar_bytes))
         try:
@@ -333,7 +332,7 @@ def _preload() -> list[str]:
     """What the forkserver imports once, for every compile process it forks: the worker (and
     xgrammar), and the main module, which multiprocessing re-runs in each child (for
     `python -m server.cli`: server.cli; its imports are then already done in the fork)."""
-    modules = [compile_worker.__name__]
+    modules = [_worker().__name__]
     name = getattr(getattr(sys.modules.get("__main__"), "__spec__", None), "name", None)
     if name and name != "__main__" and not name.endswith(".__main__"):
         modules.append(name)
@@ -348,3 +347,10 @@ def _lower_priority(tid: int) -> None:
     except (AttributeError, OSError):
         pass
 
+
+def _worker() -> Any:
+    """compile_worker, imported when the first compile process starts: it imports xgrammar, which
+    a server that never compiles a grammar does not load."""
+    from server.engine.structured import compile_worker
+
+    return compile_worker

@@ -38,6 +38,20 @@ from models.layers.shortcut import ShortcutDecoderLayer
 STATE_MIXERS: dict[str, type[nn.Module]] = {"linear": GatedDeltaNet, "mamba": Mamba2Mixer, "kda": KimiDeltaAttention}
 
 
+def fused_ops(plan: KernelPlan) -> tuple:
+    """(rmsnorm, add_rmsnorm, rope_write_kv) for the layers the plan fuses: the C ops on the CPU
+    (KernelPlan.fused_ops "cpu"; registered with the C kernels the plan found), else the Triton ops
+    (rope_write_kv None: attention.py takes Triton's); three Nones when no layer is fused."""
+    if not any(lk.fused_norms or lk.fused_rope for lk in plan.layers):
+        return (None, None, None)
+    ops = torch.ops.moe_serve
+    if plan.fused_ops == "cpu":
+        return (ops.rmsnorm_cpu, ops.add_rmsnorm_cpu, ops.rope_write_kv_cpu)
+    from models.kernels import triton_ops  # noqa: F401 - registers torch.ops.moe_serve.*_triton
+
+    return (ops.rmsnorm_triton, ops.add_rmsnorm_triton, None)
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: MoEModelConfig, idx: int, rotary: RotaryEmbedding):
         super().__init__()
@@ -54,15 +68,15 @@ class DecoderLayer(nn.Module):
             self.moe = MoEBlock(cfg, idx)
         else:
             self.mlp = DenseMLP(cfg.hidden_size, cfg.dense_intermediate_size, bias=cfg.mlp_bias)
-        self.fused_norms = False  # Triton RMSNorm (+ residual add): the kernel plan's choice
+        self.fused_norms = False  # RMSNorm (+ residual add) in one op: the kernel plan's choice
+        self.norm_ops: tuple = ()  # (rmsnorm, add_rmsnorm): Triton's or the C ops (KernelPlan.fused_ops)
 
     def forward(self, x, cos_sin, meta, cache, capture, positions=None):
         if self.fused_norms:  # residual_multiplier == 1 (the plan checks)
-            ops = torch.ops.moe_serve
-            a = self.attn(ops.rmsnorm_triton(x, self.input_norm.weight, self.input_norm.eps), cos_sin, meta, cache,
-                          positions)
+            rmsnorm, add_rmsnorm = self.norm_ops
+            a = self.attn(rmsnorm(x, self.input_norm.weight, self.input_norm.eps), cos_sin, meta, cache, positions)
             # x += a; h = norm(x)
-            h, x = ops.add_rmsnorm_triton(a, x, self.post_attn_norm.weight, self.post_attn_norm.eps)
+            h, x = add_rmsnorm(a, x, self.post_attn_norm.weight, self.post_attn_norm.eps)
         else:
             h = self.attn(self.input_norm(x), cos_sin, meta, cache, positions)
             x = x + (h * self.residual_multiplier if self.residual_multiplier != 1.0 else h)
@@ -202,10 +216,9 @@ class MoEForCausalLM(nn.Module):
                 self._packed[key] = PackedWeight(weight, layout, index)
             return self._packed[key]
 
-        if any(lk.fused_norms or lk.fused_rope for lk in plan.layers):
-            from models.kernels import triton_ops  # noqa: F401 - registers torch.ops.moe_serve.*_triton
+        ops = fused_ops(plan)
         for layer, lk in zip(self.layers, plan.layers):
-            layer.fused_norms = lk.fused_norms
+            layer.fused_norms, layer.norm_ops = lk.fused_norms, ops[:2]
             attn = layer.attn
             qkv = packed(attn.qkv.weight, lk.qkv) if hasattr(attn, "qkv") else None
             o = packed(attn.o_proj.weight, lk.o) if hasattr(attn, "qkv") else None
@@ -215,6 +228,7 @@ class MoEForCausalLM(nn.Module):
                 qkv = {n: packed(getattr(attn, n).weight, lk.qkv) for n in attn.PACKED if hasattr(attn, n)}
                 o = packed(attn.o_proj.weight, lk.o)
             attn.apply_kernels(lk, qkv, o)
+            attn.rope_op = ops[2] if lk.fused_rope else None
             if layer.is_moe:
                 b = layer.moe
                 w13 = ([packed(b.w13, lk.gate_up, e) for e in range(b.num_experts)]
@@ -293,7 +307,7 @@ class MoEForCausalLM(nn.Module):
             else:
                 x = layer(x, cos_sin, meta, cache, capture, positions)
         if self.layers and self.layers[0].fused_norms:
-            return torch.ops.moe_serve.rmsnorm_triton(x, self.norm.weight, self.norm.eps)
+            return self.layers[0].norm_ops[0](x, self.norm.weight, self.norm.eps)
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

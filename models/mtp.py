@@ -40,7 +40,7 @@ from models.kernels.plan import KernelPlan, LinearLayout, MoEKernel
 from models.layers.mla import MLAttention
 from models.layers.norm import RMSNorm
 from models.loader import checkpoint_files
-from models.model import DecoderLayer
+from models.model import DecoderLayer, fused_ops
 from models.layers.paged import AttentionMetadata, KVCache
 from models.weight_map import WeightMap
 
@@ -188,8 +188,7 @@ class MultiTokenPredictor(nn.Module):
         if not moe_layers:
             raise UnsupportedModelError("MTP layers need a target with MoE layers")
         lk = moe_layers[-1]
-        if lk.fused_norms or lk.fused_rope:
-            from models.kernels import triton_ops  # noqa: F401 - registers torch.ops.moe_serve.*_triton
+        ops = fused_ops(plan)
         # (the MTP layers' own weights are float: a layout the target keeps quantized is plain here)
         float_layout = (LinearLayout.PLAIN, LinearLayout.QUANTIZED)
 
@@ -199,7 +198,7 @@ class MultiTokenPredictor(nn.Module):
         for mtp_layer in self.layers:
             layer: Any = mtp_layer
             block: Any = layer.block
-            block.fused_norms = lk.fused_norms
+            block.fused_norms, block.norm_ops = lk.fused_norms, ops[:2]
             attn = block.attn
             qkv: Any = None
             o = None
@@ -209,6 +208,7 @@ class MultiTokenPredictor(nn.Module):
             elif hasattr(attn, "qkv"):
                 qkv, o = packed(attn.qkv.weight, lk.qkv), packed(attn.o_proj.weight, lk.o)
             attn.apply_kernels(lk, qkv, o)
+            attn.rope_op = ops[2] if lk.fused_rope else None
             b = block.moe
             w13 = ([PackedWeight(b.w13, lk.gate_up, e) for e in range(b.num_experts)]
                    if lk.gate_up not in float_layout else None)

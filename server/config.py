@@ -167,7 +167,7 @@ class EngineConfig:
         "auto", "MoE experts kernel (auto: Triton on CUDA, the C kernel on a float32 CPU, else loop)")
     cpu_linear_layout: LinearChoice = option(
         "auto", "packed copies of CPU linear weights (auto: the best layout while the copies stay under 1 GiB)")
-    fused_ops: FusedOpsChoice = option("auto", "fused RMSNorm and rotary + KV store (auto: Triton on CUDA)")
+    fused_ops: FusedOpsChoice = option("auto", "fused RMSNorm and rotary + KV store (auto: Triton on CUDA, the C ops on a float32 CPU model)")
     cpu_kernels: CpuKernelsChoice = option(
         "auto", "the C kernels' threads (auto: PyTorch's OpenMP pool where possible; off: never build them)")
     # weights quantized at load and kept quantized (native engine; models/kernels/quant.py, models/quant)

@@ -3,6 +3,7 @@
     python -m loadtest llamacpp [--model mixtral-140m|mixtral-2.4b|DIR] [--formats F16,Q8_0,Q4_0]
         [--float-dtype auto|bfloat16|float32] [--threads 2] [--runs 3] [--concurrency 1,16]
     python -m loadtest llamacpp --perplexity [--ctx 256]     # quality: loadtest/benches/llamacpp_ppl.py
+    python -m loadtest llamacpp --decode-ab [--rounds 7]     # batch-1 decode interleaved: llamacpp_decode_ab.py
 
 MEASURE ON A QUIET MACHINE: llama.cpp's spinning threads lose badly when another process takes
 a core, and so does any 2-thread server; the load average is recorded before every measurement.
@@ -200,9 +201,16 @@ def main(argv: list[str] | None = None) -> int:
 
         rest = [a for a in (sys.argv[2:] if argv is None else argv) if a != "--perplexity"]
         return llamacpp_ppl.main(rest)
+    if argv is not None and "--decode-ab" in argv or argv is None and "--decode-ab" in sys.argv:
+        from loadtest.benches import llamacpp_decode_ab
+
+        rest = [a for a in (sys.argv[2:] if argv is None else argv) if a != "--decode-ab"]
+        return llamacpp_decode_ab.main(rest)
     ap = argparse.ArgumentParser(prog="python -m loadtest llamacpp", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--perplexity", action="store_true", help="the quality comparison instead (llamacpp_ppl.py)")
+    ap.add_argument("--decode-ab", action="store_true",
+                    help="batch-1 decode interleaved with llama-bench instead (llamacpp_decode_ab.py)")
     ap.add_argument("--model", default="mixtral-140m", help="mixtral-140m, mixtral-2.4b or a checkpoint directory")
     ap.add_argument("--formats", default="F16,Q8_0,Q4_0", help="llama.cpp types (F16, Q8_0, Q4_0), each against "
                     "moe-serve at the same bits")

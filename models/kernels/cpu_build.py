@@ -32,7 +32,8 @@ import torch
 log = logging.getLogger(__name__)
 
 C_SOURCES: tuple[str, ...] = ("paged_attention_cpu.c", "moe_cpu.c", "linear_cpu.c", "mla_decode_cpu.c",
-                              "linear_quant_cpu.c", "moe_quant_cpu.c", "moe_bf16_cpu.c", "linear_bf16_cpu.c")
+                              "linear_quant_cpu.c", "moe_quant_cpu.c", "moe_bf16_cpu.c", "linear_bf16_cpu.c",
+                              "norm_rope_cpu.c")
 CXX_SOURCES = ("ops.cpp",)
 HEADERS: tuple[str, ...] = ("panel_gemm.h", "kernels.h", "quant_gemm.h", "quant_gemm_body.h")
 # hidden: the C entry points stay inside the library (ops.cpp calls them; two builds loaded in one

@@ -178,6 +178,18 @@ def _register_fakes(ns: str) -> None:
     def _(x, weight, bias):
         return x.new_empty(x.shape[0], 16 * weight.shape[0])
 
+    @fake("rmsnorm_cpu")
+    def _(x, weight, eps):
+        return x.new_empty(x.shape)
+
+    @fake("add_rmsnorm_cpu")
+    def _(x, residual, weight, eps):
+        return x.new_empty(x.shape), x.new_empty(x.shape)
+
+    @fake("rope_write_kv_cpu")
+    def _(qkv, cos, sin, k_cache, v_cache, slot_mapping, num_heads, num_kv_heads, head_dim, q_norm, k_norm, eps):
+        return qkv.new_empty(qkv.shape[0], num_heads, head_dim)
+
 
 def available(namespace: str = cpu_build.NAMESPACE) -> bool:
     """Whether the ops of `namespace` are loaded in this process (a successful `load`)."""

@@ -14,7 +14,7 @@ MoEChoice = Literal["auto", "triton", "grouped_mm", "cpu", "loop", "reference"]
 # "auto": the best packed layout built here while the packed copies stay within the budget;
 # "packed": the best layout whatever the size; "panels" / "onednn": that layout; "plain": none
 LinearChoice = Literal["auto", "packed", "panels", "onednn", "plain"]
-FusedOpsChoice = Literal["auto", "triton", "torch"]
+FusedOpsChoice = Literal["auto", "triton", "cpu", "torch"]
 # the C kernels' threads: PyTorch's OpenMP pool ("openmp") or their own ("pthreads"); "auto"
 # takes the pool where PyTorch runs libgomp; "off" never builds them (the PyTorch paths serve)
 CpuKernelsChoice = Literal["auto", "openmp", "pthreads", "off"]

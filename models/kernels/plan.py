@@ -177,8 +177,8 @@ class LayerKernels:
     # "mamba2", "linear (kimi delta attention)"
     attention_kind: str
     attention: AttentionKernel  # the decode kernel
-    fused_rope: bool  # q/k norm + rotary + KV store in one Triton launch
-    fused_norms: bool  # Triton RMSNorm with the residual add
+    fused_rope: bool  # q/k norm + rotary + KV store in one op (KernelPlan.fused_ops: Triton or C)
+    fused_norms: bool  # RMSNorm with the residual add in one op
     qkv: LinearLayout  # GQA layers' q/k/v and o projections (MLA: its q, q_a, q_b and kv_a projections, and o)
     o: LinearLayout
     expert_kind: str | None  # "swiglu", or the family variant ("biased clamped swiglu", ...); None: dense MLP
@@ -224,6 +224,9 @@ class KernelPlan:
     cpu_tier_in_place: bool = False
     lm_head_format: str = "bf16"  # the LM head's WeightFormat
     weight_bytes: int = 0  # resident weights (quantized + float), once the model holds them; 0: not counted
+    # what runs the layers' fused_rope / fused_norms: "triton" (CUDA; the interpreter in tests) or
+    # "cpu" (the C ops of csrc/norm_rope_cpu.c, float32)
+    fused_ops: str = "triton"
 
     def placed_kernel(self, device_type: str) -> MoEKernel:
         return dict(self.placed_moe)[device_type]
@@ -278,6 +281,7 @@ class KernelPlan:
                  f"{'yes' if caps.triton else 'no'}; flags: {_flags_text(self.flags)})",
                  "| layers | attention | fused rope / norms | q/k/v, o | experts | expert gate+up | weights |",
                  "|---|---|---|---|---|---|---|"]
+        fused = "C" if self.fused_ops == "cpu" else "Triton"
         for first, last, lk in self.layer_groups():
             experts = ("dense MLP" + (f" ({weights_label(lk.quant)})" if lk.mlp == LinearLayout.QUANTIZED else "")
                        if lk.moe is None else f"{lk.expert_kind}: {lk.moe.value}" + (
@@ -286,7 +290,7 @@ class KernelPlan:
                 f"; shared expert: {lk.shared.value}" if lk.shared not in (LinearLayout.PLAIN, LinearLayout.QUANTIZED)
                 else ""))
             lines.append(f"| {first}-{last} | {lk.attention_kind}: {lk.attention.value} | "
-                         f"{'yes' if lk.fused_rope else 'no'} / {'yes' if lk.fused_norms else 'no'} | "
+                         f"{fused if lk.fused_rope else 'no'} / {fused if lk.fused_norms else 'no'} | "
                          f"{_lv(lk.qkv, lk)}, {_lv(lk.o, lk)} | {experts}{_quant_note(lk)} | "
                          f"{lk.gate_up.value if lk.moe == MoEKernel.LOOP or lk.moe_large else '-'} | "
                          f"{_formats_text(lk)} |")
@@ -328,6 +332,7 @@ class KernelPlan:
                        for first, last, lk in self.layer_groups()],
             "lm_head": self.lm_head.value, "placed_moe": {d: k.value for d, k in self.placed_moe},
             "packed_bytes": self.packed_bytes, "cuda_graphs": self.cuda_graphs, "experts_placed": self.experts_placed,
+            "fused_ops": self.fused_ops if any(lk.fused_rope or lk.fused_norms for lk in self.layers) else None,
             "notes": list(self.notes), "quantization": self.quantization, "quantized_bytes": self.quantized_bytes,
             "weights": weights_label(self.quantization) if self.quantization else self.dtype,
             "cpu_tier": None if not self.cpu_tier else {"format": self.cpu_tier, "bytes": self.cpu_tier_bytes,
@@ -605,9 +610,17 @@ def resolve_plan(cfg: MoEModelConfig, device: torch.device, dtype: torch.dtype, 
         quant = {g: on and bool(quantized_groups.get(g)) for g, on in quant.items()}
     if quantization:
         _check_quantization(quantization, flags, caps, dtype)
-    fused = (caps.device_type == "cuda" and caps.triton) if flags.fused_ops == "auto" else flags.fused_ops == "triton"
-    if fused and not caps.triton:
+    # the C ops on the CPU: float32 rows (a bf16-compute model keeps the PyTorch ops)
+    c_fused = caps.device_type == "cpu" and caps.cpu_kernels is not None and dtype == torch.float32
+    fused_ops = ("triton" if caps.device_type == "cuda" and caps.triton else "cpu" if c_fused else None) \
+        if flags.fused_ops == "auto" else flags.fused_ops if flags.fused_ops != "torch" else None
+    if fused_ops == "triton" and not caps.triton:
         raise KernelPlanError("--fused-ops triton: Triton is not installed")
+    if fused_ops == "cpu" and not c_fused:
+        raise KernelPlanError("--fused-ops cpu: the C ops serve float32 models on the CPU with the C kernels built "
+                              f"(here: {caps.device_type}, {str(dtype).removeprefix('torch.')}, C kernels "
+                              f"{'built' if caps.cpu_kernels else 'not built'})")
+    fused = fused_ops is not None
     plain_attention = _attention(flags, caps, dtype)
     plain_moe = _moe(flags, caps, dtype, cfg)
     variant = cfg.expert_bias or cfg.swiglu_limit is not None or cfg.expert_input_scaling
@@ -732,7 +745,7 @@ def resolve_plan(cfg: MoEModelConfig, device: torch.device, dtype: torch.dtype, 
         layers=tuple(layers), lm_head=lm_head, placed_moe=placed_moe,
         packed_bytes=extra if pack else 0, cuda_graphs=graphs, notes=tuple(notes), quantization=quantization,
         quantized_bytes=quantized_bytes(cfg, quantization, tuple(layers), lm_head) if quantization else 0,
-        lm_head_format=_group_format(qf, ["lm_head.weight"]))
+        lm_head_format=_group_format(qf, ["lm_head.weight"]), fused_ops=fused_ops or "triton")
 
 
 FP8_FORMATS = frozenset({"fp8_block", "fp8_channel", "fp8_tensor"})

@@ -106,6 +106,7 @@ class Attention(nn.Module):
         # store in one Triton launch, packed copies of the qkv and o weights (CPU)
         self.decode_kernel: AttentionKernel | None = None
         self.fused_rope = False
+        self.rope_op = None  # the C op on the CPU (KernelPlan.fused_ops "cpu"); None: the Triton op
         self.packed_qkv: PackedWeight | None = None
         self.packed_o: PackedWeight | None = None
         # an fp8 KV cache's per-tensor scales (vLLM's k_scale / v_scale): 1.0 unless the
@@ -177,10 +178,11 @@ class Attention(nn.Module):
         # stores the model dtype
         converts = cache[0].dtype != x.dtype
         if self.fused_rope and not converts:  # k and v go straight into the cache; only q comes back
-            from models.kernels import triton_ops  # noqa: F401 - registers the op
+            if self.rope_op is None:
+                from models.kernels import triton_ops  # noqa: F401 - registers the op
 
             head = self.qk_norm == "head"
-            q = torch.ops.moe_serve.rope_write_kv_triton(
+            q = (self.rope_op or torch.ops.moe_serve.rope_write_kv_triton)(
                 self._qkv(x), *cos_sin, *cache, meta.slot_mapping, self.num_heads, self.num_kv_heads, self.head_dim,
                 self.q_norm.weight if head else None, self.k_norm.weight if head else None,
                 self.q_norm.eps if head else 1e-6)

@@ -81,6 +81,14 @@ int bf16_isa_set(int level);
 int bf16_isa_get(void);
 int linear_bf16(const float *x, int64_t ldx, const uint16_t *W, const float *bias, float *y, int64_t M, int64_t N,
                 int64_t K, int nthreads);
+/* RMSNorm (after a residual add: res non-NULL, the sum stored into `sum`) and rotary + KV store,
+ * float32 rows (norm_rope_cpu.c) */
+void rmsnorm_f32(const float *x, int64_t ldx, const float *res, int64_t ldr, const float *w, float *out,
+                 int64_t ldo, float *sum, int64_t lds, int64_t T, int64_t N, float eps);
+int rope_write_kv_f32(const float *qkv, int64_t ldqkv, const float *cos, const float *sin, int64_t ldcs,
+                      float *k_cache, float *v_cache, int64_t num_slots, const int64_t *slots, float *q_out,
+                      int64_t T, int64_t H, int64_t KVH, int64_t D, const float *q_norm, const float *k_norm,
+                      float eps);
 
 #ifdef __cplusplus
 }

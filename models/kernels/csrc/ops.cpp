@@ -510,6 +510,81 @@ at::Tensor fp8_moe(const at::Tensor& x, const at::Tensor& topk_ids, const at::Te
     return out;
 }
 
+// -- RMSNorm and rotary + KV store (csrc/norm_rope_cpu.c) --------------------------------------
+static void check_rows(const at::Tensor& t, const char* name, int64_t N) {
+    check_f32_cpu(t, name);
+    TORCH_CHECK(t.dim() == 2 && t.size(1) == N && t.stride(1) == 1, name, " must be [T, ", N,
+                "] with contiguous rows");
+}
+
+at::Tensor rmsnorm_cpu_op(const at::Tensor& x, const at::Tensor& weight, double eps) {
+    check_f32_cpu(weight, "weight");
+    TORCH_CHECK(weight.dim() == 1 && weight.is_contiguous(), "rmsnorm: weight must be a contiguous [N] tensor");
+    const int64_t N = weight.size(0);
+    check_rows(x, "x", N);
+    at::Tensor out = at::empty({x.size(0), N}, x.options());
+    rmsnorm_f32(x.data_ptr<float>(), x.stride(0), nullptr, 0, weight.data_ptr<float>(), out.data_ptr<float>(), N,
+                nullptr, 0, x.size(0), N, static_cast<float>(eps));
+    return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> add_rmsnorm_cpu_op(const at::Tensor& x, const at::Tensor& residual,
+                                                      const at::Tensor& weight, double eps) {
+    check_f32_cpu(weight, "weight");
+    TORCH_CHECK(weight.dim() == 1 && weight.is_contiguous(), "add_rmsnorm: weight must be a contiguous [N] tensor");
+    const int64_t N = weight.size(0);
+    check_rows(x, "x", N);
+    check_rows(residual, "residual", N);
+    TORCH_CHECK(residual.size(0) == x.size(0), "add_rmsnorm: x and residual must have the same rows");
+    at::Tensor out = at::empty({x.size(0), N}, x.options()), sum = at::empty({x.size(0), N}, x.options());
+    rmsnorm_f32(x.data_ptr<float>(), x.stride(0), residual.data_ptr<float>(), residual.stride(0),
+                weight.data_ptr<float>(), out.data_ptr<float>(), N, sum.data_ptr<float>(), N, x.size(0), N,
+                static_cast<float>(eps));
+    return {out, sum};
+}
+
+at::Tensor rope_write_kv_cpu_op(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                                at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& slot_mapping,
+                                int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                                const std::optional<at::Tensor>& q_norm, const std::optional<at::Tensor>& k_norm,
+                                double eps) {
+    // qkv [T, (H + 2 KVH) D]; cos / sin [T, 1, D] (rows of D); caches [blocks, block_size, KVH, D]
+    const int64_t T = qkv.size(0), H = num_heads, KVH = num_kv_heads, D = head_dim;
+    check_rows(qkv, "qkv", (H + 2 * KVH) * D);
+    for (const at::Tensor* c : {&cos, &sin}) {
+        check_f32_cpu(*c, "cos/sin");
+        TORCH_CHECK(c->numel() == T * D && c->stride(-1) == 1 && (T <= 1 || c->stride(0) >= D),
+                    "rope_write_kv: cos and sin must hold T rows of ", D, " values");
+    }
+    for (const at::Tensor* c : {&k_cache, &v_cache}) {
+        check_f32_cpu(*c, "k_cache/v_cache");
+        TORCH_CHECK(c->is_contiguous() && c->dim() == 4 && c->size(2) == KVH && c->size(3) == D,
+                    "rope_write_kv: the caches must be contiguous [blocks, block_size, ", KVH, ", ", D, "]");
+    }
+    TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "rope_write_kv: the K and V caches differ in shape");
+    const at::Tensor slots = slot_mapping.to(at::kLong).contiguous();
+    TORCH_CHECK(slots.numel() == T, "rope_write_kv: one slot per token");
+    const bool norm = q_norm.has_value() && q_norm->defined();
+    at::Tensor qn, kn;
+    if (norm) {
+        TORCH_CHECK(k_norm.has_value() && k_norm->defined(), "rope_write_kv: q_norm and k_norm come together");
+        qn = q_norm->to(at::kFloat).contiguous();
+        kn = k_norm->to(at::kFloat).contiguous();
+        TORCH_CHECK(qn.numel() == D && kn.numel() == D, "rope_write_kv: head-norm weights of ", D, " values");
+    }
+    at::Tensor q = at::empty({T, H, D}, qkv.options());
+    const int64_t ldcs = T > 1 ? cos.stride(0) : D;
+    TORCH_CHECK(T <= 1 || sin.stride(0) == cos.stride(0), "rope_write_kv: cos and sin must share their layout");
+    const int rc = rope_write_kv_f32(qkv.data_ptr<float>(), qkv.stride(0), cos.data_ptr<float>(), sin.data_ptr<float>(),
+                                     ldcs, k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
+                                     k_cache.size(0) * k_cache.size(1), slots.data_ptr<int64_t>(), q.data_ptr<float>(),
+                                     T, H, KVH, D, norm ? qn.data_ptr<float>() : nullptr,
+                                     norm ? kn.data_ptr<float>() : nullptr, static_cast<float>(eps));
+    TORCH_CHECK(rc != 1, "rope_write_kv: head_dim must be even and at most 1024");
+    TORCH_CHECK_INDEX(rc != 2, "rope_write_kv: a slot is out of the cache's range");
+    return q;
+}
+
 // -- bf16 weights, float32 math (csrc/linear_bf16_cpu.c) ----------------------------------------
 at::Tensor linear_bf16_op(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
     // x [M, K] float32 @ W^T (+ bias) -> [M, N] float32; W [N, K] bf16 in its panels
@@ -583,6 +658,11 @@ MOE_SERVE_LIBRARY(MOE_SERVE_OPS_NS, m) {
           "bool weight_on_input) -> Tensor");
     m.def("linear_bf16_cpu(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
     m.def("bf16_isa(int level) -> int[]");
+    m.def("rmsnorm_cpu(Tensor x, Tensor weight, float eps) -> Tensor");
+    m.def("add_rmsnorm_cpu(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)");
+    m.def("rope_write_kv_cpu(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+          "Tensor slot_mapping, int num_heads, int num_kv_heads, int head_dim, Tensor? q_norm, Tensor? k_norm, "
+          "float eps) -> Tensor");
 }
 
 MOE_SERVE_LIBRARY_IMPL(MOE_SERVE_OPS_NS, CPU, m) {
@@ -601,6 +681,9 @@ MOE_SERVE_LIBRARY_IMPL(MOE_SERVE_OPS_NS, CPU, m) {
     m.impl("fp8_linear_cpu", &fp8_linear);
     m.impl("fp8_moe_cpu", &fp8_moe);
     m.impl("linear_bf16_cpu", &linear_bf16_op);
+    m.impl("rmsnorm_cpu", &rmsnorm_cpu_op);
+    m.impl("add_rmsnorm_cpu", &add_rmsnorm_cpu_op);
+    m.impl("rope_write_kv_cpu", &rope_write_kv_cpu_op);
 }
 
 MOE_SERVE_LIBRARY_IMPL(MOE_SERVE_OPS_NS, CompositeExplicitAutograd, m) {

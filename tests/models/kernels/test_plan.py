@@ -48,10 +48,12 @@ def test_cpu_float32_gets_the_c_kernels_and_packed_copies():
     assert {(lk.moe, lk.moe_large) for lk in plan.layers} == {(MoEKernel.CPU, MoEKernel.LOOP)}
     assert {(lk.qkv, lk.o, lk.gate_up) for lk in plan.layers} == {(LinearLayout.PANELS,) * 3}
     assert plan.lm_head == LinearLayout.PANELS and plan.packed_bytes > 0
-    assert not plan.cuda_graphs and not any(lk.fused_rope or lk.fused_norms for lk in plan.layers)
+    assert not plan.cuda_graphs
+    # RMSNorm and rotary + KV store: the C ops (float32 on the CPU)
+    assert plan.fused_ops == "cpu" and all(lk.fused_rope and lk.fused_norms for lk in plan.layers)
     assert plan.placed_moe == (("cpu", MoEKernel.CPU),)  # the executor packs each device's stack
     table = plan.table()
-    assert "gqa: cpu" in table and f"up to {CPU_KERNEL_PAIRS_PER_EXPERT} pairs/expert, loop above" in table
+    assert "| C / C |" in table and "gqa: cpu" in table and f"up to {CPU_KERNEL_PAIRS_PER_EXPERT} pairs/expert, loop above" in table
     as_dict = plan.to_dict()
     assert as_dict["layers"][0]["layers"] == [0, cfg.num_layers - 1] and as_dict["layers"][0]["moe"] == "cpu"
 
@@ -61,7 +63,11 @@ def test_without_c_kernels_or_in_bf16_the_pytorch_paths_serve():
     bare = resolve_plan(cfg, CPU, torch.float32, caps=BARE_CPU)
     assert {(lk.attention, lk.moe, lk.qkv) for lk in bare.layers} == {
         (AttentionKernel.REFERENCE, MoEKernel.LOOP, LinearLayout.PLAIN)}
+    assert not any(lk.fused_rope or lk.fused_norms for lk in bare.layers)
     bf16 = resolve_plan(cfg, CPU, torch.bfloat16, caps=CPU_CAPS)
+    assert not any(lk.fused_rope or lk.fused_norms for lk in bf16.layers)  # the C ops are float32
+    torch_ops = resolve_plan(cfg, CPU, torch.float32, KernelFlags(fused_ops="torch"), caps=CPU_CAPS)
+    assert not any(lk.fused_rope or lk.fused_norms for lk in torch_ops.layers)
     assert {(lk.attention, lk.moe, lk.qkv) for lk in bf16.layers} == {
         (AttentionKernel.REFERENCE, MoEKernel.LOOP, LinearLayout.PLAIN)}
     assert bf16.packed_bytes == 0 and bf16.lm_head == LinearLayout.PLAIN
@@ -177,6 +183,8 @@ def test_cuda_plan_fuses_and_captures_graphs_unless_the_engine_cannot():
     (KernelFlags(moe="cpu"), BARE_CPU, torch.float32, "C kernels built here"),
     (KernelFlags(moe="grouped_mm"), CPU_CAPS, torch.float32, "compute capability 9.0"),
     (KernelFlags(fused_ops="triton"), BARE_CPU, torch.float32, "Triton is not installed"),
+    (KernelFlags(fused_ops="cpu"), BARE_CPU, torch.float32, "C kernels not built"),
+    (KernelFlags(fused_ops="cpu"), CPU_CAPS, torch.bfloat16, "serve float32 models"),
 ])
 def test_forced_choices_that_cannot_serve_are_refused_saying_why(flags, caps, dtype, match):
     with pytest.raises(KernelPlanError, match=match):

@@ -13,7 +13,7 @@ sampling), then TOKENS decode steps of the engine (a new request each round, gre
 prompt prefilled untimed), so
 each pair of figures is seconds apart. The steps run on a thread of their own after the loading
 thread released its OpenMP workers, as in the server (server/engine/native/async_engine.py).
-Reported per format: the medians of both ms/token series and the median of the per-round ratios
+One warm-up round is not recorded. Reported per format: the medians of both ms/token series and the median of the per-round ratios
 (llama.cpp ms / moe-serve ms: > 1, moe-serve decodes faster).
 """
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import shlex
 import statistics
 import threading
 import time
@@ -100,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     result = results.new_result("llamacpp-decode-ab", argv, vars(args) | {"model_dir": model},
                                 heading=f"{HEADING}: {label}", section=f"llamacpp-decode-ab-{label}",
                                 packages=("gguf",))
+    result["command"] = shlex.join(["python", "-m", "loadtest", "llamacpp", "--decode-ab", *(argv or [])])
     result["versions"]["llama.cpp"] = L.version()
     rows = []
     for fmt in formats:
@@ -108,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
         release_openmp_threads()  # the steps run on other threads, as the server's engine thread
         plan = llm.core.model.kernel_plan
         ours, theirs, ratios, load = [], [], [], []
+        # a warm-up round, not recorded: llama-bench's first run after the engine loaded reads the
+        # GGUF back into the page cache (3x slower), and the engine's first steps fault its buffers in
+        L.run_bench(ggufs[fmt], threads=args.threads, reps=1, n_prompt=0, n_gen=args.tokens)
+        decode_ms(llm, args.tokens, -1)
         for r in range(args.rounds):
             load.append(loadavg())
             bench = L.run_bench(ggufs[fmt], threads=args.threads, reps=1, n_prompt=0, n_gen=args.tokens)
@@ -131,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     result["summary"]["blocks"] = [
         results.text(f"The {label} benchmark checkpoint, batch-1 decode, {args.threads} threads: per round "
                      f"`llama-bench -p 0 -n {args.tokens} -r 1` then {args.tokens} decode steps of moe-serve's engine "
-                     f"(a new 16-token request per round, the engine loaded once per format, steps on an engine thread), {args.rounds} rounds. "
+                     f"(a new 16-token request per round, the engine loaded once per format, steps on an engine thread), "
+                     f"{args.rounds} rounds after one unrecorded warm-up round. "
                      f"Ratio: llama.cpp ms per token / moe-serve ms per token (> 1: moe-serve faster), "
                      f"median over rounds (min and max beside)."),
         results.table(None, [col("llama.cpp"), col("moe-serve weights"), col("llama.cpp ms/token", ".1f"),

@@ -31,6 +31,21 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return err if err == err else float("inf")
 
 
+def rope_reference(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, H: int, KVH: int, D: int,
+                   q_norm=None, k_norm=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k (head-normed by the RMSNorm modules q_norm / k_norm if given, then rotated) and v of
+    a fused q/k/v row block [T, (H + 2 KVH) D], by the layers' PyTorch code: what the fused
+    rotary + KV store ops must give."""
+    from models.layers.rotary import apply_rotary
+
+    T = qkv.shape[0]
+    q, k, v = qkv.split([H * D, KVH * D, KVH * D], -1)
+    q, k, v = q.reshape(T, H, D), k.reshape(T, KVH, D), v.reshape(T, KVH, D)
+    if q_norm is not None:
+        q, k = q_norm(q), k_norm(k)
+    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+
 @contextlib.contextmanager
 def torch_threads(n: int) -> Iterator[None]:
     """PyTorch's thread count (the C kernels' threads) at `n` inside the block, restored after."""

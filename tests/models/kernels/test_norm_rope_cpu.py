@@ -10,9 +10,9 @@ import torch
 from models import load_model
 from models.kernels.flags import KernelFlags
 from models.layers.norm import RMSNorm
-from models.layers.rotary import RotaryEmbedding, apply_rotary
+from models.layers.rotary import RotaryEmbedding
 from tests.conftest import BUNDLED
-from tests.models.kernels.conftest import rel_err
+from tests.models.kernels.conftest import rel_err, rope_reference
 from tests.models.kernels.test_quant import needs_kernels
 from tests.models.simple_runner import greedy_generate, prefill_logits
 
@@ -53,11 +53,7 @@ def test_rope_write_kv(qk_norm):
     qn, kn = RMSNorm(D, 1e-6), RMSNorm(D, 1e-6)
     qn.weight.data.copy_(torch.randn(D, generator=g) * 0.1 + 1)
     kn.weight.data.copy_(torch.randn(D, generator=g) * 0.1 + 1)
-    q_ref, k_ref, v_ref = qkv.split([H * D, KVH * D, KVH * D], -1)
-    q_ref, k_ref, v_ref = q_ref.reshape(T, H, D), k_ref.reshape(T, KVH, D), v_ref.reshape(T, KVH, D)
-    if qk_norm:
-        q_ref, k_ref = qn(q_ref), kn(k_ref)
-    q_ref, k_ref = apply_rotary(q_ref, cos, sin), apply_rotary(k_ref, cos, sin)
+    q_ref, k_ref, v_ref = rope_reference(qkv, cos, sin, H, KVH, D, qn if qk_norm else None, kn if qk_norm else None)
     q = torch.ops.moe_serve.rope_write_kv_cpu(qkv, cos, sin, k_cache, v_cache, slots, H, KVH, D,
                                               qn.weight if qk_norm else None, kn.weight if qk_norm else None, 1e-6)
     tol = 1e-6 if qk_norm else 0.0  # the rotation alone rounds as apply_rotary does: equal

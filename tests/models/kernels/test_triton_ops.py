@@ -10,8 +10,8 @@ from models import load_model
 from tests.models.simple_runner import prefill_logits
 from models.kernels.flags import KernelFlags
 from models.layers.norm import RMSNorm
-from models.layers.rotary import RotaryEmbedding, apply_rotary
-from tests.models.kernels.conftest import DEVICES, rel_err
+from models.layers.rotary import RotaryEmbedding
+from tests.models.kernels.conftest import DEVICES, rel_err, rope_reference
 
 # float32: the same roundings, so (nearly) exact; bf16: the interpreter rounds differently
 # from the GPU, so a bound of a few bf16 ulps
@@ -52,11 +52,7 @@ def test_rope_write_kv(device, qk_norm, dtype):
     qn, kn = RMSNorm(D, 1e-6).to(device, dtype), RMSNorm(D, 1e-6).to(device, dtype)
     qn.weight.data.copy_(torch.randn(D, generator=g) * 0.1 + 1)
     kn.weight.data.copy_(torch.randn(D, generator=g) * 0.1 + 1)
-    q_ref, k_ref, v_ref = qkv.split([H * D, KVH * D, KVH * D], -1)
-    q_ref, k_ref, v_ref = q_ref.reshape(T, H, D), k_ref.reshape(T, KVH, D), v_ref.reshape(T, KVH, D)
-    if qk_norm:
-        q_ref, k_ref = qn(q_ref), kn(k_ref)
-    q_ref, k_ref = apply_rotary(q_ref, cos, sin), apply_rotary(k_ref, cos, sin)
+    q_ref, k_ref, v_ref = rope_reference(qkv, cos, sin, H, KVH, D, qn if qk_norm else None, kn if qk_norm else None)
     q = rope_write_kv(qkv, cos, sin, k_cache, v_cache, slots, H, KVH, D,
                       qn.weight if qk_norm else None, kn.weight if qk_norm else None, 1e-6)
     assert rel_err(q.cpu(), q_ref.cpu()) < TOL[dtype]

@@ -1,4 +1,8 @@
-"""A restricted server: API key, a tiny queue (429 + Retry-After), a 1 s request timeout."""
+"""A restricted server: API key, a tiny queue (429 + Retry-After), a 0.5 s request timeout.
+
+LONG asks for 2,000 tokens, the most the bundled model's context holds: on a fast CPU with the C
+kernels the model decodes 1,000 tokens in under a second (the timeout tests need a request that is
+still running when the timeout hits)."""
 
 from __future__ import annotations
 
@@ -15,13 +19,13 @@ from tests.server.test_errors import assert_error
 
 KEY = "sk-test-secret"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-LONG = {"prompt": "Once upon a time", "max_tokens": 1000, "ignore_eos": True}
+LONG = {"prompt": "Once upon a time", "max_tokens": 2000, "ignore_eos": True}
 
 
 @pytest.fixture(scope="module")
 def restricted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    s = start_server(["--max-model-len", "1100", "--max-num-seqs", "1", "--max-queue-len", "2",
-                      "--request-timeout", "1", "--num-kv-blocks", "128", "--log-format", "json"],
+    s = start_server(["--max-model-len", "2048", "--max-num-seqs", "1", "--max-queue-len", "2",
+                      "--request-timeout", "0.5", "--num-kv-blocks", "130", "--log-format", "json"],
                      tmp_path_factory.mktemp("restricted-server"), env={"MOE_SERVE_API_KEY": KEY})
     yield s
     assert s.stop() == 0, s.logs()[-3000:]
@@ -97,7 +101,7 @@ def test_queue_limit_429(restricted: ServerProcess) -> None:
 
     async def burst() -> None:  # the openai client raises RateLimitError for the 429s
         c = restricted.async_client(KEY)
-        await asyncio.gather(*[c.completions.create(model=model, prompt="x", max_tokens=1000,
+        await asyncio.gather(*[c.completions.create(model=model, prompt="x", max_tokens=2000,
                                                     extra_body={"ignore_eos": True}) for _ in range(8)])
 
     with pytest.raises(openai.RateLimitError):  # the 429s come back first

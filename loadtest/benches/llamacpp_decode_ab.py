@@ -58,7 +58,8 @@ def decode_ms(llm: Any, tokens: int, seed: int) -> float:
 
     core = llm.core
     rng = random.Random(seed)
-    core.add_request(EngineRequest(f"ab{seed}", [rng.randrange(3, 30000) for _ in range(PROMPT)],
+    vocab = core.model.config.vocab_size
+    core.add_request(EngineRequest(f"ab{seed}", [rng.randrange(3, vocab) for _ in range(PROMPT)],
                                    SamplingParams(temperature=0.0, max_tokens=tokens + 1, ignore_eos=True)))
 
     def run() -> float:
@@ -82,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--tokens", type=int, default=32, help="tokens per round for each engine")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--gguf-dir", default=None, help="where the GGUF files are made (default: MODEL/gguf)")
     output.add_args(ap)
     args = ap.parse_args(argv)
 
@@ -97,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     L.ensure_built()
     model, label = resolve_model(args.model)
     formats = [f for f in args.formats.split(",") if f]
-    ggufs = L.gguf_files(model, f"{model}/gguf", tuple(formats), threads=args.threads)
+    ggufs = L.gguf_files(model, args.gguf_dir or f"{model}/gguf", tuple(formats), threads=args.threads)
     result = results.new_result("llamacpp-decode-ab", argv, vars(args) | {"model_dir": model},
                                 heading=f"{HEADING}: {label}", section=f"llamacpp-decode-ab-{label}",
                                 packages=("gguf",))

@@ -185,6 +185,15 @@ def test_real_llamacpp_on_the_bundled_model(tmp_path: Path) -> None:
     finally:
         srv.stop()
 
+    from loadtest.benches import llamacpp_decode_ab
+
+    out = tmp_path / "ab.json"
+    assert llamacpp_decode_ab.main(["--model", str(BUNDLED), "--formats", "Q4_0", "--rounds", "2", "--tokens", "4",
+                                    "--gguf-dir", str(tmp_path), "--json", str(out)]) == 0
+    m = json.loads(out.read_text())["measurements"]["Q4_0"]
+    assert m["quantization"] == "int4" and len(m["ratios"]) == 2 and all(x > 0 for x in m["moe_serve_ms"])
+    assert m["ratios"] == [a / b for a, b in zip(m["llamacpp_ms"], m["moe_serve_ms"])]
+
 
 def test_summary_blocks_render_pairs_and_ratios() -> None:
     from loadtest import docs, results

@@ -40,16 +40,16 @@ STATE_MIXERS: dict[str, type[nn.Module]] = {"linear": GatedDeltaNet, "mamba": Ma
 
 def fused_ops(plan: KernelPlan) -> tuple:
     """(rmsnorm, add_rmsnorm, rope_write_kv) for the layers the plan fuses: the C ops on the CPU
-    (KernelPlan.fused_ops "cpu"; registered with the C kernels the plan found), else the Triton ops
-    (rope_write_kv None: attention.py takes Triton's); three Nones when no layer is fused."""
-    if not any(lk.fused_norms or lk.fused_rope for lk in plan.layers):
+    (KernelPlan.fused_ops "cpu"; registered with the C kernels the plan found), else the Triton
+    ops; three Nones when the plan fuses nothing."""
+    if plan.fused_ops is None:
         return (None, None, None)
     ops = torch.ops.moe_serve
     if plan.fused_ops == "cpu":
         return (ops.rmsnorm_cpu, ops.add_rmsnorm_cpu, ops.rope_write_kv_cpu)
     from models.kernels import triton_ops  # noqa: F401 - registers torch.ops.moe_serve.*_triton
 
-    return (ops.rmsnorm_triton, ops.add_rmsnorm_triton, None)
+    return (ops.rmsnorm_triton, ops.add_rmsnorm_triton, ops.rope_write_kv_triton)
 
 
 class DecoderLayer(nn.Module):

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import random
 import statistics
@@ -196,16 +197,11 @@ def resolve_model(name: str) -> tuple[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if argv is not None and "--perplexity" in argv or argv is None and "--perplexity" in sys.argv:
-        from loadtest.benches import llamacpp_ppl
-
-        rest = [a for a in (sys.argv[2:] if argv is None else argv) if a != "--perplexity"]
-        return llamacpp_ppl.main(rest)
-    if argv is not None and "--decode-ab" in argv or argv is None and "--decode-ab" in sys.argv:
-        from loadtest.benches import llamacpp_decode_ab
-
-        rest = [a for a in (sys.argv[2:] if argv is None else argv) if a != "--decode-ab"]
-        return llamacpp_decode_ab.main(rest)
+    given = sys.argv[2:] if argv is None else argv
+    for flag, module in (("--perplexity", "llamacpp_ppl"), ("--decode-ab", "llamacpp_decode_ab")):
+        if flag in given:  # another benchmark of the same peer, its own arguments
+            bench = importlib.import_module(f"loadtest.benches.{module}")
+            return bench.main([a for a in given if a != flag])
     ap = argparse.ArgumentParser(prog="python -m loadtest llamacpp", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--perplexity", action="store_true", help="the quality comparison instead (llamacpp_ppl.py)")

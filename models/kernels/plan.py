@@ -224,9 +224,9 @@ class KernelPlan:
     cpu_tier_in_place: bool = False
     lm_head_format: str = "bf16"  # the LM head's WeightFormat
     weight_bytes: int = 0  # resident weights (quantized + float), once the model holds them; 0: not counted
-    # what runs the layers' fused_rope / fused_norms: "triton" (CUDA; the interpreter in tests) or
-    # "cpu" (the C ops of csrc/norm_rope_cpu.c, float32)
-    fused_ops: str = "triton"
+    # what runs the layers' fused_rope / fused_norms: "triton" (CUDA; the interpreter in tests),
+    # "cpu" (the C ops of csrc/norm_rope_cpu.c, float32) or None (the PyTorch ops)
+    fused_ops: str | None = None
 
     def placed_kernel(self, device_type: str) -> MoEKernel:
         return dict(self.placed_moe)[device_type]
@@ -612,8 +612,10 @@ def resolve_plan(cfg: MoEModelConfig, device: torch.device, dtype: torch.dtype, 
         _check_quantization(quantization, flags, caps, dtype)
     # the C ops on the CPU: float32 rows (a bf16-compute model keeps the PyTorch ops)
     c_fused = caps.device_type == "cpu" and caps.cpu_kernels is not None and dtype == torch.float32
-    fused_ops = ("triton" if caps.device_type == "cuda" and caps.triton else "cpu" if c_fused else None) \
-        if flags.fused_ops == "auto" else flags.fused_ops if flags.fused_ops != "torch" else None
+    if flags.fused_ops != "auto":
+        fused_ops = None if flags.fused_ops == "torch" else flags.fused_ops
+    else:
+        fused_ops = "triton" if caps.device_type == "cuda" and caps.triton else "cpu" if c_fused else None
     if fused_ops == "triton" and not caps.triton:
         raise KernelPlanError("--fused-ops triton: Triton is not installed")
     if fused_ops == "cpu" and not c_fused:
@@ -745,7 +747,7 @@ def resolve_plan(cfg: MoEModelConfig, device: torch.device, dtype: torch.dtype, 
         layers=tuple(layers), lm_head=lm_head, placed_moe=placed_moe,
         packed_bytes=extra if pack else 0, cuda_graphs=graphs, notes=tuple(notes), quantization=quantization,
         quantized_bytes=quantized_bytes(cfg, quantization, tuple(layers), lm_head) if quantization else 0,
-        lm_head_format=_group_format(qf, ["lm_head.weight"]), fused_ops=fused_ops or "triton")
+        lm_head_format=_group_format(qf, ["lm_head.weight"]), fused_ops=fused_ops)
 
 
 FP8_FORMATS = frozenset({"fp8_block", "fp8_channel", "fp8_tensor"})

@@ -102,11 +102,12 @@ class Attention(nn.Module):
         self.variant = AttentionVariant(cfg.sliding_window(layer_idx), cfg.attention_chunk(layer_idx),
                                         cfg.attention_sinks)
         self.sinks = nn.Parameter(torch.empty(self.num_heads)) if cfg.attention_sinks else None  # [heads]
-        # the kernel plan's choices (apply_kernels): the decode kernel, q/k norm + rotary + KV
-        # store in one Triton launch, packed copies of the qkv and o weights (CPU)
+        # the kernel plan's choices (apply_kernels): the decode kernel, packed copies of the qkv and
+        # o weights (CPU)
         self.decode_kernel: AttentionKernel | None = None
-        self.fused_rope = False
-        self.rope_op = None  # the C op on the CPU (KernelPlan.fused_ops "cpu"); None: the Triton op
+        # q/k norm + rotary + KV store in one op, Triton's or the C op (the model sets it from the
+        # plan: models.model.fused_ops); None: not fused
+        self.rope_op = None
         self.packed_qkv: PackedWeight | None = None
         self.packed_o: PackedWeight | None = None
         # an fp8 KV cache's per-tensor scales (vLLM's k_scale / v_scale): 1.0 unless the
@@ -116,7 +117,6 @@ class Attention(nn.Module):
     def apply_kernels(self, kernels: LayerKernels, packed_qkv: PackedWeight | None,
                       packed_o: PackedWeight | None) -> None:
         self.decode_kernel = kernels.attention
-        self.fused_rope = kernels.fused_rope
         self.packed_qkv, self.packed_o = packed_qkv, packed_o
 
     def _l2(self, t: torch.Tensor) -> torch.Tensor:
@@ -177,12 +177,9 @@ class Attention(nn.Module):
         # saturating round-to-nearest, on every GPU), not by the fused rotary + KV store, which
         # stores the model dtype
         converts = cache[0].dtype != x.dtype
-        if self.fused_rope and not converts:  # k and v go straight into the cache; only q comes back
-            if self.rope_op is None:
-                from models.kernels import triton_ops  # noqa: F401 - registers the op
-
+        if self.rope_op is not None and not converts:  # k and v go straight into the cache; only q comes back
             head = self.qk_norm == "head"
-            q = (self.rope_op or torch.ops.moe_serve.rope_write_kv_triton)(
+            q = self.rope_op(
                 self._qkv(x), *cos_sin, *cache, meta.slot_mapping, self.num_heads, self.num_kv_heads, self.head_dim,
                 self.q_norm.weight if head else None, self.k_norm.weight if head else None,
                 self.q_norm.eps if head else 1e-6)

@@ -517,10 +517,15 @@ static void check_rows(const at::Tensor& t, const char* name, int64_t N) {
                 "] with contiguous rows");
 }
 
-at::Tensor rmsnorm_cpu_op(const at::Tensor& x, const at::Tensor& weight, double eps) {
+// the norm's width N: its weight, a contiguous float32 [N]
+static int64_t norm_width(const at::Tensor& weight) {
     check_f32_cpu(weight, "weight");
     TORCH_CHECK(weight.dim() == 1 && weight.is_contiguous(), "rmsnorm: weight must be a contiguous [N] tensor");
-    const int64_t N = weight.size(0);
+    return weight.size(0);
+}
+
+at::Tensor rmsnorm_cpu_op(const at::Tensor& x, const at::Tensor& weight, double eps) {
+    const int64_t N = norm_width(weight);
     check_rows(x, "x", N);
     at::Tensor out = at::empty({x.size(0), N}, x.options());
     rmsnorm_f32(x.data_ptr<float>(), x.stride(0), nullptr, 0, weight.data_ptr<float>(), out.data_ptr<float>(), N,
@@ -530,9 +535,7 @@ at::Tensor rmsnorm_cpu_op(const at::Tensor& x, const at::Tensor& weight, double 
 
 std::tuple<at::Tensor, at::Tensor> add_rmsnorm_cpu_op(const at::Tensor& x, const at::Tensor& residual,
                                                       const at::Tensor& weight, double eps) {
-    check_f32_cpu(weight, "weight");
-    TORCH_CHECK(weight.dim() == 1 && weight.is_contiguous(), "add_rmsnorm: weight must be a contiguous [N] tensor");
-    const int64_t N = weight.size(0);
+    const int64_t N = norm_width(weight);
     check_rows(x, "x", N);
     check_rows(residual, "residual", N);
     TORCH_CHECK(residual.size(0) == x.size(0), "add_rmsnorm: x and residual must have the same rows");

@@ -31,6 +31,7 @@ _CPP_PREFIX = re.compile(r"^\[[0-9:.]+\]\s+\S+:\d+:\s*")
 # section "Numbers behind code choices"); the server runs compiles in parallel processes instead
 # (compile_pool.py)
 COMPILE_THREADS = 1
+_JSON_OBJECT = '{"type": "object"}'
 
 
 def xgr() -> Any:
@@ -39,7 +40,6 @@ def xgr() -> Any:
     import xgrammar
 
     return xgrammar
-_JSON_OBJECT = '{"type": "object"}'
 
 
 @dataclass(frozen=True)
